@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Pre-train an embedding with one of the self-supervised methods, into a run directory.
+
+    python main_pretrain.py --config configs/swav_digits.yaml [--any_flag value ...]
+
+The run directory (--output_dir) receives config.yaml, train_log.jsonl, checkpoint.pth (every epoch) and
+checkpoint_epNNNN.pth (the epochs of --checkpoint_epochs). Started again with the same directory, the run resumes
+where it stopped. Distributed: start it with torchrun, srun or launch.py; see README.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clusterlab import cli, config, data, distributed, engine
+from clusterlab.errors import run_cli
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.methods.base import add_augmentation_args
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="main_pretrain.py")
+    parser.add_argument("--method", choices=sorted(METHODS), default="swav",
+                        help="method; `--method NAME --help` lists its own flags")
+    cli.add_data_args(parser)
+    parser.add_argument("--train_split", default="train", help="split to pre-train on (stl10: train+unlabeled)")
+    parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
+    parser.add_argument("--width", type=int, default=64, help="backbone width (64: the standard ResNet-18)")
+    cli.add_optim_args(parser)
+    add_augmentation_args(parser)
+    cli.add_runtime_args(parser)
+    cli.add_run_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    def add_method_args(parser, known):
+        if known.get("method") in METHODS:
+            METHODS[known["method"]].add_args(parser)
+
+    args = config.parse(get_args_parser(), argv, extend=add_method_args)
+    args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    engine.configure_threads()
+    ctx = distributed.init(args.device)
+    engine.seed_everything(args.seed)
+
+    train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
+    method = METHODS[args.method](args, DataInfo.of(train_set), ctx.device).to(ctx.device)
+    run_dir = Path(args.output_dir)
+    engine.check_run_dir(run_dir, args, kind="pretrain")
+    trainer = engine.Trainer(method, args, ctx, run_dir, train_set)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.write_resolved(args, run_dir, "main_pretrain.py")
+    trainer.stop.install()
+    start_epoch, start_step = trainer.resume()
+    if ctx.is_main:
+        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
+        print(f"{args.method} on {args.dataset} ({len(train_set)} images, {trainer.steps_per_epoch} steps/epoch, "
+              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        trainer.train_one_epoch(epoch, start_step)
+        start_step = 0
+        trainer.end_of_epoch(epoch)
+    trainer.finish()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run_cli(main)

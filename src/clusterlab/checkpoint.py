@@ -1,0 +1,111 @@
+"""Checkpoints that are written atomically and read safely.
+
+A checkpoint is a dict of tensors and plain Python values tagged with `format`, `schema` and `kind`, saved with
+torch.save to a temporary file in the same directory and renamed over the target, so a crash mid-write never
+leaves a half-written checkpoint.pth. Loading always uses `weights_only=True` and refuses files that are
+truncated, not ours, of another kind, or of another method, with one line that says which.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "clusterlab"
+SCHEMA = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+
+
+def save(state: dict, path: str | os.PathLike, *, kind: str, method: str) -> None:
+    """Atomically write `state` with its tags (`kind` is pretrain, cluster or linear)."""
+    payload = {"format": FORMAT, "schema": SCHEMA, "kind": kind, "method": method, **state}
+    _atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+
+
+def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
+         map_location: Any = "cpu") -> dict:
+    """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({reason[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
+    if payload.get("schema") != SCHEMA:
+        raise CheckpointError(f"checkpoint {str(path)!r} has schema {payload.get('schema')!r}; "
+                              f"this version reads schema {SCHEMA}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and payload.get("kind") not in kinds:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a {payload.get('kind')!r} checkpoint; "
+                              f"expected {' or '.join(kinds)}")
+    if method is not None and payload.get("method") != method:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by method {payload.get('method')!r}, "
+                              f"not {method!r}; use a fresh --output_dir for a different method")
+    return payload
+
+
+def rng_state() -> dict:
+    """Every global random state a run touches, in a form weights_only loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gauss": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gauss"]))
+    random.setstate(_plain_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _plain_to_python_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

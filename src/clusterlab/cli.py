@@ -1,0 +1,69 @@
+"""Flags shared by the entry scripts, so that each script's parser says only what is its own."""
+from __future__ import annotations
+
+import argparse
+
+from .config import bool_flag
+from .data import DATASETS
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=sorted(DATASETS), default=default_dataset)
+    group.add_argument("--data_path", default=None,
+                       help="dataset directory (default: the dataset's own, e.g. /usr/share/datasets/fashion-mnist, "
+                            "else $DATASET_PATH, else ./data)")
+    group.add_argument("--download", action="store_true", help="download the dataset if missing (rank 0 only)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--workers", type=int, default=0, help="data loader processes (image folders only)")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def add_optim_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("--batch_size", type=int, default=256, help="global batch, over all ranks")
+    group.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
+    group.add_argument("--lr", type=float, default=0.03, help="base learning rate")
+    group.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule's final learning rate")
+    group.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
+    group.add_argument("--warmup_epochs", type=float, default=0)
+    group.add_argument("--start_warmup", type=float, default=0.0, help="learning rate at the start of warm-up")
+    group.add_argument("--lr_drops", type=int, nargs="*", default=[], help="epochs of the step schedule's drops")
+    group.add_argument("--lr_gamma", type=float, default=0.1, help="factor of each step drop")
+    group.add_argument("--schedule_period", type=int, default=0, help="restart the schedule every N epochs (0: never)")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--nesterov", type=bool_flag, default=False)
+    group.add_argument("--weight_decay", type=float, default=1e-6)
+    group.add_argument("--lars_trust", type=float, default=0.001, help="LARS trust coefficient")
+    group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
+                       help="keep biases and norm weights out of LARS (upstream SwAV includes them)")
+    group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="bf16",
+                       help="mixed precision on CUDA (the CPU always runs float32)")
+    group.add_argument("--sync_bn", type=bool_flag, default=True, help="batch norm over the global batch")
+    group.add_argument("--find_unused", type=bool_flag, default=False, help="DDP find_unused_parameters")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run directory")
+    group.add_argument("--output_dir", default=None, help="run directory (default runs/METHOD_DATASET)")
+    group.add_argument("--checkpoint_epochs", type=int, nargs="*", default=[],
+                       help="also keep checkpoint_epNNNN.pth after these epochs")
+    group.add_argument("--log_every", type=int, default=50, help="steps between progress lines")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what to evaluate")
+    group.add_argument("--run", default=None, help="run directory (its config.yaml names the dataset and model)")
+    group.add_argument("--checkpoint", default=None,
+                       help="checkpoint file name in the run directory or a path (default checkpoint.pth)")
+    add_data_args(parser, default_dataset=None)
+    group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
+                       help="backbone features, or the method's own normalised embedding")
+    group.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--workers", type=int, default=0)

@@ -1,0 +1,188 @@
+"""Command lines built from defaults: `--config FILE` (YAML) sets defaults, explicit flags override them.
+
+Every entry script describes its options once, as argparse arguments. A YAML file named with `--config` may set
+any of them (its keys are the flags' names); a key that is not a flag is an error naming the key. The resolved
+configuration, with the git commit and the software versions, is written to the run directory as config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from .errors import ConfigError
+
+
+def bool_flag(text: str) -> bool:
+    """Parse on/off, true/false, yes/no, 1/0 (case-insensitive), as upstream's `bool_flag`."""
+    lowered = str(text).lower()
+    if lowered in {"1", "true", "on", "yes"}:
+        return True
+    if lowered in {"0", "false", "off", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true/false, on/off, yes/no or 1/0)")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in str(text).replace(",", " ").split()]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in str(text).replace(",", " ").split()]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def new_parser(description: str, prog: str | None = None) -> OneLineErrorParser:
+    parser = OneLineErrorParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", default=None, help="YAML file whose keys set this program's defaults")
+    return parser
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """Check a YAML value against the flag's type, so a wrong type fails before anything runs."""
+    if value is None:
+        return None
+    kind = action.type
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        kind = bool_flag
+    try:
+        if action.nargs in ("+", "*") or isinstance(action.default, list):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [kind(v) if kind else v for v in items]
+        if isinstance(value, (list, dict)) and kind is not None:
+            raise TypeError(f"expected one value, got {type(value).__name__}")
+        converted = kind(value) if kind else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"{source}: key {key!r} has value {value!r} of the wrong type ({err})") from None
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigError(f"{source}: key {key!r} = {converted!r} is not one of: {choices}")
+    return converted
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
+    """Validate a mapping of flag names to values against `parser` and return it coerced to the flags' types."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (not a flag of {parser.prog}; see --help)")
+    return {key: _coerce(actions[key], key, value, source) for key, value in values.items()}
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of flag names to values")
+    return data
+
+
+def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
+          extend: Callable[[argparse.ArgumentParser, dict], None] | None = None) -> argparse.Namespace:
+    """Parse `argv` with the YAML file of `--config` as defaults.
+
+    `extend(parser, partial)` may add arguments that depend on a first look at the command line and the YAML file
+    (the method's own flags depend on `--method`); `partial` holds the values known so far.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    file_values = load_yaml(first.config) if first.config else {}
+    if extend is not None:
+        partial = {**vars(first), **{k: v for k, v in file_values.items()}}
+        for flag in ("method",):
+            explicit = _explicit_value(argv, flag)
+            if explicit is not None:
+                partial[flag] = explicit
+        extend(parser, partial)
+    if file_values:
+        parser.set_defaults(**yaml_defaults(parser, file_values, first.config))
+    return parser.parse_args(argv)
+
+
+def _explicit_value(argv: list[str], flag: str) -> str | None:
+    for i, token in enumerate(argv):
+        if token == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(f"--{flag}="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def software_versions() -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__), "numpy": str(numpy.__version__)}
+    for name in ("sklearn", "scipy", "submitit", "pandas"):
+        try:
+            versions[name] = str(__import__(name).__version__)
+        except ImportError:
+            pass
+    return versions
+
+
+def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program: str) -> None:
+    """Write config.yaml: every flag's resolved value, plus where and with what it ran."""
+    from .checkpoint import atomic_write_text
+
+    record = {"program": program, "args": _plain(vars(args)), "git_commit": git_commit(),
+              "versions": software_versions(), "host": platform.node()}
+    atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (not a clusterlab run?)")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "args" not in data:
+        raise ConfigError(f"{path} is not a clusterlab run config")
+    return data["args"]
+
+
+def _plain(values: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out

@@ -1,0 +1,4 @@
+"""Datasets, batching and augmentation."""
+from .registry import DATASETS, ImageSet, load
+
+__all__ = ["DATASETS", "ImageSet", "load"]

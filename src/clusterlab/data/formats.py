@@ -1,0 +1,118 @@
+"""Readers for the on-disk formats the datasets ship in, with errors that say what is wrong with which file.
+
+All readers return uint8 arrays in (N, C, H, W) order and int64 labels.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+
+# ---- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------------------------
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+              0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz): magic (0, 0, type, ndim), ndim big-endian int32 sizes, then the data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"IDX file {str(path)!r} does not exist") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"IDX file {str(path)!r} cannot be read ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"IDX file {str(path)!r} has a bad magic number (not an IDX file)")
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {str(path)!r} is truncated inside its header")
+    shape = struct.unpack(f">{ndim}i", raw[4:header])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"IDX file {str(path)!r} is truncated or padded: {len(raw) - header} data bytes for shape "
+                        f"{tuple(shape)} (expected {expected})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+# ---- CIFAR python pickles ------------------------------------------------------------------------------------------
+
+def read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"CIFAR batch {str(path)!r} does not exist") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        raise DataError(f"CIFAR batch {str(path)!r} is corrupt ({err})") from None
+    if not isinstance(batch, dict) or "data" not in batch:
+        raise DataError(f"CIFAR batch {str(path)!r} has no 'data' entry (not a CIFAR python pickle)")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"CIFAR batch {str(path)!r} has data of shape {data.shape}, expected (N, 3072)")
+    batch["data"] = data.reshape(-1, 3, 32, 32)
+    return batch
+
+
+def read_cifar(folder: Path, files: list[str], label_keys: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+    """Concatenate CIFAR batches; returns images and one int64 array per requested label key."""
+    images, labels = [], {key: [] for key in label_keys}
+    for name in files:
+        batch = read_cifar_pickle(folder / name)
+        images.append(batch["data"])
+        for key in label_keys:
+            if key not in batch:
+                raise DataError(f"CIFAR batch {str(folder / name)!r} has no {key!r} labels")
+            values = np.asarray(batch[key], dtype=np.int64)
+            if len(values) != len(batch["data"]):
+                raise DataError(f"CIFAR batch {str(folder / name)!r}: {len(values)} {key} for "
+                                f"{len(batch['data'])} images")
+            labels[key].append(values)
+    return np.concatenate(images), {key: np.concatenate(v) for key, v in labels.items()}
+
+
+def read_cifar_meta(path: Path, key: str) -> list[str] | None:
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        meta = pickle.load(handle, encoding="latin1")
+    names = meta.get(key) if isinstance(meta, dict) else None
+    return list(names) if names is not None else None
+
+
+# ---- STL-10 binaries -----------------------------------------------------------------------------------------------
+
+STL10_SIZE = 96
+
+
+def read_stl10_images(path: Path) -> np.ndarray:
+    """STL-10 *_X.bin: uint8, 3 x 96 x 96 per image, each channel stored column-major."""
+    if not path.is_file():
+        raise DataError(f"STL-10 file {str(path)!r} does not exist")
+    raw = np.fromfile(path, dtype=np.uint8)
+    per_image = 3 * STL10_SIZE * STL10_SIZE
+    if raw.size == 0 or raw.size % per_image:
+        raise DataError(f"STL-10 file {str(path)!r} holds {raw.size} bytes, not a multiple of {per_image}")
+    return raw.reshape(-1, 3, STL10_SIZE, STL10_SIZE).transpose(0, 1, 3, 2).copy()
+
+
+def read_stl10_labels(path: Path, count: int) -> np.ndarray:
+    """STL-10 *_y.bin: one uint8 per image, classes numbered 1..10 (returned as 0..9)."""
+    if not path.is_file():
+        raise DataError(f"STL-10 file {str(path)!r} does not exist")
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
+    if len(labels) != count:
+        raise DataError(f"STL-10 file {str(path)!r} has {len(labels)} labels for {count} images")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"STL-10 file {str(path)!r} has labels outside 1..10")
+    return labels

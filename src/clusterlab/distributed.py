@@ -1,0 +1,177 @@
+"""One `init()` for every way a run is started, and the collectives the methods share.
+
+Ways a process can be started, checked in this order:
+1. torchrun, or submitit after `TorchDistributedEnvironment().export()`: RANK, WORLD_SIZE, LOCAL_RANK,
+   MASTER_ADDR and MASTER_PORT are in the environment (env:// rendezvous).
+2. a Slurm `srun` step with several tasks: rank, world size and local rank from SLURM_PROCID,
+   SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) and SLURM_LOCALID; the master is the first host of
+   `scontrol show hostnames $SLURM_JOB_NODELIST` and the port is derived from the job id, so two jobs sharing a
+   node do not collide and no host name is sliced by hand.
+3. anything else: a plain single process, no process group.
+The backend is nccl on CUDA and gloo on the CPU. All helpers below are no-ops in a single process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {choice!r} is not one of: auto, cpu, cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible (use --device auto or cpu)")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def port_for_job(job_id: str) -> int:
+    """A rendezvous port in [20000, 60000) that depends only on the Slurm job id (array ids included)."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 40000
+
+
+def _slurm_master_address() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def _from_environment() -> tuple[int, int, int] | None:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and tasks and int(tasks) > 1:
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_address())
+        os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ["SLURM_JOB_ID"])))
+        return int(os.environ["SLURM_PROCID"]), int(tasks), int(os.environ.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init(device: str = "auto", timeout_s: int = 1800) -> Context:
+    """Start (or join) the process group this process belongs to and return where it stands."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return Context(rank, world, local, pick_device(device, local))
+    found = _from_environment()
+    if found is None or found[1] == 1:
+        return Context(0, 1, 0, pick_device(device))
+    rank, world, local = found
+    chosen = pick_device(device, local)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo", init_method="env://",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return Context(rank, world, local, chosen)
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns the tensor for chaining."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_initialized():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors of all ranks along dim 0, in rank order (no gradient)."""
+    if not is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Like all_gather_cat, for tensors whose first dimension differs between ranks."""
+    if not is_initialized():
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = all_gather_cat(size).tolist()
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_cat(padded)
+    return torch.cat([gathered[i * max(sizes): i * max(sizes) + n] for i, n in enumerate(sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.local_size = tensor.shape[0]
+        return all_gather_cat(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss depends on every rank's slice, so the gradient of a slice is the sum over ranks.
+        grad = all_reduce_sum(grad.contiguous().clone())
+        start = rank() * ctx.local_size
+        return grad[start: start + ctx.local_size]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather: gradients of the gathered tensor flow back to each rank's own slice."""
+    if not is_initialized():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def shard_range(total: int) -> range:
+    """Contiguous, nearly equal slices of range(total), one per rank (the first ones one longer)."""
+    world, me = world_size(), rank()
+    base, extra = divmod(total, world)
+    start = me * base + min(me, extra)
+    return range(start, start + base + (1 if me < extra else 0))

@@ -1,0 +1,101 @@
+"""Rebuild a trained method from its run directory and extract features of a dataset split."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint, distributed
+from ..config import read_run_config
+from ..data import ImageSet
+from ..data import loader as data_loader
+from ..data.augment import eval_view
+from ..errors import ConfigError
+from ..methods import METHODS, DataInfo, Method
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    args: argparse.Namespace
+    method: Method
+    epoch: int
+    checkpoint_name: str
+
+
+def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
+    """The method of `run_dir` with the weights of `checkpoint_name` (default checkpoint.pth), in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {str(run_dir)!r} is not a directory")
+    saved_args = read_run_config(run_dir)
+    path = Path(checkpoint_name) if checkpoint_name and Path(checkpoint_name).is_file() \
+        else run_dir / (checkpoint_name or "checkpoint.pth")
+    state = checkpoint.load(path)
+    args = argparse.Namespace(**{**saved_args, **state.get("args", {})})
+    if args.method not in METHODS:
+        raise ConfigError(f"run {str(run_dir)!r} used method {args.method!r}, unknown to this version")
+    method = METHODS[args.method](args, DataInfo(**state["data_info"]), device)
+    method.load_state_dict(state["model"])
+    method.load_extra_state(state.get("method_state", {}))
+    method.to(device).eval()
+    return LoadedRun(run_dir, args, method, int(state["epoch"]), path.name)
+
+
+@torch.no_grad()
+def extract(fn, images: ImageSet, size: int, mean, std, device: torch.device, batch_size: int = 512,
+            workers: int = 0, normalize: bool = True) -> torch.Tensor:
+    """fn(test views) for every image of `images`, in dataset order, computed by all ranks and gathered."""
+    share = distributed.shard_range(len(images))
+    outputs = []
+    for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers):
+        out = fn(eval_view(batch.to(device), size, mean, std)).float()
+        outputs.append(F.normalize(out, dim=1) if normalize else out)
+    local = torch.cat(outputs) if outputs else torch.zeros(0, device=device)
+    return distributed.all_gather_uneven(local)
+
+
+def pixels(images: ImageSet) -> torch.Tensor:
+    """Raw pixels / 255, flattened: the baseline every method must beat."""
+    if not images.in_memory:
+        from ..data.registry import FileImages
+        source = FileImages(images.files, images.image_size, images.channels)
+        stacked = torch.stack([source[i] for i in range(len(source))])
+    else:
+        stacked = images.images
+    return stacked.reshape(len(stacked), -1).float() / 255.0
+
+
+@dataclass
+class Evaluation:
+    """A run opened for evaluation: its method, and the train and test splits it is evaluated on."""
+
+    loaded: LoadedRun
+    train_set: ImageSet
+    test_set: ImageSet
+
+    def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int):
+        method = self.loaded.method
+        fn = method.features if kind == "backbone" else method.embedding
+        info = method.info
+        return extract(fn, images, method.eval_size, info.mean, info.std, device, batch_size, workers)
+
+
+def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
+    """Load the run named by --run; --dataset / --data_path override the run's own (the split sizes must fit)."""
+    from ..data import load
+
+    if not args.run:
+        raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
+    loaded = load_run(args.run, args.checkpoint, device)
+    dataset = args.dataset or loaded.args.dataset
+    data_path = args.data_path or (loaded.args.data_path if dataset == loaded.args.dataset else None)
+    train_set = load(dataset, "train", data_path, args.download)
+    test_set = load(dataset, "test", data_path, args.download)
+    if train_set.channels != loaded.method.info.channels:
+        raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
+                          f"{loaded.method.info.channels}")
+    return Evaluation(loaded, train_set, test_set)

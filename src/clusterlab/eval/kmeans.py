@@ -1,0 +1,14 @@
+"""k-means with k-means++ seeding and several restarts (scikit-learn), fitted on one split, applied to another."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+
+def kmeans_assign(fit_features: torch.Tensor, eval_features: torch.Tensor, clusters: int, restarts: int = 10,
+                  seed: int = 0) -> np.ndarray:
+    """Cluster ids of `eval_features` under the k-means fitted on `fit_features`."""
+    model = KMeans(n_clusters=clusters, n_init=restarts, init="k-means++", random_state=seed)
+    model.fit(fit_features.cpu().double().numpy())
+    return model.predict(eval_features.cpu().double().numpy())

@@ -1,0 +1,41 @@
+"""Figures a person looks at: the confusion matrix of clusters against classes, sample grids per cluster."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import cluster_mapping, count_matrix
+
+
+def confusion_png(y_true, y_pred, class_names, path: str | Path, title: str) -> None:
+    """Rows: true classes; columns: clusters, ordered by the class they are mapped to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    num_classes = max(len(class_names), int(y_true.max()) + 1)
+    mapping, _ = cluster_mapping(y_true, y_pred, num_classes=num_classes)
+    counts = count_matrix(y_pred, y_true, len(mapping), num_classes).T
+    order = np.argsort(np.where(mapping >= 0, mapping, num_classes), kind="stable")
+    counts = counts[:, order]
+    size = max(4.0, 0.35 * max(counts.shape) + 2)
+    figure, axes = plt.subplots(figsize=(size, size * counts.shape[0] / max(counts.shape[1], 1) + 1))
+    axes.imshow(counts / np.maximum(counts.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    axes.set_xlabel("cluster (ordered by matched class)")
+    axes.set_ylabel("true class")
+    axes.set_yticks(range(num_classes))
+    axes.set_yticklabels([str(n)[:18] for n in list(class_names)[:num_classes]], fontsize=7)
+    axes.set_xticks(range(len(order)))
+    axes.set_xticklabels([str(c) for c in order], fontsize=6, rotation=90)
+    if counts.size <= 400:
+        for (row, col), value in np.ndenumerate(counts):
+            if value:
+                axes.text(col, row, str(value), ha="center", va="center", fontsize=6)
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

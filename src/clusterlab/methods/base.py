@@ -1,0 +1,131 @@
+"""What every method shares: the batch it is given, where training stands, and the small interface it implements.
+
+A method is an nn.Module that owns its backbone, heads, augmentation and any state that lives across steps
+(queues, memory banks). The engine calls, per step: `before_step`, `prepare` (augmentation, outside autocast),
+`forward` (the loss, inside autocast and DDP), backward, `after_backward`, the optimiser step.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.augment import ColorSpec, MultiCrop, crop_specs
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about its training data."""
+
+    channels: int
+    image_size: int
+    num_samples: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def of(cls, images) -> "DataInfo":
+        return cls(images.channels, images.image_size, len(images), images.num_classes, tuple(images.mean),
+                   tuple(images.std))
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor   # uint8 (n, C, H, W), on the training device
+    labels: torch.Tensor   # used by monitors only, never by a loss
+    indices: torch.Tensor  # positions in the training set (memory banks, pseudo-labels)
+    global_size: int       # samples in the global batch
+    offset: int            # where this rank's samples start inside it
+
+
+@dataclass
+class Progress:
+    epoch: int
+    step: int
+    global_step: int
+    steps_per_epoch: int
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        """Add the method's own flags and set the defaults of shared flags that differ for it."""
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        super().__init__()
+        self.args, self.info, self.device = args, info, device
+
+    # ---- per step ----
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def before_step(self, progress: Progress) -> None:
+        pass
+
+    @torch.no_grad()
+    def prepare(self, batch: Batch):
+        return self.augment(batch.images, batch.global_size, batch.offset)
+
+    def forward(self, inputs, batch: Batch, progress: Progress) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_backward(self, progress: Progress) -> None:
+        pass
+
+    # ---- state beyond parameters and buffers ----
+    def extra_state(self) -> dict:
+        """Collective: called on every rank before rank 0 writes a checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def random_state(self) -> dict:
+        return {"augment": self.augment.state_dict()}
+
+    def load_random_state(self, state: dict) -> None:
+        self.augment.load_state_dict(state["augment"])
+
+    # ---- evaluation ----
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of normalised test views (what kNN, k-means and the linear probe use)."""
+        return self.backbone(images)
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The method's own L2-normalised embedding; the backbone features where it has none."""
+        return F.normalize(self.features(images), dim=1)
+
+    @property
+    def eval_size(self) -> int:
+        return max(self.args.size_crops) if self.args.size_crops[0] else self.info.image_size
+
+
+def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("augmentation (per crop group: count, size, scale range; then colour)")
+    group.add_argument("--nmb_crops", type=int, nargs="+", default=[2], help="crops per group")
+    group.add_argument("--size_crops", type=int, nargs="+", default=[0], help="crop size per group (0: image size)")
+    group.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.14])
+    group.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0])
+    group.add_argument("--brightness", type=float, default=0.4)
+    group.add_argument("--contrast", type=float, default=0.4)
+    group.add_argument("--saturation", type=float, default=0.4)
+    group.add_argument("--hue", type=float, default=0.1)
+    group.add_argument("--jitter_p", type=float, default=0.8, help="probability of colour jitter")
+    group.add_argument("--grey_p", type=float, default=0.2, help="probability of greyscale")
+    group.add_argument("--blur_p", type=float, default=0.0, help="probability of Gaussian blur (0: none, as CIFAR)")
+    group.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip")
+
+
+def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:
+    sizes = [s if s > 0 else info.image_size for s in args.size_crops]
+    crops = crop_specs(args.nmb_crops, sizes, args.min_scale_crops, args.max_scale_crops)
+    color = ColorSpec(args.brightness, args.contrast, args.saturation, args.hue, args.jitter_p, args.grey_p,
+                      args.blur_p, flip_p=args.flip_p)
+    return MultiCrop(crops, color, info.mean, info.std, info.image_size, seed=args.seed)

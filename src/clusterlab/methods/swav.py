@@ -1,0 +1,125 @@
+"""SwAV (Caron et al., NeurIPS 2020): online clustering by swapped prediction of Sinkhorn codes.
+
+Per step: every crop goes through backbone -> projection MLP -> L2 normalisation -> prototypes; for each
+assignment crop the Sinkhorn turns its scores (behind the queue's, when the queue is full) into codes, and every
+other crop predicts them (losses/swav.py). Prototypes are re-normalised before every step and receive no gradient
+for the first `freeze_prototypes_niters` iterations. Seeds spec section 1.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+from ..errors import ConfigError
+from ..losses.swav import swav_loss
+from ..models import Prototypes, build_backbone, projection_mlp
+from ..ops.queue import EmbeddingQueue
+from ..ops.sinkhorn import sinkhorn
+from .base import Batch, DataInfo, Method, Progress, build_multicrop
+
+SINKHORN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class SwAV(Method):
+    name = "swav"
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("swav")
+        group.add_argument("--hidden_mlp", type=int, default=2048, help="projection MLP hidden size (0: linear)")
+        group.add_argument("--feat_dim", type=int, default=128, help="embedding size")
+        group.add_argument("--nmb_prototypes", type=int, default=3000)
+        group.add_argument("--temperature", type=float, default=0.1)
+        group.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropic regularisation")
+        group.add_argument("--sinkhorn_iterations", type=int, default=3)
+        group.add_argument("--sinkhorn_dtype", choices=sorted(SINKHORN_DTYPES), default="float32")
+        group.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1])
+        group.add_argument("--queue_length", type=int, default=0, help="global queue length (0: no queue)")
+        group.add_argument("--epoch_queue_starts", type=int, default=15)
+        group.add_argument("--freeze_prototypes_niters", type=int, default=313)
+        parser.set_defaults(optimizer="lars", lr=4.8, final_lr=0.0, warmup_epochs=10, schedule="cosine",
+                            weight_decay=1e-6, arch="resnet18_cifar")
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        super().__init__(args, info, device)
+        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.projection = projection_mlp(self.backbone.out_dim, args.hidden_mlp, args.feat_dim)
+        self.prototypes = Prototypes(args.feat_dim if args.feat_dim else self.backbone.out_dim, args.nmb_prototypes)
+        self.augment = build_multicrop(args, info)
+        num_crops = self.augment.num_crops
+        bad = [c for c in args.crops_for_assign if not 0 <= c < num_crops]
+        if bad or num_crops < 2:
+            raise ConfigError(f"--crops_for_assign {args.crops_for_assign} must name crops among the "
+                             f"{num_crops} of --nmb_crops {args.nmb_crops} (at least 2 crops)")
+        self.queue: EmbeddingQueue | None = None
+
+    # ---- the model ----
+    def embed(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings and prototype scores of all crops, concatenated in crop order.
+
+        Consecutive crops of the same resolution go through the backbone together, as upstream.
+        """
+        features, start = [], 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        z = F.normalize(self.projection(torch.cat(features)), dim=1)
+        return z, self.prototypes(z)
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.backbone(images)), dim=1)
+
+    # ---- training ----
+    def on_epoch_start(self, epoch: int) -> None:
+        args = self.args
+        if args.queue_length > 0 and epoch >= args.epoch_queue_starts and self.queue is None:
+            self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length, self.prototypes.weight.shape[1],
+                                        args.batch_size, distributed.world_size(), self.device)
+
+    def before_step(self, progress: Progress) -> None:
+        self.prototypes.normalize_()
+
+    def forward(self, crops, batch: Batch, progress: Progress):
+        z, scores = self.embed(crops)
+        n = crops[0].shape[0]
+        z_per_crop, scores_per_crop = z.split(n), scores.split(n)
+        codes = {crop: self.codes(position, scores_per_crop[crop], z_per_crop[crop])
+                 for position, crop in enumerate(self.args.crops_for_assign)}
+        if self.queue is not None:
+            self.queue.advance(n)
+        loss = swav_loss(scores_per_crop, codes, self.args.temperature)
+        return loss, {"swav": loss.detach()}
+
+    @torch.no_grad()
+    def codes(self, position: int, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Sinkhorn codes of one assignment crop; with a full queue its scores are solved together."""
+        out = scores.detach().float()
+        if self.queue is not None:
+            if self.queue.full:
+                out = torch.cat([self.queue.scores(position, self.prototypes.weight).float(), out])
+            self.queue.push(position, z)
+        q = sinkhorn(out, self.args.epsilon, self.args.sinkhorn_iterations, SINKHORN_DTYPES[self.args.sinkhorn_dtype])
+        return q[-scores.shape[0]:]
+
+    def after_backward(self, progress: Progress) -> None:
+        if progress.global_step < self.args.freeze_prototypes_niters:
+            for p in self.prototypes.parameters():
+                p.grad = None
+
+    # ---- state ----
+    def extra_state(self) -> dict:
+        return {"queue": self.queue.state_dict() if self.queue is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state.get("queue") is not None:
+            args = self.args
+            self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length,
+                                        self.prototypes.weight.shape[1], args.batch_size, distributed.world_size(), self.device)
+            self.queue.load_state_dict(state["queue"])
+

@@ -1,0 +1,79 @@
+"""Batch normalisation over the global batch.
+
+On CUDA this is torch's SyncBatchNorm. torch's version refuses CPU tensors, so on the CPU (gloo) we use
+`GlobalBatchNorm`: the per-channel sums are all-reduced with a differentiable all-reduce, which makes a step on
+W processes compute what one process computes on the concatenated batch (the distributed tests rely on it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import distributed
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        return distributed.all_reduce_sum(tensor.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each rank's output depends on every rank's input, so the gradient is the sum over ranks.
+        return distributed.all_reduce_sum(grad.clone())
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics (two-pass mean and biased variance) cover the samples of all ranks."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.is_initialized()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = _AllReduceSum.apply(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
+        mean = _AllReduceSum.apply(x.sum(dims)) / count
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        out = centred / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm by its global-batch version (no-op in a single process)."""
+    if not distributed.is_initialized():
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_cpu(module)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        with torch.no_grad():
+            if module.affine:
+                converted.weight.copy_(module.weight)
+                converted.bias.copy_(module.bias)
+            if module.track_running_stats:
+                converted.running_mean.copy_(module.running_mean)
+                converted.running_var.copy_(module.running_var)
+                converted.num_batches_tracked.copy_(module.num_batches_tracked)
+    for name, child in module.named_children():
+        converted.add_module(name, _convert_cpu(child))
+    return converted

@@ -1,0 +1,32 @@
+"""Heads on top of a backbone: SwAV's projection MLP and the prototypes."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Linear -> BN -> ReLU -> Linear (seeds spec 1.3); hidden 0 gives one Linear, out 0 no head at all."""
+    if out_dim == 0:
+        return nn.Identity()
+    if hidden_dim == 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class Prototypes(nn.Module):
+    """K learnable unit vectors; scores are cosine similarities once `normalize_()` has run."""
+
+    def __init__(self, dim: int, count: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(count, dim))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default, as upstream
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight.t()

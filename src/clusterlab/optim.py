@@ -1,0 +1,110 @@
+"""Optimisers and learning-rate schedules: SGD, our LARS, and per-iteration warm-up + cosine or step schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling, as apex's LARC with clip=False (You et al., arXiv:1708.03888).
+
+    For every parameter w with gradient g: local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps) (1 where either
+    norm is 0), g <- (g + wd * w) * local_lr, then SGD with momentum: v <- m v + g, w <- w - lr v.
+    SwAV applies it to every parameter, biases and BN included; `exclude_bias_and_norm` keeps 1-D parameters
+    out of the adaptation and the decay.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_bias_and_norm: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps, exclude_bias_and_norm=exclude_bias_and_norm)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if not (group["exclude_bias_and_norm"] and p.ndim == 1):
+                    weight_decay = group["weight_decay"]
+                    param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    local_lr = group["trust_coefficient"] * param_norm / (
+                        grad_norm + weight_decay * param_norm + group["eps"])
+                    local_lr = torch.where((param_norm > 0) & (grad_norm > 0), local_lr, torch.ones_like(local_lr))
+                    grad = grad.add(p, alpha=weight_decay).mul_(local_lr)
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = grad.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                    grad = state["momentum_buffer"]
+                p.add_(grad, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(params, args) -> torch.optim.Optimizer:
+    if args.optimizer == "lars":
+        return LARS(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    trust_coefficient=args.lars_trust, exclude_bias_and_norm=args.lars_exclude_bias_norm)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               nesterov=args.nesterov)
+    raise ConfigError(f"unknown --optimizer {args.optimizer!r} (choose one of: sgd, lars)")
+
+
+class Schedule:
+    """Learning rate of every iteration.
+
+    cosine (SwAV, seeds spec 1.9): linear warm-up from `start_warmup` to `lr` over the first
+    `warmup_epochs * steps_per_epoch` iterations (both ends included), then
+    lr_t = final + (lr - final) (1 + cos(pi t / T)) / 2 over the remaining T iterations.
+    step (NPID, Super-AND, EmbedUL): lr * gamma^(number of `drops` <= epoch).
+    constant: lr. `period` > 0 restarts the schedule every `period` epochs (Super-AND's rounds).
+    """
+
+    def __init__(self, kind: str, lr: float, epochs: int, steps_per_epoch: int, final_lr: float = 0.0,
+                 warmup_epochs: float = 0, start_warmup: float = 0.0, drops=(), gamma: float = 0.1,
+                 period: int = 0):
+        if kind not in ("cosine", "step", "constant"):
+            raise ConfigError(f"unknown --schedule {kind!r} (choose one of: cosine, step, constant)")
+        self.kind, self.lr, self.final_lr, self.steps_per_epoch = kind, lr, final_lr, steps_per_epoch
+        self.span = period if period > 0 else epochs
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.start_warmup, self.drops, self.gamma = start_warmup, sorted(drops), gamma
+
+    def __call__(self, global_step: int) -> float:
+        total = self.span * self.steps_per_epoch
+        t = global_step % total if total else global_step
+        if t < self.warmup_steps:
+            if self.warmup_steps == 1:
+                return self.start_warmup
+            return self.start_warmup + (self.lr - self.start_warmup) * t / (self.warmup_steps - 1)
+        if self.kind == "cosine":
+            length = max(1, total - self.warmup_steps)
+            progress = (t - self.warmup_steps) / length
+            return self.final_lr + 0.5 * (self.lr - self.final_lr) * (1 + math.cos(math.pi * progress))
+        if self.kind == "step":
+            epoch = t // self.steps_per_epoch
+            return self.lr * self.gamma ** sum(1 for d in self.drops if epoch >= d)
+        return self.lr
+
+
+def build_schedule(args, steps_per_epoch: int) -> Schedule:
+    return Schedule(args.schedule, args.lr, args.epochs, steps_per_epoch, final_lr=args.final_lr,
+                    warmup_epochs=args.warmup_epochs, start_warmup=args.start_warmup, drops=args.lr_drops,
+                    gamma=args.lr_gamma, period=args.schedule_period)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
