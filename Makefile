@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python scripts/demo.py
+	PY=$(PY) bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests

@@ -52,3 +52,136 @@ def read_records(root: str | os.PathLike) -> list[dict]:
             record["_file"] = str(path)
             records.append(record)
     return records
+
+
+METRIC_COLUMNS = ("top1", "top5", "acc", "nmi", "ami", "ari")
+GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
+
+
+def records_frame(records: list[dict]):
+    """One row per record: the identifying columns, the protocol flattened, the metrics (as percentages)."""
+    import pandas as pd
+
+    rows = []
+    for record in records:
+        row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",
+                                                "eval", "checkpoint")}
+        protocol = record.get("protocol") or {}
+        for key in PROTOCOL_COLUMNS:
+            row[key] = protocol.get(key)
+        row["protocol"] = protocol_label(protocol)
+        for key in METRIC_COLUMNS:
+            value = record["metrics"].get(key)
+            row[key] = 100.0 * value if isinstance(value, (int, float)) else None
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["epoch"] = pd.to_numeric(frame["epoch"], errors="coerce").astype("Int64")
+    return frame
+
+
+def protocol_label(protocol: dict) -> str:
+    """A short, stable text for a protocol dict, e.g. `k=200 T=0.1 backbone recomputed last`."""
+    parts = []
+    for key in sorted(protocol):
+        value = protocol[key]
+        if key == "temperature":
+            key = "T"
+        if isinstance(value, bool):
+            if value:
+                parts.append(key)
+        elif value is not None:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def aggregate(frame):
+    """Mean, std and n over seeds for every (dataset, method, backbone, epoch, eval, protocol) group."""
+    import pandas as pd
+
+    if frame.empty:
+        return frame
+    keys = [c for c in (*GROUP_COLUMNS, "protocol") if c in frame]
+    filled = frame.copy()
+    for key in keys:
+        filled[key] = filled[key].astype(object).where(filled[key].notna(), "-")
+    metrics = [c for c in METRIC_COLUMNS if c in filled and filled[c].notna().any()]
+    grouped = filled.groupby(keys, sort=True, dropna=False)
+    out = grouped[metrics].agg(["mean", "std"])
+    out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+    out["n"] = grouped.size()
+    return out.reset_index()
+
+
+def attach_published(table, published):
+    """Add `published`, `source` and `diff` (ours - published, on the table's headline metric) where they match."""
+    if published is None or published.empty or table.empty:
+        return table
+    table = table.copy()
+    table["published"], table["source"], table["diff"] = None, None, None
+    for index, row in table.iterrows():
+        match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
+                          & (published["eval"] == row["eval"])
+                          & (published["epochs"].astype(str) == str(row["epoch"]))]
+        if match.empty:
+            continue
+        first = match.iloc[0]
+        metric = first["metric"]
+        table.at[index, "published"] = float(first["value"])
+        table.at[index, "source"] = f"{first['source']} ({first['protocol']})"
+        ours = row.get(f"{metric}_mean")
+        if ours is not None and ours == ours:
+            table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
+    return table
+
+
+def display_table(table):
+    """Percentages with 2 decimals, `mean ± std` where n > 1; empty columns dropped."""
+    import pandas as pd
+
+    if table.empty:
+        return table
+    shown = table[[c for c in (*GROUP_COLUMNS, "protocol") if c in table]].copy()
+    for metric in METRIC_COLUMNS:
+        if f"{metric}_mean" not in table:
+            continue
+        cells = []
+        for mean, std, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"]):
+            if mean != mean or mean is None:
+                cells.append("")
+            elif n > 1 and std == std:
+                cells.append(f"{mean:.2f} ± {std:.2f}")
+            else:
+                cells.append(f"{mean:.2f}")
+        shown[metric] = cells
+    shown["n"] = table["n"]
+    for extra in ("published", "diff", "source"):
+        if extra in table and table[extra].notna().any():
+            shown[extra] = table[extra].fillna("")
+    return shown
+
+
+def plot_against_epochs(table, out_dir, dataset: str) -> None:
+    """One PNG per metric: the metric against epochs, a line per (method, eval, protocol)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = table[table["epoch"].apply(lambda e: isinstance(e, (int, float)) and e == e)]
+    for metric in METRIC_COLUMNS:
+        column = f"{metric}_mean"
+        if column not in numeric or numeric[column].notna().sum() == 0:
+            continue
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for (method, kind, protocol), rows in numeric[numeric[column].notna()].groupby(["method", "eval", "protocol"]):
+            rows = rows.sort_values("epoch")
+            axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
+                          label=f"{method} {kind}", capsize=2)
+        axes.set_xlabel("epochs")
+        axes.set_ylabel(f"{metric} (%)")
+        axes.set_title(f"{dataset}: {metric}")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)
+        plt.close(figure)
