@@ -32,11 +32,14 @@ def get_args_parser():
     return parser
 
 
-def parse_args(argv=None):
-    def add_method_args(parser, known):
-        if known.get("method") in METHODS:
-            METHODS[known["method"]].add_args(parser)
+def add_method_args(parser, known: dict) -> None:
+    """The flags of the method `known` names (the first look at the command line and YAML file decides)."""
+    method = known.get("method", parser.get_default("method"))
+    if method in METHODS:
+        METHODS[method].add_args(parser)
 
+
+def parse_args(argv=None):
     args = config.parse(get_args_parser(), argv, extend=add_method_args)
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args

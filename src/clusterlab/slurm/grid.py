@@ -1,0 +1,197 @@
+"""Grid files: a cartesian product of flag values, expanded into named runs and the evaluations chained to them.
+
+    name: digits_smoke                 # the grid's name; runs go to runs/<name>/<run> unless output_root says
+    program: main_pretrain.py          # or main_cluster.py
+    config: configs/swav_digits.yaml   # optional base YAML (the program's --config)
+    axes:                              # every combination becomes one run; any flag of the program may be an axis
+      method: [swav]
+      epochs: [2, 4]
+      seed: [0, 1]
+    flags: {width: 4}                  # set for every run
+    evals:                             # chained after each run (afterok), one job per checkpoint epoch
+      programs: [eval_knn.py, eval_cluster.py]
+      flags: {eval_cluster.py: {clusters: [10, 20]}}
+      epochs: [2]                      # checkpoint_epNNNN of these epochs; `final` (default) = checkpoint.pth
+    resources: {gpus_per_node: 1, cpus_per_task: 2, mem_gb: 8, timeout_min: 60}
+    eval_resources: {...}              # defaults to resources
+
+Everything is checked before anything is submitted: unknown keys, empty axes, flags the program does not have and
+values of the wrong type all fail with a message that names the key.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import load_yaml
+from ..errors import ConfigError
+from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, program_parser, to_argv, validate_flags
+
+GRID_KEYS = {"name", "program", "config", "axes", "flags", "evals", "resources", "eval_resources", "output_root"}
+EVAL_KEYS = {"programs", "flags", "epochs"}
+RESOURCE_DEFAULTS = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 2, "mem_gb": 8,
+                     "timeout_min": 60, "partition": None, "signal_delay_s": 120, "max_requeues": 30,
+                     "array_parallelism": 16, "constraint": None, "account": None, "qos": None}
+# Short names for the usual axes, so that run names stay readable: swav_digits_100ep_s0.
+NAME_PARTS = {"epochs": "{}ep", "seed": "s{}"}
+
+
+@dataclass
+class EvalSpec:
+    program: str
+    flags: dict
+    checkpoint: str      # checkpoint.pth or checkpoint_epNNNN.pth
+    epoch: int | None    # None: the final checkpoint
+
+
+@dataclass
+class RunSpec:
+    name: str
+    program: str
+    flags: dict                        # every flag this run passes, --config and --output_dir included
+    axis_values: dict
+    evals: list = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.flags["output_dir"])
+
+    def argv(self) -> list[str]:
+        return to_argv(self.flags)
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    runs: list
+    resources: dict
+    eval_resources: dict
+
+
+def _fail(path, message: str):
+    raise ConfigError(f"grid {str(path)!r}: {message}")
+
+
+def run_name(values: dict, axis_keys: list[str]) -> str:
+    """method_dataset, then every other axis: `swav_digits_100ep_s0`, `..._lr0.6`; unsafe characters become -."""
+    parts = [str(values[k]) for k in ("method", "dataset") if k in values]
+    for key in axis_keys:
+        if key in ("method", "dataset"):
+            continue
+        value = values[key]
+        text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        parts.append(NAME_PARTS[key].format(text) if key in NAME_PARTS else f"{key}{text}")
+    name = "_".join(parts) or "run"
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", name).strip("-")[:200]
+
+
+def resolve_resources(path, given: dict | None, label: str) -> dict:
+    given = given or {}
+    if not isinstance(given, dict):
+        _fail(path, f"{label} must be a mapping")
+    unknown = sorted(set(given) - set(RESOURCE_DEFAULTS))
+    if unknown:
+        _fail(path, f"unknown key {label}.{unknown[0]!r} (valid: {', '.join(RESOURCE_DEFAULTS)})")
+    resources = {**RESOURCE_DEFAULTS, **given}
+    for key, value in resources.items():
+        default = RESOURCE_DEFAULTS[key]
+        if default is not None and value is not None and not isinstance(value, type(default)):
+            _fail(path, f"{label}.{key} = {value!r} should be of type {type(default).__name__}")
+    if resources["tasks_per_node"] == 0:
+        resources["tasks_per_node"] = max(1, resources["gpus_per_node"])
+    return resources
+
+
+def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root: Path = REPO_ROOT) -> Grid:
+    path = Path(path)
+    spec = load_yaml(path)
+    unknown = sorted(set(spec) - GRID_KEYS)
+    if unknown:
+        _fail(path, f"unknown key {unknown[0]!r} (valid: {', '.join(sorted(GRID_KEYS))})")
+    name = str(spec.get("name") or path.stem)
+    program = spec.get("program", "main_pretrain.py")
+    if program not in TRAINING_PROGRAMS:
+        _fail(path, f"program {program!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
+    axes = spec.get("axes") or {}
+    if not isinstance(axes, dict) or not axes:
+        _fail(path, "needs `axes`, a mapping of flag names to lists of values")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            _fail(path, f"axis {key!r} must be a non-empty list of values (got {values!r})")
+    flags = spec.get("flags") or {}
+    if not isinstance(flags, dict):
+        _fail(path, "`flags` must be a mapping of flag names to values")
+    overlap = sorted(set(flags) & set(axes))
+    if overlap:
+        _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
+    base = {}
+    if spec.get("config"):
+        config_path = Path(spec["config"])
+        if not config_path.is_absolute():
+            config_path = repo_root / config_path
+        base = load_yaml(config_path)
+    root = Path(output_root or spec.get("output_root") or Path("runs") / name)
+    evals = _eval_spec(path, spec.get("evals"), repo_root)
+    axis_keys = list(axes)
+    runs, names = [], {}
+    for combination in itertools.product(*(axes[k] for k in axis_keys)):
+        values = dict(zip(axis_keys, combination))
+        merged = {**base, **flags, **values}
+        label = run_name(merged | values, axis_keys)
+        if label in names:
+            _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
+        names[label] = values
+        checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}", repo_root)
+        run_flags = {}
+        if spec.get("config"):
+            run_flags["config"] = str(spec["config"])
+        run_flags.update({k: checked[k] for k in {**flags, **values}})
+        run_flags["output_dir"] = str(root / label)
+        epochs = int(checked.get("epochs") or program_parser(program, merged, repo_root).get_default("epochs") or 0)
+        run = RunSpec(label, program, run_flags, values)
+        run.evals = _expand_evals(path, evals, run, epochs, repo_root)
+        wanted = sorted({e.epoch for e in run.evals if e.epoch is not None} | set(run_flags.get("checkpoint_epochs", [])))
+        if wanted:
+            run.flags["checkpoint_epochs"] = wanted
+        runs.append(run)
+    resources = resolve_resources(path, spec.get("resources"), "resources")
+    eval_resources = resolve_resources(path, spec.get("eval_resources") or spec.get("resources"), "eval_resources")
+    return Grid(name, path, runs, resources, eval_resources)
+
+
+def _eval_spec(path, evals, repo_root) -> dict:
+    if evals is None:
+        return {"programs": [], "flags": {}, "epochs": ["final"]}
+    if not isinstance(evals, dict):
+        _fail(path, "`evals` must be a mapping with programs, flags, epochs")
+    unknown = sorted(set(evals) - EVAL_KEYS)
+    if unknown:
+        _fail(path, f"unknown key evals.{unknown[0]!r} (valid: {', '.join(sorted(EVAL_KEYS))})")
+    programs = evals.get("programs") or []
+    for program in programs:
+        if program not in EVAL_PROGRAMS:
+            _fail(path, f"evals program {program!r} is not one of: {', '.join(EVAL_PROGRAMS)}")
+    flags = evals.get("flags") or {}
+    for program, values in flags.items():
+        if program not in programs:
+            _fail(path, f"evals.flags names {program!r}, which is not in evals.programs")
+        validate_flags(program, {**values, "run": "x"}, f"grid {str(path)!r} evals.flags.{program}", repo_root)
+    epochs = evals.get("epochs") or ["final"]
+    if not isinstance(epochs, list) or any(not (e == "final" or (isinstance(e, int) and e > 0)) for e in epochs):
+        _fail(path, f"evals.epochs must list positive epochs or 'final' (got {epochs!r})")
+    return {"programs": programs, "flags": flags, "epochs": epochs}
+
+
+def _expand_evals(path, evals: dict, run: RunSpec, epochs: int, repo_root) -> list[EvalSpec]:
+    specs = []
+    for epoch in evals["epochs"]:
+        if epoch != "final" and epochs and epoch > epochs:
+            continue
+        checkpoint = "checkpoint.pth" if epoch == "final" else f"checkpoint_ep{epoch:04d}.pth"
+        for program in evals["programs"]:
+            flags = {"run": str(run.run_dir), "checkpoint": checkpoint, **evals["flags"].get(program, {})}
+            specs.append(EvalSpec(program, flags, checkpoint, None if epoch == "final" else epoch))
+    return specs

@@ -1,0 +1,94 @@
+"""What submitit runs: a light callable that holds only program names and command lines.
+
+`ProgramJob` runs one or more entry scripts in order inside the job. All state lives in the run directory, so
+`checkpoint()` (called by submitit on its pre-emption / time-limit signal) just returns a fresh copy of the same
+job: the training loop has already saved checkpoint.pth at a step boundary when submitit gets control (see
+engine.StopSignal), and the requeued job resumes from it. Evaluations already recorded for a checkpoint are not
+run again, so a requeued evaluation job does not duplicate records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+
+from .programs import EVAL_PROGRAMS, REPO_ROOT, load_program
+
+
+class ProgramJob:
+    def __init__(self, commands: list[tuple[str, list[str]]], repo_root: str = str(REPO_ROOT)):
+        self.commands, self.repo_root = commands, repo_root
+
+    def __call__(self) -> list[str]:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.chdir(self.repo_root)
+        done = []
+        for program, argv in self.commands:
+            if program in EVAL_PROGRAMS and already_recorded(program, argv):
+                done.append(f"{program}: already recorded")
+                continue
+            load_program(program, Path(self.repo_root)).main(argv)
+            done.append(program)
+        return done
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.repo_root))
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else None
+
+
+def already_recorded(program: str, argv: list[str]) -> bool:
+    """True when the run's metrics.jsonl has a record of this evaluation for this checkpoint."""
+    run = _flag(argv, "--run")
+    checkpoint = _flag(argv, "--checkpoint") or "checkpoint.pth"
+    path = Path(run or "") / "metrics.jsonl"
+    if not run or not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("eval") == EVAL_PROGRAMS[program] and record.get("checkpoint") == Path(checkpoint).name:
+            return True
+    return False
+
+
+def make_executor(folder: Path, resources: dict, cluster: str, name: str) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
+                                     slurm_max_num_timeout=resources["max_requeues"])
+    additional = {key: resources[key] for key in ("account", "qos") if resources.get(key)}
+    params = dict(name=name, nodes=resources["nodes"], tasks_per_node=resources["tasks_per_node"],
+                  cpus_per_task=resources["cpus_per_task"], mem_gb=resources["mem_gb"],
+                  timeout_min=resources["timeout_min"])
+    if resources["gpus_per_node"]:
+        params["gpus_per_node"] = resources["gpus_per_node"]
+    if cluster == "slurm":
+        params.update(slurm_signal_delay_s=resources["signal_delay_s"],
+                      slurm_array_parallelism=resources["array_parallelism"],
+                      slurm_additional_parameters=additional)
+        if resources.get("partition"):
+            params["slurm_partition"] = resources["partition"]
+        if resources.get("constraint"):
+            params["slurm_constraint"] = resources["constraint"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None) -> None:
+    """Block until none of the Slurm jobs is pending or running (squeue, so no accounting database is needed)."""
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    waiting = set(job_ids)
+    while waiting:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+        if out.returncode == 0 and not waiting & set(out.stdout.split()):
+            return
+        if deadline is not None and time.time() > deadline:
+            raise TimeoutError(f"jobs still in the queue after {timeout_s} s: {sorted(waiting)}")
+        time.sleep(poll_s)
