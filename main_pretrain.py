@@ -52,7 +52,7 @@ def main(argv=None):
     engine.seed_everything(args.seed)
 
     train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
-    method = METHODS[args.method](args, DataInfo.of(train_set), ctx.device).to(ctx.device)
+    method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device).to(ctx.device)
     run_dir = Path(args.output_dir)
     engine.check_run_dir(run_dir, args, kind="pretrain")
     trainer = engine.Trainer(method, args, ctx, run_dir, train_set)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.augment import ColorSpec, MultiCrop, crop_specs
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,13 @@ class DataInfo:
     std: tuple
 
     @classmethod
-    def of(cls, images) -> "DataInfo":
-        return cls(images.channels, images.image_size, len(images), images.num_classes, tuple(images.mean),
-                   tuple(images.std))
+    def of(cls, images, mean=None, std=None) -> "DataInfo":
+        """`mean` / `std` (the --mean / --std flags) replace the dataset's normalisation when given."""
+        mean, std = tuple(mean or images.mean), tuple(std or images.std)
+        if len(mean) != images.channels or len(std) != images.channels:
+            raise ConfigError(f"--mean {list(mean)} / --std {list(std)} need one value per channel "
+                              f"({images.channels} for {images.name})")
+        return cls(images.channels, images.image_size, len(images), images.num_classes, mean, std)
 
 
 @dataclass
@@ -121,6 +126,8 @@ def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grey_p", type=float, default=0.2, help="probability of greyscale")
     group.add_argument("--blur_p", type=float, default=0.0, help="probability of Gaussian blur (0: none, as CIFAR)")
     group.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip")
+    group.add_argument("--mean", type=float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
+    group.add_argument("--std", type=float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
 
 
 def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:

@@ -1,0 +1,155 @@
+"""launch.py, pre-emption and sbatch scripts against the real local Slurm cluster (tests/slurm/local_cluster.sh).
+
+Without a cluster these tests skip with the reason; with CLUSTERLAB_REQUIRE_SLURM=1 (.ci/run sets it) a missing
+cluster fails them instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = ROOT / "tests" / "slurm" / "local_cluster.sh"
+TINY = {"method": "swav", "dataset": "digits", "width": 4, "hidden_mlp": 32, "feat_dim": 16, "size_crops": [8],
+        "device": "cpu"}
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    check = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True)
+    if check.returncode != 0:
+        reason = ("no Slurm cluster answers (start one with `bash tests/slurm/local_cluster.sh start`, "
+                  "which needs root and apt)")
+        if os.environ.get("CLUSTERLAB_REQUIRE_SLURM") == "1":
+            pytest.fail(f"CLUSTERLAB_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def launch(*args, check=True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env(), timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def write_grid(path: Path, **spec) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def wait_job(job_id: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        if job_id not in out:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still queued after {timeout} s")
+
+
+def log_lines(run: Path) -> int:
+    path = run / "train_log.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for_lines(run: Path, count: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while log_lines(run) < count:
+        assert time.time() < deadline, f"{run} logged only {log_lines(run)} lines"
+        time.sleep(0.3)
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_grid_runs_trains_evaluates_and_collects(slurm, tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", name="t", program="main_pretrain.py", config="configs/swav_digits.yaml",
+                      axes={"epochs": [1, 2], "seed": [0, 1]}, flags={**TINY, "batch_size": 64, "log_every": 50},
+                      evals={"programs": ["eval_knn.py", "eval_cluster.py"],
+                             "flags": {"eval_cluster.py": {"restarts": 2, "plot": False}}},
+                      resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20})
+    out = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--wait")
+    assert "submitted 4 training job(s)" in out.stdout and "submitted 4 evaluation job(s)" in out.stdout
+    runs = sorted((tmp_path / "runs").glob("swav_digits_*"))
+    assert [r.name for r in runs] == ["swav_digits_1ep_s0", "swav_digits_1ep_s1", "swav_digits_2ep_s0",
+                                      "swav_digits_2ep_s1"]
+    for run in runs:
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+        kinds = sorted(r["eval"] for r in records(run))
+        assert kinds == ["cluster", "knn"], (run, kinds)
+        assert (run / "slurm" / "jobs.jsonl").is_file()
+    # launching again finds everything done and submits nothing
+    again = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+    assert "submitted" not in again.stdout and again.stdout.count("finished") == 4
+    table = subprocess.run([sys.executable, "collect_results.py", "--root", str(tmp_path / "runs"), "--out",
+                            str(tmp_path / "results"), "--published", ""], cwd=ROOT, capture_output=True, text=True,
+                           env=env())
+    assert table.returncode == 0, table.stderr
+    assert (tmp_path / "results" / "digits.csv").is_file()
+    assert "| digits | swav |" in table.stdout
+
+
+def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
+    flags = {**TINY, "batch_size": 32, "epochs": 5, "log_every": 1}
+    grid = write_grid(tmp_path / "grid.yaml", name="p", program="main_pretrain.py", config="configs/swav_digits.yaml",
+                      axes={"seed": [0]}, flags=flags, resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20})
+    launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+    run = tmp_path / "runs" / "swav_digits_s0"
+    job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
+    for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
+        wait_for_lines(run, lines)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        deadline = time.time() + 60
+        while json.loads((run / "status.json").read_text()).get("state") != "interrupted":
+            assert time.time() < deadline, "the run did not save on SIGUSR2"
+            time.sleep(0.2)
+    wait_job(job)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    log = (run / "train_log.jsonl").read_text()
+    reference = tmp_path / "reference"
+    argv = [f"--{k}={v}" if not isinstance(v, list) else f"--{k}={v[0]}" for k, v in flags.items()]
+    subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", *argv, "--seed", "0",
+                    "--output_dir", str(reference)], cwd=ROOT, env=env(), check=True, capture_output=True)
+    ours = torch.load(run / "checkpoint.pth", weights_only=True)
+    theirs = torch.load(reference / "checkpoint.pth", weights_only=True)
+    assert ours["global_step"] == theirs["global_step"] == 5 * 28
+    for key in theirs["model"]:
+        assert torch.equal(ours["model"][key], theirs["model"][key]), key
+    assert log.count('"epoch_end": true') == 5
+
+
+def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out", "sbatch/swav_digits.sh",
+         "--epochs", "8", "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--size_crops", "8",
+         "--batch_size", "32", "--log_every", "1"],
+        env=env(EXPERIMENT_PATH=str(run), PYTHON=sys.executable, EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
+        capture_output=True, text=True, check=True).stdout.strip()
+    wait_for_lines(run, 20)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_job(job)
+    output = (tmp_path / f"{job}.out").read_text()
+    assert "SIGUSR2: saved" in output, output[-2000:]
+    assert re.search(r"from epoch \d+ step \d+ ->", output), "the requeued job did not resume"
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"]
