@@ -42,19 +42,25 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise DataError(f"IDX file {str(path)!r} is truncated or padded: {len(raw) - header} data bytes for shape "
                         f"{tuple(shape)} (expected {expected})")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    # A copy: an array over the immutable bytes is read-only, and torch.from_numpy of it gives a tensor whose
+    # in-place writes are undefined behaviour.
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).copy()
 
 
 # ---- CIFAR python pickles ------------------------------------------------------------------------------------------
 
-def read_cifar_pickle(path: Path) -> dict:
+def _unpickle(path: Path, what: str):
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")
+            return pickle.load(handle, encoding="latin1")
     except FileNotFoundError:
-        raise DataError(f"CIFAR batch {str(path)!r} does not exist") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
-        raise DataError(f"CIFAR batch {str(path)!r} is corrupt ({err})") from None
+        raise DataError(f"{what} {str(path)!r} does not exist") from None
+    except Exception as err:  # a corrupt pickle can raise nearly anything (AttributeError, ImportError, ...)
+        raise DataError(f"{what} {str(path)!r} is corrupt ({type(err).__name__}: {err})") from None
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    batch = _unpickle(path, "CIFAR batch")
     if not isinstance(batch, dict) or "data" not in batch:
         raise DataError(f"CIFAR batch {str(path)!r} has no 'data' entry (not a CIFAR python pickle)")
     data = np.asarray(batch["data"], dtype=np.uint8)
@@ -84,8 +90,7 @@ def read_cifar(folder: Path, files: list[str], label_keys: tuple[str, ...]) -> t
 def read_cifar_meta(path: Path, key: str) -> list[str] | None:
     if not path.is_file():
         return None
-    with open(path, "rb") as handle:
-        meta = pickle.load(handle, encoding="latin1")
+    meta = _unpickle(path, "CIFAR meta file")
     names = meta.get(key) if isinstance(meta, dict) else None
     return list(names) if names is not None else None
 

@@ -6,6 +6,7 @@ W processes see together, and a run resumed in the middle of an epoch continues 
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -46,6 +47,12 @@ class GlobalBatches:
         return batch[start: start + share], len(batch), start
 
 
+def _stack(batch: list, shape: tuple) -> torch.Tensor:
+    """Collate decoded images; a rank can get none (the last global batch, or a shard of an empty range), and
+    default_collate fails on []."""
+    return torch.stack(batch) if batch else torch.empty((0, *shape), dtype=torch.uint8)
+
+
 def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: int = 0, workers: int = 0
             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """Yield (step, uint8 images, labels, dataset indices, global batch size, offset) from `start_step` on."""
@@ -57,7 +64,9 @@ def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: in
         return
     source = FileImages(images.files, images.image_size, images.channels)
     loader = torch.utils.data.DataLoader(source, batch_sampler=[idx.tolist() for idx, _, _ in plan],
-                                         num_workers=workers, persistent_workers=False, pin_memory=False)
+                                         num_workers=workers, persistent_workers=False, pin_memory=False,
+                                         collate_fn=partial(_stack, shape=(images.channels, images.image_size,
+                                                                           images.image_size)))
     for step, (idx, total, offset), batch in zip(steps, plan, loader):
         yield step, batch, images.labels[idx], idx, total, offset
 
@@ -71,5 +80,7 @@ def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers
             yield images.images[idx], idx
         return
     source = FileImages(images.files, images.image_size, images.channels)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[c.tolist() for c in chunks], num_workers=workers)
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[c.tolist() for c in chunks], num_workers=workers,
+                                         collate_fn=partial(_stack, shape=(images.channels, images.image_size,
+                                                                           images.image_size)))
     yield from zip(loader, chunks)

@@ -1,0 +1,524 @@
+"""Dataset readers and the registry on files fabricated in the real on-disk formats (tests/fabricate.py)."""
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fabricate
+from clusterlab.data import registry
+from clusterlab.data.formats import read_idx
+from clusterlab.errors import DataError
+
+FASHION_DIR = Path(registry.FASHION_MNIST_DIR)
+
+# The IIC CIFAR-100 -> 20 table (seeds spec 7.5): the fabricated pickles use a different map on purpose.
+IIC_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+              0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18,
+              17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8,
+              19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]
+
+
+def data_error(fn, *args, **kwargs) -> str:
+    """Run fn, expect a DataError, check its message is one line, return it."""
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+def check_tensors(ds, images: np.ndarray, labels: np.ndarray):
+    assert ds.in_memory and ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64
+    assert tuple(ds.images.shape) == images.shape
+    assert ds.images.is_contiguous()
+    np.testing.assert_array_equal(ds.images.numpy(), images)
+    np.testing.assert_array_equal(ds.labels.numpy(), labels)
+    assert len(ds) == len(labels)
+
+
+# ---- fabricated datasets, one folder per module --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory):
+    # 23 training images do not split evenly over the 5 batches: the concatenation order is checked too.
+    return fabricate.make_cifar10(tmp_path_factory.mktemp("c10"), n_train=23, n_test=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cifar100_root(tmp_path_factory):
+    return fabricate.make_cifar100(tmp_path_factory.mktemp("c100"), n_train=120, n_test=40, seed=2)
+
+
+@pytest.fixture(scope="module")
+def stl10_root(tmp_path_factory):
+    return fabricate.make_stl10(tmp_path_factory.mktemp("stl"), n_train=20, n_test=12, n_unlabeled=15, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    return fabricate.make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=60, n_test=30, seed=4)
+
+
+# ---- CIFAR ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split,n", [("train", 23), ("test", 12)])
+def test_cifar10_reads_pickles(cifar10_root, split, n):
+    images, labels = fabricate.cifar10_arrays(23, 12, seed=1)[split]
+    ds = registry.load("cifar10", split, str(cifar10_root))
+    check_tensors(ds, images, labels)
+    assert (ds.name, ds.split, ds.num_classes, ds.channels, ds.image_size) == ("cifar10", split, 10, 3, 32)
+    assert len(ds) == n and set(ds.labels.tolist()) == set(range(10))
+    # Pairing and order survive the batch concatenation.
+    np.testing.assert_array_equal(fabricate.decode_label(ds.images), ds.labels.numpy())
+    np.testing.assert_array_equal(fabricate.decode_index(ds.images), np.arange(n))
+    assert ds.class_names == fabricate.CIFAR10_CLASSES
+    assert ds.mean == registry.CIFAR10_MEAN and ds.std == registry.CIFAR10_STD
+    assert ds.superclass_labels is None
+
+
+def test_cifar10_folder_given_directly(cifar10_root):
+    ds = registry.load("cifar10", "test", str(Path(cifar10_root) / "cifar-10-batches-py"))
+    assert len(ds) == 12
+
+
+def test_cifar10_without_meta_numbers_classes(tmp_path):
+    fabricate.make_cifar10(tmp_path, n_train=10, n_test=10)
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
+    assert registry.load("cifar10", "test", str(tmp_path)).class_names == [str(i) for i in range(10)]
+
+
+def _pickle_labels(path: Path, key: str) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return np.asarray(pickle.load(handle, encoding="latin1")[key])
+
+
+@pytest.mark.parametrize("split,n", [("train", 120), ("test", 40)])
+def test_cifar100_fine_labels_and_superclasses(cifar100_root, split, n):
+    images, fine = fabricate.cifar100_arrays(120, 40, seed=2)[split]
+    ds = registry.load("cifar100", split, str(cifar100_root))
+    check_tensors(ds, images, fine)
+    assert (ds.num_classes, ds.channels, ds.image_size) == (100, 3, 32)
+    np.testing.assert_array_equal(fabricate.decode_label(ds.images), ds.labels.numpy())
+    assert ds.class_names == fabricate.CIFAR100_FINE
+    assert ds.superclass_names == fabricate.CIFAR100_COARSE_NAMES
+    coarse = _pickle_labels(Path(cifar100_root) / "cifar-100-python" / split, "coarse_labels")
+    np.testing.assert_array_equal(ds.superclass_labels.numpy(), coarse)
+    np.testing.assert_array_equal(ds.superclass_labels.numpy(), fabricate.CIFAR100_COARSE[fine])
+    assert ds.mean == registry.CIFAR100_MEAN and ds.std == registry.CIFAR100_STD
+    # subset keeps labels, images and superclasses together.
+    part = ds.subset([5, 0, 7])
+    np.testing.assert_array_equal(part.images.numpy(), images[[5, 0, 7]])
+    np.testing.assert_array_equal(part.superclass_labels.numpy(), coarse[[5, 0, 7]])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar100_20_uses_the_pickles_coarse_labels(cifar100_root, split):
+    images, fine = fabricate.cifar100_arrays(120, 40, seed=2)[split]
+    ds = registry.load("cifar100_20", split, str(cifar100_root))
+    coarse = _pickle_labels(Path(cifar100_root) / "cifar-100-python" / split, "coarse_labels")
+    check_tensors(ds, images, coarse)
+    assert ds.num_classes == 20 and ds.class_names == fabricate.CIFAR100_COARSE_NAMES
+    assert ds.labels.min() >= 0 and ds.labels.max() <= 19
+    # The fabricated map disagrees with the IIC table: a hand-typed table would fail the equality above.
+    assert (np.asarray(IIC_COARSE)[fine] != coarse).mean() > 0.5
+
+
+# ---- STL-10 --------------------------------------------------------------------------------------------------------
+
+def test_stl10_binary_is_column_major(stl10_root):
+    images, labels = fabricate.stl10_arrays(20, 12, 15, seed=3)["train"]
+    ds = registry.load("stl10", "train", str(stl10_root))
+    # The fabricated arrays are row-major; the files hold them transposed, so equality means the reader transposes.
+    check_tensors(ds, images, labels)
+    assert (ds.num_classes, ds.channels, ds.image_size) == (10, 3, 96)
+    raw = np.fromfile(Path(stl10_root) / "stl10_binary" / "train_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+    assert not np.array_equal(raw, images)
+    np.testing.assert_array_equal(fabricate.decode_label(ds.images), labels)
+    assert ds.class_names == fabricate.STL10_CLASSES
+    # Labels 1..10 on disk, 0..9 in memory.
+    file_labels = np.fromfile(Path(stl10_root) / "stl10_binary" / "train_y.bin", dtype=np.uint8)
+    np.testing.assert_array_equal(ds.labels.numpy(), file_labels.astype(np.int64) - 1)
+    assert set(ds.labels.tolist()) == set(range(10))
+
+
+def test_stl10_test_and_unlabeled(stl10_root):
+    arrays = fabricate.stl10_arrays(20, 12, 15, seed=3)
+    test = registry.load("stl10", "test", str(stl10_root))
+    check_tensors(test, *arrays["test"])
+    unlabeled = registry.load("stl10", "unlabeled", str(stl10_root))
+    check_tensors(unlabeled, arrays["unlabeled"][0], np.full(15, -1))
+    assert unlabeled.num_classes == 10
+    # Normalisation statistics come from the training images (the first 10000 of the split, here all of them).
+    train_images = arrays["train"][0].astype(np.float64) / 255
+    np.testing.assert_allclose(test.mean, train_images.mean(axis=(0, 2, 3)), atol=1e-4)
+    np.testing.assert_allclose(test.std, train_images.std(axis=(0, 2, 3)), atol=1e-4)
+
+
+def test_stl10_train_plus_unlabeled_concatenates(stl10_root):
+    arrays = fabricate.stl10_arrays(20, 12, 15, seed=3)
+    ds = registry.load("stl10", "train+unlabeled", str(stl10_root))
+    check_tensors(ds, np.concatenate([arrays["train"][0], arrays["unlabeled"][0]]),
+                  np.concatenate([arrays["train"][1], np.full(15, -1)]))
+    assert (ds.labels[:20] >= 0).all() and (ds.labels[20:] == -1).all()
+
+
+# ---- Fashion-MNIST -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split,n", [("train", 60), ("test", 30)])
+def test_fashion_mnist_fabricated(fashion_root, split, n):
+    arrays = fabricate.fashion_mnist_arrays(60, 30, seed=4)
+    ds = registry.load("fashion_mnist", split, str(fashion_root))
+    check_tensors(ds, *arrays[split])
+    assert (ds.num_classes, ds.channels, ds.image_size) == (10, 1, 28)
+    assert ds.class_names == registry.FASHION_MNIST_CLASSES
+    np.testing.assert_array_equal(fabricate.decode_label(ds.images), ds.labels.numpy())
+    scaled = arrays["train"][0].astype(np.float64) / 255
+    np.testing.assert_allclose(ds.mean, [scaled.mean()], atol=1e-4)
+    np.testing.assert_allclose(ds.std, [scaled.std()], atol=1e-4)
+
+
+def test_fashion_mnist_uncompressed_and_torchvision_layout(tmp_path, fashion_root):
+    # torchvision's download leaves FashionMNIST/raw/*-ubyte (and .gz); plain files are read as well.
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in Path(fashion_root).glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    ds = registry.load("fashion_mnist", "test", str(tmp_path))
+    check_tensors(ds, *fabricate.fashion_mnist_arrays(60, 30, seed=4)["test"])
+    # torchvision's own reader agrees (the fabricated files are real IDX).
+    from torchvision import datasets
+
+    theirs = datasets.FashionMNIST(str(tmp_path), train=False)
+    assert torch.equal(theirs.data, ds.images[:, 0]) and torch.equal(theirs.targets, ds.labels)
+
+
+@pytest.mark.skipif(not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason=f"Fashion-MNIST is not installed at {FASHION_DIR} (Debian package dataset-fashion-mnist)")
+def test_fashion_mnist_real_files():
+    test = registry.load("fashion_mnist", "test")  # the default path
+    train = registry.load("fashion_mnist", "train", str(FASHION_DIR))
+    assert tuple(train.images.shape) == (60000, 1, 28, 28) and tuple(test.images.shape) == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
+    assert (train.channels, train.image_size, train.num_classes) == (1, 28, 10)
+    # Fashion-MNIST is balanced: 6000 / 1000 images per class.
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert test.mean == train.mean and 0.28 < train.mean[0] < 0.29 and 0.35 < train.std[0] < 0.36
+
+
+# ---- digits --------------------------------------------------------------------------------------------------------
+
+def test_digits_split_is_stratified_and_deterministic():
+    train, test = registry.load("digits", "train"), registry.load("digits", "test")
+    assert len(train) + len(test) == 1797 and abs(len(train) - len(test)) <= 1
+    assert (train.channels, train.image_size, train.num_classes) == (1, 8, 10)
+    assert train.images.dtype == torch.uint8 and int(train.images.max()) == 255
+    per_class = torch.bincount(train.labels, minlength=10) - torch.bincount(test.labels, minlength=10)
+    assert per_class.abs().max() <= 1
+    # The two splits partition the dataset: every (image, label) pair of sklearn appears exactly once.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    every = np.rint(digits.images * (255 / 16)).astype(np.uint8).reshape(1797, -1)
+    both = torch.cat([train.images, test.images]).reshape(1797, -1).numpy()
+    both_labels = torch.cat([train.labels, test.labels]).numpy()
+    key = lambda rows, labels: sorted(zip(map(bytes, rows), labels.tolist()))  # noqa: E731
+    assert key(both, both_labels) == key(every, digits.target)
+    again = registry.load("digits", "train")
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+    assert test.mean == train.mean
+
+
+# ---- image folders -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grey,channels", [(True, 1), (False, 3)])
+def test_imagefolder(tmp_path, grey, channels):
+    fabricate.make_imagefolder(tmp_path, n_per_class=4, classes=3, size=28, grey=grey, seed=5)
+    arrays = fabricate.imagefolder_arrays(4, 3, 28, grey, seed=5)
+    for split, folder in (("train", "train"), ("test", "val")):
+        ds = registry.load("imagefolder", split, str(tmp_path))
+        images, labels = arrays[folder]
+        assert not ds.in_memory and len(ds.files) == 12
+        assert (ds.channels, ds.image_size, ds.num_classes) == (channels, 28, 3)
+        assert ds.class_names == fabricate.imagefolder_classes(3)
+        np.testing.assert_array_equal(ds.labels.numpy(), labels)
+        assert all(Path(f).parent.name == ds.class_names[y] for f, y in zip(ds.files, labels))
+        decoded = registry.FileImages(ds.files, ds.image_size, ds.channels)
+        stacked = np.stack([decoded[i].numpy() for i in range(len(decoded))])
+        np.testing.assert_array_equal(stacked, images)
+    train_scaled = arrays["train"][0].astype(np.float64) / 255
+    np.testing.assert_allclose(ds.mean, train_scaled.mean(axis=(0, 2, 3)), atol=1e-4)
+
+
+def test_imagefolder_resizes_to_the_first_images_size(tmp_path):
+    from PIL import Image
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=20, grey=False)
+    # A larger, non-square image elsewhere is resized (shorter side) and centre-cropped to 20x20.
+    Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / "train" / "class_b" / "zz.png")
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert ds.image_size == 20 and ds.channels == 3
+    image = registry.FileImages(ds.files, 20, 3)[ds.files.index(str(tmp_path / "train" / "class_b" / "zz.png"))]
+    assert tuple(image.shape) == (3, 20, 20) and image[:, 10, 10].tolist() == [10, 20, 30]
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+def test_unknown_dataset_and_split():
+    assert "'imagenet'" in data_error(registry.load, "imagenet", "train")
+    message = data_error(registry.load, "cifar10", "val", "/nonexistent")
+    assert "'val'" in message and "train" in message
+    assert "'train+test'" in data_error(registry.load, "stl10", "train+test", "/nonexistent")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "cifar100_20", "stl10", "fashion_mnist", "imagefolder"])
+def test_missing_data_path(tmp_path, name):
+    missing = tmp_path / "no_such_dir"
+    assert str(missing) in data_error(registry.load, name, "train", str(missing))
+
+
+@pytest.mark.parametrize("name,inner", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                        ("stl10", "stl10_binary"), ("fashion_mnist", "train-images-idx3-ubyte"),
+                                        ("imagefolder", "train")])
+def test_empty_data_path(tmp_path, name, inner):
+    message = data_error(registry.load, name, "train", str(tmp_path))
+    assert str(tmp_path) in message and inner in message
+
+
+def test_download_refused_for_local_datasets(tmp_path):
+    assert "'imagefolder'" in data_error(registry.load, "imagefolder", "train", str(tmp_path), download=True)
+
+
+def _gz(path: Path, payload: bytes) -> Path:
+    with gzip.open(path, "wb") as handle:
+        handle.write(payload)
+    return path
+
+
+def test_idx_reader_round_trip(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    read = read_idx(_gz(tmp_path / "a.gz", fabricate.idx_bytes(array)))
+    np.testing.assert_array_equal(read, array)
+    # Writable memory: torch.from_numpy of a read-only array gives a tensor whose in-place writes are undefined.
+    assert read.flags.writeable
+    (tmp_path / "b").write_bytes(fabricate.idx_bytes(array))
+    np.testing.assert_array_equal(read_idx(tmp_path / "b"), array)
+    # Big-endian int32 data (type 0x0C).
+    values = np.array([1, -2, 70000], dtype=">i4")
+    (tmp_path / "c").write_bytes(bytes([0, 0, 0x0C, 1]) + (3).to_bytes(4, "big") + values.tobytes())
+    np.testing.assert_array_equal(read_idx(tmp_path / "c"), [1, -2, 70000])
+
+
+@pytest.mark.parametrize("payload,words", [
+    (bytes([0, 0, 8, 3, 0, 0, 0, 5]), "truncated inside its header"),
+    (fabricate.idx_bytes(np.zeros((4, 28, 28), np.uint8))[:-10], "truncated or padded"),
+    (fabricate.idx_bytes(np.zeros((4, 28, 28), np.uint8)) + b"\0", "truncated or padded"),
+    (bytes([8, 3, 0, 0]) + fabricate.idx_bytes(np.zeros((4, 2, 2), np.uint8))[4:], "bad magic"),
+    (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 0]), "bad magic"),
+    (b"\0\0", "bad magic"),
+])
+def test_idx_reader_rejects(tmp_path, payload, words):
+    path = _gz(tmp_path / "broken-idx3-ubyte.gz", payload)
+    message = data_error(read_idx, path)
+    assert str(path) in message and words in message
+
+
+def test_idx_reader_bad_gzip_and_missing(tmp_path):
+    good = fabricate.idx_bytes(np.zeros((4, 28, 28), np.uint8))
+    compressed = gzip.compress(good)
+    (tmp_path / "cut.gz").write_bytes(compressed[: len(compressed) // 2])
+    assert str(tmp_path / "cut.gz") in data_error(read_idx, tmp_path / "cut.gz")
+    (tmp_path / "plain.gz").write_bytes(good)  # not gzip at all
+    assert str(tmp_path / "plain.gz") in data_error(read_idx, tmp_path / "plain.gz")
+    assert "does not exist" in data_error(read_idx, tmp_path / "none.gz")
+
+
+def test_fashion_mnist_truncated_file_named(tmp_path):
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _gz(bad, fabricate.idx_bytes(np.zeros((10, 28, 28), np.uint8))[:-100])
+    assert str(bad) in data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
+
+
+def test_fashion_mnist_images_not_three_dimensional(tmp_path):
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    bad = _gz(tmp_path / "t10k-images-idx3-ubyte.gz", fabricate.idx_bytes(np.zeros((10, 784), np.uint8)))
+    message = data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
+    assert str(bad) in message and "(10, 784)" in message
+
+
+def test_fashion_mnist_label_count_mismatch(tmp_path):
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    bad = _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", fabricate.idx_bytes(np.zeros(9, np.uint8)))
+    message = data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
+    assert str(bad) in message and "9" in message and "10" in message
+
+
+def _cifar10(tmp_path) -> Path:
+    fabricate.make_cifar10(tmp_path, n_train=10, n_test=5)
+    return tmp_path / "cifar-10-batches-py"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "not_a_dict", "no_data", "unknown_module",
+                                    "unknown_attribute", "bad_text"])
+def test_corrupt_cifar_pickle(tmp_path, damage):
+    bad = _cifar10(tmp_path) / "data_batch_3"
+    content = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(content[: len(content) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(bytes(range(256)) * 4)
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "unknown_module":  # what a flipped byte inside a GLOBAL opcode gives: ModuleNotFoundError
+        bad.write_bytes(b"\x80\x02cno_such_module\nthing\nq\x00.")
+    elif damage == "unknown_attribute":  # AttributeError
+        bad.write_bytes(b"\x80\x02cnumpy\nno_such_attribute\nq\x00.")
+    elif damage == "bad_text":  # UnicodeDecodeError from a BINUNICODE string
+        bad.write_bytes(b"\x80\x02X\x02\x00\x00\x00\xff\xfeq\x00.")
+    elif damage == "not_a_dict":
+        bad.write_bytes(pickle.dumps([1, 2, 3]))
+    else:
+        bad.write_bytes(pickle.dumps({"labels": [0, 1]}))
+    assert str(bad) in data_error(registry.load, "cifar10", "train", str(tmp_path))
+    # The test split does not read that file.
+    assert len(registry.load("cifar10", "test", str(tmp_path))) == 5
+
+
+def test_cifar_wrong_shape_missing_batch_and_label_mismatch(tmp_path):
+    folder = _cifar10(tmp_path)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": np.zeros((5, 1024), np.uint8), "labels": [0] * 5}, handle)
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert str(folder / "test_batch") in message and "3072" in message
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": np.zeros((5, 3072), np.uint8), "labels": [0] * 4}, handle)
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert str(folder / "test_batch") in message and "4 labels for 5 images" in message
+    (folder / "data_batch_2").unlink()
+    assert str(folder / "data_batch_2") in data_error(registry.load, "cifar10", "train", str(tmp_path))
+
+
+def test_corrupt_cifar_meta(tmp_path):
+    folder = _cifar10(tmp_path)
+    (folder / "batches.meta").write_bytes(b"\x80\x02}q\x00(X")
+    assert str(folder / "batches.meta") in data_error(registry.load, "cifar10", "test", str(tmp_path))
+
+
+def test_cifar100_without_coarse_labels(tmp_path):
+    fabricate.make_cifar100(tmp_path, n_train=10, n_test=5)
+    bad = tmp_path / "cifar-100-python" / "test"
+    with open(bad, "wb") as handle:
+        pickle.dump({"data": np.zeros((5, 3072), np.uint8), "fine_labels": [0] * 5}, handle)
+    message = data_error(registry.load, "cifar100_20", "test", str(tmp_path))
+    assert str(bad) in message and "coarse_labels" in message
+
+
+def _stl10(tmp_path) -> Path:
+    fabricate.make_stl10(tmp_path, n_train=4, n_test=3, n_unlabeled=2)
+    return tmp_path / "stl10_binary"
+
+
+def test_stl10_size_not_a_multiple_of_an_image(tmp_path):
+    folder = _stl10(tmp_path)
+    with open(folder / "train_X.bin", "ab") as handle:
+        handle.write(b"\0" * 100)
+    message = data_error(registry.load, "stl10", "train", str(tmp_path))
+    assert str(folder / "train_X.bin") in message and "27648" in message
+    (folder / "unlabeled_X.bin").write_bytes(b"")
+    assert str(folder / "unlabeled_X.bin") in data_error(registry.load, "stl10", "unlabeled", str(tmp_path))
+
+
+def test_stl10_label_problems(tmp_path):
+    folder = _stl10(tmp_path)
+    (folder / "test_y.bin").write_bytes(bytes([1, 2]))
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "test_y.bin") in message and "2 labels for 3 images" in message
+    (folder / "test_y.bin").write_bytes(bytes([1, 0, 2]))  # 0 is not a class (1..10)
+    assert str(folder / "test_y.bin") in data_error(registry.load, "stl10", "test", str(tmp_path))
+    (folder / "test_y.bin").write_bytes(bytes([1, 11, 2]))
+    assert str(folder / "test_y.bin") in data_error(registry.load, "stl10", "test", str(tmp_path))
+    (folder / "train_y.bin").unlink()
+    assert str(folder / "train_y.bin") in data_error(registry.load, "stl10", "train+unlabeled", str(tmp_path))
+
+
+def test_imagefolder_problems(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=1, classes=2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "val")
+    message = data_error(registry.load, "imagefolder", "test", str(tmp_path))
+    assert str(tmp_path) in message and "val" in message
+    shutil.rmtree(tmp_path / "train")
+    (tmp_path / "train").mkdir()
+    assert str(tmp_path / "train") in data_error(registry.load, "imagefolder", "train", str(tmp_path))
+
+
+def test_imagefolder_grey_with_alpha_is_one_channel(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            Image.new("LA", (10, 10), (40 if label == "a" else 200, 128)).save(folder / "0.png")
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert (ds.channels, ds.image_size) == (1, 10)
+    assert registry.FileImages(ds.files, 10, 1)[1].unique().tolist() == [200]
+
+
+def test_imagefolder_statistics_sample_every_class(tmp_path):
+    # 2 x 1100 images: the statistics sample (2000 files) must not be the first class plus part of the second.
+    from PIL import Image
+
+    for label, value in (("a", 0), ("b", 255)):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True)
+        image = Image.new("L", (2, 2), value)
+        for i in range(1100):
+            image.save(folder / f"{i:04d}.png")
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert abs(ds.mean[0] - 0.5) < 0.01
+
+
+def test_imagefolder_train_classes_without_images(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=1, classes=2)
+    for png in (tmp_path / "train").rglob("*.png"):
+        png.unlink()
+    assert str(tmp_path / "train") in data_error(registry.load, "imagefolder", "test", str(tmp_path))
+
+
+# ---- the fabricated files are the real formats: torchvision's own readers agree ------------------------------------
+
+def _no_checksums(cls):
+    """torchvision dataset class with the md5 sums of the real files dropped (fabricated files have others)."""
+    attrs = {key: [[name, None] for name, _ in getattr(cls, key)]
+             for key in ("train_list", "test_list") if hasattr(cls, key)}
+    if isinstance(getattr(cls, "meta", None), dict):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    return type(f"Unchecked{cls.__name__}", (cls,), attrs)
+
+
+def test_torchvision_reads_fabricated_cifar_and_stl10(cifar10_root, cifar100_root, stl10_root):
+    from torchvision import datasets
+
+    cifar10 = _no_checksums(datasets.CIFAR10)(str(cifar10_root), train=True)
+    ours = registry.load("cifar10", "train", str(cifar10_root))
+    np.testing.assert_array_equal(cifar10.data, ours.images.permute(0, 2, 3, 1).numpy())  # torchvision keeps NHWC
+    assert cifar10.targets == ours.labels.tolist() and cifar10.classes == fabricate.CIFAR10_CLASSES
+    cifar100 = _no_checksums(datasets.CIFAR100)(str(cifar100_root), train=False)
+    ours = registry.load("cifar100", "test", str(cifar100_root))
+    np.testing.assert_array_equal(cifar100.data, ours.images.permute(0, 2, 3, 1).numpy())
+    assert cifar100.targets == ours.labels.tolist()
+    for split in ("train", "train+unlabeled"):
+        stl = _no_checksums(datasets.STL10)(str(stl10_root), split=split)
+        ours = registry.load("stl10", split, str(stl10_root))
+        np.testing.assert_array_equal(stl.data, ours.images.numpy())
+        np.testing.assert_array_equal(stl.labels, ours.labels.numpy())
+    assert stl.classes == fabricate.STL10_CLASSES
+
