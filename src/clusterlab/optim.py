@@ -11,8 +11,9 @@ from .errors import ConfigError
 class LARS(torch.optim.Optimizer):
     """SGD with layer-wise adaptive rate scaling, as apex's LARC with clip=False (You et al., arXiv:1708.03888).
 
-    For every parameter w with gradient g: local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps) (1 where either
-    norm is 0), g <- (g + wd * w) * local_lr, then SGD with momentum: v <- m v + g, w <- w - lr v.
+    For every parameter w with gradient g whose norms ||w|| and ||g|| are both non-zero:
+    local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps) and g <- (g + wd * w) * local_lr; where either norm is 0,
+    g is left as it is (no decay either, as apex). Then SGD with momentum: v <- m v + g, w <- w - lr v.
     SwAV applies it to every parameter, biases and BN included; `exclude_bias_and_norm` keeps 1-D parameters
     out of the adaptation and the decay.
     """
@@ -39,8 +40,9 @@ class LARS(torch.optim.Optimizer):
                     param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
                     local_lr = group["trust_coefficient"] * param_norm / (
                         grad_norm + weight_decay * param_norm + group["eps"])
-                    local_lr = torch.where((param_norm > 0) & (grad_norm > 0), local_lr, torch.ones_like(local_lr))
-                    grad = grad.add(p, alpha=weight_decay).mul_(local_lr)
+                    # As apex LARC: where a norm is 0 the decay is skipped too (a zero gradient adds nothing).
+                    adapt = (param_norm > 0) & (grad_norm > 0)
+                    grad = torch.where(adapt, grad.add(p, alpha=weight_decay).mul_(local_lr), grad)
                 if group["momentum"]:
                     state = self.state[p]
                     if "momentum_buffer" not in state:

@@ -7,6 +7,8 @@ does not depend on how the same samples are spread over ranks. A global length t
 global batch is refused (upstream silently rounds it down, which turned the CIFAR recipes' 120 into 0).
 
 For checkpoints the ranks' queues are gathered into one global tensor, so a run can resume on another world size.
+Its rows are in the order one process fed the same global batches would hold them: newest global batch first, each
+global batch in rank order. Every rank then evicts its share of the oldest global batch, whatever the world size.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class EmbeddingQueue:
             raise ConfigError(f"--queue_length {global_length} must be a positive multiple of the global batch "
                              f"{global_batch} (for example {max(1, global_length // global_batch + 1) * global_batch})")
         self.local_length = global_length // world_size
+        self.local_batch = global_batch // world_size
         self.embeddings = torch.zeros(num_crops, self.local_length, dim, device=device)
         self.filled = 0
 
@@ -45,9 +48,17 @@ class EmbeddingQueue:
         self.filled = min(self.local_length, self.filled + count)
 
     def state_dict(self) -> dict:
-        """The global queue (all ranks' rows in rank order); collective: every rank must call it."""
-        gathered = distributed.all_gather_cat(self.embeddings.transpose(0, 1).contiguous()).transpose(0, 1)
-        return {"embeddings": gathered.cpu(), "filled": self.filled * distributed.world_size()}
+        """The global queue, as one process would hold it (see the module's docstring); collective.
+
+        Each rank's queue is a stack of its batches; the global queue interleaves them batch by batch, so that it
+        is the queue of one process fed the concatenated batches (plain rank order would put rank 0's oldest
+        rows before rank 1's newest, and a run resumed on fewer ranks would evict the wrong rows).
+        """
+        crops, length, dim = self.embeddings.shape
+        blocks = self.embeddings.reshape(1, crops, length // self.local_batch, self.local_batch, dim)
+        gathered = distributed.all_gather_cat(blocks)  # (world, crops, batches, local batch, dim)
+        embeddings = gathered.permute(1, 2, 0, 3, 4).reshape(crops, -1, dim)
+        return {"embeddings": embeddings.cpu(), "filled": self.filled * distributed.world_size()}
 
     def load_state_dict(self, state: dict) -> None:
         embeddings = state["embeddings"]
@@ -55,6 +66,7 @@ class EmbeddingQueue:
         if embeddings.shape[1] != expected or embeddings.shape[0] != self.embeddings.shape[0]:
             raise ConfigError(f"the checkpoint's queue holds {tuple(embeddings.shape)} rows, this run expects "
                              f"({self.embeddings.shape[0]}, {expected}, ...): --queue_length or crops changed")
-        start = distributed.rank() * self.local_length
-        self.embeddings.copy_(embeddings[:, start: start + self.local_length])
+        crops, _, dim = self.embeddings.shape
+        mine = embeddings.reshape(crops, -1, distributed.world_size(), self.local_batch, dim)[:, :, distributed.rank()]
+        self.embeddings.copy_(mine.reshape(crops, self.local_length, dim))
         self.filled = min(int(state["filled"]) // distributed.world_size(), self.local_length)

@@ -1,0 +1,306 @@
+"""Distributed equivalence on 2 gloo processes (DESIGN.md, "Distributed semantics that must hold").
+
+- GlobalBatchNorm on 2 processes = torch BatchNorm on the concatenated batch in 1 process (outputs, running
+  statistics, input and parameter gradients; 1e-5 absolute, uneven splits included).
+- all_gather_with_grad: gradients equal the single-process gradients (1e-6); all_gather_uneven, all_gather_cat,
+  all_reduce_*, shard_range, broadcast: exact.
+- The headline: one SwAV training step (Trainer.train_one_epoch over a one-batch epoch, with a full queue) on 2
+  processes with the global batch split gives the same weights, batch-norm statistics and queue as 1 process on the
+  full batch (max abs difference < 1e-5), with LARS and with plain SGD (LARS alone would hide a wrong gradient
+  scale); a 2-process run with sync_bn off must differ by far more (> 1e-3), so the comparison can fail.
+  One step, not several: this tiny SwAV (temperature 0.1, Sinkhorn epsilon 0.05, ReLU kinks) amplifies float32
+  rounding by orders of magnitude per step at useful learning rates, so after 2-3 steps 1 and 2 processes drift
+  apart by 1e-5..1e-3 although the gradients at equal weights agree to about 1e-5 relative.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from clusterlab import distributed
+from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# ---- GlobalBatchNorm and the collectives: one spawn for all ----------------------------------------------------------
+
+BN_CASES = {  # name: (input shape, split sizes, momentum)
+    "2d_even": ((16, 3, 4, 4), (8, 8), 0.1),
+    "2d_uneven": ((16, 3, 4, 4), (5, 11), 0.1),
+    "1d_cumulative": ((14, 5), (6, 8), None),
+}
+STEPS = 2  # two training forward/backward passes: running statistics are updated twice
+
+
+def bn_inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cases = {}
+    for name, (shape, sizes, momentum) in BN_CASES.items():
+        channels = shape[1]
+        cases[name] = {
+            "x": [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(STEPS)],  # mean 1, std 2
+            "r": [torch.randn(*shape, generator=g) for _ in range(STEPS)],  # loss = sum(out * r)
+            "weight": torch.rand(channels, generator=g) + 0.5, "bias": torch.randn(channels, generator=g),
+            "sizes": sizes, "momentum": momentum,
+        }
+    return cases
+
+
+def make_bn(cls, case):
+    bn = cls(case["weight"].shape[0], momentum=case["momentum"])
+    with torch.no_grad():
+        bn.weight.copy_(case["weight"])
+        bn.bias.copy_(case["bias"])
+    return bn
+
+
+def run_bn(bn, xs, rs):
+    """STEPS training passes with the weighted-sum loss, then one eval pass on the first input."""
+    outs, x_grads = [], []
+    for x, r in zip(xs, rs):
+        x = x.clone().requires_grad_()
+        out = bn(x)
+        (out * r).sum().backward()
+        outs.append(out.detach())
+        x_grads.append(x.grad)
+    bn.eval()
+    with torch.no_grad():
+        evaluated = bn(xs[0])
+    return {"out": outs, "x_grad": x_grads, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
+            "running_mean": bn.running_mean, "running_var": bn.running_var,
+            "tracked": int(bn.num_batches_tracked), "eval": evaluated}
+
+
+X_GATHER = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
+W_GATHER = torch.rand(10, generator=torch.Generator().manual_seed(8))
+
+
+def gather_loss(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A contrastive-style loss: each query against all keys (queries are a slice of the keys)."""
+    return (weights * torch.logsumexp(queries @ keys.t() / 0.5, dim=1)).sum()
+
+
+def _collectives_worker(rank, world, cases):
+    out = {"bn": {}}
+    for name, case in cases.items():
+        start = sum(case["sizes"][:rank])
+        rows = slice(start, start + case["sizes"][rank])
+        bn = make_bn(GlobalBatchNorm, case)
+        out["bn"][name] = run_bn(bn, [x[rows] for x in case["x"]], [r[rows] for r in case["r"]])
+    # convert_sync_batchnorm: every BatchNorm replaced, parameters and statistics kept.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[4].weight.fill_(2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    out["converted_types"] = [type(m).__name__ for m in converted]
+    out["converted_same_state"] = all(torch.equal(before[k], v) for k, v in converted.state_dict().items())
+    # all_gather_with_grad: each rank owns the loss terms of its own rows.
+    local = X_GATHER[5 * rank: 5 * rank + 5].clone().requires_grad_()
+    gathered = distributed.all_gather_with_grad(local)
+    gather_loss(local, gathered, W_GATHER[5 * rank: 5 * rank + 5]).backward()
+    out["gathered"], out["gather_grad"] = gathered.detach(), local.grad
+    # The plain collectives.
+    out["uneven"] = distributed.all_gather_uneven(torch.arange(3 + 2 * rank).repeat(2, 1).t() + 10 * rank)
+    out["uneven_empty"] = distributed.all_gather_uneven(torch.full((4 * rank, 2), 7.0))
+    out["cat"] = distributed.all_gather_cat(torch.tensor([[rank, 1.0]]))
+    out["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1.0, 2.0]))
+    out["max"] = distributed.all_reduce_max(torch.tensor([float(rank), -float(rank)]))
+    out["broadcast"] = distributed.broadcast(torch.tensor([rank + 5.0]), src=1)
+    out["shards"] = [distributed.shard_range(n) for n in (7, 8, 1, 0)]
+    ctx = distributed.init("cpu")
+    out["context"] = (ctx.rank, ctx.world_size, ctx.is_main, distributed.rank(), distributed.world_size())
+    return out
+
+
+@pytest.fixture(scope="module")
+def collectives():
+    cases = bn_inputs()
+    return cases, run_distributed(_collectives_worker, 2, cases)
+
+
+@pytest.mark.parametrize("name", sorted(BN_CASES))
+def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(collectives, name):
+    cases, results = collectives
+    case = cases[name]
+    cls = nn.BatchNorm2d if len(BN_CASES[name][0]) == 4 else nn.BatchNorm1d
+    ref = run_bn(make_bn(cls, case), case["x"], case["r"])
+    two = [r["bn"][name] for r in results]
+    close = dict(rtol=0, atol=1e-5)
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([t["out"][step] for t in two]), ref["out"][step], **close)
+        torch.testing.assert_close(torch.cat([t["x_grad"][step] for t in two]), ref["x_grad"][step], **close)
+    # Each rank's parameter gradient is its share; DDP's average times the world size is their sum.
+    torch.testing.assert_close(two[0]["weight_grad"] + two[1]["weight_grad"], ref["weight_grad"], **close)
+    torch.testing.assert_close(two[0]["bias_grad"] + two[1]["bias_grad"], ref["bias_grad"], **close)
+    for t in two:  # the statistics are global: identical on both ranks, and equal to torch's (unbiased variance)
+        torch.testing.assert_close(t["running_mean"], ref["running_mean"], **close)
+        torch.testing.assert_close(t["running_var"], ref["running_var"], **close)
+        assert t["tracked"] == ref["tracked"] == STEPS
+    # Eval mode uses the running statistics, sample by sample.
+    torch.testing.assert_close(torch.cat([t["eval"] for t in two]), ref["eval"], **close)
+
+
+def test_global_batchnorm_statistics_are_not_local(collectives):
+    """Guard against a vacuous comparison: a rank's local batch statistics differ clearly from the global ones."""
+    cases, results = collectives
+    case = cases["2d_uneven"]
+    local = make_bn(nn.BatchNorm2d, case)
+    local(case["x"][0][:5])
+    assert (local.running_mean - results[0]["bn"]["2d_uneven"]["running_mean"]).abs().max() > 1e-2
+
+
+def test_convert_sync_batchnorm(collectives):
+    _, results = collectives
+    for r in results:
+        assert r["converted_types"] == ["Conv2d", "GlobalBatchNorm", "Flatten", "Linear", "GlobalBatchNorm"]
+        assert r["converted_same_state"]
+
+
+def test_convert_is_a_no_op_in_one_process():
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    assert type(convert_sync_batchnorm(model, torch.device("cpu"))[0]) is nn.BatchNorm1d
+
+
+def test_all_gather_with_grad_gives_the_single_process_gradient(collectives):
+    _, results = collectives
+    x = X_GATHER.clone().requires_grad_()
+    gather_loss(x, x, W_GATHER).backward()
+    for r in results:
+        torch.testing.assert_close(r["gathered"], X_GATHER, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([r["gather_grad"] for r in results]), x.grad, rtol=0, atol=1e-6)
+
+
+def test_plain_collectives(collectives):
+    _, results = collectives
+    uneven = torch.cat([torch.arange(3).repeat(2, 1).t(), torch.arange(5).repeat(2, 1).t() + 10])
+    for r in results:
+        torch.testing.assert_close(r["uneven"], uneven, rtol=0, atol=0)
+        torch.testing.assert_close(r["uneven_empty"], torch.full((4, 2), 7.0), rtol=0, atol=0)
+        torch.testing.assert_close(r["cat"], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+        torch.testing.assert_close(r["sum"], torch.tensor([3.0, 4.0]))
+        torch.testing.assert_close(r["max"], torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(r["broadcast"], torch.tensor([6.0]))
+    assert [(s.start, s.stop) for s in results[0]["shards"]] == [(0, 4), (0, 4), (0, 1), (0, 0)]
+    assert [(s.start, s.stop) for s in results[1]["shards"]] == [(4, 7), (4, 8), (1, 1), (0, 0)]
+    assert [r["context"] for r in results] == [(0, 2, True, 0, 2), (1, 2, False, 1, 2)]
+
+
+def test_helpers_are_no_ops_in_one_process():
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(t) is t and distributed.all_gather_with_grad(t) is t
+    assert distributed.shard_range(5) == range(0, 5) and distributed.world_size() == 1
+
+
+# ---- the headline: one SwAV step on 2 processes = 1 process on the full batch ----------------------------------------
+
+RUNS = {  # name: (optimizer, lr, hidden_mlp, sync_bn)
+    # LARS as SwAV (every parameter adapted). No hidden layer here: the bias of a Linear followed by BatchNorm has a
+    # zero gradient up to rounding, and LARS rescales that rounding noise to a full step (lr * trust * ||b||), so
+    # that one parameter cannot match across world sizes. The SGD run covers the projection's BatchNorm1d.
+    "lars": ("lars", 0.3, 0, True),
+    "sgd": ("sgd", 0.01, 16, True),
+    "lars_local_bn": ("lars", 0.3, 0, False),  # negative control: must NOT match the single process
+}
+QUEUE_LENGTH, BATCH = 32, 16
+
+
+def swav_args(output_dir: Path, optimizer: str, lr: float, hidden_mlp: int, sync_bn: bool):
+    import main_pretrain
+    return main_pretrain.parse_args([
+        "--method", "swav", "--dataset", "digits", "--arch", "resnet18_cifar", "--width", "8",
+        "--hidden_mlp", str(hidden_mlp), "--feat_dim", "8", "--nmb_prototypes", "10", "--temperature", "0.1",
+        "--batch_size", str(BATCH), "--epochs", "2", "--optimizer", optimizer, "--lr", str(lr),
+        "--warmup_epochs", "0", "--weight_decay", "1e-6", "--momentum", "0.9",
+        "--nmb_crops", "2", "2", "--size_crops", "8", "6", "--min_scale_crops", "0.3", "0.2",
+        "--max_scale_crops", "1", "0.5", "--queue_length", str(QUEUE_LENGTH), "--epoch_queue_starts", "0",
+        "--freeze_prototypes_niters", "0", "--sync_bn", str(sync_bn).lower(), "--device", "cpu", "--seed", "3",
+        "--output_dir", str(output_dir), "--log_every", "100"])
+
+
+def global_queue_state() -> dict:
+    """A full global queue of unit embeddings, as a checkpoint holds it (loaded on 1 or 2 ranks)."""
+    g = torch.Generator().manual_seed(11)
+    embeddings = torch.nn.functional.normalize(torch.randn(2, QUEUE_LENGTH, 8, generator=g), dim=2)
+    return {"embeddings": embeddings, "filled": QUEUE_LENGTH}
+
+
+def build_swav(output_dir: Path, optimizer: str, lr: float, hidden_mlp: int, sync_bn: bool):
+    from clusterlab import data, engine
+    from clusterlab.methods import METHODS, DataInfo
+
+    args = swav_args(output_dir, optimizer, lr, hidden_mlp, sync_bn)
+    ctx = distributed.init(args.device)
+    engine.seed_everything(args.seed)
+    train_set = data.load("digits", "train", None, False).subset(range(BATCH))  # one global batch: one step
+    method = METHODS["swav"](args, DataInfo.of(train_set), ctx.device)
+    return args, ctx, train_set, method
+
+
+def swav_step(output_dir: Path, *spec) -> dict:
+    """One Trainer step (through train_one_epoch: batches, offsets, augmentation, DDP, backward, optimiser) on 16
+    digits images, with a full queue, so that the Sinkhorn solves over the global batch and the global queue."""
+    from clusterlab import engine
+
+    args, ctx, train_set, method = build_swav(output_dir, *spec)
+    method.load_extra_state({"queue": global_queue_state()})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = engine.Trainer(method, args, ctx, output_dir, train_set)
+    assert trainer.steps_per_epoch == 1 and method.queue.full
+    trainer.train_one_epoch(0)
+    return {"model": {k: v.detach().clone() for k, v in method.state_dict().items()},
+            "queue": method.extra_state()["queue"],  # collective
+            "global_step": trainer.global_step, "augment": method.augment.state_dict()["generator"]}
+
+
+def _swav_worker(rank, world, tmp):
+    return {name: swav_step(Path(tmp) / f"{name}_w{world}", *spec) for name, spec in RUNS.items()}
+
+
+@pytest.fixture(scope="module")
+def swav_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("swav_equivalence")
+    two = run_distributed(_swav_worker, 2, str(tmp))
+    one = {name: swav_step(tmp / f"{name}_w1", *spec) for name, spec in RUNS.items() if spec[3]}
+    return one, two
+
+
+def max_state_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+@pytest.mark.parametrize("run", ["lars", "sgd"])
+def test_swav_step_on_two_processes_equals_one_process(swav_runs, run):
+    one, two = swav_runs
+    reference = one[run]
+    for rank in range(2):
+        got = two[rank][run]
+        assert got["global_step"] == reference["global_step"] == 1
+        assert max_state_difference(got["model"], reference["model"]) < 1e-5
+        # The gathered global queue is the single process's queue: this batch in front, then the oldest rows.
+        torch.testing.assert_close(got["queue"]["embeddings"], reference["queue"]["embeddings"], rtol=0, atol=1e-5)
+        assert got["queue"]["filled"] == reference["queue"]["filled"] == QUEUE_LENGTH
+        torch.testing.assert_close(reference["queue"]["embeddings"][:, BATCH:],
+                                   global_queue_state()["embeddings"][:, :QUEUE_LENGTH - BATCH], rtol=0, atol=0)
+        assert torch.equal(got["augment"], reference["augment"])  # the crop generators stayed in step
+    # The step really moved the weights (the comparison is not between two untouched models).
+    _, _, _, untouched = build_swav(Path("unused"), *RUNS[run])
+    start = {k: v.detach() for k, v in untouched.state_dict().items()}
+    assert max_state_difference(reference["model"], start) > 1e-3
+
+
+def test_local_batchnorm_breaks_the_equivalence(swav_runs):
+    """Negative control: without sync_bn the 2-process result differs from the single process by far more than the
+    tolerance above, so that test can fail."""
+    one, two = swav_runs
+    assert max_state_difference(two[0]["lars_local_bn"]["model"], one["lars"]["model"]) > 1e-3

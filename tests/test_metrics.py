@@ -1,0 +1,116 @@
+"""Clustering metrics (eval/metrics.py): Hungarian ACC against brute force, the many-to-one map, sklearn's scores,
+and the superclass view on a case computed by hand. Accuracies are compared exactly (they are ratios of counts)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+
+from clusterlab.eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
+from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-op thread
+
+
+def brute_force_acc(y_true, y_pred, clusters, classes):
+    """Best accuracy over every one-to-one map of the clusters into the classes."""
+    best = 0
+    for image in itertools.permutations(range(classes), clusters):
+        best = max(best, int(np.sum(np.asarray(image)[y_pred] == y_true)))
+    return best / len(y_true)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
+def test_hungarian_acc_equals_brute_force(k):
+    rng = np.random.default_rng(k)
+    for trial in range(5):
+        y_true = rng.integers(0, k, size=60)
+        # Partly informative predictions: a hidden permutation of the truth with some noise.
+        y_pred = np.where(rng.random(60) < 0.5, rng.permutation(k)[y_true], rng.integers(0, k, size=60))
+        got = cluster_metrics(y_true, y_pred, num_clusters=k, num_classes=k)["acc"]
+        assert got == brute_force_acc(y_true, y_pred, k, k)
+
+
+@pytest.mark.parametrize("clusters,classes", [(3, 5), (2, 6)])
+def test_fewer_clusters_than_classes_equals_brute_force(clusters, classes):
+    rng = np.random.default_rng(10 + clusters)
+    y_true, y_pred = rng.integers(0, classes, size=50), rng.integers(0, clusters, size=50)
+    mapping, rule = cluster_mapping(y_true, y_pred, clusters, classes)
+    assert rule == "hungarian" and len(set(mapping.tolist())) == clusters
+    got = cluster_metrics(y_true, y_pred, num_clusters=clusters, num_classes=classes)["acc"]
+    assert got == brute_force_acc(y_true, y_pred, clusters, classes)
+
+
+def test_majority_mapping_when_clusters_exceed_classes():
+    """Hand case, 3 clusters and 2 classes. Counts (cluster x class): c0 = [5, 0], c1 = [3, 2], c2 = [1, 0].
+    Majority: c0 -> 0, c1 -> 0, c2 -> 0, correct 5 + 3 + 1 = 9 of 11. (A Hungarian match of two clusters, then
+    majority for the surplus one, would give c1 -> 1 and 5 + 2 + 1 = 8 of 11: the rules differ here.)"""
+    y_pred = np.array([0] * 5 + [1] * 5 + [2])
+    y_true = np.array([0] * 5 + [0, 0, 0, 1, 1] + [0])
+    mapping, rule = cluster_mapping(y_true, y_pred)
+    assert rule == "majority" and mapping.tolist() == [0, 0, 0]
+    assert cluster_metrics(y_true, y_pred)["acc"] == 9 / 11
+
+
+def test_over_clustering_declared_by_num_clusters():
+    """Ten clusters asked for, four classes, only clusters 0..3 used: still the many-to-one rule."""
+    y_true = np.array([0, 1, 2, 3, 0, 1])
+    y_pred = np.array([1, 1, 2, 3, 0, 0])
+    _, rule = cluster_mapping(y_true, y_pred, num_clusters=10, num_classes=4)
+    assert rule == "majority"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nmi_ami_ari_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y_true, y_pred = rng.integers(0, 4, size=80), rng.integers(0, 6, size=80)
+    got = cluster_metrics(y_true, y_pred)
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(y_true, y_pred), abs=1e-12)
+    assert got["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+    assert 0 < got["nmi"] < 1
+
+
+def test_relabelled_perfect_clustering_scores_one():
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 7, size=70)
+    y_pred = rng.permutation(7)[y_true]
+    got = cluster_metrics(y_true, y_pred)
+    assert got["acc"] == 1.0
+    for key in ("nmi", "ami", "ari"):
+        assert got[key] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_negative_labels_are_refused():
+    with pytest.raises(ValueError):
+        cluster_metrics([0, 1, -1], [0, 1, 1])
+
+
+def test_superclass_metrics_hand_case():
+    """Fine classes 0, 1 (superclass 0) and 2, 3 (superclass 1); 9 samples.
+
+    Counts (cluster x fine): c0 = [2, 1, 0, 0], c1 = [0, 1, 0, 0], c2 = [0, 0, 1, 0], c3 = [1, 0, 1, 2].
+    The Hungarian match (unique optimum, 6 agreements) is c0 -> 0, c1 -> 1, c2 -> 2, c3 -> 3; read as
+    superclasses every sample is right except the fine-0 sample in c3 (c3 -> 3 -> superclass 1): ACC 8/9,
+    whereas the fine ACC is 6/9. NMI, AMI and ARI compare the clusters with the superclass labels."""
+    fine = np.array([0, 0, 1, 1, 2, 2, 3, 3, 0])
+    coarse = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0])
+    pred = np.array([0, 0, 0, 1, 2, 3, 3, 3, 3])
+    assert cluster_metrics(fine, pred)["acc"] == 6 / 9
+    got = superclass_metrics(fine, coarse, pred)
+    assert got["acc"] == 8 / 9
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(coarse, pred), abs=1e-12)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(coarse, pred), abs=1e-12)
+    assert got["ari"] == pytest.approx(adjusted_rand_score(coarse, pred), abs=1e-12)
+    # Not the fine labels (the upstream bug this function avoids).
+    assert abs(got["nmi"] - normalized_mutual_info_score(fine, pred)) > 0.05
+
+
+def test_superclass_metrics_with_fewer_clusters_than_fine_classes():
+    """Two clusters, four fine classes: c0 -> fine 0 (superclass 0), c1 -> fine 2 (superclass 1); the fine
+    classes 1 and 3 stay unmatched but their samples still count through their cluster's matched class."""
+    fine = np.array([0, 0, 1, 2, 2, 3, 3, 1])
+    coarse = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    got = superclass_metrics(fine, coarse, pred)
+    assert got["acc"] == 7 / 8  # only the last sample (superclass 0 in c1 -> superclass 1) is wrong

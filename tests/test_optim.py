@@ -1,0 +1,204 @@
+"""LARS and the learning-rate schedules (optim.py) against naive re-implementations.
+
+LARS runs in float64 here and must match the naive formula to 1e-12; the schedule must match SwAV's numpy
+schedule array to 1e-12 at every iteration.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlab.errors import ConfigError
+from clusterlab.optim import LARS, Schedule, set_lr
+from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-op thread
+
+TRUST, EPS = 0.001, 1e-8
+
+
+# ---- LARS ------------------------------------------------------------------------------------------------------------
+
+def naive_lars_step(params, grads, buffers, lr, momentum, weight_decay, exclude_1d=False):
+    """apex LARC(SGD(momentum, weight_decay), clip=False), one parameter at a time (seeds spec 1.9):
+    with both norms non-zero, g <- (g + wd w) * trust ||w|| / (||g|| + wd ||w|| + eps); otherwise g is untouched
+    (apex neither decays nor scales it). Then torch SGD momentum (buffer = g at the first step) and w <- w - lr v."""
+    new_params, new_buffers = [], []
+    for w, g, v in zip(params, grads, buffers):
+        if g is None:
+            new_params.append(w.clone())
+            new_buffers.append(v)
+            continue
+        g = g.clone()
+        if not (exclude_1d and w.ndim == 1):
+            w_norm = math.sqrt(sum(x * x for x in w.flatten().tolist()))
+            g_norm = math.sqrt(sum(x * x for x in g.flatten().tolist()))
+            if w_norm != 0 and g_norm != 0:
+                local_lr = TRUST * w_norm / (g_norm + weight_decay * w_norm + EPS)
+                g = (g + weight_decay * w) * local_lr
+        v = g if v is None else momentum * v + g
+        new_params.append(w - lr * v)
+        new_buffers.append(v)
+    return new_params, new_buffers
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 3, generator=g, dtype=torch.float64),   # ordinary weight
+            torch.randn(5, generator=g, dtype=torch.float64),      # bias / BN weight (1-D)
+            torch.zeros(2, 3, dtype=torch.float64),                # zero norm (e.g. a zero-initialised layer)
+            torch.randn(3, 2, generator=g, dtype=torch.float64),   # gets a zero gradient
+            torch.randn(2, generator=g, dtype=torch.float64)]      # never gets a gradient
+
+
+def make_grads(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(4, 3, generator=g, dtype=torch.float64) * 0.1,
+            torch.randn(5, generator=g, dtype=torch.float64),
+            torch.randn(2, 3, generator=g, dtype=torch.float64),
+            torch.zeros(3, 2, dtype=torch.float64),
+            None]
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 1e-6), (0.9, 0.05), (0.0, 0.01)])
+def test_lars_matches_naive_formula_over_several_steps(exclude, momentum, weight_decay):
+    start = make_params()
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = LARS(params, lr=1.0, momentum=momentum, weight_decay=weight_decay, trust_coefficient=TRUST, eps=EPS,
+               exclude_bias_and_norm=exclude)
+    ref, buffers = [p.clone() for p in start], [None] * len(start)
+    for step, lr in enumerate([4.8, 2.0, 0.5, 3.0]):
+        grads = make_grads(step)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        set_lr(opt, lr)
+        opt.step()
+        ref, buffers = naive_lars_step(ref, grads, buffers, lr, momentum, weight_decay, exclude)
+        for got, expected in zip(params, ref):
+            torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-12)
+    # The parameter with a zero gradient and a non-zero norm has not moved at all (no decay: apex semantics).
+    torch.testing.assert_close(params[3].detach(), start[3], rtol=0, atol=0)
+    torch.testing.assert_close(params[4].detach(), start[4], rtol=0, atol=0)
+    assert params[4] not in opt.state
+
+
+def test_lars_first_step_by_hand():
+    """w = (3, 4): ||w|| = 5; g = (0, 1): ||g|| = 1; wd = 0.1: local_lr = 0.001 * 5 / (1 + 0.5 + 1e-8)."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    LARS([w], lr=2.0, momentum=0.9, weight_decay=0.1).step()
+    local_lr = 0.001 * 5 / (1 + 0.1 * 5 + 1e-8)
+    expected = torch.tensor([3.0 - 2.0 * local_lr * 0.3, 4.0 - 2.0 * local_lr * (1 + 0.4)], dtype=torch.float64)
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-15)
+
+
+def test_exclude_bias_and_norm_gives_plain_sgd_for_1d_parameters():
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    grads = [torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)]
+    results = {}
+    for exclude in (False, True):
+        params = [torch.nn.Parameter(bias.clone()), torch.nn.Parameter(weight.clone())]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        LARS(params, lr=0.5, momentum=0.9, weight_decay=0.01, exclude_bias_and_norm=exclude).step()
+        results[exclude] = [p.detach() for p in params]
+    # Excluded: the bias takes a plain SGD step without decay; the 2-D weight is adapted either way.
+    torch.testing.assert_close(results[True][0], bias - 0.5 * grads[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    # Not excluded (SwAV): the bias is adapted too, so its step is about `trust` times smaller.
+    step_in = (results[False][0] - bias).norm() / (0.5 * grads[0].norm())
+    assert step_in < 0.01
+
+
+def test_lars_with_momentum_buffer_survives_state_dict():
+    params = [torch.nn.Parameter(p.clone()) for p in make_params()[:2]]
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    for step in range(2):
+        for p, g in zip(params, make_grads(step)[:2]):
+            p.grad = g.clone()
+        opt.step()
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = LARS(clone, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as through a file: no shared buffers
+    for o, ps in ((opt, params), (opt2, clone)):
+        for p, g in zip(ps, make_grads(5)[:2]):
+            p.grad = g.clone()
+        o.step()
+    for a, b in zip(params, clone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- schedules -------------------------------------------------------------------------------------------------------
+
+def swav_numpy_schedule(base_lr, final_lr, epochs, warmup_epochs, start_warmup, iters):
+    """main_swav.py's lr_schedule array, verbatim in numpy."""
+    warmup = np.linspace(start_warmup, base_lr, iters * warmup_epochs)
+    steps = np.arange(iters * (epochs - warmup_epochs))
+    cosine = np.array([final_lr + 0.5 * (base_lr - final_lr)
+                       * (1 + math.cos(math.pi * t / (iters * (epochs - warmup_epochs)))) for t in steps])
+    return np.concatenate((warmup, cosine))
+
+
+@pytest.mark.parametrize("base,final,epochs,warmup,start,iters", [
+    (4.8, 0.0048, 20, 10, 0.3, 7),   # SwAV's ImageNet shape, small
+    (0.6, 0.0006, 12, 0, 0.0, 5),    # no warm-up
+    (1.0, 0.0, 5, 1, 0.1, 1),        # one warm-up iteration: linspace of length 1 is the start value
+    (2.4, 0.1, 9, 2, 0.0, 13),
+])
+def test_cosine_matches_swav_numpy_schedule(base, final, epochs, warmup, start, iters):
+    expected = swav_numpy_schedule(base, final, epochs, warmup, start, iters)
+    schedule = Schedule("cosine", base, epochs, iters, final_lr=final, warmup_epochs=warmup, start_warmup=start)
+    got = np.array([schedule(i) for i in range(len(expected))])
+    assert len(expected) == epochs * iters
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    if warmup > 0:
+        assert got[0] == pytest.approx(start, abs=1e-15)
+        if warmup * iters > 1:
+            assert got[warmup * iters - 1] == pytest.approx(base, abs=1e-12)  # warm-up includes both ends
+    assert got[warmup * iters] == pytest.approx(base, abs=1e-12)  # the cosine starts at the base rate
+
+
+def test_step_schedule_drops_at_the_given_epochs():
+    schedule = Schedule("step", 0.03, 10, 4, drops=(7, 4), gamma=0.1)
+    for epoch in range(10):
+        expected = 0.03 * (1.0 if epoch < 4 else 0.1 if epoch < 7 else 0.01)
+        for it in range(4):
+            assert schedule(epoch * 4 + it) == pytest.approx(expected, rel=1e-12)
+
+
+def test_constant_schedule():
+    schedule = Schedule("constant", 0.2, 3, 5)
+    assert all(schedule(i) == 0.2 for i in range(15))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step"])
+def test_period_restarts_the_schedule(kind):
+    """Super-AND's rounds: every `period` epochs the schedule starts again from its beginning."""
+    period, iters = 3, 4
+    schedule = Schedule(kind, 0.5, 12, iters, final_lr=0.01, warmup_epochs=1, start_warmup=0.05, drops=(2,),
+                        period=period)
+    one_round = Schedule(kind, 0.5, period, iters, final_lr=0.01, warmup_epochs=1, start_warmup=0.05, drops=(2,))
+    for i in range(12 * iters):
+        assert schedule(i) == pytest.approx(one_round(i % (period * iters)), abs=1e-15)
+    assert schedule(period * iters) == pytest.approx(0.05, abs=1e-15)  # round 2 begins with the warm-up again
+    if kind == "cosine":
+        expected = swav_numpy_schedule(0.5, 0.01, period, 1, 0.05, iters)
+        np.testing.assert_allclose([schedule(2 * period * iters + i) for i in range(period * iters)], expected,
+                                   rtol=0, atol=1e-12)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ConfigError, match="--schedule"):
+        Schedule("linear", 0.1, 10, 10)
+
+
+def test_set_lr_honours_lr_scale():
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.1}], lr=1.0)
+    set_lr(opt, 2.0)
+    assert [g["lr"] for g in opt.param_groups] == [2.0, pytest.approx(0.2)]
