@@ -16,29 +16,29 @@ from pathlib import Path
 from clusterlab import config, results
 from clusterlab.errors import ConfigError, run_cli
 
+PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "source", "protocol")
+
 
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="collect_results.py")
     parser.add_argument("--root", default="runs", help="directory searched (recursively) for metrics.jsonl")
     parser.add_argument("--out", default="results", help="where the tables and plots go")
     parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
-    parser.add_argument("--plots", default="true", choices=["true", "false"], help="metric-against-epochs PNGs")
+    parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     return parser
 
 
 def main(argv=None):
-    import pandas as pd
-
     args = config.parse(get_args_parser(), argv)
     if not Path(args.root).is_dir():
         raise ConfigError(f"--root {args.root!r} is not a directory")
+    published = read_published(args.published, get_args_parser().get_default("published"))
     warnings.simplefilter("always")
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
     frame = results.records_frame(results.read_records(args.root))
     if frame.empty:
         print(f"no metrics records under {args.root}")
         return
-    published = pd.read_csv(args.published) if args.published and Path(args.published).is_file() else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for dataset, rows in frame.groupby("dataset", sort=True):
@@ -49,9 +49,25 @@ def main(argv=None):
         table.to_csv(out / f"{dataset}.csv", index=False)
         (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n")
         (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True))
-        if args.plots == "true":
+        if args.plots:
             results.plot_against_epochs(table, out, dataset)
     print(f"\ntables written to {out}/")
+
+
+def read_published(path: str, default: str):
+    """The published numbers: none for '' or a missing default file; a named file must exist and have the columns."""
+    import pandas as pd
+
+    if not path or (path == default and not Path(path).is_file()):
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")
+    published = pd.read_csv(path)
+    missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
+    if missing:
+        raise ConfigError(f"--published {path!r} lacks the column(s) {', '.join(missing)} "
+                          f"(expected: {', '.join(PUBLISHED_COLUMNS)})")
+    return published
 
 
 def _has_tabulate() -> bool:

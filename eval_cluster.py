@@ -31,10 +31,10 @@ def get_args_parser():
     parser.add_argument("--baseline", choices=["pixels"], default=None,
                         help="evaluate raw pixels instead of a run (needs --dataset and --output_dir)")
     parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
-    parser.add_argument("--clusters", type=int, nargs="*", default=[],
+    parser.add_argument("--clusters", type=config.positive_int, nargs="*", default=[],
                         help="numbers of clusters (default: the number of classes)")
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
-    parser.add_argument("--restarts", type=int, default=10, help="k-means++ restarts")
+    parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
     parser.add_argument("--normalize", type=bool_flag, default=True, help="L2-normalise features (not pixels)")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     parser.add_argument("--plot", type=bool_flag, default=True, help="write confusion-matrix PNGs")
@@ -45,6 +45,8 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     engine.configure_threads()
     ctx = distributed.init(args.device)
+    if not args.baseline and not args.normalize:
+        raise ConfigError("--normalize false is only meaningful for --baseline pixels here")
     if args.baseline:
         run_dir, run_args, epoch, checkpoint_name, train_set, test_set, train_x, test_x = pixel_inputs(args)
         feature_kind = "pixels"
@@ -55,11 +57,13 @@ def main(argv=None):
         train_set, test_set = evaluation.train_set, evaluation.test_set
         train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
-        if not args.normalize:
-            raise ConfigError("--normalize false is only meaningful for --baseline pixels here")
         feature_kind = args.features
+    fit_x = train_x if args.fit_on == "train" else test_x
+    too_many = [k for k in args.clusters if k > len(fit_x)]
+    if too_many:
+        raise ConfigError(f"--clusters {too_many[0]} is more than the {len(fit_x)} images of the {args.fit_on} split "
+                          f"k-means is fitted on (use at most {len(fit_x)})")
     if ctx.is_main:
-        fit_x = train_x if args.fit_on == "train" else test_x
         for clusters in args.clusters or [test_set.num_classes]:
             predicted = kmeans_assign(fit_x, test_x, clusters, args.restarts, args.seed)
             report(args, run_dir, run_args, epoch, checkpoint_name, test_set, predicted, clusters, feature_kind)

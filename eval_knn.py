@@ -16,8 +16,9 @@ from clusterlab.eval.knn import knn_accuracy
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="eval_knn.py")
     cli.add_eval_args(parser)
-    parser.add_argument("--k", type=int, default=200, help="neighbours that vote")
-    parser.add_argument("--temperature", type=float, default=0.1, help="vote weight exp(similarity / T)")
+    parser.add_argument("--k", type=config.positive_int, default=200, help="neighbours that vote")
+    parser.add_argument("--temperature", type=config.positive_float, default=0.1,
+                        help="vote weight exp(similarity / T)")
     return parser
 
 

@@ -24,7 +24,8 @@ def get_args_parser():
     cli.add_data_args(parser)
     parser.add_argument("--train_split", default="train", help="split to pre-train on (stl10: train+unlabeled)")
     parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
-    parser.add_argument("--width", type=int, default=64, help="backbone width (64: the standard ResNet-18)")
+    parser.add_argument("--width", type=config.positive_int, default=64,
+                        help="backbone width (64: the standard ResNet-18)")
     cli.add_optim_args(parser)
     add_augmentation_args(parser)
     cli.add_runtime_args(parser)
@@ -56,11 +57,12 @@ def main(argv=None):
     run_dir = Path(args.output_dir)
     engine.check_run_dir(run_dir, args, kind="pretrain")
     trainer = engine.Trainer(method, args, ctx, run_dir, train_set)
+    # Resume before writing config.yaml: a checkpoint this command cannot load is refused with the directory as it was.
+    start_epoch, start_step = trainer.resume()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.write_resolved(args, run_dir, "main_pretrain.py")
     trainer.stop.install()
-    start_epoch, start_step = trainer.resume()
     if ctx.is_main:
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         print(f"{args.method} on {args.dataset} ({len(train_set)} images, {trainer.steps_per_epoch} steps/epoch, "

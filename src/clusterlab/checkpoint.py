@@ -56,8 +56,8 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({reason[:160]})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({_load_failure(err)})"
+                              ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
     if payload.get("schema") != SCHEMA:
@@ -71,6 +71,20 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
         raise CheckpointError(f"checkpoint {str(path)!r} was written by method {payload.get('method')!r}, "
                               f"not {method!r}; use a fresh --output_dir for a different method")
     return payload
+
+
+def _load_failure(err: Exception) -> str:
+    """The first sentence of torch's reason. For a weights_only refusal torch starts with advice that is the same
+    whatever the file holds; the line after "WeightsUnpickler error:" (or after that advice) names what was refused."""
+    text = str(err)
+    if text.startswith("Weights only load failed"):
+        rest = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text \
+            else text.split("\n", 1)[-1]
+        boilerplate = ("Please file an issue", "Check the documentation", "(1)", "(2)")
+        details = [line for line in map(str.strip, rest.splitlines()) if line and not line.startswith(boilerplate)]
+        text = f"weights_only refused it: {details[0] if details else 'unsupported content'}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0].split(". ")[0] if lines else type(err).__name__)[:200]
 
 
 def rng_state() -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import bool_flag
+from .config import bool_flag, non_negative_float, non_negative_int, positive_int
 from .data import DATASETS
 
 
@@ -19,26 +19,29 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    group.add_argument("--workers", type=int, default=0, help="data loader processes (image folders only)")
+    group.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes (image folders only)")
     group.add_argument("--seed", type=int, default=0)
 
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=100)
-    group.add_argument("--batch_size", type=int, default=256, help="global batch, over all ranks")
+    group.add_argument("--epochs", type=positive_int, default=100)
+    group.add_argument("--batch_size", type=positive_int, default=256, help="global batch, over all ranks")
     group.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
-    group.add_argument("--lr", type=float, default=0.03, help="base learning rate")
-    group.add_argument("--final_lr", type=float, default=0.0, help="cosine schedule's final learning rate")
+    group.add_argument("--lr", type=non_negative_float, default=0.03, help="base learning rate")
+    group.add_argument("--final_lr", type=non_negative_float, default=0.0, help="cosine schedule's final learning rate")
     group.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
-    group.add_argument("--warmup_epochs", type=float, default=0)
-    group.add_argument("--start_warmup", type=float, default=0.0, help="learning rate at the start of warm-up")
-    group.add_argument("--lr_drops", type=int, nargs="*", default=[], help="epochs of the step schedule's drops")
+    group.add_argument("--warmup_epochs", type=non_negative_float, default=0)
+    group.add_argument("--start_warmup", type=non_negative_float, default=0.0,
+                       help="learning rate at the start of warm-up")
+    group.add_argument("--lr_drops", type=non_negative_int, nargs="*", default=[],
+                       help="epochs of the step schedule's drops")
     group.add_argument("--lr_gamma", type=float, default=0.1, help="factor of each step drop")
-    group.add_argument("--schedule_period", type=int, default=0, help="restart the schedule every N epochs (0: never)")
-    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--schedule_period", type=non_negative_int, default=0,
+                       help="restart the schedule every N epochs (0: never)")
+    group.add_argument("--momentum", type=non_negative_float, default=0.9)
     group.add_argument("--nesterov", type=bool_flag, default=False)
-    group.add_argument("--weight_decay", type=float, default=1e-6)
+    group.add_argument("--weight_decay", type=non_negative_float, default=1e-6)
     group.add_argument("--lars_trust", type=float, default=0.001, help="LARS trust coefficient")
     group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
                        help="keep biases and norm weights out of LARS (upstream SwAV includes them)")
@@ -51,12 +54,13 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run directory")
     group.add_argument("--output_dir", default=None, help="run directory (default runs/METHOD_DATASET)")
-    group.add_argument("--checkpoint_epochs", type=int, nargs="*", default=[],
+    group.add_argument("--checkpoint_epochs", type=positive_int, nargs="*", default=[],
                        help="also keep checkpoint_epNNNN.pth after these epochs")
-    group.add_argument("--log_every", type=int, default=50, help="steps between progress lines")
+    group.add_argument("--log_every", type=positive_int, default=50, help="steps between progress lines")
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> None:
+    """--run and friends; `batch_size` False leaves --batch_size to a program that trains (eval_linear.py)."""
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--run", default=None, help="run directory (its config.yaml names the dataset and model)")
     group.add_argument("--checkpoint", default=None,
@@ -64,6 +68,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     add_data_args(parser, default_dataset=None)
     group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
                        help="backbone features, or the method's own normalised embedding")
-    group.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
+    if batch_size:
+        group.add_argument("--batch_size", type=positive_int, default=512, help="images per forward pass")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    group.add_argument("--workers", type=int, default=0)
+    group.add_argument("--workers", type=non_negative_int, default=0)

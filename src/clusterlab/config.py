@@ -7,6 +7,7 @@ configuration, with the git commit and the software versions, is written to the 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import subprocess
@@ -29,12 +30,61 @@ def bool_flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true/false, on/off, yes/no or 1/0)")
 
 
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (use 1 or more)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative (use 0 or more)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number (use a value above 0)")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(float, text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative (use 0 or more)")
+    return value
+
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+
+
+INT_TYPES = (int, positive_int, non_negative_int)
+FLOAT_TYPES = (float, positive_float, non_negative_float)
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in str(text).replace(",", " ").split()]
 
 
 def float_list(text: str) -> list[float]:
     return [float(x) for x in str(text).replace(",", " ").split()]
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every flag's default in --help, also for flags declared without a help text (argparse skips those)."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -46,7 +96,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def new_parser(description: str, prog: str | None = None) -> OneLineErrorParser:
     parser = OneLineErrorParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description, formatter_class=DefaultsHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--config", default=None, help="YAML file whose keys set this program's defaults")
@@ -57,22 +107,34 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Check a YAML value against the flag's type, so a wrong type fails before anything runs."""
     if value is None:
         return None
-    kind = action.type
+    # A flag without a type takes text on the command line, so its YAML value must be one scalar as well.
+    kind = action.type or (str if isinstance(action, argparse._StoreAction) else None)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         kind = bool_flag
     try:
         if action.nargs in ("+", "*") or isinstance(action.default, list):
             items = value if isinstance(value, (list, tuple)) else [value]
-            return [kind(v) if kind else v for v in items]
-        if isinstance(value, (list, dict)) and kind is not None:
-            raise TypeError(f"expected one value, got {type(value).__name__}")
-        converted = kind(value) if kind else value
+            return [_convert(kind, v) for v in items]
+        converted = _convert(kind, value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-        raise ConfigError(f"{source}: key {key!r} has value {value!r} of the wrong type ({err})") from None
+        raise ConfigError(f"{source}: key {key!r} has the invalid value {value!r} ({err})") from None
     if action.choices is not None and converted not in action.choices:
         choices = ", ".join(map(str, action.choices))
         raise ConfigError(f"{source}: key {key!r} = {converted!r} is not one of: {choices}")
     return converted
+
+
+def _convert(kind, value: Any) -> Any:
+    if kind is None:
+        return value
+    if isinstance(value, (list, dict)):
+        raise TypeError(f"expected one value, got {type(value).__name__}")
+    # int(2.5) is 2 and float(True) is 1.0: a YAML number or boolean must already be what the flag takes.
+    if kind in INT_TYPES + FLOAT_TYPES and isinstance(value, bool):
+        raise TypeError(f"expected a number, got the boolean {value}")
+    if kind in INT_TYPES and isinstance(value, float) and not value.is_integer():
+        raise TypeError(f"expected an integer, got {value}")
+    return kind(value)
 
 
 def yaml_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:

@@ -103,6 +103,7 @@ class Trainer:
         self.method = method
         self.batches = data_loader.GlobalBatches(len(train_set), args.batch_size, ctx.world_size, ctx.rank, args.seed)
         self.steps_per_epoch = len(self.batches)
+        method.attach_data(train_set)
         if args.sync_bn:
             method = convert_sync_batchnorm(method, ctx.device)
         self.method = method
@@ -139,12 +140,17 @@ class Trainer:
         if not path.exists():
             return 0, 0
         state = load_resumable(path, self.args, self.kind)
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.method.load_extra_state(state["method_state"])
-        self.method.load_random_state(state["method_random"])
-        checkpoint.set_rng_state(state["rng"])
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.method.load_extra_state(state["method_state"])
+            self.method.load_random_state(state["method_random"])
+            checkpoint.set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            # A flag outside RESUME_KEYS that shapes the model (e.g. --nmb_prototypes) changed, or an entry is missing.
+            raise CheckpointError(f"{path} does not fit this command's model ({_load_failure(err)}); use a new "
+                                  f"--output_dir or the flags it was trained with (its config.yaml)") from None
         self.global_step = state["global_step"]
         return state["epoch"], state["step"]
 
@@ -268,6 +274,15 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str) -> dict:
             raise CheckpointError(f"{path} was trained with --{key} {saved[key]!r}, this command has "
                                   f"{getattr(args, key)!r}; use a new --output_dir or the same value")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """The line of a state-dict loading error that names what differs (torch puts a heading line first)."""
+    if isinstance(err, KeyError):
+        return f"no entry {err}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [""])[0]
+    return detail[:200]
 
 
 def check_run_dir(run_dir: Path, args: argparse.Namespace, kind: str) -> None:

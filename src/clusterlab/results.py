@@ -56,6 +56,7 @@ def read_records(root: str | os.PathLike) -> list[dict]:
 
 METRIC_COLUMNS = ("top1", "top5", "acc", "nmi", "ami", "ari")
 GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
+DUPLICATE_COLUMNS = ("file", "run", "checkpoint", "epoch", "seed", "dataset", "split", "eval")
 
 
 def records_frame(records: list[dict]):
@@ -66,6 +67,7 @@ def records_frame(records: list[dict]):
     for record in records:
         row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",
                                                 "eval", "checkpoint")}
+        row["file"] = record.get("_file")
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
@@ -101,6 +103,9 @@ def aggregate(frame):
 
     if frame.empty:
         return frame
+    # An evaluation run again (a requeued job, a repeated command) appends another record of the same checkpoint;
+    # only the newest counts, so that n is the number of seeds.
+    frame = frame.drop_duplicates(subset=[c for c in (*DUPLICATE_COLUMNS, "protocol") if c in frame], keep="last")
     keys = [c for c in (*GROUP_COLUMNS, "protocol") if c in frame]
     filled = frame.copy()
     for key in keys:
@@ -122,7 +127,7 @@ def attach_published(table, published):
     for index, row in table.iterrows():
         match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
                           & (published["eval"] == row["eval"])
-                          & (published["epochs"].astype(str) == str(row["epoch"]))]
+                          & (published["epochs"].map(_epochs_key) == _epochs_key(row["epoch"]))]
         if match.empty:
             continue
         first = match.iloc[0]
@@ -133,6 +138,18 @@ def attach_published(table, published):
         if ours is not None and ours == ours:
             table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
     return table
+
+
+def _epochs_key(value) -> str:
+    """'200' for 200, 200.0 or '200'; '' for none (a baseline: a blank CSV cell, NaN, or the table's '-')."""
+    import pandas as pd
+
+    if pd.isna(value) or value == "-":
+        return ""
+    try:
+        return str(int(float(value)))
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def display_table(table):

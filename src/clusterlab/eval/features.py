@@ -16,6 +16,8 @@ from ..data.augment import eval_view
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo, Method
 
+TRAINED_KINDS = ("pretrain", "cluster")
+
 
 @dataclass
 class LoadedRun:
@@ -34,7 +36,8 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     saved_args = read_run_config(run_dir)
     path = Path(checkpoint_name) if checkpoint_name and Path(checkpoint_name).is_file() \
         else run_dir / (checkpoint_name or "checkpoint.pth")
-    state = checkpoint.load(path)
+    # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
+    state = checkpoint.load(path, kind=TRAINED_KINDS)
     args = argparse.Namespace(**{**saved_args, **state.get("args", {})})
     if args.method not in METHODS:
         raise ConfigError(f"run {str(run_dir)!r} used method {args.method!r}, unknown to this version")

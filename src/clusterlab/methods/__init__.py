@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from .base import Batch, DataInfo, Method, Progress
 from .swav import SwAV
+from .unmix import UnMix
 
 METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
+    "unmix": UnMix,
 }
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Progress"]

@@ -58,6 +58,7 @@ class Progress:
 
 class Method(nn.Module):
     name: ClassVar[str] = ""
+    stage: ClassVar[str] = "pretrain"  # or "cluster": trained by main_cluster.py, has heads
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,9 @@ class Method(nn.Module):
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__()
         self.args, self.info, self.device = args, info, device
+
+    def attach_data(self, train_set) -> None:
+        """The training set, for methods that look at all of it (SeLa's labelling); most ignore it."""
 
     # ---- per step ----
     def on_epoch_start(self, epoch: int) -> None:

@@ -97,13 +97,14 @@ class SwAV(Method):
         return loss, {"swav": loss.detach()}
 
     @torch.no_grad()
-    def codes(self, position: int, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def codes(self, position: int, scores: torch.Tensor, z: torch.Tensor, push: bool = True) -> torch.Tensor:
         """Sinkhorn codes of one assignment crop; with a full queue its scores are solved together."""
         out = scores.detach().float()
         if self.queue is not None:
             if self.queue.full:
                 out = torch.cat([self.queue.scores(position, self.prototypes.weight).float(), out])
-            self.queue.push(position, z)
+            if push:
+                self.queue.push(position, z)
         q = sinkhorn(out, self.args.epsilon, self.args.sinkhorn_iterations, SINKHORN_DTYPES[self.args.sinkhorn_dtype])
         return q[-scores.shape[0]:]
 
@@ -120,6 +121,7 @@ class SwAV(Method):
         if state.get("queue") is not None:
             args = self.args
             self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length,
-                                        self.prototypes.weight.shape[1], args.batch_size, distributed.world_size(), self.device)
+                                        self.prototypes.weight.shape[1], args.batch_size, distributed.world_size(),
+                                        self.device)
             self.queue.load_state_dict(state["queue"])
 

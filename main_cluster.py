@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Train class-assignment heads (SeLa, Self-Classifier, EmbedUL), from scratch or from a pre-trained run.
+
+    python main_cluster.py --config configs/sela_cifar10_resnet.yaml
+    python main_cluster.py --config configs/embedul_cifar10.yaml --pretrained runs/superand_cifar10
+
+The run directory works as main_pretrain.py's does (config.yaml, train_log.jsonl, checkpoint.pth, resume); its
+heads are scored by `eval_cluster.py --run RUN`. `--pretrained` fills the backbone (EmbedUL: the whole encoder)
+from another run's checkpoint before training; a run that resumes ignores it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clusterlab import cli, config, data, distributed, engine
+from clusterlab.errors import run_cli
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.methods.base import add_augmentation_args
+
+CLUSTER_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage == "cluster")
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="main_cluster.py")
+    parser.add_argument("--method", choices=CLUSTER_METHODS, default="sela",
+                        help="method; `--method NAME --help` lists its own flags")
+    parser.add_argument("--pretrained", default=None, help="run directory or checkpoint to start the backbone from")
+    cli.add_data_args(parser)
+    parser.add_argument("--train_split", default="train", help="split to train on")
+    parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
+    parser.add_argument("--width", type=cli.positive_int, default=64, help="backbone width (64: ResNet-18)")
+    cli.add_optim_args(parser)
+    add_augmentation_args(parser)
+    cli.add_runtime_args(parser)
+    cli.add_run_args(parser)
+    return parser
+
+
+def add_method_args(parser, known: dict) -> None:
+    method = known.get("method", parser.get_default("method"))
+    if method in CLUSTER_METHODS:
+        METHODS[method].add_args(parser)
+
+
+def parse_args(argv=None):
+    args = config.parse(get_args_parser(), argv, extend=add_method_args)
+    args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    engine.configure_threads()
+    ctx = distributed.init(args.device)
+    engine.seed_everything(args.seed)
+
+    train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
+    method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
+    run_dir = Path(args.output_dir)
+    engine.check_run_dir(run_dir, args, kind="cluster")
+    if args.pretrained and not (run_dir / "checkpoint.pth").exists():
+        source = method.load_pretrained(args.pretrained)
+        if ctx.is_main:
+            print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
+    method.to(ctx.device)
+    trainer = engine.Trainer(method, args, ctx, run_dir, train_set, kind="cluster")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.write_resolved(args, run_dir, "main_cluster.py")
+    trainer.stop.install()
+    start_epoch, start_step = trainer.resume()
+    if ctx.is_main:
+        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
+        print(f"{args.method} on {args.dataset} ({len(train_set)} images, heads {method.head_sizes}, "
+              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        trainer.train_one_epoch(epoch, start_step)
+        start_step = 0
+        trainer.end_of_epoch(epoch)
+    trainer.finish()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,88 @@
+"""What the class-assignment methods (SeLa, Self-Classifier, EmbedUL) share: heads and the choice among them.
+
+Each such method has one or more heads, each mapping an image to scores over its own number of classes. The
+predicted class of a head is the argmax of its scores. Which head to report is decided without labels: the head
+with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN's too). The per-head
+losses are summed over the epoch here and all-reduced when it ends, so every rank makes the same choice.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint, distributed
+from ..errors import ConfigError
+from .base import Method
+
+
+class ClusterMethod(Method):
+    stage = "cluster"
+    # Sub-modules that `--pretrained` fills from a main_pretrain run (same names there).
+    pretrained_parts: tuple = ("backbone",)
+
+    def __init__(self, args: argparse.Namespace, info, device: torch.device):
+        super().__init__(args, info, device)
+        self._loss_sums: torch.Tensor | None = None
+        self._loss_count = 0
+        self.last_head_losses: list[float] = []
+
+    # ---- heads ----
+    def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Scores of every head for normalised test views."""
+        raise NotImplementedError
+
+    @property
+    def head_sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    def chosen_head(self) -> int:
+        if not self.last_head_losses:
+            return 0
+        return int(torch.tensor(self.last_head_losses).argmin())
+
+    # ---- per-head loss bookkeeping ----
+    def record_head_losses(self, losses: list[torch.Tensor]) -> None:
+        values = torch.stack([loss.detach().float() for loss in losses])
+        self._loss_sums = values if self._loss_sums is None else self._loss_sums + values
+        self._loss_count += 1
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self._loss_sums is not None and self._loss_count:
+            totals = torch.cat([self._loss_sums, torch.tensor([float(self._loss_count)], device=self._loss_sums.device)])
+            distributed.all_reduce_sum(totals)
+            self.last_head_losses = (totals[:-1] / totals[-1]).tolist()
+        self._loss_sums, self._loss_count = None, 0
+
+    def extra_state(self) -> dict:
+        return {"last_head_losses": list(self.last_head_losses)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.last_head_losses = list(state.get("last_head_losses", []))
+
+    # ---- starting from a pre-trained run ----
+    def load_pretrained(self, source: str) -> str:
+        """Fill `pretrained_parts` from a run directory (its checkpoint.pth) or a checkpoint file."""
+        path = Path(source)
+        path = path / "checkpoint.pth" if path.is_dir() else path
+        state = checkpoint.load(path, kind=("pretrain", "cluster"))
+        saved = state.get("args", {})
+        for key in ("arch", "width"):
+            if key in saved and saved[key] != getattr(self.args, key):
+                raise ConfigError(f"--pretrained {source!r} was trained with --{key} {saved[key]!r}, this run has "
+                                  f"--{key} {getattr(self.args, key)!r}")
+        model = state["model"]
+        for part in self.pretrained_parts:
+            prefix = f"{part}."
+            weights = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+            if not weights:
+                raise ConfigError(f"--pretrained {source!r} holds no {part!r} weights (method "
+                                  f"{state.get('method')!r}); this method needs {', '.join(self.pretrained_parts)}")
+            module: nn.Module = getattr(self, part)
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]})")
+        return str(path)

@@ -1,0 +1,97 @@
+"""Shared helpers for the tests that run the entry scripts: tiny settings, a subprocess runner, one-line error checks,
+directory snapshots, and one tiny trained run per test process.
+
+Test modules import the helpers with `from conftest import ...` (the tests folder is on sys.path).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CONFIG = str(ROOT / "configs" / "swav_digits.yaml")
+# SwAV on digits, small enough that an epoch takes well under a second on one CPU thread.
+TINY = ["--config", CONFIG, "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10",
+        "--batch_size", "64", "--size_crops", "8", "--epochs", "2", "--device", "cpu"]
+
+
+def script_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run an entry script of the repository root (`main_pretrain.py`, ...) with `args`; text output captured."""
+    return subprocess.run([PYTHON, str(ROOT / script), *map(str, args)], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def assert_user_error(result: subprocess.CompletedProcess, script: str, *words: str) -> str:
+    """Exit status 2 and exactly one stderr line `SCRIPT: error: ...` holding every one of `words`."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
+    assert lines[0].startswith(f"{script}: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict | None:
+    """{relative path: sha256} of every file under `path`; None when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def entry_module(name: str):
+    """An entry script imported as a module (for its parser), without running it."""
+    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_fashion_mnist(folder: Path, train: int = 100, test: int = 50, cut: int = 0) -> str:
+    """A small Fashion-MNIST in its real format (IDX .gz files) under `folder`; `cut` bytes are taken off the end of
+    the training images (a truncated download)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        for kind, shape in (("images-idx3-ubyte", (n, 28, 28)), ("labels-idx1-ubyte", (n,))):
+            data = rng.integers(0, 10 if kind.startswith("labels") else 256, shape).astype(np.uint8)
+            raw = bytes([0, 0, 8, len(shape)]) + struct.pack(f">{len(shape)}i", *shape) + data.tobytes()
+            if prefix == "train" and kind.startswith("images") and cut:
+                raw = raw[:-cut]
+            with gzip.open(folder / f"{prefix}-{kind}.gz", "wb") as handle:
+                handle.write(raw)
+    return str(folder)
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch run (checkpoint.pth, checkpoint_ep0001.pth, checkpoint_ep0002.pth); copy it to change it."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "swav_digits"
+    assert_ok(run_script("main_pretrain.py", *TINY, "--checkpoint_epochs", 1, 2, "--output_dir", run_dir))
+    return run_dir

@@ -1,0 +1,182 @@
+"""Checkpoints (checkpoint.py): written atomically, loaded with weights_only=True, refused with one line when they are
+truncated, random, foreign, of another method or kind, or hold a pickled object; the RNG states round-trip."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlab import checkpoint
+from clusterlab.errors import CheckpointError
+from clusterlab.eval.features import load_run
+
+STATE = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "step": 0, "names": ["a", "b"]}
+
+
+def saved(tmp_path, name="checkpoint.pth", state=STATE, kind="pretrain", method="swav"):
+    path = tmp_path / name
+    checkpoint.save(state, path, kind=kind, method=method)
+    return path
+
+
+def test_save_and_load_round_trip_with_tags(tmp_path):
+    path = saved(tmp_path)
+    loaded = checkpoint.load(path, kind="pretrain", method="swav")
+    tags = (loaded["format"], loaded["schema"], loaded["kind"], loaded["method"])
+    assert tags == ("clusterlab", 1, "pretrain", "swav")
+    assert torch.equal(loaded["model"]["w"], STATE["model"]["w"]) and loaded["names"] == ["a", "b"]
+    assert checkpoint.load(path, kind=("cluster", "pretrain"))["epoch"] == 3
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+@pytest.mark.parametrize("failure", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_failed_write_keeps_the_previous_file_and_no_temp_file(tmp_path, monkeypatch, failure):
+    path = saved(tmp_path)
+    before = path.read_bytes()
+
+    def torch_save_that_dies(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a checkpoint")  # something reached the disk before the failure
+        raise failure
+
+    monkeypatch.setattr(torch, "save", torch_save_that_dies)
+    with pytest.raises(type(failure)):
+        checkpoint.save({**STATE, "epoch": 4}, path, kind="pretrain", method="swav")
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 3
+
+
+def test_text_is_written_atomically_too(tmp_path, monkeypatch):
+    target = tmp_path / "status.json"
+    checkpoint.atomic_write_text(target, "old\n")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
+    with pytest.raises(OSError):
+        checkpoint.atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["status.json"]
+
+
+def assert_refused(path, *words, **load_kwargs) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.load(path, **load_kwargs)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = saved(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_refused(path, "corrupt or not a torch file")
+
+
+@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"\x80\x02}q\x00.", b"not a checkpoint at all\n"])
+def test_random_or_empty_bytes_are_refused(tmp_path, content):
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(content)
+    assert_refused(path, "corrupt or not a torch file")
+
+
+@pytest.mark.parametrize("foreign", [{"a": 1}, {"state_dict": {"w": torch.zeros(2)}}, [1, 2], torch.zeros(3)])
+def test_foreign_torch_file_is_refused(tmp_path, foreign):
+    path = tmp_path / "checkpoint.pth"
+    torch.save(foreign, path)
+    assert_refused(path, "not a clusterlab checkpoint")
+
+
+def test_other_method_is_refused(tmp_path):
+    path = saved(tmp_path, method="sela")
+    assert_refused(path, "method 'sela'", "not 'swav'", "--output_dir", method="swav")
+
+
+def test_other_kind_is_refused(tmp_path):
+    path = saved(tmp_path, kind="linear")
+    assert_refused(path, "a 'linear' checkpoint", "expected pretrain", kind="pretrain")
+    assert_refused(path, "expected pretrain or cluster", kind=("pretrain", "cluster"))
+
+
+def test_other_schema_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"format": "clusterlab", "schema": 99, "kind": "pretrain", "method": "swav"}, path)
+    assert_refused(path, "schema 99", "reads schema 1")
+
+
+class RunsCode:
+    """Unpickling this calls a function: what weights_only loading exists to prevent."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"format": "clusterlab", "schema": 1, "kind": "pretrain", "method": "swav", "x": RunsCode(marker)},
+               path)
+    message = assert_refused(path, "weights_only refused it", "GLOBAL io.open")
+    assert not marker.exists()
+    assert len(message) < 400
+
+
+def test_load_uses_weights_only(tmp_path, monkeypatch):
+    path = saved(tmp_path)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    checkpoint.load(path)
+    assert calls and all(kw.get("weights_only") is True for kw in calls)
+
+
+def test_missing_file_is_refused(tmp_path):
+    assert_refused(tmp_path / "nope.pth", "does not exist")
+    assert_refused(tmp_path, "does not exist")  # a directory is not a checkpoint either
+
+
+def draws() -> tuple:
+    return torch.rand(5), np.random.rand(5), np.random.standard_normal(3), [random.random() for _ in range(5)]
+
+
+@pytest.mark.parametrize("gauss_pending", [False, True])
+def test_rng_state_round_trip_through_a_file(tmp_path, gauss_pending):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    if gauss_pending:
+        np.random.standard_normal(1)  # numpy's legacy generator now holds a cached second Gaussian
+    path = saved(tmp_path, state={"rng": checkpoint.rng_state()})
+    first = draws()
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    second = draws()
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1]) and np.array_equal(first[2], second[2])
+    assert first[3] == second[3]
+
+
+def test_trainer_checkpoints_load_safely(tiny_run):
+    final = checkpoint.load(tiny_run / "checkpoint.pth", kind="pretrain", method="swav")
+    first = checkpoint.load(tiny_run / "checkpoint_ep0001.pth", kind="pretrain", method="swav")
+    assert (final["epoch"], final["step"], first["epoch"], first["step"]) == (2, 0, 1, 0)
+    assert final["global_step"] == 2 * first["global_step"] == 2 * (898 // 64)
+    assert set(final) >= {"model", "optimizer", "scaler", "rng", "method_random", "method_state", "args", "data_info"}
+    assert final["args"]["width"] == 4 and final["data_info"]["num_samples"] == 898
+    assert not all(torch.equal(final["model"][k], first["model"][k]) for k in final["model"])  # it trained
+    last = checkpoint.load(tiny_run / "checkpoint_ep0002.pth")["model"]
+    assert all(torch.equal(final["model"][k], last[k]) for k in final["model"])
+
+def test_evaluation_refuses_a_checkpoint_that_is_not_a_trained_model(tiny_run, tmp_path):
+    state = checkpoint.load(tiny_run / "checkpoint.pth")
+    probe = saved(tmp_path, name="probe.pth", state={"classifier": torch.zeros(2)}, kind="linear")
+    with pytest.raises(CheckpointError, match="a 'linear' checkpoint; expected pretrain or cluster"):
+        load_run(tiny_run, str(probe), torch.device("cpu"))
+    assert state["epoch"] == load_run(tiny_run, None, torch.device("cpu")).epoch == 2

@@ -1,0 +1,149 @@
+"""Bad input to the real entry scripts: exit status 2, exactly one line on stderr that names the bad value (and what
+would be valid), and nothing written: the output directory does not appear, or is left byte for byte as it was.
+
+The cases the project brief names run the scripts as subprocesses; the others call the same `run_cli(main)` in this
+process, which is what `python SCRIPT` runs, to keep the suite light.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from clusterlab.errors import run_cli
+from conftest import TINY, assert_user_error, copy_run, entry_module, run_script, snapshot, write_fashion_mnist
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    def run(script: str, *args) -> subprocess.CompletedProcess:
+        entry = entry_module(script.removesuffix(".py"))
+        monkeypatch.setattr(sys, "argv", [script])  # run_cli names the program after argv[0]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as caught:
+            run_cli(entry.main, [str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], caught.value.code, captured.out, captured.err)
+    return run
+
+
+@pytest.mark.parametrize("case, extra, words", [
+    ("missing data path", ["--dataset", "fashion_mnist", "--data_path", "/nonexistent"],
+     ["'/nonexistent'", "does not exist", "--data_path", "--download"]),
+    ("unknown dataset", ["--dataset", "nosuch"], ["--dataset", "'nosuch'", "digits", "fashion_mnist"]),
+    ("unknown method", ["--method", "nosuch"], ["--method", "'nosuch'", "swav"]),
+    ("unknown flag", ["--bogus_flag", "3"], ["unrecognized arguments: --bogus_flag 3"]),
+])
+def test_pretrain_bad_input(tmp_path, case, extra, words):
+    out = tmp_path / "run"
+    result = run_script("main_pretrain.py", *TINY, "--output_dir", out, *extra)
+    assert_user_error(result, "main_pretrain.py", *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, extra, words", [
+    ("bad number", ["--batch_size", "many"], ["--batch_size", "'many'"]),
+    ("zero batch", ["--batch_size", "0"], ["--batch_size", "'0'", "positive integer"]),
+    ("batch above dataset", ["--batch_size", "5000"], ["--batch_size 5000", "898 samples"]),
+    ("unknown split", ["--train_split", "bogus"], ["'bogus'", "train, test"]),
+    ("unknown arch", ["--arch", "vgg"], ["--arch 'vgg'", "resnet18_cifar"]),
+    ("missing config", ["--config", "/nonexistent.yaml"], ["'/nonexistent.yaml'", "does not exist"]),
+])
+def test_pretrain_more_bad_input(run_in_process, tmp_path, case, extra, words):
+    out = tmp_path / "run"
+    assert_user_error(run_in_process("main_pretrain.py", *TINY, "--output_dir", out, *extra), "main_pretrain.py",
+                      *words)
+    assert not out.exists()
+
+
+def test_pretrain_truncated_idx_file(tmp_path):
+    data = write_fashion_mnist(tmp_path / "fashion", cut=500)
+    out = tmp_path / "run"
+    result = run_script("main_pretrain.py", *TINY, "--dataset", "fashion_mnist", "--data_path", data,
+                        "--output_dir", out)
+    assert_user_error(result, "main_pretrain.py", "train-images-idx3-ubyte.gz", "truncated", "expected 78400")
+    assert not out.exists()
+
+
+def test_pretrain_truncated_gzip_stream(run_in_process, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fashion")
+    images = tmp_path / "fashion" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:300])
+    result = run_in_process("main_pretrain.py", *TINY, "--dataset", "fashion_mnist", "--data_path", data,
+                            "--output_dir", tmp_path / "run")
+    assert_user_error(result, "main_pretrain.py", str(images), "cannot be read")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_refuses_a_corrupt_checkpoint_in_its_output_dir(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    path = run / "checkpoint.pth"
+    path.write_bytes(path.read_bytes()[:1000])
+    before = snapshot(run)
+    result = run_script("main_pretrain.py", *TINY, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", repr(str(path)), "corrupt or not a torch file")
+    assert snapshot(run) == before
+
+
+def test_pretrain_refuses_an_output_dir_that_is_a_file(run_in_process, tmp_path):
+    out = tmp_path / "run"
+    out.write_text("a file\n")
+    result = run_in_process("main_pretrain.py", *TINY, "--output_dir", out)
+    assert_user_error(result, "main_pretrain.py", f"--output_dir {str(out)!r} is a file")
+    assert out.read_text() == "a file\n"
+
+
+def test_pretrain_bad_yaml_key(run_in_process, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: swav\nepochs: 2\nnmb_prototype: 10\n")
+    result = run_in_process("main_pretrain.py", "--config", config, "--output_dir", tmp_path / "run")
+    assert_user_error(result, "main_pretrain.py", str(config), "unknown key 'nmb_prototype'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes((run / "checkpoint.pth").read_bytes()[:2000])
+    before = snapshot(run)
+    result = run_script("eval_knn.py", "--run", run, "--checkpoint", bad, "--device", "cpu")
+    assert_user_error(result, "eval_knn.py", repr(str(bad)), "corrupt or not a torch file", "central directory")
+    assert snapshot(run) == before  # in particular no metrics.jsonl
+
+
+@pytest.mark.parametrize("script, extra, words", [
+    ("eval_knn.py", ["--run", "/nonexistent_run"], ["--run '/nonexistent_run'", "not a directory"]),
+    ("eval_knn.py", ["--checkpoint", "checkpoint_ep0099.pth"], ["checkpoint_ep0099.pth", "does not exist"]),
+    ("eval_cluster.py", ["--clusters", "10", "5000"], ["--clusters 5000", "898 images", "at most 898"]),
+    ("eval_cluster.py", ["--normalize", "false"], ["--normalize false", "--baseline pixels"]),
+])
+def test_eval_bad_input_writes_nothing(run_in_process, tiny_run, tmp_path, script, extra, words):
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = snapshot(run)
+    argv = ["--run", run, *extra] if "--run" not in extra else extra
+    result = run_in_process(script, *argv, "--device", "cpu")
+    assert_user_error(result, script, *words)
+    assert snapshot(run) == before
+
+
+def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
+    result = run_in_process("eval_cluster.py", "--baseline", "pixels", "--dataset", "digits")
+    assert_user_error(result, "eval_cluster.py", "--baseline pixels needs", "--output_dir DIR")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--root", "/nonexistent_root"], ["--root '/nonexistent_root'", "not a directory"]),
+    (["--published", "/nonexistent.csv"], ["--published '/nonexistent.csv'", "does not exist"]),
+    (["--published", "PUBLISHED"], ["lacks the column(s) epochs, metric", "expected: method, dataset"]),
+])
+def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "metrics.jsonl").write_text('{"method": "swav", "dataset": "digits", "metrics": {"acc": 0.5}}\n')
+    published = tmp_path / "published.csv"
+    published.write_text("method,dataset,eval,value\nswav,digits,cluster,50\n")
+    argv = ["--root", root, "--out", out, *[published if a == "PUBLISHED" else a for a in extra]]
+    result = run_in_process("collect_results.py", *argv)
+    assert_user_error(result, "collect_results.py", *words)
+    assert not out.exists()

@@ -1,0 +1,176 @@
+"""Command lines built from YAML defaults (config.py): flags override the file, a bad key or value is one line that
+names it, --help shows every flag's default, and config.yaml in the run directory records the resolved run."""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+
+import numpy
+import pytest
+import torch
+import yaml
+
+from clusterlab import config
+from clusterlab.errors import ConfigError
+from clusterlab.methods import METHODS
+from conftest import CONFIG, PYTHON, ROOT, TINY, assert_ok, entry_module
+
+pretrain = entry_module("main_pretrain")
+
+
+def write_yaml(tmp_path, values: dict, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def full_parser() -> argparse.ArgumentParser:
+    parser = pretrain.get_args_parser()
+    pretrain.add_method_args(parser, {"method": "swav"})
+    return parser
+
+
+def test_yaml_sets_defaults_and_flags_override(tmp_path):
+    path = write_yaml(tmp_path, {"width": 4, "lr": 0.5, "epsilon": 0.02, "nmb_crops": [2, 4], "nesterov": "on",
+                                 "optimizer": "sgd"})
+    args = pretrain.parse_args(["--config", path, "--width", "8", "--nmb_crops", "3"])
+    assert args.width == 8 and args.nmb_crops == [3]                    # the flags win
+    assert args.lr == 0.5 and args.optimizer == "sgd"                   # the file beats swav's own defaults
+    assert args.epsilon == 0.02 and args.nesterov is True               # a method flag from the file, converted
+    assert args.sinkhorn_iterations == 3 and args.batch_size == 256    # neither: the parser's defaults
+    assert args.output_dir == "runs/swav_digits"
+
+
+def test_method_defaults_apply_without_a_file():
+    args = pretrain.parse_args([])
+    assert (args.method, args.optimizer, args.lr, args.nmb_prototypes) == ("swav", "lars", 4.8, 3000)
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"bogus_key": 1}, "bogus_key"),
+    ({"width": 4, "learning_rate": 0.1}, "learning_rate"),
+    ({"config": "other.yaml"}, "config"),
+])
+def test_unknown_key_is_refused_by_name(tmp_path, values, key):
+    path = write_yaml(tmp_path, values)
+    with pytest.raises(ConfigError) as caught:
+        pretrain.parse_args(["--config", path])
+    message = str(caught.value)
+    assert f"unknown key {key!r}" in message and path in message and "\n" not in message
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("width", [1, 2], "expected one value, got list"),       # a list for an int
+    ("lr", "abc", "invalid float value: 'abc'"),             # a string for a float
+    ("epochs", 2.5, "expected an integer, got 2.5"),         # int(2.5) would silently be 2
+    ("width", True, "expected a number"),                    # int(True) would silently be 1
+    ("lr", False, "expected a number"),
+    ("optimizer", "adam", "is not one of: sgd, lars"),       # a bad choice
+    ("nesterov", "maybe", "invalid boolean 'maybe'"),
+    ("arch", ["a", "b"], "expected one value, got list"),    # a flag without a type takes one string
+    ("nmb_crops", [2, "x"], "'x'"),                        # one bad item of a list flag
+    ("batch_size", 0, "is not a positive integer"),          # the flag's own range check applies to the file too
+    ("nmb_prototypes", {"a": 1}, "expected one value, got dict"),
+])
+def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
+    path = write_yaml(tmp_path, {key: value})
+    with pytest.raises(ConfigError) as caught:
+        pretrain.parse_args(["--config", path])
+    message = str(caught.value)
+    assert f"key {key!r}" in message and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("a: [1", "is not valid YAML"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+])
+def test_malformed_file_is_refused(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        pretrain.parse_args(["--config", str(path)])
+
+
+def test_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("module, argv, words", [
+    ("main_pretrain", ["--batch_size", "0"], ["--batch_size", "'0'", "positive integer"]),
+    ("main_pretrain", ["--epochs", "-1"], ["--epochs", "'-1'", "positive integer"]),
+    ("main_pretrain", ["--lr", "-0.1"], ["--lr", "'-0.1'", "negative"]),
+    ("main_pretrain", ["--log_every", "0"], ["--log_every", "'0'"]),
+    ("main_pretrain", ["--width", "0"], ["--width", "'0'"]),
+    ("main_pretrain", ["--width", "four"], ["--width", "invalid int value: 'four'"]),
+    ("eval_knn", ["--k", "0"], ["--k", "'0'"]),
+    ("eval_knn", ["--temperature", "0"], ["--temperature", "'0'", "positive number"]),
+    ("eval_cluster", ["--clusters", "10", "0"], ["--clusters", "'0'"]),
+    ("eval_cluster", ["--restarts", "0"], ["--restarts", "'0'"]),
+    ("collect_results", ["--plots", "maybe"], ["--plots", "'maybe'"]),
+])
+def test_out_of_range_flag_is_one_line(capsys, module, argv, words):
+    entry = entry_module(module)
+    parser = entry.get_args_parser()
+    with pytest.raises(SystemExit) as caught:
+        config.parse(parser, argv, extend=getattr(entry, "add_method_args", None))
+    assert caught.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{module}.py: error: argument ")
+    for word in words:
+        assert word in lines[0]
+
+
+def help_blocks(text: str) -> dict:
+    """{--flag: the help text printed for it} from argparse's --help output."""
+    blocks = {}
+    for block in re.split(r"\n(?=  -)", text):
+        match = re.match(r"\s+(?:-\w, )?(--\w+)", block)
+        if match:
+            blocks[match.group(1)] = " ".join(block.split())
+    return blocks
+
+
+def flags_of(parser: argparse.ArgumentParser) -> list[str]:
+    return [a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def test_pretrain_help_lists_every_flag_with_its_default(tmp_path):
+    path = write_yaml(tmp_path, {"epochs": 7, "nmb_prototypes": 33})
+    result = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), "--config", path, "--method",
+                             "swav", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_ok(result)
+    blocks = help_blocks(result.stdout)
+    expected = flags_of(full_parser())
+    assert "--nmb_prototypes" in expected and "--epsilon" in expected and "--queue_length" in expected
+    missing = [f for f in expected if f not in blocks]
+    no_default = [f for f in expected if f in blocks and "(default:" not in blocks[f]]
+    assert not missing and not no_default, (missing, no_default)
+    assert "\nswav:\n" in result.stdout
+    # The YAML file's values are the defaults shown.
+    assert "(default: 7)" in blocks["--epochs"] and "(default: 33)" in blocks["--nmb_prototypes"]
+    assert "(default: 0.05)" in blocks["--epsilon"]
+
+
+@pytest.mark.parametrize("module", ["eval_knn", "eval_cluster", "collect_results"])
+def test_eval_help_lists_every_flag_with_its_default(module):
+    parser = entry_module(module).get_args_parser()
+    blocks = help_blocks(parser.format_help())
+    assert all("(default:" in blocks.get(flag, "") for flag in flags_of(parser)), blocks
+
+
+def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):
+    recorded = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    argv = [*TINY, "--checkpoint_epochs", "1", "2", "--output_dir", str(tiny_run)]
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(pretrain.parse_args(argv)).items()}
+    assert recorded["program"] == "main_pretrain.py"
+    assert recorded["args"] == expected
+    assert set(recorded["args"]) == {a.dest for a in full_parser()._actions if a.dest != "help"}
+    assert recorded["args"]["config"] == CONFIG and recorded["args"]["width"] == 4
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(re.escape(head) + r"(-dirty)?", recorded["git_commit"]), recorded["git_commit"]
+    versions = recorded["versions"]
+    assert versions["torch"] == str(torch.__version__) and versions["numpy"] == numpy.__version__
+    assert versions["python"] == config.platform.python_version()
+

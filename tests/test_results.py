@@ -1,0 +1,146 @@
+"""Metrics records and result tables (results.py, collect_results.py): corrupt lines skipped with a warning naming
+file:line, mean/std/n over seeds exactly, published numbers matched on method/dataset/eval/epochs with their diff,
+and collect_results.py end to end on fabricated metrics.jsonl files."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+
+import pandas as pd
+import pytest
+
+from clusterlab import results
+from conftest import assert_ok, run_script
+
+
+def record(seed=0, method="swav", dataset="digits", epoch=200, eval_kind="cluster", protocol=None, run=None,
+           **metrics):
+    return {"run": run or f"{method}_{dataset}_s{seed}", "method": method, "dataset": dataset, "split": "test",
+            "backbone": "resnet18_cifar_w16" if method != "pixels" else "none", "epoch": epoch,
+            "checkpoint": "checkpoint.pth", "seed": seed, "eval": eval_kind,
+            "protocol": protocol or {"clusters": 10, "fit_on": "train", "selection": "last", "superclass": False},
+            "metrics": metrics, "created": "2026-11-24T12:00:00Z"}
+
+
+def write_jsonl(path, lines) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line if isinstance(line, str) else json.dumps(line) + "\n" for line in lines))
+
+
+def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_path):
+    path = tmp_path / "a" / "run" / "metrics.jsonl"
+    write_jsonl(path, [record(0, acc=0.5), '{"run": "x", "metrics": {"acc": 0.\n', "\n", "[1, 2]\n",
+                       record(1, acc=0.6), '{"run": "half a line, the job was killed mid-write'])
+    write_jsonl(tmp_path / "b" / "metrics.jsonl", [record(2, acc=0.7)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = results.read_records(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3
+    assert messages[0].startswith(f"{path}:2: skipped") and messages[1].startswith(f"{path}:4: skipped")
+    assert messages[2].startswith(f"{path}:6: skipped")
+    assert "not a metrics record" in messages[1]
+    assert [r["seed"] for r in found] == [0, 1, 2]
+    assert found[0]["_file"] == str(path)
+
+
+# Three seeds of one protocol: acc 81, 84, 90 -> mean 85, sample std sqrt(((-4)^2 + (-1)^2 + 5^2) / 2) = sqrt(21).
+SEEDS = [record(0, acc=0.81, nmi=0.70), record(1, acc=0.84, nmi=0.72), record(2, acc=0.90, nmi=0.71)]
+
+
+def test_aggregate_mean_std_n_over_seeds():
+    other_k = record(0, protocol={"clusters": 20, "fit_on": "train", "selection": "last", "superclass": False},
+                     acc=0.95)
+    knn = record(0, eval_kind="knn", protocol={"k": 200, "temperature": 0.1}, top1=0.5, top5=0.9)
+    table = results.aggregate(results.records_frame([*SEEDS, other_k, knn]))
+    assert len(table) == 3
+    row = table[(table["eval"] == "cluster") & (table["protocol"].str.contains("clusters=10"))].iloc[0]
+    assert row["acc_mean"] == pytest.approx(85.0, abs=1e-9)
+    assert row["acc_std"] == pytest.approx(math.sqrt(21), abs=1e-9)
+    assert row["nmi_mean"] == pytest.approx(71.0, abs=1e-9) and row["nmi_std"] == pytest.approx(1.0, abs=1e-9)
+    assert row["n"] == 3 and math.isnan(row["top1_mean"])
+    single = table[table["protocol"].str.contains("clusters=20")].iloc[0]
+    assert (single["n"], single["acc_mean"]) == (1, pytest.approx(95.0)) and math.isnan(single["acc_std"])
+    knn_row = table[table["eval"] == "knn"].iloc[0]
+    assert (knn_row["top1_mean"], knn_row["top5_mean"], knn_row["n"]) == (pytest.approx(50.0), pytest.approx(90.0), 1)
+
+
+def test_aggregate_counts_an_evaluation_repeated_on_one_checkpoint_once():
+    rerun = {**SEEDS[2], "metrics": {"acc": 0.87, "nmi": 0.71}, "created": "2026-11-25T12:00:00Z"}
+    table = results.aggregate(results.records_frame([*SEEDS, rerun]))
+    row = table.iloc[0]
+    assert row["n"] == 3  # three seeds, not four records
+    assert row["acc_mean"] == pytest.approx(84.0)  # the newest record of seed 2 counts: (81 + 84 + 87) / 3
+
+
+def test_aggregate_separates_datasets_epochs_and_protocols():
+    frame = results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5), record(0, dataset="cifar10", acc=0.4),
+                                   record(0, protocol={"clusters": 10, "superclass": True}, acc=0.3)])
+    table = results.aggregate(frame)
+    assert sorted(zip(table["dataset"], table["epoch"], table["n"])) == [
+        ("cifar10", 200, 1), ("digits", 100, 1), ("digits", 200, 1), ("digits", 200, 3)]
+
+
+PUBLISHED = """method,dataset,eval,epochs,metric,value,source,protocol
+swav,digits,cluster,200,acc,80.5,Caron et al. 2020,k-means K=10
+swav,digits,cluster,400,acc,99.0,Caron et al. 2020,k-means K=10
+swav,digits,knn,200,top1,70.0,someone,k=200
+pixels,digits,cluster,,acc,66.6,scikit-learn,k-means on pixels
+"""
+
+
+def test_attach_published_matches_method_dataset_eval_epochs_and_computes_diff():
+    records = [*SEEDS, record(0, epoch=100, acc=0.5), record(0, method="pixels", epoch=None, acc=0.7),
+               record(0, method="npid", acc=0.6)]
+    table = results.attach_published(results.aggregate(results.records_frame(records)),
+                                     pd.read_csv(io.StringIO(PUBLISHED)))
+    by = {(r["method"], str(r["epoch"])): r for _, r in table.iterrows()}
+    swav = by[("swav", "200")]
+    assert swav["published"] == 80.5 and swav["diff"] == 4.5  # 85.0 - 80.5
+    assert swav["source"] == "Caron et al. 2020 (k-means K=10)"
+    assert by[("pixels", "-")]["published"] == 66.6 and by[("pixels", "-")]["diff"] == pytest.approx(3.4)
+    for unmatched in (("swav", "100"), ("npid", "200")):  # other epochs, a method without published numbers
+        assert by[unmatched]["published"] is None and by[unmatched]["diff"] is None
+    assert results.attach_published(table, None) is table
+
+
+def test_display_table_formats_mean_std_and_n():
+    table = results.aggregate(results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5)]))
+    shown = results.display_table(table)
+    assert list(shown["acc"]) == ["50.00", "85.00 ± 4.58"]
+    assert list(shown["n"]) == [1, 3] and "top1" not in shown
+
+
+def test_collect_results_writes_tables_per_dataset(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    for i, rec in enumerate(SEEDS):
+        write_jsonl(root / f"swav_digits_s{i}" / "metrics.jsonl", [rec])
+    broken = root / "swav_digits_s0" / "metrics.jsonl"
+    broken.write_text(broken.read_text() + '{"run": "cut off')
+    write_jsonl(root / "deep" / "pixels_digits" / "metrics.jsonl", [record(0, method="pixels", epoch=None, acc=0.7)])
+    write_jsonl(root / "swav_cifar10_s0" / "metrics.jsonl",
+                [record(0, dataset="cifar10", eval_kind="knn", protocol={"k": 200, "temperature": 0.1}, top1=0.8123,
+                        top5=0.9)])
+    published = tmp_path / "published.csv"
+    published.write_text(PUBLISHED)
+    result = run_script("collect_results.py", "--root", root, "--out", out, "--published", published,
+                        "--plots", "false")
+    assert_ok(result)
+    assert result.stderr.strip() == f"warning: {broken}:2: skipped (Unterminated string starting at: line 1 " \
+                                    f"column 9 (char 8))"
+    assert "## cifar10" in result.stdout and "## digits" in result.stdout and "85.00 ± 4.58" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cifar10.csv", "cifar10.md", "cifar10.tex", "digits.csv",
+                                                     "digits.md", "digits.tex"]
+    digits = pd.read_csv(out / "digits.csv")
+    swav = digits[digits["method"] == "swav"].iloc[0]
+    assert (swav["n"], swav["acc_mean"], swav["published"], swav["diff"]) == (3, pytest.approx(85.0), 80.5, 4.5)
+    assert swav["acc_std"] == pytest.approx(math.sqrt(21))
+    assert digits[digits["method"] == "pixels"].iloc[0]["acc_mean"] == pytest.approx(70.0)
+    cifar = pd.read_csv(out / "cifar10.csv")
+    assert list(cifar["top1_mean"]) == [pytest.approx(81.23)] and cifar["published"].isna().all()
+    markdown = (out / "digits.md").read_text()
+    assert markdown.startswith("# digits\n") and "| 85.00 ± 4.58 |" in markdown
+    latex = (out / "digits.tex").read_text()
+    assert "\\begin{tabular}" in latex and "85.00 ± 4.58" in latex and "fit\\_on=train" in latex

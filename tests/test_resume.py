@@ -1,0 +1,142 @@
+"""Exact resume (engine.py): a run stopped by SIGUSR2 or SIGTERM in the middle of its first epoch exits 75 with a
+checkpoint, and the same command started again ends bit-identical (model, optimiser, SwAV queue, RNG) to a run that
+was never stopped. A command whose run-defining flags differ from the checkpoint's is refused, writing nothing."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from clusterlab import checkpoint
+from clusterlab.methods import METHODS
+from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env,
+                      snapshot, write_fashion_mnist)
+
+# batch 32: 28 steps per epoch, so the stop lands mid-epoch; the queue is in use from the first step on, and the
+# prototypes start learning after 5 steps, so every piece of state changes before and after the stop.
+STEPS = 898 // 32
+RESUMABLE = [*TINY, "--batch_size", "32", "--log_every", "1", "--queue_length", "64", "--epoch_queue_starts", "0",
+             "--freeze_prototypes_niters", "5"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same run, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert_ok(run_script("main_pretrain.py", *RESUMABLE, "--output_dir", run_dir))
+    return run_dir
+
+
+def logged_steps(run_dir) -> list[dict]:
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}") and '"step"' in line]
+
+
+def stop_after_first_step(run_dir, signum) -> tuple[subprocess.CompletedProcess, int]:
+    """Start the run, wait until train_log.jsonl shows a step, send `signum`; the status and the steps logged."""
+    command = [PYTHON, str(ROOT / "main_pretrain.py"), *RESUMABLE, "--output_dir", str(run_dir)]
+    process = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while not logged_steps(run_dir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(logged_steps(run_dir))
+
+
+def assert_same_tensors(ours, theirs, where="") -> None:
+    """Equal structure; tensors equal bit for bit (torch.equal); everything else ==."""
+    if isinstance(ours, torch.Tensor):
+        same = isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+        assert same, f"{where} differs"
+    elif isinstance(ours, dict):
+        assert set(ours) == set(theirs), where
+        for key in ours:
+            assert_same_tensors(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_tensors(a, b, f"{where}[{i}]")
+    else:
+        assert ours == theirs, where
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
+def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, signum):
+    run_dir = tmp_path / "run"
+    stopped, steps_logged = stop_after_first_step(run_dir, signum)
+    assert stopped.returncode == 75, stopped.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["signal"] == signum.name
+    assert status["epoch"] == 0 and 0 < status["step"] < STEPS, status  # mid-way through the first epoch
+    assert status["step"] == steps_logged  # saved at the step boundary after the last step it logged
+    saved = checkpoint.load(run_dir / "checkpoint.pth", kind="pretrain", method="swav")
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, status["step"], status["step"])
+    assert f"saved {run_dir / 'checkpoint.pth'} at epoch 0 step {status['step']}" in stopped.stdout
+
+    resumed = run_script("main_pretrain.py", *RESUMABLE, "--output_dir", run_dir)
+    assert_ok(resumed)
+    assert f"from epoch 0 step {status['step']}" in resumed.stdout
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    steps = [(r["epoch"], r["step"]) for r in logged_steps(run_dir)]
+    assert steps == [(e, s) for e in range(2) for s in range(STEPS)]  # every step once, none twice
+
+    ours = checkpoint.load(run_dir / "checkpoint.pth")
+    theirs = checkpoint.load(reference / "checkpoint.pth")
+    assert not torch.equal(saved["model"]["prototypes.weight"], theirs["model"]["prototypes.weight"])
+    assert theirs["method_state"]["queue"]["filled"] == 64
+    for key in ("model", "optimizer", "scaler", "method_state", "method_random", "rng", "epoch", "step",
+                "global_step", "data_info"):
+        assert_same_tensors(ours[key], theirs[key], key)
+    assert {k: v for k, v in ours["args"].items() if k != "output_dir"} == \
+        {k: v for k, v in theirs["args"].items() if k != "output_dir"}
+
+
+def retagged(run_dir, method: str) -> None:
+    """Rewrite the run's checkpoint as another method's (only one method is registered yet)."""
+    state = checkpoint.load(run_dir / "checkpoint.pth")
+    tags = ("format", "schema", "kind", "method")
+    checkpoint.save({k: v for k, v in state.items() if k not in tags}, run_dir / "checkpoint.pth", kind="pretrain",
+                    method=method)
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--batch_size", "64"], ["--batch_size 32", "64", "new --output_dir"]),
+    (["--dataset", "fashion_mnist"], ["--dataset 'digits'", "'fashion_mnist'"]),
+    (["--seed", "1"], ["--seed 0", "1"]),
+    (["--nmb_prototypes", "20"], ["does not fit", "prototypes.weight"]),
+    (["--queue_length", "128"], ["does not fit", "--queue_length"]),
+    ("retag", ["method 'sela'", "not 'swav'"]),
+])
+def test_resume_with_other_run_flags_is_refused(tmp_path, reference, change, words):
+    run_dir = copy_run(reference, tmp_path / "run")
+    if change == "retag":
+        retagged(run_dir, "sela")
+        change = []
+    if "fashion_mnist" in change:
+        change = [*change, "--data_path", write_fashion_mnist(tmp_path / "fashion")]
+    before = snapshot(run_dir)
+    result = run_script("main_pretrain.py", *RESUMABLE, "--epochs", 3, *change, "--output_dir", run_dir)
+    assert_user_error(result, "main_pretrain.py", str(run_dir / "checkpoint.pth"), *words)
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
+    others = sorted(set(METHODS) - {"swav"})
+    if not others:
+        pytest.skip("only swav is registered")
+    run_dir = copy_run(reference, tmp_path / "run")
+    before = snapshot(run_dir)
+    # Not the SwAV config file: its swav-only keys would be refused before the checkpoint is looked at.
+    result = run_script("main_pretrain.py", "--method", others[0], "--dataset", "digits", "--batch_size", 32,
+                        "--width", 4, "--size_crops", 8, "--epochs", 3, "--device", "cpu", "--output_dir", run_dir)
+    assert_user_error(result, "main_pretrain.py", str(run_dir / "checkpoint.pth"), "method 'swav'",
+                      f"not {others[0]!r}")
+    assert snapshot(run_dir) == before
