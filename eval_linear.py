@@ -38,12 +38,18 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     engine.configure_threads()
+    engine.exit_on_stop_signals()
+    protocol_name = "cached" if args.cached_features else "augmented"
+    if args.skip_recorded and args.run and results.has_record(
+            args.run, "linear", Path(args.checkpoint or "checkpoint.pth").name,
+            {"augmentation": protocol_name, "epochs": args.epochs}):
+        print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
+        return
     ctx = distributed.init(args.device)
     engine.seed_everything(args.seed)
     evaluation = open_evaluation(args, ctx.device)
     loaded, method = evaluation.loaded, evaluation.loaded.method
     info, size = method.info, method.eval_size
-    protocol_name = "cached" if args.cached_features else "augmented"
 
     def backbone_features(images):
         return extract(method.features, images, size, info.mean, info.std, ctx.device, 512, args.workers,
@@ -58,14 +64,10 @@ def main(argv=None):
                                               "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
     probe = LinearProbe(probe_args, method.backbone, info, test_features.shape[1], evaluation.test_set.num_classes,
                         size, args.cached_features, ctx.device).to(ctx.device)
-    run_dir = loaded.run_dir / f"linear_{Path(loaded.checkpoint_name).stem}{'_cached' if args.cached_features else ''}"
-    engine.check_run_dir(run_dir, probe_args, kind="linear")
-    trainer = engine.Trainer(probe, probe_args, ctx, run_dir, train_set, kind="linear")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.write_resolved(probe_args, run_dir, "eval_linear.py")
-    trainer.stop.install()
-    start_epoch, start_step = trainer.resume()
+    probe_args.output_dir = str(loaded.run_dir / f"linear_{Path(loaded.checkpoint_name).stem}"
+                                                  f"{'_cached' if args.cached_features else ''}")
+    trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear", "eval_linear.py")
+    run_dir = trainer.run_dir
 
     for epoch in range(start_epoch, args.epochs):
         trainer.train_one_epoch(epoch, start_step)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clusterlab import config, engine
+from clusterlab import config, engine, results
 from clusterlab.errors import ConfigError, run_cli
 from clusterlab.slurm.grid import Grid, RunSpec, load_grid
-from clusterlab.slurm.jobs import ProgramJob, already_recorded, make_executor, wait_for
-from clusterlab.slurm.programs import to_argv
+from clusterlab.slurm.jobs import ProgramJob, make_executor, wait_for
+from clusterlab.slurm.programs import EVAL_PROGRAMS, to_argv
 from clusterlab.slurm.sbatch import recipe_scripts, render, write_scripts
 
 
@@ -82,20 +82,28 @@ def _queued_ids() -> set:
 
 
 def pending_evals(run: RunSpec) -> dict:
-    """checkpoint -> [(program, argv)] of the evaluations not yet recorded."""
+    """checkpoint -> [(program, argv)] of the evaluations with no record of that kind for that checkpoint yet."""
     grouped: dict = {}
     for spec in run.evals:
-        argv = to_argv(spec.flags)
-        if not already_recorded(spec.program, argv):
-            grouped.setdefault(spec.checkpoint, []).append((spec.program, argv))
+        if not results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint):
+            grouped.setdefault(spec.checkpoint, []).append((spec.program, to_argv(spec.flags)))
     return grouped
+
+
+def eval_summary(pending: dict) -> str:
+    """`ep0200 ep0400 final (3 programs each)`: the evaluation jobs still to run."""
+    if not pending:
+        return "-"
+    labels = [Path(ck).stem.replace("checkpoint_", "").replace("checkpoint", "final") for ck in pending]
+    counts = sorted({len(v) for v in pending.values()})
+    return f"{' '.join(labels)} ({'/'.join(map(str, counts))} program(s) each)"
 
 
 def print_plan(grid: Grid, plan) -> None:
     axis_keys = list(plan[0][0].axis_values) if plan else []
     header = ["run", "state", *axis_keys, "evaluation jobs"]
     rows = [[run.name, state, *(str(run.axis_values[k]) for k in axis_keys),
-             ", ".join(f"{ck}: {len(v)}" for ck, v in pending_evals(run).items()) or "-"] for run, state in plan]
+             eval_summary(pending_evals(run))] for run, state in plan]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     resources = grid.resources
     print(f"grid {grid.name}: {len(plan)} runs of {plan[0][0].program if plan else '-'} "

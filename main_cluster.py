@@ -56,23 +56,12 @@ def main(argv=None):
 
     train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
     method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
-    run_dir = Path(args.output_dir)
-    engine.check_run_dir(run_dir, args, kind="cluster")
-    if args.pretrained and not (run_dir / "checkpoint.pth").exists():
+    if args.pretrained and not (Path(args.output_dir) / "checkpoint.pth").exists():
         source = method.load_pretrained(args.pretrained)
         if ctx.is_main:
             print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
     method.to(ctx.device)
-    trainer = engine.Trainer(method, args, ctx, run_dir, train_set, kind="cluster")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.write_resolved(args, run_dir, "main_cluster.py")
-    trainer.stop.install()
-    start_epoch, start_step = trainer.resume()
-    if ctx.is_main:
-        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
-        print(f"{args.method} on {args.dataset} ({len(train_set)} images, heads {method.head_sizes}, "
-              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+    trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, "cluster", "main_cluster.py")
 
     for epoch in range(start_epoch, args.epochs):
         trainer.train_one_epoch(epoch, start_step)

@@ -9,17 +9,18 @@ where it stopped. Distributed: start it with torchrun, srun or launch.py; see RE
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from clusterlab import cli, config, data, distributed, engine
 from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, DataInfo
 from clusterlab.methods.base import add_augmentation_args
 
 
+PRETRAIN_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage == "pretrain")
+
+
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="main_pretrain.py")
-    parser.add_argument("--method", choices=sorted(METHODS), default="swav",
+    parser.add_argument("--method", choices=PRETRAIN_METHODS, default="swav",
                         help="method; `--method NAME --help` lists its own flags")
     cli.add_data_args(parser)
     parser.add_argument("--train_split", default="train", help="split to pre-train on (stl10: train+unlabeled)")
@@ -36,7 +37,7 @@ def get_args_parser():
 def add_method_args(parser, known: dict) -> None:
     """The flags of the method `known` names (the first look at the command line and YAML file decides)."""
     method = known.get("method", parser.get_default("method"))
-    if method in METHODS:
+    if method in PRETRAIN_METHODS:
         METHODS[method].add_args(parser)
 
 
@@ -54,19 +55,7 @@ def main(argv=None):
 
     train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
     method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device).to(ctx.device)
-    run_dir = Path(args.output_dir)
-    engine.check_run_dir(run_dir, args, kind="pretrain")
-    trainer = engine.Trainer(method, args, ctx, run_dir, train_set)
-    # Resume before writing config.yaml: a checkpoint this command cannot load is refused with the directory as it was.
-    start_epoch, start_step = trainer.resume()
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.write_resolved(args, run_dir, "main_pretrain.py")
-    trainer.stop.install()
-    if ctx.is_main:
-        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
-        print(f"{args.method} on {args.dataset} ({len(train_set)} images, {trainer.steps_per_epoch} steps/epoch, "
-              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+    trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, "pretrain", "main_pretrain.py")
 
     for epoch in range(start_epoch, args.epochs):
         trainer.train_one_epoch(epoch, start_step)

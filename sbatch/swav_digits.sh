@@ -20,16 +20,21 @@ EXPERIMENT_PATH=${EXPERIMENT_PATH:-experiments/swav_digits}
 PYTHON=${PYTHON:-python}
 mkdir -p "$EXPERIMENT_PATH"
 
-# Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists. On Slurm's signal it saves at
-# the next step and exits 75: the job requeues itself and resumes when it starts again.
-srun --unbuffered "$PYTHON" main_pretrain.py --config configs/swav_digits.yaml \
+# On Slurm's signal a step stops (training saves at the next step first) and exits 75:
+# the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).
+step() {
+  srun --unbuffered "$@"
+  local status=$?
+  if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi
+  [ "$status" -eq 0 ] || exit "$status"
+}
+
+# Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists.
+step "$PYTHON" main_pretrain.py --config configs/swav_digits.yaml \
     --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "$@"
-status=$?
-if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi
-[ "$status" -eq 0 ] || exit "$status"
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_KNN_ARGS:-}"
-srun --unbuffered "$PYTHON" eval_knn.py --run "$EXPERIMENT_PATH" "${extra[@]}" || exit $?
+step "$PYTHON" eval_knn.py --run "$EXPERIMENT_PATH" --skip_recorded true "${extra[@]}"
 read -ra extra <<< "${EVAL_CLUSTER_ARGS:-}"
-srun --unbuffered "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH" "${extra[@]}" || exit $?
+step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH" --skip_recorded true "${extra[@]}"

@@ -60,7 +60,9 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
     assert (k20["protocol"]["clusters"], k20["protocol"]["mapping"]) == (20, "majority")  # over-clustering
     assert k10["protocol"]["superclass"] is False and k10["protocol"]["features"] == "backbone"
     assert set(k10["metrics"]) == {"acc", "nmi", "ami", "ari"}
-    assert (run / "confusion_kmeans_k10.png").stat().st_size > 0 and (run / "confusion_kmeans_k20.png").exists()
+    assert (run / "kmeans_k10_checkpoint_test_confusion.png").stat().st_size > 0
+    assert (run / "kmeans_k20_checkpoint_test_confusion.png").exists()
+    assert (run / "kmeans_k20_checkpoint_test_samples.png").stat().st_size > 0
 
     [baseline] = records(pixels)
     assert_record_shape(baseline)
@@ -68,7 +70,7 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
                                                                                                 "none", None)
     assert baseline["protocol"]["features"] == "pixels" and baseline["protocol"]["normalize"] is False
     assert baseline["metrics"]["acc"] > 0.6  # k-means on digits' raw pixels is far above chance (0.1)
-    assert not (pixels / "confusion_kmeans_k10.png").exists()  # --plot false
+    assert not list(pixels.glob("*.png"))  # --plot false
 
     out = tmp_path / "tables"
     result = run_script("collect_results.py", "--root", root, "--out", out, "--published", "")

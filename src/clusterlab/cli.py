@@ -13,7 +13,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
     group.add_argument("--data_path", default=None,
                        help="dataset directory (default: the dataset's own, e.g. /usr/share/datasets/fashion-mnist, "
                             "else $DATASET_PATH, else ./data)")
-    group.add_argument("--download", action="store_true", help="download the dataset if missing (rank 0 only)")
+    group.add_argument("--download", type=bool_flag, nargs="?", const=True, default=False,
+                       help="download the dataset if missing (rank 0 only)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -72,3 +73,5 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> N
         group.add_argument("--batch_size", type=positive_int, default=512, help="images per forward pass")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--workers", type=non_negative_int, default=0)
+    group.add_argument("--skip_recorded", type=bool_flag, default=False,
+                       help="do nothing when RUN/metrics.jsonl already has this evaluation of this checkpoint")

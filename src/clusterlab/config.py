@@ -51,6 +51,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability (use a value from 0 to 1)")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = _number(float, text)
     if not value >= 0:
@@ -159,6 +166,22 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def load_config(path: str | os.PathLike, _chain: tuple = ()) -> dict:
+    """A file of flag values; `base: OTHER.yaml` (relative to the file) is read first and its keys overridden.
+
+    This keeps recipe variants (Un-Mix on top of SwAV, a `_queue` variant) to the lines that differ.
+    """
+    path = Path(path)
+    values = load_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise ConfigError(f"config file {str(path)!r}: `base: {base}` makes a cycle")
+    return {**load_config(base_path, (*_chain, path.resolve())), **values}
+
+
 def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
           extend: Callable[[argparse.ArgumentParser, dict], None] | None = None) -> argparse.Namespace:
     """Parse `argv` with the YAML file of `--config` as defaults.
@@ -168,7 +191,7 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    file_values = load_yaml(first.config) if first.config else {}
+    file_values = load_config(first.config) if first.config else {}
     if extend is not None:
         partial = {**vars(first), **{k: v for k, v in file_values.items()}}
         for flag in ("method",):

@@ -94,6 +94,18 @@ class StopSignal:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def exit_on_stop_signals() -> None:
+    """For evaluations (nothing worth saving mid-way): SIGUSR2 / SIGTERM end the process with EXIT_INTERRUPTED, so
+    an sbatch script requeues the job; under submitit, whose handler requeues by itself, nothing is changed."""
+    def leave(signum, frame):
+        print(f"{signal.Signals(signum).name}: evaluation stopped; run it again to redo it", flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+    for signum in StopSignal.SIGNALS:
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, leave)
+
+
 class Trainer:
     """Owns the optimiser, the AMP machinery and the run directory of one training run."""
 
@@ -107,7 +119,7 @@ class Trainer:
         if args.sync_bn:
             method = convert_sync_batchnorm(method, ctx.device)
         self.method = method
-        self.optimizer = build_optimizer(method.parameters(), args)
+        self.optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], args)
         self.schedule = build_schedule(args, self.steps_per_epoch)
         use_amp = ctx.device.type == "cuda" and args.amp != "off"
         self.amp_dtype = AMP_DTYPES.get(args.amp) if use_amp else None
@@ -264,6 +276,27 @@ class Trainer:
         kept = self.run_dir / "checkpoint.pth"
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {step} ({values}); stopped without saving, "
                             f"the last good checkpoint is {kept if kept.exists() else 'none (no epoch finished)'}")
+
+
+def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set, kind: str, program: str
+              ) -> tuple[Trainer, int, int]:
+    """Everything between a built method and the first epoch: check the run directory, resume, write config.yaml
+    (after the resume, so a checkpoint this command cannot load leaves the directory as it was), signals."""
+    from .config import write_resolved
+
+    run_dir = Path(args.output_dir)
+    check_run_dir(run_dir, args, kind)
+    trainer = Trainer(method, args, ctx, run_dir, train_set, kind=kind)
+    start_epoch, start_step = trainer.resume()
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(args, run_dir, program)
+    trainer.stop.install()
+    if ctx.is_main:
+        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
+        print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
+              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+    return trainer, start_epoch, start_step
 
 
 def load_resumable(path: Path, args: argparse.Namespace, kind: str) -> dict:

@@ -35,6 +35,23 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None
+               ) -> bool:
+    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with this protocol, if given)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if (isinstance(record, dict) and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
+                and all((record.get("protocol") or {}).get(k) == v for k, v in (protocol or {}).items())):
+            return True
+    return False
+
+
 def read_records(root: str | os.PathLike) -> list[dict]:
     """Every well-formed record under `root`; a corrupt or partial line is skipped with a warning naming it."""
     records = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = handle.read()
     except FileNotFoundError:
         raise DataError(f"IDX file {str(path)!r} does not exist") from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"IDX file {str(path)!r} cannot be read ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"IDX file {str(path)!r} has a bad magic number (not an IDX file)")

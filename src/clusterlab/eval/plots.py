@@ -39,3 +39,44 @@ def confusion_png(y_true, y_pred, class_names, path: str | Path, title: str) -> 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: int = 20, per_cluster: int = 10,
+                        seed: int = 0) -> None:
+    """A row of sample images for each of the `clusters` largest predicted clusters, so a person can see them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_pred = np.asarray(y_pred)
+    ids, counts = np.unique(y_pred, return_counts=True)
+    shown = ids[np.argsort(-counts, kind="stable")][:clusters]
+    rng = np.random.default_rng(seed)
+    figure, axes = plt.subplots(len(shown), per_cluster, figsize=(per_cluster * 0.8, len(shown) * 0.8 + 0.4),
+                                squeeze=False)
+    for row, cluster in enumerate(shown):
+        members = np.flatnonzero(y_pred == cluster)
+        picked = rng.choice(members, size=min(per_cluster, len(members)), replace=False)
+        for col in range(per_cluster):
+            axis = axes[row, col]
+            axis.axis("off")
+            if col < len(picked):
+                image = _image(images, int(picked[col]))
+                axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+        axes[row, 0].set_title(f"{cluster} (n={len(members)})", fontsize=6, loc="left")
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _image(images, index: int) -> np.ndarray:
+    """One image as uint8 HxW (grey) or HxWx3."""
+    if images.in_memory:
+        array = images.images[index].numpy()
+    else:
+        from ..data.registry import FileImages
+        array = FileImages(images.files, images.image_size, images.channels)[index].numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.augment import ColorSpec, MultiCrop, crop_specs
+from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
 
 
@@ -118,20 +119,27 @@ class Method(nn.Module):
 
 def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("augmentation (per crop group: count, size, scale range; then colour)")
-    group.add_argument("--nmb_crops", type=int, nargs="+", default=[2], help="crops per group")
-    group.add_argument("--size_crops", type=int, nargs="+", default=[0], help="crop size per group (0: image size)")
-    group.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.14])
-    group.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0])
-    group.add_argument("--brightness", type=float, default=0.4)
-    group.add_argument("--contrast", type=float, default=0.4)
-    group.add_argument("--saturation", type=float, default=0.4)
-    group.add_argument("--hue", type=float, default=0.1)
-    group.add_argument("--jitter_p", type=float, default=0.8, help="probability of colour jitter")
-    group.add_argument("--grey_p", type=float, default=0.2, help="probability of greyscale")
-    group.add_argument("--blur_p", type=float, default=0.0, help="probability of Gaussian blur (0: none, as CIFAR)")
-    group.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip")
+    group.add_argument("--nmb_crops", type=positive_int, nargs="+", default=[2], help="crops per group")
+    group.add_argument("--size_crops", type=non_negative_int, nargs="+", default=[0], help="crop size per group (0: image size)")
+    group.add_argument("--min_scale_crops", type=positive_float, nargs="+", default=[0.14])
+    group.add_argument("--max_scale_crops", type=positive_float, nargs="+", default=[1.0])
+    group.add_argument("--brightness", type=non_negative_float, default=0.4)
+    group.add_argument("--contrast", type=non_negative_float, default=0.4)
+    group.add_argument("--saturation", type=non_negative_float, default=0.4)
+    group.add_argument("--hue", type=hue_range, default=0.1)
+    group.add_argument("--jitter_p", type=probability, default=0.8, help="probability of colour jitter")
+    group.add_argument("--grey_p", type=probability, default=0.2, help="probability of greyscale")
+    group.add_argument("--blur_p", type=probability, default=0.0, help="probability of Gaussian blur (0: none, as CIFAR)")
+    group.add_argument("--flip_p", type=probability, default=0.5, help="probability of a horizontal flip")
     group.add_argument("--mean", type=float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
-    group.add_argument("--std", type=float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
+    group.add_argument("--std", type=positive_float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
+
+
+def hue_range(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 0.5:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hue jitter (use a value from 0 to 0.5)")
+    return value
 
 
 def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:

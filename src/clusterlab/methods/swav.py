@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..config import non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
@@ -29,17 +30,17 @@ class SwAV(Method):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("swav")
-        group.add_argument("--hidden_mlp", type=int, default=2048, help="projection MLP hidden size (0: linear)")
-        group.add_argument("--feat_dim", type=int, default=128, help="embedding size")
-        group.add_argument("--nmb_prototypes", type=int, default=3000)
-        group.add_argument("--temperature", type=float, default=0.1)
-        group.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropic regularisation")
-        group.add_argument("--sinkhorn_iterations", type=int, default=3)
+        group.add_argument("--hidden_mlp", type=non_negative_int, default=2048, help="projection MLP hidden size (0: linear)")
+        group.add_argument("--feat_dim", type=non_negative_int, default=128, help="embedding size")
+        group.add_argument("--nmb_prototypes", type=positive_int, default=3000)
+        group.add_argument("--temperature", type=positive_float, default=0.1)
+        group.add_argument("--epsilon", type=positive_float, default=0.05, help="Sinkhorn entropic regularisation")
+        group.add_argument("--sinkhorn_iterations", type=positive_int, default=3)
         group.add_argument("--sinkhorn_dtype", choices=sorted(SINKHORN_DTYPES), default="float32")
-        group.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1])
-        group.add_argument("--queue_length", type=int, default=0, help="global queue length (0: no queue)")
-        group.add_argument("--epoch_queue_starts", type=int, default=15)
-        group.add_argument("--freeze_prototypes_niters", type=int, default=313)
+        group.add_argument("--crops_for_assign", type=non_negative_int, nargs="+", default=[0, 1])
+        group.add_argument("--queue_length", type=non_negative_int, default=0, help="global queue length (0: no queue)")
+        group.add_argument("--epoch_queue_starts", type=non_negative_int, default=15)
+        group.add_argument("--freeze_prototypes_niters", type=non_negative_int, default=313)
         parser.set_defaults(optimizer="lars", lr=4.8, final_lr=0.0, warmup_epochs=10, schedule="cosine",
                             weight_decay=1e-6, arch="resnet18_cifar")
 

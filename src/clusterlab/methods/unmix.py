@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 import torch
 
+from ..config import positive_float, probability
 from ..data.mixing import cutmix, cutmix_box, mixup
 from ..errors import ConfigError
 from ..losses.unmix import UNMIX_MODES, unmix_loss
@@ -29,8 +30,8 @@ class UnMix(SwAV):
     def add_args(parser: argparse.ArgumentParser) -> None:
         SwAV.add_args(parser)
         group = parser.add_argument_group("unmix")
-        group.add_argument("--unmix_prob", type=float, default=0.5, help="probability of global mixup vs CutMix")
-        group.add_argument("--unmix_beta", type=float, default=1.0, help="lam ~ Beta(beta, beta)")
+        group.add_argument("--unmix_prob", type=probability, default=0.5, help="probability of global mixup vs CutMix")
+        group.add_argument("--unmix_beta", type=positive_float, default=1.0, help="lam ~ Beta(beta, beta)")
         group.add_argument("--unmix_mode", choices=UNMIX_MODES, default="faithful",
                            help="faithful: the upstream code's loss; paper: the objective as the paper states it")
 

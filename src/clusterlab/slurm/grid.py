@@ -2,7 +2,7 @@
 
     name: digits_smoke                 # the grid's name; runs go to runs/<name>/<run> unless output_root says
     program: main_pretrain.py          # or main_cluster.py
-    config: configs/swav_digits.yaml   # optional base YAML (the program's --config)
+    config: configs/swav_digits.yaml   # optional base YAML (the program's --config); may also be an axis
     axes:                              # every combination becomes one run; any flag of the program may be an axis
       method: [swav]
       epochs: [2, 4]
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_yaml
+from ..config import load_config, load_yaml
 from ..errors import ConfigError
 from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, program_parser, to_argv, validate_flags
 
@@ -76,10 +76,14 @@ def _fail(path, message: str):
 
 
 def run_name(values: dict, axis_keys: list[str]) -> str:
-    """method_dataset, then every other axis: `swav_digits_100ep_s0`, `..._lr0.6`; unsafe characters become -."""
-    parts = [str(values[k]) for k in ("method", "dataset") if k in values]
+    """method_dataset (or the config file's name when `config` is an axis), then every other axis:
+    `swav_digits_100ep_s0`, `..._lr0.6`, `unmix_cifar10_queue_400ep`; unsafe characters become -."""
+    if "config" in axis_keys:
+        parts = [Path(str(values["config"])).stem]
+    else:
+        parts = [str(values[k]) for k in ("method", "dataset") if k in values]
     for key in axis_keys:
-        if key in ("method", "dataset"):
+        if key in ("method", "dataset", "config"):
             continue
         value = values[key]
         text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -127,28 +131,24 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
     overlap = sorted(set(flags) & set(axes))
     if overlap:
         _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
-    base = {}
-    if spec.get("config"):
-        config_path = Path(spec["config"])
-        if not config_path.is_absolute():
-            config_path = repo_root / config_path
-        base = load_yaml(config_path)
+    if "config" in flags:
+        _fail(path, "name the base config with the top-level `config:` key, or make `config` an axis")
     root = Path(output_root or spec.get("output_root") or Path("runs") / name)
     evals = _eval_spec(path, spec.get("evals"), repo_root)
     axis_keys = list(axes)
     runs, names = [], {}
     for combination in itertools.product(*(axes[k] for k in axis_keys)):
         values = dict(zip(axis_keys, combination))
-        merged = {**base, **flags, **values}
-        label = run_name(merged | values, axis_keys)
+        config_file = values.get("config", spec.get("config"))
+        own = {k: v for k, v in values.items() if k != "config"}
+        merged = {**(_base_values(path, config_file, repo_root) if config_file else {}), **flags, **own}
+        label = run_name({**merged, **values}, axis_keys)
         if label in names:
             _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
         names[label] = values
         checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}", repo_root)
-        run_flags = {}
-        if spec.get("config"):
-            run_flags["config"] = str(spec["config"])
-        run_flags.update({k: checked[k] for k in {**flags, **values}})
+        run_flags = {"config": str(config_file)} if config_file else {}
+        run_flags.update({k: checked[k] for k in {**flags, **own}})
         run_flags["output_dir"] = str(root / label)
         epochs = int(checked.get("epochs") or program_parser(program, merged, repo_root).get_default("epochs") or 0)
         run = RunSpec(label, program, run_flags, values)
@@ -160,6 +160,15 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
     resources = resolve_resources(path, spec.get("resources"), "resources")
     eval_resources = resolve_resources(path, spec.get("eval_resources") or spec.get("resources"), "eval_resources")
     return Grid(name, path, runs, resources, eval_resources)
+
+
+def _base_values(path, config_file, repo_root) -> dict:
+    config_path = Path(config_file)
+    if not config_path.is_absolute():
+        config_path = repo_root / config_path
+    if not config_path.is_file():
+        _fail(path, f"config {str(config_file)!r} does not exist")
+    return load_config(config_path)
 
 
 def _eval_spec(path, evals, repo_root) -> dict:
@@ -192,6 +201,7 @@ def _expand_evals(path, evals: dict, run: RunSpec, epochs: int, repo_root) -> li
             continue
         checkpoint = "checkpoint.pth" if epoch == "final" else f"checkpoint_ep{epoch:04d}.pth"
         for program in evals["programs"]:
-            flags = {"run": str(run.run_dir), "checkpoint": checkpoint, **evals["flags"].get(program, {})}
+            flags = {"run": str(run.run_dir), "checkpoint": checkpoint, "skip_recorded": True,
+                     **evals["flags"].get(program, {})}
             specs.append(EvalSpec(program, flags, checkpoint, None if epoch == "final" else epoch))
     return specs

@@ -8,7 +8,6 @@ run again, so a requeued evaluation job does not duplicate records.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import submitit
 
-from .programs import EVAL_PROGRAMS, REPO_ROOT, load_program
+from .programs import REPO_ROOT, load_program
 
 
 class ProgramJob:
@@ -26,38 +25,12 @@ class ProgramJob:
     def __call__(self) -> list[str]:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.chdir(self.repo_root)
-        done = []
         for program, argv in self.commands:
-            if program in EVAL_PROGRAMS and already_recorded(program, argv):
-                done.append(f"{program}: already recorded")
-                continue
             load_program(program, Path(self.repo_root)).main(argv)
-            done.append(program)
-        return done
+        return [program for program, _ in self.commands]
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.repo_root))
-
-
-def _flag(argv: list[str], name: str) -> str | None:
-    return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else None
-
-
-def already_recorded(program: str, argv: list[str]) -> bool:
-    """True when the run's metrics.jsonl has a record of this evaluation for this checkpoint."""
-    run = _flag(argv, "--run")
-    checkpoint = _flag(argv, "--checkpoint") or "checkpoint.pth"
-    path = Path(run or "") / "metrics.jsonl"
-    if not run or not path.is_file():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("eval") == EVAL_PROGRAMS[program] and record.get("checkpoint") == Path(checkpoint).name:
-            return True
-    return False
 
 
 def make_executor(folder: Path, resources: dict, cluster: str, name: str) -> submitit.AutoExecutor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..config import load_yaml
+from ..config import load_config, load_yaml
 from ..errors import ConfigError
 from .grid import resolve_resources
 from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, to_argv, validate_flags
@@ -67,20 +67,25 @@ def render(name: str, description: str, program: str, flags: dict, evals: list[t
              'PYTHON=${PYTHON:-python}',
              'mkdir -p "$EXPERIMENT_PATH"',
              "",
-             "# Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists. On Slurm's signal it saves at",
-             f"# the next step and exits {EXIT_INTERRUPTED}: the job requeues itself and resumes when it starts again.",
-             _words('srun --unbuffered "$PYTHON"', shlex.quote(program), _quote(to_argv(flags)), "\\"),
-             '    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "$@"',
-             "status=$?",
-             f'if [ "$status" -eq {EXIT_INTERRUPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
-             '[ "$status" -eq 0 ] || exit "$status"']
+             f"# On Slurm's signal a step stops (training saves at the next step first) and exits {EXIT_INTERRUPTED}:",
+             "# the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).",
+             "step() {",
+             '  srun --unbuffered "$@"',
+             "  local status=$?",
+             f'  if [ "$status" -eq {EXIT_INTERRUPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+             '  [ "$status" -eq 0 ] || exit "$status"',
+             "}",
+             "",
+             "# Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists.",
+             _words('step "$PYTHON"', shlex.quote(program), _quote(to_argv(flags)), "\\"),
+             '    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "$@"']
     if evals:
         lines += ["", "# Evaluations of the final checkpoint, in the same job."]
     for eval_program, eval_flags in evals:
         variable = f"EVAL_{Path(eval_program).stem.split('_', 1)[1].upper()}_ARGS"
         lines += [f'read -ra extra <<< "${{{variable}:-}}"',
-                  _words('srun --unbuffered "$PYTHON"', shlex.quote(eval_program), '--run "$EXPERIMENT_PATH"',
-                         _quote(to_argv(eval_flags)), '"${extra[@]}" || exit $?')]
+                  _words('step "$PYTHON"', shlex.quote(eval_program), '--run "$EXPERIMENT_PATH" --skip_recorded true',
+                         _quote(to_argv(eval_flags)), '"${extra[@]}"')]
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +112,7 @@ def recipe_scripts(recipes_path: str | Path, repo_root: Path = REPO_ROOT) -> dic
             flags = {"config": recipe["config"], **(recipe.get("flags") or {})}
             if epochs is not None:
                 flags["epochs"] = epochs
-            values = {**load_yaml(repo_root / recipe["config"]), **flags}
+            values = {**load_config(repo_root / recipe["config"]), **flags}
             values.pop("config")
             validate_flags(program, values, f"{source}: recipe {name!r}", repo_root)
             for forbidden in ("data_path", "output_dir"):
