@@ -45,6 +45,10 @@ def main(argv=None):
         table = results.attach_published(results.aggregate(rows), published)
         shown = results.display_table(table)
         markdown = shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)
+        reference = results.published_for(published, dataset, set(rows["method"]))
+        if reference is not None:
+            markdown += ("\n\nPublished numbers for these methods (their own protocols; `diff` above where epochs "
+                         "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))
         print(f"\n## {dataset}\n\n{markdown}")
         table.to_csv(out / f"{dataset}.csv", index=False)
         (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n")

@@ -71,7 +71,7 @@ def read_records(root: str | os.PathLike) -> list[dict]:
     return records
 
 
-METRIC_COLUMNS = ("top1", "top5", "acc", "nmi", "ami", "ari")
+METRIC_COLUMNS = ("top1", "top5", "best_top1_on_test", "acc", "nmi", "ami", "ari")
 GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
 DUPLICATE_COLUMNS = ("file", "run", "checkpoint", "epoch", "seed", "dataset", "split", "eval")
 
@@ -136,11 +136,15 @@ def aggregate(frame):
 
 
 def attach_published(table, published):
-    """Add `published`, `source` and `diff` (ours - published, on the table's headline metric) where they match."""
+    """Add `published`, `vs`, `diff` and `source` where method, dataset, evaluation and epochs match.
+
+    `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
+    (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
+    """
     if published is None or published.empty or table.empty:
         return table
     table = table.copy()
-    table["published"], table["source"], table["diff"] = None, None, None
+    table["published"], table["vs"], table["source"], table["diff"] = None, None, None, None
     for index, row in table.iterrows():
         match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
                           & (published["eval"] == row["eval"])
@@ -148,13 +152,29 @@ def attach_published(table, published):
         if match.empty:
             continue
         first = match.iloc[0]
-        metric = first["metric"]
+        compare_to = first.get("compare_to")
+        metric = compare_to if isinstance(compare_to, str) and compare_to else first["metric"]
         table.at[index, "published"] = float(first["value"])
+        table.at[index, "vs"] = metric
         table.at[index, "source"] = f"{first['source']} ({first['protocol']})"
         ours = row.get(f"{metric}_mean")
         if ours is not None and ours == ours:
             table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
     return table
+
+
+def published_for(published, dataset: str, methods: set):
+    """The published rows of `dataset` for the methods we have records of, to print under our table."""
+    if published is None or published.empty:
+        return None
+    rows = published[(published["dataset"] == dataset) & published["method"].isin(methods)]
+    if rows.empty:
+        return None
+    columns = [c for c in ("method", "backbone", "epochs", "eval", "metric", "value", "protocol", "source")
+               if c in rows]
+    rows = rows[columns].astype(object).where(rows[columns].notna(), "")
+    rows["epochs"] = rows["epochs"].map(_epochs_key)
+    return rows
 
 
 def _epochs_key(value) -> str:
@@ -189,7 +209,7 @@ def display_table(table):
                 cells.append(f"{mean:.2f}")
         shown[metric] = cells
     shown["n"] = table["n"]
-    for extra in ("published", "diff", "source"):
+    for extra in ("published", "vs", "diff", "source"):
         if extra in table and table[extra].notna().any():
             shown[extra] = table[extra].fillna("")
     return shown

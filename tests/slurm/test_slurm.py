@@ -153,3 +153,30 @@ def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
     assert re.search(r"from epoch \d+ step \d+ ->", output), "the requeued job did not resume"
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"]
+
+
+def test_unmix_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
+    """sbatch/unmix_c10_400ep.sh with tiny overrides: training, then linear, kNN and k-means records."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fabricate import make_cifar10
+
+    data = make_cifar10(tmp_path / "data", n_train=128, n_test=64)
+    run = tmp_path / "runs" / "unmix_c10_400ep"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--mem=4G", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out",
+         "sbatch/unmix_c10_400ep.sh",
+         "--epochs", "2", "--width", "2", "--hidden_mlp", "16", "--feat_dim", "8", "--nmb_prototypes", "10",
+         "--batch_size", "64", "--amp", "off", "--log_every", "10"],
+        env=env(DATASET_PATH=str(data), EXPERIMENT_PATH=str(run), PYTHON=sys.executable,
+                EVAL_LINEAR_ARGS="--epochs 1 --batch_size 64", EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
+        capture_output=True, text=True, check=True).stdout.strip()
+    wait_job(job)
+    output = (tmp_path / f"{job}.out").read_text()
+    assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn", "linear"], output[-3000:]
+    assert all(r["method"] == "unmix" and r["dataset"] == "cifar10" for r in records(run))
+    table = subprocess.run([sys.executable, "collect_results.py", "--root", str(tmp_path / "runs"), "--out",
+                            str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert table.returncode == 0, table.stderr
+    assert "| cifar10 | unmix |" in table.stdout
+    published = table.stdout.split("Published numbers")[1]
+    assert "| unmix " in published and "| 400 " in published and "90.4" in published

@@ -1,0 +1,76 @@
+"""The linear probe: it learns a linearly separable problem, and its two protocols are recorded apart."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from clusterlab import distributed, engine
+from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
+from clusterlab.methods import DataInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval_linear  # noqa: E402
+
+
+def separable(n_per_class: int, classes: int, dim: int, seed: int):
+    """Gaussian blobs around orthogonal means, far apart: a linear classifier can reach 100 %."""
+    generator = torch.Generator().manual_seed(seed)
+    means = 4.0 * torch.eye(classes, dim)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    features = means[labels] + 0.5 * torch.randn(len(labels), dim, generator=generator)
+    return features, labels
+
+
+def test_linear_probe_learns_linearly_separable_features(tmp_path):
+    torch.set_num_threads(1)
+    train_x, train_y = separable(100, 5, 16, seed=0)
+    test_x, test_y = separable(40, 5, 16, seed=1)
+    args = eval_linear.get_args_parser().parse_args(["--epochs", "10", "--batch_size", "50", "--lr", "0.1",
+                                                     "--device", "cpu"])
+    args = argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [], "dataset": "synthetic",
+                                 "arch": "identity", "width": 0, "nmb_crops": [1], "size_crops": [1],
+                                 "output_dir": str(tmp_path / "probe")})
+    ctx = distributed.init("cpu")
+    (tmp_path / "probe").mkdir()
+    info = DataInfo(channels=1, image_size=1, num_samples=len(train_y), num_classes=5, mean=(0.0,), std=(1.0,))
+    probe = LinearProbe(args, nn.Identity(), info, 16, 5, 1, cached=True, device=ctx.device)
+    trainer = engine.Trainer(probe, args, ctx, tmp_path / "probe", FeatureSet(train_x, train_y), kind="linear")
+    for epoch in range(args.epochs):
+        trainer.train_one_epoch(epoch)
+    probe.eval()
+    with torch.no_grad():
+        accuracy = topk_accuracy(probe.head(test_x), test_y)
+    assert accuracy["top1"] >= 0.99, accuracy
+
+
+def test_cached_and_augmented_protocols_write_distinct_records(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", "--epochs", "1",
+                    "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--size_crops", "8", "--device", "cpu",
+                    "--output_dir", str(run)], cwd=ROOT, env=env, check=True, capture_output=True)
+    for cached in ("true", "false", "true"):
+        done = subprocess.run([sys.executable, "eval_linear.py", "--run", str(run), "--epochs", "2", "--batch_size",
+                               "64", "--cached_features", cached, "--skip_recorded", "true", "--device", "cpu"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert "already recorded" in done.stdout  # the third call repeats the first
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval"] for r in records] == ["linear", "linear"]
+    assert [r["protocol"]["augmentation"] for r in records] == ["cached", "augmented"]
+    for record in records:
+        assert record["protocol"]["selection"] == "last" and record["protocol"]["best_on_test_flagged"] is True
+        metrics = record["metrics"]
+        assert set(metrics) == {"top1", "top5", "best_top1_on_test", "best_epoch_on_test"}
+        assert metrics["best_top1_on_test"] >= metrics["top1"] and 1 <= metrics["best_epoch_on_test"] <= 2
+    assert (run / "linear_checkpoint_cached" / "checkpoint.pth").is_file()
+    assert (run / "linear_checkpoint" / "checkpoint.pth").is_file()

@@ -1,0 +1,62 @@
+"""The CIFAR recipes hold the upstream settings (seeds spec 1.10), so a recipe cannot drift from them silently."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import main_pretrain  # noqa: E402
+from clusterlab.slurm.sbatch import recipe_scripts  # noqa: E402
+
+# script_unmix_c10.sh / script_unmix_c100.sh, the values upstream really ran with (read from the scripts and
+# main_swav_unmix.py's defaults), in our flag names.
+UPSTREAM_CIFAR = {
+    "arch": "resnet18_bottleneck", "width": 64, "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100,
+    "batch_size": 128, "optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 5, "start_warmup": 0.0,
+    "schedule": "cosine", "weight_decay": 1e-6, "momentum": 0.9, "lars_trust": 0.001, "lars_exclude_bias_norm": False,
+    "temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3, "crops_for_assign": [0, 1],
+    "freeze_prototypes_niters": 5005, "nmb_crops": [2], "size_crops": [32], "min_scale_crops": [0.14],
+    "max_scale_crops": [1.0], "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "jitter_p": 0.8,
+    "grey_p": 0.2, "blur_p": 0.0, "flip_p": 0.5, "amp": "fp16", "sync_bn": True, "seed": 31,
+    "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010],
+}
+UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_mode": "faithful"}
+# The queue as upstream ran it (120 rounded down to 0: none), and the variants with a queue that works.
+NO_QUEUE = {"queue_length": 0}
+QUEUE = {"queue_length": 3840, "epoch_queue_starts": 15}
+
+RECIPES = {
+    "swav_cifar10": ("swav", "cifar10", NO_QUEUE), "swav_cifar100": ("swav", "cifar100", NO_QUEUE),
+    "unmix_cifar10": ("unmix", "cifar10", {**UNMIX, **NO_QUEUE}),
+    "unmix_cifar100": ("unmix", "cifar100", {**UNMIX, **NO_QUEUE}),
+    "swav_cifar10_queue": ("swav", "cifar10", QUEUE), "swav_cifar100_queue": ("swav", "cifar100", QUEUE),
+    "unmix_cifar10_queue": ("unmix", "cifar10", {**UNMIX, **QUEUE}),
+    "unmix_cifar100_queue": ("unmix", "cifar100", {**UNMIX, **QUEUE}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_cifar_recipe_resolves_to_the_upstream_values(name):
+    method, dataset, extra = RECIPES[name]
+    args = vars(main_pretrain.parse_args(["--config", f"configs/{name}.yaml", "--output_dir", "unused"]))
+    expected = {**UPSTREAM_CIFAR, **extra, "method": method, "dataset": dataset}
+    drifted = {key: (args[key], value) for key, value in expected.items() if args[key] != value}
+    assert not drifted, f"configs/{name}.yaml drifted from upstream (ours, upstream): {drifted}"
+
+
+def test_sbatch_recipes_cover_the_published_table():
+    """One script per method x dataset x epoch count of the Un-Mix README, with the evaluations chained."""
+    scripts = recipe_scripts(ROOT / "configs" / "recipes.yaml", ROOT)
+    for method in ("swav", "unmix"):
+        for dataset, short in (("cifar10", "c10"), ("cifar100", "c100")):
+            for epochs in (200, 400, 600, 800, 1000):
+                for variant, config in (("", f"{method}_{dataset}"), ("_queue", f"{method}_{dataset}_queue")):
+                    text = scripts[f"{method}_{short}{variant}_{epochs}ep"]
+                    assert f"--config configs/{config}.yaml --epochs {epochs} " in text
+                    assert "--gpus-per-node=1" in text and "--nodes=1" in text
+                    for program in ("eval_linear.py", "eval_knn.py", "eval_cluster.py"):
+                        assert f'step "$PYTHON" {program} --run "$EXPERIMENT_PATH"' in text
