@@ -14,15 +14,14 @@ RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per cluster
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from clusterlab import cli, config, data, distributed, engine, results
+from clusterlab import cli, config, distributed, engine, results
 from clusterlab.config import bool_flag
 from clusterlab.errors import ConfigError, run_cli
-from clusterlab.eval.features import extract, open_evaluation, pixels
+from clusterlab.eval.features import extract, open_evaluation, open_pixel_baseline, pixels
 from clusterlab.eval.kmeans import kmeans_assign
 from clusterlab.eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from clusterlab.eval.plots import cluster_samples_png, confusion_png
@@ -56,7 +55,7 @@ def main(argv=None):
         raise ConfigError("--normalize false is only meaningful for --baseline pixels here")
     ctx = distributed.init(args.device)
     if args.baseline:
-        run_dir, run_args, train_set, scored_set = pixel_inputs(args)
+        run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
         kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set), pixels(scored_set), scored_set, "pixels")
     else:
         evaluation = open_evaluation(args, ctx.device)
@@ -73,15 +72,6 @@ def main(argv=None):
             kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
                    scored_set, args.features)
     distributed.shutdown()
-
-
-def pixel_inputs(args):
-    if not args.dataset or not args.output_dir:
-        raise ConfigError("--baseline pixels needs --dataset NAME and --output_dir DIR")
-    train_set = data.load(args.dataset, "train", args.data_path, args.download)
-    scored_set = data.load(args.dataset, args.split, args.data_path, args.download)
-    run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None, seed=args.seed)
-    return Path(args.output_dir), run_args, train_set, scored_set
 
 
 def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x, scored_set, feature_kind):

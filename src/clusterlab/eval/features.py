@@ -102,3 +102,16 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     return Evaluation(loaded, train_set, test_set)
+
+
+def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
+    """(record directory, run-like args, train split, scored split) for `--baseline pixels`."""
+    from ..data import load
+
+    if not args.dataset or not args.output_dir:
+        raise ConfigError("--baseline pixels needs --dataset NAME and --output_dir DIR")
+    train_set = load(args.dataset, "train", args.data_path, args.download)
+    scored_set = load(args.dataset, scored_split, args.data_path, args.download)
+    run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None,
+                                  seed=getattr(args, "seed", None))
+    return Path(args.output_dir), run_args, train_set, scored_set
