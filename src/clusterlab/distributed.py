@@ -169,6 +169,24 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        return all_reduce_sum(tensor.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each rank's output depends on every rank's input, so the gradient is the sum over ranks.
+        return all_reduce_sum(grad.clone())
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (global batch statistics: batch norm, IIC's joint distribution)."""
+    if not is_initialized():
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor)
+
+
 def shard_range(total: int) -> range:
     """Contiguous, nearly equal slices of range(total), one per rank (the first ones one longer)."""
     world, me = world_size(), rank()

@@ -12,17 +12,6 @@ import torch.nn as nn
 from .. import distributed
 
 
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor):
-        return distributed.all_reduce_sum(tensor.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Each rank's output depends on every rank's input, so the gradient is the sum over ranks.
-        return distributed.all_reduce_sum(grad.clone())
-
-
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics (two-pass mean and biased variance) cover the samples of all ranks."""
 
@@ -35,10 +24,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = _AllReduceSum.apply(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
-        mean = _AllReduceSum.apply(x.sum(dims)) / count
+        count = distributed.all_reduce_sum_with_grad(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype,
+                                                                  device=x.device))
+        mean = distributed.all_reduce_sum_with_grad(x.sum(dims)) / count
         centred = x - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        var = distributed.all_reduce_sum_with_grad((centred * centred).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Slurm latencies on the local cluster (tests/slurm/local_cluster.sh start):
+
+1. grid: wall time from `launch.py --grid configs/grids/digits_smoke.yaml` to the last metrics record written;
+2. requeue overhead: one training job run uninterrupted vs the same job sent SIGUSR2 once mid-run (it saves,
+   requeues, waits for Slurm to start it again, resumes); the difference is what one pre-emption costs.
+
+    python bench/slurm_latency.py [--repeats 3]
+
+Prints a Markdown table (median, min, max over repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ONE_RUN = {"name": "bench", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml", "axes": {"seed": [0]},
+           "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_mlp": 32, "feat_dim": 16,
+                     "size_crops": [8], "batch_size": 32, "epochs": 6, "log_every": 1, "device": "cpu"},
+           "resources": {"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20}}
+
+
+def last_record_time(root: Path) -> float:
+    return max(path.stat().st_mtime for path in root.rglob("metrics.jsonl"))
+
+
+def grid_latency(tmp: Path) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "launch.py", "--grid", "configs/grids/digits_smoke.yaml", "--output_root",
+                    str(tmp / "grid"), "--wait"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return last_record_time(tmp / "grid") - start
+
+
+def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
+    grid = tmp / f"{name}.yaml"
+    grid.write_text(yaml.safe_dump(ONE_RUN))
+    start = time.time()
+    subprocess.run([sys.executable, "launch.py", "--grid", str(grid), "--output_root", str(tmp / name)], cwd=ROOT,
+                   env=ENV, check=True, capture_output=True)
+    run = tmp / name / "swav_digits_s0"
+    job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
+    if interrupt_at_line:
+        log = run / "train_log.jsonl"
+        while not log.exists() or len(log.read_text().splitlines()) < interrupt_at_line:
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    while job in subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split():
+        time.sleep(0.2)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    return (run / "status.json").stat().st_mtime - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    grid, plain, interrupted = [], [], []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            grid.append(grid_latency(tmp))
+            plain.append(one_job(tmp, "plain", None))
+            interrupted.append(one_job(tmp, "interrupted", 60))
+    overhead = [b - a for a, b in zip(plain, interrupted)]
+    print("| measurement | median s | min s | max s |")
+    print("| --- | --- | --- | --- |")
+    for label, values in (("digits_smoke grid (4 trainings + 4 evaluation jobs): launch to last record", grid),
+                          ("one training job, uninterrupted: submit to finished", plain),
+                          ("the same job pre-empted once (SIGUSR2, requeue, resume)", interrupted),
+                          ("requeue overhead (difference)", overhead)):
+        print(f"| {label} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
