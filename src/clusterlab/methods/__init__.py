@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from .base import Batch, DataInfo, Method, Progress
+from .npid import NPID
+from .superand import SuperAND
 from .swav import SwAV
 from .unmix import UnMix
 
 METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
     "unmix": UnMix,
+    "npid": NPID,
+    "superand": SuperAND,
 }
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Progress"]

@@ -9,10 +9,12 @@ from ..errors import ConfigError
 
 from .heads import Prototypes, projection_mlp
 from .resnet import resnet18_bottleneck, resnet18_cifar
+from .sobel import resnet18_sobel
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "resnet18_bottleneck": resnet18_bottleneck,
+    "resnet18_sobel": resnet18_sobel,
 }
 
 

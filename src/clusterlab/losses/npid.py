@@ -1,0 +1,32 @@
+"""NPID's instance-discrimination losses on a memory bank (Wu, Xiong, Yu and Lin, "Unsupervised Feature Learning
+via Non-Parametric Instance Discrimination", CVPR 2018, eq. 2 and 7; upstream LinearAverage / NCEAverage /
+NCECriterion, seeds spec 4.4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NCE_EPS = 1e-7
+
+
+def instance_softmax_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Full non-parametric softmax (Wu et al. eq. 2): logits = f M^T / tau (B x N),
+    L = -1/B sum_b log( exp(logits[b, i_b]) / sum_j exp(logits[b, j]) ), i_b the sample's own index."""
+    return F.cross_entropy(logits.float(), indices)
+
+
+def nce_scores(similarities: torch.Tensor, temperature: float, z: torch.Tensor) -> torch.Tensor:
+    """P(i | v) ~ exp(v . f / tau) / Z (Wu et al. eq. 5-6) for the K + 1 columns (own index first)."""
+    return torch.exp(similarities.float() / temperature) / z
+
+
+def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """NCE (Wu et al. eq. 7, as NCECriterion): with K = columns - 1 noise samples drawn uniformly, P_n = 1/N and
+    h(P) = P / (P + K P_n + 1e-7),
+    L = -1/B [ sum_b log h(P_b0) + sum_b sum_{k=1..K} log(K P_n / (P_bk + K P_n + 1e-7)) ],
+    the second term being log(1 - h(P_bk)) written as upstream computes it."""
+    k = scores.shape[1] - 1
+    noise = k / num_samples
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
+    negative = torch.log(noise / (scores[:, 1:] + noise + NCE_EPS))
+    return -(positive.sum() + negative.sum()) / scores.shape[0]

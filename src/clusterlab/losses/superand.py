@@ -1,0 +1,47 @@
+"""Super-AND's three losses (Han, Xu, Park, Cha and Li, "Super-AND: A Holistic Approach to Unsupervised Embedding
+Learning", 2019; upstream lib/criterion.py and main.py, seeds spec 5.4). Rows are the 2B views of a batch (view 1
+block, then view 2 block); the NPC logits are O = f M^T / tau_npc over the N memory entries."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+UE_OWN_LOGIT = -10.0
+
+
+def and_loss(logits: torch.Tensor, own: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Neighbourhood discovery (Huang, Dong, Gong and Zhu, "Unsupervised Deep Learning by Neighbourhood
+    Discovery", ICML 2019): with p_i = softmax(O_i),
+    L = -1/R sum_i log( p_{i, own_i} + sum_{j in Omega_i} p_{i, j} ),
+    Omega_i = the entries >= 0 of neighbours[i] (R x S; all -1 for an instance, i.e. not an anchor)."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    columns = torch.cat([own[:, None], neighbours], dim=1)
+    picked = log_p.gather(1, columns.clamp(min=0)).masked_fill(columns < 0, float("-inf"))
+    return -torch.logsumexp(picked, dim=1).mean()
+
+
+def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """Augmentation invariance (Ye, Zhang, Yuen and Chang, "Unsupervised Embedding Learning via Invariant and
+    Spreading Instance Feature", CVPR 2019, with batch_m = 1). `similarities` (R x C): x_i . x_j of each row's
+    L2-normalised vector against all C columns of the (global) batch, the columns detached; own[i] is row i's own
+    column, partner[i] its other view's.
+    a_ij = exp(s_ij / T) for j != own_i, D_i = sum_j a_ij, P_i = a_{i,partner_i} / D_i, P_ij = a_ij / D_i,
+    L = -1/R sum_i [ log P_i + sum_{j not in {own_i, partner_i}} log(1 - P_ij) ]."""
+    rows = torch.arange(similarities.shape[0], device=similarities.device)
+    scores = torch.exp(similarities.float() / temperature)
+    scores = scores.index_put((rows, own), scores.new_zeros(()))
+    probabilities = scores / scores.sum(dim=1, keepdim=True)
+    negatives = torch.log1p(-probabilities).index_put((rows, partner), scores.new_zeros(())).sum(dim=1)
+    return -(torch.log(probabilities[rows, partner]) + negatives).mean()
+
+
+def ue_loss(logits: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Unification entropy (Super-AND's UE loss): q_i = softmax(O_i) with, when `own` is given, the row's own
+    logit set to -10 first; L = -1/R sum_i sum_j q_ij log q_ij. (Upstream's main.py computes the masked version and
+    then overwrites it with the unmasked one, so the published runs used `own=None`.)"""
+    logits = logits.float()
+    if own is not None:
+        logits = logits.scatter(1, own[:, None], UE_OWN_LOGIT)
+    log_q = F.log_softmax(logits, dim=1)
+    return -(log_q.exp() * log_q).sum(dim=1).mean()

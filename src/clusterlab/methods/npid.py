@@ -1,0 +1,148 @@
+"""NPID / Instance Discrimination (Wu et al., CVPR 2018; the "lemniscate" code, seeds spec 4).
+
+Backbone -> Linear(low_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
+memory bank M of past embeddings (ops/memory_bank.py). `--nce_k 0`: full softmax over the N entries; `--nce_k K`:
+NCE with K noise entries drawn uniformly per sample (the own entry may be drawn too, as upstream) and the
+normaliser Z estimated once, on the first batch, then kept (a buffer, so it is in the checkpoint).
+
+With several ranks each rank scores its own samples against the whole bank, the loss is the mean over its samples
+(DDP averages the gradients), and the bank update gathers every rank's indices and features. The noise indices
+are drawn for the whole global batch from one generator all ranks share, and Z's mean covers the global batch, so
+a step does not depend on how the batch is split. The head, the normalisation and the bank products run in
+float32 outside autocast (only the backbone uses bf16 / fp16).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+from ..config import non_negative_int, positive_float, positive_int
+from ..errors import ConfigError
+from ..losses.npid import instance_softmax_loss, nce_loss, nce_scores
+from ..models import build_backbone
+from ..ops.memory_bank import MemoryBank
+from .base import Batch, DataInfo, Method, Progress, build_multicrop
+
+# Offsets from --seed for the generators this method owns (the augmentation uses --seed itself).
+BANK_SEED, NOISE_SEED = 1, 2
+
+
+def add_memory_args(group: argparse._ArgumentGroup, prefix: str, temperature: float) -> None:
+    """--low_dim, --PREFIX_t and --PREFIX_m: the embedding size and the bank's temperature and momentum."""
+    group.add_argument("--low_dim", type=positive_int, default=128, help="embedding (and memory bank) size")
+    group.add_argument(f"--{prefix}_t", type=positive_float, default=temperature, help="memory bank temperature")
+    group.add_argument(f"--{prefix}_m", type=float, default=0.5, help="memory bank momentum")
+
+
+def check_momentum(value: float, flag: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{flag} {value} must be in [0, 1) (the weight of a row's old value in the bank update)")
+
+
+class MemoryBankMethod(Method):
+    """What NPID and Super-AND share: backbone -> Linear(out_dim -> low_dim) -> L2 normalisation (no MLP) and a
+    memory bank that takes the batch's embeddings after the backward pass."""
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device, momentum: float):
+        super().__init__(args, info, device)
+        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
+        self.memory = MemoryBank(info.num_samples, args.low_dim, momentum, seed=args.seed + BANK_SEED)
+        self.augment = build_multicrop(args, info)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        """The N x low_dim bank (rows L2-normalised once updated): kNN's train features, as upstream."""
+        return self.memory.weight
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        # The head and the normalisation in float32, also under autocast: a bf16 embedding would put errors of
+        # several hundredths on logits f . M / T at T = 0.07.
+        with torch.autocast(features.device.type, enabled=False):
+            return F.normalize(self.head(features.float()), dim=1)
+
+    def remember(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Keep the batch's embeddings for the bank update, which waits until after the backward pass: the
+        logits' backward needs the bank as it was in the forward pass."""
+        self.pending = (indices, features.detach())
+
+    def after_backward(self, progress: Progress) -> None:
+        self.update_bank()
+
+    def update_bank(self) -> torch.Tensor:
+        """Collective: the bank update with the kept embeddings; returns the indices of all ranks, as gathered."""
+        indices, features = self.pending
+        self.pending = None
+        return self.memory.update(indices, features)
+
+
+class NPID(MemoryBankMethod):
+    name = "npid"
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("npid")
+        add_memory_args(group, "nce", temperature=0.1)
+        # 0 by default: the README's CIFAR command (upstream's flag default, 4096, is the ImageNet setting).
+        group.add_argument("--nce_k", type=non_negative_int, default=0,
+                           help="noise samples per sample for NCE (0: the full softmax over the memory bank)")
+        parser.set_defaults(arch="resnet18_cifar", optimizer="sgd", lr=0.03, schedule="step", lr_drops=[120, 160],
+                            lr_gamma=0.1, warmup_epochs=0, weight_decay=5e-4, momentum=0.9, nesterov=False,
+                            epochs=200, batch_size=128, nmb_crops=[1], size_crops=[0], min_scale_crops=[0.2],
+                            max_scale_crops=[1.0], brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4,
+                            jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0)
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        check_momentum(args.nce_m, "--nce_m")
+        if args.nce_k >= info.num_samples:
+            raise ConfigError(f"--nce_k {args.nce_k} must be below the number of training samples "
+                              f"({info.num_samples}); 0 gives the full softmax")
+        super().__init__(args, info, device, args.nce_m)
+        if self.augment.num_crops != 1:
+            raise ConfigError(f"npid trains on one view per image: --nmb_crops {args.nmb_crops} must be [1]")
+        # Z < 0: not estimated yet (upstream's params[2] = -1); estimated once on the first NCE batch.
+        self.register_buffer("nce_z", torch.tensor(-1.0))
+        self.noise = torch.Generator().manual_seed(args.seed + NOISE_SEED)
+
+    # ---- training ----
+    def forward(self, crops, batch: Batch, progress: Progress):
+        f = self.embedding(crops[0])
+        with torch.autocast(self.device.type, enabled=False):
+            if self.args.nce_k == 0:
+                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.nce_t, batch.indices)
+                name = "softmax"
+            else:
+                loss = self.nce(f, batch)
+                name = "nce"
+        self.remember(batch.indices, f)
+        return loss, {name: loss.detach()}
+
+    def nce(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
+        n, k = f.shape[0], self.args.nce_k
+        noise = torch.randint(self.info.num_samples, (batch.global_size, k), generator=self.noise)
+        columns = torch.cat([batch.indices[:, None], noise[batch.offset: batch.offset + n].to(self.device)], dim=1)
+        similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
+        if self.nce_z.item() < 0:
+            self.nce_z.copy_(self.estimate_z(similarities))
+        return nce_loss(nce_scores(similarities, self.args.nce_t, self.nce_z), self.info.num_samples)
+
+    @torch.no_grad()
+    def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
+        """Z = N * mean(exp(v . f / T)) over the K + 1 columns of the whole global batch (Wu et al. sec. 3.2)."""
+        values = torch.exp(similarities.float() / self.args.nce_t)
+        totals = distributed.all_reduce_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
+        return self.info.num_samples * totals[0] / totals[1]
+
+    # ---- state ----
+    def random_state(self) -> dict:
+        return {**super().random_state(), "noise": self.noise.get_state()}
+
+    def load_random_state(self, state: dict) -> None:
+        super().load_random_state(state)
+        self.noise.set_state(state["noise"])

@@ -1,0 +1,61 @@
+"""The memory bank of NPID and Super-AND: one slowly moving L2-normalised embedding per training sample.
+
+M (N x d) starts i.i.d. uniform in [-sqrt(3/d), sqrt(3/d)] (expected row norm about 1, not normalised), as
+upstream's LinearAverage / NCEAverage / NonParametricClassifier (seeds spec 4.3, 5.3). After every step the rows of
+the batch's samples move towards their new features: v_i <- normalise(m v_i + (1 - m) f_i).
+
+Every rank updates with the indices and features of all ranks (gathered in rank order), so all ranks hold the same
+bank and the bank does not depend on how a global batch is split.
+
+Duplicates (Super-AND's two views of one image, or an index repeated in a batch): every candidate row is computed
+from the bank as it was before the step, and the one at the **last** position of the gathered order is written.
+Upstream writes them with one `index_copy_`, so one of them wins at random (seeds spec 5.3); "last" makes it
+deterministic and keeps upstream's one-update-per-step size. With each rank holding [view 1; view 2] of its own
+samples, the last position is a sample's last view whatever the world size.
+
+The bank is a registered buffer: it travels in the model's state dict as a plain tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+
+
+class MemoryBank(nn.Module):
+    def __init__(self, size: int, dim: int, momentum: float, seed: int = 0):
+        super().__init__()
+        self.momentum = momentum
+        bound = math.sqrt(3.0 / dim)
+        # A generator of its own, so the initial bank depends on the seed only, not on what else drew numbers.
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.rand(size, dim, generator=generator).mul_(2 * bound).sub_(bound))
+
+    @property
+    def size(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Move the rows of `indices` (this rank's, gathered with all ranks') towards `features`; collective.
+
+        Returns the gathered indices (in the order that decided duplicates).
+        """
+        indices = distributed.all_gather_cat(indices.reshape(-1))
+        features = distributed.all_gather_cat(features.detach().to(self.weight.dtype))
+        rows, last = last_occurrence(indices)
+        updated = self.weight.index_select(0, rows).mul_(self.momentum).add_(features[last], alpha=1 - self.momentum)
+        self.weight.index_copy_(0, rows, F.normalize(updated, dim=1))
+        return indices
+
+
+def last_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct values, position of each one's last occurrence in `indices`)."""
+    rows, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(indices.numel(), device=indices.device)
+    last = torch.full_like(rows, -1).scatter_reduce_(0, inverse, positions, reduce="amax")
+    return rows, last
