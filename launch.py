@@ -21,7 +21,7 @@ from clusterlab.errors import ConfigError, run_cli
 from clusterlab.slurm.grid import Grid, RunSpec, load_grid
 from clusterlab.slurm.jobs import ProgramJob, make_executor, wait_for
 from clusterlab.slurm.programs import EVAL_PROGRAMS, to_argv
-from clusterlab.slurm.sbatch import recipe_scripts, render, write_scripts
+from clusterlab.slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
 
 def get_args_parser():
@@ -50,7 +50,7 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
-    plan = [(run, run_state(run)) for run in grid.runs]
+    plan = [(run, run_state(run, grid)) for run in grid.runs]
     print_plan(grid, plan)
     if args.dry_run:
         return
@@ -62,14 +62,12 @@ def main(argv=None):
             print(f"  {run.name}: {engine.read_status(run.run_dir).get('state', 'no status')}")
 
 
-def run_state(run: RunSpec) -> str:
+def run_state(run: RunSpec, grid: Grid) -> str:
     """new, resume (a run directory without a finished status), finished, or queued (a job of it is queued)."""
     status = engine.read_status(run.run_dir)
     if status.get("state") == "finished" and status.get("epochs") == run.flags.get("epochs", status.get("epochs")):
         return "finished"
-    jobs = run.run_dir / "slurm" / "jobs.jsonl"
-    if jobs.is_file() and _queued_ids() & {json.loads(line)["job_id"] for line in jobs.read_text().splitlines()
-                                            if line.strip() and json.loads(line)["kind"] == "train"}:
+    if queued_train_job(grid, run.name):
         return "queued"
     return "resume" if run.run_dir.exists() else "new"
 
@@ -106,7 +104,8 @@ def print_plan(grid: Grid, plan) -> None:
              eval_summary(pending_evals(run))] for run, state in plan]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     resources = grid.resources
-    print(f"grid {grid.name}: {len(plan)} runs of {plan[0][0].program if plan else '-'} "
+    programs = " then ".join(dict.fromkeys(run.program for run, _ in plan)) or "-"
+    print(f"grid {grid.name}: {len(plan)} runs of {programs} "
           f"({resources['nodes']} node(s) x {resources['tasks_per_node']} task(s), "
           f"{resources['gpus_per_node']} GPU(s)/node, {resources['timeout_min']} min)")
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -114,31 +113,51 @@ def print_plan(grid: Grid, plan) -> None:
 
 
 def submit(grid: Grid, plan, cluster: str) -> list[str]:
-    """Submit training arrays and the chained evaluation jobs; returns every job id."""
-    to_train = [run for run, state in plan if state in ("new", "resume")]
+    """Submit the training runs stage by stage (arrays where nothing is awaited, a job per run that waits for its
+    previous stage) and the chained evaluation jobs; returns every job id."""
     folder = Path(grid.runs[0].run_dir).parent / ".submitit"
-    ids, train_jobs = [], {}
-    if to_train:
-        executor = make_executor(folder / "%j", grid.resources, cluster, f"{grid.name}-train")
+    states = {run.name: state for run, state in plan}
+    ids, jobs = [], {}
+
+    def parent_of(run: RunSpec):
+        """The job a run must wait for: its previous stage's, submitted now or still queued from before."""
+        if run.after is None:
+            return None
+        return jobs.get(run.after) or (queued_train_job(grid, run.after) if states[run.after] == "queued" else None)
+
+    def send(runs: list[RunSpec], after=None) -> None:
+        if not runs:
+            return
+        executor = make_executor(folder / "%j", grid.resources, cluster, f"{grid.name}-train",
+                                 after=_job_id(after) if cluster == "slurm" else None)
+        if after is not None and cluster != "slurm":
+            after.result()  # the local executors know no dependencies: start after the awaited job returns
         with executor.batch():
-            submitted = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in to_train]
-        for run, job in zip(to_train, submitted):
-            train_jobs[run.name] = job
+            submitted = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in runs]
+        for run, job in zip(runs, submitted):
+            jobs[run.name] = job
             record_job(run, job, "train")
             ids.append(str(job.job_id))
-        print(f"submitted {len(submitted)} training job(s): {', '.join(ids)}")
+
+    stages = list(dict.fromkeys(run.stage for run, _ in plan))
+    for stage in stages:
+        to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
+        send([run for run in to_train if parent_of(run) is None])
+        for run in to_train:
+            if parent_of(run) is not None:
+                send([run], after=parent_of(run))
+    if ids:
+        print(f"submitted {len(ids)} training job(s): {', '.join(ids)}")
     eval_count = 0
     for run, state in plan:
-        if state == "queued":
+        if state == "queued" or not run.evals:
             continue
+        parent = jobs.get(run.name)
         for checkpoint, commands in pending_evals(run).items():
-            executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval")
-            parent = train_jobs.get(run.name)
-            if parent is not None and cluster == "slurm":
-                executor.update_parameters(slurm_additional_parameters={
-                    "dependency": f"afterok:{parent.job_id}", "kill-on-invalid-dep": "yes"})
-            elif parent is not None:
-                parent.result()  # the local executors know no dependencies: evaluate after training returns
+            executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
+                                     after=_job_id(parent) if parent is not None and cluster == "slurm" else None)
+            if parent is not None and cluster != "slurm":
+                parent.result()
             job = executor.submit(ProgramJob(commands))
             record_job(run, job, f"eval {checkpoint}")
             ids.append(str(job.job_id))
@@ -146,6 +165,21 @@ def submit(grid: Grid, plan, cluster: str) -> list[str]:
     if eval_count:
         print(f"submitted {eval_count} evaluation job(s)")
     return ids
+
+
+def _job_id(job) -> str | None:
+    return None if job is None else str(getattr(job, "job_id", job))
+
+
+def queued_train_job(grid: Grid, name: str) -> str | None:
+    """The id of a run's training job that is still pending or running (from an earlier launch)."""
+    path = Path(grid.runs[0].run_dir).parent / name / "slurm" / "jobs.jsonl"
+    if not path.is_file():
+        return None
+    queued = _queued_ids()
+    trains = [json.loads(line)["job_id"] for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)["kind"] == "train"]
+    return next((job for job in reversed(trains) if job in queued), None)
 
 
 def record_job(run: RunSpec, job, kind: str) -> None:
@@ -165,8 +199,8 @@ def grid_scripts(grid: Grid) -> dict[str, str]:
     for run in grid.runs:
         flags = {k: v for k, v in run.flags.items() if k not in ("output_dir", "data_path")}
         evals = [(spec.program, {k: v for k, v in spec.flags.items() if k != "run"}) for spec in run.evals]
-        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", run.program, flags, evals,
-                                   grid.resources, str(grid.path))
+        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
+                                   evals, grid.resources, str(grid.path))
     return scripts
 
 

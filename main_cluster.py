@@ -16,6 +16,7 @@ from clusterlab import cli, config, data, distributed, engine
 from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, DataInfo
 from clusterlab.methods.base import add_augmentation_args
+from clusterlab.methods.cluster_base import pretrained_normalisation
 
 CLUSTER_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage == "cluster")
 
@@ -55,6 +56,9 @@ def main(argv=None):
     engine.seed_everything(args.seed)
 
     train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
+    if args.pretrained and not args.mean:
+        # both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train)
+        args.mean, args.std = pretrained_normalisation(args.pretrained)
     method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
     if args.pretrained and not (Path(args.output_dir) / "checkpoint.pth").exists():
         source = method.load_pretrained(args.pretrained)

@@ -30,7 +30,7 @@ from clusterlab.data import ImageSet
 from clusterlab.errors import ConfigError
 from clusterlab.losses.superand import and_loss, aug_loss, ue_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
-from clusterlab.methods.superand import bank_entropy, nearest_neighbours, select_anchors
+from clusterlab.methods.superand import bank_entropy, nearest_neighbours, select_anchors, two_view_columns
 from clusterlab.models import build_backbone
 from conftest import ROOT, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -125,7 +125,7 @@ def test_aug_on_logits_from_gathered_keys_equals_the_direct_computation():
     x = F.normalize(logits, dim=1)
     direct = x @ x.detach().t()
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-5)
-    own, partner = method.batch_columns(n)
+    own, partner = two_view_columns(n, f.device)
     grad_ours, = torch.autograd.grad(aug_loss(ours, own, partner, 0.1), f, retain_graph=True)
     grad_direct, = torch.autograd.grad(aug_loss(direct, own, partner, 0.1), f)
     torch.testing.assert_close(grad_ours, grad_direct, rtol=1e-4, atol=1e-6)

@@ -58,6 +58,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint_epochs", type=positive_int, nargs="*", default=[],
                        help="also keep checkpoint_epNNNN.pth after these epochs")
     group.add_argument("--log_every", type=positive_int, default=50, help="steps between progress lines")
+    group.add_argument("--knn_monitor_every", type=non_negative_int, default=0,
+                       help="weighted kNN on the test split every N epochs, logged to train_log.jsonl (0: never)")
+    group.add_argument("--knn_monitor_k", type=positive_int, default=200, help="the monitor's k (1: nearest neighbour)")
+    group.add_argument("--knn_monitor_features", choices=["auto", "memory_bank", "recomputed"], default="auto",
+                       help="the monitor's train features: the memory bank (upstream's monitor) or recomputed; "
+                            "auto: the bank where the method keeps one")
 
 
 def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> None:

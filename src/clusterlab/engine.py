@@ -129,6 +129,7 @@ class Trainer:
                       if ctx.world_size > 1 else method)
         self.global_step = 0
         self.stop = StopSignal()
+        self.monitor_set = None
 
     # ---- checkpoints ----
     def state_dict(self, epoch: int, step: int) -> dict:
@@ -247,12 +248,35 @@ class Trainer:
     def end_of_epoch(self, epoch: int) -> None:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
+        if self.args.knn_monitor_every and done % self.args.knn_monitor_every == 0:
+            self.knn_monitor(epoch)
         names = ["checkpoint.pth"]
         if done in self.args.checkpoint_epochs:
             names.append(f"checkpoint_ep{done:04d}.pth")
         self.save(done, 0, names)
         if self.ctx.is_main:
             write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
+
+    def knn_monitor(self, epoch: int) -> None:
+        """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from
+        eval_knn.py on the last checkpoint; the best epoch here is only ever a flagged value)."""
+        from .data import load
+        from .eval.knn import monitor
+
+        if self.monitor_set is None:
+            self.monitor_set = load(self.args.dataset, "test", self.args.data_path)
+        source = self.args.knn_monitor_features
+        if source == "auto":
+            source = "memory_bank" if hasattr(self.method, "memory_bank") else "recomputed"
+        scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
+                         self.ctx.device)
+        if self.ctx.is_main:
+            append_jsonl(self.run_dir / "train_log.jsonl", {
+                "epoch": epoch, "knn_monitor": True, "k": self.args.knn_monitor_k,
+                "temperature": self.method.monitor_temperature, "train_features": source,
+                "top1": scores["top1"], "top5": scores["top5"], "time": now_iso()})
+            print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}, {source}) top1 "
+                  f"{scores['top1']:.4f}", flush=True)
 
     def finish(self) -> None:
         if self.ctx.is_main:

@@ -180,3 +180,31 @@ def test_unmix_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
     assert "| cifar10 | unmix |" in table.stdout
     published = table.stdout.split("Published numbers")[1]
     assert "| unmix " in published and "| 400 " in published and "90.4" in published
+
+
+def test_embedul_pipeline_grid_super_and_then_stage_2_then_heads(slurm, tmp_path):
+    """A grid with stages: Super-AND, then EmbedUL from it (afterok), then eval_cluster on every head."""
+    grid = write_grid(tmp_path / "grid.yaml", name="pipe",
+                      stages=[{"name": "superand", "program": "main_pretrain.py",
+                               "flags": {"method": "superand", "rounds": 2, "epochs_per_round": 1, "epochs": 2,
+                                         "schedule_period": 1}},
+                              {"name": "embedul", "program": "main_cluster.py", "flags": {"method": "embedul",
+                                                                                         "epochs": 2},
+                               "pretrained_from": "superand"}],
+                      axes={"seed": [0]},
+                      flags={"dataset": "digits", "width": 4, "batch_size": 64, "size_crops": [8], "device": "cpu",
+                             "log_every": 50},
+                      evals={"programs": ["eval_cluster.py"], "flags": {"eval_cluster.py": {"plot": False}}},
+                      resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20})
+    out = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--wait")
+    assert "submitted 2 training job(s)" in out.stdout and "submitted 1 evaluation job(s)" in out.stdout
+    stage1, stage2 = tmp_path / "runs" / "superand_s0", tmp_path / "runs" / "embedul_s0"
+    assert json.loads((stage2 / "status.json").read_text())["state"] == "finished"
+    config = (stage2 / "config.yaml").read_text()
+    assert f"pretrained: {stage1}" in config
+    heads = sorted(r["protocol"]["head"] for r in records(stage2))
+    assert heads == [0, 1, 2, 3, 4]
+    table = subprocess.run([sys.executable, "collect_results.py", "--root", str(tmp_path / "runs"), "--out",
+                            str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert table.returncode == 0, table.stderr
+    assert sum("| digits | embedul |" in line and "head=" in line for line in table.stdout.splitlines()) == 5

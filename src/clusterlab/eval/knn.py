@@ -43,3 +43,23 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
                            len(truth)], dtype=torch.float64, device=top.device)
     distributed.all_reduce_sum(counts)
     return {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
+
+
+@torch.no_grad()
+def monitor(method, train_set, test_set, k: int, source: str, device: torch.device) -> dict:
+    """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank (upstream's
+    monitor, `source` memory_bank) or against train embeddings recomputed with the test view (`recomputed`)."""
+    from .features import extract
+
+    was_training = method.training
+    method.eval()
+    size, info = method.eval_size, method.info
+    test_x = extract(method.embedding, test_set, size, info.mean, info.std, device)
+    if source == "memory_bank":
+        train_x = torch.nn.functional.normalize(method.memory_bank[: len(train_set)].float(), dim=1)
+    else:
+        train_x = extract(method.embedding, train_set, size, info.mean, info.std, device)
+    method.train(was_training)
+    labelled = train_set.labels >= 0  # the unlabelled part of STL-10's train+unlabeled votes for nothing
+    return knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
+                        test_set.labels, test_set.num_classes, k, method.monitor_temperature)

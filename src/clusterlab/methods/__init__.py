@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Batch, DataInfo, Method, Progress
+from .embedul import EmbedUL
 from .npid import NPID
 from .superand import SuperAND
 from .swav import SwAV
@@ -12,6 +13,7 @@ METHODS: dict[str, type[Method]] = {
     "unmix": UnMix,
     "npid": NPID,
     "superand": SuperAND,
+    "embedul": EmbedUL,
 }
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Progress"]

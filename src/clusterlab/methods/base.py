@@ -113,6 +113,11 @@ class Method(nn.Module):
         return F.normalize(self.features(images), dim=1)
 
     @property
+    def monitor_temperature(self) -> float:
+        """The kNN monitor's vote temperature: the method's own where it has one (NPID's nce_t), else 0.1."""
+        return 0.1
+
+    @property
     def eval_size(self) -> int:
         return max(self.args.size_crops) if self.args.size_crops[0] else self.info.image_size
 

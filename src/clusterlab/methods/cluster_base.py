@@ -65,9 +65,7 @@ class ClusterMethod(Method):
     # ---- starting from a pre-trained run ----
     def load_pretrained(self, source: str) -> str:
         """Fill `pretrained_parts` from a run directory (its checkpoint.pth) or a checkpoint file."""
-        path = Path(source)
-        path = path / "checkpoint.pth" if path.is_dir() else path
-        state = checkpoint.load(path, kind=("pretrain", "cluster"))
+        path, state = read_pretrained(source)
         saved = state.get("args", {})
         for key in ("arch", "width"):
             if key in saved and saved[key] != getattr(self.args, key):
@@ -86,3 +84,16 @@ class ClusterMethod(Method):
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
         return str(path)
+
+
+def read_pretrained(source: str) -> tuple[Path, dict]:
+    """The checkpoint of a run directory (its checkpoint.pth) or a checkpoint file, validated."""
+    path = Path(source)
+    path = path / "checkpoint.pth" if path.is_dir() else path
+    return path, checkpoint.load(path, kind=("pretrain", "cluster"))
+
+
+def pretrained_normalisation(source: str) -> tuple[list, list]:
+    """The mean and std the pre-trained run normalised with, so both stages see the same inputs."""
+    info = read_pretrained(source)[1]["data_info"]
+    return list(info["mean"]), list(info["std"])

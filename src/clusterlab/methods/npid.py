@@ -60,6 +60,10 @@ class MemoryBankMethod(Method):
         """The N x low_dim bank (rows L2-normalised once updated): kNN's train features, as upstream."""
         return self.memory.weight
 
+    @property
+    def monitor_temperature(self) -> float:
+        return self.args.nce_t if self.name == "npid" else self.args.npc_t
+
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)
         # The head and the normalisation in float32, also under autocast: a bf16 embedding would put errors of

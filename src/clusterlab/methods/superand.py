@@ -126,7 +126,7 @@ class SuperAND(MemoryBankMethod):
         with torch.autocast(self.device.type, enabled=False):
             logits = f @ self.memory.weight.t() / args.npc_t
             l_and = and_loss(logits, own, self.neighbours[own])
-            l_aug = aug_loss(self.batch_similarities(f, logits), *self.batch_columns(n), args.batch_t)
+            l_aug = aug_loss(self.batch_similarities(f, logits), *two_view_columns(n, f.device), args.batch_t)
             l_ue = ue_loss(logits, own if args.ue_mask_own else None)
         weight = args.ue_weight * ((progress.epoch % args.epochs_per_round) // args.ue_every)
         self.remember(own, f)
@@ -146,12 +146,6 @@ class SuperAND(MemoryBankMethod):
         keys = distributed.all_gather_cat((f / norms).detach())
         return queries @ keys.t()
 
-    def batch_columns(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each local row's own column and its other view's column among the gathered 2n-row blocks."""
-        local = torch.arange(2 * n, device=self.device)
-        start = distributed.rank() * 2 * n
-        return start + local, start + (local + n) % (2 * n)
-
     def after_backward(self, progress: Progress) -> None:
         labels, self.pending_labels = self.pending_labels, None
         indices = self.update_bank()
@@ -165,6 +159,14 @@ class SuperAND(MemoryBankMethod):
 
     def load_extra_state(self, state: dict) -> None:
         self.set_anchors(int(state["round"]), state["anchors"], state["neighbours"])
+
+
+def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [view 1; view 2] of n images on each rank, gathered in rank order: each local row's own column
+    and its other view's column (the `own` and `partner` of losses.superand.aug_loss)."""
+    local = torch.arange(2 * n, device=device)
+    start = distributed.rank() * 2 * n
+    return start + local, start + (local + n) % (2 * n)
 
 
 @torch.no_grad()

@@ -8,7 +8,10 @@
       epochs: [2, 4]
       seed: [0, 1]
     flags: {width: 4}                  # set for every run
-    evals:                             # chained after each run (afterok), one job per checkpoint epoch
+    stages:                            # instead of program/config: a pipeline, each stage a run chained afterok
+      - {name: superand, config: configs/superand_cifar10.yaml, flags: {rounds: 5}}
+      - {name: embedul, program: main_cluster.py, config: configs/embedul_cifar10.yaml, pretrained_from: superand}
+    evals:                             # chained after each (last-stage) run (afterok), one job per checkpoint epoch
       programs: [eval_knn.py, eval_cluster.py]
       flags: {eval_cluster.py: {clusters: [10, 20]}}
       epochs: [2]                      # checkpoint_epNNNN of these epochs; `final` (default) = checkpoint.pth
@@ -29,7 +32,9 @@ from ..config import load_config, load_yaml
 from ..errors import ConfigError
 from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, program_parser, to_argv, validate_flags
 
-GRID_KEYS = {"name", "program", "config", "axes", "flags", "evals", "resources", "eval_resources", "output_root"}
+GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
+             "output_root"}
+STAGE_KEYS = {"name", "program", "config", "flags", "pretrained_from"}
 EVAL_KEYS = {"programs", "flags", "epochs"}
 RESOURCE_DEFAULTS = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 2, "mem_gb": 8,
                      "timeout_min": 60, "partition": None, "signal_delay_s": 120, "max_requeues": 30,
@@ -53,6 +58,8 @@ class RunSpec:
     flags: dict                        # every flag this run passes, --config and --output_dir included
     axis_values: dict
     evals: list = field(default_factory=list)
+    stage: str | None = None           # the pipeline stage it belongs to
+    after: str | None = None           # the run (of the previous stage) it starts after
 
     @property
     def run_dir(self) -> Path:
@@ -75,10 +82,13 @@ def _fail(path, message: str):
     raise ConfigError(f"grid {str(path)!r}: {message}")
 
 
-def run_name(values: dict, axis_keys: list[str]) -> str:
-    """method_dataset (or the config file's name when `config` is an axis), then every other axis:
-    `swav_digits_100ep_s0`, `..._lr0.6`, `unmix_cifar10_queue_400ep`; unsafe characters become -."""
-    if "config" in axis_keys:
+def run_name(values: dict, axis_keys: list[str], stage: str | None = None) -> str:
+    """method_dataset (a pipeline's stage name, or the config file's name when `config` is an axis), then every
+    other axis: `swav_digits_100ep_s0`, `..._lr0.6`, `unmix_cifar10_queue_400ep`, `embedul_s0`; unsafe
+    characters become -."""
+    if stage:
+        parts = [stage]
+    elif "config" in axis_keys:
         parts = [Path(str(values["config"])).stem]
     else:
         parts = [str(values[k]) for k in ("method", "dataset") if k in values]
@@ -116,15 +126,15 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
     if unknown:
         _fail(path, f"unknown key {unknown[0]!r} (valid: {', '.join(sorted(GRID_KEYS))})")
     name = str(spec.get("name") or path.stem)
-    program = spec.get("program", "main_pretrain.py")
-    if program not in TRAINING_PROGRAMS:
-        _fail(path, f"program {program!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
+    stages = _stages(path, spec)
     axes = spec.get("axes") or {}
     if not isinstance(axes, dict) or not axes:
         _fail(path, "needs `axes`, a mapping of flag names to lists of values")
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             _fail(path, f"axis {key!r} must be a non-empty list of values (got {values!r})")
+    if "config" in axes and len(stages) > 1:
+        _fail(path, "`config` cannot be an axis of a grid with stages (each stage names its own)")
     flags = spec.get("flags") or {}
     if not isinstance(flags, dict):
         _fail(path, "`flags` must be a mapping of flag names to values")
@@ -132,34 +142,75 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
     if overlap:
         _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
     if "config" in flags:
-        _fail(path, "name the base config with the top-level `config:` key, or make `config` an axis")
+        _fail(path, "name the base config with the `config:` key, or make `config` an axis")
     root = Path(output_root or spec.get("output_root") or Path("runs") / name)
     evals = _eval_spec(path, spec.get("evals"), repo_root)
     axis_keys = list(axes)
     runs, names = [], {}
     for combination in itertools.product(*(axes[k] for k in axis_keys)):
         values = dict(zip(axis_keys, combination))
-        config_file = values.get("config", spec.get("config"))
         own = {k: v for k, v in values.items() if k != "config"}
-        merged = {**(_base_values(path, config_file, repo_root) if config_file else {}), **flags, **own}
-        label = run_name({**merged, **values}, axis_keys)
-        if label in names:
-            _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
-        names[label] = values
-        checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}", repo_root)
-        run_flags = {"config": str(config_file)} if config_file else {}
-        run_flags.update({k: checked[k] for k in {**flags, **own}})
-        run_flags["output_dir"] = str(root / label)
-        epochs = int(checked.get("epochs") or program_parser(program, merged, repo_root).get_default("epochs") or 0)
-        run = RunSpec(label, program, run_flags, values)
-        run.evals = _expand_evals(path, evals, run, epochs, repo_root)
-        wanted = sorted({e.epoch for e in run.evals if e.epoch is not None} | set(run_flags.get("checkpoint_epochs", [])))
-        if wanted:
-            run.flags["checkpoint_epochs"] = wanted
-        runs.append(run)
+        previous = {}
+        for index, stage in enumerate(stages):
+            config_file = values.get("config", stage.get("config"))
+            merged = {**(_base_values(path, config_file, repo_root) if config_file else {}), **flags,
+                      **stage.get("flags", {}), **own}
+            label = run_name({**merged, **values}, axis_keys, stage.get("name"))
+            if label in names:
+                _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
+            names[label] = values
+            program = stage["program"]
+            if stage.get("pretrained_from"):
+                merged["pretrained"] = str(root / previous[stage["pretrained_from"]])
+            checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}", repo_root)
+            run_flags = {"config": str(config_file)} if config_file else {}
+            run_flags.update({k: checked[k] for k in {**flags, **stage.get("flags", {}), **own}})
+            if "pretrained" in merged:
+                run_flags["pretrained"] = merged["pretrained"]
+            run_flags["output_dir"] = str(root / label)
+            epochs = int(checked.get("epochs") or program_parser(program, merged, repo_root).get_default("epochs")
+                         or 0)
+            run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
+                          after=previous.get(stages[index - 1].get("name")) if index else None)
+            if index == len(stages) - 1:
+                run.evals = _expand_evals(path, evals, run, epochs, repo_root)
+            wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}
+                            | set(run_flags.get("checkpoint_epochs", [])))
+            if wanted:
+                run.flags["checkpoint_epochs"] = wanted
+            previous[stage.get("name")] = label
+            runs.append(run)
     resources = resolve_resources(path, spec.get("resources"), "resources")
     eval_resources = resolve_resources(path, spec.get("eval_resources") or spec.get("resources"), "eval_resources")
     return Grid(name, path, runs, resources, eval_resources)
+
+
+def _stages(path, spec: dict) -> list[dict]:
+    """The grid's training stages: `stages` (a pipeline: each may start from an earlier one's run with
+    `pretrained_from`), or one unnamed stage made of the top-level `program` and `config`."""
+    if not spec.get("stages"):
+        stages = [{"name": None, "program": spec.get("program", "main_pretrain.py"), "config": spec.get("config")}]
+    elif "program" in spec or "config" in spec:
+        _fail(path, "with `stages`, each stage names its own program and config (no top-level ones)")
+    else:
+        stages = spec["stages"]
+    seen = []
+    for stage in stages:
+        if not isinstance(stage, dict):
+            _fail(path, "each stage must be a mapping with name, program, config, flags, pretrained_from")
+        unknown = sorted(set(stage) - STAGE_KEYS)
+        if unknown:
+            _fail(path, f"unknown stage key {unknown[0]!r} (valid: {', '.join(sorted(STAGE_KEYS))})")
+        stage.setdefault("program", "main_pretrain.py")
+        if stage["program"] not in TRAINING_PROGRAMS:
+            _fail(path, f"program {stage['program']!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
+        if len(stages) > 1 and not stage.get("name"):
+            _fail(path, "every stage of a pipeline needs a `name`")
+        if stage.get("pretrained_from") and stage["pretrained_from"] not in seen:
+            _fail(path, f"stage {stage.get('name')!r}: pretrained_from {stage['pretrained_from']!r} is not an "
+                        f"earlier stage")
+        seen.append(stage.get("name"))
+    return stages
 
 
 def _base_values(path, config_file, repo_root) -> dict:

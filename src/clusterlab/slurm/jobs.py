@@ -33,10 +33,14 @@ class ProgramJob:
         return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.repo_root))
 
 
-def make_executor(folder: Path, resources: dict, cluster: str, name: str) -> submitit.AutoExecutor:
+def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None
+                  ) -> submitit.AutoExecutor:
+    """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
                                      slurm_max_num_timeout=resources["max_requeues"])
     additional = {key: resources[key] for key in ("account", "qos") if resources.get(key)}
+    if after is not None:
+        additional.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
     params = dict(name=name, nodes=resources["nodes"], tasks_per_node=resources["tasks_per_node"],
                   cpus_per_task=resources["cpus_per_task"], mem_gb=resources["mem_gb"],
                   timeout_min=resources["timeout_min"])

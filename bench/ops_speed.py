@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Timings of the shared numerical parts at CIFAR scale, on the CPU (and the GPU when there is one).
+
+    python bench/ops_speed.py [--device cpu|cuda] [--repeats 5]
+
+- memory-bank update: a batch of 256 rows into a bank of N = 50,000 x d = 128 (NPID / Super-AND, every step);
+- weighted kNN evaluation: 10,000 test against 50,000 train features, d = 128, k = 200 (eval_knn.py's scoring);
+- SwAV Sinkhorn: 3 iterations on 256 + 3,840 queue rows x 3,000 prototypes (one assignment crop of one step);
+- SeLa labelling: the whole-dataset Sinkhorn for N = 50,000, K = 128, 10 heads, lambda 10, tol 0.01.
+Prints a Markdown table with the median, min and max wall time over the repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from clusterlab.eval.knn import knn_class_scores  # noqa: E402
+from clusterlab.ops.memory_bank import MemoryBank  # noqa: E402
+from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
+
+
+def timed(fn, device, repeats: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    n, d = 50_000, 128
+
+    bank = MemoryBank(n, d, momentum=0.5).to(device)
+    indices = torch.randperm(n, generator=generator)[:256].to(device)
+    features = torch.nn.functional.normalize(torch.randn(256, d, generator=generator), dim=1).to(device)
+
+    train = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1).to(device)
+    test = torch.nn.functional.normalize(torch.randn(10_000, d, generator=generator), dim=1).to(device)
+    labels = torch.randint(10, (n,), generator=generator).to(device)
+
+    scores = torch.nn.functional.normalize(torch.randn(256 + 3840, 128, generator=generator), dim=1).to(device) @ \
+        torch.nn.functional.normalize(torch.randn(3000, 128, generator=generator), dim=1).to(device).t()
+    head_logits = [torch.randn(n, 128, generator=generator).to(device) for _ in range(10)]
+
+    rows = [
+        ("memory-bank update, 256 rows into 50,000 x 128", lambda: bank.update(indices, features)),
+        ("weighted kNN, 10,000 x 50,000, d 128, k 200", lambda: knn_class_scores(train, labels, test, 10, 200, 0.1)),
+        ("SwAV Sinkhorn, (256 + 3,840) x 3,000, 3 iterations", lambda: sinkhorn(scores, 0.05, 3)),
+        ("SeLa labelling, 50,000 x 128, 10 heads, lambda 10", lambda: [sela_sinkhorn(x, 10.0, 0.01)
+                                                                       for x in head_logits]),
+    ]
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| operation | median | min | max |")
+    print("| --- | --- | --- | --- |")
+    for label, fn in rows:
+        times = timed(fn, device, args.repeats)
+        print(f"| {label} | {_fmt(statistics.median(times))} | {_fmt(min(times))} | {_fmt(max(times))} |")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+if __name__ == "__main__":
+    main()

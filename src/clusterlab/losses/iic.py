@@ -1,0 +1,28 @@
+"""Invariant Information Clustering's loss (Ji, Henriques and Vedaldi, "Invariant Information Clustering for
+Unsupervised Image Classification and Segmentation", ICCV 2019), as EmbedUL's class-assignment loss uses it
+(Han et al., "Mitigating Embedding and Class Assignment Mismatch in Unsupervised Image Classification",
+ECCV 2020; seeds spec 5.5)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import distributed
+
+EPS = sys.float_info.epsilon
+
+
+def iic_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """-I(y; y') of the class distributions of two views (B x C each, rows summing to 1):
+
+    P = sum_b y_b y'_b^T over the global batch (all ranks), symmetrised (P + P^T) / 2 and normalised to sum 1;
+    P_i, P_j its row and column marginals; P, P_i, P_j clamped below at machine epsilon (as IIC's code);
+    L = -sum_ij P_ij (log P_ij - log P_i - log P_j).
+    """
+    joint = distributed.all_reduce_sum_with_grad(probs_a.float().t() @ probs_b.float())
+    joint = (joint + joint.t()) / 2
+    joint = joint / joint.sum()
+    rows, cols = joint.sum(dim=1, keepdim=True), joint.sum(dim=0, keepdim=True)
+    joint, rows, cols = joint.clamp(min=eps), rows.clamp(min=eps), cols.clamp(min=eps)
+    return -(joint * (joint.log() - rows.log() - cols.log())).sum()
