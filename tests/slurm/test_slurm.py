@@ -208,3 +208,24 @@ def test_embedul_pipeline_grid_super_and_then_stage_2_then_heads(slurm, tmp_path
                             str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, env=env())
     assert table.returncode == 0, table.stderr
     assert sum("| digits | embedul |" in line and "head=" in line for line in table.stdout.splitlines()) == 5
+
+
+def test_npid_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
+    """sbatch/npid_c10_200ep.sh with tiny overrides: kNN records that state their train features."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fabricate import make_cifar10
+
+    data = make_cifar10(tmp_path / "data", n_train=128, n_test=64)
+    run = tmp_path / "npid"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--mem=4G", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out",
+         "sbatch/npid_c10_200ep.sh", "--epochs", "2", "--width", "2", "--batch_size", "64", "--amp", "off"],
+        env=env(DATASET_PATH=str(data), EXPERIMENT_PATH=str(run), PYTHON=sys.executable,
+                EVAL_KNN_ARGS="--train_features memory_bank", EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
+        capture_output=True, text=True, check=True).stdout.strip()
+    wait_job(job)
+    output = (tmp_path / f"{job}.out").read_text()
+    knn = [r for r in records(run) if r["eval"] == "knn"]
+    assert len(knn) == 1, output[-3000:]
+    assert knn[0]["protocol"]["train_features"] == "memory_bank" and knn[0]["protocol"]["features"] == "embedding"
+    assert knn[0]["method"] == "npid" and 0.0 <= knn[0]["metrics"]["top1"] <= 1.0
