@@ -4,6 +4,8 @@ from __future__ import annotations
 from .base import Batch, DataInfo, Method, Progress
 from .embedul import EmbedUL
 from .npid import NPID
+from .sela import SeLa
+from .selfclassifier import SelfClassifier
 from .superand import SuperAND
 from .swav import SwAV
 from .unmix import UnMix
@@ -13,6 +15,8 @@ METHODS: dict[str, type[Method]] = {
     "unmix": UnMix,
     "npid": NPID,
     "superand": SuperAND,
+    "sela": SeLa,
+    "selfclassifier": SelfClassifier,
     "embedul": EmbedUL,
 }
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 
+from .alexnet import alexnet_bn
 from .heads import Prototypes, projection_mlp
 from .resnet import resnet18_bottleneck, resnet18_cifar
 from .sobel import resnet18_sobel
@@ -15,6 +16,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "resnet18_bottleneck": resnet18_bottleneck,
     "resnet18_sobel": resnet18_sobel,
+    "alexnet_bn": alexnet_bn,
 }
 
 

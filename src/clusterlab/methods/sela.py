@@ -1,0 +1,226 @@
+"""SeLa, self-labelling (Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and
+representation learning", ICLR 2020; the self-label code, seeds spec 3).
+
+A backbone with `--hc` linear heads of `--ncl` classes each is trained with cross-entropy to pseudo-labels, one per
+head and training image: L = 1/hc sum_h CE(head_h(x), L_h[index of x]). At `--nopts` moments of the run the labels
+are re-solved on the whole training set: every rank computes the heads' logits of its share of the images, and the
+whole-dataset Sinkhorn-Knopp (ops/sinkhorn.sela_sinkhorn) turns them into equipartitioned hard labels of all N.
+
+Schedule, in samples seen = global step x batch size (spec 3.3); relabelling k happens at the first step that
+reaches t_k, at most one per step, as upstream:
+  linear (CIFAR code):       t_k = (epochs + 1.0001) N k / (nopts - 1); only head (epoch mod hc) is relabelled;
+  quadratic (ImageNet code): t_k = (epochs + 1.01) N (k / (nopts - 1))^2; every head is relabelled.
+t_0 = 0, so the first labels come from the random network at the first step; until then they are a random balanced
+assignment (i mod K, permuted per head). The index of the next relabelling is checkpointed with the labels.
+
+The labelling pass (choices):
+- `--label_view train` (default, upstream's quirk): the model in train mode (batch statistics, dropout) on the
+  training augmentation; `--label_view eval`: eval mode on the test view.
+- Images go through in global chunks of `--label_batch_size` consecutive dataset positions, each split over the
+  ranks like a training batch. With synchronised BN the batch statistics of a chunk, and so the labels, are those
+  of one process; the crops come from a generator of their own with parameters drawn per dataset position, so they
+  depend neither on the world size nor on the chunk size, and the training crops are not disturbed.
+- BN running statistics are restored afterwards. Upstream's pass updates them too, but training never reads them;
+  restoring keeps the statistics evaluation uses equal to what the training batches produced.
+- The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
+  computed from them, solved, and the labels gathered with their dataset positions and scattered back explicitly
+  (upstream's aliasing inverse permutation, spec 3.3, is not reproduced).
+- Runs in float32 outside autocast (before_step is called outside it). Rank 0 prints the time of every pass.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+from ..config import positive_float, positive_int
+from ..data import loader as data_loader
+from ..data.augment import eval_view
+from ..errors import ConfigError
+from ..models import build_backbone
+from ..ops.sinkhorn import SelaSolution, sela_sinkhorn
+from .base import Batch, DataInfo, Progress, build_multicrop
+from .cluster_base import ClusterMethod
+
+SCHEDULES = ("linear", "quadratic")
+# Upstream's margins beyond `epochs` in the schedule formulas (cifar.py, main.py).
+SCHEDULE_MARGIN = {"linear": 1.0001, "quadratic": 1.01}
+# Offsets from --seed for the generators this method owns (the training augmentation uses --seed itself).
+LABELS_SEED, LABEL_VIEW_SEED = 1, 2
+
+
+def relabel_times(schedule: str, epochs: int, num_samples: int, nopts: int) -> list[float]:
+    """Samples-seen counts t_0 = 0 < t_1 < ... < t_{nopts-1} at which the labels are re-solved."""
+    power = 1 if schedule == "linear" else 2
+    span = (epochs + SCHEDULE_MARGIN[schedule]) * num_samples
+    return [span * (k / (nopts - 1)) ** power for k in range(nopts)]
+
+
+def heads_to_relabel(schedule: str, epoch: int, heads: int) -> list[int]:
+    """linear: head `epoch mod hc` only (upstream's rule; not a strict round robin, so with about one relabelling
+    per epoch a head can be skipped or repeated); quadratic: every head."""
+    return [epoch % heads] if schedule == "linear" else list(range(heads))
+
+
+def initial_labels(heads: int, num_samples: int, classes: int, seed: int) -> torch.Tensor:
+    """heads x N int64: per head the balanced assignment i mod K in a random order of its own."""
+    generator = torch.Generator().manual_seed(seed)
+    balanced = torch.arange(num_samples) % classes
+    return torch.stack([balanced[torch.randperm(num_samples, generator=generator)] for _ in range(heads)])
+
+
+class SeLa(ClusterMethod):
+    name = "sela"
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("sela")
+        group.add_argument("--hc", type=positive_int, default=10, help="number of heads")
+        group.add_argument("--ncl", type=positive_int, default=128, help="classes of every head")
+        group.add_argument("--lamb", type=positive_float, default=10.0,
+                           help="Sinkhorn's lambda, the power of P (10 CIFAR, 25 ImageNet)")
+        group.add_argument("--nopts", type=positive_int, default=400,
+                           help="label optimisations over the run (at least 2)")
+        group.add_argument("--sela_schedule", choices=SCHEDULES, default="linear",
+                           help="spacing of the optimisations: linear, one head each (CIFAR) or quadratic, "
+                                "all heads (ImageNet)")
+        group.add_argument("--sk_tol", type=positive_float, default=0.01,
+                           help="Sinkhorn stopping error (0.01 CIFAR, 0.1 ImageNet)")
+        group.add_argument("--label_view", choices=("train", "eval"), default="train",
+                           help="labelling pass: train mode on training crops (upstream) or eval mode on test views")
+        group.add_argument("--label_batch_size", type=positive_int, default=512,
+                           help="images per forward pass of the labelling over all ranks (rounded up to a multiple "
+                                "of the world size)")
+        # The CIFAR script's recipe (spec 3.4): one crop of scale 0.2-1, jitter (0.4, 0.4, 0.4, 0.4) always.
+        parser.set_defaults(epochs=400, batch_size=128, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4,
+                            schedule="step", lr_drops=[240, 320], warmup_epochs=0, nmb_crops=[1], size_crops=[0],
+                            min_scale_crops=[0.2], max_scale_crops=[1.0], hue=0.4, jitter_p=1.0)
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        super().__init__(args, info, device)
+        if args.nopts < 2:
+            raise ConfigError(f"--nopts {args.nopts} must be at least 2 (the first optimisation is at step 0)")
+        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.ncl) for _ in range(args.hc))
+        for head in self.heads:  # upstream's initialisation of every linear layer
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+        self.augment = build_multicrop(args, info)
+        if self.augment.num_crops != 1:
+            raise ConfigError(f"--nmb_crops {args.nmb_crops} must be [1] for sela (one view per image and step)")
+        self.label_augment = build_multicrop(args, info)
+        self.label_augment.generator.manual_seed(args.seed + LABEL_VIEW_SEED)
+        self.labels = initial_labels(args.hc, info.num_samples, args.ncl, args.seed + LABELS_SEED).to(device)
+        self.times = relabel_times(args.sela_schedule, args.epochs, info.num_samples, args.nopts)
+        self.next_relabel = 0
+        self.train_set = None
+
+    def attach_data(self, train_set) -> None:
+        self.train_set = train_set
+
+    # ---- heads ----
+    @property
+    def head_sizes(self) -> list[int]:
+        return [self.args.ncl] * self.args.hc
+
+    def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(images)
+        return [head(features) for head in self.heads]
+
+    # ---- training ----
+    def before_step(self, progress: Progress) -> None:
+        due = self.next_relabel < len(self.times)
+        if due and progress.global_step * self.args.batch_size >= self.times[self.next_relabel]:
+            self.next_relabel += 1
+            heads = heads_to_relabel(self.args.sela_schedule, progress.epoch, self.args.hc)
+            start = time.time()
+            solutions = self.relabel(heads)
+            if distributed.rank() == 0:
+                used = [int(self.labels[h].unique().numel()) for h in heads]
+                print(f"sela: labels of head(s) {heads} solved before step {progress.step + 1}/"
+                      f"{progress.steps_per_epoch} of epoch {progress.epoch + 1} ({self.next_relabel}/"
+                      f"{len(self.times)}) in {time.time() - start:.1f} s; Sinkhorn iterations "
+                      f"{[s.iterations for s in solutions]}, error {max(s.error for s in solutions):.2g}, "
+                      f"classes used {used} of {self.args.ncl}", flush=True)
+
+    def forward(self, crops, batch: Batch, progress: Progress):
+        losses = [F.cross_entropy(logits.float(), self.labels[h, batch.indices])
+                  for h, logits in enumerate(self.head_logits(crops[0]))]
+        self.record_head_losses(losses)
+        loss = torch.stack(losses).mean()
+        return loss, {"ce": loss.detach()}
+
+    # ---- labelling ----
+    @torch.no_grad()
+    def relabel(self, heads: list[int]) -> list[SelaSolution]:
+        """Re-solve the labels of `heads` on the whole training set (collective: every rank calls it)."""
+        features, positions = self.label_features()
+        positions = distributed.all_gather_uneven(positions.to(self.device))
+        solutions = []
+        for h in heads:
+            solution = sela_sinkhorn(self.heads[h](features), self.args.lamb, self.args.sk_tol)
+            self.labels[h, positions] = distributed.all_gather_uneven(solution.labels)
+            solutions.append(solution)
+        return solutions
+
+    @torch.no_grad()
+    def label_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of this rank's share of the training set and the dataset positions they belong to."""
+        args, images = self.args, self.train_set
+        world = distributed.world_size()
+        local = -(-args.label_batch_size // world)
+        chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(), seed=0,
+                                           shuffle=False, drop_last=False)
+        positions = torch.cat([chunks.local_indices(0, c)[0] for c in range(len(chunks))])
+        train_view = args.label_view == "train"
+        params = self.label_augment.sample(len(images))[0] if train_view else None
+        size = self.label_augment.crops[0].size if train_view else self.eval_size
+        saved = {name: buffer.clone() for name, buffer in self.named_buffers()}
+        was_training = self.training
+        self.train(train_view)
+        features = []
+        try:
+            # Every chunk but the last gives this rank exactly `local` images, so these batches are its chunks.
+            for batch, idx in data_loader.sequential(images, positions, local, args.workers):
+                batch = batch.to(self.device)
+                if train_view:
+                    first = int(idx[0])
+                    views = self.label_augment.apply(batch, params.slice(first, first + len(idx)), size)
+                else:
+                    views = eval_view(batch, size, self.info.mean, self.info.std)
+                features.append(self.backbone(views).float())
+            # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass.
+            for _ in range(len(chunks) - len(features)):
+                empty = torch.zeros(0, self.info.channels, size, size, device=self.device)
+                features.append(self.backbone(empty).float())
+        finally:
+            self.train(was_training)
+            for name, buffer in self.named_buffers():
+                buffer.copy_(saved[name])
+        return torch.cat(features), positions
+
+    # ---- state ----
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "labels": self.labels.cpu(), "next_relabel": self.next_relabel}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "labels" not in state:
+            return
+        labels = state["labels"]
+        if labels.shape != self.labels.shape:
+            raise ValueError(f"its labels are {tuple(labels.shape)} (heads x images), this model's "
+                             f"{tuple(self.labels.shape)}")
+        self.labels = labels.to(self.device, torch.long)
+        self.next_relabel = int(state["next_relabel"])
+
+    def random_state(self) -> dict:
+        return {**super().random_state(), "label_augment": self.label_augment.state_dict()}
+
+    def load_random_state(self, state: dict) -> None:
+        super().load_random_state(state)
+        self.label_augment.load_state_dict(state["label_augment"])

@@ -1,0 +1,260 @@
+"""Self-Classifier (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022; the
+self-classifier code, seeds spec 2).
+
+backbone -> MLP head (`--num_hidden` linear layers, optional BN, LeakyReLU) -> L2 normalisation = z -> classifier
+heads of `--cls_size` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
+of the others under a uniform class prior, over the global batch.
+
+Two generations, `--sc_version`:
+- v2 (the ECCV code, spec 2.2-2.4): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
+  unless `--fixed_cls`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
+  except local-local.
+- v1 (the only CIFAR code, spec 2.10): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
+  so the logits are cosines; one temperature (`--row_tau` = `--col_tau`, 0.3 upstream); no prior normalisation.
+  It is the same head module with V orthonormal, g = 1 and nothing trained.
+
+Distributed: the logits of every view and head are gathered from all ranks in one differentiable all-gather, so
+the batch softmax and the prior normalisation cover the global batch as on one process; a rank's loss is the mean
+over its own rows and DDP's gradient average makes the step that of the global-batch loss. The loss runs in
+float32 outside autocast, as upstream.
+
+Nearest-neighbour queue (`--queue_len L`, v2's ImageNet recipe; 0 = off, the CIFAR setting): a ring buffer of the
+last L view-1 embeddings of the global batch and their dataset indices, the same on every rank. Once it has been
+filled, view 1's embedding is replaced by its nearest neighbour in the queue (the second nearest when the nearest is
+the same image), looked up before the batch is pushed, as upstream; no gradient flows through view 1's own
+embedding then. Not reproduced: the NN-accuracy monitor (it needs the labels) and pickling the queue object (its
+tensors are checkpointed instead).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+from ..config import bool_flag, non_negative_int, positive_float, positive_int
+from ..errors import ConfigError
+from ..losses.selfclassifier import self_classifier_loss
+from ..models import build_backbone
+from .base import Batch, DataInfo, Progress, build_multicrop
+from .cluster_base import ClusterMethod
+
+VERSIONS = ("v1", "v2")
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn: bool, leaky: bool) -> nn.Module:
+    """`num_hidden` linear layers (upstream's name for their count): 0 none, 1 Linear(in, out), n >= 2
+    Linear(in, hidden) [BN] act, (n - 2) x [Linear(hidden, hidden) [BN] act], Linear(hidden, out); act is
+    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (spec 2.2)."""
+    if num_hidden == 0:
+        return nn.Identity()
+    layers = []
+    dims = [in_dim] + [hidden_dim] * (num_hidden - 1)
+    for a, b in zip(dims, dims[1:]):
+        layers += [nn.Linear(a, b), *([nn.BatchNorm1d(b)] if use_bn else []),
+                   nn.LeakyReLU(inplace=True) if leaky else nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class NormalizedClassifier(nn.Module):
+    """Bias-free linear classifier with weight W = g V / ||V|| (each class row normalised, as
+    torch.nn.utils.weight_norm of a Linear). V starts as nn.Linear's weight (v2) or a random orthonormal matrix
+    (v1: nn.init.orthogonal_, the QR of a Gaussian); the gain g starts at 1."""
+
+    def __init__(self, dim: int, classes: int, orthogonal: bool = False):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(classes, dim))
+        if orthogonal:
+            nn.init.orthogonal_(self.weight_v)
+        else:
+            nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        self.weight_g = nn.Parameter(torch.ones(classes, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class NearestNeighbourQueue:
+    """The last `length` embeddings of the global batch and their dataset indices (module docstring)."""
+
+    def __init__(self, length: int, dim: int, device: torch.device):
+        self.embeddings = torch.zeros(length, dim, device=device)
+        self.indices = torch.full((length,), -1, dtype=torch.long, device=device)
+        self.ptr, self.full = 0, False
+
+    def neighbours(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The most similar queued embedding (dot product) of each query, the second one where the first is the
+        query's own image."""
+        top = (queries @ self.embeddings.t()).topk(2, dim=1).indices
+        chosen = torch.where(self.indices[top[:, 0]] == indices, top[:, 1], top[:, 0])
+        return self.embeddings[chosen]
+
+    def push(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+        length = len(self.indices)
+        slots = (self.ptr + torch.arange(len(indices), device=self.indices.device)) % length
+        self.embeddings[slots] = embeddings
+        self.indices[slots] = indices
+        self.full = self.full or self.ptr + len(indices) >= length
+        self.ptr = (self.ptr + len(indices)) % length
+
+    def step(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's view-1 embeddings, replaced by their neighbours once the queue is full; then the global
+        batch's own (detached) embeddings are pushed."""
+        query = z.detach().float()
+        out = self.neighbours(query, indices).to(z.dtype) if self.full else z
+        self.push(distributed.all_gather_uneven(query), distributed.all_gather_uneven(indices))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"embeddings": self.embeddings.cpu(), "indices": self.indices.cpu(), "ptr": self.ptr,
+                "full": self.full}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["embeddings"].shape != self.embeddings.shape:
+            raise ValueError(f"its queue is {tuple(state['embeddings'].shape)}, this model's "
+                             f"{tuple(self.embeddings.shape)}")
+        self.embeddings.copy_(state["embeddings"])
+        self.indices.copy_(state["indices"])
+        self.ptr, self.full = int(state["ptr"]), bool(state["full"])
+
+
+def head_sizes(cls_size: list[int], num_cls: int) -> list[int]:
+    """One size repeated --num_cls times (v1: 30 heads of 30), or one size per head (v2: 1000 2000 4000 8000)."""
+    if len(cls_size) == 1:
+        return list(cls_size) * num_cls
+    if num_cls not in (1, len(cls_size)):
+        raise ConfigError(f"--num_cls {num_cls} does not match the {len(cls_size)} sizes of --cls_size {cls_size} "
+                          f"(give one size, or one per head)")
+    return list(cls_size)
+
+
+def gather_views(logits: list[torch.Tensor], num_views: int) -> list[list[torch.Tensor]]:
+    """Per head, the logits of every view over the global batch, in one differentiable all-gather.
+
+    `logits[h]` is head h's (V n) x C_h output for this rank's n samples, views one after the other.
+    """
+    n = logits[0].shape[0] // num_views
+    per_sample = [x.float().reshape(num_views, n, -1).transpose(0, 1).reshape(n, -1) for x in logits]
+    gathered = distributed.all_gather_with_grad(torch.cat(per_sample, dim=1))
+    out, start = [], 0
+    for x in logits:
+        width = num_views * x.shape[1]
+        block = gathered[:, start: start + width].reshape(len(gathered), num_views, x.shape[1])
+        out.append(list(block.unbind(1)))
+        start += width
+    return out
+
+
+class SelfClassifier(ClusterMethod):
+    name = "selfclassifier"
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("selfclassifier")
+        group.add_argument("--sc_version", choices=VERSIONS, default="v2",
+                           help="v2: ECCV loss, learnable weight-normalised heads; v1: the CIFAR code's fixed "
+                                "orthonormal heads, one temperature, no prior normalisation")
+        group.add_argument("--cls_size", type=positive_int, nargs="+", default=[1000],
+                           help="classes of each head (one size: repeated --num_cls times)")
+        group.add_argument("--num_cls", type=positive_int, default=1, help="number of heads of one --cls_size")
+        group.add_argument("--dim", type=positive_int, default=128, help="embedding size (MLP output)")
+        group.add_argument("--hidden_dim", type=positive_int, default=4096, help="MLP hidden size")
+        group.add_argument("--num_hidden", type=non_negative_int, default=2,
+                           help="linear layers of the MLP (0: none, the embedding is the backbone feature)")
+        group.add_argument("--use_bn", type=bool_flag, default=True, help="BN after each hidden linear layer")
+        group.add_argument("--leaky", type=bool_flag, default=True, help="LeakyReLU in the MLP (false: ReLU)")
+        group.add_argument("--fixed_cls", type=bool_flag, default=False,
+                           help="freeze the v2 heads (v1 heads are always fixed)")
+        group.add_argument("--row_tau", type=positive_float, default=0.1,
+                           help="temperature of the softmax over classes (v1: its one temperature, 0.3)")
+        group.add_argument("--col_tau", type=positive_float, default=0.05,
+                           help="temperature of the softmax over the batch (v1: equal to --row_tau)")
+        group.add_argument("--eps", type=positive_float, default=1e-12,
+                           help="added inside the log of the prior-normalised prediction")
+        group.add_argument("--queue_len", type=non_negative_int, default=0,
+                           help="nearest-neighbour queue length (0: off)")
+        # The v2 scripts' optimisation for 100-400 epochs (spec 2.6).
+        parser.set_defaults(optimizer="lars", lr=4.8, start_warmup=0.3, final_lr=0.0048, warmup_epochs=10,
+                            schedule="cosine", weight_decay=1e-6)
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        super().__init__(args, info, device)
+        self.v1 = args.sc_version == "v1"
+        if self.v1 and args.row_tau != args.col_tau:
+            raise ConfigError(f"--sc_version v1 has one temperature: --row_tau {args.row_tau} and --col_tau "
+                              f"{args.col_tau} must be equal (0.3 upstream)")
+        sizes = head_sizes(args.cls_size, args.num_cls)
+        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.dim, args.num_hidden, args.use_bn,
+                            args.leaky)
+        embed_dim = args.dim if args.num_hidden else self.backbone.out_dim
+        self.heads = nn.ModuleList(NormalizedClassifier(embed_dim, size, orthogonal=self.v1) for size in sizes)
+        if self.v1 or args.fixed_cls:
+            self.heads.requires_grad_(False)
+        self.augment = build_multicrop(args, info)
+        if self.augment.num_crops < 2:
+            raise ConfigError(f"--nmb_crops {args.nmb_crops} gives {self.augment.num_crops} view(s); "
+                              f"selfclassifier needs at least 2")
+        if args.queue_len and args.queue_len < max(2, args.batch_size):
+            raise ConfigError(f"--queue_len {args.queue_len} must be 0 (off) or at least --batch_size "
+                              f"{args.batch_size} (and 2): the global batch is pushed whole every step")
+        self.queue = NearestNeighbourQueue(args.queue_len, embed_dim, device) if args.queue_len else None
+
+    # ---- the model ----
+    def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """z of every crop: consecutive crops of one resolution go through the backbone together, then the MLP
+        sees all views at once (its BN statistics cover them all), as upstream."""
+        features, start = [], 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        z = F.normalize(self.mlp(torch.cat(features)), dim=1, eps=1e-7)
+        return list(z.split(crops[0].shape[0]))
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(self.backbone(images)), dim=1, eps=1e-7)
+
+    @property
+    def head_sizes(self) -> list[int]:
+        return [head.weight_v.shape[0] for head in self.heads]
+
+    def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        z = self.embedding(images)
+        return [head(z) for head in self.heads]
+
+    # ---- training ----
+    def forward(self, crops, batch: Batch, progress: Progress):
+        z = self.embed(crops)
+        if self.queue is not None:
+            z[0] = self.queue.step(z[0], batch.indices)
+        z = torch.cat(z)
+        logits = [head(z) for head in self.heads]
+        args, n = self.args, crops[0].shape[0]
+        with torch.autocast(self.device.type, enabled=False):
+            views = gather_views(logits, len(crops))
+            rows = slice(batch.offset, batch.offset + n)
+            losses = [self_classifier_loss(v, rows, args.row_tau, args.col_tau, args.nmb_crops[0],
+                                           uniform_prior=not self.v1, eps=args.eps) for v in views]
+        self.record_head_losses(losses)
+        loss = torch.stack(losses).mean()
+        return loss, {"sc": loss.detach()}
+
+    # ---- state ----
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "queue": self.queue.state_dict() if self.queue is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if self.queue is not None and state.get("queue") is not None:
+            self.queue.load_state_dict(state["queue"])

@@ -1,0 +1,297 @@
+"""SeLa (methods/sela.py): the relabelling schedule against upstream's pop-list loop, resume, the labelling pass
+against a naive per-image computation, 2 gloo processes against 1, the loss, AlexNet, and an end-to-end run.
+
+Tolerances: labels must be equal exactly (the features differ by float32 rounding only, far below the gaps between
+the Sinkhorn scores of random data); features 1e-5 absolute; losses 1e-6.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clusterlab import checkpoint, data
+from clusterlab.data.augment import eval_view
+from clusterlab.errors import ConfigError
+from clusterlab.eval.features import load_run
+from clusterlab.methods import DataInfo
+from clusterlab.methods.base import Batch, Progress
+from clusterlab.methods.sela import SeLa, heads_to_relabel, initial_labels, relabel_times
+from clusterlab.models import build_backbone
+from clusterlab.models.batchnorm import convert_sync_batchnorm
+from clusterlab.ops.sinkhorn import SelaSolution
+from conftest import ROOT, assert_ok, entry_module, run_script
+from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
+from test_sinkhorn_dataset import naive_sela, p_power
+
+MAIN = entry_module("main_cluster")
+CPU = torch.device("cpu")
+
+
+def sela_args(*extra):
+    return MAIN.parse_args(["--method", "sela", "--dataset", "digits", "--arch", "resnet18_cifar", "--width", "4",
+                            "--device", "cpu", *map(str, extra)])
+
+
+# ---- schedule ------------------------------------------------------------------------------------------------------
+
+def test_relabel_times_follow_the_formulas():
+    linear = relabel_times("linear", epochs=4, num_samples=100, nopts=5)
+    assert linear == pytest.approx([0.0, 125.0025, 250.005, 375.0075, 500.01], rel=1e-12)
+    quadratic = relabel_times("quadratic", epochs=4, num_samples=100, nopts=5)
+    assert quadratic == pytest.approx([0.0, 501 / 16, 501 / 4, 501 * 9 / 16, 501.0], rel=1e-12)
+    assert heads_to_relabel("linear", 13, 10) == [3] and heads_to_relabel("quadratic", 13, 3) == [0, 1, 2]
+
+
+def upstream_events(schedule, epochs, samples, batch, nopts, hc, steps_per_epoch):
+    """The self-label loop (cifar.py / main.py): times reversed behind a sentinel; at every step, if
+    niter * batch >= the last entry, pop it and relabel (at most once per step)."""
+    fractions = np.linspace(0, 1, nopts)
+    if schedule == "linear":
+        times = [(epochs + 10) * samples] + list((epochs + 1.0001) * samples * fractions[::-1])
+    else:
+        times = [(epochs + 2) * samples] + list((epochs + 1.01) * samples * fractions[::-1] ** 2)
+    events = []
+    for epoch in range(epochs):
+        for i in range(steps_per_epoch):
+            if (epoch * steps_per_epoch + i) * batch >= times[-1]:
+                times.pop()
+                events.append((epoch, i, [epoch % hc] if schedule == "linear" else list(range(hc))))
+    return events
+
+
+def schedule_method(schedule, epochs, nopts, hc=3, samples=100, batch=16):
+    args = sela_args("--sela_schedule", schedule, "--epochs", epochs, "--nopts", nopts, "--hc", hc, "--ncl", 4,
+                     "--batch_size", batch)
+    method = SeLa(args, DataInfo(1, 8, samples, 10, (0.5,), (0.25,)), CPU)
+    method.events = []
+
+    def record(heads):
+        method.events.append((method.progress.epoch, method.progress.step, heads))
+        return [SelaSolution(torch.zeros(0, dtype=torch.long), torch.zeros(4), torch.zeros(0), 1, 0.0)] * len(heads)
+
+    method.relabel = record
+    return method
+
+
+def drive(method, epochs, steps_per_epoch, start=(0, 0), stop=None):
+    """Call before_step as the engine does, from `start` = (epoch, step) up to, not including, `stop`."""
+    for epoch in range(start[0], epochs):
+        for step in range(start[1] if epoch == start[0] else 0, steps_per_epoch):
+            if (epoch, step) == stop:
+                return
+            method.progress = Progress(epoch, step, epoch * steps_per_epoch + step, steps_per_epoch)
+            method.before_step(method.progress)
+
+
+@pytest.mark.parametrize("schedule,epochs,nopts", [("linear", 7, 8), ("linear", 5, 12), ("quadratic", 6, 9)])
+def test_relabelling_steps_match_upstream(schedule, epochs, nopts):
+    steps = 100 // 16  # drop_last, as our loader
+    method = schedule_method(schedule, epochs, nopts)
+    drive(method, epochs, steps)
+    expected = upstream_events(schedule, epochs, 100, 16, nopts, 3, steps)
+    assert method.events == expected and len(expected) >= 5
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quadratic"])
+@pytest.mark.parametrize("stop", [(2, 3), (3, 0), (0, 1)])
+def test_resume_neither_repeats_nor_skips_a_relabelling(schedule, stop):
+    steps, epochs = 6, 6
+    whole = schedule_method(schedule, epochs, 10)
+    drive(whole, epochs, steps)
+    first = schedule_method(schedule, epochs, 10)
+    drive(first, epochs, steps, stop=stop)
+    first.labels = torch.randint(0, 4, first.labels.shape)
+    state = first.extra_state()
+    second = schedule_method(schedule, epochs, 10)
+    second.load_extra_state(state)
+    assert torch.equal(second.labels, first.labels) and second.labels.dtype == torch.int64
+    drive(second, epochs, steps, start=stop)
+    assert first.events + second.events == whole.events
+
+
+def test_a_checkpoint_with_other_label_shapes_is_refused():
+    method = schedule_method("linear", 4, 5, hc=3)
+    state = schedule_method("linear", 4, 5, hc=2).extra_state()
+    with pytest.raises(ValueError, match="labels"):
+        method.load_extra_state(state)
+
+
+def test_initial_labels_are_balanced_random_and_seeded():
+    labels = initial_labels(3, 103, 10, seed=7)
+    assert labels.shape == (3, 103) and labels.dtype == torch.int64
+    for row in labels:
+        assert row.bincount(minlength=10).tolist() == [11, 11, 11] + [10] * 7
+    assert not torch.equal(labels[0], labels[1])
+    assert torch.equal(labels, initial_labels(3, 103, 10, seed=7))
+    assert not torch.equal(labels, initial_labels(3, 103, 10, seed=8))
+
+
+@pytest.mark.parametrize("flags,flag", [(("--nopts", 1), "--nopts"), (("--nmb_crops", 2), "--nmb_crops")])
+def test_bad_values_name_the_flag(flags, flag):
+    with pytest.raises(ConfigError, match=flag):
+        SeLa(sela_args(*flags), DataInfo(1, 8, 50, 10, (0.5,), (0.25,)), CPU)
+
+
+# ---- the labelling pass ----------------------------------------------------------------------------------------------
+
+def labelled_method(view="eval", chunk=64, samples=193, seed=0):
+    """A fresh width-4 model on the first `samples` digits at 16 px, heads scaled up so the labels are not ties."""
+    torch.manual_seed(seed)
+    images = data.load("digits", "train").subset(range(samples))
+    args = sela_args("--label_view", view, "--label_batch_size", chunk, "--hc", 2, "--ncl", 10, "--size_crops", 16,
+                     "--seed", seed)
+    method = SeLa(args, DataInfo.of(images), CPU)
+    for head in method.heads:
+        nn.init.normal_(head.weight, 0.0, 1.0)
+    method.attach_data(images)
+    return method, images
+
+
+def test_eval_view_labels_equal_a_naive_per_image_computation():
+    method, images = labelled_method("eval")
+    before = method.labels.clone()
+    method.train()
+    method.relabel([1])
+    assert method.training
+    method.eval()
+    with torch.no_grad():
+        features = torch.cat([method.backbone(eval_view(images.images[i:i + 1], 16, images.mean, images.std))
+                              for i in range(len(images))])
+        logits = method.heads[1](features)
+    labels = naive_sela(p_power(logits, method.args.lamb), method.args.sk_tol)[2]
+    assert method.labels[1].tolist() == labels.tolist()
+    assert torch.equal(method.labels[0], before[0])
+
+
+def test_eval_view_does_not_depend_on_the_chunk_size():
+    small, _ = labelled_method("eval", chunk=7)
+    large, _ = labelled_method("eval", chunk=500)
+    a, pa = small.label_features()
+    b, pb = large.label_features()
+    assert torch.equal(pa, torch.arange(193)) and torch.equal(pb, pa)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_train_view_restores_bn_statistics_and_mode():
+    method, _ = labelled_method("train")
+    method.eval()
+    buffers = {k: v.clone() for k, v in method.named_buffers()}
+    method.relabel([0, 1])
+    assert not method.training
+    for name, value in method.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    # The pass did run in train mode: eval-mode features of the same images differ.
+    train_features, _ = method.label_features()
+    method.args.label_view = "eval"
+    eval_features, _ = method.label_features()
+    assert (train_features - eval_features).abs().max() > 1e-3
+
+
+def _labelling_worker(rank, world, view):
+    method, _ = labelled_method(view)
+    convert_sync_batchnorm(method, CPU)
+    method.relabel([0, 1])
+    features, positions = method.label_features()
+    return {"labels": method.labels, "features": features, "positions": positions}
+
+
+@pytest.fixture(scope="module", params=["train", "eval"])
+def labelling_runs(request):
+    return request.param, run_distributed(_labelling_worker, 2, request.param)
+
+
+def test_two_processes_label_like_one(labelling_runs):
+    """193 images in chunks of 64: the last chunk holds one image, so rank 1 runs an empty pass (synchronised BN)."""
+    view, results = labelling_runs
+    method, _ = labelled_method(view)
+    method.relabel([0, 1])
+    features, _ = method.label_features()
+    for result in results:
+        assert torch.equal(result["labels"], method.labels)
+    assert [len(r["positions"]) for r in results] == [97, 96]
+    assert torch.equal(torch.cat([r["positions"] for r in results]).sort().values, torch.arange(193))
+    order = torch.cat([r["positions"] for r in results])
+    torch.testing.assert_close(torch.cat([r["features"] for r in results]), features[order], rtol=0, atol=1e-5)
+
+
+def test_loss_is_the_mean_cross_entropy_of_the_heads():
+    method, images = labelled_method("eval", samples=64)
+    method.labels = torch.randint(0, 10, method.labels.shape)
+    indices = torch.tensor([5, 0, 63, 17])
+    batch = Batch(images.images[indices], images.labels[indices], indices, 4, 0)
+    crops = method.prepare(batch)
+    loss, terms = method(crops, batch, Progress(0, 0, 0, 1))
+    logits = method.head_logits(crops[0])
+    expected = sum(F.cross_entropy(logits[h], method.labels[h, indices]) for h in range(2)) / 2
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert float(terms["ce"]) == pytest.approx(float(loss.detach()))
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,arch,eval_size", [("sela_cifar10_alexnet", "alexnet_bn", 224),
+                                                 ("sela_cifar100_alexnet", "alexnet_bn", 224),
+                                                 ("sela_cifar10_resnet", "resnet18_cifar", 32),
+                                                 ("sela_cifar100_resnet", "resnet18_cifar", 32),
+                                                 ("sela_fashion_mnist", "resnet18_cifar", 28)])
+def test_recipes_build_their_model(name, arch, eval_size):
+    args = MAIN.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--device", "cpu"])
+    channels = 1 if "fashion" in name else 3
+    method = SeLa(args, DataInfo(channels, 28 if channels == 1 else 32, 1000, 10, (0.5,) * channels,
+                                 (0.25,) * channels), CPU)
+    assert args.arch == arch and method.eval_size == eval_size and method.augment.num_crops == 1
+    if "cifar" in name:  # spec 3.4
+        assert (args.hc, args.ncl, args.nopts, args.lamb) == (10, 128, 400, 10.0)
+        assert (args.epochs, args.batch_size) == (400, 128)
+        assert (args.lr, args.momentum, args.weight_decay, args.lr_drops) == (0.03, 0.9, 5e-4, [240, 320])
+        assert (args.sela_schedule, args.sk_tol, args.label_view) == ("linear", 0.01, "train")
+        assert method.head_sizes == [128] * 10
+        assert method.heads[0].in_features == (4096 if arch == "alexnet_bn" else 512)
+
+
+# ---- AlexNet -------------------------------------------------------------------------------------------------------
+
+def test_alexnet_layout_at_the_standard_width():
+    model = build_backbone("alexnet_bn", 3, 64)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
+        (96, 11, 4, 2), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.features) == 5
+    assert [type(m) for m in model.classifier] == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU]
+    assert model.classifier[1].in_features == 256 * 6 * 6 and model.out_dim == 4096
+    with torch.no_grad():
+        assert model.features(torch.randn(1, 3, 224, 224)).shape == (1, 256, 6, 6)  # the 6x6 pool is the identity
+
+
+def test_tiny_alexnet_on_grey_images():
+    model = build_backbone("alexnet_bn", 1, 4).eval()
+    assert model.out_dim == 256
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 256) and torch.isfinite(out).all() and (out >= 0).all()
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+def test_main_cluster_sela_run_writes_labels_that_reload(tmp_path):
+    run_dir = tmp_path / "sela_digits"
+    result = run_script("main_cluster.py", "--method", "sela", "--dataset", "digits", "--width", 4, "--batch_size", 64,
+                        "--epochs", 2, "--hc", 2, "--ncl", 10, "--nopts", 4, "--device", "cpu", "--output_dir", run_dir)
+    assert_ok(result)
+    assert result.stdout.count("sela: labels of head(s)") == 2
+    state = checkpoint.load(run_dir / "checkpoint.pth", kind="cluster", method="sela")
+    labels = state["method_state"]["labels"]
+    assert labels.shape == (2, 898) and labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
+    assert state["method_state"]["next_relabel"] == 2  # t_0 = 0 and t_1 = 898.03 samples; t_2 is past 2 epochs
+    start = initial_labels(2, 898, 10, seed=0 + 1)
+    assert not torch.equal(labels[0], start[0]) and not torch.equal(labels[1], start[1])  # heads 0 and 1 relabelled
+    loaded = load_run(run_dir, None, CPU)
+    assert torch.equal(loaded.method.labels, labels) and loaded.method.next_relabel == 2
+    torch.testing.assert_close(loaded.method.heads[1].weight, state["model"]["heads.1.weight"])
+    with torch.no_grad():
+        logits = loaded.method.head_logits(torch.randn(3, 1, 8, 8))
+    assert [tuple(x.shape) for x in logits] == [(3, 10), (3, 10)] and loaded.method.head_sizes == [10, 10]
