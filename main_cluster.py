@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clusterlab import cli, config, data, distributed, engine
+from clusterlab import config, data, distributed, engine
 from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, DataInfo
-from clusterlab.methods.base import add_augmentation_args
+from clusterlab.methods.base import add_training_args
 from clusterlab.methods.cluster_base import pretrained_normalisation
 
 CLUSTER_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage == "cluster")
@@ -26,14 +26,7 @@ def get_args_parser():
     parser.add_argument("--method", choices=CLUSTER_METHODS, default="sela",
                         help="method; `--method NAME --help` lists its own flags")
     parser.add_argument("--pretrained", default=None, help="run directory or checkpoint to start the backbone from")
-    cli.add_data_args(parser)
-    parser.add_argument("--train_split", default="train", help="split to train on")
-    parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
-    parser.add_argument("--width", type=cli.positive_int, default=64, help="backbone width (64: ResNet-18)")
-    cli.add_optim_args(parser)
-    add_augmentation_args(parser)
-    cli.add_runtime_args(parser)
-    cli.add_run_args(parser)
+    add_training_args(parser)
     return parser
 
 

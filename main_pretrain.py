@@ -9,10 +9,10 @@ where it stopped. Distributed: start it with torchrun, srun or launch.py; see RE
 """
 from __future__ import annotations
 
-from clusterlab import cli, config, data, distributed, engine
+from clusterlab import config, data, distributed, engine
 from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, DataInfo
-from clusterlab.methods.base import add_augmentation_args
+from clusterlab.methods.base import add_training_args
 
 
 PRETRAIN_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage == "pretrain")
@@ -22,15 +22,7 @@ def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="main_pretrain.py")
     parser.add_argument("--method", choices=PRETRAIN_METHODS, default="swav",
                         help="method; `--method NAME --help` lists its own flags")
-    cli.add_data_args(parser)
-    parser.add_argument("--train_split", default="train", help="split to pre-train on (stl10: train+unlabeled)")
-    parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
-    parser.add_argument("--width", type=config.positive_int, default=64,
-                        help="backbone width (64: the standard ResNet-18)")
-    cli.add_optim_args(parser)
-    add_augmentation_args(parser)
-    cli.add_runtime_args(parser)
-    cli.add_run_args(parser)
+    add_training_args(parser)
     return parser
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import cli
 from ..data.augment import ColorSpec, MultiCrop, crop_specs
 from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
@@ -120,6 +121,31 @@ class Method(nn.Module):
     @property
     def eval_size(self) -> int:
         return max(self.args.size_crops) if self.args.size_crops[0] else self.info.image_size
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The flags main_pretrain.py and main_cluster.py share: data, backbone, optimisation, augmentation, runtime."""
+    cli.add_data_args(parser)
+    parser.add_argument("--train_split", default="train", help="split to train on (stl10: train+unlabeled too)")
+    parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
+    parser.add_argument("--width", type=positive_int, default=64, help="backbone width (64: the standard ResNet-18)")
+    cli.add_optim_args(parser)
+    add_augmentation_args(parser)
+    cli.add_runtime_args(parser)
+    cli.add_run_args(parser)
+
+
+def backbone_features(backbone: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of all crops, concatenated in crop order; consecutive crops of one resolution go through
+    the backbone as one batch (as SwAV's and Self-Classifier's code do, so BN sees them together)."""
+    features, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+            end += 1
+        features.append(backbone(torch.cat(crops[start:end])))
+        start = end
+    return torch.cat(features)
 
 
 def add_augmentation_args(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ from ..config import bool_flag, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.selfclassifier import self_classifier_loss
 from ..models import build_backbone
-from .base import Batch, DataInfo, Progress, build_multicrop
+from .base import Batch, DataInfo, Progress, backbone_features, build_multicrop
 from .cluster_base import ClusterMethod
 
 VERSIONS = ("v1", "v2")
@@ -210,16 +210,8 @@ class SelfClassifier(ClusterMethod):
 
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        """z of every crop: consecutive crops of one resolution go through the backbone together, then the MLP
-        sees all views at once (its BN statistics cover them all), as upstream."""
-        features, start = [], 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
-                end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
-        z = F.normalize(self.mlp(torch.cat(features)), dim=1, eps=1e-7)
+        """z of every crop; the MLP sees all views at once (its BN statistics cover them all), as upstream."""
+        z = F.normalize(self.mlp(backbone_features(self.backbone, crops)), dim=1, eps=1e-7)
         return list(z.split(crops[0].shape[0]))
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
 from ..ops.queue import EmbeddingQueue
 from ..ops.sinkhorn import sinkhorn
-from .base import Batch, DataInfo, Method, Progress, build_multicrop
+from .base import Batch, DataInfo, Method, Progress, backbone_features, build_multicrop
 
 SINKHORN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -59,18 +59,8 @@ class SwAV(Method):
 
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised embeddings and prototype scores of all crops, concatenated in crop order.
-
-        Consecutive crops of the same resolution go through the backbone together, as upstream.
-        """
-        features, start = [], 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
-                end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
-        z = F.normalize(self.projection(torch.cat(features)), dim=1)
+        """Normalised embeddings and prototype scores of all crops, concatenated in crop order."""
+        z = F.normalize(self.projection(backbone_features(self.backbone, crops)), dim=1)
         return z, self.prototypes(z)
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
