@@ -3,6 +3,7 @@
 # one thread each run side by side, then the pixel baselines and the result tables in results/.
 #   bash scripts/fashion_mnist.sh            # all of it (about an hour and a half on 2 cores)
 #   OUT=runs/fm bash scripts/fashion_mnist.sh
+# SeLa and Self-Classifier are scored by their heads and by k-means on their backbone features.
 # SwAV and Un-Mix also get the linear probe, on cached features (a CPU-sized protocol, recorded as such).
 # Each run's evaluations append to its metrics.jsonl; collect_results.py turns them into results/*.{csv,md,tex}.
 set -euo pipefail
@@ -36,6 +37,7 @@ queue_a() {
   for name in sela selfclassifier; do
     timed "$name" $PY main_cluster.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
     evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
+    $PY eval_cluster.py --run "$OUT/$name" --device cpu --skip_recorded true --assignment kmeans >> "$OUT/$name.log" 2>&1
   done
 }
 
@@ -48,6 +50,7 @@ queue_b() {
     --output_dir "$OUT/embedul" --device cpu
   evaluate "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" > "$OUT/pixels.log" 2>&1
+  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 20 >> "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1
 }
 
