@@ -155,23 +155,29 @@ def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
     assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"]
 
 
-def test_unmix_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
-    """sbatch/unmix_c10_400ep.sh with tiny overrides: training, then linear, kNN and k-means records."""
+def run_recipe_script(tmp_path: Path, script: str, *overrides: str, **eval_args: str) -> tuple[Path, str]:
+    """sbatch sbatch/SCRIPT with tiny training overrides on a fabricated CIFAR-10 folder; waits for the job and
+    returns the experiment directory and the job's output."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fabricate import make_cifar10
 
     data = make_cifar10(tmp_path / "data", n_train=128, n_test=64)
-    run = tmp_path / "runs" / "unmix_c10_400ep"
+    run = tmp_path / "runs" / Path(script).stem
     job = subprocess.run(
         ["sbatch", "--parsable", "--mem=4G", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out",
-         "sbatch/unmix_c10_400ep.sh",
-         "--epochs", "2", "--width", "2", "--hidden_mlp", "16", "--feat_dim", "8", "--nmb_prototypes", "10",
-         "--batch_size", "64", "--amp", "off", "--log_every", "10"],
-        env=env(DATASET_PATH=str(data), EXPERIMENT_PATH=str(run), PYTHON=sys.executable,
-                EVAL_LINEAR_ARGS="--epochs 1 --batch_size 64", EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
+         f"sbatch/{script}", "--epochs", "2", "--width", "2", "--batch_size", "64", "--amp", "off", *overrides],
+        env=env(DATASET_PATH=str(data), EXPERIMENT_PATH=str(run), PYTHON=sys.executable, **eval_args),
         capture_output=True, text=True, check=True).stdout.strip()
     wait_job(job)
-    output = (tmp_path / f"{job}.out").read_text()
+    return run, (tmp_path / f"{job}.out").read_text()
+
+
+def test_unmix_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
+    """sbatch/unmix_c10_400ep.sh with tiny overrides: training, then linear, kNN and k-means records."""
+    run, output = run_recipe_script(
+        tmp_path, "unmix_c10_400ep.sh", "--hidden_mlp", "16", "--feat_dim", "8", "--nmb_prototypes", "10",
+        "--log_every", "10",
+        EVAL_LINEAR_ARGS="--epochs 1 --batch_size 64", EVAL_CLUSTER_ARGS="--restarts 2 --plot false")
     assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn", "linear"], output[-3000:]
     assert all(r["method"] == "unmix" and r["dataset"] == "cifar10" for r in records(run))
     table = subprocess.run([sys.executable, "collect_results.py", "--root", str(tmp_path / "runs"), "--out",
@@ -212,20 +218,26 @@ def test_embedul_pipeline_grid_super_and_then_stage_2_then_heads(slurm, tmp_path
 
 def test_npid_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
     """sbatch/npid_c10_200ep.sh with tiny overrides: kNN records that state their train features."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fabricate import make_cifar10
-
-    data = make_cifar10(tmp_path / "data", n_train=128, n_test=64)
-    run = tmp_path / "npid"
-    job = subprocess.run(
-        ["sbatch", "--parsable", "--mem=4G", "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out",
-         "sbatch/npid_c10_200ep.sh", "--epochs", "2", "--width", "2", "--batch_size", "64", "--amp", "off"],
-        env=env(DATASET_PATH=str(data), EXPERIMENT_PATH=str(run), PYTHON=sys.executable,
-                EVAL_KNN_ARGS="--train_features memory_bank", EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
-        capture_output=True, text=True, check=True).stdout.strip()
-    wait_job(job)
-    output = (tmp_path / f"{job}.out").read_text()
+    run, output = run_recipe_script(tmp_path, "npid_c10_200ep.sh", EVAL_KNN_ARGS="--train_features memory_bank",
+                                    EVAL_CLUSTER_ARGS="--restarts 2 --plot false")
     knn = [r for r in records(run) if r["eval"] == "knn"]
     assert len(knn) == 1, output[-3000:]
     assert knn[0]["protocol"]["train_features"] == "memory_bank" and knn[0]["protocol"]["features"] == "embedding"
     assert knn[0]["method"] == "npid" and 0.0 <= knn[0]["metrics"]["top1"] <= 1.0
+
+
+@pytest.mark.parametrize("script, overrides, evals", [
+    ("sela_c10_resnet_400ep.sh", ["--hc", "2", "--ncl", "10", "--nopts", "3", "--label_batch_size", "64"],
+     ["cluster", "cluster", "knn", "linear"]),
+    ("selfclassifier_c10_v1_800ep.sh", ["--cls_size", "10", "--num_cls", "2", "--hidden_dim", "16", "--dim", "8"],
+     ["cluster", "cluster", "knn"]),
+], ids=["sela", "selfclassifier"])
+def test_class_assignment_recipe_scripts_on_fabricated_cifar10(slurm, tmp_path, script, overrides, evals):
+    """main_cluster.py recipes under sbatch: every head scored, one of them marked as chosen, and kNN (and linear)."""
+    run, output = run_recipe_script(tmp_path, script, *overrides, EVAL_LINEAR_ARGS="--epochs 1 --batch_size 64",
+                                    EVAL_CLUSTER_ARGS="--plot false")
+    found = records(run)
+    assert sorted(r["eval"] for r in found) == evals, output[-3000:]
+    heads = [r["protocol"] for r in found if r["eval"] == "cluster"]
+    assert sorted(h["head"] for h in heads) == [0, 1]
+    assert sum(h.get("selection") == "lowest-loss" for h in heads) == 1
