@@ -115,3 +115,12 @@ def test_grid_evaluations_follow_checkpoint_epochs(tmp_path):
     run = grid.runs[0]
     assert run.flags["checkpoint_epochs"] == [2, 4]  # 6 is past the run's 4 epochs
     assert [e.checkpoint for e in run.evals] == ["checkpoint_ep0002.pth", "checkpoint_ep0004.pth", "checkpoint.pth"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_expands_into_valid_runs(path, tmp_path):
+    """Each grid in configs/grids/ loads (every flag checked against its program) into distinctly named runs."""
+    grid = load_grid(path, output_root=tmp_path)
+    names = [run.name for run in grid.runs]
+    assert names and len(set(names)) == len(names)
+    assert all(run.program in ("main_pretrain.py", "main_cluster.py") for run in grid.runs)
