@@ -48,4 +48,4 @@ def run_distributed(fn, world_size: int = 2, *args):
     """[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)], each on its own gloo rank."""
     with tempfile.TemporaryDirectory(prefix="clusterlab_dist_") as store_dir:
         mp.spawn(_worker, args=(world_size, store_dir, fn, args), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(store_dir, f"result{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [torch.load(os.path.join(store_dir, f"result{r}.pt"), weights_only=True) for r in range(world_size)]

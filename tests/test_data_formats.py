@@ -522,3 +522,11 @@ def test_torchvision_reads_fabricated_cifar_and_stl10(cifar10_root, cifar100_roo
         np.testing.assert_array_equal(stl.labels, ours.labels.numpy())
     assert stl.classes == fabricate.STL10_CLASSES
 
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "stl10"])
+def test_fetcher_passes_the_users_download_flag_to_torchvision(tmp_path, name):
+    """Without the flag torchvision only looks for the files, and stops on their absence without any download."""
+    with pytest.raises(RuntimeError, match="not found|download=True"):
+        registry.DATASETS[name].fetcher.fetch(tmp_path, download=False)
+    assert not any(tmp_path.rglob("*.gz")) and not any(tmp_path.rglob("*.tar.gz"))

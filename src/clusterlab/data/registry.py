@@ -10,8 +10,8 @@
 | stl10         | train, test, unlabeled, train+unlabeled | 10  | 96x96 | stl10_binary/                                      |
 | imagefolder   | train/, val/ (class sub-folders)    | folders | first image | DATA_PATH/{train,val}/CLASS/*.png|jpg        |
 
-Nothing is downloaded unless `download=True` (the `--download` flag); then rank 0 downloads through torchvision
-and the other ranks wait at a barrier.
+Nothing is downloaded unless the user passes `--download`; then rank 0 fetches the files through torchvision and
+the other ranks wait at a barrier.
 """
 from __future__ import annotations
 
@@ -72,12 +72,27 @@ class ImageSet:
 
 
 @dataclass(frozen=True)
+class Fetcher:
+    """The torchvision dataset class that downloads a dataset's files, and its constructor arguments for each part
+    (torchvision fetches the whole archive, test split included, for the first part of CIFAR and STL-10)."""
+    torchvision_class: str
+    parts: tuple = ({},)
+
+    def fetch(self, path: Path, download: bool) -> None:
+        import torchvision.datasets
+
+        dataset_class = getattr(torchvision.datasets, self.torchvision_class)
+        for kwargs in self.parts:
+            dataset_class(str(path), download=download, **kwargs)
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     splits: tuple
     loader: Callable[[Path, str], ImageSet]
     default_path: str | None = None
-    downloader: Callable[[Path], None] | None = None
+    fetcher: Fetcher | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -151,13 +166,6 @@ def load_fashion_mnist(path: Path, split: str) -> ImageSet:
     return _tensor_set("fashion_mnist", split, images[:, None], labels, FASHION_MNIST_CLASSES, mean, std)
 
 
-def download_fashion_mnist(path: Path) -> None:
-    from torchvision.datasets import FashionMNIST
-
-    for train in (True, False):
-        FashionMNIST(str(path), train=train, download=True)
-
-
 # ---- CIFAR ---------------------------------------------------------------------------------------------------------
 
 def _cifar_folder(path: Path, inner: str, probe: str, label: str) -> Path:
@@ -196,18 +204,6 @@ def load_cifar100_20(path: Path, split: str) -> ImageSet:
     return _load_cifar100(path, split, coarse=True)
 
 
-def download_cifar10(path: Path) -> None:
-    from torchvision.datasets import CIFAR10
-
-    CIFAR10(str(path), train=True, download=True)
-
-
-def download_cifar100(path: Path) -> None:
-    from torchvision.datasets import CIFAR100
-
-    CIFAR100(str(path), train=True, download=True)
-
-
 # ---- STL-10 --------------------------------------------------------------------------------------------------------
 
 def _stl10_folder(path: Path) -> Path:
@@ -233,12 +229,6 @@ def load_stl10(path: Path, split: str) -> ImageSet:
     stats_source = images if split != "test" else read_stl10_images(folder / "train_X.bin")
     mean, std = _stats(stats_source[:10000])
     return _tensor_set("stl10", split, images, np.concatenate(labels), names, mean, std)
-
-
-def download_stl10(path: Path) -> None:
-    from torchvision.datasets import STL10
-
-    STL10(str(path), split="train", download=True)
 
 
 # ---- image folders -------------------------------------------------------------------------------------------------
@@ -317,12 +307,13 @@ class FileImages(torch.utils.data.Dataset):
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", ("train", "test"), load_digits_split),
     "fashion_mnist": DatasetSpec("fashion_mnist", ("train", "test"), load_fashion_mnist,
-                                 default_path=FASHION_MNIST_DIR, downloader=download_fashion_mnist),
-    "cifar10": DatasetSpec("cifar10", ("train", "test"), load_cifar10, downloader=download_cifar10),
-    "cifar100": DatasetSpec("cifar100", ("train", "test"), load_cifar100, downloader=download_cifar100),
-    "cifar100_20": DatasetSpec("cifar100_20", ("train", "test"), load_cifar100_20, downloader=download_cifar100),
+                                 default_path=FASHION_MNIST_DIR,
+                                 fetcher=Fetcher("FashionMNIST", ({"train": True}, {"train": False}))),
+    "cifar10": DatasetSpec("cifar10", ("train", "test"), load_cifar10, fetcher=Fetcher("CIFAR10")),
+    "cifar100": DatasetSpec("cifar100", ("train", "test"), load_cifar100, fetcher=Fetcher("CIFAR100")),
+    "cifar100_20": DatasetSpec("cifar100_20", ("train", "test"), load_cifar100_20, fetcher=Fetcher("CIFAR100")),
     "stl10": DatasetSpec("stl10", ("train", "test", "unlabeled", "train+unlabeled"), load_stl10,
-                         downloader=download_stl10),
+                         fetcher=Fetcher("STL10", ({"split": "train"},))),
     "imagefolder": DatasetSpec("imagefolder", ("train", "test"), load_imagefolder),
 }
 
@@ -345,10 +336,10 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
         raise DataError(f"dataset {name!r}: data path {str(path)!r} does not exist (pass --data_path DIR, or "
                         f"--download to fetch it)")
     if download:
-        if spec.downloader is None:
+        if spec.fetcher is None:
             raise DataError(f"dataset {name!r} cannot be downloaded (it ships locally or is your own folder)")
         if distributed.rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
-            spec.downloader(path)
+            spec.fetcher.fetch(path, download)
         distributed.barrier()
     return spec.loader(path, split)
