@@ -60,6 +60,7 @@ def main(argv=None):
     if args.cached_features:
         train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
     probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
+                                              "knn_monitor_every": 0,
                                               "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
                                               "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
     probe = LinearProbe(probe_args, method.backbone, info, test_features.shape[1], evaluation.test_set.num_classes,

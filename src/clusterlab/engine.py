@@ -248,8 +248,7 @@ class Trainer:
     def end_of_epoch(self, epoch: int) -> None:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
-        monitor_every = getattr(self.args, "knn_monitor_every", 0)  # eval_linear's probe has no monitor
-        if monitor_every and done % monitor_every == 0:
+        if self.args.knn_monitor_every and done % self.args.knn_monitor_every == 0:
             self.knn_monitor(epoch)
         names = ["checkpoint.pth"]
         if done in self.args.checkpoint_epochs:

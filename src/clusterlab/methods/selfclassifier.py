@@ -215,7 +215,7 @@ class SelfClassifier(ClusterMethod):
         return list(z.split(crops[0].shape[0]))
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(self.backbone(images)), dim=1, eps=1e-7)
+        return self.embed([images])[0]
 
     @property
     def head_sizes(self) -> list[int]:
