@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clusterlab import config, engine, results
+from clusterlab import config, results, rundir
 from clusterlab.errors import ConfigError, run_cli
 from clusterlab.slurm.grid import Grid, RunSpec, load_grid
 from clusterlab.slurm.jobs import ProgramJob, make_executor, wait_for
@@ -59,12 +59,12 @@ def main(argv=None):
         wait_for(job_ids)
         print("all jobs left the queue")
         for run, _ in plan:
-            print(f"  {run.name}: {engine.read_status(run.run_dir).get('state', 'no status')}")
+            print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}")
 
 
 def run_state(run: RunSpec, grid: Grid) -> str:
     """new, resume (a run directory without a finished status), finished, or queued (a job of it is queued)."""
-    status = engine.read_status(run.run_dir)
+    status = rundir.read_status(run.run_dir)
     if status.get("state") == "finished" and status.get("epochs") == run.flags.get("epochs", status.get("epochs")):
         return "finished"
     if queued_train_job(grid, run.name):
@@ -188,7 +188,7 @@ def record_job(run: RunSpec, job, kind: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "jobs.jsonl", "a") as handle:
         handle.write(json.dumps({"job_id": str(job.job_id), "kind": kind.split()[0], "what": kind,
-                                 "logs": str(job.paths.folder), "submitted": engine.now_iso()}) + "\n")
+                                 "logs": str(job.paths.folder), "submitted": rundir.now_iso()}) + "\n")
     link = directory / str(job.job_id)
     if not link.exists():
         link.symlink_to(Path(job.paths.folder).resolve(), target_is_directory=True)

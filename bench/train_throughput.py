@@ -11,20 +11,17 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import main_pretrain  # noqa: E402
-from clusterlab import data, distributed, engine  # noqa: E402
-from clusterlab.data import loader as data_loader  # noqa: E402
-from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
-from clusterlab.optim import set_lr  # noqa: E402
+from clusterlab import data, distributed, engine
+from clusterlab.data import loader as data_loader
+from clusterlab.methods import METHODS, Batch, DataInfo, Progress
+from clusterlab.optim import set_lr
+from clusterlab.programs.train import parse_args
 
 
 def main():
@@ -33,7 +30,7 @@ def main():
     bench.add_argument("--warmup", type=int, default=5)
     known, rest = bench.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        args = main_pretrain.parse_args([*rest, "--output_dir", tmp])
+        args = parse_args("pretrain", [*rest, "--output_dir", tmp])
         ctx = distributed.init(args.device)
         engine.seed_everything(args.seed)
         train_set = data.load(args.dataset, args.train_split, args.data_path)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -61,11 +62,26 @@ def snapshot(path: Path) -> dict | None:
 
 
 def entry_module(name: str):
-    """An entry script imported as a module (for its parser), without running it."""
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A program by its script's name without .py: get_args_parser() and main(argv), and for the training programs
+    parse_args(argv) and add_method_args(parser, known), as the package defines them."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from clusterlab.programs import PROGRAMS
+
+    if f"{name}.py" not in PROGRAMS:  # still a root script
+        spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    program = PROGRAMS[f"{name}.py"]
+    module = program.load()
+    if program.stage is None:
+        return SimpleNamespace(get_args_parser=module.get_args_parser, main=module.main)
+    stage = program.stage
+    return SimpleNamespace(get_args_parser=partial(module.get_args_parser, stage), main=partial(module.main, stage),
+                           parse_args=partial(module.parse_args, stage),
+                           add_method_args=partial(module.add_method_args, stage))
 
 
 def write_fashion_mnist(folder: Path, train: int = 100, test: int = 50, cut: int = 0) -> str:
@@ -95,3 +111,15 @@ def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "swav_digits"
     assert_ok(run_script("main_pretrain.py", *TINY, "--checkpoint_epochs", 1, 2, "--output_dir", run_dir))
     return run_dir
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """arm(trainer, n): `signals.received()` reports SIGUSR2 once `trainer` has run `n` steps (the loop asks after
+    every step); arm(None) takes the signal back."""
+    from clusterlab import signals
+
+    def arm(trainer, n: int = 0):
+        monkeypatch.setattr(signals, "received",
+                            lambda: signal.SIGUSR2 if trainer is not None and trainer.global_step >= n else None)
+    return arm

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,6 @@ from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 # ---- GlobalBatchNorm and the collectives: one spawn for all ----------------------------------------------------------
@@ -216,8 +213,8 @@ QUEUE_LENGTH, BATCH = 32, 16
 
 
 def swav_args(output_dir: Path, optimizer: str, lr: float, hidden_mlp: int, sync_bn: bool):
-    import main_pretrain
-    return main_pretrain.parse_args([
+    from clusterlab.programs.train import parse_args
+    return parse_args("pretrain", [
         "--method", "swav", "--dataset", "digits", "--arch", "resnet18_cifar", "--width", "8",
         "--hidden_mlp", str(hidden_mlp), "--feat_dim", "8", "--nmb_prototypes", "10", "--temperature", "0.1",
         "--batch_size", str(BATCH), "--epochs", "2", "--optimizer", optimizer, "--lr", str(lr),

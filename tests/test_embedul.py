@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from clusterlab.losses.iic import EPS, iic_loss
 
+from conftest import entry_module
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,7 @@ def test_iic_loss_on_two_processes_equals_one_process():
 
 
 def build(*flags):
-    sys.path.insert(0, str(ROOT))
-    import main_cluster
+    main_cluster = entry_module("main_cluster")
     from clusterlab import data
     from clusterlab.methods import METHODS, DataInfo
 

@@ -15,10 +15,9 @@ from clusterlab import distributed, engine
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
 from clusterlab.methods import DataInfo
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clusterlab.programs import eval_linear
 
-import eval_linear  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def separable(n_per_class: int, classes: int, dim: int, seed: int):

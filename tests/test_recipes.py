@@ -1,16 +1,14 @@
 """The CIFAR recipes hold the upstream settings (seeds spec 1.10), so a recipe cannot drift from them silently."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clusterlab.programs.train import parse_args
+from clusterlab.slurm.sbatch import recipe_scripts
 
-import main_pretrain  # noqa: E402
-from clusterlab.slurm.sbatch import recipe_scripts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # script_unmix_c10.sh / script_unmix_c100.sh, the values upstream really ran with (read from the scripts and
 # main_swav_unmix.py's defaults), in our flag names.
@@ -42,7 +40,7 @@ RECIPES = {
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_cifar_recipe_resolves_to_the_upstream_values(name):
     method, dataset, extra = RECIPES[name]
-    args = vars(main_pretrain.parse_args(["--config", f"configs/{name}.yaml", "--output_dir", "unused"]))
+    args = vars(parse_args("pretrain", ["--config", f"configs/{name}.yaml", "--output_dir", "unused"]))
     expected = {**UPSTREAM_CIFAR, **extra, "method": method, "dataset": dataset}
     drifted = {key: (args[key], value) for key, value in expected.items() if args[key] != value}
     assert not drifted, f"configs/{name}.yaml drifted from upstream (ours, upstream): {drifted}"

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterlab import distributed, engine
+from clusterlab import distributed, engine, signals
 from clusterlab.data import ImageSet
 from clusterlab.errors import ConfigError
 from clusterlab.losses.superand import and_loss, aug_loss, ue_loss
@@ -350,7 +350,7 @@ def test_resume_before_and_inside_round_2_is_bit_identical(tmp_path):
     # (4, 5): saved in the middle of round 2's first epoch, so its anchors come from the checkpoint.
     for epoch, step, saved in ((3, STEPS_PER_EPOCH - 1, (4, 0)), (4, 5, (4, 6))):
         stopped = stop_at(epoch, step, run)
-        assert stopped.returncode == engine.EXIT_INTERRUPTED, stopped.stderr[-2000:]
+        assert stopped.returncode == signals.EXIT_REQUEUE, stopped.stderr[-2000:]
         status = json.loads((run / "status.json").read_text())
         assert (status["state"], status["epoch"], status["step"]) == ("interrupted", *saved)
     assert_ok(run_script("main_pretrain.py", *RESUME, "--output_dir", run))

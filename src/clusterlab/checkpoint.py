@@ -7,8 +7,10 @@ truncated, not ours, of another kind, or of another method, with one line that s
 """
 from __future__ import annotations
 
+import io
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,49 @@ FORMAT = "clusterlab"
 SCHEMA = 1
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; the run directory's files get what the user's umask gives any new file.
+FILE_MODE = 0o666 & ~_umask()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    The bytes are complete before the file is opened, so a full disk or a read-only mount surfaces as one OSError
+    here and the previous file stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename in (tmp, None):
+            raise OSError(err.errno, err.strerror, str(path)) from None  # name the file the user knows
+        raise
+
+
+def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Atomically copy a checkpoint file (temp file beside the target, then rename)."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -38,13 +74,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+    _atomic_write(Path(path), text.encode())
 
 
 def save(state: dict, path: str | os.PathLike, *, kind: str, method: str) -> None:
     """Atomically write `state` with its tags (`kind` is pretrain, cluster or linear)."""
     payload = {"format": FORMAT, "schema": SCHEMA, "kind": kind, "method": method, **state}
-    _atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write(Path(path), buffer.getbuffer())
 
 
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
@@ -120,6 +158,3 @@ def _plain_to_python_state(state: list) -> tuple:
     version, internal, gauss = state
     return version, tuple(internal), gauss
 
-
-def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

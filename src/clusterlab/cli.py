@@ -43,11 +43,14 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--momentum", type=non_negative_float, default=0.9)
     group.add_argument("--nesterov", type=bool_flag, default=False)
     group.add_argument("--weight_decay", type=non_negative_float, default=1e-6)
+    group.add_argument("--no_decay_bias_norm", type=bool_flag, default=False,
+                       help="no weight decay on biases and norm weights (1-D parameters)")
     group.add_argument("--lars_trust", type=float, default=0.001, help="LARS trust coefficient")
     group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
                        help="keep biases and norm weights out of LARS (upstream SwAV includes them)")
-    group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="bf16",
-                       help="mixed precision on CUDA (the CPU always runs float32)")
+    group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                       help="mixed precision: bf16 or fp16 autocast on any device (fp16 with a gradient scaler); "
+                            "auto: bf16 on CUDA, float32 on the CPU. config.yaml records what ran")
     group.add_argument("--sync_bn", type=bool_flag, default=True, help="batch norm over the global batch")
     group.add_argument("--find_unused", type=bool_flag, default=False, help="DDP find_unused_parameters")
 

@@ -76,14 +76,6 @@ INT_TYPES = (int, positive_int, non_negative_int)
 FLOAT_TYPES = (float, positive_float, non_negative_float)
 
 
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in str(text).replace(",", " ").split()]
-
-
-def float_list(text: str) -> list[float]:
-    return [float(x) for x in str(text).replace(",", " ").split()]
-
-
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show every flag's default in --help, also for flags declared without a help text (argparse skips those)."""
 
@@ -243,11 +235,12 @@ def software_versions() -> dict:
     return versions
 
 
-def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program: str) -> None:
-    """Write config.yaml: every flag's resolved value, plus where and with what it ran."""
+def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program: str, **resolved) -> None:
+    """Write config.yaml: every flag's resolved value, what the flags resolved to where they leave a choice (e.g.
+    the precision that really ran), plus where and with what it ran."""
     from .checkpoint import atomic_write_text
 
-    record = {"program": program, "args": _plain(vars(args)), "git_commit": git_commit(),
+    record = {"program": program, "args": _plain(vars(args)), **resolved, "git_commit": git_commit(),
               "versions": software_versions(), "host": platform.node()}
     atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 

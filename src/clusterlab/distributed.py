@@ -86,6 +86,13 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     return Context(rank, world, local, chosen)
 
 
+def configure_threads() -> None:
+    """Honour Slurm's CPU allocation for intra-op threads when nothing else set it."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()

@@ -1,34 +1,44 @@
 """The training loop's machinery: one step, one epoch, checkpoints, resume, signals, the NaN guard, logs.
 
-The entry scripts keep the loop over epochs visible; this module does what happens inside it.
+The programs keep the loop over epochs visible (programs/pretrain.py); this module does what happens inside it:
+
+    for epoch in range(start_epoch, args.epochs):
+        completed = trainer.train_one_epoch(epoch, start_step)   # False: a stop signal cut the epoch short
+        start_step = 0
+        if completed:
+            trainer.end_of_epoch(epoch)                          # kNN monitor, checkpoint.pth, checkpoint_epNNNN.pth
+        if trainer.stop_requested:
+            trainer.save_and_requeue()                           # checkpoint where it stands, exit 75
+    trainer.finish()
 
 Resume is exact: a checkpoint holds the model, optimiser, AMP scaler, the position (epoch, step inside it, global
 step), every random generator (the global ones and the augmentation's), and the method's own state (queues,
 memory banks, pseudo-labels). Batches depend only on (seed, epoch), so a run stopped in the middle of an epoch
 and started again continues with the same samples and the same crops, bit for bit on the CPU.
 
-Signals: SIGUSR2 (submitit's pre-emption / time-limit signal) and SIGTERM (what `scontrol requeue` and pre-emption
-send first) are turned into a request that the loop honours at the next step boundary on every rank: rank 0
-writes checkpoint.pth, then the previous handler runs (under submitit that requeues the job) and the process
-exits with status 75 (EX_TEMPFAIL: run the same command again to resume).
+A method takes part through hooks, called per step in this order: `before_step`, `prepare` (augmentation, outside
+autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward`, the optimiser and scaler step,
+`after_step` (an EMA teacher, a bank update that must see the new weights); `param_groups` decides the optimiser's
+groups (per-group learning-rate scale and weight decay).
+
+Signals (signals.py): while an epoch runs, SIGUSR2 / SIGTERM are only remembered; every rank stops at the next
+step boundary, rank 0 writes checkpoint.pth, and the process exits with status 75 (run the same command again to
+resume; submitit and the sbatch scripts requeue the job).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import math
 import os
-import signal
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir, signals
 from .data import loader as data_loader
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError
@@ -36,7 +46,6 @@ from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm
 from .optim import build_optimizer, build_schedule, set_lr
 
-EXIT_INTERRUPTED = 75
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What must match between a checkpoint and the command resuming it (the rest may change, --epochs included).
 RESUME_KEYS = ("method", "dataset", "arch", "width", "batch_size", "seed", "nmb_crops", "size_crops")
@@ -46,64 +55,20 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def resolve_precision(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `--amp` asks for on `device` (None: float32). auto is bf16 on CUDA and float32 on the
+    CPU, where mixed precision is slower on most processors; bf16 and fp16 run where they are asked for."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "off":
+        return None
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise ConfigError(f"--amp {amp}: this torch has no autocast on {device.type} (use --amp off)")
+    return AMP_DTYPES[amp]
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def write_status(run_dir: Path, state: str, **fields) -> None:
-    checkpoint.atomic_write_text(run_dir / "status.json",
-                                 json.dumps({"state": state, "updated": now_iso(), **fields}) + "\n")
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-class StopSignal:
-    """Turns SIGUSR2 / SIGTERM into a request honoured at a step boundary, then hands over to the old handler."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    def install(self) -> None:
-        for signum in self.SIGNALS:
-            self.previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._remember)
-
-    def _remember(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    def hand_over(self) -> None:
-        """Let submitit (if it installed a handler) requeue the job, then exit with EXIT_INTERRUPTED."""
-        signum = self.signum or signal.SIGUSR2
-        previous = self.previous.get(signum)
-        if callable(previous):
-            previous(signum, None)
-        sys.exit(EXIT_INTERRUPTED)
-
-
-def exit_on_stop_signals() -> None:
-    """For evaluations (nothing worth saving mid-way): SIGUSR2 / SIGTERM end the process with EXIT_INTERRUPTED, so
-    an sbatch script requeues the job; under submitit, whose handler requeues by itself, nothing is changed."""
-    def leave(signum, frame):
-        print(f"{signal.Signals(signum).name}: evaluation stopped; run it again to redo it", flush=True)
-        sys.exit(EXIT_INTERRUPTED)
-
-    for signum in StopSignal.SIGNALS:
-        if signal.getsignal(signum) in (signal.SIG_DFL, None):
-            signal.signal(signum, leave)
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
 
 
 class Trainer:
@@ -112,24 +77,28 @@ class Trainer:
     def __init__(self, method: Method, args: argparse.Namespace, ctx: Context, run_dir: Path, train_set,
                  kind: str = "pretrain"):
         self.args, self.ctx, self.run_dir, self.train_set, self.kind = args, ctx, Path(run_dir), train_set, kind
-        self.method = method
         self.batches = data_loader.GlobalBatches(len(train_set), args.batch_size, ctx.world_size, ctx.rank, args.seed)
         self.steps_per_epoch = len(self.batches)
         method.attach_data(train_set)
         if args.sync_bn:
             method = convert_sync_batchnorm(method, ctx.device)
         self.method = method
-        self.optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], args)
+        self.optimizer = build_optimizer(method.param_groups(), args)
         self.schedule = build_schedule(args, self.steps_per_epoch)
-        use_amp = ctx.device.type == "cuda" and args.amp != "off"
-        self.amp_dtype = AMP_DTYPES.get(args.amp) if use_amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.amp_dtype = resolve_precision(args.amp, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.model = (DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                               broadcast_buffers=False, find_unused_parameters=args.find_unused)
                       if ctx.world_size > 1 else method)
         self.global_step = 0
-        self.stop = StopSignal()
+        self.position = (0, 0)        # (epoch, step) the next step starts at
+        self.saved_position = None    # where checkpoint.pth stands, once this process has written it
+        self.stop_requested = False
         self.monitor_set = None
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.amp_dtype)
 
     # ---- checkpoints ----
     def state_dict(self, epoch: int, step: int) -> dict:
@@ -141,10 +110,13 @@ class Trainer:
                 "data_info": dataclasses.asdict(self.method.info)}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
+        """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
+        others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when."""
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
-            for name in names:
+            for name in sorted(names, key=lambda n: n == "checkpoint.pth"):
                 checkpoint.save(state, self.run_dir / name, kind=self.kind, method=self.args.method)
+        self.saved_position = (epoch, step)
         distributed.barrier()
 
     def resume(self) -> tuple[int, int]:
@@ -165,17 +137,29 @@ class Trainer:
             raise CheckpointError(f"{path} does not fit this command's model ({_load_failure(err)}); use a new "
                                   f"--output_dir or the flags it was trained with (its config.yaml)") from None
         self.global_step = state["global_step"]
-        return state["epoch"], state["step"]
+        self.position = self.saved_position = (state["epoch"], state["step"])
+        return self.position
+
+    def restore_missing_epoch_checkpoints(self) -> None:
+        """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between
+        the two writes of an older version, or the flag added on resume), is copied from checkpoint.pth."""
+        epoch, step = self.position
+        name = f"checkpoint_ep{epoch:04d}.pth"
+        if self.ctx.is_main and step == 0 and epoch in self.args.checkpoint_epochs \
+                and not (self.run_dir / name).exists():
+            checkpoint.copy(self.run_dir / "checkpoint.pth", self.run_dir / name)
 
     # ---- one epoch ----
-    def train_one_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Train from `start_step` to the end of `epoch`; on a stop request save and exit (never returns then)."""
+    def train_one_epoch(self, epoch: int, start_step: int = 0) -> bool:
+        """Train from `start_step` to the end of `epoch`. Returns False when a stop signal ended the epoch early
+        (the script then calls save_and_requeue); `self.position` is where the next step would start."""
         args, method = self.args, self.method
         self.model.train()
         method.on_epoch_start(epoch)
         log_path = self.run_dir / "train_log.jsonl"
         totals, count, window_start, window_images = {}, 0, time.time(), 0
-        epoch_start, stop_requested = time.time(), False
+        epoch_start = time.time()
+        signals.defer()
         for step, images, labels, indices, global_size, offset in data_loader.iterate(
                 self.train_set, self.batches, epoch, start_step, args.workers):
             progress = Progress(epoch, step, self.global_step, self.steps_per_epoch)
@@ -186,9 +170,10 @@ class Trainer:
             loss, terms = self.step(batch, progress)
             self.global_step += 1
             window_images += global_size
-            stop_requested, bad_loss = self.check(loss)
+            self.stop_requested, bad_loss = self.check(loss)
             if bad_loss:
                 self.fail_on_nonfinite(epoch, step, terms)
+            self.position = (epoch, step + 1)
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
@@ -198,19 +183,18 @@ class Trainer:
                 rate = window_images / max(elapsed, 1e-9)
                 record = {"epoch": epoch, "step": step, "global_step": self.global_step, "lr": lr,
                           "loss": float(loss), **{k: float(v) for k, v in terms.items()}, "img_per_s": rate,
-                          "time": now_iso()}
-                append_jsonl(log_path, record)
+                          "time": rundir.now_iso()}
+                rundir.append_jsonl(log_path, record)
                 print(self.progress_line(record, epoch_start, step), flush=True)
                 window_start, window_images = time.time(), 0
-            if stop_requested and not last_step:
-                self.stop_and_exit(epoch, step + 1)
+            if self.stop_requested and not last_step:
+                return False
+        self.position = (epoch + 1, 0)
         if self.ctx.is_main and count:
-            append_jsonl(log_path, {"epoch": epoch, "epoch_end": True, "global_step": self.global_step,
-                                    **{f"{k}_mean": v / count for k, v in totals.items()},
-                                    "epoch_seconds": time.time() - epoch_start, "time": now_iso()})
-        if stop_requested:
-            self.end_of_epoch(epoch)
-            self.stop_and_exit(epoch + 1, 0, saved=True)
+            rundir.append_jsonl(log_path, {"epoch": epoch, "epoch_end": True, "global_step": self.global_step,
+                                           **{f"{k}_mean": v / count for k, v in totals.items()},
+                                           "epoch_seconds": time.time() - epoch_start, "time": rundir.now_iso()})
+        return True
 
     def step(self, batch: Batch, progress: Progress) -> tuple[torch.Tensor, dict]:
         method = self.method
@@ -224,11 +208,12 @@ class Trainer:
         method.after_backward(progress)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        method.after_step(progress)
         return loss.detach(), terms
 
     def check(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(stop requested on any rank, loss not finite on any rank): one small all-reduce per step."""
-        flags = torch.tensor([float(self.stop.signum is not None), float(not torch.isfinite(loss).item())],
+        flags = torch.tensor([float(signals.received() is not None), float(not torch.isfinite(loss).item())],
                              device=self.ctx.device)
         distributed.all_reduce_max(flags)
         return bool(flags[0]), bool(flags[1])
@@ -244,7 +229,7 @@ class Trainer:
                 f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} img/s {record['img_per_s']:.0f} "
                 f"eta {eta}")
 
-    # ---- leaving ----
+    # ---- between epochs, and leaving ----
     def end_of_epoch(self, epoch: int) -> None:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
@@ -255,7 +240,7 @@ class Trainer:
             names.append(f"checkpoint_ep{done:04d}.pth")
         self.save(done, 0, names)
         if self.ctx.is_main:
-            write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
+            rundir.write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
 
     def knn_monitor(self, epoch: int) -> None:
         """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from
@@ -271,55 +256,128 @@ class Trainer:
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
                          self.ctx.device)
         if self.ctx.is_main:
-            append_jsonl(self.run_dir / "train_log.jsonl", {
+            rundir.append_jsonl(self.run_dir / "train_log.jsonl", {
                 "epoch": epoch, "knn_monitor": True, "k": self.args.knn_monitor_k,
                 "temperature": self.method.monitor_temperature, "train_features": source,
-                "top1": scores["top1"], "top5": scores["top5"], "time": now_iso()})
+                "top1": scores["top1"], "top5": scores["top5"], "time": rundir.now_iso()})
             print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}, {source}) top1 "
                   f"{scores['top1']:.4f}", flush=True)
 
     def finish(self) -> None:
+        signals.defer(False)
         if self.ctx.is_main:
-            write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
+            rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
             print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
 
-    def stop_and_exit(self, epoch: int, step: int, saved: bool = False) -> None:
-        if not saved:
+    def save_and_requeue(self) -> None:
+        """After a stop signal: checkpoint.pth at the current position (unless it is there already), status
+        "interrupted", then exit 75 through the signal's previous handler (submitit requeues the job there)."""
+        epoch, step = self.position
+        if self.saved_position != self.position:
             self.save(epoch, step)
-        name = signal.Signals(self.stop.signum).name if self.stop.signum else "signal"
         if self.ctx.is_main:
-            write_status(self.run_dir, "interrupted", epoch=epoch, step=step, signal=name)
-            print(f"{name}: saved {self.run_dir / 'checkpoint.pth'} at epoch {epoch} step {step}; run the same "
-                  f"command again to resume", flush=True)
-        self.stop.hand_over()
+            rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, signal=signals.name())
+            print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at epoch {epoch} step {step}; run the "
+                  f"same command again to resume", flush=True)
+        signals.leave()
 
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
-        if self.ctx.is_main:
-            write_status(self.run_dir, "failed", epoch=epoch, step=step, reason="non-finite loss")
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         kept = self.run_dir / "checkpoint.pth"
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {step} ({values}); stopped without saving, "
                             f"the last good checkpoint is {kept if kept.exists() else 'none (no epoch finished)'}")
 
 
-def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set, kind: str, program: str
-              ) -> tuple[Trainer, int, int]:
-    """Everything between a built method and the first epoch: check the run directory, resume, write config.yaml
-    (after the resume, so a checkpoint this command cannot load leaves the directory as it was), signals."""
+@contextlib.contextmanager
+def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
+    """Hold the run directory's lock (rank 0) for the block; a failure inside it is recorded in status.json.
+
+    A run that has not yet started training (nothing written but the lock) leaves the directory as it found it: a
+    directory this call created is removed again. Once training has started (status.json says "running"), any
+    failure becomes state "failed" with its one-line reason; a requeue (exit 75) leaves "interrupted" in place.
+    """
+    run_dir = Path(run_dir)
+    if not ctx.is_main:
+        yield
+        return
+    if run_dir.is_file():
+        raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
+    created = not run_dir.exists()
+    lock = rundir.RunLock(run_dir)
+    lock.acquire()
+    started = OwnedRun(run_dir)
+    try:
+        yield started
+    except SystemExit as stop:
+        if stop.code not in (0, None, signals.EXIT_REQUEUE):
+            started.record_failure(f"exit status {stop.code}")
+        raise
+    except BaseException as err:
+        started.record_failure(_one_line(err))
+        raise
+    finally:
+        lock.release()
+        if created and not started.began:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+
+
+class OwnedRun:
+    """What owned_run_dir knows of the run inside it: whether training began (status "running" written)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.trainer: Trainer | None = None  # set by start_run once status.json says "running"
+
+    @property
+    def began(self) -> bool:
+        return self.trainer is not None
+
+    def record_failure(self, reason: str) -> None:
+        """status.json "failed" at the step that failed (for a file system that refuses even that, nothing)."""
+        if self.trainer is None:
+            return
+        epoch, step = self.trainer.position
+        with contextlib.suppress(OSError):
+            rundir.write_status(self.run_dir, "failed", epoch=epoch, step=step, epochs=self.trainer.args.epochs,
+                                reason=reason)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, NonFiniteLoss):
+        return "non-finite loss"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted from the keyboard"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set, kind: str, program: str,
+              owned: OwnedRun | None = None) -> tuple[Trainer, int, int]:
+    """Everything between a built method and the first epoch: resume, check that the command fits the checkpoint,
+    then (and only then, so a refused command writes nothing) tidy the directory, write config.yaml and
+    status.json "running"."""
     from .config import write_resolved
 
     run_dir = Path(args.output_dir)
-    check_run_dir(run_dir, args, kind)
     trainer = Trainer(method, args, ctx, run_dir, train_set, kind=kind)
     start_epoch, start_step = trainer.resume()
+    if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
+        raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
+                          f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(args, run_dir, program)
-    trainer.stop.install()
-    if ctx.is_main:
+        rundir.remove_leftovers(run_dir)
+        rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
+        trainer.restore_missing_epoch_checkpoints()
+        write_resolved(args, run_dir, program, precision=trainer.precision)
+        rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
+        if owned is not None:
+            owned.trainer = trainer
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
-              f"{ctx.world_size} process(es) on {ctx.device}) {where} -> {run_dir}", flush=True)
+              f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}", flush=True)
+    distributed.barrier()
     return trainer, start_epoch, start_step
 
 
@@ -340,15 +398,6 @@ def _load_failure(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [""])[0]
     return detail[:200]
-
-
-def check_run_dir(run_dir: Path, args: argparse.Namespace, kind: str) -> None:
-    """Refuse, before anything is written, an output directory whose checkpoint this run cannot resume."""
-    path = Path(run_dir) / "checkpoint.pth"
-    if path.exists():
-        load_resumable(path, args, kind)
-    elif Path(run_dir).is_file():
-        raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
 
 
 def _plain(value):
@@ -376,9 +425,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
-
-def configure_threads() -> None:
-    """Honour Slurm's CPU allocation for intra-op threads when nothing else set it."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, int(cpus)))

@@ -1,6 +1,8 @@
 """Errors caused by what the user gave (flags, files, data); entry scripts print them as one line and exit 2."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -21,11 +23,29 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+# File-system failures a user can act on: reported as one line naming the file, like a UserError.
+USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir",
+                  errno.EDQUOT: "free some space or choose another --output_dir",
+                  errno.EROFS: "choose a writable --output_dir",
+                  errno.EACCES: "choose a directory you may write to"}
+
+
+def describe_os_error(err: OSError) -> str:
+    where = f" {err.filename!r}" if err.filename else ""
+    return f"cannot write{where}: {os.strerror(err.errno)} ({USER_OS_ERRORS[err.errno]})"
+
+
 def run_cli(main, argv=None):
-    """Run an entry script's main(); a UserError becomes `PROG: error: MESSAGE` on stderr and exit status 2."""
+    """Run an entry script's main(); a UserError (or a full disk, a read-only or forbidden directory) becomes
+    `PROG: error: MESSAGE` on stderr and exit status 2."""
     try:
         return main(argv)
     except UserError as err:
-        prog = Path(sys.argv[0]).name
-        print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        message = str(err).splitlines()[0]
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        message = describe_os_error(err)
+    prog = Path(sys.argv[0]).name
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

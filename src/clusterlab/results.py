@@ -10,6 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
+from . import rundir
 from .models import backbone_label
 
 PROTOCOL_COLUMNS = ("fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
@@ -18,21 +19,17 @@ PROTOCOL_COLUMNS = ("fit_on", "features", "k", "temperature", "train_features", 
 
 def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, epoch: int | None, checkpoint_name: str | None,
                 run: str, split: str = "test") -> dict:
-    from .engine import now_iso
-
     return {"run": run, "method": args.method, "dataset": args.dataset, "split": split,
             "backbone": backbone_label(args.arch, args.width) if getattr(args, "arch", None) else "none",
             "epoch": epoch, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None), "eval": eval_kind,
-            "protocol": protocol, "metrics": metrics, "created": now_iso()}
+            "protocol": protocol, "metrics": metrics, "created": rundir.now_iso()}
 
 
 def append_record(run_dir: str | os.PathLike, record: dict) -> None:
+    """One line in RUN/metrics.jsonl, whole even when evaluations of the run write side by side."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    rundir.append_jsonl(run_dir / "metrics.jsonl", record, durable=True)
 
 
 def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None

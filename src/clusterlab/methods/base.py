@@ -1,8 +1,11 @@
 """What every method shares: the batch it is given, where training stands, and the small interface it implements.
 
 A method is an nn.Module that owns its backbone, heads, augmentation and any state that lives across steps
-(queues, memory banks). The engine calls, per step: `before_step`, `prepare` (augmentation, outside autocast),
-`forward` (the loss, inside autocast and DDP), backward, `after_backward`, the optimiser step.
+(queues, memory banks, an EMA teacher). The engine calls, per step: `before_step`, `prepare` (augmentation, outside
+autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward` (gradients are there, weights
+not yet updated), the optimiser and scaler step, `after_step` (weights updated; before any checkpoint can be
+written). `param_groups` gives the optimiser its groups; `extra_state` / `random_state` what a checkpoint keeps
+beyond parameters and buffers. A new method is a module with a subclass of Method and a line in METHODS.
 """
 from __future__ import annotations
 
@@ -90,6 +93,15 @@ class Method(nn.Module):
     def after_backward(self, progress: Progress) -> None:
         pass
 
+    def after_step(self, progress: Progress) -> None:
+        pass
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's groups: dicts with "params" and, optionally, "weight_decay" and "lr_scale" (the
+        schedule's learning rate is multiplied by it). Default: every trainable parameter, with biases and norm
+        weights in a group without weight decay when --no_decay_bias_norm is on."""
+        return split_decay(self.named_parameters(), self.args.no_decay_bias_norm)
+
     # ---- state beyond parameters and buffers ----
     def extra_state(self) -> dict:
         """Collective: called on every rank before rank 0 writes a checkpoint."""
@@ -133,6 +145,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     add_augmentation_args(parser)
     cli.add_runtime_args(parser)
     cli.add_run_args(parser)
+
+
+def split_decay(named_parameters, exclude_bias_and_norm: bool) -> list[dict]:
+    """Trainable parameters as one group, or as two when 1-D parameters (biases, norm weights) get no decay."""
+    trainable = [(name, p) for name, p in named_parameters if p.requires_grad]
+    if not exclude_bias_and_norm:
+        return [{"params": [p for _, p in trainable]}]
+    return [{"params": [p for _, p in trainable if p.ndim > 1]},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def backbone_features(backbone: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:

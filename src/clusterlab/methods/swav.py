@@ -17,7 +17,7 @@ from ..config import non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
-from ..ops.queue import EmbeddingQueue
+from ..ops.queue import EmbeddingQueue, check_queue_length
 from ..ops.sinkhorn import sinkhorn
 from .base import Batch, DataInfo, Method, Progress, backbone_features, build_multicrop
 
@@ -55,6 +55,8 @@ class SwAV(Method):
         if bad or num_crops < 2:
             raise ConfigError(f"--crops_for_assign {args.crops_for_assign} must name crops among the "
                              f"{num_crops} of --nmb_crops {args.nmb_crops} (at least 2 crops)")
+        if args.queue_length:
+            check_queue_length(args.queue_length, args.batch_size)
         self.queue: EmbeddingQueue | None = None
 
     # ---- the model ----

@@ -18,12 +18,17 @@ from .. import distributed
 from ..errors import ConfigError
 
 
+def check_queue_length(global_length: int, global_batch: int) -> None:
+    """Refuse a length the queue cannot hold whole global batches of (at start, not when the queue starts)."""
+    if global_length <= 0 or global_length % global_batch:
+        raise ConfigError(f"--queue_length {global_length} must be a positive multiple of the global batch "
+                          f"{global_batch} (for example {max(1, global_length // global_batch + 1) * global_batch})")
+
+
 class EmbeddingQueue:
     def __init__(self, num_crops: int, global_length: int, dim: int, global_batch: int, world_size: int,
                  device: torch.device):
-        if global_length <= 0 or global_length % global_batch:
-            raise ConfigError(f"--queue_length {global_length} must be a positive multiple of the global batch "
-                             f"{global_batch} (for example {max(1, global_length // global_batch + 1) * global_batch})")
+        check_queue_length(global_length, global_batch)
         self.local_length = global_length // world_size
         self.local_batch = global_batch // world_size
         self.embeddings = torch.zeros(num_crops, self.local_length, dim, device=device)

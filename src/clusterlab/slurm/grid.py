@@ -162,13 +162,13 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
             program = stage["program"]
             if stage.get("pretrained_from"):
                 merged["pretrained"] = str(root / previous[stage["pretrained_from"]])
-            checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}", repo_root)
+            checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}")
             run_flags = {"config": str(config_file)} if config_file else {}
             run_flags.update({k: checked[k] for k in {**flags, **stage.get("flags", {}), **own}})
             if "pretrained" in merged:
                 run_flags["pretrained"] = merged["pretrained"]
             run_flags["output_dir"] = str(root / label)
-            epochs = int(checked.get("epochs") or program_parser(program, merged, repo_root).get_default("epochs")
+            epochs = int(checked.get("epochs") or program_parser(program, merged).get_default("epochs")
                          or 0)
             run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
                           after=previous.get(stages[index - 1].get("name")) if index else None)
@@ -238,7 +238,7 @@ def _eval_spec(path, evals, repo_root) -> dict:
     for program, values in flags.items():
         if program not in programs:
             _fail(path, f"evals.flags names {program!r}, which is not in evals.programs")
-        validate_flags(program, {**values, "run": "x"}, f"grid {str(path)!r} evals.flags.{program}", repo_root)
+        validate_flags(program, {**values, "run": "x"}, f"grid {str(path)!r} evals.flags.{program}")
     epochs = evals.get("epochs") or ["final"]
     if not isinstance(epochs, list) or any(not (e == "final" or (isinstance(e, int) and e > 0)) for e in epochs):
         _fail(path, f"evals.epochs must list positive epochs or 'final' (got {epochs!r})")

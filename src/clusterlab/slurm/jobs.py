@@ -2,8 +2,8 @@
 
 `ProgramJob` runs one or more entry scripts in order inside the job. All state lives in the run directory, so
 `checkpoint()` (called by submitit on its pre-emption / time-limit signal) just returns a fresh copy of the same
-job: the training loop has already saved checkpoint.pth at a step boundary when submitit gets control (see
-engine.StopSignal), and the requeued job resumes from it. Evaluations already recorded for a checkpoint are not
+job: the training loop has already saved checkpoint.pth at a step boundary when submitit gets control (our handler
+runs first and hands over to submitit's, see signals.py), and the requeued job resumes from it. Evaluations already recorded for a checkpoint are not
 run again, so a requeued evaluation job does not duplicate records.
 """
 from __future__ import annotations
@@ -15,22 +15,27 @@ from pathlib import Path
 
 import submitit
 
-from .programs import REPO_ROOT, load_program
+from .. import signals
+from ..programs import PROGRAMS
 
 
 class ProgramJob:
-    def __init__(self, commands: list[tuple[str, list[str]]], repo_root: str = str(REPO_ROOT)):
-        self.commands, self.repo_root = commands, repo_root
+    """Runs programs in order, in the directory the job was submitted from (relative paths mean what they meant
+    there), from the installed package: nothing depends on where the repository is."""
+
+    def __init__(self, commands: list[tuple[str, list[str]]], workdir: str | None = None):
+        self.commands, self.workdir = commands, workdir or os.getcwd()
 
     def __call__(self) -> list[str]:
+        signals.install()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        os.chdir(self.repo_root)
+        os.chdir(self.workdir)
         for program, argv in self.commands:
-            load_program(program, Path(self.repo_root)).main(argv)
+            PROGRAMS[program].main(argv)
         return [program for program, _ in self.commands]
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.repo_root))
+        return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.workdir))
 
 
 def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None

@@ -1,47 +1,29 @@
-"""The entry scripts at the repository root, loaded as modules so that jobs and grids can use their parsers."""
+"""The programs a grid or recipe may name, with their parsers: flags are checked before anything is submitted."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from ..config import yaml_defaults
+from ..errors import ConfigError
+from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
+# Where a relative `config:` path of a shipped grid or recipe is looked up when the current directory lacks it.
 REPO_ROOT = Path(__file__).resolve().parents[3]
-TRAINING_PROGRAMS = ("main_pretrain.py", "main_cluster.py")
-EVAL_PROGRAMS = {"eval_knn.py": "knn", "eval_cluster.py": "cluster", "eval_linear.py": "linear"}
+
+__all__ = ["EVAL_PROGRAMS", "REPO_ROOT", "TRAINING_PROGRAMS", "program_parser", "to_argv", "validate_flags"]
 
 
-def load_program(name: str, repo_root: Path = REPO_ROOT) -> ModuleType:
-    path = Path(repo_root) / name
-    if not path.is_file():
-        from ..errors import ConfigError
-        raise ConfigError(f"program {name!r} does not exist in {str(repo_root)!r} (one of: "
-                          f"{', '.join((*TRAINING_PROGRAMS, *EVAL_PROGRAMS))})")
-    module_name = f"clusterlab_program_{path.stem}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def program_parser(name: str, values: dict, repo_root: Path = REPO_ROOT) -> argparse.ArgumentParser:
+def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
     """The program's parser, with the flags of the method `values` names (main_pretrain, main_cluster)."""
-    module = load_program(name, repo_root)
-    parser = module.get_args_parser()
-    if hasattr(module, "add_method_args"):
-        module.add_method_args(parser, values)
-    return parser
+    if name not in PROGRAMS:
+        raise ConfigError(f"program {name!r} is not one of: {', '.join((*TRAINING_PROGRAMS, *EVAL_PROGRAMS))}")
+    return PROGRAMS[name].parser(values)
 
 
-def validate_flags(name: str, values: dict, source: str, repo_root: Path = REPO_ROOT) -> dict:
+def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type (ConfigError naming it)."""
-    return yaml_defaults(program_parser(name, values, repo_root), values, source)
+    return yaml_defaults(program_parser(name, values), values, source)
 
 
 def to_argv(values: dict) -> list[str]:

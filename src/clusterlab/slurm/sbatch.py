@@ -147,7 +147,7 @@ def recipe_scripts(recipes_path: str | Path, repo_root: Path = REPO_ROOT) -> dic
                 if eval_program not in EVAL_PROGRAMS:
                     raise ConfigError(f"{label}: eval {eval_program!r} is not one of {', '.join(EVAL_PROGRAMS)}")
                 eval_flags = (recipe.get("eval_flags") or {}).get(eval_program, {})
-                validate_flags(eval_program, {**eval_flags, "run": "x"}, label, repo_root)
+                validate_flags(eval_program, {**eval_flags, "run": "x"}, label)
                 evals.append((eval_program, eval_flags))
             resources = resolve_resources(recipes_path, recipe.get("resources"), f"recipe {name!r} resources")
             scripts[name] = render(name, recipe.get("description", ""), stages, evals, resources, source)
@@ -172,7 +172,7 @@ def _stage(spec: dict, epochs, label: str, repo_root: Path) -> Stage:
                               f"pretrained_from)")
     values = {**load_config(repo_root / spec["config"]), **flags}
     values.pop("config")
-    validate_flags(program, values, label, repo_root)
+    validate_flags(program, values, label)
     return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))
 
 

@@ -1,0 +1,77 @@
+"""The programs of the suite, by the name of their root script (as grids, recipes and sbatch scripts write them).
+
+Each program is a module of this package with `get_args_parser()` and `main(argv)`; the scripts at the repository
+root, the console commands of an installed package (`clusterlab-pretrain`, ...) and the Slurm jobs all run them
+through `run`, which catches the pre-emption signals before anything heavy is imported (signals.py). This module
+imports nothing heavy itself.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from .. import signals
+
+
+@dataclass(frozen=True)
+class Program:
+    script: str              # the root script's name
+    module: str              # the module that owns its parser and main
+    stage: str | None = None  # training programs: the methods' stage they train
+    eval_kind: str | None = None  # evaluation programs: the "eval" of the records they write
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    def parser(self, values: dict | None = None):
+        """The program's parser, with the flags of the method `values` names (training programs)."""
+        module = self.load()
+        if self.stage is None:
+            return module.get_args_parser()
+        parser = module.get_args_parser(self.stage)
+        module.add_method_args(self.stage, parser, values or {})
+        return parser
+
+    def main(self, argv=None):
+        module = self.load()
+        return module.main(self.stage, argv) if self.stage else module.main(argv)
+
+
+PROGRAMS: dict[str, Program] = {p.script: p for p in (
+    Program("main_pretrain.py", "clusterlab.programs.train", stage="pretrain"),
+    Program("main_cluster.py", "clusterlab.programs.train", stage="cluster"),
+    Program("eval_knn.py", "clusterlab.programs.eval_knn", eval_kind="knn"),
+    Program("eval_linear.py", "clusterlab.programs.eval_linear", eval_kind="linear"),
+    Program("eval_cluster.py", "clusterlab.programs.eval_cluster", eval_kind="cluster"),
+)}
+TRAINING_PROGRAMS = tuple(name for name, p in PROGRAMS.items() if p.stage)
+EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kind}
+
+
+def run(script: str, argv=None):
+    """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2)."""
+    signals.install()
+    from ..errors import run_cli
+
+    return run_cli(PROGRAMS[script].main, argv)
+
+
+# Console commands of the installed package (pyproject.toml [project.scripts]).
+def pretrain_command():
+    run("main_pretrain.py")
+
+
+def cluster_command():
+    run("main_cluster.py")
+
+
+def eval_knn_command():
+    run("eval_knn.py")
+
+
+def eval_linear_command():
+    run("eval_linear.py")
+
+
+def eval_cluster_command():
+    run("eval_cluster.py")

@@ -1,0 +1,138 @@
+"""Clustering quality of a run, scored with ACC (Hungarian), NMI, AMI and ARI against the labels.
+
+    python eval_cluster.py --run runs/swav_digits [--clusters 10 20]         k-means on a pre-training run's features
+    python eval_cluster.py --run runs/sela_cifar10                           the heads of a main_cluster.py run
+    python eval_cluster.py --baseline pixels --dataset digits --output_dir runs/pixels_digits
+
+k-means (k-means++, --restarts) is fitted on the train split's features and assigns the test split. A
+class-assignment run is scored head by head (argmax of each head on the test split; `--split train` scores the
+train split instead, as EmbedUL reports, and the record says so); the head chosen without labels (lowest training
+loss) is marked `chosen`. With more clusters than classes each cluster maps to its majority class. Datasets with
+superclasses (cifar100) get a second record on the superclass labels. One record per K or head goes to
+RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per cluster go beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import cli, config, distributed, results
+from ..config import bool_flag
+from ..errors import ConfigError
+from ..eval.features import extract, open_evaluation, open_pixel_baseline, pixels
+from ..eval.kmeans import kmeans_assign
+from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
+from ..eval.plots import cluster_samples_png, confusion_png
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="eval_cluster.py")
+    cli.add_eval_args(parser)
+    parser.add_argument("--baseline", choices=["pixels"], default=None,
+                        help="evaluate raw pixels instead of a run (needs --dataset and --output_dir)")
+    parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
+    parser.add_argument("--assignment", choices=["auto", "kmeans", "heads"], default="auto",
+                        help="auto: the heads of a class-assignment run, k-means otherwise")
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="split scored (train: EmbedUL's protocol, flagged in the record)")
+    parser.add_argument("--clusters", type=config.positive_int, nargs="*", default=[],
+                        help="k-means: numbers of clusters (default: the number of classes)")
+    parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
+    parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
+    parser.add_argument("--normalize", type=bool_flag, default=True, help="L2-normalise features (not pixels)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed")
+    parser.add_argument("--plot", type=bool_flag, default=True, help="write the confusion and sample PNGs")
+    return parser
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    distributed.configure_threads()
+    if not args.baseline and not args.normalize:
+        raise ConfigError("--normalize false is only meaningful for --baseline pixels here")
+    ctx = distributed.init(args.device)
+    if args.baseline:
+        run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
+        kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set), pixels(scored_set), scored_set, "pixels")
+    else:
+        evaluation = open_evaluation(args, ctx.device)
+        loaded = evaluation.loaded
+        scored_set = evaluation.train_set if args.split == "train" else evaluation.test_set
+        use_heads = args.assignment == "heads" or (args.assignment == "auto" and loaded.method.stage == "cluster")
+        if use_heads:
+            heads(args, ctx, evaluation, scored_set)
+        else:
+            fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
+            fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers)
+            scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
+                                                                                args.batch_size, args.workers)
+            kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
+                   scored_set, args.features)
+    distributed.shutdown()
+
+
+def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x, scored_set, feature_kind):
+    too_many = [k for k in args.clusters if k > len(fit_x)]
+    if too_many:
+        raise ConfigError(f"--clusters {too_many[0]} is more than the {len(fit_x)} images of the {args.fit_on} split "
+                          f"k-means is fitted on (use at most {len(fit_x)})")
+    if not ctx.is_main:
+        return
+    for clusters in args.clusters or [scored_set.num_classes]:
+        base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
+                "normalize": args.normalize and feature_kind != "pixels", "restarts": args.restarts,
+                "selection": "last"}
+        if args.skip_recorded and checkpoint_name and results.has_record(run_dir, "cluster", checkpoint_name, base):
+            print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
+            continue
+        predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
+        report(args, run_dir, run_args, epoch, checkpoint_name, scored_set, predicted, clusters, base,
+               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})", f"kmeans_k{clusters}")
+
+
+def heads(args, ctx, evaluation, scored_set):
+    loaded = evaluation.loaded
+    method = loaded.method
+    if method.stage != "cluster":
+        raise ConfigError(f"--assignment heads: run {str(loaded.run_dir)!r} ({loaded.args.method}) has no heads")
+    sizes, chosen = method.head_sizes, method.chosen_head()
+    logits = extract(lambda x: torch.cat(method.head_logits(x), dim=1), scored_set, method.eval_size,
+                     method.info.mean, method.info.std, ctx.device, args.batch_size, args.workers, normalize=False)
+    if not ctx.is_main:
+        return
+    for head, head_logits in enumerate(logits.split(sizes, dim=1)):
+        base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
+                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads"}
+        if args.skip_recorded and results.has_record(loaded.run_dir, "cluster", loaded.checkpoint_name,
+                                                     {**base, "split": args.split}):
+            continue
+        predicted = head_logits.argmax(dim=1).cpu().numpy()
+        report(args, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, scored_set, predicted,
+               sizes[head], base, f"head {head} ({sizes[head]} classes{', chosen' if head == chosen else ''})",
+               f"head{head}", plot=head == chosen)
+
+
+def report(args, run_dir, run_args, epoch, checkpoint_name, scored_set, predicted, clusters, base, title, tag,
+           plot=True):
+    """Append the record(s) of one assignment (classes, and superclasses where the dataset has them)."""
+    truth = scored_set.labels.numpy()
+    _, mapping_kind = cluster_mapping(truth, predicted, clusters, scored_set.num_classes)
+    views = [("classes", cluster_metrics(truth, predicted, clusters, scored_set.num_classes), False)]
+    if scored_set.superclass_labels is not None:
+        views.append(("superclasses", superclass_metrics(truth, scored_set.superclass_labels.numpy(), predicted,
+                                                         clusters, scored_set.num_classes), True))
+    for label, metrics, superclass in views:
+        protocol = {**base, "mapping": mapping_kind, "superclass": superclass, "split": args.split}
+        record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics, epoch=epoch,
+                                     checkpoint_name=checkpoint_name, run=Path(run_dir).name, split=args.split)
+        record["dataset"] = scored_set.name
+        results.append_record(run_dir, record)
+        print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "
+              f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
+    if args.plot and plot:
+        stem = Path(run_dir) / f"{tag}_{Path(checkpoint_name or 'pixels').stem}_{args.split}"
+        confusion_png(truth, predicted, scored_set.class_names, f"{stem}_confusion.png",
+                      f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
+        cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
+

@@ -1,0 +1,88 @@
+"""Weighted kNN accuracy of a run's features: train split as the labelled memory, test split as queries.
+
+    python eval_knn.py --run runs/swav_digits [--k 200 --temperature 0.1 --features backbone]
+
+Appends one record (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl. `--train_features memory_bank` uses a
+memory-bank method's bank as the labelled memory instead of recomputed features (upstream NPID / Super-AND).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import cli, config, distributed, results
+from ..errors import ConfigError
+from ..eval.features import open_evaluation, open_pixel_baseline, pixels
+from ..eval.knn import knn_accuracy
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="eval_knn.py")
+    cli.add_eval_args(parser)
+    parser.add_argument("--baseline", choices=["pixels"], default=None,
+                        help="raw pixels (L2-normalised) instead of a run (needs --dataset and --output_dir)")
+    parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
+    parser.add_argument("--k", type=config.positive_int, default=200, help="neighbours that vote")
+    parser.add_argument("--train_features", choices=["recomputed", "memory_bank"], default="recomputed",
+                        help="train features recomputed with the test view (ours), or the method's memory bank "
+                             "(upstream's NPID / Super-AND monitor)")
+    parser.add_argument("--temperature", type=config.positive_float, default=0.1,
+                        help="vote weight exp(similarity / T)")
+    return parser
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    distributed.configure_threads()
+    protocol = {"k": args.k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
+                "train_features": args.train_features, "fit_on": "train", "selection": "last"}
+    if args.skip_recorded and args.run and results.has_record(args.run, "knn", Path(args.checkpoint or
+                                                                                     "checkpoint.pth").name, protocol):
+        print(f"kNN with this protocol already recorded for {args.run}; skipped")
+        return
+    if args.train_features == "memory_bank" and (args.features != "embedding" or args.baseline):
+        raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
+    ctx = distributed.init(args.device)
+    if args.baseline:
+        run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
+        train_x, test_x = (F.normalize(pixels(s), dim=1).to(ctx.device) for s in (train_set, test_set))
+        epoch = checkpoint_name = None
+    else:
+        evaluation = open_evaluation(args, ctx.device)
+        loaded = evaluation.loaded
+        run_dir, run_args, epoch, checkpoint_name = loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name
+        train_set, test_set = evaluation.train_set, evaluation.test_set
+        test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
+        if args.train_features == "memory_bank":
+            train_x = memory_bank_features(loaded, len(train_set)).to(ctx.device)
+        else:
+            train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
+    metrics = knn_accuracy(train_x, train_set.labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes,
+                           args.k, args.temperature)
+    if ctx.is_main:
+        record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
+                                     checkpoint_name=checkpoint_name, run=Path(run_dir).name)
+        record["dataset"] = test_set.name
+        results.append_record(run_dir, record)
+        print(f"kNN (k={args.k}, T={args.temperature}, {protocol['features']}, train features "
+              f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
+              f"  [{run_dir}, epoch {epoch}]")
+    distributed.shutdown()
+
+
+def memory_bank_features(loaded, train_size: int) -> torch.Tensor:
+    """The run's memory bank rows of the labelled train images (upstream's per-epoch kNN monitor reads these)."""
+    bank = getattr(loaded.method, "memory_bank", None)
+    if bank is None:
+        raise ConfigError(f"--train_features memory_bank: method {loaded.args.method!r} keeps no memory bank "
+                          f"(use recomputed)")
+    bank = torch.as_tensor(bank)
+    split = getattr(loaded.args, "train_split", "train")
+    if len(bank) != train_size and not split.startswith("train+"):
+        raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
+                          f"{train_size} images")
+    # a bank over train+unlabeled (STL-10) holds the labelled train images first
+    return torch.nn.functional.normalize(bank[:train_size].float(), dim=1)
+

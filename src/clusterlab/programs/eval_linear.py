@@ -1,0 +1,111 @@
+"""Linear probe on a run's frozen backbone: top-1 / top-5 on the test split at the last epoch.
+
+    python eval_linear.py --run runs/unmix_c10_400ep [--cached_features true]
+
+Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 epochs, SGD lr 0.3, momentum 0.9, cosine to 0, weight decay 1e-6, batch 32,
+RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole test image; the pre-training normalisation
+(upstream evaluates CIFAR with a different std than it trained with: a bug we do not copy). The best test epoch,
+which upstream reports, is recorded as a separately flagged value. The probe trains in RUN/linear_<checkpoint>/
+and resumes from there; one record goes to RUN/metrics.jsonl.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import cli, config, distributed, engine, results, rundir
+from ..config import bool_flag
+from ..eval.features import extract, open_evaluation
+from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="eval_linear.py")
+    cli.add_eval_args(parser, batch_size=False)
+    cli.add_optim_args(parser)
+    parser.set_defaults(epochs=100, batch_size=32, optimizer="sgd", lr=0.3, final_lr=0.0, schedule="cosine",
+                        momentum=0.9, weight_decay=1e-6, sync_bn=False, amp="off")
+    parser.add_argument("--cached_features", type=bool_flag, default=False,
+                        help="train on features of unaugmented images extracted once (a different protocol)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log_every", type=int, default=200)
+    return parser
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    distributed.configure_threads()
+    protocol_name = "cached" if args.cached_features else "augmented"
+    if args.skip_recorded and args.run and results.has_record(
+            args.run, "linear", Path(args.checkpoint or "checkpoint.pth").name,
+            {"augmentation": protocol_name, "epochs": args.epochs}):
+        print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
+        return
+    ctx = distributed.init(args.device)
+    engine.seed_everything(args.seed)
+    evaluation = open_evaluation(args, ctx.device)
+    loaded, method = evaluation.loaded, evaluation.loaded.method
+    info, size = method.info, method.eval_size
+
+    def backbone_features(images):
+        return extract(method.features, images, size, info.mean, info.std, ctx.device, 512, args.workers,
+                       normalize=False)
+
+    test_features = backbone_features(evaluation.test_set)
+    train_set = evaluation.train_set
+    if args.cached_features:
+        train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
+    probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
+                                              "knn_monitor_every": 0,
+                                              "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
+                                              "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
+    probe = LinearProbe(probe_args, method.backbone, info, test_features.shape[1], evaluation.test_set.num_classes,
+                        size, args.cached_features, ctx.device).to(ctx.device)
+    probe_args.output_dir = str(loaded.run_dir / f"linear_{Path(loaded.checkpoint_name).stem}"
+                                                  f"{'_cached' if args.cached_features else ''}")
+    with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
+        trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
+                                                            "eval_linear.py", run)
+        for epoch in range(start_epoch, args.epochs):
+            completed = trainer.train_one_epoch(epoch, start_step)
+            start_step = 0
+            if completed:
+                scores = test_accuracy(probe, test_features, evaluation.test_set.labels)
+                if scores["top1"] > probe.best["top1"]:
+                    probe.best = {"top1": scores["top1"], "epoch": epoch + 1}
+                if ctx.is_main:
+                    rundir.append_jsonl(trainer.run_dir / "train_log.jsonl", {
+                        "epoch": epoch, "test_top1": scores["top1"], "test_top5": scores["top5"],
+                        "time": rundir.now_iso()})
+                    print(f"epoch {epoch + 1}/{args.epochs}: test top1 {scores['top1']:.4f} "
+                          f"top5 {scores['top5']:.4f}")
+                trainer.end_of_epoch(epoch)
+            if trainer.stop_requested:
+                trainer.save_and_requeue()
+        trainer.finish()
+
+    final = test_accuracy(probe, test_features, evaluation.test_set.labels)
+    if ctx.is_main:
+        protocol = {"features": "backbone", "augmentation": protocol_name, "fit_on": "train", "epochs": args.epochs,
+                    "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+                    "selection": "last", "best_on_test_flagged": True}
+        metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
+                   "best_epoch_on_test": probe.best["epoch"]}
+        record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,
+                                     epoch=loaded.epoch, checkpoint_name=loaded.checkpoint_name,
+                                     run=loaded.run_dir.name)
+        record["dataset"] = evaluation.test_set.name
+        results.append_record(loaded.run_dir, record)
+        print(f"linear ({protocol_name}) on {evaluation.test_set.name} test: top1 {final['top1']:.4f} "
+              f"top5 {final['top5']:.4f} (best epoch on test, flagged: {probe.best['top1']:.4f} at epoch "
+              f"{probe.best['epoch']})  [{loaded.run_dir}, epoch {loaded.epoch}]")
+    distributed.shutdown()
+
+
+@torch.no_grad()
+def test_accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor) -> dict:
+    probe.eval()
+    logits = probe.head(features.to(probe.head.weight.device))
+    return topk_accuracy(logits, labels)
+

@@ -1,0 +1,90 @@
+"""Train a method into a run directory: main_pretrain.py (embeddings) and main_cluster.py (class assignment).
+
+    python main_pretrain.py --config configs/swav_digits.yaml [--any_flag value ...]
+    python main_cluster.py --config configs/embedul_cifar10.yaml --pretrained runs/superand_cifar10
+
+The two programs differ only in the methods they offer (a method's `stage`) and in main_cluster.py's
+`--pretrained`, which fills the backbone (EmbedUL: the whole encoder) from another run's checkpoint before
+training; a run that resumes ignores it. The run directory (--output_dir) receives config.yaml, train_log.jsonl,
+status.json, checkpoint.pth (every epoch) and checkpoint_epNNNN.pth (the epochs of --checkpoint_epochs); started
+again with the same directory, the run resumes where it stopped. Distributed: torchrun, srun or launch.py (README).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import config, data, distributed, engine
+from ..methods import METHODS, DataInfo
+from ..methods.base import add_training_args
+from ..methods.cluster_base import pretrained_normalisation
+
+PROGRAM = {"pretrain": "main_pretrain.py", "cluster": "main_cluster.py"}
+DEFAULT_METHOD = {"pretrain": "swav", "cluster": "sela"}
+
+
+def methods_of(stage: str) -> list[str]:
+    return sorted(name for name, cls in METHODS.items() if cls.stage == stage)
+
+
+def get_args_parser(stage: str):
+    description = {"pretrain": "Pre-train an embedding with a self-supervised method, into a run directory.",
+                   "cluster": "Train class-assignment heads (SeLa, Self-Classifier, EmbedUL), from scratch or from "
+                              "a pre-trained run."}[stage]
+    parser = config.new_parser(description, prog=PROGRAM[stage])
+    parser.add_argument("--method", choices=methods_of(stage), default=DEFAULT_METHOD[stage],
+                        help="method; `--method NAME --help` lists its own flags")
+    if stage == "cluster":
+        parser.add_argument("--pretrained", default=None, help="run directory or checkpoint to start the backbone from")
+    add_training_args(parser)
+    return parser
+
+
+def add_method_args(stage: str, parser, known: dict) -> None:
+    """The flags of the method `known` names (the first look at the command line and YAML file decides)."""
+    method = known.get("method", parser.get_default("method"))
+    if method in methods_of(stage):
+        METHODS[method].add_args(parser)
+
+
+def parse_args(stage: str, argv=None):
+    args = config.parse(get_args_parser(stage), argv, extend=lambda parser, known: add_method_args(stage, parser, known))
+    args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
+    return args
+
+
+def main(stage: str, argv=None):
+    args = parse_args(stage, argv)
+    distributed.configure_threads()
+    ctx = distributed.init(args.device)
+    with engine.owned_run_dir(args.output_dir, ctx) as run:
+        engine.seed_everything(args.seed)
+        train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
+        pretrained = getattr(args, "pretrained", None)
+        if pretrained and not args.mean:
+            # both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train)
+            args.mean, args.std = pretrained_normalisation(pretrained)
+        method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
+        if pretrained and not (Path(args.output_dir) / "checkpoint.pth").exists():
+            source = method.load_pretrained(pretrained)
+            if ctx.is_main:
+                print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
+        method.to(ctx.device)
+        trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, stage, PROGRAM[stage], run)
+
+        for epoch in range(start_epoch, args.epochs):
+            completed = trainer.train_one_epoch(epoch, start_step)
+            start_step = 0
+            if completed:
+                trainer.end_of_epoch(epoch)  # kNN monitor, checkpoint.pth, checkpoint_epNNNN.pth, status.json
+            if trainer.stop_requested:
+                trainer.save_and_requeue()   # a pre-emption or time-limit signal: checkpoint here, exit 75
+        trainer.finish()
+    distributed.shutdown()
+
+
+def pretrain(argv=None):
+    main("pretrain", argv)
+
+
+def cluster(argv=None):
+    main("cluster", argv)

@@ -1,0 +1,203 @@
+"""The run directory's small files: status.json, the JSON-lines logs, the writer's lock, and tidying after a crash.
+
+Every program talks to the others through a run directory (docs/architecture.md); this module owns the files that
+are not checkpoints:
+
+- status.json: {"state": running | interrupted | failed | finished, "updated": ..., and fields such as the epoch or
+  the one-line reason of a failure}, replaced atomically.
+- train_log.jsonl and metrics.jsonl: one JSON object per line, appended with one write under an exclusive lock, so
+  evaluations running side by side never interleave their lines.
+- .lock: who trains in this directory (host, pid, Slurm job id). A second writer is refused with one line naming
+  the holder; a stale lock (a dead process on this host, a Slurm job that is no longer running, or the same Slurm
+  job requeued) is taken over.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .errors import ConfigError
+
+LOCK_NAME = ".lock"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -> None:
+    """Append one line; the lock and the single O_APPEND write keep concurrent writers' lines whole. `durable`
+    waits until the line is on disk (evaluation records: minutes of work each)."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short by a crash is skipped."""
+    try:
+        return _parse_lines(Path(path).read_text().splitlines())
+    except FileNotFoundError:
+        return []
+
+
+def _parse_lines(lines: list[str]) -> list[dict]:
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def write_status(run_dir: str | os.PathLike, state: str, **fields) -> None:
+    atomic_write_text(Path(run_dir) / "status.json", json.dumps({"state": state, "updated": now_iso(), **fields}) + "\n")
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def truncate_train_log(run_dir: str | os.PathLike, epoch: int, global_step: int) -> None:
+    """Drop the records a crashed run wrote after the checkpoint it resumes from (epoch, global_step): the resumed
+    run writes them again, and the log must read like an uninterrupted run's."""
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    records = _parse_lines(lines)
+
+    def before_resume_point(record: dict) -> bool:
+        if "global_step" in record and not record.get("epoch_end"):
+            return record["global_step"] <= global_step
+        return record.get("epoch", -1) < epoch
+
+    kept = [r for r in records if before_resume_point(r)]
+    if len(kept) != len(lines):  # records after the resume point, or a line cut short
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> list[str]:
+    """Temporary files of atomic writes that a killed process left behind (only the lock holder calls this)."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+# ---- the writer's lock ---------------------------------------------------------------------------------------------
+
+def _holder_of_this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": _slurm_job_id(), "since": now_iso()}
+
+
+def _slurm_job_id() -> str | None:
+    """The job id that survives a requeue (an array task is ARRAYID_TASK)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _slurm_job_alive(job_id: str) -> bool | None:
+    """True/False when squeue can tell whether the job is pending or running; None when it cannot be asked."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        # squeue exits non-zero for a job id it no longer knows
+        return False if "Invalid job id" in out.stderr else None
+    return bool(out.stdout.strip())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(holder: dict) -> bool:
+    job = holder.get("slurm_job_id")
+    if job and job == _slurm_job_id():
+        return True  # this very job, requeued: its earlier start is gone
+    if holder.get("host") == socket.gethostname() and holder.get("pid"):
+        if not _pid_alive(int(holder["pid"])) or int(holder["pid"]) == os.getpid():
+            return True
+        return False
+    if job:
+        return _slurm_job_alive(job) is False
+    return False
+
+
+class RunLock:
+    """Exclusive right to write a run directory, held by rank 0 of the training program for its whole life."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps(_holder_of_this_process())
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is None or _stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
+                                  f"wait for it, stop it, or use another --output_dir") from None
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(me + "\n")
+            except OSError:
+                self.path.unlink(missing_ok=True)  # a full disk: leave no empty lock behind
+                raise
+            self.held = True
+            return
+        raise ConfigError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
+
+    def _read_holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None  # a lock cut short by a crash while it was written
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._read_holder() or {}
+            if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _describe(holder: dict) -> str:
+    job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{job} since {holder.get('since', '?')}"
+

@@ -1,0 +1,68 @@
+"""Pre-emption and time-limit signals, caught from the first line of every program.
+
+SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=USR2@120`) and SIGTERM (what `scontrol requeue` and
+pre-emption send) must end in a requeue whatever the process is doing when they arrive. Python's default for both
+is to die at once, so the handler is installed before anything heavy is imported (this module imports nothing but
+the standard library), and it has two modes:
+
+- leave (the default): nothing is worth saving yet (imports, data loading, model building, an evaluation): the
+  previous handler runs (under submitit it requeues the job) and the process exits with status 75 (EX_TEMPFAIL, the
+  exit status the sbatch scripts requeue on).
+- defer (while a training loop runs): the signal is only remembered; the loop stops at the next step boundary,
+  saves a checkpoint, and then calls `leave()` itself.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+EXIT_REQUEUE = 75
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+_previous: dict = {}
+_received: int | None = None
+_deferring = False
+
+
+def install() -> None:
+    """Catch the stop signals (idempotent; the handlers found first are kept as the ones to hand over to)."""
+    for signum in STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        if current is not _handle:
+            _previous[signum] = current
+            signal.signal(signum, _handle)
+
+
+def _handle(signum, frame) -> None:
+    global _received
+    if _received is None:
+        _received = signum
+    if not _deferring:
+        leave()
+
+
+def defer(enabled: bool = True) -> None:
+    """While enabled, a stop signal is remembered instead of ending the process (see `received`)."""
+    global _deferring
+    _deferring = enabled
+    if not enabled and _received is not None:
+        leave()
+
+
+def received() -> int | None:
+    """The first stop signal this process got, if any."""
+    return _received
+
+
+def name() -> str:
+    return signal.Signals(_received).name if _received else "signal"
+
+
+def leave() -> None:
+    """Hand the signal to the handler that was there before ours (submitit's requeues the job), then exit 75."""
+    signum = _received or signal.SIGUSR2
+    previous = _previous.get(signum)
+    if callable(previous):
+        previous(signum, None)
+    sys.exit(EXIT_REQUEUE)
+

@@ -1,0 +1,105 @@
+"""Mixed precision on the CPU: the autocast / GradScaler path a GPU run takes, executed by the tests.
+
+For each of the seven methods, a few training steps under `--amp bf16` and `--amp fp16` (autocast on the CPU; fp16
+with torch's CPU GradScaler): the loss stays finite, every parameter and every piece of state that must stay
+float32 does (weights, Sinkhorn inputs via the queue, memory banks, prototypes), and for fp16 the scaler's state
+is in the checkpoint. A run stopped in the middle of an epoch and resumed from its checkpoint ends bit-identical to
+an uninterrupted one, scaler included. `--amp auto` is float32 on the CPU, and config.yaml records what ran.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from clusterlab import checkpoint, distributed, engine
+from clusterlab.data import ImageSet
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.programs.train import parse_args
+from conftest import TINY, assert_ok, run_script
+from test_resume import assert_same_tensors
+
+SMALL = ["--dataset", "digits", "--width", "4", "--device", "cpu", "--batch_size", "16", "--size_crops", "8",
+         "--epochs", "1", "--log_every", "100", "--sync_bn", "false"]
+FLAGS = {
+    "swav": ["--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10", "--queue_length", "32",
+             "--epoch_queue_starts", "0", "--freeze_prototypes_niters", "1", "--warmup_epochs", "0", "--lr", "0.3"],
+    "unmix": ["--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10", "--queue_length", "32",
+              "--epoch_queue_starts", "0", "--freeze_prototypes_niters", "1", "--warmup_epochs", "0", "--lr", "0.3"],
+    "npid": ["--low_dim", "16", "--nce_k", "8"],
+    "superand": ["--low_dim", "16", "--rounds", "1", "--epochs_per_round", "1", "--schedule_period", "1"],
+    "sela": ["--hc", "2", "--ncl", "5", "--nopts", "3", "--label_batch_size", "32"],
+    "selfclassifier": ["--dim", "16", "--hidden_dim", "32", "--cls_size", "5", "--queue_len", "32"],
+    "embedul": ["--low_dim", "16", "--num_heads", "2"],
+}
+
+
+def images(n: int = 64) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    return ImageSet("fake", "train", torch.arange(n) % 10, 10, 1, 8, (0.5,), (0.25,), [str(c) for c in range(10)],
+                    images=torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8))
+
+
+def trainer_for(method_name: str, amp: str, run_dir) -> engine.Trainer:
+    stage = METHODS[method_name].stage
+    args = parse_args(stage, ["--method", method_name, *SMALL, *FLAGS[method_name], "--amp", amp,
+                              "--output_dir", str(run_dir)])
+    ctx = distributed.init("cpu")
+    engine.seed_everything(args.seed)
+    train = images()
+    method = METHODS[method_name](args, DataInfo.of(train), ctx.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return engine.Trainer(method, args, ctx, run_dir, train, kind=stage)
+
+
+def float_tensors(tree, where=""):
+    """(where, tensor) of every floating-point tensor in a nested state."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield where, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from float_tensors(value, f"{where}/{key}")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from float_tensors(value, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("method_name", sorted(FLAGS))
+def test_steps_under_autocast_are_finite_keep_float32_state_and_resume_exactly(tmp_path, stop_after, method_name,
+                                                                                 amp):
+    torch.set_num_threads(1)
+    reference = trainer_for(method_name, amp, tmp_path / "reference")
+    assert reference.precision == amp
+    assert reference.scaler.is_enabled() == (amp == "fp16")
+    assert reference.train_one_epoch(0)
+    final = reference.state_dict(1, 0)
+    assert all(torch.isfinite(t).all() for _, t in float_tensors(final["model"])), "non-finite weights"
+    # Weights, prototypes, queues, memory banks, pseudo-labels: autocast computes in low precision, keeps nothing so.
+    low = [where for where, t in float_tensors({"model": final["model"], "state": final["method_state"]})
+           if t.dtype in (torch.float16, torch.bfloat16)]
+    assert not low, low
+    if amp == "fp16":
+        assert final["scaler"]["scale"] > 0 and "_growth_tracker" in final["scaler"]
+
+    stopped = trainer_for(method_name, amp, tmp_path / "stopped")
+    stop_after(stopped, 2)
+    assert not stopped.train_one_epoch(0) and stopped.position == (0, 2)
+    stopped.save(*stopped.position)
+    stop_after(None)
+    resumed = trainer_for(method_name, amp, tmp_path / "stopped")
+    assert resumed.resume() == (0, 2)
+    assert resumed.train_one_epoch(0, start_step=2)
+    ours = resumed.state_dict(1, 0)
+    for key in ("model", "optimizer", "scaler", "method_state", "method_random", "global_step"):
+        assert_same_tensors(ours[key], final[key], key)
+
+
+def test_auto_is_float32_on_the_cpu_and_config_records_what_ran(tmp_path):
+    for amp, ran in (("auto", "float32"), ("bf16", "bf16")):
+        run = tmp_path / amp
+        assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--amp", amp, "--output_dir", run))
+        assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == ran
+        if amp == "bf16":
+            assert checkpoint.load(run / "checkpoint.pth")["args"]["amp"] == "bf16"

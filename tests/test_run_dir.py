@@ -1,0 +1,216 @@
+"""The run directory under abuse: one writer at a time, nothing half-kept after SIGKILL, failures recorded, and
+commands that do not fit the run refused before anything is rewritten (rundir.py, engine.py, checkpoint.py)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from clusterlab import checkpoint, rundir
+from clusterlab.errors import ConfigError
+from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env, snapshot
+
+
+def lock_holder(run_dir, **fields) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": None, "since": "then", **fields}
+    (run_dir / rundir.LOCK_NAME).write_text(json.dumps(holder) + "\n")
+
+
+# ---- the lock ------------------------------------------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    lock_holder(run, slurm_job_id="4242")  # this test process: alive
+    before = snapshot(run)
+    result = run_script("main_pretrain.py", *TINY, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", f"{str(run)!r} is in use by pid {os.getpid()}",
+                      socket.gethostname(), "Slurm job 4242", "another --output_dir")
+    assert snapshot(run) == before
+
+
+def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path):
+    run = tmp_path / "run"
+    command = [PYTHON, str(ROOT / "main_pretrain.py"), *map(str, TINY), "--epochs", "3", "--output_dir", str(run)]
+    first = subprocess.Popen([*command, "--seed", "0"], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (run / rundir.LOCK_NAME).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    second = run_script("main_pretrain.py", *TINY, "--epochs", 3, "--seed", 1, "--output_dir", run)
+    assert_user_error(second, "main_pretrain.py", f"pid {first.pid}", "is in use")
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    saved = checkpoint.load(run / "checkpoint.pth")
+    assert saved["args"]["seed"] == 0 and saved["epoch"] == 3
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert not (run / rundir.LOCK_NAME).exists()
+
+
+def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # a dead process on this host
+    lock_holder(tmp_path / "a", pid=dead.pid)
+    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", tmp_path / "a"))
+    # the same Slurm job, requeued (possibly on another node)
+    lock_holder(tmp_path / "b", host="another-node", pid=1, slurm_job_id="77")
+    lock = rundir.RunLock(tmp_path / "b")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    lock.acquire()
+    assert json.loads((tmp_path / "b" / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "b" / rundir.LOCK_NAME).exists()
+    # another node, no Slurm job to ask about: cannot tell, so refused
+    lock_holder(tmp_path / "c", host="another-node", pid=1)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(ConfigError, match="in use by pid 1 on another-node"):
+        rundir.RunLock(tmp_path / "c").acquire()
+
+
+def test_metrics_lines_of_side_by_side_writers_never_interleave(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    big = "x" * 20000  # longer than a pipe buffer: one write, under the lock
+
+    def write(tag):
+        for i in range(50):
+            rundir.append_jsonl(path, {"writer": tag, "i": i, "payload": big})
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 200 and all(r["payload"] == big for r in records)
+    for tag in range(4):
+        assert [r["i"] for r in records if r["writer"] == tag] == list(range(50))
+
+
+# ---- refused before anything is rewritten ----------------------------------------------------------------------------
+
+def test_fewer_epochs_than_the_checkpoint_is_refused_and_rewrites_nothing(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = snapshot(run)
+    result = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "--epochs 1 is below the epoch 2", "--epochs 2 or more")
+    assert snapshot(run) == before
+
+
+def test_a_queue_that_does_not_fit_the_batch_is_refused_at_start(tmp_path):
+    run = tmp_path / "run"
+    result = run_script("main_pretrain.py", *TINY, "--queue_length", 100, "--epoch_queue_starts", 1,
+                        "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "--queue_length 100", "multiple of the global batch 64")
+    assert not run.exists()
+
+
+# ---- SIGKILL at any moment -------------------------------------------------------------------------------------------
+
+def killed_at(run, pattern: str, *extra) -> None:
+    """Start the run and SIGKILL it once its stdout shows `pattern`."""
+    process = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *map(str, TINY), "--log_every", "1",
+                                *map(str, extra), "--output_dir", str(run)], cwd=ROOT, env=script_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if pattern in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+
+
+def test_killed_mid_epoch_then_resumed_keeps_a_clean_log_and_no_leftovers(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    killed_at(run, "epoch 2/2 step 5/", "--checkpoint_epochs", 1, 2)
+    (run / ".checkpoint.pth.abc.tmp").write_bytes(b"half a checkpoint")  # as a kill during a write leaves
+    assert_ok(run_script("main_pretrain.py", *TINY, "--log_every", 1, "--checkpoint_epochs", 1, 2,
+                         "--output_dir", run))
+    assert not list(run.glob(".*"))  # no temporary file, no lock
+    steps = [(r["epoch"], r["step"]) for r in rundir.read_jsonl(run / "train_log.jsonl") if "step" in r]
+    assert steps == [(e, s) for e in range(2) for s in range(898 // 64)]  # each step once, as uninterrupted
+    assert {p.name for p in run.glob("checkpoint*.pth")} == {"checkpoint.pth", "checkpoint_ep0001.pth",
+                                                            "checkpoint_ep0002.pth"}
+
+
+def test_an_epoch_checkpoint_lost_between_the_two_writes_is_restored(tiny_run, tmp_path):
+    # A run killed after checkpoint.pth reached epoch 1 but before checkpoint_ep0001.pth was written.
+    run = copy_run(tiny_run, tmp_path / "run")
+    state = checkpoint.load(run / "checkpoint_ep0001.pth")
+    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "schema", "kind", "method")},
+                    run / "checkpoint.pth", kind="pretrain", method="swav")
+    (run / "checkpoint_ep0001.pth").unlink()
+    (run / "checkpoint_ep0002.pth").unlink()
+    assert_ok(run_script("main_pretrain.py", *TINY, "--checkpoint_epochs", 1, 2, "--output_dir", run))
+    assert checkpoint.load(run / "checkpoint_ep0001.pth")["epoch"] == 1
+    assert checkpoint.load(run / "checkpoint_ep0002.pth")["epoch"] == 2
+
+
+def test_files_follow_the_umask(tmp_path):
+    run = tmp_path / "run"
+    env = {**script_env()}
+    result = subprocess.run(["bash", "-c", f"umask 027 && exec {PYTHON} main_pretrain.py "
+                             + " ".join(map(str, TINY)) + f" --epochs 1 --output_dir {run}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert_ok(result)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir()}
+    assert set(modes.values()) == {0o640}, modes
+
+
+# ---- full disks and read-only mounts (a real tmpfs in a private mount namespace) --------------------------------------
+
+def can_mount() -> bool:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not can_mount(), reason="needs `unshare -m` (root) to mount a small tmpfs")
+
+
+def in_small_filesystem(tmp_path, options: str, *args, fill: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run main_pretrain.py with --output_dir on a fresh tmpfs mounted with `options`; returns the result and
+    {name: bytes} of what the run directory held when the process ended (the mount ends with the namespace)."""
+    mount, kept = tmp_path / "mnt", tmp_path / "kept"
+    mount.mkdir()
+    kept.mkdir()
+    argv = " ".join([PYTHON, "main_pretrain.py", *map(str, TINY), *map(str, args), "--output_dir", f"{mount}/run"])
+    fill_step = f"mkdir {mount}/run && (dd if=/dev/zero of={mount}/run/filler bs=4k 2>/dev/null || true) && " \
+        if fill else ""
+    script = (f"mount -t tmpfs -o {options} tmpfs {mount} && {fill_step}"
+              f"{{ {argv}; rc=$?; cp -a {mount}/. {kept}/ 2>/dev/null; exit $rc; }}")
+    result = subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=180)
+    files = {p.name: p.read_bytes() for p in (kept / "run").iterdir()} if (kept / "run").is_dir() else {}
+    return result, files
+
+
+@needs_mount
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_recorded(tmp_path):
+    result, files = in_small_filesystem(tmp_path, "size=256k")  # the first checkpoint (~450 kB) does not fit
+    assert_user_error(result, "main_pretrain.py", "cannot write", "checkpoint.pth", "No space left on device",
+                      "free some space")
+    status = json.loads(files["status.json"])
+    assert status["state"] == "failed" and "No space left on device" in status["reason"], status
+    assert (status["epoch"], status["step"]) == (1, 0)
+    assert not any(name.startswith(".") for name in files), sorted(files)  # no temporary file, no lock
+
+
+@needs_mount
+def test_disk_full_at_start_is_one_line(tmp_path):
+    result, files = in_small_filesystem(tmp_path, "size=64k", fill=True)
+    assert_user_error(result, "main_pretrain.py", "cannot write", "No space left on device")
+    assert set(files) == {"filler"}
+
+
+@needs_mount
+def test_read_only_output_dir_is_one_line(tmp_path):
+    result, files = in_small_filesystem(tmp_path, "ro,size=64k")
+    assert_user_error(result, "main_pretrain.py", "cannot write", f"{tmp_path / 'mnt' / 'run'}",
+                      "Read-only file system", "writable --output_dir")
+    assert files == {}
+
