@@ -128,13 +128,16 @@ class NPID(MemoryBankMethod):
         return loss, {name: loss.detach()}
 
     def nce(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
-        n, k = f.shape[0], self.args.nce_k
-        noise = torch.randint(self.info.num_samples, (batch.global_size, k), generator=self.noise)
-        columns = torch.cat([batch.indices[:, None], noise[batch.offset: batch.offset + n].to(self.device)], dim=1)
+        columns = torch.cat([batch.indices[:, None], self.draw_noise(batch)], dim=1)
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
         if self.nce_z.item() < 0:
             self.nce_z.copy_(self.estimate_z(similarities))
         return nce_loss(nce_scores(similarities, self.args.nce_t, self.nce_z), self.info.num_samples)
+
+    def draw_noise(self, batch: Batch) -> torch.Tensor:
+        """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
+        noise = torch.randint(self.info.num_samples, (batch.global_size, self.args.nce_k), generator=self.noise)
+        return noise[batch.offset: batch.offset + batch.indices.shape[0]].to(self.device)
 
     @torch.no_grad()
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
