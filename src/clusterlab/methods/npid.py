@@ -49,7 +49,7 @@ class MemoryBankMethod(Method):
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device, momentum: float):
         super().__init__(args, info, device)
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
         self.memory = MemoryBank(info.num_samples, args.low_dim, momentum, seed=args.seed + BANK_SEED)
         self.augment = build_multicrop(args, info)
@@ -100,7 +100,7 @@ class NPID(MemoryBankMethod):
                             lr_gamma=0.1, warmup_epochs=0, weight_decay=5e-4, momentum=0.9, nesterov=False,
                             epochs=200, batch_size=128, nmb_crops=[1], size_crops=[0], min_scale_crops=[0.2],
                             max_scale_crops=[1.0], brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4,
-                            jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0)
+                            jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0, init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         check_momentum(args.nce_m, "--nce_m")
