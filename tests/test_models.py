@@ -1,4 +1,4 @@
-"""Backbones and heads (models/): output sizes, parameter counts against the seeds spec, the padded stem, `--init`."""
+"""Backbones and heads (models/): output sizes, parameter counts, the padded stem, the two `--init` choices."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
-"""The recipes hold the upstream settings (seeds spec 1.10 for SwAV and Un-Mix; the pinned code's initialisation, UE
-mask and labelling precision for NPID, Super-AND, EmbedUL and SeLa), so a recipe cannot drift from them silently."""
+"""The recipes hold the upstream settings (SwAV's and Un-Mix's hyper-parameters; the pinned code's initialisation,
+UE mask and labelling precision for NPID, Super-AND, EmbedUL and SeLa), so a recipe cannot drift from them silently."""
 from __future__ import annotations
 
 import sys
