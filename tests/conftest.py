@@ -84,6 +84,19 @@ def entry_module(name: str):
                            add_method_args=partial(module.add_method_args, stage))
 
 
+def require_installed(paths: list[Path], package: str) -> None:
+    """Skip the calling test unless every one of `paths` (files of Debian's `package`) exists; under
+    CLUSTERLAB_REQUIRE_DATA=1 (.ci/run sets it) fail instead. `make test` installs the package where it can."""
+    missing = [str(path) for path in paths if not Path(path).exists()]
+    if not missing:
+        return
+    reason = (f"{', '.join(missing)} missing (Debian package {package}; `make test` installs it with root and "
+              f"apt-get: bash tests/install_fashion_mnist.sh)")
+    if os.environ.get("CLUSTERLAB_REQUIRE_DATA") == "1":
+        pytest.fail(f"CLUSTERLAB_REQUIRE_DATA=1 but {reason}")
+    pytest.skip(reason)
+
+
 def write_fashion_mnist(folder: Path, train: int = 100, test: int = 50, cut: int = 0) -> str:
     """A small Fashion-MNIST in its real format (IDX .gz files) under `folder`; `cut` bytes are taken off the end of
     the training images (a truncated download)."""

@@ -13,8 +13,11 @@ import fabricate
 from clusterlab.data import registry
 from clusterlab.data.formats import read_idx
 from clusterlab.errors import DataError
+from conftest import require_installed
 
 FASHION_DIR = Path(registry.FASHION_MNIST_DIR)
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte")
 
 # The IIC CIFAR-100 -> 20 table (seeds spec 7.5): the fabricated pickles use a different map on purpose.
 IIC_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
@@ -197,9 +200,8 @@ def test_fashion_mnist_uncompressed_and_torchvision_layout(tmp_path, fashion_roo
     assert torch.equal(theirs.data, ds.images[:, 0]) and torch.equal(theirs.targets, ds.labels)
 
 
-@pytest.mark.skipif(not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason=f"Fashion-MNIST is not installed at {FASHION_DIR} (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_real_files():
+    require_installed([FASHION_DIR / f"{name}.gz" for name in FASHION_FILES], "dataset-fashion-mnist")
     test = registry.load("fashion_mnist", "test")  # the default path
     train = registry.load("fashion_mnist", "train", str(FASHION_DIR))
     assert tuple(train.images.shape) == (60000, 1, 28, 28) and tuple(test.images.shape) == (10000, 1, 28, 28)
@@ -209,6 +211,17 @@ def test_fashion_mnist_real_files():
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     assert test.mean == train.mean and 0.28 < train.mean[0] < 0.29 and 0.35 < train.std[0] < 0.36
+
+
+def test_missing_data_skips_and_fails_under_ci(monkeypatch, tmp_path):
+    """A missing dataset skips its test, except under CLUSTERLAB_REQUIRE_DATA=1 (CI), where it fails."""
+    monkeypatch.delenv("CLUSTERLAB_REQUIRE_DATA", raising=False)
+    require_installed([tmp_path], "dataset-x")
+    with pytest.raises(pytest.skip.Exception, match="dataset-x"):
+        require_installed([tmp_path, tmp_path / "absent.gz"], "dataset-x")
+    monkeypatch.setenv("CLUSTERLAB_REQUIRE_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="CLUSTERLAB_REQUIRE_DATA=1 but .*absent.gz"):
+        require_installed([tmp_path / "absent.gz"], "dataset-x")
 
 
 # ---- digits --------------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""Weighted kNN (eval/knn.py) against a naive per-sample loop; chunking; top-1/top-5; 2 gloo processes vs 1.
+"""Weighted kNN (eval/knn.py) against a naive per-sample loop; chunking; top-1/top-5; 2 gloo processes vs 1; the
+memory-bank monitor on the bank's raw rows.
 
 Class scores: 1e-5 relative to a float64 loop. Accuracies are ratios of counts and are compared exactly.
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterlab.eval.knn import knn_accuracy, knn_class_scores
+from clusterlab.data import ImageSet
+from clusterlab.eval.knn import knn_accuracy, knn_class_scores, monitor
+from clusterlab.programs.eval_knn import memory_bank_features
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 CLASSES = 10
@@ -105,3 +109,39 @@ def test_two_processes_equal_one_process():
         one = knn_accuracy(*data, CLASSES, k=15, temperature=0.1)
         assert results[0][index] == results[1][index] == one
     assert 0 < results[0][0]["top1"] < 1
+
+
+# ---- the memory-bank monitor ----------------------------------------------------------------------------------------
+
+class BankMethod(torch.nn.Module):
+    """What the monitor reads of a memory-bank method: the bank, and one fixed test embedding for every image."""
+
+    eval_size, monitor_temperature = 8, 0.1
+
+    def __init__(self, bank: torch.Tensor, query: torch.Tensor):
+        super().__init__()
+        self.memory_bank, self.query = bank, query
+        self.info = SimpleNamespace(mean=(0.5,), std=(0.25,))
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.query.expand(len(images), -1)
+
+
+def grey_images(labels: list[int]) -> ImageSet:
+    return ImageSet("fake", "train", torch.tensor(labels), 2, 1, 8, (0.5,), (0.25,), ["a", "b"],
+                    images=torch.zeros(len(labels), 1, 8, 8, dtype=torch.uint8))
+
+
+def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
+    """Upstream's kNN monitor (and eval_knn.py --train_features memory_bank) use the bank rows as they are. Row 0
+    (class 0) was never updated and is 5 units long at cosine 0.6 to the query, row 1 (class 1) is unit-length at
+    cosine 0.9: the dot product (3 against 0.9) makes row 0 the nearest neighbour, the cosine would pick row 1."""
+    bank = torch.tensor([[3.0, 4.0], [0.9, 0.19 ** 0.5]])
+    method = BankMethod(bank, torch.tensor([[1.0, 0.0]]))
+    train, test = grey_images([0, 1]), grey_images([0])
+    raw = monitor(method, train, test, k=1, source="memory_bank", device=torch.device("cpu"))
+    assert raw["top1"] == 1.0
+    normalised = knn_accuracy(F.normalize(bank, dim=1), train.labels, method.query, test.labels, 2, k=1)
+    assert normalised["top1"] == 0.0
+    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
+    assert torch.equal(memory_bank_features(loaded, 2), bank)

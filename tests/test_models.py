@@ -1,4 +1,4 @@
-"""Backbones and heads (models/): output sizes, parameter counts against the seeds spec, the padded stem."""
+"""Backbones and heads (models/): output sizes, parameter counts, the padded stem, the two `--init` choices."""
 from __future__ import annotations
 
 import pytest
@@ -87,20 +87,52 @@ def test_grey_input(name):
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
 
 
-def test_initialisation_as_upstream():
-    model = resnet18_cifar(3, 4)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert (m.weight == 1).all() and (m.bias == 0).all()
-    # kaiming normal, fan_out, relu: std = sqrt(2 / (out_channels * 9)) for the 3x3 convolutions of layer4.
-    weight = model.layer4[1].conv2.weight
-    expected = (2 / (weight.shape[0] * 9)) ** 0.5
-    assert abs(weight.std().item() / expected - 1) < 0.1
+def conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
-def test_unknown_backbone_is_refused():
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet18_bottleneck", "resnet18_sobel"])
+def test_init_default_is_pytorchs_and_kaiming_is_fan_out_normal(arch):
+    """`--init default` (upstream NPID, Super-AND and EmbedUL CIFAR code) leaves PyTorch's convolution init,
+    kaiming-uniform with a = sqrt(5), i.e. U(-b, b) with b = 1 / sqrt(fan_in): every weight within b and, in each
+    layer of at least 4096 weights, the std b / sqrt(3) within 5 %. `--init kaiming` (torchvision, SwAV): normal
+    with std sqrt(2 / fan_out) within 5 %, so sqrt(6) = 2.45 times the default's where fan_in = fan_out. Batch
+    norm starts at weight 1, bias 0 with both."""
+    default, kaiming = build_backbone(arch, 3, 16, "default"), build_backbone(arch, 3, 16, "kaiming")
+    for weight in conv_weights(default):
+        bound = weight[0].numel() ** -0.5
+        assert weight.abs().max() <= bound
+        if weight.numel() >= 4096:
+            assert abs(weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.05
+    for weight in conv_weights(kaiming):
+        fan_out = weight.shape[0] * weight[0, 0].numel()
+        if weight.numel() >= 4096:
+            assert abs(weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.05
+    square = [(d, k) for d, k in zip(conv_weights(default), conv_weights(kaiming))
+              if d.shape[0] == d.shape[1] and d.numel() >= 4096]
+    assert square and all(abs(k.std() / d.std() - 6 ** 0.5) < 0.15 for d, k in square)
+    for model in (default, kaiming):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def test_methods_default_init_follows_their_upstream():
+    """NPID, Super-AND and EmbedUL start from PyTorch's default init, the other methods from kaiming-normal."""
+    from conftest import entry_module
+
+    pretrain, cluster = entry_module("main_pretrain"), entry_module("main_cluster")
+    for method, parse in (("npid", pretrain), ("superand", pretrain), ("embedul", cluster), ("swav", pretrain),
+                          ("unmix", pretrain), ("sela", cluster), ("selfclassifier", cluster)):
+        expected = "default" if method in ("npid", "superand", "embedul") else "kaiming"
+        assert parse.parse_args(["--method", method, "--output_dir", "unused"]).init == expected, method
+
+
+def test_unknown_backbone_or_init_is_refused():
     with pytest.raises(ConfigError, match="--arch"):
         build_backbone("resnet50x", 3, 8)
+    with pytest.raises(ConfigError, match="--init"):
+        build_backbone("resnet18_cifar", 3, 8, "xavier")
 
 
 def test_projection_mlp_shapes():

@@ -1,4 +1,5 @@
-"""The CIFAR recipes hold the upstream settings (seeds spec 1.10), so a recipe cannot drift from them silently."""
+"""The recipes hold the upstream settings (SwAV's and Un-Mix's hyper-parameters; the pinned code's initialisation,
+UE mask and labelling precision for NPID, Super-AND, EmbedUL and SeLa), so a recipe cannot drift from them silently."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from clusterlab.programs.train import parse_args
+from clusterlab.slurm.grid import load_grid
 from clusterlab.slurm.sbatch import recipe_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +60,33 @@ def test_sbatch_recipes_cover_the_published_table():
                     assert "--gpus-per-node=1" in text and "--nodes=1" in text
                     for program in ("eval_linear.py", "eval_knn.py", "eval_cluster.py"):
                         assert f'step "$PYTHON" {program} --run "$EXPERIMENT_PATH"' in text
+
+
+# Where NPID, Super-AND, EmbedUL and SeLa follow their pinned code: PyTorch's default init of the CIFAR ResNets (the
+# ImageNet ResNet of NPID draws kaiming-normal), the UE entropy with the own logit masked, float64 labelling logits.
+PINNED_CODE = {
+    **{name: {"init": "default"} for name in ("npid_cifar10", "npid_cifar100", "npid_stl10", "embedul_cifar10",
+                                               "embedul_cifar100", "embedul_cifar100_20", "embedul_stl10")},
+    "npid_imagenet": {"init": "kaiming"},
+    **{name: {"init": "default", "ue_mask_own": True}
+       for name in ("superand_cifar10", "superand_cifar100", "superand_stl10")},
+    **{name: {"label_dtype": "float64"} for name in ("sela_cifar10_alexnet", "sela_cifar100_alexnet",
+                                                      "sela_cifar10_resnet", "sela_cifar100_resnet")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_CODE))
+def test_recipe_follows_the_pinned_code(name):
+    stage = "cluster" if name.startswith(("embedul", "sela")) else "pretrain"
+    args = vars(parse_args(stage, ["--config", f"configs/{name}.yaml", "--output_dir", "unused"]))
+    drifted = {key: (args[key], value) for key, value in PINNED_CODE[name].items() if args[key] != value}
+    assert not drifted, f"configs/{name}.yaml drifted from the pinned code (ours, upstream): {drifted}"
+
+
+def test_embedul_grid_stage_one_follows_the_pinned_code(tmp_path):
+    stage_one = [run for run in load_grid(ROOT / "configs" / "grids" / "embedul_cifar.yaml", tmp_path).runs
+                 if run.stage == "superand"]
+    assert len(stage_one) == 3
+    for run in stage_one:
+        args = parse_args("pretrain", run.argv())
+        assert args.ue_mask_own is True and args.init == "default", run.name

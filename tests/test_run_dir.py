@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from clusterlab import checkpoint, rundir
 from clusterlab.errors import ConfigError
@@ -214,3 +215,15 @@ def test_read_only_output_dir_is_one_line(tmp_path):
                       "Read-only file system", "writable --output_dir")
     assert files == {}
 
+
+
+def test_a_run_trained_before_a_flag_existed_can_still_be_evaluated(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    del recorded["args"]["init"], recorded["args"]["no_decay_bias_norm"]
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded))
+    state = checkpoint.load(run / "checkpoint.pth")
+    del state["args"]["init"], state["args"]["no_decay_bias_norm"]
+    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "schema", "kind", "method")},
+                    run / "checkpoint.pth", kind="pretrain", method="swav")
+    assert_ok(run_script("eval_knn.py", "--run", run, "--device", "cpu"))

@@ -18,6 +18,7 @@ from clusterlab.errors import ConfigError
 from clusterlab.eval.features import load_run
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
+from clusterlab.methods import sela as sela_module
 from clusterlab.methods.sela import SeLa, heads_to_relabel, initial_labels, relabel_times
 from clusterlab.models import build_backbone
 from clusterlab.models.batchnorm import convert_sync_batchnorm
@@ -164,6 +165,26 @@ def test_eval_view_labels_equal_a_naive_per_image_computation():
     labels = naive_sela(p_power(logits, method.args.lamb), method.args.sk_tol)[2]
     assert method.labels[1].tolist() == labels.tolist()
     assert torch.equal(method.labels[0], before[0])
+
+
+def test_labelling_logits_are_upstreams_float64_product(monkeypatch):
+    """Upstream's CIFAR code (cifar.py, opt_sk) copies the features into a float64 numpy array and computes
+    PS_pre @ weight.T + bias with the head's float32 weights, so numpy multiplies in float64. `--label_dtype float64`
+    (the default and the recipes') hands the Sinkhorn exactly those logits (1e-12: summation order only), here in
+    chunks of one row; `float32` (upstream's multi-GPU path) misses them by float32 round-off (> 1e-9)."""
+    method, _ = labelled_method("eval")
+    seen, solve = [], sela_module.sela_sinkhorn
+    monkeypatch.setattr(sela_module, "sela_sinkhorn", lambda logits, *rest: seen.append(logits) or solve(logits, *rest))
+    monkeypatch.setattr(sela_module, "LABEL_CHUNK_ELEMENTS", 1)
+    method.relabel([1])
+    features = np.zeros(tuple(method.label_features()[0].shape))
+    features[:] = method.label_features()[0].numpy()
+    head = method.heads[1]
+    upstream = features @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    assert seen[0].dtype == torch.float64 and np.abs(seen[0].numpy() - upstream).max() < 1e-12
+    method.args.label_dtype = "float32"
+    method.relabel([1])
+    assert seen[1].dtype == torch.float32 and np.abs(seen[1].double().numpy() - upstream).max() > 1e-9
 
 
 def test_eval_view_does_not_depend_on_the_chunk_size():

@@ -38,14 +38,25 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         else run_dir / (checkpoint_name or "checkpoint.pth")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
-    args = argparse.Namespace(**{**saved_args, **state.get("args", {})})
-    if args.method not in METHODS:
-        raise ConfigError(f"run {str(run_dir)!r} used method {args.method!r}, unknown to this version")
+    recorded = {**saved_args, **state.get("args", {})}
+    if recorded.get("method") not in METHODS:
+        raise ConfigError(f"run {str(run_dir)!r} used method {recorded.get('method')!r}, unknown to this version")
+    # A flag added to the suite after the run was trained takes its default: the model is rebuilt only to load
+    # the run's weights into it.
+    args = argparse.Namespace(**{**vars(training_defaults(recorded["method"])), **recorded})
     method = METHODS[args.method](args, DataInfo(**state["data_info"]), device)
     method.load_state_dict(state["model"])
     method.load_extra_state(state.get("method_state", {}))
     method.to(device).eval()
     return LoadedRun(run_dir, args, method, int(state["epoch"]), path.name)
+
+
+def training_defaults(method: str) -> argparse.Namespace:
+    """Every flag of the program that trains `method`, at its default for that method."""
+    from ..programs import PROGRAMS, TRAINING_PROGRAMS
+
+    program = next(PROGRAMS[name] for name in TRAINING_PROGRAMS if PROGRAMS[name].stage == METHODS[method].stage)
+    return program.parser({"method": method}).parse_args(["--method", method])
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from .. import distributed
 def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                      num_classes: int, k: int = 200, temperature: float = 0.1, max_elements: int = 2 ** 24
                      ) -> torch.Tensor:
-    """(N_test, num_classes) summed vote weights; features must be L2-normalised."""
+    """(N_test, num_classes) summed vote weights. Features are L2-normalised, except a memory bank's rows that no
+    step has updated yet: like upstream's monitor, the similarity is then the plain dot product with the raw row."""
     k = min(k, train_features.shape[0])
     chunk = max(1, max_elements // max(1, train_features.shape[0]))
     scores = []
@@ -47,8 +48,9 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 @torch.no_grad()
 def monitor(method, train_set, test_set, k: int, source: str, device: torch.device) -> dict:
-    """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank (upstream's
-    monitor, `source` memory_bank) or against train embeddings recomputed with the test view (`recomputed`)."""
+    """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank's raw rows
+    (upstream's monitor, `source` memory_bank) or against train embeddings recomputed with the test view
+    (`recomputed`)."""
     from .features import extract
 
     was_training = method.training
@@ -56,7 +58,7 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
     size, info = method.eval_size, method.info
     test_x = extract(method.embedding, test_set, size, info.mean, info.std, device)
     if source == "memory_bank":
-        train_x = torch.nn.functional.normalize(method.memory_bank[: len(train_set)].float(), dim=1)
+        train_x = method.memory_bank[: len(train_set)].float()
     else:
         train_x = extract(method.embedding, train_set, size, info.mean, info.std, device)
     method.train(was_training)

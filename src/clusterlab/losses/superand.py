@@ -38,8 +38,10 @@ def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tenso
 
 def ue_loss(logits: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
     """Unification entropy (Super-AND's UE loss): q_i = softmax(O_i) with, when `own` is given, the row's own
-    logit set to -10 first; L = -1/R sum_i sum_j q_ij log q_ij. (Upstream's main.py computes the masked version and
-    then overwrites it with the unmasked one, so the published runs used `own=None`.)"""
+    logit set to -10 first; L = -1/R sum_i sum_j q_ij log q_ij. The masked entropy is the paper's loss and what
+    super-AND's main.py computes at the pinned commit 5a0e5ca (in the rows of both views; EmbedUL's copy too).
+    `own=None`, the unmasked entropy, exists only in super-AND's first commit 05ce30f, where a leftover line
+    overwrote the masked value; the next commit, eab79e5, removed it."""
     logits = logits.float()
     if own is not None:
         logits = logits.scatter(1, own[:, None], UE_OWN_LOGIT)

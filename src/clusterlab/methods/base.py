@@ -21,6 +21,7 @@ from .. import cli
 from ..data.augment import ColorSpec, MultiCrop, crop_specs
 from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
+from ..models import INITS
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train_split", default="train", help="split to train on (stl10: train+unlabeled too)")
     parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
     parser.add_argument("--width", type=positive_int, default=64, help="backbone width (64: the standard ResNet-18)")
+    parser.add_argument("--init", choices=INITS, default="kaiming",
+                        help="backbone initialisation: kaiming-normal convolutions (fan_out; SwAV, SeLa) or PyTorch's "
+                             "default (NPID, Super-AND, EmbedUL)")
     cli.add_optim_args(parser)
     add_augmentation_args(parser)
     cli.add_runtime_args(parser)

@@ -56,11 +56,11 @@ class EmbedUL(ClusterMethod):
                             weight_decay=5e-4, schedule="step", lr_drops=[120, 160, 200, 240, 280], lr_gamma=0.1,
                             epochs=300, batch_size=128, nmb_crops=[2], min_scale_crops=[0.2], max_scale_crops=[1.0],
                             brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, jitter_p=1.0, grey_p=0.2,
-                            flip_p=0.5)
+                            flip_p=0.5, init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__(args, info, device)
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
         classes = args.head_classes or info.num_classes
         self.heads = nn.ParameterList([nn.Parameter(torch.randn(args.low_dim, classes),

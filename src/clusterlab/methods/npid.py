@@ -49,7 +49,7 @@ class MemoryBankMethod(Method):
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device, momentum: float):
         super().__init__(args, info, device)
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
         self.memory = MemoryBank(info.num_samples, args.low_dim, momentum, seed=args.seed + BANK_SEED)
         self.augment = build_multicrop(args, info)
@@ -100,7 +100,7 @@ class NPID(MemoryBankMethod):
                             lr_gamma=0.1, warmup_epochs=0, weight_decay=5e-4, momentum=0.9, nesterov=False,
                             epochs=200, batch_size=128, nmb_crops=[1], size_crops=[0], min_scale_crops=[0.2],
                             max_scale_crops=[1.0], brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4,
-                            jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0)
+                            jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0, init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         check_momentum(args.nce_m, "--nce_m")
@@ -128,13 +128,16 @@ class NPID(MemoryBankMethod):
         return loss, {name: loss.detach()}
 
     def nce(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
-        n, k = f.shape[0], self.args.nce_k
-        noise = torch.randint(self.info.num_samples, (batch.global_size, k), generator=self.noise)
-        columns = torch.cat([batch.indices[:, None], noise[batch.offset: batch.offset + n].to(self.device)], dim=1)
+        columns = torch.cat([batch.indices[:, None], self.draw_noise(batch)], dim=1)
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
         if self.nce_z.item() < 0:
             self.nce_z.copy_(self.estimate_z(similarities))
         return nce_loss(nce_scores(similarities, self.args.nce_t, self.nce_z), self.info.num_samples)
+
+    def draw_noise(self, batch: Batch) -> torch.Tensor:
+        """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
+        noise = torch.randint(self.info.num_samples, (batch.global_size, self.args.nce_k), generator=self.noise)
+        return noise[batch.offset: batch.offset + batch.indices.shape[0]].to(self.device)
 
     @torch.no_grad()
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ The labelling pass (choices):
 - The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
   computed from them, solved, and the labels gathered with their dataset positions and scattered back explicitly
   (upstream's aliasing inverse permutation, spec 3.3, is not reproduced).
+- `--label_dtype float64` (default) forms those logits, features W^T + b, in float64, as upstream's CPU code (the
+  CIFAR code always; ImageNet with --cpu) multiplies float64 copies of the features by the head's weights;
+  `float32` is its multi-GPU path (the product in float32, cast to float64 after).
 - Runs in float32 outside autocast (before_step is called outside it). Rank 0 prints the time of every pass.
 """
 from __future__ import annotations
@@ -51,6 +54,9 @@ SCHEDULES = ("linear", "quadratic")
 SCHEDULE_MARGIN = {"linear": 1.0001, "quadratic": 1.01}
 # Offsets from --seed for the generators this method owns (the training augmentation uses --seed itself).
 LABELS_SEED, LABEL_VIEW_SEED = 1, 2
+LABEL_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# The labelling product runs over chunks of at most this many feature values (128 MiB in float64), whatever N is.
+LABEL_CHUNK_ELEMENTS = 1 << 24
 
 
 def relabel_times(schedule: str, epochs: int, num_samples: int, nopts: int) -> list[float]:
@@ -64,6 +70,13 @@ def heads_to_relabel(schedule: str, epoch: int, heads: int) -> list[int]:
     """linear: head `epoch mod hc` only (upstream's rule; not a strict round robin, so with about one relabelling
     per epoch a head can be skipped or repeated); quadratic: every head."""
     return [epoch % heads] if schedule == "linear" else list(range(heads))
+
+
+def labelling_logits(features: torch.Tensor, head: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """One head's logits features W^T + b (N_local x K) for the labelling pass, the product computed in `dtype`."""
+    weight, bias = head.weight.detach().to(dtype).t(), head.bias.detach().to(dtype)
+    rows = max(1, LABEL_CHUNK_ELEMENTS // max(1, features.shape[1]))
+    return torch.cat([chunk.to(dtype) @ weight + bias for chunk in features.split(rows)])
 
 
 def initial_labels(heads: int, num_samples: int, classes: int, seed: int) -> torch.Tensor:
@@ -92,6 +105,9 @@ class SeLa(ClusterMethod):
                            help="Sinkhorn stopping error (0.01 CIFAR, 0.1 ImageNet)")
         group.add_argument("--label_view", choices=("train", "eval"), default="train",
                            help="labelling pass: train mode on training crops (upstream) or eval mode on test views")
+        group.add_argument("--label_dtype", choices=sorted(LABEL_DTYPES), default="float64",
+                           help="precision of the heads' logits in the labelling pass: float64 as upstream's CPU code "
+                                "(CIFAR), float32 as its multi-GPU ImageNet path")
         group.add_argument("--label_batch_size", type=positive_int, default=512,
                            help="images per forward pass of the labelling over all ranks (rounded up to a multiple "
                                 "of the world size)")
@@ -104,7 +120,7 @@ class SeLa(ClusterMethod):
         super().__init__(args, info, device)
         if args.nopts < 2:
             raise ConfigError(f"--nopts {args.nopts} must be at least 2 (the first optimisation is at step 0)")
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.ncl) for _ in range(args.hc))
         for head in self.heads:  # upstream's initialisation of every linear layer
             nn.init.normal_(head.weight, 0.0, 0.01)
@@ -162,7 +178,8 @@ class SeLa(ClusterMethod):
         positions = distributed.all_gather_uneven(positions.to(self.device))
         solutions = []
         for h in heads:
-            solution = sela_sinkhorn(self.heads[h](features), self.args.lamb, self.args.sk_tol)
+            logits = labelling_logits(features, self.heads[h], LABEL_DTYPES[self.args.label_dtype])
+            solution = sela_sinkhorn(logits, self.args.lamb, self.args.sk_tol)
             self.labels[h, positions] = distributed.all_gather_uneven(solution.labels)
             solutions.append(solution)
         return solutions

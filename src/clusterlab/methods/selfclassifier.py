@@ -192,7 +192,7 @@ class SelfClassifier(ClusterMethod):
             raise ConfigError(f"--sc_version v1 has one temperature: --row_tau {args.row_tau} and --col_tau "
                               f"{args.col_tau} must be equal (0.3 upstream)")
         sizes = head_sizes(args.cls_size, args.num_cls)
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.dim, args.num_hidden, args.use_bn,
                             args.leaky)
         embed_dim = args.dim if args.num_hidden else self.backbone.out_dim

@@ -59,13 +59,15 @@ class SuperAND(MemoryBankMethod):
                            help="UE loss weight added every --ue_every epochs of a round")
         group.add_argument("--ue_every", type=positive_int, default=80, help="epochs of a round per UE weight step")
         group.add_argument("--ue_mask_own", type=bool_flag, default=True,
-                           help="set the own logit to -10 before the UE entropy (the paper's loss; upstream's code "
-                                "overwrites the masked value with the unmasked one: false reproduces that)")
+                           help="set each row's own logit to -10 before the UE entropy, as the paper and upstream's "
+                                "code (5a0e5ca) do; false: the unmasked entropy of super-AND's first commit "
+                                "(05ce30f), removed in eab79e5")
         parser.set_defaults(arch="resnet18_sobel", optimizer="sgd", nesterov=True, lr=0.03, momentum=0.9,
                             weight_decay=5e-4, schedule="step", lr_drops=[120, 160], lr_gamma=0.1,
                             schedule_period=200, warmup_epochs=0, epochs=1000, batch_size=128, nmb_crops=[2],
                             size_crops=[0], min_scale_crops=[0.2], max_scale_crops=[1.0], brightness=0.4,
-                            contrast=0.4, saturation=0.4, hue=0.4, jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.5)
+                            contrast=0.4, saturation=0.4, hue=0.4, jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.5,
+                            init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         check_momentum(args.npc_m, "--npc_m")

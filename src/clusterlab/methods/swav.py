@@ -46,7 +46,7 @@ class SwAV(Method):
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__(args, info, device)
-        self.backbone = build_backbone(args.arch, info.channels, args.width)
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.projection = projection_mlp(self.backbone.out_dim, args.hidden_mlp, args.feat_dim)
         self.prototypes = Prototypes(args.feat_dim if args.feat_dim else self.backbone.out_dim, args.nmb_prototypes)
         self.augment = build_multicrop(args, info)

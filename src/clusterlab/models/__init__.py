@@ -20,14 +20,20 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_backbone(name: str, in_channels: int, width: int) -> nn.Module:
+# "kaiming": the architecture's explicit initialisation (convolutions kaiming-normal, fan_out); "default": PyTorch's.
+INITS = ("kaiming", "default")
+
+
+def build_backbone(name: str, in_channels: int, width: int, init: str = "kaiming") -> nn.Module:
     if name not in BACKBONES:
         raise ConfigError(f"unknown --arch {name!r} (choose one of: {', '.join(BACKBONES)})")
-    return BACKBONES[name](in_channels=in_channels, width=width)
+    if init not in INITS:
+        raise ConfigError(f"unknown --init {init!r} (choose one of: {', '.join(INITS)})")
+    return BACKBONES[name](in_channels=in_channels, width=width, init=init)
 
 
 def backbone_label(name: str, width: int) -> str:
     return f"{name}_w{width}"
 
 
-__all__ = ["BACKBONES", "build_backbone", "backbone_label", "Prototypes", "projection_mlp"]
+__all__ = ["BACKBONES", "INITS", "build_backbone", "backbone_label", "Prototypes", "projection_mlp"]

@@ -32,7 +32,7 @@ def _scaled(channels: int, width: int) -> int:
 
 
 class AlexNetBN(nn.Module):
-    def __init__(self, in_channels: int = 3, width: int = 64):
+    def __init__(self, in_channels: int = 3, width: int = 64, init: str = "kaiming"):
         super().__init__()
         layers, channels = [], in_channels
         for spec in BIG:
@@ -49,21 +49,19 @@ class AlexNetBN(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(channels * 6 * 6, hidden), nn.ReLU(inplace=True),
                                         nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
         self.out_dim = hidden
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        if init == "kaiming":  # upstream SeLa's initialisation; "default" keeps PyTorch's
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, 0.0, 0.01)
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def alexnet_bn(in_channels: int = 3, width: int = 64) -> AlexNetBN:
-    return AlexNetBN(in_channels, width)
+def alexnet_bn(in_channels: int = 3, width: int = 64, init: str = "kaiming") -> AlexNetBN:
+    return AlexNetBN(in_channels, width, init)

@@ -5,6 +5,10 @@
 - `resnet18_bottleneck`: what the Un-Mix / SwAV CIFAR code calls "resnet18" (seeds spec 1.3): Bottleneck blocks
   (expansion 4) in [2, 2, 2, 2], 32 x width features (2048 at width 64), and a zero ConstantPad2d(1) before the
   stem convolution, left over from the ImageNet code, so a 32 x 32 input is 34 x 34 after the stem.
+
+`init`: "kaiming" draws every convolution kaiming-normal (fan_out, ReLU gain), as torchvision's and SwAV's ResNets
+do; "default" keeps PyTorch's own initialisation (convolutions uniform in +-1/sqrt(fan_in), about 2.5 times smaller
+in std), as the CIFAR ResNets of NPID, Super-AND and EmbedUL do. Batch norm starts at weight 1, bias 0 either way.
 """
 from __future__ import annotations
 
@@ -61,7 +65,8 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
 class CifarResNet(nn.Module):
     """Stem conv 3x3/1 + BN + ReLU (no max-pool), four stages, global average pool -> `out_dim` features."""
 
-    def __init__(self, block, layers, in_channels: int = 3, width: int = 64, stem_pad: bool = False):
+    def __init__(self, block, layers, in_channels: int = 3, width: int = 64, stem_pad: bool = False,
+                 init: str = "kaiming"):
         super().__init__()
         self.pad = nn.ConstantPad2d(1, 0.0) if stem_pad else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
@@ -78,12 +83,10 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_planes
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        if init == "kaiming":
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(self.pad(x))))
@@ -91,9 +94,9 @@ class CifarResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def resnet18_cifar(in_channels: int = 3, width: int = 64) -> CifarResNet:
-    return CifarResNet(BasicBlock, [2, 2, 2, 2], in_channels, width)
+def resnet18_cifar(in_channels: int = 3, width: int = 64, init: str = "kaiming") -> CifarResNet:
+    return CifarResNet(BasicBlock, [2, 2, 2, 2], in_channels, width, init=init)
 
 
-def resnet18_bottleneck(in_channels: int = 3, width: int = 64) -> CifarResNet:
-    return CifarResNet(Bottleneck, [2, 2, 2, 2], in_channels, width, stem_pad=True)
+def resnet18_bottleneck(in_channels: int = 3, width: int = 64, init: str = "kaiming") -> CifarResNet:
+    return CifarResNet(Bottleneck, [2, 2, 2, 2], in_channels, width, stem_pad=True, init=init)

@@ -24,12 +24,12 @@ SOBEL = torch.tensor([[[[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]],
 
 
 class SobelTwoStream(nn.Module):
-    def __init__(self, in_channels: int = 3, width: int = 64):
+    def __init__(self, in_channels: int = 3, width: int = 64, init: str = "kaiming"):
         super().__init__()
         self.register_buffer("average", torch.full((1, in_channels, 1, 1), 1.0 / in_channels), persistent=False)
         self.register_buffer("sobel", SOBEL.clone(), persistent=False)
-        self.rgb = resnet18_cifar(in_channels, width)
-        self.edges = resnet18_cifar(2, width)
+        self.rgb = resnet18_cifar(in_channels, width, init)
+        self.edges = resnet18_cifar(2, width, init)
         self.out_dim = self.rgb.out_dim + self.edges.out_dim
 
     def edge_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,5 +41,5 @@ class SobelTwoStream(nn.Module):
         return torch.cat([self.rgb(x), self.edges(self.edge_input(x))], dim=1)
 
 
-def resnet18_sobel(in_channels: int = 3, width: int = 64) -> SobelTwoStream:
-    return SobelTwoStream(in_channels, width)
+def resnet18_sobel(in_channels: int = 3, width: int = 64, init: str = "kaiming") -> SobelTwoStream:
+    return SobelTwoStream(in_channels, width, init)

@@ -73,7 +73,7 @@ def main(argv=None):
 
 
 def memory_bank_features(loaded, train_size: int) -> torch.Tensor:
-    """The run's memory bank rows of the labelled train images (upstream's per-epoch kNN monitor reads these)."""
+    """The run's raw memory bank rows of the labelled train images (what upstream's kNN monitor reads)."""
     bank = getattr(loaded.method, "memory_bank", None)
     if bank is None:
         raise ConfigError(f"--train_features memory_bank: method {loaded.args.method!r} keeps no memory bank "
@@ -83,6 +83,7 @@ def memory_bank_features(loaded, train_size: int) -> torch.Tensor:
     if len(bank) != train_size and not split.startswith("train+"):
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
                           f"{train_size} images")
-    # a bank over train+unlabeled (STL-10) holds the labelled train images first
-    return torch.nn.functional.normalize(bank[:train_size].float(), dim=1)
+    # a bank over train+unlabeled (STL-10) holds the labelled train images first; rows as they are, as upstream
+    # (only a row never updated is not unit-length)
+    return bank[:train_size].float()
 
