@@ -36,7 +36,7 @@ def slurm():
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", **extra}
 
 
 def launch(*args, check=True) -> subprocess.CompletedProcess:
