@@ -91,7 +91,8 @@ def fake_slurm(tmp_path: Path) -> dict:
                                   'echo "$n" > "$FAKE_SLURM/next"; echo "$n $*" >> "$FAKE_SLURM/sbatch.log"\n'
                                   'echo "Submitted batch job $n"\n')
     _executable(state / "squeue", '#!/bin/bash\ncat "$FAKE_SLURM/queue" 2>/dev/null; exit 0\n')
-    _executable(state / "scontrol", '#!/bin/bash\n[ "$1 $2" = "show job" ] && echo "   StdOut=$FAKE_SLURM/stdout.log"\n')
+    _executable(state / "scontrol",
+                '#!/bin/bash\n[ "$1 $2" = "show job" ] && echo "   StdOut=$FAKE_SLURM/stdout.log"\n')
     return {**os.environ, "PATH": f"{state}:{os.environ['PATH']}", "FAKE_SLURM": str(state), "SLURM_JOB_ID": "7",
             "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
 
