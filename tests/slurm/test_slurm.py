@@ -193,8 +193,8 @@ def test_sbatch_refusing_a_grid_job_is_one_line(slurm, tmp_path):
 
 
 def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
-    """A finished run whose kNN job is pending (a job holding the whole node keeps it waiting): launching the grid
-    again submits nothing; once the node is free the one job runs and one record appears."""
+    """A finished run whose kNN job is still in the queue (held there): launching the grid again submits nothing;
+    once released, the one job runs and one record appears."""
     flags = {**TINY, "batch_size": 64, "epochs": 1}
     grid = write_grid(tmp_path / "grid.yaml", name="e", program="main_pretrain.py", config="configs/swav_digits.yaml",
                       axes={"seed": [0]}, flags=flags, evals={"programs": ["eval_knn.py"]},
@@ -203,18 +203,18 @@ def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
     argv = [f"--{k}={v[0] if isinstance(v, list) else v}" for k, v in flags.items()]
     subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", *argv, "--seed", "0",
                     "--output_dir", str(run)], cwd=ROOT, env=env(), check=True, capture_output=True)
-    blocker = subprocess.run(["sbatch", "--parsable", "--exclusive", f"--output={tmp_path}/blocker.out",
-                              "--wrap", "sleep 600"], capture_output=True, text=True, check=True).stdout.strip()
+    first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+    assert "submitted 1 evaluation job(s)" in first.stdout and "finished" in first.stdout
+    job = json.loads((run / "slurm" / "jobs.jsonl").read_text())["job_id"]
+    if subprocess.run(["scontrol", "hold", job], capture_output=True).returncode != 0:
+        subprocess.run(["scontrol", "requeuehold", job], check=True)  # it had started: back to the queue, held
     try:
-        first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
-        assert "submitted 1 evaluation job(s)" in first.stdout and "finished" in first.stdout
         again = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
         assert "submitted" not in again.stdout and "queued: final" in again.stdout
     finally:
-        subprocess.run(["scancel", blocker], check=True)
-    jobs = [json.loads(line) for line in (run / "slurm" / "jobs.jsonl").read_text().splitlines()]
-    assert [job["kind"] for job in jobs] == ["eval"]
-    wait_job(jobs[0]["job_id"])
+        subprocess.run(["scontrol", "release", job], check=True)
+    assert len((run / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
+    wait_job(job)
     assert [r["eval"] for r in records(run)] == ["knn"]
 
 
