@@ -2,7 +2,10 @@
 """Turn every metrics.jsonl under a directory into result tables: Markdown on stdout; CSV, Markdown, LaTeX and
 metric-against-epochs plots per dataset in --out.
 
-    python collect_results.py --root runs/ [--out results/]
+    python collect_results.py --root runs/ [--out runs/tables/]
+
+--out defaults to ROOT/tables, beside the runs the tables come from; the shipped tables in results/ change only when
+you name that folder (`--out results`), as scripts/fashion_mnist.sh does.
 
 Rows group records by dataset, method, backbone, epoch, evaluation and protocol; metrics are percentages, mean ±
 std over seeds with n. Published numbers (results/published.csv) stand beside ours where method, dataset,
@@ -22,7 +25,8 @@ PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="collect_results.py")
     parser.add_argument("--root", default="runs", help="directory searched (recursively) for metrics.jsonl")
-    parser.add_argument("--out", default="results", help="where the tables and plots go")
+    parser.add_argument("--out", default=None,
+                        help="where the tables and plots go (default ROOT/tables; results/ only when named)")
     parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
     parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     return parser
@@ -39,7 +43,7 @@ def main(argv=None):
     if frame.empty:
         print(f"no metrics records under {args.root}")
         return
-    out = Path(args.out)
+    out = Path(args.root) / "tables" if args.out is None else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for dataset, rows in frame.groupby("dataset", sort=True):
         table = results.attach_published(results.aggregate(rows), published)

@@ -8,13 +8,20 @@
 Training runs are submitted as job arrays (one per resource shape, throttled by array_parallelism), one task per
 GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
 checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped, unfinished ones
-resume, evaluations already recorded are not repeated. On the pre-emption / time-limit signal a run saves a full
-checkpoint and requeues itself (at most max_requeues times).
+resume, evaluations already recorded or still in the queue are not submitted again (RUN/slurm/jobs.jsonl lists
+every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
+saves a full checkpoint and requeues itself (at most max_requeues times).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from clusterlab import config, results, rundir
 from clusterlab.errors import ConfigError, run_cli
@@ -50,11 +57,12 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
-    plan = [(run, run_state(run, grid)) for run in grid.runs]
-    print_plan(grid, plan)
+    in_queue = queued_ids() if args.cluster == "slurm" else set()
+    plan = [(run, run_state(run, in_queue)) for run in grid.runs]
+    print_plan(grid, plan, in_queue)
     if args.dry_run:
         return
-    job_ids = submit(grid, plan, args.cluster)
+    job_ids = submit(grid, plan, args.cluster, in_queue)
     if args.wait and args.cluster == "slurm":
         wait_for(job_ids)
         print("all jobs left the queue")
@@ -62,68 +70,134 @@ def main(argv=None):
             print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}")
 
 
-def run_state(run: RunSpec, grid: Grid) -> str:
+def run_state(run: RunSpec, in_queue: set) -> str:
     """new, resume (a run directory without a finished status), finished, or queued (a job of it is queued)."""
     status = rundir.read_status(run.run_dir)
     if status.get("state") == "finished" and status.get("epochs") == run.flags.get("epochs", status.get("epochs")):
         return "finished"
-    if queued_train_job(grid, run.name):
+    if queued_train_job(run.run_dir, in_queue):
         return "queued"
     return "resume" if run.run_dir.exists() else "new"
 
 
-def _queued_ids() -> set:
-    import subprocess
-
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+def queued_ids() -> set:
+    """The ids of every pending or running Slurm job (array tasks as 123_4); none where squeue does not answer."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+    except OSError:  # no Slurm on this machine
+        return set()
     return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
-def pending_evals(run: RunSpec) -> dict:
-    """checkpoint -> [(program, argv)] of the evaluations with no record of that kind for that checkpoint yet."""
+def recorded_jobs(run_dir: Path) -> list[dict]:
+    """RUN/slurm/jobs.jsonl, oldest first; a line cut short by a crash is skipped."""
+    path = Path(run_dir) / "slurm" / "jobs.jsonl"
+    if not path.is_file():
+        return []
+    jobs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            jobs.append(json.loads(line))
+        except ValueError:
+            continue
+    return [job for job in jobs if isinstance(job, dict) and "job_id" in job]
+
+
+def queued_train_job(run_dir: Path, in_queue: set) -> str | None:
+    """The id of a run's training job that is still pending or running (from an earlier launch)."""
+    trains = [job["job_id"] for job in recorded_jobs(run_dir) if job.get("kind") == "train"]
+    return next((job for job in reversed(trains) if job in in_queue), None)
+
+
+def queued_evals(run_dir: Path, in_queue: set) -> dict:
+    """checkpoint -> programs of the evaluation jobs of an earlier launch that are still pending or running (an
+    entry that does not list its programs covers every program of its checkpoint)."""
+    queued: dict = {}
+    for job in recorded_jobs(run_dir):
+        if job.get("kind") == "eval" and job["job_id"] in in_queue:
+            checkpoint = job.get("checkpoint") or str(job.get("what", "")).removeprefix("eval ")
+            queued.setdefault(checkpoint, set()).update(job.get("programs") or EVAL_PROGRAMS)
+    return queued
+
+
+def pending_evals(run: RunSpec, in_queue: set) -> dict:
+    """checkpoint -> [(program, argv)] of the evaluations with no record of that kind for that checkpoint yet and
+    no job in the queue that will make one."""
+    queued = queued_evals(run.run_dir, in_queue)
     grouped: dict = {}
     for spec in run.evals:
+        if spec.program in queued.get(spec.checkpoint, ()):
+            continue
         if not results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint):
             grouped.setdefault(spec.checkpoint, []).append((spec.program, to_argv(spec.flags)))
     return grouped
 
 
-def eval_summary(pending: dict) -> str:
-    """`ep0200 ep0400 final (3 programs each)`: the evaluation jobs still to run."""
-    if not pending:
-        return "-"
-    labels = [Path(ck).stem.replace("checkpoint_", "").replace("checkpoint", "final") for ck in pending]
-    counts = sorted({len(v) for v in pending.values()})
-    return f"{' '.join(labels)} ({'/'.join(map(str, counts))} program(s) each)"
+def _epoch_label(checkpoint: str) -> str:
+    return Path(checkpoint).stem.replace("checkpoint_", "").replace("checkpoint", "final")
 
 
-def print_plan(grid: Grid, plan) -> None:
+def eval_summary(pending: dict, queued: dict) -> str:
+    """`ep0200 final (3 program(s) each); queued: ep0100`: the evaluation jobs to submit, and those still queued."""
+    parts = []
+    if pending:
+        counts = sorted({len(v) for v in pending.values()})
+        parts.append(f"{' '.join(map(_epoch_label, pending))} ({'/'.join(map(str, counts))} program(s) each)")
+    if queued:
+        parts.append(f"queued: {' '.join(map(_epoch_label, queued))}")
+    return "; ".join(parts) or "-"
+
+
+def print_plan(grid: Grid, plan, in_queue: set) -> None:
     axis_keys = list(plan[0][0].axis_values) if plan else []
-    header = ["run", "state", *axis_keys, "evaluation jobs"]
+    header = ["run", "state", *axis_keys, "evaluation jobs", "directory"]
     rows = [[run.name, state, *(str(run.axis_values[k]) for k in axis_keys),
-             eval_summary(pending_evals(run))] for run, state in plan]
+             eval_summary(pending_evals(run, in_queue), queued_evals(run.run_dir, in_queue)), str(run.run_dir)]
+            for run, state in plan]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     resources = grid.resources
     programs = " then ".join(dict.fromkeys(run.program for run, _ in plan)) or "-"
     print(f"grid {grid.name}: {len(plan)} runs of {programs} "
           f"({resources['nodes']} node(s) x {resources['tasks_per_node']} task(s), "
           f"{resources['gpus_per_node']} GPU(s)/node, {resources['timeout_min']} min)")
+    print(f"runs go to {output_root(grid)}/ (one directory per run; submitit's job logs in .submitit/)")
     for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def submit(grid: Grid, plan, cluster: str) -> list[str]:
+def output_root(grid: Grid) -> Path:
+    return Path(grid.runs[0].run_dir).parent
+
+
+@contextlib.contextmanager
+def refused_by_sbatch(what: str, ids: list[str]):
+    """sbatch's refusal (bad partition, account, ...) as one line naming what it refused and why, instead of
+    submitit's traceback and the copy of sbatch's stderr it prints."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    except (FailedJobError, FailedSubmissionError) as err:
+        reason = "; ".join(line.strip().removeprefix("sbatch: error: ") for line in str(err).splitlines()
+                           if line.strip())
+        before = f" ({len(ids)} job(s) submitted before it stay queued: {', '.join(ids)})" if ids else ""
+        raise ConfigError(f"sbatch refused {what}: {reason}{before}") from None
+    sys.stderr.write(printed.getvalue())
+
+
+def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list[str]:
     """Submit the training runs stage by stage (arrays where nothing is awaited, a job per run that waits for its
     previous stage) and the chained evaluation jobs; returns every job id."""
-    folder = Path(grid.runs[0].run_dir).parent / ".submitit"
-    states = {run.name: state for run, state in plan}
+    folder = output_root(grid) / ".submitit"
     ids, jobs = [], {}
 
+    def previous_job(name: str):
+        """A run's training job: submitted now, or still queued from an earlier launch."""
+        return jobs.get(name) or queued_train_job(output_root(grid) / name, in_queue)
+
     def parent_of(run: RunSpec):
-        """The job a run must wait for: its previous stage's, submitted now or still queued from before."""
-        if run.after is None:
-            return None
-        return jobs.get(run.after) or (queued_train_job(grid, run.after) if states[run.after] == "queued" else None)
+        """The job a run must wait for: its previous stage's."""
+        return None if run.after is None else previous_job(run.after)
 
     def send(runs: list[RunSpec], after=None) -> None:
         if not runs:
@@ -132,8 +206,9 @@ def submit(grid: Grid, plan, cluster: str) -> list[str]:
                                  after=_job_id(after) if cluster == "slurm" else None)
         if after is not None and cluster != "slurm":
             after.result()  # the local executors know no dependencies: start after the awaited job returns
-        with executor.batch():
-            submitted = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in runs]
+        with refused_by_sbatch(f"the training job(s) of {', '.join(run.name for run in runs)}", ids):
+            with executor.batch():
+                submitted = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in runs]
         for run, job in zip(runs, submitted):
             jobs[run.name] = job
             record_job(run, job, "train")
@@ -149,17 +224,16 @@ def submit(grid: Grid, plan, cluster: str) -> list[str]:
     if ids:
         print(f"submitted {len(ids)} training job(s): {', '.join(ids)}")
     eval_count = 0
-    for run, state in plan:
-        if state == "queued" or not run.evals:
-            continue
-        parent = jobs.get(run.name)
-        for checkpoint, commands in pending_evals(run).items():
+    for run, _ in plan:
+        parent = previous_job(run.name)
+        for checkpoint, commands in pending_evals(run, in_queue).items():
             executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
                                      after=_job_id(parent) if parent is not None and cluster == "slurm" else None)
             if parent is not None and cluster != "slurm":
                 parent.result()
-            job = executor.submit(ProgramJob(commands))
-            record_job(run, job, f"eval {checkpoint}")
+            with refused_by_sbatch(f"the evaluation job of {run.name} ({checkpoint})", ids):
+                job = executor.submit(ProgramJob(commands))
+            record_job(run, job, f"eval {checkpoint}", checkpoint, [program for program, _ in commands])
             ids.append(str(job.job_id))
             eval_count += 1
     if eval_count:
@@ -171,24 +245,17 @@ def _job_id(job) -> str | None:
     return None if job is None else str(getattr(job, "job_id", job))
 
 
-def queued_train_job(grid: Grid, name: str) -> str | None:
-    """The id of a run's training job that is still pending or running (from an earlier launch)."""
-    path = Path(grid.runs[0].run_dir).parent / name / "slurm" / "jobs.jsonl"
-    if not path.is_file():
-        return None
-    queued = _queued_ids()
-    trains = [json.loads(line)["job_id"] for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line)["kind"] == "train"]
-    return next((job for job in reversed(trains) if job in queued), None)
-
-
-def record_job(run: RunSpec, job, kind: str) -> None:
-    """RUN/slurm/jobs.jsonl lists every job that worked on the run; RUN/slurm/<id> links to its logs."""
+def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, programs: list | None = None) -> None:
+    """RUN/slurm/jobs.jsonl lists every job that worked on the run (an evaluation job with its checkpoint and
+    programs); RUN/slurm/<id> links to its logs."""
     directory = run.run_dir / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
+    entry = {"job_id": str(job.job_id), "kind": kind.split()[0], "what": kind, "logs": str(job.paths.folder),
+             "submitted": rundir.now_iso()}
+    if checkpoint is not None:
+        entry.update(checkpoint=checkpoint, programs=programs)
     with open(directory / "jobs.jsonl", "a") as handle:
-        handle.write(json.dumps({"job_id": str(job.job_id), "kind": kind.split()[0], "what": kind,
-                                 "logs": str(job.paths.folder), "submitted": rundir.now_iso()}) + "\n")
+        handle.write(json.dumps(entry) + "\n")
     link = directory / str(job.job_id)
     if not link.exists():
         link.symlink_to(Path(job.paths.folder).resolve(), target_is_directory=True)

@@ -4,6 +4,8 @@
 # Usage (from the repository root): sbatch sbatch/embedul_stl10.sh [more training flags]
 # Environment: DATASET_PATH (data), EXPERIMENT_PATH (run directory), PYTHON, and per evaluation
 # EVAL_KNN_ARGS / EVAL_CLUSTER_ARGS / EVAL_LINEAR_ARGS (extra flags, split on spaces); each stage also takes SUPERAND_ARGS, EMBEDUL_ARGS.
+# An --output_dir among the training flags replaces EXPERIMENT_PATH (evaluations follow the run).
+# The job's log: experiments/logs/embedul_stl10_JOBID.out, linked as $EXPERIMENT_PATH/slurm/JOBID.out.
 #SBATCH --job-name=embedul_stl10
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -14,12 +16,22 @@
 #SBATCH --signal=USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=%x_%j.out
+#SBATCH --output=experiments/logs/%x_%j.out
 set -uo pipefail
 DATASET_PATH=${DATASET_PATH:-data}
 EXPERIMENT_PATH=${EXPERIMENT_PATH:-experiments/embedul_stl10}
 PYTHON=${PYTHON:-python}
-mkdir -p "$EXPERIMENT_PATH"
+args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --output_dir) EXPERIMENT_PATH=${2:?--output_dir needs a directory}; shift 2 ;;
+    --output_dir=*) EXPERIMENT_PATH=${1#--output_dir=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+mkdir -p "$EXPERIMENT_PATH/slurm"
+log=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
+if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"; fi
 
 # On Slurm's signal a step stops (training saves at the next step first) and exits 75:
 # the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).
@@ -33,13 +45,13 @@ step() {
 # Training (superand) resumes from $EXPERIMENT_PATH/superand/checkpoint.pth when it exists.
 read -ra extra <<< "${SUPERAND_ARGS:-}"
 step "$PYTHON" main_pretrain.py --config configs/superand_stl10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH/superand" "$@" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/superand "${args[@]}" "${extra[@]}"
 
 # Training (embedul) resumes from $EXPERIMENT_PATH/embedul/checkpoint.pth when it exists.
 read -ra extra <<< "${EMBEDUL_ARGS:-}"
 step "$PYTHON" main_cluster.py --config configs/embedul_stl10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH/embedul" --pretrained "$EXPERIMENT_PATH/superand" "$@" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/embedul --pretrained "$EXPERIMENT_PATH"/superand "${args[@]}" "${extra[@]}"
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_CLUSTER_ARGS:-}"
-step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH/embedul" --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH"/embedul --skip_recorded true "${extra[@]}"

@@ -4,6 +4,8 @@
 # Usage (from the repository root): sbatch sbatch/unmix_c10_400ep.sh [more training flags]
 # Environment: DATASET_PATH (data), EXPERIMENT_PATH (run directory), PYTHON, and per evaluation
 # EVAL_KNN_ARGS / EVAL_CLUSTER_ARGS / EVAL_LINEAR_ARGS (extra flags, split on spaces).
+# An --output_dir among the training flags replaces EXPERIMENT_PATH (evaluations follow the run).
+# The job's log: experiments/logs/unmix_c10_400ep_JOBID.out, linked as $EXPERIMENT_PATH/slurm/JOBID.out.
 #SBATCH --job-name=unmix_c10_400ep
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -14,12 +16,22 @@
 #SBATCH --signal=USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=%x_%j.out
+#SBATCH --output=experiments/logs/%x_%j.out
 set -uo pipefail
 DATASET_PATH=${DATASET_PATH:-data}
 EXPERIMENT_PATH=${EXPERIMENT_PATH:-experiments/unmix_c10_400ep}
 PYTHON=${PYTHON:-python}
-mkdir -p "$EXPERIMENT_PATH"
+args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --output_dir) EXPERIMENT_PATH=${2:?--output_dir needs a directory}; shift 2 ;;
+    --output_dir=*) EXPERIMENT_PATH=${1#--output_dir=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+mkdir -p "$EXPERIMENT_PATH/slurm"
+log=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
+if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"; fi
 
 # On Slurm's signal a step stops (training saves at the next step first) and exits 75:
 # the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).
@@ -32,7 +44,7 @@ step() {
 
 # Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists.
 step "$PYTHON" main_pretrain.py --config configs/unmix_cifar10.yaml --epochs 400 \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "$@"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "${args[@]}"
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_LINEAR_ARGS:-}"

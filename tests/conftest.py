@@ -136,3 +136,20 @@ def stop_after(monkeypatch):
         monkeypatch.setattr(signals, "received",
                             lambda: signal.SIGUSR2 if trainer is not None and trainer.global_step >= n else None)
     return arm
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """run(SCRIPT, *args): the entry script's main under run_cli in this process (what `python SCRIPT` runs, without
+    a new interpreter's start-up), for a call that must fail; returns its exit status and output."""
+    from clusterlab.errors import run_cli
+
+    def run(script: str, *args) -> subprocess.CompletedProcess:
+        entry = entry_module(script.removesuffix(".py"))
+        monkeypatch.setattr(sys, "argv", [script])  # run_cli names the program after argv[0]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as caught:
+            run_cli(entry.main, [str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], caught.value.code, captured.out, captured.err)
+    return run

@@ -65,9 +65,42 @@ def _split_arrays(sizes: dict, num_classes: int, channels: int, size: int, seed:
     return out
 
 
-def _write_pickle(path: Path, obj) -> None:
+class Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the real CIFAR files (protocol 2): every str and bytes as a Python 2
+    byte string (SHORT_BINSTRING / BINSTRING, which Python 3 reads back as str under encoding='latin1'), and numpy's
+    array reconstructor under numpy 1.x's module name, numpy.core.multiarray."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    _RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
+
+    def __init__(self, handle):
+        super().__init__(handle, protocol=2)
+
+    def save_byte_string(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_byte_string
+    dispatch[bytes] = save_byte_string
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is not self._RECONSTRUCT:
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+        self.memoize(obj)
+
+
+def _write_pickle(path: Path, obj, protocol: int | None) -> None:
+    """protocol None: Python 2's format, as the real CIFAR files; else pickle.dump with that protocol."""
     with open(path, "wb") as handle:
-        pickle.dump(obj, handle, protocol=2)
+        if protocol is None:
+            Python2Pickler(handle).dump(obj)
+        else:
+            pickle.dump(obj, handle, protocol=protocol)
 
 
 # ---- CIFAR ---------------------------------------------------------------------------------------------------------
@@ -76,8 +109,9 @@ def cifar10_arrays(n_train=100, n_test=50, seed=0) -> dict:
     return _split_arrays({"train": n_train, "test": n_test}, 10, 3, 32, seed)
 
 
-def make_cifar10(root, n_train=100, n_test=50, seed=0):
-    """root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}: the train split spread over 5 batches."""
+def make_cifar10(root, n_train=100, n_test=50, seed=0, protocol=None):
+    """root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}: the train split spread over 5 batches,
+    pickled as Python 2 did for the real files (protocol None) or with a given pickle protocol."""
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     arrays = cifar10_arrays(n_train, n_test, seed)
@@ -86,13 +120,13 @@ def make_cifar10(root, n_train=100, n_test=50, seed=0):
         _write_pickle(folder / f"data_batch_{number}",
                       {"batch_label": f"training batch {number} of 5", "labels": labels[rows].tolist(),
                        "data": images[rows].reshape(len(rows), -1),
-                       "filenames": [f"img_{i}.png" for i in rows.tolist()]})
+                       "filenames": [f"img_{i}.png" for i in rows.tolist()]}, protocol)
     images, labels = arrays["test"]
     _write_pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels.tolist(),
                                           "data": images.reshape(len(labels), -1),
-                                          "filenames": [f"img_{i}.png" for i in range(len(labels))]})
+                                          "filenames": [f"img_{i}.png" for i in range(len(labels))]}, protocol)
     _write_pickle(folder / "batches.meta", {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 10000,
-                                            "num_vis": 3072})
+                                            "num_vis": 3072}, protocol)
     return root
 
 
@@ -101,16 +135,18 @@ def cifar100_arrays(n_train=100, n_test=50, seed=0) -> dict:
     return _split_arrays({"train": n_train, "test": n_test}, 100, 3, 32, seed)
 
 
-def make_cifar100(root, n_train=100, n_test=50, seed=0):
-    """root/cifar-100-python/{train, test, meta} with fine_labels and coarse_labels = CIFAR100_COARSE[fine]."""
+def make_cifar100(root, n_train=100, n_test=50, seed=0, protocol=None):
+    """root/cifar-100-python/{train, test, meta} with fine_labels and coarse_labels = CIFAR100_COARSE[fine], pickled
+    as make_cifar10 says."""
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     for split, (images, fine) in cifar100_arrays(n_train, n_test, seed).items():
         _write_pickle(folder / split, {"batch_label": f"{split}ing batch 1 of 1", "fine_labels": fine.tolist(),
                                        "coarse_labels": CIFAR100_COARSE[fine].tolist(),
                                        "data": images.reshape(len(fine), -1),
-                                       "filenames": [f"img_{i}.png" for i in range(len(fine))]})
-    _write_pickle(folder / "meta", {"fine_label_names": CIFAR100_FINE, "coarse_label_names": CIFAR100_COARSE_NAMES})
+                                       "filenames": [f"img_{i}.png" for i in range(len(fine))]}, protocol)
+    _write_pickle(folder / "meta", {"fine_label_names": CIFAR100_FINE, "coarse_label_names": CIFAR100_COARSE_NAMES},
+                  protocol)
     return root
 
 

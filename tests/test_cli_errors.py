@@ -6,26 +6,9 @@ process, which is what `python SCRIPT` runs, to keep the suite light.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from clusterlab.errors import run_cli
-from conftest import TINY, assert_user_error, copy_run, entry_module, run_script, snapshot, write_fashion_mnist
-
-
-@pytest.fixture
-def run_in_process(monkeypatch, capsys):
-    def run(script: str, *args) -> subprocess.CompletedProcess:
-        entry = entry_module(script.removesuffix(".py"))
-        monkeypatch.setattr(sys, "argv", [script])  # run_cli names the program after argv[0]
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as caught:
-            run_cli(entry.main, [str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess([script, *args], caught.value.code, captured.out, captured.err)
-    return run
+from conftest import TINY, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
 
 
 @pytest.mark.parametrize("case, extra, words", [

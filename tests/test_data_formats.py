@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -401,6 +402,66 @@ def test_corrupt_cifar_pickle(tmp_path, damage):
     assert str(bad) in data_error(registry.load, "cifar10", "train", str(tmp_path))
     # The test split does not read that file.
     assert len(registry.load("cifar10", "test", str(tmp_path))) == 5
+
+
+@pytest.mark.parametrize("protocol", [None, 2, 3, 4, 5], ids=lambda p: "python2" if p is None else f"protocol{p}")
+def test_cifar_pickles_load_in_every_format_numpy_and_pickle_write(tmp_path, protocol):
+    """Python 2's format (the real files: byte strings, numpy.core), Python 3's protocol 2 (bytes through
+    _codecs.encode), 3 and 4 (numpy._core reconstruct) and 5 (numpy's buffer) all pass the restricted unpickler."""
+    fabricate.make_cifar100(tmp_path, n_train=10, n_test=5, protocol=protocol)
+    images, fine = fabricate.cifar100_arrays(10, 5)["train"]
+    ds = registry.load("cifar100_20", "train", str(tmp_path))
+    check_tensors(ds, images, fabricate.CIFAR100_COARSE[fine])
+    assert ds.class_names == fabricate.CIFAR100_COARSE_NAMES
+
+
+def test_python2_cifar_pickle_holds_what_the_real_files_hold(tmp_path):
+    """The fabricated Python 2 pickle: protocol 2, byte strings only, numpy 1.x's global names."""
+    import pickletools
+
+    raw = (_cifar10(tmp_path) / "data_batch_1").read_bytes()
+    opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    assert raw[:2] == b"\x80\x02"
+    assert sorted({arg for name, arg in opcodes if name == "GLOBAL"}) == [
+        "numpy dtype", "numpy ndarray", "numpy.core.multiarray _reconstruct"]
+    assert not any("UNICODE" in name for name, _ in opcodes)
+
+
+class _RunsACommand:
+    def __init__(self, call, command):
+        self.call, self.command = call, command
+
+    def __reduce__(self):
+        return self.call, (self.command,)
+
+
+@pytest.mark.parametrize("call, named", [(os.system, f"{os.system.__module__}.system"), (exec, "__builtin__.exec")])
+def test_cifar_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, call, named):
+    folder = _cifar10(tmp_path)
+    marker = tmp_path / "PWNED"
+    command = f"open({str(marker)!r}, 'w')" if call is exec else f"touch {marker}"
+    bad = folder / "data_batch_1"
+    with open(bad, "wb") as handle:
+        pickle.dump({"data": _RunsACommand(call, command), "labels": [0]}, handle, protocol=2)
+    message = data_error(registry.load, "cifar10", "train", str(tmp_path))
+    assert str(bad) in message and named in message and "refused" in message
+    assert not marker.exists()
+    # Control: plain pickle.load on the same file does run it, so the test would catch a reader that runs it.
+    with open(bad, "rb") as handle:
+        pickle.load(handle)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x02cnumpy\nload\nq\x00.",  # a numpy function CIFAR never holds
+    b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.",  # encode, not as latin1
+    b"\x80\x02cbuiltins\nbytes\nJ\x00\x00\x00\x7f\x85R.",  # bytes(2 GB), not empty bytes
+], ids=["numpy.load", "encode-zlib", "bytes-size"])
+def test_cifar_pickle_allows_its_globals_only_as_numpy_and_pickle_use_them(tmp_path, payload):
+    bad = _cifar10(tmp_path) / "test_batch"
+    bad.write_bytes(payload)
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert str(bad) in message and "refused" in message
 
 
 def test_cifar_wrong_shape_missing_batch_and_label_mismatch(tmp_path):

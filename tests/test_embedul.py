@@ -18,7 +18,7 @@ from conftest import entry_module
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 TINY = ["--dataset", "digits", "--width", "4", "--batch_size", "64", "--size_crops", "8", "--device", "cpu",
         "--log_every", "100"]
 

@@ -1,6 +1,12 @@
-"""launch.py without a cluster: the plan, grid validation, shell safety of generated scripts, sbatch/ up to date."""
+"""launch.py without a cluster: the plan, shell safety of generated scripts, sbatch/ up to date (bad grids and recipes
+are in test_bad_inputs.py).
+
+Where launch.py or a script calls Slurm, stand-ins on PATH play its part (`fake_slurm`): sbatch numbers the jobs it
+accepts (or refuses them as sbatch does), squeue lists the ids a test puts in the queue, srun records the command
+lines it is given."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -20,7 +26,7 @@ BASE = {"name": "g", "program": "main_pretrain.py", "config": "configs/swav_digi
 
 def run_launch(*args):
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}, timeout=120)
 
 
 def grid_file(tmp_path, **changes) -> Path:
@@ -34,30 +40,19 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
     out = run_launch("--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs"), "--dry-run")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[1].split() == ["run", "state", "epochs", "seed", "evaluation", "jobs"]
-    assert [line.split()[:2] for line in lines[3:]] == [["swav_digits_1ep_s0", "new"], ["swav_digits_2ep_s0", "new"]]
+    assert lines[1].startswith(f"runs go to {tmp_path / 'runs'}/ ")
+    assert lines[2].split() == ["run", "state", "epochs", "seed", "evaluation", "jobs", "directory"]
+    assert [line.split()[:2] + line.split()[-1:] for line in lines[4:]] == [
+        ["swav_digits_1ep_s0", "new", str(tmp_path / "runs" / "swav_digits_1ep_s0")],
+        ["swav_digits_2ep_s0", "new", str(tmp_path / "runs" / "swav_digits_2ep_s0")]]
     assert "submitted" not in out.stdout
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"axes": {"epochs": [1], "colour": [1]}}, "'colour'"),
-    ({"axes": {"epochs": []}}, "'epochs'"),
-    ({"axes": {"epochs": ["many"]}}, "'epochs'"),
-    ({"flags": {"width": [4, 8]}}, "'width'"),
-    ({"flags": {"dataset": "mnist"}}, "'dataset'"),
-    ({"resourcez": {}}, "'resourcez'"),
-    ({"resources": {"gpus": 1}}, "'gpus'"),
-    ({"resources": {"mem_gb": "lots"}}, "mem_gb"),
-    ({"evals": {"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"kk": 3}}}}, "'kk'"),
-    ({"evals": {"programs": ["eval_foo.py"]}}, "'eval_foo.py'"),
-])
-def test_bad_grid_fails_before_submitting_and_names_the_key(tmp_path, changes, named):
-    out = run_launch("--grid", str(grid_file(tmp_path, **changes)), "--output_root", str(tmp_path / "runs"))
-    assert out.returncode == 2
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert named in out.stderr
-    assert not (tmp_path / "runs").exists()
+def test_relative_output_root_is_made_absolute(tmp_path):
+    """Jobs start in the repository root; launch.py may not: a relative root means the directory where it runs."""
+    grid = load_grid(grid_file(tmp_path), "some/where", ROOT)
+    assert grid.runs[0].run_dir == Path.cwd() / "some" / "where" / "swav_digits_1ep_s0"
 
 
 def test_run_names_are_stable_readable_and_safe():
@@ -65,14 +60,59 @@ def test_run_names_are_stable_readable_and_safe():
                     ["method", "epochs", "seed"]) == "swav_digits_100ep_s0"
     assert run_name({"method": "swav", "dataset": "d", "lr": 0.6}, ["lr"]) == "swav_d_lr0.6"
     hostile = run_name({"method": "swav", "dataset": "d", "arch": "a b'; $(rm -rf ~)"}, ["arch"])
-    assert all(ch.isalnum() or ch in "._+=-" for ch in hostile)
+    assert hostile == "swav_d_archa-b-rm--rf"
+    assert run_name({"method": "..", "dataset": "/"}, ["method"]) == "run"
+    assert run_name({"method": "swav", "dataset": "d", "lr": "1e+3"}, ["lr"]) == "swav_d_lr1e-3"
 
 
-HOSTILE = "a b'\"; $(touch PWNED) `touch PWNED2` ${HOME}"
+HOSTILE = "a b'\"; $(touch PWNED) `touch PWNED2` ${HOME}\ntouch PWNED3"
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def fake_slurm(tmp_path: Path) -> dict:
+    """An environment whose srun, sbatch, squeue and scontrol are stand-ins kept in tmp_path/slurm:
+    srun writes each command line to srun.jsonl and succeeds; sbatch accepts jobs numbered from 101 (sbatch.log
+    keeps their scripts' names) or, when the file `refuse` exists, prints its text as sbatch's error and fails;
+    squeue lists the ids in `queue`; `scontrol show job` names stdout.log as the job's log."""
+    state = tmp_path / "slurm"
+    state.mkdir()
+    python = sys.executable
+    _executable(state / "srun", f'#!/bin/bash\nexec {python} -c "import json, sys; print(json.dumps(sys.argv[1:]))" '
+                                '"$@" >> "$FAKE_SLURM/srun.jsonl"\n')
+    _executable(state / "sbatch", '#!/bin/bash\n'
+                                  'if [ -f "$FAKE_SLURM/refuse" ]; then\n'
+                                  '  sed "s/^/sbatch: error: /" "$FAKE_SLURM/refuse" >&2; exit 1\n'
+                                  'fi\n'
+                                  'n=$(( $(cat "$FAKE_SLURM/next" 2>/dev/null || echo 100) + 1 ))\n'
+                                  'echo "$n" > "$FAKE_SLURM/next"; echo "$n $*" >> "$FAKE_SLURM/sbatch.log"\n'
+                                  'echo "Submitted batch job $n"\n')
+    _executable(state / "squeue", '#!/bin/bash\ncat "$FAKE_SLURM/queue" 2>/dev/null; exit 0\n')
+    _executable(state / "scontrol",
+                '#!/bin/bash\n[ "$1 $2" = "show job" ] && echo "   StdOut=$FAKE_SLURM/stdout.log"\n')
+    return {**os.environ, "PATH": f"{state}:{os.environ['PATH']}", "FAKE_SLURM": str(state), "SLURM_JOB_ID": "7",
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+
+
+def srun_calls(env: dict) -> list[list[str]]:
+    """The command lines srun was given, less srun's own --unbuffered."""
+    path = Path(env["FAKE_SLURM"]) / "srun.jsonl"
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [call[1:] if call[:1] == ["--unbuffered"] else call for call in calls]
+
+
+def run_sbatch_script(script: Path, env: dict, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """The script run by bash as Slurm would start it, with srun recording instead of running."""
+    done = subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def test_hostile_grid_values_cannot_inject_shell(tmp_path):
-    """A value full of quotes and substitutions reaches the program as one literal argument."""
+    """A value full of quotes, substitutions and a newline reaches the program as one literal argument."""
     grid = grid_file(tmp_path, flags={**BASE["flags"], "train_split": HOSTILE},
                      evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"data_path": HOSTILE}}})
     out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--emit-sbatch",
@@ -80,23 +120,136 @@ def test_hostile_grid_values_cannot_inject_shell(tmp_path):
     assert out.returncode == 0, out.stderr
     scripts = sorted((tmp_path / "scripts").glob("*.sh"))
     assert len(scripts) == 2
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    # stand-ins for srun and the program: record every argument, one per line, and succeed
-    srun = fake_bin / "srun"
-    srun.write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$RECORD"\necho "--" >> "$RECORD"\n')
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "exp")}
     work = tmp_path / "work"
     work.mkdir()
-    record = tmp_path / "argv.txt"
-    done = subprocess.run(["bash", str(scripts[0])], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "RECORD": str(record),
-                               "EXPERIMENT_PATH": str(tmp_path / "exp"), "SLURM_JOB_ID": "1"})
-    assert done.returncode == 0, done.stderr
-    argv = record.read_text().split("\n")
-    assert argv.count(HOSTILE) == 2  # training's --train_split and eval_knn's --data_path
-    assert argv[argv.index("--train_split") + 1] == HOSTILE
+    run_sbatch_script(scripts[0], env, cwd=work)
+    train, knn = srun_calls(env)
+    assert train[train.index("--train_split") + 1] == HOSTILE
+    assert knn[knn.index("--data_path") + 1] == HOSTILE
     assert not any(p.name.startswith("PWNED") for p in [*work.iterdir(), *tmp_path.iterdir()])
+
+
+def test_hostile_recipe_values_are_inert_and_comments_stay_comments(tmp_path):
+    """A recipe's flags, evaluation flags and description, and the script's own arguments, run nothing."""
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(yaml.safe_dump({"hostile": {
+        "description": f"two lines\ntouch PWNED_DESCRIPTION {HOSTILE}", "config": "configs/swav_digits.yaml",
+        "flags": {"train_split": HOSTILE}, "evals": ["eval_knn.py"],
+        "eval_flags": {"eval_knn.py": {"data_path": HOSTILE}}}}))
+    out = run_launch("--emit-sbatch", "--recipes", str(recipes), "--sbatch_dir", str(tmp_path / "scripts"))
+    assert out.returncode == 0, out.stderr
+    script = tmp_path / "scripts" / "hostile.sh"
+    lines = script.read_text().splitlines()
+    assert lines[1].startswith("# hostile: two lines touch PWNED_DESCRIPTION") and lines[2].startswith("# Generated")
+    env = fake_slurm(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    run_sbatch_script(script, env, "--seed", HOSTILE, cwd=work)
+    train, knn = srun_calls(env)
+    assert train[train.index("--train_split") + 1] == HOSTILE and train[-2:] == ["--seed", HOSTILE]
+    assert knn[knn.index("--data_path") + 1] == HOSTILE
+    assert train[train.index("--output_dir") + 1] == "experiments/hostile"
+    assert not [p for p in tmp_path.rglob("PWNED*")]
+
+
+@pytest.mark.parametrize("moved", [["--output_dir", "moved run"], ["--output_dir=moved run"]], ids=["space", "equals"])
+def test_output_dir_argument_moves_training_and_its_evaluations(tmp_path, moved):
+    """sbatch sbatch/swav_digits.sh --output_dir DIR: training writes DIR and the evaluations read DIR."""
+    env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "unused")}
+    run_sbatch_script(ROOT / "sbatch" / "swav_digits.sh", env, "--epochs", "1", *moved, cwd=tmp_path)
+    train, knn, cluster = srun_calls(env)
+    assert train[train.index("--output_dir") + 1] == "moved run" and train[-2:] == ["--epochs", "1"]
+    assert train.count("--output_dir") == 1 and not any("output_dir=" in a for a in train)
+    assert knn[:4] == ["python", "eval_knn.py", "--run", "moved run"]
+    assert cluster[1:4] == ["eval_cluster.py", "--run", "moved run"]
+    assert not (tmp_path / "unused").exists()
+    # The job's log is linked from the run directory it moved to.
+    assert os.readlink(tmp_path / "moved run" / "slurm" / "7.out") == str(tmp_path / "slurm" / "stdout.log")
+
+
+def test_output_dir_argument_moves_every_stage_of_a_pipeline(tmp_path):
+    env = fake_slurm(tmp_path)
+    run_sbatch_script(ROOT / "sbatch" / "embedul_c10.sh", env, "--output_dir", "pipe", "--epochs", "1", cwd=tmp_path)
+    superand, embedul, heads = srun_calls(env)
+    assert superand[superand.index("--output_dir") + 1] == "pipe/superand"
+    assert embedul[embedul.index("--output_dir") + 1] == "pipe/embedul"
+    assert embedul[embedul.index("--pretrained") + 1] == "pipe/superand"
+    assert heads[1:4] == ["eval_cluster.py", "--run", "pipe/embedul"]
+
+
+def test_output_dir_argument_without_a_value_stops_the_script(tmp_path):
+    env = fake_slurm(tmp_path)
+    done = subprocess.run(["bash", str(ROOT / "sbatch" / "swav_digits.sh"), "--output_dir"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "--output_dir needs a directory" in done.stderr
+    assert srun_calls(env) == []
+
+
+def test_every_shipped_script_parses_and_logs_outside_the_repository_root():
+    """bash -n on each script; the job log goes to experiments/logs/, which ships (Slurm does not create it) and
+    whose contents git ignores."""
+    for script in sorted((ROOT / "sbatch").glob("*.sh")):
+        parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert parsed.returncode == 0, (script.name, parsed.stderr)
+        assert "#SBATCH --output=experiments/logs/%x_%j.out\n" in script.read_text(), script.name
+    assert (ROOT / "experiments" / "logs" / ".gitignore").is_file()
+    logs = ["experiments/logs/swav_digits_12.out", "slurm-12.out", "swav_digits_12.out"]
+    ignored = subprocess.run(["git", "check-ignore", *logs], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == logs, ignored.stderr
+    tracked = subprocess.run(["git", "check-ignore", "experiments/logs/.gitignore"], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 1  # not ignored: the folder ships
+
+
+def test_relaunch_does_not_submit_evaluations_that_are_still_queued(tmp_path):
+    """A finished run whose evaluation job is still pending: launching the grid again submits nothing; a program
+    added to the grid gets a job of its own; once the job has left the queue unrecorded, it is submitted again."""
+    env = fake_slurm(tmp_path)
+    runs = tmp_path / "runs"
+    run = runs / "swav_digits_1ep_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": 1}))
+    evals = {"programs": ["eval_knn.py", "eval_cluster.py"]}
+
+    def launch(**changes):
+        grid = grid_file(tmp_path, axes={"epochs": [1], "seed": [0]}, evals=evals, **changes)
+        done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid), "--output_root", str(runs)],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def eval_jobs():
+        lines = (run / "slurm" / "jobs.jsonl").read_text().splitlines()
+        return [(job["job_id"], job["checkpoint"], job["programs"]) for job in map(json.loads, lines)]
+
+    assert "submitted 1 evaluation job(s)" in launch()
+    assert eval_jobs() == [("101", "checkpoint.pth", ["eval_knn.py", "eval_cluster.py"])]
+    (tmp_path / "slurm" / "queue").write_text("99\n101\n")
+    again = launch()
+    assert "submitted" not in again and "queued: final" in again
+    evals["programs"].append("eval_linear.py")
+    assert "submitted 1 evaluation job(s)" in launch()
+    assert eval_jobs()[-1] == ("102", "checkpoint.pth", ["eval_linear.py"])
+    (tmp_path / "slurm" / "queue").write_text("")
+    assert "submitted 1 evaluation job(s)" in launch()
+    assert eval_jobs()[-1] == ("103", "checkpoint.pth", ["eval_knn.py", "eval_cluster.py", "eval_linear.py"])
+
+
+@pytest.mark.parametrize("refusal, named", [
+    ("invalid partition specified: nosuch\nBatch job submission failed: Invalid partition name specified",
+     "invalid partition specified: nosuch; Batch job submission failed: Invalid partition name specified"),
+    ("Invalid account or account/partition combination specified", "Invalid account"),
+])
+def test_sbatch_refusal_is_one_line(tmp_path, refusal, named):
+    env = fake_slurm(tmp_path)
+    (tmp_path / "slurm" / "refuse").write_text(refusal + "\n")
+    done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
+                           str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("launch.py: error: sbatch refused the training job(s) of swav_digits_1ep_s0, "
+                               "swav_digits_2ep_s0: ") and named in lines[0]
 
 
 def test_sbatch_folder_matches_the_recipes(tmp_path):

@@ -52,7 +52,7 @@ def test_linear_probe_learns_linearly_separable_features(tmp_path):
 
 
 def test_cached_and_augmented_protocols_write_distinct_records(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     run = tmp_path / "run"
     subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", "--epochs", "1",
                     "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--size_crops", "8", "--device", "cpu",

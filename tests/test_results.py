@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import warnings
 
 import pandas as pd
 import pytest
 
 from clusterlab import results
-from conftest import assert_ok, run_script
+from conftest import ROOT, assert_ok, entry_module, run_script, snapshot
 
 
 def record(seed=0, method="swav", dataset="digits", epoch=200, eval_kind="cluster", protocol=None, run=None,
@@ -144,3 +145,21 @@ def test_collect_results_writes_tables_per_dataset(tmp_path):
     assert markdown.startswith("# digits\n") and "| 85.00 ± 4.58 |" in markdown
     latex = (out / "digits.tex").read_text()
     assert "\\begin{tabular}" in latex and "85.00 ± 4.58" in latex and "fit\\_on=train" in latex
+
+
+def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tables(tmp_path, monkeypatch, capsys):
+    """In a copy of the repository's results/, run from its parent with only --root: records of a dataset whose
+    table ships go to ROOT/tables, and results/ stays byte for byte as it was (a copy, so that a regression cannot
+    overwrite the real tables)."""
+    shutil.copytree(ROOT / "results", tmp_path / "repo" / "results")
+    root = tmp_path / "runs"
+    write_jsonl(root / "swav_fm" / "metrics.jsonl", [record(0, dataset="fashion_mnist", acc=0.25)])
+    shipped = snapshot(tmp_path / "repo" / "results")
+    assert "fashion_mnist.csv" in shipped
+    monkeypatch.chdir(tmp_path / "repo")
+    entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
+    assert snapshot(tmp_path / "repo" / "results") == shipped
+    assert sorted(p.name for p in (root / "tables").iterdir()) == ["fashion_mnist.csv", "fashion_mnist.md",
+                                                                   "fashion_mnist.tex"]
+    assert pd.read_csv(root / "tables" / "fashion_mnist.csv")["acc_mean"].tolist() == [pytest.approx(25.0)]
+    assert f"tables written to {root / 'tables'}/" in capsys.readouterr().out

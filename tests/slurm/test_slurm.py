@@ -36,7 +36,7 @@ def slurm():
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", **extra}
 
 
 def launch(*args, check=True) -> subprocess.CompletedProcess:
@@ -153,6 +153,69 @@ def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
     assert re.search(r"from epoch \d+ step \d+ ->", output), "the requeued job did not resume"
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"]
+    # the run directory links to the job's log, wherever sbatch was told to write it
+    assert (run / "slurm" / f"{job}.out").resolve() == tmp_path / f"{job}.out"
+
+
+def test_output_dir_argument_moves_the_evaluations_and_the_log_stays_out_of_the_repository_root(slurm, tmp_path):
+    """sbatch sbatch/swav_digits.sh --output_dir DIR, with the script's own #SBATCH --output: training and both
+    evaluations use DIR, and the log is experiments/logs/swav_digits_JOBID.out, linked from DIR/slurm/."""
+    run = tmp_path / "moved"
+    before = set(ROOT.iterdir())
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={ROOT}", "sbatch/swav_digits.sh", "--epochs", "1", "--width", "4",
+         "--hidden_mlp", "32", "--feat_dim", "16", "--size_crops", "8", "--batch_size", "64", "--output_dir", str(run)],
+        env=env(EXPERIMENT_PATH=str(tmp_path / "unused"), PYTHON=sys.executable,
+                EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
+        capture_output=True, text=True, check=True).stdout.strip()
+    log = ROOT / "experiments" / "logs" / f"swav_digits_{job}.out"
+    try:
+        wait_job(job)
+        assert json.loads((run / "status.json").read_text())["state"] == "finished", log.read_text()[-3000:]
+        assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"], log.read_text()[-3000:]
+        assert (run / "slurm" / f"{job}.out").resolve() == log and "epoch" in log.read_text()
+        assert not (tmp_path / "unused").exists()
+        assert set(ROOT.iterdir()) == before
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def test_sbatch_refusing_a_grid_job_is_one_line(slurm, tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", name="r", program="main_pretrain.py", config="configs/swav_digits.yaml",
+                      axes={"seed": [0]}, flags={**TINY, "epochs": 1},
+                      resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 5, "partition": "nosuch"})
+    done = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), check=False)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("launch.py: error: sbatch refused the training job(s) of swav_digits_s0: ")
+    assert "nosuch" in lines[0] or "partition" in lines[0].lower()
+
+
+def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
+    """A finished run whose kNN job is still in the queue (held there): launching the grid again submits nothing;
+    once released, the one job runs and one record appears."""
+    flags = {**TINY, "batch_size": 64, "epochs": 1}
+    grid = write_grid(tmp_path / "grid.yaml", name="e", program="main_pretrain.py", config="configs/swav_digits.yaml",
+                      axes={"seed": [0]}, flags=flags, evals={"programs": ["eval_knn.py"]},
+                      resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20})
+    run = tmp_path / "runs" / "swav_digits_s0"
+    argv = [f"--{k}={v[0] if isinstance(v, list) else v}" for k, v in flags.items()]
+    subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", *argv, "--seed", "0",
+                    "--output_dir", str(run)], cwd=ROOT, env=env(), check=True, capture_output=True)
+    first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+    assert "submitted 1 evaluation job(s)" in first.stdout and "finished" in first.stdout
+    job = json.loads((run / "slurm" / "jobs.jsonl").read_text())["job_id"]
+    if subprocess.run(["scontrol", "hold", job], capture_output=True).returncode != 0:
+        subprocess.run(["scontrol", "requeuehold", job], check=True)  # it had started: back to the queue, held
+    try:
+        again = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+        assert "submitted" not in again.stdout and "queued: final" in again.stdout
+    finally:
+        subprocess.run(["scontrol", "release", job], check=True)
+    assert len((run / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
+    wait_job(job)
+    assert [r["eval"] for r in records(run)] == ["knn"]
 
 
 def run_recipe_script(tmp_path: Path, script: str, *overrides: str, **eval_args: str) -> tuple[Path, str]:

@@ -50,12 +50,56 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 # ---- CIFAR python pickles ------------------------------------------------------------------------------------------
 
+class _RefusedGlobal(Exception):
+    """A pickle asked for a callable that CIFAR batches never hold; raised before anything is called."""
+
+
+def _latin1_bytes(text: str = "", encoding: str = "latin1") -> bytes:
+    """What Python 3 pickles bytes as under protocol 2 (`_codecs.encode(text, 'latin1')`, `bytes()` when empty),
+    admitted for exactly that use."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _RefusedGlobal(f"_codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR-10/100 python batch or meta file refers to: numpy's array reconstruction (the real files,
+# written by Python 2's cPickle with numpy 1.x, name numpy.core; numpy 2 writes numpy._core; protocol 5 rebuilds
+# from a buffer) and Python 3's way of writing bytes under protocol 2. Taken from numpy itself, so that no private
+# module is imported by name.
+_NUMPY_RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
+_NUMPY_FROMBUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("builtins", "bytes"): _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, strings, numbers and numpy arrays; any other global is refused before it is called, so a
+    crafted file cannot run code (plain pickle.load would call whatever the file names, os.system included)."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
 def _unpickle(path: Path, what: str):
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
+            return _CifarUnpickler(handle, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"{what} {str(path)!r} does not exist") from None
+    except _RefusedGlobal as err:
+        raise DataError(f"{what} {str(path)!r} asks for {err}, which no CIFAR python pickle holds (only dicts, "
+                        f"lists, strings, numbers and numpy arrays are loaded): refused, nothing was run") from None
     except Exception as err:  # a corrupt pickle can raise nearly anything (AttributeError, ImportError, ...)
         raise DataError(f"{what} {str(path)!r} is corrupt ({type(err).__name__}: {err})") from None
 

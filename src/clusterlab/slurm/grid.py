@@ -18,8 +18,9 @@
     resources: {gpus_per_node: 1, cpus_per_task: 2, mem_gb: 8, timeout_min: 60}
     eval_resources: {...}              # defaults to resources
 
-Everything is checked before anything is submitted: unknown keys, empty axes, flags the program does not have and
-values of the wrong type all fail with a message that names the key.
+Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
+the program does not have, values of the wrong type, resources Slurm cannot take (negative memory, zero nodes) and
+names that could not be a file name or a shell word all fail with a message that names the key.
 """
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ EVAL_KEYS = {"programs", "flags", "epochs"}
 RESOURCE_DEFAULTS = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 2, "mem_gb": 8,
                      "timeout_min": 60, "partition": None, "signal_delay_s": 120, "max_requeues": 30,
                      "array_parallelism": 16, "constraint": None, "account": None, "qos": None}
+# The smallest value of each numeric resource (0 tasks per node: one per GPU, at least one).
+RESOURCE_MINIMUM = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 0, "cpus_per_task": 1, "mem_gb": 1,
+                    "timeout_min": 1, "signal_delay_s": 0, "max_requeues": 0, "array_parallelism": 1}
+# What a partition, constraint, account or qos may hold: Slurm's names and constraint operators, nothing a shell or
+# a generated #SBATCH line would read as more than one word.
+SLURM_WORD = re.compile(r"[A-Za-z0-9_.,:&|!*()\[\]-]+")
+# Script, grid and run names become file names, Slurm job names and shell words.
+NAME_CHARACTERS = "letters, digits and _.- (starting with a letter or digit)"
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A stage name also names a shell variable (STAGE_ARGS) in generated scripts.
+STAGE_NAME_CHARACTERS = "letters, digits and _ (starting with a letter)"
+STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # Short names for the usual axes, so that run names stay readable: swav_digits_100ep_s0.
 NAME_PARTS = {"epochs": "{}ep", "seed": "s{}"}
 
@@ -82,10 +95,17 @@ def _fail(path, message: str):
     raise ConfigError(f"grid {str(path)!r}: {message}")
 
 
+def check_name(name, label: str, pattern: re.Pattern = SAFE_NAME, allowed: str = NAME_CHARACTERS) -> str:
+    """`name` if it matches `pattern`, else a ConfigError naming it and the characters allowed."""
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise ConfigError(f"{label} {name!r} may hold only {allowed}")
+    return name
+
+
 def run_name(values: dict, axis_keys: list[str], stage: str | None = None) -> str:
     """method_dataset (a pipeline's stage name, or the config file's name when `config` is an axis), then every
-    other axis: `swav_digits_100ep_s0`, `..._lr0.6`, `unmix_cifar10_queue_400ep`, `embedul_s0`; unsafe
-    characters become -."""
+    other axis: `swav_digits_100ep_s0`, `..._lr0.6`, `unmix_cifar10_queue_400ep`, `embedul_s0`; characters other
+    than letters, digits and _.- become -, and the name starts and ends with a letter or digit."""
     if stage:
         parts = [stage]
     elif "config" in axis_keys:
@@ -99,7 +119,7 @@ def run_name(values: dict, axis_keys: list[str], stage: str | None = None) -> st
         text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         parts.append(NAME_PARTS[key].format(text) if key in NAME_PARTS else f"{key}{text}")
     name = "_".join(parts) or "run"
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", name).strip("-")[:200]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:200].strip("-._") or "run"
 
 
 def resolve_resources(path, given: dict | None, label: str) -> dict:
@@ -110,10 +130,12 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
     if unknown:
         _fail(path, f"unknown key {label}.{unknown[0]!r} (valid: {', '.join(RESOURCE_DEFAULTS)})")
     resources = {**RESOURCE_DEFAULTS, **given}
-    for key, value in resources.items():
-        default = RESOURCE_DEFAULTS[key]
-        if default is not None and value is not None and not isinstance(value, type(default)):
-            _fail(path, f"{label}.{key} = {value!r} should be of type {type(default).__name__}")
+    for key, value in given.items():
+        if key in RESOURCE_MINIMUM:
+            if isinstance(value, bool) or not isinstance(value, int) or value < RESOURCE_MINIMUM[key]:
+                _fail(path, f"{label}.{key} = {value!r} must be an integer >= {RESOURCE_MINIMUM[key]}")
+        elif value is not None and not (isinstance(value, str) and SLURM_WORD.fullmatch(value)):
+            _fail(path, f"{label}.{key} = {value!r} must be a Slurm name (letters, digits and _.,:&|!*()[]-)")
     if resources["tasks_per_node"] == 0:
         resources["tasks_per_node"] = max(1, resources["gpus_per_node"])
     return resources
@@ -125,7 +147,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         _fail(path, f"unknown key {unknown[0]!r} (valid: {', '.join(sorted(GRID_KEYS))})")
-    name = str(spec.get("name") or path.stem)
+    name = check_name(str(spec.get("name") or path.stem), f"grid {str(path)!r}: name")
     stages = _stages(path, spec)
     axes = spec.get("axes") or {}
     if not isinstance(axes, dict) or not axes:
@@ -143,7 +165,8 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
         _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
     if "config" in flags:
         _fail(path, "name the base config with the `config:` key, or make `config` an axis")
-    root = Path(output_root or spec.get("output_root") or Path("runs") / name)
+    # Absolute, so that jobs (which start in the repository root) and this process mean the same directories.
+    root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
     evals = _eval_spec(path, spec.get("evals"), repo_root)
     axis_keys = list(axes)
     runs, names = [], {}
@@ -206,6 +229,8 @@ def _stages(path, spec: dict) -> list[dict]:
             _fail(path, f"program {stage['program']!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
         if len(stages) > 1 and not stage.get("name"):
             _fail(path, "every stage of a pipeline needs a `name`")
+        if stage.get("name") is not None:
+            check_name(stage["name"], f"grid {str(path)!r}: stage name", STAGE_NAME, STAGE_NAME_CHARACTERS)
         if stage.get("pretrained_from") and stage["pretrained_from"] not in seen:
             _fail(path, f"stage {stage.get('name')!r}: pretrained_from {stage['pretrained_from']!r} is not an "
                         f"earlier stage")
