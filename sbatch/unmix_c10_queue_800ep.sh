@@ -13,14 +13,20 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --mem=50G
 #SBATCH --time=0-12:00:00
-#SBATCH --signal=USR2@120
+#SBATCH --signal=B:USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=experiments/logs/%x_%j.out
+stop=""
+step_pid=""
+on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null; fi; }
+trap 'on_signal USR2' USR2
+trap 'on_signal TERM' TERM
 set -uo pipefail
 DATASET_PATH=${DATASET_PATH:-data}
 EXPERIMENT_PATH=${EXPERIMENT_PATH:-experiments/unmix_c10_queue_800ep}
 PYTHON=${PYTHON:-python}
+MAX_REQUEUES=${MAX_REQUEUES:-30}
 args=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -33,13 +39,29 @@ mkdir -p "$EXPERIMENT_PATH/slurm"
 log=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
 if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"; fi
 
-# On Slurm's signal a step stops (training saves at the next step first) and exits 75:
-# the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).
+# A stopped step exits 75: the job requeues itself (at most MAX_REQUEUES times), and the next
+# start resumes (training from its checkpoint; evaluations already recorded are skipped).
+requeue() {
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+    echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
+    exit 1
+  fi
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
 step() {
-  srun --unbuffered "$@"
-  local status=$?
-  if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi
-  [ "$status" -eq 0 ] || exit "$status"
+  if [ -n "$stop" ]; then requeue; fi
+  srun --unbuffered "$@" &
+  step_pid=$!
+  local status
+  while :; do
+    wait "$step_pid"
+    status=$?
+    kill -0 "$step_pid" 2>/dev/null || break
+  done
+  step_pid=""
+  if [ -n "$stop" ] || [ "$status" -eq 75 ]; then requeue; fi
+  if [ "$status" -ne 0 ]; then exit "$status"; fi
 }
 
 # Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists.

@@ -31,12 +31,12 @@ from pathlib import Path
 
 from ..config import load_config, load_yaml
 from ..errors import ConfigError
+from ..signals import EXIT_REQUEUE
 from .grid import STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
 from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, to_argv, validate_flags
 
 STAGE_KEYS = {"name", "config", "program", "flags", "pretrained_from"}
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
-EXIT_INTERRUPTED = 75
 
 
 def _time(minutes: int) -> str:
@@ -76,6 +76,38 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done"""
+# Stop signals at any moment end in a requeue. Slurm's time-limit signal goes to the batch shell (--signal=B:USR2),
+# pre-emption and `scontrol requeue` send TERM. While a step runs, the signal is passed on to it (srun forwards it
+# to the tasks; training saves at its next step boundary, anything else leaves at once, both exit 75); between
+# steps the job requeues before starting the next one. `wait` returns early when a trap runs, so it is repeated
+# until the step has really ended.
+STOP_HANDLING = """stop=""
+step_pid=""
+on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null; fi; }
+trap 'on_signal USR2' USR2
+trap 'on_signal TERM' TERM"""
+STEP = """requeue() {
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+    echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
+    exit 1
+  fi
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+step() {
+  if [ -n "$stop" ]; then requeue; fi
+  srun --unbuffered "$@" &
+  step_pid=$!
+  local status
+  while :; do
+    wait "$step_pid"
+    status=$?
+    kill -0 "$step_pid" 2>/dev/null || break
+  done
+  step_pid=""
+  if [ -n "$stop" ] || [ "$status" -eq %(requeue)d ]; then requeue; fi
+  if [ "$status" -ne 0 ]; then exit "$status"; fi
+}""" % {"requeue": EXIT_REQUEUE}
 # The job's log (the #SBATCH --output below, or sbatch's own --output), linked from the run directory.
 LINK_LOG = """log=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
 if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"; fi"""
@@ -98,7 +130,7 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
     if resources["gpus_per_node"]:
         directives.append(f"--gpus-per-node={resources['gpus_per_node']}")
     directives += [f"--cpus-per-task={resources['cpus_per_task']}", f"--mem={resources['mem_gb']}G",
-                   f"--time={_time(resources['timeout_min'])}", f"--signal=USR2@{resources['signal_delay_s']}",
+                   f"--time={_time(resources['timeout_min'])}", f"--signal=B:USR2@{resources['signal_delay_s']}",
                    "--requeue", "--open-mode=append", f"--output={LOG_FOLDER}/%x_%j.out"]
     for key in ("partition", "constraint", "account", "qos"):
         if resources.get(key):
@@ -113,22 +145,19 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
              "# An --output_dir among the training flags replaces EXPERIMENT_PATH (evaluations follow the run).",
              f"# The job's log: {LOG_FOLDER}/{name}_JOBID.out, linked as $EXPERIMENT_PATH/slurm/JOBID.out.",
              *(f"#SBATCH {shlex.quote(d)}" for d in directives),
+             STOP_HANDLING,
              "set -uo pipefail",
              'DATASET_PATH=${DATASET_PATH:-data}',
              f'EXPERIMENT_PATH=${{EXPERIMENT_PATH:-{shlex.quote(f"experiments/{name}")}}}',
              'PYTHON=${PYTHON:-python}',
+             f'MAX_REQUEUES=${{MAX_REQUEUES:-{int(resources["max_requeues"])}}}',
              TAKE_OUTPUT_DIR,
              'mkdir -p "$EXPERIMENT_PATH/slurm"',
              LINK_LOG,
              "",
-             f"# On Slurm's signal a step stops (training saves at the next step first) and exits {EXIT_INTERRUPTED}:",
-             "# the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).",
-             "step() {",
-             '  srun --unbuffered "$@"',
-             "  local status=$?",
-             f'  if [ "$status" -eq {EXIT_INTERRUPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
-             '  [ "$status" -eq 0 ] || exit "$status"',
-             "}"]
+             f"# A stopped step exits {EXIT_REQUEUE}: the job requeues itself (at most MAX_REQUEUES times), and the next",
+             "# start resumes (training from its checkpoint; evaluations already recorded are skipped).",
+             STEP]
     for stage in stages:
         output = _in_experiment(stage.name if staged else None)
         lines += ["", f"# Training{f' ({stage.name})' if staged else ''} resumes from {output.replace(chr(34), '')}"
