@@ -81,34 +81,36 @@ install_packages() {
 # node's end of a veth pair, named eth0, with the node's address. Namespaces rather than Slurm's multiple-slurmd
 # mode: that mode would put both nodes on 127.0.0.1, so rendezvous by host name and collectives over a real
 # interface (what breaks first on a cluster) would never be exercised. Every name here belongs to this script.
-# Sets TWO_NODE=1, or TWO_NODE=0 and TWO_NODE_REASON.
+# Sets TWO_NODE=1, or TWO_NODE=0 and TWO_NODE_REASON (the one-node partition comes up either way).
 make_network() {
   TWO_NODE=0
   if ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then
     TWO_NODE_REASON="no ip (iproute2) or nsenter (util-linux)"; return 0
   fi
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-    if ! ip link add "$BRIDGE" type bridge 2>/dev/null; then
-      TWO_NODE_REASON="cannot create a network bridge (needs CAP_NET_ADMIN)"; return 0
+    if ! { ip link add "$BRIDGE" type bridge && ip addr add "$NET.1/24" dev "$BRIDGE" && ip link set "$BRIDGE" up; } 2>/dev/null; then
+      TWO_NODE_REASON="cannot create the bridge $BRIDGE (needs CAP_NET_ADMIN)"; return 0
     fi
-    ip addr add "$NET.1/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
   fi
-  local i node ns
+  local i
   for i in 1 2; do
-    node=${NODES[i - 1]} ns=$(netns_of "${NODES[i - 1]}")
-    if [ ! -e "/run/netns/$ns" ]; then
-      ip netns add "$ns"
-      ip link add "$(veth_of "$node")" type veth peer name eth0 netns "$ns"
-      ip link set "$(veth_of "$node")" master "$BRIDGE" up
-      ip -n "$ns" addr add "$(node_ip "$i")/24" dev eth0
-      ip -n "$ns" link set eth0 up
-      ip -n "$ns" link set lo up
-    fi
+    [ -e "/run/netns/$(netns_of "${NODES[i - 1]}")" ] || make_node_network "$i" 2>/dev/null \
+      || { TWO_NODE_REASON="cannot create the network namespace of ${NODES[i - 1]}"; return 0; }
     # The node names must resolve everywhere to the node addresses: srun, MASTER_ADDR and gloo go by name.
-    grep -q "^$(node_ip "$i") $node " /etc/hosts || echo "$(node_ip "$i") $node $HOSTS_MARK" >> /etc/hosts
+    grep -q "^$(node_ip "$i") ${NODES[i - 1]} " /etc/hosts || echo "$(node_ip "$i") ${NODES[i - 1]} $HOSTS_MARK" >> /etc/hosts
   done
   TWO_NODE=1
+}
+
+make_node_network() {
+  local node=${NODES[$1 - 1]} ns
+  ns=$(netns_of "$node")
+  ip netns add "$ns" \
+    && ip link add "$(veth_of "$node")" type veth peer name eth0 netns "$ns" \
+    && ip link set "$(veth_of "$node")" master "$BRIDGE" up \
+    && ip -n "$ns" addr add "$(node_ip "$1")/24" dev eth0 \
+    && ip -n "$ns" link set eth0 up \
+    && ip -n "$ns" link set lo up
 }
 
 remove_network() {
@@ -283,16 +285,13 @@ start() {
   for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
   mkdir -p "$STATE/spool/$HOST"
   alive "$STATE/run/slurmd-$HOST.pid" || { say "starting slurmd ($HOST)"; /usr/sbin/slurmd; }
-  if [ "$TWO_NODE" = 1 ]; then
-    for i in 1 2; do
-      alive "$STATE/run/slurmd-${NODES[i - 1]}.pid" || { say "starting slurmd (${NODES[i - 1]})"; start_node_slurmd "$i"; }
-    done
-  fi
   wait_partition "$PARTITION" || exit 1
-  if [ "$TWO_NODE" = 1 ]; then
-    wait_partition "$TWO_NODE_PARTITION" || exit 1
-    nodes_connected || { echo "${NODES[0]} cannot reach ${NODES[1]} over $BRIDGE (a firewall on bridged traffic?)" >&2; exit 1; }
-  fi
+  [ "$TWO_NODE" = 1 ] || return 0
+  for i in 1 2; do
+    alive "$STATE/run/slurmd-${NODES[i - 1]}.pid" || { say "starting slurmd (${NODES[i - 1]})"; start_node_slurmd "$i"; }
+  done
+  wait_partition "$TWO_NODE_PARTITION" || exit 1
+  nodes_connected || { echo "${NODES[0]} cannot reach ${NODES[1]} over $BRIDGE (a firewall on bridged traffic?)" >&2; exit 1; }
 }
 
 stop() {
