@@ -47,16 +47,18 @@ partition_ready() {
 }
 cluster_up() { scontrol ping 2>/dev/null | grep -q UP && partition_ready "${1:-$PARTITION}"; }
 
-stop_pid() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid"
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  fi
-  rm -f "$1"
+# Stop the daemons whose pid files are given, all at once (a slurmd takes about 2 s to go), and remove the files.
+stop_pids() {
+  local file pid pids=()
+  for file in "$@"; do
+    pid=$(cat "$file" 2>/dev/null) || continue
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  for _ in $(seq 40); do any_alive ${pids[@]+"${pids[@]}"} || break; sleep 0.25; done
+  for pid in ${pids[@]+"${pids[@]}"}; do kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"; done
+  rm -f "$@"
 }
+any_alive() { local pid; for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 
 install_packages() {
   local missing=() p
@@ -233,10 +235,9 @@ CONF
 
 # ---- start / stop ------------------------------------------------------------------------------------------------
 stop_slurm_daemons() {
-  local pidfile
   # slurmd.pid: the host node's pid file before the per-node names (%n) existed
-  for pidfile in "$STATE"/run/slurmd-*.pid "$STATE/run/slurmd.pid"; do stop_pid "$pidfile"; done
-  stop_pid "$STATE/run/slurmctld.pid"
+  stop_pids "$STATE"/run/slurmd-*.pid "$STATE/run/slurmd.pid"
+  stop_pids "$STATE/run/slurmctld.pid"
 }
 
 # Wait until every node of partition $1 is usable, resuming nodes an earlier run left down, drained or invalid.
@@ -296,7 +297,7 @@ start() {
 
 stop() {
   stop_slurm_daemons
-  stop_pid "$STATE/run/munged.pid"
+  stop_pids "$STATE/run/munged.pid"
   remove_network
   say "stopped what this script had started"
 }

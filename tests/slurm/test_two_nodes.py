@@ -35,6 +35,7 @@ import torch
 from conftest import assert_same_tensors
 from slurm_helpers import ROOT, TINY, env, launch, require_cluster, wait_for_lines, wait_job, write_grid
 
+from clusterlab.engine import read_status
 from clusterlab.slurm.programs import to_argv
 
 pytestmark = pytest.mark.slurm
@@ -70,16 +71,11 @@ def references(tmp_path_factory) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, launcher in launchers.items():
             run = folder / name
-            if status(run).get("state") != "finished":  # an interrupted attempt resumes
+            if read_status(run).get("state") != "finished":  # an interrupted attempt resumes
                 done = subprocess.run([*launcher, *argv, "--output_dir", str(run)], cwd=ROOT, env=env(),
                                       capture_output=True, text=True, timeout=600)
                 assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return {name: torch.load(folder / name / "checkpoint.pth", weights_only=True) for name in launchers}
-
-
-def status(run: Path) -> dict:
-    path = run / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def two_node_grid(tmp_path: Path) -> Path:
@@ -152,7 +148,7 @@ def test_generated_sbatch_script_on_two_nodes_requeued_equals_reference(two_node
                          check=True).stdout.strip()
     interrupt_mid_run(job, run, ["scontrol", "requeue", job])
     output = (tmp_path / f"{job}.out").read_text()
-    assert status(run).get("state") == "finished", output[-3000:]
+    assert read_status(run).get("state") == "finished", output[-3000:]
     assert_ranks_on_two_nodes(output, starts=2)
     assert_resumed_mid_run(output, "SIGTERM")
     assert_matches_references(run, references)
@@ -167,7 +163,7 @@ def test_launch_grid_on_two_nodes_preempted_equals_reference(two_nodes, referenc
     logs = sorted((run / "slurm" / job).glob(f"{job}_*_log.out"))
     assert [p.name for p in logs] == [f"{job}_0_log.out", f"{job}_1_log.out"]  # one per task
     output = "\n".join(p.read_text() for p in logs)
-    assert status(run).get("state") == "finished", output[-3000:]
+    assert read_status(run).get("state") == "finished", output[-3000:]
     assert_ranks_on_two_nodes(output, starts=2)
     assert_resumed_mid_run(output, "SIGUSR2")
     assert_matches_references(run, references)
