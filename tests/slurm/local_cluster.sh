@@ -292,7 +292,13 @@ start() {
     alive "$STATE/run/slurmd-${NODES[i - 1]}.pid" || { say "starting slurmd (${NODES[i - 1]})"; start_node_slurmd "$i"; }
   done
   wait_partition "$TWO_NODE_PARTITION" || exit 1
-  nodes_connected || { echo "${NODES[0]} cannot reach ${NODES[1]} over $BRIDGE (a firewall on bridged traffic?)" >&2; exit 1; }
+  if ! nodes_connected; then
+    # down with the reason (sinfo -R), so that `status` fails and the two-node tests say so instead of hanging
+    local reason="${NODES[0]} cannot reach ${NODES[1]} over $BRIDGE (a firewall on bridged traffic?)"
+    scontrol update nodename="$(IFS=,; echo "${NODES[*]}")" state=down reason="$reason"
+    echo "$reason" >&2
+    exit 1
+  fi
 }
 
 stop() {
