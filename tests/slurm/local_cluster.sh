@@ -18,8 +18,8 @@
 # Every node advertises $CLUSTERLAB_FAKE_GPUS (default 2) fake GPUs backed by placeholder character devices, so GPU
 # directives are accepted and scheduled; jobs find no CUDA and run on the CPU. The three nodes share this machine's
 # cores and memory. Needs root and apt; otherwise it exits 3 with the reason, and the Slurm tests skip (or fail, with
-# CLUSTERLAB_REQUIRE_SLURM=1). Without network namespaces (no CAP_NET_ADMIN) only the one-node partition comes up
-# and the two-node tests skip or fail the same way, with the reason.
+# CLUSTERLAB_REQUIRE_SLURM=1). Without network namespaces (no CAP_NET_ADMIN), or with CLUSTERLAB_SLURM_TWO_NODES=0,
+# only the one-node partition comes up and the two-node tests skip or fail the same way, with the reason.
 set -euo pipefail
 STATE=${CLUSTERLAB_SLURM_DIR:-/var/tmp/clusterlab-slurm}
 PARTITION=${CLUSTERLAB_SLURM_PARTITION:-debug}
@@ -86,6 +86,9 @@ install_packages() {
 # Sets TWO_NODE=1, or TWO_NODE=0 and TWO_NODE_REASON (the one-node partition comes up either way).
 make_network() {
   TWO_NODE=0
+  if [ "${CLUSTERLAB_SLURM_TWO_NODES:-1}" = 0 ]; then
+    TWO_NODE_REASON="CLUSTERLAB_SLURM_TWO_NODES=0"; return 0
+  fi
   if ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then
     TWO_NODE_REASON="no ip (iproute2) or nsenter (util-linux)"; return 0
   fi
@@ -151,22 +154,19 @@ nodes_connected() {
 # ---- configuration -----------------------------------------------------------------------------------------------
 # Writes slurm.conf and gres.conf; sets CONFIG_CHANGED=1 when slurm.conf differs from what was there.
 write_config() {
-  local cpus sockets cores threads realmem gres="" ctld_addr=127.0.0.1 node_lines="" two_node_partition="" i
+  local cpus sockets cores threads realmem ctld_addr=127.0.0.1 node_lines="" two_node_partition="" i
   read -r cpus sockets cores threads realmem < <(slurmd -C | awk '
     {for(i=1;i<=NF;i++){split($i,a,"="); v[a[1]]=a[2]}}
     /^NodeName/ {print v["CPUs"], v["SocketsPerBoard"]*v["Boards"], v["CoresPerSocket"], v["ThreadsPerCore"], v["RealMemory"]}')
   # every node describes this machine; more memory than slurmd sees would make a node INVAL ("Low RealMemory")
   local hardware="CPUs=$cpus Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$((realmem * 95 / 100))"
-  local gres_nodes=$HOST
+  local nodes=$HOST
   if [ "$TWO_NODE" = 1 ]; then
     # slurmctld listens on every address; the nodes reach it on the bridge. This host's node uses the bridge address
     # too, so that every node can reach every other one when Slurm forwards messages through nodes.
     ctld_addr=$NET.1
-    for i in 1 2; do
-      node_lines+="NodeName=${NODES[i - 1]} NodeHostname=${NODES[i - 1]} NodeAddr=$(node_ip "$i") $hardware%GRES% State=UNKNOWN"$'\n'
-    done
+    nodes="$HOST,$(IFS=,; echo "${NODES[*]}")"
     two_node_partition="PartitionName=$TWO_NODE_PARTITION Nodes=$(IFS=,; echo "${NODES[*]}") Default=NO MaxTime=INFINITE State=UP"
-    gres_nodes="$HOST,$(IFS=,; echo "${NODES[*]}")"
   fi
   if [ "$NGPU" -gt 0 ]; then
     mkdir -p "$STATE/fake-gpu"
@@ -174,12 +174,16 @@ write_config() {
       # Slurm 22.05 drops GPUs without a File=; a character device with /dev/null's numbers is never opened.
       [ -c "$STATE/fake-gpu/gpu$i" ] || { rm -f "$STATE/fake-gpu/gpu$i"; mknod -m 0666 "$STATE/fake-gpu/gpu$i" c 1 3; }
     done
-    gres=" Gres=gpu:$NGPU"
-    echo "NodeName=$gres_nodes Name=gpu Count=$NGPU File=$STATE/fake-gpu/gpu[0-$((NGPU - 1))]" > /etc/slurm/gres.conf
+    hardware+=" Gres=gpu:$NGPU"
+    echo "NodeName=$nodes Name=gpu Count=$NGPU File=$STATE/fake-gpu/gpu[0-$((NGPU - 1))]" > /etc/slurm/gres.conf
   else
     rm -f /etc/slurm/gres.conf
   fi
-  node_lines=${node_lines//%GRES%/$gres}
+  if [ "$TWO_NODE" = 1 ]; then
+    for i in 1 2; do
+      node_lines+="NodeName=${NODES[i - 1]} NodeHostname=${NODES[i - 1]} NodeAddr=$(node_ip "$i") $hardware State=UNKNOWN"$'\n'
+    done
+  fi
   local new
   new=$(cat <<CONF
 # written by clusterlab tests/slurm/local_cluster.sh
@@ -221,7 +225,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.log
 GresTypes=gpu
-NodeName=$HOST NodeAddr=$ctld_addr $hardware$gres State=UNKNOWN
+NodeName=$HOST NodeAddr=$ctld_addr $hardware State=UNKNOWN
 ${node_lines}PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 $two_node_partition
 CONF
