@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -50,6 +51,23 @@ def assert_user_error(result: subprocess.CompletedProcess, script: str, *words: 
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def assert_same_tensors(ours, theirs, where="") -> None:
+    """Equal structure; tensors equal bit for bit (torch.equal); everything else ==."""
+    if isinstance(ours, torch.Tensor):
+        same = isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+        assert same, f"{where} differs"
+    elif isinstance(ours, dict):
+        assert set(ours) == set(theirs), where
+        for key in ours:
+            assert_same_tensors(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_tensors(a, b, f"{where}[{i}]")
+    else:
+        assert ours == theirs, where
 
 
 def snapshot(path: Path) -> dict | None:

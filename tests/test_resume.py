@@ -13,8 +13,8 @@ import torch
 
 from clusterlab import checkpoint
 from clusterlab.methods import METHODS
-from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env,
-                      snapshot, write_fashion_mnist)
+from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_same_tensors, assert_user_error, copy_run, run_script,
+                      script_env, snapshot, write_fashion_mnist)
 
 # batch 32: 28 steps per epoch, so the stop lands mid-epoch; the queue is in use from the first step on, and the
 # prototypes start learning after 5 steps, so every piece of state changes before and after the stop.
@@ -49,23 +49,6 @@ def stop_after_first_step(run_dir, signum) -> tuple[subprocess.CompletedProcess,
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(logged_steps(run_dir))
-
-
-def assert_same_tensors(ours, theirs, where="") -> None:
-    """Equal structure; tensors equal bit for bit (torch.equal); everything else ==."""
-    if isinstance(ours, torch.Tensor):
-        same = isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype and torch.equal(ours, theirs)
-        assert same, f"{where} differs"
-    elif isinstance(ours, dict):
-        assert set(ours) == set(theirs), where
-        for key in ours:
-            assert_same_tensors(ours[key], theirs[key], f"{where}/{key}")
-    elif isinstance(ours, (list, tuple)):
-        assert len(ours) == len(theirs), where
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            assert_same_tensors(a, b, f"{where}[{i}]")
-    else:
-        assert ours == theirs, where
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])

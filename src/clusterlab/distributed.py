@@ -8,12 +8,16 @@ Ways a process can be started, checked in this order:
    `scontrol show hostnames $SLURM_JOB_NODELIST` and the port is derived from the job id, so two jobs sharing a
    node do not collide and no host name is sliced by hand.
 3. anything else: a plain single process, no process group.
-The backend is nccl on CUDA and gloo on the CPU. All helpers below are no-ops in a single process.
+The backend is nccl on CUDA and gloo on the CPU. Across nodes, gloo connects to the address this host's name
+resolves to (GLOO_SOCKET_IFNAME names an interface instead), NCCL picks its interface itself (NCCL_SOCKET_IFNAME
+overrides). Before joining, every rank prints where it runs, so a rendezvous that hangs shows which host or address
+is wrong. All helpers below are no-ops in a single process.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -68,6 +72,17 @@ def _from_environment() -> tuple[int, int, int] | None:
     return None
 
 
+def _where() -> str:
+    """`host (address)`, the address being what gloo binds to by default; `, Slurm node N` inside a Slurm job."""
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = "host name does not resolve"
+    node = f", Slurm node {os.environ['SLURM_NODEID']}" if "SLURM_NODEID" in os.environ else ""
+    return f"{host} ({address}{node})"
+
+
 def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     """Start (or join) the process group this process belongs to and return where it stands."""
     if dist.is_available() and dist.is_initialized():
@@ -81,7 +96,11 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     chosen = pick_device(device, local)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo", init_method="env://",
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    # one write with its newline, so that the lines of ranks sharing an output file (srun) do not interleave
+    print(f"rank {rank}/{world} (local {local}) on {_where()}: joining {backend} at "
+          f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}\n", end="", flush=True)
+    dist.init_process_group(backend=backend, init_method="env://",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return Context(rank, world, local, chosen)
 
