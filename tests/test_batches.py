@@ -69,6 +69,35 @@ def test_ranks_together_see_the_single_process_batch(world_size, num_samples, dr
                 assert [len(p[0]) for p in pieces] == [16 // world_size] * world_size
 
 
+def reference_plan(num_samples, global_batch, world_size, rank, seed, epoch, drop_last, shuffle, start_step):
+    """Straightforward: the seeded permutation cut into global batches, each batch dealt out to the ranks in
+    consecutive pieces of ceil(batch / world_size)."""
+    order = (torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+             if shuffle else list(range(num_samples)))
+    batches = [order[i: i + global_batch] for i in range(0, num_samples, global_batch)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == global_batch]
+    plan = []
+    for batch in batches[start_step:]:
+        share = -(-len(batch) // world_size)
+        plan.append((batch[rank * share: (rank + 1) * share], len(batch), min(rank * share, len(batch))))
+    return plan
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+@pytest.mark.parametrize("num_samples,drop_last,shuffle", [(103, True, True), (103, False, True), (96, True, True),
+                                                           (50, False, False)])
+def test_epoch_plan_equals_a_reference_order(world_size, num_samples, drop_last, shuffle):
+    for rank in range(world_size):
+        batches = GlobalBatches(num_samples, 12, world_size, rank, seed=7, shuffle=shuffle, drop_last=drop_last)
+        # Epochs out of order and repeated: the permutation kept from one epoch never leaks into another.
+        for epoch, start_step in ((0, 0), (5, 2), (0, 3), (5, 0), (1, 8)):
+            plan = batches.plan(epoch, start_step)
+            expected = reference_plan(num_samples, 12, world_size, rank, 7, epoch, drop_last, shuffle, start_step)
+            assert [(idx.tolist(), total, offset) for idx, total, offset in plan] == expected
+            assert len(plan) == max(0, len(batches) - start_step)
+
+
 def test_bad_batch_sizes_raise_config_error():
     with pytest.raises(ConfigError) as info:
         GlobalBatches(100, 10, 4, 0, seed=0)

@@ -25,16 +25,27 @@ class GlobalBatches:
         self.num_samples, self.global_batch, self.world_size, self.rank = num_samples, global_batch, world_size, rank
         self.local_batch = global_batch // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self._order_epoch, self._order = None, None
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.global_batch)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
+    @property
+    def epoch_samples(self) -> int:
+        """Samples one epoch uses (drop_last leaves the remainder out)."""
+        return min(self.num_samples, len(self) * self.global_batch)
+
     def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=generator)
+        """The epoch's permutation, drawn once per epoch: every step of the epoch slices the same tensor."""
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.num_samples, generator=generator)
+            else:
+                self._order = torch.arange(self.num_samples)
+            self._order_epoch = epoch
+        return self._order
 
     def global_indices(self, epoch: int, step: int) -> torch.Tensor:
         return self.order(epoch)[step * self.global_batch: (step + 1) * self.global_batch]
@@ -45,6 +56,10 @@ class GlobalBatches:
         share = -(-len(batch) // self.world_size)
         start = min(self.rank * share, len(batch))
         return batch[start: start + share], len(batch), start
+
+    def plan(self, epoch: int, start_step: int = 0) -> list[tuple[torch.Tensor, int, int]]:
+        """`local_indices` of every step from `start_step` to the end of the epoch: O(N) for the whole epoch."""
+        return [self.local_indices(epoch, step) for step in range(start_step, len(self))]
 
 
 def _stack(batch: list, shape: tuple) -> torch.Tensor:
@@ -57,7 +72,7 @@ def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: in
             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """Yield (step, uint8 images, labels, dataset indices, global batch size, offset) from `start_step` on."""
     steps = range(start_step, len(batches))
-    plan = [batches.local_indices(epoch, s) for s in steps]
+    plan = batches.plan(epoch, start_step)
     if images.in_memory:
         for step, (idx, total, offset) in zip(steps, plan):
             yield step, images.images[idx], images.labels[idx], idx, total, offset
