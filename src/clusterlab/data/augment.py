@@ -365,6 +365,25 @@ class MultiCrop:
                 for p, crop in zip(all_params, self.each_crop)]
 
 
+@dataclass(frozen=True)
+class EvalView:
+    """The test view. Image files: the shorter side resized to `resize`, then the centre `crop` x `crop`
+    (torchvision's Resize(resize) then CenterCrop(crop); ImageNet: 256 then 224), cut by the loader workers.
+    In-memory sets: the whole image resized to `crop` (`eval_view`; `resize` does not apply)."""
+
+    crop: int
+    resize: int
+
+    @classmethod
+    def of(cls, crop: int, resize: int = 0) -> "EvalView":
+        """`resize` 0: the crop size (a square image is then seen whole)."""
+        resize = resize or crop
+        if resize < crop:
+            raise ConfigError(f"--eval_resize {resize} is smaller than the evaluation crop {crop} (--eval_crop, "
+                              f"default the largest --size_crops): use a resize of at least {crop}")
+        return cls(crop, resize)
+
+
 def eval_view(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """The test transform: the whole image resized to `size` (if it differs), normalised."""
     images = images_uint8.float().div_(255.0)
