@@ -168,10 +168,12 @@ def _training_loader(images: ImageSet, workers: int, device: torch.device):
 
 def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, persistent: bool = False):
     # batch_size None: each job is one batch, cut by one worker; pinned memory for a CUDA device's non_blocking copy.
+    # A generator of its own: the workers' seeds would otherwise be drawn from the global generator, which a
+    # checkpoint holds, each time the workers start (the workers themselves draw nothing).
     return torch.utils.data.DataLoader(FileSource(images.files, images.labels, images.channels), sampler=jobs,
                                        batch_size=None, num_workers=workers,
                                        persistent_workers=persistent and workers > 0,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
 class BadFiles:
