@@ -154,28 +154,26 @@ class FileSource(torch.utils.data.Dataset):
 
     def __getitem__(self, job) -> dict:
         n = len(job.indices)
-        if isinstance(job, CropJob):
-            sizes = [spec.size for spec in job.crops]
-            scale = torch.tensor([[spec.min_scale for spec in job.crops], [spec.max_scale for spec in job.crops]],
-                                 dtype=torch.float64)[:, :, None]  # (2, crops, 1): one range per crop
-        else:
-            sizes = [job.view.crop]
+        sizes = [spec.size for spec in job.crops] if isinstance(job, CropJob) else [job.view.crop]
         crops = [np.empty((n, size, size, self.channels), dtype=np.uint8) for size in sizes]
-        boxes = torch.zeros(n, len(sizes), 4, dtype=torch.long)
-        image_sizes = torch.zeros(n, 2, dtype=torch.long)
+        image_sizes = torch.tensor([self._header_size(index) for index in job.indices.tolist()], dtype=torch.long)
+        image_sizes = image_sizes.reshape(n, 2)
+        # The boxes of the whole batch in one call of the box rule; recomputed below for a substituted image.
+        boxes = (self._boxes(job.uniforms, job.crops, image_sizes) if isinstance(job, CropJob)
+                 else torch.zeros(n, 1, 4, dtype=torch.long))
         bad = []
         for row, index in enumerate(job.indices.tolist()):
             candidate = index
             while True:
                 try:
                     with open_image(self.path(candidate)) as image:
-                        image_sizes[row] = torch.tensor([image.height, image.width])
-                        if isinstance(job, CropJob):
-                            boxes[row] = crop_boxes(torch.from_numpy(job.uniforms[row]), image.height, image.width,
-                                                    (scale[0], scale[1]))
-                            outputs = self._crops(image, boxes[row], sizes)
-                        else:
-                            outputs = [self._view(image, job.view)]
+                        if candidate != index:
+                            image_sizes[row] = torch.tensor([image.height, image.width])
+                            if isinstance(job, CropJob):
+                                boxes[row] = self._boxes(job.uniforms[row: row + 1], job.crops,
+                                                         image_sizes[row: row + 1])
+                        outputs = (self._crops(image, boxes[row], sizes) if isinstance(job, CropJob)
+                                   else [self._view(image, job.view)])
                     break
                 except Unreadable as err:
                     if candidate == index:
@@ -189,9 +187,29 @@ class FileSource(torch.utils.data.Dataset):
             for out, pixels in zip(crops, outputs):
                 out[row] = np.asarray(pixels).reshape(out.shape[1:])
         indices = torch.from_numpy(job.indices)
+        # (n, C, size, size) views of the (n, size, size, C) arrays: channels-last strides, no copy here.
         return {"step": job.step, "indices": indices, "labels": self.labels[indices],
-                "crops": [torch.from_numpy(c).permute(0, 3, 1, 2).contiguous() for c in crops],
+                "crops": [torch.from_numpy(c).permute(0, 3, 1, 2) for c in crops],
                 "boxes": boxes, "sizes": image_sizes, "bad": [tuple(entry) for entry in bad]}
+
+    def _header_size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the file's header; (1, 1) for an unreadable file (replaced when decoded)."""
+        try:
+            with open_image(self.path(index)) as image:
+                return image.height, image.width
+        except Unreadable:
+            return 1, 1
+
+    @staticmethod
+    def _boxes(uniforms: np.ndarray, crops: tuple, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Boxes (m, crops, 4) from uniforms (m, crops, 22) for images of sizes (m, 2), each crop with its range."""
+        m, count = len(image_sizes), len(crops)
+        low = torch.tensor([spec.min_scale for spec in crops], dtype=torch.float64).repeat(m)[:, None]
+        high = torch.tensor([spec.max_scale for spec in crops], dtype=torch.float64).repeat(m)[:, None]
+        heights, widths = image_sizes.repeat_interleave(count, dim=0).unbind(1)
+        flat = crop_boxes(torch.from_numpy(uniforms).reshape(m * count, uniforms.shape[-1]), heights, widths,
+                          (low, high))
+        return flat.reshape(m, count, 4)
 
     def _crops(self, image, boxes: torch.Tensor, sizes: list) -> list:
         """Decode once (drafted where every crop allows), then cut and resize each box."""
