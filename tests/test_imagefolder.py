@@ -217,7 +217,7 @@ def test_resumed_iteration_continues_with_the_same_crops(tmp_path):
     assert torch.equal(resumed.generator.get_state(), whole.generator.get_state())
 
 
-def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical(tmp_path):
+def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and_evaluates(tmp_path):
     fabricate.make_mixed_imagefolder(tmp_path / "data", n_per_class=12, classes=2)
     run = [*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", "4",
            "--nmb_crops", "2", "1", "--size_crops", "12", "8", "--min_scale_crops", "0.3", "0.1",
@@ -233,6 +233,10 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical(tmp
     ours, theirs = (checkpoint.load(d / "checkpoint.pth") for d in (stopped_dir, reference))
     for key in ("model", "optimizer", "method_state", "method_random", "rng", "epoch", "step", "global_step"):
         assert_same_tensors(ours[key], theirs[key], key)
+    # The evaluation's view (resize then centre crop of the 12-pixel training crop) is in its record's protocol.
+    assert_ok(run_script("eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"))
+    (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
 
 
 # ---- unreadable files --------------------------------------------------------------------------------------------
