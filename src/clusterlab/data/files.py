@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import CropSpec, EvalView, crop_boxes
+from .augment import EvalView, crop_boxes
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # Files tried after an unreadable one before the search for a substitute gives up.

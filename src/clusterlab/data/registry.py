@@ -282,7 +282,8 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
         found = []
         for folder, subfolders, names in os.walk(root / name, followlinks=True):
             subfolders.sort()
-            found += [os.path.join(folder, n) for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+            found += [os.path.join(folder, file_name) for file_name in sorted(names)
+                      if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]
         if not found:
             empty.append(root / name)
         files += found
@@ -306,8 +307,8 @@ def load_imagefolder(path: Path, split: str) -> ImageSet:
         test_classes = _class_folders(test_root)
         missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
         raise DataError(f"dataset 'imagefolder': the class folders of {str(test_root)!r} differ from those of "
-                        f"{str(train_root)!r} (missing: {_named(missing) or 'none'}; extra: {_named(extra) or 'none'}); "
-                        f"both need the same class sub-folders")
+                        f"{str(train_root)!r} (missing: {_named(missing) or 'none'}; "
+                        f"extra: {_named(extra) or 'none'}); both need the same class sub-folders")
     train_files, train_labels = _list_images(train_root, classes)
     files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
     channels, image_size, mean, std = _folder_statistics(train_files, train_root)
