@@ -39,11 +39,12 @@ def main():
         trainer.model.train()
         times, step, epoch = [], 0, 0
         while len(times) < known.warmup + known.steps:
-            for _, images, labels, indices, total, offset in data_loader.iterate(train_set, trainer.batches, epoch):
+            for _, images, labels, indices, total, offset in data_loader.iterate(
+                    train_set, trainer.batches, epoch, workers=args.workers, augment=method.augment, device=ctx.device):
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                batch = Batch(images.to(ctx.device), labels.to(ctx.device), indices.to(ctx.device), total, offset)
+                batch = Batch(images, labels, indices, total, offset)
                 set_lr(trainer.optimizer, trainer.schedule(step))
                 loss, _ = trainer.step(batch, Progress(epoch, step, step, trainer.steps_per_epoch))
                 float(loss)  # waits for the step, on any device

@@ -227,3 +227,52 @@ def make_imagefolder(root, n_per_class=5, classes=3, size=28, grey=True, seed=0)
             # A 2-D uint8 array becomes mode L, (H, W, 3) mode RGB.
             Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{position:04d}.png")
     return root
+
+
+def make_mixed_imagefolder(root, n_per_class=5, classes=2, seed=0, jpeg=True):
+    """root/{train,val}/class_X/NNNN.{png,jpg}: noise images of 12 to 40 pixels a side (aspect ratios up to about
+    3:1 either way), every third one grey (mode L), every other one a JPEG of quality 90 (`jpeg` False: all PNG)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = imagefolder_classes(classes)
+    for split in ("train", "val"):
+        for label in range(classes):
+            folder = Path(root) / split / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                width, height = (int(v) for v in rng.integers(12, 41, 2))
+                grey = i % 3 == 0
+                pixels = rng.integers(0, 256, (height, width) if grey else (height, width, 3), dtype=np.uint8)
+                if jpeg and i % 2:
+                    Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+                else:
+                    Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+def spoil_image_files(paths) -> dict:
+    """Make the given image files unreadable, one way each in turn: a PNG with zeroed bytes in its pixel data
+    (corrupt), a JPEG cut in half (truncated), zero bytes, text. Returns {path: how}."""
+    from PIL import Image
+
+    ways = ("corrupt", "truncated", "zero-byte", "not an image")
+    spoiled = {}
+    for number, path in enumerate(paths):
+        path = Path(path)
+        way = ways[number % len(ways)]
+        if way == "corrupt":
+            Image.open(path).convert("RGB").save(path, format="PNG")
+            data = bytearray(path.read_bytes())
+            middle = len(data) // 2
+            data[middle: middle + 8] = bytes(8)
+            path.write_bytes(bytes(data))
+        elif way == "truncated":
+            Image.open(path).convert("RGB").save(path, format="JPEG", quality=90)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif way == "zero-byte":
+            path.write_bytes(b"")
+        else:
+            path.write_text("not an image\n")
+        spoiled[str(path)] = way
+    return spoiled

@@ -8,7 +8,8 @@ import torch
 
 import fabricate
 from clusterlab.data import registry
-from clusterlab.data.loader import GlobalBatches, iterate, sequential
+from clusterlab.data.augment import ColorSpec, CropSpec, EvalView, MultiCrop
+from clusterlab.data.loader import GlobalBatches, iterate, resident, sequential
 from clusterlab.errors import ConfigError
 
 
@@ -69,6 +70,35 @@ def test_ranks_together_see_the_single_process_batch(world_size, num_samples, dr
                 assert [len(p[0]) for p in pieces] == [16 // world_size] * world_size
 
 
+def reference_plan(num_samples, global_batch, world_size, rank, seed, epoch, drop_last, shuffle, start_step):
+    """Straightforward: the seeded permutation cut into global batches, each batch dealt out to the ranks in
+    consecutive pieces of ceil(batch / world_size)."""
+    order = (torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+             if shuffle else list(range(num_samples)))
+    batches = [order[i: i + global_batch] for i in range(0, num_samples, global_batch)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == global_batch]
+    plan = []
+    for batch in batches[start_step:]:
+        share = -(-len(batch) // world_size)
+        plan.append((batch[rank * share: (rank + 1) * share], len(batch), min(rank * share, len(batch))))
+    return plan
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+@pytest.mark.parametrize("num_samples,drop_last,shuffle", [(103, True, True), (103, False, True), (96, True, True),
+                                                           (50, False, False)])
+def test_epoch_plan_equals_a_reference_order(world_size, num_samples, drop_last, shuffle):
+    for rank in range(world_size):
+        batches = GlobalBatches(num_samples, 12, world_size, rank, seed=7, shuffle=shuffle, drop_last=drop_last)
+        # Epochs out of order and repeated: the permutation kept from one epoch never leaks into another.
+        for epoch, start_step in ((0, 0), (5, 2), (0, 3), (5, 0), (1, 8)):
+            plan = batches.plan(epoch, start_step)
+            expected = reference_plan(num_samples, 12, world_size, rank, 7, epoch, drop_last, shuffle, start_step)
+            assert [(idx.tolist(), total, offset) for idx, total, offset in plan] == expected
+            assert len(plan) == max(0, len(batches) - start_step)
+
+
 def test_bad_batch_sizes_raise_config_error():
     with pytest.raises(ConfigError) as info:
         GlobalBatches(100, 10, 4, 0, seed=0)
@@ -102,19 +132,27 @@ def test_iterate_in_memory_and_resume():
         assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a, b))
 
 
-def test_iterate_and_sequential_over_files(tmp_path):
+def whole_image_crop(size: int) -> MultiCrop:
+    """One crop of the whole (square) image at its own size: the workers' crops are the images themselves."""
+    return MultiCrop([CropSpec(1, size, 1.0, 1.0)], ColorSpec(), (0.5,) * 3, (0.5,) * 3, size, seed=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterate_and_sequential_over_files(tmp_path, workers):
     fabricate.make_imagefolder(tmp_path, n_per_class=4, classes=3, size=12, grey=False, seed=2)
     data = registry.load("imagefolder", "train", str(tmp_path))
     images_expected, labels_expected = fabricate.imagefolder_arrays(4, 3, 12, False, seed=2)["train"]
     batches = GlobalBatches(len(data), 4, 2, 0, seed=9)
-    rows = list(iterate(data, batches, epoch=0, start_step=1))
+    rows = list(iterate(data, batches, epoch=0, start_step=1, workers=workers, augment=whole_image_crop(12)))
     assert [row[0] for row in rows] == [1, 2]
-    for step, images, labels, indices, total, offset in rows:
+    for step, crops, labels, indices, total, offset in rows:
+        (images,) = crops.crops
         assert images.dtype == torch.uint8 and tuple(images.shape) == (2, 3, 12, 12) and (total, offset) == (4, 0)
+        assert crops.params[0].boxes.tolist() == [[0, 0, 12, 12]] * 2
         np.testing.assert_array_equal(images.numpy(), images_expected[indices.numpy()])
         np.testing.assert_array_equal(labels.numpy(), labels_expected[indices.numpy()])
         np.testing.assert_array_equal(fabricate.decode_label(images), labels.numpy())
-    chunks = list(sequential(data, torch.arange(3, 12), batch_size=4))
+    chunks = list(sequential(data, torch.arange(3, 12), batch_size=4, workers=workers, view=EvalView.of(12)))
     assert [len(idx) for _, idx in chunks] == [4, 4, 1]
     stacked = torch.cat([batch for batch, _ in chunks])
     np.testing.assert_array_equal(stacked.numpy(), images_expected[3:12])
@@ -136,9 +174,21 @@ def test_ranks_left_without_samples_get_empty_batches(tmp_path):
     for rank in range(4):
         batches = GlobalBatches(6, 4, 4, rank, seed=0, drop_last=False)
         for data, shape in ((files, (1, 8, 8)), (memory, (1, 4, 4))):
-            rows = list(iterate(data, batches, epoch=0))
-            assert [len(r[1]) for r in rows] == [1, 1 if rank < 2 else 0]
-            assert rows[1][1].dtype == torch.uint8 and tuple(rows[1][1].shape[1:]) == shape
+            rows = list(iterate(data, batches, epoch=0, augment=whole_image_crop(8)))
+            images = [r[1] if data.in_memory else r[1].crops[0] for r in rows]
+            assert [len(i) for i in images] == [1, 1 if rank < 2 else 0]
+            assert images[1].dtype == torch.uint8 and tuple(images[1].shape[1:]) == shape
     for data in (files, memory):
-        (batch, idx), = sequential(data, torch.arange(0), batch_size=4)
+        (batch, idx), = sequential(data, torch.arange(0), batch_size=4, view=EvalView.of(8))
         assert batch.shape[0] == 0 and len(idx) == 0
+
+
+def test_in_memory_set_is_copied_to_the_device_once():
+    data = _memory_set(20)
+    batches = GlobalBatches(20, 4, 1, 0, seed=1)
+    first = resident(data, torch.device("cpu"))
+    for _ in range(2):
+        list(iterate(data, batches, epoch=0))
+        list(sequential(data, torch.arange(5), batch_size=2))
+    assert resident(data, torch.device("cpu")) is first and list(data.cache) == [("resident", "cpu")]
+    assert data.subset(range(4)).cache == {}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fabricate
-from clusterlab.data import registry
+from clusterlab.data import loader, registry
+from clusterlab.data.augment import EvalView
 from clusterlab.data.formats import read_idx
 from clusterlab.errors import DataError
 from conftest import require_installed
@@ -262,23 +263,30 @@ def test_imagefolder(tmp_path, grey, channels):
         assert ds.class_names == fabricate.imagefolder_classes(3)
         np.testing.assert_array_equal(ds.labels.numpy(), labels)
         assert all(Path(f).parent.name == ds.class_names[y] for f, y in zip(ds.files, labels))
-        decoded = registry.FileImages(ds.files, ds.image_size, ds.channels)
-        stacked = np.stack([decoded[i].numpy() for i in range(len(decoded))])
-        np.testing.assert_array_equal(stacked, images)
+        np.testing.assert_array_equal(centre_views(ds, ds.image_size).numpy(), images)
     train_scaled = arrays["train"][0].astype(np.float64) / 255
     np.testing.assert_allclose(ds.mean, train_scaled.mean(axis=(0, 2, 3)), atol=1e-4)
 
 
-def test_imagefolder_resizes_to_the_first_images_size(tmp_path):
+def centre_views(ds, crop, resize=0) -> torch.Tensor:
+    """Every image's test view (shorter side resized to `resize`, centre crop), stacked."""
+    return torch.cat([batch for batch, _ in loader.sequential(ds, torch.arange(len(ds)), 5,
+                                                              view=EvalView.of(crop, resize))])
+
+
+def test_imagefolder_does_not_depend_on_the_first_file(tmp_path):
     from PIL import Image
 
-    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=20, grey=False)
-    # A larger, non-square image elsewhere is resized (shorter side) and centre-cropped to 20x20.
-    Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / "train" / "class_b" / "zz.png")
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=20, grey=True)
+    # The first file is larger, not square and in colour: the nominal size is the sample's median shorter side,
+    # and one colour image makes the set RGB (the grey ones are converted).
+    Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / "train" / "class_a" / "0000.png")
     ds = registry.load("imagefolder", "train", str(tmp_path))
     assert ds.image_size == 20 and ds.channels == 3
-    image = registry.FileImages(ds.files, 20, 3)[ds.files.index(str(tmp_path / "train" / "class_b" / "zz.png"))]
-    assert tuple(image.shape) == (3, 20, 20) and image[:, 10, 10].tolist() == [10, 20, 30]
+    views = centre_views(ds, 20)
+    assert tuple(views.shape) == (4, 3, 20, 20) and views[0, :, 10, 10].tolist() == [10, 20, 30]
+    # The grey images became three equal channels.
+    assert torch.equal(views[1:, 0], views[1:, 1]) and torch.equal(views[1:, 0], views[1:, 2])
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
@@ -543,7 +551,7 @@ def test_imagefolder_grey_with_alpha_is_one_channel(tmp_path):
             Image.new("LA", (10, 10), (40 if label == "a" else 200, 128)).save(folder / "0.png")
     ds = registry.load("imagefolder", "train", str(tmp_path))
     assert (ds.channels, ds.image_size) == (1, 10)
-    assert registry.FileImages(ds.files, 10, 1)[1].unique().tolist() == [200]
+    assert centre_views(ds, 10)[1].unique().tolist() == [200]
 
 
 def test_imagefolder_statistics_sample_every_class(tmp_path):

@@ -38,9 +38,11 @@ def logged_steps(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}") and '"step"' in line]
 
 
-def stop_after_first_step(run_dir, signum) -> tuple[subprocess.CompletedProcess, int]:
-    """Start the run, wait until train_log.jsonl shows a step, send `signum`; the status and the steps logged."""
-    command = [PYTHON, str(ROOT / "main_pretrain.py"), *RESUMABLE, "--output_dir", str(run_dir)]
+def stop_after_first_step(run_dir, signum, flags=None) -> tuple[subprocess.CompletedProcess, int]:
+    """Start the run (RESUMABLE, or `flags`, which name run_dir), wait until train_log.jsonl shows a step, send
+    `signum`; the status and the steps logged."""
+    flags = flags or [*RESUMABLE, "--output_dir", run_dir]
+    command = [PYTHON, str(ROOT / "main_pretrain.py"), *map(str, flags)]
     process = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 120

@@ -15,6 +15,11 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
                             "else $DATASET_PATH, else ./data)")
     group.add_argument("--download", type=bool_flag, nargs="?", const=True, default=False,
                        help="download the dataset if missing (rank 0 only)")
+    group.add_argument("--eval_crop", type=non_negative_int, default=0,
+                       help="test view size (0: the largest --size_crops)")
+    group.add_argument("--eval_resize", type=non_negative_int, default=0,
+                       help="image folders: shorter side resized to this before the centre crop of --eval_crop "
+                            "(0: the crop size; ImageNet: 256 for 224)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

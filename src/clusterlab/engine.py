@@ -161,10 +161,10 @@ class Trainer:
         epoch_start = time.time()
         signals.defer()
         for step, images, labels, indices, global_size, offset in data_loader.iterate(
-                self.train_set, self.batches, epoch, start_step, args.workers):
+                self.train_set, self.batches, epoch, start_step, args.workers, augment=method.augment,
+                device=self.ctx.device, log=log_path):
             progress = Progress(epoch, step, self.global_step, self.steps_per_epoch)
-            batch = Batch(images.to(self.ctx.device, non_blocking=True), labels.to(self.ctx.device),
-                          indices.to(self.ctx.device), global_size, offset)
+            batch = Batch(images, labels, indices, global_size, offset)  # on the device already
             lr = self.schedule(self.global_step)
             set_lr(self.optimizer, lr)
             loss, terms = self.step(batch, progress)

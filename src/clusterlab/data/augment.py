@@ -64,43 +64,57 @@ def crop_specs(nmb_crops, size_crops, min_scale_crops, max_scale_crops) -> list[
 
 # ---- parameters ----------------------------------------------------------------------------------------------------
 
-def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3),
-                      generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes (top, left, h, w) for n images, torchvision's rule vectorised.
+def draw_crop_uniforms(n: int, generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
+    """The random numbers of n RandomResizedCrops, float64 (n, 2 * attempts + 2): per attempt an area-fraction
+    uniform, then per attempt a log-aspect uniform, then the top and left position uniforms. They do not depend on
+    the image, so they can be drawn before the image is decoded; `crop_boxes` turns them into boxes."""
+    area = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    aspect = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    top = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    left = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    return torch.cat([area, aspect, top, left], dim=1)
 
-    Up to `attempts` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the first draw that
-    fits is kept, else the central crop with the aspect ratio clamped to `ratio`.
+
+def crop_boxes(uniforms: torch.Tensor, height, width, scale: tuple, ratio: tuple = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop boxes (top, left, h, w) from `draw_crop_uniforms`, torchvision's rule vectorised.
+
+    `height` and `width` are one size for all n images or one per image. Each attempt draws an area fraction
+    ~ U(scale) and a log aspect ratio ~ U(log ratio); the first attempt that fits is kept, its position uniform in
+    the image; if none fits, the central crop with the aspect ratio clamped into `ratio`.
     """
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator,
-                                                                    dtype=torch.float64))
+    n, attempts = uniforms.shape[0], (uniforms.shape[1] - 2) // 2
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n)
+    target = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :attempts])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniforms[:, attempts: 2 * attempts])
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros(n, dtype=torch.long))
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    ok = fits.any(1)
+    first = fits.float().argmax(1)  # the first attempt that fits (argmax returns the first maximum)
     rows = torch.arange(n)
-    h, w, ok = h[rows, first].long(), w[rows, first].long(), fits.any(1)
+    h, w = h[rows, first], w[rows, first]
     # Fallback, as torchvision: whole-image box with the aspect ratio clamped into `ratio`.
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fb_w, fb_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fb_h, fb_w = height, int(round(height * ratio[1]))
-    else:
-        fb_w, fb_h = width, height
-    h = torch.where(ok, h, torch.full_like(h, fb_h))
-    w = torch.where(ok, w, torch.full_like(w, fb_w))
-    u_top = torch.rand(n, generator=generator, dtype=torch.float64)
-    u_left = torch.rand(n, generator=generator, dtype=torch.float64)
-    top = torch.where(ok, torch.floor(u_top * (height - h + 1)).long(), (height - h) // 2)
-    left = torch.where(ok, torch.floor(u_left * (width - w + 1)).long(), (width - w) // 2)
-    return torch.stack([top, left, h, w], dim=1)
+    too_tall, too_wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    fallback_w = torch.where(too_wide, torch.round(height * ratio[1]), width)
+    fallback_h = torch.where(too_tall, torch.round(width / ratio[0]), height)
+    h, w = torch.where(ok, h, fallback_h), torch.where(ok, w, fallback_w)
+    top = torch.where(ok, torch.floor(uniforms[:, 2 * attempts] * (height - h + 1)), (height - h) // 2)
+    left = torch.where(ok, torch.floor(uniforms[:, 2 * attempts + 1] * (width - w + 1)), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3),
+                      generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes (top, left, h, w) for n images of one size: uniforms drawn, then boxes."""
+    return crop_boxes(draw_crop_uniforms(n, generator, attempts), height, width, scale, ratio)
 
 
 @dataclass
 class CropParams:
+    uniforms: torch.Tensor   # (n, 22) float64: the crop's random numbers (draw_crop_uniforms)
     boxes: torch.Tensor      # (n, 4) top, left, h, w
     flip: torch.Tensor       # (n,) bool
     jitter: torch.Tensor     # (n,) bool: colour jitter applied
@@ -120,7 +134,8 @@ def _uniform(n, low, high, generator):
 
 def sample_params(n: int, image_size: int, crop: CropSpec, color: ColorSpec,
                   generator: torch.Generator | None = None) -> CropParams:
-    boxes = sample_crop_boxes(n, image_size, image_size, (crop.min_scale, crop.max_scale), generator=generator)
+    uniforms = draw_crop_uniforms(n, generator)
+    boxes = crop_boxes(uniforms, image_size, image_size, (crop.min_scale, crop.max_scale))
     flip = torch.rand(n, generator=generator) < color.flip_p
     jitter = torch.rand(n, generator=generator) < color.jitter_p
     factors = torch.stack([
@@ -133,7 +148,7 @@ def sample_params(n: int, image_size: int, crop: CropSpec, color: ColorSpec,
     grey = torch.rand(n, generator=generator) < color.grey_p
     blur = torch.rand(n, generator=generator) < color.blur_p
     sigma = _uniform(n, color.blur_sigma[0], color.blur_sigma[1], generator)
-    return CropParams(boxes, flip, jitter, factors, order, grey, blur, sigma)
+    return CropParams(uniforms, boxes, flip, jitter, factors, order, grey, blur, sigma)
 
 
 # ---- operations (float images in [0, 1], shape (n, C, H, W)) --------------------------------------------------------
@@ -273,6 +288,22 @@ def normalize(images, mean, std):
 
 # ---- the pipeline --------------------------------------------------------------------------------------------------
 
+@dataclass
+class CutCrops:
+    """One step's crops as the loader workers cut them from image files, for `MultiCrop.__call__`.
+
+    `crops[i]`: uint8 (n, C, size, size), crop i of the pipeline already cut and resized; `params[i]`: its
+    parameters, this rank's slice, with the boxes in each image's own pixels; `generator_state`: the augmentation
+    generator's state once this step's parameters were drawn. The main process draws them ahead of the training
+    loop (the workers need them before the step); the generator takes this state when the crops are used, so a
+    checkpoint written after the step holds the state an uninterrupted run would have.
+    """
+
+    crops: list
+    params: list
+    generator_state: torch.Tensor
+
+
 class MultiCrop:
     """uint8 batch -> list of normalised float crops, `sum(count)` of them, in the order of `crops`."""
 
@@ -284,34 +315,73 @@ class MultiCrop:
     def num_crops(self) -> int:
         return sum(c.count for c in self.crops)
 
+    @property
+    def each_crop(self) -> list[CropSpec]:
+        """One CropSpec per output crop, in output order."""
+        return [crop for crop in self.crops for _ in range(crop.count)]
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    def sample(self, global_batch: int) -> list[CropParams]:
-        """Parameters of every crop of every sample of the global batch (same on all ranks)."""
-        return [sample_params(global_batch, self.image_size, crop, self.color, self.generator)
-                for crop in self.crops for _ in range(crop.count)]
+    def sample(self, global_batch: int, generator: torch.Generator | None = None) -> list[CropParams]:
+        """Parameters of every crop of every sample of the global batch (same on all ranks), from `generator`
+        (default: this pipeline's own)."""
+        generator = generator or self.generator
+        return [sample_params(global_batch, self.image_size, crop, self.color, generator) for crop in self.each_crop]
 
     def apply(self, images_uint8: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
+        """Crop, resize and flip whole images (in-memory sets), then the colour operations."""
         images = images_uint8.float().div_(255.0)
-        crops = resized_crop(images, params.boxes, size, params.flip)
+        return self.finish(resized_crop(images, params.boxes, size, params.flip), params)
+
+    def apply_cut(self, crops_uint8: torch.Tensor, params: CropParams) -> torch.Tensor:
+        """Flip crops the loader workers already cut and resized (image files), then the colour operations."""
+        crops = crops_uint8.float().div_(255.0)
+        flip = params.flip.to(crops.device)[:, None, None, None]
+        return self.finish(torch.where(flip, crops.flip(-1), crops), params)
+
+    def finish(self, crops: torch.Tensor, params: CropParams) -> torch.Tensor:
+        """Colour jitter, greyscale, blur and normalisation of float crops."""
         crops = color_jitter(crops, params.factors, params.order, params.jitter)
         crops = random_grey(crops, params.grey)
         if self.color.blur_p > 0:
-            kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+            kernel = max(3, int(0.1 * crops.shape[-1]) // 2 * 2 + 1)
             crops = gaussian_blur(crops, params.sigma, params.blur, kernel)
         return normalize(crops, self.mean, self.std)
 
-    def __call__(self, images_uint8: torch.Tensor, global_batch: int | None = None, offset: int = 0
+    def __call__(self, images: torch.Tensor | CutCrops, global_batch: int | None = None, offset: int = 0
                  ) -> list[torch.Tensor]:
-        """Crops of this rank's `images_uint8`, which are samples offset..offset+n of a global batch."""
-        n = images_uint8.shape[0]
+        """Crops of this rank's `images`, which are samples offset..offset+n of a global batch; or the crops the
+        workers cut (CutCrops), whose parameters were drawn from this pipeline's generator ahead of the step."""
+        if isinstance(images, CutCrops):
+            self.generator.set_state(images.generator_state)
+            return [self.apply_cut(crops, params) for crops, params in zip(images.crops, images.params)]
+        n = images.shape[0]
         all_params = self.sample(global_batch or n)
-        sizes = [crop.size for crop in self.crops for _ in range(crop.count)]
-        return [self.apply(images_uint8, p.slice(offset, offset + n), s) for p, s in zip(all_params, sizes)]
+        return [self.apply(images, p.slice(offset, offset + n), crop.size)
+                for p, crop in zip(all_params, self.each_crop)]
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """The test view. Image files: the shorter side resized to `resize`, then the centre `crop` x `crop`
+    (torchvision's Resize(resize) then CenterCrop(crop); ImageNet: 256 then 224), cut by the loader workers.
+    In-memory sets: the whole image resized to `crop` (`eval_view`; `resize` does not apply)."""
+
+    crop: int
+    resize: int
+
+    @classmethod
+    def of(cls, crop: int, resize: int = 0) -> "EvalView":
+        """`resize` 0: the crop size (a square image is then seen whole)."""
+        resize = resize or crop
+        if resize < crop:
+            raise ConfigError(f"--eval_resize {resize} is smaller than the evaluation crop {crop} (--eval_crop, "
+                              f"default the largest --size_crops): use a resize of at least {crop}")
+        return cls(crop, resize)
 
 
 def eval_view(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:

@@ -1,18 +1,37 @@
 """Global batches: the order of a run's samples depends on (seed, epoch) only, never on the world size.
 
-Each epoch is a permutation of the dataset drawn from (seed, epoch); step s takes the s-th global batch of it and
-rank r keeps the r-th contiguous slice. One process with the global batch therefore sees exactly the samples that
-W processes see together, and a run resumed in the middle of an epoch continues with the same batches.
+Each epoch is a permutation of the dataset drawn once from (seed, epoch); step s takes the s-th global batch of it
+and rank r keeps the r-th contiguous slice. One process with the global batch therefore sees exactly the samples
+that W processes see together, and a run resumed in the middle of an epoch continues with the same batches.
+
+In-memory sets are copied to the training device once and indexed there (no host-to-device copy of images per
+step). Image files go through loader worker processes that decode and cut the crops (files.py); the crop
+parameters are drawn here, ahead of the step, from the augmentation's generator, so the crops do not depend on the
+world size or the number of workers either. The training loader's workers persist across epochs; on CUDA their
+batches come in pinned memory and are copied with non_blocking.
+
+Unreadable files: each is replaced by the next readable file of the dataset (files.py), reported on one line the
+first time it is met, and counted; after each epoch rank 0 prints the count and appends it to train_log.jsonl
+(`bad_files`). When an epoch's count passes BAD_FILE_LIMIT of its samples (checked over all ranks every
+BAD_FILE_CHECK_EVERY steps and at the end of the epoch) training stops with a DataError.
 """
 from __future__ import annotations
 
-from functools import partial
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError
-from .registry import FileImages, ImageSet
+from .. import distributed
+from ..errors import ConfigError, DataError
+from .augment import CropSpec, CutCrops, EvalView, MultiCrop
+from .files import CropJob, FileSource, ViewJob
+from .registry import ImageSet
+
+BAD_FILE_LIMIT = 0.01
+BAD_FILE_CHECK_EVERY = 50
+# An in-memory set is kept on a CUDA device when it takes at most this share of the device's free memory.
+RESIDENT_SHARE = 0.25
 
 
 class GlobalBatches:
@@ -25,16 +44,27 @@ class GlobalBatches:
         self.num_samples, self.global_batch, self.world_size, self.rank = num_samples, global_batch, world_size, rank
         self.local_batch = global_batch // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self._order_epoch, self._order = None, None
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.global_batch)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
+    @property
+    def epoch_samples(self) -> int:
+        """Samples one epoch uses (drop_last leaves the remainder out)."""
+        return min(self.num_samples, len(self) * self.global_batch)
+
     def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=generator)
+        """The epoch's permutation, drawn once per epoch: every step of the epoch slices the same tensor."""
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.num_samples, generator=generator)
+            else:
+                self._order = torch.arange(self.num_samples)
+            self._order_epoch = epoch
+        return self._order
 
     def global_indices(self, epoch: int, step: int) -> torch.Tensor:
         return self.order(epoch)[step * self.global_batch: (step + 1) * self.global_batch]
@@ -46,41 +76,173 @@ class GlobalBatches:
         start = min(self.rank * share, len(batch))
         return batch[start: start + share], len(batch), start
 
-
-def _stack(batch: list, shape: tuple) -> torch.Tensor:
-    """Collate decoded images; a rank can get none (the last global batch, or a shard of an empty range), and
-    default_collate fails on []."""
-    return torch.stack(batch) if batch else torch.empty((0, *shape), dtype=torch.uint8)
+    def plan(self, epoch: int, start_step: int = 0) -> list[tuple[torch.Tensor, int, int]]:
+        """`local_indices` of every step from `start_step` to the end of the epoch: O(N) for the whole epoch."""
+        return [self.local_indices(epoch, step) for step in range(start_step, len(self))]
 
 
-def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: int = 0, workers: int = 0
-            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
-    """Yield (step, uint8 images, labels, dataset indices, global batch size, offset) from `start_step` on."""
-    steps = range(start_step, len(batches))
-    plan = [batches.local_indices(epoch, s) for s in steps]
-    if images.in_memory:
-        for step, (idx, total, offset) in zip(steps, plan):
-            yield step, images.images[idx], images.labels[idx], idx, total, offset
+def resident(images: ImageSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An in-memory set's images and labels on `device`, copied there once and kept (in `images.cache`); where a
+    CUDA device lacks the room (RESIDENT_SHARE of its free memory) they stay on the host."""
+    key = ("resident", str(device))
+    if key not in images.cache:
+        pixels, labels = images.images, images.labels
+        fits = device.type != "cuda" or pixels.nbytes <= RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+        images.cache[key] = (pixels.to(device), labels.to(device)) if fits else (pixels, labels)
+    return images.cache[key]
+
+
+def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: int = 0, workers: int = 0,
+            augment: MultiCrop | None = None, device: torch.device | str = "cpu", log: Path | None = None
+            ) -> Iterator[tuple[int, torch.Tensor | CutCrops, torch.Tensor, torch.Tensor, int, int]]:
+    """Yield (step, images, labels, dataset indices, global batch size, offset) from `start_step` on, on `device`.
+
+    In-memory sets give uint8 images; image files give CutCrops, the crops of `augment` (the method's pipeline,
+    which its `__call__` finishes on the device). `log`: the train_log.jsonl that rank 0 appends the epoch's
+    unreadable-file count to.
+    """
+    device = torch.device(device)
+    plan = batches.plan(epoch, start_step)
+    if not images.in_memory:
+        yield from _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log)
         return
-    source = FileImages(images.files, images.image_size, images.channels)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx.tolist() for idx, _, _ in plan],
-                                         num_workers=workers, persistent_workers=False, pin_memory=False,
-                                         collate_fn=partial(_stack, shape=(images.channels, images.image_size,
-                                                                           images.image_size)))
-    for step, (idx, total, offset), batch in zip(steps, plan, loader):
-        yield step, batch, images.labels[idx], idx, total, offset
+    pixels, labels = resident(images, device)
+    if not plan:
+        return
+    # The epoch's indices go to the images' device in one piece, not step by step.
+    local = torch.cat([idx for idx, _, _ in plan]).to(pixels.device)
+    for step, idx, (_, total, offset) in zip(range(start_step, len(batches)),
+                                             local.split([len(idx) for idx, _, _ in plan]), plan):
+        yield (step, pixels[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True),
+               idx.to(device, non_blocking=True), total, offset)
 
 
-def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers: int = 0
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, dataset indices) over `indices` in order (for feature extraction)."""
+def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log):
+    """`iterate` over image files: the parameters of each step drawn here (from a copy of the pipeline's
+    generator, ahead of the training loop), the crops cut by the persistent workers."""
+    loader, jobs = _training_loader(images, workers, device)
+    generator = torch.Generator()
+    generator.set_state(augment.generator.get_state())
+    pending = {}
+
+    def planned():
+        for step, (idx, total, offset) in zip(range(start_step, len(batches)), plan):
+            params = [p.slice(offset, offset + len(idx)) for p in augment.sample(total, generator)]
+            pending[step] = params, generator.get_state(), total, offset
+            uniforms = torch.stack([p.uniforms for p in params], dim=1).numpy()
+            yield CropJob(step, idx.numpy(), uniforms, tuple(augment.each_crop))
+
+    tally = BadFiles(images, limit=int(BAD_FILE_LIMIT * batches.epoch_samples), device=device)
+    jobs.current = planned()
+    for done, result in enumerate(loader, start=1):
+        tally.add(result)
+        params, state, total, offset = pending.pop(result["step"])
+        for crop, p in enumerate(params):
+            p.boxes = result["boxes"][:, crop]
+        crops = CutCrops([c.to(device, non_blocking=True) for c in result["crops"]], params, state)
+        yield (result["step"], crops, result["labels"].to(device, non_blocking=True),
+               result["indices"].to(device, non_blocking=True), total, offset)
+        if done % BAD_FILE_CHECK_EVERY == 0 or done == len(plan):
+            tally.check(f"epoch {epoch + 1}")
+    tally.report(epoch, log)
+
+
+class _Jobs:
+    """The sampler of a loader whose workers persist: each pass iterates the jobs set for it."""
+
+    def __init__(self):
+        self.current = iter(())
+
+    def __iter__(self):
+        return self.current
+
+
+def _training_loader(images: ImageSet, workers: int, device: torch.device):
+    """The set's training DataLoader and its job sampler, made once and kept (its workers live across epochs)."""
+    key = ("training_loader", workers, device.type)
+    if key not in images.cache:
+        jobs = _Jobs()
+        images.cache[key] = _file_loader(images, jobs, workers, device, persistent=True), jobs
+    return images.cache[key]
+
+
+def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, persistent: bool = False):
+    # batch_size None: each job is one batch, cut by one worker; pinned memory for a CUDA device's non_blocking copy.
+    # A generator of its own: the workers' seeds would otherwise be drawn from the global generator, which a
+    # checkpoint holds, each time the workers start (the workers themselves draw nothing).
+    return torch.utils.data.DataLoader(FileSource(images.files, images.labels, images.channels), sampler=jobs,
+                                       batch_size=None, num_workers=workers,
+                                       persistent_workers=persistent and workers > 0,
+                                       pin_memory=device.type == "cuda", generator=torch.Generator())
+
+
+class BadFiles:
+    """The unreadable files one pass met: each reported on one line the first time this process meets it (in any
+    pass), counted over all ranks, limited."""
+
+    def __init__(self, images: ImageSet, limit: int | None, device: torch.device):
+        self.reported = images.cache.setdefault("reported_bad_files", set())
+        self.limit, self.device, self.count, self.first = limit, device, 0, None
+
+    def add(self, result: dict) -> None:
+        if "fatal" in result:
+            raise DataError(result["fatal"])
+        for index, path, reason, substitute in result["bad"]:
+            self.count += 1
+            self.first = self.first or f"{path} ({reason})"
+            if path not in self.reported:
+                self.reported.add(path)
+                print(f"unreadable image file {path} ({reason}); sample {index} uses {substitute} instead",
+                      flush=True)
+
+    def total(self) -> int:
+        """The count over all ranks (collective)."""
+        count = torch.tensor([float(self.count)], device=self.device)
+        distributed.all_reduce_sum(count)
+        return int(count.item())
+
+    def check(self, where: str) -> None:
+        """Collective: every rank raises when the count over all ranks passes the limit."""
+        total = self.total()
+        if self.limit is not None and total > self.limit:
+            raise DataError(f"{total} unreadable image files in {where} so far, more than {BAD_FILE_LIMIT:.0%} of "
+                            f"its samples (first: {self.first or 'on another rank'}); fix or remove them")
+
+    def report(self, epoch: int, log: Path | None) -> None:
+        """Collective: rank 0 prints the epoch's count and appends it to `log`."""
+        from ..engine import append_jsonl, now_iso
+
+        total = self.total()
+        if total and distributed.rank() == 0:
+            print(f"epoch {epoch + 1}: {total} unreadable image file(s) replaced by the next readable file of the "
+                  f"dataset (each listed once when first met)", flush=True)
+            if log is not None:
+                append_jsonl(log, {"epoch": epoch, "bad_files": total, "time": now_iso()})
+
+
+def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers: int = 0,
+               device: torch.device | str = "cpu", view: EvalView | None = None,
+               crop: tuple[CropSpec, torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images on `device`, dataset indices) over `indices` in order, `batch_size` at a time.
+
+    In-memory sets give the images themselves. Image files give the test `view` of each image, or, with `crop` =
+    (CropSpec, uniforms of each of `indices`), that random-resized crop, cut by the workers (not flipped). No
+    collective runs here: ranks may take different numbers of batches.
+    """
+    device = torch.device(device)
     chunks = list(torch.split(indices, batch_size))
     if images.in_memory:
+        pixels, _ = resident(images, device)
         for idx in chunks:
-            yield images.images[idx], idx
+            yield pixels[idx.to(pixels.device)].to(device, non_blocking=True), idx
         return
-    source = FileImages(images.files, images.image_size, images.channels)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[c.tolist() for c in chunks], num_workers=workers,
-                                         collate_fn=partial(_stack, shape=(images.channels, images.image_size,
-                                                                           images.image_size)))
-    yield from zip(loader, chunks)
+    if crop is not None:
+        spec, uniforms = crop
+        jobs = [CropJob(step, idx.numpy(), u[:, None].numpy(), (spec,))
+                for step, (idx, u) in enumerate(zip(chunks, torch.split(uniforms, batch_size)))]
+    else:
+        jobs = [ViewJob(step, idx.numpy(), view) for step, idx in enumerate(chunks)]
+    tally = BadFiles(images, limit=None, device=device)
+    for result, idx in zip(_file_loader(images, jobs, workers, device), chunks):
+        tally.add(result)
+        yield result["crops"][0].to(device, non_blocking=True), idx

@@ -8,14 +8,24 @@
 | cifar100      | train, test (fine labels; coarse)   | 100     | 32x32 | cifar-100-python/                                  |
 | cifar100_20   | train, test (the 20 coarse labels)  | 20      | 32x32 | cifar-100-python/ (coarse_labels of the pickle)    |
 | stl10         | train, test, unlabeled, train+unlabeled | 10  | 96x96 | stl10_binary/                                      |
-| imagefolder   | train/, val/ (class sub-folders)    | folders | first image | DATA_PATH/{train,val}/CLASS/*.png|jpg        |
+| imagefolder   | train/, val/ (class sub-folders)    | folders | each its own | DATA_PATH/{train,val}/CLASS/**/*.jpg|png... |
 
 Nothing is downloaded unless the user passes `--download`; then rank 0 fetches the files through torchvision and
 the other ranks wait at a barrier.
+
+Image folders stay on disk: the set holds the sorted file paths and their labels (class = sub-folder of train/,
+searched recursively as torchvision's ImageFolder does), and the loader workers decode each image at its own size
+(files.py). Loading lists the folders and reads up to STATS_SAMPLE training files spread evenly over the list:
+their pixels give the normalisation statistics, their modes the channels (1 when every one of them is grey, else
+3: a grey file in a colour set is converted to RGB and vice versa) and their median shorter side the set's nominal
+`image_size` (the crop size that `--size_crops 0` stands for; no image is resized to it). Nothing else is read
+ahead and nothing is written into the data folder. A class folder without images, train/ and val/ with different
+class folders, or a sample of which no file is readable is a DataError.
 """
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -25,6 +35,7 @@ import torch
 
 from .. import distributed
 from ..errors import DataError
+from .files import GREY_MODES, Unreadable, decode, open_image
 from .formats import (read_cifar, read_cifar_meta, read_idx, read_stl10_images, read_stl10_labels)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -37,7 +48,12 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
 
 @dataclass
 class ImageSet:
-    """One split of a dataset. `images` is uint8 (N, C, H, W); file-backed sets have `files` instead."""
+    """One split of a dataset. `images` is uint8 (N, C, H, W); file-backed sets have `files` instead, and their
+    `image_size` is nominal (the median shorter side of a sample): each image keeps its own size.
+
+    `cache` keeps what the loaders build from the set once and reuse (its copy on the training device, its training
+    loader's worker processes); a subset starts with an empty one.
+    """
 
     name: str
     split: str
@@ -52,6 +68,7 @@ class ImageSet:
     files: list | None = None
     superclass_labels: torch.Tensor | None = None
     superclass_names: list | None = None
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,16 +114,22 @@ class DatasetSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _stats(images: np.ndarray) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale.
-
-    From each channel's 256-bin histogram: a float64 copy of the images would take 8x their size (2.2 GB for the
-    10,000 STL-10 images the statistics use).
-    """
-    values = np.arange(256) / 255.0
+def _histograms(images: np.ndarray) -> np.ndarray:
+    """Per-channel 256-bin histograms (C, 256) of uint8 images (N, C, H, W)."""
     # torch.bincount counts uint8 directly (np.bincount would first make an int64 copy).
-    counts = np.stack([torch.bincount(torch.from_numpy(np.ascontiguousarray(images[:, c])).flatten(), minlength=256)
-                       .numpy() for c in range(images.shape[1])]).astype(np.float64)
+    return np.stack([torch.bincount(torch.from_numpy(np.ascontiguousarray(images[:, c])).flatten(), minlength=256)
+                     .numpy() for c in range(images.shape[1])]).astype(np.float64)
+
+
+def _stats(images: np.ndarray) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    return _histogram_stats(_histograms(images))
+
+
+def _histogram_stats(counts: np.ndarray) -> tuple[tuple, tuple]:
+    """Mean and std per channel from 256-bin histograms: a float64 copy of the images would take 8x their size
+    (2.2 GB for the 10,000 STL-10 images the statistics use)."""
+    values = np.arange(256) / 255.0
     mean = counts @ values / counts.sum(1)
     std = np.sqrt((counts * (values[None] - mean[:, None]) ** 2).sum(1) / counts.sum(1))
     return tuple(mean.round(4).tolist()), tuple(std.round(4).tolist())
@@ -234,74 +257,97 @@ def load_stl10(path: Path, split: str) -> ImageSet:
 # ---- image folders -------------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+STATS_SAMPLE = 2000
 
 
-def _folder_split(path: Path, split: str) -> Path:
+def _folder_split(path: Path, split: str) -> Path | None:
+    """DATA_PATH/train, or DATA_PATH/val (else test) for the test split; None when absent."""
     names = {"train": ("train",), "test": ("val", "test")}[split]
-    for name in names:
-        if (path / name).is_dir():
-            return path / name
-    raise DataError(f"dataset 'imagefolder': no {' or '.join(names)}/ folder under {str(path)!r} "
-                    f"(expected DATA_PATH/train/CLASS/*.png and DATA_PATH/val/CLASS/*.png)")
+    return next((path / name for name in names if (path / name).is_dir()), None)
+
+
+def _named(folders: list, shown: int = 3) -> str:
+    more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
+    return ", ".join(map(str, folders[:shown])) + more
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them) and labels."""
+    files, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        found = []
+        for folder, subfolders, names in os.walk(root / name, followlinks=True):
+            subfolders.sort()
+            found += [os.path.join(folder, file_name) for file_name in sorted(names)
+                      if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]
+        if not found:
+            empty.append(root / name)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise DataError(f"dataset 'imagefolder': {len(empty)} class folder(s) without images ({_named(empty)}); "
+                        f"every class folder needs at least one {'/'.join(sorted(IMAGE_SUFFIXES))} file")
+    return files, labels
 
 
 def load_imagefolder(path: Path, split: str) -> ImageSet:
-    from PIL import Image
-
-    train_root = _folder_split(path, "train")
-    classes = sorted(d.name for d in train_root.iterdir() if d.is_dir())
+    train_root, test_root = _folder_split(path, "train"), _folder_split(path, "test")
+    if train_root is None or (split == "test" and test_root is None):
+        names = "train" if train_root is None else "val or test"
+        raise DataError(f"dataset 'imagefolder': no {names}/ folder under {str(path)!r} "
+                        f"(expected DATA_PATH/train/CLASS/*.jpg and DATA_PATH/val/CLASS/*.jpg)")
+    classes = _class_folders(train_root)
     if not classes:
         raise DataError(f"dataset 'imagefolder': {str(train_root)!r} has no class sub-folders")
-    root = _folder_split(path, split)
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        folder = root / name
-        if folder.is_dir():
-            found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            files += [str(p) for p in found]
-            labels += [label] * len(found)
-    if not files:
-        raise DataError(f"dataset 'imagefolder': no images under {str(root)!r}")
-    train_files = sorted(str(p) for p in train_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not train_files:
-        raise DataError(f"dataset 'imagefolder': no images under {str(train_root)!r}")
-    with Image.open(train_files[0]) as probe:
-        # Grey with an alpha channel (LA) is still grey: convert("L") drops the alpha.
-        channels = 1 if probe.mode in ("L", "LA", "I", "I;16", "1", "F") else 3
-        size = min(probe.size)
-    # Up to 2000 files spread evenly over the sorted list: its first 2000 would be the first class or two only.
-    count = min(2000, len(train_files))
-    sample = FileImages([train_files[i * len(train_files) // count] for i in range(count)], size, channels)
-    mean, std = _stats(np.stack([sample[i].numpy() for i in range(len(sample))]))
+    if test_root is not None and _class_folders(test_root) != classes:
+        test_classes = _class_folders(test_root)
+        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise DataError(f"dataset 'imagefolder': the class folders of {str(test_root)!r} differ from those of "
+                        f"{str(train_root)!r} (missing: {_named(missing) or 'none'}; "
+                        f"extra: {_named(extra) or 'none'}); both need the same class sub-folders")
+    train_files, train_labels = _list_images(train_root, classes)
+    files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
+    channels, image_size, mean, std = _folder_statistics(train_files, train_root)
     return ImageSet(name="imagefolder", split=split, labels=torch.tensor(labels, dtype=torch.long),
-                    num_classes=len(classes), channels=channels, image_size=size, mean=mean, std=std,
+                    num_classes=len(classes), channels=channels, image_size=image_size, mean=mean, std=std,
                     class_names=classes, files=files)
 
 
-class FileImages(torch.utils.data.Dataset):
-    """Decode image files to uint8 (C, size, size): shorter side resized to `size`, then centre-cropped."""
-
-    def __init__(self, files: list, size: int, channels: int):
-        self.files, self.size, self.channels = files, size, channels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[index]) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            if img.size != (self.size, self.size):
-                scale = self.size / min(img.size)
-                img = img.resize((max(self.size, round(img.size[0] * scale)),
-                                  max(self.size, round(img.size[1] * scale))), Image.BILINEAR)
-                left, top = (img.size[0] - self.size) // 2, (img.size[1] - self.size) // 2
-                img = img.crop((left, top, left + self.size, top + self.size))
-            # np.array copies: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
-            array = np.array(img, dtype=np.uint8)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(array))
+def _folder_statistics(train_files: list[str], train_root: Path) -> tuple[int, int, tuple, tuple]:
+    """(channels, nominal image size, mean, std) from up to STATS_SAMPLE training files spread evenly over the
+    sorted list (its first files would be the first class or two only); unreadable files are reported and left out."""
+    count = min(STATS_SAMPLE, len(train_files))
+    sample = [train_files[i * len(train_files) // count] for i in range(count)]
+    headers, unreadable = {}, []
+    for file in sample:
+        try:
+            with open_image(file) as image:
+                headers[file] = image.mode
+        except Unreadable as err:
+            unreadable.append(f"{file} ({err})")
+    channels = 1 if headers and all(mode in GREY_MODES for mode in headers.values()) else 3
+    counts, shorter_sides = np.zeros((channels, 256)), []
+    for file in headers:
+        try:
+            with open_image(file) as image:
+                decoded, _ = decode(image, "L" if channels == 1 else "RGB")
+                pixels = np.array(decoded).reshape(decoded.height, decoded.width, channels)  # writable, for torch
+        except Unreadable as err:
+            unreadable.append(f"{file} ({err})")
+            continue
+        counts += _histograms(pixels.transpose(2, 0, 1)[None])
+        shorter_sides.append(min(decoded.size))
+    for line in unreadable:
+        print(f"unreadable image file {line}; left out of the statistics", flush=True)
+    if not shorter_sides:
+        raise DataError(f"dataset 'imagefolder': none of the {count} files sampled under {str(train_root)!r} is a "
+                        f"readable image (first: {unreadable[0]})")
+    mean, std = _histogram_stats(counts)
+    return channels, statistics.median_low(shorter_sides), mean, std
 
 
 DATASETS: dict[str, DatasetSpec] = {

@@ -12,7 +12,7 @@ from .. import checkpoint, distributed
 from ..config import read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
-from ..data.augment import eval_view
+from ..data.augment import EvalView, eval_view
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo, Method
 
@@ -60,26 +60,34 @@ def training_defaults(method: str) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def extract(fn, images: ImageSet, size: int, mean, std, device: torch.device, batch_size: int = 512,
+def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.device, batch_size: int = 512,
             workers: int = 0, normalize: bool = True) -> torch.Tensor:
     """fn(test views) for every image of `images`, in dataset order, computed by all ranks and gathered."""
     share = distributed.shard_range(len(images))
     outputs = []
-    for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers):
-        out = fn(eval_view(batch.to(device), size, mean, std)).float()
+    for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers,
+                                           device, view):
+        out = fn(eval_view(batch, view.crop, mean, std)).float()
         outputs.append(F.normalize(out, dim=1) if normalize else out)
     local = torch.cat(outputs) if outputs else torch.zeros(0, device=device)
     return distributed.all_gather_uneven(local)
 
 
-def pixels(images: ImageSet) -> torch.Tensor:
-    """Raw pixels / 255, flattened: the baseline every method must beat."""
-    if not images.in_memory:
-        from ..data.registry import FileImages
-        source = FileImages(images.files, images.image_size, images.channels)
-        stacked = torch.stack([source[i] for i in range(len(source))])
-    else:
-        stacked = images.images
+def view_protocol(images: ImageSet, view: EvalView) -> dict:
+    """What a metrics record's protocol says about the test view: image folders' resize and centre crop (in-memory
+    sets are seen whole, as records before the image-folder pipeline said nothing)."""
+    return {} if images.in_memory else {"eval_resize": view.resize, "eval_crop": view.crop}
+
+
+def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
+    """The pixel baseline's view: --eval_crop / --eval_resize, by default the set's (nominal) image size."""
+    return EvalView.of(args.eval_crop or images.image_size, args.eval_resize)
+
+
+def pixels(images: ImageSet, view: EvalView) -> torch.Tensor:
+    """Raw pixels / 255, flattened: the baseline every method must beat (image files: their test `view`)."""
+    stacked = torch.cat([batch for batch, _ in data_loader.sequential(images, torch.arange(len(images)), 512,
+                                                                      view=view)])
     return stacked.reshape(len(stacked), -1).float() / 255.0
 
 
@@ -95,7 +103,10 @@ class Evaluation:
         method = self.loaded.method
         fn = method.features if kind == "backbone" else method.embedding
         info = method.info
-        return extract(fn, images, method.eval_size, info.mean, info.std, device, batch_size, workers)
+        return extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers)
+
+    def view_protocol(self) -> dict:
+        return view_protocol(self.test_set, self.loaded.method.eval_view)
 
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
@@ -105,6 +116,9 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
     loaded = load_run(args.run, args.checkpoint, device)
+    for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
+        if getattr(args, flag):
+            setattr(loaded.args, flag, getattr(args, flag))
     dataset = args.dataset or loaded.args.dataset
     data_path = args.data_path or (loaded.args.data_path if dataset == loaded.args.dataset else None)
     train_set = load(dataset, "train", data_path, args.download)

@@ -55,12 +55,12 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
 
     was_training = method.training
     method.eval()
-    size, info = method.eval_size, method.info
-    test_x = extract(method.embedding, test_set, size, info.mean, info.std, device)
+    view, info = method.eval_view, method.info
+    test_x = extract(method.embedding, test_set, view, info.mean, info.std, device)
     if source == "memory_bank":
         train_x = method.memory_bank[: len(train_set)].float()
     else:
-        train_x = extract(method.embedding, train_set, size, info.mean, info.std, device)
+        train_x = extract(method.embedding, train_set, view, info.mean, info.std, device)
     method.train(was_training)
     labelled = train_set.labels >= 0  # the unlabelled part of STL-10's train+unlabeled votes for nothing
     return knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,

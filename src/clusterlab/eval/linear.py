@@ -24,6 +24,7 @@ class FeatureSet:
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = features, labels
         self.in_memory = True
+        self.cache = {}  # the loader's copy on the training device
 
     def __len__(self) -> int:
         return len(self.labels)

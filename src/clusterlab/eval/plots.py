@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .metrics import cluster_mapping, count_matrix
 
@@ -74,9 +75,10 @@ def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: 
 
 def _image(images, index: int) -> np.ndarray:
     """One image as uint8 HxW (grey) or HxWx3."""
-    if images.in_memory:
-        array = images.images[index].numpy()
-    else:
-        from ..data.registry import FileImages
-        array = FileImages(images.files, images.image_size, images.channels)[index].numpy()
+    from ..data.augment import EvalView
+    from ..data.loader import sequential
+
+    # Image files: the centre square at the set's nominal size.
+    (batch, _), = sequential(images, torch.tensor([index]), 1, view=EvalView.of(images.image_size))
+    array = batch[0].numpy()
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)

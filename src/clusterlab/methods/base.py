@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import cli
-from ..data.augment import ColorSpec, MultiCrop, crop_specs
+from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs
 from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
 from ..models import INITS
@@ -47,7 +47,7 @@ class DataInfo:
 
 @dataclass
 class Batch:
-    images: torch.Tensor   # uint8 (n, C, H, W), on the training device
+    images: torch.Tensor   # uint8 (n, C, H, W) on the training device; image files: CutCrops (augment.py)
     labels: torch.Tensor   # used by monitors only, never by a loss
     indices: torch.Tensor  # positions in the training set (memory banks, pseudo-labels)
     global_size: int       # samples in the global batch
@@ -133,7 +133,14 @@ class Method(nn.Module):
 
     @property
     def eval_size(self) -> int:
+        """The test view's size: --eval_crop, else the largest training crop."""
+        if self.args.eval_crop:
+            return self.args.eval_crop
         return max(self.args.size_crops) if self.args.size_crops[0] else self.info.image_size
+
+    @property
+    def eval_view(self) -> EvalView:
+        return EvalView.of(self.eval_size, self.args.eval_resize)
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:

@@ -192,21 +192,26 @@ class SeLa(ClusterMethod):
         local = -(-args.label_batch_size // world)
         chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(), seed=0,
                                            shuffle=False, drop_last=False)
-        positions = torch.cat([chunks.local_indices(0, c)[0] for c in range(len(chunks))])
+        positions = torch.cat([idx for idx, _, _ in chunks.plan(0)])
         train_view = args.label_view == "train"
         params = self.label_augment.sample(len(images))[0] if train_view else None
-        size = self.label_augment.crops[0].size if train_view else self.eval_size
+        crop = self.label_augment.crops[0]
+        size = crop.size if train_view else self.eval_size
+        # Image files: the workers cut the crop (from these parameters) or the test view.
+        files_crop = (crop, params.uniforms[positions]) if train_view and not images.in_memory else None
         saved = {name: buffer.clone() for name, buffer in self.named_buffers()}
         was_training = self.training
         self.train(train_view)
         features = []
         try:
             # Every chunk but the last gives this rank exactly `local` images, so these batches are its chunks.
-            for batch, idx in data_loader.sequential(images, positions, local, args.workers):
-                batch = batch.to(self.device)
+            for batch, idx in data_loader.sequential(images, positions, local, args.workers, self.device,
+                                                     self.eval_view, files_crop):
                 if train_view:
                     first = int(idx[0])
-                    views = self.label_augment.apply(batch, params.slice(first, first + len(idx)), size)
+                    chunk_params = params.slice(first, first + len(idx))
+                    views = (self.label_augment.apply(batch, chunk_params, size) if images.in_memory
+                             else self.label_augment.apply_cut(batch, chunk_params))
                 else:
                     views = eval_view(batch, size, self.info.mean, self.info.std)
                 features.append(self.backbone(views).float())

@@ -20,7 +20,8 @@ import torch
 from .. import cli, config, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import extract, open_evaluation, open_pixel_baseline, pixels
+from ..eval.features import (baseline_view, extract, open_evaluation, open_pixel_baseline, pixels,
+                                      view_protocol)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -54,7 +55,9 @@ def main(argv=None):
     ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
-        kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set), pixels(scored_set), scored_set, "pixels")
+        view = baseline_view(args, train_set)
+        kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set, view), pixels(scored_set, view), scored_set,
+               "pixels", view_protocol(scored_set, view))
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -68,11 +71,11 @@ def main(argv=None):
             scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
                                                                                 args.batch_size, args.workers)
             kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
-                   scored_set, args.features)
+                   scored_set, args.features, evaluation.view_protocol())
     distributed.shutdown()
 
 
-def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x, scored_set, feature_kind):
+def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
     too_many = [k for k in args.clusters if k > len(fit_x)]
     if too_many:
         raise ConfigError(f"--clusters {too_many[0]} is more than the {len(fit_x)} images of the {args.fit_on} split "
@@ -82,7 +85,7 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
     for clusters in args.clusters or [scored_set.num_classes]:
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
                 "normalize": args.normalize and feature_kind != "pixels", "restarts": args.restarts,
-                "selection": "last"}
+                "selection": "last", **view}
         if args.skip_recorded and checkpoint_name and results.has_record(run_dir, "cluster", checkpoint_name, base):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
@@ -97,13 +100,14 @@ def heads(args, ctx, evaluation, scored_set):
     if method.stage != "cluster":
         raise ConfigError(f"--assignment heads: run {str(loaded.run_dir)!r} ({loaded.args.method}) has no heads")
     sizes, chosen = method.head_sizes, method.chosen_head()
-    logits = extract(lambda x: torch.cat(method.head_logits(x), dim=1), scored_set, method.eval_size,
+    logits = extract(lambda x: torch.cat(method.head_logits(x), dim=1), scored_set, method.eval_view,
                      method.info.mean, method.info.std, ctx.device, args.batch_size, args.workers, normalize=False)
     if not ctx.is_main:
         return
     for head, head_logits in enumerate(logits.split(sizes, dim=1)):
         base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
-                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads"}
+                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads",
+                **evaluation.view_protocol()}
         if args.skip_recorded and results.has_record(loaded.run_dir, "cluster", loaded.checkpoint_name,
                                                      {**base, "split": args.split}):
             continue

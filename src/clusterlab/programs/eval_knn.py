@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
-from ..eval.features import open_evaluation, open_pixel_baseline, pixels
+from ..eval.features import baseline_view, open_evaluation, open_pixel_baseline, pixels, view_protocol
 from ..eval.knn import knn_accuracy
 
 
@@ -47,13 +47,14 @@ def main(argv=None):
     ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
-        train_x, test_x = (F.normalize(pixels(s), dim=1).to(ctx.device) for s in (train_set, test_set))
+        view = baseline_view(args, train_set)
+        train_x, test_x = (F.normalize(pixels(s, view), dim=1).to(ctx.device) for s in (train_set, test_set))
         epoch = checkpoint_name = None
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
         run_dir, run_args, epoch, checkpoint_name = loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name
-        train_set, test_set = evaluation.train_set, evaluation.test_set
+        train_set, test_set, view = evaluation.train_set, evaluation.test_set, loaded.method.eval_view
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
             train_x = memory_bank_features(loaded, len(train_set)).to(ctx.device)
@@ -62,6 +63,7 @@ def main(argv=None):
     metrics = knn_accuracy(train_x, train_set.labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes,
                            args.k, args.temperature)
     if ctx.is_main:
+        protocol.update(view_protocol(test_set, view))
         record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
                                      checkpoint_name=checkpoint_name, run=Path(run_dir).name)
         record["dataset"] = test_set.name

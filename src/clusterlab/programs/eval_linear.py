@@ -49,7 +49,7 @@ def main(argv=None):
     info, size = method.info, method.eval_size
 
     def backbone_features(images):
-        return extract(method.features, images, size, info.mean, info.std, ctx.device, 512, args.workers,
+        return extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512, args.workers,
                        normalize=False)
 
     test_features = backbone_features(evaluation.test_set)
@@ -89,7 +89,7 @@ def main(argv=None):
     if ctx.is_main:
         protocol = {"features": "backbone", "augmentation": protocol_name, "fit_on": "train", "epochs": args.epochs,
                     "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
-                    "selection": "last", "best_on_test_flagged": True}
+                    "selection": "last", "best_on_test_flagged": True, **evaluation.view_protocol()}
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
         record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,

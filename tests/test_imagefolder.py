@@ -1,0 +1,314 @@
+"""Image folders (data/files.py, data/loader.py): crops cut by the workers from each image at its own size against
+torchvision's PIL functions, the crop-size distribution against torchvision's sampler, the test view, the JPEG
+draft, 2 processes against 1, resume in the middle of an epoch, and unreadable files."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from scipy import stats
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+import fabricate
+from clusterlab import checkpoint
+from clusterlab.data import files, loader, registry
+from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
+from clusterlab.data.loader import GlobalBatches, iterate, sequential
+from clusterlab.errors import DataError
+from conftest import TINY, assert_ok, run_script
+from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
+from test_resume import assert_same_tensors, stop_after_first_step
+
+CROPS = [CropSpec(2, 16, 0.3, 1.0), CropSpec(2, 8, 0.05, 0.3)]
+
+
+def pipeline(mean=(0.5, 0.5, 0.5), seed=3) -> MultiCrop:
+    return MultiCrop(CROPS, ColorSpec(blur_p=0.5), mean, (0.25,) * len(mean), 24, seed)
+
+
+def pil_image(path, channels=3) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("L" if channels == 1 else "RGB")
+
+
+def as_array(image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+# ---- what a worker cuts ----------------------------------------------------------------------------------------------
+
+def test_worker_crops_are_torchvision_crops_of_each_whole_image(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path, n_per_class=6, jpeg=False)  # PNG: decoded whole, never drafted
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    source = files.FileSource(data.files, data.labels, data.channels)
+    specs = tuple(MultiCrop(CROPS, ColorSpec(), (0.5,) * 3, (0.5,) * 3, 24, 0).each_crop)
+    n = len(data)
+    uniforms = torch.stack([draw_crop_uniforms(n, torch.Generator().manual_seed(c)) for c in range(4)], dim=1)
+    result = source[files.CropJob(0, np.arange(n), uniforms.numpy(), specs)]
+    assert result["bad"] == [] and torch.equal(result["labels"], data.labels)
+    sizes = {tuple(pil_image(f).size[::-1]) for f in data.files}
+    assert len(sizes) > 5  # the folder really has images of many sizes
+    for i, path in enumerate(data.files):
+        image = pil_image(path)
+        height, width = image.height, image.width
+        assert result["sizes"][i].tolist() == [height, width]
+        for c, spec in enumerate(specs):
+            box = result["boxes"][i, c]
+            # The box is torchvision's rule applied to this image's own size, and lies inside the image.
+            expected = crop_boxes(uniforms[i, c][None], height, width, (spec.min_scale, spec.max_scale))[0]
+            assert torch.equal(box, expected)
+            top, left, h, w = box.tolist()
+            assert 0 <= top and 0 <= left and h >= 1 and w >= 1 and top + h <= height and left + w <= width
+            reference = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size], InterpolationMode.BILINEAR)
+            np.testing.assert_array_equal(result["crops"][c][i].numpy(), as_array(reference))
+
+
+def test_boxes_of_a_training_epoch_lie_inside_their_images(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path, n_per_class=8)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    sizes = {i: pil_image(f).size[::-1] for i, f in enumerate(data.files)}
+    seen = 0
+    for _, cut, _, indices, _, _ in iterate(data, GlobalBatches(len(data), 4, 1, 0, seed=1), 0, augment=pipeline()):
+        for params in cut.params:
+            for index, (top, left, h, w) in zip(indices.tolist(), params.boxes.tolist()):
+                height, width = sizes[index]
+                assert 0 <= top and 0 <= left and h >= 1 and w >= 1 and top + h <= height and left + w <= width
+                seen += 1
+    assert seen == 16 * 4
+
+
+def test_test_view_is_torchvision_resize_then_centre_crop(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path, n_per_class=5, jpeg=False)
+    data = registry.load("imagefolder", "test", str(tmp_path))
+    view = EvalView.of(12, 16)
+    batches = list(sequential(data, torch.arange(len(data)), 3, view=view))
+    views = torch.cat([b for b, _ in batches])
+    for i, path in enumerate(data.files):
+        reference = TF.center_crop(TF.resize(pil_image(path), 16, InterpolationMode.BILINEAR), 12)
+        np.testing.assert_array_equal(views[i].numpy(), as_array(reference))
+    with pytest.raises(Exception, match="--eval_resize 10"):
+        EvalView.of(12, 10)
+
+
+def smooth_jpeg(path, width=400, height=300):
+    """A photograph-like JPEG: smooth gradients and a few soft shapes, quality 90."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 90 * np.cos(y / 23.0), 255 * x / width], axis=-1)
+    image += 60 * np.exp(-((x - 150) ** 2 + (y - 120) ** 2) / 900.0)[..., None]
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def test_jpeg_draft_keeps_what_each_crop_shows(tmp_path):
+    assert [files.draft_reduction(r) for r in (0.5, 1.9, 2.0, 3.99, 4.0, 7.5, 8.0, 100.0)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    path = tmp_path / "photo.jpg"
+    smooth_jpeg(path)
+    with files.open_image(str(path)) as image:
+        reduced, applied = files.decode(image, "RGB", 4)
+    assert applied == 4 and reduced.size == (100, 75)
+    with files.open_image(str(tmp_path / "photo.jpg")) as image:
+        whole, applied = files.decode(image, "RGB", 1)
+    assert applied == 1 and whole.size == (400, 300)
+    Image.open(path).save(tmp_path / "photo.png")
+    with files.open_image(str(tmp_path / "photo.png")) as image:
+        assert files.decode(image, "RGB", 4)[1] == 1  # no draft outside JPEG
+    # 24-pixel crops of boxes of at least 130 pixels: drafted at 1/4; the same regions as from the whole decode.
+    source = files.FileSource([str(path)] * 20, torch.zeros(20), 3)
+    spec = CropSpec(1, 24, 0.3, 1.0)
+    uniforms = draw_crop_uniforms(20, torch.Generator().manual_seed(0))
+    result = source[files.CropJob(0, np.arange(20), uniforms[:, None].numpy(), (spec,))]
+    differences = []
+    for row, (top, left, h, w) in enumerate(result["boxes"][:, 0].tolist()):
+        assert files.draft_reduction(min(h, w) / 24) >= 2
+        full = files.resized_region(whole, (left, top, left + w, top + h), 24)
+        differences.append(np.abs(result["crops"][0][row].numpy().astype(int) - as_array(full)).mean())
+    assert max(differences) < 3.0, differences
+
+
+# ---- the crop-size distribution ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height,width,scale", [(375, 500, (0.14, 1.0)), (500, 333, (0.08, 1.0)),
+                                                (300, 300, (0.05, 0.14))])
+def test_crop_area_fractions_follow_torchvision(height, width, scale):
+    n = 4000
+    ours = crop_boxes(draw_crop_uniforms(n, torch.Generator().manual_seed(0)), height, width, scale)
+    ours_fraction = (ours[:, 2] * ours[:, 3]).double().numpy() / (height * width)
+    torch.manual_seed(0)
+    theirs = np.array([RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), [3 / 4, 4 / 3])
+                       for _ in range(n)], dtype=np.float64)
+    theirs_fraction = theirs[:, 2] * theirs[:, 3] / (height * width)
+    assert stats.ks_2samp(ours_fraction, theirs_fraction).pvalue > 0.01
+    aspect = ours[:, 3].double() / ours[:, 2].double()
+    assert stats.ks_2samp(aspect.numpy(), theirs[:, 3] / theirs[:, 2]).pvalue > 0.01
+    if scale[1] < 0.5:  # every attempt fits: the fraction is U(scale) up to the rounding of h and w
+        assert stats.kstest(ours_fraction, "uniform", args=(scale[0], scale[1] - scale[0])).pvalue > 0.01
+    else:  # a drift of the sampler (e.g. an area not scaled by the image) would move the mean far from theirs
+        assert abs(ours_fraction.mean() - theirs_fraction.mean()) < 0.02
+
+
+# ---- 2 processes == 1 ----------------------------------------------------------------------------------------------
+
+def _epoch_outputs(data, world_size, rank, workers=0) -> dict:
+    """Every step of epoch 1 on this rank: the indices, the workers' uint8 crops and the augmented crops."""
+    augment = pipeline(data.mean)
+    batches = GlobalBatches(len(data), 6, world_size, rank, seed=4, drop_last=False)
+    out = {"indices": [], "labels": [], "cut": [], "crops": [], "state": None}
+    for epoch in (0, 1):
+        for _, cut, labels, indices, total, offset in iterate(data, batches, epoch, workers=workers,
+                                                              augment=augment):
+            crops = augment(cut, total, offset)
+            if epoch == 1:
+                out["indices"].append(indices)
+                out["labels"].append(labels)
+                out["cut"].append(cut.crops)
+                out["crops"].append(crops)
+    out["state"] = augment.generator.get_state()
+    return out
+
+
+def _two_process_worker(rank, world, root):
+    return _epoch_outputs(registry.load("imagefolder", "train", root), world, rank, workers=1)
+
+
+def test_two_processes_cut_the_crops_of_one(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path, n_per_class=8, classes=2)  # 16 images, grey and colour, PNG + JPEG
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    assert data.channels == 3
+    single = _epoch_outputs(data, 1, 0)
+    ranks = run_distributed(_two_process_worker, 2, str(tmp_path))
+    assert len(single["indices"]) == 3  # 16 samples in global batches of 6: the last one has 4
+    for step in range(3):
+        assert torch.equal(torch.cat([r["indices"][step] for r in ranks]), single["indices"][step])
+        assert torch.equal(torch.cat([r["labels"][step] for r in ranks]), single["labels"][step])
+        for crop in range(4):
+            assert torch.equal(torch.cat([r["cut"][step][crop] for r in ranks]), single["cut"][step][crop])
+            torch.testing.assert_close(torch.cat([r["crops"][step][crop] for r in ranks]),
+                                       single["crops"][step][crop], atol=1e-6, rtol=0)
+    assert all(torch.equal(r["state"], single["state"]) for r in ranks)
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+
+def test_resumed_iteration_continues_with_the_same_crops(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path, n_per_class=10)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    batches = GlobalBatches(len(data), 4, 1, 0, seed=2)
+    whole = pipeline()
+    expected = [whole(cut, total, offset) for _, cut, _, _, total, offset in
+                iterate(data, batches, 0, workers=2, augment=whole)]
+    first = pipeline()
+    for step, cut, _, _, total, offset in iterate(data, batches, 0, workers=2, augment=first):
+        first(cut, total, offset)
+        if step == 1:
+            break  # stopped after step 1: the checkpoint holds the generator as it is now
+    resumed = pipeline(seed=99)
+    resumed.load_state_dict(first.state_dict())
+    rows = list(iterate(data, batches, 0, start_step=2, workers=2, augment=resumed))
+    assert [row[0] for row in rows] == list(range(2, len(batches)))
+    for (_, cut, _, _, total, offset), want in zip(rows, expected[2:]):
+        for a, b in zip(resumed(cut, total, offset), want):
+            assert torch.equal(a, b)
+    assert torch.equal(resumed.generator.get_state(), whole.generator.get_state())
+
+
+def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and_evaluates(tmp_path):
+    fabricate.make_mixed_imagefolder(tmp_path / "data", n_per_class=12, classes=2)
+    run = [*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", "4",
+           "--nmb_crops", "2", "1", "--size_crops", "12", "8", "--min_scale_crops", "0.3", "0.1",
+           "--max_scale_crops", "1", "0.3", "--workers", "2", "--log_every", "1", "--freeze_prototypes_niters", "2"]
+    reference = tmp_path / "reference"
+    assert_ok(run_script("main_pretrain.py", *run, "--output_dir", reference))
+    stopped_dir = tmp_path / "stopped"
+    stopped, steps = stop_after_first_step(stopped_dir, signal.SIGUSR2, [*run, "--output_dir", stopped_dir])
+    assert stopped.returncode == 75, stopped.stderr
+    status = json.loads((stopped_dir / "status.json").read_text())
+    assert status["epoch"] == 0 and 0 < status["step"] < 6, status
+    assert_ok(run_script("main_pretrain.py", *run, "--output_dir", stopped_dir))
+    ours, theirs = (checkpoint.load(d / "checkpoint.pth") for d in (stopped_dir, reference))
+    for key in ("model", "optimizer", "method_state", "method_random", "rng", "epoch", "step", "global_step"):
+        assert_same_tensors(ours[key], theirs[key], key)
+    # The evaluation's view (resize then centre crop of the 12-pixel training crop) is in its record's protocol.
+    assert_ok(run_script("eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"))
+    (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
+
+
+# ---- unreadable files --------------------------------------------------------------------------------------------
+
+def test_unreadable_files_are_replaced_by_the_next_readable_one(tmp_path, capsys, monkeypatch):
+    fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=12, grey=False, seed=1)
+    images, _ = fabricate.imagefolder_arrays(10, 2, 12, False, seed=1)["train"]
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    bad = [2, 3, 7, 12]  # 2 and 3 in a row: 2 is replaced by 4
+    spoiled = fabricate.spoil_image_files([data.files[i] for i in bad])
+    assert sorted(spoiled.values()) == ["corrupt", "not an image", "truncated", "zero-byte"]
+    monkeypatch.setattr(loader, "BAD_FILE_LIMIT", 0.5)
+    whole = MultiCrop([CropSpec(1, 12, 1.0, 1.0)], ColorSpec(), (0.5,) * 3, (0.5,) * 3, 12, seed=0)
+    batches = GlobalBatches(len(data), 5, 1, 0, seed=3)
+    log = tmp_path / "train_log.jsonl"
+    for epoch in (0, 1):
+        for _, cut, labels, indices, _, _ in iterate(data, batches, epoch, augment=whole, log=log):
+            for index, label, crop in zip(indices.tolist(), labels.tolist(), cut.crops[0]):
+                source = {2: 4, 3: 4, 7: 8, 12: 13}.get(index, index)
+                np.testing.assert_array_equal(crop.numpy(), images[source])  # the substitute's pixels
+                assert label == index // 10  # the sample keeps its own label
+    lines = capsys.readouterr().out.splitlines()
+    for i in bad:
+        mentions = [line for line in lines if data.files[i] in line]
+        assert len(mentions) == 1 and "unreadable image file" in mentions[0]  # once, though met in both epochs
+    assert sum("epoch 1: 4 unreadable image file(s)" in line for line in lines) == 1
+    assert sum("epoch 2: 4 unreadable image file(s)" in line for line in lines) == 1
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["epoch"], r["bad_files"]) for r in records] == [(0, 4), (1, 4)]
+    # Evaluation passes replace them the same way.
+    views = torch.cat([b for b, _ in sequential(data, torch.arange(len(data)), 6, view=EvalView.of(12))])
+    np.testing.assert_array_equal(views[[2, 3, 7, 12]].numpy(), images[[4, 4, 8, 13]])
+
+
+def test_too_many_unreadable_files_stop_training_with_one_line(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=8, grey=True)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    fabricate.spoil_image_files([data.files[5]])  # 1 of 20: above 1 % of the epoch
+    whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
+    with pytest.raises(DataError) as info:
+        list(iterate(data, GlobalBatches(20, 4, 1, 0, seed=0), 0, augment=whole))
+    message = str(info.value)
+    assert "\n" not in message and "1 unreadable image files in epoch 1" in message and data.files[5] in message
+
+
+def test_a_folder_of_unreadable_files_is_one_line(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    fabricate.spoil_image_files(data.files[1:])
+    # The statistics leave the unreadable files out (one line each) ...
+    assert registry.load("imagefolder", "train", str(tmp_path)).image_size == 8
+    fabricate.spoil_image_files(data.files[:1])
+    # ... and a sample with no readable file at all is an error of one line.
+    with pytest.raises(DataError) as info:
+        registry.load("imagefolder", "train", str(tmp_path))
+    assert "\n" not in str(info.value) and "none of the 4 files" in str(info.value)
+    # The set listed before: every file unreadable, so no substitute exists.
+    whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
+    with pytest.raises(DataError) as info:
+        list(iterate(data, GlobalBatches(4, 2, 1, 0, seed=0), 0, augment=whole))
+    assert "\n" not in str(info.value) and "no readable image" in str(info.value)
+
+
+def test_class_folders_without_images_or_differing_between_splits(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=3, size=8)
+    for png in (tmp_path / "train" / "class_b").iterdir():
+        png.unlink()
+    with pytest.raises(DataError) as info:
+        registry.load("imagefolder", "train", str(tmp_path))
+    assert "\n" not in str(info.value) and str(tmp_path / "train" / "class_b") in str(info.value)
+    shutil.rmtree(tmp_path / "train" / "class_b")
+    for split in ("train", "test"):  # val/ still has class_b: refused before a run starts, not at its first evaluation
+        with pytest.raises(DataError) as info:
+            registry.load("imagefolder", split, str(tmp_path))
+        assert "\n" not in str(info.value) and "extra: class_b" in str(info.value)
