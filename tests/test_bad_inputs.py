@@ -1,4 +1,5 @@
-"""A catalogue of bad inputs across the entry points: grids, recipes (sbatch generation) and data files.
+"""A catalogue of bad inputs across the entry points: grids, recipes (sbatch generation), data files, configs,
+checkpoints and run directories, for all seven programs.
 
 Each case builds its input under its own temporary folder and runs the entry script's main under run_cli in this
 process (what `python SCRIPT` runs); it must exit with status 2 and one stderr line `SCRIPT: error: ...` holding the
@@ -8,15 +9,18 @@ sbatch/ and results/ are hashed before and after. No case may run a command it s
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import fabricate
-from conftest import ROOT, TINY, assert_user_error, snapshot
+from conftest import ROOT, TINY, assert_user_error, copy_run, snapshot, write_fashion_mnist
 
 WATCHED = [ROOT / "configs", ROOT / "sbatch", ROOT / "results"]
 GRID = {"name": "g", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml",
@@ -132,6 +136,125 @@ CASES = [
                                     "--output_dir", t / "run"],
      ["batches.meta", SYSTEM, "refused"], "cifar-meta-runs-a-command"),
 ]
+
+
+
+
+def config_file(tmp: Path, **values) -> list:
+    path = tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["--config", path, "--output_dir", tmp / "run"]
+
+
+def cycle(tmp: Path) -> list:
+    (tmp / "a.yaml").write_text("base: b.yaml\nwidth: 4\n")
+    (tmp / "b.yaml").write_text("base: a.yaml\n")
+    return ["--config", tmp / "a.yaml", "--output_dir", tmp / "run"]
+
+
+def a_file(tmp: Path) -> Path:
+    (tmp / "file").write_text("not a directory\n")
+    return tmp / "file"
+
+
+CASES += [
+    # configuration files
+    ("main_pretrain.py", lambda t: ["--config", t / "missing.yaml"], ["missing.yaml", "does not exist"],
+     "config-missing"),
+    ("main_pretrain.py", lambda t: config_file(t, widht=4), ["unknown key 'widht'"], "config-unknown-key"),
+    ("main_pretrain.py", lambda t: config_file(t, width="four"), ["'width'", "'four'"], "config-wrong-type"),
+    ("main_cluster.py", lambda t: config_file(t, method="sela", hc=2.5), ["2.5"], "config-float-for-int"),
+    ("main_pretrain.py", cycle, ["makes a cycle"], "config-base-cycle"),
+    ("main_pretrain.py", lambda t: [*TINY, "--amp", "fp32"], ["--amp", "'fp32'", "choose from"], "flag-amp-choice"),
+    ("main_cluster.py", lambda t: ["--method", "sela", "--hc", "0"], ["--hc", "'0'"], "flag-zero-heads"),
+    ("main_pretrain.py", lambda t: [*TINY, "--device", "cuda", "--output_dir", t / "run"],
+     ["--device cuda", "no CUDA device"], "device-without-cuda"),
+    # data
+    ("main_pretrain.py", lambda t: [*TINY, "--dataset", "cifar10", "--data_path", t / "nowhere", "--output_dir",
+                                    t / "run"], ["nowhere'", "does not exist"], "data-path-missing"),
+    ("main_pretrain.py", lambda t: [*TINY, "--dataset", "fashion_mnist", "--data_path",
+                                    write_fashion_mnist(t / "fm", cut=100), "--output_dir", t / "run"],
+     ["train-images-idx3-ubyte"], "data-idx-truncated"),
+    ("collect_results.py", lambda t: ["--root", t / "nothing", "--out", t / "tables"], ["--root", "nothing"],
+     "collect-root-missing"),
+    # run directories
+    ("main_pretrain.py", lambda t: [*TINY, "--output_dir", a_file(t)], ["is a file"], "output-dir-is-a-file"),
+    ("eval_knn.py", lambda t: ["--run", t / "nothing", "--device", "cpu"], ["--run", "nothing"], "eval-run-missing"),
+    ("eval_linear.py", lambda t: ["--run", a_file(t).parent, "--device", "cpu"], ["no config.yaml"],
+     "eval-not-a-run"),
+]
+
+
+def truncated(run: Path) -> None:
+    data = (run / "checkpoint.pth").read_bytes()
+    (run / "checkpoint.pth").write_bytes(data[: len(data) // 2])
+
+
+def foreign(run: Path) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoint.pth")
+
+
+def malicious(run: Path) -> None:
+    with open(run / "checkpoint.pth", "wb") as handle:
+        pickle.dump(RunsACommand(f"touch {run / 'PWNED'}"), handle)
+
+
+def locked(run: Path) -> None:
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "since": "now"}
+    (run / ".lock").write_text(json.dumps(holder))
+
+
+TRAIN = [*TINY, "--epochs", 2]
+RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folder, words, id)
+    ("eval_knn.py", None, ["--run", "RUN", "--checkpoint", "checkpoint_ep0009.pth"],
+     ["checkpoint_ep0009.pth", "does not exist"], "checkpoint-missing"),
+    ("eval_knn.py", truncated, ["--run", "RUN"], ["checkpoint.pth", "corrupt or not a torch file"],
+     "checkpoint-truncated"),
+    ("eval_cluster.py", foreign, ["--run", "RUN"], ["not a clusterlab checkpoint"], "checkpoint-foreign"),
+    ("eval_linear.py", malicious, ["--run", "RUN"], ["weights_only refused it"], "checkpoint-runs-a-command"),
+    ("main_pretrain.py", malicious, [*TRAIN, "--output_dir", "RUN"], ["weights_only refused it"],
+     "resume-checkpoint-runs-a-command"),
+    ("main_pretrain.py", None, [*TINY, "--batch_size", 32, "--output_dir", "RUN"],
+     ["was trained with --batch_size 64", "32"], "resume-other-batch"),
+    ("main_pretrain.py", None, [*TINY, "--epochs", 1, "--output_dir", "RUN"], ["--epochs 1 is below the epoch 2"],
+     "resume-fewer-epochs"),
+    ("main_cluster.py", None, ["--method", "sela", "--dataset", "digits", "--width", 4, "--device", "cpu",
+                               "--output_dir", "RUN"], ["is a 'pretrain' checkpoint", "expected cluster"],
+     "resume-other-program"),
+    ("main_cluster.py", None, ["--method", "embedul", "--dataset", "digits", "--width", 4, "--device", "cpu",
+                               "--pretrained", "RUN/checkpoint_ep0007.pth", "--output_dir", "NEW"],
+     ["checkpoint_ep0007.pth"], "pretrained-missing"),
+    ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
+     "run-locked"),
+    ("eval_cluster.py", None, ["--run", "RUN", "--clusters", 5000, "--device", "cpu"],
+     ["--clusters 5000", "more than the 898 images"], "eval-too-many-clusters"),
+    ("eval_knn.py", None, ["--run", "RUN", "--train_features", "memory_bank", "--features", "embedding"],
+     ["--train_features memory_bank", "keeps no memory bank"], "eval-no-memory-bank"),
+]
+
+
+@pytest.mark.parametrize("script, change, argv, words", [pytest.param(*case[:4], id=case[4]) for case in RUN_CASES])
+def test_bad_input_about_a_run_is_refused_on_one_line_and_changes_nothing(run_in_process, monkeypatch, tmp_path,
+                                                                          tiny_run, script, change, argv, words):
+    run = copy_run(tiny_run, tmp_path / "run")
+    if change is not None:
+        change(run)
+    argv = [str(a).replace("RUN", str(run)).replace("NEW", str(tmp_path / "new")) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    before = [snapshot(tmp_path), *map(snapshot, WATCHED)]
+    result = run_in_process(script, *argv)
+    assert_user_error(result, script, *words)
+    assert [snapshot(tmp_path), *map(snapshot, WATCHED)] == before
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_the_catalogue_covers_every_program_with_forty_inputs_or_more():
+    from clusterlab.programs import PROGRAMS
+
+    cases = CASES + RUN_CASES
+    assert len(cases) >= 40
+    assert {case[0] for case in cases} >= {"main_pretrain.py", "main_cluster.py", "eval_knn.py", "eval_linear.py",
+                                           "eval_cluster.py", "launch.py", "collect_results.py"} | set(PROGRAMS)
 
 
 @pytest.mark.parametrize("script, build, words", [pytest.param(*case[:3], id=case[3]) for case in CASES])

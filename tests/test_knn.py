@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from clusterlab.data import ImageSet
 from clusterlab.eval.knn import knn_accuracy, knn_class_scores, monitor
+from clusterlab.data.augment import EvalView
 from clusterlab.programs.eval_knn import memory_bank_features
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
@@ -116,7 +117,7 @@ def test_two_processes_equal_one_process():
 class BankMethod(torch.nn.Module):
     """What the monitor reads of a memory-bank method: the bank, and one fixed test embedding for every image."""
 
-    eval_size, monitor_temperature = 8, 0.1
+    eval_view, monitor_temperature = EvalView.of(8), 0.1
 
     def __init__(self, bank: torch.Tensor, query: torch.Tensor):
         super().__init__()

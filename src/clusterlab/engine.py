@@ -100,6 +100,14 @@ class Trainer:
     def precision(self) -> str:
         return precision_name(self.amp_dtype)
 
+    def whole_run_settings(self) -> list[str]:
+        """Lengths that cover the whole run: warm-up, and the method's own (prototype freezing, queue start)."""
+        notes = self.method.whole_run_settings(self.steps_per_epoch)
+        if self.args.warmup_epochs >= self.args.epochs:
+            notes.insert(0, f"the learning rate warms up for the whole run (--warmup_epochs {self.args.warmup_epochs} "
+                            f">= --epochs {self.args.epochs})")
+        return notes
+
     # ---- checkpoints ----
     def state_dict(self, epoch: int, step: int) -> dict:
         """Everything needed to resume at (epoch, step); collective (the method may gather across ranks)."""
@@ -374,6 +382,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer
+        for note in trainer.whole_run_settings():
+            print(f"note: {note}", flush=True)
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
               f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}", flush=True)

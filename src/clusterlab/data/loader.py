@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .. import distributed
+from .. import distributed, rundir
 from ..errors import ConfigError, DataError
 from .augment import CropSpec, CutCrops, EvalView, MultiCrop
 from .files import CropJob, FileSource, ViewJob
@@ -210,14 +210,12 @@ class BadFiles:
 
     def report(self, epoch: int, log: Path | None) -> None:
         """Collective: rank 0 prints the epoch's count and appends it to `log`."""
-        from ..engine import append_jsonl, now_iso
-
         total = self.total()
         if total and distributed.rank() == 0:
             print(f"epoch {epoch + 1}: {total} unreadable image file(s) replaced by the next readable file of the "
                   f"dataset (each listed once when first met)", flush=True)
             if log is not None:
-                append_jsonl(log, {"epoch": epoch, "bad_files": total, "time": now_iso()})
+                rundir.append_jsonl(log, {"epoch": epoch, "bad_files": total, "time": rundir.now_iso()})
 
 
 def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers: int = 0,

@@ -103,6 +103,11 @@ class Method(nn.Module):
         weights in a group without weight decay when --no_decay_bias_norm is on."""
         return split_decay(self.named_parameters(), self.args.no_decay_bias_norm)
 
+    def whole_run_settings(self, steps_per_epoch: int) -> list[str]:
+        """Settings whose length covers the whole run (told on one line each at start): a length given in
+        iterations means more or less on another dataset's size."""
+        return []
+
     # ---- state beyond parameters and buffers ----
     def extra_state(self) -> dict:
         """Collective: called on every rank before rank 0 writes a checkpoint."""

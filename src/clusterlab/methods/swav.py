@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import non_negative_int, positive_float, positive_int
+from ..config import non_negative_float, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
@@ -40,7 +40,11 @@ class SwAV(Method):
         group.add_argument("--crops_for_assign", type=non_negative_int, nargs="+", default=[0, 1])
         group.add_argument("--queue_length", type=non_negative_int, default=0, help="global queue length (0: no queue)")
         group.add_argument("--epoch_queue_starts", type=non_negative_int, default=15)
-        group.add_argument("--freeze_prototypes_niters", type=non_negative_int, default=313)
+        group.add_argument("--freeze_prototypes_niters", type=non_negative_int, default=313,
+                           help="iterations during which the prototypes get no gradient")
+        group.add_argument("--freeze_prototypes_epochs", type=non_negative_float, default=None,
+                           help="the same length in epochs (replaces --freeze_prototypes_niters; the number of "
+                                "iterations an epoch has depends on the dataset's size)")
         parser.set_defaults(optimizer="lars", lr=4.8, final_lr=0.0, warmup_epochs=10, schedule="cosine",
                             weight_decay=1e-6, arch="resnet18_cifar")
 
@@ -102,9 +106,25 @@ class SwAV(Method):
         return q[-scores.shape[0]:]
 
     def after_backward(self, progress: Progress) -> None:
-        if progress.global_step < self.args.freeze_prototypes_niters:
+        if progress.global_step < self.freeze_steps(progress.steps_per_epoch):
             for p in self.prototypes.parameters():
                 p.grad = None
+
+    def freeze_steps(self, steps_per_epoch: int) -> int:
+        epochs = self.args.freeze_prototypes_epochs
+        return self.args.freeze_prototypes_niters if epochs is None else round(epochs * steps_per_epoch)
+
+    def whole_run_settings(self, steps_per_epoch: int) -> list[str]:
+        args, total = self.args, self.args.epochs * steps_per_epoch
+        notes = []
+        if self.freeze_steps(steps_per_epoch) >= total:
+            notes.append(f"the prototypes stay frozen for the whole run ({self.freeze_steps(steps_per_epoch)} "
+                         f"freezing iterations >= {total} in {args.epochs} epochs of {steps_per_epoch}; "
+                         f"--freeze_prototypes_epochs sets the length in epochs)")
+        if args.queue_length and args.epoch_queue_starts >= args.epochs:
+            notes.append(f"the queue never starts (--epoch_queue_starts {args.epoch_queue_starts} >= --epochs "
+                         f"{args.epochs})")
+        return notes
 
     # ---- state ----
     def extra_state(self) -> dict:

@@ -1,0 +1,47 @@
+"""Lengths that do not silently depend on the dataset's size: prototype freezing can be given in epochs as well as
+in iterations, and a setting that covers the whole run is told on one line at start."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterlab.methods import METHODS, DataInfo, Progress
+from clusterlab.programs.train import parse_args
+from conftest import TINY, assert_ok, run_script
+from test_amp import images
+
+
+def swav(*flags):
+    args = parse_args("pretrain", [*TINY, "--output_dir", "unused", *flags])
+    return METHODS["swav"](args, DataInfo.of(images()), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flags, steps_per_epoch, frozen", [
+    (["--freeze_prototypes_niters", "20"], 14, 20),
+    (["--freeze_prototypes_niters", "20", "--freeze_prototypes_epochs", "1.5"], 14, 21),  # epochs win
+    (["--freeze_prototypes_epochs", "0"], 14, 0),
+    (["--freeze_prototypes_epochs", "2"], 3, 6),
+])
+def test_prototypes_get_no_gradient_for_the_length_given(flags, steps_per_epoch, frozen):
+    method = swav(*flags)
+    assert method.freeze_steps(steps_per_epoch) == frozen
+    for step in (frozen - 1, frozen):
+        method.prototypes.weight.grad = torch.ones_like(method.prototypes.weight)
+        method.after_backward(Progress(step // steps_per_epoch, step % steps_per_epoch, step, steps_per_epoch))
+        assert (method.prototypes.weight.grad is None) == (step < frozen)
+
+
+def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
+    # digits, batch 64: 14 steps per epoch, 28 in 2 epochs
+    done = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_niters", 28, "--warmup_epochs", 2,
+                      "--queue_length", 128, "--epoch_queue_starts", 2, "--output_dir", tmp_path / "run")
+    assert_ok(done)
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3, done.stdout
+    assert "warms up for the whole run (--warmup_epochs 2.0 >= --epochs 2)" in notes[0]
+    assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
+    assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
+    quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
+                       "--output_dir", tmp_path / "quiet")
+    assert_ok(quiet)
+    assert "note: " not in quiet.stdout
