@@ -204,8 +204,8 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     by_epoch = dict(zip(table["epoch"].astype(str), table["revision"]))
     assert (by_epoch["80"], by_epoch["90"], by_epoch["10"], by_epoch["-"]) == ("dirty", "unknown", "clean", "clean")
     assert results.revision_footnote(frame).splitlines() == [
-        f"revision unknown: {results.REVISION_NOTES['unknown']} (installed_copy, no_commit, s1, u1).",
-        f"revision dirty: {results.REVISION_NOTES['dirty']} (evaluated_dirty, old_suffix, s2, trained_dirty)."]
+        f"revision unknown: {results.REVISION_NOTES['unknown']}: installed_copy, no_commit, s1, u1.",
+        f"revision dirty: {results.REVISION_NOTES['dirty']}: evaluated_dirty, old_suffix, s2, trained_dirty."]
 
     out = tmp_path / "tables"
     assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))
@@ -213,7 +213,7 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     assert dict(zip(written["epoch"].astype(str), written["revision"])) == by_epoch
     markdown = (out / "digits.md").read_text()
     assert "revision" in [cell.strip() for cell in markdown.splitlines()[2].split("|")]
-    assert markdown.rstrip().endswith("(evaluated_dirty, old_suffix, s2, trained_dirty).")
+    assert markdown.rstrip().endswith(": evaluated_dirty, old_suffix, s2, trained_dirty.")
 
 
 def test_a_clean_table_has_no_footnote(tmp_path):

@@ -79,8 +79,8 @@ GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
 DUPLICATE_COLUMNS = ("file", "run", "checkpoint", "epoch", "seed", "dataset", "split", "eval")
 # A row is as doubtful as its most doubtful record.
 REVISIONS = ("clean", "unknown", "dirty")
-REVISION_NOTES = {"dirty": "trained or evaluated with uncommitted changes to tracked files",
-                  "unknown": "no commit recorded (a run older than the record of it, or an installed copy)"}
+REVISION_NOTES = {"dirty": "trained or evaluated by code with uncommitted changes to tracked files",
+                  "unknown": "no commit recorded (written before runs recorded one, or by an installed copy)"}
 
 
 def revision(record: dict, run_config: dict | None) -> str:
@@ -181,7 +181,7 @@ def revision_footnote(frame) -> str:
     for state in REVISIONS[1:]:
         runs = sorted({Path(file).parent.name for file in frame.loc[frame["revision"] == state, "file"]})
         if runs:
-            lines.append(f"revision {state}: {REVISION_NOTES[state]} ({', '.join(runs)}).")
+            lines.append(f"revision {state}: {REVISION_NOTES[state]}: {', '.join(runs)}.")
     return "\n".join(lines)
 
 
