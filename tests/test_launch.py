@@ -359,3 +359,20 @@ def test_installed_wheel_launches_a_grid_from_any_directory(tmp_path):
     assert recorded["args"]["output_dir"] == str(run_dir)
     assert recorded["git_commit"] is None and recorded["git_dirty"] is None
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
+    """submitit's local executor knows no afterok: launch.py waits for a training job before it submits the
+    evaluations that depend on it, and submits none when training failed (here: no CIFAR-10 files)."""
+    grid = grid_file(tmp_path, axes={"seed": [0]}, evals={"programs": ["eval_knn.py"]},
+                     flags={**BASE["flags"], "dataset": "cifar10", "data_path": str(tmp_path / "no_data"),
+                            "epochs": 1, "device": "cpu"})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "local", "--wait")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-4].startswith("submitted 1 training job(s): ")
+    job = lines[-4].split()[-1]
+    assert lines[-3].startswith(f"job {job} failed: clusterlab.errors.DataError: dataset 'cifar10': data path ")
+    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status"]  # reported once, no evaluation job
+    assert "submitted 1 evaluation job" not in out.stdout

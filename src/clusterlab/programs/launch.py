@@ -10,7 +10,8 @@ checkpoint epoch, started only if its training succeeds (afterok). Finished runs
 resume, evaluations already recorded or still in the queue are not submitted again (RUN/slurm/jobs.jsonl lists
 every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
 saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
-processes of this machine, `--cluster debug` inside this process (and so always waits for them).
+processes of this machine, `--cluster debug` inside this process (and so always waits for them); neither knows
+afterok, so a job that must follow another is submitted once that one has returned, and not when it failed.
 
 Relative `config:` paths of a grid or recipe file are read from the current directory, else beside the file or in
 a folder above it (slurm/programs.py find_config), so launch.py works from any directory and from an installed
@@ -19,6 +20,7 @@ package (`clusterlab-launch`); the jobs run in the directory launch.py started i
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import subprocess
@@ -82,12 +84,27 @@ def wait_until_done(jobs: list, cluster: str) -> None:
         print("all jobs left the queue")
         return
     for job in jobs:
-        try:
-            job.result()
-        except Exception as failure:  # submitit's FailedJobError (local), the job's own exception (debug)
-            lines = str(failure).strip().splitlines() or [type(failure).__name__]
-            print(f"job {job.job_id} failed: {lines[-1]} (logs: {job.paths.folder})")
+        returned(job)
     print("all jobs ended")
+
+
+SUBMITIT_RULE = "-" * 22  # around the job's traceback in the message of submitit's FailedJobError
+
+
+@functools.cache  # asked again (by its next evaluation, by --wait), a job is waited for and reported once
+def returned(job) -> bool:
+    """Wait for a local or debug job; False, with its error's last line printed, when it failed. These executors
+    know no dependencies: a job that must come after another is submitted only once that one has returned."""
+    try:
+        job.result()
+        return True
+    except Exception as failure:  # submitit's FailedJobError (local), the job's own exception (debug)
+        text = str(failure)
+        if SUBMITIT_RULE in text:  # the job's traceback, between submitit's rules
+            text = text.split(SUBMITIT_RULE)[1]
+        lines = text.strip().splitlines() or [type(failure).__name__]
+        print(f"job {job.job_id} failed: {lines[-1]} (logs: {job.paths.folder})")
+        return False
 
 
 def run_state(run: RunSpec, in_queue: set) -> str:
@@ -225,8 +242,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
             return
         executor = make_executor(folder / "%j", grid.resources, cluster, f"{grid.name}-train",
                                  after=_job_id(after) if cluster == "slurm" else None)
-        if after is not None and cluster != "slurm":
-            after.result()  # the local executors know no dependencies: start after the awaited job returns
+        if after is not None and cluster != "slurm" and not returned(after):
+            return
         with refused_by_sbatch(f"the training job(s) of {', '.join(run.name for run in runs)}", submitted):
             with executor.batch():
                 batch = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in runs]
@@ -250,8 +267,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
         for checkpoint, commands in pending_evals(run, in_queue).items():
             executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
                                      after=_job_id(parent) if parent is not None and cluster == "slurm" else None)
-            if parent is not None and cluster != "slurm":
-                parent.result()
+            if parent is not None and cluster != "slurm" and not returned(parent):
+                continue
             with refused_by_sbatch(f"the evaluation job of {run.name} ({checkpoint})", submitted):
                 job = executor.submit(ProgramJob(commands))
             record_job(run, job, f"eval {checkpoint}", checkpoint, [program for program, _ in commands])
