@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
 # Every method on the real Fashion-MNIST benchmark (Debian's dataset-fashion-mnist), on a 2-core CPU: two queues of
-# one thread each run side by side, then the pixel baselines and the result tables in results/.
-#   bash scripts/fashion_mnist.sh            # all of it (about an hour and a half on 2 cores)
+# one thread each run side by side, then the pixel baselines, the records kept in results/runs/fashion_mnist/ and
+# the tables and curves in results/.
+#   bash scripts/fashion_mnist.sh            # all of it (bench/RESULTS.md: the wall time of each run)
 #   OUT=runs/fm bash scripts/fashion_mnist.sh
+#   FORCE=1 bash scripts/fashion_mnist.sh    # on a tree with uncommitted changes: the runs are then marked dirty
+# It refuses to start on a working tree whose tracked files differ from the commit (the results would come from
+# code no commit holds) unless FORCE=1, and on an $OUT that is not empty (its runs would resume, from other code).
 # SeLa and Self-Classifier are scored by their heads and by k-means on their backbone features.
 # SwAV and Un-Mix also get the linear probe, on cached features (a CPU-sized protocol, recorded as such).
-# Each run's evaluations append to its metrics.jsonl; collect_results.py turns them into results/*.{csv,md,tex}.
+# The full run directories (checkpoints included) stay in $OUT; results/runs/fashion_mnist/ is replaced by what the
+# tables come from: per run config.yaml (flags, commit, git_dirty, versions), train_log.jsonl, metrics.jsonl,
+# output.log (all it printed, training and evaluations) and train_wall_seconds (the training's wall time); the
+# pixel baselines' metrics.jsonl and output.log; provenance.json (commit, git_dirty, start and end of the script).
+# collect_results.py then builds results/fashion_mnist.{md,csv,tex}, its plots and results/curves/ from that copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/fashion_mnist}
+KEEP=results/runs/fashion_mnist
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+fail() {
+  echo "fashion_mnist.sh: error: $1" >&2
+  exit 2
+}
+commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
+changed=$(git status --porcelain --untracked-files=no)
+dirty=false
+if [ -n "$changed" ]; then
+  [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
+(git status): commit them, or FORCE=1 to run anyway with the runs marked dirty"
+  dirty=true
+fi
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  fail "OUT=$OUT is not empty: remove it or choose another OUT (its runs would resume, made by other code)"
+fi
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
 timed() {  # timed NAME COMMAND...: run, and note its wall time in $OUT/NAME.time
@@ -46,9 +72,13 @@ queue_b() {
     timed "$name" $PY main_pretrain.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
     evaluate "$OUT/$name" --features embedding >> "$OUT/$name.log" 2>&1
   done
+  # EmbedUL's stage 2 on the Super-AND run, as the recipe has it and twice as long.
   timed embedul $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
     --output_dir "$OUT/embedul" --device cpu
   evaluate "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
+  timed embedul_4ep $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
+    --epochs 4 --output_dir "$OUT/embedul_4ep" --device cpu
+  evaluate "$OUT/embedul_4ep" >> "$OUT/embedul_4ep.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" > "$OUT/pixels.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 20 >> "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1
@@ -57,4 +87,17 @@ queue_b() {
 queue_a & a=$!
 queue_b & b=$!
 wait $a && wait $b
-$PY collect_results.py --root "$OUT" --out results
+
+rm -rf "$KEEP"
+for name in swav unmix npid superand sela selfclassifier embedul embedul_4ep; do
+  mkdir -p "$KEEP/$name"
+  cp "$OUT/$name/config.yaml" "$OUT/$name/train_log.jsonl" "$OUT/$name/metrics.jsonl" "$KEEP/$name/"
+  cp "$OUT/$name.log" "$KEEP/$name/output.log"
+  cp "$OUT/$name.time" "$KEEP/$name/train_wall_seconds"
+done
+mkdir -p "$KEEP/pixels"
+cp "$OUT/pixels/metrics.jsonl" "$KEEP/pixels/"
+cp "$OUT/pixels.log" "$KEEP/pixels/output.log"
+printf '{"script": "%s", "git_commit": "%s", "git_dirty": %s, "started": "%s", "finished": "%s"}\n' \
+  scripts/fashion_mnist.sh "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$KEEP/provenance.json"
+$PY collect_results.py --root "$KEEP" --out results

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -26,6 +25,8 @@ CONFIG = str(ROOT / "configs" / "swav_digits.yaml")
 # SwAV on digits, small enough that an epoch takes well under a second on one CPU thread.
 TINY = ["--config", CONFIG, "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10",
         "--batch_size", "64", "--size_crops", "8", "--epochs", "2", "--device", "cpu"]
+# What the tiny_run fixture adds: two epoch checkpoints, and the kNN monitor after every epoch.
+TINY_RUN = ["--checkpoint_epochs", "1", "2", "--knn_monitor_every", "1"]
 
 
 def script_env() -> dict:
@@ -87,11 +88,6 @@ def entry_module(name: str):
 
     from clusterlab.programs import PROGRAMS
 
-    if f"{name}.py" not in PROGRAMS:  # still a root script
-        spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
     program = PROGRAMS[f"{name}.py"]
     module = program.load()
     if program.stage is None:
@@ -138,9 +134,10 @@ def copy_run(source: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """A finished 2-epoch run (checkpoint.pth, checkpoint_ep0001.pth, checkpoint_ep0002.pth); copy it to change it."""
+    """A finished 2-epoch run (checkpoint.pth, checkpoint_ep0001.pth, checkpoint_ep0002.pth, kNN monitor records in
+    train_log.jsonl); copy it to change it."""
     run_dir = tmp_path_factory.mktemp("tiny") / "swav_digits"
-    assert_ok(run_script("main_pretrain.py", *TINY, "--checkpoint_epochs", 1, 2, "--output_dir", run_dir))
+    assert_ok(run_script("main_pretrain.py", *TINY, *TINY_RUN, "--output_dir", run_dir))
     return run_dir
 
 

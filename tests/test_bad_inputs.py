@@ -20,16 +20,17 @@ import torch
 import yaml
 
 import fabricate
-from conftest import ROOT, TINY, assert_user_error, copy_run, snapshot, write_fashion_mnist
+# CONFIG: absolute, the cases run elsewhere
+from conftest import CONFIG, ROOT, TINY, assert_user_error, copy_run, snapshot, write_fashion_mnist
 
 WATCHED = [ROOT / "configs", ROOT / "sbatch", ROOT / "results"]
-GRID = {"name": "g", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml",
+GRID = {"name": "g", "program": "main_pretrain.py", "config": CONFIG,
         "axes": {"epochs": [1, 2], "seed": [0]}, "flags": {"method": "swav", "dataset": "digits", "width": 4}}
 PIPELINE = {"name": "p", "axes": {"seed": [0]}, "flags": {"dataset": "digits", "width": 4},
             "stages": [{"name": "superand", "flags": {"method": "superand"}},
                        {"name": "embedul", "program": "main_cluster.py", "flags": {"method": "embedul"},
                         "pretrained_from": "superand"}]}
-RECIPE = {"config": "configs/swav_digits.yaml", "evals": ["eval_knn.py"], "resources": {"mem_gb": 4}}
+RECIPE = {"config": CONFIG, "evals": ["eval_knn.py"], "resources": {"mem_gb": 4}}
 
 
 def grid(tmp: Path, base: dict = GRID, **changes) -> list:
@@ -75,6 +76,10 @@ CASES = [
     ("launch.py", lambda t: grid(t, flags={**GRID["flags"], "dataset": "mnist"}), ["'dataset'", "'mnist'"],
      "grid-unknown-dataset"),
     ("launch.py", lambda t: grid(t, resourcez={}), ["'resourcez'", "valid:"], "grid-unknown-key"),
+    ("launch.py", lambda t: grid(t, config="configs/nosuch.yaml"),
+     ["config 'configs/nosuch.yaml' does not exist", "current directory", "grid.yaml"], "grid-config-missing"),
+    ("launch.py", lambda t: recipes(t, config="configs/nosuch.yaml"),
+     ["config 'configs/nosuch.yaml' does not exist", "current directory", "recipes.yaml"], "recipe-config-missing"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"kk": 3}}}),
      ["'kk'"], "grid-unknown-eval-flag"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_foo.py"]}), ["'eval_foo.py'", "eval_knn.py"],
@@ -122,8 +127,7 @@ CASES = [
     ("launch.py", lambda t: recipes(t, resources={"qos": "high; touch PWNED"}), ["resources.qos = 'high; touch PWNED'"],
      "recipe-qos-command"),
     ("launch.py", lambda t: recipes(t, config=None, evals=[], stages=[
-        {"name": "first stage", "config": "configs/swav_digits.yaml"},
-        {"name": "second", "config": "configs/swav_digits.yaml"}]),
+        {"name": "first stage", "config": CONFIG}, {"name": "second", "config": CONFIG}]),
      ["stage name 'first stage'", "letters, digits and _ (starting with a letter)"], "recipe-stage-name-space"),
     # CIFAR batches that would run a command when unpickled
     ("main_pretrain.py", lambda t: [*TINY, "--dataset", "cifar10", "--data_path", cifar10_running(t, "data_batch_1"),

@@ -3,8 +3,12 @@ names it, --help shows every flag's default, and config.yaml in the run director
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy
 import pytest
@@ -14,7 +18,7 @@ import yaml
 from clusterlab import config
 from clusterlab.errors import ConfigError
 from clusterlab.methods import METHODS
-from conftest import CONFIG, PYTHON, ROOT, TINY, assert_ok, entry_module
+from conftest import CONFIG, PYTHON, ROOT, TINY, TINY_RUN, assert_ok, entry_module
 
 pretrain = entry_module("main_pretrain")
 
@@ -162,15 +166,68 @@ def test_eval_help_lists_every_flag_with_its_default(module):
 
 def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):
     recorded = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    argv = [*TINY, "--checkpoint_epochs", "1", "2", "--output_dir", str(tiny_run)]
+    argv = [*TINY, *TINY_RUN, "--output_dir", str(tiny_run)]
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(pretrain.parse_args(argv)).items()}
     assert recorded["program"] == "main_pretrain.py"
     assert recorded["args"] == expected
     assert set(recorded["args"]) == {a.dest for a in full_parser()._actions if a.dest != "help"}
     assert recorded["args"]["config"] == CONFIG and recorded["args"]["width"] == 4
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert re.fullmatch(re.escape(head) + r"(-dirty)?", recorded["git_commit"]), recorded["git_commit"]
+    changes = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True).stdout.strip()
+    assert recorded["git_commit"] == head and recorded["git_dirty"] is bool(changes)
     versions = recorded["versions"]
     assert versions["torch"] == str(torch.__version__) and versions["numpy"] == numpy.__version__
     assert versions["python"] == config.platform.python_version()
 
+
+
+def git_state_of_copy(src: Path) -> dict:
+    """config.git_state() as the package copy under `src` (a folder holding clusterlab/) reports it."""
+    done = subprocess.run([PYTHON, "-c", "import json; from clusterlab.config import git_state; "
+                                         "print(json.dumps(git_state()))"],
+                          env={**os.environ, "PYTHONPATH": str(src)}, cwd=src, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_git_state_is_the_checkouts_commit_and_whether_tracked_files_changed(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "src" / "clusterlab", repo / "src" / "clusterlab",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    # Outside any git checkout (an installed copy): unknown.
+    assert git_state_of_copy(repo / "src") == {"git_commit": None, "git_dirty": None}
+    git("init", "-q")
+    git("add", "src")
+    git("commit", "-q", "-m", "x")
+    head = git("rev-parse", "HEAD")
+    assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
+    (repo / "notes.txt").write_text("untracked files do not make the tree dirty\n")
+    assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
+    with open(repo / "src" / "clusterlab" / "__init__.py", "a") as handle:
+        handle.write("# changed\n")
+    assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": True}
+    # A package that sits in a checkout but is not its src/clusterlab (site-packages in a repository): unknown.
+    shutil.copytree(repo / "src" / "clusterlab", repo / "venv" / "site" / "clusterlab",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert git_state_of_copy(repo / "venv" / "site") == {"git_commit": None, "git_dirty": None}
+
+
+@pytest.mark.parametrize("written, read", [
+    ({"git_commit": "abc", "git_dirty": False}, {"git_commit": "abc", "git_dirty": False}),
+    ({"git_commit": "abc", "git_dirty": True}, {"git_commit": "abc", "git_dirty": True}),
+    ({"git_commit": None, "git_dirty": None}, {"git_commit": None, "git_dirty": None}),
+    # runs written before git_dirty was a field of its own
+    ({"git_commit": "abc-dirty"}, {"git_commit": "abc", "git_dirty": True}),
+    ({"git_commit": "abc"}, {"git_commit": "abc", "git_dirty": False}),
+    ({"git_commit": "unknown"}, {"git_commit": None, "git_dirty": None}),
+    ({}, {"git_commit": None, "git_dirty": None}),
+])
+def test_recorded_git_state_reads_old_and_new_runs(written, read):
+    assert config.recorded_git_state(written) == read

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_ok, copy_run, run_script
 
 RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "checkpoint", "seed", "eval", "protocol",
-               "metrics", "created"}
+               "metrics", "created", "git_commit", "git_dirty"}
 
 
 def records(run_dir) -> list[dict]:
@@ -25,6 +25,7 @@ def assert_record_shape(rec: dict) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rec["created"])
     assert rec["protocol"]["fit_on"] == "train" and rec["protocol"]["selection"] == "last"
     assert all(0.0 <= v <= 1.0 or k in ("ami", "ari") for k, v in rec["metrics"].items())
+    assert re.fullmatch(r"[0-9a-f]{40}", rec["git_commit"]) and isinstance(rec["git_dirty"], bool)  # a checkout
 
 
 def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
@@ -82,3 +83,6 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
     row = table[table["protocol"].str.contains("clusters=20")].iloc[0]
     assert row["n"] == 1 and row["acc_mean"] == pytest.approx(100 * k20["metrics"]["acc"], abs=1e-9)
     assert {"digits.md", "digits.tex", "digits_acc.png", "digits_top1.png"} <= {p.name for p in out.iterdir()}
+    # Trained and evaluated by this checkout: the revision is clean or dirty as the records say, never unknown.
+    assert set(table["revision"]) == {"dirty" if knn["git_dirty"] else "clean"}
+    assert [p.name for p in (out / "curves").iterdir()] == ["swav_digits_s0.png"]  # pixels has no training log

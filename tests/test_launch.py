@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
 
 
 def test_relative_output_root_is_made_absolute(tmp_path):
-    """Jobs start in the repository root; launch.py may not: a relative root means the directory where it runs."""
-    grid = load_grid(grid_file(tmp_path), "some/where", ROOT)
+    """A relative root means the directory where launch.py runs, also for a generated script run elsewhere."""
+    grid = load_grid(grid_file(tmp_path), "some/where")
     assert grid.runs[0].run_dir == Path.cwd() / "some" / "where" / "swav_digits_1ep_s0"
 
 
@@ -264,16 +265,114 @@ def test_sbatch_folder_matches_the_recipes(tmp_path):
 def test_grid_evaluations_follow_checkpoint_epochs(tmp_path):
     grid = load_grid(grid_file(tmp_path, axes={"epochs": [4]}, evals={"programs": ["eval_knn.py"],
                                                                      "epochs": [2, 4, 6, "final"]}),
-                     tmp_path / "runs", ROOT)
+                     tmp_path / "runs")
     run = grid.runs[0]
     assert run.flags["checkpoint_epochs"] == [2, 4]  # 6 is past the run's 4 epochs
     assert [e.checkpoint for e in run.evals] == ["checkpoint_ep0002.pth", "checkpoint_ep0004.pth", "checkpoint.pth"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_grid_expands_into_valid_runs(path, tmp_path):
-    """Each grid in configs/grids/ loads (every flag checked against its program) into distinctly named runs."""
+def test_every_shipped_grid_expands_into_valid_runs(path, tmp_path, monkeypatch):
+    """Each grid in configs/grids/ loads (every flag checked against its program) into distinctly named runs, also
+    from outside the repository (its configs are found above the grid file)."""
+    monkeypatch.chdir(tmp_path)
     grid = load_grid(path, output_root=tmp_path)
     names = [run.name for run in grid.runs]
     assert names and len(set(names)) == len(names)
     assert all(run.program in ("main_pretrain.py", "main_cluster.py") for run in grid.runs)
+
+
+def tiny_project(tmp_path: Path, width: int = 4) -> Path:
+    """project/grids/tiny.yaml (one 1-epoch SwAV run on digits) naming its config as `configs/tiny.yaml`, which
+    lies in project/configs/, as a user's own project would keep them."""
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "grids").mkdir()
+    write_tiny_config(project / "configs" / "tiny.yaml", width)
+    (project / "grids" / "tiny.yaml").write_text(yaml.safe_dump(
+        {"name": "tiny", "config": "configs/tiny.yaml", "axes": {"seed": [0]}}))
+    return project
+
+
+def write_tiny_config(path: Path, width: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "configs" / "swav_digits.yaml"), "width": width,
+                                    "hidden_mlp": 32, "feat_dim": 16, "nmb_prototypes": 10, "batch_size": 64,
+                                    "size_crops": [8], "epochs": 1, "device": "cpu"}))
+
+
+def test_relative_config_is_read_from_the_current_directory_else_above_the_grid(tmp_path, monkeypatch):
+    from clusterlab.programs.train import parse_args
+
+    project = tiny_project(tmp_path, width=6)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = load_grid(project / "grids" / "tiny.yaml", "runs").runs[0]
+    assert run.flags["config"] == str(project / "configs" / "tiny.yaml")  # absolute: jobs find it from anywhere
+    assert parse_args("pretrain", run.argv()).width == 6
+    # A file of that name in the current directory comes first, and is named as the grid wrote it.
+    write_tiny_config(elsewhere / "configs" / "tiny.yaml", width=8)
+    run = load_grid(Path("..") / "project" / "grids" / "tiny.yaml", "runs").runs[0]
+    assert run.flags["config"] == "configs/tiny.yaml"
+    assert parse_args("pretrain", run.argv()).width == 8
+    # Recipes follow the same rule; the script names the config as the recipe wrote it.
+    (elsewhere / "configs" / "tiny.yaml").unlink()
+    (project / "recipes.yaml").write_text(yaml.safe_dump({"tiny": {"config": "configs/tiny.yaml"}}))
+    script = recipe_scripts(project / "recipes.yaml")["tiny"]
+    assert "--config configs/tiny.yaml" in script
+
+
+@pytest.mark.slow
+def test_installed_wheel_launches_a_grid_from_any_directory(tmp_path):
+    """A wheel built from the tree and installed into a folder of its own: its `clusterlab-launch` command, started
+    outside the repository, trains a grid's run through submitit's local executor, whose job (a new process)
+    imports the installed copy too: the run's config.yaml records no commit, as a copy outside a git checkout does
+    (a job importing the repository's source would record its commit)."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", source],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("clusterlab-*.whl")
+    site = tmp_path / "site"
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], capture_output=True,
+                               text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    project = tiny_project(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "import clusterlab; print(clusterlab.__file__)"], cwd=work,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(site / "clusterlab" / "__init__.py"), where.stderr
+    done = subprocess.run([site / "bin" / "clusterlab-launch", "--grid", "../project/grids/tiny.yaml", "--cluster",
+                           "local", "--wait"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "swav_digits_s0: finished" in done.stdout, done.stdout
+    run_dir = work / "runs" / "tiny" / "swav_digits_s0"
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["args"]["config"] == str(project / "configs" / "tiny.yaml")
+    assert recorded["args"]["output_dir"] == str(run_dir)
+    assert recorded["git_commit"] is None and recorded["git_dirty"] is None
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
+    """submitit's local executor knows no afterok: launch.py waits for a training job before it submits the
+    evaluations that depend on it, and submits none when training failed (here: no CIFAR-10 files)."""
+    grid = grid_file(tmp_path, axes={"seed": [0]}, evals={"programs": ["eval_knn.py"]},
+                     flags={**BASE["flags"], "dataset": "cifar10", "data_path": str(tmp_path / "no_data"),
+                            "epochs": 1, "device": "cpu"})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "local", "--wait")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-4].startswith("submitted 1 training job(s): ")
+    job = lines[-4].split()[-1]
+    assert lines[-3].startswith(f"job {job} failed: clusterlab.errors.DataError: dataset 'cifar10': data path ")
+    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status"]  # reported once, no evaluation job
+    assert "submitted 1 evaluation job" not in out.stdout

@@ -11,6 +11,7 @@ import warnings
 
 import pandas as pd
 import pytest
+import yaml
 
 from clusterlab import results
 from conftest import ROOT, assert_ok, entry_module, run_script, snapshot
@@ -163,3 +164,60 @@ def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tab
                                                                    "fashion_mnist.tex"]
     assert pd.read_csv(root / "tables" / "fashion_mnist.csv")["acc_mean"].tolist() == [pytest.approx(25.0)]
     assert f"tables written to {root / 'tables'}/" in capsys.readouterr().out
+
+
+CLEAN = {"git_commit": "c0ffee", "git_dirty": False}
+DIRTY = {"git_commit": "c0ffee", "git_dirty": True}
+
+
+def write_run(root, name: str, evaluated: dict, trained: dict | None, **fields) -> None:
+    """A run directory: its metrics record made by code in the git state `evaluated`, and a config.yaml written
+    by code in the state `trained` (None: a baseline, which has no config.yaml)."""
+    write_jsonl(root / name / "metrics.jsonl", [{**record(run=name, **fields), **evaluated}])
+    if trained is not None:
+        (root / name / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {},
+                                                                 **trained}))
+
+
+def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "clean", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5)
+    write_run(root, "trained_dirty", CLEAN, DIRTY, seed=0, epoch=20, acc=0.5)
+    write_run(root, "evaluated_dirty", DIRTY, CLEAN, seed=0, epoch=30, acc=0.5)
+    write_run(root, "old_suffix", CLEAN, {"git_commit": "c0ffee-dirty"}, seed=0, epoch=40, acc=0.5)
+    write_run(root, "old_clean", CLEAN, {"git_commit": "c0ffee"}, seed=0, epoch=50, acc=0.5)
+    write_run(root, "no_commit", CLEAN, {}, seed=0, epoch=60, acc=0.5)
+    write_run(root, "installed_copy", {"git_commit": None, "git_dirty": None}, CLEAN, seed=0, epoch=70, acc=0.5)
+    write_run(root, "pixels", CLEAN, None, method="pixels", epoch=None, acc=0.5)
+    # Three seeds of one row: clean, unknown (an old record without git fields), dirty -> dirty.
+    write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=80, acc=0.5)
+    write_jsonl(root / "s1" / "metrics.jsonl", [record(seed=1, run="s1", epoch=80, acc=0.5)])
+    write_run(root, "s2", CLEAN, DIRTY, seed=2, epoch=80, acc=0.5)
+    write_run(root, "u0", CLEAN, CLEAN, seed=0, epoch=90, acc=0.5)
+    write_jsonl(root / "u1" / "metrics.jsonl", [record(seed=1, run="u1", epoch=90, acc=0.5)])
+    frame = results.records_frame(results.read_records(root))
+    by_run = dict(zip(frame["run"], frame["revision"]))
+    assert by_run == {"clean": "clean", "trained_dirty": "dirty", "evaluated_dirty": "dirty", "old_suffix": "dirty",
+                      "old_clean": "clean", "no_commit": "unknown", "installed_copy": "unknown", "pixels": "clean",
+                      "s0": "clean", "s1": "unknown", "s2": "dirty", "u0": "clean", "u1": "unknown"}
+    table = results.aggregate(frame)
+    by_epoch = dict(zip(table["epoch"].astype(str), table["revision"]))
+    assert (by_epoch["80"], by_epoch["90"], by_epoch["10"], by_epoch["-"]) == ("dirty", "unknown", "clean", "clean")
+    assert results.revision_footnote(frame).splitlines() == [
+        f"revision unknown: {results.REVISION_NOTES['unknown']}: installed_copy, no_commit, s1, u1.",
+        f"revision dirty: {results.REVISION_NOTES['dirty']}: evaluated_dirty, old_suffix, s2, trained_dirty."]
+
+    out = tmp_path / "tables"
+    assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))
+    written = pd.read_csv(out / "digits.csv")
+    assert dict(zip(written["epoch"].astype(str), written["revision"])) == by_epoch
+    markdown = (out / "digits.md").read_text()
+    assert "revision" in [cell.strip() for cell in markdown.splitlines()[2].split("|")]
+    assert markdown.rstrip().endswith(": evaluated_dirty, old_suffix, s2, trained_dirty.")
+
+
+def test_a_clean_table_has_no_footnote(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "clean", CLEAN, CLEAN, acc=0.5)
+    frame = results.records_frame(results.read_records(root))
+    assert list(frame["revision"]) == ["clean"] and results.revision_footnote(frame) == ""

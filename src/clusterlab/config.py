@@ -2,7 +2,8 @@
 
 Every entry script describes its options once, as argparse arguments. A YAML file named with `--config` may set
 any of them (its keys are the flags' names); a key that is not a flag is an error naming the key. The resolved
-configuration, with the git commit and the software versions, is written to the run directory as config.yaml.
+configuration, with the git commit (and whether the tree had uncommitted changes) and the software versions, is
+written to the run directory as config.yaml.
 """
 from __future__ import annotations
 
@@ -205,19 +206,40 @@ def _explicit_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
+def git_state() -> dict:
+    """{"git_commit": HEAD of the git checkout this package is imported from, "git_dirty": whether its tracked files
+    differ from HEAD}; both None where the package is not a checkout's src/clusterlab (an installed copy: a git
+    repository around site-packages is not where the code came from) or git cannot say."""
+    package = Path(__file__).resolve().parent
+    unknown = {"git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        commit = out.stdout.strip()
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() / "src" / "clusterlab" != package:
+            return unknown
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return unknown
+    if not commit or changes is None:
+        return unknown
+    return {"git_commit": commit, "git_dirty": bool(changes)}
+
+
+def recorded_git_state(record: dict) -> dict:
+    """git_commit and git_dirty of a config.yaml or metrics record, also from runs written before the two were
+    separate fields (a commit with a "-dirty" suffix, "unknown"); None where the record does not say."""
+    commit, dirty = record.get("git_commit"), record.get("git_dirty")
+    if not isinstance(commit, str) or not commit or commit == "unknown":
+        return {"git_commit": None, "git_dirty": None}
+    if "git_dirty" not in record:
+        dirty = commit.endswith("-dirty")
+        commit = commit.removesuffix("-dirty")
+    return {"git_commit": commit, "git_dirty": dirty if isinstance(dirty, bool) else None}
 
 
 def software_versions() -> dict:
@@ -240,7 +262,7 @@ def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program
     the precision that really ran), plus where and with what it ran."""
     from .checkpoint import atomic_write_text
 
-    record = {"program": program, "args": _plain(vars(args)), **resolved, "git_commit": git_commit(),
+    record = {"program": program, "args": _plain(vars(args)), **resolved, **git_state(),
               "versions": software_versions(), "host": platform.node()}
     atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 

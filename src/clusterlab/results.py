@@ -1,7 +1,10 @@
 """Metrics records: one JSON object per evaluation, appended to RUN/metrics.jsonl; read back for the tables.
 
-A record (DESIGN.md): run, method, dataset, split, backbone, epoch, checkpoint, seed, eval (knn | linear | cluster |
-kmeans), protocol (the settings that make numbers comparable) and metrics, plus when it was created.
+A record: run, method, dataset, split, backbone, epoch, checkpoint, seed, eval (knn | linear | cluster | kmeans),
+protocol (the settings that make numbers comparable) and metrics, plus when it was created and the git commit of
+the code that evaluated (git_commit, git_dirty). A table row's `revision` says whether every run and evaluation
+behind it came from committed code: clean, dirty (uncommitted changes to tracked files) or unknown (no commit
+recorded: a run older than the field, or an installed copy outside a git checkout).
 """
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import os
 import warnings
 from pathlib import Path
 
+import yaml
+
 from . import rundir
+from .config import git_state, recorded_git_state
 from .models import backbone_label
 
 PROTOCOL_COLUMNS = ("fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
@@ -22,7 +28,7 @@ def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, epoch: i
     return {"run": run, "method": args.method, "dataset": args.dataset, "split": split,
             "backbone": backbone_label(args.arch, args.width) if getattr(args, "arch", None) else "none",
             "epoch": epoch, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None), "eval": eval_kind,
-            "protocol": protocol, "metrics": metrics, "created": rundir.now_iso()}
+            "protocol": protocol, "metrics": metrics, "created": rundir.now_iso(), **git_state()}
 
 
 def append_record(run_dir: str | os.PathLike, record: dict) -> None:
@@ -71,17 +77,49 @@ def read_records(root: str | os.PathLike) -> list[dict]:
 METRIC_COLUMNS = ("top1", "top5", "best_top1_on_test", "acc", "nmi", "ami", "ari")
 GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
 DUPLICATE_COLUMNS = ("file", "run", "checkpoint", "epoch", "seed", "dataset", "split", "eval")
+# A row is as doubtful as its most doubtful record.
+REVISIONS = ("clean", "unknown", "dirty")
+REVISION_NOTES = {"dirty": "trained or evaluated by code with uncommitted changes to tracked files",
+                  "unknown": "no commit recorded (written before runs recorded one, or by an installed copy)"}
+
+
+def revision(record: dict, run_config: dict | None) -> str:
+    """clean, dirty or unknown: the code that evaluated (the record's git fields) and, for a trained run, the code
+    that trained it (its config.yaml); a baseline has no run config."""
+    states = [recorded_git_state(record)] + ([recorded_git_state(run_config)] if run_config is not None else [])
+    if any(state["git_dirty"] for state in states):
+        return "dirty"
+    if any(state["git_dirty"] is None for state in states):
+        return "unknown"
+    return "clean"
+
+
+def _run_config(run_dir: Path) -> dict | None:
+    """RUN/config.yaml as written (None for a baseline, which has none; {} for one that cannot be read)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def records_frame(records: list[dict]):
-    """One row per record: the identifying columns, the protocol flattened, the metrics (as percentages)."""
+    """One row per record: the identifying columns, the revision, the protocol flattened, the metrics (as
+    percentages)."""
     import pandas as pd
 
-    rows = []
+    rows, run_configs = [], {}
     for record in records:
         row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",
                                                 "eval", "checkpoint")}
         row["file"] = record.get("_file")
+        run_dir = Path(row["file"]).parent if row["file"] else None
+        if run_dir not in run_configs:
+            run_configs[run_dir] = _run_config(run_dir) if run_dir else None
+        row["revision"] = revision(record, run_configs[run_dir])
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
@@ -129,7 +167,22 @@ def aggregate(frame):
     out = grouped[metrics].agg(["mean", "std"])
     out.columns = [f"{m}_{stat}" for m, stat in out.columns]
     out["n"] = grouped.size()
+    if "revision" in filled:
+        out["revision"] = grouped["revision"].agg(lambda states: max(states, key=REVISIONS.index))
     return out.reset_index()
+
+
+def revision_footnote(frame) -> str:
+    """One line per revision other than clean found in the records `frame`, naming the run directories
+    ('' when all are clean)."""
+    if frame.empty or "revision" not in frame:
+        return ""
+    lines = []
+    for state in REVISIONS[1:]:
+        runs = sorted({Path(file).parent.name for file in frame.loc[frame["revision"] == state, "file"]})
+        if runs:
+            lines.append(f"revision {state}: {REVISION_NOTES[state]}: {', '.join(runs)}.")
+    return "\n".join(lines)
 
 
 def attach_published(table, published):
@@ -206,6 +259,8 @@ def display_table(table):
                 cells.append(f"{mean:.2f}")
         shown[metric] = cells
     shown["n"] = table["n"]
+    if "revision" in table:
+        shown["revision"] = table["revision"]
     for extra in ("published", "vs", "diff", "source"):
         if extra in table and table[extra].notna().any():
             shown[extra] = table[extra].fillna("")

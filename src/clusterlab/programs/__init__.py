@@ -1,9 +1,9 @@
 """The programs of the suite, by the name of their root script (as grids, recipes and sbatch scripts write them).
 
 Each program is a module of this package with `get_args_parser()` and `main(argv)`; the scripts at the repository
-root, the console commands of an installed package (`clusterlab-pretrain`, ...) and the Slurm jobs all run them
-through `run`, which catches the pre-emption signals before anything heavy is imported (signals.py). This module
-imports nothing heavy itself.
+root, the console commands of an installed package (`clusterlab-pretrain`, `clusterlab-launch`, ...: pyproject.toml)
+and the Slurm jobs all run them through `run`, which catches the pre-emption signals before anything heavy is
+imported (signals.py). This module imports nothing heavy itself.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ PROGRAMS: dict[str, Program] = {p.script: p for p in (
     Program("eval_knn.py", "clusterlab.programs.eval_knn", eval_kind="knn"),
     Program("eval_linear.py", "clusterlab.programs.eval_linear", eval_kind="linear"),
     Program("eval_cluster.py", "clusterlab.programs.eval_cluster", eval_kind="cluster"),
+    Program("launch.py", "clusterlab.programs.launch"),
+    Program("collect_results.py", "clusterlab.programs.collect_results"),
 )}
 TRAINING_PROGRAMS = tuple(name for name, p in PROGRAMS.items() if p.stage)
 EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kind}
@@ -75,3 +77,11 @@ def eval_linear_command():
 
 def eval_cluster_command():
     run("eval_cluster.py")
+
+
+def launch_command():
+    run("launch.py")
+
+
+def collect_command():
+    run("collect_results.py")

@@ -2,7 +2,9 @@
 
     name: digits_smoke                 # the grid's name; runs go to runs/<name>/<run> unless output_root says
     program: main_pretrain.py          # or main_cluster.py
-    config: configs/swav_digits.yaml   # optional base YAML (the program's --config); may also be an axis
+    config: configs/swav_digits.yaml   # optional base YAML (the program's --config); may also be an axis;
+                                       # a relative path: from the current directory, else beside this file or
+                                       # in a folder above it (slurm/programs.py find_config)
     axes:                              # every combination becomes one run; any flag of the program may be an axis
       method: [swav]
       epochs: [2, 4]
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from ..config import load_config, load_yaml
 from ..errors import ConfigError
-from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, program_parser, to_argv, validate_flags
+from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, find_config, program_parser, to_argv, validate_flags
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -141,7 +143,7 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
     return resources
 
 
-def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root: Path = REPO_ROOT) -> Grid:
+def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     path = Path(path)
     spec = load_yaml(path)
     unknown = sorted(set(spec) - GRID_KEYS)
@@ -165,9 +167,10 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
         _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
     if "config" in flags:
         _fail(path, "name the base config with the `config:` key, or make `config` an axis")
-    # Absolute, so that jobs (which start in the repository root) and this process mean the same directories.
+    # Absolute, so that this process, its jobs and a generated sbatch script (run from wherever sbatch is called)
+    # mean the same directories.
     root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
-    evals = _eval_spec(path, spec.get("evals"), repo_root)
+    evals = _eval_spec(path, spec.get("evals"))
     axis_keys = list(axes)
     runs, names = [], {}
     for combination in itertools.product(*(axes[k] for k in axis_keys)):
@@ -176,8 +179,9 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
         previous = {}
         for index, stage in enumerate(stages):
             config_file = values.get("config", stage.get("config"))
-            merged = {**(_base_values(path, config_file, repo_root) if config_file else {}), **flags,
-                      **stage.get("flags", {}), **own}
+            if config_file:
+                config_file = find_config(config_file, path, f"grid {str(path)!r}")
+            merged = {**(load_config(config_file) if config_file else {}), **flags, **stage.get("flags", {}), **own}
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
             if label in names:
                 _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
@@ -196,7 +200,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
             run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
                           after=previous.get(stages[index - 1].get("name")) if index else None)
             if index == len(stages) - 1:
-                run.evals = _expand_evals(path, evals, run, epochs, repo_root)
+                run.evals = _expand_evals(evals, run, epochs)
             wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}
                             | set(run_flags.get("checkpoint_epochs", [])))
             if wanted:
@@ -238,16 +242,7 @@ def _stages(path, spec: dict) -> list[dict]:
     return stages
 
 
-def _base_values(path, config_file, repo_root) -> dict:
-    config_path = Path(config_file)
-    if not config_path.is_absolute():
-        config_path = repo_root / config_path
-    if not config_path.is_file():
-        _fail(path, f"config {str(config_file)!r} does not exist")
-    return load_config(config_path)
-
-
-def _eval_spec(path, evals, repo_root) -> dict:
+def _eval_spec(path, evals) -> dict:
     if evals is None:
         return {"programs": [], "flags": {}, "epochs": ["final"]}
     if not isinstance(evals, dict):
@@ -270,7 +265,7 @@ def _eval_spec(path, evals, repo_root) -> dict:
     return {"programs": programs, "flags": flags, "epochs": epochs}
 
 
-def _expand_evals(path, evals: dict, run: RunSpec, epochs: int, repo_root) -> list[EvalSpec]:
+def _expand_evals(evals: dict, run: RunSpec, epochs: int) -> list[EvalSpec]:
     specs = []
     for epoch in evals["epochs"]:
         if epoch != "final" and epochs and epoch > epochs:

@@ -2,21 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
-# Where a relative `config:` path of a shipped grid or recipe is looked up when the current directory lacks it.
-REPO_ROOT = Path(__file__).resolve().parents[3]
+__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "find_config", "program_parser", "to_argv", "validate_flags"]
 
-__all__ = ["EVAL_PROGRAMS", "REPO_ROOT", "TRAINING_PROGRAMS", "program_parser", "to_argv", "validate_flags"]
+
+def find_config(config_file, source, label: str) -> Path:
+    """The file a `config:` entry of the grid or recipe file `source` names (`label` starts the error message).
+
+    An absolute path is taken as it is. A relative one is looked up in the current directory first (returned as
+    given, so the run's config.yaml reads as the grid wrote it), then beside `source` and in every folder above it
+    (returned absolute, so that jobs find it from any directory): `configs/swav_digits.yaml` in
+    configs/grids/digits_smoke.yaml finds the repository's configs/ wherever launch.py starts, and nothing depends
+    on where the package is installed.
+    """
+    path = Path(config_file)
+    folders = [] if path.is_absolute() else Path(os.path.abspath(source)).parents
+    for candidate in [path, *(folder / path for folder in folders)]:
+        if candidate.is_file():
+            return candidate
+    where = "" if path.is_absolute() else f" (looked in the current directory, beside {str(source)!r} and above it)"
+    raise ConfigError(f"{label}: config {str(config_file)!r} does not exist{where}")
 
 
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
     """The program's parser, with the flags of the method `values` names (main_pretrain, main_cluster)."""
-    if name not in PROGRAMS:
+    if name not in (*TRAINING_PROGRAMS, *EVAL_PROGRAMS):
         raise ConfigError(f"program {name!r} is not one of: {', '.join((*TRAINING_PROGRAMS, *EVAL_PROGRAMS))}")
     return PROGRAMS[name].parser(values)
 

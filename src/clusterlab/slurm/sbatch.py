@@ -11,7 +11,9 @@ Every value taken from a recipe or grid is shell-quoted, so no value can run a c
 stages) are restricted to letters, digits and _.-, and comments to one line each.
 
 Recipe file: a mapping of script names to
-    config: configs/x.yaml            # the program's --config
+    config: configs/x.yaml            # the program's --config, as the script runs it from the repository root;
+                                      # checked here from the current directory, else beside this file or in a
+                                      # folder above it (slurm/programs.py find_config)
     program: main_pretrain.py         # default
     flags: {epochs: 400}              # more flags
     epochs: [200, 400]                # optional: one script per value, the name holding `{epochs}`
@@ -33,7 +35,7 @@ from ..config import load_config, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, to_argv, validate_flags
+from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, find_config, to_argv, validate_flags
 
 STAGE_KEYS = {"name", "config", "program", "flags", "pretrained_from"}
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
@@ -184,12 +186,14 @@ def _stage_variable(stage: Stage) -> str:
     return f"{stage.name.upper()}_ARGS"
 
 
-def recipe_scripts(recipes_path: str | Path, repo_root: Path = REPO_ROOT) -> dict[str, str]:
-    """Script name -> text for every recipe (and every epoch value of a recipe that lists several)."""
+def recipe_scripts(recipes_path: str | Path, root: Path | None = None) -> dict[str, str]:
+    """Script name -> text for every recipe (and every epoch value of a recipe that lists several); the headers
+    name the recipe file relative to `root` (default: the current directory) when it lies below it."""
     recipes_path = Path(recipes_path)
     recipes = load_yaml(recipes_path)
-    source = str(recipes_path.relative_to(repo_root)) if recipes_path.is_absolute() and \
-        recipes_path.is_relative_to(repo_root) else str(recipes_path)
+    root = Path.cwd() if root is None else root
+    source = str(recipes_path.relative_to(root)) if recipes_path.is_absolute() and \
+        recipes_path.is_relative_to(root) else str(recipes_path)
     scripts = {}
     for key, recipe in recipes.items():
         if not isinstance(recipe, dict):
@@ -203,7 +207,7 @@ def recipe_scripts(recipes_path: str | Path, repo_root: Path = REPO_ROOT) -> dic
                               f"{source}: recipe name")
             label = f"{source}: recipe {name!r}"
             stage_specs = recipe.get("stages") or [{k: recipe[k] for k in STAGE_KEYS if k in recipe}]
-            stages = [_stage(spec, epochs, label, repo_root) for spec in stage_specs]
+            stages = [_stage(spec, epochs, label, recipes_path) for spec in stage_specs]
             named = [stage.name for stage in stages]
             for stage in stages:
                 if stage.pretrained_from is not None and stage.pretrained_from not in named[:named.index(stage.name)]:
@@ -221,7 +225,7 @@ def recipe_scripts(recipes_path: str | Path, repo_root: Path = REPO_ROOT) -> dic
     return scripts
 
 
-def _stage(spec: dict, epochs, label: str, repo_root: Path) -> Stage:
+def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
     if not isinstance(spec, dict) or "config" not in spec:
         raise ConfigError(f"{label}: each stage needs a `config`")
     unknown = sorted(set(spec) - STAGE_KEYS)
@@ -237,7 +241,7 @@ def _stage(spec: dict, epochs, label: str, repo_root: Path) -> Stage:
         if forbidden in flags:
             raise ConfigError(f"{label} sets {forbidden!r}; the script sets it (DATASET_PATH, EXPERIMENT_PATH, "
                               f"pretrained_from)")
-    values = {**load_config(repo_root / spec["config"]), **flags}
+    values = {**load_config(find_config(spec["config"], recipes_path, label)), **flags}
     values.pop("config")
     validate_flags(program, values, label)
     return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))

@@ -1,0 +1,124 @@
+"""Training curves of a run, from RUN/train_log.jsonl: the loss, the other logged terms, the learning rate and the
+kNN monitor against epochs, drawn as one PNG with a panel each (collect_results.py --curves).
+
+The x axis is in epochs: a step record sits at global_step / steps per epoch (its step is done, so an epoch's last
+step lands on a whole number and 2.5 is half-way through the third epoch); an epoch_end record (the epoch's mean of
+every term, drawn as dots over the logged steps) and a kNN monitor record, both written once their epoch is over,
+at epoch + 1. The steps per epoch come from the log itself: an epoch_end record's global_step /
+(epoch + 1), or global_step = epoch * steps_per_epoch + step + 1 of a step record past the first epoch. A run still in
+its first epoch has neither: its curves are drawn against steps.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import rundir
+
+# Fields of a step record that are not terms of the loss (the engine's own).
+STEP_FIELDS = ("epoch", "step", "global_step", "lr", "loss", "img_per_s", "time")
+
+
+@dataclass
+class Curves:
+    """What the PNG draws; every value is the train log's own, in its order."""
+
+    steps_per_epoch: int | None                     # None: the log does not tell yet (first epoch running)
+    x: np.ndarray                                   # of every step record, in epochs (in steps without the above)
+    loss: np.ndarray
+    lr: np.ndarray
+    terms: dict = field(default_factory=dict)       # name -> values (NaN where a record lacks it), those != loss
+    end_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every epoch_end record
+    end_means: dict = field(default_factory=dict)   # term -> its epoch means (every term, those == loss included)
+    monitor_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every kNN monitor record
+    monitor_top1: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    monitor_top5: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    monitor_label: str = ""                         # its k, temperature and train features
+
+
+def steps_per_epoch(records: list[dict]) -> int | None:
+    for record in records:
+        if record.get("epoch_end"):
+            return record["global_step"] // (record["epoch"] + 1)
+        if "step" in record and record.get("epoch", 0) > 0:
+            return (record["global_step"] - record["step"] - 1) // record["epoch"]
+    return None
+
+
+def training_curves(records: list[dict]) -> Curves:
+    """The arrays of the plot from the records of a train_log.jsonl."""
+    steps = [r for r in records if "step" in r and "loss" in r]
+    ends = [r for r in records if r.get("epoch_end")]
+    monitor = [r for r in records if r.get("knn_monitor")]
+    per_epoch = steps_per_epoch(records)
+    global_step = np.array([r["global_step"] for r in steps], dtype=np.float64)
+    loss = np.array([r["loss"] for r in steps], dtype=np.float64)
+    names = dict.fromkeys(k for r in steps for k, v in r.items()
+                          if k not in STEP_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool))
+    terms = {name: np.array([r.get(name, np.nan) for r in steps], dtype=np.float64) for name in names}
+    label = ""
+    if monitor:
+        last = monitor[-1]
+        label = f"k={last.get('k')}, T={last.get('temperature')}, {last.get('train_features')} train features"
+    return Curves(
+        steps_per_epoch=per_epoch,
+        x=global_step / per_epoch if per_epoch else global_step,
+        loss=loss,
+        lr=np.array([r["lr"] for r in steps], dtype=np.float64),
+        # a term equal to the loss everywhere (a one-term method) would only draw the loss panel again
+        terms={name: values for name, values in terms.items() if not np.array_equal(values, loss)},
+        end_x=np.array([r["epoch"] + 1 for r in ends], dtype=np.float64),
+        end_means={name: np.array([r.get(f"{name}_mean", np.nan) for r in ends], dtype=np.float64) for name in names},
+        monitor_x=np.array([r["epoch"] + 1 for r in monitor], dtype=np.float64),
+        monitor_top1=np.array([r["top1"] for r in monitor], dtype=np.float64),
+        monitor_top5=np.array([r.get("top5", np.nan) for r in monitor], dtype=np.float64),
+        monitor_label=label)
+
+
+def read_curves(run_dir: str | os.PathLike) -> Curves:
+    return training_curves(rundir.read_jsonl(Path(run_dir) / "train_log.jsonl"))
+
+
+def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) -> None:
+    """One PNG: loss; the other terms (when the method logs any), each with its epoch means; learning rate; kNN
+    monitor (when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["loss", *(["terms"] if curves.terms else []), "lr", *(["monitor"] if len(curves.monitor_x) else [])]
+    figure, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 1.8 * len(panels) + 0.7), squeeze=False)
+    for panel, ax in zip(panels, axes[:, 0]):
+        if panel == "loss":
+            ax.plot(curves.x, curves.loss, lw=1, label="logged steps")
+            for name in curves.end_means.keys() - curves.terms.keys():  # the loss itself (one-term methods)
+                ax.plot(curves.end_x, curves.end_means[name], "o", ms=4, color="C0", label="epoch mean")
+                ax.legend(fontsize=7)
+            ax.set_ylabel("loss")
+        elif panel == "terms":
+            for index, (name, values) in enumerate(curves.terms.items()):
+                ax.plot(curves.x, values, lw=1, alpha=0.6, color=f"C{index}", label=name)
+                ax.plot(curves.end_x, curves.end_means[name], "o", ms=4, color=f"C{index}")
+            ax.set_ylabel("logged terms")
+            ax.legend(fontsize=7, ncol=min(4, len(curves.terms)))
+        elif panel == "lr":
+            ax.plot(curves.x, curves.lr, lw=1)
+            ax.set_ylabel("learning rate")
+        else:
+            ax.plot(curves.monitor_x, curves.monitor_top1, marker="o", label="top-1")
+            if not np.isnan(curves.monitor_top5).all():
+                ax.plot(curves.monitor_x, curves.monitor_top5, marker="o", label="top-5")
+            ax.set_ylabel("kNN accuracy")
+            ax.set_title(f"kNN monitor on the test split ({curves.monitor_label})", fontsize=8)
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("epoch" if curves.steps_per_epoch else "step (epoch length not logged yet)")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)

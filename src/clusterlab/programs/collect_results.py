@@ -1,0 +1,132 @@
+"""Turn the runs under a directory into result tables and training curves: Markdown on stdout; CSV, Markdown, LaTeX
+and metric-against-epochs plots per dataset, and a PNG of training curves per run, in --out.
+
+    python collect_results.py --root runs/ [--out runs/tables/]
+
+--out defaults to ROOT/tables, beside the runs the tables come from; the shipped tables in results/ change only when
+you name that folder (`--out results`), as scripts/fashion_mnist.sh does.
+
+Tables: every metrics.jsonl under ROOT. Rows group records by dataset, method, backbone, epoch, evaluation and
+protocol; metrics are percentages, mean ± std over seeds with n. `revision` says whether the code that trained and
+evaluated every run of a row was committed: clean, dirty (uncommitted changes to tracked files; the Markdown names
+the runs under the table) or unknown (no commit recorded). Published numbers (results/published.csv) stand beside
+ours where method, dataset, evaluation and epochs match. A corrupt line in a metrics.jsonl is skipped with a warning
+naming file and line.
+
+Curves (--curves): for every run directory under ROOT with a train_log.jsonl, even one still training,
+OUT/curves/RUN.png (RUN: its path below ROOT) shows the loss, the other terms the method logs, the learning rate and
+the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .. import config, curves, results
+from ..errors import ConfigError
+
+PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "source", "protocol")
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="collect_results.py")
+    parser.add_argument("--root", default="runs",
+                        help="directory searched (recursively) for metrics.jsonl and train_log.jsonl")
+    parser.add_argument("--out", default=None,
+                        help="where the tables and plots go (default ROOT/tables; results/ only when named)")
+    parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
+    parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
+    parser.add_argument("--curves", type=config.bool_flag, default=True,
+                        help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/")
+    return parser
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    if not Path(args.root).is_dir():
+        raise ConfigError(f"--root {args.root!r} is not a directory")
+    published = read_published(args.published, get_args_parser().get_default("published"))
+    warnings.simplefilter("always")
+    warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
+    frame = results.records_frame(results.read_records(args.root))
+    logs = sorted(Path(args.root).rglob("train_log.jsonl")) if args.curves else []
+    if frame.empty and not logs:
+        print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
+        return
+    out = Path(args.root) / "tables" if args.out is None else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not frame.empty:
+        write_tables(frame, published, out, args.plots)
+        written.append("tables")
+    for log in logs:
+        write_curves(log.parent, Path(args.root), out / "curves")
+    if logs:
+        written.append(f"the training curves of {len(logs)} run(s) (curves/)")
+    print(f"\n{' and '.join(written)} written to {out}/")
+
+
+def write_tables(frame, published, out: Path, plots: bool) -> None:
+    for dataset, rows in frame.groupby("dataset", sort=True):
+        table = results.attach_published(results.aggregate(rows), published)
+        shown = results.display_table(table)
+        markdown = shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)
+        footnote = results.revision_footnote(rows)
+        if footnote:
+            markdown += "\n\n" + footnote.replace("\n", "\n\n")
+        reference = results.published_for(published, dataset, set(rows["method"]))
+        if reference is not None:
+            markdown += ("\n\nPublished numbers for these methods (their own protocols; `diff` above where epochs "
+                         "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))
+        print(f"\n## {dataset}\n\n{markdown}")
+        table.to_csv(out / f"{dataset}.csv", index=False)
+        (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n")
+        (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True))
+        if plots:
+            results.plot_against_epochs(table, out, dataset)
+
+
+def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
+    """FOLDER/RUN.png for the run directory `run_dir` (RUN: its path below `root`, or its name when it is the root)."""
+    name = run_dir.relative_to(root) if run_dir != root else Path(run_dir.resolve().name)
+    path = folder / name.with_name(name.name + ".png")
+    title = str(name)
+    try:
+        run_args = config.read_run_config(run_dir)
+        title = f"{run_args.get('method')} on {run_args.get('dataset')}: {name}"
+    except ConfigError:  # a run directory without its config.yaml still has curves
+        pass
+    curves.draw(curves.read_curves(run_dir), title, path)
+    return path
+
+
+def read_published(path: str, default: str):
+    """The published numbers: none for '' or a missing default file; a named file must exist and have the columns."""
+    import pandas as pd
+
+    if not path or (path == default and not Path(path).is_file()):
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")
+    published = pd.read_csv(path)
+    missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
+    if missing:
+        raise ConfigError(f"--published {path!r} lacks the column(s) {', '.join(missing)} "
+                          f"(expected: {', '.join(PUBLISHED_COLUMNS)})")
+    return published
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _markdown(frame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+

@@ -1,0 +1,310 @@
+"""Launch a grid of runs on Slurm through submitit, or generate the sbatch scripts of the recipes.
+
+    python launch.py --grid configs/grids/NAME.yaml [--dry-run] [--wait] [--cluster slurm|local|debug]
+    python launch.py --emit-sbatch [--recipes configs/recipes.yaml] [--sbatch_dir sbatch]
+    python launch.py --grid configs/grids/NAME.yaml --emit-sbatch --sbatch_dir DIR   (one script per run)
+
+Training runs are submitted as job arrays (one per resource shape, throttled by array_parallelism), one task per
+GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
+checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped, unfinished ones
+resume, evaluations already recorded or still in the queue are not submitted again (RUN/slurm/jobs.jsonl lists
+every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
+saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
+processes of this machine, `--cluster debug` inside this process (and so always waits for them); neither knows
+afterok, so a job that must follow another is submitted once that one has returned, and not when it failed.
+
+Relative `config:` paths of a grid or recipe file are read from the current directory, else beside the file or in
+a folder above it (slurm/programs.py find_config), so launch.py works from any directory and from an installed
+package (`clusterlab-launch`); the jobs run in the directory launch.py started in.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+from .. import config, results, rundir
+from ..errors import ConfigError
+from ..slurm.grid import Grid, RunSpec, load_grid
+from ..slurm.jobs import ProgramJob, make_executor, wait_for
+from ..slurm.programs import EVAL_PROGRAMS, to_argv
+from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="launch.py")
+    parser.add_argument("--grid", default=None, help="grid file (configs/grids/*.yaml)")
+    parser.add_argument("--output_root", default=None, help="where the runs go (default: the grid's, else runs/NAME)")
+    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
+                        help="submitit executor: Slurm, local processes, or in this process (debug always waits)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="print the plan, submit nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="return only when every submitted job has ended, then print each run's state")
+    parser.add_argument("--emit-sbatch", "--emit_sbatch", dest="emit_sbatch", action="store_true",
+                        help="write sbatch scripts instead of submitting")
+    parser.add_argument("--recipes", default="configs/recipes.yaml", help="recipes for --emit-sbatch")
+    parser.add_argument("--sbatch_dir", default="sbatch", help="where --emit-sbatch writes")
+    return parser
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    if args.emit_sbatch:
+        scripts = grid_scripts(load_grid(args.grid, args.output_root)) if args.grid else recipe_scripts(args.recipes)
+        for path in write_scripts(scripts, args.sbatch_dir):
+            print(path)
+        return
+    if not args.grid:
+        raise ConfigError("give --grid FILE (or --emit-sbatch)")
+    grid = load_grid(args.grid, args.output_root)
+    in_queue = queued_ids() if args.cluster == "slurm" else set()
+    plan = [(run, run_state(run, in_queue)) for run in grid.runs]
+    print_plan(grid, plan, in_queue)
+    if args.dry_run:
+        return
+    jobs = submit(grid, plan, args.cluster, in_queue)
+    if args.wait or args.cluster == "debug":  # the debug executor runs a job only when its result is asked for
+        wait_until_done(jobs, args.cluster)
+        for run, _ in plan:
+            print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}")
+
+
+def wait_until_done(jobs: list, cluster: str) -> None:
+    """Return when every job has ended: Slurm's have left the queue (squeue, so no accounting database is needed);
+    a local or debug job that failed is named with the last line of its error."""
+    if cluster == "slurm":
+        wait_for([str(job.job_id) for job in jobs])
+        print("all jobs left the queue")
+        return
+    for job in jobs:
+        returned(job)
+    print("all jobs ended")
+
+
+SUBMITIT_RULE = "-" * 22  # around the job's traceback in the message of submitit's FailedJobError
+
+
+@functools.cache  # asked again (by its next evaluation, by --wait), a job is waited for and reported once
+def returned(job) -> bool:
+    """Wait for a local or debug job; False, with its error's last line printed, when it failed. These executors
+    know no dependencies: a job that must come after another is submitted only once that one has returned."""
+    try:
+        job.result()
+        return True
+    except Exception as failure:  # submitit's FailedJobError (local), the job's own exception (debug)
+        text = str(failure)
+        if SUBMITIT_RULE in text:  # the job's traceback, between submitit's rules
+            text = text.split(SUBMITIT_RULE)[1]
+        lines = text.strip().splitlines() or [type(failure).__name__]
+        print(f"job {job.job_id} failed: {lines[-1]} (logs: {job.paths.folder})")
+        return False
+
+
+def run_state(run: RunSpec, in_queue: set) -> str:
+    """new, resume (a run directory without a finished status), finished, or queued (a job of it is queued)."""
+    status = rundir.read_status(run.run_dir)
+    if status.get("state") == "finished" and status.get("epochs") == run.flags.get("epochs", status.get("epochs")):
+        return "finished"
+    if queued_train_job(run.run_dir, in_queue):
+        return "queued"
+    return "resume" if run.run_dir.exists() else "new"
+
+
+def queued_ids() -> set:
+    """The ids of every pending or running Slurm job (array tasks as 123_4); none where squeue does not answer."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+    except OSError:  # no Slurm on this machine
+        return set()
+    return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
+def recorded_jobs(run_dir: Path) -> list[dict]:
+    """RUN/slurm/jobs.jsonl, oldest first; a line cut short by a crash is skipped."""
+    path = Path(run_dir) / "slurm" / "jobs.jsonl"
+    if not path.is_file():
+        return []
+    jobs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            jobs.append(json.loads(line))
+        except ValueError:
+            continue
+    return [job for job in jobs if isinstance(job, dict) and "job_id" in job]
+
+
+def queued_train_job(run_dir: Path, in_queue: set) -> str | None:
+    """The id of a run's training job that is still pending or running (from an earlier launch)."""
+    trains = [job["job_id"] for job in recorded_jobs(run_dir) if job.get("kind") == "train"]
+    return next((job for job in reversed(trains) if job in in_queue), None)
+
+
+def queued_evals(run_dir: Path, in_queue: set) -> dict:
+    """checkpoint -> programs of the evaluation jobs of an earlier launch that are still pending or running (an
+    entry that does not list its programs covers every program of its checkpoint)."""
+    queued: dict = {}
+    for job in recorded_jobs(run_dir):
+        if job.get("kind") == "eval" and job["job_id"] in in_queue:
+            checkpoint = job.get("checkpoint") or str(job.get("what", "")).removeprefix("eval ")
+            queued.setdefault(checkpoint, set()).update(job.get("programs") or EVAL_PROGRAMS)
+    return queued
+
+
+def pending_evals(run: RunSpec, in_queue: set) -> dict:
+    """checkpoint -> [(program, argv)] of the evaluations with no record of that kind for that checkpoint yet and
+    no job in the queue that will make one."""
+    queued = queued_evals(run.run_dir, in_queue)
+    grouped: dict = {}
+    for spec in run.evals:
+        if spec.program in queued.get(spec.checkpoint, ()):
+            continue
+        if not results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint):
+            grouped.setdefault(spec.checkpoint, []).append((spec.program, to_argv(spec.flags)))
+    return grouped
+
+
+def _epoch_label(checkpoint: str) -> str:
+    return Path(checkpoint).stem.replace("checkpoint_", "").replace("checkpoint", "final")
+
+
+def eval_summary(pending: dict, queued: dict) -> str:
+    """`ep0200 final (3 program(s) each); queued: ep0100`: the evaluation jobs to submit, and those still queued."""
+    parts = []
+    if pending:
+        counts = sorted({len(v) for v in pending.values()})
+        parts.append(f"{' '.join(map(_epoch_label, pending))} ({'/'.join(map(str, counts))} program(s) each)")
+    if queued:
+        parts.append(f"queued: {' '.join(map(_epoch_label, queued))}")
+    return "; ".join(parts) or "-"
+
+
+def print_plan(grid: Grid, plan, in_queue: set) -> None:
+    axis_keys = list(plan[0][0].axis_values) if plan else []
+    header = ["run", "state", *axis_keys, "evaluation jobs", "directory"]
+    rows = [[run.name, state, *(str(run.axis_values[k]) for k in axis_keys),
+             eval_summary(pending_evals(run, in_queue), queued_evals(run.run_dir, in_queue)), str(run.run_dir)]
+            for run, state in plan]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    resources = grid.resources
+    programs = " then ".join(dict.fromkeys(run.program for run, _ in plan)) or "-"
+    print(f"grid {grid.name}: {len(plan)} runs of {programs} "
+          f"({resources['nodes']} node(s) x {resources['tasks_per_node']} task(s), "
+          f"{resources['gpus_per_node']} GPU(s)/node, {resources['timeout_min']} min)")
+    print(f"runs go to {output_root(grid)}/ (one directory per run; submitit's job logs in .submitit/)")
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def output_root(grid: Grid) -> Path:
+    return Path(grid.runs[0].run_dir).parent
+
+
+@contextlib.contextmanager
+def refused_by_sbatch(what: str, submitted: list):
+    """sbatch's refusal (bad partition, account, ...) as one line naming what it refused and why, instead of
+    submitit's traceback and the copy of sbatch's stderr it prints."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    except (FailedJobError, FailedSubmissionError) as err:
+        reason = "; ".join(line.strip().removeprefix("sbatch: error: ") for line in str(err).splitlines()
+                           if line.strip())
+        ids = ", ".join(str(job.job_id) for job in submitted)
+        before = f" ({len(submitted)} job(s) submitted before it stay queued: {ids})" if submitted else ""
+        raise ConfigError(f"sbatch refused {what}: {reason}{before}") from None
+    sys.stderr.write(printed.getvalue())
+
+
+def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
+    """Submit the training runs stage by stage (arrays where nothing is awaited, a job per run that waits for its
+    previous stage) and the chained evaluation jobs; returns every job submitted."""
+    folder = output_root(grid) / ".submitit"
+    submitted, jobs = [], {}
+
+    def previous_job(name: str):
+        """A run's training job: submitted now, or still queued from an earlier launch."""
+        return jobs.get(name) or queued_train_job(output_root(grid) / name, in_queue)
+
+    def parent_of(run: RunSpec):
+        """The job a run must wait for: its previous stage's."""
+        return None if run.after is None else previous_job(run.after)
+
+    def send(runs: list[RunSpec], after=None) -> None:
+        if not runs:
+            return
+        executor = make_executor(folder / "%j", grid.resources, cluster, f"{grid.name}-train",
+                                 after=_job_id(after) if cluster == "slurm" else None)
+        if after is not None and cluster != "slurm" and not returned(after):
+            return
+        with refused_by_sbatch(f"the training job(s) of {', '.join(run.name for run in runs)}", submitted):
+            with executor.batch():
+                batch = [executor.submit(ProgramJob([(run.program, run.argv())])) for run in runs]
+        for run, job in zip(runs, batch):
+            jobs[run.name] = job
+            record_job(run, job, "train")
+            submitted.append(job)
+
+    stages = list(dict.fromkeys(run.stage for run, _ in plan))
+    for stage in stages:
+        to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
+        send([run for run in to_train if parent_of(run) is None])
+        for run in to_train:
+            if parent_of(run) is not None:
+                send([run], after=parent_of(run))
+    if submitted:
+        print(f"submitted {len(submitted)} training job(s): {', '.join(str(job.job_id) for job in submitted)}")
+    eval_count = 0
+    for run, _ in plan:
+        parent = previous_job(run.name)
+        for checkpoint, commands in pending_evals(run, in_queue).items():
+            executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
+                                     after=_job_id(parent) if parent is not None and cluster == "slurm" else None)
+            if parent is not None and cluster != "slurm" and not returned(parent):
+                continue
+            with refused_by_sbatch(f"the evaluation job of {run.name} ({checkpoint})", submitted):
+                job = executor.submit(ProgramJob(commands))
+            record_job(run, job, f"eval {checkpoint}", checkpoint, [program for program, _ in commands])
+            submitted.append(job)
+            eval_count += 1
+    if eval_count:
+        print(f"submitted {eval_count} evaluation job(s)")
+    return submitted
+
+
+def _job_id(job) -> str | None:
+    return None if job is None else str(getattr(job, "job_id", job))
+
+
+def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, programs: list | None = None) -> None:
+    """RUN/slurm/jobs.jsonl lists every job that worked on the run (an evaluation job with its checkpoint and
+    programs); RUN/slurm/<id> links to its logs."""
+    directory = run.run_dir / "slurm"
+    directory.mkdir(parents=True, exist_ok=True)
+    entry = {"job_id": str(job.job_id), "kind": kind.split()[0], "what": kind, "logs": str(job.paths.folder),
+             "submitted": rundir.now_iso()}
+    if checkpoint is not None:
+        entry.update(checkpoint=checkpoint, programs=programs)
+    with open(directory / "jobs.jsonl", "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    link = directory / str(job.job_id)
+    if not link.exists():
+        link.symlink_to(Path(job.paths.folder).resolve(), target_is_directory=True)
+
+
+def grid_scripts(grid: Grid) -> dict[str, str]:
+    scripts = {}
+    for run in grid.runs:
+        flags = {k: v for k, v in run.flags.items() if k not in ("output_dir", "data_path")}
+        evals = [(spec.program, {k: v for k, v in spec.flags.items() if k != "run"}) for spec in run.evals]
+        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
+                                   evals, grid.resources, str(grid.path))
+    return scripts
+

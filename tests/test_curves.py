@@ -1,0 +1,78 @@
+"""Training curves (curves.py, collect_results.py --curves): the arrays a run's PNG draws are the values its
+train_log.jsonl holds, placed on an epoch axis that is worked out here independently (digits: 898 training images in
+batches of 64 make 14 steps an epoch; Fashion-MNIST: 60,000 in batches of 128 make 468)."""
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import yaml
+
+from clusterlab import curves
+from conftest import ROOT, assert_ok, copy_run, run_script
+
+STEPS_PER_EPOCH = 898 // 64
+
+
+def log_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_curves_of_a_tiny_run_are_its_logged_values_against_epochs(tiny_run, tmp_path):
+    records = log_records(tiny_run)
+    steps = [r for r in records if "step" in r]
+    monitor = [r for r in records if r.get("knn_monitor")]
+    assert len(monitor) == 2 and len(steps) >= 4  # --knn_monitor_every 1 over 2 epochs; steps 0 and 13 of each
+    drawn = curves.read_curves(tiny_run)
+    assert drawn.steps_per_epoch == STEPS_PER_EPOCH
+    expected_x = [(r["epoch"] * STEPS_PER_EPOCH + r["step"] + 1) / STEPS_PER_EPOCH for r in steps]
+    assert drawn.x.tolist() == expected_x and drawn.x[-1] == 2.0  # the last step ends the second epoch
+    assert drawn.loss.tolist() == [r["loss"] for r in steps]
+    assert drawn.lr.tolist() == [r["lr"] for r in steps]
+    assert drawn.terms == {}  # SwAV's one term is its loss, drawn once
+    assert drawn.end_x.tolist() == [1.0, 2.0]
+    assert drawn.end_means["swav"].tolist() == [r["swav_mean"] for r in records if r.get("epoch_end")]
+    assert drawn.monitor_x.tolist() == [1.0, 2.0]
+    assert drawn.monitor_top1.tolist() == [r["top1"] for r in monitor]
+    assert drawn.monitor_top5.tolist() == [r["top5"] for r in monitor]
+    assert drawn.monitor_label == "k=200, T=0.1, recomputed train features"
+
+    out = tmp_path / "out"
+    result = run_script("collect_results.py", "--root", tiny_run, "--out", out, "--published", "")
+    assert_ok(result)
+    assert f"the training curves of 1 run(s) (curves/) written to {out}/" in result.stdout
+    image = matplotlib.image.imread(out / "curves" / f"{tiny_run.name}.png")
+    assert image.ndim == 3 and image.shape[0] > 300  # loss, learning rate and monitor panels
+
+
+def test_terms_that_start_mid_run_and_the_epoch_means_of_a_real_log():
+    """Super-AND's committed Fashion-MNIST log: several terms besides the loss, ans_consistency only from round 1."""
+    run = ROOT / "results" / "runs" / "fashion_mnist" / "superand"
+    args = yaml.safe_load((run / "config.yaml").read_text())["args"]
+    per_epoch = 60000 // args["batch_size"]
+    records = log_records(run)
+    steps = [r for r in records if "step" in r]
+    drawn = curves.read_curves(run)
+    assert drawn.steps_per_epoch == per_epoch
+    assert drawn.x.tolist() == [r["global_step"] / per_epoch for r in steps]
+    assert sorted(drawn.terms) == ["and", "ans_consistency", "aug", "round", "ue", "ue_weight"]
+    for name, values in drawn.terms.items():
+        logged = [r.get(name, np.nan) for r in steps]
+        np.testing.assert_array_equal(values, logged)  # NaN exactly where the record has no such term
+    assert 0 < np.isnan(drawn.terms["ans_consistency"]).sum() < len(steps)
+    ends = [r for r in records if r.get("epoch_end")]
+    assert drawn.end_x.tolist() == list(range(1, args["epochs"] + 1))
+    np.testing.assert_array_equal(drawn.end_means["ans_consistency"],
+                                  [r.get("ans_consistency_mean", np.nan) for r in ends])
+    assert drawn.monitor_x.size == 0  # trained without the monitor: no panel for it
+
+
+def test_a_run_in_its_first_epoch_is_drawn_against_steps(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    first = [r for r in log_records(run) if r["epoch"] == 0 and "step" in r][:1]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
+    drawn = curves.read_curves(run)
+    assert drawn.steps_per_epoch is None and drawn.x.tolist() == [first[0]["global_step"]]
+    curves.draw(drawn, "first epoch", tmp_path / "first.png")
+    assert (tmp_path / "first.png").stat().st_size > 0
