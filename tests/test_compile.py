@@ -57,7 +57,8 @@ def test_compiled_run_resumes_an_eager_checkpoint_and_matches_eager_losses(tmp_p
 
 def test_compile_is_refused_in_one_line_where_no_compiler_works(tmp_path):
     # A cache of its own, so that no kernel compiled earlier spares the compiler; a compiler that does not exist.
-    env = {**script_env(), "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**script_env(), "CXX": str(tmp_path / "no-such-compiler"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
     result = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), *ONE_EPOCH, "--compile", "--output_dir",
                              str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
