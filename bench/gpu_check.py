@@ -355,7 +355,7 @@ def device_crops_row(context: "Check"):
     median = statistics.median(timed(lambda: pipeline(images), device, sizes.repeats))
     context.device_crop_rate = sizes.crop_batch / median
     return (f"{context.device_crop_rate:,.0f} img/s (batch {sizes.crop_batch} of {sizes.crop_source}x"
-            f"{sizes.crop_source} uint8 on {device.type}, {torch.get_num_threads()} threads; {peak_memory(device)})",
+            f"{sizes.crop_source} uint8 on {device.type}, {torch.get_num_threads()} thread(s); {peak_memory(device)})",
             "-")
 
 
