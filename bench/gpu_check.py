@@ -3,6 +3,7 @@
 
     python bench/gpu_check.py --out bench/gpu_check_h200.md          # one GPU, <= 8 minutes (--budget_s 480)
     python bench/gpu_check.py --device cpu --tiny                     # every part at toy sizes, on the CPU
+    python bench/gpu_check.py --device cpu --tiny --skip_compile      # the same without compiling (the tests' run)
     python bench/gpu_check.py --device cpu --parts c d                # some parts only
 
 (a) every method of clusterlab.methods.METHODS trains ~30 steps at the sizes and precision of its CIFAR-10 recipe
@@ -20,7 +21,8 @@ Training steps are the engine's (Trainer.step: augmentation, autocast, GradScale
 uint8 tensor resident on the device and indexed there, and the training loop's per-step finiteness check (a host
 synchronisation, as in training). Every figure is a median over repeats after warm-up, timed with CUDA events on a
 GPU (perf_counter on the CPU). A row that fails reports its error (the traceback goes to stderr) and the others
-still run. --budget_s: rows that would start once the budget is spent are skipped, and a training row stops early.
+still run. --budget_s: rows that would start once the budget is spent are skipped, and a training row stops early
+(a compilation under way is not cut short).
 Prints one Markdown table (stdout; --out FILE writes it too); everything else goes to stderr.
 """
 from __future__ import annotations
@@ -90,7 +92,8 @@ class Sizes:
 
 
 FULL = Sizes(50_000, 30, 5, 512, 40, 10, 4096, 3000, 50_000, 128, 10, 10_000, 50_000, 5, 256, 256, (224, 96), 32)
-# Toy sizes: the whole check in well under a minute on the CPU (the test suite runs it so).
+# Toy sizes: every row but the compiled one in well under a minute on the CPU (the test suite runs it so); compiling
+# takes minutes on a CPU whatever the sizes.
 TINY = Sizes(256, 4, 1, 16, 4, 1, 96, 30, 500, 16, 2, 100, 500, 2, 4, 64, (32, 16), 2,
              training_flags=["--width", "4", "--batch_size", "16", "--size_crops", "16"],
              method_flags={"selfclassifier": ["--hidden_dim", "64", "--size_crops", "16", "8"]})
