@@ -30,6 +30,7 @@ def step_losses(run_dir, epoch: int) -> list[float]:
     return [r["loss"] for r in records if r.get("epoch") == epoch and "step" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU (inductor) needs a C++ compiler")
 def test_compiled_run_resumes_an_eager_checkpoint_and_matches_eager_losses(tmp_path):

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from clusterlab.methods import METHODS
 from conftest import PYTHON, ROOT, assert_ok, script_env
 
@@ -35,6 +37,7 @@ def load_script(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_tiny_check_on_the_cpu_has_every_row_and_finite_losses(tmp_path):
     out = tmp_path / "table.md"
     result = run_check("--skip_compile", "--out", out)
