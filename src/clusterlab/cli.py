@@ -56,6 +56,9 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                        help="mixed precision: bf16 or fp16 autocast on any device (fp16 with a gradient scaler); "
                             "auto: bf16 on CUDA, float32 on the CPU. config.yaml records what ran")
+    group.add_argument("--compile", type=bool_flag, nargs="?", const=True, default=False,
+                       help="torch.compile the backbone (its state-dict keys stay the same: checkpoints resume with "
+                            "or without it); the first step then takes as long as the compilation")
     group.add_argument("--sync_bn", type=bool_flag, default=True, help="batch norm over the global batch")
     group.add_argument("--find_unused", type=bool_flag, default=False, help="DDP find_unused_parameters")
 

@@ -39,6 +39,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, rundir, signals
+from .compilation import compile_backbone
 from .data import loader as data_loader
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError
@@ -82,6 +83,8 @@ class Trainer:
         method.attach_data(train_set)
         if args.sync_bn:
             method = convert_sync_batchnorm(method, ctx.device)
+        if args.compile:
+            compile_backbone(method, ctx.device)
         self.method = method
         self.optimizer = build_optimizer(method.param_groups(), args)
         self.schedule = build_schedule(args, self.steps_per_epoch)

@@ -245,12 +245,13 @@ def color_jitter(images, factors, order, active):
     """Apply the four adjustments to the `active` images, each image in its own order."""
     out = images.clone()
     factors = factors.to(images.device, images.dtype)
-    order, active = order.to(images.device), active.to(images.device)
+    # Rows are chosen on the host, where the parameters are drawn: on a GPU, no synchronisation per operation.
+    order, active = order.cpu(), active.cpu()
     for position in range(4):
         for op_index, op in enumerate(_COLOUR_OPS):
             chosen = active & (order[:, position] == op_index)
             if chosen.any():
-                rows = chosen.nonzero().squeeze(1)
+                rows = chosen.nonzero().squeeze(1).to(images.device)
                 out[rows] = op(out[rows], factors[rows, op_index])
     return out
 
