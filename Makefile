@@ -1,5 +1,5 @@
 # `make demo` and `make test` each create or refresh .venv (idempotent: pip runs again only when pyproject.toml
-# changes), then run.
+# changes), then run. `make setup` does only that.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,17 @@ test: $(STAMP)
 	@bash tests/install_fashion_mnist.sh || echo "no Fashion-MNIST: its loader test will skip"
 	@bash tests/slurm/local_cluster.sh start || echo "the local Slurm cluster did not (fully) start: the Slurm tests that need it will skip"
 	$(PY) -m pytest -q -n 2 tests; status=$$?; bash tests/slurm/local_cluster.sh stop; exit $$status
+
+# The unit lane: every test that starts no process (tests/conftest.py marks the others `slow`), in under a minute.
+test-fast: $(STAMP)
+	CLUSTERLAB_FAST_LANE=1 $(PY) -m pytest -q -n 2 -m "not slow and not slurm" tests
+
+# The local Slurm cluster the Slurm tests use (a one-node and a two-node partition), for trying things by hand.
+slurm-up:
+	bash tests/slurm/local_cluster.sh start
+
+slurm-down:
+	bash tests/slurm/local_cluster.sh stop
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import os
+import re
 import shutil
 import signal
 import struct
@@ -168,3 +170,59 @@ def run_in_process(monkeypatch, capsys):
         captured = capsys.readouterr()
         return subprocess.CompletedProcess([script, *args], caught.value.code, captured.out, captured.err)
     return run
+
+
+# ---- the fast lane: `make test-fast` runs the tests that start no process ------------------------------------------
+
+# What a test (or a fixture it uses) calls when it starts processes: entry scripts, spawned ranks, data loader
+# workers, Slurm jobs.
+SPAWNING = ("run_script(", "subprocess.", "run_distributed(", "Popen(", "mp.spawn(", "torchrun", "workers=", "\"--workers\"")
+
+
+def _sources(item) -> list[str]:
+    """The source of the test function, of every fixture it uses (directly or through other fixtures), and of the
+    functions of the test's module (and this file) that these call, followed to any depth."""
+    functions = [item.function]
+    for name in item.fixturenames:
+        if name == "_no_processes_in_the_fast_lane":
+            continue
+        definitions = item._fixtureinfo.name2fixturedefs.get(name) or []
+        functions += [definition.func for definition in definitions]
+    helpers = {**{k: v for k, v in globals().items() if inspect.isfunction(v)},
+               **{k: v for k, v in vars(item.module).items() if inspect.isfunction(v)}}
+    sources, seen = [], set()
+    while functions:
+        function = functions.pop()
+        if function in seen:
+            continue
+        seen.add(function)
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            continue
+        sources.append(source)
+        functions += [helpers[name] for name in re.findall(r"\b(\w+)\(", source) if name in helpers]
+    return sources
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that starts processes (the fast lane leaves them out): by what its code and its
+    fixtures' code call. The fast lane also refuses any process start at run time, so a test this misses fails
+    there instead of slowing it down silently."""
+    for item in items:
+        if any(call in source for source in _sources(item) for call in SPAWNING):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes_in_the_fast_lane(monkeypatch):
+    if os.environ.get("CLUSTERLAB_FAST_LANE") != "1":
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test starts a process: it belongs to the slow lane (see SPAWNING in conftest.py)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    import multiprocessing.process
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -35,7 +35,7 @@ import torch
 from conftest import assert_same_tensors
 from slurm_helpers import ROOT, TINY, env, launch, require_cluster, wait_for_lines, wait_job, write_grid
 
-from clusterlab.engine import read_status
+from clusterlab.rundir import read_status
 from clusterlab.slurm.programs import to_argv
 
 pytestmark = pytest.mark.slurm
