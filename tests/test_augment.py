@@ -304,7 +304,7 @@ def test_multicrop_resume_from_state_dict():
 
 def test_multicrop_equals_the_operations_in_order():
     images = uint8_images(6, size=24, seed=15)
-    m = _multicrop(color=ColorSpec(jitter_p=0.5, grey_p=0.5, blur_p=0.5))
+    m = _multicrop(color=ColorSpec(jitter_p=0.5, grey_p=0.5, blur_p=0.5, solarize_p=0.5))
     params = m.sample(6)
     crop = m.apply(images, params[0], 16)
     x = images.float() / 255
@@ -318,8 +318,50 @@ def test_multicrop_equals_the_operations_in_order():
             y = TF.rgb_to_grayscale(y, 3)
         if params[0].blur[i]:
             y = TF.gaussian_blur(y, [3, 3], [params[0].sigma[i].item()] * 2)  # kernel max(3, 0.1 * 16 odd) = 3
+        if params[0].solarize[i]:
+            y = TF.solarize(y, 0.5)
         expected.append(TF.normalize(y, MEAN, STD))
+    assert params[0].solarize.any() and not params[0].solarize.all()
     torch.testing.assert_close(crop, torch.stack(expected), atol=2e-4, rtol=0)
+
+
+def test_each_crop_group_takes_its_own_colour_settings():
+    """BYOL's asymmetric views: view 1 always blurred and never solarised, view 2 the other way round."""
+    from clusterlab.methods import DataInfo
+    from clusterlab.methods.base import build_multicrop
+    from clusterlab.programs.train import parse_args
+
+    args = parse_args("pretrain", ["--dataset", "digits", "--nmb_crops", "1", "1", "--size_crops", "16", "16",
+                                   "--min_scale_crops", "0.3", "0.3", "--max_scale_crops", "1", "1",
+                                   "--blur_p", "1", "0", "--solarize_p", "0", "1", "--color_strength", "0.5",
+                                   "--output_dir", "unused"])
+    m = build_multicrop(args, DataInfo(3, 24, 100, 10, MEAN, STD))
+    first, second = (crop.color for crop in m.crops)
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.0, 1.0)
+    assert first.brightness == second.brightness == 0.5 * args.brightness
+    view1, view2 = m.sample(8)
+    assert view1.blur.all() and not view1.solarize.any() and not view2.blur.any() and view2.solarize.all()
+    with pytest.raises(ConfigError, match="--grey_p .*one per crop group"):
+        build_multicrop(parse_args("pretrain", ["--grey_p", "0.1", "0.2", "0.3", "--output_dir", "unused"]),
+                        DataInfo(3, 24, 100, 10, MEAN, STD))
+
+
+def test_without_solarisation_the_random_stream_is_unchanged():
+    """A pipeline that never solarises draws exactly the numbers it drew before the option existed."""
+    plain, solarising = _multicrop(), _multicrop(color=ColorSpec(blur_p=0.5, solarize_p=0.3))
+    plain.sample(5)
+    generator = torch.Generator().manual_seed(7)
+    for crop in CROPS:
+        for _ in range(crop.count):
+            augment.draw_crop_uniforms(5, generator)
+            torch.rand(5, generator=generator), torch.rand(5, generator=generator)  # flip, jitter
+            [torch.rand(5, generator=generator, dtype=torch.float64) for _ in range(4)]  # factors
+            torch.rand(5, 4, generator=generator)  # order
+            torch.rand(5, generator=generator), torch.rand(5, generator=generator)  # grey, blur
+            torch.rand(5, generator=generator, dtype=torch.float64)  # sigma
+    assert torch.equal(plain.generator.get_state(), generator.get_state())
+    solarising.sample(5)
+    assert not torch.equal(solarising.generator.get_state(), generator.get_state())
 
 
 def test_multicrop_identity_settings_give_the_normalised_image():

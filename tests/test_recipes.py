@@ -20,8 +20,8 @@ UPSTREAM_CIFAR = {
     "schedule": "cosine", "weight_decay": 1e-6, "momentum": 0.9, "lars_trust": 0.001, "lars_exclude_bias_norm": False,
     "temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3, "crops_for_assign": [0, 1],
     "freeze_prototypes_niters": 5005, "nmb_crops": [2], "size_crops": [32], "min_scale_crops": [0.14],
-    "max_scale_crops": [1.0], "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "jitter_p": 0.8,
-    "grey_p": 0.2, "blur_p": 0.0, "flip_p": 0.5, "amp": "fp16", "sync_bn": True, "seed": 31,
+    "max_scale_crops": [1.0], "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "jitter_p": [0.8],
+    "grey_p": [0.2], "blur_p": [0.0], "flip_p": 0.5, "amp": "fp16", "sync_bn": True, "seed": 31,
     "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010],
 }
 UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_mode": "faithful"}

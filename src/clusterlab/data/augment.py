@@ -27,16 +27,10 @@ GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
-class CropSpec:
-    count: int
-    size: int
-    min_scale: float
-    max_scale: float
-
-
-@dataclass(frozen=True)
 class ColorSpec:
-    """Colour distortion of strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with probability `jitter_p`."""
+    """Colour distortion of strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with probability `jitter_p`; then
+    greyscale, Gaussian blur and solarisation (x -> 1 - x where x >= 0.5, as BYOL's asymmetric views use it),
+    each with its own probability."""
 
     brightness: float = 0.4
     contrast: float = 0.4
@@ -47,6 +41,19 @@ class ColorSpec:
     blur_p: float = 0.0
     blur_sigma: tuple = (0.1, 2.0)
     flip_p: float = 0.5
+    solarize_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """A group of `count` crops of one size and scale range; `color` gives the group its own colour settings
+    (asymmetric views), None the pipeline's."""
+
+    count: int
+    size: int
+    min_scale: float
+    max_scale: float
+    color: ColorSpec | None = None
 
 
 def crop_specs(nmb_crops, size_crops, min_scale_crops, max_scale_crops) -> list[CropSpec]:
@@ -123,6 +130,7 @@ class CropParams:
     grey: torch.Tensor       # (n,) bool
     blur: torch.Tensor       # (n,) bool
     sigma: torch.Tensor      # (n,)
+    solarize: torch.Tensor   # (n,) bool
 
     def slice(self, start: int, stop: int) -> "CropParams":
         return CropParams(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
@@ -148,7 +156,10 @@ def sample_params(n: int, image_size: int, crop: CropSpec, color: ColorSpec,
     grey = torch.rand(n, generator=generator) < color.grey_p
     blur = torch.rand(n, generator=generator) < color.blur_p
     sigma = _uniform(n, color.blur_sigma[0], color.blur_sigma[1], generator)
-    return CropParams(uniforms, boxes, flip, jitter, factors, order, grey, blur, sigma)
+    # drawn only when used, so the random stream of a pipeline without solarisation is what it always was
+    solarize = (torch.rand(n, generator=generator) < color.solarize_p if color.solarize_p > 0
+                else torch.zeros(n, dtype=torch.bool))
+    return CropParams(uniforms, boxes, flip, jitter, factors, order, grey, blur, sigma, solarize)
 
 
 # ---- operations (float images in [0, 1], shape (n, C, H, W)) --------------------------------------------------------
@@ -281,6 +292,14 @@ def gaussian_blur(images, sigma, active, kernel_size: int):
     return torch.where(active.to(images.device)[:, None, None, None], blurred, images)
 
 
+def solarize(images, active):
+    """x -> 1 - x where x >= 0.5, on the `active` images (torchvision's solarize with threshold 0.5)."""
+    if not active.any():
+        return images
+    flipped = torch.where(images >= 0.5, 1.0 - images, images)
+    return torch.where(active.to(images.device)[:, None, None, None], flipped, images)
+
+
 def normalize(images, mean, std):
     mean = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
@@ -331,7 +350,8 @@ class MultiCrop:
         """Parameters of every crop of every sample of the global batch (same on all ranks), from `generator`
         (default: this pipeline's own)."""
         generator = generator or self.generator
-        return [sample_params(global_batch, self.image_size, crop, self.color, generator) for crop in self.each_crop]
+        return [sample_params(global_batch, self.image_size, crop, crop.color or self.color, generator)
+                for crop in self.each_crop]
 
     def apply(self, images_uint8: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
         """Crop, resize and flip whole images (in-memory sets), then the colour operations."""
@@ -345,12 +365,13 @@ class MultiCrop:
         return self.finish(torch.where(flip, crops.flip(-1), crops), params)
 
     def finish(self, crops: torch.Tensor, params: CropParams) -> torch.Tensor:
-        """Colour jitter, greyscale, blur and normalisation of float crops."""
+        """Colour jitter, greyscale, blur, solarisation and normalisation of float crops (each operation only
+        where its draw says so)."""
         crops = color_jitter(crops, params.factors, params.order, params.jitter)
         crops = random_grey(crops, params.grey)
-        if self.color.blur_p > 0:
-            kernel = max(3, int(0.1 * crops.shape[-1]) // 2 * 2 + 1)
-            crops = gaussian_blur(crops, params.sigma, params.blur, kernel)
+        kernel = max(3, int(0.1 * crops.shape[-1]) // 2 * 2 + 1)
+        crops = gaussian_blur(crops, params.sigma, params.blur, kernel)
+        crops = solarize(crops, params.solarize)
         return normalize(crops, self.mean, self.std)
 
     def __call__(self, images: torch.Tensor | CutCrops, global_batch: int | None = None, offset: int = 0

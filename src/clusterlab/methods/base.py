@@ -10,6 +10,7 @@ beyond parameters and buffers. A new method is a module with a subclass of Metho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -195,9 +196,16 @@ def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contrast", type=non_negative_float, default=0.4)
     group.add_argument("--saturation", type=non_negative_float, default=0.4)
     group.add_argument("--hue", type=hue_range, default=0.1)
-    group.add_argument("--jitter_p", type=probability, default=0.8, help="probability of colour jitter")
-    group.add_argument("--grey_p", type=probability, default=0.2, help="probability of greyscale")
-    group.add_argument("--blur_p", type=probability, default=0.0, help="probability of Gaussian blur (0: none, as CIFAR)")
+    group.add_argument("--jitter_p", type=probability, nargs="+", default=[0.8],
+                       help="probability of colour jitter (one value, or one per crop group)")
+    group.add_argument("--color_strength", type=non_negative_float, nargs="+", default=[1.0],
+                       help="factor on brightness, contrast, saturation and hue (one value, or one per crop group)")
+    group.add_argument("--grey_p", type=probability, nargs="+", default=[0.2],
+                       help="probability of greyscale (one value, or one per crop group)")
+    group.add_argument("--blur_p", type=probability, nargs="+", default=[0.0],
+                       help="probability of Gaussian blur (0: none, as CIFAR; one value, or one per crop group)")
+    group.add_argument("--solarize_p", type=probability, nargs="+", default=[0.0],
+                       help="probability of solarisation (one value, or one per crop group)")
     group.add_argument("--flip_p", type=probability, default=0.5, help="probability of a horizontal flip")
     group.add_argument("--mean", type=float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
     group.add_argument("--std", type=positive_float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
@@ -210,9 +218,31 @@ def hue_range(text: str) -> float:
     return value
 
 
+PER_GROUP_COLOUR = ("color_strength", "jitter_p", "grey_p", "blur_p", "solarize_p")
+
+
+def per_group(args: argparse.Namespace, flag: str, groups: int) -> list[float]:
+    """One value of `flag` per crop group: a single value serves every group (a run recorded before the flag took
+    lists holds a plain number, one recorded before the flag existed nothing)."""
+    value = getattr(args, flag, None)
+    values = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    values = values or [{"color_strength": 1.0, "solarize_p": 0.0}[flag]]
+    if len(values) == 1:
+        return values * groups
+    if len(values) != groups:
+        raise ConfigError(f"--{flag} {values}: give one value, or one per crop group ({groups} in --nmb_crops "
+                          f"{args.nmb_crops})")
+    return values
+
+
 def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:
+    """Crop groups from --nmb_crops / --size_crops / --min_scale_crops / --max_scale_crops, each with its own colour
+    settings where a PER_GROUP_COLOUR flag gives one value per group (BYOL-style asymmetric views)."""
     sizes = [s if s > 0 else info.image_size for s in args.size_crops]
     crops = crop_specs(args.nmb_crops, sizes, args.min_scale_crops, args.max_scale_crops)
-    color = ColorSpec(args.brightness, args.contrast, args.saturation, args.hue, args.jitter_p, args.grey_p,
-                      args.blur_p, flip_p=args.flip_p)
-    return MultiCrop(crops, color, info.mean, info.std, info.image_size, seed=args.seed)
+    columns = zip(*(per_group(args, flag, len(crops)) for flag in PER_GROUP_COLOUR))
+    colours = [ColorSpec(strength * args.brightness, strength * args.contrast, strength * args.saturation,
+                         strength * args.hue, jitter_p, grey_p, blur_p, flip_p=args.flip_p, solarize_p=solarize_p)
+               for strength, jitter_p, grey_p, blur_p, solarize_p in columns]
+    crops = [dataclasses.replace(crop, color=colour) for crop, colour in zip(crops, colours)]
+    return MultiCrop(crops, colours[0], info.mean, info.std, info.image_size, seed=args.seed)
