@@ -19,8 +19,8 @@ from clusterlab.eval.features import load_run
 from clusterlab.losses.selfclassifier import self_classifier_loss, view_pairs
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
-from clusterlab.methods.selfclassifier import (NearestNeighbourQueue, NormalizedClassifier, SelfClassifier,
-                                               gather_views, mlp_head)
+from clusterlab.methods.selfclassifier import NormalizedClassifier, SelfClassifier, gather_views, mlp_head
+from clusterlab.ops.neighbour_queue import NearestNeighbourQueue
 from conftest import ROOT, assert_ok, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 

@@ -30,7 +30,9 @@ from clusterlab.data import ImageSet
 from clusterlab.errors import ConfigError
 from clusterlab.losses.superand import and_loss, aug_loss, ue_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
-from clusterlab.methods.superand import bank_entropy, nearest_neighbours, select_anchors, two_view_columns
+from clusterlab.methods.base import two_view_columns
+from clusterlab.methods.superand import bank_entropy, select_anchors
+from clusterlab.ops.knn import topk_neighbours
 from clusterlab.models import build_backbone
 from conftest import ROOT, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -144,7 +146,7 @@ def test_entropy_anchors_and_neighbours_match_brute_force():
     torch.testing.assert_close(entropy, torch.tensor(brute_entropy), rtol=0, atol=1e-5)
     anchors = select_anchors(entropy, 12)
     assert anchors.tolist() == sorted(range(30), key=lambda i: brute_entropy[i])[:12]
-    neighbours = nearest_neighbours(bank, anchors, 2, chunk_elements=60)
+    neighbours = topk_neighbours(bank[anchors], bank, 2, exclude=anchors, chunk_elements=60).indices
     for a, found in zip(anchors.tolist(), neighbours.tolist()):
         ranked = sorted((j for j in range(30) if j != a), key=lambda j: -float(bank[a] @ bank[j]))
         assert found == ranked[:2]

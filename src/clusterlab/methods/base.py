@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import cli
+from .. import cli, distributed
 from ..data.augment import ColorSpec, MultiCrop, crop_specs
 from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
@@ -171,6 +171,14 @@ def backbone_features(backbone: nn.Module, crops: list[torch.Tensor]) -> torch.T
         features.append(backbone(torch.cat(crops[start:end])))
         start = end
     return torch.cat(features)
+
+
+def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [view 1; view 2] of n images on each rank, gathered in rank order: each local row's own column
+    and its other view's column (the `own` and `partner` of losses.superand.aug_loss; Super-AND and EmbedUL)."""
+    local = torch.arange(2 * n, device=device)
+    start = distributed.rank() * 2 * n
+    return start + local, start + (local + n) % (2 * n)
 
 
 def add_augmentation_args(parser: argparse.ArgumentParser) -> None:

@@ -30,9 +30,8 @@ from ..errors import ConfigError
 from ..losses.iic import iic_loss
 from ..losses.superand import aug_loss
 from ..models import build_backbone
-from .base import Batch, DataInfo, Progress, build_multicrop
+from .base import Batch, DataInfo, Progress, build_multicrop, two_view_columns
 from .cluster_base import ClusterMethod
-from .superand import two_view_columns
 
 
 class EmbedUL(ClusterMethod):

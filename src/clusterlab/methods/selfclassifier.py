@@ -18,12 +18,10 @@ the batch softmax and the prior normalisation cover the global batch as on one p
 over its own rows and DDP's gradient average makes the step that of the global-batch loss. The loss runs in
 float32 outside autocast, as upstream.
 
-Nearest-neighbour queue (`--queue_len L`, v2's ImageNet recipe; 0 = off, the CIFAR setting): a ring buffer of the
-last L view-1 embeddings of the global batch and their dataset indices, the same on every rank. Once it has been
-filled, view 1's embedding is replaced by its nearest neighbour in the queue (the second nearest when the nearest is
-the same image), looked up before the batch is pushed, as upstream; no gradient flows through view 1's own
-embedding then. Not reproduced: the NN-accuracy monitor (it needs the labels) and pickling the queue object (its
-tensors are checkpointed instead).
+Nearest-neighbour queue (`--queue_len L`, v2's ImageNet recipe; 0 = off, the CIFAR setting; ops/neighbour_queue.py):
+the last L view-1 embeddings of the global batch; once it has been filled, view 1's embedding is replaced by its
+nearest neighbour in the queue, so no gradient flows through view 1's own embedding then. Not reproduced: the
+NN-accuracy monitor (it needs the labels).
 """
 from __future__ import annotations
 
@@ -39,6 +37,7 @@ from ..config import bool_flag, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.selfclassifier import self_classifier_loss
 from ..models import build_backbone
+from ..ops.neighbour_queue import NearestNeighbourQueue
 from .base import Batch, DataInfo, Progress, backbone_features, build_multicrop
 from .cluster_base import ClusterMethod
 
@@ -80,50 +79,6 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.weight_g * F.normalize(self.weight_v, dim=1))
-
-
-class NearestNeighbourQueue:
-    """The last `length` embeddings of the global batch and their dataset indices (module docstring)."""
-
-    def __init__(self, length: int, dim: int, device: torch.device):
-        self.embeddings = torch.zeros(length, dim, device=device)
-        self.indices = torch.full((length,), -1, dtype=torch.long, device=device)
-        self.ptr, self.full = 0, False
-
-    def neighbours(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The most similar queued embedding (dot product) of each query, the second one where the first is the
-        query's own image."""
-        top = (queries @ self.embeddings.t()).topk(2, dim=1).indices
-        chosen = torch.where(self.indices[top[:, 0]] == indices, top[:, 1], top[:, 0])
-        return self.embeddings[chosen]
-
-    def push(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
-        length = len(self.indices)
-        slots = (self.ptr + torch.arange(len(indices), device=self.indices.device)) % length
-        self.embeddings[slots] = embeddings
-        self.indices[slots] = indices
-        self.full = self.full or self.ptr + len(indices) >= length
-        self.ptr = (self.ptr + len(indices)) % length
-
-    def step(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """This rank's view-1 embeddings, replaced by their neighbours once the queue is full; then the global
-        batch's own (detached) embeddings are pushed."""
-        query = z.detach().float()
-        out = self.neighbours(query, indices).to(z.dtype) if self.full else z
-        self.push(distributed.all_gather_uneven(query), distributed.all_gather_uneven(indices))
-        return out
-
-    def state_dict(self) -> dict:
-        return {"embeddings": self.embeddings.cpu(), "indices": self.indices.cpu(), "ptr": self.ptr,
-                "full": self.full}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["embeddings"].shape != self.embeddings.shape:
-            raise ValueError(f"its queue is {tuple(state['embeddings'].shape)}, this model's "
-                             f"{tuple(self.embeddings.shape)}")
-        self.embeddings.copy_(state["embeddings"])
-        self.indices.copy_(state["indices"])
-        self.ptr, self.full = int(state["ptr"]), bool(state["full"])
 
 
 def head_sizes(cls_size: list[int], num_cls: int) -> list[int]:

@@ -33,11 +33,9 @@ from .. import distributed
 from ..config import bool_flag, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
-from .base import Batch, DataInfo, Progress
-from .npid import MemoryBankMethod, add_memory_args, check_momentum
-
-# Similarity rows are computed in chunks of at most this many entries (64 MiB of float32), whatever N is.
-CHUNK_ELEMENTS = 1 << 24
+from ..ops.knn import CHUNK_ELEMENTS, query_chunks, topk_neighbours
+from .base import Batch, DataInfo, Progress, two_view_columns
+from .memory_bank_base import MemoryBankMethod, add_memory_args, check_momentum
 
 
 class SuperAND(MemoryBankMethod):
@@ -106,7 +104,8 @@ class SuperAND(MemoryBankMethod):
         args, bank = self.args, self.memory.weight
         count = min(bank.shape[0], int(bank.shape[0] * args.ans_select_rate * number))
         anchors = select_anchors(bank_entropy(bank, args.npc_t), count)
-        self.set_anchors(number, anchors, nearest_neighbours(bank, anchors, args.ans_size))
+        neighbours = topk_neighbours(bank[anchors], bank, args.ans_size, exclude=anchors, split_over_ranks=True)
+        self.set_anchors(number, anchors, neighbours.indices)
         if distributed.rank() == 0:
             print(f"superand round {number}: {count} anchors, label consistency with their neighbours "
                   f"{self.consistency:.4f}", flush=True)
@@ -163,26 +162,16 @@ class SuperAND(MemoryBankMethod):
         self.set_anchors(int(state["round"]), state["anchors"], state["neighbours"])
 
 
-def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows [view 1; view 2] of n images on each rank, gathered in rank order: each local row's own column
-    and its other view's column (the `own` and `partner` of losses.superand.aug_loss)."""
-    local = torch.arange(2 * n, device=device)
-    start = distributed.rank() * 2 * n
-    return start + local, start + (local + n) % (2 * n)
-
-
 @torch.no_grad()
 def bank_entropy(bank: torch.Tensor, temperature: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """H_i = -sum_j p_ij log p_ij with p_i = softmax(M_i M^T / T), j over all N entries (itself included).
 
-    Collective: each rank computes a contiguous share of the rows, in chunks of at most `chunk_elements` logits,
-    and the shares are gathered, so every rank gets all N values.
+    Collective: the rows are taken in chunks of at most `chunk_elements` logits (ops/knn.query_chunks), each rank
+    computes a contiguous share of the chunks and the shares are gathered, so every rank gets all N values.
     """
-    rows = distributed.shard_range(bank.shape[0])
-    chunk = max(1, chunk_elements // bank.shape[0])
     parts = [bank.new_zeros(0)]
-    for start in range(rows.start, rows.stop, chunk):
-        log_p = torch.log_softmax(bank[start: min(start + chunk, rows.stop)] @ bank.t() / temperature, dim=1)
+    for rows in query_chunks(bank.shape[0], bank.shape[0], chunk_elements, split_over_ranks=True):
+        log_p = torch.log_softmax(bank[rows.start: rows.stop] @ bank.t() / temperature, dim=1)
         parts.append(-(log_p.exp() * log_p).sum(dim=1))
     return distributed.all_gather_uneven(torch.cat(parts))
 
@@ -190,21 +179,3 @@ def bank_entropy(bank: torch.Tensor, temperature: float, chunk_elements: int = C
 def select_anchors(entropy: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` entries of lowest entropy, lowest first (ties: the lower index first)."""
     return torch.sort(entropy, stable=True).indices[:count]
-
-
-@torch.no_grad()
-def nearest_neighbours(bank: torch.Tensor, anchors: torch.Tensor, count: int,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """For each anchor, the `count` other entries with the largest M_a . M_j, most similar first (A x count).
-
-    Collective, sharded over the anchors and chunked like `bank_entropy`.
-    """
-    share = distributed.shard_range(anchors.shape[0])
-    chunk = max(1, chunk_elements // bank.shape[0])
-    parts = [torch.zeros(0, count, dtype=torch.long, device=bank.device)]
-    for start in range(share.start, share.stop, chunk):
-        mine = anchors[start: min(start + chunk, share.stop)]
-        similarity = (bank[mine] @ bank.t()).index_put_((torch.arange(len(mine), device=bank.device), mine),
-                                                         bank.new_tensor(float("-inf")))
-        parts.append(similarity.topk(count, dim=1).indices)
-    return distributed.all_gather_uneven(torch.cat(parts))
