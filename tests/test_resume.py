@@ -129,7 +129,7 @@ def test_resume_with_other_run_flags_is_refused(tmp_path, reference, change, wor
 
 
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
-    others = sorted(name for name, cls in METHODS.items() if cls.stage == "pretrain" and name != "swav")
+    others = sorted(name for name, cls in METHODS.items() if cls.program_kind == "pretrain" and name != "swav")
     assert others, "main_pretrain.py should offer more methods than swav"
     run_dir = copy_run(reference, tmp_path / "run")
     before = snapshot(run_dir)

@@ -201,9 +201,9 @@ def test_v1_heads_are_orthonormal():
 
 @pytest.mark.parametrize("flags,words", [
     (("--sc_version", "v1"), "--row_tau"),
-    (("--cls_size", 10, 20, "--num_cls", 3), "--num_cls"),
+    (("--cls_size", 10, 20, "--num_cls", 3), "--num_heads 3"),
     (("--nmb_crops", 1), "--nmb_crops"),
-    (("--queue_len", 8), "--queue_len"),
+    (("--queue_len", 8), "--queue_length 8"),
 ])
 def test_bad_values_name_the_flag(flags, words):
     with pytest.raises(ConfigError, match=words):
@@ -254,10 +254,10 @@ def test_recipes_build_their_model(name, heads, version, views):
     trained = all(p.requires_grad for p in method.heads.parameters())
     assert trained == (version == "v2")
     if version == "v1":  # spec 2.10
-        assert (args.row_tau, args.dim, args.hidden_dim, args.num_hidden, args.lr, args.final_lr) == (
+        assert (args.row_tau, args.embed_dim, args.hidden_dim, args.num_hidden, args.lr, args.final_lr) == (
             0.3, 64, 256, 2, 3.2, 0.032)
     if "imagenet" in name:  # spec 2.6-2.7, 800 epochs
-        assert (args.queue_len, args.lr, args.start_warmup, args.final_lr, args.row_tau, args.col_tau) == (
+        assert (args.queue_length, args.lr, args.start_warmup, args.final_lr, args.row_tau, args.col_tau) == (
             262144, 3.2, 0.2, 0.0032, 0.1, 0.05)
 
 

@@ -241,7 +241,7 @@ def test_defaults_follow_the_cifar_recipe():
                 "epochs": 1000, "rounds": 5, "epochs_per_round": 200, "batch_size": 128, "nmb_crops": [2],
                 "min_scale_crops": [0.2], "max_scale_crops": [1.0], "brightness": 0.4, "contrast": 0.4,
                 "saturation": 0.4, "hue": 0.4, "jitter_p": 1.0, "grey_p": 0.2, "flip_p": 0.5, "blur_p": 0.0,
-                "npc_t": 0.1, "npc_m": 0.5, "batch_t": 0.1, "ans_select_rate": 0.25, "ans_size": 1,
+                "bank_t": 0.1, "bank_m": 0.5, "batch_t": 0.1, "ans_select_rate": 0.25, "ans_size": 1,
                 "aug_on": "logits", "ue_weight": 0.2, "ue_every": 80}
     assert {k: getattr(args, k) for k in expected} == expected
 
@@ -254,14 +254,14 @@ def test_recipes_parse_and_build(recipe):
     channels = 1 if args.dataset == "fashion_mnist" else 3
     info = DataInfo(channels, 32, 5000, 10, (0.5,) * channels, (0.25,) * channels)
     method = METHODS["superand"](args, info, torch.device("cpu"))
-    assert method.memory_bank.shape == (5000, args.low_dim)
+    assert method.memory_bank.shape == (5000, args.embed_dim)
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--epochs", "999"], ["--epochs 999", "--rounds 5", "--epochs_per_round 200", "1000"]),
     (["--rounds", "3", "--epochs_per_round", "2", "--epochs", "6"], ["--schedule_period 200", "--epochs_per_round 2"]),
     (["--nmb_crops", "3"], ["--nmb_crops"]),
-    (["--npc_m", "-0.1"], ["--npc_m"]),
+    (["--npc_m", "-0.1"], ["--bank_m -0.1"]),
 ])
 def test_bad_flags_are_refused(flags, words):
     with pytest.raises(ConfigError) as error:

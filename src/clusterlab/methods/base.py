@@ -64,7 +64,8 @@ class Progress:
 
 class Method(nn.Module):
     name: ClassVar[str] = ""
-    stage: ClassVar[str] = "pretrain"  # or "cluster": trained by main_cluster.py, has heads
+    # "pretrain": trained by main_pretrain.py; "cluster": by main_cluster.py, has heads. Also the checkpoint's kind.
+    program_kind: ClassVar[str] = "pretrain"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +129,7 @@ class Method(nn.Module):
 
     @property
     def monitor_temperature(self) -> float:
-        """The kNN monitor's vote temperature: the method's own where it has one (NPID's nce_t), else 0.1."""
+        """The kNN monitor's vote temperature: the method's own where it has one (the memory bank's), else 0.1."""
         return 0.1
 
     @property

@@ -12,9 +12,9 @@ embeddings of both views (losses/superand.aug_loss). The head reported is the on
 (no labels); every head is scored by eval_cluster.py.
 
 Upstream's code differs from the paper in two ways, both kept as options with the code as the default (it
-reproduces the logged numbers): the heads are never optimised (only the encoder is given to SGD), and
-normalise(W) divides each row of the d x C matrix, i.e. across classes for each feature (`--head_norm feature`),
-where the paper normalises each class vector (`--head_norm class`).
+reproduces the logged numbers): the heads are never optimised (only the encoder is given to SGD; `--freeze_heads
+true`), and normalise(W) divides each row of the d x C matrix, i.e. across classes for each feature (`--head_norm
+feature`), where the paper normalises each class vector (`--head_norm class`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import bool_flag, non_negative_float, positive_float, positive_int
+from ..config import bool_flag, non_negative_float, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.iic import iic_loss
 from ..losses.superand import aug_loss
@@ -41,14 +41,16 @@ class EmbedUL(ClusterMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("embedul")
-        group.add_argument("--low_dim", type=positive_int, default=128, help="embedding size (Super-AND's)")
+        group.add_argument("--embed_dim", "--low_dim", type=positive_int, default=128,
+                           help="embedding size (Super-AND's)")
         group.add_argument("--num_heads", type=positive_int, default=5)
-        group.add_argument("--head_classes", type=int, default=0, help="classes per head (0: the dataset's)")
+        group.add_argument("--head_classes", type=non_negative_int, default=0,
+                           help="classes of every head (0: the dataset's)")
         group.add_argument("--head_t", type=positive_float, default=0.1, help="tau_c of the normalized-FC heads")
         group.add_argument("--head_norm", choices=["feature", "class"], default="feature",
                            help="normalise W per feature across classes (upstream code) or per class (paper)")
-        group.add_argument("--train_heads", type=bool_flag, default=False,
-                           help="optimise the heads (the paper) instead of keeping them fixed (upstream code)")
+        group.add_argument("--freeze_heads", type=bool_flag, default=True,
+                           help="keep the heads fixed (upstream code) instead of optimising them (the paper)")
         group.add_argument("--cp_weight", type=non_negative_float, default=1.0, help="lambda of L_cp")
         group.add_argument("--batch_t", type=positive_float, default=0.1, help="temperature of L_cp")
         parser.set_defaults(arch="resnet18_sobel", optimizer="sgd", nesterov=True, lr=0.01, momentum=0.9,
@@ -60,10 +62,11 @@ class EmbedUL(ClusterMethod):
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__(args, info, device)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
+        self.head = nn.Linear(self.backbone.out_dim, args.embed_dim)
         classes = args.head_classes or info.num_classes
-        self.heads = nn.ParameterList([nn.Parameter(torch.randn(args.low_dim, classes),
-                                                    requires_grad=args.train_heads) for _ in range(args.num_heads)])
+        self.heads = nn.ParameterList([nn.Parameter(torch.randn(args.embed_dim, classes),
+                                                    requires_grad=not args.freeze_heads)
+                                       for _ in range(args.num_heads)])
         self.augment = build_multicrop(args, info)
         if self.augment.num_crops != 2:
             raise ConfigError(f"embedul takes two views of each image (--nmb_crops 2), not {args.nmb_crops}")

@@ -1,8 +1,9 @@
 """What NPID and Super-AND share: an embedding trained against a memory bank of past embeddings.
 
-backbone -> Linear(out_dim -> low_dim) -> L2 normalisation (no MLP) gives f; the bank (ops/memory_bank.py) holds
-one slowly moving f per training sample and takes the batch's embeddings after the backward pass. The bank's
-temperature and momentum are flags of each method (NPID: --nce_t / --nce_m, Super-AND: --npc_t / --npc_m).
+backbone -> Linear(out_dim -> embed_dim) -> L2 normalisation (no MLP) gives f; the bank (ops/memory_bank.py)
+holds one slowly moving f per training sample and takes the batch's embeddings after the backward pass. The bank's
+temperature and momentum are --bank_t and --bank_m, spelled --nce_t / --nce_m in NPID's code and --npc_t / --npc_m
+in Super-AND's (both spellings are accepted).
 """
 from __future__ import annotations
 
@@ -22,38 +23,43 @@ from .base import DataInfo, Method, Progress, build_multicrop
 BANK_SEED = 1
 
 
-def add_memory_args(group: argparse._ArgumentGroup, prefix: str, temperature: float) -> None:
-    """--low_dim, --PREFIX_t and --PREFIX_m: the embedding size and the bank's temperature and momentum."""
-    group.add_argument("--low_dim", type=positive_int, default=128, help="embedding (and memory bank) size")
-    group.add_argument(f"--{prefix}_t", type=positive_float, default=temperature, help="memory bank temperature")
-    group.add_argument(f"--{prefix}_m", type=float, default=0.5, help="memory bank momentum")
+def add_memory_args(group: argparse._ArgumentGroup, upstream_prefix: str) -> None:
+    """--embed_dim, --bank_t and --bank_m (the embedding size and the bank's temperature and momentum), with the
+    upstream code's spellings as aliases: --low_dim, --PREFIX_t, --PREFIX_m."""
+    group.add_argument("--embed_dim", "--low_dim", type=positive_int, default=128,
+                       help="embedding (and memory bank) size")
+    group.add_argument("--bank_t", f"--{upstream_prefix}_t", type=positive_float, default=0.1,
+                       help="memory bank temperature")
+    group.add_argument("--bank_m", f"--{upstream_prefix}_m", type=float, default=0.5, help="memory bank momentum")
 
 
-def check_momentum(value: float, flag: str) -> None:
+def check_momentum(value: float) -> None:
     if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{flag} {value} must be in [0, 1) (the weight of a row's old value in the bank update)")
+        raise ConfigError(f"--bank_m {value} must be in [0, 1) (the weight of a row's old value in the bank "
+                          f"update)")
 
 
 class MemoryBankMethod(Method):
-    """What NPID and Super-AND share: backbone -> Linear(out_dim -> low_dim) -> L2 normalisation (no MLP) and a
+    """What NPID and Super-AND share: backbone -> Linear(out_dim -> embed_dim) -> L2 normalisation (no MLP) and a
     memory bank that takes the batch's embeddings after the backward pass."""
 
-    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device, momentum: float):
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        check_momentum(args.bank_m)
         super().__init__(args, info, device)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
-        self.memory = MemoryBank(info.num_samples, args.low_dim, momentum, seed=args.seed + BANK_SEED)
+        self.head = nn.Linear(self.backbone.out_dim, args.embed_dim)
+        self.memory = MemoryBank(info.num_samples, args.embed_dim, args.bank_m, seed=args.seed + BANK_SEED)
         self.augment = build_multicrop(args, info)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def memory_bank(self) -> torch.Tensor:
-        """The N x low_dim bank (rows L2-normalised once updated): kNN's train features, as upstream."""
+        """The N x embed_dim bank (rows L2-normalised once updated): kNN's train features, as upstream."""
         return self.memory.weight
 
     @property
     def monitor_temperature(self) -> float:
-        return self.args.nce_t if self.name == "npid" else self.args.npc_t
+        return self.args.bank_t
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)

@@ -1,6 +1,6 @@
 """NPID / Instance Discrimination (Wu et al., CVPR 2018; the "lemniscate" code, seeds spec 4).
 
-Backbone -> Linear(low_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
+Backbone -> Linear(embed_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
 memory bank M of past embeddings (ops/memory_bank.py). `--nce_k 0`: full softmax over the N entries; `--nce_k K`:
 NCE with K noise entries drawn uniformly per sample (the own entry may be drawn too, as upstream) and the
 normaliser Z estimated once, on the first batch, then kept (a buffer, so it is in the checkpoint).
@@ -22,7 +22,7 @@ from ..config import non_negative_int
 from ..errors import ConfigError
 from ..losses.npid import instance_softmax_loss, nce_loss, nce_scores
 from .base import Batch, DataInfo, Progress
-from .memory_bank_base import MemoryBankMethod, add_memory_args, check_momentum
+from .memory_bank_base import MemoryBankMethod, add_memory_args
 
 # Offset from --seed for the NCE noise draws (the augmentation uses --seed, the bank BANK_SEED).
 NOISE_SEED = 2
@@ -34,7 +34,7 @@ class NPID(MemoryBankMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("npid")
-        add_memory_args(group, "nce", temperature=0.1)
+        add_memory_args(group, "nce")
         # 0 by default: the README's CIFAR command (upstream's flag default, 4096, is the ImageNet setting).
         group.add_argument("--nce_k", type=non_negative_int, default=0,
                            help="noise samples per sample for NCE (0: the full softmax over the memory bank)")
@@ -45,11 +45,10 @@ class NPID(MemoryBankMethod):
                             jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0, init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
-        check_momentum(args.nce_m, "--nce_m")
         if args.nce_k >= info.num_samples:
             raise ConfigError(f"--nce_k {args.nce_k} must be below the number of training samples "
                               f"({info.num_samples}); 0 gives the full softmax")
-        super().__init__(args, info, device, args.nce_m)
+        super().__init__(args, info, device)
         if self.augment.num_crops != 1:
             raise ConfigError(f"npid trains on one view per image: --nmb_crops {args.nmb_crops} must be [1]")
         # Z < 0: not estimated yet (upstream's params[2] = -1); estimated once on the first NCE batch.
@@ -61,7 +60,7 @@ class NPID(MemoryBankMethod):
         f = self.embedding(crops[0])
         with torch.autocast(self.device.type, enabled=False):
             if self.args.nce_k == 0:
-                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.nce_t, batch.indices)
+                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.bank_t, batch.indices)
                 name = "softmax"
             else:
                 loss = self.nce(f, batch)
@@ -74,7 +73,7 @@ class NPID(MemoryBankMethod):
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
         if self.nce_z.item() < 0:
             self.nce_z.copy_(self.estimate_z(similarities))
-        return nce_loss(nce_scores(similarities, self.args.nce_t, self.nce_z), self.info.num_samples)
+        return nce_loss(nce_scores(similarities, self.args.bank_t, self.nce_z), self.info.num_samples)
 
     def draw_noise(self, batch: Batch) -> torch.Tensor:
         """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
@@ -84,7 +83,7 @@ class NPID(MemoryBankMethod):
     @torch.no_grad()
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
         """Z = N * mean(exp(v . f / T)) over the K + 1 columns of the whole global batch (Wu et al. sec. 3.2)."""
-        values = torch.exp(similarities.float() / self.args.nce_t)
+        values = torch.exp(similarities.float() / self.args.bank_t)
         totals = distributed.all_reduce_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
         return self.info.num_samples * totals[0] / totals[1]
 

@@ -2,12 +2,12 @@
 self-classifier code, seeds spec 2).
 
 backbone -> MLP head (`--num_hidden` linear layers, optional BN, LeakyReLU) -> L2 normalisation = z -> classifier
-heads of `--cls_size` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
+heads of `--head_classes` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
 of the others under a uniform class prior, over the global batch.
 
 Two generations, `--sc_version`:
 - v2 (the ECCV code, spec 2.2-2.4): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
-  unless `--fixed_cls`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
+  unless `--freeze_heads`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
   except local-local.
 - v1 (the only CIFAR code, spec 2.10): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
   so the logits are cosines; one temperature (`--row_tau` = `--col_tau`, 0.3 upstream); no prior normalisation.
@@ -18,7 +18,7 @@ the batch softmax and the prior normalisation cover the global batch as on one p
 over its own rows and DDP's gradient average makes the step that of the global-batch loss. The loss runs in
 float32 outside autocast, as upstream.
 
-Nearest-neighbour queue (`--queue_len L`, v2's ImageNet recipe; 0 = off, the CIFAR setting; ops/neighbour_queue.py):
+Nearest-neighbour queue (`--queue_length L`, v2's ImageNet recipe; 0 = off, the CIFAR setting; ops/neighbour_queue.py):
 the last L view-1 embeddings of the global batch; once it has been filled, view 1's embedding is replaced by its
 nearest neighbour in the queue, so no gradient flows through view 1's own embedding then. Not reproduced: the
 NN-accuracy monitor (it needs the labels).
@@ -81,14 +81,14 @@ class NormalizedClassifier(nn.Module):
         return F.linear(z, self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
-def head_sizes(cls_size: list[int], num_cls: int) -> list[int]:
-    """One size repeated --num_cls times (v1: 30 heads of 30), or one size per head (v2: 1000 2000 4000 8000)."""
-    if len(cls_size) == 1:
-        return list(cls_size) * num_cls
-    if num_cls not in (1, len(cls_size)):
-        raise ConfigError(f"--num_cls {num_cls} does not match the {len(cls_size)} sizes of --cls_size {cls_size} "
-                          f"(give one size, or one per head)")
-    return list(cls_size)
+def head_sizes(head_classes: list[int], num_heads: int) -> list[int]:
+    """One size repeated --num_heads times (v1: 30 heads of 30), or one size per head (v2: 1000 2000 4000 8000)."""
+    if len(head_classes) == 1:
+        return list(head_classes) * num_heads
+    if num_heads not in (1, len(head_classes)):
+        raise ConfigError(f"--num_heads {num_heads} does not match the {len(head_classes)} sizes of --head_classes "
+                          f"{head_classes} (give one size, or one per head)")
+    return list(head_classes)
 
 
 def gather_views(logits: list[torch.Tensor], num_views: int) -> list[list[torch.Tensor]]:
@@ -117,16 +117,17 @@ class SelfClassifier(ClusterMethod):
         group.add_argument("--sc_version", choices=VERSIONS, default="v2",
                            help="v2: ECCV loss, learnable weight-normalised heads; v1: the CIFAR code's fixed "
                                 "orthonormal heads, one temperature, no prior normalisation")
-        group.add_argument("--cls_size", type=positive_int, nargs="+", default=[1000],
-                           help="classes of each head (one size: repeated --num_cls times)")
-        group.add_argument("--num_cls", type=positive_int, default=1, help="number of heads of one --cls_size")
-        group.add_argument("--dim", type=positive_int, default=128, help="embedding size (MLP output)")
+        group.add_argument("--head_classes", "--cls_size", type=positive_int, nargs="+", default=[1000],
+                           help="classes of each head (one size: repeated --num_heads times)")
+        group.add_argument("--num_heads", "--num_cls", type=positive_int, default=1,
+                           help="number of heads of one --head_classes size")
+        group.add_argument("--embed_dim", "--dim", type=positive_int, default=128, help="embedding size (MLP output)")
         group.add_argument("--hidden_dim", type=positive_int, default=4096, help="MLP hidden size")
         group.add_argument("--num_hidden", type=non_negative_int, default=2,
                            help="linear layers of the MLP (0: none, the embedding is the backbone feature)")
         group.add_argument("--use_bn", type=bool_flag, default=True, help="BN after each hidden linear layer")
         group.add_argument("--leaky", type=bool_flag, default=True, help="LeakyReLU in the MLP (false: ReLU)")
-        group.add_argument("--fixed_cls", type=bool_flag, default=False,
+        group.add_argument("--freeze_heads", "--fixed_cls", type=bool_flag, default=False,
                            help="freeze the v2 heads (v1 heads are always fixed)")
         group.add_argument("--row_tau", type=positive_float, default=0.1,
                            help="temperature of the softmax over classes (v1: its one temperature, 0.3)")
@@ -134,7 +135,7 @@ class SelfClassifier(ClusterMethod):
                            help="temperature of the softmax over the batch (v1: equal to --row_tau)")
         group.add_argument("--eps", type=positive_float, default=1e-12,
                            help="added inside the log of the prior-normalised prediction")
-        group.add_argument("--queue_len", type=non_negative_int, default=0,
+        group.add_argument("--queue_length", "--queue_len", type=non_negative_int, default=0,
                            help="nearest-neighbour queue length (0: off)")
         # The v2 scripts' optimisation for 100-400 epochs (spec 2.6).
         parser.set_defaults(optimizer="lars", lr=4.8, start_warmup=0.3, final_lr=0.0048, warmup_epochs=10,
@@ -146,22 +147,22 @@ class SelfClassifier(ClusterMethod):
         if self.v1 and args.row_tau != args.col_tau:
             raise ConfigError(f"--sc_version v1 has one temperature: --row_tau {args.row_tau} and --col_tau "
                               f"{args.col_tau} must be equal (0.3 upstream)")
-        sizes = head_sizes(args.cls_size, args.num_cls)
+        sizes = head_sizes(args.head_classes, args.num_heads)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.dim, args.num_hidden, args.use_bn,
+        self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.embed_dim, args.num_hidden, args.use_bn,
                             args.leaky)
-        embed_dim = args.dim if args.num_hidden else self.backbone.out_dim
+        embed_dim = args.embed_dim if args.num_hidden else self.backbone.out_dim
         self.heads = nn.ModuleList(NormalizedClassifier(embed_dim, size, orthogonal=self.v1) for size in sizes)
-        if self.v1 or args.fixed_cls:
+        if self.v1 or args.freeze_heads:
             self.heads.requires_grad_(False)
         self.augment = build_multicrop(args, info)
         if self.augment.num_crops < 2:
             raise ConfigError(f"--nmb_crops {args.nmb_crops} gives {self.augment.num_crops} view(s); "
                               f"selfclassifier needs at least 2")
-        if args.queue_len and args.queue_len < max(2, args.batch_size):
-            raise ConfigError(f"--queue_len {args.queue_len} must be 0 (off) or at least --batch_size "
+        if args.queue_length and args.queue_length < max(2, args.batch_size):
+            raise ConfigError(f"--queue_length {args.queue_length} must be 0 (off) or at least --batch_size "
                               f"{args.batch_size} (and 2): the global batch is pushed whole every step")
-        self.queue = NearestNeighbourQueue(args.queue_len, embed_dim, device) if args.queue_len else None
+        self.queue = NearestNeighbourQueue(args.queue_length, embed_dim, device) if args.queue_length else None
 
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

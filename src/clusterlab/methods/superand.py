@@ -2,17 +2,17 @@
 bank, trained in rounds that turn more and more confident samples into anchors of small neighbourhoods.
 
 Per step each image gives two views; the 2B embeddings f (Sobel two-stream ResNet -> Linear -> L2 normalisation)
-are scored against the bank, O = f M^T / npc_t, and
+are scored against the bank, O = f M^T / T (T = --bank_t), and
     L = L_AND(O) + L_AUG + w(t) L_UE(O),   w(t) = ue_weight * floor(epoch_in_round / ue_every)
 (losses/superand.py). Round 0 is plain instance discrimination. Before round r >= 1 the int(N * ans_select_rate * r)
-memory entries whose row softmax(M_i M^T / npc_t) has the lowest entropy become anchors, each with its ans_size
+memory entries whose row softmax(M_i M^T / T) has the lowest entropy become anchors, each with its ans_size
 most similar other entries as neighbours. The learning-rate schedule restarts every round (--schedule_period =
 --epochs_per_round), with the same optimiser state, as upstream.
 
 L_AUG compares the two views of each image against the whole global batch. By default (`--aug_on logits`, as
 upstream) it works on the L2-normalised NPC logit rows x_i = O_i / |O_i|, which have N entries; rather than
 gathering 2B x N rows, each rank gathers the 2B x d embeddings and uses
-    x_i . x_j = O_i . O_j / (|O_i| |O_j|) = (O_i M) . f_j / (npc_t |O_i| |O_j|),
+    x_i . x_j = O_i . O_j / (|O_i| |O_j|) = (O_i M) . f_j / (T |O_i| |O_j|),
 so only f_j / |O_j| (d numbers per column) crosses ranks. `--aug_on embedding` uses the 128-d f instead.
 
 Resume: the round, the anchors and their neighbours are method state, so a run stopped anywhere in a round resumes
@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
 from ..ops.knn import CHUNK_ELEMENTS, query_chunks, topk_neighbours
 from .base import Batch, DataInfo, Progress, two_view_columns
-from .memory_bank_base import MemoryBankMethod, add_memory_args, check_momentum
+from .memory_bank_base import MemoryBankMethod, add_memory_args
 
 
 class SuperAND(MemoryBankMethod):
@@ -44,7 +44,7 @@ class SuperAND(MemoryBankMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("superand")
-        add_memory_args(group, "npc", temperature=0.1)
+        add_memory_args(group, "npc")
         group.add_argument("--batch_t", type=positive_float, default=0.1, help="temperature of the AUG loss")
         group.add_argument("--aug_on", choices=["logits", "embedding"], default="logits",
                            help="AUG loss on the L2-normalised NPC logit rows (upstream) or on the embeddings")
@@ -68,7 +68,6 @@ class SuperAND(MemoryBankMethod):
                             init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
-        check_momentum(args.npc_m, "--npc_m")
         if args.epochs != args.rounds * args.epochs_per_round:
             raise ConfigError(f"--epochs {args.epochs} must equal --rounds {args.rounds} x --epochs_per_round "
                               f"{args.epochs_per_round} = {args.rounds * args.epochs_per_round}")
@@ -81,7 +80,7 @@ class SuperAND(MemoryBankMethod):
         if args.ans_size >= info.num_samples:
             raise ConfigError(f"--ans_size {args.ans_size} must be below the number of training samples "
                               f"({info.num_samples})")
-        super().__init__(args, info, device, args.npc_m)
+        super().__init__(args, info, device)
         n = info.num_samples
         self.round = 0
         self.anchors = torch.zeros(0, dtype=torch.long, device=device)
@@ -103,7 +102,7 @@ class SuperAND(MemoryBankMethod):
         """Collective: anchors and neighbours for round `number` from the bank as it is now."""
         args, bank = self.args, self.memory.weight
         count = min(bank.shape[0], int(bank.shape[0] * args.ans_select_rate * number))
-        anchors = select_anchors(bank_entropy(bank, args.npc_t), count)
+        anchors = select_anchors(bank_entropy(bank, args.bank_t), count)
         neighbours = topk_neighbours(bank[anchors], bank, args.ans_size, exclude=anchors, split_over_ranks=True)
         self.set_anchors(number, anchors, neighbours.indices)
         if distributed.rank() == 0:
@@ -125,7 +124,7 @@ class SuperAND(MemoryBankMethod):
         f = self.embedding(torch.cat(crops))
         own = batch.indices.repeat(2)
         with torch.autocast(self.device.type, enabled=False):
-            logits = f @ self.memory.weight.t() / args.npc_t
+            logits = f @ self.memory.weight.t() / args.bank_t
             l_and = and_loss(logits, own, self.neighbours[own])
             l_aug = aug_loss(self.batch_similarities(f, logits), *two_view_columns(n, f.device), args.batch_t)
             l_ue = ue_loss(logits, own if args.ue_mask_own else None)
@@ -143,7 +142,7 @@ class SuperAND(MemoryBankMethod):
         if self.args.aug_on == "embedding":
             return f @ distributed.all_gather_cat(f.detach()).t()
         norms = logits.norm(dim=1, keepdim=True)
-        queries = (logits @ self.memory.weight) / (self.args.npc_t * norms)
+        queries = (logits @ self.memory.weight) / (self.args.bank_t * norms)
         keys = distributed.all_gather_cat((f / norms).detach())
         return queries @ keys.t()
 

@@ -29,9 +29,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_config, load_yaml
+from ..config import config_layers, load_yaml
 from ..errors import ConfigError
-from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, program_parser, to_argv, validate_flags
+from .programs import (EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, canonical_layers, program_parser, to_argv,
+                       validate_flags)
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -176,18 +177,21 @@ def load_grid(path: str | Path, output_root: str | Path | None = None, repo_root
         previous = {}
         for index, stage in enumerate(stages):
             config_file = values.get("config", stage.get("config"))
-            merged = {**(_base_values(path, config_file, repo_root) if config_file else {}), **flags,
-                      **stage.get("flags", {}), **own}
+            program = stage["program"]
+            # The grid's own values override its config's, whatever spelling (flag or alias) each uses.
+            *base, chosen = canonical_layers(program, [
+                *(_base_layers(path, config_file, repo_root) if config_file else []),
+                (f"grid {str(path)!r}", {**flags, **stage.get("flags", {}), **own})])
+            merged = {key: value for layer in (*base, chosen) for key, value in layer.items()}
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
             if label in names:
                 _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
             names[label] = values
-            program = stage["program"]
             if stage.get("pretrained_from"):
                 merged["pretrained"] = str(root / previous[stage["pretrained_from"]])
             checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}")
             run_flags = {"config": str(config_file)} if config_file else {}
-            run_flags.update({k: checked[k] for k in {**flags, **stage.get("flags", {}), **own}})
+            run_flags.update({k: checked[k] for k in chosen})
             if "pretrained" in merged:
                 run_flags["pretrained"] = merged["pretrained"]
             run_flags["output_dir"] = str(root / label)
@@ -238,13 +242,13 @@ def _stages(path, spec: dict) -> list[dict]:
     return stages
 
 
-def _base_values(path, config_file, repo_root) -> dict:
+def _base_layers(path, config_file, repo_root) -> list[tuple[str, dict]]:
     config_path = Path(config_file)
     if not config_path.is_absolute():
         config_path = repo_root / config_path
     if not config_path.is_file():
         _fail(path, f"config {str(config_file)!r} does not exist")
-    return load_config(config_path)
+    return config_layers(config_path)
 
 
 def _eval_spec(path, evals, repo_root) -> dict:

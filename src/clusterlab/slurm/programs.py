@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import yaml_defaults
+from ..config import canonical_keys, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
 # Where a relative `config:` path of a shipped grid or recipe is looked up when the current directory lacks it.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
-__all__ = ["EVAL_PROGRAMS", "REPO_ROOT", "TRAINING_PROGRAMS", "program_parser", "to_argv", "validate_flags"]
+__all__ = ["EVAL_PROGRAMS", "REPO_ROOT", "TRAINING_PROGRAMS", "canonical_layers", "program_parser", "to_argv",
+           "validate_flags"]
 
 
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
@@ -24,6 +25,14 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type (ConfigError naming it)."""
     return yaml_defaults(program_parser(name, values), values, source)
+
+
+def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:
+    """Mappings of flag values, (source, values) in the order they override each other, each keyed by the flags'
+    names (an alias such as low_dim renamed to embed_dim; two spellings of one flag in one mapping are refused), so
+    that merging them lets a later mapping override an earlier one whatever spelling either uses."""
+    parser = program_parser(name, {key: value for _, values in layers for key, value in values.items()})
+    return [canonical_keys(parser, values, source, known_only=False) for source, values in layers]
 
 
 def to_argv(values: dict) -> list[str]:

@@ -29,10 +29,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import load_config, load_yaml
+from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from .grid import STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, to_argv, validate_flags
+from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, canonical_layers, to_argv, validate_flags
 
 STAGE_KEYS = {"name", "config", "program", "flags", "pretrained_from"}
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
@@ -208,9 +208,9 @@ def _stage(spec: dict, epochs, label: str, repo_root: Path) -> Stage:
         if forbidden in flags:
             raise ConfigError(f"{label} sets {forbidden!r}; the script sets it (DATASET_PATH, EXPERIMENT_PATH, "
                               f"pretrained_from)")
-    values = {**load_config(repo_root / spec["config"]), **flags}
-    values.pop("config")
-    validate_flags(program, values, label)
+    layers = canonical_layers(program, [*config_layers(repo_root / spec["config"]),
+                                        (label, {k: v for k, v in flags.items() if k != "config"})])
+    validate_flags(program, {k: v for layer in layers for k, v in layer.items()}, label)
     return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))
 
 
