@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from clusterlab import config, results, rundir
 from clusterlab.errors import ConfigError, run_cli
 from clusterlab.slurm.grid import Grid, RunSpec, load_grid
-from clusterlab.slurm.jobs import ProgramJob, make_executor, wait_for
+from clusterlab.slurm.jobs import ProgramJob, make_executor, queued_ids, wait_for
 from clusterlab.slurm.programs import EVAL_PROGRAMS, to_argv
 from clusterlab.slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
@@ -57,7 +56,7 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
-    in_queue = queued_ids() if args.cluster == "slurm" else set()
+    in_queue = (queued_ids() or set()) if args.cluster == "slurm" else set()
     plan = [(run, run_state(run, in_queue)) for run in grid.runs]
     print_plan(grid, plan, in_queue)
     if args.dry_run:
@@ -78,15 +77,6 @@ def run_state(run: RunSpec, in_queue: set) -> str:
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
     return "resume" if run.run_dir.exists() else "new"
-
-
-def queued_ids() -> set:
-    """The ids of every pending or running Slurm job (array tasks as 123_4); none where squeue does not answer."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
-    except OSError:  # no Slurm on this machine
-        return set()
-    return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
 def recorded_jobs(run_dir: Path) -> list[dict]:

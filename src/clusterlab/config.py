@@ -216,12 +216,6 @@ def config_layers(path: str | os.PathLike, _chain: tuple = ()) -> list[tuple[str
     return [*config_layers(base_path, (*_chain, path.resolve())), (str(path), values)]
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """A config's keys as written, its `base:` files merged under it (aliases not resolved: config_layers and
-    merged_defaults resolve them)."""
-    return {key: value for _, values in config_layers(path) for key, value in values.items()}
-
-
 def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
           extend: Callable[[argparse.ArgumentParser, dict], None] | None = None) -> argparse.Namespace:
     """Parse `argv` with the YAML file of `--config` as defaults.

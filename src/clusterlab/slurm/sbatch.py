@@ -31,12 +31,11 @@ from pathlib import Path
 
 from ..config import config_layers, load_yaml
 from ..errors import ConfigError
-from .grid import STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
+from ..signals import EXIT_REQUEUE
+from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
 from .programs import EVAL_PROGRAMS, REPO_ROOT, TRAINING_PROGRAMS, canonical_layers, to_argv, validate_flags
 
-STAGE_KEYS = {"name", "config", "program", "flags", "pretrained_from"}
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
-EXIT_INTERRUPTED = 75
 
 
 def _time(minutes: int) -> str:
@@ -121,12 +120,12 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
              'mkdir -p "$EXPERIMENT_PATH/slurm"',
              LINK_LOG,
              "",
-             f"# On Slurm's signal a step stops (training saves at the next step first) and exits {EXIT_INTERRUPTED}:",
+             f"# On Slurm's signal a step stops (training saves at the next step first) and exits {EXIT_REQUEUE}:",
              "# the job then requeues itself, and the next start resumes (evaluations already recorded are skipped).",
              "step() {",
              '  srun --unbuffered "$@"',
              "  local status=$?",
-             f'  if [ "$status" -eq {EXIT_INTERRUPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+             f'  if [ "$status" -eq {EXIT_REQUEUE} ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
              '  [ "$status" -eq 0 ] || exit "$status"',
              "}"]
     for stage in stages:
