@@ -5,7 +5,7 @@
   recomputed here by hand from the same noise draws (1e-5), then unchanged by later steps and kept through the
   state dict (a fresh model with a loaded Z does not estimate again);
 - the noise generator's state travels in random_state, so a resumed step draws the same negatives (exact);
-- defaults of `--method npid` (seeds spec 4.5), the embedding / features / memory_bank interface, bad flags;
+- defaults of `--method npid` (the lemniscate README's CIFAR command), the embedding / features / memory_bank interface, bad flags;
 - one Trainer step on 2 gloo processes (each half the global batch, DDP, global batch norm) gives the weights,
   bank and Z of 1 process on the whole batch (1e-5), for the full softmax and for NCE.
 """

@@ -1,5 +1,6 @@
-"""EmbedUL stage 2 (Han et al., "Mitigating Embedding and Class Assignment Mismatch in Unsupervised Image
-Classification", ECCV 2020; seeds spec 5.5): class-assignment heads on a Super-AND embedding.
+"""EmbedUL stage 2 (Han, Park, Park, Kim and Cha, "Mitigating Embedding and Class Assignment Mismatch in
+Unsupervised Image Classification", ECCV 2020, no arXiv version; upstream code EmbedUL/EmbedUL@4027eab main.py,
+models/resnet_cifar.py, lib/criterion.py): class-assignment heads on a Super-AND embedding.
 
 The encoder is Super-AND's (backbone -> Linear -> L2 normalisation, `--pretrained` a superand run). On its 128-d
 embedding f sit `--num_heads` normalized-FC heads, y = softmax(f normalise(W) / tau_c), W in R^{d x C} drawn from

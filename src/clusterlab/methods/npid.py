@@ -1,4 +1,6 @@
-"""NPID / Instance Discrimination (Wu et al., CVPR 2018; the "lemniscate" code, seeds spec 4).
+"""NPID / Instance Discrimination (Wu, Xiong, Yu and Lin, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", CVPR 2018, arXiv:1805.01978; upstream code zhirongw/lemniscate.pytorch@f7cfe29: cifar.py and
+main.py, lib/LinearAverage.py, lib/NCEAverage.py, lib/NCECriterion.py).
 
 Backbone -> Linear(embed_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
 memory bank M of past embeddings (ops/memory_bank.py). `--nce_k 0`: full softmax over the N entries; `--nce_k K`:

@@ -1,5 +1,6 @@
-"""SeLa, self-labelling (Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and
-representation learning", ICLR 2020; the self-label code, seeds spec 3).
+"""SeLa, self-labelling (Yuki M. Asano, Christian Rupprecht and Andrea Vedaldi, "Self-labelling via simultaneous
+clustering and representation learning", ICLR 2020, arXiv:1911.05371; upstream code yukimasano/self-label@3891e37:
+cifar.py for CIFAR, main.py for ImageNet, sinkhornknopp.py for the labelling).
 
 A backbone with H = `--num_heads` linear heads of `--head_classes` classes each (upstream's `--hc` and `--ncl`) is
 trained with cross-entropy to pseudo-labels, one per head and training image: L = 1/H sum_h CE(head_h(x), L_h[index
@@ -7,8 +8,8 @@ of x]). At `--nopts` moments of the run the labels are re-solved on the whole tr
 heads' logits of its share of the images, and the whole-dataset Sinkhorn-Knopp (ops/sinkhorn.sela_sinkhorn) turns
 them into equipartitioned hard labels of all N.
 
-Schedule, in samples seen = global step x batch size (spec 3.3); relabelling k happens at the first step that
-reaches t_k, at most one per step, as upstream:
+Schedule, in samples seen = global step x batch size; relabelling k happens at the first step that reaches t_k, at
+most one per step, as upstream's training loops do:
   linear (CIFAR code):       t_k = (epochs + 1.0001) N k / (nopts - 1); only head (epoch mod H) is relabelled;
   quadratic (ImageNet code): t_k = (epochs + 1.01) N (k / (nopts - 1))^2; every head is relabelled.
 t_0 = 0, so the first labels come from the random network at the first step; until then they are a random balanced
@@ -25,7 +26,8 @@ The labelling pass (choices):
   restoring keeps the statistics evaluation uses equal to what the training batches produced.
 - The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
   computed from them, solved, and the labels gathered with their dataset positions and scattered back explicitly
-  (upstream's aliasing inverse permutation, spec 3.3, is not reproduced).
+  (upstream's multi-GPU path puts them back with an indexed assignment whose right-hand side aliases its left;
+  not reproduced).
 - `--label_dtype float64` (default) forms those logits, features W^T + b, in float64, as upstream's CPU code (the
   CIFAR code always; ImageNet with --cpu) multiplies float64 copies of the features by the head's weights;
   `float32` is its multi-GPU path (the product in float32, cast to float64 after).
@@ -112,7 +114,7 @@ class SeLa(ClusterMethod):
         group.add_argument("--label_batch_size", type=positive_int, default=512,
                            help="images per forward pass of the labelling over all ranks (rounded up to a multiple "
                                 "of the world size)")
-        # The CIFAR script's recipe (spec 3.4): one crop of scale 0.2-1, jitter (0.4, 0.4, 0.4, 0.4) always.
+        # The recipe of upstream's scripts/cifar.sh and cifar.py: one crop of scale 0.2-1, jitter (0.4 x 4) always.
         parser.set_defaults(epochs=400, batch_size=128, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4,
                             schedule="step", lr_drops=[240, 320], warmup_epochs=0, nmb_crops=[1], size_crops=[0],
                             min_scale_crops=[0.2], max_scale_crops=[1.0], hue=0.4, jitter_p=1.0)

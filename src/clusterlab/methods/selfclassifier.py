@@ -1,15 +1,16 @@
-"""Self-Classifier (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022; the
-self-classifier code, seeds spec 2).
+"""Self-Classifier (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022,
+arXiv:2103.10994; upstream code elad-amrani/self-classifier@3935138 src/train.py, src/model.py, src/loss.py, and for
+v1 the same repository at 635972b, the last commit with CIFAR code: src/train_cifar.py, src/loss.py).
 
 backbone -> MLP head (`--num_hidden` linear layers, optional BN, LeakyReLU) -> L2 normalisation = z -> classifier
 heads of `--head_classes` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
 of the others under a uniform class prior, over the global batch.
 
 Two generations, `--sc_version`:
-- v2 (the ECCV code, spec 2.2-2.4): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
+- v2 (the ECCV code): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
   unless `--freeze_heads`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
   except local-local.
-- v1 (the only CIFAR code, spec 2.10): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
+- v1 (the only CIFAR code): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
   so the logits are cosines; one temperature (`--row_tau` = `--col_tau`, 0.3 upstream); no prior normalisation.
   It is the same head module with V orthonormal, g = 1 and nothing trained.
 
@@ -47,7 +48,7 @@ VERSIONS = ("v1", "v2")
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn: bool, leaky: bool) -> nn.Module:
     """`num_hidden` linear layers (upstream's name for their count): 0 none, 1 Linear(in, out), n >= 2
     Linear(in, hidden) [BN] act, (n - 2) x [Linear(hidden, hidden) [BN] act], Linear(hidden, out); act is
-    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (spec 2.2)."""
+    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (upstream's src/model.py)."""
     if num_hidden == 0:
         return nn.Identity()
     layers = []
@@ -137,7 +138,7 @@ class SelfClassifier(ClusterMethod):
                            help="added inside the log of the prior-normalised prediction")
         group.add_argument("--queue_length", "--queue_len", type=non_negative_int, default=0,
                            help="nearest-neighbour queue length (0: off)")
-        # The v2 scripts' optimisation for 100-400 epochs (spec 2.6).
+        # The optimisation of upstream's scripts/train_100ep.sh to train_400ep.sh (v2).
         parser.set_defaults(optimizer="lars", lr=4.8, start_warmup=0.3, final_lr=0.0048, warmup_epochs=10,
                             schedule="cosine", weight_decay=1e-6)
 

@@ -1,13 +1,15 @@
-"""Super-AND, stage 1 (Han et al. 2019; seeds spec 5.2-5.4): NPID's non-parametric classifier (NPC) on a memory
-bank, trained in rounds that turn more and more confident samples into anchors of small neighbourhoods.
+"""Super-AND, stage 1 (Han, Xu, Park, Cha and Li, "A Comprehensive Approach to Unsupervised Embedding Learning
+based on AND Algorithm", arXiv:2002.12158, 2020; upstream code super-AND/super-AND@5a0e5ca main.py,
+lib/non_parametric_classifier.py, lib/ans_discovery.py, lib/criterion.py): NPID's non-parametric classifier (NPC)
+on a memory bank, trained in rounds that turn more and more confident samples into anchors of small neighbourhoods.
 
 Per step each image gives two views; the 2B embeddings f (Sobel two-stream ResNet -> Linear -> L2 normalisation)
 are scored against the bank, O = f M^T / T (T = --bank_t), and
     L = L_AND(O) + L_AUG + w(t) L_UE(O),   w(t) = ue_weight * floor(epoch_in_round / ue_every)
 (losses/superand.py). Round 0 is plain instance discrimination. Before round r >= 1 the int(N * ans_select_rate * r)
 memory entries whose row softmax(M_i M^T / T) has the lowest entropy become anchors, each with its ans_size
-most similar other entries as neighbours. The learning-rate schedule restarts every round (--schedule_period =
---epochs_per_round), with the same optimiser state, as upstream.
+most similar other entries as neighbours (ops/knn.py, ties to the lower index). The learning-rate schedule
+restarts every round (--schedule_period = --epochs_per_round), with the same optimiser state, as upstream.
 
 L_AUG compares the two views of each image against the whole global batch. By default (`--aug_on logits`, as
 upstream) it works on the L2-normalised NPC logit rows x_i = O_i / |O_i|, which have N entries; rather than

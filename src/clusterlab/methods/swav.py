@@ -1,9 +1,12 @@
-"""SwAV (Caron et al., NeurIPS 2020): online clustering by swapped prediction of Sinkhorn codes.
+"""SwAV (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020,
+arXiv:2006.09882): online clustering by swapped prediction of Sinkhorn codes. Upstream code:
+facebookresearch/swav@06b1b7c main_swav.py (the CIFAR recipes follow its copy in szq0214/Un-Mix@0911f77
+UnMix_SwAV/for_CIFAR/main_swav_unmix.py run with --run_swav true).
 
 Per step: every crop goes through backbone -> projection MLP -> L2 normalisation -> prototypes; for each
 assignment crop the Sinkhorn turns its scores (behind the queue's, when the queue is full) into codes, and every
 other crop predicts them (losses/swav.py). Prototypes are re-normalised before every step and receive no gradient
-for the first `freeze_prototypes_niters` iterations. Seeds spec section 1.
+for the first `freeze_prototypes_niters` iterations.
 """
 from __future__ import annotations
 
