@@ -219,7 +219,7 @@ class Training:
 
 
 def recipe_args(method: str, device: torch.device, data_path: Path, sizes: Sizes, extra=()) -> argparse.Namespace:
-    stage = METHODS[method].stage
+    stage = METHODS[method].program_kind
     return parse_args(stage, ["--config", str(ROOT / "configs" / f"{RECIPES[method]}.yaml"), "--data_path",
                               str(data_path), "--output_dir", str(data_path / "runs" / method), "--device",
                               device.type, *sizes.training_flags, *sizes.method_flags.get(method, []), *extra])
@@ -232,7 +232,7 @@ def train(args: argparse.Namespace, train_set, device: torch.device, steps: int,
     engine.seed_everything(args.seed)
     method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), device).to(device)
     trainer = engine.Trainer(method, args, Context(0, 1, 0, device), Path(args.output_dir), train_set,
-                             kind=method.stage)
+                             kind=method.program_kind)
     pixels, labels = train_set.images.to(device), train_set.labels.to(device)
     trainer.model.train()
     losses, times, first, stopped = [], [], float("nan"), False

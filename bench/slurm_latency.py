@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ONE_RUN = {"name": "bench", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml", "axes": {"seed": [0]},
-           "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_mlp": 32, "feat_dim": 16,
+           "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_dim": 32, "embed_dim": 16,
                      "size_crops": [8], "batch_size": 32, "epochs": 6, "log_every": 1, "device": "cpu"},
            "resources": {"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20}}
 

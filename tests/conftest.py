@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CONFIG = str(ROOT / "configs" / "swav_digits.yaml")
 # SwAV on digits, small enough that an epoch takes well under a second on one CPU thread.
-TINY = ["--config", CONFIG, "--width", "4", "--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10",
+TINY = ["--config", CONFIG, "--width", "4", "--hidden_dim", "32", "--embed_dim", "16", "--nmb_prototypes", "10",
         "--batch_size", "64", "--size_crops", "8", "--epochs", "2", "--device", "cpu"]
 # What the tiny_run fixture adds: two epoch checkpoints, and the kNN monitor after every epoch.
 TINY_RUN = ["--checkpoint_epochs", "1", "2", "--knn_monitor_every", "1"]
@@ -92,12 +92,12 @@ def entry_module(name: str):
 
     program = PROGRAMS[f"{name}.py"]
     module = program.load()
-    if program.stage is None:
+    if program.program_kind is None:
         return SimpleNamespace(get_args_parser=module.get_args_parser, main=module.main)
-    stage = program.stage
-    return SimpleNamespace(get_args_parser=partial(module.get_args_parser, stage), main=partial(module.main, stage),
-                           parse_args=partial(module.parse_args, stage),
-                           add_method_args=partial(module.add_method_args, stage))
+    kind = program.program_kind
+    return SimpleNamespace(get_args_parser=partial(module.get_args_parser, kind), main=partial(module.main, kind),
+                           parse_args=partial(module.parse_args, kind),
+                           add_method_args=partial(module.add_method_args, kind))
 
 
 def require_installed(paths: list[Path], package: str) -> None:

@@ -41,15 +41,15 @@ def images(n: int = 64) -> ImageSet:
 
 
 def trainer_for(method_name: str, amp: str, run_dir) -> engine.Trainer:
-    stage = METHODS[method_name].stage
-    args = parse_args(stage, ["--method", method_name, *SMALL, *FLAGS[method_name], "--amp", amp,
-                              "--output_dir", str(run_dir)])
+    kind = METHODS[method_name].program_kind
+    args = parse_args(kind, ["--method", method_name, *SMALL, *FLAGS[method_name], "--amp", amp,
+                             "--output_dir", str(run_dir)])
     ctx = distributed.init("cpu")
     engine.seed_everything(args.seed)
     train = images()
     method = METHODS[method_name](args, DataInfo.of(train), ctx.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return engine.Trainer(method, args, ctx, run_dir, train, kind=stage)
+    return engine.Trainer(method, args, ctx, run_dir, train, kind=kind)
 
 
 def float_tensors(tree, where=""):

@@ -1,5 +1,7 @@
 """Command lines built from YAML defaults (config.py): flags override the file, a bad key or value is one line that
-names it, --help shows every flag's default, and config.yaml in the run directory records the resolved run."""
+names it, --help shows every flag's default, and config.yaml in the run directory records the resolved run. The
+common flag names and their upstream spellings (aliases): on the command line, in YAML files, across `base:` files
+and grids, and in the records of runs trained before the rename."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +20,7 @@ import yaml
 from clusterlab import config
 from clusterlab.errors import ConfigError
 from clusterlab.methods import METHODS
-from conftest import CONFIG, PYTHON, ROOT, TINY, TINY_RUN, assert_ok, entry_module
+from conftest import CONFIG, PYTHON, ROOT, TINY, TINY_RUN, assert_ok, copy_run, entry_module
 
 pretrain = entry_module("main_pretrain")
 
@@ -137,7 +139,7 @@ def help_blocks(text: str) -> dict:
 
 
 def flags_of(parser: argparse.ArgumentParser) -> list[str]:
-    return [a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"]
+    return [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
 
 
 def test_pretrain_help_lists_every_flag_with_its_default(tmp_path):
@@ -231,3 +233,90 @@ def test_git_state_is_the_checkouts_commit_and_whether_tracked_files_changed(tmp
 ])
 def test_recorded_git_state_reads_old_and_new_runs(written, read):
     assert config.recorded_git_state(written) == read
+
+
+# ---- one vocabulary: the common flag names, the upstream spellings as aliases -------------------------------------
+
+# Every renamed flag: (program, method, upstream spelling, common name, a value that is not the default).
+ALIASES = [
+    ("main_pretrain", "swav", "hidden_mlp", "hidden_dim", 64), ("main_pretrain", "swav", "feat_dim", "embed_dim", 32),
+    ("main_pretrain", "npid", "low_dim", "embed_dim", 32), ("main_pretrain", "npid", "nce_t", "bank_t", 0.07),
+    ("main_pretrain", "npid", "nce_m", "bank_m", 0.25), ("main_pretrain", "superand", "npc_t", "bank_t", 0.07),
+    ("main_pretrain", "superand", "npc_m", "bank_m", 0.25), ("main_pretrain", "superand", "low_dim", "embed_dim", 32),
+    ("main_cluster", "sela", "hc", "num_heads", 3), ("main_cluster", "sela", "ncl", "head_classes", 20),
+    ("main_cluster", "selfclassifier", "cls_size", "head_classes", [20]),
+    ("main_cluster", "selfclassifier", "num_cls", "num_heads", 3),
+    ("main_cluster", "selfclassifier", "dim", "embed_dim", 32),
+    ("main_cluster", "selfclassifier", "fixed_cls", "freeze_heads", True),
+    ("main_cluster", "selfclassifier", "queue_len", "queue_length", 512),
+    ("main_cluster", "embedul", "low_dim", "embed_dim", 32),
+]
+
+
+def argv_of(flag: str, value) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [f"--{flag}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+
+
+@pytest.mark.parametrize("program, method, alias, name, value", ALIASES, ids=[a[2] + "-" + a[1] for a in ALIASES])
+def test_upstream_spelling_sets_the_common_flag_on_the_command_line_and_in_yaml(tmp_path, program, method, alias,
+                                                                              name, value):
+    entry = entry_module(program)
+    on_line = entry.parse_args(["--method", method, *argv_of(alias, value)])
+    in_file = entry.parse_args(["--config", write_yaml(tmp_path, {"method": method, alias: value})])
+    default = entry.parse_args(["--method", method])
+    assert getattr(on_line, name) == getattr(in_file, name) == value != getattr(default, name)
+    assert alias not in vars(on_line)  # recorded under the common name only
+
+
+def test_a_file_that_sets_a_flag_twice_is_refused_naming_both_keys(tmp_path):
+    path = write_yaml(tmp_path, {"method": "swav", "embed_dim": 64, "feat_dim": 32})
+    with pytest.raises(ConfigError) as caught:
+        pretrain.parse_args(["--config", path])
+    message = str(caught.value)
+    assert "'embed_dim' and 'feat_dim' both set --embed_dim" in message and path in message and "\n" not in message
+
+
+@pytest.mark.parametrize("base, child", [({"feat_dim": 32}, {"embed_dim": 64}), ({"embed_dim": 32}, {"feat_dim": 64})])
+def test_a_file_overrides_its_base_whatever_spelling_either_uses(tmp_path, base, child):
+    write_yaml(tmp_path, {"method": "swav", **base}, "base.yaml")
+    path = write_yaml(tmp_path, {"base": "base.yaml", **child})
+    assert pretrain.parse_args(["--config", path]).embed_dim == 64
+    assert pretrain.parse_args(["--config", path, "--feat_dim", "16"]).embed_dim == 16  # the command line wins
+
+
+def test_a_grid_overrides_its_config_whatever_spelling(tmp_path):
+    """configs/swav_digits.yaml says embed_dim: 128; the grid's feat_dim replaces it, and its runs pass the common
+    name. One grid that spells one flag twice is refused."""
+    from clusterlab.slurm.grid import load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "config": CONFIG, "axes": {"seed": [0]}, "flags": {"feat_dim": 8}}))
+    run = load_grid(grid, tmp_path).runs[0]
+    assert run.flags["embed_dim"] == 8 and "feat_dim" not in run.flags
+    assert pretrain.parse_args(run.argv()).embed_dim == 8
+    grid.write_text(yaml.safe_dump({"name": "g", "config": CONFIG, "axes": {"embed_dim": [8]},
+                                    "flags": {"feat_dim": 8}}))
+    with pytest.raises(ConfigError, match="'feat_dim' and 'embed_dim' both set --embed_dim"):
+        load_grid(grid, tmp_path)
+
+
+def test_a_run_recorded_under_the_upstream_spellings_is_evaluated_with_its_values(tiny_run, tmp_path):
+    """A run trained before the rename records feat_dim / hidden_mlp (16 / 32, not the defaults 128 / 2048) in its
+    config.yaml and checkpoint: evaluation rebuilds the model with the run's values, or its weights would not fit."""
+    from clusterlab import checkpoint
+    from clusterlab.eval.features import load_run
+
+    old_names = {"embed_dim": "feat_dim", "hidden_dim": "hidden_mlp"}
+    run = copy_run(tiny_run, tmp_path / "old_run")
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    recorded["args"] = {old_names.get(k, k): v for k, v in recorded["args"].items()}
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    state = checkpoint.load(run / "checkpoint.pth")
+    state["args"] = {old_names.get(k, k): v for k, v in state["args"].items()}
+    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "schema", "kind", "method")},
+                    run / "checkpoint.pth", kind=state["kind"], method=state["method"])
+    assert "embed_dim" not in recorded["args"] and recorded["args"]["feat_dim"] == 16
+    loaded = load_run(run, None, torch.device("cpu"))
+    assert (loaded.args.embed_dim, loaded.args.hidden_dim) == (16, 32)
+    assert loaded.method.prototypes.weight.shape == (10, 16)

@@ -103,7 +103,7 @@ def test_heads_normalisation_axes_and_fixed_or_trained():
     assert torch.allclose(per_feature.norm(dim=1), torch.ones(per_feature.shape[0]), atol=1e-6)
     per_class = build("--head_norm", "class").normalized_heads()[0]
     assert torch.allclose(per_class.norm(dim=0), torch.ones(per_class.shape[1]), atol=1e-6)
-    trained = build("--train_heads", "true")
+    trained = build("--freeze_heads", "false")
     assert all(w.requires_grad for w in trained.heads)
     logits = method.head_logits(torch.randn(3, 1, 8, 8))
     f = method.embedding(torch.randn(3, 1, 8, 8))

@@ -1,7 +1,11 @@
 """Weighted kNN (eval/knn.py) against a naive per-sample loop; chunking; top-1/top-5; 2 gloo processes vs 1; the
-memory-bank monitor on the bank's raw rows.
+memory-bank monitor on the bank's raw rows. The neighbour search under it (ops/knn.py) against a full stable sort:
+ties, the excluded own row, every sample's neighbours in its own dataset, chunk sizes that do not divide the
+queries, and 2 processes against 1.
 
-Class scores: 1e-5 relative to a float64 loop. Accuracies are ratios of counts and are compared exactly.
+Class scores: 1e-5 relative to a float64 loop. Accuracies are ratios of counts and are compared exactly. The
+neighbour search is compared exactly on rows whose products are exact in float32 (ties on purpose), and to 1e-6 on
+random unit rows.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import torch.nn.functional as F
 from clusterlab.data import ImageSet
 from clusterlab.eval.knn import knn_accuracy, knn_class_scores, monitor
 from clusterlab.data.augment import EvalView
+from clusterlab.methods.superand import bank_entropy
+from clusterlab.ops.knn import dataset_neighbours, query_chunks, topk_neighbours
 from clusterlab.programs.eval_knn import memory_bank_features
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
@@ -23,7 +29,7 @@ CLASSES = 10
 
 def naive_scores(train, labels, test, num_classes, k, temperature):
     """For each test sample: cosine similarity to every training sample, the k largest, exp(s / T) summed per
-    class (NPID's weighted vote, seeds spec 7.2), in plain python."""
+    class (NPID's weighted vote), in plain python."""
     out = []
     for x in test.double().tolist():
         sims = [(sum(a * b for a, b in zip(x, t)), j) for j, t in enumerate(train.double().tolist())]
@@ -99,13 +105,23 @@ def test_perfect_features_give_perfect_accuracy():
 N_TESTS = (23, 1)  # 23 test samples (shares 12 and 11) and 1 (one rank has nothing to score)
 
 
-def _knn_worker(rank, world, datasets):
-    return [knn_accuracy(*data, CLASSES, k=15, temperature=0.1) for data in datasets]
+def _worker(rank, world, datasets, ops_inputs):
+    return {"accuracy": [knn_accuracy(*data, CLASSES, k=15, temperature=0.1) for data in datasets],
+            "ops": _ops_results(rank, world, *ops_inputs)}
 
 
-def test_two_processes_equal_one_process():
+@pytest.fixture(scope="module")
+def two_processes():
+    """One start of 2 gloo processes for both tests: (inputs, each rank's results)."""
+    g = torch.Generator().manual_seed(5)
+    ops_inputs = tuple(F.normalize(torch.randn(n, 6, generator=g), dim=1) for n in (23, 40, 31))
     datasets = [make_data(n_test=n, seed=2) for n in N_TESTS]
-    results = run_distributed(_knn_worker, 2, datasets)
+    return (datasets, ops_inputs), run_distributed(_worker, 2, datasets, ops_inputs)
+
+
+def test_two_processes_equal_one_process(two_processes):
+    (datasets, _), outputs = two_processes
+    results = [output["accuracy"] for output in outputs]
     for index, data in enumerate(datasets):
         one = knn_accuracy(*data, CLASSES, k=15, temperature=0.1)
         assert results[0][index] == results[1][index] == one
@@ -146,3 +162,107 @@ def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
     assert normalised["top1"] == 0.0
     loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
     assert torch.equal(memory_bank_features(loaded, 2), bank)
+
+
+# ---- ops/knn: the one neighbour search -----------------------------------------------------------------------------
+
+def naive_top_k(queries, bank, k, exclude=None):
+    """Every query's similarities to every bank row in float64, ranked by a full stable sort of (-similarity,
+    index): (similarities, indices), the own row of `exclude` left out."""
+    sims, idx = [], []
+    for q, x in enumerate(queries.double().tolist()):
+        scored = [(sum(a * b for a, b in zip(x, row)), j) for j, row in enumerate(bank.double().tolist())
+                  if exclude is None or j != int(exclude[q])]
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+        sims.append([s for s, _ in scored[:k]])
+        idx.append([j for _, j in scored[:k]])
+    return torch.tensor(sims, dtype=torch.float64), torch.tensor(idx)
+
+
+def grid_rows(n, dim, seed):
+    """Rows with entries in {0, 0.5, 1}: many exactly equal dot products (ties), all exact in float32, so the order
+    must come from the tie rule and not from rounding."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n, dim), generator=g).float() / 2
+
+
+@pytest.mark.parametrize("k", [1, 3, 17, 40])
+@pytest.mark.parametrize("chunk_elements", [1, 40 * 7, 40 * 23, 1 << 24])
+def test_topk_neighbours_equal_a_full_sort_with_ties_to_the_lower_index(k, chunk_elements):
+    """Chunks of 1, 7 (ragged end: 23 = 3 x 7 + 2), 23 (one chunk) queries; k 40 = the whole bank."""
+    queries, bank = grid_rows(23, 4, 0), grid_rows(40, 4, 1)
+    found = topk_neighbours(queries, bank, k, chunk_elements=chunk_elements)
+    sims, idx = naive_top_k(queries, bank, k)
+    assert torch.equal(found.indices, idx)
+    assert torch.equal(found.similarities.double(), sims)  # exact: every product and sum is exact here
+    ranked = naive_top_k(queries, bank, 40)[0]
+    assert (ranked[:, :-1] == ranked[:, 1:]).sum() > 100  # the case is made of ties,
+    assert k == 40 or (ranked[:, k - 1] == ranked[:, k]).sum() > 3  # also across the k-th place
+
+
+def test_topk_neighbours_keep_the_lowest_indices_among_rows_tied_at_the_boundary():
+    bank = torch.tensor([[0.0], [1.0], [0.5], [1.0], [1.0], [0.5]])
+    found = topk_neighbours(torch.tensor([[1.0], [-1.0]]), bank, 4)
+    assert found.indices.tolist() == [[1, 3, 4, 2], [0, 2, 5, 1]]
+    assert found.similarities.tolist() == [[1.0, 1.0, 1.0, 0.5], [0.0, -0.5, -0.5, -1.0]]
+
+
+def test_topk_neighbours_exclude_the_own_row():
+    bank = F.normalize(torch.randn(30, 6, generator=torch.Generator().manual_seed(3)), dim=1)
+    own = torch.tensor([4, 0, 29, 4])
+    found = topk_neighbours(bank[own], bank, 5, exclude=own, chunk_elements=60)
+    sims, idx = naive_top_k(bank[own], bank, 5, exclude=own)
+    assert torch.equal(found.indices, idx)
+    torch.testing.assert_close(found.similarities.double(), sims, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="30 neighbours asked among 29"):
+        topk_neighbours(bank[own], bank, 30, exclude=own)
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_dataset_neighbours_of_every_sample(include_self):
+    """SCAN's mining: each sample's k nearest in its own dataset. Rows of +-1 (all of norm 2, so a row's own
+    similarity is the largest, and 25 rows of 16 possible values: duplicates); with include_self the sample comes
+    first even where a duplicate of lower index ties with it (row 1 = row 0)."""
+    features = torch.randint(0, 2, (25, 4), generator=torch.Generator().manual_seed(4)).float() * 2 - 1
+    features[1] = features[0]
+    found = dataset_neighbours(features, 6, include_self=include_self, chunk_elements=25 * 4)
+    others = naive_top_k(features, features, 6 - include_self, exclude=torch.arange(25))[1]
+    if include_self:
+        assert found.indices[:, 0].tolist() == list(range(25))
+        assert torch.equal(found.indices[:, 1:], others)
+        assert naive_top_k(features[1:2], features, 1)[1].item() == 0  # a plain sort would put row 0 first
+        assert torch.equal(found.similarities[:, 0], torch.full((25,), 4.0))
+    else:
+        assert torch.equal(found.indices, others)
+    assert dataset_neighbours(features, 1, include_self=True).indices.tolist() == [[i] for i in range(25)]
+
+
+def test_query_chunks_cover_the_queries_once_whatever_the_sizes():
+    assert query_chunks(23, 40, 40 * 7) == [range(0, 7), range(7, 14), range(14, 21), range(21, 23)]
+    assert query_chunks(5, 10 ** 9, 1) == [range(i, i + 1) for i in range(5)]  # at least one row per chunk
+    assert query_chunks(0, 40) == []
+
+
+def _ops_results(rank, world, queries, bank, features):
+    return {"split": list(topk_neighbours(queries, bank, 7, chunk_elements=40 * 3, split_over_ranks=True)),
+            "local": list(topk_neighbours(queries[rank::world], bank, 7, chunk_elements=40 * 3)),
+            "dataset": list(dataset_neighbours(features, 4, include_self=True, chunk_elements=31 * 2,
+                                               split_over_ranks=True)),
+            "entropy": bank_entropy(features, 0.2, chunk_elements=31 * 2)}
+
+
+def test_ops_knn_on_two_processes_equal_one_process(two_processes):
+    """Split over 2 ranks, every rank gets the whole result, bit for bit the single process's (the chunks lie on
+    the same grid: 23 queries in chunks of 3, 8 chunks, 4 per rank; 31 samples in chunks of 2, 16 chunks); without
+    the split each rank searches its own queries. Super-AND's entropy, chunked on the same grid, too."""
+    (_, (queries, bank, features)), outputs = two_processes
+    results = [output["ops"] for output in outputs]
+    one = {"split": topk_neighbours(queries, bank, 7, chunk_elements=40 * 3),
+           "dataset": dataset_neighbours(features, 4, include_self=True, chunk_elements=31 * 2),
+           "entropy": bank_entropy(features, 0.2, chunk_elements=31 * 2)}
+    for rank, result in enumerate(results):
+        for key in ("split", "dataset"):
+            assert all(torch.equal(a, b) for a, b in zip(result[key], one[key])), (rank, key)
+        assert torch.equal(result["entropy"], one["entropy"])
+        local = topk_neighbours(queries[rank::2], bank, 7, chunk_elements=40 * 3)
+        assert all(torch.equal(a, b) for a, b in zip(result["local"], local))

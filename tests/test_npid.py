@@ -5,7 +5,7 @@
   recomputed here by hand from the same noise draws (1e-5), then unchanged by later steps and kept through the
   state dict (a fresh model with a loaded Z does not estimate again);
 - the noise generator's state travels in random_state, so a resumed step draws the same negatives (exact);
-- defaults of `--method npid` (seeds spec 4.5), the embedding / features / memory_bank interface, bad flags;
+- defaults of `--method npid` (the lemniscate README's CIFAR command), the embedding / features / memory_bank interface, bad flags;
 - one Trainer step on 2 gloo processes (each half the global batch, DDP, global batch norm) gives the weights,
   bank and Z of 1 process on the whole batch (1e-5), for the full softmax and for NCE.
 """
@@ -128,7 +128,7 @@ def test_defaults_follow_the_cifar_recipe():
                 "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False, "epochs": 200, "batch_size": 128,
                 "nmb_crops": [1], "min_scale_crops": [0.2], "max_scale_crops": [1.0], "brightness": 0.4,
                 "contrast": 0.4, "saturation": 0.4, "hue": 0.4, "jitter_p": 1.0, "grey_p": 0.2, "flip_p": 0.0,
-                "blur_p": 0.0, "nce_k": 0, "nce_t": 0.1, "nce_m": 0.5, "low_dim": 128, "arch": "resnet18_cifar"}
+                "blur_p": 0.0, "nce_k": 0, "bank_t": 0.1, "bank_m": 0.5, "embed_dim": 128, "arch": "resnet18_cifar"}
     assert {k: getattr(args, k) for k in expected} == expected
 
 
@@ -151,10 +151,10 @@ def test_recipes_parse_and_build(recipe):
     channels = 1 if args.dataset == "fashion_mnist" else 3
     info = DataInfo(channels, 32, 5000, 10, (0.5,) * channels, (0.25,) * channels)
     method = METHODS["npid"](args, info, torch.device("cpu"))
-    assert method.memory_bank.shape == (5000, args.low_dim)
+    assert method.memory_bank.shape == (5000, args.embed_dim)
 
 
-@pytest.mark.parametrize("flags,word", [(["--nce_k", "64"], "--nce_k"), (["--nce_m", "1.0"], "--nce_m"),
+@pytest.mark.parametrize("flags,word", [(["--nce_k", "64"], "--nce_k"), (["--nce_m", "1.0"], "--bank_m 1.0"),
                                         (["--nmb_crops", "2"], "--nmb_crops")])
 def test_bad_flags_are_refused(flags, word):
     with pytest.raises(ConfigError, match=word):

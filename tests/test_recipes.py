@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # script_unmix_c10.sh / script_unmix_c100.sh, the values upstream really ran with (read from the scripts and
 # main_swav_unmix.py's defaults), in our flag names.
 UPSTREAM_CIFAR = {
-    "arch": "resnet18_bottleneck", "width": 64, "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100,
+    "arch": "resnet18_bottleneck", "width": 64, "hidden_dim": 512, "embed_dim": 128, "nmb_prototypes": 100,
     "batch_size": 128, "optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 5, "start_warmup": 0.0,
     "schedule": "cosine", "weight_decay": 1e-6, "momentum": 0.9, "lars_trust": 0.001, "lars_exclude_bias_norm": False,
     "temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3, "crops_for_assign": [0, 1],

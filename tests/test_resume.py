@@ -85,7 +85,8 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, si
 
 
 def retagged(run_dir, method: str) -> None:
-    """Rewrite the run's checkpoint as another method's (only one method is registered yet)."""
+    """Rewrite the run's checkpoint as if `method` had written it: another method's checkpoint in the run directory
+    (a method main_pretrain.py does not even offer; the next test resumes with one it offers)."""
     state = checkpoint.load(run_dir / "checkpoint.pth")
     tags = ("format", "schema", "kind", "method")
     checkpoint.save({k: v for k, v in state.items() if k not in tags}, run_dir / "checkpoint.pth", kind="pretrain",
@@ -114,7 +115,7 @@ def test_resume_with_other_run_flags_is_refused(tmp_path, reference, change, wor
 
 
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
-    others = sorted(name for name, cls in METHODS.items() if cls.stage == "pretrain" and name != "swav")
+    others = sorted(name for name, cls in METHODS.items() if cls.program_kind == "pretrain" and name != "swav")
     assert others, "main_pretrain.py should offer more methods than swav"
     run_dir = copy_run(reference, tmp_path / "run")
     before = snapshot(run_dir)

@@ -264,8 +264,8 @@ def test_recipes_build_their_model(name, arch, eval_size):
     method = SeLa(args, DataInfo(channels, 28 if channels == 1 else 32, 1000, 10, (0.5,) * channels,
                                  (0.25,) * channels), CPU)
     assert args.arch == arch and method.eval_size == eval_size and method.augment.num_crops == 1
-    if "cifar" in name:  # spec 3.4
-        assert (args.hc, args.ncl, args.nopts, args.lamb) == (10, 128, 400, 10.0)
+    if "cifar" in name:  # upstream's scripts/cifar.sh
+        assert (args.num_heads, args.head_classes, args.nopts, args.lamb) == (10, 128, 400, 10.0)
         assert (args.epochs, args.batch_size) == (400, 128)
         assert (args.lr, args.momentum, args.weight_decay, args.lr_drops) == (0.03, 0.9, 5e-4, [240, 320])
         assert (args.sela_schedule, args.sk_tol, args.label_view) == ("linear", 0.01, "train")

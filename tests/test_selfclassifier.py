@@ -19,8 +19,8 @@ from clusterlab.eval.features import load_run
 from clusterlab.losses.selfclassifier import self_classifier_loss, view_pairs
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
-from clusterlab.methods.selfclassifier import (NearestNeighbourQueue, NormalizedClassifier, SelfClassifier,
-                                               gather_views, mlp_head)
+from clusterlab.methods.selfclassifier import NormalizedClassifier, SelfClassifier, gather_views, mlp_head
+from clusterlab.ops.neighbour_queue import NearestNeighbourQueue
 from conftest import ROOT, assert_ok, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
@@ -30,7 +30,7 @@ INFO = DataInfo(1, 8, 64, 10, (0.5,), (0.25,))
 
 
 def naive_loss(views, rows, row_tau, col_tau, num_global, uniform_prior, eps=1e-12):
-    """Spec 2.3 / 2.10 written element by element: every softmax and normalisation as an explicit sum; the L1
+    """Upstream's loss (src/loss.py of self-classifier@3935138 for v2, @635972b for v1) written element by element: every softmax and normalisation as an explicit sum; the L1
     normalisations divide by max(sum, eps) as upstream's F.normalize does."""
     samples, classes = views[0].shape
     total, terms = 0.0, 0
@@ -76,7 +76,7 @@ def test_view_pairs_leave_out_local_local():
 def test_loss_and_gradient_match_the_naive_form(version, rows):
     if version == "v2":  # 2 global + 2 local views, two temperatures, uniform prior
         views, taus, num_global, prior = random_views(4), (0.1, 0.05), 2, True
-    else:  # v1: 2 views, one temperature, no prior (spec 2.10)
+    else:  # v1: 2 views, one temperature, no prior
         views, taus, num_global, prior = random_views(2, seed=1), (0.3, 0.3), 2, False
     leaves = [v.clone().requires_grad_() for v in views]
     loss = self_classifier_loss(leaves, rows, *taus, num_global=num_global, uniform_prior=prior)
@@ -201,9 +201,9 @@ def test_v1_heads_are_orthonormal():
 
 @pytest.mark.parametrize("flags,words", [
     (("--sc_version", "v1"), "--row_tau"),
-    (("--cls_size", 10, 20, "--num_cls", 3), "--num_cls"),
+    (("--cls_size", 10, 20, "--num_cls", 3), "--num_heads 3"),
     (("--nmb_crops", 1), "--nmb_crops"),
-    (("--queue_len", 8), "--queue_len"),
+    (("--queue_len", 8), "--queue_length 8"),
 ])
 def test_bad_values_name_the_flag(flags, words):
     with pytest.raises(ConfigError, match=words):
@@ -253,11 +253,11 @@ def test_recipes_build_their_model(name, heads, version, views):
     assert method.head_sizes == heads and args.sc_version == version and method.augment.num_crops == views
     trained = all(p.requires_grad for p in method.heads.parameters())
     assert trained == (version == "v2")
-    if version == "v1":  # spec 2.10
-        assert (args.row_tau, args.dim, args.hidden_dim, args.num_hidden, args.lr, args.final_lr) == (
+    if version == "v1":  # scripts/train_cifar10.sh of 635972b
+        assert (args.row_tau, args.embed_dim, args.hidden_dim, args.num_hidden, args.lr, args.final_lr) == (
             0.3, 64, 256, 2, 3.2, 0.032)
-    if "imagenet" in name:  # spec 2.6-2.7, 800 epochs
-        assert (args.queue_len, args.lr, args.start_warmup, args.final_lr, args.row_tau, args.col_tau) == (
+    if "imagenet" in name:  # scripts/train_800ep.sh of 3935138
+        assert (args.queue_length, args.lr, args.start_warmup, args.final_lr, args.row_tau, args.col_tau) == (
             262144, 3.2, 0.2, 0.0032, 0.1, 0.05)
 
 

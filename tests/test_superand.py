@@ -30,7 +30,9 @@ from clusterlab.data import ImageSet
 from clusterlab.errors import ConfigError
 from clusterlab.losses.superand import and_loss, aug_loss, ue_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
-from clusterlab.methods.superand import bank_entropy, nearest_neighbours, select_anchors, two_view_columns
+from clusterlab.methods.base import two_view_columns
+from clusterlab.methods.superand import bank_entropy, select_anchors
+from clusterlab.ops.knn import topk_neighbours
 from clusterlab.models import build_backbone
 from conftest import ROOT, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -144,7 +146,7 @@ def test_entropy_anchors_and_neighbours_match_brute_force():
     torch.testing.assert_close(entropy, torch.tensor(brute_entropy), rtol=0, atol=1e-5)
     anchors = select_anchors(entropy, 12)
     assert anchors.tolist() == sorted(range(30), key=lambda i: brute_entropy[i])[:12]
-    neighbours = nearest_neighbours(bank, anchors, 2, chunk_elements=60)
+    neighbours = topk_neighbours(bank[anchors], bank, 2, exclude=anchors, chunk_elements=60).indices
     for a, found in zip(anchors.tolist(), neighbours.tolist()):
         ranked = sorted((j for j in range(30) if j != a), key=lambda j: -float(bank[a] @ bank[j]))
         assert found == ranked[:2]
@@ -239,7 +241,7 @@ def test_defaults_follow_the_cifar_recipe():
                 "epochs": 1000, "rounds": 5, "epochs_per_round": 200, "batch_size": 128, "nmb_crops": [2],
                 "min_scale_crops": [0.2], "max_scale_crops": [1.0], "brightness": 0.4, "contrast": 0.4,
                 "saturation": 0.4, "hue": 0.4, "jitter_p": 1.0, "grey_p": 0.2, "flip_p": 0.5, "blur_p": 0.0,
-                "npc_t": 0.1, "npc_m": 0.5, "batch_t": 0.1, "ans_select_rate": 0.25, "ans_size": 1,
+                "bank_t": 0.1, "bank_m": 0.5, "batch_t": 0.1, "ans_select_rate": 0.25, "ans_size": 1,
                 "aug_on": "logits", "ue_weight": 0.2, "ue_every": 80}
     assert {k: getattr(args, k) for k in expected} == expected
 
@@ -252,14 +254,14 @@ def test_recipes_parse_and_build(recipe):
     channels = 1 if args.dataset == "fashion_mnist" else 3
     info = DataInfo(channels, 32, 5000, 10, (0.5,) * channels, (0.25,) * channels)
     method = METHODS["superand"](args, info, torch.device("cpu"))
-    assert method.memory_bank.shape == (5000, args.low_dim)
+    assert method.memory_bank.shape == (5000, args.embed_dim)
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--epochs", "999"], ["--epochs 999", "--rounds 5", "--epochs_per_round 200", "1000"]),
     (["--rounds", "3", "--epochs_per_round", "2", "--epochs", "6"], ["--schedule_period 200", "--epochs_per_round 2"]),
     (["--nmb_crops", "3"], ["--nmb_crops"]),
-    (["--npc_m", "-0.1"], ["--npc_m"]),
+    (["--npc_m", "-0.1"], ["--bank_m -0.1"]),
 ])
 def test_bad_flags_are_refused(flags, words):
     with pytest.raises(ConfigError) as error:

@@ -94,7 +94,7 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({_load_failure(err)})"
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({failure_reason(err)})"
                               ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
@@ -111,9 +111,16 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     return payload
 
 
-def _load_failure(err: Exception) -> str:
-    """The first sentence of torch's reason. For a weights_only refusal torch starts with advice that is the same
-    whatever the file holds; the line after "WeightsUnpickler error:" (or after that advice) names what was refused."""
+def failure_reason(err: Exception) -> str:
+    """Why a checkpoint could not be read (torch.load) or does not fit a model (load_state_dict), in one short line:
+    the first sentence of the line of torch's message that names the problem.
+
+    For a weights_only refusal torch starts with advice that is the same whatever the file holds; the line after
+    "WeightsUnpickler error:" (or after that advice) names what was refused. A state-dict error starts with a
+    heading line ("Error(s) in loading state_dict for ..."); the line after it names what differs. A missing entry
+    of a checkpoint is a KeyError."""
+    if isinstance(err, KeyError):
+        return f"no entry {err}"
     text = str(err)
     if text.startswith("Weights only load failed"):
         rest = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text \
@@ -122,6 +129,8 @@ def _load_failure(err: Exception) -> str:
         details = [line for line in map(str.strip, rest.splitlines()) if line and not line.startswith(boilerplate)]
         text = f"weights_only refused it: {details[0] if details else 'unsupported content'}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
     return (lines[0].split(". ")[0] if lines else type(err).__name__)[:200]
 
 

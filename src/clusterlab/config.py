@@ -1,9 +1,12 @@
 """Command lines built from defaults: `--config FILE` (YAML) sets defaults, explicit flags override them.
 
 Every entry script describes its options once, as argparse arguments. A YAML file named with `--config` may set
-any of them (its keys are the flags' names); a key that is not a flag is an error naming the key. The resolved
+any of them (its keys are the flags' names); a key that is not a flag is an error naming the key. A flag may have
+aliases (the upstream spellings of the suite's common names: `--low_dim` for `--embed_dim`); a YAML key may be any
+of them, and the value goes to the flag. One mapping that names a flag twice (`embed_dim` and `low_dim`) is refused;
+across a `base:` chain, the file that inherits overrides its base whatever spelling either uses. The resolved
 configuration, with the git commit (and whether the tree had uncommitted changes) and the software versions, is
-written to the run directory as config.yaml.
+written to the run directory as config.yaml, keyed by the flags' names (argparse's dest).
 """
 from __future__ import annotations
 
@@ -137,13 +140,50 @@ def _convert(kind, value: Any) -> Any:
     return kind(value)
 
 
-def yaml_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
-    """Validate a mapping of flag names to values against `parser` and return it coerced to the flags' types."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every key that may name a flag of `parser`: its name (dest) and each of its option strings without the
+    dashes (so `low_dim`, an alias of --embed_dim, names that flag too)."""
+    actions = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        for key in (action.dest, *(option.lstrip("-") for option in action.option_strings)):
+            actions[key] = action
+    return actions
+
+
+def canonical_keys(parser: argparse.ArgumentParser, values: dict, source: str, known_only: bool = True) -> dict:
+    """`values` keyed by the flags' names: an alias key is renamed to its flag's dest. A key that names no flag is
+    an error (`known_only`) or kept as it is; two keys naming one flag are an error."""
+    actions = flag_actions(parser)
     unknown = sorted(set(values) - set(actions))
-    if unknown:
+    if unknown and known_only:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (not a flag of {parser.prog}; see --help)")
+    out, spelled = {}, {}
+    for key, value in values.items():
+        dest = actions[key].dest if key in actions else key
+        if dest in spelled:
+            raise ConfigError(f"{source}: keys {spelled[dest]!r} and {key!r} both set --{dest} (one spelling is an "
+                              f"alias of the other); keep one")
+        spelled[dest], out[dest] = key, value
+    return out
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
+    """Validate a mapping of flag names (or aliases) to values against `parser`; returns it keyed by the flags'
+    names, coerced to their types."""
+    values = canonical_keys(parser, values, source)
+    actions = flag_actions(parser)
     return {key: _coerce(actions[key], key, value, source) for key, value in values.items()}
+
+
+def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dict]]) -> dict:
+    """Mappings of flag values (source, values), each validated on its own, merged in order: a later one overrides
+    an earlier one whatever spelling either uses."""
+    merged = {}
+    for source, values in layers:
+        merged.update(yaml_defaults(parser, values, source))
+    return merged
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -159,8 +199,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike, _chain: tuple = ()) -> dict:
-    """A file of flag values; `base: OTHER.yaml` (relative to the file) is read first and its keys overridden.
+def config_layers(path: str | os.PathLike, _chain: tuple = ()) -> list[tuple[str, dict]]:
+    """The files of a config as (file name, values), the deepest `base:` first; each file's `base: OTHER.yaml`
+    (relative to the file) is read before it and overridden by it.
 
     This keeps recipe variants (Un-Mix on top of SwAV, a `_queue` variant) to the lines that differ.
     """
@@ -168,11 +209,11 @@ def load_config(path: str | os.PathLike, _chain: tuple = ()) -> dict:
     values = load_yaml(path)
     base = values.pop("base", None)
     if base is None:
-        return values
+        return [(str(path), values)]
     base_path = (path.parent / str(base)).resolve()
     if base_path in _chain or base_path == path.resolve():
         raise ConfigError(f"config file {str(path)!r}: `base: {base}` makes a cycle")
-    return {**load_config(base_path, (*_chain, path.resolve())), **values}
+    return [*config_layers(base_path, (*_chain, path.resolve())), (str(path), values)]
 
 
 def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
@@ -184,16 +225,16 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    file_values = load_config(first.config) if first.config else {}
+    layers = config_layers(first.config) if first.config else []
+    file_values = {key: value for _, values in layers for key, value in values.items()}
     if extend is not None:
-        partial = {**vars(first), **{k: v for k, v in file_values.items()}}
+        partial = {**vars(first), **file_values}
         for flag in ("method",):
             explicit = _explicit_value(argv, flag)
             if explicit is not None:
                 partial[flag] = explicit
         extend(parser, partial)
-    if file_values:
-        parser.set_defaults(**yaml_defaults(parser, file_values, first.config))
+    parser.set_defaults(**merged_defaults(parser, layers))
     return parser.parse_args(argv)
 
 

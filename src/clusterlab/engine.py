@@ -145,8 +145,9 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             # A flag outside RESUME_KEYS that shapes the model (e.g. --nmb_prototypes) changed, or an entry is missing.
-            raise CheckpointError(f"{path} does not fit this command's model ({_load_failure(err)}); use a new "
-                                  f"--output_dir or the flags it was trained with (its config.yaml)") from None
+            reason = checkpoint.failure_reason(err)
+            raise CheckpointError(f"{path} does not fit this command's model ({reason}); use a new --output_dir or "
+                                  f"the flags it was trained with (its config.yaml)") from None
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
         return self.position
@@ -402,15 +403,6 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str) -> dict:
             raise CheckpointError(f"{path} was trained with --{key} {saved[key]!r}, this command has "
                                   f"{getattr(args, key)!r}; use a new --output_dir or the same value")
     return state
-
-
-def _load_failure(err: Exception) -> str:
-    """The line of a state-dict loading error that names what differs (torch puts a heading line first)."""
-    if isinstance(err, KeyError):
-        return f"no entry {err}"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [""])[0]
-    return detail[:200]
 
 
 def _plain(value):

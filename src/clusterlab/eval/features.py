@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint, distributed
-from ..config import read_run_config
+from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view
@@ -38,12 +38,16 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         else run_dir / (checkpoint_name or "checkpoint.pth")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
-    recorded = {**saved_args, **state.get("args", {})}
-    if recorded.get("method") not in METHODS:
-        raise ConfigError(f"run {str(run_dir)!r} used method {recorded.get('method')!r}, unknown to this version")
-    # A flag added to the suite after the run was trained takes its default: the model is rebuilt only to load
-    # the run's weights into it.
-    args = argparse.Namespace(**{**vars(training_defaults(recorded["method"])), **recorded})
+    method_name = state.get("args", {}).get("method", saved_args.get("method"))
+    if method_name not in METHODS:
+        raise ConfigError(f"run {str(run_dir)!r} used method {method_name!r}, unknown to this version")
+    # A flag added to the suite after the run was trained takes its default, and a flag recorded under a name
+    # that is now an alias (low_dim, before --embed_dim) gives its value to the flag; the checkpoint's record wins
+    # over config.yaml's. The model is rebuilt only to load the run's weights into it.
+    parser = training_parser(method_name)
+    recorded = {**canonical_keys(parser, saved_args, str(run_dir / "config.yaml"), known_only=False),
+                **canonical_keys(parser, state.get("args", {}), str(path), known_only=False)}
+    args = argparse.Namespace(**{**vars(parser.parse_args(["--method", method_name])), **recorded})
     method = METHODS[args.method](args, DataInfo(**state["data_info"]), device)
     method.load_state_dict(state["model"])
     method.load_extra_state(state.get("method_state", {}))
@@ -51,12 +55,13 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     return LoadedRun(run_dir, args, method, int(state["epoch"]), path.name)
 
 
-def training_defaults(method: str) -> argparse.Namespace:
-    """Every flag of the program that trains `method`, at its default for that method."""
+def training_parser(method: str) -> argparse.ArgumentParser:
+    """The parser of the program that trains `method`, with the method's flags."""
     from ..programs import PROGRAMS, TRAINING_PROGRAMS
 
-    program = next(PROGRAMS[name] for name in TRAINING_PROGRAMS if PROGRAMS[name].stage == METHODS[method].stage)
-    return program.parser({"method": method}).parse_args(["--method", method])
+    kind = METHODS[method].program_kind
+    program = next(PROGRAMS[name] for name in TRAINING_PROGRAMS if PROGRAMS[name].program_kind == kind)
+    return program.parser({"method": method})
 
 
 @torch.no_grad()

@@ -1,48 +1,46 @@
-"""Weighted k-nearest-neighbour classification (Wu et al., "Unsupervised Feature Learning via Non-Parametric
-Instance Discrimination", CVPR 2018, sec. 3.5; seeds spec 7.2).
+"""Weighted k-nearest-neighbour classification (Wu, Xiong, Yu and Lin, "Unsupervised Feature Learning via
+Non-Parametric Instance Discrimination", CVPR 2018, sec. 3.5; zhirongw/lemniscate.pytorch@f7cfe29 test.py `kNN`,
+which Super-AND's code copies).
 
 With L2-normalised features, the k training samples most similar (cosine) to a test sample vote for their class
-with weight exp(s / T); the prediction ranks classes by their summed weight. Computed in chunks of test samples so
-that the similarity matrix held at once stays under `max_elements` entries.
+with weight exp(s / T); the prediction ranks classes by their summed weight. The neighbours come from
+ops/knn.topk_neighbours (chunked so that at most `max_elements` similarities are held at once; equal similarities
+ordered by training index).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import distributed
+from ..ops.knn import topk_neighbours
 
 
 @torch.no_grad()
 def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                     num_classes: int, k: int = 200, temperature: float = 0.1, max_elements: int = 2 ** 24
-                     ) -> torch.Tensor:
+                     num_classes: int, k: int = 200, temperature: float = 0.1, max_elements: int = 2 ** 24,
+                     split_over_ranks: bool = False) -> torch.Tensor:
     """(N_test, num_classes) summed vote weights. Features are L2-normalised, except a memory bank's rows that no
-    step has updated yet: like upstream's monitor, the similarity is then the plain dot product with the raw row."""
+    step has updated yet: like upstream's monitor, the similarity is then the plain dot product with the raw row.
+    `split_over_ranks`: collective, each rank searches a share of the test set and every rank gets all scores."""
     k = min(k, train_features.shape[0])
-    chunk = max(1, max_elements // max(1, train_features.shape[0]))
-    scores = []
-    for start in range(0, test_features.shape[0], chunk):
-        similarity = test_features[start: start + chunk] @ train_features.t()
-        top_sim, top_idx = similarity.topk(k, dim=1)
-        weights = torch.exp(top_sim / temperature)
-        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device, dtype=weights.dtype)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+    if test_features.shape[0] == 0 or k == 0:
+        return torch.zeros(test_features.shape[0], num_classes, device=test_features.device)
+    found = topk_neighbours(test_features, train_features, k, chunk_elements=max_elements,
+                            split_over_ranks=split_over_ranks)
+    weights = torch.exp(found.similarities / temperature)
+    votes = torch.zeros(weights.shape[0], num_classes, device=weights.device, dtype=weights.dtype)
+    return votes.scatter_add_(1, train_labels.to(weights.device)[found.indices], weights)
 
 
 @torch.no_grad()
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 200,
                  temperature: float = 0.1) -> dict:
-    """Top-1 and top-5 accuracy; with several ranks each scores its share of the test set."""
-    share = distributed.shard_range(test_features.shape[0])
-    scores = knn_class_scores(train_features, train_labels, test_features[share.start: share.stop], num_classes,
-                              k, temperature)
+    """Top-1 and top-5 accuracy; collective: the ranks share the neighbour search and all return the same."""
+    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature,
+                              split_over_ranks=True)
     top = scores.topk(min(5, num_classes), dim=1).indices
-    truth = test_labels[share.start: share.stop].to(top.device)
+    truth = test_labels.to(top.device)
     counts = torch.tensor([(top[:, 0] == truth).sum().item(), (top == truth[:, None]).any(1).sum().item(),
-                           len(truth)], dtype=torch.float64, device=top.device)
-    distributed.all_reduce_sum(counts)
+                           len(truth)], dtype=torch.float64)
     return {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
 
 

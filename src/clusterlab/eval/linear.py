@@ -1,4 +1,5 @@
-"""The linear probe: a linear classifier trained on a frozen backbone (seeds spec 1.14, 7.1).
+"""The linear probe: a linear classifier trained on a frozen backbone, as szq0214/Un-Mix@0911f77
+UnMix_SwAV/for_CIFAR/eval_linear.py (SwAV's eval_linear.py for CIFAR) trains it.
 
 `LinearProbe` is a Method, so the engine trains it with everything runs get (exact resume, signals, NaN guard,
 logs). The backbone stays in eval mode (BN uses its running statistics) and receives no gradient. Two protocols:

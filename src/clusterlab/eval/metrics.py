@@ -1,8 +1,10 @@
 """Clustering metrics: Hungarian accuracy, many-to-one accuracy for over-clustering, NMI, AMI, ARI.
 
-Conventions (DESIGN.md, seeds spec 7.3): ACC matches clusters to classes one-to-one maximising agreements
-(scipy's linear_sum_assignment on the count matrix); with more clusters than classes each cluster is mapped to
-its majority class instead (many-to-one). NMI (arithmetic normalisation), AMI and ARI are scikit-learn's.
+Conventions: ACC matches clusters to classes one-to-one maximising agreements (scipy's linear_sum_assignment on
+the count matrix, as EmbedUL/EmbedUL@4027eab lib/protocols.py and elad-amrani/self-classifier@3935138
+src/cls_eval.py do); with more clusters than classes each cluster is mapped to its majority class instead
+(many-to-one; Self-Classifier maps only the surplus clusters that way). NMI (arithmetic normalisation), AMI and ARI
+are scikit-learn's, as Self-Classifier's.
 """
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Losses as small pure functions; each docstring states the equation and the paper it comes from."""
+"""Losses as small pure functions; each module's docstring cites the paper (authors, venue, year, arXiv id) and the
+upstream file (repository@commit path) the code reproduces, and each function's docstring states its equation."""

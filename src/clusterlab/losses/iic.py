@@ -1,7 +1,11 @@
-"""Invariant Information Clustering's loss (Ji, Henriques and Vedaldi, "Invariant Information Clustering for
-Unsupervised Image Classification and Segmentation", ICCV 2019), as EmbedUL's class-assignment loss uses it
-(Han et al., "Mitigating Embedding and Class Assignment Mismatch in Unsupervised Image Classification",
-ECCV 2020; seeds spec 5.5)."""
+"""Invariant Information Clustering's loss, as EmbedUL's class-assignment stage uses it.
+
+- Paper: Xu Ji, Joao F. Henriques and Andrea Vedaldi, "Invariant Information Clustering for Unsupervised Image
+  Classification and Segmentation", ICCV 2019, arXiv:1807.06653.
+- Used by: Sungwon Han, Sungwon Park, Sungkyu Park, Sundong Kim and Meeyoung Cha, "Mitigating Embedding and Class
+  Assignment Mismatch in Unsupervised Image Classification", ECCV 2020 (no arXiv version).
+- Upstream code: EmbedUL/EmbedUL@4027eab lib/criterion.py `IID_loss` and `compute_joint`.
+"""
 from __future__ import annotations
 
 import sys

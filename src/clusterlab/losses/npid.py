@@ -1,6 +1,10 @@
-"""NPID's instance-discrimination losses on a memory bank (Wu, Xiong, Yu and Lin, "Unsupervised Feature Learning
-via Non-Parametric Instance Discrimination", CVPR 2018, eq. 2 and 7; upstream LinearAverage / NCEAverage /
-NCECriterion, seeds spec 4.4)."""
+"""NPID's instance-discrimination losses on a memory bank.
+
+- Paper: Zhirong Wu, Yuanjun Xiong, Stella X. Yu and Dahua Lin, "Unsupervised Feature Learning via Non-Parametric
+  Instance Discrimination", CVPR 2018, arXiv:1805.01978 (eq. 2 and 5-7).
+- Upstream code: zhirongw/lemniscate.pytorch@f7cfe29 lib/LinearAverage.py (full softmax, with
+  nn.CrossEntropyLoss), lib/NCEAverage.py (the scores and Z), lib/NCECriterion.py (the NCE loss).
+"""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,9 @@
-"""Self-Classifier's loss (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022;
-seeds spec 2.3 for the current code, v2, and 2.10 for the v1 CIFAR code).
+"""Self-Classifier's loss.
+
+- Paper: Elad Amrani, Leonid Karlinsky and Alex Bronstein, "Self-Supervised Classification Network", ECCV 2022,
+  arXiv:2103.10994.
+- Upstream code: elad-amrani/self-classifier@3935138 src/loss.py (v2, the ECCV code) and
+  elad-amrani/self-classifier@635972b src/loss.py (v1, the last commit with CIFAR code).
 
 For one classifier head with logits s_v (N x C, the global batch) of view v:
 

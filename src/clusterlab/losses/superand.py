@@ -1,6 +1,13 @@
-"""Super-AND's three losses (Han, Xu, Park, Cha and Li, "Super-AND: A Holistic Approach to Unsupervised Embedding
-Learning", 2019; upstream lib/criterion.py and main.py, seeds spec 5.4). Rows are the 2B views of a batch (view 1
-block, then view 2 block); the NPC logits are O = f M^T / tau_npc over the N memory entries."""
+"""Super-AND's three losses.
+
+- Paper: Sungwon Han, Yizhan Xu, Sungwon Park, Meeyoung Cha and Cheng-Te Li, "A Comprehensive Approach to
+  Unsupervised Embedding Learning based on AND Algorithm" (Super-AND), arXiv:2002.12158, 2020.
+- Upstream code: super-AND/super-AND@5a0e5ca lib/criterion.py (the three criteria) and main.py `train` (how they
+  are weighted and where the UE mask is set); EmbedUL/EmbedUL@4027eab lib/criterion.py holds the same AUG loss.
+
+Rows are the 2B views of a batch (view 1 block, then view 2 block); the non-parametric classifier's logits are
+O = f M^T / T over the N memory bank entries (T = --bank_t).
+"""
 from __future__ import annotations
 
 import torch

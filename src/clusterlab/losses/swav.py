@@ -1,5 +1,12 @@
-"""SwAV's swapped-prediction loss (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments", NeurIPS 2020, eq. 1-2; seeds spec 1.4)."""
+"""SwAV's swapped-prediction loss.
+
+- Paper: Mathilde Caron, Ishan Misra, Julien Mairal, Priya Goyal, Piotr Bojanowski and Armand Joulin,
+  "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020, arXiv:2006.09882
+  (eq. 1-2).
+- Upstream code: facebookresearch/swav@06b1b7c main_swav.py `train` (the loss over the assignment crops and the
+  crops that predict them); szq0214/Un-Mix@0911f77 UnMix_SwAV/for_CIFAR/main_swav_unmix.py `swav_loss`, the same
+  loss in SwAV's older code.
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence

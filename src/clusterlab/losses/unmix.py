@@ -1,4 +1,9 @@
-"""Un-Mix's loss on top of SwAV's (Shen et al., AAAI 2022; seeds spec 1.8).
+"""Un-Mix's loss on top of SwAV's.
+
+- Paper: Zhiqiang Shen, Zechun Liu, Zhuang Liu, Marios Savvides, Trevor Darrell and Eric Xing, "Un-Mix: Rethinking
+  Image Mixtures for Unsupervised Visual Representation Learning", AAAI 2022, arXiv:2003.05438.
+- Upstream code: szq0214/Un-Mix@0911f77 UnMix_SwAV/for_CIFAR/main_swav_unmix.py `train` (the mixed loss) and
+  `swav_loss`.
 
 With l(a -> q(b)) = "a's scores predict b's codes" (losses.swav.code_cross_entropy), x1 the second view, m the
 mixture of the first view with its reversed batch, and `rev` the batch reversal:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import cli
+from .. import cli, distributed
 from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs
 from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
@@ -65,7 +65,8 @@ class Progress:
 
 class Method(nn.Module):
     name: ClassVar[str] = ""
-    stage: ClassVar[str] = "pretrain"  # or "cluster": trained by main_cluster.py, has heads
+    # "pretrain": trained by main_pretrain.py; "cluster": by main_cluster.py, has heads. Also the checkpoint's kind.
+    program_kind: ClassVar[str] = "pretrain"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +135,7 @@ class Method(nn.Module):
 
     @property
     def monitor_temperature(self) -> float:
-        """The kNN monitor's vote temperature: the method's own where it has one (NPID's nce_t), else 0.1."""
+        """The kNN monitor's vote temperature: the method's own where it has one (the memory bank's), else 0.1."""
         return 0.1
 
     @property
@@ -184,6 +185,14 @@ def backbone_features(backbone: nn.Module, crops: list[torch.Tensor]) -> torch.T
         features.append(backbone(torch.cat(crops[start:end])))
         start = end
     return torch.cat(features)
+
+
+def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [view 1; view 2] of n images on each rank, gathered in rank order: each local row's own column
+    and its other view's column (the `own` and `partner` of losses.superand.aug_loss; Super-AND and EmbedUL)."""
+    local = torch.arange(2 * n, device=device)
+    start = distributed.rank() * 2 * n
+    return start + local, start + (local + n) % (2 * n)
 
 
 def add_augmentation_args(parser: argparse.ArgumentParser) -> None:

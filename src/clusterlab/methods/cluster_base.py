@@ -19,7 +19,7 @@ from .base import Method
 
 
 class ClusterMethod(Method):
-    stage = "cluster"
+    program_kind = "cluster"
     # Sub-modules that `--pretrained` fills from a main_pretrain run (same names there).
     pretrained_parts: tuple = ("backbone",)
 

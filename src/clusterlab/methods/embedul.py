@@ -1,5 +1,6 @@
-"""EmbedUL stage 2 (Han et al., "Mitigating Embedding and Class Assignment Mismatch in Unsupervised Image
-Classification", ECCV 2020; seeds spec 5.5): class-assignment heads on a Super-AND embedding.
+"""EmbedUL stage 2 (Han, Park, Park, Kim and Cha, "Mitigating Embedding and Class Assignment Mismatch in
+Unsupervised Image Classification", ECCV 2020, no arXiv version; upstream code EmbedUL/EmbedUL@4027eab main.py,
+models/resnet_cifar.py, lib/criterion.py): class-assignment heads on a Super-AND embedding.
 
 The encoder is Super-AND's (backbone -> Linear -> L2 normalisation, `--pretrained` a superand run). On its 128-d
 embedding f sit `--num_heads` normalized-FC heads, y = softmax(f normalise(W) / tau_c), W in R^{d x C} drawn from
@@ -12,9 +13,9 @@ embeddings of both views (losses/superand.aug_loss). The head reported is the on
 (no labels); every head is scored by eval_cluster.py.
 
 Upstream's code differs from the paper in two ways, both kept as options with the code as the default (it
-reproduces the logged numbers): the heads are never optimised (only the encoder is given to SGD), and
-normalise(W) divides each row of the d x C matrix, i.e. across classes for each feature (`--head_norm feature`),
-where the paper normalises each class vector (`--head_norm class`).
+reproduces the logged numbers): the heads are never optimised (only the encoder is given to SGD; `--freeze_heads
+true`), and normalise(W) divides each row of the d x C matrix, i.e. across classes for each feature (`--head_norm
+feature`), where the paper normalises each class vector (`--head_norm class`).
 """
 from __future__ import annotations
 
@@ -25,14 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import bool_flag, non_negative_float, positive_float, positive_int
+from ..config import bool_flag, non_negative_float, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.iic import iic_loss
 from ..losses.superand import aug_loss
 from ..models import build_backbone
-from .base import Batch, DataInfo, Progress, build_multicrop
+from .base import Batch, DataInfo, Progress, build_multicrop, two_view_columns
 from .cluster_base import ClusterMethod
-from .superand import two_view_columns
 
 
 class EmbedUL(ClusterMethod):
@@ -42,14 +42,16 @@ class EmbedUL(ClusterMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("embedul")
-        group.add_argument("--low_dim", type=positive_int, default=128, help="embedding size (Super-AND's)")
+        group.add_argument("--embed_dim", "--low_dim", type=positive_int, default=128,
+                           help="embedding size (Super-AND's)")
         group.add_argument("--num_heads", type=positive_int, default=5)
-        group.add_argument("--head_classes", type=int, default=0, help="classes per head (0: the dataset's)")
+        group.add_argument("--head_classes", type=non_negative_int, default=0,
+                           help="classes of every head (0: the dataset's)")
         group.add_argument("--head_t", type=positive_float, default=0.1, help="tau_c of the normalized-FC heads")
         group.add_argument("--head_norm", choices=["feature", "class"], default="feature",
                            help="normalise W per feature across classes (upstream code) or per class (paper)")
-        group.add_argument("--train_heads", type=bool_flag, default=False,
-                           help="optimise the heads (the paper) instead of keeping them fixed (upstream code)")
+        group.add_argument("--freeze_heads", type=bool_flag, default=True,
+                           help="keep the heads fixed (upstream code) instead of optimising them (the paper)")
         group.add_argument("--cp_weight", type=non_negative_float, default=1.0, help="lambda of L_cp")
         group.add_argument("--batch_t", type=positive_float, default=0.1, help="temperature of L_cp")
         parser.set_defaults(arch="resnet18_sobel", optimizer="sgd", nesterov=True, lr=0.01, momentum=0.9,
@@ -61,10 +63,11 @@ class EmbedUL(ClusterMethod):
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__(args, info, device)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
+        self.head = nn.Linear(self.backbone.out_dim, args.embed_dim)
         classes = args.head_classes or info.num_classes
-        self.heads = nn.ParameterList([nn.Parameter(torch.randn(args.low_dim, classes),
-                                                    requires_grad=args.train_heads) for _ in range(args.num_heads)])
+        self.heads = nn.ParameterList([nn.Parameter(torch.randn(args.embed_dim, classes),
+                                                    requires_grad=not args.freeze_heads)
+                                       for _ in range(args.num_heads)])
         self.augment = build_multicrop(args, info)
         if self.augment.num_crops != 2:
             raise ConfigError(f"embedul takes two views of each image (--nmb_crops 2), not {args.nmb_crops}")

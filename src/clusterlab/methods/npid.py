@@ -1,6 +1,8 @@
-"""NPID / Instance Discrimination (Wu et al., CVPR 2018; the "lemniscate" code, seeds spec 4).
+"""NPID / Instance Discrimination (Wu, Xiong, Yu and Lin, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", CVPR 2018, arXiv:1805.01978; upstream code zhirongw/lemniscate.pytorch@f7cfe29: cifar.py and
+main.py, lib/LinearAverage.py, lib/NCEAverage.py, lib/NCECriterion.py).
 
-Backbone -> Linear(low_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
+Backbone -> Linear(embed_dim) -> L2 normalisation gives f; every training image is its own class, scored against a
 memory bank M of past embeddings (ops/memory_bank.py). `--nce_k 0`: full softmax over the N entries; `--nce_k K`:
 NCE with K noise entries drawn uniformly per sample (the own entry may be drawn too, as upstream) and the
 normaliser Z estimated once, on the first batch, then kept (a buffer, so it is in the checkpoint).
@@ -16,74 +18,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import distributed
-from ..config import non_negative_int, positive_float, positive_int
+from ..config import non_negative_int
 from ..errors import ConfigError
 from ..losses.npid import instance_softmax_loss, nce_loss, nce_scores
-from ..models import build_backbone
-from ..ops.memory_bank import MemoryBank
-from .base import Batch, DataInfo, Method, Progress, build_multicrop
+from .base import Batch, DataInfo, Progress
+from .memory_bank_base import MemoryBankMethod, add_memory_args
 
-# Offsets from --seed for the generators this method owns (the augmentation uses --seed itself).
-BANK_SEED, NOISE_SEED = 1, 2
-
-
-def add_memory_args(group: argparse._ArgumentGroup, prefix: str, temperature: float) -> None:
-    """--low_dim, --PREFIX_t and --PREFIX_m: the embedding size and the bank's temperature and momentum."""
-    group.add_argument("--low_dim", type=positive_int, default=128, help="embedding (and memory bank) size")
-    group.add_argument(f"--{prefix}_t", type=positive_float, default=temperature, help="memory bank temperature")
-    group.add_argument(f"--{prefix}_m", type=float, default=0.5, help="memory bank momentum")
-
-
-def check_momentum(value: float, flag: str) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{flag} {value} must be in [0, 1) (the weight of a row's old value in the bank update)")
-
-
-class MemoryBankMethod(Method):
-    """What NPID and Super-AND share: backbone -> Linear(out_dim -> low_dim) -> L2 normalisation (no MLP) and a
-    memory bank that takes the batch's embeddings after the backward pass."""
-
-    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device, momentum: float):
-        super().__init__(args, info, device)
-        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.head = nn.Linear(self.backbone.out_dim, args.low_dim)
-        self.memory = MemoryBank(info.num_samples, args.low_dim, momentum, seed=args.seed + BANK_SEED)
-        self.augment = build_multicrop(args, info)
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def memory_bank(self) -> torch.Tensor:
-        """The N x low_dim bank (rows L2-normalised once updated): kNN's train features, as upstream."""
-        return self.memory.weight
-
-    @property
-    def monitor_temperature(self) -> float:
-        return self.args.nce_t if self.name == "npid" else self.args.npc_t
-
-    def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)
-        # The head and the normalisation in float32, also under autocast: a bf16 embedding would put errors of
-        # several hundredths on logits f . M / T at T = 0.07.
-        with torch.autocast(features.device.type, enabled=False):
-            return F.normalize(self.head(features.float()), dim=1)
-
-    def remember(self, indices: torch.Tensor, features: torch.Tensor) -> None:
-        """Keep the batch's embeddings for the bank update, which waits until after the backward pass: the
-        logits' backward needs the bank as it was in the forward pass."""
-        self.pending = (indices, features.detach())
-
-    def after_backward(self, progress: Progress) -> None:
-        self.update_bank()
-
-    def update_bank(self) -> torch.Tensor:
-        """Collective: the bank update with the kept embeddings; returns the indices of all ranks, as gathered."""
-        indices, features = self.pending
-        self.pending = None
-        return self.memory.update(indices, features)
+# Offset from --seed for the NCE noise draws (the augmentation uses --seed, the bank BANK_SEED).
+NOISE_SEED = 2
 
 
 class NPID(MemoryBankMethod):
@@ -92,7 +36,7 @@ class NPID(MemoryBankMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("npid")
-        add_memory_args(group, "nce", temperature=0.1)
+        add_memory_args(group, "nce")
         # 0 by default: the README's CIFAR command (upstream's flag default, 4096, is the ImageNet setting).
         group.add_argument("--nce_k", type=non_negative_int, default=0,
                            help="noise samples per sample for NCE (0: the full softmax over the memory bank)")
@@ -103,11 +47,10 @@ class NPID(MemoryBankMethod):
                             jitter_p=1.0, grey_p=0.2, blur_p=0.0, flip_p=0.0, init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
-        check_momentum(args.nce_m, "--nce_m")
         if args.nce_k >= info.num_samples:
             raise ConfigError(f"--nce_k {args.nce_k} must be below the number of training samples "
                               f"({info.num_samples}); 0 gives the full softmax")
-        super().__init__(args, info, device, args.nce_m)
+        super().__init__(args, info, device)
         if self.augment.num_crops != 1:
             raise ConfigError(f"npid trains on one view per image: --nmb_crops {args.nmb_crops} must be [1]")
         # Z < 0: not estimated yet (upstream's params[2] = -1); estimated once on the first NCE batch.
@@ -119,7 +62,7 @@ class NPID(MemoryBankMethod):
         f = self.embedding(crops[0])
         with torch.autocast(self.device.type, enabled=False):
             if self.args.nce_k == 0:
-                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.nce_t, batch.indices)
+                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.bank_t, batch.indices)
                 name = "softmax"
             else:
                 loss = self.nce(f, batch)
@@ -132,7 +75,7 @@ class NPID(MemoryBankMethod):
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
         if self.nce_z.item() < 0:
             self.nce_z.copy_(self.estimate_z(similarities))
-        return nce_loss(nce_scores(similarities, self.args.nce_t, self.nce_z), self.info.num_samples)
+        return nce_loss(nce_scores(similarities, self.args.bank_t, self.nce_z), self.info.num_samples)
 
     def draw_noise(self, batch: Batch) -> torch.Tensor:
         """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
@@ -142,7 +85,7 @@ class NPID(MemoryBankMethod):
     @torch.no_grad()
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
         """Z = N * mean(exp(v . f / T)) over the K + 1 columns of the whole global batch (Wu et al. sec. 3.2)."""
-        values = torch.exp(similarities.float() / self.args.nce_t)
+        values = torch.exp(similarities.float() / self.args.bank_t)
         totals = distributed.all_reduce_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
         return self.info.num_samples * totals[0] / totals[1]
 

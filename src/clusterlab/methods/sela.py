@@ -1,14 +1,16 @@
-"""SeLa, self-labelling (Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and
-representation learning", ICLR 2020; the self-label code, seeds spec 3).
+"""SeLa, self-labelling (Yuki M. Asano, Christian Rupprecht and Andrea Vedaldi, "Self-labelling via simultaneous
+clustering and representation learning", ICLR 2020, arXiv:1911.05371; upstream code yukimasano/self-label@3891e37:
+cifar.py for CIFAR, main.py for ImageNet, sinkhornknopp.py for the labelling).
 
-A backbone with `--hc` linear heads of `--ncl` classes each is trained with cross-entropy to pseudo-labels, one per
-head and training image: L = 1/hc sum_h CE(head_h(x), L_h[index of x]). At `--nopts` moments of the run the labels
-are re-solved on the whole training set: every rank computes the heads' logits of its share of the images, and the
-whole-dataset Sinkhorn-Knopp (ops/sinkhorn.sela_sinkhorn) turns them into equipartitioned hard labels of all N.
+A backbone with H = `--num_heads` linear heads of `--head_classes` classes each (upstream's `--hc` and `--ncl`) is
+trained with cross-entropy to pseudo-labels, one per head and training image: L = 1/H sum_h CE(head_h(x), L_h[index
+of x]). At `--nopts` moments of the run the labels are re-solved on the whole training set: every rank computes the
+heads' logits of its share of the images, and the whole-dataset Sinkhorn-Knopp (ops/sinkhorn.sela_sinkhorn) turns
+them into equipartitioned hard labels of all N.
 
-Schedule, in samples seen = global step x batch size (spec 3.3); relabelling k happens at the first step that
-reaches t_k, at most one per step, as upstream:
-  linear (CIFAR code):       t_k = (epochs + 1.0001) N k / (nopts - 1); only head (epoch mod hc) is relabelled;
+Schedule, in samples seen = global step x batch size; relabelling k happens at the first step that reaches t_k, at
+most one per step, as upstream's training loops do:
+  linear (CIFAR code):       t_k = (epochs + 1.0001) N k / (nopts - 1); only head (epoch mod H) is relabelled;
   quadratic (ImageNet code): t_k = (epochs + 1.01) N (k / (nopts - 1))^2; every head is relabelled.
 t_0 = 0, so the first labels come from the random network at the first step; until then they are a random balanced
 assignment (i mod K, permuted per head). The index of the next relabelling is checkpointed with the labels.
@@ -24,7 +26,8 @@ The labelling pass (choices):
   restoring keeps the statistics evaluation uses equal to what the training batches produced.
 - The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
   computed from them, solved, and the labels gathered with their dataset positions and scattered back explicitly
-  (upstream's aliasing inverse permutation, spec 3.3, is not reproduced).
+  (upstream's multi-GPU path puts them back with an indexed assignment whose right-hand side aliases its left;
+  not reproduced).
 - `--label_dtype float64` (default) forms those logits, features W^T + b, in float64, as upstream's CPU code (the
   CIFAR code always; ImageNet with --cpu) multiplies float64 copies of the features by the head's weights;
   `float32` is its multi-GPU path (the product in float32, cast to float64 after).
@@ -67,7 +70,7 @@ def relabel_times(schedule: str, epochs: int, num_samples: int, nopts: int) -> l
 
 
 def heads_to_relabel(schedule: str, epoch: int, heads: int) -> list[int]:
-    """linear: head `epoch mod hc` only (upstream's rule; not a strict round robin, so with about one relabelling
+    """linear: head `epoch mod heads` only (upstream's rule; not a strict round robin, so with about one relabelling
     per epoch a head can be skipped or repeated); quadratic: every head."""
     return [epoch % heads] if schedule == "linear" else list(range(heads))
 
@@ -92,8 +95,8 @@ class SeLa(ClusterMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("sela")
-        group.add_argument("--hc", type=positive_int, default=10, help="number of heads")
-        group.add_argument("--ncl", type=positive_int, default=128, help="classes of every head")
+        group.add_argument("--num_heads", "--hc", type=positive_int, default=10, help="number of heads")
+        group.add_argument("--head_classes", "--ncl", type=positive_int, default=128, help="classes of every head")
         group.add_argument("--lamb", type=positive_float, default=10.0,
                            help="Sinkhorn's lambda, the power of P (10 CIFAR, 25 ImageNet)")
         group.add_argument("--nopts", type=positive_int, default=400,
@@ -111,7 +114,7 @@ class SeLa(ClusterMethod):
         group.add_argument("--label_batch_size", type=positive_int, default=512,
                            help="images per forward pass of the labelling over all ranks (rounded up to a multiple "
                                 "of the world size)")
-        # The CIFAR script's recipe (spec 3.4): one crop of scale 0.2-1, jitter (0.4, 0.4, 0.4, 0.4) always.
+        # The recipe of upstream's scripts/cifar.sh and cifar.py: one crop of scale 0.2-1, jitter (0.4 x 4) always.
         parser.set_defaults(epochs=400, batch_size=128, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4,
                             schedule="step", lr_drops=[240, 320], warmup_epochs=0, nmb_crops=[1], size_crops=[0],
                             min_scale_crops=[0.2], max_scale_crops=[1.0], hue=0.4, jitter_p=1.0)
@@ -121,7 +124,7 @@ class SeLa(ClusterMethod):
         if args.nopts < 2:
             raise ConfigError(f"--nopts {args.nopts} must be at least 2 (the first optimisation is at step 0)")
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.ncl) for _ in range(args.hc))
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.head_classes) for _ in range(args.num_heads))
         for head in self.heads:  # upstream's initialisation of every linear layer
             nn.init.normal_(head.weight, 0.0, 0.01)
             nn.init.zeros_(head.bias)
@@ -130,7 +133,8 @@ class SeLa(ClusterMethod):
             raise ConfigError(f"--nmb_crops {args.nmb_crops} must be [1] for sela (one view per image and step)")
         self.label_augment = build_multicrop(args, info)
         self.label_augment.generator.manual_seed(args.seed + LABEL_VIEW_SEED)
-        self.labels = initial_labels(args.hc, info.num_samples, args.ncl, args.seed + LABELS_SEED).to(device)
+        self.labels = initial_labels(args.num_heads, info.num_samples, args.head_classes,
+                                     args.seed + LABELS_SEED).to(device)
         self.times = relabel_times(args.sela_schedule, args.epochs, info.num_samples, args.nopts)
         self.next_relabel = 0
         self.train_set = None
@@ -141,7 +145,7 @@ class SeLa(ClusterMethod):
     # ---- heads ----
     @property
     def head_sizes(self) -> list[int]:
-        return [self.args.ncl] * self.args.hc
+        return [self.args.head_classes] * self.args.num_heads
 
     def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.backbone(images)
@@ -152,7 +156,7 @@ class SeLa(ClusterMethod):
         due = self.next_relabel < len(self.times)
         if due and progress.global_step * self.args.batch_size >= self.times[self.next_relabel]:
             self.next_relabel += 1
-            heads = heads_to_relabel(self.args.sela_schedule, progress.epoch, self.args.hc)
+            heads = heads_to_relabel(self.args.sela_schedule, progress.epoch, self.args.num_heads)
             start = time.time()
             solutions = self.relabel(heads)
             if distributed.rank() == 0:
@@ -161,7 +165,7 @@ class SeLa(ClusterMethod):
                       f"{progress.steps_per_epoch} of epoch {progress.epoch + 1} ({self.next_relabel}/"
                       f"{len(self.times)}) in {time.time() - start:.1f} s; Sinkhorn iterations "
                       f"{[s.iterations for s in solutions]}, error {max(s.error for s in solutions):.2g}, "
-                      f"classes used {used} of {self.args.ncl}", flush=True)
+                      f"classes used {used} of {self.args.head_classes}", flush=True)
 
     def forward(self, crops, batch: Batch, progress: Progress):
         losses = [F.cross_entropy(logits.float(), self.labels[h, batch.indices])

@@ -1,15 +1,16 @@
-"""Self-Classifier (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022; the
-self-classifier code, seeds spec 2).
+"""Self-Classifier (Amrani, Karlinsky and Bronstein, "Self-Supervised Classification Network", ECCV 2022,
+arXiv:2103.10994; upstream code elad-amrani/self-classifier@3935138 src/train.py, src/model.py, src/loss.py, and for
+v1 the same repository at 635972b, the last commit with CIFAR code: src/train_cifar.py, src/loss.py).
 
 backbone -> MLP head (`--num_hidden` linear layers, optional BN, LeakyReLU) -> L2 normalisation = z -> classifier
-heads of `--cls_size` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
+heads of `--head_classes` classes -> logits; the loss (losses/selfclassifier.py) makes every view predict the classes
 of the others under a uniform class prior, over the global batch.
 
 Two generations, `--sc_version`:
-- v2 (the ECCV code, spec 2.2-2.4): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
-  unless `--fixed_cls`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
+- v2 (the ECCV code): weight-normalised heads W = g V / ||V|| (rows), g initialised to 1 and trained
+  unless `--freeze_heads`; a row temperature and a column temperature; uniform-prior normalisation; all view pairs
   except local-local.
-- v1 (the only CIFAR code, spec 2.10): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
+- v1 (the only CIFAR code): fixed random orthonormal heads (QR of a Gaussian, rows normalised at use),
   so the logits are cosines; one temperature (`--row_tau` = `--col_tau`, 0.3 upstream); no prior normalisation.
   It is the same head module with V orthonormal, g = 1 and nothing trained.
 
@@ -18,12 +19,10 @@ the batch softmax and the prior normalisation cover the global batch as on one p
 over its own rows and DDP's gradient average makes the step that of the global-batch loss. The loss runs in
 float32 outside autocast, as upstream.
 
-Nearest-neighbour queue (`--queue_len L`, v2's ImageNet recipe; 0 = off, the CIFAR setting): a ring buffer of the
-last L view-1 embeddings of the global batch and their dataset indices, the same on every rank. Once it has been
-filled, view 1's embedding is replaced by its nearest neighbour in the queue (the second nearest when the nearest is
-the same image), looked up before the batch is pushed, as upstream; no gradient flows through view 1's own
-embedding then. Not reproduced: the NN-accuracy monitor (it needs the labels) and pickling the queue object (its
-tensors are checkpointed instead).
+Nearest-neighbour queue (`--queue_length L`, v2's ImageNet recipe; 0 = off, the CIFAR setting; ops/neighbour_queue.py):
+the last L view-1 embeddings of the global batch; once it has been filled, view 1's embedding is replaced by its
+nearest neighbour in the queue, so no gradient flows through view 1's own embedding then. Not reproduced: the
+NN-accuracy monitor (it needs the labels).
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ from ..config import bool_flag, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.selfclassifier import self_classifier_loss
 from ..models import build_backbone
+from ..ops.neighbour_queue import NearestNeighbourQueue
 from .base import Batch, DataInfo, Progress, backbone_features, build_multicrop
 from .cluster_base import ClusterMethod
 
@@ -48,7 +48,7 @@ VERSIONS = ("v1", "v2")
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn: bool, leaky: bool) -> nn.Module:
     """`num_hidden` linear layers (upstream's name for their count): 0 none, 1 Linear(in, out), n >= 2
     Linear(in, hidden) [BN] act, (n - 2) x [Linear(hidden, hidden) [BN] act], Linear(hidden, out); act is
-    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (spec 2.2)."""
+    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (upstream's src/model.py)."""
     if num_hidden == 0:
         return nn.Identity()
     layers = []
@@ -82,58 +82,14 @@ class NormalizedClassifier(nn.Module):
         return F.linear(z, self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
-class NearestNeighbourQueue:
-    """The last `length` embeddings of the global batch and their dataset indices (module docstring)."""
-
-    def __init__(self, length: int, dim: int, device: torch.device):
-        self.embeddings = torch.zeros(length, dim, device=device)
-        self.indices = torch.full((length,), -1, dtype=torch.long, device=device)
-        self.ptr, self.full = 0, False
-
-    def neighbours(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The most similar queued embedding (dot product) of each query, the second one where the first is the
-        query's own image."""
-        top = (queries @ self.embeddings.t()).topk(2, dim=1).indices
-        chosen = torch.where(self.indices[top[:, 0]] == indices, top[:, 1], top[:, 0])
-        return self.embeddings[chosen]
-
-    def push(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
-        length = len(self.indices)
-        slots = (self.ptr + torch.arange(len(indices), device=self.indices.device)) % length
-        self.embeddings[slots] = embeddings
-        self.indices[slots] = indices
-        self.full = self.full or self.ptr + len(indices) >= length
-        self.ptr = (self.ptr + len(indices)) % length
-
-    def step(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """This rank's view-1 embeddings, replaced by their neighbours once the queue is full; then the global
-        batch's own (detached) embeddings are pushed."""
-        query = z.detach().float()
-        out = self.neighbours(query, indices).to(z.dtype) if self.full else z
-        self.push(distributed.all_gather_uneven(query), distributed.all_gather_uneven(indices))
-        return out
-
-    def state_dict(self) -> dict:
-        return {"embeddings": self.embeddings.cpu(), "indices": self.indices.cpu(), "ptr": self.ptr,
-                "full": self.full}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["embeddings"].shape != self.embeddings.shape:
-            raise ValueError(f"its queue is {tuple(state['embeddings'].shape)}, this model's "
-                             f"{tuple(self.embeddings.shape)}")
-        self.embeddings.copy_(state["embeddings"])
-        self.indices.copy_(state["indices"])
-        self.ptr, self.full = int(state["ptr"]), bool(state["full"])
-
-
-def head_sizes(cls_size: list[int], num_cls: int) -> list[int]:
-    """One size repeated --num_cls times (v1: 30 heads of 30), or one size per head (v2: 1000 2000 4000 8000)."""
-    if len(cls_size) == 1:
-        return list(cls_size) * num_cls
-    if num_cls not in (1, len(cls_size)):
-        raise ConfigError(f"--num_cls {num_cls} does not match the {len(cls_size)} sizes of --cls_size {cls_size} "
-                          f"(give one size, or one per head)")
-    return list(cls_size)
+def head_sizes(head_classes: list[int], num_heads: int) -> list[int]:
+    """One size repeated --num_heads times (v1: 30 heads of 30), or one size per head (v2: 1000 2000 4000 8000)."""
+    if len(head_classes) == 1:
+        return list(head_classes) * num_heads
+    if num_heads not in (1, len(head_classes)):
+        raise ConfigError(f"--num_heads {num_heads} does not match the {len(head_classes)} sizes of --head_classes "
+                          f"{head_classes} (give one size, or one per head)")
+    return list(head_classes)
 
 
 def gather_views(logits: list[torch.Tensor], num_views: int) -> list[list[torch.Tensor]]:
@@ -162,16 +118,17 @@ class SelfClassifier(ClusterMethod):
         group.add_argument("--sc_version", choices=VERSIONS, default="v2",
                            help="v2: ECCV loss, learnable weight-normalised heads; v1: the CIFAR code's fixed "
                                 "orthonormal heads, one temperature, no prior normalisation")
-        group.add_argument("--cls_size", type=positive_int, nargs="+", default=[1000],
-                           help="classes of each head (one size: repeated --num_cls times)")
-        group.add_argument("--num_cls", type=positive_int, default=1, help="number of heads of one --cls_size")
-        group.add_argument("--dim", type=positive_int, default=128, help="embedding size (MLP output)")
+        group.add_argument("--head_classes", "--cls_size", type=positive_int, nargs="+", default=[1000],
+                           help="classes of each head (one size: repeated --num_heads times)")
+        group.add_argument("--num_heads", "--num_cls", type=positive_int, default=1,
+                           help="number of heads of one --head_classes size")
+        group.add_argument("--embed_dim", "--dim", type=positive_int, default=128, help="embedding size (MLP output)")
         group.add_argument("--hidden_dim", type=positive_int, default=4096, help="MLP hidden size")
         group.add_argument("--num_hidden", type=non_negative_int, default=2,
                            help="linear layers of the MLP (0: none, the embedding is the backbone feature)")
         group.add_argument("--use_bn", type=bool_flag, default=True, help="BN after each hidden linear layer")
         group.add_argument("--leaky", type=bool_flag, default=True, help="LeakyReLU in the MLP (false: ReLU)")
-        group.add_argument("--fixed_cls", type=bool_flag, default=False,
+        group.add_argument("--freeze_heads", "--fixed_cls", type=bool_flag, default=False,
                            help="freeze the v2 heads (v1 heads are always fixed)")
         group.add_argument("--row_tau", type=positive_float, default=0.1,
                            help="temperature of the softmax over classes (v1: its one temperature, 0.3)")
@@ -179,9 +136,9 @@ class SelfClassifier(ClusterMethod):
                            help="temperature of the softmax over the batch (v1: equal to --row_tau)")
         group.add_argument("--eps", type=positive_float, default=1e-12,
                            help="added inside the log of the prior-normalised prediction")
-        group.add_argument("--queue_len", type=non_negative_int, default=0,
+        group.add_argument("--queue_length", "--queue_len", type=non_negative_int, default=0,
                            help="nearest-neighbour queue length (0: off)")
-        # The v2 scripts' optimisation for 100-400 epochs (spec 2.6).
+        # The optimisation of upstream's scripts/train_100ep.sh to train_400ep.sh (v2).
         parser.set_defaults(optimizer="lars", lr=4.8, start_warmup=0.3, final_lr=0.0048, warmup_epochs=10,
                             schedule="cosine", weight_decay=1e-6)
 
@@ -191,22 +148,22 @@ class SelfClassifier(ClusterMethod):
         if self.v1 and args.row_tau != args.col_tau:
             raise ConfigError(f"--sc_version v1 has one temperature: --row_tau {args.row_tau} and --col_tau "
                               f"{args.col_tau} must be equal (0.3 upstream)")
-        sizes = head_sizes(args.cls_size, args.num_cls)
+        sizes = head_sizes(args.head_classes, args.num_heads)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.dim, args.num_hidden, args.use_bn,
+        self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.embed_dim, args.num_hidden, args.use_bn,
                             args.leaky)
-        embed_dim = args.dim if args.num_hidden else self.backbone.out_dim
+        embed_dim = args.embed_dim if args.num_hidden else self.backbone.out_dim
         self.heads = nn.ModuleList(NormalizedClassifier(embed_dim, size, orthogonal=self.v1) for size in sizes)
-        if self.v1 or args.fixed_cls:
+        if self.v1 or args.freeze_heads:
             self.heads.requires_grad_(False)
         self.augment = build_multicrop(args, info)
         if self.augment.num_crops < 2:
             raise ConfigError(f"--nmb_crops {args.nmb_crops} gives {self.augment.num_crops} view(s); "
                               f"selfclassifier needs at least 2")
-        if args.queue_len and args.queue_len < max(2, args.batch_size):
-            raise ConfigError(f"--queue_len {args.queue_len} must be 0 (off) or at least --batch_size "
+        if args.queue_length and args.queue_length < max(2, args.batch_size):
+            raise ConfigError(f"--queue_length {args.queue_length} must be 0 (off) or at least --batch_size "
                               f"{args.batch_size} (and 2): the global batch is pushed whole every step")
-        self.queue = NearestNeighbourQueue(args.queue_len, embed_dim, device) if args.queue_len else None
+        self.queue = NearestNeighbourQueue(args.queue_length, embed_dim, device) if args.queue_length else None
 
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,18 +1,20 @@
-"""Super-AND, stage 1 (Han et al. 2019; seeds spec 5.2-5.4): NPID's non-parametric classifier (NPC) on a memory
-bank, trained in rounds that turn more and more confident samples into anchors of small neighbourhoods.
+"""Super-AND, stage 1 (Han, Xu, Park, Cha and Li, "A Comprehensive Approach to Unsupervised Embedding Learning
+based on AND Algorithm", arXiv:2002.12158, 2020; upstream code super-AND/super-AND@5a0e5ca main.py,
+lib/non_parametric_classifier.py, lib/ans_discovery.py, lib/criterion.py): NPID's non-parametric classifier (NPC)
+on a memory bank, trained in rounds that turn more and more confident samples into anchors of small neighbourhoods.
 
 Per step each image gives two views; the 2B embeddings f (Sobel two-stream ResNet -> Linear -> L2 normalisation)
-are scored against the bank, O = f M^T / npc_t, and
+are scored against the bank, O = f M^T / T (T = --bank_t), and
     L = L_AND(O) + L_AUG + w(t) L_UE(O),   w(t) = ue_weight * floor(epoch_in_round / ue_every)
 (losses/superand.py). Round 0 is plain instance discrimination. Before round r >= 1 the int(N * ans_select_rate * r)
-memory entries whose row softmax(M_i M^T / npc_t) has the lowest entropy become anchors, each with its ans_size
-most similar other entries as neighbours. The learning-rate schedule restarts every round (--schedule_period =
---epochs_per_round), with the same optimiser state, as upstream.
+memory entries whose row softmax(M_i M^T / T) has the lowest entropy become anchors, each with its ans_size
+most similar other entries as neighbours (ops/knn.py, ties to the lower index). The learning-rate schedule
+restarts every round (--schedule_period = --epochs_per_round), with the same optimiser state, as upstream.
 
 L_AUG compares the two views of each image against the whole global batch. By default (`--aug_on logits`, as
 upstream) it works on the L2-normalised NPC logit rows x_i = O_i / |O_i|, which have N entries; rather than
 gathering 2B x N rows, each rank gathers the 2B x d embeddings and uses
-    x_i . x_j = O_i . O_j / (|O_i| |O_j|) = (O_i M) . f_j / (npc_t |O_i| |O_j|),
+    x_i . x_j = O_i . O_j / (|O_i| |O_j|) = (O_i M) . f_j / (T |O_i| |O_j|),
 so only f_j / |O_j| (d numbers per column) crosses ranks. `--aug_on embedding` uses the 128-d f instead.
 
 Resume: the round, the anchors and their neighbours are method state, so a run stopped anywhere in a round resumes
@@ -33,11 +35,9 @@ from .. import distributed
 from ..config import bool_flag, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
-from .base import Batch, DataInfo, Progress
-from .npid import MemoryBankMethod, add_memory_args, check_momentum
-
-# Similarity rows are computed in chunks of at most this many entries (64 MiB of float32), whatever N is.
-CHUNK_ELEMENTS = 1 << 24
+from ..ops.knn import CHUNK_ELEMENTS, query_chunks, topk_neighbours
+from .base import Batch, DataInfo, Progress, two_view_columns
+from .memory_bank_base import MemoryBankMethod, add_memory_args
 
 
 class SuperAND(MemoryBankMethod):
@@ -46,7 +46,7 @@ class SuperAND(MemoryBankMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("superand")
-        add_memory_args(group, "npc", temperature=0.1)
+        add_memory_args(group, "npc")
         group.add_argument("--batch_t", type=positive_float, default=0.1, help="temperature of the AUG loss")
         group.add_argument("--aug_on", choices=["logits", "embedding"], default="logits",
                            help="AUG loss on the L2-normalised NPC logit rows (upstream) or on the embeddings")
@@ -70,7 +70,6 @@ class SuperAND(MemoryBankMethod):
                             init="default")
 
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
-        check_momentum(args.npc_m, "--npc_m")
         if args.epochs != args.rounds * args.epochs_per_round:
             raise ConfigError(f"--epochs {args.epochs} must equal --rounds {args.rounds} x --epochs_per_round "
                               f"{args.epochs_per_round} = {args.rounds * args.epochs_per_round}")
@@ -83,7 +82,7 @@ class SuperAND(MemoryBankMethod):
         if args.ans_size >= info.num_samples:
             raise ConfigError(f"--ans_size {args.ans_size} must be below the number of training samples "
                               f"({info.num_samples})")
-        super().__init__(args, info, device, args.npc_m)
+        super().__init__(args, info, device)
         n = info.num_samples
         self.round = 0
         self.anchors = torch.zeros(0, dtype=torch.long, device=device)
@@ -105,8 +104,9 @@ class SuperAND(MemoryBankMethod):
         """Collective: anchors and neighbours for round `number` from the bank as it is now."""
         args, bank = self.args, self.memory.weight
         count = min(bank.shape[0], int(bank.shape[0] * args.ans_select_rate * number))
-        anchors = select_anchors(bank_entropy(bank, args.npc_t), count)
-        self.set_anchors(number, anchors, nearest_neighbours(bank, anchors, args.ans_size))
+        anchors = select_anchors(bank_entropy(bank, args.bank_t), count)
+        neighbours = topk_neighbours(bank[anchors], bank, args.ans_size, exclude=anchors, split_over_ranks=True)
+        self.set_anchors(number, anchors, neighbours.indices)
         if distributed.rank() == 0:
             print(f"superand round {number}: {count} anchors, label consistency with their neighbours "
                   f"{self.consistency:.4f}", flush=True)
@@ -126,7 +126,7 @@ class SuperAND(MemoryBankMethod):
         f = self.embedding(torch.cat(crops))
         own = batch.indices.repeat(2)
         with torch.autocast(self.device.type, enabled=False):
-            logits = f @ self.memory.weight.t() / args.npc_t
+            logits = f @ self.memory.weight.t() / args.bank_t
             l_and = and_loss(logits, own, self.neighbours[own])
             l_aug = aug_loss(self.batch_similarities(f, logits), *two_view_columns(n, f.device), args.batch_t)
             l_ue = ue_loss(logits, own if args.ue_mask_own else None)
@@ -144,7 +144,7 @@ class SuperAND(MemoryBankMethod):
         if self.args.aug_on == "embedding":
             return f @ distributed.all_gather_cat(f.detach()).t()
         norms = logits.norm(dim=1, keepdim=True)
-        queries = (logits @ self.memory.weight) / (self.args.npc_t * norms)
+        queries = (logits @ self.memory.weight) / (self.args.bank_t * norms)
         keys = distributed.all_gather_cat((f / norms).detach())
         return queries @ keys.t()
 
@@ -163,26 +163,16 @@ class SuperAND(MemoryBankMethod):
         self.set_anchors(int(state["round"]), state["anchors"], state["neighbours"])
 
 
-def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows [view 1; view 2] of n images on each rank, gathered in rank order: each local row's own column
-    and its other view's column (the `own` and `partner` of losses.superand.aug_loss)."""
-    local = torch.arange(2 * n, device=device)
-    start = distributed.rank() * 2 * n
-    return start + local, start + (local + n) % (2 * n)
-
-
 @torch.no_grad()
 def bank_entropy(bank: torch.Tensor, temperature: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """H_i = -sum_j p_ij log p_ij with p_i = softmax(M_i M^T / T), j over all N entries (itself included).
 
-    Collective: each rank computes a contiguous share of the rows, in chunks of at most `chunk_elements` logits,
-    and the shares are gathered, so every rank gets all N values.
+    Collective: the rows are taken in chunks of at most `chunk_elements` logits (ops/knn.query_chunks), each rank
+    computes a contiguous share of the chunks and the shares are gathered, so every rank gets all N values.
     """
-    rows = distributed.shard_range(bank.shape[0])
-    chunk = max(1, chunk_elements // bank.shape[0])
     parts = [bank.new_zeros(0)]
-    for start in range(rows.start, rows.stop, chunk):
-        log_p = torch.log_softmax(bank[start: min(start + chunk, rows.stop)] @ bank.t() / temperature, dim=1)
+    for rows in query_chunks(bank.shape[0], bank.shape[0], chunk_elements, split_over_ranks=True):
+        log_p = torch.log_softmax(bank[rows.start: rows.stop] @ bank.t() / temperature, dim=1)
         parts.append(-(log_p.exp() * log_p).sum(dim=1))
     return distributed.all_gather_uneven(torch.cat(parts))
 
@@ -190,21 +180,3 @@ def bank_entropy(bank: torch.Tensor, temperature: float, chunk_elements: int = C
 def select_anchors(entropy: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` entries of lowest entropy, lowest first (ties: the lower index first)."""
     return torch.sort(entropy, stable=True).indices[:count]
-
-
-@torch.no_grad()
-def nearest_neighbours(bank: torch.Tensor, anchors: torch.Tensor, count: int,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """For each anchor, the `count` other entries with the largest M_a . M_j, most similar first (A x count).
-
-    Collective, sharded over the anchors and chunked like `bank_entropy`.
-    """
-    share = distributed.shard_range(anchors.shape[0])
-    chunk = max(1, chunk_elements // bank.shape[0])
-    parts = [torch.zeros(0, count, dtype=torch.long, device=bank.device)]
-    for start in range(share.start, share.stop, chunk):
-        mine = anchors[start: min(start + chunk, share.stop)]
-        similarity = (bank[mine] @ bank.t()).index_put_((torch.arange(len(mine), device=bank.device), mine),
-                                                         bank.new_tensor(float("-inf")))
-        parts.append(similarity.topk(count, dim=1).indices)
-    return distributed.all_gather_uneven(torch.cat(parts))

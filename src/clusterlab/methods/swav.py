@@ -1,9 +1,12 @@
-"""SwAV (Caron et al., NeurIPS 2020): online clustering by swapped prediction of Sinkhorn codes.
+"""SwAV (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020,
+arXiv:2006.09882): online clustering by swapped prediction of Sinkhorn codes. Upstream code:
+facebookresearch/swav@06b1b7c main_swav.py (the CIFAR recipes follow its copy in szq0214/Un-Mix@0911f77
+UnMix_SwAV/for_CIFAR/main_swav_unmix.py run with --run_swav true).
 
 Per step: every crop goes through backbone -> projection MLP -> L2 normalisation -> prototypes; for each
 assignment crop the Sinkhorn turns its scores (behind the queue's, when the queue is full) into codes, and every
 other crop predicts them (losses/swav.py). Prototypes are re-normalised before every step and receive no gradient
-for the first `freeze_prototypes_niters` iterations. Seeds spec section 1.
+for the first `freeze_prototypes_niters` iterations.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ class SwAV(Method):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("swav")
-        group.add_argument("--hidden_mlp", type=non_negative_int, default=2048, help="projection MLP hidden size (0: linear)")
-        group.add_argument("--feat_dim", type=non_negative_int, default=128, help="embedding size")
+        group.add_argument("--hidden_dim", "--hidden_mlp", type=non_negative_int, default=2048,
+                           help="projection MLP hidden size (0: one linear layer)")
+        group.add_argument("--embed_dim", "--feat_dim", type=non_negative_int, default=128,
+                           help="embedding size (0: no projection, the backbone features)")
         group.add_argument("--nmb_prototypes", type=positive_int, default=3000)
         group.add_argument("--temperature", type=positive_float, default=0.1)
         group.add_argument("--epsilon", type=positive_float, default=0.05, help="Sinkhorn entropic regularisation")
@@ -51,8 +56,8 @@ class SwAV(Method):
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         super().__init__(args, info, device)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
-        self.projection = projection_mlp(self.backbone.out_dim, args.hidden_mlp, args.feat_dim)
-        self.prototypes = Prototypes(args.feat_dim if args.feat_dim else self.backbone.out_dim, args.nmb_prototypes)
+        self.projection = projection_mlp(self.backbone.out_dim, args.hidden_dim, args.embed_dim)
+        self.prototypes = Prototypes(args.embed_dim or self.backbone.out_dim, args.nmb_prototypes)
         self.augment = build_multicrop(args, info)
         num_crops = self.augment.num_crops
         bad = [c for c in args.crops_for_assign if not 0 <= c < num_crops]

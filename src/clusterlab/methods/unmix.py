@@ -1,12 +1,16 @@
-"""Un-Mix on SwAV (Shen et al., AAAI 2022): SwAV plus the swapped prediction between each image's second view and
-a mixture of its first view with the image at the mirrored batch position (seeds spec 1.8).
+"""Un-Mix on SwAV (Shen et al., "Un-Mix: Rethinking Image Mixtures for Unsupervised Visual Representation
+Learning", AAAI 2022, arXiv:2003.05438): SwAV plus the swapped prediction between each image's second view and a
+mixture of its first view with the image at the mirrored batch position. Upstream code: szq0214/Un-Mix@0911f77
+UnMix_SwAV/for_CIFAR/main_swav_unmix.py (`train`, `rand_bbox`, `swav_loss`).
 
 Per iteration one r ~ U(0, 1) and one lam ~ Beta(beta, beta), drawn from the method's own generator so that all
 ranks draw the same: r < unmix_prob gives global mixup, otherwise CutMix (lam then becomes the kept area). The
 three views [x0, x1, mixture] go through the network in one pass, as upstream. The batch reversal pairs samples
 within each rank's batch, as upstream's per-GPU code does. Only the two-crop setting of the CIFAR recipes is
-supported (upstream's ImageNet multi-crop mixing is not). The queue, when on, holds the original views only
-(upstream pushes mixtures too, three times a step, and crashes once it is active: seeds spec 1.6).
+supported (upstream's ImageNet multi-crop mixing is not). The queue, when on, holds the original views only:
+upstream computes its loss three times a step and pushes into the queue each time, mixtures included, and its
+module-level `swav_loss` reads a `model` that only exists inside `main()`, so it fails with a NameError as soon
+as the queue is used.
 """
 from __future__ import annotations
 

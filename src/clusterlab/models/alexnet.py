@@ -1,5 +1,5 @@
-"""SeLa's AlexNet with batch normalisation (`alexnet_bn`): the "big" configuration of the self-label code (seeds
-spec 3.4), which it took from DeepCluster.
+"""SeLa's AlexNet with batch normalisation (`alexnet_bn`): the "big" configuration of the self-label code
+(yukimasano/self-label@3891e37 models/alexnet.py, used by cifar.py), which it took from DeepCluster.
 
     conv 96-11/4 (pad 2) BN ReLU, max-pool 3/2, conv 256-5 (pad 2) BN ReLU, max-pool 3/2,
     conv 384-3, 384-3, 256-3 (pad 1) each BN ReLU, max-pool 3/2            -> 256 x 6 x 6 at 224 px

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
-    """Linear -> BN -> ReLU -> Linear (seeds spec 1.3); hidden 0 gives one Linear, out 0 no head at all."""
+    """Linear -> BN -> ReLU -> Linear, SwAV's projection head (facebookresearch/swav@06b1b7c src/resnet50.py);
+    hidden 0 gives one Linear, out 0 no head at all."""
     if out_dim == 0:
         return nn.Identity()
     if hidden_dim == 0:

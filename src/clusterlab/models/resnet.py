@@ -2,7 +2,8 @@
 
 - `resnet18_cifar`: BasicBlock [2, 2, 2, 2], 8 x width features (512 at the full width 64); the backbone of
   NPID, Super-AND, Self-Classifier v1 and our SwAV recipes.
-- `resnet18_bottleneck`: what the Un-Mix / SwAV CIFAR code calls "resnet18" (seeds spec 1.3): Bottleneck blocks
+- `resnet18_bottleneck`: what the Un-Mix / SwAV CIFAR code calls "resnet18" (szq0214/Un-Mix@0911f77
+  UnMix_SwAV/for_CIFAR/src/resnet50.py): Bottleneck blocks
   (expansion 4) in [2, 2, 2, 2], 32 x width features (2048 at width 64), and a zero ConstantPad2d(1) before the
   stem convolution, left over from the ImageNet code, so a 32 x 32 input is 34 x 34 after the stem.
 

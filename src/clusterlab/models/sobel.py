@@ -1,4 +1,5 @@
-"""Super-AND's "ResNet18withSobel" (seeds spec 5.2): two CIFAR ResNet-18 trunks side by side.
+"""Super-AND's "ResNet18withSobel" (super-AND/super-AND@5a0e5ca models/resnet_cifar.py; EmbedUL@4027eab keeps the
+same): two CIFAR ResNet-18 trunks side by side.
 
 Stream 1 sees the normalised image. Stream 2 sees its edges: a fixed 1x1 convolution averages the normalised
 channels (weights 1/C, so a grey image passes unchanged), then fixed 3x3 Sobel filters give two channels,

@@ -1,17 +1,18 @@
 """The memory bank of NPID and Super-AND: one slowly moving L2-normalised embedding per training sample.
 
 M (N x d) starts i.i.d. uniform in [-sqrt(3/d), sqrt(3/d)] (expected row norm about 1, not normalised), as
-upstream's LinearAverage / NCEAverage / NonParametricClassifier (seeds spec 4.3, 5.3). After every step the rows of
-the batch's samples move towards their new features: v_i <- normalise(m v_i + (1 - m) f_i).
+upstream's banks do (zhirongw/lemniscate.pytorch@f7cfe29 lib/LinearAverage.py and lib/NCEAverage.py,
+super-AND/super-AND@5a0e5ca lib/non_parametric_classifier.py). After every step the rows of the batch's samples
+move towards their new features: v_i <- normalise(m v_i + (1 - m) f_i).
 
 Every rank updates with the indices and features of all ranks (gathered in rank order), so all ranks hold the same
 bank and the bank does not depend on how a global batch is split.
 
 Duplicates (Super-AND's two views of one image, or an index repeated in a batch): every candidate row is computed
 from the bank as it was before the step, and the one at the **last** position of the gathered order is written.
-Upstream writes them with one `index_copy_`, so one of them wins at random (seeds spec 5.3); "last" makes it
-deterministic and keeps upstream's one-update-per-step size. With each rank holding [view 1; view 2] of its own
-samples, the last position is a sample's last view whatever the world size.
+Upstream writes them with one `index_copy_` of duplicated indices, so one of them wins, which one unspecified;
+"last" makes it deterministic and keeps upstream's one-update-per-step size. With each rank holding [view 1; view 2]
+of its own samples, the last position is a sample's last view whatever the world size.
 
 The bank is a registered buffer: it travels in the model's state dict as a plain tensor.
 """

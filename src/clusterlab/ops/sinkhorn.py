@@ -57,7 +57,8 @@ def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: in
     """Hard labels of a whole dataset under an equipartition constraint: SeLa's Sinkhorn-Knopp.
 
     Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and representation learning",
-    ICLR 2020, section 3 (seeds spec 3.2). With P (K x N) the softmax of every sample's `scores` over the K
+    ICLR 2020, arXiv:1911.05371, section 3; upstream yukimasano/self-label@3891e37 cifar.py `optimize_L_sk` and
+    sinkhornknopp.py `cpu_sk`. With P (K x N) the softmax of every sample's `scores` over the K
     classes, the transport plan is Q = diag(alpha) P^lambda diag(beta) with marginals r = 1/K (classes) and
     c = 1/N (samples), found by alternating, from beta = 1/N,
 

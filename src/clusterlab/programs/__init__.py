@@ -17,7 +17,7 @@ from .. import signals
 class Program:
     script: str              # the root script's name
     module: str              # the module that owns its parser and main
-    stage: str | None = None  # training programs: the methods' stage they train
+    program_kind: str | None = None  # training programs: the program_kind of the methods they train
     eval_kind: str | None = None  # evaluation programs: the "eval" of the records they write
 
     def load(self):
@@ -26,27 +26,27 @@ class Program:
     def parser(self, values: dict | None = None):
         """The program's parser, with the flags of the method `values` names (training programs)."""
         module = self.load()
-        if self.stage is None:
+        if self.program_kind is None:
             return module.get_args_parser()
-        parser = module.get_args_parser(self.stage)
-        module.add_method_args(self.stage, parser, values or {})
+        parser = module.get_args_parser(self.program_kind)
+        module.add_method_args(self.program_kind, parser, values or {})
         return parser
 
     def main(self, argv=None):
         module = self.load()
-        return module.main(self.stage, argv) if self.stage else module.main(argv)
+        return module.main(self.program_kind, argv) if self.program_kind else module.main(argv)
 
 
 PROGRAMS: dict[str, Program] = {p.script: p for p in (
-    Program("main_pretrain.py", "clusterlab.programs.train", stage="pretrain"),
-    Program("main_cluster.py", "clusterlab.programs.train", stage="cluster"),
+    Program("main_pretrain.py", "clusterlab.programs.train", program_kind="pretrain"),
+    Program("main_cluster.py", "clusterlab.programs.train", program_kind="cluster"),
     Program("eval_knn.py", "clusterlab.programs.eval_knn", eval_kind="knn"),
     Program("eval_linear.py", "clusterlab.programs.eval_linear", eval_kind="linear"),
     Program("eval_cluster.py", "clusterlab.programs.eval_cluster", eval_kind="cluster"),
     Program("launch.py", "clusterlab.programs.launch"),
     Program("collect_results.py", "clusterlab.programs.collect_results"),
 )}
-TRAINING_PROGRAMS = tuple(name for name, p in PROGRAMS.items() if p.stage)
+TRAINING_PROGRAMS = tuple(name for name, p in PROGRAMS.items() if p.program_kind)
 EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kind}
 
 

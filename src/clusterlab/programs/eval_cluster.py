@@ -62,8 +62,8 @@ def main(argv=None):
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
         scored_set = evaluation.train_set if args.split == "train" else evaluation.test_set
-        use_heads = args.assignment == "heads" or (args.assignment == "auto" and loaded.method.stage == "cluster")
-        if use_heads:
+        has_heads = loaded.method.program_kind == "cluster"
+        if args.assignment == "heads" or (args.assignment == "auto" and has_heads):
             heads(args, ctx, evaluation, scored_set)
         else:
             fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
@@ -97,7 +97,7 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
 def heads(args, ctx, evaluation, scored_set):
     loaded = evaluation.loaded
     method = loaded.method
-    if method.stage != "cluster":
+    if method.program_kind != "cluster":
         raise ConfigError(f"--assignment heads: run {str(loaded.run_dir)!r} ({loaded.args.method}) has no heads")
     sizes, chosen = method.head_sizes, method.chosen_head()
     logits = extract(lambda x: torch.cat(method.head_logits(x), dim=1), scored_set, method.eval_view,

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from .. import config, results, rundir
 from ..errors import ConfigError
 from ..slurm.grid import Grid, RunSpec, load_grid
-from ..slurm.jobs import ProgramJob, make_executor, wait_for
+from ..slurm.jobs import ProgramJob, make_executor, queued_ids, wait_for
 from ..slurm.programs import EVAL_PROGRAMS, to_argv
 from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
@@ -64,7 +63,7 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
-    in_queue = queued_ids() if args.cluster == "slurm" else set()
+    in_queue = (queued_ids() or set()) if args.cluster == "slurm" else set()
     plan = [(run, run_state(run, in_queue)) for run in grid.runs]
     print_plan(grid, plan, in_queue)
     if args.dry_run:
@@ -115,15 +114,6 @@ def run_state(run: RunSpec, in_queue: set) -> str:
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
     return "resume" if run.run_dir.exists() else "new"
-
-
-def queued_ids() -> set:
-    """The ids of every pending or running Slurm job (array tasks as 123_4); none where squeue does not answer."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
-    except OSError:  # no Slurm on this machine
-        return set()
-    return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
 def recorded_jobs(run_dir: Path) -> list[dict]:

@@ -3,7 +3,7 @@
     python main_pretrain.py --config configs/swav_digits.yaml [--any_flag value ...]
     python main_cluster.py --config configs/embedul_cifar10.yaml --pretrained runs/superand_cifar10
 
-The two programs differ only in the methods they offer (a method's `stage`) and in main_cluster.py's
+The two programs differ only in the methods they offer (a method's `program_kind`) and in main_cluster.py's
 `--pretrained`, which fills the backbone (EmbedUL: the whole encoder) from another run's checkpoint before
 training; a run that resumes ignores it. The run directory (--output_dir) receives config.yaml, train_log.jsonl,
 status.json, checkpoint.pth (every epoch) and checkpoint_epNNNN.pth (the epochs of --checkpoint_epochs); started
@@ -22,38 +22,38 @@ PROGRAM = {"pretrain": "main_pretrain.py", "cluster": "main_cluster.py"}
 DEFAULT_METHOD = {"pretrain": "swav", "cluster": "sela"}
 
 
-def methods_of(stage: str) -> list[str]:
-    return sorted(name for name, cls in METHODS.items() if cls.stage == stage)
+def methods_of(kind: str) -> list[str]:
+    return sorted(name for name, cls in METHODS.items() if cls.program_kind == kind)
 
 
-def get_args_parser(stage: str):
+def get_args_parser(kind: str):
     description = {"pretrain": "Pre-train an embedding with a self-supervised method, into a run directory.",
                    "cluster": "Train class-assignment heads (SeLa, Self-Classifier, EmbedUL), from scratch or from "
-                              "a pre-trained run."}[stage]
-    parser = config.new_parser(description, prog=PROGRAM[stage])
-    parser.add_argument("--method", choices=methods_of(stage), default=DEFAULT_METHOD[stage],
+                              "a pre-trained run."}[kind]
+    parser = config.new_parser(description, prog=PROGRAM[kind])
+    parser.add_argument("--method", choices=methods_of(kind), default=DEFAULT_METHOD[kind],
                         help="method; `--method NAME --help` lists its own flags")
-    if stage == "cluster":
+    if kind == "cluster":
         parser.add_argument("--pretrained", default=None, help="run directory or checkpoint to start the backbone from")
     add_training_args(parser)
     return parser
 
 
-def add_method_args(stage: str, parser, known: dict) -> None:
+def add_method_args(kind: str, parser, known: dict) -> None:
     """The flags of the method `known` names (the first look at the command line and YAML file decides)."""
     method = known.get("method", parser.get_default("method"))
-    if method in methods_of(stage):
+    if method in methods_of(kind):
         METHODS[method].add_args(parser)
 
 
-def parse_args(stage: str, argv=None):
-    args = config.parse(get_args_parser(stage), argv, extend=lambda parser, known: add_method_args(stage, parser, known))
+def parse_args(kind: str, argv=None):
+    args = config.parse(get_args_parser(kind), argv, extend=lambda parser, known: add_method_args(kind, parser, known))
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 
 
-def main(stage: str, argv=None):
-    args = parse_args(stage, argv)
+def main(kind: str, argv=None):
+    args = parse_args(kind, argv)
     distributed.configure_threads()
     ctx = distributed.init(args.device)
     with engine.owned_run_dir(args.output_dir, ctx) as run:
@@ -69,7 +69,7 @@ def main(stage: str, argv=None):
             if ctx.is_main:
                 print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
         method.to(ctx.device)
-        trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, stage, PROGRAM[stage], run)
+        trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, kind, PROGRAM[kind], run)
 
         for epoch in range(start_epoch, args.epochs):
             completed = trainer.train_one_epoch(epoch, start_step)
@@ -80,11 +80,3 @@ def main(stage: str, argv=None):
                 trainer.save_and_requeue()   # a pre-emption or time-limit signal: checkpoint here, exit 75
         trainer.finish()
     distributed.shutdown()
-
-
-def pretrain(argv=None):
-    main("pretrain", argv)
-
-
-def cluster(argv=None):
-    main("cluster", argv)

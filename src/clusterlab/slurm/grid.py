@@ -31,9 +31,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_config, load_yaml
+from ..config import config_layers, load_yaml
 from ..errors import ConfigError
-from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, find_config, program_parser, to_argv, validate_flags
+from .programs import (EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, find_config, program_parser, to_argv,
+                       validate_flags)
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -179,19 +180,23 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
         previous = {}
         for index, stage in enumerate(stages):
             config_file = values.get("config", stage.get("config"))
+            program = stage["program"]
             if config_file:
                 config_file = find_config(config_file, path, f"grid {str(path)!r}")
-            merged = {**(load_config(config_file) if config_file else {}), **flags, **stage.get("flags", {}), **own}
+            # The grid's own values override its config's, whatever spelling (flag or alias) each uses.
+            *base, chosen = canonical_layers(program, [
+                *(config_layers(config_file) if config_file else []),
+                (f"grid {str(path)!r}", {**flags, **stage.get("flags", {}), **own})])
+            merged = {key: value for layer in (*base, chosen) for key, value in layer.items()}
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
             if label in names:
                 _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
             names[label] = values
-            program = stage["program"]
             if stage.get("pretrained_from"):
                 merged["pretrained"] = str(root / previous[stage["pretrained_from"]])
             checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}")
             run_flags = {"config": str(config_file)} if config_file else {}
-            run_flags.update({k: checked[k] for k in {**flags, **stage.get("flags", {}), **own}})
+            run_flags.update({k: checked[k] for k in chosen})
             if "pretrained" in merged:
                 run_flags["pretrained"] = merged["pretrained"]
             run_flags["output_dir"] = str(root / label)

@@ -63,13 +63,23 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
     return executor
 
 
+def queued_ids() -> set | None:
+    """The ids of every pending or running Slurm job (array tasks as 123_4), from squeue (no accounting database
+    needed); None where squeue does not answer (no Slurm on this machine, or the controller is down)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
 def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None) -> None:
-    """Block until none of the Slurm jobs is pending or running (squeue, so no accounting database is needed)."""
+    """Block until none of the Slurm jobs is pending or running."""
     deadline = None if timeout_s is None else time.time() + timeout_s
     waiting = set(job_ids)
     while waiting:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
-        if out.returncode == 0 and not waiting & set(out.stdout.split()):
+        queued = queued_ids()
+        if queued is not None and not waiting & queued:
             return
         if deadline is not None and time.time() > deadline:
             raise TimeoutError(f"jobs still in the queue after {timeout_s} s: {sorted(waiting)}")

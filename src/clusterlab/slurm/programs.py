@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..config import yaml_defaults
+from ..config import canonical_keys, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
@@ -30,6 +30,10 @@ def find_config(config_file, source, label: str) -> Path:
     raise ConfigError(f"{label}: config {str(config_file)!r} does not exist{where}")
 
 
+__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "find_config", "program_parser", "to_argv",
+           "validate_flags"]
+
+
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
     """The program's parser, with the flags of the method `values` names (main_pretrain, main_cluster)."""
     if name not in (*TRAINING_PROGRAMS, *EVAL_PROGRAMS):
@@ -40,6 +44,14 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type (ConfigError naming it)."""
     return yaml_defaults(program_parser(name, values), values, source)
+
+
+def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:
+    """Mappings of flag values, (source, values) in the order they override each other, each keyed by the flags'
+    names (an alias such as low_dim renamed to embed_dim; two spellings of one flag in one mapping are refused), so
+    that merging them lets a later mapping override an earlier one whatever spelling either uses."""
+    parser = program_parser(name, {key: value for _, values in layers for key, value in values.items()})
+    return [canonical_keys(parser, values, source, known_only=False) for source, values in layers]
 
 
 def to_argv(values: dict) -> list[str]:

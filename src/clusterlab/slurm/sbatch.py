@@ -31,13 +31,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import load_config, load_yaml
+from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
-from .grid import STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, find_config, to_argv, validate_flags
+from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
+from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, find_config, to_argv, validate_flags
 
-STAGE_KEYS = {"name", "config", "program", "flags", "pretrained_from"}
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
 
 
@@ -241,9 +240,9 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
         if forbidden in flags:
             raise ConfigError(f"{label} sets {forbidden!r}; the script sets it (DATASET_PATH, EXPERIMENT_PATH, "
                               f"pretrained_from)")
-    values = {**load_config(find_config(spec["config"], recipes_path, label)), **flags}
-    values.pop("config")
-    validate_flags(program, values, label)
+    layers = canonical_layers(program, [*config_layers(find_config(spec["config"], recipes_path, label)),
+                                        (label, {k: v for k, v in flags.items() if k != "config"})])
+    validate_flags(program, {k: v for layer in layers for k, v in layer.items()}, label)
     return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))
 
 
