@@ -156,3 +156,17 @@ def test_pretrained_of_another_width_is_refused(superand_run, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--width" in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_chosen_head_comes_from_the_epoch_just_trained(tmp_path):
+    """After one epoch the choice rests on that epoch's mean loss per head (what train_log.jsonl's epoch record
+    says), not on the epoch before."""
+    from clusterlab import rundir
+    from test_amp import trainer_for
+
+    trainer = trainer_for("embedul", "off", tmp_path / "run")
+    assert trainer.train_one_epoch(0)
+    means = [r for r in rundir.read_jsonl(tmp_path / "run" / "train_log.jsonl") if r.get("epoch_end")][0]
+    expected = [means[f"head{h}_mean"] for h in range(2)]
+    assert trainer.method.last_head_losses == pytest.approx(expected, rel=1e-6)
+    assert trainer.method.chosen_head() == min(range(2), key=expected.__getitem__)

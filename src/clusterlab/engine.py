@@ -1,6 +1,6 @@
 """The training loop's machinery: one step, one epoch, checkpoints, resume, signals, the NaN guard, logs.
 
-The programs keep the loop over epochs visible (programs/pretrain.py); this module does what happens inside it:
+The programs keep the loop over epochs visible (programs/train.py); this module does what happens inside it:
 
     for epoch in range(start_epoch, args.epochs):
         completed = trainer.train_one_epoch(epoch, start_step)   # False: a stop signal cut the epoch short
@@ -16,10 +16,11 @@ step), every random generator (the global ones and the augmentation's), and the 
 memory banks, pseudo-labels). Batches depend only on (seed, epoch), so a run stopped in the middle of an epoch
 and started again continues with the same samples and the same crops, bit for bit on the CPU.
 
-A method takes part through hooks, called per step in this order: `before_step`, `prepare` (augmentation, outside
-autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward`, the optimiser and scaler step,
-`after_step` (an EMA teacher, a bank update that must see the new weights); `param_groups` decides the optimiser's
-groups (per-group learning-rate scale and weight decay).
+A method takes part through hooks: `on_epoch_start`; per step, in this order, `before_step`, `prepare`
+(augmentation, outside autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward`, the
+optimiser and scaler step, `after_step` (an EMA teacher, a bank update that must see the new weights); after the
+epoch's last step `on_epoch_end`; `param_groups` decides the optimiser's groups (per-group learning-rate scale and
+weight decay).
 
 Signals (signals.py): while an epoch runs, SIGUSR2 / SIGTERM are only remembered; every rank stops at the next
 step boundary, rank 0 writes checkpoint.pth, and the process exits with status 75 (run the same command again to
@@ -202,6 +203,7 @@ class Trainer:
             if self.stop_requested and not last_step:
                 return False
         self.position = (epoch + 1, 0)
+        method.on_epoch_end(epoch)
         if self.ctx.is_main and count:
             rundir.append_jsonl(log_path, {"epoch": epoch, "epoch_end": True, "global_step": self.global_step,
                                            **{f"{k}_mean": v / count for k, v in totals.items()},

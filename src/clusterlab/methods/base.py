@@ -86,6 +86,9 @@ class Method(nn.Module):
     def before_step(self, progress: Progress) -> None:
         pass
 
+    def on_epoch_end(self, epoch: int) -> None:
+        """After the last step of an epoch, before its checkpoint (collective)."""
+
     @torch.no_grad()
     def prepare(self, batch: Batch):
         return self.augment(batch.images, batch.global_size, batch.offset)

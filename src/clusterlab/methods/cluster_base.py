@@ -3,7 +3,8 @@
 Each such method has one or more heads, each mapping an image to scores over its own number of classes. The
 predicted class of a head is the argmax of its scores. Which head to report is decided without labels: the head
 with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN's too). The per-head
-losses are summed over the epoch here and all-reduced when it ends, so every rank makes the same choice.
+losses are summed over the epoch here and all-reduced when it ends (`on_epoch_end`), so every rank makes the same
+choice, and a run of one epoch chooses from that epoch.
 """
 from __future__ import annotations
 
@@ -49,18 +50,32 @@ class ClusterMethod(Method):
         self._loss_sums = values if self._loss_sums is None else self._loss_sums + values
         self._loss_count += 1
 
-    def on_epoch_start(self, epoch: int) -> None:
-        if self._loss_sums is not None and self._loss_count:
-            totals = torch.cat([self._loss_sums, torch.tensor([float(self._loss_count)], device=self._loss_sums.device)])
-            distributed.all_reduce_sum(totals)
+    def _global_loss_totals(self) -> torch.Tensor | None:
+        """Collective: per-head loss sums and the step count over all ranks (None before the first step)."""
+        if self._loss_sums is None:
+            return None
+        totals = torch.cat([self._loss_sums, torch.tensor([float(self._loss_count)], device=self._loss_sums.device)])
+        return distributed.all_reduce_sum(totals)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        totals = self._global_loss_totals()
+        if totals is not None and totals[-1] > 0:
             self.last_head_losses = (totals[:-1] / totals[-1]).tolist()
         self._loss_sums, self._loss_count = None, 0
 
     def extra_state(self) -> dict:
-        return {"last_head_losses": list(self.last_head_losses)}
+        """The chosen head's evidence, and the sums of the epoch under way (over all ranks: a run resumed in the
+        middle of an epoch, on any number of processes, chooses from the whole epoch)."""
+        totals = self._global_loss_totals()
+        return {"last_head_losses": list(self.last_head_losses),
+                "epoch_loss_totals": None if totals is None else totals.cpu()}
 
     def load_extra_state(self, state: dict) -> None:
         self.last_head_losses = list(state.get("last_head_losses", []))
+        totals = state.get("epoch_loss_totals")
+        self._loss_sums, self._loss_count = None, 0
+        if totals is not None and distributed.rank() == 0:  # the other ranks start their share from zero
+            self._loss_sums, self._loss_count = totals[:-1].to(self.device), int(totals[-1])
 
     # ---- starting from a pre-trained run ----
     def load_pretrained(self, source: str) -> str:

@@ -1,7 +1,8 @@
 """Grid files: a cartesian product of flag values, expanded into named runs and the evaluations chained to them.
 
     name: digits_smoke                 # the grid's name; runs go to runs/<name>/<run> unless output_root says
-    program: main_pretrain.py          # or main_cluster.py
+    program: main_pretrain.py          # optional: the program that trains the runs' method (main_cluster.py for
+                                       # SeLa, Self-Classifier, EmbedUL, else main_pretrain.py)
     config: configs/swav_digits.yaml   # optional base YAML (the program's --config); may also be an axis;
                                        # a relative path: from the current directory, else beside this file or
                                        # in a folder above it (slurm/programs.py find_config)
@@ -12,7 +13,7 @@
     flags: {width: 4}                  # set for every run
     stages:                            # instead of program/config: a pipeline, each stage a run chained afterok
       - {name: superand, config: configs/superand_cifar10.yaml, flags: {rounds: 5}}
-      - {name: embedul, program: main_cluster.py, config: configs/embedul_cifar10.yaml, pretrained_from: superand}
+      - {name: embedul, config: configs/embedul_cifar10.yaml, pretrained_from: superand}
     evals:                             # chained after each (last-stage) run (afterok), one job per checkpoint epoch
       programs: [eval_knn.py, eval_cluster.py]
       flags: {eval_cluster.py: {clusters: [10, 20]}}
@@ -34,7 +35,7 @@ from pathlib import Path
 from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from .programs import (EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, find_config, program_parser, to_argv,
-                       validate_flags)
+                       training_program, validate_flags)
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -180,13 +181,14 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
         previous = {}
         for index, stage in enumerate(stages):
             config_file = values.get("config", stage.get("config"))
-            program = stage["program"]
             if config_file:
                 config_file = find_config(config_file, path, f"grid {str(path)!r}")
+            layers = [*(config_layers(config_file) if config_file else []),
+                      (f"grid {str(path)!r}", {**flags, **stage.get("flags", {}), **own})]
+            program = training_program({k: v for _, layer in layers for k, v in layer.items()},
+                                       stage.get("program"), f"grid {str(path)!r}")
             # The grid's own values override its config's, whatever spelling (flag or alias) each uses.
-            *base, chosen = canonical_layers(program, [
-                *(config_layers(config_file) if config_file else []),
-                (f"grid {str(path)!r}", {**flags, **stage.get("flags", {}), **own})])
+            *base, chosen = canonical_layers(program, layers)
             merged = {key: value for layer in (*base, chosen) for key, value in layer.items()}
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
             if label in names:
@@ -221,7 +223,7 @@ def _stages(path, spec: dict) -> list[dict]:
     """The grid's training stages: `stages` (a pipeline: each may start from an earlier one's run with
     `pretrained_from`), or one unnamed stage made of the top-level `program` and `config`."""
     if not spec.get("stages"):
-        stages = [{"name": None, "program": spec.get("program", "main_pretrain.py"), "config": spec.get("config")}]
+        stages = [{"name": None, "program": spec.get("program"), "config": spec.get("config")}]
     elif "program" in spec or "config" in spec:
         _fail(path, "with `stages`, each stage names its own program and config (no top-level ones)")
     else:
@@ -233,8 +235,7 @@ def _stages(path, spec: dict) -> list[dict]:
         unknown = sorted(set(stage) - STAGE_KEYS)
         if unknown:
             _fail(path, f"unknown stage key {unknown[0]!r} (valid: {', '.join(sorted(STAGE_KEYS))})")
-        stage.setdefault("program", "main_pretrain.py")
-        if stage["program"] not in TRAINING_PROGRAMS:
+        if stage.get("program") is not None and stage["program"] not in TRAINING_PROGRAMS:
             _fail(path, f"program {stage['program']!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
         if len(stages) > 1 and not stage.get("name"):
             _fail(path, "every stage of a pipeline needs a `name`")

@@ -31,7 +31,7 @@ def find_config(config_file, source, label: str) -> Path:
 
 
 __all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "find_config", "program_parser", "to_argv",
-           "validate_flags"]
+           "training_program", "validate_flags"]
 
 
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
@@ -52,6 +52,24 @@ def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:
     that merging them lets a later mapping override an earlier one whatever spelling either uses."""
     parser = program_parser(name, {key: value for _, values in layers for key, value in values.items()})
     return [canonical_keys(parser, values, source, known_only=False) for source, values in layers]
+
+
+def training_program(values: dict, explicit: str | None, source: str) -> str:
+    """The training program of a run whose flags are `values`: the one that trains its method (main_cluster.py for
+    SeLa, Self-Classifier, EmbedUL; main_pretrain.py for the others and when no method is named), so grids and
+    recipes need not say it. An `explicit` program that does not train the method is refused."""
+    from ..methods import METHODS
+
+    method = values.get("method")
+    derived = None
+    if method in METHODS:
+        derived = next(name for name in TRAINING_PROGRAMS
+                       if PROGRAMS[name].program_kind == METHODS[method].program_kind)
+    if explicit is not None and explicit not in TRAINING_PROGRAMS:
+        raise ConfigError(f"{source}: program {explicit!r} is not one of: {', '.join(TRAINING_PROGRAMS)}")
+    if explicit is not None and derived is not None and explicit != derived:
+        raise ConfigError(f"{source}: method {method!r} trains with {derived}, not {explicit} (leave `program` out)")
+    return explicit or derived or "main_pretrain.py"
 
 
 def to_argv(values: dict) -> list[str]:

@@ -10,11 +10,12 @@ it), and RUN/slurm/JOBID.out links to it.
 Every value taken from a recipe or grid is shell-quoted, so no value can run a command; names (of scripts and
 stages) are restricted to letters, digits and _.-, and comments to one line each.
 
-Recipe file: a mapping of script names to
+Recipe file: a mapping of script names to recipes, and an optional `defaults:` recipe whose keys every recipe
+starts from (its resources merged key by key):
     config: configs/x.yaml            # the program's --config, as the script runs it from the repository root;
                                       # checked here from the current directory, else beside this file or in a
                                       # folder above it (slurm/programs.py find_config)
-    program: main_pretrain.py         # default
+    program: main_cluster.py          # optional: derived from the config's method
     flags: {epochs: 400}              # more flags
     epochs: [200, 400]                # optional: one script per value, the name holding `{epochs}`
     evals: [eval_linear.py, eval_knn.py, eval_cluster.py]
@@ -23,7 +24,7 @@ Recipe file: a mapping of script names to
     description: one line for the header
     stages:                           # instead of config/program/flags: a pipeline run in one job, each stage in
       - {name: superand, config: configs/superand_cifar10.yaml}          # $EXPERIMENT_PATH/<name>
-      - {name: embedul, program: main_cluster.py, config: configs/embedul_cifar10.yaml, pretrained_from: superand}
+      - {name: embedul, config: configs/embedul_cifar10.yaml, pretrained_from: superand}
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, find_config, to_argv, validate_flags
+from .programs import EVAL_PROGRAMS, canonical_layers, find_config, to_argv, training_program, validate_flags
 
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
 
@@ -193,10 +194,15 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None) -> dict[s
     root = Path.cwd() if root is None else root
     source = str(recipes_path.relative_to(root)) if recipes_path.is_absolute() and \
         recipes_path.is_relative_to(root) else str(recipes_path)
+    defaults = recipes.pop("defaults", None) or {}
+    if not isinstance(defaults, dict) or set(defaults) - RECIPE_KEYS:
+        raise ConfigError(f"{source}: `defaults` must be a mapping of recipe keys ({', '.join(sorted(RECIPE_KEYS))})")
     scripts = {}
     for key, recipe in recipes.items():
         if not isinstance(recipe, dict):
             raise ConfigError(f"{source}: recipe {key!r} must be a mapping")
+        recipe = {**defaults, **recipe,
+                  "resources": {**(defaults.get("resources") or {}), **(recipe.get("resources") or {})}}
         unknown = sorted(set(recipe) - RECIPE_KEYS)
         if unknown:
             raise ConfigError(f"{source}: recipe {key!r} has unknown key {unknown[0]!r} "
@@ -230,9 +236,6 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
     unknown = sorted(set(spec) - STAGE_KEYS)
     if unknown:
         raise ConfigError(f"{label}: stage has unknown key {unknown[0]!r} (valid: {', '.join(sorted(STAGE_KEYS))})")
-    program = spec.get("program", "main_pretrain.py")
-    if program not in TRAINING_PROGRAMS:
-        raise ConfigError(f"{label}: program {program!r} is not one of {', '.join(TRAINING_PROGRAMS)}")
     flags = {"config": spec["config"], **(spec.get("flags") or {})}
     if epochs is not None:
         flags["epochs"] = epochs
@@ -240,8 +243,10 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
         if forbidden in flags:
             raise ConfigError(f"{label} sets {forbidden!r}; the script sets it (DATASET_PATH, EXPERIMENT_PATH, "
                               f"pretrained_from)")
-    layers = canonical_layers(program, [*config_layers(find_config(spec["config"], recipes_path, label)),
-                                        (label, {k: v for k, v in flags.items() if k != "config"})])
+    layers = [*config_layers(find_config(spec["config"], recipes_path, label)),
+              (label, {k: v for k, v in flags.items() if k != "config"})]
+    program = training_program({k: v for _, layer in layers for k, v in layer.items()}, spec.get("program"), label)
+    layers = canonical_layers(program, layers)
     validate_flags(program, {k: v for layer in layers for k, v in layer.items()}, label)
     return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))
 
