@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 # A fixed fine -> coarse map for fabricated CIFAR-100 (7 is invertible mod 20, so each coarse class gets 5 fine
-# classes). It differs from the IIC table (seeds spec 7.5) for most fine classes, so a loader that reads a hand-typed
-# table instead of the pickle's coarse_labels fails.
+# classes). It differs from the IIC table (test_data_formats.IIC_COARSE) for most fine classes, so a loader that
+# reads a hand-typed table instead of the pickle's coarse_labels fails.
 CIFAR100_COARSE = np.array([(7 * fine + 3) % 20 for fine in range(100)], dtype=np.int64)
 
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]

@@ -21,7 +21,8 @@ FASHION_DIR = Path(registry.FASHION_MNIST_DIR)
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
 
-# The IIC CIFAR-100 -> 20 table (seeds spec 7.5): the fabricated pickles use a different map on purpose.
+# The IIC CIFAR-100 -> 20 table, which Self-Classifier v1 and EmbedUL type in by hand and which the real pickle's
+# coarse_labels hold: the fabricated pickles use a different map on purpose.
 IIC_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
               0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18,
               17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8,

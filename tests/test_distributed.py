@@ -1,4 +1,5 @@
-"""Distributed equivalence on 2 gloo processes (DESIGN.md, "Distributed semantics that must hold").
+"""Distributed equivalence on 2 gloo processes (docs/architecture.md, "Distributed runs do not depend on the world
+size").
 
 - GlobalBatchNorm on 2 processes = torch BatchNorm on the concatenated batch in 1 process (outputs, running
   statistics, input and parameter gradients; 1e-5 absolute, uneven splits included).

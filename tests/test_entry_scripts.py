@@ -1,6 +1,6 @@
 """The entry scripts end to end, tiny: main_pretrain -> eval_knn -> eval_cluster (K = 10 and an over-clustering
 K = 20) -> eval_cluster --baseline pixels -> collect_results, checking the run directory and the metrics records
-against DESIGN.md's shape."""
+against the contract of docs/run-directory.md."""
 from __future__ import annotations
 
 import json

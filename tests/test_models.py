@@ -27,9 +27,10 @@ def test_output_dimension(name, factor, width, channels, size):
     assert out.shape == (2, factor * width) and torch.isfinite(out).all()
 
 
-def test_parameter_counts_at_width_64_match_the_spec():
-    """Seeds spec 1.3: the bottleneck "resnet18" trunk is about 13.94 M parameters, the BasicBlock one 11.17 M.
-    Both must round to the spec's two decimals (tolerance 0.005 M), and the pooled outputs are 2048 and 512."""
+def test_parameter_counts_at_width_64_match_upstream():
+    """Un-Mix's bottleneck "resnet18" trunk (Bottleneck blocks [2, 2, 2, 2], UnMix_SwAV/for_CIFAR/src/resnet50.py) has
+    13.94 M parameters, the BasicBlock CIFAR ResNet-18 11.17 M (counted from the upstream definitions, to two
+    decimals: tolerance 0.005 M), and the pooled outputs are 2048 and 512."""
     basic, bottleneck = resnet18_cifar(3, 64), resnet18_bottleneck(3, 64)
     assert abs(count(basic) / 1e6 - 11.17) < 0.005
     assert abs(count(bottleneck) / 1e6 - 13.94) < 0.005
@@ -65,7 +66,7 @@ def _shapes(model: nn.Module, x: torch.Tensor) -> list[tuple]:
 
 
 def test_bottleneck_stem_pads_32_to_34():
-    """Seeds spec 1.3: ConstantPad2d(1) then conv 3x3/1/1: 32 -> 34, stages 34 -> 17 -> 9 -> 5."""
+    """Upstream's stem: ConstantPad2d(1) then conv 3x3/1/1: 32 -> 34, stages 34 -> 17 -> 9 -> 5."""
     model = resnet18_bottleneck(3, 4)
     assert _shapes(model, torch.randn(1, 3, 32, 32)) == [(34, 34), (34, 34), (17, 17), (9, 9), (5, 5)]
     # The pad is zeros: the border of the padded input is 0 for any image.

@@ -22,7 +22,7 @@ TRUST, EPS = 0.001, 1e-8
 # ---- LARS ------------------------------------------------------------------------------------------------------------
 
 def naive_lars_step(params, grads, buffers, lr, momentum, weight_decay, exclude_1d=False):
-    """apex LARC(SGD(momentum, weight_decay), clip=False), one parameter at a time (seeds spec 1.9):
+    """apex LARC(SGD(momentum, weight_decay), clip=False), one parameter at a time (apex/parallel/LARC.py):
     with both norms non-zero, g <- (g + wd w) * trust ||w|| / (||g|| + wd ||w|| + eps); otherwise g is untouched
     (apex neither decays nor scales it). Then torch SGD momentum (buffer = g at the first step) and w <- w - lr v."""
     new_params, new_buffers = [], []

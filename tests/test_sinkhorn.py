@@ -17,7 +17,8 @@ EPS = 0.05
 
 
 def naive_sinkhorn(scores: torch.Tensor, epsilon: float = EPS, iterations: int = 3) -> torch.Tensor:
-    """SwAV's 2021 reference (seeds spec 1.5 b) in float64, one process, no max subtraction, explicit loops."""
+    """SwAV's 2021 reference (main_swav.py distributed_sinkhorn) in float64, one process, no max subtraction,
+    explicit loops."""
     q = torch.exp(scores.double() / epsilon).t().clone()  # K x B
     k, b = q.shape
     q = q / q.sum()

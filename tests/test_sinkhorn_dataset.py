@@ -19,7 +19,8 @@ from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thr
 
 
 def naive_sela(p_lambda: np.ndarray, tol: float, check_every: int = 10):
-    """Upstream's loop (seeds spec 3.2) on a dense K x N matrix P^lambda: alpha, beta, labels, iterations, error."""
+    """Upstream's loop (self-label's cifar.py optimize_L_sk) on a dense K x N matrix P^lambda: alpha, beta, labels,
+    iterations, error."""
     classes, samples = p_lambda.shape
     beta = np.full(samples, 1.0 / samples)
     error, counter = math.inf, 0

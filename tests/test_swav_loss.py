@@ -16,7 +16,7 @@ TAU = 0.1
 
 
 def naive_swav_loss(scores, codes, temperature=TAU):
-    """Seeds spec 1.4 written out: mean over assignment crops c of the mean over crops v != c of
+    """SwAV's loss (main_swav.py `train`) written out: mean over assignment crops c of the mean over crops v != c of
     -1/B sum_b sum_k q_c[b, k] log softmax(s_v[b] / tau)_k, softmax by hand, float64, one sample at a time."""
     total = 0.0
     for c, q in codes.items():

@@ -67,8 +67,8 @@ def build_optimizer(params, args) -> torch.optim.Optimizer:
 class Schedule:
     """Learning rate of every iteration.
 
-    cosine (SwAV, seeds spec 1.9): linear warm-up from `start_warmup` to `lr` over the first
-    `warmup_epochs * steps_per_epoch` iterations (both ends included), then
+    cosine (SwAV's main_swav.py lines 178-182, facebookresearch/swav@06b1b7c): linear warm-up from `start_warmup`
+    to `lr` over the first `warmup_epochs * steps_per_epoch` iterations (both ends included), then
     lr_t = final + (lr - final) (1 + cos(pi t / T)) / 2 over the remaining T iterations.
     step (NPID, Super-AND, EmbedUL): lr * gamma^(number of `drops` <= epoch).
     constant: lr. `period` > 0 restarts the schedule every `period` epochs (Super-AND's rounds).

@@ -1,5 +1,6 @@
 """Un-Mix's image mixtures (Shen et al., "Un-Mix: Rethinking Image Mixtures for Unsupervised Visual Representation
-Learning", AAAI 2022; seeds spec 1.8): each image mixed with the image at the mirrored position of its batch.
+Learning", AAAI 2022, arXiv:2003.05438; upstream `train` and `rand_bbox` in UnMix_SwAV/for_CIFAR/main_swav_unmix.py
+at szq0214/Un-Mix@0911f77): each image mixed with the image at the mirrored position of its batch.
 
 Global mixup: m = lam x + (1 - lam) x_rev. CutMix: a box of side ratio sqrt(1 - lam) centred uniformly at random
 and clipped to the image is pasted from x_rev, and lam becomes 1 - box area / image area (what the mixture

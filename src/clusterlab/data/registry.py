@@ -41,7 +41,8 @@ from .formats import (read_cifar, read_cifar_meta, read_idx, read_stl10_images, 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
-# The constants the upstream CIFAR recipes normalise with (seeds spec 7.6).
+# The constants the upstream CIFAR recipes normalise with: CIFAR-10's in Un-Mix/SwAV pre-training, NPID, SeLa,
+# Super-AND and EmbedUL (and for CIFAR-100 in Un-Mix and SeLa); CIFAR-100's in Super-AND and EmbedUL.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
 
