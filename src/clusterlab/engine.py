@@ -323,7 +323,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     try:
         yield started
     except SystemExit as stop:
-        if stop.code not in (0, None, signals.EXIT_REQUEUE):
+        # After a stop signal the exit is a requeue, whatever status the handler handed over to picks (submitit's
+        # is -1): status.json keeps "interrupted".
+        if signals.received() is None and stop.code not in (0, None, signals.EXIT_REQUEUE):
             started.record_failure(f"exit status {stop.code}")
         raise
     except BaseException as err:
