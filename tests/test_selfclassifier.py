@@ -294,6 +294,24 @@ def test_queue_replaces_view_one_once_full():
         range(100, 116))
 
 
+def test_global_crops_split_into_groups_of_their_own_train_the_same():
+    """`--nmb_crops 1 1 2` (each global crop its own group, for its own colour settings) is the same model and the
+    same loss as `--nmb_crops 2 2`: two global crops either way."""
+    common = ["--size_crops", 8, 8, 4, "--min_scale_crops", 0.4, 0.4, 0.1, "--max_scale_crops", 1, 1, 0.4]
+    split = sc_args("--nmb_crops", 1, 1, 2, *common)
+    joined = sc_args("--nmb_crops", 2, 2, "--size_crops", 8, 4, "--min_scale_crops", 0.4, 0.1,
+                     "--max_scale_crops", 1, 0.4)
+    losses = []
+    for args in (split, joined):
+        torch.manual_seed(0)
+        method = SelfClassifier(args, INFO, CPU)
+        assert method.num_global_crops == 2 and method.augment.num_crops == 4
+        images = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+        batch = Batch(images, torch.zeros(16, dtype=torch.long), torch.arange(16), 16, 0)
+        losses.append(method(method.prepare(batch), batch, Progress(0, 0, 0, 1))[0])
+    assert torch.equal(losses[0], losses[1])
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------------
 
 def test_main_cluster_selfclassifier_run_reloads_its_heads(tmp_path):

@@ -27,6 +27,7 @@ NN-accuracy monitor (it needs the labels).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -182,6 +183,13 @@ class SelfClassifier(ClusterMethod):
         z = self.embedding(images)
         return [head(z) for head in self.heads]
 
+    @property
+    def num_global_crops(self) -> int:
+        """The crops of the leading groups of the first group's size: `--nmb_crops 2 6` and, with each global crop's
+        own colour settings as upstream's, `--nmb_crops 1 1 6 --size_crops 224 224 96` both give 2."""
+        groups = self.augment.crops
+        return sum(g.count for g in itertools.takewhile(lambda g: g.size == groups[0].size, groups))
+
     # ---- training ----
     def forward(self, crops, batch: Batch, progress: Progress):
         z = self.embed(crops)
@@ -193,7 +201,7 @@ class SelfClassifier(ClusterMethod):
         with torch.autocast(self.device.type, enabled=False):
             views = gather_views(logits, len(crops))
             rows = slice(batch.offset, batch.offset + n)
-            losses = [self_classifier_loss(v, rows, args.row_tau, args.col_tau, args.nmb_crops[0],
+            losses = [self_classifier_loss(v, rows, args.row_tau, args.col_tau, self.num_global_crops,
                                            uniform_prior=not self.v1, eps=args.eps) for v in views]
         self.record_head_losses(losses)
         loss = torch.stack(losses).mean()
