@@ -77,12 +77,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), text.encode())
 
 
-def save(state: dict, path: str | os.PathLike, *, kind: str, method: str) -> None:
-    """Atomically write `state` with its tags (`kind` is pretrain, cluster or linear)."""
+def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str) -> None:
+    """Atomically write `state` with its tags (`kind` is pretrain, cluster or linear) to `path`, or to each of a
+    list of paths in order (serialised once)."""
     payload = {"format": FORMAT, "schema": SCHEMA, "kind": kind, "method": method, **state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    _atomic_write(Path(path), buffer.getbuffer())
+    for target in path if isinstance(path, list) else [path]:
+        _atomic_write(Path(target), buffer.getbuffer())
 
 
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,

@@ -126,8 +126,8 @@ class Trainer:
         others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when."""
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
-            for name in sorted(names, key=lambda n: n == "checkpoint.pth"):
-                checkpoint.save(state, self.run_dir / name, kind=self.kind, method=self.args.method)
+            paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
+            checkpoint.save(state, paths, kind=self.kind, method=self.args.method)
         self.saved_position = (epoch, step)
         distributed.barrier()
 
