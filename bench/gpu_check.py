@@ -96,7 +96,7 @@ FULL = Sizes(50_000, 30, 5, 512, 40, 10, 4096, 3000, 50_000, 128, 10, 10_000, 50
 # takes minutes on a CPU whatever the sizes.
 TINY = Sizes(256, 4, 1, 16, 4, 1, 96, 30, 500, 16, 2, 100, 500, 2, 4, 64, (32, 16), 2,
              training_flags=["--width", "4", "--batch_size", "16", "--size_crops", "16"],
-             method_flags={"selfclassifier": ["--hidden_dim", "64", "--size_crops", "16", "8"]})
+             method_flags={"selfclassifier": ["--hidden_dim", "64", "--size_crops", "16", "16", "8"]})
 
 
 @dataclass
