@@ -72,7 +72,7 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("epochs", 2.5, "expected an integer, got 2.5"),         # int(2.5) would silently be 2
     ("width", True, "expected a number"),                    # int(True) would silently be 1
     ("lr", False, "expected a number"),
-    ("optimizer", "adam", "is not one of: sgd, lars"),       # a bad choice
+    ("optimizer", "adamw", "is not one of: sgd, lars, adam"),  # a bad choice
     ("nesterov", "maybe", "invalid boolean 'maybe'"),
     ("arch", ["a", "b"], "expected one value, got list"),    # a flag without a type takes one string
     ("nmb_crops", [2, "x"], "'x'"),                        # one bad item of a list flag

@@ -33,7 +33,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=100)
     group.add_argument("--batch_size", type=positive_int, default=256, help="global batch, over all ranks")
-    group.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
+    group.add_argument("--optimizer", choices=["sgd", "lars", "adam"], default="sgd")
     group.add_argument("--lr", type=non_negative_float, default=0.03, help="base learning rate")
     group.add_argument("--final_lr", type=non_negative_float, default=0.0, help="cosine schedule's final learning rate")
     group.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")

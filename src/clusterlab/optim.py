@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules: SGD, our LARS, and per-iteration warm-up + cosine or step schedules."""
+"""Optimisers and learning-rate schedules: SGD, our LARS, Adam (SCAN), and per-iteration warm-up + cosine or step schedules."""
 from __future__ import annotations
 
 import math
@@ -61,7 +61,11 @@ def build_optimizer(params, args) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                nesterov=args.nesterov)
-    raise ConfigError(f"unknown --optimizer {args.optimizer!r} (choose one of: sgd, lars)")
+    if args.optimizer == "adam":
+        # torch's Adam with its default betas and eps, as SCAN's code calls it; weight decay is the L2 term it adds
+        # to the gradient (not AdamW's decoupled decay)
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    raise ConfigError(f"unknown --optimizer {args.optimizer!r} (choose one of: sgd, lars, adam)")
 
 
 class Schedule:

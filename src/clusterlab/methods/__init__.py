@@ -4,6 +4,8 @@ from __future__ import annotations
 from .base import Batch, DataInfo, Method, Progress
 from .embedul import EmbedUL
 from .npid import NPID
+from .scan import SCAN
+from .scan_selflabel import SCANSelfLabel
 from .sela import SeLa
 from .selfclassifier import SelfClassifier
 from .superand import SuperAND
@@ -18,6 +20,8 @@ METHODS: dict[str, type[Method]] = {
     "sela": SeLa,
     "selfclassifier": SelfClassifier,
     "embedul": EmbedUL,
+    "scan": SCAN,
+    "scan_selflabel": SCANSelfLabel,
 }
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Progress"]

@@ -86,7 +86,7 @@ class ClusterMethod(Method):
             if key in saved and saved[key] != getattr(self.args, key):
                 raise ConfigError(f"--pretrained {source!r} was trained with --{key} {saved[key]!r}, this run has "
                                   f"--{key} {getattr(self.args, key)!r}")
-        model = state["model"]
+        model = self.pretrained_weights(source, state)
         for part in self.pretrained_parts:
             prefix = f"{part}."
             weights = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
@@ -99,6 +99,11 @@ class ClusterMethod(Method):
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
         return str(path)
+
+    def pretrained_weights(self, source: str, state: dict) -> dict:
+        """The pre-trained checkpoint's weights under this model's names (SCAN's self-labelling renames the chosen
+        head of its scan run)."""
+        return state["model"]
 
 
 def read_pretrained(source: str) -> tuple[Path, dict]:

@@ -1,0 +1,161 @@
+"""SCAN stage 2, clustering by the neighbours of a pre-trained embedding (Van Gansbeke, Vandenhende, Georgoulis,
+Proesmans and Van Gool, "SCAN: Learning to Classify Images without Labels", ECCV 2020, arXiv:2005.12320; upstream
+code wvangansbeke/Unsupervised-Classification@952ec31 scan.py, utils/train_utils.py `scan_train`,
+data/custom_dataset.py `NeighborsDataset`, utils/memory.py `mine_nearest_neighbors`).
+
+`--pretrained` is any run of this suite with a backbone (SwAV, Un-Mix, NPID, Super-AND, ...). Before the first step
+the backbone's features of the test view of every training image, L2-normalised, give each image its K =
+`--num_neighbours` nearest others by cosine (ops/knn.dataset_neighbours); with the image itself they form its
+K + 1 candidates, as upstream's search of K + 1 includes the sample. They are kept in the checkpoint, so a resumed
+run draws from the same lists.
+
+Per step each anchor a of the batch is paired with one candidate n(a) drawn uniformly among its K + 1 (itself
+possible, as upstream); both get the strong augmentation (data/randaugment.py) and go through the backbone in two
+passes. On the backbone sit `--num_heads` linear heads of `--head_classes` classes, each trained with
+losses/scan.scan_loss; the step's loss is the sum over the heads, as upstream's. The whole network is trained
+(upstream's `update_cluster_head_only: False`). The head reported is the one with the lowest mean training loss
+of the last epoch (upstream chooses by its loss on the test split's neighbours).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+
+from .. import distributed
+from ..config import non_negative_float, non_negative_int, positive_int
+from ..data.loader import resident
+from ..data.randaugment import StrongAugment
+from ..errors import ConfigError
+from ..losses.scan import scan_loss
+from ..models import build_backbone
+from ..ops.knn import dataset_neighbours
+from .base import Batch, DataInfo, Progress
+from .cluster_base import ClusterMethod
+from .scan_base import add_strong_augment_args, require_in_memory
+
+# Offset from --seed of the generator that picks each anchor's neighbour (the augmentation uses --seed itself).
+PICK_SEED = 1
+
+
+class SCAN(ClusterMethod):
+    name = "scan"
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("scan")
+        group.add_argument("--num_heads", type=positive_int, default=1,
+                           help="clustering heads (1 in upstream's CIFAR and STL-10 recipes, 10 for ImageNet)")
+        group.add_argument("--head_classes", type=non_negative_int, default=0,
+                           help="classes of every head (0: the dataset's)")
+        group.add_argument("--num_neighbours", "--num_neighbors", type=positive_int, default=20,
+                           help="K nearest neighbours mined for every training image")
+        group.add_argument("--entropy_weight", type=non_negative_float, default=5.0,
+                           help="weight of the entropy of the mean prediction")
+        add_strong_augment_args(group)
+        # upstream configs/scan/scan_cifar10.yml
+        parser.set_defaults(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="constant", warmup_epochs=0,
+                            epochs=50, batch_size=128)
+
+    def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
+        super().__init__(args, info, device)
+        if args.num_neighbours >= info.num_samples:
+            raise ConfigError(f"--num_neighbours {args.num_neighbours} needs more training images than the "
+                              f"{info.num_samples} there are (use at most {info.num_samples - 1})")
+        self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
+        classes = args.head_classes or info.num_classes
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, classes) for _ in range(args.num_heads))
+        self.augment = StrongAugment(args.strong_ops, args.cutout, info.mean, info.std, args.seed)
+        self.pick = torch.Generator().manual_seed(args.seed + PICK_SEED)
+        self.neighbours: torch.Tensor | None = None  # (N, K + 1): each image, then its K nearest others
+        self.train_set = None
+
+    def attach_data(self, train_set) -> None:
+        require_in_memory(train_set, self.name)
+        self.train_set = train_set
+
+    @property
+    def head_sizes(self) -> list[int]:
+        return [head.out_features for head in self.heads]
+
+    def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(images)
+        return [head(features) for head in self.heads]
+
+    # ---- neighbours ----
+    @torch.no_grad()
+    def mine_neighbours(self) -> torch.Tensor:
+        """Collective: each training image and its K nearest others by the cosine of the backbone's features of
+        the test view (eval mode), (N, K + 1) int64."""
+        from ..eval.features import extract  # eval.features imports the methods package: import it when used
+
+        was_training = self.training
+        self.eval()
+        try:
+            features = extract(self.backbone, self.train_set, self.eval_view, self.info.mean, self.info.std,
+                               self.device, workers=self.args.workers)
+        finally:
+            self.train(was_training)
+        found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
+        return found.indices
+
+    def before_step(self, progress: Progress) -> None:
+        if self.neighbours is not None:
+            return
+        self.neighbours = self.mine_neighbours().to(self.device)
+        if distributed.rank() == 0:
+            labels = self.train_set.labels.to(self.device)
+            agree = (labels[self.neighbours[:, 1:]] == labels[:, None]).float().mean()
+            print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined; "
+                  f"{100 * agree:.2f}% share their image's label (a monitor, never used)", flush=True)
+
+    # ---- training ----
+    @torch.no_grad()
+    def prepare(self, batch: Batch):
+        n = len(batch.indices)
+        choice = torch.randint(self.neighbours.shape[1], (batch.global_size,), generator=self.pick)
+        choice = choice[batch.offset: batch.offset + n].to(self.device)
+        partners = self.neighbours[batch.indices, choice]
+        pixels, _ = resident(self.train_set, self.device)
+        partner_images = pixels[partners.to(pixels.device)].to(self.device)
+        anchors = self.augment(batch.images, batch.global_size, batch.offset)
+        partner_views = self.augment(partner_images, batch.global_size, batch.offset)
+        return anchors, partner_views
+
+    def forward(self, inputs, batch: Batch, progress: Progress):
+        anchors, partners = inputs
+        anchor_features, partner_features = self.backbone(anchors), self.backbone(partners)
+        totals, consistencies, entropies = [], [], []
+        with torch.autocast(self.device.type, enabled=False):
+            for head in self.heads:
+                total, consistency, entropy = scan_loss(head(anchor_features.float()),
+                                                        head(partner_features.float()), self.args.entropy_weight)
+                totals.append(total)
+                consistencies.append(consistency.detach())
+                entropies.append(entropy.detach())
+        self.record_head_losses(totals)
+        terms = {"scan": torch.stack(totals).detach().mean(), "consistency": torch.stack(consistencies).mean(),
+                 "entropy": torch.stack(entropies).mean()}
+        return torch.stack(totals).sum(), terms
+
+    # ---- state ----
+    def extra_state(self) -> dict:
+        neighbours = None if self.neighbours is None else self.neighbours.cpu()
+        return {**super().extra_state(), "neighbours": neighbours}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        neighbours = state.get("neighbours")
+        if neighbours is not None:
+            expected = (self.info.num_samples, self.args.num_neighbours + 1)
+            if tuple(neighbours.shape) != expected:
+                raise ValueError(f"its neighbours are {tuple(neighbours.shape)}, this run needs {expected}")
+            self.neighbours = neighbours.to(self.device, torch.long)
+
+    def random_state(self) -> dict:
+        return {"augment": self.augment.state_dict(), "pick": self.pick.get_state()}
+
+    def load_random_state(self, state: dict) -> None:
+        self.augment.load_state_dict(state["augment"])
+        self.pick.set_state(state["pick"])
