@@ -29,6 +29,7 @@ from clusterlab.eval.knn import knn_accuracy, knn_class_scores
 from clusterlab.eval.metrics import cluster_metrics, count_matrix, hungarian_mapping
 from clusterlab.losses.iic import iic_loss
 from clusterlab.losses.npid import nce_scores
+from clusterlab.losses.scan import confident_cross_entropy, scan_loss
 from clusterlab.losses.selfclassifier import self_classifier_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.methods import npid as npid_module
@@ -46,7 +47,7 @@ main_cluster = entry_module("main_cluster")
 # can be added without a test.
 FAMILIES = ("swav_sinkhorn", "unmix_sinkhorn", "swav_loss", "unmix", "lr_schedule", "lars", "sela_sinkhorn",
             "selfclassifier_v1", "selfclassifier_v2", "npid_nce", "npid_softmax", "knn", "superand_anchors",
-            "superand_step", "embedul_iic", "embedul_step", "metrics")
+            "superand_step", "embedul_iic", "embedul_step", "metrics", "scan_loss", "scan_selflabel_ce")
 
 
 def names(family: str) -> list[str]:
@@ -119,7 +120,7 @@ def batch(indices: np.ndarray, labels: np.ndarray | None = None) -> Batch:
 def test_every_fixture_is_tested():
     families = {p.stem.split("__")[0] for p in GOLDEN.glob("*.npz")}
     assert families == set(FAMILIES)
-    assert len(list(GOLDEN.glob("*.npz"))) == sum(len(names(f)) for f in FAMILIES) == 31
+    assert len(list(GOLDEN.glob("*.npz"))) == sum(len(names(f)) for f in FAMILIES) == 35
 
 
 # ---- Sinkhorn-Knopp (ops/sinkhorn.py) --------------------------------------------------------------------------------
@@ -512,3 +513,34 @@ def test_metrics_over_clustering():
     mapping = hungarian_mapping(count_matrix(y_pred, y_true, p["num_clusters"], p["num_classes"]))
     check("metrics K>C acc (one-to-one, EmbedUL with class_num = K)", np.mean(mapping[y_pred] == y_true),
           data["acc_embedul_hungarian_classnum_K"], 1e-12)
+
+
+# ---- SCAN (losses/scan.py) -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", names("scan_loss"))
+def test_scan_loss(name):
+    """SCANLoss on anchor and neighbour logits: the total, its two terms and the gradients (one fixture has a row
+    whose similarity underflows, so BCELoss's log clamp at -100 decides it, and empty classes in the mean
+    prediction, so the 1e-8 clamp of the entropy applies)."""
+    data, p = load(name)
+    anchors = tensor(data["anchors"], requires_grad=True)
+    neighbours = tensor(data["neighbors"], requires_grad=True)
+    total, consistency, entropy = scan_loss(anchors, neighbours, p["entropy_weight"])
+    total.backward()
+    check(f"{name} total", total, data["total"], 1e-5)
+    check(f"{name} consistency", consistency, data["consistency"], 1e-5)
+    check(f"{name} entropy", entropy, data["entropy"], 1e-6)
+    check_scaled(f"{name} d total / d anchors", anchors.grad, data["grad_anchors"], 1e-7)
+    check_scaled(f"{name} d total / d neighbours", neighbours.grad, data["grad_neighbors"], 1e-7)
+
+
+@pytest.mark.parametrize("name", names("scan_selflabel_ce"))
+def test_scan_selflabel_cross_entropy(name):
+    """ConfidenceBasedCE: pseudo-labels of the confident weak views, class-balanced (or not) cross-entropy of the
+    strong views, and its gradient."""
+    data, p = load(name)
+    strong = tensor(data["strong"], requires_grad=True)
+    loss, _ = confident_cross_entropy(tensor(data["weak"]), strong, p["threshold"], p["balance"])
+    loss.backward()
+    check(f"{name} loss", loss, data["loss"], 1e-5)
+    check_scaled(f"{name} d loss / d strong", strong.grad, data["grad_strong"], 1e-7)

@@ -15,8 +15,6 @@ from .. import distributed
 
 # Upstream's EPS: the mean prediction is clamped below at it before its entropy is taken.
 ENTROPY_EPS = 1e-8
-# torch's BCELoss clamps log(x) at -100, so an anchor whose neighbour shares no class with it costs 100, not inf.
-LOG_FLOOR = -100.0
 
 
 def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor, entropy_weight: float
@@ -24,7 +22,7 @@ def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor, entro
     """(total, consistency, entropy) of one head for anchors a and one neighbour n(a) each (B x C logits):
 
         p(x) = softmax(logits of x)
-        consistency = -1/B sum_a max(log <p(a), p(n(a))>, -100)
+        consistency = -1/B sum_a max(log <p(a), p(n(a))>, -100)   (torch's BCE against 1, as upstream)
         entropy     = H(q) = -sum_c q_c log q_c,  q = max(mean over the global batch of p(a), 1e-8)
         total       = consistency - entropy_weight * entropy
 
@@ -34,7 +32,8 @@ def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor, entro
     anchor_probs = F.softmax(anchor_logits.float(), dim=1)
     neighbour_probs = F.softmax(neighbour_logits.float(), dim=1)
     similarity = (anchor_probs * neighbour_probs).sum(dim=1)
-    consistency = -similarity.log().clamp(min=LOG_FLOOR).mean()
+    # BCE against 1 is -log(similarity), clamped at -100 by torch with a finite gradient where it is 0
+    consistency = F.binary_cross_entropy(similarity, torch.ones_like(similarity))
     count = distributed.all_reduce_sum(torch.tensor(float(len(anchor_probs)), device=anchor_probs.device))
     mean_probs = (distributed.all_reduce_sum_with_grad(anchor_probs.sum(dim=0)) / count).clamp(min=ENTROPY_EPS)
     entropy = -(mean_probs * mean_probs.log()).sum()
