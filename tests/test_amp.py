@@ -1,6 +1,6 @@
 """Mixed precision on the CPU: the autocast / GradScaler path a GPU run takes, executed by the tests.
 
-For each of the seven methods, a few training steps under `--amp bf16` and `--amp fp16` (autocast on the CPU; fp16
+For each of the nine methods, a few training steps under `--amp bf16` and `--amp fp16` (autocast on the CPU; fp16
 with torch's CPU GradScaler): the loss stays finite, every parameter and every piece of state that must stay
 float32 does (weights, Sinkhorn inputs via the queue, memory banks, prototypes), and for fp16 the scaler's state
 is in the checkpoint. A run stopped in the middle of an epoch and resumed from its checkpoint ends bit-identical to
@@ -31,6 +31,8 @@ FLAGS = {
     "sela": ["--hc", "2", "--ncl", "5", "--nopts", "3", "--label_batch_size", "32"],
     "selfclassifier": ["--dim", "16", "--hidden_dim", "32", "--cls_size", "5", "--queue_len", "32"],
     "embedul": ["--low_dim", "16", "--num_heads", "2"],
+    "scan": ["--num_heads", "2", "--num_neighbours", "5", "--cutout", "4"],
+    "scan_selflabel": ["--ema", "true", "--confidence_threshold", "0.1", "--cutout", "4"],
 }
 
 
