@@ -1,0 +1,392 @@
+"""SCAN (methods/scan.py, methods/scan_selflabel.py, losses/scan.py, data/randaugment.py): the losses by hand and
+against naive loops, the mined neighbours against a brute-force search, the strong augmentation against PIL, the
+views and neighbour draws of a rank's slice equal to the global batch's, the EMA arithmetic and its exact resume,
+and the three stages end to end (embedding -> scan -> self-labelling) scored by eval_cluster.py. The losses
+against upstream's own code are in tests/test_golden.py (families scan_loss, scan_selflabel_ce)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import PIL.Image
+import PIL.ImageEnhance
+import PIL.ImageOps
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clusterlab import distributed, engine
+from clusterlab.data import randaugment
+from clusterlab.errors import ConfigError
+from clusterlab.losses.scan import class_balance_weights, confident_cross_entropy, confident_targets, scan_loss
+from clusterlab.methods import METHODS, Batch, DataInfo, Progress
+from clusterlab.programs.train import parse_args
+from conftest import entry_module
+from dist_utils import single_thread  # noqa: F401 - autouse fixture
+from test_amp import images
+from test_resume import assert_same_tensors
+
+TINY = ["--dataset", "digits", "--width", "4", "--device", "cpu", "--log_every", "100", "--sync_bn", "false"]
+
+
+# ---- the SCAN loss ---------------------------------------------------------------------------------------------------
+
+def test_scan_loss_by_hand_two_samples_three_classes():
+    """Logits log p give softmax p exactly. Anchors p(a) = (.5, .25, .25), (.2, .6, .2); neighbours
+    (.5, .3, .2), (.1, .8, .1). Dot products .25 + .075 + .05 = .375 and .02 + .48 + .02 = .52, so consistency =
+    -(ln .375 + ln .52) / 2; the mean anchor prediction is (.35, .425, .225), entropy = -sum q ln q."""
+    anchors = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]]).log()
+    neighbours = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]]).log()
+    total, consistency, entropy = scan_loss(anchors, neighbours, entropy_weight=5.0)
+    expected_consistency = -(math.log(0.375) + math.log(0.52)) / 2
+    expected_entropy = -(0.35 * math.log(0.35) + 0.425 * math.log(0.425) + 0.225 * math.log(0.225))
+    assert consistency.item() == pytest.approx(expected_consistency, abs=1e-6)
+    assert entropy.item() == pytest.approx(expected_entropy, abs=1e-6)
+    assert total.item() == pytest.approx(expected_consistency - 5.0 * expected_entropy, abs=1e-5)
+
+
+def naive_scan_loss(anchors, neighbours, weight):
+    """Loops over samples and classes, float64."""
+    b, c = len(anchors), len(anchors[0])
+    pa = [[math.exp(anchors[i][k]) / sum(math.exp(anchors[i][j]) for j in range(c)) for k in range(c)]
+          for i in range(b)]
+    pn = [[math.exp(neighbours[i][k]) / sum(math.exp(neighbours[i][j]) for j in range(c)) for k in range(c)]
+          for i in range(b)]
+    consistency = -sum(max(math.log(sum(pa[i][k] * pn[i][k] for k in range(c))), -100) for i in range(b)) / b
+    mean = [max(sum(pa[i][k] for i in range(b)) / b, 1e-8) for k in range(c)]
+    entropy = -sum(q * math.log(q) for q in mean)
+    return consistency - weight * entropy, consistency, entropy
+
+
+def test_scan_loss_equals_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    anchors, neighbours = torch.randn(12, 7, generator=g) * 2, torch.randn(12, 7, generator=g) * 2
+    ours = scan_loss(anchors, neighbours, 2.5)
+    reference = naive_scan_loss(anchors.double().tolist(), neighbours.double().tolist(), 2.5)
+    for value, expected in zip(ours, reference):
+        assert value.item() == pytest.approx(expected, abs=2e-6)
+
+
+def test_scan_loss_prefers_agreeing_neighbours_and_spread_classes():
+    """A neighbour predicting the anchor's class costs less than one predicting another; with the weight on,
+    all anchors in one class costs more than anchors spread over the classes."""
+    one_hot = torch.eye(4) * 6
+    agree, _, _ = scan_loss(one_hot, one_hot, 0.0)
+    disagree, _, _ = scan_loss(one_hot, one_hot.roll(1, dims=0), 0.0)
+    assert agree < disagree
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 6
+    assert scan_loss(collapsed, collapsed, 5.0)[0] > scan_loss(one_hot, one_hot, 5.0)[0]
+
+
+# ---- self-labelling: confident targets, class balance, the cross-entropy ---------------------------------------------
+
+def naive_confident_ce(weak, strong, threshold, balance):
+    """Loops: targets and mask by hand, weights n / n_c over the confident rows, weighted mean of -log softmax."""
+    b, c = len(weak), len(weak[0])
+    targets, mask = [], []
+    for row in weak:
+        probs = [math.exp(v) / sum(math.exp(u) for u in row) for v in row]
+        targets.append(max(range(c), key=probs.__getitem__))
+        mask.append(max(probs) > threshold)
+    confident = [targets[i] for i in range(b) if mask[i]]
+    weights = [1.0] * c
+    if balance:
+        for k in set(confident):
+            weights[k] = len(confident) / confident.count(k)
+    numerator = denominator = 0.0
+    for i in range(b):
+        if mask[i]:
+            log_prob = strong[i][targets[i]] - math.log(sum(math.exp(u) for u in strong[i]))
+            numerator += -weights[targets[i]] * log_prob
+            denominator += weights[targets[i]]
+    return numerator / denominator, targets, mask, weights
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_confident_cross_entropy_mask_and_weights_equal_a_naive_loop(balance):
+    g = torch.Generator().manual_seed(1)
+    weak = torch.randn(40, 5, generator=g) * 5
+    weak[:12, 1] += 10  # a large confident class
+    strong = torch.randn(40, 5, generator=g)
+    expected, targets, mask, weights = naive_confident_ce(weak.double().tolist(), strong.double().tolist(), 0.9,
+                                                          balance)
+    ours_targets, ours_mask = confident_targets(weak, 0.9)
+    assert ours_targets.tolist() == targets and ours_mask.tolist() == mask
+    assert 10 < sum(mask) < 40  # some rows confident, some not: the mask matters
+    if balance:
+        assert class_balance_weights(ours_targets, ours_mask, 5).tolist() == pytest.approx(weights, rel=1e-6)
+        assert len(set(weights)) > 1
+    loss, confident = confident_cross_entropy(weak, strong, 0.9, balance)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and confident.item() == sum(mask)
+
+
+def test_class_balance_weights_by_hand():
+    """Confident targets 0, 0, 0, 2 (n = 4): w_0 = 4 / 3, w_2 = 4 / 1, the absent class 1 keeps 1; the
+    unconfident row (target 1) counts for nothing."""
+    targets = torch.tensor([0, 0, 2, 1, 0])
+    mask = torch.tensor([True, True, True, False, True])
+    assert class_balance_weights(targets, mask, 3).tolist() == pytest.approx([4 / 3, 1.0, 4.0])
+
+
+def test_no_confident_sample_gives_a_zero_loss_with_a_gradient_path():
+    strong = torch.randn(6, 4, requires_grad=True)
+    loss, confident = confident_cross_entropy(torch.zeros(6, 4), strong, 0.99, True)
+    loss.backward()
+    assert loss.item() == 0.0 and confident.item() == 0 and torch.equal(strong.grad, torch.zeros(6, 4))
+
+
+# ---- the strong augmentation (data/randaugment.py) against PIL --------------------------------------------------------
+
+def _pil_and_tensor():
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 20, 24), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels.transpose(1, 2, 0)), torch.from_numpy(pixels)[None].float() / 255
+
+
+def _from_pil(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())[None].float() / 255
+
+
+PIL_EXACT = [
+    ("translate_x", 0.1, lambda im, v: im.transform(im.size, PIL.Image.AFFINE, (1, 0, v * 24, 0, 1, 0))),
+    ("translate_y", -0.05, lambda im, v: im.transform(im.size, PIL.Image.AFFINE, (1, 0, 0, 0, 1, v * 20))),
+    ("shear_x", 0.0833, lambda im, v: im.transform(im.size, PIL.Image.AFFINE, (1, v, 0, 0, 1, 0))),
+    ("shear_y", -0.1, lambda im, v: im.transform(im.size, PIL.Image.AFFINE, (1, 0, 0, v, 1, 0))),
+    ("rotate", 17.3, lambda im, v: im.rotate(v)),
+    ("rotate", -29.0, lambda im, v: im.rotate(v)),
+    ("autocontrast", 0.0, lambda im, v: PIL.ImageOps.autocontrast(im)),
+    ("equalize", 0.0, lambda im, v: PIL.ImageOps.equalize(im)),
+    ("solarize", 100.5, lambda im, v: PIL.ImageOps.solarize(im, v)),
+    ("posterize", 4.7, lambda im, v: PIL.ImageOps.posterize(im, int(v))),
+]
+
+
+@pytest.mark.parametrize("name, v, pil_op", PIL_EXACT, ids=[f"{n}_{v}" for n, v, _ in PIL_EXACT])
+def test_geometric_and_lookup_operations_equal_pil(name, v, pil_op):
+    image, x = _pil_and_tensor()
+    ours = randaugment.apply_operation(name, x, torch.tensor([v]))
+    assert torch.equal((ours * 255).round(), (_from_pil(pil_op(image, v)) * 255).round())
+
+
+@pytest.mark.parametrize("name, enhance", [("color", PIL.ImageEnhance.Color), ("contrast", PIL.ImageEnhance.Contrast),
+                                           ("brightness", PIL.ImageEnhance.Brightness),
+                                           ("sharpness", PIL.ImageEnhance.Sharpness)])
+def test_blends_equal_pil_up_to_its_rounding_to_8_bits(name, enhance):
+    """PIL rounds each result to 8 bits (and its grey and mean to integers); the batched blends keep floats."""
+    image, x = _pil_and_tensor()
+    for v in (0.3, 0.9):
+        ours = randaugment.apply_operation(name, x, torch.tensor([v]))
+        assert float((ours - _from_pil(enhance(image).enhance(v))).abs().max()) <= 1.5 / 255
+
+
+def test_cutout_equals_a_naive_box():
+    """A box of side 2 (l // 2) centred on (y, x), clipped at the border, zeroed after normalisation."""
+    params = randaugment.StrongParams(torch.zeros(3, dtype=torch.bool), torch.zeros(3, 0, dtype=torch.long),
+                                      torch.zeros(3, 0, dtype=torch.float64), torch.tensor([5, 16, 1]),
+                                      torch.tensor([0, 10, 4]), torch.tensor([7, 3, 4]))
+    ones = torch.ones(3, 2, 12, 12)
+    out = randaugment.cutout(ones, params)
+    expected = torch.ones(3, 2, 12, 12)
+    for i, (length, y, x) in enumerate(zip([5, 16, 1], [0, 10, 4], [7, 3, 4])):
+        for r in range(12):
+            for c in range(12):
+                if max(0, y - length // 2) <= r < min(12, y + length // 2) and \
+                        max(0, x - length // 2) <= c < min(12, x + length // 2):
+                    expected[i, :, r, c] = 0
+    assert torch.equal(out, expected)
+    assert expected[2].eq(1).all()  # l = 1: 1 // 2 = 0, no hole (as upstream)
+
+
+def test_operations_are_drawn_from_the_whole_list_with_upstream_ranges():
+    params = randaugment.sample_strong(4000, 8, 8, 4, 16, torch.Generator().manual_seed(0))
+    assert params.ops.unique().tolist() == list(range(14))
+    for index, (name, low, high) in enumerate(randaugment.OPERATIONS):
+        v = params.magnitudes[params.ops == index]
+        if name in randaugment.GEOMETRIC:
+            assert v.abs().min() >= min(abs(low), abs(high)) * 0 and v.abs().max() <= max(abs(low), abs(high))
+            assert (v < 0).any() and (v > 0).any()
+        else:
+            assert low <= v.min() and v.max() < high
+    assert params.cut_length.min() == 1 and params.cut_length.max() == 16
+
+
+# ---- the methods ------------------------------------------------------------------------------------------------------
+
+def build(method: str, train=None, *flags):
+    args = parse_args("cluster", ["--method", method, *TINY, "--output_dir", "unused", *flags])
+    train = train or images(64)
+    torch.manual_seed(0)
+    model = METHODS[method](args, DataInfo.of(train), torch.device("cpu"))
+    model.attach_data(train)
+    return model, train
+
+
+def test_mined_neighbours_equal_a_brute_force_search():
+    """Each image first, then its K others in decreasing cosine of the eval-mode backbone features of the test view
+    (equal cosines by index)."""
+    method, train = build("scan", None, "--num_neighbours", "6")
+    method.train()
+    found = method.mine_neighbours()
+    assert method.training  # back in train mode afterwards
+    method.eval()
+    with torch.no_grad():
+        views = (train.images.float() / 255 - 0.5) / 0.25
+        features = F.normalize(method.backbone(views), dim=1).double()
+    for i in range(len(train)):
+        order = sorted((j for j in range(len(train)) if j != i), key=lambda j: (-float(features[i] @ features[j]), j))
+        assert found[i].tolist() == [i] + order[:6], i
+
+
+def test_neighbours_are_kept_by_the_checkpoint_and_checked_on_load():
+    method, _ = build("scan", None, "--num_neighbours", "3")
+    method.before_step(Progress(0, 0, 0, 4))
+    state = method.extra_state()
+    assert state["neighbours"].shape == (64, 4)
+    fresh, _ = build("scan", None, "--num_neighbours", "3")
+    fresh.load_extra_state(state)
+    assert torch.equal(fresh.neighbours, method.neighbours)
+    other, _ = build("scan", None, "--num_neighbours", "4")
+    with pytest.raises(ValueError, match="neighbours are"):
+        other.load_extra_state(state)
+
+
+def test_a_ranks_slice_gets_the_global_batchs_views_and_neighbours():
+    """Views and neighbour draws come from the global batch's parameters: two half batches at their offsets give
+    what the whole batch gives (what makes a run independent of the world size), the same draws and operations;
+    the values agree to the last bit or one float32 step (the vectorised kernels sum in another order when a
+    batch of another size goes through them)."""
+    whole_method, train = build("scan", None, "--num_neighbours", "5", "--cutout", "4")
+    whole_method.before_step(Progress(0, 0, 0, 4))
+    indices = torch.arange(10, 26)
+    whole = whole_method.prepare(Batch(train.images[indices], train.labels[indices], indices, 16, 0))
+    for start in (0, 8):
+        half_method, _ = build("scan", None, "--num_neighbours", "5", "--cutout", "4")
+        half_method.neighbours = whole_method.neighbours
+        part = indices[start:start + 8]
+        half = half_method.prepare(Batch(train.images[part], train.labels[part], part, 16, start))
+        for ours, reference in zip(half, whole):
+            assert torch.allclose(ours, reference[start:start + 8], rtol=0, atol=1e-6)
+
+
+def test_neighbour_views_come_from_the_mined_candidates():
+    method, train = build("scan", None, "--num_neighbours", "3", "--strong_ops", "0", "--cutout", "0")
+    method.before_step(Progress(0, 0, 0, 4))
+    torch.manual_seed(5)
+    indices = torch.arange(0, 64)
+    method.augment.sample = lambda n, h, w: randaugment.StrongParams(  # no flip: views are the normalised images
+        torch.zeros(n, dtype=torch.bool), torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    _, partners = method.prepare(Batch(train.images, train.labels, indices, 64, 0))
+    normalised = (train.images.float() / 255 - 0.5) / 0.25
+    for i in range(64):
+        matches = [j for j in method.neighbours[i].tolist() if torch.equal(partners[i], normalised[j])]
+        assert matches, i
+
+
+def test_selflabel_takes_the_chosen_head_of_a_scan_run(tmp_path):
+    scan, _ = build("scan", None, "--num_heads", "3")
+    state = {"model": scan.state_dict(), "method_state": {"last_head_losses": [0.5, -1.0, 0.2]}, "method": "scan"}
+    selflabel, _ = build("scan_selflabel")
+    weights = selflabel.pretrained_weights("RUN", state)
+    assert torch.equal(weights["head.weight"], scan.heads[1].weight)
+    assert torch.equal(weights["head.bias"], scan.heads[1].bias)
+    assert not any(key.startswith("heads.") for key in weights)
+    with pytest.raises(ConfigError, match="starts from a scan run"):
+        selflabel.pretrained_weights("RUN", {"model": {"backbone.x": torch.zeros(1)}, "method": "swav"})
+
+
+def test_ema_moves_the_weights_and_returns_the_buffers_as_upstream():
+    """After an optimiser step w -> w', `after_step` sets the weights to alpha s + (1 - alpha) w' (s: the shadow,
+    the weights before training) and the buffers back to their values before training (upstream's apply_shadow)."""
+    method, train = build("scan_selflabel", None, "--ema", "true", "--ema_alpha", "0.9")
+    method.before_step(Progress(0, 0, 0, 4))
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    with torch.no_grad():
+        method.backbone(torch.randn(8, 1, 8, 8))  # batch norm updates its running statistics
+        for p in method.parameters():
+            p.add_(1.0)
+    method.after_step(Progress(0, 0, 0, 4))
+    names = dict(method.named_parameters())
+    for key, value in method.state_dict().items():
+        if key in names:
+            assert torch.allclose(value, 0.9 * before[key] + 0.1 * (before[key] + 1.0), atol=1e-6), key
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def selflabel_trainer(run_dir, pretrained_state=None) -> engine.Trainer:
+    args = parse_args("cluster", ["--method", "scan_selflabel", *TINY, "--batch_size", "16", "--epochs", "1",
+                                  "--ema", "true", "--ema_alpha", "0.5", "--confidence_threshold", "0.1",
+                                  "--cutout", "4", "--lr", "0.01", "--output_dir", str(run_dir)])
+    engine.seed_everything(args.seed)
+    train = images()
+    method = METHODS["scan_selflabel"](args, DataInfo.of(train), torch.device("cpu"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return engine.Trainer(method, args, distributed.init("cpu"), run_dir, train, kind="cluster")
+
+
+def test_ema_is_exact_across_a_mid_epoch_resume(tmp_path, stop_after):
+    torch.set_num_threads(1)
+    reference = selflabel_trainer(tmp_path / "reference")
+    assert reference.train_one_epoch(0)
+    stopped = selflabel_trainer(tmp_path / "stopped")
+    stop_after(stopped, 2)
+    assert not stopped.train_one_epoch(0) and stopped.position == (0, 2)
+    stopped.save(0, 2)
+    stop_after(None)
+    resumed = selflabel_trainer(tmp_path / "stopped")
+    assert resumed.resume() == (0, 2)
+    assert resumed.method.shadow is not None  # the shadow came from the checkpoint, not from the resumed weights
+    assert resumed.train_one_epoch(0, start_step=2)
+    ours, final = resumed.state_dict(1, 0), reference.state_dict(1, 0)
+    assert final["method_state"]["ema_shadow"] is not None
+    for key in ("model", "optimizer", "method_state", "method_random"):
+        assert_same_tensors(ours[key], final[key], key)
+
+
+def test_file_backed_datasets_are_refused_in_one_line():
+    method, train = build("scan")
+    files = type(train)(**{**{f: getattr(train, f) for f in ("name", "split", "labels", "num_classes", "channels",
+                                                              "image_size", "mean", "std", "class_names")},
+                           "files": ["a.png"] * len(train)})
+    with pytest.raises(ConfigError, match="held in memory") as caught:
+        method.attach_data(files)
+    assert "\n" not in str(caught.value)
+
+
+def test_too_many_neighbours_are_refused():
+    with pytest.raises(ConfigError, match="--num_neighbours 64"):
+        build("scan", None, "--num_neighbours", "64")
+
+
+# ---- the three stages end to end ---------------------------------------------------------------------------------------
+
+def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path):
+    """SwAV on digits, SCAN on its backbone (3 heads), self-labelling from the chosen head; eval_cluster.py scores
+    every head of both and marks the chosen one; the stage-3 model starts from the stage-2 weights."""
+    torch.set_num_threads(1)
+    pretrain, cluster, evaluate = entry_module("main_pretrain"), entry_module("main_cluster"), \
+        entry_module("eval_cluster")
+    small = ["--dataset", "digits", "--width", "4", "--device", "cpu", "--log_every", "100"]
+    pretrain.main(["--config", "configs/swav_digits.yaml", *small, "--epochs", "2",
+                   "--output_dir", str(tmp_path / "swav")])
+    cluster.main(["--method", "scan", *small, "--epochs", "2", "--num_heads", "3", "--num_neighbours", "5",
+                  "--pretrained", str(tmp_path / "swav"), "--output_dir", str(tmp_path / "scan")])
+    scan_state = torch.load(tmp_path / "scan" / "checkpoint.pth", weights_only=True)
+    losses = scan_state["method_state"]["last_head_losses"]
+    chosen = min(range(3), key=losses.__getitem__)
+    assert scan_state["method_state"]["neighbours"].shape == (898, 6)
+    cluster.main(["--method", "scan_selflabel", *small, "--epochs", "1", "--batch_size", "128",
+                  "--confidence_threshold", "0.2", "--pretrained", str(tmp_path / "scan"),
+                  "--output_dir", str(tmp_path / "selflabel")])
+    for run in ("scan", "selflabel"):
+        evaluate.main(["--run", str(tmp_path / run), "--plot", "false"])
+    scan_records = [json.loads(line) for line in (tmp_path / "scan" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["protocol"]["head"] for r in scan_records) == [0, 1, 2]
+    assert [r["protocol"]["head"] for r in scan_records if r["protocol"]["chosen"]] == [chosen]
+    records = [json.loads(line) for line in (tmp_path / "selflabel" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["split"] == "test"
+    for key in ("acc", "nmi", "ari"):
+        assert 0.0 <= records[0]["metrics"][key] <= 1.0
+    assert records[0]["metrics"]["acc"] > 0.1  # better than nothing: digits has 10 balanced classes
