@@ -61,7 +61,8 @@ from clusterlab.programs.train import parse_args  # noqa: E402
 
 # The CIFAR-10 recipe each method is checked with.
 RECIPES = {"swav": "swav_cifar10", "unmix": "unmix_cifar10", "npid": "npid_cifar10", "superand": "superand_cifar10",
-           "sela": "sela_cifar10_resnet", "selfclassifier": "selfclassifier_cifar10_v2", "embedul": "embedul_cifar10"}
+           "sela": "sela_cifar10_resnet", "selfclassifier": "selfclassifier_cifar10_v2", "embedul": "embedul_cifar10",
+           "scan": "scan_cifar10", "scan_selflabel": "scan_selflabel_cifar10"}
 GOALS = {"epoch": 3.0, "sinkhorn": 1e-3, "sela": 1.0, "knn": 1.0}  # seconds, on an H100-class GPU
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PARTS = ("a", "b", "c", "d")

@@ -90,3 +90,42 @@ def test_embedul_grid_stage_one_follows_the_pinned_code(tmp_path):
     for run in stage_one:
         args = parse_args("pretrain", run.argv())
         assert args.ue_mask_own is True and args.init == "default", run.name
+
+
+# SCAN's upstream configs (configs/scan/*.yml, configs/selflabel/*.yml at Unsupervised-Classification@952ec31), in
+# our flag names: the SCAN loss and the self-labelling, per dataset.
+SCAN_COMMON = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant", "warmup_epochs": 0,
+               "strong_ops": 4, "arch": "resnet18_cifar", "width": 64}
+SCAN_STAGE2 = {**SCAN_COMMON, "method": "scan", "num_heads": 1, "num_neighbours": 20, "entropy_weight": 5.0}
+SCAN_STAGE3 = {**SCAN_COMMON, "method": "scan_selflabel", "confidence_threshold": 0.99, "class_balance": True,
+               "ema": False, "batch_size": 1000}
+SCAN_RECIPES = {
+    "scan_cifar10": {**SCAN_STAGE2, "dataset": "cifar10", "epochs": 50, "batch_size": 128, "cutout": 16},
+    "scan_cifar100_20": {**SCAN_STAGE2, "dataset": "cifar100_20", "epochs": 100, "batch_size": 512, "cutout": 16},
+    "scan_stl10": {**SCAN_STAGE2, "dataset": "stl10", "train_split": "train", "epochs": 100, "batch_size": 128,
+                   "cutout": 32},
+    "scan_selflabel_cifar10": {**SCAN_STAGE3, "dataset": "cifar10", "epochs": 200, "cutout": 16},
+    "scan_selflabel_cifar100_20": {**SCAN_STAGE3, "dataset": "cifar100_20", "epochs": 200, "cutout": 16},
+    "scan_selflabel_stl10": {**SCAN_STAGE3, "dataset": "stl10", "train_split": "train", "epochs": 100, "cutout": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCAN_RECIPES))
+def test_scan_recipe_resolves_to_the_upstream_values(name):
+    args = vars(parse_args("cluster", ["--config", f"configs/{name}.yaml", "--output_dir", "unused"]))
+    drifted = {key: (args[key], value) for key, value in SCAN_RECIPES[name].items() if args[key] != value}
+    assert not drifted, f"configs/{name}.yaml drifted from upstream (ours, upstream): {drifted}"
+
+
+def test_scan_pipelines_chain_three_stages(tmp_path):
+    """The grid and the sbatch scripts run an embedding, then scan from it, then self-labelling from the scan run."""
+    runs = load_grid(ROOT / "configs" / "grids" / "scan_cifar.yaml", tmp_path).runs
+    by_stage = {stage: [run for run in runs if run.stage == stage] for stage in ("npid", "scan", "selflabel")}
+    assert all(len(stage_runs) == 3 for stage_runs in by_stage.values())
+    for scan_run, selflabel_run in zip(by_stage["scan"], by_stage["selflabel"]):
+        assert parse_args("cluster", selflabel_run.argv()).pretrained == str(scan_run.run_dir)
+    scripts = recipe_scripts(ROOT / "configs" / "recipes.yaml", ROOT)
+    for name in ("scan_c10", "scan_c100_20", "scan_stl10"):
+        text = scripts[name]
+        assert text.index("main_pretrain.py") < text.index("configs/scan_") < text.index("configs/scan_selflabel_")
+        assert '--pretrained "$EXPERIMENT_PATH"/scan' in text and '--pretrained "$EXPERIMENT_PATH"/npid' in text
