@@ -137,7 +137,7 @@ def test_no_confident_sample_gives_a_zero_loss_with_a_gradient_path():
     assert loss.item() == 0.0 and confident.item() == 0 and torch.equal(strong.grad, torch.zeros(6, 4))
 
 
-# ---- the strong augmentation (data/randaugment.py) against PIL --------------------------------------------------------
+# ---- the strong augmentation (data/randaugment.py) against PIL -------------------------------------------------------
 
 def _pil_and_tensor():
     pixels = np.random.default_rng(0).integers(0, 256, (3, 20, 24), dtype=np.uint8)
@@ -211,7 +211,7 @@ def test_operations_are_drawn_from_the_whole_list_with_upstream_ranges():
     assert params.cut_length.min() == 1 and params.cut_length.max() == 16
 
 
-# ---- the methods ------------------------------------------------------------------------------------------------------
+# ---- the methods -----------------------------------------------------------------------------------------------------
 
 def build(method: str, train=None, *flags):
     args = parse_args("cluster", ["--method", method, *TINY, "--output_dir", "unused", *flags])
@@ -360,7 +360,7 @@ def test_too_many_neighbours_are_refused():
         build("scan", None, "--num_neighbours", "64")
 
 
-# ---- the three stages end to end ---------------------------------------------------------------------------------------
+# ---- the three stages end to end -------------------------------------------------------------------------------------
 
 def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path):
     """SwAV on digits, SCAN on its backbone (3 heads), self-labelling from the chosen head; eval_cluster.py scores

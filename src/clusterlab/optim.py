@@ -1,4 +1,5 @@
-"""Optimisers and learning-rate schedules: SGD, our LARS, Adam (SCAN), and per-iteration warm-up + cosine or step schedules."""
+"""Optimisers and learning-rate schedules: SGD, our LARS, Adam (SCAN), and per-iteration warm-up + cosine or step
+schedules."""
 from __future__ import annotations
 
 import math

@@ -28,8 +28,8 @@ def methods_of(kind: str) -> list[str]:
 
 def get_args_parser(kind: str):
     description = {"pretrain": "Pre-train an embedding with a self-supervised method, into a run directory.",
-                   "cluster": "Train class-assignment heads (SeLa, Self-Classifier, EmbedUL, SCAN), from scratch or from "
-                              "a pre-trained run."}[kind]
+                   "cluster": "Train class-assignment heads (SeLa, Self-Classifier, EmbedUL, SCAN), from scratch "
+                              "or from a pre-trained run."}[kind]
     parser = config.new_parser(description, prog=PROGRAM[kind])
     parser.add_argument("--method", choices=methods_of(kind), default=DEFAULT_METHOD[kind],
                         help="method; `--method NAME --help` lists its own flags")
