@@ -390,3 +390,20 @@ def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path)
     for key in ("acc", "nmi", "ari"):
         assert 0.0 <= records[0]["metrics"][key] <= 1.0
     assert records[0]["metrics"]["acc"] > 0.1  # better than nothing: digits has 10 balanced classes
+
+
+def test_adam_is_torchs_adam_with_the_flags_lr_and_l2_weight_decay():
+    """One step of `--optimizer adam` equals torch.optim.Adam(lr, weight_decay) by hand: the first step moves each
+    weight by lr * sign(g + wd w) (m / sqrt(v) = +-1 up to eps)."""
+    from clusterlab.optim import build_optimizer
+
+    args = parse_args("cluster", ["--method", "scan", *TINY, "--output_dir", "unused", "--lr", "0.01",
+                                  "--weight_decay", "0.5"])
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    optimizer = build_optimizer([{"params": [weight]}], args)
+    assert isinstance(optimizer, torch.optim.Adam)
+    weight.grad = torch.tensor([0.1, 2.0, -5.0])
+    optimizer.step()
+    regularised = torch.tensor([0.1 + 0.5, 2.0 - 1.0, -5.0 + 1.5])
+    expected = torch.tensor([1.0, -2.0, 3.0]) - 0.01 * regularised.sign()
+    assert torch.allclose(weight.detach(), expected, atol=1e-6)
