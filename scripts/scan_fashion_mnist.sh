@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# SCAN's stages 2 and 3 on a Fashion-MNIST embedding run of this suite, on a 2-core CPU with one thread:
+# configs/scan_fashion_mnist.yaml from the embedding's backbone, then configs/scan_selflabel_fashion_mnist.yaml from
+# the scan run's chosen head; eval_cluster.py scores every head of both on the test split. The embedding run is only
+# read (its own k-means records, if it has them, are printed beside ours at the end).
+#   EMB=runs/fashion_mnist/unmix bash scripts/scan_fashion_mnist.sh
+#   EMB=runs/fashion_mnist/swav OUT=runs/scan_fm_swav bash scripts/scan_fashion_mnist.sh
+# The embedding must use configs/*_fashion_mnist.yaml's backbone (the CIFAR ResNet-18 at width 8). Started again with
+# the same OUT, each stage resumes from its checkpoint and recorded evaluations are skipped. Each stage's wall time
+# goes to $OUT/NAME.time, everything it printed to $OUT/NAME.log; the chosen heads' numbers are printed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+EMB=${EMB:-}
+OUT=${OUT:-runs/scan_fashion_mnist/$(basename "${EMB:-none}")}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+fail() {
+  echo "scan_fashion_mnist.sh: error: $1" >&2
+  exit 2
+}
+[ -n "$EMB" ] || fail "EMB is not set: give the Fashion-MNIST embedding run to start from (EMB=runs/fashion_mnist/unmix)"
+[ -f "$EMB/checkpoint.pth" ] || fail "EMB=$EMB holds no checkpoint.pth: give a finished embedding run directory"
+mkdir -p "$OUT"
+
+timed() {  # timed NAME COMMAND...: run, and note its wall time in $OUT/NAME.time
+  local name=$1 start=$SECONDS
+  shift
+  "$@" >> "$OUT/$name.log" 2>&1
+  echo "$((SECONDS - start))" > "$OUT/$name.time"
+}
+
+timed scan $PY main_cluster.py --config configs/scan_fashion_mnist.yaml --pretrained "$EMB" --output_dir "$OUT/scan" \
+  --device cpu
+$PY eval_cluster.py --run "$OUT/scan" --device cpu --skip_recorded true --plot false \
+  >> "$OUT/scan.log" 2>&1
+timed selflabel $PY main_cluster.py --config configs/scan_selflabel_fashion_mnist.yaml --pretrained "$OUT/scan" \
+  --output_dir "$OUT/selflabel" --device cpu
+$PY eval_cluster.py --run "$OUT/selflabel" --device cpu --skip_recorded true --plot false \
+  >> "$OUT/selflabel.log" 2>&1
+grep -h '"assignment": "kmeans"' "$EMB/metrics.jsonl" 2>/dev/null || echo "($EMB has no k-means record)"
+grep -h "chosen" "$OUT/scan.log" "$OUT/selflabel.log"
