@@ -14,8 +14,8 @@ def add_strong_augment_args(group) -> None:
 
 
 def require_in_memory(train_set, method: str) -> None:
-    """Both stages take images by dataset position at any step (a neighbour; nothing else yet), which the
-    image-file loader does not offer."""
+    """scan fetches each anchor's neighbour by dataset position, and both stages augment whole uint8 images
+    themselves (strong and weak views); the image-file loader gives neither (its workers cut the method's crops)."""
     if not train_set.in_memory:
         raise ConfigError(f"--method {method} needs a dataset held in memory (cifar10, cifar100, cifar100_20, stl10, "
                           f"fashion_mnist, digits); {train_set.name!r} is read from image files")

@@ -51,7 +51,7 @@ class SCANSelfLabel(ClusterMethod):
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("scan_selflabel")
         group.add_argument("--head_classes", type=non_negative_int, default=0,
-                           help="classes of the head (0: the dataset's; --pretrained sets it by its head)")
+                           help="classes of the head (0: the dataset's; the scan run's head must have as many)")
         group.add_argument("--confidence_threshold", type=probability, default=0.99,
                            help="a weak view's largest probability must exceed it for a pseudo-label")
         group.add_argument("--class_balance", "--apply_class_balancing", type=bool_flag, default=True,
