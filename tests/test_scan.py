@@ -23,7 +23,7 @@ from clusterlab.losses.scan import class_balance_weights, confident_cross_entrop
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.programs.train import parse_args
 from conftest import entry_module
-from dist_utils import single_thread  # noqa: F401 - autouse fixture
+from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_amp import images
 from test_resume import assert_same_tensors
 
@@ -135,6 +135,41 @@ def test_no_confident_sample_gives_a_zero_loss_with_a_gradient_path():
     loss, confident = confident_cross_entropy(torch.zeros(6, 4), strong, 0.99, True)
     loss.backward()
     assert loss.item() == 0.0 and confident.item() == 0 and torch.equal(strong.grad, torch.zeros(6, 4))
+
+
+def _losses_on_ranks(rank, world_size, anchors, neighbours, weak, strong):
+    share = anchors.shape[0] // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    a, n, s = (x[rows].clone().requires_grad_() for x in (anchors, neighbours, strong))
+    total, _, entropy = scan_loss(a, n, 5.0)
+    total.backward()
+    ce, confident = confident_cross_entropy(weak[rows], s, 0.9, True)
+    ce.backward()
+    return total.detach(), entropy.detach(), a.grad, n.grad, ce.detach(), confident, s.grad
+
+
+def test_losses_on_two_processes_equal_one_process():
+    """The mean of the ranks' losses is the one-process loss (the entropy of the global mean prediction, the class
+    weights and the denominator of the global batch), and a rank's rows get 2 x the one-process gradient, which
+    DDP's average over the 2 ranks divides back out."""
+    g = torch.Generator().manual_seed(2)
+    anchors, neighbours, strong = (torch.randn(16, 6, generator=g) * 2 for _ in range(3))
+    weak = torch.randn(16, 6, generator=g) * 5
+    weak[:6, 2] += 10
+    results = run_distributed(_losses_on_ranks, 2, anchors, neighbours, weak, strong)
+    whole = [x.clone().requires_grad_() for x in (anchors, neighbours, strong)]
+    total, _, entropy = scan_loss(whole[0], whole[1], 5.0)
+    total.backward()
+    ce, confident = confident_cross_entropy(weak, whole[2], 0.9, True)
+    ce.backward()
+    assert torch.allclose(sum(r[0] for r in results) / 2, total.detach(), atol=1e-5)
+    assert torch.allclose(sum(r[4] for r in results) / 2, ce.detach(), atol=1e-5)
+    for rank, (_, rank_entropy, grad_a, grad_n, _, rank_confident, grad_s) in enumerate(results):
+        rows = slice(rank * 8, (rank + 1) * 8)
+        assert torch.allclose(rank_entropy, entropy.detach(), atol=1e-6) and rank_confident == confident
+        assert torch.allclose(grad_a, 2 * whole[0].grad[rows], atol=1e-6)
+        assert torch.allclose(grad_n, 2 * whole[1].grad[rows], atol=1e-6)
+        assert torch.allclose(grad_s, 2 * whole[2].grad[rows], atol=1e-6)
 
 
 # ---- the strong augmentation (data/randaugment.py) against PIL -------------------------------------------------------
