@@ -135,16 +135,17 @@ def affine_matrices(names: list[str], magnitudes: torch.Tensor, height: int, wid
 
 def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """Nearest-pixel sampling of each image at its matrix's input coordinates, black outside."""
-    n, _, height, width = images.shape
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64) + 0.5,
-                            torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij")
+    _, _, height, width = images.shape
+    device = images.device
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=device) + 0.5,
+                            torch.arange(width, dtype=torch.float64, device=device) + 0.5, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)
-    source = points @ matrices.transpose(1, 2)  # (n, H*W, 2) input x, y
+    source = points @ matrices.to(device).transpose(1, 2)  # (n, H*W, 2) input x, y
     col, row = source[..., 0].floor().long(), source[..., 1].floor().long()
     inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
-    flat = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).to(images.device)
+    flat = row.clamp(0, height - 1) * width + col.clamp(0, width - 1)
     gathered = images.flatten(2).gather(2, flat[:, None, :].expand(-1, images.shape[1], -1))
-    return (gathered * inside.to(images.device)[:, None, :]).reshape(images.shape)
+    return (gathered * inside[:, None, :]).reshape(images.shape)
 
 
 def apply_operation(name: str, images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
