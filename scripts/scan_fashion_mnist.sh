@@ -39,4 +39,4 @@ timed selflabel $PY main_cluster.py --config configs/scan_selflabel_fashion_mnis
 $PY eval_cluster.py --run "$OUT/selflabel" --device cpu --skip_recorded true --plot false \
   >> "$OUT/selflabel.log" 2>&1
 grep -h '"assignment": "kmeans"' "$EMB/metrics.jsonl" 2>/dev/null || echo "($EMB has no k-means record)"
-grep -h "chosen" "$OUT/scan.log" "$OUT/selflabel.log"
+grep -h "chosen" "$OUT/scan.log" "$OUT/selflabel.log" || true

@@ -442,3 +442,33 @@ def test_adam_is_torchs_adam_with_the_flags_lr_and_l2_weight_decay():
     regularised = torch.tensor([0.1 + 0.5, 2.0 - 1.0, -5.0 + 1.5])
     expected = torch.tensor([1.0, -2.0, 3.0]) - 0.01 * regularised.sign()
     assert torch.allclose(weight.detach(), expected, atol=1e-6)
+
+
+def test_fashion_mnist_script_chains_the_stages_and_refuses_a_missing_embedding(tmp_path):
+    """scripts/scan_fashion_mnist.sh with a stand-in Python that only echoes its arguments: scan starts from EMB,
+    self-labelling from the scan run, both are scored; no EMB, or one without a checkpoint, is one line and exit 2."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "$*"\n')
+    fake.chmod(0o755)
+    emb, out = tmp_path / "emb", tmp_path / "out"
+    env = {**os.environ, "PY": str(fake), "OUT": str(out)}
+    script = ["bash", str(ROOT / "scripts" / "scan_fashion_mnist.sh")]
+    for given in ({}, {"EMB": str(emb)}):
+        refused = subprocess.run(script, env={**env, **given}, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    emb.mkdir()
+    (emb / "checkpoint.pth").touch()
+    done = subprocess.run(script, env={**env, "EMB": str(emb)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    scan, selflabel = (out / "scan.log").read_text(), (out / "selflabel.log").read_text()
+    assert f"main_cluster.py --config configs/scan_fashion_mnist.yaml --pretrained {emb} --output_dir {out}/scan" in scan
+    assert f"eval_cluster.py --run {out}/scan" in scan
+    assert (f"main_cluster.py --config configs/scan_selflabel_fashion_mnist.yaml --pretrained {out}/scan "
+            f"--output_dir {out}/selflabel") in selflabel
+    assert f"eval_cluster.py --run {out}/selflabel" in selflabel
+    assert int((out / "scan.time").read_text()) >= 0 and int((out / "selflabel.time").read_text()) >= 0
