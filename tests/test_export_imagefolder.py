@@ -7,15 +7,20 @@ import importlib.util
 import json
 import sys
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import fabricate
+from clusterlab import results
 from clusterlab.data import load, loader
 from clusterlab.data.augment import EvalView
 from clusterlab.errors import run_cli
-from conftest import ROOT, snapshot
+from clusterlab.eval.features import data_protocol
+from conftest import ROOT, entry_module, snapshot
 
 SPEC = importlib.util.spec_from_file_location("export_imagefolder", ROOT / "scripts" / "export_imagefolder.py")
 export = importlib.util.module_from_spec(SPEC)
@@ -142,3 +147,38 @@ def one_line_error(monkeypatch, capsys, argv: list) -> str:
     assert caught.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("export_imagefolder.py: error: ")
     return err[0]
+
+
+def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, capsys):
+    """Pixel baselines of a 20- and a 40-image export, and of the same 20 images under another folder name: each
+    record names its folder and split sizes, and collect_results.py gives each its own row (a row would otherwise
+    average over the folders as if they were seeds)."""
+    source, _ = fashion
+    runs = tmp_path / "runs"
+    for name, per_class in (("fm_20", 2), ("fm_40", 4), ("copy_of_fm_20", 2)):
+        export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--out", str(tmp_path / name),
+                     "--per_class", str(per_class)])
+        common = ["--baseline", "pixels", "--dataset", "imagefolder", "--data_path", str(tmp_path / name),
+                  "--output_dir", str(runs / name)]
+        entry_module("eval_knn").main([*common, "--k", "5"])
+        entry_module("eval_cluster").main([*common, "--plot", "false"])
+    records = {Path(r["_file"]).parent.name: r for r in results.read_records(runs) if r["eval"] == "knn"}
+    assert {key: records["fm_40"]["protocol"][key] for key in ("data", "train_images", "scored_images")} == \
+        {"data": "fm_40", "train_images": 40, "scored_images": 50}
+    assert records["fm_20"]["protocol"]["train_images"] == 20 and records["fm_20"]["dataset"] == "imagefolder"
+    entry_module("collect_results").main(["--root", str(runs), "--out", str(tmp_path / "tables"), "--plots", "false",
+                                          "--curves", "false", "--published", ""])
+    table = pd.read_csv(tmp_path / "tables" / "imagefolder.csv")
+    assert len(table) == 6 and (table["n"] == 1).all()
+    knn = table[table["eval"] == "knn"]
+    knn = knn.set_index(knn["protocol"].str.extract(r"data=(\S+)", expand=False))
+    assert sorted(knn.index) == ["copy_of_fm_20", "fm_20", "fm_40"]
+    # the same 20 images give the same number under either name; the 40 another one
+    assert knn.loc["fm_20", "top1_mean"] == knn.loc["copy_of_fm_20", "top1_mean"]
+    assert knn.loc["fm_20", "top1_mean"] == pytest.approx(100 * records["fm_20"]["metrics"]["top1"])
+    assert knn.loc["fm_40", "top1_mean"] == pytest.approx(100 * records["fm_40"]["metrics"]["top1"])
+
+
+def test_an_in_memory_dataset_adds_nothing_to_the_protocol():
+    digits = load("digits", "test")
+    assert data_protocol(digits, digits, EvalView.of(8, 8)) == {}
