@@ -166,8 +166,11 @@ def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, c
     assert {key: records["fm_40"]["protocol"][key] for key in ("data", "train_images", "scored_images")} == \
         {"data": "fm_40", "train_images": 40, "scored_images": 50}
     assert records["fm_20"]["protocol"]["train_images"] == 20 and records["fm_20"]["dataset"] == "imagefolder"
+    entry_module("eval_knn").main(["--baseline", "pixels", "--dataset", "digits", "--output_dir", str(runs / "digits"),
+                                   "--k", "5"])
     entry_module("collect_results").main(["--root", str(runs), "--out", str(tmp_path / "tables"), "--plots", "false",
-                                          "--curves", "false", "--published", ""])
+                                          "--curves", "false", "--published", "", "--combined",
+                                          str(tmp_path / "study.md")])
     table = pd.read_csv(tmp_path / "tables" / "imagefolder.csv")
     assert len(table) == 6 and (table["n"] == 1).all()
     knn = table[table["eval"] == "knn"]
@@ -177,6 +180,12 @@ def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, c
     assert knn.loc["fm_20", "top1_mean"] == knn.loc["copy_of_fm_20", "top1_mean"]
     assert knn.loc["fm_20", "top1_mean"] == pytest.approx(100 * records["fm_20"]["metrics"]["top1"])
     assert knn.loc["fm_40", "top1_mean"] == pytest.approx(100 * records["fm_40"]["metrics"]["top1"])
+    # --combined: both datasets' tables, as collect_results.py writes each on its own, in one file
+    combined = (tmp_path / "study.md").read_text()
+    for dataset in ("digits", "imagefolder"):
+        alone = (tmp_path / "tables" / f"{dataset}.md").read_text().removeprefix(f"# {dataset}\n\n")
+        assert f"## {dataset}\n\n{alone}" in combined
+    assert combined.index("## digits") < combined.index("## imagefolder")
 
 
 def test_an_in_memory_dataset_adds_nothing_to_the_protocol():
