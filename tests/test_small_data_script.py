@@ -75,3 +75,28 @@ def test_refuses_an_out_folder_that_holds_runs(scratch):
     done = run_script(scratch)
     assert done.returncode == 2 and "OUT=runs/small_data is not empty" in done.stderr
     assert not (scratch / "results").exists()
+
+
+TRY_A = ["--config", "configs/swav_fashion_mnist.yaml", "--dataset", "imagefolder", "--batch_size", "128",
+         "--epochs", "60", "--warmup_epochs", "5", "--nmb_prototypes", "30", "--freeze_prototypes_epochs", "1"]
+TRY_B = [*TRY_A, "--nmb_crops", "2", "4", "--size_crops", "20", "12", "--min_scale_crops", "0.3", "0.1",
+         "--max_scale_crops", "1.0", "0.4"]
+
+
+@pytest.mark.parametrize("recipe, measured", [
+    ("swav_small", TRY_B),
+    ("unmix_small", [*TRY_A, "--method", "unmix", "--unmix_prob", "0.5", "--unmix_beta", "1.0",
+                     "--unmix_mode", "faithful"]),
+])
+def test_the_small_recipes_are_the_tries_their_headers_report(recipe, measured, monkeypatch):
+    """swav_small.yaml resolves to try B of scripts/small_data_tries.sh, unmix_small.yaml to try A plus the mixtures
+    (the flags those command lines give), every flag alike."""
+    from conftest import entry_module
+
+    monkeypatch.chdir(ROOT)
+    parse = entry_module("main_pretrain").parse_args
+    ours = vars(parse(["--config", f"configs/{recipe}.yaml", "--output_dir", "unused"]))
+    tried = vars(parse([*measured, "--output_dir", "unused"]))
+    differing = {key: (ours.get(key), tried.get(key)) for key in set(ours) | set(tried)
+                 if key != "config" and ours.get(key) != tried.get(key)}
+    assert not differing
