@@ -67,7 +67,7 @@ class ImageSet:
     class_names: list
     images: torch.Tensor | None = None
     files: list | None = None
-    folder: str | None = None  # an image folder's DATA_PATH
+    folder: str | None = None  # an image folder's DATA_PATH: metrics records name the folder (eval.features)
     superclass_labels: torch.Tensor | None = None
     superclass_names: list | None = None
     cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
