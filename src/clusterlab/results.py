@@ -19,7 +19,7 @@ from . import rundir
 from .config import git_state, recorded_git_state
 from .models import backbone_label
 
-PROTOCOL_COLUMNS = ("fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
+PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
                     "clusters", "mapping", "head", "augmentation", "epochs")
 
 

@@ -67,6 +67,7 @@ class ImageSet:
     class_names: list
     images: torch.Tensor | None = None
     files: list | None = None
+    folder: str | None = None  # an image folder's DATA_PATH: metrics records name the folder (eval.features)
     superclass_labels: torch.Tensor | None = None
     superclass_names: list | None = None
     cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -315,7 +316,7 @@ def load_imagefolder(path: Path, split: str) -> ImageSet:
     channels, image_size, mean, std = _folder_statistics(train_files, train_root)
     return ImageSet(name="imagefolder", split=split, labels=torch.tensor(labels, dtype=torch.long),
                     num_classes=len(classes), channels=channels, image_size=image_size, mean=mean, std=std,
-                    class_names=classes, files=files)
+                    class_names=classes, files=files, folder=str(path))
 
 
 def _folder_statistics(train_files: list[str], train_root: Path) -> tuple[int, int, tuple, tuple]:

@@ -78,10 +78,15 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     return distributed.all_gather_uneven(local)
 
 
-def view_protocol(images: ImageSet, view: EvalView) -> dict:
-    """What a metrics record's protocol says about the test view: image folders' resize and centre crop (in-memory
-    sets are seen whole, as records before the image-folder pipeline said nothing)."""
-    return {} if images.in_memory else {"eval_resize": view.resize, "eval_crop": view.crop}
+def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView) -> dict:
+    """What a metrics record's protocol says about an image folder: its name and how many images its training and
+    scored splits hold (so that two folders, or two subsets of one dataset, never share a table row), and the test
+    view's resize and centre crop. A registered in-memory dataset is named by the record's `dataset` and seen whole:
+    nothing (as records before the image-folder pipeline said)."""
+    if scored_set.in_memory:
+        return {}
+    return {"data": Path(train_set.folder).resolve().name, "train_images": len(train_set),
+            "scored_images": len(scored_set), "eval_resize": view.resize, "eval_crop": view.crop}
 
 
 def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
@@ -110,8 +115,8 @@ class Evaluation:
         info = method.info
         return extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers)
 
-    def view_protocol(self) -> dict:
-        return view_protocol(self.test_set, self.loaded.method.eval_view)
+    def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
+        return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view)
 
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:

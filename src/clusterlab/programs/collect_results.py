@@ -4,7 +4,8 @@ and metric-against-epochs plots per dataset, and a PNG of training curves per ru
     python collect_results.py --root runs/ [--out runs/tables/]
 
 --out defaults to ROOT/tables, beside the runs the tables come from; the shipped tables in results/ change only when
-you name that folder (`--out results`), as scripts/fashion_mnist.sh does.
+you name that folder (`--out results`), as scripts/fashion_mnist.sh does. `--combined FILE` also writes every
+dataset's table into the one Markdown file FILE (scripts/small_data.sh: results/small_data.md).
 
 Tables: every metrics.jsonl under ROOT. Rows group records by dataset, method, backbone, epoch, evaluation and
 protocol; metrics are percentages, mean ± std over seeds with n. `revision` says whether the code that trained and
@@ -38,6 +39,8 @@ def get_args_parser():
     parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     parser.add_argument("--curves", type=config.bool_flag, default=True,
                         help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/")
+    parser.add_argument("--combined", default=None,
+                        help="also one Markdown file holding every dataset's table (a study over several datasets)")
     return parser
 
 
@@ -57,8 +60,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if not frame.empty:
-        write_tables(frame, published, out, args.plots)
+        sections = write_tables(frame, published, out, args.plots)
         written.append("tables")
+        if args.combined:
+            Path(args.combined).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.combined).write_text("".join(f"## {dataset}\n\n{markdown}\n\n"
+                                                   for dataset, markdown in sections).rstrip("\n") + "\n")
+            written.append(f"all of them in {args.combined}")
     for log in logs:
         write_curves(log.parent, Path(args.root), out / "curves")
     if logs:
@@ -66,7 +74,9 @@ def main(argv=None):
     print(f"\n{' and '.join(written)} written to {out}/")
 
 
-def write_tables(frame, published, out: Path, plots: bool) -> None:
+def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, str]]:
+    """OUT/DATASET.{md,csv,tex} (and plots) per dataset; returns (dataset, Markdown table) for each."""
+    sections = []
     for dataset, rows in frame.groupby("dataset", sort=True):
         table = results.attach_published(results.aggregate(rows), published)
         shown = results.display_table(table)
@@ -79,11 +89,13 @@ def write_tables(frame, published, out: Path, plots: bool) -> None:
             markdown += ("\n\nPublished numbers for these methods (their own protocols; `diff` above where epochs "
                          "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))
         print(f"\n## {dataset}\n\n{markdown}")
+        sections.append((dataset, markdown))
         table.to_csv(out / f"{dataset}.csv", index=False)
         (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n")
         (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True))
         if plots:
             results.plot_against_epochs(table, out, dataset)
+    return sections
 
 
 def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:

@@ -20,8 +20,8 @@ import torch
 from .. import cli, config, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import (baseline_view, extract, open_evaluation, open_pixel_baseline, pixels,
-                                      view_protocol)
+from ..eval.features import (baseline_view, data_protocol, extract, open_evaluation, open_pixel_baseline,
+                                      pixels)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -57,7 +57,7 @@ def main(argv=None):
         run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
         view = baseline_view(args, train_set)
         kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set, view), pixels(scored_set, view), scored_set,
-               "pixels", view_protocol(scored_set, view))
+               "pixels", data_protocol(train_set, scored_set, view))
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -71,7 +71,7 @@ def main(argv=None):
             scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
                                                                                 args.batch_size, args.workers)
             kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
-                   scored_set, args.features, evaluation.view_protocol())
+                   scored_set, args.features, evaluation.data_protocol(scored_set))
     distributed.shutdown()
 
 
@@ -107,7 +107,7 @@ def heads(args, ctx, evaluation, scored_set):
     for head, head_logits in enumerate(logits.split(sizes, dim=1)):
         base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
                 "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads",
-                **evaluation.view_protocol()}
+                **evaluation.data_protocol(scored_set)}
         if args.skip_recorded and results.has_record(loaded.run_dir, "cluster", loaded.checkpoint_name,
                                                      {**base, "split": args.split}):
             continue

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
-from ..eval.features import baseline_view, open_evaluation, open_pixel_baseline, pixels, view_protocol
+from ..eval.features import baseline_view, open_evaluation, open_pixel_baseline, pixels, data_protocol
 from ..eval.knn import knn_accuracy
 
 
@@ -63,7 +63,7 @@ def main(argv=None):
     metrics = knn_accuracy(train_x, train_set.labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes,
                            args.k, args.temperature)
     if ctx.is_main:
-        protocol.update(view_protocol(test_set, view))
+        protocol.update(data_protocol(train_set, test_set, view))
         record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
                                      checkpoint_name=checkpoint_name, run=Path(run_dir).name)
         record["dataset"] = test_set.name

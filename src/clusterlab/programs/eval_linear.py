@@ -89,7 +89,7 @@ def main(argv=None):
     if ctx.is_main:
         protocol = {"features": "backbone", "augmentation": protocol_name, "fit_on": "train", "epochs": args.epochs,
                     "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
-                    "selection": "last", "best_on_test_flagged": True, **evaluation.view_protocol()}
+                    "selection": "last", "best_on_test_flagged": True, **evaluation.data_protocol()}
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
         record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Write a registered dataset, or a class-balanced subset of its training split, as a PNG image folder.
+
+    python scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out data/fm_4000
+    python scripts/export_imagefolder.py --dataset fashion_mnist --count 8000 --out data/fm_8000
+    python main_pretrain.py --config configs/swav_small.yaml --dataset imagefolder --data_path data/fm_4000 ...
+
+The folder is what `--dataset imagefolder` reads: OUT/train/CLASS/INDEX.png and OUT/test/CLASS/INDEX.png. CLASS is
+the label's number, zero-padded, then the class name made safe for a file name (`00_T-shirt_top`), so the sorted
+folders give the labels back in their order; INDEX is the image's position in its split of the registered dataset,
+so each file says where it came from. `--per_class N` keeps N training images of every class, `--count N` N in all
+(N // classes per class, one more for the first N % classes classes); which ones depends only on `--seed`. The
+test split is written whole unless `--subset_test true`. OUT must not exist or be empty.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from clusterlab import config
+from clusterlab.errors import ConfigError, run_cli
+
+
+def get_args_parser():
+    parser = config.new_parser(__doc__.splitlines()[0], prog="export_imagefolder.py")
+    parser.add_argument("--dataset", required=True, help="a registered dataset (clusterlab.data.registry.DATASETS)")
+    parser.add_argument("--data_path", default=None, help="where its files are (the dataset's default if unset)")
+    parser.add_argument("--out", required=True, help="the image folder to write (must not exist or be empty)")
+    parser.add_argument("--per_class", type=config.positive_int, default=None,
+                        help="training images kept per class")
+    parser.add_argument("--count", type=config.positive_int, default=None,
+                        help="training images kept in all, spread evenly over the classes")
+    parser.add_argument("--subset_test", type=config.bool_flag, default=False,
+                        help="subset the test split the same way (default: written whole)")
+    parser.add_argument("--seed", type=int, default=0, help="which images a subset keeps")
+    return parser
+
+
+def class_folder_names(class_names: list) -> list[str]:
+    """Folder names that sort in label order and hold no path separator."""
+    width = len(str(len(class_names) - 1))
+    return [f"{label:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(name)).strip('_') or 'class'}"
+            for label, name in enumerate(class_names)]
+
+
+def per_class_quota(num_classes: int, per_class: int | None, count: int | None) -> np.ndarray | None:
+    """How many images each class keeps (None: all of them)."""
+    if per_class is not None and count is not None:
+        raise ConfigError(f"--per_class {per_class} and --count {count} both given: choose one")
+    if per_class is not None:
+        return np.full(num_classes, per_class)
+    if count is not None:
+        if count < num_classes:
+            raise ConfigError(f"--count {count} is below the {num_classes} classes: give at least one per class")
+        return count // num_classes + (np.arange(num_classes) < count % num_classes)
+    return None
+
+
+def balanced_subset(labels: np.ndarray, quota: np.ndarray, class_names: list, seed: int, split: str) -> np.ndarray:
+    """Sorted positions of quota[c] images of every class c, drawn without replacement from `seed`."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, wanted in enumerate(quota.tolist()):
+        members = np.flatnonzero(labels == label)
+        if wanted > len(members):
+            raise ConfigError(f"{wanted} images of class {class_names[label]!r} asked for, but the {split} split "
+                              f"has only {len(members)} (give --per_class or --count of at most that per class)")
+        chosen.append(rng.choice(members, size=wanted, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def main(argv=None):
+    from clusterlab.data import DATASETS, load
+
+    args = config.parse(get_args_parser(), argv)
+    if args.dataset not in DATASETS or args.dataset == "imagefolder":
+        choices = ", ".join(name for name in DATASETS if name != "imagefolder")
+        raise ConfigError(f"--dataset {args.dataset!r} is not a dataset this script exports (choose one of: {choices})")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder (remove it or choose another)")
+    splits = {"train": load(args.dataset, "train", args.data_path), "test": load(args.dataset, "test", args.data_path)}
+    train = splits["train"]
+    quota = per_class_quota(train.num_classes, args.per_class, args.count)
+    folders = class_folder_names(train.class_names)
+    # every subset is drawn (and refused) before anything is written
+    positions = {split: (balanced_subset(images.labels.numpy(), quota, images.class_names, args.seed, split)
+                         if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
+                 for split, images in splits.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    written, kept = {}, {}
+    for split, images in splits.items():
+        chosen = images.subset(positions[split])
+        written[split] = write_split(chosen, positions[split], out / split, folders)
+        kept[split] = np.bincount(chosen.labels.numpy(), minlength=images.num_classes).tolist()
+    (out / "export.json").write_text(json.dumps({
+        "dataset": args.dataset, "per_class": args.per_class, "count": args.count, "subset_test": args.subset_test,
+        "seed": args.seed, "images": written, "per_class_counts": kept, "classes": folders}) + "\n")
+    print(f"wrote {written['train']} training and {written['test']} test images of {args.dataset} "
+          f"({train.num_classes} classes) to {out}/")
+
+
+def write_split(images, positions: np.ndarray, root: Path, folders: list[str]) -> int:
+    """Every image of the in-memory set `images` as root/CLASS/POSITION.png, POSITION its index in the registered
+    split (zero-padded so that names sort in that order); the number written."""
+    from PIL import Image
+
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+    digits = len(str(int(positions.max()))) if len(positions) else 1
+    pixels = images.images.permute(0, 2, 3, 1).numpy()
+    for position, image, label in zip(positions.tolist(), pixels, images.labels.tolist()):
+        # (H, W, 1) becomes a mode-L file, (H, W, 3) an RGB one
+        array = image[:, :, 0] if image.shape[-1] == 1 else image
+        Image.fromarray(np.ascontiguousarray(array)).save(root / folders[label] / f"{position:0{digits}d}.png")
+    return len(images)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

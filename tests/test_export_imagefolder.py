@@ -1,0 +1,193 @@
+"""scripts/export_imagefolder.py: a fabricated Fashion-MNIST (real IDX .gz files) and scikit-learn's digits written
+as image folders and read back through `--dataset imagefolder`'s loader: the same pixels and labels, balanced
+subsets that depend only on the seed, and one-line errors that write nothing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fabricate
+from clusterlab import results
+from clusterlab.data import load, loader
+from clusterlab.data.augment import EvalView
+from clusterlab.errors import run_cli
+from clusterlab.eval.features import data_protocol
+from conftest import ROOT, entry_module, snapshot
+
+SPEC = importlib.util.spec_from_file_location("export_imagefolder", ROOT / "scripts" / "export_imagefolder.py")
+export = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(export)
+
+
+def read_back(root, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(images (N, C, H, W) uint8, labels, file names) as the suite's image-folder loader serves them."""
+    images = load("imagefolder", split, str(root))
+    view = EvalView.of(images.image_size, images.image_size)  # 28 -> 28: PIL hands the image back unchanged
+    batches = list(loader.sequential(images, torch.arange(len(images)), 64, view=view))
+    return torch.cat([batch for batch, _ in batches]), images.labels, images.files
+
+
+def positions_of(files: list) -> np.ndarray:
+    return np.array([int(name.rsplit("/", 1)[1].removesuffix(".png")) for name in files])
+
+
+@pytest.fixture
+def fashion(tmp_path):
+    """A 100 + 50 image Fashion-MNIST in IDX .gz files, and the arrays fabricate wrote into them."""
+    fabricate.make_fashion_mnist(tmp_path / "idx", n_train=100, n_test=50)
+    return tmp_path / "idx", fabricate.fashion_mnist_arrays(100, 50)
+
+
+def test_whole_dataset_round_trip(tmp_path, fashion):
+    source, arrays = fashion
+    export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--out", str(tmp_path / "out")])
+    for split in ("train", "test"):
+        expected_images, expected_labels = arrays[split]
+        images, labels, files = read_back(tmp_path / "out", split)
+        order = positions_of(files)
+        assert sorted(order.tolist()) == list(range(len(expected_labels)))  # every image, each once
+        assert torch.equal(images, torch.from_numpy(expected_images[order]))
+        assert torch.equal(labels, torch.from_numpy(expected_labels[order]))
+        # the label fabricate wrote into the pixels agrees with the class folder the file is in
+        assert np.array_equal(fabricate.decode_label(images.numpy()), labels.numpy())
+    assert load("imagefolder", "train", str(tmp_path / "out")).class_names[0] == "0_T-shirt_top"
+
+
+def test_per_class_subset_is_balanced_and_exact(tmp_path, fashion):
+    source, arrays = fashion
+    export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--out", str(tmp_path / "out"),
+                 "--per_class", "4", "--seed", "3"])
+    images, labels, files = read_back(tmp_path / "out", "train")
+    assert np.bincount(labels.numpy(), minlength=10).tolist() == [4] * 10
+    order = positions_of(files)
+    assert len(set(order.tolist())) == 40
+    assert torch.equal(images, torch.from_numpy(arrays["train"][0][order]))
+    assert torch.equal(labels, torch.from_numpy(arrays["train"][1][order]))
+    assert len(read_back(tmp_path / "out", "test")[1]) == 50  # the test split whole by default
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert record["images"] == {"train": 40, "test": 50} and record["per_class_counts"]["train"] == [4] * 10
+
+
+def test_count_spreads_the_remainder_and_depends_only_on_the_seed(tmp_path, fashion):
+    source, _ = fashion
+
+    def exported(name: str, seed: int, *extra: str) -> tuple[list, list]:
+        export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--out", str(tmp_path / name),
+                     "--count", "25", "--seed", str(seed), *extra])
+        _, train_labels, train_files = read_back(tmp_path / name, "train")
+        _, test_labels, _ = read_back(tmp_path / name, "test")
+        assert np.bincount(train_labels.numpy(), minlength=10).tolist() == [3] * 5 + [2] * 5
+        return positions_of(train_files).tolist(), test_labels.tolist()
+
+    first, test_whole = exported("a", 0)
+    again, _ = exported("b", 0)
+    other, test_subset = exported("c", 1, "--subset_test", "true")
+    assert first == again and first != other
+    assert len(test_whole) == 50
+    assert np.bincount(test_subset, minlength=10).tolist() == [3] * 5 + [2] * 5
+
+
+def test_digits_round_trip(tmp_path):
+    export.main(["--dataset", "digits", "--out", str(tmp_path / "digits"), "--per_class", "5"])
+    digits = load("digits", "train")
+    images, labels, files = read_back(tmp_path / "digits", "train")
+    order = positions_of(files)
+    assert images.shape == (50, 1, 8, 8)
+    assert torch.equal(images, digits.images[order]) and torch.equal(labels, digits.labels[order])
+
+
+def test_class_folder_names_sort_in_label_order():
+    names = export.class_folder_names([f"c/{i}" for i in range(12)])
+    assert names[:3] == ["00_c_0", "01_c_1", "02_c_2"] and sorted(names) == names
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--dataset", "mnist_typo"], ["--dataset 'mnist_typo'", "fashion_mnist", "digits"]),
+    (["--dataset", "imagefolder"], ["--dataset 'imagefolder'", "choose one of"]),
+    (["--dataset", "fashion_mnist", "--per_class", "20"], ["20 images of class", "has only", "at most"]),
+    (["--dataset", "fashion_mnist", "--count", "5"], ["--count 5", "10 classes"]),
+    (["--dataset", "fashion_mnist", "--per_class", "2", "--count", "30"], ["--per_class 2", "--count 30", "choose one"]),
+    (["--dataset", "fashion_mnist", "--per_class", "0"], ["--per_class", "0"]),
+])
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatch, capsys, extra, words):
+    source, _ = fashion
+    out = tmp_path / "out"
+    message = one_line_error(monkeypatch, capsys, ["--data_path", str(source), "--out", str(out), *extra])
+    assert all(word in message for word in words), message
+    assert not out.exists()
+
+
+def test_a_non_empty_output_folder_is_refused(tmp_path, fashion, monkeypatch, capsys):
+    source, _ = fashion
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = snapshot(out)
+    message = one_line_error(monkeypatch, capsys, ["--dataset", "fashion_mnist", "--data_path", str(source),
+                                                   "--out", str(out)])
+    assert f"--out {str(out)!r}" in message and "not an empty folder" in message
+    assert snapshot(out) == before
+
+
+def one_line_error(monkeypatch, capsys, argv: list) -> str:
+    """Run the script's main as `python scripts/export_imagefolder.py` would; its one stderr line (exit status 2)."""
+    monkeypatch.setattr(sys, "argv", ["export_imagefolder.py"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        run_cli(export.main, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert caught.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("export_imagefolder.py: error: ")
+    return err[0]
+
+
+def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, capsys):
+    """Pixel baselines of a 20- and a 40-image export, and of the same 20 images under another folder name: each
+    record names its folder and split sizes, and collect_results.py gives each its own row (a row would otherwise
+    average over the folders as if they were seeds)."""
+    source, _ = fashion
+    runs = tmp_path / "runs"
+    for name, per_class in (("fm_20", 2), ("fm_40", 4), ("copy_of_fm_20", 2)):
+        export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--out", str(tmp_path / name),
+                     "--per_class", str(per_class)])
+        common = ["--baseline", "pixels", "--dataset", "imagefolder", "--data_path", str(tmp_path / name),
+                  "--output_dir", str(runs / name)]
+        entry_module("eval_knn").main([*common, "--k", "5"])
+        entry_module("eval_cluster").main([*common, "--plot", "false"])
+    records = {Path(r["_file"]).parent.name: r for r in results.read_records(runs) if r["eval"] == "knn"}
+    assert {key: records["fm_40"]["protocol"][key] for key in ("data", "train_images", "scored_images")} == \
+        {"data": "fm_40", "train_images": 40, "scored_images": 50}
+    assert records["fm_20"]["protocol"]["train_images"] == 20 and records["fm_20"]["dataset"] == "imagefolder"
+    entry_module("eval_knn").main(["--baseline", "pixels", "--dataset", "digits", "--output_dir", str(runs / "digits"),
+                                   "--k", "5"])
+    entry_module("collect_results").main(["--root", str(runs), "--out", str(tmp_path / "tables"), "--plots", "false",
+                                          "--curves", "false", "--published", "", "--combined",
+                                          str(tmp_path / "study.md")])
+    table = pd.read_csv(tmp_path / "tables" / "imagefolder.csv")
+    assert len(table) == 6 and (table["n"] == 1).all()
+    knn = table[table["eval"] == "knn"]
+    knn = knn.set_index(knn["protocol"].str.extract(r"data=(\S+)", expand=False))
+    assert sorted(knn.index) == ["copy_of_fm_20", "fm_20", "fm_40"]
+    # the same 20 images give the same number under either name; the 40 another one
+    assert knn.loc["fm_20", "top1_mean"] == knn.loc["copy_of_fm_20", "top1_mean"]
+    assert knn.loc["fm_20", "top1_mean"] == pytest.approx(100 * records["fm_20"]["metrics"]["top1"])
+    assert knn.loc["fm_40", "top1_mean"] == pytest.approx(100 * records["fm_40"]["metrics"]["top1"])
+    # --combined: both datasets' tables, as collect_results.py writes each on its own, in one file
+    combined = (tmp_path / "study.md").read_text()
+    for dataset in ("digits", "imagefolder"):
+        alone = (tmp_path / "tables" / f"{dataset}.md").read_text().removeprefix(f"# {dataset}\n\n")
+        assert f"## {dataset}\n\n{alone}" in combined
+    assert combined.index("## digits") < combined.index("## imagefolder")
+
+
+def test_an_in_memory_dataset_adds_nothing_to_the_protocol():
+    digits = load("digits", "test")
+    assert data_protocol(digits, digits, EvalView.of(8, 8)) == {}
