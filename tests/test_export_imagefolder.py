@@ -149,6 +149,7 @@ def one_line_error(monkeypatch, capsys, argv: list) -> str:
     return err[0]
 
 
+@pytest.mark.slow  # the runs' records name the git commit: git runs
 def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, capsys):
     """Pixel baselines of a 20- and a 40-image export, and of the same 20 images under another folder name: each
     record names its folder and split sizes, and collect_results.py gives each its own row (a row would otherwise

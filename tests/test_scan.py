@@ -397,6 +397,7 @@ def test_too_many_neighbours_are_refused():
 
 # ---- the three stages end to end -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the runs' records name the git commit: git runs
 def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path):
     """SwAV on digits, SCAN on its backbone (3 heads), self-labelling from the chosen head; eval_cluster.py scores
     every head of both and marks the chosen one; the stage-3 model starts from the stage-2 weights."""
