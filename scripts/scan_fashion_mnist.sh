@@ -8,6 +8,8 @@
 # The embedding must use configs/*_fashion_mnist.yaml's backbone (the CIFAR ResNet-18 at width 8). Started again with
 # the same OUT, each stage resumes from its checkpoint and recorded evaluations are skipped. Each stage's wall time
 # goes to $OUT/NAME.time, everything it printed to $OUT/NAME.log; the chosen heads' numbers are printed at the end.
+# KEEP=1 then copies the records (each stage's config.yaml with its commit, train_log.jsonl, metrics.jsonl, log and
+# wall time, and the embedding's config.yaml) into results/runs/scan_fashion_mnist/<embedding name>/, replacing it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -40,3 +42,16 @@ $PY eval_cluster.py --run "$OUT/selflabel" --device cpu --skip_recorded true --p
   >> "$OUT/selflabel.log" 2>&1
 grep -h '"assignment": "kmeans"' "$EMB/metrics.jsonl" 2>/dev/null || echo "($EMB has no k-means record)"
 grep -h "chosen" "$OUT/scan.log" "$OUT/selflabel.log" || true
+if [ "${KEEP:-0}" = 1 ]; then
+  keep=results/runs/scan_fashion_mnist/$(basename "$EMB")
+  rm -rf "$keep"
+  mkdir -p "$keep/embedding"
+  cp "$EMB/config.yaml" "$keep/embedding/"
+  for name in scan selflabel; do
+    mkdir -p "$keep/$name"
+    cp "$OUT/$name/config.yaml" "$OUT/$name/train_log.jsonl" "$OUT/$name/metrics.jsonl" "$keep/$name/"
+    cp "$OUT/$name.log" "$keep/$name/output.log"
+    cp "$OUT/$name.time" "$keep/$name/train_wall_seconds"
+  done
+  echo "records kept in $keep"
+fi
