@@ -44,7 +44,13 @@ def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path):
     deadline = time.time() + 60
     while not (run / rundir.LOCK_NAME).exists() and time.time() < deadline:
         time.sleep(0.01)
-    second = run_script("main_pretrain.py", *TINY, "--epochs", 3, "--seed", 1, "--output_dir", run)
+    # Paused while the second starts: on a busy machine the first could otherwise finish before the second's
+    # interpreter has even started, and then there would be nothing to refuse.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run_script("main_pretrain.py", *TINY, "--epochs", 3, "--seed", 1, "--output_dir", run)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert_user_error(second, "main_pretrain.py", f"pid {first.pid}", "is in use")
     first.communicate(timeout=120)
     assert first.returncode == 0

@@ -136,8 +136,8 @@ def test_sbatch_refusing_a_grid_job_is_one_line(slurm, tmp_path):
 
 
 def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
-    """A finished run whose kNN job is still in the queue (held there): launching the grid again submits nothing;
-    once released, the one job runs and one record appears."""
+    """A finished run whose kNN job is still in the queue (its partition down): launching the grid again submits
+    nothing; once the partition is up, the one job runs and one record appears."""
     flags = {**TINY, "batch_size": 64, "epochs": 1}
     grid = write_grid(tmp_path / "grid.yaml", name="e", program="main_pretrain.py", config="configs/swav_digits.yaml",
                       axes={"seed": [0]}, flags=flags, evals={"programs": ["eval_knn.py"]},
@@ -146,16 +146,20 @@ def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
     argv = [f"--{k}={v[0] if isinstance(v, list) else v}" for k, v in flags.items()]
     subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", *argv, "--seed", "0",
                     "--output_dir", str(run)], cwd=ROOT, env=env(), check=True, capture_output=True)
-    first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
-    assert "submitted 1 evaluation job(s)" in first.stdout and "finished" in first.stdout
-    job = json.loads((run / "slurm" / "jobs.jsonl").read_text())["job_id"]
-    if subprocess.run(["scontrol", "hold", job], capture_output=True).returncode != 0:
-        subprocess.run(["scontrol", "requeuehold", job], check=True)  # it had started: back to the queue, held
+    # The default partition is down while both launches run: the evaluation job queues but cannot start (a job
+    # held after its submission could already have run on a fast machine, or a slow one could still be starting).
+    partition = subprocess.run(["scontrol", "show", "partition", "--oneliner"], capture_output=True, text=True,
+                               check=True).stdout
+    default = next(line.split()[0].split("=", 1)[1] for line in partition.splitlines() if "Default=YES" in line)
+    subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=DOWN"], check=True)
     try:
+        first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
+        assert "submitted 1 evaluation job(s)" in first.stdout and "finished" in first.stdout
+        job = json.loads((run / "slurm" / "jobs.jsonl").read_text())["job_id"]
         again = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
         assert "submitted" not in again.stdout and "queued: final" in again.stdout
     finally:
-        subprocess.run(["scontrol", "release", job], check=True)
+        subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=UP"], check=True)
     assert len((run / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
     wait_job(job)
     assert [r["eval"] for r in records(run)] == ["knn"]
