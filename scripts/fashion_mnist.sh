@@ -20,31 +20,12 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/fashion_mnist}
 KEEP=results/runs/fashion_mnist
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-
-fail() {
-  echo "fashion_mnist.sh: error: $1" >&2
-  exit 2
-}
-commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
-changed=$(git status --porcelain --untracked-files=no)
-dirty=false
-if [ -n "$changed" ]; then
-  [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
-(git status): commit them, or FORCE=1 to run anyway with the runs marked dirty"
-  dirty=true
-fi
-if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  fail "OUT=$OUT is not empty: remove it or choose another OUT (its runs would resume, made by other code)"
-fi
+SCRIPT=fashion_mnist.sh
+source scripts/lib/runs.sh
+require_committed_code
+require_empty_out
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
-
-timed() {  # timed NAME COMMAND...: run, and note its wall time in $OUT/NAME.time
-  local name=$1 start=$SECONDS
-  shift
-  "$@" > "$OUT/$name.log" 2>&1
-  echo "$((SECONDS - start))" > "$OUT/$name.time"
-}
 
 evaluate() {  # evaluate RUN [eval_knn flags...]
   local run=$1
@@ -90,14 +71,8 @@ wait $a && wait $b
 
 rm -rf "$KEEP"
 for name in swav unmix npid superand sela selfclassifier embedul embedul_4ep; do
-  mkdir -p "$KEEP/$name"
-  cp "$OUT/$name/config.yaml" "$OUT/$name/train_log.jsonl" "$OUT/$name/metrics.jsonl" "$KEEP/$name/"
-  cp "$OUT/$name.log" "$KEEP/$name/output.log"
-  cp "$OUT/$name.time" "$KEEP/$name/train_wall_seconds"
+  keep_run "$name" "$KEEP/$name"
 done
-mkdir -p "$KEEP/pixels"
-cp "$OUT/pixels/metrics.jsonl" "$KEEP/pixels/"
-cp "$OUT/pixels.log" "$KEEP/pixels/output.log"
-printf '{"script": "%s", "git_commit": "%s", "git_dirty": %s, "started": "%s", "finished": "%s"}\n' \
-  scripts/fashion_mnist.sh "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$KEEP/provenance.json"
+keep_baseline pixels "$KEEP/pixels"
+write_provenance "$KEEP/provenance.json"
 $PY collect_results.py --root "$KEEP" --out results

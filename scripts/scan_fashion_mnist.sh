@@ -16,21 +16,11 @@ PY=${PY:-.venv/bin/python}
 EMB=${EMB:-}
 OUT=${OUT:-runs/scan_fashion_mnist/$(basename "${EMB:-none}")}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-
-fail() {
-  echo "scan_fashion_mnist.sh: error: $1" >&2
-  exit 2
-}
+SCRIPT=scan_fashion_mnist.sh
+source scripts/lib/runs.sh
 [ -n "$EMB" ] || fail "EMB is not set: give the Fashion-MNIST embedding run to start from (EMB=runs/fashion_mnist/unmix)"
 [ -f "$EMB/checkpoint.pth" ] || fail "EMB=$EMB holds no checkpoint.pth: give a finished embedding run directory"
 mkdir -p "$OUT"
-
-timed() {  # timed NAME COMMAND...: run, and note its wall time in $OUT/NAME.time
-  local name=$1 start=$SECONDS
-  shift
-  "$@" >> "$OUT/$name.log" 2>&1
-  echo "$((SECONDS - start))" > "$OUT/$name.time"
-}
 
 timed scan $PY main_cluster.py --config configs/scan_fashion_mnist.yaml --pretrained "$EMB" --output_dir "$OUT/scan" \
   --device cpu
@@ -48,10 +38,7 @@ if [ "${KEEP:-0}" = 1 ]; then
   mkdir -p "$keep/embedding"
   cp "$EMB/config.yaml" "$keep/embedding/"
   for name in scan selflabel; do
-    mkdir -p "$keep/$name"
-    cp "$OUT/$name/config.yaml" "$OUT/$name/train_log.jsonl" "$OUT/$name/metrics.jsonl" "$keep/$name/"
-    cp "$OUT/$name.log" "$keep/$name/output.log"
-    cp "$OUT/$name.time" "$keep/$name/train_wall_seconds"
+    keep_run "$name" "$keep/$name"
   done
   echo "records kept in $keep"
 fi

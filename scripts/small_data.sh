@@ -19,31 +19,12 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/small_data}
 KEEP=results/runs/small_data
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-
-fail() {
-  echo "small_data.sh: error: $1" >&2
-  exit 2
-}
-commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
-changed=$(git status --porcelain --untracked-files=no)
-dirty=false
-if [ -n "$changed" ]; then
-  [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
-(git status): commit them, or FORCE=1 to run anyway with the runs marked dirty"
-  dirty=true
-fi
-if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  fail "OUT=$OUT is not empty: remove it or choose another OUT (its runs would resume, made by other code)"
-fi
+SCRIPT=small_data.sh
+source scripts/lib/runs.sh
+require_committed_code
+require_empty_out
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
-
-timed() {  # timed NAME COMMAND...: run, and note its wall time in $OUT/NAME.time
-  local name=$1 start=$SECONDS
-  shift
-  "$@" > "$OUT/$name.log" 2>&1
-  echo "$((SECONDS - start))" > "$OUT/$name.time"
-}
 
 evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
   $PY eval_knn.py --device cpu --k 20 "$@"
@@ -76,17 +57,11 @@ done
 
 rm -rf "$KEEP"
 for name in "${RUNS[@]}"; do
-  mkdir -p "$KEEP/$name"
-  cp "$OUT/$name/config.yaml" "$OUT/$name/train_log.jsonl" "$OUT/$name/metrics.jsonl" "$KEEP/$name/"
-  cp "$OUT/$name.log" "$KEEP/$name/output.log"
-  cp "$OUT/$name.time" "$KEEP/$name/train_wall_seconds"
+  keep_run "$name" "$KEEP/$name"
 done
 for data in fm_4000 fm_8000 digits; do
-  mkdir -p "$KEEP/pixels_$data"
-  cp "$OUT/pixels_$data/metrics.jsonl" "$KEEP/pixels_$data/"
-  cp "$OUT/pixels_$data.log" "$KEEP/pixels_$data/output.log"
+  keep_baseline "pixels_$data" "$KEEP/pixels_$data"
 done
-printf '{"script": "%s", "git_commit": "%s", "git_dirty": %s, "started": "%s", "finished": "%s"}\n' \
-  scripts/small_data.sh "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$KEEP/provenance.json"
+write_provenance "$KEEP/provenance.json"
 rm -rf results/small_data
 $PY collect_results.py --root "$KEEP" --out results/small_data --combined results/small_data.md --published ''

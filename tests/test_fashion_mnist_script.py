@@ -37,6 +37,7 @@ def scratch(tmp_path) -> Path:
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "fashion_mnist.sh", repo / "scripts")
+    shutil.copytree(ROOT / "scripts" / "lib", repo / "scripts" / "lib")
     (repo / ".gitignore").write_text("/runs/\n")
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)

@@ -23,6 +23,7 @@ def scratch(tmp_path) -> Path:
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "small_data.sh", repo / "scripts")
+    shutil.copytree(ROOT / "scripts" / "lib", repo / "scripts" / "lib")
     (repo / ".gitignore").write_text("/runs/\n")
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)

@@ -1,0 +1,52 @@
+# What the result scripts (fashion_mnist.sh, small_data.sh, scan_fashion_mnist.sh) share: refusing code that no
+# commit holds and an output folder that would resume other code's runs, timing each training, and keeping the
+# records that results/runs/ holds. Sourced by those scripts, from the repository root; SCRIPT names the caller.
+
+fail() {
+  echo "$SCRIPT: error: $1" >&2
+  exit 2
+}
+
+# Sets `commit` and `dirty` (true when tracked files differ from it: allowed only with FORCE=1).
+require_committed_code() {
+  commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
+  local changed
+  changed=$(git status --porcelain --untracked-files=no)
+  dirty=false
+  if [ -n "$changed" ]; then
+    [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
+(git status): commit them, or FORCE=1 to run anyway with the runs marked dirty"
+    dirty=true
+  fi
+}
+
+require_empty_out() {
+  if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    fail "OUT=$OUT is not empty: remove it or choose another OUT (its runs would resume, made by other code)"
+  fi
+}
+
+timed() {  # timed NAME COMMAND...: run it, appending its output to $OUT/NAME.log and its wall time to $OUT/NAME.time
+  local name=$1 start=$SECONDS
+  shift
+  "$@" >> "$OUT/$name.log" 2>&1
+  echo "$((SECONDS - start))" > "$OUT/$name.time"
+}
+
+keep_run() {  # keep_run NAME DEST: a training run's config, logs and metrics, what it printed and its wall time
+  mkdir -p "$2"
+  cp "$OUT/$1/config.yaml" "$OUT/$1/train_log.jsonl" "$OUT/$1/metrics.jsonl" "$2/"
+  cp "$OUT/$1.log" "$2/output.log"
+  cp "$OUT/$1.time" "$2/train_wall_seconds"
+}
+
+keep_baseline() {  # keep_baseline NAME DEST: a baseline's metrics and what it printed
+  mkdir -p "$2"
+  cp "$OUT/$1/metrics.jsonl" "$2/"
+  cp "$OUT/$1.log" "$2/output.log"
+}
+
+write_provenance() {  # write_provenance FILE: the script, its commit, whether the tree was dirty, start and end
+  printf '{"script": "%s", "git_commit": "%s", "git_dirty": %s, "started": "%s", "finished": "%s"}\n' \
+    "scripts/$SCRIPT" "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$1"
+}
