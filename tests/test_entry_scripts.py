@@ -86,3 +86,21 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
     # Trained and evaluated by this checkout: the revision is clean or dirty as the records say, never unknown.
     assert set(table["revision"]) == {"dirty" if knn["git_dirty"] else "clean"}
     assert [p.name for p in (out / "curves").iterdir()] == ["swav_digits_s0.png"]  # pixels has no training log
+
+
+def test_skip_recorded_skips_only_an_evaluation_of_the_runs_own_data(tiny_run, tmp_path):
+    """--skip_recorded finds the record of the run's own data and skips; named data (--dataset / --data_path) may be
+    other data than that record's, so the evaluation runs and records again."""
+    run = copy_run(tiny_run, tmp_path / "run")
+
+    def knn_records() -> int:
+        return sum(json.loads(line)["eval"] == "knn" for line in (run / "metrics.jsonl").read_text().splitlines())
+
+    knn = ["eval_knn.py", "--run", run, "--k", "5", "--device", "cpu", "--skip_recorded", "true"]
+    assert_ok(run_script(*knn))
+    assert knn_records() == 1
+    skipped = run_script(*knn)
+    assert_ok(skipped)
+    assert "already recorded" in skipped.stdout and knn_records() == 1
+    assert_ok(run_script(*knn, "--dataset", "digits"))
+    assert knn_records() == 2

@@ -91,4 +91,5 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> N
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--workers", type=non_negative_int, default=0)
     group.add_argument("--skip_recorded", type=bool_flag, default=False,
-                       help="do nothing when RUN/metrics.jsonl already has this evaluation of this checkpoint")
+                       help="do nothing when RUN/metrics.jsonl already has this evaluation of this checkpoint (of the "
+                            "run's own data: with --dataset or --data_path the evaluation runs)")
