@@ -30,18 +30,11 @@ A=(--config configs/swav_fashion_mnist.yaml --dataset imagefolder --data_path "$
    --warmup_epochs 5 --nmb_prototypes 30 --freeze_prototypes_epochs 1 --device cpu)
 # B: A plus 4 crops of 12 px (configs/swav_small.yaml)
 B=("${A[@]}" --nmb_crops 2 4 --size_crops 20 12 --min_scale_crops 0.3 0.1 --max_scale_crops 1.0 0.4)
-for try in A B; do
-  declare -n flags=$try
-  start=$SECONDS
-  $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try"
-  echo "try $try: trained in $((SECONDS - start)) s"
-  evaluate --run "$OUT/$try"
-done
 # On digits (pixels: scripts/small_data.sh): C, the recipe with epsilon 0.02; D, the same for 270 epochs (the
 # recipe's 240,000 images seen, as 60 epochs of 4,000)
 C=(--config configs/swav_small.yaml --dataset digits --epsilon 0.02 --device cpu)
 D=("${C[@]}" --epochs 270)
-for try in C D; do
+for try in A B C D; do
   declare -n flags=$try
   start=$SECONDS
   $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try"
