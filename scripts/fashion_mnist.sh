@@ -7,7 +7,8 @@
 #   FORCE=1 bash scripts/fashion_mnist.sh    # on a tree with uncommitted changes: the runs are then marked dirty
 # It refuses to start on a working tree whose tracked files differ from the commit (the results would come from
 # code no commit holds) unless FORCE=1, and on an $OUT that is not empty (its runs would resume, from other code).
-# SeLa and Self-Classifier are scored by their heads and by k-means on their backbone features.
+# SeLa and Self-Classifier are scored by their heads and by k-means on their backbone features. SCAN's two stages
+# (scripts/scan_fashion_mnist.sh) start from the SwAV run; NPID runs its 20-epoch recipe.
 # SwAV and Un-Mix also get the linear probe, on cached features (a CPU-sized protocol, recorded as such).
 # The full run directories (checkpoints included) stay in $OUT; results/runs/fashion_mnist/ is replaced by what the
 # tables come from: per run config.yaml (flags, commit, git_dirty, versions), train_log.jsonl, metrics.jsonl,
@@ -27,20 +28,27 @@ require_empty_out
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
-evaluate() {  # evaluate RUN [eval_knn flags...]
+evaluate() {  # evaluate RUN [eval_knn flags...]: kNN at k=200 and k=20, then the run's clustering
   local run=$1
   shift
   $PY eval_knn.py --run "$run" --device cpu --skip_recorded true "$@"
+  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 20 "$@"
   $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
 }
 
+pretrain_and_probe() {  # pretrain_and_probe NAME: the recipe configs/NAME_fashion_mnist.yaml, kNN, k-means, linear
+  local name=$1
+  timed "$name" $PY main_pretrain.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
+  evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
+  $PY eval_linear.py --run "$OUT/$name" --device cpu --skip_recorded true --cached_features true \
+    >> "$OUT/$name.log" 2>&1
+}
+
 queue_a() {
-  for name in swav unmix; do
-    timed "$name" $PY main_pretrain.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
-    evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
-    $PY eval_linear.py --run "$OUT/$name" --device cpu --skip_recorded true --cached_features true \
-      >> "$OUT/$name.log" 2>&1
-  done
+  pretrain_and_probe swav
+  # SCAN's two stages from the SwAV run (scripts/scan_fashion_mnist.sh, its runs in $OUT/scan/).
+  EMB="$OUT/swav" OUT="$OUT/scan" PY="$PY" bash scripts/scan_fashion_mnist.sh > "$OUT/scan.log" 2>&1
+  pretrain_and_probe unmix
   for name in sela selfclassifier; do
     timed "$name" $PY main_cluster.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
     evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
@@ -49,17 +57,16 @@ queue_a() {
 }
 
 queue_b() {
-  for name in npid superand; do
-    timed "$name" $PY main_pretrain.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
-    evaluate "$OUT/$name" --features embedding >> "$OUT/$name.log" 2>&1
-  done
-  # EmbedUL's stage 2 on the Super-AND run, as the recipe has it and twice as long.
+  # NPID's 20-epoch recipe (44.7 min of one thread; the 6-epoch one stays below raw pixels).
+  timed npid $PY main_pretrain.py --config configs/npid_fashion_mnist_20ep.yaml --output_dir "$OUT/npid" --device cpu
+  evaluate "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
+  timed superand $PY main_pretrain.py --config configs/superand_fashion_mnist.yaml --output_dir "$OUT/superand" \
+    --device cpu
+  evaluate "$OUT/superand" --features embedding >> "$OUT/superand.log" 2>&1
+  # EmbedUL's stage 2 on the Super-AND run.
   timed embedul $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
     --output_dir "$OUT/embedul" --device cpu
   evaluate "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
-  timed embedul_4ep $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
-    --epochs 4 --output_dir "$OUT/embedul_4ep" --device cpu
-  evaluate "$OUT/embedul_4ep" >> "$OUT/embedul_4ep.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" > "$OUT/pixels.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 20 >> "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1
@@ -70,9 +77,11 @@ queue_b & b=$!
 wait $a && wait $b
 
 rm -rf "$KEEP"
-for name in swav unmix npid superand sela selfclassifier embedul embedul_4ep; do
+for name in swav unmix npid superand sela selfclassifier embedul; do
   keep_run "$name" "$KEEP/$name"
 done
+OUT="$OUT/scan" keep_run scan "$KEEP/scan"
+OUT="$OUT/scan" keep_run selflabel "$KEEP/scan_selflabel"
 keep_baseline pixels "$KEEP/pixels"
 write_provenance "$KEEP/provenance.json"
 $PY collect_results.py --root "$KEEP" --out results

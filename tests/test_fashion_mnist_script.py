@@ -36,7 +36,8 @@ def scratch(tmp_path) -> Path:
     """A committed checkout holding the script, and the stand-in Python outside it."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    shutil.copy(ROOT / "scripts" / "fashion_mnist.sh", repo / "scripts")
+    for script in ("fashion_mnist.sh", "scan_fashion_mnist.sh"):
+        shutil.copy(ROOT / "scripts" / script, repo / "scripts")
     shutil.copytree(ROOT / "scripts" / "lib", repo / "scripts" / "lib")
     (repo / ".gitignore").write_text("/runs/\n")
     fake = tmp_path / "python"
