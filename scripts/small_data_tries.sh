@@ -5,7 +5,7 @@
 # whole 10,000 images for Fashion-MNIST), raw pixels by the same code. The numbers in the config's header come from
 # these commands (run one at a time, on one thread, while other runs shared the 2 cores: wall times vary with that
 # load).
-#   bash scripts/small_data_tries.sh           # OUT=runs/small_data_tries by default; about 30 minutes
+#   bash scripts/small_data_tries.sh           # OUT=runs/small_data_tries by default; about an hour
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,9 +32,12 @@ A=(--config configs/swav_fashion_mnist.yaml --dataset imagefolder --data_path "$
 B=("${A[@]}" --nmb_crops 2 4 --size_crops 20 12 --min_scale_crops 0.3 0.1 --max_scale_crops 1.0 0.4)
 # On digits (pixels: scripts/small_data.sh): C, the recipe with epsilon 0.02; D, the same for 270 epochs (the
 # recipe's 240,000 images seen, as 60 epochs of 4,000)
-C=(--config configs/swav_small.yaml --dataset digits --epsilon 0.02 --device cpu)
+C=(--config configs/swav_small.yaml --dataset digits --epsilon 0.02 --epochs 60 --device cpu)
 D=("${C[@]}" --epochs 270)
-for try in A B C D; do
+# On the 4,000-image subset again: E, B with epsilon 0.02; F, B for 120 epochs (the recipe since)
+E=("${B[@]}" --epsilon 0.02)
+F=("${B[@]}" --epochs 120)
+for try in A B C D E F; do
   declare -n flags=$try
   start=$SECONDS
   $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try"
