@@ -104,3 +104,7 @@ def test_skip_recorded_skips_only_an_evaluation_of_the_runs_own_data(tiny_run, t
     assert "already recorded" in skipped.stdout and knn_records() == 1
     assert_ok(run_script(*knn, "--dataset", "digits"))
     assert knn_records() == 2
+    cluster = ["eval_cluster.py", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", "1"]
+    assert_ok(run_script(*cluster))
+    assert "already recorded" in run_script(*cluster).stdout
+    assert "already recorded" not in run_script(*cluster, "--dataset", "digits").stdout

@@ -38,6 +38,14 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
     rundir.append_jsonl(run_dir / "metrics.jsonl", record, durable=True)
 
 
+def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None = None) -> bool:
+    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint.
+    A record names the data it was measured on only once that data is open, so data the command names itself
+    (--dataset / --data_path) is always evaluated."""
+    return bool(args.skip_recorded and run_dir and checkpoint_name and not (args.dataset or args.data_path)
+                and has_record(run_dir, eval_kind, checkpoint_name, protocol))
+
+
 def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None
                ) -> bool:
     """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with this protocol, if given)."""

@@ -86,7 +86,7 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
                 "normalize": args.normalize and feature_kind != "pixels", "restarts": args.restarts,
                 "selection": "last", **view}
-        if args.skip_recorded and checkpoint_name and results.has_record(run_dir, "cluster", checkpoint_name, base):
+        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, base):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
@@ -108,8 +108,8 @@ def heads(args, ctx, evaluation, scored_set):
         base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
                 "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads",
                 **evaluation.data_protocol(scored_set)}
-        if args.skip_recorded and results.has_record(loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                                     {**base, "split": args.split}):
+        if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
+                                 {**base, "split": args.split}):
             continue
         predicted = head_logits.argmax(dim=1).cpu().numpy()
         report(args, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, scored_set, predicted,

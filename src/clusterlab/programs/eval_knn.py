@@ -38,10 +38,7 @@ def main(argv=None):
     distributed.configure_threads()
     protocol = {"k": args.k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                 "train_features": args.train_features, "fit_on": "train", "selection": "last"}
-    # A record names the data it was measured on only once the data is open: with data of the command's own
-    # choosing, evaluate.
-    if args.skip_recorded and args.run and not (args.dataset or args.data_path) and results.has_record(args.run, "knn", Path(args.checkpoint or
-                                                                                     "checkpoint.pth").name, protocol):
+    if results.skip_recorded(args, args.run, "knn", Path(args.checkpoint or "checkpoint.pth").name, protocol):
         print(f"kNN with this protocol already recorded for {args.run}; skipped")
         return
     if args.train_features == "memory_bank" and (args.features != "embedding" or args.baseline):

@@ -37,9 +37,8 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
-    if args.skip_recorded and args.run and not (args.dataset or args.data_path) and results.has_record(
-            args.run, "linear", Path(args.checkpoint or "checkpoint.pth").name,
-            {"augmentation": protocol_name, "epochs": args.epochs}):
+    if results.skip_recorded(args, args.run, "linear", Path(args.checkpoint or "checkpoint.pth").name,
+                             {"augmentation": protocol_name, "epochs": args.epochs}):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
