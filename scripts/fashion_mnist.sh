@@ -31,8 +31,7 @@ mkdir -p "$OUT"
 evaluate() {  # evaluate RUN [eval_knn flags...]: kNN at k=200 and k=20, then the run's clustering
   local run=$1
   shift
-  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true "$@"
-  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 20 "$@"
+  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20 "$@"
   $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
 }
 
@@ -67,8 +66,8 @@ queue_b() {
   timed embedul $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
     --output_dir "$OUT/embedul" --device cpu
   evaluate "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
-  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" > "$OUT/pixels.log" 2>&1
-  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 20 >> "$OUT/pixels.log" 2>&1
+  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 200 20 \
+    > "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SCAN's stages 2 and 3 on a Fashion-MNIST embedding run of this suite, on a 2-core CPU with one thread:
 # configs/scan_fashion_mnist.yaml from the embedding's backbone, then configs/scan_selflabel_fashion_mnist.yaml from
-# the scan run's chosen head; eval_cluster.py scores every head of both on the test split. The embedding run is only
-# read (its own k-means records, if it has them, are printed beside ours at the end).
+# the scan run's chosen head. Both are scored on the test split by every head, by k-means on their backbone features
+# and by kNN (k=200 and k=20) on them. The embedding run is only read (its own k-means records, if it has them, are
+# printed beside ours at the end).
 #   EMB=runs/fashion_mnist/unmix bash scripts/scan_fashion_mnist.sh
 #   EMB=runs/fashion_mnist/swav OUT=runs/scan_fm_swav bash scripts/scan_fashion_mnist.sh
 # The embedding must use configs/*_fashion_mnist.yaml's backbone (the CIFAR ResNet-18 at width 8). Started again with
@@ -22,14 +23,19 @@ source scripts/lib/runs.sh
 [ -f "$EMB/checkpoint.pth" ] || fail "EMB=$EMB holds no checkpoint.pth: give a finished embedding run directory"
 mkdir -p "$OUT"
 
+score() {  # score NAME: every head of $OUT/NAME, k-means and kNN on its backbone features
+  local run=$OUT/$1
+  $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true --plot false
+  $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true --plot false --assignment kmeans
+  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20
+}
+
 timed scan $PY main_cluster.py --config configs/scan_fashion_mnist.yaml --pretrained "$EMB" --output_dir "$OUT/scan" \
   --device cpu
-$PY eval_cluster.py --run "$OUT/scan" --device cpu --skip_recorded true --plot false \
-  >> "$OUT/scan.log" 2>&1
+score scan >> "$OUT/scan.log" 2>&1
 timed selflabel $PY main_cluster.py --config configs/scan_selflabel_fashion_mnist.yaml --pretrained "$OUT/scan" \
   --output_dir "$OUT/selflabel" --device cpu
-$PY eval_cluster.py --run "$OUT/selflabel" --device cpu --skip_recorded true --plot false \
-  >> "$OUT/selflabel.log" 2>&1
+score selflabel >> "$OUT/selflabel.log" 2>&1
 grep -h '"assignment": "kmeans"' "$EMB/metrics.jsonl" 2>/dev/null || echo "($EMB has no k-means record)"
 grep -h "chosen" "$OUT/scan.log" "$OUT/selflabel.log" || true
 if [ "${KEEP:-0}" = 1 ]; then

@@ -27,8 +27,7 @@ started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
 evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
-  $PY eval_knn.py --device cpu --k 20 "$@"
-  $PY eval_knn.py --device cpu --k 200 "$@"
+  $PY eval_knn.py --device cpu --k 20 200 "$@"
   $PY eval_cluster.py --device cpu "$@"
 }
 

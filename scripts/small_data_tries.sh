@@ -19,8 +19,7 @@ DATA=$OUT/data/fm_4000
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$DATA"
 
 evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...
-  $PY eval_knn.py --device cpu --k 20 "$@"
-  $PY eval_knn.py --device cpu --k 200 "$@"
+  $PY eval_knn.py --device cpu --k 20 200 "$@"
   $PY eval_cluster.py --device cpu "$@"
 }
 

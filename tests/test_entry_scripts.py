@@ -104,6 +104,18 @@ def test_skip_recorded_skips_only_an_evaluation_of_the_runs_own_data(tiny_run, t
     assert "already recorded" in skipped.stdout and knn_records() == 1
     assert_ok(run_script(*knn, "--dataset", "digits"))
     assert knn_records() == 2
+    # Several k score the same features: k=5 is skipped as recorded, k=7 is computed.
+    several = run_script(*knn[:-4], "7", "5", "--device", "cpu", "--skip_recorded", "true")
+    assert_ok(several)
+    assert "k=5 and this protocol already recorded" in several.stdout and "k=7," in several.stdout
+    assert knn_records() == 3
+    assert_ok(run_script(*knn[:-4], "7", "--device", "cpu"))  # both again, in one call
+    top1_by_k = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["eval"] == "knn" and record["dataset"] == "digits":
+            top1_by_k.setdefault(record["protocol"]["k"], set()).add(record["metrics"]["top1"])
+    assert {k: len(values) for k, values in top1_by_k.items()} == {5: 1, 7: 1}  # one value per k, however asked
     cluster = ["eval_cluster.py", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", "1"]
     assert_ok(run_script(*cluster))
     assert "already recorded" in run_script(*cluster).stdout

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 # Python's stand-in: training writes a run directory with a checkpoint, an evaluation appends a record to its run
-# (or a baseline's --output_dir), collect_results.py notes its arguments.
+# (or a baseline's --output_dir; eval_knn.py one per --k value), collect_results.py notes its arguments.
 FAKE_PYTHON = r"""#!/bin/bash
 program=$1; shift
 value() { local key=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$key" ] && { echo "$2"; return; }; shift; done; }
@@ -23,9 +23,16 @@ case $program in
     run=$(value --output_dir "$@"); mkdir -p "$run"
     echo "args: {}" > "$run/config.yaml"; echo '{"epoch": 0}' > "$run/train_log.jsonl"; touch "$run/checkpoint.pth"
     echo "trained $run" ;;
-  eval_*.py)
+  eval_*.py)  # one record, or one per value of eval_knn.py's --k
     run=$(value --run "$@"); run=${run:-$(value --output_dir "$@")}; mkdir -p "$run"
-    echo "{\"program\": \"$program\"}" >> "$run/metrics.jsonl"; echo "evaluated $run" ;;
+    records=0; in_k=0
+    for arg in "$@"; do
+      case $arg in --k) in_k=1 ;; --*) in_k=0 ;; *) records=$((records + in_k)) ;; esac
+    done
+    for _ in $(seq "$((records > 0 ? records : 1))"); do
+      echo "{\"program\": \"$program\"}" >> "$run/metrics.jsonl"
+    done
+    echo "evaluated $run" ;;
   collect_results.py) echo "$*" > collect_results.args ;;
 esac
 """

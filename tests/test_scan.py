@@ -447,7 +447,7 @@ def test_adam_is_torchs_adam_with_the_flags_lr_and_l2_weight_decay():
 
 def test_fashion_mnist_script_chains_the_stages_and_refuses_a_missing_embedding(tmp_path):
     """scripts/scan_fashion_mnist.sh with a stand-in Python that only echoes its arguments: scan starts from EMB,
-    self-labelling from the scan run, both are scored; no EMB, or one without a checkpoint, is one line and exit 2."""
+    self-labelling from the scan run, both are scored (heads, k-means and kNN); no EMB, or one without a checkpoint, is one line and exit 2."""
     import os
     import subprocess
 
@@ -468,8 +468,11 @@ def test_fashion_mnist_script_chains_the_stages_and_refuses_a_missing_embedding(
     assert done.returncode == 0, done.stderr
     scan, selflabel = (out / "scan.log").read_text(), (out / "selflabel.log").read_text()
     assert f"main_cluster.py --config configs/scan_fashion_mnist.yaml --pretrained {emb} --output_dir {out}/scan" in scan
-    assert f"eval_cluster.py --run {out}/scan" in scan
     assert (f"main_cluster.py --config configs/scan_selflabel_fashion_mnist.yaml --pretrained {out}/scan "
             f"--output_dir {out}/selflabel") in selflabel
-    assert f"eval_cluster.py --run {out}/selflabel" in selflabel
+    for stage, log in (("scan", scan), ("selflabel", selflabel)):
+        common = f"--run {out}/{stage} --device cpu --skip_recorded true"
+        assert f"eval_cluster.py {common} --plot false\n" in log
+        assert f"eval_cluster.py {common} --plot false --assignment kmeans\n" in log
+        assert f"eval_knn.py {common} --k 200 20\n" in log
     assert int((out / "scan.time").read_text()) >= 0 and int((out / "selflabel.time").read_text()) >= 0

@@ -1,8 +1,9 @@
 """Weighted kNN accuracy of a run's features: train split as the labelled memory, test split as queries.
 
-    python eval_knn.py --run runs/swav_digits [--k 200 --temperature 0.1 --features backbone]
+    python eval_knn.py --run runs/swav_digits [--k 20 200 --temperature 0.1 --features backbone]
 
-Appends one record (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl. `--train_features memory_bank` uses a
+Appends one record per k (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl; the features are computed once for
+all of them. `--train_features memory_bank` uses a
 memory-bank method's bank as the labelled memory instead of recomputed features (upstream NPID / Super-AND).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ def get_args_parser():
     parser.add_argument("--baseline", choices=["pixels"], default=None,
                         help="raw pixels (L2-normalised) instead of a run (needs --dataset and --output_dir)")
     parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
-    parser.add_argument("--k", type=config.positive_int, default=200, help="neighbours that vote")
+    parser.add_argument("--k", type=config.positive_int, nargs="+", default=[200],
+                        help="neighbours that vote; several values score the same features once each")
     parser.add_argument("--train_features", choices=["recomputed", "memory_bank"], default="recomputed",
                         help="train features recomputed with the test view (ours), or the method's memory bank "
                              "(upstream's NPID / Super-AND monitor)")
@@ -36,10 +38,15 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
-    protocol = {"k": args.k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
-                "train_features": args.train_features, "fit_on": "train", "selection": "last"}
-    if results.skip_recorded(args, args.run, "knn", Path(args.checkpoint or "checkpoint.pth").name, protocol):
-        print(f"kNN with this protocol already recorded for {args.run}; skipped")
+    checkpoint_name = Path(args.checkpoint or "checkpoint.pth").name
+    protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
+                     "train_features": args.train_features, "fit_on": "train", "selection": "last"}
+                 for k in dict.fromkeys(args.k)}
+    for k in list(protocols):
+        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k]):
+            print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
+            del protocols[k]
+    if not protocols:
         return
     if args.train_features == "memory_bank" and (args.features != "embedding" or args.baseline):
         raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
@@ -59,17 +66,19 @@ def main(argv=None):
             train_x = memory_bank_features(loaded, len(train_set)).to(ctx.device)
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
-    metrics = knn_accuracy(train_x, train_set.labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes,
-                           args.k, args.temperature)
-    if ctx.is_main:
-        protocol.update(data_protocol(train_set, test_set, view))
-        record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
-                                     checkpoint_name=checkpoint_name, run=Path(run_dir).name)
-        record["dataset"] = test_set.name
-        results.append_record(run_dir, record)
-        print(f"kNN (k={args.k}, T={args.temperature}, {protocol['features']}, train features "
-              f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
-              f"  [{run_dir}, epoch {epoch}]")
+    train_labels = train_set.labels.to(ctx.device)
+    for k, protocol in protocols.items():
+        metrics = knn_accuracy(train_x, train_labels, test_x, test_set.labels, test_set.num_classes, k,
+                               args.temperature)
+        if ctx.is_main:
+            protocol.update(data_protocol(train_set, test_set, view))
+            record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
+                                         checkpoint_name=checkpoint_name, run=Path(run_dir).name)
+            record["dataset"] = test_set.name
+            results.append_record(run_dir, record)
+            print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
+                  f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
+                  f"top5 {metrics['top5']:.4f}  [{run_dir}, epoch {epoch}]")
     distributed.shutdown()
 
 
