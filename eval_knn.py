@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Weighted kNN accuracy of a run's features: train split as the labelled memory, test split as queries.
 
-    python eval_knn.py --run runs/swav_digits [--k 200 --temperature 0.1 --features backbone]
+    python eval_knn.py --run runs/swav_digits [--k 20 200 --temperature 0.1 --features backbone]
 
-The program lives in src/clusterlab/programs/eval_knn.py; one record goes to RUN/metrics.jsonl.
+The program lives in src/clusterlab/programs/eval_knn.py; one record per k goes to RUN/metrics.jsonl.
 """
 if __name__ == "__main__":
     from clusterlab.programs import run  # catches pre-emption signals before anything heavy is imported
