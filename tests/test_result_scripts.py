@@ -1,0 +1,140 @@
+"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, scripts/small_data.sh), with a stand-in for Python
+(the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy holds, plus
+provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted changes
+(unless FORCE=1) and an OUT that already holds runs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# Python's stand-in: training writes a run directory with a checkpoint, an evaluation appends a record to its run
+# (or a baseline's --output_dir; eval_knn.py one per --k value), collect_results.py notes its arguments.
+FAKE_PYTHON = r"""#!/bin/bash
+program=$1; shift
+value() { local key=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$key" ] && { echo "$2"; return; }; shift; done; }
+case $program in
+  main_pretrain.py|main_cluster.py)
+    run=$(value --output_dir "$@"); mkdir -p "$run"
+    echo "args: {}" > "$run/config.yaml"; echo '{"epoch": 0}' > "$run/train_log.jsonl"; touch "$run/checkpoint.pth"
+    echo "trained $run" ;;
+  eval_*.py)  # one record, or one per value of eval_knn.py's --k
+    run=$(value --run "$@"); run=${run:-$(value --output_dir "$@")}; mkdir -p "$run"
+    records=0; in_k=0
+    for arg in "$@"; do
+      case $arg in --k) in_k=1 ;; --*) in_k=0 ;; *) records=$((records + in_k)) ;; esac
+    done
+    for _ in $(seq "$((records > 0 ? records : 1))"); do
+      echo "{\"program\": \"$program\"}" >> "$run/metrics.jsonl"
+    done
+    echo "evaluated $run" ;;
+  collect_results.py) echo "$*" > collect_results.args ;;
+esac
+"""
+
+
+SCRIPTS = ("fashion_mnist.sh", "small_data.sh", "scan_fashion_mnist.sh")  # the last is called by the first
+# small_data.sh's runs and pixel baselines
+RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
+PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
+
+
+def scratch_repo(tmp_path: Path) -> Path:
+    """A committed checkout holding the scripts, and the stand-in Python beside it."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for script in SCRIPTS:
+        shutil.copy(ROOT / "scripts" / script, repo / "scripts")
+    shutil.copytree(ROOT / "scripts" / "lib", repo / "scripts" / "lib")
+    (repo / ".gitignore").write_text("/runs/\n")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "scratch")
+    return repo
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_script(repo: Path, script: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(repo / "scripts" / script)], capture_output=True, text=True,
+                          env={**os.environ, "PY": str(repo.parent / "python"), **env}, timeout=120)
+
+
+def files_below(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commit(tmp_path):
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "fashion_mnist.sh")
+    assert done.returncode == 0, done.stderr
+    kept = scratch / "results" / "runs" / "fashion_mnist"
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist") | {"provenance.json"}
+    assert (kept / "swav" / "output.log").read_text().splitlines()[:2] == ["trained runs/fashion_mnist/swav",
+                                                                          "evaluated runs/fashion_mnist/swav"]
+    assert int((kept / "swav" / "train_wall_seconds").read_text()) >= 0
+    assert not list(kept.rglob("*.pth"))  # checkpoints stay in OUT
+    provenance = json.loads((kept / "provenance.json").read_text())
+    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
+    assert (scratch / "collect_results.args").read_text().split() == ["--root", "results/runs/fashion_mnist",
+                                                                      "--out", "results"]
+
+
+def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "small_data.sh")
+    assert done.returncode == 0, done.stderr
+    kept = scratch / "results" / "runs" / "small_data"
+    expected = {f"{run}/{name}" for run in RUNS for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
+                                                            "output.log", "train_wall_seconds")}
+    expected |= {f"{pixels}/{name}" for pixels in PIXELS for name in ("metrics.jsonl", "output.log")}
+    assert files_below(kept) == expected | {"provenance.json"}
+    # three evaluations per run and per baseline: kNN at k=20 and k=200, k-means
+    for folder in RUNS + PIXELS:
+        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 3, folder
+    assert (kept / "swav_fm_4000" / "output.log").read_text().splitlines()[0] == "trained runs/small_data/swav_fm_4000"
+    provenance = json.loads((kept / "provenance.json").read_text())
+    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
+    args = (scratch / "collect_results.args").read_text().split()
+    assert args == ["--root", "results/runs/small_data", "--out", "results/small_data", "--combined",
+                    "results/small_data.md", "--published"]  # the stand-in's $* drops the empty value
+
+
+# script, its default OUT below runs/, and a run it makes there
+REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("small_data.sh", "small_data", "swav_fm_4000")]
+
+
+@pytest.mark.parametrize("script, study", [(script, study) for script, study, _ in REFUSING])
+def test_refuses_uncommitted_changes_unless_forced(tmp_path, script, study):
+    scratch = scratch_repo(tmp_path)
+    with open(scratch / "scripts" / script, "a") as handle:
+        handle.write("# changed\n")
+    done = run_script(scratch, script)
+    assert done.returncode == 2 and not (scratch / "runs").exists() and not (scratch / "results").exists()
+    assert done.stderr.startswith(f"{script}: error: 1 tracked file(s) differ from commit ")
+    assert "FORCE=1" in done.stderr and len(done.stderr.splitlines()) == 1
+    forced = run_script(scratch, script, FORCE="1")
+    assert forced.returncode == 0, forced.stderr
+    provenance = json.loads((scratch / "results" / "runs" / study / "provenance.json").read_text())
+    assert provenance["git_dirty"] is True
+
+
+@pytest.mark.parametrize("script, study, run", REFUSING)
+def test_refuses_an_out_folder_that_holds_runs(tmp_path, script, study, run):
+    scratch = scratch_repo(tmp_path)
+    (scratch / "runs" / study / run).mkdir(parents=True)
+    done = run_script(scratch, script)
+    assert done.returncode == 2 and f"OUT=runs/{study} is not empty" in done.stderr
+    assert not (scratch / "results").exists()
