@@ -447,7 +447,8 @@ def test_adam_is_torchs_adam_with_the_flags_lr_and_l2_weight_decay():
 
 def test_fashion_mnist_script_chains_the_stages_and_refuses_a_missing_embedding(tmp_path):
     """scripts/scan_fashion_mnist.sh with a stand-in Python that only echoes its arguments: scan starts from EMB,
-    self-labelling from the scan run, both are scored (heads, k-means and kNN); no EMB, or one without a checkpoint, is one line and exit 2."""
+    self-labelling from the scan run, both are scored (heads, k-means and kNN); no EMB, or one without a checkpoint,
+    is one line and exit 2."""
     import os
     import subprocess
 
