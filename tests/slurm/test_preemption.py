@@ -3,7 +3,7 @@ the uninterrupted job's results.
 
 Slurm's time-limit signal reaches the batch shell (`--signal=B:USR2@...`), which passes it to the running step or,
 between steps, requeues at once. The test sends USR2 the same way (`scancel --batch`) five times: as the job starts
-(bash and Python still starting up), at random moments of training (fixed seed), and as the evaluations start;
+(the batch shell's traps installed, Python still starting up), at random moments of training (fixed seed), and as the evaluations start;
 each time the job requeues and the next start resumes. The final checkpoint equals the uninterrupted job's bit for
 bit, the metrics records are the same, and no file is left behind or missing.
 """
@@ -83,8 +83,11 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
     run = tmp_path / "run"
     job = submit(run, tmp_path)
     moments = []
-    # 1. at once: the batch shell or Python is still starting up
+    # 1. at once: the batch shell has installed its traps (its first lines; it makes the run's slurm/ folder right
+    # after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
+    # (Slurm's default action for USR2): no script can catch that.
     wait_running(job, 0)
+    until(lambda: (run / "slurm").is_dir())
     signal_batch(job)
     moments.append("start-up")
     # 2.-4. at random moments of training
