@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterlab.data import ImageSet
-from clusterlab.eval.knn import knn_accuracy, knn_class_scores, monitor
+from clusterlab.eval.knn import knn_accuracies, knn_accuracy, knn_class_scores, monitor
 from clusterlab.data.augment import EvalView
 from clusterlab.methods.superand import bank_entropy
 from clusterlab.ops.knn import dataset_neighbours, query_chunks, topk_neighbours
@@ -84,6 +84,20 @@ def test_top1_top5_equal_naive():
     top1, top5 = naive_accuracy(train, train_labels, test, test_labels, 15, 0.1)
     assert got == {"top1": top1, "top5": top5}
     assert 0 < got["top1"] < got["top5"] < 1, got
+
+
+def test_several_k_from_one_search_equal_one_search_each():
+    """The widest search's first k neighbours are the k nearest, ties included: features rounded to quarters (exact
+    in binary, so the similarities are too) give many equal similarities, at the k-th place too."""
+    train, train_labels, test, test_labels = make_data(n_train=80, seed=3)
+    train, test = (torch.round(x * 4) / 4 for x in (train, test))
+    ks = [200, 1, 7, 20, 79]
+    ranked = (test @ train.t()).sort(dim=1, descending=True).values
+    assert (ranked[:, 6] == ranked[:, 7]).any() and (ranked[:, 19] == ranked[:, 20]).any()  # ties at k=7 and k=20
+    together = knn_accuracies(train, train_labels, test, test_labels, CLASSES, ks, temperature=0.1)
+    assert list(together) == ks
+    for k in ks:
+        assert together[k] == knn_accuracy(train, train_labels, test, test_labels, CLASSES, k=k, temperature=0.1), k
 
 
 def test_top5_with_fewer_than_five_classes_is_one():

@@ -19,6 +19,9 @@ from ..methods import METHODS, DataInfo, Method
 TRAINED_KINDS = ("pretrain", "cluster")
 
 
+DEFAULT_CHECKPOINT = "checkpoint.pth"
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -28,6 +31,12 @@ class LoadedRun:
     checkpoint_name: str
 
 
+def requested_checkpoint_name(requested: str | None) -> str:
+    """How records name the checkpoint --checkpoint asks for: its file name (default checkpoint.pth), known before
+    the run is opened, so that --skip_recorded can skip without loading anything."""
+    return Path(requested or DEFAULT_CHECKPOINT).name
+
+
 def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
     """The method of `run_dir` with the weights of `checkpoint_name` (default checkpoint.pth), in eval mode."""
     run_dir = Path(run_dir)
@@ -35,7 +44,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         raise ConfigError(f"--run {str(run_dir)!r} is not a directory")
     saved_args = read_run_config(run_dir)
     path = Path(checkpoint_name) if checkpoint_name and Path(checkpoint_name).is_file() \
-        else run_dir / (checkpoint_name or "checkpoint.pth")
+        else run_dir / (checkpoint_name or DEFAULT_CHECKPOINT)
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
     method_name = state.get("args", {}).get("method", saved_args.get("method"))

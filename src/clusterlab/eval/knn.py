@@ -9,9 +9,11 @@ ordered by training index).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ..ops.knn import topk_neighbours
+from ..ops.knn import Neighbours, topk_neighbours
 
 
 @torch.no_grad()
@@ -21,27 +23,53 @@ def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, t
     """(N_test, num_classes) summed vote weights. Features are L2-normalised, except a memory bank's rows that no
     step has updated yet: like upstream's monitor, the similarity is then the plain dot product with the raw row.
     `split_over_ranks`: collective, each rank searches a share of the test set and every rank gets all scores."""
+    found = nearest_train_samples(train_features, test_features, k, max_elements, split_over_ranks)
+    return class_votes(found, train_labels, num_classes, k, temperature)
+
+
+def nearest_train_samples(train_features, test_features, k: int, max_elements: int = 2 ** 24,
+                          split_over_ranks: bool = False) -> Neighbours:
+    """The min(k, N_train) nearest train samples of every test sample, most similar first (none if either set is
+    empty)."""
     k = min(k, train_features.shape[0])
     if test_features.shape[0] == 0 or k == 0:
-        return torch.zeros(test_features.shape[0], num_classes, device=test_features.device)
-    found = topk_neighbours(test_features, train_features, k, chunk_elements=max_elements,
-                            split_over_ranks=split_over_ranks)
-    weights = torch.exp(found.similarities / temperature)
+        return Neighbours(test_features.new_zeros(test_features.shape[0], 0),
+                          torch.zeros(test_features.shape[0], 0, dtype=torch.long, device=test_features.device))
+    return topk_neighbours(test_features, train_features, k, chunk_elements=max_elements,
+                           split_over_ranks=split_over_ranks)
+
+
+def class_votes(found: Neighbours, train_labels: torch.Tensor, num_classes: int, k: int,
+                temperature: float) -> torch.Tensor:
+    """(N_test, num_classes): the first k of `found` vote for their class with weight exp(s / T). Ties are ordered
+    by index (ops/knn), so the first k of a wider search are exactly the k nearest."""
+    weights = torch.exp(found.similarities[:, :k] / temperature)
     votes = torch.zeros(weights.shape[0], num_classes, device=weights.device, dtype=weights.dtype)
-    return votes.scatter_add_(1, train_labels.to(weights.device)[found.indices], weights)
+    return votes.scatter_add_(1, train_labels.to(weights.device)[found.indices[:, :k]], weights)
 
 
 @torch.no_grad()
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 200,
                  temperature: float = 0.1) -> dict:
     """Top-1 and top-5 accuracy; collective: the ranks share the neighbour search and all return the same."""
-    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature,
-                              split_over_ranks=True)
-    top = scores.topk(min(5, num_classes), dim=1).indices
-    truth = test_labels.to(top.device)
-    counts = torch.tensor([(top[:, 0] == truth).sum().item(), (top == truth[:, None]).any(1).sum().item(),
-                           len(truth)], dtype=torch.float64)
-    return {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
+    return knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes, [k],
+                          temperature)[k]
+
+
+@torch.no_grad()
+def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes: int,
+                   ks: Sequence[int], temperature: float = 0.1) -> dict[int, dict]:
+    """{k: top-1 and top-5 accuracy} for every k in `ks` from one neighbour search, the widest; collective as
+    `knn_accuracy`, whose result it equals for each k."""
+    found = nearest_train_samples(train_features, test_features, max(ks), split_over_ranks=True)
+    truth = test_labels.to(found.indices.device)
+    accuracies = {}
+    for k in ks:
+        top = class_votes(found, train_labels, num_classes, k, temperature).topk(min(5, num_classes), dim=1).indices
+        counts = torch.tensor([(top[:, 0] == truth).sum().item(), (top == truth[:, None]).any(1).sum().item(),
+                               len(truth)], dtype=torch.float64)
+        accuracies[k] = {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
+    return accuracies
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
     python eval_knn.py --run runs/swav_digits [--k 20 200 --temperature 0.1 --features backbone]
 
-Appends one record per k (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl; the features are computed once for
-all of them. `--train_features memory_bank` uses a memory-bank method's bank as the labelled memory instead of
+Appends one record per k (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl; the features and the neighbour
+search (for the largest k) are computed once for all of them. `--train_features memory_bank` uses a memory-bank method's bank as the labelled memory instead of
 recomputed features (upstream NPID / Super-AND).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
-from ..eval.features import baseline_view, open_evaluation, open_pixel_baseline, pixels, data_protocol
-from ..eval.knn import knn_accuracy
+from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
+                             requested_checkpoint_name)
+from ..eval.knn import knn_accuracies
 
 
 def get_args_parser():
@@ -38,7 +39,7 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
-    checkpoint_name = Path(args.checkpoint or "checkpoint.pth").name
+    checkpoint_name = requested_checkpoint_name(args.checkpoint)
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}
@@ -67,9 +68,10 @@ def main(argv=None):
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
     train_labels = train_set.labels.to(ctx.device)
+    scores = knn_accuracies(train_x, train_labels, test_x, test_set.labels, test_set.num_classes, list(protocols),
+                            args.temperature)
     for k, protocol in protocols.items():
-        metrics = knn_accuracy(train_x, train_labels, test_x, test_set.labels, test_set.num_classes, k,
-                               args.temperature)
+        metrics = scores[k]
         if ctx.is_main:
             protocol.update(data_protocol(train_set, test_set, view))
             record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,

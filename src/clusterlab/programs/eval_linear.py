@@ -16,7 +16,7 @@ import torch
 
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
-from ..eval.features import extract, open_evaluation
+from ..eval.features import extract, open_evaluation, requested_checkpoint_name
 from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -37,7 +37,7 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
-    if results.skip_recorded(args, args.run, "linear", Path(args.checkpoint or "checkpoint.pth").name,
+    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.checkpoint),
                              {"augmentation": protocol_name, "epochs": args.epochs}):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
