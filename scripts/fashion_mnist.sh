@@ -56,7 +56,7 @@ queue_a() {
 }
 
 queue_b() {
-  # NPID's 20-epoch recipe (44.7 min of one thread; the 6-epoch one stays below raw pixels).
+  # NPID's 20-epoch recipe (34 to 45 min of one thread; the 6-epoch one stays below raw pixels).
   timed npid $PY main_pretrain.py --config configs/npid_fashion_mnist_20ep.yaml --output_dir "$OUT/npid" --device cpu
   evaluate "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
   timed superand $PY main_pretrain.py --config configs/superand_fashion_mnist.yaml --output_dir "$OUT/superand" \
