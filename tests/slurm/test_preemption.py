@@ -3,9 +3,9 @@ the uninterrupted job's results.
 
 Slurm's time-limit signal reaches the batch shell (`--signal=B:USR2@...`), which passes it to the running step or,
 between steps, requeues at once. The test sends USR2 the same way (`scancel --batch`) five times: as the job starts
-(the batch shell's traps installed, Python still starting up), at random moments of training (fixed seed), and as the evaluations start;
-each time the job requeues and the next start resumes. The final checkpoint equals the uninterrupted job's bit for
-bit, the metrics records are the same, and no file is left behind or missing.
+(the batch shell's traps installed, Python still starting up), at random moments of training (fixed seed), and as
+the evaluations start; each time the job requeues and the next start resumes. The final checkpoint equals the
+uninterrupted job's bit for bit, the metrics records are the same, and no file is left behind or missing.
 """
 from __future__ import annotations
 

@@ -17,8 +17,6 @@ from ..errors import ConfigError
 from ..methods import METHODS, DataInfo, Method
 
 TRAINED_KINDS = ("pretrain", "cluster")
-
-
 DEFAULT_CHECKPOINT = "checkpoint.pth"
 
 

@@ -48,7 +48,6 @@ def class_votes(found: Neighbours, train_labels: torch.Tensor, num_classes: int,
     return votes.scatter_add_(1, train_labels.to(weights.device)[found.indices[:, :k]], weights)
 
 
-@torch.no_grad()
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 200,
                  temperature: float = 0.1) -> dict:
     """Top-1 and top-5 accuracy; collective: the ranks share the neighbour search and all return the same."""

@@ -3,8 +3,8 @@
     python eval_knn.py --run runs/swav_digits [--k 20 200 --temperature 0.1 --features backbone]
 
 Appends one record per k (eval "knn", metrics top1 / top5) to RUN/metrics.jsonl; the features and the neighbour
-search (for the largest k) are computed once for all of them. `--train_features memory_bank` uses a memory-bank method's bank as the labelled memory instead of
-recomputed features (upstream NPID / Super-AND).
+search (for the largest k) are computed once for all of them. `--train_features memory_bank` uses a memory-bank
+method's bank as the labelled memory instead of recomputed features (upstream NPID / Super-AND).
 """
 from __future__ import annotations
 
