@@ -1,4 +1,4 @@
-"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, scripts/small_data.sh), with a stand-in for Python
+"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh), with a stand-in for Python
 (the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy holds, plus
 provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted changes
 (unless FORCE=1) and an OUT that already holds runs."""
@@ -39,7 +39,7 @@ esac
 """
 
 
-SCRIPTS = ("fashion_mnist.sh", "small_data.sh", "scan_fashion_mnist.sh")  # the last is called by the first
+SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "small_data.sh", "scan_fashion_mnist.sh")  # the last is called by the first
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -92,6 +92,23 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
                                                                       "--out", "results"]
 
 
+def test_fashion_mnist_longer_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path):
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "fashion_mnist_longer.sh")
+    assert done.returncode == 0, done.stderr
+    kept = scratch / "results" / "runs" / "fashion_mnist_longer"
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_longer") | {"provenance.json"}
+    # three evaluations per run and for pixels: kNN at k=200 and k=20, k-means
+    for folder in ("unmix", "npid", "pixels"):
+        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 3, folder
+    assert not list(kept.rglob("*.pth"))
+    provenance = json.loads((kept / "provenance.json").read_text())
+    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
+    args = (scratch / "collect_results.args").read_text().split()
+    assert args == ["--root", "results/runs/fashion_mnist_longer", "--out", "results/fashion_mnist_longer",
+                    "--published"]  # the stand-in's $* drops the empty value
+
+
 def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
     scratch = scratch_repo(tmp_path)
     done = run_script(scratch, "small_data.sh")
@@ -113,7 +130,8 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
 
 
 # script, its default OUT below runs/, and a run it makes there
-REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("small_data.sh", "small_data", "swav_fm_4000")]
+REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longer.sh", "fashion_mnist_longer", "npid"),
+            ("small_data.sh", "small_data", "swav_fm_4000")]
 
 
 @pytest.mark.parametrize("script, study", [(script, study) for script, study, _ in REFUSING])
