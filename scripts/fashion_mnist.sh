@@ -28,17 +28,10 @@ require_empty_out
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
-evaluate() {  # evaluate RUN [eval_knn flags...]: kNN at k=200 and k=20, then the run's clustering
-  local run=$1
-  shift
-  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20 "$@"
-  $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
-}
-
 pretrain_and_probe() {  # pretrain_and_probe NAME: the recipe configs/NAME_fashion_mnist.yaml, kNN, k-means, linear
   local name=$1
   timed "$name" $PY main_pretrain.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
-  evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
+  evaluate_run "$OUT/$name" >> "$OUT/$name.log" 2>&1
   $PY eval_linear.py --run "$OUT/$name" --device cpu --skip_recorded true --cached_features true \
     >> "$OUT/$name.log" 2>&1
 }
@@ -50,7 +43,7 @@ queue_a() {
   pretrain_and_probe unmix
   for name in sela selfclassifier; do
     timed "$name" $PY main_cluster.py --config "configs/${name}_fashion_mnist.yaml" --output_dir "$OUT/$name" --device cpu
-    evaluate "$OUT/$name" >> "$OUT/$name.log" 2>&1
+    evaluate_run "$OUT/$name" >> "$OUT/$name.log" 2>&1
     $PY eval_cluster.py --run "$OUT/$name" --device cpu --skip_recorded true --assignment kmeans >> "$OUT/$name.log" 2>&1
   done
 }
@@ -58,14 +51,14 @@ queue_a() {
 queue_b() {
   # NPID's 20-epoch recipe (34 to 45 min of one thread; the 6-epoch one stays below raw pixels).
   timed npid $PY main_pretrain.py --config configs/npid_fashion_mnist_20ep.yaml --output_dir "$OUT/npid" --device cpu
-  evaluate "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
+  evaluate_run "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
   timed superand $PY main_pretrain.py --config configs/superand_fashion_mnist.yaml --output_dir "$OUT/superand" \
     --device cpu
-  evaluate "$OUT/superand" --features embedding >> "$OUT/superand.log" 2>&1
+  evaluate_run "$OUT/superand" --features embedding >> "$OUT/superand.log" 2>&1
   # EmbedUL's stage 2 on the Super-AND run.
   timed embedul $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
     --output_dir "$OUT/embedul" --device cpu
-  evaluate "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
+  evaluate_run "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 200 20 \
     > "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1

@@ -22,23 +22,16 @@ require_empty_out
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
-evaluate() {  # evaluate RUN [eval_knn flags...]: kNN at k=200 and k=20, then k-means on the backbone
-  local run=$1
-  shift
-  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20 "$@"
-  $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
-}
-
 queue_unmix() {
   timed unmix $PY main_pretrain.py --config configs/unmix_fashion_mnist.yaml --epochs 40 --output_dir "$OUT/unmix" \
     --device cpu
-  evaluate "$OUT/unmix" >> "$OUT/unmix.log" 2>&1
+  evaluate_run "$OUT/unmix" >> "$OUT/unmix.log" 2>&1
 }
 
 queue_npid() {
   timed npid $PY main_pretrain.py --config configs/npid_fashion_mnist_20ep.yaml --epochs 34 --lr_drops 20 27 \
     --output_dir "$OUT/npid" --device cpu
-  evaluate "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
+  evaluate_run "$OUT/npid" --features embedding >> "$OUT/npid.log" 2>&1
   $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 200 20 \
     > "$OUT/pixels.log" 2>&1
   $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1

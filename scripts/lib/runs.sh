@@ -1,6 +1,7 @@
-# What the result scripts (fashion_mnist.sh, small_data.sh, scan_fashion_mnist.sh) share: refusing code that no
-# commit holds and an output folder that would resume other code's runs, timing each training, and keeping the
-# records that results/runs/ holds. Sourced by those scripts, from the repository root; SCRIPT names the caller.
+# What the result scripts (fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh, scan_fashion_mnist.sh) share:
+# refusing code that no commit holds and an output folder that would resume other code's runs, timing each
+# training, scoring a run, and keeping the records that results/runs/ holds. Sourced by those scripts, from the
+# repository root; SCRIPT names the caller.
 
 fail() {
   echo "$SCRIPT: error: $1" >&2
@@ -31,6 +32,13 @@ timed() {  # timed NAME COMMAND...: run it, appending its output to $OUT/NAME.lo
   shift
   "$@" >> "$OUT/$name.log" 2>&1
   echo "$((SECONDS - start))" > "$OUT/$name.time"
+}
+
+evaluate_run() {  # evaluate_run RUN [eval_knn flags...]: kNN at k=200 and k=20, then the run's clustering (PY)
+  local run=$1
+  shift
+  $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20 "$@"
+  $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
 }
 
 keep_run() {  # keep_run NAME DEST: a training run's config, logs and metrics, what it printed and its wall time
