@@ -59,9 +59,7 @@ queue_b() {
   timed embedul $PY main_cluster.py --config configs/embedul_fashion_mnist.yaml --pretrained "$OUT/superand" \
     --output_dir "$OUT/embedul" --device cpu
   evaluate_run "$OUT/embedul" >> "$OUT/embedul.log" 2>&1
-  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --k 200 20 \
-    > "$OUT/pixels.log" 2>&1
-  $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" >> "$OUT/pixels.log" 2>&1
+  evaluate_pixels fashion_mnist > "$OUT/pixels.log" 2>&1
 }
 
 queue_a & a=$!

@@ -1,7 +1,7 @@
-"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh), with a stand-in for Python
-(the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy holds, plus
-provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted changes
-(unless FORCE=1) and an OUT that already holds runs."""
+"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh), with a
+stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy
+holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted
+changes (unless FORCE=1) and an OUT that already holds runs."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,8 @@ esac
 """
 
 
-SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "small_data.sh", "scan_fashion_mnist.sh")  # the last is called by the first
+# the last is called by the first
+SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "small_data.sh", "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -76,54 +77,53 @@ def files_below(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
 
 
-def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commit(tmp_path):
+def run_and_keep(tmp_path: Path, script: str, study: str) -> tuple[Path, Path]:
+    """Run `script` in a scratch checkout; it must succeed and name the clean commit. The checkout and the folder
+    results/runs/<study>/ it kept."""
     scratch = scratch_repo(tmp_path)
-    done = run_script(scratch, "fashion_mnist.sh")
+    done = run_script(scratch, script)
     assert done.returncode == 0, done.stderr
-    kept = scratch / "results" / "runs" / "fashion_mnist"
+    kept = scratch / "results" / "runs" / study
+    provenance = json.loads((kept / "provenance.json").read_text())
+    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
+    return scratch, kept
+
+
+def assert_evaluated_three_times(kept: Path, folders) -> None:
+    """kNN at k=20 and k=200, then k-means: three records in each folder's metrics.jsonl."""
+    for folder in folders:
+        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 3, folder
+
+
+def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commit(tmp_path):
+    scratch, kept = run_and_keep(tmp_path, "fashion_mnist.sh", "fashion_mnist")
     assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist") | {"provenance.json"}
     assert (kept / "swav" / "output.log").read_text().splitlines()[:2] == ["trained runs/fashion_mnist/swav",
                                                                           "evaluated runs/fashion_mnist/swav"]
     assert int((kept / "swav" / "train_wall_seconds").read_text()) >= 0
     assert not list(kept.rglob("*.pth"))  # checkpoints stay in OUT
-    provenance = json.loads((kept / "provenance.json").read_text())
-    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
     assert (scratch / "collect_results.args").read_text().split() == ["--root", "results/runs/fashion_mnist",
                                                                       "--out", "results"]
 
 
 def test_fashion_mnist_longer_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path):
-    scratch = scratch_repo(tmp_path)
-    done = run_script(scratch, "fashion_mnist_longer.sh")
-    assert done.returncode == 0, done.stderr
-    kept = scratch / "results" / "runs" / "fashion_mnist_longer"
+    scratch, kept = run_and_keep(tmp_path, "fashion_mnist_longer.sh", "fashion_mnist_longer")
     assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_longer") | {"provenance.json"}
-    # three evaluations per run and for pixels: kNN at k=200 and k=20, k-means
-    for folder in ("unmix", "npid", "pixels"):
-        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 3, folder
+    assert_evaluated_three_times(kept, ("unmix", "npid", "pixels"))
     assert not list(kept.rglob("*.pth"))
-    provenance = json.loads((kept / "provenance.json").read_text())
-    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
     args = (scratch / "collect_results.args").read_text().split()
     assert args == ["--root", "results/runs/fashion_mnist_longer", "--out", "results/fashion_mnist_longer",
                     "--published"]  # the stand-in's $* drops the empty value
 
 
 def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
-    scratch = scratch_repo(tmp_path)
-    done = run_script(scratch, "small_data.sh")
-    assert done.returncode == 0, done.stderr
-    kept = scratch / "results" / "runs" / "small_data"
+    scratch, kept = run_and_keep(tmp_path, "small_data.sh", "small_data")
     expected = {f"{run}/{name}" for run in RUNS for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
                                                             "output.log", "train_wall_seconds")}
     expected |= {f"{pixels}/{name}" for pixels in PIXELS for name in ("metrics.jsonl", "output.log")}
     assert files_below(kept) == expected | {"provenance.json"}
-    # three evaluations per run and per baseline: kNN at k=20 and k=200, k-means
-    for folder in RUNS + PIXELS:
-        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 3, folder
+    assert_evaluated_three_times(kept, RUNS + PIXELS)
     assert (kept / "swav_fm_4000" / "output.log").read_text().splitlines()[0] == "trained runs/small_data/swav_fm_4000"
-    provenance = json.loads((kept / "provenance.json").read_text())
-    assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
     args = (scratch / "collect_results.args").read_text().split()
     assert args == ["--root", "results/runs/small_data", "--out", "results/small_data", "--combined",
                     "results/small_data.md", "--published"]  # the stand-in's $* drops the empty value

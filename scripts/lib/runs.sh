@@ -1,7 +1,7 @@
 # What the result scripts (fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh, scan_fashion_mnist.sh) share:
 # refusing code that no commit holds and an output folder that would resume other code's runs, timing each
-# training, scoring a run, and keeping the records that results/runs/ holds. Sourced by those scripts, from the
-# repository root; SCRIPT names the caller.
+# training, scoring a run and raw pixels, and keeping the records that results/runs/ holds. Sourced by those
+# scripts, from the repository root; SCRIPT names the caller.
 
 fail() {
   echo "$SCRIPT: error: $1" >&2
@@ -39,6 +39,11 @@ evaluate_run() {  # evaluate_run RUN [eval_knn flags...]: kNN at k=200 and k=20,
   shift
   $PY eval_knn.py --run "$run" --device cpu --skip_recorded true --k 200 20 "$@"
   $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
+}
+
+evaluate_pixels() {  # evaluate_pixels DATASET: its raw pixels scored as evaluate_run scores a run, into $OUT/pixels
+  $PY eval_knn.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --k 200 20
+  $PY eval_cluster.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels"
 }
 
 keep_run() {  # keep_run NAME DEST: a training run's config, logs and metrics, what it printed and its wall time
