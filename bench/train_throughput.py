@@ -3,8 +3,9 @@
 
     python bench/train_throughput.py --config configs/swav_digits.yaml [--steps 20 --warmup 5] [any main_pretrain flag]
 
-Prints one Markdown row per run: method, backbone, crops, global batch, device, threads, median and min/max img/s
-(images of the global batch per second, each with all its crops), and peak memory (CUDA) or max RSS (CPU).
+Prints one Markdown row per run: method, backbone, crops, global batch, device, threads, memory order
+(`--channels_last`), median and min/max img/s (images of the global batch per second, each with all its crops), and
+peak memory (CUDA) or max RSS (CPU).
 """
 from __future__ import annotations
 
@@ -59,11 +60,12 @@ def main():
         else:
             memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
         crops = " + ".join(f"{n}x{s or train_set.image_size}" for n, s in zip(args.nmb_crops, args.size_crops))
-        print("| method | backbone | crops | batch | device | threads | img/s median (min-max) | memory |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        order = "channels-last" if args.channels_last else "default"
+        print("| method | backbone | crops | batch | device | threads | memory order | img/s median (min-max) | memory |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(f"| {args.method} | {args.arch} w{args.width} | {crops} | {args.batch_size} | {ctx.device} | "
-              f"{torch.get_num_threads()} | {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | "
-              f"{memory} |")
+              f"{torch.get_num_threads()} | {order} | {statistics.median(rates):.0f} "
+              f"({min(rates):.0f}-{max(rates):.0f}) | {memory} |")
 
 
 if __name__ == "__main__":

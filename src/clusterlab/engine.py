@@ -82,6 +82,8 @@ class Trainer:
         self.batches = data_loader.GlobalBatches(len(train_set), args.batch_size, ctx.world_size, ctx.rank, args.seed)
         self.steps_per_epoch = len(self.batches)
         method.attach_data(train_set)
+        if args.channels_last:
+            method.to(memory_format=torch.channels_last)  # convolutions then keep their outputs channels-last too
         if args.sync_bn:
             method = convert_sync_batchnorm(method, ctx.device)
         if args.compile:
