@@ -10,7 +10,8 @@
     (configs/*cifar10*.yaml) on fabricated CIFAR-10 files, written in the real python-pickle format into a temporary
     folder: the loss of every step must be finite; step time and peak memory.
 (b) SwAV CIFAR-10 as configs/swav_cifar10.yaml trains it (2x32 crops, fp16) at global batch 512: images/s, the epoch
-    of 50,000 images extrapolated from the median step, peak memory; eager, and (last, it takes longest) --compile.
+    of 50,000 images extrapolated from the median step, peak memory; eager, --channels_last, and (last, it takes
+    longest) --compile.
 (c) the shared operations at GPU sizes: SwAV's Sinkhorn on (batch + queue) 4096 x 3000 scores, SeLa's whole-dataset
     Sinkhorn on 50,000 x 128 logits for 10 heads, weighted kNN of 10,000 test against 50,000 train features.
 (d) the device-side multi-crop (data/augment.py MultiCrop) at ImageNet sizes, 2x224 + 6x96 crops with colour jitter,
@@ -275,23 +276,23 @@ def method_row(method: str, context: "Check"):
     return result, "ok" if run.finite else "FAILED: non-finite loss"
 
 
-def swav_epoch_row(context: "Check", compiled: bool):
+def swav_epoch_row(context: "Check", flag: str | None = None):
+    """The eager run (flag None) sets the rate the --channels_last and --compile rows are compared with."""
     sizes = context.sizes
     batch = ["--batch_size", str(sizes.swav_batch)]
-    args = recipe_args("swav", context.device, context.data_path, context.sizes,
-                       [*batch, *(["--compile"] if compiled else [])])
+    args = recipe_args("swav", context.device, context.data_path, context.sizes, [*batch, *([flag] if flag else [])])
     run = train(args, context.train_set(), context.device, sizes.swav_warmup + sizes.swav_steps, sizes.swav_warmup,
                 context.deadline)
     rate = run.batch / run.median_step
     epoch = run.steps_per_epoch * run.median_step
     result = (f"{run.precision}, crops {crops_label(args)}: {rate:,.0f} img/s, epoch of {sizes.train_images:,} "
               f"images {seconds(epoch)}; {run.memory}; {run.loss_summary()}")
-    if compiled:
+    if flag == "--compile":
         result += f"; compilation + first step {seconds(run.first_step)}"
-        if context.eager_rate:
-            result += f"; x{rate / context.eager_rate:.2f} the eager rate"
-    else:
+    if flag is None:
         context.eager_rate = rate
+    elif context.eager_rate:
+        result += f"; x{rate / context.eager_rate:.2f} the eager rate"
     if run.stopped_early:
         result += "; stopped early (budget)"
     if not run.finite:
@@ -460,8 +461,10 @@ def planned_rows(context: Check, parts: set, skip_compile: bool) -> list[tuple]:
                   "finite loss", lambda name=name: method_row(name, context)) for name in METHODS]
     epoch_goal = f"epoch <= {GOALS['epoch']:.0f} s"
     if "b" in parts:
-        rows.append(("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, eager", epoch_goal,
-                     lambda: swav_epoch_row(context, compiled=False)))
+        rows += [("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, eager", epoch_goal,
+                  lambda: swav_epoch_row(context)),
+                 ("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, --channels_last", epoch_goal,
+                  lambda: swav_epoch_row(context, "--channels_last"))]
     if "c" in parts:
         rows += [("c", f"Sinkhorn, {sizes.sinkhorn_rows:,} x {sizes.prototypes:,} (batch + queue), 3 iterations",
                   "<= 1 ms", lambda: sinkhorn_row(context)),
@@ -476,7 +479,7 @@ def planned_rows(context: Check, parts: set, skip_compile: bool) -> list[tuple]:
                  ("d", f"{what}: torchvision per image, 1 CPU core", "-", lambda: torchvision_row(context))]
     if "b" in parts:
         rows.append(("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, --compile", epoch_goal,
-                     None if skip_compile else lambda: swav_epoch_row(context, compiled=True)))
+                     None if skip_compile else lambda: swav_epoch_row(context, "--compile")))
     return rows
 
 

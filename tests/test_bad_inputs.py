@@ -234,6 +234,9 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      ["--clusters 5000", "more than the 898 images"], "eval-too-many-clusters"),
     ("eval_knn.py", None, ["--run", "RUN", "--train_features", "memory_bank", "--features", "embedding"],
      ["--train_features memory_bank", "keeps no memory bank"], "eval-no-memory-bank"),
+    ("eval_linear.py", None, ["--run", "RUN", "--cached_features", "true", "--channels_last", "--device", "cpu"],
+     ["--channels_last does nothing with --cached_features true", "--cached_features false"],
+     "linear-cached-channels-last"),
 ]
 
 

@@ -18,6 +18,7 @@ from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-
 
 ONE_EPOCH = [*TINY, "--epochs", "1", "--log_every", "1"]
 TWO_EPOCHS = [*TINY, "--epochs", "2", "--log_every", "1"]
+GENTLE = ["--lr", "0.3", "--final_lr", "0.0003"]  # the continued epoch's LARS rates (TINY's recipe: 4.8)
 
 
 def outputs_and_gradient(model, images) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +71,18 @@ def test_a_channels_last_checkpoint_continues_in_either_order_with_the_same_loss
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
     without = copy_run(trained, tmp_path / "without")
-    assert_ok(run_script("main_pretrain.py", *TWO_EPOCHS, "--channels_last", "--output_dir", trained))
-    result = run_script("main_pretrain.py", *TWO_EPOCHS, "--output_dir", without)
+    assert_ok(run_script("main_pretrain.py", *TWO_EPOCHS, *GENTLE, "--channels_last", "--output_dir", trained))
+    result = run_script("main_pretrain.py", *TWO_EPOCHS, *GENTLE, "--output_dir", without)
     assert_ok(result)
     assert "from epoch 1 step 0" in result.stdout
     assert conv_weight(without).is_contiguous()
-    # Same weights and batches: the first steps differ by the rounding of other convolution kernels only (measured:
-    # below 3e-5 relative over the first three); LARS at lr 4.8 and the ReLU kinks amplify that over the epoch
-    # (measured: up to 3.3e-2 by step 8), still below the loss's own change over the epoch.
+    weight = conv_weight(trained)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    # Same weights and batches: the losses differ by the rounding of other convolution kernels, which the steps
+    # carry on (at the recipe's LARS lr 4.8 they grew to 3e-2 over the epoch, hence the gentler lr; measured with it:
+    # below 5e-6 relative over the first five steps, at most 3.3e-4 over the epoch).
     theirs, ours = torch.tensor(step_losses(without, 1)), torch.tensor(step_losses(trained, 1))
     assert len(ours) == len(theirs) == 898 // 64
-    torch.testing.assert_close(ours[:3], theirs[:3], rtol=1e-4, atol=0)
-    torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=0)
-    assert theirs.max() - theirs.min() > 0.1 * theirs.max()
+    torch.testing.assert_close(ours[:5], theirs[:5], rtol=1e-4, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=5e-3, atol=0)
+    assert theirs.max() - theirs.min() > 0.05 * theirs.max()  # the loss moves ten times the tolerance

@@ -54,14 +54,16 @@ def test_tiny_check_on_the_cpu_has_every_row_and_finite_losses(tmp_path):
 
     trained = by_part["a"] + [row for row in by_part["b"] if "skipped" not in row[1]]
     assert [check.split(" ")[0] for check, *_ in by_part["a"]] == list(METHODS)
-    assert len(trained) == len(METHODS) + 1
+    assert len(trained) == len(METHODS) + 2
     for check, outcome, goal, verdict in trained:
         losses = re.search(r"loss (\S+) -> (\S+), all (\d+) finite", outcome)
         assert losses, (check, outcome)
         assert all(value not in ("nan", "inf", "-inf") for value in losses.groups()[:2]), outcome
         assert verdict in ("ok", "n/a (goal is for full sizes on a GPU)"), (check, verdict)
     assert re.search(r"\d img/s, epoch of 256 images \d", by_part["b"][0][1])
-    assert by_part["b"][1][1:] == ("skipped: --skip_compile", "epoch <= 3 s", "skipped")
+    assert by_part["b"][1][0].endswith("--channels_last")
+    assert re.search(r"\d img/s, epoch of 256 images \d.*; x\d+\.\d\d the eager rate", by_part["b"][1][1])
+    assert by_part["b"][2][1:] == ("skipped: --skip_compile", "epoch <= 3 s", "skipped")
 
     operations = [check.split(",")[0] for check, *_ in by_part["c"]]
     assert operations == ["Sinkhorn", "SeLa labelling Sinkhorn", "weighted kNN"]
@@ -78,7 +80,7 @@ def test_a_spent_budget_skips_every_row_but_keeps_the_table():
     assert_ok(result)
     rows = table_rows(result.stdout)
     checks = [row for row in rows if row[0] != "-"]
-    assert len(checks) == len(METHODS) + 2 + 3 + 2
+    assert len(checks) == len(METHODS) + 3 + 3 + 2
     assert all(row[2] == "skipped: the time budget was spent" and row[4] == "skipped" for row in checks), checks
 
 

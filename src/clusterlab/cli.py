@@ -60,9 +60,9 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
                        help="torch.compile the backbone (its state-dict keys stay the same: checkpoints resume with "
                             "or without it); the first step then takes as long as the compilation")
     group.add_argument("--channels_last", type=bool_flag, nargs="?", const=True, default=False,
-                       help="keep the model's 4-D weights, and so its activations, in channels-last memory order: "
-                            "faster convolutions on recent CPUs and on GPUs (bench/RESULTS.md); the same arithmetic "
-                            "up to float rounding and the same checkpoints as without it")
+                       help="keep the model's 4-D weights, and so its activations, in channels-last memory order "
+                            "(faster convolutions on the CPU measured in bench/RESULTS.md); the same arithmetic up "
+                            "to float rounding, and checkpoints continue with or without it")
     group.add_argument("--sync_bn", type=bool_flag, default=True, help="batch norm over the global batch")
     group.add_argument("--find_unused", type=bool_flag, default=False, help="DDP find_unused_parameters")
 

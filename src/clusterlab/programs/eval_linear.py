@@ -16,6 +16,7 @@ import torch
 
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
+from ..errors import ConfigError
 from ..eval.features import extract, open_evaluation, requested_checkpoint_name
 from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
 
@@ -35,6 +36,10 @@ def get_args_parser():
 
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
+    if args.cached_features and (args.compile or args.channels_last):
+        flag = "--compile" if args.compile else "--channels_last"
+        raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "
+                          f"stored features): leave {flag} out, or use --cached_features false")
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.checkpoint),
