@@ -62,9 +62,7 @@ class NPID(MemoryBankMethod):
         f = self.embedding(crops[0])
         with torch.autocast(self.device.type, enabled=False):
             if self.args.nce_k == 0:
-                # f / T before the product: the same logits as upstream's (f M^T) / T, but the division (and
-                # its backward) runs over B x d numbers instead of B x N.
-                loss = instance_softmax_loss((f / self.args.bank_t) @ self.memory.weight.t(), batch.indices)
+                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.bank_t, batch.indices)
                 name = "softmax"
             else:
                 loss = self.nce(f, batch)
