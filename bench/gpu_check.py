@@ -460,11 +460,10 @@ def planned_rows(context: Check, parts: set, skip_compile: bool) -> list[tuple]:
         rows += [("a", f"{name} ({RECIPES.get(name, 'no CIFAR-10 recipe')}.yaml), {sizes.method_steps} steps",
                   "finite loss", lambda name=name: method_row(name, context)) for name in METHODS]
     epoch_goal = f"epoch <= {GOALS['epoch']:.0f} s"
+    swav = f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}"
     if "b" in parts:
-        rows += [("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, eager", epoch_goal,
-                  lambda: swav_epoch_row(context)),
-                 ("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, --channels_last", epoch_goal,
-                  lambda: swav_epoch_row(context, "--channels_last"))]
+        rows += [("b", f"{swav}, eager", epoch_goal, lambda: swav_epoch_row(context)),
+                 ("b", f"{swav}, --channels_last", epoch_goal, lambda: swav_epoch_row(context, "--channels_last"))]
     if "c" in parts:
         rows += [("c", f"Sinkhorn, {sizes.sinkhorn_rows:,} x {sizes.prototypes:,} (batch + queue), 3 iterations",
                   "<= 1 ms", lambda: sinkhorn_row(context)),
@@ -478,7 +477,7 @@ def planned_rows(context: Check, parts: set, skip_compile: bool) -> list[tuple]:
         rows += [("d", f"{what}: MultiCrop on the device", "-", lambda: device_crops_row(context)),
                  ("d", f"{what}: torchvision per image, 1 CPU core", "-", lambda: torchvision_row(context))]
     if "b" in parts:
-        rows.append(("b", f"SwAV CIFAR-10 (swav_cifar10.yaml), batch {sizes.swav_batch}, --compile", epoch_goal,
+        rows.append(("b", f"{swav}, --compile", epoch_goal,
                      None if skip_compile else lambda: swav_epoch_row(context, "--compile")))
     return rows
 

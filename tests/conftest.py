@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,15 @@ TINY = ["--config", CONFIG, "--width", "4", "--hidden_dim", "32", "--embed_dim",
         "--batch_size", "64", "--size_crops", "8", "--epochs", "2", "--device", "cpu"]
 # What the tiny_run fixture adds: two epoch checkpoints, and the kNN monitor after every epoch.
 TINY_RUN = ["--checkpoint_epochs", "1", "2", "--knn_monitor_every", "1"]
+# One and two epochs of TINY with a progress record per step (step_losses reads them back).
+ONE_EPOCH = [*TINY, "--epochs", "1", "--log_every", "1"]
+TWO_EPOCHS = [*TINY, "--epochs", "2", "--log_every", "1"]
+
+
+def step_losses(run_dir: Path, epoch: int) -> list[float]:
+    """The loss of every step of `epoch` that RUN/train_log.jsonl records (all of them with --log_every 1)."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("epoch") == epoch and "step" in r]
 
 
 def script_env() -> dict:

@@ -6,19 +6,20 @@ flag with the same losses.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import yaml
 
 from clusterlab.models import BACKBONES, build_backbone
-from conftest import TINY, assert_ok, copy_run, run_script
+from conftest import ONE_EPOCH, TWO_EPOCHS, assert_ok, copy_run, run_script, step_losses
 from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
-ONE_EPOCH = [*TINY, "--epochs", "1", "--log_every", "1"]
-TWO_EPOCHS = [*TINY, "--epochs", "2", "--log_every", "1"]
 GENTLE = ["--lr", "0.3", "--final_lr", "0.0003"]  # the continued epoch's LARS rates (TINY's recipe: 4.8)
+
+
+def channels_last_only(tensor: torch.Tensor) -> bool:
+    """Stored channels-last, in an order the default one is not (so the conversion did something)."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
 def outputs_and_gradient(model, images) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +51,7 @@ def test_every_backbone_computes_the_same_in_both_memory_orders(arch):
         assert (out - exact_out).abs().max() <= 1e-4 * exact_out.abs().max()
         assert (grad - exact_grad).norm() <= 2e-3 * exact_grad.norm()
     four_d = [p for p in converted.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
-    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                          for p in four_d)
-
-
-def step_losses(run_dir, epoch: int) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r.get("epoch") == epoch and "step" in r]
+    assert four_d and all(channels_last_only(p) for p in four_d)
 
 
 def conv_weight(run_dir):
@@ -67,8 +62,7 @@ def test_a_channels_last_checkpoint_continues_in_either_order_with_the_same_loss
     trained = tmp_path / "channels_last"
     assert_ok(run_script("main_pretrain.py", *ONE_EPOCH, "--channels_last", "--output_dir", trained))
     assert yaml.safe_load((trained / "config.yaml").read_text())["args"]["channels_last"] is True
-    weight = conv_weight(trained)
-    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert channels_last_only(conv_weight(trained))
 
     without = copy_run(trained, tmp_path / "without")
     assert_ok(run_script("main_pretrain.py", *TWO_EPOCHS, *GENTLE, "--channels_last", "--output_dir", trained))
@@ -76,8 +70,7 @@ def test_a_channels_last_checkpoint_continues_in_either_order_with_the_same_loss
     assert_ok(result)
     assert "from epoch 1 step 0" in result.stdout
     assert conv_weight(without).is_contiguous()
-    weight = conv_weight(trained)
-    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert channels_last_only(conv_weight(trained))
     # Same weights and batches: the losses differ by the rounding of other convolution kernels, which the steps
     # carry on (at the recipe's LARS lr 4.8 they grew to 3e-2 over the epoch, hence the gentler lr; measured with it:
     # below 5e-6 relative over the first five steps, at most 3.3e-4 over the epoch).

@@ -7,7 +7,6 @@ compiler works, --compile is refused with one line before anything trains.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 
@@ -15,19 +14,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env
+from conftest import (ONE_EPOCH, PYTHON, ROOT, TWO_EPOCHS, assert_ok, assert_user_error, copy_run, run_script,
+                      script_env, step_losses)
 
-ONE_EPOCH = [*TINY, "--epochs", "1", "--log_every", "1"]
-TWO_EPOCHS = [*TINY, "--epochs", "2", "--log_every", "1"]
 # Per-step losses of the compiled second epoch against the eager one. Both start from the same weights, so the first
 # steps differ only by the rounding of fused kernels (measured: below 4e-6 relative over the first 7 steps); LARS at
 # lr 4.8 then amplifies the differences (measured: up to 4e-3 by step 14), still far below the loss's own changes.
 FIRST_STEPS, FIRST_RTOL, EPOCH_RTOL = 5, 1e-4, 2e-2
-
-
-def step_losses(run_dir, epoch: int) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r.get("epoch") == epoch and "step" in r]
 
 
 @pytest.mark.slow
