@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clusterlab import distributed, engine
 from clusterlab.data import ImageSet
@@ -54,12 +55,35 @@ def batch_of(train, indices: list[int]) -> Batch:
 
 def test_full_softmax_matches_the_formula():
     g = torch.Generator().manual_seed(0)
-    logits, own = torch.randn(5, 7, generator=g) * 4, torch.tensor([0, 6, 3, 3, 1])
+    f, bank, t = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g), 0.25
+    own = torch.tensor([0, 6, 3, 3, 1])
     naive = 0.0
     for b in range(5):
-        denominator = sum(math.exp(logits[b, j]) for j in range(7))
-        naive -= math.log(math.exp(logits[b, own[b]]) / denominator)
-    assert abs(instance_softmax_loss(logits, own).item() - naive / 5) < 1e-5
+        logits = [sum(f[b, d].item() * bank[j, d].item() for d in range(3)) / t for j in range(7)]
+        naive -= math.log(math.exp(logits[own[b]]) / sum(math.exp(value) for value in logits))
+    assert abs(instance_softmax_loss(f, bank, own, t).item() - naive / 5) < 1e-5
+
+
+def test_full_softmax_gradient_is_autograds():
+    """The written-out gradient against autograd through f M^T / T and cross-entropy (float64, with a repeated own
+    index and logits far from zero), and against finite differences (gradcheck)."""
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
+    own = torch.tensor([5, 39, 5, 0, 17, 22])
+    f = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    expected = F.cross_entropy(f @ bank.t() / 0.05, own)
+    (expected_grad,) = torch.autograd.grad(2.5 * expected, f)
+    loss = instance_softmax_loss(f, bank, own, 0.05)
+    (grad,) = torch.autograd.grad(2.5 * loss, f)
+    assert torch.allclose(loss, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: instance_softmax_loss(x, bank, own, 0.05), (f,))
+
+
+def test_full_softmax_refuses_a_bank_with_a_gradient():
+    bank = torch.randn(4, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="memory bank must not require a gradient"):
+        instance_softmax_loss(torch.randn(2, 2), bank, torch.tensor([0, 1]), 0.1)
 
 
 def test_nce_loss_matches_the_formula():

@@ -8,15 +8,42 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 NCE_EPS = 1e-7
 
 
-def instance_softmax_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Full non-parametric softmax (Wu et al. eq. 2): logits = f M^T / tau (B x N),
-    L = -1/B sum_b log( exp(logits[b, i_b]) / sum_j exp(logits[b, j]) ), i_b the sample's own index."""
-    return F.cross_entropy(logits.float(), indices)
+def instance_softmax_loss(features: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """Full non-parametric softmax (Wu et al. eq. 2): with logits s = f M^T / tau (B x N, M the memory bank),
+    L = -1/B sum_b log( exp(s[b, i_b]) / sum_j exp(s[b, j]) ), i_b the sample's own index.
+
+    The gradient, dL/df = (softmax(s) M - M[i]) / (B tau), is written out: the B x N logits turn into the
+    probabilities in place and are the only N-wide buffer of the step, where autograd's chain (product, division,
+    cross-entropy) allocates and sweeps several (bench/RESULTS.md, "NPID's full softmax"). M is a constant: the
+    bank is updated from the embeddings, never by gradient."""
+    if bank.requires_grad:
+        raise ValueError("instance_softmax_loss: the memory bank must not require a gradient")
+    return _InstanceSoftmax.apply(features.to(bank.dtype), bank, indices, temperature)
+
+
+class _InstanceSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, bank, indices, temperature):
+        logits = torch.mm(features, bank.t()).div_(temperature)
+        own = logits.gather(1, indices[:, None])
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        loss = (total.log() + peak - own).mean()
+        ctx.save_for_backward(probs.div_(total), bank, indices)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, bank, indices = ctx.saved_tensors
+        scale = grad_loss / (indices.shape[0] * ctx.temperature)
+        return (torch.mm(probs, bank) - bank[indices]) * scale, None, None, None
 
 
 def nce_scores(similarities: torch.Tensor, temperature: float, z: torch.Tensor) -> torch.Tensor:

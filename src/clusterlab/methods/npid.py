@@ -62,7 +62,7 @@ class NPID(MemoryBankMethod):
         f = self.embedding(crops[0])
         with torch.autocast(self.device.type, enabled=False):
             if self.args.nce_k == 0:
-                loss = instance_softmax_loss(f @ self.memory.weight.t() / self.args.bank_t, batch.indices)
+                loss = instance_softmax_loss(f, self.memory.weight, batch.indices, self.args.bank_t)
                 name = "softmax"
             else:
                 loss = self.nce(f, batch)
