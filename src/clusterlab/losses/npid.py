@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 NCE_EPS = 1e-7
 
@@ -40,6 +41,7 @@ class _InstanceSoftmax(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         probs, bank, indices = ctx.saved_tensors
         scale = grad_loss / (indices.shape[0] * ctx.temperature)
