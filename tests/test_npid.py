@@ -65,8 +65,8 @@ def test_full_softmax_matches_the_formula():
 
 
 def test_full_softmax_gradient_is_autograds():
-    """The written-out gradient against autograd through f M^T / T and cross-entropy (float64, with a repeated own
-    index and logits far from zero), and against finite differences (gradcheck)."""
+    """The written-out gradient against autograd through f M^T / T and cross-entropy (float64, logits up to 20 in
+    size, a gradient scaled by 2.5 on its way back), and against finite differences (gradcheck)."""
     g = torch.Generator().manual_seed(3)
     bank = F.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
     own = torch.tensor([5, 39, 5, 0, 17, 22])
@@ -78,6 +78,40 @@ def test_full_softmax_gradient_is_autograds():
     assert torch.allclose(loss, expected, rtol=0, atol=1e-12)
     assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: instance_softmax_loss(x, bank, own, 0.05), (f,))
+
+
+def test_full_softmax_is_stable_where_exp_overflows():
+    """Bank rows and features close to one direction at T = 0.01 put every logit between 98 and 100, past
+    float32's exp range (e^88.7): the float32 loss and gradient still match a float64 autograd reference."""
+    g = torch.Generator().manual_seed(4)
+    centre = torch.randn(16, generator=g)
+    bank = F.normalize(centre + 0.1 * torch.randn(300, 16, generator=g), dim=1)
+    own = torch.tensor([3, 150, 299, 3])
+    f = F.normalize(centre + 0.1 * torch.randn(4, 16, generator=g), dim=1).requires_grad_()
+    loss = instance_softmax_loss(f, bank, own, 0.01)
+    (grad,) = torch.autograd.grad(loss, f)
+    f64 = f.detach().double().requires_grad_()
+    expected = F.cross_entropy(f64 @ bank.double().t() / 0.01, own)
+    (expected_grad,) = torch.autograd.grad(expected, f64)
+    assert (f.detach() @ bank.t() / 0.01).min() > 88.7
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert abs(loss.item() - expected.item()) < 1e-4 * max(1.0, expected.item())
+    assert (grad.double() - expected_grad).abs().max() < 1e-4 * expected_grad.abs().max()
+
+
+def test_full_softmax_ignores_autocast():
+    """Under bf16 autocast the loss and gradient are the float32 ones, bit for bit (the bank's precision)."""
+    g = torch.Generator().manual_seed(5)
+    bank = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    own = torch.tensor([1, 7, 49])
+    f = F.normalize(torch.randn(3, 8, generator=g), dim=1).requires_grad_()
+    loss = instance_softmax_loss(f, bank, own, 0.1)
+    (grad,) = torch.autograd.grad(loss, f)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = instance_softmax_loss(f, bank, own, 0.1)
+    (autocast_grad,) = torch.autograd.grad(autocast_loss, f)
+    assert autocast_loss.dtype == torch.float32
+    assert torch.equal(autocast_loss, loss) and torch.equal(autocast_grad, grad)
 
 
 def test_full_softmax_refuses_a_bank_with_a_gradient():

@@ -24,7 +24,9 @@ def instance_softmax_loss(features: torch.Tensor, bank: torch.Tensor, indices: t
     bank is updated from the embeddings, never by gradient."""
     if bank.requires_grad:
         raise ValueError("instance_softmax_loss: the memory bank must not require a gradient")
-    return _InstanceSoftmax.apply(features.to(bank.dtype), bank, indices, temperature)
+    # In the bank's precision also under autocast, where the backward's product would meet bf16 probabilities.
+    with torch.autocast(features.device.type, enabled=False):
+        return _InstanceSoftmax.apply(features.to(bank.dtype), bank, indices, temperature)
 
 
 class _InstanceSoftmax(torch.autograd.Function):
