@@ -115,6 +115,27 @@ def test_ue_loss_matches_the_formula(masked):
     assert abs(ue_loss(logits, own if masked else None).item() - naive / 4) < 1e-5
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_ue_gradient_is_autograds(masked):
+    """The written-out gradient against autograd through masking, log-softmax and q log q (float64, a gradient
+    scaled by 0.7 on its way back, an own column repeated), and against finite differences; the logits are
+    left as they were."""
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(5, 30, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    own = torch.tensor([3, 29, 3, 0, 12]) if masked else None
+    before = logits.detach().clone()
+    masked_logits = logits.scatter(1, own[:, None], -10.0) if masked else logits
+    log_q = F.log_softmax(masked_logits, dim=1)
+    expected = -(log_q.exp() * log_q).sum(dim=1).mean()
+    (expected_grad,) = torch.autograd.grad(0.7 * expected, logits)
+    loss = ue_loss(logits, own)
+    (grad,) = torch.autograd.grad(0.7 * loss, logits)
+    assert torch.allclose(loss, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+    assert torch.equal(logits.detach(), before)
+    assert torch.autograd.gradcheck(lambda x: ue_loss(x, own), (logits,))
+
+
 def test_aug_on_logits_from_gathered_keys_equals_the_direct_computation():
     """x_i = O_i / |O_i| with O = f M^T / t (N entries): the method's (O_i M) . f_j / (t |O_i| |O_j|) matches
     x_i . x_j, and the loss's gradient with respect to f matches upstream's x @ x.detach()^T."""

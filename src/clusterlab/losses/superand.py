@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 UE_OWN_LOGIT = -10.0
 
@@ -48,9 +49,32 @@ def ue_loss(logits: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tens
     logit set to -10 first; L = -1/R sum_i sum_j q_ij log q_ij. The masked entropy is the paper's loss and what
     super-AND's main.py computes at the pinned commit 5a0e5ca (in the rows of both views; EmbedUL's copy too).
     `own=None`, the unmasked entropy, exists only in super-AND's first commit 05ce30f, where a leftover line
-    overwrote the masked value; the next commit, eab79e5, removed it."""
-    logits = logits.float()
-    if own is not None:
-        logits = logits.scatter(1, own[:, None], UE_OWN_LOGIT)
-    log_q = F.log_softmax(logits, dim=1)
-    return -(log_q.exp() * log_q).sum(dim=1).mean()
+    overwrote the masked value; the next commit, eab79e5, removed it.
+
+    The gradient is written out: with H_i the row's entropy, dL/dO_ij = -q_ij (log q_ij + H_i) / R, and 0 at a
+    masked own logit (a constant). Fewer R x N buffers and passes than autograd's chain of masking,
+    log-softmax, exponential and product (bench/RESULTS.md, "Super-AND's UE loss")."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return _UnificationEntropy.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), own)
+
+
+class _UnificationEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, own):
+        if own is not None:
+            logits = logits.scatter(1, own[:, None], UE_OWN_LOGIT)
+        log_q = F.log_softmax(logits, dim=1)
+        q = torch.exp(log_q, out=logits) if own is not None else log_q.exp()
+        entropy = -(q * log_q).sum(dim=1)  # a sum, not bmm: bmm's 60k-long float32 dot drifts 1e-4
+        ctx.save_for_backward(q, log_q, entropy, own)
+        ctx.masked = own is not None
+        return entropy.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        q, log_q, entropy, own = ctx.saved_tensors
+        grad = torch.add(log_q, entropy[:, None]).mul_(q).mul_(-grad_loss / q.shape[0])
+        if ctx.masked:
+            grad.scatter_(1, own[:, None], 0.0)
+        return grad, None
