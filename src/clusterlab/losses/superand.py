@@ -64,10 +64,10 @@ class _UnificationEntropy(torch.autograd.Function):
         if own is not None:
             logits = logits.scatter(1, own[:, None], UE_OWN_LOGIT)
         log_q = F.log_softmax(logits, dim=1)
+        # q may reuse the masked copy's memory, never the caller's logits.
         q = torch.exp(log_q, out=logits) if own is not None else log_q.exp()
         entropy = -(q * log_q).sum(dim=1)  # a sum, not bmm: bmm's 60k-long float32 dot drifts 1e-4
         ctx.save_for_backward(q, log_q, entropy, own)
-        ctx.masked = own is not None
         return entropy.mean()
 
     @staticmethod
@@ -75,6 +75,6 @@ class _UnificationEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         q, log_q, entropy, own = ctx.saved_tensors
         grad = torch.add(log_q, entropy[:, None]).mul_(q).mul_(-grad_loss / q.shape[0])
-        if ctx.masked:
+        if own is not None:
             grad.scatter_(1, own[:, None], 0.0)
         return grad, None
