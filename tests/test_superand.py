@@ -1,6 +1,8 @@
 """Super-AND (methods/superand.py, losses/superand.py, models/sobel.py).
 
-- AND, AUG and UE losses against naive loops over the written-out formulas (1e-5);
+- AND, AUG and UE losses against naive loops over the written-out formulas (1e-5); the written-out AND and UE
+  gradients against autograd's chains in float64 (1e-12) and gradcheck; AND finite where the picked mass underflows;
+- at UE weight 0 the UE term is logged and takes no part in the gradient;
 - the AUG loss on NPC logit rows computed from gathered d-dimensional keys equals the direct computation on the
   N-dimensional normalised logit rows, in value (1e-5) and in gradient (1e-4 relative);
 - entropies, anchors and neighbours against brute force on a small bank, with chunks of two rows (1e-5 / exact);
@@ -83,6 +85,57 @@ def test_and_loss_matches_the_formula():
     assert abs(and_loss(logits, own, neighbours).item() - naive / 6) < 1e-5
 
 
+def autograd_and_loss(logits, own, neighbours):
+    """The AND loss through autograd's log-softmax, gather and logsumexp (the formula in logs)."""
+    log_p = F.log_softmax(logits, dim=1)
+    columns = torch.cat([own[:, None], neighbours], dim=1)
+    picked = log_p.gather(1, columns.clamp(min=0)).masked_fill(columns < 0, float("-inf"))
+    return -torch.logsumexp(picked, dim=1).mean()
+
+
+def test_and_gradient_is_autograds():
+    """The written-out gradient (p - softmax over the picked columns) / R against autograd (float64, a gradient
+    scaled by 0.7 on its way back, rows without neighbours, a column picked twice), and against finite
+    differences; the logits are left as they were."""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(6, 40, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    own = torch.tensor([3, 17, 39, 3, 17, 39])
+    neighbours = torch.tensor([[-1, -1], [5, 22], [-1, -1], [-1, -1], [5, 5], [0, -1]])
+    before = logits.detach().clone()
+    (expected_grad,) = torch.autograd.grad(0.7 * autograd_and_loss(logits, own, neighbours), logits)
+    loss = and_loss(logits, own, neighbours)
+    (grad,) = torch.autograd.grad(0.7 * loss, logits)
+    assert torch.allclose(loss, autograd_and_loss(logits, own, neighbours), rtol=0, atol=1e-12)
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+    assert torch.equal(logits.detach(), before)
+    assert torch.autograd.gradcheck(lambda x: and_loss(x, own, neighbours), (logits,))
+
+
+def test_and_loss_stays_finite_when_the_picked_mass_underflows():
+    """float32 logits 100 apart: the picked probability is about exp(-100), 0 in float32; in logs the loss is 100
+    and the gradient (p - s) / R, -1/2 at the own column and 1/2 at the winning one."""
+    logits = torch.zeros(2, 5)
+    logits[:, 4] = 100.0
+    own, neighbours = torch.tensor([0, 1]), torch.tensor([[-1], [-1]])
+    logits.requires_grad_()
+    loss = and_loss(logits, own, neighbours)
+    loss.backward()
+    assert abs(loss.item() - 100.0) < 1e-4
+    assert torch.allclose(logits.grad[0], torch.tensor([-0.5, 0, 0, 0, 0.5]), atol=1e-6)
+
+
+def test_and_loss_under_autocast_is_the_float32_loss():
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(4, 50, generator=g) * 5).requires_grad_()
+    own, neighbours = torch.tensor([1, 2, 1, 2]), torch.tensor([[7], [-1], [7], [-1]])
+    expected = and_loss(logits, own, neighbours)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = and_loss(logits, own, neighbours)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+
+
 def naive_aug(x: torch.Tensor, t: float) -> float:
     """ISIF with batch_m = 1 over 2B rows [view 1; view 2], written out per pair."""
     rows, half = x.shape[0], x.shape[0] // 2
@@ -136,6 +189,26 @@ def test_ue_gradient_is_autograds(masked):
     assert torch.autograd.gradcheck(lambda x: ue_loss(x, own), (logits,))
 
 
+def test_ue_at_weight_zero_is_logged_and_not_differentiated():
+    """Epoch 0 of a round (weight 0): the logged UE value is the loss's, and the step's gradient is AND's + AUG's."""
+    method, _ = build("--npc_t", "0.1", n=40)
+    method.memory.weight.copy_(unit_rows(40, 16, 3))
+    method.train()
+    x = unit_rows(10, 16, 4).requires_grad_()
+    method.backbone = method.head = torch.nn.Identity()  # the input rows are the (unit) embeddings
+    batch = Batch(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.arange(5), torch.tensor([0, 7, 9, 30, 39]), 5, 0)
+    loss, terms = method([x[:5], x[5:]], batch, Progress(0, 0, 0, 1))
+    (grad,) = torch.autograd.grad(loss, x)
+    own, f = batch.indices.repeat(2), F.normalize(x, dim=1)  # the embedding's normalisation, in the graph
+    logits = f @ method.memory_bank.t() / 0.1
+    expected = and_loss(logits, own, method.neighbours[own]) + aug_loss(
+        method.batch_similarities(f), *two_view_columns(5, x.device), 0.1)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert terms["ue_weight"] == 0.0
+    assert abs(float(terms["ue"]) - float(ue_loss(logits, own).detach())) < 1e-6
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_aug_on_logits_from_gathered_keys_equals_the_direct_computation():
     """x_i = O_i / |O_i| with O = f M^T / t (N entries): the method's (O_i M) . f_j / (t |O_i| |O_j|) matches
     x_i . x_j, and the loss's gradient with respect to f matches upstream's x @ x.detach()^T."""
@@ -144,7 +217,7 @@ def test_aug_on_logits_from_gathered_keys_equals_the_direct_computation():
     n = 5
     f = unit_rows(2 * n, 16, 4).requires_grad_()
     logits = f @ method.memory_bank.t() / 0.1
-    ours = method.batch_similarities(f, logits)
+    ours = method.batch_similarities(f)
     x = F.normalize(logits, dim=1)
     direct = x @ x.detach().t()
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-5)

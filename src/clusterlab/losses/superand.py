@@ -21,11 +21,36 @@ def and_loss(logits: torch.Tensor, own: torch.Tensor, neighbours: torch.Tensor) 
     """Neighbourhood discovery (Huang, Dong, Gong and Zhu, "Unsupervised Deep Learning by Neighbourhood
     Discovery", ICML 2019): with p_i = softmax(O_i),
     L = -1/R sum_i log( p_{i, own_i} + sum_{j in Omega_i} p_{i, j} ),
-    Omega_i = the entries >= 0 of neighbours[i] (R x S; all -1 for an instance, i.e. not an anchor)."""
-    log_p = F.log_softmax(logits.float(), dim=1)
+    Omega_i = the entries >= 0 of neighbours[i] (R x S; all -1 for an instance, i.e. not an anchor).
+
+    Computed in logs, L_i = logsumexp_j O_ij - logsumexp_{c in {own_i} + Omega_i} O_ic, so that a picked mass far
+    below float32's range stays finite. The gradient is written out: with s_i = softmax over the picked columns,
+    dL/dO_ij = (p_ij - s_ij) / R (a column picked twice counts twice). One R x N buffer each way instead of
+    autograd's chain of log-softmax, gather and their backward (bench/RESULTS.md, "Super-AND's AND and AUG")."""
     columns = torch.cat([own[:, None], neighbours], dim=1)
-    picked = log_p.gather(1, columns.clamp(min=0)).masked_fill(columns < 0, float("-inf"))
-    return -torch.logsumexp(picked, dim=1).mean()
+    with torch.autocast(logits.device.type, enabled=False):
+        return _NeighbourhoodLikelihood.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), columns)
+
+
+class _NeighbourhoodLikelihood(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, columns):
+        top = logits.amax(dim=1, keepdim=True)
+        p = torch.sub(logits, top).exp_()
+        normaliser = p.sum(dim=1, keepdim=True)
+        p.div_(normaliser)
+        picked = logits.gather(1, columns.clamp(min=0)).masked_fill_(columns < 0, float("-inf"))
+        picked_lse = torch.logsumexp(picked, dim=1, keepdim=True)
+        ctx.save_for_backward(p, columns, torch.exp(picked - picked_lse))
+        return (top + normaliser.log() - picked_lse).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        p, columns, picked_softmax = ctx.saved_tensors
+        scale = grad_loss / p.shape[0]
+        grad = torch.mul(p, scale)
+        return grad.scatter_add_(1, columns.clamp(min=0), picked_softmax.mul(-scale)), None
 
 
 def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tensor,

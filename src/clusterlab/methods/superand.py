@@ -12,10 +12,11 @@ most similar other entries as neighbours (ops/knn.py, ties to the lower index). 
 restarts every round (--schedule_period = --epochs_per_round), with the same optimiser state, as upstream.
 
 L_AUG compares the two views of each image against the whole global batch. By default (`--aug_on logits`, as
-upstream) it works on the L2-normalised NPC logit rows x_i = O_i / |O_i|, which have N entries; rather than
-gathering 2B x N rows, each rank gathers the 2B x d embeddings and uses
-    x_i . x_j = O_i . O_j / (|O_i| |O_j|) = (O_i M) . f_j / (T |O_i| |O_j|),
-so only f_j / |O_j| (d numbers per column) crosses ranks. `--aug_on embedding` uses the 128-d f instead.
+upstream) it works on the L2-normalised NPC logit rows x_i = O_i / |O_i|, which have N entries. Their products need
+only the bank's d x d Gram matrix G = M^T M, recomputed every step:
+    O_i . O_j = f_i G f_j / T^2,   |O_i| = sqrt(f_i G f_i) / T,
+so neither the 2B x N rows' norms nor their product with the bank are formed, and only f_j / |O_j| (d numbers per
+column) crosses ranks. `--aug_on embedding` uses the 128-d f instead.
 
 Resume: the round, the anchors and their neighbours are method state, so a run stopped anywhere in a round resumes
 with the same anchors (upstream's resume restarts at round 0). Anchors are found again only when an epoch starts a
@@ -125,12 +126,14 @@ class SuperAND(MemoryBankMethod):
         args, n = self.args, batch.indices.shape[0]
         f = self.embedding(torch.cat(crops))
         own = batch.indices.repeat(2)
-        with torch.autocast(self.device.type, enabled=False):
-            logits = f @ self.memory.weight.t() / args.bank_t
-            l_and = and_loss(logits, own, self.neighbours[own])
-            l_aug = aug_loss(self.batch_similarities(f, logits), *two_view_columns(n, f.device), args.batch_t)
-            l_ue = ue_loss(logits, own if args.ue_mask_own else None)
         weight = args.ue_weight * ((progress.epoch % args.epochs_per_round) // args.ue_every)
+        with torch.autocast(self.device.type, enabled=False):
+            logits = (f / args.bank_t) @ self.memory.weight.t()
+            l_and = and_loss(logits, own, self.neighbours[own])
+            l_aug = aug_loss(self.batch_similarities(f), *two_view_columns(n, f.device), args.batch_t)
+            # At weight 0 (the first ue_every epochs of every round) UE is only logged: no graph, no backward.
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                l_ue = ue_loss(logits, own if args.ue_mask_own else None)
         self.remember(own, f)
         self.pending_labels = batch.labels
         terms = {"and": l_and.detach(), "aug": l_aug.detach(), "ue": l_ue.detach(), "ue_weight": weight,
@@ -139,14 +142,16 @@ class SuperAND(MemoryBankMethod):
             terms["ans_consistency"] = self.consistency
         return l_and + l_aug + weight * l_ue, terms
 
-    def batch_similarities(self, f: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def batch_similarities(self, f: torch.Tensor) -> torch.Tensor:
         """x_i . x_j of this rank's rows against every view of the global batch (columns detached, rank order)."""
         if self.args.aug_on == "embedding":
             return f @ distributed.all_gather_cat(f.detach()).t()
-        norms = logits.norm(dim=1, keepdim=True)
-        queries = (logits @ self.memory.weight) / (self.args.bank_t * norms)
+        # O_i . O_j = f_i G f_j / T^2 with the bank's d x d Gram matrix G = M^T M: no N-wide row is needed.
+        bank, t = self.memory.weight, self.args.bank_t
+        f_gram = f @ (bank.t() @ bank)
+        norms = (f_gram * f).sum(dim=1, keepdim=True).sqrt() / t
         keys = distributed.all_gather_cat((f / norms).detach())
-        return queries @ keys.t()
+        return (f_gram / (t * t * norms)) @ keys.t()
 
     def after_backward(self, progress: Progress) -> None:
         labels, self.pending_labels = self.pending_labels, None
