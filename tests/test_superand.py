@@ -2,7 +2,7 @@
 
 - AND, AUG and UE losses against naive loops over the written-out formulas (1e-5); the written-out AND and UE
   gradients against autograd's chains in float64 (1e-12) and gradcheck; AND finite where the picked mass underflows;
-- at UE weight 0 the UE term is logged and takes no part in the gradient;
+- at UE weight 0 the UE term is logged and has no node in the step's graph; above 0 it has and adds to the gradient;
 - the AUG loss on NPC logit rows computed from gathered d-dimensional keys equals the direct computation on the
   N-dimensional normalised logit rows, in value (1e-5) and in gradient (1e-4 relative);
 - entropies, anchors and neighbours against brute force on a small bank, with chunks of two rows (1e-5 / exact);
@@ -112,8 +112,8 @@ def test_and_gradient_is_autograds():
 
 
 def test_and_loss_stays_finite_when_the_picked_mass_underflows():
-    """float32 logits 100 apart: the picked probability is about exp(-100), 0 in float32; in logs the loss is 100
-    and the gradient (p - s) / R, -1/2 at the own column and 1/2 at the winning one."""
+    """float32 logits 100 apart: the picked probability is about exp(-100), 0 in float32; kept in logs (as autograd's
+    log-softmax was) the loss is 100 and the gradient (p - s) / R, -1/2 at the own column, 1/2 at the winning one."""
     logits = torch.zeros(2, 5)
     logits[:, 4] = 100.0
     own, neighbours = torch.tensor([0, 1]), torch.tensor([[-1], [-1]])
@@ -124,16 +124,20 @@ def test_and_loss_stays_finite_when_the_picked_mass_underflows():
     assert torch.allclose(logits.grad[0], torch.tensor([-0.5, 0, 0, 0, 0.5]), atol=1e-6)
 
 
-def test_and_loss_under_autocast_is_the_float32_loss():
+def test_and_loss_of_bfloat16_logits_under_autocast_is_float32():
+    """bfloat16 logits under an enabled bfloat16 autocast: the loss is the float32 loss of the upcast logits, and
+    the gradient is the float32 gradient, returned in bfloat16."""
     g = torch.Generator().manual_seed(9)
-    logits = (torch.randn(4, 50, generator=g) * 5).requires_grad_()
+    logits = (torch.randn(4, 50, generator=g) * 5).bfloat16().requires_grad_()
     own, neighbours = torch.tensor([1, 2, 1, 2]), torch.tensor([[7], [-1], [7], [-1]])
-    expected = and_loss(logits, own, neighbours)
-    (expected_grad,) = torch.autograd.grad(expected, logits)
+    upcast = logits.detach().float().requires_grad_()
+    expected = and_loss(upcast, own, neighbours)
+    (expected_grad,) = torch.autograd.grad(expected, upcast)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = and_loss(logits, own, neighbours)
         (grad,) = torch.autograd.grad(loss, logits)
-    assert loss.dtype == torch.float32 and torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+    assert grad.dtype == torch.bfloat16 and torch.equal(grad, expected_grad.bfloat16())
 
 
 def naive_aug(x: torch.Tensor, t: float) -> float:
@@ -189,31 +193,48 @@ def test_ue_gradient_is_autograds(masked):
     assert torch.autograd.gradcheck(lambda x: ue_loss(x, own), (logits,))
 
 
-def test_ue_at_weight_zero_is_logged_and_not_differentiated():
-    """Epoch 0 of a round (weight 0): the logged UE value is the loss's, and the step's gradient is AND's + AUG's."""
+def graph_nodes(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that `tensor`'s backward pass would run."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("epoch,weight", [(0, 0.0), (80, 0.2)])
+def test_ue_is_differentiated_only_at_a_weight_above_zero(epoch, weight):
+    """At weight 0 (epochs 0-79 of a round) the logged UE value is the loss's, the step's graph holds no UE node and
+    its gradient is AND's + AUG's; at 0.2 (epoch 80) the UE node is in the graph and the gradient adds 0.2 UE's."""
     method, _ = build("--npc_t", "0.1", n=40)
     method.memory.weight.copy_(unit_rows(40, 16, 3))
     method.train()
     x = unit_rows(10, 16, 4).requires_grad_()
     method.backbone = method.head = torch.nn.Identity()  # the input rows are the (unit) embeddings
     batch = Batch(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.arange(5), torch.tensor([0, 7, 9, 30, 39]), 5, 0)
-    loss, terms = method([x[:5], x[5:]], batch, Progress(0, 0, 0, 1))
+    loss, terms = method([x[:5], x[5:]], batch, Progress(epoch, 0, 0, 1))
+    assert ("_UnificationEntropyBackward" in graph_nodes(loss)) == (weight > 0)
     (grad,) = torch.autograd.grad(loss, x)
     own, f = batch.indices.repeat(2), F.normalize(x, dim=1)  # the embedding's normalisation, in the graph
     logits = f @ method.memory_bank.t() / 0.1
     expected = and_loss(logits, own, method.neighbours[own]) + aug_loss(
-        method.batch_similarities(f), *two_view_columns(5, x.device), 0.1)
+        method.batch_similarities(f), *two_view_columns(5, x.device), 0.1) + weight * ue_loss(logits, own)
     (expected_grad,) = torch.autograd.grad(expected, x)
-    assert terms["ue_weight"] == 0.0
+    assert terms["ue_weight"] == pytest.approx(weight)
     assert abs(float(terms["ue"]) - float(ue_loss(logits, own).detach())) < 1e-6
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_aug_on_logits_from_gathered_keys_equals_the_direct_computation():
-    """x_i = O_i / |O_i| with O = f M^T / t (N entries): the method's (O_i M) . f_j / (t |O_i| |O_j|) matches
-    x_i . x_j, and the loss's gradient with respect to f matches upstream's x @ x.detach()^T."""
+    """x_i = O_i / |O_i| with O = f M^T / t (N entries): the method's f_i G f_j / (t^2 |O_i| |O_j|) through the
+    bank's Gram matrix G = M^T M matches x_i . x_j, and the loss's gradient with respect to f matches upstream's
+    x @ x.detach()^T; half the bank's rows are its initial, un-normalised ones."""
     method, _ = build("--npc_t", "0.1", n=40)
-    method.memory.weight.copy_(unit_rows(40, 16, 3))
+    method.memory.weight[:20].copy_(unit_rows(20, 16, 3))
     n = 5
     f = unit_rows(2 * n, 16, 4).requires_grad_()
     logits = f @ method.memory_bank.t() / 0.1

@@ -23,8 +23,8 @@ def and_loss(logits: torch.Tensor, own: torch.Tensor, neighbours: torch.Tensor) 
     L = -1/R sum_i log( p_{i, own_i} + sum_{j in Omega_i} p_{i, j} ),
     Omega_i = the entries >= 0 of neighbours[i] (R x S; all -1 for an instance, i.e. not an anchor).
 
-    Computed in logs, L_i = logsumexp_j O_ij - logsumexp_{c in {own_i} + Omega_i} O_ic, so that a picked mass far
-    below float32's range stays finite. The gradient is written out: with s_i = softmax over the picked columns,
+    Computed in logs, as autograd's log-softmax did, L_i = logsumexp_j O_ij - logsumexp_{c in {own_i} + Omega_i} O_ic:
+    a picked mass below float32's range stays finite. The gradient is written out: with s_i = softmax over the picked columns,
     dL/dO_ij = (p_ij - s_ij) / R (a column picked twice counts twice). One R x N buffer each way instead of
     autograd's chain of log-softmax, gather and their backward (bench/RESULTS.md, "Super-AND's AND and AUG")."""
     columns = torch.cat([own[:, None], neighbours], dim=1)
@@ -40,9 +40,8 @@ class _NeighbourhoodLikelihood(torch.autograd.Function):
         normaliser = p.sum(dim=1, keepdim=True)
         p.div_(normaliser)
         picked = logits.gather(1, columns.clamp(min=0)).masked_fill_(columns < 0, float("-inf"))
-        picked_lse = torch.logsumexp(picked, dim=1, keepdim=True)
-        ctx.save_for_backward(p, columns, torch.exp(picked - picked_lse))
-        return (top + normaliser.log() - picked_lse).mean()
+        ctx.save_for_backward(p, columns, torch.softmax(picked, dim=1))
+        return (top + normaliser.log() - torch.logsumexp(picked, dim=1, keepdim=True)).mean()
 
     @staticmethod
     @once_differentiable
@@ -62,7 +61,7 @@ def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tenso
     a_ij = exp(s_ij / T) for j != own_i, D_i = sum_j a_ij, P_i = a_{i,partner_i} / D_i, P_ij = a_ij / D_i,
     L = -1/R sum_i [ log P_i + sum_{j not in {own_i, partner_i}} log(1 - P_ij) ]."""
     rows = torch.arange(similarities.shape[0], device=similarities.device)
-    scores = torch.exp(similarities.float() / temperature)
+    scores = torch.exp(similarities.to(torch.promote_types(similarities.dtype, torch.float32)) / temperature)
     scores = scores.index_put((rows, own), scores.new_zeros(()))
     probabilities = scores / scores.sum(dim=1, keepdim=True)
     negatives = torch.log1p(-probabilities).index_put((rows, partner), scores.new_zeros(())).sum(dim=1)

@@ -151,7 +151,9 @@ class SuperAND(MemoryBankMethod):
         # rank's 2B rows number more than d / 2 (the recipes on one process: 256 rows, d 128).
         bank, t = self.memory.weight, self.args.bank_t
         f_gram = f @ (bank.t() @ bank)
-        norms = (f_gram * f).sum(dim=1, keepdim=True).sqrt() / t
+        # f G f is |f M^T|^2 >= 0, but its float32 rounding can go below 0 when f is nearly orthogonal to a
+        # collapsed bank; the direct norms never did.
+        norms = (f_gram * f).sum(dim=1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny).sqrt() / t
         keys = distributed.all_gather_cat((f / norms).detach())
         return (f_gram / (t * t * norms)) @ keys.t()
 
