@@ -5,8 +5,8 @@
 
 Each method of a Fashion-MNIST recipe is built with its backbone and head replaced by the identity, its bank filled
 with random unit rows (N x 128), and its forward pass plus backward pass timed on the fixed unit embeddings of 128
-images (NPID: one view; Super-AND: two):
-the products with the bank, the losses and their gradients, up to the gradient with respect to the embeddings.
+images (NPID: one view; Super-AND: two): the products with the bank, the losses and their gradients, up to the
+gradient with respect to the embeddings.
 Rows: NPID's full softmax (configs/npid_fashion_mnist_20ep.yaml), Super-AND (configs/superand_fashion_mnist.yaml) at
 UE weight 0 (the recipe's: its rounds are one epoch long) and at 0.2. The calls of all rows are interleaved, the
 first two of each are not counted; prints a Markdown table of median, min and max.
@@ -74,8 +74,8 @@ def main() -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    print(f"loss part on the embeddings of {BATCH} images (d {DIM}), bank {args.bank} x {DIM}, {args.threads} thread(s), "
-          f"{args.repeats} counted calls each")
+    print(f"loss part on the embeddings of {BATCH} images (d {DIM}), bank {args.bank} x {DIM}, "
+          f"{args.threads} thread(s), {args.repeats} counted calls each")
     print("\n| loss part | median | min | max |\n| --- | --- | --- | --- |")
     for name, values in times.items():
         counted = values[2:]

@@ -17,19 +17,25 @@ from torch.autograd.function import once_differentiable
 UE_OWN_LOGIT = -10.0
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in float64 if it already is: the losses' sums over N columns need at least float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def and_loss(logits: torch.Tensor, own: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Neighbourhood discovery (Huang, Dong, Gong and Zhu, "Unsupervised Deep Learning by Neighbourhood
     Discovery", ICML 2019): with p_i = softmax(O_i),
     L = -1/R sum_i log( p_{i, own_i} + sum_{j in Omega_i} p_{i, j} ),
     Omega_i = the entries >= 0 of neighbours[i] (R x S; all -1 for an instance, i.e. not an anchor).
 
-    Computed in logs, as autograd's log-softmax did, L_i = logsumexp_j O_ij - logsumexp_{c in {own_i} + Omega_i} O_ic:
-    a picked mass below float32's range stays finite. The gradient is written out: with s_i = softmax over the picked columns,
-    dL/dO_ij = (p_ij - s_ij) / R (a column picked twice counts twice). One R x N buffer each way instead of
-    autograd's chain of log-softmax, gather and their backward (bench/RESULTS.md, "Super-AND's AND and AUG")."""
+    Computed in logs, as autograd's log-softmax did, so that a picked mass below float32's range stays finite:
+    L_i = logsumexp_j O_ij - logsumexp_{c in {own_i} + Omega_i} O_ic. The gradient is written out: with s_i the
+    softmax over the picked columns, dL/dO_ij = (p_ij - s_ij) / R (a column picked twice counts twice). One R x N
+    buffer each way instead of autograd's chain of log-softmax, gather and their backward (bench/RESULTS.md,
+    "Super-AND's AND and AUG")."""
     columns = torch.cat([own[:, None], neighbours], dim=1)
     with torch.autocast(logits.device.type, enabled=False):
-        return _NeighbourhoodLikelihood.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), columns)
+        return _NeighbourhoodLikelihood.apply(at_least_float32(logits), columns)
 
 
 class _NeighbourhoodLikelihood(torch.autograd.Function):
@@ -61,7 +67,7 @@ def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tenso
     a_ij = exp(s_ij / T) for j != own_i, D_i = sum_j a_ij, P_i = a_{i,partner_i} / D_i, P_ij = a_ij / D_i,
     L = -1/R sum_i [ log P_i + sum_{j not in {own_i, partner_i}} log(1 - P_ij) ]."""
     rows = torch.arange(similarities.shape[0], device=similarities.device)
-    scores = torch.exp(similarities.to(torch.promote_types(similarities.dtype, torch.float32)) / temperature)
+    scores = torch.exp(at_least_float32(similarities) / temperature)
     scores = scores.index_put((rows, own), scores.new_zeros(()))
     probabilities = scores / scores.sum(dim=1, keepdim=True)
     negatives = torch.log1p(-probabilities).index_put((rows, partner), scores.new_zeros(())).sum(dim=1)
@@ -79,7 +85,7 @@ def ue_loss(logits: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tens
     masked own logit (a constant). Fewer R x N buffers and passes than autograd's chain of masking,
     log-softmax, exponential and product (bench/RESULTS.md, "Super-AND's UE loss")."""
     with torch.autocast(logits.device.type, enabled=False):
-        return _UnificationEntropy.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), own)
+        return _UnificationEntropy.apply(at_least_float32(logits), own)
 
 
 class _UnificationEntropy(torch.autograd.Function):
