@@ -15,6 +15,8 @@
 # If a cluster this script did not configure already answers, `start` uses it and starts nothing (so `stop` stops
 # nothing). `start` is idempotent: it starts what is missing and restarts the daemons only when slurm.conf changed
 # (a restart, not `scontrol reconfigure`, which does not apply every setting; job state survives in StateSaveLocation).
+# When slurmctld is not running, it starts with an empty queue: jobs saved by daemons that died without `stop` are
+# dropped, not rerun or left holding the node.
 # Every node advertises $CLUSTERLAB_FAKE_GPUS (default 2) fake GPUs backed by placeholder character devices, so GPU
 # directives are accepted and scheduled; jobs find no CUDA and run on the CPU. The three nodes share this machine's
 # cores and memory. Needs root and apt; otherwise it exits 3 with the reason, and the Slurm tests skip (or fail, with
@@ -282,11 +284,17 @@ start() {
     for _ in $(seq 20); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
     cp /run/munge/munged.pid "$STATE/run/munged.pid"
   fi
+  # A fresh start clears the saved state (-c): what it holds is left by a run whose daemons died without `stop` (a
+  # killed session). Its jobs would come back: one recorded as running held the node's CPUs for 32 minutes until
+  # slurmctld gave up on it, while every job of the next test run waited; pending ones would rerun among the tests'.
+  # A restart for a changed slurm.conf keeps the state, so that jobs still running survive it.
+  local clear=-c
   if [ "$CONFIG_CHANGED" = 1 ] && { alive "$STATE/run/slurmctld.pid" || compgen -G "$STATE/run/slurmd*.pid" >/dev/null; }; then
     say "slurm.conf changed: restarting the Slurm daemons"
     stop_slurm_daemons
+    clear=""
   fi
-  alive "$STATE/run/slurmctld.pid" || { say "starting slurmctld"; /usr/sbin/slurmctld -i; }
+  alive "$STATE/run/slurmctld.pid" || { say "starting slurmctld${clear:+ with an empty queue}"; /usr/sbin/slurmctld -i $clear; }
   for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
   mkdir -p "$STATE/spool/$HOST"
   alive "$STATE/run/slurmd-$HOST.pid" || { say "starting slurmd ($HOST)"; /usr/sbin/slurmd; }

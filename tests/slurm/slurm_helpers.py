@@ -54,14 +54,39 @@ def write_grid(path: Path, **spec) -> Path:
     return path
 
 
+def cluster_report(job_id: str | None = None) -> str:
+    """What a test that timed out on the cluster needs to say why: the job, the queue, the nodes and the daemons' last
+    log lines (a job that never starts, a node left drained, a step that cannot be created show there)."""
+    state_dir = Path(os.environ.get("CLUSTERLAB_SLURM_DIR", "/var/tmp/clusterlab-slurm"))
+
+    def output(*command: str) -> str:
+        done = subprocess.run(command, capture_output=True, text=True)
+        return (done.stdout + done.stderr).strip()
+
+    parts = []
+    if job_id:
+        parts.append(f"job {job_id}: " + output("scontrol", "-o", "show", "job", job_id))
+    parts.append("queue:\n" + output("squeue", "-h", "-o", "%i %j %P %T %M %C %r"))
+    parts.append("nodes:\n" + output("sinfo", "-h", "-N", "-o", "%N %P %t %C %E"))
+    for log in sorted((state_dir / "log").glob("slurm*.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if "pmix" not in line.lower()
+                 and "MPI: Cannot create context" not in line][-15:]  # every daemon start logs the missing PMIx
+        parts.append(f"{log.name}, last lines:\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def wait_job(job_id: str, timeout: float = 300) -> None:
+    """Until the job has left the queue. On timeout it is cancelled (on a one-node partition a stuck job would
+    hold up every later test) and the error says what the cluster was doing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
         if job_id not in out:
             return
         time.sleep(1)
-    raise TimeoutError(f"job {job_id} still queued after {timeout} s")
+    report = cluster_report(job_id)
+    subprocess.run(["scancel", job_id], capture_output=True)
+    raise TimeoutError(f"job {job_id} still queued after {timeout} s (now cancelled)\n{report}")
 
 
 def log_lines(run: Path) -> int:
@@ -69,10 +94,16 @@ def log_lines(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def wait_for_lines(run: Path, count: int, timeout: float = 180) -> None:
+def wait_for_lines(run: Path, count: int, timeout: float = 180, job_id: str | None = None) -> None:
+    """Until the run's train_log.jsonl has `count` lines; on timeout the job (when given) is cancelled, as in
+    wait_job, and the error says what the cluster was doing."""
     deadline = time.time() + timeout
     while log_lines(run) < count:
-        assert time.time() < deadline, f"{run} logged only {log_lines(run)} lines"
+        if time.time() > deadline:
+            report = cluster_report(job_id)
+            if job_id:
+                subprocess.run(["scancel", job_id], capture_output=True)
+            raise AssertionError(f"{run} logged only {log_lines(run)} lines after {timeout} s\n{report}")
         time.sleep(0.3)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from clusterlab import checkpoint, rundir
 from conftest import assert_same_tensors
-from slurm_helpers import ROOT, env, require_cluster, wait_job
+from slurm_helpers import ROOT, cluster_report, env, require_cluster, wait_job
 
 pytestmark = pytest.mark.slurm
 
@@ -44,14 +44,15 @@ def wait_running(job: str, restarts: int, timeout: float = 120) -> None:
     """Until the job's start number `restarts` is running."""
     deadline = time.time() + timeout
     while not (job_field(job, "JobState") == "RUNNING" and int(job_field(job, "Restarts") or 0) == restarts):
-        assert time.time() < deadline, f"job {job}: {job_field(job, 'JobState')}, {job_field(job, 'Restarts')} restarts"
+        assert time.time() < deadline, (f"job {job}: {job_field(job, 'JobState')}, {job_field(job, 'Restarts')} "
+                                        f"restarts\n{cluster_report(job)}")
         time.sleep(0.05)
 
 
 def until(condition, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, "timed out"
+        assert time.time() < deadline, f"timed out\n{cluster_report()}"
         time.sleep(0.05)
 
 
@@ -86,22 +87,25 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
     # 1. at once: the batch shell has installed its traps (its first lines; it makes the run's slurm/ folder right
     # after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
     # (Slurm's default action for USR2): no script can catch that.
-    wait_running(job, 0)
-    until(lambda: (run / "slurm").is_dir())
-    signal_batch(job)
-    moments.append("start-up")
-    # 2.-4. at random moments of training
-    for restart in (1, 2, 3):
-        wait_running(job, restart)
-        time.sleep(rng.uniform(0.5, 6.0))
+    try:
+        wait_running(job, 0)
+        until(lambda: (run / "slurm").is_dir())
         signal_batch(job)
-        moments.append(rundir.read_status(run).get("state", "starting"))
-    # 5. as the evaluations start: the fifth start has finished training (or found it finished)
-    until(lambda: int(job_field(job, "Restarts") or 0) == 4 and rundir.read_status(run).get("state") == "finished",
-          timeout=300)
-    signal_batch(job)
-    moments.append("evaluation")
-    wait_job(job, timeout=600)
+        moments.append("start-up")
+        # 2.-4. at random moments of training
+        for restart in (1, 2, 3):
+            wait_running(job, restart)
+            time.sleep(rng.uniform(0.5, 6.0))
+            signal_batch(job)
+            moments.append(rundir.read_status(run).get("state", "starting"))
+        # 5. as the evaluations start: the fifth start has finished training (or found it finished)
+        until(lambda: int(job_field(job, "Restarts") or 0) == 4 and rundir.read_status(run).get("state") == "finished",
+              timeout=300)
+        signal_batch(job)
+        moments.append("evaluation")
+        wait_job(job, timeout=600)
+    finally:  # a job left running by a failure would hold up the one-node partition for every later test
+        subprocess.run(["scancel", job], capture_output=True)
 
     log = (tmp_path / f"{job}.out").read_text()
     assert job_field(job, "JobState") == "COMPLETED", log[-3000:]

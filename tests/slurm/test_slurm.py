@@ -59,7 +59,7 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
     run = tmp_path / "runs" / "swav_digits_s0"
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
     for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
-        wait_for_lines(run, lines)
+        wait_for_lines(run, lines, job_id=job)
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
         deadline = time.time() + 60
         while json.loads((run / "status.json").read_text()).get("state") != "interrupted":
@@ -88,7 +88,7 @@ def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
          "--batch_size", "32", "--log_every", "1"],
         env=env(EXPERIMENT_PATH=str(run), PYTHON=sys.executable, EVAL_CLUSTER_ARGS="--restarts 2 --plot false"),
         capture_output=True, text=True, check=True).stdout.strip()
-    wait_for_lines(run, 20)
+    wait_for_lines(run, 20, job_id=job)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_job(job)
     output = (tmp_path / f"{job}.out").read_text()

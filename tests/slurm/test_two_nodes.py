@@ -90,7 +90,7 @@ def interrupt_mid_run(job: str, run: Path, command: list[str]) -> None:
     """Run `command` once the job has logged STOP_AFTER steps, then wait until the job has left the queue (requeued,
     resumed and finished); a job left over by a failure is cancelled."""
     try:
-        wait_for_lines(run, STOP_AFTER)
+        wait_for_lines(run, STOP_AFTER, job_id=job)
         subprocess.run(command, check=True)
         wait_job(job)
     finally:
