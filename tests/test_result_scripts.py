@@ -1,4 +1,5 @@
-"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh), with a
+"""The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
+small_data.sh), with a
 stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy
 holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted
 changes (unless FORCE=1) and an OUT that already holds runs."""
@@ -40,7 +41,8 @@ esac
 
 
 # the last is called by the first
-SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "small_data.sh", "scan_fashion_mnist.sh")
+SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "small_data.sh",
+           "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -116,6 +118,18 @@ def test_fashion_mnist_longer_keeps_exactly_what_results_runs_holds_and_builds_i
                     "--published"]  # the stand-in's $* drops the empty value
 
 
+def test_fashion_mnist_wider_keeps_its_two_runs_and_pixels_and_builds_its_own_tables(tmp_path):
+    scratch, kept = run_and_keep(tmp_path, "fashion_mnist_wider.sh", "fashion_mnist_wider")
+    runs = ("unmix_w12", "swav_multicrop")
+    expected = {f"{run}/{name}" for run in runs for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
+                                                            "output.log", "train_wall_seconds")}
+    assert files_below(kept) == expected | {"pixels/metrics.jsonl", "pixels/output.log", "provenance.json"}
+    assert_evaluated_three_times(kept, (*runs, "pixels"))
+    args = (scratch / "collect_results.args").read_text().split()
+    assert args == ["--root", "results/runs/fashion_mnist_wider", "--out", "results/fashion_mnist_wider",
+                    "--published"]  # the stand-in's $* drops the empty value
+
+
 def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
     scratch, kept = run_and_keep(tmp_path, "small_data.sh", "small_data")
     expected = {f"{run}/{name}" for run in RUNS for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
@@ -131,6 +145,7 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
 
 # script, its default OUT below runs/, and a run it makes there
 REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longer.sh", "fashion_mnist_longer", "npid"),
+            ("fashion_mnist_wider.sh", "fashion_mnist_wider", "unmix_w12"),
             ("small_data.sh", "small_data", "swav_fm_4000")]
 
 
