@@ -34,7 +34,9 @@ NODES=(clnode1 clnode2)
 BRIDGE=clusterlab-br
 HOSTS_MARK="# added by clusterlab tests/slurm/local_cluster.sh"
 say() { echo "[local_cluster $(date +%T)] $*"; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A killed daemon whose parent has not reaped it yet is a zombie: kill -0 still succeeds, but it is gone.
+running() { local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; stat=${stat##*) }; [ "${stat:0:1}" != Z ]; }
+alive() { [ -s "$1" ] && running "$(cat "$1")"; }
 ours() { grep -qs "^# written by clusterlab" /etc/slurm/slurm.conf; }
 node_ip() { echo "$NET.$((10 + $1))"; }        # node_ip 1 -> 10.77.0.11
 netns_of() { echo "clusterlab-$1"; }           # the network namespace of a node
@@ -57,10 +59,10 @@ stop_pids() {
     kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
   done
   for _ in $(seq 40); do any_alive ${pids[@]+"${pids[@]}"} || break; sleep 0.25; done
-  for pid in ${pids[@]+"${pids[@]}"}; do kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"; done
+  for pid in ${pids[@]+"${pids[@]}"}; do running "$pid" && kill -KILL "$pid"; done
   rm -f "$@"
 }
-any_alive() { local pid; for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
+any_alive() { local pid; for pid in "$@"; do running "$pid" && return 0; done; return 1; }
 
 install_packages() {
   local missing=() p
@@ -291,8 +293,9 @@ start() {
   local clear=-c
   if [ "$CONFIG_CHANGED" = 1 ] && { alive "$STATE/run/slurmctld.pid" || compgen -G "$STATE/run/slurmd*.pid" >/dev/null; }; then
     say "slurm.conf changed: restarting the Slurm daemons"
+    # pid files outlive killed daemons: only a slurmctld that is running has a queue worth keeping
+    if alive "$STATE/run/slurmctld.pid"; then clear=""; fi
     stop_slurm_daemons
-    clear=""
   fi
   alive "$STATE/run/slurmctld.pid" || { say "starting slurmctld${clear:+ with an empty queue}"; /usr/sbin/slurmctld -i $clear; }
   for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done

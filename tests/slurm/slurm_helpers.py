@@ -56,11 +56,15 @@ def write_grid(path: Path, **spec) -> Path:
 
 def cluster_report(job_id: str | None = None) -> str:
     """What a test that timed out on the cluster needs to say why: the job, the queue, the nodes and the daemons' last
-    log lines (a job that never starts, a node left drained, a step that cannot be created show there)."""
+    log lines (a job that never starts, a node left drained, a step that cannot be created show there). Never raises:
+    a part it cannot read says so, and the timeout stays the error."""
     state_dir = Path(os.environ.get("CLUSTERLAB_SLURM_DIR", "/var/tmp/clusterlab-slurm"))
 
     def output(*command: str) -> str:
-        done = subprocess.run(command, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"({command[0]}: {error})"
         return (done.stdout + done.stderr).strip()
 
     parts = []
@@ -69,10 +73,23 @@ def cluster_report(job_id: str | None = None) -> str:
     parts.append("queue:\n" + output("squeue", "-h", "-o", "%i %j %P %T %M %C %r"))
     parts.append("nodes:\n" + output("sinfo", "-h", "-N", "-o", "%N %P %t %C %E"))
     for log in sorted((state_dir / "log").glob("slurm*.log")):
-        lines = [line for line in log.read_text(errors="replace").splitlines() if "pmix" not in line.lower()
+        try:
+            text = log.read_text(errors="replace")
+        except OSError as error:
+            parts.append(f"{log.name}: {error}")
+            continue
+        lines = [line for line in text.splitlines() if "pmix" not in line.lower()
                  and "MPI: Cannot create context" not in line][-15:]  # every daemon start logs the missing PMIx
         parts.append(f"{log.name}, last lines:\n" + "\n".join(lines))
     return "\n".join(parts)
+
+
+def cancel(job_id: str) -> str:
+    """scancel the job; what became of it, for an error message."""
+    # scancel exits 0 even when it refuses (an unknown job): only -v prints its errors
+    done = subprocess.run(["scancel", "-v", job_id], capture_output=True, text=True)
+    errors = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line]
+    return "cancelled" if done.returncode == 0 and not errors else f"not cancelled: {' '.join(errors)}"
 
 
 def wait_job(job_id: str, timeout: float = 300) -> None:
@@ -80,13 +97,13 @@ def wait_job(job_id: str, timeout: float = 300) -> None:
     hold up every later test) and the error says what the cluster was doing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
-        if job_id not in out:
+        queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+        # an squeue that failed (slurmctld busy) printed nothing: that says nothing about the job
+        if queue.returncode == 0 and job_id not in queue.stdout.split():
             return
         time.sleep(1)
     report = cluster_report(job_id)
-    subprocess.run(["scancel", job_id], capture_output=True)
-    raise TimeoutError(f"job {job_id} still queued after {timeout} s (now cancelled)\n{report}")
+    raise TimeoutError(f"job {job_id} still queued after {timeout} s ({cancel(job_id)})\n{report}")
 
 
 def log_lines(run: Path) -> int:
@@ -101,9 +118,8 @@ def wait_for_lines(run: Path, count: int, timeout: float = 180, job_id: str | No
     while log_lines(run) < count:
         if time.time() > deadline:
             report = cluster_report(job_id)
-            if job_id:
-                subprocess.run(["scancel", job_id], capture_output=True)
-            raise AssertionError(f"{run} logged only {log_lines(run)} lines after {timeout} s\n{report}")
+            fate = f" (job {job_id} {cancel(job_id)})" if job_id else ""
+            raise AssertionError(f"{run} logged only {log_lines(run)} lines after {timeout} s{fate}\n{report}")
         time.sleep(0.3)
 
 

@@ -58,14 +58,17 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
     launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
     run = tmp_path / "runs" / "swav_digits_s0"
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
-    for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
-        wait_for_lines(run, lines, job_id=job)
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        deadline = time.time() + 60
-        while json.loads((run / "status.json").read_text()).get("state") != "interrupted":
-            assert time.time() < deadline, "the run did not save on SIGUSR2"
-            time.sleep(0.2)
-    wait_job(job)
+    try:
+        for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
+            wait_for_lines(run, lines, job_id=job)
+            subprocess.run(["scancel", "--signal=USR2", job], check=True)
+            deadline = time.time() + 60
+            while json.loads((run / "status.json").read_text()).get("state") != "interrupted":
+                assert time.time() < deadline, "the run did not save on SIGUSR2"
+                time.sleep(0.2)
+        wait_job(job)
+    finally:  # a job left running by a failure would hold the partition for its 20-minute limit
+        subprocess.run(["scancel", job], capture_output=True)
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     log = (run / "train_log.jsonl").read_text()
     reference = tmp_path / "reference"
