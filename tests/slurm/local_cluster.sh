@@ -248,9 +248,11 @@ stop_slurm_daemons() {
   stop_pids "$STATE/run/slurmctld.pid"
 }
 
-# Wait until every node of partition $1 is usable, resuming nodes an earlier run left down, drained or invalid.
+# Wait until every node of partition $1 is usable, resuming nodes an earlier run left down, drained or invalid, and
+# bring the partition up if an interrupted test left it down (one takes the default partition down while it runs).
 wait_partition() {
   local node state
+  [ "$(sinfo -h -p "$1" -o %a 2>/dev/null | head -1)" = down ] && scontrol update PartitionName="$1" State=UP
   for _ in $(seq 60); do
     partition_ready "$1" && { say "ready: $(sinfo -h -p "$1" -o '%P %a %D %t %N' | head -1)"; return 0; }
     while read -r node state; do
