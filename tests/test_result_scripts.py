@@ -124,6 +124,7 @@ def test_fashion_mnist_wider_keeps_its_two_runs_and_pixels_and_builds_its_own_ta
     expected = {f"{run}/{name}" for run in runs for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
                                                             "output.log", "train_wall_seconds")}
     assert files_below(kept) == expected | {"pixels/metrics.jsonl", "pixels/output.log", "provenance.json"}
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_wider")
     assert_evaluated_three_times(kept, (*runs, "pixels"))
     args = (scratch / "collect_results.args").read_text().split()
     assert args == ["--root", "results/runs/fashion_mnist_wider", "--out", "results/fashion_mnist_wider",
