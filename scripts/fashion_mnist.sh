@@ -18,15 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/fashion_mnist}
-KEEP=results/runs/fashion_mnist
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SCRIPT=fashion_mnist.sh
 source scripts/lib/runs.sh
-require_committed_code
-require_empty_out
-started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-mkdir -p "$OUT"
+begin_study fashion_mnist
 
 pretrain_and_probe() {  # pretrain_and_probe NAME: the recipe configs/NAME_fashion_mnist.yaml, kNN, k-means, linear
   local name=$1

@@ -13,15 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/fashion_mnist_longer}
-KEEP=results/runs/fashion_mnist_longer
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SCRIPT=fashion_mnist_longer.sh
 source scripts/lib/runs.sh
-require_committed_code
-require_empty_out
-started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-mkdir -p "$OUT"
+begin_study fashion_mnist_longer
 
 queue_unmix() {
   timed unmix $PY main_pretrain.py --config configs/unmix_fashion_mnist.yaml --epochs 50 --channels_last \
@@ -40,10 +33,4 @@ queue_unmix & a=$!
 queue_npid & b=$!
 wait $a && wait $b
 
-rm -rf "$KEEP"
-for name in unmix npid; do
-  keep_run "$name" "$KEEP/$name"
-done
-keep_baseline pixels "$KEEP/pixels"
-write_provenance "$KEEP/provenance.json"
-$PY collect_results.py --root "$KEEP" --out results/fashion_mnist_longer --published ''
+keep_runs_and_pixels unmix npid

@@ -13,15 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/fashion_mnist_wider}
-KEEP=results/runs/fashion_mnist_wider
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SCRIPT=fashion_mnist_wider.sh
 source scripts/lib/runs.sh
-require_committed_code
-require_empty_out
-started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-mkdir -p "$OUT"
+begin_study fashion_mnist_wider
 
 queue_unmix() {
   timed unmix_w12 $PY main_pretrain.py --config configs/unmix_fashion_mnist.yaml --width 12 --epochs 25 \
@@ -41,10 +34,4 @@ queue_unmix & a=$!
 queue_swav & b=$!
 wait $a && wait $b
 
-rm -rf "$KEEP"
-for name in unmix_w12 swav_multicrop; do
-  keep_run "$name" "$KEEP/$name"
-done
-keep_baseline pixels "$KEEP/pixels"
-write_provenance "$KEEP/provenance.json"
-$PY collect_results.py --root "$KEEP" --out results/fashion_mnist_wider --published ''
+keep_runs_and_pixels unmix_w12 swav_multicrop

@@ -16,15 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/small_data}
-KEEP=results/runs/small_data
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SCRIPT=small_data.sh
 source scripts/lib/runs.sh
-require_committed_code
-require_empty_out
-started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-mkdir -p "$OUT"
+begin_study small_data
 
 evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
   $PY eval_knn.py --device cpu --k 20 200 "$@"

@@ -1,7 +1,7 @@
-# What the result scripts (fashion_mnist.sh, fashion_mnist_longer.sh, small_data.sh, scan_fashion_mnist.sh) share:
-# refusing code that no commit holds and an output folder that would resume other code's runs, timing each
-# training, scoring a run and raw pixels, and keeping the records that results/runs/ holds. Sourced by those
-# scripts, from the repository root; SCRIPT names the caller.
+# What the result scripts (fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh, small_data.sh,
+# scan_fashion_mnist.sh) share: refusing code that no commit holds and an output folder that would resume other
+# code's runs, timing each training, scoring a run and raw pixels, and keeping the records that results/runs/ holds.
+# Sourced by those scripts, from the repository root; SCRIPT names the caller (begin_study sets it).
 
 fail() {
   echo "$SCRIPT: error: $1" >&2
@@ -62,4 +62,28 @@ keep_baseline() {  # keep_baseline NAME DEST: a baseline's metrics and what it p
 write_provenance() {  # write_provenance FILE: the script, its commit, whether the tree was dirty, start and end
   printf '{"script": "%s", "git_commit": "%s", "git_dirty": %s, "started": "%s", "finished": "%s"}\n' \
     "scripts/$SCRIPT" "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$1"
+}
+
+keep_runs_and_pixels() {  # keep_runs_and_pixels RUN...: $KEEP replaced by the runs' records, the pixel baseline's and
+  # provenance.json; then that copy's tables and curves, without published numbers, in results/<$KEEP's name>/
+  rm -rf "$KEEP"
+  local name
+  for name in "$@"; do
+    keep_run "$name" "$KEEP/$name"
+  done
+  keep_baseline pixels "$KEEP/pixels"
+  write_provenance "$KEEP/provenance.json"
+  $PY collect_results.py --root "$KEEP" --out "results/$(basename "$KEEP")" --published ''
+}
+
+begin_study() {  # begin_study STUDY: OUT (default runs/STUDY), KEEP=results/runs/STUDY, one thread per process; refuses
+  # uncommitted code and a non-empty OUT; notes the start time
+  SCRIPT=$1.sh
+  OUT=${OUT:-runs/$1}
+  KEEP=results/runs/$1
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  require_committed_code
+  require_empty_out
+  started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  mkdir -p "$OUT"
 }
