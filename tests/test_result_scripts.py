@@ -1,8 +1,7 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-small_data.sh), with a
-stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files the repository's copy
-holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a tree with uncommitted
-changes (unless FORCE=1) and an OUT that already holds runs."""
+small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files
+the repository's copy holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a
+tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs."""
 from __future__ import annotations
 
 import json
@@ -108,26 +107,20 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
                                                                       "--out", "results"]
 
 
-def test_fashion_mnist_longer_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path):
-    scratch, kept = run_and_keep(tmp_path, "fashion_mnist_longer.sh", "fashion_mnist_longer")
-    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_longer") | {"provenance.json"}
-    assert_evaluated_three_times(kept, ("unmix", "npid", "pixels"))
-    assert not list(kept.rglob("*.pth"))
-    args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", "results/runs/fashion_mnist_longer", "--out", "results/fashion_mnist_longer",
-                    "--published"]  # the stand-in's $* drops the empty value
-
-
-def test_fashion_mnist_wider_keeps_its_two_runs_and_pixels_and_builds_its_own_tables(tmp_path):
-    scratch, kept = run_and_keep(tmp_path, "fashion_mnist_wider.sh", "fashion_mnist_wider")
-    runs = ("unmix_w12", "swav_multicrop")
+@pytest.mark.parametrize("script, study, runs", [
+    ("fashion_mnist_longer.sh", "fashion_mnist_longer", ("unmix", "npid")),
+    ("fashion_mnist_wider.sh", "fashion_mnist_wider", ("unmix_w12", "swav_multicrop")),
+])
+def test_two_run_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path, script, study, runs):
+    scratch, kept = run_and_keep(tmp_path, script, study)
     expected = {f"{run}/{name}" for run in runs for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
                                                             "output.log", "train_wall_seconds")}
     assert files_below(kept) == expected | {"pixels/metrics.jsonl", "pixels/output.log", "provenance.json"}
-    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_wider")
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / study) | {"provenance.json"}
     assert_evaluated_three_times(kept, (*runs, "pixels"))
+    assert not list(kept.rglob("*.pth"))
     args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", "results/runs/fashion_mnist_wider", "--out", "results/fashion_mnist_wider",
+    assert args == ["--root", f"results/runs/{study}", "--out", f"results/{study}",
                     "--published"]  # the stand-in's $* drops the empty value
 
 

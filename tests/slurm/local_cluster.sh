@@ -292,11 +292,11 @@ start() {
   # killed session). Its jobs would come back: one recorded as running held the node's CPUs for 32 minutes until
   # slurmctld gave up on it, while every job of the next test run waited; pending ones would rerun among the tests'.
   # A restart for a changed slurm.conf keeps the state, so that jobs still running survive it.
+  # (pid files outlive killed daemons: only a slurmctld that is running has a queue worth keeping)
   local clear=-c
+  if alive "$STATE/run/slurmctld.pid"; then clear=""; fi
   if [ "$CONFIG_CHANGED" = 1 ] && { alive "$STATE/run/slurmctld.pid" || compgen -G "$STATE/run/slurmd*.pid" >/dev/null; }; then
     say "slurm.conf changed: restarting the Slurm daemons"
-    # pid files outlive killed daemons: only a slurmctld that is running has a queue worth keeping
-    if alive "$STATE/run/slurmctld.pid"; then clear=""; fi
     stop_slurm_daemons
   fi
   alive "$STATE/run/slurmctld.pid" || { say "starting slurmctld${clear:+ with an empty queue}"; /usr/sbin/slurmctld -i $clear; }

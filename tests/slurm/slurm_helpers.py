@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,25 @@ def cancel(job_id: str) -> str:
     return "cancelled" if done.returncode == 0 and not errors else f"not cancelled: {' '.join(errors)}"
 
 
+def give_up(job_id: str | None) -> str:
+    """The end of a timeout's message: the cluster's state, then the job (when given) cancelled, since on a one-node
+    partition a stuck job would hold up every later test."""
+    report = cluster_report(job_id)
+    return f" (job {job_id} {cancel(job_id)})\n{report}" if job_id else f"\n{report}"
+
+
+@contextmanager
+def cancelled_on_exit(job_id: str):
+    """Around a test's dealings with its job: however they end, the job is not left in the queue (scancel of a
+    finished job changes nothing)."""
+    try:
+        yield
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+
+
 def wait_job(job_id: str, timeout: float = 300) -> None:
-    """Until the job has left the queue. On timeout it is cancelled (on a one-node partition a stuck job would
-    hold up every later test) and the error says what the cluster was doing."""
+    """Until the job has left the queue; on timeout, give_up."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
@@ -102,8 +119,7 @@ def wait_job(job_id: str, timeout: float = 300) -> None:
         if queue.returncode == 0 and job_id not in queue.stdout.split():
             return
         time.sleep(1)
-    report = cluster_report(job_id)
-    raise TimeoutError(f"job {job_id} still queued after {timeout} s ({cancel(job_id)})\n{report}")
+    raise TimeoutError(f"job {job_id} still queued after {timeout} s{give_up(job_id)}")
 
 
 def log_lines(run: Path) -> int:
@@ -112,14 +128,11 @@ def log_lines(run: Path) -> int:
 
 
 def wait_for_lines(run: Path, count: int, timeout: float = 180, job_id: str | None = None) -> None:
-    """Until the run's train_log.jsonl has `count` lines; on timeout the job (when given) is cancelled, as in
-    wait_job, and the error says what the cluster was doing."""
+    """Until the run's train_log.jsonl has `count` lines; on timeout, give_up."""
     deadline = time.time() + timeout
     while log_lines(run) < count:
         if time.time() > deadline:
-            report = cluster_report(job_id)
-            fate = f" (job {job_id} {cancel(job_id)})" if job_id else ""
-            raise AssertionError(f"{run} logged only {log_lines(run)} lines after {timeout} s{fate}\n{report}")
+            raise AssertionError(f"{run} logged only {log_lines(run)} lines after {timeout} s{give_up(job_id)}")
         time.sleep(0.3)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from clusterlab import checkpoint, rundir
 from conftest import assert_same_tensors
-from slurm_helpers import ROOT, cluster_report, env, require_cluster, wait_job
+from slurm_helpers import ROOT, cancelled_on_exit, cluster_report, env, require_cluster, wait_job
 
 pytestmark = pytest.mark.slurm
 
@@ -87,7 +87,7 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
     # 1. at once: the batch shell has installed its traps (its first lines; it makes the run's slurm/ folder right
     # after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
     # (Slurm's default action for USR2): no script can catch that.
-    try:
+    with cancelled_on_exit(job):
         wait_running(job, 0)
         until(lambda: (run / "slurm").is_dir())
         signal_batch(job)
@@ -104,8 +104,6 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
         signal_batch(job)
         moments.append("evaluation")
         wait_job(job, timeout=600)
-    finally:  # a job left running by a failure would hold up the one-node partition for every later test
-        subprocess.run(["scancel", job], capture_output=True)
 
     log = (tmp_path / f"{job}.out").read_text()
     assert job_field(job, "JobState") == "COMPLETED", log[-3000:]

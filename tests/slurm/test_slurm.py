@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_helpers import ROOT, TINY, env, launch, records, require_cluster, wait_for_lines, wait_job, write_grid
+from slurm_helpers import (ROOT, TINY, cancelled_on_exit, env, launch, records, require_cluster, wait_for_lines,
+                           wait_job, write_grid)
 
 pytestmark = pytest.mark.slurm
 
@@ -58,7 +59,7 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
     launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
     run = tmp_path / "runs" / "swav_digits_s0"
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
-    try:
+    with cancelled_on_exit(job):  # a failure would otherwise leave it holding the partition for its 20-minute limit
         for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
             wait_for_lines(run, lines, job_id=job)
             subprocess.run(["scancel", "--signal=USR2", job], check=True)
@@ -67,8 +68,6 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
                 assert time.time() < deadline, "the run did not save on SIGUSR2"
                 time.sleep(0.2)
         wait_job(job)
-    finally:  # a job left running by a failure would hold the partition for its 20-minute limit
-        subprocess.run(["scancel", job], capture_output=True)
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     log = (run / "train_log.jsonl").read_text()
     reference = tmp_path / "reference"

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_same_tensors
-from slurm_helpers import ROOT, TINY, env, launch, require_cluster, wait_for_lines, wait_job, write_grid
+from slurm_helpers import (ROOT, TINY, cancelled_on_exit, env, launch, require_cluster, wait_for_lines, wait_job,
+                           write_grid)
 
 from clusterlab.rundir import read_status
 from clusterlab.slurm.programs import to_argv
@@ -89,12 +90,10 @@ def two_node_grid(tmp_path: Path) -> Path:
 def interrupt_mid_run(job: str, run: Path, command: list[str]) -> None:
     """Run `command` once the job has logged STOP_AFTER steps, then wait until the job has left the queue (requeued,
     resumed and finished); a job left over by a failure is cancelled."""
-    try:
+    with cancelled_on_exit(job):
         wait_for_lines(run, STOP_AFTER, job_id=job)
         subprocess.run(command, check=True)
         wait_job(job)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
 
 
 def assert_ranks_on_two_nodes(output: str, starts: int) -> None:
