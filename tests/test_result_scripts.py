@@ -1,5 +1,5 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files
+fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files
 the repository's copy holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a
 tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs."""
 from __future__ import annotations
@@ -40,8 +40,8 @@ esac
 
 
 # the last is called by the first
-SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "small_data.sh",
-           "scan_fashion_mnist.sh")
+SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "fashion_mnist_bf16.sh",
+           "small_data.sh", "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -110,8 +110,9 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
 @pytest.mark.parametrize("script, study, runs", [
     ("fashion_mnist_longer.sh", "fashion_mnist_longer", ("unmix", "npid")),
     ("fashion_mnist_wider.sh", "fashion_mnist_wider", ("unmix_w12", "swav_multicrop")),
+    ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", ("unmix_w16",)),
 ])
-def test_two_run_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path, script, study, runs):
+def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path, script, study, runs):
     scratch, kept = run_and_keep(tmp_path, script, study)
     expected = {f"{run}/{name}" for run in runs for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
                                                             "output.log", "train_wall_seconds")}
@@ -140,6 +141,7 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
 # script, its default OUT below runs/, and a run it makes there
 REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longer.sh", "fashion_mnist_longer", "npid"),
             ("fashion_mnist_wider.sh", "fashion_mnist_wider", "unmix_w12"),
+            ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", "unmix_w16"),
             ("small_data.sh", "small_data", "swav_fm_4000")]
 
 
