@@ -1,7 +1,7 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in results/runs/ exactly the files
-the repository's copy holds, plus provenance.json naming the commit, builds its tables from that copy, and refuses a
-tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs."""
+fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in
+results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit, builds its tables
+from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs."""
 from __future__ import annotations
 
 import json
