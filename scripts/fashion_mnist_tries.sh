@@ -4,7 +4,7 @@
 # the recipe's own 10 epochs at width 8 in bf16 autocast on both cores (scripts/fashion_mnist_bf16.sh's settings),
 # each scored with eval_knn.py at k=20 and k=200 on the test split. The numbers in docs/methods/unmix.md come from
 # these commands.
-#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about an hour
+#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about 80 minutes
 #   TRIES="R A" bash scripts/fashion_mnist_tries.sh  # only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,9 @@ P=("${R[@]}" --size_crops 28)          # full-resolution crops: about twice the 
 A=("${R[@]}" --nmb_prototypes 300)     # 30 prototypes per class instead of 10
 B=("${R[@]}" --min_scale_crops 0.14)   # smaller crops, as SwAV's ImageNet recipe
 C=("${R[@]}" --temperature 0.2)        # softer predictions
-for try in ${TRIES:-R P A B C}; do
+D=("${R[@]}" --temperature 0.07)       # sharper predictions
+E=("${R[@]}" --epsilon 0.05)           # smoother Sinkhorn codes
+for try in ${TRIES:-R P A B C D E}; do
   if [ -n "$(ls -A "$OUT/$try" 2>/dev/null)" ]; then
     echo "fashion_mnist_tries.sh: error: $OUT/$try is not empty: remove it or choose another OUT" >&2
     exit 2
