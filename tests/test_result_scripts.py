@@ -1,7 +1,8 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
 fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in
 results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit, builds its tables
-from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs."""
+from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs. And
+scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in."""
 from __future__ import annotations
 
 import json
@@ -167,3 +168,20 @@ def test_refuses_an_out_folder_that_holds_runs(tmp_path, script, study, run):
     done = run_script(scratch, script)
     assert done.returncode == 2 and f"OUT=runs/{study} is not empty" in done.stderr
     assert not (scratch / "results").exists()
+
+
+def test_tries_trains_and_scores_each_named_try_and_refuses_to_resume_one(tmp_path):
+    """scripts/fashion_mnist_tries.sh: each try named in TRIES is trained into OUT/<try> and scored at k=20 and
+    k=200 (two records), the others are not run; a try whose folder already holds a run is refused, not resumed."""
+    scratch = scratch_repo(tmp_path)
+    shutil.copy(ROOT / "scripts" / "fashion_mnist_tries.sh", scratch / "scripts")
+    done = run_script(scratch, "fashion_mnist_tries.sh", TRIES="R P")
+    assert done.returncode == 0, done.stderr
+    out = scratch / "runs" / "fashion_mnist_tries"
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["P", "R"]
+    for name in ("R", "P"):
+        assert len((out / name / "metrics.jsonl").read_text().splitlines()) == 2
+        assert f"trained runs/fashion_mnist_tries/{name}" in (out / f"{name}.log").read_text()
+    assert done.stdout.count("trained in") == 2
+    again = run_script(scratch, "fashion_mnist_tries.sh", TRIES="R")
+    assert again.returncode == 2 and "runs/fashion_mnist_tries/R is not empty" in again.stderr
