@@ -20,7 +20,12 @@ B=("${R[@]}" --min_scale_crops 0.14)   # smaller crops, as SwAV's ImageNet recip
 C=("${R[@]}" --temperature 0.2)        # softer predictions
 D=("${R[@]}" --temperature 0.07)       # sharper predictions
 E=("${R[@]}" --epsilon 0.05)           # smoother Sinkhorn codes
-for try in ${TRIES:-R P A B C D E}; do
+ALL="R P A B C D E"
+for try in ${TRIES:-$ALL}; do
+  if [[ " $ALL " != *" $try "* ]]; then
+    echo "fashion_mnist_tries.sh: error: TRIES names '$try', which is not a try: choose among $ALL" >&2
+    exit 2
+  fi
   if [ -n "$(ls -A "$OUT/$try" 2>/dev/null)" ]; then
     echo "fashion_mnist_tries.sh: error: $OUT/$try is not empty: remove it or choose another OUT" >&2
     exit 2

@@ -170,9 +170,10 @@ def test_refuses_an_out_folder_that_holds_runs(tmp_path, script, study, run):
     assert not (scratch / "results").exists()
 
 
-def test_tries_trains_and_scores_each_named_try_and_refuses_to_resume_one(tmp_path):
+def test_tries_trains_and_scores_each_named_try_and_refuses_the_rest(tmp_path):
     """scripts/fashion_mnist_tries.sh: each try named in TRIES is trained into OUT/<try> and scored at k=20 and
-    k=200 (two records), the others are not run; a try whose folder already holds a run is refused, not resumed."""
+    k=200 (two records), the others are not run; a try whose folder already holds a run is refused, not resumed, and
+    a name that is no try is refused with the names that are."""
     scratch = scratch_repo(tmp_path)
     shutil.copy(ROOT / "scripts" / "fashion_mnist_tries.sh", scratch / "scripts")
     done = run_script(scratch, "fashion_mnist_tries.sh", TRIES="R P")
@@ -185,3 +186,7 @@ def test_tries_trains_and_scores_each_named_try_and_refuses_to_resume_one(tmp_pa
     assert done.stdout.count("trained in") == 2
     again = run_script(scratch, "fashion_mnist_tries.sh", TRIES="R")
     assert again.returncode == 2 and "runs/fashion_mnist_tries/R is not empty" in again.stderr
+    unknown = run_script(scratch, "fashion_mnist_tries.sh", TRIES="Z")
+    assert unknown.returncode == 2
+    assert unknown.stderr == ("fashion_mnist_tries.sh: error: TRIES names 'Z', which is not a try: "
+                              "choose among R P A B C D E\n")
