@@ -200,7 +200,8 @@ def foreign(run: Path) -> None:
 
 def malicious(run: Path) -> None:
     with open(run / "checkpoint.pth", "wb") as handle:
-        pickle.dump(RunsACommand(f"touch {run / 'PWNED'}"), handle)
+        # protocol 2, the one torch.save writes: torch warns about any other before refusing
+        pickle.dump(RunsACommand(f"touch {run / 'PWNED'}"), handle, protocol=2)
 
 
 def locked(run: Path) -> None:
