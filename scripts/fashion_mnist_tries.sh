@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+SCRIPT=fashion_mnist_tries.sh
+source scripts/lib/runs.sh  # fail and timed; these tries keep nothing in results/runs/
 OUT=${OUT:-runs/fashion_mnist_tries}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$OUT"
@@ -22,17 +24,10 @@ D=("${R[@]}" --temperature 0.07)       # sharper predictions
 E=("${R[@]}" --epsilon 0.05)           # smoother Sinkhorn codes
 ALL="R P A B C D E"
 for try in ${TRIES:-$ALL}; do
-  if [[ " $ALL " != *" $try "* ]]; then
-    echo "fashion_mnist_tries.sh: error: TRIES names '$try', which is not a try: choose among $ALL" >&2
-    exit 2
-  fi
-  if [ -n "$(ls -A "$OUT/$try" 2>/dev/null)" ]; then
-    echo "fashion_mnist_tries.sh: error: $OUT/$try is not empty: remove it or choose another OUT" >&2
-    exit 2
-  fi
+  [[ " $ALL " == *" $try "* ]] || fail "TRIES names '$try', which is not a try: choose among $ALL"
+  [ -z "$(ls -A "$OUT/$try" 2>/dev/null)" ] || fail "$OUT/$try is not empty: remove it or choose another OUT"
   declare -n flags=$try
-  start=$SECONDS
-  $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try" > "$OUT/$try.log" 2>&1
-  echo "try $try: trained in $((SECONDS - start)) s"
+  timed "$try" $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try"
+  echo "try $try: trained in $(cat "$OUT/$try.time") s"
   $PY eval_knn.py --run "$OUT/$try" --device cpu --k 20 200 | tee -a "$OUT/$try.log"
 done
