@@ -4,7 +4,7 @@
 # the recipe's own 10 epochs at width 8 in bf16 autocast on both cores (scripts/fashion_mnist_bf16.sh's settings),
 # each scored with eval_knn.py at k=20 and k=200 on the test split. The numbers in docs/methods/unmix.md come from
 # these commands.
-#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about 80 minutes
+#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about 2 hours
 #   TRIES="R A" bash scripts/fashion_mnist_tries.sh  # only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,11 @@ B=("${R[@]}" --min_scale_crops 0.14)   # smaller crops, as SwAV's ImageNet recip
 C=("${R[@]}" --temperature 0.2)        # softer predictions
 D=("${R[@]}" --temperature 0.07)       # sharper predictions
 E=("${R[@]}" --epsilon 0.05)           # smoother Sinkhorn codes
-ALL="R P A B C D E"
+F=("${R[@]}" --batch_size 64 --lr 1.2 --final_lr 0.0012)  # 4x the steps, the learning rate scaled with the batch
+G=("${R[@]}" --lr 0.6 --final_lr 0.0006)                   # SwAV's learning rate for batch 256
+I=("${R[@]}" --min_scale_crops 0.5)    # gentler crops
+J=("${R[@]}" --queue_length 3840 --epoch_queue_starts 2)  # SwAV's queue from the third epoch (15 batches of 256)
+ALL="R P A B C D E F G I J"
 for try in ${TRIES:-$ALL}; do
   [[ " $ALL " == *" $try "* ]] || fail "TRIES names '$try', which is not a try: choose among $ALL"
   [ -z "$(ls -A "$OUT/$try" 2>/dev/null)" ] || fail "$OUT/$try is not empty: remove it or choose another OUT"
