@@ -9,12 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+SCRIPT=small_data_tries.sh
+source scripts/lib/runs.sh  # require_empty_out; these tries keep nothing in results/runs/
 OUT=${OUT:-runs/small_data_tries}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  echo "small_data_tries.sh: error: OUT=$OUT is not empty: remove it or choose another OUT" >&2
-  exit 2
-fi
+require_empty_out
 DATA=$OUT/data/fm_4000
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$DATA"
 

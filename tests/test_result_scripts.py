@@ -2,7 +2,8 @@
 fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in
 results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit, builds its tables
 from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs. And
-scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in."""
+scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in, and scripts/small_data_tries.sh's refusal
+of an OUT that holds runs."""
 from __future__ import annotations
 
 import json
@@ -190,3 +191,15 @@ def test_tries_trains_and_scores_each_named_try_and_refuses_the_rest(tmp_path):
     assert unknown.returncode == 2
     assert unknown.stderr == ("fashion_mnist_tries.sh: error: TRIES names 'Z', which is not a try: "
                               "choose among R P A B C D E F G I J\n")
+
+
+def test_small_data_tries_refuses_an_out_folder_that_holds_runs(tmp_path):
+    """scripts/small_data_tries.sh starts nothing, not even the subset's export, over an earlier try."""
+    scratch = scratch_repo(tmp_path)
+    shutil.copy(ROOT / "scripts" / "small_data_tries.sh", scratch / "scripts")
+    (scratch / "runs" / "small_data_tries" / "A").mkdir(parents=True)
+    done = run_script(scratch, "small_data_tries.sh")
+    assert done.returncode == 2
+    assert done.stderr == ("small_data_tries.sh: error: OUT=runs/small_data_tries is not empty: remove it or choose "
+                           "another OUT (its runs would resume, made by other code)\n")
+    assert sorted(path.name for path in (scratch / "runs" / "small_data_tries").iterdir()) == ["A"]
