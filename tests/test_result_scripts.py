@@ -1,9 +1,9 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-fashion_mnist_bf16.sh, small_data.sh), with a stand-in for Python (the real runs take hours): each keeps in
-results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit, builds its tables
-from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already holds runs. And
-scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in, and scripts/small_data_tries.sh's refusal
-of an OUT that holds runs."""
+fashion_mnist_bf16.sh, fashion_mnist_crops.sh, small_data.sh), with a stand-in for Python (the real runs take hours):
+each keeps in results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit,
+builds its tables from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already
+holds runs. And scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in, and
+scripts/small_data_tries.sh's refusal of an OUT that holds runs."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,7 @@ esac
 
 # the last is called by the first
 SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "fashion_mnist_bf16.sh",
-           "small_data.sh", "scan_fashion_mnist.sh")
+           "fashion_mnist_crops.sh", "small_data.sh", "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -144,6 +144,7 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
 REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longer.sh", "fashion_mnist_longer", "npid"),
             ("fashion_mnist_wider.sh", "fashion_mnist_wider", "unmix_w12"),
             ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", "unmix_w16"),
+            ("fashion_mnist_crops.sh", "fashion_mnist_crops", "unmix_w16_gentle"),
             ("small_data.sh", "small_data", "swav_fm_4000")]
 
 
