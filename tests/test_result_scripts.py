@@ -113,6 +113,7 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
     ("fashion_mnist_longer.sh", "fashion_mnist_longer", ("unmix", "npid")),
     ("fashion_mnist_wider.sh", "fashion_mnist_wider", ("unmix_w12", "swav_multicrop")),
     ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", ("unmix_w16",)),
+    ("fashion_mnist_crops.sh", "fashion_mnist_crops", ("unmix_w16_gentle",)),
 ])
 def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(tmp_path, script, study, runs):
     scratch, kept = run_and_keep(tmp_path, script, study)
