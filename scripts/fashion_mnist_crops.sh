@@ -5,7 +5,7 @@
 # 0.17 points of each other; 0.5, the stronger of the two, since longer runs tend to want stronger augmentation); this
 # run asks whether the gain holds at the length and width of the best run so far. Scored like
 # scripts/fashion_mnist.sh scores a run (kNN at k=200 and k=20, k-means with 10 clusters), raw pixels by the same code.
-#   bash scripts/fashion_mnist_crops.sh            # OUT=runs/fashion_mnist_crops by default; about 90 minutes
+#   bash scripts/fashion_mnist_crops.sh            # OUT=runs/fashion_mnist_crops by default; about 75 minutes
 # Same rules and records as scripts/fashion_mnist.sh: committed code only (FORCE=1 marks the runs dirty), an empty
 # $OUT, results/runs/fashion_mnist_crops/ replaced by the records the tables come from, and the tables and curves in
 # results/fashion_mnist_crops/.
