@@ -1,12 +1,19 @@
 """The NaN guard (engine.py): a non-finite loss stops the run with one line naming the epoch and step, exit status 2,
-status.json "failed", and checkpoint.pth left exactly as the last completed epoch wrote it."""
+status.json "failed", and checkpoint.pth left exactly as the last completed epoch wrote it; non-finite weights at an
+epoch's end are not saved; and when checkpoint.pth itself holds the weights that failed, the message says so."""
 from __future__ import annotations
 
 import json
 import re
 
-from clusterlab import checkpoint
-from conftest import TINY, assert_user_error, copy_run, run_script
+import pytest
+import torch
+
+from clusterlab import checkpoint, distributed, engine
+from clusterlab.data import load
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.programs.train import parse_args
+from conftest import TINY, assert_ok, assert_user_error, copy_run, run_script
 
 
 def test_absurd_learning_rate_after_an_epoch_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
@@ -37,3 +44,37 @@ def test_non_finite_loss_in_the_first_epoch_writes_no_checkpoint(tmp_path):
                       "the last good checkpoint is none (no epoch finished)")
     assert not (run / "checkpoint.pth").exists()
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_weights_a_last_update_blew_up_point_at_the_epoch_checkpoint_before_them(tmp_path):
+    """One step per epoch (batch = the 898 digits): the first epoch's update with an absurd learning rate leaves
+    finite but enormous weights, which checkpoint.pth keeps; the next loss is not finite. Resuming from checkpoint.pth
+    would fail again, so the message names the latest earlier checkpoint_epNNNN.pth, and going on from it works."""
+    run = tmp_path / "run"
+    whole_batch = [*TINY, "--batch_size", 898, "--checkpoint_epochs", 1, "--output_dir", run]
+    assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 1))
+    result = run_script("main_pretrain.py", *whole_batch, "--epochs", 3, "--lr", "1e30", "--warmup_epochs", 0)
+    assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 2 step 0",
+                      f"{run / 'checkpoint.pth'} holds the weights that gave it (epoch 2 step 0)", "fails again",
+                      f"the last good one is {run / 'checkpoint_ep0001.pth'}")
+    again = run_script("main_pretrain.py", *whole_batch, "--epochs", 3)
+    assert_user_error(again, "main_pretrain.py", "loss is not finite at epoch 2 step 0", "fails again")
+    (run / "checkpoint.pth").write_bytes((run / "checkpoint_ep0001.pth").read_bytes())
+    assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 3))
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
+    args = parse_args("pretrain", [*TINY, "--output_dir", str(tmp_path / "run")])
+    train = load("digits", "train")
+    method = METHODS["swav"](args, DataInfo.of(train), torch.device("cpu"))
+    (tmp_path / "run").mkdir()
+    trainer = engine.Trainer(method, args, distributed.init("cpu"), tmp_path / "run", train)
+    trainer.end_of_epoch(0)
+    good = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    with torch.no_grad():
+        next(method.parameters())[0] = float("nan")
+    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite after epoch 1 .* stopped without "
+                                                   "saving, the last good checkpoint is .*checkpoint.pth"):
+        trainer.end_of_epoch(1)
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good

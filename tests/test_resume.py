@@ -38,6 +38,12 @@ def logged_steps(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}") and '"step"' in line]
 
 
+def epoch_means(run_dir) -> list[dict]:
+    """The per-term means of every epoch_end record of RUN/train_log.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.endswith("_mean")} for r in records if r.get("epoch_end")]
+
+
 def stop_after_first_step(run_dir, signum, flags=None) -> tuple[subprocess.CompletedProcess, int]:
     """Start the run (RESUMABLE, or `flags`, which name run_dir), wait until train_log.jsonl shows a step, send
     `signum`; the status and the steps logged."""
@@ -72,13 +78,15 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, si
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     steps = [(r["epoch"], r["step"]) for r in logged_steps(run_dir)]
     assert steps == [(e, s) for e in range(2) for s in range(STEPS)]  # every step once, none twice
+    assert saved["term_count"] == status["step"] and set(saved["term_totals"]) == {"swav"}
+    assert epoch_means(run_dir) == epoch_means(reference)  # the interrupted epoch's mean covers all its steps
 
     ours = checkpoint.load(run_dir / "checkpoint.pth")
     theirs = checkpoint.load(reference / "checkpoint.pth")
     assert not torch.equal(saved["model"]["prototypes.weight"], theirs["model"]["prototypes.weight"])
     assert theirs["method_state"]["queue"]["filled"] == 64
     for key in ("model", "optimizer", "scaler", "method_state", "method_random", "rng", "epoch", "step",
-                "global_step", "data_info"):
+                "global_step", "data_info", "term_totals", "term_count"):
         assert_same_tensors(ours[key], theirs[key], key)
     assert {k: v for k, v in ours["args"].items() if k != "output_dir"} == \
         {k: v for k, v in theirs["args"].items() if k != "output_dir"}
@@ -125,3 +133,29 @@ def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
     assert_user_error(result, "main_pretrain.py", str(run_dir / "checkpoint.pth"), "method 'swav'",
                       f"not {others[0]!r}")
     assert snapshot(run_dir) == before
+
+
+def test_a_signal_during_the_last_checkpoint_finishes_the_run_then_exits_for_the_requeue(run_in_process,
+                                                                                          monkeypatch, tmp_path):
+    """A stop signal that arrives after the last step's check (here: while the last checkpoint is written) cannot
+    stop the loop any more: the run is complete, status.json says "finished", and the process still exits 75 so
+    that a job's later steps run in the requeued allocation."""
+    from clusterlab import engine, signals
+
+    save = engine.Trainer.save
+
+    def save_then_signal(trainer, epoch, step, names=("checkpoint.pth",)):
+        save(trainer, epoch, step, names)
+        if epoch == trainer.args.epochs:
+            monkeypatch.setattr(signals, "_received", signal.SIGUSR2)
+
+    monkeypatch.setattr(signals, "_received", None)
+    monkeypatch.setattr(signals, "_deferring", False)
+    monkeypatch.setattr(engine.Trainer, "save", save_then_signal)
+    run_dir = tmp_path / "run"
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
+    assert result.returncode == 75, result.stderr
+    assert "SIGUSR2 during the last epoch's checkpoint: training is complete" in result.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["epoch"]) == ("finished", 1)
+    assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 1

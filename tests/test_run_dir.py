@@ -81,6 +81,43 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
         rundir.RunLock(tmp_path / "c").acquire()
 
 
+def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatch):
+    """Two programs in one allocation share SLURM_JOB_ID: the job id alone must not make the other's lock stale."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        lock_holder(tmp_path / "live", pid=alive.pid, slurm_job_id="4242")
+        with pytest.raises(ConfigError, match=f"in use by pid {alive.pid} .*Slurm job 4242"):
+            rundir.RunLock(tmp_path / "live").acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+    lock_holder(tmp_path / "gone", pid=alive.pid, slurm_job_id="4242")  # the same job's earlier start, now dead
+    rundir.RunLock(tmp_path / "gone").acquire()
+
+
+@pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname()],
+                         ids=["not-an-object", "pid-not-a-number"])
+def test_a_lock_this_code_did_not_write_is_taken_over(tmp_path, text):
+    (tmp_path / rundir.LOCK_NAME).write_text(text)
+    rundir.RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_an_output_dir_below_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = run_script("main_pretrain.py", *TINY, "--output_dir", tmp_path / "afile" / "run")
+    assert_user_error(result, "main_pretrain.py", "cannot write", str(tmp_path / "afile" / "run"), "Not a directory",
+                      "a folder on that path is a file")
+
+
+def test_a_checkpoint_that_is_a_directory_is_refused_as_such(tmp_path):
+    (tmp_path / "run" / "checkpoint.pth").mkdir(parents=True)
+    result = run_script("main_pretrain.py", *TINY, "--output_dir", tmp_path / "run")
+    assert_user_error(result, "main_pretrain.py", f"{str(tmp_path / 'run' / 'checkpoint.pth')!r} is a directory")
+
+
 def test_metrics_lines_of_side_by_side_writers_never_interleave(tmp_path):
     path = tmp_path / "metrics.jsonl"
     big = "x" * 20000  # longer than a pipe buffer: one write, under the lock

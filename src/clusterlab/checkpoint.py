@@ -91,6 +91,8 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
          map_location: Any = "cpu") -> dict:
     """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -101,6 +101,10 @@ class Trainer:
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.stop_requested = False
         self.monitor_set = None
+        # Sums of the logged terms over the epoch's steps so far: saved with a mid-epoch checkpoint, so that the
+        # epoch_end means of a resumed epoch cover all its steps, as in an uninterrupted run.
+        self.term_totals: dict[str, float] = {}
+        self.term_count = 0
 
     @property
     def precision(self) -> str:
@@ -121,7 +125,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "global_step": self.global_step,
                 "rng": checkpoint.rng_state(), "method_random": self.method.random_state(),
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
-                "data_info": dataclasses.asdict(self.method.info)}
+                "data_info": dataclasses.asdict(self.method.info),
+                "term_totals": dict(self.term_totals), "term_count": self.term_count}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -153,6 +158,8 @@ class Trainer:
                                   f"the flags it was trained with (its config.yaml)") from None
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
+        # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
+        self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
         return self.position
 
     def restore_missing_epoch_checkpoints(self) -> None:
@@ -172,7 +179,9 @@ class Trainer:
         self.model.train()
         method.on_epoch_start(epoch)
         log_path = self.run_dir / "train_log.jsonl"
-        totals, count, window_start, window_images = {}, 0, time.time(), 0
+        if start_step == 0:
+            self.term_totals, self.term_count = {}, 0
+        window_start, window_images = time.time(), 0
         epoch_start = time.time()
         signals.defer()
         for step, images, labels, indices, global_size, offset in data_loader.iterate(
@@ -190,8 +199,8 @@ class Trainer:
                 self.fail_on_nonfinite(epoch, step, terms)
             self.position = (epoch, step + 1)
             for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            count += 1
+                self.term_totals[key] = self.term_totals.get(key, 0.0) + float(value)
+            self.term_count += 1
             last_step = step + 1 == self.steps_per_epoch
             if self.ctx.is_main and (step % args.log_every == 0 or last_step):
                 elapsed = time.time() - window_start
@@ -206,9 +215,10 @@ class Trainer:
                 return False
         self.position = (epoch + 1, 0)
         method.on_epoch_end(epoch)
-        if self.ctx.is_main and count:
+        if self.ctx.is_main and self.term_count:
+            count = self.term_count
             rundir.append_jsonl(log_path, {"epoch": epoch, "epoch_end": True, "global_step": self.global_step,
-                                           **{f"{k}_mean": v / count for k, v in totals.items()},
+                                           **{f"{k}_mean": v / count for k, v in self.term_totals.items()},
                                            "epoch_seconds": time.time() - epoch_start, "time": rundir.now_iso()})
         return True
 
@@ -249,6 +259,9 @@ class Trainer:
     def end_of_epoch(self, epoch: int) -> None:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
+        if not self.weights_finite():
+            raise NonFiniteLoss(f"the weights are not finite after epoch {epoch} (its last update diverged); stopped "
+                                f"without saving, {self.last_good_checkpoint()}")
         if self.args.knn_monitor_every and done % self.args.knn_monitor_every == 0:
             self.knn_monitor(epoch)
         names = ["checkpoint.pth"]
@@ -257,6 +270,14 @@ class Trainer:
         self.save(done, 0, names)
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (a loss is checked before its update, the weights
+        that update left are checked here, before they are saved as a good checkpoint)."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
+        flag = torch.tensor([float(not finite)], device=self.ctx.device)
+        distributed.all_reduce_max(flag)
+        return not bool(flag[0])
 
     def knn_monitor(self, epoch: int) -> None:
         """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from
@@ -280,10 +301,16 @@ class Trainer:
                   f"{scores['top1']:.4f}", flush=True)
 
     def finish(self) -> None:
-        signals.defer(False)
+        """status "finished"; a stop signal that came after the last step's check (during the last epoch's kNN
+        monitor or checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued
+        allocation, which finds training finished."""
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
             print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
+            if signals.received() is not None:
+                print(f"{signals.name()} during the last epoch's checkpoint: training is complete; exiting for the "
+                      f"requeue", flush=True)
+        signals.defer(False)
 
     def save_and_requeue(self) -> None:
         """After a stop signal: checkpoint.pth at the current position (unless it is there already), status
@@ -299,9 +326,25 @@ class Trainer:
 
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        kept = self.run_dir / "checkpoint.pth"
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {step} ({values}); stopped without saving, "
-                            f"the last good checkpoint is {kept if kept.exists() else 'none (no epoch finished)'}")
+                            f"{self.last_good_checkpoint()}")
+
+    def last_good_checkpoint(self) -> str:
+        """Where to go on from after a non-finite loss or weights. checkpoint.pth written right before the failing
+        step holds the weights whose loss was not finite (the loss is taken before the update): resuming from it
+        fails again, so the message points at the latest earlier checkpoint_epNNNN.pth instead."""
+        kept = self.run_dir / "checkpoint.pth"
+        if not kept.exists():
+            return "the last good checkpoint is none (no epoch finished)"
+        if self.saved_position != self.position:
+            return f"the last good checkpoint is {kept}"
+        epoch = self.saved_position[0]
+        earlier = sorted(path for path in self.run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth")
+                         if int(path.stem[len("checkpoint_ep"):]) < epoch)
+        instead = (f"the last good one is {earlier[-1]} (copy it over checkpoint.pth to go on from there)"
+                   if earlier else "no earlier checkpoint_epNNNN.pth exists (start again in a new --output_dir)")
+        return (f"{kept} holds the weights that gave it (epoch {epoch} step {self.saved_position[1]}): resuming from "
+                f"it fails again; {instead}")
 
 
 @contextlib.contextmanager

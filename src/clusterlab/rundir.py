@@ -140,12 +140,11 @@ def _pid_alive(pid: int) -> bool:
 
 def _stale(holder: dict) -> bool:
     job = holder.get("slurm_job_id")
-    if job and job == _slurm_job_id():
-        return True  # this very job, requeued: its earlier start is gone
     if holder.get("host") == socket.gethostname() and holder.get("pid"):
-        if not _pid_alive(int(holder["pid"])) or int(holder["pid"]) == os.getpid():
-            return True
-        return False
+        # First the process itself: two programs started in one allocation share its job id, and both live.
+        return holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])
+    if job and job == _slurm_job_id():
+        return True  # this very job, requeued onto another node: its earlier start is gone
     if job:
         return _slurm_job_alive(job) is False
     return False
@@ -183,11 +182,14 @@ class RunLock:
 
     def _read_holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
             return None  # a lock cut short by a crash while it was written
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid", 0), int):
+            return None  # not a lock this code wrote: nobody can hold it
+        return holder
 
     def release(self) -> None:
         if self.held:
