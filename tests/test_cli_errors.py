@@ -99,7 +99,7 @@ def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path):
     ("eval_knn.py", ["--run", "/nonexistent_run"], ["--run '/nonexistent_run'", "not a directory"]),
     ("eval_knn.py", ["--checkpoint", "checkpoint_ep0099.pth"], ["checkpoint_ep0099.pth", "does not exist"]),
     ("eval_cluster.py", ["--clusters", "10", "5000"], ["--clusters 5000", "898 images", "at most 898"]),
-    ("eval_cluster.py", ["--normalize", "false"], ["--normalize false", "--baseline pixels"]),
+    ("eval_cluster.py", ["--normalize", "maybe"], ["--normalize", "'maybe'", "use auto, true or false"]),
 ])
 def test_eval_bad_input_writes_nothing(run_in_process, tiny_run, tmp_path, script, extra, words):
     run = copy_run(tiny_run, tmp_path / "run")

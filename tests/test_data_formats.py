@@ -613,3 +613,69 @@ def test_fetcher_passes_the_users_download_flag_to_torchvision(tmp_path, name):
     with pytest.raises(RuntimeError, match="not found|download=True"):
         registry.DATASETS[name].fetcher.fetch(tmp_path, download=False)
     assert not any(tmp_path.rglob("*.gz")) and not any(tmp_path.rglob("*.tar.gz"))
+
+
+def test_imagefolder_16_bit_grey_files_scale_to_8_bits(tmp_path):
+    """16-bit grey PNGs (Pillow mode I;16) and PGMs (mode I) keep their grey levels, value v becoming the nearest of
+    256 levels, round(v / 257), where PIL's convert("L") would make every value above 255 white."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            values = rng.integers(0, 65536, (6, 6)).astype(np.uint16)
+            values[0, :3] = (0, 65535, 200 * 257)  # black, white, and an 8-bit level stored in 16 bits
+            for suffix in (".png", ".pgm"):
+                Image.fromarray(values).save(folder / f"0{suffix}")
+                written[str(folder / f"0{suffix}")] = values
+    # Both of Pillow's 16-bit grey modes: older versions open a 16-bit PNG as "I", as this one opens a PGM.
+    assert {Image.open(tmp_path / "train" / "a" / name).mode for name in ("0.png", "0.pgm")} in ({"I;16", "I"}, {"I"})
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert ds.channels == 1
+    expected = np.stack([np.rint(written[f] / 257) for f in ds.files])
+    views = centre_views(ds, 6)[:, 0].numpy()
+    np.testing.assert_array_equal(views, expected)
+    assert views[:, 0, :3].tolist() == [[0, 255, 200]] * len(ds.files)
+    assert ds.mean[0] == pytest.approx(expected.mean() / 255, abs=1e-4)
+
+
+def test_imagefolder_float_images_are_refused_with_one_line(tmp_path):
+    """A 32-bit float image (mode F) has no range that says which value is white: refused, naming the file, when
+    the statistics sample reads it and when a loader meets it later."""
+    from PIL import Image
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
+    floats = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32))
+    floats.save(tmp_path / "float.tif")
+    train_file = tmp_path / "train" / "class_a" / "0000.png"
+    png = train_file.read_bytes()
+    train_file.write_bytes((tmp_path / "float.tif").read_bytes())  # a TIFF under a .png name: PIL reads the content
+    message = data_error(registry.load, "imagefolder", "train", str(tmp_path))
+    assert str(train_file) in message and "'F'" in message
+    train_file.write_bytes(png)
+    ds = registry.load("imagefolder", "test", str(tmp_path))  # the statistics read training files only
+    ds.files[3] = str(tmp_path / "float.tif")
+    for workers in (0, 1):  # a worker process hands the message over whole, not inside its traceback
+        message = data_error(lambda: list(loader.sequential(ds, torch.arange(len(ds)), 5, workers=workers,
+                                                            view=EvalView.of(8))))
+        assert ds.files[3] in message and "'F'" in message
+
+
+def test_imagefolder_lists_a_folder_reached_through_a_link_loop_once(tmp_path):
+    """Links are followed (torchvision's ImageFolder does), each real folder once: a link back to the class folder
+    adds nothing, a link to a folder elsewhere adds its images."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=2, classes=2, size=8)
+    class_a = tmp_path / "data" / "train" / "class_a"
+    (class_a / "inner").mkdir()
+    elsewhere = fabricate.make_imagefolder(tmp_path / "elsewhere", n_per_class=1, classes=1, size=8)
+    (class_a / "inner" / "loop").symlink_to(class_a, target_is_directory=True)
+    (class_a / "inner" / "more").symlink_to(elsewhere / "train" / "class_a", target_is_directory=True)
+    ds = registry.load("imagefolder", "train", str(tmp_path / "data"))
+    real = [os.path.realpath(f) for f in ds.files]
+    images = [*(tmp_path / "data" / "train").rglob("*.png"), elsewhere / "train" / "class_a" / "0000.png"]
+    assert len(set(real)) == len(real) == 5
+    assert sorted(real) == sorted(str(image.resolve()) for image in images)
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1]

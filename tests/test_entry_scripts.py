@@ -8,8 +8,17 @@ import re
 
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
 
-from conftest import assert_ok, copy_run, run_script
+from clusterlab import results
+from clusterlab.data import registry
+from clusterlab.data.augment import eval_view
+from clusterlab.eval.features import load_run
+from clusterlab.eval.knn import knn_accuracy
+from clusterlab.eval.metrics import cluster_metrics
+from conftest import assert_ok, copy_run, entry_module, run_script
 
 RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "checkpoint", "seed", "eval", "protocol",
                "metrics", "created", "git_commit", "git_dirty"}
@@ -120,3 +129,93 @@ def test_skip_recorded_skips_only_an_evaluation_of_the_runs_own_data(tiny_run, t
     assert_ok(run_script(*cluster))
     assert "already recorded" in run_script(*cluster).stdout
     assert "already recorded" not in run_script(*cluster, "--dataset", "digits").stdout
+
+
+def evaluate(program: str, *argv) -> None:
+    """An evaluation program's main in this process (its records name the git commit, as from the command line)."""
+    entry_module(program).main([str(a) for a in argv])
+
+
+def test_skip_recorded_k_means_of_another_split_is_evaluated(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1,
+               "--plot", "false"]
+    evaluate(*cluster)
+    evaluate(*cluster, "--split", "train")  # only the test split is recorded: scored
+    assert [r["split"] for r in records(run)] == ["test", "train"]
+    capsys.readouterr()
+    evaluate(*cluster, "--split", "train")
+    assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
+
+
+def reference_kmeans(fit_x: torch.Tensor, scored_x: torch.Tensor, labels: torch.Tensor, restarts: int) -> dict:
+    """scikit-learn's k-means (10 clusters, seed 0) fitted on `fit_x`, scored on `scored_x`."""
+    model = KMeans(n_clusters=10, n_init=restarts, init="k-means++", random_state=0).fit(fit_x.double().numpy())
+    return cluster_metrics(labels.numpy(), model.predict(scored_x.double().numpy()), 10, 10)
+
+
+def test_k_means_normalize_flag_is_honoured_for_runs_and_pixels(tiny_run, tmp_path):
+    """--normalize auto: a run's features L2-normalised, pixels raw (as records said before the flag was honoured);
+    true / false do that to either, and the record says which."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    common = ["--device", "cpu", "--restarts", 2, "--plot", "false", "--batch_size", 1000]
+    for value in ("auto", "false", "true"):
+        evaluate("eval_cluster", "--run", run, *common, "--normalize", value)
+        evaluate("eval_cluster", "--baseline", "pixels", "--dataset", "digits", "--output_dir", tmp_path / "pixels",
+                 *common, "--normalize", value)
+    # The references: the run's backbone features of the whole images (one batch, as --batch_size 1000 computes
+    # them) and pixels / 255, raw and L2-normalised by hand.
+    loaded = load_run(run, None, torch.device("cpu"))
+    info = loaded.method.info
+    train, test = (registry.load("digits", split) for split in ("train", "test"))
+    with torch.no_grad():
+        features = [loaded.method.features(eval_view(s.images, 8, info.mean, info.std)) for s in (train, test)]
+    pixels = [s.images.reshape(len(s), -1).float() / 255 for s in (train, test)]
+    for found, (fit_x, scored_x), auto in ((records(run), features, True),
+                                           (records(tmp_path / "pixels"), pixels, False)):
+        raw = reference_kmeans(fit_x, scored_x, test.labels, 2)
+        normalised = reference_kmeans(F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1), test.labels, 2)
+        assert raw != normalised  # the flag makes a difference the records can show
+        assert [r["protocol"]["normalize"] for r in found] == [auto, False, True]
+        assert [r["metrics"] for r in found] == [normalised if auto else raw, raw, normalised]
+
+
+def test_evaluations_at_another_crop_of_an_in_memory_set_are_recorded_as_such(tiny_run, tmp_path, capsys):
+    """The tiny run's test view is its 8-pixel training crop: records at that size name no view (as they always
+    did), records at another --eval_crop name it, so neither --skip_recorded nor the tables take one for the other."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["eval_knn", "--run", run, "--k", 5, "--device", "cpu", "--skip_recorded", "true"]
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--restarts", 1, "--plot", "false",
+               "--skip_recorded", "true"]
+    for argv in (knn, cluster):
+        evaluate(*argv)
+        evaluate(*argv, "--eval_crop", 6)  # not taken for the 8-pixel record: scored
+    capsys.readouterr()
+    for argv in (knn, cluster):
+        evaluate(*argv, "--eval_crop", 6)
+    assert capsys.readouterr().out.count("already recorded") == 2
+    evaluate(*knn[:-2], "--eval_crop", 8)  # the default crop, named: recorded as the default
+    knn_8, knn_6, cluster_8, cluster_6, knn_8_named = records(run)
+    assert [r["protocol"].get("eval_crop") for r in records(run)] == [None, 6, None, 6, None]
+    assert knn_8["protocol"] == knn_8_named["protocol"] and knn_8["metrics"] == knn_8_named["metrics"]
+    assert knn_6["metrics"] != knn_8["metrics"] and cluster_6["metrics"] != cluster_8["metrics"]
+    table = results.aggregate(results.records_frame(results.read_records(run)))
+    assert len(table) == 4 and (table["n"] == 1).all()
+
+
+def test_pixel_baseline_of_an_in_memory_set_takes_the_eval_crop(tmp_path):
+    """`--eval_crop 4` scores digits' 8x8 images resized whole to 4x4, as a run's test view would show them, and
+    the record says so; the default scores them as they are and names no view."""
+    for crop in (None, 4):
+        evaluate("eval_knn", "--baseline", "pixels", "--dataset", "digits", "--output_dir", tmp_path, "--k", 5,
+                 *(["--eval_crop", crop] if crop else []))
+    whole, small = records(tmp_path)
+    assert "eval_crop" not in whole["protocol"] and small["protocol"]["eval_crop"] == 4
+    train, test = (registry.load("digits", split) for split in ("train", "test"))
+    for record, size in ((whole, 8), (small, 4)):
+        # the images resized by hand (torch's antialiased bilinear, a run's test view of an in-memory set)
+        x = [F.normalize(F.interpolate(s.images.float() / 255, size=(size, size), mode="bilinear",
+                                       align_corners=False, antialias=True).reshape(len(s), -1), dim=1)
+             for s in (train, test)]
+        assert record["metrics"] == knn_accuracy(x[0], train.labels, x[1], test.labels, 10, k=5, temperature=0.1)
+    assert whole["metrics"] != small["metrics"]

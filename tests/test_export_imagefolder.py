@@ -189,6 +189,8 @@ def test_two_subsets_of_one_dataset_never_share_a_table_row(tmp_path, fashion, c
     assert combined.index("## digits") < combined.index("## imagefolder")
 
 
-def test_an_in_memory_dataset_adds_nothing_to_the_protocol():
+def test_an_in_memory_dataset_adds_to_the_protocol_only_a_crop_other_than_the_default():
     digits = load("digits", "test")
-    assert data_protocol(digits, digits, EvalView.of(8, 8)) == {}
+    assert data_protocol(digits, digits, EvalView.of(8, 8), 8) == {}
+    assert data_protocol(digits, digits, EvalView.of(8, 12), 8) == {}  # a resize does not apply to it
+    assert data_protocol(digits, digits, EvalView.of(4), 8) == {"eval_crop": 4}

@@ -16,7 +16,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
     group.add_argument("--download", type=bool_flag, nargs="?", const=True, default=False,
                        help="download the dataset if missing (rank 0 only)")
     group.add_argument("--eval_crop", type=non_negative_int, default=0,
-                       help="test view size (0: the largest --size_crops)")
+                       help="test view size (0: the largest --size_crops; a pixel baseline: the images' size); "
+                            "in-memory sets are resized whole to it")
     group.add_argument("--eval_resize", type=non_negative_int, default=0,
                        help="image folders: shorter side resized to this before the centre crop of --eval_crop "
                             "(0: the crop size; ImageNet: 256 for 224)")

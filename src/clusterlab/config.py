@@ -34,6 +34,16 @@ def bool_flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true/false, on/off, yes/no or 1/0)")
 
 
+def auto_or_bool(text: str) -> str | bool:
+    """"auto" (the program decides), or a boolean as `bool_flag` reads it."""
+    if str(text).lower() == "auto":
+        return "auto"
+    try:
+        return bool_flag(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (use auto, true or false)") from None
+
+
 def positive_int(text: str) -> int:
     value = _number(int, text)
     if value < 1:

@@ -406,9 +406,14 @@ class EvalView:
         return cls(crop, resize)
 
 
-def eval_view(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """The test transform: the whole image resized to `size` (if it differs), normalised."""
+def resized(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixels in [0, 1], the whole image resized to `size` (if it differs)."""
     images = images_uint8.float().div_(255.0)
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(images, mean, std)
+    return images
+
+
+def eval_view(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """The test transform: the whole image resized to `size` (if it differs), normalised."""
+    return normalize(resized(images_uint8, size), mean, std)

@@ -36,9 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .augment import EvalView, crop_boxes
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# 16-bit grey: Pillow's I;16 modes, and its 32-bit "I" from formats that store at most 16 bits a sample (a 16-bit
+# PGM; a 16-bit PNG in older Pillow versions). Any other "I", and "F", has no known range to scale from.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+SIXTEEN_BIT_FORMATS = frozenset({"PNG", "PPM"})
 # Files tried after an unreadable one before the search for a substitute gives up.
 SUBSTITUTE_SEARCH = 64
 DRAFT_FACTORS = (8, 4, 2)
@@ -79,7 +84,12 @@ def open_image(path: str):
 
 def decode(image, mode: str, reduction: int = 1):
     """Decode `image` (from open_image) in `mode` ("L" or "RGB"); a JPEG at 1/`reduction` of its size where libjpeg
-    can. Returns (image, the reduction applied)."""
+    can, a 16-bit grey image scaled to 8 bits (`eight_bits`). Returns (image, the reduction applied). An image of
+    32-bit samples is a DataError: nothing says which of its values is white."""
+    sixteen_bits = image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format in SIXTEEN_BIT_FORMATS)
+    if image.mode in ("I", "F") and not sixteen_bits:
+        raise DataError(f"image file {image.filename!r} has mode {image.mode!r} (32-bit samples of unknown range); "
+                        f"save it with 8 or 16 bits per sample")
     try:
         applied = 1
         # Asking for (width // r, height // r) makes PIL pick exactly the factor r (never 2r); None: no draft
@@ -88,9 +98,21 @@ def decode(image, mode: str, reduction: int = 1):
                                                                            image.height // reduction)):
             applied = reduction
         image.load()
+        if sixteen_bits:
+            image = eight_bits(image)
         return (image if image.mode == mode else image.convert(mode)), applied
     except Exception as err:  # decoding errors of a bad file: truncated data, broken chunks, decompression bombs
         raise Unreadable(_one_line(err)) from None
+
+
+def eight_bits(image):
+    """A 16-bit grey image as mode L: each value v becomes round(v / 257), the nearest of the 256 levels (an 8-bit x
+    is x * 257 in 16 bits; 65535 is white). v >> 8 maps the same range but floors, up to a level darker; PIL's
+    convert("L") clips every value above 255 to white."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.uint32)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
 
 
 def _one_line(err: Exception) -> str:
@@ -137,7 +159,7 @@ class FileSource(torch.utils.data.Dataset):
     "step", "indices", "labels", "crops" (uint8 tensors, one per crop, (n, C, size, size)), "boxes" (n, crops, 4:
     top, left, h, w in each image's own pixels; CropJob only), "sizes" (n, 2: height, width of each image) and
     "bad" (one (index, path, reason, substitute path) per unreadable file replaced); "fatal" instead when no
-    readable substitute was found."""
+    readable substitute was found or an image cannot be used (a DataError's message)."""
 
     def __init__(self, files: list, labels, channels: int):
         # One numpy buffer, not a list of str: forked workers then share it without touching reference counts.
@@ -175,6 +197,8 @@ class FileSource(torch.utils.data.Dataset):
                         outputs = (self._crops(image, boxes[row], sizes) if isinstance(job, CropJob)
                                    else [self._view(image, job.view)])
                     break
+                except DataError as err:  # raised in a worker, it would reach the program wrapped in a traceback
+                    return {"fatal": str(err)}
                 except Unreadable as err:
                     if candidate == index:
                         bad.append([index, self.path(index), str(err), None])

@@ -278,11 +278,19 @@ def _class_folders(root: Path) -> list[str]:
 
 
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them) and labels."""
+    """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them; each real folder
+    once) and labels."""
     files, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        found = []
+        found, visited = [], set()
         for folder, subfolders, names in os.walk(root / name, followlinks=True):
+            # Links are followed, as torchvision does, but each real folder is listed once: reached again (through
+            # a loop, or a second link) it would add its images again, through a loop as often as paths may grow.
+            real = os.path.realpath(folder)
+            if real in visited:
+                subfolders.clear()
+                continue
+            visited.add(real)
             subfolders.sort()
             found += [os.path.join(folder, file_name) for file_name in sorted(names)
                       if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]

@@ -12,7 +12,7 @@ from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
-from ..data.augment import EvalView, eval_view
+from ..data.augment import EvalView, eval_view, resized
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo, Method
 
@@ -33,6 +33,13 @@ def requested_checkpoint_name(requested: str | None) -> str:
     """How records name the checkpoint --checkpoint asks for: its file name (default checkpoint.pth), known before
     the run is opened, so that --skip_recorded can skip without loading anything."""
     return Path(requested or DEFAULT_CHECKPOINT).name
+
+
+def requested_view(args: argparse.Namespace) -> dict:
+    """The test view --eval_crop / --eval_resize ask for, as a record names it, for --skip_recorded before the run
+    is opened. On an in-memory set a record names no resize, nor the run's default crop (`data_protocol`), so
+    asking for either by name evaluates again."""
+    return {flag: getattr(args, flag) for flag in ("eval_crop", "eval_resize") if getattr(args, flag)}
 
 
 def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
@@ -85,13 +92,17 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     return distributed.all_gather_uneven(local)
 
 
-def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView) -> dict:
-    """What a metrics record's protocol says about an image folder: its name and how many images its training and
-    scored splits hold (so that two folders, or two subsets of one dataset, never share a table row), and the test
-    view's resize and centre crop. A registered in-memory dataset is named by the record's `dataset` and seen whole:
-    nothing (as records before the image-folder pipeline said)."""
+def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, default_crop: int) -> dict:
+    """What a metrics record's protocol says about the data and the test view.
+
+    An image folder: its name (the last component of DATA_PATH) and how many images its training and scored splits
+    hold, so that subsets of different sizes, or folders of different names, get table rows of their own; two
+    different folders of one name with equal counts (two `data/`) share a row. Then the test view's resize and
+    centre crop. A registered in-memory dataset, named by the record's `dataset`, is seen whole, resized to the
+    view's crop (the resize does not apply): nothing at `default_crop` (the run's own; the baseline's: the images'
+    size), as records said before the image-folder pipeline, else `eval_crop`."""
     if scored_set.in_memory:
-        return {}
+        return {} if view.crop == default_crop else {"eval_crop": view.crop}
     return {"data": Path(train_set.folder).resolve().name, "train_images": len(train_set),
             "scored_images": len(scored_set), "eval_resize": view.resize, "eval_crop": view.crop}
 
@@ -102,10 +113,10 @@ def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
 
 
 def pixels(images: ImageSet, view: EvalView) -> torch.Tensor:
-    """Raw pixels / 255, flattened: the baseline every method must beat (image files: their test `view`)."""
-    stacked = torch.cat([batch for batch, _ in data_loader.sequential(images, torch.arange(len(images)), 512,
-                                                                      view=view)])
-    return stacked.reshape(len(stacked), -1).float() / 255.0
+    """Raw pixels / 255 of each image's test `view`, flattened: the baseline every method must beat."""
+    stacked = torch.cat([resized(batch, view.crop) for batch, _ in
+                         data_loader.sequential(images, torch.arange(len(images)), 512, view=view)])
+    return stacked.reshape(len(stacked), -1)
 
 
 @dataclass
@@ -115,15 +126,18 @@ class Evaluation:
     loaded: LoadedRun
     train_set: ImageSet
     test_set: ImageSet
+    default_crop: int  # the run's own test view size, before --eval_crop
 
-    def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int):
+    def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int,
+                 normalize: bool = True):
         method = self.loaded.method
         fn = method.features if kind == "backbone" else method.embedding
         info = method.info
-        return extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers)
+        return extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers, normalize)
 
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
-        return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view)
+        return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
+                             self.default_crop)
 
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
@@ -133,6 +147,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
     loaded = load_run(args.run, args.checkpoint, device)
+    default_crop = loaded.method.eval_size
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
         if getattr(args, flag):
             setattr(loaded.args, flag, getattr(args, flag))
@@ -143,7 +158,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if train_set.channels != loaded.method.info.channels:
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
-    return Evaluation(loaded, train_set, test_set)
+    return Evaluation(loaded, train_set, test_set, default_crop)
 
 
 def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):

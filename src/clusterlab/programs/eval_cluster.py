@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
 from ..config import bool_flag
@@ -41,7 +42,9 @@ def get_args_parser():
                         help="k-means: numbers of clusters (default: the number of classes)")
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
     parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
-    parser.add_argument("--normalize", type=bool_flag, default=True, help="L2-normalise features (not pixels)")
+    parser.add_argument("--normalize", type=config.auto_or_bool, default="auto",
+                        help="L2-normalise each image's features (or pixels) before k-means; auto: a run's features "
+                             "yes, pixels no (the record says which)")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     parser.add_argument("--plot", type=bool_flag, default=True, help="write the confusion and sample PNGs")
     return parser
@@ -50,14 +53,17 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
-    if not args.baseline and not args.normalize:
-        raise ConfigError("--normalize false is only meaningful for --baseline pixels here")
+    if args.normalize == "auto":  # what records said before the flag was honoured: a run's features, not pixels
+        args.normalize = not args.baseline
     ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
         view = baseline_view(args, train_set)
-        kmeans(args, ctx, run_dir, run_args, None, None, pixels(train_set, view), pixels(scored_set, view), scored_set,
-               "pixels", data_protocol(train_set, scored_set, view))
+        fit_x, scored_x = pixels(train_set, view), pixels(scored_set, view)
+        if args.normalize:
+            fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
+        kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, "pixels",
+               data_protocol(train_set, scored_set, view, train_set.image_size))
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -67,9 +73,11 @@ def main(argv=None):
             heads(args, ctx, evaluation, scored_set)
         else:
             fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
-            fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers)
+            fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers,
+                                        normalize=args.normalize)
             scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
-                                                                                args.batch_size, args.workers)
+                                                                                args.batch_size, args.workers,
+                                                                                normalize=args.normalize)
             kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
                    scored_set, args.features, evaluation.data_protocol(scored_set))
     distributed.shutdown()
@@ -84,9 +92,8 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
         return
     for clusters in args.clusters or [scored_set.num_classes]:
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
-                "normalize": args.normalize and feature_kind != "pixels", "restarts": args.restarts,
-                "selection": "last", **view}
-        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, base):
+                "normalize": args.normalize, "restarts": args.restarts, "selection": "last", **view}
+        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split}):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)

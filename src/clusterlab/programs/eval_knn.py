@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
-                             requested_checkpoint_name)
+                             requested_checkpoint_name, requested_view)
 from ..eval.knn import knn_accuracies
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}
     for k in list(protocols):
-        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k]):
+        if results.skip_recorded(args, args.run, "knn", checkpoint_name, {**protocols[k], **requested_view(args)}):
             print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
             del protocols[k]
     if not protocols:
@@ -57,11 +57,12 @@ def main(argv=None):
         view = baseline_view(args, train_set)
         train_x, test_x = (F.normalize(pixels(s, view), dim=1).to(ctx.device) for s in (train_set, test_set))
         epoch = checkpoint_name = None
+        data_keys = data_protocol(train_set, test_set, view, train_set.image_size)
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
         run_dir, run_args, epoch, checkpoint_name = loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name
-        train_set, test_set, view = evaluation.train_set, evaluation.test_set, loaded.method.eval_view
+        train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
             train_x = memory_bank_features(loaded, len(train_set)).to(ctx.device)
@@ -73,7 +74,7 @@ def main(argv=None):
     for k, protocol in protocols.items():
         metrics = scores[k]
         if ctx.is_main:
-            protocol.update(data_protocol(train_set, test_set, view))
+            protocol.update(data_keys)
             record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
                                          checkpoint_name=checkpoint_name, run=Path(run_dir).name)
             record["dataset"] = test_set.name
