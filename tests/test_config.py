@@ -72,6 +72,8 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("epochs", 2.5, "expected an integer, got 2.5"),         # int(2.5) would silently be 2
     ("width", True, "expected a number"),                    # int(True) would silently be 1
     ("lr", False, "expected a number"),
+    ("grey_p", [True], "expected a number"),                 # a probability: float(True) would silently be 1.0
+    ("hue", False, "expected a number"),                     # a range of its own type
     ("optimizer", "adamw", "is not one of: sgd, lars, adam"),  # a bad choice
     ("nesterov", "maybe", "invalid boolean 'maybe'"),
     ("arch", ["a", "b"], "expected one value, got list"),    # a flag without a type takes one string
@@ -320,3 +322,21 @@ def test_a_run_recorded_under_the_upstream_spellings_is_evaluated_with_its_value
     loaded = load_run(run, None, torch.device("cpu"))
     assert (loaded.args.embed_dim, loaded.args.hidden_dim) == (16, 32)
     assert loaded.method.prototypes.weight.shape == (10, 16)
+
+
+@pytest.mark.parametrize("base_values, values, argv, expected", [
+    ({"freeze_prototypes_epochs": 1.0}, {}, ["--freeze_prototypes_niters", "0"], (0, None)),
+    ({"freeze_prototypes_epochs": 1.0}, {}, [], (313, 1.0)),
+    ({"freeze_prototypes_epochs": 1.0}, {"freeze_prototypes_niters": 50}, [], (50, None)),
+    ({"freeze_prototypes_niters": 50}, {"freeze_prototypes_epochs": 2.0}, [], (313, 2.0)),
+    ({"freeze_prototypes_niters": 50}, {}, ["--freeze_prototypes_epochs", "2"], (313, 2.0)),
+    ({}, {}, ["--freeze_prototypes_niters", "0", "--freeze_prototypes_epochs", "2"], (0, 2.0)),
+], ids=["command-line-iterations", "file-epochs", "child-file-iterations", "child-file-epochs",
+        "command-line-epochs", "both-on-the-command-line"])
+def test_the_length_in_the_unit_named_last_applies(tmp_path, base_values, values, argv, expected):
+    """--freeze_prototypes_niters and --freeze_prototypes_epochs give one length: a config file, or the command line,
+    that names one of them undoes what an earlier layer gave the other (both on one layer: epochs, as documented)."""
+    write_yaml(tmp_path, {"method": "swav", **base_values}, "base.yaml")
+    path = write_yaml(tmp_path, {"base": "base.yaml", **values})
+    args = pretrain.parse_args(["--config", path, *argv])
+    assert (args.freeze_prototypes_niters, args.freeze_prototypes_epochs) == expected

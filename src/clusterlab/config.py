@@ -87,7 +87,6 @@ def _number(kind, text):
 
 
 INT_TYPES = (int, positive_int, non_negative_int)
-FLOAT_TYPES = (float, positive_float, non_negative_float)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -142,8 +141,9 @@ def _convert(kind, value: Any) -> Any:
         return value
     if isinstance(value, (list, dict)):
         raise TypeError(f"expected one value, got {type(value).__name__}")
-    # int(2.5) is 2 and float(True) is 1.0: a YAML number or boolean must already be what the flag takes.
-    if kind in INT_TYPES + FLOAT_TYPES and isinstance(value, bool):
+    # int(2.5) is 2 and float(True) is 1.0: a YAML number or boolean must already be what the flag takes. Every flag
+    # type but the boolean ones and str reads a number (probabilities, ranges and fractions included).
+    if isinstance(value, bool) and kind not in (bool_flag, auto_or_bool, str):
         raise TypeError(f"expected a number, got the boolean {value}")
     if kind in INT_TYPES and isinstance(value, float) and not value.is_integer():
         raise TypeError(f"expected an integer, got {value}")
@@ -187,12 +187,29 @@ def yaml_defaults(parser: argparse.ArgumentParser, values: dict, source: str) ->
     return {key: _coerce(actions[key], key, value, source) for key, value in values.items()}
 
 
+def declare_alternatives(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Flags that give one length in different units (iterations, and epochs that replace them when set): a layer
+    (a config file, then the command line) that names some of them resets the others to their own defaults, so
+    the one named last wins, as any flag named later does."""
+    parser.__dict__.setdefault("alternatives", []).append(dests)
+
+
+def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict) -> None:
+    """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives)."""
+    for dests in getattr(parser, "alternatives", []):
+        if named & set(dests):
+            values.update({dest: originals[dest] for dest in dests if dest not in named})
+
+
 def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dict]]) -> dict:
     """Mappings of flag values (source, values), each validated on its own, merged in order: a later one overrides
-    an earlier one whatever spelling either uses."""
+    an earlier one whatever spelling either uses (and the alternatives of what it names, declare_alternatives)."""
+    originals = {action.dest: action.default for action in parser._actions}
     merged = {}
     for source, values in layers:
-        merged.update(yaml_defaults(parser, values, source))
+        layer = yaml_defaults(parser, values, source)
+        _without_replaced(parser, set(layer), merged, originals)
+        merged.update(layer)
     return merged
 
 
@@ -244,8 +261,14 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
             if explicit is not None:
                 partial[flag] = explicit
         extend(parser, partial)
+    originals = {action.dest: action.default for action in parser._actions}
     parser.set_defaults(**merged_defaults(parser, layers))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    on_command_line = {action.dest for action in parser._actions
+                       if any(_explicit_value(argv, option.lstrip("-")) is not None for option in action.option_strings
+                              if option.startswith("--"))}
+    _without_replaced(parser, on_command_line, vars(args), originals)
+    return args
 
 
 def _explicit_value(argv: list[str], flag: str) -> str | None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import non_negative_float, non_negative_int, positive_float, positive_int
+from ..config import declare_alternatives, non_negative_float, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
@@ -49,7 +49,9 @@ class SwAV(Method):
                            help="iterations during which the prototypes get no gradient")
         group.add_argument("--freeze_prototypes_epochs", type=non_negative_float, default=None,
                            help="the same length in epochs (replaces --freeze_prototypes_niters; the number of "
-                                "iterations an epoch has depends on the dataset's size)")
+                                "iterations an epoch has depends on the dataset's size); whichever of the two a "
+                                "config file or the command line names last applies")
+        declare_alternatives(parser, "freeze_prototypes_niters", "freeze_prototypes_epochs")
         parser.set_defaults(optimizer="lars", lr=4.8, final_lr=0.0, warmup_epochs=10, schedule="cosine",
                             weight_decay=1e-6, arch="resnet18_cifar")
 
