@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -185,6 +186,47 @@ def test_output_dir_argument_without_a_value_stops_the_script(tmp_path):
                           capture_output=True, text=True, env=env)
     assert done.returncode != 0 and "--output_dir needs a directory" in done.stderr
     assert srun_calls(env) == []
+
+
+def default_experiment_path(script: Path) -> str:
+    """The directory a script writes when EXPERIMENT_PATH is not set: its `EXPERIMENT_PATH=${EXPERIMENT_PATH:-...}`."""
+    line = next(line for line in script.read_text().splitlines() if line.startswith("EXPERIMENT_PATH=${"))
+    return shlex.split(line.removeprefix("EXPERIMENT_PATH=${EXPERIMENT_PATH:-").removesuffix("}"))[0]
+
+
+def test_grid_scripts_write_the_run_directories_a_later_stage_reads(tmp_path):
+    """launch.py --grid (staged) --emit-sbatch: stage 1's script writes, by default, the run directory --dry-run and
+    submitit use, which is stage 2's --pretrained; --output_root moves both; EXPERIMENT_PATH still overrides."""
+    grid = str(ROOT / "configs" / "grids" / "embedul_cifar.yaml")
+    out = run_launch("--grid", grid, "--emit-sbatch", "--sbatch_dir", str(tmp_path / "default"))
+    assert out.returncode == 0, out.stderr
+    runs = ROOT / "runs" / "embedul_cifar"  # the grid's default output_root, from where launch.py ran
+    assert default_experiment_path(tmp_path / "default" / "superand_s0.sh") == str(runs / "superand_s0")
+    assert default_experiment_path(tmp_path / "default" / "embedul_s0.sh") == str(runs / "embedul_s0")
+    assert f"--pretrained {runs / 'superand_s0'} " in (tmp_path / "default" / "embedul_s0.sh").read_text()
+
+    root = tmp_path / "my runs"
+    out = run_launch("--grid", grid, "--output_root", str(root), "--emit-sbatch", "--sbatch_dir",
+                     str(tmp_path / "moved"))
+    assert out.returncode == 0, out.stderr
+    assert default_experiment_path(tmp_path / "moved" / "superand_s1.sh") == str(root / "superand_s1")
+    assert f"{root / 'superand_s1'}" in (tmp_path / "moved" / "superand_s1.sh").read_text().splitlines()[6]
+    env = fake_slurm(tmp_path)
+    env.pop("EXPERIMENT_PATH", None)
+    work = tmp_path / "work"
+    work.mkdir()
+    for stage in ("superand", "embedul"):
+        run_sbatch_script(tmp_path / "moved" / f"{stage}_s1.sh", env, "--epochs", "1", cwd=work)
+    superand, embedul, heads = srun_calls(env)
+    assert superand[superand.index("--output_dir") + 1] == str(root / "superand_s1")
+    assert embedul[embedul.index("--pretrained") + 1] == str(root / "superand_s1")
+    assert embedul[embedul.index("--output_dir") + 1] == str(root / "embedul_s1")
+    assert heads[1:4] == ["eval_cluster.py", "--run", str(root / "embedul_s1")]
+    assert (root / "superand_s1" / "slurm").is_dir() and not list(work.iterdir())
+    # EXPERIMENT_PATH from the environment still wins.
+    run_sbatch_script(tmp_path / "moved" / "superand_s1.sh", {**env, "EXPERIMENT_PATH": "elsewhere"}, cwd=work)
+    moved = srun_calls(env)[-1]
+    assert moved[moved.index("--output_dir") + 1] == "elsewhere"
 
 
 def test_every_shipped_script_parses_and_logs_outside_the_repository_root():

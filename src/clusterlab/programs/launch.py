@@ -290,11 +290,14 @@ def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, prog
 
 
 def grid_scripts(grid: Grid) -> dict[str, str]:
+    """One sbatch script per run. Its EXPERIMENT_PATH defaults to the run's directory (absolute, under the grid's
+    output_root, as --dry-run prints it and submit() uses it), so that a later stage's --pretrained, which names
+    that directory, is where the earlier stage's script writes."""
     scripts = {}
     for run in grid.runs:
         flags = {k: v for k, v in run.flags.items() if k not in ("output_dir", "data_path")}
         evals = [(spec.program, {k: v for k, v in spec.flags.items() if k != "run"}) for spec in run.evals]
         scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
-                                   evals, grid.resources, str(grid.path))
+                                   evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir))
     return scripts
 

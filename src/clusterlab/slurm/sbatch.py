@@ -3,9 +3,11 @@
 A script trains (resuming from $EXPERIMENT_PATH/checkpoint.pth if there is one), then evaluates the final
 checkpoint in the same job, as the upstream CIFAR scripts chain their linear evaluation. Slurm's time-limit
 signal (USR2, sent to the job step) makes training save and exit 75; the script then requeues the job, and the
-next start resumes. An --output_dir among the script's arguments moves the whole run, evaluations included. The
-job's log goes to experiments/logs/NAME_JOBID.out (the folder ships with the repository: Slurm does not create
-it), and RUN/slurm/JOBID.out links to it.
+next start resumes. EXPERIMENT_PATH (the run directory) defaults to experiments/NAME for a recipe's script and to
+the run's directory (absolute, under the grid's output_root) for a grid run's, so that a later stage's --pretrained
+names where the earlier stage's script writes. An --output_dir among the script's arguments moves the whole run,
+evaluations included. The job's log goes to experiments/logs/NAME_JOBID.out (the folder ships with the
+repository: Slurm does not create it), and RUN/slurm/JOBID.out links to it.
 
 Every value taken from a recipe or grid is shell-quoted, so no value can run a command; names (of scripts and
 stages) are restricted to letters, digits and _.-, and comments to one line each.
@@ -121,8 +123,9 @@ def _in_experiment(name: str | None) -> str:
 
 
 def render(name: str, description: str, stages: list[Stage], evals: list[tuple[str, dict]], resources: dict,
-           source: str) -> str:
-    """The text of one sbatch script; stage flags must not hold data_path or output_dir (the script sets them)."""
+           source: str, experiment_path: str | None = None) -> str:
+    """The text of one sbatch script; stage flags must not hold data_path or output_dir (the script sets them).
+    EXPERIMENT_PATH defaults to `experiment_path` (a grid run's directory), else to experiments/NAME."""
     check_name(name, "sbatch script name")
     staged = len(stages) > 1
     for stage in stages if staged else []:
@@ -144,13 +147,16 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
              "# Usage (from the repository root): sbatch sbatch/" + name + ".sh [more training flags]",
              "# Environment: DATASET_PATH (data), EXPERIMENT_PATH (run directory), PYTHON, and per evaluation",
              "# EVAL_KNN_ARGS / EVAL_CLUSTER_ARGS / EVAL_LINEAR_ARGS (extra flags, split on spaces)" + stage_help + ".",
+             *([_comment(f"# EXPERIMENT_PATH defaults to this run's directory under the grid's output_root "
+                         f"(where launch.py --grid puts it): {experiment_path}")]
+               if experiment_path is not None else []),
              "# An --output_dir among the training flags replaces EXPERIMENT_PATH (evaluations follow the run).",
              f"# The job's log: {LOG_FOLDER}/{name}_JOBID.out, linked as $EXPERIMENT_PATH/slurm/JOBID.out.",
              *(f"#SBATCH {shlex.quote(d)}" for d in directives),
              STOP_HANDLING,
              "set -uo pipefail",
              'DATASET_PATH=${DATASET_PATH:-data}',
-             f'EXPERIMENT_PATH=${{EXPERIMENT_PATH:-{shlex.quote(f"experiments/{name}")}}}',
+             f'EXPERIMENT_PATH=${{EXPERIMENT_PATH:-{shlex.quote(experiment_path or f"experiments/{name}")}}}',
              'PYTHON=${PYTHON:-python}',
              f'MAX_REQUEUES=${{MAX_REQUEUES:-{int(resources["max_requeues"])}}}',
              TAKE_OUTPUT_DIR,
