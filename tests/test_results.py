@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -221,3 +222,131 @@ def test_a_clean_table_has_no_footnote(tmp_path):
     write_run(root, "clean", CLEAN, CLEAN, acc=0.5)
     frame = results.records_frame(results.read_records(root))
     assert list(frame["revision"]) == ["clean"] and results.revision_footnote(frame) == ""
+
+
+# What a SwAV run's config.yaml holds, in part: the recipe (configs/swav_cifar10.yaml without a queue) and the flags
+# that do not change what it learns (results.NOT_SETTINGS), which differ from run to run.
+SWAV_ARGS = {"config": "configs/swav_cifar10.yaml", "method": "swav", "dataset": "cifar10", "data_path": "/data/a",
+             "download": False, "epochs": 200, "lr": 0.6, "nmb_crops": [2], "amp": "fp16", "compile": False,
+             "channels_last": False, "device": "cuda", "workers": 4, "seed": 31, "output_dir": "runs/a",
+             "checkpoint_epochs": [], "log_every": 50, "knn_monitor_every": 0, "knn_monitor_k": 200,
+             "knn_monitor_features": "auto", "queue_length": 0, "epoch_queue_starts": 15}
+
+
+def write_trained_run(root, name: str, seed: int, acc: float, pixels: bool = False, **args) -> None:
+    """A run directory whose config.yaml records SWAV_ARGS with `args` (none for a pixel baseline), and its
+    k-means record at epoch 200."""
+    write_jsonl(root / name / "metrics.jsonl",
+                [{**record(seed, method="pixels" if pixels else "swav", dataset="cifar10",
+                           epoch=None if pixels else 200, run=name, acc=acc), **CLEAN}])
+    if not pixels:
+        config = {"program": "main_pretrain.py", "args": {**SWAV_ARGS, "seed": seed, "output_dir": f"runs/{name}",
+                                                          **args}, **CLEAN}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def rows_of(table):
+    return {(row["method"], row.get("recipe", None)): (row["n"], round(row["acc_mean"], 6))
+            for _, row in table.iterrows()}
+
+
+def test_runs_of_different_recipes_get_rows_of_their_own_named_by_the_flags_that_differ(tmp_path):
+    """The reviewer's case: SwAV with and without the queue, both seed 31, were one row of n=2 averaging 88.8 and
+    70.0; now a row each, labelled by queue_length (what the two config.yaml differ in besides their paths)."""
+    root = tmp_path / "runs"
+    write_trained_run(root, "swav_c10", 31, 0.888)
+    write_trained_run(root, "swav_c10_queue", 31, 0.700, config="configs/swav_cifar10_queue.yaml", queue_length=3840)
+    frame = results.records_frame(results.read_records(root))
+    table = results.aggregate(frame)
+    assert list(table.columns[:7]) == ["dataset", "method", "backbone", "epoch", "eval", "protocol", "recipe"]
+    assert rows_of(table) == {("swav", "queue_length=0"): (1, 88.8), ("swav", "queue_length=3840"): (1, 70.0)}
+
+
+def test_seeds_of_each_recipe_are_averaged_within_their_recipe(tmp_path):
+    """Two seeds of each recipe, trained on other machines and paths (flags that do not count), and a pixel
+    baseline: a row per recipe with n=2, and the baseline's row as it was (no recipe to name)."""
+    root = tmp_path / "runs"
+    for seed, acc, acc_queue in ((0, 0.80, 0.70), (1, 0.90, 0.74)):
+        write_trained_run(root, f"swav_s{seed}", seed, acc, data_path=f"/scratch/{seed}", device="cpu",
+                          workers=seed, compile=bool(seed), channels_last=bool(seed), log_every=10 + seed,
+                          knn_monitor_every=seed, checkpoint_epochs=[100] * seed, pretrained=f"runs/x{seed}")
+        write_trained_run(root, f"swav_queue_s{seed}", seed, acc_queue, queue_length=3840, epoch_queue_starts=30)
+    write_trained_run(root, "pixels", 0, 0.25, pixels=True)
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert rows_of(table) == {("pixels", ""): (1, 25.0),
+                              ("swav", "queue_length=0 epoch_queue_starts=15"): (2, 85.0),
+                              ("swav", "queue_length=3840 epoch_queue_starts=30"): (2, 72.0)}
+    shown = results.display_table(table)
+    assert list(shown.columns[5:7]) == ["protocol", "recipe"] and list(shown["n"]) == [1, 2, 2]
+
+
+def test_seeds_of_one_recipe_stay_one_row_without_a_recipe_column(tmp_path):
+    root = tmp_path / "runs"
+    write_trained_run(root, "swav_s0", 0, 0.80, device="cpu", data_path="/x", pretrained="runs/emb_s0")
+    write_trained_run(root, "swav_s1", 1, 0.90, device="cuda", workers=8, pretrained="runs/emb_s1")
+    write_trained_run(root, "pixels", 0, 0.25, pixels=True)
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert "recipe" not in table
+    assert rows_of(table) == {("pixels", None): (1, 25.0), ("swav", None): (2, 85.0)}
+
+
+def test_recipe_labels_compare_the_flags_every_known_run_records():
+    same = {"lr": 0.1, "nmb_crops": [2, 6]}
+    assert results.recipe_labels([same, dict(same), None]) is None  # no config.yaml: no evidence of another recipe
+    assert results.recipe_labels([None, None]) is None
+    # a flag one run lacks (trained before it existed) is not compared; lists and booleans read as on the command line
+    assert results.recipe_labels([{**same, "new_flag": 1}, same]) is None
+    assert results.recipe_labels([same, {"lr": 0.1, "nmb_crops": [2]}, None]) == [
+        "nmb_crops=2,6", "nmb_crops=2", results.UNKNOWN_RECIPE]
+    assert results.recipe_labels([{"ema": True, "x": None}, {"ema": False, "x": []}]) == [
+        "ema=true x=none", "ema=false x=[]"]
+    assert results.run_settings(None) is None and results.run_settings({}) is None
+    assert results.run_settings({"args": {"seed": 3, "output_dir": "r", "lr": 0.1}}) == {"lr": 0.1}
+
+
+def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    for seed in (0, 1):
+        write_trained_run(root, f"swav_s{seed}", seed, 0.8 + seed / 10)
+        write_trained_run(root, f"swav_queue_s{seed}", seed, 0.7, queue_length=3840)
+    legends = {}
+
+    def savefig(figure, path, **kwargs):
+        legends[Path(path).name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    entry_module("collect_results").main(["--root", str(root), "--out", str(out), "--published", "",
+                                          "--curves", "false"])
+    written = pd.read_csv(out / "cifar10.csv")
+    assert list(written.columns[5:7]) == ["protocol", "recipe"]
+    assert dict(zip(written["recipe"], written["n"])) == {"queue_length=0": 2, "queue_length=3840": 2}
+    header = [cell.strip() for cell in (out / "cifar10.md").read_text().splitlines()[2].split("|")]
+    assert header[6:8] == ["protocol", "recipe"]
+    assert "queue\\_length=3840" in (out / "cifar10.tex").read_text()
+    assert legends["cifar10_acc.png"] == ["swav cluster queue_length=0", "swav cluster queue_length=3840"]
+
+
+# How scripts/*.sh built each shipped table from results/runs/<study>: (study, --out below results/, extra flags).
+SHIPPED_TABLES = [("fashion_mnist", ".", ["--published", str(ROOT / "results" / "published.csv")]),
+                  *((study, study, ["--published", ""]) for study in ("fashion_mnist_bf16", "fashion_mnist_crops",
+                                                                      "fashion_mnist_longer", "fashion_mnist_wider")),
+                  ("small_data", "small_data", ["--published", "", "--combined", "COMBINED"])]
+
+
+@pytest.mark.parametrize("study, out, flags", SHIPPED_TABLES, ids=[study for study, *_ in SHIPPED_TABLES])
+def test_the_shipped_tables_regenerate_byte_for_byte(tmp_path, study, out, flags, capsys):
+    """Every study's runs are comparable (one run per recipe, or seeds of one): the tables built from its records
+    today are the files in results/, with no recipe column."""
+    combined = tmp_path / "combined.md"
+    flags = [str(combined) if flag == "COMBINED" else flag for flag in flags]
+    entry_module("collect_results").main(["--root", str(ROOT / "results" / "runs" / study), "--out",
+                                          str(tmp_path / "out"), "--plots", "false", "--curves", "false", *flags])
+    capsys.readouterr()
+    built = sorted((tmp_path / "out").iterdir())
+    assert built, study
+    for path in built:
+        assert path.read_bytes() == (ROOT / "results" / out / path.name).read_bytes(), path.name
+    if "--combined" in flags:
+        assert combined.read_bytes() == (ROOT / "results" / f"{study}.md").read_bytes()

@@ -5,6 +5,11 @@ protocol (the settings that make numbers comparable) and metrics, plus when it w
 the code that evaluated (git_commit, git_dirty). A table row's `revision` says whether every run and evaluation
 behind it came from committed code: clean, dirty (uncommitted changes to tracked files) or unknown (no commit
 recorded: a run older than the field, or an installed copy outside a git checkout).
+
+A table row averages the records of one (dataset, method, backbone, epoch, eval, protocol) over the runs (seeds)
+that share the training settings (`run_settings`: RUN/config.yaml's args without the flags that do not change what
+is learnt); where runs with different settings would share a row, it is split by a `recipe` column naming the flags
+that differ (`recipe_labels`).
 """
 from __future__ import annotations
 
@@ -114,9 +119,34 @@ def _run_config(run_dir: Path) -> dict | None:
     return data if isinstance(data, dict) else {}
 
 
+# Flags of config.yaml's args that do not change what a run learns, left out of its training settings so that the seeds
+# of one recipe stay one row: the seed (what a row averages over); where the run, its data and its recipe file are
+# (output_dir, data_path, download, config: a path differs per machine or per seed, and args already hold every value
+# the recipe file set); pretrained (the path of the run a later stage starts from, which differs per seed; that run's
+# own recipe is in its own config.yaml and rows); how it ran (device, workers, compile and channels_last, which compute
+# the same up to float rounding; find_unused, a DDP bookkeeping switch); and what it writes on the side (log_every,
+# checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which only log). Everything else stays, including
+# amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size (precision and batch statistics change the numbers) and
+# epochs (a checkpoint of a 400-epoch schedule is not one of a 200-epoch schedule).
+NOT_SETTINGS = frozenset({"seed", "output_dir", "data_path", "download", "config", "pretrained", "device", "workers",
+                          "compile", "channels_last", "find_unused", "log_every", "checkpoint_epochs",
+                          "knn_monitor_every", "knn_monitor_k", "knn_monitor_features"})
+# The recipe label of a run whose settings are unknown (no readable config.yaml) in a row split by recipe.
+UNKNOWN_RECIPE = "unknown"
+
+
+def run_settings(run_config: dict | None) -> dict | None:
+    """The training settings of a run: its config.yaml's args without NOT_SETTINGS, in their recorded order; None
+    when unknown (a baseline, which has no config.yaml, or one that cannot be read)."""
+    args = (run_config or {}).get("args")
+    if not isinstance(args, dict):
+        return None
+    return {key: value for key, value in args.items() if key not in NOT_SETTINGS}
+
+
 def records_frame(records: list[dict]):
-    """One row per record: the identifying columns, the revision, the protocol flattened, the metrics (as
-    percentages)."""
+    """One row per record: the identifying columns, the revision, the run's training settings (`run_settings`), the
+    protocol flattened, the metrics (as percentages)."""
     import pandas as pd
 
     rows, run_configs = [], {}
@@ -128,6 +158,7 @@ def records_frame(records: list[dict]):
         if run_dir not in run_configs:
             run_configs[run_dir] = _run_config(run_dir) if run_dir else None
         row["revision"] = revision(record, run_configs[run_dir])
+        row["settings"] = run_settings(run_configs[run_dir])
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
@@ -157,8 +188,45 @@ def protocol_label(protocol: dict) -> str:
     return " ".join(parts)
 
 
+def _setting_text(value) -> str:
+    """A flag's value as a recipe label shows it: `true`, `2,6` for a list, `none`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_setting_text, value)) if value else "[]"
+    return str(value)
+
+
+def recipe_labels(settings: list) -> list[str] | None:
+    """For the records of one would-be row, given their runs' training settings (dicts; None where unknown): None
+    when the known settings agree, else each record's label naming the flags that differ among them, in their
+    recorded order (`queue_length=3840 epoch_queue_starts=15`), and UNKNOWN_RECIPE for a run without settings.
+
+    Only flags that every known run records are compared: a run trained before a flag existed (or under its old
+    name) evaluates with its default, so a flag it lacks is no evidence of another recipe."""
+    known = [s for s in settings if s is not None]
+    if not known:
+        return None
+    common = [key for key in known[0] if all(key in s for s in known[1:])]
+
+    def canonical(value) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    differ = [key for key in common if len({canonical(s[key]) for s in known}) > 1]
+    if not differ:
+        return None
+    return [UNKNOWN_RECIPE if s is None else " ".join(f"{key}={_setting_text(s[key])}" for key in differ)
+            for s in settings]
+
+
 def aggregate(frame):
-    """Mean, std and n over seeds for every (dataset, method, backbone, epoch, eval, protocol) group."""
+    """Mean, std and n over seeds for every (dataset, method, backbone, epoch, eval, protocol) group of records
+    whose runs share their training settings. A group whose runs were trained with different settings is split
+    into one row per recipe, told apart by a `recipe` column (after `protocol`) that names the flags that differ
+    (`recipe_labels`; empty in the rows of groups that need none); the column is there only when some group needs
+    it, so a table of comparable runs has the columns it always had. n is the number of runs averaged."""
     import pandas as pd
 
     if frame.empty:
@@ -170,6 +238,15 @@ def aggregate(frame):
     filled = frame.copy()
     for key in keys:
         filled[key] = filled[key].astype(object).where(filled[key].notna(), "-")
+    if "settings" in filled:
+        recipes = pd.Series("", index=filled.index, dtype=object)
+        for _, rows in filled.groupby(keys, sort=False, dropna=False):
+            labels = recipe_labels(list(rows["settings"]))
+            if labels is not None:
+                recipes.loc[rows.index] = labels
+        if (recipes != "").any():
+            filled["recipe"] = recipes
+            keys.append("recipe")
     metrics = [c for c in METRIC_COLUMNS if c in filled and filled[c].notna().any()]
     grouped = filled.groupby(keys, sort=True, dropna=False)
     out = grouped[metrics].agg(["mean", "std"])
@@ -253,7 +330,7 @@ def display_table(table):
 
     if table.empty:
         return table
-    shown = table[[c for c in (*GROUP_COLUMNS, "protocol") if c in table]].copy()
+    shown = table[[c for c in (*GROUP_COLUMNS, "protocol", "recipe") if c in table]].copy()
     for metric in METRIC_COLUMNS:
         if f"{metric}_mean" not in table:
             continue
@@ -276,7 +353,8 @@ def display_table(table):
 
 
 def plot_against_epochs(table, out_dir, dataset: str) -> None:
-    """One PNG per metric: the metric against epochs, a line per (method, eval, protocol)."""
+    """One PNG per metric: the metric against epochs, a line per (method, eval, protocol), and per recipe where the
+    table has a `recipe` column (the legend names it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,10 +366,12 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         if column not in numeric or numeric[column].notna().sum() == 0:
             continue
         figure, axes = plt.subplots(figsize=(6, 4))
-        for (method, kind, protocol), rows in numeric[numeric[column].notna()].groupby(["method", "eval", "protocol"]):
+        lines = ["method", "eval", "protocol", *(["recipe"] if "recipe" in numeric else [])]
+        for (method, kind, _, *recipe), rows in numeric[numeric[column].notna()].groupby(lines):
             rows = rows.sort_values("epoch")
+            label = " ".join([method, kind, *(r for r in recipe if isinstance(r, str) and r)])
             axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
-                          label=f"{method} {kind}", capsize=2)
+                          label=label, capsize=2)
         axes.set_xlabel("epochs")
         axes.set_ylabel(f"{metric} (%)")
         axes.set_title(f"{dataset}: {metric}")
