@@ -1,6 +1,6 @@
 """Metrics records and result tables (results.py, collect_results.py): corrupt lines skipped with a warning naming
-file:line, mean/std/n over seeds exactly, published numbers matched on method/dataset/eval/epochs with their diff,
-and collect_results.py end to end on fabricated metrics.jsonl files."""
+file:line, mean/std/n over seeds exactly, published numbers matched on method/dataset/backbone/eval/epochs with
+their diff, and collect_results.py end to end on fabricated metrics.jsonl files."""
 from __future__ import annotations
 
 import io
@@ -86,15 +86,16 @@ def test_aggregate_separates_datasets_epochs_and_protocols():
         ("cifar10", 200, 1), ("digits", 100, 1), ("digits", 200, 1), ("digits", 200, 3)]
 
 
-PUBLISHED = """method,dataset,eval,epochs,metric,value,source,protocol
-swav,digits,cluster,200,acc,80.5,Caron et al. 2020,k-means K=10
-swav,digits,cluster,400,acc,99.0,Caron et al. 2020,k-means K=10
-swav,digits,knn,200,top1,70.0,someone,k=200
-pixels,digits,cluster,,acc,66.6,scikit-learn,k-means on pixels
+PUBLISHED = """method,dataset,backbone,eval,epochs,metric,value,source,protocol
+swav,digits,resnet50,cluster,200,acc,90.0,another network,k-means K=10
+swav,digits,resnet18_cifar_w16,cluster,200,acc,80.5,Caron et al. 2020,k-means K=10
+swav,digits,resnet18_cifar_w16,cluster,400,acc,99.0,Caron et al. 2020,k-means K=10
+swav,digits,resnet18_cifar_w16,knn,200,top1,70.0,someone,k=200
+pixels,digits,,cluster,,acc,66.6,scikit-learn,k-means on pixels
 """
 
 
-def test_attach_published_matches_method_dataset_eval_epochs_and_computes_diff():
+def test_attach_published_matches_method_dataset_backbone_eval_epochs_and_computes_diff():
     records = [*SEEDS, record(0, epoch=100, acc=0.5), record(0, method="pixels", epoch=None, acc=0.7),
                record(0, method="npid", acc=0.6)]
     table = results.attach_published(results.aggregate(results.records_frame(records)),

@@ -271,7 +271,9 @@ def revision_footnote(frame) -> str:
 
 
 def attach_published(table, published):
-    """Add `published`, `vs`, `diff` and `source` where method, dataset, evaluation and epochs match.
+    """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
+    of another network is no yardstick), evaluation and epochs match; protocols are not compared (`source` names
+    upstream's).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -281,8 +283,10 @@ def attach_published(table, published):
     table = table.copy()
     table["published"], table["vs"], table["source"], table["diff"] = None, None, None, None
     for index, row in table.iterrows():
+        same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
+                         if "backbone" in published else True)
         match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
-                          & (published["eval"] == row["eval"])
+                          & same_backbone & (published["eval"] == row["eval"])
                           & (published["epochs"].map(_epochs_key) == _epochs_key(row["epoch"]))]
         if match.empty:
             continue
