@@ -229,6 +229,22 @@ def test_grid_scripts_write_the_run_directories_a_later_stage_reads(tmp_path):
     assert moved[moved.index("--output_dir") + 1] == "elsewhere"
 
 
+def test_grid_scripts_read_the_grids_data_path_and_name_their_own_folder(tmp_path):
+    """A grid's data_path is its scripts' default DATASET_PATH (the environment still overrides it), and their usage
+    line names the folder they were written into."""
+    grid = yaml.safe_load((ROOT / "configs" / "grids" / "digits_smoke.yaml").read_text())
+    grid["config"] = str(ROOT / grid["config"])
+    grid["flags"]["data_path"] = "/scratch/my data"
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = run_launch("--grid", str(path), "--emit-sbatch", "--sbatch_dir", str(tmp_path / "scripts"))
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "scripts" / "swav_digits_2ep_s0.sh").read_text()
+    assert "DATASET_PATH=${DATASET_PATH:-'/scratch/my data'}" in text.splitlines()
+    assert f"# Usage (from the repository root): sbatch {tmp_path / 'scripts'}/swav_digits_2ep_s0.sh" in text
+    assert "# Environment: DATASET_PATH (the grid's data_path)," in text
+
+
 def test_every_shipped_script_parses_and_logs_outside_the_repository_root():
     """bash -n on each script; the job log goes to experiments/logs/, which ships (Slurm does not create it) and
     whose contents git ignores."""

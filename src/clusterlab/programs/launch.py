@@ -56,7 +56,8 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     if args.emit_sbatch:
-        scripts = grid_scripts(load_grid(args.grid, args.output_root)) if args.grid else recipe_scripts(args.recipes)
+        scripts = (grid_scripts(load_grid(args.grid, args.output_root), args.sbatch_dir) if args.grid
+                   else recipe_scripts(args.recipes))
         for path in write_scripts(scripts, args.sbatch_dir):
             print(path)
         return
@@ -289,15 +290,18 @@ def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, prog
         link.symlink_to(Path(job.paths.folder).resolve(), target_is_directory=True)
 
 
-def grid_scripts(grid: Grid) -> dict[str, str]:
-    """One sbatch script per run. Its EXPERIMENT_PATH defaults to the run's directory (absolute, under the grid's
-    output_root, as --dry-run prints it and submit() uses it), so that a later stage's --pretrained, which names
-    that directory, is where the earlier stage's script writes."""
+def grid_scripts(grid: Grid, script_dir: str) -> dict[str, str]:
+    """One sbatch script per run, to be written into `script_dir`. Its EXPERIMENT_PATH defaults to the run's
+    directory (absolute, under the grid's output_root, as --dry-run prints it and submit() uses it), so that a later
+    stage's --pretrained, which names that directory, is where the earlier stage's script writes; its DATASET_PATH
+    to the run's data_path, where the grid gives one."""
     scripts = {}
     for run in grid.runs:
         flags = {k: v for k, v in run.flags.items() if k not in ("output_dir", "data_path")}
         evals = [(spec.program, {k: v for k, v in spec.flags.items() if k != "run"}) for spec in run.evals]
+        data_path = run.flags.get("data_path")
         scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
-                                   evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir))
+                                   evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir),
+                                   dataset_path=None if data_path is None else str(data_path), script_dir=script_dir)
     return scripts
 
