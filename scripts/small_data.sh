@@ -30,7 +30,7 @@ declare -A DATA=([fm_4000]="--dataset imagefolder --data_path $OUT/data/fm_4000"
                  [digits]="--dataset digits")
 # The recipes' 120 epochs are sized for 4,000 images; the 8,000-image folder gets 90 (1.5 times their steps), what
 # fits in 30 minutes of one thread.
-# Digits gets what README advises for a folder under 1,000 images: epsilon 0.02 (the recipe's 0.05 collapses there)
+# Digits gets what README advises for a folder under 1,000 images: epsilon 0.02 (the recipe's 0.03 collapses there)
 # and 270 epochs (swav_small.yaml's header, try D).
 declare -A TRAIN=([fm_4000]="" [fm_8000]="--epochs 90" [digits]="--epsilon 0.02 --epochs 270")
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$OUT/data/fm_4000"
