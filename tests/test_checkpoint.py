@@ -137,7 +137,7 @@ def test_load_uses_weights_only(tmp_path, monkeypatch):
 
 def test_missing_file_is_refused(tmp_path):
     assert_refused(tmp_path / "nope.pth", "does not exist")
-    assert_refused(tmp_path, "does not exist")  # a directory is not a checkpoint either
+    assert_refused(tmp_path, "is a directory, not a checkpoint file")
 
 
 def draws() -> tuple:
