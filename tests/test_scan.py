@@ -329,6 +329,10 @@ def test_selflabel_takes_the_chosen_head_of_a_scan_run(tmp_path):
     assert not any(key.startswith("heads.") for key in weights)
     with pytest.raises(ConfigError, match="starts from a scan run"):
         selflabel.pretrained_weights("RUN", {"model": {"backbone.x": torch.zeros(1)}, "method": "swav"})
+    # Other class-assignment runs have heads too (SeLa's are even named alike): refused by their method, not their keys.
+    for method in ("sela", "selfclassifier"):
+        with pytest.raises(ConfigError, match=f"trained by method '{method}'; scan_selflabel starts from a scan run"):
+            selflabel.pretrained_weights("RUN", {**state, "method": method})
 
 
 def test_ema_moves_the_weights_and_returns_the_buffers_as_upstream():

@@ -481,6 +481,14 @@ def test_resume_before_and_inside_round_2_is_bit_identical(tmp_path):
     assert len(theirs["method_state"]["anchors"]) == int(898 * 0.25 * 2)
     for key in ("anchors", "neighbours"):
         assert torch.equal(ours["method_state"][key], theirs["method_state"][key]), key
+    # The round's label consistency, measured when it started, is logged alike (a resume does not measure it again).
+    assert ours["method_state"]["consistency"] == theirs["method_state"]["consistency"]
+
+    def epoch_ends(run_dir):
+        return [r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+                if r.get("epoch_end")]
+    assert [{k: v for k, v in r.items() if k.endswith("_mean")} for r in epoch_ends(run)] == \
+        [{k: v for k, v in r.items() if k.endswith("_mean")} for r in epoch_ends(reference)]
     for p, state in theirs["optimizer"]["state"].items():
         assert torch.equal(ours["optimizer"]["state"][p]["momentum_buffer"], state["momentum_buffer"])
 

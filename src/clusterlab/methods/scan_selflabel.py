@@ -76,6 +76,9 @@ class SCANSelfLabel(ClusterMethod):
 
     def pretrained_weights(self, source: str, state: dict) -> dict:
         """The scan run's backbone, and its chosen head renamed `head`."""
+        if state.get("method") != "scan":
+            raise ConfigError(f"--pretrained {source!r} was trained by method {state.get('method')!r}; scan_selflabel "
+                              f"starts from a scan run (main_cluster.py --method scan)")
         model, losses = state["model"], state.get("method_state", {}).get("last_head_losses", [])
         chosen = int(torch.tensor(losses).argmin()) if losses else 0
         prefix = f"heads.{chosen}."
