@@ -64,6 +64,30 @@ def test_weights_a_last_update_blew_up_point_at_the_epoch_checkpoint_before_them
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
+def test_a_stop_after_a_diverged_update_saves_nothing_and_names_the_epoch_checkpoint_before(tmp_path):
+    """A stop signal pending when the last update made the weights non-finite: no checkpoint of them (a requeue would
+    only fail again). checkpoint_ep0001.pth, from the start of the epoch checkpoint.pth stands in, is named."""
+    args = parse_args("pretrain", [*TINY, "--checkpoint_epochs", "1", "--output_dir", str(tmp_path / "run")])
+    train = load("digits", "train")
+    method = METHODS["swav"](args, DataInfo.of(train), torch.device("cpu"))
+    (tmp_path / "run").mkdir()
+    trainer = engine.Trainer(method, args, distributed.init("cpu"), tmp_path / "run", train)
+    trainer.end_of_epoch(0)                      # checkpoint.pth and checkpoint_ep0001.pth at (1, 0)
+    trainer.position = (1, 3)
+    trainer.save(1, 3)                           # a mid-epoch checkpoint.pth, as a stop signal leaves
+    kept = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    trainer.position = (1, 5)
+    with torch.no_grad():
+        next(method.parameters())[0] = float("inf")
+    with pytest.raises(engine.NonFiniteLoss, match="not finite at epoch 1 step 5 .*the last good checkpoint is "
+                                                   ".*checkpoint.pth"):
+        trainer.save_and_requeue()
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == kept
+    trainer.position = (1, 3)                    # a loss failing at the very step checkpoint.pth stands at
+    with pytest.raises(engine.NonFiniteLoss, match="fails again; the last good one is .*checkpoint_ep0001.pth"):
+        trainer.fail_on_nonfinite(1, 3, {})
+
+
 def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
     args = parse_args("pretrain", [*TINY, "--output_dir", str(tmp_path / "run")])
     train = load("digits", "train")

@@ -95,6 +95,16 @@ def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatc
         alive.wait()
     lock_holder(tmp_path / "gone", pid=alive.pid, slurm_job_id="4242")  # the same job's earlier start, now dead
     rundir.RunLock(tmp_path / "gone").acquire()
+    # Requeued onto this node, the job finds its old pid taken by a process outside the job: stale.
+    monkeypatch.delenv("SLURM_JOB_ID")
+    other = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    try:
+        lock_holder(tmp_path / "reused", pid=other.pid, slurm_job_id="4242")
+        rundir.RunLock(tmp_path / "reused").acquire()
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname()],

@@ -317,6 +317,9 @@ class Trainer:
         "interrupted", then exit 75 through the signal's previous handler (submitit requeues the job there)."""
         epoch, step = self.position
         if self.saved_position != self.position:
+            if not self.weights_finite():  # the last step's update diverged: a requeue would only fail again
+                raise NonFiniteLoss(f"the weights are not finite at epoch {epoch} step {step} (the last update "
+                                    f"diverged); stopped without saving, {self.last_good_checkpoint()}")
             self.save(epoch, step)
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, signal=signals.name())
@@ -338,12 +341,13 @@ class Trainer:
             return "the last good checkpoint is none (no epoch finished)"
         if self.saved_position != self.position:
             return f"the last good checkpoint is {kept}"
-        epoch = self.saved_position[0]
+        epoch, step = self.saved_position
+        # checkpoint_epNNNN.pth holds the start of epoch NNNN: earlier than checkpoint.pth unless that is at step 0 too.
         earlier = sorted(path for path in self.run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth")
-                         if int(path.stem[len("checkpoint_ep"):]) < epoch)
+                         if (int(path.stem[len("checkpoint_ep"):]), 0) < (epoch, step))
         instead = (f"the last good one is {earlier[-1]} (copy it over checkpoint.pth to go on from there)"
                    if earlier else "no earlier checkpoint_epNNNN.pth exists (start again in a new --output_dir)")
-        return (f"{kept} holds the weights that gave it (epoch {epoch} step {self.saved_position[1]}): resuming from "
+        return (f"{kept} holds the weights that gave it (epoch {epoch} step {step}): resuming from "
                 f"it fails again; {instead}")
 
 

@@ -108,12 +108,22 @@ def _holder_of_this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": _slurm_job_id(), "since": now_iso()}
 
 
-def _slurm_job_id() -> str | None:
-    """The job id that survives a requeue (an array task is ARRAYID_TASK)."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+def _slurm_job_id(environ=os.environ) -> str | None:
+    """The job id that survives a requeue (an array task is ARRAYID_TASK), of this process or of `environ`."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
         return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
+    return environ.get("SLURM_JOB_ID")
+
+
+def _pid_in_job(pid: int, job: str) -> bool:
+    """Whether process `pid` runs in Slurm job `job` (its environment says so); True when it cannot be read."""
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    environ = dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+    return _slurm_job_id(environ) == job
 
 
 def _slurm_job_alive(job_id: str) -> bool | None:
@@ -141,8 +151,12 @@ def _pid_alive(pid: int) -> bool:
 def _stale(holder: dict) -> bool:
     job = holder.get("slurm_job_id")
     if holder.get("host") == socket.gethostname() and holder.get("pid"):
-        # First the process itself: two programs started in one allocation share its job id, and both live.
-        return holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])
+        # First the process itself: two programs started in one allocation share its job id, and both live. This very
+        # job requeued onto this node may find its old pid reused, by a process outside the job.
+        pid = holder["pid"]
+        if pid == os.getpid() or not _pid_alive(pid):
+            return True
+        return bool(job) and job == _slurm_job_id() and not _pid_in_job(pid, job)
     if job and job == _slurm_job_id():
         return True  # this very job, requeued onto another node: its earlier start is gone
     if job:
