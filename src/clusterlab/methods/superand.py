@@ -166,13 +166,15 @@ class SuperAND(MemoryBankMethod):
     # ---- state ----
     def extra_state(self) -> dict:
         return {"round": self.round, "anchors": self.anchors.cpu(),
-                "neighbours": self.neighbours[self.anchors].cpu(), "consistency": self.consistency}
+                "neighbours": self.neighbours[self.anchors].cpu(),
+                "consistency": None if math.isnan(self.consistency) else self.consistency}  # (None: no known label)
 
     def load_extra_state(self, state: dict) -> None:
         self.set_anchors(int(state["round"]), state["anchors"], state["neighbours"])
         # The round's consistency is measured on the labels seen when it started; set_anchors measured it on those
         # seen by the checkpoint (checkpoints without it keep that).
-        self.consistency = float(state.get("consistency", self.consistency))
+        if "consistency" in state:
+            self.consistency = float("nan") if state["consistency"] is None else float(state["consistency"])
 
 
 @torch.no_grad()
