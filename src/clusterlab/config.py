@@ -201,10 +201,15 @@ def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict,
             values.update({dest: originals[dest] for dest in dests if dest not in named})
 
 
+def _declared_defaults(parser: argparse.ArgumentParser) -> dict:
+    """Each flag's default as its add_argument declared it (before a config file's values are set as defaults)."""
+    return {action.dest: action.default for action in parser._actions}
+
+
 def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dict]]) -> dict:
     """Mappings of flag values (source, values), each validated on its own, merged in order: a later one overrides
     an earlier one whatever spelling either uses (and the alternatives of what it names, declare_alternatives)."""
-    originals = {action.dest: action.default for action in parser._actions}
+    originals = _declared_defaults(parser)
     merged = {}
     for source, values in layers:
         layer = yaml_defaults(parser, values, source)
@@ -261,13 +266,14 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
             if explicit is not None:
                 partial[flag] = explicit
         extend(parser, partial)
-    originals = {action.dest: action.default for action in parser._actions}
+    originals = _declared_defaults(parser)
     parser.set_defaults(**merged_defaults(parser, layers))
     args = parser.parse_args(argv)
-    on_command_line = {action.dest for action in parser._actions
-                       if any(_explicit_value(argv, option.lstrip("-")) is not None for option in action.option_strings
-                              if option.startswith("--"))}
-    _without_replaced(parser, on_command_line, vars(args), originals)
+    if getattr(parser, "alternatives", None):
+        on_command_line = {action.dest for action in parser._actions
+                           if any(_explicit_value(argv, option.lstrip("-")) is not None
+                                  for option in action.option_strings if option.startswith("--"))}
+        _without_replaced(parser, on_command_line, vars(args), originals)
     return args
 
 

@@ -130,7 +130,13 @@ class Trainer:
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
-        others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when."""
+        others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when.
+        Weights that are not finite are never saved: a loss is checked before its update, so the last update's
+        result is checked here, before it could become the last good checkpoint (a requeue would only fail again)."""
+        if not self.weights_finite():
+            where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch} step {step}"
+            raise NonFiniteLoss(f"the weights are not finite {where} (the last update diverged); stopped without "
+                                f"saving, {self.last_good_checkpoint()}")
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
             paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
@@ -259,9 +265,6 @@ class Trainer:
     def end_of_epoch(self, epoch: int) -> None:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
-        if not self.weights_finite():
-            raise NonFiniteLoss(f"the weights are not finite after epoch {epoch} (its last update diverged); stopped "
-                                f"without saving, {self.last_good_checkpoint()}")
         if self.args.knn_monitor_every and done % self.args.knn_monitor_every == 0:
             self.knn_monitor(epoch)
         names = ["checkpoint.pth"]
@@ -272,8 +275,7 @@ class Trainer:
             rundir.write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
 
     def weights_finite(self) -> bool:
-        """Whether every parameter is finite on every rank (a loss is checked before its update, the weights
-        that update left are checked here, before they are saved as a good checkpoint)."""
+        """Whether every parameter is finite on every rank (collective)."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
         flag = torch.tensor([float(not finite)], device=self.ctx.device)
         distributed.all_reduce_max(flag)
@@ -317,9 +319,6 @@ class Trainer:
         "interrupted", then exit 75 through the signal's previous handler (submitit requeues the job there)."""
         epoch, step = self.position
         if self.saved_position != self.position:
-            if not self.weights_finite():  # the last step's update diverged: a requeue would only fail again
-                raise NonFiniteLoss(f"the weights are not finite at epoch {epoch} step {step} (the last update "
-                                    f"diverged); stopped without saving, {self.last_good_checkpoint()}")
             self.save(epoch, step)
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, signal=signals.name())
