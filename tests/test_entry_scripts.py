@@ -203,6 +203,56 @@ def test_evaluations_at_another_crop_of_an_in_memory_set_are_recorded_as_such(ti
     assert len(table) == 4 and (table["n"] == 1).all()
 
 
+def test_skip_recorded_takes_a_record_only_for_the_view_asked_for(tiny_run, tmp_path, capsys):
+    """A record at another --eval_crop does not stand for the run's own view: asked for that view afterwards, kNN
+    evaluates. The own view's record is then taken whether the view is asked for by name (--eval_crop 8) or left
+    to the run, also where the run's --size_crops 0 leaves it to the images' size (read from the checkpoint)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["eval_knn", "--run", run, "--k", 5, "--device", "cpu", "--skip_recorded", "true"]
+    evaluate(*knn, "--eval_crop", 6)
+    evaluate(*knn)
+    assert [r["protocol"].get("eval_crop") for r in records(run)] == [6, None]
+    capsys.readouterr()
+    evaluate(*knn, "--eval_crop", 8)
+    evaluate(*knn)
+    config = run / "config.yaml"
+    config.write_text(re.sub(r"size_crops:\n- 8", "size_crops:\n- 0", config.read_text()))
+    assert "- 0" in config.read_text()
+    evaluate(*knn)
+    assert capsys.readouterr().out.count("already recorded") == 3 and len(records(run)) == 2
+
+
+def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path):
+    """Records of an image folder name the resize and crop they were scored at, records of an in-memory set only a
+    crop other than the run's: a request matches a record in either form only at the same view."""
+    from argparse import Namespace
+
+    from clusterlab.eval.features import requested_views
+
+    (tmp_path / "config.yaml").write_text("args:\n  size_crops: [12, 8]\n  eval_crop: 0\n  eval_resize: 14\n")
+    base = {"k": 5}
+    folder_default = {**base, "data": "imgs", "eval_crop": 12, "eval_resize": 14}
+    folder_other = {**base, "data": "imgs", "eval_crop": 10, "eval_resize": 14}
+
+    def skipped(record_protocol, **flags):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        (run / "config.yaml").write_text((tmp_path / "config.yaml").read_text())
+        (run / "metrics.jsonl").write_text(json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth",
+                                                       "protocol": record_protocol, "metrics": {}}) + "\n")
+        args = Namespace(**{"skip_recorded": True, "run": str(run), "checkpoint": None, "dataset": None,
+                            "data_path": None, "eval_crop": 0, "eval_resize": 0, **flags})
+        return results.skip_recorded(args, run, "knn", "checkpoint.pth", base, requested_views(args))
+
+    assert skipped(folder_default) and skipped(folder_default, eval_crop=12)
+    assert not skipped(folder_default, eval_crop=10) and skipped(folder_other, eval_crop=10)
+    assert not skipped(folder_other) and not skipped(folder_default, eval_resize=16)
+    assert skipped(base) and skipped({**base, "eval_crop": 10}, eval_crop=10)  # in-memory records
+    assert not skipped({**base, "eval_crop": 10}) and not skipped(base, eval_crop=10)
+    assert not requested_views(Namespace(skip_recorded=True, run=str(tmp_path / "missing"), checkpoint=None,
+                                         eval_crop=0, eval_resize=0))
+
+
 def test_pixel_baseline_of_an_in_memory_set_takes_the_eval_crop(tmp_path):
     """`--eval_crop 4` scores digits' 8x8 images resized whole to 4x4, as a run's test view would show them, and
     the record says so; the default scores them as they are and names no view."""

@@ -88,15 +88,16 @@ def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str)
 
 
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
-         map_location: Any = "cpu") -> dict:
-    """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused."""
+         map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused. `mmap`: tensors are read
+    from the file only when touched."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({failure_reason(err)})"
                               ) from None

@@ -43,12 +43,16 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
     rundir.append_jsonl(run_dir / "metrics.jsonl", record, durable=True)
 
 
-def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None = None) -> bool:
-    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint.
-    A record names the data it was measured on only once that data is open, so data the command names itself
-    (--dataset / --data_path) is always evaluated."""
-    return bool(args.skip_recorded and run_dir and checkpoint_name and not (args.dataset or args.data_path)
-                and has_record(run_dir, eval_kind, checkpoint_name, protocol))
+def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None = None,
+                  views: list[dict] | None = None) -> bool:
+    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint,
+    at one of `views` (the forms a record may name the test view in; None: `protocol` says all). A record names
+    the data it was measured on only once that data is open, so data the command names itself (--dataset /
+    --data_path) is always evaluated."""
+    if not (args.skip_recorded and run_dir and checkpoint_name) or args.dataset or args.data_path:
+        return False
+    return any(has_record(run_dir, eval_kind, checkpoint_name, {**(protocol or {}), **view})
+               for view in ([{}] if views is None else views))
 
 
 def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None

@@ -13,7 +13,7 @@ from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, resized
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
 
 TRAINED_KINDS = ("pretrain", "cluster")
@@ -35,11 +35,35 @@ def requested_checkpoint_name(requested: str | None) -> str:
     return Path(requested or DEFAULT_CHECKPOINT).name
 
 
-def requested_view(args: argparse.Namespace) -> dict:
-    """The test view --eval_crop / --eval_resize ask for, as a record names it, for --skip_recorded before the run
-    is opened. On an in-memory set a record names no resize, nor the run's default crop (`data_protocol`), so
-    asking for either by name evaluates again."""
-    return {flag: getattr(args, flag) for flag in ("eval_crop", "eval_resize") if getattr(args, flag)}
+def requested_views(args: argparse.Namespace) -> list[dict]:
+    """The test view an evaluation of --run asks for, in each form a record may name it (see `data_protocol`), for
+    --skip_recorded before the run is opened: --eval_crop / --eval_resize where given, else the run's own view.
+    An in-memory set's record names no view at the run's default crop, else its `eval_crop`; an image folder's
+    names `eval_crop` and `eval_resize`, and no view named marks an in-memory record. The default crop comes
+    from the run's config, or from its checkpoint's images where --size_crops 0 leaves it to their (nominal) size.
+    Empty when --skip_recorded does not apply, or when the run cannot be read (the evaluation then says why)."""
+    if not (args.skip_recorded and args.run):
+        return []
+    try:
+        saved = read_run_config(args.run)
+        sizes = [int(size) for size in saved.get("size_crops") or [0]]
+        default_crop = int(saved.get("eval_crop") or 0) or (max(sizes) if sizes[0] else 0)
+        if not default_crop:  # memory-mapped: only the data description is read
+            state = checkpoint.load(checkpoint_path(args.run, args.checkpoint), kind=TRAINED_KINDS, mmap=True)
+            default_crop = int(state["data_info"]["image_size"])
+    except (UserError, OSError, KeyError, TypeError, ValueError):
+        return []
+    crop = args.eval_crop or default_crop
+    resize = args.eval_resize or int(saved.get("eval_resize") or 0) or crop
+    in_memory = {"data": None, "eval_resize": None, "eval_crop": None if crop == default_crop else crop}
+    return [in_memory, {"eval_crop": crop, "eval_resize": resize}]
+
+
+def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:
+    """--checkpoint: a file path, else a file name in the run directory (default checkpoint.pth)."""
+    if requested and Path(requested).is_file():
+        return Path(requested)
+    return Path(run_dir) / (requested or DEFAULT_CHECKPOINT)
 
 
 def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
@@ -48,8 +72,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     if not run_dir.is_dir():
         raise ConfigError(f"--run {str(run_dir)!r} is not a directory")
     saved_args = read_run_config(run_dir)
-    path = Path(checkpoint_name) if checkpoint_name and Path(checkpoint_name).is_file() \
-        else run_dir / (checkpoint_name or DEFAULT_CHECKPOINT)
+    path = checkpoint_path(run_dir, checkpoint_name)
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
     method_name = state.get("args", {}).get("method", saved_args.get("method"))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
-                             requested_checkpoint_name, requested_view)
+                             requested_checkpoint_name, requested_views)
 from ..eval.knn import knn_accuracies
 
 
@@ -43,8 +43,9 @@ def main(argv=None):
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}
+    views = requested_views(args)
     for k in list(protocols):
-        if results.skip_recorded(args, args.run, "knn", checkpoint_name, {**protocols[k], **requested_view(args)}):
+        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], views):
             print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
             del protocols[k]
     if not protocols:

@@ -17,7 +17,7 @@ import torch
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_view
+from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_views
 from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -43,7 +43,7 @@ def main(argv=None):
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.checkpoint),
-                             {"augmentation": protocol_name, "epochs": args.epochs, **requested_view(args)}):
+                             {"augmentation": protocol_name, "epochs": args.epochs}, requested_views(args)):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
