@@ -36,7 +36,8 @@ def get_args_parser():
                         help="training images kept in all, spread evenly over the classes")
     parser.add_argument("--subset_test", type=config.bool_flag, default=False,
                         help="subset the test split the same way (default: written whole)")
-    parser.add_argument("--seed", type=int, default=0, help="which images a subset keeps")
+    # numpy's generator takes no negative seed: it failed with a traceback once the dataset was loaded
+    parser.add_argument("--seed", type=config.non_negative_int, default=0, help="which images a subset keeps")
     return parser
 
 

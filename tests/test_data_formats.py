@@ -313,8 +313,20 @@ def test_empty_data_path(tmp_path, name, inner):
     assert str(tmp_path) in message and inner in message
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "cifar100_20", "stl10", "fashion_mnist", "imagefolder"])
+@pytest.mark.parametrize("download", [False, True])
+def test_data_path_that_is_a_file(tmp_path, name, download):
+    """With --download, making the folder raised FileExistsError (a traceback) before anything was fetched."""
+    (tmp_path / "file").write_text("not a folder")
+    message = data_error(registry.load, name, "train", str(tmp_path / "file"), download=download)
+    assert f"{str(tmp_path / 'file')!r} is a file, not a folder" in message and "--data_path DIR" in message
+
+
 def test_download_refused_for_local_datasets(tmp_path):
     assert "'imagefolder'" in data_error(registry.load, "imagefolder", "train", str(tmp_path), download=True)
+    # a missing folder suggests --download only where it would fetch something
+    assert "--download" not in data_error(registry.load, "imagefolder", "train", str(tmp_path / "none"))
+    assert "--download" in data_error(registry.load, "cifar10", "train", str(tmp_path / "none"))
 
 
 def _gz(path: Path, payload: bytes) -> Path:
@@ -344,6 +356,9 @@ def test_idx_reader_round_trip(tmp_path):
     (bytes([8, 3, 0, 0]) + fabricate.idx_bytes(np.zeros((4, 2, 2), np.uint8))[4:], "bad magic"),
     (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 0]), "bad magic"),
     (b"\0\0", "bad magic"),
+    # sizes are unsigned: read as signed, -2 x -2 x 1 matched the 4 data bytes and reshape raised a ValueError
+    (bytes([0, 0, 8, 3]) + (-2).to_bytes(4, "big", signed=True) * 2 + (1).to_bytes(4, "big") + bytes(4),
+     "truncated or padded"),
 ])
 def test_idx_reader_rejects(tmp_path, payload, words):
     path = _gz(tmp_path / "broken-idx3-ubyte.gz", payload)
@@ -380,6 +395,23 @@ def test_fashion_mnist_label_count_mismatch(tmp_path):
     bad = _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", fabricate.idx_bytes(np.zeros(9, np.uint8)))
     message = data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
     assert str(bad) in message and "9" in message and "10" in message
+
+
+def test_fashion_mnist_label_outside_the_classes(tmp_path):
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    bad = _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", fabricate.idx_bytes(np.array([0, 1, 12, 3, 4, 5, 6, 7, 8, 9])))
+    message = data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
+    assert str(bad) in message and "label 12" in message and "0..9" in message
+
+
+@pytest.mark.parametrize("split", ["train", "test"])  # the test split reads the training images for its statistics
+def test_fashion_mnist_idx_of_another_type_than_bytes(tmp_path, split):
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    values = np.zeros((20, 28, 28), dtype=">i4")  # IDX type 0x0C: big-endian int32
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    _gz(bad, bytes([0, 0, 0x0C, 3]) + b"".join(n.to_bytes(4, "big") for n in values.shape) + values.tobytes())
+    message = data_error(registry.load, "fashion_mnist", split, str(tmp_path))
+    assert str(bad) in message and ">i4" in message and "0x08" in message
 
 
 def _cifar10(tmp_path) -> Path:
@@ -485,6 +517,95 @@ def test_cifar_wrong_shape_missing_batch_and_label_mismatch(tmp_path):
     assert str(folder / "test_batch") in message and "4 labels for 5 images" in message
     (folder / "data_batch_2").unlink()
     assert str(folder / "data_batch_2") in data_error(registry.load, "cifar10", "train", str(tmp_path))
+
+
+def _repickle(path: Path, **changes) -> None:
+    with open(path, "rb") as handle:
+        content = pickle.load(handle, encoding="latin1")
+    with open(path, "wb") as handle:
+        pickle.dump({**content, **changes}, handle)
+
+
+@pytest.mark.parametrize("name, file, key, classes", [
+    ("cifar10", "cifar-10-batches-py/data_batch_4", "labels", 10),
+    ("cifar100", "cifar-100-python/train", "fine_labels", 100),
+    ("cifar100_20", "cifar-100-python/train", "coarse_labels", 20),
+])
+@pytest.mark.parametrize("value", [-1, "classes"])
+def test_cifar_labels_outside_the_classes(tmp_path, name, file, key, classes, value):
+    """A label past the classes loaded, then failed in kNN's votes with a traceback (or went unnoticed)."""
+    value = classes if value == "classes" else value
+    make = fabricate.make_cifar10 if name == "cifar10" else fabricate.make_cifar100
+    make(tmp_path, n_train=20, n_test=5)
+    bad = tmp_path / file
+    with open(bad, "rb") as handle:
+        labels = pickle.load(handle, encoding="latin1")[key]
+    labels[2] = value
+    _repickle(bad, **{key: labels})
+    message = data_error(registry.load, name, "train", str(tmp_path))
+    assert str(bad) in message and f"{key!r} holds {value} (image 2)" in message and f"0..{classes - 1}" in message
+    assert len(registry.load(name, "test", str(tmp_path))) == 5  # the test split does not read that file
+
+
+def test_cifar_data_other_than_bytes(tmp_path):
+    """Data cast to uint8 wrapped silently: floats in [0, 1] became black images, 256 became 0."""
+    folder = _cifar10(tmp_path)
+    with open(folder / "test_batch", "rb") as handle:
+        data = pickle.load(handle, encoding="latin1")["data"]
+    _repickle(folder / "test_batch", data=data.astype(np.float32) / 255)
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert str(folder / "test_batch") in message and "float32" in message and "0..255" in message
+    wider = data.astype(np.int64)
+    wider[3, 7] = 256
+    _repickle(folder / "test_batch", data=wider)
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert "int64" in message and "to 256" in message
+    _repickle(folder / "test_batch", data=[[0] * 3072, [0] * 5])
+    assert "no array" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    _repickle(folder / "test_batch", data=data, labels=["cat"] * 5)
+    assert "labels that are no integers" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    _repickle(folder / "test_batch", labels=3)
+    assert "1 labels for 5 images" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    # whole numbers 0..255 of another integer type are the same pixels
+    _repickle(folder / "test_batch", data=data.astype(np.int64), labels=[0] * 5)
+    ds = registry.load("cifar10", "test", str(tmp_path))
+    np.testing.assert_array_equal(ds.images.numpy(), fabricate.cifar10_arrays(10, 5)["test"][0])
+
+
+@pytest.mark.parametrize("name", ["cifar100", "cifar100_20"])
+def test_cifar100_fine_class_in_two_superclasses(tmp_path, name):
+    """The superclass view maps each fine class to one superclass: a fine class with two scored by the last."""
+    fabricate.make_cifar100(tmp_path, n_train=20, n_test=5)
+    bad = tmp_path / "cifar-100-python" / "test"
+    with open(bad, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    fine, coarse = batch["fine_labels"], batch["coarse_labels"]
+    fine[1], coarse[1] = fine[0], (coarse[0] + 1) % 20
+    _repickle(bad, fine_labels=fine, coarse_labels=coarse)
+    message = data_error(registry.load, name, "test", str(tmp_path))
+    assert str(bad) in message and f"fine label {fine[0]}" in message
+    assert str(sorted([coarse[0], coarse[1]])) in message
+
+
+def test_class_name_lists_of_another_length(tmp_path):
+    """The names give the number of classes: 9 CIFAR-10 names made a 9-class set holding label 9."""
+    folder = _cifar10(tmp_path)
+    _repickle(folder / "batches.meta", label_names=fabricate.CIFAR10_CLASSES[:9])
+    message = data_error(registry.load, "cifar10", "test", str(tmp_path))
+    assert str(folder / "batches.meta") in message and "9 label_names, expected 10" in message
+    fabricate.make_cifar100(tmp_path, n_train=10, n_test=5)
+    _repickle(tmp_path / "cifar-100-python" / "meta", coarse_label_names=fabricate.CIFAR100_COARSE_NAMES + ["more"])
+    assert "21 coarse_label_names, expected 20" in data_error(registry.load, "cifar100", "test", str(tmp_path))
+
+
+def test_stl10_class_names_one_a_line(tmp_path):
+    folder = _stl10(tmp_path)
+    names = ["air plane", *fabricate.STL10_CLASSES[1:]]
+    (folder / "class_names.txt").write_text("\n".join(names) + "\n\n")
+    assert registry.load("stl10", "test", str(tmp_path)).class_names == names  # split on spaces: 11 classes
+    (folder / "class_names.txt").write_text("airplane bird\ncar\n")
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "class_names.txt") in message and "2 class names, expected 10" in message
 
 
 def test_corrupt_cifar_meta(tmp_path):
@@ -679,3 +800,19 @@ def test_imagefolder_lists_a_folder_reached_through_a_link_loop_once(tmp_path):
     assert len(set(real)) == len(real) == 5
     assert sorted(real) == sorted(str(image.resolve()) for image in images)
     assert ds.labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_imagefolder_lists_files_in_torchvisions_order(tmp_path):
+    """torchvision sorts the folders' paths as strings: a-b/ and a.b/ before a/x/, which a walk visits after a/."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    nested = ["0.png", "A/1.png", "a/2.png", "a/x/3.png", "a-b/4.png", "a.b/5.png", "a b/6.png"]
+    for split in ("train", "val"):
+        for number, name in enumerate([f"c1/{rel}" for rel in nested] + ["c2/7.png", "c2/z/8.png"]):
+            (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (4, 4), number).save(tmp_path / split / name)
+    torchvision_order = ImageFolder(str(tmp_path / "val")).samples
+    ds = registry.load("imagefolder", "test", str(tmp_path))
+    assert list(zip(ds.files, ds.labels.tolist())) == [(path, label) for path, label in torchvision_order]
+    assert centre_views(ds, 4)[:, 0, 0, 0].tolist() == [0, 1, 2, 6, 4, 5, 3, 7, 8]

@@ -5,6 +5,7 @@ All readers return uint8 arrays in (N, C, H, W) order and int64 labels.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 import zlib
@@ -38,8 +39,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"IDX file {str(path)!r} is truncated inside its header")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    # Unsigned, and multiplied exactly: signed sizes could be negative, and a header whose negative sizes multiply
+    # to the data's length passed the check below and failed in reshape with a traceback.
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(f"IDX file {str(path)!r} is truncated or padded: {len(raw) - header} data bytes for shape "
                         f"{tuple(shape)} (expected {expected})")
@@ -108,26 +111,44 @@ def read_cifar_pickle(path: Path) -> dict:
     batch = _unpickle(path, "CIFAR batch")
     if not isinstance(batch, dict) or "data" not in batch:
         raise DataError(f"CIFAR batch {str(path)!r} has no 'data' entry (not a CIFAR python pickle)")
-    data = np.asarray(batch["data"], dtype=np.uint8)
+    try:
+        data = np.asarray(batch["data"])
+    except (TypeError, ValueError) as err:  # rows of different lengths
+        raise DataError(f"CIFAR batch {str(path)!r} has data that is no array ({err})") from None
+    # Casting to uint8 would wrap other values silently (floats in [0, 1] became a black image).
+    if data.dtype != np.uint8 and (data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255))):
+        span = f" from {data.min()} to {data.max()}" if data.size and data.dtype.kind in "iuf" else ""
+        raise DataError(f"CIFAR batch {str(path)!r} has data of dtype {data.dtype}{span}, expected uint8 pixels "
+                        f"(whole numbers 0..255)")
+    data = data.astype(np.uint8, copy=False)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"CIFAR batch {str(path)!r} has data of shape {data.shape}, expected (N, 3072)")
     batch["data"] = data.reshape(-1, 3, 32, 32)
     return batch
 
 
-def read_cifar(folder: Path, files: list[str], label_keys: tuple[str, ...]) -> tuple[np.ndarray, dict]:
-    """Concatenate CIFAR batches; returns images and one int64 array per requested label key."""
+def read_cifar(folder: Path, files: list[str], label_keys: dict[str, int]) -> tuple[np.ndarray, dict]:
+    """Concatenate CIFAR batches; returns images and one int64 array per requested label key (key: its number of
+    classes, the labels' range)."""
     images, labels = [], {key: [] for key in label_keys}
     for name in files:
         batch = read_cifar_pickle(folder / name)
         images.append(batch["data"])
-        for key in label_keys:
+        for key, classes in label_keys.items():
             if key not in batch:
                 raise DataError(f"CIFAR batch {str(folder / name)!r} has no {key!r} labels")
-            values = np.asarray(batch[key], dtype=np.int64)
-            if len(values) != len(batch["data"]):
-                raise DataError(f"CIFAR batch {str(folder / name)!r}: {len(values)} {key} for "
+            try:
+                values = np.asarray(batch[key], dtype=np.int64)
+            except (TypeError, ValueError) as err:  # text, or lists of lists
+                raise DataError(f"CIFAR batch {str(folder / name)!r} has {key} that are no integers ({err})") from None
+            if values.ndim != 1 or values.size != len(batch["data"]):
+                raise DataError(f"CIFAR batch {str(folder / name)!r}: {values.size} {key} for "
                                 f"{len(batch['data'])} images")
+            # A label past the classes loaded, and failed later (kNN's votes) with a traceback or not at all.
+            outside = np.flatnonzero((values < 0) | (values >= classes))
+            if len(outside):
+                raise DataError(f"CIFAR batch {str(folder / name)!r}: {key!r} holds {values[outside[0]]} (image "
+                                f"{outside[0]}), outside the classes 0..{classes - 1}")
             labels[key].append(values)
     return np.concatenate(images), {key: np.concatenate(v) for key, v in labels.items()}
 

@@ -176,17 +176,30 @@ def _fashion_file(path: Path, stem: str) -> Path:
                     f"dataset-fashion-mnist, pass --data_path DIR with the four IDX .gz files, or --download)")
 
 
+def _idx_bytes(file: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (type 0x08), as Fashion-MNIST's are: other types loaded, and then failed in the
+    statistics with a traceback (big-endian integers) or became int32 or float images."""
+    array = read_idx(file)
+    if array.dtype != np.uint8:
+        raise DataError(f"IDX file {str(file)!r} holds {array.dtype} values, expected unsigned bytes (IDX type 0x08)")
+    return array
+
+
 def load_fashion_mnist(path: Path, split: str) -> ImageSet:
     prefix = "train" if split == "train" else "t10k"
     images_file = _fashion_file(path, f"{prefix}-images-idx3-ubyte")
     labels_file = _fashion_file(path, f"{prefix}-labels-idx1-ubyte")
-    images, labels = read_idx(images_file), read_idx(labels_file).astype(np.int64)
+    images, labels = _idx_bytes(images_file), _idx_bytes(labels_file)
     if images.ndim != 3:
         raise DataError(f"IDX file {str(images_file)!r} holds an array of shape {images.shape}, expected (N, H, W)")
     if labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"IDX file {str(labels_file)!r} holds labels of shape {labels.shape} for {len(images)} images "
                         f"in {str(images_file)!r}")
-    train_images = images if split == "train" else read_idx(_fashion_file(path, "train-images-idx3-ubyte"))
+    # A label past the classes loaded, and failed later (kNN's votes) with a traceback or not at all.
+    if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"IDX file {str(labels_file)!r} holds label {labels.max()}, expected 0..9")
+    labels = labels.astype(np.int64)
+    train_images = images if split == "train" else _idx_bytes(_fashion_file(path, "train-images-idx3-ubyte"))
     mean, std = _stats(train_images[:, None])
     return _tensor_set("fashion_mnist", split, images[:, None], labels, FASHION_MNIST_CLASSES, mean, std)
 
@@ -201,20 +214,43 @@ def _cifar_folder(path: Path, inner: str, probe: str, label: str) -> Path:
                     f"{inner}/, or --download)")
 
 
+def _meta_names(path: Path, key: str, count: int) -> list:
+    """The `count` class names a CIFAR meta file lists under `key` (numbers where it has none)."""
+    names = read_cifar_meta(path, key)
+    if names is None:
+        return [str(i) for i in range(count)]
+    # The names give the number of classes: another count made a set whose labels lie outside its classes.
+    if len(names) != count:
+        raise DataError(f"CIFAR meta file {str(path)!r} lists {len(names)} {key}, expected {count}")
+    return names
+
+
 def load_cifar10(path: Path, split: str) -> ImageSet:
     folder = _cifar_folder(path, "cifar-10-batches-py", "test_batch", "cifar10")
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    images, labels = read_cifar(folder, files, ("labels",))
-    names = read_cifar_meta(folder / "batches.meta", "label_names") or [str(i) for i in range(10)]
+    images, labels = read_cifar(folder, files, {"labels": 10})
+    names = _meta_names(folder / "batches.meta", "label_names", 10)
     return _tensor_set("cifar10", split, images, labels["labels"], names, CIFAR10_MEAN, CIFAR10_STD)
 
 
 def _load_cifar100(path: Path, split: str, coarse: bool) -> ImageSet:
     name = "cifar100_20" if coarse else "cifar100"
     folder = _cifar_folder(path, "cifar-100-python", "test", name)
-    images, labels = read_cifar(folder, ["train" if split == "train" else "test"], ("fine_labels", "coarse_labels"))
-    fine_names = read_cifar_meta(folder / "meta", "fine_label_names") or [str(i) for i in range(100)]
-    coarse_names = read_cifar_meta(folder / "meta", "coarse_label_names") or [str(i) for i in range(20)]
+    file = "train" if split == "train" else "test"
+    images, labels = read_cifar(folder, [file], {"fine_labels": 100, "coarse_labels": 20})
+    fine_labels, coarse_labels = labels["fine_labels"], labels["coarse_labels"]
+    # Each fine class lies in one superclass: the superclass view (eval.metrics) maps fine classes to superclasses
+    # through these labels, and a fine class with two would have been scored by whichever came last.
+    superclass = np.zeros(100, dtype=np.int64)
+    superclass[fine_labels] = coarse_labels
+    mixed = np.flatnonzero(superclass[fine_labels] != coarse_labels)
+    if len(mixed):
+        label = fine_labels[mixed[0]]
+        raise DataError(f"CIFAR batch {str(folder / file)!r}: fine label {label} has coarse labels "
+                        f"{sorted(set(coarse_labels[fine_labels == label].tolist()))}; each fine class needs one "
+                        f"coarse label")
+    fine_names = _meta_names(folder / "meta", "fine_label_names", 100)
+    coarse_names = _meta_names(folder / "meta", "coarse_label_names", 20)
     if coarse:
         return _tensor_set(name, split, images, labels["coarse_labels"], coarse_names, CIFAR100_MEAN, CIFAR100_STD)
     return _tensor_set(name, split, images, labels["fine_labels"], fine_names, CIFAR100_MEAN, CIFAR100_STD,
@@ -240,6 +276,12 @@ def _stl10_folder(path: Path) -> Path:
 
 def load_stl10(path: Path, split: str) -> ImageSet:
     folder = _stl10_folder(path)
+    names_file = folder / "class_names.txt"
+    # One name a line, as torchvision reads it (a name may hold a space); the names give the number of classes.
+    names = ([line.strip() for line in names_file.read_text().splitlines() if line.strip()] if names_file.is_file()
+             else [str(i) for i in range(10)])
+    if len(names) != 10:
+        raise DataError(f"STL-10 file {str(names_file)!r} lists {len(names)} class names, expected 10 (one a line)")
     parts = split.split("+")
     images, labels = [], []
     for part in parts:
@@ -248,8 +290,6 @@ def load_stl10(path: Path, split: str) -> ImageSet:
              else read_stl10_labels(folder / f"{part}_y.bin", len(x)))
         images.append(x)
         labels.append(y)
-    names_file = folder / "class_names.txt"
-    names = names_file.read_text().split() if names_file.is_file() else [str(i) for i in range(10)]
     images = np.concatenate(images)
     stats_source = images if split != "test" else read_stl10_images(folder / "train_X.bin")
     mean, std = _stats(stats_source[:10000])
@@ -292,8 +332,11 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
                 continue
             visited.add(real)
             subfolders.sort()
-            found += [os.path.join(folder, file_name) for file_name in sorted(names)
-                      if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]
+            found.append((folder, [os.path.join(folder, file_name) for file_name in sorted(names)
+                                   if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]))
+        # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
+        # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".
+        found = [file for _, in_folder in sorted(found, key=lambda entry: entry[0]) for file in in_folder]
         if not found:
             empty.append(root / name)
         files += found
@@ -389,8 +432,12 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
         raise DataError(f"dataset {name!r} has no split {split!r} (choose one of: {', '.join(spec.splits)})")
     path = resolve_path(name, data_path)
     if name != "digits" and not path.exists() and not download:
-        raise DataError(f"dataset {name!r}: data path {str(path)!r} does not exist (pass --data_path DIR, or "
-                        f"--download to fetch it)")
+        fetch = ", or --download to fetch it" if spec.fetcher is not None else ""  # imagefolder cannot be fetched
+        raise DataError(f"dataset {name!r}: data path {str(path)!r} does not exist (pass --data_path DIR{fetch})")
+    # With --download, making the folder failed with a traceback (FileExistsError).
+    if name != "digits" and path.exists() and not path.is_dir():
+        raise DataError(f"dataset {name!r}: data path {str(path)!r} is a file, not a folder (pass --data_path DIR, "
+                        f"the folder that holds the dataset)")
     if download:
         if spec.fetcher is None:
             raise DataError(f"dataset {name!r} cannot be downloaded (it ships locally or is your own folder)")
