@@ -98,6 +98,21 @@ def test_steps_under_autocast_are_finite_keep_float32_state_and_resume_exactly(t
         assert_same_tensors(ours[key], final[key], key)
 
 
+@pytest.mark.parametrize("before,after", [("bf16", "fp16"), ("off", "fp16"), ("fp16", "bf16")])
+def test_resume_may_change_the_precision(tmp_path, before, after):
+    """--amp is not among the settings a resume must keep: a run trained without fp16 has no scaler state, and
+    resuming it with fp16 starts a fresh scaler (not "does not fit this command's model")."""
+    torch.set_num_threads(1)
+    first = trainer_for("swav", before, tmp_path)
+    assert first.train_one_epoch(0)
+    first.save(1, 0)
+    resumed = trainer_for("swav", after, tmp_path)
+    assert resumed.resume() == (1, 0) and resumed.global_step == first.global_step
+    fresh = torch.amp.GradScaler("cpu", enabled=after == "fp16").state_dict()
+    assert resumed.scaler.state_dict() == fresh
+    assert_same_tensors(resumed.method.state_dict(), first.method.state_dict(), "model")
+
+
 def test_auto_is_float32_on_the_cpu_and_config_records_what_ran(tmp_path):
     for amp, ran in (("auto", "float32"), ("bf16", "bf16")):
         run = tmp_path / amp

@@ -15,6 +15,9 @@ size").
 """
 from __future__ import annotations
 
+import json
+import os
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from clusterlab import distributed
+from clusterlab.errors import ConfigError
 from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
@@ -77,6 +81,13 @@ def run_bn(bn, xs, rs):
             "tracked": int(bn.num_batches_tracked), "eval": evaluated}
 
 
+def half_bn_input(dtype: torch.dtype) -> torch.Tensor:
+    """An fp16/bf16 activation (as a convolution gives under autocast) whose per-channel sum on one rank, 64 x 16 x 16
+    values of mean 5, is above fp16's largest value 65504."""
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(128, 2, 16, 16, generator=g) * 2 + 5).to(dtype)
+
+
 X_GATHER = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
 W_GATHER = torch.rand(10, generator=torch.Generator().manual_seed(8))
 
@@ -93,6 +104,10 @@ def _collectives_worker(rank, world, cases):
         rows = slice(start, start + case["sizes"][rank])
         bn = make_bn(GlobalBatchNorm, case)
         out["bn"][name] = run_bn(bn, [x[rows] for x in case["x"]], [r[rows] for r in case["r"]])
+    for dtype in (torch.float16, torch.bfloat16):
+        bn = GlobalBatchNorm(2)
+        y = bn(half_bn_input(dtype)[64 * rank: 64 * rank + 64])
+        out[f"bn_{dtype}"] = {"out": y.detach(), "running_mean": bn.running_mean, "running_var": bn.running_var}
     # convert_sync_batchnorm: every BatchNorm replaced, parameters and statistics kept.
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.BatchNorm1d(2))
     with torch.no_grad():
@@ -149,6 +164,22 @@ def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(collectives
     torch.testing.assert_close(torch.cat([t["eval"] for t in two]), ref["eval"], **close)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_batchnorm_on_half_precision_input_equals_batchnorm(collectives, dtype):
+    """Under autocast the input is fp16 or bf16: the statistics must not overflow (fp16) or lose the count (bf16),
+    and the output keeps the input's dtype, as torch's batch norm does."""
+    _, results = collectives
+    ref_bn = nn.BatchNorm2d(2)
+    ref = ref_bn(half_bn_input(dtype))
+    two = [r[f"bn_{dtype}"] for r in results]
+    for t in two:
+        torch.testing.assert_close(t["running_mean"], ref_bn.running_mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(t["running_var"], ref_bn.running_var, rtol=0, atol=1e-5)
+    got = torch.cat([t["out"] for t in two])
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=8 * torch.finfo(dtype).eps)  # 1 ulp at 4..8
+    assert all(t["out"].dtype == dtype for t in two)
+
+
 def test_global_batchnorm_statistics_are_not_local(collectives):
     """Guard against a vacuous comparison: a rank's local batch statistics differ clearly from the global ones."""
     cases, results = collectives
@@ -198,6 +229,52 @@ def test_helpers_are_no_ops_in_one_process():
     t = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_sum(t) is t and distributed.all_gather_with_grad(t) is t
     assert distributed.shard_range(5) == range(0, 5) and distributed.world_size() == 1
+
+
+SRUN_STEP = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+             "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[01-03,07]", "SLURM_JOB_ID": "123456"}
+
+
+def srun_environment(monkeypatch, hosts):
+    """SRUN_STEP as the only launcher variables; `scontrol show hostnames` prints `hosts` (None: no scontrol).
+    Returns the list of scontrol calls."""
+    calls = []
+
+    def scontrol(command, **kwargs):
+        calls.append(command)
+        if hosts is None:
+            raise FileNotFoundError(2, "No such file or directory", "scontrol")
+        return types.SimpleNamespace(stdout="\n".join(hosts) + "\n")
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the call sets is taken back after the test
+        monkeypatch.delenv(name)
+    for name, value in SRUN_STEP.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed.subprocess, "run", scontrol)
+    return calls
+
+
+def test_srun_step_environment(monkeypatch):
+    calls = srun_environment(monkeypatch, ["node01", "node02", "node03", "node07"])
+    assert distributed._from_environment() == (5, 8, 1)
+    assert calls == [["scontrol", "show", "hostnames", "node[01-03,07]"]]
+    assert os.environ["MASTER_ADDR"] == "node01" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 40000)
+
+
+def test_srun_step_keeps_a_given_master_address_without_scontrol(monkeypatch):
+    """MASTER_ADDR exported (e.g. in a container without scontrol): scontrol is not even run."""
+    calls = srun_environment(monkeypatch, None)
+    monkeypatch.setenv("MASTER_ADDR", "node03")
+    assert distributed._from_environment() == (5, 8, 1)
+    assert calls == [] and os.environ["MASTER_ADDR"] == "node03"
+
+
+def test_srun_step_without_scontrol_is_one_line_naming_master_addr(monkeypatch):
+    srun_environment(monkeypatch, None)
+    with pytest.raises(ConfigError, match="MASTER_ADDR") as caught:
+        distributed._from_environment()
+    assert "\n" not in str(caught.value) and "node[01-03,07]" in str(caught.value)
 
 
 # ---- the headline: one SwAV step on 2 processes = 1 process on the full batch ----------------------------------------
@@ -256,9 +333,11 @@ def swav_step(output_dir: Path, *spec) -> dict:
     trainer = engine.Trainer(method, args, ctx, output_dir, train_set)
     assert trainer.steps_per_epoch == 1 and method.queue.full
     trainer.train_one_epoch(0)
+    log = output_dir / "train_log.jsonl"  # rank 0 writes it before train_one_epoch returns
     return {"model": {k: v.detach().clone() for k, v in method.state_dict().items()},
             "queue": method.extra_state()["queue"],  # collective
-            "global_step": trainer.global_step, "augment": method.augment.state_dict()["generator"]}
+            "global_step": trainer.global_step, "augment": method.augment.state_dict()["generator"],
+            "log": [json.loads(line) for line in log.read_text().splitlines()] if ctx.is_main else []}
 
 
 def _swav_worker(rank, world, tmp):
@@ -296,6 +375,19 @@ def test_swav_step_on_two_processes_equals_one_process(swav_runs, run):
     _, _, _, untouched = build_swav(Path("unused"), *RUNS[run])
     start = {k: v.detach() for k, v in untouched.state_dict().items()}
     assert max_state_difference(reference["model"], start) > 1e-3
+
+
+@pytest.mark.parametrize("run", ["lars", "sgd"])
+def test_logged_loss_on_two_processes_is_the_global_batch_loss(swav_runs, run):
+    """train_log.jsonl (the step record and the epoch's mean) holds the loss of the global batch, as one process
+    logs it, not rank 0's half of the batch."""
+    one, two = swav_runs
+    reference, got = one[run]["log"], two[0][run]["log"]
+    assert [set(r) for r in got] == [set(r) for r in reference] and len(got) == 2
+    for ours, theirs in zip(got, reference):
+        for key in ("loss", "swav", "swav_mean"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
 
 def test_local_batchnorm_breaks_the_equivalence(swav_runs):

@@ -57,7 +57,12 @@ def port_for_job(job_id: str) -> int:
 
 def _slurm_master_address() -> str:
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        # (inside a container scontrol is often missing)
+        raise ConfigError(f"cannot find the master host of this srun step: `scontrol show hostnames {nodelist}` "
+                          f"failed ({err}); export MASTER_ADDR (the first node's name) before srun") from None
     return out.stdout.split()[0]
 
 
@@ -66,7 +71,8 @@ def _from_environment() -> tuple[int, int, int] | None:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and tasks and int(tasks) > 1:
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_address())
+        if "MASTER_ADDR" not in os.environ:  # (not setdefault: its argument would run scontrol regardless)
+            os.environ["MASTER_ADDR"] = _slurm_master_address()
         os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ["SLURM_JOB_ID"])))
         return int(os.environ["SLURM_PROCID"]), int(tasks), int(os.environ.get("SLURM_LOCALID", 0))
     return None

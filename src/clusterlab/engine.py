@@ -153,7 +153,9 @@ class Trainer:
         try:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            if state["scaler"] or not self.scaler.is_enabled():
+                # (empty: trained without fp16; --amp may change on resume, and the scaler then starts afresh)
+                self.scaler.load_state_dict(state["scaler"])
             self.method.load_extra_state(state["method_state"])
             self.method.load_random_state(state["method_random"])
             checkpoint.set_rng_state(state["rng"])
@@ -200,7 +202,7 @@ class Trainer:
             loss, terms = self.step(batch, progress)
             self.global_step += 1
             window_images += global_size
-            self.stop_requested, bad_loss = self.check(loss)
+            self.stop_requested, bad_loss, loss, terms = self.check(loss, terms)
             if bad_loss:
                 self.fail_on_nonfinite(epoch, step, terms)
             self.position = (epoch, step + 1)
@@ -243,12 +245,16 @@ class Trainer:
         method.after_step(progress)
         return loss.detach(), terms
 
-    def check(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(stop requested on any rank, loss not finite on any rank): one small all-reduce per step."""
-        flags = torch.tensor([float(signals.received() is not None), float(not torch.isfinite(loss).item())],
-                             device=self.ctx.device)
-        distributed.all_reduce_max(flags)
-        return bool(flags[0]), bool(flags[1])
+    def check(self, loss: torch.Tensor, terms: dict) -> tuple[bool, bool, float, dict[str, float]]:
+        """(stop requested on any rank, loss not finite on any rank, the loss and the terms as means over the ranks):
+        one small all-reduce per step. Each rank's loss is the mean over its own rows (or the global loss), so the
+        mean over the ranks is what one process logs for the same global batch, not rank 0's half of it."""
+        values = torch.tensor([float(signals.received() is not None), float(not torch.isfinite(loss).item()),
+                               float(loss), *(float(v) for v in terms.values())],
+                              dtype=torch.float64, device=self.ctx.device)
+        distributed.all_reduce_sum(values)
+        means = (values[2:] / self.ctx.world_size).tolist()
+        return bool(values[0]), bool(values[1]), means[0], dict(zip(terms, means[1:]))
 
     def progress_line(self, record: dict, epoch_start: float, step: int) -> str:
         done = step + 1

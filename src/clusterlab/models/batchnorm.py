@@ -24,6 +24,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
+        # Statistics in float32 at least, as torch's batch norm keeps them under autocast: in fp16 the sums of a
+        # large batch overflow (65504) and bf16 cannot even hold the count exactly.
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
         count = distributed.all_reduce_sum_with_grad(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype,
                                                                   device=x.device))
         mean = distributed.all_reduce_sum_with_grad(x.sum(dims)) / count
@@ -39,7 +43,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = centred / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
