@@ -255,7 +255,12 @@ def test_recipes_build_their_model(name, heads, version, views):
     assert trained == (version == "v2")
     if version == "v1":  # scripts/train_cifar10.sh of 635972b
         assert (args.row_tau, args.embed_dim, args.hidden_dim, args.num_hidden, args.lr, args.final_lr) == (
-            0.3, 64, 256, 2, 3.2, 0.032)
+            0.3, 64, 256, 3, 3.2, 0.032)
+        # --num-hidden 2 of src/model.py at 635972b: two hidden layers, PyTorch's default init (biases not zero)
+        linears = [m for m in method.mlp.modules() if isinstance(m, nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in linears] == [(512, 256), (256, 256), (256, 64)]
+        assert all(m.bias.abs().max() > 0 for m in linears)
+        assert 0.8 < linears[1].weight.std() * math.sqrt(3 * 256) < 1.2  # uniform(+-1/sqrt(fan_in))
     if "imagenet" in name:  # scripts/train_800ep.sh of 3935138
         assert (args.queue_length, args.lr, args.start_warmup, args.final_lr, args.row_tau, args.col_tau) == (
             262144, 3.2, 0.2, 0.0032, 0.1, 0.05)

@@ -46,10 +46,12 @@ from .cluster_base import ClusterMethod
 VERSIONS = ("v1", "v2")
 
 
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn: bool, leaky: bool) -> nn.Module:
-    """`num_hidden` linear layers (upstream's name for their count): 0 none, 1 Linear(in, out), n >= 2
-    Linear(in, hidden) [BN] act, (n - 2) x [Linear(hidden, hidden) [BN] act], Linear(hidden, out); act is
-    LeakyReLU(0.01) or ReLU. Linear weights truncated normal with std 0.02, biases 0 (upstream's src/model.py)."""
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn: bool, leaky: bool,
+             truncated_normal: bool = True) -> nn.Module:
+    """`num_hidden` linear layers (v2's name for their count; v1's `--num-hidden` counts the hidden layers, one
+    fewer): 0 none, 1 Linear(in, out), n >= 2 Linear(in, hidden) [BN] act, (n - 2) x [Linear(hidden, hidden) [BN]
+    act], Linear(hidden, out); act is LeakyReLU(0.01) or ReLU. `truncated_normal`: Linear weights truncated normal
+    with std 0.02, biases 0 (v2's src/model.py); else PyTorch's default (v1 sets none)."""
     if num_hidden == 0:
         return nn.Identity()
     layers = []
@@ -59,7 +61,7 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_hidden: int, use_bn
                    nn.LeakyReLU(inplace=True) if leaky else nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-1], out_dim))
     for layer in layers:
-        if isinstance(layer, nn.Linear):
+        if truncated_normal and isinstance(layer, nn.Linear):
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
@@ -126,7 +128,8 @@ class SelfClassifier(ClusterMethod):
         group.add_argument("--embed_dim", "--dim", type=positive_int, default=128, help="embedding size (MLP output)")
         group.add_argument("--hidden_dim", type=positive_int, default=4096, help="MLP hidden size")
         group.add_argument("--num_hidden", type=non_negative_int, default=2,
-                           help="linear layers of the MLP (0: none, the embedding is the backbone feature)")
+                           help="linear layers of the MLP (0: none, the embedding is the backbone feature; v1's "
+                                "--num-hidden N counts hidden layers: N + 1 here)")
         group.add_argument("--use_bn", type=bool_flag, default=True, help="BN after each hidden linear layer")
         group.add_argument("--leaky", type=bool_flag, default=True, help="LeakyReLU in the MLP (false: ReLU)")
         group.add_argument("--freeze_heads", "--fixed_cls", type=bool_flag, default=False,
@@ -152,7 +155,7 @@ class SelfClassifier(ClusterMethod):
         sizes = head_sizes(args.head_classes, args.num_heads)
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.mlp = mlp_head(self.backbone.out_dim, args.hidden_dim, args.embed_dim, args.num_hidden, args.use_bn,
-                            args.leaky)
+                            args.leaky, truncated_normal=not self.v1)
         embed_dim = args.embed_dim if args.num_hidden else self.backbone.out_dim
         self.heads = nn.ModuleList(NormalizedClassifier(embed_dim, size, orthogonal=self.v1) for size in sizes)
         if self.v1 or args.freeze_heads:
