@@ -6,7 +6,7 @@
     python main_pretrain.py --config configs/swav_small.yaml --dataset imagefolder --data_path data/fm_4000 ...
 
 The folder is what `--dataset imagefolder` reads: OUT/train/CLASS/INDEX.png and OUT/test/CLASS/INDEX.png. CLASS is
-the label's number, zero-padded, then the class name made safe for a file name (`00_T-shirt_top`), so the sorted
+the label's number, zero-padded, then the class name made safe for a file name (`0_T-shirt_top` of ten classes), so the sorted
 folders give the labels back in their order; INDEX is the image's position in its split of the registered dataset,
 so each file says where it came from. `--per_class N` keeps N training images of every class, `--count N` N in all
 (N // classes per class, one more for the first N % classes classes); which ones depends only on `--seed`. The

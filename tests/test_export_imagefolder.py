@@ -126,6 +126,14 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatc
     assert not out.exists()
 
 
+def test_help_lists_the_flags_although_some_are_required(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["export_imagefolder.py"])
+    with pytest.raises(SystemExit) as caught:
+        run_cli(export.main, ["--help"])
+    out = capsys.readouterr().out
+    assert caught.value.code == 0 and "--dataset DATASET" in out and "--per_class" in out
+
+
 def test_a_non_empty_output_folder_is_refused(tmp_path, fashion, monkeypatch, capsys):
     source, _ = fashion
     out = tmp_path / "out"

@@ -256,7 +256,7 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
     (the method's own flags depend on `--method`); `partial` holds the values known so far.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    first = _first_look(parser, argv)
     layers = config_layers(first.config) if first.config else []
     file_values = {key: value for _, values in layers for key, value in values.items()}
     if extend is not None:
@@ -275,6 +275,20 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
                                   for option in action.option_strings if option.startswith("--"))}
         _without_replaced(parser, on_command_line, vars(args), originals)
     return args
+
+
+def _first_look(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The values known before the YAML file and the method's flags are read: a required flag may still be missing
+    (it is named by the full parse, or `--help` shows it), and `--help` waits for the full parser."""
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    finally:
+        for action in required:
+            action.required = True
+    return first
 
 
 def _explicit_value(argv: list[str], flag: str) -> str | None:
