@@ -192,8 +192,29 @@ def test_eval_view_does_not_depend_on_the_chunk_size():
     large, _ = labelled_method("eval", chunk=500)
     a, pa = small.label_features()
     b, pb = large.label_features()
-    assert torch.equal(pa, torch.arange(193)) and torch.equal(pb, pa)
+    assert torch.equal(pa.sort().values, torch.arange(193)) and torch.equal(pb, pa)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_labelling_chunks_are_shuffled_and_each_crop_is_its_images_own(monkeypatch):
+    """Upstream labels from its shuffled training loader: the chunks (here 16 images) of a class-sorted set mix the
+    classes, in an order of their own per labelling; in the train view each image gets the crop parameters drawn
+    for its dataset position, wherever the shuffle puts it."""
+    method, images = labelled_method("train", chunk=16)
+    order = images.labels.argsort(stable=True)  # sorted by class, as an image folder lists its files
+    method.attach_data(images.subset(order.tolist()))
+    drawn = method.label_augment.sample(len(images))[0]
+    method.label_augment.generator.manual_seed(method.args.seed + sela_module.LABEL_VIEW_SEED)
+    applied, apply = [], method.label_augment.apply
+    monkeypatch.setattr(method.label_augment, "apply", lambda batch, params, size: applied.append(params)
+                        or apply(batch, params, size))
+    _, positions = method.label_features()
+    first_chunk = method.train_set.labels[positions[:16]]
+    assert torch.equal(positions.sort().values, torch.arange(193)) and first_chunk.unique().numel() > 3
+    taken = applied[0]
+    assert torch.equal(taken.boxes, drawn.boxes[positions[:16]]) and torch.equal(taken.flip, drawn.flip[positions[:16]])
+    method.next_relabel += 1
+    assert not torch.equal(method.label_features()[1], positions)
 
 
 def test_train_view_restores_bn_statistics_and_mode():
@@ -229,13 +250,15 @@ def test_two_processes_label_like_one(labelling_runs):
     view, results = labelling_runs
     method, _ = labelled_method(view)
     method.relabel([0, 1])
-    features, _ = method.label_features()
+    features, positions = method.label_features()
     for result in results:
         assert torch.equal(result["labels"], method.labels)
     assert [len(r["positions"]) for r in results] == [97, 96]
     assert torch.equal(torch.cat([r["positions"] for r in results]).sort().values, torch.arange(193))
+    by_position = torch.empty_like(features)
+    by_position[positions] = features
     order = torch.cat([r["positions"] for r in results])
-    torch.testing.assert_close(torch.cat([r["features"] for r in results]), features[order], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["features"] for r in results]), by_position[order], rtol=0, atol=1e-5)
 
 
 def test_loss_is_the_mean_cross_entropy_of_the_heads():

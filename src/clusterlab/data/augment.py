@@ -135,6 +135,9 @@ class CropParams:
     def slice(self, start: int, stop: int) -> "CropParams":
         return CropParams(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
 
+    def take(self, indices: torch.Tensor) -> "CropParams":
+        return CropParams(*(getattr(self, f)[indices] for f in self.__dataclass_fields__))
+
 
 def _uniform(n, low, high, generator):
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)

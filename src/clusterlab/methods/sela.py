@@ -18,9 +18,11 @@ assignment (i mod K, permuted per head). The index of the next relabelling is ch
 The labelling pass (choices):
 - `--label_view train` (default, upstream's quirk): the model in train mode (batch statistics, dropout) on the
   training augmentation; `--label_view eval`: eval mode on the test view.
-- Images go through in global chunks of `--label_batch_size` consecutive dataset positions, each split over the
-  ranks like a training batch. With synchronised BN the batch statistics of a chunk, and so the labels, are those
-  of one process; the crops come from a generator of their own with parameters drawn per dataset position, so they
+- Images go through in global chunks of `--label_batch_size` shuffled dataset positions (a permutation of their
+  own per labelling), each split over the ranks like a training batch, as upstream's labelling reads its shuffled
+  training loader: in a class-sorted image folder, chunks of consecutive positions would each hold one class, and
+  train-mode batch statistics would remove what tells the classes apart. With synchronised BN the batch statistics
+  of a chunk, and so the labels, are those of one process; the crops come from a generator of their own with parameters drawn per dataset position, so they
   depend neither on the world size nor on the chunk size, and the training crops are not disturbed.
 - BN running statistics are restored afterwards. Upstream's pass updates them too, but training never reads them;
   restoring keeps the statistics evaluation uses equal to what the training batches produced.
@@ -56,7 +58,7 @@ SCHEDULES = ("linear", "quadratic")
 # Upstream's margins beyond `epochs` in the schedule formulas (cifar.py, main.py).
 SCHEDULE_MARGIN = {"linear": 1.0001, "quadratic": 1.01}
 # Offsets from --seed for the generators this method owns (the training augmentation uses --seed itself).
-LABELS_SEED, LABEL_VIEW_SEED = 1, 2
+LABELS_SEED, LABEL_VIEW_SEED, LABEL_ORDER_SEED = 1, 2, 3
 LABEL_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # The labelling product runs over chunks of at most this many feature values (128 MiB in float64), whatever N is.
 LABEL_CHUNK_ELEMENTS = 1 << 24
@@ -194,9 +196,9 @@ class SeLa(ClusterMethod):
         args, images = self.args, self.train_set
         world = distributed.world_size()
         local = -(-args.label_batch_size // world)
-        chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(), seed=0,
-                                           shuffle=False, drop_last=False)
-        positions = torch.cat([idx for idx, _, _ in chunks.plan(0)])
+        chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(),
+                                           seed=args.seed + LABEL_ORDER_SEED, drop_last=False)
+        positions = torch.cat([idx for idx, _, _ in chunks.plan(self.next_relabel)])
         train_view = args.label_view == "train"
         params = self.label_augment.sample(len(images))[0] if train_view else None
         crop = self.label_augment.crops[0]
@@ -212,8 +214,7 @@ class SeLa(ClusterMethod):
             for batch, idx in data_loader.sequential(images, positions, local, args.workers, self.device,
                                                      self.eval_view, files_crop):
                 if train_view:
-                    first = int(idx[0])
-                    chunk_params = params.slice(first, first + len(idx))
+                    chunk_params = params.take(idx)
                     views = (self.label_augment.apply(batch, chunk_params, size) if images.in_memory
                              else self.label_augment.apply_cut(batch, chunk_params))
                 else:
