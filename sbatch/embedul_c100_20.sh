@@ -66,7 +66,7 @@ step() {
 
 # Training (superand) resumes from $EXPERIMENT_PATH/superand/checkpoint.pth when it exists.
 read -ra extra <<< "${SUPERAND_ARGS:-}"
-step "$PYTHON" main_pretrain.py --config configs/superand_cifar100.yaml \
+step "$PYTHON" main_pretrain.py --config configs/superand_cifar100.yaml --init legacy \
     --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/superand "${args[@]}" "${extra[@]}"
 
 # Training (embedul) resumes from $EXPERIMENT_PATH/embedul/checkpoint.pth when it exists.

@@ -1,4 +1,4 @@
-"""Backbones and heads (models/): output sizes, parameter counts, the padded stem, the two `--init` choices."""
+"""Backbones and heads (models/): output sizes, parameter counts, the padded stem, the three `--init` choices."""
 from __future__ import annotations
 
 import pytest
@@ -116,6 +116,22 @@ def test_init_default_is_pytorchs_and_kaiming_is_fan_out_normal(arch):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet18_sobel", "alexnet_bn"])
+def test_init_legacy_is_default_with_batch_norm_weights_uniform(arch):
+    """`--init legacy` (PyTorch before 1.2, which NPID's 0.4 and EmbedUL's 1.1.0 ran): the convolutions of `default`
+    drawn from the same generator, then every batch-norm weight U(0, 1) (bias 0)."""
+    torch.manual_seed(0)
+    default = build_backbone(arch, 3, 16, "default")
+    torch.manual_seed(0)
+    legacy = build_backbone(arch, 3, 16, "legacy")
+    assert all(torch.equal(a, b) for a, b in zip(conv_weights(default), conv_weights(legacy)))
+    norms = [m for m in legacy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    weights = torch.cat([m.weight.detach() for m in norms])
+    assert norms and all((m.bias == 0).all() for m in norms)
+    assert weights.min() >= 0 and weights.max() < 1 and abs(weights.mean().item() - 0.5) < 0.05
+    assert abs(weights.std().item() - 12 ** -0.5) < 0.02
 
 
 def test_methods_default_init_follows_their_upstream():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from clusterlab.programs.train import parse_args
 from clusterlab.slurm.grid import load_grid
@@ -62,11 +63,13 @@ def test_sbatch_recipes_cover_the_published_table():
                         assert f'step "$PYTHON" {program} --run "$EXPERIMENT_PATH"' in text
 
 
-# Where NPID, Super-AND, EmbedUL and SeLa follow their pinned code: PyTorch's default init of the CIFAR ResNets (the
-# ImageNet ResNet of NPID draws kaiming-normal), the UE entropy with the own logit masked, float64 labelling logits.
+# Where NPID, Super-AND, EmbedUL and SeLa follow their pinned code: PyTorch's default init of the CIFAR ResNets, as of
+# the PyTorch NPID (0.4) and EmbedUL (1.1.0) name (`legacy`: batch-norm weights U(0, 1)), today's for Super-AND, whose
+# code names none (the ImageNet ResNet of NPID draws kaiming-normal), the UE entropy with the own logit masked,
+# float64 labelling logits.
 PINNED_CODE = {
-    **{name: {"init": "default"} for name in ("npid_cifar10", "npid_cifar100", "npid_stl10", "embedul_cifar10",
-                                               "embedul_cifar100", "embedul_cifar100_20", "embedul_stl10")},
+    **{name: {"init": "legacy"} for name in ("npid_cifar10", "npid_cifar100", "npid_stl10", "embedul_cifar10",
+                                              "embedul_cifar100", "embedul_cifar100_20", "embedul_stl10")},
     "npid_imagenet": {"init": "kaiming"},
     **{name: {"init": "default", "ue_mask_own": True}
        for name in ("superand_cifar10", "superand_cifar100", "superand_stl10")},
@@ -83,13 +86,16 @@ def test_recipe_follows_the_pinned_code(name):
     assert not drifted, f"configs/{name}.yaml drifted from the pinned code (ours, upstream): {drifted}"
 
 
-def test_embedul_grid_stage_one_follows_the_pinned_code(tmp_path):
+def test_embedul_stage_one_follows_the_pinned_code(tmp_path):
     stage_one = [run for run in load_grid(ROOT / "configs" / "grids" / "embedul_cifar.yaml", tmp_path).runs
                  if run.stage == "superand"]
     assert len(stage_one) == 3
     for run in stage_one:
         args = parse_args("pretrain", run.argv())
-        assert args.ue_mask_own is True and args.init == "default", run.name
+        assert args.ue_mask_own is True and args.init == "legacy", run.name
+    recipes = yaml.safe_load((ROOT / "configs" / "recipes.yaml").read_text())
+    for name in ("embedul_c10", "embedul_c100_20", "embedul_stl10"):
+        assert recipes[name]["stages"][0]["flags"] == {"init": "legacy"}, name
 
 
 # SCAN's upstream configs (configs/scan/*.yml, configs/selflabel/*.yml at Unsupervised-Classification@952ec31), in

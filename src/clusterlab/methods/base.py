@@ -160,8 +160,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="resnet18_cifar", help="backbone (see clusterlab.models.BACKBONES)")
     parser.add_argument("--width", type=positive_int, default=64, help="backbone width (64: the standard ResNet-18)")
     parser.add_argument("--init", choices=INITS, default="kaiming",
-                        help="backbone initialisation: kaiming-normal convolutions (fan_out; SwAV, SeLa) or PyTorch's "
-                             "default (NPID, Super-AND, EmbedUL)")
+                        help="backbone initialisation: kaiming-normal convolutions (fan_out; SwAV, SeLa), PyTorch's "
+                             "default (Super-AND), or legacy: PyTorch's before 1.2, batch-norm weights U(0, 1) "
+                             "(NPID on PyTorch 0.4, EmbedUL on 1.1.0)")
     cli.add_optim_args(parser)
     add_augmentation_args(parser)
     cli.add_runtime_args(parser)

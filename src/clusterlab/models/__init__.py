@@ -20,8 +20,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# "kaiming": the architecture's explicit initialisation (convolutions kaiming-normal, fan_out); "default": PyTorch's.
-INITS = ("kaiming", "default")
+# "kaiming": the architecture's explicit initialisation (convolutions kaiming-normal, fan_out); "default": PyTorch's;
+# "legacy": PyTorch's before version 1.2, which drew batch-norm weights U(0, 1) instead of setting them to 1 (the
+# PyTorch NPID (0.4) and EmbedUL (1.1.0) name; convolutions and linear layers were drawn as today).
+INITS = ("kaiming", "default", "legacy")
 
 
 def build_backbone(name: str, in_channels: int, width: int, init: str = "kaiming") -> nn.Module:
@@ -29,7 +31,12 @@ def build_backbone(name: str, in_channels: int, width: int, init: str = "kaiming
         raise ConfigError(f"unknown --arch {name!r} (choose one of: {', '.join(BACKBONES)})")
     if init not in INITS:
         raise ConfigError(f"unknown --init {init!r} (choose one of: {', '.join(INITS)})")
-    return BACKBONES[name](in_channels=in_channels, width=width, init=init)
+    backbone = BACKBONES[name](in_channels=in_channels, width=width, init="default" if init == "legacy" else init)
+    if init == "legacy":
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                nn.init.uniform_(module.weight)
+    return backbone
 
 
 def backbone_label(name: str, width: int) -> str:

@@ -9,7 +9,8 @@
 
 `init`: "kaiming" draws every convolution kaiming-normal (fan_out, ReLU gain), as torchvision's and SwAV's ResNets
 do; "default" keeps PyTorch's own initialisation (convolutions uniform in +-1/sqrt(fan_in), about 2.5 times smaller
-in std), as the CIFAR ResNets of NPID, Super-AND and EmbedUL do. Batch norm starts at weight 1, bias 0 either way.
+in std), as the CIFAR ResNets of NPID, Super-AND and EmbedUL do. Batch norm starts at weight 1, bias 0 either way
+(`build_backbone`'s "legacy" then redraws the weights U(0, 1), as PyTorch before 1.2 did).
 """
 from __future__ import annotations
 
