@@ -110,6 +110,21 @@ def test_heads_normalisation_axes_and_fixed_or_trained():
     assert len(logits) == 5 and logits[0].shape == (3, 10) and f.shape == (3, 128)
 
 
+def test_embedding_under_bf16_autocast_is_float32_from_the_bf16_features():
+    """Stage 2 runs the backbone in bf16 on a GPU (`--amp auto`); the linear layer and the normalisation stay in
+    float32, as stage 1's (upstream: all float32): in bf16 they moved the head logits f . W / 0.1 by hundredths."""
+    method = build().eval()
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        f = method.embedding(images)
+        features = method.backbone(images)
+        in_bf16 = F.normalize(method.head(features), dim=1)
+    with torch.no_grad():
+        expected = F.normalize(method.head(features.float()), dim=1)
+    assert features.dtype == torch.bfloat16 and f.dtype == torch.float32 and torch.equal(f, expected)
+    assert in_bf16.dtype == torch.bfloat16 and (in_bf16.float() - expected).abs().max() > 1e-4
+
+
 def run(program, *args):
     done = subprocess.run([sys.executable, program, *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

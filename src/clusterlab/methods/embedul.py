@@ -12,10 +12,10 @@ L_IIC the mutual-information loss (losses/iic.py) and L_cp the augmentation-inva
 embeddings of both views (losses/superand.aug_loss). The head reported is the one with the lowest training loss
 (no labels); every head is scored by eval_cluster.py.
 
-Upstream's code differs from the paper in two ways, both kept as options with the code as the default (it
-reproduces the logged numbers): the heads are never optimised (only the encoder is given to SGD; `--freeze_heads
-true`), and normalise(W) divides each row of the d x C matrix, i.e. across classes for each feature (`--head_norm
-feature`), where the paper normalises each class vector (`--head_norm class`).
+The heads are never optimised, in the code (only the encoder is given to SGD) as in the paper's supplementary
+material; `--freeze_heads false` trains them, an extension of ours. The code's normalise(W) divides each row of the
+d x C matrix, i.e. across classes for each feature (`--head_norm feature`, the default: it reproduces the logged
+numbers), where the paper normalises each class vector (`--head_norm class`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..losses.iic import iic_loss
 from ..losses.superand import aug_loss
 from ..models import build_backbone
+from ..models.heads import float32_embedding
 from .base import Batch, DataInfo, Progress, build_multicrop, two_view_columns
 from .cluster_base import ClusterMethod
 
@@ -51,7 +52,7 @@ class EmbedUL(ClusterMethod):
         group.add_argument("--head_norm", choices=["feature", "class"], default="feature",
                            help="normalise W per feature across classes (upstream code) or per class (paper)")
         group.add_argument("--freeze_heads", type=bool_flag, default=True,
-                           help="keep the heads fixed (upstream code) instead of optimising them (the paper)")
+                           help="keep the heads fixed (upstream's code and paper) instead of optimising them (ours)")
         group.add_argument("--cp_weight", type=non_negative_float, default=1.0, help="lambda of L_cp")
         group.add_argument("--batch_t", type=positive_float, default=0.1, help="temperature of L_cp")
         parser.set_defaults(arch="resnet18_sobel", optimizer="sgd", nesterov=True, lr=0.01, momentum=0.9,
@@ -77,7 +78,7 @@ class EmbedUL(ClusterMethod):
         return [w.shape[1] for w in self.heads]
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(images)), dim=1)
+        return float32_embedding(self.head, self.backbone(images))
 
     def normalized_heads(self) -> list[torch.Tensor]:
         axis = 1 if self.args.head_norm == "feature" else 0

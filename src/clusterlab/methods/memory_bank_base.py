@@ -11,11 +11,11 @@ import argparse
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import positive_float, positive_int
 from ..errors import ConfigError
 from ..models import build_backbone
+from ..models.heads import float32_embedding
 from ..ops.memory_bank import MemoryBank
 from .base import DataInfo, Method, Progress, build_multicrop
 
@@ -62,11 +62,7 @@ class MemoryBankMethod(Method):
         return self.args.bank_t
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)
-        # The head and the normalisation in float32, also under autocast: a bf16 embedding would put errors of
-        # several hundredths on logits f . M / T at T = 0.07.
-        with torch.autocast(features.device.type, enabled=False):
-            return F.normalize(self.head(features.float()), dim=1)
+        return float32_embedding(self.head, self.backbone(images))
 
     def remember(self, indices: torch.Tensor, features: torch.Tensor) -> None:
         """Keep the batch's embeddings for the bank update, which waits until after the backward pass: the

@@ -31,3 +31,10 @@ class Prototypes(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.weight.t()
+
+
+def float32_embedding(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised head(features), in float32 also under autocast: a bf16 embedding would put errors of several
+    hundredths on the logits f . M / T that memory banks and normalised heads form at T = 0.1 or below."""
+    with torch.autocast(features.device.type, enabled=False):
+        return F.normalize(head(features.float()), dim=1)
