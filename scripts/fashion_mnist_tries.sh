@@ -4,7 +4,7 @@
 # the recipe's own 10 epochs at width 8 in bf16 autocast on both cores (scripts/fashion_mnist_bf16.sh's settings),
 # each scored with eval_knn.py at k=20 and k=200 on the test split. The numbers in docs/methods/unmix.md come from
 # these commands.
-#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about 2 hours 40 minutes
+#   bash scripts/fashion_mnist_tries.sh             # OUT=runs/fashion_mnist_tries, every try: about 3 hours
 #   TRIES="R A" bash scripts/fashion_mnist_tries.sh  # only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,8 @@ J=("${R[@]}" --queue_length 3840 --epoch_queue_starts 2)  # SwAV's queue from th
 L=("${R[@]}" --weight_decay 1e-5)      # ten times SwAV's weight decay
 M=("${R[@]}" --weight_decay 1e-4)      # a hundred times
 N=("${R[@]}" --lr 9.6 --final_lr 0.0096)  # twice the learning rate (G halved it eightfold and lost 2.6 points)
-ALL="R P A B C D E F G I J K L M N"
+O=("${R[@]}" --arch resnet18_bottleneck)  # Un-Mix's CIFAR backbone: 256-d features at width 8 instead of 64-d
+ALL="R P A B C D E F G I J K L M N O"
 for try in ${TRIES:-$ALL}; do
   [[ " $ALL " == *" $try "* ]] || fail "TRIES names '$try', which is not a try: choose among $ALL"
   [ -z "$(ls -A "$OUT/$try" 2>/dev/null)" ] || fail "$OUT/$try is not empty: remove it or choose another OUT"
