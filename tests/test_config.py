@@ -100,6 +100,13 @@ def test_malformed_file_is_refused(tmp_path, text, problem):
         pretrain.parse_args(["--config", str(path)])
 
 
+def test_a_run_config_that_is_not_yaml_is_refused_on_one_line(tmp_path):
+    (tmp_path / "config.yaml").write_text("args: [1")
+    with pytest.raises(ConfigError, match="config.yaml is not valid YAML") as caught:
+        config.read_run_config(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
 def test_missing_config_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])

@@ -222,35 +222,60 @@ def test_skip_recorded_takes_a_record_only_for_the_view_asked_for(tiny_run, tmp_
     assert capsys.readouterr().out.count("already recorded") == 3 and len(records(run)) == 2
 
 
-def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path):
+def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, monkeypatch):
     """Records of an image folder name the resize and crop they were scored at, records of an in-memory set only a
-    crop other than the run's: a request matches a record in either form only at the same view."""
+    crop other than the run's: a request matches a record in either form only at the same view, and only a record
+    of the run's own dataset. The run's flags come from its config and checkpoint (here a stand-in for the latter,
+    which the test reads memory-mapped)."""
     from argparse import Namespace
 
-    from clusterlab.eval.features import requested_views
+    from clusterlab.eval import features
 
-    (tmp_path / "config.yaml").write_text("args:\n  size_crops: [12, 8]\n  eval_crop: 0\n  eval_resize: 14\n")
+    saved = {"args": {"dataset": "imagefolder", "size_crops": [12, 8], "eval_crop": 0, "eval_resize": 14},
+             "data_info": {"image_size": 16}}
+    monkeypatch.setattr(features.checkpoint, "load", lambda path, **kwargs: saved)
+    (tmp_path / "config.yaml").write_text("args:\n  dataset: imagefolder\n")
     base = {"k": 5}
     folder_default = {**base, "data": "imgs", "eval_crop": 12, "eval_resize": 14}
     folder_other = {**base, "data": "imgs", "eval_crop": 10, "eval_resize": 14}
 
-    def skipped(record_protocol, **flags):
+    def skipped(record_protocol, dataset="imagefolder", **flags):
         run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         run.mkdir()
         (run / "config.yaml").write_text((tmp_path / "config.yaml").read_text())
-        (run / "metrics.jsonl").write_text(json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth",
+        (run / "metrics.jsonl").write_text(json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "dataset": dataset,
                                                        "protocol": record_protocol, "metrics": {}}) + "\n")
         args = Namespace(**{"skip_recorded": True, "run": str(run), "checkpoint": None, "dataset": None,
                             "data_path": None, "eval_crop": 0, "eval_resize": 0, **flags})
-        return results.skip_recorded(args, run, "knn", "checkpoint.pth", base, requested_views(args))
+        dataset_asked, views = features.requested_views(args)
+        return results.skip_recorded(args, run, "knn", "checkpoint.pth", base, views, dataset_asked)
 
     assert skipped(folder_default) and skipped(folder_default, eval_crop=12)
+    assert not skipped(folder_default, dataset="digits")
     assert not skipped(folder_default, eval_crop=10) and skipped(folder_other, eval_crop=10)
     assert not skipped(folder_other) and not skipped(folder_default, eval_resize=16)
     assert skipped(base) and skipped({**base, "eval_crop": 10}, eval_crop=10)  # in-memory records
     assert not skipped({**base, "eval_crop": 10}) and not skipped(base, eval_crop=10)
-    assert not requested_views(Namespace(skip_recorded=True, run=str(tmp_path / "missing"), checkpoint=None,
-                                         eval_crop=0, eval_resize=0))
+    saved["args"].update(size_crops=[0], eval_resize=0)  # the test view is then the images' (nominal) size, whole
+    assert skipped({**base, "data": "imgs", "eval_crop": 16, "eval_resize": 16})
+    assert not skipped(folder_default)
+    monkeypatch.undo()
+    assert features.requested_views(Namespace(skip_recorded=True, run=str(tmp_path / "missing"), checkpoint=None,
+                                              eval_crop=0, eval_resize=0)) == (None, [])
+
+
+def test_skip_recorded_k_means_at_another_crop_or_of_other_data_is_evaluated(tiny_run, tmp_path, capsys):
+    """eval_cluster.py skips once its run is open, by the exact record: a k-means record at another --eval_crop, or
+    of another dataset (--dataset names it), does not stand for the run's own view of its own data."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--restarts", 1, "--plot", "false",
+               "--skip_recorded", "true"]
+    evaluate(*cluster, "--eval_crop", 6)
+    evaluate(*cluster)
+    assert [r["protocol"].get("eval_crop") for r in records(run)] == [6, None]
+    capsys.readouterr()
+    evaluate(*cluster)
+    assert capsys.readouterr().out.count("already recorded") == 1 and len(records(run)) == 2
 
 
 def test_pixel_baseline_of_an_in_memory_set_takes_the_eval_crop(tmp_path):

@@ -134,8 +134,9 @@ def test_init_legacy_is_default_with_batch_norm_weights_uniform(arch):
     assert abs(weights.std().item() - 12 ** -0.5) < 0.02
 
 
-def test_methods_default_init_follows_their_upstream():
-    """NPID, Super-AND and EmbedUL start from PyTorch's default init, the other methods from kaiming-normal."""
+def test_methods_default_init():
+    """By default NPID, Super-AND and EmbedUL start from PyTorch's default init (their recipes choose today's or the
+    legacy one of their upstream's PyTorch), the other methods from kaiming-normal."""
     from conftest import entry_module
 
     pretrain, cluster = entry_module("main_pretrain"), entry_module("main_cluster")

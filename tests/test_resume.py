@@ -105,6 +105,7 @@ def retagged(run_dir, method: str) -> None:
     (["--batch_size", "64"], ["--batch_size 32", "64", "new --output_dir"]),
     (["--dataset", "fashion_mnist"], ["--dataset 'digits'", "'fashion_mnist'"]),
     (["--seed", "1"], ["--seed 0", "1"]),
+    (["--init", "legacy"], ["--init 'kaiming'", "'legacy'"]),
     (["--nmb_prototypes", "20"], ["does not fit", "prototypes.weight"]),
     (["--queue_length", "128"], ["does not fit", "--queue_length"]),
     ("retag", ["method 'sela'", "not 'swav'"]),

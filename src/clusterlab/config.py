@@ -365,7 +365,11 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (not a clusterlab run?)")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}): not a clusterlab run config"
+                          ) from None
     if not isinstance(data, dict) or "args" not in data:
         raise ConfigError(f"{path} is not a clusterlab run config")
     return data["args"]

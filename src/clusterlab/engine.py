@@ -49,8 +49,9 @@ from .models.batchnorm import convert_sync_batchnorm
 from .optim import build_optimizer, build_schedule, set_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# What must match between a checkpoint and the command resuming it (the rest may change, --epochs included).
-RESUME_KEYS = ("method", "dataset", "arch", "width", "batch_size", "seed", "nmb_crops", "size_crops")
+# What must match between a checkpoint and the command resuming it (the rest may change, --epochs included); --init
+# acts only at the start, but a run resumed under another would be filed under it (config.yaml, tables).
+RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed", "nmb_crops", "size_crops")
 
 
 class NonFiniteLoss(UserError):

@@ -44,20 +44,21 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
 
 
 def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None = None,
-                  views: list[dict] | None = None) -> bool:
-    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint,
-    at one of `views` (the forms a record may name the test view in; None: `protocol` says all). A record names
-    the data it was measured on only once that data is open, so data the command names itself (--dataset /
-    --data_path) is always evaluated."""
+                  views: list[dict] | None = None, dataset: str | None = None) -> bool:
+    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint
+    (on `dataset`, if given), at one of `views` (the forms a record may name the test view in; None: `protocol`
+    says all). A record names the data it was measured on only once that data is open, so data the command names
+    itself (--dataset / --data_path) is always evaluated."""
     if not (args.skip_recorded and run_dir and checkpoint_name) or args.dataset or args.data_path:
         return False
-    return any(has_record(run_dir, eval_kind, checkpoint_name, {**(protocol or {}), **view})
+    return any(has_record(run_dir, eval_kind, checkpoint_name, {**(protocol or {}), **view}, dataset)
                for view in ([{}] if views is None else views))
 
 
-def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None
-               ) -> bool:
-    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with this protocol, if given)."""
+def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None,
+               dataset: str | None = None) -> bool:
+    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with this protocol and on this
+    dataset, if given)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
@@ -67,6 +68,7 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
         except ValueError:
             continue
         if (isinstance(record, dict) and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
+                and dataset in (None, record.get("dataset"))
                 and all((record.get("protocol") or {}).get(k) == v for k, v in (protocol or {}).items())):
             return True
     return False

@@ -15,6 +15,7 @@ from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, resized
 from ..errors import ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
+from ..methods.base import test_view_size
 
 TRAINED_KINDS = ("pretrain", "cluster")
 DEFAULT_CHECKPOINT = "checkpoint.pth"
@@ -35,28 +36,34 @@ def requested_checkpoint_name(requested: str | None) -> str:
     return Path(requested or DEFAULT_CHECKPOINT).name
 
 
-def requested_views(args: argparse.Namespace) -> list[dict]:
-    """The test view an evaluation of --run asks for, in each form a record may name it (see `data_protocol`), for
-    --skip_recorded before the run is opened: --eval_crop / --eval_resize where given, else the run's own view.
-    An in-memory set's record names no view at the run's default crop, else its `eval_crop`; an image folder's
-    names `eval_crop` and `eval_resize`, and no view named marks an in-memory record. The default crop comes
-    from the run's config, or from its checkpoint's images where --size_crops 0 leaves it to their (nominal) size.
-    Empty when --skip_recorded does not apply, or when the run cannot be read (the evaluation then says why)."""
+def requested_views(args: argparse.Namespace) -> tuple[str | None, list[dict]]:
+    """The run's dataset and the test view an evaluation of --run asks for, in each form a record may name it (see
+    `data_protocol`), for --skip_recorded before the run is opened: --eval_crop / --eval_resize where given, else
+    the run's own view. An in-memory set's record names no view at the run's default crop, else its `eval_crop`;
+    an image folder's names `eval_crop` and `eval_resize`, and no view named marks an in-memory record. The flags
+    come from the run's config and its checkpoint (memory-mapped: only what is read is loaded). (None, []) when
+    --skip_recorded does not apply, or when the run cannot be read (the evaluation then says why)."""
     if not (args.skip_recorded and args.run):
-        return []
+        return None, []
     try:
-        saved = read_run_config(args.run)
-        sizes = [int(size) for size in saved.get("size_crops") or [0]]
-        default_crop = int(saved.get("eval_crop") or 0) or (max(sizes) if sizes[0] else 0)
-        if not default_crop:  # memory-mapped: only the data description is read
-            state = checkpoint.load(checkpoint_path(args.run, args.checkpoint), kind=TRAINED_KINDS, mmap=True)
-            default_crop = int(state["data_info"]["image_size"])
+        state = checkpoint.load(checkpoint_path(args.run, args.checkpoint), kind=TRAINED_KINDS, mmap=True)
+        recorded = {**read_run_config(args.run), **state.get("args", {})}
+        default_crop = test_view_size(int(recorded.get("eval_crop") or 0),
+                                      [int(size) for size in recorded.get("size_crops") or [0]],
+                                      int(state["data_info"]["image_size"]))
+        resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
+        dataset = str(recorded["dataset"])
     except (UserError, OSError, KeyError, TypeError, ValueError):
-        return []
+        return None, []
     crop = args.eval_crop or default_crop
-    resize = args.eval_resize or int(saved.get("eval_resize") or 0) or crop
-    in_memory = {"data": None, "eval_resize": None, "eval_crop": None if crop == default_crop else crop}
-    return [in_memory, {"eval_crop": crop, "eval_resize": resize}]
+    return dataset, [recorded_view({} if crop == default_crop else {"eval_crop": crop}),
+                     {"eval_crop": crop, "eval_resize": resize or crop}]
+
+
+def recorded_view(view: dict) -> dict:
+    """`view` (what `data_protocol` gives) as a record must match it: the keys an in-memory record leaves out asked
+    for as absent, so a record of another view is not taken for it."""
+    return {"data": None, "eval_resize": None, "eval_crop": None, **view}
 
 
 def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:

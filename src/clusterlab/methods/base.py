@@ -143,14 +143,16 @@ class Method(nn.Module):
 
     @property
     def eval_size(self) -> int:
-        """The test view's size: --eval_crop, else the largest training crop."""
-        if self.args.eval_crop:
-            return self.args.eval_crop
-        return max(self.args.size_crops) if self.args.size_crops[0] else self.info.image_size
+        return test_view_size(self.args.eval_crop, self.args.size_crops, self.info.image_size)
 
     @property
     def eval_view(self) -> EvalView:
         return EvalView.of(self.eval_size, self.args.eval_resize)
+
+
+def test_view_size(eval_crop: int, size_crops: list[int], image_size: int) -> int:
+    """The test view's size: --eval_crop, else the largest training crop (--size_crops 0: the images' size)."""
+    return eval_crop or (max(size_crops) if size_crops[0] else image_size)
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -161,8 +163,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=positive_int, default=64, help="backbone width (64: the standard ResNet-18)")
     parser.add_argument("--init", choices=INITS, default="kaiming",
                         help="backbone initialisation: kaiming-normal convolutions (fan_out; SwAV, SeLa), PyTorch's "
-                             "default (Super-AND), or legacy: PyTorch's before 1.2, batch-norm weights U(0, 1) "
-                             "(NPID on PyTorch 0.4, EmbedUL on 1.1.0)")
+                             "default, or legacy: PyTorch's default before 1.2, batch-norm weights U(0, 1) (what "
+                             "NPID's PyTorch 0.4 and EmbedUL's 1.1.0 drew: their CIFAR recipes take it)")
     cli.add_optim_args(parser)
     add_augmentation_args(parser)
     cli.add_runtime_args(parser)

@@ -22,7 +22,7 @@ from .. import cli, config, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, open_evaluation, open_pixel_baseline,
-                                      pixels)
+                             pixels, recorded_view)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -93,7 +93,8 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
     for clusters in args.clusters or [scored_set.num_classes]:
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
                 "normalize": args.normalize, "restarts": args.restarts, "selection": "last", **view}
-        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split}):
+        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split},
+                                 [recorded_view(view)], scored_set.name):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
@@ -116,7 +117,8 @@ def heads(args, ctx, evaluation, scored_set):
                 "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads",
                 **evaluation.data_protocol(scored_set)}
         if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                 {**base, "split": args.split}):
+                                 {**base, "split": args.split}, [recorded_view(evaluation.data_protocol(scored_set))],
+                                 scored_set.name):
             continue
         predicted = head_logits.argmax(dim=1).cpu().numpy()
         report(args, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, scored_set, predicted,

@@ -43,9 +43,9 @@ def main(argv=None):
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}
-    views = requested_views(args)
+    dataset, views = requested_views(args)
     for k in list(protocols):
-        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], views):
+        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], views, dataset):
             print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
             del protocols[k]
     if not protocols:

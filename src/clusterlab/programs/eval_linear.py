@@ -42,8 +42,9 @@ def main(argv=None):
                           f"stored features): leave {flag} out, or use --cached_features false")
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
+    dataset, views = requested_views(args)
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.checkpoint),
-                             {"augmentation": protocol_name, "epochs": args.epochs}, requested_views(args)):
+                             {"augmentation": protocol_name, "epochs": args.epochs}, views, dataset):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
