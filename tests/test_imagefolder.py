@@ -21,7 +21,7 @@ from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
 from clusterlab.errors import DataError
-from conftest import TINY, assert_ok, run_script
+from conftest import TINY, assert_ok, assert_user_error, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_resume import assert_same_tensors, stop_after_first_step
 
@@ -237,6 +237,27 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
     assert_ok(run_script("eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"))
     (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
+
+
+def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_continues(tmp_path):
+    """A checkpoint keeps a digest of its training set (files below the folder, labels, in order): a file renamed
+    since would give its position to another image under a memory bank or pseudo-labels, so the resume is refused on
+    one line and nothing is written; the same files in another place resume."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=6, classes=2, size=12)
+    run = [*TINY, "--dataset", "imagefolder", "--batch_size", "4", "--size_crops", "12", "--epochs", "1"]
+    run_dir = tmp_path / "run"
+    assert_ok(run_script("main_pretrain.py", *run, "--data_path", tmp_path / "data", "--output_dir", run_dir))
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    renamed = sorted((tmp_path / "data" / "train").rglob("*.png"))[0]
+    renamed.rename(renamed.with_name("zz_" + renamed.name))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
+    refused = run_script("main_pretrain.py", *run, "--epochs", "2", "--data_path", tmp_path / "data",
+                         "--output_dir", run_dir)
+    assert_user_error(refused, "main_pretrain.py", "was trained on another training set", "new --output_dir")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
+    assert_ok(run_script("main_pretrain.py", *run, "--epochs", "2", "--data_path", tmp_path / "moved",
+                         "--output_dir", run_dir))
+    assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 2
 
 
 # ---- unreadable files --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class folders, or a sample of which no file is readable is a DataError.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,16 @@ class ImageSet:
     @property
     def in_memory(self) -> bool:
         return self.images is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the set's labels and, for image files, their paths below the folder, in dataset order: what
+        each position means. A checkpoint keeps it, so that a run is not resumed on images added, removed, renamed
+        or relabelled since (memory banks and pseudo-labels are indexed by position)."""
+        digest = hashlib.sha256(self.labels.numpy().astype("<i8").tobytes())
+        if self.files is not None:
+            digest.update("\n".join(os.path.relpath(path, self.folder or "") for path in self.files).encode())
+        return digest.hexdigest()[:16]
 
     def subset(self, indices) -> "ImageSet":
         indices = torch.as_tensor(indices, dtype=torch.long)

@@ -35,6 +35,7 @@ class DataInfo:
     num_classes: int
     mean: tuple
     std: tuple
+    fingerprint: str = ""  # ImageSet.fingerprint of the training set ("": a checkpoint written before it was kept)
 
     @classmethod
     def of(cls, images, mean=None, std=None) -> "DataInfo":
@@ -43,7 +44,7 @@ class DataInfo:
         if len(mean) != images.channels or len(std) != images.channels:
             raise ConfigError(f"--mean {list(mean)} / --std {list(std)} need one value per channel "
                               f"({images.channels} for {images.name})")
-        return cls(images.channels, images.image_size, len(images), images.num_classes, mean, std)
+        return cls(images.channels, images.image_size, len(images), images.num_classes, mean, std, images.fingerprint)
 
 
 @dataclass
