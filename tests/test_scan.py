@@ -174,8 +174,13 @@ def test_losses_on_two_processes_equal_one_process():
 
 # ---- the strong augmentation (data/randaugment.py) against PIL -------------------------------------------------------
 
-def _pil_and_tensor():
-    pixels = np.random.default_rng(0).integers(0, 256, (3, 20, 24), dtype=np.uint8)
+def _pil_and_tensor(narrow: bool = False):
+    """A random RGB image; `narrow`: values 10..200 in one channel, 40..90 in another, 0..255 in the third, so that
+    autocontrast stretches them (on the full range it changes nothing)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
+    if narrow:
+        pixels[0], pixels[1] = rng.integers(10, 201, (20, 24)), rng.integers(40, 91, (20, 24))
     return PIL.Image.fromarray(pixels.transpose(1, 2, 0)), torch.from_numpy(pixels)[None].float() / 255
 
 
@@ -191,6 +196,7 @@ PIL_EXACT = [
     ("rotate", 17.3, lambda im, v: im.rotate(v)),
     ("rotate", -29.0, lambda im, v: im.rotate(v)),
     ("autocontrast", 0.0, lambda im, v: PIL.ImageOps.autocontrast(im)),
+    ("autocontrast", -1.0, lambda im, v: PIL.ImageOps.autocontrast(im)),  # -1: pixels of a narrow range
     ("equalize", 0.0, lambda im, v: PIL.ImageOps.equalize(im)),
     ("solarize", 100.5, lambda im, v: PIL.ImageOps.solarize(im, v)),
     ("posterize", 4.7, lambda im, v: PIL.ImageOps.posterize(im, int(v))),
@@ -199,7 +205,7 @@ PIL_EXACT = [
 
 @pytest.mark.parametrize("name, v, pil_op", PIL_EXACT, ids=[f"{n}_{v}" for n, v, _ in PIL_EXACT])
 def test_geometric_and_lookup_operations_equal_pil(name, v, pil_op):
-    image, x = _pil_and_tensor()
+    image, x = _pil_and_tensor(narrow=v == -1.0)
     ours = randaugment.apply_operation(name, x, torch.tensor([v]))
     assert torch.equal((ours * 255).round(), (_from_pil(pil_op(image, v)) * 255).round())
 
@@ -333,6 +339,31 @@ def test_selflabel_takes_the_chosen_head_of_a_scan_run(tmp_path):
     for method in ("sela", "selfclassifier"):
         with pytest.raises(ConfigError, match=f"trained by method '{method}'; scan_selflabel starts from a scan run"):
             selflabel.pretrained_weights("RUN", {**state, "method": method})
+
+
+def test_selflabel_head_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """Stage 3 on a GPU runs the backbone in bf16 (`--amp auto`); the head, whose logits decide which weak views pass
+    the 0.99 threshold, runs in float32 on the bf16 features, as stage 2's heads (upstream: all float32)."""
+    from types import SimpleNamespace
+
+    from clusterlab.methods import scan_selflabel
+
+    method, _ = build("scan_selflabel")
+    seen = []
+
+    def capture(weak_logits, strong_logits, *rest):
+        seen.append((weak_logits, strong_logits))
+        return confident_cross_entropy(weak_logits, strong_logits, *rest)
+
+    monkeypatch.setattr(scan_selflabel, "confident_cross_entropy", capture)
+    weak, strong = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method.forward((weak, strong), SimpleNamespace(global_size=8), Progress(0, 0, 0, 4))
+        features = method.backbone(weak)
+    (weak_logits, strong_logits), = seen
+    assert features.dtype == torch.bfloat16 and weak_logits.dtype == strong_logits.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(weak_logits, method.head(features.float()))
 
 
 def test_ema_moves_the_weights_and_returns_the_buffers_as_upstream():

@@ -78,10 +78,15 @@ def _eight_bit(images: torch.Tensor) -> torch.Tensor:
 
 
 def autocontrast(images: torch.Tensor) -> torch.Tensor:
-    low = images.amin(dim=(2, 3), keepdim=True)
-    high = images.amax(dim=(2, 3), keepdim=True)
-    spread = high - low
-    return torch.where(spread > 0, (images - low) / spread.clamp(min=1e-12), images)
+    """PIL's ImageOps.autocontrast per channel: 8-bit values v -> int(v * 255 / (hi - lo) - lo * 255 / (hi - lo)),
+    in float64 as its lookup table is computed, so that the truncation falls where PIL's does."""
+    pixels = _eight_bit(images).double()
+    low = pixels.amin(dim=(2, 3), keepdim=True)
+    high = pixels.amax(dim=(2, 3), keepdim=True)
+    spread = (high - low).clamp(min=1)
+    scale = torch.full_like(spread, 255.0) / spread  # (not 255.0 / spread: torch takes the reciprocal, then multiplies)
+    stretched = torch.trunc(pixels * scale + (-low * scale)).clamp(0, 255)
+    return (torch.where(high > low, stretched, pixels) / 255).to(images.dtype)
 
 
 def equalize_float(images: torch.Tensor) -> torch.Tensor:

@@ -107,11 +107,15 @@ class SCANSelfLabel(ClusterMethod):
     def forward(self, inputs, batch: Batch, progress: Progress):
         weak, strong = inputs
         with torch.no_grad():
-            weak_logits = self.head(self.backbone(weak))
-        strong_logits = self.head(self.backbone(strong))
+            weak_features = self.backbone(weak)
+        strong_features = self.backbone(strong)
+        # The head in float32 too (as stage 2's): bf16 logits would move views across the confidence threshold.
         with torch.autocast(self.device.type, enabled=False):
-            loss, confident = confident_cross_entropy(weak_logits.float(), strong_logits.float(),
-                                                      self.args.confidence_threshold, self.args.class_balance)
+            with torch.no_grad():
+                weak_logits = self.head(weak_features.float())
+            strong_logits = self.head(strong_features.float())
+            loss, confident = confident_cross_entropy(weak_logits, strong_logits, self.args.confidence_threshold,
+                                                      self.args.class_balance)
         self.record_head_losses([loss])
         return loss, {"ce": loss.detach(), "confident": confident / batch.global_size}
 
