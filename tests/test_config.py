@@ -100,11 +100,19 @@ def test_malformed_file_is_refused(tmp_path, text, problem):
         pretrain.parse_args(["--config", str(path)])
 
 
-def test_a_run_config_that_is_not_yaml_is_refused_on_one_line(tmp_path):
-    (tmp_path / "config.yaml").write_text("args: [1")
+@pytest.mark.parametrize("text", [b"args: [1", b"args:\n  method: swav\xff\n"])
+def test_a_run_config_that_is_not_yaml_is_refused_on_one_line(tmp_path, text):
+    (tmp_path / "config.yaml").write_bytes(text)
     with pytest.raises(ConfigError, match="config.yaml is not valid YAML") as caught:
         config.read_run_config(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"epochs: 3\nmethod: swav\xff\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        pretrain.parse_args(["--config", str(path)])
 
 
 def test_missing_config_file_is_refused(tmp_path):

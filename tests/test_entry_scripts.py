@@ -231,7 +231,8 @@ def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, 
 
     from clusterlab.eval import features
 
-    saved = {"args": {"dataset": "imagefolder", "size_crops": [12, 8], "eval_crop": 0, "eval_resize": 14},
+    saved = {"args": {"dataset": "imagefolder", "data_path": str(tmp_path / "imgs"), "size_crops": [12, 8],
+                      "eval_crop": 0, "eval_resize": 14},
              "data_info": {"image_size": 16}}
     monkeypatch.setattr(features.checkpoint, "load", lambda path, **kwargs: saved)
     (tmp_path / "config.yaml").write_text("args:\n  dataset: imagefolder\n")
@@ -252,6 +253,7 @@ def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, 
 
     assert skipped(folder_default) and skipped(folder_default, eval_crop=12)
     assert not skipped(folder_default, dataset="digits")
+    assert not skipped({**folder_default, "data": "other"})  # another folder, named by --data_path
     assert not skipped(folder_default, eval_crop=10) and skipped(folder_other, eval_crop=10)
     assert not skipped(folder_other) and not skipped(folder_default, eval_resize=16)
     assert skipped(base) and skipped({**base, "eval_crop": 10}, eval_crop=10)  # in-memory records
@@ -276,6 +278,10 @@ def test_skip_recorded_k_means_at_another_crop_or_of_other_data_is_evaluated(tin
     capsys.readouterr()
     evaluate(*cluster)
     assert capsys.readouterr().out.count("already recorded") == 1 and len(records(run)) == 2
+    other = copy_run(tiny_run, tmp_path / "other")
+    evaluate(*[str(other) if a == run else a for a in cluster], "--dataset", "fashion_mnist", "--fit_on", "test")
+    evaluate(*[str(other) if a == run else a for a in cluster], "--fit_on", "test")
+    assert [r["dataset"] for r in records(other)] == ["fashion_mnist", "digits"]
 
 
 def test_pixel_baseline_of_an_in_memory_set_takes_the_eval_crop(tmp_path):

@@ -4,6 +4,7 @@ draft, 2 processes against 1, resume in the middle of an epoch, and unreadable f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 
@@ -258,6 +259,20 @@ def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_contin
     assert_ok(run_script("main_pretrain.py", *run, "--epochs", "2", "--data_path", tmp_path / "moved",
                          "--output_dir", run_dir))
     assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 2
+    # A linear probe's checkpoint describes the images it was trained on (--data_path), not the run's.
+    probe = ["eval_linear.py", "--run", run_dir, "--epochs", "1", "--batch_size", "4", "--device", "cpu"]
+    assert_ok(run_script(*probe, "--data_path", tmp_path / "data"))
+    assert_user_error(run_script(*probe), "eval_linear.py", "was trained on another training set",
+                      "to train the probe afresh")
+
+
+def test_the_fingerprint_reads_file_names_that_are_not_utf8(tmp_path):
+    fabricate.make_imagefolder(tmp_path, n_per_class=3, classes=2, size=12)
+    first = sorted((tmp_path / "train").rglob("*.png"))[0]
+    os.rename(os.fsencode(first), os.fsencode(first.parent) + b"/caf\xe9.png")
+    images = registry.load("imagefolder", "train", str(tmp_path))
+    assert len(images) == 6 and len(images.fingerprint) == 16
+    assert images.fingerprint != registry.load("imagefolder", "train", str(tmp_path)).subset(range(5)).fingerprint
 
 
 # ---- unreadable files --------------------------------------------------------------------------------------------

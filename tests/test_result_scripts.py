@@ -192,7 +192,7 @@ def test_tries_trains_and_scores_each_named_try_and_refuses_the_rest(tmp_path):
     unknown = run_script(scratch, "fashion_mnist_tries.sh", TRIES="Z")
     assert unknown.returncode == 2
     assert unknown.stderr == ("fashion_mnist_tries.sh: error: TRIES names 'Z', which is not a try: "
-                              "choose among R P A B C D E F G I J K L M N\n")
+                              "choose among R P A B C D E F G I J K L M N O\n")
 
 
 def test_small_data_tries_refuses_an_out_folder_that_holds_runs(tmp_path):

@@ -223,8 +223,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_bytes()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of flag names to values")
@@ -366,8 +366,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (not a clusterlab run?)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_bytes())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}): not a clusterlab run config"
                           ) from None
     if not isinstance(data, dict) or "args" not in data:

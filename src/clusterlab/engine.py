@@ -152,12 +152,14 @@ class Trainer:
             return 0, 0
         state = load_resumable(path, self.args, self.kind)
         trained_on, training_set = state.get("data_info", {}), self.method.info
-        if trained_on.get("fingerprint", training_set.fingerprint) != training_set.fingerprint:
+        if trained_on.get("fingerprint") not in ("", None, training_set.fingerprint):
+            fresh = f"remove {self.run_dir}/ to train the probe afresh" if self.kind == "linear" \
+                else "use a new --output_dir"
             raise CheckpointError(f"{path} was trained on another training set ({trained_on.get('num_samples')} "
                                   f"images, digest {trained_on['fingerprint']}; this command's: "
                                   f"{training_set.num_samples}, {training_set.fingerprint}): images added, removed, "
-                                  f"renamed or relabelled change what each position means; use a new --output_dir or "
-                                  f"the training set it was trained on")
+                                  f"renamed or relabelled change what each position means; {fresh}, or give the "
+                                  f"training set it was trained on")
         try:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -87,7 +87,11 @@ class ImageSet:
         or relabelled since (memory banks and pseudo-labels are indexed by position)."""
         digest = hashlib.sha256(self.labels.numpy().astype("<i8").tobytes())
         if self.files is not None:
-            digest.update("\n".join(os.path.relpath(path, self.folder or "") for path in self.files).encode())
+            prefix = os.path.join(self.folder or "", "")
+            relative = (path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.folder or "")
+                        for path in self.files)
+            # the names' bytes: a name that is not UTF-8 (a surrogate escape in Python) hashes too
+            digest.update(b"\n".join(os.fsencode(path) for path in relative))
         return digest.hexdigest()[:16]
 
     def subset(self, indices) -> "ImageSet":

@@ -12,6 +12,7 @@ from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
+from ..data.registry import resolve_path
 from ..data.augment import EvalView, eval_view, resized
 from ..errors import ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
@@ -53,11 +54,12 @@ def requested_views(args: argparse.Namespace) -> tuple[str | None, list[dict]]:
                                       int(state["data_info"]["image_size"]))
         resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
         dataset = str(recorded["dataset"])
+        folder = resolve_path(dataset, recorded.get("data_path")).resolve().name  # as data_protocol names it
     except (UserError, OSError, KeyError, TypeError, ValueError):
         return None, []
     crop = args.eval_crop or default_crop
     return dataset, [recorded_view({} if crop == default_crop else {"eval_crop": crop}),
-                     {"eval_crop": crop, "eval_resize": resize or crop}]
+                     {"data": folder, "eval_crop": crop, "eval_resize": resize or crop}]
 
 
 def recorded_view(view: dict) -> dict:

@@ -10,6 +10,7 @@ and resumes from there; one record goes to RUN/metrics.jsonl.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -65,8 +66,11 @@ def main(argv=None):
                                               "knn_monitor_every": 0,
                                               "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
                                               "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
-    probe = LinearProbe(probe_args, method.backbone, info, test_features.shape[1], evaluation.test_set.num_classes,
-                        size, args.cached_features, ctx.device).to(ctx.device)
+    # The probe's checkpoint describes the images it is trained on, which --data_path may choose, not the run's.
+    probe_info = dataclasses.replace(info, num_samples=len(evaluation.train_set),
+                                     fingerprint=evaluation.train_set.fingerprint)
+    probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
+                        evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
     probe_args.output_dir = str(loaded.run_dir / f"linear_{Path(loaded.checkpoint_name).stem}"
                                                   f"{'_cached' if args.cached_features else ''}")
     with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
