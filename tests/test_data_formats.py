@@ -606,6 +606,9 @@ def test_stl10_class_names_one_a_line(tmp_path):
     (folder / "class_names.txt").write_text("airplane bird\ncar\n")
     message = data_error(registry.load, "stl10", "test", str(tmp_path))
     assert str(folder / "class_names.txt") in message and "2 class names, expected 10" in message
+    (folder / "class_names.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "class_names.txt") in message and "is not text" in message
 
 
 def test_corrupt_cifar_meta(tmp_path):

@@ -293,8 +293,11 @@ def load_stl10(path: Path, split: str) -> ImageSet:
     folder = _stl10_folder(path)
     names_file = folder / "class_names.txt"
     # One name a line, as torchvision reads it (a name may hold a space); the names give the number of classes.
-    names = ([line.strip() for line in names_file.read_text().splitlines() if line.strip()] if names_file.is_file()
-             else [str(i) for i in range(10)])
+    try:
+        text = names_file.read_text() if names_file.is_file() else "\n".join(str(i) for i in range(10))
+    except UnicodeDecodeError:
+        raise DataError(f"STL-10 file {str(names_file)!r} is not text (expected 10 class names, one a line)") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != 10:
         raise DataError(f"STL-10 file {str(names_file)!r} lists {len(names)} class names, expected 10 (one a line)")
     parts = split.split("+")
