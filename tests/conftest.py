@@ -184,9 +184,10 @@ def run_in_process(monkeypatch, capsys):
 
 # ---- the fast lane: `make test-fast` runs the tests that start no process ------------------------------------------
 
-# What a test (or a fixture it uses) calls when it starts processes: entry scripts, spawned ranks, data loader
-# workers, Slurm jobs.
-SPAWNING = ("run_script(", "subprocess.", "run_distributed(", "Popen(", "mp.spawn(", "torchrun", "workers=", "\"--workers\"")
+# What a test (or a fixture it uses) calls when it starts processes: entry scripts (also a program's main run
+# in-process: its records and run configs ask git for the commit), spawned ranks, data loader workers, Slurm jobs.
+SPAWNING = ("run_script(", "subprocess.", "run_distributed(", "Popen(", "mp.spawn(", "torchrun", "workers=", "\"--workers\"",
+            ".main(")
 
 
 def _sources(item) -> list[str]:
