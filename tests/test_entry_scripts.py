@@ -222,6 +222,18 @@ def test_skip_recorded_takes_a_record_only_for_the_view_asked_for(tiny_run, tmp_
     assert capsys.readouterr().out.count("already recorded") == 3 and len(records(run)) == 2
 
 
+def test_skip_recorded_does_not_take_the_runs_record_for_another_runs_checkpoint(tiny_run, tmp_path, capsys):
+    """Records name a checkpoint by its file name: `--checkpoint OTHER_RUN/checkpoint.pth` is evaluated although RUN
+    holds a record of its own checkpoint.pth; the run's own file, named by its path, is skipped."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["eval_knn", "--run", run, "--k", 5, "--device", "cpu", "--skip_recorded", "true"]
+    evaluate(*knn)
+    capsys.readouterr()
+    evaluate(*knn, "--checkpoint", tiny_run / "checkpoint.pth")
+    evaluate(*knn, "--checkpoint", run / "checkpoint.pth")
+    assert capsys.readouterr().out.count("already recorded") == 1 and len(records(run)) == 2
+
+
 def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, monkeypatch):
     """Records of an image folder name the resize and crop they were scored at, records of an in-memory set only a
     crop other than the run's: a request matches a record in either form only at the same view, and only a record

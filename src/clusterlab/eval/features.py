@@ -31,10 +31,14 @@ class LoadedRun:
     checkpoint_name: str
 
 
-def requested_checkpoint_name(requested: str | None) -> str:
+def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str | None:
     """How records name the checkpoint --checkpoint asks for: its file name (default checkpoint.pth), known before
-    the run is opened, so that --skip_recorded can skip without loading anything."""
-    return Path(requested or DEFAULT_CHECKPOINT).name
+    the run is opened, so that --skip_recorded can skip without loading anything. None for a file outside the run
+    directory (another run's), which a record of the run's own file of that name does not stand for."""
+    path = checkpoint_path(run_dir or ".", requested)
+    if run_dir and path.resolve().parent != Path(run_dir).resolve():
+        return None
+    return path.name
 
 
 def requested_views(args: argparse.Namespace) -> tuple[str | None, list[dict]]:

@@ -39,7 +39,7 @@ def get_args_parser():
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
-    checkpoint_name = requested_checkpoint_name(args.checkpoint)
+    checkpoint_name = requested_checkpoint_name(args.run, args.checkpoint)
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}

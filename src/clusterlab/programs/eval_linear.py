@@ -44,7 +44,7 @@ def main(argv=None):
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
     dataset, views = requested_views(args)
-    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.checkpoint),
+    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint),
                              {"augmentation": protocol_name, "epochs": args.epochs}, views, dataset):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
