@@ -222,10 +222,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_bytes()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    data = _parse_yaml(path, f"config file {str(path)!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of flag names to values")
     return data
@@ -361,15 +358,19 @@ def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program
     atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 
 
+def _parse_yaml(path: Path, named: str):
+    """The YAML document of `path`; one ConfigError naming it (`named`) when it is not YAML (or not UTF-8 text)."""
+    try:
+        return yaml.safe_load(path.read_bytes())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{named} is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (not a clusterlab run?)")
-    try:
-        data = yaml.safe_load(path.read_bytes())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}): not a clusterlab run config"
-                          ) from None
+    data = _parse_yaml(path, str(path))
     if not isinstance(data, dict) or "args" not in data:
         raise ConfigError(f"{path} is not a clusterlab run config")
     return data["args"]

@@ -51,14 +51,14 @@ def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, pr
     itself (--dataset / --data_path) is always evaluated."""
     if not (args.skip_recorded and run_dir and checkpoint_name) or args.dataset or args.data_path:
         return False
-    return any(has_record(run_dir, eval_kind, checkpoint_name, {**(protocol or {}), **view}, dataset)
-               for view in ([{}] if views is None else views))
+    return has_record(run_dir, eval_kind, checkpoint_name,
+                      [{**(protocol or {}), **view} for view in ([{}] if views is None else views)], dataset)
 
 
-def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str, protocol: dict | None = None,
-               dataset: str | None = None) -> bool:
-    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with this protocol and on this
-    dataset, if given)."""
+def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
+               protocols: list[dict] | None = None, dataset: str | None = None) -> bool:
+    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with one of these protocols and on
+    this dataset, if given)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
@@ -69,7 +69,8 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
             continue
         if (isinstance(record, dict) and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
                 and dataset in (None, record.get("dataset"))
-                and all((record.get("protocol") or {}).get(k) == v for k, v in (protocol or {}).items())):
+                and any(all((record.get("protocol") or {}).get(k) == v for k, v in protocol.items())
+                        for protocol in protocols or [{}])):
             return True
     return False
 

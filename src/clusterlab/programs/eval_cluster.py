@@ -112,13 +112,12 @@ def heads(args, ctx, evaluation, scored_set):
                      method.info.mean, method.info.std, ctx.device, args.batch_size, args.workers, normalize=False)
     if not ctx.is_main:
         return
+    view = evaluation.data_protocol(scored_set)
     for head, head_logits in enumerate(logits.split(sizes, dim=1)):
         base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
-                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads",
-                **evaluation.data_protocol(scored_set)}
+                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads", **view}
         if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                 {**base, "split": args.split}, [recorded_view(evaluation.data_protocol(scored_set))],
-                                 scored_set.name):
+                                 {**base, "split": args.split}, [recorded_view(view)], scored_set.name):
             continue
         predicted = head_logits.argmax(dim=1).cpu().numpy()
         report(args, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, scored_set, predicted,
