@@ -12,8 +12,8 @@ from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
-from ..data.registry import resolve_path
 from ..data.augment import EvalView, eval_view, resized
+from ..data.registry import resolve_path
 from ..errors import ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
