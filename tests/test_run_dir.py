@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +17,15 @@ import yaml
 from clusterlab import checkpoint, rundir
 from clusterlab.errors import ConfigError
 from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env, snapshot
+
+
+def running(process: subprocess.Popen, program: str) -> None:
+    """Wait until `process` runs `program`: Popen returns while exec is still laying out the new arguments and
+    environment, which /proc shows empty until then."""
+    deadline = time.time() + 30
+    while not Path(f"/proc/{process.pid}/cmdline").read_bytes().startswith(program.encode() + b"\0"):
+        assert time.time() < deadline, f"{program} did not start"
+        time.sleep(0.01)
 
 
 def lock_holder(run_dir, **fields) -> None:
@@ -86,6 +96,7 @@ def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     alive = subprocess.Popen(["sleep", "60"])
+    running(alive, "sleep")
     try:
         lock_holder(tmp_path / "live", pid=alive.pid, slurm_job_id="4242")
         with pytest.raises(ConfigError, match=f"in use by pid {alive.pid} .*Slurm job 4242"):
@@ -98,6 +109,7 @@ def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatc
     # Requeued onto this node, the job finds its old pid taken by a process outside the job: stale.
     monkeypatch.delenv("SLURM_JOB_ID")
     other = subprocess.Popen(["sleep", "60"])
+    running(other, "sleep")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     try:
         lock_holder(tmp_path / "reused", pid=other.pid, slurm_job_id="4242")
@@ -105,6 +117,36 @@ def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatc
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_holder_whose_environment_cannot_be_read_keeps_its_lock(tmp_path, monkeypatch):
+    """A process caught in the middle of exec shows no environment yet: that cannot tell it is outside the job."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    bare = subprocess.Popen(["env", "-i", "sleep", "60"])
+    try:
+        running(bare, "sleep")
+        assert Path(f"/proc/{bare.pid}/environ").read_bytes() == b""
+        lock_holder(tmp_path, pid=bare.pid, slurm_job_id="4242")
+        with pytest.raises(ConfigError, match=f"in use by pid {bare.pid} "):
+            rundir.RunLock(tmp_path).acquire()
+    finally:
+        bare.kill()
+        bare.wait()
+
+
+def test_a_zombie_holder_is_dead(tmp_path):
+    """A writer killed but not yet reaped by its parent still answers kill(pid, 0); its lock is stale all the same."""
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        lock_holder(tmp_path, pid=zombie.pid)
+        rundir.RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        zombie.wait()
 
 
 @pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname()],

@@ -117,13 +117,16 @@ def _slurm_job_id(environ=os.environ) -> str | None:
 
 
 def _pid_in_job(pid: int, job: str) -> bool:
-    """Whether process `pid` runs in Slurm job `job` (its environment says so); True when it cannot be read."""
+    """Whether process `pid` runs in Slurm job `job` (its environment says so); True when it cannot be told.
+
+    An empty environment cannot tell: a process in the middle of exec shows none for a moment.
+    """
     try:
         entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return True
     environ = dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
-    return _slurm_job_id(environ) == job
+    return not environ or _slurm_job_id(environ) == job
 
 
 def _slurm_job_alive(job_id: str) -> bool | None:
@@ -139,13 +142,18 @@ def _slurm_job_alive(job_id: str) -> bool | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host; a zombie (dead, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2:][:1] != "Z"
 
 
 def _stale(holder: dict) -> bool:
