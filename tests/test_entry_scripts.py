@@ -20,7 +20,7 @@ from clusterlab.eval.knn import knn_accuracy
 from clusterlab.eval.metrics import cluster_metrics
 from conftest import assert_ok, copy_run, entry_module, run_script
 
-RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "checkpoint", "seed", "eval", "protocol",
+RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "step", "checkpoint", "seed", "eval", "protocol",
                "metrics", "created", "git_commit", "git_dirty"}
 
 
@@ -234,34 +234,39 @@ def test_skip_recorded_does_not_take_the_runs_record_for_another_runs_checkpoint
     assert capsys.readouterr().out.count("already recorded") == 1 and len(records(run)) == 2
 
 
-def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, monkeypatch):
+def test_requested_record_names_an_image_folders_view_as_its_records_do(tmp_path, monkeypatch):
     """Records of an image folder name the resize and crop they were scored at, records of an in-memory set only a
-    crop other than the run's: a request matches a record in either form only at the same view, and only a record
-    of the run's own dataset. The run's flags come from its config and checkpoint (here a stand-in for the latter,
-    which the test reads memory-mapped)."""
+    crop other than the run's: a request matches a record in either form only at the same view, only a record of
+    the run's own dataset, and only one of the checkpoint's epoch and step (checkpoint.pth moves on as a run trains).
+    The run's flags come from its config and checkpoint (here a stand-in for the latter, which the test reads
+    memory-mapped)."""
     from argparse import Namespace
 
     from clusterlab.eval import features
 
     saved = {"args": {"dataset": "imagefolder", "data_path": str(tmp_path / "imgs"), "size_crops": [12, 8],
                       "eval_crop": 0, "eval_resize": 14},
-             "data_info": {"image_size": 16}}
+             "data_info": {"image_size": 16}, "epoch": 3, "step": 0}
     monkeypatch.setattr(features.checkpoint, "load", lambda path, **kwargs: saved)
     (tmp_path / "config.yaml").write_text("args:\n  dataset: imagefolder\n")
     base = {"k": 5}
     folder_default = {**base, "data": "imgs", "eval_crop": 12, "eval_resize": 14}
     folder_other = {**base, "data": "imgs", "eval_crop": 10, "eval_resize": 14}
 
-    def skipped(record_protocol, dataset="imagefolder", **flags):
+    def skipped(record_protocol, dataset="imagefolder", position=None, **flags):
         run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         run.mkdir()
         (run / "config.yaml").write_text((tmp_path / "config.yaml").read_text())
-        (run / "metrics.jsonl").write_text(json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "dataset": dataset,
-                                                       "protocol": record_protocol, "metrics": {}}) + "\n")
+        record = {"eval": "knn", "checkpoint": "checkpoint.pth", "dataset": dataset, "epoch": 3, "step": 0,
+                  "protocol": record_protocol, "metrics": {}}
+        if position == "unnamed step":  # a record written before records named their step
+            del record["step"]
+        elif position is not None:
+            record["epoch"], record["step"] = position
+        (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
         args = Namespace(**{"skip_recorded": True, "run": str(run), "checkpoint": None, "dataset": None,
                             "data_path": None, "eval_crop": 0, "eval_resize": 0, **flags})
-        dataset_asked, views = features.requested_views(args)
-        return results.skip_recorded(args, run, "knn", "checkpoint.pth", base, views, dataset_asked)
+        return results.skip_recorded(args, run, "knn", "checkpoint.pth", base, features.requested_record(args))
 
     assert skipped(folder_default) and skipped(folder_default, eval_crop=12)
     assert not skipped(folder_default, dataset="digits")
@@ -273,9 +278,12 @@ def test_requested_views_name_an_image_folders_view_as_its_records_do(tmp_path, 
     saved["args"].update(size_crops=[0], eval_resize=0)  # the test view is then the images' (nominal) size, whole
     assert skipped({**base, "data": "imgs", "eval_crop": 16, "eval_resize": 16})
     assert not skipped(folder_default)
+    assert skipped(base, position="unnamed step") and not skipped(base, position=(2, 0))
+    saved["step"] = 5  # a checkpoint a stop signal saved mid-epoch: not the end of epoch 3 recorded before
+    assert not skipped(base, position="unnamed step") and not skipped(base) and skipped(base, position=(3, 5))
     monkeypatch.undo()
-    assert features.requested_views(Namespace(skip_recorded=True, run=str(tmp_path / "missing"), checkpoint=None,
-                                              eval_crop=0, eval_resize=0)) == (None, [])
+    assert features.requested_record(Namespace(skip_recorded=True, run=str(tmp_path / "missing"), checkpoint=None,
+                                               eval_crop=0, eval_resize=0)).views == []
 
 
 def test_skip_recorded_k_means_at_another_crop_or_of_other_data_is_evaluated(tiny_run, tmp_path, capsys):

@@ -327,6 +327,52 @@ def test_grid_evaluations_follow_checkpoint_epochs(tmp_path):
     run = grid.runs[0]
     assert run.flags["checkpoint_epochs"] == [2, 4]  # 6 is past the run's 4 epochs
     assert [e.checkpoint for e in run.evals] == ["checkpoint_ep0002.pth", "checkpoint_ep0004.pth", "checkpoint.pth"]
+    assert [e.weights_epoch for e in run.evals] == [2, 4, 4]
+
+
+def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
+    """--checkpoint_epochs on the command line replaces the config's list: the grid passes both."""
+    grid = load_grid(grid_file(tmp_path, config="configs/npid_cifar10.yaml", flags={}, axes={"seed": [0]},
+                               evals={"programs": ["eval_knn.py"], "epochs": [120, 200]}), tmp_path / "runs")
+    assert grid.runs[0].flags["checkpoint_epochs"] == [50, 100, 120, 150, 200]
+
+
+def test_eval_resources_default_key_by_key_to_the_training_resources(tmp_path):
+    grid = load_grid(grid_file(tmp_path, resources={"gpus_per_node": 2, "partition": "gpu", "account": "proj1",
+                                                    "mem_gb": 50},
+                               eval_resources={"timeout_min": 30, "gpus_per_node": 1}), tmp_path / "runs")
+    assert grid.eval_resources == {**grid.resources, "timeout_min": 30, "gpus_per_node": 1, "tasks_per_node": 1}
+    assert (grid.resources["tasks_per_node"], grid.eval_resources["account"]) == (2, "proj1")
+
+
+def test_pending_evaluations_follow_the_epoch_and_the_flags_the_grid_asks_for(tmp_path):
+    """A record of checkpoint.pth from before the run's last epoch is of other weights; flags the grid changed since
+    the last evaluation job ask for another one (the program's --skip_recorded then runs only what is new)."""
+    from clusterlab.programs.launch import pending_evals, record_job
+
+    def run_for(knn_flags):
+        return load_grid(grid_file(tmp_path, axes={"epochs": [4], "seed": [0]},
+                                   evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": knn_flags}}),
+                         tmp_path / "runs").runs[0]
+
+    run = run_for({"k": [200]})
+    run.run_dir.mkdir(parents=True)
+    metrics = run.run_dir / "metrics.jsonl"
+
+    def knn_record(epoch):
+        return json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "epoch": epoch, "step": 0,
+                           "protocol": {"k": 200}, "metrics": {}}) + "\n"
+
+    metrics.write_text(knn_record(2))  # evaluated by hand while the run was at epoch 2
+    assert list(pending_evals(run, set())) == ["checkpoint.pth"]
+    [(program, argv)] = pending_evals(run, set())["checkpoint.pth"]
+    metrics.write_text(knn_record(2) + knn_record(4))
+    assert pending_evals(run, set()) == {}
+    job = type("Job", (), {"job_id": "7", "paths": type("Paths", (), {"folder": str(tmp_path / "logs")})()})()
+    record_job(run, job, "eval checkpoint.pth", "checkpoint.pth", [(program, argv)])
+    assert pending_evals(run, set()) == {}
+    changed = run_for({"k": [20]})
+    assert [p for p, _ in pending_evals(changed, set())["checkpoint.pth"]] == ["eval_knn.py"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)

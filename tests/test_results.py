@@ -78,6 +78,21 @@ def test_aggregate_counts_an_evaluation_repeated_on_one_checkpoint_once():
     assert row["acc_mean"] == pytest.approx(84.0)  # the newest record of seed 2 counts: (81 + 84 + 87) / 3
 
 
+def test_aggregate_counts_the_final_checkpoint_and_its_epoch_copy_once():
+    """checkpoint.pth and checkpoint_ep0200.pth, saved together at the end of epoch 200, are one state of the weights:
+    a grid evaluating both (evals.epochs [200, final]) has one seed, not two."""
+    copy = {**SEEDS[0], "checkpoint": "checkpoint_ep0200.pth", "step": 0}
+    table = results.aggregate(results.records_frame([copy, SEEDS[0]]))
+    assert list(table["n"]) == [1] and table.iloc[0]["acc_mean"] == pytest.approx(81.0)
+
+
+def test_a_record_of_a_checkpoint_saved_mid_epoch_is_left_out_with_a_warning():
+    mid_epoch = {**SEEDS[1], "run": SEEDS[0]["run"], "seed": 0, "step": 7, "_file": "r/metrics.jsonl"}
+    with pytest.warns(UserWarning, match=r"r/metrics.jsonl: the record of checkpoint.pth at epoch 200 step 7 \(saved"):
+        table = results.aggregate(results.records_frame([SEEDS[0], mid_epoch]))
+    assert list(table["n"]) == [1] and table.iloc[0]["acc_mean"] == pytest.approx(81.0)
+
+
 def test_aggregate_separates_datasets_epochs_and_protocols():
     frame = results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5), record(0, dataset="cifar10", acc=0.4),
                                    record(0, protocol={"clusters": 10, "superclass": True}, acc=0.3)])
@@ -225,6 +240,27 @@ def test_a_clean_table_has_no_footnote(tmp_path):
     assert list(frame["revision"]) == ["clean"] and results.revision_footnote(frame) == ""
 
 
+def test_the_footnote_names_the_runs_of_the_records_the_table_counts(tmp_path):
+    """An evaluation by dirty code, then repeated by clean code: the row counts the newest record, and so does its
+    footnote."""
+    root = tmp_path / "runs"
+    write_jsonl(root / "r" / "metrics.jsonl", [{**record(run="r", acc=0.4), **DIRTY}, {**record(run="r", acc=0.5), **CLEAN}])
+    (root / "r" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {}, **CLEAN}))
+    out = tmp_path / "tables"
+    assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))
+    written = pd.read_csv(out / "digits.csv")
+    assert (list(written["revision"]), list(written["acc_mean"])) == (["clean"], [50.0])
+    assert "revision dirty" not in (out / "digits.md").read_text()
+
+
+def test_records_with_none_of_the_known_metrics_make_a_row_of_counts(tmp_path):
+    root = tmp_path / "runs"
+    write_jsonl(root / "r" / "metrics.jsonl", [record(run="r")])  # "metrics": {}
+    out = tmp_path / "tables"
+    assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))
+    assert list(pd.read_csv(out / "digits.csv")["n"]) == [1]
+
+
 # What a SwAV run's config.yaml holds, in part: the recipe (configs/swav_cifar10.yaml without a queue) and the flags
 # that do not change what it learns (results.NOT_SETTINGS), which differ from run to run.
 SWAV_ARGS = {"config": "configs/swav_cifar10.yaml", "method": "swav", "dataset": "cifar10", "data_path": "/data/a",
@@ -351,3 +387,22 @@ def test_the_shipped_tables_regenerate_byte_for_byte(tmp_path, study, out, flags
         assert path.read_bytes() == (ROOT / "results" / out / path.name).read_bytes(), path.name
     if "--combined" in flags:
         assert combined.read_bytes() == (ROOT / "results" / f"{study}.md").read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # errorbar is replaced by a recorder: nothing drawn
+def test_plots_draw_a_line_per_backbone_and_protocol_named_in_the_legend(tmp_path, monkeypatch):
+    """Two widths of one method, and kNN at two k: four lines, each named by what tells it from the others."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append((kw["label"], list(x), list(y))))
+    knn = {k: {"k": k, "temperature": 0.1} for k in (20, 200)}
+    records = [{**record(0, epoch=epoch, eval_kind="knn", protocol=knn[k], run=backbone, top1=top1),
+                "backbone": backbone}
+               for backbone, epoch, k, top1 in [("w8", 100, 20, 0.5), ("w8", 200, 20, 0.6), ("w64", 100, 20, 0.7),
+                                                ("w64", 200, 20, 0.8), ("w8", 100, 200, 0.4), ("w8", 200, 200, 0.45)]]
+    table = results.aggregate(results.records_frame(records))
+    results.plot_against_epochs(table, tmp_path, "digits")
+    assert sorted((label.split(" k=")[0], label.split(" k=")[1].split()[0], y) for label, _, y in drawn) == [
+        ("swav w64 knn", "20", [70.0, 80.0]), ("swav w8 knn", "20", [50.0, 60.0]), ("swav w8 knn", "200", [40.0, 45.0])]

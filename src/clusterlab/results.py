@@ -1,6 +1,7 @@
 """Metrics records: one JSON object per evaluation, appended to RUN/metrics.jsonl; read back for the tables.
 
-A record: run, method, dataset, split, backbone, epoch, checkpoint, seed, eval (knn | linear | cluster | kmeans),
+A record: run, method, dataset, split, backbone, epoch and step (where the checkpoint stands: step 0 at an epoch's
+end, taken so for records written before they named it), checkpoint, seed, eval (knn | linear | cluster | kmeans),
 protocol (the settings that make numbers comparable) and metrics, plus when it was created and the git commit of
 the code that evaluated (git_commit, git_dirty). A table row's `revision` says whether every run and evaluation
 behind it came from committed code: clean, dirty (uncommitted changes to tracked files) or unknown (no commit
@@ -17,6 +18,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -28,11 +30,14 @@ PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperat
                     "clusters", "mapping", "head", "augmentation", "epochs")
 
 
-def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, epoch: int | None, checkpoint_name: str | None,
-                run: str, split: str = "test") -> dict:
+def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, position: tuple[int, int] | None,
+                checkpoint_name: str | None, run: str, split: str = "test") -> dict:
+    """A metrics record; `position` is the checkpoint's (epoch, step) (None for a baseline): step 0 at the end of an
+    epoch, more in a checkpoint a stop signal saved mid-epoch."""
+    epoch, step = position or (None, None)
     return {"run": run, "method": args.method, "dataset": args.dataset, "split": split,
             "backbone": backbone_label(args.arch, args.width) if getattr(args, "arch", None) else "none",
-            "epoch": epoch, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None), "eval": eval_kind,
+            "epoch": epoch, "step": step, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None), "eval": eval_kind,
             "protocol": protocol, "metrics": metrics, "created": rundir.now_iso(), **git_state()}
 
 
@@ -43,22 +48,32 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
     rundir.append_jsonl(run_dir / "metrics.jsonl", record, durable=True)
 
 
-def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None = None,
-                  views: list[dict] | None = None, dataset: str | None = None) -> bool:
-    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of this checkpoint
-    (on `dataset`, if given), at one of `views` (the forms a record may name the test view in; None: `protocol`
-    says all). A record names the data it was measured on only once that data is open, so data the command names
+class Wanted(NamedTuple):
+    """What a record must name to stand for an evaluation: its dataset, one of the forms its test view may be named
+    in (None: the protocol says all), and its checkpoint's (epoch, step). None: any."""
+    dataset: str | None = None
+    views: list[dict] | None = None
+    position: tuple[int, int] | None = None
+
+
+def skip_recorded(args, run_dir, eval_kind: str, checkpoint_name: str | None, protocol: dict | None,
+                  wanted: Wanted) -> bool:
+    """Whether an evaluation program's --skip_recorded applies: RUN already holds this evaluation of these weights
+    (`wanted`). A record names the data it was measured on only once that data is open, so data the command names
     itself (--dataset / --data_path) is always evaluated."""
     if not (args.skip_recorded and run_dir and checkpoint_name) or args.dataset or args.data_path:
         return False
-    return has_record(run_dir, eval_kind, checkpoint_name,
-                      [{**(protocol or {}), **view} for view in ([{}] if views is None else views)], dataset)
+    views = [{}] if wanted.views is None else wanted.views
+    return has_record(run_dir, eval_kind, checkpoint_name, [{**(protocol or {}), **view} for view in views],
+                      wanted.dataset, wanted.position)
 
 
 def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
-               protocols: list[dict] | None = None, dataset: str | None = None) -> bool:
-    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with one of these protocols and on
-    this dataset, if given)."""
+               protocols: list[dict] | None = None, dataset: str | None = None,
+               position: tuple[int, int] | None = None) -> bool:
+    """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with one of these protocols, on
+    this dataset and at this (epoch, step), if given). checkpoint.pth moves on as a run trains or is extended: a
+    record of it at another epoch is of other weights."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
@@ -69,6 +84,7 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
             continue
         if (isinstance(record, dict) and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
                 and dataset in (None, record.get("dataset"))
+                and (position is None or (record.get("epoch"), record.get("step", 0)) == tuple(position))
                 and any(all((record.get("protocol") or {}).get(k) == v for k, v in protocol.items())
                         for protocol in protocols or [{}])):
             return True
@@ -96,7 +112,9 @@ def read_records(root: str | os.PathLike) -> list[dict]:
 
 METRIC_COLUMNS = ("top1", "top5", "best_top1_on_test", "acc", "nmi", "ami", "ari")
 GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
-DUPLICATE_COLUMNS = ("file", "run", "checkpoint", "epoch", "seed", "dataset", "split", "eval")
+# One state of the weights: checkpoint.pth and checkpoint_epNNNN.pth saved together at the end of epoch NNNN are the
+# same (the tables hold epochs' ends only: see records_frame).
+DUPLICATE_COLUMNS = ("file", "run", "epoch", "seed", "dataset", "split", "eval")
 # A row is as doubtful as its most doubtful record.
 REVISIONS = ("clean", "unknown", "dirty")
 REVISION_NOTES = {"dirty": "trained or evaluated by code with uncommitted changes to tracked files",
@@ -153,11 +171,17 @@ def run_settings(run_config: dict | None) -> dict | None:
 
 def records_frame(records: list[dict]):
     """One row per record: the identifying columns, the revision, the run's training settings (`run_settings`), the
-    protocol flattened, the metrics (as percentages)."""
+    protocol flattened, the metrics (as percentages). Tables are of epochs' ends: a record of a checkpoint a stop
+    signal saved mid-epoch is left out, with a warning naming it."""
     import pandas as pd
 
     rows, run_configs = [], {}
     for record in records:
+        if record.get("step") not in (None, 0):
+            warnings.warn(f"{record.get('_file')}: the record of {record.get('checkpoint')} at epoch "
+                          f"{record.get('epoch')} step {record.get('step')} (saved mid-epoch) is left out of the "
+                          f"tables, which hold epochs' ends", stacklevel=2)
+            continue
         row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",
                                                 "eval", "checkpoint")}
         row["file"] = record.get("_file")
@@ -228,6 +252,13 @@ def recipe_labels(settings: list) -> list[str] | None:
             for s in settings]
 
 
+def latest_records(frame):
+    """The newest record of each evaluation of each state of the weights: an evaluation run again (a requeued job, a
+    repeated command, the final checkpoint and its epoch's copy) appends another record of the same numbers' kind;
+    only the newest counts, so that n is the number of seeds."""
+    return frame.drop_duplicates(subset=[c for c in (*DUPLICATE_COLUMNS, "protocol") if c in frame], keep="last")
+
+
 def aggregate(frame):
     """Mean, std and n over seeds for every (dataset, method, backbone, epoch, eval, protocol) group of records
     whose runs share their training settings. A group whose runs were trained with different settings is split
@@ -238,9 +269,7 @@ def aggregate(frame):
 
     if frame.empty:
         return frame
-    # An evaluation run again (a requeued job, a repeated command) appends another record of the same checkpoint;
-    # only the newest counts, so that n is the number of seeds.
-    frame = frame.drop_duplicates(subset=[c for c in (*DUPLICATE_COLUMNS, "protocol") if c in frame], keep="last")
+    frame = latest_records(frame)
     keys = [c for c in (*GROUP_COLUMNS, "protocol") if c in frame]
     filled = frame.copy()
     for key in keys:
@@ -256,9 +285,12 @@ def aggregate(frame):
             keys.append("recipe")
     metrics = [c for c in METRIC_COLUMNS if c in filled and filled[c].notna().any()]
     grouped = filled.groupby(keys, sort=True, dropna=False)
-    out = grouped[metrics].agg(["mean", "std"])
-    out.columns = [f"{m}_{stat}" for m, stat in out.columns]
-    out["n"] = grouped.size()
+    if metrics:
+        out = grouped[metrics].agg(["mean", "std"])
+        out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+        out["n"] = grouped.size()
+    else:  # records with none of the known metrics: the rows, and how many runs each holds
+        out = grouped.size().to_frame("n")
     if "revision" in filled:
         out["revision"] = grouped["revision"].agg(lambda states: max(states, key=REVISIONS.index))
     return out.reset_index()
@@ -364,8 +396,9 @@ def display_table(table):
 
 
 def plot_against_epochs(table, out_dir, dataset: str) -> None:
-    """One PNG per metric: the metric against epochs, a line per (method, eval, protocol), and per recipe where the
-    table has a `recipe` column (the legend names it)."""
+    """One PNG per metric: the metric against epochs, a line per (method, backbone, eval, protocol), and per recipe
+    where the table has a `recipe` column. The legend names what tells the lines apart: the backbone where the table
+    has several, the protocol where a method's evaluation has several, the recipe."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,10 +410,15 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         if column not in numeric or numeric[column].notna().sum() == 0:
             continue
         figure, axes = plt.subplots(figsize=(6, 4))
-        lines = ["method", "eval", "protocol", *(["recipe"] if "recipe" in numeric else [])]
-        for (method, kind, _, *recipe), rows in numeric[numeric[column].notna()].groupby(lines):
+        drawn = numeric[numeric[column].notna()]
+        several_backbones = drawn["backbone"].nunique() > 1
+        protocols = drawn.groupby(["method", "eval"])["protocol"].nunique()
+        lines = ["method", "backbone", "eval", "protocol", *(["recipe"] if "recipe" in numeric else [])]
+        for (method, backbone, kind, protocol, *recipe), rows in drawn.groupby(lines):
             rows = rows.sort_values("epoch")
-            label = " ".join([method, kind, *(r for r in recipe if isinstance(r, str) and r)])
+            label = " ".join([method, *([backbone] if several_backbones else []), kind,
+                              *([protocol] if protocols[(method, kind)] > 1 else []),
+                              *(r for r in recipe if isinstance(r, str) and r)])
             axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
                           label=label, capsize=2)
         axes.set_xlabel("epochs")

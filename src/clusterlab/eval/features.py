@@ -17,6 +17,7 @@ from ..data.registry import resolve_path
 from ..errors import ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
+from ..results import Wanted
 
 TRAINED_KINDS = ("pretrain", "cluster")
 DEFAULT_CHECKPOINT = "checkpoint.pth"
@@ -28,7 +29,12 @@ class LoadedRun:
     args: argparse.Namespace
     method: Method
     epoch: int
+    step: int  # within the epoch: 0 at its end, more where a stop signal saved the checkpoint mid-epoch
     checkpoint_name: str
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.step
 
 
 def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str | None:
@@ -41,15 +47,16 @@ def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str
     return path.name
 
 
-def requested_views(args: argparse.Namespace) -> tuple[str | None, list[dict]]:
-    """The run's dataset and the test view an evaluation of --run asks for, in each form a record may name it (see
-    `data_protocol`), for --skip_recorded before the run is opened: --eval_crop / --eval_resize where given, else
-    the run's own view. An in-memory set's record names no view at the run's default crop, else its `eval_crop`;
-    an image folder's names `eval_crop` and `eval_resize`, and no view named marks an in-memory record. The flags
-    come from the run's config and its checkpoint (memory-mapped: only what is read is loaded). (None, []) when
+def requested_record(args: argparse.Namespace) -> Wanted:
+    """What a record must name to stand for the evaluation of --run asked for, for --skip_recorded before the run is
+    opened: the run's dataset, its checkpoint's (epoch, step), and the test view in each form a record may name it
+    (see `data_protocol`): --eval_crop / --eval_resize where given, else the run's own view. An in-memory set's
+    record names no view at the run's default crop, else its `eval_crop`; an image folder's names `eval_crop` and
+    `eval_resize`, and no view named marks an in-memory record. The flags come from the run's config and its
+    checkpoint (memory-mapped: only what is read is loaded). No view at all (nothing then stands for it) when
     --skip_recorded does not apply, or when the run cannot be read (the evaluation then says why)."""
     if not (args.skip_recorded and args.run):
-        return None, []
+        return Wanted(views=[])
     try:
         state = checkpoint.load(checkpoint_path(args.run, args.checkpoint), kind=TRAINED_KINDS, mmap=True)
         recorded = {**read_run_config(args.run), **state.get("args", {})}
@@ -59,11 +66,12 @@ def requested_views(args: argparse.Namespace) -> tuple[str | None, list[dict]]:
         resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
         dataset = str(recorded["dataset"])
         folder = resolve_path(dataset, recorded.get("data_path")).resolve().name  # as data_protocol names it
+        position = int(state["epoch"]), int(state.get("step", 0))
     except (UserError, OSError, KeyError, TypeError, ValueError):
-        return None, []
+        return Wanted(views=[])
     crop = args.eval_crop or default_crop
-    return dataset, [recorded_view({} if crop == default_crop else {"eval_crop": crop}),
-                     {"data": folder, "eval_crop": crop, "eval_resize": resize or crop}]
+    return Wanted(dataset, [recorded_view({} if crop == default_crop else {"eval_crop": crop}),
+                            {"data": folder, "eval_crop": crop, "eval_resize": resize or crop}], position)
 
 
 def recorded_view(view: dict) -> dict:
@@ -102,7 +110,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.load_state_dict(state["model"])
     method.load_extra_state(state.get("method_state", {}))
     method.to(device).eval()
-    return LoadedRun(run_dir, args, method, int(state["epoch"]), path.name)
+    return LoadedRun(run_dir, args, method, int(state["epoch"]), int(state.get("step", 0)), path.name)
 
 
 def training_parser(method: str) -> argparse.ArgumentParser:

@@ -81,6 +81,7 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
     """OUT/DATASET.{md,csv,tex} (and plots) per dataset; returns (dataset, Markdown table) for each."""
     sections = []
     for dataset, rows in frame.groupby("dataset", sort=True):
+        rows = results.latest_records(rows)  # the footnote names the runs of the records the table counts
         table = results.attach_published(results.aggregate(rows), published)
         shown = results.display_table(table)
         markdown = shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)

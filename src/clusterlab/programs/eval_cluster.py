@@ -78,12 +78,12 @@ def main(argv=None):
             scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
                                                                                 args.batch_size, args.workers,
                                                                                 normalize=args.normalize)
-            kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, fit_x, scored_x,
+            kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x, scored_x,
                    scored_set, args.features, evaluation.data_protocol(scored_set))
     distributed.shutdown()
 
 
-def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
+def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
     too_many = [k for k in args.clusters if k > len(fit_x)]
     if too_many:
         raise ConfigError(f"--clusters {too_many[0]} is more than the {len(fit_x)} images of the {args.fit_on} split "
@@ -94,11 +94,11 @@ def kmeans(args, ctx, run_dir, run_args, epoch, checkpoint_name, fit_x, scored_x
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
                 "normalize": args.normalize, "restarts": args.restarts, "selection": "last", **view}
         if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split},
-                                 [recorded_view(view)], scored_set.name):
+                                 results.Wanted(scored_set.name, [recorded_view(view)], position)):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
-        report(args, run_dir, run_args, epoch, checkpoint_name, scored_set, predicted, clusters, base,
+        report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base,
                f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})", f"kmeans_k{clusters}")
 
 
@@ -117,15 +117,16 @@ def heads(args, ctx, evaluation, scored_set):
         base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
                 "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads", **view}
         if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                 {**base, "split": args.split}, [recorded_view(view)], scored_set.name):
+                                 {**base, "split": args.split},
+                                 results.Wanted(scored_set.name, [recorded_view(view)], loaded.position)):
             continue
         predicted = head_logits.argmax(dim=1).cpu().numpy()
-        report(args, loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name, scored_set, predicted,
+        report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                sizes[head], base, f"head {head} ({sizes[head]} classes{', chosen' if head == chosen else ''})",
                f"head{head}", plot=head == chosen)
 
 
-def report(args, run_dir, run_args, epoch, checkpoint_name, scored_set, predicted, clusters, base, title, tag,
+def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base, title, tag,
            plot=True):
     """Append the record(s) of one assignment (classes, and superclasses where the dataset has them)."""
     truth = scored_set.labels.numpy()
@@ -136,8 +137,8 @@ def report(args, run_dir, run_args, epoch, checkpoint_name, scored_set, predicte
                                                          clusters, scored_set.num_classes), True))
     for label, metrics, superclass in views:
         protocol = {**base, "mapping": mapping_kind, "superclass": superclass, "split": args.split}
-        record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics, epoch=epoch,
-                                     checkpoint_name=checkpoint_name, run=Path(run_dir).name, split=args.split)
+        record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
+                                     position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name, split=args.split)
         record["dataset"] = scored_set.name
         results.append_record(run_dir, record)
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "

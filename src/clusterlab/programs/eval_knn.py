@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import cli, config, distributed, results
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
-                             requested_checkpoint_name, requested_views)
+                             requested_checkpoint_name, requested_record)
 from ..eval.knn import knn_accuracies
 
 
@@ -43,9 +43,9 @@ def main(argv=None):
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
                      "train_features": args.train_features, "fit_on": "train", "selection": "last"}
                  for k in dict.fromkeys(args.k)}
-    dataset, views = requested_views(args)
+    wanted = requested_record(args)
     for k in list(protocols):
-        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], views, dataset):
+        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], wanted):
             print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
             del protocols[k]
     if not protocols:
@@ -57,12 +57,12 @@ def main(argv=None):
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
         view = baseline_view(args, train_set)
         train_x, test_x = (F.normalize(pixels(s, view), dim=1).to(ctx.device) for s in (train_set, test_set))
-        epoch = checkpoint_name = None
+        position = checkpoint_name = None
         data_keys = data_protocol(train_set, test_set, view, train_set.image_size)
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
-        run_dir, run_args, epoch, checkpoint_name = loaded.run_dir, loaded.args, loaded.epoch, loaded.checkpoint_name
+        run_dir, run_args, position, checkpoint_name = loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
@@ -76,13 +76,13 @@ def main(argv=None):
         metrics = scores[k]
         if ctx.is_main:
             protocol.update(data_keys)
-            record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics, epoch=epoch,
-                                         checkpoint_name=checkpoint_name, run=Path(run_dir).name)
+            record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics,
+                                         position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name)
             record["dataset"] = test_set.name
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
                   f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
-                  f"top5 {metrics['top5']:.4f}  [{run_dir}, epoch {epoch}]")
+                  f"top5 {metrics['top5']:.4f}  [{run_dir}, epoch {record['epoch']}]")
     distributed.shutdown()
 
 

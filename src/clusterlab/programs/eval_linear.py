@@ -18,7 +18,7 @@ import torch
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_views
+from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_record
 from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -43,9 +43,8 @@ def main(argv=None):
                           f"stored features): leave {flag} out, or use --cached_features false")
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
-    dataset, views = requested_views(args)
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint),
-                             {"augmentation": protocol_name, "epochs": args.epochs}, views, dataset):
+                             {"augmentation": protocol_name, "epochs": args.epochs}, requested_record(args)):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
@@ -102,7 +101,7 @@ def main(argv=None):
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
         record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,
-                                     epoch=loaded.epoch, checkpoint_name=loaded.checkpoint_name,
+                                     position=loaded.position, checkpoint_name=loaded.checkpoint_name,
                                      run=loaded.run_dir.name)
         record["dataset"] = evaluation.test_set.name
         results.append_record(loaded.run_dir, record)

@@ -148,16 +148,32 @@ def queued_evals(run_dir: Path, in_queue: set) -> dict:
     return queued
 
 
+def submitted_argv(run_dir: Path) -> dict:
+    """(checkpoint, program) -> the command line of the last evaluation job submitted for it (jobs recorded before
+    jobs kept their command lines: none)."""
+    argv = {}
+    for job in recorded_jobs(run_dir):
+        for program, words in (job.get("commands") or {}).items():
+            argv[(job.get("checkpoint"), program)] = words
+    return argv
+
+
 def pending_evals(run: RunSpec, in_queue: set) -> dict:
-    """checkpoint -> [(program, argv)] of the evaluations with no record of that kind for that checkpoint yet and
-    no job in the queue that will make one."""
+    """checkpoint -> [(program, argv)] of the evaluations to submit: no job in the queue will make their record, and
+    the run holds no record of that kind of the checkpoint at the epoch it is asked at (checkpoint.pth moves on as a
+    run trains), or the grid now asks for it with other flags than the last job did (the program's --skip_recorded
+    then runs only what is not recorded with the flags it is given)."""
     queued = queued_evals(run.run_dir, in_queue)
+    last_argv = submitted_argv(run.run_dir)
     grouped: dict = {}
     for spec in run.evals:
         if spec.program in queued.get(spec.checkpoint, ()):
             continue
-        if not results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint):
-            grouped.setdefault(spec.checkpoint, []).append((spec.program, to_argv(spec.flags)))
+        argv = to_argv(spec.flags)
+        recorded = results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint,
+                                      position=(spec.weights_epoch, 0))
+        if not recorded or last_argv.get((spec.checkpoint, spec.program), argv) != argv:
+            grouped.setdefault(spec.checkpoint, []).append((spec.program, argv))
     return grouped
 
 
@@ -262,7 +278,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
                 continue
             with refused_by_sbatch(f"the evaluation job of {run.name} ({checkpoint})", submitted):
                 job = executor.submit(ProgramJob(commands))
-            record_job(run, job, f"eval {checkpoint}", checkpoint, [program for program, _ in commands])
+            record_job(run, job, f"eval {checkpoint}", checkpoint, commands)
             submitted.append(job)
             eval_count += 1
     if eval_count:
@@ -274,15 +290,16 @@ def _job_id(job) -> str | None:
     return None if job is None else str(getattr(job, "job_id", job))
 
 
-def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, programs: list | None = None) -> None:
-    """RUN/slurm/jobs.jsonl lists every job that worked on the run (an evaluation job with its checkpoint and
-    programs); RUN/slurm/<id> links to its logs."""
+def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, commands: list | None = None) -> None:
+    """RUN/slurm/jobs.jsonl lists every job that worked on the run (an evaluation job with its checkpoint, programs
+    and their command lines); RUN/slurm/<id> links to its logs."""
     directory = run.run_dir / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     entry = {"job_id": str(job.job_id), "kind": kind.split()[0], "what": kind, "logs": str(job.paths.folder),
              "submitted": rundir.now_iso()}
     if checkpoint is not None:
-        entry.update(checkpoint=checkpoint, programs=programs)
+        entry.update(checkpoint=checkpoint, programs=[program for program, _ in commands],
+                     commands=dict(commands))
     with open(directory / "jobs.jsonl", "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     link = directory / str(job.job_id)
@@ -298,7 +315,8 @@ def grid_scripts(grid: Grid, script_dir: str) -> dict[str, str]:
     scripts = {}
     for run in grid.runs:
         flags = {k: v for k, v in run.flags.items() if k not in ("output_dir", "data_path")}
-        evals = [(spec.program, {k: v for k, v in spec.flags.items() if k != "run"}) for spec in run.evals]
+        evals = [(spec.program, {k: v for k, v in spec.flags.items() if k not in ("run", "skip_recorded")})
+                 for spec in run.evals]
         data_path = run.flags.get("data_path")
         scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
                                    evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir),

@@ -19,7 +19,7 @@
       flags: {eval_cluster.py: {clusters: [10, 20]}}
       epochs: [2]                      # checkpoint_epNNNN of these epochs; `final` (default) = checkpoint.pth
     resources: {gpus_per_node: 1, cpus_per_task: 2, mem_gb: 8, timeout_min: 60}
-    eval_resources: {...}              # defaults to resources
+    eval_resources: {timeout_min: 30}  # each key not given: as in resources
 
 Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
 the program does not have, values of the wrong type, resources Slurm cannot take (negative memory, zero nodes) and
@@ -66,6 +66,7 @@ class EvalSpec:
     flags: dict
     checkpoint: str      # checkpoint.pth or checkpoint_epNNNN.pth
     epoch: int | None    # None: the final checkpoint
+    weights_epoch: int   # the epoch its checkpoint holds once written: `epoch`, or the run's epochs for the final one
 
 
 @dataclass
@@ -208,14 +209,18 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
                           after=previous.get(stages[index - 1].get("name")) if index else None)
             if index == len(stages) - 1:
                 run.evals = _expand_evals(evals, run, epochs)
+            # The config's checkpoint_epochs too: the list given on the command line replaces the config's.
             wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}
-                            | set(run_flags.get("checkpoint_epochs", [])))
+                            | set(checked.get("checkpoint_epochs") or []))
             if wanted:
                 run.flags["checkpoint_epochs"] = wanted
             previous[stage.get("name")] = label
             runs.append(run)
     resources = resolve_resources(path, spec.get("resources"), "resources")
-    eval_resources = resolve_resources(path, spec.get("eval_resources") or spec.get("resources"), "eval_resources")
+    eval_given = spec.get("eval_resources") or {}
+    if not isinstance(eval_given, dict):
+        _fail(path, "eval_resources must be a mapping")
+    eval_resources = resolve_resources(path, {**(spec.get("resources") or {}), **eval_given}, "eval_resources")
     return Grid(name, path, runs, resources, eval_resources)
 
 
@@ -232,6 +237,9 @@ def _stages(path, spec: dict) -> list[dict]:
     for stage in stages:
         if not isinstance(stage, dict):
             _fail(path, "each stage must be a mapping with name, program, config, flags, pretrained_from")
+        if not isinstance(stage.get("flags") or {}, dict):
+            _fail(path, f"stage {stage.get('name')!r}: `flags` must be a mapping of flag names to values (got "
+                        f"{stage['flags']!r})")
         unknown = sorted(set(stage) - STAGE_KEYS)
         if unknown:
             _fail(path, f"unknown stage key {unknown[0]!r} (valid: {', '.join(sorted(STAGE_KEYS))})")
@@ -257,13 +265,19 @@ def _eval_spec(path, evals) -> dict:
     if unknown:
         _fail(path, f"unknown key evals.{unknown[0]!r} (valid: {', '.join(sorted(EVAL_KEYS))})")
     programs = evals.get("programs") or []
+    if not isinstance(programs, list):
+        _fail(path, f"evals.programs must be a list of programs among {', '.join(EVAL_PROGRAMS)} (got {programs!r})")
     for program in programs:
         if program not in EVAL_PROGRAMS:
             _fail(path, f"evals program {program!r} is not one of: {', '.join(EVAL_PROGRAMS)}")
     flags = evals.get("flags") or {}
+    if not isinstance(flags, dict):
+        _fail(path, f"evals.flags must be a mapping of programs to their flags (got {flags!r})")
     for program, values in flags.items():
         if program not in programs:
             _fail(path, f"evals.flags names {program!r}, which is not in evals.programs")
+        if not isinstance(values, dict):
+            _fail(path, f"evals.flags.{program} must be a mapping of flag names to values (got {values!r})")
         validate_flags(program, {**values, "run": "x"}, f"grid {str(path)!r} evals.flags.{program}")
     epochs = evals.get("epochs") or ["final"]
     if not isinstance(epochs, list) or any(not (e == "final" or (isinstance(e, int) and e > 0)) for e in epochs):
@@ -280,5 +294,6 @@ def _expand_evals(evals: dict, run: RunSpec, epochs: int) -> list[EvalSpec]:
         for program in evals["programs"]:
             flags = {"run": str(run.run_dir), "checkpoint": checkpoint, "skip_recorded": True,
                      **evals["flags"].get(program, {})}
-            specs.append(EvalSpec(program, flags, checkpoint, None if epoch == "final" else epoch))
+            specs.append(EvalSpec(program, flags, checkpoint, None if epoch == "final" else epoch,
+                                  epochs if epoch == "final" else epoch))
     return specs
