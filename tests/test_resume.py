@@ -44,11 +44,32 @@ def epoch_means(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k.endswith("_mean")} for r in records if r.get("epoch_end")]
 
 
+# Runs `python SCRIPT ARGS` holding step HELD of the first epoch until a stop signal has arrived: a signal sent from
+# outside once the log shows a step then lands mid-epoch however far a fast run would otherwise have gone.
+HOLD_UNTIL_SIGNALLED = """
+import runpy, sys, time
+from clusterlab import engine, signals
+held = int(sys.argv[1])
+sys.argv = sys.argv[2:]
+original = engine.Trainer.step
+def step(self, batch, progress):
+    if (progress.epoch, progress.step) == (0, held):
+        deadline = time.time() + 120
+        while signals.received() is None and time.time() < deadline:
+            time.sleep(0.01)
+    return original(self, batch, progress)
+engine.Trainer.step = step
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+HELD_STEP = 2
+
+
 def stop_after_first_step(run_dir, signum, flags=None) -> tuple[subprocess.CompletedProcess, int]:
-    """Start the run (RESUMABLE, or `flags`, which name run_dir), wait until train_log.jsonl shows a step, send
-    `signum`; the status and the steps logged."""
+    """Start the run (RESUMABLE, or `flags`, which name run_dir, with --log_every 1), wait until train_log.jsonl
+    shows a step, send `signum` from outside; the run stops after step HELD_STEP at the latest (sooner when the
+    signal arrives before it). The status and the steps logged."""
     flags = flags or [*RESUMABLE, "--output_dir", run_dir]
-    command = [PYTHON, str(ROOT / "main_pretrain.py"), *map(str, flags)]
+    command = [PYTHON, "-c", HOLD_UNTIL_SIGNALLED, str(HELD_STEP), str(ROOT / "main_pretrain.py"), *map(str, flags)]
     process = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 120
@@ -66,7 +87,7 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, si
     assert stopped.returncode == 75, stopped.stderr
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and status["signal"] == signum.name
-    assert status["epoch"] == 0 and 0 < status["step"] < STEPS, status  # mid-way through the first epoch
+    assert status["epoch"] == 0 and 0 < status["step"] <= HELD_STEP + 1, status  # mid-way through the first epoch
     assert status["step"] == steps_logged  # saved at the step boundary after the last step it logged
     saved = checkpoint.load(run_dir / "checkpoint.pth", kind="pretrain", method="swav")
     assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, status["step"], status["step"])

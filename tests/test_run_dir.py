@@ -149,6 +149,69 @@ def test_a_zombie_holder_is_dead(tmp_path):
         zombie.wait()
 
 
+# Takes the lock of RUN and prints "held" (keeping it a moment) or the refusal. With a third argument it writes the
+# lock slowly, touching that file once it has begun; with a fourth it waits for that file to exist first.
+CONTENDER = """
+import os, sys, time
+from pathlib import Path
+from clusterlab import rundir
+from clusterlab.errors import ConfigError
+run, writing, wait_for = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None, sys.argv[3:] and sys.argv[3]
+if wait_for:
+    while not Path(wait_for).exists():
+        time.sleep(0.001)
+elif writing:
+    real_fdopen = os.fdopen
+    class Slow:
+        def __init__(self, handle):
+            self.handle = handle
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+        def write(self, text):
+            Path(writing).touch()
+            time.sleep(2)
+            return self.handle.write(text)
+    os.fdopen = lambda *args, **kwargs: Slow(real_fdopen(*args, **kwargs))
+try:
+    rundir.RunLock(run).acquire()
+    print("held", flush=True)
+    time.sleep(5)  # longer than the slow write: alive when the slow one looks
+except ConfigError as err:
+    print(err)
+"""
+
+
+def test_a_lock_being_written_is_never_taken_for_a_crashed_one(tmp_path):
+    """The lock is written aside and linked into place whole: a second writer that starts while the first is still
+    writing it finds no lock or a whole one, never an empty one that it would take for a crashed holder's (and so
+    hold the run too)."""
+    run, writing = tmp_path / "run", tmp_path / "writing"
+    slow = subprocess.Popen([PYTHON, "-c", CONTENDER, str(run), str(writing)], env=script_env(),
+                            stdout=subprocess.PIPE, text=True)
+    second = subprocess.Popen([PYTHON, "-c", CONTENDER, str(run), "-", str(writing)], env=script_env(),
+                              stdout=subprocess.PIPE, text=True)
+    answers = [process.communicate(timeout=120)[0].strip() for process in (slow, second)]
+    assert answers[1] == "held" and f"is in use by pid {second.pid} " in answers[0], answers
+
+
+def test_without_hard_links_the_lock_is_created_in_place(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    lock = rundir.RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    with pytest.raises(ConfigError, match="in use by pid"):
+        lock_holder(tmp_path / "other", pid=1, slurm_job_id=None, host="another-node")
+        rundir.RunLock(tmp_path / "other").acquire()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [rundir.LOCK_NAME, "other"]  # no copy left beside it
+    lock.release()
+    assert not (tmp_path / rundir.LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname()],
                          ids=["not-an-object", "pid-not-a-number"])
 def test_a_lock_this_code_did_not_write_is_taken_over(tmp_path, text):

@@ -13,15 +13,17 @@ are not checkpoints:
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import FILE_MODE, atomic_write_text
 from .errors import ConfigError
 
 LOCK_NAME = ".lock"
@@ -181,26 +183,54 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps(_holder_of_this_process())
+        me = json.dumps(_holder_of_this_process()) + "\n"
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                holder = self._read_holder()
-                if holder is None or _stale(holder):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
-                                  f"wait for it, stop it, or use another --output_dir") from None
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(me + "\n")
-            except OSError:
-                self.path.unlink(missing_ok=True)  # a full disk: leave no empty lock behind
-                raise
-            self.held = True
-            return
+            if self._create(me):
+                self.held = True
+                return
+            holder = self._read_holder()
+            if holder == {}:
+                continue  # released while we looked
+            if holder is None or _stale(holder):
+                self.path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
+                              f"wait for it, stop it, or use another --output_dir")
         raise ConfigError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
+
+    def _create(self, text: str) -> bool:
+        """Create the lock holding `text`; False when it exists (or may: the caller reads it). Written beside it,
+        then linked to its name (a link fails where the name exists): another process never reads a lock
+        half-written, which it would take for a crashed holder's. Where the file system has no hard links, created
+        in place (exclusive create, then written)."""
+        fd, aside = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.chmod(aside, FILE_MODE)  # readable by whoever may share the directory
+            os.link(aside, self.path)
+            return True
+        except (FileExistsError, FileNotFoundError):  # taken; or our copy removed by the holder's remove_leftovers
+            return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            return self._create_in_place(text)
+        finally:
+            Path(aside).unlink(missing_ok=True)
+
+    def _create_in_place(self, text: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+        except OSError:
+            self.path.unlink(missing_ok=True)  # a full disk: leave no empty lock behind
+            raise
+        return True
 
     def _read_holder(self) -> dict | None:
         try:
