@@ -9,6 +9,7 @@ uninterrupted job's bit for bit, the metrics records are the same, and no file i
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -84,18 +85,32 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
     run = tmp_path / "run"
     job = submit(run, tmp_path)
     moments = []
-    # 1. at once: the batch shell has installed its traps (its first lines; it makes the run's slurm/ folder right
-    # after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
+    # 1. at once: the batch shell has installed its traps (its first lines; it links its log into the run's slurm/
+    # folder soon after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
     # (Slurm's default action for USR2): no script can catch that.
+    link = run / "slurm" / f"{job}.out"
+
+    def log_link():
+        """Each start of the batch shell links its log anew after installing its traps: a new link is a shell
+        that can take the signal."""
+        try:
+            found = os.lstat(link)
+        except FileNotFoundError:
+            return None
+        return found.st_ino, found.st_mtime_ns
+
     with cancelled_on_exit(job):
         wait_running(job, 0)
-        until(lambda: (run / "slurm").is_dir())
+        until(lambda: log_link() is not None)
+        previous = log_link()
         signal_batch(job)
         moments.append("start-up")
         # 2.-4. at random moments of training
         for restart in (1, 2, 3):
             wait_running(job, restart)
+            until(lambda: log_link() not in (None, previous))
             time.sleep(rng.uniform(0.5, 6.0))
+            previous = log_link()
             signal_batch(job)
             moments.append(rundir.read_status(run).get("state", "starting"))
         # 5. as the evaluations start: the fifth start has finished training (or found it finished)

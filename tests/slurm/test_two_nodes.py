@@ -43,10 +43,12 @@ pytestmark = pytest.mark.slurm
 
 TWO_NODE_PARTITION = os.environ.get("CLUSTERLAB_SLURM_TWO_NODE_PARTITION", "twonode")
 CONFIG = "configs/swav_digits.yaml"
-FLAGS = {**TINY, "nmb_prototypes": 10, "batch_size": 64, "epochs": 2, "lr": 0.01, "log_every": 1}
+FLAGS = {**TINY, "nmb_prototypes": 10, "batch_size": 64, "epochs": 3, "lr": 0.01, "log_every": 1}
 STEPS_PER_EPOCH = 14  # 898 training images, global batch 64
-STEPS = 2 * STEPS_PER_EPOCH
-STOP_AFTER = 10  # logged steps before the interruption: mid-epoch 1, whatever the machine's speed
+STEPS = 3 * STEPS_PER_EPOCH
+# Logged steps before the interruption is sent: mid-run whatever the machine's speed, with 37 steps left for the
+# signal to travel (the log's polling, scontrol or scancel, slurmctld, slurmd, the ranks).
+STOP_AFTER = 5
 ONE_PROCESS_TOLERANCE = 1e-3
 RANK_LINE = re.compile(r"^rank (\d+)/(\d+) \(local (\d+)\) on (\S+) \(([^,]+), Slurm node (\d+)\): "
                        r"joining gloo at (\S+):(\d+)$", re.MULTILINE)
