@@ -51,6 +51,20 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(tmp_path):
+    run = tmp_path / "runs" / "swav_digits_1ep_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": 1}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"args": {"method": "swav", "dataset": "digits", "width": 8,
+                                                              "epochs": 1, "seed": 0}}))
+    out = run_launch("--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == ("swav_digits_1ep_s0 finished with other flags than the grid gives now "
+                                           "(width 8 -> 4): it is not trained again; another output_root trains the "
+                                           "grid's")
+    assert "swav_digits_2ep_s0 finished" not in out.stdout
+
+
 def test_relative_output_root_is_made_absolute(tmp_path):
     """A relative root means the directory where launch.py runs, also for a generated script run elsewhere."""
     grid = load_grid(grid_file(tmp_path), "some/where")

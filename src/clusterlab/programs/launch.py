@@ -117,6 +117,18 @@ def run_state(run: RunSpec, in_queue: set) -> str:
     return "resume" if run.run_dir.exists() else "new"
 
 
+def differing_flags(run: RunSpec) -> list[str]:
+    """`FLAG recorded -> asked` for each flag the grid gives the run that its config.yaml records otherwise (the run
+    is not trained again: its directory holds what the recorded flags trained)."""
+    try:
+        recorded = config.read_run_config(run.run_dir)
+    except ConfigError:
+        return []
+    return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run.flags.items()
+            if key not in ("config", "output_dir", "checkpoint_epochs", "epochs") and key in recorded
+            and recorded[key] != value]
+
+
 def recorded_jobs(run_dir: Path) -> list[dict]:
     """RUN/slurm/jobs.jsonl, oldest first; a line cut short by a crash is skipped."""
     path = Path(run_dir) / "slurm" / "jobs.jsonl"
@@ -207,6 +219,11 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
     print(f"runs go to {output_root(grid)}/ (one directory per run; submitit's job logs in .submitit/)")
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for run, state in plan:
+        changed = differing_flags(run) if state == "finished" else []
+        if changed:
+            print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
+                  f"trained again; another output_root trains the grid's")
 
 
 def output_root(grid: Grid) -> Path:
