@@ -71,5 +71,37 @@ def test_cached_and_augmented_protocols_write_distinct_records(tmp_path):
         metrics = record["metrics"]
         assert set(metrics) == {"top1", "top5", "best_top1_on_test", "best_epoch_on_test"}
         assert metrics["best_top1_on_test"] >= metrics["top1"] and 1 <= metrics["best_epoch_on_test"] <= 2
-    assert (run / "linear_checkpoint_cached" / "checkpoint.pth").is_file()
-    assert (run / "linear_checkpoint" / "checkpoint.pth").is_file()
+    # named by the weights' epoch, the protocol and the flags that differ from the defaults
+    assert (run / "linear_ep0001_cached_batch_size64_epochs2" / "checkpoint.pth").is_file()
+    assert (run / "linear_ep0001_batch_size64_epochs2" / "checkpoint.pth").is_file()
+
+
+def test_a_probe_is_trained_afresh_for_other_weights_or_another_optimisation(tmp_path):
+    """checkpoint.pth moves on as a run trains: the probe of its earlier weights is not resumed for the new ones (nor
+    its record taken for theirs), and a probe with another learning rate is a probe of its own. The probe keeps
+    only its head: the backbone is the run's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    run = tmp_path / "run"
+    train = [sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", "--width", "4",
+             "--hidden_mlp", "32", "--feat_dim", "16", "--size_crops", "8", "--device", "cpu", "--output_dir", str(run)]
+
+    def probe(*flags):
+        done = subprocess.run([sys.executable, "eval_linear.py", "--run", str(run), "--epochs", "1", "--batch_size",
+                               "64", "--cached_features", "true", "--skip_recorded", "true", "--device", "cpu", *flags],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    probed = "_batch_size64_epochs1"
+    subprocess.run([*train, "--epochs", "1"], cwd=ROOT, env=env, check=True, capture_output=True)
+    probe()
+    assert "already recorded" not in probe("--lr", "0.1")
+    subprocess.run([*train, "--epochs", "2"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert "epoch 1/1: test top1" in probe()  # trained, not found finished
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["protocol"]["lr"]) for r in records] == [(1, 0.3), (1, 0.1), (2, 0.3)]
+    assert sorted(p.name for p in run.glob("linear_*")) == [f"linear_ep0001_cached{probed}",
+                                                           f"linear_ep0001_cached{probed}_lr0.1",
+                                                           f"linear_ep0002_cached{probed}"]
+    head = torch.load(run / f"linear_ep0002_cached{probed}" / "checkpoint.pth", weights_only=True)["model"]
+    assert sorted(head) == ["bias", "weight"]

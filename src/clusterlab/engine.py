@@ -150,7 +150,8 @@ class Trainer:
         path = self.run_dir / "checkpoint.pth"
         if not path.exists():
             return 0, 0
-        state = load_resumable(path, self.args, self.kind, self.method.info)
+        state = load_resumable(path, self.args, self.kind, self.method.info,
+                               (*RESUME_KEYS, *self.method.extra_resume_keys))
         try:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -454,18 +455,18 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     return trainer, start_epoch, start_step
 
 
-def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set) -> dict:
-    """The checkpoint at `path`, refused when the command's RESUME_KEYS or its training set (`training_set`, a
-    DataInfo: its fingerprint) differ from those it was trained with."""
+def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set, keys=RESUME_KEYS) -> dict:
+    """The checkpoint at `path`, refused when the command's `keys` or its training set (`training_set`, a DataInfo:
+    its fingerprint) differ from those it was trained with."""
     state = checkpoint.load(path, kind=kind, method=args.method)
     saved = state.get("args", {})
-    for key in RESUME_KEYS:
+    fresh = f"remove {path.parent}/ to train the probe afresh" if kind == "linear" else "use a new --output_dir"
+    for key in keys:
         if key in saved and key in vars(args) and _plain(saved[key]) != _plain(getattr(args, key)):
             raise CheckpointError(f"{path} was trained with --{key} {saved[key]!r}, this command has "
-                                  f"{getattr(args, key)!r}; use a new --output_dir or the same value")
+                                  f"{getattr(args, key)!r}; {fresh}, or give the same value")
     trained_on = state.get("data_info", {})
     if trained_on.get("fingerprint") not in ("", None, training_set.fingerprint):
-        fresh = f"remove {path.parent}/ to train the probe afresh" if kind == "linear" else "use a new --output_dir"
         raise CheckpointError(f"{path} was trained on another training set ({trained_on.get('num_samples')} images, "
                               f"digest {trained_on['fingerprint']}; this command's: {training_set.num_samples}, "
                               f"{training_set.fingerprint}): images added, removed, renamed or relabelled change what "

@@ -31,8 +31,16 @@ class FeatureSet:
         return len(self.labels)
 
 
+# The flags of a probe's optimisation: with batch_size and seed (engine.RESUME_KEYS), they define its result.
+OPTIMISATION_FLAGS = ("epochs", "optimizer", "lr", "final_lr", "schedule", "warmup_epochs", "start_warmup", "lr_drops",
+                      "lr_gamma", "schedule_period", "momentum", "nesterov", "weight_decay", "no_decay_bias_norm",
+                      "lars_trust", "lars_exclude_bias_norm")
+
+
 class LinearProbe(Method):
     name = "linear"
+    # the weights it probes (a run's checkpoint.pth moves on), the protocol and the whole optimisation
+    extra_resume_keys = ("probed_epoch", "probed_step", "cached_features", *OPTIMISATION_FLAGS)
 
     def __init__(self, args: argparse.Namespace, backbone: nn.Module, info: DataInfo, feature_dim: int,
                  num_classes: int, crop_size: int, cached: bool, device: torch.device):
@@ -63,6 +71,13 @@ class LinearProbe(Method):
                 inputs = self.backbone(inputs)
         loss = F.cross_entropy(self.head(inputs.float()), batch.labels)
         return loss, {"ce": loss.detach()}
+
+    def state_dict(self, *args, **kwargs):
+        """The head only: the backbone is the run's, loaded from its own checkpoint each time."""
+        return self.head.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.head.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_state(self) -> dict:
         return {"best": dict(self.best)}

@@ -68,6 +68,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     # "pretrain": trained by main_pretrain.py; "cluster": by main_cluster.py, has heads. Also the checkpoint's kind.
     program_kind: ClassVar[str] = "pretrain"
+    # Flags that must match to resume, beyond engine.RESUME_KEYS.
+    extra_resume_keys: ClassVar[tuple[str, ...]] = ()
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:

@@ -5,12 +5,14 @@
 Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 epochs, SGD lr 0.3, momentum 0.9, cosine to 0, weight decay 1e-6, batch 32,
 RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole test image; the pre-training normalisation
 (upstream evaluates CIFAR with a different std than it trained with: a bug we do not copy). The best test epoch,
-which upstream reports, is recorded as a separately flagged value. The probe trains in RUN/linear_<checkpoint>/
-and resumes from there; one record goes to RUN/metrics.jsonl.
+which upstream reports, is recorded as a separately flagged value. The probe trains in RUN/linear_epNNNN[_cached]/
+(NNNN: the epoch of the weights it probes; the optimisation flags that differ from the defaults are added to the
+name) and resumes from there; one record goes to RUN/metrics.jsonl.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import ConfigError
 from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_record
-from ..eval.linear import FeatureSet, LinearProbe, topk_accuracy
+from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
 def get_args_parser():
@@ -35,6 +37,19 @@ def get_args_parser():
     return parser
 
 
+def probe_dir(args, loaded) -> Path:
+    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...]: a probe per state of the weights (checkpoint.pth moves on as
+    the run trains; checkpoint_epNNNN.pth is the same weights as checkpoint.pth at epoch NNNN), protocol and
+    optimisation, naming the optimisation flags that differ from the defaults."""
+    defaults = get_args_parser()
+    flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
+             for key in ("batch_size", "seed", *OPTIMISATION_FLAGS)
+             if (value := getattr(args, key)) != defaults.get_default(key)]
+    name = (f"linear_ep{loaded.epoch:04d}{f'_step{loaded.step}' if loaded.step else ''}"
+            f"{'_cached' if args.cached_features else ''}{''.join(flags)}")
+    return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     if args.cached_features and (args.compile or args.channels_last):
@@ -44,7 +59,9 @@ def main(argv=None):
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint),
-                             {"augmentation": protocol_name, "epochs": args.epochs}, requested_record(args)):
+                             {"augmentation": protocol_name, "epochs": args.epochs, "lr": args.lr,
+                              "batch_size": args.batch_size, "weight_decay": args.weight_decay},
+                             requested_record(args)):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
@@ -62,7 +79,8 @@ def main(argv=None):
     if args.cached_features:
         train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
     probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
-                                              "knn_monitor_every": 0,
+                                              "knn_monitor_every": 0, "probed_epoch": loaded.epoch,
+                                              "probed_step": loaded.step,
                                               "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
                                               "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
     # The probe's checkpoint describes the images it is trained on, which --data_path may choose, not the run's.
@@ -70,8 +88,7 @@ def main(argv=None):
                                      fingerprint=evaluation.train_set.fingerprint)
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
-    probe_args.output_dir = str(loaded.run_dir / f"linear_{Path(loaded.checkpoint_name).stem}"
-                                                  f"{'_cached' if args.cached_features else ''}")
+    probe_args.output_dir = str(probe_dir(args, loaded))
     with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
