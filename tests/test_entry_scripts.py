@@ -320,3 +320,22 @@ def test_pixel_baseline_of_an_in_memory_set_takes_the_eval_crop(tmp_path):
              for s in (train, test)]
         assert record["metrics"] == knn_accuracy(x[0], train.labels, x[1], test.labels, 10, k=5, temperature=0.1)
     assert whole["metrics"] != small["metrics"]
+
+
+def test_pixel_k_means_is_fitted_on_the_split_fit_on_names(tmp_path, capsys):
+    """--baseline pixels --fit_on test fits k-means on the test images, as the record says (it used to fit on train
+    whatever the flag)."""
+    from clusterlab.data import load
+    from clusterlab.data.augment import EvalView
+    from clusterlab.eval.features import pixels
+    from clusterlab.eval.kmeans import kmeans_assign
+    from clusterlab.eval.metrics import cluster_metrics
+
+    entry_module("eval_cluster").main(["--baseline", "pixels", "--dataset", "digits", "--output_dir", str(tmp_path),
+                                       "--fit_on", "test", "--restarts", "1", "--plot", "false"])
+    capsys.readouterr()
+    [record] = records(tmp_path)
+    test = load("digits", "test")
+    test_x = pixels(test, EvalView.of(test.image_size, 0))
+    expected = cluster_metrics(test.labels.numpy(), kmeans_assign(test_x, test_x, 10, 1, 0), 10, 10)
+    assert record["protocol"]["fit_on"] == "test" and record["metrics"] == pytest.approx(expected, abs=0)

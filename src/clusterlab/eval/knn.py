@@ -59,14 +59,17 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes: int,
                    ks: Sequence[int], temperature: float = 0.1) -> dict[int, dict]:
     """{k: top-1 and top-5 accuracy} for every k in `ks` from one neighbour search, the widest; collective as
-    `knn_accuracy`, whose result it equals for each k."""
+    `knn_accuracy`, whose result it equals for each k. A top-5 hit needs a vote for the true class: where fewer than
+    five classes are voted for, the rest of a top-5 list are classes of score 0 in tie order, which upstream counts
+    (so that its top-5 depends on how the classes are numbered)."""
     found = nearest_train_samples(train_features, test_features, max(ks), split_over_ranks=True)
     truth = test_labels.to(found.indices.device)
     accuracies = {}
     for k in ks:
         top = class_votes(found, train_labels, num_classes, k, temperature).topk(min(5, num_classes), dim=1).indices
-        counts = torch.tensor([(top[:, 0] == truth).sum().item(), (top == truth[:, None]).any(1).sum().item(),
-                               len(truth)], dtype=torch.float64)
+        voted = (train_labels.to(truth.device)[found.indices[:, :k]] == truth[:, None]).any(1)
+        counts = torch.tensor([(top[:, 0] == truth).sum().item(),
+                               ((top == truth[:, None]).any(1) & voted).sum().item(), len(truth)], dtype=torch.float64)
         accuracies[k] = {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
     return accuracies
 

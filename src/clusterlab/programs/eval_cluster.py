@@ -59,7 +59,12 @@ def main(argv=None):
     if args.baseline:
         run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
         view = baseline_view(args, train_set)
-        fit_x, scored_x = pixels(train_set, view), pixels(scored_set, view)
+        if args.fit_on == "train":
+            fit_set = train_set
+        else:
+            fit_set = scored_set if args.split == "test" else open_pixel_baseline(args, "test")[3]
+        fit_x = pixels(fit_set, view)
+        scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view)
         if args.normalize:
             fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
         kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, "pixels",
