@@ -185,3 +185,14 @@ def test_the_chosen_head_comes_from_the_epoch_just_trained(tmp_path):
     expected = [means[f"head{h}_mean"] for h in range(2)]
     assert trainer.method.last_head_losses == pytest.approx(expected, rel=1e-6)
     assert trainer.method.chosen_head() == min(range(2), key=expected.__getitem__)
+
+
+def test_heads_of_different_sizes_are_compared_on_the_scale_of_log_k():
+    """Cross-entropy over K clusters is log K at uniform predictions: a 20-cluster head at loss 2.5 (0.83 log 20) has
+    learnt more than a 10-cluster head at 2.0 (0.87 log 10); heads of one size compare by their plain losses."""
+    from clusterlab.methods.cluster_base import lowest_loss_head
+
+    assert lowest_loss_head([2.0, 2.5], [10, 20]) == 1
+    assert lowest_loss_head([2.0, 2.5], [10, 10]) == 0 == lowest_loss_head([2.0, 2.5])
+    assert lowest_loss_head([], [10]) == 0
+    assert lowest_loss_head([0.0, 0.5], [1, 10]) == 0  # a one-cluster head: no division by log 1 = 0

@@ -2,13 +2,15 @@
 
 Each such method has one or more heads, each mapping an image to scores over its own number of classes. The
 predicted class of a head is the argmax of its scores. Which head to report is decided without labels: the head
-with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN's too). The per-head
+with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN's too), on the scale of
+log K where heads differ in size (`lowest_loss_head`). The per-head
 losses are summed over the epoch here and all-reduced when it ends (`on_epoch_end`), so every rank makes the same
 choice, and a run of one epoch chooses from that epoch.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +19,16 @@ import torch.nn as nn
 from .. import checkpoint, distributed
 from ..errors import ConfigError
 from .base import Method
+
+
+def lowest_loss_head(losses: list[float], sizes: list[int] | None = None) -> int:
+    """The head chosen without labels: the lowest mean training loss of the last epoch, each divided by log K (a
+    cross-entropy over K clusters is log K at uniform predictions) so that heads of different sizes (Self-Classifier
+    v2's) compare on one scale; among heads of one size, simply the lowest loss. 0 before any epoch."""
+    if not losses:
+        return 0
+    scale = torch.ones(len(losses)) if sizes is None else torch.tensor([math.log(max(k, 2)) for k in sizes])
+    return int((torch.tensor(losses) / scale).argmin())
 
 
 class ClusterMethod(Method):
@@ -40,9 +52,7 @@ class ClusterMethod(Method):
         raise NotImplementedError
 
     def chosen_head(self) -> int:
-        if not self.last_head_losses:
-            return 0
-        return int(torch.tensor(self.last_head_losses).argmin())
+        return lowest_loss_head(self.last_head_losses, self.head_sizes)
 
     # ---- per-head loss bookkeeping ----
     def record_head_losses(self, losses: list[torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..losses.scan import confident_cross_entropy
 from ..models import build_backbone
 from .base import Batch, DataInfo, Progress
-from .cluster_base import ClusterMethod
+from .cluster_base import ClusterMethod, lowest_loss_head
 from .scan_base import add_strong_augment_args, require_in_memory
 
 
@@ -80,7 +80,7 @@ class SCANSelfLabel(ClusterMethod):
             raise ConfigError(f"--pretrained {source!r} was trained by method {state.get('method')!r}; scan_selflabel "
                               f"starts from a scan run (main_cluster.py --method scan)")
         model, losses = state["model"], state.get("method_state", {}).get("last_head_losses", [])
-        chosen = int(torch.tensor(losses).argmin()) if losses else 0
+        chosen = lowest_loss_head(losses)  # SCAN's heads are of one size
         prefix = f"heads.{chosen}."
         if not any(key.startswith(prefix) for key in model):
             raise ConfigError(f"--pretrained {source!r} holds no head {chosen} (method {state.get('method')!r}); "
