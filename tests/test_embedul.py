@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,19 @@ def test_pipeline_loads_the_encoder_resumes_with_the_same_head_and_is_scored(sup
     chosen = [r["protocol"]["head"] for r in records if r["protocol"]["chosen"]]
     assert chosen == [min(range(5), key=losses.__getitem__)]
     assert all(r["protocol"]["assignment"] == "head" and r["split"] == "test" for r in records)
+
+
+def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tmp_path):
+    """Its normalisation comes from its own checkpoint once it has one (the --pretrained run is read at the start
+    only)."""
+    source, stage2 = tmp_path / "sand", tmp_path / "embedul"
+    shutil.copytree(superand_run, source)
+    run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1", "--pretrained", str(source), "--output_dir",
+        str(stage2))
+    shutil.rmtree(source)
+    resumed = run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "2", "--pretrained", str(source),
+                  "--output_dir", str(stage2))
+    assert "from epoch 1 step 0" in resumed.stdout
 
 
 def test_pretrained_of_another_width_is_refused(superand_run, tmp_path):

@@ -4,6 +4,7 @@ was never stopped. A command whose run-defining flags differ from the checkpoint
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -177,7 +178,61 @@ def test_a_signal_during_the_last_checkpoint_finishes_the_run_then_exits_for_the
     run_dir = tmp_path / "run"
     result = run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
     assert result.returncode == 75, result.stderr
-    assert "SIGUSR2 during the last epoch's checkpoint: training is complete" in result.stdout
+    assert "SIGUSR2 at the end of the last epoch: training is complete" in result.stdout
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["epoch"]) == ("finished", 1)
     assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 1
+
+
+def signal_when(monkeypatch, method_name: str, moment) -> None:
+    """A stop signal (as its handler records one) when Trainer.`method_name` is called with arguments for which
+    `moment(*args)` holds, before the call runs."""
+    from clusterlab import engine, signals
+
+    original = getattr(engine.Trainer, method_name)
+
+    def signalled(trainer, *args, **kwargs):
+        if moment(trainer, *args):
+            monkeypatch.setattr(signals, "_received", signal.SIGUSR2)
+        return original(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(signals, "_received", None)
+    monkeypatch.setattr(signals, "_deferring", False)
+    monkeypatch.setattr(engine.Trainer, method_name, signalled)
+
+
+def test_a_signal_during_an_epochs_knn_monitor_stops_before_the_next_epoch(run_in_process, monkeypatch, tmp_path):
+    """After the last step's check, the epoch's end (monitor, checkpoint) runs on; the signal is acted on once it is
+    over: saved at (1, 0), nothing of epoch 2 started."""
+    signal_when(monkeypatch, "knn_monitor", lambda trainer, epoch: epoch == 0)
+    run_dir = tmp_path / "run"
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 2, "--knn_monitor_every", 1, "--output_dir",
+                            run_dir)
+    assert result.returncode == 75, result.stderr
+    assert f"SIGUSR2: saved {run_dir / 'checkpoint.pth'} at epoch 1 step 0" in result.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["epoch"], status["step"]) == ("interrupted", 1, 0)
+    assert {r["epoch"] for r in logged_steps(run_dir)} == {0}
+
+
+def test_a_signal_at_the_last_step_of_the_run_finishes_it(run_in_process, monkeypatch, tmp_path):
+    signal_when(monkeypatch, "step", lambda trainer, batch, progress: (progress.epoch, progress.step + 1) == (
+        trainer.args.epochs - 1, trainer.steps_per_epoch))
+    run_dir = tmp_path / "run"
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
+    assert result.returncode == 75, result.stderr
+    assert "SIGUSR2 at the end of the last epoch: training is complete" in result.stdout
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_knn_monitor_without_test_data_is_refused_before_training(tmp_path):
+    from fabricate import make_mixed_imagefolder
+
+    make_mixed_imagefolder(tmp_path / "data", n_per_class=4, classes=2)
+    shutil.rmtree(tmp_path / "data" / "test", ignore_errors=True)
+    shutil.rmtree(tmp_path / "data" / "val", ignore_errors=True)
+    run_dir = tmp_path / "run"
+    result = run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
+                        "--size_crops", 8, "--batch_size", 4, "--knn_monitor_every", 1, "--output_dir", run_dir)
+    assert_user_error(result, "main_pretrain.py", "no val or test")
+    assert not (run_dir / "train_log.jsonl").exists() and not (run_dir / "checkpoint.pth").exists()

@@ -281,6 +281,19 @@ class Trainer:
         self.save(done, 0, names)
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
+        # A signal during the monitor or the checkpoint is acted on now, not after the next epoch's start and step.
+        self.stop_requested = self.stop_requested or self.signal_received_anywhere()
+
+    def signal_received_anywhere(self) -> bool:
+        """Whether a stop signal reached any rank (collective)."""
+        flag = torch.tensor([float(signals.received() is not None)], device=self.ctx.device)
+        distributed.all_reduce_max(flag)
+        return bool(flag[0])
+
+    def requeue_now(self, epoch: int, completed: bool) -> bool:
+        """Whether to save and requeue after `epoch`: a stop signal came, and training is not complete (a signal
+        during the last epoch's end leaves `finish` to record the run finished, then exit for the requeue)."""
+        return self.stop_requested and not (completed and epoch + 1 == self.args.epochs)
 
     def weights_finite(self) -> bool:
         """Whether every parameter is finite on every rank (collective)."""
@@ -292,11 +305,8 @@ class Trainer:
     def knn_monitor(self, epoch: int) -> None:
         """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from
         eval_knn.py on the last checkpoint; the best epoch here is only ever a flagged value)."""
-        from .data import load
         from .eval.knn import monitor
 
-        if self.monitor_set is None:
-            self.monitor_set = load(self.args.dataset, "test", self.args.data_path)
         source = self.args.knn_monitor_features
         if source == "auto":
             source = "memory_bank" if hasattr(self.method, "memory_bank") else "recomputed"
@@ -311,14 +321,14 @@ class Trainer:
                   f"{scores['top1']:.4f}", flush=True)
 
     def finish(self) -> None:
-        """status "finished"; a stop signal that came after the last step's check (during the last epoch's kNN
-        monitor or checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued
-        allocation, which finds training finished."""
+        """status "finished"; a stop signal that came at the end of the last epoch (its last step, kNN monitor or
+        checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued allocation, which
+        finds training finished."""
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
             print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
             if signals.received() is not None:
-                print(f"{signals.name()} during the last epoch's checkpoint: training is complete; exiting for the "
+                print(f"{signals.name()} at the end of the last epoch: training is complete; exiting for the "
                       f"requeue", flush=True)
         signals.defer(False)
 
@@ -437,6 +447,12 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
         raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
                           f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
+    if args.knn_monitor_every:
+        from .data import load
+
+        # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
+        # (an epoch trained, then lost to the monitor's error at every start).
+        trainer.monitor_set = load(args.dataset, "test", args.data_path)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)

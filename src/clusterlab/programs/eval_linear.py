@@ -106,7 +106,7 @@ def main(argv=None):
                     print(f"epoch {epoch + 1}/{args.epochs}: test top1 {scores['top1']:.4f} "
                           f"top5 {scores['top5']:.4f}")
                 trainer.end_of_epoch(epoch)
-            if trainer.stop_requested:
+            if trainer.requeue_now(epoch, completed):
                 trainer.save_and_requeue()
         trainer.finish()
 

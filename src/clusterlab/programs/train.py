@@ -60,11 +60,13 @@ def main(kind: str, argv=None):
         engine.seed_everything(args.seed)
         train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
         pretrained = getattr(args, "pretrained", None)
+        resuming = (Path(args.output_dir) / "checkpoint.pth").exists()
         if pretrained and not args.mean:
-            # both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train)
-            args.mean, args.std = pretrained_normalisation(pretrained)
+            # Both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train); a run
+            # that resumes reads them from its own checkpoint: the pre-trained run may since have moved or changed.
+            args.mean, args.std = pretrained_normalisation(args.output_dir if resuming else pretrained)
         method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
-        if pretrained and not (Path(args.output_dir) / "checkpoint.pth").exists():
+        if pretrained and not resuming:
             source = method.load_pretrained(pretrained)
             if ctx.is_main:
                 print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
@@ -76,7 +78,7 @@ def main(kind: str, argv=None):
             start_step = 0
             if completed:
                 trainer.end_of_epoch(epoch)  # kNN monitor, checkpoint.pth, checkpoint_epNNNN.pth, status.json
-            if trainer.stop_requested:
+            if trainer.requeue_now(epoch, completed):
                 trainer.save_and_requeue()   # a pre-emption or time-limit signal: checkpoint here, exit 75
         trainer.finish()
     distributed.shutdown()
