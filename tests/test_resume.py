@@ -236,3 +236,20 @@ def test_a_knn_monitor_without_test_data_is_refused_before_training(tmp_path):
                         "--size_crops", 8, "--batch_size", 4, "--knn_monitor_every", 1, "--output_dir", run_dir)
     assert_user_error(result, "main_pretrain.py", "no val or test")
     assert not (run_dir / "train_log.jsonl").exists() and not (run_dir / "checkpoint.pth").exists()
+
+
+def test_a_failure_after_the_run_finished_leaves_it_finished(run_in_process, monkeypatch, tmp_path):
+    """A signal at the end of the last epoch is handed to the previous handler once the run is finished; submitit's
+    raises when its requeues are used up. The run's training is complete: its status stays "finished"."""
+    from clusterlab import signals
+
+    def requeues_used_up():
+        raise RuntimeError("the job has used up its requeues")
+
+    signal_when(monkeypatch, "step", lambda trainer, batch, progress: (progress.epoch, progress.step + 1) == (
+        trainer.args.epochs - 1, trainer.steps_per_epoch))
+    monkeypatch.setattr(signals, "leave", requeues_used_up)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="used up its requeues"):
+        run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

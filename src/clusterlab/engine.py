@@ -101,6 +101,7 @@ class Trainer:
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.stop_requested = False
+        self.finished = False  # status "finished" written: what fails after it (handing a signal over) is not training
         self.monitor_set = None
         # Sums of the logged terms over the epoch's steps so far: saved with a mid-epoch checkpoint, so that the
         # epoch_end means of a resumed epoch cover all its steps, as in an uninterrupted run.
@@ -324,6 +325,7 @@ class Trainer:
         """status "finished"; a stop signal that came at the end of the last epoch (its last step, kNN monitor or
         checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued allocation, which
         finds training finished."""
+        self.finished = True
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
             print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
@@ -416,8 +418,9 @@ class OwnedRun:
         return self.trainer is not None
 
     def record_failure(self, reason: str) -> None:
-        """status.json "failed" at the step that failed (for a file system that refuses even that, nothing)."""
-        if self.trainer is None:
+        """status.json "failed" at the step that failed (for a file system that refuses even that, nothing); a run
+        whose training finished stays "finished" (submitit's handler, given a late signal, may raise after it)."""
+        if self.trainer is None or self.trainer.finished:
             return
         epoch, step = self.trainer.position
         with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 _previous: dict = {}
 _received: int | None = None
 _deferring = False
+_leaving = False
 
 
 def install() -> None:
@@ -37,7 +38,9 @@ def _handle(signum, frame) -> None:
     global _received
     if _received is None:
         _received = signum
-    if not _deferring:
+    # A second signal while leaving (under Slurm a task often gets TERM from slurmstepd and again from the batch
+    # shell's trap) must not run the previous handler (submitit's requeue) a second time, nor exit from inside it.
+    if not _deferring and not _leaving:
         leave()
 
 
@@ -60,6 +63,8 @@ def name() -> str:
 
 def leave() -> None:
     """Hand the signal to the handler that was there before ours (submitit's requeues the job), then exit 75."""
+    global _leaving
+    _leaving = True
     signum = _received or signal.SIGUSR2
     previous = _previous.get(signum)
     if callable(previous):
