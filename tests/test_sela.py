@@ -341,18 +341,14 @@ def test_main_cluster_sela_run_writes_labels_that_reload(tmp_path):
     assert [tuple(x.shape) for x in logits] == [(3, 10), (3, 10)] and loaded.method.head_sizes == [10, 10]
 
 
-def test_a_labelling_chunk_of_one_image_per_process_is_refused_at_the_start():
-    """The train-mode labelling pass takes batch statistics over each chunk: a process given one image of it failed
-    in the middle of training with a traceback. Refused at the start, naming a size that works."""
-    from clusterlab.errors import ConfigError
-    from clusterlab.methods.sela import check_label_chunks, label_chunk_shares
-
-    assert label_chunk_shares(898, 299, 1) == {299, 1} and label_chunk_shares(898, 512, 2) == {256, 193}
-    assert label_chunk_shares(10, 4, 4) == {1, 0}  # shares of 1 and an empty one for the fourth process
-    check_label_chunks(898, 512, 1)
-    with pytest.raises(ConfigError, match=r"--label_batch_size 299 leaves a process one image .*898 images over 1 "
-                                          r"process.* use --label_batch_size 300, or --label_view eval"):
-        check_label_chunks(898, 299, 1)
-    check_label_chunks(898, 300, 1)
-    with pytest.raises(ConfigError, match=r"use --label_view eval$"):  # no size splits 10 images over 4 that way
-        check_label_chunks(10, 4, 4)
+def test_a_labelling_chunk_of_one_image_goes_through_twice_with_its_own_statistics(tmp_path):
+    """898 digits in chunks of 299 leave one image: at 8 pixels the ResNet's last batch norm sees one value per
+    channel, which train mode cannot normalise (the run crashed mid-training). Two copies of an image have its own
+    mean and variance, so where one image alone works its features are unchanged."""
+    bn = nn.BatchNorm2d(3).train()
+    alone = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(bn(torch.cat([alone, alone]))[:1], bn(alone), rtol=0, atol=1e-6)
+    done = run_script("main_cluster.py", "--method", "sela", "--dataset", "digits", "--width", 4, "--size_crops", 8,
+                      "--batch_size", 64, "--label_batch_size", 299, "--nopts", 2, "--epochs", 1, "--device", "cpu",
+                      "--output_dir", tmp_path / "run")
+    assert_ok(done)

@@ -91,28 +91,6 @@ def initial_labels(heads: int, num_samples: int, classes: int, seed: int) -> tor
     return torch.stack([balanced[torch.randperm(num_samples, generator=generator)] for _ in range(heads)])
 
 
-
-def label_chunk_shares(num_images: int, label_batch_size: int, world: int) -> set[int]:
-    """The numbers of images a process gets in a labelling chunk: `label_batch_size` split over the processes, and
-    the last chunk's remainder split as the training batches split theirs (0 for a process it leaves out)."""
-    local = -(-label_batch_size // world)
-    rest = num_images % (local * world)
-    share = -(-rest // world)
-    return {local} | {min(max(rest - rank * share, 0), share) for rank in range(world) if rest}
-
-
-def check_label_chunks(num_images: int, label_batch_size: int, world: int) -> None:
-    """The train-mode labelling pass normalises each chunk by its own batch statistics, which one image cannot give:
-    a --label_batch_size that leaves a process one image of a chunk is refused at the start, with one that does not."""
-    if 1 not in label_chunk_shares(num_images, label_batch_size, world):
-        return
-    fits = next((size for size in range(max(label_batch_size, 2 * world), num_images + 2 * world + 1)
-                 if 1 not in label_chunk_shares(num_images, size, world)), None)
-    instead = f"--label_batch_size {fits}, or --label_view eval" if fits else "--label_view eval"
-    raise ConfigError(f"--label_batch_size {label_batch_size} leaves a process one image of a labelling chunk "
-                      f"({num_images} images over {world} process(es)); batch norm in the train-mode labelling pass "
-                      f"needs two: use {instead}")
-
 class SeLa(ClusterMethod):
     name = "sela"
 
@@ -165,10 +143,6 @@ class SeLa(ClusterMethod):
 
     def attach_data(self, train_set) -> None:
         self.train_set = train_set
-        if self.args.label_view == "train":
-            check_label_chunks(len(train_set), self.args.label_batch_size, distributed.world_size())
-        if self.args.label_view == "train":
-            check_label_chunks(len(train_set), self.args.label_batch_size, distributed.world_size())
 
     # ---- heads ----
     @property
@@ -245,7 +219,11 @@ class SeLa(ClusterMethod):
                              else self.label_augment.apply_cut(batch, chunk_params))
                 else:
                     views = eval_view(batch, size, self.info.mean, self.info.std)
-                features.append(self.backbone(views).float())
+                # Batch norm in train mode needs two values per channel: a lone image (the remainder of a chunk)
+                # goes through twice, which leaves its batch statistics, and so its features, those of it alone.
+                lone = train_view and len(views) == 1
+                out = self.backbone(torch.cat([views, views]) if lone else views).float()
+                features.append(out[:1] if lone else out)
             # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass.
             for _ in range(len(chunks) - len(features)):
                 empty = torch.zeros(0, self.info.channels, size, size, device=self.device)
