@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clusterlab import rundir
 from clusterlab.slurm.grid import load_grid, run_name
 from clusterlab.slurm.sbatch import recipe_scripts
 
@@ -339,9 +340,11 @@ def test_grid_evaluations_follow_checkpoint_epochs(tmp_path):
                                                                      "epochs": [2, 4, 6, "final"]}),
                      tmp_path / "runs")
     run = grid.runs[0]
-    assert run.flags["checkpoint_epochs"] == [2, 4]  # 6 is past the run's 4 epochs
-    assert [e.checkpoint for e in run.evals] == ["checkpoint_ep0002.pth", "checkpoint_ep0004.pth", "checkpoint.pth"]
-    assert [e.weights_epoch for e in run.evals] == [2, 4, 4]
+    # 6 is past the run's 4 epochs; 4 is its final checkpoint's weights, evaluated once (two jobs would train one
+    # linear probe folder at once)
+    assert run.flags["checkpoint_epochs"] == [2]
+    assert [e.checkpoint for e in run.evals] == ["checkpoint_ep0002.pth", "checkpoint.pth"]
+    assert [e.weights_epoch for e in run.evals] == [2, 4]
 
 
 def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
@@ -352,16 +355,22 @@ def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
 
 
 def test_eval_resources_default_key_by_key_to_the_training_resources(tmp_path):
-    grid = load_grid(grid_file(tmp_path, resources={"gpus_per_node": 2, "partition": "gpu", "account": "proj1",
-                                                    "mem_gb": 50},
+    """Each key eval_resources leaves out is the training job's, except its shape: an evaluation runs on one node,
+    a task per GPU."""
+    grid = load_grid(grid_file(tmp_path, resources={"nodes": 2, "gpus_per_node": 2, "partition": "gpu",
+                                                    "account": "proj1", "mem_gb": 50},
                                eval_resources={"timeout_min": 30, "gpus_per_node": 1}), tmp_path / "runs")
-    assert grid.eval_resources == {**grid.resources, "timeout_min": 30, "gpus_per_node": 1, "tasks_per_node": 1}
-    assert (grid.resources["tasks_per_node"], grid.eval_resources["account"]) == (2, "proj1")
+    assert grid.eval_resources == {**grid.resources, "timeout_min": 30, "gpus_per_node": 1, "tasks_per_node": 1,
+                                   "nodes": 1}
+    assert (grid.resources["nodes"], grid.resources["tasks_per_node"], grid.eval_resources["account"]) == (2, 2, "proj1")
+    alike = load_grid(grid_file(tmp_path, resources={"nodes": 2, "gpus_per_node": 2}), tmp_path / "runs")
+    assert alike.eval_resources == alike.resources  # no eval_resources: the training job's, shape included
 
 
 def test_pending_evaluations_follow_the_epoch_and_the_flags_the_grid_asks_for(tmp_path):
     """A record of checkpoint.pth from before the run's last epoch is of other weights; flags the grid changed since
-    the last evaluation job ask for another one (the program's --skip_recorded then runs only what is new)."""
+    the last evaluation job that succeeded ask for another one (the program's --skip_recorded then runs only what
+    is new), until a job with them succeeds."""
     from clusterlab.programs.launch import pending_evals, record_job
 
     def run_for(knn_flags):
@@ -382,11 +391,20 @@ def test_pending_evaluations_follow_the_epoch_and_the_flags_the_grid_asks_for(tm
     [(program, argv)] = pending_evals(run, set())["checkpoint.pth"]
     metrics.write_text(knn_record(2) + knn_record(4))
     assert pending_evals(run, set()) == {}
-    job = type("Job", (), {"job_id": "7", "paths": type("Paths", (), {"folder": str(tmp_path / "logs")})()})()
-    record_job(run, job, "eval checkpoint.pth", "checkpoint.pth", [(program, argv)])
+    def job(job_id, commands, done):
+        submitted = type("Job", (), {"job_id": job_id, "paths": type("Paths", (), {"folder": str(tmp_path)})()})()
+        record_job(run, submitted, "eval checkpoint.pth", "checkpoint.pth", commands)
+        if done:  # what ProgramJob appends once its programs succeeded
+            rundir.append_jsonl(run.run_dir / "slurm" / "jobs.jsonl", {"job_id": job_id, "done": "then"})
+
+    job("7", [(program, argv)], done=True)
     assert pending_evals(run, set()) == {}
     changed = run_for({"k": [20]})
-    assert [p for p, _ in pending_evals(changed, set())["checkpoint.pth"]] == ["eval_knn.py"]
+    [(_, changed_argv)] = pending_evals(changed, set())["checkpoint.pth"]
+    job("8", [(program, changed_argv)], done=False)  # failed: asked again
+    assert list(pending_evals(changed, set())) == ["checkpoint.pth"]
+    job("9", [(program, changed_argv)], done=True)
+    assert pending_evals(changed, set()) == {}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)

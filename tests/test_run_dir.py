@@ -212,8 +212,8 @@ def test_without_hard_links_the_lock_is_created_in_place(tmp_path, monkeypatch):
     assert not (tmp_path / rundir.LOCK_NAME).exists()
 
 
-@pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname()],
-                         ids=["not-an-object", "pid-not-a-number"])
+@pytest.mark.parametrize("text", ["[]\n", '{"host": "%s", "pid": "x"}\n' % socket.gethostname(), "{}\n"],
+                         ids=["not-an-object", "pid-not-a-number", "no-pid"])
 def test_a_lock_this_code_did_not_write_is_taken_over(tmp_path, text):
     (tmp_path / rundir.LOCK_NAME).write_text(text)
     rundir.RunLock(tmp_path).acquire()

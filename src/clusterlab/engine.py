@@ -7,7 +7,7 @@ The programs keep the loop over epochs visible (programs/train.py); this module 
         start_step = 0
         if completed:
             trainer.end_of_epoch(epoch)                          # kNN monitor, checkpoint.pth, checkpoint_epNNNN.pth
-        if trainer.stop_requested:
+        if trainer.requeue_now(epoch, completed):                # a stop signal, and training not complete
             trainer.save_and_requeue()                           # checkpoint where it stands, exit 75
     trainer.finish()
 
@@ -23,8 +23,9 @@ epoch's last step `on_epoch_end`; `param_groups` decides the optimiser's groups 
 weight decay).
 
 Signals (signals.py): while an epoch runs, SIGUSR2 / SIGTERM are only remembered; every rank stops at the next
-step boundary, rank 0 writes checkpoint.pth, and the process exits with status 75 (run the same command again to
-resume; submitit and the sbatch scripts requeue the job).
+step boundary (or, for a signal during an epoch's monitor or checkpoint, once they are done), rank 0 writes
+checkpoint.pth, and the process exits with status 75 (run the same command again to resume; submitit and the
+sbatch scripts requeue the job). At the end of the last epoch the run is finished first.
 """
 from __future__ import annotations
 
@@ -325,13 +326,13 @@ class Trainer:
         """status "finished"; a stop signal that came at the end of the last epoch (its last step, kNN monitor or
         checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued allocation, which
         finds training finished."""
-        self.finished = True
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
             print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
             if signals.received() is not None:
                 print(f"{signals.name()} at the end of the last epoch: training is complete; exiting for the "
                       f"requeue", flush=True)
+        self.finished = True
         signals.defer(False)
 
     def save_and_requeue(self) -> None:

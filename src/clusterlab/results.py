@@ -86,7 +86,7 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
                 and dataset in (None, record.get("dataset"))
                 and (position is None or (record.get("epoch"), record.get("step", 0)) == tuple(position))
                 and any(all((record.get("protocol") or {}).get(k) == v for k, v in protocol.items())
-                        for protocol in protocols or [{}])):
+                        for protocol in ([{}] if protocols is None else protocols))):
             return True
     return False
 

@@ -213,7 +213,7 @@ class RunLock:
         except (FileExistsError, FileNotFoundError):  # taken; or our copy removed by the holder's remove_leftovers
             return False
         except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             return self._create_in_place(text)
         finally:
@@ -239,7 +239,7 @@ class RunLock:
             return {}
         except (OSError, ValueError):
             return None  # a lock cut short by a crash while it was written
-        if not isinstance(holder, dict) or not isinstance(holder.get("pid", 0), int):
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
             return None  # not a lock this code wrote: nobody can hold it
         return holder
 

@@ -40,7 +40,9 @@ def test_grid_runs_trains_evaluates_and_collects(slurm, tmp_path):
         assert json.loads((run / "status.json").read_text())["state"] == "finished"
         kinds = sorted(r["eval"] for r in records(run))
         assert kinds == ["cluster", "knn"], (run, kinds)
-        assert (run / "slurm" / "jobs.jsonl").is_file()
+        jobs = [json.loads(line) for line in (run / "slurm" / "jobs.jsonl").read_text().splitlines()]
+        [evaluation] = [job["job_id"] for job in jobs if job.get("kind") == "eval"]
+        assert [job["job_id"] for job in jobs if job.get("done")] == [evaluation]  # the job said it succeeded
     # launching again finds everything done and submits nothing
     again = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
     assert "submitted" not in again.stdout and again.stdout.count("finished") == 4

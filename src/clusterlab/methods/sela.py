@@ -198,7 +198,12 @@ class SeLa(ClusterMethod):
         local = -(-args.label_batch_size // world)
         chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(),
                                            seed=args.seed + LABEL_ORDER_SEED, drop_last=False)
-        positions = torch.cat([idx for idx, _, _ in chunks.plan(self.next_relabel)])
+        plan = chunks.plan(self.next_relabel)
+        positions = torch.cat([idx for idx, _, _ in plan])
+        # The images each batch-norm pass normalises over: the whole chunk with synchronised batch norm, else each
+        # process's share of it.
+        normalised_over = ([total for _, total, _ in plan] if args.sync_bn and world > 1
+                           else [len(idx) for idx, _, _ in plan])
         train_view = args.label_view == "train"
         params = self.label_augment.sample(len(images))[0] if train_view else None
         crop = self.label_augment.crops[0]
@@ -211,8 +216,8 @@ class SeLa(ClusterMethod):
         features = []
         try:
             # Every chunk but the last gives this rank exactly `local` images, so these batches are its chunks.
-            for batch, idx in data_loader.sequential(images, positions, local, args.workers, self.device,
-                                                     self.eval_view, files_crop):
+            for chunk, (batch, idx) in enumerate(data_loader.sequential(images, positions, local, args.workers,
+                                                                        self.device, self.eval_view, files_crop)):
                 if train_view:
                     chunk_params = params.take(idx)
                     views = (self.label_augment.apply(batch, chunk_params, size) if images.in_memory
@@ -221,7 +226,7 @@ class SeLa(ClusterMethod):
                     views = eval_view(batch, size, self.info.mean, self.info.std)
                 # Batch norm in train mode needs two values per channel: a lone image (the remainder of a chunk)
                 # goes through twice, which leaves its batch statistics, and so its features, those of it alone.
-                lone = train_view and len(views) == 1
+                lone = train_view and normalised_over[chunk] == 1
                 out = self.backbone(torch.cat([views, views]) if lone else views).float()
                 features.append(out[:1] if lone else out)
             # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass.

@@ -40,8 +40,10 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     distributed.configure_threads()
     checkpoint_name = requested_checkpoint_name(args.run, args.checkpoint)
+    # top5 "voted": a top-5 hit needs a neighbour of the true class (eval/knn.py; records without the key counted
+    # unvoted classes too, as upstream does).
     protocols = {k: {"k": k, "temperature": args.temperature, "features": "pixels" if args.baseline else args.features,
-                     "train_features": args.train_features, "fit_on": "train", "selection": "last"}
+                     "train_features": args.train_features, "fit_on": "train", "selection": "last", "top5": "voted"}
                  for k in dict.fromkeys(args.k)}
     wanted = requested_record(args)
     for k in list(protocols):

@@ -160,23 +160,26 @@ def queued_evals(run_dir: Path, in_queue: set) -> dict:
     return queued
 
 
-def submitted_argv(run_dir: Path) -> dict:
-    """(checkpoint, program) -> the command line of the last evaluation job submitted for it (jobs recorded before
-    jobs kept their command lines: none)."""
+def evaluated_argv(run_dir: Path) -> dict:
+    """(checkpoint, program) -> the command line of the last evaluation job of it that succeeded (its `done` line;
+    jobs recorded before jobs kept their command lines: none)."""
+    jobs = recorded_jobs(run_dir)
+    done = {job["job_id"] for job in jobs if job.get("done")}
     argv = {}
-    for job in recorded_jobs(run_dir):
-        for program, words in (job.get("commands") or {}).items():
-            argv[(job.get("checkpoint"), program)] = words
+    for job in jobs:
+        if job["job_id"] in done:
+            for program, words in (job.get("commands") or {}).items():
+                argv[(job.get("checkpoint"), program)] = words
     return argv
 
 
 def pending_evals(run: RunSpec, in_queue: set) -> dict:
     """checkpoint -> [(program, argv)] of the evaluations to submit: no job in the queue will make their record, and
     the run holds no record of that kind of the checkpoint at the epoch it is asked at (checkpoint.pth moves on as a
-    run trains), or the grid now asks for it with other flags than the last job did (the program's --skip_recorded
-    then runs only what is not recorded with the flags it is given)."""
+    run trains), or the grid now asks for it with other flags than the last job that succeeded (the program's
+    --skip_recorded then runs only what is not recorded with the flags it is given)."""
     queued = queued_evals(run.run_dir, in_queue)
-    last_argv = submitted_argv(run.run_dir)
+    last_argv = evaluated_argv(run.run_dir)
     grouped: dict = {}
     for spec in run.evals:
         if spec.program in queued.get(spec.checkpoint, ()):
@@ -294,7 +297,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
             if parent is not None and cluster != "slurm" and not returned(parent):
                 continue
             with refused_by_sbatch(f"the evaluation job of {run.name} ({checkpoint})", submitted):
-                job = executor.submit(ProgramJob(commands))
+                job = executor.submit(ProgramJob(commands, done_log=str(run.run_dir / "slurm" / "jobs.jsonl")))
             record_job(run, job, f"eval {checkpoint}", checkpoint, commands)
             submitted.append(job)
             eval_count += 1

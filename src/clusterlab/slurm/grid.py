@@ -19,7 +19,7 @@
       flags: {eval_cluster.py: {clusters: [10, 20]}}
       epochs: [2]                      # checkpoint_epNNNN of these epochs; `final` (default) = checkpoint.pth
     resources: {gpus_per_node: 1, cpus_per_task: 2, mem_gb: 8, timeout_min: 60}
-    eval_resources: {timeout_min: 30}  # each key not given: as in resources
+    eval_resources: {timeout_min: 30}  # each key not given: as in resources (nodes and tasks_per_node: defaults)
 
 Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
 the program does not have, values of the wrong type, resources Slurm cannot take (negative memory, zero nodes) and
@@ -185,7 +185,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             if config_file:
                 config_file = find_config(config_file, path, f"grid {str(path)!r}")
             layers = [*(config_layers(config_file) if config_file else []),
-                      (f"grid {str(path)!r}", {**flags, **stage.get("flags", {}), **own})]
+                      (f"grid {str(path)!r}", {**flags, **(stage.get("flags") or {}), **own})]
             program = training_program({k: v for _, layer in layers for k, v in layer.items()},
                                        stage.get("program"), f"grid {str(path)!r}")
             # The grid's own values override its config's, whatever spelling (flag or alias) each uses.
@@ -220,7 +220,10 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     eval_given = spec.get("eval_resources") or {}
     if not isinstance(eval_given, dict):
         _fail(path, "eval_resources must be a mapping")
-    eval_resources = resolve_resources(path, {**(spec.get("resources") or {}), **eval_given}, "eval_resources")
+    # The shape of the training job (nodes, tasks) is not inherited: an evaluation's is one node, a task per GPU.
+    inherited = {key: value for key, value in (spec.get("resources") or {}).items()
+                 if key not in ("nodes", "tasks_per_node") or not eval_given}
+    eval_resources = resolve_resources(path, {**inherited, **eval_given}, "eval_resources")
     return Grid(name, path, runs, resources, eval_resources)
 
 
@@ -288,8 +291,8 @@ def _eval_spec(path, evals) -> dict:
 def _expand_evals(evals: dict, run: RunSpec, epochs: int) -> list[EvalSpec]:
     specs = []
     for epoch in evals["epochs"]:
-        if epoch != "final" and epochs and epoch > epochs:
-            continue
+        if epoch != "final" and epochs and (epoch > epochs or (epoch == epochs and "final" in evals["epochs"])):
+            continue  # past the run's end, or its final checkpoint (the same weights), evaluated once
         checkpoint = "checkpoint.pth" if epoch == "final" else f"checkpoint_ep{epoch:04d}.pth"
         for program in evals["programs"]:
             flags = {"run": str(run.run_dir), "checkpoint": checkpoint, "skip_recorded": True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import submitit
 
-from .. import signals
+from .. import rundir, signals
 from ..programs import PROGRAMS
 
 
@@ -23,8 +23,10 @@ class ProgramJob:
     """Runs programs in order, in the directory the job was submitted from (relative paths mean what they meant
     there), from the installed package: nothing depends on where the repository is."""
 
-    def __init__(self, commands: list[tuple[str, list[str]]], workdir: str | None = None):
-        self.commands, self.workdir = commands, workdir or os.getcwd()
+    def __init__(self, commands: list[tuple[str, list[str]]], workdir: str | None = None,
+                 done_log: str | None = None):
+        """`done_log`: a jobs.jsonl that rank 0 tells, once every program has succeeded, that this job is done."""
+        self.commands, self.workdir, self.done_log = commands, workdir or os.getcwd(), done_log
 
     def __call__(self) -> list[str]:
         signals.install()
@@ -32,10 +34,13 @@ class ProgramJob:
         os.chdir(self.workdir)
         for program, argv in self.commands:
             PROGRAMS[program].main(argv)
+        environment = submitit.JobEnvironment()
+        if self.done_log and environment.global_rank == 0:
+            rundir.append_jsonl(self.done_log, {"job_id": str(environment.job_id), "done": rundir.now_iso()})
         return [program for program, _ in self.commands]
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.workdir))
+        return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.workdir, self.done_log))
 
 
 def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None
