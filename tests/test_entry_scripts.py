@@ -20,8 +20,8 @@ from clusterlab.eval.knn import knn_accuracy
 from clusterlab.eval.metrics import cluster_metrics
 from conftest import assert_ok, copy_run, entry_module, run_script
 
-RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "step", "checkpoint", "seed", "eval", "protocol",
-               "metrics", "created", "git_commit", "git_dirty"}
+RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "step", "checkpoint", "seed", "eval",
+               "protocol", "metrics", "created", "git_commit", "git_dirty"}
 
 
 def records(run_dir) -> list[dict]:

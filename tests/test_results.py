@@ -244,7 +244,8 @@ def test_the_footnote_names_the_runs_of_the_records_the_table_counts(tmp_path):
     """An evaluation by dirty code, then repeated by clean code: the row counts the newest record, and so does its
     footnote."""
     root = tmp_path / "runs"
-    write_jsonl(root / "r" / "metrics.jsonl", [{**record(run="r", acc=0.4), **DIRTY}, {**record(run="r", acc=0.5), **CLEAN}])
+    write_jsonl(root / "r" / "metrics.jsonl",
+                [{**record(run="r", acc=0.4), **DIRTY}, {**record(run="r", acc=0.5), **CLEAN}])
     (root / "r" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {}, **CLEAN}))
     out = tmp_path / "tables"
     assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))

@@ -37,7 +37,8 @@ def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, position
     epoch, step = position or (None, None)
     return {"run": run, "method": args.method, "dataset": args.dataset, "split": split,
             "backbone": backbone_label(args.arch, args.width) if getattr(args, "arch", None) else "none",
-            "epoch": epoch, "step": step, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None), "eval": eval_kind,
+            "epoch": epoch, "step": step, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None),
+            "eval": eval_kind,
             "protocol": protocol, "metrics": metrics, "created": rundir.now_iso(), **git_state()}
 
 

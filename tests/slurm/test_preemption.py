@@ -86,7 +86,8 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
     job = submit(run, tmp_path)
     moments = []
     # 1. at once: the batch shell has installed its traps (its first lines; it links its log into the run's slurm/
-    # folder soon after) and Python is still starting up. A signal before the shell's first line meets no trap and kills it
+    # folder soon after) and Python is still starting up. A signal before the shell's first line meets no trap and
+    # kills it
     # (Slurm's default action for USR2): no script can catch that.
     link = run / "slurm" / f"{job}.out"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import cli, config, distributed, results
+from .. import cli, config, data, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, open_evaluation, open_pixel_baseline,
@@ -62,7 +62,8 @@ def main(argv=None):
         if args.fit_on == "train":
             fit_set = train_set
         else:
-            fit_set = scored_set if args.split == "test" else open_pixel_baseline(args, "test")[3]
+            fit_set = scored_set if args.split == "test" else data.load(args.dataset, "test", args.data_path,
+                                                                        args.download)
         fit_x = pixels(fit_set, view)
         scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view)
         if args.normalize:
@@ -143,7 +144,8 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
     for label, metrics, superclass in views:
         protocol = {**base, "mapping": mapping_kind, "superclass": superclass, "split": args.split}
         record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
-                                     position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name, split=args.split)
+                                     position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name,
+                                     split=args.split)
         record["dataset"] = scored_set.name
         results.append_record(run_dir, record)
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "

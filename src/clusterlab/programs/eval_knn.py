@@ -64,7 +64,8 @@ def main(argv=None):
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
-        run_dir, run_args, position, checkpoint_name = loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name
+        run_dir, run_args, position = loaded.run_dir, loaded.args, loaded.position
+        checkpoint_name = loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
