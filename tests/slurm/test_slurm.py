@@ -55,7 +55,10 @@ def test_grid_runs_trains_evaluates_and_collects(slurm, tmp_path):
 
 
 def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
-    flags = {**TINY, "batch_size": 32, "epochs": 5, "log_every": 1}
+    # 12 epochs of 28 steps: after the second signal at most 80 of 336 steps are done, so the run cannot finish before
+    # a signal arrives (a fast CPU trains 28 steps a second; scancel to the task takes seconds on a loaded machine).
+    epochs = 12
+    flags = {**TINY, "batch_size": 32, "epochs": epochs, "log_every": 1}
     grid = write_grid(tmp_path / "grid.yaml", name="p", program="main_pretrain.py", config="configs/swav_digits.yaml",
                       axes={"seed": [0]}, flags=flags, resources={"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20})
     launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
@@ -78,10 +81,10 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
                     "--output_dir", str(reference)], cwd=ROOT, env=env(), check=True, capture_output=True)
     ours = torch.load(run / "checkpoint.pth", weights_only=True)
     theirs = torch.load(reference / "checkpoint.pth", weights_only=True)
-    assert ours["global_step"] == theirs["global_step"] == 5 * 28
+    assert ours["global_step"] == theirs["global_step"] == epochs * 28
     for key in theirs["model"]:
         assert torch.equal(ours["model"][key], theirs["model"][key]), key
-    assert log.count('"epoch_end": true') == 5
+    assert log.count('"epoch_end": true') == epochs
 
 
 def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
