@@ -8,8 +8,8 @@ the standard library), and it has two modes:
 - leave (the default): nothing is worth saving yet (imports, data loading, model building, an evaluation): the
   previous handler runs (under submitit it requeues the job) and the process exits with status 75 (EX_TEMPFAIL, the
   exit status the sbatch scripts requeue on).
-- defer (while a training loop runs): the signal is only remembered; the loop stops at the next step boundary,
-  saves a checkpoint, and then calls `leave()` itself.
+- defer (while a training loop runs): the signal is only remembered; the loop stops at the next step boundary (or,
+  during an epoch's monitor or checkpoint, once they are done), saves a checkpoint, and then calls `leave()` itself.
 """
 from __future__ import annotations
 

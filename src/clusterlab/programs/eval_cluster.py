@@ -7,7 +7,7 @@
 k-means (k-means++, --restarts) is fitted on the train split's features and assigns the test split. A
 class-assignment run is scored head by head (argmax of each head on the test split; `--split train` scores the
 train split instead, as EmbedUL reports, and the record says so); the head chosen without labels (lowest training
-loss) is marked `chosen`. With more clusters than classes each cluster maps to its majority class. Datasets with
+loss, divided by log K where heads differ in size) is marked `chosen`. With more clusters than classes each cluster maps to its majority class. Datasets with
 superclasses (cifar100) get a second record on the superclass labels. One record per K or head goes to
 RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per cluster go beside it.
 """

@@ -6,9 +6,10 @@
 
 Training runs are submitted as job arrays (one per resource shape, throttled by array_parallelism), one task per
 GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
-checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped, unfinished ones
-resume, evaluations already recorded or still in the queue are not submitted again (RUN/slurm/jobs.jsonl lists
-every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
+checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped (one trained with
+other flags than the grid gives is named), unfinished ones resume, evaluations already recorded or still in the
+queue are not submitted again, unless the grid changed their flags since the last one that succeeded
+(RUN/slurm/jobs.jsonl lists every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
 saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
 processes of this machine, `--cluster debug` inside this process (and so always waits for them); neither knows
 afterok, so a job that must follow another is submitted once that one has returned, and not when it failed.

@@ -19,7 +19,8 @@
       flags: {eval_cluster.py: {clusters: [10, 20]}}
       epochs: [2]                      # checkpoint_epNNNN of these epochs; `final` (default) = checkpoint.pth
     resources: {gpus_per_node: 1, cpus_per_task: 2, mem_gb: 8, timeout_min: 60}
-    eval_resources: {timeout_min: 30}  # each key not given: as in resources (nodes and tasks_per_node: defaults)
+    eval_resources: {timeout_min: 30}  # keys not given: as in resources, but nodes and tasks_per_node (defaults);
+                                       # without eval_resources: all of resources
 
 Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
 the program does not have, values of the wrong type, resources Slurm cannot take (negative memory, zero nodes) and

@@ -3,8 +3,9 @@
 `ProgramJob` runs one or more entry scripts in order inside the job. All state lives in the run directory, so
 `checkpoint()` (called by submitit on its pre-emption / time-limit signal) just returns a fresh copy of the same
 job: the training loop has already saved checkpoint.pth at a step boundary when submitit gets control (our handler
-runs first and hands over to submitit's, see signals.py), and the requeued job resumes from it. Evaluations already recorded for a checkpoint are not
-run again, so a requeued evaluation job does not duplicate records.
+runs first and hands over to submitit's, see signals.py), and the requeued job resumes from it. Evaluations already
+recorded for a checkpoint are not run again, so a requeued evaluation job does not duplicate records; one that
+succeeds says so in its run's slurm/jobs.jsonl (`done`).
 """
 from __future__ import annotations
 
