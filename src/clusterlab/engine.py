@@ -284,11 +284,11 @@ class Trainer:
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "running", epoch=done, epochs=self.args.epochs)
         # A signal during the monitor or the checkpoint is acted on now, not after the next epoch's start and step.
-        self.stop_requested = self.stop_requested or self.signal_received_anywhere()
+        self.stop_requested = self.stop_requested or self.on_any_rank(signals.received() is not None)
 
-    def signal_received_anywhere(self) -> bool:
-        """Whether a stop signal reached any rank (collective)."""
-        flag = torch.tensor([float(signals.received() is not None)], device=self.ctx.device)
+    def on_any_rank(self, holds: bool) -> bool:
+        """Whether `holds` is true on some rank (collective)."""
+        flag = torch.tensor([float(holds)], device=self.ctx.device)
         distributed.all_reduce_max(flag)
         return bool(flag[0])
 
@@ -300,9 +300,7 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether every parameter is finite on every rank (collective)."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
-        flag = torch.tensor([float(not finite)], device=self.ctx.device)
-        distributed.all_reduce_max(flag)
-        return not bool(flag[0])
+        return not self.on_any_rank(not finite)
 
     def knn_monitor(self, epoch: int) -> None:
         """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from
@@ -475,7 +473,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     return trainer, start_epoch, start_step
 
 
-def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set, keys=RESUME_KEYS) -> dict:
+def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set, keys: tuple[str, ...]) -> dict:
     """The checkpoint at `path`, refused when the command's `keys` or its training set (`training_set`, a DataInfo:
     its fingerprint) differ from those it was trained with."""
     state = checkpoint.load(path, kind=kind, method=args.method)

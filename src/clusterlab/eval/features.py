@@ -37,6 +37,11 @@ class LoadedRun:
         return self.epoch, self.step
 
 
+def checkpoint_position(state: dict) -> tuple[int, int]:
+    """(epoch, step) where a trainer checkpoint stands (step 0 at an epoch's end)."""
+    return int(state["epoch"]), int(state.get("step", 0))
+
+
 def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str | None:
     """How records name the checkpoint --checkpoint asks for: its file name (default checkpoint.pth), known before
     the run is opened, so that --skip_recorded can skip without loading anything. None for a file outside the run
@@ -66,7 +71,7 @@ def requested_record(args: argparse.Namespace) -> Wanted:
         resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
         dataset = str(recorded["dataset"])
         folder = resolve_path(dataset, recorded.get("data_path")).resolve().name  # as data_protocol names it
-        position = int(state["epoch"]), int(state.get("step", 0))
+        position = checkpoint_position(state)
     except (UserError, OSError, KeyError, TypeError, ValueError):
         return Wanted(views=[])
     crop = args.eval_crop or default_crop
@@ -110,7 +115,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.load_state_dict(state["model"])
     method.load_extra_state(state.get("method_state", {}))
     method.to(device).eval()
-    return LoadedRun(run_dir, args, method, int(state["epoch"]), int(state.get("step", 0)), path.name)
+    return LoadedRun(run_dir, args, method, *checkpoint_position(state), path.name)
 
 
 def training_parser(method: str) -> argparse.ArgumentParser:
