@@ -4,7 +4,9 @@ For each of the nine methods, a few training steps under `--amp bf16` and `--amp
 with torch's CPU GradScaler): the loss stays finite, every parameter and every piece of state that must stay
 float32 does (weights, Sinkhorn inputs via the queue, memory banks, prototypes), and for fp16 the scaler's state
 is in the checkpoint. A run stopped in the middle of an epoch and resumed from its checkpoint ends bit-identical to
-an uninterrupted one, scaler included. `--amp auto` is float32 on the CPU, and config.yaml records what ran.
+an uninterrupted one, scaler included. fp16 rides out a step whose gradients are not finite (skipped, the scale
+halved) but stops a run whose gradients stay non-finite. `--amp auto` is float32 on the CPU, and config.yaml records
+what ran.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from clusterlab import checkpoint, distributed, engine
+from clusterlab import checkpoint, distributed, engine, rundir
 from clusterlab.data import ImageSet
 from clusterlab.methods import METHODS, DataInfo
 from clusterlab.programs.train import parse_args
@@ -120,3 +122,44 @@ def test_auto_is_float32_on_the_cpu_and_config_records_what_ran(tmp_path):
         assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == ran
         if amp == "bf16":
             assert checkpoint.load(run / "checkpoint.pth")["args"]["amp"] == "bf16"
+
+
+def poison_gradients(trainer: engine.Trainer, steps: int | None) -> None:
+    """The first parameter's gradient is NaN at its first `steps` backward passes (every one when None)."""
+    calls = []
+
+    def hook(grad):
+        calls.append(1)
+        return torch.full_like(grad, float("nan")) if steps is None or len(calls) <= steps else grad
+
+    next(trainer.method.parameters()).register_hook(hook)
+
+
+def test_fp16_skips_a_step_whose_gradients_are_not_finite_and_trains_on(tmp_path):
+    """A step with NaN gradients (and NPID's own fp16 overflows of its first steps) is skipped, and training goes on."""
+    torch.set_num_threads(1)
+    trainer = trainer_for("npid", "fp16", tmp_path)
+    poison_gradients(trainer, 1)
+    first = next(trainer.method.parameters()).detach().clone()
+    for epoch in range(3):
+        assert trainer.train_one_epoch(epoch)
+    assert trainer.loss_scale < 2.0 ** 16
+    assert not torch.equal(first, next(trainer.method.parameters()))
+
+
+def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step(tmp_path):
+    """With NaN gradients at every step the scaler would skip them all and halve its scale to 0 while the run went
+    on (the weights frozen, the checkpoints saved as good); after 32 steps in a row the run stops with one line,
+    and the train log shows the scale going down (4 steps per epoch, records at each epoch's first and last steps)."""
+    torch.set_num_threads(1)
+    trainer = trainer_for("npid", "fp16", tmp_path)
+    poison_gradients(trainer, None)
+    before = [p.detach().clone() for p in trainer.method.parameters()]
+    with pytest.raises(engine.NonFiniteLoss, match=r"fp16: the gradients were not finite at 32 steps in a row, up to "
+                                                   r"epoch 7 step 3 .*halved to 1\.52588e-05.*no longer train"):
+        for epoch in range(10):
+            trainer.train_one_epoch(epoch)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.method.parameters()))
+    scales = [r["loss_scale"] for r in rundir.read_jsonl(tmp_path / "train_log.jsonl") if "loss_scale" in r]
+    done_when_logged = sorted({*range(1, 30, 4), *range(4, 29, 4)})
+    assert scales == [2.0 ** (16 - done) for done in done_when_logged]

@@ -108,15 +108,19 @@ def _collectives_worker(rank, world, cases):
         bn = GlobalBatchNorm(2)
         y = bn(half_bn_input(dtype)[64 * rank: 64 * rank + 64])
         out[f"bn_{dtype}"] = {"out": y.detach(), "running_mean": bn.running_mean, "running_var": bn.running_var}
-    # convert_sync_batchnorm: every BatchNorm replaced, parameters and statistics kept.
+    # convert_sync_batchnorm: every BatchNorm replaced, parameters, statistics and modes kept.
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.BatchNorm1d(2))
     with torch.no_grad():
         model[1].running_mean.fill_(0.3)
         model[4].weight.fill_(2.0)
+    model[4].requires_grad_(False).eval()  # frozen, as the linear probe's backbone
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[1].weight
     converted = convert_sync_batchnorm(model, torch.device("cpu"))
     out["converted_types"] = [type(m).__name__ for m in converted]
     out["converted_same_state"] = all(torch.equal(before[k], v) for k, v in converted.state_dict().items())
+    out["converted_kept"] = (converted[1].weight is weight, converted[1].training, converted[1].weight.requires_grad,
+                             converted[4].training, converted[4].weight.requires_grad)
     # all_gather_with_grad: each rank owns the loss terms of its own rows.
     local = X_GATHER[5 * rank: 5 * rank + 5].clone().requires_grad_()
     gathered = distributed.all_gather_with_grad(local)
@@ -194,6 +198,8 @@ def test_convert_sync_batchnorm(collectives):
     for r in results:
         assert r["converted_types"] == ["Conv2d", "GlobalBatchNorm", "Flatten", "Linear", "GlobalBatchNorm"]
         assert r["converted_same_state"]
+        # the same parameter objects, modes and requires_grad (a frozen batch norm in eval mode stays so)
+        assert r["converted_kept"] == (True, True, True, False, False)
 
 
 def test_convert_is_a_no_op_in_one_process():

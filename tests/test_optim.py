@@ -202,3 +202,17 @@ def test_set_lr_honours_lr_scale():
     opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.1}], lr=1.0)
     set_lr(opt, 2.0)
     assert [g["lr"] for g in opt.param_groups] == [2.0, pytest.approx(0.2)]
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adam"])
+def test_nesterov_is_refused_where_the_optimiser_has_none(optimizer):
+    from types import SimpleNamespace
+
+    from clusterlab.optim import build_optimizer
+
+    args = SimpleNamespace(optimizer=optimizer, nesterov=True, lr=0.1, momentum=0.9, weight_decay=0.0,
+                           lars_trust=0.001, lars_exclude_bias_norm=False)
+    with pytest.raises(ConfigError, match=f"--nesterov true applies to --optimizer sgd only .*--optimizer {optimizer}"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], args)
+    sgd = SimpleNamespace(**{**vars(args), "optimizer": "sgd"})
+    assert isinstance(build_optimizer([torch.nn.Parameter(torch.ones(2))], sgd), torch.optim.SGD)

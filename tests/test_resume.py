@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 
-from clusterlab import checkpoint
-from clusterlab.methods import METHODS
+from clusterlab import checkpoint, distributed, engine
+from clusterlab.data import load
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.programs.train import parse_args
 from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_same_tensors, assert_user_error, copy_run, run_script,
                       script_env, snapshot, write_fashion_mnist)
 
@@ -128,6 +130,7 @@ def retagged(run_dir, method: str) -> None:
     (["--dataset", "fashion_mnist"], ["--dataset 'digits'", "'fashion_mnist'"]),
     (["--seed", "1"], ["--seed 0", "1"]),
     (["--init", "legacy"], ["--init 'kaiming'", "'legacy'"]),
+    (["--optimizer", "sgd"], ["--optimizer 'lars'", "'sgd'"]),
     (["--nmb_prototypes", "20"], ["does not fit", "prototypes.weight"]),
     (["--queue_length", "128"], ["does not fit", "--queue_length"]),
     ("retag", ["method 'sela'", "not 'swav'"]),
@@ -143,6 +146,25 @@ def test_resume_with_other_run_flags_is_refused(tmp_path, reference, change, wor
     result = run_script("main_pretrain.py", *RESUMABLE, "--epochs", 3, *change, "--output_dir", run_dir)
     assert_user_error(result, "main_pretrain.py", str(run_dir / "checkpoint.pth"), *words)
     assert snapshot(run_dir) == before
+
+
+def test_a_resumed_run_trains_with_the_commands_optimiser_settings(tmp_path, reference):
+    """torch's Optimizer.load_state_dict takes every group setting from the checkpoint; the weight decay, momentum
+    and LARS trust of the resuming command (which config.yaml records) are what the resumed run steps with, and the
+    momentum buffers are the checkpoint's."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    changed = ["--weight_decay", "0.1", "--momentum", "0.5", "--lars_trust", "0.02"]
+    args = parse_args("pretrain", [*map(str, RESUMABLE), "--epochs", "3", *changed, "--output_dir", str(run_dir)])
+    train = load("digits", "train")
+    method = METHODS["swav"](args, DataInfo.of(train), torch.device("cpu"))
+    trainer = engine.Trainer(method, args, distributed.init("cpu"), run_dir, train)
+    assert trainer.resume() == (2, 0)
+    saved = checkpoint.load(run_dir / "checkpoint.pth")["optimizer"]
+    assert {(g["weight_decay"], g["momentum"], g["trust_coefficient"]) for g in saved["param_groups"]} \
+        == {(1e-6, 0.9, 0.001)}
+    assert {(g["weight_decay"], g["momentum"], g["trust_coefficient"]) for g in trainer.optimizer.param_groups} \
+        == {(0.1, 0.5, 0.02)}
+    assert_same_tensors(trainer.optimizer.state_dict()["state"], saved["state"], "momentum buffers")
 
 
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):

@@ -19,7 +19,7 @@ import numpy as np
 from . import rundir
 
 # Fields of a step record that are not terms of the loss (the engine's own).
-STEP_FIELDS = ("epoch", "step", "global_step", "lr", "loss", "img_per_s", "time")
+STEP_FIELDS = ("epoch", "step", "global_step", "lr", "loss", "img_per_s", "time", "loss_scale")
 
 
 @dataclass

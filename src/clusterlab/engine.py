@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, rundir, signals
 from .compilation import compile_backbone
+from .curves import STEP_FIELDS
 from .data import loader as data_loader
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError
@@ -52,7 +53,11 @@ from .optim import build_optimizer, build_schedule, set_lr
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What must match between a checkpoint and the command resuming it (the rest may change, --epochs included); --init
 # acts only at the start, but a run resumed under another would be filed under it (config.yaml, tables).
-RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed", "nmb_crops", "size_crops")
+RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed", "nmb_crops", "size_crops",
+               "optimizer")
+# fp16 steps skipped in a row (gradients not finite at every loss scale from 2^16 down to 2^-16) after which the
+# gradients are taken as not finite in themselves: the weights would stop training while the run went on.
+MAX_SKIPPED_STEPS = 32
 
 
 class NonFiniteLoss(UserError):
@@ -101,6 +106,8 @@ class Trainer:
         self.global_step = 0
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
+        self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
+        self.skipped_in_a_row = 0     # fp16: steps the scaler skipped in a row, up to the last one
         self.stop_requested = False
         self.finished = False  # status "finished" written: what fails after it (handing a signal over) is not training
         self.monitor_set = None
@@ -156,7 +163,12 @@ class Trainer:
                                (*RESUME_KEYS, *self.method.extra_resume_keys))
         try:
             self.method.load_state_dict(state["model"])
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, command_settings in zip(self.optimizer.param_groups, settings):
+                # torch takes every group setting from the checkpoint: the command's flags (weight decay, momentum,
+                # LARS trust...) may change on resume and config.yaml records them, so they are what trains on.
+                group.update(command_settings)
             if state["scaler"] or not self.scaler.is_enabled():
                 # (empty: trained without fp16; --amp may change on resume, and the scaler then starts afresh)
                 self.scaler.load_state_dict(state["scaler"])
@@ -209,6 +221,8 @@ class Trainer:
             self.stop_requested, bad_loss, loss, terms = self.check(loss, terms)
             if bad_loss:
                 self.fail_on_nonfinite(epoch, step, terms)
+            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                self.fail_on_skipped_steps(epoch, step)
             self.position = (epoch, step + 1)
             for key, value in terms.items():
                 self.term_totals[key] = self.term_totals.get(key, 0.0) + float(value)
@@ -220,6 +234,8 @@ class Trainer:
                 record = {"epoch": epoch, "step": step, "global_step": self.global_step, "lr": lr,
                           "loss": float(loss), **{k: float(v) for k, v in terms.items()}, "img_per_s": rate,
                           "time": rundir.now_iso()}
+                if self.loss_scale is not None:
+                    record["loss_scale"] = self.loss_scale
                 rundir.append_jsonl(log_path, record)
                 print(self.progress_line(record, epoch_start, step), flush=True)
                 window_start, window_images = time.time(), 0
@@ -244,8 +260,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         method.after_backward(progress)
+        if self.scaler.is_enabled() and self.loss_scale is None:
+            self.loss_scale = self.scaler.get_scale()  # the first step's (the initial scale, or the resumed one)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            # A step whose gradients are not finite is skipped and halves the scale: the only way it goes down. The
+            # scale is the same on every rank (the gradients it checks are all-reduced).
+            scale = self.scaler.get_scale()
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self.loss_scale else 0
+            self.loss_scale = scale
         method.after_step(progress)
         return loss.detach(), terms
 
@@ -265,10 +289,10 @@ class Trainer:
         per_step = (time.time() - epoch_start) / done
         remaining_steps = (self.args.epochs - record["epoch"]) * self.steps_per_epoch - done
         eta = _format_seconds(per_step * max(0, remaining_steps))
-        terms = " ".join(f"{k} {record[k]:.4f}" for k in record
-                         if k not in ("epoch", "step", "global_step", "lr", "loss", "img_per_s", "time"))
+        terms = " ".join(f"{k} {record[k]:.4f}" for k in record if k not in STEP_FIELDS)
+        scale = f" loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
         return (f"epoch {record['epoch'] + 1}/{self.args.epochs} step {done}/{self.steps_per_epoch} "
-                f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} img/s {record['img_per_s']:.0f} "
+                f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f}{scale} img/s {record['img_per_s']:.0f} "
                 f"eta {eta}")
 
     # ---- between epochs, and leaving ----
@@ -348,6 +372,12 @@ class Trainer:
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {step} ({values}); stopped without saving, "
+                            f"{self.last_good_checkpoint()}")
+
+    def fail_on_skipped_steps(self, epoch: int, step: int) -> None:
+        raise NonFiniteLoss(f"fp16: the gradients were not finite at {self.skipped_in_a_row} steps in a row, up to "
+                            f"epoch {epoch} step {step} (each step skipped, the loss scale halved to "
+                            f"{self.loss_scale:g}): the weights no longer train; stopped without saving, "
                             f"{self.last_good_checkpoint()}")
 
     def last_good_checkpoint(self) -> str:

@@ -60,14 +60,14 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                     module.track_running_stats)
-        with torch.no_grad():
-            if module.affine:
-                converted.weight.copy_(module.weight)
-                converted.bias.copy_(module.bias)
-            if module.track_running_stats:
-                converted.running_mean.copy_(module.running_mean)
-                converted.running_var.copy_(module.running_var)
-                converted.num_batches_tracked.copy_(module.num_batches_tracked)
+        # The module's own parameters and buffers, and its mode, as torch's conversion keeps them: a frozen batch
+        # norm (the linear probe's backbone) stays frozen and in eval mode.
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
     for name, child in module.named_children():
         converted.add_module(name, _convert_cpu(child))
     return converted
