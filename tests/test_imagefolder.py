@@ -318,6 +318,54 @@ def test_too_many_unreadable_files_stop_training_with_one_line(tmp_path):
     assert "\n" not in message and "1 unreadable image files in epoch 1" in message and data.files[5] in message
 
 
+def float_image(path) -> None:
+    """A readable image of 32-bit float samples (a TIFF under the file's own name): a file no run can use."""
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32), mode="F").save(path, format="TIFF")
+
+
+def _one_rank_meets_an_unusable_file(rank, world, root, spoiled):
+    """Each rank's DataError message (or None) from a training epoch, then from an evaluation pass."""
+    from clusterlab.eval.features import extract
+
+    data = registry.load("imagefolder", "train", root)
+    float_image(data.files[spoiled])  # after loading: the statistics sample would meet it first
+    whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
+    messages = []
+    for run in (lambda: list(iterate(data, GlobalBatches(len(data), 4, world, rank, seed=0), 0, augment=whole)),
+                lambda: extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"),
+                                batch_size=2)):
+        try:
+            run()
+            messages.append(None)
+        except DataError as err:
+            messages.append(str(err))
+    return messages
+
+
+def test_a_file_no_run_can_use_on_one_rank_stops_every_rank(tmp_path):
+    """Without the collective check the other rank would wait in its next collective until the process group's
+    timeout (here 120 s, 30 minutes in a run) for the one that stopped."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=4, classes=2, size=8, grey=True)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    # On rank 1 in training (second half of the first global batch) and in evaluation (the second half of the set).
+    spoiled = int(GlobalBatches(len(data), 4, 2, 1, seed=0).local_indices(0, 0)[0][0])
+    assert spoiled >= 4, "the evaluation's shards: rank 1 holds images 4 to 7"
+    ranks = run_distributed(_one_rank_meets_an_unusable_file, 2, str(tmp_path), spoiled)
+    assert "32-bit samples" in ranks[1][0] and "32-bit samples" in ranks[1][1]
+    assert ranks[0] == ["an image file cannot be used (another process's error names it)"] * 2
+
+
+def test_evaluation_stops_above_the_unreadable_file_limit(tmp_path):
+    from clusterlab.eval.features import extract
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=8, grey=True)
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    fabricate.spoil_image_files([data.files[5]])  # 1 of 20: above 1 % of the images scored
+    with pytest.raises(DataError, match=r"^1 unreadable image files in the train split of imagefolder, more than 1% "
+                                        r"of its samples \(first: .*fix or remove them$"):
+        extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"))
+
+
 def test_a_folder_of_unreadable_files_is_one_line(tmp_path):
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
     data = registry.load("imagefolder", "train", str(tmp_path))

@@ -13,7 +13,9 @@ batches come in pinned memory and are copied with non_blocking.
 Unreadable files: each is replaced by the next readable file of the dataset (files.py), reported on one line the
 first time it is met, and counted; after each epoch rank 0 prints the count and appends it to train_log.jsonl
 (`bad_files`). When an epoch's count passes BAD_FILE_LIMIT of its samples (checked over all ranks every
-BAD_FILE_CHECK_EVERY steps and at the end of the epoch) training stops with a DataError.
+BAD_FILE_CHECK_EVERY steps and at the end of the epoch) training stops with a DataError. A file that cannot be used
+at all (no readable substitute, 32-bit samples) stops every rank at once: with several processes the check runs at
+every step, so that the other ranks do not wait in the next collective for the one that stopped.
 """
 from __future__ import annotations
 
@@ -134,16 +136,18 @@ def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, d
 
     tally = BadFiles(images, limit=int(BAD_FILE_LIMIT * batches.epoch_samples), device=device)
     jobs.current = planned()
+    every_step = distributed.world_size() > 1
     for done, result in enumerate(loader, start=1):
-        tally.add(result)
+        if not tally.add(result) or every_step:
+            tally.check(f"epoch {epoch + 1} so far")
         params, state, total, offset = pending.pop(result["step"])
         for crop, p in enumerate(params):
             p.boxes = result["boxes"][:, crop]
         crops = CutCrops([c.to(device, non_blocking=True) for c in result["crops"]], params, state)
         yield (result["step"], crops, result["labels"].to(device, non_blocking=True),
                result["indices"].to(device, non_blocking=True), total, offset)
-        if done % BAD_FILE_CHECK_EVERY == 0 or done == len(plan):
-            tally.check(f"epoch {epoch + 1}")
+        if not every_step and (done % BAD_FILE_CHECK_EVERY == 0 or done == len(plan)):
+            tally.check(f"epoch {epoch + 1} so far")
     tally.report(epoch, log)
 
 
@@ -178,15 +182,19 @@ def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, per
 
 class BadFiles:
     """The unreadable files one pass met: each reported on one line the first time this process meets it (in any
-    pass), counted over all ranks, limited."""
+    pass), counted over all ranks, limited; and a file that cannot be used at all (`fatal`)."""
 
     def __init__(self, images: ImageSet, limit: int | None, device: torch.device):
         self.reported = images.cache.setdefault("reported_bad_files", set())
         self.limit, self.device, self.count, self.first = limit, device, 0, None
+        self.fatal = None
 
-    def add(self, result: dict) -> None:
+    def add(self, result: dict) -> bool:
+        """Count a loader result's unreadable files; False when it is `fatal` (it then holds no images, and the
+        next `check` stops every rank)."""
         if "fatal" in result:
-            raise DataError(result["fatal"])
+            self.fatal = result["fatal"]
+            return False
         for index, path, reason, substitute in result["bad"]:
             self.count += 1
             self.first = self.first or f"{path} ({reason})"
@@ -194,23 +202,27 @@ class BadFiles:
                 self.reported.add(path)
                 print(f"unreadable image file {path} ({reason}); sample {index} uses {substitute} instead",
                       flush=True)
+        return True
 
-    def total(self) -> int:
-        """The count over all ranks (collective)."""
-        count = torch.tensor([float(self.count)], device=self.device)
-        distributed.all_reduce_sum(count)
-        return int(count.item())
+    def totals(self) -> tuple[int, bool]:
+        """The count over all ranks, and whether some rank met a fatal file (collective)."""
+        values = torch.tensor([float(self.count), float(self.fatal is not None)], device=self.device)
+        distributed.all_reduce_sum(values)
+        return int(values[0].item()), bool(values[1].item())
 
     def check(self, where: str) -> None:
-        """Collective: every rank raises when the count over all ranks passes the limit."""
-        total = self.total()
+        """Collective: every rank raises when some rank met a file that cannot be used, or when the count over all
+        ranks passes the limit."""
+        total, fatal = self.totals()
+        if fatal:
+            raise DataError(self.fatal or "an image file cannot be used (another process's error names it)")
         if self.limit is not None and total > self.limit:
-            raise DataError(f"{total} unreadable image files in {where} so far, more than {BAD_FILE_LIMIT:.0%} of "
+            raise DataError(f"{total} unreadable image files in {where}, more than {BAD_FILE_LIMIT:.0%} of "
                             f"its samples (first: {self.first or 'on another rank'}); fix or remove them")
 
     def report(self, epoch: int, log: Path | None) -> None:
         """Collective: rank 0 prints the epoch's count and appends it to `log`."""
-        total = self.total()
+        total, _ = self.totals()
         if total and distributed.rank() == 0:
             print(f"epoch {epoch + 1}: {total} unreadable image file(s) replaced by the next readable file of the "
                   f"dataset (each listed once when first met)", flush=True)
@@ -220,12 +232,15 @@ class BadFiles:
 
 def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers: int = 0,
                device: torch.device | str = "cpu", view: EvalView | None = None,
-               crop: tuple[CropSpec, torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+               crop: tuple[CropSpec, torch.Tensor] | None = None,
+               tally: BadFiles | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images on `device`, dataset indices) over `indices` in order, `batch_size` at a time.
 
     In-memory sets give the images themselves. Image files give the test `view` of each image, or, with `crop` =
     (CropSpec, uniforms of each of `indices`), that random-resized crop, cut by the workers (not flipped). No
-    collective runs here: ranks may take different numbers of batches.
+    collective runs here: ranks may take different numbers of batches. Unreadable files are counted in `tally`,
+    without limit by default; a file that cannot be used raises a DataError, or, given a `tally`, ends the pass
+    early, and the caller's collective `tally.check` stops every rank.
     """
     device = torch.device(device)
     chunks = list(torch.split(indices, batch_size))
@@ -240,7 +255,11 @@ def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers
                 for step, (idx, u) in enumerate(zip(chunks, torch.split(uniforms, batch_size)))]
     else:
         jobs = [ViewJob(step, idx.numpy(), view) for step, idx in enumerate(chunks)]
-    tally = BadFiles(images, limit=None, device=device)
+    checked_by_caller = tally is not None
+    tally = tally or BadFiles(images, limit=None, device=device)
     for result, idx in zip(_file_loader(images, jobs, workers, device), chunks):
-        tally.add(result)
+        if not tally.add(result):
+            if checked_by_caller:
+                return
+            raise DataError(tally.fatal)
         yield result["crops"][0].to(device, non_blocking=True), idx

@@ -130,13 +130,18 @@ def training_parser(method: str) -> argparse.ArgumentParser:
 @torch.no_grad()
 def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.device, batch_size: int = 512,
             workers: int = 0, normalize: bool = True) -> torch.Tensor:
-    """fn(test views) for every image of `images`, in dataset order, computed by all ranks and gathered."""
+    """fn(test views) for every image of `images`, in dataset order, computed by all ranks and gathered. Unreadable
+    image files are replaced as in training (the next readable file), within the same limit: above BAD_FILE_LIMIT
+    of the images, or with a file that cannot be used on any rank, every rank stops with a DataError."""
     share = distributed.shard_range(len(images))
     outputs = []
+    tally = data_loader.BadFiles(images, limit=int(data_loader.BAD_FILE_LIMIT * len(images)), device=device)
     for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers,
-                                           device, view):
+                                           device, view, tally=tally):
         out = fn(eval_view(batch, view.crop, mean, std)).float()
         outputs.append(F.normalize(out, dim=1) if normalize else out)
+    if not images.in_memory:
+        tally.check(f"the {images.split} split of {images.name}")
     local = torch.cat(outputs) if outputs else torch.zeros(0, device=device)
     return distributed.all_gather_uneven(local)
 
