@@ -124,27 +124,35 @@ def test_auto_is_float32_on_the_cpu_and_config_records_what_ran(tmp_path):
             assert checkpoint.load(run / "checkpoint.pth")["args"]["amp"] == "bf16"
 
 
-def poison_gradients(trainer: engine.Trainer, steps: int | None) -> None:
-    """The first parameter's gradient is NaN at its first `steps` backward passes (every one when None)."""
-    calls = []
+def poison_gradients(trainer: engine.Trainer, calls: set | None) -> None:
+    """The first parameter's gradient is NaN at the backward passes numbered `calls` (from 1; every one when None)."""
+    count = []
 
     def hook(grad):
-        calls.append(1)
-        return torch.full_like(grad, float("nan")) if steps is None or len(calls) <= steps else grad
+        count.append(1)
+        return torch.full_like(grad, float("nan")) if calls is None or len(count) in calls else grad
 
     next(trainer.method.parameters()).register_hook(hook)
 
 
 def test_fp16_skips_a_step_whose_gradients_are_not_finite_and_trains_on(tmp_path):
-    """A step with NaN gradients (and NPID's own fp16 overflows of its first steps) is skipped, and training goes on."""
+    """The 6th step's gradients are NaN: that step is skipped, which halves the scale where the same run without them
+    keeps it (NPID's own fp16 overflows skip some of the first steps in both), and training goes on."""
     torch.set_num_threads(1)
-    trainer = trainer_for("npid", "fp16", tmp_path)
-    poison_gradients(trainer, 1)
-    first = next(trainer.method.parameters()).detach().clone()
-    for epoch in range(3):
-        assert trainer.train_one_epoch(epoch)
-    assert trainer.loss_scale < 2.0 ** 16
-    assert not torch.equal(first, next(trainer.method.parameters()))
+    scales = {}
+    for name, poisoned in (("twin", set()), ("poisoned", {6})):
+        trainer = trainer_for("npid", "fp16", tmp_path / name)
+        trainer.args.log_every = 1
+        poison_gradients(trainer, poisoned)
+        first = next(trainer.method.parameters()).detach().clone()
+        for epoch in range(3):
+            assert trainer.train_one_epoch(epoch)
+        assert not torch.equal(first, next(trainer.method.parameters()))
+        scales[name] = [r["loss_scale"] for r in rundir.read_jsonl(tmp_path / name / "train_log.jsonl")
+                        if "loss_scale" in r]
+    assert scales["twin"][:6] == scales["poisoned"][:5] + [scales["poisoned"][4]], "the twin skips no 6th step"
+    assert scales["poisoned"][5] == scales["twin"][5] / 2
+    assert trainer.skipped_in_a_row == 0
 
 
 def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step(tmp_path):

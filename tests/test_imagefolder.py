@@ -324,16 +324,27 @@ def float_image(path) -> None:
 
 
 def _one_rank_meets_an_unusable_file(rank, world, root, spoiled):
-    """Each rank's DataError message (or None) from a training epoch, then from an evaluation pass."""
-    from clusterlab.eval.features import extract
+    """Each rank's DataError message (or None) from a training epoch, an evaluation pass, the pixel baseline's pass
+    and SeLa's labelling pass (training view, synchronised batch norm: one all-reduce per chunk)."""
+    from clusterlab.eval.features import extract, pixels
+    from clusterlab.methods import DataInfo
+    from clusterlab.methods.sela import SeLa
+    from clusterlab.models.batchnorm import convert_sync_batchnorm
+    from test_sela import sela_args
 
     data = registry.load("imagefolder", "train", root)
     float_image(data.files[spoiled])  # after loading: the statistics sample would meet it first
     whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
+    sela = SeLa(sela_args("--label_view", "train", "--label_batch_size", 4, "--hc", 1, "--ncl", 2, "--size_crops", 8),
+                DataInfo.of(data), torch.device("cpu"))
+    sela.attach_data(data)
+    convert_sync_batchnorm(sela, torch.device("cpu"))
     messages = []
     for run in (lambda: list(iterate(data, GlobalBatches(len(data), 4, world, rank, seed=0), 0, augment=whole)),
                 lambda: extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"),
-                                batch_size=2)):
+                                batch_size=2),
+                lambda: pixels(data, EvalView.of(8)),
+                lambda: sela.relabel([0])):
         try:
             run()
             messages.append(None)
@@ -351,19 +362,26 @@ def test_a_file_no_run_can_use_on_one_rank_stops_every_rank(tmp_path):
     spoiled = int(GlobalBatches(len(data), 4, 2, 1, seed=0).local_indices(0, 0)[0][0])
     assert spoiled >= 4, "the evaluation's shards: rank 1 holds images 4 to 7"
     ranks = run_distributed(_one_rank_meets_an_unusable_file, 2, str(tmp_path), spoiled)
+    elsewhere = "an image file cannot be used (another process's error names it)"
     assert "32-bit samples" in ranks[1][0] and "32-bit samples" in ranks[1][1]
-    assert ranks[0] == ["an image file cannot be used (another process's error names it)"] * 2
+    assert ranks[0][:2] == [elsewhere] * 2
+    assert all("32-bit samples" in r[2] for r in ranks)  # each rank reads every image of the baseline
+    met = ["32-bit samples" in r[3] for r in ranks]  # SeLa's chunks are shuffled: either rank may meet it
+    assert sum(met) == 1 and ranks[met.index(False)][3] == elsewhere
 
 
 def test_evaluation_stops_above_the_unreadable_file_limit(tmp_path):
-    from clusterlab.eval.features import extract
+    from clusterlab.eval.features import extract, pixels
 
     fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=8, grey=True)
     data = registry.load("imagefolder", "train", str(tmp_path))
     fabricate.spoil_image_files([data.files[5]])  # 1 of 20: above 1 % of the images scored
-    with pytest.raises(DataError, match=r"^1 unreadable image files in the train split of imagefolder, more than 1% "
-                                        r"of its samples \(first: .*fix or remove them$"):
+    limit = (r"^1 unreadable image files in the train split of imagefolder, more than 1% of its samples \(first: "
+             r".*fix or remove them$")
+    with pytest.raises(DataError, match=limit):
         extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"))
+    with pytest.raises(DataError, match=limit):
+        pixels(data, EvalView.of(8))
 
 
 def test_a_folder_of_unreadable_files_is_one_line(tmp_path):

@@ -57,8 +57,9 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(params, args) -> torch.optim.Optimizer:
     if args.nesterov and args.optimizer != "sgd":
-        raise ConfigError(f"--nesterov true applies to --optimizer sgd only (this command has --optimizer "
-                          f"{args.optimizer}, which has no Nesterov momentum): drop it or use --optimizer sgd")
+        raise ConfigError(f"--nesterov true (given, or the method's default) applies to --optimizer sgd only (this "
+                          f"command has --optimizer {args.optimizer}, which has no Nesterov momentum): pass "
+                          f"--nesterov false, or --optimizer sgd")
     if args.optimizer == "lars":
         return LARS(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                     trust_coefficient=args.lars_trust, exclude_bias_and_norm=args.lars_exclude_bias_norm)

@@ -10,9 +10,9 @@ centre crop with the aspect ratio clamped), decodes the image, cuts each box and
 bilinear with antialiasing, as torchvision's RandomResizedCrop on a PIL image does) and returns uint8 crops. A box
 depends only on the random numbers and on the image, never on the worker, the rank or the world size. Nothing is
 scanned ahead (no size cache, nothing written into the data folder): the worker reads the headers of its batch
-first, for all its boxes in one call of the rule, then opens each image again to decode it (two opens per image,
-the second one's header read from the page cache). Flips, colour jitter, greyscale, blur and normalisation run batched on the training device
-(`MultiCrop.apply_cut`).
+first, for all its boxes in one call of the rule, then opens each image again to decode it (two opens per
+image, the second one's header read from the page cache). Flips, colour jitter, greyscale, blur and normalisation
+run batched on the training device (`MultiCrop.apply_cut`).
 
 JPEG draft. When every crop of an image is at least 2, 4 or 8 times smaller than its box in both directions, the
 worker lets libjpeg decode the image at 1/2, 1/4 or 1/8 of its size (PIL's `draft`, DCT scaling; the largest such

@@ -189,6 +189,11 @@ class BadFiles:
         self.limit, self.device, self.count, self.first = limit, device, 0, None
         self.fatal = None
 
+    @classmethod
+    def limited(cls, images: ImageSet, device: torch.device) -> BadFiles:
+        """For a pass over all of `images` (evaluation, labelling): at most BAD_FILE_LIMIT of them unreadable."""
+        return cls(images, limit=int(BAD_FILE_LIMIT * len(images)), device=device)
+
     def add(self, result: dict) -> bool:
         """Count a loader result's unreadable files; False when it is `fatal` (it then holds no images, and the
         next `check` stops every rank)."""
@@ -219,6 +224,12 @@ class BadFiles:
         if self.limit is not None and total > self.limit:
             raise DataError(f"{total} unreadable image files in {where}, more than {BAD_FILE_LIMIT:.0%} of "
                             f"its samples (first: {self.first or 'on another rank'}); fix or remove them")
+
+    def check_pass(self, images: ImageSet) -> None:
+        """`check` at the end of a pass over `images` through `sequential` (nothing for an in-memory set, which has
+        no files: collective only where every rank reads files)."""
+        if not images.in_memory:
+            self.check(f"the {images.split} split of {images.name}")
 
     def report(self, epoch: int, log: Path | None) -> None:
         """Collective: rank 0 prints the epoch's count and appends it to `log`."""

@@ -135,13 +135,12 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     of the images, or with a file that cannot be used on any rank, every rank stops with a DataError."""
     share = distributed.shard_range(len(images))
     outputs = []
-    tally = data_loader.BadFiles(images, limit=int(data_loader.BAD_FILE_LIMIT * len(images)), device=device)
+    tally = data_loader.BadFiles.limited(images, device)
     for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers,
                                            device, view, tally=tally):
         out = fn(eval_view(batch, view.crop, mean, std)).float()
         outputs.append(F.normalize(out, dim=1) if normalize else out)
-    if not images.in_memory:
-        tally.check(f"the {images.split} split of {images.name}")
+    tally.check_pass(images)
     local = torch.cat(outputs) if outputs else torch.zeros(0, device=device)
     return distributed.all_gather_uneven(local)
 
@@ -167,9 +166,13 @@ def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
 
 
 def pixels(images: ImageSet, view: EvalView) -> torch.Tensor:
-    """Raw pixels / 255 of each image's test `view`, flattened: the baseline every method must beat."""
-    stacked = torch.cat([resized(batch, view.crop) for batch, _ in
-                         data_loader.sequential(images, torch.arange(len(images)), 512, view=view)])
+    """Raw pixels / 255 of each image's test `view`, flattened: the baseline every method must beat. Unreadable
+    image files are limited as in `extract` (collective: every rank computes the whole set)."""
+    tally = data_loader.BadFiles.limited(images, torch.device("cpu"))
+    batches = [resized(batch, view.crop) for batch, _ in
+               data_loader.sequential(images, torch.arange(len(images)), 512, view=view, tally=tally)]
+    tally.check_pass(images)
+    stacked = torch.cat(batches)
     return stacked.reshape(len(stacked), -1)
 
 

@@ -22,8 +22,9 @@ The labelling pass (choices):
   own per labelling), each split over the ranks like a training batch, as upstream's labelling reads its shuffled
   training loader: in a class-sorted image folder, chunks of consecutive positions would each hold one class, and
   train-mode batch statistics would remove what tells the classes apart. With synchronised BN the batch statistics
-  of a chunk, and so the labels, are those of one process; the crops come from a generator of their own with parameters drawn per dataset position, so they
-  depend neither on the world size nor on the chunk size, and the training crops are not disturbed.
+  of a chunk, and so the labels, are those of one process; the crops come from a generator of their own with
+  parameters drawn per dataset position, so they depend neither on the world size nor on the chunk size, and the
+  training crops are not disturbed. Unreadable image files are limited as in evaluation (data/loader.py).
 - BN running statistics are restored afterwards. Upstream's pass updates them too, but training never reads them;
   restoring keeps the statistics evaluation uses equal to what the training batches produced.
 - The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
@@ -214,10 +215,12 @@ class SeLa(ClusterMethod):
         was_training = self.training
         self.train(train_view)
         features = []
+        tally = data_loader.BadFiles.limited(images, self.device)
         try:
             # Every chunk but the last gives this rank exactly `local` images, so these batches are its chunks.
             for chunk, (batch, idx) in enumerate(data_loader.sequential(images, positions, local, args.workers,
-                                                                        self.device, self.eval_view, files_crop)):
+                                                                        self.device, self.eval_view, files_crop,
+                                                                        tally)):
                 if train_view:
                     chunk_params = params.take(idx)
                     views = (self.label_augment.apply(batch, chunk_params, size) if images.in_memory
@@ -229,10 +232,12 @@ class SeLa(ClusterMethod):
                 lone = train_view and normalised_over[chunk] == 1
                 out = self.backbone(torch.cat([views, views]) if lone else views).float()
                 features.append(out[:1] if lone else out)
-            # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass.
+            # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass. (So
+            # does a rank whose pass ended at a file no run can use, before every rank stops at the check.)
             for _ in range(len(chunks) - len(features)):
                 empty = torch.zeros(0, self.info.channels, size, size, device=self.device)
                 features.append(self.backbone(empty).float())
+            tally.check_pass(images)
         finally:
             self.train(was_training)
             for name, buffer in self.named_buffers():
