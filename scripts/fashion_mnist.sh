@@ -57,7 +57,7 @@ queue_b() {
 
 queue_a & a=$!
 queue_b & b=$!
-wait $a && wait $b
+wait_for_queues $a $b
 
 rm -rf "$KEEP"
 for name in swav unmix npid superand sela selfclassifier embedul; do

@@ -31,6 +31,6 @@ queue_npid() {
 
 queue_unmix & a=$!
 queue_npid & b=$!
-wait $a && wait $b
+wait_for_queues $a $b
 
 keep_runs_and_pixels unmix npid

@@ -32,6 +32,6 @@ queue_swav() {
 
 queue_unmix & a=$!
 queue_swav & b=$!
-wait $a && wait $b
+wait_for_queues $a $b
 
 keep_runs_and_pixels unmix_w12 swav_multicrop

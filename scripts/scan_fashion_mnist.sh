@@ -8,8 +8,8 @@
 #   EMB=runs/fashion_mnist/swav OUT=runs/scan_fm_swav bash scripts/scan_fashion_mnist.sh
 # The embedding must use configs/*_fashion_mnist.yaml's backbone (the CIFAR ResNet-18 at width 8). Started again with
 # the same OUT, each stage resumes from its checkpoint and recorded evaluations are skipped. Each stage's wall time
-# goes to $OUT/NAME.time, everything it printed to $OUT/NAME.log; the chosen heads' and k-means numbers are printed
-# at the end.
+# (summed over the starts) goes to $OUT/NAME.time, everything it printed to $OUT/NAME.log; the chosen heads' and
+# k-means numbers are printed at the end.
 # KEEP=1 then copies the records (each stage's config.yaml with its commit, train_log.jsonl, metrics.jsonl, log and
 # wall time, and the embedding's config.yaml) into results/runs/scan_fashion_mnist/<embedding name>/, replacing it.
 set -euo pipefail

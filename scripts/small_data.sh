@@ -55,7 +55,7 @@ queue() {  # queue METHOD: its recipe on each data set in turn
 # One queue per method, side by side on the 2 cores.
 queue swav & swav=$!
 queue unmix & unmix=$!
-wait $swav && wait $unmix
+wait_for_queues $swav $unmix
 RUNS=()
 for data in fm_4000 fm_8000 digits; do
   RUNS+=("swav_$data" "unmix_$data")

@@ -21,8 +21,13 @@ from conftest import ROOT
 FAKE_PYTHON = r"""#!/bin/bash
 program=$1; shift
 value() { local key=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$key" ] && { echo "$2"; return; }; shift; done; }
+# FAIL=PROGRAM:TEXT: that program fails where its arguments hold TEXT
+if [ -n "${FAIL:-}" ] && [ "$program" = "${FAIL%%:*}" ] && [[ " $* " == *"${FAIL#*:}"* ]]; then
+  echo "failing on purpose: $program $*" >&2; exit 3
+fi
 case $program in
   main_pretrain.py|main_cluster.py)
+    sleep "${TRAIN_SECONDS:-0}"
     run=$(value --output_dir "$@"); mkdir -p "$run"
     echo "args: {}" > "$run/config.yaml"; echo '{"epoch": 0}' > "$run/train_log.jsonl"; touch "$run/checkpoint.pth"
     echo "trained $run" ;;
@@ -205,3 +210,50 @@ def test_small_data_tries_refuses_an_out_folder_that_holds_runs(tmp_path):
     assert done.stderr == ("small_data_tries.sh: error: OUT=runs/small_data_tries is not empty: remove it or choose "
                            "another OUT (its runs would resume, made by other code)\n")
     assert sorted(path.name for path in (scratch / "runs" / "small_data_tries").iterdir()) == ["A"]
+
+
+@pytest.mark.parametrize("script, study, failing, finished", [
+    # a failure in the first queue while the second one still runs, and one in the second queue
+    ("fashion_mnist.sh", "fashion_mnist", "eval_knn.py:fashion_mnist/swav ", "fashion_mnist/pixels/metrics.jsonl"),
+    ("fashion_mnist.sh", "fashion_mnist", "main_pretrain.py:fashion_mnist/npid", "fashion_mnist/selfclassifier.time"),
+    ("fashion_mnist_longer.sh", "fashion_mnist_longer", "eval_cluster.py:fashion_mnist_longer/unmix",
+     "fashion_mnist_longer/pixels/metrics.jsonl"),
+    ("fashion_mnist_wider.sh", "fashion_mnist_wider", "eval_cluster.py:fashion_mnist_wider/unmix_w12",
+     "fashion_mnist_wider/swav_multicrop/metrics.jsonl"),
+    ("small_data.sh", "small_data", "main_pretrain.py:small_data/swav_fm_4000", "small_data/unmix_digits.time"),
+])
+def test_a_failure_in_either_queue_keeps_nothing_and_says_so(tmp_path, script, study, failing, finished):
+    """`wait $a && wait $b` went on to keep records and build tables after queue a failed; now every queue is waited
+    for and the script fails with a line naming where to look."""
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, script, FAIL=failing)
+    assert done.returncode == 2, done.stderr
+    assert f"{script}: error: a run or an evaluation failed" in done.stderr and "nothing was kept" in done.stderr
+    assert (scratch / "runs" / finished).exists()  # the other queue ran to its end
+    assert not (scratch / "results").exists() and not (scratch / "collect_results.args").exists()
+
+
+def test_a_failed_training_names_its_log(tmp_path):
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "fashion_mnist_bf16.sh", FAIL="main_pretrain.py:unmix_w16")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("fashion_mnist_bf16.sh: error: unmix_w16: main_pretrain.py "
+                                                    "failed (exit 3): see runs/fashion_mnist_bf16/unmix_w16.log")
+
+
+def test_scan_started_again_sums_the_wall_time_of_its_starts(tmp_path):
+    """scan_fashion_mnist.sh may be started again on its OUT (each stage resumes): the wall time it keeps is that of
+    every start, not of the last one (which may only find the stage finished)."""
+    scratch = scratch_repo(tmp_path)
+    emb = scratch / "runs" / "emb"
+    emb.mkdir(parents=True)
+    (emb / "checkpoint.pth").touch()
+    (emb / "config.yaml").write_text("args: {}\n")
+    first = run_script(scratch, "scan_fashion_mnist.sh", EMB=str(emb), OUT=str(tmp_path / "out"), TRAIN_SECONDS="3",
+                       FAIL="eval_knn.py:selflabel")
+    assert first.returncode != 0
+    assert run_script(scratch, "scan_fashion_mnist.sh", EMB=str(emb), OUT=str(tmp_path / "out"), TRAIN_SECONDS="1",
+                      KEEP="1").returncode == 0
+    kept = scratch / "results" / "runs" / "scan_fashion_mnist" / "emb"
+    # 3 s and then 1 s of training each (whole seconds of bash's clock: the last start alone would count 1 or 2)
+    assert all(int((kept / name / "train_wall_seconds").read_text()) >= 4 for name in ("scan", "selflabel"))

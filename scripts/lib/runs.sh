@@ -24,17 +24,28 @@ require_committed_code() {
   fi
 }
 
+wait_for_queues() {  # wait_for_queues PID...: every queue started with `&`; fails, keeping nothing, if any failed
+  # (`wait $a && wait $b` would go on to keep records and build tables after queue a failed, and leave b running)
+  local pid failed=0
+  for pid in "$@"; do
+    wait "$pid" || failed=1
+  done
+  [ "$failed" = 0 ] || fail "a run or an evaluation failed (its log in $OUT/ says which); nothing was kept"
+}
+
 require_empty_out() {
   if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
     fail "OUT=$OUT is not empty: remove it or choose another OUT (its runs would resume, made by other code)"
   fi
 }
 
-timed() {  # timed NAME COMMAND...: run it, appending its output to $OUT/NAME.log and its wall time to $OUT/NAME.time
-  local name=$1 start=$SECONDS
+timed() {  # timed NAME COMMAND...: run it, appending its output to $OUT/NAME.log and adding its wall time to
+  # $OUT/NAME.time (a script started again on its OUT, as scan_fashion_mnist.sh may be, sums its starts)
+  local name=$1 start=$SECONDS before=0
   shift
-  "$@" >> "$OUT/$name.log" 2>&1
-  echo "$((SECONDS - start))" > "$OUT/$name.time"
+  [ -f "$OUT/$name.time" ] && before=$(cat "$OUT/$name.time")
+  "$@" >> "$OUT/$name.log" 2>&1 || fail "$name: $2 failed (exit $?): see $OUT/$name.log"
+  echo "$((before + SECONDS - start))" > "$OUT/$name.time"
 }
 
 evaluate_run() {  # evaluate_run RUN [eval_knn flags...]: kNN at k=200 and k=20, then the run's clustering (PY)
@@ -82,6 +93,10 @@ keep_runs_and_pixels() {  # keep_runs_and_pixels RUN...: $KEEP replaced by the r
 begin_study() {  # begin_study STUDY: OUT (default runs/STUDY), KEEP=results/runs/STUDY, one thread per process; refuses
   # uncommitted code and a non-empty OUT; notes the start time
   SCRIPT=$1.sh
+  # A failing command (an evaluation, whose output goes to a log) says so on the terminal, in a queue too.
+  set -E
+  trap 'echo "$SCRIPT: error: a command failed (exit $?) at line $LINENO of ${BASH_SOURCE[0]}; see the logs in" \
+    "$OUT/" >&2' ERR
   OUT=${OUT:-runs/$1}
   KEEP=results/runs/$1
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
