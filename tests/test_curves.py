@@ -76,3 +76,11 @@ def test_a_run_in_its_first_epoch_is_drawn_against_steps(tiny_run, tmp_path):
     assert drawn.steps_per_epoch is None and drawn.x.tolist() == [first[0]["global_step"]]
     curves.draw(drawn, "first epoch", tmp_path / "first.png")
     assert (tmp_path / "first.png").stat().st_size > 0
+
+
+def test_lines_of_a_train_log_that_are_not_records_are_skipped(tiny_run, tmp_path):
+    """A line that is JSON but no object (`null`, a list) is skipped like a line cut short, not a traceback."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    with open(run / "train_log.jsonl", "a") as log:
+        log.write('null\n[1, 2]\n"text"\n')
+    assert curves.read_curves(run).loss.tolist() == curves.read_curves(tiny_run).loss.tolist()

@@ -35,16 +35,17 @@ def write_jsonl(path, lines) -> None:
 def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_path):
     path = tmp_path / "a" / "run" / "metrics.jsonl"
     write_jsonl(path, [record(0, acc=0.5), '{"run": "x", "metrics": {"acc": 0.\n', "\n", "[1, 2]\n",
-                       record(1, acc=0.6), '{"run": "half a line, the job was killed mid-write'])
+                       record(1, acc=0.6), '{"run": "half a line, the job was killed mid-write\n',
+                       {**record(3, acc=0.1), "protocol": "k=20"}, {**record(4, acc=0.1), "dataset": None}])
     write_jsonl(tmp_path / "b" / "metrics.jsonl", [record(2, acc=0.7)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = results.read_records(tmp_path)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 3
-    assert messages[0].startswith(f"{path}:2: skipped") and messages[1].startswith(f"{path}:4: skipped")
-    assert messages[2].startswith(f"{path}:6: skipped")
-    assert "not a metrics record" in messages[1]
+    assert len(messages) == 5
+    assert [m.split(": skipped")[0] for m in messages] == [f"{path}:{line}" for line in (2, 4, 6, 7, 8)]
+    assert "not a metrics record" in messages[1] and "not a metrics record" in messages[3]
+    assert "no dataset named" in messages[4]
     assert [r["seed"] for r in found] == [0, 1, 2]
     assert found[0]["_file"] == str(path)
 

@@ -101,8 +101,11 @@ def read_records(root: str | os.PathLike) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+                if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
+                        or not isinstance(record.get("protocol") or {}, dict):
                     raise ValueError("not a metrics record")
+                if not isinstance(record.get("dataset"), str):
+                    raise ValueError("no dataset named: no table to put it in")
             except ValueError as err:
                 warnings.warn(f"{path}:{number}: skipped ({err})", stacklevel=2)
                 continue

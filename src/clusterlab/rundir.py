@@ -48,7 +48,7 @@ def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file; a line cut short by a crash is skipped."""
+    """The records of a JSON-lines file; a line cut short by a crash, or one that is not a JSON object, is skipped."""
     try:
         return _parse_lines(Path(path).read_text().splitlines())
     except FileNotFoundError:
@@ -59,9 +59,11 @@ def _parse_lines(lines: list[str]) -> list[dict]:
     records = []
     for line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
