@@ -408,3 +408,17 @@ def test_plots_draw_a_line_per_backbone_and_protocol_named_in_the_legend(tmp_pat
     results.plot_against_epochs(table, tmp_path, "digits")
     assert sorted((label.split(" k=")[0], label.split(" k=")[1].split()[0], y) for label, _, y in drawn) == [
         ("swav w64 knn", "20", [70.0, 80.0]), ("swav w8 knn", "20", [50.0, 60.0]), ("swav w8 knn", "200", [40.0, 45.0])]
+
+
+def test_a_row_averaging_runs_that_share_a_seed_is_named_in_a_warning():
+    """Two copies of one run (or two runs from different --pretrained runs, which the row does not show) would count
+    as two seeds with std 0; runs of different seeds are what n and std are for, and pass silently."""
+    copies = [{**record(0, acc=0.5, run=run), "file": f"{run}/metrics.jsonl"} for run in ("a/swav", "b/swav")]
+    with pytest.warns(UserWarning, match=r"row digits swav .* 2 runs averaged as seeds, of which some share a seed .*"
+                                         r": a/swav, b/swav$"):
+        table = results.aggregate(results.records_frame(copies))
+    assert list(table["n"]) == [2]
+    seeds = [{**record(seed, acc=0.5, run=f"s{seed}/swav"), "file": f"s{seed}/swav/metrics.jsonl"} for seed in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(results.aggregate(results.records_frame(seeds))["n"]) == [2]

@@ -268,7 +268,8 @@ def aggregate(frame):
     whose runs share their training settings. A group whose runs were trained with different settings is split
     into one row per recipe, told apart by a `recipe` column (after `protocol`) that names the flags that differ
     (`recipe_labels`; empty in the rows of groups that need none); the column is there only when some group needs
-    it, so a table of comparable runs has the columns it always had. n is the number of runs averaged."""
+    it, so a table of comparable runs has the columns it always had. n is the number of runs averaged; a row whose
+    runs share a seed is named in a warning (its n and std would count copies of one run as seeds)."""
     import pandas as pd
 
     if frame.empty:
@@ -289,6 +290,14 @@ def aggregate(frame):
             keys.append("recipe")
     metrics = [c for c in METRIC_COLUMNS if c in filled and filled[c].notna().any()]
     grouped = filled.groupby(keys, sort=True, dropna=False)
+    if "seed" in filled:
+        for key, rows in grouped:
+            if rows["seed"].duplicated().any():
+                name = " ".join(str(part) for part in key if part != "")
+                runs = ", ".join(sorted(set(map(str, rows["run"]))))
+                warnings.warn(f"row {name}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
+                              f"of one run, or runs that differ where the row does not show, such as their "
+                              f"--pretrained run): {runs}", stacklevel=2)
     if metrics:
         out = grouped[metrics].agg(["mean", "std"])
         out.columns = [f"{m}_{stat}" for m, stat in out.columns]
