@@ -165,10 +165,11 @@ def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
     return EvalView.of(args.eval_crop or images.image_size, args.eval_resize)
 
 
-def pixels(images: ImageSet, view: EvalView) -> torch.Tensor:
-    """Raw pixels / 255 of each image's test `view`, flattened: the baseline every method must beat. Unreadable
-    image files are limited as in `extract` (collective: every rank computes the whole set)."""
-    tally = data_loader.BadFiles.limited(images, torch.device("cpu"))
+def pixels(images: ImageSet, view: EvalView, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Raw pixels / 255 of each image's test `view`, flattened, on the CPU: the baseline every method must beat.
+    Unreadable image files are limited as in `extract` (collective, on the process group's `device`: every rank
+    computes the whole set)."""
+    tally = data_loader.BadFiles.limited(images, device)
     batches = [resized(batch, view.crop) for batch, _ in
                data_loader.sequential(images, torch.arange(len(images)), 512, view=view, tally=tally)]
     tally.check_pass(images)
