@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
@@ -333,7 +334,10 @@ def _one_rank_meets_an_unusable_file(rank, world, root, spoiled):
     from test_sela import sela_args
 
     data = registry.load("imagefolder", "train", root)
-    float_image(data.files[spoiled])  # after loading: the statistics sample would meet it first
+    dist.barrier()  # every rank loads before the file is spoiled: the statistics sample would meet it first
+    if rank == 0:
+        float_image(data.files[spoiled])
+    dist.barrier()
     whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
     sela = SeLa(sela_args("--label_view", "train", "--label_batch_size", 4, "--hc", 1, "--ncl", 2, "--size_crops", 8),
                 DataInfo.of(data), torch.device("cpu"))
