@@ -227,7 +227,9 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
     reference = tmp_path / "reference"
     assert_ok(run_script("main_pretrain.py", *run, "--output_dir", reference))
     stopped_dir = tmp_path / "stopped"
-    stopped, steps = stop_after_first_step(stopped_dir, signal.SIGUSR2, [*run, "--output_dir", stopped_dir])
+    # SIGTERM to every process, loader workers included, as Slurm stops a step (torch's workers would die of it).
+    stopped, steps = stop_after_first_step(stopped_dir, signal.SIGTERM, [*run, "--output_dir", stopped_dir],
+                                           to_group=True)
     assert stopped.returncode == 75, stopped.stderr
     status = json.loads((stopped_dir / "status.json").read_text())
     assert status["epoch"] == 0 and 0 < status["step"] <= HELD_STEP + 1, status  # of 6 steps

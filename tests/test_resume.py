@@ -4,6 +4,7 @@ was never stopped. A command whose run-defining flags differ from the checkpoint
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -67,18 +68,22 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 HELD_STEP = 2
 
 
-def stop_after_first_step(run_dir, signum, flags=None) -> tuple[subprocess.CompletedProcess, int]:
+def stop_after_first_step(run_dir, signum, flags=None, to_group=False) -> tuple[subprocess.CompletedProcess, int]:
     """Start the run (RESUMABLE, or `flags`, which name run_dir, with --log_every 1), wait until train_log.jsonl
-    shows a step, send `signum` from outside; the run stops after step HELD_STEP at the latest (sooner when the
-    signal arrives before it). The status and the steps logged."""
+    shows a step, send `signum` from outside (`to_group`: to every process of the run, its loader workers too, as
+    Slurm signals a step); the run stops after step HELD_STEP at the latest (sooner when the signal arrives before
+    it). The status and the steps logged."""
     flags = flags or [*RESUMABLE, "--output_dir", run_dir]
     command = [PYTHON, "-c", HOLD_UNTIL_SIGNALLED, str(HELD_STEP), str(ROOT / "main_pretrain.py"), *map(str, flags)]
     process = subprocess.Popen(command, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, start_new_session=to_group)
     deadline = time.time() + 120
     while not logged_steps(run_dir) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    process.send_signal(signum)
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(logged_steps(run_dir))
 

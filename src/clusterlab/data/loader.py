@@ -8,7 +8,8 @@ In-memory sets are copied to the training device once and indexed there (no host
 step). Image files go through loader worker processes that decode and cut the crops (files.py); the crop
 parameters are drawn here, ahead of the step, from the augmentation's generator, so the crops do not depend on the
 world size or the number of workers either. The training loader's workers persist across epochs; on CUDA their
-batches come in pinned memory and are copied with non_blocking.
+batches come in pinned memory and are copied with non_blocking. The workers ignore the stop signals: Slurm sends
+them to every process of a step, and a worker that died of one would fail the step the main process is saving.
 
 Unreadable files: each is replaced by the next readable file of the dataset (files.py), reported on one line the
 first time it is met, and counted; after each epoch rank 0 prints the count and appends it to train_log.jsonl
@@ -19,12 +20,13 @@ every step, so that the other ranks do not wait in the next collective for the o
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .. import distributed, rundir
+from .. import distributed, rundir, signals
 from ..errors import ConfigError, DataError
 from .augment import CropSpec, CutCrops, EvalView, MultiCrop
 from .files import CropJob, FileSource, ViewJob
@@ -177,7 +179,15 @@ def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, per
     return torch.utils.data.DataLoader(FileSource(images.files, images.labels, images.channels), sampler=jobs,
                                        batch_size=None, num_workers=workers,
                                        persistent_workers=persistent and workers > 0,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator())
+                                       pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                       worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: the main process alone acts on a stop signal (it saves, then its exit ends the workers);
+    torch's own SIGTERM handler would otherwise kill the worker, and the main process's next batch would raise."""
+    for signum in signals.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class BadFiles:
