@@ -326,6 +326,28 @@ def test_sbatch_refusal_is_one_line(tmp_path, refusal, named):
                                "swav_digits_2ep_s0: ") and named in lines[0]
 
 
+def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
+    """Without squeue's answer every unfinished run would look idle and be submitted again."""
+    env = fake_slurm(tmp_path)
+    _executable(tmp_path / "slurm" / "squeue", "#!/bin/bash\necho 'slurm_load_jobs error: timeout' >&2; exit 1\n")
+    command = [sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "squeue did not answer" in done.stderr and not (tmp_path / "slurm" / "sbatch.log").exists()
+    planned = subprocess.run([*command, "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert planned.returncode == 0 and "warning: squeue did not answer" in planned.stderr
+
+
+def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path):
+    """submitit would requeue on it at once, mid-step, without a checkpoint."""
+    env = {**fake_slurm(tmp_path), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
+    done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
+                           str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "SUBMITIT_PREEMPT_SIGNAL=USR1" in done.stderr and "USR2" in done.stderr
+    assert not (tmp_path / "slurm" / "sbatch.log").exists()
+
+
 def test_sbatch_folder_matches_the_recipes(tmp_path):
     """sbatch/ is generated from configs/recipes.yaml; regenerate with `python launch.py --emit-sbatch`."""
     expected = recipe_scripts(ROOT / "configs" / "recipes.yaml", ROOT)

@@ -30,7 +30,7 @@ from pathlib import Path
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from .. import config, results, rundir
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..slurm.grid import Grid, RunSpec, load_grid
 from ..slurm.jobs import ProgramJob, make_executor, queued_ids, wait_for
 from ..slurm.programs import EVAL_PROGRAMS, to_argv
@@ -65,7 +65,17 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
-    in_queue = (queued_ids() or set()) if args.cluster == "slurm" else set()
+    in_queue = set()
+    if args.cluster == "slurm":
+        in_queue = queued_ids()
+        if in_queue is None:
+            # Unknown: every unfinished run would look idle and be submitted a second time.
+            unknown = "squeue did not answer, so the jobs already queued are unknown"
+            if not args.dry_run:
+                raise UserError(f"{unknown}; run launch.py again once the Slurm controller answers "
+                                f"(or use --cluster local / debug)")
+            print(f"warning: {unknown}; the plan below shows none as queued", file=sys.stderr)
+            in_queue = set()
     plan = [(run, run_state(run, in_queue)) for run in grid.runs]
     print_plan(grid, plan, in_queue)
     if args.dry_run:

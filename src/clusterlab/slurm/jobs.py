@@ -17,6 +17,7 @@ from pathlib import Path
 import submitit
 
 from .. import rundir, signals
+from ..errors import ConfigError
 from ..programs import PROGRAMS
 
 
@@ -47,6 +48,11 @@ class ProgramJob:
 def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None
                   ) -> submitit.AutoExecutor:
     """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
+    chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    if chosen.upper().removeprefix("SIG") != "USR2":
+        # submitit would requeue at once on that signal, mid-step and without a checkpoint.
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save and requeue on USR2 (and TERM); "
+                          f"unset it or set it to USR2")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
                                      slurm_max_num_timeout=resources["max_requeues"])
     additional = {key: resources[key] for key in ("account", "qos") if resources.get(key)}
