@@ -17,6 +17,7 @@ import yaml
 from clusterlab import checkpoint, rundir
 from clusterlab.errors import ConfigError
 from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env, snapshot
+from dist_utils import run_distributed
 
 
 def running(process: subprocess.Popen, program: str) -> None:
@@ -44,6 +45,28 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     assert_user_error(result, "main_pretrain.py", f"{str(run)!r} is in use by pid {os.getpid()}",
                       socket.gethostname(), "Slurm job 4242", "another --output_dir")
     assert snapshot(run) == before
+
+
+def _start_in(rank, world, run_dir):
+    from clusterlab import distributed, engine
+
+    try:
+        with engine.owned_run_dir(run_dir, distributed.init("cpu")):
+            distributed.barrier()  # as training's first collective
+            return "trained"
+    except ConfigError as err:
+        return str(err)
+
+
+def test_a_refused_start_on_rank_0_stops_every_rank(tmp_path):
+    """Only rank 0 takes the lock; without its outcome the others would train alone until their first collective
+    waited out the process group's timeout (30 minutes on a cluster)."""
+    run = tmp_path / "run"
+    lock_holder(run)
+    ranks = run_distributed(_start_in, 2, str(run))
+    assert f"is in use by pid {os.getpid()}" in ranks[0]
+    assert ranks[1] == "rank 0 could not take the run directory (its error names why)"
+    assert run_distributed(_start_in, 2, str(tmp_path / "free")) == ["trained", "trained"]
 
 
 def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path):

@@ -409,13 +409,19 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     """
     run_dir = Path(run_dir)
     if not ctx.is_main:
+        _share_outcome(ctx, taken=False)
         yield
         return
-    if run_dir.is_file():
-        raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
-    created = not run_dir.exists()
-    lock = rundir.RunLock(run_dir)
-    lock.acquire()
+    try:
+        if run_dir.is_file():
+            raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
+        created = not run_dir.exists()
+        lock = rundir.RunLock(run_dir)
+        lock.acquire()
+    except BaseException:
+        _share_outcome(ctx, taken=False)
+        raise
+    _share_outcome(ctx, taken=True)
     started = OwnedRun(run_dir)
     try:
         yield started
@@ -433,6 +439,16 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
         if created and not started.began:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
+
+
+def _share_outcome(ctx: Context, taken: bool) -> None:
+    """Rank 0 tells every rank whether it took the run directory (the others pass `taken` False and hear it): a
+    refused start would otherwise leave them to go on alone and wait in their first collective until the timeout."""
+    if ctx.world_size == 1:
+        return
+    outcome = distributed.broadcast(torch.tensor([int(taken)], device=ctx.device))
+    if not ctx.is_main and not outcome.item():
+        raise ConfigError("rank 0 could not take the run directory (its error names why)")
 
 
 class OwnedRun:
