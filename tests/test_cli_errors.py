@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from clusterlab import checkpoint
 from conftest import TINY, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
 
 
@@ -93,6 +94,32 @@ def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path):
     result = run_script("eval_knn.py", "--run", run, "--checkpoint", bad, "--device", "cpu")
     assert_user_error(result, "eval_knn.py", repr(str(bad)), "corrupt or not a torch file", "central directory")
     assert snapshot(run) == before  # in particular no metrics.jsonl
+
+
+def edited(path, change) -> None:
+    """Rewrite a trainer checkpoint with `change` applied to its entries, tags kept: what another version of the
+    code, or a hand edit, could leave."""
+    state = checkpoint.load(path)
+    tags = {key: state.pop(key) for key in ("format", "schema", "kind", "method")}
+    change(state)
+    checkpoint.save(state, path, kind=tags["kind"], method=tags["method"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state: state["model"].popitem(), ["does not fit run", "Missing key"]),
+    (lambda state: state.pop("data_info"), ["does not fit run", "no entry 'data_info'"]),
+    (lambda state: state["args"].update(width=8), ["does not fit run", "size mismatch"]),
+    (lambda state: state.update(args=["swav"]), ["does not fit run", "args are not a mapping"]),
+    (lambda state: state["args"].update(method="npid"), ["trained by method 'npid'", "by 'swav'",
+                                                         "the directory of the run that wrote it"]),
+], ids=["missing-weight", "no-data-info", "other-width", "args-a-list", "other-method"])
+def test_eval_refuses_a_checkpoint_that_does_not_fit_its_run(run_in_process, tiny_run, tmp_path, change, words):
+    run = copy_run(tiny_run, tmp_path / "run")
+    edited(run / "checkpoint.pth", change)
+    before = snapshot(run)
+    result = run_in_process("eval_knn.py", "--run", run, "--device", "cpu", "--k", "5")
+    assert_user_error(result, "eval_knn.py", repr(str(run / "checkpoint.pth")), *words)
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("script, extra, words", [

@@ -222,16 +222,22 @@ def test_skip_recorded_takes_a_record_only_for_the_view_asked_for(tiny_run, tmp_
     assert capsys.readouterr().out.count("already recorded") == 3 and len(records(run)) == 2
 
 
-def test_skip_recorded_does_not_take_the_runs_record_for_another_runs_checkpoint(tiny_run, tmp_path, capsys):
-    """Records name a checkpoint by its file name: `--checkpoint OTHER_RUN/checkpoint.pth` is evaluated although RUN
-    holds a record of its own checkpoint.pth; the run's own file, named by its path, is skipped."""
+def test_skip_recorded_does_not_take_the_runs_record_for_another_runs_checkpoint(tiny_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Records name the run's own checkpoint by its file name and any other by its full path:
+    `--checkpoint OTHER_RUN/checkpoint.pth` is evaluated although RUN holds a record of its own checkpoint.pth, and
+    its record cannot stand for the run's own; the run's own file, named by its path, is skipped, and so is a bare
+    name, which means the run's file even where the current directory holds one of that name."""
     run = copy_run(tiny_run, tmp_path / "run")
     knn = ["eval_knn", "--run", run, "--k", 5, "--device", "cpu", "--skip_recorded", "true"]
     evaluate(*knn)
     capsys.readouterr()
     evaluate(*knn, "--checkpoint", tiny_run / "checkpoint.pth")
     evaluate(*knn, "--checkpoint", run / "checkpoint.pth")
-    assert capsys.readouterr().out.count("already recorded") == 1 and len(records(run)) == 2
+    monkeypatch.chdir(tiny_run)
+    evaluate(*knn, "--checkpoint", "checkpoint.pth")
+    assert capsys.readouterr().out.count("already recorded") == 2
+    assert [r["checkpoint"] for r in records(run)] == ["checkpoint.pth", str((tiny_run / "checkpoint.pth").resolve())]
 
 
 def test_requested_record_names_an_image_folders_view_as_its_records_do(tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> N
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--run", default=None, help="run directory (its config.yaml names the dataset and model)")
     group.add_argument("--checkpoint", default=None,
-                       help="checkpoint file name in the run directory or a path (default checkpoint.pth)")
+                       help="a file name is the run directory's file (default checkpoint.pth); a path with a "
+                            "directory is that file, recorded in the run's metrics.jsonl under its full path")
     add_data_args(parser, default_dataset=None)
     group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
                        help="backbone features, or the method's own normalised embedding")

@@ -14,7 +14,7 @@ from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, resized
 from ..data.registry import resolve_path
-from ..errors import ConfigError, UserError
+from ..errors import CheckpointError, ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
 from ..results import Wanted
@@ -86,10 +86,10 @@ def recorded_view(view: dict) -> dict:
 
 
 def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:
-    """--checkpoint: a file path, else a file name in the run directory (default checkpoint.pth)."""
-    if requested and Path(requested).is_file():
-        return Path(requested)
-    return Path(run_dir) / (requested or DEFAULT_CHECKPOINT)
+    """--checkpoint: a bare file name is the run directory's file of that name (default checkpoint.pth), whatever
+    the current directory holds; a path (with a directory part) is that file."""
+    requested = requested or DEFAULT_CHECKPOINT
+    return Path(run_dir) / requested if Path(requested).name == requested else Path(requested)
 
 
 def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
@@ -101,7 +101,14 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     path = checkpoint_path(run_dir, checkpoint_name)
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
+    if not isinstance(state.get("args", {}), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit run {str(run_dir)!r}: its args are not a "
+                              f"mapping")
     method_name = state.get("args", {}).get("method", saved_args.get("method"))
+    if saved_args.get("method") not in (None, method_name):
+        raise CheckpointError(f"checkpoint {str(path)!r} was trained by method {method_name!r}, run "
+                              f"{str(run_dir)!r} by {saved_args['method']!r}: give --run the directory of the run "
+                              f"that wrote it")
     if method_name not in METHODS:
         raise ConfigError(f"run {str(run_dir)!r} used method {method_name!r}, unknown to this version")
     # A flag added to the suite after the run was trained takes its default, and a flag recorded under a name
@@ -111,11 +118,20 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     recorded = {**canonical_keys(parser, saved_args, str(run_dir / "config.yaml"), known_only=False),
                 **canonical_keys(parser, state.get("args", {}), str(path), known_only=False)}
     args = argparse.Namespace(**{**vars(parser.parse_args(["--method", method_name])), **recorded})
-    method = METHODS[args.method](args, DataInfo(**state["data_info"]), device)
-    method.load_state_dict(state["model"])
-    method.load_extra_state(state.get("method_state", {}))
+    try:
+        method = METHODS[args.method](args, DataInfo(**state["data_info"]), device)
+        method.load_state_dict(state["model"])
+        method.load_extra_state(state.get("method_state", {}))
+        position = checkpoint_position(state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        # Written by another version, or edited: the rebuilt model and the weights disagree.
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit run {str(run_dir)!r}: "
+                              f"{checkpoint.failure_reason(err)}") from None
     method.to(device).eval()
-    return LoadedRun(run_dir, args, method, *checkpoint_position(state), path.name)
+    # A file of another directory is recorded under its full path: a record of the run's own file of that name
+    # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).
+    own = path.resolve().parent == run_dir.resolve()
+    return LoadedRun(run_dir, args, method, *position, path.name if own else str(path.resolve()))
 
 
 def training_parser(method: str) -> argparse.ArgumentParser:
