@@ -80,6 +80,10 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("nmb_crops", [2, "x"], "'x'"),                        # one bad item of a list flag
     ("batch_size", 0, "is not a positive integer"),          # the flag's own range check applies to the file too
     ("nmb_prototypes", {"a": 1}, "expected one value, got dict"),
+    ("epochs", None, "is null; give it a value"),           # null would reach the program as None
+    ("nesterov", None, "is null"),
+    ("nmb_crops", [], "is an empty list"),                   # a flag that takes one value or more
+    ("lr", float("inf"), "not a finite number"),             # records are JSON: no inf
 ])
 def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
     path = write_yaml(tmp_path, {key: value})
@@ -129,6 +133,7 @@ def test_missing_config_file_is_refused(tmp_path):
     ("main_pretrain", ["--width", "four"], ["--width", "invalid int value: 'four'"]),
     ("eval_knn", ["--k", "0"], ["--k", "'0'"]),
     ("eval_knn", ["--temperature", "0"], ["--temperature", "'0'", "positive number"]),
+    ("eval_knn", ["--temperature", "inf"], ["--temperature", "'inf'", "not a finite number"]),
     ("eval_cluster", ["--clusters", "10", "0"], ["--clusters", "'0'"]),
     ("eval_cluster", ["--restarts", "0"], ["--restarts", "'0'"]),
     ("collect_results", ["--plots", "maybe"], ["--plots", "'maybe'"]),

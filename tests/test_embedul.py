@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from clusterlab.losses.iic import EPS, iic_loss
 
-from conftest import entry_module
+from conftest import assert_user_error, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,9 @@ def test_pipeline_loads_the_encoder_resumes_with_the_same_head_and_is_scored(sup
     chosen = [r["protocol"]["head"] for r in records if r["protocol"]["chosen"]]
     assert chosen == [min(range(5), key=losses.__getitem__)]
     assert all(r["protocol"]["assignment"] == "head" and r["split"] == "test" for r in records)
+    # k-means flags do nothing to heads: refused rather than ignored
+    refused = run_script("eval_cluster.py", "--run", stage2, "--clusters", 50, "--plot", "false")
+    assert_user_error(refused, "eval_cluster.py", "--clusters applies to k-means", "--assignment kmeans")
 
 
 def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tmp_path):

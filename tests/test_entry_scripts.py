@@ -148,6 +148,26 @@ def test_skip_recorded_k_means_of_another_split_is_evaluated(tiny_run, tmp_path,
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
 
 
+def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny_run, tmp_path, capsys):
+    """The k-means seed is in the protocol where it is not the default (records made before name none), and the
+    figures of other settings (seed, features, a split fitted on) keep their own names; --clusters 10 10 is one
+    evaluation."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1]
+    evaluate(*cluster, "--clusters", 10, 10)
+    figure = run / "kmeans_k10_checkpoint_test_confusion.png"
+    default_figure = figure.read_bytes()
+    evaluate(*cluster, "--seed", 5)
+    evaluate(*cluster, "--features", "embedding", "--fit_on", "test")
+    assert "already recorded" not in capsys.readouterr().out
+    assert [r["protocol"].get("seed") for r in records(run)] == [None, 5, None]
+    assert figure.read_bytes() == default_figure
+    assert (run / "kmeans_k10_seed5_checkpoint_test_confusion.png").is_file()
+    assert (run / "kmeans_k10_embedding_fit-test_checkpoint_test_confusion.png").is_file()
+    evaluate(*cluster, "--seed", 5)
+    assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
+
+
 def reference_kmeans(fit_x: torch.Tensor, scored_x: torch.Tensor, labels: torch.Tensor, restarts: int) -> dict:
     """scikit-learn's k-means (10 clusters, seed 0) fitted on `fit_x`, scored on `scored_x`."""
     model = KMeans(n_clusters=10, n_init=restarts, init="k-means++", random_state=0).fit(fit_x.double().numpy())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,17 @@ def test_a_probe_is_trained_afresh_for_other_weights_or_another_optimisation(tmp
                                                            f"linear_ep0002_cached{probed}"]
     head = torch.load(run / f"linear_ep0002_cached{probed}" / "checkpoint.pth", weights_only=True)["model"]
     assert sorted(head) == ["bias", "weight"]
+    # Any other optimisation flag and the seed are in the protocol: a record of the defaults does not stand for them.
+    assert "epoch 1/1: test top1" in probe("--momentum", "0.0")
+    assert records_of(run)[-1]["protocol"]["momentum"] == 0.0 and "momentum" not in records_of(run)[0]["protocol"]
+    # Another directory's checkpoint (here a copy of the same epoch) gets a probe of its own, not the run's
+    # finished one, and a record under its full path.
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("linear_*", "metrics.jsonl"))
+    assert "epoch 1/1: test top1" in probe("--checkpoint", other / "checkpoint.pth")
+    assert records_of(run)[-1]["checkpoint"] == str((other / "checkpoint.pth").resolve())
+    assert len(list(run.glob(f"linear_ep0002_cached{probed}_from*"))) == 1
+
+
+def records_of(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -82,16 +82,18 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                             "auto: the bank where the method keeps one")
 
 
-def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True) -> None:
-    """--run and friends; `batch_size` False leaves --batch_size to a program that trains (eval_linear.py)."""
+def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True, features: bool = True) -> None:
+    """--run and friends; `batch_size` False leaves --batch_size to a program that trains (eval_linear.py), and
+    `features` False leaves out --features (the linear probe trains on the backbone only)."""
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--run", default=None, help="run directory (its config.yaml names the dataset and model)")
     group.add_argument("--checkpoint", default=None,
                        help="a file name is the run directory's file (default checkpoint.pth); a path with a "
                             "directory is that file, recorded in the run's metrics.jsonl under its full path")
     add_data_args(parser, default_dataset=None)
-    group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
-                       help="backbone features, or the method's own normalised embedding")
+    if features:
+        group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
+                           help="backbone features, or the method's own normalised embedding")
     if batch_size:
         group.add_argument("--batch_size", type=positive_int, default=512, help="images per forward pass")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import subprocess
@@ -81,9 +82,12 @@ def non_negative_float(text: str) -> float:
 
 def _number(kind, text):
     try:
-        return kind(text)
+        value = kind(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not math.isfinite(value):  # records are JSON, which has no inf or nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 INT_TYPES = (int, positive_int, non_negative_int)
@@ -116,9 +120,15 @@ def new_parser(description: str, prog: str | None = None) -> OneLineErrorParser:
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Check a YAML value against the flag's type, so a wrong type fails before anything runs."""
+    """Check a YAML value against the flag's type, so a wrong type fails before anything runs. Null stands for a
+    flag's default only where that default is None (elsewhere it would reach the program as None)."""
     if value is None:
-        return None
+        if action.default is None:
+            return None
+        raise ConfigError(f"{source}: key {key!r} is null; give it a value, or leave it out for its default "
+                          f"({action.default!r})")
+    if action.nargs == "+" and isinstance(value, (list, tuple)) and not value:
+        raise ConfigError(f"{source}: key {key!r} is an empty list; give it at least one value")
     # A flag without a type takes text on the command line, so its YAML value must be one scalar as well.
     kind = action.type or (str if isinstance(action, argparse._StoreAction) else None)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):

@@ -241,6 +241,9 @@ def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
 
     if not args.dataset or not args.output_dir:
         raise ConfigError("--baseline pixels needs --dataset NAME and --output_dir DIR")
+    if args.run:
+        raise ConfigError(f"--baseline pixels scores no run (--run {args.run!r}): leave --run out; the record goes "
+                          f"to --output_dir")
     train_set = load(args.dataset, "train", args.data_path, args.download)
     scored_set = load(args.dataset, scored_split, args.data_path, args.download)
     run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None,

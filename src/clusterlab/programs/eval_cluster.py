@@ -50,8 +50,14 @@ def get_args_parser():
     return parser
 
 
+# The flags of k-means, which heads do not use.
+KMEANS_FLAGS = ("clusters", "fit_on", "restarts", "normalize", "seed", "features")
+
+
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
+    args.clusters = list(dict.fromkeys(args.clusters))  # --clusters 10 10 is one evaluation
+    given = [key for key in KMEANS_FLAGS if getattr(args, key) != get_args_parser().get_default(key)]
     distributed.configure_threads()
     if args.normalize == "auto":  # what records said before the flag was honoured: a run's features, not pixels
         args.normalize = not args.baseline
@@ -76,6 +82,9 @@ def main(argv=None):
         scored_set = evaluation.train_set if args.split == "train" else evaluation.test_set
         has_heads = loaded.method.program_kind == "cluster"
         if args.assignment == "heads" or (args.assignment == "auto" and has_heads):
+            if given:
+                raise ConfigError(f"--{given[0]} applies to k-means, and run {str(loaded.run_dir)!r} is scored by its "
+                                  f"heads: leave it out, or give --assignment kmeans")
             heads(args, ctx, evaluation, scored_set)
         else:
             fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
@@ -97,15 +106,24 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
     if not ctx.is_main:
         return
     for clusters in args.clusters or [scored_set.num_classes]:
+        # The seed only where it is not the default: records made before it was named are of seed 0.
         base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
-                "normalize": args.normalize, "restarts": args.restarts, "selection": "last", **view}
+                "normalize": args.normalize, "restarts": args.restarts, "seed": args.seed or None, "selection": "last",
+                **view}
         if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split},
                                  results.Wanted(scored_set.name, [recorded_view(view)], position)):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
+        # Figures of other settings keep their own names (the run's defaults keep the names they always had).
+        settings = "".join(f"_{part}" for part in (
+            scored_set.name if scored_set.name != run_args.dataset else "",
+            feature_kind if feature_kind not in ("backbone", "pixels") else "",
+            "fit-test" if args.fit_on == "test" else "",
+            "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
+            f"seed{args.seed}" if args.seed else "") if part)
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base,
-               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})", f"kmeans_k{clusters}")
+               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})", f"kmeans_k{clusters}{settings}")
 
 
 def heads(args, ctx, evaluation, scored_set):
@@ -142,7 +160,8 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
         views.append(("superclasses", superclass_metrics(truth, scored_set.superclass_labels.numpy(), predicted,
                                                          clusters, scored_set.num_classes), True))
     for label, metrics, superclass in views:
-        protocol = {**base, "mapping": mapping_kind, "superclass": superclass, "split": args.split}
+        protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
+                                                  "split": args.split}.items() if value is not None}
         record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
                                      position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name,
                                      split=args.split)

@@ -13,6 +13,7 @@ goes to RUN/metrics.jsonl.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accu
 
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="eval_linear.py")
-    cli.add_eval_args(parser, batch_size=False)
+    cli.add_eval_args(parser, batch_size=False, features=False)
     cli.add_optim_args(parser)
     parser.set_defaults(epochs=100, batch_size=32, optimizer="sgd", lr=0.3, final_lr=0.0, schedule="cosine",
                         momentum=0.9, weight_decay=1e-6, sync_bn=False, amp="off")
@@ -38,14 +39,39 @@ def get_args_parser():
     return parser
 
 
-def probe_dir(args, loaded) -> Path:
-    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...]: a probe per state of the weights (checkpoint.pth moves on as
-    the run trains; checkpoint_epNNNN.pth is the same weights as checkpoint.pth at epoch NNNN), protocol and
-    optimisation, naming the optimisation flags that differ from the defaults."""
+# Named in every record's protocol; the other flags that set a probe's result only where they are not the default.
+ALWAYS_RECORDED = ("epochs", "lr", "batch_size", "weight_decay")
+
+
+def linear_protocol(args) -> dict:
+    """The probe's protocol as --skip_recorded asks for it: the augmentation, ALWAYS_RECORDED, then the seed and
+    every other optimisation flag, None at its default (a record leaves those out, and a record of another value
+    must not stand for the default)."""
+    defaults = get_args_parser()
+    protocol = {"augmentation": "cached" if args.cached_features else "augmented",
+                **{key: getattr(args, key) for key in ALWAYS_RECORDED}}
+    for key in ("seed", *OPTIMISATION_FLAGS):
+        if key not in protocol:
+            value = getattr(args, key)
+            protocol[key] = None if value == defaults.get_default(key) else value
+    return protocol
+
+
+def probe_dir(args, loaded, dataset: str) -> Path:
+    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_DATASET][_cropC][_resizeR][_fromHASH]: a probe per state
+    of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same weights as
+    checkpoint.pth at epoch NNNN), protocol and optimisation, naming the optimisation flags that differ from the
+    defaults, a dataset other than the run's, the test view asked for, and a checkpoint from outside the run (by a
+    digest of its path)."""
     defaults = get_args_parser()
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key in ("batch_size", "seed", *OPTIMISATION_FLAGS)
              if (value := getattr(args, key)) != defaults.get_default(key)]
+    if dataset != loaded.args.dataset:
+        flags.append(f"_{dataset}")
+    flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]
+    if Path(loaded.checkpoint_name).name != loaded.checkpoint_name:  # recorded by its full path: another directory's
+        flags.append(f"_from{hashlib.sha256(loaded.checkpoint_name.encode()).hexdigest()[:8]}")
     name = (f"linear_ep{loaded.epoch:04d}{f'_step{loaded.step}' if loaded.step else ''}"
             f"{'_cached' if args.cached_features else ''}{''.join(flags)}")
     return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name)
@@ -60,9 +86,7 @@ def main(argv=None):
     distributed.configure_threads()
     protocol_name = "cached" if args.cached_features else "augmented"
     if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint),
-                             {"augmentation": protocol_name, "epochs": args.epochs, "lr": args.lr,
-                              "batch_size": args.batch_size, "weight_decay": args.weight_decay},
-                             requested_record(args)):
+                             linear_protocol(args), requested_record(args)):
         print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
@@ -89,7 +113,7 @@ def main(argv=None):
                                      fingerprint=evaluation.train_set.fingerprint)
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
-    probe_args.output_dir = str(probe_dir(args, loaded))
+    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name))
     with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
@@ -113,9 +137,9 @@ def main(argv=None):
 
     final = test_accuracy(probe, test_features, evaluation.test_set.labels)
     if ctx.is_main:
-        protocol = {"features": "backbone", "augmentation": protocol_name, "fit_on": "train", "epochs": args.epochs,
-                    "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
-                    "selection": "last", "best_on_test_flagged": True, **evaluation.data_protocol()}
+        protocol = {"features": "backbone", "fit_on": "train", "selection": "last", "best_on_test_flagged": True,
+                    **{key: value for key, value in linear_protocol(args).items() if value is not None},
+                    **evaluation.data_protocol()}
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
         record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,
