@@ -230,6 +230,11 @@ def malicious(run: Path) -> None:
         pickle.dump(RunsACommand(f"touch {run / 'PWNED'}"), handle, protocol=2)
 
 
+def metrics_a_folder(run: Path) -> None:
+    (run / "metrics.jsonl").unlink(missing_ok=True)
+    (run / "metrics.jsonl").mkdir()
+
+
 def locked(run: Path) -> None:
     holder = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "since": "now"}
     (run / ".lock").write_text(json.dumps(holder))
@@ -257,6 +262,8 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      ["checkpoint_ep0007.pth"], "pretrained-missing"),
     ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
      "run-locked"),
+    ("eval_knn.py", metrics_a_folder, ["--run", "RUN", "--k", 5, "--device", "cpu"],
+     ["cannot write", "metrics.jsonl", "that path is a folder"], "eval-metrics-a-folder"),
     ("eval_cluster.py", None, ["--run", "RUN", "--clusters", 5000, "--device", "cpu"],
      ["--clusters 5000", "more than the 898 images"], "eval-too-many-clusters"),
     ("eval_knn.py", None, ["--run", "RUN", "--train_features", "memory_bank", "--features", "embedding"],
