@@ -30,7 +30,8 @@ def get_args_parser():
                         help="neighbours that vote; several values score the same features once each")
     parser.add_argument("--train_features", choices=["recomputed", "memory_bank"], default="recomputed",
                         help="train features recomputed with the test view (ours), or the method's memory bank "
-                             "(upstream's NPID / Super-AND monitor)")
+                             "(upstream's NPID / Super-AND monitor, which votes with the run's --bank_t: give that as "
+                             "--temperature, e.g. 0.07 in the NPID recipes, to reproduce its number)")
     parser.add_argument("--temperature", type=config.positive_float, default=0.1,
                         help="vote weight exp(similarity / T)")
     return parser
