@@ -20,6 +20,7 @@ import torch
 import yaml
 
 import fabricate
+from clusterlab import checkpoint
 # CONFIG: absolute, the cases run elsewhere
 from conftest import CONFIG, ROOT, TINY, assert_user_error, copy_run, snapshot, write_fashion_mnist
 
@@ -235,6 +236,14 @@ def metrics_a_folder(run: Path) -> None:
     (run / "metrics.jsonl").mkdir()
 
 
+def three_channel_stem(run: Path) -> None:
+    """The run's first convolution as if it had been trained on colour images."""
+    state = checkpoint.load(run / "checkpoint.pth")
+    tags = {key: state.pop(key) for key in ("format", "schema", "kind", "method")}
+    state["model"]["backbone.conv1.weight"] = state["model"]["backbone.conv1.weight"].repeat(1, 3, 1, 1)
+    checkpoint.save(state, run / "checkpoint.pth", kind=tags["kind"], method=tags["method"])
+
+
 def locked(run: Path) -> None:
     holder = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "since": "now"}
     (run / ".lock").write_text(json.dumps(holder))
@@ -260,6 +269,9 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
     ("main_cluster.py", None, ["--method", "embedul", "--dataset", "digits", "--width", 4, "--device", "cpu",
                                "--pretrained", "RUN/checkpoint_ep0007.pth", "--output_dir", "NEW"],
      ["checkpoint_ep0007.pth"], "pretrained-missing"),
+    ("main_cluster.py", three_channel_stem, ["--method", "scan", "--dataset", "digits", "--width", 4, "--device",
+                                             "cpu", "--pretrained", "RUN", "--output_dir", "NEW"],
+     ["its 'backbone' does not fit this model", "size mismatch for conv1.weight"], "pretrained-other-channels"),
     ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
      "run-locked"),
     ("eval_knn.py", metrics_a_folder, ["--run", "RUN", "--k", 5, "--device", "cpu"],

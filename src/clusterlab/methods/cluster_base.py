@@ -104,7 +104,11 @@ class ClusterMethod(Method):
                 raise ConfigError(f"--pretrained {source!r} holds no {part!r} weights (method "
                                   f"{state.get('method')!r}); this method needs {', '.join(self.pretrained_parts)}")
             module: nn.Module = getattr(self, part)
-            missing, unexpected = module.load_state_dict(weights, strict=False)
+            try:
+                missing, unexpected = module.load_state_dict(weights, strict=False)
+            except RuntimeError as err:  # strict=False still refuses a weight of another shape
+                raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model "
+                                  f"({checkpoint.failure_reason(err)})") from None
             if missing or unexpected:
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
