@@ -53,6 +53,7 @@ step() {
   if [ -n "$stop" ]; then requeue; fi
   srun --unbuffered "$@" &
   step_pid=$!
+  if [ -n "$stop" ]; then kill -s "$stop" "$step_pid" 2>/dev/null; fi  # a signal that came before step_pid was set
   local status
   while :; do
     wait "$step_pid"
