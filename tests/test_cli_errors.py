@@ -126,7 +126,6 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit_its_run(run_in_process, tin
     ("eval_knn.py", ["--run", "/nonexistent_run"], ["--run '/nonexistent_run'", "not a directory"]),
     ("eval_knn.py", ["--checkpoint", "checkpoint_ep0099.pth"], ["checkpoint_ep0099.pth", "does not exist"]),
     ("eval_cluster.py", ["--clusters", "10", "5000"], ["--clusters 5000", "898 images", "at most 898"]),
-    ("eval_knn.py", ["--k", "10", "5000"], ["--k 5000", "898 images", "at most 898"]),
     ("eval_knn.py", ["--baseline", "pixels", "--dataset", "digits", "--output_dir", "OUT"],
      ["--baseline pixels scores no run", "leave --run out"]),
     ("eval_cluster.py", ["--normalize", "maybe"], ["--normalize", "'maybe'", "use auto, true or false"]),

@@ -148,6 +148,16 @@ def test_skip_recorded_k_means_of_another_split_is_evaluated(tiny_run, tmp_path,
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
 
 
+def test_a_k_above_the_train_set_is_recorded_with_the_k_used(tiny_run, tmp_path, capsys):
+    """A recipe's k = 200 on a small set: every train image votes, and the record says how many did."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    evaluate("eval_knn", "--run", run, "--k", 898, 5000, "--device", "cpu")
+    assert "--k 5000 is more than the 898 train images" in capsys.readouterr().out
+    whole, above = records(run)
+    assert "k_used" not in whole["protocol"] and (above["protocol"]["k"], above["protocol"]["k_used"]) == (5000, 898)
+    assert above["metrics"] == whole["metrics"]
+
+
 def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny_run, tmp_path, capsys):
     """The k-means seed is in the protocol where it is not the default (records made before name none), and the
     figures of other settings (seed, features, a split fitted on) keep their own names; --clusters 10 10 is one

@@ -3,10 +3,12 @@ torchvision's PIL functions, the crop-size distribution against torchvision's sa
 draft, 2 processes against 1, resume in the middle of an epoch, and unreadable files."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
 from clusterlab.errors import DataError
-from conftest import TINY, assert_ok, assert_user_error, run_script
+from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_resume import HELD_STEP, assert_same_tensors, stop_after_first_step
 
@@ -241,6 +243,38 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
     assert_ok(run_script("eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"))
     (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
+
+
+FAIL_AT_STEP_2 = """
+import runpy, sys
+from clusterlab import engine
+original = engine.Trainer.step
+def step(self, batch, progress):
+    if progress.step == 2:
+        raise RuntimeError("a failure in the middle of an epoch")
+    return original(self, batch, progress)
+engine.Trainer.step = step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_whose_loader_workers_ignore_slurms_signals_still_exits_on_a_failure(tmp_path):
+    """The workers ignore a SIGTERM that is not their main process's; Python's exit stops them with one (they are
+    daemon processes), and waits for them: a worker that ignored that one too would hold the failed run forever."""
+    fabricate.make_mixed_imagefolder(tmp_path / "data", n_per_class=12, classes=2)
+    run = [*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", "4", "--size_crops",
+           "12", "--workers", "2", "--output_dir", tmp_path / "run"]
+    process = subprocess.Popen([PYTHON, "-c", FAIL_AT_STEP_2, str(ROOT / "main_pretrain.py"), *map(str, run)],
+                               cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1 and "a failure in the middle of an epoch" in stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 
 
 def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_continues(tmp_path):

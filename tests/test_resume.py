@@ -80,11 +80,15 @@ def stop_after_first_step(run_dir, signum, flags=None, to_group=False) -> tuple[
     deadline = time.time() + 120
     while not logged_steps(run_dir) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    if to_group:
-        os.killpg(process.pid, signum)
-    else:
-        process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # a run that does not stop is a failure, not a process left behind
+            process.kill()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(logged_steps(run_dir))
 
 

@@ -8,8 +8,9 @@ In-memory sets are copied to the training device once and indexed there (no host
 step). Image files go through loader worker processes that decode and cut the crops (files.py); the crop
 parameters are drawn here, ahead of the step, from the augmentation's generator, so the crops do not depend on the
 world size or the number of workers either. The training loader's workers persist across epochs; on CUDA their
-batches come in pinned memory and are copied with non_blocking. The workers ignore the stop signals: Slurm sends
-them to every process of a step, and a worker that died of one would fail the step the main process is saving.
+batches come in pinned memory and are copied with non_blocking. The workers ignore the stop signals but their main
+process's SIGTERM: Slurm signals every process of a step, and a worker that died of it would fail the step the main
+process is saving.
 
 Unreadable files: each is replaced by the next readable file of the dataset (files.py), reported on one line the
 first time it is met, and counted; after each epoch rank 0 prints the count and appends it to train_log.jsonl
@@ -20,7 +21,9 @@ every step, so that the other ranks do not wait in the next collective for the o
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -184,10 +187,22 @@ def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, per
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In a loader worker: the main process alone acts on a stop signal (it saves, then its exit ends the workers);
-    torch's own SIGTERM handler would otherwise kill the worker, and the main process's next batch would raise."""
+    """In a loader worker: the main process alone acts on a stop signal (it saves, then its exit ends the workers).
+    torch's SIGTERM handler would kill the worker whoever sent it, and the main process's next batch would raise;
+    ignoring SIGTERM altogether would keep the worker alive when its main process stops it (torch's and
+    multiprocessing's shutdown, the latter waiting for it forever). So SIGTERM is blocked and a thread takes it: a
+    worker leaves on its main process's SIGTERM only."""
     for signum in signals.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_leave_on_the_main_process_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _leave_on_the_main_process_sigterm(main_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+            os._exit(0)
 
 
 class BadFiles:
