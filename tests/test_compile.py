@@ -18,9 +18,10 @@ from conftest import (ONE_EPOCH, PYTHON, ROOT, TWO_EPOCHS, assert_ok, assert_use
                       script_env, step_losses)
 
 # Per-step losses of the compiled second epoch against the eager one. Both start from the same weights, so the first
-# steps differ only by the rounding of fused kernels (measured: below 4e-6 relative over the first 7 steps); LARS at
-# lr 4.8 then amplifies the differences (measured: up to 4e-3 by step 14), still far below the loss's own changes.
-FIRST_STEPS, FIRST_RTOL, EPOCH_RTOL = 5, 1e-4, 2e-2
+# steps differ only by the rounding of fused kernels (measured: below 4e-6 relative over the first 7 steps with
+# AVX-512 kernels, up to 9e-4 by step 2 with AVX2 ones, ATEN_CPU_CAPABILITY=avx2); LARS at lr 4.8 then amplifies the
+# differences (measured: up to 4e-3 by step 14), still far below the loss's own changes.
+FIRST_STEPS, FIRST_RTOL, EPOCH_RTOL = 5, 5e-3, 2e-2
 
 
 @pytest.mark.slow
