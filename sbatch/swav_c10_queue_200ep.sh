@@ -27,6 +27,8 @@ DATASET_PATH=${DATASET_PATH:-data}
 EXPERIMENT_PATH=${EXPERIMENT_PATH:-experiments/swav_c10_queue_200ep}
 PYTHON=${PYTHON:-python}
 MAX_REQUEUES=${MAX_REQUEUES:-30}
+# Since Slurm 22.05 srun does not take --cpus-per-task from the job: its tasks could be bound to one CPU.
+export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}
 args=()
 while [ $# -gt 0 ]; do
   case $1 in

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from clusterlab import rundir
-from clusterlab.slurm.grid import load_grid, run_name
+from clusterlab.slurm.grid import RESOURCE_DEFAULTS, load_grid, run_name
+from clusterlab.slurm.jobs import make_executor
 from clusterlab.slurm.sbatch import recipe_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,6 +325,16 @@ def test_sbatch_refusal_is_one_line(tmp_path, refusal, named):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("launch.py: error: sbatch refused the training job(s) of swav_digits_1ep_s0, "
                                "swav_digits_2ep_s0: ") and named in lines[0]
+
+
+def test_tasks_get_the_cpus_of_the_job(tmp_path):
+    """Since Slurm 22.05 srun does not take --cpus-per-task from the job: submitit's srun and the generated scripts'
+    srun are told (the scripts through SRUN_CPUS_PER_TASK)."""
+    executor = make_executor(tmp_path, {**RESOURCE_DEFAULTS, "tasks_per_node": 1, "cpus_per_task": 6}, "slurm", "x")
+    assert executor._executor.parameters["srun_args"] == ["--cpus-per-task", "6"]
+    script = (ROOT / "sbatch" / "unmix_c10_400ep.sh").read_text()
+    assert "\nexport SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}\n" in script
+    assert script.index("SRUN_CPUS_PER_TASK") < script.index("srun --unbuffered")
 
 
 def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):

@@ -64,9 +64,11 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
     if resources["gpus_per_node"]:
         params["gpus_per_node"] = resources["gpus_per_node"]
     if cluster == "slurm":
+        # Since Slurm 22.05 srun does not take --cpus-per-task from the job: its tasks could be bound to one CPU.
         params.update(slurm_signal_delay_s=resources["signal_delay_s"],
                       slurm_array_parallelism=resources["array_parallelism"],
-                      slurm_additional_parameters=additional)
+                      slurm_additional_parameters=additional,
+                      slurm_srun_args=["--cpus-per-task", str(resources["cpus_per_task"])])
         if resources.get("partition"):
             params["slurm_partition"] = resources["partition"]
         if resources.get("constraint"):

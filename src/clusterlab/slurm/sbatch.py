@@ -164,6 +164,8 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
              f'EXPERIMENT_PATH=${{EXPERIMENT_PATH:-{shlex.quote(experiment_path or f"experiments/{name}")}}}',
              'PYTHON=${PYTHON:-python}',
              f'MAX_REQUEUES=${{MAX_REQUEUES:-{int(resources["max_requeues"])}}}',
+             "# Since Slurm 22.05 srun does not take --cpus-per-task from the job: its tasks could be bound to one CPU.",
+             'export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}',
              TAKE_OUTPUT_DIR,
              'mkdir -p "$EXPERIMENT_PATH/slurm"',
              LINK_LOG,
