@@ -126,6 +126,21 @@ def test_attach_published_matches_method_dataset_backbone_eval_epochs_and_comput
     assert results.attach_published(table, None) is table
 
 
+def test_a_checkpoint_in_the_middle_of_a_longer_run_gets_no_published_number(tmp_path):
+    """The epoch-200 checkpoint of a 400-epoch run (--checkpoint_epochs) is mid-schedule: only the run that ended at
+    epoch 200 is compared with the number published for 200 epochs."""
+    for name, epochs, acc in (("ended", 200, 0.85), ("longer", 400, 0.60)):
+        run = tmp_path / name
+        write_jsonl(run / "metrics.jsonl", [record(0, run=name, acc=acc)])
+        (run / "config.yaml").write_text(yaml.safe_dump({"args": {"method": "swav", "epochs": epochs}}))
+    table = results.attach_published(results.aggregate(results.records_frame(results.read_records(tmp_path))),
+                                     pd.read_csv(io.StringIO(PUBLISHED)))
+    rows = {row["recipe"]: row for _, row in table.iterrows()}  # the runs differ in --epochs: a row each
+    assert list(table["mid_run"]) == [False, True] and table["epoch"].tolist() == [200, 200]
+    assert rows["epochs=200"]["published"] == 80.5 and rows["epochs=200"]["diff"] == 4.5
+    assert rows["epochs=400"]["published"] is None and rows["epochs=400"]["diff"] is None
+
+
 def test_display_table_formats_mean_std_and_n():
     table = results.aggregate(results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5)]))
     shown = results.display_table(table)

@@ -194,6 +194,7 @@ def records_frame(records: list[dict]):
             run_configs[run_dir] = _run_config(run_dir) if run_dir else None
         row["revision"] = revision(record, run_configs[run_dir])
         row["settings"] = run_settings(run_configs[run_dir])
+        row["run_epochs"] = (row["settings"] or {}).get("epochs")
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
@@ -277,6 +278,10 @@ def aggregate(frame):
     frame = latest_records(frame)
     keys = [c for c in (*GROUP_COLUMNS, "protocol") if c in frame]
     filled = frame.copy()
+    # A checkpoint saved before its run's last epoch (--checkpoint_epochs) is mid-schedule: not comparable with a
+    # number published for a run of that many epochs (see attach_published).
+    mid_run = (pd.to_numeric(frame["run_epochs"], errors="coerce") > pd.to_numeric(frame["epoch"], errors="coerce")
+               if "run_epochs" in frame and "epoch" in frame else pd.Series(False, index=frame.index))
     for key in keys:
         filled[key] = filled[key].astype(object).where(filled[key].notna(), "-")
     if "settings" in filled:
@@ -306,6 +311,8 @@ def aggregate(frame):
         out = grouped.size().to_frame("n")
     if "revision" in filled:
         out["revision"] = grouped["revision"].agg(lambda states: max(states, key=REVISIONS.index))
+    if mid_run.any():
+        out["mid_run"] = mid_run.groupby([filled[key] for key in keys], sort=True, dropna=False).any()
     return out.reset_index()
 
 
@@ -324,8 +331,8 @@ def revision_footnote(frame) -> str:
 
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
-    of another network is no yardstick), evaluation and epochs match; protocols are not compared (`source` names
-    upstream's).
+    of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
+    mid-schedule checkpoint of a longer run: `mid_run`); protocols are not compared (`source` names upstream's).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -334,7 +341,10 @@ def attach_published(table, published):
         return table
     table = table.copy()
     table["published"], table["vs"], table["source"], table["diff"] = None, None, None, None
+    mid_run = table.get("mid_run")
     for index, row in table.iterrows():
+        if mid_run is not None and mid_run[index]:
+            continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
         match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
