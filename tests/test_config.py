@@ -84,6 +84,7 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("nesterov", None, "is null"),
     ("nmb_crops", [], "is an empty list"),                   # a flag that takes one value or more
     ("lr", float("inf"), "not a finite number"),             # records are JSON: no inf
+    ("mean", [float("nan")], "not a finite number"),         # a plain float flag too
 ])
 def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
     path = write_yaml(tmp_path, {key: value})

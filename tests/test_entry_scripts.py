@@ -176,6 +176,9 @@ def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny
     assert (run / "kmeans_k10_embedding_fit-test_checkpoint_test_confusion.png").is_file()
     evaluate(*cluster, "--seed", 5)
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
+    evaluate(*cluster, "--checkpoint", tiny_run / "checkpoint.pth")  # another directory's file
+    assert figure.read_bytes() == default_figure
+    assert len(list(run.glob("kmeans_k10_from*_checkpoint_test_confusion.png"))) == 1
 
 
 def reference_kmeans(fit_x: torch.Tensor, scored_x: torch.Tensor, labels: torch.Tensor, restarts: int) -> dict:

@@ -246,8 +246,9 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
 
 
 FAIL_AT_STEP_2 = """
-import runpy, sys
+import multiprocessing, runpy, sys
 from clusterlab import engine
+multiprocessing.set_start_method(sys.argv.pop(1))
 original = engine.Trainer.step
 def step(self, batch, progress):
     if progress.step == 2:
@@ -259,13 +260,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_run_whose_loader_workers_ignore_slurms_signals_still_exits_on_a_failure(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_a_run_whose_loader_workers_ignore_slurms_signals_still_exits_on_a_failure(tmp_path, start_method):
     """The workers ignore a SIGTERM that is not their main process's; Python's exit stops them with one (they are
-    daemon processes), and waits for them: a worker that ignored that one too would hold the failed run forever."""
+    daemon processes), and waits for them: a worker that ignored that one too would hold the failed run forever.
+    A forkserver (Python 3.14's default), not the main process, is the parent of the workers it starts."""
     fabricate.make_mixed_imagefolder(tmp_path / "data", n_per_class=12, classes=2)
     run = [*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", "4", "--size_crops",
            "12", "--workers", "2", "--output_dir", tmp_path / "run"]
-    process = subprocess.Popen([PYTHON, "-c", FAIL_AT_STEP_2, str(ROOT / "main_pretrain.py"), *map(str, run)],
+    process = subprocess.Popen([PYTHON, "-c", FAIL_AT_STEP_2, start_method, str(ROOT / "main_pretrain.py"),
+                                *map(str, run)],
                                cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:

@@ -349,13 +349,15 @@ def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
     assert planned.returncode == 0 and "warning: squeue did not answer" in planned.stderr
 
 
-def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path):
-    """submitit would requeue on it at once, mid-step, without a checkpoint."""
-    env = {**fake_slurm(tmp_path), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
+@pytest.mark.parametrize("value", ["USR1", "SIGUSR2"])
+def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path, value):
+    """submitit would requeue on USR1 at once, mid-step, without a checkpoint; it reads the name after "SIG", so
+    SIGUSR2 would make every job fail."""
+    env = {**fake_slurm(tmp_path), "SUBMITIT_PREEMPT_SIGNAL": value}
     done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
                            str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-    assert "SUBMITIT_PREEMPT_SIGNAL=USR1" in done.stderr and "USR2" in done.stderr
+    assert f"SUBMITIT_PREEMPT_SIGNAL={value}:" in done.stderr and "set it to USR2" in done.stderr
     assert not (tmp_path / "slurm" / "sbatch.log").exists()
 
 

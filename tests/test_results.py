@@ -141,6 +141,17 @@ def test_a_checkpoint_in_the_middle_of_a_longer_run_gets_no_published_number(tmp
     assert rows["epochs=400"]["published"] is None and rows["epochs=400"]["diff"] is None
 
 
+def test_a_record_of_another_directorys_checkpoint_is_left_out_of_the_tables(tmp_path):
+    """eval_* --checkpoint OTHER/checkpoint.pth records under the run, by the file's full path: not the run's result."""
+    write_jsonl(tmp_path / "run" / "metrics.jsonl", [record(0, run="run", acc=0.8),
+                                                      {**record(0, run="run", acc=0.1), "checkpoint": "/x/checkpoint.pth"}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = results.records_frame(results.read_records(tmp_path))
+    assert frame["acc"].tolist() == [80.0]
+    assert any("/x/checkpoint.pth, a checkpoint of another directory" in str(w.message) for w in caught)
+
+
 def test_display_table_formats_mean_std_and_n():
     table = results.aggregate(results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5)]))
     shown = results.display_table(table)

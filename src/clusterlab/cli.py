@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import bool_flag, non_negative_float, non_negative_int, positive_int
+from .config import bool_flag, finite_float, non_negative_float, non_negative_int, positive_int
 from .data import DATASETS
 
 
@@ -43,7 +43,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
                        help="learning rate at the start of warm-up")
     group.add_argument("--lr_drops", type=non_negative_int, nargs="*", default=[],
                        help="epochs of the step schedule's drops")
-    group.add_argument("--lr_gamma", type=float, default=0.1, help="factor of each step drop")
+    group.add_argument("--lr_gamma", type=finite_float, default=0.1, help="factor of each step drop")
     group.add_argument("--schedule_period", type=non_negative_int, default=0,
                        help="restart the schedule every N epochs (0: never)")
     group.add_argument("--momentum", type=non_negative_float, default=0.9)
@@ -51,7 +51,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight_decay", type=non_negative_float, default=1e-6)
     group.add_argument("--no_decay_bias_norm", type=bool_flag, default=False,
                        help="no weight decay on biases and norm weights (1-D parameters)")
-    group.add_argument("--lars_trust", type=float, default=0.001, help="LARS trust coefficient")
+    group.add_argument("--lars_trust", type=finite_float, default=0.001, help="LARS trust coefficient")
     group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
                        help="keep biases and norm weights out of LARS (upstream SwAV includes them)")
     group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",

@@ -59,6 +59,10 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    return _number(float, text)
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text)
     if not value > 0:

@@ -421,9 +421,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     except BaseException:
         _share_outcome(ctx, taken=False)
         raise
-    _share_outcome(ctx, taken=True)
     started = OwnedRun(run_dir)
     try:
+        _share_outcome(ctx, taken=True)
         yield started
     except SystemExit as stop:
         # After a stop signal the exit is a requeue, whatever status the handler handed over to picks (submitit's

@@ -175,12 +175,18 @@ def run_settings(run_config: dict | None) -> dict | None:
 
 def records_frame(records: list[dict]):
     """One row per record: the identifying columns, the revision, the run's training settings (`run_settings`), the
-    protocol flattened, the metrics (as percentages). Tables are of epochs' ends: a record of a checkpoint a stop
-    signal saved mid-epoch is left out, with a warning naming it."""
+    protocol flattened, the metrics (as percentages). Tables are of runs' own weights at epochs' ends: a record of
+    a checkpoint of another directory, or of one a stop signal saved mid-epoch, is left out with a warning naming
+    it."""
     import pandas as pd
 
     rows, run_configs = [], {}
     for record in records:
+        checkpoint = record.get("checkpoint")
+        if isinstance(checkpoint, str) and Path(checkpoint).name != checkpoint:
+            warnings.warn(f"{record.get('_file')}: the record of {checkpoint}, a checkpoint of another directory, is "
+                          f"left out of the tables (they hold each run's own weights)", stacklevel=2)
+            continue
         if record.get("step") not in (None, 0):
             warnings.warn(f"{record.get('_file')}: the record of {record.get('checkpoint')} at epoch "
                           f"{record.get('epoch')} step {record.get('step')} (saved mid-epoch) is left out of the "

@@ -21,6 +21,7 @@ every step, so that the other ranks do not wait in the next collective for the o
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -183,20 +184,21 @@ def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, per
                                        batch_size=None, num_workers=workers,
                                        persistent_workers=persistent and workers > 0,
                                        pin_memory=device.type == "cuda", generator=torch.Generator(),
-                                       worker_init_fn=_ignore_stop_signals)
+                                       worker_init_fn=functools.partial(_ignore_stop_signals, os.getpid()))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(main_pid: int, worker_id: int) -> None:
     """In a loader worker: the main process alone acts on a stop signal (it saves, then its exit ends the workers).
     torch's SIGTERM handler would kill the worker whoever sent it, and the main process's next batch would raise;
     ignoring SIGTERM altogether would keep the worker alive when its main process stops it (torch's and
     multiprocessing's shutdown, the latter waiting for it forever). So SIGTERM is blocked and a thread takes it: a
-    worker leaves on its main process's SIGTERM only."""
+    worker leaves on its main process's SIGTERM only (`main_pid`: a forkserver, not the main process, is the
+    parent of workers it starts)."""
     for signum in signals.STOP_SIGNALS:
         if signum != signal.SIGTERM:
             signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_leave_on_the_main_process_sigterm, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_leave_on_the_main_process_sigterm, args=(main_pid,), daemon=True).start()
 
 
 def _leave_on_the_main_process_sigterm(main_pid: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str
     the run is opened, so that --skip_recorded can skip without loading anything. None for a file outside the run
     directory (another run's), which a record of the run's own file of that name does not stand for."""
     path = checkpoint_path(run_dir or ".", requested)
-    if run_dir and path.resolve().parent != Path(run_dir).resolve():
+    if run_dir and path.absolute().parent.resolve() != Path(run_dir).resolve():
         return None
     return path.name
 
@@ -92,6 +93,14 @@ def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:
     return Path(run_dir) / requested if Path(requested).name == requested else Path(requested)
 
 
+def foreign_checkpoint_tag(checkpoint_name: str | None) -> str:
+    """For names of files an evaluation writes: `fromHASH` (a digest of the path) for a checkpoint of another
+    directory, which records name by its full path; '' for the run's own checkpoints and for none."""
+    if checkpoint_name is None or Path(checkpoint_name).name == checkpoint_name:
+        return ""
+    return f"from{hashlib.sha256(checkpoint_name.encode()).hexdigest()[:8]}"
+
+
 def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
     """The method of `run_dir` with the weights of `checkpoint_name` (default checkpoint.pth), in eval mode."""
     run_dir = Path(run_dir)
@@ -130,7 +139,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.to(device).eval()
     # A file of another directory is recorded under its full path: a record of the run's own file of that name
     # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).
-    own = path.resolve().parent == run_dir.resolve()
+    own = path.absolute().parent.resolve() == run_dir.resolve()  # a checkpoint.pth linked to scratch is the run's
     return LoadedRun(run_dir, args, method, *position, path.name if own else str(path.resolve()))
 
 

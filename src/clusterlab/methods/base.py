@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import cli, distributed
 from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs
-from ..config import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from ..config import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
 from ..models import INITS
 
@@ -225,7 +225,7 @@ def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--solarize_p", type=probability, nargs="+", default=[0.0],
                        help="probability of solarisation (one value, or one per crop group)")
     group.add_argument("--flip_p", type=probability, default=0.5, help="probability of a horizontal flip")
-    group.add_argument("--mean", type=float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
+    group.add_argument("--mean", type=finite_float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
     group.add_argument("--std", type=positive_float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
 
 

@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.nn as nn
 
-from ..config import positive_float, positive_int
+from ..config import finite_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..models import build_backbone
 from ..models.heads import float32_embedding
@@ -30,7 +30,7 @@ def add_memory_args(group: argparse._ArgumentGroup, upstream_prefix: str) -> Non
                        help="embedding (and memory bank) size")
     group.add_argument("--bank_t", f"--{upstream_prefix}_t", type=positive_float, default=0.1,
                        help="memory bank temperature")
-    group.add_argument("--bank_m", f"--{upstream_prefix}_m", type=float, default=0.5, help="memory bank momentum")
+    group.add_argument("--bank_m", f"--{upstream_prefix}_m", type=finite_float, default=0.5, help="memory bank momentum")
 
 
 def check_momentum(value: float) -> None:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from .. import cli, config, data, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import (baseline_view, data_protocol, extract, open_evaluation, open_pixel_baseline,
-                             pixels, recorded_view)
+from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
+                             open_pixel_baseline, pixels, recorded_view)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -115,15 +115,13 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
-        # Figures of other settings keep their own names (the run's defaults keep the names they always had).
-        settings = "".join(f"_{part}" for part in (
-            scored_set.name if scored_set.name != run_args.dataset else "",
-            feature_kind if feature_kind not in ("backbone", "pixels") else "",
-            "fit-test" if args.fit_on == "test" else "",
-            "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
-            f"seed{args.seed}" if args.seed else "") if part)
+        settings = [feature_kind if feature_kind not in ("backbone", "pixels") else "",
+                    "fit-test" if args.fit_on == "test" else "",
+                    "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
+                    f"seed{args.seed}" if args.seed else ""]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base,
-               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})", f"kmeans_k{clusters}{settings}")
+               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})",
+               figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
 
 
 def heads(args, ctx, evaluation, scored_set):
@@ -147,7 +145,16 @@ def heads(args, ctx, evaluation, scored_set):
         predicted = head_logits.argmax(dim=1).cpu().numpy()
         report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                sizes[head], base, f"head {head} ({sizes[head]} classes{', chosen' if head == chosen else ''})",
-               f"head{head}", plot=head == chosen)
+               figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name), plot=head == chosen)
+
+
+def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, settings: tuple | list = ()) -> str:
+    """TAG, then what differs from the run's defaults (another dataset, `settings`, a checkpoint from another
+    directory by a digest of its path), so that figures of other evaluations do not replace each other; the run's
+    defaults keep the names they always had."""
+    parts = [scored_set.name if scored_set.name != run_args.dataset else "", *settings,
+             foreign_checkpoint_tag(checkpoint_name)]
+    return tag + "".join(f"_{part}" for part in parts if part)
 
 
 def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base, title, tag,

@@ -13,7 +13,6 @@ goes to RUN/metrics.jsonl.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import extract, open_evaluation, requested_checkpoint_name, requested_record
+from ..eval.features import (extract, foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
+                             requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -70,8 +70,9 @@ def probe_dir(args, loaded, dataset: str) -> Path:
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
     flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]
-    if Path(loaded.checkpoint_name).name != loaded.checkpoint_name:  # recorded by its full path: another directory's
-        flags.append(f"_from{hashlib.sha256(loaded.checkpoint_name.encode()).hexdigest()[:8]}")
+    foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
+    if foreign:
+        flags.append(f"_{foreign}")
     name = (f"linear_ep{loaded.epoch:04d}{f'_step{loaded.step}' if loaded.step else ''}"
             f"{'_cached' if args.cached_features else ''}{''.join(flags)}")
     return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name)

@@ -49,7 +49,7 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
                   ) -> submitit.AutoExecutor:
     """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
     chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    if chosen.upper().removeprefix("SIG") != "USR2":
+    if chosen != "USR2":  # submitit reads it as the name after "SIG" (SIGUSR2 or usr2 make its jobs fail)
         # submitit would requeue at once on that signal, mid-step and without a checkpoint.
         raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save and requeue on USR2 (and TERM); "
                           f"unset it or set it to USR2")
