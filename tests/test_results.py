@@ -143,8 +143,8 @@ def test_a_checkpoint_in_the_middle_of_a_longer_run_gets_no_published_number(tmp
 
 def test_a_record_of_another_directorys_checkpoint_is_left_out_of_the_tables(tmp_path):
     """eval_* --checkpoint OTHER/checkpoint.pth records under the run, by the file's full path: not the run's result."""
-    write_jsonl(tmp_path / "run" / "metrics.jsonl", [record(0, run="run", acc=0.8),
-                                                      {**record(0, run="run", acc=0.1), "checkpoint": "/x/checkpoint.pth"}])
+    foreign = {**record(0, run="run", acc=0.1), "checkpoint": "/x/checkpoint.pth"}
+    write_jsonl(tmp_path / "run" / "metrics.jsonl", [record(0, run="run", acc=0.8), foreign])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = results.records_frame(results.read_records(tmp_path))

@@ -225,7 +225,8 @@ def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--solarize_p", type=probability, nargs="+", default=[0.0],
                        help="probability of solarisation (one value, or one per crop group)")
     group.add_argument("--flip_p", type=probability, default=0.5, help="probability of a horizontal flip")
-    group.add_argument("--mean", type=finite_float, nargs="*", default=[], help="normalisation mean (default: the dataset's)")
+    group.add_argument("--mean", type=finite_float, nargs="*", default=[],
+                       help="normalisation mean (default: the dataset's)")
     group.add_argument("--std", type=positive_float, nargs="*", default=[], help="normalisation std (default: the dataset's)")
 
 

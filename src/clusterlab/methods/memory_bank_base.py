@@ -30,7 +30,8 @@ def add_memory_args(group: argparse._ArgumentGroup, upstream_prefix: str) -> Non
                        help="embedding (and memory bank) size")
     group.add_argument("--bank_t", f"--{upstream_prefix}_t", type=positive_float, default=0.1,
                        help="memory bank temperature")
-    group.add_argument("--bank_m", f"--{upstream_prefix}_m", type=finite_float, default=0.5, help="memory bank momentum")
+    group.add_argument("--bank_m", f"--{upstream_prefix}_m", type=finite_float, default=0.5,
+                       help="memory bank momentum")
 
 
 def check_momentum(value: float) -> None:
