@@ -244,6 +244,18 @@ def three_channel_stem(run: Path) -> None:
     checkpoint.save(state, run / "checkpoint.pth", kind=tags["kind"], method=tags["method"])
 
 
+def interrupted(run: Path) -> None:
+    (run / "status.json").write_text(json.dumps({"state": "interrupted", "epoch": 1, "step": 3}) + "\n")
+
+
+def colour_normalisation(run: Path) -> None:
+    """The run's checkpoint as if it had been trained on 3-channel images."""
+    state = checkpoint.load(run / "checkpoint.pth")
+    tags = {key: state.pop(key) for key in ("format", "schema", "kind", "method")}
+    state["data_info"].update(channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+    checkpoint.save(state, run / "checkpoint.pth", kind=tags["kind"], method=tags["method"])
+
+
 def locked(run: Path) -> None:
     holder = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "since": "now"}
     (run / ".lock").write_text(json.dumps(holder))
@@ -272,6 +284,13 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
     ("main_cluster.py", three_channel_stem, ["--method", "scan", "--dataset", "digits", "--width", 4, "--device",
                                              "cpu", "--pretrained", "RUN", "--output_dir", "NEW"],
      ["its 'backbone' does not fit this model", "size mismatch for conv1.weight"], "pretrained-other-channels"),
+    ("main_cluster.py", colour_normalisation, ["--method", "scan", "--dataset", "digits", "--width", 4, "--device",
+                                               "cpu", "--pretrained", "RUN", "--output_dir", "NEW"],
+     ["was trained on images of 3 channel(s)", "digits has 1"], "pretrained-colour-for-grey"),
+    ("main_cluster.py", interrupted, ["--method", "scan", "--dataset", "digits", "--width", 4, "--device", "cpu",
+                                      "--pretrained", "RUN", "--output_dir", "NEW"],
+     ["has not finished training (status 'interrupted' at epoch 1)", "name one of its checkpoint files"],
+     "pretrained-unfinished"),
     ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
      "run-locked"),
     ("eval_knn.py", metrics_a_folder, ["--run", "RUN", "--k", 5, "--device", "cpu"],

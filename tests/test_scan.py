@@ -339,6 +339,9 @@ def test_selflabel_takes_the_chosen_head_of_a_scan_run(tmp_path):
     for method in ("sela", "selfclassifier"):
         with pytest.raises(ConfigError, match=f"trained by method '{method}'; scan_selflabel starts from a scan run"):
             selflabel.pretrained_weights("RUN", {**state, "method": method})
+    # A scan checkpoint saved before its first epoch ended has no losses to choose by (head 0 would be taken blind).
+    with pytest.raises(ConfigError, match="holds no head losses to choose a head by"):
+        selflabel.pretrained_weights("RUN", {**state, "method_state": {"last_head_losses": []}})
 
 
 def test_selflabel_head_runs_in_float32_under_bf16_autocast(monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import checkpoint, distributed
+from .. import checkpoint, distributed, rundir
 from ..errors import ConfigError
 from .base import Method
 
@@ -121,9 +121,16 @@ class ClusterMethod(Method):
 
 
 def read_pretrained(source: str) -> tuple[Path, dict]:
-    """The checkpoint of a run directory (its checkpoint.pth) or a checkpoint file, validated."""
+    """The checkpoint of a run directory that finished training (its checkpoint.pth) or a checkpoint file, validated.
+    A run still training, stopped or failed would hand over weights of some epoch without a word."""
     path = Path(source)
-    path = path / "checkpoint.pth" if path.is_dir() else path
+    if path.is_dir():
+        status = rundir.read_status(path)
+        if status.get("state", "finished") != "finished":
+            raise ConfigError(f"--pretrained {source!r} has not finished training (status {status['state']!r} at "
+                              f"epoch {status.get('epoch')}); let it finish, or name one of its checkpoint files to "
+                              f"start from that state")
+        path = path / "checkpoint.pth"
     return path, checkpoint.load(path, kind=("pretrain", "cluster"))
 
 

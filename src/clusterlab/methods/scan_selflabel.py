@@ -80,6 +80,9 @@ class SCANSelfLabel(ClusterMethod):
             raise ConfigError(f"--pretrained {source!r} was trained by method {state.get('method')!r}; scan_selflabel "
                               f"starts from a scan run (main_cluster.py --method scan)")
         model, losses = state["model"], state.get("method_state", {}).get("last_head_losses", [])
+        if not losses:
+            raise ConfigError(f"--pretrained {source!r} holds no head losses to choose a head by (saved before the "
+                              f"scan run's first epoch ended); start from a checkpoint of a later epoch")
         chosen = lowest_loss_head(losses)  # SCAN's heads are of one size
         prefix = f"heads.{chosen}."
         if not any(key.startswith(prefix) for key in model):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config, data, distributed, engine
+from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
 from ..methods.cluster_base import pretrained_normalisation
@@ -34,7 +35,9 @@ def get_args_parser(kind: str):
     parser.add_argument("--method", choices=methods_of(kind), default=DEFAULT_METHOD[kind],
                         help="method; `--method NAME --help` lists its own flags")
     if kind == "cluster":
-        parser.add_argument("--pretrained", default=None, help="run directory or checkpoint to start the backbone from")
+        parser.add_argument("--pretrained", default=None,
+                            help="a run directory that finished training (its checkpoint.pth), or a checkpoint file, "
+                                 "to start the backbone from (of images with as many channels as this dataset's)")
     add_training_args(parser)
     return parser
 
@@ -64,7 +67,12 @@ def main(kind: str, argv=None):
         if pretrained and not args.mean:
             # Both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train); a run
             # that resumes reads them from its own checkpoint: the pre-trained run may since have moved or changed.
-            args.mean, args.std = pretrained_normalisation(args.output_dir if resuming else pretrained)
+            own = Path(args.output_dir) / "checkpoint.pth"
+            args.mean, args.std = pretrained_normalisation(str(own) if resuming else pretrained)
+            if len(args.mean) != train_set.channels:
+                raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} channel(s), "
+                                  f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
+                                  f"these")
         method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
         if pretrained and not resuming:
             source = method.load_pretrained(pretrained)
