@@ -210,6 +210,16 @@ def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tab
     assert f"tables written to {root / 'tables'}/" in capsys.readouterr().out
 
 
+def test_tables_built_away_from_the_repository_root_say_they_have_no_published_numbers(tmp_path, monkeypatch,
+                                                                                       capsys):
+    root = tmp_path / "runs"
+    write_jsonl(root / "swav_c10" / "metrics.jsonl", [record(0, dataset="cifar10", acc=0.25)])
+    monkeypatch.chdir(tmp_path)
+    entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
+    assert f"note: no results/published.csv in {tmp_path}" in capsys.readouterr().out
+    assert "published" not in pd.read_csv(root / "tables" / "cifar10.csv").columns
+
+
 CLEAN = {"git_commit": "c0ffee", "git_dirty": False}
 DIRTY = {"git_commit": "c0ffee", "git_dirty": True}
 

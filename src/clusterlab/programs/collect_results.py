@@ -117,10 +117,17 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
 
 
 def read_published(path: str, default: str):
-    """The published numbers: none for '' or a missing default file; a named file must exist and have the columns."""
+    """The published numbers: none for '' or a missing default file (with a note); a named file must exist and have
+    the columns."""
     import pandas as pd
 
-    if not path or (path == default and not Path(path).is_file()):
+    if not path:
+        return None
+    if path == default and not Path(path).is_file():
+        # Relative to where the program runs: from elsewhere than the repository's root the tables would lose the
+        # published numbers without a word.
+        print(f"note: no {default} in {Path.cwd()}: the tables have no published numbers (run from the repository "
+              f"root, or give --published FILE)")
         return None
     if not Path(path).is_file():
         raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")

@@ -31,7 +31,8 @@ def get_args_parser():
     parser.add_argument("--train_features", choices=["recomputed", "memory_bank"], default="recomputed",
                         help="train features recomputed with the test view (ours), or the method's memory bank "
                              "(upstream's NPID / Super-AND monitor, which votes with the run's --bank_t: give that as "
-                             "--temperature, e.g. 0.07 in the NPID recipes, to reproduce its number)")
+                             "--temperature to reproduce its number, e.g. 0.1 in the CIFAR recipes, 0.07 in "
+                             "npid_imagenet.yaml)")
     parser.add_argument("--temperature", type=config.positive_float, default=0.1,
                         help="vote weight exp(similarity / T)")
     return parser
