@@ -152,6 +152,21 @@ def test_a_record_of_another_directorys_checkpoint_is_left_out_of_the_tables(tmp
     assert any("/x/checkpoint.pth, a checkpoint of another directory" in str(w.message) for w in caught)
 
 
+def test_chosen_heads_of_different_indices_are_seeds_of_one_row():
+    """Each seed's run chooses its own head by loss: the chosen heads' numbers are one result, averaged."""
+    def chosen(seed, head, acc):
+        return record(seed, protocol={"assignment": "head", "head": head, "chosen": True, "clusters": 10,
+                                      "selection": "lowest-loss"}, acc=acc)
+    other = record(0, protocol={"assignment": "head", "head": 1, "chosen": False, "clusters": 10,
+                                "selection": "all-heads"}, acc=0.3)
+    frame = results.records_frame([chosen(0, 3, 0.6), chosen(1, 7, 0.7), other])
+    table = results.aggregate(frame)
+    picked = table[table["protocol"].str.contains("chosen")]
+    assert len(picked) == 1 and picked["n"].tolist() == [2] and picked["acc_mean"].tolist() == [pytest.approx(65.0)]
+    assert "head=" not in picked["protocol"].iloc[0] and sorted(frame["head"].dropna()) == [1, 3, 7]
+    assert table[~table["protocol"].str.contains("chosen")]["protocol"].str.contains("head=1").all()
+
+
 def test_display_table_formats_mean_std_and_n():
     table = results.aggregate(results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5)]))
     shown = results.display_table(table)
