@@ -173,6 +173,12 @@ def run_settings(run_config: dict | None) -> dict | None:
     return {key: value for key, value in args.items() if key not in NOT_SETTINGS}
 
 
+def foreign_checkpoint(name: str | None) -> bool:
+    """Whether a record's checkpoint name is of another directory's file: records name the run's own checkpoints
+    by file name, any other by its full path (eval/features.load_run)."""
+    return isinstance(name, str) and Path(name).name != name
+
+
 def records_frame(records: list[dict]):
     """One row per record: the identifying columns, the revision, the run's training settings (`run_settings`), the
     protocol flattened, the metrics (as percentages). Tables are of runs' own weights at epochs' ends: a record of
@@ -182,10 +188,9 @@ def records_frame(records: list[dict]):
 
     rows, run_configs = [], {}
     for record in records:
-        checkpoint = record.get("checkpoint")
-        if isinstance(checkpoint, str) and Path(checkpoint).name != checkpoint:
-            warnings.warn(f"{record.get('_file')}: the record of {checkpoint}, a checkpoint of another directory, is "
-                          f"left out of the tables (they hold each run's own weights)", stacklevel=2)
+        if foreign_checkpoint(record.get("checkpoint")):
+            warnings.warn(f"{record.get('_file')}: the record of {record['checkpoint']}, a checkpoint of another "
+                          f"directory, is left out of the tables (they hold each run's own weights)", stacklevel=2)
             continue
         if record.get("step") not in (None, 0):
             warnings.warn(f"{record.get('_file')}: the record of {record.get('checkpoint')} at epoch "

@@ -18,7 +18,7 @@ from ..data.registry import resolve_path
 from ..errors import CheckpointError, ConfigError, UserError
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
-from ..results import Wanted
+from ..results import Wanted, foreign_checkpoint
 
 TRAINED_KINDS = ("pretrain", "cluster")
 DEFAULT_CHECKPOINT = "checkpoint.pth"
@@ -48,9 +48,7 @@ def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str
     the run is opened, so that --skip_recorded can skip without loading anything. None for a file outside the run
     directory (another run's), which a record of the run's own file of that name does not stand for."""
     path = checkpoint_path(run_dir or ".", requested)
-    if run_dir and path.absolute().parent.resolve() != Path(run_dir).resolve():
-        return None
-    return path.name
+    return None if run_dir and not in_run(path, run_dir) else path.name
 
 
 def requested_record(args: argparse.Namespace) -> Wanted:
@@ -93,10 +91,15 @@ def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:
     return Path(run_dir) / requested if Path(requested).name == requested else Path(requested)
 
 
+def in_run(path: Path, run_dir: str | Path) -> bool:
+    """Whether checkpoint `path` is a file of the run directory (a checkpoint.pth linked to scratch included)."""
+    return path.absolute().parent.resolve() == Path(run_dir).resolve()
+
+
 def foreign_checkpoint_tag(checkpoint_name: str | None) -> str:
     """For names of files an evaluation writes: `fromHASH` (a digest of the path) for a checkpoint of another
     directory, which records name by its full path; '' for the run's own checkpoints and for none."""
-    if checkpoint_name is None or Path(checkpoint_name).name == checkpoint_name:
+    if not foreign_checkpoint(checkpoint_name):
         return ""
     return f"from{hashlib.sha256(checkpoint_name.encode()).hexdigest()[:8]}"
 
@@ -139,8 +142,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.to(device).eval()
     # A file of another directory is recorded under its full path: a record of the run's own file of that name
     # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).
-    own = path.absolute().parent.resolve() == run_dir.resolve()  # a checkpoint.pth linked to scratch is the run's
-    return LoadedRun(run_dir, args, method, *position, path.name if own else str(path.resolve()))
+    return LoadedRun(run_dir, args, method, *position, path.name if in_run(path, run_dir) else str(path.resolve()))
 
 
 def training_parser(method: str) -> argparse.ArgumentParser:

@@ -57,7 +57,8 @@ KMEANS_FLAGS = ("clusters", "fit_on", "restarts", "normalize", "seed", "features
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     args.clusters = list(dict.fromkeys(args.clusters))  # --clusters 10 10 is one evaluation
-    given = [key for key in KMEANS_FLAGS if getattr(args, key) != get_args_parser().get_default(key)]
+    defaults = get_args_parser()
+    given = [key for key in KMEANS_FLAGS if getattr(args, key) != defaults.get_default(key)]
     distributed.configure_threads()
     if args.normalize == "auto":  # what records said before the flag was honoured: a run's features, not pixels
         args.normalize = not args.baseline

@@ -146,7 +146,8 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
     if tasks == 0:
         resources["tasks_per_node"] = max(1, gpus)
     elif gpus and tasks != gpus:
-        # Each process trains on one GPU of its node: more tasks would share a GPU (NCCL refuses), fewer leave some idle.
+        # Each process trains on one GPU of its node: more tasks would share a GPU (NCCL refuses), fewer leave some
+        # idle.
         _fail(path, f"{label}.tasks_per_node = {tasks} with {label}.gpus_per_node = {gpus}: each task uses one GPU, "
                     f"so give tasks_per_node: {gpus} or leave it out")
     return resources
@@ -176,7 +177,8 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
         _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
     if "config" in flags:
         _fail(path, "name the base config with the `config:` key, or make `config` an axis")
-    for where, given in [("flags", flags), ("axes", axes)] + [("stage flags", stage.get("flags") or {}) for stage in stages]:
+    placed = [("flags", flags), ("axes", axes), *(("stage flags", stage.get("flags") or {}) for stage in stages)]
+    for where, given in placed:
         if "output_dir" in given:
             _fail(path, f"`output_dir` in {where}: each run's directory is OUTPUT_ROOT/RUN_NAME; set `output_root` "
                         f"(or launch.py --output_root) instead")

@@ -49,8 +49,9 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
                   ) -> submitit.AutoExecutor:
     """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
     chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    if chosen != "USR2":  # submitit reads it as the name after "SIG" (SIGUSR2 or usr2 make its jobs fail)
-        # submitit would requeue at once on that signal, mid-step and without a checkpoint.
+    if chosen != "USR2":
+        # submitit would requeue at once on another signal, mid-step and without a checkpoint; it reads the value as
+        # the name after "SIG", so SIGUSR2 or usr2 would make its jobs fail.
         raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save and requeue on USR2 (and TERM); "
                           f"unset it or set it to USR2")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
