@@ -176,10 +176,18 @@ def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tm
     shutil.copytree(superand_run, source)
     run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1", "--pretrained", str(source), "--output_dir",
         str(stage2))
+    import yaml
+
+    origin = yaml.safe_load((stage2 / "config.yaml").read_text())["pretrained_from"]
     shutil.rmtree(source)
     resumed = run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "2", "--pretrained", str(source),
                   "--output_dir", str(stage2))
     assert "from epoch 1 step 0" in resumed.stdout
+    # what it started from is recorded at the start and again at the resume, from its own checkpoint
+    assert origin["checkpoint"] == str((source / "checkpoint.pth").resolve())
+    assert (origin["method"], origin["args"]["method"], origin["pretrained_from"]) == ("superand", "superand", None)
+    assert origin["epoch"] == origin["args"]["epochs"] >= 1
+    assert yaml.safe_load((stage2 / "config.yaml").read_text())["pretrained_from"] == origin
 
 
 def test_pretrained_of_another_width_is_refused(superand_run, tmp_path):

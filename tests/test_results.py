@@ -394,6 +394,27 @@ def test_recipe_labels_compare_the_flags_every_known_run_records():
     assert results.run_settings({"args": {"seed": 3, "output_dir": "r", "lr": 0.1}}) == {"lr": 0.1}
 
 
+def test_a_run_started_from_another_has_that_runs_settings_among_its_own():
+    """SCAN on a SwAV embedding and SCAN on an Un-Mix one are two recipes, not two seeds of one; the first stage's
+    path and seed differ per seed and are not compared."""
+    def scan(embedding_method, seed):
+        embedding = {"checkpoint": f"/runs/{embedding_method}_s{seed}/checkpoint.pth", "method": embedding_method,
+                     "epoch": 50, "args": {"method": embedding_method, "seed": seed, "lr": 0.6, "output_dir": "x"},
+                     "pretrained_from": None}
+        return {"args": {"method": "scan_selflabel", "seed": seed, "lr": 1e-4},
+                "pretrained_from": {"checkpoint": f"/runs/scan_s{seed}/checkpoint.pth", "method": "scan", "epoch": 4,
+                                    "args": {"method": "scan", "seed": seed, "lr": 1e-4, "pretrained": "p"},
+                                    "pretrained_from": embedding}}
+
+    assert results.run_settings(scan("swav", 0)) == {
+        "method": "scan_selflabel", "lr": 1e-4, "pretrained.method": "scan", "pretrained.epoch": 4,
+        "pretrained.lr": 1e-4, "pretrained.pretrained.method": "swav", "pretrained.pretrained.epoch": 50,
+        "pretrained.pretrained.lr": 0.6}
+    settings = [results.run_settings(scan(method, seed)) for method in ("swav", "unmix") for seed in (0, 1)]
+    assert results.recipe_labels(settings) == ["pretrained.pretrained.method=swav"] * 2 + [
+        "pretrained.pretrained.method=unmix"] * 2
+
+
 def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(tmp_path, monkeypatch):
     import matplotlib.figure
 

@@ -506,7 +506,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.remove_leftovers(run_dir)
         rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
         trainer.restore_missing_epoch_checkpoints()
-        write_resolved(args, run_dir, program, precision=trainer.precision)
+        write_resolved(args, run_dir, program, precision=trainer.precision, **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer

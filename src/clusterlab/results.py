@@ -151,8 +151,8 @@ def _run_config(run_dir: Path) -> dict | None:
 # Flags of config.yaml's args that do not change what a run learns, left out of its training settings so that the seeds
 # of one recipe stay one row: the seed (what a row averages over); where the run, its data and its recipe file are
 # (output_dir, data_path, download, config: a path differs per machine or per seed, and args already hold every value
-# the recipe file set); pretrained (the path of the run a later stage starts from, which differs per seed; that run's
-# own recipe is in its own config.yaml and rows); how it ran (device, workers, compile and channels_last, which compute
+# the recipe file set); pretrained (the path of the run a later stage starts from, which differs per seed; what that
+# run was is compared instead, from config.yaml's pretrained_from: `run_settings`); how it ran (device, workers, compile and channels_last, which compute
 # the same up to float rounding; find_unused, a DDP bookkeeping switch); and what it writes on the side (log_every,
 # checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which only log). Everything else stays, including
 # amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size (precision and batch statistics change the numbers) and
@@ -165,12 +165,22 @@ UNKNOWN_RECIPE = "unknown"
 
 
 def run_settings(run_config: dict | None) -> dict | None:
-    """The training settings of a run: its config.yaml's args without NOT_SETTINGS, in their recorded order; None
-    when unknown (a baseline, which has no config.yaml, or one that cannot be read)."""
+    """The training settings of a run: its config.yaml's args without NOT_SETTINGS, in their recorded order, then
+    those of the run its weights started from (config.yaml's pretrained_from: its method, the epoch it stood at and
+    its flags, prefixed `pretrained.`; again for that run's own start); None when unknown (a baseline, which has no
+    config.yaml, or one that cannot be read)."""
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None
-    return {key: value for key, value in args.items() if key not in NOT_SETTINGS}
+    settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
+    origin, prefix = run_config.get("pretrained_from"), "pretrained."
+    while isinstance(origin, dict):
+        settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
+        origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
+        settings.update({prefix + key: value for key, value in origin_args.items()
+                         if key not in NOT_SETTINGS and key != "method"})
+        origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
+    return settings
 
 
 def foreign_checkpoint(name: str | None) -> bool:
@@ -315,8 +325,8 @@ def aggregate(frame):
                 name = " ".join(str(part) for part in key if part != "")
                 runs = ", ".join(sorted(set(map(str, rows["run"]))))
                 warnings.warn(f"row {name}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
-                              f"of one run, or runs that differ where the row does not show, such as their "
-                              f"--pretrained run): {runs}", stacklevel=2)
+                              f"of one run, or runs that differ where the row does not show, such as the seed of "
+                              f"their --pretrained run): {runs}", stacklevel=2)
     if metrics:
         out = grouped[metrics].agg(["mean", "std"])
         out.columns = [f"{m}_{stat}" for m, stat in out.columns]

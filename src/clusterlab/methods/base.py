@@ -116,6 +116,10 @@ class Method(nn.Module):
         iterations means more or less on another dataset's size."""
         return []
 
+    def recorded(self) -> dict:
+        """Entries config.yaml records beside the flags (where a run's weights started from)."""
+        return {}
+
     # ---- state beyond parameters and buffers ----
     def extra_state(self) -> dict:
         """Collective: called on every rank before rank 0 writes a checkpoint."""

@@ -41,6 +41,7 @@ class ClusterMethod(Method):
         self._loss_sums: torch.Tensor | None = None
         self._loss_count = 0
         self.last_head_losses: list[float] = []
+        self.pretrained_from: dict | None = None
 
     # ---- heads ----
     def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -78,10 +79,11 @@ class ClusterMethod(Method):
         middle of an epoch, on any number of processes, chooses from the whole epoch)."""
         totals = self._global_loss_totals()
         return {"last_head_losses": list(self.last_head_losses),
-                "epoch_loss_totals": None if totals is None else totals.cpu()}
+                "epoch_loss_totals": None if totals is None else totals.cpu(), "pretrained_from": self.pretrained_from}
 
     def load_extra_state(self, state: dict) -> None:
         self.last_head_losses = list(state.get("last_head_losses", []))
+        self.pretrained_from = state.get("pretrained_from")
         totals = state.get("epoch_loss_totals")
         self._loss_sums, self._loss_count = None, 0
         if totals is not None and distributed.rank() == 0:  # the other ranks start their share from zero
@@ -112,7 +114,11 @@ class ClusterMethod(Method):
             if missing or unexpected:
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
+        self.pretrained_from = pretrained_origin(path, state)
         return str(path)
+
+    def recorded(self) -> dict:
+        return {} if self.pretrained_from is None else {"pretrained_from": self.pretrained_from}
 
     def pretrained_weights(self, source: str, state: dict) -> dict:
         """The pre-trained checkpoint's weights under this model's names (SCAN's self-labelling renames the chosen
@@ -132,6 +138,16 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
                               f"start from that state")
         path = path / "checkpoint.pth"
     return path, checkpoint.load(path, kind=("pretrain", "cluster"))
+
+
+def pretrained_origin(path: Path, state: dict) -> dict:
+    """What a run started from, for its config.yaml: the pre-trained checkpoint's file, method, epoch and flags, and
+    that run's own origin if it had one (SCAN's self-labelling starts from a SCAN run that started from an
+    embedding). Tables compare runs' settings with it, so runs from different first stages are not averaged as seeds."""
+    method_state = state.get("method_state")
+    return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
+            "args": state.get("args"),
+            "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 
 
 def pretrained_normalisation(source: str) -> tuple[list, list]:
