@@ -158,6 +158,19 @@ def test_a_k_above_the_train_set_is_recorded_with_the_k_used(tiny_run, tmp_path,
     assert above["metrics"] == whole["metrics"]
 
 
+def test_a_checkpoint_of_another_directory_evaluated_again_is_skipped(tiny_run, tmp_path, capsys):
+    """--skip_recorded knows another directory's file by the full path its records name, before loading the run;
+    a record of the run's own file of that name does not stand for it."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["eval_knn", "--run", run, "--k", 20, "--device", "cpu", "--skip_recorded", "true"]
+    evaluate(*knn)
+    evaluate(*knn, "--checkpoint", tiny_run / "checkpoint.pth")
+    evaluate(*knn, "--checkpoint", tiny_run / "checkpoint.pth")
+    output = capsys.readouterr().out
+    assert output.count("already recorded") == 1
+    assert [r["checkpoint"] for r in records(run)] == ["checkpoint.pth", str((tiny_run / "checkpoint.pth").resolve())]
+
+
 def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny_run, tmp_path, capsys):
     """The k-means seed is in the protocol where it is not the default (records made before name none), and the
     figures of other settings (seed, features, a split fitted on) keep their own names; --clusters 10 10 is one

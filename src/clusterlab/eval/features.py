@@ -44,11 +44,14 @@ def checkpoint_position(state: dict) -> tuple[int, int]:
 
 
 def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str | None:
-    """How records name the checkpoint --checkpoint asks for: its file name (default checkpoint.pth), known before
-    the run is opened, so that --skip_recorded can skip without loading anything. None for a file outside the run
-    directory (another run's), which a record of the run's own file of that name does not stand for."""
-    path = checkpoint_path(run_dir or ".", requested)
-    return None if run_dir and not in_run(path, run_dir) else path.name
+    """How records name the checkpoint --checkpoint asks for, known before the run is opened, so that
+    --skip_recorded can skip without loading anything: a file of the run by its name (default checkpoint.pth), any
+    other by its full path (a record of the run's own file of that name does not stand for it)."""
+    return recorded_checkpoint_name(checkpoint_path(run_dir or ".", requested), run_dir or ".")
+
+
+def recorded_checkpoint_name(path: Path, run_dir: str | Path) -> str:
+    return path.name if in_run(path, run_dir) else str(path.resolve())
 
 
 def requested_record(args: argparse.Namespace) -> Wanted:
@@ -142,7 +145,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.to(device).eval()
     # A file of another directory is recorded under its full path: a record of the run's own file of that name
     # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).
-    return LoadedRun(run_dir, args, method, *position, path.name if in_run(path, run_dir) else str(path.resolve()))
+    return LoadedRun(run_dir, args, method, *position, recorded_checkpoint_name(path, run_dir))
 
 
 def training_parser(method: str) -> argparse.ArgumentParser:
