@@ -84,3 +84,36 @@ def test_lines_of_a_train_log_that_are_not_records_are_skipped(tiny_run, tmp_pat
     with open(run / "train_log.jsonl", "a") as log:
         log.write('null\n[1, 2]\n"text"\n')
     assert curves.read_curves(run).loss.tolist() == curves.read_curves(tiny_run).loss.tolist()
+
+
+def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """Figures are written like checkpoints (temporary file, then rename): a write that fails part-way (a full disk)
+    keeps the older PNG of that name, and leaves no temporary file."""
+    import contextlib
+    import errno
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from clusterlab.eval.plots import confusion_png
+
+    path = tmp_path / "kmeans_k3_confusion.png"
+    confusion_png([0, 1, 2, 2], [1, 0, 2, 2], ["a", "b", "c"], path, "before")
+    before = path.read_bytes()
+
+    def fails_half_way(canvas, target, **kwargs):
+        whole = io.BytesIO()
+        write_png(canvas, whole, **{k: v for k, v in kwargs.items() if k in ("metadata", "pil_kwargs")})  # (matplotlib's own measuring pass stops in here, as it would)
+        with contextlib.ExitStack() as stack:
+            out = target if hasattr(target, "write") else stack.enter_context(open(target, "wb"))
+            out.write(whole.getvalue()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_png = FigureCanvasAgg.print_png
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", fails_half_way)
+    try:
+        confusion_png([0, 1, 2, 2], [0, 1, 2, 2], ["a", "b", "c"], path, "after")
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -416,7 +416,7 @@ def test_a_run_started_from_another_has_that_runs_settings_among_its_own():
 
 
 def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(tmp_path, monkeypatch):
-    import matplotlib.figure
+    from clusterlab.eval import plots
 
     root, out = tmp_path / "runs", tmp_path / "tables"
     for seed in (0, 1):
@@ -424,10 +424,10 @@ def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(t
         write_trained_run(root, f"swav_queue_s{seed}", seed, 0.7, queue_length=3840)
     legends = {}
 
-    def savefig(figure, path, **kwargs):
+    def save_png(figure, path, **kwargs):
         legends[Path(path).name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    monkeypatch.setattr(plots, "save_png", save_png)
     entry_module("collect_results").main(["--root", str(root), "--out", str(out), "--published", "",
                                           "--curves", "false"])
     written = pd.read_csv(out / "cifar10.csv")

@@ -77,6 +77,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), text.encode())
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(Path(path), data)
+
+
 def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str) -> None:
     """Atomically write `state` with its tags (`kind` is pretrain, cluster or linear) to `path`, or to each of a
     list of paths in order (serialised once)."""

@@ -90,6 +90,8 @@ def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .eval.plots import save_png
+
     panels = ["loss", *(["terms"] if curves.terms else []), "lr", *(["monitor"] if len(curves.monitor_x) else [])]
     figure, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 1.8 * len(panels) + 0.7), squeeze=False)
     for panel, ax in zip(panels, axes[:, 0]):
@@ -119,6 +121,4 @@ def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) ->
     axes[-1, 0].set_xlabel("epoch" if curves.steps_per_epoch else "step (epoch length not logged yet)")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
+    save_png(figure, path, dpi=dpi)

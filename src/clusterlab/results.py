@@ -451,6 +451,8 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .eval.plots import save_png
+
     numeric = table[table["epoch"].apply(lambda e: isinstance(e, (int, float)) and e == e)]
     for metric in METRIC_COLUMNS:
         column = f"{metric}_mean"
@@ -473,5 +475,4 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         axes.set_title(f"{dataset}: {metric}")
         axes.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)
-        plt.close(figure)
+        save_png(figure, Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)

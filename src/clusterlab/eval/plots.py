@@ -1,6 +1,7 @@
 """Figures a person looks at: the confusion matrix of clusters against classes, sample grids per cluster."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,7 @@ def confusion_png(y_true, y_pred, class_names, path: str | Path, title: str) -> 
                 axes.text(col, row, str(value), ha="center", va="center", fontsize=6)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_png(figure, path, dpi=120)
 
 
 def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: int = 20, per_cluster: int = 10,
@@ -68,9 +67,20 @@ def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: 
         axes[row, 0].set_title(f"{cluster} (n={len(members)})", fontsize=6, loc="left")
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    save_png(figure, path, dpi=100)
+
+
+def save_png(figure, path: str | Path, dpi: int) -> None:
+    """Write `figure` to `path` as a PNG, atomically (a job killed meanwhile, or a person opening the file, never
+    meets half an image; an older figure of that name stays whole until the new one replaces it), and close it."""
+    import matplotlib.pyplot as plt
+
+    from ..checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _image(images, index: int) -> np.ndarray:
