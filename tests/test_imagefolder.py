@@ -48,14 +48,19 @@ def as_array(image) -> np.ndarray:
 
 # ---- what a worker cuts ----------------------------------------------------------------------------------------------
 
-def test_worker_crops_are_torchvision_crops_of_each_whole_image(tmp_path):
+def test_worker_crops_are_torchvision_crops_of_each_whole_image(tmp_path, monkeypatch):
+    """Also: the worker opens each file once, a few at a time (here 5, so the batch spans several such chunks)."""
     fabricate.make_mixed_imagefolder(tmp_path, n_per_class=6, jpeg=False)  # PNG: decoded whole, never drafted
     data = registry.load("imagefolder", "train", str(tmp_path))
     source = files.FileSource(data.files, data.labels, data.channels)
     specs = tuple(MultiCrop(CROPS, ColorSpec(), (0.5,) * 3, (0.5,) * 3, 24, 0).each_crop)
     n = len(data)
     uniforms = torch.stack([draw_crop_uniforms(n, torch.Generator().manual_seed(c)) for c in range(4)], dim=1)
+    opened, open_image = [], files.open_image
+    monkeypatch.setattr(files, "open_image", lambda path: opened.append(path) or open_image(path))
+    monkeypatch.setattr(files, "OPEN_AT_ONCE", 5)
     result = source[files.CropJob(0, np.arange(n), uniforms.numpy(), specs)]
+    assert n % 5 and sorted(opened) == sorted(map(str, data.files))
     assert result["bad"] == [] and torch.equal(result["labels"], data.labels)
     sizes = {tuple(pil_image(f).size[::-1]) for f in data.files}
     assert len(sizes) > 5  # the folder really has images of many sizes
@@ -326,6 +331,7 @@ def test_unreadable_files_are_replaced_by_the_next_readable_one(tmp_path, capsys
     spoiled = fabricate.spoil_image_files([data.files[i] for i in bad])
     assert sorted(spoiled.values()) == ["corrupt", "not an image", "truncated", "zero-byte"]
     monkeypatch.setattr(loader, "BAD_FILE_LIMIT", 0.5)
+    monkeypatch.setattr(files, "OPEN_AT_ONCE", 2)  # batches of 5 opened 2 at a time: substitutes across chunks
     whole = MultiCrop([CropSpec(1, 12, 1.0, 1.0)], ColorSpec(), (0.5,) * 3, (0.5,) * 3, 12, seed=0)
     batches = GlobalBatches(len(data), 5, 1, 0, seed=3)
     log = tmp_path / "train_log.jsonl"

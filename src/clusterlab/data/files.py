@@ -9,9 +9,9 @@ on that size with torchvision's RandomResizedCrop rule (`augment.crop_boxes`: th
 centre crop with the aspect ratio clamped), decodes the image, cuts each box and resizes it to its crop size (PIL
 bilinear with antialiasing, as torchvision's RandomResizedCrop on a PIL image does) and returns uint8 crops. A box
 depends only on the random numbers and on the image, never on the worker, the rank or the world size. Nothing is
-scanned ahead (no size cache, nothing written into the data folder): the worker reads the headers of its batch
-first, for all its boxes in one call of the rule, then opens each image again to decode it (two opens per
-image, the second one's header read from the page cache). Flips, colour jitter, greyscale, blur and normalisation
+scanned ahead (no size cache, nothing written into the data folder): the worker opens up to 64 images of its
+batch, reads their headers, computes their boxes in one call of the rule, then decodes and closes them one by one
+(each file is opened once). Flips, colour jitter, greyscale, blur and normalisation
 run batched on the training device (`MultiCrop.apply_cut`).
 
 JPEG draft. When every crop of an image is at least 2, 4 or 8 times smaller than its box in both directions, the
@@ -47,6 +47,9 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 SIXTEEN_BIT_FORMATS = frozenset({"PNG", "PPM"})
 # Files tried after an unreadable one before the search for a substitute gives up.
 SUBSTITUTE_SEARCH = 64
+# Images a worker holds open at once (headers read, then decoded one by one): each file is opened once, and a batch
+# of any size stays far below the open-files limit.
+OPEN_AT_ONCE = 64
 DRAFT_FACTORS = (8, 4, 2)
 
 
@@ -177,53 +180,77 @@ class FileSource(torch.utils.data.Dataset):
 
     def __getitem__(self, job) -> dict:
         n = len(job.indices)
-        sizes = [spec.size for spec in job.crops] if isinstance(job, CropJob) else [job.view.crop]
+        cutting = isinstance(job, CropJob)
+        sizes = [spec.size for spec in job.crops] if cutting else [job.view.crop]
         crops = [np.empty((n, size, size, self.channels), dtype=np.uint8) for size in sizes]
-        image_sizes = torch.tensor([self._header_size(index) for index in job.indices.tolist()], dtype=torch.long)
-        image_sizes = image_sizes.reshape(n, 2)
-        # The boxes of the whole batch in one call of the box rule; recomputed below for a substituted image.
-        boxes = (self._boxes(job.uniforms, job.crops, image_sizes) if isinstance(job, CropJob)
-                 else torch.zeros(n, 1, 4, dtype=torch.long))
+        image_sizes = torch.ones(n, 2, dtype=torch.long)  # (1, 1): an unreadable file's, until its substitute's
+        boxes = torch.zeros(n, len(job.crops) if cutting else 1, 4, dtype=torch.long)
         bad = []
-        for row, index in enumerate(job.indices.tolist()):
-            candidate = index
-            while True:
+        indices = job.indices.tolist()
+        try:
+            for start in range(0, n, OPEN_AT_ONCE):
+                stop = min(start + OPEN_AT_ONCE, n)
+                opened = [self._open(index) for index in indices[start:stop]]
                 try:
-                    with open_image(self.path(candidate)) as image:
-                        if candidate != index:
+                    for row, image in enumerate(opened, start):
+                        if not isinstance(image, Unreadable):
                             image_sizes[row] = torch.tensor([image.height, image.width])
-                            if isinstance(job, CropJob):
-                                boxes[row] = self._boxes(job.uniforms[row: row + 1], job.crops,
-                                                         image_sizes[row: row + 1])
-                        outputs = (self._crops(image, boxes[row], sizes) if isinstance(job, CropJob)
-                                   else [self._view(image, job.view)])
-                    break
-                except DataError as err:  # raised in a worker, it would reach the program wrapped in a traceback
-                    return {"fatal": str(err)}
-                except Unreadable as err:
-                    if candidate == index:
-                        bad.append([index, self.path(index), str(err), None])
-                    candidate = (candidate + 1) % len(self)
-                    if (candidate - index) % len(self) > SUBSTITUTE_SEARCH or candidate == index:
-                        return {"fatal": f"no readable image among the {SUBSTITUTE_SEARCH} files after "
-                                         f"{self.path(index)} (which is unreadable: {err})"}
-            if candidate != index:
-                bad[-1][3] = self.path(candidate)
-            for out, pixels in zip(crops, outputs):
-                out[row] = np.asarray(pixels).reshape(out.shape[1:])
+                    if cutting:  # the chunk's boxes in one call of the box rule
+                        boxes[start:stop] = self._boxes(job.uniforms[start:stop], job.crops, image_sizes[start:stop])
+                    for row in range(start, stop):
+                        image, opened[row - start] = opened[row - start], None
+                        try:
+                            outputs = self._outputs(job, image, boxes[row], sizes)
+                        except Unreadable as err:
+                            substitute, outputs = self._substitute(job, row, indices[row], err, image_sizes, boxes,
+                                                                   sizes)
+                            bad.append((indices[row], self.path(indices[row]), str(err), self.path(substitute)))
+                        for out, pixels in zip(crops, outputs):
+                            out[row] = np.asarray(pixels).reshape(out.shape[1:])
+                finally:
+                    for image in opened:
+                        if image is not None and not isinstance(image, Unreadable):
+                            image.close()
+        except DataError as err:  # raised in a worker, it would reach the program wrapped in a traceback
+            return {"fatal": str(err)}
         indices = torch.from_numpy(job.indices)
         # (n, C, size, size) views of the (n, size, size, C) arrays: channels-last strides, no copy here.
         return {"step": job.step, "indices": indices, "labels": self.labels[indices],
                 "crops": [torch.from_numpy(c).permute(0, 3, 1, 2) for c in crops],
-                "boxes": boxes, "sizes": image_sizes, "bad": [tuple(entry) for entry in bad]}
+                "boxes": boxes, "sizes": image_sizes, "bad": bad}
 
-    def _header_size(self, index: int) -> tuple[int, int]:
-        """(height, width) from the file's header; (1, 1) for an unreadable file (replaced when decoded)."""
+    def _open(self, index: int):
+        """The image of `index` with its header read, or the Unreadable saying why not."""
         try:
-            with open_image(self.path(index)) as image:
-                return image.height, image.width
-        except Unreadable:
-            return 1, 1
+            return open_image(self.path(index))
+        except Unreadable as err:
+            return err
+
+    def _outputs(self, job, image, boxes: torch.Tensor, sizes: list) -> list:
+        """The job's crops (or test view) of one opened image, which is closed after; Unreadable when it cannot be
+        decoded."""
+        if isinstance(image, Unreadable):
+            raise image
+        with image:
+            return self._crops(image, boxes, sizes) if isinstance(job, CropJob) else [self._view(image, job.view)]
+
+    def _substitute(self, job, row: int, index: int, err: Unreadable, image_sizes, boxes, sizes) -> tuple:
+        """(index, outputs) of the first readable file after the unreadable `index` in the dataset's order, its
+        size and boxes (drawn from the row's own random numbers) written into the row; a DataError when none of
+        the next SUBSTITUTE_SEARCH files reads."""
+        for offset in range(1, min(SUBSTITUTE_SEARCH, len(self) - 1) + 1):
+            candidate = (index + offset) % len(self)
+            image = self._open(candidate)
+            if not isinstance(image, Unreadable):
+                image_sizes[row] = torch.tensor([image.height, image.width])
+                if isinstance(job, CropJob):
+                    boxes[row] = self._boxes(job.uniforms[row: row + 1], job.crops, image_sizes[row: row + 1])[0]
+            try:
+                return candidate, self._outputs(job, image, boxes[row], sizes)
+            except Unreadable:
+                continue
+        raise DataError(f"no readable image among the {SUBSTITUTE_SEARCH} files after {self.path(index)} (which is "
+                        f"unreadable: {err})")
 
     @staticmethod
     def _boxes(uniforms: np.ndarray, crops: tuple, image_sizes: torch.Tensor) -> torch.Tensor:
