@@ -16,6 +16,7 @@ from clusterlab.data.augment import EvalView
 from clusterlab.data.formats import read_idx
 from clusterlab.errors import DataError
 from conftest import require_installed
+from dist_utils import run_distributed
 
 FASHION_DIR = Path(registry.FASHION_MNIST_DIR)
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -320,6 +321,48 @@ def test_data_path_that_is_a_file(tmp_path, name, download):
     (tmp_path / "file").write_text("not a folder")
     message = data_error(registry.load, name, "train", str(tmp_path / "file"), download=download)
     assert f"{str(tmp_path / 'file')!r} is a file, not a folder" in message and "--data_path DIR" in message
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
+def test_download_of_data_already_there_fetches_and_writes_nothing(tmp_path, name):
+    """The loaders read layouts torchvision does not look for (Debian's flat Fashion-MNIST folder, --data_path at
+    cifar-10-batches-py/ itself): with --download they load as without it; torchvision made its own folder there
+    and went to the network (a traceback offline)."""
+    root = Path(fabricate.make_fashion_mnist(tmp_path) if name == "fashion_mnist"
+                else Path(fabricate.make_cifar10(tmp_path)) / "cifar-10-batches-py")
+    before = sorted(root.rglob("*"))
+    assert len(registry.load(name, "train", str(root), download=True)) == 100
+    assert sorted(root.rglob("*")) == before
+
+
+def unreachable_cifar10() -> None:
+    """CIFAR-10's download address pointed at a closed local port: a download that fails as it would offline."""
+    import torchvision.datasets
+
+    torchvision.datasets.CIFAR10.url = "http://127.0.0.1:9/cifar-10-python.tar.gz"
+
+
+def download_unreachable(rank: int, world_size: int, path: str) -> str:
+    unreachable_cifar10()
+    with pytest.raises(DataError) as info:
+        registry.load("cifar10", "train", path, download=True)
+    return str(info.value)
+
+
+def test_a_failed_download_is_one_line_on_every_rank(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", torchvision.datasets.CIFAR10.url)
+    unreachable_cifar10()
+    path = str(tmp_path / "cifar")
+    message = data_error(registry.load, "cifar10", "train", path, download=True)
+    assert message.startswith(f"dataset 'cifar10': --download into {path!r} failed (URLError: ")
+    assert message.endswith("pass --data_path")
+    # rank 0 downloads; the other rank, waiting for it, stops too (it waited in a barrier, then failed with gloo's
+    # "connection closed by peer" traceback once rank 0 had died)
+    first, second = run_distributed(download_unreachable, 2, path)
+    assert first.startswith(f"dataset 'cifar10': --download into {path!r} failed (URLError: ")
+    assert second == "dataset 'cifar10': --download failed on rank 0 (its error names why)"
 
 
 def test_download_refused_for_local_datasets(tmp_path):

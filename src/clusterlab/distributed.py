@@ -159,6 +159,15 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def rank0_says(flag: bool) -> bool:
+    """Collective: rank 0's `flag` on every rank (the others' is not read), so that all go on or stop together when
+    only rank 0 did something that could fail."""
+    if not is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return bool(broadcast(torch.tensor([int(flag)], device=device)).item())
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors of all ranks along dim 0, in rank order (no gradient)."""
     if not is_initialized():

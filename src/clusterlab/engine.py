@@ -45,7 +45,7 @@ from .compilation import compile_backbone
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
 from .distributed import Context
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm
 from .optim import build_optimizer, build_schedule, set_lr
@@ -444,10 +444,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
 def _share_outcome(ctx: Context, taken: bool) -> None:
     """Rank 0 tells every rank whether it took the run directory (the others pass `taken` False and hear it): a
     refused start would otherwise leave them to go on alone and wait in their first collective until the timeout."""
-    if ctx.world_size == 1:
-        return
-    outcome = distributed.broadcast(torch.tensor([int(taken)], device=ctx.device))
-    if not ctx.is_main and not outcome.item():
+    if not distributed.rank0_says(taken) and not ctx.is_main:
         raise ConfigError("rank 0 could not take the run directory (its error names why)")
 
 
@@ -478,8 +475,7 @@ def _one_line(err: BaseException) -> str:
         return "non-finite loss"
     if isinstance(err, KeyboardInterrupt):
         return "interrupted from the keyboard"
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    return one_line(err)[:300]
 
 
 def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set, kind: str, program: str,

@@ -32,6 +32,12 @@ USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir"
                   errno.EISDIR: "that path is a folder: move it away or choose another path"}
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as `Type: first line of its message`."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def describe_os_error(err: OSError) -> str:
     where = f" {err.filename!r}" if err.filename else ""
     return f"cannot write{where}: {os.strerror(err.errno)} ({USER_OS_ERRORS[err.errno]})"

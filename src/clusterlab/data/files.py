@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .augment import EvalView, crop_boxes
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -83,7 +83,7 @@ def open_image(path: str):
     try:
         return Image.open(path)
     except Exception as err:  # whatever PIL raises on a bad file (OSError, SyntaxError, ValueError, ...)
-        raise Unreadable(_one_line(err)) from None
+        raise Unreadable(one_line(err)) from None
 
 
 def decode(image, mode: str, reduction: int = 1):
@@ -106,7 +106,7 @@ def decode(image, mode: str, reduction: int = 1):
             image = eight_bits(image)
         return (image if image.mode == mode else image.convert(mode)), applied
     except Exception as err:  # decoding errors of a bad file: truncated data, broken chunks, decompression bombs
-        raise Unreadable(_one_line(err)) from None
+        raise Unreadable(one_line(err)) from None
 
 
 def eight_bits(image):
@@ -117,11 +117,6 @@ def eight_bits(image):
 
     values = np.asarray(image, dtype=np.uint32)
     return Image.fromarray(((values + 128) // 257).astype(np.uint8))
-
-
-def _one_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def draft_reduction(shortest_ratio: float) -> int:

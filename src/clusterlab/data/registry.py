@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .files import GREY_MODES, Unreadable, decode, open_image
 from .formats import (read_cifar, read_cifar_meta, read_idx, read_stl10_images, read_stl10_labels)
 
@@ -459,8 +459,18 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
     if download:
         if spec.fetcher is None:
             raise DataError(f"dataset {name!r} cannot be downloaded (it ships locally or is your own folder)")
+        try:  # already there, in any layout the loaders read (torchvision's looks for its own only)
+            return spec.loader(path, split)
+        except DataError:
+            pass
+        failure = None
         if distributed.rank() == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            spec.fetcher.fetch(path, download)
-        distributed.barrier()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                spec.fetcher.fetch(path, download)
+            except (OSError, RuntimeError) as err:  # urllib's URLError, torchvision's "Error downloading ..."
+                failure = (f"dataset {name!r}: --download into {str(path)!r} failed ({one_line(err)}); fetch the "
+                           f"files on a machine that reaches the internet and pass --data_path")
+        if not distributed.rank0_says(failure is None):
+            raise DataError(failure or f"dataset {name!r}: --download failed on rank 0 (its error names why)")
     return spec.loader(path, split)
