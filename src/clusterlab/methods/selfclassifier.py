@@ -39,6 +39,7 @@ from ..config import bool_flag, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.selfclassifier import self_classifier_loss
 from ..models import build_backbone
+from ..models.heads import float32_embedding
 from ..ops.neighbour_queue import NearestNeighbourQueue
 from .base import Batch, DataInfo, Progress, backbone_features, build_multicrop
 from .cluster_base import ClusterMethod
@@ -82,7 +83,9 @@ class NormalizedClassifier(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(classes, 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, self.weight_g * F.normalize(self.weight_v, dim=1))
+        """In float32 also under autocast: the loss divides these logits by temperatures of 0.05 to 0.1."""
+        with torch.autocast(z.device.type, enabled=False):
+            return F.linear(z.float(), self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
 def head_sizes(head_classes: list[int], num_heads: int) -> list[int]:
@@ -172,7 +175,7 @@ class SelfClassifier(ClusterMethod):
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         """z of every crop; the MLP sees all views at once (its BN statistics cover them all), as upstream."""
-        z = F.normalize(self.mlp(backbone_features(self.backbone, crops)), dim=1, eps=1e-7)
+        z = float32_embedding(self.mlp, backbone_features(self.backbone, crops), eps=1e-7)
         return list(z.split(crops[0].shape[0]))
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..config import declare_alternatives, non_negative_float, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
+from ..models.heads import float32_embedding
 from ..ops.queue import EmbeddingQueue, check_queue_length
 from ..ops.sinkhorn import sinkhorn
 from .base import Batch, DataInfo, Method, Progress, backbone_features, build_multicrop
@@ -73,11 +73,11 @@ class SwAV(Method):
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised embeddings and prototype scores of all crops, concatenated in crop order."""
-        z = F.normalize(self.projection(backbone_features(self.backbone, crops)), dim=1)
+        z = float32_embedding(self.projection, backbone_features(self.backbone, crops))
         return z, self.prototypes(z)
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projection(self.backbone(images)), dim=1)
+        return float32_embedding(self.projection, self.backbone(images))
 
     # ---- training ----
     def on_epoch_start(self, epoch: int) -> None:

@@ -30,11 +30,15 @@ class Prototypes(nn.Module):
         self.weight.copy_(F.normalize(self.weight, dim=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.weight.t()
+        """Scores in float32 also under autocast: the Sinkhorn raises them to exp(score / epsilon) at epsilon = 0.05
+        or below, where bf16's rounding of a score (up to 0.004 at 1) would move the codes by percents."""
+        with torch.autocast(z.device.type, enabled=False):
+            return z.float() @ self.weight.t()
 
 
-def float32_embedding(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def float32_embedding(head: nn.Module, features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """The L2-normalised head(features), in float32 also under autocast: a bf16 embedding would put errors of several
-    hundredths on the logits f . M / T that memory banks and normalised heads form at T = 0.1 or below."""
+    hundredths on the logits f . M / T that memory banks, prototypes and normalised heads form at T = 0.1 or below
+    (the head is a small share of the network's work)."""
     with torch.autocast(features.device.type, enabled=False):
-        return F.normalize(head(features.float()), dim=1)
+        return F.normalize(head(features.float()), dim=1, eps=eps)

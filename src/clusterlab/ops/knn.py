@@ -79,12 +79,15 @@ def topk_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, exclude: 
     if not 0 < k <= available:
         raise ValueError(f"k = {k} neighbours asked among {available} bank rows")
     parts = [Neighbours(bank.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=bank.device))]
-    for rows in query_chunks(queries.shape[0], bank.shape[0], chunk_elements, split_over_ranks):
-        similarity = queries[rows.start: rows.stop] @ bank.t()
-        if exclude is not None:
-            own = exclude[rows.start: rows.stop].to(similarity.device)
-            similarity[torch.arange(len(rows), device=similarity.device), own] = float("-inf")
-        parts.append(top_k_rows(similarity, k))
+    # In the inputs' precision also under autocast (Self-Classifier's queue searches inside the training step):
+    # bf16 similarities would rank a few percent of the neighbours wrongly and tie many.
+    with torch.autocast(bank.device.type, enabled=False):
+        for rows in query_chunks(queries.shape[0], bank.shape[0], chunk_elements, split_over_ranks):
+            similarity = queries[rows.start: rows.stop] @ bank.t()
+            if exclude is not None:
+                own = exclude[rows.start: rows.stop].to(similarity.device)
+                similarity[torch.arange(len(rows), device=similarity.device), own] = float("-inf")
+            parts.append(top_k_rows(similarity, k))
     found = Neighbours(*(torch.cat(column) for column in zip(*parts)))
     if not split_over_ranks:
         return found

@@ -39,7 +39,9 @@ class EmbeddingQueue:
         return self.filled >= self.local_length
 
     def scores(self, crop: int, prototypes: torch.Tensor) -> torch.Tensor:
-        return self.embeddings[crop] @ prototypes.t()
+        """In float32 also under autocast, as the batch's own scores (models/heads.Prototypes)."""
+        with torch.autocast(self.embeddings.device.type, enabled=False):
+            return self.embeddings[crop] @ prototypes.float().t()
 
     @torch.no_grad()
     def push(self, crop: int, embeddings: torch.Tensor) -> None:
