@@ -159,3 +159,14 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     result = run_in_process("collect_results.py", *argv)
     assert_user_error(result, "collect_results.py", *words)
     assert not out.exists()
+
+
+def test_knn_monitor_without_labelled_training_images(run_in_process, tmp_path):
+    """STL-10's unlabeled split: the monitor would vote with no neighbours and log class 0's share as top-1."""
+    import fabricate
+
+    data, out = fabricate.make_stl10(tmp_path / "stl"), tmp_path / "run"
+    result = run_in_process("main_pretrain.py", *TINY, "--dataset", "stl10", "--data_path", data, "--train_split",
+                            "unlabeled", "--batch_size", "8", "--knn_monitor_every", "1", "--output_dir", out)
+    assert_user_error(result, "main_pretrain.py", "--knn_monitor_every 1", "--train_split unlabeled", "has none")
+    assert not out.exists()

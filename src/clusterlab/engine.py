@@ -494,6 +494,11 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     if args.knn_monitor_every:
         from .data import load
 
+        if not bool((train_set.labels >= 0).any()):
+            raise ConfigError(f"--knn_monitor_every {args.knn_monitor_every}: the monitor's votes come from labelled "
+                              f"training images, and --train_split {args.train_split} of {args.dataset} has none "
+                              f"(use --knn_monitor_every 0, or a split with labels, e.g. train+unlabeled)")
+
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = load(args.dataset, "test", args.data_path)
