@@ -55,16 +55,17 @@ def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: 
     rng = np.random.default_rng(seed)
     figure, axes = plt.subplots(len(shown), per_cluster, figsize=(per_cluster * 0.8, len(shown) * 0.8 + 0.4),
                                 squeeze=False)
-    for row, cluster in enumerate(shown):
-        members = np.flatnonzero(y_pred == cluster)
-        picked = rng.choice(members, size=min(per_cluster, len(members)), replace=False)
+    members = [np.flatnonzero(y_pred == cluster) for cluster in shown]
+    picked = [rng.choice(m, size=min(per_cluster, len(m)), replace=False) for m in members]
+    pictures = iter(_images(images, np.concatenate(picked).astype(np.int64)))
+    for row, (cluster, chosen) in enumerate(zip(shown, picked)):
         for col in range(per_cluster):
             axis = axes[row, col]
             axis.axis("off")
-            if col < len(picked):
-                image = _image(images, int(picked[col]))
+            if col < len(chosen):
+                image = next(pictures)
                 axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-        axes[row, 0].set_title(f"{cluster} (n={len(members)})", fontsize=6, loc="left")
+        axes[row, 0].set_title(f"{cluster} (n={len(members[row])})", fontsize=6, loc="left")
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     save_png(figure, path, dpi=100)
@@ -83,12 +84,12 @@ def save_png(figure, path: str | Path, dpi: int) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _image(images, index: int) -> np.ndarray:
-    """One image as uint8 HxW (grey) or HxWx3."""
+def _images(images, indices: np.ndarray) -> list[np.ndarray]:
+    """The images `indices` as uint8 HxW (grey) or HxWx3, read in one pass (image files: the centre square at the
+    set's nominal size)."""
     from ..data.augment import EvalView
     from ..data.loader import sequential
 
-    # Image files: the centre square at the set's nominal size.
-    (batch, _), = sequential(images, torch.tensor([index]), 1, view=EvalView.of(images.image_size))
-    array = batch[0].numpy()
-    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    batches = sequential(images, torch.from_numpy(indices), 256, view=EvalView.of(images.image_size))
+    arrays = [array for batch, _ in batches for array in batch.numpy()]
+    return [array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0) for array in arrays]
