@@ -105,7 +105,8 @@ def torchvision_side(root: Path, skip: int, measure: int, batch: int) -> float:
     return measure / (time.perf_counter() - start)
 
 
-def suite_device_side(augment: MultiCrop, results: list, device: torch.device) -> float:
+def suite_device_side(augment: MultiCrop, results: list, device: torch.device) -> tuple[float, int]:
+    """Images per second of the device side over the batches (a) cut, after one batch of warm-up; and how many."""
     cut = [CutCrops([c.to(device) for c in result["crops"]], params, augment.generator.get_state())
            for result, params in results]
     augment(cut[0])  # warm-up
@@ -117,7 +118,7 @@ def suite_device_side(augment: MultiCrop, results: list, device: torch.device) -
         images += len(outputs[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), images
 
 
 def cpu_name() -> str:
@@ -135,6 +136,9 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.measure % args.batch or args.measure < 2 * args.batch:
+        parser.error(f"--measure {args.measure} must be a multiple of --batch {args.batch}, at least two batches "
+                     f"(whole batches go through (a); (c) times all but the first)")
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)
@@ -149,7 +153,7 @@ def main():
         augment = MultiCrop(SWAV_CROPS, SWAV_COLOR, IMAGENET_MEAN, IMAGENET_STD, data.image_size, seed=0)
         worker_rate, results = suite_worker_side(data, augment, args.measure, args.batch)
         baseline_rate = torchvision_side(root, args.measure, args.baseline_measure, args.batch)
-        device_rate = suite_device_side(augment, results, device)
+        device_rate, device_images = suite_device_side(augment, results, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"{args.images:,} JPEGs written in {written:.0f} s; crops 2x224 + 6x96; batch {args.batch}; one thread")
     print()
@@ -160,7 +164,7 @@ def main():
     print(f"| (b) torchvision ImageFolder + per-image SwAV multi-crop, all on the CPU | one CPU process | "
           f"{args.baseline_measure} | {baseline_rate:.1f} |")
     print(f"| (c) clusterlab device side: flip, colour, grey, blur, normalise | {device} ({name}) | "
-          f"{args.measure - args.batch} | {device_rate:.1f} |")
+          f"{device_images} | {device_rate:.1f} |")
     print()
     print(f"a / b = {worker_rate / baseline_rate:.2f}")
 
