@@ -277,9 +277,11 @@ class Trainer:
         """(stop requested on any rank, loss not finite on any rank, the loss and the terms as means over the ranks):
         one small all-reduce per step. Each rank's loss is the mean over its own rows (or the global loss), so the
         mean over the ranks is what one process logs for the same global batch, not rank 0's half of it."""
-        values = torch.tensor([float(signals.received() is not None), float(not torch.isfinite(loss).item()),
-                               float(loss), *(float(v) for v in terms.values())],
-                              dtype=torch.float64, device=self.ctx.device)
+        device = self.ctx.device
+        measured = torch.stack([torch.as_tensor(v, device=device).detach().double() for v in (loss, *terms.values())])
+        # built on the device: the step's one wait for it is the .tolist() after the all-reduce
+        values = torch.cat([torch.tensor([float(signals.received() is not None)], dtype=torch.float64, device=device),
+                            (~torch.isfinite(measured[:1])).double(), measured])
         distributed.all_reduce_sum(values)
         means = (values[2:] / self.ctx.world_size).tolist()
         return bool(values[0]), bool(values[1]), means[0], dict(zip(terms, means[1:]))

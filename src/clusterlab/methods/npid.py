@@ -55,6 +55,7 @@ class NPID(MemoryBankMethod):
             raise ConfigError(f"npid trains on one view per image: --nmb_crops {args.nmb_crops} must be [1]")
         # Z < 0: not estimated yet (upstream's params[2] = -1); estimated once on the first NCE batch.
         self.register_buffer("nce_z", torch.tensor(-1.0))
+        self.nce_z_known = False  # read from the buffer once (a resumed run's comes with its weights), not every step
         self.noise = torch.Generator().manual_seed(args.seed + NOISE_SEED)
 
     # ---- training ----
@@ -73,8 +74,9 @@ class NPID(MemoryBankMethod):
     def nce(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
         columns = torch.cat([batch.indices[:, None], self.draw_noise(batch)], dim=1)
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
-        if self.nce_z.item() < 0:
+        if not self.nce_z_known and self.nce_z.item() < 0:
             self.nce_z.copy_(self.estimate_z(similarities))
+        self.nce_z_known = True
         return nce_loss(nce_scores(similarities, self.args.bank_t, self.nce_z), self.info.num_samples)
 
     def draw_noise(self, batch: Batch) -> torch.Tensor:
