@@ -235,6 +235,25 @@ def test_embedding_is_unit_norm_and_logits_are_per_head():
     assert [tuple(x.shape) for x in logits] == [(5, 10), (5, 20)]
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_views_meet_batch_norm_as_upstreams_model_sends_them(version):
+    """v1 (635972b src/model.py L71-L74): each view through backbone and MLP on its own, batch statistics of that
+    view alone; v2: the views of one size through together. Views of different statistics tell the two apart."""
+    flags = ("--sc_version", "v1", "--row_tau", 0.3, "--col_tau", 0.3) if version == "v1" else ()
+    method = SelfClassifier(sc_args(*flags), INFO, CPU).train()
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randn(6, 1, 8, 8, generator=g), 3 * torch.randn(6, 1, 8, 8, generator=g) + 1]
+    with torch.no_grad():
+        ours = method.embed(crops)
+        alone = [torch.nn.functional.normalize(method.mlp(method.backbone(crop)), dim=1) for crop in crops]
+        together = torch.nn.functional.normalize(method.mlp(method.backbone(torch.cat(crops))), dim=1, eps=1e-7)
+    expected = alone if version == "v1" else list(together.split(6))
+    other = list(together.split(6)) if version == "v1" else alone
+    for z, reference, not_reference in zip(ours, expected, other):
+        torch.testing.assert_close(z, reference, rtol=0, atol=1e-6)
+        assert (z - not_reference).abs().max() > 1e-2
+
+
 # ---- recipes ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,heads,version,views", [

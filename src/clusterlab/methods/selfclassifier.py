@@ -174,7 +174,12 @@ class SelfClassifier(ClusterMethod):
 
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        """z of every crop; the MLP sees all views at once (its BN statistics cover them all), as upstream."""
+        """z of every crop. v2 sends the crops of one size through the backbone together and all of them through the
+        MLP at once (its batch norms' statistics cover every view), as upstream's v2; v1's upstream model runs each
+        view through backbone and MLP on its own (batch statistics of that view alone; 635972b src/model.py
+        L71-L74)."""
+        if self.v1:
+            return [float32_embedding(self.mlp, self.backbone(crop)) for crop in crops]
         z = float32_embedding(self.mlp, backbone_features(self.backbone, crops), eps=1e-7)
         return list(z.split(crops[0].shape[0]))
 
