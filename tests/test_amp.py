@@ -200,3 +200,15 @@ def test_what_follows_the_backbone_runs_in_float32_under_autocast(tmp_path, monk
     reference_neighbours = topk_neighbours(exact[0][:8], exact[0], 3)
     for ours, reference in zip((*mixed, neighbours.similarities), (*exact, reference_neighbours.similarities)):
         assert ours.dtype == torch.float32 and torch.equal(ours, reference)
+
+
+def test_swav_queue_scores_are_float32_under_autocast():
+    from clusterlab.ops.queue import EmbeddingQueue
+
+    queue = EmbeddingQueue(1, 32, 16, 16, 1, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    queue.push(0, torch.nn.functional.normalize(torch.randn(16, 16, generator=g), dim=1))
+    prototypes = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = queue.scores(0, prototypes)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, queue.scores(0, prototypes))

@@ -7,6 +7,7 @@ import json
 
 import matplotlib.image
 import numpy as np
+import pytest
 import yaml
 
 from clusterlab import curves
@@ -112,8 +113,7 @@ def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path
     write_png = FigureCanvasAgg.print_png
 
     monkeypatch.setattr(FigureCanvasAgg, "print_png", fails_half_way)
-    try:
+    with pytest.raises(OSError) as info:
         confusion_png([0, 1, 2, 2], [0, 1, 2, 2], ["a", "b", "c"], path, "after")
-    except OSError as err:
-        assert err.errno == errno.ENOSPC
+    assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

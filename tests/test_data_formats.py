@@ -1,6 +1,7 @@
 """Dataset readers and the registry on files fabricated in the real on-disk formats (tests/fabricate.py)."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -342,8 +343,19 @@ def unreachable_cifar10() -> None:
     torchvision.datasets.CIFAR10.url = "http://127.0.0.1:9/cifar-10-python.tar.gz"
 
 
-def download_unreachable(rank: int, world_size: int, path: str) -> str:
+class CorruptArchive:
+    """A fetcher whose download ends in what a corrupt archive raises (not an OSError)."""
+
+    def fetch(self, path, download):
+        import tarfile
+
+        raise tarfile.ReadError("file could not be opened successfully")
+
+
+def download_unreachable(rank: int, world_size: int, path: str, corrupt: bool = False) -> str:
     unreachable_cifar10()
+    if corrupt:
+        registry.DATASETS["cifar10"] = dataclasses.replace(registry.DATASETS["cifar10"], fetcher=CorruptArchive())
     with pytest.raises(DataError) as info:
         registry.load("cifar10", "train", path, download=True)
     return str(info.value)
@@ -362,6 +374,9 @@ def test_a_failed_download_is_one_line_on_every_rank(tmp_path, monkeypatch):
     # "connection closed by peer" traceback once rank 0 had died)
     first, second = run_distributed(download_unreachable, 2, path)
     assert first.startswith(f"dataset 'cifar10': --download into {path!r} failed (URLError: ")
+    assert second == "dataset 'cifar10': --download failed on rank 0 (its error names why)"
+    first, second = run_distributed(download_unreachable, 2, path, True)
+    assert "failed (ReadError: file could not be opened successfully)" in first
     assert second == "dataset 'cifar10': --download failed on rank 0 (its error names why)"
 
 

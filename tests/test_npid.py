@@ -258,3 +258,18 @@ def test_trainer_step_on_two_processes_equals_one_process(tmp_path):
         torch.testing.assert_close(one["model"]["memory.weight"].norm(dim=1), torch.ones(BATCH))
         assert (one["model"]["head.weight"] - one["start"]["head.weight"]).abs().max() > 1e-4
         assert (one["model"]["nce_z"] > 0) == (name == "nce")
+
+
+def test_a_state_loaded_after_steps_brings_its_own_z():
+    """NPID reads its Z buffer once, not at every step: loading weights whose Z is not estimated yet (-1) makes it
+    estimate Z again instead of going on with -1 (a NaN loss)."""
+    method, train = build("--nce_k", "16")
+    method.eval()
+    fresh = {k: v.clone() for k, v in method.state_dict().items()}
+    batch = batch_of(train, [0, 5, 9, 11])
+    assert torch.isfinite(method(method.prepare(batch), batch, Progress(0, 0, 0, 1))[0])
+    assert method.nce_z.item() > 0
+    method.load_state_dict(fresh)
+    assert method.nce_z.item() < 0
+    assert torch.isfinite(method(method.prepare(batch), batch, Progress(0, 0, 0, 1))[0])
+    assert method.nce_z.item() > 0

@@ -408,11 +408,16 @@ def test_a_run_started_from_another_has_that_runs_settings_among_its_own():
 
     assert results.run_settings(scan("swav", 0)) == {
         "method": "scan_selflabel", "lr": 1e-4, "pretrained.method": "scan", "pretrained.epoch": 4,
-        "pretrained.lr": 1e-4, "pretrained.pretrained.method": "swav", "pretrained.pretrained.epoch": 50,
-        "pretrained.pretrained.lr": 0.6}
+        "pretrained.step": 0, "pretrained.lr": 1e-4, "pretrained.pretrained.method": "swav",
+        "pretrained.pretrained.epoch": 50, "pretrained.pretrained.step": 0, "pretrained.pretrained.lr": 0.6}
     settings = [results.run_settings(scan(method, seed)) for method in ("swav", "unmix") for seed in (0, 1)]
     assert results.recipe_labels(settings) == ["pretrained.pretrained.method=swav"] * 2 + [
         "pretrained.pretrained.method=unmix"] * 2
+    # a run from scratch is a recipe of its own, not a seed of one from an embedding
+    scratch = results.run_settings({"args": {"method": "sela", "seed": 0, "lr": 0.05, "pretrained": None}})
+    embedded = results.run_settings({"args": {"method": "sela", "seed": 1, "lr": 0.05, "pretrained": "r"},
+                                     "pretrained_from": {"method": "swav", "epoch": 50, "args": {}}})
+    assert results.recipe_labels([scratch, embedded]) == ["pretrained.method=none", "pretrained.method=swav"]
 
 
 def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(tmp_path, monkeypatch):

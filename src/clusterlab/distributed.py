@@ -94,7 +94,10 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        return Context(rank, world, local, pick_device(device, local))
+        chosen = pick_device(device, local)
+        if chosen.type == "cuda":  # collectives put their tensors on the current device (rank0_says)
+            torch.cuda.set_device(chosen)
+        return Context(rank, world, local, chosen)
     found = _from_environment()
     if found is None or found[1] == 1:
         return Context(0, 1, 0, pick_device(device))

@@ -278,13 +278,15 @@ class Trainer:
         one small all-reduce per step. Each rank's loss is the mean over its own rows (or the global loss), so the
         mean over the ranks is what one process logs for the same global batch, not rank 0's half of it."""
         device = self.ctx.device
-        measured = torch.stack([torch.as_tensor(v, device=device).detach().double() for v in (loss, *terms.values())])
-        # built on the device: the step's one wait for it is the .tolist() after the all-reduce
-        values = torch.cat([torch.tensor([float(signals.received() is not None)], dtype=torch.float64, device=device),
-                            (~torch.isfinite(measured[:1])).double(), measured])
+        measured = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+                                for v in (loss, *terms.values())])
+        # Built on the device (a fill, not a copy from the host): the step's one wait for it is the .tolist().
+        stop = torch.full((1,), float(signals.received() is not None), dtype=torch.float64, device=device)
+        values = torch.cat([stop, (~torch.isfinite(measured[:1])).double(), measured])
         distributed.all_reduce_sum(values)
-        means = (values[2:] / self.ctx.world_size).tolist()
-        return bool(values[0]), bool(values[1]), means[0], dict(zip(terms, means[1:]))
+        stop_requested, not_finite, *sums = values.tolist()
+        means = [value / self.ctx.world_size for value in sums]
+        return bool(stop_requested), bool(not_finite), means[0], dict(zip(terms, means[1:]))
 
     def progress_line(self, record: dict, epoch_start: float, step: int) -> str:
         done = step + 1

@@ -166,16 +166,20 @@ UNKNOWN_RECIPE = "unknown"
 
 def run_settings(run_config: dict | None) -> dict | None:
     """The training settings of a run: its config.yaml's args without NOT_SETTINGS, in their recorded order, then
-    those of the run its weights started from (config.yaml's pretrained_from: its method, the epoch it stood at and
-    its flags, prefixed `pretrained.`; again for that run's own start); None when unknown (a baseline, which has no
-    config.yaml, or one that cannot be read)."""
+    those of the run its weights started from (config.yaml's pretrained_from: its method, the epoch and step it
+    stood at and its flags, prefixed `pretrained.`; again for that run's own start; `pretrained.method` None for a
+    main_cluster.py run from scratch); None when unknown (a baseline, which has no config.yaml, or one that cannot be
+    read)."""
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None
     settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
     origin, prefix = run_config.get("pretrained_from"), "pretrained."
+    if "pretrained" in args and not args["pretrained"]:
+        settings["pretrained.method"] = None  # trained from scratch: a start known as well as any other
     while isinstance(origin, dict):
         settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
+        settings[f"{prefix}step"] = origin.get("step", 0)
         origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
         settings.update({prefix + key: value for key, value in origin_args.items()
                          if key not in NOT_SETTINGS and key != "method"})

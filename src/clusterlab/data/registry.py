@@ -460,15 +460,18 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
         if spec.fetcher is None:
             raise DataError(f"dataset {name!r} cannot be downloaded (it ships locally or is your own folder)")
         try:  # already there, in any layout the loaders read (torchvision's looks for its own only)
-            return spec.loader(path, split)
+            found = spec.loader(path, split)
         except DataError:
-            pass
+            found = None
+        # What rank 0 found decides for every rank, so that all of them take the same collectives.
+        if distributed.rank0_says(found is not None):
+            return found if found is not None else spec.loader(path, split)
         failure = None
         if distributed.rank() == 0:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 spec.fetcher.fetch(path, download)
-            except (OSError, RuntimeError) as err:  # urllib's URLError, torchvision's "Error downloading ..."
+            except Exception as err:  # urllib's URLError, torchvision's "Error downloading", a corrupt archive...
                 failure = (f"dataset {name!r}: --download into {str(path)!r} failed ({one_line(err)}); fetch the "
                            f"files on a machine that reaches the internet and pass --data_path")
         if not distributed.rank0_says(failure is None):

@@ -43,7 +43,7 @@ def checkpoint_position(state: dict) -> tuple[int, int]:
     return int(state["epoch"]), int(state.get("step", 0))
 
 
-def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str | None:
+def requested_checkpoint_name(run_dir: str | None, requested: str | None) -> str:
     """How records name the checkpoint --checkpoint asks for, known before the run is opened, so that
     --skip_recorded can skip without loading anything: a file of the run by its name (default checkpoint.pth), any
     other by its full path (a record of the run's own file of that name does not stand for it)."""

@@ -146,7 +146,7 @@ def pretrained_origin(path: Path, state: dict) -> dict:
     embedding). Tables compare runs' settings with it, so runs from different first stages are not averaged as seeds."""
     method_state = state.get("method_state")
     return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
-            "args": state.get("args"),
+            "step": state.get("step", 0), "args": state.get("args"),
             "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 
 

@@ -56,6 +56,7 @@ class NPID(MemoryBankMethod):
         # Z < 0: not estimated yet (upstream's params[2] = -1); estimated once on the first NCE batch.
         self.register_buffer("nce_z", torch.tensor(-1.0))
         self.nce_z_known = False  # read from the buffer once (a resumed run's comes with its weights), not every step
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "nce_z_known", False))
         self.noise = torch.Generator().manual_seed(args.seed + NOISE_SEED)
 
     # ---- training ----
