@@ -325,6 +325,27 @@ def test_neighbour_views_come_from_the_mined_candidates():
         assert matches, i
 
 
+def test_the_head_is_chosen_on_consistency_minus_entropy_as_upstreams_selection():
+    """Upstream's scan_evaluate ranks heads by consistency - entropy (weight 1), whatever the training weight: a
+    head that fits its neighbours better is not passed over for a more balanced one, as the weighted loss
+    (consistency - 5 entropy) would."""
+    method, train = build("scan", None, "--num_neighbours", "3", "--num_heads", "3")
+    method.before_step(Progress(0, 0, 0, 1))
+    indices = torch.arange(0, 32)
+    batch = Batch(train.images[indices], train.labels[indices], indices, 32, 0)
+    inputs = method.prepare(batch)
+    method(inputs, batch, Progress(0, 0, 0, 1))
+    method.on_epoch_end(0)
+    with torch.no_grad():
+        anchors, partners = (method.backbone(x) for x in inputs)
+        by_hand = []
+        for head in method.heads:
+            _, consistency, entropy = scan_loss(head(anchors), head(partners), 5.0)
+            by_hand.append(float(consistency - entropy))
+    assert method.last_head_losses == pytest.approx(by_hand, abs=1e-5)
+    assert method.chosen_head() == min(range(3), key=by_hand.__getitem__)
+
+
 def test_selflabel_takes_the_chosen_head_of_a_scan_run(tmp_path):
     scan, _ = build("scan", None, "--num_heads", "3")
     state = {"model": scan.state_dict(), "method_state": {"last_head_losses": [0.5, -1.0, 0.2]}, "method": "scan"}

@@ -134,7 +134,10 @@ class SCAN(ClusterMethod):
                 totals.append(total)
                 consistencies.append(consistency.detach())
                 entropies.append(entropy.detach())
-        self.record_head_losses(totals)
+        # The head is chosen on consistency - entropy, upstream's selection formula (its entropy weight is 1 there
+        # whatever the training's): the training weight of 5 would favour a balanced head that fits its neighbours
+        # worse.
+        self.record_head_losses([c - e for c, e in zip(consistencies, entropies)])
         terms = {"scan": torch.stack(totals).detach().mean(), "consistency": torch.stack(consistencies).mean(),
                  "entropy": torch.stack(entropies).mean()}
         return torch.stack(totals).sum(), terms
