@@ -6,9 +6,9 @@ Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 ep
 RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole test image; the pre-training normalisation
 (upstream evaluates CIFAR with a different std than it trained with: a bug we do not copy). The best test epoch,
 which upstream reports, is recorded as a separately flagged value. The probe trains in
-RUN/linear_epNNNN[_stepS][_cached]/ (the epoch and step of the weights it probes; its batch size, seed and
-optimisation flags where they differ from the defaults are added to the name) and resumes from there; one record
-goes to RUN/metrics.jsonl.
+RUN/linear_epNNNN[_stepS][_cached]/ (the epoch and step of the weights it probes; its batch size, seed,
+optimisation flags and --amp where they differ from the defaults are added to the name) and resumes from there; one
+record goes to RUN/metrics.jsonl.
 """
 from __future__ import annotations
 
