@@ -39,6 +39,7 @@ The labelling pass (choices):
 from __future__ import annotations
 
 import argparse
+import bisect
 import time
 
 import torch
@@ -140,6 +141,7 @@ class SeLa(ClusterMethod):
                                      args.seed + LABELS_SEED).to(device)
         self.times = relabel_times(args.sela_schedule, args.epochs, info.num_samples, args.nopts)
         self.next_relabel = 0
+        self.schedule_changed = False  # resumed under other --epochs / --nopts / --sela_schedule (load_extra_state)
         self.train_set = None
 
     def attach_data(self, train_set) -> None:
@@ -155,7 +157,19 @@ class SeLa(ClusterMethod):
         return [head(features) for head in self.heads]
 
     # ---- training ----
+    def schedule_flags(self) -> list:
+        return [self.args.sela_schedule, self.args.epochs, self.args.nopts]
+
     def before_step(self, progress: Progress) -> None:
+        if self.schedule_changed:
+            # Upstream's resume keeps the new schedule's times still ahead (cifar.py L221-L222): the saved index
+            # counts the old schedule's relabellings, and would skip the new ones or fire one at every step.
+            self.schedule_changed = False
+            self.next_relabel = bisect.bisect_left(self.times, progress.global_step * self.args.batch_size)
+            if distributed.rank() == 0:
+                print(f"sela: the relabelling schedule changed on resume ({' '.join(map(str, self.schedule_flags()))}"
+                      f"): {len(self.times) - self.next_relabel} of its {len(self.times)} relabellings lie ahead",
+                      flush=True)
         due = self.next_relabel < len(self.times)
         if due and progress.global_step * self.args.batch_size >= self.times[self.next_relabel]:
             self.next_relabel += 1
@@ -246,7 +260,8 @@ class SeLa(ClusterMethod):
 
     # ---- state ----
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "labels": self.labels.cpu(), "next_relabel": self.next_relabel}
+        return {**super().extra_state(), "labels": self.labels.cpu(), "next_relabel": self.next_relabel,
+                "schedule": self.schedule_flags()}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
@@ -258,6 +273,7 @@ class SeLa(ClusterMethod):
                              f"{tuple(self.labels.shape)}")
         self.labels = labels.to(self.device, torch.long)
         self.next_relabel = int(state["next_relabel"])
+        self.schedule_changed = state.get("schedule", self.schedule_flags()) != self.schedule_flags()
 
     def random_state(self) -> dict:
         return {**super().random_state(), "label_augment": self.label_augment.state_dict()}
