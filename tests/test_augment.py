@@ -21,6 +21,13 @@ def uint8_images(n, channels=3, size=20, seed=0) -> torch.Tensor:
                          dtype=torch.uint8)
 
 
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3),
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomResizedCrop boxes (top, left, h, w) for n images of one size, as training draws them: the uniforms,
+    then the box rule."""
+    return augment.crop_boxes(augment.draw_crop_uniforms(n, generator), height, width, scale, ratio)
+
+
 def float_images(n, channels=3, size=20, seed=0) -> torch.Tensor:
     """What the pipeline works on: uint8 / 255, with some saturated pixels so clamping matters."""
     return uint8_images(n, channels, size, seed).float() / 255
@@ -112,7 +119,7 @@ def test_resized_crop_and_flip_match_torchvision(size, scale):
     # Down- and up-sampling (crops of a 20x20 image to 7, 16, 20 and 32 pixels).
     images = float_images(12, size=20, seed=7)
     generator = torch.Generator().manual_seed(size)
-    boxes = augment.sample_crop_boxes(12, 20, 20, scale, generator=generator)
+    boxes = sample_crop_boxes(12, 20, 20, scale, generator=generator)
     flip = torch.arange(12) % 2 == 0
     ours = augment.resized_crop(images, boxes, size, flip)
     reference = torch.stack([_reference_crop(img, b, size, f) for img, b, f in zip(images, boxes, flip)])
@@ -204,7 +211,7 @@ def _reference_boxes(n, height, width, scale, ratio, generator, attempts=10):
 ])
 def test_crop_boxes_follow_torchvision_rule(height, width, scale, ratio):
     n = 300
-    boxes = augment.sample_crop_boxes(n, height, width, scale, ratio, generator=torch.Generator().manual_seed(11))
+    boxes = sample_crop_boxes(n, height, width, scale, ratio, generator=torch.Generator().manual_seed(11))
     reference, fitted = _reference_boxes(n, height, width, scale, ratio, torch.Generator().manual_seed(11))
     assert boxes.dtype == torch.long and boxes.shape == (n, 4)
     assert torch.equal(boxes, reference)
@@ -222,7 +229,7 @@ def test_crop_boxes_distribution_matches_torchvision():
     torch.manual_seed(0)
     theirs = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
                            for _ in range(1500)], dtype=torch.float64)
-    ours = augment.sample_crop_boxes(4000, 32, 32, (0.08, 1.0), generator=torch.Generator().manual_seed(1)).double()
+    ours = sample_crop_boxes(4000, 32, 32, (0.08, 1.0), generator=torch.Generator().manual_seed(1)).double()
     for column in range(4):
         assert abs(ours[:, column].mean() - theirs[:, column].mean()) < 0.6
     frac = lambda b: (b[:, 2] * b[:, 3] / 1024).mean()  # noqa: E731
@@ -231,16 +238,16 @@ def test_crop_boxes_distribution_matches_torchvision():
 
 def test_crop_boxes_fallback_is_the_centre_crop():
     # scale > 1 never fits: the whole (square) image, or the centre with the aspect clamped into the ratio range.
-    boxes = augment.sample_crop_boxes(5, 24, 24, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
+    boxes = sample_crop_boxes(5, 24, 24, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
     assert boxes.tolist() == [[0, 0, 24, 24]] * 5
-    wide = augment.sample_crop_boxes(3, 20, 60, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
+    wide = sample_crop_boxes(3, 20, 60, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
     assert wide.tolist() == [[0, 16, 20, 27]] * 3  # w = round(20 * 4/3) = 27, left = (60 - 27) // 2
-    tall = augment.sample_crop_boxes(3, 60, 20, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
+    tall = sample_crop_boxes(3, 60, 20, (1.5, 2.0), generator=torch.Generator().manual_seed(0))
     assert tall.tolist() == [[16, 0, 27, 20]] * 3  # h = round(20 / (3/4)) = 27, top = (60 - 27) // 2
 
 
 def test_crop_boxes_deterministic_for_a_seed():
-    draw = lambda seed: augment.sample_crop_boxes(50, 32, 32, (0.2, 1.0),  # noqa: E731
+    draw = lambda seed: sample_crop_boxes(50, 32, 32, (0.2, 1.0),  # noqa: E731
                                                   generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draw(3), draw(3))
     assert not torch.equal(draw(3), draw(4))

@@ -113,12 +113,6 @@ def crop_boxes(uniforms: torch.Tensor, height, width, scale: tuple, ratio: tuple
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3),
-                      generator: torch.Generator | None = None, attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes (top, left, h, w) for n images of one size: uniforms drawn, then boxes."""
-    return crop_boxes(draw_crop_uniforms(n, generator, attempts), height, width, scale, ratio)
-
-
 @dataclass
 class CropParams:
     uniforms: torch.Tensor   # (n, 22) float64: the crop's random numbers (draw_crop_uniforms)
