@@ -109,10 +109,12 @@ def test_a_probe_is_trained_afresh_for_other_weights_or_another_optimisation(tmp
     # Any other optimisation flag and the seed are in the protocol: a record of the defaults does not stand for them.
     assert "epoch 1/1: test top1" in probe("--momentum", "0.0")
     assert records_of(run)[-1]["protocol"]["momentum"] == 0.0 and "momentum" not in records_of(run)[0]["protocol"]
-    # and so is the precision (bf16 gives other numbers): not taken for the float32 probe, nor resumed from it
+    # and so is the precision that ran (bf16 gives other numbers): not taken for the float32 probe, nor resumed from
+    # it; --amp auto on the CPU is float32, the default probe's
+    assert "already recorded" in probe("--amp", "auto")
     assert "epoch 1/1: test top1" in probe("--amp", "bf16")
-    assert records_of(run)[-1]["protocol"]["amp"] == "bf16" and "amp" not in records_of(run)[0]["protocol"]
-    assert (run / f"linear_ep0002_cached{probed}_ampbf16").is_dir()
+    assert records_of(run)[-1]["protocol"]["precision"] == "bf16" and "precision" not in records_of(run)[0]["protocol"]
+    assert (run / f"linear_ep0002_cached{probed}_bf16").is_dir()
     # Another directory's checkpoint (here a copy of the same epoch) gets a probe of its own, not the run's
     # finished one, and a record under its full path.
     other = tmp_path / "other"

@@ -418,6 +418,10 @@ def test_a_run_started_from_another_has_that_runs_settings_among_its_own():
     embedded = results.run_settings({"args": {"method": "sela", "seed": 1, "lr": 0.05, "pretrained": "r"},
                                      "pretrained_from": {"method": "swav", "epoch": 50, "args": {}}})
     assert results.recipe_labels([scratch, embedded]) == ["pretrained.method=none", "pretrained.method=swav"]
+    # and a run from an embedding that config.yaml does not describe (before pretrained_from) is neither
+    older = results.run_settings({"args": {"method": "sela", "seed": 2, "lr": 0.05, "pretrained": "r"}})
+    assert results.recipe_labels([scratch, older, embedded]) == [
+        "pretrained.method=none", "pretrained.method=unknown", "pretrained.method=swav"]
 
 
 def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(tmp_path, monkeypatch):

@@ -168,15 +168,18 @@ def run_settings(run_config: dict | None) -> dict | None:
     """The training settings of a run: its config.yaml's args without NOT_SETTINGS, in their recorded order, then
     those of the run its weights started from (config.yaml's pretrained_from: its method, the epoch and step it
     stood at and its flags, prefixed `pretrained.`; again for that run's own start; `pretrained.method` None for a
-    main_cluster.py run from scratch); None when unknown (a baseline, which has no config.yaml, or one that cannot be
+    main_cluster.py run from scratch, UNKNOWN_RECIPE for one whose start config.yaml does not describe); None when
+    unknown (a baseline, which has no config.yaml, or one that cannot be
     read)."""
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None
     settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
     origin, prefix = run_config.get("pretrained_from"), "pretrained."
-    if "pretrained" in args and not args["pretrained"]:
-        settings["pretrained.method"] = None  # trained from scratch: a start known as well as any other
+    if "pretrained" in args and not isinstance(origin, dict):
+        # from scratch: a start known as well as any other; from a run that config.yaml does not describe (written
+        # before it recorded pretrained_from): not to be averaged with either
+        settings["pretrained.method"] = UNKNOWN_RECIPE if args["pretrained"] else None
     while isinstance(origin, dict):
         settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
         settings[f"{prefix}step"] = origin.get("step", 0)

@@ -31,12 +31,11 @@ class FeatureSet:
         return len(self.labels)
 
 
-# The flags of a probe's optimisation, and its precision: with batch_size and seed (engine.RESUME_KEYS), they define
-# its result. (`optimizer` is a resume key of every run too; a probe checks it here as well, where it names the probe
-# folder.)
+# The flags of a probe's optimisation: with batch_size and seed (engine.RESUME_KEYS), they define its result.
+# (`optimizer` is a resume key of every run too; a probe checks it here as well, where it names the probe folder.)
 OPTIMISATION_FLAGS = ("epochs", "optimizer", "lr", "final_lr", "schedule", "warmup_epochs", "start_warmup", "lr_drops",
                       "lr_gamma", "schedule_period", "momentum", "nesterov", "weight_decay", "no_decay_bias_norm",
-                      "lars_trust", "lars_exclude_bias_norm", "amp")
+                      "lars_trust", "lars_exclude_bias_norm")
 
 
 class LinearProbe(Method):

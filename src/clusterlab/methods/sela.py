@@ -165,7 +165,9 @@ class SeLa(ClusterMethod):
             # Upstream's resume keeps the new schedule's times still ahead (cifar.py L221-L222): the saved index
             # counts the old schedule's relabellings, and would skip the new ones or fire one at every step.
             self.schedule_changed = False
-            self.next_relabel = bisect.bisect_left(self.times, progress.global_step * self.args.batch_size)
+            # the times the last step run had not reached (a time between it and this step is due now)
+            reached = (progress.global_step - 1) * self.args.batch_size
+            self.next_relabel = bisect.bisect_right(self.times, reached) if progress.global_step else 0
             if distributed.rank() == 0:
                 print(f"sela: the relabelling schedule changed on resume ({' '.join(map(str, self.schedule_flags()))}"
                       f"): {len(self.times) - self.next_relabel} of its {len(self.times)} relabellings lie ahead",

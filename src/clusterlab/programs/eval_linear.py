@@ -2,13 +2,13 @@
 
     python eval_linear.py --run runs/unmix_c10_400ep [--cached_features true]
 
-Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 epochs, SGD lr 0.3, momentum 0.9, cosine to 0, weight decay 1e-6, batch 32,
-RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole test image; the pre-training normalisation
-(upstream evaluates CIFAR with a different std than it trained with: a bug we do not copy). The best test epoch,
-which upstream reports, is recorded as a separately flagged value. The probe trains in
-RUN/linear_epNNNN[_stepS][_cached]/ (the epoch and step of the weights it probes; its batch size, seed,
-optimisation flags and --amp where they differ from the defaults are added to the name) and resumes from there; one
-record goes to RUN/metrics.jsonl.
+Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 epochs, SGD lr 0.3, momentum 0.9,
+cosine to 0, weight decay 1e-6, batch 32, RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole
+test image; the pre-training normalisation (upstream evaluates CIFAR with a different std than it trained with: a
+bug we do not copy). The best test epoch, which upstream reports, is recorded as a separately flagged value. The
+probe trains in RUN/linear_epNNNN[_stepS][_cached]/ (the epoch and step of the weights it probes; its batch size,
+seed, optimisation flags where they differ from the defaults, and its precision where --amp makes it bf16 or fp16,
+are added to the name) and resumes from there; one record goes to RUN/metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -43,10 +43,16 @@ def get_args_parser():
 ALWAYS_RECORDED = ("epochs", "lr", "batch_size", "weight_decay")
 
 
+def probe_precision(args) -> str | None:
+    """The precision the probe trains in (--amp resolved on its device: auto is bf16 on CUDA), None for float32."""
+    name = engine.precision_name(engine.resolve_precision(args.amp, distributed.pick_device(args.device)))
+    return None if name == "float32" else name
+
+
 def linear_protocol(args) -> dict:
     """The probe's protocol as --skip_recorded asks for it: the augmentation, ALWAYS_RECORDED, then the seed and
     every other optimisation flag, None at its default (a record leaves those out, and a record of another value
-    must not stand for the default)."""
+    must not stand for the default), and the precision where it is not float32."""
     defaults = get_args_parser()
     protocol = {"augmentation": "cached" if args.cached_features else "augmented",
                 **{key: getattr(args, key) for key in ALWAYS_RECORDED}}
@@ -54,19 +60,22 @@ def linear_protocol(args) -> dict:
         if key not in protocol:
             value = getattr(args, key)
             protocol[key] = None if value == defaults.get_default(key) else value
+    protocol["precision"] = probe_precision(args)
     return protocol
 
 
 def probe_dir(args, loaded, dataset: str) -> Path:
-    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_DATASET][_cropC][_resizeR][_fromHASH]: a probe per state
-    of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same weights as
-    checkpoint.pth at epoch NNNN), protocol and optimisation, naming the optimisation flags that differ from the
-    defaults, a dataset other than the run's, the test view asked for, and a checkpoint from outside the run (by a
-    digest of its path)."""
+    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
+    probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
+    weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
+    that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
+    asked for, and a checkpoint from outside the run (by a digest of its path)."""
     defaults = get_args_parser()
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key in ("batch_size", "seed", *OPTIMISATION_FLAGS)
              if (value := getattr(args, key)) != defaults.get_default(key)]
+    if probe_precision(args):
+        flags.append(f"_{probe_precision(args)}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
     flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]
