@@ -396,6 +396,32 @@ def test_logged_loss_on_two_processes_is_the_global_batch_loss(swav_runs, run):
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
 
+def _local_bn_worker(rank, world, tmp):
+    from clusterlab import engine
+
+    out = Path(tmp) / "local_bn"
+    args, ctx, train_set, method = build_swav(out, *RUNS["lars_local_bn"])
+    method.load_extra_state({"queue": global_queue_state()})
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = engine.Trainer(method, args, ctx, out, train_set)
+    trainer.train_one_epoch(0)
+
+    def statistics():
+        return {k: v.clone() for k, v in method.state_dict().items() if "running" in k or "num_batches" in k}
+
+    before = statistics()
+    trainer.save(1, 0)
+    return before, statistics()
+
+
+def test_without_sync_bn_every_rank_takes_rank_0s_running_statistics_when_saved(tmp_path):
+    """Each rank's batch norms follow their own shares; the checkpoint keeps rank 0's, and from then on every rank
+    has them (eval-mode passes normalise each share alike, and a resumed run equals one that went on)."""
+    (before_0, after_0), (before_1, after_1) = run_distributed(_local_bn_worker, 2, str(tmp_path))
+    assert max_state_difference(before_0, before_1) > 1e-4
+    assert max_state_difference(after_0, before_0) == 0 and max_state_difference(after_1, before_0) == 0
+
+
 def test_local_batchnorm_breaks_the_equivalence(swav_runs):
     """Negative control: without sync_bn the 2-process result differs from the single process by far more than the
     tolerance above, so that test can fail."""

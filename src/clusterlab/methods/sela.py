@@ -227,6 +227,8 @@ class SeLa(ClusterMethod):
         size = crop.size if train_view else self.eval_size
         # Image files: the workers cut the crop (from these parameters) or the test view.
         files_crop = (crop, params.uniforms[positions]) if train_view and not images.in_memory else None
+        if not train_view and not args.sync_bn:
+            distributed.share_norm_statistics(self)  # eval mode normalises every rank's share alike
         saved = {name: buffer.clone() for name, buffer in self.named_buffers()}
         was_training = self.training
         self.train(train_view)
