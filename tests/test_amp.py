@@ -173,6 +173,17 @@ def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step
     assert scales == [2.0 ** (16 - done) for done in done_when_logged]
 
 
+def test_sela_heads_run_in_float32_under_autocast(tmp_path):
+    method = trainer_for("sela", "bf16", tmp_path / "run").method
+    images = torch.randn(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = method.backbone(images)
+        logits = method.head_logits(images)
+    assert features.dtype == torch.bfloat16
+    for head, ours in zip(method.heads, logits):
+        assert ours.dtype == torch.float32 and torch.equal(ours, head(features.float()))
+
+
 @pytest.mark.parametrize("method_name", ["swav", "unmix", "selfclassifier"])
 def test_what_follows_the_backbone_runs_in_float32_under_autocast(tmp_path, monkeypatch, method_name):
     """Only the backbone runs in bf16: the projection, the prototype scores the Sinkhorn exponentiates at

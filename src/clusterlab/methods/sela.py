@@ -153,8 +153,10 @@ class SeLa(ClusterMethod):
         return [self.args.head_classes] * self.args.num_heads
 
     def head_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The heads in float32 also under autocast (only the backbone runs in bf16 / fp16, as in every method)."""
         features = self.backbone(images)
-        return [head(features) for head in self.heads]
+        with torch.autocast(features.device.type, enabled=False):
+            return [head(features.float()) for head in self.heads]
 
     # ---- training ----
     def schedule_flags(self) -> list:
@@ -187,7 +189,7 @@ class SeLa(ClusterMethod):
                       f"classes used {used} of {self.args.head_classes}", flush=True)
 
     def forward(self, crops, batch: Batch, progress: Progress):
-        losses = [F.cross_entropy(logits.float(), self.labels[h, batch.indices])
+        losses = [F.cross_entropy(logits, self.labels[h, batch.indices])
                   for h, logits in enumerate(self.head_logits(crops[0]))]
         self.record_head_losses(losses)
         loss = torch.stack(losses).mean()
