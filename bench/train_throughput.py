@@ -85,8 +85,8 @@ def main():
             memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
         crops = " + ".join(f"{n}x{s or train_set.image_size}" for n, s in zip(args.nmb_crops, args.size_crops))
         order = "channels-last" if args.channels_last else "default"
-        print("| method | backbone | crops | batch | device | threads | memory order | precision | img/s median (min-max) "
-              "| memory |")
+        print("| method | backbone | crops | batch | device | threads | memory order | precision "
+              "| img/s median (min-max) | memory |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(f"| {args.method} | {args.arch} w{args.width} | {crops} | {args.batch_size} | {ctx.device} | "
               f"{torch.get_num_threads()} | {order} | {trainer.precision} | {statistics.median(rates):.0f} "

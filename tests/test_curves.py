@@ -104,7 +104,8 @@ def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path
 
     def fails_half_way(canvas, target, **kwargs):
         whole = io.BytesIO()
-        write_png(canvas, whole, **{k: v for k, v in kwargs.items() if k in ("metadata", "pil_kwargs")})  # (matplotlib's own measuring pass stops in here, as it would)
+        # matplotlib's own measuring pass stops in here, as it would
+        write_png(canvas, whole, **{k: v for k, v in kwargs.items() if k in ("metadata", "pil_kwargs")})
         with contextlib.ExitStack() as stack:
             out = target if hasattr(target, "write") else stack.enter_context(open(target, "wb"))
             out.write(whole.getvalue()[:100])

@@ -152,11 +152,12 @@ def _run_config(run_dir: Path) -> dict | None:
 # of one recipe stay one row: the seed (what a row averages over); where the run, its data and its recipe file are
 # (output_dir, data_path, download, config: a path differs per machine or per seed, and args already hold every value
 # the recipe file set); pretrained (the path of the run a later stage starts from, which differs per seed; what that
-# run was is compared instead, from config.yaml's pretrained_from: `run_settings`); how it ran (device, workers, compile and channels_last, which compute
-# the same up to float rounding; find_unused, a DDP bookkeeping switch); and what it writes on the side (log_every,
-# checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which only log). Everything else stays, including
-# amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size (precision and batch statistics change the numbers) and
-# epochs (a checkpoint of a 400-epoch schedule is not one of a 200-epoch schedule).
+# run was is compared instead, from config.yaml's pretrained_from: `run_settings`); how it ran (device, workers,
+# compile and channels_last, which compute the same up to float rounding; find_unused, a DDP bookkeeping switch); and
+# what it writes on the side (log_every, checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which
+# only log). Everything else stays, including amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size
+# (precision and batch statistics change the numbers) and epochs (a checkpoint of a 400-epoch schedule is not one of a
+# 200-epoch schedule).
 NOT_SETTINGS = frozenset({"seed", "output_dir", "data_path", "download", "config", "pretrained", "device", "workers",
                           "compile", "channels_last", "find_unused", "log_every", "checkpoint_epochs",
                           "knn_monitor_every", "knn_monitor_k", "knn_monitor_features"})
@@ -169,8 +170,7 @@ def run_settings(run_config: dict | None) -> dict | None:
     those of the run its weights started from (config.yaml's pretrained_from: its method, the epoch and step it
     stood at and its flags, prefixed `pretrained.`; again for that run's own start; `pretrained.method` None for a
     main_cluster.py run from scratch, UNKNOWN_RECIPE for one whose start config.yaml does not describe); None when
-    unknown (a baseline, which has no config.yaml, or one that cannot be
-    read)."""
+    unknown (a baseline, which has no config.yaml, or one that cannot be read)."""
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None

@@ -90,9 +90,10 @@ class ClusterMethod(Method):
             self._loss_sums, self._loss_count = totals[:-1].to(self.device), int(totals[-1])
 
     # ---- starting from a pre-trained run ----
-    def load_pretrained(self, source: str) -> str:
-        """Fill `pretrained_parts` from a run directory (its checkpoint.pth) or a checkpoint file."""
-        path, state = read_pretrained(source)
+    def load_pretrained(self, source: str, found: tuple[Path, dict] | None = None) -> str:
+        """Fill `pretrained_parts` from a run directory (its checkpoint.pth) or a checkpoint file; `found`: what
+        `read_pretrained(source)` gave, where it was read already."""
+        path, state = found or read_pretrained(source)
         saved = state.get("args", {})
         for key in ("arch", "width"):
             if key in saved and saved[key] != getattr(self.args, key):
@@ -150,7 +151,8 @@ def pretrained_origin(path: Path, state: dict) -> dict:
             "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 
 
-def pretrained_normalisation(source: str) -> tuple[list, list]:
-    """The mean and std the pre-trained run normalised with, so both stages see the same inputs."""
-    info = read_pretrained(source)[1]["data_info"]
+def pretrained_normalisation(state: dict) -> tuple[list, list]:
+    """The mean and std a checkpoint's run normalised with (`read_pretrained`'s state), so both stages see the same
+    inputs."""
+    info = state["data_info"]
     return list(info["mean"]), list(info["std"])

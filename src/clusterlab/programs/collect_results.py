@@ -10,11 +10,11 @@ dataset's table into the one Markdown file FILE (scripts/small_data.sh: results/
 Tables: every metrics.jsonl under ROOT. Rows group records by dataset, method, backbone, epoch, evaluation and
 protocol, and by training recipe: runs whose config.yaml args differ in a flag that changes what is learnt (not the
 seed, paths, device or logging; results.NOT_SETTINGS), or whose --pretrained runs differ so, get a row each, with a
-`recipe` column after `protocol` naming the flags that differ, present only in a table that needs it. Metrics are percentages, mean ± std over the runs
-(seeds) of a row with n. `revision` says whether the code that trained and evaluated every run of a row was
-committed: clean, dirty (uncommitted changes to tracked files; the Markdown names the runs under the table) or
-unknown (no commit recorded). Published numbers (results/published.csv) stand beside ours where method, dataset,
-evaluation and epochs match. A corrupt line in a metrics.jsonl is skipped with a warning
+`recipe` column after `protocol` naming the flags that differ, present only in a table that needs it. Metrics are
+percentages, mean ± std over the runs (seeds) of a row with n. `revision` says whether the code that trained and
+evaluated every run of a row was committed: clean, dirty (uncommitted changes to tracked files; the Markdown names
+the runs under the table) or unknown (no commit recorded). Published numbers (results/published.csv) stand beside
+ours where method, dataset, evaluation and epochs match. A corrupt line in a metrics.jsonl is skipped with a warning
 naming file and line.
 
 Curves (--curves): for every run directory under ROOT with a train_log.jsonl, even one still training,

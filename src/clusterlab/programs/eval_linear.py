@@ -49,17 +49,22 @@ def probe_precision(args) -> str | None:
     return None if name == "float32" else name
 
 
+def changed_flags(args) -> dict:
+    """The probe's batch size, seed and optimisation flags whose values are not the defaults, in that order."""
+    defaults = get_args_parser()
+    return {key: value for key in ("batch_size", "seed", *OPTIMISATION_FLAGS)
+            if (value := getattr(args, key)) != defaults.get_default(key)}
+
+
 def linear_protocol(args) -> dict:
     """The probe's protocol as --skip_recorded asks for it: the augmentation, ALWAYS_RECORDED, then the seed and
     every other optimisation flag, None at its default (a record leaves those out, and a record of another value
     must not stand for the default), and the precision where it is not float32."""
-    defaults = get_args_parser()
+    changed = changed_flags(args)
     protocol = {"augmentation": "cached" if args.cached_features else "augmented",
                 **{key: getattr(args, key) for key in ALWAYS_RECORDED}}
     for key in ("seed", *OPTIMISATION_FLAGS):
-        if key not in protocol:
-            value = getattr(args, key)
-            protocol[key] = None if value == defaults.get_default(key) else value
+        protocol.setdefault(key, changed.get(key))
     protocol["precision"] = probe_precision(args)
     return protocol
 
@@ -70,12 +75,11 @@ def probe_dir(args, loaded, dataset: str) -> Path:
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
     asked for, and a checkpoint from outside the run (by a digest of its path)."""
-    defaults = get_args_parser()
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
-             for key in ("batch_size", "seed", *OPTIMISATION_FLAGS)
-             if (value := getattr(args, key)) != defaults.get_default(key)]
-    if probe_precision(args):
-        flags.append(f"_{probe_precision(args)}")
+             for key, value in changed_flags(args).items()]
+    precision = probe_precision(args)
+    if precision:
+        flags.append(f"_{precision}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
     flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]

@@ -17,7 +17,7 @@ from .. import config, data, distributed, engine
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
-from ..methods.cluster_base import pretrained_normalisation
+from ..methods.cluster_base import pretrained_normalisation, read_pretrained
 
 PROGRAM = {"pretrain": "main_pretrain.py", "cluster": "main_cluster.py"}
 DEFAULT_METHOD = {"pretrain": "swav", "cluster": "sela"}
@@ -63,19 +63,22 @@ def main(kind: str, argv=None):
         engine.seed_everything(args.seed)
         train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
         pretrained = getattr(args, "pretrained", None)
-        resuming = (Path(args.output_dir) / "checkpoint.pth").exists()
+        own = Path(args.output_dir) / "checkpoint.pth"
+        resuming = own.exists()
+        # Read once, for its normalisation and its weights (a resumed run has both in its own checkpoint).
+        found = read_pretrained(pretrained) if pretrained and not resuming else None
         if pretrained and not args.mean:
             # Both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train); a run
             # that resumes reads them from its own checkpoint: the pre-trained run may since have moved or changed.
-            own = Path(args.output_dir) / "checkpoint.pth"
-            args.mean, args.std = pretrained_normalisation(str(own) if resuming else pretrained)
+            args.mean, args.std = pretrained_normalisation((found or read_pretrained(str(own)))[1])
             if len(args.mean) != train_set.channels:
                 raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} channel(s), "
                                   f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
                                   f"these")
         method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
-        if pretrained and not resuming:
-            source = method.load_pretrained(pretrained)
+        if found is not None:
+            source = method.load_pretrained(pretrained, found)
+            found = None  # the pre-trained checkpoint's memory goes before training
             if ctx.is_main:
                 print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
         method.to(ctx.device)
