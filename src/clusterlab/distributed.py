@@ -171,19 +171,6 @@ def rank0_says(flag: bool) -> bool:
     return bool(broadcast(torch.tensor([int(flag)], device=device)).item())
 
 
-def share_norm_statistics(module: torch.nn.Module) -> None:
-    """Collective: rank 0's batch-norm running statistics on every rank. Without synchronised batch norm each rank
-    updates its own from its share of the batches: passes in eval mode (the kNN monitor, SeLa's eval-view labelling)
-    would normalise each rank's share differently, and a run resumed from a checkpoint (rank 0's statistics) would
-    differ from one that went on. Rank 0's are what checkpoints keep, and what DataParallel's replicas used."""
-    if not is_initialized():
-        return
-    for norm in module.modules():
-        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
-            for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked):
-                broadcast(buffer)
-
-
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors of all ranks along dim 0, in rank order (no gradient)."""
     if not is_initialized():

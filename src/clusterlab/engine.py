@@ -47,7 +47,7 @@ from .data import loader as data_loader
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
-from .models.batchnorm import convert_sync_batchnorm
+from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,7 +147,7 @@ class Trainer:
             where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch} step {step}"
             raise NonFiniteLoss(f"the weights are not finite {where} (the last update diverged); stopped without "
                                 f"saving, {self.last_good_checkpoint()}")
-        self.share_norm_statistics()
+        share_norm_statistics(self.method)  # before its batch norms' statistics are saved or used
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
             paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
@@ -326,12 +326,6 @@ class Trainer:
         during the last epoch's end leaves `finish` to record the run finished, then exit for the requeue)."""
         return self.stop_requested and not (completed and epoch + 1 == self.args.epochs)
 
-    def share_norm_statistics(self) -> None:
-        """Without --sync_bn, rank 0's batch-norm running statistics to every rank (distributed.share_norm_statistics)
-        before they are saved or used in eval mode; with it they are the same on every rank already."""
-        if not self.args.sync_bn:
-            distributed.share_norm_statistics(self.method)
-
     def weights_finite(self) -> bool:
         """Whether every parameter is finite on every rank (collective)."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
@@ -342,7 +336,7 @@ class Trainer:
         eval_knn.py on the last checkpoint; the best epoch here is only ever a flagged value)."""
         from .eval.knn import monitor
 
-        self.share_norm_statistics()
+        share_norm_statistics(self.method)  # before its batch norms' statistics are saved or used
         source = self.args.knn_monitor_features
         if source == "auto":
             source = "memory_bank" if hasattr(self.method, "memory_bank") else "recomputed"

@@ -313,6 +313,7 @@ def aggregate(frame):
     # number published for a run of that many epochs (see attach_published).
     mid_run = (pd.to_numeric(frame["run_epochs"], errors="coerce") > pd.to_numeric(frame["epoch"], errors="coerce")
                if "run_epochs" in frame and "epoch" in frame else pd.Series(False, index=frame.index))
+    filled["mid_run"] = mid_run
     for key in keys:
         filled[key] = filled[key].astype(object).where(filled[key].notna(), "-")
     if "settings" in filled:
@@ -343,7 +344,7 @@ def aggregate(frame):
     if "revision" in filled:
         out["revision"] = grouped["revision"].agg(lambda states: max(states, key=REVISIONS.index))
     if mid_run.any():
-        out["mid_run"] = mid_run.groupby([filled[key] for key in keys], sort=True, dropna=False).any()
+        out["mid_run"] = grouped["mid_run"].any()
     return out.reset_index()
 
 

@@ -90,10 +90,8 @@ class ClusterMethod(Method):
             self._loss_sums, self._loss_count = totals[:-1].to(self.device), int(totals[-1])
 
     # ---- starting from a pre-trained run ----
-    def load_pretrained(self, source: str, found: tuple[Path, dict] | None = None) -> str:
-        """Fill `pretrained_parts` from a run directory (its checkpoint.pth) or a checkpoint file; `found`: what
-        `read_pretrained(source)` gave, where it was read already."""
-        path, state = found or read_pretrained(source)
+    def load_pretrained(self, source: str, path: Path, state: dict) -> str:
+        """Fill `pretrained_parts` from `--pretrained source`, read by `read_pretrained` (its file and state)."""
         saved = state.get("args", {})
         for key in ("arch", "width"):
             if key in saved and saved[key] != getattr(self.args, key):

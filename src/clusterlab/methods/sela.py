@@ -52,6 +52,7 @@ from ..data import loader as data_loader
 from ..data.augment import eval_view
 from ..errors import ConfigError
 from ..models import build_backbone
+from ..models.batchnorm import share_norm_statistics
 from ..ops.sinkhorn import SelaSolution, sela_sinkhorn
 from .base import Batch, DataInfo, Progress, build_multicrop
 from .cluster_base import ClusterMethod
@@ -229,8 +230,8 @@ class SeLa(ClusterMethod):
         size = crop.size if train_view else self.eval_size
         # Image files: the workers cut the crop (from these parameters) or the test view.
         files_crop = (crop, params.uniforms[positions]) if train_view and not images.in_memory else None
-        if not train_view and not args.sync_bn:
-            distributed.share_norm_statistics(self)  # eval mode normalises every rank's share alike
+        if not train_view:
+            share_norm_statistics(self)  # eval mode normalises every rank's share alike
         saved = {name: buffer.clone() for name, buffer in self.named_buffers()}
         was_training = self.training
         self.train(train_view)

@@ -104,10 +104,10 @@ class SwAV(Method):
     @torch.no_grad()
     def codes(self, position: int, scores: torch.Tensor, z: torch.Tensor, push: bool = True) -> torch.Tensor:
         """Sinkhorn codes of one assignment crop; with a full queue its scores are solved together."""
-        out = scores.detach().float()
+        out = scores.detach()
         if self.queue is not None:
             if self.queue.full:
-                out = torch.cat([self.queue.scores(position, self.prototypes.weight).float(), out])
+                out = torch.cat([self.queue.scores(position, self.prototypes.weight), out])
             if push:
                 self.queue.push(position, z)
         q = sinkhorn(out, self.args.epsilon, self.args.sinkhorn_iterations, SINKHORN_DTYPES[self.args.sinkhorn_dtype])

@@ -46,6 +46,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out.to(dtype)
 
 
+def share_norm_statistics(module: nn.Module) -> None:
+    """Collective: rank 0's running statistics of `module`'s per-rank batch norms on every rank (those of
+    --sync_bn's global-batch layers are the same everywhere already). Without synchronised batch norm each rank
+    updates its own from its share of the batches: passes in eval mode (the kNN monitor, SeLa's eval-view labelling)
+    would normalise each rank's share differently, and a run resumed from a checkpoint (rank 0's statistics) would
+    differ from one that went on. Rank 0's are what checkpoints keep, and what DataParallel's replicas used."""
+    if not distributed.is_initialized():
+        return
+    buffers = [buffer for norm in module.modules()
+               if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
+               and not isinstance(norm, (nn.SyncBatchNorm, GlobalBatchNorm))
+               for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # one broadcast per dtype
+        same = [buffer for buffer in buffers if buffer.dtype == dtype]
+        flat = distributed.broadcast(torch.cat([buffer.reshape(-1) for buffer in same]))
+        for buffer, value in zip(same, flat.split([buffer.numel() for buffer in same])):
+            buffer.copy_(value.view_as(buffer))
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm by its global-batch version (no-op in a single process)."""
     if not distributed.is_initialized():

@@ -41,7 +41,7 @@ class EmbeddingQueue:
     def scores(self, crop: int, prototypes: torch.Tensor) -> torch.Tensor:
         """In float32 also under autocast, as the batch's own scores (models/heads.Prototypes)."""
         with torch.autocast(self.embeddings.device.type, enabled=False):
-            return self.embeddings[crop] @ prototypes.float().t()
+            return self.embeddings[crop] @ prototypes.t()
 
     @torch.no_grad()
     def push(self, crop: int, embeddings: torch.Tensor) -> None:

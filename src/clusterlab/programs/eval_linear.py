@@ -56,11 +56,10 @@ def changed_flags(args) -> dict:
             if (value := getattr(args, key)) != defaults.get_default(key)}
 
 
-def linear_protocol(args) -> dict:
+def linear_protocol(args, changed: dict) -> dict:
     """The probe's protocol as --skip_recorded asks for it: the augmentation, ALWAYS_RECORDED, then the seed and
     every other optimisation flag, None at its default (a record leaves those out, and a record of another value
-    must not stand for the default), and the precision where it is not float32."""
-    changed = changed_flags(args)
+    must not stand for the default; `changed`: `changed_flags`), and the precision where it is not float32."""
     protocol = {"augmentation": "cached" if args.cached_features else "augmented",
                 **{key: getattr(args, key) for key in ALWAYS_RECORDED}}
     for key in ("seed", *OPTIMISATION_FLAGS):
@@ -69,17 +68,16 @@ def linear_protocol(args) -> dict:
     return protocol
 
 
-def probe_dir(args, loaded, dataset: str) -> Path:
+def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
     asked for, and a checkpoint from outside the run (by a digest of its path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
-             for key, value in changed_flags(args).items()]
-    precision = probe_precision(args)
-    if precision:
-        flags.append(f"_{precision}")
+             for key, value in changed.items()]
+    if protocol["precision"]:
+        flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
     flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]
@@ -98,10 +96,11 @@ def main(argv=None):
         raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "
                           f"stored features): leave {flag} out, or use --cached_features false")
     distributed.configure_threads()
-    protocol_name = "cached" if args.cached_features else "augmented"
-    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint),
-                             linear_protocol(args), requested_record(args)):
-        print(f"linear ({protocol_name}, {args.epochs} epochs) already recorded for {args.run}; skipped")
+    changed = changed_flags(args)
+    asked = linear_protocol(args, changed)
+    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint), asked,
+                             requested_record(args)):
+        print(f"linear ({asked['augmentation']}, {args.epochs} epochs) already recorded for {args.run}; skipped")
         return
     ctx = distributed.init(args.device)
     engine.seed_everything(args.seed)
@@ -127,7 +126,7 @@ def main(argv=None):
                                      fingerprint=evaluation.train_set.fingerprint)
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
-    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name))
+    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed))
     with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
@@ -152,7 +151,7 @@ def main(argv=None):
     final = test_accuracy(probe, test_features, evaluation.test_set.labels)
     if ctx.is_main:
         protocol = {"features": "backbone", "fit_on": "train", "selection": "last", "best_on_test_flagged": True,
-                    **{key: value for key, value in linear_protocol(args).items() if value is not None},
+                    **{key: value for key, value in asked.items() if value is not None},
                     **evaluation.data_protocol()}
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
@@ -161,7 +160,7 @@ def main(argv=None):
                                      run=loaded.run_dir.name)
         record["dataset"] = evaluation.test_set.name
         results.append_record(loaded.run_dir, record)
-        print(f"linear ({protocol_name}) on {evaluation.test_set.name} test: top1 {final['top1']:.4f} "
+        print(f"linear ({asked['augmentation']}) on {evaluation.test_set.name} test: top1 {final['top1']:.4f} "
               f"top5 {final['top5']:.4f} (best epoch on test, flagged: {probe.best['top1']:.4f} at epoch "
               f"{probe.best['epoch']})  [{loaded.run_dir}, epoch {loaded.epoch}]")
     distributed.shutdown()

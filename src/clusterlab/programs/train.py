@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import config, data, distributed, engine
+from .. import checkpoint, config, data, distributed, engine
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
@@ -70,14 +70,15 @@ def main(kind: str, argv=None):
         if pretrained and not args.mean:
             # Both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train); a run
             # that resumes reads them from its own checkpoint: the pre-trained run may since have moved or changed.
-            args.mean, args.std = pretrained_normalisation((found or read_pretrained(str(own)))[1])
+            args.mean, args.std = pretrained_normalisation(found[1] if found else
+                                                           checkpoint.load(own, kind="cluster", mmap=True))
             if len(args.mean) != train_set.channels:
                 raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} channel(s), "
                                   f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
                                   f"these")
         method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
         if found is not None:
-            source = method.load_pretrained(pretrained, found)
+            source = method.load_pretrained(pretrained, *found)
             found = None  # the pre-trained checkpoint's memory goes before training
             if ctx.is_main:
                 print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
