@@ -427,3 +427,23 @@ def test_local_batchnorm_breaks_the_equivalence(swav_runs):
     tolerance above, so that test can fail."""
     one, two = swav_runs
     assert max_state_difference(two[0]["lars_local_bn"]["model"], one["lars"]["model"]) > 1e-3
+
+
+# ---- the harness itself ----------------------------------------------------------------------------------------------
+
+def abort_on_exit(rank: int, world_size: int, when: str) -> int:
+    """Rank 0 dies by SIGABRT: after returning (at interpreter exit, past destroy_process_group), or before."""
+    import atexit
+
+    if rank == 0 and when == "after":
+        atexit.register(os.abort)
+    if rank == 0 and when == "before":
+        os.abort()
+    return rank + 10
+
+
+def test_run_distributed_tolerates_a_teardown_crash_only_after_every_rank_returned():
+    with pytest.warns(UserWarning, match="teardown after every rank had returned"):
+        assert run_distributed(abort_on_exit, 2, "after") == [10, 11]
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        run_distributed(abort_on_exit, 2, "before")
