@@ -48,7 +48,11 @@ requeue() {
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
+    echo "scontrol requeue failed: not requeued; submit the same command again to resume" >&2
+    exit 75
+  fi
   exit 0
 }
 step() {
@@ -70,13 +74,13 @@ step() {
 # Training (superand) resumes from $EXPERIMENT_PATH/superand/checkpoint.pth when it exists.
 read -ra extra <<< "${SUPERAND_ARGS:-}"
 step "$PYTHON" main_pretrain.py --config configs/superand_cifar10.yaml --init legacy \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/superand "${args[@]}" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/superand ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
 
 # Training (embedul) resumes from $EXPERIMENT_PATH/embedul/checkpoint.pth when it exists.
 read -ra extra <<< "${EMBEDUL_ARGS:-}"
 step "$PYTHON" main_cluster.py --config configs/embedul_cifar10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/embedul --pretrained "$EXPERIMENT_PATH"/superand "${args[@]}" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/embedul --pretrained "$EXPERIMENT_PATH"/superand ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_CLUSTER_ARGS:-}"
-step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH"/embedul --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH"/embedul --skip_recorded true ${extra[@]+"${extra[@]}"}

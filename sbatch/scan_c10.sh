@@ -48,7 +48,11 @@ requeue() {
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
+    echo "scontrol requeue failed: not requeued; submit the same command again to resume" >&2
+    exit 75
+  fi
   exit 0
 }
 step() {
@@ -70,18 +74,18 @@ step() {
 # Training (npid) resumes from $EXPERIMENT_PATH/npid/checkpoint.pth when it exists.
 read -ra extra <<< "${NPID_ARGS:-}"
 step "$PYTHON" main_pretrain.py --config configs/npid_cifar10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/npid "${args[@]}" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/npid ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
 
 # Training (scan) resumes from $EXPERIMENT_PATH/scan/checkpoint.pth when it exists.
 read -ra extra <<< "${SCAN_ARGS:-}"
 step "$PYTHON" main_cluster.py --config configs/scan_cifar10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/scan --pretrained "$EXPERIMENT_PATH"/npid "${args[@]}" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/scan --pretrained "$EXPERIMENT_PATH"/npid ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
 
 # Training (selflabel) resumes from $EXPERIMENT_PATH/selflabel/checkpoint.pth when it exists.
 read -ra extra <<< "${SELFLABEL_ARGS:-}"
 step "$PYTHON" main_cluster.py --config configs/scan_selflabel_cifar10.yaml \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/selflabel --pretrained "$EXPERIMENT_PATH"/scan "${args[@]}" "${extra[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH"/selflabel --pretrained "$EXPERIMENT_PATH"/scan ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_CLUSTER_ARGS:-}"
-step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH"/selflabel --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH"/selflabel --skip_recorded true ${extra[@]+"${extra[@]}"}

@@ -48,7 +48,11 @@ requeue() {
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
+    echo "scontrol requeue failed: not requeued; submit the same command again to resume" >&2
+    exit 75
+  fi
   exit 0
 }
 step() {
@@ -69,12 +73,12 @@ step() {
 
 # Training resumes from $EXPERIMENT_PATH/checkpoint.pth when it exists.
 step "$PYTHON" main_pretrain.py --config configs/unmix_cifar10.yaml --epochs 1000 \
-    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" "${args[@]}"
+    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" ${args[@]+"${args[@]}"}
 
 # Evaluations of the final checkpoint, in the same job.
 read -ra extra <<< "${EVAL_LINEAR_ARGS:-}"
-step "$PYTHON" eval_linear.py --run "$EXPERIMENT_PATH" --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_linear.py --run "$EXPERIMENT_PATH" --skip_recorded true ${extra[@]+"${extra[@]}"}
 read -ra extra <<< "${EVAL_KNN_ARGS:-}"
-step "$PYTHON" eval_knn.py --run "$EXPERIMENT_PATH" --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_knn.py --run "$EXPERIMENT_PATH" --skip_recorded true ${extra[@]+"${extra[@]}"}
 read -ra extra <<< "${EVAL_CLUSTER_ARGS:-}"
-step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH" --skip_recorded true "${extra[@]}"
+step "$PYTHON" eval_cluster.py --run "$EXPERIMENT_PATH" --skip_recorded true ${extra[@]+"${extra[@]}"}

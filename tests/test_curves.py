@@ -99,7 +99,7 @@ def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path
     from clusterlab.eval.plots import confusion_png
 
     path = tmp_path / "kmeans_k3_confusion.png"
-    confusion_png([0, 1, 2, 2], [1, 0, 2, 2], ["a", "b", "c"], path, "before")
+    confusion_png([0, 1, 2, 2], [1, 0, 2, 2], 3, ["a", "b", "c"], path, "before")
     before = path.read_bytes()
 
     def fails_half_way(canvas, target, **kwargs):
@@ -115,6 +115,25 @@ def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path
 
     monkeypatch.setattr(FigureCanvasAgg, "print_png", fails_half_way)
     with pytest.raises(OSError) as info:
-        confusion_png([0, 1, 2, 2], [0, 1, 2, 2], ["a", "b", "c"], path, "after")
+        confusion_png([0, 1, 2, 2], [0, 1, 2, 2], 3, ["a", "b", "c"], path, "after")
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_confusion_matrix_of_imagenet_size_fits_a_figure(tmp_path):
+    """1000 classes by 2000 clusters: at the readable cell size the figure was 700 x 350 inches (Agg refuses more
+    than 2**16 pixels a side, and a few hundred rows already took gigabytes); the cells shrink to fit instead."""
+    from PIL import Image
+
+    from clusterlab.eval.plots import MAX_INCHES, confusion_png
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 1000, 20_000)
+    path = tmp_path / "kmeans_k2000_confusion.png"
+    confusion_png(truth, rng.integers(0, 2000, 20_000), 2000, [f"class {c}" for c in range(1000)], path, "big")
+    width, height = Image.open(path).size
+    assert width <= (MAX_INCHES + 2) * 120 and height <= (MAX_INCHES + 2) * 120
+    # a readable size keeps its cells (0.35 inch each) and labels
+    small = tmp_path / "kmeans_k3_confusion.png"
+    confusion_png([0, 1, 2, 2], [1, 0, 2, 2], 3, ["a", "b", "c"], small, "small")
+    assert Image.open(small).size[0] < 600

@@ -160,9 +160,13 @@ def test_pipeline_loads_the_encoder_resumes_with_the_same_head_and_is_scored(sup
     losses = resumed["method_state"]["last_head_losses"]
     run("eval_cluster.py", "--run", str(stage2), "--plot", "false")
     records = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["protocol"]["head"] for r in records) == [0, 1, 2, 3, 4]
-    chosen = [r["protocol"]["head"] for r in records if r["protocol"]["chosen"]]
-    assert chosen == [min(range(5), key=losses.__getitem__)]
+    # every head's own record, and the chosen head's second one (the run's result), with the same numbers
+    every = {r["protocol"]["head"]: r["metrics"] for r in records if r["protocol"]["selection"] == "all-heads"}
+    assert sorted(every) == [0, 1, 2, 3, 4]
+    chosen = [r for r in records if r["protocol"].get("chosen")]
+    assert [r["protocol"]["head"] for r in chosen] == [min(range(5), key=losses.__getitem__)]
+    assert chosen[0]["protocol"]["selection"] == "lowest-loss"
+    assert chosen[0]["metrics"] == every[chosen[0]["protocol"]["head"]]
     assert all(r["protocol"]["assignment"] == "head" and r["split"] == "test" for r in records)
     # k-means flags do nothing to heads: refused rather than ignored
     refused = run_script("eval_cluster.py", "--run", stage2, "--clusters", 50, "--plot", "false")

@@ -28,9 +28,10 @@ BASE = {"name": "g", "program": "main_pretrain.py", "config": "configs/swav_digi
         "axes": {"epochs": [1, 2], "seed": [0]}, "flags": {"method": "swav", "dataset": "digits", "width": 4}}
 
 
-def run_launch(*args):
+def run_launch(*args, **environment):
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", **environment},
+                          timeout=120)
 
 
 def grid_file(tmp_path, **changes) -> Path:
@@ -337,6 +338,24 @@ def test_tasks_get_the_cpus_of_the_job(tmp_path):
     assert script.index("SRUN_CPUS_PER_TASK") < script.index("srun --unbuffered")
 
 
+@pytest.mark.parametrize("requeue_works", [True, False])
+def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed(tmp_path, requeue_works):
+    """The training step exits 75 (stopped, saved): the script asks Slurm to requeue the job. Were the requeue
+    refused, ending with 0 would mark the job COMPLETED and start its afterok dependents on a half-trained run."""
+    env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "exp")}
+    state = Path(env["FAKE_SLURM"])
+    _executable(state / "srun", "#!/bin/bash\nexit 75\n")
+    _executable(state / "scontrol", '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >> "$FAKE_SLURM/requeued" '
+                                    f'&& exit {0 if requeue_works else 1}\nexit 0\n')
+    done = subprocess.run(["bash", str(ROOT / "sbatch" / "swav_digits.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env=env)
+    assert (state / "requeued").read_text() == "7\n"
+    if requeue_works:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 75 and "scontrol requeue failed: not requeued" in done.stderr
+
+
 def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
     """Without squeue's answer every unfinished run would look idle and be submitted again."""
     env = fake_slurm(tmp_path)
@@ -536,11 +555,14 @@ def test_installed_wheel_launches_a_grid_from_any_directory(tmp_path):
 @pytest.mark.slow
 def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
     """submitit's local executor knows no afterok: launch.py waits for a training job before it submits the
-    evaluations that depend on it, and submits none when training failed (here: no CIFAR-10 files)."""
+    evaluations that depend on it, and submits none when training failed (here: no CIFAR-10 files).
+    The job fails in the program, not before it: a MASTER_PORT left in the submitting shell (jobs inherit its
+    environment) made submitit's export of the job's own rendezvous refuse every job."""
     grid = grid_file(tmp_path, axes={"seed": [0]}, evals={"programs": ["eval_knn.py"]},
                      flags={**BASE["flags"], "dataset": "cifar10", "data_path": str(tmp_path / "no_data"),
                             "epochs": 1, "device": "cpu"})
-    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "local", "--wait")
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "local", "--wait",
+                     MASTER_PORT="29500", WORLD_SIZE="8")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[-4].startswith("submitted 1 training job(s): ")

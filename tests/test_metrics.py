@@ -52,6 +52,17 @@ def test_majority_mapping_when_clusters_exceed_classes():
     assert cluster_metrics(y_true, y_pred)["acc"] == 9 / 11
 
 
+def test_sparse_cluster_ids_are_as_many_clusters_as_they_are():
+    """Without counts given, ids 0, 7, 9 are three clusters for three classes (Hungarian), as ids 0, 1, 2 are; the
+    largest id made them ten, so the many-to-one rule, and a higher ACC for the same partition."""
+    y_true = np.array([0, 0, 0, 0, 1, 2, 2])
+    dense = np.array([0, 0, 1, 1, 1, 2, 2])
+    sparse = np.array([0, 7, 9])[dense]
+    assert cluster_mapping(y_true, sparse)[1] == cluster_mapping(y_true, dense)[1] == "hungarian"
+    assert cluster_metrics(y_true, sparse) == cluster_metrics(y_true, dense)
+    assert cluster_metrics(y_true, dense)["acc"] == 5 / 7
+
+
 def test_over_clustering_declared_by_num_clusters():
     """Ten clusters asked for, four classes, only clusters 0..3 used: still the many-to-one rule."""
     y_true = np.array([0, 1, 2, 3, 0, 1])

@@ -126,6 +126,18 @@ def test_attach_published_matches_method_dataset_backbone_eval_epochs_and_comput
     assert results.attach_published(table, None) is table
 
 
+def test_a_superclass_row_gets_no_published_number():
+    """CIFAR-100's superclass ACC (20 classes) is not the 100-class ACC a paper gives for the dataset."""
+    protocol = {"clusters": 10, "fit_on": "train", "selection": "last"}
+    records = [record(0, acc=0.85, protocol={**protocol, "superclass": False}),
+               record(0, acc=0.95, protocol={**protocol, "superclass": True})]
+    table = results.attach_published(results.aggregate(results.records_frame(records)),
+                                     pd.read_csv(io.StringIO(PUBLISHED)))
+    by = {"superclass" in row["protocol"]: row for _, row in table.iterrows()}
+    assert by[False]["published"] == 80.5 and by[False]["diff"] == 4.5
+    assert by[True]["published"] is None and by[True]["diff"] is None
+
+
 def test_a_checkpoint_in_the_middle_of_a_longer_run_gets_no_published_number(tmp_path):
     """The epoch-200 checkpoint of a 400-epoch run (--checkpoint_epochs) is mid-schedule: only the run that ended at
     epoch 200 is compared with the number published for 200 epochs."""

@@ -478,10 +478,12 @@ def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path)
     for run in ("scan", "selflabel"):
         evaluate.main(["--run", str(tmp_path / run), "--plot", "false"])
     scan_records = [json.loads(line) for line in (tmp_path / "scan" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["protocol"]["head"] for r in scan_records) == [0, 1, 2]
-    assert [r["protocol"]["head"] for r in scan_records if r["protocol"]["chosen"]] == [chosen]
+    assert sorted(r["protocol"]["head"] for r in scan_records if r["protocol"]["selection"] == "all-heads") == [0, 1, 2]
+    assert [r["protocol"]["head"] for r in scan_records if r["protocol"].get("chosen")] == [chosen]
     records = [json.loads(line) for line in (tmp_path / "selflabel" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and records[0]["split"] == "test"
+    # one head: its own record and the chosen one's, the same numbers
+    assert [r["protocol"]["selection"] for r in records] == ["all-heads", "lowest-loss"]
+    assert records[0]["metrics"] == records[1]["metrics"] and records[0]["split"] == "test"
     for key in ("acc", "nmi", "ari"):
         assert 0.0 <= records[0]["metrics"][key] <= 1.0
     assert records[0]["metrics"]["acc"] > 0.1  # better than nothing: digits has 10 balanced classes

@@ -49,10 +49,12 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def port_for_job(job_id: str) -> int:
-    """A rendezvous port in [20000, 60000) that depends only on the Slurm job id (array ids included)."""
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 40000
+def port_for_job(job_id: str, step_id: str = "0") -> int:
+    """A rendezvous port from the Slurm job id (array ids included) and the step id: two steps of one allocation,
+    and jobs of nearby ids sharing a node, get different ports (the 16 steps of each of 750 consecutive jobs).
+    In [20000, 32000): above it Linux hands out ports to outgoing connections (32768-60999), which could hold it."""
+    job, step = (int("".join(ch for ch in str(value) if ch.isdigit()) or "0") for value in (job_id, step_id))
+    return 20000 + (16 * job + step % 16) % 12000
 
 
 def _slurm_master_address() -> str:
@@ -73,7 +75,7 @@ def _from_environment() -> tuple[int, int, int] | None:
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and tasks and int(tasks) > 1:
         if "MASTER_ADDR" not in os.environ:  # (not setdefault: its argument would run scontrol regardless)
             os.environ["MASTER_ADDR"] = _slurm_master_address()
-        os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ["SLURM_JOB_ID"])))
+        os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"])))
         return int(os.environ["SLURM_PROCID"]), int(tasks), int(os.environ.get("SLURM_LOCALID", 0))
     return None
 

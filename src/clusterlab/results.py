@@ -364,7 +364,8 @@ def revision_footnote(frame) -> str:
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
-    mid-schedule checkpoint of a longer run: `mid_run`); protocols are not compared (`source` names upstream's).
+    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses; protocols are not compared
+    (`source` names upstream's).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -375,7 +376,8 @@ def attach_published(table, published):
     table["published"], table["vs"], table["source"], table["diff"] = None, None, None, None
     mid_run = table.get("mid_run")
     for index, row in table.iterrows():
-        if mid_run is not None and mid_run[index]:
+        # A superclass ACC (CIFAR-100's 20) is another quantity than the class ACC a paper gives for the dataset.
+        if (mid_run is not None and mid_run[index]) or "superclass" in str(row.get("protocol")).split():
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)

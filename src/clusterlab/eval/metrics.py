@@ -41,12 +41,15 @@ def _as_labels(values) -> np.ndarray:
 
 def cluster_mapping(y_true, y_pred, num_clusters: int | None = None, num_classes: int | None = None
                     ) -> tuple[np.ndarray, str]:
-    """The cluster -> class map the ACC uses, and its name (hungarian, or majority when clusters > classes)."""
+    """The cluster -> class map the ACC uses (indexed by cluster id), and its name: hungarian, or majority when
+    there are more clusters than classes. Counts not given are those of the ids that occur: ids 0, 7 and 9 are three
+    clusters, not ten."""
     y_true, y_pred = _as_labels(y_true), _as_labels(y_pred)
-    num_classes = max(num_classes or 0, int(y_true.max()) + 1)
-    num_clusters = max(num_clusters or 0, int(y_pred.max()) + 1)
-    counts = count_matrix(y_pred, y_true, num_clusters, num_classes)
-    if num_clusters > num_classes:
+    clusters = num_clusters or len(np.unique(y_pred))
+    classes = num_classes or len(np.unique(y_true))
+    counts = count_matrix(y_pred, y_true, max(num_clusters or 0, int(y_pred.max()) + 1),
+                          max(num_classes or 0, int(y_true.max()) + 1))
+    if clusters > classes:
         return majority_mapping(counts), "majority"
     return hungarian_mapping(counts), "hungarian"
 

@@ -10,8 +10,16 @@ import torch
 from .metrics import cluster_mapping, count_matrix
 
 
-def confusion_png(y_true, y_pred, class_names, path: str | Path, title: str) -> None:
-    """Rows: true classes; columns: clusters, ordered by the class they are mapped to."""
+# A person reads labels and counts on a matrix of up to about a hundred rows; ImageNet's 1000 classes by 2000 clusters
+# at the readable cell size made a 700 x 350 inch figure that Agg cannot draw (more than 2**16 pixels a side).
+LABELLED_CELLS = 100
+MAX_INCHES = 30.0
+
+
+def confusion_png(y_true, y_pred, num_clusters: int, class_names, path: str | Path, title: str) -> None:
+    """Rows: true classes; columns: the `num_clusters` clusters (ids below it), ordered by the class they are mapped
+    to, by the map the ACC of that many clusters uses. Above LABELLED_CELLS rows or columns, the cells shrink to fit
+    MAX_INCHES and that side loses its tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,19 +27,23 @@ def confusion_png(y_true, y_pred, class_names, path: str | Path, title: str) -> 
 
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     num_classes = max(len(class_names), int(y_true.max()) + 1)
-    mapping, _ = cluster_mapping(y_true, y_pred, num_classes=num_classes)
+    mapping, _ = cluster_mapping(y_true, y_pred, num_clusters, num_classes)
     counts = count_matrix(y_pred, y_true, len(mapping), num_classes).T
     order = np.argsort(np.where(mapping >= 0, mapping, num_classes), kind="stable")
     counts = counts[:, order]
-    size = max(4.0, 0.35 * max(counts.shape) + 2)
-    figure, axes = plt.subplots(figsize=(size, size * counts.shape[0] / max(counts.shape[1], 1) + 1))
-    axes.imshow(counts / np.maximum(counts.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    rows, columns = counts.shape
+    cell = min(0.35, MAX_INCHES / max(rows, columns))
+    figure, axes = plt.subplots(figsize=(max(4.0, cell * columns + 2), max(3.0, cell * rows + 1.5)))
+    axes.imshow(counts / np.maximum(counts.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1,
+                interpolation="nearest", aspect="auto")
     axes.set_xlabel("cluster (ordered by matched class)")
     axes.set_ylabel("true class")
-    axes.set_yticks(range(num_classes))
-    axes.set_yticklabels([str(n)[:18] for n in list(class_names)[:num_classes]], fontsize=7)
-    axes.set_xticks(range(len(order)))
-    axes.set_xticklabels([str(c) for c in order], fontsize=6, rotation=90)
+    if rows <= LABELLED_CELLS:
+        axes.set_yticks(range(rows))
+        axes.set_yticklabels([str(n)[:18] for n in list(class_names)[:rows]], fontsize=7)
+    if columns <= LABELLED_CELLS:
+        axes.set_xticks(range(columns))
+        axes.set_xticklabels([str(c) for c in order], fontsize=6, rotation=90)
     if counts.size <= 400:
         for (row, col), value in np.ndenumerate(counts):
             if value:

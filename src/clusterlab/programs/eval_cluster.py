@@ -131,22 +131,31 @@ def heads(args, ctx, evaluation, scored_set):
     if method.program_kind != "cluster":
         raise ConfigError(f"--assignment heads: run {str(loaded.run_dir)!r} ({loaded.args.method}) has no heads")
     sizes, chosen = method.head_sizes, method.chosen_head()
-    logits = extract(lambda x: torch.cat(method.head_logits(x), dim=1), scored_set, method.eval_view,
-                     method.info.mean, method.info.std, ctx.device, args.batch_size, args.workers, normalize=False)
+    # Each head's class per image, not its logits: Self-Classifier's ImageNet heads (15,000 logits an image) would
+    # gather 72 GiB onto every rank for the train split. Class ids are exact in float32 below 2**24.
+    assignments = extract(lambda x: torch.stack([logits.argmax(dim=1) for logits in method.head_logits(x)], dim=1),
+                          scored_set, method.eval_view, method.info.mean, method.info.std, ctx.device, args.batch_size,
+                          args.workers, normalize=False)
     if not ctx.is_main:
         return
     view = evaluation.data_protocol(scored_set)
-    for head, head_logits in enumerate(logits.split(sizes, dim=1)):
-        base = {"assignment": "head", "head": head, "clusters": sizes[head], "chosen": head == chosen,
-                "selection": "lowest-loss" if head == chosen else "all-heads", "features": "heads", **view}
-        if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                 {**base, "split": args.split},
-                                 results.Wanted(scored_set.name, [recorded_view(view)], loaded.position)):
-            continue
-        predicted = head_logits.argmax(dim=1).cpu().numpy()
-        report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
-               sizes[head], base, f"head {head} ({sizes[head]} classes{', chosen' if head == chosen else ''})",
-               figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name), plot=head == chosen)
+    for head, predicted in enumerate(assignments.long().cpu().numpy().T):
+        # Every head's own record, the chosen one's included, so that a head's row holds it for every seed; the
+        # chosen head's second record is the run's result (its row averages seeds that choose different heads).
+        selections = [{"selection": "all-heads"}]
+        if head == chosen:
+            selections.append({"chosen": True, "selection": "lowest-loss"})
+        for selection in selections:
+            base = {"assignment": "head", "head": head, "clusters": sizes[head], **selection, "features": "heads",
+                    **view}
+            if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
+                                     {**base, "split": args.split},
+                                     results.Wanted(scored_set.name, [recorded_view(view)], loaded.position)):
+                continue
+            marked = ", chosen" if "chosen" in selection else ""
+            report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
+                   sizes[head], base, f"head {head} ({sizes[head]} classes{marked})",
+                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name), plot=bool(marked))
 
 
 def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, settings: tuple | list = ()) -> str:
@@ -179,7 +188,7 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
               f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
     if args.plot and plot:
         stem = Path(run_dir) / f"{tag}_{Path(checkpoint_name or 'pixels').stem}_{args.split}"
-        confusion_png(truth, predicted, scored_set.class_names, f"{stem}_confusion.png",
+        confusion_png(truth, predicted, clusters, scored_set.class_names, f"{stem}_confusion.png",
                       f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
         cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
 

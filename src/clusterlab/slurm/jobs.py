@@ -32,7 +32,9 @@ class ProgramJob:
 
     def __call__(self) -> list[str]:
         signals.install()
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # overwrite: a job inherits the submitting shell's environment, whose MASTER_PORT or WORLD_SIZE (a torchrun
+        # session, an interactive allocation) are not this job's
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.chdir(self.workdir)
         for program, argv in self.commands:
             PROGRAMS[program].main(argv)

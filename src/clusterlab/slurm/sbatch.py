@@ -95,7 +95,11 @@ STEP = """requeue() {
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
+    echo "scontrol requeue failed: not requeued; submit the same command again to resume" >&2
+    exit %(requeue)d
+  fi
   exit 0
 }
 step() {
@@ -113,6 +117,10 @@ step() {
   if [ -n "$stop" ] || [ "$status" -eq %(requeue)d ]; then requeue; fi
   if [ "$status" -ne 0 ]; then exit "$status"; fi
 }""" % {"requeue": EXIT_REQUEUE}
+# Every word of an array that may be empty: under `set -u`, bash before 4.4 (RHEL 7's 4.2) calls "${a[@]}" of an
+# empty array unbound and stops the script.
+ALL_ARGS = '${args[@]+"${args[@]}"}'
+ALL_EXTRA = '${extra[@]+"${extra[@]}"}'
 # The job's log (the #SBATCH --output below, or sbatch's own --output), linked from the run directory.
 LINK_LOG = """log=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *StdOut=//p')
 if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"; fi"""
@@ -177,10 +185,10 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
         output = _in_experiment(stage.name if staged else None)
         lines += ["", f"# Training{f' ({stage.name})' if staged else ''} resumes from {output.replace(chr(34), '')}"
                       "/checkpoint.pth when it exists."]
-        extra = '"${args[@]}"'
+        extra = ALL_ARGS
         if staged:
             lines.append(f'read -ra extra <<< "${{{_stage_variable(stage)}:-}}"')
-            extra = '"${args[@]}" "${extra[@]}"'
+            extra = f"{ALL_ARGS} {ALL_EXTRA}"
         pretrained = f"--pretrained {_in_experiment(stage.pretrained_from)}" if stage.pretrained_from else ""
         lines += [_words('step "$PYTHON"', shlex.quote(stage.program), _quote(to_argv(stage.flags)), "\\"),
                   _words('    --data_path "$DATASET_PATH" --output_dir', output, pretrained, extra)]
@@ -191,7 +199,7 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
         variable = f"EVAL_{Path(eval_program).stem.split('_', 1)[1].upper()}_ARGS"
         lines += [f'read -ra extra <<< "${{{variable}:-}}"',
                   _words('step "$PYTHON"', shlex.quote(eval_program), f"--run {final} --skip_recorded true",
-                         _quote(to_argv(eval_flags)), '"${extra[@]}"')]
+                         _quote(to_argv(eval_flags)), ALL_EXTRA)]
     return "\n".join(lines) + "\n"
 
 
