@@ -29,3 +29,56 @@ def test_a_second_signal_while_leaving_does_not_run_the_previous_handler_again()
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 75, done.stderr
     assert done.stdout.splitlines() == ["previous handler call 1"]
+
+
+# SIGTERM first, SIGUSR2 after, both while a training step runs: some clusters pre-empt that way, and only
+# USR2's handler (submitit's) requeues. The first signal's handler alone ran (submitit's TERM handler only logs).
+TERM_THEN_USR2 = """
+import os, signal
+def previous(signum, frame):
+    print("previous handler of", signal.Signals(signum).name, flush=True)
+signal.signal(signal.SIGUSR2, previous)
+signal.signal(signal.SIGTERM, previous)
+from clusterlab import signals
+signals.install()
+signals.defer()
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGUSR2)
+print("first received:", signal.Signals(signals.received()).name, flush=True)
+signals.defer(False)
+"""
+
+
+def test_a_usr2_after_a_term_still_reaches_the_handler_that_requeues():
+    done = subprocess.run([PYTHON, "-c", TERM_THEN_USR2], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 75, done.stderr
+    assert done.stdout.splitlines() == ["first received: SIGTERM", "previous handler of SIGUSR2"]
+
+
+# Rank 0 stops because another rank was signalled (the ranks agree on a stop): it received nothing itself, and
+# submitit's handler exits with -1 after requeueing. status.json said "failed" although the run was saved.
+STOPPED_FOR_ANOTHER_RANK = """
+import json, signal, sys, types
+def submitit_like(signum, frame):
+    print("requeued on", signal.Signals(signum).name, flush=True)
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, submitit_like)
+from clusterlab import distributed, engine, rundir, signals
+signals.install()
+run_dir = sys.argv[1]
+try:
+    with engine.owned_run_dir(run_dir, distributed.init("cpu")) as owned:
+        rundir.write_status(run_dir, "interrupted", epoch=0, step=3)
+        owned.trainer = types.SimpleNamespace(finished=False, position=(0, 3), args=types.SimpleNamespace(epochs=2))
+        signals.leave()
+finally:
+    print(json.loads(open(run_dir + "/status.json").read())["state"], flush=True)
+"""
+
+
+def test_a_rank_stopped_for_another_ranks_signal_leaves_the_run_interrupted(tmp_path):
+    done = subprocess.run([PYTHON, "-c", STOPPED_FOR_ANOTHER_RANK, str(tmp_path / "run")], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 255, done.stderr
+    assert done.stdout.splitlines() == ["requeued on SIGUSR2", "interrupted"]

@@ -432,9 +432,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
         _share_outcome(ctx, taken=True)
         yield started
     except SystemExit as stop:
-        # After a stop signal the exit is a requeue, whatever status the handler handed over to picks (submitit's
-        # is -1): status.json keeps "interrupted".
-        if signals.received() is None and stop.code not in (0, None, signals.EXIT_REQUEUE):
+        # After a stop signal (here, or on another rank: then this rank has none of its own) the exit is a requeue,
+        # whatever status the handler handed over to picks (submitit's is -1): status.json keeps "interrupted".
+        if signals.received() is None and not signals.leaving() and stop.code not in (0, None, signals.EXIT_REQUEUE):
             started.record_failure(f"exit status {stop.code}")
         raise
     except BaseException as err:

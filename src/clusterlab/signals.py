@@ -21,6 +21,7 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 _previous: dict = {}
 _received: int | None = None
+_seen: set = set()
 _deferring = False
 _leaving = False
 
@@ -38,6 +39,7 @@ def _handle(signum, frame) -> None:
     global _received
     if _received is None:
         _received = signum
+    _seen.add(signum)
     # A second signal while leaving (under Slurm a task often gets TERM from slurmstepd and again from the batch
     # shell's trap) must not run the previous handler (submitit's requeue) a second time, nor exit from inside it.
     if not _deferring and not _leaving:
@@ -61,11 +63,20 @@ def name() -> str:
     return signal.Signals(_received).name if _received else "signal"
 
 
+def leaving() -> bool:
+    """Whether the process is on its way out through `leave` (a stop signal here or, agreed by all ranks, on
+    another rank): whatever status the previous handler exits with, it is a requeue."""
+    return _leaving
+
+
 def leave() -> None:
-    """Hand the signal to the handler that was there before ours (submitit's requeues the job), then exit 75."""
+    """Hand the signal to the handler that was there before ours (submitit's requeues the job), then exit 75.
+    SIGUSR2 is the signal that asks for the requeue (submitit's handler for SIGTERM only logs): once it came, its
+    handler runs even when a SIGTERM came first (some clusters pre-empt with TERM, then USR2); a stop this rank
+    only heard of from another rank is handed over as SIGUSR2."""
     global _leaving
     _leaving = True
-    signum = _received or signal.SIGUSR2
+    signum = signal.SIGUSR2 if signal.SIGUSR2 in _seen or _received is None else _received
     previous = _previous.get(signum)
     if callable(previous):
         previous(signum, None)
