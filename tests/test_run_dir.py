@@ -39,10 +39,16 @@ def lock_holder(run_dir, **fields) -> None:
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
-    lock_holder(run, slurm_job_id="4242")  # this test process: alive
-    before = snapshot(run)
-    result = run_script("main_pretrain.py", *TINY, "--output_dir", run)
-    assert_user_error(result, "main_pretrain.py", f"{str(run)!r} is in use by pid {os.getpid()}",
+    holder = subprocess.Popen(["sleep", "60"], env={**os.environ, "SLURM_JOB_ID": "4242"})  # alive, in its job
+    try:
+        running(holder, "sleep")
+        lock_holder(run, pid=holder.pid, slurm_job_id="4242")
+        before = snapshot(run)
+        result = run_script("main_pretrain.py", *TINY, "--output_dir", run)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, "main_pretrain.py", f"{str(run)!r} is in use by pid {holder.pid}",
                       socket.gethostname(), "Slurm job 4242", "another --output_dir")
     assert snapshot(run) == before
 
@@ -140,6 +146,45 @@ def test_a_live_writer_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatc
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_live_pid_outside_the_holders_job_is_a_reused_one(tmp_path, monkeypatch):
+    """The holder, Slurm job 555 on this host, is gone; its pid now belongs to a process outside that job. Another
+    job (556) takes the lock: it was refused for good, as only the holder's own job was checked against the pid."""
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        running(reused, "sleep")
+        lock_holder(tmp_path, pid=reused.pid, slurm_job_id="555")
+        monkeypatch.setenv("SLURM_JOB_ID", "556")
+        rundir.RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        reused.kill()
+        reused.wait()
+
+
+def test_a_stale_lock_another_process_took_over_meanwhile_stays_its(tmp_path, monkeypatch):
+    """Two processes find a dead holder's lock stale at once (asking squeue takes seconds); the first replaces it
+    with its own before the second acts. The second unlinked that fresh lock and wrote its own: both held the
+    directory. Now the second sees the lock is no longer the stale one it read, and is refused."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock_holder(tmp_path, pid=dead.pid)
+    judge = rundir._stale
+
+    def judged_while_another_takes_over(holder):
+        verdict = judge(holder)
+        if holder["pid"] == dead.pid:
+            (tmp_path / rundir.LOCK_NAME).unlink()
+            lock_holder(tmp_path, host="another-node", pid=1)
+        return verdict
+
+    monkeypatch.setattr(rundir, "_stale", judged_while_another_takes_over)
+    with pytest.raises(ConfigError, match="in use by pid 1 on another-node"):
+        rundir.RunLock(tmp_path).acquire()
+    assert [p.name for p in tmp_path.iterdir()] == [rundir.LOCK_NAME]
 
 
 def test_a_holder_whose_environment_cannot_be_read_keeps_its_lock(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -168,7 +169,9 @@ def _stale(holder: dict) -> bool:
         pid = holder["pid"]
         if pid == os.getpid() or not _pid_alive(pid):
             return True
-        return bool(job) and job == _slurm_job_id() and not _pid_in_job(pid, job)
+        # A live pid outside the holder's job is a reused one (this job requeued onto this node, or any other job's
+        # process after the holder died: inside containers pids come round again soon).
+        return bool(job) and not _pid_in_job(pid, job)
     if job and job == _slurm_job_id():
         return True  # this very job, requeued onto another node: its earlier start is gone
     if job:
@@ -190,11 +193,11 @@ class RunLock:
             if self._create(me):
                 self.held = True
                 return
-            holder = self._read_holder()
-            if holder == {}:
+            seen, holder = self._read()
+            if seen is None:
                 continue  # released while we looked
             if holder is None or _stale(holder):
-                self.path.unlink(missing_ok=True)
+                self._remove_if_unchanged(seen)
                 continue
             raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
                               f"wait for it, stop it, or use another --output_dir")
@@ -234,20 +237,45 @@ class RunLock:
             raise
         return True
 
-    def _read_holder(self) -> dict | None:
+    def _read(self) -> tuple[bytes | None, dict | None]:
+        """The lock's bytes (None when there is no lock) and its holder (None when nobody can hold it: a lock cut
+        short by a crash while it was written, or not one this code wrote)."""
         try:
-            holder = json.loads(self.path.read_text())
+            seen = self.path.read_bytes()
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None  # a lock cut short by a crash while it was written
-        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
-            return None  # not a lock this code wrote: nobody can hold it
-        return holder
+            return None, None
+        except OSError:
+            return b"", None
+        try:
+            holder = json.loads(seen)
+        except ValueError:
+            return seen, None
+        return seen, holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+    def _remove_if_unchanged(self, stale: bytes) -> None:
+        """Remove the lock if it still is the stale one read (`stale`). Two processes may find a lock stale at once
+        (the squeue call takes seconds): unlinking it, the later one removed the lock the earlier one had just
+        written, and both held the directory. So the lock is moved aside (one rename: of the two, one moves the
+        stale lock), and one that is not the stale lock goes back."""
+        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if aside.read_bytes() != stale:
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass  # a third process took it meanwhile: it holds the directory now
+                except OSError:
+                    os.rename(aside, self.path)  # a file system without hard links
+        finally:
+            aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
-            holder = self._read_holder() or {}
+            holder = self._read()[1] or {}
             if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
                 self.path.unlink(missing_ok=True)
             self.held = False
