@@ -455,3 +455,42 @@ def test_run_distributed_tolerates_a_teardown_crash_only_after_every_rank_return
         assert run_distributed(abort_on_exit, 2, "after") == [10, 11]
     with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
         run_distributed(abort_on_exit, 2, "before")
+
+
+# ---- the class-assignment heads' loss sums across a resume ------------------------------------------------------------
+
+def resumed_head_losses(rank: int, world_size: int) -> tuple[list[float], list[float]]:
+    """Every rank's per-step losses of 3 heads over a 12-step epoch: once straight, once saved after step 5 and
+    loaded into a fresh method (as every rank loads rank 0's checkpoint), then the rest."""
+    from clusterlab.methods.cluster_base import ClusterMethod
+
+    def __init__(self):
+        self.device, self._loss_sums, self._loss_count = torch.device("cpu"), None, 0
+        self.last_head_losses, self.pretrained_from = [], None
+
+    # ClusterMethod's own functions (the loss bookkeeping among them) on an object without a model
+    HeadLosses = type("HeadLosses", (), {**{name: value for name, value in vars(ClusterMethod).items()
+                                            if isinstance(value, types.FunctionType)}, "__init__": __init__})
+
+    steps = list(torch.rand(12, 3, generator=torch.Generator().manual_seed(rank)) * 3)
+    straight = HeadLosses()
+    for losses in steps:
+        straight.record_head_losses(list(losses))
+    straight.on_epoch_end(0)
+    stopped = HeadLosses()
+    for losses in steps[:5]:
+        stopped.record_head_losses(list(losses))
+    resumed = HeadLosses()
+    resumed.load_extra_state(stopped.extra_state())  # the same on every rank, as rank 0 saves it
+    for losses in steps[5:]:
+        resumed.record_head_losses(list(losses))
+    resumed.on_epoch_end(0)
+    return straight.last_head_losses, resumed.last_head_losses
+
+
+def test_a_resumed_epoch_sums_the_heads_losses_as_a_run_never_stopped():
+    """The chosen head rests on float32 sums of every rank's losses. A resume gave rank 0 the sum over all ranks and
+    the others zero, so the sums were grouped otherwise: the heads' means moved by a float32 ulp or two, enough to
+    flip a near-tie. Each rank now goes on from its own sums: equal to the last bit."""
+    for straight, resumed in run_distributed(resumed_head_losses, 2):
+        assert resumed == straight

@@ -246,6 +246,28 @@ def test_a_signal_during_an_epochs_knn_monitor_stops_before_the_next_epoch(run_i
     assert {r["epoch"] for r in logged_steps(run_dir)} == {0}
 
 
+def test_a_signal_in_the_first_epochs_start_leaves_the_run_interrupted(run_in_process, monkeypatch, tmp_path):
+    """Before the loop defers signals (the method's epoch start in a process's first epoch: a resumed Super-AND's
+    round start, a SwAV queue being made), a signal ends the process at once with 75; status.json kept "running"."""
+    from clusterlab import signals
+    from clusterlab.methods.swav import SwAV
+
+    start = SwAV.on_epoch_start
+
+    def signalled(method, epoch):
+        signals._handle(signal.SIGUSR2, None)
+        start(method, epoch)
+
+    for name, value in (("_received", None), ("_seen", set()), ("_deferring", False), ("_leaving", False)):
+        monkeypatch.setattr(signals, name, value)
+    monkeypatch.setattr(SwAV, "on_epoch_start", signalled)
+    run_dir = tmp_path / "run"
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
+    assert result.returncode == 75, result.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["epoch"], status["step"], status["signal"]) == ("interrupted", 0, 0, "SIGUSR2")
+
+
 def test_a_signal_at_the_last_step_of_the_run_finishes_it(run_in_process, monkeypatch, tmp_path):
     signal_when(monkeypatch, "step", lambda trainer, batch, progress: (progress.epoch, progress.step + 1) == (
         trainer.args.epochs - 1, trainer.steps_per_epoch))

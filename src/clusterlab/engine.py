@@ -433,8 +433,10 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
         yield started
     except SystemExit as stop:
         # After a stop signal (here, or on another rank: then this rank has none of its own) the exit is a requeue,
-        # whatever status the handler handed over to picks (submitit's is -1): status.json keeps "interrupted".
-        if signals.received() is None and not signals.leaving() and stop.code not in (0, None, signals.EXIT_REQUEUE):
+        # whatever status the handler handed over to picks (submitit's is -1): status.json says "interrupted".
+        if signals.received() is not None or signals.leaving():
+            started.record_interruption()
+        elif stop.code not in (0, None, signals.EXIT_REQUEUE):
             started.record_failure(f"exit status {stop.code}")
         raise
     except BaseException as err:
@@ -464,6 +466,17 @@ class OwnedRun:
     @property
     def began(self) -> bool:
         return self.trainer is not None
+
+    def record_interruption(self) -> None:
+        """status.json "interrupted" where training stands, also for a signal that ended the process at once (in a
+        first epoch's start, before the loop defers signals: a resumed Super-AND's round start), which left
+        "running" behind."""
+        if self.trainer is None or self.trainer.finished:
+            return
+        epoch, step = self.trainer.position
+        with contextlib.suppress(OSError):
+            rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, epochs=self.trainer.args.epochs,
+                                signal=signals.name())
 
     def record_failure(self, reason: str) -> None:
         """status.json "failed" at the step that failed (for a file system that refuses even that, nothing); a run

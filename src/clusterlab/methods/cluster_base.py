@@ -61,33 +61,46 @@ class ClusterMethod(Method):
         self._loss_sums = values if self._loss_sums is None else self._loss_sums + values
         self._loss_count += 1
 
-    def _global_loss_totals(self) -> torch.Tensor | None:
-        """Collective: per-head loss sums and the step count over all ranks (None before the first step)."""
+    def _rank_loss_totals(self) -> torch.Tensor | None:
+        """Collective: each rank's per-head loss sums and step count, a row per rank in rank order (None before
+        the epoch's first step)."""
         if self._loss_sums is None:
             return None
         totals = torch.cat([self._loss_sums, torch.tensor([float(self._loss_count)], device=self._loss_sums.device)])
-        return distributed.all_reduce_sum(totals)
+        return distributed.all_gather_cat(totals[None])
 
     def on_epoch_end(self, epoch: int) -> None:
-        totals = self._global_loss_totals()
-        if totals is not None and totals[-1] > 0:
-            self.last_head_losses = (totals[:-1] / totals[-1]).tolist()
+        rows = self._rank_loss_totals()
+        if rows is not None:
+            totals = rows.sum(dim=0)
+            if totals[-1] > 0:
+                self.last_head_losses = (totals[:-1] / totals[-1]).tolist()
         self._loss_sums, self._loss_count = None, 0
 
     def extra_state(self) -> dict:
-        """The chosen head's evidence, and the sums of the epoch under way (over all ranks: a run resumed in the
-        middle of an epoch, on any number of processes, chooses from the whole epoch)."""
-        totals = self._global_loss_totals()
+        """The chosen head's evidence, and the sums of the epoch under way, every rank's: a run resumed in the
+        middle of an epoch chooses from the whole epoch, and on as many processes as before each rank goes on
+        from its own sums, so that the float32 totals are summed in the same order as in a run never stopped."""
+        rows = self._rank_loss_totals()
         return {"last_head_losses": list(self.last_head_losses),
-                "epoch_loss_totals": None if totals is None else totals.cpu(), "pretrained_from": self.pretrained_from}
+                "epoch_loss_totals": None if rows is None else rows.cpu(), "pretrained_from": self.pretrained_from}
 
     def load_extra_state(self, state: dict) -> None:
         self.last_head_losses = list(state.get("last_head_losses", []))
         self.pretrained_from = state.get("pretrained_from")
-        totals = state.get("epoch_loss_totals")
+        rows = state.get("epoch_loss_totals")
         self._loss_sums, self._loss_count = None, 0
-        if totals is not None and distributed.rank() == 0:  # the other ranks start their share from zero
-            self._loss_sums, self._loss_count = totals[:-1].to(self.device), int(totals[-1])
+        if rows is None:
+            return
+        if rows.dim() == 1:  # saved as the sum over ranks (before each rank's row was kept)
+            rows = rows[None]
+        if len(rows) == distributed.world_size():
+            mine = rows[distributed.rank()]
+        elif distributed.rank() == 0:  # another number of processes: rank 0 carries the whole epoch so far
+            mine = rows.sum(dim=0)
+        else:
+            return
+        self._loss_sums, self._loss_count = mine[:-1].to(self.device), int(mine[-1])
 
     # ---- starting from a pre-trained run ----
     def load_pretrained(self, source: str, path: Path, state: dict) -> str:
