@@ -297,6 +297,21 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     assert markdown.rstrip().endswith(": evaluated_dirty, old_suffix, s2, trained_dirty.")
 
 
+def test_revision_covers_every_start_and_the_runs_its_weights_started_from():
+    """config.yaml's git fields say what its last start ran: a run trained dirty, then resumed clean, read clean.
+    Its trained_by (every start) and its pretrained_from chain's (the first stage's starts) are read too."""
+    resumed = {**CLEAN, "trained_by": [DIRTY, CLEAN]}
+    assert results.revision(CLEAN, resumed) == "dirty"
+    assert results.revision(CLEAN, {**CLEAN, "trained_by": [CLEAN]}) == "clean"
+    assert results.revision(CLEAN, {**CLEAN, "trained_by": [CLEAN, {"git_commit": None}]}) == "unknown"
+    first_stage = {"method": "swav", "trained_by": [CLEAN, DIRTY]}
+    assert results.revision(CLEAN, {**CLEAN, "trained_by": [CLEAN], "pretrained_from": first_stage}) == "dirty"
+    scan = {"method": "scan", "trained_by": [CLEAN], "pretrained_from": first_stage}
+    assert results.revision(CLEAN, {**CLEAN, "trained_by": [CLEAN], "pretrained_from": scan}) == "dirty"
+    # runs written before trained_by: their last start, and no evidence from an origin that does not say
+    assert results.revision(CLEAN, {**CLEAN, "pretrained_from": {"method": "swav"}}) == "clean"
+
+
 def test_a_clean_table_has_no_footnote(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "clean", CLEAN, CLEAN, acc=0.5)

@@ -17,8 +17,8 @@ from clusterlab import checkpoint, distributed, engine
 from clusterlab.data import load
 from clusterlab.methods import METHODS, DataInfo
 from clusterlab.programs.train import parse_args
-from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_same_tensors, assert_user_error, copy_run, run_script,
-                      script_env, snapshot, write_fashion_mnist)
+from conftest import (PYTHON, ROOT, TINY, assert_ok, assert_same_tensors, assert_user_error, copy_run, entry_module,
+                      run_script, script_env, snapshot, write_fashion_mnist)
 
 # batch 32: 28 steps per epoch, so the stop lands mid-epoch; the queue is in use from the first step on, and the
 # prototypes start learning after 5 steps, so every piece of state changes before and after the stop.
@@ -266,6 +266,31 @@ def test_a_signal_in_the_first_epochs_start_leaves_the_run_interrupted(run_in_pr
     assert result.returncode == 75, result.stderr
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["epoch"], status["step"], status["signal"]) == ("interrupted", 0, 0, "SIGUSR2")
+
+
+def test_config_records_the_code_of_every_start(monkeypatch, tmp_path):
+    """An epoch trained with uncommitted changes, then resumed from a clean tree: config.yaml's git fields are the
+    last start's (clean), trained_by keeps both, and the tables read the run as dirty. A run started from it (its
+    --pretrained) carries them in pretrained_from."""
+    import yaml
+
+    from clusterlab import results
+    from clusterlab.methods.cluster_base import pretrained_origin
+
+    dirty, clean = {"git_commit": "c0ffee", "git_dirty": True}, {"git_commit": "c0ffee", "git_dirty": False}
+    run_dir = tmp_path / "run"
+    for epochs, state in ((1, dirty), (2, clean), (3, clean)):
+        monkeypatch.setattr(engine, "git_state", lambda state=state: dict(state))
+        entry_module("main_pretrain").main([str(a) for a in (*TINY, "--epochs", epochs, "--output_dir", run_dir)])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {k: config[k] for k in clean} == clean and config["trained_by"] == [dirty, clean]
+    assert results.revision(clean, config) == "dirty"
+    state = checkpoint.load(run_dir / "checkpoint.pth")
+    assert state["trained_by"] == [dirty, clean]
+    assert pretrained_origin(run_dir / "checkpoint.pth", state)["trained_by"] == [dirty, clean]
+    # a checkpoint written before it kept the list: its config.yaml's last start
+    del state["trained_by"]
+    assert pretrained_origin(run_dir / "checkpoint.pth", state)["trained_by"] == [clean]
 
 
 def test_a_signal_at_the_last_step_of_the_run_finishes_it(run_in_process, monkeypatch, tmp_path):

@@ -347,6 +347,20 @@ def recorded_git_state(record: dict) -> dict:
     return {"git_commit": commit, "git_dirty": dirty if isinstance(dirty, bool) else None}
 
 
+def starts_of(run_dir: str | os.PathLike, state: dict) -> list[dict]:
+    """The git states of the code that trained a checkpoint (`state`, of the run in `run_dir`): the list it keeps
+    (`trained_by`, one entry per start whose state differed from the start before); for a checkpoint written before
+    it kept one, what that run's config.yaml says of its last start, or one unknown state."""
+    if isinstance(state.get("trained_by"), list):
+        return list(state["trained_by"])
+    path = Path(run_dir) / "config.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        recorded = None
+    return [recorded_git_state(recorded if isinstance(recorded, dict) else {})]
+
+
 def software_versions() -> dict:
     import numpy
     import torch
@@ -362,12 +376,13 @@ def software_versions() -> dict:
     return versions
 
 
-def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program: str, **resolved) -> None:
+def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program: str, git: dict | None = None,
+                   **resolved) -> None:
     """Write config.yaml: every flag's resolved value, what the flags resolved to where they leave a choice (e.g.
-    the precision that really ran), plus where and with what it ran."""
+    the precision that really ran), plus where and with what (`git`: the code's state, by default asked now) it ran."""
     from .checkpoint import atomic_write_text
 
-    record = {"program": program, "args": _plain(vars(args)), **resolved, **git_state(),
+    record = {"program": program, "args": _plain(vars(args)), **resolved, **(git or git_state()),
               "versions": software_versions(), "host": platform.node()}
     atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 

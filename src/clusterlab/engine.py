@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, rundir, signals
 from .compilation import compile_backbone
+from .config import git_state, starts_of, write_resolved
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
 from .distributed import Context
@@ -105,6 +106,7 @@ class Trainer:
                       if ctx.world_size > 1 else method)
         self.global_step = 0
         self.position = (0, 0)        # (epoch, step) the next step starts at
+        self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
         self.skipped_in_a_row = 0     # fp16: steps the scaler skipped in a row, up to the last one
@@ -136,7 +138,8 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "method_random": self.method.random_state(),
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
                 "data_info": dataclasses.asdict(self.method.info),
-                "term_totals": dict(self.term_totals), "term_count": self.term_count}
+                "term_totals": dict(self.term_totals), "term_count": self.term_count,
+                "trained_by": list(self.trained_by)}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -183,6 +186,7 @@ class Trainer:
                                   f"the flags it was trained with (its config.yaml)") from None
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
+        self.trained_by = starts_of(self.run_dir, state)
         # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
         self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
         return self.position
@@ -502,8 +506,6 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     """Everything between a built method and the first epoch: resume, check that the command fits the checkpoint,
     then (and only then, so a refused command writes nothing) tidy the directory, write config.yaml and
     status.json "running"."""
-    from .config import write_resolved
-
     run_dir = Path(args.output_dir)
     trainer = Trainer(method, args, ctx, run_dir, train_set, kind=kind)
     start_epoch, start_step = trainer.resume()
@@ -526,7 +528,12 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.remove_leftovers(run_dir)
         rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
         trainer.restore_missing_epoch_checkpoints()
-        write_resolved(args, run_dir, program, precision=trainer.precision, **method.recorded())
+        code = git_state()
+        if trainer.trained_by[-1:] != [code]:
+            trainer.trained_by.append(code)
+        # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
+        write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
+                       trained_by=trainer.trained_by, **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer

@@ -127,8 +127,18 @@ REVISION_NOTES = {"dirty": "trained or evaluated by code with uncommitted change
 
 def revision(record: dict, run_config: dict | None) -> str:
     """clean, dirty or unknown: the code that evaluated (the record's git fields) and, for a trained run, the code
-    that trained it (its config.yaml); a baseline has no run config."""
-    states = [recorded_git_state(record)] + ([recorded_git_state(run_config)] if run_config is not None else [])
+    that trained it at every start (config.yaml's `trained_by`; its git fields, of the last start, where a run
+    written before it lacks one) and that trained each run its weights started from (`pretrained_from`); a baseline
+    has no run config."""
+    states = [recorded_git_state(record)]
+    origin = run_config
+    while isinstance(origin, dict):
+        starts = origin.get("trained_by")
+        if isinstance(starts, list):
+            states += [recorded_git_state(start if isinstance(start, dict) else {}) for start in starts]
+        elif origin is run_config:
+            states.append(recorded_git_state(run_config))
+        origin = origin.get("pretrained_from")
     if any(state["git_dirty"] for state in states):
         return "dirty"
     if any(state["git_dirty"] is None for state in states):

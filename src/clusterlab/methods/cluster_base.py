@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint, distributed, rundir
+from ..config import starts_of
 from ..errors import ConfigError
 from .base import Method
 
@@ -155,10 +156,11 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
 def pretrained_origin(path: Path, state: dict) -> dict:
     """What a run started from, for its config.yaml: the pre-trained checkpoint's file, method, epoch and flags, and
     that run's own origin if it had one (SCAN's self-labelling starts from a SCAN run that started from an
-    embedding). Tables compare runs' settings with it, so runs from different first stages are not averaged as seeds."""
+    embedding). Tables compare runs' settings with it, so runs from different first stages are not averaged as seeds,
+    and mark a run whose first stage was trained by changed code (`trained_by`, the git states of its starts)."""
     method_state = state.get("method_state")
     return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
-            "step": state.get("step", 0), "args": state.get("args"),
+            "step": state.get("step", 0), "args": state.get("args"), "trained_by": starts_of(Path(path).parent, state),
             "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 
 
