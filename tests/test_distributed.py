@@ -284,11 +284,13 @@ def test_srun_step_keeps_a_given_master_address_without_scontrol(monkeypatch):
     assert calls == [] and os.environ["MASTER_ADDR"] == "node03"
 
 
-def test_srun_step_without_scontrol_is_one_line_naming_master_addr(monkeypatch):
-    srun_environment(monkeypatch, None)
+@pytest.mark.parametrize("hosts,words", [(None, "No such file"), ([], "printed no host")])
+def test_srun_step_without_scontrol_is_one_line_naming_master_addr(monkeypatch, hosts, words):
+    """scontrol missing (a container), or printing nothing (an IndexError traceback before)."""
+    srun_environment(monkeypatch, hosts)
     with pytest.raises(ConfigError, match="MASTER_ADDR") as caught:
         distributed._from_environment()
-    assert "\n" not in str(caught.value) and "node[01-03,07]" in str(caught.value)
+    assert "\n" not in str(caught.value) and "node[01-03,07]" in str(caught.value) and words in str(caught.value)
 
 
 # ---- the headline: one SwAV step on 2 processes = 1 process on the full batch ----------------------------------------

@@ -65,6 +65,9 @@ def _slurm_master_address() -> str:
         # (inside a container scontrol is often missing)
         raise ConfigError(f"cannot find the master host of this srun step: `scontrol show hostnames {nodelist}` "
                           f"failed ({err}); export MASTER_ADDR (the first node's name) before srun") from None
+    if not out.stdout.split():
+        raise ConfigError(f"cannot find the master host of this srun step: `scontrol show hostnames {nodelist}` "
+                          f"printed no host; export MASTER_ADDR (the first node's name) before srun")
     return out.stdout.split()[0]
 
 
