@@ -293,6 +293,30 @@ def test_config_records_the_code_of_every_start(monkeypatch, tmp_path):
     assert pretrained_origin(run_dir / "checkpoint.pth", state)["trained_by"] == [clean]
 
 
+def test_unreadable_files_met_before_a_stop_count_in_the_resumed_epoch(run_in_process, monkeypatch, tmp_path):
+    """An image folder with 4 unreadable training files of 20, the limit 3 (15 % here): a run stopped after its
+    first steps and resumed counted only the files met after the stop, and trained on past the limit."""
+    import fabricate
+    from clusterlab.data import loader, registry
+
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=10, classes=2, size=8, grey=True)
+    data = registry.load("imagefolder", "train", str(tmp_path / "data"))
+    fabricate.spoil_image_files([data.files[i] for i in (1, 2, 15, 17)])
+    monkeypatch.setattr(loader, "BAD_FILE_LIMIT", 0.15)
+    folder = [*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", 4,
+              "--knn_monitor_every", 0, "--epochs", 1]
+    straight = run_in_process("main_pretrain.py", *folder, "--output_dir", tmp_path / "straight")
+    assert "4 unreadable image files in epoch 1" in straight.stderr
+    signal_when(monkeypatch, "step", lambda trainer, batch, progress: progress.step == 2)
+    stopped = run_in_process("main_pretrain.py", *folder, "--output_dir", tmp_path / "stopped")
+    assert stopped.returncode == 75, stopped.stderr
+    assert checkpoint.load(tmp_path / "stopped" / "checkpoint.pth")["bad_files"] > 0  # met before the stop
+    monkeypatch.undo()
+    monkeypatch.setattr(loader, "BAD_FILE_LIMIT", 0.15)
+    resumed = run_in_process("main_pretrain.py", *folder, "--output_dir", tmp_path / "stopped")
+    assert "4 unreadable image files in epoch 1" in resumed.stderr
+
+
 def test_a_signal_at_the_last_step_of_the_run_finishes_it(run_in_process, monkeypatch, tmp_path):
     signal_when(monkeypatch, "step", lambda trainer, batch, progress: (progress.epoch, progress.step + 1) == (
         trainer.args.epochs - 1, trainer.steps_per_epoch))

@@ -107,6 +107,7 @@ class Trainer:
         self.global_step = 0
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
+        self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
         self.skipped_in_a_row = 0     # fp16: steps the scaler skipped in a row, up to the last one
@@ -139,7 +140,8 @@ class Trainer:
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
                 "data_info": dataclasses.asdict(self.method.info),
                 "term_totals": dict(self.term_totals), "term_count": self.term_count,
-                "trained_by": list(self.trained_by)}
+                "trained_by": list(self.trained_by),
+                "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -187,6 +189,10 @@ class Trainer:
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
         self.trained_by = starts_of(self.run_dir, state)
+        # the files of the epoch under way met before the stop count towards its limit and its logged count
+        self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
+        if distributed.rank() == 0:
+            self.bad_files.count = state.get("bad_files", 0)
         # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
         self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
         return self.position
@@ -208,6 +214,8 @@ class Trainer:
         self.model.train()
         method.on_epoch_start(epoch)
         log_path = self.run_dir / "train_log.jsonl"
+        if start_step == 0 or self.bad_files is None:
+            self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
         if start_step == 0:
             self.term_totals, self.term_count = {}, 0
         window_start, window_images = time.time(), 0
@@ -215,7 +223,7 @@ class Trainer:
         signals.defer()
         for step, images, labels, indices, global_size, offset in data_loader.iterate(
                 self.train_set, self.batches, epoch, start_step, args.workers, augment=method.augment,
-                device=self.ctx.device, log=log_path):
+                device=self.ctx.device, log=log_path, tally=self.bad_files):
             progress = Progress(epoch, step, self.global_step, self.steps_per_epoch)
             batch = Batch(images, labels, indices, global_size, offset)  # on the device already
             lr = self.schedule(self.global_step)

@@ -101,18 +101,21 @@ def resident(images: ImageSet, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: int = 0, workers: int = 0,
-            augment: MultiCrop | None = None, device: torch.device | str = "cpu", log: Path | None = None
+            augment: MultiCrop | None = None, device: torch.device | str = "cpu", log: Path | None = None,
+            tally: BadFiles | None = None
             ) -> Iterator[tuple[int, torch.Tensor | CutCrops, torch.Tensor, torch.Tensor, int, int]]:
     """Yield (step, images, labels, dataset indices, global batch size, offset) from `start_step` on, on `device`.
 
     In-memory sets give uint8 images; image files give CutCrops, the crops of `augment` (the method's pipeline,
     which its `__call__` finishes on the device). `log`: the train_log.jsonl that rank 0 appends the epoch's
-    unreadable-file count to.
+    unreadable-file count to; `tally`: the epoch's count so far (`BadFiles.for_epoch`; a resumed epoch's carries
+    the files met before the stop), by default a new one.
     """
     device = torch.device(device)
     plan = batches.plan(epoch, start_step)
     if not images.in_memory:
-        yield from _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log)
+        tally = tally or BadFiles.for_epoch(images, batches, device)
+        yield from _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log, tally)
         return
     pixels, labels = resident(images, device)
     if not plan:
@@ -125,7 +128,7 @@ def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: in
                idx.to(device, non_blocking=True), total, offset)
 
 
-def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log):
+def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, device, log, tally):
     """`iterate` over image files: the parameters of each step drawn here (from a copy of the pipeline's
     generator, ahead of the training loop), the crops cut by the persistent workers."""
     loader, jobs = _training_loader(images, workers, device)
@@ -140,7 +143,6 @@ def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, d
             uniforms = torch.stack([p.uniforms for p in params], dim=1).numpy()
             yield CropJob(step, idx.numpy(), uniforms, tuple(augment.each_crop))
 
-    tally = BadFiles(images, limit=int(BAD_FILE_LIMIT * batches.epoch_samples), device=device)
     jobs.current = planned()
     every_step = distributed.world_size() > 1
     for done, result in enumerate(loader, start=1):
@@ -215,6 +217,11 @@ class BadFiles:
         self.reported = images.cache.setdefault("reported_bad_files", set())
         self.limit, self.device, self.count, self.first = limit, device, 0, None
         self.fatal = None
+
+    @classmethod
+    def for_epoch(cls, images: ImageSet, batches: GlobalBatches, device: torch.device) -> BadFiles:
+        """For a training epoch: at most BAD_FILE_LIMIT of the samples it uses unreadable."""
+        return cls(images, limit=int(BAD_FILE_LIMIT * batches.epoch_samples), device=device)
 
     @classmethod
     def limited(cls, images: ImageSet, device: torch.device) -> BadFiles:
