@@ -173,6 +173,23 @@ def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step
     assert scales == [2.0 ** (16 - done) for done in done_when_logged]
 
 
+def test_fp16_steps_skipped_before_a_resume_count_towards_the_stop(tmp_path):
+    """Saved after 8 skipped steps and resumed, the run stops where the run never stopped does (32 in a row, epoch 7
+    step 3): the count restarted at 0, so a run requeued often enough skipped steps for ever."""
+    torch.set_num_threads(1)
+    trainer = trainer_for("npid", "fp16", tmp_path)
+    poison_gradients(trainer, None)
+    for epoch in range(2):
+        trainer.train_one_epoch(epoch)
+    trainer.save(2, 0)
+    resumed = trainer_for("npid", "fp16", tmp_path)
+    assert resumed.resume() == (2, 0) and resumed.skipped_in_a_row == 8
+    poison_gradients(resumed, None)
+    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 7 step 3 "):
+        for epoch in range(2, 10):
+            resumed.train_one_epoch(epoch)
+
+
 def test_sela_heads_run_in_float32_under_autocast(tmp_path):
     method = trainer_for("sela", "bf16", tmp_path / "run").method
     images = torch.randn(4, 1, 8, 8)

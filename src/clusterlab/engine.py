@@ -141,7 +141,8 @@ class Trainer:
                 "data_info": dataclasses.asdict(self.method.info),
                 "term_totals": dict(self.term_totals), "term_count": self.term_count,
                 "trained_by": list(self.trained_by),
-                "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0}
+                "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0,
+                "skipped_in_a_row": self.skipped_in_a_row}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -189,6 +190,7 @@ class Trainer:
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
         self.trained_by = starts_of(self.run_dir, state)
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         # the files of the epoch under way met before the stop count towards its limit and its logged count
         self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
         if distributed.rank() == 0:
