@@ -138,6 +138,21 @@ def test_a_superclass_row_gets_no_published_number():
     assert by[True]["published"] is None and by[True]["diff"] is None
 
 
+def test_an_image_folder_meets_the_numbers_published_for_the_dataset_it_is_named_after():
+    """ImageNet trained through --dataset imagefolder is recorded as imagefolder, its folder's name in the protocol:
+    its rows met no published ImageNet number."""
+    published = pd.read_csv(io.StringIO(PUBLISHED + "swav,imagenet,resnet18_cifar_w16,cluster,200,acc,41.1,paper,"
+                                                    "head 0\n"))
+    protocol = {"data": "ImageNet", "train_images": 12, "clusters": 10, "fit_on": "train", "selection": "last"}
+    folder = record(0, dataset="imagefolder", protocol=protocol, acc=0.45)
+    other = record(0, dataset="imagefolder", protocol={**protocol, "data": "flowers"}, acc=0.45)
+    table = results.attach_published(results.aggregate(results.records_frame([folder, other])), published)
+    by = {"ImageNet" in row["protocol"]: row for _, row in table.iterrows()}
+    assert by[True]["published"] == 41.1 and by[True]["diff"] == pytest.approx(3.9)
+    assert by[False]["published"] is None
+    assert results.published_for(published, {"imagefolder", "imagenet"}, {"swav"})["value"].tolist() == [41.1]
+
+
 def test_a_checkpoint_in_the_middle_of_a_longer_run_gets_no_published_number(tmp_path):
     """The epoch-200 checkpoint of a 400-epoch run (--checkpoint_epochs) is mid-schedule: only the run that ended at
     epoch 200 is compared with the number published for 200 epochs."""

@@ -391,7 +391,8 @@ def attach_published(table, published):
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
-        match = published[(published["method"] == row["method"]) & (published["dataset"] == row["dataset"])
+        names = published_names(row["dataset"], row.get("protocol"))
+        match = published[(published["method"] == row["method"]) & published["dataset"].isin(names)
                           & same_backbone & (published["eval"] == row["eval"])
                           & (published["epochs"].map(_epochs_key) == _epochs_key(row["epoch"]))]
         if match.empty:
@@ -408,11 +409,22 @@ def attach_published(table, published):
     return table
 
 
-def published_for(published, dataset: str, methods: set):
-    """The published rows of `dataset` for the methods we have records of, to print under our table."""
+def published_names(dataset: str, protocol) -> set[str]:
+    """The names published.csv may give a table row's dataset: its own, and for an image folder the folder's name
+    (its protocol's `data=`, in lower case): ImageNet trained as `--dataset imagefolder --data_path .../imagenet`
+    is recorded as imagefolder, and its rows meet the numbers published for imagenet."""
+    names = {dataset}
+    if dataset == "imagefolder":
+        names |= {part.split("=", 1)[1].lower() for part in str(protocol).split() if part.startswith("data=")}
+    return names
+
+
+def published_for(published, datasets: set, methods: set):
+    """The published rows of `datasets` (published_names of a table's rows) for the methods we have records of, to
+    print under our table."""
     if published is None or published.empty:
         return None
-    rows = published[(published["dataset"] == dataset) & published["method"].isin(methods)]
+    rows = published[published["dataset"].isin(datasets) & published["method"].isin(methods)]
     if rows.empty:
         return None
     columns = [c for c in ("method", "backbone", "epochs", "eval", "metric", "value", "protocol", "source")
