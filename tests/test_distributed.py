@@ -265,14 +265,18 @@ def test_srun_step_environment(monkeypatch):
     calls = srun_environment(monkeypatch, ["node01", "node02", "node03", "node07"])
     assert distributed._from_environment() == (5, 8, 1)
     assert calls == [["scontrol", "show", "hostnames", "node[01-03,07]"]]
-    assert os.environ["MASTER_ADDR"] == "node01" and os.environ["MASTER_PORT"] == "27296"  # 20000 + 16*123456 % 12000
+    assert os.environ["MASTER_ADDR"] == "node01" and os.environ["MASTER_PORT"] == "23456"  # 20000 + 8251*123456 % 12000
 
 
 def test_rendezvous_ports_differ_between_steps_and_nearby_jobs():
     """Two srun steps of one allocation had the same port (the second failed, or joined the first's group); so did
-    jobs 40000 apart. Every step 0..15 of 750 consecutive jobs gets its own port, below the ephemeral range."""
-    ports = {distributed.port_for_job(str(job), str(step)) for job in range(5000, 5750) for step in range(16)}
-    assert len(ports) == 750 * 16 and min(ports) >= 20000 and max(ports) < 32768
+    jobs 40000 apart. Every step 0..15 of 748 consecutive jobs gets its own port, below the ephemeral range, and
+    jobs far apart meet by chance only (1 in 12,000)."""
+    ports = {distributed.port_for_job(str(job), str(step)) for job in range(5000, 5748) for step in range(16)}
+    assert len(ports) == 748 * 16 and min(ports) >= 20000 and max(ports) < 32768
+    base = distributed.port_for_job("1000000")
+    meeting = [d for d in range(1000, 13000) if distributed.port_for_job(str(1000000 + d)) == base]
+    assert meeting == [12000]  # 1 in 12,000 job ids further off (16 * id met every 750th)
     assert distributed.port_for_job("5001_3", "1") == distributed.port_for_job("50013", "1")  # an array task's id
 
 

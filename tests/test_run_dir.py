@@ -168,7 +168,8 @@ def test_a_live_pid_outside_the_holders_job_is_a_reused_one(tmp_path, monkeypatc
 def test_a_stale_lock_another_process_took_over_meanwhile_stays_its(tmp_path, monkeypatch):
     """Two processes find a dead holder's lock stale at once (asking squeue takes seconds); the first replaces it
     with its own before the second acts. The second unlinked that fresh lock and wrote its own: both held the
-    directory. Now the second sees the lock is no longer the stale one it read, and is refused."""
+    directory. Now the second reads the lock again before it removes it (under a second lock, so that removals take
+    turns): no longer the stale one, it stays, and the second start is refused."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock_holder(tmp_path, pid=dead.pid)
@@ -185,6 +186,20 @@ def test_a_stale_lock_another_process_took_over_meanwhile_stays_its(tmp_path, mo
     with pytest.raises(ConfigError, match="in use by pid 1 on another-node"):
         rundir.RunLock(tmp_path).acquire()
     assert [p.name for p in tmp_path.iterdir()] == [rundir.LOCK_NAME]
+
+
+def test_a_takeover_guard_left_by_a_killed_start_does_not_block_the_next(tmp_path):
+    """Stale locks are removed under a second lock, held for a read and an unlink: one older than TAKEOVER_STALE_S
+    was left by a start killed in between, and is taken over too; a fresh one is waited for."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock_holder(tmp_path, pid=dead.pid)
+    guard = tmp_path / rundir.TAKEOVER_NAME
+    guard.touch()
+    os.utime(guard, (time.time() - rundir.TAKEOVER_STALE_S - 5,) * 2)
+    rundir.RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK_NAME]
 
 
 def test_a_holder_whose_environment_cannot_be_read_keeps_its_lock(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ are not checkpoints:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,7 +21,7 @@ import os
 import socket
 import subprocess
 import tempfile
-import uuid
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from .checkpoint import FILE_MODE, atomic_write_text
 from .errors import ConfigError
 
 LOCK_NAME = ".lock"
+# Taking over a stale lock happens under this one; held for a read and an unlink, so an older one is a killed start's.
+TAKEOVER_NAME = ".lock.takeover"
+TAKEOVER_STALE_S = 30.0
 
 
 def now_iso() -> str:
@@ -253,25 +257,32 @@ class RunLock:
         return seen, holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
     def _remove_if_unchanged(self, stale: bytes) -> None:
-        """Remove the lock if it still is the stale one read (`stale`). Two processes may find a lock stale at once
-        (the squeue call takes seconds): unlinking it, the later one removed the lock the earlier one had just
-        written, and both held the directory. So the lock is moved aside (one rename: of the two, one moves the
-        stale lock), and one that is not the stale lock goes back."""
-        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+        """Remove the lock if it still is the stale one read (`stale`). Two starts may find a lock stale at once (the
+        squeue call takes seconds): unlinking it, the later one removed the lock the earlier had just written, and
+        both held the directory. So removals take turns under a second lock (TAKEOVER_NAME, an exclusive create) and
+        remove the lock only if, read again under it, it is still the stale one: the lock of a live holder is never
+        moved or removed, even for a moment."""
+        guard = self.path.with_name(TAKEOVER_NAME)
+        deadline = time.monotonic() + 2 * TAKEOVER_STALE_S
+        while True:
+            try:
+                os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+                break
+            except FileExistsError:
+                with contextlib.suppress(OSError):
+                    if time.time() - guard.stat().st_mtime > TAKEOVER_STALE_S:
+                        guard.unlink()  # left by a start killed between its read and its unlink
+                        continue
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"could not take over the stale lock {str(self.path)!r}: {str(guard)!r} stays "
+                                      f"(remove it if no start of this run directory is running)") from None
+                time.sleep(0.05)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if aside.read_bytes() != stale:
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass  # a third process took it meanwhile: it holds the directory now
-                except OSError:
-                    os.rename(aside, self.path)  # a file system without hard links
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.read_bytes() == stale:
+                    self.path.unlink()
         finally:
-            aside.unlink(missing_ok=True)
+            guard.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
