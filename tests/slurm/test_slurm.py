@@ -225,13 +225,14 @@ def test_embedul_pipeline_grid_super_and_then_stage_2_then_heads(slurm, tmp_path
     assert json.loads((stage2 / "status.json").read_text())["state"] == "finished"
     config = (stage2 / "config.yaml").read_text()
     assert f"pretrained: {stage1}" in config
-    heads = sorted(r["protocol"]["head"] for r in records(stage2))
-    assert heads == [0, 1, 2, 3, 4]
+    heads = [r["protocol"] for r in records(stage2)]
+    assert sorted(h["head"] for h in heads if h["selection"] == "all-heads") == [0, 1, 2, 3, 4]
+    assert sum(h["selection"] == "lowest-loss" for h in heads) == 1
     table = subprocess.run([sys.executable, "collect_results.py", "--root", str(tmp_path / "runs"), "--out",
                             str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, env=env())
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if "| digits | embedul |" in line and "assignment=head" in line]
-    assert len(rows) == 5 and sum("head=" in row for row in rows) == 4  # the chosen head's row names no index
+    assert len(rows) == 6 and sum("head=" in row for row in rows) == 5  # the chosen head's row names no index
 
 
 def test_npid_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
@@ -246,16 +247,16 @@ def test_npid_recipe_script_on_fabricated_cifar10(slurm, tmp_path):
 
 @pytest.mark.parametrize("script, overrides, evals", [
     ("sela_c10_resnet_400ep.sh", ["--hc", "2", "--ncl", "10", "--nopts", "3", "--label_batch_size", "64"],
-     ["cluster", "cluster", "knn", "linear"]),
+     ["cluster", "cluster", "cluster", "knn", "linear"]),
     ("selfclassifier_c10_v1_800ep.sh", ["--cls_size", "10", "--num_cls", "2", "--hidden_dim", "16", "--dim", "8"],
-     ["cluster", "cluster", "knn"]),
+     ["cluster", "cluster", "cluster", "knn"]),
 ], ids=["sela", "selfclassifier"])
 def test_class_assignment_recipe_scripts_on_fabricated_cifar10(slurm, tmp_path, script, overrides, evals):
-    """main_cluster.py recipes under sbatch: every head scored, one of them marked as chosen, and kNN (and linear)."""
+    """main_cluster.py recipes under sbatch: every head scored, the chosen one once more, and kNN (and linear)."""
     run, output = run_recipe_script(tmp_path, script, *overrides, EVAL_LINEAR_ARGS="--epochs 1 --batch_size 64",
                                     EVAL_CLUSTER_ARGS="--plot false")
     found = records(run)
     assert sorted(r["eval"] for r in found) == evals, output[-3000:]
     heads = [r["protocol"] for r in found if r["eval"] == "cluster"]
-    assert sorted(h["head"] for h in heads) == [0, 1]
-    assert sum(h.get("selection") == "lowest-loss" for h in heads) == 1
+    assert sorted(h["head"] for h in heads if h["selection"] == "all-heads") == [0, 1]
+    assert sum(h["selection"] == "lowest-loss" for h in heads) == 1
