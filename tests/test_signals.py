@@ -70,7 +70,10 @@ run_dir = sys.argv[1]
 try:
     with engine.owned_run_dir(run_dir, distributed.init("cpu")) as owned:
         rundir.write_status(run_dir, "interrupted", epoch=0, step=3)
-        owned.trainer = types.SimpleNamespace(finished=False, position=(0, 3), args=types.SimpleNamespace(epochs=2))
+        trainer = types.SimpleNamespace(finished=False, position=(0, 3), args=types.SimpleNamespace(epochs=2),
+                                        run_dir=owned.run_dir)
+        trainer.mark_interrupted = lambda: engine.Trainer.mark_interrupted(trainer)
+        owned.trainer = trainer
         signals.leave()
 finally:
     print(json.loads(open(run_dir + "/status.json").read())["state"], flush=True)

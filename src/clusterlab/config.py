@@ -353,12 +353,19 @@ def starts_of(run_dir: str | os.PathLike, state: dict) -> list[dict]:
     it kept one, what that run's config.yaml says of its last start, or one unknown state."""
     if isinstance(state.get("trained_by"), list):
         return list(state["trained_by"])
+    return [recorded_git_state(written_run_config(run_dir) or {})]
+
+
+def written_run_config(run_dir: str | os.PathLike) -> dict | None:
+    """RUN/config.yaml as written, whole (None where there is none; {} for one that cannot be read)."""
     path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
     try:
-        recorded = yaml.safe_load(path.read_text()) if path.is_file() else None
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        recorded = None
-    return [recorded_git_state(recorded if isinstance(recorded, dict) else {})]
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def software_versions() -> dict:

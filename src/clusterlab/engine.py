@@ -384,10 +384,16 @@ class Trainer:
         if self.saved_position != self.position:
             self.save(epoch, step)
         if self.ctx.is_main:
-            rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, signal=signals.name())
+            self.mark_interrupted()  # before the handler requeues: Slurm may kill the job before it returns
             print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at epoch {epoch} step {step}; run the "
                   f"same command again to resume", flush=True)
         signals.leave()
+
+    def mark_interrupted(self) -> None:
+        """status.json "interrupted" where training stands (rank 0)."""
+        epoch, step = self.position
+        rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, epochs=self.args.epochs,
+                            signal=signals.name())
 
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
@@ -487,10 +493,8 @@ class OwnedRun:
         "running" behind."""
         if self.trainer is None or self.trainer.finished:
             return
-        epoch, step = self.trainer.position
         with contextlib.suppress(OSError):
-            rundir.write_status(self.run_dir, "interrupted", epoch=epoch, step=step, epochs=self.trainer.args.epochs,
-                                signal=signals.name())
+            self.trainer.mark_interrupted()
 
     def record_failure(self, reason: str) -> None:
         """status.json "failed" at the step that failed (for a file system that refuses even that, nothing); a run

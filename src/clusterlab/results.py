@@ -20,10 +20,8 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
 from . import rundir
-from .config import git_state, recorded_git_state
+from .config import git_state, recorded_git_state, written_run_config
 from .models import backbone_label
 
 PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
@@ -146,18 +144,6 @@ def revision(record: dict, run_config: dict | None) -> str:
     return "clean"
 
 
-def _run_config(run_dir: Path) -> dict | None:
-    """RUN/config.yaml as written (None for a baseline, which has none; {} for one that cannot be read)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 # Flags of config.yaml's args that do not change what a run learns, left out of its training settings so that the seeds
 # of one recipe stay one row: the seed (what a row averages over); where the run, its data and its recipe file are
 # (output_dir, data_path, download, config: a path differs per machine or per seed, and args already hold every value
@@ -229,7 +215,7 @@ def records_frame(records: list[dict]):
         row["file"] = record.get("_file")
         run_dir = Path(row["file"]).parent if row["file"] else None
         if run_dir not in run_configs:
-            run_configs[run_dir] = _run_config(run_dir) if run_dir else None
+            run_configs[run_dir] = written_run_config(run_dir) if run_dir else None
         row["revision"] = revision(record, run_configs[run_dir])
         row["settings"] = run_settings(run_configs[run_dir])
         row["run_epochs"] = (row["settings"] or {}).get("epochs")

@@ -88,8 +88,9 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         footnote = results.revision_footnote(rows)
         if footnote:
             markdown += "\n\n" + footnote.replace("\n", "\n\n")
-        names = set().union(*(results.published_names(dataset, label) for label in table.get("protocol", [])))
-        reference = results.published_for(published, names | {dataset}, set(rows["method"]))
+        labels = table.get("protocol", [])
+        names = set().union({dataset}, *(results.published_names(dataset, label) for label in labels))
+        reference = results.published_for(published, names, set(rows["method"]))
         if reference is not None:
             markdown += ("\n\nPublished numbers for these methods (their own protocols; `diff` above where epochs "
                          "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))

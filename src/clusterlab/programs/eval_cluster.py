@@ -120,7 +120,7 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
                     "fit-test" if args.fit_on == "test" else "",
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
                     f"seed{args.seed}" if args.seed else ""]
-        report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base,
+        report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
                f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
 
@@ -145,17 +145,17 @@ def heads(args, ctx, evaluation, scored_set):
         selections = [{"selection": "all-heads"}]
         if head == chosen:
             selections.append({"chosen": True, "selection": "lowest-loss"})
-        for selection in selections:
-            base = {"assignment": "head", "head": head, "clusters": sizes[head], **selection, "features": "heads",
-                    **view}
-            if results.skip_recorded(args, loaded.run_dir, "cluster", loaded.checkpoint_name,
-                                     {**base, "split": args.split},
-                                     results.Wanted(scored_set.name, [recorded_view(view)], loaded.position)):
-                continue
-            marked = ", chosen" if "chosen" in selection else ""
+        bases = [{"assignment": "head", "head": head, "clusters": sizes[head], **selection, "features": "heads",
+                  **view} for selection in selections]
+        bases = [base for base in bases if not results.skip_recorded(
+            args, loaded.run_dir, "cluster", loaded.checkpoint_name, {**base, "split": args.split},
+            results.Wanted(scored_set.name, [recorded_view(view)], loaded.position))]
+        if bases:
+            marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
-                   sizes[head], base, f"head {head} ({sizes[head]} classes{marked})",
-                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name), plot=bool(marked))
+                   sizes[head], bases, f"head {head} ({sizes[head]} classes{marked})",
+                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
+                   plot=any(base.get("chosen") for base in bases))
 
 
 def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, settings: tuple | list = ()) -> str:
@@ -167,23 +167,26 @@ def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, sett
     return tag + "".join(f"_{part}" for part in parts if part)
 
 
-def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, base, title, tag,
+def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, bases, title, tag,
            plot=True):
-    """Append the record(s) of one assignment (classes, and superclasses where the dataset has them)."""
+    """Append the records of one assignment (classes, and superclasses where the dataset has them), one for each
+    protocol of `bases` (a head's own record and, for the chosen head, the run's result: the same metrics)."""
     truth = scored_set.labels.numpy()
     _, mapping_kind = cluster_mapping(truth, predicted, clusters, scored_set.num_classes)
     views = [("classes", cluster_metrics(truth, predicted, clusters, scored_set.num_classes), False)]
     if scored_set.superclass_labels is not None:
         views.append(("superclasses", superclass_metrics(truth, scored_set.superclass_labels.numpy(), predicted,
                                                          clusters, scored_set.num_classes), True))
-    for label, metrics, superclass in views:
-        protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
-                                                  "split": args.split}.items() if value is not None}
-        record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
-                                     position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name,
-                                     split=args.split)
-        record["dataset"] = scored_set.name
-        results.append_record(run_dir, record)
+    for base in bases:
+        for _, metrics, superclass in views:
+            protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
+                                                      "split": args.split}.items() if value is not None}
+            record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
+                                         position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name,
+                                         split=args.split)
+            record["dataset"] = scored_set.name
+            results.append_record(run_dir, record)
+    for label, metrics, _ in views:
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "
               f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
     if args.plot and plot:
