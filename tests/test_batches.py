@@ -72,7 +72,7 @@ def test_ranks_together_see_the_single_process_batch(world_size, num_samples, dr
 
 def reference_plan(num_samples, global_batch, world_size, rank, seed, epoch, drop_last, shuffle, start_step):
     """Straightforward: the seeded permutation cut into global batches, each batch dealt out to the ranks in
-    consecutive pieces of ceil(batch / world_size)."""
+    consecutive pieces whose sizes differ by at most one, the larger ones first."""
     order = (torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
              if shuffle else list(range(num_samples)))
     batches = [order[i: i + global_batch] for i in range(0, num_samples, global_batch)]
@@ -80,8 +80,9 @@ def reference_plan(num_samples, global_batch, world_size, rank, seed, epoch, dro
         batches = [b for b in batches if len(b) == global_batch]
     plan = []
     for batch in batches[start_step:]:
-        share = -(-len(batch) // world_size)
-        plan.append((batch[rank * share: (rank + 1) * share], len(batch), min(rank * share, len(batch))))
+        sizes = [len(batch) // world_size + (r < len(batch) % world_size) for r in range(world_size)]
+        offset = sum(sizes[:rank])
+        plan.append((batch[offset: offset + sizes[rank]], len(batch), offset))
     return plan
 
 

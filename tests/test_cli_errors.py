@@ -33,6 +33,11 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     ("unknown split", ["--train_split", "bogus"], ["'bogus'", "train, test"]),
     ("unknown arch", ["--arch", "vgg"], ["--arch 'vgg'", "resnet18_cifar"]),
     ("missing config", ["--config", "/nonexistent.yaml"], ["'/nonexistent.yaml'", "does not exist"]),
+    # it failed at the first step inside a max-pool, with status.json "failed"
+    ("crops too small for the arch", ["--arch", "alexnet_bn", "--size_crops", "8"],
+     ["--arch alexnet_bn takes images of 63 px or more; this run gives it 8 px (--size_crops 8, a test view of 8 px)"]),
+    ("test view too small for the arch", ["--arch", "alexnet_bn", "--size_crops", "64", "--eval_crop", "32"],
+     ["this run gives it 32 px (--size_crops 64, a test view of 32 px)"]),
 ])
 def test_pretrain_more_bad_input(run_in_process, tmp_path, case, extra, words):
     out = tmp_path / "run"

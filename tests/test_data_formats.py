@@ -411,9 +411,11 @@ def test_idx_reader_round_trip(tmp_path):
     (bytes([0, 0, 8, 3, 0, 0, 0, 5]), "truncated inside its header"),
     (fabricate.idx_bytes(np.zeros((4, 28, 28), np.uint8))[:-10], "truncated or padded"),
     (fabricate.idx_bytes(np.zeros((4, 28, 28), np.uint8)) + b"\0", "truncated or padded"),
-    (bytes([8, 3, 0, 0]) + fabricate.idx_bytes(np.zeros((4, 2, 2), np.uint8))[4:], "bad magic"),
-    (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 0]), "bad magic"),
-    (b"\0\0", "bad magic"),
+    # the message shows the bytes found and what a magic number holds
+    (bytes([8, 3, 0, 0]) + fabricate.idx_bytes(np.zeros((4, 2, 2), np.uint8))[4:],
+     "starts with 08 03 00 00, not an IDX magic number (00 00, a type in 08, 09, 0B, 0C, 0D, 0E"),
+    (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 0]), "starts with 00 00 42 01, not an IDX magic number"),
+    (b"\0\0", "starts with 00 00, not an IDX magic number"),
     # sizes are unsigned: read as signed, -2 x -2 x 1 matched the 4 data bytes and reshape raised a ValueError
     (bytes([0, 0, 8, 3]) + (-2).to_bytes(4, "big", signed=True) * 2 + (1).to_bytes(4, "big") + bytes(4),
      "truncated or padded"),
@@ -705,9 +707,11 @@ def test_stl10_label_problems(tmp_path):
     message = data_error(registry.load, "stl10", "test", str(tmp_path))
     assert str(folder / "test_y.bin") in message and "2 labels for 3 images" in message
     (folder / "test_y.bin").write_bytes(bytes([1, 0, 2]))  # 0 is not a class (1..10)
-    assert str(folder / "test_y.bin") in data_error(registry.load, "stl10", "test", str(tmp_path))
-    (folder / "test_y.bin").write_bytes(bytes([1, 11, 2]))
-    assert str(folder / "test_y.bin") in data_error(registry.load, "stl10", "test", str(tmp_path))
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "test_y.bin") in message and "labels outside 1..10 (the first: 0 at image 1; 1 of 3)" in message
+    (folder / "test_y.bin").write_bytes(bytes([1, 11, 12]))
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "test_y.bin") in message and "labels outside 1..10 (the first: 11 at image 1; 2 of 3)" in message
     (folder / "train_y.bin").unlink()
     assert str(folder / "train_y.bin") in data_error(registry.load, "stl10", "train+unlabeled", str(tmp_path))
 
@@ -749,6 +753,49 @@ def test_imagefolder_statistics_sample_every_class(tmp_path):
             image.save(folder / f"{i:04d}.png")
     ds = registry.load("imagefolder", "train", str(tmp_path))
     assert abs(ds.mean[0] - 0.5) < 0.01
+
+
+def test_imagefolder_statistics_are_read_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    """The test split and every evaluation load the training split's statistics: from memory, unless a sampled file
+    changed since (its size or modification time)."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=3, classes=2, size=8, grey=True)
+    opened, real_open = [], registry.open_image
+    monkeypatch.setattr(registry, "open_image", lambda path: opened.append(path) or real_open(path))
+    train = registry.load("imagefolder", "train", str(tmp_path))
+    assert len(opened) == 2 * 6  # a header pass and a decode pass over the 6 training files
+    test = registry.load("imagefolder", "test", str(tmp_path))
+    again = registry.load("imagefolder", "train", str(tmp_path))
+    assert len(opened) == 12 and test.mean == train.mean == again.mean and test.std == train.std
+    from PIL import Image
+
+    Image.new("L", (8, 8), 255).save(train.files[0])  # whiter, and another size on disk
+    changed = registry.load("imagefolder", "test", str(tmp_path))
+    assert len(opened) == 24 and changed.mean[0] > train.mean[0]
+
+
+def test_imagefolder_statistics_decode_a_large_jpeg_reduced(tmp_path, monkeypatch):
+    """A photograph's histogram from libjpeg's 1/2, 1/4 or 1/8 decode while its shorter side stays at 256 or more;
+    the nominal size is the stored one. The mean barely moves (an area average); small images decode whole."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (24, 32, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 768 x 1024
+    files = {"a/big.jpg": smooth, "b/big.jpg": smooth, "b/small.jpg": smooth[:200, :300]}
+    for name, pixels in files.items():
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "train" / name, quality=95)
+    reductions, real_decode = [], registry.decode
+    monkeypatch.setattr(registry, "decode", lambda image, mode, reduction=1: (reductions.append(
+        (min(image.size), reduction)), real_decode(image, mode, reduction))[1])
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    assert sorted(reductions) == [(200, 1), (768, 2), (768, 2)]  # 768 / 2 = 384 >= 256 > 768 / 4
+    assert data.image_size == 768 and data.channels == 3  # the median of 200, 768, 768: stored sizes
+    decoded = []
+    for name in files:
+        with Image.open(tmp_path / "train" / name) as image:
+            decoded.append(np.asarray(image.convert("RGB")).reshape(-1, 3) / 255)
+    whole = np.concatenate(decoded)
+    np.testing.assert_allclose(data.mean, whole.mean(0), atol=0.01)
 
 
 def test_imagefolder_train_classes_without_images(tmp_path):

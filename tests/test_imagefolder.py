@@ -25,7 +25,7 @@ from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
 from clusterlab.errors import DataError
-from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, run_script, script_env
+from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_resume import HELD_STEP, assert_same_tensors, stop_after_first_step
 
@@ -286,6 +286,23 @@ def test_a_run_whose_loader_workers_ignore_slurms_signals_still_exits_on_a_failu
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 
 
+def test_the_knn_monitor_decodes_with_the_runs_loader_workers(tmp_path, monkeypatch):
+    """--knn_monitor_every on an image folder: the test split (and, for SwAV, the recomputed train split) decoded
+    by --workers processes, as training is (it decoded them in the main process, serially)."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=4, classes=2, size=8)
+    passes, real_sequential = [], loader.sequential
+
+    def recording(images, indices, batch_size, workers=0, *args, **kwargs):
+        passes.append((images.split, workers))
+        return real_sequential(images, indices, batch_size, workers, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "sequential", recording)
+    entry_module("main_pretrain").main([str(arg) for arg in (
+        *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size", "4", "--size_crops", "8",
+        "--epochs", "1", "--workers", "2", "--knn_monitor_every", "1", "--output_dir", tmp_path / "run")])
+    assert sorted(set(passes)) == [("test", 2), ("train", 2)]
+
+
 def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_continues(tmp_path):
     """A checkpoint keeps a digest of its training set (files below the folder, labels, in order): a file renamed
     since would give its position to another image under a memory bank or pseudo-labels, so the resume is refused on
@@ -415,7 +432,7 @@ def test_a_file_no_run_can_use_on_one_rank_stops_every_rank(tmp_path):
     elsewhere = "an image file cannot be used (another process's error names it)"
     assert "32-bit samples" in ranks[1][0] and "32-bit samples" in ranks[1][1]
     assert ranks[0][:2] == [elsewhere] * 2
-    assert all("32-bit samples" in r[2] for r in ranks)  # each rank reads every image of the baseline
+    assert "32-bit samples" in ranks[1][2] and ranks[0][2] == elsewhere  # the baseline's pass is sharded too
     met = ["32-bit samples" in r[3] for r in ranks]  # SeLa's chunks are shuffled: either rank may meet it
     assert sum(met) == 1 and ranks[met.index(False)][3] == elsewhere
 
@@ -432,6 +449,28 @@ def test_evaluation_stops_above_the_unreadable_file_limit(tmp_path):
         extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"))
     with pytest.raises(DataError, match=limit):
         pixels(data, EvalView.of(8))
+
+
+def _pixels_of_a_folder(rank, world, root):
+    from clusterlab.eval.features import pixels
+
+    return pixels(registry.load("imagefolder", "train", root), EvalView.of(8))
+
+
+def test_the_pixel_baseline_on_two_processes_counts_an_unreadable_file_once(tmp_path, capsys):
+    """Each rank reads its share (every rank read the whole set, and the 1 % limit met each bad file once a rank:
+    a folder that training accepts stopped the baseline on 2 processes)."""
+    from clusterlab.eval.features import pixels
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=50, classes=2, size=8, grey=True)
+    spoiled = registry.load("imagefolder", "train", str(tmp_path)).files[70]
+    fabricate.spoil_image_files([spoiled])  # 1 of 100: within the limit
+    data = registry.load("imagefolder", "train", str(tmp_path))  # as the ranks load it (an RGB header now)
+    capsys.readouterr()
+    alone = pixels(data, EvalView.of(8))
+    assert alone.shape == (100, 3 * 64) and capsys.readouterr().out.count(spoiled) == 1
+    for values in run_distributed(_pixels_of_a_folder, 2, str(tmp_path)):
+        assert torch.equal(values, alone)
 
 
 def test_a_folder_of_unreadable_files_is_one_line(tmp_path):

@@ -216,3 +216,7 @@ def test_nesterov_is_refused_where_the_optimiser_has_none(optimizer):
         build_optimizer([torch.nn.Parameter(torch.ones(2))], args)
     sgd = SimpleNamespace(**{**vars(args), "optimizer": "sgd"})
     assert isinstance(build_optimizer([torch.nn.Parameter(torch.ones(2))], sgd), torch.optim.SGD)
+    # torch's SGD raised its own multi-line ValueError here (Super-AND's default is Nesterov: --momentum 0 met it)
+    without_momentum = SimpleNamespace(**{**vars(sgd), "momentum": 0.0})
+    with pytest.raises(ConfigError, match=r"^--nesterov true .* needs a momentum: pass --nesterov false"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2))], without_momentum)

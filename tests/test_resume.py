@@ -176,6 +176,35 @@ def test_a_resumed_run_trains_with_the_commands_optimiser_settings(tmp_path, ref
     assert_same_tensors(trainer.optimizer.state_dict()["state"], saved["state"], "momentum buffers")
 
 
+def _resumed_trainer(run_dir, *flags) -> engine.Trainer:
+    args = parse_args("pretrain", [*map(str, RESUMABLE), *map(str, flags), "--output_dir", str(run_dir)])
+    train = load("digits", "train")
+    trainer = engine.Trainer(METHODS["swav"](args, DataInfo.of(train), torch.device("cpu")), args,
+                             distributed.init("cpu"), run_dir, train)
+    trainer.resume()
+    return trainer
+
+
+def test_a_run_resumed_under_another_schedule_says_where_its_learning_rate_moves(tmp_path, reference):
+    """A finished cosine run extended with a larger --epochs climbs back from its final rate to the middle of the new
+    curve: allowed (config.yaml records the new flags), and said at the start. A change that leaves the rate where
+    it stands (--lr_drops under a cosine) says nothing."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    assert _resumed_trainer(run_dir).resume_notes == []
+    assert _resumed_trainer(run_dir, "--lr_drops", 1).resume_notes == []
+    extended = _resumed_trainer(run_dir, "--epochs", 4)
+    step = extended.global_step
+    assert step == 2 * STEPS
+    before = engine.build_schedule(parse_args("pretrain", [*map(str, RESUMABLE), "--output_dir", "x"]), STEPS)(step)
+    now = extended.schedule(step)
+    assert now > 10 * before
+    assert extended.resume_notes == [f"the learning rate resumes at {now:.6g} at step {step}, where the schedule the "
+                                     f"checkpoint trained with stood at {before:.6g} (--epochs 2 -> 4)"]
+    result = run_script("main_pretrain.py", *RESUMABLE, "--epochs", 3, "--output_dir", run_dir)
+    assert_ok(result)
+    assert "note: the learning rate resumes at" in result.stdout and "(--epochs 2 -> 3)" in result.stdout
+
+
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
     others = sorted(name for name, cls in METHODS.items() if cls.program_kind == "pretrain" and name != "swav")
     assert others, "main_pretrain.py should offer more methods than swav"

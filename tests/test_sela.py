@@ -256,8 +256,8 @@ def test_train_view_restores_bn_statistics_and_mode():
     assert (train_features - eval_features).abs().max() > 1e-3
 
 
-def _labelling_worker(rank, world, view):
-    method, _ = labelled_method(view)
+def _labelling_worker(rank, world, view, chunk=64):
+    method, _ = labelled_method(view, chunk=chunk)
     convert_sync_batchnorm(method, CPU)
     method.relabel([0, 1])
     features, positions = method.label_features()
@@ -283,6 +283,35 @@ def test_two_processes_label_like_one(labelling_runs):
     by_position[positions] = features
     order = torch.cat([r["positions"] for r in results])
     torch.testing.assert_close(torch.cat([r["features"] for r in results]), by_position[order], rtol=0, atol=1e-5)
+
+
+def test_three_processes_label_like_one_with_chunks_that_do_not_split_evenly():
+    """Chunks of 16 over 3 ranks (6 + 5 + 5 images): each pass's batch statistics are still those of one process's 16
+    (they grew to 18, the next multiple of 3, and the labels moved); the last chunk of 1 image leaves two ranks an
+    empty pass."""
+    method, _ = labelled_method("train", chunk=16)
+    method.relabel([0, 1])
+    features, positions = method.label_features()
+    results = run_distributed(_labelling_worker, 3, "train", 16)
+    for result in results:
+        assert torch.equal(result["labels"], method.labels)
+    assert [len(r["positions"]) for r in results] == [73, 60, 60]  # 12 chunks of 6 + 5 + 5, then 1 + 0 + 0
+    by_position = torch.empty_like(features)
+    by_position[positions] = features
+    order = torch.cat([r["positions"] for r in results])
+    torch.testing.assert_close(torch.cat([r["features"] for r in results]), by_position[order], rtol=0, atol=1e-5)
+
+
+def _refused_label_batch(rank, world):
+    try:
+        labelled_method("train", chunk=1)
+    except ConfigError as err:
+        return str(err)
+
+
+def test_fewer_labelling_images_than_processes_is_refused():
+    assert run_distributed(_refused_label_batch, 2) == [
+        "--label_batch_size 1 is below the 2 processes: give every process at least one image per labelling pass"] * 2
 
 
 def test_loss_is_the_mean_cross_entropy_of_the_heads():

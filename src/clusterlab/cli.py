@@ -53,7 +53,8 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
                        help="no weight decay on biases and norm weights (1-D parameters)")
     group.add_argument("--lars_trust", type=finite_float, default=0.001, help="LARS trust coefficient")
     group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
-                       help="keep biases and norm weights out of LARS (upstream SwAV includes them)")
+                       help="keep biases and norm weights out of LARS: plain momentum SGD without weight decay for them, "
+                            "whatever --no_decay_bias_norm says (upstream SwAV includes them)")
     group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                        help="mixed precision: bf16 or fp16 autocast on any device (fp16 with a gradient scaler); "
                             "auto: bf16 on CUDA, float32 on the CPU. config.yaml records what ran")

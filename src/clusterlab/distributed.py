@@ -5,8 +5,9 @@ Ways a process can be started, checked in this order:
    MASTER_ADDR and MASTER_PORT are in the environment (env:// rendezvous).
 2. a Slurm `srun` step with several tasks: rank, world size and local rank from SLURM_PROCID,
    SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) and SLURM_LOCALID; the master is the first host of
-   `scontrol show hostnames $SLURM_JOB_NODELIST` and the port is derived from the job id, so two jobs sharing a
-   node do not collide and no host name is sliced by hand.
+   `scontrol show hostnames` of the step's node list (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST) and the port
+   is derived from the job and step ids, so two jobs or steps sharing a node do not collide and no host name is
+   sliced by hand.
 3. anything else: a plain single process, no process group.
 The backend is nccl on CUDA and gloo on the CPU. Across nodes, gloo connects to the address this host's name
 resolves to (GLOO_SOCKET_IFNAME names an interface instead), NCCL picks its interface itself (NCCL_SOCKET_IFNAME

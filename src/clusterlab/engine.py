@@ -59,6 +59,10 @@ RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed
 # fp16 steps skipped in a row (gradients not finite at every loss scale from 2^16 down to 2^-16) after which the
 # gradients are taken as not finite in themselves: the weights would stop training while the run went on.
 MAX_SKIPPED_STEPS = 32
+# The flags that define the learning-rate schedule: they may change on resume (a run extended with a larger --epochs),
+# and the schedule then restarts from where the new one stands at the checkpoint's step.
+SCHEDULE_KEYS = ("schedule", "lr", "final_lr", "epochs", "warmup_epochs", "start_warmup", "lr_drops", "lr_gamma",
+                 "schedule_period")
 
 
 class NonFiniteLoss(UserError):
@@ -107,6 +111,7 @@ class Trainer:
         self.global_step = 0
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
+        self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
@@ -197,7 +202,26 @@ class Trainer:
             self.bad_files.count = state.get("bad_files", 0)
         # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
         self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
+        change = self.schedule_change(state["args"])
+        self.resume_notes = [change] if change else []
         return self.position
+
+    def schedule_change(self, saved_args: dict) -> str | None:
+        """A line when this command's schedule flags put the learning rate at the checkpoint's step elsewhere than
+        the flags the checkpoint trained with did (e.g. a cosine run extended with a larger --epochs climbs back from
+        its final rate)."""
+        changed = [key for key in SCHEDULE_KEYS if key in saved_args
+                   and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
+        if not changed:
+            return None
+        saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
+        before, now = build_schedule(saved, self.steps_per_epoch)(self.global_step), self.schedule(self.global_step)
+        if before == now:
+            return None
+        flags = ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(self.args, key))}"
+                          for key in changed)
+        return (f"the learning rate resumes at {now:.6g} at step {self.global_step}, where the schedule the checkpoint "
+                f"trained with stood at {before:.6g} ({flags})")
 
     def restore_missing_epoch_checkpoints(self) -> None:
         """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between
@@ -355,7 +379,7 @@ class Trainer:
         if source == "auto":
             source = "memory_bank" if hasattr(self.method, "memory_bank") else "recomputed"
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
-                         self.ctx.device)
+                         self.ctx.device, self.args.workers)
         if self.ctx.is_main:
             rundir.append_jsonl(self.run_dir / "train_log.jsonl", {
                 "epoch": epoch, "knn_monitor": True, "k": self.args.knn_monitor_k,
@@ -551,7 +575,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer
-        for note in trainer.whole_run_settings():
+        for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
             print(f"note: {note}", flush=True)
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
@@ -581,6 +605,10 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _flag_value(value) -> str:
+    return (" ".join(map(str, value)) or "(none)") if isinstance(value, (list, tuple)) else str(value)
 
 
 def _plain_args(args: argparse.Namespace) -> dict:

@@ -60,6 +60,9 @@ def build_optimizer(params, args) -> torch.optim.Optimizer:
         raise ConfigError(f"--nesterov true (given, or the method's default) applies to --optimizer sgd only (this "
                           f"command has --optimizer {args.optimizer}, which has no Nesterov momentum): pass "
                           f"--nesterov false, or --optimizer sgd")
+    if args.nesterov and not args.momentum:
+        raise ConfigError("--nesterov true (given, or the method's default) needs a momentum: pass --nesterov false "
+                          "with --momentum 0, or a --momentum above 0")
     if args.optimizer == "lars":
         return LARS(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                     trust_coefficient=args.lars_trust, exclude_bias_and_norm=args.lars_exclude_bias_norm)

@@ -34,7 +34,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"IDX file {str(path)!r} cannot be read ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise DataError(f"IDX file {str(path)!r} has a bad magic number (not an IDX file)")
+        types = ", ".join(f"{code:02X}" for code in sorted(_IDX_TYPES))
+        raise DataError(f"IDX file {str(path)!r} starts with {raw[:4].hex(' ').upper() or 'nothing'}, not an IDX "
+                        f"magic number (00 00, a type in {types}, the number of dimensions)")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -184,6 +186,8 @@ def read_stl10_labels(path: Path, count: int) -> np.ndarray:
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
     if len(labels) != count:
         raise DataError(f"STL-10 file {str(path)!r} has {len(labels)} labels for {count} images")
-    if labels.min() < 0 or labels.max() > 9:
-        raise DataError(f"STL-10 file {str(path)!r} has labels outside 1..10")
+    outside = np.flatnonzero((labels < 0) | (labels > 9))
+    if len(outside):
+        raise DataError(f"STL-10 file {str(path)!r} has labels outside 1..10 (the first: {labels[outside[0]] + 1} "
+                        f"at image {outside[0]}; {len(outside)} of {count})")
     return labels

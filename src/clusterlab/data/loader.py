@@ -45,7 +45,7 @@ RESIDENT_SHARE = 0.25
 class GlobalBatches:
     def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int, seed: int,
                  shuffle: bool = True, drop_last: bool = True):
-        if global_batch % world_size:
+        if global_batch % world_size and drop_last:  # training's batches split evenly; a pass over all may not
             raise ConfigError(f"--batch_size {global_batch} (global) is not a multiple of the world size {world_size}")
         if drop_last and num_samples < global_batch:
             raise ConfigError(f"--batch_size {global_batch} is larger than the dataset ({num_samples} samples)")
@@ -78,11 +78,12 @@ class GlobalBatches:
         return self.order(epoch)[step * self.global_batch: (step + 1) * self.global_batch]
 
     def local_indices(self, epoch: int, step: int) -> tuple[torch.Tensor, int, int]:
-        """This rank's indices of step `step`, the global batch size and this rank's offset inside it."""
+        """This rank's indices of step `step`, the global batch size and this rank's offset inside it: contiguous
+        shares, the first ranks one more where the batch does not split evenly."""
         batch = self.global_indices(epoch, step)
-        share = -(-len(batch) // self.world_size)
-        start = min(self.rank * share, len(batch))
-        return batch[start: start + share], len(batch), start
+        share, extra = divmod(len(batch), self.world_size)
+        start = self.rank * share + min(self.rank, extra)
+        return batch[start: start + share + (self.rank < extra)], len(batch), start
 
     def plan(self, epoch: int, start_step: int = 0) -> list[tuple[torch.Tensor, int, int]]:
         """`local_indices` of every step from `start_step` to the end of the epoch: O(N) for the whole epoch."""
@@ -275,11 +276,12 @@ class BadFiles:
                 rundir.append_jsonl(log, {"epoch": epoch, "bad_files": total, "time": rundir.now_iso()})
 
 
-def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int, workers: int = 0,
+def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int | list[int], workers: int = 0,
                device: torch.device | str = "cpu", view: EvalView | None = None,
                crop: tuple[CropSpec, torch.Tensor] | None = None,
                tally: BadFiles | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images on `device`, dataset indices) over `indices` in order, `batch_size` at a time.
+    """Yield (uint8 images on `device`, dataset indices) over `indices` in order, `batch_size` at a time (a list:
+    batches of those sizes).
 
     In-memory sets give the images themselves. Image files give the test `view` of each image, or, with `crop` =
     (CropSpec, uniforms of each of `indices`), that random-resized crop, cut by the workers (not flipped). No

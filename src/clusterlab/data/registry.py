@@ -15,12 +15,12 @@ the other ranks wait at a barrier.
 
 Image folders stay on disk: the set holds the sorted file paths and their labels (class = sub-folder of train/,
 searched recursively as torchvision's ImageFolder does), and the loader workers decode each image at its own size
-(files.py). Loading lists the folders and reads up to STATS_SAMPLE training files spread evenly over the list:
-their pixels give the normalisation statistics, their modes the channels (1 when every one of them is grey, else
-3: a grey file in a colour set is converted to RGB and vice versa) and their median shorter side the set's nominal
-`image_size` (the crop size that `--size_crops 0` stands for; no image is resized to it). Nothing else is read
-ahead and nothing is written into the data folder. A class folder without images, train/ and val/ with different
-class folders, or a sample of which no file is readable is a DataError.
+(files.py). Loading lists the folders and reads up to STATS_SAMPLE training files spread evenly over the list: their
+pixels give the normalisation statistics (a large JPEG's from a reduced decode), their modes the channels (1 when
+every one of them is grey, else 3: a grey file in a colour set is converted to RGB and vice versa) and their median
+shorter side the set's nominal `image_size` (the crop size that `--size_crops 0` stands for; no image is resized to
+it). Nothing else is read ahead and nothing is written into the data folder. A class folder without images, train/ and
+val/ with different class folders, or a sample of which no file is readable is a DataError.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 
 from .. import distributed
 from ..errors import DataError, one_line
-from .files import GREY_MODES, Unreadable, decode, open_image
+from .files import GREY_MODES, Unreadable, decode, draft_reduction, open_image
 from .formats import (read_cifar, read_cifar_meta, read_idx, read_stl10_images, read_stl10_labels)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -390,33 +390,59 @@ def load_imagefolder(path: Path, split: str) -> ImageSet:
 
 def _folder_statistics(train_files: list[str], train_root: Path) -> tuple[int, int, tuple, tuple]:
     """(channels, nominal image size, mean, std) from up to STATS_SAMPLE training files spread evenly over the
-    sorted list (its first files would be the first class or two only); unreadable files are reported and left out."""
+    sorted list (its first files would be the first class or two only); unreadable files are reported and left out.
+    Computed once per process for a sample whose files are unchanged (the test split and the evaluations load the
+    training split's statistics again)."""
     count = min(STATS_SAMPLE, len(train_files))
-    sample = [train_files[i * len(train_files) // count] for i in range(count)]
+    sample = tuple(train_files[i * len(train_files) // count] for i in range(count))
+    key = (sample, tuple(_file_stamp(file) for file in sample))
+    if key not in _STATISTICS:
+        _STATISTICS.clear()  # one folder's at a time: a process rarely reads two
+        _STATISTICS[key] = _sample_statistics(sample, train_root)
+    return _STATISTICS[key]
+
+
+_STATISTICS: dict[tuple, tuple[int, int, tuple, tuple]] = {}
+STATS_SIDE = 256  # a JPEG is decoded for its histogram at 1/2, 1/4 or 1/8 while its shorter side stays above this
+
+
+def _file_stamp(file: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, int, tuple, tuple]:
+    """The statistics of `_folder_statistics` from the files of `sample`. The nominal size is the median shorter
+    side of the files as stored; the histograms of large JPEGs come from a reduced decode (libjpeg's DCT scaling,
+    an area average: it keeps the mean and narrows the std a little), which spares a full decode of each
+    multi-megapixel photograph."""
     headers, unreadable = {}, []
     for file in sample:
         try:
             with open_image(file) as image:
-                headers[file] = image.mode
+                headers[file] = image.mode, min(image.size)
         except Unreadable as err:
             unreadable.append(f"{file} ({err})")
-    channels = 1 if headers and all(mode in GREY_MODES for mode in headers.values()) else 3
+    channels = 1 if headers and all(mode in GREY_MODES for mode, _ in headers.values()) else 3
     counts, shorter_sides = np.zeros((channels, 256)), []
-    for file in headers:
+    for file, (_, shorter_side) in headers.items():
         try:
             with open_image(file) as image:
-                decoded, _ = decode(image, "L" if channels == 1 else "RGB")
+                decoded, _ = decode(image, "L" if channels == 1 else "RGB", draft_reduction(shorter_side / STATS_SIDE))
                 pixels = np.array(decoded).reshape(decoded.height, decoded.width, channels)  # writable, for torch
         except Unreadable as err:
             unreadable.append(f"{file} ({err})")
             continue
         counts += _histograms(pixels.transpose(2, 0, 1)[None])
-        shorter_sides.append(min(decoded.size))
+        shorter_sides.append(shorter_side)
     for line in unreadable:
         print(f"unreadable image file {line}; left out of the statistics", flush=True)
     if not shorter_sides:
-        raise DataError(f"dataset 'imagefolder': none of the {count} files sampled under {str(train_root)!r} is a "
-                        f"readable image (first: {unreadable[0]})")
+        raise DataError(f"dataset 'imagefolder': none of the {len(sample)} files sampled under {str(train_root)!r} "
+                        f"is a readable image (first: {unreadable[0]})")
     mean, std = _histogram_stats(counts)
     return channels, statistics.median_low(shorter_sides), mean, std
 

@@ -195,16 +195,12 @@ def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
     return EvalView.of(args.eval_crop or images.image_size, args.eval_resize)
 
 
-def pixels(images: ImageSet, view: EvalView, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def pixels(images: ImageSet, view: EvalView, device: torch.device = torch.device("cpu"),
+           workers: int = 0) -> torch.Tensor:
     """Raw pixels / 255 of each image's test `view`, flattened, on the CPU: the baseline every method must beat.
-    Unreadable image files are limited as in `extract` (collective, on the process group's `device`: every rank
-    computes the whole set)."""
-    tally = data_loader.BadFiles.limited(images, device)
-    batches = [resized(batch, view.crop) for batch, _ in
-               data_loader.sequential(images, torch.arange(len(images)), 512, view=view, tally=tally)]
-    tally.check_pass(images)
-    stacked = torch.cat(batches)
-    return stacked.reshape(len(stacked), -1)
+    Computed as `extract` computes features (each rank its share, gathered; unreadable files limited alike)."""
+    identity = (0.0,) * images.channels, (1.0,) * images.channels  # (x - 0) / 1: the pixels themselves
+    return extract(lambda x: x.flatten(1), images, view, *identity, device, workers=workers, normalize=False).cpu()
 
 
 @dataclass

@@ -152,6 +152,16 @@ class Method(nn.Module):
     def eval_size(self) -> int:
         return test_view_size(self.args.eval_crop, self.args.size_crops, self.info.image_size)
 
+    def check_input_sizes(self) -> None:
+        """Crops or a test view smaller than the backbone takes (AlexNet's pools need 63 px) are refused before
+        anything is written (they failed at the first step, deep inside a pooling layer)."""
+        smallest = getattr(self.backbone, "min_input_size", 1)
+        given = min(*(size or self.info.image_size for size in self.args.size_crops), self.eval_size)
+        if given < smallest:
+            raise ConfigError(f"--arch {self.args.arch} takes images of {smallest} px or more; this run gives it "
+                              f"{given} px (--size_crops {' '.join(map(str, self.args.size_crops))}, a test view of "
+                              f"{self.eval_size} px): ask for larger --size_crops / --eval_crop, or another --arch")
+
     @property
     def eval_view(self) -> EvalView:
         return EvalView.of(self.eval_size, self.args.eval_resize)
@@ -263,7 +273,11 @@ def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:
     settings where a PER_GROUP_COLOUR flag gives one value per group (BYOL-style asymmetric views)."""
     sizes = [s if s > 0 else info.image_size for s in args.size_crops]
     crops = crop_specs(args.nmb_crops, sizes, args.min_scale_crops, args.max_scale_crops)
-    columns = zip(*(per_group(args, flag, len(crops)) for flag in PER_GROUP_COLOUR))
+    columns = list(zip(*(per_group(args, flag, len(crops)) for flag in PER_GROUP_COLOUR)))
+    for strength, *_ in columns:
+        if strength * args.hue > 0.5:  # past half the colour circle the jitter wraps (torchvision refuses it)
+            raise ConfigError(f"--color_strength {strength:g} x --hue {args.hue:g} is a hue jitter of "
+                              f"{strength * args.hue:g}; the product must be at most 0.5")
     colours = [ColorSpec(strength * args.brightness, strength * args.contrast, strength * args.saturation,
                          strength * args.hue, jitter_p, grey_p, blur_p, flip_p=args.flip_p, solarize_p=solarize_p)
                for strength, jitter_p, grey_p, blur_p, solarize_p in columns]

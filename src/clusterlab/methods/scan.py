@@ -39,6 +39,14 @@ from .scan_base import add_strong_augment_args, require_in_memory
 PICK_SEED = 1
 
 
+def neighbour_label_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> float:
+    """The share of (image, neighbour) pairs, both labelled, of one label: labels -1 (STL-10's unlabelled images)
+    agree on nothing; nan without such a pair."""
+    theirs, own = labels[neighbours], labels[:, None].expand_as(neighbours)
+    labelled = (theirs >= 0) & (own >= 0)
+    return float((theirs == own)[labelled].float().mean()) if labelled.any() else float("nan")
+
+
 class SCAN(ClusterMethod):
     name = "scan"
 
@@ -105,10 +113,10 @@ class SCAN(ClusterMethod):
             return
         self.neighbours = self.mine_neighbours().to(self.device)
         if distributed.rank() == 0:
-            labels = self.train_set.labels.to(self.device)
-            agree = (labels[self.neighbours[:, 1:]] == labels[:, None]).float().mean()
+            agree = neighbour_label_agreement(self.train_set.labels.to(self.device), self.neighbours[:, 1:])
             print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined; "
-                  f"{100 * agree:.2f}% share their image's label (a monitor, never used)", flush=True)
+                  f"{100 * agree:.2f}% of the labelled pairs share their image's label (a monitor, never used)",
+                  flush=True)
 
     # ---- training ----
     @torch.no_grad()

@@ -18,13 +18,14 @@ assignment (i mod K, permuted per head). The index of the next relabelling is ch
 The labelling pass (choices):
 - `--label_view train` (default, upstream's quirk): the model in train mode (batch statistics, dropout) on the
   training augmentation; `--label_view eval`: eval mode on the test view.
-- Images go through in global chunks of `--label_batch_size` shuffled dataset positions (a permutation of their
-  own per labelling), each split over the ranks like a training batch, as upstream's labelling reads its shuffled
-  training loader: in a class-sorted image folder, chunks of consecutive positions would each hold one class, and
-  train-mode batch statistics would remove what tells the classes apart. With synchronised BN the batch statistics
-  of a chunk, and so the labels, are those of one process; the crops come from a generator of their own with
-  parameters drawn per dataset position, so they depend neither on the world size nor on the chunk size, and the
-  training crops are not disturbed. Unreadable image files are limited as in evaluation (data/loader.py).
+- Images go through in global chunks of `--label_batch_size` shuffled dataset positions (a permutation of their own
+  per labelling), each split over the ranks in contiguous shares (the first ranks one more where it does not split
+  evenly), as upstream's labelling reads its shuffled training loader: in a class-sorted image folder, chunks of
+  consecutive positions would each hold one class, and train-mode batch statistics would remove what tells the classes
+  apart. With synchronised BN the batch statistics of a chunk, and so the labels, are those of one process; the crops
+  come from a generator of their own with parameters drawn per dataset position, so they depend neither on the world
+  size nor on the chunk size, and the training crops are not disturbed. Unreadable image files are limited as in
+  evaluation (data/loader.py).
 - BN running statistics are restored afterwards. Upstream's pass updates them too, but training never reads them;
   restoring keeps the statistics evaluation uses equal to what the training batches produced.
 - The backbone features of this rank's share (AlexNet: fc7) stay on the device; each relabelled head's logits are
@@ -117,8 +118,7 @@ class SeLa(ClusterMethod):
                            help="precision of the heads' logits in the labelling pass: float64 as upstream's CPU code "
                                 "(CIFAR), float32 as its multi-GPU ImageNet path")
         group.add_argument("--label_batch_size", type=positive_int, default=512,
-                           help="images per forward pass of the labelling over all ranks (rounded up to a multiple "
-                                "of the world size)")
+                           help="images per forward pass of the labelling over all ranks (at least one per rank)")
         # The recipe of upstream's scripts/cifar.sh and cifar.py: one crop of scale 0.2-1, jitter (0.4 x 4) always.
         parser.set_defaults(epochs=400, batch_size=128, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4,
                             schedule="step", lr_drops=[240, 320], warmup_epochs=0, nmb_crops=[1], size_crops=[0],
@@ -128,6 +128,9 @@ class SeLa(ClusterMethod):
         super().__init__(args, info, device)
         if args.nopts < 2:
             raise ConfigError(f"--nopts {args.nopts} must be at least 2 (the first optimisation is at step 0)")
+        if args.label_batch_size < distributed.world_size():
+            raise ConfigError(f"--label_batch_size {args.label_batch_size} is below the {distributed.world_size()} "
+                              f"processes: give every process at least one image per labelling pass")
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.head_classes) for _ in range(args.num_heads))
         for head in self.heads:  # upstream's initialisation of every linear layer
@@ -214,15 +217,13 @@ class SeLa(ClusterMethod):
     def label_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features of this rank's share of the training set and the dataset positions they belong to."""
         args, images = self.args, self.train_set
-        world = distributed.world_size()
-        local = -(-args.label_batch_size // world)
-        chunks = data_loader.GlobalBatches(len(images), local * world, world, distributed.rank(),
-                                           seed=args.seed + LABEL_ORDER_SEED, drop_last=False)
+        chunks = data_loader.GlobalBatches(len(images), args.label_batch_size, distributed.world_size(),
+                                           distributed.rank(), seed=args.seed + LABEL_ORDER_SEED, drop_last=False)
         plan = chunks.plan(self.next_relabel)
         positions = torch.cat([idx for idx, _, _ in plan])
         # The images each batch-norm pass normalises over: the whole chunk with synchronised batch norm, else each
         # process's share of it.
-        normalised_over = ([total for _, total, _ in plan] if args.sync_bn and world > 1
+        normalised_over = ([total for _, total, _ in plan] if args.sync_bn and distributed.world_size() > 1
                            else [len(idx) for idx, _, _ in plan])
         train_view = args.label_view == "train"
         params = self.label_augment.sample(len(images))[0] if train_view else None
@@ -238,8 +239,10 @@ class SeLa(ClusterMethod):
         features = []
         tally = data_loader.BadFiles.limited(images, self.device)
         try:
-            # Every chunk but the last gives this rank exactly `local` images, so these batches are its chunks.
-            for chunk, (batch, idx) in enumerate(data_loader.sequential(images, positions, local, args.workers,
+            # This rank's share of every chunk (--label_batch_size is at least the world size: only the last chunk
+            # can leave a rank none).
+            shares = [len(idx) for idx, _, _ in plan if len(idx)]
+            for chunk, (batch, idx) in enumerate(data_loader.sequential(images, positions, shares, args.workers,
                                                                         self.device, self.eval_view, files_crop,
                                                                         tally)):
                 if train_view:

@@ -32,6 +32,8 @@ def _scaled(channels: int, width: int) -> int:
 
 
 class AlexNetBN(nn.Module):
+    min_input_size = 63  # the smallest input its three stride-2 max-pools leave a pixel of
+
     def __init__(self, in_channels: int = 3, width: int = 64, init: str = "kaiming"):
         super().__init__()
         layers, channels = [], in_channels

@@ -71,8 +71,8 @@ def main(argv=None):
         else:
             fit_set = scored_set if args.split == "test" else data.load(args.dataset, "test", args.data_path,
                                                                         args.download)
-        fit_x = pixels(fit_set, view, ctx.device)
-        scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device)
+        fit_x = pixels(fit_set, view, ctx.device, args.workers)
+        scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
         if args.normalize:
             fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
         kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, "pixels",

@@ -60,7 +60,7 @@ def main(argv=None):
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
         view = baseline_view(args, train_set)
-        train_x, test_x = (F.normalize(pixels(s, view, ctx.device), dim=1).to(ctx.device)
+        train_x, test_x = (F.normalize(pixels(s, view, ctx.device, args.workers), dim=1).to(ctx.device)
                            for s in (train_set, test_set))
         position = checkpoint_name = None
         data_keys = data_protocol(train_set, test_set, view, train_set.image_size)

@@ -77,6 +77,7 @@ def main(kind: str, argv=None):
                                   f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
                                   f"these")
         method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
+        method.check_input_sizes()
         if found is not None:
             source = method.load_pretrained(pretrained, *found)
             found = None  # the pre-trained checkpoint's memory goes before training
