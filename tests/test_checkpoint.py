@@ -126,6 +126,17 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert len(message) < 400
 
 
+def test_a_file_torch_cannot_map_is_refused_for_what_it_holds(tmp_path):
+    """mmap loading refuses any file outside torch's zip format with advice to save it again; the reason given is the
+    one a plain load finds (here: a pickle of code), and nothing runs."""
+    import pickle
+
+    marker, path = tmp_path / "code_ran", tmp_path / "checkpoint.pth"
+    path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
+    message = assert_refused(path, "weights_only refused it", mmap=True)
+    assert "mmap" not in message and not marker.exists()
+
+
 def test_load_uses_weights_only(tmp_path, monkeypatch):
     path = saved(tmp_path)
     calls = []

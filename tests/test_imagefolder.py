@@ -329,6 +329,29 @@ def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_contin
                       "to train the probe afresh")
 
 
+def test_a_resumed_run_normalises_as_its_checkpoint_did(tmp_path, monkeypatch):
+    """An image folder's statistics are computed at every start: a resume goes on with the checkpoint's mean and std
+    even where the code that computes them has changed since (here: every statistic moved by 0.1)."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=4, classes=2, size=8)
+    run = [str(arg) for arg in (*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size",
+                                "4", "--output_dir", tmp_path / "run")]
+    main = entry_module("main_pretrain").main
+    main([*run, "--epochs", "1"])
+    trained_with = checkpoint.load(tmp_path / "run" / "checkpoint.pth")["data_info"]
+    computed = registry._folder_statistics
+
+    def moved(files, root):
+        channels, size, mean, std = computed(files, root)
+        return channels, size, tuple(m + 0.1 for m in mean), tuple(s + 0.1 for s in std)
+
+    monkeypatch.setattr(registry, "_folder_statistics", moved)
+    assert registry.load("imagefolder", "train", str(tmp_path / "data")).mean[0] == trained_with["mean"][0] + 0.1
+    main([*run, "--epochs", "2"])
+    resumed = checkpoint.load(tmp_path / "run" / "checkpoint.pth")
+    assert resumed["epoch"] == 2
+    assert (resumed["data_info"]["mean"], resumed["data_info"]["std"]) == (trained_with["mean"], trained_with["std"])
+
+
 def test_the_fingerprint_reads_file_names_that_are_not_utf8(tmp_path):
     fabricate.make_imagefolder(tmp_path, n_per_class=3, classes=2, size=12)
     first = sorted((tmp_path / "train").rglob("*.png"))[0]

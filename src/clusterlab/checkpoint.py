@@ -103,6 +103,8 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for truncated or foreign files
+        if mmap:  # torch maps its zip format only: read without mapping, which names what is wrong with the file
+            return load(path, kind=kind, method=method, map_location=map_location)
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({failure_reason(err)})"
                               ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -67,16 +67,22 @@ def main(kind: str, argv=None):
         resuming = own.exists()
         # Read once, for its normalisation and its weights (a resumed run has both in its own checkpoint).
         found = read_pretrained(pretrained) if pretrained and not resuming else None
-        if pretrained and not args.mean:
-            # Both stages must normalise alike (STL-10's statistics differ between train+unlabeled and train); a run
-            # that resumes reads them from its own checkpoint: the pre-trained run may since have moved or changed.
-            args.mean, args.std = pretrained_normalisation(found[1] if found else
-                                                           checkpoint.load(own, kind="cluster", mmap=True))
-            if len(args.mean) != train_set.channels:
-                raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} channel(s), "
-                                  f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
-                                  f"these")
-        method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), ctx.device)
+        normalisation = args.mean, args.std
+        if not args.mean and (pretrained or resuming):
+            # A run that resumes goes on with the normalisation of its own checkpoint (an image folder's statistics
+            # are computed again at every start, by code that may have changed since; the pre-trained run may have
+            # moved or changed). A second stage starts with the first stage's (STL-10's statistics differ between
+            # train+unlabeled and train), which its config.yaml records.
+            normalisation = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
+            if len(normalisation[0]) != train_set.channels and not pretrained:
+                normalisation = args.mean, args.std  # another training set: start_run refuses the resume by name
+            if pretrained:
+                args.mean, args.std = normalisation
+                if len(args.mean) != train_set.channels:
+                    raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} "
+                                      f"channel(s), {args.dataset} has {train_set.channels}: start from a run trained "
+                                      f"on images like these")
+        method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
         method.check_input_sizes()
         if found is not None:
             source = method.load_pretrained(pretrained, *found)
