@@ -38,6 +38,9 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
      ["--arch alexnet_bn takes images of 63 px or more; this run gives it 8 px (--size_crops 8, a test view of 8 px)"]),
     ("test view too small for the arch", ["--arch", "alexnet_bn", "--size_crops", "64", "--eval_crop", "32"],
      ["this run gives it 32 px (--size_crops 64, a test view of 32 px)"]),
+    # --hue alone is checked by the parser; a strength scaled it past half the colour circle (the jitter wraps)
+    ("hue jitter past half the circle", ["--hue", "0.4", "--color_strength", "2"],
+     ["--color_strength 2 x --hue 0.4 is a hue jitter of 0.8; the product must be at most 0.5"]),
 ])
 def test_pretrain_more_bad_input(run_in_process, tmp_path, case, extra, words):
     out = tmp_path / "run"

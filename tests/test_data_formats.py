@@ -771,6 +771,13 @@ def test_imagefolder_statistics_are_read_once_per_process_until_a_file_changes(t
     Image.new("L", (8, 8), 255).save(train.files[0])  # whiter, and another size on disk
     changed = registry.load("imagefolder", "test", str(tmp_path))
     assert len(opened) == 24 and changed.mean[0] > train.mean[0]
+    # Replaced with its modification time set back (rsync -t, tar x): the inode and its change time still move.
+    before = os.stat(train.files[1])
+    Image.new("L", (8, 8), 255).save(tmp_path / "white.png")
+    os.replace(tmp_path / "white.png", train.files[1])
+    os.utime(train.files[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = registry.load("imagefolder", "train", str(tmp_path))
+    assert len(opened) == 36 and again.mean[0] > changed.mean[0]
 
 
 def test_imagefolder_statistics_decode_a_large_jpeg_reduced(tmp_path, monkeypatch):

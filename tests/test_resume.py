@@ -4,6 +4,7 @@ was never stopped. A command whose run-defining flags differ from the checkpoint
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -185,24 +186,26 @@ def _resumed_trainer(run_dir, *flags) -> engine.Trainer:
     return trainer
 
 
-def test_a_run_resumed_under_another_schedule_says_where_its_learning_rate_moves(tmp_path, reference):
+def test_a_run_resumed_under_other_schedule_flags_says_at_what_rates(tmp_path):
     """A finished cosine run extended with a larger --epochs climbs back from its final rate to the middle of the new
-    curve: allowed (config.yaml records the new flags), and said at the start. A change that leaves the rate where
-    it stands (--lr_drops under a cosine) says nothing."""
-    run_dir = copy_run(reference, tmp_path / "run")
-    assert _resumed_trainer(run_dir).resume_notes == []
-    assert _resumed_trainer(run_dir, "--lr_drops", 1).resume_notes == []
-    extended = _resumed_trainer(run_dir, "--epochs", 4)
+    curve: allowed (config.yaml records the new flags), and said at the start, with the rate of the last step."""
+    run_dir = tmp_path / "run"
+    cosine = [*RESUMABLE, "--warmup_epochs", 0]
+    assert_ok(run_script("main_pretrain.py", *cosine, "--output_dir", run_dir))
+    assert _resumed_trainer(run_dir, "--warmup_epochs", 0).resume_notes == []
+    extended = _resumed_trainer(run_dir, "--warmup_epochs", 0, "--epochs", 4)
     step = extended.global_step
     assert step == 2 * STEPS
-    before = engine.build_schedule(parse_args("pretrain", [*map(str, RESUMABLE), "--output_dir", "x"]), STEPS)(step)
+    last = engine.build_schedule(parse_args("pretrain", [*map(str, cosine), "--output_dir", "x"]), STEPS)(step - 1)
     now = extended.schedule(step)
-    assert now > 10 * before
-    assert extended.resume_notes == [f"the learning rate resumes at {now:.6g} at step {step}, where the schedule the "
-                                     f"checkpoint trained with stood at {before:.6g} (--epochs 2 -> 4)"]
-    result = run_script("main_pretrain.py", *RESUMABLE, "--epochs", 3, "--output_dir", run_dir)
+    # swav_digits.yaml: lr 4.8 -> 0.0048; the last of 56 steps, then the middle of 112
+    assert last == pytest.approx(0.0048 + (4.8 - 0.0048) * (1 + math.cos(math.pi * 55 / 56)) / 2)
+    assert now == pytest.approx((4.8 + 0.0048) / 2)
+    assert extended.resume_notes == [f"the schedule's flags changed on resume (--epochs 2 -> 4): step {step} trains "
+                                     f"at learning rate {now:.6g}, the last step trained at {last:.6g}"]
+    result = run_script("main_pretrain.py", *cosine, "--epochs", 3, "--output_dir", run_dir)
     assert_ok(result)
-    assert "note: the learning rate resumes at" in result.stdout and "(--epochs 2 -> 3)" in result.stdout
+    assert "note: the schedule's flags changed on resume (--epochs 2 -> 3)" in result.stdout
 
 
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):

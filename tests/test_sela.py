@@ -303,8 +303,9 @@ def test_three_processes_label_like_one_with_chunks_that_do_not_split_evenly():
 
 
 def _refused_label_batch(rank, world):
+    method, _ = labelled_method("train", chunk=1)  # built, as an evaluation builds it: refused for training only
     try:
-        labelled_method("train", chunk=1)
+        method.check_training_settings()
     except ConfigError as err:
         return str(err)
 

@@ -207,21 +207,19 @@ class Trainer:
         return self.position
 
     def schedule_change(self, saved_args: dict) -> str | None:
-        """A line when this command's schedule flags put the learning rate at the checkpoint's step elsewhere than
-        the flags the checkpoint trained with did (e.g. a cosine run extended with a larger --epochs climbs back from
-        its final rate)."""
+        """A line when this command's schedule flags differ from those the checkpoint trained with: the rate the
+        next step takes and the rate the last step took (a cosine run extended with a larger --epochs climbs back
+        from its final rate)."""
         changed = [key for key in SCHEDULE_KEYS if key in saved_args
                    and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
         if not changed:
             return None
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
-        before, now = build_schedule(saved, self.steps_per_epoch)(self.global_step), self.schedule(self.global_step)
-        if before == now:
-            return None
+        last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
         flags = ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(self.args, key))}"
                           for key in changed)
-        return (f"the learning rate resumes at {now:.6g} at step {self.global_step}, where the schedule the checkpoint "
-                f"trained with stood at {before:.6g} ({flags})")
+        return (f"the schedule's flags changed on resume ({flags}): step {self.global_step} trains at learning rate "
+                f"{self.schedule(self.global_step):.6g}, the last step trained at {last:.6g}")
 
     def restore_missing_epoch_checkpoints(self) -> None:
         """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between

@@ -197,8 +197,9 @@ def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
 
 def pixels(images: ImageSet, view: EvalView, device: torch.device = torch.device("cpu"),
            workers: int = 0) -> torch.Tensor:
-    """Raw pixels / 255 of each image's test `view`, flattened, on the CPU: the baseline every method must beat.
-    Computed as `extract` computes features (each rank its share, gathered; unreadable files limited alike)."""
+    """Raw pixels / 255 of each image's test `view`, flattened, returned on the CPU: the baseline every method must
+    beat. Computed as `extract` computes features: each rank resizes its share on `device` (the process group's; a
+    CUDA run gathers the whole set there, where the kNN then holds it) and unreadable files are limited alike."""
     identity = (0.0,) * images.channels, (1.0,) * images.channels  # (x - 0) / 1: the pixels themselves
     return extract(lambda x: x.flatten(1), images, view, *identity, device, workers=workers, normalize=False).cpu()
 

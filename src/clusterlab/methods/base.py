@@ -152,15 +152,22 @@ class Method(nn.Module):
     def eval_size(self) -> int:
         return test_view_size(self.args.eval_crop, self.args.size_crops, self.info.image_size)
 
-    def check_input_sizes(self) -> None:
-        """Crops or a test view smaller than the backbone takes (AlexNet's pools need 63 px) are refused before
-        anything is written (they failed at the first step, deep inside a pooling layer)."""
+    def check_training_settings(self) -> None:
+        """Settings no run can train with, refused before anything is written (training starts only: evaluations
+        rebuild the methods of runs that older code trained). Crops or a test view smaller than the backbone takes
+        (AlexNet's pools need 63 px; they failed at the first step, deep inside a pooling layer); a hue jitter that
+        --color_strength scales past half the colour circle (it wraps; torchvision refuses it)."""
+        args = self.args
         smallest = getattr(self.backbone, "min_input_size", 1)
-        given = min(*(size or self.info.image_size for size in self.args.size_crops), self.eval_size)
+        given = min(*(size or self.info.image_size for size in args.size_crops), self.eval_size)
         if given < smallest:
-            raise ConfigError(f"--arch {self.args.arch} takes images of {smallest} px or more; this run gives it "
-                              f"{given} px (--size_crops {' '.join(map(str, self.args.size_crops))}, a test view of "
+            raise ConfigError(f"--arch {args.arch} takes images of {smallest} px or more; this run gives it "
+                              f"{given} px (--size_crops {' '.join(map(str, args.size_crops))}, a test view of "
                               f"{self.eval_size} px): ask for larger --size_crops / --eval_crop, or another --arch")
+        for strength in per_group(args, "color_strength", len(args.nmb_crops)):
+            if strength * args.hue > 0.5:
+                raise ConfigError(f"--color_strength {strength:g} x --hue {args.hue:g} is a hue jitter of "
+                                  f"{strength * args.hue:g}; the product must be at most 0.5")
 
     @property
     def eval_view(self) -> EvalView:
@@ -273,11 +280,7 @@ def build_multicrop(args: argparse.Namespace, info: DataInfo) -> MultiCrop:
     settings where a PER_GROUP_COLOUR flag gives one value per group (BYOL-style asymmetric views)."""
     sizes = [s if s > 0 else info.image_size for s in args.size_crops]
     crops = crop_specs(args.nmb_crops, sizes, args.min_scale_crops, args.max_scale_crops)
-    columns = list(zip(*(per_group(args, flag, len(crops)) for flag in PER_GROUP_COLOUR)))
-    for strength, *_ in columns:
-        if strength * args.hue > 0.5:  # past half the colour circle the jitter wraps (torchvision refuses it)
-            raise ConfigError(f"--color_strength {strength:g} x --hue {args.hue:g} is a hue jitter of "
-                              f"{strength * args.hue:g}; the product must be at most 0.5")
+    columns = zip(*(per_group(args, flag, len(crops)) for flag in PER_GROUP_COLOUR))
     colours = [ColorSpec(strength * args.brightness, strength * args.contrast, strength * args.saturation,
                          strength * args.hue, jitter_p, grey_p, blur_p, flip_p=args.flip_p, solarize_p=solarize_p)
                for strength, jitter_p, grey_p, blur_p, solarize_p in columns]

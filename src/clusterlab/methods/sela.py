@@ -128,9 +128,6 @@ class SeLa(ClusterMethod):
         super().__init__(args, info, device)
         if args.nopts < 2:
             raise ConfigError(f"--nopts {args.nopts} must be at least 2 (the first optimisation is at step 0)")
-        if args.label_batch_size < distributed.world_size():
-            raise ConfigError(f"--label_batch_size {args.label_batch_size} is below the {distributed.world_size()} "
-                              f"processes: give every process at least one image per labelling pass")
         self.backbone = build_backbone(args.arch, info.channels, args.width, args.init)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.out_dim, args.head_classes) for _ in range(args.num_heads))
         for head in self.heads:  # upstream's initialisation of every linear layer
@@ -212,6 +209,13 @@ class SeLa(ClusterMethod):
             self.labels[h, positions] = distributed.all_gather_uneven(solution.labels)
             solutions.append(solution)
         return solutions
+
+    def check_training_settings(self) -> None:
+        super().check_training_settings()
+        if self.args.label_batch_size < distributed.world_size():
+            raise ConfigError(f"--label_batch_size {self.args.label_batch_size} is below the "
+                              f"{distributed.world_size()} processes: give every process at least one image per "
+                              f"labelling pass")
 
     @torch.no_grad()
     def label_features(self) -> tuple[torch.Tensor, torch.Tensor]:

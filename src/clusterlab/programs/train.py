@@ -83,7 +83,7 @@ def main(kind: str, argv=None):
                                       f"channel(s), {args.dataset} has {train_set.channels}: start from a run trained "
                                       f"on images like these")
         method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
-        method.check_input_sizes()
+        method.check_training_settings()
         if found is not None:
             source = method.load_pretrained(pretrained, *found)
             found = None  # the pre-trained checkpoint's memory goes before training
