@@ -41,6 +41,12 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     # --hue alone is checked by the parser; a strength scaled it past half the colour circle (the jitter wraps)
     ("hue jitter past half the circle", ["--hue", "0.4", "--color_strength", "2"],
      ["--color_strength 2 x --hue 0.4 is a hue jitter of 0.8; the product must be at most 0.5"]),
+    # numpy's and scikit-learn's generators stop at 2^32 - 1 (a traceback, or an overflow in torch)
+    ("negative seed", ["--seed", "-1"], ["--seed", "'-1' is not a seed (use 0 to 4294967295)"]),
+    ("huge seed", ["--seed", "99999999999999999999"], ["is not a seed (use 0 to 4294967295)"]),
+    ("negative step factor", ["--lr_gamma", "-1"], ["--lr_gamma", "'-1' is not a positive number"]),
+    ("momentum above 1", ["--momentum", "5"], ["--momentum", "'5' is not a probability"]),
+    ("rate beyond float32", ["--lr", "1e40"], ["--lr", "'1e40' is beyond float32's range"]),
 ])
 def test_pretrain_more_bad_input(run_in_process, tmp_path, case, extra, words):
     out = tmp_path / "run"
@@ -84,6 +90,21 @@ def test_pretrain_refuses_an_output_dir_that_is_a_file(run_in_process, tmp_path)
     result = run_in_process("main_pretrain.py", *TINY, "--output_dir", out)
     assert_user_error(result, "main_pretrain.py", f"--output_dir {str(out)!r} is a file")
     assert out.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("main_pretrain.py", [*TINY, "--output_dir", "LINK"]),
+    ("eval_knn.py", ["--baseline", "pixels", "--dataset", "digits", "--output_dir", "FILE"]),
+    ("collect_results.py", ["--root", "RUN", "--out", "FILE"]),
+])
+def test_an_output_path_where_a_file_or_a_dangling_link_stands_is_one_line(run_in_process, tiny_run, tmp_path, script,
+                                                                             extra):
+    (tmp_path / "file").write_text("a file\n")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "deep")
+    names = {"FILE": tmp_path / "file", "LINK": tmp_path / "link", "RUN": copy_run(tiny_run, tmp_path / "run")}
+    result = run_in_process(script, *[names.get(arg, arg) for arg in extra])
+    assert_user_error(result, script, "cannot write", "choose another path")
+    assert (tmp_path / "file").read_text() == "a file\n" and not (tmp_path / "nowhere").exists()
 
 
 def test_pretrain_bad_yaml_key(run_in_process, tmp_path):

@@ -134,6 +134,13 @@ def test_help_lists_the_flags_although_some_are_required(monkeypatch, capsys):
     assert caught.value.code == 0 and "--dataset DATASET" in out and "--per_class" in out
 
 
+def test_an_output_path_that_is_a_dangling_link_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "deep")
+    message = one_line_error(monkeypatch, capsys, ["--dataset", "digits", "--per_class", "2", "--out",
+                                                   str(tmp_path / "link")])
+    assert "cannot write" in message and "choose another path" in message and not (tmp_path / "nowhere").exists()
+
+
 def test_a_non_empty_output_folder_is_refused(tmp_path, fashion, monkeypatch, capsys):
     source, _ = fashion
     out = tmp_path / "out"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import bool_flag, finite_float, non_negative_float, non_negative_int, positive_int
+from .config import (bool_flag, finite_float, learning_rate, non_negative_float, non_negative_int, positive_float,
+                     positive_int, probability, seed)
 from .data import DATASETS
 
 
@@ -27,7 +28,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes (image folders only)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=seed, default=0)
 
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=positive_int, default=100)
     group.add_argument("--batch_size", type=positive_int, default=256, help="global batch, over all ranks")
     group.add_argument("--optimizer", choices=["sgd", "lars", "adam"], default="sgd")
-    group.add_argument("--lr", type=non_negative_float, default=0.03, help="base learning rate")
+    group.add_argument("--lr", type=learning_rate, default=0.03, help="base learning rate")
     group.add_argument("--final_lr", type=non_negative_float, default=0.0, help="cosine schedule's final learning rate")
     group.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
     group.add_argument("--warmup_epochs", type=non_negative_float, default=0)
@@ -43,10 +44,10 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
                        help="learning rate at the start of warm-up")
     group.add_argument("--lr_drops", type=non_negative_int, nargs="*", default=[],
                        help="epochs of the step schedule's drops")
-    group.add_argument("--lr_gamma", type=finite_float, default=0.1, help="factor of each step drop")
+    group.add_argument("--lr_gamma", type=positive_float, default=0.1, help="factor of each step drop")
     group.add_argument("--schedule_period", type=non_negative_int, default=0,
                        help="restart the schedule every N epochs (0: never)")
-    group.add_argument("--momentum", type=non_negative_float, default=0.9)
+    group.add_argument("--momentum", type=probability, default=0.9)
     group.add_argument("--nesterov", type=bool_flag, default=False)
     group.add_argument("--weight_decay", type=non_negative_float, default=1e-6)
     group.add_argument("--no_decay_bias_norm", type=bool_flag, default=False,

@@ -59,8 +59,27 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed every generator here takes (numpy's and scikit-learn's stop at 2^32 - 1)."""
+    value = _number(int, text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (use 0 to {MAX_SEED})")
+    return value
+
+
+MAX_SEED = 2 ** 32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def finite_float(text: str) -> float:
     return _number(float, text)
+
+
+def learning_rate(text: str) -> float:
+    value = non_negative_float(text)
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond float32's range (use at most {FLOAT32_MAX:.4g})")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -94,7 +113,7 @@ def _number(kind, text):
     return value
 
 
-INT_TYPES = (int, positive_int, non_negative_int)
+INT_TYPES = (int, positive_int, non_negative_int, seed)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -28,6 +28,8 @@ USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir"
                   errno.EDQUOT: "free some space or choose another --output_dir",
                   errno.EROFS: "choose a writable --output_dir",
                   errno.EACCES: "choose a directory you may write to",
+                  errno.EPERM: "choose a directory you may write to",
+                  errno.EEXIST: "a file, or a link to nowhere, stands where a folder is needed: choose another path",
                   errno.ENOTDIR: "a folder on that path is a file: choose another path",
                   errno.EISDIR: "that path is a folder: move it away or choose another path"}
 

@@ -45,7 +45,7 @@ def get_args_parser():
     parser.add_argument("--normalize", type=config.auto_or_bool, default="auto",
                         help="L2-normalise each image's features (or pixels) before k-means; auto: a run's features "
                              "yes, pixels no (the record says which)")
-    parser.add_argument("--seed", type=int, default=0, help="k-means seed")
+    parser.add_argument("--seed", type=config.seed, default=0, help="k-means seed")
     parser.add_argument("--plot", type=bool_flag, default=True, help="write the confusion and sample PNGs")
     return parser
 

@@ -34,7 +34,7 @@ def get_args_parser():
                         momentum=0.9, weight_decay=1e-6, sync_bn=False, amp="off")
     parser.add_argument("--cached_features", type=bool_flag, default=False,
                         help="train on features of unaugmented images extracted once (a different protocol)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=config.seed, default=0)
     parser.add_argument("--log_every", type=int, default=200)
     return parser
 
