@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from clusterlab import checkpoint
 from clusterlab.errors import CheckpointError
 from clusterlab.eval.features import load_run
+from conftest import copy_run
 
 STATE = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "step": 0, "names": ["a", "b"]}
 
@@ -137,6 +139,19 @@ def test_a_file_torch_cannot_map_is_refused_for_what_it_holds(tmp_path):
     assert "mmap" not in message and not marker.exists()
 
 
+def test_a_plain_pickle_is_refused_on_one_line_without_torchs_warning(tmp_path):
+    """torch warned (two lines on stderr, before the one-line refusal) about the pickle protocol."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"w": [1]}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_refused(path, "weights_only refused it")
+    assert [str(w.message) for w in caught] == []
+
+
 def test_load_uses_weights_only(tmp_path, monkeypatch):
     path = saved(tmp_path)
     calls = []
@@ -191,3 +206,21 @@ def test_evaluation_refuses_a_checkpoint_that_is_not_a_trained_model(tiny_run, t
     with pytest.raises(CheckpointError, match="a 'linear' checkpoint; expected pretrain or cluster"):
         load_run(tiny_run, str(probe), torch.device("cpu"))
     assert state["epoch"] == load_run(tiny_run, None, torch.device("cpu")).epoch == 2
+
+
+def test_weights_that_are_not_finite_are_refused_for_evaluation_and_as_a_first_stage(tiny_run, tmp_path):
+    """An edited checkpoint with a NaN in one tensor: eval_knn scored chance from it, eval_cluster failed inside
+    k-means, a second stage trained until its NaN guard stopped it."""
+    from clusterlab.methods.cluster_base import read_pretrained
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    state = checkpoint.load(run / "checkpoint.pth")
+    name = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][name][0] = float("nan")
+    checkpoint.save(state, run / "checkpoint.pth", kind="pretrain", method="swav")
+    words = rf"holds non-finite weights \({re.escape(name)}\); training never saves"
+    with pytest.raises(CheckpointError, match=words):
+        load_run(run, None, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=words):
+        read_pretrained(str(run / "checkpoint.pth"))
+    assert load_run(run, "checkpoint_ep0001.pth", torch.device("cpu")).epoch == 1

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,9 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns (two lines) about a pickle of another protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for truncated or foreign files
         if mmap:  # torch maps its zip format only: read without mapping, which names what is wrong with the file
             return load(path, kind=kind, method=method, map_location=map_location)
@@ -120,6 +123,16 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
         raise CheckpointError(f"checkpoint {str(path)!r} was written by method {payload.get('method')!r}, "
                               f"not {method!r}; use a fresh --output_dir for a different method")
     return payload
+
+
+def require_finite_weights(state: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose model holds a NaN or an infinity: training never saves one (engine.Trainer.save), so
+    the file was edited or written elsewhere, and its evaluation would score chance or fail inside k-means."""
+    model = state.get("model")
+    for name, value in (model.items() if isinstance(model, dict) else ()):
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite weights ({name}); training never saves "
+                                  f"such weights: take an earlier checkpoint of the run")
 
 
 def failure_reason(err: Exception) -> str:

@@ -142,6 +142,7 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         # Written by another version, or edited: the rebuilt model and the weights disagree.
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit run {str(run_dir)!r}: "
                               f"{checkpoint.failure_reason(err)}") from None
+    checkpoint.require_finite_weights(state, path)
     method.to(device).eval()
     # A file of another directory is recorded under its full path: a record of the run's own file of that name
     # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).

@@ -150,7 +150,9 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
                               f"epoch {status.get('epoch')}); let it finish, or name one of its checkpoint files to "
                               f"start from that state")
         path = path / "checkpoint.pth"
-    return path, checkpoint.load(path, kind=("pretrain", "cluster"))
+    state = checkpoint.load(path, kind=("pretrain", "cluster"))
+    checkpoint.require_finite_weights(state, path)
+    return path, state
 
 
 def pretrained_origin(path: Path, state: dict) -> dict:
