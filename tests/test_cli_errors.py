@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from clusterlab import checkpoint
-from conftest import TINY, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
+from conftest import ROOT, TINY, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
 
 
 @pytest.mark.parametrize("case, extra, words", [
@@ -90,6 +90,22 @@ def test_pretrain_refuses_an_output_dir_that_is_a_file(run_in_process, tmp_path)
     result = run_in_process("main_pretrain.py", *TINY, "--output_dir", out)
     assert_user_error(result, "main_pretrain.py", f"--output_dir {str(out)!r} is a file")
     assert out.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("script, config, words", [
+    ("main_pretrain.py", "configs/sela_cifar10_resnet.yaml",
+     ["--method 'sela' (on the command line or in --config) is trained by main_cluster.py; main_pretrain.py trains "
+      "npid, superand, swav, unmix"]),
+    ("main_cluster.py", "configs/swav_digits.yaml", ["--method 'swav'", "is trained by main_pretrain.py"]),
+    ("main_pretrain.py", "MISSPELT", ["--method 'swavv'", "is not a method; main_pretrain.py trains npid"]),
+])
+def test_a_config_of_the_other_program_or_a_misspelt_method_is_named(run_in_process, tmp_path, script, config, words):
+    """It was refused for the first key only the other method has ('unknown key head_classes')."""
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text("method: swavv\nepsilon: 0.1\n")
+    path = misspelt if config == "MISSPELT" else ROOT / config
+    assert_user_error(run_in_process(script, "--config", path, "--output_dir", tmp_path / "run"), script, *words)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script, extra", [
@@ -177,6 +193,7 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     (["--root", "/nonexistent_root"], ["--root '/nonexistent_root'", "not a directory"]),
     (["--published", "/nonexistent.csv"], ["--published '/nonexistent.csv'", "does not exist"]),
     (["--published", "PUBLISHED"], ["lacks the column(s) epochs, metric", "expected: method, dataset"]),
+    (["--published", "LATIN1"], ["--published", "is not a CSV file of UTF-8 text (UnicodeDecodeError"]),  # a traceback
 ])
 def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
@@ -184,7 +201,9 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     (root / "run" / "metrics.jsonl").write_text('{"method": "swav", "dataset": "digits", "metrics": {"acc": 0.5}}\n')
     published = tmp_path / "published.csv"
     published.write_text("method,dataset,eval,value\nswav,digits,cluster,50\n")
-    argv = ["--root", root, "--out", out, *[published if a == "PUBLISHED" else a for a in extra]]
+    (tmp_path / "latin1.csv").write_bytes("method,dataset\nswav,caf\xe9\n".encode("latin-1"))
+    files = {"PUBLISHED": published, "LATIN1": tmp_path / "latin1.csv"}
+    argv = ["--root", root, "--out", out, *[files.get(a, a) for a in extra]]
     result = run_in_process("collect_results.py", *argv)
     assert_user_error(result, "collect_results.py", *words)
     assert not out.exists()

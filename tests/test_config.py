@@ -97,6 +97,9 @@ def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
 @pytest.mark.parametrize("text, problem", [
     ("a: [1", "is not valid YAML"),
     ("- 1\n- 2\n", "must hold a mapping"),
+    # YAML itself keeps the last of two equal keys: `epochs: 1` then `epochs: 2` trained 2 epochs
+    ("epochs: 1\nlr: 0.1\nepochs: 2\n", r"key 'epochs' appears twice \(lines 1 and 3\); keep one"),
+    ("hidden_dim: 8\ndefaults: &d {lr: 0.1}\nnested: {<<: *d, lr: 0.2, lr: 0.3}\n", "key 'lr' appears twice"),
 ])
 def test_malformed_file_is_refused(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"
@@ -105,12 +108,26 @@ def test_malformed_file_is_refused(tmp_path, text, problem):
         pretrain.parse_args(["--config", str(path)])
 
 
+def test_a_merge_key_is_overridden_without_counting_as_a_duplicate(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("defaults: &d {x: 1, y: 2}\nmapping: {<<: *d, x: 3}\n")
+    assert config.load_yaml(path)["mapping"] == {"x": 3, "y": 2}
+
+
 @pytest.mark.parametrize("text", [b"args: [1", b"args:\n  method: swav\xff\n"])
 def test_a_run_config_that_is_not_yaml_is_refused_on_one_line(tmp_path, text):
     (tmp_path / "config.yaml").write_bytes(text)
     with pytest.raises(ConfigError, match="config.yaml is not valid YAML") as caught:
         config.read_run_config(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["program: x\n", "args:\n", "args: [1, 2]\n", "- 1\n"])
+def test_a_run_config_without_a_mapping_of_flags_is_refused_on_one_line(tmp_path, text):
+    """`args: null` or a list gave an AttributeError traceback in every evaluation."""
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.yaml is not a clusterlab run config \(no mapping of flags"):
+        config.read_run_config(tmp_path)
 
 
 def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):

@@ -208,6 +208,19 @@ def test_a_run_resumed_under_other_schedule_flags_says_at_what_rates(tmp_path):
     assert "note: the schedule's flags changed on resume (--epochs 2 -> 3)" in result.stdout
 
 
+def test_a_finished_run_started_again_with_other_flags_keeps_its_record(tmp_path, reference):
+    """Nothing trains, so config.yaml keeps the flags (and code) that trained the run: the tables group runs by it,
+    and rewritten it filed the run under settings it never trained with."""
+    run_dir = copy_run(reference, tmp_path / "run")
+    before = snapshot(run_dir)
+    result = run_script("main_pretrain.py", *RESUMABLE, "--temperature", 0.5, "--epsilon", 0.3, "--output_dir", run_dir)
+    assert_ok(result)
+    assert f"{run_dir} has trained its 2 epochs: nothing to train" in result.stdout and "note:" not in result.stdout
+    after = snapshot(run_dir)
+    assert {name: after[name] for name in ("config.yaml", "checkpoint.pth")} == \
+        {name: before[name] for name in ("config.yaml", "checkpoint.pth")}
+
+
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):
     others = sorted(name for name, cls in METHODS.items() if cls.program_kind == "pretrain" and name != "swav")
     assert others, "main_pretrain.py should offer more methods than swav"

@@ -310,6 +310,15 @@ def _refused_label_batch(rank, world):
         return str(err)
 
 
+def test_more_clusters_than_images_is_refused_for_training():
+    method, _ = labelled_method("train", samples=193)
+    method.args.head_classes = 194
+    with pytest.raises(ConfigError, match=r"^--head_classes 194 \(--ncl\) asks for more clusters than the 193 "):
+        method.check_training_settings()
+    method.args.head_classes = 193
+    method.check_training_settings()
+
+
 def test_fewer_labelling_images_than_processes_is_refused():
     assert run_distributed(_refused_label_batch, 2) == [
         "--label_batch_size 1 is below the 2 processes: give every process at least one image per labelling pass"] * 2

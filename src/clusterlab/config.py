@@ -413,10 +413,29 @@ def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program
     atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (YAML keeps the last,
+    silently: `epochs: 1` then `epochs: 2` trained 2)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the mapping's own keys override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    f"keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(path: Path, named: str):
-    """The YAML document of `path`; one ConfigError naming it (`named`) when it is not YAML (or not UTF-8 text)."""
+    """The YAML document of `path`; one ConfigError naming it (`named`) when it is not YAML (or not UTF-8 text), or
+    gives a key twice in one mapping."""
     try:
-        return yaml.safe_load(path.read_bytes())
+        return yaml.load(path.read_bytes(), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{named} is not valid YAML ({str(err).splitlines()[0]})") from None
 
@@ -426,8 +445,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (not a clusterlab run?)")
     data = _parse_yaml(path, str(path))
-    if not isinstance(data, dict) or "args" not in data:
-        raise ConfigError(f"{path} is not a clusterlab run config")
+    if not isinstance(data, dict) or not isinstance(data.get("args"), dict):
+        raise ConfigError(f"{path} is not a clusterlab run config (no mapping of flags under `args`)")
     return data["args"]
 
 

@@ -559,21 +559,27 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = load(args.dataset, "test", args.data_path)
+    # Nothing to train: the record stays that of the starts that trained (unless it is missing).
+    finished = start_epoch == args.epochs > 0 and (run_dir / "config.yaml").exists()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)
         rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
         trainer.restore_missing_epoch_checkpoints()
-        code = git_state()
-        if trainer.trained_by[-1:] != [code]:
-            trainer.trained_by.append(code)
-        # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
-        write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
-                       trained_by=trainer.trained_by, **method.recorded())
+        if finished:
+            print(f"{run_dir} has trained its {args.epochs} epochs: nothing to train (config.yaml keeps the flags and "
+                  f"code it trained with)", flush=True)
+        else:
+            code = git_state()
+            if trainer.trained_by[-1:] != [code]:
+                trainer.trained_by.append(code)
+            # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
+            write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
+                           trained_by=trainer.trained_by, **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer
-        for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
+        for note in [] if finished else [*trainer.whole_run_settings(), *trainer.resume_notes]:
             print(f"note: {note}", flush=True)
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "

@@ -212,6 +212,9 @@ class SeLa(ClusterMethod):
 
     def check_training_settings(self) -> None:
         super().check_training_settings()
+        if self.args.head_classes > self.info.num_samples:
+            raise ConfigError(f"--head_classes {self.args.head_classes} (--ncl) asks for more clusters than the "
+                              f"{self.info.num_samples} training images: use at most {self.info.num_samples}")
         if self.args.label_batch_size < distributed.world_size():
             raise ConfigError(f"--label_batch_size {self.args.label_batch_size} is below the "
                               f"{distributed.world_size()} processes: give every process at least one image per "

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 from .. import config, curves, results
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 
 PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "source", "protocol")
 
@@ -133,7 +133,10 @@ def read_published(path: str, default: str):
         return None
     if not Path(path).is_file():
         raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")
-    published = pd.read_csv(path)
+    try:
+        published = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ConfigError(f"--published {path!r} is not a CSV file of UTF-8 text ({one_line(err)})") from None
     missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
     if missing:
         raise ConfigError(f"--published {path!r} lacks the column(s) {', '.join(missing)} "

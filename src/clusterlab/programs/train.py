@@ -43,10 +43,16 @@ def get_args_parser(kind: str):
 
 
 def add_method_args(kind: str, parser, known: dict) -> None:
-    """The flags of the method `known` names (the first look at the command line and YAML file decides)."""
+    """The flags of the method `known` names (the first look at the command line and YAML file decides). A method
+    of the other program, or none at all, is named here: the config's keys for that method would otherwise be
+    refused one by one as unknown flags."""
     method = known.get("method", parser.get_default("method"))
-    if method in methods_of(kind):
-        METHODS[method].add_args(parser)
+    if method not in methods_of(kind):
+        other = next((program for other, program in PROGRAM.items() if method in methods_of(other)), None)
+        trained_by = f"is trained by {other}" if other else "is not a method"
+        raise ConfigError(f"--method {method!r} (on the command line or in --config) {trained_by}; {PROGRAM[kind]} "
+                          f"trains {', '.join(methods_of(kind))}")
+    METHODS[method].add_args(parser)
 
 
 def parse_args(kind: str, argv=None):
