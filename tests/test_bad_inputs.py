@@ -81,6 +81,13 @@ CASES = [
      ["config 'configs/nosuch.yaml' does not exist", "current directory", "grid.yaml"], "grid-config-missing"),
     ("launch.py", lambda t: recipes(t, config="configs/nosuch.yaml"),
      ["config 'configs/nosuch.yaml' does not exist", "current directory", "recipes.yaml"], "recipe-config-missing"),
+    # a TypeError traceback each, before
+    ("launch.py", lambda t: grid(t, config=5), ["config 5 is not a file name"], "grid-config-a-number"),
+    ("launch.py", lambda t: recipes(t, config=5), ["config 5 is not a file name"], "recipe-config-a-number"),
+    ("launch.py", lambda t: grid(t, PIPELINE, stages=5), ["`stages` must be a list of stages (got 5)"],
+     "grid-stages-a-number"),
+    ("launch.py", lambda t: grid(t, output_root=5), ["`output_root` must be a folder's path (got 5)"],
+     "grid-output-root-a-number"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"kk": 3}}}),
      ["'kk'"], "grid-unknown-eval-flag"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_foo.py"]}), ["'eval_foo.py'", "eval_knn.py"],

@@ -33,6 +33,7 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     ("unknown split", ["--train_split", "bogus"], ["'bogus'", "train, test"]),
     ("unknown arch", ["--arch", "vgg"], ["--arch 'vgg'", "resnet18_cifar"]),
     ("missing config", ["--config", "/nonexistent.yaml"], ["'/nonexistent.yaml'", "does not exist"]),
+    ("config a folder", ["--config", "/tmp"], ["config file '/tmp' is a folder (give a YAML file"]),
     # it failed at the first step inside a max-pool, with status.json "failed"
     ("crops too small for the arch", ["--arch", "alexnet_bn", "--size_crops", "8"],
      ["--arch alexnet_bn takes images of 63 px or more; this run gives it 8 px (--size_crops 8, a test view of 8 px)"]),

@@ -34,13 +34,15 @@ def test_prototypes_get_no_gradient_for_the_length_given(flags, steps_per_epoch,
 def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     # digits, batch 64: 14 steps per epoch, 28 in 2 epochs
     done = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_niters", 28, "--warmup_epochs", 2,
-                      "--queue_length", 128, "--epoch_queue_starts", 2, "--output_dir", tmp_path / "run")
+                      "--queue_length", 128, "--epoch_queue_starts", 2, "--checkpoint_epochs", 1, 3, 5,
+                      "--output_dir", tmp_path / "run")
     assert_ok(done)
     notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 3, done.stdout
+    assert len(notes) == 4, done.stdout
     assert "warms up for the whole run (--warmup_epochs 2.0 >= --epochs 2)" in notes[0]
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
+    assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
     quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
                        "--output_dir", tmp_path / "quiet")
     assert_ok(quiet)

@@ -253,6 +253,8 @@ def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dic
 
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder (give a YAML file, e.g. configs/swav_digits.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     data = _parse_yaml(path, f"config file {str(path)!r}") or {}

@@ -129,11 +129,16 @@ class Trainer:
         return precision_name(self.amp_dtype)
 
     def whole_run_settings(self) -> list[str]:
-        """Lengths that cover the whole run: warm-up, and the method's own (prototype freezing, queue start)."""
+        """Lengths that cover the whole run: warm-up, and the method's own (prototype freezing, queue start); epoch
+        checkpoints asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
         if self.args.warmup_epochs >= self.args.epochs:
             notes.insert(0, f"the learning rate warms up for the whole run (--warmup_epochs {self.args.warmup_epochs} "
                             f">= --epochs {self.args.epochs})")
+        beyond = [epoch for epoch in self.args.checkpoint_epochs if epoch > self.args.epochs]
+        if beyond:
+            notes.append(f"--checkpoint_epochs {' '.join(map(str, beyond))}: beyond --epochs {self.args.epochs}, "
+                         f"never written")
         return notes
 
     # ---- checkpoints ----

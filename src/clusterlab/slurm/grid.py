@@ -186,6 +186,8 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
                         f"(or launch.py --output_root) instead")
     # Absolute, so that this process, its jobs and a generated sbatch script (run from wherever sbatch is called)
     # mean the same directories.
+    if not isinstance(spec.get("output_root") or "", str):
+        _fail(path, f"`output_root` must be a folder's path (got {spec['output_root']!r})")
     root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
     evals = _eval_spec(path, spec.get("evals"))
     axis_keys = list(axes)
@@ -248,6 +250,8 @@ def _stages(path, spec: dict) -> list[dict]:
         stages = [{"name": None, "program": spec.get("program"), "config": spec.get("config")}]
     elif "program" in spec or "config" in spec:
         _fail(path, "with `stages`, each stage names its own program and config (no top-level ones)")
+    elif not isinstance(spec["stages"], list):
+        _fail(path, f"`stages` must be a list of stages (got {spec['stages']!r})")
     else:
         stages = spec["stages"]
     seen = []

@@ -21,6 +21,8 @@ def find_config(config_file, source, label: str) -> Path:
     configs/grids/digits_smoke.yaml finds the repository's configs/ wherever launch.py starts, and nothing depends
     on where the package is installed.
     """
+    if not isinstance(config_file, str) or not config_file:
+        raise ConfigError(f"{label}: config {config_file!r} is not a file name (give the path of a YAML file)")
     path = Path(config_file)
     folders = [] if path.is_absolute() else Path(os.path.abspath(source)).parents
     for candidate in [path, *(folder / path for folder in folders)]:
