@@ -83,6 +83,8 @@ CASES = [
      ["config 'configs/nosuch.yaml' does not exist", "current directory", "recipes.yaml"], "recipe-config-missing"),
     # a TypeError traceback each, before
     ("launch.py", lambda t: grid(t, config=5), ["config 5 is not a file name"], "grid-config-a-number"),
+    ("launch.py", lambda t: grid(t, flags={**GRID["flags"], "method": "swavv"}),
+     ["grid.yaml", "method 'swavv' is not one of: embedul, npid"], "grid-misspelt-method"),
     ("launch.py", lambda t: recipes(t, config=5), ["config 5 is not a file name"], "recipe-config-a-number"),
     ("launch.py", lambda t: grid(t, PIPELINE, stages=5), ["`stages` must be a list of stages (got 5)"],
      "grid-stages-a-number"),

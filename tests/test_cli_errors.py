@@ -95,8 +95,7 @@ def test_pretrain_refuses_an_output_dir_that_is_a_file(run_in_process, tmp_path)
 
 @pytest.mark.parametrize("script, config, words", [
     ("main_pretrain.py", "configs/sela_cifar10_resnet.yaml",
-     ["--method 'sela' (on the command line or in --config) is trained by main_cluster.py; main_pretrain.py trains "
-      "npid, superand, swav, unmix"]),
+     ["--method 'sela' is trained by main_cluster.py; main_pretrain.py trains npid, superand, swav, unmix"]),
     ("main_cluster.py", "configs/swav_digits.yaml", ["--method 'swav'", "is trained by main_pretrain.py"]),
     ("main_pretrain.py", "MISSPELT", ["--method 'swavv'", "is not a method; main_pretrain.py trains npid"]),
 ])

@@ -108,10 +108,22 @@ def test_malformed_file_is_refused(tmp_path, text, problem):
         pretrain.parse_args(["--config", str(path)])
 
 
-def test_a_merge_key_is_overridden_without_counting_as_a_duplicate(tmp_path):
+@pytest.mark.parametrize("text, key, expected", [
+    ("defaults: &d {x: 1, y: 2}\nmapping: {<<: *d, x: 3}\n", "mapping", {"x": 3, "y": 2}),
+    # an anchored mapping that merges and overrides, merged before it is built: PyYAML rewrites it in place
+    ("base: &base {epochs: 1}\na:\n  x: &mid\n    <<: *base\n    epochs: 2\nb:\n  <<: *mid\n", "b", {"epochs": 2}),
+])
+def test_a_merge_key_is_overridden_without_counting_as_a_duplicate(tmp_path, text, key, expected):
     path = tmp_path / "merge.yaml"
-    path.write_text("defaults: &d {x: 1, y: 2}\nmapping: {<<: *d, x: 3}\n")
-    assert config.load_yaml(path)["mapping"] == {"x": 3, "y": 2}
+    path.write_text(text)
+    assert config.load_yaml(path)[key] == expected
+
+
+def test_a_list_as_a_key_is_one_line(tmp_path):
+    path = tmp_path / "key.yaml"
+    path.write_text("? [1, 2]\n: a\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        config.load_yaml(path)
 
 
 @pytest.mark.parametrize("text", [b"args: [1", b"args:\n  method: swav\xff\n"])

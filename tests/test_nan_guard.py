@@ -102,3 +102,10 @@ def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
                                                    "saving, the last good checkpoint is .*checkpoint.pth"):
         trainer.end_of_epoch(1)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
+    # a batch-norm statistic counts too: evaluations read it, and refuse a checkpoint that holds one
+    with torch.no_grad():
+        next(method.parameters())[0] = 0.0
+        next(b for b in method.buffers() if b.is_floating_point())[0] = float("inf")
+    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite after epoch 2"):
+        trainer.end_of_epoch(2)
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from clusterlab import checkpoint, distributed, engine
 from clusterlab.data import load
@@ -219,6 +220,9 @@ def test_a_finished_run_started_again_with_other_flags_keeps_its_record(tmp_path
     after = snapshot(run_dir)
     assert {name: after[name] for name in ("config.yaml", "checkpoint.pth")} == \
         {name: before[name] for name in ("config.yaml", "checkpoint.pth")}
+    (run_dir / "config.yaml").write_text("args: null\n")  # unreadable as a run's record: written again
+    assert_ok(run_script("main_pretrain.py", *RESUMABLE, "--output_dir", run_dir))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["args"]["epochs"] == 2
 
 
 def test_resume_with_another_registered_method_is_refused(tmp_path, reference):

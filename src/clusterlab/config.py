@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -417,20 +418,26 @@ def write_resolved(args: argparse.Namespace, run_dir: str | os.PathLike, program
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, except that a key given twice in one mapping is an error (YAML keeps the last,
-    silently: `epochs: 1` then `epochs: 2` trained 2)."""
+    silently: `epochs: 1` then `epochs: 2` trained 2). Each mapping is checked once, as written: a mapping merged
+    into another (`<<: *anchor`) is rewritten in place with the keys it merged itself, which may override."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the mapping's own keys override it
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
-                    f"keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the mapping's own keys override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # a list or mapping as a key: construct_mapping refuses it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        super().flatten_mapping(node)
 
 
 def _parse_yaml(path: Path, named: str):

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, rundir, signals
 from .compilation import compile_backbone
-from .config import git_state, starts_of, write_resolved
+from .config import git_state, starts_of, write_resolved, written_run_config
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
 from .distributed import Context
@@ -368,8 +368,10 @@ class Trainer:
         return self.stop_requested and not (completed and epoch + 1 == self.args.epochs)
 
     def weights_finite(self) -> bool:
-        """Whether every parameter is finite on every rank (collective)."""
-        finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
+        """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every
+        rank (collective)."""
+        tensors = [*self.method.parameters(), *(b for b in self.method.buffers() if b.is_floating_point())]
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
         return not self.on_any_rank(not finite)
 
     def knn_monitor(self, epoch: int) -> None:
@@ -564,8 +566,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = load(args.dataset, "test", args.data_path)
-    # Nothing to train: the record stays that of the starts that trained (unless it is missing).
-    finished = start_epoch == args.epochs > 0 and (run_dir / "config.yaml").exists()
+    # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable).
+    finished = start_epoch == args.epochs > 0 and isinstance((written_run_config(run_dir) or {}).get("args"), dict)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)

@@ -50,8 +50,7 @@ def add_method_args(kind: str, parser, known: dict) -> None:
     if method not in methods_of(kind):
         other = next((program for other, program in PROGRAM.items() if method in methods_of(other)), None)
         trained_by = f"is trained by {other}" if other else "is not a method"
-        raise ConfigError(f"--method {method!r} (on the command line or in --config) {trained_by}; {PROGRAM[kind]} "
-                          f"trains {', '.join(methods_of(kind))}")
+        raise ConfigError(f"--method {method!r} {trained_by}; {PROGRAM[kind]} trains {', '.join(methods_of(kind))}")
     METHODS[method].add_args(parser)
 
 

@@ -64,6 +64,8 @@ def training_program(values: dict, explicit: str | None, source: str) -> str:
 
     method = values.get("method")
     derived = None
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"{source}: method {method!r} is not one of: {', '.join(sorted(METHODS))}")
     if method in METHODS:
         derived = next(name for name in TRAINING_PROGRAMS
                        if PROGRAMS[name].program_kind == METHODS[method].program_kind)
