@@ -335,8 +335,7 @@ def test_a_resumed_run_normalises_as_its_checkpoint_did(tmp_path, monkeypatch):
     fabricate.make_imagefolder(tmp_path / "data", n_per_class=4, classes=2, size=8)
     run = [str(arg) for arg in (*TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data", "--batch_size",
                                 "4", "--output_dir", tmp_path / "run")]
-    main = entry_module("main_pretrain").main
-    main([*run, "--epochs", "1"])
+    entry_module("main_pretrain").main([*run, "--epochs", "1"])
     trained_with = checkpoint.load(tmp_path / "run" / "checkpoint.pth")["data_info"]
     computed = registry._folder_statistics
 
@@ -346,7 +345,7 @@ def test_a_resumed_run_normalises_as_its_checkpoint_did(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "_folder_statistics", moved)
     assert registry.load("imagefolder", "train", str(tmp_path / "data")).mean[0] == trained_with["mean"][0] + 0.1
-    main([*run, "--epochs", "2"])
+    entry_module("main_pretrain").main([*run, "--epochs", "2"])
     resumed = checkpoint.load(tmp_path / "run" / "checkpoint.pth")
     assert resumed["epoch"] == 2
     assert (resumed["data_info"]["mean"], resumed["data_info"]["std"]) == (trained_with["mean"], trained_with["std"])
