@@ -125,14 +125,19 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     return payload
 
 
+def first_non_finite(tensors: dict) -> str | None:
+    """The name of the first floating tensor of `tensors` (a state dict) holding a NaN or an infinity, else None."""
+    return next((name for name, value in tensors.items() if torch.is_tensor(value) and value.is_floating_point()
+                 and not bool(torch.isfinite(value).all())), None)
+
+
 def require_finite_weights(state: dict, path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose model holds a NaN or an infinity: training never saves one (engine.Trainer.save), so
     the file was edited or written elsewhere, and its evaluation would score chance or fail inside k-means."""
-    model = state.get("model")
-    for name, value in (model.items() if isinstance(model, dict) else ()):
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite weights ({name}); training never saves "
-                                  f"such weights: take an earlier checkpoint of the run")
+    name = first_non_finite(state["model"]) if isinstance(state.get("model"), dict) else None
+    if name is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite weights ({name}); training never saves "
+                              f"such weights: take an earlier checkpoint of the run")
 
 
 def failure_reason(err: Exception) -> str:

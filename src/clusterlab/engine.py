@@ -370,9 +370,7 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every
         rank (collective)."""
-        tensors = [*self.method.parameters(), *(b for b in self.method.buffers() if b.is_floating_point())]
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        return not self.on_any_rank(not finite)
+        return not self.on_any_rank(checkpoint.first_non_finite(self.method.state_dict()) is not None)
 
     def knn_monitor(self, epoch: int) -> None:
         """Weighted kNN on the test split, logged to train_log.jsonl (a monitor: reported numbers come from

@@ -78,15 +78,15 @@ def main(kind: str, argv=None):
             # are computed again at every start, by code that may have changed since; the pre-trained run may have
             # moved or changed). A second stage starts with the first stage's (STL-10's statistics differ between
             # train+unlabeled and train), which its config.yaml records.
-            normalisation = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
-            if len(normalisation[0]) != train_set.channels and not pretrained:
-                normalisation = args.mean, args.std  # another training set: start_run refuses the resume by name
+            saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
+            if pretrained and len(saved[0]) != train_set.channels:
+                raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
+                                  f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
+                                  f"these")
             if pretrained:
-                args.mean, args.std = normalisation
-                if len(args.mean) != train_set.channels:
-                    raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(args.mean)} "
-                                      f"channel(s), {args.dataset} has {train_set.channels}: start from a run trained "
-                                      f"on images like these")
+                args.mean, args.std = normalisation = saved
+            elif len(saved[0]) == train_set.channels:  # else another training set: start_run refuses it by name
+                normalisation = saved
         method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
         method.check_training_settings()
         if found is not None:
