@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -64,6 +65,27 @@ def assert_user_error(result: subprocess.CompletedProcess, script: str, *words: 
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     return lines[0]
+
+
+class HostCopies(TorchDispatchMode):
+    """Counts the copies from the host to another device, blocking and not: a blocking one makes the host wait for
+    all the work queued on a GPU. Anything that reads a value back from the device fails outright on `meta`."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocking = self.non_blocking = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and out.device.type != "cpu":
+            if kwargs.get("non_blocking"):
+                self.non_blocking += 1
+            else:
+                self.blocking += 1
+        if func is torch.ops.aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            self.blocking += 1
+        return out
 
 
 def assert_same_tensors(ours, theirs, where="") -> None:

@@ -5,8 +5,8 @@ with torch's CPU GradScaler): the loss stays finite, every parameter and every p
 float32 does (weights, Sinkhorn inputs via the queue, memory banks, prototypes), and for fp16 the scaler's state
 is in the checkpoint. A run stopped in the middle of an epoch and resumed from its checkpoint ends bit-identical to
 an uninterrupted one, scaler included. fp16 rides out a step whose gradients are not finite (skipped, the scale
-halved) but stops a run whose gradients stay non-finite. `--amp auto` is float32 on the CPU, and config.yaml records
-what ran.
+halved) but stops a run whose gradients stay non-finite. `--amp auto` is float32 on the CPU, bf16 only on CUDA cards
+that compute in it (fp16 on older ones), and config.yaml records what ran.
 """
 from __future__ import annotations
 
@@ -240,3 +240,13 @@ def test_swav_queue_scores_are_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = queue.scores(0, prototypes)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, queue.scores(0, prototypes))
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 0), torch.float16), ((7, 0), torch.float16),
+                                                  ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_auto_precision_is_bf16_only_on_cards_with_bf16_arithmetic(capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16 without tensor cores: fp16 with the scaler there, as upstream SwAV ran.
+    assert engine.resolve_precision("auto", torch.device("cuda"), capability) == expected
+    assert engine.resolve_precision("auto", torch.device("cpu"), capability) is None
+    assert engine.resolve_precision("bf16", torch.device("cuda"), capability) == torch.bfloat16

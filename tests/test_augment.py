@@ -10,8 +10,10 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from clusterlab.data import augment
 from clusterlab.data.augment import ColorSpec, CropSpec, MultiCrop
+from clusterlab.data.randaugment import OPERATIONS, StrongAugment
 from clusterlab.data.loader import GlobalBatches
 from clusterlab.errors import ConfigError
+from conftest import HostCopies
 
 OPS = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation, 3: TF.adjust_hue}
 
@@ -399,3 +401,20 @@ def test_crop_specs_lengths_must_agree():
     with pytest.raises(ConfigError) as info:
         augment.crop_specs([2, 6], [32], [0.14, 0.05], [1.0, 0.14])
     assert "\n" not in str(info.value) and "--size_crops" in str(info.value)
+
+
+def test_augmentation_on_a_device_neither_waits_for_it_nor_reads_from_it():
+    # The meta device stands for a GPU: same dispatch, no data; parameters are drawn on the host and sent over.
+    color = ColorSpec(blur_p=0.5, solarize_p=0.3)
+    images = torch.empty(16, 3, 24, 24, dtype=torch.uint8, device="meta")
+    strong = StrongAugment(num_ops=4, cutout_length=8, mean=MEAN, std=STD, seed=0)
+    params = strong.sample(16, 24, 24)
+    # torchvision's equalize counts on the device (bincount reads its maximum back): every other operation, 4 times
+    names = [name for name, _, _ in OPERATIONS]
+    others = torch.tensor([i for i, name in enumerate(names) if name != "equalize"])
+    params.ops = others[torch.arange(16 * 4) % len(others)].view(16, 4)
+    with HostCopies() as copies:
+        crops = _multicrop(color=color)(images)
+        strong_view = strong.apply(images, params)
+    assert [c.shape[-1] for c in crops] == [16, 16, 8, 8, 8] and strong_view.shape == images.shape
+    assert copies.blocking == 0 and copies.non_blocking > 50

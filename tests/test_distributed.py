@@ -500,3 +500,13 @@ def test_a_resumed_epoch_sums_the_heads_losses_as_a_run_never_stopped():
     flip a near-tie. Each rank now goes on from its own sums: equal to the last bit."""
     for straight, resumed in run_distributed(resumed_head_losses, 2):
         assert resumed == straight
+
+
+def test_a_cuda_device_is_made_current_with_cudnn_autotuning(monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert distributed.take_device(torch.device("cpu")) == torch.device("cpu")
+    assert made_current == [] and not torch.backends.cudnn.benchmark
+    assert distributed.take_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark

@@ -22,7 +22,7 @@ from clusterlab.errors import ConfigError
 from clusterlab.losses.scan import class_balance_weights, confident_cross_entropy, confident_targets, scan_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.programs.train import parse_args
-from conftest import entry_module
+from conftest import HostCopies, entry_module
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_amp import images
 from test_resume import assert_same_tensors
@@ -549,3 +549,15 @@ def test_fashion_mnist_script_chains_the_stages_and_refuses_a_missing_embedding(
         assert f"eval_cluster.py {common} --plot false --assignment kmeans\n" in log
         assert f"eval_knn.py {common} --k 200 20\n" in log
     assert int((out / "scan.time").read_text()) >= 0 and int((out / "selflabel.time").read_text()) >= 0
+
+
+def test_scan_losses_on_a_device_never_wait_for_it():
+    # The meta device stands for a GPU: a copy from the host is counted, and reading a value back (a boolean mask,
+    # a test on a total) fails there outright.
+    anchors = torch.empty(32, 10, device="meta", requires_grad=True)
+    neighbours = torch.empty(32, 10, device="meta")
+    with HostCopies() as copies:
+        total, _, _ = scan_loss(anchors, neighbours, 5.0)
+        loss, _ = confident_cross_entropy(neighbours, anchors, 0.99, balance=True)
+        (total + loss).backward()
+    assert copies.blocking == 0 and anchors.grad.shape == anchors.shape

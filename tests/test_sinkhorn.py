@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterlab.ops.sinkhorn import sinkhorn
+from conftest import HostCopies
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 EPS = 0.05
@@ -135,3 +136,10 @@ def test_two_processes_with_large_scores(two_process_codes):
         got = torch.cat([r[split]["shifted"] for r in results])
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), naive_sinkhorn(scores), rtol=0, atol=2e-4)  # float32, as above
+
+
+def test_sinkhorn_on_a_device_never_waits_for_it():
+    scores = torch.empty(64, 30, device="meta")  # stands for a GPU: copies from the host counted, reads fail
+    with HostCopies() as copies:
+        codes = sinkhorn(scores)
+    assert copies.blocking == 0 and codes.shape == scores.shape

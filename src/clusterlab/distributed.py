@@ -97,22 +97,27 @@ def _where() -> str:
     return f"{host} ({address}{node})"
 
 
+def take_device(device: torch.device) -> torch.device:
+    """Make a CUDA `device` this process's current one, where collectives put their tensors (rank0_says), and let
+    cuDNN time its convolution algorithms once per input shape and keep the fastest (crops have fixed shapes; every
+    upstream sets cudnn.benchmark)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     """Start (or join) the process group this process belongs to and return where it stands."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        chosen = pick_device(device, local)
-        if chosen.type == "cuda":  # collectives put their tensors on the current device (rank0_says)
-            torch.cuda.set_device(chosen)
-        return Context(rank, world, local, chosen)
+        return Context(rank, world, local, take_device(pick_device(device, local)))
     found = _from_environment()
     if found is None or found[1] == 1:
-        return Context(0, 1, 0, pick_device(device))
+        return Context(0, 1, 0, take_device(pick_device(device)))
     rank, world, local = found
-    chosen = pick_device(device, local)
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)
+    chosen = take_device(pick_device(device, local))
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     # one write with its newline, so that the lines of ranks sharing an output file (srun) do not interleave
     print(f"rank {rank}/{world} (local {local}) on {_where()}: joining {backend} at "

@@ -69,11 +69,17 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def resolve_precision(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype `--amp` asks for on `device` (None: float32). auto is bf16 on CUDA and float32 on the
-    CPU, where mixed precision is slower on most processors; bf16 and fp16 run where they are asked for."""
+def resolve_precision(amp: str, device: torch.device,
+                      capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """The autocast dtype `--amp` asks for on `device` (None: float32); `capability`: the CUDA device's compute
+    capability (asked of the device when None). auto is bf16 on CUDA cards from Ampere on (capability 8.0) and fp16
+    with the gradient scaler on older ones (V100, T4), which only emulate bf16, without tensor cores; float32 on the
+    CPU, where mixed precision is slower on most processors. bf16 and fp16 run where they are asked for."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        major, _ = capability or torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if amp == "off":
         return None
     if not torch.amp.autocast_mode.is_autocast_available(device.type):

@@ -26,6 +26,12 @@ from ..errors import ConfigError
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
+def host_to(values: torch.Tensor, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Parameters drawn on the host, on `images`' device. Non-blocking: a copy from pageable memory is staged at once
+    and does not wait for the work queued on the GPU, which a blocking copy would do at every parameter of every crop."""
+    return values.to(images.device, dtype or values.dtype, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class ColorSpec:
     """Colour distortion of strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with probability `jitter_p`; then
@@ -165,13 +171,13 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
                  ) -> torch.Tensor:
     """Bilinear resize of each box to size x size, sampling points clamped inside the box (no antialias)."""
     n, _, height, width = images.shape
-    boxes = boxes.to(images.device, torch.float64)
+    boxes = host_to(boxes, images, torch.float64)
     top, left, h, w = boxes.unbind(1)
     steps = torch.arange(size, device=images.device, dtype=torch.float64) + 0.5
     ys = (top[:, None] + (steps[None] * h[:, None] / size - 0.5).clamp(min=0).minimum(h[:, None] - 1))
     xs = (left[:, None] + (steps[None] * w[:, None] / size - 0.5).clamp(min=0).minimum(w[:, None] - 1))
     if flip is not None:
-        xs = torch.where(flip.to(images.device)[:, None], xs.flip(1), xs)
+        xs = torch.where(host_to(flip, images)[:, None], xs.flip(1), xs)
     grid_y = ((2 * ys + 1) / height - 1)[:, :, None].expand(n, size, size)
     grid_x = ((2 * xs + 1) / width - 1)[:, None, :].expand(n, size, size)
     grid = torch.stack([grid_x, grid_y], dim=-1).to(images.dtype)
@@ -252,14 +258,14 @@ _COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 def color_jitter(images, factors, order, active):
     """Apply the four adjustments to the `active` images, each image in its own order."""
     out = images.clone()
-    factors = factors.to(images.device, images.dtype)
+    factors = host_to(factors, images, images.dtype)
     # Rows are chosen on the host, where the parameters are drawn: on a GPU, no synchronisation per operation.
     order, active = order.cpu(), active.cpu()
     for position in range(4):
         for op_index, op in enumerate(_COLOUR_OPS):
             chosen = active & (order[:, position] == op_index)
             if chosen.any():
-                rows = chosen.nonzero().squeeze(1).to(images.device)
+                rows = host_to(chosen.nonzero().squeeze(1), images)
                 out[rows] = op(out[rows], factors[rows, op_index])
     return out
 
@@ -268,7 +274,7 @@ def random_grey(images, active):
     if images.shape[1] == 1 or not active.any():
         return images
     grey = to_grey(images).expand_as(images)
-    return torch.where(active.to(images.device)[:, None, None, None], grey, images)
+    return torch.where(host_to(active, images)[:, None, None, None], grey, images)
 
 
 def gaussian_blur(images, sigma, active, kernel_size: int):
@@ -278,7 +284,7 @@ def gaussian_blur(images, sigma, active, kernel_size: int):
     n, channels, _, _ = images.shape
     half = kernel_size // 2
     x = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
-    kernels = torch.exp(-0.5 * (x[None] / sigma.to(images.device, images.dtype)[:, None]) ** 2)
+    kernels = torch.exp(-0.5 * (x[None] / host_to(sigma, images, images.dtype)[:, None]) ** 2)
     kernels = kernels / kernels.sum(1, keepdim=True)
     flat = images.reshape(1, n * channels, *images.shape[2:])
     weight = kernels.repeat_interleave(channels, dim=0)
@@ -286,7 +292,7 @@ def gaussian_blur(images, sigma, active, kernel_size: int):
     flat = F.conv2d(flat, weight[:, None, None, :], groups=n * channels)
     flat = F.conv2d(flat, weight[:, None, :, None], groups=n * channels)
     blurred = flat.reshape(images.shape)
-    return torch.where(active.to(images.device)[:, None, None, None], blurred, images)
+    return torch.where(host_to(active, images)[:, None, None, None], blurred, images)
 
 
 def solarize(images, active):
@@ -294,12 +300,12 @@ def solarize(images, active):
     if not active.any():
         return images
     flipped = torch.where(images >= 0.5, 1.0 - images, images)
-    return torch.where(active.to(images.device)[:, None, None, None], flipped, images)
+    return torch.where(host_to(active, images)[:, None, None, None], flipped, images)
 
 
 def normalize(images, mean, std):
-    mean = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    mean = host_to(torch.as_tensor(mean, dtype=images.dtype), images).view(1, -1, 1, 1)
+    std = host_to(torch.as_tensor(std, dtype=images.dtype), images).view(1, -1, 1, 1)
     return (images - mean) / std
 
 
@@ -358,7 +364,7 @@ class MultiCrop:
     def apply_cut(self, crops_uint8: torch.Tensor, params: CropParams) -> torch.Tensor:
         """Flip crops the loader workers already cut and resized (image files), then the colour operations."""
         crops = crops_uint8.float().div_(255.0)
-        flip = params.flip.to(crops.device)[:, None, None, None]
+        flip = host_to(params.flip, crops)[:, None, None, None]
         return self.finish(torch.where(flip, crops.flip(-1), crops), params)
 
     def finish(self, crops: torch.Tensor, params: CropParams) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import equalize
 
-from .augment import adjust_brightness, adjust_contrast, adjust_saturation, normalize
+from .augment import adjust_brightness, adjust_contrast, adjust_saturation, host_to, normalize
 
 # (name, low, high) in upstream's order; the index is what the generator draws.
 OPERATIONS = (
@@ -145,7 +145,7 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=device) + 0.5,
                             torch.arange(width, dtype=torch.float64, device=device) + 0.5, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)
-    source = points @ matrices.to(device).transpose(1, 2)  # (n, H*W, 2) input x, y
+    source = points @ host_to(matrices, images).transpose(1, 2)  # (n, H*W, 2) input x, y
     col, row = source[..., 0].floor().long(), source[..., 1].floor().long()
     inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
     flat = row.clamp(0, height - 1) * width + col.clamp(0, width - 1)
@@ -154,8 +154,11 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
 
 def apply_operation(name: str, images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Operation `name` on every image of `images`, image i with magnitude v[i]."""
-    v = v.to(images.device, images.dtype)
+    """Operation `name` on every image of `images`, image i with magnitude v[i] (on the host)."""
+    v = v.to(images.dtype)  # the geometric matrices are built on the host from these rounded magnitudes
+    if name in GEOMETRIC:
+        return warp(images, affine_matrices([name] * len(images), v.double(), *images.shape[-2:]))
+    v = host_to(v, images)
     if name == "identity":
         return images
     if name == "autocontrast":
@@ -174,7 +177,7 @@ def apply_operation(name: str, images: torch.Tensor, v: torch.Tensor) -> torch.T
         return sharpness(images, v)
     if name == "posterize":
         return posterize(images, v)
-    return warp(images, affine_matrices([name] * len(images), v.double().cpu(), *images.shape[-2:]))
+    raise ValueError(f"unknown operation {name!r}")
 
 
 def cutout(images: torch.Tensor, params: StrongParams) -> torch.Tensor:
@@ -183,7 +186,7 @@ def cutout(images: torch.Tensor, params: StrongParams) -> torch.Tensor:
     rows, cols = torch.arange(height)[None], torch.arange(width)[None]
     in_rows = (rows >= params.cut_y[:, None] - half) & (rows < params.cut_y[:, None] + half)
     in_cols = (cols >= params.cut_x[:, None] - half) & (cols < params.cut_x[:, None] + half)
-    holes = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device)
+    holes = host_to(in_rows[:, :, None] & in_cols[:, None, :], images)
     return images.masked_fill(holes[:, None], 0.0)
 
 
@@ -205,12 +208,12 @@ class StrongAugment:
 
     def apply(self, images_uint8: torch.Tensor, params: StrongParams) -> torch.Tensor:
         images = images_uint8.float().div_(255.0)
-        images = torch.where(params.flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+        images = torch.where(host_to(params.flip, images)[:, None, None, None], images.flip(-1), images)
         for slot in range(params.ops.shape[1]):
             for index, (name, _, _) in enumerate(OPERATIONS):
                 chosen = (params.ops[:, slot] == index).nonzero().squeeze(1)
                 if len(chosen):
-                    on_device = chosen.to(images.device)
+                    on_device = host_to(chosen, images)
                     images[on_device] = apply_operation(name, images[on_device], params.magnitudes[chosen, slot])
         return cutout(normalize(images, self.mean, self.std), params)
 

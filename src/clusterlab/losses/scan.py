@@ -34,7 +34,7 @@ def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor, entro
     similarity = (anchor_probs * neighbour_probs).sum(dim=1)
     # BCE against 1 is -log(similarity), clamped at -100 by torch with a finite gradient where it is 0
     consistency = F.binary_cross_entropy(similarity, torch.ones_like(similarity))
-    count = distributed.all_reduce_sum(torch.tensor(float(len(anchor_probs)), device=anchor_probs.device))
+    count = distributed.all_reduce_sum(anchor_probs.new_full((), len(anchor_probs)))
     mean_probs = (distributed.all_reduce_sum_with_grad(anchor_probs.sum(dim=0)) / count).clamp(min=ENTROPY_EPS)
     entropy = -(mean_probs * mean_probs.log()).sum()
     return consistency - entropy_weight * entropy, consistency, entropy
@@ -51,12 +51,9 @@ def confident_targets(weak_logits: torch.Tensor, threshold: float) -> tuple[torc
 def class_balance_weights(targets: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Upstream's `apply_class_balancing`: w_c = n / n_c for the classes among the n confident targets of the global
     batch (n_c of them in class c), 1 for the classes none of them has."""
-    counts = torch.bincount(targets[mask], minlength=num_classes).float()
+    counts = torch.zeros(num_classes, device=targets.device).index_add_(0, targets, mask.float())  # no host read
     counts = distributed.all_reduce_sum(counts)
-    weights = torch.ones(num_classes, device=targets.device)
-    present = counts > 0
-    weights[present] = counts.sum() / counts[present]
-    return weights
+    return torch.where(counts > 0, counts.sum() / counts.clamp(min=1), 1.0)
 
 
 def confident_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float,
@@ -79,6 +76,6 @@ def confident_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tens
     per_row = F.cross_entropy(strong_logits.float(), targets, reduction="none")
     totals = distributed.all_reduce_sum(torch.stack([row_weights.sum(), mask.sum().float()]))
     numerator = (row_weights * per_row).sum()
-    if totals[0] == 0:
-        return numerator * 0.0, totals[1]
-    return numerator * distributed.world_size() / totals[0], totals[1]
+    # Each confident row weighs at least 1, so the total is 0 (numerator 0 too: loss 0) or at least 1; clamping
+    # rather than testing it keeps the host from waiting for the device.
+    return numerator * distributed.world_size() / totals[0].clamp(min=1), totals[1]

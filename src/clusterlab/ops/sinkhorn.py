@@ -32,7 +32,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     peak = distributed.all_reduce_max(logits.max().reshape(1))
     q = torch.exp(logits - peak).t()  # K x B_local
     num_prototypes = q.shape[0]
-    global_batch = distributed.all_reduce_sum(torch.tensor([q.shape[1]], dtype=dtype, device=q.device))
+    global_batch = distributed.all_reduce_sum(q.new_full((1,), q.shape[1]))  # filled on the device: no host copy
     q /= distributed.all_reduce_sum(q.sum().reshape(1))
     for _ in range(iterations):
         q /= distributed.all_reduce_sum(q.sum(dim=1, keepdim=True))
