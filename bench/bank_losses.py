@@ -25,6 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from clusterlab.config import positive_int  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
 from clusterlab.programs.train import parse_args  # noqa: E402
 
@@ -55,10 +56,12 @@ def loss_step(config: str, bank_rows: int, epoch: int, *flags: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=12)
-    parser.add_argument("--bank", type=int, default=60000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=12)
+    parser.add_argument("--bank", type=positive_int, default=60000, help=f"bank rows, at least the batch ({BATCH})")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
+    if args.bank < BATCH:
+        parser.error(f"--bank {args.bank} is smaller than the batch of {BATCH} (each sample has a row of its own)")
     torch.set_num_threads(args.threads)
     # Super-AND with rounds of two epochs and a UE step every epoch: epoch 0 has weight 0, epoch 1 weight 0.2.
     superand = ("superand_fashion_mnist.yaml", "--rounds", "3", "--epochs_per_round", "2", "--schedule_period", "2",

@@ -16,15 +16,17 @@ import time
 
 import torch
 
+from clusterlab.config import positive_int
 from clusterlab.data.loader import GlobalBatches
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1_281_167, help="dataset size (ImageNet-1k train: 1,281,167)")
-    parser.add_argument("--batch_size", type=int, default=256, help="global batch")
-    parser.add_argument("--world_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=positive_int, default=1_281_167,
+                        help="dataset size (ImageNet-1k train: 1,281,167)")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="global batch")
+    parser.add_argument("--world_sizes", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| samples | global batch | world size | steps | plan one epoch: wall s, median (min-max) | CPU s, median |")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from clusterlab.config import positive_int
 from clusterlab.data import registry
 from clusterlab.data.augment import ColorSpec, CropSpec, CutCrops, MultiCrop
 from clusterlab.data.files import CropJob, FileSource
@@ -130,15 +131,19 @@ def cpu_name() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10_000, help="JPEGs written (at least 10,000 for the record)")
-    parser.add_argument("--measure", type=int, default=320, help="images through (a) (and (c))")
-    parser.add_argument("--baseline_measure", type=int, default=160, help="images through (b)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=positive_int, default=10_000,
+                        help="JPEGs written (at least 10,000 for the record)")
+    parser.add_argument("--measure", type=positive_int, default=320, help="images through (a) (and (c))")
+    parser.add_argument("--baseline_measure", type=positive_int, default=160, help="images through (b)")
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.measure % args.batch or args.measure < 2 * args.batch:
         parser.error(f"--measure {args.measure} must be a multiple of --batch {args.batch}, at least two batches "
                      f"(whole batches go through (a); (c) times all but the first)")
+    if args.images < args.measure + args.baseline_measure:
+        parser.error(f"--images {args.images} is fewer than --measure + --baseline_measure = "
+                     f"{args.measure + args.baseline_measure}: (a) and (b) read files of their own")
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from clusterlab import data, distributed, engine
-from clusterlab.config import config_layers
+from clusterlab.config import config_layers, non_negative_int, positive_int
 from clusterlab.data import loader as data_loader
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.optim import set_lr
@@ -44,8 +44,8 @@ def program_kind(argv: list[str]) -> str:
 
 def main():
     bench = argparse.ArgumentParser(add_help=False, usage="%(prog)s [--steps N] [--warmup N] [training flags]")
-    bench.add_argument("--steps", type=int, default=20, help="timed steps (20)")
-    bench.add_argument("--warmup", type=int, default=5, help="steps run before timing (5)")
+    bench.add_argument("--steps", type=positive_int, default=20, help="timed steps (20)")
+    bench.add_argument("--warmup", type=non_negative_int, default=5, help="steps run before timing (5)")
     known, rest = bench.parse_known_args()
     if {"-h", "--help"} & set(rest):
         bench.print_help()

@@ -11,7 +11,8 @@
 # (summed over the starts) goes to $OUT/NAME.time, everything it printed to $OUT/NAME.log; the chosen heads' and
 # k-means numbers are printed at the end.
 # KEEP=1 then copies the records (each stage's config.yaml with its commit, train_log.jsonl, metrics.jsonl, log and
-# wall time, and the embedding's config.yaml) into results/runs/scan_fashion_mnist/<embedding name>/, replacing it.
+# wall time, the embedding's config.yaml, and provenance.json) into results/runs/scan_fashion_mnist/<embedding name>/,
+# replacing it; with KEEP=1 the script refuses code that no commit holds, as the other result scripts do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,6 +23,10 @@ SCRIPT=scan_fashion_mnist.sh
 source scripts/lib/runs.sh
 [ -n "$EMB" ] || fail "EMB is not set: give the Fashion-MNIST embedding run to start from (EMB=runs/fashion_mnist/unmix)"
 [ -f "$EMB/checkpoint.pth" ] || fail "EMB=$EMB holds no checkpoint.pth: give a finished embedding run directory"
+if [ "${KEEP:-0}" = 1 ]; then
+  require_committed_code
+fi
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$OUT"
 
 score() {  # score NAME: every head of $OUT/NAME, k-means and kNN on its backbone features
@@ -47,5 +52,6 @@ if [ "${KEEP:-0}" = 1 ]; then
   for name in scan selflabel; do
     keep_run "$name" "$keep/$name"
   done
+  write_provenance "$keep/provenance.json"
   echo "records kept in $keep"
 fi

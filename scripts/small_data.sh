@@ -24,10 +24,12 @@ evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-mean
   $PY eval_cluster.py --device cpu "$@"
 }
 
-# name: the data flags of each set
-declare -A DATA=([fm_4000]="--dataset imagefolder --data_path $OUT/data/fm_4000"
-                 [fm_8000]="--dataset imagefolder --data_path $OUT/data/fm_8000"
-                 [digits]="--dataset digits")
+data_flags() {  # data_flags SET: the flags naming data set SET, into the array `data` (OUT may hold spaces)
+  case $1 in
+    digits) data=(--dataset digits) ;;
+    *) data=(--dataset imagefolder --data_path "$OUT/data/$1") ;;
+  esac
+}
 # The recipes' 120 epochs are sized for 4,000 images; the 8,000-image folder gets 90 (1.5 times their steps), what
 # fits in 30 minutes of one thread.
 # Digits gets what README advises for a folder under 1,000 images: epsilon 0.02 (the recipe's 0.03 collapses there)
@@ -36,17 +38,18 @@ declare -A TRAIN=([fm_4000]="" [fm_8000]="--epochs 90" [digits]="--epsilon 0.02 
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$OUT/data/fm_4000"
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 800 --seed 0 --out "$OUT/data/fm_8000"
 
-for data in fm_4000 fm_8000 digits; do
-  # shellcheck disable=SC2086  # the data flags are words
-  evaluate --baseline pixels ${DATA[$data]} --output_dir "$OUT/pixels_$data" > "$OUT/pixels_$data.log" 2>&1
+for set in fm_4000 fm_8000 digits; do
+  data_flags "$set"
+  evaluate --baseline pixels "${data[@]}" --output_dir "$OUT/pixels_$set" > "$OUT/pixels_$set.log" 2>&1
 done
 
 queue() {  # queue METHOD: its recipe on each data set in turn
-  local method=$1 data name
-  for data in fm_4000 fm_8000 digits; do
-    name=${method}_$data
-    # shellcheck disable=SC2086
-    timed "$name" $PY main_pretrain.py --config "configs/${method}_small.yaml" ${DATA[$data]} ${TRAIN[$data]} \
+  local method=$1 set name data
+  for set in fm_4000 fm_8000 digits; do
+    name=${method}_$set
+    data_flags "$set"
+    # shellcheck disable=SC2086  # the training flags are words
+    timed "$name" $PY main_pretrain.py --config "configs/${method}_small.yaml" "${data[@]}" ${TRAIN[$set]} \
       --output_dir "$OUT/$name" --device cpu
     evaluate --run "$OUT/$name" --skip_recorded true >> "$OUT/$name.log" 2>&1
   done

@@ -20,6 +20,7 @@ from conftest import ROOT
 # (or a baseline's --output_dir; eval_knn.py one per --k value), collect_results.py notes its arguments.
 FAKE_PYTHON = r"""#!/bin/bash
 program=$1; shift
+[ -z "${ARGS_LOG:-}" ] || printf '%s\n' "$@" >> "$ARGS_LOG"  # ARGS_LOG: every argument received, one per line
 value() { local key=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$key" ] && { echo "$2"; return; }; shift; done; }
 # FAIL=PROGRAM:TEXT: that program fails where its arguments hold TEXT
 if [ -n "${FAIL:-}" ] && [ "$program" = "${FAIL%%:*}" ] && [[ " $* " == *"${FAIL#*:}"* ]]; then
@@ -257,3 +258,48 @@ def test_scan_started_again_sums_the_wall_time_of_its_starts(tmp_path):
     kept = scratch / "results" / "runs" / "scan_fashion_mnist" / "emb"
     # 3 s and then 1 s of training each (whole seconds of bash's clock: the last start alone would count 1 or 2)
     assert all(int((kept / name / "train_wall_seconds").read_text()) >= 4 for name in ("scan", "selflabel"))
+
+
+def test_scan_keeps_records_only_from_committed_code(tmp_path):
+    """With KEEP=1 scan_fashion_mnist.sh refuses a dirty tree (FORCE=1 keeps the records marked dirty) and writes
+    provenance.json beside them, as the other result scripts do."""
+    scratch = scratch_repo(tmp_path)
+    emb = scratch / "runs" / "emb"
+    emb.mkdir(parents=True)
+    (emb / "checkpoint.pth").touch()
+    (emb / "config.yaml").write_text("args: {}\n")
+    with open(scratch / "scripts" / "scan_fashion_mnist.sh", "a") as handle:
+        handle.write("# changed\n")
+    out = str(tmp_path / "out")
+    refused = run_script(scratch, "scan_fashion_mnist.sh", EMB=str(emb), OUT=out, KEEP="1")
+    assert refused.returncode == 2 and not (tmp_path / "out").exists() and not (scratch / "results").exists()
+    assert refused.stderr.startswith("scan_fashion_mnist.sh: error: 1 tracked file(s) differ from commit ")
+    forced = run_script(scratch, "scan_fashion_mnist.sh", EMB=str(emb), OUT=out, KEEP="1", FORCE="1")
+    assert forced.returncode == 0, forced.stderr
+    provenance = json.loads((scratch / "results/runs/scan_fashion_mnist/emb/provenance.json").read_text())
+    assert provenance["script"] == "scripts/scan_fashion_mnist.sh" and provenance["git_dirty"] is True
+
+
+def test_refuses_a_script_that_no_commit_holds(tmp_path):
+    """The records name their script: a copy of a result script that is not committed keeps nothing, even on an
+    otherwise clean tree (git status does not list untracked files)."""
+    scratch = scratch_repo(tmp_path)
+    study = (scratch / "scripts" / "fashion_mnist_longer.sh").read_text()
+    (scratch / "scripts" / "my_study.sh").write_text(study.replace("begin_study fashion_mnist_longer",
+                                                                   "begin_study my_study"))
+    done = run_script(scratch, "my_study.sh")
+    assert done.returncode == 2 and not (scratch / "runs").exists() and not (scratch / "results").exists()
+    assert done.stderr == (f"my_study.sh: error: scripts/my_study.sh is not in commit "
+                           f"{git(scratch, 'rev-parse', 'HEAD')[:12]}: commit it, so that the records it keeps name "
+                           f"their maker\n")
+
+
+def test_small_data_passes_an_out_folder_with_a_space_as_one_argument(tmp_path):
+    scratch = scratch_repo(tmp_path)
+    out = tmp_path / "small data"
+    done = run_script(scratch, "small_data.sh", OUT=str(out), ARGS_LOG=str(tmp_path / "args"))
+    assert done.returncode == 0, done.stderr
+    arguments = (tmp_path / "args").read_text().splitlines()
+    # written by the export, read by the pixel baseline's two evaluations and by each recipe's run
+    assert arguments.count(f"{out}/data/fm_4000") == 5
+    assert str(tmp_path / "small") not in arguments

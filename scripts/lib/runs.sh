@@ -11,9 +11,12 @@ fail() {
   exit 2
 }
 
-# Sets `commit` and `dirty` (true when tracked files differ from it: allowed only with FORCE=1).
+# Sets `commit` and `dirty` (true when tracked files differ from it: allowed only with FORCE=1). The calling script
+# itself must be in the commit: the records name it as their maker.
 require_committed_code() {
   commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
+  git cat-file -e "HEAD:scripts/$SCRIPT" 2>/dev/null \
+    || fail "scripts/$SCRIPT is not in commit ${commit:0:12}: commit it, so that the records it keeps name their maker"
   local changed
   changed=$(git status --porcelain --untracked-files=no)
   dirty=false
