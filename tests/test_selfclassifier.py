@@ -303,6 +303,34 @@ def test_queue_fills_wraps_and_skips_the_query_itself():
     assert restored.ptr == 1 and restored.full and torch.equal(restored.embeddings, queue.embeddings)
 
 
+def _queue_steps(rank, world):
+    """Three steps of a 12-slot queue over a global batch of 8 embeddings (this rank's share): what each returned
+    and the queue's contents."""
+    generator = torch.Generator().manual_seed(0)
+    queue, returned, given = NearestNeighbourQueue(12, 4, CPU), [], []
+    for step in range(3):
+        embeddings = torch.nn.functional.normalize(torch.randn(8, 4, generator=generator), dim=1)
+        share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        given.append(embeddings[share])
+        returned.append(queue.step(embeddings[share], torch.arange(step * 8, step * 8 + 8)[share]))
+    return {"returned": torch.cat(returned), "given": torch.cat(given), "embeddings": queue.embeddings,
+            "indices": queue.indices}
+
+
+def test_queue_on_two_processes_equals_one_process():
+    # The global batch is pushed in rank order, and each rank's queries find the same neighbours as in one process.
+    whole = _queue_steps(0, 1)
+    ranks = run_distributed(_queue_steps, 2)
+    for rank in ranks:
+        assert torch.equal(rank["embeddings"], whole["embeddings"]) and torch.equal(rank["indices"], whole["indices"])
+    for step in range(3):
+        joined = torch.cat([rank["returned"][step * 4:(step + 1) * 4] for rank in ranks])
+        assert torch.equal(joined, whole["returned"][step * 8:(step + 1) * 8])
+    # the queue was full at the third step: neighbours came back instead of the embeddings given
+    assert torch.equal(whole["returned"][:16], whole["given"][:16])
+    assert not torch.equal(whole["returned"][16:], whole["given"][16:])
+
+
 def test_queue_replaces_view_one_once_full():
     method = SelfClassifier(sc_args("--cls_size", 6, "--queue_len", 32), INFO, CPU)
     one_step(method)

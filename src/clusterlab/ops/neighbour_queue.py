@@ -50,7 +50,8 @@ class NearestNeighbourQueue:
         batch's own (detached) embeddings are pushed."""
         query = z.detach().float()
         out = self.neighbours(query, indices).to(z.dtype) if self.full else z
-        self.push(distributed.all_gather_uneven(query), distributed.all_gather_uneven(indices))
+        # training batches split evenly over the ranks: no exchange of sizes, which the host would wait for
+        self.push(distributed.all_gather_cat(query), distributed.all_gather_cat(indices))
         return out
 
     def state_dict(self) -> dict:
