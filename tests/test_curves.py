@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from clusterlab import curves
-from conftest import ROOT, assert_ok, copy_run, run_script
+from conftest import ROOT, TWO_EPOCHS, assert_ok, copy_run, run_script, step_losses
 
 STEPS_PER_EPOCH = 898 // 64
 
@@ -85,6 +85,31 @@ def test_lines_of_a_train_log_that_are_not_records_are_skipped(tiny_run, tmp_pat
     with open(run / "train_log.jsonl", "a") as log:
         log.write('null\n[1, 2]\n"text"\n')
     assert curves.read_curves(run).loss.tolist() == curves.read_curves(tiny_run).loss.tolist()
+
+
+def test_lines_with_bytes_that_are_not_utf8_or_fields_that_are_not_numbers_are_skipped(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    with open(run / "train_log.jsonl", "ab") as log:
+        log.write(b'{"epoch": 2, "step": 0, "global_step": 29, "lr": 0.1, "loss": "inf?"}\n\xff\xfe\n'
+                  b'{"epoch": 2, "step": 1, "global_step": 30, "loss": 1.0}\n')
+    assert curves.read_curves(run).loss.tolist() == curves.read_curves(tiny_run).loss.tolist()
+
+
+def test_a_term_equal_to_the_loss_is_drawn_once_even_where_both_are_nan():
+    steps = [{"epoch": 0, "step": step, "global_step": step + 1, "lr": 0.1, "loss": loss, "swav": loss}
+             for step, loss in enumerate([2.0, float("nan"), 1.5])]
+    assert curves.training_curves(steps).terms == {}
+
+
+def test_the_epoch_mean_of_the_loss_is_logged_for_a_method_of_several_terms(tmp_path):
+    """Un-Mix's loss sums three terms, none of them equal to it: its epoch means were logged for the terms only, and
+    the loss panel had no dots."""
+    run = tmp_path / "unmix"
+    assert_ok(run_script("main_pretrain.py", *TWO_EPOCHS, "--method", "unmix", "--output_dir", run))
+    drawn = curves.read_curves(run)
+    assert sorted(drawn.terms) == ["lam", "mix", "mix_rev", "swav"]
+    assert drawn.end_loss.tolist() == [sum(step_losses(run, epoch)) / STEPS_PER_EPOCH for epoch in (0, 1)]
+    curves.draw(drawn, "unmix", tmp_path / "unmix.png")
 
 
 def test_a_figure_that_fails_half_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ class Curves:
     terms: dict = field(default_factory=dict)       # name -> values (NaN where a record lacks it), those != loss
     end_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every epoch_end record
     end_means: dict = field(default_factory=dict)   # term -> its epoch means (every term, those == loss included)
+    end_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the loss's epoch means (NaN: not logged)
     monitor_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every kNN monitor record
     monitor_top1: np.ndarray = field(default_factory=lambda: np.zeros(0))
     monitor_top5: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -48,11 +49,16 @@ def steps_per_epoch(records: list[dict]) -> int | None:
     return None
 
 
+def _numbers(record: dict, *keys: str) -> bool:
+    return all(isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool) for key in keys)
+
+
 def training_curves(records: list[dict]) -> Curves:
-    """The arrays of the plot from the records of a train_log.jsonl."""
-    steps = [r for r in records if "step" in r and "loss" in r]
-    ends = [r for r in records if r.get("epoch_end")]
-    monitor = [r for r in records if r.get("knn_monitor")]
+    """The arrays of the plot from the records of a train_log.jsonl (a record whose fields the plot needs are not
+    numbers, written by hand or by another program, is left out)."""
+    steps = [r for r in records if "step" in r and _numbers(r, "global_step", "loss", "lr")]
+    ends = [r for r in records if r.get("epoch_end") and _numbers(r, "epoch")]
+    monitor = [r for r in records if r.get("knn_monitor") and _numbers(r, "epoch", "top1")]
     per_epoch = steps_per_epoch(records)
     global_step = np.array([r["global_step"] for r in steps], dtype=np.float64)
     loss = np.array([r["loss"] for r in steps], dtype=np.float64)
@@ -69,9 +75,10 @@ def training_curves(records: list[dict]) -> Curves:
         loss=loss,
         lr=np.array([r["lr"] for r in steps], dtype=np.float64),
         # a term equal to the loss everywhere (a one-term method) would only draw the loss panel again
-        terms={name: values for name, values in terms.items() if not np.array_equal(values, loss)},
+        terms={name: values for name, values in terms.items() if not np.array_equal(values, loss, equal_nan=True)},
         end_x=np.array([r["epoch"] + 1 for r in ends], dtype=np.float64),
         end_means={name: np.array([r.get(f"{name}_mean", np.nan) for r in ends], dtype=np.float64) for name in names},
+        end_loss=np.array([r.get("loss_mean", np.nan) for r in ends], dtype=np.float64),
         monitor_x=np.array([r["epoch"] + 1 for r in monitor], dtype=np.float64),
         monitor_top1=np.array([r["top1"] for r in monitor], dtype=np.float64),
         monitor_top5=np.array([r.get("top5", np.nan) for r in monitor], dtype=np.float64),
@@ -97,8 +104,12 @@ def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) ->
     for panel, ax in zip(panels, axes[:, 0]):
         if panel == "loss":
             ax.plot(curves.x, curves.loss, lw=1, label="logged steps")
-            for name in curves.end_means.keys() - curves.terms.keys():  # the loss itself (one-term methods)
-                ax.plot(curves.end_x, curves.end_means[name], "o", ms=4, color="C0", label="epoch mean")
+            means = curves.end_loss
+            if np.isnan(means).all():  # a log of an older version: a one-term method's term is its loss
+                same_as_loss = curves.end_means.keys() - curves.terms.keys()
+                means = next((curves.end_means[name] for name in same_as_loss), means)
+            if not np.isnan(means).all():
+                ax.plot(curves.end_x, means, "o", ms=4, color="C0", label="epoch mean")
                 ax.legend(fontsize=7)
             ax.set_ylabel("loss")
         elif panel == "terms":

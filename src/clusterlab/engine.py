@@ -213,6 +213,9 @@ class Trainer:
             self.bad_files.count = state.get("bad_files", 0)
         # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
         self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
+        if self.term_count and "loss" not in self.term_totals:
+            # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
+            self.term_totals["loss"] = math.nan
         change = self.schedule_change(state["args"])
         self.resume_notes = [change] if change else []
         return self.position
@@ -272,7 +275,7 @@ class Trainer:
             if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
                 self.fail_on_skipped_steps(epoch, step)
             self.position = (epoch, step + 1)
-            for key, value in terms.items():
+            for key, value in {"loss": loss, **terms}.items():
                 self.term_totals[key] = self.term_totals.get(key, 0.0) + float(value)
             self.term_count += 1
             last_step = step + 1 == self.steps_per_epoch
@@ -294,7 +297,8 @@ class Trainer:
         if self.ctx.is_main and self.term_count:
             count = self.term_count
             rundir.append_jsonl(log_path, {"epoch": epoch, "epoch_end": True, "global_step": self.global_step,
-                                           **{f"{k}_mean": v / count for k, v in self.term_totals.items()},
+                                           **{f"{k}_mean": v / count for k, v in self.term_totals.items()
+                                              if math.isfinite(v)},
                                            "epoch_seconds": time.time() - epoch_start, "time": rundir.now_iso()})
         return True
 
