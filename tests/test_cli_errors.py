@@ -194,6 +194,11 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     (["--published", "/nonexistent.csv"], ["--published '/nonexistent.csv'", "does not exist"]),
     (["--published", "PUBLISHED"], ["lacks the column(s) epochs, metric", "expected: method, dataset"]),
     (["--published", "LATIN1"], ["--published", "is not a CSV file of UTF-8 text (UnicodeDecodeError"]),  # a traceback
+    # the cells of a row: a traceback once a row matched ours, or silently a published number beside no metric
+    (["--published", "VALUE"], ["line 3: value '50,0' is not a number"]),
+    (["--published", "METRIC"], ["line 3: metric 'top_1' is not a metric of the tables (one of: top1, top5"]),
+    (["--published", "COMPARE"], ["line 3: compare_to 'acc1' is not a metric", "; or blank"]),
+    (["--published", "EPOCHS"], ["line 3: epochs 2.5 is not a whole number of epochs"]),
 ])
 def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
@@ -203,6 +208,13 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     published.write_text("method,dataset,eval,value\nswav,digits,cluster,50\n")
     (tmp_path / "latin1.csv").write_bytes("method,dataset\nswav,caf\xe9\n".encode("latin-1"))
     files = {"PUBLISHED": published, "LATIN1": tmp_path / "latin1.csv"}
+    good = "swav,digits,resnet18_cifar_w4,200,cluster,acc,50,k-means,paper,"
+    bad = {"VALUE": 'swav,digits,,200,cluster,acc,"50,0",k-means,paper,', "METRIC": good.replace(",acc,", ",top_1,"),
+           "COMPARE": good + "acc1", "EPOCHS": good.replace(",200,", ",2.5,")}
+    for name, row in bad.items():
+        files[name] = tmp_path / f"{name}.csv"
+        files[name].write_text(f"method,dataset,backbone,epochs,eval,metric,value,protocol,source,compare_to\n"
+                               f"{good}\n{row}\n")
     argv = ["--root", root, "--out", out, *[files.get(a, a) for a in extra]]
     result = run_in_process("collect_results.py", *argv)
     assert_user_error(result, "collect_results.py", *words)

@@ -545,3 +545,44 @@ def test_a_row_averaging_runs_that_share_a_seed_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(results.aggregate(results.records_frame(seeds))["n"]) == [2]
+
+
+def test_runs_are_compared_by_the_precision_that_ran(tmp_path):
+    """--amp auto is bf16 on a GPU and float32 on the CPU: two such runs were averaged as seeds, while an explicit
+    --amp bf16 beside an auto that ran bf16 was split off."""
+    root = tmp_path / "runs"
+    for name, seed, acc, amp, precision in (("gpu", 1, 0.8, "auto", "bf16"), ("cpu", 2, 0.6, "auto", "float32"),
+                                            ("explicit", 3, 0.7, "bf16", "bf16")):
+        write_trained_run(root, name, seed, acc, amp=amp)
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "precision": precision}))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert rows_of(table) == {("swav", "amp=bf16"): (2, 75.0), ("swav", "amp=float32"): (1, 60.0)}
+
+
+def test_a_trained_run_without_its_config_is_of_unknown_code_and_an_unreadable_one_is_named(tmp_path):
+    root = tmp_path / "runs"
+    write_jsonl(root / "lost" / "metrics.jsonl", [{**record(run="lost", epoch=10, acc=0.5), **CLEAN}])
+    write_run(root, "garbled", CLEAN, CLEAN, seed=1, epoch=20, acc=0.5)
+    (root / "garbled" / "config.yaml").write_text("args: [1, 2\n")
+    with pytest.warns(UserWarning, match=r"garbled/config.yaml cannot be read: its run's settings and code are "
+                                         r"unknown \(recipe unknown, revision unknown\)"):
+        frame = results.records_frame(results.read_records(root))
+    assert dict(zip(frame["run"], frame["revision"])) == {"lost": "unknown", "garbled": "unknown"}
+
+
+def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_runs_says_so(tmp_path):
+    """A JSON true counted as 100 %, and a metric one seed's record lacks was averaged over the others while n
+    counted them all, without a word."""
+    root = tmp_path / "runs"
+    write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5, nmi=0.4)
+    write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True)
+    with pytest.warns(UserWarning, match=r"s1/metrics.jsonl: the acc of checkpoint.pth at epoch 10 is True, not a "
+                                         r"number: left out"):
+        frame = results.records_frame(results.read_records(root))
+    with pytest.warns(UserWarning) as caught:
+        table = results.aggregate(frame)
+    said = [str(warning.message) for warning in caught]
+    assert any("its acc averages 1 of its 2 runs" in line for line in said)
+    assert any("its nmi averages 1 of its 2 runs" in line for line in said)
+    assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist()) == ([2], [50.0], [40.0])

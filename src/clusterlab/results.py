@@ -127,8 +127,10 @@ def revision(record: dict, run_config: dict | None) -> str:
     """clean, dirty or unknown: the code that evaluated (the record's git fields) and, for a trained run, the code
     that trained it at every start (config.yaml's `trained_by`; its git fields, of the last start, where a run
     written before it lacks one) and that trained each run its weights started from (`pretrained_from`); a baseline
-    has no run config."""
+    has no run config, a trained run without one (its config.yaml lost) is unknown."""
     states = [recorded_git_state(record)]
+    if run_config is None and record.get("epoch") is not None:  # a checkpoint's record (a baseline's has no epoch)
+        states.append(recorded_git_state({}))
     origin = run_config
     while isinstance(origin, dict):
         starts = origin.get("trained_by")
@@ -152,8 +154,9 @@ def revision(record: dict, run_config: dict | None) -> str:
 # compile and channels_last, which compute the same up to float rounding; find_unused, a DDP bookkeeping switch); and
 # what it writes on the side (log_every, checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which
 # only log). Everything else stays, including amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size
-# (precision and batch statistics change the numbers) and epochs (a checkpoint of a 400-epoch schedule is not one of a
-# 200-epoch schedule).
+# (precision and batch statistics change the numbers: amp is compared as the precision that ran, config.yaml's
+# `precision`, since --amp auto is bf16 on one device and float32 on another) and epochs (a checkpoint of a 400-epoch
+# schedule is not one of a 200-epoch schedule).
 NOT_SETTINGS = frozenset({"seed", "output_dir", "data_path", "download", "config", "pretrained", "device", "workers",
                           "compile", "channels_last", "find_unused", "log_every", "checkpoint_epochs",
                           "knn_monitor_every", "knn_monitor_k", "knn_monitor_features"})
@@ -171,6 +174,8 @@ def run_settings(run_config: dict | None) -> dict | None:
     if not isinstance(args, dict):
         return None
     settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
+    if "amp" in settings and isinstance(run_config.get("precision"), str):
+        settings["amp"] = run_config["precision"]
     origin, prefix = run_config.get("pretrained_from"), "pretrained."
     if "pretrained" in args and not isinstance(origin, dict):
         # from scratch: a start known as well as any other; from a run that config.yaml does not describe (written
@@ -216,6 +221,9 @@ def records_frame(records: list[dict]):
         run_dir = Path(row["file"]).parent if row["file"] else None
         if run_dir not in run_configs:
             run_configs[run_dir] = written_run_config(run_dir) if run_dir else None
+            if run_configs[run_dir] == {}:
+                warnings.warn(f"{run_dir / 'config.yaml'} cannot be read: its run's settings and code are unknown "
+                              f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
         row["settings"] = run_settings(run_configs[run_dir])
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
@@ -225,7 +233,11 @@ def records_frame(records: list[dict]):
         row["protocol"] = protocol_label(protocol)
         for key in METRIC_COLUMNS:
             value = record["metrics"].get(key)
-            row[key] = 100.0 * value if isinstance(value, (int, float)) else None
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not number:
+                warnings.warn(f"{record.get('_file')}: the {key} of {record.get('checkpoint')} at epoch "
+                              f"{record.get('epoch')} is {value!r}, not a number: left out", stacklevel=2)
+            row[key] = 100.0 * value if number else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -335,6 +347,13 @@ def aggregate(frame):
         out = grouped[metrics].agg(["mean", "std"])
         out.columns = [f"{m}_{stat}" for m, stat in out.columns]
         out["n"] = grouped.size()
+        counts = grouped[metrics].count()
+        for key, row in counts.iterrows():
+            for metric in metrics:
+                if 0 < row[metric] < out.at[key, "n"]:
+                    name = " ".join(str(part) for part in (key if isinstance(key, tuple) else (key,)) if part != "")
+                    warnings.warn(f"row {name}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
+                                  f"(the others' records lack it)", stacklevel=2)
     else:  # records with none of the known metrics: the rows, and how many runs each holds
         out = grouped.size().to_frame("n")
     if "revision" in filled:

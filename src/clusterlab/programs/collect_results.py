@@ -23,6 +23,7 @@ the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterl
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -141,7 +142,25 @@ def read_published(path: str, default: str):
     if missing:
         raise ConfigError(f"--published {path!r} lacks the column(s) {', '.join(missing)} "
                           f"(expected: {', '.join(PUBLISHED_COLUMNS)})")
+    for index, row in published.iterrows():
+        where = f"--published {path!r} line {index + 2}"  # the header is line 1
+        if not _is_number(row["value"]):
+            raise ConfigError(f"{where}: value {row['value']!r} is not a number (a percentage such as 84.9)")
+        for column in ("metric", "compare_to"):
+            if column in published and not pd.isna(row[column]) and row[column] not in results.METRIC_COLUMNS:
+                raise ConfigError(f"{where}: {column} {row[column]!r} is not a metric of the tables (one of: "
+                                  f"{', '.join(results.METRIC_COLUMNS)}{'; or blank' * (column == 'compare_to')})")
+        if not pd.isna(row["epochs"]) and not (_is_number(row["epochs"]) and float(row["epochs"]).is_integer()):
+            raise ConfigError(f"{where}: epochs {row['epochs']!r} is not a whole number of epochs (or blank, for a "
+                              f"baseline)")
     return published
+
+
+def _is_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _has_tabulate() -> bool:
