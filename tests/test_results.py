@@ -586,3 +586,27 @@ def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_ru
     assert any("its acc averages 1 of its 2 runs" in line for line in said)
     assert any("its nmi averages 1 of its 2 runs" in line for line in said)
     assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist()) == ([2], [50.0], [40.0])
+
+
+def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule_it_trained_with(tmp_path):
+    """Seed 1 trained 2 epochs (evaluated), then was extended to 3 (--epochs changes on resume): its epoch-2 record
+    was filed under epochs=3 as a mid-run checkpoint, apart from seed 0, and its epoch-3 record averaged with a run
+    trained 3 epochs from the start, which never climbed back from a finished schedule."""
+    root = tmp_path / "runs"
+    extension = {"epoch": 2, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}
+    for name, seed, epochs, changes in (("s0", 0, 2, []), ("s1", 1, 3, [extension]), ("long", 2, 3, [])):
+        write_trained_run(root, name, seed, 0.0, epochs=epochs)
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "schedule_changes": changes}))
+    write_jsonl(root / "s1" / "metrics.jsonl", [
+        {**record(1, dataset="cifar10", epoch=2, run="s1", acc=0.60), **CLEAN},
+        {**record(1, dataset="cifar10", epoch=3, run="s1", acc=0.70), **CLEAN}])
+    write_jsonl(root / "s0" / "metrics.jsonl", [{**record(0, dataset="cifar10", epoch=2, run="s0", acc=0.50),
+                                                 **CLEAN}])
+    write_jsonl(root / "long" / "metrics.jsonl", [{**record(2, dataset="cifar10", epoch=3, run="long", acc=0.80),
+                                                   **CLEAN}])
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    rows = {(row["epoch"], row["recipe"]): (row["n"], round(row["acc_mean"], 6)) for _, row in table.iterrows()}
+    assert rows == {(2, ""): (2, 55.0), (3, "schedule_changes=epochs 2->3 at epoch 2 step 0"): (1, 70.0),
+                    (3, "schedule_changes=none"): (1, 80.0)}
+    assert "mid_run" not in table

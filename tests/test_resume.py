@@ -113,7 +113,7 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, si
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     steps = [(r["epoch"], r["step"]) for r in logged_steps(run_dir)]
     assert steps == [(e, s) for e in range(2) for s in range(STEPS)]  # every step once, none twice
-    assert saved["term_count"] == status["step"] and set(saved["term_totals"]) == {"swav"}
+    assert saved["term_count"] == status["step"] and set(saved["term_totals"]) == {"loss", "swav"}
     assert epoch_means(run_dir) == epoch_means(reference)  # the interrupted epoch's mean covers all its steps
 
     ours = checkpoint.load(run_dir / "checkpoint.pth")
@@ -207,6 +207,13 @@ def test_a_run_resumed_under_other_schedule_flags_says_at_what_rates(tmp_path):
     result = run_script("main_pretrain.py", *cosine, "--epochs", 3, "--output_dir", run_dir)
     assert_ok(result)
     assert "note: the schedule's flags changed on resume (--epochs 2 -> 3)" in result.stdout
+    # kept where the tables read it: config.yaml, and the checkpoint for the starts to come
+    change = {"epoch": 2, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["schedule_changes"] == [change]
+    assert checkpoint.load(run_dir / "checkpoint.pth")["schedule_changes"] == [change]
+    assert_ok(run_script("main_pretrain.py", *cosine, "--epochs", 4, "--output_dir", run_dir))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["schedule_changes"] == [
+        change, {"epoch": 3, "step": 0, "before": {"epochs": 3}, "after": {"epochs": 4}}]
 
 
 def test_a_finished_run_started_again_with_other_flags_keeps_its_record(tmp_path, reference):

@@ -118,6 +118,9 @@ class Trainer:
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
         self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
+        # Every resume that changed the schedule's flags: where ({"epoch", "step"}) and the flags "before" and
+        # "after"; in the checkpoint and config.yaml, so that the tables file each checkpoint under its schedule.
+        self.schedule_changes: list[dict] = []
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
@@ -156,7 +159,7 @@ class Trainer:
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
                 "data_info": dataclasses.asdict(self.method.info),
                 "term_totals": dict(self.term_totals), "term_count": self.term_count,
-                "trained_by": list(self.trained_by),
+                "trained_by": list(self.trained_by), "schedule_changes": list(self.schedule_changes),
                 "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0,
                 "skipped_in_a_row": self.skipped_in_a_row}
 
@@ -216,6 +219,7 @@ class Trainer:
         if self.term_count and "loss" not in self.term_totals:
             # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
             self.term_totals["loss"] = math.nan
+        self.schedule_changes = list(state.get("schedule_changes", []))
         change = self.schedule_change(state["args"])
         self.resume_notes = [change] if change else []
         return self.position
@@ -223,11 +227,15 @@ class Trainer:
     def schedule_change(self, saved_args: dict) -> str | None:
         """A line when this command's schedule flags differ from those the checkpoint trained with: the rate the
         next step takes and the rate the last step took (a cosine run extended with a larger --epochs climbs back
-        from its final rate)."""
+        from its final rate). The change is kept in `schedule_changes`."""
         changed = [key for key in SCHEDULE_KEYS if key in saved_args
                    and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
         if not changed:
             return None
+        epoch, step = self.position
+        self.schedule_changes.append({"epoch": epoch, "step": step,
+                                      "before": {key: _plain(saved_args[key]) for key in changed},
+                                      "after": {key: _plain(getattr(self.args, key)) for key in changed}})
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
         last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
         flags = ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(self.args, key))}"
@@ -590,7 +598,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                 trainer.trained_by.append(code)
             # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
             write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
-                           trained_by=trainer.trained_by, **method.recorded())
+                           trained_by=trainer.trained_by, schedule_changes=trainer.schedule_changes,
+                           **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer

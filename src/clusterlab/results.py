@@ -191,6 +191,31 @@ def run_settings(run_config: dict | None) -> dict | None:
     return settings
 
 
+def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
+    """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args are its last
+    start's: a schedule change (config.yaml's `schedule_changes`, one per resume that changed the schedule's flags)
+    made at or after `position` came later, and the flags' earlier values apply; one made before is named in
+    `schedule_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for a run never changed), so that a run extended
+    with a larger --epochs is no seed of one trained to that length from the start. A run written before
+    config.yaml kept the changes is compared without the key."""
+    if settings is None or not isinstance(changes, list):
+        return settings
+    settings, earlier = dict(settings), []
+    for change in reversed(changes):
+        if not (isinstance(change, dict) and isinstance(change.get("before"), dict)
+                and isinstance(change.get("after"), dict)):
+            continue
+        if (change.get("epoch", 0), change.get("step", 0)) >= position:
+            settings.update(change["before"])
+        else:
+            earlier.insert(0, change)
+    settings["schedule_changes"] = "; ".join(
+        " ".join(f"{key} {_setting_text(before)}->{_setting_text(change['after'].get(key))}"
+                 for key, before in change["before"].items())
+        + f" at epoch {change.get('epoch')} step {change.get('step')}" for change in earlier) or "none"
+    return settings
+
+
 def foreign_checkpoint(name: str | None) -> bool:
     """Whether a record's checkpoint name is of another directory's file: records name the run's own checkpoints
     by file name, any other by its full path (eval/features.load_run)."""
@@ -225,7 +250,9 @@ def records_frame(records: list[dict]):
                 warnings.warn(f"{run_dir / 'config.yaml'} cannot be read: its run's settings and code are unknown "
                               f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
-        row["settings"] = run_settings(run_configs[run_dir])
+        position = (record.get("epoch") or 0, record.get("step") or 0)
+        row["settings"] = settings_at(run_settings(run_configs[run_dir]),
+                                      (run_configs[run_dir] or {}).get("schedule_changes"), position)
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
