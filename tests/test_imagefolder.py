@@ -286,6 +286,41 @@ def test_a_run_whose_loader_workers_ignore_slurms_signals_still_exits_on_a_failu
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
 
 
+# Loader workers whose worker_init_fn takes its time (the window in which torch's SIGTERM handler is in place), and
+# SIGTERM to the whole process group right after they were started, as Slurm sends it to every process of a job.
+SIGTERM_WHILE_WORKERS_START = """
+import functools, os, subprocess, sys, time
+import torch
+from clusterlab import signals
+from clusterlab.data import loader
+
+def slow_init(main_pid, worker_id):
+    time.sleep(1.0)
+    loader._ignore_stop_signals(main_pid, worker_id)
+
+signals.install()
+signals.defer()  # as during training: the signal is remembered, acted on at the next step
+images = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,
+                                     worker_init_fn=functools.partial(slow_init, os.getpid()))
+batches = loader.started(images) if sys.argv[1] == "started" else iter(images)
+subprocess.run(["kill", "-TERM", "--", f"-{os.getpgrp()}"])  # from another process, as slurmstepd sends it
+print(sum(len(batch) for batch in batches), signals.name())
+"""
+
+
+@pytest.mark.parametrize("start", ["started", "iter"])
+def test_loader_workers_started_by_the_loader_outlive_a_sigterm_to_every_process(start):
+    """`loader.started` starts them with the stop signals blocked: every batch comes, and this process takes the
+    signal (the run then saves and exits 75). A plain iter() is the failure it replaced: torch's handler kills a
+    worker that has not reached its worker_init_fn, and the run failed."""
+    result = subprocess.run([PYTHON, "-c", SIGTERM_WHILE_WORKERS_START, start], cwd=ROOT, env=script_env(),
+                            capture_output=True, text=True, timeout=120, start_new_session=True)
+    if start == "started":
+        assert result.returncode == 0 and result.stdout.split() == ["8", "SIGTERM"], result.stderr
+    else:
+        assert result.returncode == 1 and "is killed by signal: Terminated" in result.stderr
+
+
 def test_the_knn_monitor_decodes_with_the_runs_loader_workers(tmp_path, monkeypatch):
     """--knn_monitor_every on an image folder: the test split (and, for SwAV, the recomputed train split) decoded
     by --workers processes, as training is (it decoded them in the main process, serially)."""

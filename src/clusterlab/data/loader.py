@@ -146,7 +146,7 @@ def _iterate_files(images, batches, epoch, plan, start_step, workers, augment, d
 
     jobs.current = planned()
     every_step = distributed.world_size() > 1
-    for done, result in enumerate(loader, start=1):
+    for done, result in enumerate(started(loader), start=1):
         if not tally.add(result) or every_step:
             tally.check(f"epoch {epoch + 1} so far")
         params, state, total, offset = pending.pop(result["step"])
@@ -188,6 +188,18 @@ def _file_loader(images: ImageSet, jobs, workers: int, device: torch.device, per
                                        persistent_workers=persistent and workers > 0,
                                        pin_memory=device.type == "cuda", generator=torch.Generator(),
                                        worker_init_fn=functools.partial(_ignore_stop_signals, os.getpid()))
+
+
+def started(loader: torch.utils.data.DataLoader):
+    """iter(loader), with the stop signals blocked in this thread while it starts the workers: a worker starts with
+    torch's SIGTERM handler, which kills it, until its worker_init_fn (`_ignore_stop_signals`) runs; Slurm's SIGTERM
+    to every process in that window failed the run instead of stopping it. Started with them blocked, a worker never
+    takes them before it ignores them; this process takes a pending one when they are unblocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals.STOP_SIGNALS))
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _ignore_stop_signals(main_pid: int, worker_id: int) -> None:
@@ -304,7 +316,7 @@ def sequential(images: ImageSet, indices: torch.Tensor, batch_size: int | list[i
         jobs = [ViewJob(step, idx.numpy(), view) for step, idx in enumerate(chunks)]
     checked_by_caller = tally is not None
     tally = tally or BadFiles(images, limit=None, device=device)
-    for result, idx in zip(_file_loader(images, jobs, workers, device), chunks):
+    for result, idx in zip(started(_file_loader(images, jobs, workers, device)), chunks):
         if not tally.add(result):
             if checked_by_caller:
                 return
