@@ -2,6 +2,7 @@
 commands that do not fit the run refused before anything is rewritten (rundir.py, engine.py, checkpoint.py)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -468,3 +469,17 @@ def test_a_run_trained_before_a_flag_existed_can_still_be_evaluated(tiny_run, tm
     checkpoint.save({k: v for k, v in state.items() if k not in ("format", "schema", "kind", "method")},
                     run / "checkpoint.pth", kind="pretrain", method="swav")
     assert_ok(run_script("eval_knn.py", "--run", run, "--device", "cpu"))
+
+
+def test_a_lock_that_cannot_be_removed_does_not_replace_the_error_that_ended_the_run(tmp_path, monkeypatch):
+    """The output directory turned read-only mid-run: the one-line error named .lock, whose removal failed while the
+    run left, instead of train_log.jsonl, whose write had ended it. The lock stays, to be taken over as stale."""
+    lock = rundir.RunLock(tmp_path)
+    lock.acquire()
+
+    def read_only(path, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    lock.release()
+    assert not lock.held and lock.path.exists()

@@ -1,9 +1,14 @@
 """The stop-signal handler (signals.py) in a process of its own: what reaches the handler that was there before ours."""
 from __future__ import annotations
 
+import signal
 import subprocess
 
-from conftest import PYTHON, ROOT, script_env
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, TINY, script_env
+from dist_utils import run_distributed
 
 # A previous handler (submitit's requeues the job) during which a second stop signal arrives, as under Slurm a task
 # gets TERM from slurmstepd and again from the batch shell's trap.
@@ -85,3 +90,42 @@ def test_a_rank_stopped_for_another_ranks_signal_leaves_the_run_interrupted(tmp_
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 255, done.stderr
     assert done.stdout.splitlines() == ["requeued on SIGUSR2", "interrupted"]
+
+
+# A program run as its script runs it (programs.run), then what the stop signals do while the interpreter shuts down:
+# atexit runs before Python gives them their default action back, which a second SIGTERM then took (status 143).
+DISPOSITION_AT_EXIT = """
+import atexit, os, signal, sys
+from clusterlab import engine, programs
+atexit.register(lambda: print("ignored at exit:", all(signal.getsignal(s) is signal.SIG_IGN
+                                                          for s in (signal.SIGTERM, signal.SIGUSR2)), flush=True))
+if sys.argv[1] == "signalled":  # a stop signal at the first step: saved, exit 75
+    step = engine.Trainer.step
+    def signalled(self, *args):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return step(self, *args)
+    engine.Trainer.step = signalled
+programs.run("main_pretrain.py", sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("case, status", [("finished", 0), ("signalled", 75)])
+def test_a_program_that_ended_or_left_for_the_requeue_ignores_further_stop_signals(tmp_path, case, status):
+    done = subprocess.run([PYTHON, "-c", DISPOSITION_AT_EXIT, case, *TINY, "--epochs", "1", "--output_dir",
+                           str(tmp_path / "run")], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == status, done.stderr
+    assert done.stdout.splitlines()[-1] == "ignored at exit: True"
+
+
+def _stopped_by_rank_one(rank, world_size):
+    from clusterlab import engine, signals
+
+    signals._received = signal.SIGUSR2 if rank == 1 else None
+    engine.share_stop_signal(torch.device("cpu"))
+    return signals.name()
+
+
+def test_every_rank_names_the_stop_signal_one_rank_received():
+    """Rank 0 writes status.json: for a SIGUSR2 that reached rank 1 only, it recorded "signal": "signal"."""
+    assert run_distributed(_stopped_by_rank_one, 2) == ["SIGUSR2", "SIGUSR2"]

@@ -428,6 +428,7 @@ class Trainer:
         epoch, step = self.position
         if self.saved_position != self.position:
             self.save(epoch, step)
+        share_stop_signal(self.ctx.device)
         if self.ctx.is_main:
             self.mark_interrupted()  # before the handler requeues: Slurm may kill the job before it returns
             print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at epoch {epoch} step {step}; run the "
@@ -629,6 +630,12 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set
                               f"{training_set.fingerprint}): images added, removed, renamed or relabelled change what "
                               f"each position means; {fresh}, or give the training set it was trained on")
     return state
+
+
+def share_stop_signal(device: torch.device) -> None:
+    """Collective: every rank hears the stop signal a rank received (the highest number where several did), for
+    rank 0's status.json and lines: a rank stopped for another rank's signal has none of its own."""
+    signals.hear(int(distributed.all_reduce_max(torch.tensor([float(signals.received() or 0)], device=device))))
 
 
 def _plain(value):

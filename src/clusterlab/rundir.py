@@ -286,10 +286,13 @@ class RunLock:
             guard.unlink(missing_ok=True)
 
     def release(self) -> None:
+        """Remove the lock if this process holds it. A lock that cannot be removed (the directory turned read-only,
+        the disk gone) stays, to be taken over as stale: an error here would replace the one that ended the run."""
         if self.held:
             holder = self._read()[1] or {}
             if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.unlink(missing_ok=True)
             self.held = False
 
 

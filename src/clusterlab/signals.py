@@ -21,6 +21,7 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 _previous: dict = {}
 _received: int | None = None
+_heard: int | None = None  # the stop signal another rank received (hear)
 _seen: set = set()
 _deferring = False
 _leaving = False
@@ -54,13 +55,30 @@ def defer(enabled: bool = True) -> None:
         leave()
 
 
+def ignore() -> None:
+    """For a process on its way out (its work done, or saved for the requeue): the stop signals are ignored from
+    now on. Python gives them their default action back while it shuts down, and torch's teardown keeps the process
+    a second or more, in which one (Slurm's second SIGTERM, from the batch shell's trap) killed it: status 143 or
+    140 where the program had ended with 0 or 75."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def received() -> int | None:
     """The first stop signal this process got, if any."""
     return _received
 
 
+def hear(signum: int) -> None:
+    """Note the stop signal another rank received, which stopped this one too (this one received none)."""
+    global _heard
+    _heard = signum or None
+
+
 def name() -> str:
-    return signal.Signals(_received).name if _received else "signal"
+    """The name of this process's stop signal, or of the one another rank received (`hear`)."""
+    signum = _received or _heard
+    return signal.Signals(signum).name if signum else "signal"
 
 
 def leaving() -> bool:

@@ -51,11 +51,19 @@ EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kin
 
 
 def run(script: str, argv=None):
-    """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2)."""
+    """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2);
+    once it has ended, or left for the requeue (exit 75), the stop signals are ignored."""
     signals.install()
     from ..errors import run_cli
 
-    return run_cli(PROGRAMS[script].main, argv)
+    try:
+        result = run_cli(PROGRAMS[script].main, argv)
+    except SystemExit:
+        if signals.leaving():
+            signals.ignore()
+        raise
+    signals.ignore()
+    return result
 
 
 # Console commands of the installed package (pyproject.toml [project.scripts]).
