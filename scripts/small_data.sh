@@ -24,7 +24,7 @@ evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-mean
   $PY eval_cluster.py --device cpu "$@"
 }
 
-data_flags() {  # data_flags SET: the flags naming data set SET, into the array `data` (OUT may hold spaces)
+data_flags() {  # data_flags SUBSET: the flags naming data set SUBSET, into the array `data` (OUT may hold spaces)
   case $1 in
     digits) data=(--dataset digits) ;;
     *) data=(--dataset imagefolder --data_path "$OUT/data/$1") ;;
@@ -38,18 +38,18 @@ declare -A TRAIN=([fm_4000]="" [fm_8000]="--epochs 90" [digits]="--epsilon 0.02 
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$OUT/data/fm_4000"
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 800 --seed 0 --out "$OUT/data/fm_8000"
 
-for set in fm_4000 fm_8000 digits; do
-  data_flags "$set"
-  evaluate --baseline pixels "${data[@]}" --output_dir "$OUT/pixels_$set" > "$OUT/pixels_$set.log" 2>&1
+for subset in fm_4000 fm_8000 digits; do
+  data_flags "$subset"
+  evaluate --baseline pixels "${data[@]}" --output_dir "$OUT/pixels_$subset" > "$OUT/pixels_$subset.log" 2>&1
 done
 
 queue() {  # queue METHOD: its recipe on each data set in turn
-  local method=$1 set name data
-  for set in fm_4000 fm_8000 digits; do
-    name=${method}_$set
-    data_flags "$set"
+  local method=$1 subset name data
+  for subset in fm_4000 fm_8000 digits; do
+    name=${method}_$subset
+    data_flags "$subset"
     # shellcheck disable=SC2086  # the training flags are words
-    timed "$name" $PY main_pretrain.py --config "configs/${method}_small.yaml" "${data[@]}" ${TRAIN[$set]} \
+    timed "$name" $PY main_pretrain.py --config "configs/${method}_small.yaml" "${data[@]}" ${TRAIN[$subset]} \
       --output_dir "$OUT/$name" --device cpu
     evaluate --run "$OUT/$name" --skip_recorded true >> "$OUT/$name.log" 2>&1
   done

@@ -195,10 +195,11 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     (["--published", "PUBLISHED"], ["lacks the column(s) epochs, metric", "expected: method, dataset"]),
     (["--published", "LATIN1"], ["--published", "is not a CSV file of UTF-8 text (UnicodeDecodeError"]),  # a traceback
     # the cells of a row: a traceback once a row matched ours, or silently a published number beside no metric
-    (["--published", "VALUE"], ["line 3: value '50,0' is not a number"]),
-    (["--published", "METRIC"], ["line 3: metric 'top_1' is not a metric of the tables (one of: top1, top5"]),
-    (["--published", "COMPARE"], ["line 3: compare_to 'acc1' is not a metric", "; or blank"]),
-    (["--published", "EPOCHS"], ["line 3: epochs 2.5 is not a whole number of epochs"]),
+    (["--published", "VALUE"], ["row 2 below the header: value '50,0' is not a number"]),
+    (["--published", "METRIC"], ["row 2 below the header: metric 'top_1' is not a metric of the tables (one of: top1"]),
+    (["--published", "COMPARE"], ["row 2 below the header: compare_to 'acc1' is not a metric", "; or blank"]),
+    (["--published", "EPOCHS"], ["row 2 below the header: epochs 2.5 is not a whole number of epochs"]),
+    (["--published", "NOMETRIC"], ["row 2 below the header: no metric (one of: top1"]),
 ])
 def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
@@ -210,7 +211,7 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     files = {"PUBLISHED": published, "LATIN1": tmp_path / "latin1.csv"}
     good = "swav,digits,resnet18_cifar_w4,200,cluster,acc,50,k-means,paper,"
     bad = {"VALUE": 'swav,digits,,200,cluster,acc,"50,0",k-means,paper,', "METRIC": good.replace(",acc,", ",top_1,"),
-           "COMPARE": good + "acc1", "EPOCHS": good.replace(",200,", ",2.5,")}
+           "COMPARE": good + "acc1", "EPOCHS": good.replace(",200,", ",2.5,"), "NOMETRIC": good.replace(",acc,", ",,")}
     for name, row in bad.items():
         files[name] = tmp_path / f"{name}.csv"
         files[name].write_text(f"method,dataset,backbone,epochs,eval,metric,value,protocol,source,compare_to\n"

@@ -91,8 +91,11 @@ def test_lines_with_bytes_that_are_not_utf8_or_fields_that_are_not_numbers_are_s
     run = copy_run(tiny_run, tmp_path / "run")
     with open(run / "train_log.jsonl", "ab") as log:
         log.write(b'{"epoch": 2, "step": 0, "global_step": 29, "lr": 0.1, "loss": "inf?"}\n\xff\xfe\n'
-                  b'{"epoch": 2, "step": 1, "global_step": 30, "loss": 1.0}\n')
-    assert curves.read_curves(run).loss.tolist() == curves.read_curves(tiny_run).loss.tolist()
+                  b'{"epoch": 2, "step": 1, "global_step": 30, "loss": 1.0}\n'
+                  b'{"epoch": "0", "epoch_end": true, "global_step": 4}\n{"epoch": 0, "epoch_end": true}\n'
+                  b'{"epoch": 1, "step": "0", "global_step": 15, "lr": 0.1, "loss": 1.0}\n')
+    drawn, expected = curves.read_curves(run), curves.read_curves(tiny_run)
+    assert drawn.loss.tolist() == expected.loss.tolist() and drawn.steps_per_epoch == STEPS_PER_EPOCH
 
 
 def test_a_term_equal_to_the_loss_is_drawn_once_even_where_both_are_nan():

@@ -298,23 +298,28 @@ def slow_init(main_pid, worker_id):
     time.sleep(1.0)
     loader._ignore_stop_signals(main_pid, worker_id)
 
-signals.install()
-signals.defer()  # as during training: the signal is remembered, acted on at the next step
-images = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,
-                                     worker_init_fn=functools.partial(slow_init, os.getpid()))
-batches = loader.started(images) if sys.argv[1] == "started" else iter(images)
-subprocess.run(["kill", "-TERM", "--", f"-{os.getpgrp()}"])  # from another process, as slurmstepd sends it
-print(sum(len(batch) for batch in batches), signals.name())
+if __name__ == "__main__":
+    torch.multiprocessing.set_start_method(sys.argv[2])
+    signals.install()
+    signals.defer()  # as during training: the signal is remembered, acted on at the next step
+    images = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,
+                                         worker_init_fn=functools.partial(slow_init, os.getpid()))
+    batches = loader.started(images) if sys.argv[1] == "started" else iter(images)
+    subprocess.run(["kill", "-TERM", "--", f"-{os.getpgrp()}"])  # from another process, as slurmstepd sends it
+    print(sum(len(batch) for batch in batches), signals.name())
 """
 
 
-@pytest.mark.parametrize("start", ["started", "iter"])
-def test_loader_workers_started_by_the_loader_outlive_a_sigterm_to_every_process(start):
+@pytest.mark.parametrize("start, start_method", [("started", "fork"), ("started", "forkserver"), ("iter", "fork")])
+def test_loader_workers_started_by_the_loader_outlive_a_sigterm_to_every_process(tmp_path, start, start_method):
     """`loader.started` starts them with the stop signals blocked: every batch comes, and this process takes the
     signal (the run then saves and exits 75). A plain iter() is the failure it replaced: torch's handler kills a
-    worker that has not reached its worker_init_fn, and the run failed."""
-    result = subprocess.run([PYTHON, "-c", SIGTERM_WHILE_WORKERS_START, start], cwd=ROOT, env=script_env(),
-                            capture_output=True, text=True, timeout=120, start_new_session=True)
+    worker that has not reached its worker_init_fn, and the run failed. A forkserver (Python 3.14's default) forks
+    the workers from a server of its own."""
+    script = tmp_path / "sigterm_while_workers_start.py"  # a file: a forkserver's workers import its functions
+    script.write_text(SIGTERM_WHILE_WORKERS_START)
+    result = subprocess.run([PYTHON, str(script), start, start_method], cwd=ROOT,
+                            env=script_env(), capture_output=True, text=True, timeout=120, start_new_session=True)
     if start == "started":
         assert result.returncode == 0 and result.stdout.split() == ["8", "SIGTERM"], result.stderr
     else:

@@ -610,3 +610,11 @@ def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule
     assert rows == {(2, ""): (2, 55.0), (3, "schedule_changes=epochs 2->3 at epoch 2 step 0"): (1, 70.0),
                     (3, "schedule_changes=none"): (1, 80.0)}
     assert "mid_run" not in table
+
+
+def test_schedule_changes_not_written_by_the_engine_are_passed_over():
+    settings = {"epochs": 3, "lr": 0.6}
+    edited = [{"epoch": None, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}},
+              {"epoch": "2", "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}, "epochs 2->3", None]
+    assert results.settings_at(settings, edited, (3, 0)) == {**settings, "schedule_changes": "none"}
+    assert results.settings_at(settings, None, (3, 0)) == settings  # config.yaml of a run before the key

@@ -56,10 +56,10 @@ def _numbers(record: dict, *keys: str) -> bool:
 def training_curves(records: list[dict]) -> Curves:
     """The arrays of the plot from the records of a train_log.jsonl (a record whose fields the plot needs are not
     numbers, written by hand or by another program, is left out)."""
-    steps = [r for r in records if "step" in r and _numbers(r, "global_step", "loss", "lr")]
-    ends = [r for r in records if r.get("epoch_end") and _numbers(r, "epoch")]
+    steps = [r for r in records if "step" in r and _numbers(r, "epoch", "step", "global_step", "loss", "lr")]
+    ends = [r for r in records if r.get("epoch_end") and _numbers(r, "epoch", "global_step")]
     monitor = [r for r in records if r.get("knn_monitor") and _numbers(r, "epoch", "top1")]
-    per_epoch = steps_per_epoch(records)
+    per_epoch = steps_per_epoch([*ends, *steps])
     global_step = np.array([r["global_step"] for r in steps], dtype=np.float64)
     loss = np.array([r["loss"] for r in steps], dtype=np.float64)
     names = dict.fromkeys(k for r in steps for k, v in r.items()

@@ -203,9 +203,10 @@ def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> di
     settings, earlier = dict(settings), []
     for change in reversed(changes):
         if not (isinstance(change, dict) and isinstance(change.get("before"), dict)
-                and isinstance(change.get("after"), dict)):
-            continue
-        if (change.get("epoch", 0), change.get("step", 0)) >= position:
+                and isinstance(change.get("after"), dict)
+                and _whole(change.get("epoch")) and _whole(change.get("step"))):
+            continue  # not written by the engine (edited by hand): no position to compare
+        if (change["epoch"], change["step"]) >= position:
             settings.update(change["before"])
         else:
             earlier.insert(0, change)
@@ -214,6 +215,10 @@ def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> di
                  for key, before in change["before"].items())
         + f" at epoch {change.get('epoch')} step {change.get('step')}" for change in earlier) or "none"
     return settings
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def foreign_checkpoint(name: str | None) -> bool:
@@ -250,7 +255,7 @@ def records_frame(records: list[dict]):
                 warnings.warn(f"{run_dir / 'config.yaml'} cannot be read: its run's settings and code are unknown "
                               f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
-        position = (record.get("epoch") or 0, record.get("step") or 0)
+        position = tuple(value if _whole(value) else 0 for value in (record.get("epoch"), record.get("step")))
         row["settings"] = settings_at(run_settings(run_configs[run_dir]),
                                       (run_configs[run_dir] or {}).get("schedule_changes"), position)
         row["run_epochs"] = (row["settings"] or {}).get("epochs")

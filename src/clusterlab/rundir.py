@@ -53,8 +53,8 @@ def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file; a line cut short by a crash, or one that is not a JSON object, is skipped (bytes
-    that are not UTF-8 become U+FFFD, so only their line is lost)."""
+    """The records of a JSON-lines file; a line cut short by a crash, or one that is not a JSON object, is skipped
+    (bytes that are not UTF-8 become U+FFFD, so only their line is lost)."""
     try:
         return _parse_lines(Path(path).read_text(errors="replace").splitlines())
     except FileNotFoundError:

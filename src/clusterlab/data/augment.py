@@ -28,7 +28,8 @@ GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 def host_to(values: torch.Tensor, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Parameters drawn on the host, on `images`' device. Non-blocking: a copy from pageable memory is staged at once
-    and does not wait for the work queued on the GPU, which a blocking copy would do at every parameter of every crop."""
+    and does not wait for the work queued on the GPU, which a blocking copy would do at every parameter of every
+    crop."""
     return values.to(images.device, dtype or values.dtype, non_blocking=True)
 
 

@@ -22,6 +22,9 @@ every step, so that the other ranks do not wait in the next collective for the o
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -194,9 +197,18 @@ def started(loader: torch.utils.data.DataLoader):
     """iter(loader), with the stop signals blocked in this thread while it starts the workers: a worker starts with
     torch's SIGTERM handler, which kills it, until its worker_init_fn (`_ignore_stop_signals`) runs; Slurm's SIGTERM
     to every process in that window failed the run instead of stopping it. Started with them blocked, a worker never
-    takes them before it ignores them; this process takes a pending one when they are unblocked."""
+    takes them before it ignores them; this process takes a pending one when they are unblocked.
+
+    A forkserver's workers are forked by its server: the server is started inside the block, so that it and every
+    worker it forks keep the mask; the resource tracker before it, since starting it unblocks SIGTERM."""
+    forkserver = loader.num_workers > 0 and \
+        (loader.multiprocessing_context or multiprocessing).get_start_method() == "forkserver"
+    if forkserver:
+        multiprocessing.resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals.STOP_SIGNALS))
     try:
+        if forkserver:
+            multiprocessing.forkserver.ensure_running()
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -143,7 +143,9 @@ def read_published(path: str, default: str):
         raise ConfigError(f"--published {path!r} lacks the column(s) {', '.join(missing)} "
                           f"(expected: {', '.join(PUBLISHED_COLUMNS)})")
     for index, row in published.iterrows():
-        where = f"--published {path!r} line {index + 2}"  # the header is line 1
+        where = f"--published {path!r}, row {index + 1} below the header"
+        if pd.isna(row["metric"]):
+            raise ConfigError(f"{where}: no metric (one of: {', '.join(results.METRIC_COLUMNS)})")
         if not _is_number(row["value"]):
             raise ConfigError(f"{where}: value {row['value']!r} is not a number (a percentage such as 84.9)")
         for column in ("metric", "compare_to"):

@@ -44,7 +44,8 @@ ALWAYS_RECORDED = ("epochs", "lr", "batch_size", "weight_decay")
 
 
 def probe_precision(args) -> str | None:
-    """The precision the probe trains in (--amp resolved on its device: auto is bf16 on CUDA), None for float32."""
+    """The precision the probe trains in (--amp resolved on its device: auto is bf16 on CUDA from Ampere on, fp16
+    on older cards), None for float32."""
     name = engine.precision_name(engine.resolve_precision(args.amp, distributed.pick_device(args.device)))
     return None if name == "float32" else name
 
