@@ -113,6 +113,11 @@ def test_resume_may_change_the_precision(tmp_path, before, after):
     fresh = torch.amp.GradScaler("cpu", enabled=after == "fp16").state_dict()
     assert resumed.scaler.state_dict() == fresh
     assert_same_tensors(resumed.method.state_dict(), first.method.state_dict(), "model")
+    ran = {"off": "float32"}
+    assert resumed.resume_changes == [{"epoch": 1, "step": 0, "before": {"amp": ran.get(before, before)},
+                                       "after": {"amp": after}}]
+    assert resumed.resume_notes == [f"the precision changed on resume ({ran.get(before, before)} -> {after}): "
+                                    f"config.yaml and the tables record the change"]
 
 
 def test_auto_is_float32_on_the_cpu_and_config_records_what_ran(tmp_path):

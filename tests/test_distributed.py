@@ -510,3 +510,19 @@ def test_a_cuda_device_is_made_current_with_cudnn_autotuning(monkeypatch):
     assert made_current == [] and not torch.backends.cudnn.benchmark
     assert distributed.take_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert made_current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark
+
+
+def _wrap_recording_warnings(rank, world_size):
+    import warnings
+
+    from clusterlab import engine
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.wrap_ddp(nn.Linear(2, 2), distributed.init("cpu"), find_unused=False)
+    return [str(warning.message) for warning in caught]
+
+
+def test_ddp_wraps_without_torchs_deprecation_warning_on_every_rank():
+    """broadcast_buffers=False stays (its replacement broadcasts the buffers once at the start), its warning not."""
+    assert run_distributed(_wrap_recording_warnings, 2) == [[], []]

@@ -597,7 +597,7 @@ def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule
     for name, seed, epochs, changes in (("s0", 0, 2, []), ("s1", 1, 3, [extension]), ("long", 2, 3, [])):
         write_trained_run(root, name, seed, 0.0, epochs=epochs)
         config = yaml.safe_load((root / name / "config.yaml").read_text())
-        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "schedule_changes": changes}))
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "resume_changes": changes}))
     write_jsonl(root / "s1" / "metrics.jsonl", [
         {**record(1, dataset="cifar10", epoch=2, run="s1", acc=0.60), **CLEAN},
         {**record(1, dataset="cifar10", epoch=3, run="s1", acc=0.70), **CLEAN}])
@@ -607,14 +607,22 @@ def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule
                                                    **CLEAN}])
     table = results.aggregate(results.records_frame(results.read_records(root)))
     rows = {(row["epoch"], row["recipe"]): (row["n"], round(row["acc_mean"], 6)) for _, row in table.iterrows()}
-    assert rows == {(2, ""): (2, 55.0), (3, "schedule_changes=epochs 2->3 at epoch 2 step 0"): (1, 70.0),
-                    (3, "schedule_changes=none"): (1, 80.0)}
+    assert rows == {(2, ""): (2, 55.0), (3, "resume_changes=epochs 2->3 at epoch 2 step 0"): (1, 70.0),
+                    (3, "resume_changes=none"): (1, 80.0)}
     assert "mid_run" not in table
 
 
-def test_schedule_changes_not_written_by_the_engine_are_passed_over():
+def test_resume_changes_not_written_by_the_engine_are_passed_over():
     settings = {"epochs": 3, "lr": 0.6}
     edited = [{"epoch": None, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}},
               {"epoch": "2", "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}, "epochs 2->3", None]
-    assert results.settings_at(settings, edited, (3, 0)) == {**settings, "schedule_changes": "none"}
+    assert results.settings_at(settings, edited, (3, 0)) == {**settings, "resume_changes": "none"}
     assert results.settings_at(settings, None, (3, 0)) == settings  # config.yaml of a run before the key
+
+
+def test_a_precision_changed_on_resume_files_each_checkpoint_under_the_precision_it_trained_in():
+    settings = {"amp": "fp16", "epochs": 3}  # config.yaml of the last start: --amp auto resumed on a V100
+    changes = [{"epoch": 2, "step": 0, "before": {"amp": "bf16"}, "after": {"amp": "fp16"}}]
+    assert results.settings_at(settings, changes, (2, 0)) == {"amp": "bf16", "epochs": 3, "resume_changes": "none"}
+    assert results.settings_at(settings, changes, (3, 0)) == {**settings,
+                                                              "resume_changes": "amp bf16->fp16 at epoch 2 step 0"}

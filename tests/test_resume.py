@@ -209,10 +209,10 @@ def test_a_run_resumed_under_other_schedule_flags_says_at_what_rates(tmp_path):
     assert "note: the schedule's flags changed on resume (--epochs 2 -> 3)" in result.stdout
     # kept where the tables read it: config.yaml, and the checkpoint for the starts to come
     change = {"epoch": 2, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["schedule_changes"] == [change]
-    assert checkpoint.load(run_dir / "checkpoint.pth")["schedule_changes"] == [change]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["resume_changes"] == [change]
+    assert checkpoint.load(run_dir / "checkpoint.pth")["resume_changes"] == [change]
     assert_ok(run_script("main_pretrain.py", *cosine, "--epochs", 4, "--output_dir", run_dir))
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["schedule_changes"] == [
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["resume_changes"] == [
         change, {"epoch": 3, "step": 0, "before": {"epochs": 3}, "after": {"epochs": 4}}]
 
 

@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +88,18 @@ def resolve_precision(amp: str, device: torch.device,
     return AMP_DTYPES[amp]
 
 
+def wrap_ddp(method: Method, ctx: Context, find_unused: bool) -> DistributedDataParallel:
+    """DDP without buffer broadcasts: each rank keeps its buffers itself (batch-norm statistics without --sync_bn,
+    averaged before a save; memory banks, which every rank updates with the gathered batch). torch 2.14 deprecates
+    `broadcast_buffers` for `forward_sync_buffers`, which still broadcasts them once at the start (an ImageNet memory
+    bank: 655 MB): the old flag stays, as torch's warning itself advises until `init_sync_buffers` exists, and its
+    warning (one per rank) is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                       broadcast_buffers=False, find_unused_parameters=find_unused)
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
 
@@ -111,16 +124,15 @@ class Trainer:
         self.schedule = build_schedule(args, self.steps_per_epoch)
         self.amp_dtype = resolve_precision(args.amp, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
-        self.model = (DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                              broadcast_buffers=False, find_unused_parameters=args.find_unused)
-                      if ctx.world_size > 1 else method)
+        self.model = wrap_ddp(method, ctx, args.find_unused) if ctx.world_size > 1 else method
         self.global_step = 0
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
         self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
-        # Every resume that changed the schedule's flags: where ({"epoch", "step"}) and the flags "before" and
-        # "after"; in the checkpoint and config.yaml, so that the tables file each checkpoint under its schedule.
-        self.schedule_changes: list[dict] = []
+        # Every resume that changed the schedule's flags or the precision: where ({"epoch", "step"}) and the values
+        # "before" and "after"; in the checkpoint and config.yaml, so that the tables file each checkpoint under the
+        # settings it trained with.
+        self.resume_changes: list[dict] = []
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
@@ -159,7 +171,8 @@ class Trainer:
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
                 "data_info": dataclasses.asdict(self.method.info),
                 "term_totals": dict(self.term_totals), "term_count": self.term_count,
-                "trained_by": list(self.trained_by), "schedule_changes": list(self.schedule_changes),
+                "trained_by": list(self.trained_by), "resume_changes": list(self.resume_changes),
+                "precision": self.precision,
                 "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0,
                 "skipped_in_a_row": self.skipped_in_a_row}
 
@@ -219,23 +232,29 @@ class Trainer:
         if self.term_count and "loss" not in self.term_totals:
             # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
             self.term_totals["loss"] = math.nan
-        self.schedule_changes = list(state.get("schedule_changes", []))
-        change = self.schedule_change(state["args"])
-        self.resume_notes = [change] if change else []
+        self.resume_changes = list(state.get("resume_changes", []))
+        self.resume_notes = []
+        before, after = {}, {}
+        changed = [key for key in SCHEDULE_KEYS if key in state["args"]
+                   and _plain(state["args"][key]) != _plain(getattr(self.args, key))]
+        if changed:
+            before.update({key: _plain(state["args"][key]) for key in changed})
+            after.update({key: _plain(getattr(self.args, key)) for key in changed})
+            self.resume_notes.append(self.schedule_change(state["args"], changed))
+        if state.get("precision", self.precision) != self.precision:
+            # as the tables compare runs: amp by the precision that ran (--amp auto differs between devices)
+            before["amp"], after["amp"] = state["precision"], self.precision
+            self.resume_notes.append(f"the precision changed on resume ({state['precision']} -> {self.precision}): "
+                                     f"config.yaml and the tables record the change")
+        if before:
+            epoch, step = self.position
+            self.resume_changes.append({"epoch": epoch, "step": step, "before": before, "after": after})
         return self.position
 
-    def schedule_change(self, saved_args: dict) -> str | None:
-        """A line when this command's schedule flags differ from those the checkpoint trained with: the rate the
-        next step takes and the rate the last step took (a cosine run extended with a larger --epochs climbs back
-        from its final rate). The change is kept in `schedule_changes`."""
-        changed = [key for key in SCHEDULE_KEYS if key in saved_args
-                   and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
-        if not changed:
-            return None
-        epoch, step = self.position
-        self.schedule_changes.append({"epoch": epoch, "step": step,
-                                      "before": {key: _plain(saved_args[key]) for key in changed},
-                                      "after": {key: _plain(getattr(self.args, key)) for key in changed}})
+    def schedule_change(self, saved_args: dict, changed: list[str]) -> str:
+        """The line saying that the schedule flags `changed` differ from those the checkpoint trained with: the rate
+        the next step takes and the rate the last step took (a cosine run extended with a larger --epochs climbs
+        back from its final rate)."""
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
         last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
         flags = ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(self.args, key))}"
@@ -599,7 +618,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                 trainer.trained_by.append(code)
             # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
             write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
-                           trained_by=trainer.trained_by, schedule_changes=trainer.schedule_changes,
+                           trained_by=trainer.trained_by, resume_changes=trainer.resume_changes,
                            **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
@@ -607,8 +626,10 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         for note in [] if finished else [*trainer.whole_run_settings(), *trainer.resume_notes]:
             print(f"note: {note}", flush=True)
         where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
-        print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
-              f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}", flush=True)
+        if not finished:
+            print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
+                  f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}",
+                  flush=True)
     distributed.barrier()
     return trainer, start_epoch, start_step
 

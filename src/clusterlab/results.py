@@ -192,11 +192,11 @@ def run_settings(run_config: dict | None) -> dict | None:
 
 
 def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
-    """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args are its last
-    start's: a schedule change (config.yaml's `schedule_changes`, one per resume that changed the schedule's flags)
-    made at or after `position` came later, and the flags' earlier values apply; one made before is named in
-    `schedule_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for a run never changed), so that a run extended
-    with a larger --epochs is no seed of one trained to that length from the start. A run written before
+    """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args (and precision)
+    are its last start's: a change (config.yaml's `resume_changes`, one per resume that changed the schedule's
+    flags or the precision) made at or after `position` came later, and the earlier values apply; one made before
+    is named in `resume_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for a run never changed), so that a run
+    extended with a larger --epochs is no seed of one trained to that length from the start. A run written before
     config.yaml kept the changes is compared without the key."""
     if settings is None or not isinstance(changes, list):
         return settings
@@ -210,7 +210,7 @@ def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> di
             settings.update(change["before"])
         else:
             earlier.insert(0, change)
-    settings["schedule_changes"] = "; ".join(
+    settings["resume_changes"] = "; ".join(
         " ".join(f"{key} {_setting_text(before)}->{_setting_text(change['after'].get(key))}"
                  for key, before in change["before"].items())
         + f" at epoch {change.get('epoch')} step {change.get('step')}" for change in earlier) or "none"
@@ -257,7 +257,7 @@ def records_frame(records: list[dict]):
         row["revision"] = revision(record, run_configs[run_dir])
         position = tuple(value if _whole(value) else 0 for value in (record.get("epoch"), record.get("step")))
         row["settings"] = settings_at(run_settings(run_configs[run_dir]),
-                                      (run_configs[run_dir] or {}).get("schedule_changes"), position)
+                                      (run_configs[run_dir] or {}).get("resume_changes"), position)
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:

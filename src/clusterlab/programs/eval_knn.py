@@ -92,7 +92,7 @@ def main(argv=None):
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
                   f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
-                  f"top5 {metrics['top5']:.4f}  [{run_dir}, epoch {record['epoch']}]")
+                  f"top5 {metrics['top5']:.4f}  [{run_dir}" + (f", epoch {record['epoch']}]" if position else "]"))
     distributed.shutdown()
 
 
