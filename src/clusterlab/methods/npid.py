@@ -83,7 +83,9 @@ class NPID(MemoryBankMethod):
     def draw_noise(self, batch: Batch) -> torch.Tensor:
         """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
         noise = torch.randint(self.info.num_samples, (batch.global_size, self.args.nce_k), generator=self.noise)
-        return noise[batch.offset: batch.offset + batch.indices.shape[0]].to(self.device)
+        # non-blocking: staged from the host at once, without waiting for the GPU's queued work (8 MB a step at
+        # 4096 noise entries for 256 samples)
+        return noise[batch.offset: batch.offset + batch.indices.shape[0]].to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
