@@ -165,3 +165,13 @@ def test_a_confusion_matrix_of_imagenet_size_fits_a_figure(tmp_path):
     small = tmp_path / "kmeans_k3_confusion.png"
     confusion_png([0, 1, 2, 2], [1, 0, 2, 2], 3, ["a", "b", "c"], small, "small")
     assert Image.open(small).size[0] < 600
+
+
+def test_a_one_term_log_of_two_versions_has_a_loss_mean_for_every_epoch():
+    """An epoch logged before loss_mean existed, one after (a run resumed across the change): the one term's mean
+    stands in for the first, as it equals the loss."""
+    steps = [{"epoch": epoch, "step": 0, "global_step": epoch + 1, "lr": 0.1, "loss": 2.0 - epoch, "swav": 2.0 - epoch}
+             for epoch in (0, 1)]
+    ends = [{"epoch": 0, "epoch_end": True, "global_step": 1, "swav_mean": 2.5},
+            {"epoch": 1, "epoch_end": True, "global_step": 2, "loss_mean": 1.5, "swav_mean": 1.5}]
+    assert curves.training_curves([steps[0], ends[0], steps[1], ends[1]]).end_loss.tolist() == [2.5, 1.5]

@@ -33,7 +33,8 @@ class Curves:
     terms: dict = field(default_factory=dict)       # name -> values (NaN where a record lacks it), those != loss
     end_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every epoch_end record
     end_means: dict = field(default_factory=dict)   # term -> its epoch means (every term, those == loss included)
-    end_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the loss's epoch means (NaN: not logged)
+    # the loss's epoch means (a one-term method's term's where the log has none; NaN: not logged)
+    end_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     monitor_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # epoch + 1 of every kNN monitor record
     monitor_top1: np.ndarray = field(default_factory=lambda: np.zeros(0))
     monitor_top5: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -65,6 +66,12 @@ def training_curves(records: list[dict]) -> Curves:
     names = dict.fromkeys(k for r in steps for k, v in r.items()
                           if k not in STEP_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool))
     terms = {name: np.array([r.get(name, np.nan) for r in steps], dtype=np.float64) for name in names}
+    kept = {name: values for name, values in terms.items() if not np.array_equal(values, loss, equal_nan=True)}
+    end_means = {name: np.array([r.get(f"{name}_mean", np.nan) for r in ends], dtype=np.float64) for name in names}
+    end_loss = np.array([r.get("loss_mean", np.nan) for r in ends], dtype=np.float64)
+    same_as_loss = [name for name in names if name not in kept]
+    if same_as_loss:  # a one-term method's term is its loss: its means where an older version logged no loss_mean
+        end_loss = np.where(np.isnan(end_loss), end_means[same_as_loss[0]], end_loss)
     label = ""
     if monitor:
         last = monitor[-1]
@@ -75,10 +82,10 @@ def training_curves(records: list[dict]) -> Curves:
         loss=loss,
         lr=np.array([r["lr"] for r in steps], dtype=np.float64),
         # a term equal to the loss everywhere (a one-term method) would only draw the loss panel again
-        terms={name: values for name, values in terms.items() if not np.array_equal(values, loss, equal_nan=True)},
+        terms=kept,
         end_x=np.array([r["epoch"] + 1 for r in ends], dtype=np.float64),
-        end_means={name: np.array([r.get(f"{name}_mean", np.nan) for r in ends], dtype=np.float64) for name in names},
-        end_loss=np.array([r.get("loss_mean", np.nan) for r in ends], dtype=np.float64),
+        end_means=end_means,
+        end_loss=end_loss,
         monitor_x=np.array([r["epoch"] + 1 for r in monitor], dtype=np.float64),
         monitor_top1=np.array([r["top1"] for r in monitor], dtype=np.float64),
         monitor_top5=np.array([r.get("top5", np.nan) for r in monitor], dtype=np.float64),
@@ -104,12 +111,8 @@ def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) ->
     for panel, ax in zip(panels, axes[:, 0]):
         if panel == "loss":
             ax.plot(curves.x, curves.loss, lw=1, label="logged steps")
-            means = curves.end_loss
-            if np.isnan(means).all():  # a log of an older version: a one-term method's term is its loss
-                same_as_loss = curves.end_means.keys() - curves.terms.keys()
-                means = next((curves.end_means[name] for name in same_as_loss), means)
-            if not np.isnan(means).all():
-                ax.plot(curves.end_x, means, "o", ms=4, color="C0", label="epoch mean")
+            if not np.isnan(curves.end_loss).all():
+                ax.plot(curves.end_x, curves.end_loss, "o", ms=4, color="C0", label="epoch mean")
                 ax.legend(fontsize=7)
             ax.set_ylabel("loss")
         elif panel == "terms":
