@@ -77,6 +77,20 @@ def test_last_occurrence():
     assert rows.tolist() == [0, 1, 4] and last.tolist() == [4, 5, 3]
 
 
+@pytest.mark.parametrize("copies", [1, 2, 3])
+def test_last_occurrence_of_indices_each_present_a_known_number_of_times(copies):
+    """Training's bank updates (each index once, twice with Super-AND's two views): a stable sort gives what
+    torch.unique does, without reading the data back (it runs on the meta device, which holds none)."""
+    generator = torch.Generator().manual_seed(copies)
+    for _ in range(20):
+        distinct = torch.randperm(50, generator=generator)[:12]
+        indices = torch.cat([distinct[torch.randperm(12, generator=generator)] for _ in range(copies)])
+        expected = last_occurrence(indices)
+        assert all(torch.equal(a, b) for a, b in zip(last_occurrence(indices, copies), expected))
+    rows, last = last_occurrence(torch.empty(12 * copies, dtype=torch.long, device="meta"), copies)
+    assert rows.shape == last.shape == (12,)
+
+
 def test_state_dict_holds_a_plain_tensor():
     memory = MemoryBank(N, D, M, seed=0)
     memory.update(torch.tensor([1, 2]), features(2, 0))

@@ -221,6 +221,24 @@ def test_geometric_and_lookup_operations_equal_pil(name, v, pil_op):
     assert torch.equal((ours * 255).round(), (_from_pil(pil_op(image, v)) * 255).round())
 
 
+def test_equalize_of_a_whole_batch_equals_pil_per_image_and_channel():
+    """Random, few-valued, constant and two-valued channels (a step of 0 leaves a channel as it is), 1 and 3
+    channels; and it runs on the meta device, which holds no data: nothing is read back."""
+    generator = torch.Generator().manual_seed(0)
+    for channels in (1, 3):
+        batch = torch.randint(256, (6, channels, 9, 11), generator=generator, dtype=torch.uint8)
+        batch[1] = torch.randint(3, (channels, 9, 11), generator=generator, dtype=torch.uint8) * 40
+        batch[2] = 77
+        batch[3] = 0
+        batch[3, :, 0, 0] = 255
+        ours = randaugment.equalize(batch)
+        for image, equalized in zip(batch, ours):
+            for channel, expected in zip(image, equalized):
+                pil = PIL.ImageOps.equalize(PIL.Image.fromarray(channel.numpy()))
+                assert torch.equal(torch.from_numpy(np.array(pil)), expected)
+    assert randaugment.equalize(torch.empty(4, 3, 8, 8, dtype=torch.uint8, device="meta")).shape == (4, 3, 8, 8)
+
+
 @pytest.mark.parametrize("name, enhance", [("color", PIL.ImageEnhance.Color), ("contrast", PIL.ImageEnhance.Contrast),
                                            ("brightness", PIL.ImageEnhance.Brightness),
                                            ("sharpness", PIL.ImageEnhance.Sharpness)])

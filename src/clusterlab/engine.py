@@ -357,8 +357,10 @@ class Trainer:
         one small all-reduce per step. Each rank's loss is the mean over its own rows (or the global loss), so the
         mean over the ranks is what one process logs for the same global batch, not rank 0's half of it."""
         device = self.ctx.device
-        measured = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach()
-                                for v in (loss, *terms.values())])
+        # a term the method keeps on the host (a Python number, a CPU tensor) is filled in on the device, not copied
+        measured = torch.stack([
+            v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.device.type == device.type
+            else torch.full((), float(v), dtype=torch.float64, device=device) for v in (loss, *terms.values())])
         # Built on the device (a fill, not a copy from the host): the step's one wait for it is the .tolist().
         stop = torch.full((1,), float(signals.received() is not None), dtype=torch.float64, device=device)
         values = torch.cat([stop, (~torch.isfinite(measured[:1])).double(), measured])

@@ -125,7 +125,7 @@ def iterate(images: ImageSet, batches: GlobalBatches, epoch: int, start_step: in
     if not plan:
         return
     # The epoch's indices go to the images' device in one piece, not step by step.
-    local = torch.cat([idx for idx, _, _ in plan]).to(pixels.device)
+    local = torch.cat([idx for idx, _, _ in plan]).to(pixels.device, non_blocking=True)
     for step, idx, (_, total, offset) in zip(range(start_step, len(batches)),
                                              local.split([len(idx) for idx, _, _ in plan]), plan):
         yield (step, pixels[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True),

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import equalize
 
 from .augment import adjust_brightness, adjust_contrast, adjust_saturation, host_to, normalize
 
@@ -91,6 +90,21 @@ def autocontrast(images: torch.Tensor) -> torch.Tensor:
 
 def equalize_float(images: torch.Tensor) -> torch.Tensor:
     return equalize(_eight_bit(images).to(torch.uint8)).float() / 255
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's equalize (uint8 images, each channel its own histogram), for the whole batch at once and without
+    reading from the device (torchvision's loops over images and channels and reads twice per channel: about 440
+    waits for the GPU per SCAN step). A channel's step, the sum of its histogram without its last non-zero bin, // 255,
+    is (pixels - count of its largest value) // 255; step 0 leaves the channel as it is."""
+    n, c, h, w = images.shape
+    flat = images.reshape(n * c, h * w).long()
+    histogram = torch.zeros(n * c, 256, dtype=torch.long, device=images.device)
+    histogram.scatter_add_(1, flat, torch.ones_like(flat))
+    step = (h * w - histogram.gather(1, flat.amax(dim=1, keepdim=True))) // 255
+    lut = (torch.cumsum(histogram, 1) + step // 2) // step.clamp(min=1)
+    lut = F.pad(lut, [1, 0])[:, :-1].clamp(0, 255)
+    return torch.where(step == 0, flat, lut.gather(1, flat)).to(torch.uint8).reshape(n, c, h, w)
 
 
 def solarize_at(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

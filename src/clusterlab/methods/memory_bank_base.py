@@ -52,6 +52,7 @@ class MemoryBankMethod(Method):
         self.memory = MemoryBank(info.num_samples, args.embed_dim, args.bank_m, seed=args.seed + BANK_SEED)
         self.augment = build_multicrop(args, info)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.index_copies = 1  # times each dataset index occurs in a step's bank update (Super-AND: 2 views)
 
     @property
     def memory_bank(self) -> torch.Tensor:
@@ -77,4 +78,4 @@ class MemoryBankMethod(Method):
         """Collective: the bank update with the kept embeddings; returns the indices of all ranks, as gathered."""
         indices, features = self.pending
         self.pending = None
-        return self.memory.update(indices, features)
+        return self.memory.update(indices, features, copies=self.index_copies)

@@ -75,8 +75,8 @@ class NPID(MemoryBankMethod):
     def nce(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
         columns = torch.cat([batch.indices[:, None], self.draw_noise(batch)], dim=1)
         similarities = torch.bmm(self.memory.weight[columns], f[:, :, None]).squeeze(2)
-        if not self.nce_z_known and self.nce_z.item() < 0:
-            self.nce_z.copy_(self.estimate_z(similarities))
+        if not self.nce_z_known:
+            self.nce_z.copy_(torch.where(self.nce_z < 0, self.estimate_z(similarities), self.nce_z))
         self.nce_z_known = True
         return nce_loss(nce_scores(similarities, self.args.bank_t, self.nce_z), self.info.num_samples)
 
@@ -91,7 +91,7 @@ class NPID(MemoryBankMethod):
     def estimate_z(self, similarities: torch.Tensor) -> torch.Tensor:
         """Z = N * mean(exp(v . f / T)) over the K + 1 columns of the whole global batch (Wu et al. sec. 3.2)."""
         values = torch.exp(similarities.float() / self.args.bank_t)
-        totals = distributed.all_reduce_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
+        totals = distributed.all_reduce_sum(torch.stack([values.sum(), values.new_full((), float(values.numel()))]))
         return self.info.num_samples * totals[0] / totals[1]
 
     # ---- state ----

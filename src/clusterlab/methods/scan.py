@@ -123,7 +123,7 @@ class SCAN(ClusterMethod):
     def prepare(self, batch: Batch):
         n = len(batch.indices)
         choice = torch.randint(self.neighbours.shape[1], (batch.global_size,), generator=self.pick)
-        choice = choice[batch.offset: batch.offset + n].to(self.device)
+        choice = choice[batch.offset: batch.offset + n].to(self.device, non_blocking=True)
         partners = self.neighbours[batch.indices, choice]
         pixels, _ = resident(self.train_set, self.device)
         partner_images = pixels[partners.to(pixels.device)].to(self.device)

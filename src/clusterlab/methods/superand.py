@@ -92,6 +92,7 @@ class SuperAND(MemoryBankMethod):
                              persistent=False)
         self.register_buffer("seen_labels", torch.full((n,), -1, dtype=torch.long, device=device))
         self.consistency = float("nan")
+        self.index_copies = 2
         self.pending_labels: torch.Tensor | None = None
 
     # ---- rounds ----

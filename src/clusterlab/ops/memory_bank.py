@@ -41,21 +41,25 @@ class MemoryBank(nn.Module):
         return self.weight.shape[0]
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def update(self, indices: torch.Tensor, features: torch.Tensor, copies: int | None = None) -> torch.Tensor:
         """Move the rows of `indices` (this rank's, gathered with all ranks') towards `features`; collective.
 
         Returns the gathered indices (in the order that decided duplicates).
         """
         indices = distributed.all_gather_cat(indices.reshape(-1))
         features = distributed.all_gather_cat(features.detach().to(self.weight.dtype))
-        rows, last = last_occurrence(indices)
+        rows, last = last_occurrence(indices, copies)
         updated = self.weight.index_select(0, rows).mul_(self.momentum).add_(features[last], alpha=1 - self.momentum)
         self.weight.index_copy_(0, rows, F.normalize(updated, dim=1))
         return indices
 
 
-def last_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distinct values, position of each one's last occurrence in `indices`)."""
+def last_occurrence(indices: torch.Tensor, copies: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct values, position of each one's last occurrence in `indices`). `copies`: every value is known to
+    occur exactly that many times (training batches): a stable sort then gives both without a host read."""
+    if copies is not None:
+        order = torch.sort(indices, stable=True)
+        return order.values[copies - 1::copies], order.indices[copies - 1::copies]
     rows, inverse = torch.unique(indices, return_inverse=True)
     positions = torch.arange(indices.numel(), device=indices.device)
     last = torch.full_like(rows, -1).scatter_reduce_(0, inverse, positions, reduce="amax")
