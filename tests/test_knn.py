@@ -20,7 +20,7 @@ from clusterlab.data import ImageSet
 from clusterlab.eval.knn import knn_accuracies, knn_accuracy, knn_class_scores, monitor
 from clusterlab.data.augment import EvalView
 from clusterlab.methods.superand import bank_entropy
-from clusterlab.ops.knn import dataset_neighbours, query_chunks, topk_neighbours
+from clusterlab.ops.knn import ARGMAX_K, dataset_neighbours, query_chunks, top_k_by_argmax, top_k_rows, topk_neighbours
 from clusterlab.programs.eval_knn import memory_bank_features
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
@@ -216,10 +216,11 @@ def grid_rows(n, dim, seed):
     return torch.randint(0, 3, (n, dim), generator=g).float() / 2
 
 
-@pytest.mark.parametrize("k", [1, 3, 17, 40])
+@pytest.mark.parametrize("k", [1, 2, 3, 17, 40])
 @pytest.mark.parametrize("chunk_elements", [1, 40 * 7, 40 * 23, 1 << 24])
 def test_topk_neighbours_equal_a_full_sort_with_ties_to_the_lower_index(k, chunk_elements):
-    """Chunks of 1, 7 (ragged end: 23 = 3 x 7 + 2), 23 (one chunk) queries; k 40 = the whole bank."""
+    """Chunks of 1, 7 (ragged end: 23 = 3 x 7 + 2), 23 (one chunk) queries; k 40 = the whole bank; k 1 and 2 by
+    passes of argmax."""
     queries, bank = grid_rows(23, 4, 0), grid_rows(40, 4, 1)
     found = topk_neighbours(queries, bank, k, chunk_elements=chunk_elements)
     sims, idx = naive_top_k(queries, bank, k)
@@ -235,6 +236,16 @@ def test_topk_neighbours_keep_the_lowest_indices_among_rows_tied_at_the_boundary
     found = topk_neighbours(torch.tensor([[1.0], [-1.0]]), bank, 4)
     assert found.indices.tolist() == [[1, 3, 4, 2], [0, 2, 5, 1]]
     assert found.similarities.tolist() == [[1.0, 1.0, 1.0, 0.5], [0.0, -0.5, -0.5, -1.0]]
+
+
+def test_the_two_nearest_are_found_without_reading_the_device():
+    """Self-Classifier's queue asks for them at every training step (topk_neighbours takes argmax passes up to
+    ARGMAX_K); on the meta device, which holds no data, top_k_rows's test of which rows tie fails."""
+    assert ARGMAX_K >= 2
+    found = top_k_by_argmax(torch.empty(8, 40, device="meta"), 2)
+    assert found.indices.shape == found.similarities.shape == (8, 2)
+    with pytest.raises(NotImplementedError):
+        top_k_rows(torch.empty(8, 40, device="meta"), 2)
 
 
 def test_topk_neighbours_exclude_the_own_row():

@@ -12,7 +12,8 @@ matrix held at once has at most `chunk_elements` entries (64 MiB of float32 by d
 Ties: torch.topk does not say which of several equal similarities it keeps. Here equal similarities are ordered
 by bank index, the lower first, both inside the k returned and at the boundary (of several rows tied for the k-th
 place, the lowest indices are kept), so the result is exactly that of a stable sort of each row by decreasing
-similarity, truncated to k.
+similarity, truncated to k. Up to ARGMAX_K neighbours (Self-Classifier's queue: 2 at every step) they are found by
+passes of argmax, which give the same order without asking the device which rows tie.
 
 Several processes (`split_over_ranks=True`): every rank passes the same queries and the same bank; the chunks
 lie on a grid that does not depend on the world size, each rank computes a contiguous share of them, and the
@@ -30,6 +31,9 @@ from .. import distributed
 
 # At most this many similarities are held at once (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24
+# Up to this k (and without excluded rows), k passes of argmax find the neighbours: they read nothing back from the
+# device, where top_k_rows asks which rows tie; Self-Classifier's neighbour queue searches at every training step.
+ARGMAX_K = 2
 
 
 class Neighbours(NamedTuple):
@@ -65,6 +69,19 @@ def top_k_rows(similarity: torch.Tensor, k: int) -> Neighbours:
     return Neighbours(values[:, :k], columns[:, :k])
 
 
+def top_k_by_argmax(similarity: torch.Tensor, k: int) -> Neighbours:
+    """top_k_rows for finite similarities: k passes of argmax, which returns the first (lowest) column of equal
+    maxima, as torch documents; each pass's column is then taken out (set to -inf, in `similarity` itself)."""
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    values, columns = [], []
+    for _ in range(k):
+        column = similarity.argmax(dim=1)
+        values.append(similarity[rows, column])
+        columns.append(column)
+        similarity[rows, column] = float("-inf")
+    return Neighbours(torch.stack(values, dim=1), torch.stack(columns, dim=1))
+
+
 @torch.no_grad()
 def topk_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
                     chunk_elements: int = CHUNK_ELEMENTS, split_over_ranks: bool = False) -> Neighbours:
@@ -87,7 +104,8 @@ def topk_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, exclude: 
             if exclude is not None:
                 own = exclude[rows.start: rows.stop].to(similarity.device)
                 similarity[torch.arange(len(rows), device=similarity.device), own] = float("-inf")
-            parts.append(top_k_rows(similarity, k))
+            parts.append(top_k_by_argmax(similarity, k) if k <= ARGMAX_K and exclude is None
+                         else top_k_rows(similarity, k))
     found = Neighbours(*(torch.cat(column) for column in zip(*parts)))
     if not split_over_ranks:
         return found
