@@ -51,7 +51,7 @@ def steps_per_epoch(records: list[dict]) -> int | None:
 
 
 def _numbers(record: dict, *keys: str) -> bool:
-    return all(isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool) for key in keys)
+    return all(rundir.is_number(record.get(key)) for key in keys)
 
 
 def training_curves(records: list[dict]) -> Curves:
@@ -63,8 +63,7 @@ def training_curves(records: list[dict]) -> Curves:
     per_epoch = steps_per_epoch([*ends, *steps])
     global_step = np.array([r["global_step"] for r in steps], dtype=np.float64)
     loss = np.array([r["loss"] for r in steps], dtype=np.float64)
-    names = dict.fromkeys(k for r in steps for k, v in r.items()
-                          if k not in STEP_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool))
+    names = dict.fromkeys(k for r in steps for k, v in r.items() if k not in STEP_FIELDS and rundir.is_number(v))
     terms = {name: np.array([r.get(name, np.nan) for r in steps], dtype=np.float64) for name in names}
     kept = {name: values for name, values in terms.items() if not np.array_equal(values, loss, equal_nan=True)}
     end_means = {name: np.array([r.get(f"{name}_mean", np.nan) for r in ends], dtype=np.float64) for name in names}

@@ -234,12 +234,11 @@ class Trainer:
             self.term_totals["loss"] = math.nan
         self.resume_changes = list(state.get("resume_changes", []))
         self.resume_notes = []
-        before, after = {}, {}
         changed = [key for key in SCHEDULE_KEYS if key in state["args"]
                    and _plain(state["args"][key]) != _plain(getattr(self.args, key))]
+        before = {key: _plain(state["args"][key]) for key in changed}
+        after = {key: _plain(getattr(self.args, key)) for key in changed}
         if changed:
-            before.update({key: _plain(state["args"][key]) for key in changed})
-            after.update({key: _plain(getattr(self.args, key)) for key in changed})
             self.resume_notes.append(self.schedule_change(state["args"], changed))
         if state.get("precision", self.precision) != self.precision:
             # as the tables compare runs: amp by the precision that ran (--amp auto differs between devices)
@@ -625,10 +624,11 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:
             owned.trainer = trainer
-        for note in [] if finished else [*trainer.whole_run_settings(), *trainer.resume_notes]:
-            print(f"note: {note}", flush=True)
-        where = "from scratch" if (start_epoch, start_step) == (0, 0) else f"from epoch {start_epoch} step {start_step}"
         if not finished:
+            for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
+                print(f"note: {note}", flush=True)
+            where = ("from scratch" if (start_epoch, start_step) == (0, 0)
+                     else f"from epoch {start_epoch} step {start_step}")
             print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
                   f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}",
                   flush=True)

@@ -265,11 +265,10 @@ def records_frame(records: list[dict]):
         row["protocol"] = protocol_label(protocol)
         for key in METRIC_COLUMNS:
             value = record["metrics"].get(key)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if value is not None and not number:
+            if value is not None and not rundir.is_number(value):
                 warnings.warn(f"{record.get('_file')}: the {key} of {record.get('checkpoint')} at epoch "
                               f"{record.get('epoch')} is {value!r}, not a number: left out", stacklevel=2)
-            row[key] = 100.0 * value if number else None
+            row[key] = 100.0 * value if rundir.is_number(value) else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -370,9 +369,8 @@ def aggregate(frame):
     if "seed" in filled:
         for key, rows in grouped:
             if rows["seed"].duplicated().any():
-                name = " ".join(str(part) for part in key if part != "")
                 runs = ", ".join(sorted(set(map(str, rows["run"]))))
-                warnings.warn(f"row {name}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
+                warnings.warn(f"row {_row_name(key)}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
                               f"of one run, or runs that differ where the row does not show, such as the seed of "
                               f"their --pretrained run): {runs}", stacklevel=2)
     if metrics:
@@ -383,8 +381,7 @@ def aggregate(frame):
         for key, row in counts.iterrows():
             for metric in metrics:
                 if 0 < row[metric] < out.at[key, "n"]:
-                    name = " ".join(str(part) for part in (key if isinstance(key, tuple) else (key,)) if part != "")
-                    warnings.warn(f"row {name}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
+                    warnings.warn(f"row {_row_name(key)}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
                                   f"(the others' records lack it)", stacklevel=2)
     else:  # records with none of the known metrics: the rows, and how many runs each holds
         out = grouped.size().to_frame("n")
@@ -393,6 +390,11 @@ def aggregate(frame):
     if mid_run.any():
         out["mid_run"] = grouped["mid_run"].any()
     return out.reset_index()
+
+
+def _row_name(key: tuple) -> str:
+    """A table row's group key as warnings name it: its parts that are not empty."""
+    return " ".join(str(part) for part in key if part != "")
 
 
 def revision_footnote(frame) -> str:

@@ -52,6 +52,11 @@ def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -
         os.close(fd)
 
 
+def is_number(value) -> bool:
+    """Whether a value read from a JSON record is a number (a JSON true or false is a Python int too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file; a line cut short by a crash, or one that is not a JSON object, is skipped
     (bytes that are not UTF-8 become U+FFFD, so only their line is lost)."""
