@@ -1,8 +1,11 @@
 """The stop-signal handler (signals.py) in a process of its own: what reaches the handler that was there before ours."""
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -129,3 +132,58 @@ def _stopped_by_rank_one(rank, world_size):
 def test_every_rank_names_the_stop_signal_one_rank_received():
     """Rank 0 writes status.json: for a SIGUSR2 that reached rank 1 only, it recorded "signal": "signal"."""
     assert run_distributed(_stopped_by_rank_one, 2) == ["SIGUSR2", "SIGUSR2"]
+
+
+# Two ranks of one run, one of them still starting (stop signals end it at once: nothing to save yet) while the other
+# waits for it in its first training step (stop signals deferred to the step's end). A stop signal to both: the one
+# starting leaves for the requeue, and the other's collective fails. That failure was the run's: status.json
+# "failed", exit status 1, and submitit's requeue handler never ran on rank 0, so the job was not requeued.
+RANK_SLOW_TO_START = """
+import os, pathlib, signal, sys, time
+from clusterlab import engine, programs
+rank, flags, slow_rank = int(os.environ["RANK"]), pathlib.Path(sys.argv[1]), int(sys.argv[2])
+def submitit_like(signum, frame):
+    print("requeue handler ran", flush=True)
+signal.signal(signal.SIGTERM, submitit_like)
+if rank == slow_rank:
+    def slow_start(self, *args, **kwargs):
+        (flags / f"ready{rank}").touch()
+        time.sleep(100)
+    engine.Trainer.train_one_epoch = slow_start
+else:
+    step = engine.Trainer.step
+    def first_step(self, *args):
+        (flags / f"ready{rank}").touch()
+        return step(self, *args)
+    engine.Trainer.step = first_step
+programs.run("main_pretrain.py", sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("slow_rank", [1, 0])
+def test_a_stop_signal_while_one_rank_still_starts_requeues_every_rank(tmp_path, slow_rank):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "run"
+    ranks = [subprocess.Popen([PYTHON, "-c", RANK_SLOW_TO_START, str(tmp_path), str(slow_rank), *TINY,
+                               "--output_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**script_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready{rank}").exists() for rank in range(2)):
+            assert time.time() < deadline and all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
+            time.sleep(0.1)
+        time.sleep(1)  # the waiting rank is inside its first collective
+        for process in ranks:
+            process.send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=120) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [p.returncode for p in ranks] == [75, 75], outputs
+    assert [out.splitlines() for out, _ in outputs][slow_rank][-1] == "requeue handler ran"
+    assert "requeue handler ran" in outputs[1 - slow_rank][0]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"

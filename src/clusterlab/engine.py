@@ -502,7 +502,12 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     run_dir = Path(run_dir)
     if not ctx.is_main:
         _share_outcome(ctx, taken=False)
-        yield
+        try:
+            yield
+        except RuntimeError as err:
+            if _stopped_with_another_rank():
+                _leave_for_the_requeue(err)
+            raise
         return
     try:
         if run_dir.is_file():
@@ -526,6 +531,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
             started.record_failure(f"exit status {stop.code}")
         raise
     except BaseException as err:
+        if isinstance(err, RuntimeError) and _stopped_with_another_rank():
+            started.record_interruption()
+            _leave_for_the_requeue(err)
         started.record_failure(_one_line(err))
         raise
     finally:
@@ -533,6 +541,21 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
         if created and not started.began:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
+
+
+def _stopped_with_another_rank() -> bool:
+    """A stop signal reached this rank while it waited in a collective (signals deferred) for a rank still starting,
+    which the same signal ended at once (nothing to save yet): the collective fails here, and that failure is this
+    rank's share of the stop, not the run's."""
+    return signals.received() is not None and distributed.world_size() > 1
+
+
+def _leave_for_the_requeue(err: RuntimeError) -> None:
+    """signals.leave (the handler before ours runs: submitit's requeues from rank 0; exit 75); the next start
+    resumes from the last checkpoint."""
+    print(f"{signals.name()} while another rank was still starting (here: {one_line(err)}); exiting for the "
+          "requeue, which resumes from the last checkpoint", flush=True)
+    signals.leave()
 
 
 def _share_outcome(ctx: Context, taken: bool) -> None:
