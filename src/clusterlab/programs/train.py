@@ -60,6 +60,27 @@ def parse_args(kind: str, argv=None):
     return args
 
 
+def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
+    """The mean and std the run trains with. --mean/--std when given. A run that resumes goes on with its own
+    checkpoint's (an image folder's statistics are computed again at every start, by code that may have changed
+    since; the pre-trained run may have moved or changed). A second stage starts with the first stage's (`found`:
+    STL-10's statistics differ between train+unlabeled and train), which become its flags, so config.yaml records
+    them. Else (None) the data's own."""
+    pretrained = getattr(args, "pretrained", None)
+    if args.mean or not (pretrained or own.exists()):
+        return args.mean, args.std
+    saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
+    if pretrained and len(saved[0]) != train_set.channels:
+        raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
+                          f"{args.dataset} has {train_set.channels}: start from a run trained on images like these")
+    if pretrained:
+        args.mean, args.std = saved
+        return saved
+    if len(saved[0]) != train_set.channels:  # another training set: start_run refuses it by name
+        return args.mean, args.std
+    return saved
+
+
 def main(kind: str, argv=None):
     args = parse_args(kind, argv)
     distributed.configure_threads()
@@ -69,24 +90,9 @@ def main(kind: str, argv=None):
         train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
         pretrained = getattr(args, "pretrained", None)
         own = Path(args.output_dir) / "checkpoint.pth"
-        resuming = own.exists()
         # Read once, for its normalisation and its weights (a resumed run has both in its own checkpoint).
-        found = read_pretrained(pretrained) if pretrained and not resuming else None
-        normalisation = args.mean, args.std
-        if not args.mean and (pretrained or resuming):
-            # A run that resumes goes on with the normalisation of its own checkpoint (an image folder's statistics
-            # are computed again at every start, by code that may have changed since; the pre-trained run may have
-            # moved or changed). A second stage starts with the first stage's (STL-10's statistics differ between
-            # train+unlabeled and train), which its config.yaml records.
-            saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
-            if pretrained and len(saved[0]) != train_set.channels:
-                raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
-                                  f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
-                                  f"these")
-            if pretrained:
-                args.mean, args.std = normalisation = saved
-            elif len(saved[0]) == train_set.channels:  # else another training set: start_run refuses it by name
-                normalisation = saved
+        found = read_pretrained(pretrained) if pretrained and not own.exists() else None
+        normalisation = _normalisation(args, kind, train_set, own, found)
         method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
         method.check_training_settings()
         if found is not None:
