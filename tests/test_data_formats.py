@@ -505,6 +505,15 @@ def test_corrupt_cifar_pickle(tmp_path, damage):
     assert len(registry.load("cifar10", "test", str(tmp_path))) == 5
 
 
+def test_cifar_labels_written_as_numpy_numbers_load(tmp_path):
+    """A batch whose labels are a list of numpy integers (`list(labels_array)`), as plain pickle.load reads it."""
+    folder = _cifar10(tmp_path)
+    labels = np.arange(5, dtype=np.int64) % 10
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": np.zeros((5, 3072), np.uint8), "labels": list(labels)}, handle)
+    assert registry.load("cifar10", "test", str(tmp_path)).labels.tolist() == labels.tolist()
+
+
 @pytest.mark.parametrize("protocol", [None, 2, 3, 4, 5], ids=lambda p: "python2" if p is None else f"protocol{p}")
 def test_cifar_pickles_load_in_every_format_numpy_and_pickle_write(tmp_path, protocol):
     """Python 2's format (the real files: byte strings, numpy.core), Python 3's protocol 2 (bytes through
@@ -922,7 +931,7 @@ def test_imagefolder_lists_files_in_torchvisions_order(tmp_path):
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    nested = ["0.png", "A/1.png", "a/2.png", "a/x/3.png", "a-b/4.png", "a.b/5.png", "a b/6.png"]
+    nested = ["0.png", "A/1.png", "a/2.png", "a/x/3.png", "a-b/4.png", "a.b/5.png", "a b/6.png", "a/.JPG.png"]
     for split in ("train", "val"):
         for number, name in enumerate([f"c1/{rel}" for rel in nested] + ["c2/7.png", "c2/z/8.png"]):
             (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
@@ -930,4 +939,22 @@ def test_imagefolder_lists_files_in_torchvisions_order(tmp_path):
     torchvision_order = ImageFolder(str(tmp_path / "val")).samples
     ds = registry.load("imagefolder", "test", str(tmp_path))
     assert list(zip(ds.files, ds.labels.tolist())) == [(path, label) for path, label in torchvision_order]
-    assert centre_views(ds, 4)[:, 0, 0, 0].tolist() == [0, 1, 2, 6, 4, 5, 3, 7, 8]
+    assert centre_views(ds, 4)[:, 0, 0, 0].tolist() == [0, 1, 7, 2, 6, 4, 5, 3, 8, 9]
+
+
+def test_imagefolder_keeps_files_named_only_by_an_extension_as_torchvision_does(tmp_path):
+    """torchvision takes every file whose name ends in an image extension, ".png" and ".JPG" too (they were left
+    out, shifting positions and labels against it)."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        for number, name in enumerate(["c1/.png", "c1/.JPG", "c1/x.png", "c1/notes.txt", "c2/.jpeg"]):
+            (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".txt"):
+                (tmp_path / split / name).write_text("not an image")
+            else:
+                Image.new("L", (4, 4), number).save(tmp_path / split / name, format="PNG")
+    ds = registry.load("imagefolder", "test", str(tmp_path))
+    assert list(zip(ds.files, ds.labels.tolist())) == ImageFolder(str(tmp_path / "val")).samples
+    assert len(ds) == 4

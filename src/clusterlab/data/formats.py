@@ -67,17 +67,20 @@ def _latin1_bytes(text: str = "", encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-# Every global a CIFAR-10/100 python batch or meta file refers to: numpy's array reconstruction (the real files,
-# written by Python 2's cPickle with numpy 1.x, name numpy.core; numpy 2 writes numpy._core; protocol 5 rebuilds
-# from a buffer) and Python 3's way of writing bytes under protocol 2. Taken from numpy itself, so that no private
-# module is imported by name.
+# Every global a CIFAR-10/100 python batch or meta file refers to: numpy's array and number reconstruction (the
+# real files, written by Python 2's cPickle with numpy 1.x, name numpy.core; numpy 2 writes numpy._core; protocol 5
+# rebuilds from a buffer) and Python 3's way of writing bytes under protocol 2. Taken from numpy itself, so that no
+# private module is imported by name.
 _NUMPY_RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
 _NUMPY_FROMBUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+_NUMPY_SCALAR = np.int64(0).__reduce__()[0]  # a number from its dtype and bytes: labels re-exported as list(array)
 _CIFAR_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
     ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_bytes,

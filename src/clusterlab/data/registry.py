@@ -316,7 +316,7 @@ def load_stl10(path: Path, split: str) -> ImageSet:
 
 # ---- image folders -------------------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 STATS_SAMPLE = 2000
 
 
@@ -351,7 +351,7 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
             visited.add(real)
             subfolders.sort()
             found.append((folder, [os.path.join(folder, file_name) for file_name in sorted(names)
-                                   if os.path.splitext(file_name)[1].lower() in IMAGE_SUFFIXES]))
+                                   if file_name.lower().endswith(IMAGE_SUFFIXES)]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".
         found = [file for _, in_folder in sorted(found, key=lambda entry: entry[0]) for file in in_folder]

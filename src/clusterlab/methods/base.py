@@ -175,8 +175,8 @@ class Method(nn.Module):
 
 
 def test_view_size(eval_crop: int, size_crops: list[int], image_size: int) -> int:
-    """The test view's size: --eval_crop, else the largest training crop (--size_crops 0: the images' size)."""
-    return eval_crop or (max(size_crops) if size_crops[0] else image_size)
+    """The test view's size: --eval_crop, else the largest training crop (a --size_crops 0: the images' size)."""
+    return eval_crop or max(size or image_size for size in size_crops)
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
