@@ -25,7 +25,7 @@ from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
 from clusterlab.errors import DataError
-from clusterlab.methods.base import test_view_size
+from clusterlab.methods import base as method_base
 from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_resume import HELD_STEP, assert_same_tensors, stop_after_first_step
@@ -97,8 +97,8 @@ def test_boxes_of_a_training_epoch_lie_inside_their_images(tmp_path):
 @pytest.mark.parametrize("size_crops, expected", [([0, 96], 128), ([96, 0], 128), ([0, 160], 160), ([96, 64], 96)])
 def test_default_test_view_is_the_largest_training_crop(size_crops, expected):
     """A 0 among --size_crops is the images' size (128 here) wherever it stands (the second place was not read)."""
-    assert test_view_size(0, size_crops, 128) == expected
-    assert test_view_size(112, size_crops, 128) == 112
+    assert method_base.test_view_size(0, size_crops, 128) == expected
+    assert method_base.test_view_size(112, size_crops, 128) == 112
 
 
 def test_test_view_is_torchvision_resize_then_centre_crop(tmp_path):
