@@ -336,6 +336,39 @@ def test_metrics_lines_of_side_by_side_writers_never_interleave(tmp_path):
         assert [r["i"] for r in records if r["writer"] == tag] == list(range(50))
 
 
+def test_an_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
+    """The record after a line a crash cut short was glued onto it, and lost with it."""
+    path = tmp_path / "metrics.jsonl"
+    rundir.append_jsonl(path, {"a": 1})
+    rundir.append_jsonl(path, {"b": 2})
+    path.write_bytes(path.read_bytes()[:-4])
+    rundir.append_jsonl(path, {"c": 3})
+    assert rundir.read_jsonl(path) == [{"a": 1}, {"c": 3}]
+
+
+def test_a_line_the_disk_takes_only_part_of_is_undone_and_names_the_file(tmp_path, monkeypatch):
+    """A nearly full disk: Linux writes part of the line and returns the short count, without an error; the next
+    write fails with ENOSPC. The record was lost half-written while the evaluation reported success."""
+    path = tmp_path / "metrics.jsonl"
+    rundir.append_jsonl(path, {"a": 1})
+    before = path.read_bytes()
+    write, line = os.write, b'{"b": 2}\n'
+
+    def nearly_full(fd, data):  # takes the line's first half, then has no space left
+        if data == line:
+            return write(fd, data[:4])
+        if data == line[4:]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(rundir.os, "write", nearly_full)
+    with pytest.raises(OSError) as raised:
+        rundir.append_jsonl(path, {"b": 2})
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert path.read_bytes() == before
+
+
 # ---- refused before anything is rewritten ----------------------------------------------------------------------------
 
 def test_fewer_epochs_than_the_checkpoint_is_refused_and_rewrites_nothing(tiny_run, tmp_path):

@@ -39,13 +39,27 @@ def now_iso() -> str:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -> None:
-    """Append one line; the lock and the single O_APPEND write keep concurrent writers' lines whole. `durable`
-    waits until the line is on disk (evaluation records: minutes of work each)."""
+    """Append one line; the lock and the O_APPEND write keep concurrent writers' lines whole. A line that a crash
+    cut short is ended first, so that only it is lost, not the record after it. A disk that takes only part of the
+    line (Linux then returns a short count, and the next write says why) gets the file back as it was, and the
+    error names the file. `durable` waits until the line is on disk (evaluation records: minutes of work each)."""
     line = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            written = 0
+            while written < len(line):
+                count = os.write(fd, line[written:])
+                if count == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += count
+        except OSError as err:
+            os.ftruncate(fd, size)
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from None
         if durable:
             os.fsync(fd)
     finally:
