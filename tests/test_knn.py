@@ -67,6 +67,18 @@ def test_class_scores_equal_naive_loop(k, temperature):
     assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
 
 
+def test_a_class_voted_for_far_below_the_nearest_stays_in_the_top_5():
+    """Cosines 0.5 (class 0) and -0.6 (class 9) at T = 0.01: 9's weight, exp(-110) of the nearest's, underflowed to 0
+    in float32 and tied with the eight classes nobody voted for, so the top-5 list left it out."""
+    angle = [math.acos(0.5), math.acos(-0.6)]
+    train = torch.tensor([[math.cos(a), math.sin(a)] for a in angle])
+    test = torch.tensor([[1.0, 0.0]])
+    votes = naive_scores(train, torch.tensor([0, 9]), test, CLASSES, 2, 0.01)
+    assert votes[0, 9] > 0 and votes[0, 9] < votes[0, 0] * 1e-45  # voted for, beyond float32's range of the nearest
+    result = knn_accuracy(train, torch.tensor([0, 9]), test, torch.tensor([9]), CLASSES, k=2, temperature=0.01)
+    assert result == {"top1": 0.0, "top5": 1.0}
+
+
 @pytest.mark.parametrize("max_elements", [1, 60, 61, 7 * 60, 10 ** 9])
 def test_chunking_gives_the_same_scores(max_elements):
     """max_elements=1 or 60 (train size): one test sample per chunk; 7 * 60: chunks of 7 with a ragged end."""

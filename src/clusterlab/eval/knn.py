@@ -9,6 +9,7 @@ ordered by training index).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,10 +47,20 @@ def class_votes(found: Neighbours, train_labels: torch.Tensor, num_classes: int,
     nearest neighbour's exp(s_1 / T). One factor per row leaves its ranking as upstream's, and keeps the weights
     finite: exp(s / T) itself passes float32's range once s / T > 88 (cosine 0.9 at T = 0.01), and votes of inf tie.
     Ties are ordered by index (ops/knn), so the first k of a wider search are exactly the k nearest."""
+    return class_log_votes(found, train_labels, num_classes, k, temperature).exp()
+
+
+def class_log_votes(found: Neighbours, train_labels: torch.Tensor, num_classes: int, k: int,
+                    temperature: float) -> torch.Tensor:
+    """The logarithm of `class_votes`, computed as a log-sum-exp per class: -inf exactly for a class no neighbour
+    voted for. Summed as plain weights, a class whose neighbours are far below the nearest ((s - s_1) / T < -103:
+    a cosine gap of 1.04 at T = 0.01) got a vote of 0 and tied with the classes nobody voted for, so top-5 lost it."""
     similarities = found.similarities[:, :k]
-    weights = torch.exp((similarities - similarities[:, :1]) / temperature)
-    votes = torch.zeros(weights.shape[0], num_classes, device=weights.device, dtype=weights.dtype)
-    return votes.scatter_add_(1, train_labels.to(weights.device)[found.indices[:, :k]], weights)
+    logits = (similarities - similarities[:, :1]) / temperature
+    classes = train_labels.to(logits.device)[found.indices[:, :k]]
+    largest = logits.new_full((logits.shape[0], num_classes), -math.inf).scatter_reduce(1, classes, logits, "amax")
+    sums = torch.zeros_like(largest).scatter_add_(1, classes, torch.exp(logits - largest.gather(1, classes)))
+    return largest + sums.log()
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 200,
@@ -70,8 +81,9 @@ def knn_accuracies(train_features, train_labels, test_features, test_labels, num
     truth = test_labels.to(found.indices.device)
     accuracies = {}
     for k in ks:
-        top = class_votes(found, train_labels, num_classes, k, temperature).topk(min(5, num_classes), dim=1).indices
-        voted = (train_labels.to(truth.device)[found.indices[:, :k]] == truth[:, None]).any(1)
+        scores = class_log_votes(found, train_labels, num_classes, k, temperature)
+        top = scores.topk(min(5, num_classes), dim=1).indices
+        voted = scores.gather(1, truth[:, None]).squeeze(1) > -math.inf
         counts = torch.tensor([(top[:, 0] == truth).sum().item(),
                                ((top == truth[:, None]).any(1) & voted).sum().item(), len(truth)], dtype=torch.float64)
         accuracies[k] = {"top1": float(counts[0] / counts[2]), "top5": float(counts[1] / counts[2])}
