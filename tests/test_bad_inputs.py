@@ -222,6 +222,16 @@ CASES += [
     ("eval_knn.py", lambda t: ["--run", t / "nothing", "--device", "cpu"], ["--run", "nothing"], "eval-run-missing"),
     ("eval_linear.py", lambda t: ["--run", a_file(t).parent, "--device", "cpu"], ["no config.yaml"],
      "eval-not-a-run"),
+    # a run's flags given to the pixel baseline (they were dropped without a word)
+    ("eval_cluster.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                                   "--assignment", "heads"], ["--assignment 'heads'", "leave it out"],
+     "baseline-heads"),
+    ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                               "--features", "embedding"], ["--features 'embedding'", "leave it out"],
+     "baseline-embedding"),
+    ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                               "--checkpoint", "checkpoint_ep0002.pth"], ["--checkpoint 'checkpoint_ep0002.pth'"],
+     "baseline-checkpoint"),
 ]
 
 

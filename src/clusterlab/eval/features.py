@@ -256,6 +256,11 @@ def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
     if args.run:
         raise ConfigError(f"--baseline pixels scores no run (--run {args.run!r}): leave --run out; the record goes "
                           f"to --output_dir")
+    # A run's flags, which would otherwise be dropped without a word.
+    for flag, value, meaningful in (("checkpoint", args.checkpoint, {None}), ("features", args.features, {"backbone"}),
+                                    ("assignment", getattr(args, "assignment", "auto"), {"auto", "kmeans"})):
+        if value not in meaningful:
+            raise ConfigError(f"--baseline pixels scores no run, so --{flag} {value!r} means nothing: leave it out")
     train_set = load(args.dataset, "train", args.data_path, args.download)
     scored_set = load(args.dataset, scored_split, args.data_path, args.download)
     run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None,
