@@ -312,6 +312,8 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      "pretrained-unfinished"),
     ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
      "run-locked"),
+    ("eval_linear.py", None, ["--run", "RUN", "--eval_resize", 16, "--device", "cpu"],
+     ["--eval_resize 16", "digits is seen whole", "leave it out"], "eval-resize-in-memory"),
     ("eval_knn.py", metrics_a_folder, ["--run", "RUN", "--k", 5, "--device", "cpu"],
      ["cannot write", "metrics.jsonl", "that path is a folder"], "eval-metrics-a-folder"),
     ("eval_cluster.py", None, ["--run", "RUN", "--clusters", 5000, "--device", "cpu"],
