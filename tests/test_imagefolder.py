@@ -594,3 +594,33 @@ def test_the_cluster_sample_grid_shows_each_clusters_images_read_in_one_pass(tmp
     for number, image in enumerate(shown):
         matches = [i for i in range(len(data)) if np.array_equal(image, expected[i].numpy().transpose(1, 2, 0))]
         assert matches and all(clusters[i] == number // 4 for i in matches)  # rows of equal-sized clusters, in order
+
+
+def test_names_that_are_not_utf8_reach_the_records_tables_plots_and_messages(tmp_path):
+    """A data folder 'd\\xe9mo' and a class folder 'caf\\xe9' (Latin-1 bytes): the confusion plot failed (matplotlib
+    refuses the name), the record's folder name stopped collect_results (pandas could not write it), and under a
+    strict UTF-8 locale (en_US.UTF-8) the message naming an unreadable file 'caf\\xe9.png' failed training."""
+    data = os.fsdecode(bytes(tmp_path) + b"/d\xe9mo")
+    fabricate.make_imagefolder(data, n_per_class=6, classes=3, size=12)
+    for split in ("train", "val"):
+        os.rename(f"{data}/{split}/class_a", os.fsdecode(os.fsencode(f"{data}/{split}/") + b"caf\xe9"))
+    baseline = run_script("eval_cluster.py", "--baseline", "pixels", "--dataset", "imagefolder", "--data_path", data,
+                          "--output_dir", tmp_path / "runs" / "pixels", "--device", "cpu", "--restarts", "1")
+    assert_ok(baseline)
+    record = json.loads((tmp_path / "runs" / "pixels" / "metrics.jsonl").read_text())
+    assert record["protocol"]["data"] == "d\\xe9mo"
+    assert list((tmp_path / "runs" / "pixels").rglob("*confusion*.png"))
+    assert_ok(run_script("collect_results.py", "--root", tmp_path / "runs", "--out", tmp_path / "tables",
+                         "--plots", "false"))
+    assert "d\\xe9mo" in (tmp_path / "tables" / "imagefolder.csv").read_text()
+
+    unreadable = os.fsdecode(os.fsencode(f"{data}/train/class_b/") + b"caf\xe9.png")
+    with open(unreadable, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n")
+    strict = {**script_env(), "PYTHONIOENCODING": "utf-8:strict"}
+    training = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--dataset", "imagefolder",
+                               "--data_path", data, "--batch_size", "8", "--knn_monitor_every", "0",
+                               "--output_dir", str(tmp_path / "run")], cwd=ROOT, env=strict, capture_output=True,
+                              text=True, timeout=180)
+    assert "UnicodeEncodeError" not in training.stderr, training.stderr
+    assert "unreadable image file" in training.stdout and "caf\\udce9.png" in training.stdout, training.stdout

@@ -34,6 +34,15 @@ USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir"
                   errno.EISDIR: "that path is a folder: move it away or choose another path"}
 
 
+def printable(text: str) -> str:
+    """`text` as UTF-8 output can hold it. Python reads a file name's bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which UTF-8 output, matplotlib and pandas refuse: they become \\xNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate of another origin (a JSON "\\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def one_line(err: BaseException) -> str:
     """An exception as `Type: first line of its message`."""
     lines = str(err).strip().splitlines()

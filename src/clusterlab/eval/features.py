@@ -15,7 +15,7 @@ from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, resized
 from ..data.registry import resolve_path
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
 from ..results import Wanted, foreign_checkpoint
@@ -72,7 +72,7 @@ def requested_record(args: argparse.Namespace) -> Wanted:
                                       int(state["data_info"]["image_size"]))
         resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
         dataset = str(recorded["dataset"])
-        folder = resolve_path(dataset, recorded.get("data_path")).resolve().name  # as data_protocol names it
+        folder = folder_name(resolve_path(dataset, recorded.get("data_path")))  # as data_protocol names it
         position = checkpoint_position(state)
     except (UserError, OSError, KeyError, TypeError, ValueError):
         return Wanted(views=[])
@@ -187,8 +187,14 @@ def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, def
     size), as records said before the image-folder pipeline, else `eval_crop`."""
     if scored_set.in_memory:
         return {} if view.crop == default_crop else {"eval_crop": view.crop}
-    return {"data": Path(train_set.folder).resolve().name, "train_images": len(train_set),
+    return {"data": folder_name(train_set.folder), "train_images": len(train_set),
             "scored_images": len(scored_set), "eval_resize": view.resize, "eval_crop": view.crop}
+
+
+def folder_name(path: str | Path) -> str:
+    """An image folder's name in records: the last component of its real path, printable (a name that is not UTF-8
+    could not be written to the tables)."""
+    return printable(Path(path).resolve().name)
 
 
 def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import printable
 from .metrics import cluster_mapping, count_matrix
 
 
@@ -40,7 +41,7 @@ def confusion_png(y_true, y_pred, num_clusters: int, class_names, path: str | Pa
     axes.set_ylabel("true class")
     if rows <= LABELLED_CELLS:
         axes.set_yticks(range(rows))
-        axes.set_yticklabels([str(n)[:18] for n in list(class_names)[:rows]], fontsize=7)
+        axes.set_yticklabels([printable(str(n))[:18] for n in list(class_names)[:rows]], fontsize=7)
     if columns <= LABELLED_CELLS:
         axes.set_xticks(range(columns))
         axes.set_xticklabels([str(c) for c in order], fontsize=6, rotation=90)

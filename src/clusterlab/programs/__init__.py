@@ -8,6 +8,7 @@ imported (signals.py). This module imports nothing heavy itself.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 from .. import signals
@@ -54,6 +55,9 @@ def run(script: str, argv=None):
     """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2);
     once it has ended, or left for the requeue (exit 75), the stop signals are ignored."""
     signals.install()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     from ..errors import run_cli
 
     try:

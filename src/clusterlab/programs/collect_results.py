@@ -69,7 +69,8 @@ def main(argv=None):
         if args.combined:
             Path(args.combined).parent.mkdir(parents=True, exist_ok=True)
             Path(args.combined).write_text("".join(f"## {dataset}\n\n{markdown}\n\n"
-                                                   for dataset, markdown in sections).rstrip("\n") + "\n")
+                                                   for dataset, markdown in sections).rstrip("\n") + "\n",
+                                           errors="backslashreplace")
             written.append(f"all of them in {args.combined}")
     for log in logs:
         write_curves(log.parent, Path(args.root), out / "curves")
@@ -97,9 +98,10 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
                          "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))
         print(f"\n## {dataset}\n\n{markdown}")
         sections.append((dataset, markdown))
-        table.to_csv(out / f"{dataset}.csv", index=False)
-        (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n")
-        (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True))
+        # A name read from the file system (a run's checkpoint path) may hold bytes that are not UTF-8.
+        table.to_csv(out / f"{dataset}.csv", index=False, errors="backslashreplace")
+        (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n", errors="backslashreplace")
+        (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True), errors="backslashreplace")
         if plots:
             results.plot_against_epochs(table, out, dataset)
     return sections
