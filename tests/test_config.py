@@ -149,6 +149,15 @@ def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
         pretrain.parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize("program, argv, method, flag", [
+    ("main_pretrain", ["--method", "swav", "--method", "npid"], "npid", "nce_k"),
+    ("main_cluster", ["--method", "sela", "--method=scan"], "scan", "num_neighbours")])
+def test_a_method_given_twice_is_the_last_as_for_any_flag(program, argv, method, flag):
+    """The first --method's flags were added while argparse kept the last: a traceback for a missing attribute."""
+    args = entry_module(program).parse_args(argv)
+    assert args.method == method and hasattr(args, flag)
+
+
 def test_missing_config_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])
@@ -167,6 +176,8 @@ def test_missing_config_file_is_refused(tmp_path):
     ("eval_cluster", ["--clusters", "10", "0"], ["--clusters", "'0'"]),
     ("eval_cluster", ["--restarts", "0"], ["--restarts", "'0'"]),
     ("collect_results", ["--plots", "maybe"], ["--plots", "'maybe'"]),
+    ("main_pretrain", ["--lars_trust", "-0.001"], ["--lars_trust", "'-0.001'", "positive number"]),
+    ("eval_linear", ["--log_every", "0"], ["--log_every", "'0'", "positive integer"]),
 ])
 def test_out_of_range_flag_is_one_line(capsys, module, argv, words):
     entry = entry_module(module)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (bool_flag, finite_float, learning_rate, non_negative_float, non_negative_int, positive_float,
+from .config import (bool_flag, learning_rate, non_negative_float, non_negative_int, positive_float,
                      positive_int, probability, seed)
 from .data import DATASETS
 
@@ -52,7 +52,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight_decay", type=non_negative_float, default=1e-6)
     group.add_argument("--no_decay_bias_norm", type=bool_flag, default=False,
                        help="no weight decay on biases and norm weights (1-D parameters)")
-    group.add_argument("--lars_trust", type=finite_float, default=0.001, help="LARS trust coefficient")
+    group.add_argument("--lars_trust", type=positive_float, default=0.001, help="LARS trust coefficient")
     group.add_argument("--lars_exclude_bias_norm", type=bool_flag, default=False,
                        help="keep biases and norm weights out of LARS: plain momentum SGD without weight decay for them, "
                             "whatever --no_decay_bias_norm says (upstream SwAV includes them)")

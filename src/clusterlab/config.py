@@ -325,12 +325,14 @@ def _first_look(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
 
 
 def _explicit_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `--flag` in `argv` (argparse keeps the last of a flag given twice)."""
+    value = None
     for i, token in enumerate(argv):
         if token == f"--{flag}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith(f"--{flag}="):
-            return token.split("=", 1)[1]
-    return None
+            value = argv[i + 1]
+        elif token.startswith(f"--{flag}="):
+            value = token.split("=", 1)[1]
+    return value
 
 
 def git_state() -> dict:

@@ -35,7 +35,7 @@ def get_args_parser():
     parser.add_argument("--cached_features", type=bool_flag, default=False,
                         help="train on features of unaugmented images extracted once (a different protocol)")
     parser.add_argument("--seed", type=config.seed, default=0)
-    parser.add_argument("--log_every", type=int, default=200)
+    parser.add_argument("--log_every", type=config.positive_int, default=200)
     return parser
 
 
