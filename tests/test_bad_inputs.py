@@ -222,6 +222,9 @@ CASES += [
     ("eval_knn.py", lambda t: ["--run", t / "nothing", "--device", "cpu"], ["--run", "nothing"], "eval-run-missing"),
     ("eval_linear.py", lambda t: ["--run", a_file(t).parent, "--device", "cpu"], ["no config.yaml"],
      "eval-not-a-run"),
+    ("main_pretrain.py", lambda t: [*TINY, "--knn_monitor_every", 1, "--knn_monitor_features", "memory_bank",
+                                    "--output_dir", t / "run"],
+     ["--knn_monitor_features memory_bank", "swav keeps no memory bank"], "monitor-bank-without-bank"),
     # a run's flags given to the pixel baseline (they were dropped without a word)
     ("eval_cluster.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
                                    "--assignment", "heads"], ["--assignment 'heads'", "leave it out"],

@@ -156,7 +156,8 @@ class Method(nn.Module):
         """Settings no run can train with, refused before anything is written (training starts only: evaluations
         rebuild the methods of runs that older code trained). Crops or a test view smaller than the backbone takes
         (AlexNet's pools need 63 px; they failed at the first step, deep inside a pooling layer); a hue jitter that
-        --color_strength scales past half the colour circle (it wraps; torchvision refuses it)."""
+        --color_strength scales past half the colour circle (it wraps; torchvision refuses it); a kNN monitor on a
+        memory bank the method does not keep (it failed at the first epoch's end)."""
         args = self.args
         smallest = getattr(self.backbone, "min_input_size", 1)
         given = min(*(size or self.info.image_size for size in args.size_crops), self.eval_size)
@@ -168,6 +169,9 @@ class Method(nn.Module):
             if strength * args.hue > 0.5:
                 raise ConfigError(f"--color_strength {strength:g} x --hue {args.hue:g} is a hue jitter of "
                                   f"{strength * args.hue:g}; the product must be at most 0.5")
+        if args.knn_monitor_every and args.knn_monitor_features == "memory_bank" and not hasattr(self, "memory_bank"):
+            raise ConfigError(f"--knn_monitor_features memory_bank: {args.method} keeps no memory bank (NPID and "
+                              f"Super-AND do); give recomputed or auto")
 
     @property
     def eval_view(self) -> EvalView:
