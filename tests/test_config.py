@@ -178,6 +178,12 @@ def test_missing_config_file_is_refused(tmp_path):
     ("collect_results", ["--plots", "maybe"], ["--plots", "'maybe'"]),
     ("main_pretrain", ["--lars_trust", "-0.001"], ["--lars_trust", "'-0.001'", "positive number"]),
     ("eval_linear", ["--log_every", "0"], ["--log_every", "'0'", "positive integer"]),
+    # an empty path (an unset shell variable) read as not given: the default run resumed, a stage trained from scratch
+    ("main_pretrain", ["--output_dir", ""], ["--output_dir", "'' is empty"]),
+    ("main_cluster", ["--method", "embedul", "--pretrained", ""], ["--pretrained", "'' is empty"]),
+    ("eval_knn", ["--run", "runs/x", "--checkpoint", ""], ["--checkpoint", "'' is empty"]),
+    ("collect_results", ["--out", ""], ["--out", "'' is empty"]),
+    ("launch", ["--output_root", ""], ["--output_root", "'' is empty"]),
 ])
 def test_out_of_range_flag_is_one_line(capsys, module, argv, words):
     entry = entry_module(module)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (bool_flag, learning_rate, non_negative_float, non_negative_int, positive_float,
+from .config import (bool_flag, learning_rate, non_negative_float, non_negative_int, path, positive_float,
                      positive_int, probability, seed)
 from .data import DATASETS
 
@@ -11,7 +11,7 @@ from .data import DATASETS
 def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=sorted(DATASETS), default=default_dataset)
-    group.add_argument("--data_path", default=None,
+    group.add_argument("--data_path", type=path, default=None,
                        help="dataset directory (default: the dataset's own, e.g. /usr/share/datasets/fashion-mnist, "
                             "else $DATASET_PATH, else ./data)")
     group.add_argument("--download", type=bool_flag, nargs="?", const=True, default=False,
@@ -73,7 +73,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run directory")
-    group.add_argument("--output_dir", default=None, help="run directory (default runs/METHOD_DATASET)")
+    group.add_argument("--output_dir", type=path, default=None, help="run directory (default runs/METHOD_DATASET)")
     group.add_argument("--checkpoint_epochs", type=positive_int, nargs="*", default=[],
                        help="also keep checkpoint_epNNNN.pth after these epochs")
     group.add_argument("--log_every", type=positive_int, default=50, help="steps between progress lines")
@@ -89,8 +89,8 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True, feat
     """--run and friends; `batch_size` False leaves --batch_size to a program that trains (eval_linear.py), and
     `features` False leaves out --features (the linear probe trains on the backbone only)."""
     group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--run", default=None, help="run directory (its config.yaml names the dataset and model)")
-    group.add_argument("--checkpoint", default=None,
+    group.add_argument("--run", type=path, default=None, help="run directory (its config.yaml names the dataset and model)")
+    group.add_argument("--checkpoint", type=path, default=None,
                        help="a file name is the run directory's file (default checkpoint.pth); a path with a "
                             "directory is that file, recorded in the run's metrics.jsonl under its full path")
     add_data_args(parser, default_dataset=None)

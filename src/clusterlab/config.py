@@ -46,6 +46,14 @@ def auto_or_bool(text: str) -> str | bool:
         raise argparse.ArgumentTypeError(f"invalid value {text!r} (use auto, true or false)") from None
 
 
+def path(text: str) -> str:
+    """A file or directory flag: an empty value (an unset shell variable) is refused, where it read as not given
+    (a default run directory resumed, a second stage trained from scratch)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is empty (give a path, or leave the flag out)")
+    return text
+
+
 def positive_int(text: str) -> int:
     value = _number(int, text)
     if value < 1:
@@ -139,7 +147,7 @@ def new_parser(description: str, prog: str | None = None) -> OneLineErrorParser:
         prog=prog, description=description, formatter_class=DefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--config", default=None, help="YAML file whose keys set this program's defaults")
+    parser.add_argument("--config", type=path, default=None, help="YAML file whose keys set this program's defaults")
     return parser
 
 

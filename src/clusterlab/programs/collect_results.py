@@ -35,15 +35,15 @@ PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "
 
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="collect_results.py")
-    parser.add_argument("--root", default="runs",
+    parser.add_argument("--root", type=config.path, default="runs",
                         help="directory searched (recursively) for metrics.jsonl and train_log.jsonl")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", type=config.path, default=None,
                         help="where the tables and plots go (default ROOT/tables; results/ only when named)")
     parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
     parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     parser.add_argument("--curves", type=config.bool_flag, default=True,
                         help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/")
-    parser.add_argument("--combined", default=None,
+    parser.add_argument("--combined", type=config.path, default=None,
                         help="also one Markdown file holding every dataset's table (a study over several datasets)")
     return parser
 

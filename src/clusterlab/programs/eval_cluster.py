@@ -33,7 +33,7 @@ def get_args_parser():
     cli.add_eval_args(parser)
     parser.add_argument("--baseline", choices=["pixels"], default=None,
                         help="evaluate raw pixels instead of a run (needs --dataset and --output_dir)")
-    parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
+    parser.add_argument("--output_dir", type=config.path, default=None, help="where the baseline's record goes")
     parser.add_argument("--assignment", choices=["auto", "kmeans", "heads"], default="auto",
                         help="auto: the heads of a class-assignment run, k-means otherwise")
     parser.add_argument("--split", choices=["test", "train"], default="test",

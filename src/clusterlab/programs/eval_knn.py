@@ -25,7 +25,7 @@ def get_args_parser():
     cli.add_eval_args(parser)
     parser.add_argument("--baseline", choices=["pixels"], default=None,
                         help="raw pixels (L2-normalised) instead of a run (needs --dataset and --output_dir)")
-    parser.add_argument("--output_dir", default=None, help="where the baseline's record goes")
+    parser.add_argument("--output_dir", type=config.path, default=None, help="where the baseline's record goes")
     parser.add_argument("--k", type=config.positive_int, nargs="+", default=[200],
                         help="neighbours that vote; several values score the same features once each")
     parser.add_argument("--train_features", choices=["recomputed", "memory_bank"], default="recomputed",

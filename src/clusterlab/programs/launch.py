@@ -39,8 +39,8 @@ from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="launch.py")
-    parser.add_argument("--grid", default=None, help="grid file (configs/grids/*.yaml)")
-    parser.add_argument("--output_root", default=None, help="where the runs go (default: the grid's, else runs/NAME)")
+    parser.add_argument("--grid", type=config.path, default=None, help="grid file (configs/grids/*.yaml)")
+    parser.add_argument("--output_root", type=config.path, default=None, help="where the runs go (default: the grid's, else runs/NAME)")
     parser.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
                         help="submitit executor: Slurm, local processes, or in this process (debug always waits)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",

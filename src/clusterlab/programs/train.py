@@ -35,7 +35,7 @@ def get_args_parser(kind: str):
     parser.add_argument("--method", choices=methods_of(kind), default=DEFAULT_METHOD[kind],
                         help="method; `--method NAME --help` lists its own flags")
     if kind == "cluster":
-        parser.add_argument("--pretrained", default=None,
+        parser.add_argument("--pretrained", type=config.path, default=None,
                             help="a run directory that finished training (its checkpoint.pth), or a checkpoint file, "
                                  "to start the backbone from (of images with as many channels as this dataset's)")
     add_training_args(parser)
