@@ -192,6 +192,13 @@ def cycle(tmp: Path) -> list:
     return ["--config", tmp / "a.yaml", "--output_dir", tmp / "run"]
 
 
+def foreign_config(tmp: Path) -> Path:
+    """A folder of the user's own, with a config.yaml of its own (training replaced it)."""
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "config.yaml").write_text("my: precious\n")
+    return tmp / "mine"
+
+
 def a_file(tmp: Path) -> Path:
     (tmp / "file").write_text("not a directory\n")
     return tmp / "file"
@@ -219,6 +226,8 @@ CASES += [
      "collect-root-missing"),
     # run directories
     ("main_pretrain.py", lambda t: [*TINY, "--output_dir", a_file(t)], ["is a file"], "output-dir-is-a-file"),
+    ("main_pretrain.py", lambda t: [*TINY, "--output_dir", foreign_config(t)],
+     ["holds a config.yaml that is not a run's", "use another --output_dir"], "output-dir-holds-a-foreign-config"),
     ("eval_knn.py", lambda t: ["--run", t / "nothing", "--device", "cpu"], ["--run", "nothing"], "eval-run-missing"),
     ("eval_linear.py", lambda t: ["--run", a_file(t).parent, "--device", "cpu"], ["no config.yaml"],
      "eval-not-a-run"),

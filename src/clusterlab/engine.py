@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, rundir, signals
 from .compilation import compile_backbone
-from .config import git_state, starts_of, write_resolved, written_run_config
+from .config import git_state, read_run_config, starts_of, write_resolved, written_run_config
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
 from .distributed import Context
@@ -512,6 +512,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     try:
         if run_dir.is_file():
             raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
+        _refuse_foreign_config(run_dir)
         created = not run_dir.exists()
         lock = rundir.RunLock(run_dir)
         lock.acquire()
@@ -541,6 +542,17 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
         if created and not started.began:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
+
+
+def _refuse_foreign_config(run_dir: Path) -> None:
+    """A folder holding a config.yaml that no run wrote (a folder of configs, a project's own file): training would
+    replace it."""
+    if (run_dir / "config.yaml").is_file():
+        try:
+            read_run_config(run_dir)
+        except ConfigError:
+            raise ConfigError(f"--output_dir {str(run_dir)!r} holds a config.yaml that is not a run's (training "
+                              f"would replace it): use another --output_dir") from None
 
 
 def _stopped_with_another_rank() -> bool:
