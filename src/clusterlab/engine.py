@@ -546,8 +546,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
 
 def _refuse_foreign_config(run_dir: Path) -> None:
     """A folder holding a config.yaml that no run wrote (a folder of configs, a project's own file): training would
-    replace it."""
-    if (run_dir / "config.yaml").is_file():
+    replace it. A run's own config.yaml, damaged, is written again (its checkpoint or status.json says it is one)."""
+    is_run = any((run_dir / name).exists() for name in ("checkpoint.pth", "status.json"))
+    if (run_dir / "config.yaml").is_file() and not is_run:
         try:
             read_run_config(run_dir)
         except ConfigError:
