@@ -73,6 +73,8 @@ CASES = [
     ("launch.py", lambda t: grid(t, axes={"epochs": [1], "colour": [1]}), ["'colour'"], "grid-unknown-axis-flag"),
     ("launch.py", lambda t: grid(t, axes={"epochs": []}), ["'epochs'", "non-empty list"], "grid-empty-axis"),
     ("launch.py", lambda t: grid(t, axes={"epochs": ["many"]}), ["'epochs'", "'many'"], "grid-axis-wrong-type"),
+    ("launch.py", lambda t: grid(t, axes={"epochs": [2, 2.0]}),
+     ["runs 'swav_digits_2ep' and 'swav_digits_2.0ep' train with the same flags"], "grid-values-spelled-twice"),
     ("launch.py", lambda t: grid(t, flags={**GRID["flags"], "width": [4, 8]}), ["'width'"], "grid-flag-list"),
     ("launch.py", lambda t: grid(t, flags={**GRID["flags"], "dataset": "mnist"}), ["'dataset'", "'mnist'"],
      "grid-unknown-dataset"),

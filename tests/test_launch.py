@@ -401,6 +401,14 @@ def test_grid_evaluations_follow_checkpoint_epochs(tmp_path):
     assert [e.weights_epoch for e in run.evals] == [2, 4]
 
 
+def test_grid_evaluations_named_twice_are_planned_once(tmp_path):
+    """Two jobs evaluating one checkpoint alike (appending the same record side by side) for a program or an epoch
+    the grid lists twice."""
+    grid = load_grid(grid_file(tmp_path, axes={"epochs": [4]}, evals={"programs": ["eval_knn.py", "eval_knn.py"],
+                                                                     "epochs": [2, 2]}), tmp_path / "runs")
+    assert [(e.program, e.checkpoint) for e in grid.runs[0].evals] == [("eval_knn.py", "checkpoint_ep0002.pth")]
+
+
 def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
     """--checkpoint_epochs on the command line replaces the config's list: the grid passes both."""
     grid = load_grid(grid_file(tmp_path, config="configs/npid_cifar10.yaml", flags={}, axes={"seed": [0]},

@@ -31,6 +31,7 @@ checked by the program when each job starts, before it writes anything.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
     evals = _eval_spec(path, spec.get("evals"))
     axis_keys = list(axes)
-    runs, names = [], {}
+    runs, names, trained_alike = [], {}, {}
     for combination in itertools.product(*(axes[k] for k in axis_keys)):
         values = dict(zip(axis_keys, combination))
         own = {k: v for k, v in values.items() if k != "config"}
@@ -214,6 +215,11 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             if stage.get("pretrained_from"):
                 merged["pretrained"] = str(root / previous[stage["pretrained_from"]])
             checked = validate_flags(program, merged, f"grid {str(path)!r} run {label!r}")
+            # Values that differ only in their YAML spelling (epochs 2 and 2.0) name two runs that train alike.
+            flags_key = (program, json.dumps(checked, sort_keys=True, default=str))
+            if flags_key in trained_alike:
+                _fail(path, f"runs {trained_alike[flags_key]!r} and {label!r} train with the same flags")
+            trained_alike[flags_key] = label
             run_flags = {"config": str(config_file)} if config_file else {}
             run_flags.update({k: checked[k] for k in chosen})
             if "pretrained" in merged:
@@ -303,7 +309,8 @@ def _eval_spec(path, evals) -> dict:
     epochs = evals.get("epochs") or ["final"]
     if not isinstance(epochs, list) or any(not (e == "final" or (isinstance(e, int) and e > 0)) for e in epochs):
         _fail(path, f"evals.epochs must list positive epochs or 'final' (got {epochs!r})")
-    return {"programs": programs, "flags": flags, "epochs": epochs}
+    # One evaluation per program and checkpoint, however often the grid names them (--k 20 20 is one kNN too).
+    return {"programs": list(dict.fromkeys(programs)), "flags": flags, "epochs": list(dict.fromkeys(epochs))}
 
 
 def _expand_evals(evals: dict, run: RunSpec, epochs: int) -> list[EvalSpec]:
