@@ -194,6 +194,12 @@ def cycle(tmp: Path) -> list:
     return ["--config", tmp / "a.yaml", "--output_dir", tmp / "run"]
 
 
+def link_loop(tmp: Path) -> Path:
+    (tmp / "one").symlink_to(tmp / "two")
+    (tmp / "two").symlink_to(tmp / "one")
+    return tmp / "one"
+
+
 def foreign_config(tmp: Path) -> Path:
     """A folder of the user's own, with a config.yaml of its own (training replaced it)."""
     (tmp / "mine").mkdir()
@@ -228,6 +234,13 @@ CASES += [
      "collect-root-missing"),
     # run directories
     ("main_pretrain.py", lambda t: [*TINY, "--output_dir", a_file(t)], ["is a file"], "output-dir-is-a-file"),
+    ("main_cluster.py", lambda t: ["--method", "sela", "--dataset", "digits", "--width", 4, "--device", "cpu",
+                                   "--batch_size", 1, "--output_dir", t / "run"],
+     ["--batch_size 1 gives each of 1 process(es) one image", "use --batch_size 2 or more"], "batch-of-one"),
+    ("main_pretrain.py", lambda t: [*TINY, "--output_dir", t / ("a" * 300)], ["File name too long", "shorter path"],
+     "output-dir-name-too-long"),
+    ("main_pretrain.py", lambda t: [*TINY, "--output_dir", link_loop(t) / "run"],
+     ["Too many levels of symbolic links", "lead in a circle"], "output-dir-in-a-link-loop"),
     ("main_pretrain.py", lambda t: [*TINY, "--output_dir", foreign_config(t)],
      ["holds a config.yaml that is not a run's", "use another --output_dir"], "output-dir-holds-a-foreign-config"),
     ("eval_knn.py", lambda t: ["--run", t / "nothing", "--device", "cpu"], ["--run", "nothing"], "eval-run-missing"),

@@ -31,7 +31,9 @@ USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir"
                   errno.EPERM: "choose a directory you may write to",
                   errno.EEXIST: "a file, or a link to nowhere, stands where a folder is needed: choose another path",
                   errno.ENOTDIR: "a folder on that path is a file: choose another path",
-                  errno.EISDIR: "that path is a folder: move it away or choose another path"}
+                  errno.EISDIR: "that path is a folder: move it away or choose another path",
+                  errno.ENAMETOOLONG: "a name on that path is too long: choose a shorter path",
+                  errno.ELOOP: "symbolic links on that path lead in a circle: choose another path"}
 
 
 def printable(text: str) -> str:
