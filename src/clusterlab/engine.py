@@ -663,8 +663,9 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         if not finished:
             for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
                 print(f"note: {note}", flush=True)
-            where = ("from scratch" if (start_epoch, start_step) == (0, 0)
-                     else f"from epoch {start_epoch} step {start_step}")
+            pretrained = getattr(args, "pretrained", None)
+            where = (f"from epoch {start_epoch} step {start_step}" if (start_epoch, start_step) != (0, 0)
+                     else f"from the weights of {pretrained}" if pretrained else "from scratch")
             print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
                   f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}",
                   flush=True)

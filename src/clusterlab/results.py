@@ -1,11 +1,12 @@
 """Metrics records: one JSON object per evaluation, appended to RUN/metrics.jsonl; read back for the tables.
 
 A record: run, method, dataset, split, backbone, epoch and step (where the checkpoint stands: step 0 at an epoch's
-end, taken so for records written before they named it), checkpoint, seed, eval (knn | linear | cluster | kmeans),
-protocol (the settings that make numbers comparable) and metrics, plus when it was created and the git commit of
-the code that evaluated (git_commit, git_dirty). A table row's `revision` says whether every run and evaluation
-behind it came from committed code: clean, dirty (uncommitted changes to tracked files) or unknown (no commit
-recorded: a run older than the field, or an installed copy outside a git checkout).
+end, taken so for records written before they named it), checkpoint, seed, eval (knn | linear | cluster: k-means and
+heads alike, told apart by the protocol's `assignment`), protocol (the settings that make numbers comparable) and
+metrics, plus when it was created and the git commit of the code that evaluated (git_commit, git_dirty). A table
+row's `revision` says whether every run and evaluation behind it came from committed code: clean, dirty (uncommitted
+changes to tracked files) or unknown (no commit recorded: a run older than the field, or an installed copy outside a
+git checkout).
 
 A table row averages the records of one (dataset, method, backbone, epoch, eval, protocol) over the runs (seeds)
 that share the training settings (`run_settings`: RUN/config.yaml's args without the flags that do not change what

@@ -1,6 +1,6 @@
 """Pre-emption and time-limit signals, caught from the first line of every program.
 
-SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=USR2@120`) and SIGTERM (what `scontrol requeue` and
+SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=B:USR2@120`) and SIGTERM (what `scontrol requeue` and
 pre-emption send) must end in a requeue whatever the process is doing when they arrive. Python's default for both
 is to die at once, so the handler is installed before anything heavy is imported (this module imports nothing but
 the standard library), and it has two modes:

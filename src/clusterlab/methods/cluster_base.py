@@ -1,4 +1,5 @@
-"""What the class-assignment methods (SeLa, Self-Classifier, EmbedUL) share: heads and the choice among them.
+"""What the class-assignment methods (SeLa, Self-Classifier, EmbedUL, SCAN and its self-labelling) share: heads and
+the choice among them.
 
 Each such method has one or more heads, each mapping an image to scores over its own number of classes. The
 predicted class of a head is the argmax of its scores. Which head to report is decided without labels: the head

@@ -1,7 +1,8 @@
 """ResNets for small images: the CIFAR stem (3x3 convolution, stride 1, no max-pool) with a width multiplier.
 
 - `resnet18_cifar`: BasicBlock [2, 2, 2, 2], 8 x width features (512 at the full width 64); the backbone of
-  NPID, Super-AND, Self-Classifier v1 and our SwAV recipes.
+  NPID, Super-AND, the ResNet recipes of SeLa and Self-Classifier, SCAN, and the small-image SwAV / Un-Mix recipes
+  (Fashion-MNIST, digits, swav_small / unmix_small); the CIFAR SwAV / Un-Mix recipes use resnet18_bottleneck.
 - `resnet18_bottleneck`: what the Un-Mix / SwAV CIFAR code calls "resnet18" (szq0214/Un-Mix@0911f77
   UnMix_SwAV/for_CIFAR/src/resnet50.py): Bottleneck blocks
   (expansion 4) in [2, 2, 2, 2], 32 x width features (2048 at width 64), and a zero ConstantPad2d(1) before the

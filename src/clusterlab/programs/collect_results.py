@@ -1,5 +1,7 @@
-"""Turn the runs under a directory into result tables and training curves: Markdown on stdout; CSV, Markdown, LaTeX
-and metric-against-epochs plots per dataset, and a PNG of training curves per run, in --out.
+"""Turn the runs under a directory into result tables and training curves (in --out: CSV, Markdown, LaTeX and plots).
+
+Markdown tables on stdout; per dataset CSV, Markdown, LaTeX and metric-against-epochs plots, and a PNG of training
+curves per run, in --out.
 
     python collect_results.py --root runs/ [--out runs/tables/]
 

@@ -2,7 +2,8 @@
 
     name: digits_smoke                 # the grid's name; runs go to runs/<name>/<run> unless output_root says
     program: main_pretrain.py          # optional: the program that trains the runs' method (main_cluster.py for
-                                       # SeLa, Self-Classifier, EmbedUL, else main_pretrain.py)
+                                       # SeLa, Self-Classifier, EmbedUL, SCAN, SCAN's self-labelling, else
+                                       # main_pretrain.py)
     config: configs/swav_digits.yaml   # optional base YAML (the program's --config); may also be an axis;
                                        # a relative path: from the current directory, else beside this file or
                                        # in a folder above it (slurm/programs.py find_config)

@@ -58,7 +58,8 @@ def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:
 
 def training_program(values: dict, explicit: str | None, source: str) -> str:
     """The training program of a run whose flags are `values`: the one that trains its method (main_cluster.py for
-    SeLa, Self-Classifier, EmbedUL; main_pretrain.py for the others and when no method is named), so grids and
+    SeLa, Self-Classifier, EmbedUL, SCAN and its self-labelling: the methods whose program_kind is "cluster";
+    main_pretrain.py for the others and when no method is named), so grids and
     recipes need not say it. An `explicit` program that does not train the method is refused."""
     from ..methods import METHODS
 

@@ -1,13 +1,14 @@
 """Readable sbatch scripts generated from recipes (configs/recipes.yaml) or from the runs of a grid.
 
-A script trains (resuming from $EXPERIMENT_PATH/checkpoint.pth if there is one), then evaluates the final
-checkpoint in the same job, as the upstream CIFAR scripts chain their linear evaluation. Slurm's time-limit
-signal (USR2, sent to the job step) makes training save and exit 75; the script then requeues the job, and the
-next start resumes. EXPERIMENT_PATH (the run directory) defaults to experiments/NAME for a recipe's script and to
-the run's directory (absolute, under the grid's output_root) for a grid run's, so that a later stage's --pretrained
-names where the earlier stage's script writes. An --output_dir among the script's arguments moves the whole run,
-evaluations included. The job's log goes to experiments/logs/NAME_JOBID.out (the folder ships with the
-repository: Slurm does not create it), and RUN/slurm/JOBID.out links to it.
+A script trains (resuming from $EXPERIMENT_PATH/checkpoint.pth if there is one), then evaluates the final checkpoint
+in the same job, as the upstream CIFAR scripts chain their linear evaluation. Slurm's time-limit signal (USR2, sent
+to the batch shell with `--signal=B:USR2`, whose trap passes it on to the running step) makes training save and exit
+75; the script then requeues the job, and the next start resumes. EXPERIMENT_PATH (the run directory) defaults to
+experiments/NAME for a recipe's script and to the run's directory (absolute, under the grid's output_root) for a
+grid run's, so that a later stage's --pretrained names where the earlier stage's script writes. An --output_dir
+among the script's arguments moves the whole run, evaluations included. The job's log goes to
+experiments/logs/NAME_JOBID.out (the folder ships with the repository: Slurm does not create it), and
+RUN/slurm/JOBID.out links to it.
 
 Every value taken from a recipe or grid is shell-quoted, so no value can run a command; names (of scripts and
 stages) are restricted to letters, digits and _.-, and comments to one line each.
