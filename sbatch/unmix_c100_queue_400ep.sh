@@ -48,9 +48,16 @@ requeue() {
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  if ! scontrol requeue "$SLURM_JOB_ID"; then
+  local refused restarts
+  if ! refused=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+    # a `scontrol requeue` from outside (its TERM brought us here) has requeued the job already: Restarts is ahead
+    restarts=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*')
+    if [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null; then
+      echo "the job is requeued already (scontrol requeue, or a pre-emption, from outside)" >&2
+      exit 0
+    fi
     # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
-    echo "scontrol requeue failed: not requeued; submit the same command again to resume" >&2
+    echo "scontrol requeue failed ($refused): not requeued; submit the same command again to resume" >&2
     exit 75
   fi
   exit 0

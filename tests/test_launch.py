@@ -338,22 +338,28 @@ def test_tasks_get_the_cpus_of_the_job(tmp_path):
     assert script.index("SRUN_CPUS_PER_TASK") < script.index("srun --unbuffered")
 
 
-@pytest.mark.parametrize("requeue_works", [True, False])
-def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed(tmp_path, requeue_works):
+@pytest.mark.parametrize("requeue, restarts", [("works", 0), ("refused", 0), ("refused", 1)])
+def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed(tmp_path, requeue, restarts):
     """The training step exits 75 (stopped, saved): the script asks Slurm to requeue the job. Were the requeue
-    refused, ending with 0 would mark the job COMPLETED and start its afterok dependents on a half-trained run."""
+    refused, ending with 0 would mark the job COMPLETED and start its afterok dependents on a half-trained run.
+    Refused because a `scontrol requeue` from outside has requeued the job already (its Restarts count is ahead of
+    this start's), the job is requeued: the script said to submit it again, which would run it twice."""
     env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "exp")}
     state = Path(env["FAKE_SLURM"])
     _executable(state / "srun", "#!/bin/bash\nexit 75\n")
     _executable(state / "scontrol", '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >> "$FAKE_SLURM/requeued" '
-                                    f'&& exit {0 if requeue_works else 1}\nexit 0\n')
+                                    f'&& {{ [ {requeue} = works ] || {{ echo "Job is pending execution" >&2; exit 1; }}; }}'
+                                    f'\n[ "$1" = show ] && echo "JobId=7 Restarts={restarts} BatchFlag=1"\nexit 0\n')
     done = subprocess.run(["bash", str(ROOT / "sbatch" / "swav_digits.sh")], cwd=tmp_path, capture_output=True,
                           text=True, env=env)
     assert (state / "requeued").read_text() == "7\n"
-    if requeue_works:
+    if requeue == "works":
         assert done.returncode == 0, done.stderr
+    elif restarts:
+        assert done.returncode == 0 and "requeued already" in done.stderr and "failed" not in done.stderr
     else:
-        assert done.returncode == 75 and "scontrol requeue failed: not requeued" in done.stderr
+        assert done.returncode == 75, done.stderr
+        assert "scontrol requeue failed (Job is pending execution): not requeued" in done.stderr
 
 
 def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
