@@ -339,7 +339,8 @@ def test_tasks_get_the_cpus_of_the_job(tmp_path):
 
 
 @pytest.mark.parametrize("requeue, restarts", [("works", 0), ("refused", 0), ("refused", 1)])
-def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed(tmp_path, requeue, restarts):
+def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed_unless_slurm_requeued_it(tmp_path, requeue,
+                                                                                         restarts):
     """The training step exits 75 (stopped, saved): the script asks Slurm to requeue the job. Were the requeue
     refused, ending with 0 would mark the job COMPLETED and start its afterok dependents on a half-trained run.
     Refused because a `scontrol requeue` from outside has requeued the job already (its Restarts count is ahead of
@@ -347,8 +348,9 @@ def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed(tmp_path, req
     env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "exp")}
     state = Path(env["FAKE_SLURM"])
     _executable(state / "srun", "#!/bin/bash\nexit 75\n")
+    refuse = '{ echo "Job is pending execution" >&2; exit 1; }'
     _executable(state / "scontrol", '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >> "$FAKE_SLURM/requeued" '
-                                    f'&& {{ [ {requeue} = works ] || {{ echo "Job is pending execution" >&2; exit 1; }}; }}'
+                                    f'&& {{ [ {requeue} = works ] || {refuse}; }}'
                                     f'\n[ "$1" = show ] && echo "JobId=7 Restarts={restarts} BatchFlag=1"\nexit 0\n')
     done = subprocess.run(["bash", str(ROOT / "sbatch" / "swav_digits.sh")], cwd=tmp_path, capture_output=True,
                           text=True, env=env)

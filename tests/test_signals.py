@@ -166,10 +166,13 @@ def test_a_stop_signal_while_one_rank_still_starts_requeues_every_rank(tmp_path,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     run_dir = tmp_path / "run"
+    def environment(rank):
+        return {**script_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
     ranks = [subprocess.Popen([PYTHON, "-c", RANK_SLOW_TO_START, str(tmp_path), str(slow_rank), *TINY,
                                "--output_dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**script_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                              text=True, env=environment(rank))
              for rank in range(2)]
     try:
         deadline = time.time() + 120
@@ -187,3 +190,39 @@ def test_a_stop_signal_while_one_rank_still_starts_requeues_every_rank(tmp_path,
     assert [out.splitlines() for out, _ in outputs][slow_rank][-1] == "requeue handler ran"
     assert "requeue handler ran" in outputs[1 - slow_rank][0]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+
+
+# The same rule, past the start: once a step has been done by every rank, a stop is agreed at a step's end, and an
+# error in a later step (out of memory, a rank that crashed) is the run's, even with a stop signal deferred. It was
+# taken for a requeue at any step.
+ERROR_AFTER_A_DEFERRED_SIGNAL = """
+import json, pathlib, signal, sys, types, torch
+from clusterlab import distributed, engine, signals
+steps = int(sys.argv[2])
+distributed.world_size = lambda: 2
+distributed.rank0_says = lambda taken: taken
+run = pathlib.Path(sys.argv[1])
+ctx = distributed.Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+signals.install()
+try:
+    with engine.owned_run_dir(run, ctx) as started:
+        run.joinpath("status.json").write_text(json.dumps({"state": "running"}))
+        started.trainer = types.SimpleNamespace(steps_this_start=steps, finished=False, position=(5, steps),
+                                                args=types.SimpleNamespace(epochs=100))
+        started.trainer.mark_interrupted = lambda: run.joinpath("status.json").write_text('{"state": "interrupted"}')
+        signals.defer()
+        signal.raise_signal(signal.SIGUSR2)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+except SystemExit as stop:
+    print("exit", stop.code)
+except torch.OutOfMemoryError:
+    print("raised")
+print(json.loads(run.joinpath("status.json").read_text())["state"])
+"""
+
+
+@pytest.mark.parametrize("steps, outcome", [(0, ["exit 75", "interrupted"]), (3, ["raised", "failed"])])
+def test_an_error_after_the_first_step_with_a_stop_signal_deferred_is_the_runs(tmp_path, steps, outcome):
+    done = subprocess.run([PYTHON, "-c", ERROR_AFTER_A_DEFERRED_SIGNAL, str(tmp_path / "run"), str(steps)], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-2:] == outcome, done.stdout + done.stderr

@@ -89,7 +89,8 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True, feat
     """--run and friends; `batch_size` False leaves --batch_size to a program that trains (eval_linear.py), and
     `features` False leaves out --features (the linear probe trains on the backbone only)."""
     group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--run", type=path, default=None, help="run directory (its config.yaml names the dataset and model)")
+    group.add_argument("--run", type=path, default=None,
+                       help="run directory (its config.yaml names the dataset and model)")
     group.add_argument("--checkpoint", type=path, default=None,
                        help="a file name is the run directory's file (default checkpoint.pth); a path with a "
                             "directory is that file, recorded in the run's metrics.jsonl under its full path")

@@ -49,6 +49,7 @@ def auto_or_bool(text: str) -> str | bool:
 def path(text: str) -> str:
     """A file or directory flag: an empty value (an unset shell variable) is refused, where it read as not given
     (a default run directory resumed, a second stage trained from scratch)."""
+    text = str(text)  # a YAML number (output_dir: 2024) names a folder too
     if not text:
         raise argparse.ArgumentTypeError("'' is empty (give a path, or leave the flag out)")
     return text
@@ -184,8 +185,8 @@ def _convert(kind, value: Any) -> Any:
     if isinstance(value, (list, dict)):
         raise TypeError(f"expected one value, got {type(value).__name__}")
     # int(2.5) is 2 and float(True) is 1.0: a YAML number or boolean must already be what the flag takes. Every flag
-    # type but the boolean ones and str reads a number (probabilities, ranges and fractions included).
-    if isinstance(value, bool) and kind not in (bool_flag, auto_or_bool, str):
+    # type but the boolean ones and the text ones reads a number (probabilities, ranges and fractions included).
+    if isinstance(value, bool) and kind not in (bool_flag, auto_or_bool, str, path):
         raise TypeError(f"expected a number, got the boolean {value}")
     if kind in INT_TYPES and isinstance(value, float) and not value.is_integer():
         raise TypeError(f"expected an integer, got {value}")

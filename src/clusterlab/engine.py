@@ -126,6 +126,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.model = wrap_ddp(method, ctx, args.find_unused) if ctx.world_size > 1 else method
         self.global_step = 0
+        self.steps_this_start = 0     # steps done since this process started (or resumed) the run
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
         self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
@@ -296,6 +297,7 @@ class Trainer:
             self.global_step += 1
             window_images += global_size
             self.stop_requested, bad_loss, loss, terms = self.check(loss, terms)
+            self.steps_this_start += 1  # every rank has reached this step's end (check is collective)
             if bad_loss:
                 self.fail_on_nonfinite(epoch, step, terms)
             if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
@@ -333,7 +335,7 @@ class Trainer:
         method.before_step(progress)
         inputs = method.prepare(batch)
         with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+                            enabled=self.amp_dtype is not None), _one_value_per_channel_named(self.args):
             loss, terms = self.model(inputs, batch, progress)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -502,10 +504,11 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
     run_dir = Path(run_dir)
     if not ctx.is_main:
         _share_outcome(ctx, taken=False)
+        started = OwnedRun(run_dir)
         try:
-            yield
+            yield started
         except RuntimeError as err:
-            if _stopped_with_another_rank():
+            if started.stopped_while_another_rank_started():
                 _leave_for_the_requeue(err)
             raise
         return
@@ -532,7 +535,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
             started.record_failure(f"exit status {stop.code}")
         raise
     except BaseException as err:
-        if isinstance(err, RuntimeError) and _stopped_with_another_rank():
+        if isinstance(err, RuntimeError) and started.stopped_while_another_rank_started():
             started.record_interruption()
             _leave_for_the_requeue(err)
         started.record_failure(_one_line(err))
@@ -554,13 +557,6 @@ def _refuse_foreign_config(run_dir: Path) -> None:
         except ConfigError:
             raise ConfigError(f"--output_dir {str(run_dir)!r} holds a config.yaml that is not a run's (training "
                               f"would replace it): use another --output_dir") from None
-
-
-def _stopped_with_another_rank() -> bool:
-    """A stop signal reached this rank while it waited in a collective (signals deferred) for a rank still starting,
-    which the same signal ended at once (nothing to save yet): the collective fails here, and that failure is this
-    rank's share of the stop, not the run's."""
-    return signals.received() is not None and distributed.world_size() > 1
 
 
 def _leave_for_the_requeue(err: RuntimeError) -> None:
@@ -588,6 +584,14 @@ class OwnedRun:
     @property
     def began(self) -> bool:
         return self.trainer is not None
+
+    def stopped_while_another_rank_started(self) -> bool:
+        """Whether an error here is this rank's share of a stop: a stop signal reached it while it waited in a
+        collective for a rank still starting (before this start's first step was done, signals deferred), which the
+        same signal ended at once (nothing to save yet), breaking the collective. Later, every rank defers signals
+        and stops at the same step; an error there is the run's."""
+        return (signals.received() is not None and distributed.world_size() > 1
+                and (self.trainer is None or self.trainer.steps_this_start == 0))
 
     def record_interruption(self) -> None:
         """status.json "interrupted" where training stands, also for a signal that ended the process at once (in a
@@ -709,6 +713,20 @@ def _flag_value(value) -> str:
 def _plain_args(args: argparse.Namespace) -> dict:
     return {k: _plain(v) for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple))
             or v is None}
+
+
+@contextlib.contextmanager
+def _one_value_per_channel_named(args: argparse.Namespace):
+    """Batch norm's refusal of a batch that gives it one value per channel (one image per process where nothing
+    stacks crops or keeps a spatial map) as one line naming the flag: whether it happens depends on the method and
+    the crop sizes, so it is not refused ahead."""
+    try:
+        yield
+    except ValueError as err:
+        if "Expected more than 1 value per channel" not in str(err):
+            raise
+        raise ConfigError(f"--batch_size {args.batch_size}: a batch norm of the model sees one value per channel "
+                          f"in a process's share of the batch; use a larger --batch_size") from None
 
 
 def _format_seconds(seconds: float) -> str:

@@ -5,8 +5,8 @@ are not checkpoints:
 
 - status.json: {"state": running | interrupted | failed | finished, "updated": ..., and fields such as the epoch or
   the one-line reason of a failure}, replaced atomically.
-- train_log.jsonl and metrics.jsonl: one JSON object per line, appended with one write under an exclusive lock, so
-  evaluations running side by side never interleave their lines.
+- train_log.jsonl and metrics.jsonl: one JSON object per line, appended whole under an exclusive lock, so
+  evaluations running side by side never interleave their lines (a line a crash cut short is ended first).
 - .lock: who trains in this directory (host, pid, Slurm job id). A second writer is refused with one line naming
   the holder; a stale lock (a dead process on this host, a Slurm job that is no longer running, or the same Slurm
   job requeued) is taken over.

@@ -52,9 +52,6 @@ class GlobalBatches:
             raise ConfigError(f"--batch_size {global_batch} (global) is not a multiple of the world size {world_size}")
         if drop_last and num_samples < global_batch:
             raise ConfigError(f"--batch_size {global_batch} is larger than the dataset ({num_samples} samples)")
-        if drop_last and global_batch // world_size < 2:  # failed at the first step, deep inside a batch norm
-            raise ConfigError(f"--batch_size {global_batch} gives each of {world_size} process(es) one image a step; "
-                              f"batch norm's statistics need 2 or more: use --batch_size {2 * world_size} or more")
         self.num_samples, self.global_batch, self.world_size, self.rank = num_samples, global_batch, world_size, rank
         self.local_batch = global_batch // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last

@@ -75,8 +75,8 @@ def knn_accuracies(train_features, train_labels, test_features, test_labels, num
                    ks: Sequence[int], temperature: float = 0.1) -> dict[int, dict]:
     """{k: top-1 and top-5 accuracy} for every k in `ks` from one neighbour search, the widest; collective as
     `knn_accuracy`, whose result it equals for each k. A top-5 hit needs a vote for the true class: where fewer than
-    five classes are voted for, the rest of a top-5 list are classes of score 0 in tie order, which upstream counts
-    (so that its top-5 depends on how the classes are numbered)."""
+    five classes are voted for, the rest of a top-5 list are classes nobody voted for (upstream's score 0, our
+    -inf) in tie order, which upstream counts (so that its top-5 depends on how the classes are numbered)."""
     found = nearest_train_samples(train_features, test_features, max(ks), split_over_ranks=True)
     truth = test_labels.to(found.indices.device)
     accuracies = {}

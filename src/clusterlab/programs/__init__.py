@@ -56,7 +56,7 @@ def run(script: str, argv=None):
     once it has ended, or left for the requeue (exit 75), the stop signals are ignored."""
     signals.install()
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
-        if hasattr(stream, "reconfigure"):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     from ..errors import run_cli
 

@@ -40,7 +40,8 @@ from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="launch.py")
     parser.add_argument("--grid", type=config.path, default=None, help="grid file (configs/grids/*.yaml)")
-    parser.add_argument("--output_root", type=config.path, default=None, help="where the runs go (default: the grid's, else runs/NAME)")
+    parser.add_argument("--output_root", type=config.path, default=None,
+                        help="where the runs go (default: the grid's, else runs/NAME)")
     parser.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
                         help="submitit executor: Slurm, local processes, or in this process (debug always waits)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
@@ -49,8 +50,8 @@ def get_args_parser():
                         help="return only when every submitted job has ended, then print each run's state")
     parser.add_argument("--emit-sbatch", "--emit_sbatch", dest="emit_sbatch", action="store_true",
                         help="write sbatch scripts instead of submitting")
-    parser.add_argument("--recipes", default="configs/recipes.yaml", help="recipes for --emit-sbatch")
-    parser.add_argument("--sbatch_dir", default="sbatch", help="where --emit-sbatch writes")
+    parser.add_argument("--recipes", type=config.path, default="configs/recipes.yaml", help="recipes for --emit-sbatch")
+    parser.add_argument("--sbatch_dir", type=config.path, default="sbatch", help="where --emit-sbatch writes")
     return parser
 
 
