@@ -158,6 +158,14 @@ def test_a_method_given_twice_is_the_last_as_for_any_flag(program, argv, method,
     assert args.method == method and hasattr(args, flag)
 
 
+def test_a_path_given_as_a_yaml_number_is_text(tmp_path):
+    """`output_dir: 2024` names a folder: it reached the program as the int 2024 (a traceback) once path flags had a
+    type of their own."""
+    (tmp_path / "c.yaml").write_text("output_dir: 2024\ndata_path: 7\n")
+    args = pretrain.parse_args(["--config", str(tmp_path / "c.yaml")])
+    assert (args.output_dir, args.data_path) == ("2024", "7")
+
+
 def test_missing_config_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])
