@@ -3,8 +3,9 @@ the choice among them.
 
 Each such method has one or more heads, each mapping an image to scores over its own number of classes. The
 predicted class of a head is the argmax of its scores. Which head to report is decided without labels: the head
-with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN's too), on the scale of
-log K where heads differ in size (`lowest_loss_head`). The per-head
+with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN records consistency -
+entropy instead, upstream's selection formula), on the scale of log K where heads differ in size
+(`lowest_loss_head`). The per-head
 losses are summed over the epoch here and all-reduced when it ends (`on_epoch_end`), so every rank makes the same
 choice, and a run of one epoch chooses from that epoch.
 """

@@ -13,8 +13,9 @@ Per step each anchor a of the batch is paired with one candidate n(a) drawn unif
 possible, as upstream); both get the strong augmentation (data/randaugment.py) and go through the backbone in two
 passes. On the backbone sit `--num_heads` linear heads of `--head_classes` classes, each trained with
 losses/scan.scan_loss; the step's loss is the sum over the heads, as upstream's. The whole network is trained
-(upstream's `update_cluster_head_only: False`). The head reported is the one with the lowest mean training loss
-of the last epoch (upstream chooses by its loss on the test split's neighbours).
+(upstream's `update_cluster_head_only: False`). The head reported is the one with the lowest mean of consistency -
+entropy (upstream's selection formula, entropy weight 1 whatever the training's) over the last epoch's training
+steps (upstream evaluates that formula on the test split's neighbours).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 2020, arXiv:2005.12320, section 3.2; upstream code wvangansbeke/Unsupervised-Classification@952ec31 selflabel.py,
 utils/train_utils.py `selflabel_train`, losses/losses.py `ConfidenceBasedCE`, utils/ema.py `EMA`).
 
-`--pretrained` is a scan run: its backbone and its chosen head (the lowest mean training loss of its last epoch)
-become this model's backbone and single head, as upstream's get_model keeps only the best head. Per step each
+`--pretrained` is a scan run: its backbone and its chosen head (the lowest mean consistency - entropy of its last
+epoch, methods/scan.py) become this model's backbone and single head, as upstream's get_model keeps only the best head. Per step each
 image gives a weak view (the test view, upstream's validation transform) and a strong one (data/randaugment.py).
 Without gradient, the weak view's softmax gives a pseudo-label wherever its largest probability exceeds
 `--confidence_threshold`; the strong view is trained towards it with the class-balanced cross-entropy of
