@@ -53,6 +53,7 @@ from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel"  # torch's batch-norm error in training mode
 # What must match between a checkpoint and the command resuming it (the rest may change, --epochs included); --init
 # acts only at the start, but a run resumed under another would be filed under it (config.yaml, tables).
 RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed", "nmb_crops", "size_crops",
@@ -334,9 +335,17 @@ class Trainer:
         method = self.method
         method.before_step(progress)
         inputs = method.prepare(batch)
-        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None), _one_value_per_channel_named(self.args):
-            loss, terms = self.model(inputs, batch, progress)
+        try:
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss, terms = self.model(inputs, batch, progress)
+        except ValueError as err:
+            # Batch norm's refusal of one value per channel (one image per process where nothing stacks crops or
+            # keeps a spatial map) depends on the method and the crop sizes, so it is named here, not refused ahead.
+            if ONE_VALUE_PER_CHANNEL not in str(err):
+                raise
+            raise ConfigError(f"--batch_size {self.args.batch_size}: a batch norm of the model sees one value per "
+                              f"channel in a process's share of the batch; use a larger --batch_size") from None
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         method.after_backward(progress)
@@ -713,20 +722,6 @@ def _flag_value(value) -> str:
 def _plain_args(args: argparse.Namespace) -> dict:
     return {k: _plain(v) for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple))
             or v is None}
-
-
-@contextlib.contextmanager
-def _one_value_per_channel_named(args: argparse.Namespace):
-    """Batch norm's refusal of a batch that gives it one value per channel (one image per process where nothing
-    stacks crops or keeps a spatial map) as one line naming the flag: whether it happens depends on the method and
-    the crop sizes, so it is not refused ahead."""
-    try:
-        yield
-    except ValueError as err:
-        if "Expected more than 1 value per channel" not in str(err):
-            raise
-        raise ConfigError(f"--batch_size {args.batch_size}: a batch norm of the model sees one value per channel "
-                          f"in a process's share of the batch; use a larger --batch_size") from None
 
 
 def _format_seconds(seconds: float) -> str:
