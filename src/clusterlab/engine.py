@@ -407,9 +407,7 @@ class Trainer:
 
     def on_any_rank(self, holds: bool) -> bool:
         """Whether `holds` is true on some rank (collective)."""
-        flag = torch.tensor([float(holds)], device=self.ctx.device)
-        distributed.all_reduce_max(flag)
-        return bool(flag[0])
+        return bool(max_over_ranks(float(holds), self.ctx.device))
 
     def requeue_now(self, epoch: int, completed: bool) -> bool:
         """Whether to save and requeue after `epoch`: a stop signal came, and training is not complete (a signal
@@ -708,7 +706,12 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set
 def share_stop_signal(device: torch.device) -> None:
     """Collective: every rank hears the stop signal a rank received (the highest number where several did), for
     rank 0's status.json and lines: a rank stopped for another rank's signal has none of its own."""
-    signals.hear(int(distributed.all_reduce_max(torch.tensor([float(signals.received() or 0)], device=device))))
+    signals.hear(int(max_over_ranks(signals.received() or 0, device)))
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of `value` over the ranks (collective)."""
+    return float(distributed.all_reduce_max(torch.tensor([float(value)], device=device))[0])
 
 
 def _plain(value):

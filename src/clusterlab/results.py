@@ -256,7 +256,7 @@ def records_frame(records: list[dict]):
                 warnings.warn(f"{run_dir / 'config.yaml'} cannot be read: its run's settings and code are unknown "
                               f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
-        position = tuple(value if _whole(value) else 0 for value in (record.get("epoch"), record.get("step")))
+        position = (record["epoch"] if _whole(record.get("epoch")) else 0, 0)  # an epoch's end (mid-epoch: above)
         row["settings"] = settings_at(run_settings(run_configs[run_dir]),
                                       (run_configs[run_dir] or {}).get("resume_changes"), position)
         row["run_epochs"] = (row["settings"] or {}).get("epochs")

@@ -96,6 +96,7 @@ def leave() -> None:
     _leaving = True
     signum = signal.SIGUSR2 if signal.SIGUSR2 in _seen or _received is None else _received
     previous = _previous.get(signum)
+    ignore()  # on its way out: a second signal (Slurm's TERM again, during teardown) must not kill it
     if callable(previous):
         previous(signum, None)
     sys.exit(EXIT_REQUEUE)

@@ -44,6 +44,8 @@ class MemoryBankMethod(Method):
     """What NPID and Super-AND share: backbone -> Linear(out_dim -> embed_dim) -> L2 normalisation (no MLP) and a
     memory bank that takes the batch's embeddings after the backward pass."""
 
+    index_copies = 1  # times each dataset index occurs in a step's bank update (Super-AND: its 2 views)
+
     def __init__(self, args: argparse.Namespace, info: DataInfo, device: torch.device):
         check_momentum(args.bank_m)
         super().__init__(args, info, device)
@@ -52,7 +54,6 @@ class MemoryBankMethod(Method):
         self.memory = MemoryBank(info.num_samples, args.embed_dim, args.bank_m, seed=args.seed + BANK_SEED)
         self.augment = build_multicrop(args, info)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.index_copies = 1  # times each dataset index occurs in a step's bank update (Super-AND: 2 views)
 
     @property
     def memory_bank(self) -> torch.Tensor:

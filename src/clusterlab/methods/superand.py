@@ -43,6 +43,7 @@ from .memory_bank_base import MemoryBankMethod, add_memory_args
 
 class SuperAND(MemoryBankMethod):
     name = "superand"
+    index_copies = 2  # both views of every image update the bank (`own` in forward)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +93,6 @@ class SuperAND(MemoryBankMethod):
                              persistent=False)
         self.register_buffer("seen_labels", torch.full((n,), -1, dtype=torch.long, device=device))
         self.consistency = float("nan")
-        self.index_copies = 2
         self.pending_labels: torch.Tensor | None = None
 
     # ---- rounds ----

@@ -60,12 +60,7 @@ def run(script: str, argv=None):
             stream.reconfigure(errors="backslashreplace")
     from ..errors import run_cli
 
-    try:
-        result = run_cli(PROGRAMS[script].main, argv)
-    except SystemExit:
-        if signals.leaving():
-            signals.ignore()
-        raise
+    result = run_cli(PROGRAMS[script].main, argv)
     signals.ignore()
     return result
 
