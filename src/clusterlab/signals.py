@@ -36,6 +36,18 @@ def install() -> None:
             signal.signal(signum, _handle)
 
 
+def wrap_previous(signum: int, wrapper) -> None:
+    """Hand `signum` over to wrapper(the previous handler) instead of the previous handler itself (after install)."""
+    previous = _previous.get(signum)
+    if callable(previous):
+        _previous[signum] = wrapper(previous)
+
+
+def previous(signum: int):
+    """The handler `signum` is handed over to."""
+    return _previous.get(signum)
+
+
 def _handle(signum, frame) -> None:
     global _received
     if _received is None:

@@ -65,12 +65,14 @@ def test_preempted_twice_resumes_bit_identical(slurm, tmp_path):
     run = tmp_path / "runs" / "swav_digits_s0"
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
     with cancelled_on_exit(job):  # a failure would otherwise leave it holding the partition for its 20-minute limit
-        for lines in (30, 80):  # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step)
+        # mid-epoch 2 and mid-epoch 3 (28 steps per epoch, one log line per step): submitit's time-limit signal, then
+        # a TERM while Slurm keeps the job running (scancel -s TERM), on which submitit's own handler only logs
+        for lines, stop in ((30, "USR2"), (80, "TERM")):
             wait_for_lines(run, lines, job_id=job)
-            subprocess.run(["scancel", "--signal=USR2", job], check=True)
+            subprocess.run(["scancel", f"--signal={stop}", job], check=True)
             deadline = time.time() + 60
             while json.loads((run / "status.json").read_text()).get("state") != "interrupted":
-                assert time.time() < deadline, "the run did not save on SIGUSR2"
+                assert time.time() < deadline, f"the run did not save on SIG{stop}"
                 time.sleep(0.2)
         wait_job(job)
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

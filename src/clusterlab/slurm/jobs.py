@@ -6,17 +6,27 @@ job: the training loop has already saved checkpoint.pth at a step boundary when 
 runs first and hands over to submitit's, see signals.py), and the requeued job resumes from it. Evaluations already
 recorded for a checkpoint are not run again, so a requeued evaluation job does not duplicate records; one that
 succeeds says so in its run's slurm/jobs.jsonl (`done`).
+
+Stop signals are caught from the moment submitit unpickles the job (before its own handlers exist) to the end of
+the process, after the programs (then ignored, so a late one does not turn a finished job into a failed one). Two of
+submitit's handlers are wrapped: its requeue on USR2 fails when Slurm has requeued the job already (Restarts is
+ahead: a `scontrol requeue` or a pre-emption whose TERM came too), which is then a requeue (exit 75); and its TERM
+handler only logs, so a TERM while Slurm keeps the job RUNNING (`scancel -s TERM`) requeues, as the sbatch scripts do.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import submitit
 
-from .. import rundir, signals
+# Nothing heavy here: submitit's job wrapper unpickles ProgramJob (importing this module) before it installs its
+# signal handlers, and until ProgramJob.__setstate__ has run a stop signal kills the task (no requeue).
+from .. import signals
 from ..errors import ConfigError
 from ..programs import PROGRAMS
 
@@ -30,14 +40,32 @@ class ProgramJob:
         """`done_log`: a jobs.jsonl that rank 0 tells, once every program has succeeded, that this job is done."""
         self.commands, self.workdir, self.done_log = commands, workdir or os.getcwd(), done_log
 
-    def __call__(self) -> list[str]:
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in the job, before submitit installs its handlers: from here on a stop signal is remembered,
+        and __call__ hands it to submitit's handler (which requeues) instead of the default action killing the task."""
+        self.__dict__.update(state)
+        self._in_job_process = True  # not the debug executor, which calls the job inside launch.py
         signals.install()
+        signals.defer()
+
+    def __call__(self) -> list[str]:
+        signals.install()  # the handlers found now (submitit's) are the ones to hand over to
+        signals.wrap_previous(signal.SIGUSR2, _requeue_unless_requeued)
+        requeue = signals.previous(signal.SIGUSR2)
+        signals.wrap_previous(signal.SIGTERM, lambda logs_only: _term_requeues(logs_only, requeue))
+        signals.defer(False)  # a stop signal that came while the job started: leave for the requeue now
         # overwrite: a job inherits the submitting shell's environment, whose MASTER_PORT or WORLD_SIZE (a torchrun
         # session, an interactive allocation) are not this job's
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.chdir(self.workdir)
         for program, argv in self.commands:
             PROGRAMS[program].main(argv)
+        # As programs.run does: the work is done, so a late stop signal must neither requeue the job nor kill it
+        # (Python gives handlers their default action back while it shuts down): exit status 0 stays 0.
+        if getattr(self, "_in_job_process", False):
+            signals.ignore()
+        from .. import rundir
+
         environment = submitit.JobEnvironment()
         if self.done_log and environment.global_rank == 0:
             rundir.append_jsonl(self.done_log, {"job_id": str(environment.job_id), "done": rundir.now_iso()})
@@ -45,6 +73,56 @@ class ProgramJob:
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.workdir, self.done_log))
+
+
+def _requeue_unless_requeued(handler):
+    """submitit's USR2 handler, whose `scontrol requeue` fails when Slurm has requeued the job already (a
+    `scontrol requeue` or a pre-emption from outside whose TERM came with or before the USR2): then the job is
+    requeued, and the task leaves for it (exit 75) instead of failing with CalledProcessError."""
+    def requeue(signum, frame):
+        try:
+            handler(signum, frame)
+        except subprocess.CalledProcessError:
+            if not _requeued_already():
+                raise
+            print("the job is requeued already (scontrol requeue, or a pre-emption, from outside)", flush=True)
+            sys.exit(signals.EXIT_REQUEUE)
+    return requeue
+
+
+def _term_requeues(logs_only, requeue):
+    """SIGTERM's handler for a task that leaves on it: submitit's only logs it, so a `scancel -s TERM` (or any TERM
+    while Slurm keeps the job running) ended the job FAILED with status 75 and cancelled the jobs waiting on it. As the
+    sbatch scripts do, the job requeues then; a TERM of Slurm's own requeue, pre-emption or cancel does not."""
+    def handle(signum, frame):
+        state, restarts = _job_state()
+        if callable(requeue) and state == "RUNNING" and not _restarted(restarts):
+            requeue(signal.SIGUSR2, frame)
+        else:
+            logs_only(signum, frame)
+    return handle
+
+
+def _job_state() -> tuple[str | None, str | None]:
+    """This Slurm job's JobState and Restarts (None, None where scontrol cannot tell)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None, None
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    fields = dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+    return fields.get("JobState"), fields.get("Restarts")
+
+
+def _restarted(restarts: str | None) -> bool:
+    return bool(restarts and restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+
+
+def _requeued_already() -> bool:
+    """Whether Slurm has requeued this job since this start: its Restarts count is ahead of this start's."""
+    return _restarted(_job_state()[1])
 
 
 def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None

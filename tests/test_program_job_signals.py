@@ -1,0 +1,99 @@
+"""Stop signals in the process submitit runs a launch.py job in (slurm/jobs.ProgramJob): from the moment the job is
+unpickled (before submitit installs its own handlers) to the end of the process, after its programs."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, script_env
+
+# What submitit's job wrapper does (submission.process_job), with a fake program and fake submitit handlers: load the
+# pickled job, install the handlers (TERM only logs, USR2 requeues and exits -1), call the job.
+WRAPPER = """
+import os, pickle, signal, sys, time, types
+os.environ.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_NTASKS="1",
+                  SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
+                  SUBMITIT_LOCAL_LOCALID="0")
+from clusterlab.programs import PROGRAMS
+from clusterlab.slurm.jobs import ProgramJob
+PROGRAMS["fake.py"] = types.SimpleNamespace(main=lambda argv: print("program ran", flush=True))
+data = pickle.dumps(ProgramJob([("fake.py", [])]))
+job = pickle.loads(data)
+WHEN = "{when}"
+if WHEN == "start":  # before submitit's handlers are there
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.2)
+def bypass(signum, frame):
+    print("submitit logs", signal.Signals(signum).name, flush=True)
+def requeue(signum, frame):
+    print("submitit requeues", flush=True)
+    sys.exit(-1)
+signal.signal(signal.SIGTERM, bypass)
+signal.signal(signal.SIGUSR2, requeue)
+job()
+if WHEN == "end":  # the job's programs are done: a late TERM (scancel, a pre-emption) while the process ends
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+print("exited normally", flush=True)
+"""
+
+
+def wrapper(when: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-c", WRAPPER.replace("{when}", when)], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_stop_signal_while_the_job_is_unpickled_is_handed_to_submitits_handler():
+    done = wrapper("start")
+    # before: killed by SIGUSR2 (-12), no requeue
+    assert done.returncode == 255, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.splitlines() == ["submitit requeues"]
+
+
+def test_a_job_whose_programs_ended_ignores_a_late_stop_signal():
+    done = wrapper("end")
+    # before: exit 75 ("submitit logs SIGTERM"): Slurm records the job FAILED and cancels the jobs waiting on it
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.splitlines() == ["program ran", "exited normally"]
+
+
+def test_importing_the_job_module_imports_no_torch():
+    """submitit unpickles the job, importing slurm/jobs.py, before any handler is installed: seconds of torch import
+    there were seconds in which a stop signal killed the task."""
+    done = subprocess.run([PYTHON, "-c", "import sys, clusterlab.slurm.jobs; print('torch' in sys.modules)"],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("requeued", [True, False])
+def test_submitits_failed_requeue_of_a_job_slurm_requeued_already_is_a_requeue(monkeypatch, requeued):
+    from clusterlab.slurm import jobs
+
+    def handler(signum, frame):
+        raise subprocess.CalledProcessError(1, ["scontrol", "requeue", "7"])
+
+    monkeypatch.setattr(jobs, "_requeued_already", lambda: requeued)
+    if requeued:
+        with pytest.raises(SystemExit) as stop:
+            jobs._requeue_unless_requeued(handler)(12, None)
+        assert stop.value.code == 75
+    else:
+        with pytest.raises(subprocess.CalledProcessError):
+            jobs._requeue_unless_requeued(handler)(12, None)
+
+
+@pytest.mark.parametrize("state, restarts, expected", [
+    ("RUNNING", "0", "requeue"),      # scancel -s TERM: the job goes on running unless it requeues
+    ("COMPLETING", "1", "bypass"),    # scontrol requeue / pre-emption: Slurm requeues the job itself
+    ("CANCELLED", "0", "bypass"),     # scancel: the job is cancelled, not requeued
+])
+def test_a_term_while_slurm_keeps_the_job_running_requeues_it(monkeypatch, state, restarts, expected):
+    from clusterlab.slurm import jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "_job_state", lambda: (state, restarts))
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    handler = jobs._term_requeues(lambda s, f: calls.append("bypass"), lambda s, f: calls.append("requeue"))
+    handler(15, None)
+    assert calls == [expected]
