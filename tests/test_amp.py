@@ -255,3 +255,39 @@ def test_auto_precision_is_bf16_only_on_cards_with_bf16_arithmetic(capability, e
     assert engine.resolve_precision("auto", torch.device("cuda"), capability) == expected
     assert engine.resolve_precision("auto", torch.device("cpu"), capability) is None
     assert engine.resolve_precision("bf16", torch.device("cuda"), capability) == torch.bfloat16
+
+
+def test_skipped_steps_do_not_carry_over_a_resume_that_changes_the_precision(tmp_path):
+    """8 skipped fp16 steps, then a clean bf16 epoch (no scaler: nothing can be skipped), then fp16 again with a fresh
+    scaler: the 8 old skips belong to another scaler and to steps before a clean epoch, so the resumed fp16 run must
+    skip 32 steps in a row (8 epochs of 4 steps) before it stops, not 24."""
+    torch.set_num_threads(1)
+    first = trainer_for("npid", "fp16", tmp_path)
+    poison_gradients(first, None)
+    for epoch in range(2):
+        first.train_one_epoch(epoch)
+    first.save(2, 0)
+    assert first.skipped_in_a_row == 8
+    clean = trainer_for("npid", "bf16", tmp_path)
+    assert clean.resume() == (2, 0)
+    assert clean.train_one_epoch(2)
+    clean.save(3, 0)
+    assert clean.state_dict(3, 0)["skipped_in_a_row"] == 0, "a bf16 checkpoint records fp16 skips"
+    again = trainer_for("npid", "fp16", tmp_path)
+    assert again.resume() == (3, 0)
+    poison_gradients(again, None)
+    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 10 step 3 "):
+        for epoch in range(3, 20):
+            again.train_one_epoch(epoch)
+
+
+def test_a_resume_without_fp16_starts_no_stale_count(tmp_path):
+    """fp16 -> bf16: the resumed run has no scaler, so it has skipped nothing."""
+    torch.set_num_threads(1)
+    first = trainer_for("npid", "fp16", tmp_path)
+    poison_gradients(first, None)
+    first.train_one_epoch(0)
+    first.save(1, 0)
+    bf16 = trainer_for("npid", "bf16", tmp_path)
+    bf16.resume()
+    assert bf16.skipped_in_a_row == 0

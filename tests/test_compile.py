@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
+from clusterlab.errors import ConfigError
 from conftest import (ONE_EPOCH, PYTHON, ROOT, TWO_EPOCHS, assert_ok, assert_user_error, copy_run, run_script,
                       script_env, step_losses)
+from test_amp import trainer_for
 
 # Per-step losses of the compiled second epoch against the eager one. Both start from the same weights, so the first
 # steps differ only by the rounding of fused kernels (measured: below 4e-6 relative over the first 7 steps with
@@ -60,3 +62,33 @@ def test_compile_is_refused_in_one_line_where_no_compiler_works(tmp_path):
     assert_user_error(result, "main_pretrain.py", "--compile", "does not work on cpu", "no-such-compiler",
                       "run without --compile")
     assert not run_dir.exists()
+
+
+def test_one_value_per_channel_under_dynamo_is_a_config_error(tmp_path, monkeypatch):
+    """What a compiled backbone raises for it (torch 2.14): Dynamo's TorchRuntimeError, a RuntimeError whose text
+    holds batch norm's message. Eager raises a ValueError, which the engine names; this must be named too."""
+    from torch._dynamo.exc import TorchRuntimeError
+
+    trainer = trainer_for("npid", "off", tmp_path)
+
+    def fails(images):
+        raise TorchRuntimeError("RuntimeError when making fake tensor call\n  Explanation: Dynamo failed to run FX "
+                                "node with fake tensors: call_function <function batch_norm>: got ValueError("
+                                "'Expected more than 1 value per channel when training, got input size "
+                                "torch.Size([1, 32, 1, 1])')")
+
+    monkeypatch.setattr(trainer.method.backbone, "forward", fails)
+    with pytest.raises(ConfigError, match="one value per channel"):
+        trainer.train_one_epoch(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_one_value_per_channel_with_a_really_compiled_backbone(tmp_path):
+    torch.set_num_threads(1)
+    trainer = trainer_for("npid", "off", tmp_path)
+    trainer.method.backbone.compile()
+    trainer.batches = type(trainer.batches)(len(trainer.train_set), 1, 1, 0, trainer.args.seed)
+    trainer.args.batch_size = 1
+    with pytest.raises(ConfigError, match="one value per channel"):
+        trainer.train_one_epoch(0)

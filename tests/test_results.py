@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from clusterlab import results
+from clusterlab.methods.cluster_base import pretrained_origin
 from conftest import ROOT, assert_ok, entry_module, run_script, snapshot
 
 
@@ -626,3 +627,26 @@ def test_a_precision_changed_on_resume_files_each_checkpoint_under_the_precision
     assert results.settings_at(settings, changes, (2, 0)) == {"amp": "bf16", "epochs": 3, "resume_changes": "none"}
     assert results.settings_at(settings, changes, (3, 0)) == {**settings,
                                                               "resume_changes": "amp bf16->fp16 at epoch 2 step 0"}
+
+
+
+
+def stage_two(tmp_path: Path, amp: str, precision: str) -> dict:
+    """config.yaml of a scan run whose --pretrained SwAV run had `--amp amp` and ran in `precision`."""
+    first = {"method": "swav", "epoch": 50, "step": 0, "precision": precision,
+             "args": {"method": "swav", "lr": 0.6, "amp": amp, "seed": 0}}
+    origin = pretrained_origin(tmp_path / "swav" / "checkpoint.pth", first)
+    return {"args": {"method": "scan", "lr": 1e-4, "amp": "off", "seed": 1, "pretrained": "runs/swav"},
+            "precision": "float32", "pretrained_from": origin}
+
+
+def test_first_stages_of_one_precision_are_one_recipe(tmp_path):
+    # --amp off and --amp auto both ran float32 on the CPU: the same first stage, as for the run's own --amp
+    assert results.run_settings(stage_two(tmp_path, "off", "float32")) == \
+        results.run_settings(stage_two(tmp_path, "auto", "float32"))
+
+
+def test_first_stages_of_other_precisions_are_other_recipes(tmp_path):
+    # --amp auto ran bf16 on an Ampere card and float32 on the CPU: different first stages
+    assert results.run_settings(stage_two(tmp_path, "auto", "bf16")) != \
+        results.run_settings(stage_two(tmp_path, "auto", "float32"))

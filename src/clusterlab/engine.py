@@ -210,8 +210,9 @@ class Trainer:
                 # torch takes every group setting from the checkpoint: the command's flags (weight decay, momentum,
                 # LARS trust...) may change on resume and config.yaml records them, so they are what trains on.
                 group.update(command_settings)
+            # (empty: trained without fp16; --amp may change on resume, and the scaler then starts afresh)
+            scaler_resumed = bool(state["scaler"]) and self.scaler.is_enabled()
             if state["scaler"] or not self.scaler.is_enabled():
-                # (empty: trained without fp16; --amp may change on resume, and the scaler then starts afresh)
                 self.scaler.load_state_dict(state["scaler"])
             self.method.load_extra_state(state["method_state"])
             self.method.load_random_state(state["method_random"])
@@ -224,7 +225,9 @@ class Trainer:
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
         self.trained_by = starts_of(self.run_dir, state)
-        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        # The steps skipped in a row belong to the scaler that skipped them: a fresh scaler (the checkpoint trained
+        # without fp16) or none (this start trains without fp16) starts the count again.
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0) if scaler_resumed else 0
         # the files of the epoch under way met before the stop count towards its limit and its logged count
         self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
         if distributed.rank() == 0:
@@ -339,9 +342,11 @@ class Trainer:
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 loss, terms = self.model(inputs, batch, progress)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             # Batch norm's refusal of one value per channel (one image per process where nothing stacks crops or
             # keeps a spatial map) depends on the method and the crop sizes, so it is named here, not refused ahead.
+            # Eager batch norm raises a ValueError; under --compile, Dynamo meets it while tracing and raises its
+            # TorchRuntimeError (a RuntimeError) with torch's message inside.
             if ONE_VALUE_PER_CHANNEL not in str(err):
                 raise
             raise ConfigError(f"--batch_size {self.args.batch_size}: a batch norm of the model sees one value per "

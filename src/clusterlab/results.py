@@ -188,6 +188,8 @@ def run_settings(run_config: dict | None) -> dict | None:
         origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
         settings.update({prefix + key: value for key, value in origin_args.items()
                          if key not in NOT_SETTINGS and key != "method"})
+        if prefix + "amp" in settings and isinstance(origin.get("precision"), str):
+            settings[prefix + "amp"] = origin["precision"]  # as the run's own amp: the precision that ran
         origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
     return settings
 

@@ -164,7 +164,8 @@ def pretrained_origin(path: Path, state: dict) -> dict:
     and mark a run whose first stage was trained by changed code (`trained_by`, the git states of its starts)."""
     method_state = state.get("method_state")
     return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
-            "step": state.get("step", 0), "args": state.get("args"), "trained_by": starts_of(Path(path).parent, state),
+            "step": state.get("step", 0), "args": state.get("args"), "precision": state.get("precision"),
+            "trained_by": starts_of(Path(path).parent, state),
             "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 
 
