@@ -15,6 +15,7 @@ import torch.nn as nn
 from clusterlab import distributed, engine
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
 from clusterlab.methods import DataInfo
+from clusterlab.methods.base import Batch, Progress
 
 from clusterlab.programs import eval_linear
 
@@ -50,6 +51,22 @@ def test_linear_probe_learns_linearly_separable_features(tmp_path):
     with torch.no_grad():
         accuracy = topk_accuracy(probe.head(test_x), test_y)
     assert accuracy["top1"] >= 0.99, accuracy
+
+
+def test_the_probe_classifies_in_float32_under_amp(tmp_path):
+    """--amp puts the frozen backbone in bf16 or fp16; the classifier and its loss stay float32, as every method's
+    heads do (in bf16 the logits would lose all but 8 bits)."""
+    features, labels = separable(8, 5, 16, seed=0)
+    args = eval_linear.get_args_parser().parse_args(["--device", "cpu"])
+    info = DataInfo(channels=1, image_size=1, num_samples=len(labels), num_classes=5, mean=(0.0,), std=(1.0,))
+    probe = LinearProbe(args, nn.Identity(), info, 16, 5, 1, cached=True, device=torch.device("cpu"))
+    nn.init.normal_(probe.head.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    batch = Batch(features, labels, torch.arange(len(labels)), len(labels), 0)
+    exact, _ = probe(features, batch, Progress(0, 0, 0, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp, _ = probe(features, batch, Progress(0, 0, 0, 1))
+    assert under_amp.dtype == torch.float32
+    assert torch.equal(under_amp, exact)
 
 
 def test_cached_and_augmented_protocols_write_distinct_records(tmp_path):

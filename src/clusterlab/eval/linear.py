@@ -70,7 +70,8 @@ class LinearProbe(Method):
         if not self.cached:
             with torch.no_grad():
                 inputs = self.backbone(inputs)
-        loss = F.cross_entropy(self.head(inputs.float()), batch.labels)
+        with torch.autocast(inputs.device.type, enabled=False):  # the classifier in float32, as every method's heads
+            loss = F.cross_entropy(self.head(inputs.float()), batch.labels)
         return loss, {"ce": loss.detach()}
 
     def state_dict(self, *args, **kwargs):
