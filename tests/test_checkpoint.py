@@ -13,7 +13,7 @@ import torch
 from clusterlab import checkpoint
 from clusterlab.errors import CheckpointError
 from clusterlab.eval.features import load_run
-from conftest import copy_run
+from conftest import assert_user_error, copy_run, run_script
 
 STATE = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "step": 0, "names": ["a", "b"]}
 
@@ -224,3 +224,23 @@ def test_weights_that_are_not_finite_are_refused_for_evaluation_and_as_a_first_s
     with pytest.raises(CheckpointError, match=words):
         read_pretrained(str(run / "checkpoint.pth"))
     assert load_run(run, "checkpoint_ep0001.pth", torch.device("cpu")).epoch == 1
+
+
+def test_finite_weights_whose_features_overflow_are_refused_by_every_evaluation(tiny_run, tmp_path):
+    """What a diverging run keeps as its last good checkpoint: finite weights (batch-norm scales of 1e20 here, below
+    float32's 3.4e38) whose eval-mode outputs overflow. eval_knn recorded chance (top-5 below top-1), eval_cluster
+    failed inside k-means with scikit-learn's traceback. Refused on one line; nothing is recorded."""
+    run = copy_run(tiny_run, tmp_path / "diverged")
+    state = checkpoint.load(run / "checkpoint.pth")
+    scales = [name for name in state["model"] if name.startswith("backbone.") and name.endswith("bn1.weight")]
+    assert len(scales) >= 2
+    for name in scales:
+        state["model"][name].mul_(1e20)
+    checkpoint.save(state, run / "checkpoint.pth", kind="pretrain", method="swav")
+    records = run / "metrics.jsonl"
+    before = records.read_text() if records.exists() else None
+    for script, flags in (("eval_knn.py", ["--k", "20"]), ("eval_cluster.py", []),
+                          ("eval_linear.py", ["--epochs", "1", "--cached_features", "true"])):
+        result = run_script(script, "--run", run, "--device", "cpu", *flags)
+        assert_user_error(result, script, "non-finite", "checkpoint.pth", "evaluate an earlier checkpoint")
+    assert (records.read_text() if records.exists() else None) == before

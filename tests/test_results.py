@@ -650,3 +650,48 @@ def test_first_stages_of_other_precisions_are_other_recipes(tmp_path):
     # --amp auto ran bf16 on an Ampere card and float32 on the CPU: different first stages
     assert results.run_settings(stage_two(tmp_path, "auto", "bf16")) != \
         results.run_settings(stage_two(tmp_path, "auto", "float32"))
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_plot_lines_follow_the_runs_recipe_not_the_rows_recipe_column(tmp_path, monkeypatch):
+    """Runs a and b (epochs=3) at epochs 1 and 3, run c (epochs=200) at epochs 1 and 28: the epoch-1 row is split by
+    recipe, the others are not. Each recipe is one line: a and b's epochs 1 and 3, c's epochs 1 and 28."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append((kw["label"], list(x), list(y))))
+    root = tmp_path / "runs"
+    for name, seed, epochs, points in (("a", 0, 3, [(1, 0.40), (3, 0.50)]), ("b", 1, 3, [(1, 0.40), (3, 0.50)]),
+                                       ("c", 0, 200, [(1, 0.10), (28, 0.20)])):
+        write_jsonl(root / name / "metrics.jsonl",
+                    [{**record(seed, dataset="cifar10", epoch=epoch, run=name, acc=acc), **CLEAN}
+                     for epoch, acc in points])
+        config = {"program": "main_pretrain.py", "args": {**SWAV_ARGS, "seed": seed, "epochs": epochs}, **CLEAN}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    results.plot_against_epochs(table, tmp_path, "cifar10")
+    assert sorted((x, y) for _, x, y in drawn) == [([1, 3], [40.0, 50.0]), ([1, 28], [10.0, 20.0])]
+    assert sorted(label for label, _, _ in drawn) == ["swav cluster epochs=200", "swav cluster epochs=3"]
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_plot_legend_names_only_the_protocol_parts_that_differ(tmp_path, monkeypatch):
+    """Image-folder records (README: `eval_knn.py --k 20 200` on two folders): each line's label was the whole
+    protocol, some 170 characters, and the legend squeezed the axes off the figure."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append(kw["label"]))
+    protocol = {"temperature": 0.1, "features": "backbone", "train_features": "recomputed", "fit_on": "train",
+                "selection": "last", "top5": "voted", "scored_images": 10000, "eval_resize": 20, "eval_crop": 20}
+    records = [{**record(0, epoch=120, eval_kind="knn", run=f"{data}_{k}", top1=0.8),
+                "protocol": {**protocol, "k": k, "data": data, "train_images": size}}
+               for data, size in (("fm_4000", 4000), ("fm_8000", 8000)) for k in (20, 200)]
+    table = results.aggregate(results.records_frame(records))
+    results.plot_against_epochs(table, tmp_path, "imagefolder")
+    assert sorted(drawn) == ["swav knn data=fm_4000 k=20 train_images=4000",
+                             "swav knn data=fm_4000 k=200 train_images=4000",
+                             "swav knn data=fm_8000 k=20 train_images=8000",
+                             "swav knn data=fm_8000 k=200 train_images=8000"]

@@ -337,6 +337,9 @@ def latest_records(frame):
     return frame.drop_duplicates(subset=[c for c in (*DUPLICATE_COLUMNS, "protocol") if c in frame], keep="last")
 
 
+SETTINGS_KEY = "settings_key"  # a column of `aggregate`'s table that only the plots read (not in the CSV)
+
+
 def aggregate(frame):
     """Mean, std and n over seeds for every (dataset, method, backbone, epoch, eval, protocol) group of records
     whose runs share their training settings. A group whose runs were trained with different settings is split
@@ -390,9 +393,25 @@ def aggregate(frame):
         out = grouped.size().to_frame("n")
     if "revision" in filled:
         out["revision"] = grouped["revision"].agg(lambda states: max(states, key=REVISIONS.index))
+    if "settings" in filled:
+        # The training settings of the row's runs (shared, or the row would be split by recipe), for the plots: a
+        # row's `recipe` is empty when its own group needs none, so it cannot tell which rows of other epochs come
+        # from the same runs' recipe.
+        out[SETTINGS_KEY] = grouped["settings"].agg(lambda values: _settings_key(values.iloc[0]))
     if mid_run.any():
         out["mid_run"] = grouped["mid_run"].any()
     return out.reset_index()
+
+
+def _settings_key(settings) -> str:
+    return "" if not isinstance(settings, dict) else json.dumps(settings, sort_keys=True, default=str)
+
+
+def _distinct_parts(protocols: list[str]) -> dict[str, str]:
+    """Each protocol label without the parts that every one of `protocols` shares."""
+    parts = {protocol: protocol.split(" ") for protocol in protocols}
+    shared = set.intersection(*(set(words) for words in parts.values())) if len(parts) > 1 else set()
+    return {protocol: " ".join(word for word in words if word not in shared) for protocol, words in parts.items()}
 
 
 def _row_name(key: tuple) -> str:
@@ -532,21 +551,43 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         column = f"{metric}_mean"
         if column not in numeric or numeric[column].notna().sum() == 0:
             continue
-        figure, axes = plt.subplots(figsize=(6, 4))
         drawn = numeric[numeric[column].notna()]
         several_backbones = drawn["backbone"].nunique() > 1
         protocols = drawn.groupby(["method", "eval"])["protocol"].nunique()
-        lines = ["method", "backbone", "eval", "protocol", *(["recipe"] if "recipe" in numeric else [])]
-        for (method, backbone, kind, protocol, *recipe), rows in drawn.groupby(lines):
+        # A line per recipe: the runs' own settings, not the table's `recipe` column, which names a recipe only in
+        # the rows whose epoch has runs of several; lines of runs of other recipes joined each other, and one
+        # recipe's epochs were split over two lines.
+        by_recipe = SETTINGS_KEY in drawn
+        if by_recipe:
+            drawn = drawn.assign(**{SETTINGS_KEY: drawn[SETTINGS_KEY].fillna("")})
+        lines = ["method", "backbone", "eval", "protocol", *([SETTINGS_KEY] if by_recipe else
+                                                             ["recipe"] if "recipe" in numeric else [])]
+        recipe_names = {}  # (method, backbone, eval, protocol, settings key): the flags that tell it from the others
+        if by_recipe:
+            for group, same in drawn.groupby(lines[:4]):
+                keys = sorted(set(same[SETTINGS_KEY]))
+                labels = recipe_labels([json.loads(key) if key else None for key in keys]) or [""] * len(keys)
+                recipe_names.update({(*group, key): label for key, label in zip(keys, labels)})
+        # Of a protocol, the parts that tell it from the method's other protocols (`data=fm_4000 k=20`): an image
+        # folder's whole protocol is some 170 characters, and the legend of such labels squeezed the axes away.
+        distinct = {}
+        for (method, kind), same in drawn.groupby(["method", "eval"]):
+            distinct.update({(method, kind, protocol): part
+                             for protocol, part in _distinct_parts(sorted(set(same["protocol"]))).items()})
+        groups = list(drawn.groupby(lines))
+        # the legend below the axes, a row per line: inside them it covered the points
+        figure, axes = plt.subplots(figsize=(6, 4 + 0.17 * len(groups)), layout="constrained")
+        for (method, backbone, kind, protocol, *recipe), rows in groups:
             rows = rows.sort_values("epoch")
+            if by_recipe:
+                recipe = [recipe_names.get((method, backbone, kind, protocol, *recipe), "")]
             label = " ".join([method, *([backbone] if several_backbones else []), kind,
-                              *([protocol] if protocols[(method, kind)] > 1 else []),
+                              *([distinct[(method, kind, protocol)]] if protocols[(method, kind)] > 1 else []),
                               *(r for r in recipe if isinstance(r, str) and r)])
             axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
                           label=label, capsize=2)
         axes.set_xlabel("epochs")
         axes.set_ylabel(f"{metric} (%)")
         axes.set_title(f"{dataset}: {metric}")
-        axes.legend(fontsize=7)
-        figure.tight_layout()
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
         save_png(figure, Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)

@@ -176,6 +176,21 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     return distributed.all_gather_uneven(local)
 
 
+def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images: ImageSet) -> torch.Tensor:
+    """`features`, or a CheckpointError when any of them is NaN or infinite. Finite weights (all that
+    checkpoint.require_finite_weights can check) may still overflow in the forward pass: a run that diverged keeps,
+    as its last good checkpoint, weights and batch-norm statistics of 1e5 to 1e13, whose eval-mode outputs are inf,
+    then NaN once normalised. kNN then scored chance (top-5 below top-1) and k-means failed with scikit-learn's
+    traceback. Every rank holds the gathered features, so every rank raises."""
+    finite = torch.isfinite(features).all(dim=1) if features.dim() > 1 else torch.isfinite(features)
+    if not bool(finite.all()):
+        raise CheckpointError(f"checkpoint {loaded.checkpoint_name!r} of run {str(loaded.run_dir)!r} gives "
+                              f"non-finite {what} for {int((~finite).sum())} of {len(finite)} {images.split} images "
+                              f"(its weights are finite but overflow: the run diverged); evaluate an earlier "
+                              f"checkpoint (--checkpoint checkpoint_epNNNN.pth)")
+    return features
+
+
 def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, default_crop: int) -> dict:
     """What a metrics record's protocol says about the data and the test view.
 
@@ -225,7 +240,8 @@ class Evaluation:
         method = self.loaded.method
         fn = method.features if kind == "backbone" else method.embedding
         info = method.info
-        return extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers, normalize)
+        return require_finite(extract(fn, images, method.eval_view, info.mean, info.std, device, batch_size, workers,
+                                      normalize), self.loaded, f"{kind} features", images)
 
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
         return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,

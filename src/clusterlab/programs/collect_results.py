@@ -101,7 +101,8 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         print(f"\n## {dataset}\n\n{markdown}")
         sections.append((dataset, markdown))
         # A name read from the file system (a run's checkpoint path) may hold bytes that are not UTF-8.
-        table.to_csv(out / f"{dataset}.csv", index=False, errors="backslashreplace")
+        table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(out / f"{dataset}.csv", index=False,
+                                                                             errors="backslashreplace")
         (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n", errors="backslashreplace")
         (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True), errors="backslashreplace")
         if plots:

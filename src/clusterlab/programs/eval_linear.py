@@ -21,8 +21,8 @@ import torch
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import ConfigError
-from ..eval.features import (extract, foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
-                             requested_record)
+from ..eval.features import (extract, foreign_checkpoint_tag, open_evaluation, require_finite,
+                             requested_checkpoint_name, requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -110,8 +110,8 @@ def main(argv=None):
     info, size = method.info, method.eval_size
 
     def backbone_features(images):
-        return extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512, args.workers,
-                       normalize=False)
+        return require_finite(extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512,
+                                      args.workers, normalize=False), loaded, "backbone features", images)
 
     test_features = backbone_features(evaluation.test_set)
     train_set = evaluation.train_set
