@@ -477,7 +477,7 @@ def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(t
     legends = {}
 
     def save_png(figure, path, **kwargs):
-        legends[Path(path).name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        legends[Path(path).name] = [text.get_text() for text in figure.legends[0].get_texts()]
 
     monkeypatch.setattr(plots, "save_png", save_png)
     entry_module("collect_results").main(["--root", str(root), "--out", str(out), "--published", "",

@@ -575,19 +575,20 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
             distinct.update({(method, kind, protocol): part
                              for protocol, part in _distinct_parts(sorted(set(same["protocol"]))).items()})
         groups = list(drawn.groupby(lines))
-        # the legend below the axes, a row per line: inside them it covered the points
-        figure, axes = plt.subplots(figsize=(6, 4 + 0.17 * len(groups)), layout="constrained")
-        for (method, backbone, kind, protocol, *recipe), rows in groups:
+        # the legend below the axes, a row per line (inside them it covered the points); past the colour cycle's 10
+        # lines the markers tell lines of one colour apart
+        figure, axes = plt.subplots(figsize=(6, 4 + 0.16 * len(groups)), layout="constrained")
+        for number, ((method, backbone, kind, protocol, *recipe), rows) in enumerate(groups):
             rows = rows.sort_values("epoch")
             if by_recipe:
                 recipe = [recipe_names.get((method, backbone, kind, protocol, *recipe), "")]
             label = " ".join([method, *([backbone] if several_backbones else []), kind,
                               *([distinct[(method, kind, protocol)]] if protocols[(method, kind)] > 1 else []),
                               *(r for r in recipe if isinstance(r, str) and r)])
-            axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0), marker="o",
-                          label=label, capsize=2)
+            axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0),
+                          marker="os^Dv"[number // 10 % 5], label=label, capsize=2)
         axes.set_xlabel("epochs")
         axes.set_ylabel(f"{metric} (%)")
         axes.set_title(f"{dataset}: {metric}")
-        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        figure.legend(fontsize=7, loc="outside lower center")
         save_png(figure, Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)
