@@ -51,6 +51,7 @@ from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
+from .results import NOT_SETTINGS
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel"  # torch's batch-norm error in training mode
@@ -176,7 +177,7 @@ class Trainer:
                 "trained_by": list(self.trained_by), "resume_changes": list(self.resume_changes),
                 "precision": self.precision,
                 "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0,
-                "skipped_in_a_row": self.skipped_in_a_row}
+                "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -245,6 +246,32 @@ class Trainer:
         after = {key: _plain(getattr(self.args, key)) for key in changed}
         if changed:
             self.resume_notes.append(self.schedule_change(state["args"], changed))
+        # Every other flag that shapes what the run learns (a loss temperature, a queue, an augmentation range,
+        # sync_bn...) may change too, but not silently: config.yaml's args are the last start's, so without a
+        # record the tables would file the epochs trained before under the new values.
+        others = [key for key in state["args"] if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS)
+                  and key in vars(self.args) and _plain(state["args"][key]) != _plain(getattr(self.args, key))]
+        if others:
+            before.update({key: _plain(state["args"][key]) for key in others})
+            after.update({key: _plain(getattr(self.args, key)) for key in others})
+            flags = ", ".join(f"--{key} {_flag_value(state['args'][key])} -> {_flag_value(getattr(self.args, key))}"
+                              for key in others)
+            self.resume_notes.append(f"flags changed on resume ({flags}): the run goes on with the new values from "
+                                     f"epoch {self.position[0]} step {self.position[1]}; config.yaml and the tables "
+                                     f"record the change")
+        saved_world = state.get("world_size")
+        if saved_world is not None and saved_world != self.ctx.world_size:
+            # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
+            # number of processes is part of what is trained, and a change of it must not pass unseen.
+            depends = ("unmix" if self.args.method == "unmix" else
+                       "--sync_bn false" if not self.args.sync_bn and max(saved_world, self.ctx.world_size) > 1
+                       else None)
+            if depends:
+                before["world_size"], after["world_size"] = saved_world, self.ctx.world_size
+            self.resume_notes.append(
+                f"resumed on {self.ctx.world_size} process(es); the checkpoint was written by {saved_world}"
+                + (f": with {depends} the steps depend on the number of processes, config.yaml and the tables "
+                   f"record the change" if depends else " (the global batch and its samples stay the same)"))
         if state.get("precision", self.precision) != self.precision:
             # as the tables compare runs: amp by the precision that ran (--amp auto differs between devices)
             before["amp"], after["amp"] = state["precision"], self.precision

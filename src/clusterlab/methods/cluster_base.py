@@ -99,8 +99,14 @@ class ClusterMethod(Method):
             rows = rows[None]
         if len(rows) == distributed.world_size():
             mine = rows[distributed.rank()]
-        elif distributed.rank() == 0:  # another number of processes: rank 0 carries the whole epoch so far
-            mine = rows.sum(dim=0)
+        elif distributed.rank() == 0:
+            # Another number of processes: rank 0 carries the whole epoch so far, rescaled to the new world size.
+            # Every step adds one row per rank (a rank's mean loss and a count of 1), so the saved rows hold each
+            # step W_saved times and the steps to come will add W_now rows each: unscaled, the steps before the
+            # stop would weigh W_saved / W_now times as much as those after it in the epoch's means.
+            scale = distributed.world_size() / len(rows)
+            mine = rows.sum(dim=0) * scale
+            mine[-1] = round(float(rows[:, -1].sum()) * scale)
         else:
             return
         self._loss_sums, self._loss_count = mine[:-1].to(self.device), int(mine[-1])

@@ -224,5 +224,10 @@ class SelfClassifier(ClusterMethod):
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
-        if self.queue is not None and state.get("queue") is not None:
-            self.queue.load_state_dict(state["queue"])
+        saved = state.get("queue")
+        if saved is not None and self.queue is None:
+            # (the queue would be dropped without a word, and with it the nearest neighbours that replace view 1)
+            raise ValueError(f"its nearest-neighbour queue holds {saved['embeddings'].shape[0]} embeddings, this "
+                             f"command has --queue_length 0")
+        if self.queue is not None and saved is not None:
+            self.queue.load_state_dict(saved)

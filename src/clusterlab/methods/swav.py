@@ -141,6 +141,9 @@ class SwAV(Method):
     def load_extra_state(self, state: dict) -> None:
         if state.get("queue") is not None:
             args = self.args
+            if not args.queue_length:  # (else refused as "--queue_length 0 must be a positive multiple ...")
+                raise ValueError(f"its queue holds {state['queue']['embeddings'].shape[1]} embeddings per crop, this "
+                                 f"command has --queue_length 0")
             self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length,
                                         self.prototypes.weight.shape[1], args.batch_size, distributed.world_size(),
                                         self.device)

@@ -1,0 +1,74 @@
+"""A resume under changed flags: those outside the run-defining keys may change, but never silently, and method state
+the checkpoint holds is never dropped without a word."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterlab import distributed, engine
+from clusterlab.data import load
+from clusterlab.errors import CheckpointError
+from clusterlab.methods import METHODS, DataInfo
+from clusterlab.programs.train import parse_args
+from conftest import TINY, assert_ok, run_script
+
+SWAV = [*TINY, "--epochs", "1", "--batch_size", "32", "--queue_length", "64", "--epoch_queue_starts", "0"]
+SELFCLASSIFIER = ["--method", "selfclassifier", "--dataset", "digits", "--width", "4", "--batch_size", "32",
+                  "--size_crops", "8", "--epochs", "1", "--head_classes", "10", "--hidden_dim", "32", "--embed_dim",
+                  "16", "--queue_length", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_flags")
+    assert_ok(run_script("main_pretrain.py", *SWAV, "--output_dir", root / "swav"))
+    assert_ok(run_script("main_cluster.py", *SELFCLASSIFIER, "--output_dir", root / "selfclassifier"))
+    return root
+
+
+def resumed(kind: str, flags: list, run_dir) -> engine.Trainer:
+    args = parse_args(kind, [*map(str, flags), "--output_dir", str(run_dir)])
+    train = load("digits", "train")
+    trainer = engine.Trainer(METHODS[args.method](args, DataInfo.of(train), torch.device("cpu")), args,
+                             distributed.init("cpu"), run_dir, train, kind=kind)
+    trainer.resume()
+    return trainer
+
+
+def test_a_changed_loss_flag_is_said_and_recorded(runs):
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "2", "--temperature", "0.5", "--epsilon", "0.05"],
+                      runs / "swav")
+    assert any("--temperature 0.1 -> 0.5, --epsilon 0.02 -> 0.05" in note for note in trainer.resume_notes), \
+        trainer.resume_notes
+    assert trainer.resume_changes[-1]["before"] == {"epochs": 1, "temperature": 0.1, "epsilon": 0.02}
+    assert trainer.resume_changes[-1]["after"] == {"epochs": 2, "temperature": 0.5, "epsilon": 0.05}
+
+
+def test_flags_that_change_nothing_learnt_are_not_reported(runs):
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "2", "--log_every", "3", "--workers", "0"], runs / "swav")
+    assert trainer.resume_changes[-1]["before"] == {"epochs": 1}
+
+
+@pytest.mark.parametrize("kind, flags, run", [("pretrain", SWAV, "swav"),
+                                              ("cluster", SELFCLASSIFIER, "selfclassifier")])
+def test_a_queue_the_checkpoint_holds_is_not_dropped(runs, kind, flags, run):
+    with pytest.raises(CheckpointError, match=r"holds 64 embeddings.*--queue_length 0"):
+        resumed(kind, [*flags, "--epochs", "2", "--queue_length", "0"], runs / run)
+
+
+@pytest.mark.parametrize("sync_bn, recorded", [("true", False), ("false", True)])
+def test_a_resume_on_another_number_of_processes_is_said(runs, tmp_path, sync_bn, recorded):
+    """The checkpoint keeps the world size that wrote it; a resume on another one says so, and records it where the
+    steps depend on it (local batch norm, Un-Mix's per-rank pairs)."""
+    from clusterlab import checkpoint
+    from conftest import copy_run
+
+    run_dir = copy_run(runs / "swav", tmp_path / "run")
+    state = checkpoint.load(run_dir / "checkpoint.pth")
+    state["world_size"], state["args"]["sync_bn"] = 2, sync_bn == "true"
+    tags = ("format", "schema", "kind", "method")
+    checkpoint.save({k: v for k, v in state.items() if k not in tags}, run_dir / "checkpoint.pth", kind="pretrain",
+                    method="swav")
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "2", "--sync_bn", sync_bn], run_dir)
+    assert any("resumed on 1 process(es); the checkpoint was written by 2" in note for note in trainer.resume_notes)
+    assert ("world_size" in trainer.resume_changes[-1]["before"]) == recorded
