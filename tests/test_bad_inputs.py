@@ -131,6 +131,11 @@ CASES = [
     ("launch.py", lambda t: grid(t, eval_resources={"gpus_per_node": 4, "tasks_per_node": 1}),
      ["eval_resources.tasks_per_node = 1 with eval_resources.gpus_per_node = 4", "tasks_per_node: 4"],
      "eval-resources-idle-gpus"),
+    ("launch.py", lambda t: grid(t, resources={"timeout_min": 2, "signal_delay_s": 120}),
+     ["resources.signal_delay_s = 120", "below resources.timeout_min x 60 = 120 s"], "resources-signal-at-start"),
+    ("launch.py", lambda t: grid(t, eval_resources={"timeout_min": 1}),
+     ["eval_resources.signal_delay_s = 120", "below eval_resources.timeout_min x 60 = 60 s"],
+     "eval-resources-signal-at-start"),
     # grids: a run's directory comes from output_root
     ("launch.py", lambda t: grid(t, flags={"output_dir": "/tmp/x"}), ["`output_dir` in flags", "output_root"],
      "grid-flags-output-dir"),

@@ -146,6 +146,11 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
                 _fail(path, f"{label}.{key} = {value!r} must be an integer >= {RESOURCE_MINIMUM[key]}")
         elif value is not None and not (isinstance(value, str) and SLURM_WORD.fullmatch(value)):
             _fail(path, f"{label}.{key} = {value!r} must be a Slurm name (letters, digits and _.,:&|!*()[]-)")
+    if resources["signal_delay_s"] >= 60 * resources["timeout_min"]:
+        # Slurm would send the time-limit signal as soon as the job starts: every start would save and requeue at
+        # once, until the requeues run out.
+        _fail(path, f"{label}.signal_delay_s = {resources['signal_delay_s']} must be below {label}.timeout_min x 60 = "
+                    f"{60 * resources['timeout_min']} s (the time-limit signal comes signal_delay_s before the limit)")
     tasks, gpus = resources["tasks_per_node"], resources["gpus_per_node"]
     if tasks == 0:
         resources["tasks_per_node"] = max(1, gpus)
