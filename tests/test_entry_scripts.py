@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
+import fabricate
 from clusterlab import results
 from clusterlab.data import registry
 from clusterlab.data.augment import eval_view
@@ -301,9 +302,11 @@ def test_requested_record_names_an_image_folders_view_as_its_records_do(tmp_path
              "data_info": {"image_size": 16}, "epoch": 3, "step": 0}
     monkeypatch.setattr(features.checkpoint, "load", lambda path, **kwargs: saved)
     (tmp_path / "config.yaml").write_text("args:\n  dataset: imagefolder\n")
+    fabricate.make_mixed_imagefolder(tmp_path / "imgs", n_per_class=2, classes=2)
+    sizes = dict(zip(("train_images", "scored_images"), registry.imagefolder_sizes(tmp_path / "imgs")))
     base = {"k": 5}
-    folder_default = {**base, "data": "imgs", "eval_crop": 12, "eval_resize": 14}
-    folder_other = {**base, "data": "imgs", "eval_crop": 10, "eval_resize": 14}
+    folder_default = {**base, "data": "imgs", **sizes, "eval_crop": 12, "eval_resize": 14}
+    folder_other = {**base, "data": "imgs", **sizes, "eval_crop": 10, "eval_resize": 14}
 
     def skipped(record_protocol, dataset="imagefolder", position=None, **flags):
         run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
@@ -323,12 +326,13 @@ def test_requested_record_names_an_image_folders_view_as_its_records_do(tmp_path
     assert skipped(folder_default) and skipped(folder_default, eval_crop=12)
     assert not skipped(folder_default, dataset="digits")
     assert not skipped({**folder_default, "data": "other"})  # another folder, named by --data_path
+    assert not skipped({**folder_default, "scored_images": sizes["scored_images"] + 1})  # an image removed since
     assert not skipped(folder_default, eval_crop=10) and skipped(folder_other, eval_crop=10)
     assert not skipped(folder_other) and not skipped(folder_default, eval_resize=16)
     assert skipped(base) and skipped({**base, "eval_crop": 10}, eval_crop=10)  # in-memory records
     assert not skipped({**base, "eval_crop": 10}) and not skipped(base, eval_crop=10)
     saved["args"].update(size_crops=[0], eval_resize=0)  # the test view is then the images' (nominal) size, whole
-    assert skipped({**base, "data": "imgs", "eval_crop": 16, "eval_resize": 16})
+    assert skipped({**base, "data": "imgs", **sizes, "eval_crop": 16, "eval_resize": 16})
     assert not skipped(folder_default)
     assert skipped(base, position="unnamed step") and not skipped(base, position=(2, 0))
     saved["step"] = 5  # a checkpoint a stop signal saved mid-epoch: not the end of epoch 3 recorded before

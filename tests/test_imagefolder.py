@@ -253,9 +253,21 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
     for key in ("model", "optimizer", "method_state", "method_random", "rng", "epoch", "step", "global_step"):
         assert_same_tensors(ours[key], theirs[key], key)
     # The evaluation's view (resize then centre crop of the 12-pixel training crop) is in its record's protocol.
-    assert_ok(run_script("eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"))
+    knn = ["eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"]
+    assert_ok(run_script(*knn))
     (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
+    # --skip_recorded takes that record while the folder holds the images it was measured on, and not once one of
+    # them is gone (it skipped then, and the table kept the number of the folder as it was)
+    skipped = run_script(*knn, "--skip_recorded", "true")
+    assert_ok(skipped)
+    assert "already recorded" in skipped.stdout
+    sorted((tmp_path / "data" / "val").glob("*/*"))[0].unlink()
+    evaluated = run_script(*knn, "--skip_recorded", "true")
+    assert_ok(evaluated)
+    assert "already recorded" not in evaluated.stdout
+    scored = [json.loads(line)["protocol"]["scored_images"] for line in (reference / "metrics.jsonl").open()]
+    assert scored == [scored[0], scored[0] - 1]
 
 
 FAIL_AT_STEP_2 = """

@@ -365,7 +365,8 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     return files, labels
 
 
-def load_imagefolder(path: Path, split: str) -> ImageSet:
+def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], list[str], list[int]]:
+    """An image folder's classes, its training files, and `split`'s files and labels: listed, not read."""
     train_root, test_root = _folder_split(path, "train"), _folder_split(path, "test")
     if train_root is None or (split == "test" and test_root is None):
         names = "train" if train_root is None else "val or test"
@@ -382,7 +383,18 @@ def load_imagefolder(path: Path, split: str) -> ImageSet:
                         f"extra: {_named(extra) or 'none'}); both need the same class sub-folders")
     train_files, train_labels = _list_images(train_root, classes)
     files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
-    channels, image_size, mean, std = _folder_statistics(train_files, train_root)
+    return classes, train_files, files, labels
+
+
+def imagefolder_sizes(path: Path) -> tuple[int, int]:
+    """How many images an image folder's training and test splits hold (listed, not read), as records count them."""
+    _, train_files, test_files, _ = _imagefolder_lists(path, "test")
+    return len(train_files), len(test_files)
+
+
+def load_imagefolder(path: Path, split: str) -> ImageSet:
+    classes, train_files, files, labels = _imagefolder_lists(path, split)
+    channels, image_size, mean, std = _folder_statistics(train_files, _folder_split(path, "train"))
     return ImageSet(name="imagefolder", split=split, labels=torch.tensor(labels, dtype=torch.long),
                     num_classes=len(classes), channels=channels, image_size=image_size, mean=mean, std=std,
                     class_names=classes, files=files, folder=str(path))

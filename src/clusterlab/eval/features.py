@@ -14,7 +14,7 @@ from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, resized
-from ..data.registry import resolve_path
+from ..data.registry import imagefolder_sizes, resolve_path
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
@@ -58,8 +58,9 @@ def requested_record(args: argparse.Namespace) -> Wanted:
     """What a record must name to stand for the evaluation of --run asked for, for --skip_recorded before the run is
     opened: the run's dataset, its checkpoint's (epoch, step), and the test view in each form a record may name it
     (see `data_protocol`): --eval_crop / --eval_resize where given, else the run's own view. An in-memory set's
-    record names no view at the run's default crop, else its `eval_crop`; an image folder's names `eval_crop` and
-    `eval_resize`, and no view named marks an in-memory record. The flags come from the run's config and its
+    record names no view at the run's default crop, else its `eval_crop`; an image folder's names `eval_crop`,
+    `eval_resize` and how many images the folder's splits hold (listed now, not read), and no view named marks an
+    in-memory record. The flags come from the run's config and its
     checkpoint (memory-mapped: only what is read is loaded). No view at all (nothing then stands for it) when
     --skip_recorded does not apply, or when the run cannot be read (the evaluation then says why)."""
     if not (args.skip_recorded and args.run):
@@ -72,13 +73,17 @@ def requested_record(args: argparse.Namespace) -> Wanted:
                                       int(state["data_info"]["image_size"]))
         resize = args.eval_resize or int(recorded.get("eval_resize") or 0)
         dataset = str(recorded["dataset"])
-        folder = folder_name(resolve_path(dataset, recorded.get("data_path")))  # as data_protocol names it
+        path = resolve_path(dataset, recorded.get("data_path"))
+        # as data_protocol names an image folder: a folder whose images were added or removed since is other data
+        folder = {"data": folder_name(path)}
+        if dataset == "imagefolder":
+            folder["train_images"], folder["scored_images"] = imagefolder_sizes(path)
         position = checkpoint_position(state)
     except (UserError, OSError, KeyError, TypeError, ValueError):
         return Wanted(views=[])
     crop = args.eval_crop or default_crop
     return Wanted(dataset, [recorded_view({} if crop == default_crop else {"eval_crop": crop}),
-                            {"data": folder, "eval_crop": crop, "eval_resize": resize or crop}], position)
+                            {**folder, "eval_crop": crop, "eval_resize": resize or crop}], position)
 
 
 def recorded_view(view: dict) -> dict:
