@@ -578,15 +578,19 @@ def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_ru
     root = tmp_path / "runs"
     write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5, nmi=0.4)
     write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True)
-    with pytest.warns(UserWarning, match=r"s1/metrics.jsonl: the acc of checkpoint.pth at epoch 10 is True, not a "
-                                         r"number: left out"):
+    write_run(root, "s2", CLEAN, CLEAN, seed=2, epoch=10, acc=float("nan"), nmi=float("inf"))
+    with pytest.warns(UserWarning) as caught:
         frame = results.records_frame(results.read_records(root))
+    said = [str(warning.message) for warning in caught]
+    for run, metric, value in (("s1", "acc", "True"), ("s2", "acc", "nan"), ("s2", "nmi", "inf")):
+        assert any(f"{run}/metrics.jsonl: the {metric} of checkpoint.pth at epoch 10 is {value}, not a finite number: "
+                   f"left out" in line for line in said), (run, metric, said)
     with pytest.warns(UserWarning) as caught:
         table = results.aggregate(frame)
     said = [str(warning.message) for warning in caught]
-    assert any("its acc averages 1 of its 2 runs" in line for line in said)
-    assert any("its nmi averages 1 of its 2 runs" in line for line in said)
-    assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist()) == ([2], [50.0], [40.0])
+    assert any("its acc averages 1 of its 3 runs" in line for line in said)
+    assert any("its nmi averages 1 of its 3 runs" in line for line in said)
+    assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist()) == ([3], [50.0], [40.0])
 
 
 def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule_it_trained_with(tmp_path):

@@ -16,6 +16,7 @@ that differ (`recipe_labels`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -268,10 +269,11 @@ def records_frame(records: list[dict]):
         row["protocol"] = protocol_label(protocol)
         for key in METRIC_COLUMNS:
             value = record["metrics"].get(key)
-            if value is not None and not rundir.is_number(value):
+            finite = rundir.is_number(value) and math.isfinite(value)
+            if value is not None and not finite:
                 warnings.warn(f"{record.get('_file')}: the {key} of {record.get('checkpoint')} at epoch "
-                              f"{record.get('epoch')} is {value!r}, not a number: left out", stacklevel=2)
-            row[key] = 100.0 * value if rundir.is_number(value) else None
+                              f"{record.get('epoch')} is {value!r}, not a finite number: left out", stacklevel=2)
+            row[key] = 100.0 * value if finite else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -388,7 +390,7 @@ def aggregate(frame):
             for metric in metrics:
                 if 0 < row[metric] < out.at[key, "n"]:
                     warnings.warn(f"row {_row_name(key)}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
-                                  f"(the others' records lack it)", stacklevel=2)
+                                  f"(the others' records lack it, or left it out above)", stacklevel=2)
     else:  # records with none of the known metrics: the rows, and how many runs each holds
         out = grouped.size().to_frame("n")
     if "revision" in filled:
