@@ -49,7 +49,10 @@ class GlobalBatches:
     def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int, seed: int,
                  shuffle: bool = True, drop_last: bool = True):
         if global_batch % world_size and drop_last:  # training's batches split evenly; a pass over all may not
-            raise ConfigError(f"--batch_size {global_batch} (global) is not a multiple of the world size {world_size}")
+            nearest = max(world_size, round(global_batch / world_size) * world_size)
+            raise ConfigError(f"--batch_size {global_batch} (global) is not a multiple of the world size {world_size}: "
+                              f"give a multiple of {world_size} (e.g. {nearest}), or run on a number of processes "
+                              f"that divides {global_batch}")
         if drop_last and num_samples < global_batch:
             raise ConfigError(f"--batch_size {global_batch} is larger than the dataset ({num_samples} samples)")
         self.num_samples, self.global_batch, self.world_size, self.rank = num_samples, global_batch, world_size, rank
