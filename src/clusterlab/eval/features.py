@@ -202,9 +202,9 @@ def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, def
     An image folder: its name (the last component of DATA_PATH, links resolved) and how many images its training
     and scored splits hold, so that subsets of different sizes, or folders of different names, get table rows of
     their own; two different folders of one name with equal counts (two `data/`) share a row. Then the test view's
-    resize and centre crop. A registered in-memory dataset, named by the record's `dataset`, is seen whole, resized to the
-    view's crop (the resize does not apply): nothing at `default_crop` (the run's own; the baseline's: the images'
-    size), as records said before the image-folder pipeline, else `eval_crop`."""
+    resize and centre crop. A registered in-memory dataset, named by the record's `dataset`, is seen whole, resized
+    to the view's crop (the resize does not apply): nothing at `default_crop` (the run's own; the baseline's: the
+    images' size), as records said before the image-folder pipeline, else `eval_crop`."""
     if scored_set.in_memory:
         return {} if view.crop == default_crop else {"eval_crop": view.crop}
     return {"data": folder_name(train_set.folder), "train_images": len(train_set),
