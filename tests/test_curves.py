@@ -167,6 +167,22 @@ def test_a_confusion_matrix_of_imagenet_size_fits_a_figure(tmp_path):
     assert Image.open(small).size[0] < 600
 
 
+def test_a_confusion_matrix_title_fits_its_figure(monkeypatch):
+    """eval_cluster's titles (run, assignment, ACC, NMI, ARI) ran off a plot of few classes: the ACC was cut off."""
+    from clusterlab.eval import plots
+
+    shown = []
+    monkeypatch.setattr(plots, "save_png", lambda figure, path, **kwargs: shown.append(figure))
+    title = "swav_digits_w4_ep0010 k-means K=5 (backbone, fit on train): ACC 34.67 NMI 12.34 ARI 5.67"
+    plots.confusion_png([0, 1, 2, 3, 4], [1, 0, 2, 3, 4], 5, list("abcde"), "unused.png", title)
+    (figure,) = shown
+    figure.canvas.draw()
+    text = figure.axes[0].title
+    box = text.get_window_extent()
+    assert text.get_text().replace("\n", " ") == title
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width, (box, figure.bbox)
+
+
 def test_a_one_term_log_of_two_versions_has_a_loss_mean_for_every_epoch():
     """An epoch logged before loss_mean existed, one after (a run resumed across the change): the one term's mean
     stands in for the first, as it equals the loss."""

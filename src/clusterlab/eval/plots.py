@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def confusion_png(y_true, y_pred, num_clusters: int, class_names, path: str | Pa
     counts = counts[:, order]
     rows, columns = counts.shape
     cell = min(0.35, MAX_INCHES / max(rows, columns))
-    figure, axes = plt.subplots(figsize=(max(4.0, cell * columns + 2), max(3.0, cell * rows + 1.5)))
+    width = max(4.0, cell * columns + 2)
+    figure, axes = plt.subplots(figsize=(width, max(3.0, cell * rows + 1.5)))
     axes.imshow(counts / np.maximum(counts.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1,
                 interpolation="nearest", aspect="auto")
     axes.set_xlabel("cluster (ordered by matched class)")
@@ -49,7 +51,8 @@ def confusion_png(y_true, y_pred, num_clusters: int, class_names, path: str | Pa
         for (row, col), value in np.ndenumerate(counts):
             if value:
                 axes.text(col, row, str(value), ha="center", va="center", fontsize=6)
-    axes.set_title(title, fontsize=9)
+    # wrapped to the figure's width (some 12 characters an inch at this size): a narrow plot cut the ACC off its end
+    axes.set_title(textwrap.fill(title, width=int(12 * width)), fontsize=9)
     figure.tight_layout()
     save_png(figure, path, dpi=120)
 
