@@ -585,6 +585,12 @@ def test_class_folders_without_images_or_differing_between_splits(tmp_path):
         with pytest.raises(DataError) as info:
             registry.load("imagefolder", split, str(tmp_path))
         assert "\n" not in str(info.value) and "extra: class_b" in str(info.value)
+    # one class named alike on both sides, but with a decomposed accent in val/ (as macOS writes it)
+    shutil.rmtree(tmp_path / "val" / "class_b")
+    (tmp_path / "train" / "class_a").rename(tmp_path / "train" / "caf\u00e9")
+    (tmp_path / "val" / "class_a").rename(tmp_path / "val" / "cafe\u0301")
+    with pytest.raises(DataError, match="caf\u00e9 spelt in different Unicode forms \\(NFC and NFD\\): rename one side"):
+        registry.load("imagefolder", "test", str(tmp_path))
 
 
 def test_the_cluster_sample_grid_shows_each_clusters_images_read_in_one_pass(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -378,9 +379,14 @@ def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], li
     if test_root is not None and _class_folders(test_root) != classes:
         test_classes = _class_folders(test_root)
         missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        # names that print alike but are spelt in other Unicode forms (macOS writes decomposed accents, NFD)
+        alike = {unicodedata.normalize("NFC", name) for name in missing} & {
+            unicodedata.normalize("NFC", name) for name in extra}
+        spelling = (f"; {_named(sorted(alike))} spelt in different Unicode forms (NFC and NFD): rename one side"
+                    if alike else "")
         raise DataError(f"dataset 'imagefolder': the class folders of {str(test_root)!r} differ from those of "
                         f"{str(train_root)!r} (missing: {_named(missing) or 'none'}; "
-                        f"extra: {_named(extra) or 'none'}); both need the same class sub-folders")
+                        f"extra: {_named(extra) or 'none'}{spelling}); both need the same class sub-folders")
     train_files, train_labels = _list_images(train_root, classes)
     files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
     return classes, train_files, files, labels
