@@ -68,6 +68,31 @@ def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(
     assert "swav_digits_2ep_s0 finished" not in out.stdout
 
 
+def test_a_relaunch_says_why_a_runs_last_start_failed(tmp_path):
+    """One run failed while training (status.json has the reason), the other before it wrote anything (a flag the
+    method refused while it was built: only the job's log says so). Both were listed as "resume" without a word."""
+    runs = tmp_path / "runs"
+    diverged, refused = runs / "swav_digits_1ep_s0", runs / "swav_digits_2ep_s0"
+    diverged.mkdir(parents=True)
+    (diverged / "status.json").write_text(json.dumps({"state": "failed", "epoch": 0, "step": 3,
+                                                      "reason": "non-finite loss"}))
+    logs = runs / ".submitit" / "139_1"
+    logs.mkdir(parents=True)
+    (logs / "139_1_0_log.err").write_text(
+        "Traceback (most recent call last):\n    raise ConfigError(f\"--queue_length {global_length} must be\")\n"
+        "clusterlab.errors.ConfigError: --queue_length 7 must be a positive multiple of the global batch 32\n"
+        "srun: error: node1: task 0: Exited with exit code 1\n")
+    (refused / "slurm").mkdir(parents=True)
+    (refused / "slurm" / "jobs.jsonl").write_text(json.dumps({"job_id": "139_1", "kind": "train", "logs": str(logs)})
+                                                 + "\n")
+    out = run_launch("--grid", str(grid_file(tmp_path)), "--output_root", str(runs), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == [
+        "swav_digits_1ep_s0: its last start failed (non-finite loss); it is submitted again",
+        "swav_digits_2ep_s0: its last start failed (ConfigError: --queue_length 7 must be a positive multiple of the "
+        "global batch 32); it is submitted again"]
+
+
 def test_relative_output_root_is_made_absolute(tmp_path):
     """A relative root means the directory where launch.py runs, also for a generated script run elsewhere."""
     grid = load_grid(grid_file(tmp_path), "some/where")

@@ -7,7 +7,8 @@
 Training runs are submitted as job arrays (one per resource shape, throttled by array_parallelism), one task per
 GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
 checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped (one trained with
-other flags than the grid gives is named), unfinished ones resume, evaluations already recorded or still in the
+other flags than the grid gives is named), unfinished ones resume (one whose last start failed is named with the
+reason), evaluations already recorded or still in the
 queue are not submitted again, unless the grid changed their flags since the last one that succeeded
 (RUN/slurm/jobs.jsonl lists every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
 saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
@@ -24,6 +25,7 @@ import contextlib
 import functools
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,7 +87,10 @@ def main(argv=None):
     if args.wait or args.cluster == "debug":  # the debug executor runs a job only when its result is asked for
         wait_until_done(jobs, args.cluster)
         for run, _ in plan:
-            print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}")
+            # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
+            failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
+            print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}"
+                  + (f" ({failure})" if failure else ""))
 
 
 def wait_until_done(jobs: list, cluster: str) -> None:
@@ -239,6 +244,32 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         if changed:
             print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
                   f"trained again; another output_root trains the grid's")
+        failure = last_failure(run.run_dir) if state == "resume" else None
+        if failure:
+            print(f"{run.name}: its last start failed ({failure}); it is submitted again")
+
+
+# The exception a job's log ends with: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`
+EXCEPTION_LINE = re.compile(r"(?:\w+\.)*(\w*(?:Error|Exception)\w*: .*)")
+
+
+def last_failure(run_dir: Path) -> str | None:
+    """Why a run's last start failed, for a relaunch to say before it submits the run again: status.json's reason,
+    or, for a job that failed before the run wrote a status (a flag found bad while the method was built), the
+    exception its training job's log ends with (Slurm's own lines come after it)."""
+    status = rundir.read_status(run_dir)
+    if status:
+        return (status.get("reason") or "no reason recorded") if status.get("state") == "failed" else None
+    trains = [job for job in recorded_jobs(run_dir) if job.get("kind") == "train" and job.get("logs")]
+    if not trains:
+        return None
+    log = Path(trains[-1]["logs"]) / f"{trains[-1]['job_id']}_0_log.err"
+    with contextlib.suppress(OSError):
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            found = EXCEPTION_LINE.fullmatch(line.strip())
+            if found:
+                return found.group(1)[:300]
+    return None
 
 
 def output_root(grid: Grid) -> Path:
