@@ -401,6 +401,25 @@ def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
     assert planned.returncode == 0 and "warning: squeue did not answer" in planned.stderr
 
 
+def test_jobs_slurm_can_never_start_are_named_and_not_waited_for(tmp_path):
+    """More nodes than the partition has: Slurm (without EnforcePartLimits) accepts the jobs and keeps them pending
+    for good; launch.py said "submitted", and --wait waited for ever."""
+    env = fake_slurm(tmp_path)
+    (tmp_path / "slurm" / "queue").write_text("101_0 PartitionConfig\n101_1 PartitionNodeLimit\n99 Priority\n")
+    command = [sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs")]
+    said = ("Slurm keeps job(s) 101_0 (PartitionConfig), 101_1 (PartitionNodeLimit) pending for a reason no wait "
+            "removes")
+    submitted = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert submitted.returncode == 0 and f"warning: {said}" in submitted.stderr, submitted.stderr
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "slurm" / "next").write_text("100")  # the same job ids again
+    waited = subprocess.run([*command, "--wait"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert waited.returncode == 2 and waited.stderr.splitlines() == [f"launch.py: error: {said} (more nodes, GPUs or "
+                                                                     f"time than the partition has, a bad constraint, "
+                                                                     f"account or QOS): scancel them and change the "
+                                                                     f"grid's resources"], waited.stderr
+
+
 @pytest.mark.parametrize("value", ["USR1", "SIGUSR2"])
 def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path, value):
     """submitit would requeue on USR1 at once, mid-step, without a checkpoint; it reads the name after "SIG", so

@@ -34,7 +34,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from .. import config, results, rundir
 from ..errors import ConfigError, UserError
 from ..slurm.grid import Grid, RunSpec, load_grid
-from ..slurm.jobs import ProgramJob, make_executor, queued_ids, wait_for
+from ..slurm.jobs import ProgramJob, make_executor, queued_ids, stuck, stuck_message, wait_for
 from ..slurm.programs import EVAL_PROGRAMS, to_argv
 from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
@@ -84,6 +84,9 @@ def main(argv=None):
     if args.dry_run:
         return
     jobs = submit(grid, plan, args.cluster, in_queue)
+    never = stuck([str(job.job_id) for job in jobs]) if args.cluster == "slurm" and jobs and not args.wait else {}
+    if never:  # (--wait stops on it; without it, the jobs would pend unnoticed)
+        print(f"warning: {stuck_message(never)}", file=sys.stderr)
     if args.wait or args.cluster == "debug":  # the debug executor runs a job only when its result is asked for
         wait_until_done(jobs, args.cluster)
         for run, _ in plan:

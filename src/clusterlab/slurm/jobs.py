@@ -27,7 +27,7 @@ import submitit
 # Nothing heavy here: submitit's job wrapper unpickles ProgramJob (importing this module) before it installs its
 # signal handlers, and until ProgramJob.__setstate__ has run a stop signal kills the task (no requeue).
 from .. import signals
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..programs import PROGRAMS
 
 
@@ -158,24 +158,55 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
     return executor
 
 
-def queued_ids() -> set | None:
-    """The ids of every pending or running Slurm job (array tasks as 123_4), from squeue (no accounting database
-    needed); None where squeue does not answer (no Slurm on this machine, or the controller is down)."""
+# Why squeue says a job is pending, where no wait lets it start: it asks for more nodes, GPUs or time than its
+# partition has, a constraint no node meets, an account or QOS it may not use. Slurm accepts such jobs unless the
+# cluster enforces partition limits at submission.
+NEVER_STARTS = frozenset({"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                          "InvalidAccount", "InvalidQOS"})
+
+
+def queue_reasons() -> dict[str, str] | None:
+    """Every pending or running Slurm job (array tasks as 123_4) with squeue's reason for its state ("None" for a
+    running one), from squeue (no accounting database needed); None where squeue does not answer (no Slurm on this
+    machine, or the controller is down)."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %r"], capture_output=True, text=True)
     except OSError:
         return None
-    return set(out.stdout.split()) if out.returncode == 0 else None
+    if out.returncode:
+        return None
+    return dict((line.split(maxsplit=1) + [""])[:2] for line in out.stdout.splitlines() if line.strip())
+
+
+def queued_ids() -> set | None:
+    """The ids of every pending or running Slurm job; None where squeue does not answer."""
+    reasons = queue_reasons()
+    return None if reasons is None else set(reasons)
+
+
+def stuck(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
+    """Those of `job_ids` that Slurm keeps pending for a reason of NEVER_STARTS, with it."""
+    reasons = queue_reasons() if reasons is None else reasons
+    return {job: reasons[job] for job in job_ids if (reasons or {}).get(job) in NEVER_STARTS}
+
+
+def stuck_message(jobs: dict[str, str]) -> str:
+    named = ", ".join(f"{job} ({reason})" for job, reason in jobs.items())
+    return (f"Slurm keeps job(s) {named} pending for a reason no wait removes (more nodes, GPUs or time than the "
+            f"partition has, a bad constraint, account or QOS): scancel them and change the grid's resources")
 
 
 def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None) -> None:
-    """Block until none of the Slurm jobs is pending or running."""
+    """Block until none of the Slurm jobs is pending or running; a job that can never start stops the wait."""
     deadline = None if timeout_s is None else time.time() + timeout_s
     waiting = set(job_ids)
     while waiting:
-        queued = queued_ids()
-        if queued is not None and not waiting & queued:
+        reasons = queue_reasons()
+        if reasons is not None and not waiting & set(reasons):
             return
+        never = stuck(sorted(waiting), reasons) if reasons is not None else {}
+        if never:
+            raise UserError(stuck_message(never))
         if deadline is not None and time.time() > deadline:
             raise TimeoutError(f"jobs still in the queue after {timeout_s} s: {sorted(waiting)}")
         time.sleep(poll_s)
