@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from clusterlab import checkpoint
 from clusterlab.errors import CheckpointError
 from clusterlab.eval.features import load_run
-from conftest import assert_user_error, copy_run, run_script
+from conftest import assert_ok, assert_user_error, copy_run, run_script
 
 STATE = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "step": 0, "names": ["a", "b"]}
 
@@ -231,12 +232,7 @@ def test_finite_weights_whose_features_overflow_are_refused_by_every_evaluation(
     float32's 3.4e38) whose eval-mode outputs overflow. eval_knn recorded chance (top-5 below top-1), eval_cluster
     failed inside k-means with scikit-learn's traceback. Refused on one line; nothing is recorded."""
     run = copy_run(tiny_run, tmp_path / "diverged")
-    state = checkpoint.load(run / "checkpoint.pth")
-    scales = [name for name in state["model"] if name.startswith("backbone.") and name.endswith("bn1.weight")]
-    assert len(scales) >= 2
-    for name in scales:
-        state["model"][name].mul_(1e20)
-    checkpoint.save(state, run / "checkpoint.pth", kind="pretrain", method="swav")
+    overflow(run, "pretrain", "swav")
     records = run / "metrics.jsonl"
     before = records.read_text() if records.exists() else None
     for script, flags in (("eval_knn.py", ["--k", "20"]), ("eval_cluster.py", []),
@@ -244,3 +240,26 @@ def test_finite_weights_whose_features_overflow_are_refused_by_every_evaluation(
         result = run_script(script, "--run", run, "--device", "cpu", *flags)
         assert_user_error(result, script, "non-finite", "checkpoint.pth", "evaluate an earlier checkpoint")
     assert (records.read_text() if records.exists() else None) == before
+
+
+def overflow(run: Path, kind: str, method: str) -> None:
+    """Scale the backbone's batch-norm weights by 1e20: finite, but the eval-mode outputs overflow."""
+    state = checkpoint.load(run / "checkpoint.pth")
+    scales = [name for name in state["model"] if name.startswith("backbone.") and name.endswith("bn1.weight")]
+    assert len(scales) >= 2
+    for name in scales:
+        state["model"][name].mul_(1e20)
+    checkpoint.save(state, run / "checkpoint.pth", kind=kind, method=method)
+
+
+def test_head_assignments_of_weights_whose_logits_overflow_are_refused(tmp_path):
+    """eval_cluster's default for a class-assignment run, its heads: argmax over NaN logits still picks a class, and
+    the record said ACC 10 %, NMI 0."""
+    run = tmp_path / "selfclassifier"
+    assert_ok(run_script("main_cluster.py", "--method", "selfclassifier", "--dataset", "digits", "--width", "4",
+                         "--batch_size", "32", "--size_crops", "8", "--epochs", "1", "--head_classes", "10",
+                         "--hidden_dim", "32", "--embed_dim", "16", "--device", "cpu", "--output_dir", run))
+    overflow(run, "cluster", "selfclassifier")
+    result = run_script("eval_cluster.py", "--run", run, "--device", "cpu")
+    assert_user_error(result, "eval_cluster.py", "non-finite head logits", "checkpoint.pth")
+    assert not (run / "metrics.jsonl").exists()

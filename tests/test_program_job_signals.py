@@ -2,6 +2,7 @@
 unpickled (before submitit installs its own handlers) to the end of the process, after its programs."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import PYTHON, ROOT, script_env
 # pickled job, install the handlers (TERM only logs, USR2 requeues and exits -1), call the job.
 WRAPPER = """
 import os, pickle, signal, sys, time, types
-os.environ.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_NTASKS="1",
+os.environ.update(SUBMITIT_FOLDER=".", SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_NTASKS="1",
                   SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
                   SUBMITIT_LOCAL_LOCALID="0")
 from clusterlab.programs import PROGRAMS
@@ -86,6 +87,7 @@ def test_submitits_failed_requeue_of_a_job_slurm_requeued_already_is_a_requeue(m
 @pytest.mark.parametrize("state, restarts, expected", [
     ("RUNNING", "0", "requeue"),      # scancel -s TERM: the job goes on running unless it requeues
     ("COMPLETING", "1", "bypass"),    # scontrol requeue / pre-emption: Slurm requeues the job itself
+    ("RUNNING", "1", "bypass"),       # requeued already, not yet stopped: requeued once
     ("CANCELLED", "0", "bypass"),     # scancel: the job is cancelled, not requeued
 ])
 def test_a_term_while_slurm_keeps_the_job_running_requeues_it(monkeypatch, state, restarts, expected):
@@ -97,3 +99,32 @@ def test_a_term_while_slurm_keeps_the_job_running_requeues_it(monkeypatch, state
     handler = jobs._term_requeues(lambda s, f: calls.append("bypass"), lambda s, f: calls.append("requeue"))
     handler(15, None)
     assert calls == [expected]
+
+
+# `scontrol show job -o ID` as Slurm answers it: for an array's own id every task of the array still known, one line
+# each (the task whose job id is the array's is in the middle here); for ARRAYID_TASK that task alone.
+SCONTROL = """#!/bin/sh
+case "$4" in
+  36) echo "JobId=37 ArrayJobId=36 ArrayTaskId=1 JobState=COMPLETED Restarts=0"
+      echo "JobId=36 ArrayJobId=36 ArrayTaskId=3 JobState=RUNNING Restarts=0"
+      echo "JobId=38 ArrayJobId=36 ArrayTaskId=2 JobState=COMPLETED Restarts=2" ;;
+  36_3) echo "JobId=36 ArrayJobId=36 ArrayTaskId=3 JobState=RUNNING Restarts=0" ;;
+esac
+"""
+
+
+def test_an_array_task_whose_id_is_the_arrays_reads_its_own_state(tmp_path, monkeypatch):
+    """launch.py submits arrays; the task whose job id is the array's read the last task's line: another task's
+    state (a TERM then only logged) and Restarts (a requeue that failed taken as done)."""
+    from clusterlab.slurm import jobs
+
+    fake = tmp_path / "scontrol"
+    fake.write_text(SCONTROL)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "36")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "36")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert jobs._job_state() == ("RUNNING", "0")
+    assert not jobs._requeued_already()

@@ -699,3 +699,28 @@ def test_plot_legend_names_only_the_protocol_parts_that_differ(tmp_path, monkeyp
                              "swav knn data=fm_4000 k=200 train_images=4000",
                              "swav knn data=fm_8000 k=20 train_images=8000",
                              "swav knn data=fm_8000 k=200 train_images=8000"]
+
+
+@pytest.mark.parametrize("older, newer", [
+    ({}, {"args": {"new_flag": 1}}),  # a run trained before a flag existed
+    ({"resume_changes": [{"epoch": 4, "step": 0, "before": {"world_size": 2}, "after": {"world_size": 1}}]}, {}),
+], ids=["flag-added-since", "world-size-before-a-resume"])
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_runs_the_tables_take_for_one_recipe_are_one_line(tmp_path, monkeypatch, older, newer):
+    """The tables compare only the flags every run records (a flag a run lacks is no evidence of another recipe);
+    the plot compared whole settings and drew such runs as two lines of one label."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, **kw: drawn.append(list(x)))
+    root = tmp_path / "runs"
+    for name, seed, epochs, extra in (("a", 0, (1, 3), older), ("b", 1, (1, 3, 5), newer)):
+        write_jsonl(root / name / "metrics.jsonl",
+                    [{**record(seed, dataset="cifar10", epoch=epoch, run=name, acc=0.5), **CLEAN} for epoch in epochs])
+        config = {"program": "main_pretrain.py", "args": {**SWAV_ARGS, "seed": seed, **extra.get("args", {})},
+                  **CLEAN, **{k: v for k, v in extra.items() if k != "args"}}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert "recipe" not in table
+    results.plot_against_epochs(table, tmp_path, "cifar10")
+    assert drawn == [[1, 3, 5]]

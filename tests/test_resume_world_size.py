@@ -63,3 +63,27 @@ def test_an_epoch_resumed_on_more_processes_weighs_every_step_alike():
     got = (totals[:-1] / totals[-1]).tolist()
     expected = torch.cat([early[:, 0], late.mean(dim=1)]).mean(dim=0).tolist()
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_sums_saved_before_each_rank_kept_its_row_are_not_rescaled():
+    """An older checkpoint holds one row, already the sum over the ranks that wrote it (how many it does not say):
+    resumed on as many, every step still counts once, as it did before the rescaling."""
+    g = torch.Generator().manual_seed(1)
+    early = 3 + torch.rand(5, 2, 2, generator=g)
+    late = 1 + torch.rand(7, 2, 2, generator=g)
+    summed = torch.cat([early.sum(dim=(0, 1)), torch.tensor([10.0])])
+    import clusterlab.distributed as distributed
+
+    ranks = []
+    for rank in range(2):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(distributed, "world_size", lambda: 2)
+            mp.setattr(distributed, "rank", lambda: rank)
+            method = head_losses()
+            method.load_extra_state({"last_head_losses": [], "epoch_loss_totals": summed})
+        for losses in late[:, rank]:
+            method.record_head_losses(list(losses))
+        ranks.append(torch.cat([method._loss_sums, torch.tensor([float(method._loss_count)])]))
+    totals = torch.stack(ranks).sum(dim=0)
+    expected = torch.cat([early.mean(dim=1), late.mean(dim=1)]).mean(dim=0).tolist()
+    assert (totals[:-1] / totals[-1]).tolist() == pytest.approx(expected, rel=1e-5)

@@ -132,9 +132,9 @@ class Trainer:
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
         self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
-        # Every resume that changed the schedule's flags or the precision: where ({"epoch", "step"}) and the values
-        # "before" and "after"; in the checkpoint and config.yaml, so that the tables file each checkpoint under the
-        # settings it trained with.
+        # Every resume that changed what the run learns (the schedule's or another flag, the precision, for some
+        # methods the number of processes): where ({"epoch", "step"}) and the values "before" and "after"; in the
+        # checkpoint and config.yaml, so that the tables file each checkpoint under the settings it trained with.
         self.resume_changes: list[dict] = []
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it

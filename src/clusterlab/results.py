@@ -197,8 +197,8 @@ def run_settings(run_config: dict | None) -> dict | None:
 
 def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
     """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args (and precision)
-    are its last start's: a change (config.yaml's `resume_changes`, one per resume that changed the schedule's
-    flags or the precision) made at or after `position` came later, and the earlier values apply; one made before
+    are its last start's: a change (config.yaml's `resume_changes`, one per resume that changed a flag, the
+    precision or, where it matters, the number of processes) made at or after `position` came later, and the earlier values apply; one made before
     is named in `resume_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for a run never changed), so that a run
     extended with a larger --epochs is no seed of one trained to that length from the start. A run written before
     config.yaml kept the changes is compared without the key."""
@@ -409,6 +409,13 @@ def _settings_key(settings) -> str:
     return "" if not isinstance(settings, dict) else json.dumps(settings, sort_keys=True, default=str)
 
 
+def _on_common_keys(keys):
+    """Settings keys (`_settings_key`) restricted to the flags that all of them record."""
+    parsed = {key: json.loads(key) for key in set(keys) if key}
+    common = set.intersection(*(set(settings) for settings in parsed.values())) if parsed else set()
+    return keys.map(lambda key: _settings_key({k: v for k, v in parsed[key].items() if k in common}) if key else "")
+
+
 def _distinct_parts(protocols: list[str]) -> dict[str, str]:
     """Each protocol label without the parts that every one of `protocols` shares."""
     parts = {protocol: protocol.split(" ") for protocol in protocols}
@@ -538,9 +545,10 @@ def display_table(table):
 
 
 def plot_against_epochs(table, out_dir, dataset: str) -> None:
-    """One PNG per metric: the metric against epochs, a line per (method, backbone, eval, protocol), and per recipe
-    where the table has a `recipe` column. The legend names what tells the lines apart: the backbone where the table
-    has several, the protocol where a method's evaluation has several, the recipe."""
+    """One PNG per metric: the metric against epochs, a line per (method, backbone, eval, protocol) and recipe (the
+    runs' settings, on the flags all of them record, as the tables compare them). The legend names what tells the
+    lines apart: the backbone where the table has several, the protocol's parts where a method's evaluation has
+    several, the flags that differ between recipes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,7 +569,11 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         # recipe's epochs were split over two lines.
         by_recipe = SETTINGS_KEY in drawn
         if by_recipe:
+            # as the tables tell recipes apart (recipe_labels): by the flags every run of the line's group records;
+            # a flag an older run lacks (or `world_size`, which settings_at adds before a resume) is no other recipe
             drawn = drawn.assign(**{SETTINGS_KEY: drawn[SETTINGS_KEY].fillna("")})
+            drawn[SETTINGS_KEY] = drawn.groupby(["method", "backbone", "eval", "protocol"])[SETTINGS_KEY].transform(
+                _on_common_keys)
         lines = ["method", "backbone", "eval", "protocol", *([SETTINGS_KEY] if by_recipe else
                                                              ["recipe"] if "recipe" in numeric else [])]
         recipe_names = {}  # (method, backbone, eval, protocol, settings key): the flags that tell it from the others

@@ -38,9 +38,9 @@ def install() -> None:
 
 def wrap_previous(signum: int, wrapper) -> None:
     """Hand `signum` over to wrapper(the previous handler) instead of the previous handler itself (after install)."""
-    previous = _previous.get(signum)
-    if callable(previous):
-        _previous[signum] = wrapper(previous)
+    handler = _previous.get(signum)
+    if callable(handler):
+        _previous[signum] = wrapper(handler)
 
 
 def previous(signum: int):
@@ -107,9 +107,9 @@ def leave() -> None:
     global _leaving
     _leaving = True
     signum = signal.SIGUSR2 if signal.SIGUSR2 in _seen or _received is None else _received
-    previous = _previous.get(signum)
+    handler = _previous.get(signum)
     ignore()  # on its way out: a second signal (Slurm's TERM again, during teardown) must not kill it
-    if callable(previous):
-        previous(signum, None)
+    if callable(handler):
+        handler(signum, None)
     sys.exit(EXIT_REQUEUE)
 

@@ -95,7 +95,8 @@ class ClusterMethod(Method):
         self._loss_sums, self._loss_count = None, 0
         if rows is None:
             return
-        if rows.dim() == 1:  # saved as the sum over ranks (before each rank's row was kept)
+        summed = rows.dim() == 1  # saved as the sum over ranks (before each rank's row was kept)
+        if summed:
             rows = rows[None]
         if len(rows) == distributed.world_size():
             mine = rows[distributed.rank()]
@@ -104,7 +105,9 @@ class ClusterMethod(Method):
             # Every step adds one row per rank (a rank's mean loss and a count of 1), so the saved rows hold each
             # step W_saved times and the steps to come will add W_now rows each: unscaled, the steps before the
             # stop would weigh W_saved / W_now times as much as those after it in the epoch's means.
-            scale = distributed.world_size() / len(rows)
+            # (a sum saved before the rows were kept already holds each step once per rank of a world size it does
+            # not record: taken as this one's, as before the rescaling)
+            scale = 1.0 if summed else distributed.world_size() / len(rows)
             mine = rows.sum(dim=0) * scale
             mine[-1] = round(float(rows[:, -1].sum()) * scale)
         else:

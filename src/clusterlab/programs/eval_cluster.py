@@ -22,7 +22,7 @@ from .. import cli, config, data, distributed, results
 from ..config import bool_flag
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
-                             open_pixel_baseline, pixels, recorded_view)
+                             open_pixel_baseline, pixels, recorded_view, require_finite)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -133,9 +133,17 @@ def heads(args, ctx, evaluation, scored_set):
     sizes, chosen = method.head_sizes, method.chosen_head()
     # Each head's class per image, not its logits: Self-Classifier's ImageNet heads (15,000 logits an image) would
     # gather 72 GiB onto every rank for the train split. Class ids are exact in float32 below 2**24.
-    assignments = extract(lambda x: torch.stack([logits.argmax(dim=1) for logits in method.head_logits(x)], dim=1),
-                          scored_set, method.eval_view, method.info.mean, method.info.std, ctx.device, args.batch_size,
-                          args.workers, normalize=False)
+    def classes(x):
+        # NaN where a head's logits are not finite (argmax would pick a class): a diverged run is refused, as for
+        # k-means and kNN, instead of recording chance
+        logits = method.head_logits(x)
+        chosen_class = torch.stack([head.argmax(dim=1) for head in logits], dim=1).float()
+        finite = torch.stack([torch.isfinite(head).all(dim=1) for head in logits], dim=1)
+        return chosen_class.masked_fill(~finite, float("nan"))
+
+    assignments = require_finite(extract(classes, scored_set, method.eval_view, method.info.mean, method.info.std,
+                                         ctx.device, args.batch_size, args.workers, normalize=False),
+                                 loaded, "head logits", scored_set)
     if not ctx.is_main:
         return
     view = evaluation.data_protocol(scored_set)

@@ -44,9 +44,13 @@ class ProgramJob:
         """Unpickled in the job, before submitit installs its handlers: from here on a stop signal is remembered,
         and __call__ hands it to submitit's handler (which requeues) instead of the default action killing the task."""
         self.__dict__.update(state)
-        self._in_job_process = True  # not the debug executor, which calls the job inside launch.py
-        signals.install()
-        signals.defer()
+        # Only in submitit's job process (which sets SUBMITIT_FOLDER before it loads the job): not for a copy
+        # unpickled anywhere else (a notebook reading a job's submission), nor under the debug executor, which calls
+        # the job inside launch.py.
+        self._in_job_process = "SUBMITIT_FOLDER" in os.environ
+        if self._in_job_process:
+            signals.install()
+            signals.defer()
 
     def __call__(self) -> list[str]:
         signals.install()  # the handlers found now (submitit's) are the ones to hand over to
@@ -108,12 +112,20 @@ def _job_state() -> tuple[str | None, str | None]:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None, None
+    # An array task is asked for by ARRAY_TASK (as submitit requeues it): `scontrol show job ID` with the array's own
+    # id lists every task of the array still known, one line each, and the last line's state was taken for ours.
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    name = f"{array}_{task}" if array and task else job
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        # (short: a TERM of Slurm's own is followed by SIGKILL KillWait, 30 s by default, later)
+        out = subprocess.run(["scontrol", "show", "job", "-o", name], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None, None
-    fields = dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
-    return fields.get("JobState"), fields.get("Restarts")
+    for line in out.stdout.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if fields.get("JobId") == job:
+            return fields.get("JobState"), fields.get("Restarts")
+    return None, None
 
 
 def _restarted(restarts: str | None) -> bool:
