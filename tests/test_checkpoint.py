@@ -263,3 +263,22 @@ def test_head_assignments_of_weights_whose_logits_overflow_are_refused(tmp_path)
     result = run_script("eval_cluster.py", "--run", run, "--device", "cpu")
     assert_user_error(result, "eval_cluster.py", "non-finite head logits", "checkpoint.pth")
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_pretrained_value_that_is_no_training_run_is_refused_naming_the_flag_and_what_it_takes(tmp_path):
+    """--pretrained at an evaluation's folder (metrics.jsonl only), at a file that is no checkpoint, or at a linear
+    probe's checkpoint: one line naming --pretrained and its value, and what it takes."""
+    from clusterlab.methods.cluster_base import read_pretrained
+
+    folder = tmp_path / "pixels_digits"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("{}\n")
+    probe = tmp_path / "linear_ep0002"
+    probe.mkdir()
+    checkpoint.save({"model": {}}, probe / "checkpoint.pth", kind="linear", method="linear")
+    for value in (folder, folder / "metrics.jsonl", probe, tmp_path / "missing"):
+        with pytest.raises(CheckpointError) as err:
+            read_pretrained(str(value))
+        message = str(err.value)
+        assert message.startswith(f"--pretrained {str(value)!r}: ") and "\n" not in message
+        assert "main_pretrain.py or main_cluster.py run that finished training" in message

@@ -724,3 +724,19 @@ def test_runs_the_tables_take_for_one_recipe_are_one_line(tmp_path, monkeypatch,
     assert "recipe" not in table
     results.plot_against_epochs(table, tmp_path, "cifar10")
     assert drawn == [[1, 3, 5]]
+
+
+def test_a_stage_two_on_an_extended_first_stage_is_no_seed_of_one_on_a_first_stage_trained_that_long(tmp_path):
+    """SwAV trained 3 epochs, and SwAV trained 2 then resumed with --epochs 3, both end at epoch 3 with args
+    epochs=3; the second's checkpoint keeps resume_changes. SCAN started from each must be two recipes, as the
+    two SwAV runs' own checkpoints are."""
+    def first(changes):
+        return {"method": "swav", "epoch": 3, "step": 0, "precision": "float32", "resume_changes": changes,
+                "args": {"method": "swav", "lr": 0.6, "epochs": 3, "seed": 0}}
+
+    extended = [{"epoch": 2, "step": 0, "before": {"epochs": 2}, "after": {"epochs": 3}}]
+    settings = [results.run_settings({"args": {"method": "scan", "lr": 1e-4, "seed": seed, "pretrained": "p"},
+                                      "pretrained_from": pretrained_origin(tmp_path / "checkpoint.pth", first(c))})
+                for seed, c in ((0, []), (1, extended))]
+    assert results.recipe_labels(settings) == [
+        "pretrained.resume_changes=none", "pretrained.resume_changes=epochs 2->3 at epoch 2 step 0"]

@@ -516,3 +516,20 @@ def test_a_lock_that_cannot_be_removed_does_not_replace_the_error_that_ended_the
     monkeypatch.setattr(Path, "unlink", read_only)
     lock.release()
     assert not lock.held and lock.path.exists()
+
+
+def test_a_fresh_training_in_a_directory_holding_evaluations_of_earlier_weights_is_refused(tiny_run, tmp_path):
+    """Checkpoints removed to train the run again in place: the old weights' metrics records and linear probes name
+    the same checkpoint files at the same epochs. --skip_recorded then skipped the new weights' evaluations (the
+    tables showed the old numbers under the new flags) and eval_linear.py resumed the old probe's head on the new
+    backbone. Refused on one line before anything is written."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "metrics.jsonl").write_text('{"eval": "knn", "checkpoint": "checkpoint.pth", "epoch": 2}\n')
+    (run / "linear_ep0002").mkdir()
+    for path in run.glob("checkpoint*.pth"):
+        path.unlink()
+    before = sorted(p.name for p in run.iterdir())
+    result = run_script("main_pretrain.py", *TINY, "--lr", "0.5", "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "holds evaluations of earlier weights", "metrics.jsonl",
+                      "linear_ep0002")
+    assert sorted(p.name for p in run.iterdir()) == before

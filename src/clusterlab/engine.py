@@ -671,6 +671,17 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
         raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
                           f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
+    if (start_epoch, start_step) == (0, 0) and kind != "linear":
+        # A run trained afresh where an earlier training's checkpoints were removed: that training's metrics
+        # records and linear probes name the same checkpoint files at the same epochs, so --skip_recorded would
+        # skip the new weights' evaluations (the tables then file the old numbers under the new config.yaml), and
+        # eval_linear.py would resume the old probe's head on the new backbone.
+        earlier = [name for name in ("metrics.jsonl",) if (run_dir / name).is_file()] + sorted(
+            path.name for path in run_dir.glob("linear_ep*") if path.is_dir())
+        if earlier:
+            raise ConfigError(f"{run_dir} has no checkpoint.pth but holds evaluations of earlier weights "
+                              f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}): a fresh training "
+                              f"there would be taken for them; move them away, or use a new --output_dir")
     if args.knn_monitor_every:
         from .data import load
 

@@ -187,10 +187,17 @@ def run_settings(run_config: dict | None) -> dict | None:
         settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
         settings[f"{prefix}step"] = origin.get("step", 0)
         origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
-        settings.update({prefix + key: value for key, value in origin_args.items()
-                         if key not in NOT_SETTINGS and key != "method"})
-        if prefix + "amp" in settings and isinstance(origin.get("precision"), str):
-            settings[prefix + "amp"] = origin["precision"]  # as the run's own amp: the precision that ran
+        origin_settings = {key: value for key, value in origin_args.items()
+                           if key not in NOT_SETTINGS and key != "method"}
+        if "amp" in origin_settings and isinstance(origin.get("precision"), str):
+            origin_settings["amp"] = origin["precision"]  # as the run's own amp: the precision that ran
+        if isinstance(origin.get("resume_changes"), list) and _whole(origin.get("epoch")):
+            # the first stage's resumes that changed what it learnt (a run extended with a larger --epochs), as
+            # for the run's own checkpoints: a stage 2 on an extended embedding is no seed of one on an embedding
+            # trained to that length from the start
+            origin_settings = settings_at(origin_settings, origin["resume_changes"],
+                                          (origin["epoch"], origin.get("step", 0) or 0))
+        settings.update({prefix + key: value for key, value in origin_settings.items()})
         origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
     return settings
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import checkpoint, distributed, rundir
 from ..config import starts_of
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .base import Method
 
 
@@ -161,7 +161,14 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
                               f"epoch {status.get('epoch')}); let it finish, or name one of its checkpoint files to "
                               f"start from that state")
         path = path / "checkpoint.pth"
-    state = checkpoint.load(path, kind=("pretrain", "cluster"))
+    try:
+        state = checkpoint.load(path, kind=("pretrain", "cluster"))
+    except CheckpointError as err:
+        # checkpoint.load names the file, not the flag nor what the flag takes: an evaluation's folder, a linear
+        # probe's, a config.yaml or a typo would read as a broken checkpoint
+        raise CheckpointError(f"--pretrained {source!r}: {err}; it takes the directory of a main_pretrain.py or "
+                              f"main_cluster.py run that finished training, or one of their checkpoint files"
+                              ) from None
     checkpoint.require_finite_weights(state, path)
     return path, state
 
@@ -174,6 +181,7 @@ def pretrained_origin(path: Path, state: dict) -> dict:
     method_state = state.get("method_state")
     return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
             "step": state.get("step", 0), "args": state.get("args"), "precision": state.get("precision"),
+            "resume_changes": state.get("resume_changes"),
             "trained_by": starts_of(Path(path).parent, state),
             "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
 

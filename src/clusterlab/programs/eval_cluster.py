@@ -164,6 +164,9 @@ def heads(args, ctx, evaluation, scored_set):
                    sizes[head], bases, f"head {head} ({sizes[head]} classes{marked})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
                    plot=any(base.get("chosen") for base in bases))
+        else:
+            print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "
+                  f"{loaded.epoch}); skipped")
 
 
 def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, settings: tuple | list = ()) -> str:
