@@ -93,6 +93,41 @@ def test_a_relaunch_says_why_a_runs_last_start_failed(tmp_path):
         "global batch 32); it is submitted again"]
 
 
+REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'
+           "clusterlab.errors.CheckpointError: checkpoint.pth was trained with --batch_size 256, this command has "
+           "512\n")
+# what a loader worker's teardown may print after the failure
+NOISE = ("Exception ignored in: <function _MultiProcessingDataLoaderIter.__del__ at 0x7f>\n"
+         'Traceback (most recent call last):\n  File "dataloader.py", line 2, in __del__\n'
+         "ConnectionResetError: [Errno 104] Connection reset by peer\n")
+
+
+@pytest.mark.parametrize("log, status, said", [
+    # a resume refused after a pre-emption: status.json is the pre-empted start's, older than the job
+    (REFUSED, {"state": "interrupted", "updated": "2029-12-31T23:00:00Z"}, "CheckpointError: checkpoint.pth was "
+     "trained with --batch_size 256, this command has 512"),
+    (REFUSED + NOISE, None, "CheckpointError: checkpoint.pth was trained with --batch_size 256, this command has 512"),
+    ('OSError: image file is truncated\nTraceback (most recent call last):\n  File "a.py", line 3\n    assert x\n'
+     "AssertionError\n", None, "AssertionError"),
+    ("ErrorRate: 0.3\n", None, None),  # no traceback: nothing to name
+    # the job's own start wrote status.json (after its submission): its reason, and nothing for a pre-emption
+    (REFUSED, {"state": "failed", "reason": "non-finite loss", "updated": "2030-01-01T00:00:05Z"}, "non-finite loss"),
+    (REFUSED, {"state": "interrupted", "updated": "2030-01-01T00:00:05Z"}, None),
+], ids=["stale-status", "teardown-noise", "bare-exception", "no-traceback", "status-of-the-job", "preempted"])
+def test_the_failure_named_is_the_last_jobs(tmp_path, log, status, said):
+    from clusterlab.programs.launch import last_failure
+
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    (logs / "7_0_log.err").write_text(log)
+    (run / "slurm").mkdir(parents=True)
+    (run / "slurm" / "jobs.jsonl").write_text(json.dumps({"job_id": "7", "kind": "train", "logs": str(logs),
+                                                          "submitted": "2030-01-01T00:00:00Z"}) + "\n")
+    if status:
+        (run / "status.json").write_text(json.dumps(status))
+    assert last_failure(run) == said
+
+
 def test_relative_output_root_is_made_absolute(tmp_path):
     """A relative root means the directory where launch.py runs, also for a generated script run elsewhere."""
     grid = load_grid(grid_file(tmp_path), "some/where")
@@ -401,23 +436,26 @@ def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):
     assert planned.returncode == 0 and "warning: squeue did not answer" in planned.stderr
 
 
-def test_jobs_slurm_can_never_start_are_named_and_not_waited_for(tmp_path):
-    """More nodes than the partition has: Slurm (without EnforcePartLimits) accepts the jobs and keeps them pending
-    for good; launch.py said "submitted", and --wait waited for ever."""
+def test_jobs_slurm_may_never_start_are_named(tmp_path):
+    """More nodes than the partition has: Slurm (without EnforcePartLimits) accepts the jobs and keeps them pending;
+    launch.py said "submitted", and --wait waited without a word. Named once, after submitting or while waiting (the
+    same reasons stand while nodes are drained, and clear: --wait goes on waiting; here the queue empties at the
+    fifth look)."""
     env = fake_slurm(tmp_path)
     (tmp_path / "slurm" / "queue").write_text("101_0 PartitionConfig\n101_1 PartitionNodeLimit\n99 Priority\n")
+    _executable(tmp_path / "slurm" / "squeue", '#!/bin/bash\nn=$(( $(cat "$FAKE_SLURM/looks") + 1 ))\n'
+                'echo "$n" > "$FAKE_SLURM/looks"\n[ "$n" -lt 5 ] && cat "$FAKE_SLURM/queue"; exit 0\n')
     command = [sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs")]
-    said = ("Slurm keeps job(s) 101_0 (PartitionConfig), 101_1 (PartitionNodeLimit) pending for a reason no wait "
-            "removes")
-    submitted = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert submitted.returncode == 0 and f"warning: {said}" in submitted.stderr, submitted.stderr
-    shutil.rmtree(tmp_path / "runs")
-    (tmp_path / "slurm" / "next").write_text("100")  # the same job ids again
-    waited = subprocess.run([*command, "--wait"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert waited.returncode == 2 and waited.stderr.splitlines() == [f"launch.py: error: {said} (more nodes, GPUs or "
-                                                                     f"time than the partition has, a bad constraint, "
-                                                                     f"account or QOS): scancel them and change the "
-                                                                     f"grid's resources"], waited.stderr
+    said = ("warning: Slurm keeps job(s) 101_0 (PartitionConfig), 101_1 (PartitionNodeLimit) pending for a reason "
+            "that may never clear")
+    for flags in ([], ["--wait"]):
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+        (tmp_path / "slurm" / "next").write_text("100")  # the same job ids each time
+        (tmp_path / "slurm" / "looks").write_text("0")
+        done = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(said), done.stderr
+    assert "all jobs left the queue" in done.stdout
 
 
 @pytest.mark.parametrize("value", ["USR1", "SIGUSR2"])

@@ -524,7 +524,8 @@ def test_a_fresh_training_in_a_directory_holding_evaluations_of_earlier_weights_
     tables showed the old numbers under the new flags) and eval_linear.py resumed the old probe's head on the new
     backbone. Refused on one line before anything is written."""
     run = copy_run(tiny_run, tmp_path / "run")
-    (run / "metrics.jsonl").write_text('{"eval": "knn", "checkpoint": "checkpoint.pth", "epoch": 2}\n')
+    foreign = '{"eval": "knn", "checkpoint": "/elsewhere/checkpoint.pth", "epoch": 2}\n'
+    (run / "metrics.jsonl").write_text(foreign + '{"eval": "knn", "checkpoint": "checkpoint.pth", "epoch": 2}\n')
     (run / "linear_ep0002").mkdir()
     for path in run.glob("checkpoint*.pth"):
         path.unlink()
@@ -533,3 +534,8 @@ def test_a_fresh_training_in_a_directory_holding_evaluations_of_earlier_weights_
     assert_user_error(result, "main_pretrain.py", "holds evaluations of earlier weights", "metrics.jsonl",
                       "linear_ep0002")
     assert sorted(p.name for p in run.iterdir()) == before
+    # evaluations of another directory's checkpoint (named by its full path, a probe by its `_from` tag) are no
+    # evaluations of this run's weights
+    (run / "metrics.jsonl").write_text(foreign)
+    (run / "linear_ep0002").rename(run / "linear_ep0002_from0123abcd")
+    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", "1", "--output_dir", run))

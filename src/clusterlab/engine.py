@@ -51,7 +51,7 @@ from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
-from .results import NOT_SETTINGS
+from .results import NOT_SETTINGS, foreign_checkpoint
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel"  # torch's batch-norm error in training mode
@@ -671,13 +671,16 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
         raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
                           f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
-    if (start_epoch, start_step) == (0, 0) and kind != "linear":
+    if kind != "linear" and not (run_dir / "checkpoint.pth").exists():
         # A run trained afresh where an earlier training's checkpoints were removed: that training's metrics
         # records and linear probes name the same checkpoint files at the same epochs, so --skip_recorded would
         # skip the new weights' evaluations (the tables then file the old numbers under the new config.yaml), and
-        # eval_linear.py would resume the old probe's head on the new backbone.
-        earlier = [name for name in ("metrics.jsonl",) if (run_dir / name).is_file()] + sorted(
-            path.name for path in run_dir.glob("linear_ep*") if path.is_dir())
+        # eval_linear.py would resume the old probe's head on the new backbone. (Evaluations of another
+        # directory's checkpoints name it by its full path, and their probes by a `_from` tag: no confusion there.)
+        own_records = any(not foreign_checkpoint(record.get("checkpoint"))
+                          for record in rundir.read_jsonl(run_dir / "metrics.jsonl"))
+        earlier = ["metrics.jsonl"] * own_records + sorted(
+            path.name for path in run_dir.glob("linear_ep*") if path.is_dir() and "_from" not in path.name)
         if earlier:
             raise ConfigError(f"{run_dir} has no checkpoint.pth but holds evaluations of earlier weights "
                               f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}): a fresh training "

@@ -85,7 +85,7 @@ def main(argv=None):
         return
     jobs = submit(grid, plan, args.cluster, in_queue)
     never = stuck([str(job.job_id) for job in jobs]) if args.cluster == "slurm" and jobs and not args.wait else {}
-    if never:  # (--wait stops on it; without it, the jobs would pend unnoticed)
+    if never:  # (--wait names them as it polls)
         print(f"warning: {stuck_message(never)}", file=sys.stderr)
     if args.wait or args.cluster == "debug":  # the debug executor runs a job only when its result is asked for
         wait_until_done(jobs, args.cluster)
@@ -252,27 +252,42 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
 
 
-# The exception a job's log ends with: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`
-EXCEPTION_LINE = re.compile(r"(?:\w+\.)*(\w*(?:Error|Exception)\w*: .*)")
+# The line that ends a traceback: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`, or a bare
+# `AssertionError`
+EXCEPTION_LINE = re.compile(r"(?:\w+\.)*(\w+(?:: .*)?)")
+
+
+def final_exception(text: str) -> str | None:
+    """The exception line of the last traceback in `text` that ended a process: not one Python printed while
+    shutting down ("Exception ignored in: ..."), and not a line of the program's own output that looks like one."""
+    lines, found, in_frames, ignored = text.splitlines(), None, False, False
+    for index, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            before = next((earlier for earlier in reversed(lines[:index]) if earlier.strip()), "")
+            in_frames, ignored = True, before.startswith("Exception ignored")
+        elif in_frames and line and not line[0].isspace():
+            in_frames = False
+            match = EXCEPTION_LINE.fullmatch(line.strip())
+            if match and not ignored:
+                found = match.group(1)[:300]
+    return found
 
 
 def last_failure(run_dir: Path) -> str | None:
-    """Why a run's last start failed, for a relaunch to say before it submits the run again: status.json's reason,
-    or, for a job that failed before the run wrote a status (a flag found bad while the method was built), the
-    exception its training job's log ends with (Slurm's own lines come after it)."""
+    """Why a run's last start failed, for a relaunch to say before it submits the run again: status.json's reason
+    where the last training job wrote it, else (a job that failed before the run wrote a status: a flag found bad
+    while the method was built, a resume refused) the exception its training job's log ends with."""
     status = rundir.read_status(run_dir)
-    if status:
-        return (status.get("reason") or "no reason recorded") if status.get("state") == "failed" else None
     trains = [job for job in recorded_jobs(run_dir) if job.get("kind") == "train" and job.get("logs")]
-    if not trains:
-        return None
+    failed = (status.get("reason") or "no reason recorded") if status.get("state") == "failed" else None
+    # (both UTC, as rundir.now_iso writes them: a status written since the last submission is that job's)
+    if not trains or (status and str(status.get("updated", "")) >= str(trains[-1].get("submitted", ""))):
+        return failed
     log = Path(trains[-1]["logs"]) / f"{trains[-1]['job_id']}_0_log.err"
-    with contextlib.suppress(OSError):
-        for line in reversed(log.read_text(errors="replace").splitlines()):
-            found = EXCEPTION_LINE.fullmatch(line.strip())
-            if found:
-                return found.group(1)[:300]
-    return None
+    try:
+        return final_exception(log.read_text(errors="replace")) or failed
+    except OSError:
+        return failed
 
 
 def output_root(grid: Grid) -> Path:

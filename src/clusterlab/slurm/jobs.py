@@ -27,7 +27,7 @@ import submitit
 # Nothing heavy here: submitit's job wrapper unpickles ProgramJob (importing this module) before it installs its
 # signal handlers, and until ProgramJob.__setstate__ has run a stop signal kills the task (no requeue).
 from .. import signals
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..programs import PROGRAMS
 
 
@@ -170,9 +170,10 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
     return executor
 
 
-# Why squeue says a job is pending, where no wait lets it start: it asks for more nodes, GPUs or time than its
+# Why squeue says a job is pending, where it may never start: it asks for more nodes, GPUs or time than its
 # partition has, a constraint no node meets, an account or QOS it may not use. Slurm accepts such jobs unless the
-# cluster enforces partition limits at submission.
+# cluster enforces partition limits at submission; some of these reasons also stand while nodes are down or drained,
+# and clear when they come back, so they are reported, not acted on.
 NEVER_STARTS = frozenset({"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
                           "InvalidAccount", "InvalidQOS"})
 
@@ -204,21 +205,23 @@ def stuck(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str
 
 def stuck_message(jobs: dict[str, str]) -> str:
     named = ", ".join(f"{job} ({reason})" for job, reason in jobs.items())
-    return (f"Slurm keeps job(s) {named} pending for a reason no wait removes (more nodes, GPUs or time than the "
-            f"partition has, a bad constraint, account or QOS): scancel them and change the grid's resources")
+    return (f"Slurm keeps job(s) {named} pending for a reason that may never clear: they ask for more nodes, GPUs "
+            f"or time than the partition has, a constraint, account or QOS it refuses, or the nodes they need are "
+            f"down or drained; unless that is so, scancel them and change the grid's resources")
 
 
 def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None) -> None:
-    """Block until none of the Slurm jobs is pending or running; a job that can never start stops the wait."""
+    """Block until none of the Slurm jobs is pending or running; a job that may never start is named (once)."""
     deadline = None if timeout_s is None else time.time() + timeout_s
-    waiting = set(job_ids)
+    waiting, named = set(job_ids), set()
     while waiting:
         reasons = queue_reasons()
         if reasons is not None and not waiting & set(reasons):
             return
-        never = stuck(sorted(waiting), reasons) if reasons is not None else {}
+        never = {job: reason for job, reason in stuck(sorted(waiting), reasons or {}).items() if job not in named}
         if never:
-            raise UserError(stuck_message(never))
+            print(f"warning: {stuck_message(never)}", file=sys.stderr, flush=True)
+            named |= set(never)
         if deadline is not None and time.time() > deadline:
             raise TimeoutError(f"jobs still in the queue after {timeout_s} s: {sorted(waiting)}")
         time.sleep(poll_s)
