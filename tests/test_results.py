@@ -740,3 +740,26 @@ def test_a_stage_two_on_an_extended_first_stage_is_no_seed_of_one_on_a_first_sta
                 for seed, c in ((0, []), (1, extended))]
     assert results.recipe_labels(settings) == [
         "pretrained.resume_changes=none", "pretrained.resume_changes=epochs 2->3 at epoch 2 step 0"]
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_runs_that_record_a_flag_others_lack_are_two_recipes_where_they_disagree_on_it(tmp_path, monkeypatch):
+    """b and c record a flag a lacks, with different values: b and c are no seeds of one recipe (they were averaged,
+    and drawn as one line with two points at epoch 5); a, which does not say, is a recipe of its own."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, **kw: drawn.append((list(x), list(y))))
+    root = tmp_path / "runs"
+    for name, seed, epochs, flag, acc in (("a", 0, (1, 3), {}, 0.5), ("b", 1, (1, 3, 5), {"new_flag": 1}, 0.6),
+                                          ("c", 2, (1, 3, 5), {"new_flag": 2}, 0.9)):
+        write_jsonl(root / name / "metrics.jsonl",
+                    [{**record(seed, dataset="cifar10", epoch=epoch, run=name, acc=acc), **CLEAN} for epoch in epochs])
+        config = {"program": "main_pretrain.py", "args": {**SWAV_ARGS, "seed": seed, **flag}, **CLEAN}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert sorted(zip(table["epoch"], table["recipe"], table["n"])) == [
+        (1, "new_flag=1", 1), (1, "new_flag=2", 1), (1, "new_flag=unrecorded", 1), (3, "new_flag=1", 1),
+        (3, "new_flag=2", 1), (3, "new_flag=unrecorded", 1), (5, "new_flag=1", 1), (5, "new_flag=2", 1)]
+    results.plot_against_epochs(table, tmp_path, "cifar10")
+    assert sorted(drawn) == [([1, 3], [50.0, 50.0]), ([1, 3, 5], [60.0, 60.0, 60.0]), ([1, 3, 5], [90.0, 90.0, 90.0])]

@@ -322,20 +322,23 @@ def recipe_labels(settings: list) -> list[str] | None:
     when the known settings agree, else each record's label naming the flags that differ among them, in their
     recorded order (`queue_length=3840 epoch_queue_starts=15`), and UNKNOWN_RECIPE for a run without settings.
 
-    Only flags that every known run records are compared: a run trained before a flag existed (or under its old
+    A flag that only some known runs record is compared only where those that record it disagree on it (then a run
+    without it is `FLAG=unrecorded`, a recipe of its own): a run trained before a flag existed (or under its old
     name) evaluates with its default, so a flag it lacks is no evidence of another recipe."""
     known = [s for s in settings if s is not None]
     if not known:
         return None
-    common = [key for key in known[0] if all(key in s for s in known[1:])]
-
     def canonical(value) -> str:
         return json.dumps(value, sort_keys=True, default=str)
 
-    differ = [key for key in common if len({canonical(s[key]) for s in known}) > 1]
+    # a flag some runs lack tells recipes apart only where the runs that record it disagree on it: those are not
+    # seeds of one recipe whatever the others trained with
+    flags = list(dict.fromkeys(key for s in known for key in s))
+    differ = [key for key in flags if len({canonical(s[key]) for s in known if key in s}) > 1]
     if not differ:
         return None
-    return [UNKNOWN_RECIPE if s is None else " ".join(f"{key}={_setting_text(s[key])}" for key in differ)
+    return [UNKNOWN_RECIPE if s is None else " ".join(f"{key}={_setting_text(s[key]) if key in s else 'unrecorded'}"
+                                                      for key in differ)
             for s in settings]
 
 
@@ -417,10 +420,15 @@ def _settings_key(settings) -> str:
 
 
 def _on_common_keys(keys):
-    """Settings keys (`_settings_key`) restricted to the flags that all of them record."""
+    """Settings keys (`_settings_key`) without the flags that only some of them record and those agree on."""
     parsed = {key: json.loads(key) for key in set(keys) if key}
-    common = set.intersection(*(set(settings) for settings in parsed.values())) if parsed else set()
-    return keys.map(lambda key: _settings_key({k: v for k, v in parsed[key].items() if k in common}) if key else "")
+    values: dict = {}
+    for settings in parsed.values():
+        for k, v in settings.items():
+            values.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
+    # as recipe_labels: a flag only some record is dropped unless those that record it disagree on its value
+    kept = {k for k, seen in values.items() if len(seen) > 1 or all(k in s for s in parsed.values())}
+    return keys.map(lambda key: _settings_key({k: v for k, v in parsed[key].items() if k in kept}) if key else "")
 
 
 def _distinct_parts(protocols: list[str]) -> dict[str, str]:
