@@ -178,15 +178,21 @@ def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step
     assert scales == [2.0 ** (16 - done) for done in done_when_logged]
 
 
-def test_fp16_steps_skipped_before_a_resume_count_towards_the_stop(tmp_path):
-    """Saved after 8 skipped steps and resumed, the run stops where the run never stopped does (32 in a row, epoch 7
-    step 3): the count restarted at 0, so a run requeued often enough skipped steps for ever."""
+def skipped_for_two_epochs(run_dir) -> engine.Trainer:
+    """An NPID fp16 run whose gradients are never finite: 2 epochs of 4 steps, every one skipped, saved at epoch 2."""
     torch.set_num_threads(1)
-    trainer = trainer_for("npid", "fp16", tmp_path)
+    trainer = trainer_for("npid", "fp16", run_dir)
     poison_gradients(trainer, None)
     for epoch in range(2):
         trainer.train_one_epoch(epoch)
     trainer.save(2, 0)
+    return trainer
+
+
+def test_fp16_steps_skipped_before_a_resume_count_towards_the_stop(tmp_path):
+    """Saved after 8 skipped steps and resumed, the run stops where the run never stopped does (32 in a row, epoch 7
+    step 3): the count restarted at 0, so a run requeued often enough skipped steps for ever."""
+    skipped_for_two_epochs(tmp_path)
     resumed = trainer_for("npid", "fp16", tmp_path)
     assert resumed.resume() == (2, 0) and resumed.skipped_in_a_row == 8
     poison_gradients(resumed, None)
@@ -261,13 +267,7 @@ def test_skipped_steps_do_not_carry_over_a_resume_that_changes_the_precision(tmp
     """8 skipped fp16 steps, then a clean bf16 epoch (no scaler: nothing can be skipped), then fp16 again with a fresh
     scaler: the 8 old skips belong to another scaler and to steps before a clean epoch, so the resumed fp16 run must
     skip 32 steps in a row (8 epochs of 4 steps) before it stops, not 24."""
-    torch.set_num_threads(1)
-    first = trainer_for("npid", "fp16", tmp_path)
-    poison_gradients(first, None)
-    for epoch in range(2):
-        first.train_one_epoch(epoch)
-    first.save(2, 0)
-    assert first.skipped_in_a_row == 8
+    assert skipped_for_two_epochs(tmp_path).skipped_in_a_row == 8
     clean = trainer_for("npid", "bf16", tmp_path)
     assert clean.resume() == (2, 0)
     assert clean.train_one_epoch(2)

@@ -41,12 +41,9 @@ def test_an_epoch_resumed_on_one_process_weighs_every_step_alike(saved_world):
     assert resumed.last_head_losses == pytest.approx(expected, rel=1e-5)
 
 
-def test_an_epoch_resumed_on_more_processes_weighs_every_step_alike():
-    """1 -> 2: rank 0 carries the single row; both ranks then add their own."""
-    g = torch.Generator().manual_seed(1)
-    early = 3 + torch.rand(5, 1, 2, generator=g)
-    late = 1 + torch.rand(7, 2, 2, generator=g)
-    rows = torch.cat([early.sum(dim=0), torch.full((1, 1), 5.0)], dim=1)
+def means_resumed_on_two_ranks(saved: torch.Tensor, late: torch.Tensor) -> list[float]:
+    """The epoch's per-head means after `saved` (extra_state's epoch_loss_totals) is loaded on each of 2 ranks and
+    each adds its `late[:, rank]` losses: what on_epoch_end's all-gather adds up."""
     import clusterlab.distributed as distributed
 
     ranks = []
@@ -55,14 +52,22 @@ def test_an_epoch_resumed_on_more_processes_weighs_every_step_alike():
             mp.setattr(distributed, "world_size", lambda: 2)
             mp.setattr(distributed, "rank", lambda: rank)
             method = head_losses()
-            method.load_extra_state({"last_head_losses": [], "epoch_loss_totals": rows})
+            method.load_extra_state({"last_head_losses": [], "epoch_loss_totals": saved})
         for losses in late[:, rank]:
             method.record_head_losses(list(losses))
         ranks.append(torch.cat([method._loss_sums, torch.tensor([float(method._loss_count)])]))
-    totals = torch.stack(ranks).sum(dim=0)  # what on_epoch_end's all-gather adds up
-    got = (totals[:-1] / totals[-1]).tolist()
+    totals = torch.stack(ranks).sum(dim=0)
+    return (totals[:-1] / totals[-1]).tolist()
+
+
+def test_an_epoch_resumed_on_more_processes_weighs_every_step_alike():
+    """1 -> 2: rank 0 carries the single row; both ranks then add their own."""
+    g = torch.Generator().manual_seed(1)
+    early = 3 + torch.rand(5, 1, 2, generator=g)
+    late = 1 + torch.rand(7, 2, 2, generator=g)
+    rows = torch.cat([early.sum(dim=0), torch.full((1, 1), 5.0)], dim=1)
     expected = torch.cat([early[:, 0], late.mean(dim=1)]).mean(dim=0).tolist()
-    assert got == pytest.approx(expected, rel=1e-5)
+    assert means_resumed_on_two_ranks(rows, late) == pytest.approx(expected, rel=1e-5)
 
 
 def test_sums_saved_before_each_rank_kept_its_row_are_not_rescaled():
@@ -72,18 +77,5 @@ def test_sums_saved_before_each_rank_kept_its_row_are_not_rescaled():
     early = 3 + torch.rand(5, 2, 2, generator=g)
     late = 1 + torch.rand(7, 2, 2, generator=g)
     summed = torch.cat([early.sum(dim=(0, 1)), torch.tensor([10.0])])
-    import clusterlab.distributed as distributed
-
-    ranks = []
-    for rank in range(2):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(distributed, "world_size", lambda: 2)
-            mp.setattr(distributed, "rank", lambda: rank)
-            method = head_losses()
-            method.load_extra_state({"last_head_losses": [], "epoch_loss_totals": summed})
-        for losses in late[:, rank]:
-            method.record_head_losses(list(losses))
-        ranks.append(torch.cat([method._loss_sums, torch.tensor([float(method._loss_count)])]))
-    totals = torch.stack(ranks).sum(dim=0)
     expected = torch.cat([early.mean(dim=1), late.mean(dim=1)]).mean(dim=0).tolist()
-    assert (totals[:-1] / totals[-1]).tolist() == pytest.approx(expected, rel=1e-5)
+    assert means_resumed_on_two_ranks(summed, late) == pytest.approx(expected, rel=1e-5)
