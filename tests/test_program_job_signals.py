@@ -113,6 +113,7 @@ esac
 """
 
 
+@pytest.mark.slow  # it runs a stand-in scontrol
 def test_an_array_task_whose_id_is_the_arrays_reads_its_own_state(tmp_path, monkeypatch):
     """launch.py submits arrays; the task whose job id is the array's read the last task's line: another task's
     state (a TERM then only logged) and Restarts (a requeue that failed taken as done)."""
