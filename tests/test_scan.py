@@ -22,7 +22,8 @@ from clusterlab.errors import ConfigError
 from clusterlab.losses.scan import class_balance_weights, confident_cross_entropy, confident_targets, scan_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.programs.train import parse_args
-from conftest import HostCopies, entry_module
+from conftest import TINY as TINY_SWAV
+from conftest import HostCopies, assert_ok, copy_run, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_amp import images
 from test_resume import assert_same_tensors
@@ -579,3 +580,21 @@ def test_scan_losses_on_a_device_never_wait_for_it():
         loss, _ = confident_cross_entropy(neighbours, anchors, 0.99, balance=True)
         (total + loss).backward()
     assert copies.blocking == 0 and anchors.grad.shape == anchors.shape
+
+
+def test_a_resumed_stage_two_says_when_its_pretrained_run_has_moved_on(tiny_run, tmp_path):
+    """SCAN trained on a SwAV run, then the SwAV run extended by an epoch: the same SCAN command (a requeued chain
+    resubmits it) trains on from its own checkpoint without a word that --pretrained now holds other weights."""
+    first = copy_run(tiny_run, tmp_path / "swav")
+    scan = ["--method", "scan", "--dataset", "digits", "--width", "4", "--batch_size", "64", "--size_crops", "8",
+            "--epochs", "1", "--device", "cpu", "--pretrained", first, "--output_dir", tmp_path / "scan"]
+    assert_ok(run_script("main_cluster.py", *scan))
+    again = run_script("main_cluster.py", *scan)
+    assert_ok(again)
+    assert "--pretrained" not in again.stdout  # nothing moved
+    assert_ok(run_script("main_pretrain.py", *TINY_SWAV, "--epochs", "3", "--output_dir", first))
+    again = run_script("main_cluster.py", *scan)
+    assert_ok(again)
+    checkpoint = (first / "checkpoint.pth").resolve()
+    assert (f"note: --pretrained {str(first)!r} now holds {checkpoint} at epoch 3 step 0; this run started from "
+            f"{checkpoint} at epoch 2 step 0 and goes on from its own checkpoint") in again.stdout, again.stdout

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import checkpoint, distributed, rundir
 from ..config import starts_of
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, UserError
 from .base import Method
 
 
@@ -171,6 +171,26 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
                               ) from None
     checkpoint.require_finite_weights(state, path)
     return path, state
+
+
+def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
+    """A note for a resumed run whose `--pretrained source` no longer holds the weights it started from (another file,
+    or the same run extended or trained again since): the run goes on from its own checkpoint, and pretrained_from
+    keeps naming its real start. None where they agree, or `source` cannot be read (a moved run resumes as well)."""
+    if not isinstance(recorded, dict):
+        return None
+    path = Path(source) / "checkpoint.pth" if Path(source).is_dir() else Path(source)
+    try:
+        state = checkpoint.load(path, kind=("pretrain", "cluster"), mmap=True)
+    except (UserError, OSError):
+        return None
+    now = (str(path.resolve()), state.get("epoch"), state.get("step", 0))
+    then = (recorded.get("checkpoint"), recorded.get("epoch"), recorded.get("step", 0))
+    if now == then:
+        return None
+    return (f"--pretrained {source!r} now holds {now[0]} at epoch {now[1]} step {now[2]}; this run started from "
+            f"{then[0]} at epoch {then[1]} step {then[2]} and goes on from its own checkpoint (config.yaml's "
+            f"pretrained_from names that start); a new --output_dir starts from the weights there now")
 
 
 def pretrained_origin(path: Path, state: dict) -> dict:

@@ -17,7 +17,7 @@ from .. import checkpoint, config, data, distributed, engine
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
-from ..methods.cluster_base import pretrained_normalisation, read_pretrained
+from ..methods.cluster_base import pretrained_moved_on, pretrained_normalisation, read_pretrained
 
 PROGRAM = {"pretrain": "main_pretrain.py", "cluster": "main_cluster.py"}
 DEFAULT_METHOD = {"pretrain": "swav", "cluster": "sela"}
@@ -91,7 +91,8 @@ def main(kind: str, argv=None):
         pretrained = getattr(args, "pretrained", None)
         own = Path(args.output_dir) / "checkpoint.pth"
         # Read once, for its normalisation and its weights (a resumed run has both in its own checkpoint).
-        found = read_pretrained(pretrained) if pretrained and not own.exists() else None
+        resuming = own.exists()
+        found = read_pretrained(pretrained) if pretrained and not resuming else None
         normalisation = _normalisation(args, kind, train_set, own, found)
         method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
         method.check_training_settings()
@@ -102,6 +103,10 @@ def main(kind: str, argv=None):
                 print(f"{', '.join(method.pretrained_parts)} from {source}", flush=True)
         method.to(ctx.device)
         trainer, start_epoch, start_step = engine.start_run(method, args, ctx, train_set, kind, PROGRAM[kind], run)
+        if pretrained and resuming and ctx.is_main:
+            moved_on = pretrained_moved_on(pretrained, getattr(method, "pretrained_from", None))
+            if moved_on:
+                print(f"note: {moved_on}", flush=True)
 
         for epoch in range(start_epoch, args.epochs):
             completed = trainer.train_one_epoch(epoch, start_step)
