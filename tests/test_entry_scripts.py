@@ -395,3 +395,24 @@ def test_pixel_k_means_is_fitted_on_the_split_fit_on_names(tmp_path, capsys):
     test_x = pixels(test, EvalView.of(test.image_size, 0))
     expected = cluster_metrics(test.labels.numpy(), kmeans_assign(test_x, test_x, 10, 1, 0), 10, 10)
     assert record["protocol"]["fit_on"] == "test" and record["metrics"] == pytest.approx(expected, abs=0)
+
+
+def test_skip_recorded_heads_all_recorded_pass_over_no_image(tmp_path, monkeypatch, capsys):
+    """A requeued evaluation job of a class-assignment run whose heads are all recorded ran every head over the whole
+    test split before it found them recorded."""
+    from clusterlab.programs import eval_cluster
+
+    run = tmp_path / "selfclassifier"
+    assert_ok(run_script("main_cluster.py", "--method", "selfclassifier", "--dataset", "digits", "--width", "4",
+                         "--batch_size", "32", "--size_crops", "8", "--epochs", "1", "--head_classes", "10", "20",
+                         "--hidden_dim", "32", "--embed_dim", "16", "--device", "cpu", "--output_dir", run))
+    evaluate = entry_module("eval_cluster").main
+    evaluate(["--run", str(run), "--device", "cpu", "--plot", "false"])
+    passes = []
+    extract = eval_cluster.extract
+    monkeypatch.setattr(eval_cluster, "extract", lambda *args, **kwargs: passes.append(1) or extract(*args, **kwargs))
+    capsys.readouterr()
+    evaluate(["--run", str(run), "--device", "cpu", "--plot", "false", "--skip_recorded", "true"])
+    assert passes == [] and capsys.readouterr().out.count("already recorded") == 2
+    evaluate(["--run", str(run), "--device", "cpu", "--plot", "false", "--skip_recorded", "true", "--split", "train"])
+    assert passes == [1]  # another split: evaluated

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import cli, config, data, distributed, results
 from ..config import bool_flag
+from ..engine import max_over_ranks
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
                              open_pixel_baseline, pixels, recorded_view, require_finite)
@@ -141,29 +142,37 @@ def heads(args, ctx, evaluation, scored_set):
         finite = torch.stack([torch.isfinite(head).all(dim=1) for head in logits], dim=1)
         return chosen_class.masked_fill(~finite, float("nan"))
 
-    assignments = require_finite(extract(classes, scored_set, method.eval_view, method.info.mean, method.info.std,
-                                         ctx.device, args.batch_size, args.workers, normalize=False),
-                                 loaded, "head logits", scored_set)
-    if not ctx.is_main:
-        return
     view = evaluation.data_protocol(scored_set)
-    for head, predicted in enumerate(assignments.long().cpu().numpy().T):
+    pending = {}  # head: the records it still needs
+    for head, size in enumerate(sizes):
         # Every head's own record, the chosen one's included, so that a head's row holds it for every seed; the
         # chosen head's second record is the run's result (its row averages seeds that choose different heads).
         selections = [{"selection": "all-heads"}]
         if head == chosen:
             selections.append({"chosen": True, "selection": "lowest-loss"})
-        bases = [{"assignment": "head", "head": head, "clusters": sizes[head], **selection, "features": "heads",
-                  **view} for selection in selections]
-        bases = [base for base in bases if not results.skip_recorded(
+        bases = [{"assignment": "head", "head": head, "clusters": size, **selection, "features": "heads", **view}
+                 for selection in selections]
+        pending[head] = [base for base in bases if not results.skip_recorded(
             args, loaded.run_dir, "cluster", loaded.checkpoint_name, {**base, "split": args.split},
             results.Wanted(scored_set.name, [recorded_view(view)], loaded.position))]
-        if bases:
+    # Every rank reads the same metrics.jsonl, but a record another job appends in between could part them: any rank
+    # with a head left makes every rank take part in the pass over the split (a requeued job whose heads are all
+    # recorded makes none).
+    if max_over_ranks(float(any(pending.values())), ctx.device):
+        assignments = require_finite(extract(classes, scored_set, method.eval_view, method.info.mean, method.info.std,
+                                             ctx.device, args.batch_size, args.workers, normalize=False),
+                                     loaded, "head logits", scored_set).long().cpu().numpy().T
+    else:
+        assignments = [None] * len(sizes)
+    if not ctx.is_main:
+        return
+    for head, predicted in enumerate(assignments):
+        if pending[head]:
             marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
-                   sizes[head], bases, f"head {head} ({sizes[head]} classes{marked})",
+                   sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
-                   plot=any(base.get("chosen") for base in bases))
+                   plot=any(base.get("chosen") for base in pending[head]))
         else:
             print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "
                   f"{loaded.epoch}); skipped")
