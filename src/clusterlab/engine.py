@@ -240,25 +240,25 @@ class Trainer:
             self.term_totals["loss"] = math.nan
         self.resume_changes = list(state.get("resume_changes", []))
         self.resume_notes = []
-        changed = [key for key in SCHEDULE_KEYS if key in state["args"]
-                   and _plain(state["args"][key]) != _plain(getattr(self.args, key))]
-        before = {key: _plain(state["args"][key]) for key in changed}
-        after = {key: _plain(getattr(self.args, key)) for key in changed}
-        if changed:
-            self.resume_notes.append(self.schedule_change(state["args"], changed))
+        saved_args = state["args"]
+
+        def differs(key: str) -> bool:
+            return key in vars(self.args) and _plain(saved_args[key]) != _plain(getattr(self.args, key))
+
+        changed = [key for key in SCHEDULE_KEYS if key in saved_args and differs(key)]
         # Every other flag that shapes what the run learns (a loss temperature, a queue, an augmentation range,
         # sync_bn...) may change too, but not silently: config.yaml's args are the last start's, so without a
         # record the tables would file the epochs trained before under the new values.
-        others = [key for key in state["args"] if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS)
-                  and key in vars(self.args) and _plain(state["args"][key]) != _plain(getattr(self.args, key))]
+        others = [key for key in saved_args
+                  if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS) and differs(key)]
+        before = {key: _plain(saved_args[key]) for key in (*changed, *others)}
+        after = {key: _plain(getattr(self.args, key)) for key in (*changed, *others)}
+        if changed:
+            self.resume_notes.append(self.schedule_change(saved_args, changed))
         if others:
-            before.update({key: _plain(state["args"][key]) for key in others})
-            after.update({key: _plain(getattr(self.args, key)) for key in others})
-            flags = ", ".join(f"--{key} {_flag_value(state['args'][key])} -> {_flag_value(getattr(self.args, key))}"
-                              for key in others)
-            self.resume_notes.append(f"flags changed on resume ({flags}): the run goes on with the new values from "
-                                     f"epoch {self.position[0]} step {self.position[1]}; config.yaml and the tables "
-                                     f"record the change")
+            self.resume_notes.append(f"flags changed on resume ({_flag_changes(saved_args, self.args, others)}): "
+                                     f"the run goes on with the new values from epoch {self.position[0]} step "
+                                     f"{self.position[1]}; config.yaml and the tables record the change")
         saved_world = state.get("world_size")
         if saved_world is not None and saved_world != self.ctx.world_size:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
@@ -288,10 +288,9 @@ class Trainer:
         back from its final rate)."""
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
         last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
-        flags = ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(self.args, key))}"
-                          for key in changed)
-        return (f"the schedule's flags changed on resume ({flags}): step {self.global_step} trains at learning rate "
-                f"{self.schedule(self.global_step):.6g}, the last step trained at {last:.6g}")
+        return (f"the schedule's flags changed on resume ({_flag_changes(saved_args, self.args, changed)}): step "
+                f"{self.global_step} trains at learning rate {self.schedule(self.global_step):.6g}, the last step "
+                f"trained at {last:.6g}")
 
     def restore_missing_epoch_checkpoints(self) -> None:
         """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between
@@ -766,6 +765,11 @@ def _plain(value):
 
 def _flag_value(value) -> str:
     return (" ".join(map(str, value)) or "(none)") if isinstance(value, (list, tuple)) else str(value)
+
+
+def _flag_changes(saved_args: dict, args: argparse.Namespace, keys: list[str]) -> str:
+    """`--lr 0.1 -> 0.2, --epochs 2 -> 3`: the checkpoint's values of `keys`, then the command's."""
+    return ", ".join(f"--{key} {_flag_value(saved_args[key])} -> {_flag_value(getattr(args, key))}" for key in keys)
 
 
 def _plain_args(args: argparse.Namespace) -> dict:

@@ -205,10 +205,10 @@ def run_settings(run_config: dict | None) -> dict | None:
 def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
     """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args (and precision)
     are its last start's: a change (config.yaml's `resume_changes`, one per resume that changed a flag, the
-    precision or, where it matters, the number of processes) made at or after `position` came later, and the earlier values apply; one made before
-    is named in `resume_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for a run never changed), so that a run
-    extended with a larger --epochs is no seed of one trained to that length from the start. A run written before
-    config.yaml kept the changes is compared without the key."""
+    precision or, where it matters, the number of processes) made at or after `position` came later, and the
+    earlier values apply; one made before is named in `resume_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for
+    a run never changed), so that a run extended with a larger --epochs is no seed of one trained to that length
+    from the start. A run written before config.yaml kept the changes is compared without the key."""
     if settings is None or not isinstance(changes, list):
         return settings
     settings, earlier = dict(settings), []
@@ -328,18 +328,23 @@ def recipe_labels(settings: list) -> list[str] | None:
     known = [s for s in settings if s is not None]
     if not known:
         return None
-    def canonical(value) -> str:
-        return json.dumps(value, sort_keys=True, default=str)
-
-    # a flag some runs lack tells recipes apart only where the runs that record it disagree on it: those are not
-    # seeds of one recipe whatever the others trained with
-    flags = list(dict.fromkeys(key for s in known for key in s))
-    differ = [key for key in flags if len({canonical(s[key]) for s in known if key in s}) > 1]
+    differ = _differing_flags(known)
     if not differ:
         return None
     return [UNKNOWN_RECIPE if s is None else " ".join(f"{key}={_setting_text(s[key]) if key in s else 'unrecorded'}"
                                                       for key in differ)
             for s in settings]
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _differing_flags(known: list[dict]) -> list[str]:
+    """The flags, in their recorded order, on which the runs that record them disagree: a flag some runs lack tells
+    recipes apart only so (those that record it are no seeds of one recipe, whatever the others trained with)."""
+    flags = dict.fromkeys(key for settings in known for key in settings)
+    return [key for key in flags if len({_canonical(s[key]) for s in known if key in s}) > 1]
 
 
 def latest_records(frame):
@@ -416,18 +421,15 @@ def aggregate(frame):
 
 
 def _settings_key(settings) -> str:
-    return "" if not isinstance(settings, dict) else json.dumps(settings, sort_keys=True, default=str)
+    return _canonical(settings) if isinstance(settings, dict) else ""
 
 
 def _on_common_keys(keys):
     """Settings keys (`_settings_key`) without the flags that only some of them record and those agree on."""
     parsed = {key: json.loads(key) for key in set(keys) if key}
-    values: dict = {}
-    for settings in parsed.values():
-        for k, v in settings.items():
-            values.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
-    # as recipe_labels: a flag only some record is dropped unless those that record it disagree on its value
-    kept = {k for k, seen in values.items() if len(seen) > 1 or all(k in s for s in parsed.values())}
+    # as recipe_labels compares them
+    kept = set(_differing_flags(list(parsed.values()))) | {
+        flag for settings in parsed.values() for flag in settings if all(flag in s for s in parsed.values())}
     return keys.map(lambda key: _settings_key({k: v for k, v in parsed[key].items() if k in kept}) if key else "")
 
 

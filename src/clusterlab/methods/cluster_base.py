@@ -150,17 +150,21 @@ class ClusterMethod(Method):
         return state["model"]
 
 
+def pretrained_file(source: str) -> Path:
+    """The checkpoint `--pretrained source` names: a run directory's checkpoint.pth, or the file itself."""
+    return Path(source) / "checkpoint.pth" if Path(source).is_dir() else Path(source)
+
+
 def read_pretrained(source: str) -> tuple[Path, dict]:
     """The checkpoint of a run directory that finished training (its checkpoint.pth) or a checkpoint file, validated.
     A run still training, stopped or failed would hand over weights of some epoch without a word."""
-    path = Path(source)
-    if path.is_dir():
-        status = rundir.read_status(path)
+    if Path(source).is_dir():
+        status = rundir.read_status(source)
         if status.get("state", "finished") != "finished":
             raise ConfigError(f"--pretrained {source!r} has not finished training (status {status['state']!r} at "
                               f"epoch {status.get('epoch')}); let it finish, or name one of its checkpoint files to "
                               f"start from that state")
-        path = path / "checkpoint.pth"
+    path = pretrained_file(source)
     try:
         state = checkpoint.load(path, kind=("pretrain", "cluster"))
     except CheckpointError as err:
@@ -179,7 +183,7 @@ def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
     keeps naming its real start. None where they agree, or `source` cannot be read (a moved run resumes as well)."""
     if not isinstance(recorded, dict):
         return None
-    path = Path(source) / "checkpoint.pth" if Path(source).is_dir() else Path(source)
+    path = pretrained_file(source)
     try:
         state = checkpoint.load(path, kind=("pretrain", "cluster"), mmap=True)
     except (UserError, OSError):
