@@ -261,6 +261,9 @@ CASES += [
     ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
                                "--checkpoint", "checkpoint_ep0002.pth"], ["--checkpoint 'checkpoint_ep0002.pth'"],
      "baseline-checkpoint"),
+    ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                               "--train_features", "memory_bank", "--features", "embedding"],
+     ["--train_features memory_bank", "raw pixels have no memory bank", "recomputed"], "baseline-memory-bank"),
 ]
 
 
@@ -349,6 +352,8 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      ["--clusters 5000", "more than the 898 images"], "eval-too-many-clusters"),
     ("eval_knn.py", None, ["--run", "RUN", "--train_features", "memory_bank", "--features", "embedding"],
      ["--train_features memory_bank", "keeps no memory bank"], "eval-no-memory-bank"),
+    ("eval_cluster.py", None, ["--run", "RUN", "--assignment", "heads", "--device", "cpu"],
+     ["--assignment heads", "method 'swav' has no heads", "--assignment kmeans"], "eval-heads-without-heads"),
     ("eval_linear.py", None, ["--run", "RUN", "--cached_features", "true", "--channels_last", "--device", "cpu"],
      ["--channels_last does nothing with --cached_features true", "--cached_features false"],
      "linear-cached-channels-last"),

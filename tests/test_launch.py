@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from clusterlab import rundir
+from clusterlab.errors import ConfigError
 from clusterlab.slurm.grid import RESOURCE_DEFAULTS, load_grid, run_name
 from clusterlab.slurm.jobs import make_executor
 from clusterlab.slurm.sbatch import recipe_scripts
@@ -504,6 +506,71 @@ def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
     grid = load_grid(grid_file(tmp_path, config="configs/npid_cifar10.yaml", flags={}, axes={"seed": [0]},
                                evals={"programs": ["eval_knn.py"], "epochs": [120, 200]}), tmp_path / "runs")
     assert grid.runs[0].flags["checkpoint_epochs"] == [50, 100, 120, 150, 200]
+
+
+@pytest.mark.parametrize("config, eval_flags, refusal", [
+    ("configs/swav_digits.yaml", {"eval_cluster.py": {"assignment": "heads"}}, "method 'swav' has no heads"),
+    ("configs/swav_digits.yaml", {"eval_knn.py": {"train_features": "memory_bank", "features": "embedding"}},
+     "method 'swav' keeps no memory bank"),
+    ("configs/npid_fashion_mnist.yaml", {"eval_knn.py": {"train_features": "memory_bank"}},
+     "--train_features memory_bank needs --features embedding"),
+    ("configs/npid_fashion_mnist.yaml", {"eval_knn.py": {"train_features": "memory_bank", "features": "embedding"}},
+     None),
+    ("configs/sela_fashion_mnist.yaml", {"eval_cluster.py": {"clusters": [10, 20]}},
+     "--clusters applies to k-means, and a run of sela is scored by its heads"),
+    ("configs/sela_fashion_mnist.yaml", {"eval_cluster.py": {"assignment": "kmeans", "clusters": [10, 20]}}, None),
+    ("configs/swav_digits.yaml", {"eval_cluster.py": {"clusters": [10, 20], "restarts": 2}}, None),
+    ("configs/swav_digits.yaml", {"eval_linear.py": {"cached_features": True, "compile": True}},
+     "--compile does nothing with --cached_features true"),
+])
+def test_evaluation_flags_the_runs_method_cannot_take_are_refused_before_anything_is_submitted(
+        tmp_path, config, eval_flags, refusal):
+    """A grid whose evaluations would be refused once its training jobs had run (hours later, after the training
+    was paid for) is refused when it is read, naming the run, the program and the flag."""
+    spec = grid_file(tmp_path, program=None, config=config, flags={}, axes={"seed": [0]},
+                     evals={"programs": list(eval_flags), "flags": eval_flags})
+    if refusal is None:
+        assert load_grid(spec, tmp_path / "runs").runs[0].evals
+        return
+    with pytest.raises(ConfigError, match=r"run '\w+': eval_\w+\.py .*" + re.escape(refusal)):
+        load_grid(spec, tmp_path / "runs")
+
+
+def test_a_pipelines_evaluations_are_checked_against_its_last_stages_method(tmp_path):
+    """EmbedUL's stage 2 on Super-AND: the evaluations score the stage-2 run, which keeps no memory bank."""
+    stages = [{"name": "embed", "config": "configs/superand_fashion_mnist.yaml"},
+              {"name": "assign", "config": "configs/embedul_fashion_mnist.yaml", "pretrained_from": "embed"}]
+    evals = {"programs": ["eval_knn.py"],
+             "flags": {"eval_knn.py": {"train_features": "memory_bank", "features": "embedding"}}}
+    spec = {"name": "p", "stages": stages, "axes": {"seed": [0]}, "evals": evals}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ConfigError, match="eval_knn.py --train_features memory_bank: method 'embedul' keeps no"):
+        load_grid(path, tmp_path / "runs")
+
+
+def test_a_recipes_evaluations_are_checked_against_its_last_stages_method(tmp_path):
+    recipe = {"stages": [{"name": "embed", "config": str(ROOT / "configs" / "superand_fashion_mnist.yaml")},
+                         {"name": "assign", "config": str(ROOT / "configs" / "embedul_fashion_mnist.yaml"),
+                          "pretrained_from": "embed"}],
+              "evals": ["eval_cluster.py"], "eval_flags": {"eval_cluster.py": {"restarts": 3}}}
+    path = tmp_path / "recipes.yaml"
+    path.write_text(yaml.safe_dump({"two": recipe}))
+    with pytest.raises(ConfigError, match="recipe 'two': eval_cluster.py --restarts applies to k-means, and a run of "
+                                          "embedul is scored by its heads"):
+        recipe_scripts(path)
+    recipe["eval_flags"]["eval_cluster.py"]["assignment"] = "kmeans"
+    path.write_text(yaml.safe_dump({"two": recipe}))
+    assert "--restarts 3" in recipe_scripts(path)["two"]
+
+
+@pytest.mark.slow
+def test_emitted_recipe_scripts_name_the_folder_they_are_written_to(tmp_path):
+    out = tmp_path / "my_sbatch"
+    done = run_launch("--emit-sbatch", "--sbatch_dir", str(out))
+    assert done.returncode == 0, done.stderr
+    script = (out / "unmix_c10_400ep.sh").read_text()
+    assert f"# Usage (from the repository root): sbatch {out}/unmix_c10_400ep.sh" in script
 
 
 def test_eval_resources_default_key_by_key_to_the_training_resources(tmp_path):

@@ -3,6 +3,7 @@ checkpoint, and the same command started again ends bit-identical (model, optimi
 was never stopped. A command whose run-defining flags differ from the checkpoint's is refused, writing nothing."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -411,3 +412,14 @@ def test_a_failure_after_the_run_finished_leaves_it_finished(run_in_process, mon
     with pytest.raises(RuntimeError, match="used up its requeues"):
         run_in_process("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run_dir)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_the_eta_of_a_resumed_epoch_counts_only_the_steps_this_start_ran(monkeypatch):
+    """Resumed at step 900 of 1000, one step a second: 1,099 steps are left (100 of this epoch, 1,000 of the
+    next), not the 1 s that dividing the time by all 901 steps of the epoch gave."""
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.args, trainer.steps_per_epoch = argparse.Namespace(epochs=2), 1000
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    record = {"epoch": 0, "step": 900, "loss": 1.0, "lr": 0.1, "img_per_s": 5.0}
+    assert trainer.progress_line(record, epoch_start=999.0, step=900, start_step=900).endswith("eta 0:18:19")
+    assert trainer.progress_line(record, epoch_start=99.0, step=900).endswith("eta 0:18:19")

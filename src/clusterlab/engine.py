@@ -346,7 +346,7 @@ class Trainer:
                 if self.loss_scale is not None:
                     record["loss_scale"] = self.loss_scale
                 rundir.append_jsonl(log_path, record)
-                print(self.progress_line(record, epoch_start, step), flush=True)
+                print(self.progress_line(record, epoch_start, step, start_step), flush=True)
                 window_start, window_images = time.time(), 0
             if self.stop_requested and not last_step:
                 return False
@@ -410,9 +410,11 @@ class Trainer:
         means = [value / self.ctx.world_size for value in sums]
         return bool(stop_requested), bool(not_finite), means[0], dict(zip(terms, means[1:]))
 
-    def progress_line(self, record: dict, epoch_start: float, step: int) -> str:
+    def progress_line(self, record: dict, epoch_start: float, step: int, start_step: int = 0) -> str:
+        """The console line of `step`; the time per step is measured over the steps this start has run of the
+        epoch (from `start_step`: a resumed epoch's earlier steps took no time here)."""
         done = step + 1
-        per_step = (time.time() - epoch_start) / done
+        per_step = (time.time() - epoch_start) / (done - start_step)
         remaining_steps = (self.args.epochs - record["epoch"]) * self.steps_per_epoch - done
         eta = _format_seconds(per_step * max(0, remaining_steps))
         terms = " ".join(f"{k} {record[k]:.4f}" for k in record if k not in STEP_FIELDS)

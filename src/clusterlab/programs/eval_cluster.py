@@ -58,13 +58,11 @@ KMEANS_FLAGS = ("clusters", "fit_on", "restarts", "normalize", "seed", "features
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     args.clusters = list(dict.fromkeys(args.clusters))  # --clusters 10 10 is one evaluation
-    defaults = get_args_parser()
-    given = [key for key in KMEANS_FLAGS if getattr(args, key) != defaults.get_default(key)]
     distributed.configure_threads()
-    if args.normalize == "auto":  # what records said before the flag was honoured: a run's features, not pixels
-        args.normalize = not args.baseline
     ctx = distributed.init(args.device)
     if args.baseline:
+        # --normalize auto: what records said before the flag was honoured, a run's features yes, pixels no
+        args.normalize = False if args.normalize == "auto" else args.normalize
         run_dir, run_args, train_set, scored_set = open_pixel_baseline(args, args.split)
         view = baseline_view(args, train_set)
         if args.fit_on == "train":
@@ -82,13 +80,11 @@ def main(argv=None):
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
         scored_set = evaluation.train_set if args.split == "train" else evaluation.test_set
-        has_heads = loaded.method.program_kind == "cluster"
-        if args.assignment == "heads" or (args.assignment == "auto" and has_heads):
-            if given:
-                raise ConfigError(f"--{given[0]} applies to k-means, and run {str(loaded.run_dir)!r} is scored by its "
-                                  f"heads: leave it out, or give --assignment kmeans")
+        check_flags(args, type(loaded.method))
+        if scored_by_heads(args, type(loaded.method)):
             heads(args, ctx, evaluation, scored_set)
         else:
+            args.normalize = True if args.normalize == "auto" else args.normalize
             fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
             fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers,
                                         normalize=args.normalize)
@@ -98,6 +94,25 @@ def main(argv=None):
             kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x, scored_x,
                    scored_set, args.features, evaluation.data_protocol(scored_set))
     distributed.shutdown()
+
+
+def scored_by_heads(args, method: type) -> bool:
+    """Whether a run of `method` is scored by its heads: --assignment heads, or auto and a class-assignment run."""
+    return args.assignment == "heads" or (args.assignment == "auto" and method.program_kind == "cluster")
+
+
+def check_flags(args, method: type) -> None:
+    """Refuse flags that cannot score a run of `method`, on one line: --assignment heads without heads, a k-means
+    flag where the heads score it. launch.py asks before it submits a grid's jobs, with the grid's evaluation flags
+    and each run's method."""
+    if args.assignment == "heads" and method.program_kind != "cluster":
+        raise ConfigError(f"--assignment heads: method {method.name!r} has no heads (give --assignment kmeans or "
+                          f"auto)")
+    defaults = get_args_parser()
+    given = [key for key in KMEANS_FLAGS if getattr(args, key) != defaults.get_default(key)]
+    if given and scored_by_heads(args, method):
+        raise ConfigError(f"--{given[0]} applies to k-means, and a run of {method.name} is scored by its heads: leave "
+                          f"it out, or give --assignment kmeans")
 
 
 def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
@@ -129,8 +144,6 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
 def heads(args, ctx, evaluation, scored_set):
     loaded = evaluation.loaded
     method = loaded.method
-    if method.program_kind != "cluster":
-        raise ConfigError(f"--assignment heads: run {str(loaded.run_dir)!r} ({loaded.args.method}) has no heads")
     sizes, chosen = method.head_sizes, method.chosen_head()
     # Each head's class per image, not its logits: Self-Classifier's ImageNet heads (15,000 logits an image) would
     # gather 72 GiB onto every rank for the train split. Class ids are exact in float32 below 2**24.

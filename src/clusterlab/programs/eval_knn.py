@@ -54,8 +54,8 @@ def main(argv=None):
             del protocols[k]
     if not protocols:
         return
-    if args.train_features == "memory_bank" and (args.features != "embedding" or args.baseline):
-        raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
+    if args.baseline:
+        check_flags(args, None)
     ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
@@ -67,6 +67,7 @@ def main(argv=None):
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
+        check_flags(args, type(loaded.method))
         run_dir, run_args, position = loaded.run_dir, loaded.args, loaded.position
         checkpoint_name = loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
@@ -96,13 +97,24 @@ def main(argv=None):
     distributed.shutdown()
 
 
+def check_flags(args, method: type | None) -> None:
+    """Refuse flags that cannot score a run of `method` (None: the pixel baseline), on one line; launch.py asks
+    before it submits a grid's jobs, with the grid's evaluation flags and each run's method."""
+    if args.train_features != "memory_bank":
+        return
+    if method is None:
+        raise ConfigError("--train_features memory_bank: raw pixels have no memory bank (leave it out, or use "
+                          "recomputed)")
+    if args.features != "embedding":
+        raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
+    if not hasattr(method, "memory_bank"):
+        raise ConfigError(f"--train_features memory_bank: method {method.name!r} keeps no memory bank (use "
+                          f"recomputed)")
+
+
 def memory_bank_features(loaded, train_size: int) -> torch.Tensor:
     """The run's raw memory bank rows of the labelled train images (what upstream's kNN monitor reads)."""
-    bank = getattr(loaded.method, "memory_bank", None)
-    if bank is None:
-        raise ConfigError(f"--train_features memory_bank: method {loaded.args.method!r} keeps no memory bank "
-                          f"(use recomputed)")
-    bank = torch.as_tensor(bank)
+    bank = torch.as_tensor(loaded.method.memory_bank)
     split = getattr(loaded.args, "train_split", "train")
     if len(bank) != train_size and not split.startswith("train+"):
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "

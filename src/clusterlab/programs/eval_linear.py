@@ -90,12 +90,18 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path
     return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
-def main(argv=None):
-    args = config.parse(get_args_parser(), argv)
+def check_flags(args, method: type | None = None) -> None:
+    """Refuse flags that cannot go together, on one line (whatever the run's method: launch.py asks before it
+    submits a grid's jobs, as it asks the other evaluations)."""
     if args.cached_features and (args.compile or args.channels_last):
         flag = "--compile" if args.compile else "--channels_last"
         raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "
                           f"stored features): leave {flag} out, or use --cached_features false")
+
+
+def main(argv=None):
+    args = config.parse(get_args_parser(), argv)
+    check_flags(args)
     distributed.configure_threads()
     changed = changed_flags(args)
     asked = linear_protocol(args, changed)

@@ -61,7 +61,7 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     if args.emit_sbatch:
         scripts = (grid_scripts(load_grid(args.grid, args.output_root), args.sbatch_dir) if args.grid
-                   else recipe_scripts(args.recipes))
+                   else recipe_scripts(args.recipes, script_dir=args.sbatch_dir))
         for path in write_scripts(scripts, args.sbatch_dir):
             print(path)
         return

@@ -9,9 +9,6 @@ from ..config import canonical_keys, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
-__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "find_config", "program_parser", "to_argv", "validate_flags"]
-
-
 def find_config(config_file, source, label: str) -> Path:
     """The file a `config:` entry of the grid or recipe file `source` names (`label` starts the error message).
 
@@ -32,8 +29,8 @@ def find_config(config_file, source, label: str) -> Path:
     raise ConfigError(f"{label}: config {str(config_file)!r} does not exist{where}")
 
 
-__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "find_config", "program_parser", "to_argv",
-           "training_program", "validate_flags"]
+__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "check_eval_flags", "find_config",
+           "program_parser", "to_argv", "training_program", "validate_flags"]
 
 
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
@@ -46,6 +43,19 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type (ConfigError naming it)."""
     return yaml_defaults(program_parser(name, values), values, source)
+
+
+def check_eval_flags(program: str, flags: dict, method: str, source: str) -> None:
+    """Refuse now what the evaluation `program` would refuse with `flags` once a run of `method` had trained (its
+    `check_flags`: --assignment heads on a run without heads, a memory bank the method does not keep...), so that
+    a grid does not find out hours after its training jobs started."""
+    from ..methods import METHODS
+
+    args = program_parser(program, flags).parse_args(to_argv({**flags, "run": "x"}))
+    try:
+        PROGRAMS[program].load().check_flags(args, METHODS[method])
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {program} {error}") from None
 
 
 def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:

@@ -39,7 +39,8 @@ from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import EVAL_PROGRAMS, canonical_layers, find_config, to_argv, training_program, validate_flags
+from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, program_parser, to_argv,
+                       training_program, validate_flags)
 
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
 
@@ -69,6 +70,7 @@ class Stage:
     program: str
     flags: dict
     pretrained_from: str | None = None
+    method: str | None = None  # of a recipe's stage: what its evaluations are checked against
 
 
 LOG_FOLDER = "experiments/logs"
@@ -215,9 +217,10 @@ def _stage_variable(stage: Stage) -> str:
     return f"{stage.name.upper()}_ARGS"
 
 
-def recipe_scripts(recipes_path: str | Path, root: Path | None = None) -> dict[str, str]:
-    """Script name -> text for every recipe (and every epoch value of a recipe that lists several); the headers
-    name the recipe file relative to `root` (default: the current directory) when it lies below it."""
+def recipe_scripts(recipes_path: str | Path, root: Path | None = None, script_dir: str = "sbatch") -> dict[str, str]:
+    """Script name -> text for every recipe (and every epoch value of a recipe that lists several), to be written
+    into `script_dir` (their usage lines name it); the headers name the recipe file relative to `root` (default:
+    the current directory) when it lies below it."""
     recipes_path = Path(recipes_path)
     recipes = load_yaml(recipes_path)
     root = Path.cwd() if root is None else root
@@ -253,9 +256,11 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None) -> dict[s
                     raise ConfigError(f"{label}: eval {eval_program!r} is not one of {', '.join(EVAL_PROGRAMS)}")
                 eval_flags = (recipe.get("eval_flags") or {}).get(eval_program, {})
                 validate_flags(eval_program, {**eval_flags, "run": "x"}, label)
+                check_eval_flags(eval_program, eval_flags, stages[-1].method, label)
                 evals.append((eval_program, eval_flags))
             resources = resolve_resources(recipes_path, recipe.get("resources"), f"recipe {name!r} resources")
-            scripts[name] = render(name, recipe.get("description", ""), stages, evals, resources, source)
+            scripts[name] = render(name, recipe.get("description", ""), stages, evals, resources, source,
+                                   script_dir=str(script_dir))
     return scripts
 
 
@@ -275,9 +280,10 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
     layers = [*config_layers(find_config(spec["config"], recipes_path, label)),
               (label, {k: v for k, v in flags.items() if k != "config"})]
     program = training_program({k: v for _, layer in layers for k, v in layer.items()}, spec.get("program"), label)
-    layers = canonical_layers(program, layers)
-    validate_flags(program, {k: v for layer in layers for k, v in layer.items()}, label)
-    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"))
+    merged = {k: v for layer in canonical_layers(program, layers) for k, v in layer.items()}
+    validate_flags(program, merged, label)
+    method = merged.get("method") or program_parser(program, merged).get_default("method")
+    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"), method)
 
 
 def write_scripts(scripts: dict[str, str], directory: str | Path) -> list[Path]:
