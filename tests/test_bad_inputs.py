@@ -22,7 +22,7 @@ import yaml
 import fabricate
 from clusterlab import checkpoint
 # CONFIG: absolute, the cases run elsewhere
-from conftest import CONFIG, ROOT, TINY, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
+from conftest import CONFIG, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, snapshot, write_fashion_mnist
 
 WATCHED = [ROOT / "configs", ROOT / "sbatch", ROOT / "results"]
 GRID = {"name": "g", "program": "main_pretrain.py", "config": CONFIG,
@@ -403,3 +403,20 @@ def test_a_batch_norm_given_one_value_per_channel_is_one_line(tmp_path, method):
     result = run_script("main_cluster.py", "--method", method, "--dataset", "digits", "--width", 4, "--device", "cpu",
                         "--batch_size", 1, "--epochs", 1, "--output_dir", tmp_path / "run")
     assert_user_error(result, "main_cluster.py", "--batch_size 1", "one value per channel", "larger --batch_size")
+
+
+@pytest.mark.slow
+def test_a_second_stage_resumed_on_other_images_names_its_own_run_not_the_pretrained_one(run_in_process, tiny_run,
+                                                                                           tmp_path):
+    """Resuming reads the run's own checkpoint, not --pretrained's: a training set of another number of channels is
+    refused as a change of --dataset of that run (the message blamed --pretrained, which was not read)."""
+    stage = ["--method", "scan", "--width", 4, "--device", "cpu", "--pretrained", tiny_run, "--output_dir",
+             tmp_path / "stage2", "--batch_size", 32]
+    assert_ok(run_script("main_cluster.py", *stage, "--dataset", "digits", "--epochs", 1))
+    fabricate.make_cifar10(tmp_path / "c10")
+    before = snapshot(tmp_path / "stage2")
+    refused = run_in_process("main_cluster.py", *stage, "--dataset", "cifar10", "--data_path", tmp_path / "c10",
+                             "--epochs", 2)
+    assert_user_error(refused, "main_cluster.py", "checkpoint.pth was trained with --dataset 'digits'",
+                      "this command has 'cifar10'")
+    assert snapshot(tmp_path / "stage2") == before

@@ -19,7 +19,6 @@ import yaml
 
 from clusterlab import config
 from clusterlab.errors import ConfigError
-from clusterlab.methods import METHODS
 from conftest import CONFIG, PYTHON, ROOT, TINY, TINY_RUN, assert_ok, copy_run, entry_module
 
 pretrain = entry_module("main_pretrain")

@@ -37,13 +37,13 @@ def check_compile_works(device: torch.device) -> None:
             probe = torch.compile(lambda x: x * 2.0 + 1.0)
             probe(torch.ones(8, device=device))
     except Exception as err:  # any failure of the compiler stack means the flag cannot work here
-        raise ConfigError(f"--compile: torch.compile does not work on {device.type} here ({failure_reason(err)}); "
+        raise ConfigError(f"--compile: torch.compile does not work on {device.type} here ({compiler_error_line(err)}); "
                           f"run without --compile") from None
     finally:
         torch_logger.setLevel(level)
 
 
-def failure_reason(err: Exception) -> str:
+def compiler_error_line(err: Exception) -> str:
     """The line of a compiler error that says what went wrong (torch puts "backend=... raised:" before it)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if lines and lines[0].endswith("raised:") and len(lines) > 1:

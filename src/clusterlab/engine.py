@@ -213,7 +213,7 @@ class Trainer:
                 group.update(command_settings)
             # (empty: trained without fp16; --amp may change on resume, and the scaler then starts afresh)
             scaler_resumed = bool(state["scaler"]) and self.scaler.is_enabled()
-            if state["scaler"] or not self.scaler.is_enabled():
+            if scaler_resumed:
                 self.scaler.load_state_dict(state["scaler"])
             self.method.load_extra_state(state["method_state"])
             self.method.load_random_state(state["method_random"])

@@ -78,12 +78,8 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if (isinstance(record, dict) and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
+    for record in rundir.read_jsonl(path):
+        if (record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
                 and dataset in (None, record.get("dataset"))
                 and (position is None or (record.get("epoch"), record.get("step", 0)) == tuple(position))
                 and any(all((record.get("protocol") or {}).get(k) == v for k, v in protocol.items())
@@ -535,8 +531,6 @@ def _epochs_key(value) -> str:
 
 def display_table(table):
     """Percentages with 2 decimals, `mean ± std` where n > 1; empty columns dropped."""
-    import pandas as pd
-
     if table.empty:
         return table
     shown = table[[c for c in (*GROUP_COLUMNS, "protocol", "recipe") if c in table]].copy()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .checkpoint import FILE_MODE, atomic_write_text
 from .errors import ConfigError
+from .slurm import job_id as slurm_job_id
 
 LOCK_NAME = ".lock"
 # Taking over a stale lock happens under this one; held for a read and an unlink, so an older one is a killed start's.
@@ -122,27 +123,17 @@ def truncate_train_log(run_dir: str | os.PathLike, epoch: int, global_step: int)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def remove_leftovers(run_dir: str | os.PathLike) -> list[str]:
-    """Temporary files of atomic writes that a killed process left behind (only the lock holder calls this)."""
-    removed = []
+def remove_leftovers(run_dir: str | os.PathLike) -> None:
+    """Remove the temporary files of atomic writes that a killed process left behind (only the lock holder calls
+    this)."""
     for tmp in Path(run_dir).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
 
 
 # ---- the writer's lock ---------------------------------------------------------------------------------------------
 
 def _holder_of_this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": _slurm_job_id(), "since": now_iso()}
-
-
-def _slurm_job_id(environ=os.environ) -> str | None:
-    """The job id that survives a requeue (an array task is ARRAYID_TASK), of this process or of `environ`."""
-    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return environ.get("SLURM_JOB_ID")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(), "since": now_iso()}
 
 
 def _pid_in_job(pid: int, job: str) -> bool:
@@ -155,7 +146,7 @@ def _pid_in_job(pid: int, job: str) -> bool:
     except OSError:
         return True
     environ = dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
-    return not environ or _slurm_job_id(environ) == job
+    return not environ or slurm_job_id(environ) == job
 
 
 def _slurm_job_alive(job_id: str) -> bool | None:
@@ -196,7 +187,7 @@ def _stale(holder: dict) -> bool:
         # A live pid outside the holder's job is a reused one (this job requeued onto this node, or any other job's
         # process after the holder died: inside containers pids come round again soon).
         return bool(job) and not _pid_in_job(pid, job)
-    if job and job == _slurm_job_id():
+    if job and job == slurm_job_id():
         return True  # this very job, requeued onto another node: its earlier start is gone
     if job:
         return _slurm_job_alive(job) is False

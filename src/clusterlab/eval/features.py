@@ -13,7 +13,7 @@ from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
-from ..data.augment import EvalView, eval_view, resized
+from ..data.augment import EvalView, eval_view
 from ..data.registry import imagefolder_sizes, resolve_path
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method

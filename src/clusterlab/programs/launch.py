@@ -154,13 +154,7 @@ def recorded_jobs(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "slurm" / "jobs.jsonl"
     if not path.is_file():
         return []
-    jobs = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            jobs.append(json.loads(line))
-        except ValueError:
-            continue
-    return [job for job in jobs if isinstance(job, dict) and "job_id" in job]
+    return [job for job in rundir.read_jsonl(path) if "job_id" in job]
 
 
 def queued_train_job(run_dir: Path, in_queue: set) -> str | None:

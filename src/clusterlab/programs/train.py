@@ -70,14 +70,14 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
     if args.mean or not (pretrained or own.exists()):
         return args.mean, args.std
     saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
-    if pretrained and len(saved[0]) != train_set.channels:
-        raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
-                          f"{args.dataset} has {train_set.channels}: start from a run trained on images like these")
+    if len(saved[0]) != train_set.channels:
+        if found:
+            raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
+                              f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
+                              f"these")
+        return args.mean, args.std  # resuming on another training set: start_run refuses it by name
     if pretrained:
         args.mean, args.std = saved
-        return saved
-    if len(saved[0]) != train_set.channels:  # another training set: start_run refuses it by name
-        return args.mean, args.std
     return saved
 
 

@@ -27,6 +27,7 @@ import submitit
 # Nothing heavy here: submitit's job wrapper unpickles ProgramJob (importing this module) before it installs its
 # signal handlers, and until ProgramJob.__setstate__ has run a stop signal kills the task (no requeue).
 from .. import signals
+from . import job_id
 from ..errors import ConfigError
 from ..programs import PROGRAMS
 
@@ -112,18 +113,14 @@ def _job_state() -> tuple[str | None, str | None]:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None, None
-    # An array task is asked for by ARRAY_TASK (as submitit requeues it): `scontrol show job ID` with the array's own
-    # id lists every task of the array still known, one line each, and the last line's state was taken for ours.
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    name = f"{array}_{task}" if array and task else job
     try:
         # (short: a TERM of Slurm's own is followed by SIGKILL KillWait, 30 s by default, later)
-        out = subprocess.run(["scontrol", "show", "job", "-o", name], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id()], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None, None
     for line in out.stdout.splitlines():
         fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
-        if fields.get("JobId") == job:
+        if fields.get("JobId") == job:  # an array task's line names its own JobId
             return fields.get("JobState"), fields.get("Restarts")
     return None, None
 

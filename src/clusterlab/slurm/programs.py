@@ -9,6 +9,10 @@ from ..config import canonical_keys, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
+__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "check_eval_flags", "find_config",
+           "program_parser", "to_argv", "training_program", "validate_flags"]
+
+
 def find_config(config_file, source, label: str) -> Path:
     """The file a `config:` entry of the grid or recipe file `source` names (`label` starts the error message).
 
@@ -27,10 +31,6 @@ def find_config(config_file, source, label: str) -> Path:
             return candidate
     where = "" if path.is_absolute() else f" (looked in the current directory, beside {str(source)!r} and above it)"
     raise ConfigError(f"{label}: config {str(config_file)!r} does not exist{where}")
-
-
-__all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "check_eval_flags", "find_config",
-           "program_parser", "to_argv", "training_program", "validate_flags"]
 
 
 def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
