@@ -203,6 +203,29 @@ class Trainer:
             return 0, 0
         state = load_resumable(path, self.args, self.kind, self.method.info,
                                (*RESUME_KEYS, *self.method.extra_resume_keys))
+        scaler_resumed = self._load_state(path, state)
+        self.global_step = state["global_step"]
+        self.position = self.saved_position = (state["epoch"], state["step"])
+        self.trained_by = starts_of(self.run_dir, state)
+        # The steps skipped in a row belong to the scaler that skipped them: a fresh scaler (the checkpoint trained
+        # without fp16) or none (this start trains without fp16) starts the count again.
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0) if scaler_resumed else 0
+        # the files of the epoch under way met before the stop count towards its limit and its logged count
+        self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
+        if distributed.rank() == 0:
+            self.bad_files.count = state.get("bad_files", 0)
+        # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
+        self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
+        if self.term_count and "loss" not in self.term_totals:
+            # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
+            self.term_totals["loss"] = math.nan
+        self.resume_changes = list(state.get("resume_changes", []))
+        self._note_changes(state)
+        return self.position
+
+    def _load_state(self, path: Path, state: dict) -> bool:
+        """The weights, optimiser, scaler, method and random states of a resumable checkpoint; returns whether the
+        fp16 scaler was resumed (else it starts afresh)."""
         try:
             self.method.load_state_dict(state["model"])
             settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -223,22 +246,12 @@ class Trainer:
             reason = checkpoint.failure_reason(err)
             raise CheckpointError(f"{path} does not fit this command's model ({reason}); use a new --output_dir or "
                                   f"the flags it was trained with (its config.yaml)") from None
-        self.global_step = state["global_step"]
-        self.position = self.saved_position = (state["epoch"], state["step"])
-        self.trained_by = starts_of(self.run_dir, state)
-        # The steps skipped in a row belong to the scaler that skipped them: a fresh scaler (the checkpoint trained
-        # without fp16) or none (this start trains without fp16) starts the count again.
-        self.skipped_in_a_row = state.get("skipped_in_a_row", 0) if scaler_resumed else 0
-        # the files of the epoch under way met before the stop count towards its limit and its logged count
-        self.bad_files = data_loader.BadFiles.for_epoch(self.train_set, self.batches, self.ctx.device)
-        if distributed.rank() == 0:
-            self.bad_files.count = state.get("bad_files", 0)
-        # (checkpoints written before the sums were saved: the means then cover the steps after the resume)
-        self.term_totals, self.term_count = dict(state.get("term_totals", {})), state.get("term_count", 0)
-        if self.term_count and "loss" not in self.term_totals:
-            # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
-            self.term_totals["loss"] = math.nan
-        self.resume_changes = list(state.get("resume_changes", []))
+        return scaler_resumed
+
+    def _note_changes(self, state: dict) -> None:
+        """Say (resume_notes) and record (resume_changes) every flag that shapes what is learnt and differs from
+        what the checkpoint trained with: the schedule, the other learning flags, the number of processes where
+        the steps depend on it, the precision."""
         self.resume_notes = []
         saved_args = state["args"]
 
@@ -280,7 +293,6 @@ class Trainer:
         if before:
             epoch, step = self.position
             self.resume_changes.append({"epoch": epoch, "step": step, "before": before, "after": after})
-        return self.position
 
     def schedule_change(self, saved_args: dict, changed: list[str]) -> str:
         """The line saying that the schedule flags `changed` differ from those the checkpoint trained with: the rate
