@@ -48,12 +48,27 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     ("negative step factor", ["--lr_gamma", "-1"], ["--lr_gamma", "'-1' is not a positive number"]),
     ("momentum above 1", ["--momentum", "5"], ["--momentum", "'5' is not a probability"]),
     ("rate beyond float32", ["--lr", "1e40"], ["--lr", "'1e40' is beyond float32's range"]),
+    # an unknown flag is followed by what was probably meant
+    ("typo of a flag", ["--epoch", "3"], ["unrecognized arguments: --epoch 3 (did you mean --epochs?)"]),
+    ("flag of no method", ["--bogus_flag", "3"],
+     ["unrecognized arguments: --bogus_flag 3 (not a flag of main_pretrain.py; see --help)"]),
 ])
 def test_pretrain_more_bad_input(run_in_process, tmp_path, case, extra, words):
     out = tmp_path / "run"
     assert_user_error(run_in_process("main_pretrain.py", *TINY, "--output_dir", out, *extra), "main_pretrain.py",
                       *words)
     assert not out.exists()
+
+
+def test_a_flag_of_another_method_is_named_so(run_in_process, tmp_path):
+    refused = run_in_process("main_pretrain.py", "--config", ROOT / "configs" / "npid_fashion_mnist.yaml", "--dataset",
+                             "digits", "--nmb_prototypes=10", "--output_dir", tmp_path / "run")
+    assert_user_error(refused, "main_pretrain.py",
+                      "unrecognized arguments: --nmb_prototypes=10 (--method npid does not take it; swav, unmix do)")
+    refused = run_in_process("main_cluster.py", "--method", "sela", "--queue_length", 3, "--output_dir", tmp_path / "run")
+    assert_user_error(refused, "main_cluster.py", "--queue_length 3 (--method sela does not take it; selfclassifier "
+                                                  "does)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_pretrain_truncated_idx_file(tmp_path):
@@ -127,8 +142,13 @@ def test_pretrain_bad_yaml_key(run_in_process, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("method: swav\nepochs: 2\nnmb_prototype: 10\n")
     result = run_in_process("main_pretrain.py", "--config", config, "--output_dir", tmp_path / "run")
-    assert_user_error(result, "main_pretrain.py", str(config), "unknown key 'nmb_prototype'")
+    assert_user_error(result, "main_pretrain.py", str(config), "unknown key 'nmb_prototype'",
+                      "(did you mean --nmb_prototypes?)")
     assert not (tmp_path / "run").exists()
+    config.write_text("method: npid\nepochs: 2\nnmb_prototypes: 10\n")
+    result = run_in_process("main_pretrain.py", "--config", config, "--output_dir", tmp_path / "run")
+    assert_user_error(result, "main_pretrain.py", "unknown key 'nmb_prototypes'",
+                      "(--method npid does not take it; swav, unmix do)")
 
 
 def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path):

@@ -253,11 +253,19 @@ def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tab
     assert f"tables written to {root / 'tables'}/" in capsys.readouterr().out
 
 
-def test_tables_built_away_from_the_repository_root_say_they_have_no_published_numbers(tmp_path, monkeypatch,
-                                                                                       capsys):
+def test_tables_built_away_from_the_repository_root_take_the_checkouts_published_numbers(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """From another directory, the default file is the one of the checkout the package runs from; an installed
+    copy (no checkout around it) has none and says so."""
+    from clusterlab.programs import collect_results
+
     root = tmp_path / "runs"
     write_jsonl(root / "swav_c10" / "metrics.jsonl", [record(0, dataset="cifar10", acc=0.25)])
     monkeypatch.chdir(tmp_path)
+    entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
+    assert f"published numbers from {ROOT / 'results' / 'published.csv'}" in capsys.readouterr().out
+    assert "published" in pd.read_csv(root / "tables" / "cifar10.csv").columns
+    monkeypatch.setattr(collect_results, "__file__", str(tmp_path / "site" / "clusterlab" / "programs" / "x.py"))
     entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
     assert f"note: no results/published.csv in {tmp_path}" in capsys.readouterr().out
     assert "published" not in pd.read_csv(root / "tables" / "cifar10.csv").columns

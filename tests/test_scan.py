@@ -519,6 +519,19 @@ def test_embedding_then_scan_then_selflabel_are_scored_by_eval_cluster(tmp_path)
     assert records[0]["metrics"]["acc"] > 0.1  # better than nothing: digits has 10 balanced classes
 
 
+@pytest.mark.slow  # the run's record names the git commit: git runs
+def test_a_later_stage_without_pretrained_weights_says_it_starts_from_random_ones(tmp_path, capsys):
+    torch.set_num_threads(1)
+    cluster = entry_module("main_cluster")
+    flags = ["--method", "scan", "--dataset", "digits", "--width", "4", "--device", "cpu", "--num_heads", "1",
+             "--num_neighbours", "5", "--output_dir", str(tmp_path / "scan")]
+    cluster.main([*flags, "--epochs", "1"])
+    assert ("note: no --pretrained: scan starts from random weights; its recipe starts from an embedding run"
+            in capsys.readouterr().out)
+    cluster.main([*flags, "--epochs", "2"])  # resumed: its own weights
+    assert "no --pretrained" not in capsys.readouterr().out
+
+
 def test_adam_is_torchs_adam_with_the_flags_lr_and_l2_weight_decay():
     """One step of `--optimizer adam` equals torch.optim.Adam(lr, weight_decay) by hand: the first step moves each
     weight by lr * sign(g + wd w) (m / sqrt(v) = +-1 up to eps)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
 import os
 import platform
@@ -137,10 +138,33 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (no usage block) and exits with status 2."""
+    """argparse that reports a bad command line in one line (no usage block) and exits with status 2; an unknown
+    flag is followed by what was probably meant (unknown_flag_hint)."""
+
+    # What to say of an unknown flag that other methods take (programs that train set it: their flags depend on
+    # --method); asked only when a flag is unknown.
+    other_methods_hint: Callable[[str], str | None] = staticmethod(lambda name: None)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flag = next((token for token in extras if token.startswith("--")), None)
+            hint = unknown_flag_hint(self, flag[2:].split("=", 1)[0]) if flag else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unknown_flag_hint(parser: argparse.ArgumentParser, name: str) -> str:
+    """What to add to the refusal of an unknown flag or YAML key `name`: the other methods that take it, or the
+    flag of this program whose name is closest (a typo), or where to look."""
+    hint = getattr(parser, "other_methods_hint", lambda _: None)(name)
+    if hint:
+        return f" ({hint})"
+    close = difflib.get_close_matches(name, list(flag_actions(parser)), n=1, cutoff=0.75)
+    return f" (did you mean --{close[0]}?)" if close else f" (not a flag of {parser.prog}; see --help)"
 
 
 def new_parser(description: str, prog: str | None = None) -> OneLineErrorParser:
@@ -211,7 +235,7 @@ def canonical_keys(parser: argparse.ArgumentParser, values: dict, source: str, k
     actions = flag_actions(parser)
     unknown = sorted(set(values) - set(actions))
     if unknown and known_only:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (not a flag of {parser.prog}; see --help)")
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}{unknown_flag_hint(parser, unknown[0])}")
     out, spelled = {}, {}
     for key, value in values.items():
         dest = actions[key].dest if key in actions else key
@@ -261,15 +285,18 @@ def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dic
     return merged
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, kind: str = "config", example: str = "configs/swav_digits.yaml") -> dict:
+    """The mapping a YAML file holds; `kind` and `example` name the sort of file in the errors (a grid, recipes)."""
     path = Path(path)
+    label = f"{kind} file {str(path)!r}"
     if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a folder (give a YAML file, e.g. configs/swav_digits.yaml)")
+        raise ConfigError(f"{label} is a folder (give a YAML file, e.g. {example})")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = _parse_yaml(path, f"config file {str(path)!r}") or {}
+        raise ConfigError(f"{label} does not exist")
+    data = _parse_yaml(path, label) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of flag names to values")
+        raise ConfigError(f"{label} must hold a mapping of " + ("flag names to values" if kind == "config" else
+                                                                 "keys to values"))
     return data
 
 

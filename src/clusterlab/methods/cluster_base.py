@@ -38,6 +38,8 @@ class ClusterMethod(Method):
     program_kind = "cluster"
     # Sub-modules that `--pretrained` fills from a main_pretrain run (same names there).
     pretrained_parts: tuple = ("backbone",)
+    # The run a method's recipe starts from, where it is a later stage (a note says so when none is given).
+    starts_from: str | None = None
 
     def __init__(self, args: argparse.Namespace, info, device: torch.device):
         super().__init__(args, info, device)

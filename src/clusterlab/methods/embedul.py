@@ -39,6 +39,7 @@ from .cluster_base import ClusterMethod
 class EmbedUL(ClusterMethod):
     name = "embedul"
     pretrained_parts = ("backbone", "head")
+    starts_from = "a Super-AND run (EmbedUL's stage 1)"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:

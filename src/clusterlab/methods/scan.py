@@ -50,6 +50,7 @@ def neighbour_label_agreement(labels: torch.Tensor, neighbours: torch.Tensor) ->
 
 class SCAN(ClusterMethod):
     name = "scan"
+    starts_from = "an embedding run (SwAV, Un-Mix, NPID...), whose features give the neighbours"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:

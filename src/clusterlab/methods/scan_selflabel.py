@@ -46,6 +46,7 @@ def ema_fraction(text: str) -> float:
 class SCANSelfLabel(ClusterMethod):
     name = "scan_selflabel"
     pretrained_parts = ("backbone", "head")
+    starts_from = "a scan run, whose chosen head gives the first labels"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:

@@ -124,6 +124,17 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
     return path
 
 
+def source_checkout_file(relative: str) -> Path | None:
+    """The file `relative` of the repository this package is imported from (its src/clusterlab), where it is one
+    and holds the file; None for an installed copy."""
+    package = Path(__file__).resolve().parents[1]
+    root = package.parents[1]
+    candidate = root / relative
+    if package == root / "src" / "clusterlab" and (root / "pyproject.toml").is_file() and candidate.is_file():
+        return candidate
+    return None
+
+
 def read_published(path: str, default: str):
     """The published numbers: none for '' or a missing default file (with a note); a named file must exist and have
     the columns."""
@@ -132,11 +143,14 @@ def read_published(path: str, default: str):
     if not path:
         return None
     if path == default and not Path(path).is_file():
-        # Relative to where the program runs: from elsewhere than the repository's root the tables would lose the
-        # published numbers without a word.
-        print(f"note: no {default} in {Path.cwd()}: the tables have no published numbers (run from the repository "
-              f"root, or give --published FILE)")
-        return None
+        # The default is relative to where the program runs; elsewhere, the checkout the package runs from holds it.
+        found = source_checkout_file(default)
+        if found is None:
+            print(f"note: no {default} in {Path.cwd()}: the tables have no published numbers (run from the "
+                  f"repository root, or give --published FILE)")
+            return None
+        path = str(found)
+        print(f"published numbers from {path}")
     if not Path(path).is_file():
         raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")
     try:

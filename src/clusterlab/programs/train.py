@@ -52,6 +52,22 @@ def add_method_args(kind: str, parser, known: dict) -> None:
         trained_by = f"is trained by {other}" if other else "is not a method"
         raise ConfigError(f"--method {method!r} {trained_by}; {PROGRAM[kind]} trains {', '.join(methods_of(kind))}")
     METHODS[method].add_args(parser)
+    parser.other_methods_hint = lambda name: other_methods_hint(kind, method, name)
+
+
+def other_methods_hint(kind: str, method: str, flag: str) -> str | None:
+    """Where a flag (or alias) `method` does not take belongs: `--method npid does not take it; swav, unmix do`
+    (None when no other method of this program takes it either)."""
+    owners = [other for other in methods_of(kind) if other != method
+              and flag in config.flag_actions(_method_parser(other))]
+    return f"--method {method} does not take it; {', '.join(owners)} {'does' if len(owners) == 1 else 'do'}" \
+        if owners else None
+
+
+def _method_parser(method: str):
+    parser = config.new_parser("", prog=method)
+    METHODS[method].add_args(parser)
+    return parser
 
 
 def parse_args(kind: str, argv=None):
@@ -96,6 +112,9 @@ def main(kind: str, argv=None):
         normalisation = _normalisation(args, kind, train_set, own, found)
         method = METHODS[args.method](args, DataInfo.of(train_set, *normalisation), ctx.device)
         method.check_training_settings()
+        if not pretrained and not resuming and getattr(method, "starts_from", None) and ctx.is_main:
+            print(f"note: no --pretrained: {args.method} starts from random weights; its recipe starts from "
+                  f"{method.starts_from}", flush=True)
         if found is not None:
             source = method.load_pretrained(pretrained, *found)
             found = None  # the pre-trained checkpoint's memory goes before training

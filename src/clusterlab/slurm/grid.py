@@ -164,7 +164,7 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
 
 def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     path = Path(path)
-    spec = load_yaml(path)
+    spec = load_yaml(path, "grid", "configs/grids/digits_smoke.yaml")
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         _fail(path, f"unknown key {unknown[0]!r} (valid: {', '.join(sorted(GRID_KEYS))})")

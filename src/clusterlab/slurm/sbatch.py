@@ -222,7 +222,7 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None, script_di
     into `script_dir` (their usage lines name it); the headers name the recipe file relative to `root` (default:
     the current directory) when it lies below it."""
     recipes_path = Path(recipes_path)
-    recipes = load_yaml(recipes_path)
+    recipes = load_yaml(recipes_path, "recipes", "configs/recipes.yaml")
     root = Path.cwd() if root is None else root
     source = str(recipes_path.relative_to(root)) if recipes_path.is_absolute() and \
         recipes_path.is_relative_to(root) else str(recipes_path)
