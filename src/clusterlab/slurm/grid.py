@@ -170,27 +170,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
         _fail(path, f"unknown key {unknown[0]!r} (valid: {', '.join(sorted(GRID_KEYS))})")
     name = check_name(str(spec.get("name") or path.stem), f"grid {str(path)!r}: name")
     stages = _stages(path, spec)
-    axes = spec.get("axes") or {}
-    if not isinstance(axes, dict) or not axes:
-        _fail(path, "needs `axes`, a mapping of flag names to lists of values")
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            _fail(path, f"axis {key!r} must be a non-empty list of values (got {values!r})")
-    if "config" in axes and len(stages) > 1:
-        _fail(path, "`config` cannot be an axis of a grid with stages (each stage names its own)")
-    flags = spec.get("flags") or {}
-    if not isinstance(flags, dict):
-        _fail(path, "`flags` must be a mapping of flag names to values")
-    overlap = sorted(set(flags) & set(axes))
-    if overlap:
-        _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
-    if "config" in flags:
-        _fail(path, "name the base config with the `config:` key, or make `config` an axis")
-    placed = [("flags", flags), ("axes", axes), *(("stage flags", stage.get("flags") or {}) for stage in stages)]
-    for where, given in placed:
-        if "output_dir" in given:
-            _fail(path, f"`output_dir` in {where}: each run's directory is OUTPUT_ROOT/RUN_NAME; set `output_root` "
-                        f"(or launch.py --output_root) instead")
+    axes, flags = _axes_and_flags(path, spec, stages)
     # Absolute, so that this process, its jobs and a generated sbatch script (run from wherever sbatch is called)
     # mean the same directories.
     if not isinstance(spec.get("output_root") or "", str):
@@ -247,6 +227,40 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
                 run.flags["checkpoint_epochs"] = wanted
             previous[stage.get("name")] = label
             runs.append(run)
+    resources, eval_resources = _grid_resources(path, spec)
+    return Grid(name, path, runs, resources, eval_resources)
+
+
+def _axes_and_flags(path: Path, spec: dict, stages: list[dict]) -> tuple[dict, dict]:
+    """The grid's axes (flag -> values) and fixed flags, checked: non-empty lists, no flag both, no `config` flag,
+    no `output_dir` anywhere."""
+    axes = spec.get("axes") or {}
+    if not isinstance(axes, dict) or not axes:
+        _fail(path, "needs `axes`, a mapping of flag names to lists of values")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            _fail(path, f"axis {key!r} must be a non-empty list of values (got {values!r})")
+    if "config" in axes and len(stages) > 1:
+        _fail(path, "`config` cannot be an axis of a grid with stages (each stage names its own)")
+    flags = spec.get("flags") or {}
+    if not isinstance(flags, dict):
+        _fail(path, "`flags` must be a mapping of flag names to values")
+    overlap = sorted(set(flags) & set(axes))
+    if overlap:
+        _fail(path, f"key {overlap[0]!r} is both an axis and a fixed flag")
+    if "config" in flags:
+        _fail(path, "name the base config with the `config:` key, or make `config` an axis")
+    placed = [("flags", flags), ("axes", axes), *(("stage flags", stage.get("flags") or {}) for stage in stages)]
+    for where, given in placed:
+        if "output_dir" in given:
+            _fail(path, f"`output_dir` in {where}: each run's directory is OUTPUT_ROOT/RUN_NAME; set `output_root` "
+                        f"(or launch.py --output_root) instead")
+    return axes, flags
+
+
+def _grid_resources(path: Path, spec: dict) -> tuple[dict, dict]:
+    """The training jobs' resources and the evaluation jobs' (each key eval_resources leaves out is the training
+    jobs', but their shape)."""
     resources = resolve_resources(path, spec.get("resources"), "resources")
     eval_given = spec.get("eval_resources") or {}
     if not isinstance(eval_given, dict):
@@ -255,7 +269,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     inherited = {key: value for key, value in (spec.get("resources") or {}).items()
                  if key not in ("nodes", "tasks_per_node") or not eval_given}
     eval_resources = resolve_resources(path, {**inherited, **eval_given}, "eval_resources")
-    return Grid(name, path, runs, resources, eval_resources)
+    return resources, eval_resources
 
 
 def _stages(path, spec: dict) -> list[dict]:
