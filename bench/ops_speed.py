@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from clusterlab.config import positive_int  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.ops.memory_bank import MemoryBank  # noqa: E402
 from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
@@ -43,7 +44,7 @@ def timed(fn, device, repeats: int) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)

@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from clusterlab.config import positive_int  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ONE_RUN = {"name": "bench", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml", "axes": {"seed": [0]},
            "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_dim": 32, "embed_dim": 16,
@@ -35,10 +38,16 @@ def last_record_time(root: Path) -> float:
     return max(path.stat().st_mtime for path in root.rglob("metrics.jsonl"))
 
 
+def launch(*flags: str) -> None:
+    """launch.py with `flags`; its own message, where it fails (no Slurm controller answering...), ends the bench."""
+    done = subprocess.run([sys.executable, "launch.py", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"slurm_latency.py: launch.py {' '.join(flags)} failed: {done.stderr.strip()}")
+
+
 def grid_latency(tmp: Path) -> float:
     start = time.time()
-    subprocess.run([sys.executable, "launch.py", "--grid", "configs/grids/digits_smoke.yaml", "--output_root",
-                    str(tmp / "grid"), "--wait"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    launch("--grid", "configs/grids/digits_smoke.yaml", "--output_root", str(tmp / "grid"), "--wait")
     return last_record_time(tmp / "grid") - start
 
 
@@ -46,8 +55,7 @@ def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
     grid = tmp / f"{name}.yaml"
     grid.write_text(yaml.safe_dump(ONE_RUN))
     start = time.time()
-    subprocess.run([sys.executable, "launch.py", "--grid", str(grid), "--output_root", str(tmp / name)], cwd=ROOT,
-                   env=ENV, check=True, capture_output=True)
+    launch("--grid", str(grid), "--output_root", str(tmp / name))
     run = tmp / name / "swav_digits_s0"
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
     if interrupt_at_line:
@@ -63,7 +71,7 @@ def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     grid, plain, interrupted = [], [], []
     for repeat in range(args.repeats):

@@ -63,6 +63,8 @@ def main():
             method.on_epoch_start(epoch)
             batches = data_loader.iterate(train_set, trainer.batches, epoch, workers=args.workers,
                                           augment=method.augment, device=ctx.device)
+            if ctx.device.type == "cuda":  # the epoch hook's queued work is not the first step's
+                torch.cuda.synchronize()
             start = time.perf_counter()
             for step, images, labels, indices, total, offset in batches:
                 batch = Batch(images, labels, indices, total, offset)

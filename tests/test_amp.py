@@ -13,10 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clusterlab import checkpoint, distributed, engine, rundir
 from clusterlab.data import ImageSet
-from clusterlab.methods import METHODS, DataInfo
+from clusterlab.data import loader as data_loader
+from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.programs.train import parse_args
 from conftest import TINY, assert_ok, run_script
 from test_resume import assert_same_tensors
@@ -291,3 +293,37 @@ def test_a_resume_without_fp16_starts_no_stale_count(tmp_path):
     bf16 = trainer_for("npid", "bf16", tmp_path)
     bf16.resume()
     assert bf16.skipped_in_a_row == 0
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value back to the host (.item(), float(), .tolist(): each a wait for a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def reads_in_a_step(run_dir, amp: str) -> int:
+    """The values read back in one training step after the first (which reads the scaler's initial scale)."""
+    trainer = trainer_for("swav", amp, run_dir)
+    trainer.train_one_epoch(0)
+    batches = data_loader.iterate(trainer.train_set, trainer.batches, 1, augment=trainer.method.augment,
+                                  device=trainer.ctx.device)
+    step, images, labels, indices, total, offset = next(iter(batches))
+    with DeviceReads() as counted:
+        trainer.step(Batch(images, labels, indices, total, offset),
+                     Progress(1, step, trainer.global_step, trainer.steps_per_epoch))
+    assert (trainer.loss_scale is not None) == (amp == "fp16")
+    return counted.reads
+
+
+def test_an_fp16_step_waits_for_the_device_only_where_the_scaler_must(tmp_path):
+    """fp16 read the scaler's scale after every step (get_scale, a wait for the device of its own, before the
+    step's check waits anyway); it now comes back with the check's values. What is left is the scaler's own test of
+    the gradients inside scaler.step (the augmentation's reads of host tensors are the same in both runs)."""
+    torch.set_num_threads(1)
+    assert reads_in_a_step(tmp_path / "fp16", "fp16") - reads_in_a_step(tmp_path / "off", "off") == 1

@@ -555,6 +555,27 @@ def test_the_pixel_baseline_on_two_processes_counts_an_unreadable_file_once(tmp_
         assert torch.equal(values, alone)
 
 
+def _features_of_three_images(rank, world, root):
+    from clusterlab.eval.features import extract
+
+    data = registry.load("imagefolder", "train", root)
+    return extract(lambda x: x.flatten(1), data, EvalView.of(8), (0.5,), (0.5,), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_features_of_fewer_images_than_processes_are_gathered_whole(tmp_path):
+    """A rank whose share is empty takes part in the gather with an empty batch of rows of the others' width (a
+    1-D empty tensor there would make gloo refuse the gather, and NCCL, which does not check, hang or overrun)."""
+    from clusterlab.eval.features import extract
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=1, classes=3, size=8, grey=True)
+    alone = extract(lambda x: x.flatten(1), registry.load("imagefolder", "train", str(tmp_path)), EvalView.of(8),
+                    (0.5,), (0.5,), torch.device("cpu"))
+    assert alone.shape == (3, 64)
+    for features in run_distributed(_features_of_three_images, 4, str(tmp_path)):
+        assert torch.equal(features, alone)
+
+
 def test_a_folder_of_unreadable_files_is_one_line(tmp_path):
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
     data = registry.load("imagefolder", "train", str(tmp_path))

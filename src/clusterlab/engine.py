@@ -396,19 +396,14 @@ class Trainer:
             self.loss_scale = self.scaler.get_scale()  # the first step's (the initial scale, or the resumed one)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.scaler.is_enabled():
-            # A step whose gradients are not finite is skipped and halves the scale: the only way it goes down. The
-            # scale is the same on every rank (the gradients it checks are all-reduced).
-            scale = self.scaler.get_scale()
-            self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self.loss_scale else 0
-            self.loss_scale = scale
         method.after_step(progress)
         return loss.detach(), terms
 
     def check(self, loss: torch.Tensor, terms: dict) -> tuple[bool, bool, float, dict[str, float]]:
         """(stop requested on any rank, loss not finite on any rank, the loss and the terms as means over the ranks):
-        one small all-reduce per step. Each rank's loss is the mean over its own rows (or the global loss), so the
-        mean over the ranks is what one process logs for the same global batch, not rank 0's half of it."""
+        one small all-reduce per step, and the step's one wait for the device. Each rank's loss is the mean over its
+        own rows (or the global loss), so the mean over the ranks is what one process logs for the same global
+        batch, not rank 0's half of it. Under fp16 the gradient scaler's scale is read with them (note_scale)."""
         device = self.ctx.device
         # a term the method keeps on the host (a Python number, a CPU tensor) is filled in on the device, not copied
         measured = torch.stack([
@@ -416,11 +411,22 @@ class Trainer:
             else torch.full((), float(v), dtype=torch.float64, device=device) for v in (loss, *terms.values())])
         # Built on the device (a fill, not a copy from the host): the step's one wait for it is the .tolist().
         stop = torch.full((1,), float(signals.received() is not None), dtype=torch.float64, device=device)
-        values = torch.cat([stop, (~torch.isfinite(measured[:1])).double(), measured])
+        parts = [stop, (~torch.isfinite(measured[:1])).double(), measured]
+        if self.scaler.is_enabled():  # the scale after this step's update, on the device (get_scale would wait)
+            parts.append(self.scaler._get_scale_async().to(torch.float64).reshape(1))
+        values = torch.cat(parts)
         distributed.all_reduce_sum(values)
         stop_requested, not_finite, *sums = values.tolist()
         means = [value / self.ctx.world_size for value in sums]
+        if self.scaler.is_enabled():
+            self.note_scale(means.pop())
         return bool(stop_requested), bool(not_finite), means[0], dict(zip(terms, means[1:]))
+
+    def note_scale(self, scale: float) -> None:
+        """A step whose gradients are not finite is skipped and halves the scale: the only way it goes down. The
+        scale is the same on every rank (the gradients it checks are all-reduced), so their mean is exact."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self.loss_scale else 0
+        self.loss_scale = scale
 
     def progress_line(self, record: dict, epoch_start: float, step: int, start_step: int = 0) -> str:
         """The console line of `step`; the time per step is measured over the steps this start has run of the

@@ -275,7 +275,8 @@ class BadFiles:
         """The count over all ranks, and whether some rank met a fatal file (collective)."""
         values = torch.tensor([float(self.count), float(self.fatal is not None)], device=self.device)
         distributed.all_reduce_sum(values)
-        return int(values[0].item()), bool(values[1].item())
+        total, fatal = values.tolist()
+        return int(total), bool(fatal)
 
     def check(self, where: str) -> None:
         """Collective: every rank raises when some rank met a file that cannot be used, or when the count over all

@@ -177,8 +177,8 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
         out = fn(eval_view(batch, view.crop, mean, std)).float()
         outputs.append(F.normalize(out, dim=1) if normalize else out)
     tally.check_pass(images)
-    local = torch.cat(outputs) if outputs else torch.zeros(0, device=device)
-    return distributed.all_gather_uneven(local)
+    # (an empty share is one empty batch, whose rows have the width of the others': all_gather needs it)
+    return distributed.all_gather_uneven(torch.cat(outputs))
 
 
 def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images: ImageSet) -> torch.Tensor:

@@ -82,9 +82,12 @@ class NPID(MemoryBankMethod):
 
     def draw_noise(self, batch: Batch) -> torch.Tensor:
         """This rank's rows (n x K) of the uniform noise indices drawn for the whole global batch."""
-        noise = torch.randint(self.info.num_samples, (batch.global_size, self.args.nce_k), generator=self.noise)
-        # non-blocking: staged from the host at once, without waiting for the GPU's queued work (8 MB a step at
-        # 4096 noise entries for 256 samples)
+        # Drawn into page-locked memory for a GPU: a non-blocking copy from ordinary memory may wait for the GPU's
+        # queued work (8 MB a step at 4096 noise entries for 256 samples); torch's pinned-memory cache reuses the
+        # block only once the copy has read it.
+        noise = torch.empty(batch.global_size, self.args.nce_k, dtype=torch.long,
+                            pin_memory=self.device.type == "cuda")
+        torch.randint(self.info.num_samples, noise.shape, generator=self.noise, out=noise)
         return noise[batch.offset: batch.offset + batch.indices.shape[0]].to(self.device, non_blocking=True)
 
     @torch.no_grad()
