@@ -17,6 +17,8 @@ from conftest import PYTHON, ROOT, script_env
      "--baseline_measure 32 must be at least two batches of --batch 32 (the first is a warm-up)"),
     ("ops_speed.py", ["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
     ("slurm_latency.py", ["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
+    ("paired_runs.py", ["-n", "0", "--", "true"], "argument -n/--runs: '0' is not a positive integer"),
+    ("paired_runs.py", [], "give command A after --"),
     ("bank_losses.py", ["--bank", "100"], "--bank 100 is smaller than the batch of 128"),
     ("epoch_plan.py", ["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
     ("train_throughput.py", ["--steps", "0", "--config", "configs/swav_digits.yaml"],
@@ -35,3 +37,18 @@ def test_the_imagefolder_bench_refuses_a_missing_gpu_before_writing_its_images()
                             env=script_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines()[-1] == "imagefolder_speed.py: error: --device cuda: no CUDA device here (use cpu)"
+
+
+def test_paired_runs_times_both_commands_in_turn_and_keeps_their_output(tmp_path):
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "paired_runs.py"), "-n", "2", "--log_dir", str(tmp_path),
+                             "--vs", "sh -c 'echo B'", "--", "sh", "-c", "echo A"], cwd=ROOT, env=script_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| A: ") or line.startswith("| B: ")]
+    assert [row.split("`")[1] for row in rows] == ["sh -c 'echo A'", "sh -c 'echo B'"]
+    assert "A / B wall, pair by pair: " in result.stdout
+    # one warm-up and two counted runs of each, their output kept
+    assert (tmp_path / "a.log").read_text() == "A\n" * 3 and (tmp_path / "b.log").read_text() == "B\n" * 3
+    failed = subprocess.run([PYTHON, str(ROOT / "bench" / "paired_runs.py"), "--log_dir", str(tmp_path), "--", "sh",
+                             "-c", "exit 3"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and failed.stderr.startswith("paired_runs.py: sh -c 'exit 3' exited with 3")
