@@ -59,6 +59,7 @@ from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
 from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
 from clusterlab.optim import set_lr  # noqa: E402
 from clusterlab.programs.train import parse_args  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 # The CIFAR-10 recipe each method is checked with.
 RECIPES = {"swav": "swav_cifar10", "unmix": "unmix_cifar10", "npid": "npid_cifar10", "superand": "superand_cifar10",
@@ -430,14 +431,6 @@ class Check:
             write_cifar10(self.data_path, self.sizes.train_images, self.sizes.train_images // 5)
             self._train_set = data.load("cifar10", "train", str(self.data_path))
         return self._train_set
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{os.cpu_count()} CPU cores"
 
 
 def device_name(device: torch.device) -> str:

@@ -24,7 +24,6 @@ process, which is what a job without a GPU gets.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import tempfile
 import time
@@ -38,6 +37,7 @@ from clusterlab.config import positive_int
 from clusterlab.data import registry
 from clusterlab.data.augment import ColorSpec, CropSpec, CutCrops, MultiCrop
 from clusterlab.data.files import CropJob, FileSource
+from machine import cpu_name
 
 SWAV_CROPS = [CropSpec(2, 224, 0.14, 1.0), CropSpec(6, 96, 0.05, 0.14)]
 SWAV_COLOR = ColorSpec(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitter_p=0.8, grey_p=0.2, blur_p=0.5)
@@ -125,13 +125,6 @@ def suite_device_side(augment: MultiCrop, results: list, device: torch.device) -
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images / (time.perf_counter() - start), images
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
-    return models[0] if models else platform.processor() or "unknown CPU"
 
 
 def main():

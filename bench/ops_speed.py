@@ -25,6 +25,7 @@ from clusterlab.config import positive_int  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.ops.memory_bank import MemoryBank  # noqa: E402
 from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 
 def timed(fn, device, repeats: int) -> list[float]:
@@ -69,7 +70,8 @@ def main():
         ("SeLa labelling, 50,000 x 128, 10 heads, lambda 10", lambda: [sela_sinkhorn(x, 10.0, 0.01)
                                                                        for x in head_logits]),
     ]
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"device {device} ({where}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| operation | median | min | max |")
     print("| --- | --- | --- | --- |")
     for label, fn in rows:

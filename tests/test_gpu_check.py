@@ -33,6 +33,7 @@ def load_script(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its own folder, as `python bench/gpu_check.py` has it
     spec.loader.exec_module(module)
     return module
 
