@@ -229,6 +229,25 @@ def test_missing_data_skips_and_fails_under_ci(monkeypatch, tmp_path):
         require_installed([tmp_path / "absent.gz"], "dataset-x")
 
 
+def test_ci_reports_any_skipped_test_as_failed(monkeypatch):
+    """.ci/run sets CLUSTERLAB_NO_SKIPS=1: a skip for any reason (no C++ compiler for --compile, no mount namespace
+    for the disk-full tests) fails with its reason; elsewhere it stays a skip."""
+    from conftest import refuse_skip
+
+    def skipped():
+        return pytest.TestReport("t.py::t", ("t.py", 1, "t"), {}, "skipped", ("t.py", 1, "Skipped: no g++"), "setup")
+
+    monkeypatch.delenv("CLUSTERLAB_NO_SKIPS", raising=False)
+    report = skipped()
+    refuse_skip(report)
+    assert report.skipped
+    monkeypatch.setenv("CLUSTERLAB_NO_SKIPS", "1")
+    report = skipped()
+    refuse_skip(report)
+    assert report.failed and report.longrepr == ("CLUSTERLAB_NO_SKIPS=1 (CI runs every test), but it was skipped: "
+                                                 "Skipped: no g++")
+
+
 # ---- digits --------------------------------------------------------------------------------------------------------
 
 def test_digits_split_is_stratified_and_deterministic():

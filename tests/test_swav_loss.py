@@ -65,8 +65,9 @@ def test_gradient_equals_autograd_of_naive_form_and_closed_form():
                                    rtol=0, atol=1e-5)
 
 
-def test_codes_receive_no_gradient_through_the_loss_inputs():
-    """The codes are targets: a loss built from scores only differentiates the scores."""
+def test_the_loss_is_a_plain_cross_entropy_in_the_codes():
+    """swav_loss itself detaches nothing: its gradient with respect to the codes is the cross-entropy's, so that the
+    codes' being targets is the caller's doing (the method computes them without a graph, under no_grad)."""
     scores, codes = make_inputs()
     codes = {c: q.requires_grad_() for c, q in codes.items()}
     loss = swav_loss(scores, codes, TAU)
