@@ -151,9 +151,14 @@ if rank == slow_rank:
         time.sleep(100)
     engine.Trainer.train_one_epoch = slow_start
 else:
-    step = engine.Trainer.step
+    import torch.distributed as dist
+    step, all_reduce = engine.Trainer.step, dist.all_reduce
+    def entering(*args, **kwargs):
+        (flags / f"collective{rank}").touch()
+        return all_reduce(*args, **kwargs)
     def first_step(self, *args):
         (flags / f"ready{rank}").touch()
+        dist.all_reduce = entering  # the step's first collective waits for the rank still starting
         return step(self, *args)
     engine.Trainer.step = first_step
 programs.run("main_pretrain.py", sys.argv[3:])
@@ -176,10 +181,11 @@ def test_a_stop_signal_while_one_rank_still_starts_requeues_every_rank(tmp_path,
              for rank in range(2)]
     try:
         deadline = time.time() + 120
-        while not all((tmp_path / f"ready{rank}").exists() for rank in range(2)):
+        # both ready, and the waiting rank inside its first collective
+        waited = [tmp_path / f"ready{rank}" for rank in range(2)] + [tmp_path / f"collective{1 - slow_rank}"]
+        while not all(flag.exists() for flag in waited):
             assert time.time() < deadline and all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
             time.sleep(0.1)
-        time.sleep(1)  # the waiting rank is inside its first collective
         for process in ranks:
             process.send_signal(signal.SIGTERM)
         outputs = [process.communicate(timeout=120) for process in ranks]
