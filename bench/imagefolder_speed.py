@@ -173,7 +173,8 @@ def main():
           f"{args.measure - args.batch} | {worker_rate:.1f} |")
     print(f"| (b) torchvision ImageFolder + per-image SwAV multi-crop, all on the CPU | one CPU process | "
           f"{args.baseline_measure - args.batch} | {baseline_rate:.1f} |")
-    print(f"| (c) clusterlab device side: flip, colour, grey, blur, normalise | {device} ({name}) | "
+    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+    print(f"| (c) clusterlab device side: flip, colour, grey, blur, normalise | {device} ({name}{threads}) | "
           f"{device_images} | {device_rate:.1f} |")
     print()
     print(f"a / b = {worker_rate / baseline_rate:.2f}: the CPU work of a GPU job, against the standard pipeline")

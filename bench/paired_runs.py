@@ -4,10 +4,10 @@
     python bench/paired_runs.py [-n 5] [--warmup 1] [--log_dir DIR] --vs 'COMMAND B' -- COMMAND A ...
 
 Each command first runs `--warmup` times (not counted), then A and B alternate `-n` times. For every counted run:
-wall seconds (a monotonic clock read around the child, start-up included), user + system seconds and peak resident
-memory (the operating system's accounting of the reaped child, os.wait4). Prints a Markdown table with the median,
-min and max of each, and the ratio of the wall times A / B taken pair by pair: pairing keeps it meaningful when the
-machine's speed drifts during the measurement. Without --vs, A alone is timed.
+wall seconds (a monotonic clock read around the child, start-up included), user and system seconds and peak
+resident memory (the operating system's accounting of the reaped child, os.wait4). Prints a Markdown table with the
+median, min and max of each, and the ratio of the wall times A / B taken pair by pair: pairing keeps it meaningful
+when the machine's speed drifts during the measurement. Without --vs, A alone is timed.
 
 COMMAND B is one string split as a shell splits words (no shell runs it: write `sh -c '...'` for a pipe). What the
 commands print goes to DIR/a.log and DIR/b.log (every run, warm-up first), so a figure they print is kept; the exit
@@ -32,9 +32,10 @@ from clusterlab.config import non_negative_int, positive_int  # noqa: E402
 
 
 class Run(NamedTuple):
-    wall: float  # seconds
-    cpu: float   # user + system seconds
-    peak: int    # bytes, the largest resident set of the process (Linux reports KiB)
+    wall: float    # seconds
+    user: float    # seconds
+    system: float  # seconds
+    peak: int      # bytes, the largest resident set of the process (Linux reports KiB)
 
 
 def run_once(command: list[str], log: Path) -> Run:
@@ -46,7 +47,7 @@ def run_once(command: list[str], log: Path) -> Run:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         sys.exit(f"paired_runs.py: {shlex.join(command)} exited with {child.returncode}; its output is in {log}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+    return Run(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss * 1024)
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -77,12 +78,14 @@ def main():
             runs[name].append(run_once(command, logs[name]))
     print(f"{args.runs} counted run(s) of each after {args.warmup} warm-up run(s), in turn; output in {log_dir}")
     print()
-    print("| command | wall s median (min-max) | user + system s median (min-max) | peak memory (max) |")
-    print("| --- | --- | --- | --- |")
+    print("| command | wall s median (min-max) | user s median (min-max) | system s median (min-max) | peak memory |")
+    print("| --- | --- | --- | --- | --- |")
     for name, command in commands.items():
         measured = runs[name]
+        peaks = [r.peak / 2 ** 30 for r in measured]
         print(f"| {name}: `{shlex.join(command)}` | {spread([r.wall for r in measured])} | "
-              f"{spread([r.cpu for r in measured])} | {max(r.peak for r in measured) / 2 ** 30:.2f} GiB |")
+              f"{spread([r.user for r in measured])} | {spread([r.system for r in measured])} | "
+              f"{min(peaks):.2f}-{max(peaks):.2f} GiB |")
     if "B" in runs:
         ratios = [a.wall / b.wall for a, b in zip(runs["A"], runs["B"])]
         print()

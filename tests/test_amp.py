@@ -10,6 +10,8 @@ that compute in it (fp16 on older ones), and config.yaml records what ran.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -21,6 +23,7 @@ from clusterlab.data import loader as data_loader
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.programs.train import parse_args
 from conftest import TINY, assert_ok, run_script
+from dist_utils import run_distributed
 from test_resume import assert_same_tensors
 
 SMALL = ["--dataset", "digits", "--width", "4", "--device", "cpu", "--batch_size", "16", "--size_crops", "8",
@@ -308,15 +311,16 @@ class DeviceReads(TorchDispatchMode):
 
 
 def reads_in_a_step(run_dir, amp: str) -> int:
-    """The values read back in one training step after the first (which reads the scaler's initial scale)."""
+    """The values read back in one training step and its check, after the first step (which reads the scaler's
+    initial scale)."""
     trainer = trainer_for("swav", amp, run_dir)
     trainer.train_one_epoch(0)
     batches = data_loader.iterate(trainer.train_set, trainer.batches, 1, augment=trainer.method.augment,
                                   device=trainer.ctx.device)
     step, images, labels, indices, total, offset = next(iter(batches))
     with DeviceReads() as counted:
-        trainer.step(Batch(images, labels, indices, total, offset),
-                     Progress(1, step, trainer.global_step, trainer.steps_per_epoch))
+        trainer.check(*trainer.step(Batch(images, labels, indices, total, offset),
+                                    Progress(1, step, trainer.global_step, trainer.steps_per_epoch)))
     assert (trainer.loss_scale is not None) == (amp == "fp16")
     return counted.reads
 
@@ -327,3 +331,23 @@ def test_an_fp16_step_waits_for_the_device_only_where_the_scaler_must(tmp_path):
     the gradients inside scaler.step (the augmentation's reads of host tensors are the same in both runs)."""
     torch.set_num_threads(1)
     assert reads_in_a_step(tmp_path / "fp16", "fp16") - reads_in_a_step(tmp_path / "off", "off") == 1
+
+
+def _scales_of_an_fp16_epoch(rank, world, run_dir, poisoned_rank):
+    """The scale after each step of a SwAV fp16 epoch whose 3rd backward pass is NaN on `poisoned_rank` only."""
+    trainer = trainer_for("swav", "fp16", Path(run_dir))
+    # a scale small enough that no step overflows on its own (from 2**16 the first steps all do, halving it)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6)
+    poison_gradients(trainer, {3} if rank == poisoned_rank else set())
+    scales, note = [], trainer.note_scale
+    trainer.note_scale = lambda scale: (scales.append(scale), note(scale))
+    trainer.train_one_epoch(0)
+    return {"scales": scales, "skipped_in_a_row": trainer.skipped_in_a_row}
+
+
+def test_fp16_skips_and_scales_agree_on_every_rank(tmp_path):
+    """NaN gradients on one rank reach every rank (DDP averages them), so every rank skips that step and halves its
+    scale; the scale each rank reads back with the step's check (a mean over the ranks) is the one it keeps."""
+    ranks = run_distributed(_scales_of_an_fp16_epoch, 2, str(tmp_path / "run"), 1)
+    # 64 images in global batches of 16: the 3rd step is skipped, and the scale halves on both ranks
+    assert ranks == [{"scales": [64.0, 64.0, 32.0, 32.0], "skipped_in_a_row": 0}] * 2

@@ -522,6 +522,10 @@ def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
     ("configs/swav_digits.yaml", {"eval_cluster.py": {"clusters": [10, 20], "restarts": 2}}, None),
     ("configs/swav_digits.yaml", {"eval_linear.py": {"cached_features": True, "compile": True}},
      "--compile does nothing with --cached_features true"),
+    # the pixel baseline scores no run: every such job would be refused, the grid naming the run
+    ("configs/sela_fashion_mnist.yaml", {"eval_cluster.py": {"baseline": "pixels"}}, "--baseline scores raw pixels"),
+    # a value argparse cannot read back from a command line is still the grid's one-line error
+    ("configs/swav_digits.yaml", {"eval_knn.py": {"data_path": "-x", "k": [20, 200]}}, None),
 ])
 def test_evaluation_flags_the_runs_method_cannot_take_are_refused_before_anything_is_submitted(
         tmp_path, config, eval_flags, refusal):

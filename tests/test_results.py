@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from clusterlab import results
+from clusterlab import config, results
 from clusterlab.methods.cluster_base import pretrained_origin
 from conftest import ROOT, assert_ok, entry_module, run_script, snapshot
 
@@ -257,15 +257,13 @@ def test_tables_built_away_from_the_repository_root_take_the_checkouts_published
                                                                                         capsys):
     """From another directory, the default file is the one of the checkout the package runs from; an installed
     copy (no checkout around it) has none and says so."""
-    from clusterlab.programs import collect_results
-
     root = tmp_path / "runs"
     write_jsonl(root / "swav_c10" / "metrics.jsonl", [record(0, dataset="cifar10", acc=0.25)])
     monkeypatch.chdir(tmp_path)
     entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
     assert f"published numbers from {ROOT / 'results' / 'published.csv'}" in capsys.readouterr().out
     assert "published" in pd.read_csv(root / "tables" / "cifar10.csv").columns
-    monkeypatch.setattr(collect_results, "__file__", str(tmp_path / "site" / "clusterlab" / "programs" / "x.py"))
+    monkeypatch.setattr(config, "__file__", str(tmp_path / "site" / "clusterlab" / "config.py"))  # installed
     entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
     assert f"note: no results/published.csv in {tmp_path}" in capsys.readouterr().out
     assert "published" not in pd.read_csv(root / "tables" / "cifar10.csv").columns

@@ -415,8 +415,8 @@ def test_a_failure_after_the_run_finished_leaves_it_finished(run_in_process, mon
 
 
 def test_the_eta_of_a_resumed_epoch_counts_only_the_steps_this_start_ran(monkeypatch):
-    """Resumed at step 900 of 1000, one step a second: 1,099 steps are left (100 of this epoch, 1,000 of the
-    next), not the 1 s that dividing the time by all 901 steps of the epoch gave."""
+    """Resumed at step 900 (0-based) of 1000, one step a second: once it is done 1,099 steps are left (99 of this
+    epoch, 1,000 of the next), not the 1 s that dividing the time by all 901 steps of the epoch gave."""
     trainer = engine.Trainer.__new__(engine.Trainer)
     trainer.args, trainer.steps_per_epoch = argparse.Namespace(epochs=2), 1000
     monkeypatch.setattr(time, "time", lambda: 1000.0)

@@ -148,7 +148,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            flag = next((token for token in extras if token.startswith("--")), None)
+            flag = next((token for token in extras if token.startswith("--") and token != "--"), None)
             hint = unknown_flag_hint(self, flag[2:].split("=", 1)[0]) if flag else ""
             self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
@@ -371,20 +371,32 @@ def _explicit_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def source_checkout() -> Path | None:
+    """The repository this package is imported from (the folder whose src/clusterlab it is, beside a
+    pyproject.toml); None for an installed copy."""
+    package = Path(__file__).resolve().parent
+    root = package.parents[1]
+    if package == root / "src" / "clusterlab" and (root / "pyproject.toml").is_file():
+        return root
+    return None
+
+
 def git_state() -> dict:
     """{"git_commit": HEAD of the git checkout this package is imported from, "git_dirty": whether its tracked files
     differ from HEAD}; both None where the package is not a checkout's src/clusterlab (an installed copy: a git
     repository around site-packages is not where the code came from) or git cannot say."""
-    package = Path(__file__).resolve().parent
+    root = source_checkout()
     unknown = {"git_commit": None, "git_dirty": None}
+    if root is None:
+        return unknown
 
     def git(*args: str) -> str | None:
-        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else None
 
     try:
         top = git("rev-parse", "--show-toplevel")
-        if not top or Path(top).resolve() / "src" / "clusterlab" != package:
+        if not top or Path(top).resolve() != root:
             return unknown
         commit = git("rev-parse", "HEAD")
         changes = git("status", "--porcelain", "--untracked-files=no")

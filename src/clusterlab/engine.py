@@ -412,7 +412,9 @@ class Trainer:
         # Built on the device (a fill, not a copy from the host): the step's one wait for it is the .tolist().
         stop = torch.full((1,), float(signals.received() is not None), dtype=torch.float64, device=device)
         parts = [stop, (~torch.isfinite(measured[:1])).double(), measured]
-        if self.scaler.is_enabled():  # the scale after this step's update, on the device (get_scale would wait)
+        if self.scaler.is_enabled():
+            # The scale after this step's update, as the tensor on the device: get_scale() would wait for it. (A
+            # private method of torch's GradScaler, there since torch 1.x; set by the step's scaler.scale(loss).)
             parts.append(self.scaler._get_scale_async().to(torch.float64).reshape(1))
         values = torch.cat(parts)
         distributed.all_reduce_sum(values)

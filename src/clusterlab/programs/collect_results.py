@@ -124,17 +124,6 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
     return path
 
 
-def source_checkout_file(relative: str) -> Path | None:
-    """The file `relative` of the repository this package is imported from (its src/clusterlab), where it is one
-    and holds the file; None for an installed copy."""
-    package = Path(__file__).resolve().parents[1]
-    root = package.parents[1]
-    candidate = root / relative
-    if package == root / "src" / "clusterlab" and (root / "pyproject.toml").is_file() and candidate.is_file():
-        return candidate
-    return None
-
-
 def read_published(path: str, default: str):
     """The published numbers: none for '' or a missing default file (with a note); a named file must exist and have
     the columns."""
@@ -144,7 +133,8 @@ def read_published(path: str, default: str):
         return None
     if path == default and not Path(path).is_file():
         # The default is relative to where the program runs; elsewhere, the checkout the package runs from holds it.
-        found = source_checkout_file(default)
+        root = config.source_checkout()
+        found = root / default if root is not None and (root / default).is_file() else None
         if found is None:
             print(f"note: no {default} in {Path.cwd()}: the tables have no published numbers (run from the "
                   f"repository root, or give --published FILE)")

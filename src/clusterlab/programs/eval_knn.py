@@ -40,6 +40,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
+    check_flags(args)
     distributed.configure_threads()
     checkpoint_name = requested_checkpoint_name(args.run, args.checkpoint)
     # top5 "voted": a top-5 hit needs a neighbour of the true class (eval/knn.py; records without the key counted
@@ -54,8 +55,6 @@ def main(argv=None):
             del protocols[k]
     if not protocols:
         return
-    if args.baseline:
-        check_flags(args, None)
     ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
@@ -97,17 +96,18 @@ def main(argv=None):
     distributed.shutdown()
 
 
-def check_flags(args, method: type | None) -> None:
-    """Refuse flags that cannot score a run of `method` (None: the pixel baseline), on one line; launch.py asks
-    before it submits a grid's jobs, with the grid's evaluation flags and each run's method."""
+def check_flags(args, method: type | None = None) -> None:
+    """Refuse, on one line, flags that cannot go together and, given the run's `method`, flags that cannot score
+    a run of it; launch.py asks before it submits a grid's jobs, with the grid's evaluation flags and each run's
+    method."""
     if args.train_features != "memory_bank":
         return
-    if method is None:
+    if args.baseline:
         raise ConfigError("--train_features memory_bank: raw pixels have no memory bank (leave it out, or use "
                           "recomputed)")
     if args.features != "embedding":
         raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
-    if not hasattr(method, "memory_bank"):
+    if method is not None and not hasattr(method, "memory_bank"):
         raise ConfigError(f"--train_features memory_bank: method {method.name!r} keeps no memory bank (use "
                           f"recomputed)")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from .programs import (EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, check_eval_flags, find_config,
-                       program_parser, to_argv, training_program, validate_flags)
+                       program_parser, to_argv, trained_method, training_program, validate_flags)
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -216,9 +216,9 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
                           after=previous.get(stages[index - 1].get("name")) if index else None)
             if index == len(stages) - 1:
-                method = checked.get("method") or program_parser(program, merged).get_default("method")
                 for eval_program, eval_flags in evals["flags"].items():
-                    check_eval_flags(eval_program, eval_flags, method, f"grid {str(path)!r} run {label!r}")
+                    check_eval_flags(eval_program, eval_flags, trained_method(program, checked),
+                                     f"grid {str(path)!r} run {label!r}")
                 run.evals = _expand_evals(evals, run, epochs)
             # The config's checkpoint_epochs too: the list given on the command line replaces the config's.
             wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}

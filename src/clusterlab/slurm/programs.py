@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
 __all__ = ["EVAL_PROGRAMS", "TRAINING_PROGRAMS", "canonical_layers", "check_eval_flags", "find_config",
-           "program_parser", "to_argv", "training_program", "validate_flags"]
+           "program_parser", "to_argv", "trained_method", "training_program", "validate_flags"]
 
 
 def find_config(config_file, source, label: str) -> Path:
@@ -51,11 +51,22 @@ def check_eval_flags(program: str, flags: dict, method: str, source: str) -> Non
     a grid does not find out hours after its training jobs started."""
     from ..methods import METHODS
 
-    args = program_parser(program, flags).parse_args(to_argv({**flags, "run": "x"}))
+    if flags.get("baseline"):
+        raise ConfigError(f"{source}: {program} --baseline scores raw pixels, not a run: a grid's or recipe's "
+                          f"evaluations score its runs (leave baseline out)")
+    parser = program_parser(program, flags)
+    given = validate_flags(program, {**flags, "run": "x"}, source)
+    args = argparse.Namespace(**{**{action.dest: action.default for action in parser._actions}, **given})
     try:
         PROGRAMS[program].load().check_flags(args, METHODS[method])
     except ConfigError as error:
         raise ConfigError(f"{source}: {program} {error}") from None
+
+
+def trained_method(program: str, flags: dict) -> str:
+    """The method a training program trains with `flags` (resolved, as config layers merge them): theirs, or the
+    program's default."""
+    return flags.get("method") or program_parser(program, flags).get_default("method")
 
 
 def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:

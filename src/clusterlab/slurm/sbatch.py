@@ -39,7 +39,7 @@ from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, program_parser, to_argv,
+from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, to_argv, trained_method,
                        training_program, validate_flags)
 
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
@@ -282,8 +282,7 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
     program = training_program({k: v for _, layer in layers for k, v in layer.items()}, spec.get("program"), label)
     merged = {k: v for layer in canonical_layers(program, layers) for k, v in layer.items()}
     validate_flags(program, merged, label)
-    method = merged.get("method") or program_parser(program, merged).get_default("method")
-    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"), method)
+    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"), trained_method(program, merged))
 
 
 def write_scripts(scripts: dict[str, str], directory: str | Path) -> list[Path]:
