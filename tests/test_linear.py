@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -16,8 +17,8 @@ from clusterlab import distributed, engine
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
-
 from clusterlab.programs import eval_linear
+from conftest import copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,20 @@ def test_a_probe_is_trained_afresh_for_other_weights_or_another_optimisation(tmp
 
 def records_of(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("amp, seen", [("bf16", torch.bfloat16), ("off", None)])
+def test_test_features_are_computed_in_the_precision_the_probe_trains_in(tiny_run, tmp_path, monkeypatch, amp, seen):
+    """Under --amp the probe's training images pass the frozen backbone under autocast; its test features were
+    computed in float32, so the head was scored on other features than it learnt from."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    extract, precisions = eval_linear.extract, []
+
+    def recording(*args, **kwargs):
+        precisions.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "extract", recording)
+    torch.set_num_threads(1)
+    eval_linear.main(["--run", str(run), "--epochs", "1", "--device", "cpu", "--amp", amp])
+    assert precisions == [seen]  # the test split's features (the augmented protocol extracts no train features)

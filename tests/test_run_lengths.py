@@ -43,7 +43,13 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
     assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
+    flat = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
+                      "--schedule", "step", "--lr_drops", 2, "--output_dir", tmp_path / "flat")
+    assert_ok(flat)
+    assert [line for line in flat.stdout.splitlines() if line.startswith("note: ")] == [
+        "note: --schedule step never drops the learning rate (--lr_drops 2 within the run, 2 epochs): it stays at "
+        "--lr 4.8"]
     quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
-                       "--output_dir", tmp_path / "quiet")
+                       "--schedule", "step", "--lr_drops", 1, "--output_dir", tmp_path / "quiet")
     assert_ok(quiet)
     assert "note: " not in quiet.stdout

@@ -153,12 +153,18 @@ class Trainer:
         return precision_name(self.amp_dtype)
 
     def whole_run_settings(self) -> list[str]:
-        """Lengths that cover the whole run: warm-up, and the method's own (prototype freezing, queue start); epoch
-        checkpoints asked for beyond its end."""
+        """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
+        (prototype freezing, queue start); epoch checkpoints asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
         if self.args.warmup_epochs >= self.args.epochs:
             notes.insert(0, f"the learning rate warms up for the whole run (--warmup_epochs {self.args.warmup_epochs} "
                             f">= --epochs {self.args.epochs})")
+        span = self.args.schedule_period or self.args.epochs
+        if self.args.schedule == "step" and not any(0 < drop < span for drop in self.args.lr_drops):
+            within = "each period of --schedule_period" if self.args.schedule_period else "the run"
+            notes.append(f"--schedule step never drops the learning rate (--lr_drops "
+                         f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} epochs): it "
+                         f"stays at --lr {self.args.lr:g}")
         beyond = [epoch for epoch in self.args.checkpoint_epochs if epoch > self.args.epochs]
         if beyond:
             notes.append(f"--checkpoint_epochs {' '.join(map(str, beyond))}: beyond --epochs {self.args.epochs}, "

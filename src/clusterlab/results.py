@@ -457,8 +457,9 @@ def revision_footnote(frame) -> str:
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
-    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses; protocols are not compared
-    (`source` names upstream's).
+    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses nor for a linear probe trained
+    otherwise than by default (`linear_protocol_differs`); the protocols are not compared further (`source` names
+    upstream's).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -470,7 +471,8 @@ def attach_published(table, published):
     mid_run = table.get("mid_run")
     for index, row in table.iterrows():
         # A superclass ACC (CIFAR-100's 20) is another quantity than the class ACC a paper gives for the dataset.
-        if (mid_run is not None and mid_run[index]) or "superclass" in str(row.get("protocol")).split():
+        if (mid_run is not None and mid_run[index]) or "superclass" in str(row.get("protocol")).split() \
+                or (row["eval"] == "linear" and linear_protocol_differs(row.get("protocol"))):
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
@@ -490,6 +492,19 @@ def attach_published(table, published):
         if ours is not None and ours == ours:
             table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
     return table
+
+
+def linear_protocol_differs(label) -> bool:
+    """Whether a linear probe's protocol (its table label) is not the default one, upstream's: cached features,
+    another length, rate, batch or weight decay, or a flag recorded only where it is not its default (a seed, the
+    momentum, a precision...). Such a probe measures something else than the published numbers."""
+    from .programs.eval_linear import default_protocol
+
+    default = default_protocol()
+    tokens = set(str(label).split())
+    recorded_only_if_changed = {key for key, value in default.items() if value is None}
+    return (not set(protocol_label(default).split()) <= tokens
+            or any(token.split("=", 1)[0] in recorded_only_if_changed for token in tokens))
 
 
 def published_names(dataset: str, protocol) -> set[str]:

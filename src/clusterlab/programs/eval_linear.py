@@ -69,6 +69,11 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
+def default_protocol() -> dict:
+    """The protocol of a probe trained with every default (upstream's, which published numbers follow)."""
+    return linear_protocol(get_args_parser().parse_args([]), {})
+
+
 def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
@@ -115,9 +120,15 @@ def main(argv=None):
     loaded, method = evaluation.loaded, evaluation.loaded.method
     info, size = method.info, method.eval_size
 
+    precision = engine.resolve_precision(args.amp, ctx.device)
+
     def backbone_features(images):
-        return require_finite(extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512,
-                                      args.workers, normalize=False), loaded, "backbone features", images)
+        # In the precision the probe trains in (its training images pass the backbone under autocast): test
+        # features in float32 would score the head on other features than it learnt from.
+        with torch.autocast(ctx.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            features = extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512,
+                               args.workers, normalize=False)
+        return require_finite(features, loaded, "backbone features", images)
 
     test_features = backbone_features(evaluation.test_set)
     train_set = evaluation.train_set
