@@ -163,7 +163,8 @@ class Trainer:
         if self.args.schedule == "step" and not any(0 < drop < span for drop in self.args.lr_drops):
             within = "each period of --schedule_period" if self.args.schedule_period else "the run"
             notes.append(f"--schedule step never drops the learning rate (--lr_drops "
-                         f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} epochs): it "
+                         f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} "
+                         f"epoch{'s' if span != 1 else ''}): it "
                          f"stays at --lr {self.args.lr:g}")
         beyond = [epoch for epoch in self.args.checkpoint_epochs if epoch > self.args.epochs]
         if beyond:
