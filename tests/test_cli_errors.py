@@ -65,7 +65,8 @@ def test_a_flag_of_another_method_is_named_so(run_in_process, tmp_path):
                              "digits", "--nmb_prototypes=10", "--output_dir", tmp_path / "run")
     assert_user_error(refused, "main_pretrain.py",
                       "unrecognized arguments: --nmb_prototypes=10 (--method npid does not take it; swav, unmix do)")
-    refused = run_in_process("main_cluster.py", "--method", "sela", "--queue_length", 3, "--output_dir", tmp_path / "run")
+    refused = run_in_process("main_cluster.py", "--method", "sela", "--queue_length", 3, "--output_dir",
+                             tmp_path / "run")
     assert_user_error(refused, "main_cluster.py", "--queue_length 3 (--method sela does not take it; selfclassifier "
                                                   "does)")
     assert not (tmp_path / "run").exists()

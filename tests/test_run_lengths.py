@@ -2,9 +2,13 @@
 in iterations, and a setting that covers the whole run is told on one line at start."""
 from __future__ import annotations
 
+import argparse
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from clusterlab import engine
 from clusterlab.methods import METHODS, DataInfo, Progress
 from clusterlab.programs.train import parse_args
 from conftest import TINY, assert_ok, run_script
@@ -48,8 +52,29 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     assert_ok(flat)
     assert [line for line in flat.stdout.splitlines() if line.startswith("note: ")] == [
         "note: --schedule step never drops the learning rate (--lr_drops 2 within the run, 2 epochs): it stays at "
-        "--lr 4.8"]
+        "4.8 after the warm-up"]
     quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
                        "--schedule", "step", "--lr_drops", 1, "--output_dir", tmp_path / "quiet")
     assert_ok(quiet)
     assert "note: " not in quiet.stdout
+
+
+@pytest.mark.parametrize("flags, note", [
+    ({"lr_drops": [1]}, None),
+    ({"lr_drops": [4]}, "(--lr_drops 4 within the run, 4 epochs): it stays at 1"),
+    ({"lr_drops": [0]}, "(--lr_drops 0 within the run, 4 epochs): it stays at 0.1"),  # dropped from the start
+    ({"lr_drops": [], "warmup_epochs": 1},
+     "(--lr_drops none within the run, 4 epochs): it stays at 1 after the warm-up"),
+    ({"lr_drops": [2], "schedule_period": 1}, "within each period of --schedule_period, 1 epoch): it stays at 1"),
+    # a period longer than the run
+    ({"lr_drops": [6], "schedule_period": 10}, "within each period of --schedule_period, 4 epochs)"),
+    ({"lr_drops": [2], "schedule_period": 3}, None),
+])
+def test_a_step_schedule_that_never_drops_is_told(flags, note):
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
+    trainer.steps_per_epoch = 10
+    trainer.args = argparse.Namespace(**{"schedule": "step", "lr": 1.0, "lr_gamma": 0.1, "epochs": 4,
+                                         "schedule_period": 0, "warmup_epochs": 0, "checkpoint_epochs": [], **flags})
+    notes = trainer.whole_run_settings()
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes

@@ -159,13 +159,14 @@ class Trainer:
         if self.args.warmup_epochs >= self.args.epochs:
             notes.insert(0, f"the learning rate warms up for the whole run (--warmup_epochs {self.args.warmup_epochs} "
                             f">= --epochs {self.args.epochs})")
-        span = self.args.schedule_period or self.args.epochs
+        span = min(self.args.schedule_period, self.args.epochs) if self.args.schedule_period else self.args.epochs
         if self.args.schedule == "step" and not any(0 < drop < span for drop in self.args.lr_drops):
             within = "each period of --schedule_period" if self.args.schedule_period else "the run"
+            rate = self.args.lr * self.args.lr_gamma ** sum(1 for drop in self.args.lr_drops if drop <= 0)
             notes.append(f"--schedule step never drops the learning rate (--lr_drops "
                          f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} "
-                         f"epoch{'s' if span != 1 else ''}): it "
-                         f"stays at --lr {self.args.lr:g}")
+                         f"epoch{'s' if span != 1 else ''}): it stays at {rate:g}"
+                         + (" after the warm-up" if self.args.warmup_epochs else ""))
         beyond = [epoch for epoch in self.args.checkpoint_epochs if epoch > self.args.epochs]
         if beyond:
             notes.append(f"--checkpoint_epochs {' '.join(map(str, beyond))}: beyond --epochs {self.args.epochs}, "

@@ -457,9 +457,8 @@ def revision_footnote(frame) -> str:
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
-    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses nor for a linear probe trained
-    otherwise than by default (`linear_protocol_differs`); the protocols are not compared further (`source` names
-    upstream's).
+    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses nor for a `--cached_features`
+    linear probe; the protocols are not compared further (`source` names upstream's, the row's `protocol` ours).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -472,7 +471,7 @@ def attach_published(table, published):
     for index, row in table.iterrows():
         # A superclass ACC (CIFAR-100's 20) is another quantity than the class ACC a paper gives for the dataset.
         if (mid_run is not None and mid_run[index]) or "superclass" in str(row.get("protocol")).split() \
-                or (row["eval"] == "linear" and linear_protocol_differs(row.get("protocol"))):
+                or (row["eval"] == "linear" and cached_probe(row.get("protocol"))):
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
@@ -494,17 +493,10 @@ def attach_published(table, published):
     return table
 
 
-def linear_protocol_differs(label) -> bool:
-    """Whether a linear probe's protocol (its table label) is not the default one, upstream's: cached features,
-    another length, rate, batch or weight decay, or a flag recorded only where it is not its default (a seed, the
-    momentum, a precision...). Such a probe measures something else than the published numbers."""
-    from .programs.eval_linear import default_protocol
-
-    default = default_protocol()
-    tokens = set(str(label).split())
-    recorded_only_if_changed = {key for key, value in default.items() if value is None}
-    return (not set(protocol_label(default).split()) <= tokens
-            or any(token.split("=", 1)[0] in recorded_only_if_changed for token in tokens))
+def cached_probe(label) -> bool:
+    """Whether a linear probe's protocol (its table label) is `--cached_features`: one linear layer on features of
+    unaugmented images extracted once, another protocol than upstream's probes, which all train on augmented crops."""
+    return "augmentation=cached" in str(label).split()
 
 
 def published_names(dataset: str, protocol) -> set[str]:

@@ -3,9 +3,11 @@
     python eval_linear.py --run runs/unmix_c10_400ep [--cached_features true]
 
 Upstream protocol (SwAV's eval_linear.py as Un-Mix's CIFAR copy runs it): 100 epochs, SGD lr 0.3, momentum 0.9,
-cosine to 0, weight decay 1e-6, batch 32, RandomResizedCrop(scale 0.08-1) + flip on the train split, the whole
-test image; the pre-training normalisation (upstream evaluates CIFAR with a different std than it trained with: a
-bug we do not copy). The best test epoch, which upstream reports, is recorded as a separately flagged value. The
+cosine to 0, weight decay 1e-6, batch 32 (the global batch here; upstream's is per GPU), RandomResizedCrop(scale
+0.08-1) + flip on the train split, the whole test image; the pre-training normalisation (upstream evaluates CIFAR
+with a different std than it trained with: a bug we do not copy). Under --amp the frozen backbone runs in bf16 or
+fp16 for the training crops and the test (or cached) features alike; the classifier stays float32. The best test
+epoch, which upstream reports, is recorded as a separately flagged value. The
 probe trains in RUN/linear_epNNNN[_stepS][_cached]/ (the epoch and step of the weights it probes; its batch size,
 seed, optimisation flags where they differ from the defaults, and its precision where --amp makes it bf16 or fp16,
 are added to the name) and resumes from there; one record goes to RUN/metrics.jsonl.
@@ -20,7 +22,7 @@ import torch
 
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..eval.features import (extract, foreign_checkpoint_tag, open_evaluation, require_finite,
                              requested_checkpoint_name, requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
@@ -67,11 +69,6 @@ def linear_protocol(args, changed: dict) -> dict:
         protocol.setdefault(key, changed.get(key))
     protocol["precision"] = probe_precision(args)
     return protocol
-
-
-def default_protocol() -> dict:
-    """The protocol of a probe trained with every default (upstream's, which published numbers follow)."""
-    return linear_protocol(get_args_parser().parse_args([]), {})
 
 
 def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path:
@@ -128,7 +125,13 @@ def main(argv=None):
         with torch.autocast(ctx.device.type, dtype=precision or torch.float32, enabled=precision is not None):
             features = extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512,
                                args.workers, normalize=False)
-        return require_finite(features, loaded, "backbone features", images)
+        try:
+            return require_finite(features, loaded, "backbone features", images)
+        except CheckpointError as error:
+            if precision != torch.float16:
+                raise
+            raise CheckpointError(f"{error} (or fp16 overflowed where float32 would not: try --amp bf16 or off)") \
+                from None
 
     test_features = backbone_features(evaluation.test_set)
     train_set = evaluation.train_set
