@@ -372,13 +372,11 @@ def _explicit_value(argv: list[str], flag: str) -> str | None:
 
 
 def source_checkout() -> Path | None:
-    """The repository this package is imported from (the folder whose src/clusterlab it is, beside a
-    pyproject.toml); None for an installed copy."""
+    """The folder this package is imported from as its src/clusterlab (a repository's checkout); None for an
+    installed copy (site-packages/clusterlab)."""
     package = Path(__file__).resolve().parent
     root = package.parents[1]
-    if package == root / "src" / "clusterlab" and (root / "pyproject.toml").is_file():
-        return root
-    return None
+    return root if package == root / "src" / "clusterlab" else None
 
 
 def git_state() -> dict:
