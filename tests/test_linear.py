@@ -151,13 +151,15 @@ def test_test_features_are_computed_in_the_precision_the_probe_trains_in(tiny_ru
     """Under --amp the probe's training images pass the frozen backbone under autocast; its test features were
     computed in float32, so the head was scored on other features than it learnt from."""
     run = copy_run(tiny_run, tmp_path / "run")
-    extract, precisions = eval_linear.extract, []
+    from clusterlab.eval import features
+
+    extract, precisions = features.extract, []
 
     def recording(*args, **kwargs):
         precisions.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         return extract(*args, **kwargs)
 
-    monkeypatch.setattr(eval_linear, "extract", recording)
+    monkeypatch.setattr(features, "extract", recording)
     torch.set_num_threads(1)
     eval_linear.main(["--run", str(run), "--epochs", "1", "--device", "cpu", "--amp", amp])
     assert precisions == [seen]  # the test split's features (the augmented protocol extracts no train features)

@@ -23,8 +23,8 @@ import torch
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..errors import CheckpointError, ConfigError
-from ..eval.features import (extract, foreign_checkpoint_tag, open_evaluation, require_finite,
-                             requested_checkpoint_name, requested_record)
+from ..eval.features import (foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
+                             requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -122,11 +122,9 @@ def main(argv=None):
     def backbone_features(images):
         # In the precision the probe trains in (its training images pass the backbone under autocast): test
         # features in float32 would score the head on other features than it learnt from.
-        with torch.autocast(ctx.device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            features = extract(method.features, images, method.eval_view, info.mean, info.std, ctx.device, 512,
-                               args.workers, normalize=False)
         try:
-            return require_finite(features, loaded, "backbone features", images)
+            with torch.autocast(ctx.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+                return evaluation.features(images, "backbone", ctx.device, 512, args.workers, normalize=False)
         except CheckpointError as error:
             if precision != torch.float16:
                 raise

@@ -178,7 +178,7 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
     root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
     evals = _eval_spec(path, spec.get("evals"))
     axis_keys = list(axes)
-    runs, names, trained_alike = [], {}, {}
+    runs, names, trained_alike, evaluated_methods = [], {}, {}, set()
     for combination in itertools.product(*(axes[k] for k in axis_keys)):
         values = dict(zip(axis_keys, combination))
         own = {k: v for k, v in values.items() if k != "config"}
@@ -216,9 +216,11 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
                           after=previous.get(stages[index - 1].get("name")) if index else None)
             if index == len(stages) - 1:
-                for eval_program, eval_flags in evals["flags"].items():
-                    check_eval_flags(eval_program, eval_flags, trained_method(program, checked),
-                                     f"grid {str(path)!r} run {label!r}")
+                method = trained_method(program, checked)
+                if method not in evaluated_methods:  # once per method, not per run
+                    evaluated_methods.add(method)
+                    for eval_program, eval_flags in evals["flags"].items():
+                        check_eval_flags(eval_program, eval_flags, method, f"grid {str(path)!r} run {label!r}")
                 run.evals = _expand_evals(evals, run, epochs)
             # The config's checkpoint_epochs too: the list given on the command line replaces the config's.
             wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}

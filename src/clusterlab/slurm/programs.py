@@ -55,7 +55,7 @@ def check_eval_flags(program: str, flags: dict, method: str, source: str) -> Non
         raise ConfigError(f"{source}: {program} --baseline scores raw pixels, not a run: a grid's or recipe's "
                           f"evaluations score its runs (leave baseline out)")
     parser = program_parser(program, flags)
-    given = validate_flags(program, {**flags, "run": "x"}, source)
+    given = yaml_defaults(parser, {**flags, "run": "x"}, source)  # validate_flags, on this parser
     args = argparse.Namespace(**{**{action.dest: action.default for action in parser._actions}, **given})
     try:
         PROGRAMS[program].load().check_flags(args, METHODS[method])

@@ -255,8 +255,7 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None, script_di
                 if eval_program not in EVAL_PROGRAMS:
                     raise ConfigError(f"{label}: eval {eval_program!r} is not one of {', '.join(EVAL_PROGRAMS)}")
                 eval_flags = (recipe.get("eval_flags") or {}).get(eval_program, {})
-                validate_flags(eval_program, {**eval_flags, "run": "x"}, label)
-                check_eval_flags(eval_program, eval_flags, stages[-1].method, label)
+                check_eval_flags(eval_program, eval_flags, stages[-1].method, label)  # validates them too
                 evals.append((eval_program, eval_flags))
             resources = resolve_resources(recipes_path, recipe.get("resources"), f"recipe {name!r} resources")
             scripts[name] = render(name, recipe.get("description", ""), stages, evals, resources, source,
