@@ -6,8 +6,11 @@
 - memory-bank update: a batch of 256 rows into a bank of N = 50,000 x d = 128 (NPID / Super-AND, every step);
 - weighted kNN evaluation: 10,000 test against 50,000 train features, d = 128, k = 200 (eval_knn.py's scoring);
 - SwAV Sinkhorn: 3 iterations on 256 + 3,840 queue rows x 3,000 prototypes (one assignment crop of one step);
-- SeLa labelling: the whole-dataset Sinkhorn for N = 50,000, K = 128, 10 heads, lambda 10, tol 0.01.
-Prints a Markdown table with the median, min and max wall time over the repeats.
+- SeLa labelling: the whole-dataset Sinkhorn for N = 50,000, K = 128, 10 heads, lambda 10, tol 0.01;
+- LARS: one optimiser step (momentum, weight decay) over the parameters of a ResNet-50 (161 tensors, 25.6 M values),
+  as SwAV's ImageNet recipe steps every iteration.
+Prints a Markdown table with the median, min and max wall time over the repeats, then the number of tensor operators
+one LARS step calls (on a GPU each is at least one kernel launch, whose cost the CPU timing does not show).
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clusterlab.config import positive_int  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.ops.memory_bank import MemoryBank  # noqa: E402
+from clusterlab.optim import LARS  # noqa: E402
 from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
@@ -63,12 +69,18 @@ def main():
         torch.nn.functional.normalize(torch.randn(3000, 128, generator=generator), dim=1).to(device).t()
     head_logits = [torch.randn(n, 128, generator=generator).to(device) for _ in range(10)]
 
+    resnet50 = torchvision.models.resnet50().to(device)
+    for parameter in resnet50.parameters():
+        parameter.grad = torch.randn_like(parameter) * 1e-3
+    lars = LARS(resnet50.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
+
     rows = [
         ("memory-bank update, 256 rows into 50,000 x 128", lambda: bank.update(indices, features)),
         ("weighted kNN, 10,000 x 50,000, d 128, k 200", lambda: knn_class_scores(train, labels, test, 10, 200, 0.1)),
         ("SwAV Sinkhorn, (256 + 3,840) x 3,000, 3 iterations", lambda: sinkhorn(scores, 0.05, 3)),
         ("SeLa labelling, 50,000 x 128, 10 heads, lambda 10", lambda: [sela_sinkhorn(x, 10.0, 0.01)
                                                                        for x in head_logits]),
+        ("LARS step, ResNet-50 (161 tensors, 25.6 M values)", lambda: lars.step()),
     ]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"device {device} ({where}), {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -77,6 +89,19 @@ def main():
     for label, fn in rows:
         times = timed(fn, device, args.repeats)
         print(f"| {label} | {_fmt(statistics.median(times))} | {_fmt(min(times))} | {_fmt(max(times))} |")
+    with OperatorCalls() as counted:
+        lars.step()
+    print(f"LARS step over ResNet-50's parameters: {counted.calls} tensor operator calls")
+
+
+class OperatorCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _fmt(seconds: float) -> str:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clusterlab.errors import ConfigError
 from clusterlab.optim import LARS, Schedule, set_lr
@@ -83,6 +84,57 @@ def test_lars_matches_naive_formula_over_several_steps(exclude, momentum, weight
     torch.testing.assert_close(params[3].detach(), start[3], rtol=0, atol=0)
     torch.testing.assert_close(params[4].detach(), start[4], rtol=0, atol=0)
     assert params[4] not in opt.state
+
+
+class OperatorCalls(TorchDispatchMode):
+    """Counts the tensor operators called (each at least one kernel launch on a GPU) and the values read back to the
+    host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.reads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def calls_of_a_step(num_params: int) -> OperatorCalls:
+    """The operators of LARS's second step (the first also creates the momentum buffers) over `num_params` weights."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(num_params)]
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with OperatorCalls() as counted:
+            opt.step()
+    return counted
+
+
+def test_lars_step_calls_as_many_operators_for_40_parameters_as_for_4():
+    """Multi-tensor operators: a step's operator calls do not grow with the number of parameters (a loop over them
+    launched about 15 small kernels per tensor: 2,400 per step for a ResNet-50), and it reads nothing back."""
+    four, forty = calls_of_a_step(4), calls_of_a_step(40)
+    assert four.calls == forty.calls < 40
+    assert four.reads == forty.reads == 0
+
+
+def test_lars_steps_parameters_of_several_dtypes_each_in_its_own():
+    """A float32 and a float64 parameter in one group (each dtype gets its own multi-tensor operators): both take
+    the naive step, and the float32 one stays float32."""
+    start = make_params()[:2]
+    params = [torch.nn.Parameter(start[0].float()), torch.nn.Parameter(start[1].clone())]
+    opt = LARS(params, lr=2.0, momentum=0.9, weight_decay=0.01, trust_coefficient=TRUST, eps=EPS)
+    ref, buffers = [p.clone() for p in start], [None, None]
+    for step in range(3):
+        grads = make_grads(step)[:2]
+        params[0].grad, params[1].grad = grads[0].float(), grads[1].clone()
+        opt.step()
+        ref, buffers = naive_lars_step(ref, grads, buffers, 2.0, 0.9, 0.01)
+    assert params[0].dtype == torch.float32
+    torch.testing.assert_close(params[0].detach(), ref[0].float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params[1].detach(), ref[1], rtol=0, atol=1e-12)
 
 
 def test_lars_first_step_by_hand():
