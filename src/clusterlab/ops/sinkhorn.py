@@ -6,8 +6,9 @@ alternately rescales the rows (prototypes) of Q to sum to 1/K and the columns (s
 approaches the entropic optimal transport plan with uniform marginals. When torch.distributed is initialised the
 row sums and the total are all-reduced: every rank then works on one problem over the global batch (local
 columns are normalised locally because each column is one sample). Differences from upstream, on purpose: the
-global maximum of S / eps is subtracted before the exponential (it cancels exactly in the first normalisation)
-and the arithmetic runs in float32 or float64, never in half precision.
+global maximum of S / eps is subtracted before the exponential (it cancels exactly in the first normalisation),
+and the scores come in float32 (upstream's apex AMP O1 hands over fp16 scores, then exponentiates and iterates in
+float32); the arithmetic runs in float32 or float64.
 
 `sela_sinkhorn` is SeLa's whole-dataset version: fixed marginals, iterated to a tolerance instead of a fixed number
 of steps, hard labels out. The samples are spread over the ranks the same way (one column per sample), so the same
