@@ -502,6 +502,36 @@ def _one_rank_meets_an_unusable_file(rank, world, root, spoiled):
     return messages
 
 
+def _load_own_copy(rank, world, roots):
+    try:
+        registry.load("imagefolder", "train", roots[rank])
+        return "loaded"
+    except DataError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("change", ["a file missing", "a file renamed"])
+def test_ranks_that_list_different_image_folders_are_refused_on_every_rank(tmp_path, change):
+    """Each rank lists the folder itself (node-local copies at one path, a stale network-filesystem cache): with one
+    file fewer, or as many files under another name, the ranks' batches would come from different images at the same
+    positions (or their collectives would pair up wrongly) without a word."""
+    fabricate.make_imagefolder(tmp_path / "node0", n_per_class=4, classes=2, size=8, grey=True)
+    shutil.copytree(tmp_path / "node0", tmp_path / "node1")
+    victim = sorted((tmp_path / "node1" / "train").rglob("*.png"))[-1]
+    if change == "a file missing":
+        victim.unlink()
+    else:
+        victim.rename(victim.with_name("renamed.png"))
+    roots = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    errors = run_distributed(_load_own_copy, 2, roots)
+    assert errors[0].endswith(f"under {roots[0]!r}") and errors[1].endswith(f"under {roots[1]!r}")
+    assert errors[0].rsplit(" under ", 1)[0] == errors[1].rsplit(" under ", 1)[0]
+    sizes = ("8 images", "7 images") if change == "a file missing" else ("8 images", "8 images")
+    assert "split 'train' differs between ranks (rank 0: " + sizes[0] in errors[0]
+    assert "; rank 1: " + sizes[1] in errors[0] and "every node must see the same files" in errors[0]
+    assert run_distributed(_load_own_copy, 2, [roots[0]] * 2) == ["loaded", "loaded"]
+
+
 def test_a_file_no_run_can_use_on_one_rank_stops_every_rank(tmp_path):
     """Without the collective check the other rank would wait in its next collective until the process group's
     timeout (here 120 s, 30 minutes in a run) for the one that stopped."""

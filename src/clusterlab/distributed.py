@@ -180,8 +180,12 @@ def rank0_says(flag: bool) -> bool:
     only rank 0 did something that could fail."""
     if not is_initialized():
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return bool(broadcast(torch.tensor([int(flag)], device=device)).item())
+    return bool(broadcast(torch.tensor([int(flag)], device=collective_device())).item())
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor made for a collective must live: the GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

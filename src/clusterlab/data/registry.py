@@ -523,4 +523,22 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
                            f"files on a machine that reaches the internet and pass --data_path")
         if not distributed.rank0_says(failure is None):
             raise DataError(failure or f"dataset {name!r}: --download failed on rank 0 (its error names why)")
-    return spec.loader(path, split)
+    return _same_on_every_rank(spec.loader(path, split), path)
+
+
+def _same_on_every_rank(images: ImageSet, path: Path) -> ImageSet:
+    """Collective: the set each rank read, refused unless all read the same one. Every rank lists and reads the files
+    itself (a node-local copy, a stale network-filesystem cache, a file removed while the job started), and ranks
+    whose sets differ would take their batches from different images at the same positions without a word."""
+    if distributed.world_size() == 1:
+        return images
+    mine = torch.tensor([[len(images), int(images.fingerprint[:15], 16)]], device=distributed.collective_device())
+    ranks_of: dict[tuple, list[int]] = {}
+    for rank, (size, digest) in enumerate(distributed.all_gather_cat(mine).tolist()):
+        ranks_of.setdefault((size, digest), []).append(rank)
+    if len(ranks_of) > 1:
+        seen = "; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks[:4]))}{', ...' * (len(ranks) > 4)}: "
+                         f"{size} images, digest {digest:015x}" for (size, digest), ranks in ranks_of.items())
+        raise DataError(f"dataset {images.name!r} split {images.split!r} differs between ranks ({seen}): every node "
+                        f"must see the same files under {str(path)!r}")
+    return images
