@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from clusterlab.data import ImageSet
 from clusterlab.eval.knn import knn_accuracies, knn_accuracy, knn_class_scores, monitor
 from clusterlab.data.augment import EvalView
+from clusterlab.errors import ConfigError
 from clusterlab.methods.superand import bank_entropy
 from clusterlab.ops.knn import ARGMAX_K, dataset_neighbours, query_chunks, top_k_by_argmax, top_k_rows, topk_neighbours
 from clusterlab.programs.eval_knn import memory_bank_features
@@ -180,7 +181,7 @@ class BankMethod(torch.nn.Module):
     def __init__(self, bank: torch.Tensor, query: torch.Tensor):
         super().__init__()
         self.memory_bank, self.query = bank, query
-        self.info = SimpleNamespace(mean=(0.5,), std=(0.25,))
+        self.info = SimpleNamespace(mean=(0.5,), std=(0.25,), fingerprint="")
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         return self.query.expand(len(images), -1)
@@ -203,7 +204,22 @@ def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
     normalised = knn_accuracy(F.normalize(bank, dim=1), train.labels, method.query, test.labels, 2, k=1)
     assert normalised["top1"] == 0.0
     loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
-    assert torch.equal(memory_bank_features(loaded, 2), bank)
+    assert torch.equal(memory_bank_features(loaded, train), bank)
+
+
+def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set():
+    """A bank's row i belongs to the run's training image i: a set of as many images in another order (or other
+    labels) is refused, the run's own set (or a run written before checkpoints kept the digest) is read."""
+    bank = torch.eye(2)
+    method = BankMethod(bank, torch.eye(2))
+    own, reordered = grey_images([0, 1]), grey_images([1, 0])
+    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
+    method.info = SimpleNamespace(fingerprint=own.fingerprint)
+    assert torch.equal(memory_bank_features(loaded, own), bank)
+    with pytest.raises(ConfigError, match=f"not of fake's train split here \\(digest {reordered.fingerprint}\\)"):
+        memory_bank_features(loaded, reordered)
+    method.info = SimpleNamespace(fingerprint="")
+    assert torch.equal(memory_bank_features(loaded, reordered), bank)
 
 
 # ---- ops/knn: the one neighbour search -----------------------------------------------------------------------------

@@ -51,6 +51,19 @@ def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_p
     assert found[0]["_file"] == str(path)
 
 
+def test_runs_linked_into_the_root_are_read_each_once(tmp_path):
+    """A run kept on scratch space and linked into the results folder counts; a link back up (a cycle) and a second
+    link to the same run do not make the walk loop or read a file twice."""
+    write_jsonl(tmp_path / "root" / "here" / "metrics.jsonl", [record(0, acc=0.5)])
+    write_jsonl(tmp_path / "scratch" / "there" / "metrics.jsonl", [record(1, acc=0.6)])
+    (tmp_path / "scratch" / "there" / "train_log.jsonl").write_text("")
+    (tmp_path / "root" / "there").symlink_to(tmp_path / "scratch" / "there")
+    (tmp_path / "root" / "there_again").symlink_to(tmp_path / "scratch" / "there")
+    (tmp_path / "root" / "here" / "up").symlink_to(tmp_path / "root")
+    assert sorted(r["seed"] for r in results.read_records(tmp_path / "root")) == [0, 1]
+    assert results.files_named(tmp_path / "root", "train_log.jsonl") == [tmp_path / "root" / "there" / "train_log.jsonl"]
+
+
 # Three seeds of one protocol: acc 81, 84, 90 -> mean 85, sample std sqrt(((-4)^2 + (-1)^2 + 5^2) / 2) = sqrt(21).
 SEEDS = [record(0, acc=0.81, nmi=0.70), record(1, acc=0.84, nmi=0.72), record(2, acc=0.90, nmi=0.71)]
 

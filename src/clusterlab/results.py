@@ -88,10 +88,25 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
     return False
 
 
+def files_named(root: str | os.PathLike, name: str) -> list[Path]:
+    """Every file called `name` below `root`, sorted, through linked folders too (runs kept on scratch space and
+    linked into a results folder; pathlib's rglob does not enter links), each folder once (a link cycle ends)."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # the first of two links to one folder (in name order) is the one read
+        found += [Path(folder) / name] * (name in names)
+    return sorted(found)
+
+
 def read_records(root: str | os.PathLike) -> list[dict]:
     """Every well-formed record under `root`; a corrupt or partial line is skipped with a warning naming it."""
     records = []
-    for path in sorted(Path(root).rglob("metrics.jsonl")):
+    for path in files_named(root, "metrics.jsonl"):
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
             if not line.strip():
                 continue

@@ -58,7 +58,7 @@ def main(argv=None):
     warnings.simplefilter("always")
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
     frame = results.records_frame(results.read_records(args.root))
-    logs = sorted(Path(args.root).rglob("train_log.jsonl")) if args.curves else []
+    logs = results.files_named(args.root, "train_log.jsonl") if args.curves else []
     if frame.empty and not logs:
         print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
         return

@@ -72,7 +72,7 @@ def main(argv=None):
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
-            train_x = memory_bank_features(loaded, len(train_set)).to(ctx.device)
+            train_x = memory_bank_features(loaded, train_set).to(ctx.device)
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
     train_labels = train_set.labels.to(ctx.device)
@@ -112,13 +112,21 @@ def check_flags(args, method: type | None = None) -> None:
                           f"recomputed)")
 
 
-def memory_bank_features(loaded, train_size: int) -> torch.Tensor:
+def memory_bank_features(loaded, train_set) -> torch.Tensor:
     """The run's raw memory bank rows of the labelled train images (what upstream's kNN monitor reads)."""
     bank = torch.as_tensor(loaded.method.memory_bank)
     split = getattr(loaded.args, "train_split", "train")
+    train_size = len(train_set)
     if len(bank) != train_size and not split.startswith("train+"):
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
                           f"{train_size} images")
+    # Row i is the embedding of the run's training image i: with the labels of another set of as many images
+    # (CIFAR-100 for a CIFAR-10 run, a folder relabelled or reordered since) the votes would go to chance.
+    trained_on = loaded.method.info.fingerprint
+    if split == "train" and trained_on and trained_on != train_set.fingerprint:
+        raise ConfigError(f"--train_features memory_bank: the run's bank holds the embeddings of its own training "
+                          f"images (digest {trained_on}), not of {train_set.name}'s train split here (digest "
+                          f"{train_set.fingerprint}); leave --dataset / --data_path out, or use recomputed")
     # a bank over train+unlabeled (STL-10) holds the labelled train images first; rows as they are, as upstream
     # (only a row never updated is not unit-length)
     return bank[:train_size].float()
