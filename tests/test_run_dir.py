@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,8 @@ import yaml
 
 from clusterlab import checkpoint, rundir
 from clusterlab.errors import ConfigError
-from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, copy_run, run_script, script_env, snapshot
+from conftest import (PYTHON, ROOT, TINY, TINY_RUN, assert_ok, assert_user_error, copy_run, run_script, script_env,
+                      snapshot)
 from dist_utils import run_distributed
 
 
@@ -539,3 +541,34 @@ def test_a_fresh_training_in_a_directory_holding_evaluations_of_earlier_weights_
     (run / "metrics.jsonl").write_text(foreign)
     (run / "linear_ep0002").rename(run / "linear_ep0002_from0123abcd")
     assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", "1", "--output_dir", run))
+
+
+def test_a_rewound_run_sets_aside_the_evaluations_of_the_weights_it_replaced(tiny_run, tmp_path):
+    """The NaN guard's advice: copy an earlier checkpoint_epNNNN.pth over checkpoint.pth and train on (other flags).
+    The retrained weights reach the same epochs as the discarded ones, whose records and probes named the same
+    checkpoints at the same positions: --skip_recorded skipped the new weights, eval_linear resumed the old probe on
+    them, the tables showed the old numbers. Those evaluations move aside; the earlier epoch's stay."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    assert_ok(run_script("eval_knn.py", "--run", run, "--k", "20", "--device", "cpu"))
+    assert_ok(run_script("eval_knn.py", "--run", run, "--checkpoint", "checkpoint_ep0001.pth", "--k", "20",
+                         "--device", "cpu"))
+    foreign = {"eval": "knn", "checkpoint": "/elsewhere/checkpoint.pth", "epoch": 2, "metrics": {}}
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(foreign) + "\n")
+    for probe in ("linear_ep0002_cached", "linear_ep0001_cached", "linear_ep0002_from0123abcd"):
+        (run / probe).mkdir()
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    shutil.copy(run / "checkpoint_ep0001.pth", run / "checkpoint.pth")
+    result = run_script("main_pretrain.py", *TINY, *TINY_RUN, "--lr", "0.5", "--output_dir", run)
+    assert_ok(result)
+    assert "is older than evaluations of this run (it was rewound)" in result.stdout
+    assert "moved 1 record(s) of metrics.jsonl to metrics.rewound.jsonl, linear_ep0002_cached/ to " \
+           "rewound_linear_ep0002_cached/" in result.stdout
+    kept = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [record for record in before if record["epoch"] == 1 or record is before[-1]]
+    assert [r["epoch"] for r in rundir.read_jsonl(run / "metrics.rewound.jsonl")] == [2]
+    assert sorted(p.name for p in run.glob("*linear_ep*")) == ["linear_ep0001_cached", "linear_ep0002_from0123abcd",
+                                                                 "rewound_linear_ep0002_cached"]
+    again = run_script("eval_knn.py", "--run", run, "--k", "20", "--skip_recorded", "true", "--device", "cpu")
+    assert_ok(again)
+    assert "skipped" not in again.stdout and "top1" in again.stdout

@@ -51,7 +51,7 @@ from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
-from .results import NOT_SETTINGS, foreign_checkpoint
+from .results import NOT_SETTINGS, foreign_checkpoint, set_aside_evaluations_after
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel"  # torch's batch-norm error in training mode
@@ -731,6 +731,11 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)
         rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
+        rewound = set_aside_evaluations_after(run_dir, (start_epoch, start_step)) if kind != "linear" else []
+        if rewound:
+            print(f"note: checkpoint.pth (epoch {start_epoch}, step {start_step}) is older than evaluations of this run "
+                  f"(it was rewound): they are of the weights it replaced, which the training from here does not "
+                  f"give again; moved {', '.join(rewound)}", flush=True)
         trainer.restore_missing_epoch_checkpoints()
         if finished:
             print(f"{run_dir} has trained its {args.epochs} epochs: nothing to train (config.yaml keeps the flags and "

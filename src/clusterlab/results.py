@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 from . import rundir
+from .checkpoint import atomic_write_text
 from .config import git_state, recorded_git_state, written_run_config
 from .models import backbone_label
 
@@ -101,6 +103,50 @@ def files_named(root: str | os.PathLike, name: str) -> list[Path]:
         subfolders.sort()  # the first of two links to one folder (in name order) is the one read
         found += [Path(folder) / name] * (name in names)
     return sorted(found)
+
+
+REWOUND_RECORDS = "metrics.rewound.jsonl"
+PROBE_FOLDER = re.compile(r"linear_ep(\d+)(?:_step(\d+))?")  # eval_linear.probe_dir's names, with their position
+
+
+def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int, int]) -> list[str]:
+    """Move the records and linear probes of the run's own checkpoints at a later (epoch, step) than `position`, the
+    one training resumes from, out of the way: to RUN/metrics.rewound.jsonl and RUN/rewound_linear_ep*. Only a
+    checkpoint.pth replaced by an older one leaves such evaluations (a run rewound, as after a NaN loss), and the
+    weights trained again are other weights at the same positions: --skip_recorded, eval_linear's resumed probe and
+    the tables would take the old numbers for theirs. Returns what was moved, for a note."""
+    run_dir = Path(run_dir)
+
+    def later(epoch, step) -> bool:
+        return isinstance(epoch, int) and (epoch, step or 0) > tuple(position)
+
+    moved = []
+    path = run_dir / "metrics.jsonl"
+    kept, stale = [], []
+    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        own_later = (isinstance(record, dict) and not foreign_checkpoint(record.get("checkpoint"))
+                     and later(record.get("epoch"), record.get("step")))
+        (stale if own_later else kept).append(line)
+    if stale:
+        for line in stale:  # first kept aside, then removed: a crash in between loses none
+            rundir.append_jsonl(run_dir / REWOUND_RECORDS, json.loads(line), durable=True)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        moved.append(f"{len(stale)} record(s) of metrics.jsonl to {REWOUND_RECORDS}")
+    for probe in sorted(run_dir.glob("linear_ep*")):
+        match = PROBE_FOLDER.match(probe.name)
+        if probe.is_dir() and match and later(int(match[1]), int(match[2] or 0)) and "_from" not in probe.name:
+            target = run_dir / f"rewound_{probe.name}"
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = run_dir / f"rewound{suffix}_{probe.name}"
+            probe.rename(target)
+            moved.append(f"{probe.name}/ to {target.name}/")
+    return moved
 
 
 def read_records(root: str | os.PathLike) -> list[dict]:
