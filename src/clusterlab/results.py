@@ -347,7 +347,8 @@ def records_frame(records: list[dict]):
 
 def protocol_label(protocol: dict) -> str:
     """A short, stable text for a protocol dict, e.g. `k=200 T=0.1 backbone recomputed last`. The chosen head's
-    index is left out: seeds that choose different heads are seeds of one result (each record keeps it)."""
+    index is left out: seeds that choose different heads are seeds of one result (each record keeps it), as long
+    as the heads have one size (another number of clusters, possibly another mapping, is another protocol)."""
     parts = []
     for key in sorted(protocol):
         if key == "head" and protocol.get("chosen") is True:

@@ -159,7 +159,9 @@ def heads(args, ctx, evaluation, scored_set):
     pending = {}  # head: the records it still needs
     for head, size in enumerate(sizes):
         # Every head's own record, the chosen one's included, so that a head's row holds it for every seed; the
-        # chosen head's second record is the run's result (its row averages seeds that choose different heads).
+        # chosen head's second record is the run's result (its row averages seeds that choose different heads of one
+        # size; a chosen head of another size is scored under another protocol, its clusters and mapping, and gets a
+        # row of its own).
         selections = [{"selection": "all-heads"}]
         if head == chosen:
             selections.append({"chosen": True, "selection": "lowest-loss"})
