@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import os
 import pickle
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,23 @@ def test_stl10_train_plus_unlabeled_concatenates(stl10_root):
     check_tensors(ds, np.concatenate([arrays["train"][0], arrays["unlabeled"][0]]),
                   np.concatenate([arrays["train"][1], np.full(15, -1)]))
     assert (ds.labels[:20] >= 0).all() and (ds.labels[20:] == -1).all()
+
+
+def test_stl10_images_are_read_in_chunks_into_one_array(tmp_path):
+    """More images than one read (256), in two files: every image, across the reads' and the files' borders, lands
+    where it belongs; loading holds the set once, plus one read and one channel of the images the statistics count
+    (here all, a third of the set; 10,000 of 105,000 in STL-10's): the whole file read, then transposed, held two."""
+    fabricate.make_stl10(tmp_path, n_train=1030, n_test=3, n_unlabeled=1100, seed=5)
+    arrays = fabricate.stl10_arrays(1030, 3, 1100, seed=5)
+    tracemalloc.start()
+    try:
+        ds = registry.load("stl10", "train+unlabeled", str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * ds.images.nbytes
+    check_tensors(ds, np.concatenate([arrays["train"][0], arrays["unlabeled"][0]]),
+                  np.concatenate([arrays["train"][1], np.full(1100, -1)]))
 
 
 # ---- Fashion-MNIST -------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ import torch
 from .. import distributed
 from ..errors import DataError, one_line
 from .files import GREY_MODES, Unreadable, decode, draft_reduction, open_image
-from .formats import (read_cifar, read_cifar_meta, read_idx, read_stl10_images, read_stl10_labels)
+from .formats import (STL10_SIZE, read_cifar, read_cifar_meta, read_idx, read_stl10_images, read_stl10_labels,
+                      stl10_image_count)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -302,15 +303,19 @@ def load_stl10(path: Path, split: str) -> ImageSet:
     if len(names) != 10:
         raise DataError(f"STL-10 file {str(names_file)!r} lists {len(names)} class names, expected 10 (one a line)")
     parts = split.split("+")
-    images, labels = [], []
-    for part in parts:
-        x = read_stl10_images(folder / f"{part}_X.bin")
-        y = (np.full(len(x), -1, dtype=np.int64) if part == "unlabeled"
-             else read_stl10_labels(folder / f"{part}_y.bin", len(x)))
-        images.append(x)
-        labels.append(y)
-    images = np.concatenate(images)
-    stats_source = images if split != "test" else read_stl10_images(folder / "train_X.bin")
+    counts = [stl10_image_count(folder / f"{part}_X.bin") for part in parts]
+    images = np.empty((sum(counts), 3, STL10_SIZE, STL10_SIZE), dtype=np.uint8)  # filled in place: one copy in memory
+    labels, start = [], 0
+    for part, count in zip(parts, counts):
+        read_stl10_images(folder / f"{part}_X.bin", images[start:start + count])
+        start += count
+        labels.append(np.full(count, -1, dtype=np.int64) if part == "unlabeled"
+                      else read_stl10_labels(folder / f"{part}_y.bin", count))
+    # the statistics of (up to) the first 10,000 train images, whichever split is loaded
+    stats_source = images
+    if split == "test":
+        stats_count = min(10000, stl10_image_count(folder / "train_X.bin"))
+        stats_source = read_stl10_images(folder / "train_X.bin", np.empty((stats_count, *images.shape[1:]), np.uint8))
     mean, std = _stats(stats_source[:10000])
     return _tensor_set("stl10", split, images, np.concatenate(labels), names, mean, std)
 
