@@ -9,6 +9,7 @@ random unit rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -203,7 +204,7 @@ def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
     assert raw["top1"] == 1.0
     normalised = knn_accuracy(F.normalize(bank, dim=1), train.labels, method.query, test.labels, 2, k=1)
     assert normalised["top1"] == 0.0
-    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
+    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train", dataset="fake"))
     assert torch.equal(memory_bank_features(loaded, train), bank)
 
 
@@ -213,13 +214,19 @@ def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set(
     bank = torch.eye(2)
     method = BankMethod(bank, torch.eye(2))
     own, reordered = grey_images([0, 1]), grey_images([1, 0])
-    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train"))
+    loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train", dataset="fake"))
     method.info = SimpleNamespace(fingerprint=own.fingerprint)
     assert torch.equal(memory_bank_features(loaded, own), bank)
     with pytest.raises(ConfigError, match=f"not of fake's train split here \\(digest {reordered.fingerprint}\\)"):
         memory_bank_features(loaded, reordered)
     method.info = SimpleNamespace(fingerprint="")
     assert torch.equal(memory_bank_features(loaded, reordered), bank)
+    # CIFAR-100's images under their 20 superclass labels are the bank's images; CIFAR-10's are not
+    loaded.args.dataset = "cifar100"
+    method.info = SimpleNamespace(fingerprint=own.fingerprint)
+    assert torch.equal(memory_bank_features(loaded, dataclasses.replace(reordered, name="cifar100_20")), bank)
+    with pytest.raises(ConfigError, match="its cifar100 training images, not of cifar10's"):
+        memory_bank_features(loaded, dataclasses.replace(own, name="cifar10"))
 
 
 # ---- ops/knn: the one neighbour search -----------------------------------------------------------------------------

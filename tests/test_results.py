@@ -60,7 +60,10 @@ def test_runs_linked_into_the_root_are_read_each_once(tmp_path):
     (tmp_path / "root" / "there").symlink_to(tmp_path / "scratch" / "there")
     (tmp_path / "root" / "there_again").symlink_to(tmp_path / "scratch" / "there")
     (tmp_path / "root" / "here" / "up").symlink_to(tmp_path / "root")
-    assert sorted(r["seed"] for r in results.read_records(tmp_path / "root")) == [0, 1]
+    (tmp_path / "root" / "a_link_first_in_name_order").symlink_to(tmp_path / "root" / "here")
+    found = results.read_records(tmp_path / "root")
+    assert sorted(r["seed"] for r in found) == [0, 1]
+    assert {r["_file"] for r in found} == {str(tmp_path / "root" / name / "metrics.jsonl") for name in ("here", "there")}
     assert results.files_named(tmp_path / "root", "train_log.jsonl") == [tmp_path / "root" / "there" / "train_log.jsonl"]
 
 

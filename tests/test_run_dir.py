@@ -338,6 +338,28 @@ def test_metrics_lines_of_side_by_side_writers_never_interleave(tmp_path):
         assert [r["i"] for r in records if r["writer"] == tag] == list(range(50))
 
 
+def test_a_record_appended_while_lines_are_moved_out_is_kept(tmp_path):
+    """move_jsonl_lines replaces metrics.jsonl under the writers' lock: an evaluation appending meanwhile waits, then
+    writes to the new file (on the old one, which the rename unlinks, its record was lost)."""
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / "metrics.rewound.jsonl"
+    for epoch in (1, 2, 3):
+        rundir.append_jsonl(path, {"epoch": epoch})
+    deciding, appended = threading.Event(), threading.Event()
+
+    def should_move(record):
+        deciding.set()
+        appended.wait(0.5)  # the append below is blocked on the lock: it cannot finish before the move
+        return record["epoch"] > 1
+
+    writer = threading.Thread(target=lambda: (deciding.wait(), rundir.append_jsonl(path, {"epoch": 4}),
+                                              appended.set()))
+    writer.start()
+    assert rundir.move_jsonl_lines(path, aside, should_move) == 2
+    writer.join()
+    assert [r["epoch"] for r in rundir.read_jsonl(path)] == [1, 4]
+    assert [r["epoch"] for r in rundir.read_jsonl(aside)] == [2, 3]
+
+
 def test_an_append_after_a_line_cut_short_loses_only_that_line(tmp_path):
     """The record after a line a crash cut short was glued onto it, and lost with it."""
     path = tmp_path / "metrics.jsonl"

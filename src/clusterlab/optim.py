@@ -33,8 +33,10 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
-            # Multi-tensor (foreach) kernels, one set per device and dtype: a loop over parameters would launch a
-            # dozen small kernels for each of a ResNet-50's 161 tensors every step.
+            # Multi-tensor (foreach) operators, one set per device and dtype: 26 operator calls a step over a
+            # ResNet-50's 161 tensors, where a loop over them made 2,578 (bench/ops_speed.py). Two of them scale each
+            # tensor by its own 0-dimensional factor, which PyTorch's CUDA foreach kernels take one tensor at a time
+            # (their fused path needs equal shapes; factors as Python numbers would wait for the GPU every step).
             for params in _by_device_and_dtype(with_grad):
                 self._step_tensors(params, group)
         return loss

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import rundir
-from .checkpoint import atomic_write_text
 from .config import git_state, recorded_git_state, written_run_config
 from .models import backbone_label
 
@@ -92,7 +91,8 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
 
 def files_named(root: str | os.PathLike, name: str) -> list[Path]:
     """Every file called `name` below `root`, sorted, through linked folders too (runs kept on scratch space and
-    linked into a results folder; pathlib's rglob does not enter links), each folder once (a link cycle ends)."""
+    linked into a results folder; pathlib's rglob does not enter links), each folder once (a link cycle ends). Each
+    level's real folders are walked before its links."""
     found, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -100,7 +100,8 @@ def files_named(root: str | os.PathLike, name: str) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders.sort()  # the first of two links to one folder (in name order) is the one read
+        # a folder is read under its own path where the root holds it, else under the first link (in name order)
+        subfolders.sort(key=lambda name: (os.path.islink(os.path.join(folder, name)), name))
         found += [Path(folder) / name] * (name in names)
     return sorted(found)
 
@@ -121,21 +122,10 @@ def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int,
         return isinstance(epoch, int) and (epoch, step or 0) > tuple(position)
 
     moved = []
-    path = run_dir / "metrics.jsonl"
-    kept, stale = [], []
-    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        own_later = (isinstance(record, dict) and not foreign_checkpoint(record.get("checkpoint"))
-                     and later(record.get("epoch"), record.get("step")))
-        (stale if own_later else kept).append(line)
-    if stale:
-        for line in stale:  # first kept aside, then removed: a crash in between loses none
-            rundir.append_jsonl(run_dir / REWOUND_RECORDS, json.loads(line), durable=True)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        moved.append(f"{len(stale)} record(s) of metrics.jsonl to {REWOUND_RECORDS}")
+    count = rundir.move_jsonl_lines(run_dir / "metrics.jsonl", run_dir / REWOUND_RECORDS, lambda record: (
+        not foreign_checkpoint(record.get("checkpoint")) and later(record.get("epoch"), record.get("step"))))
+    if count:
+        moved.append(f"{count} record(s) of metrics.jsonl to {REWOUND_RECORDS}")
     for probe in sorted(run_dir.glob("linear_ep*")):
         match = PROBE_FOLDER.match(probe.name)
         if probe.is_dir() and match and later(int(match[1]), int(match[2] or 0)) and "_from" not in probe.name:

@@ -45,9 +45,8 @@ def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -
     line (Linux then returns a short count, and the next write says why) gets the file back as it was, and the
     error names the file. `durable` waits until the line is on disk (evaluation records: minutes of work each)."""
     line = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = _open_locked(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
@@ -63,6 +62,47 @@ def append_jsonl(path: str | os.PathLike, record: dict, durable: bool = False) -
             raise OSError(err.errno, err.strerror, os.fspath(path)) from None
         if durable:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_locked(path: str | os.PathLike) -> int:
+    """`path` opened for appending (created if missing) under an exclusive flock. The file may have been replaced
+    while this process waited for the lock (`move_jsonl_lines` renames a new file into place): the lock is then on
+    the old one, and the file at `path` is opened again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def move_jsonl_lines(path: str | os.PathLike, to: str | os.PathLike, should_move) -> int:
+    """Move the lines of JSON-lines file `path` whose record `should_move(record)` accepts to the end of `to`;
+    returns how many. Under the writers' lock, so that no line appended meanwhile is lost; the moved lines reach `to`
+    (on disk) before `path` is replaced atomically, so that a crash loses none (it may leave them in both)."""
+    if not Path(path).is_file():
+        return 0
+    fd = _open_locked(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            lines = handle.read().decode(errors="replace").splitlines()
+        moved, kept = [], []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            (moved if isinstance(record, dict) and should_move(record) else kept).append(line)
+        if moved:
+            for line in moved:
+                append_jsonl(to, json.loads(line), durable=True)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return len(moved)
     finally:
         os.close(fd)
 

@@ -186,12 +186,15 @@ def stl10_image_count(path: Path) -> int:
 
 def read_stl10_images(path: Path, out: np.ndarray) -> np.ndarray:
     """Fill `out` (N x 3 x 96 x 96, uint8) with the first N images of an STL-10 *_X.bin (uint8, 3 x 96 x 96 per
-    image, each channel stored column-major), a chunk at a time: the whole file read, then transposed, held two
-    copies at once (2.2 GB more than the set for the 100,000 unlabelled images, in every process)."""
+    image, each channel stored column-major), 256 images at a time: reading the whole file and then transposing it
+    held two copies at once (2.2 GB more than the set for the 100,000 unlabelled images, in every process)."""
     with open(path, "rb") as handle:
         for start in range(0, len(out), 256):
             chunk = out[start:start + 256]
             raw = np.fromfile(handle, dtype=np.uint8, count=len(chunk) * STL10_IMAGE_BYTES)
+            if raw.size != len(chunk) * STL10_IMAGE_BYTES:
+                raise DataError(f"STL-10 file {str(path)!r} ends at image {start + raw.size // STL10_IMAGE_BYTES}, "
+                                f"before the {len(out)} images its size promised (was it being written?)")
             chunk[:] = raw.reshape(-1, 3, STL10_SIZE, STL10_SIZE).transpose(0, 1, 3, 2)
     return out
 

@@ -131,6 +131,13 @@ class DatasetSpec:
     fetcher: Fetcher | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    same_images_as: str | None = None  # another dataset's images, in its order, under other labels
+
+
+def image_source(name: str) -> str:
+    """The dataset whose images, in order, a dataset holds: its own, or those it labels otherwise."""
+    spec = DATASETS.get(name)
+    return spec.same_images_as if spec is not None and spec.same_images_as else name
 
 
 def _histograms(images: np.ndarray) -> np.ndarray:
@@ -311,7 +318,7 @@ def load_stl10(path: Path, split: str) -> ImageSet:
         start += count
         labels.append(np.full(count, -1, dtype=np.int64) if part == "unlabeled"
                       else read_stl10_labels(folder / f"{part}_y.bin", count))
-    # the statistics of (up to) the first 10,000 train images, whichever split is loaded
+    # the statistics of the loaded split's first 10,000 images (the train split's for the test split)
     stats_source = images
     if split == "test":
         stats_count = min(10000, stl10_image_count(folder / "train_X.bin"))
@@ -480,7 +487,8 @@ DATASETS: dict[str, DatasetSpec] = {
                                  fetcher=Fetcher("FashionMNIST", ({"train": True}, {"train": False}))),
     "cifar10": DatasetSpec("cifar10", ("train", "test"), load_cifar10, fetcher=Fetcher("CIFAR10")),
     "cifar100": DatasetSpec("cifar100", ("train", "test"), load_cifar100, fetcher=Fetcher("CIFAR100")),
-    "cifar100_20": DatasetSpec("cifar100_20", ("train", "test"), load_cifar100_20, fetcher=Fetcher("CIFAR100")),
+    "cifar100_20": DatasetSpec("cifar100_20", ("train", "test"), load_cifar100_20, fetcher=Fetcher("CIFAR100"),
+                               same_images_as="cifar100"),
     "stl10": DatasetSpec("stl10", ("train", "test", "unlabeled", "train+unlabeled"), load_stl10,
                          fetcher=Fetcher("STL10", ({"split": "train"},))),
     "imagefolder": DatasetSpec("imagefolder", ("train", "test"), load_imagefolder),
@@ -494,7 +502,8 @@ def resolve_path(name: str, data_path: str | None) -> Path:
 
 
 def load(name: str, split: str, data_path: str | None = None, download: bool = False) -> ImageSet:
-    """Load one split of a registered dataset (errors are DataError with one line naming the bad value)."""
+    """Load one split of a registered dataset (errors are DataError with one line naming the bad value). A collective
+    under a process group: every rank loads, and a set that differs between ranks is refused on all of them."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r} (choose one of: {', '.join(DATASETS)})")
     spec = DATASETS[name]
@@ -517,7 +526,7 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
             found = None
         # What rank 0 found decides for every rank, so that all of them take the same collectives.
         if distributed.rank0_says(found is not None):
-            return found if found is not None else spec.loader(path, split)
+            return _same_on_every_rank(found if found is not None else spec.loader(path, split), path)
         failure = None
         if distributed.rank() == 0:
             try:
@@ -532,9 +541,10 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
 
 
 def _same_on_every_rank(images: ImageSet, path: Path) -> ImageSet:
-    """Collective: the set each rank read, refused unless all read the same one. Every rank lists and reads the files
-    itself (a node-local copy, a stale network-filesystem cache, a file removed while the job started), and ranks
-    whose sets differ would take their batches from different images at the same positions without a word."""
+    """Collective: the set each rank read, refused unless all hold as many images with the same fingerprint (the
+    labels and, for image files, their paths, in order; not the pixels). Every rank lists and reads the files itself
+    (a node-local copy, a stale network-filesystem cache, a file removed while the job started), and ranks whose sets
+    differ would take their batches from different images at the same positions without a word."""
     if distributed.world_size() == 1:
         return images
     mine = torch.tensor([[len(images), int(images.fingerprint[:15], 16)]], device=distributed.collective_device())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
+from ..data.registry import image_source
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
                              requested_checkpoint_name, requested_record)
@@ -121,12 +122,17 @@ def memory_bank_features(loaded, train_set) -> torch.Tensor:
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
                           f"{train_size} images")
     # Row i is the embedding of the run's training image i: with the labels of another set of as many images
-    # (CIFAR-100 for a CIFAR-10 run, a folder relabelled or reordered since) the votes would go to chance.
+    # (CIFAR-100 for a CIFAR-10 run, a folder relabelled or reordered since) the votes would go to chance. The same
+    # images under other labels (CIFAR-100's 20 superclasses) are the bank's images.
+    run_dataset = loaded.args.dataset
+    if image_source(train_set.name) != image_source(run_dataset):
+        raise ConfigError(f"--train_features memory_bank: the run's bank holds the embeddings of its {run_dataset} "
+                          f"training images, not of {train_set.name}'s; leave --dataset out, or use recomputed")
     trained_on = loaded.method.info.fingerprint
-    if split == "train" and trained_on and trained_on != train_set.fingerprint:
+    if train_set.name == run_dataset and split == "train" and trained_on and trained_on != train_set.fingerprint:
         raise ConfigError(f"--train_features memory_bank: the run's bank holds the embeddings of its own training "
                           f"images (digest {trained_on}), not of {train_set.name}'s train split here (digest "
-                          f"{train_set.fingerprint}); leave --dataset / --data_path out, or use recomputed")
+                          f"{train_set.fingerprint}); leave --data_path out, or use recomputed")
     # a bank over train+unlabeled (STL-10) holds the labelled train images first; rows as they are, as upstream
     # (only a row never updated is not unit-length)
     return bank[:train_size].float()
