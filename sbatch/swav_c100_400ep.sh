@@ -19,7 +19,7 @@
 #SBATCH --output=experiments/logs/%x_%j.out
 stop=""
 step_pid=""
-on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null; fi; }
+on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi; }
 trap 'on_signal USR2' USR2
 trap 'on_signal TERM' TERM
 set -uo pipefail
@@ -44,6 +44,14 @@ if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"
 # A stopped step exits 75: the job requeues itself (at most MAX_REQUEUES times), and the next
 # start resumes (training from its checkpoint; evaluations already recorded are skipped).
 requeue() {
+  # Only a running job asks for its requeue: a plain scancel sends TERM too (the job is then COMPLETING, and
+  # Slurm would requeue it), and Slurm requeues a job it pre-empts or is told to requeue itself.
+  local state
+  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
+  if [ -n "$state" ] && [ "$state" != JobState=RUNNING ]; then
+    echo "the job is ${state#JobState=} (cancelled, or requeued by Slurm itself): not requeued from here" >&2
+    exit 75
+  fi
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
@@ -60,13 +68,15 @@ requeue() {
     echo "scontrol requeue failed ($refused): not requeued; submit the same command again to resume" >&2
     exit 75
   fi
+  echo "stopped by ${stop:-exit status 75}: requeued" \
+       "(restart $((${SLURM_RESTART_COUNT:-0} + 1)) of at most $MAX_REQUEUES)" >&2
   exit 0
 }
 step() {
   if [ -n "$stop" ]; then requeue; fi
   srun --unbuffered "$@" &
   step_pid=$!
-  if [ -n "$stop" ]; then kill -s "$stop" "$step_pid" 2>/dev/null; fi  # a signal that came before step_pid was set
+  if [ -n "$stop" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi  # a signal that came before step_pid was set
   local status
   while :; do
     wait "$step_pid"
@@ -74,7 +84,8 @@ step() {
     kill -0 "$step_pid" 2>/dev/null || break
   done
   step_pid=""
-  if [ -n "$stop" ] || [ "$status" -eq 75 ]; then requeue; fi
+  # a step that finished its work is done, whatever came meanwhile; one killed by the signal's TERM resumes
+  if [ "$status" -eq 75 ] || { [ -n "$stop" ] && [ "$status" -ne 0 ]; }; then requeue; fi
   if [ "$status" -ne 0 ]; then exit "$status"; fi
 }
 

@@ -70,6 +70,26 @@ def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(
     assert "swav_digits_2ep_s0 finished" not in out.stdout
 
 
+def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_path):
+    """evals.epochs past a run's end were dropped without a word; an epoch checkpoint a finished run was trained
+    without (a grid that asks for it afterwards) got an evaluation job that failed, submitted again at every launch."""
+    run = tmp_path / "runs" / "swav_digits_2ep_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": 2}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"args": {"method": "swav", "dataset": "digits", "width": 4,
+                                                              "epochs": 2, "seed": 0}}))
+    (run / "checkpoint.pth").write_bytes(b"")
+    grid = grid_file(tmp_path, evals={"programs": ["eval_knn.py"], "epochs": [1, 2, 3, "final"]})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "swav_digits_1ep_s0: evals.epochs 2, 3 past its 1 epochs: not evaluated there" in out.stdout
+    assert "swav_digits_2ep_s0: evals.epochs 3 past its 2 epochs: not evaluated there" in out.stdout
+    assert ("swav_digits_2ep_s0 finished without checkpoint_ep0001.pth (its --checkpoint_epochs did not ask for "
+            "them): not evaluated") in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_2ep_s0 "))
+    assert " final (1 program(s) each) " in row and "ep0001" not in row
+
+
 def test_a_relaunch_says_why_a_runs_last_start_failed(tmp_path):
     """One run failed while training (status.json has the reason), the other before it wrote anything (a flag the
     method refused while it was built: only the job's log says so). Both were listed as "resume" without a word."""
@@ -424,6 +444,54 @@ def test_a_stopped_step_whose_requeue_fails_ends_the_job_as_failed_unless_slurm_
     else:
         assert done.returncode == 75, done.stderr
         assert "scontrol requeue failed (Job is pending execution): not requeued" in done.stderr
+
+
+def run_recipe_under_fake_slurm(tmp_path, srun: str,
+                                job_state: str = "RUNNING") -> tuple[subprocess.CompletedProcess, Path]:
+    """sbatch/swav_digits.sh (three steps: training, kNN, k-means) under fake srun and scontrol: `srun` is the
+    body of srun's script (`$n`: which step it is), scontrol shows the job in `job_state` and logs each requeue."""
+    env = {**fake_slurm(tmp_path), "EXPERIMENT_PATH": str(tmp_path / "exp")}
+    state = Path(env["FAKE_SLURM"])
+    _executable(state / "srun", '#!/bin/bash\nn=$(( $(cat "$FAKE_SLURM/steps" 2>/dev/null || echo 0) + 1 ))\n'
+                                'echo "$n" > "$FAKE_SLURM/steps"\n' + srun)
+    _executable(state / "scontrol", '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >> "$FAKE_SLURM/requeued"\n'
+                                    f'[ "$1" = show ] && echo "JobId=7 JobState={job_state} Restarts=0"\nexit 0\n')
+    done = subprocess.run(["bash", str(ROOT / "sbatch" / "swav_digits.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=60)
+    return done, state
+
+
+def test_a_term_to_the_batch_shell_reaches_the_step_as_usr2_and_requeues(tmp_path):
+    """srun answers a TERM by killing the tasks at once (no checkpoint: the epoch is lost); USR2 it forwards, and
+    training saves at its next step. The batch shell's TERM (a pre-emption, `scancel -b`) goes on as USR2."""
+    note_and_leave = 'echo "$n {0}" >> "$FAKE_SLURM/got"; kill $!; exit 75'
+    done, state = run_recipe_under_fake_slurm(tmp_path, "sleep 20 < /dev/null > /dev/null 2>&1 &\n" + "".join(
+        f"trap '{note_and_leave.format(name)}' {name}\n" for name in ("USR2", "TERM")) + "kill -TERM $PPID\nwait\n")
+    assert done.returncode == 0, done.stderr
+    assert (state / "got").read_text() == "1 USR2\n" and (state / "steps").read_text() == "1\n"
+    assert (state / "requeued").read_text() == "7\n"
+    assert "stopped by TERM: requeued (restart 1 of at most 30)" in done.stderr
+
+
+def test_a_cancelled_job_is_not_requeued(tmp_path):
+    """A plain scancel sends TERM, as a pre-emption does, and Slurm requeues a cancelled job when asked: the run
+    trained on to its end, and the jobs waiting on it with it. Only a RUNNING job asks for its requeue."""
+    done, state = run_recipe_under_fake_slurm(tmp_path, "exit 75\n", job_state="COMPLETING")  # what scancel leaves
+    assert done.returncode == 75 and not (state / "requeued").exists()
+    assert "the job is COMPLETING (cancelled, or requeued by Slurm itself): not requeued from here" in done.stderr
+
+
+@pytest.mark.parametrize("signalled_step", [2, 3])
+def test_a_step_that_finished_its_work_is_not_requeued_for_a_late_signal(tmp_path, signalled_step):
+    """A stop signal while a step ends its work with status 0: the job requeues before the next step (after the last
+    one, not at all: a requeue there ran the whole job again, and with MAX_REQUEUES spent failed it)."""
+    # the program has done its work: it ignores the signal srun passes on and ends with 0
+    done, state = run_recipe_under_fake_slurm(
+        tmp_path, f'trap "" USR2\n[ "$n" = {signalled_step} ] && kill -USR2 $PPID\nsleep 0.2\nexit 0\n')
+    assert done.returncode == 0, done.stderr
+    last = signalled_step == 3
+    assert (state / "steps").read_text() == f"{signalled_step}\n"
+    assert (state / "requeued").exists() != last
 
 
 def test_a_queue_that_cannot_be_read_submits_nothing(tmp_path):

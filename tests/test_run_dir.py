@@ -18,8 +18,8 @@ import yaml
 
 from clusterlab import checkpoint, rundir
 from clusterlab.errors import ConfigError
-from conftest import (PYTHON, ROOT, TINY, TINY_RUN, assert_ok, assert_user_error, copy_run, run_script, script_env,
-                      snapshot)
+from conftest import (PYTHON, ROOT, TINY, TINY_RUN, assert_ok, assert_user_error, copy_run, entry_module, run_script,
+                      script_env, snapshot)
 from dist_utils import run_distributed
 
 
@@ -394,6 +394,30 @@ def test_a_line_the_disk_takes_only_part_of_is_undone_and_names_the_file(tmp_pat
 
 
 # ---- refused before anything is rewritten ----------------------------------------------------------------------------
+
+def _start_in_own_directory(rank, world, runs):
+    """Rank r trains in runs[r]: a path where each node sees a folder of its own (not a shared file system)."""
+    try:
+        entry_module("main_pretrain").main([*TINY, "--output_dir", runs[rank]])
+        return "trained"
+    except ConfigError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_run_directory_the_ranks_do_not_share_is_refused_on_every_rank(tiny_run, tmp_path, resumed):
+    """Only rank 0 writes the run directory and every rank reads the checkpoint it resumes from: on a folder local
+    to each node a resumed run's ranks started from different steps. Refused at the first start (rank 0's
+    status.json is not there for rank 1) and at a resume (nor its checkpoint)."""
+    runs = [tmp_path / "node0", tmp_path / "node1"]
+    if resumed:
+        copy_run(tiny_run, runs[0])
+    said = run_distributed(_start_in_own_directory, 2, [str(run) for run in runs])
+    name = "checkpoint.pth" if resumed else "status.json"
+    for rank, message in enumerate(said):
+        assert message.startswith(f"--output_dir {runs[rank]}: rank(s) 0 find {name} there and rank(s) 1 do not")
+        assert message.endswith("the run directory must be on a file system every node shares")
+
 
 def test_fewer_epochs_than_the_checkpoint_is_refused_and_rewrites_nothing(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")

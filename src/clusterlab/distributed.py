@@ -188,6 +188,13 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def every_ranks(values: list[int]) -> list[list[int]]:
+    """Collective: each rank's `values` (as many integers on every rank), in rank order."""
+    if not is_initialized():
+        return [list(values)]
+    return all_gather_cat(torch.tensor([values], dtype=torch.int64, device=collective_device())).tolist()
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors of all ranks along dim 0, in rank order (no gradient)."""
     if not is_initialized():

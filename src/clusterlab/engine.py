@@ -207,6 +207,7 @@ class Trainer:
     def resume(self) -> tuple[int, int]:
         """Load run_dir/checkpoint.pth if there is one; returns the (epoch, step) to start from."""
         path = self.run_dir / "checkpoint.pth"
+        require_shared(self.run_dir, path.name)
         if not path.exists():
             return 0, 0
         state = load_resumable(path, self.args, self.kind, self.method.info,
@@ -761,7 +762,24 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                   f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}",
                   flush=True)
     distributed.barrier()
+    require_shared(run_dir, "status.json")  # rank 0 has just written it
     return trainer, start_epoch, start_step
+
+
+def require_shared(run_dir: Path, name: str) -> None:
+    """Collective: refuse a run directory whose file `name` some ranks see and others do not. Every rank reads the
+    checkpoint it resumes from, and only rank 0 writes: on a path local to each node, a resumed run's ranks started
+    from different steps (collectives paired up wrongly until a misleading "weights are not finite")."""
+    seen = [bool(flag) for flag, in distributed.every_ranks([int((run_dir / name).exists())])]
+    if len(set(seen)) > 1:
+        lacking = [rank for rank, found in enumerate(seen) if not found]
+        having = [rank for rank, found in enumerate(seen) if found]
+        raise ConfigError(f"--output_dir {run_dir}: rank(s) {_ranks(having)} find {name} there and rank(s) "
+                          f"{_ranks(lacking)} do not: the run directory must be on a file system every node shares")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:4])) + (", ..." if len(ranks) > 4 else "")
 
 
 def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set, keys: tuple[str, ...]) -> dict:

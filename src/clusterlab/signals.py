@@ -13,6 +13,7 @@ the standard library), and it has two modes:
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -56,7 +57,17 @@ def _handle(signum, frame) -> None:
     # A second signal while leaving (under Slurm a task often gets TERM from slurmstepd and again from the batch
     # shell's trap) must not run the previous handler (submitit's requeue) a second time, nor exit from inside it.
     if not _deferring and not _leaving:
-        leave()
+        _leave_unsaved()
+
+
+def _leave_unsaved() -> None:
+    """Leave at a signal that came where nothing is deferred (a start, an evaluation), saying so: a job's log showed
+    only srun's "exited with exit code 75". Written with os.write: the signal may have come in the middle of a
+    print."""
+    name = signal.Signals(_received or signal.SIGUSR2).name
+    os.write(2, f"{name}: stopped before anything was saved (a start or an evaluation); exit status {EXIT_REQUEUE}: "
+                f"a requeued job or the same command again does it over\n".encode())
+    leave()
 
 
 def defer(enabled: bool = True) -> None:

@@ -547,9 +547,8 @@ def _same_on_every_rank(images: ImageSet, path: Path) -> ImageSet:
     differ would take their batches from different images at the same positions without a word."""
     if distributed.world_size() == 1:
         return images
-    mine = torch.tensor([[len(images), int(images.fingerprint[:15], 16)]], device=distributed.collective_device())
     ranks_of: dict[tuple, list[int]] = {}
-    for rank, (size, digest) in enumerate(distributed.all_gather_cat(mine).tolist()):
+    for rank, (size, digest) in enumerate(distributed.every_ranks([len(images), int(images.fingerprint[:15], 16)])):
         ranks_of.setdefault((size, digest), []).append(rank)
     if len(ranks_of) > 1:
         seen = "; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks[:4]))}{', ...' * (len(ranks) > 4)}: "

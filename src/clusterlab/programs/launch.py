@@ -187,6 +187,15 @@ def evaluated_argv(run_dir: Path) -> dict:
     return argv
 
 
+def never_written(run: RunSpec) -> list[str]:
+    """The epoch checkpoints the grid evaluates that the run finished without (its --checkpoint_epochs did not ask
+    for them): an evaluation job of one fails, and would be submitted again at every launch."""
+    if rundir.read_status(run.run_dir).get("state") != "finished":
+        return []
+    return list(dict.fromkeys(spec.checkpoint for spec in run.evals
+                              if spec.epoch is not None and not (run.run_dir / spec.checkpoint).exists()))
+
+
 def pending_evals(run: RunSpec, in_queue: set) -> dict:
     """checkpoint -> [(program, argv)] of the evaluations to submit: no job in the queue will make their record, and
     the run holds no record of that kind of the checkpoint at the epoch it is asked at (checkpoint.pth moves on as a
@@ -194,9 +203,10 @@ def pending_evals(run: RunSpec, in_queue: set) -> dict:
     --skip_recorded then runs only what is not recorded with the flags it is given)."""
     queued = queued_evals(run.run_dir, in_queue)
     last_argv = evaluated_argv(run.run_dir)
+    missing = never_written(run)
     grouped: dict = {}
     for spec in run.evals:
-        if spec.program in queued.get(spec.checkpoint, ()):
+        if spec.program in queued.get(spec.checkpoint, ()) or spec.checkpoint in missing:
             continue
         argv = to_argv(spec.flags)
         recorded = results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint,
@@ -244,6 +254,12 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
+        missing = never_written(run)
+        if missing:
+            print(f"{run.name} finished without {', '.join(missing)} (its --checkpoint_epochs did not ask for them): "
+                  f"not evaluated; another output_root trains the grid's")
+        if run.epochs_past_end:
+            print(f"{run.name}: evals.epochs {run.epochs_past_end}: not evaluated there")
 
 
 # The line that ends a traceback: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`, or a bare

@@ -83,17 +83,26 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done"""
-# Stop signals at any moment end in a requeue. Slurm's time-limit signal goes to the batch shell (--signal=B:USR2),
-# pre-emption and `scontrol requeue` send TERM. While a step runs, the signal is passed on to it (srun forwards it
-# to the tasks; training saves at its next step boundary, anything else leaves at once, both exit 75); between
-# steps the job requeues before starting the next one. `wait` returns early when a trap runs, so it is repeated
-# until the step has really ended.
+# Stop signals at any moment end in a requeue, except a cancel. Slurm's time-limit signal goes to the batch shell
+# (--signal=B:USR2), pre-emption and `scontrol requeue` send TERM. While a step runs, the signal is passed on to it
+# as USR2, whichever came (srun forwards USR2 to the tasks; a TERM makes srun kill them outright): training saves at
+# its next step boundary, anything else leaves at once, both exit 75. A step that ends its work with status 0 is not
+# requeued for a late signal; the job requeues before starting the next step. `wait` returns early when a trap
+# runs, so it is repeated until the step has really ended.
 STOP_HANDLING = """stop=""
 step_pid=""
-on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null; fi; }
+on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi; }
 trap 'on_signal USR2' USR2
 trap 'on_signal TERM' TERM"""
 STEP = """requeue() {
+  # Only a running job asks for its requeue: a plain scancel sends TERM too (the job is then COMPLETING, and
+  # Slurm would requeue it), and Slurm requeues a job it pre-empts or is told to requeue itself.
+  local state
+  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
+  if [ -n "$state" ] && [ "$state" != JobState=RUNNING ]; then
+    echo "the job is ${state#JobState=} (cancelled, or requeued by Slurm itself): not requeued from here" >&2
+    exit %(requeue)d
+  fi
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
@@ -110,13 +119,15 @@ STEP = """requeue() {
     echo "scontrol requeue failed ($refused): not requeued; submit the same command again to resume" >&2
     exit %(requeue)d
   fi
+  echo "stopped by ${stop:-exit status %(requeue)d}: requeued" \\
+       "(restart $((${SLURM_RESTART_COUNT:-0} + 1)) of at most $MAX_REQUEUES)" >&2
   exit 0
 }
 step() {
   if [ -n "$stop" ]; then requeue; fi
   srun --unbuffered "$@" &
   step_pid=$!
-  if [ -n "$stop" ]; then kill -s "$stop" "$step_pid" 2>/dev/null; fi  # a signal that came before step_pid was set
+  if [ -n "$stop" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi  # a signal that came before step_pid was set
   local status
   while :; do
     wait "$step_pid"
@@ -124,7 +135,8 @@ step() {
     kill -0 "$step_pid" 2>/dev/null || break
   done
   step_pid=""
-  if [ -n "$stop" ] || [ "$status" -eq %(requeue)d ]; then requeue; fi
+  # a step that finished its work is done, whatever came meanwhile; one killed by the signal's TERM resumes
+  if [ "$status" -eq %(requeue)d ] || { [ -n "$stop" ] && [ "$status" -ne 0 ]; }; then requeue; fi
   if [ "$status" -ne 0 ]; then exit "$status"; fi
 }""" % {"requeue": EXIT_REQUEUE}
 # Every word of an array that may be empty: under `set -u`, bash before 4.4 (RHEL 7's 4.2) calls "${a[@]}" of an
