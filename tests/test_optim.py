@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clusterlab.errors import ConfigError
+from clusterlab import optim
 from clusterlab.optim import LARS, Schedule, set_lr
 from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
@@ -118,6 +119,26 @@ def test_lars_step_calls_as_many_operators_for_40_parameters_as_for_4():
     four, forty = calls_of_a_step(4), calls_of_a_step(40)
     assert four.calls == forty.calls < 40
     assert four.reads == forty.reads == 0
+
+
+def test_lars_split_into_batches_on_the_cpu_takes_the_same_steps(monkeypatch):
+    """On the CPU the multi-tensor operators take the parameters a few at a time (here one or two): the steps are
+    still the naive formula's."""
+    monkeypatch.setattr(optim, "CPU_BATCH_ELEMENTS", 8)
+    start = make_params()
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    assert [len(batch) for batch in optim._batches(params)] == [1, 2, 2]  # 12 | 5 + 6 | 6 + 2 elements
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=0.01, trust_coefficient=TRUST, eps=EPS)
+    ref, buffers = [p.clone() for p in start], [None] * len(start)
+    for step, lr in enumerate([4.8, 2.0, 0.5]):
+        grads = make_grads(step)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        set_lr(opt, lr)
+        opt.step()
+        ref, buffers = naive_lars_step(ref, grads, buffers, lr, 0.9, 0.01)
+        for got, expected in zip(params, ref):
+            torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-12)
 
 
 def test_lars_steps_parameters_of_several_dtypes_each_in_its_own():

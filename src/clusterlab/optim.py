@@ -33,11 +33,12 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
-            # Multi-tensor (foreach) operators, one set per device and dtype: 23 operator calls a step over a
-            # ResNet-50's 161 tensors, where a loop over them made 2,578 (bench/ops_speed.py). One of them scales each
-            # tensor by its own 0-dimensional factor, which PyTorch's CUDA foreach kernels take one tensor at a time
-            # (their fused path needs equal shapes; factors as Python numbers would wait for the GPU every step).
-            for params in _by_device_and_dtype(with_grad):
+            # Multi-tensor (foreach) operators, one set per device and dtype: on a GPU 23 operator calls a step
+            # over a ResNet-50's 161 tensors, where a loop over them made 2,578 (bench/ops_speed.py). One of them
+            # scales each tensor by its own 0-dimensional factor, which PyTorch's CUDA foreach kernels take one
+            # tensor at a time (their fused path needs equal shapes; factors as Python numbers would wait for the
+            # GPU every step).
+            for params in _batches(with_grad):
                 self._step_tensors(params, group)
         return loss
 
@@ -73,11 +74,24 @@ def _lars_gradients(params, grads, weight_decay: float, trust: float, eps: float
     return updates
 
 
-def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[tuple, list[torch.Tensor]] = {}
+# On the CPU, tensors of about 4 MB at a time: the updates of the whole set (100 MB for a ResNet-50) would leave the
+# cache between the passes over them; operator calls cost little there. On a GPU, all of them at once.
+CPU_BATCH_ELEMENTS = 1 << 20
+
+
+def _batches(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors in batches for multi-tensor operators: one per device and dtype (split on the CPU)."""
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    filled: dict[tuple, int] = {}  # elements in each group's last batch
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return list(groups.values())
+        key = (t.device, t.dtype)
+        batches = groups.setdefault(key, [[]])
+        if t.device.type == "cpu" and filled.get(key, 0) >= CPU_BATCH_ELEMENTS:
+            batches.append([])
+            filled[key] = 0
+        batches[-1].append(t)
+        filled[key] = filled.get(key, 0) + t.numel()
+    return [batch for batches in groups.values() for batch in batches]
 
 
 def build_optimizer(params, args) -> torch.optim.Optimizer:
