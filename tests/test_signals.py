@@ -121,6 +121,17 @@ def test_a_program_that_ended_or_left_for_the_requeue_ignores_further_stop_signa
     assert done.stdout.splitlines()[-1] == "ignored at exit: True"
 
 
+def test_a_signal_where_nothing_is_saved_says_so_and_exits_75():
+    """A stop during a start or an evaluation: a job's log showed only srun's "exited with exit code 75"."""
+    code = ("import os, signal, time\nfrom clusterlab import signals\nsignals.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\ntime.sleep(30)\n")
+    done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 75
+    assert done.stderr == ("SIGUSR2: stopped before anything was saved (a start or an evaluation); exit status 75: "
+                           "a requeued job or the same command again does it over\n")
+
+
 def _stopped_by_rank_one(rank, world_size):
     from clusterlab import engine, signals
 
