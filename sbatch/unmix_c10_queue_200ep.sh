@@ -43,27 +43,34 @@ if [ -n "$log" ]; then ln -sfn "$log" "$EXPERIMENT_PATH/slurm/$SLURM_JOB_ID.out"
 
 # A stopped step exits 75: the job requeues itself (at most MAX_REQUEUES times), and the next
 # start resumes (training from its checkpoint; evaluations already recorded are skipped).
+requeued_from_outside() {
+  # a `scontrol requeue` or a pre-emption from outside (its TERM brought us here) requeued the job: Restarts is ahead
+  local restarts
+  restarts=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*')
+  if [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null; then
+    echo "the job is requeued already (scontrol requeue, or a pre-emption, from outside)" >&2
+    exit 0
+  fi
+}
 requeue() {
-  # Only a running job asks for its requeue: a plain scancel sends TERM too (the job is then COMPLETING, and
-  # Slurm would requeue it), and Slurm requeues a job it pre-empts or is told to requeue itself.
-  local state
-  state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
-  if [ -n "$state" ] && [ "$state" != JobState=RUNNING ]; then
-    echo "the job is ${state#JobState=} (cancelled, or requeued by Slurm itself): not requeued from here" >&2
+  requeued_from_outside
+  # A plain scancel sends TERM as a pre-emption does, and Slurm would requeue even a cancelled job: a job Slurm
+  # shows CANCELLED, or COMPLETING for no reason (scancel; a time limit reads Reason=TimeLimit), is not requeued.
+  local job state reason
+  job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)
+  state=$(grep -o 'JobState=[A-Z_]*' <<< "$job")
+  reason=$(grep -o 'Reason=[^ ]*' <<< "$job" | head -n 1)
+  if [ "$state" = JobState=CANCELLED ] || { [ "$state" = JobState=COMPLETING ] && [ "$reason" = Reason=None ]; }; then
+    echo "the job is cancelled (${state#JobState=} with no reason given): not requeued" >&2
     exit 75
   fi
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "stopped by ${stop:-a step} after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeued again" >&2
     exit 1
   fi
-  local refused restarts
+  local refused
   if ! refused=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-    # a `scontrol requeue` from outside (its TERM brought us here) has requeued the job already: Restarts is ahead
-    restarts=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*')
-    if [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null; then
-      echo "the job is requeued already (scontrol requeue, or a pre-emption, from outside)" >&2
-      exit 0
-    fi
+    requeued_from_outside
     # ending with 0 would read as done: jobs waiting on this one (afterok) would start on a half-trained run
     echo "scontrol requeue failed ($refused): not requeued; submit the same command again to resume" >&2
     exit 75
@@ -83,6 +90,8 @@ step() {
     status=$?
     kill -0 "$step_pid" 2>/dev/null || break
   done
+  wait "$step_pid"  # the step's own status (a trap that interrupted the wait above left 128 + its signal)
+  status=$?
   step_pid=""
   # a step that finished its work is done, whatever came meanwhile; one killed by the signal's TERM resumes
   if [ "$status" -eq 75 ] || { [ -n "$stop" ] && [ "$status" -ne 0 ]; }; then requeue; fi

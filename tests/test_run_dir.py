@@ -397,6 +397,7 @@ def test_a_line_the_disk_takes_only_part_of_is_undone_and_names_the_file(tmp_pat
 
 def _start_in_own_directory(rank, world, runs):
     """Rank r trains in runs[r]: a path where each node sees a folder of its own (not a shared file system)."""
+    os.environ["CLUSTERLAB_SHARED_WAIT_S"] = "3"  # two looks, 2 s apart, instead of a minute's
     try:
         entry_module("main_pretrain").main([*TINY, "--output_dir", runs[rank]])
         return "trained"

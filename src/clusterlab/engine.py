@@ -769,8 +769,16 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
 def require_shared(run_dir: Path, name: str) -> None:
     """Collective: refuse a run directory whose file `name` some ranks see and others do not. Every rank reads the
     checkpoint it resumes from, and only rank 0 writes: on a path local to each node, a resumed run's ranks started
-    from different steps (collectives paired up wrongly until a misleading "weights are not finite")."""
-    seen = [bool(flag) for flag, in distributed.every_ranks([int((run_dir / name).exists())])]
+    from different steps (collectives paired up wrongly until a misleading "weights are not finite"). A network file
+    system may answer "no such file" from a cache for a while (NFS: up to a minute): the ranks look again every 2 s
+    for up to $CLUSTERLAB_SHARED_WAIT_S seconds (60) before refusing."""
+    give_up = time.monotonic() + float(os.environ.get("CLUSTERLAB_SHARED_WAIT_S", 60))
+    while True:
+        seen = [bool(flag) for flag, in distributed.every_ranks([int((run_dir / name).exists())])]
+        # rank 0's clock decides for all, so that every rank takes the same number of looks
+        if len(set(seen)) == 1 or not distributed.rank0_says(time.monotonic() < give_up):
+            break
+        time.sleep(2)
     if len(set(seen)) > 1:
         lacking = [rank for rank, found in enumerate(seen) if not found]
         having = [rank for rank, found in enumerate(seen) if found]

@@ -64,7 +64,9 @@ class LARS(torch.optim.Optimizer):
 def _lars_gradients(params, grads, weight_decay: float, trust: float, eps: float) -> list[torch.Tensor]:
     """(g + wd * w) * local_lr for every parameter whose norms are both non-zero, g itself for the others; new tensors
     (the gradients are left as they are). One expression for all: where ||w|| = 0, w is zero and the factor 1 leaves
-    g; where ||g|| = 0, g is zero and the factor 0 gives it back (as apex LARC: no decay without a gradient)."""
+    g; where ||g|| = 0, g is zero and the factor 0 gives it back (as apex LARC: no decay without a gradient). The one
+    difference from apex: a gradient whose norm underflows to 0 (float32 values below about 1e-19) becomes 0 here,
+    where apex leaves it; its step would be below 1e-19 x lr."""
     param_norms, grad_norms = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
     local_lr = trust * param_norms / (grad_norms + weight_decay * param_norms + eps)
     adapt = (param_norms > 0) & (grad_norms > 0)

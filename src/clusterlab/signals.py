@@ -13,6 +13,7 @@ the standard library), and it has two modes:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -65,8 +66,9 @@ def _leave_unsaved() -> None:
     only srun's "exited with exit code 75". Written with os.write: the signal may have come in the middle of a
     print."""
     name = signal.Signals(_received or signal.SIGUSR2).name
-    os.write(2, f"{name}: stopped before anything was saved (a start or an evaluation); exit status {EXIT_REQUEUE}: "
-                f"a requeued job or the same command again does it over\n".encode())
+    with contextlib.suppress(OSError):  # stderr closed or a broken pipe: the exit status is what matters
+        os.write(2, f"{name}: stopped before anything was saved (a start or an evaluation); exit status "
+                    f"{EXIT_REQUEUE}: a requeued job or the same command again does it over\n".encode())
     leave()
 
 

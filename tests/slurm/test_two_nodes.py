@@ -150,9 +150,9 @@ def test_generated_sbatch_script_on_two_nodes_requeued_equals_reference(two_node
     interrupt_mid_run(job, run, ["scontrol", "requeue", job])
     output = (tmp_path / f"{job}.out").read_text()
     assert read_status(run).get("state") == "finished", output[-3000:]
-    # Slurm requeues the job itself: the trap does not ask again, nor take the job for a failure
-    assert "(cancelled, or requeued by Slurm itself): not requeued from here" in output, output[-3000:]
-    assert "scontrol requeue failed" not in output, output[-3000:]
+    # the trap's own requeue is not asked for (Slurm requeued the job already), nor taken for a failure or a cancel
+    assert "the job is requeued already" in output and "scontrol requeue failed" not in output, output[-3000:]
+    assert "the job is cancelled" not in output, output[-3000:]
     assert_ranks_on_two_nodes(output, starts=2)
     assert_resumed_mid_run(output, "SIGTERM")
     assert_matches_references(run, references)
