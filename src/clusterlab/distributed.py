@@ -188,6 +188,11 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def rank_list(ranks: list[int]) -> str:
+    """`0, 1, 2, 3, ...`: ranks for a message, the first four of them."""
+    return ", ".join(map(str, ranks[:4])) + (", ..." if len(ranks) > 4 else "")
+
+
 def every_ranks(values: list[int]) -> list[list[int]]:
     """Collective: each rank's `values` (as many integers on every rank), in rank order."""
     if not is_initialized():

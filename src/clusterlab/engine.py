@@ -51,7 +51,7 @@ from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr
-from .results import NOT_SETTINGS, foreign_checkpoint, set_aside_evaluations_after
+from .results import NOT_SETTINGS, foreign_checkpoint, own_probes, set_aside_evaluations_after
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel"  # torch's batch-norm error in training mode
@@ -709,8 +709,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # directory's checkpoints name it by its full path, and their probes by a `_from` tag: no confusion there.)
         own_records = any(not foreign_checkpoint(record.get("checkpoint"))
                           for record in rundir.read_jsonl(run_dir / "metrics.jsonl"))
-        earlier = ["metrics.jsonl"] * own_records + sorted(
-            path.name for path in run_dir.glob("linear_ep*") if path.is_dir() and "_from" not in path.name)
+        earlier = ["metrics.jsonl"] * own_records + [probe.name for probe, _ in own_probes(run_dir)]
         if earlier:
             raise ConfigError(f"{run_dir} has no checkpoint.pth but holds evaluations of earlier weights "
                               f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}): a fresh training "
@@ -782,12 +781,9 @@ def require_shared(run_dir: Path, name: str) -> None:
     if len(set(seen)) > 1:
         lacking = [rank for rank, found in enumerate(seen) if not found]
         having = [rank for rank, found in enumerate(seen) if found]
-        raise ConfigError(f"--output_dir {run_dir}: rank(s) {_ranks(having)} find {name} there and rank(s) "
-                          f"{_ranks(lacking)} do not: the run directory must be on a file system every node shares")
-
-
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks[:4])) + (", ..." if len(ranks) > 4 else "")
+        raise ConfigError(f"--output_dir {run_dir}: rank(s) {distributed.rank_list(having)} find {name} there and "
+                          f"rank(s) {distributed.rank_list(lacking)} do not: the run directory must be on a file "
+                          f"system every node shares")
 
 
 def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set, keys: tuple[str, ...]) -> dict:

@@ -110,6 +110,17 @@ REWOUND_RECORDS = "metrics.rewound.jsonl"
 PROBE_FOLDER = re.compile(r"linear_ep(\d+)(?:_step(\d+))?")  # eval_linear.probe_dir's names, with their position
 
 
+def own_probes(run_dir: Path) -> list[tuple[Path, tuple[int, int]]]:
+    """The linear probes of the run's own checkpoints, with the (epoch, step) each probes (a probe of another
+    directory's checkpoint carries a `_from` tag)."""
+    probes = []
+    for probe in sorted(run_dir.glob("linear_ep*")):
+        match = PROBE_FOLDER.match(probe.name)
+        if probe.is_dir() and match and "_from" not in probe.name:
+            probes.append((probe, (int(match[1]), int(match[2] or 0))))
+    return probes
+
+
 def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int, int]) -> list[str]:
     """Move the records and linear probes of the run's own checkpoints at a later (epoch, step) than `position`, the
     one training resumes from, out of the way: to RUN/metrics.rewound.jsonl and RUN/rewound_linear_ep*. Only a
@@ -126,9 +137,8 @@ def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int,
         not foreign_checkpoint(record.get("checkpoint")) and later(record.get("epoch"), record.get("step"))))
     if count:
         moved.append(f"{count} record(s) of metrics.jsonl to {REWOUND_RECORDS}")
-    for probe in sorted(run_dir.glob("linear_ep*")):
-        match = PROBE_FOLDER.match(probe.name)
-        if probe.is_dir() and match and later(int(match[1]), int(match[2] or 0)) and "_from" not in probe.name:
+    for probe, (epoch, step) in own_probes(run_dir):
+        if later(epoch, step):
             target = run_dir / f"rewound_{probe.name}"
             suffix = 1
             while target.exists():

@@ -97,10 +97,13 @@ def move_jsonl_lines(path: str | os.PathLike, to: str | os.PathLike, should_move
                 record = json.loads(line)
             except ValueError:
                 record = None
-            (moved if isinstance(record, dict) and should_move(record) else kept).append(line)
+            if isinstance(record, dict) and should_move(record):
+                moved.append(record)
+            else:
+                kept.append(line)
         if moved:
-            for line in moved:
-                append_jsonl(to, json.loads(line), durable=True)
+            for record in moved:
+                append_jsonl(to, record, durable=True)
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         return len(moved)
     finally:

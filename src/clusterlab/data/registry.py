@@ -551,8 +551,8 @@ def _same_on_every_rank(images: ImageSet, path: Path) -> ImageSet:
     for rank, (size, digest) in enumerate(distributed.every_ranks([len(images), int(images.fingerprint[:15], 16)])):
         ranks_of.setdefault((size, digest), []).append(rank)
     if len(ranks_of) > 1:
-        seen = "; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks[:4]))}{', ...' * (len(ranks) > 4)}: "
-                         f"{size} images, digest {digest:015x}" for (size, digest), ranks in ranks_of.items())
+        seen = "; ".join(f"rank{'s' * (len(ranks) > 1)} {distributed.rank_list(ranks)}: {size} images, digest "
+                         f"{digest:015x}" for (size, digest), ranks in ranks_of.items())
         raise DataError(f"dataset {images.name!r} split {images.split!r} differs between ranks ({seen}): every node "
                         f"must see the same files under {str(path)!r}")
     return images
