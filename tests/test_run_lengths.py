@@ -43,7 +43,8 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     assert_ok(done)
     notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
     assert len(notes) == 4, done.stdout
-    assert "warms up for the whole run (--warmup_epochs 2.0 >= --epochs 2)" in notes[0]
+    assert ("warms up for the whole of the run (28 warm-up iterations of --warmup_epochs 2.0 >= 28 (14 an epoch))"
+            in notes[0])
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
     assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
@@ -54,9 +55,46 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
         "note: --schedule step never drops the learning rate (--lr_drops 2 within the run, 2 epochs): it stays at "
         "4.8 after the warm-up"]
     quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
-                       "--schedule", "step", "--lr_drops", 1, "--output_dir", tmp_path / "quiet")
+                       "--schedule", "step", "--lr_drops", 1, "--queue_length", 128, "--epoch_queue_starts", 1,
+                       "--output_dir", tmp_path / "quiet")
     assert_ok(quiet)
     assert "note: " not in quiet.stdout
+
+
+@pytest.mark.parametrize("flags, note", [
+    # 1.97 epochs of 14 steps round to 28 warm-up steps: the cosine never starts
+    ({"warmup_epochs": 1.97}, "for the whole of the run (28 warm-up iterations of --warmup_epochs 1.97 >= 28 (14 "
+                              "an epoch))"),
+    ({"warmup_epochs": 1.96}, None),  # 27 steps
+    ({"epochs": 4, "schedule_period": 2, "warmup_epochs": 2},
+     "for the whole of each period of --schedule_period (28 warm-up iterations of --warmup_epochs 2 >= 28 (14 an"),
+    ({"epochs": 4, "schedule_period": 2, "warmup_epochs": 1}, None),
+])
+def test_a_warm_up_covering_the_run_or_each_period_is_told_in_iterations(flags, note):
+    args = argparse.Namespace(**{"schedule": "cosine", "lr": 1.0, "final_lr": 0.0, "start_warmup": 0.0,
+                                 "lr_drops": [], "lr_gamma": 0.1, "epochs": 2, "schedule_period": 0,
+                                 "checkpoint_epochs": [], **flags})
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
+    trainer.args, trainer.steps_per_epoch = args, 14
+    trainer.schedule = engine.build_schedule(args, 14)
+    notes = trainer.whole_run_settings()
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes
+
+
+@pytest.mark.parametrize("queue_length, starts, note", [
+    (1024, 1, "the queue never takes part: it is full after 16 iterations (--queue_length 1024 / batch 64), the run "
+              "has 14 from --epoch_queue_starts 1 on (14 an epoch)"),
+    (896, 1, "it is full after 14 iterations"),  # full at the last step's end: never scored
+    (832, 1, None),  # full after 13 steps, scored in the 14th
+    (128, 2, "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)"),
+    (1024, 0, None),
+])
+def test_a_queue_that_never_fills_is_told(queue_length, starts, note):
+    method = swav("--queue_length", str(queue_length), "--epoch_queue_starts", str(starts),
+                  "--freeze_prototypes_niters", "0")
+    notes = method.whole_run_settings(14)  # digits at batch 64, 2 epochs
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes
 
 
 @pytest.mark.parametrize("flags, note", [
@@ -76,5 +114,6 @@ def test_a_step_schedule_that_never_drops_is_told(flags, note):
     trainer.steps_per_epoch = 10
     trainer.args = argparse.Namespace(**{"schedule": "step", "lr": 1.0, "lr_gamma": 0.1, "epochs": 4,
                                          "schedule_period": 0, "warmup_epochs": 0, "checkpoint_epochs": [], **flags})
+    trainer.schedule = SimpleNamespace(warmup_steps=round(trainer.args.warmup_epochs * 10))
     notes = trainer.whole_run_settings()
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes

@@ -156,12 +156,14 @@ class Trainer:
         """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
         (prototype freezing, queue start); epoch checkpoints asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
-        if self.args.warmup_epochs >= self.args.epochs:
-            notes.insert(0, f"the learning rate warms up for the whole run (--warmup_epochs {self.args.warmup_epochs} "
-                            f">= --epochs {self.args.epochs})")
         span = min(self.args.schedule_period, self.args.epochs) if self.args.schedule_period else self.args.epochs
+        within = "each period of --schedule_period" if self.args.schedule_period else "the run"
+        # In iterations, as the schedule counts: --warmup_epochs rounds to whole steps, a period restarts the warm-up.
+        if self.schedule.warmup_steps >= span * self.steps_per_epoch:
+            notes.insert(0, f"the learning rate warms up for the whole of {within} ({self.schedule.warmup_steps} "
+                            f"warm-up iterations of --warmup_epochs {self.args.warmup_epochs} >= "
+                            f"{span * self.steps_per_epoch} ({self.steps_per_epoch} an epoch))")
         if self.args.schedule == "step" and not any(0 < drop < span for drop in self.args.lr_drops):
-            within = "each period of --schedule_period" if self.args.schedule_period else "the run"
             rate = self.args.lr * self.args.lr_gamma ** sum(1 for drop in self.args.lr_drops if drop <= 0)
             notes.append(f"--schedule step never drops the learning rate (--lr_drops "
                          f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} "

@@ -132,6 +132,14 @@ class SwAV(Method):
         if args.queue_length and args.epoch_queue_starts >= args.epochs:
             notes.append(f"the queue never starts (--epoch_queue_starts {args.epoch_queue_starts} >= --epochs "
                          f"{args.epochs})")
+        elif args.queue_length:
+            # Its scores join the Sinkhorn only once it is full: at the step after it holds queue_length embeddings.
+            filling = args.queue_length // args.batch_size
+            remaining = (args.epochs - args.epoch_queue_starts) * steps_per_epoch
+            if remaining <= filling:
+                notes.append(f"the queue never takes part: it is full after {filling} iterations (--queue_length "
+                             f"{args.queue_length} / batch {args.batch_size}), the run has {remaining} from "
+                             f"--epoch_queue_starts {args.epoch_queue_starts} on ({steps_per_epoch} an epoch)")
         return notes
 
     # ---- state ----
