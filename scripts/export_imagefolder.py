@@ -10,13 +10,17 @@ the label's number, zero-padded, then the class name made safe for a file name (
 folders give the labels back in their order; INDEX is the image's position in its split of the registered dataset,
 so each file says where it came from. `--per_class N` keeps N training images of every class, `--count N` N in all
 (N // classes per class, one more for the first N % classes classes); which ones depends only on `--seed`. The
-test split is written whole unless `--subset_test true`. OUT must not exist or be empty.
+test split is written whole unless `--subset_test true`. OUT must not exist or be empty; an export cut short leaves
+it empty. Pixels are written as the dataset serves them (digits' 0-16 scaled to 0-255 and rounded: 17 grey levels).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,14 +97,24 @@ def main(argv=None):
                          if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
                  for split, images in splits.items()}
     out.mkdir(parents=True, exist_ok=True)
-    written, kept = {}, {}
-    for split, images in splits.items():
-        chosen = images.subset(positions[split])
-        written[split] = write_split(chosen, positions[split], out / split, folders)
-        kept[split] = np.bincount(chosen.labels.numpy(), minlength=images.num_classes).tolist()
-    (out / "export.json").write_text(json.dumps({
-        "dataset": args.dataset, "per_class": args.per_class, "count": args.count, "subset_test": args.subset_test,
-        "seed": args.seed, "images": written, "per_class_counts": kept, "classes": folders}) + "\n")
+    # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C)
+    # leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty again.
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        written, kept = {}, {}
+        for split, images in splits.items():
+            chosen = images.subset(positions[split])
+            written[split] = write_split(chosen, positions[split], partial / split, folders)
+            kept[split] = np.bincount(chosen.labels.numpy(), minlength=images.num_classes).tolist()
+        (partial / "export.json").write_text(json.dumps({
+            "dataset": args.dataset, "per_class": args.per_class, "count": args.count, "subset_test": args.subset_test,
+            "seed": args.seed, "images": written, "per_class_counts": kept, "classes": folders}) + "\n")
+        for name in (*splits, "export.json"):
+            os.replace(partial / name, out / name)
+        partial.rmdir()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     print(f"wrote {written['train']} training and {written['test']} test images of {args.dataset} "
           f"({train.num_classes} classes) to {out}/")
 
@@ -121,5 +135,10 @@ def write_split(images, positions: np.ndarray, root: Path, folders: list[str]) -
     return len(images)
 
 
+def cli(argv=None):
+    """main() as the command line runs it: a bad value, or a full disk, is one line on stderr (exit status 2)."""
+    return run_cli(main, argv, output_flag="--out")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

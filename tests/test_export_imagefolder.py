@@ -3,6 +3,7 @@ as image folders and read back through `--dataset imagefolder`'s loader: the sam
 subsets that depend only on the seed, and one-line errors that write nothing."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import sys
@@ -18,7 +19,6 @@ import fabricate
 from clusterlab import results
 from clusterlab.data import load, loader
 from clusterlab.data.augment import EvalView
-from clusterlab.errors import run_cli
 from clusterlab.eval.features import data_protocol
 from conftest import ROOT, entry_module, snapshot
 
@@ -129,7 +129,7 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatc
 def test_help_lists_the_flags_although_some_are_required(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["export_imagefolder.py"])
     with pytest.raises(SystemExit) as caught:
-        run_cli(export.main, ["--help"])
+        export.cli(["--help"])
     out = capsys.readouterr().out
     assert caught.value.code == 0 and "--dataset DATASET" in out and "--per_class" in out
 
@@ -153,12 +153,36 @@ def test_a_non_empty_output_folder_is_refused(tmp_path, fashion, monkeypatch, ca
     assert snapshot(out) == before
 
 
+def test_an_export_cut_short_leaves_the_folder_empty_and_can_run_again(tmp_path, monkeypatch, capsys):
+    """A full disk in the middle of the test split: no train/ that the loader would read as a smaller dataset, and
+    the same command then writes the whole export."""
+    from PIL import Image
+
+    save, saved = Image.Image.save, []
+
+    def fill_the_disk_at_the_120th(self, *args, **kwargs):
+        if len(saved) == 119:
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+        saved.append(args[0])
+        return save(self, *args, **kwargs)
+
+    out, argv = tmp_path / "out", ["--dataset", "digits", "--per_class", "10", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(Image.Image, "save", fill_the_disk_at_the_120th)
+    message = one_line_error(monkeypatch, capsys, argv)
+    assert "No space left on device" in message and "choose another --out" in message, message
+    assert out.is_dir() and not any(out.iterdir())
+    monkeypatch.setattr(Image.Image, "save", save)
+    export.main(argv)
+    assert sorted(path.name for path in out.iterdir()) == ["export.json", "test", "train"]
+    assert len(read_back(out, "train")[1]) == 100 and len(read_back(out, "test")[1]) == 899
+
+
 def one_line_error(monkeypatch, capsys, argv: list) -> str:
     """Run the script's main as `python scripts/export_imagefolder.py` would; its one stderr line (exit status 2)."""
     monkeypatch.setattr(sys, "argv", ["export_imagefolder.py"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
-        run_cli(export.main, argv)
+        export.cli(argv)
     err = capsys.readouterr().err.splitlines()
     assert caught.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("export_imagefolder.py: error: ")

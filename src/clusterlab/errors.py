@@ -23,10 +23,11 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
-# File-system failures a user can act on: reported as one line naming the file, like a UserError.
-USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --output_dir",
-                  errno.EDQUOT: "free some space or choose another --output_dir",
-                  errno.EROFS: "choose a writable --output_dir",
+# File-system failures a user can act on: reported as one line naming the file, like a UserError; {flag} is the
+# program's flag for where it writes.
+USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another {flag}",
+                  errno.EDQUOT: "free some space or choose another {flag}",
+                  errno.EROFS: "choose a writable {flag}",
                   errno.EACCES: "choose a directory you may write to",
                   errno.EPERM: "choose a directory you may write to",
                   errno.EEXIST: "a file, or a link to nowhere, stands where a folder is needed: choose another path",
@@ -51,14 +52,14 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def describe_os_error(err: OSError) -> str:
+def describe_os_error(err: OSError, output_flag: str = "--output_dir") -> str:
     where = f" {err.filename!r}" if err.filename else ""
-    return f"cannot write{where}: {os.strerror(err.errno)} ({USER_OS_ERRORS[err.errno]})"
+    return f"cannot write{where}: {os.strerror(err.errno)} ({USER_OS_ERRORS[err.errno].format(flag=output_flag)})"
 
 
-def run_cli(main, argv=None):
-    """Run an entry script's main(); a UserError (or a full disk, a read-only or forbidden directory) becomes
-    `PROG: error: MESSAGE` on stderr and exit status 2."""
+def run_cli(main, argv=None, output_flag: str = "--output_dir"):
+    """Run an entry script's main(); a UserError (or a full disk, a read-only or forbidden directory, whose advice
+    names `output_flag`) becomes `PROG: error: MESSAGE` on stderr and exit status 2."""
     try:
         return main(argv)
     except UserError as err:
@@ -66,7 +67,7 @@ def run_cli(main, argv=None):
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             raise
-        message = describe_os_error(err)
+        message = describe_os_error(err, output_flag)
     prog = Path(sys.argv[0]).name
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
