@@ -251,7 +251,8 @@ def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):
     assert set(recorded["args"]) == {a.dest for a in full_parser()._actions if a.dest != "help"}
     assert recorded["args"]["config"] == CONFIG and recorded["args"]["width"] == 4
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changes = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+    changes = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)results"],
                              capture_output=True, text=True).stdout.strip()
     assert recorded["git_commit"] == head and recorded["git_dirty"] is bool(changes)
     versions = recorded["versions"]
@@ -287,6 +288,14 @@ def test_git_state_is_the_checkouts_commit_and_whether_tracked_files_changed(tmp
     head = git("rev-parse", "HEAD")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
     (repo / "notes.txt").write_text("untracked files do not make the tree dirty\n")
+    assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
+    # results/ is what the result scripts rewrite, not code: a regenerated table leaves the runs clean
+    (repo / "results").mkdir()
+    (repo / "results" / "table.md").write_text("| a |\n")
+    git("add", "results")
+    git("commit", "-q", "-m", "table")
+    head = git("rev-parse", "HEAD")
+    (repo / "results" / "table.md").write_text("| b |\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
     with open(repo / "src" / "clusterlab" / "__init__.py", "a") as handle:
         handle.write("# changed\n")

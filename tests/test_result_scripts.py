@@ -172,6 +172,20 @@ def test_refuses_uncommitted_changes_unless_forced(tmp_path, script, study):
     assert provenance["git_dirty"] is True
 
 
+def test_tables_another_script_rewrote_are_not_uncommitted_code(tmp_path):
+    """results/ is what the scripts write: one script's regenerated tables neither stop the next nor mark it dirty."""
+    scratch = scratch_repo(tmp_path)
+    (scratch / "results" / "small_data").mkdir(parents=True)
+    (scratch / "results" / "small_data" / "table.md").write_text("| old |\n")
+    git(scratch, "add", "results")
+    git(scratch, "commit", "-q", "-m", "tables")
+    (scratch / "results" / "small_data" / "table.md").write_text("| regenerated |\n")
+    done = run_script(scratch, "fashion_mnist_bf16.sh")
+    assert done.returncode == 0, done.stderr
+    provenance = json.loads((scratch / "results" / "runs" / "fashion_mnist_bf16" / "provenance.json").read_text())
+    assert provenance["git_dirty"] is False
+
+
 @pytest.mark.parametrize("script, study, run", REFUSING)
 def test_refuses_an_out_folder_that_holds_runs(tmp_path, script, study, run):
     scratch = scratch_repo(tmp_path)

@@ -11,14 +11,15 @@ fail() {
   exit 2
 }
 
-# Sets `commit` and `dirty` (true when tracked files differ from it: allowed only with FORCE=1). The calling script
-# itself must be in the commit: the records name it as their maker.
+# Sets `commit` and `dirty` (true when tracked files outside results/ differ from it: allowed only with FORCE=1; the
+# result scripts rewrite results/, and the code is the rest, as config.CODE_PATHS says for the runs' records). The
+# calling script itself must be in the commit: the records name it as their maker.
 require_committed_code() {
   commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
   git cat-file -e "HEAD:scripts/$SCRIPT" 2>/dev/null \
     || fail "scripts/$SCRIPT is not in commit ${commit:0:12}: commit it, so that the records it keeps name their maker"
   local changed
-  changed=$(git status --porcelain --untracked-files=no)
+  changed=$(git status --porcelain --untracked-files=no -- . ':(exclude)results')
   dirty=false
   if [ -n "$changed" ]; then
     [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
