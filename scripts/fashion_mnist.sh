@@ -60,12 +60,12 @@ queue_a & a=$!
 queue_b & b=$!
 wait_for_queues $a $b
 
-rm -rf "$KEEP"
+stage_keep "$KEEP"
 for name in swav unmix npid superand sela selfclassifier embedul; do
-  keep_run "$name" "$KEEP/$name"
+  keep_run "$name" "$STAGE/$name"
 done
-OUT="$OUT/scan" keep_run scan "$KEEP/scan"
-OUT="$OUT/scan" keep_run selflabel "$KEEP/scan_selflabel"
-keep_baseline pixels "$KEEP/pixels"
-write_provenance "$KEEP/provenance.json"
-$PY collect_results.py --root "$KEEP" --out results
+OUT="$OUT/scan" keep_run scan "$STAGE/scan"
+OUT="$OUT/scan" keep_run selflabel "$STAGE/scan_selflabel"
+keep_baseline pixels "$STAGE/pixels"
+collect_staged --out "$STAGED_TABLES"
+replace_kept

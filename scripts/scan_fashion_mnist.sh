@@ -45,13 +45,13 @@ score selflabel >> "$OUT/selflabel.log" 2>&1
 grep -h '"assignment": "kmeans"' "$EMB/metrics.jsonl" 2>/dev/null || echo "($EMB has no k-means record)"
 grep -h -e "chosen" -e "k-means" "$OUT/scan.log" "$OUT/selflabel.log" || true
 if [ "${KEEP:-0}" = 1 ]; then
-  keep=results/runs/scan_fashion_mnist/$(basename "$EMB")
-  rm -rf "$keep"
-  mkdir -p "$keep/embedding"
-  cp "$EMB/config.yaml" "$keep/embedding/"
+  stage_keep "results/runs/scan_fashion_mnist/$(basename "$EMB")"
+  mkdir -p "$STAGE/embedding"
+  cp "$EMB/config.yaml" "$STAGE/embedding/"
   for name in scan selflabel; do
-    keep_run "$name" "$keep/$name"
+    keep_run "$name" "$STAGE/$name"
   done
-  write_provenance "$keep/provenance.json"
-  echo "records kept in $keep"
+  write_provenance "$STAGE/provenance.json"
+  replace_kept
+  echo "records kept in $KEPT"
 fi

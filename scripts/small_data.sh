@@ -64,13 +64,12 @@ for data in fm_4000 fm_8000 digits; do
   RUNS+=("swav_$data" "unmix_$data")
 done
 
-rm -rf "$KEEP"
+stage_keep "$KEEP"
 for name in "${RUNS[@]}"; do
-  keep_run "$name" "$KEEP/$name"
+  keep_run "$name" "$STAGE/$name"
 done
 for data in fm_4000 fm_8000 digits; do
-  keep_baseline "pixels_$data" "$KEEP/pixels_$data"
+  keep_baseline "pixels_$data" "$STAGE/pixels_$data"
 done
-write_provenance "$KEEP/provenance.json"
-rm -rf results/small_data
-$PY collect_results.py --root "$KEEP" --out results/small_data --combined results/small_data.md --published ''
+collect_staged --out "$STAGED_TABLES/small_data" --combined "$STAGED_TABLES/small_data.md" --published ''
+replace_kept

@@ -17,7 +17,8 @@ import pytest
 from conftest import ROOT
 
 # Python's stand-in: training writes a run directory with a checkpoint, an evaluation appends a record to its run
-# (or a baseline's --output_dir; eval_knn.py one per --k value), collect_results.py notes its arguments.
+# (or a baseline's --output_dir; eval_knn.py one per --k value), collect_results.py notes its arguments and writes
+# a table.
 FAKE_PYTHON = r"""#!/bin/bash
 program=$1; shift
 [ -z "${ARGS_LOG:-}" ] || printf '%s\n' "$@" >> "$ARGS_LOG"  # ARGS_LOG: every argument received, one per line
@@ -42,7 +43,10 @@ case $program in
       echo "{\"program\": \"$program\"}" >> "$run/metrics.jsonl"
     done
     echo "evaluated $run" ;;
-  collect_results.py) echo "$*" > collect_results.args ;;
+  collect_results.py)  # a table naming the root, in --out, and the --combined file
+    echo "$*" > collect_results.args
+    out=$(value --out "$@"); mkdir -p "$out"; echo "tables of $(value --root "$@")" > "$out/table.md"
+    combined=$(value --combined "$@"); [ -z "$combined" ] || echo "all tables" > "$combined" ;;
 esac
 """
 
@@ -95,6 +99,8 @@ def run_and_keep(tmp_path: Path, script: str, study: str) -> tuple[Path, Path]:
     kept = scratch / "results" / "runs" / study
     provenance = json.loads((kept / "provenance.json").read_text())
     assert (provenance["git_commit"], provenance["git_dirty"]) == (git(scratch, "rev-parse", "HEAD"), False)
+    # the staged records and tables took their places (the tables were built from the staged copy)
+    assert not list((scratch / "results").rglob("*partial*")), list((scratch / "results").rglob("*partial*"))
     return scratch, kept
 
 
@@ -113,8 +119,9 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
     assert (kept / "swav" / "train_wall_seconds").read_bytes() == (scratch / "runs" / "fashion_mnist" /
                                                                    "swav.time").read_bytes()
     assert not list(kept.rglob("*.pth"))  # checkpoints stay in OUT
-    assert (scratch / "collect_results.args").read_text().split() == ["--root", "results/runs/fashion_mnist",
-                                                                      "--out", "results"]
+    assert (scratch / "collect_results.args").read_text().split() == [
+        "--root", "results/runs/fashion_mnist.partial", "--out", "results/.partial-fashion_mnist"]
+    assert (scratch / "results" / "table.md").read_text() == "tables of results/runs/fashion_mnist.partial\n"
 
 
 @pytest.mark.parametrize("script, study, runs", [
@@ -132,8 +139,9 @@ def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(t
     assert_evaluated_three_times(kept, (*runs, "pixels"))
     assert not list(kept.rglob("*.pth"))
     args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", f"results/runs/{study}", "--out", f"results/{study}",
+    assert args == ["--root", f"results/runs/{study}.partial", "--out", f"results/.partial-{study}/{study}",
                     "--published"]  # the stand-in's $* drops the empty value
+    assert files_below(scratch / "results" / study) == {"table.md"}
 
 
 def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
@@ -145,8 +153,26 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
     assert_evaluated_three_times(kept, RUNS + PIXELS)
     assert (kept / "swav_fm_4000" / "output.log").read_text().splitlines()[0] == "trained runs/small_data/swav_fm_4000"
     args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", "results/runs/small_data", "--out", "results/small_data", "--combined",
-                    "results/small_data.md", "--published"]  # the stand-in's $* drops the empty value
+    assert args == ["--root", "results/runs/small_data.partial", "--out", "results/.partial-small_data/small_data",
+                    "--combined", "results/.partial-small_data/small_data.md",
+                    "--published"]  # the stand-in's $* drops the empty value
+    assert files_below(scratch / "results" / "small_data") == {"table.md"}
+    assert (scratch / "results" / "small_data.md").read_text() == "all tables\n"
+
+
+@pytest.mark.parametrize("script, study, tables", [
+    ("fashion_mnist.sh", "fashion_mnist", "table.md"), ("fashion_mnist_bf16.sh", "fashion_mnist_bf16",
+                                                         "fashion_mnist_bf16"),
+    ("small_data.sh", "small_data", "small_data")])
+def test_a_failed_collect_leaves_the_kept_records_and_tables_as_they_were(tmp_path, script, study, tables):
+    """The records and tables of a second run of the script replace the first's only once all are written."""
+    scratch, kept = run_and_keep(tmp_path, script, study)
+    before = {path: path.read_bytes() for path in (scratch / "results").rglob("*") if path.is_file()}
+    assert (scratch / "results" / tables).exists()
+    again = run_script(scratch, script, OUT="runs/again", FAIL="collect_results.py:--root")
+    assert again.returncode != 0
+    assert {path: path.read_bytes() for path in (scratch / "results").rglob("*") if path.is_file()
+            and "partial" not in str(path.relative_to(scratch))} == before
 
 
 # script, its default OUT below runs/, and a run it makes there

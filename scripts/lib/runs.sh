@@ -82,16 +82,43 @@ write_provenance() {  # write_provenance FILE: the script, its commit, whether t
     "scripts/$SCRIPT" "$commit" "$dirty" "$started" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$1"
 }
 
+# The records and tables a script keeps replace the old ones only once all of them are written: a failed copy or
+# collect_results.py, or Ctrl-C, leaves results/ as it was.
+stage_keep() {  # stage_keep DEST: the records go to STAGE (DEST.partial, emptied), collect_staged's tables to
+  # STAGED_TABLES; replace_kept puts them in place
+  KEPT=$1 STAGE=$1.partial STAGED_TABLES=results/.partial-$(basename "$1")
+  rm -rf "$STAGE" "$STAGED_TABLES"
+  mkdir -p "$STAGE"
+}
+
+collect_staged() {  # collect_staged COLLECT_RESULTS_FLAGS...: provenance.json into $STAGE, then its tables (the flags
+  # write them below $STAGED_TABLES)
+  write_provenance "$STAGE/provenance.json"
+  $PY collect_results.py --root "$STAGE" "$@"
+}
+
+replace_kept() {  # $STAGE replaces $KEPT, and each file or folder in $STAGED_TABLES its namesake in results/
+  local entry
+  rm -rf "$KEPT"
+  mv "$STAGE" "$KEPT"
+  [ -d "$STAGED_TABLES" ] || return 0
+  for entry in "$STAGED_TABLES"/*; do
+    rm -rf "results/${entry##*/}"
+    mv "$entry" results/
+  done
+  rmdir "$STAGED_TABLES"
+}
+
 keep_runs_and_pixels() {  # keep_runs_and_pixels RUN...: $KEEP replaced by the runs' records, the pixel baseline's and
   # provenance.json; then that copy's tables and curves, without published numbers, in results/<$KEEP's name>/
-  rm -rf "$KEEP"
+  stage_keep "$KEEP"
   local name
   for name in "$@"; do
-    keep_run "$name" "$KEEP/$name"
+    keep_run "$name" "$STAGE/$name"
   done
-  keep_baseline pixels "$KEEP/pixels"
-  write_provenance "$KEEP/provenance.json"
-  $PY collect_results.py --root "$KEEP" --out "results/$(basename "$KEEP")" --published ''
+  keep_baseline pixels "$STAGE/pixels"
+  collect_staged --out "$STAGED_TABLES/$(basename "$KEEP")" --published ''
+  replace_kept
 }
 
 begin_study() {  # begin_study STUDY: OUT (default runs/STUDY), KEEP=results/runs/STUDY, one thread per process; refuses
