@@ -191,3 +191,43 @@ def test_a_one_term_log_of_two_versions_has_a_loss_mean_for_every_epoch():
     ends = [{"epoch": 0, "epoch_end": True, "global_step": 1, "swav_mean": 2.5},
             {"epoch": 1, "epoch_end": True, "global_step": 2, "loss_mean": 1.5, "swav_mean": 1.5}]
     assert curves.training_curves([steps[0], ends[0], steps[1], ends[1]]).end_loss.tolist() == [2.5, 1.5]
+
+
+def test_a_step_or_epoch_logged_twice_is_drawn_once_and_a_negative_epoch_is_left_out(tiny_run, tmp_path):
+    """A log joined by hand (or written before the engine cut it back on resume) repeats epoch 1: the last record of
+    each step and epoch is drawn, in order; a record of epoch -1 divided by zero before."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    records = log_records(tiny_run)
+    second = [r for r in records if r["epoch"] == 1]
+    again = [{**r, "loss": r["loss"] + 1} if "step" in r else r for r in second]
+    bad = [{"epoch": -1, "epoch_end": True, "global_step": 5},
+           {"epoch": -1, "step": 0, "global_step": 0, "lr": 0.1, "loss": 1.0}]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*bad, *records, *again]))
+    drawn, expected = curves.read_curves(run), curves.read_curves(tiny_run)
+    assert drawn.steps_per_epoch == STEPS_PER_EPOCH
+    assert drawn.x.tolist() == expected.x.tolist() and drawn.end_x.tolist() == [1.0, 2.0]
+    assert drawn.monitor_x.tolist() == [1.0, 2.0]
+    second_steps = drawn.x > 1
+    assert drawn.loss[second_steps].tolist() == [r["loss"] for r in again if "step" in r]
+    assert drawn.loss[~second_steps].tolist() == expected.loss[~second_steps].tolist()
+
+
+def test_a_probe_below_the_run_gets_its_accuracy_drawn_beside_the_run_and_an_empty_log_none(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    probed = run_script("eval_linear.py", "--run", run, "--epochs", "2", "--batch_size", "64", "--cached_features",
+                        "true", "--device", "cpu")
+    assert_ok(probed)
+    (probe,) = run.glob("linear_ep*")
+    logged = [r for r in log_records(probe) if "test_top1" in r]
+    drawn = curves.read_curves(probe)
+    assert drawn.monitor_name == "linear probe" and drawn.monitor_x.tolist() == [1.0, 2.0]
+    assert drawn.monitor_top1.tolist() == [r["test_top1"] for r in logged]
+    (run / "later").mkdir()
+    (run / "later" / "train_log.jsonl").write_text("")  # a run that has not logged a step yet
+    out = tmp_path / "out"
+    result = run_script("collect_results.py", "--root", run, "--out", out, "--published", "", "--plots", "false")
+    assert_ok(result)
+    assert f"note: {run / 'later' / 'train_log.jsonl'} holds no training step: no curves for it" in result.stdout
+    assert "the training curves of 2 run(s)" in result.stdout
+    assert sorted(str(path.relative_to(out / "curves")) for path in (out / "curves").rglob("*.png")) == [
+        "run.png", f"run/{probe.name}.png"]

@@ -1,5 +1,6 @@
 """Training curves of a run, from RUN/train_log.jsonl: the loss, the other logged terms, the learning rate and the
-kNN monitor against epochs, drawn as one PNG with a panel each (collect_results.py --curves).
+kNN monitor against epochs, drawn as one PNG with a panel each (collect_results.py --curves); a linear probe's log
+(eval_linear.py) draws its test accuracy after each epoch in the monitor's place.
 
 The x axis is in epochs: a step record sits at global_step / steps per epoch (its step is done, so an epoch's last
 step lands on a whole number and 2.5 is half-way through the third epoch); an epoch_end record (the epoch's mean of
@@ -39,27 +40,42 @@ class Curves:
     monitor_top1: np.ndarray = field(default_factory=lambda: np.zeros(0))
     monitor_top5: np.ndarray = field(default_factory=lambda: np.zeros(0))
     monitor_label: str = ""                         # its k, temperature and train features
+    # a linear probe's log has its test accuracy after each epoch in the monitor's place
+    monitor_name: str = "kNN monitor"
 
 
 def steps_per_epoch(records: list[dict]) -> int | None:
     for record in records:
         if record.get("epoch_end"):
-            return record["global_step"] // (record["epoch"] + 1)
-        if "step" in record and record.get("epoch", 0) > 0:
-            return (record["global_step"] - record["step"] - 1) // record["epoch"]
+            count = record["global_step"] // (record["epoch"] + 1)
+        elif "step" in record and record["epoch"] > 0:
+            count = (record["global_step"] - record["step"] - 1) // record["epoch"]
+        else:
+            continue
+        if count > 0:
+            return count
     return None
 
 
 def _numbers(record: dict, *keys: str) -> bool:
-    return all(rundir.is_number(record.get(key)) for key in keys)
+    return all(rundir.is_number(record.get(key)) for key in keys) and record["epoch"] >= 0
+
+
+def _last_of_each(records: list[dict], key: str) -> list[dict]:
+    """The last record of each value of `key`, in its order: a log joined by hand, or one written before the engine
+    cut the log back on resume, may hold a step or an epoch twice (drawn as a line running back over itself)."""
+    return sorted({record[key]: record for record in records}.values(), key=lambda record: record[key])
 
 
 def training_curves(records: list[dict]) -> Curves:
     """The arrays of the plot from the records of a train_log.jsonl (a record whose fields the plot needs are not
-    numbers, written by hand or by another program, is left out)."""
-    steps = [r for r in records if "step" in r and _numbers(r, "epoch", "step", "global_step", "loss", "lr")]
-    ends = [r for r in records if r.get("epoch_end") and _numbers(r, "epoch", "global_step")]
-    monitor = [r for r in records if r.get("knn_monitor") and _numbers(r, "epoch", "top1")]
+    numbers, or a negative epoch, written by hand or by another program, is left out; of records of the same step or
+    epoch the last counts)."""
+    steps = _last_of_each([r for r in records if "step" in r
+                           and _numbers(r, "epoch", "step", "global_step", "loss", "lr")], "global_step")
+    ends = _last_of_each([r for r in records if r.get("epoch_end") and _numbers(r, "epoch", "global_step")], "epoch")
+    monitor = _last_of_each([r for r in records if r.get("knn_monitor") and _numbers(r, "epoch", "top1")], "epoch")
+    probe = _last_of_each([r for r in records if "step" not in r and _numbers(r, "epoch", "test_top1")], "epoch")
     per_epoch = steps_per_epoch([*ends, *steps])
     global_step = np.array([r["global_step"] for r in steps], dtype=np.float64)
     loss = np.array([r["loss"] for r in steps], dtype=np.float64)
@@ -71,10 +87,12 @@ def training_curves(records: list[dict]) -> Curves:
     same_as_loss = [name for name in names if name not in kept]
     if same_as_loss:  # a one-term method's term is its loss: its means where an older version logged no loss_mean
         end_loss = np.where(np.isnan(end_loss), end_means[same_as_loss[0]], end_loss)
-    label = ""
+    label, name, top1, top5 = "", "kNN monitor", "top1", "top5"
     if monitor:
         last = monitor[-1]
         label = f"k={last.get('k')}, T={last.get('temperature')}, {last.get('train_features')} train features"
+    elif probe:  # eval_linear.py's log: the probe's test accuracy after every epoch
+        monitor, label, name, top1, top5 = probe, "after each epoch", "linear probe", "test_top1", "test_top5"
     return Curves(
         steps_per_epoch=per_epoch,
         x=global_step / per_epoch if per_epoch else global_step,
@@ -86,9 +104,10 @@ def training_curves(records: list[dict]) -> Curves:
         end_means=end_means,
         end_loss=end_loss,
         monitor_x=np.array([r["epoch"] + 1 for r in monitor], dtype=np.float64),
-        monitor_top1=np.array([r["top1"] for r in monitor], dtype=np.float64),
-        monitor_top5=np.array([r.get("top5", np.nan) for r in monitor], dtype=np.float64),
-        monitor_label=label)
+        monitor_top1=np.array([r[top1] for r in monitor], dtype=np.float64),
+        monitor_top5=np.array([r.get(top5, np.nan) for r in monitor], dtype=np.float64),
+        monitor_label=label,
+        monitor_name=name)
 
 
 def read_curves(run_dir: str | os.PathLike) -> Curves:
@@ -127,8 +146,8 @@ def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) ->
             ax.plot(curves.monitor_x, curves.monitor_top1, marker="o", label="top-1")
             if not np.isnan(curves.monitor_top5).all():
                 ax.plot(curves.monitor_x, curves.monitor_top5, marker="o", label="top-5")
-            ax.set_ylabel("kNN accuracy")
-            ax.set_title(f"kNN monitor on the test split ({curves.monitor_label})", fontsize=8)
+            ax.set_ylabel(f"{curves.monitor_name.split()[0]} accuracy")
+            ax.set_title(f"{curves.monitor_name} on the test split ({curves.monitor_label})", fontsize=8)
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("epoch" if curves.steps_per_epoch else "step (epoch length not logged yet)")

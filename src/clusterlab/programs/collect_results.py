@@ -74,10 +74,9 @@ def main(argv=None):
                                                    for dataset, markdown in sections).rstrip("\n") + "\n",
                                            errors="backslashreplace")
             written.append(f"all of them in {args.combined}")
-    for log in logs:
-        write_curves(log.parent, Path(args.root), out / "curves")
-    if logs:
-        written.append(f"the training curves of {len(logs)} run(s) (curves/)")
+    drawn = [path for log in logs if (path := write_curves(log.parent, Path(args.root), out / "curves"))]
+    if drawn:
+        written.append(f"the training curves of {len(drawn)} run(s) (curves/)")
     print(f"\n{' and '.join(written)} written to {out}/")
 
 
@@ -110,9 +109,16 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
     return sections
 
 
-def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
-    """FOLDER/RUN.png for the run directory `run_dir` (RUN: its path below `root`, or its name when it is the root)."""
-    name = run_dir.relative_to(root) if run_dir != root else Path(run_dir.resolve().name)
+def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:
+    """FOLDER/RUN.png for the run directory `run_dir` (RUN: its path below `root`, under the root's name where the
+    root is a run itself, whose probes' logs lie below it); None, with a note, for a log without a training step."""
+    name = Path(root.resolve().name)
+    if run_dir != root:
+        name = name / run_dir.relative_to(root) if (root / "train_log.jsonl").is_file() else run_dir.relative_to(root)
+    drawn = curves.read_curves(run_dir)
+    if not len(drawn.x):
+        print(f"note: {run_dir / 'train_log.jsonl'} holds no training step: no curves for it")
+        return None
     path = folder / name.with_name(name.name + ".png")
     title = str(name)
     try:
@@ -120,7 +126,7 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path:
         title = f"{run_args.get('method')} on {run_args.get('dataset')}: {name}"
     except ConfigError:  # a run directory without its config.yaml still has curves
         pass
-    curves.draw(curves.read_curves(run_dir), title, path)
+    curves.draw(drawn, title, path)
     return path
 
 
