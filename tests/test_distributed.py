@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clusterlab import distributed
+from clusterlab import checkpoint, distributed
 from clusterlab.errors import ConfigError
 from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -135,6 +135,15 @@ def _collectives_worker(rank, world, cases):
     out["broadcast"] = distributed.broadcast(torch.tensor([rank + 5.0]), src=1)
     # (start, stop) pairs: results travel back through torch.save / torch.load(weights_only=True), which has no range
     out["shards"] = [(shard.start, shard.stop) for shard in map(distributed.shard_range, (7, 8, 1, 0))]
+    # Each rank's torch generator, saved and restored: ranks that drew differently (dropout over shares of uneven
+    # size) go on drawing as they would have.
+    torch.manual_seed(0)
+    torch.rand(rank + 1)
+    out["generators"] = checkpoint.every_ranks_torch_generators()
+    out["next_draws"] = torch.rand(3)
+    torch.rand(100)
+    checkpoint.set_torch_generators(out["generators"][rank])
+    out["draws_after_restore"] = torch.rand(3)
     ctx = distributed.init("cpu")
     out["context"] = (ctx.rank, ctx.world_size, ctx.is_main, distributed.rank(), distributed.world_size())
     return out
@@ -229,6 +238,11 @@ def test_plain_collectives(collectives):
     assert results[0]["shards"] == [(0, 4), (0, 4), (0, 1), (0, 0)]
     assert results[1]["shards"] == [(4, 7), (4, 8), (1, 1), (0, 0)]
     assert [r["context"] for r in results] == [(0, 2, True, 0, 2), (1, 2, False, 1, 2)]
+    saved = results[0]["generators"]
+    assert saved.shape[0] == 2 and torch.equal(saved, results[1]["generators"]) and not torch.equal(*saved)
+    for r in results:
+        assert torch.equal(r["draws_after_restore"], r["next_draws"])
+    assert not torch.equal(results[0]["next_draws"], results[1]["next_draws"])
 
 
 def test_helpers_are_no_ops_in_one_process():

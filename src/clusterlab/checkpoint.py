@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import CheckpointError
 
 FORMAT = "clusterlab"
@@ -175,6 +176,27 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def every_ranks_torch_generators() -> torch.Tensor:
+    """Collective: each rank's torch generator states (CPU, then CUDA's where initialised) as one uint8 row, (world,
+    bytes) in rank order. The ranks' global generators part ways where a rank draws for its own share (dropout over
+    a share of uneven size): restored per rank, a run resumed on as many processes draws as it would have."""
+    own = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own.append(torch.cuda.get_rng_state())
+    row = torch.cat(own).unsqueeze(0)
+    if not distributed.is_initialized():
+        return row
+    return distributed.all_gather_cat(row.to(distributed.collective_device())).cpu()
+
+
+def set_torch_generators(row: torch.Tensor) -> None:
+    """This rank's row of every_ranks_torch_generators."""
+    cpu = torch.get_rng_state().numel()
+    torch.set_rng_state(row[:cpu].clone())
+    if row.numel() > cpu and torch.cuda.is_available():
+        torch.cuda.set_rng_state(row[cpu:].clone())
 
 
 def set_rng_state(state: dict) -> None:

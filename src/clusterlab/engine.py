@@ -180,7 +180,8 @@ class Trainer:
         """Everything needed to resume at (epoch, step); collective (the method may gather across ranks)."""
         return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "global_step": self.global_step,
-                "rng": checkpoint.rng_state(), "method_random": self.method.random_state(),
+                "rng": checkpoint.rng_state(), "rank_generators": checkpoint.every_ranks_torch_generators(),
+                "method_random": self.method.random_state(),
                 "method_state": self.method.extra_state(), "args": _plain_args(self.args),
                 "data_info": dataclasses.asdict(self.method.info),
                 "term_totals": dict(self.term_totals), "term_count": self.term_count,
@@ -252,6 +253,9 @@ class Trainer:
             self.method.load_extra_state(state["method_state"])
             self.method.load_random_state(state["method_random"])
             checkpoint.set_rng_state(state["rng"])
+            generators = state.get("rank_generators")  # (checkpoints before it: rank 0's state on every rank)
+            if generators is not None and len(generators) == self.ctx.world_size:
+                checkpoint.set_torch_generators(generators[self.ctx.rank])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             # A flag outside RESUME_KEYS that shapes the model (e.g. --nmb_prototypes) changed, or an entry is missing.
             reason = checkpoint.failure_reason(err)

@@ -258,22 +258,26 @@ class SeLa(ClusterMethod):
                              else self.label_augment.apply_cut(batch, chunk_params))
                 else:
                     views = eval_view(batch, size, self.info.mean, self.info.std)
-                # Batch norm in train mode needs two values per channel: a lone image (the remainder of a chunk)
-                # goes through twice, which leaves its batch statistics, and so its features, those of it alone.
-                lone = train_view and normalised_over[chunk] == 1
-                out = self.backbone(torch.cat([views, views]) if lone else views).float()
-                features.append(out[:1] if lone else out)
+                features.append(self.labelling_pass(views, train_view, normalised_over[chunk]))
             # A rank whose share of the last chunk is empty still runs it: synchronised BN all-reduces per pass. (So
             # does a rank whose pass ended at a file no run can use, before every rank stops at the check.)
-            for _ in range(len(chunks) - len(features)):
+            for chunk in range(len(features), len(chunks)):
                 empty = torch.zeros(0, self.info.channels, size, size, device=self.device)
-                features.append(self.backbone(empty).float())
+                features.append(self.labelling_pass(empty, train_view, normalised_over[chunk]))
             tally.check_pass(images)
         finally:
             self.train(was_training)
             for name, buffer in self.named_buffers():
                 buffer.copy_(saved[name])
         return torch.cat(features), positions
+
+    def labelling_pass(self, views: torch.Tensor, train_view: bool, normalised_over: int) -> torch.Tensor:
+        """Backbone features of one chunk's share. Train-mode batch norm over a single image has no variance where a
+        layer sees one value per channel (an FC layer's, a last 1x1 map's): every feature would be that layer's
+        bias whatever the image. A lone image (the remainder of a chunk) is normalised with the running statistics
+        instead, on every rank of its pass, so that synchronised BN runs no collective on any."""
+        self.backbone.train(train_view and normalised_over > 1)
+        return self.backbone(views).float()
 
     # ---- state ----
     def extra_state(self) -> dict:
