@@ -179,9 +179,10 @@ class BankMethod(torch.nn.Module):
 
     eval_view, monitor_temperature = EvalView.of(8), 0.1
 
-    def __init__(self, bank: torch.Tensor, query: torch.Tensor):
+    def __init__(self, bank: torch.Tensor, query: torch.Tensor, written: torch.Tensor | None = None):
         super().__init__()
         self.memory_bank, self.query = bank, query
+        self.memory_bank_written = torch.ones(len(bank), dtype=torch.bool) if written is None else written
         self.info = SimpleNamespace(mean=(0.5,), std=(0.25,), fingerprint="")
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -193,10 +194,12 @@ def grey_images(labels: list[int]) -> ImageSet:
                     images=torch.zeros(len(labels), 1, 8, 8, dtype=torch.uint8))
 
 
-def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
+def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows_that_a_step_wrote():
     """Upstream's kNN monitor (and eval_knn.py --train_features memory_bank) use the bank rows as they are. Row 0
-    (class 0) was never updated and is 5 units long at cosine 0.6 to the query, row 1 (class 1) is unit-length at
-    cosine 0.9: the dot product (3 against 0.9) makes row 0 the nearest neighbour, the cosine would pick row 1."""
+    (class 0) is 5 units long at cosine 0.6 to the query, row 1 (class 1) unit-length at cosine 0.9: the dot product
+    (3 against 0.9) makes row 0 the nearest neighbour, the cosine would pick row 1. A row no step has written (its
+    image left out of the first epoch's full batches; upstream writes every row in the first epoch) does not vote:
+    row 0 as such leaves row 1 the nearest."""
     bank = torch.tensor([[3.0, 4.0], [0.9, 0.19 ** 0.5]])
     method = BankMethod(bank, torch.tensor([[1.0, 0.0]]))
     train, test = grey_images([0, 1]), grey_images([0])
@@ -205,7 +208,12 @@ def test_memory_bank_monitor_and_eval_knn_read_the_raw_rows():
     normalised = knn_accuracy(F.normalize(bank, dim=1), train.labels, method.query, test.labels, 2, k=1)
     assert normalised["top1"] == 0.0
     loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train", dataset="fake"))
-    assert torch.equal(memory_bank_features(loaded, train), bank)
+    rows, positions = memory_bank_features(loaded, train)
+    assert torch.equal(rows, bank) and positions.tolist() == [0, 1]
+    method.memory_bank_written = torch.tensor([False, True])
+    assert monitor(method, train, test, k=1, source="memory_bank", device=torch.device("cpu"))["top1"] == 0.0
+    rows, positions = memory_bank_features(loaded, train)
+    assert torch.equal(rows, bank[1:]) and positions.tolist() == [1]
 
 
 def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set():
@@ -216,15 +224,15 @@ def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set(
     own, reordered = grey_images([0, 1]), grey_images([1, 0])
     loaded = SimpleNamespace(method=method, args=SimpleNamespace(method="npid", train_split="train", dataset="fake"))
     method.info = SimpleNamespace(fingerprint=own.fingerprint)
-    assert torch.equal(memory_bank_features(loaded, own), bank)
+    assert torch.equal(memory_bank_features(loaded, own)[0], bank)
     with pytest.raises(ConfigError, match=f"not of fake's train split here \\(digest {reordered.fingerprint}\\)"):
         memory_bank_features(loaded, reordered)
     method.info = SimpleNamespace(fingerprint="")
-    assert torch.equal(memory_bank_features(loaded, reordered), bank)
+    assert torch.equal(memory_bank_features(loaded, reordered)[0], bank)
     # CIFAR-100's images under their 20 superclass labels are the bank's images; CIFAR-10's are not
     loaded.args.dataset = "cifar100"
     method.info = SimpleNamespace(fingerprint=own.fingerprint)
-    assert torch.equal(memory_bank_features(loaded, dataclasses.replace(reordered, name="cifar100_20")), bank)
+    assert torch.equal(memory_bank_features(loaded, dataclasses.replace(reordered, name="cifar100_20"))[0], bank)
     with pytest.raises(ConfigError, match="its cifar100 training images, not of cifar10's"):
         memory_bank_features(loaded, dataclasses.replace(own, name="cifar10"))
 

@@ -98,10 +98,15 @@ def test_state_dict_holds_a_plain_tensor():
     torch.save(memory.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert list(state) == ["weight"] and torch.equal(state["weight"], memory.weight)
+    assert list(state) == ["weight", "written"] and torch.equal(state["weight"], memory.weight)
+    assert state["written"].tolist() == [False, True, True] + [False] * (N - 3)
     fresh = MemoryBank(N, D, M, seed=9)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.weight, memory.weight)
+    assert torch.equal(fresh.weight, memory.weight) and torch.equal(fresh.written, memory.written)
+    # a checkpoint from before the mask: every row taken as written
+    older = MemoryBank(N, D, M, seed=9)
+    older.load_state_dict({"weight": state["weight"]})
+    assert torch.equal(older.weight, memory.weight) and bool(older.written.all())
 
 
 # ---- 2 processes, each with half of every batch = 1 process with the whole batch -------------------------------------

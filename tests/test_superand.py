@@ -267,6 +267,26 @@ def test_entropy_anchors_and_neighbours_match_brute_force():
         assert found == ranked[:2]
 
 
+def test_rows_no_step_wrote_are_anchors_last():
+    """Full batches leave the first epoch's remainder out: those rows keep their random values, nearly orthogonal to
+    the trained rows, so their softmax is peaked and their entropy among the lowest. They come after every written
+    row (at round 4 every row is an anchor)."""
+    method, _ = build("--ans_select_rate", "0.25", "--rounds", "5", "--epochs_per_round", "1", "--epochs", "5",
+                      "--schedule_period", "1")
+    bank = unit_rows(32, 16, 6)
+    method.memory.weight.copy_(bank)
+    method.memory.written.fill_(True)
+    method.memory.written[[3, 17]] = False
+    method.memory.weight[[3, 17]] = bank[[3, 17]] * 1.5  # nothing written: longer rows, sharper softmax
+    entropy = bank_entropy(method.memory_bank, 0.1)
+    assert set(select_anchors(entropy, 2).tolist()) == {3, 17}
+    method.on_epoch_start(2)  # round 2: 16 anchors
+    assert not {3, 17} & set(method.anchors.tolist())
+    assert torch.equal(method.anchors, select_anchors(entropy.masked_fill(~method.memory.written, float("inf")), 16))
+    method.on_epoch_start(4)
+    assert method.anchors[-2:].tolist() == [3, 17]
+
+
 def test_ties_in_entropy_go_to_the_lower_index():
     assert select_anchors(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.1]), 4).tolist() == [4, 1, 3, 0]
 
@@ -274,6 +294,7 @@ def test_ties_in_entropy_go_to_the_lower_index():
 def test_start_round_uses_the_rate_and_fills_the_neighbour_table():
     method, train = build("--ans_select_rate", "0.25", "--rounds", "5", "--epochs_per_round", "200")
     method.memory.weight.copy_(unit_rows(32, 16, 6))
+    method.memory.written.fill_(True)
     method.seen_labels.copy_(train.labels)
     method.on_epoch_start(400)  # round 2: int(32 * 0.25 * 2) = 16 anchors
     assert method.round == 2 and len(method.anchors) == 16

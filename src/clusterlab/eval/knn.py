@@ -92,20 +92,21 @@ def knn_accuracies(train_features, train_labels, test_features, test_labels, num
 
 @torch.no_grad()
 def monitor(method, train_set, test_set, k: int, source: str, device: torch.device, workers: int = 0) -> dict:
-    """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank's raw rows
-    (upstream's monitor, `source` memory_bank) or against train embeddings recomputed with the test view
-    (`recomputed`). `workers` loader processes decode image files (none for in-memory sets)."""
+    """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank's raw rows that a
+    step has written (upstream's monitor, `source` memory_bank) or against train embeddings recomputed with the test
+    view (`recomputed`). `workers` loader processes decode image files (none for in-memory sets)."""
     from .features import extract
 
     was_training = method.training
     method.eval()
     view, info = method.eval_view, method.info
     test_x = extract(method.embedding, test_set, view, info.mean, info.std, device, workers=workers)
+    labelled = train_set.labels >= 0  # the unlabelled part of STL-10's train+unlabeled votes for nothing
     if source == "memory_bank":
         train_x = method.memory_bank[: len(train_set)].float()
+        labelled &= method.memory_bank_written[: len(train_set)].cpu()  # a row never written holds no embedding
     else:
         train_x = extract(method.embedding, train_set, view, info.mean, info.std, device, workers=workers)
     method.train(was_training)
-    labelled = train_set.labels >= 0  # the unlabelled part of STL-10's train+unlabeled votes for nothing
     return knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
                         test_set.labels, test_set.num_classes, k, method.monitor_temperature)

@@ -61,6 +61,11 @@ class MemoryBankMethod(Method):
         return self.memory.weight
 
     @property
+    def memory_bank_written(self) -> torch.Tensor:
+        """(N,) bool: the rows a training step has updated (the others vote in no memory-bank kNN)."""
+        return self.memory.written
+
+    @property
     def monitor_temperature(self) -> float:
         return self.args.bank_t
 

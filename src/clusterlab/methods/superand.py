@@ -106,7 +106,10 @@ class SuperAND(MemoryBankMethod):
         """Collective: anchors and neighbours for round `number` from the bank as it is now."""
         args, bank = self.args, self.memory.weight
         count = min(bank.shape[0], int(bank.shape[0] * args.ans_select_rate * number))
-        anchors = select_anchors(bank_entropy(bank, args.bank_t), count)
+        # A row no step has written is random, nearly orthogonal to the rest: its softmax is peaked and its entropy
+        # among the lowest. It comes last instead.
+        entropy = bank_entropy(bank, args.bank_t).masked_fill(~self.memory.written, float("inf"))
+        anchors = select_anchors(entropy, count)
         neighbours = topk_neighbours(bank[anchors], bank, args.ans_size, exclude=anchors, split_over_ranks=True)
         self.set_anchors(number, anchors, neighbours.indices)
         if distributed.rank() == 0:

@@ -14,7 +14,11 @@ Upstream writes them with one `index_copy_` of duplicated indices, so one of the
 "last" makes it deterministic and keeps upstream's one-update-per-step size. With each rank holding [view 1; view 2]
 of its own samples, the last position is a sample's last view whatever the world size.
 
-The bank is a registered buffer: it travels in the model's state dict as a plain tensor.
+The bank is a registered buffer: it travels in the model's state dict as a plain tensor. So does `written`, which
+rows a step has updated: training takes full batches only, so the images left out of the first epoch keep their
+random rows until an epoch takes them (upstream's loaders keep the partial batch, so every row is written in the
+first epoch). Such a row holds no embedding of its image: it is no Super-AND anchor and votes in no memory-bank
+kNN. A checkpoint from before the mask loads as written throughout.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class MemoryBank(nn.Module):
         # A generator of its own, so the initial bank depends on the seed only, not on what else drew numbers.
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("weight", torch.rand(size, dim, generator=generator).mul_(2 * bound).sub_(bound))
+        self.register_buffer("written", torch.zeros(size, dtype=torch.bool))
 
     @property
     def size(self) -> int:
@@ -51,7 +56,12 @@ class MemoryBank(nn.Module):
         rows, last = last_occurrence(indices, copies)
         updated = self.weight.index_select(0, rows).mul_(self.momentum).add_(features[last], alpha=1 - self.momentum)
         self.weight.index_copy_(0, rows, F.normalize(updated, dim=1))
+        self.written[rows] = True
         return indices
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "written", torch.ones_like(self.written))  # a checkpoint before the mask
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def last_occurrence(indices: torch.Tensor, copies: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,7 +73,11 @@ def main(argv=None):
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
-            train_x = memory_bank_features(loaded, train_set).to(ctx.device)
+            train_x, written = memory_bank_features(loaded, train_set)
+            if len(written) < len(train_set) and ctx.is_main:
+                print(f"note: {len(train_set) - len(written)} of the bank's {len(train_set)} rows were never written "
+                      f"(their images were left out of every epoch so far): they do not vote")
+            train_x, train_set = train_x.to(ctx.device), train_set.subset(written)
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
     train_labels = train_set.labels.to(ctx.device)
@@ -113,8 +117,9 @@ def check_flags(args, method: type | None = None) -> None:
                           f"recomputed)")
 
 
-def memory_bank_features(loaded, train_set) -> torch.Tensor:
-    """The run's raw memory bank rows of the labelled train images (what upstream's kNN monitor reads)."""
+def memory_bank_features(loaded, train_set) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's raw memory bank rows of the labelled train images that a training step has written (what
+    upstream's kNN monitor reads), and the positions of those images in `train_set`."""
     bank = torch.as_tensor(loaded.method.memory_bank)
     split = getattr(loaded.args, "train_split", "train")
     train_size = len(train_set)
@@ -133,7 +138,8 @@ def memory_bank_features(loaded, train_set) -> torch.Tensor:
         raise ConfigError(f"--train_features memory_bank: the run's bank holds the embeddings of its own training "
                           f"images (digest {trained_on}), not of {train_set.name}'s train split here (digest "
                           f"{train_set.fingerprint}); leave --data_path out, or use recomputed")
-    # a bank over train+unlabeled (STL-10) holds the labelled train images first; rows as they are, as upstream
-    # (only a row never updated is not unit-length)
-    return bank[:train_size].float()
+    # a bank over train+unlabeled (STL-10) holds the labelled train images first; rows as they are, as upstream.
+    # A row no step has written (an image every epoch so far left out of its full batches) is random: it votes not.
+    written = torch.as_tensor(loaded.method.memory_bank_written)[:train_size].cpu()
+    return bank[:train_size][written].float(), torch.nonzero(written).flatten()
 
