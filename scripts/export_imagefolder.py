@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +28,9 @@ import numpy as np
 
 from clusterlab import config
 from clusterlab.errors import ConfigError, run_cli
+
+
+PARTIAL = ".partial-"  # the hidden folder an export writes into
 
 
 def get_args_parser():
@@ -86,7 +90,8 @@ def main(argv=None):
         choices = ", ".join(name for name in DATASETS if name != "imagefolder")
         raise ConfigError(f"--dataset {args.dataset!r} is not a dataset this script exports (choose one of: {choices})")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # what a killed export left (its hidden folder, cut short) does not count: it is removed below
+    if out.exists() and (not out.is_dir() or any(not path.name.startswith(PARTIAL) for path in out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder (remove it or choose another)")
     splits = {"train": load(args.dataset, "train", args.data_path), "test": load(args.dataset, "test", args.data_path)}
     train = splits["train"]
@@ -97,9 +102,13 @@ def main(argv=None):
                          if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
                  for split, images in splits.items()}
     out.mkdir(parents=True, exist_ok=True)
-    # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C)
-    # leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty again.
-    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    for left in out.iterdir():
+        shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
+    # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C, a
+    # TERM) leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty
+    # again; one killed outright leaves only its hidden folder, which the next export removes.
+    partial = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=out))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         written, kept = {}, {}
         for split, images in splits.items():
@@ -115,6 +124,8 @@ def main(argv=None):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {written['train']} training and {written['test']} test images of {args.dataset} "
           f"({train.num_classes} classes) to {out}/")
 

@@ -424,3 +424,21 @@ def test_a_second_stage_resumed_on_other_images_names_its_own_run_not_the_pretra
     assert_user_error(refused, "main_cluster.py", "checkpoint.pth was trained with --dataset 'digits'",
                       "this command has 'cifar10'")
     assert snapshot(tmp_path / "stage2") == before
+
+
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_cluster.py", "eval_knn.py", "eval_linear.py",
+                                    "eval_cluster.py", "launch.py", "collect_results.py"])
+def test_a_full_disks_advice_names_flags_of_the_program_itself(script):
+    """A full disk or a read-only folder is one line whose advice names where the program writes: collect_results'
+    --out, launch.py's --output_root (all of them said --output_dir)."""
+    import errno
+    import re
+
+    from clusterlab.errors import describe_os_error
+    from clusterlab.programs import PROGRAMS
+
+    program = PROGRAMS[script]
+    own = {option for action in program.parser()._actions for option in action.option_strings}
+    message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "x"), program.output_flag)
+    named = re.findall(r"--\w+", message)
+    assert named and set(named) <= own, (named, message)

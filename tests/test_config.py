@@ -251,9 +251,8 @@ def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):
     assert set(recorded["args"]) == {a.dest for a in full_parser()._actions if a.dest != "help"}
     assert recorded["args"]["config"] == CONFIG and recorded["args"]["width"] == 4
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changes = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                              ":(exclude)results"],
-                             capture_output=True, text=True).stdout.strip()
+    changes = "".join(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                                      *paths], capture_output=True, text=True).stdout for paths in config.CODE_PATHS)
     assert recorded["git_commit"] == head and recorded["git_dirty"] is bool(changes)
     versions = recorded["versions"]
     assert versions["torch"] == str(torch.__version__) and versions["numpy"] == numpy.__version__
@@ -297,6 +296,14 @@ def test_git_state_is_the_checkouts_commit_and_whether_tracked_files_changed(tmp
     head = git("rev-parse", "HEAD")
     (repo / "results" / "table.md").write_text("| b |\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
+    # ... but the published numbers the tables read are an input
+    (repo / "results" / "published.csv").write_text("method\n")
+    git("add", "results")
+    git("commit", "-q", "-m", "published")
+    head = git("rev-parse", "HEAD")
+    (repo / "results" / "published.csv").write_text("method\nswav\n")
+    assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": True}
+    git("checkout", "-q", "--", "results/published.csv")
     with open(repo / "src" / "clusterlab" / "__init__.py", "a") as handle:
         handle.write("# changed\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": True}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import os
+import signal
 import json
 import sys
 
@@ -175,6 +177,32 @@ def test_an_export_cut_short_leaves_the_folder_empty_and_can_run_again(tmp_path,
     export.main(argv)
     assert sorted(path.name for path in out.iterdir()) == ["export.json", "test", "train"]
     assert len(read_back(out, "train")[1]) == 100 and len(read_back(out, "test")[1]) == 899
+
+
+def test_an_export_stopped_by_term_leaves_the_folder_empty_and_a_killed_ones_leftovers_go(tmp_path, monkeypatch):
+    """Slurm's TERM (a time limit, scancel) in the middle: the hidden folder goes too. An export killed outright
+    leaves only its hidden folder, which does not block the next one."""
+    from PIL import Image
+
+    save, saved = Image.Image.save, []
+
+    def terminated_at_the_50th(self, *args, **kwargs):
+        if len(saved) == 49:
+            os.kill(os.getpid(), signal.SIGTERM)
+        saved.append(args[0])
+        return save(self, *args, **kwargs)
+
+    out, argv = tmp_path / "out", ["--dataset", "digits", "--per_class", "10", "--out", str(tmp_path / "out")]
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Image.Image, "save", terminated_at_the_50th)
+    with pytest.raises(SystemExit) as stopped:
+        export.main(argv)
+    assert stopped.value.code == 128 + signal.SIGTERM and list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler given back
+    monkeypatch.setattr(Image.Image, "save", save)
+    (out / ".partial-killed" / "train").mkdir(parents=True)
+    export.main(argv)
+    assert sorted(path.name for path in out.iterdir()) == ["export.json", "test", "train"]
 
 
 def one_line_error(monkeypatch, capsys, argv: list) -> str:

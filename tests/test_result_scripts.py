@@ -120,8 +120,8 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
                                                                    "swav.time").read_bytes()
     assert not list(kept.rglob("*.pth"))  # checkpoints stay in OUT
     assert (scratch / "collect_results.args").read_text().split() == [
-        "--root", "results/runs/fashion_mnist.partial", "--out", "results/.partial-fashion_mnist"]
-    assert (scratch / "results" / "table.md").read_text() == "tables of results/runs/fashion_mnist.partial\n"
+        "--root", "runs/fashion_mnist/kept.partial", "--out", "runs/fashion_mnist/tables.partial"]
+    assert (scratch / "results" / "table.md").read_text() == "tables of runs/fashion_mnist/kept.partial\n"
 
 
 @pytest.mark.parametrize("script, study, runs", [
@@ -139,7 +139,7 @@ def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(t
     assert_evaluated_three_times(kept, (*runs, "pixels"))
     assert not list(kept.rglob("*.pth"))
     args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", f"results/runs/{study}.partial", "--out", f"results/.partial-{study}/{study}",
+    assert args == ["--root", f"runs/{study}/kept.partial", "--out", f"runs/{study}/tables.partial/{study}",
                     "--published"]  # the stand-in's $* drops the empty value
     assert files_below(scratch / "results" / study) == {"table.md"}
 
@@ -153,8 +153,8 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
     assert_evaluated_three_times(kept, RUNS + PIXELS)
     assert (kept / "swav_fm_4000" / "output.log").read_text().splitlines()[0] == "trained runs/small_data/swav_fm_4000"
     args = (scratch / "collect_results.args").read_text().split()
-    assert args == ["--root", "results/runs/small_data.partial", "--out", "results/.partial-small_data/small_data",
-                    "--combined", "results/.partial-small_data/small_data.md",
+    assert args == ["--root", "runs/small_data/kept.partial", "--out", "runs/small_data/tables.partial/small_data",
+                    "--combined", "runs/small_data/tables.partial/small_data.md",
                     "--published"]  # the stand-in's $* drops the empty value
     assert files_below(scratch / "results" / "small_data") == {"table.md"}
     assert (scratch / "results" / "small_data.md").read_text() == "all tables\n"
@@ -210,6 +210,13 @@ def test_tables_another_script_rewrote_are_not_uncommitted_code(tmp_path):
     assert done.returncode == 0, done.stderr
     provenance = json.loads((scratch / "results" / "runs" / "fashion_mnist_bf16" / "provenance.json").read_text())
     assert provenance["git_dirty"] is False
+    # the published numbers are what the tables read, not what they write
+    (scratch / "results" / "published.csv").write_text("method\n")
+    git(scratch, "add", "results/published.csv")
+    git(scratch, "commit", "-q", "-m", "published")
+    (scratch / "results" / "published.csv").write_text("method\nswav\n")
+    refused = run_script(scratch, "fashion_mnist_bf16.sh", OUT="runs/again")
+    assert refused.returncode == 2 and "1 tracked file(s) differ" in refused.stderr
 
 
 @pytest.mark.parametrize("script, study, run", REFUSING)

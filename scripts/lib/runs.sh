@@ -11,15 +11,16 @@ fail() {
   exit 2
 }
 
-# Sets `commit` and `dirty` (true when tracked files outside results/ differ from it: allowed only with FORCE=1; the
-# result scripts rewrite results/, and the code is the rest, as config.CODE_PATHS says for the runs' records). The
-# calling script itself must be in the commit: the records name it as their maker.
+# Sets `commit` and `dirty` (true when tracked files outside results/, or results/published.csv, differ from it:
+# allowed only with FORCE=1; the result scripts rewrite the rest of results/, as config.CODE_PATHS says for the runs'
+# records). The calling script itself must be in the commit: the records name it as their maker.
 require_committed_code() {
   commit=$(git rev-parse HEAD 2>/dev/null) || fail "not a git checkout: the results could not name their code"
   git cat-file -e "HEAD:scripts/$SCRIPT" 2>/dev/null \
     || fail "scripts/$SCRIPT is not in commit ${commit:0:12}: commit it, so that the records it keeps name their maker"
   local changed
-  changed=$(git status --porcelain --untracked-files=no -- . ':(exclude)results')
+  changed=$(git status --porcelain --untracked-files=no -- . ':(exclude)results'
+           git status --porcelain --untracked-files=no -- results/published.csv)
   dirty=false
   if [ -n "$changed" ]; then
     [ "${FORCE:-0}" = 1 ] || fail "$(echo "$changed" | wc -l) tracked file(s) differ from commit ${commit:0:12} \
@@ -83,10 +84,10 @@ write_provenance() {  # write_provenance FILE: the script, its commit, whether t
 }
 
 # The records and tables a script keeps replace the old ones only once all of them are written: a failed copy or
-# collect_results.py, or Ctrl-C, leaves results/ as it was.
-stage_keep() {  # stage_keep DEST: the records go to STAGE (DEST.partial, emptied), collect_staged's tables to
-  # STAGED_TABLES; replace_kept puts them in place
-  KEPT=$1 STAGE=$1.partial STAGED_TABLES=results/.partial-$(basename "$1")
+# collect_results.py, or Ctrl-C, leaves results/ as it was (what was staged stays in $OUT, where no table reads it).
+stage_keep() {  # stage_keep DEST: the records go to STAGE ($OUT/kept.partial, emptied), collect_staged's tables to
+  # STAGED_TABLES ($OUT/tables.partial); replace_kept puts them in place
+  KEPT=$1 STAGE=$OUT/kept.partial STAGED_TABLES=$OUT/tables.partial
   rm -rf "$STAGE" "$STAGED_TABLES"
   mkdir -p "$STAGE"
 }
@@ -97,16 +98,19 @@ collect_staged() {  # collect_staged COLLECT_RESULTS_FLAGS...: provenance.json i
   $PY collect_results.py --root "$STAGE" "$@"
 }
 
-replace_kept() {  # $STAGE replaces $KEPT, and each file or folder in $STAGED_TABLES its namesake in results/
+replace_kept() {  # each file or folder in $STAGED_TABLES replaces its namesake in results/, then $STAGE replaces $KEPT
   local entry
+  if [ -d "$STAGED_TABLES" ]; then
+    mkdir -p results
+    for entry in "$STAGED_TABLES"/*; do
+      rm -rf "results/${entry##*/}"
+      mv "$entry" results/
+    done
+    rmdir "$STAGED_TABLES"
+  fi
   rm -rf "$KEPT"
+  mkdir -p "$(dirname "$KEPT")"
   mv "$STAGE" "$KEPT"
-  [ -d "$STAGED_TABLES" ] || return 0
-  for entry in "$STAGED_TABLES"/*; do
-    rm -rf "results/${entry##*/}"
-    mv "$entry" results/
-  done
-  rmdir "$STAGED_TABLES"
 }
 
 keep_runs_and_pixels() {  # keep_runs_and_pixels RUN...: $KEEP replaced by the runs' records, the pixel baseline's and

@@ -20,6 +20,7 @@ class Program:
     module: str              # the module that owns its parser and main
     program_kind: str | None = None  # training programs: the program_kind of the methods they train
     eval_kind: str | None = None  # evaluation programs: the "eval" of the records they write
+    output_flag: str = "--output_dir"  # where it writes, as a full disk's advice names it
 
     def load(self):
         return importlib.import_module(self.module)
@@ -38,14 +39,15 @@ class Program:
         return module.main(self.program_kind, argv) if self.program_kind else module.main(argv)
 
 
+EVAL_OUTPUT = "--run (a baseline's --output_dir)"  # evaluations write into the run they score
 PROGRAMS: dict[str, Program] = {p.script: p for p in (
     Program("main_pretrain.py", "clusterlab.programs.train", program_kind="pretrain"),
     Program("main_cluster.py", "clusterlab.programs.train", program_kind="cluster"),
-    Program("eval_knn.py", "clusterlab.programs.eval_knn", eval_kind="knn"),
-    Program("eval_linear.py", "clusterlab.programs.eval_linear", eval_kind="linear"),
-    Program("eval_cluster.py", "clusterlab.programs.eval_cluster", eval_kind="cluster"),
-    Program("launch.py", "clusterlab.programs.launch"),
-    Program("collect_results.py", "clusterlab.programs.collect_results"),
+    Program("eval_knn.py", "clusterlab.programs.eval_knn", eval_kind="knn", output_flag=EVAL_OUTPUT),
+    Program("eval_linear.py", "clusterlab.programs.eval_linear", eval_kind="linear", output_flag="--run"),
+    Program("eval_cluster.py", "clusterlab.programs.eval_cluster", eval_kind="cluster", output_flag=EVAL_OUTPUT),
+    Program("launch.py", "clusterlab.programs.launch", output_flag="--output_root (or --sbatch_dir)"),
+    Program("collect_results.py", "clusterlab.programs.collect_results", output_flag="--out"),
 )}
 TRAINING_PROGRAMS = tuple(name for name, p in PROGRAMS.items() if p.program_kind)
 EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kind}
@@ -60,7 +62,7 @@ def run(script: str, argv=None):
             stream.reconfigure(errors="backslashreplace")
     from ..errors import run_cli
 
-    result = run_cli(PROGRAMS[script].main, argv)
+    result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
     signals.ignore()
     return result
 

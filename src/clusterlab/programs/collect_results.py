@@ -6,8 +6,9 @@ curves per run, in --out.
     python collect_results.py --root runs/ [--out runs/tables/]
 
 --out defaults to ROOT/tables, beside the runs the tables come from; the shipped tables in results/ change only when
-you name that folder (`--out results`), as scripts/fashion_mnist.sh does. `--combined FILE` also writes every
-dataset's table into the one Markdown file FILE (scripts/small_data.sh: results/small_data.md).
+you name that folder (`--out results`; scripts/fashion_mnist.sh writes them aside and moves them there once whole).
+`--combined FILE` also writes every dataset's table into the one Markdown file FILE (scripts/small_data.sh:
+results/small_data.md).
 
 Tables: every metrics.jsonl under ROOT. Rows group records by dataset, method, backbone, epoch, evaluation and
 protocol, and by training recipe: runs whose config.yaml args differ in a flag that changes what is learnt (not the
