@@ -273,3 +273,33 @@ def test_a_state_loaded_after_steps_brings_its_own_z():
     assert method.nce_z.item() < 0
     assert torch.isfinite(method(method.prepare(batch), batch, Progress(0, 0, 0, 1))[0])
     assert method.nce_z.item() > 0
+
+
+def _generator_trainer(out: Path) -> engine.Trainer:
+    args = npid_args("--batch_size", "16", "--epochs", "2", "--output_dir", str(out), "--log_every", "100")
+    ctx = distributed.init(args.device)
+    train = images(16)
+    out.mkdir(parents=True, exist_ok=True)
+    return engine.Trainer(METHODS["npid"](args, DataInfo.of(train), ctx.device), args, ctx, out, train)
+
+
+def _generators_worker(rank, world, run_dir):
+    trainer = _generator_trainer(Path(run_dir))
+    trainer.train_one_epoch(0)
+    torch.rand(rank + 1)  # the ranks' global generators part ways (dropout over shares of uneven size)
+    trainer.save(1, 0)
+    saved_draws = torch.rand(4)
+    torch.rand(50)
+    _generator_trainer(Path(run_dir)).resume()
+    return {"saved": saved_draws, "resumed": torch.rand(4)}
+
+
+def test_a_resume_on_as_many_processes_gives_each_rank_its_own_generator(tmp_path):
+    """The checkpoint keeps every rank's torch generator: resumed on 2 processes each rank draws on as it would
+    have; on 1 process rank 0's (the only choice: which rank's share the one process stands for is not defined)."""
+    two = run_distributed(_generators_worker, 2, str(tmp_path / "run"))
+    for rank in two:
+        assert torch.equal(rank["resumed"], rank["saved"])
+    assert not torch.equal(two[0]["saved"], two[1]["saved"])
+    _generator_trainer(tmp_path / "run").resume()
+    assert torch.equal(torch.rand(4), two[0]["saved"])

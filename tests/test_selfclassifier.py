@@ -166,6 +166,19 @@ def test_weight_normalised_heads_start_with_unit_gain_and_train():
         torch.testing.assert_close(head(z), cosines)
 
 
+@pytest.mark.parametrize("queue_length, epochs, note", [
+    # batch 16: a queue of 64 is full after 4 steps and replaces view 1 from the 5th on
+    (64, 1, "it is full after 4 iterations (--queue_length 64 / batch 16), the run has 4"),
+    (64, 2, None),
+    (72, 1, "it is full after 5 iterations"),  # the 5th push fills it
+    (0, 1, None),
+])
+def test_a_nearest_neighbour_queue_that_never_fills_is_told(queue_length, epochs, note):
+    method = SelfClassifier(sc_args("--queue_length", queue_length, "--epochs", epochs), INFO, CPU)
+    notes = method.whole_run_settings(4)  # 4 steps an epoch
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes
+
+
 def one_step(method):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)

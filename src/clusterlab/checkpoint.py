@@ -182,13 +182,12 @@ def every_ranks_torch_generators() -> torch.Tensor:
     """Collective: each rank's torch generator states (CPU, then CUDA's where initialised) as one uint8 row, (world,
     bytes) in rank order. The ranks' global generators part ways where a rank draws for its own share (dropout over
     a share of uneven size): restored per rank, a run resumed on as many processes draws as it would have."""
-    own = [torch.get_rng_state()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        own.append(torch.cuda.get_rng_state())
-    row = torch.cat(own).unsqueeze(0)
-    if not distributed.is_initialized():
-        return row
-    return distributed.all_gather_cat(row.to(distributed.collective_device())).cpu()
+    several = distributed.is_initialized()
+    # CUDA's state under NCCL only when several: decided alike on every rank, so that the rows have one length
+    cuda = (distributed.collective_device().type == "cuda" if several
+            else torch.cuda.is_available() and torch.cuda.is_initialized())
+    row = torch.cat([torch.get_rng_state(), *([torch.cuda.get_rng_state()] if cuda else [])]).unsqueeze(0)
+    return distributed.all_gather_cat(row.to(distributed.collective_device())).cpu() if several else row
 
 
 def set_torch_generators(row: torch.Tensor) -> None:

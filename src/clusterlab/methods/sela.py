@@ -274,8 +274,9 @@ class SeLa(ClusterMethod):
     def labelling_pass(self, views: torch.Tensor, train_view: bool, normalised_over: int) -> torch.Tensor:
         """Backbone features of one chunk's share. Train-mode batch norm over a single image has no variance where a
         layer sees one value per channel (an FC layer's, a last 1x1 map's): every feature would be that layer's
-        bias whatever the image. A lone image (the remainder of a chunk) is normalised with the running statistics
-        instead, on every rank of its pass, so that synchronised BN runs no collective on any."""
+        bias whatever the image. A lone image (a chunk of one, or with unsynchronised BN a share of one) is normalised
+        with the running statistics instead (as this pass has moved them so far), on every rank of its pass, so
+        that synchronised BN runs no collective on any."""
         self.backbone.train(train_view and normalised_over > 1)
         return self.backbone(views).float()
 

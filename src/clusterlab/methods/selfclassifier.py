@@ -172,6 +172,15 @@ class SelfClassifier(ClusterMethod):
                               f"{args.batch_size} (and 2): the global batch is pushed whole every step")
         self.queue = NearestNeighbourQueue(args.queue_length, embed_dim, device) if args.queue_length else None
 
+    def whole_run_settings(self, steps_per_epoch: int) -> list[str]:
+        args, notes = self.args, super().whole_run_settings(steps_per_epoch)
+        # it replaces view 1 only once full: from the step after it holds queue_length embeddings
+        filling, total = math.ceil(args.queue_length / args.batch_size), args.epochs * steps_per_epoch
+        if args.queue_length and total <= filling:
+            notes.append(f"the nearest-neighbour queue never takes part: it is full after {filling} iterations "
+                         f"(--queue_length {args.queue_length} / batch {args.batch_size}), the run has {total}")
+        return notes
+
     # ---- the model ----
     def embed(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         """z of every crop. v2 sends the crops of one size through the backbone together and all of them through the
