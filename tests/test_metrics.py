@@ -125,3 +125,18 @@ def test_superclass_metrics_with_fewer_clusters_than_fine_classes():
     pred = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     got = superclass_metrics(fine, coarse, pred)
     assert got["acc"] == 7 / 8  # only the last sample (superclass 0 in c1 -> superclass 1) is wrong
+
+
+def test_kmeans_is_fitted_on_the_fit_split_and_only_assigns_the_other():
+    """Two tight clusters to fit on, then points of only one of them, spread far along y: assigned, they all fall in
+    that cluster; fitted on themselves they would be split in two along y."""
+    import torch
+
+    from clusterlab.eval.kmeans import kmeans_assign
+
+    generator = torch.Generator().manual_seed(0)
+    fit = torch.cat([torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([-10.0, 0.0]),
+                     torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([10.0, 0.0])])
+    spread = torch.randn(40, 2, generator=generator) * torch.tensor([0.1, 3.0]) + torch.tensor([10.0, 0.0])
+    assert len(np.unique(kmeans_assign(fit, spread, 2, restarts=3))) == 1
+    assert len(np.unique(kmeans_assign(spread, spread, 2, restarts=3))) == 2

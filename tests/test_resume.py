@@ -423,3 +423,23 @@ def test_the_eta_of_a_resumed_epoch_counts_only_the_steps_this_start_ran(monkeyp
     record = {"epoch": 0, "step": 900, "loss": 1.0, "lr": 0.1, "img_per_s": 5.0}
     assert trainer.progress_line(record, epoch_start=999.0, step=900, start_step=900).endswith("eta 0:18:19")
     assert trainer.progress_line(record, epoch_start=99.0, step=900).endswith("eta 0:18:19")
+
+
+def test_a_resume_gives_back_the_global_generators_of_the_checkpoint(tmp_path):
+    """torch's, numpy's and Python's global generators as the checkpoint left them (the SwAV runs compared bit for
+    bit above draw nothing from them while they train, so only this catches a resume that forgets them)."""
+    import random
+
+    import numpy as np
+    from test_amp import trainer_for
+
+    first = trainer_for("swav", "off", tmp_path)
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    first.save(0, 0)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    resumed = trainer_for("swav", "off", tmp_path)
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    resumed.resume()
+    drawn = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+

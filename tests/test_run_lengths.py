@@ -117,3 +117,13 @@ def test_a_step_schedule_that_never_drops_is_told(flags, note):
     trainer.schedule = SimpleNamespace(warmup_steps=round(trainer.args.warmup_epochs * 10))
     notes = trainer.whole_run_settings()
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes
+
+
+def test_swav_prototypes_are_unit_vectors_before_every_step():
+    """The loss tests give scores directly: only this sees the prototypes normalised before the step (upstream
+    normalises them at the start of every iteration)."""
+    method = swav()
+    with torch.no_grad():
+        method.prototypes.weight.mul_(3.0)
+    method.before_step(Progress(0, 0, 0, 4))
+    torch.testing.assert_close(method.prototypes.weight.norm(dim=1), torch.ones(method.prototypes.weight.shape[0]))

@@ -611,3 +611,9 @@ def test_a_resumed_stage_two_says_when_its_pretrained_run_has_moved_on(tiny_run,
     checkpoint = (first / "checkpoint.pth").resolve()
     assert (f"note: --pretrained {str(first)!r} now holds {checkpoint} at epoch 3 step 0; this run started from "
             f"{checkpoint} at epoch 2 step 0 and goes on from its own checkpoint") in again.stdout, again.stdout
+
+
+def test_a_confidence_equal_to_the_threshold_is_not_confident():
+    """Upstream keeps a sample whose largest probability is above the threshold (max_prob > threshold)."""
+    _, mask = confident_targets(torch.zeros(3, 2), 0.5)  # every probability exactly 0.5
+    assert not mask.any()

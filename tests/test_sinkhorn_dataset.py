@@ -129,3 +129,11 @@ def test_two_processes_equal_one_process(two_process_solutions, shards):
     for part in parts:
         assert part["iterations"] == one.iterations
         torch.testing.assert_close(part["log_alpha"], one.log_alpha, rtol=1e-9, atol=1e-12)
+
+
+def test_the_iterations_stop_once_the_error_is_at_most_the_tolerance():
+    """Upstream stops when err <= tol: a tolerance equal to the first check's error stops at that check."""
+    scores = torch.randn(200, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    first = sela_sinkhorn(scores, 10.0, tol=0.0, max_iterations=1)
+    again = sela_sinkhorn(scores, 10.0, tol=first.error)
+    assert again.iterations == 1 and again.error == first.error
