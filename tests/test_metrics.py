@@ -127,6 +127,7 @@ def test_superclass_metrics_with_fewer_clusters_than_fine_classes():
     assert got["acc"] == 7 / 8  # only the last sample (superclass 0 in c1 -> superclass 1) is wrong
 
 
+@pytest.mark.slow  # scikit-learn's KMeans asks a subprocess for the number of physical cores
 def test_kmeans_is_fitted_on_the_fit_split_and_only_assigns_the_other():
     """Two tight clusters to fit on, then points of only one of them, spread far along y: assigned, they all fall in
     that cluster; fitted on themselves they would be split in two along y."""
