@@ -102,8 +102,11 @@ def main(argv=None):
                          if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
                  for split, images in splits.items()}
     out.mkdir(parents=True, exist_ok=True)
-    for left in out.iterdir():
-        shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
+    for left in out.iterdir():  # a killed export's hidden folder
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left)
+        else:
+            left.unlink()
     # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C, a
     # TERM) leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty
     # again; one killed outright leaves only its hidden folder, which the next export removes.

@@ -113,9 +113,8 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
 def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:
     """FOLDER/RUN.png for the run directory `run_dir` (RUN: its path below `root`, under the root's name where the
     root is a run itself, whose probes' logs lie below it); None, with a note, for a log without a training step."""
-    name = Path(root.resolve().name)
-    if run_dir != root:
-        name = name / run_dir.relative_to(root) if (root / "train_log.jsonl").is_file() else run_dir.relative_to(root)
+    below = run_dir.relative_to(root)  # "." for the root itself
+    name = Path(root.resolve().name) / below if run_dir == root or (root / "train_log.jsonl").is_file() else below
     drawn = curves.read_curves(run_dir)
     if not len(drawn.x):
         print(f"note: {run_dir / 'train_log.jsonl'} holds no training step: no curves for it")

@@ -62,6 +62,7 @@ def main(argv=None):
         view = baseline_view(args, train_set)
         train_x, test_x = (F.normalize(pixels(s, view, ctx.device, args.workers), dim=1).to(ctx.device)
                            for s in (train_set, test_set))
+        train_labels = train_set.labels
         position = checkpoint_name = None
         data_keys = data_protocol(train_set, test_set, view, train_set.image_size)
     else:
@@ -77,20 +78,20 @@ def main(argv=None):
             if len(written) < len(train_set) and ctx.is_main:
                 print(f"note: {len(train_set) - len(written)} of the bank's {len(train_set)} rows were never written "
                       f"(their images were left out of every epoch so far): they do not vote")
-            train_x, train_set = train_x.to(ctx.device), train_set.subset(written)
+            train_x, train_labels = train_x.to(ctx.device), train_set.labels[written]
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
-    train_labels = train_set.labels.to(ctx.device)
-    scores = knn_accuracies(train_x, train_labels, test_x, test_set.labels, test_set.num_classes, list(protocols),
+            train_labels = train_set.labels
+    scores = knn_accuracies(train_x, train_labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes, list(protocols),
                             args.temperature)
     for k, protocol in protocols.items():
         metrics = scores[k]
         if ctx.is_main:
             protocol.update(data_keys)
-            if k > len(train_set):  # every train image votes: the record says so (a recipe's k on a small set)
-                protocol["k_used"] = len(train_set)
-                print(f"note: --k {k} is more than the {len(train_set)} train images; all of them vote (recorded as "
-                      f"k_used)")
+            if k > len(train_labels):  # every train image votes: the record says so (a recipe's k on a small set)
+                protocol["k_used"] = len(train_labels)
+                print(f"note: --k {k} is more than the {len(train_labels)} train images; all of them vote (recorded "
+                      f"as k_used)")
             record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics,
                                          position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name)
             record["dataset"] = test_set.name
