@@ -278,16 +278,20 @@ def random_grey(images, active):
     return torch.where(host_to(active, images)[:, None, None, None], grey, images)
 
 
-def gaussian_blur(images, sigma, active, kernel_size: int):
-    """Per-image Gaussian blur (separable, reflect padding) of the `active` images."""
+def gaussian_blur(images, sigma, active):
+    """Per-image Gaussian blur of the `active` images, as PIL's GaussianBlur(radius=sigma) of the upstream pipelines:
+    no fixed kernel size, each image's kernel reaching ceil(3 sigma) pixels either side (99.7 % of the Gaussian's
+    mass; at most the image's side less one), so that an image's blur depends on its own sigma alone, not on the
+    batch it is drawn with. Separable, reflect padding: torchvision's gaussian_blur with kernel 2 ceil(3 sigma) + 1."""
     if not active.any():
         return images
-    n, channels, _, _ = images.shape
-    half = kernel_size // 2
-    x = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
-    kernels = torch.exp(-0.5 * (x[None] / host_to(sigma, images, images.dtype)[:, None]) ** 2)
-    kernels = kernels / kernels.sum(1, keepdim=True)
-    flat = images.reshape(1, n * channels, *images.shape[2:])
+    n, channels, height, width = images.shape
+    reach = torch.ceil(3 * sigma.double()).clamp(1, min(height, width) - 1)
+    half = int(reach[active].max())
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    kernels = torch.exp(-0.5 * (x[None] / sigma.double()[:, None]) ** 2) * (x.abs()[None] <= reach[:, None])
+    kernels = host_to((kernels / kernels.sum(1, keepdim=True)).to(images.dtype), images)
+    flat = images.reshape(1, n * channels, height, width)
     weight = kernels.repeat_interleave(channels, dim=0)
     flat = F.pad(flat, (half, half, half, half), mode="reflect")
     flat = F.conv2d(flat, weight[:, None, None, :], groups=n * channels)
@@ -373,8 +377,7 @@ class MultiCrop:
         where its draw says so)."""
         crops = color_jitter(crops, params.factors, params.order, params.jitter)
         crops = random_grey(crops, params.grey)
-        kernel = max(3, int(0.1 * crops.shape[-1]) // 2 * 2 + 1)
-        crops = gaussian_blur(crops, params.sigma, params.blur, kernel)
+        crops = gaussian_blur(crops, params.sigma, params.blur)
         crops = solarize(crops, params.solarize)
         return normalize(crops, self.mean, self.std)
 
