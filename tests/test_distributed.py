@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clusterlab import checkpoint, distributed
+from clusterlab import checkpoint, distributed, engine
 from clusterlab.errors import ConfigError
 from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -133,6 +133,8 @@ def _collectives_worker(rank, world, cases):
     out["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1.0, 2.0]))
     out["max"] = distributed.all_reduce_max(torch.tensor([float(rank), -float(rank)]))
     out["broadcast"] = distributed.broadcast(torch.tensor([rank + 5.0]), src=1)
+    # --skip_recorded: a record only rank 0 read (another job appended it in between) is evaluated by both ranks
+    out["found"] = engine.found_on_every_rank([True, rank == 0, False], torch.device("cpu"))
     # (start, stop) pairs: results travel back through torch.save / torch.load(weights_only=True), which has no range
     out["shards"] = [(shard.start, shard.stop) for shard in map(distributed.shard_range, (7, 8, 1, 0))]
     # Each rank's torch generator, saved and restored: ranks that drew differently (dropout over shares of uneven
@@ -235,6 +237,7 @@ def test_plain_collectives(collectives):
         torch.testing.assert_close(r["sum"], torch.tensor([3.0, 4.0]))
         torch.testing.assert_close(r["max"], torch.tensor([1.0, 0.0]))
         torch.testing.assert_close(r["broadcast"], torch.tensor([6.0]))
+        assert r["found"] == [True, False, False]
     assert results[0]["shards"] == [(0, 4), (0, 4), (0, 1), (0, 0)]
     assert results[1]["shards"] == [(4, 7), (4, 8), (1, 1), (0, 0)]
     assert [r["context"] for r in results] == [(0, 2, True, 0, 2), (1, 2, False, 1, 2)]

@@ -14,12 +14,13 @@ from sklearn.cluster import KMeans
 
 import fabricate
 from clusterlab import results
+from clusterlab.errors import ConfigError
 from clusterlab.data import registry
 from clusterlab.data.augment import eval_view
 from clusterlab.eval.features import load_run
 from clusterlab.eval.knn import knn_accuracy
 from clusterlab.eval.metrics import cluster_metrics
-from conftest import assert_ok, copy_run, entry_module, run_script
+from conftest import TINY, assert_ok, copy_run, entry_module, run_script
 
 RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "step", "checkpoint", "seed", "eval",
                "protocol", "metrics", "created", "git_commit", "git_dirty"}
@@ -147,6 +148,53 @@ def test_skip_recorded_k_means_of_another_split_is_evaluated(tiny_run, tmp_path,
     capsys.readouterr()
     evaluate(*cluster, "--split", "train")
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
+
+
+def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(tmp_path, capsys):
+    """A stop between the two records of CIFAR-100's k-means (classes, then superclasses) left the superclass record
+    unwritten for good: --skip_recorded took the class record alone for the evaluation."""
+    root = fabricate.make_cifar100(tmp_path / "c100", n_train=64, n_test=40, seed=2)
+    run = tmp_path / "run"
+    entry_module("main_pretrain").main([str(a) for a in (*TINY, "--epochs", 1, "--dataset", "cifar100",
+                                                         "--data_path", root, "--output_dir", run)])
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1,
+               "--clusters", 5, "--plot", "false"]
+    evaluate(*cluster)
+    assert [r["protocol"]["superclass"] for r in records(run)] == [False, True]
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0])  # stopped between the two appends
+    capsys.readouterr()
+    evaluate(*cluster)
+    assert "already recorded" not in capsys.readouterr().out
+    assert [r["protocol"]["superclass"] for r in records(run)] == [False, False, True]
+    evaluate(*cluster)
+    assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
+
+
+def test_skip_recorded_reads_past_a_line_that_is_not_a_record(tiny_run, tmp_path, capsys):
+    """A line of metrics.jsonl whose protocol is not a mapping (the tables skip it) stopped --skip_recorded with a
+    traceback."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["eval_knn", "--run", run, "--k", 5, "--device", "cpu", "--skip_recorded", "true"]
+    (run / "metrics.jsonl").write_text(json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "dataset": "digits",
+                                                   "epoch": 2, "step": 0, "protocol": [1, 2]}) + "\n")
+    evaluate(*knn)
+    assert len(records(run)) == 2 and records(run)[1]["protocol"]["k"] == 5
+    capsys.readouterr()
+    evaluate(*knn)
+    assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
+
+
+def test_k_means_fit_size_is_recorded_where_it_leaves_images_out(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--restarts", 1, "--plot", "false"]
+    evaluate(*cluster, "--fit_size", 200)
+    evaluate(*cluster, "--fit_size", 898)  # the whole train split
+    part, whole = records(run)
+    assert part["protocol"]["fit_size"] == 200 and "fit_size" not in whole["protocol"]
+    with pytest.raises(ConfigError, match=r"--clusters 30 is more than the 20 images of the train split k-means is "
+                                          r"fitted on \(use at most 20\)"):
+        evaluate(*cluster, "--fit_size", 20, "--clusters", 30)
 
 
 def test_a_k_above_the_train_set_is_recorded_with_the_k_used(tiny_run, tmp_path, capsys):

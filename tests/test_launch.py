@@ -683,8 +683,8 @@ def test_pending_evaluations_follow_the_epoch_and_the_flags_the_grid_asks_for(tm
     metrics = run.run_dir / "metrics.jsonl"
 
     def knn_record(epoch):
-        return json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "epoch": epoch, "step": 0,
-                           "protocol": {"k": 200}, "metrics": {}}) + "\n"
+        return json.dumps({"eval": "knn", "checkpoint": "checkpoint.pth", "dataset": "digits", "epoch": epoch,
+                           "step": 0, "protocol": {"k": 200}, "metrics": {}}) + "\n"
 
     metrics.write_text(knn_record(2))  # evaluated by hand while the run was at epoch 2
     assert list(pending_evals(run, set())) == ["checkpoint.pth"]

@@ -141,3 +141,22 @@ def test_kmeans_is_fitted_on_the_fit_split_and_only_assigns_the_other():
     spread = torch.randn(40, 2, generator=generator) * torch.tensor([0.1, 3.0]) + torch.tensor([10.0, 0.0])
     assert len(np.unique(kmeans_assign(fit, spread, 2, restarts=3))) == 1
     assert len(np.unique(kmeans_assign(spread, spread, 2, restarts=3))) == 2
+
+
+@pytest.mark.slow  # scikit-learn's KMeans asks a subprocess for the number of physical cores
+def test_kmeans_fit_size_fits_on_that_many_rows_drawn_with_the_seed():
+    """Fitted on as many rows as clusters, the centroids are those rows: every point goes to the nearest of the rows
+    that --seed draws without replacement; a fit_size of the whole split is the whole split."""
+    import torch
+
+    from clusterlab.eval.kmeans import kmeans_assign
+
+    generator = torch.Generator().manual_seed(3)
+    fit, scored = torch.randn(100, 4, generator=generator), torch.randn(60, 4, generator=generator)
+    for seed in (0, 5):
+        drawn = fit[torch.randperm(100, generator=torch.Generator().manual_seed(seed))[:3]]
+        nearest = torch.cdist(scored, drawn).argmin(dim=1).numpy()
+        assigned = kmeans_assign(fit, scored, 3, restarts=1, seed=seed, fit_size=3)
+        assert adjusted_rand_score(nearest, assigned) == 1.0
+    np.testing.assert_array_equal(kmeans_assign(fit, scored, 3, restarts=2, fit_size=100),
+                                  kmeans_assign(fit, scored, 3, restarts=2))

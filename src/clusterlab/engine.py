@@ -822,6 +822,16 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return float(distributed.all_reduce_max(torch.tensor([float(value)], device=device))[0])
 
 
+def found_on_every_rank(found: list[bool], device: torch.device) -> list[bool]:
+    """Which of `found` every rank found (collective). Each rank reads metrics.jsonl on its own, and a record another
+    job appends in between would part them: a rank that skipped an evaluation the others run would leave them
+    waiting in its collectives until the timeout."""
+    if not found:
+        return []
+    missing = distributed.all_reduce_max(torch.tensor([float(not f) for f in found], device=device))
+    return [not m for m in missing.tolist()]
+
+
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 

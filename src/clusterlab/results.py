@@ -75,12 +75,13 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
                position: tuple[int, int] | None = None) -> bool:
     """Whether RUN/metrics.jsonl already holds this evaluation of this checkpoint (with one of these protocols, on
     this dataset and at this (epoch, step), if given). checkpoint.pth moves on as a run trains or is extended: a
-    record of it at another epoch is of other weights."""
+    record of it at another epoch is of other weights. A line the tables skip (read_records) records nothing."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
     for record in rundir.read_jsonl(path):
-        if (record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
+        if (record_fault(record) is None
+                and record.get("eval") == eval_kind and record.get("checkpoint") == checkpoint_name
                 and dataset in (None, record.get("dataset"))
                 and (position is None or (record.get("epoch"), record.get("step", 0)) == tuple(position))
                 and any(all((record.get("protocol") or {}).get(k) == v for k, v in protocol.items())
@@ -149,6 +150,16 @@ def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int,
     return moved
 
 
+def record_fault(record) -> str | None:
+    """Why a line of metrics.jsonl, parsed, is not a record the tables can use (None where it is one)."""
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
+            or not isinstance(record.get("protocol") or {}, dict):
+        return "not a metrics record"
+    if not isinstance(record.get("dataset"), str):
+        return "no dataset named: no table to put it in"
+    return None
+
+
 def read_records(root: str | os.PathLike) -> list[dict]:
     """Every well-formed record under `root`; a corrupt or partial line is skipped with a warning naming it."""
     records = []
@@ -158,13 +169,12 @@ def read_records(root: str | os.PathLike) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
-                        or not isinstance(record.get("protocol") or {}, dict):
-                    raise ValueError("not a metrics record")
-                if not isinstance(record.get("dataset"), str):
-                    raise ValueError("no dataset named: no table to put it in")
             except ValueError as err:
                 warnings.warn(f"{path}:{number}: skipped ({err})", stacklevel=2)
+                continue
+            fault = record_fault(record)
+            if fault:
+                warnings.warn(f"{path}:{number}: skipped ({fault})", stacklevel=2)
                 continue
             record["_file"] = str(path)
             records.append(record)

@@ -4,12 +4,13 @@
     python eval_cluster.py --run runs/sela_cifar10                           the heads of a main_cluster.py run
     python eval_cluster.py --baseline pixels --dataset digits --output_dir runs/pixels_digits
 
-k-means (k-means++, --restarts) is fitted on the train split's features and assigns the test split. A
-class-assignment run is scored head by head (argmax of each head on the test split; `--split train` scores the
-train split instead, as EmbedUL reports, and the record says so); the head chosen without labels (lowest training
-loss, divided by log K where heads differ in size) is marked `chosen`. With more clusters than classes each cluster maps to its majority class. Datasets with
-superclasses (cifar100) get a second record on the superclass labels. One record per K or head goes to
-RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per cluster go beside it.
+k-means (k-means++, --restarts) is fitted on the train split's features (or --fit_size of them) and assigns the test
+split. A class-assignment run is scored head by head (argmax of each head on the test split; `--split train` scores
+the train split instead, as EmbedUL reports, and the record says so); the head chosen without labels (lowest
+training loss, divided by log K where heads differ in size) is marked `chosen`. With more clusters than classes each
+cluster maps to its majority class. Datasets with superclasses (cifar100) get a second record on the superclass
+labels. One record per K or head goes to RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per
+cluster go beside it.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def get_args_parser():
                         help="k-means: numbers of clusters (default: the number of classes)")
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
     parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
+    parser.add_argument("--fit_size", type=config.positive_int, default=None,
+                        help="fit k-means on this many images of the fit split, drawn with --seed (default: all; "
+                             "the rest are assigned by the fitted centroids, as faiss samples 256 per centroid). "
+                             "k-means runs on rank 0's CPU (scikit-learn) and its time grows with images x clusters "
+                             "x restarts: README, 'k-means at scale'")
     parser.add_argument("--normalize", type=config.auto_or_bool, default="auto",
                         help="L2-normalise each image's features (or pixels) before k-means; auto: a run's features "
                              "yes, pixels no (the record says which)")
@@ -52,7 +58,7 @@ def get_args_parser():
 
 
 # The flags of k-means, which heads do not use.
-KMEANS_FLAGS = ("clusters", "fit_on", "restarts", "normalize", "seed", "features")
+KMEANS_FLAGS = ("clusters", "fit_on", "fit_size", "restarts", "normalize", "seed", "features")
 
 
 def main(argv=None):
@@ -116,29 +122,42 @@ def check_flags(args, method: type) -> None:
 
 
 def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
-    too_many = [k for k in args.clusters if k > len(fit_x)]
+    # --fit_size only where it leaves images out: a fit on the whole split is recorded as one
+    fit_size = args.fit_size if args.fit_size and args.fit_size < len(fit_x) else None
+    fitted = fit_size or len(fit_x)
+    too_many = [k for k in args.clusters if k > fitted]
     if too_many:
-        raise ConfigError(f"--clusters {too_many[0]} is more than the {len(fit_x)} images of the {args.fit_on} split "
-                          f"k-means is fitted on (use at most {len(fit_x)})")
+        raise ConfigError(f"--clusters {too_many[0]} is more than the {fitted} images of the {args.fit_on} split "
+                          f"k-means is fitted on (use at most {fitted})")
     if not ctx.is_main:
         return
     for clusters in args.clusters or [scored_set.num_classes]:
         # The seed only where it is not the default: records made before it was named are of seed 0.
-        base = {"assignment": "kmeans", "fit_on": args.fit_on, "clusters": clusters, "features": feature_kind,
-                "normalize": args.normalize, "restarts": args.restarts, "seed": args.seed or None, "selection": "last",
-                **view}
-        if results.skip_recorded(args, run_dir, "cluster", checkpoint_name, {**base, "split": args.split},
-                                 results.Wanted(scored_set.name, [recorded_view(view)], position)):
+        base = {"assignment": "kmeans", "fit_on": args.fit_on, "fit_size": fit_size, "clusters": clusters,
+                "features": feature_kind, "normalize": args.normalize, "restarts": args.restarts,
+                "seed": args.seed or None, "selection": "last", **view}
+        if recorded(args, run_dir, checkpoint_name, base, scored_set, view, position):
             print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
             continue
-        predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed)
+        predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed, fit_size)
         settings = [feature_kind if feature_kind not in ("backbone", "pixels") else "",
-                    "fit-test" if args.fit_on == "test" else "",
+                    "fit-test" if args.fit_on == "test" else "", f"fit{fit_size}" if fit_size else "",
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
                     f"seed{args.seed}" if args.seed else ""]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
                f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
+
+
+def recorded(args, run_dir, checkpoint_name, base: dict, scored_set, view: dict, position) -> bool:
+    """Whether --skip_recorded skips the assignment of protocol `base`: RUN holds its record and, where the data has
+    superclasses, its superclass record too (`report` appends them one after the other: a stop in between leaves
+    the second to write)."""
+    wanted = results.Wanted(scored_set.name, [recorded_view(view)], position)
+    needed = [False] if scored_set.superclass_labels is None else [False, True]
+    return all(results.skip_recorded(args, run_dir, "cluster", checkpoint_name,
+                                     {**base, "split": args.split, "superclass": superclass}, wanted)
+               for superclass in needed)
 
 
 def heads(args, ctx, evaluation, scored_set):
@@ -167,9 +186,8 @@ def heads(args, ctx, evaluation, scored_set):
             selections.append({"chosen": True, "selection": "lowest-loss"})
         bases = [{"assignment": "head", "head": head, "clusters": size, **selection, "features": "heads", **view}
                  for selection in selections]
-        pending[head] = [base for base in bases if not results.skip_recorded(
-            args, loaded.run_dir, "cluster", loaded.checkpoint_name, {**base, "split": args.split},
-            results.Wanted(scored_set.name, [recorded_view(view)], loaded.position))]
+        pending[head] = [base for base in bases if not recorded(args, loaded.run_dir, loaded.checkpoint_name, base,
+                                                                scored_set, view, loaded.position)]
     # Every rank reads the same metrics.jsonl, but a record another job appends in between could part them: any rank
     # with a head left makes every rank take part in the pass over the split (a requeued job whose heads are all
     # recorded makes none).

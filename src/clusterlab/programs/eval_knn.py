@@ -18,6 +18,7 @@ from ..data.registry import image_source
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
                              requested_checkpoint_name, requested_record)
+from ..engine import found_on_every_rank
 from ..eval.knn import knn_accuracies
 
 
@@ -50,13 +51,17 @@ def main(argv=None):
                      "train_features": args.train_features, "fit_on": "train", "selection": "last", "top5": "voted"}
                  for k in dict.fromkeys(args.k)}
     wanted = requested_record(args)
-    for k in list(protocols):
-        if results.skip_recorded(args, args.run, "knn", checkpoint_name, protocols[k], wanted):
-            print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
+    ctx = distributed.init(args.device)
+    recorded = found_on_every_rank([results.skip_recorded(args, args.run, "knn", checkpoint_name, protocol, wanted)
+                                    for protocol in protocols.values()], ctx.device)
+    for k, skipped in zip(list(protocols), recorded):
+        if skipped:
+            if ctx.is_main:
+                print(f"kNN with k={k} and this protocol already recorded for {args.run}; skipped")
             del protocols[k]
     if not protocols:
+        distributed.shutdown()
         return
-    ctx = distributed.init(args.device)
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
         view = baseline_view(args, train_set)

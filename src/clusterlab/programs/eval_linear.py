@@ -107,11 +107,14 @@ def main(argv=None):
     distributed.configure_threads()
     changed = changed_flags(args)
     asked = linear_protocol(args, changed)
-    if results.skip_recorded(args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint), asked,
-                             requested_record(args)):
-        print(f"linear ({asked['augmentation']}, {args.epochs} epochs) already recorded for {args.run}; skipped")
-        return
     ctx = distributed.init(args.device)
+    if engine.found_on_every_rank([results.skip_recorded(
+            args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint), asked,
+            requested_record(args))], ctx.device)[0]:
+        if ctx.is_main:
+            print(f"linear ({asked['augmentation']}, {args.epochs} epochs) already recorded for {args.run}; skipped")
+        distributed.shutdown()
+        return
     engine.seed_everything(args.seed)
     evaluation = open_evaluation(args, ctx.device)
     loaded, method = evaluation.loaded, evaluation.loaded.method
