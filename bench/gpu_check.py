@@ -371,7 +371,8 @@ def torchvision_pipeline(crops: list[CropSpec], color: ColorSpec, mean, std):
     from torchvision import transforms
 
     def crop_transform(crop: CropSpec):
-        kernel = max(3, int(0.1 * crop.size) // 2 * 2 + 1)  # MultiCrop's kernel for this size
+        # MultiCrop's widest kernel for this size (each image's own reaches ceil(3 sigma): only the tails differ)
+        kernel = 2 * min(math.ceil(3 * color.blur_sigma[1]), crop.size - 1) + 1
         return transforms.Compose([
             transforms.RandomResizedCrop(crop.size, scale=(crop.min_scale, crop.max_scale)),
             transforms.RandomHorizontalFlip(color.flip_p),

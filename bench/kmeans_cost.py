@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--cases", type=case, nargs="+",
                         default=[case("10000:100"), case("40000:1000"), case("40000:1000:10000")])
     args = parser.parse_args()
+    kmeans_assign(features(500, args.dim), features(500, args.dim), 10, restarts=1)  # scikit-learn's first call
     print(f"k-means, one restart, {args.dim}-d rows, {cpu_name()}\n")
     print("| rows | clusters | fitted on | seconds | microseconds per fitted row and cluster |")
     print("| --- | --- | --- | --- | --- |")

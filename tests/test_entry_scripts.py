@@ -195,6 +195,26 @@ def test_k_means_fit_size_is_recorded_where_it_leaves_images_out(tiny_run, tmp_p
     with pytest.raises(ConfigError, match=r"--clusters 30 is more than the 20 images of the train split k-means is "
                                           r"fitted on \(use at most 20\)"):
         evaluate(*cluster, "--fit_size", 20, "--clusters", 30)
+    with pytest.raises(ConfigError, match=r"--clusters 10 \(the default: the number of classes\) is more than the 5 "):
+        evaluate(*cluster, "--fit_size", 5)
+
+
+def test_skip_recorded_k_means_all_recorded_pass_over_no_image(tiny_run, tmp_path, monkeypatch, capsys):
+    """A requeued evaluation job whose k-means were all recorded computed the features of both splits first."""
+    from clusterlab.eval import features
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1,
+               "--plot", "false", "--clusters", 10, 20]
+    evaluate(*cluster[:-1])
+    passes = []
+    extract = features.extract
+    monkeypatch.setattr(features, "extract", lambda *args, **kwargs: passes.append(1) or extract(*args, **kwargs))
+    capsys.readouterr()
+    evaluate(*cluster[:-1])
+    assert passes == [] and "k-means K=10 already recorded" in capsys.readouterr().out
+    evaluate(*cluster)  # K=20 is new: both splits' features, and only K=20 k-means
+    assert passes == [1, 1] and [r["protocol"]["clusters"] for r in records(run)] == [10, 20]
 
 
 def test_a_k_above_the_train_set_is_recorded_with_the_k_used(tiny_run, tmp_path, capsys):

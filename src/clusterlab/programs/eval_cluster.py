@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import cli, config, data, distributed, results
 from ..config import bool_flag
-from ..engine import max_over_ranks
+from ..engine import found_on_every_rank, max_over_ranks
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
                              open_pixel_baseline, pixels, recorded_view, require_finite)
@@ -45,8 +45,8 @@ def get_args_parser():
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
     parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
     parser.add_argument("--fit_size", type=config.positive_int, default=None,
-                        help="fit k-means on this many images of the fit split, drawn with --seed (default: all; "
-                             "the rest are assigned by the fitted centroids, as faiss samples 256 per centroid). "
+                        help="fit k-means on this many images of the fit split, drawn with --seed (default: all), "
+                             "then assign the scored split (as faiss samples 256 images per centroid). "
                              "k-means runs on rank 0's CPU (scikit-learn) and its time grows with images x clusters "
                              "x restarts: README, 'k-means at scale'")
     parser.add_argument("--normalize", type=config.auto_or_bool, default="auto",
@@ -76,12 +76,14 @@ def main(argv=None):
         else:
             fit_set = scored_set if args.split == "test" else data.load(args.dataset, "test", args.data_path,
                                                                         args.download)
-        fit_x = pixels(fit_set, view, ctx.device, args.workers)
-        scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
-        if args.normalize:
-            fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
-        kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, "pixels",
-               data_protocol(train_set, scored_set, view, train_set.image_size))
+        bases = kmeans_protocols(args, ctx, run_dir, None, None, len(fit_set), scored_set, "pixels",
+                                 data_protocol(train_set, scored_set, view, train_set.image_size))
+        if bases:
+            fit_x = pixels(fit_set, view, ctx.device, args.workers)
+            scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
+            if args.normalize:
+                fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
+            kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, bases)
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -92,13 +94,15 @@ def main(argv=None):
         else:
             args.normalize = True if args.normalize == "auto" else args.normalize
             fit_set = evaluation.train_set if args.fit_on == "train" else evaluation.test_set
-            fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers,
-                                        normalize=args.normalize)
-            scored_x = fit_x if fit_set is scored_set else evaluation.features(scored_set, args.features, ctx.device,
-                                                                                args.batch_size, args.workers,
-                                                                                normalize=args.normalize)
-            kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x, scored_x,
-                   scored_set, args.features, evaluation.data_protocol(scored_set))
+            bases = kmeans_protocols(args, ctx, loaded.run_dir, loaded.checkpoint_name, loaded.position, len(fit_set),
+                                     scored_set, args.features, evaluation.data_protocol(scored_set))
+            if bases:
+                fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers,
+                                            normalize=args.normalize)
+                scored_x = fit_x if fit_set is scored_set else evaluation.features(
+                    scored_set, args.features, ctx.device, args.batch_size, args.workers, normalize=args.normalize)
+                kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x,
+                       scored_x, scored_set, bases)
     distributed.shutdown()
 
 
@@ -121,24 +125,40 @@ def check_flags(args, method: type) -> None:
                           f"it out, or give --assignment kmeans")
 
 
-def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, feature_kind, view):
+def kmeans_protocols(args, ctx, run_dir, checkpoint_name, position, fit_images: int, scored_set, feature_kind: str,
+                     view: dict) -> dict[int, dict]:
+    """The protocol of each number of clusters still to evaluate, before any feature is computed (a requeued job
+    whose k-means are all recorded passes over no image); a number of clusters above the images fitted on is
+    refused. Collective: a K is skipped where every rank found it recorded."""
     # --fit_size only where it leaves images out: a fit on the whole split is recorded as one
-    fit_size = args.fit_size if args.fit_size and args.fit_size < len(fit_x) else None
-    fitted = fit_size or len(fit_x)
-    too_many = [k for k in args.clusters if k > fitted]
+    fit_size = args.fit_size if args.fit_size and args.fit_size < fit_images else None
+    fitted = fit_size or fit_images
+    asked = args.clusters or [scored_set.num_classes]
+    too_many = [k for k in asked if k > fitted]
     if too_many:
-        raise ConfigError(f"--clusters {too_many[0]} is more than the {fitted} images of the {args.fit_on} split "
-                          f"k-means is fitted on (use at most {fitted})")
+        default = "" if args.clusters else " (the default: the number of classes)"
+        raise ConfigError(f"--clusters {too_many[0]}{default} is more than the {fitted} images of the {args.fit_on} "
+                          f"split k-means is fitted on (use at most {fitted})")
+    # The seed only where it is not the default: records made before it was named are of seed 0.
+    bases = {clusters: {"assignment": "kmeans", "fit_on": args.fit_on, "fit_size": fit_size, "clusters": clusters,
+                        "features": feature_kind, "normalize": args.normalize, "restarts": args.restarts,
+                        "seed": args.seed or None, "selection": "last", **view} for clusters in asked}
+    found = found_on_every_rank([recorded(args, run_dir, checkpoint_name, base, scored_set, view, position)
+                                 for base in bases.values()], ctx.device)
+    for clusters, skipped in zip(asked, found):
+        if skipped:
+            if ctx.is_main:
+                print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
+            del bases[clusters]
+    return bases
+
+
+def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, bases: dict):
+    """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records."""
     if not ctx.is_main:
         return
-    for clusters in args.clusters or [scored_set.num_classes]:
-        # The seed only where it is not the default: records made before it was named are of seed 0.
-        base = {"assignment": "kmeans", "fit_on": args.fit_on, "fit_size": fit_size, "clusters": clusters,
-                "features": feature_kind, "normalize": args.normalize, "restarts": args.restarts,
-                "seed": args.seed or None, "selection": "last", **view}
-        if recorded(args, run_dir, checkpoint_name, base, scored_set, view, position):
-            print(f"k-means K={clusters} already recorded for {run_dir}; skipped")
-            continue
+    for clusters, base in bases.items():
+        fit_size, feature_kind = base["fit_size"], base["features"]
         predicted = kmeans_assign(fit_x, scored_x, clusters, args.restarts, args.seed, fit_size)
         settings = [feature_kind if feature_kind not in ("backbone", "pixels") else "",
                     "fit-test" if args.fit_on == "test" else "", f"fit{fit_size}" if fit_size else "",

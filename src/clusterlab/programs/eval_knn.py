@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
 from ..data.registry import image_source
+from ..engine import found_on_every_rank
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
                              requested_checkpoint_name, requested_record)
-from ..engine import found_on_every_rank
 from ..eval.knn import knn_accuracies
 
 
@@ -87,8 +87,8 @@ def main(argv=None):
         else:
             train_x = evaluation.features(train_set, args.features, ctx.device, args.batch_size, args.workers)
             train_labels = train_set.labels
-    scores = knn_accuracies(train_x, train_labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes, list(protocols),
-                            args.temperature)
+    scores = knn_accuracies(train_x, train_labels.to(ctx.device), test_x, test_set.labels, test_set.num_classes,
+                            list(protocols), args.temperature)
     for k, protocol in protocols.items():
         metrics = scores[k]
         if ctx.is_main:
