@@ -705,6 +705,13 @@ def test_pending_evaluations_follow_the_epoch_and_the_flags_the_grid_asks_for(tm
     assert list(pending_evals(changed, set())) == ["checkpoint.pth"]
     job("9", [(program, changed_argv)], done=True)
     assert pending_evals(changed, set()) == {}
+    # a job of the same flags that ended without succeeding may have written some of its records (one K of several):
+    # asked again while it is not in the queue
+    job("10", [(program, changed_argv)], done=False)
+    assert pending_evals(changed, {"10"}) == {}
+    assert list(pending_evals(changed, set())) == ["checkpoint.pth"]
+    job("11", [(program, changed_argv)], done=True)
+    assert pending_evals(changed, set()) == {}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.stem)

@@ -187,6 +187,17 @@ def evaluated_argv(run_dir: Path) -> dict:
     return argv
 
 
+def ended_unfinished(run_dir: Path, in_queue: set) -> set:
+    """(checkpoint, program) whose last evaluation job ended without succeeding (no `done` line, no longer queued). It
+    may have written some of its records (one K of several, CIFAR-100's class record without its superclass one),
+    which would otherwise count as the evaluation made."""
+    jobs = recorded_jobs(run_dir)
+    done = {job["job_id"] for job in jobs if job.get("done")}
+    last = {(job.get("checkpoint"), program): job["job_id"] for job in jobs if job.get("kind") == "eval"
+            for program in job.get("programs") or ()}
+    return {key for key, job_id in last.items() if job_id not in done and job_id not in in_queue}
+
+
 def never_written(run: RunSpec) -> list[str]:
     """The epoch checkpoints the grid evaluates that the run finished without (its --checkpoint_epochs did not ask
     for them): an evaluation job of one fails, and would be submitted again at every launch."""
@@ -199,10 +210,12 @@ def never_written(run: RunSpec) -> list[str]:
 def pending_evals(run: RunSpec, in_queue: set) -> dict:
     """checkpoint -> [(program, argv)] of the evaluations to submit: no job in the queue will make their record, and
     the run holds no record of that kind of the checkpoint at the epoch it is asked at (checkpoint.pth moves on as a
-    run trains), or the grid now asks for it with other flags than the last job that succeeded (the program's
-    --skip_recorded then runs only what is not recorded with the flags it is given)."""
+    run trains), or its last job ended without succeeding, or the grid now asks for it with other flags than the
+    last job that succeeded (the program's --skip_recorded then runs only what is not recorded with the flags it is
+    given)."""
     queued = queued_evals(run.run_dir, in_queue)
     last_argv = evaluated_argv(run.run_dir)
+    unfinished = ended_unfinished(run.run_dir, in_queue)
     missing = never_written(run)
     grouped: dict = {}
     for spec in run.evals:
@@ -211,7 +224,8 @@ def pending_evals(run: RunSpec, in_queue: set) -> dict:
         argv = to_argv(spec.flags)
         recorded = results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint,
                                       position=(spec.weights_epoch, 0))
-        if not recorded or last_argv.get((spec.checkpoint, spec.program), argv) != argv:
+        if (not recorded or (spec.checkpoint, spec.program) in unfinished
+                or last_argv.get((spec.checkpoint, spec.program), argv) != argv):
             grouped.setdefault(spec.checkpoint, []).append((spec.program, argv))
     return grouped
 
