@@ -282,7 +282,8 @@ def gaussian_blur(images, sigma, active):
     """Per-image Gaussian blur of the `active` images, as PIL's GaussianBlur(radius=sigma) of the upstream pipelines:
     no fixed kernel size, each image's kernel reaching ceil(3 sigma) pixels either side (99.7 % of the Gaussian's
     mass; at most the image's side less one), so that an image's blur depends on its own sigma alone, not on the
-    batch it is drawn with. Separable, reflect padding: torchvision's gaussian_blur with kernel 2 ceil(3 sigma) + 1."""
+    batch it is drawn with. Separable, reflect padding: torchvision's gaussian_blur with kernel 2 ceil(3 sigma) + 1
+    (a sampled Gaussian, which below sigma 0.5 blurs less than PIL's box passes)."""
     if not active.any():
         return images
     n, channels, height, width = images.shape
