@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -143,6 +144,40 @@ def _stopped_by_rank_one(rank, world_size):
 def test_every_rank_names_the_stop_signal_one_rank_received():
     """Rank 0 writes status.json: for a SIGUSR2 that reached rank 1 only, it recorded "signal": "signal"."""
     assert run_distributed(_stopped_by_rank_one, 2) == ["SIGUSR2", "SIGUSR2"]
+
+
+def test_a_distributed_run_ends_without_the_interpreters_finalisation(tmp_path):
+    """gloo's worker threads outlive destroy_process_group once DDP has held the group, and one that lets go of its
+    last collective after the interpreter began finalising aborts the process (status -6 after a finished run, now
+    and then on a loaded machine). A program that joined a group ends before finalisation (no atexit handler runs),
+    with its output and files whole, stdout block-buffered; a single process finalises as before."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib\n"
+        "atexit.register(lambda: pathlib.Path(os.environ['FLAGS'], 'finalised' + os.environ.get('RANK', '')).touch())\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**script_env(), "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}", "FLAGS": str(tmp_path)}
+    base.pop("PYTHONUNBUFFERED")
+
+    def start(run_dir, **rank_env):
+        return subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "1", "--output_dir",
+                                 str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**base, **rank_env})
+
+    ranks = [start(tmp_path / "two", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port)) for rank in range(2)]
+    outputs = [process.communicate(timeout=180) for process in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert outputs[0][0].splitlines()[-1].startswith("finished 1 epochs; checkpoint in")
+    assert json.loads((tmp_path / "two" / "status.json").read_text())["state"] == "finished"
+    assert not list(tmp_path.glob("finalised*"))
+    alone = start(tmp_path / "one")
+    out, err = alone.communicate(timeout=180)
+    assert alone.returncode == 0 and out.splitlines()[-1].startswith("finished 1 epochs"), (out, err)
+    assert [p.name for p in tmp_path.glob("finalised*")] == ["finalised"]
 
 
 # Two ranks of one run, one of them still starting (stop signals end it at once: nothing to save yet) while the other

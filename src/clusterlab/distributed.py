@@ -107,8 +107,12 @@ def take_device(device: torch.device) -> torch.device:
     return device
 
 
+_joined = False  # whether this process has joined a process group (`joined_a_group`)
+
+
 def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     """Start (or join) the process group this process belongs to and return where it stands."""
+    global _joined
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -124,6 +128,7 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}\n", end="", flush=True)
     dist.init_process_group(backend=backend, init_method="env://",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    _joined = True
     return Context(rank, world, local, chosen)
 
 
@@ -132,6 +137,11 @@ def configure_threads() -> None:
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, int(cpus)))
+
+
+def joined_a_group() -> bool:
+    """Whether this process joined a process group at some point (`init`), destroyed since or not."""
+    return _joined
 
 
 def shutdown() -> None:

@@ -8,6 +8,7 @@ imported (signals.py). This module imports nothing heavy itself.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -62,9 +63,33 @@ def run(script: str, argv=None):
             stream.reconfigure(errors="backslashreplace")
     from ..errors import run_cli
 
-    result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
+    try:
+        result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
+    except SystemExit as leaving:  # the requeue (75), or a one-line error (2)
+        signals.ignore()
+        end_without_finalising(leaving.code)
+        raise
     signals.ignore()
+    end_without_finalising(0)
     return result
+
+
+def end_without_finalising(code) -> None:
+    """End a process that joined a process group with exit status `code` now, without the interpreter's finalisation
+    (no-op in any other process). Once a DDP wrapper has held the group, gloo's worker threads outlive
+    destroy_process_group, and one that lets go of its last finished collective (which holds a Python object) after
+    finalisation began cannot take the GIL: it aborts the process, "terminate called without an active exception",
+    exit status 134 or -6 after a run that had finished, which torchrun, srun and Slurm report as a failure (a core
+    dump showed the worker thread in ~AsyncWork, the main thread in Py_FinalizeEx). Everything the programs write
+    is on disk by then (whole files, fsync'ed records); only the standard streams are flushed here."""
+    distributed = sys.modules.get("clusterlab.distributed")
+    if distributed is None or not distributed.joined_a_group():
+        return
+    if isinstance(code, str):  # sys.exit("message") prints it and exits 1
+        print(code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code if isinstance(code, int) else int(code is not None))
 
 
 # Console commands of the installed package (pyproject.toml [project.scripts]).
