@@ -180,6 +180,48 @@ def test_a_distributed_run_ends_without_the_interpreters_finalisation(tmp_path):
     assert [p.name for p in tmp_path.glob("finalised*")] == ["finalised"]
 
 
+# A program whose process joined a process group (as distributed.init records it), ending in each way it can.
+ENDING_IN_A_GROUP = """
+import atexit, pathlib, sys, time
+from clusterlab import distributed, programs
+atexit.register(lambda: print("finalised", file=sys.stderr, flush=True))
+def main(argv):
+    distributed._joined = True
+    print("working", end="")
+    if argv[0] == "crash":
+        raise RuntimeError("boom")
+    if argv[0] == "message":
+        sys.exit("a message")
+    if argv[0] == "reader-gone":
+        while not pathlib.Path(argv[1]).exists():
+            time.sleep(0.05)
+programs.PROGRAMS["ending.py"] = programs.Program("ending.py", "__main__")
+programs.run("ending.py", sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("case, status, stderr", [("ok", 0, ""), ("crash", 1, "RuntimeError: boom"),
+                                                  ("message", 1, "a message"), ("reader-gone", 0, "")])
+def test_a_process_in_a_group_ends_without_finalising_however_it_ends(tmp_path, case, status, stderr):
+    """A traceback ends with status 1 after it is printed, sys.exit("message") prints it and ends with 1, and a
+    standard output whose reader is gone (a closed pipe) does not send the exit back through the finalisation."""
+    env = {key: value for key, value in script_env().items() if key != "PYTHONUNBUFFERED"}
+    flag = tmp_path / "reader_gone"
+    process = subprocess.Popen([PYTHON, "-c", ENDING_IN_A_GROUP, case, str(flag)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if case == "reader-gone":
+        process.stdout.close()
+        flag.touch()
+        err = process.stderr.read()
+        process.wait(timeout=60)
+        out = ""
+    else:
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == status, (out, err)
+    assert stderr in err and "finalised" not in err, err
+    assert out == ("" if case == "reader-gone" else "working")
+
+
 # Two ranks of one run, one of them still starting (stop signals end it at once: nothing to save yet) while the other
 # waits for it in its first training step (stop signals deferred to the step's end). A stop signal to both: the one
 # starting leaves for the requeue, and the other's collective fails. That failure was the run's: status.json

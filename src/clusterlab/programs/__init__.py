@@ -7,9 +7,11 @@ imported (signals.py). This module imports nothing heavy itself.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 from .. import signals
@@ -56,7 +58,8 @@ EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kin
 
 def run(script: str, argv=None):
     """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2);
-    once it has ended, or left for the requeue (exit 75), the stop signals are ignored."""
+    once it has ended, or left for the requeue (exit 75), the stop signals are ignored, and a process that joined a
+    process group ends there (`end_without_finalising`)."""
     signals.install()
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
@@ -64,14 +67,25 @@ def run(script: str, argv=None):
     from ..errors import run_cli
 
     try:
-        result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
+        try:
+            result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
+        finally:
+            signals.ignore()  # (a stop signal before this line leaves through the handlers below)
     except SystemExit as leaving:  # the requeue (75), or a one-line error (2)
-        signals.ignore()
         end_without_finalising(leaving.code)
         raise
-    signals.ignore()
+    except BaseException as crash:  # its traceback, then exit status 1 (130 for Ctrl-C), as Python's own would be
+        if _joined_a_group():
+            traceback.print_exc()
+            end_without_finalising(130 if isinstance(crash, KeyboardInterrupt) else 1)
+        raise
     end_without_finalising(0)
     return result
+
+
+def _joined_a_group() -> bool:
+    distributed = sys.modules.get("clusterlab.distributed")  # imported by every program that can join one
+    return distributed is not None and distributed.joined_a_group()
 
 
 def end_without_finalising(code) -> None:
@@ -82,13 +96,14 @@ def end_without_finalising(code) -> None:
     exit status 134 or -6 after a run that had finished, which torchrun, srun and Slurm report as a failure (a core
     dump showed the worker thread in ~AsyncWork, the main thread in Py_FinalizeEx). Everything the programs write
     is on disk by then (whole files, fsync'ed records); only the standard streams are flushed here."""
-    distributed = sys.modules.get("clusterlab.distributed")
-    if distributed is None or not distributed.joined_a_group():
+    if not _joined_a_group():
         return
-    if isinstance(code, str):  # sys.exit("message") prints it and exits 1
-        print(code, file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # a reader gone (a closed pipe) must not stop the exit
+        if code is not None and not isinstance(code, int):  # sys.exit("message") prints it and exits 1
+            print(code, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     os._exit(code if isinstance(code, int) else int(code is not None))
 
 
