@@ -288,20 +288,20 @@ def test_git_state_is_the_checkouts_commit_and_whether_tracked_files_changed(tmp
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
     (repo / "notes.txt").write_text("untracked files do not make the tree dirty\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
+    def commit_then_change(name: str, committed: str, changed: str) -> str:
+        """Commit results/NAME as `committed`, then rewrite it as `changed`; the commit made."""
+        (repo / "results").mkdir(exist_ok=True)
+        (repo / "results" / name).write_text(committed)
+        git("add", "results")
+        git("commit", "-q", "-m", name)
+        (repo / "results" / name).write_text(changed)
+        return git("rev-parse", "HEAD")
+
     # results/ is what the result scripts rewrite, not code: a regenerated table leaves the runs clean
-    (repo / "results").mkdir()
-    (repo / "results" / "table.md").write_text("| a |\n")
-    git("add", "results")
-    git("commit", "-q", "-m", "table")
-    head = git("rev-parse", "HEAD")
-    (repo / "results" / "table.md").write_text("| b |\n")
+    head = commit_then_change("table.md", "| a |\n", "| b |\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": False}
     # ... but the published numbers the tables read are an input
-    (repo / "results" / "published.csv").write_text("method\n")
-    git("add", "results")
-    git("commit", "-q", "-m", "published")
-    head = git("rev-parse", "HEAD")
-    (repo / "results" / "published.csv").write_text("method\nswav\n")
+    head = commit_then_change("published.csv", "method\n", "method\nswav\n")
     assert git_state_of_copy(repo / "src") == {"git_commit": head, "git_dirty": True}
     git("checkout", "-q", "--", "results/published.csv")
     with open(repo / "src" / "clusterlab" / "__init__.py", "a") as handle:
