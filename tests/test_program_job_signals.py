@@ -3,7 +3,9 @@ unpickled (before submitit installs its own handlers) to the end of the process,
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
+import tempfile
 
 import pytest
 
@@ -129,3 +131,61 @@ def test_an_array_task_whose_id_is_the_arrays_reads_its_own_state(tmp_path, monk
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert jobs._job_state() == ("RUNNING", "0")
     assert not jobs._requeued_already()
+
+
+# submitit's own job process (submission.process_job) running a job whose program joined a process group (as
+# distributed.init records it) and ends in each way it can; an exit handler registered before the job stands for the
+# interpreter's finalisation.
+JOB_IN_A_GROUP = """
+import atexit, os, pickle, sys, types
+os.environ.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_NTASKS="1",
+                  SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
+                  SUBMITIT_LOCAL_LOCALID="0")
+atexit.register(lambda: print("finalised", file=sys.stderr, flush=True))
+from submitit.core import submission, utils
+from clusterlab import distributed
+from clusterlab.programs import PROGRAMS
+from clusterlab.slurm.jobs import ProgramJob
+def main(argv):
+    distributed._joined = True
+    print("working", flush=True)
+    if argv[0] == "crash":
+        raise RuntimeError("boom")
+    if argv[0] == "requeue":
+        sys.exit(75)
+PROGRAMS["ending.py"] = types.SimpleNamespace(main=main)
+case, folder = sys.argv[1:]
+paths = utils.JobPaths(folder, job_id="1", task_id=0)
+utils.DelayedSubmission(ProgramJob([("ending.py", [case])])).dump(paths.submitted_pickle)
+submission.process_job(folder)
+"""
+
+
+@pytest.mark.parametrize("case, status, result", [("ok", 0, ("success", ["ending.py"])), ("crash", 1, "error"),
+                                                  ("requeue", 75, None)])
+def test_a_job_process_in_a_group_ends_without_finalising_once_submitit_wrote_its_result(tmp_path, case, status,
+                                                                                         result):
+    """The abort of a gloo worker during the interpreter's finalisation (programs.end_without_finalising) failed
+    finished launch.py jobs too: submitit writes the result, then the process ends with the status the interpreter
+    would give it (1 after the traceback, 75 for the requeue) and without its finalisation."""
+    done = subprocess.run([PYTHON, "-c", JOB_IN_A_GROUP, case, str(tmp_path)], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    # before: every case printed "finalised" (the interpreter's exit handlers ran, then its finalisation)
+    assert done.returncode == status and "finalised" not in done.stderr, (done.returncode, done.stderr[-2000:])
+    assert "working" in done.stdout.splitlines()
+    written = list(tmp_path.glob("*_result.pkl"))
+    if result is None:
+        assert written == []
+    else:
+        outcome = pickle.loads(written[0].read_bytes())
+        assert outcome == result if case == "ok" else outcome[0] == result and "RuntimeError: boom" in outcome[1]
+    if case == "crash":
+        assert "RuntimeError: boom" in done.stderr
+
+
+def test_a_job_process_outside_a_group_finalises():
+    """A job of one process keeps the interpreter's exit handlers and finalisation."""
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([PYTHON, "-c", JOB_IN_A_GROUP.replace("distributed._joined = True", "pass"), "ok",
+                               folder], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "finalised" in done.stderr, done.stderr[-2000:]

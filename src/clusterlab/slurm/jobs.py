@@ -12,9 +12,13 @@ the process, after the programs (then ignored, so a late one does not turn a fin
 submitit's handlers are wrapped: its requeue on USR2 fails when Slurm has requeued the job already (Restarts is
 ahead: a `scontrol requeue` or a pre-emption whose TERM came too), which is then a requeue (exit 75); and its TERM
 handler only logs, so a TERM while Slurm keeps the job RUNNING (`scancel -s TERM`) requeues, as the sbatch scripts do.
+
+A job process whose programs joined a process group ends before the interpreter's finalisation, after submitit has
+written the job's result (an exit handler: see programs.end_without_finalising for the abort it avoids).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -29,7 +33,7 @@ import submitit
 from .. import signals
 from . import job_id
 from ..errors import ConfigError
-from ..programs import PROGRAMS
+from ..programs import PROGRAMS, end_without_finalising
 
 
 class ProgramJob:
@@ -54,6 +58,8 @@ class ProgramJob:
             signals.defer()
 
     def __call__(self) -> list[str]:
+        if getattr(self, "_in_job_process", False):
+            atexit.register(self._end_before_finalisation)
         signals.install()  # the handlers found now (submitit's) are the ones to hand over to
         signals.wrap_previous(signal.SIGUSR2, _requeue_unless_requeued)
         requeue = signals.previous(signal.SIGUSR2)
@@ -63,8 +69,12 @@ class ProgramJob:
         # session, an interactive allocation) are not this job's
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.chdir(self.workdir)
-        for program, argv in self.commands:
-            PROGRAMS[program].main(argv)
+        try:
+            for program, argv in self.commands:
+                PROGRAMS[program].main(argv)
+        except SystemExit as leaving:  # the requeue (75, or submitit's -1), a one-line error (2)
+            self._leaving_with = leaving.code
+            raise
         # As programs.run does: the work is done, so a late stop signal must neither requeue the job nor kill it
         # (Python gives handlers their default action back while it shuts down): exit status 0 stays 0.
         if getattr(self, "_in_job_process", False):
@@ -75,6 +85,15 @@ class ProgramJob:
         if self.done_log and environment.global_rank == 0:
             rundir.append_jsonl(self.done_log, {"job_id": str(environment.job_id), "done": rundir.now_iso()})
         return [program for program, _ in self.commands]
+
+    def _end_before_finalisation(self) -> None:
+        """The first exit handler to run once submitit's process returns (its result written) or raises: ends a
+        process that joined a process group with the status the interpreter would give it, before finalisation."""
+        uncaught = getattr(sys, "last_value", None)  # what the interpreter printed as the process's traceback
+        if uncaught is not None:
+            end_without_finalising(130 if isinstance(uncaught, KeyboardInterrupt) else 1)
+        code = getattr(self, "_leaving_with", None)
+        end_without_finalising(code if code is None or isinstance(code, int) else 1)  # (the message is printed)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(ProgramJob(self.commands, self.workdir, self.done_log))
