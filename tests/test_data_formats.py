@@ -487,6 +487,15 @@ def test_fashion_mnist_images_not_three_dimensional(tmp_path):
     assert str(bad) in message and "(10, 784)" in message
 
 
+def test_fashion_mnist_without_images(tmp_path):
+    """An IDX file of 0 images loaded, with NaN statistics."""
+    fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", fabricate.idx_bytes(np.zeros(0, np.uint8)))
+    bad = _gz(tmp_path / "t10k-images-idx3-ubyte.gz", fabricate.idx_bytes(np.zeros((0, 28, 28), np.uint8)))
+    message = data_error(registry.load, "fashion_mnist", "test", str(tmp_path))
+    assert str(bad) in message and "(0, 28, 28)" in message and "N > 0" in message
+
+
 def test_fashion_mnist_label_count_mismatch(tmp_path):
     fabricate.make_fashion_mnist(tmp_path, n_train=20, n_test=10)
     bad = _gz(tmp_path / "t10k-labels-idx1-ubyte.gz", fabricate.idx_bytes(np.zeros(9, np.uint8)))
@@ -670,7 +679,11 @@ def test_cifar_data_other_than_bytes(tmp_path):
     assert "no array" in data_error(registry.load, "cifar10", "test", str(tmp_path))
     _repickle(folder / "test_batch", data=data, labels=["cat"] * 5)
     assert "labels that are no integers" in data_error(registry.load, "cifar10", "test", str(tmp_path))
-    _repickle(folder / "test_batch", labels=3)
+    _repickle(folder / "test_batch", labels=[0.5, 1, 2, 3, 4])  # a cast made 0.5 class 0
+    assert "labels that are no integers (dtype float64)" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    _repickle(folder / "test_batch", data=data[:0], labels=[])  # loaded as an empty split, NaN statistics
+    assert "shape (0, 3072)" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    _repickle(folder / "test_batch", data=data, labels=3)
     assert "1 labels for 5 images" in data_error(registry.load, "cifar10", "test", str(tmp_path))
     # whole numbers 0..255 of another integer type are the same pixels
     _repickle(folder / "test_batch", data=data.astype(np.int64), labels=[0] * 5)

@@ -126,8 +126,9 @@ def read_cifar_pickle(path: Path) -> dict:
         raise DataError(f"CIFAR batch {str(path)!r} has data of dtype {data.dtype}{span}, expected uint8 pixels "
                         f"(whole numbers 0..255)")
     data = data.astype(np.uint8, copy=False)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR batch {str(path)!r} has data of shape {data.shape}, expected (N, 3072)")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not len(data):
+        raise DataError(f"CIFAR batch {str(path)!r} has data of shape {data.shape}, expected (N, 3072) with N > 0 "
+                        f"images")
     batch["data"] = data.reshape(-1, 3, 32, 32)
     return batch
 
@@ -143,9 +144,13 @@ def read_cifar(folder: Path, files: list[str], label_keys: dict[str, int]) -> tu
             if key not in batch:
                 raise DataError(f"CIFAR batch {str(folder / name)!r} has no {key!r} labels")
             try:
-                values = np.asarray(batch[key], dtype=np.int64)
-            except (TypeError, ValueError) as err:  # text, or lists of lists
+                values = np.asarray(batch[key])
+            except (TypeError, ValueError) as err:  # lists of lists
                 raise DataError(f"CIFAR batch {str(folder / name)!r} has {key} that are no integers ({err})") from None
+            if values.dtype.kind not in "iu":  # text; floats, which a cast truncated (0.5 became class 0)
+                raise DataError(f"CIFAR batch {str(folder / name)!r} has {key} that are no integers (dtype "
+                                f"{values.dtype}), expected whole numbers")
+            values = values.astype(np.int64)
             if values.ndim != 1 or values.size != len(batch["data"]):
                 raise DataError(f"CIFAR batch {str(folder / name)!r}: {values.size} {key} for "
                                 f"{len(batch['data'])} images")

@@ -214,8 +214,9 @@ def load_fashion_mnist(path: Path, split: str) -> ImageSet:
     images_file = _fashion_file(path, f"{prefix}-images-idx3-ubyte")
     labels_file = _fashion_file(path, f"{prefix}-labels-idx1-ubyte")
     images, labels = _idx_bytes(images_file), _idx_bytes(labels_file)
-    if images.ndim != 3:
-        raise DataError(f"IDX file {str(images_file)!r} holds an array of shape {images.shape}, expected (N, H, W)")
+    if images.ndim != 3 or not len(images):
+        raise DataError(f"IDX file {str(images_file)!r} holds an array of shape {images.shape}, expected (N, H, W) "
+                        f"with N > 0 images")
     if labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"IDX file {str(labels_file)!r} holds labels of shape {labels.shape} for {len(images)} images "
                         f"in {str(images_file)!r}")
