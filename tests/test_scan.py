@@ -439,9 +439,9 @@ def test_ema_moves_the_weights_and_returns_the_buffers_as_upstream():
             assert torch.equal(value, before[key]), key
 
 
-def selflabel_trainer(run_dir, pretrained_state=None) -> engine.Trainer:
+def selflabel_trainer(run_dir, threshold=0.1, ema="true") -> engine.Trainer:
     args = parse_args("cluster", ["--method", "scan_selflabel", *TINY, "--batch_size", "16", "--epochs", "1",
-                                  "--ema", "true", "--ema_alpha", "0.5", "--confidence_threshold", "0.1",
+                                  "--ema", ema, "--ema_alpha", "0.5", "--confidence_threshold", str(threshold),
                                   "--cutout", "4", "--lr", "0.01", "--output_dir", str(run_dir)])
     engine.seed_everything(args.seed)
     train = images()
@@ -467,6 +467,38 @@ def test_ema_is_exact_across_a_mid_epoch_resume(tmp_path, stop_after):
     assert final["method_state"]["ema_shadow"] is not None
     for key in ("model", "optimizer", "method_state", "method_random"):
         assert_same_tensors(ours[key], final[key], key)
+
+
+def test_a_batch_without_a_confident_view_moves_no_weight_and_an_epoch_of_them_stops_the_run(tmp_path):
+    """Adam's step on the zero loss moved every weight anyway (the L2 weight decay alone by about lr each: a whole
+    run wore the scan network down and ended "finished"). An epoch without a confident view stops in one line."""
+    torch.set_num_threads(1)
+    trainer = selflabel_trainer(tmp_path / "run", threshold=0.999999, ema="false")
+    before = {name: p.detach().clone() for name, p in trainer.method.named_parameters()}
+    with pytest.raises(ConfigError, match=r"^epoch 1: no weak view's largest probability exceeded "
+                                          r"--confidence_threshold 0.999999 \(the highest was 0\.\d{4}\)"):
+        trainer.train_one_epoch(0)
+    assert trainer.optimizer.state_dict()["state"] == {}
+    for name, p in trainer.method.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_only_the_steps_with_a_confident_view_move_the_weights(tmp_path, monkeypatch):
+    """Every second global batch without a confident view: Adam steps on the others only, and the epoch ends."""
+    from clusterlab.methods import scan_selflabel
+
+    calls, real = [], scan_selflabel.confident_cross_entropy
+
+    def every_second_without(weak, strong, threshold, balance):
+        loss, confident = real(weak, strong, threshold, balance)
+        calls.append(len(calls) % 2 == 0)
+        return (loss, confident) if calls[-1] else (0 * loss, 0 * confident)
+
+    monkeypatch.setattr(scan_selflabel, "confident_cross_entropy", every_second_without)
+    trainer = selflabel_trainer(tmp_path / "run", ema="false")
+    assert trainer.train_one_epoch(0)
+    steps = {int(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()}
+    assert len(calls) == 4 and steps == {sum(calls)} == {2}
 
 
 def test_file_backed_datasets_are_refused_in_one_line():

@@ -409,8 +409,9 @@ class Trainer:
         method.after_backward(progress)
         if self.scaler.is_enabled() and self.loss_scale is None:
             self.loss_scale = self.scaler.get_scale()  # the first step's (the initial scale, or the resumed one)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if method.takes_the_step():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         method.after_step(progress)
         return loss.detach(), terms
 

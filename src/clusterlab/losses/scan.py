@@ -66,7 +66,7 @@ def confident_cross_entropy(weak_logits: torch.Tensor, strong_logits: torch.Tens
     over the global batch, w = class_balance_weights (balance) or 1: PyTorch's weighted cross-entropy with
     reduction 'mean' on the confident rows, as upstream. Each rank returns world_size x its share of the numerator
     over the global denominator, so DDP's average of the ranks' gradients is the gradient of L. No confident sample
-    anywhere: the loss is 0 (upstream raises an error and stops the run).
+    anywhere: the loss is 0 (upstream raises an error and stops the run; methods/scan_selflabel.py skips that step).
     """
     targets, mask = confident_targets(weak_logits, threshold)
     num_classes = strong_logits.shape[1]

@@ -102,6 +102,11 @@ class Method(nn.Module):
     def after_backward(self, progress: Progress) -> None:
         pass
 
+    def takes_the_step(self) -> bool:
+        """Whether the optimiser applies this step's gradients; every rank must answer alike. Always, by default
+        (without waiting for the device)."""
+        return True
+
     def after_step(self, progress: Progress) -> None:
         pass
 

@@ -17,6 +17,12 @@ from the model before the first step, buffers included; only its parameters are 
 also returns the buffers (batch norm's running statistics) to their values from the scan run at every step, as
 upstream's code does. The shadow is part of the checkpoint, so a run resumed in the middle of an epoch ends
 bit-identical to an uninterrupted one.
+
+A global batch without a confident weak view has nothing to learn from (its loss is 0): its optimiser step is
+skipped, as Adam's would still move every weight, by its moments and by the L2 weight decay, which alone gives
+each weight a step of about the learning rate (upstream raises an error at such a batch). An epoch without a
+confident view anywhere stops the run with one line naming the highest confidence seen: its weights did not
+change, so every later epoch would be the same.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import argparse
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..config import bool_flag, non_negative_int, probability
 from ..data.augment import eval_view
 from ..data.randaugment import StrongAugment
@@ -71,6 +78,9 @@ class SCANSelfLabel(ClusterMethod):
         self.head = nn.Linear(self.backbone.out_dim, args.head_classes or info.num_classes)
         self.augment = StrongAugment(args.strong_ops, args.cutout, info.mean, info.std, args.seed)
         self.shadow: dict[str, torch.Tensor] | None = None
+        self.confident_now: torch.Tensor | None = None  # the global batch's confident views
+        self.epoch_steps_taken = 0
+        self.epoch_top_confidence: torch.Tensor | None = None  # this rank's largest weak-view probability
 
     def attach_data(self, train_set) -> None:
         require_in_memory(train_set, self.name)
@@ -121,7 +131,28 @@ class SCANSelfLabel(ClusterMethod):
             loss, confident = confident_cross_entropy(weak_logits, strong_logits, self.args.confidence_threshold,
                                                       self.args.class_balance)
         self.record_head_losses([loss])
+        top = weak_logits.softmax(dim=1).max()
+        self.epoch_top_confidence = top if self.epoch_top_confidence is None \
+            else torch.maximum(self.epoch_top_confidence, top)
+        self.confident_now = confident
         return loss, {"ce": loss.detach(), "confident": confident / batch.global_size}
+
+    def takes_the_step(self) -> bool:
+        """Only where the global batch has a confident view (a wait for the device; module docstring)."""
+        learns = bool(self.confident_now > 0)
+        self.epoch_steps_taken += learns
+        return learns
+
+    def on_epoch_end(self, epoch: int) -> None:
+        super().on_epoch_end(epoch)
+        top = self.epoch_top_confidence
+        top = float(distributed.all_reduce_max(top.clone() if top is not None else torch.zeros((), device=self.device)))
+        taken, self.epoch_steps_taken, self.epoch_top_confidence = self.epoch_steps_taken, 0, None
+        if not taken:
+            raise ConfigError(f"epoch {epoch + 1}: no weak view's largest probability exceeded --confidence_threshold "
+                              f"{self.args.confidence_threshold:g} (the highest was {top:.4f}), so no step had a "
+                              f"self-label to learn from and the weights did not change; lower the threshold, or start "
+                              f"from a scan run whose heads are more confident")
 
     def before_step(self, progress: Progress) -> None:
         if self.args.ema and self.shadow is None:
@@ -139,9 +170,15 @@ class SCANSelfLabel(ClusterMethod):
     # ---- state ----
     def extra_state(self) -> dict:
         shadow = None if self.shadow is None else {key: value.cpu() for key, value in self.shadow.items()}
-        return {**super().extra_state(), "ema_shadow": shadow}
+        top = distributed.all_reduce_max(self.epoch_top_confidence.clone()) if self.epoch_top_confidence is not None \
+            else None
+        return {**super().extra_state(), "ema_shadow": shadow, "epoch_steps_taken": self.epoch_steps_taken,
+                "epoch_top_confidence": None if top is None else float(top)}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
+        self.epoch_steps_taken = int(state.get("epoch_steps_taken", 0))
+        top = state.get("epoch_top_confidence")
+        self.epoch_top_confidence = None if top is None else torch.tensor(top, device=self.device)
         shadow = state.get("ema_shadow")
         self.shadow = None if shadow is None else {key: value.to(self.device) for key, value in shadow.items()}
