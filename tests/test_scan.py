@@ -21,6 +21,7 @@ from clusterlab.data import randaugment
 from clusterlab.errors import ConfigError
 from clusterlab.losses.scan import class_balance_weights, confident_cross_entropy, confident_targets, scan_loss
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
+from clusterlab.ops.knn import dataset_neighbours
 from clusterlab.programs.train import parse_args
 from conftest import TINY as TINY_SWAV
 from conftest import HostCopies, assert_ok, copy_run, entry_module, run_script
@@ -307,6 +308,27 @@ def test_mined_neighbours_equal_a_brute_force_search():
     for i in range(len(train)):
         order = sorted((j for j in range(len(train)) if j != i), key=lambda j: (-float(features[i] @ features[j]), j))
         assert found[i].tolist() == [i] + order[:6], i
+
+
+def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
+    """The pre-trained run trained 16 px crops of the 8 px images and scored its embedding on 16 px test views:
+    its neighbours are those of 16 px views (mined at this run's own 8 px they agreed with the labels far less).
+    Its view is kept by the checkpoint (a resume records the same) and config.yaml's entries name it."""
+    method, train = build("scan", None, "--num_neighbours", "6")
+    stage_one = {name: value for name, value in method.state_dict().items() if name.startswith("backbone.")}
+    method.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": {
+        "arch": "resnet18_cifar", "width": 4, "size_crops": [16, 6], "eval_crop": 0, "eval_resize": 0}})
+    assert method.recorded()["neighbours_mined_on"] == {"crop": 16, "resize": 16}
+    found = method.mine_neighbours()
+    method.eval()
+    with torch.no_grad():
+        views = F.interpolate(train.images.float() / 255, size=(16, 16), mode="bilinear", antialias=True)
+        features = F.normalize(method.backbone((views - 0.5) / 0.25), dim=1)
+    assert torch.equal(found, dataset_neighbours(features, 7, include_self=True).indices)
+    resumed, _ = build("scan", None, "--num_neighbours", "6")
+    resumed.load_extra_state(method.extra_state())
+    assert resumed.recorded()["neighbours_mined_on"] == {"crop": 16, "resize": 16}
+    assert build("scan")[0].recorded()["neighbours_mined_on"] == {"crop": 8, "resize": 8}  # no --pretrained
 
 
 def test_neighbours_are_kept_by_the_checkpoint_and_checked_on_load():

@@ -4,10 +4,14 @@ code wvangansbeke/Unsupervised-Classification@952ec31 scan.py, utils/train_utils
 data/custom_dataset.py `NeighborsDataset`, utils/memory.py `mine_nearest_neighbors`).
 
 `--pretrained` is any run of this suite with a backbone (SwAV, Un-Mix, NPID, Super-AND, ...). Before the first step
-the backbone's features of the test view of every training image, L2-normalised, give each image its K =
-`--num_neighbours` nearest others by cosine (ops/knn.dataset_neighbours); with the image itself they form its
-K + 1 candidates, as upstream's search of K + 1 includes the sample. They are kept in the checkpoint, so a resumed
-run draws from the same lists.
+the backbone's features of every training image, L2-normalised, give each image its K = `--num_neighbours` nearest
+others by cosine (ops/knn.dataset_neighbours); with the image itself they form its K + 1 candidates, as upstream's
+search of K + 1 includes the sample. The images are seen as the pre-trained run saw its test view (its size, from
+its `--size_crops` / `--eval_crop` / `--eval_resize`), which is where its embedding was trained and scored:
+upstream mines at the end of the pretext stage, with the pretext's validation transform. (SwAV on Fashion-MNIST
+trains 20 px crops of the 28 px images, on digits 16 px crops of 8 px ones: this run's own view differs, and on
+digits it made 54 % of the neighbour pairs share their label instead of 74 %.) The neighbours are kept in the
+checkpoint, so a resumed run draws from the same lists.
 
 Per step each anchor a of the batch is paired with one candidate n(a) drawn uniformly among its K + 1 (itself
 possible, as upstream); both get the strong augmentation (data/randaugment.py) and go through the backbone in two
@@ -26,13 +30,14 @@ import torch.nn as nn
 
 from .. import distributed
 from ..config import non_negative_float, non_negative_int, positive_int
+from ..data.augment import EvalView
 from ..data.loader import resident
 from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
 from ..losses.scan import scan_loss
 from ..models import build_backbone
 from ..ops.knn import dataset_neighbours
-from .base import Batch, DataInfo, Progress
+from .base import Batch, DataInfo, Progress, test_view_size
 from .cluster_base import ClusterMethod
 from .scan_base import add_strong_augment_args, require_in_memory
 
@@ -79,6 +84,7 @@ class SCAN(ClusterMethod):
         self.augment = StrongAugment(args.strong_ops, args.cutout, info.mean, info.std, args.seed)
         self.pick = torch.Generator().manual_seed(args.seed + PICK_SEED)
         self.neighbours: torch.Tensor | None = None  # (N, K + 1): each image, then its K nearest others
+        self.mining_view: EvalView | None = None  # the pre-trained run's test view (None: this run's)
         self.train_set = None
 
     def attach_data(self, train_set) -> None:
@@ -94,17 +100,29 @@ class SCAN(ClusterMethod):
         return [head(features) for head in self.heads]
 
     # ---- neighbours ----
+    def load_pretrained(self, source: str, path, state: dict) -> str:
+        loaded = super().load_pretrained(source, path, state)
+        saved = state.get("args", {})
+        if "size_crops" in saved:
+            size = test_view_size(saved.get("eval_crop", 0), saved["size_crops"], self.info.image_size)
+            self.mining_view = EvalView.of(size, saved.get("eval_resize", 0))
+        return loaded
+
+    def recorded(self) -> dict:
+        view = self.mining_view or self.eval_view
+        return {**super().recorded(), "neighbours_mined_on": {"crop": view.crop, "resize": view.resize}}
+
     @torch.no_grad()
     def mine_neighbours(self) -> torch.Tensor:
         """Collective: each training image and its K nearest others by the cosine of the backbone's features of
-        the test view (eval mode), (N, K + 1) int64."""
+        the pre-trained run's test view (eval mode), (N, K + 1) int64."""
         from ..eval.features import extract  # eval.features imports the methods package: import it when used
 
         was_training = self.training
         self.eval()
         try:
-            features = extract(self.backbone, self.train_set, self.eval_view, self.info.mean, self.info.std,
-                               self.device, workers=self.args.workers)
+            features = extract(self.backbone, self.train_set, self.mining_view or self.eval_view, self.info.mean,
+                               self.info.std, self.device, workers=self.args.workers)
         finally:
             self.train(was_training)
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
@@ -116,9 +134,10 @@ class SCAN(ClusterMethod):
         self.neighbours = self.mine_neighbours().to(self.device)
         if distributed.rank() == 0:
             agree = neighbour_label_agreement(self.train_set.labels.to(self.device), self.neighbours[:, 1:])
-            print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined; "
-                  f"{100 * agree:.2f}% of the labelled pairs share their image's label (a monitor, never used)",
-                  flush=True)
+            view = self.mining_view or self.eval_view
+            print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined on "
+                  f"{view.crop} px views; {100 * agree:.2f}% of the labelled pairs share their image's label (a "
+                  f"monitor, never used)", flush=True)
 
     # ---- training ----
     @torch.no_grad()
@@ -155,10 +174,13 @@ class SCAN(ClusterMethod):
     # ---- state ----
     def extra_state(self) -> dict:
         neighbours = None if self.neighbours is None else self.neighbours.cpu()
-        return {**super().extra_state(), "neighbours": neighbours}
+        view = None if self.mining_view is None else [self.mining_view.crop, self.mining_view.resize]
+        return {**super().extra_state(), "neighbours": neighbours, "mining_view": view}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
+        view = state.get("mining_view")
+        self.mining_view = None if view is None else EvalView(*view)
         neighbours = state.get("neighbours")
         if neighbours is not None:
             expected = (self.info.num_samples, self.args.num_neighbours + 1)
