@@ -685,6 +685,8 @@ def test_cifar_data_other_than_bytes(tmp_path):
     assert "shape (0, 3072)" in data_error(registry.load, "cifar10", "test", str(tmp_path))
     _repickle(folder / "test_batch", data=data, labels=3)
     assert "1 labels for 5 images" in data_error(registry.load, "cifar10", "test", str(tmp_path))
+    _repickle(folder / "test_batch", labels=[])  # numpy's empty list is float64: still a count
+    assert "0 labels for 5 images" in data_error(registry.load, "cifar10", "test", str(tmp_path))
     # whole numbers 0..255 of another integer type are the same pixels
     _repickle(folder / "test_batch", data=data.astype(np.int64), labels=[0] * 5)
     ds = registry.load("cifar10", "test", str(tmp_path))

@@ -137,7 +137,7 @@ def test_an_array_task_whose_id_is_the_arrays_reads_its_own_state(tmp_path, monk
 # distributed.init records it) and ends in each way it can; an exit handler registered before the job stands for the
 # interpreter's finalisation.
 JOB_IN_A_GROUP = """
-import atexit, os, pickle, sys, types
+import atexit, os, pickle, signal, sys, types
 os.environ.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_NTASKS="1",
                   SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
                   SUBMITIT_LOCAL_LOCALID="0")
@@ -149,7 +149,7 @@ from clusterlab.slurm.jobs import ProgramJob
 def main(argv):
     distributed._joined = True
     print("working", flush=True)
-    if argv[0] == "crash":
+    if argv[0].startswith("crash"):
         raise RuntimeError("boom")
     if argv[0] == "requeue":
         sys.exit(75)
@@ -157,12 +157,18 @@ PROGRAMS["ending.py"] = types.SimpleNamespace(main=main)
 case, folder = sys.argv[1:]
 paths = utils.JobPaths(folder, job_id="1", task_id=0)
 utils.DelayedSubmission(ProgramJob([("ending.py", [case])])).dump(paths.submitted_pickle)
+if case == "crash-then-stop":  # a stop signal while submitit writes the error: after the programs, so ignored
+    dump = utils.cloudpickle_dump
+    def stopped_while_dumping(*args):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return dump(*args)
+    utils.cloudpickle_dump = stopped_while_dumping
 submission.process_job(folder)
 """
 
 
 @pytest.mark.parametrize("case, status, result", [("ok", 0, ("success", ["ending.py"])), ("crash", 1, "error"),
-                                                  ("requeue", 75, None)])
+                                                  ("crash-then-stop", 1, "error"), ("requeue", 75, None)])
 def test_a_job_process_in_a_group_ends_without_finalising_once_submitit_wrote_its_result(tmp_path, case, status,
                                                                                          result):
     """The abort of a gloo worker during the interpreter's finalisation (programs.end_without_finalising) failed
@@ -179,7 +185,7 @@ def test_a_job_process_in_a_group_ends_without_finalising_once_submitit_wrote_it
     else:
         outcome = pickle.loads(written[0].read_bytes())
         assert outcome == result if case == "ok" else outcome[0] == result and "RuntimeError: boom" in outcome[1]
-    if case == "crash":
+    if case.startswith("crash"):
         assert "RuntimeError: boom" in done.stderr
 
 

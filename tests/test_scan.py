@@ -523,6 +523,18 @@ def test_only_the_steps_with_a_confident_view_move_the_weights(tmp_path, monkeyp
     assert len(calls) == 4 and steps == {sum(calls)} == {2}
 
 
+def test_a_step_the_method_did_not_take_leaves_the_count_of_overflowing_steps(tmp_path):
+    """Under fp16 a skipped step keeps the scaler's scale, which read as a step without overflow and cleared the
+    count the 32-in-a-row guard stops on: overflowing steps between batches without a confident view never
+    stopped the run, the scale halving on."""
+    trainer = selflabel_trainer(tmp_path / "run")
+    trainer.loss_scale = 1024.0
+    for taken, scale, in_a_row in [(True, 512.0, 1), (False, 512.0, 1), (True, 256.0, 2), (True, 256.0, 0)]:
+        trainer.step_taken = taken
+        trainer.note_scale(scale)
+        assert (trainer.skipped_in_a_row, trainer.loss_scale) == (in_a_row, scale)
+
+
 def test_file_backed_datasets_are_refused_in_one_line():
     method, train = build("scan")
     files = type(train)(**{**{f: getattr(train, f) for f in ("name", "split", "labels", "num_classes", "channels",

@@ -139,6 +139,7 @@ class Trainer:
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
+        self.step_taken = True        # whether the optimiser took the last step (Method.takes_the_step)
         self.skipped_in_a_row = 0     # fp16: steps the scaler skipped in a row, up to the last one
         self.stop_requested = False
         self.finished = False  # status "finished" written: what fails after it (handing a signal over) is not training
@@ -409,7 +410,8 @@ class Trainer:
         method.after_backward(progress)
         if self.scaler.is_enabled() and self.loss_scale is None:
             self.loss_scale = self.scaler.get_scale()  # the first step's (the initial scale, or the resumed one)
-        if method.takes_the_step():
+        self.step_taken = method.takes_the_step()
+        if self.step_taken:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         method.after_step(progress)
@@ -442,8 +444,10 @@ class Trainer:
 
     def note_scale(self, scale: float) -> None:
         """A step whose gradients are not finite is skipped and halves the scale: the only way it goes down. The
-        scale is the same on every rank (the gradients it checks are all-reduced), so their mean is exact."""
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self.loss_scale else 0
+        scale is the same on every rank (the gradients it checks are all-reduced), so their mean is exact. A step
+        the method did not take (`takes_the_step`) leaves the scale, and the count of skipped steps, as they were."""
+        if self.step_taken:
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if scale < self.loss_scale else 0
         self.loss_scale = scale
 
     def progress_line(self, record: dict, epoch_start: float, step: int, start_step: int = 0) -> str:

@@ -147,7 +147,7 @@ def read_cifar(folder: Path, files: list[str], label_keys: dict[str, int]) -> tu
                 values = np.asarray(batch[key])
             except (TypeError, ValueError) as err:  # lists of lists
                 raise DataError(f"CIFAR batch {str(folder / name)!r} has {key} that are no integers ({err})") from None
-            if values.dtype.kind not in "iu":  # text; floats, which a cast truncated (0.5 became class 0)
+            if values.size and values.dtype.kind not in "iu":  # text; floats, which a cast truncated (0.5: 0)
                 raise DataError(f"CIFAR batch {str(folder / name)!r} has {key} that are no integers (dtype "
                                 f"{values.dtype}), expected whole numbers")
             values = values.astype(np.int64)

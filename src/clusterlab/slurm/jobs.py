@@ -70,15 +70,17 @@ class ProgramJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.chdir(self.workdir)
         try:
-            for program, argv in self.commands:
-                PROGRAMS[program].main(argv)
+            try:
+                for program, argv in self.commands:
+                    PROGRAMS[program].main(argv)
+            finally:
+                # As programs.run does: the work is done, or failed, so a late stop signal must neither requeue the
+                # job nor kill it (Python gives handlers their default action back while it shuts down).
+                if getattr(self, "_in_job_process", False):
+                    signals.ignore()
         except SystemExit as leaving:  # the requeue (75, or submitit's -1), a one-line error (2)
             self._leaving_with = leaving.code
             raise
-        # As programs.run does: the work is done, so a late stop signal must neither requeue the job nor kill it
-        # (Python gives handlers their default action back while it shuts down): exit status 0 stays 0.
-        if getattr(self, "_in_job_process", False):
-            signals.ignore()
         from .. import rundir
 
         environment = submitit.JobEnvironment()
