@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from clusterlab import config
+from clusterlab.data import registry
 from clusterlab.errors import ConfigError
 from conftest import CONFIG, PYTHON, ROOT, TINY, TINY_RUN, assert_ok, copy_run, entry_module
 
@@ -250,6 +251,9 @@ def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):
     assert recorded["args"] == expected
     assert set(recorded["args"]) == {a.dest for a in full_parser()._actions if a.dest != "help"}
     assert recorded["args"]["config"] == CONFIG and recorded["args"]["width"] == 4
+    # what the data held (data_path differs per machine): the tables tell runs of two image folders apart by it
+    train = registry.load("digits", "train")
+    assert recorded["training_set"] == {"images": len(train), "fingerprint": train.fingerprint}
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     changes = "".join(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
                                       *paths], capture_output=True, text=True).stdout for paths in config.CODE_PATHS)

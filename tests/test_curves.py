@@ -231,3 +231,14 @@ def test_a_probe_below_the_run_gets_its_accuracy_drawn_beside_the_run_and_an_emp
     assert "the training curves of 2 run(s)" in result.stdout
     assert sorted(str(path.relative_to(out / "curves")) for path in (out / "curves").rglob("*.png")) == [
         "run.png", f"run/{probe.name}.png"]
+
+
+def test_a_root_with_only_logs_without_a_step_writes_nothing_and_says_so(tmp_path):
+    """It printed " written to ROOT/tables/" (a sentence without a subject) and left an empty folder there."""
+    (tmp_path / "runs" / "starting").mkdir(parents=True)
+    (tmp_path / "runs" / "starting" / "train_log.jsonl").write_text(json.dumps({"epoch": 0, "knn_top1": 0.5}) + "\n")
+    result = run_script("collect_results.py", "--root", tmp_path / "runs", "--published", "")
+    assert_ok(result)
+    assert result.stdout.splitlines()[-1] == (f"nothing written: no metrics records, and no training log with a step, "
+                                              f"under {tmp_path / 'runs'}")
+    assert not (tmp_path / "runs" / "tables").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 
 from clusterlab import distributed, engine
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
@@ -85,8 +86,11 @@ def test_cached_and_augmented_protocols_write_distinct_records(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval"] for r in records] == ["linear", "linear"]
     assert [r["protocol"]["augmentation"] for r in records] == ["cached", "augmented"]
-    for record in records:
+    probes = ("linear_ep0001_cached_batch_size64_epochs2", "linear_ep0001_batch_size64_epochs2")
+    for record, probe in zip(records, probes):
         assert record["protocol"]["selection"] == "last" and record["protocol"]["best_on_test_flagged"] is True
+        # the code of the probe's every start, for the tables' revision
+        assert record["trained_by"] == yaml.safe_load((run / probe / "config.yaml").read_text())["trained_by"]
         metrics = record["metrics"]
         assert set(metrics) == {"top1", "top5", "best_top1_on_test", "best_epoch_on_test"}
         assert metrics["best_top1_on_test"] >= metrics["top1"] and 1 <= metrics["best_epoch_on_test"] <= 2

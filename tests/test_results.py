@@ -155,6 +155,41 @@ def test_a_superclass_row_gets_no_published_number():
     assert by[True]["published"] is None and by[True]["diff"] is None
 
 
+@pytest.mark.parametrize("protocol", [
+    {"clusters": 100, "mapping": "majority"},   # over-clustering: more clusters score higher
+    {"selection": "all-heads", "head": 3},      # a head other than the chosen one
+    {"split": "train"},                          # the training split
+])
+def test_rows_measuring_something_else_than_the_papers_number_get_none(protocol):
+    """A 100-cluster majority ACC, a head that was not chosen and the training split got the 10-cluster ACC a paper
+    gives for the test split, and a diff beside it."""
+    base = {"clusters": 10, "fit_on": "train", "selection": "last", "superclass": False, "mapping": "hungarian",
+            "split": "test"}
+    records = [record(0, acc=0.85, protocol=base), record(0, acc=0.95, protocol={**base, **protocol})]
+    table = results.attach_published(results.aggregate(results.records_frame(records)),
+                                     pd.read_csv(io.StringIO(PUBLISHED)))
+    by = {round(row["acc_mean"], 6): row for _, row in table.iterrows()}
+    assert by[85.0]["published"] == 80.5 and by[85.0]["diff"] == 4.5
+    assert by[95.0]["published"] is None and by[95.0]["diff"] is None
+
+
+def test_a_run_extended_on_resume_gets_no_published_number(tmp_path):
+    """Trained 100 epochs, then extended to 200: the number published for 200 epochs from the start was set beside
+    it (the rows of its settings keep resume_changes), as beside a run trained 200 epochs from the start."""
+    root = tmp_path / "runs"
+    for name, seed, changes in (("extended", 0, [{"epoch": 100, "step": 0, "before": {"epochs": 100},
+                                                  "after": {"epochs": 200}}]), ("whole", 1, [])):
+        write_trained_run(root, name, seed, 0.85, dataset="digits")
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "resume_changes": changes}))
+        write_jsonl(root / name / "metrics.jsonl", [{**record(seed, run=name, acc=0.85), **CLEAN}])
+    table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
+                                     pd.read_csv(io.StringIO(PUBLISHED)))
+    by = {row["recipe"]: row for _, row in table.iterrows()}
+    assert by["resume_changes=none"]["published"] == 80.5
+    assert by["resume_changes=epochs 100->200 at epoch 100 step 0"]["published"] is None
+
+
 def test_a_cached_features_probe_does_not_meet_the_published_linear_number():
     """--cached_features trains one linear layer on features of unaugmented images extracted once, a protocol no
     upstream probe follows: it got the published number and a diff beside it all the same. Probes with other flags
@@ -232,7 +267,18 @@ def test_display_table_formats_mean_std_and_n():
     table = results.aggregate(results.records_frame([*SEEDS, record(0, epoch=100, acc=0.5)]))
     shown = results.display_table(table)
     assert list(shown["acc"]) == ["50.00", "85.00 ± 4.58"]
-    assert list(shown["n"]) == [1, 3] and "top1" not in shown
+    assert list(shown["n"]) == [1, 3] and "top1" not in shown and "acc_n" not in table
+
+
+def test_a_value_averaged_over_fewer_runs_than_the_row_says_how_many():
+    """The row's n beside a metric that one of its runs lacks (an NMI left out) read as the mean of all of them."""
+    with pytest.warns(UserWarning, match="its nmi averages 2 of its 3 runs"):
+        table = results.aggregate(results.records_frame([record(0, acc=0.8, nmi=0.70), record(1, acc=0.9, nmi=0.74),
+                                                         record(2, acc=0.85)]))
+    shown = results.display_table(table)
+    assert (list(shown["acc"]), list(shown["nmi"]), list(shown["n"])) == (["85.00 ± 5.00"], ["72.00 ± 2.83 (n=2)"],
+                                                                          [3])
+    assert list(table["nmi_n"]) == [2] and "acc_n" not in table
 
 
 def test_collect_results_writes_tables_per_dataset(tmp_path):
@@ -325,6 +371,8 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     write_run(root, "no_commit", CLEAN, {}, seed=0, epoch=60, acc=0.5)
     write_run(root, "installed_copy", {"git_commit": None, "git_dirty": None}, CLEAN, seed=0, epoch=70, acc=0.5)
     write_run(root, "pixels", CLEAN, None, method="pixels", epoch=None, acc=0.5)
+    # a linear probe finished by clean code, whose first start ran dirty code (the record's trained_by)
+    write_run(root, "probe_resumed", {**CLEAN, "trained_by": [DIRTY, CLEAN]}, CLEAN, seed=0, epoch=75, acc=0.5)
     # Three seeds of one row: clean, unknown (an old record without git fields), dirty -> dirty.
     write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=80, acc=0.5)
     write_jsonl(root / "s1" / "metrics.jsonl", [record(seed=1, run="s1", epoch=80, acc=0.5)])
@@ -335,13 +383,15 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     by_run = dict(zip(frame["run"], frame["revision"]))
     assert by_run == {"clean": "clean", "trained_dirty": "dirty", "evaluated_dirty": "dirty", "old_suffix": "dirty",
                       "old_clean": "clean", "no_commit": "unknown", "installed_copy": "unknown", "pixels": "clean",
-                      "s0": "clean", "s1": "unknown", "s2": "dirty", "u0": "clean", "u1": "unknown"}
+                      "probe_resumed": "dirty", "s0": "clean", "s1": "unknown", "s2": "dirty", "u0": "clean",
+                      "u1": "unknown"}
     table = results.aggregate(frame)
     by_epoch = dict(zip(table["epoch"].astype(str), table["revision"]))
     assert (by_epoch["80"], by_epoch["90"], by_epoch["10"], by_epoch["-"]) == ("dirty", "unknown", "clean", "clean")
     assert results.revision_footnote(frame).splitlines() == [
         f"revision unknown: {results.REVISION_NOTES['unknown']}: installed_copy, no_commit, s1, u1.",
-        f"revision dirty: {results.REVISION_NOTES['dirty']}: evaluated_dirty, old_suffix, s2, trained_dirty."]
+        f"revision dirty: {results.REVISION_NOTES['dirty']}: evaluated_dirty, old_suffix, probe_resumed, s2, "
+        f"trained_dirty."]
 
     out = tmp_path / "tables"
     assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false"))
@@ -349,7 +399,7 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     assert dict(zip(written["epoch"].astype(str), written["revision"])) == by_epoch
     markdown = (out / "digits.md").read_text()
     assert "revision" in [cell.strip() for cell in markdown.splitlines()[2].split("|")]
-    assert markdown.rstrip().endswith(": evaluated_dirty, old_suffix, s2, trained_dirty.")
+    assert markdown.rstrip().endswith(": evaluated_dirty, old_suffix, probe_resumed, s2, trained_dirty.")
 
 
 def test_revision_covers_every_start_and_the_runs_its_weights_started_from():
@@ -420,6 +470,21 @@ def write_trained_run(root, name: str, seed: int, acc: float, pixels: bool = Fal
 def rows_of(table):
     return {(row["method"], row.get("recipe", None)): (row["n"], round(row["acc_mean"], 6))
             for _, row in table.iterrows()}
+
+
+def test_runs_trained_on_two_image_folders_are_two_recipes(tmp_path):
+    """data_path differs per machine and is no setting; what the folder held is (config.yaml's training_set): runs
+    trained on 4,000 and on 60,000 images, scored on one folder, were averaged as seeds of one row."""
+    root = tmp_path / "runs"
+    for name, seed, images, acc in (("small_s0", 0, 4000, 0.70), ("small_s1", 1, 4000, 0.72),
+                                    ("large_s0", 0, 60000, 0.90)):
+        write_trained_run(root, name, seed, acc, dataset="imagefolder", data_path=f"/data/{images}")
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump(
+            {**config, "training_set": {"images": images, "fingerprint": f"digest{images}"}}))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert rows_of(table) == {("swav", "training_set.images=4000 training_set.fingerprint=digest4000"): (2, 71.0),
+                              ("swav", "training_set.images=60000 training_set.fingerprint=digest60000"): (1, 90.0)}
 
 
 def test_runs_of_different_recipes_get_rows_of_their_own_named_by_the_flags_that_differ(tmp_path):

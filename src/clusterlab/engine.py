@@ -758,6 +758,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
             # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
             write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
                            trained_by=trainer.trained_by, resume_changes=trainer.resume_changes,
+                           training_set={"images": method.info.num_samples, "fingerprint": method.info.fingerprint},
                            **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
         if owned is not None:

@@ -189,15 +189,18 @@ DUPLICATE_COLUMNS = ("file", "run", "epoch", "seed", "dataset", "split", "eval")
 # A row is as doubtful as its most doubtful record.
 REVISIONS = ("clean", "unknown", "dirty")
 REVISION_NOTES = {"dirty": "trained or evaluated by code with uncommitted changes to tracked files",
-                  "unknown": "no commit recorded (written before runs recorded one, or by an installed copy)"}
+                  "unknown": "no commit recorded (written before runs recorded one, by an installed copy, "
+                              "or a trained run whose config.yaml is missing: its settings are unknown too)"}
 
 
 def revision(record: dict, run_config: dict | None) -> str:
-    """clean, dirty or unknown: the code that evaluated (the record's git fields) and, for a trained run, the code
-    that trained it at every start (config.yaml's `trained_by`; its git fields, of the last start, where a run
-    written before it lacks one) and that trained each run its weights started from (`pretrained_from`); a baseline
-    has no run config, a trained run without one (its config.yaml lost) is unknown."""
-    states = [recorded_git_state(record)]
+    """clean, dirty or unknown: the code that evaluated (the record's git fields; for a linear probe, every start of
+    the probe: the record's `trained_by`) and, for a trained run, the code that trained it at every start
+    (config.yaml's `trained_by`; its git fields, of the last start, where a run written before it lacks one) and
+    that trained each run its weights started from (`pretrained_from`); a baseline has no run config, a trained run
+    without one (its config.yaml lost) is unknown."""
+    states = [recorded_git_state(record), *(recorded_git_state(start) for start in record.get("trained_by") or []
+                                            if isinstance(start, dict))]
     if run_config is None and record.get("epoch") is not None:  # a checkpoint's record (a baseline's has no epoch)
         states.append(recorded_git_state({}))
     origin = run_config
@@ -245,6 +248,11 @@ def run_settings(run_config: dict | None) -> dict | None:
     settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
     if "amp" in settings and isinstance(run_config.get("precision"), str):
         settings["amp"] = run_config["precision"]
+    trained_on = run_config.get("training_set")
+    if isinstance(trained_on, dict):
+        # what data_path (left out above: it differs per machine) held: two image folders are two recipes
+        settings["training_set.images"] = trained_on.get("images")
+        settings["training_set.fingerprint"] = trained_on.get("fingerprint")
     origin, prefix = run_config.get("pretrained_from"), "pretrained."
     if "pretrained" in args and not isinstance(origin, dict):
         # from scratch: a start known as well as any other; from a run that config.yaml does not describe (written
@@ -474,6 +482,9 @@ def aggregate(frame):
                 if 0 < row[metric] < out.at[key, "n"]:
                     warnings.warn(f"row {_row_name(key)}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
                                   f"(the others' records lack it, or left it out above)", stacklevel=2)
+        for metric in metrics:  # a metric some rows average over fewer runs than n: its own count, shown beside it
+            if ((counts[metric] > 0) & (counts[metric] < out["n"])).any():
+                out[f"{metric}_n"] = counts[metric]
     else:  # records with none of the known metrics: the rows, and how many runs each holds
         out = grouped.size().to_frame("n")
     if "revision" in filled:
@@ -529,8 +540,9 @@ def revision_footnote(frame) -> str:
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
-    mid-schedule checkpoint of a longer run: `mid_run`), and not for superclasses nor for a `--cached_features`
-    linear probe; the protocols are not compared further (`source` names upstream's, the row's `protocol` ours).
+    mid-schedule checkpoint of a longer run: `mid_run`) and were trained to it as they were started (`extended`),
+    on a protocol that measures what the paper's does (`comparable_protocol`); the protocols are not compared
+    further (`source` names upstream's, the row's `protocol` ours).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -541,9 +553,8 @@ def attach_published(table, published):
     table["published"], table["vs"], table["source"], table["diff"] = None, None, None, None
     mid_run = table.get("mid_run")
     for index, row in table.iterrows():
-        # A superclass ACC (CIFAR-100's 20) is another quantity than the class ACC a paper gives for the dataset.
-        if (mid_run is not None and mid_run[index]) or "superclass" in str(row.get("protocol")).split() \
-                or (row["eval"] == "linear" and cached_probe(row.get("protocol"))):
+        if (mid_run is not None and mid_run[index]) or not comparable_protocol(row.get("protocol"), row["eval"]) \
+                or extended(row.get(SETTINGS_KEY)):
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
@@ -563,6 +574,24 @@ def attach_published(table, published):
         if ours is not None and ours == ours:
             table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
     return table
+
+
+def comparable_protocol(label, eval_kind: str) -> bool:
+    """Whether a row's protocol (its table label) measures what a paper's number for the dataset does: not a
+    superclass ACC (CIFAR-100's 20 superclasses), not clusters mapped to classes by majority (over-clustering,
+    which scores higher the more clusters), not a head other than the chosen one (`selection=all-heads`), not the
+    training split, and not a `--cached_features` linear probe."""
+    parts = str(label).split()
+    return not ({"superclass", "mapping=majority", "selection=all-heads", "split=train"} & set(parts)
+                or (eval_kind == "linear" and cached_probe(label)))
+
+
+def extended(settings_key) -> bool:
+    """Whether a row's runs (or the runs their weights started from) were resumed with changed flags, such as a
+    larger --epochs (`settings_at`'s resume_changes): no yardstick for a number published for a run trained to that
+    length from the start."""
+    settings = json.loads(settings_key) if isinstance(settings_key, str) and settings_key else {}
+    return any(key.endswith("resume_changes") and value not in ("none", None) for key, value in settings.items())
 
 
 def cached_probe(label) -> bool:
@@ -609,7 +638,8 @@ def _epochs_key(value) -> str:
 
 
 def display_table(table):
-    """Percentages with 2 decimals, `mean ± std` where n > 1; empty columns dropped."""
+    """Percentages with 2 decimals, `mean ± std` where n > 1, `(n=k)` after a value averaged over fewer runs than
+    the row's n; empty columns dropped."""
     if table.empty:
         return table
     shown = table[[c for c in (*GROUP_COLUMNS, "protocol", "recipe") if c in table]].copy()
@@ -617,13 +647,13 @@ def display_table(table):
         if f"{metric}_mean" not in table:
             continue
         cells = []
-        for mean, std, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"]):
+        counts = table[f"{metric}_n"] if f"{metric}_n" in table else table["n"]
+        for mean, std, count, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], counts, table["n"]):
             if mean != mean or mean is None:
                 cells.append("")
-            elif n > 1 and std == std:
-                cells.append(f"{mean:.2f} ± {std:.2f}")
-            else:
-                cells.append(f"{mean:.2f}")
+                continue
+            cell = f"{mean:.2f} ± {std:.2f}" if count > 1 and std == std else f"{mean:.2f}"
+            cells.append(cell if count == n else f"{cell} (n={count})")
         shown[metric] = cells
     shown["n"] = table["n"]
     if "revision" in table:

@@ -64,9 +64,9 @@ def main(argv=None):
         print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
         return
     out = Path(args.root) / "tables" if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     if not frame.empty:
+        out.mkdir(parents=True, exist_ok=True)
         sections = write_tables(frame, published, out, args.plots)
         written.append("tables")
         if args.combined:
@@ -78,7 +78,10 @@ def main(argv=None):
     drawn = [path for log in logs if (path := write_curves(log.parent, Path(args.root), out / "curves"))]
     if drawn:
         written.append(f"the training curves of {len(drawn)} run(s) (curves/)")
-    print(f"\n{' and '.join(written)} written to {out}/")
+    if written:
+        print(f"\n{' and '.join(written)} written to {out}/")
+    else:
+        print(f"\nnothing written: no metrics records, and no training log with a step, under {args.root}")
 
 
 def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, str]]:

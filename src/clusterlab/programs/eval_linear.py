@@ -181,6 +181,7 @@ def main(argv=None):
                                      position=loaded.position, checkpoint_name=loaded.checkpoint_name,
                                      run=loaded.run_dir.name)
         record["dataset"] = evaluation.test_set.name
+        record["trained_by"] = list(trainer.trained_by)  # the code of every start of the probe (a resumed one's too)
         results.append_record(loaded.run_dir, record)
         print(f"linear ({asked['augmentation']}) on {evaluation.test_set.name} test: top1 {final['top1']:.4f} "
               f"top5 {final['top5']:.4f} (best epoch on test, flagged: {probe.best['top1']:.4f} at epoch "
