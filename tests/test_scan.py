@@ -313,7 +313,8 @@ def test_mined_neighbours_equal_a_brute_force_search():
 def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
     """The pre-trained run trained 16 px crops of the 8 px images and scored its embedding on 16 px test views:
     its neighbours are those of 16 px views (mined at this run's own 8 px they agreed with the labels far less).
-    Its view is kept by the checkpoint (a resume records the same) and config.yaml's entries name it."""
+    Its view is kept by the checkpoint (a resume records the same) and config.yaml's entries name it; --mining_crop
+    asks for another."""
     method, train = build("scan", None, "--num_neighbours", "6")
     stage_one = {name: value for name, value in method.state_dict().items() if name.startswith("backbone.")}
     method.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": {
@@ -329,6 +330,10 @@ def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
     resumed.load_extra_state(method.extra_state())
     assert resumed.recorded()["neighbours_mined_on"] == {"crop": 16, "resize": 16}
     assert build("scan")[0].recorded()["neighbours_mined_on"] == {"crop": 8, "resize": 8}  # no --pretrained
+    asked, _ = build("scan", None, "--num_neighbours", "6", "--mining_crop", "12")
+    asked.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": {
+        "arch": "resnet18_cifar", "width": 4, "size_crops": [16, 6], "eval_crop": 0, "eval_resize": 0}})
+    assert asked.recorded()["neighbours_mined_on"] == {"crop": 12, "resize": 12}
 
 
 def test_neighbours_are_kept_by_the_checkpoint_and_checked_on_load():

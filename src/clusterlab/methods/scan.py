@@ -8,10 +8,11 @@ the backbone's features of every training image, L2-normalised, give each image 
 others by cosine (ops/knn.dataset_neighbours); with the image itself they form its K + 1 candidates, as upstream's
 search of K + 1 includes the sample. The images are seen as the pre-trained run saw its test view (its size, from
 its `--size_crops` / `--eval_crop` / `--eval_resize`), which is where its embedding was trained and scored:
-upstream mines at the end of the pretext stage, with the pretext's validation transform. (SwAV on Fashion-MNIST
-trains 20 px crops of the 28 px images, on digits 16 px crops of 8 px ones: this run's own view differs, and on
-digits it made 54 % of the neighbour pairs share their label instead of 74 %.) The neighbours are kept in the
-checkpoint, so a resumed run draws from the same lists.
+upstream mines at the end of the pretext stage, with the pretext's validation transform; `--mining_crop N` mines on
+the whole images at N px instead. (SwAV on digits trains 16 px crops of the 8 px images: mined on this run's own
+8 px view, 54 % of the neighbour pairs shared their label, on its 16 px test view 74 %. On Fashion-MNIST, 20 px
+crops of 28 px images, the image's own size did a little better: docs/methods/scan.md.) The neighbours are kept in
+the checkpoint, so a resumed run draws from the same lists.
 
 Per step each anchor a of the batch is paired with one candidate n(a) drawn uniformly among its K + 1 (itself
 possible, as upstream); both get the strong augmentation (data/randaugment.py) and go through the backbone in two
@@ -68,6 +69,9 @@ class SCAN(ClusterMethod):
                            help="K nearest neighbours mined for every training image")
         group.add_argument("--entropy_weight", type=non_negative_float, default=5.0,
                            help="weight of the entropy of the mean prediction")
+        group.add_argument("--mining_crop", type=non_negative_int, default=0,
+                           help="size in px of the whole-image view the neighbours are mined on (0: the pre-trained "
+                                "run's test view, where its embedding was trained and scored)")
         add_strong_augment_args(group)
         # upstream configs/scan/scan_cifar10.yml
         parser.set_defaults(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="constant", warmup_epochs=0,
@@ -103,13 +107,18 @@ class SCAN(ClusterMethod):
     def load_pretrained(self, source: str, path, state: dict) -> str:
         loaded = super().load_pretrained(source, path, state)
         saved = state.get("args", {})
-        if "size_crops" in saved:
+        if "size_crops" in saved and not self.args.mining_crop:
             size = test_view_size(saved.get("eval_crop", 0), saved["size_crops"], self.info.image_size)
             self.mining_view = EvalView.of(size, saved.get("eval_resize", 0))
         return loaded
 
+    @property
+    def neighbours_view(self) -> EvalView:
+        """--mining_crop, else the pre-trained run's test view, else (no --pretrained) this run's."""
+        return EvalView.of(self.args.mining_crop) if self.args.mining_crop else self.mining_view or self.eval_view
+
     def recorded(self) -> dict:
-        view = self.mining_view or self.eval_view
+        view = self.neighbours_view
         return {**super().recorded(), "neighbours_mined_on": {"crop": view.crop, "resize": view.resize}}
 
     @torch.no_grad()
@@ -121,8 +130,8 @@ class SCAN(ClusterMethod):
         was_training = self.training
         self.eval()
         try:
-            features = extract(self.backbone, self.train_set, self.mining_view or self.eval_view, self.info.mean,
-                               self.info.std, self.device, workers=self.args.workers)
+            features = extract(self.backbone, self.train_set, self.neighbours_view, self.info.mean, self.info.std,
+                               self.device, workers=self.args.workers)
         finally:
             self.train(was_training)
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
@@ -134,7 +143,7 @@ class SCAN(ClusterMethod):
         self.neighbours = self.mine_neighbours().to(self.device)
         if distributed.rank() == 0:
             agree = neighbour_label_agreement(self.train_set.labels.to(self.device), self.neighbours[:, 1:])
-            view = self.mining_view or self.eval_view
+            view = self.neighbours_view
             print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined on "
                   f"{view.crop} px views; {100 * agree:.2f}% of the labelled pairs share their image's label (a "
                   f"monitor, never used)", flush=True)
