@@ -11,7 +11,7 @@ its `--size_crops` / `--eval_crop` / `--eval_resize`), which is where its embedd
 upstream mines at the end of the pretext stage, with the pretext's validation transform; `--mining_crop N` mines on
 the whole images at N px instead. (SwAV on digits trains 16 px crops of the 8 px images: mined on this run's own
 8 px view, 54 % of the neighbour pairs shared their label, on its 16 px test view 74 %. On Fashion-MNIST, 20 px
-crops of 28 px images, the image's own size did a little better: docs/methods/scan.md.) The neighbours are kept in
+crops of 28 px images, the images' own size did a little better: docs/methods/scan.md.) The neighbours are kept in
 the checkpoint, so a resumed run draws from the same lists.
 
 Per step each anchor a of the batch is paired with one candidate n(a) drawn uniformly among its K + 1 (itself
