@@ -326,7 +326,7 @@ def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
         views = F.interpolate(train.images.float() / 255, size=(16, 16), mode="bilinear", antialias=True)
         features = F.normalize(method.backbone((views - 0.5) / 0.25), dim=1)
     assert torch.equal(found, dataset_neighbours(features, 7, include_self=True).indices)
-    resumed, _ = build("scan", None, "--num_neighbours", "6")
+    resumed, _ = build("scan", None, "--num_neighbours", "6", "--mining_crop", "10")  # another crop asked: too late
     resumed.load_extra_state(method.extra_state())
     assert resumed.recorded()["neighbours_mined_on"] == {"crop": 16, "resize": 16}
     assert build("scan")[0].recorded()["neighbours_mined_on"] == {"crop": 8, "resize": 8}  # no --pretrained
@@ -334,6 +334,13 @@ def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
     asked.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": {
         "arch": "resnet18_cifar", "width": 4, "size_crops": [16, 6], "eval_crop": 0, "eval_resize": 0}})
     assert asked.recorded()["neighbours_mined_on"] == {"crop": 12, "resize": 12}
+
+
+def test_a_mining_crop_the_backbone_cannot_take_is_refused_before_training():
+    """It failed in AlexNet's pooling at the first step, after config.yaml was written."""
+    method, _ = build("scan", None, "--arch", "alexnet_bn", "--size_crops", "64", "--mining_crop", "8")
+    with pytest.raises(ConfigError, match=r"^--mining_crop 8: --arch alexnet_bn takes images of 63 px or more"):
+        method.check_training_settings()
 
 
 def test_neighbours_are_kept_by_the_checkpoint_and_checked_on_load():

@@ -225,13 +225,15 @@ def revision(record: dict, run_config: dict | None) -> str:
 # run was is compared instead, from config.yaml's pretrained_from: `run_settings`); how it ran (device, workers,
 # compile and channels_last, which compute the same up to float rounding; find_unused, a DDP bookkeeping switch); and
 # what it writes on the side (log_every, checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which
-# only log). Everything else stays, including amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size
-# (precision and batch statistics change the numbers: amp is compared as the precision that ran, config.yaml's
-# `precision`, since --amp auto is bf16 on one device and float32 on another) and epochs (a checkpoint of a 400-epoch
-# schedule is not one of a 200-epoch schedule).
+# only log); and SCAN's mining_crop, compared as the view config.yaml records as neighbours_mined_on (the one the
+# run mined on at its first start, which a resume with another --mining_crop does not change). Everything else
+# stays, including amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size (precision and batch statistics
+# change the numbers: amp is compared as the precision that ran, config.yaml's `precision`, since --amp auto is bf16
+# on one device and float32 on another) and epochs (a checkpoint of a 400-epoch schedule is not one of a 200-epoch
+# schedule).
 NOT_SETTINGS = frozenset({"seed", "output_dir", "data_path", "download", "config", "pretrained", "device", "workers",
                           "compile", "channels_last", "find_unused", "log_every", "checkpoint_epochs",
-                          "knn_monitor_every", "knn_monitor_k", "knn_monitor_features"})
+                          "knn_monitor_every", "knn_monitor_k", "knn_monitor_features", "mining_crop"})
 # The recipe label of a run whose settings are unknown (no readable config.yaml) in a row split by recipe.
 UNKNOWN_RECIPE = "unknown"
 
@@ -248,11 +250,7 @@ def run_settings(run_config: dict | None) -> dict | None:
     settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
     if "amp" in settings and isinstance(run_config.get("precision"), str):
         settings["amp"] = run_config["precision"]
-    trained_on = run_config.get("training_set")
-    if isinstance(trained_on, dict):
-        # what data_path (left out above: it differs per machine) held: two image folders are two recipes
-        settings["training_set.images"] = trained_on.get("images")
-        settings["training_set.fingerprint"] = trained_on.get("fingerprint")
+    settings.update(_recorded_settings(run_config))
     origin, prefix = run_config.get("pretrained_from"), "pretrained."
     if "pretrained" in args and not isinstance(origin, dict):
         # from scratch: a start known as well as any other; from a run that config.yaml does not describe (written
@@ -266,6 +264,7 @@ def run_settings(run_config: dict | None) -> dict | None:
                            if key not in NOT_SETTINGS and key != "method"}
         if "amp" in origin_settings and isinstance(origin.get("precision"), str):
             origin_settings["amp"] = origin["precision"]  # as the run's own amp: the precision that ran
+        origin_settings.update(_recorded_settings(origin))
         if isinstance(origin.get("resume_changes"), list) and _whole(origin.get("epoch")):
             # the first stage's resumes that changed what it learnt (a run extended with a larger --epochs), as
             # for the run's own checkpoints: a stage 2 on an extended embedding is no seed of one on an embedding
@@ -275,6 +274,22 @@ def run_settings(run_config: dict | None) -> dict | None:
         settings.update({prefix + key: value for key, value in origin_settings.items()})
         origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
     return settings
+
+
+def _recorded_settings(run_config: dict) -> dict:
+    """What config.yaml records beside the flags that shapes what a run learns: what the training split held
+    (`training_set`; data_path, left out of the flags, differs per machine: two image folders are two recipes) and
+    the view a SCAN run mined its neighbours on (`neighbours_mined_on`, which --mining_crop 0 leaves to the
+    pre-trained run)."""
+    found = {}
+    trained_on = run_config.get("training_set")
+    if isinstance(trained_on, dict):
+        found["training_set.images"] = trained_on.get("images")
+        found["training_set.fingerprint"] = trained_on.get("fingerprint")
+    mined_on = run_config.get("neighbours_mined_on")
+    if isinstance(mined_on, dict):
+        found["neighbours_mined_on"] = mined_on.get("crop")
+    return found
 
 
 def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
@@ -496,6 +511,11 @@ def aggregate(frame):
         out[SETTINGS_KEY] = grouped["settings"].agg(lambda values: _settings_key(values.iloc[0]))
     if mid_run.any():
         out["mid_run"] = grouped["mid_run"].any()
+    if "settings" in filled:
+        # any of the row's runs (a run whose config.yaml predates resume_changes shares a row with one that has it)
+        resumed = grouped["settings"].agg(lambda values: any(map(resumed_with_changes, values)))
+        if resumed.any():
+            out["resumed_with_changes"] = resumed
     return out.reset_index()
 
 
@@ -540,9 +560,9 @@ def revision_footnote(frame) -> str:
 def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
-    mid-schedule checkpoint of a longer run: `mid_run`) and were trained to it as they were started (`extended`),
-    on a protocol that measures what the paper's does (`comparable_protocol`); the protocols are not compared
-    further (`source` names upstream's, the row's `protocol` ours).
+    mid-schedule checkpoint of a longer run: `mid_run`) and were trained to it as they were started (none of them
+    `resumed_with_changes`), on a protocol that measures what the paper's does (`comparable_protocol`); the
+    protocols are not compared further (`source` names upstream's, the row's `protocol` ours).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -554,7 +574,7 @@ def attach_published(table, published):
     mid_run = table.get("mid_run")
     for index, row in table.iterrows():
         if (mid_run is not None and mid_run[index]) or not comparable_protocol(row.get("protocol"), row["eval"]) \
-                or extended(row.get(SETTINGS_KEY)):
+                or row.get("resumed_with_changes") is True:
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
@@ -579,19 +599,20 @@ def attach_published(table, published):
 def comparable_protocol(label, eval_kind: str) -> bool:
     """Whether a row's protocol (its table label) measures what a paper's number for the dataset does: not a
     superclass ACC (CIFAR-100's 20 superclasses), not clusters mapped to classes by majority (over-clustering,
-    which scores higher the more clusters), not a head other than the chosen one (`selection=all-heads`), not the
-    training split, and not a `--cached_features` linear probe."""
+    which scores higher the more clusters), not a head other than the chosen one (`selection=all-heads`), and not a
+    `--cached_features` linear probe. (The split is not compared: EmbedUL publishes its ACC on the training split,
+    which `eval_cluster.py --split train` scores; `source` names the paper's.)"""
     parts = str(label).split()
-    return not ({"superclass", "mapping=majority", "selection=all-heads", "split=train"} & set(parts)
+    return not ({"superclass", "mapping=majority", "selection=all-heads"} & set(parts)
                 or (eval_kind == "linear" and cached_probe(label)))
 
 
-def extended(settings_key) -> bool:
-    """Whether a row's runs (or the runs their weights started from) were resumed with changed flags, such as a
-    larger --epochs (`settings_at`'s resume_changes): no yardstick for a number published for a run trained to that
-    length from the start."""
-    settings = json.loads(settings_key) if isinstance(settings_key, str) and settings_key else {}
-    return any(key.endswith("resume_changes") and value not in ("none", None) for key, value in settings.items())
+def resumed_with_changes(settings) -> bool:
+    """Whether a run (or a run its weights started from) was resumed with changed settings before the evaluated
+    checkpoint (`settings_at`'s resume_changes: a larger --epochs, another precision...): no yardstick for a number
+    published for a run trained as it was started."""
+    return isinstance(settings, dict) and any(key.endswith("resume_changes") and value not in ("none", None)
+                                              for key, value in settings.items())
 
 
 def cached_probe(label) -> bool:

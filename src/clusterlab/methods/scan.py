@@ -88,7 +88,8 @@ class SCAN(ClusterMethod):
         self.augment = StrongAugment(args.strong_ops, args.cutout, info.mean, info.std, args.seed)
         self.pick = torch.Generator().manual_seed(args.seed + PICK_SEED)
         self.neighbours: torch.Tensor | None = None  # (N, K + 1): each image, then its K nearest others
-        self.mining_view: EvalView | None = None  # the pre-trained run's test view (None: this run's)
+        self.pretrained_view: EvalView | None = None  # the pre-trained run's test view
+        self.mined_on: EvalView | None = None  # the view the neighbours were mined on, once they are (checkpointed)
         self.train_set = None
 
     def attach_data(self, train_set) -> None:
@@ -109,13 +110,25 @@ class SCAN(ClusterMethod):
         saved = state.get("args", {})
         if "size_crops" in saved and not self.args.mining_crop:
             size = test_view_size(saved.get("eval_crop", 0), saved["size_crops"], self.info.image_size)
-            self.mining_view = EvalView.of(size, saved.get("eval_resize", 0))
+            self.pretrained_view = EvalView.of(size, saved.get("eval_resize", 0))
         return loaded
 
     @property
     def neighbours_view(self) -> EvalView:
-        """--mining_crop, else the pre-trained run's test view, else (no --pretrained) this run's."""
-        return EvalView.of(self.args.mining_crop) if self.args.mining_crop else self.mining_view or self.eval_view
+        """The view the neighbours were mined on; before they are: --mining_crop, else the pre-trained run's test
+        view, else (no --pretrained) this run's. A resumed run keeps the first start's, whatever --mining_crop says
+        now (its neighbours come from the checkpoint)."""
+        if self.mined_on is not None:
+            return self.mined_on
+        return EvalView.of(self.args.mining_crop) if self.args.mining_crop else self.pretrained_view or self.eval_view
+
+    def check_training_settings(self) -> None:
+        super().check_training_settings()
+        smallest = getattr(self.backbone, "min_input_size", 1)
+        if 0 < self.args.mining_crop < smallest:
+            raise ConfigError(f"--mining_crop {self.args.mining_crop}: --arch {self.args.arch} takes images of "
+                              f"{smallest} px or more; ask for {smallest} or more, or 0 (the pre-trained run's test "
+                              f"view)")
 
     def recorded(self) -> dict:
         view = self.neighbours_view
@@ -135,6 +148,7 @@ class SCAN(ClusterMethod):
         finally:
             self.train(was_training)
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
+        self.mined_on = self.neighbours_view
         return found.indices
 
     def before_step(self, progress: Progress) -> None:
@@ -183,13 +197,13 @@ class SCAN(ClusterMethod):
     # ---- state ----
     def extra_state(self) -> dict:
         neighbours = None if self.neighbours is None else self.neighbours.cpu()
-        view = None if self.mining_view is None else [self.mining_view.crop, self.mining_view.resize]
-        return {**super().extra_state(), "neighbours": neighbours, "mining_view": view}
+        view = self.neighbours_view  # (the one the neighbours were mined on, or, before they are, will be)
+        return {**super().extra_state(), "neighbours": neighbours, "mining_view": [view.crop, view.resize]}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         view = state.get("mining_view")
-        self.mining_view = None if view is None else EvalView(*view)
+        self.mined_on = None if view is None else EvalView(*view)
         neighbours = state.get("neighbours")
         if neighbours is not None:
             expected = (self.info.num_samples, self.args.num_neighbours + 1)
