@@ -198,7 +198,8 @@ def test_labelling_logits_are_upstreams_float64_product(monkeypatch):
     chunks of one row; `float32` (upstream's multi-GPU path) misses them by float32 round-off (> 1e-9)."""
     method, _ = labelled_method("eval")
     seen, solve = [], sela_module.sela_sinkhorn
-    monkeypatch.setattr(sela_module, "sela_sinkhorn", lambda logits, *rest: seen.append(logits) or solve(logits, *rest))
+    monkeypatch.setattr(sela_module, "sela_sinkhorn",  # (a copy: the Sinkhorn then works in the logits' storage)
+                        lambda logits, *rest, **options: seen.append(logits.clone()) or solve(logits, *rest, **options))
     monkeypatch.setattr(sela_module, "LABEL_CHUNK_ELEMENTS", 1)
     method.relabel([1])
     features = np.zeros(tuple(method.label_features()[0].shape))

@@ -137,3 +137,24 @@ def test_the_iterations_stop_once_the_error_is_at_most_the_tolerance():
     first = sela_sinkhorn(scores, 10.0, tol=0.0, max_iterations=1)
     again = sela_sinkhorn(scores, 10.0, tol=first.error)
     assert again.iterations == 1 and again.error == first.error
+
+
+@pytest.mark.parametrize("classes", [7, 3000])
+def test_solving_in_the_scores_storage_gives_the_same_solution_to_the_bit(monkeypatch, classes):
+    """`overwrite_scores` keeps one N x K float64 matrix (the log-softmax row chunk by row chunk, here chunks of a few
+    rows): labels, beta, log alpha, iterations and error equal those of a copy; float32 scores are never written."""
+    from clusterlab.ops import sinkhorn
+
+    monkeypatch.setattr(sinkhorn, "LOG_SOFTMAX_CHUNK_ELEMENTS", 3 * classes + 1)
+    scores = torch.randn(257, classes, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    copied = sela_sinkhorn(scores, 10.0, 0.01)
+    owned = scores.clone()
+    in_place = sela_sinkhorn(owned, 10.0, 0.01, overwrite_scores=True)
+    assert not torch.equal(owned, scores)  # its storage did the work
+    for field in ("labels", "beta", "log_alpha"):
+        assert torch.equal(getattr(in_place, field), getattr(copied, field)), field
+    assert (in_place.iterations, in_place.error) == (copied.iterations, copied.error)
+    single = scores.float()
+    kept = single.clone()
+    assert torch.equal(sela_sinkhorn(single, 10.0, 0.01, overwrite_scores=True).labels,
+                       sela_sinkhorn(kept, 10.0, 0.01).labels) and torch.equal(single, kept)

@@ -82,10 +82,14 @@ def heads_to_relabel(schedule: str, epoch: int, heads: int) -> list[int]:
 
 
 def labelling_logits(features: torch.Tensor, head: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-    """One head's logits features W^T + b (N_local x K) for the labelling pass, the product computed in `dtype`."""
+    """One head's logits features W^T + b (N_local x K) for the labelling pass, the product computed in `dtype`,
+    chunk by chunk into one N_local x K matrix (the chunks and their concatenation held it twice)."""
     weight, bias = head.weight.detach().to(dtype).t(), head.bias.detach().to(dtype)
     rows = max(1, LABEL_CHUNK_ELEMENTS // max(1, features.shape[1]))
-    return torch.cat([chunk.to(dtype) @ weight + bias for chunk in features.split(rows)])
+    logits = features.new_empty((features.shape[0], weight.shape[1]), dtype=dtype)
+    for start in range(0, features.shape[0], rows):
+        torch.matmul(features[start: start + rows].to(dtype), weight, out=logits[start: start + rows])
+    return logits.add_(bias)
 
 
 def initial_labels(heads: int, num_samples: int, classes: int, seed: int) -> torch.Tensor:
@@ -204,8 +208,9 @@ class SeLa(ClusterMethod):
         positions = distributed.all_gather_uneven(positions.to(self.device))
         solutions = []
         for h in heads:
-            logits = labelling_logits(features, self.heads[h], LABEL_DTYPES[self.args.label_dtype])
-            solution = sela_sinkhorn(logits, self.args.lamb, self.args.sk_tol)
+            # one head's N_local x K at a time, solved in its own storage (the largest thing a labelling holds)
+            solution = sela_sinkhorn(labelling_logits(features, self.heads[h], LABEL_DTYPES[self.args.label_dtype]),
+                                     self.args.lamb, self.args.sk_tol, overwrite_scores=True)
             self.labels[h, positions] = distributed.all_gather_uneven(solution.labels)
             solutions.append(solution)
         return solutions

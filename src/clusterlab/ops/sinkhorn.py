@@ -52,9 +52,13 @@ class SelaSolution(NamedTuple):
     error: float             # the last stopping-rule value, sum_n |beta_old / beta_new - 1| over all samples
 
 
+# log_softmax in place runs over row chunks of at most this many values (a 128 MiB float64 temporary).
+LOG_SOFTMAX_CHUNK_ELEMENTS = 1 << 24
+
+
 @torch.no_grad()
 def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: int = 10,
-                  max_iterations: int = 100_000) -> SelaSolution:
+                  max_iterations: int = 100_000, overwrite_scores: bool = False) -> SelaSolution:
     """Hard labels of a whole dataset under an equipartition constraint: SeLa's Sinkhorn-Knopp.
 
     Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and representation learning",
@@ -77,8 +81,19 @@ def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: in
     P^lambda is absorbed by alpha and leaves every beta iterate unchanged, so labels, iterations and beta
     are exactly those of the unshifted problem (returned log_alpha is in its scale), while near-uniform
     columns no longer underflow to 0 when lambda log K exceeds ~745 (a random network at the first labelling).
+
+    Memory: N_local x K float64 values is the size of the problem (29 GiB for ImageNet's 1.28 M images and 3,000
+    classes on one process). `overwrite_scores` with float64 `scores` works in their storage (the caller's logits
+    are then lost), so that no second such matrix exists; the result is the same to the bit.
     """
-    log_p = torch.log_softmax(scores.detach().double(), dim=1).mul_(lamb)  # N_local x K: log P^lambda
+    if overwrite_scores and scores.dtype == torch.float64:
+        log_p = scores.detach()
+        rows = max(1, LOG_SOFTMAX_CHUNK_ELEMENTS // max(1, log_p.shape[1]))
+        for chunk in log_p.split(rows):  # row by row, as log_softmax of the whole: each row is its own
+            chunk.copy_(torch.log_softmax(chunk, dim=1))
+    else:
+        log_p = torch.log_softmax(scores.detach().double(), dim=1)
+    log_p.mul_(lamb)  # N_local x K: log P^lambda
     local, classes = log_p.shape
     local_peak = log_p.max().reshape(1) if local else log_p.new_full((1,), float("-inf"))
     peak = distributed.all_reduce_max(local_peak)
