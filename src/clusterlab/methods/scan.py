@@ -137,7 +137,7 @@ class SCAN(ClusterMethod):
     @torch.no_grad()
     def mine_neighbours(self) -> torch.Tensor:
         """Collective: each training image and its K nearest others by the cosine of the backbone's features of
-        the pre-trained run's test view (eval mode), (N, K + 1) int64."""
+        `neighbours_view` (eval mode), (N, K + 1) int64."""
         from ..eval.features import extract  # eval.features imports the methods package: import it when used
 
         was_training = self.training
