@@ -194,12 +194,14 @@ def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tm
     assert yaml.safe_load((stage2 / "config.yaml").read_text())["pretrained_from"] == origin
 
 
-def test_pretrained_of_another_width_is_refused(superand_run, tmp_path):
-    done = subprocess.run([sys.executable, "main_cluster.py", "--method", "embedul", *TINY, "--width", "8",
+@pytest.mark.parametrize("flag, value", [("--width", "8"), ("--embed_dim", "7")])
+def test_pretrained_of_another_width_or_embedding_size_is_refused_by_the_flag(superand_run, tmp_path, flag, value):
+    """The embedding size was refused by torch's size-mismatch text for the head, which named no flag."""
+    done = subprocess.run([sys.executable, "main_cluster.py", "--method", "embedul", *TINY, flag, value,
                            "--pretrained", str(superand_run), "--output_dir", str(tmp_path / "x")], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "--width" in done.stderr and not (tmp_path / "x").exists()
+    assert f"this run has {flag} {value}" in done.stderr and not (tmp_path / "x").exists()
 
 
 def test_the_chosen_head_comes_from_the_epoch_just_trained(tmp_path):

@@ -38,6 +38,8 @@ class ClusterMethod(Method):
     program_kind = "cluster"
     # Sub-modules that `--pretrained` fills from a main_pretrain run (same names there).
     pretrained_parts: tuple = ("backbone",)
+    # flags that shape the pre-trained parts: a run with other values cannot take their weights
+    pretrained_flags: tuple = ("arch", "width")
     # The run a method's recipe starts from, where it is a later stage (a note says so when none is given).
     starts_from: str | None = None
 
@@ -120,7 +122,7 @@ class ClusterMethod(Method):
     def load_pretrained(self, source: str, path: Path, state: dict) -> str:
         """Fill `pretrained_parts` from `--pretrained source`, read by `read_pretrained` (its file and state)."""
         saved = state.get("args", {})
-        for key in ("arch", "width"):
+        for key in self.pretrained_flags:
             if key in saved and saved[key] != getattr(self.args, key):
                 raise ConfigError(f"--pretrained {source!r} was trained with --{key} {saved[key]!r}, this run has "
                                   f"--{key} {getattr(self.args, key)!r}")

@@ -39,6 +39,7 @@ from .cluster_base import ClusterMethod
 class EmbedUL(ClusterMethod):
     name = "embedul"
     pretrained_parts = ("backbone", "head")
+    pretrained_flags = ("arch", "width", "embed_dim")  # the head is Super-AND's embedding layer
     starts_from = "a Super-AND run (EmbedUL's stage 1)"
 
     @staticmethod
