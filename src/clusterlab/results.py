@@ -492,13 +492,13 @@ def aggregate(frame):
         out.columns = [f"{m}_{stat}" for m, stat in out.columns]
         out["n"] = grouped.size()
         counts = grouped[metrics].count()
-        for key, row in counts.iterrows():
-            for metric in metrics:
-                if 0 < row[metric] < out.at[key, "n"]:
-                    warnings.warn(f"row {_row_name(key)}: its {metric} averages {row[metric]} of its {out.at[key, 'n']} runs "
-                                  f"(the others' records lack it, or left it out above)", stacklevel=2)
-        for metric in metrics:  # a metric some rows average over fewer runs than n: its own count, shown beside it
-            if ((counts[metric] > 0) & (counts[metric] < out["n"])).any():
+        for metric in metrics:  # a metric some rows average over fewer runs than n: said, and its own count kept
+            fewer = (counts[metric] > 0) & (counts[metric] < out["n"])
+            for key in counts.index[fewer]:
+                warnings.warn(f"row {_row_name(key)}: its {metric} averages {counts.at[key, metric]} of its "
+                              f"{out.at[key, 'n']} runs (the others' records lack it, or left it out above)",
+                              stacklevel=2)
+            if fewer.any():
                 out[f"{metric}_n"] = counts[metric]
     else:  # records with none of the known metrics: the rows, and how many runs each holds
         out = grouped.size().to_frame("n")

@@ -108,7 +108,7 @@ class SCAN(ClusterMethod):
     def load_pretrained(self, source: str, path, state: dict) -> str:
         loaded = super().load_pretrained(source, path, state)
         saved = state.get("args", {})
-        if "size_crops" in saved and not self.args.mining_crop:
+        if "size_crops" in saved:
             size = test_view_size(saved.get("eval_crop", 0), saved["size_crops"], self.info.image_size)
             self.pretrained_view = EvalView.of(size, saved.get("eval_resize", 0))
         return loaded

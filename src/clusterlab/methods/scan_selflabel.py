@@ -143,10 +143,14 @@ class SCANSelfLabel(ClusterMethod):
         self.epoch_steps_taken += learns
         return learns
 
+    def top_confidence(self) -> float | None:
+        """Collective: the largest weak-view probability of the epoch so far over every rank (None before a step)."""
+        top = self.epoch_top_confidence
+        return None if top is None else float(distributed.all_reduce_max(top.clone()))
+
     def on_epoch_end(self, epoch: int) -> None:
         super().on_epoch_end(epoch)
-        top = self.epoch_top_confidence
-        top = float(distributed.all_reduce_max(top.clone() if top is not None else torch.zeros((), device=self.device)))
+        top = self.top_confidence()
         taken, self.epoch_steps_taken, self.epoch_top_confidence = self.epoch_steps_taken, 0, None
         if not taken:
             raise ConfigError(f"epoch {epoch + 1}: no weak view's largest probability exceeded --confidence_threshold "
@@ -170,10 +174,8 @@ class SCANSelfLabel(ClusterMethod):
     # ---- state ----
     def extra_state(self) -> dict:
         shadow = None if self.shadow is None else {key: value.cpu() for key, value in self.shadow.items()}
-        top = distributed.all_reduce_max(self.epoch_top_confidence.clone()) if self.epoch_top_confidence is not None \
-            else None
         return {**super().extra_state(), "ema_shadow": shadow, "epoch_steps_taken": self.epoch_steps_taken,
-                "epoch_top_confidence": None if top is None else float(top)}
+                "epoch_top_confidence": self.top_confidence()}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)

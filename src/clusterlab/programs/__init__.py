@@ -77,10 +77,15 @@ def run(script: str, argv=None):
     except BaseException as crash:  # its traceback, then exit status 1 (130 for Ctrl-C), as Python's own would be
         if _joined_a_group():
             traceback.print_exc()
-            end_without_finalising(130 if isinstance(crash, KeyboardInterrupt) else 1)
+            end_without_finalising(crash_status(crash))
         raise
     end_without_finalising(0)
     return result
+
+
+def crash_status(crash: BaseException) -> int:
+    """The exit status after an uncaught exception's traceback: 130 for Ctrl-C, as a shell reports it, else 1."""
+    return 130 if isinstance(crash, KeyboardInterrupt) else 1
 
 
 def _joined_a_group() -> bool:

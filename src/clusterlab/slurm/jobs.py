@@ -33,7 +33,7 @@ import submitit
 from .. import signals
 from . import job_id
 from ..errors import ConfigError
-from ..programs import PROGRAMS, end_without_finalising
+from ..programs import PROGRAMS, crash_status, end_without_finalising
 
 
 class ProgramJob:
@@ -93,7 +93,7 @@ class ProgramJob:
         process that joined a process group with the status the interpreter would give it, before finalisation."""
         uncaught = getattr(sys, "last_value", None)  # what the interpreter printed as the process's traceback
         if uncaught is not None:
-            end_without_finalising(130 if isinstance(uncaught, KeyboardInterrupt) else 1)
+            end_without_finalising(crash_status(uncaught))
         code = getattr(self, "_leaving_with", None)
         end_without_finalising(code if code is None or isinstance(code, int) else 1)  # (the message is printed)
 
