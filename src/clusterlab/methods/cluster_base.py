@@ -6,8 +6,8 @@ predicted class of a head is the argmax of its scores. Which head to report is d
 with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN records consistency -
 entropy instead, upstream's selection formula), on the scale of log K where heads differ in size
 (`lowest_loss_head`). The per-head
-losses are summed over the epoch here and all-reduced when it ends (`on_epoch_end`), so every rank makes the same
-choice, and a run of one epoch chooses from that epoch.
+losses are summed over the epoch here, and when it ends each rank's sums are gathered and added up
+(`on_epoch_end`), so every rank makes the same choice, and a run of one epoch chooses from that epoch.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from ..data.loader import resident
 from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
 from ..losses.scan import scan_loss
-from ..models import build_backbone
+from ..models import build_backbone, training_mode
 from ..ops.knn import dataset_neighbours
 from .base import Batch, DataInfo, Progress, test_view_size
 from .cluster_base import ClusterMethod
@@ -140,13 +140,9 @@ class SCAN(ClusterMethod):
         `neighbours_view` (eval mode), (N, K + 1) int64."""
         from ..eval.features import extract  # eval.features imports the methods package: import it when used
 
-        was_training = self.training
-        self.eval()
-        try:
+        with training_mode(self, False):
             features = extract(self.backbone, self.train_set, self.neighbours_view, self.info.mean, self.info.std,
                                self.device, workers=self.args.workers)
-        finally:
-            self.train(was_training)
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
         self.mined_on = self.neighbours_view
         return found.indices
