@@ -37,21 +37,13 @@ from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
 from ..losses.scan import scan_loss
 from ..models import build_backbone, training_mode
-from ..ops.knn import dataset_neighbours
+from ..ops.knn import dataset_neighbours, neighbour_label_agreement
 from .base import Batch, DataInfo, Progress, test_view_size
 from .cluster_base import ClusterMethod
 from .scan_base import add_strong_augment_args, require_in_memory
 
 # Offset from --seed of the generator that picks each anchor's neighbour (the augmentation uses --seed itself).
 PICK_SEED = 1
-
-
-def neighbour_label_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> float:
-    """The share of (image, neighbour) pairs, both labelled, of one label: labels -1 (STL-10's unlabelled images)
-    agree on nothing; nan without such a pair."""
-    theirs, own = labels[neighbours], labels[:, None].expand_as(neighbours)
-    labelled = (theirs >= 0) & (own >= 0)
-    return float((theirs == own)[labelled].float().mean()) if labelled.any() else float("nan")
 
 
 class SCAN(ClusterMethod):
@@ -152,7 +144,8 @@ class SCAN(ClusterMethod):
             return
         self.neighbours = self.mine_neighbours().to(self.device)
         if distributed.rank() == 0:
-            agree = neighbour_label_agreement(self.train_set.labels.to(self.device), self.neighbours[:, 1:])
+            labels = self.train_set.labels.to(self.device)
+            agree = neighbour_label_agreement(labels, labels[self.neighbours[:, 1:]])
             view = self.neighbours_view
             print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined on "
                   f"{view.crop} px views; {100 * agree:.2f}% of the labelled pairs share their image's label (a "
