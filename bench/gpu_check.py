@@ -234,7 +234,7 @@ def train(args: argparse.Namespace, train_set, device: torch.device, steps: int,
     reset_peak_memory(device)
     engine.seed_everything(args.seed)
     method = METHODS[args.method](args, DataInfo.of(train_set, args.mean, args.std), device).to(device)
-    trainer = engine.Trainer(method, args, Context(0, 1, 0, device), Path(args.output_dir), train_set,
+    trainer = engine.Trainer(method, args, Context(0, 1, device), Path(args.output_dir), train_set,
                              kind=method.program_kind)
     pixels, labels = train_set.images.to(device), train_set.labels.to(device)
     trainer.model.train()

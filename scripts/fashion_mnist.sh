@@ -5,9 +5,9 @@
 #   bash scripts/fashion_mnist.sh            # all of it (bench/RESULTS.md: the wall time of each run)
 #   OUT=runs/fm bash scripts/fashion_mnist.sh
 #   FORCE=1 bash scripts/fashion_mnist.sh    # on a tree with uncommitted changes: the runs are then marked dirty
-# It refuses to start on a working tree whose tracked files (outside results/) differ from the commit (the results
-# would come from code no commit holds) unless FORCE=1, and on an $OUT that is not empty (its runs would resume,
-# from other code).
+# It refuses to start on a working tree whose tracked files (outside results/, and results/published.csv) differ
+# from the commit (the results would come from code no commit holds) unless FORCE=1, and on an $OUT that is not
+# empty (its runs would resume, from other code).
 # SeLa and Self-Classifier are scored by their heads and by k-means on their backbone features. SCAN's two stages
 # (scripts/scan_fashion_mnist.sh) start from the SwAV run; NPID runs its 20-epoch recipe.
 # SwAV and Un-Mix also get the linear probe, on cached features (a CPU-sized protocol, recorded as such).

@@ -8,11 +8,12 @@
 #   bash scripts/small_data.sh            # all of it (each run's wall time: results/runs/small_data/*/train_wall_seconds)
 #   OUT=runs/sd bash scripts/small_data.sh
 #   FORCE=1 bash scripts/small_data.sh    # on a tree with uncommitted changes: the runs are then marked dirty
-# It refuses to start on a working tree whose tracked files (outside results/) differ from the commit unless
-# FORCE=1, and on an $OUT that is not empty. The exported folders and the full run directories stay in $OUT;
-# results/runs/small_data/ is replaced by what the tables come from (per run config.yaml, train_log.jsonl,
-# metrics.jsonl, output.log, train_wall_seconds; the pixel baselines' metrics.jsonl and output.log; provenance.json),
-# and collect_results.py builds results/small_data/ (a table per dataset, curves) and results/small_data.md (both tables) from that copy.
+# It refuses to start on a working tree whose tracked files (outside results/, and results/published.csv) differ
+# from the commit unless FORCE=1, and on an $OUT that is not empty. The exported folders and the full run
+# directories stay in $OUT; results/runs/small_data/ is replaced by what the tables come from (per run config.yaml,
+# train_log.jsonl, metrics.jsonl, output.log, train_wall_seconds; the pixel baselines' metrics.jsonl and output.log;
+# provenance.json), and collect_results.py builds results/small_data/ (a table per dataset, curves) and
+# results/small_data.md (both tables) from that copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

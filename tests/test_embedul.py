@@ -191,6 +191,7 @@ def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tm
     assert origin["checkpoint"] == str((source / "checkpoint.pth").resolve())
     assert (origin["method"], origin["args"]["method"], origin["pretrained_from"]) == ("superand", "superand", None)
     assert origin["epoch"] == origin["args"]["epochs"] >= 1
+    assert origin["training_set"] == yaml.safe_load((stage2 / "config.yaml").read_text())["training_set"]
     assert yaml.safe_load((stage2 / "config.yaml").read_text())["pretrained_from"] == origin
 
 

@@ -786,6 +786,30 @@ def test_first_stages_of_other_precisions_are_other_recipes(tmp_path):
         results.run_settings(stage_two(tmp_path, "auto", "float32"))
 
 
+def test_a_first_stages_training_set_and_mined_view_come_from_its_checkpoint(tmp_path):
+    """pretrained_origin records what run_settings compares: the images the first stage trained on (the checkpoint's
+    data_info) and, for a SCAN run, the view it mined on (its method_state). config.yaml's pretrained_from had
+    neither, so self-labelling runs on SCAN runs mined at 20 and at 28 px were averaged as seeds of one row."""
+    def selflabel(mined: int, images: int) -> dict:
+        scan_state = {"method": "scan", "epoch": 4, "step": 0, "precision": "float32",
+                      "args": {"method": "scan", "mining_crop": 0, "seed": 0},
+                      "data_info": {"num_samples": images, "fingerprint": f"digest{images}"},
+                      "method_state": {"mining_view": [mined, mined], "pretrained_from": None}}
+        origin = pretrained_origin(tmp_path / "scan" / "checkpoint.pth", scan_state)
+        return {"args": {"method": "scan_selflabel", "seed": 1, "pretrained": "runs/scan"}, "precision": "float32",
+                "pretrained_from": origin}
+    origin = selflabel(20, 4000)["pretrained_from"]
+    assert origin["training_set"] == {"images": 4000, "fingerprint": "digest4000"}
+    assert origin["neighbours_mined_on"] == {"crop": 20, "resize": 20}
+    settings = results.run_settings(selflabel(20, 4000))
+    assert (settings["pretrained.neighbours_mined_on"], settings["pretrained.training_set.images"]) == (20, 4000)
+    assert settings != results.run_settings(selflabel(28, 4000))
+    assert settings != results.run_settings(selflabel(20, 60000))
+    # an embedding run's checkpoint names no mined view
+    assert "neighbours_mined_on" not in pretrained_origin(tmp_path / "swav" / "checkpoint.pth",
+                                                          {"method": "swav", "data_info": {"num_samples": 10}})
+
+
 @pytest.mark.filterwarnings("ignore:No artists with labels")
 def test_plot_lines_follow_the_runs_recipe_not_the_rows_recipe_column(tmp_path, monkeypatch):
     """Runs a and b (epochs=3) at epochs 1 and 3, run c (epochs=200) at epochs 1 and 28: the epoch-1 row is split by

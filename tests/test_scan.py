@@ -63,13 +63,14 @@ def naive_scan_loss(anchors, neighbours, weight):
 
 def test_neighbour_label_agreement_counts_labelled_pairs_only():
     """STL-10's train+unlabeled: two unlabelled images (-1) are not a pair that agrees."""
-    from clusterlab.methods.scan import neighbour_label_agreement
+    from clusterlab.ops.knn import neighbour_label_agreement
 
     labels = torch.tensor([0, 0, 1, -1, -1])
     neighbours = torch.tensor([[1, 2], [0, 3], [0, 4], [4, 0], [3, 1]])
     # labelled pairs: (0,1) agree, (0,2) no, (1,0) agree, (2,0) no: 2 of 4; the unlabelled ones left out
-    assert neighbour_label_agreement(labels, neighbours) == 0.5
-    assert math.isnan(neighbour_label_agreement(torch.full((2,), -1), torch.tensor([[1], [0]])))
+    assert neighbour_label_agreement(labels, labels[neighbours]) == 0.5
+    unlabelled = torch.full((2,), -1)
+    assert math.isnan(neighbour_label_agreement(unlabelled, unlabelled[torch.tensor([[1], [0]])]))
 
 
 def test_scan_loss_equals_a_naive_loop():

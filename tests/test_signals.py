@@ -296,7 +296,7 @@ steps = int(sys.argv[2])
 distributed.world_size = lambda: 2
 distributed.rank0_says = lambda taken: taken
 run = pathlib.Path(sys.argv[1])
-ctx = distributed.Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+ctx = distributed.Context(rank=0, world_size=2, device=torch.device("cpu"))
 signals.install()
 try:
     with engine.owned_run_dir(run, ctx) as started:

@@ -32,7 +32,6 @@ from .errors import ConfigError
 class Context:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -116,10 +115,10 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        return Context(rank, world, local, take_device(pick_device(device, local)))
+        return Context(rank, world, take_device(pick_device(device, local)))
     found = _from_environment()
     if found is None or found[1] == 1:
-        return Context(0, 1, 0, take_device(pick_device(device)))
+        return Context(0, 1, take_device(pick_device(device)))
     rank, world, local = found
     chosen = take_device(pick_device(device, local))
     backend = "nccl" if chosen.type == "cuda" else "gloo"
@@ -129,7 +128,7 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     dist.init_process_group(backend=backend, init_method="env://",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     _joined = True
-    return Context(rank, world, local, chosen)
+    return Context(rank, world, chosen)
 
 
 def configure_threads() -> None:

@@ -17,8 +17,9 @@ memory banks, pseudo-labels). Batches depend only on (seed, epoch), so a run sto
 and started again continues with the same samples and the same crops, bit for bit on the CPU.
 
 A method takes part through hooks: `on_epoch_start`; per step, in this order, `before_step`, `prepare`
-(augmentation, outside autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward`, the
-optimiser and scaler step, `after_step` (an EMA teacher, a bank update that must see the new weights); after the
+(augmentation, outside autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward` (a
+memory bank's update, from the features the loss saw), `takes_the_step` (False: the optimiser and scaler skip this
+step), the optimiser and scaler step, `after_step` (an EMA teacher, which must see the new weights); after the
 epoch's last step `on_epoch_end`; `param_groups` decides the optimiser's groups (per-group learning-rate scale and
 weight decay).
 

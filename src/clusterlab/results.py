@@ -31,12 +31,13 @@ PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperat
                     "clusters", "mapping", "head", "augmentation", "epochs")
 
 
-def make_record(args, *, eval_kind: str, protocol: dict, metrics: dict, position: tuple[int, int] | None,
-                checkpoint_name: str | None, run: str, split: str = "test") -> dict:
-    """A metrics record; `position` is the checkpoint's (epoch, step) (None for a baseline): step 0 at the end of an
-    epoch, more in a checkpoint a stop signal saved mid-epoch."""
+def make_record(args, *, eval_kind: str, dataset: str, protocol: dict, metrics: dict,
+                position: tuple[int, int] | None, checkpoint_name: str | None, run: str, split: str = "test") -> dict:
+    """A metrics record of the run trained with `args`, scored on `dataset` (the scored set's name: a run may be
+    scored on another set than it trained on); `position` is the checkpoint's (epoch, step) (None for a baseline):
+    step 0 at the end of an epoch, more in a checkpoint a stop signal saved mid-epoch."""
     epoch, step = position or (None, None)
-    return {"run": run, "method": args.method, "dataset": args.dataset, "split": split,
+    return {"run": run, "method": args.method, "dataset": dataset, "split": split,
             "backbone": backbone_label(args.arch, args.width) if getattr(args, "arch", None) else "none",
             "epoch": epoch, "step": step, "checkpoint": checkpoint_name, "seed": getattr(args, "seed", None),
             "eval": eval_kind,

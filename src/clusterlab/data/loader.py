@@ -56,7 +56,6 @@ class GlobalBatches:
         if drop_last and num_samples < global_batch:
             raise ConfigError(f"--batch_size {global_batch} is larger than the dataset ({num_samples} samples)")
         self.num_samples, self.global_batch, self.world_size, self.rank = num_samples, global_batch, world_size, rank
-        self.local_batch = global_batch // world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self._order_epoch, self._order = None, None
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models import training_mode
 from ..ops.knn import Neighbours, topk_neighbours
 
 
@@ -97,16 +98,14 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
     view (`recomputed`). `workers` loader processes decode image files (none for in-memory sets)."""
     from .features import extract
 
-    was_training = method.training
-    method.eval()
     view, info = method.eval_view, method.info
-    test_x = extract(method.embedding, test_set, view, info.mean, info.std, device, workers=workers)
     labelled = train_set.labels >= 0  # the unlabelled part of STL-10's train+unlabeled votes for nothing
-    if source == "memory_bank":
-        train_x = method.memory_bank[: len(train_set)].float()
-        labelled &= method.memory_bank_written[: len(train_set)].cpu()  # a row never written holds no embedding
-    else:
-        train_x = extract(method.embedding, train_set, view, info.mean, info.std, device, workers=workers)
-    method.train(was_training)
+    with training_mode(method, False):
+        test_x = extract(method.embedding, test_set, view, info.mean, info.std, device, workers=workers)
+        if source == "memory_bank":
+            train_x = method.memory_bank[: len(train_set)].float()
+            labelled &= method.memory_bank_written[: len(train_set)].cpu()  # a row never written holds no embedding
+        else:
+            train_x = extract(method.embedding, train_set, view, info.mean, info.std, device, workers=workers)
     return knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
                         test_set.labels, test_set.num_classes, k, method.monitor_temperature)

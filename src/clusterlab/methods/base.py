@@ -3,8 +3,8 @@
 A method is an nn.Module that owns its backbone, heads, augmentation and any state that lives across steps
 (queues, memory banks, an EMA teacher). The engine calls, per step: `before_step`, `prepare` (augmentation, outside
 autocast), `forward` (the loss, inside autocast and DDP), backward, `after_backward` (gradients are there, weights
-not yet updated), the optimiser and scaler step, `after_step` (weights updated; before any checkpoint can be
-written). `param_groups` gives the optimiser its groups; `extra_state` / `random_state` what a checkpoint keeps
+not yet updated), `takes_the_step` (whether the optimiser applies them), the optimiser and scaler step,
+`after_step` (weights updated; before any checkpoint can be written). `param_groups` gives the optimiser its groups; `extra_state` / `random_state` what a checkpoint keeps
 beyond parameters and buffers. A new method is a module with a subclass of Method and a line in METHODS.
 """
 from __future__ import annotations

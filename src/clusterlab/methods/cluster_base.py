@@ -6,8 +6,8 @@ predicted class of a head is the argmax of its scores. Which head to report is d
 with the lowest mean training loss over the last completed epoch (EmbedUL's rule; SCAN records consistency -
 entropy instead, upstream's selection formula), on the scale of log K where heads differ in size
 (`lowest_loss_head`). The per-head
-losses are summed over the epoch here and all-reduced when it ends (`on_epoch_end`), so every rank makes the same
-choice, and a run of one epoch chooses from that epoch.
+losses are summed over the epoch here, and when it ends each rank's sums are gathered and added up
+(`on_epoch_end`), so every rank makes the same choice, and a run of one epoch chooses from that epoch.
 """
 from __future__ import annotations
 
@@ -202,16 +202,23 @@ def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
 
 
 def pretrained_origin(path: Path, state: dict) -> dict:
-    """What a run started from, for its config.yaml: the pre-trained checkpoint's file, method, epoch and flags, and
-    that run's own origin if it had one (SCAN's self-labelling starts from a SCAN run that started from an
-    embedding). Tables compare runs' settings with it, so runs from different first stages are not averaged as seeds,
-    and mark a run whose first stage was trained by changed code (`trained_by`, the git states of its starts)."""
-    method_state = state.get("method_state")
-    return {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
-            "step": state.get("step", 0), "args": state.get("args"), "precision": state.get("precision"),
-            "resume_changes": state.get("resume_changes"),
-            "trained_by": starts_of(Path(path).parent, state),
-            "pretrained_from": method_state.get("pretrained_from") if isinstance(method_state, dict) else None}
+    """What a run started from, for its config.yaml: the pre-trained checkpoint's file, method, epoch and flags, the
+    images it trained on (`training_set`, as its own config.yaml names them) and, for a SCAN run, the view it mined
+    its neighbours on (`neighbours_mined_on`), and that run's own origin if it had one (SCAN's self-labelling starts
+    from a SCAN run that started from an embedding). Tables compare runs' settings with it, so runs from different
+    first stages are not averaged as seeds, and mark a run whose first stage was trained by changed code
+    (`trained_by`, the git states of its starts)."""
+    method_state = state.get("method_state") if isinstance(state.get("method_state"), dict) else {}
+    info = state.get("data_info") or {}
+    origin = {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
+              "step": state.get("step", 0), "args": state.get("args"), "precision": state.get("precision"),
+              "resume_changes": state.get("resume_changes"), "trained_by": starts_of(Path(path).parent, state),
+              "training_set": {"images": info.get("num_samples"), "fingerprint": info.get("fingerprint")},
+              "pretrained_from": method_state.get("pretrained_from")}
+    if method_state.get("mining_view") is not None:
+        crop, resize = method_state["mining_view"]
+        origin["neighbours_mined_on"] = {"crop": crop, "resize": resize}
+    return origin
 
 
 def pretrained_normalisation(state: dict) -> tuple[list, list]:

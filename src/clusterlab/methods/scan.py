@@ -36,22 +36,14 @@ from ..data.loader import resident
 from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
 from ..losses.scan import scan_loss
-from ..models import build_backbone
-from ..ops.knn import dataset_neighbours
+from ..models import build_backbone, training_mode
+from ..ops.knn import dataset_neighbours, neighbour_label_agreement
 from .base import Batch, DataInfo, Progress, test_view_size
 from .cluster_base import ClusterMethod
 from .scan_base import add_strong_augment_args, require_in_memory
 
 # Offset from --seed of the generator that picks each anchor's neighbour (the augmentation uses --seed itself).
 PICK_SEED = 1
-
-
-def neighbour_label_agreement(labels: torch.Tensor, neighbours: torch.Tensor) -> float:
-    """The share of (image, neighbour) pairs, both labelled, of one label: labels -1 (STL-10's unlabelled images)
-    agree on nothing; nan without such a pair."""
-    theirs, own = labels[neighbours], labels[:, None].expand_as(neighbours)
-    labelled = (theirs >= 0) & (own >= 0)
-    return float((theirs == own)[labelled].float().mean()) if labelled.any() else float("nan")
 
 
 class SCAN(ClusterMethod):
@@ -140,13 +132,9 @@ class SCAN(ClusterMethod):
         `neighbours_view` (eval mode), (N, K + 1) int64."""
         from ..eval.features import extract  # eval.features imports the methods package: import it when used
 
-        was_training = self.training
-        self.eval()
-        try:
+        with training_mode(self, False):
             features = extract(self.backbone, self.train_set, self.neighbours_view, self.info.mean, self.info.std,
                                self.device, workers=self.args.workers)
-        finally:
-            self.train(was_training)
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
         self.mined_on = self.neighbours_view
         return found.indices
@@ -156,7 +144,8 @@ class SCAN(ClusterMethod):
             return
         self.neighbours = self.mine_neighbours().to(self.device)
         if distributed.rank() == 0:
-            agree = neighbour_label_agreement(self.train_set.labels.to(self.device), self.neighbours[:, 1:])
+            labels = self.train_set.labels.to(self.device)
+            agree = neighbour_label_agreement(labels, labels[self.neighbours[:, 1:]])
             view = self.neighbours_view
             print(f"scan: {self.args.num_neighbours} neighbours of {len(self.neighbours)} images mined on "
                   f"{view.crop} px views; {100 * agree:.2f}% of the labelled pairs share their image's label (a "

@@ -36,7 +36,7 @@ from .. import distributed
 from ..config import bool_flag, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
-from ..ops.knn import CHUNK_ELEMENTS, query_chunks, topk_neighbours
+from ..ops.knn import CHUNK_ELEMENTS, neighbour_label_agreement, query_chunks, topk_neighbours
 from .base import Batch, DataInfo, Progress, two_view_columns
 from .memory_bank_base import MemoryBankMethod, add_memory_args
 
@@ -121,9 +121,7 @@ class SuperAND(MemoryBankMethod):
         self.neighbours.fill_(-1)
         self.neighbours[self.anchors] = neighbours.to(self.neighbours.device)
         labels = self.seen_labels
-        mine, theirs = labels[self.anchors, None], labels[self.neighbours[self.anchors]]
-        known = (mine >= 0) & (theirs >= 0)
-        self.consistency = float((mine == theirs)[known].float().mean()) if known.any() else float("nan")
+        self.consistency = neighbour_label_agreement(labels[self.anchors], labels[self.neighbours[self.anchors]])
 
     # ---- training ----
     def forward(self, crops, batch: Batch, progress: Progress):

@@ -84,8 +84,13 @@ class SwAV(Method):
     def on_epoch_start(self, epoch: int) -> None:
         args = self.args
         if args.queue_length > 0 and epoch >= args.epoch_queue_starts and self.queue is None:
-            self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length, self.prototypes.weight.shape[1],
-                                        args.batch_size, distributed.world_size(), self.device)
+            self.queue = self.empty_queue()
+
+    def empty_queue(self) -> EmbeddingQueue:
+        """An empty queue of --queue_length embeddings for each crop of --crops_for_assign (each rank its share)."""
+        args = self.args
+        return EmbeddingQueue(len(args.crops_for_assign), args.queue_length, self.prototypes.weight.shape[1],
+                              args.batch_size, distributed.world_size(), self.device)
 
     def before_step(self, progress: Progress) -> None:
         self.prototypes.normalize_()
@@ -152,8 +157,6 @@ class SwAV(Method):
             if not args.queue_length:  # (else refused as "--queue_length 0 must be a positive multiple ...")
                 raise ValueError(f"its queue holds {state['queue']['embeddings'].shape[1]} embeddings per crop, this "
                                  f"command has --queue_length 0")
-            self.queue = EmbeddingQueue(len(args.crops_for_assign), args.queue_length,
-                                        self.prototypes.weight.shape[1], args.batch_size, distributed.world_size(),
-                                        self.device)
+            self.queue = self.empty_queue()
             self.queue.load_state_dict(state["queue"])
 

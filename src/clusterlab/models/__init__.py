@@ -1,6 +1,8 @@
 """Backbones by name; every backbone maps images to a flat feature vector of size `out_dim`."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Callable
 
 import torch.nn as nn
@@ -44,3 +46,14 @@ def backbone_label(name: str, width: int) -> str:
 
 
 __all__ = ["BACKBONES", "INITS", "build_backbone", "backbone_label", "Prototypes", "projection_mlp"]
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """`module` in train (True) or eval mode inside the block, back in the mode it had after it, also on an error."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was_training)

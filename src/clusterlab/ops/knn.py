@@ -132,3 +132,12 @@ def dataset_neighbours(features: torch.Tensor, k: int, include_self: bool = Fals
     if not include_self:
         return found
     return Neighbours(*(torch.cat(pair, dim=1) for pair in zip(own, found)))
+
+
+def neighbour_label_agreement(own: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The share of (sample, neighbour) pairs, both labelled, of one label, from the samples' labels `own` (A,) and
+    their neighbours' `theirs` (A, K): labels -1 (images whose label is unknown) agree on nothing; nan without such
+    a pair. A monitor only (SCAN's mined neighbours, Super-AND's anchors); no loss uses labels."""
+    own = own[:, None].expand_as(theirs)
+    labelled = (theirs >= 0) & (own >= 0)
+    return float((theirs == own)[labelled].float().mean()) if labelled.any() else float("nan")

@@ -17,8 +17,8 @@ seed, paths, device or logging; results.NOT_SETTINGS), or whose --pretrained run
 percentages, mean ± std over the runs (seeds) of a row with n. `revision` says whether the code that trained and
 evaluated every run of a row was committed: clean, dirty (uncommitted changes to tracked files; the Markdown names
 the runs under the table) or unknown (no commit recorded). Published numbers (results/published.csv) stand beside
-ours where method, dataset, evaluation and epochs match. A corrupt line in a metrics.jsonl is skipped with a warning
-naming file and line.
+ours where method, dataset, backbone, evaluation and epochs match. A corrupt line in a metrics.jsonl is skipped with
+a warning naming file and line.
 
 Curves (--curves): for every run directory under ROOT with a train_log.jsonl, even one still training,
 OUT/curves/RUN.png (RUN: its path below ROOT) shows the loss, the other terms the method logs, the learning rate and

@@ -254,10 +254,9 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
         for _, metrics, superclass in views:
             protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
                                                       "split": args.split}.items() if value is not None}
-            record = results.make_record(run_args, eval_kind="cluster", protocol=protocol, metrics=metrics,
-                                         position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name,
-                                         split=args.split)
-            record["dataset"] = scored_set.name
+            record = results.make_record(run_args, eval_kind="cluster", dataset=scored_set.name, protocol=protocol,
+                                         metrics=metrics, position=position, checkpoint_name=checkpoint_name,
+                                         run=Path(run_dir).name, split=args.split)
             results.append_record(run_dir, record)
     for label, metrics, _ in views:
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "

@@ -97,9 +97,9 @@ def main(argv=None):
                 protocol["k_used"] = len(train_labels)
                 print(f"note: --k {k} is more than the {len(train_labels)} train images; all of them vote (recorded "
                       f"as k_used)")
-            record = results.make_record(run_args, eval_kind="knn", protocol=protocol, metrics=metrics,
-                                         position=position, checkpoint_name=checkpoint_name, run=Path(run_dir).name)
-            record["dataset"] = test_set.name
+            record = results.make_record(run_args, eval_kind="knn", dataset=test_set.name, protocol=protocol,
+                                         metrics=metrics, position=position, checkpoint_name=checkpoint_name,
+                                         run=Path(run_dir).name)
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
                   f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} "

@@ -177,10 +177,9 @@ def main(argv=None):
                     **evaluation.data_protocol()}
         metrics = {"top1": final["top1"], "top5": final["top5"], "best_top1_on_test": probe.best["top1"],
                    "best_epoch_on_test": probe.best["epoch"]}
-        record = results.make_record(loaded.args, eval_kind="linear", protocol=protocol, metrics=metrics,
-                                     position=loaded.position, checkpoint_name=loaded.checkpoint_name,
-                                     run=loaded.run_dir.name)
-        record["dataset"] = evaluation.test_set.name
+        record = results.make_record(loaded.args, eval_kind="linear", dataset=evaluation.test_set.name,
+                                     protocol=protocol, metrics=metrics, position=loaded.position,
+                                     checkpoint_name=loaded.checkpoint_name, run=loaded.run_dir.name)
         record["trained_by"] = list(trainer.trained_by)  # the code of every start of the probe (a resumed one's too)
         results.append_record(loaded.run_dir, record)
         print(f"linear ({asked['augmentation']}) on {evaluation.test_set.name} test: top1 {final['top1']:.4f} "

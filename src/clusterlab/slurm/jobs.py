@@ -228,9 +228,8 @@ def stuck_message(jobs: dict[str, str]) -> str:
             f"down or drained; unless that is so, scancel them and change the grid's resources")
 
 
-def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None) -> None:
+def wait_for(job_ids: list[str], poll_s: float = 2.0) -> None:
     """Block until none of the Slurm jobs is pending or running; a job that may never start is named (once)."""
-    deadline = None if timeout_s is None else time.time() + timeout_s
     waiting, named = set(job_ids), set()
     while waiting:
         reasons = queue_reasons()
@@ -240,6 +239,4 @@ def wait_for(job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = 
         if never:
             print(f"warning: {stuck_message(never)}", file=sys.stderr, flush=True)
             named |= set(never)
-        if deadline is not None and time.time() > deadline:
-            raise TimeoutError(f"jobs still in the queue after {timeout_s} s: {sorted(waiting)}")
         time.sleep(poll_s)
