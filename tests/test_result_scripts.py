@@ -1,5 +1,6 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-fashion_mnist_bf16.sh, fashion_mnist_crops.sh, small_data.sh), with a stand-in for Python (the real runs take hours):
+fashion_mnist_bf16.sh, fashion_mnist_crops.sh, fashion_mnist_view.sh, small_data.sh), with a stand-in for Python (the
+real runs take hours):
 each keeps in results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit,
 builds its tables from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already
 holds runs. And scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in, and
@@ -53,7 +54,7 @@ esac
 
 # the last is called by the first
 SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "fashion_mnist_bf16.sh",
-           "fashion_mnist_crops.sh", "small_data.sh", "scan_fashion_mnist.sh")
+           "fashion_mnist_crops.sh", "fashion_mnist_view.sh", "small_data.sh", "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -144,6 +145,24 @@ def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(t
     assert files_below(scratch / "results" / study) == {"table.md"}
 
 
+def test_view_study_scores_every_run_and_pixels_on_both_views(tmp_path):
+    """Each run on its 20 px test view and on the images' 28 px, pixels on 28 px and on 20 px: kNN at k=200 and k=20
+    and k-means for each view, six records in each folder."""
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "fashion_mnist_view.sh", ARGS_LOG=str(tmp_path / "args"))
+    assert done.returncode == 0, done.stderr
+    kept = scratch / "results" / "runs" / "fashion_mnist_view"
+    expected = {f"{run}/{name}" for run in ("swav", "unmix") for name in ("config.yaml", "train_log.jsonl",
+                                                                         "metrics.jsonl", "output.log",
+                                                                         "train_wall_seconds")}
+    assert files_below(kept) == expected | {"pixels/metrics.jsonl", "pixels/output.log", "provenance.json"}
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "fashion_mnist_view") | {"provenance.json"}
+    for folder in ("swav", "unmix", "pixels"):
+        assert len((kept / folder / "metrics.jsonl").read_text().splitlines()) == 6, folder
+    args = (tmp_path / "args").read_text().splitlines()  # the two queues' arguments, in any order
+    assert sorted(args[i + 1] for i, arg in enumerate(args) if arg == "--eval_crop") == ["20"] * 2 + ["28"] * 4
+
+
 def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_path):
     scratch, kept = run_and_keep(tmp_path, "small_data.sh", "small_data")
     expected = {f"{run}/{name}" for run in RUNS for name in ("config.yaml", "train_log.jsonl", "metrics.jsonl",
@@ -180,6 +199,7 @@ REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longe
             ("fashion_mnist_wider.sh", "fashion_mnist_wider", "unmix_w12"),
             ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", "unmix_w16"),
             ("fashion_mnist_crops.sh", "fashion_mnist_crops", "unmix_w16_gentle"),
+            ("fashion_mnist_view.sh", "fashion_mnist_view", "unmix"),
             ("small_data.sh", "small_data", "swav_fm_4000")]
 
 

@@ -624,7 +624,8 @@ def test_collect_results_writes_the_recipe_column_and_a_legend_line_per_recipe(t
 # How scripts/*.sh built each shipped table from results/runs/<study>: (study, --out below results/, extra flags).
 SHIPPED_TABLES = [("fashion_mnist", ".", ["--published", str(ROOT / "results" / "published.csv")]),
                   *((study, study, ["--published", ""]) for study in ("fashion_mnist_bf16", "fashion_mnist_crops",
-                                                                      "fashion_mnist_longer", "fashion_mnist_wider")),
+                                                                      "fashion_mnist_longer", "fashion_mnist_view",
+                                                                      "fashion_mnist_wider")),
                   ("small_data", "small_data", ["--published", "", "--combined", "COMBINED"])]
 
 
