@@ -1,6 +1,6 @@
 """The result scripts' bookkeeping (scripts/fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh,
-fashion_mnist_bf16.sh, fashion_mnist_crops.sh, fashion_mnist_view.sh, small_data.sh), with a stand-in for Python (the
-real runs take hours):
+fashion_mnist_bf16.sh, fashion_mnist_crops.sh, fashion_mnist_view.sh, small_data.sh, small_data_pixels.sh), with a
+stand-in for Python (the real runs take hours):
 each keeps in results/runs/ exactly the files the repository's copy holds, plus provenance.json naming the commit,
 builds its tables from that copy, and refuses a tree with uncommitted changes (unless FORCE=1) and an OUT that already
 holds runs. And scripts/fashion_mnist_tries.sh's choice of tries, with the same stand-in, and
@@ -54,7 +54,8 @@ esac
 
 # the last is called by the first
 SCRIPTS = ("fashion_mnist.sh", "fashion_mnist_longer.sh", "fashion_mnist_wider.sh", "fashion_mnist_bf16.sh",
-           "fashion_mnist_crops.sh", "fashion_mnist_view.sh", "small_data.sh", "scan_fashion_mnist.sh")
+           "fashion_mnist_crops.sh", "fashion_mnist_view.sh", "small_data.sh", "small_data_pixels.sh",
+           "scan_fashion_mnist.sh")
 # small_data.sh's runs and pixel baselines
 RUNS = [f"{method}_{data}" for data in ("fm_4000", "fm_8000", "digits") for method in ("swav", "unmix")]
 PIXELS = [f"pixels_{data}" for data in ("fm_4000", "fm_8000", "digits")]
@@ -179,6 +180,27 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
     assert (scratch / "results" / "small_data.md").read_text() == "all tables\n"
 
 
+def test_small_data_pixels_scores_each_baseline_on_both_views_and_builds_one_study_table(tmp_path):
+    """Pixels of the two exported folders and of digits, each on the images' own size and on 20 px: kNN at k=20 and
+    k=200 and k-means for each view, six records a folder; nothing trained."""
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, "small_data_pixels.sh", ARGS_LOG=str(tmp_path / "args"))
+    assert done.returncode == 0, done.stderr
+    kept = scratch / "results" / "runs" / "small_data_pixels"
+    assert files_below(kept) == {f"{pixels}/{name}" for pixels in PIXELS for name in ("metrics.jsonl", "output.log")
+                                 } | {"provenance.json"}
+    assert files_below(kept) == files_below(ROOT / "results" / "runs" / "small_data_pixels") | {"provenance.json"}
+    for pixels in PIXELS:
+        assert len((kept / pixels / "metrics.jsonl").read_text().splitlines()) == 6, pixels
+    assert not list((scratch / "runs").rglob("checkpoint.pth"))  # the stand-in's training writes one
+    assert (tmp_path / "args").read_text().splitlines().count("--eval_crop") == 6
+    assert (scratch / "collect_results.args").read_text().split() == [
+        "--root", "runs/small_data_pixels/kept.partial", "--out",
+        "runs/small_data_pixels/tables.partial/small_data_pixels", "--combined",
+        "runs/small_data_pixels/tables.partial/small_data_pixels.md", "--published"]
+    assert (scratch / "results" / "small_data_pixels.md").read_text() == "all tables\n"
+
+
 @pytest.mark.parametrize("script, study, tables", [
     ("fashion_mnist.sh", "fashion_mnist", "table.md"), ("fashion_mnist_bf16.sh", "fashion_mnist_bf16",
                                                          "fashion_mnist_bf16"),
@@ -200,7 +222,8 @@ REFUSING = [("fashion_mnist.sh", "fashion_mnist", "swav"), ("fashion_mnist_longe
             ("fashion_mnist_bf16.sh", "fashion_mnist_bf16", "unmix_w16"),
             ("fashion_mnist_crops.sh", "fashion_mnist_crops", "unmix_w16_gentle"),
             ("fashion_mnist_view.sh", "fashion_mnist_view", "unmix"),
-            ("small_data.sh", "small_data", "swav_fm_4000")]
+            ("small_data.sh", "small_data", "swav_fm_4000"),
+            ("small_data_pixels.sh", "small_data_pixels", "pixels_fm_4000")]
 
 
 @pytest.mark.parametrize("script, study", [(script, study) for script, study, _ in REFUSING])

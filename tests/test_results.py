@@ -626,7 +626,8 @@ SHIPPED_TABLES = [("fashion_mnist", ".", ["--published", str(ROOT / "results" / 
                   *((study, study, ["--published", ""]) for study in ("fashion_mnist_bf16", "fashion_mnist_crops",
                                                                       "fashion_mnist_longer", "fashion_mnist_view",
                                                                       "fashion_mnist_wider")),
-                  ("small_data", "small_data", ["--published", "", "--combined", "COMBINED"])]
+                  *((study, study, ["--published", "", "--combined", "COMBINED"])
+                    for study in ("small_data", "small_data_pixels"))]
 
 
 @pytest.mark.parametrize("study, out, flags", SHIPPED_TABLES, ids=[study for study, *_ in SHIPPED_TABLES])

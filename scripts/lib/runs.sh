@@ -1,7 +1,7 @@
 # What the result scripts (fashion_mnist.sh, fashion_mnist_longer.sh, fashion_mnist_wider.sh, fashion_mnist_bf16.sh,
-# fashion_mnist_crops.sh, fashion_mnist_view.sh, small_data.sh, scan_fashion_mnist.sh) share: refusing code that no
-# commit holds and an output folder that would resume other code's runs, timing each training, scoring a run and raw
-# pixels, and keeping the records that results/runs/ holds.
+# fashion_mnist_crops.sh, fashion_mnist_view.sh, small_data.sh, small_data_pixels.sh, scan_fashion_mnist.sh) share:
+# refusing code that no commit holds and an output folder that would resume other code's runs, timing each training,
+# scoring a run and raw pixels, and keeping the records that results/runs/ holds.
 # Sourced by those scripts, from the repository root, by fashion_mnist_tries.sh for fail and timed and by
 # small_data_tries.sh for require_empty_out; SCRIPT names the caller (begin_study sets it; a script that does not call
 # it sets SCRIPT itself).
