@@ -714,29 +714,11 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
                           f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
     if kind != "linear" and not (run_dir / "checkpoint.pth").exists():
-        # A run trained afresh where an earlier training's checkpoints were removed: that training's metrics
-        # records and linear probes name the same checkpoint files at the same epochs, so --skip_recorded would
-        # skip the new weights' evaluations (the tables then file the old numbers under the new config.yaml), and
-        # eval_linear.py would resume the old probe's head on the new backbone. (Evaluations of another
-        # directory's checkpoints name it by its full path, and their probes by a `_from` tag: no confusion there.)
-        own_records = any(not foreign_checkpoint(record.get("checkpoint"))
-                          for record in rundir.read_jsonl(run_dir / "metrics.jsonl"))
-        earlier = ["metrics.jsonl"] * own_records + [probe.name for probe, _ in own_probes(run_dir)]
-        if earlier:
-            raise ConfigError(f"{run_dir} has no checkpoint.pth but holds evaluations of earlier weights "
-                              f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}): a fresh training "
-                              f"there would be taken for them; move them away, or use a new --output_dir")
+        refuse_evaluations_of_earlier_weights(run_dir)
     if args.knn_monitor_every:
-        from .data import load
-
-        if not bool((train_set.labels >= 0).any()):
-            raise ConfigError(f"--knn_monitor_every {args.knn_monitor_every}: the monitor's votes come from labelled "
-                              f"training images, and --train_split {args.train_split} of {args.dataset} has none "
-                              f"(use --knn_monitor_every 0, or a split with labels, e.g. train+unlabeled)")
-
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
-        trainer.monitor_set = load(args.dataset, "test", args.data_path)
+        trainer.monitor_set = knn_monitor_set(args, train_set)
     # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable).
     finished = start_epoch == args.epochs > 0 and isinstance((written_run_config(run_dir) or {}).get("args"), dict)
     if ctx.is_main:
@@ -765,17 +747,50 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         if owned is not None:
             owned.trainer = trainer
         if not finished:
-            for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
-                print(f"note: {note}", flush=True)
-            pretrained = getattr(args, "pretrained", None)
-            where = (f"from epoch {start_epoch} step {start_step}" if (start_epoch, start_step) != (0, 0)
-                     else f"from the weights of {pretrained}" if pretrained else "from scratch")
-            print(f"{args.method} on {args.dataset} ({len(train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
-                  f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {run_dir}",
-                  flush=True)
+            announce_start(trainer, (start_epoch, start_step))
     distributed.barrier()
     require_shared(run_dir, "status.json")  # rank 0 has just written it
     return trainer, start_epoch, start_step
+
+
+def refuse_evaluations_of_earlier_weights(run_dir: Path) -> None:
+    """Refuse to train afresh in a directory whose earlier training's checkpoints were removed: that training's
+    metrics records and linear probes name the same checkpoint files at the same epochs, so --skip_recorded would
+    skip the new weights' evaluations (the tables then file the old numbers under the new config.yaml), and
+    eval_linear.py would resume the old probe's head on the new backbone. (Evaluations of another directory's
+    checkpoints name it by its full path, and their probes by a `_from` tag: no confusion there.)"""
+    own_records = any(not foreign_checkpoint(record.get("checkpoint"))
+                      for record in rundir.read_jsonl(run_dir / "metrics.jsonl"))
+    earlier = ["metrics.jsonl"] * own_records + [probe.name for probe, _ in own_probes(run_dir)]
+    if earlier:
+        raise ConfigError(f"{run_dir} has no checkpoint.pth but holds evaluations of earlier weights "
+                          f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}): a fresh training "
+                          f"there would be taken for them; move them away, or use a new --output_dir")
+
+
+def knn_monitor_set(args: argparse.Namespace, train_set):
+    """The test split the kNN monitor scores, refused where the training split has no labels to vote with."""
+    from .data import load
+
+    if not bool((train_set.labels >= 0).any()):
+        raise ConfigError(f"--knn_monitor_every {args.knn_monitor_every}: the monitor's votes come from labelled "
+                          f"training images, and --train_split {args.train_split} of {args.dataset} has none "
+                          f"(use --knn_monitor_every 0, or a split with labels, e.g. train+unlabeled)")
+    return load(args.dataset, "test", args.data_path)
+
+
+def announce_start(trainer: Trainer, position: tuple[int, int]) -> None:
+    """Rank 0's lines at a start that trains: the whole-run and resume notes, then what trains, where from, where
+    to."""
+    args, ctx = trainer.args, trainer.ctx
+    for note in [*trainer.whole_run_settings(), *trainer.resume_notes]:
+        print(f"note: {note}", flush=True)
+    pretrained = getattr(args, "pretrained", None)
+    where = (f"from epoch {position[0]} step {position[1]}" if position != (0, 0)
+             else f"from the weights of {pretrained}" if pretrained else "from scratch")
+    print(f"{args.method} on {args.dataset} ({len(trainer.train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
+          f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {trainer.run_dir}",
+          flush=True)
 
 
 def require_shared(run_dir: Path, name: str) -> None:
