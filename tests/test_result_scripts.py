@@ -326,6 +326,18 @@ def test_a_failure_in_either_queue_keeps_nothing_and_says_so(tmp_path, script, s
     assert not (scratch / "results").exists() and not (scratch / "collect_results.args").exists()
 
 
+@pytest.mark.parametrize("script, failing", [("small_data_pixels.sh", "eval_cluster.py:pixels_fm_4000"),
+                                             ("small_data.sh", "eval_knn.py:pixels_digits")])
+def test_a_failed_evaluation_whose_output_goes_to_a_log_says_so_on_the_terminal(tmp_path, script, failing):
+    """The pixel baselines' block sends its stderr to a log, and the ERR trap's line went there too: the script
+    stopped with the evaluation's status and said nothing."""
+    scratch = scratch_repo(tmp_path)
+    done = run_script(scratch, script, FAIL=failing)
+    assert done.returncode == 3
+    assert f"{script}: error: a command failed (exit 3)" in done.stderr, done.stderr
+    assert not (scratch / "results").exists()
+
+
 def test_a_failed_training_names_its_log(tmp_path):
     scratch = scratch_repo(tmp_path)
     done = run_script(scratch, "fashion_mnist_bf16.sh", FAIL="main_pretrain.py:unmix_w16")

@@ -807,6 +807,10 @@ def test_a_first_stages_training_set_and_mined_view_come_from_its_checkpoint(tmp
     assert (settings["pretrained.neighbours_mined_on"], settings["pretrained.training_set.images"]) == (20, 4000)
     assert settings != results.run_settings(selflabel(28, 4000))
     assert settings != results.run_settings(selflabel(20, 60000))
+    # a scan checkpoint written before it kept the view of a --mining_crop: that crop
+    older = {"method": "scan", "args": {"method": "scan", "mining_crop": 28}, "method_state": {"mining_view": None}}
+    assert pretrained_origin(tmp_path / "scan" / "checkpoint.pth", older)["neighbours_mined_on"] == {"crop": 28,
+                                                                                                    "resize": 28}
     # an embedding run's checkpoint names no mined view
     assert "neighbours_mined_on" not in pretrained_origin(tmp_path / "swav" / "checkpoint.pth",
                                                           {"method": "swav", "data_info": {"num_samples": 10}})

@@ -61,8 +61,8 @@ evaluate_run() {  # evaluate_run RUN [eval_knn flags...]: kNN at k=200 and k=20,
 }
 
 evaluate_pixels() {  # evaluate_pixels DATASET: its raw pixels scored as evaluate_run scores a run, into $OUT/pixels
-  $PY eval_knn.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --k 200 20
-  $PY eval_cluster.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels"
+  $PY eval_knn.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu --k 200 20
+  $PY eval_cluster.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu
 }
 
 keep_run() {  # keep_run NAME DEST: a training run's config, logs and metrics, what it printed and its wall time
@@ -128,10 +128,12 @@ keep_runs_and_pixels() {  # keep_runs_and_pixels RUN...: $KEEP replaced by the r
 begin_study() {  # begin_study STUDY: OUT (default runs/STUDY), KEEP=results/runs/STUDY, one thread per process; refuses
   # uncommitted code and a non-empty OUT; notes the start time
   SCRIPT=$1.sh
-  # A failing command (an evaluation, whose output goes to a log) says so on the terminal, in a queue too.
+  # A failing command (an evaluation, whose output goes to a log) says so on the terminal, in a queue too, and
+  # inside a block whose stderr goes to a log: the message goes to the script's own stderr, kept as fd 3.
+  exec 3>&2
   set -E
   trap 'echo "$SCRIPT: error: a command failed (exit $?) at line $LINENO of ${BASH_SOURCE[0]}; see the logs in" \
-    "$OUT/" >&2' ERR
+    "$OUT/" >&3' ERR
   OUT=${OUT:-runs/$1}
   KEEP=results/runs/$1
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

@@ -215,8 +215,12 @@ def pretrained_origin(path: Path, state: dict) -> dict:
               "resume_changes": state.get("resume_changes"), "trained_by": starts_of(Path(path).parent, state),
               "training_set": {"images": info.get("num_samples"), "fingerprint": info.get("fingerprint")},
               "pretrained_from": method_state.get("pretrained_from")}
-    if method_state.get("mining_view") is not None:
-        crop, resize = method_state["mining_view"]
+    mining_view = method_state.get("mining_view")
+    asked = (state.get("args") or {}).get("mining_crop") if state.get("method") == "scan" else None
+    if mining_view is None and asked:
+        mining_view = [asked, asked]  # a scan checkpoint written before it kept the view of a --mining_crop
+    if mining_view is not None:
+        crop, resize = mining_view
         origin["neighbours_mined_on"] = {"crop": crop, "resize": resize}
     return origin
 

@@ -45,7 +45,7 @@ def backbone_label(name: str, width: int) -> str:
     return f"{name}_w{width}"
 
 
-__all__ = ["BACKBONES", "INITS", "build_backbone", "backbone_label", "Prototypes", "projection_mlp"]
+__all__ = ["BACKBONES", "INITS", "build_backbone", "backbone_label", "Prototypes", "projection_mlp", "training_mode"]
 
 
 @contextlib.contextmanager
