@@ -20,11 +20,6 @@ PY=${PY:-.venv/bin/python}
 source scripts/lib/runs.sh
 begin_study small_data
 
-evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
-  $PY eval_knn.py --device cpu --k 20 200 "$@"
-  $PY eval_cluster.py --device cpu "$@"
-}
-
 data_flags() {  # data_flags SUBSET: the flags naming data set SUBSET, into the array `data` (OUT may hold spaces)
   case $1 in
     digits) data=(--dataset digits) ;;

@@ -14,11 +14,6 @@ PY=${PY:-.venv/bin/python}
 source scripts/lib/runs.sh
 begin_study small_data_pixels
 
-evaluate() {  # evaluate BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
-  $PY eval_knn.py --device cpu --k 20 200 "$@"
-  $PY eval_cluster.py --device cpu "$@"
-}
-
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 400 --seed 0 --out "$OUT/data/fm_4000"
 $PY scripts/export_imagefolder.py --dataset fashion_mnist --per_class 800 --seed 0 --out "$OUT/data/fm_8000"
 

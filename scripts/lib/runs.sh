@@ -60,6 +60,11 @@ evaluate_run() {  # evaluate_run RUN [eval_knn flags...]: kNN at k=200 and k=20,
   $PY eval_cluster.py --run "$run" --device cpu --skip_recorded true
 }
 
+evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-means with as many clusters as classes
+  $PY eval_knn.py --device cpu --k 20 200 "$@"
+  $PY eval_cluster.py --device cpu "$@"
+}
+
 evaluate_pixels() {  # evaluate_pixels DATASET: its raw pixels scored as evaluate_run scores a run, into $OUT/pixels
   $PY eval_knn.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu --k 200 20
   $PY eval_cluster.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu
