@@ -45,7 +45,8 @@ def get_args_parser():
     parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
     parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     parser.add_argument("--curves", type=config.bool_flag, default=True,
-                        help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/")
+                        help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/ (most of the "
+                             "time on a root of hundreds of runs: false for the tables alone)")
     parser.add_argument("--combined", type=config.path, default=None,
                         help="also one Markdown file holding every dataset's table (a study over several datasets)")
     return parser
