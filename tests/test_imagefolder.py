@@ -375,6 +375,16 @@ def test_the_knn_monitor_decodes_with_the_runs_loader_workers(tmp_path, monkeypa
     assert sorted(set(passes)) == [("test", 2), ("train", 2)]
 
 
+def test_an_image_folder_trains_with_crops_of_48_px_on_the_cpu(tmp_path):
+    """The loader's crops are channels-last views of the workers' (n, size, size, C) arrays: with such inputs torch
+    2.14.1's convolution backward on the CPU died with a segmentation fault from 48 px crops on, at the first
+    backward pass (here 8 px images cut into 48 px crops), and so did every image-folder training with larger crops.
+    augment.apply_cut now copies them into torch's default layout."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=8, classes=2, size=8)
+    assert_ok(run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
+                         "--batch_size", "16", "--size_crops", "48", "--epochs", "1", "--output_dir", tmp_path / "run"))
+
+
 def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_continues(tmp_path):
     """A checkpoint keeps a digest of its training set (files below the folder, labels, in order): a file renamed
     since would give its position to another image under a memory bank or pseudo-labels, so the resume is refused on

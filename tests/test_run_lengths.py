@@ -127,3 +127,17 @@ def test_swav_prototypes_are_unit_vectors_before_every_step():
         method.prototypes.weight.mul_(3.0)
     method.before_step(Progress(0, 0, 0, 4))
     torch.testing.assert_close(method.prototypes.weight.norm(dim=1), torch.ones(method.prototypes.weight.shape[0]))
+
+
+@pytest.mark.parametrize("channels_last, device, sizes, told", [
+    (True, "cpu", [48, 12], True), (True, "cpu", [0], True),  # 0: the images' 64 px
+    (True, "cpu", [44, 20], False), (False, "cpu", [96], False), (True, "cuda", [96], False)])
+def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last, device, sizes, told):
+    """torch 2.14.1's oneDNN convolution backward died with a segmentation fault on channels-last inputs from 48 px
+    on: no message of ours could follow it, so the start says so where --channels_last meets such crops."""
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes)
+    trainer.ctx, trainer.kind = SimpleNamespace(device=torch.device(device)), "pretrain"
+    trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
+    notes = trainer.device_notes()
+    assert bool(notes) == told and all("leave --channels_last out" in note for note in notes)

@@ -66,7 +66,9 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channels_last", type=bool_flag, nargs="?", const=True, default=False,
                        help="keep the model's 4-D weights, and so its activations, in channels-last memory order "
                             "(faster convolutions on the CPU measured in bench/RESULTS.md); the same arithmetic up "
-                            "to float rounding, and checkpoints continue with or without it")
+                            "to float rounding, and checkpoints continue with or without it. On the CPU, torch "
+                            "2.14.1's convolution backward crashed (a segmentation fault) on channels-last crops of "
+                            "48 px and more: a note at start says so")
     group.add_argument("--sync_bn", type=bool_flag, default=True, help="batch norm over the global batch")
     group.add_argument("--find_unused", type=bool_flag, default=False, help="DDP find_unused_parameters")
 

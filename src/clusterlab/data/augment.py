@@ -368,8 +368,12 @@ class MultiCrop:
         return self.finish(resized_crop(images, params.boxes, size, params.flip), params)
 
     def apply_cut(self, crops_uint8: torch.Tensor, params: CropParams) -> torch.Tensor:
-        """Flip crops the loader workers already cut and resized (image files), then the colour operations."""
-        crops = crops_uint8.float().div_(255.0)
+        """Flip crops the loader workers already cut and resized (image files), then the colour operations. The
+        workers' crops are channels-last views of their (n, size, size, C) arrays; the float copy is laid out as
+        torch's default (C, H, W) order, as in-memory sets' crops are: with channels-last inputs torch's oneDNN
+        convolution backward on the CPU (torch 2.14) crashed the process (a segmentation fault) from 48 px crops
+        on, and a (n, 1, H, W) view keeps channels-last strides through .contiguous()."""
+        crops = crops_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         flip = host_to(params.flip, crops)[:, None, None, None]
         return self.finish(torch.where(flip, crops.flip(-1), crops), params)
 
