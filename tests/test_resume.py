@@ -393,8 +393,13 @@ def test_a_knn_monitor_without_test_data_is_refused_before_training(tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
                         "--size_crops", 8, "--batch_size", 4, "--knn_monitor_every", 1, "--output_dir", run_dir)
-    assert_user_error(result, "main_pretrain.py", "no val or test")
+    assert_user_error(result, "main_pretrain.py", "no val/ or test/ folder")
     assert not (run_dir / "train_log.jsonl").exists() and not (run_dir / "checkpoint.pth").exists()
+    # without the monitor it trains, and says at start what its evaluations will need
+    trained = run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
+                         "--size_crops", 8, "--batch_size", 4, "--epochs", 1, "--output_dir", run_dir)
+    assert trained.returncode == 0, trained.stderr
+    assert f"note: {tmp_path / 'data'} has no val/ or test/ folder: it trains, but eval_knn.py" in trained.stdout
 
 
 def test_a_failure_after_the_run_finished_leaves_it_finished(run_in_process, monkeypatch, tmp_path):

@@ -139,5 +139,6 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes)
     trainer.ctx, trainer.kind = SimpleNamespace(device=torch.device(device)), "pretrain"
     trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
-    notes = trainer.device_notes()
+    trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
+    notes = trainer.start_notes()
     assert bool(notes) == told and all("leave --channels_last out" in note for note in notes)

@@ -47,6 +47,7 @@ from .compilation import compile_backbone
 from .config import git_state, read_run_config, starts_of, write_resolved, written_run_config
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
+from .data.registry import lacks_test_split
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
@@ -154,18 +155,25 @@ class Trainer:
     def precision(self) -> str:
         return precision_name(self.amp_dtype)
 
-    def device_notes(self) -> list[str]:
-        """--channels_last on the CPU with crops of 48 px or more: torch 2.14.1's oneDNN convolution backward
-        crashed this suite's ResNet-18 there (a segmentation fault, so no message of ours) on channels-last
-        inputs, from 48 px on (44 px trained), on an AMD EPYC CPU. Told at start, where it is still read."""
-        if not (self.args.channels_last and self.ctx.device.type == "cpu" and self.kind != "linear"):
-            return []  # (a linear probe's backbone runs no backward)
-        largest = max(size or self.method.info.image_size for size in self.args.size_crops)
-        if largest < 48:
-            return []
-        return [f"--channels_last on the CPU with {largest} px crops: torch 2.14.1's convolution backward crashed "
-                f"(a segmentation fault, without a message) on channels-last inputs of 48 px and more in our tests; "
-                f"if this run dies without a line, leave --channels_last out"]
+    def start_notes(self) -> list[str]:
+        """What the start tells beside the whole-run settings, where it is still read:
+        - an image folder without val/ or test/, whose evaluations (and kNN monitor) will be refused: known before
+          a whole training, not after it;
+        - --channels_last on the CPU with crops of 48 px or more: torch 2.14.1's oneDNN convolution backward crashed
+          this suite's ResNet-18 there (a segmentation fault, so no message of ours) on channels-last inputs, from
+          48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward)."""
+        notes = []
+        if self.kind != "linear" and lacks_test_split(self.train_set):
+            notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py, "
+                         f"eval_cluster.py and eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/)")
+        if self.args.channels_last and self.ctx.device.type == "cpu" and self.kind != "linear":
+            largest = max(size or self.method.info.image_size for size in self.args.size_crops)
+            if largest >= 48:
+                notes.append(f"--channels_last on the CPU with {largest} px crops: torch 2.14.1's convolution "
+                             f"backward crashed (a segmentation fault, without a message) on channels-last inputs "
+                             f"of 48 px and more in our tests; if this run dies without a line, leave "
+                             f"--channels_last out")
+        return notes
 
     def whole_run_settings(self) -> list[str]:
         """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
@@ -796,7 +804,7 @@ def announce_start(trainer: Trainer, position: tuple[int, int]) -> None:
     """Rank 0's lines at a start that trains: the whole-run and resume notes, then what trains, where from, where
     to."""
     args, ctx = trainer.args, trainer.ctx
-    for note in [*trainer.device_notes(), *trainer.whole_run_settings(), *trainer.resume_notes]:
+    for note in [*trainer.start_notes(), *trainer.whole_run_settings(), *trainer.resume_notes]:
         print(f"note: {note}", flush=True)
     pretrained = getattr(args, "pretrained", None)
     where = (f"from epoch {position[0]} step {position[1]}" if position != (0, 0)

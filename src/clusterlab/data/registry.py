@@ -383,7 +383,7 @@ def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], li
     """An image folder's classes, its training files, and `split`'s files and labels: listed, not read."""
     train_root, test_root = _folder_split(path, "train"), _folder_split(path, "test")
     if train_root is None or (split == "test" and test_root is None):
-        names = "train" if train_root is None else "val or test"
+        names = "train" if train_root is None else "val/ or test"
         raise DataError(f"dataset 'imagefolder': no {names}/ folder under {str(path)!r} "
                         f"(expected DATA_PATH/train/CLASS/*.jpg and DATA_PATH/val/CLASS/*.jpg)")
     classes = _class_folders(train_root)
@@ -403,6 +403,11 @@ def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], li
     train_files, train_labels = _list_images(train_root, classes)
     files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
     return classes, train_files, files, labels
+
+
+def lacks_test_split(image_set: ImageSet) -> bool:
+    """An image folder with no val/ or test/ folder: it trains, and every evaluation of it is refused."""
+    return image_set.folder is not None and _folder_split(Path(image_set.folder), "test") is None
 
 
 def imagefolder_sizes(path: Path) -> tuple[int, int]:
