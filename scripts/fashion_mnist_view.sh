@@ -27,9 +27,7 @@ train_and_score_both_views() {  # train_and_score_both_views NAME: configs/NAME_
 
 score_pixels_both_views() {  # the images' 28 px (evaluate_pixels), then resized to 20 px as a run's test view is
   evaluate_pixels fashion_mnist
-  $PY eval_knn.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --device cpu --k 200 20 \
-    --eval_crop 20
-  $PY eval_cluster.py --baseline pixels --dataset fashion_mnist --output_dir "$OUT/pixels" --device cpu --eval_crop 20
+  evaluate_pixels fashion_mnist --eval_crop 20
 }
 
 { train_and_score_both_views swav; } & a=$!

@@ -65,9 +65,12 @@ evaluate() {  # evaluate RUN_OR_BASELINE_FLAGS...: kNN at k=20 and k=200, k-mean
   $PY eval_cluster.py --device cpu "$@"
 }
 
-evaluate_pixels() {  # evaluate_pixels DATASET: its raw pixels scored as evaluate_run scores a run, into $OUT/pixels
-  $PY eval_knn.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu --k 200 20
-  $PY eval_cluster.py --baseline pixels --dataset "$1" --output_dir "$OUT/pixels" --device cpu
+evaluate_pixels() {  # evaluate_pixels DATASET [FLAGS...]: its raw pixels scored as evaluate_run scores a run, into
+  # $OUT/pixels (FLAGS, e.g. a view, for both programs)
+  local dataset=$1
+  shift
+  $PY eval_knn.py --baseline pixels --dataset "$dataset" --output_dir "$OUT/pixels" --device cpu --k 200 20 "$@"
+  $PY eval_cluster.py --baseline pixels --dataset "$dataset" --output_dir "$OUT/pixels" --device cpu "$@"
 }
 
 keep_run() {  # keep_run NAME DEST: a training run's config, logs and metrics, what it printed and its wall time

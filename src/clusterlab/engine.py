@@ -162,11 +162,13 @@ class Trainer:
         - --channels_last on the CPU with crops of 48 px or more: torch 2.14.1's oneDNN convolution backward crashed
           this suite's ResNet-18 there (a segmentation fault, so no message of ours) on channels-last inputs, from
           48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward)."""
+        if self.kind == "linear":
+            return []
         notes = []
-        if self.kind != "linear" and lacks_test_split(self.train_set):
+        if lacks_test_split(self.train_set):
             notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py, "
                          f"eval_cluster.py and eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/)")
-        if self.args.channels_last and self.ctx.device.type == "cpu" and self.kind != "linear":
+        if self.args.channels_last and self.ctx.device.type == "cpu":
             largest = max(size or self.method.info.image_size for size in self.args.size_crops)
             if largest >= 48:
                 notes.append(f"--channels_last on the CPU with {largest} px crops: torch 2.14.1's convolution "

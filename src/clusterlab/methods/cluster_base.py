@@ -12,6 +12,7 @@ losses are summed over the epoch here, and when it ends each rank's sums are gat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from .. import checkpoint, distributed, rundir
 from ..config import starts_of
+from ..data.augment import EvalView
 from ..errors import CheckpointError, ConfigError, UserError
 from .base import Method
 
@@ -215,13 +217,12 @@ def pretrained_origin(path: Path, state: dict) -> dict:
               "resume_changes": state.get("resume_changes"), "trained_by": starts_of(Path(path).parent, state),
               "training_set": {"images": info.get("num_samples"), "fingerprint": info.get("fingerprint")},
               "pretrained_from": method_state.get("pretrained_from")}
-    mining_view = method_state.get("mining_view")
+    # (a scan checkpoint written before it kept the view of a --mining_crop: that crop's)
     asked = (state.get("args") or {}).get("mining_crop") if state.get("method") == "scan" else None
-    if mining_view is None and asked:
-        mining_view = [asked, asked]  # a scan checkpoint written before it kept the view of a --mining_crop
-    if mining_view is not None:
-        crop, resize = mining_view
-        origin["neighbours_mined_on"] = {"crop": crop, "resize": resize}
+    mined_on = (EvalView(*method_state["mining_view"]) if method_state.get("mining_view") is not None
+                else EvalView.of(asked) if asked else None)
+    if mined_on is not None:
+        origin["neighbours_mined_on"] = dataclasses.asdict(mined_on)
     return origin
 
 

@@ -25,6 +25,7 @@ steps (upstream evaluates that formula on the test split's neighbours).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -123,8 +124,7 @@ class SCAN(ClusterMethod):
                               f"view)")
 
     def recorded(self) -> dict:
-        view = self.neighbours_view
-        return {**super().recorded(), "neighbours_mined_on": {"crop": view.crop, "resize": view.resize}}
+        return {**super().recorded(), "neighbours_mined_on": dataclasses.asdict(self.neighbours_view)}
 
     @torch.no_grad()
     def mine_neighbours(self) -> torch.Tensor:
