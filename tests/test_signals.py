@@ -320,3 +320,21 @@ def test_an_error_after_the_first_step_with_a_stop_signal_deferred_is_the_runs(t
     done = subprocess.run([PYTHON, "-c", ERROR_AFTER_A_DEFERRED_SIGNAL, str(tmp_path / "run"), str(steps)], cwd=ROOT,
                           env=script_env(), capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines()[-2:] == outcome, done.stdout + done.stderr
+
+
+def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(tmp_path):
+    """Ctrl-C is no stop signal (no checkpoint at the next step): the run fails where it stands, as status.json
+    records, and the user reads one line, not Python's traceback."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "1000", "--log_every", "1",
+                                "--output_dir", str(run_dir)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "train_log.jsonl").exists() and time.monotonic() < deadline:  # a training step is done
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert err.splitlines() == ["main_pretrain.py: interrupted from the keyboard (Ctrl-C)"], err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["reason"]) == ("failed", "interrupted from the keyboard")

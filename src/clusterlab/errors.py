@@ -59,15 +59,19 @@ def describe_os_error(err: OSError, output_flag: str = "--output_dir") -> str:
 
 def run_cli(main, argv=None, output_flag: str = "--output_dir"):
     """Run an entry script's main(); a UserError (or a full disk, a read-only or forbidden directory, whose advice
-    names `output_flag`) becomes `PROG: error: MESSAGE` on stderr and exit status 2."""
+    names `output_flag`) becomes `PROG: error: MESSAGE` on stderr and exit status 2; Ctrl-C becomes one line and
+    exit status 130, as a shell reports it (a training run has recorded it in status.json by then)."""
+    prog = Path(sys.argv[0]).name
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted from the keyboard (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as err:
         message = str(err).splitlines()[0]
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             raise
         message = describe_os_error(err, output_flag)
-    prog = Path(sys.argv[0]).name
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

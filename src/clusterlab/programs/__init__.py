@@ -57,9 +57,9 @@ EVAL_PROGRAMS = {name: p.eval_kind for name, p in PROGRAMS.items() if p.eval_kin
 
 
 def run(script: str, argv=None):
-    """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2);
-    once it has ended, or left for the requeue (exit 75), the stop signals are ignored, and a process that joined a
-    process group ends there (`end_without_finalising`)."""
+    """Catch the stop signals, then run the program (a UserError becomes one line on stderr and exit status 2, Ctrl-C
+    one line and 130); once it has ended, or left for the requeue (exit 75), the stop signals are ignored, and a
+    process that joined a process group ends there (`end_without_finalising`)."""
     signals.install()
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
@@ -71,7 +71,7 @@ def run(script: str, argv=None):
             result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
         finally:
             signals.ignore()  # (a stop signal before this line leaves through the handlers below)
-    except SystemExit as leaving:  # the requeue (75), or a one-line error (2)
+    except SystemExit as leaving:  # the requeue (75), a one-line error (2), Ctrl-C (130)
         end_without_finalising(leaving.code)
         raise
     except BaseException as crash:  # its traceback, then exit status 1 (130 for Ctrl-C), as Python's own would be
