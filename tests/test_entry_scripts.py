@@ -52,10 +52,15 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
     assert_ok(run_script("eval_knn.py", "--run", run, "--k", 20, "--device", "cpu"))
     assert_ok(run_script("eval_knn.py", "--run", run, "--checkpoint", "checkpoint_ep0001.pth", "--k", 20,
                          "--device", "cpu"))
-    assert_ok(run_script("eval_cluster.py", "--run", run, "--clusters", 10, 20, "--restarts", 2, "--device", "cpu"))
+    clustered = run_script("eval_cluster.py", "--run", run, "--clusters", 10, 20, "--restarts", 2, "--device", "cpu")
+    assert_ok(clustered)
     pixels = root / "pixels_digits"
-    assert_ok(run_script("eval_cluster.py", "--baseline", "pixels", "--dataset", "digits", "--output_dir", pixels,
-                         "--restarts", 2, "--plot", "false"))
+    baseline = run_script("eval_cluster.py", "--baseline", "pixels", "--dataset", "digits", "--output_dir", pixels,
+                          "--restarts", 2, "--plot", "false")
+    assert_ok(baseline)
+    # Each result line names the view it scored: the run's training crop, the pixels' own 8 px
+    assert "k-means K=10 (backbone, fit on train, 8 px) on digits test classes: ACC" in clustered.stdout
+    assert "k-means K=10 (pixels, fit on train, 8 px) on digits test classes: ACC" in baseline.stdout
 
     knn, knn_first, k10, k20 = records(run)
     for rec in (knn, knn_first, k10, k20):

@@ -266,7 +266,9 @@ def test_training_on_an_image_folder_stopped_mid_epoch_resumes_bit_identical_and
         assert_same_tensors(ours[key], theirs[key], key)
     # The evaluation's view (resize then centre crop of the 12-pixel training crop) is in its record's protocol.
     knn = ["eval_knn.py", "--run", reference, "--k", "5", "--eval_resize", "14"]
-    assert_ok(run_script(*knn))
+    scored = run_script(*knn)
+    assert_ok(scored)
+    assert "train features recomputed, 14 px, centre 12 px) on" in scored.stdout  # the view, also on its line
     (record,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert record["protocol"]["eval_resize"] == 14 and record["protocol"]["eval_crop"] == 12
     # --skip_recorded takes that record while the folder holds the images it was measured on, and not once one of

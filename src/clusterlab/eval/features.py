@@ -211,6 +211,14 @@ def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, def
             "scored_images": len(scored_set), "eval_resize": view.resize, "eval_crop": view.crop}
 
 
+def view_words(view: EvalView, images: ImageSet) -> str:
+    """The test view as a result line names it: "20 px" (an in-memory set seen whole at that size, or image files
+    resized to it), "28 px, centre 20 px" (image files whose shorter side is resized to 28, then the centre crop)."""
+    if images.in_memory or view.resize == view.crop:
+        return f"{view.crop} px"
+    return f"{view.resize} px, centre {view.crop} px"
+
+
 def folder_name(path: str | Path) -> str:
     """An image folder's name in records: the last component of its real path, printable (a name that is not UTF-8
     could not be written to the tables)."""
@@ -251,6 +259,9 @@ class Evaluation:
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
         return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
                              self.default_crop)
+
+    def view_words(self, scored_set: ImageSet | None = None) -> str:
+        return view_words(self.loaded.method.eval_view, scored_set or self.test_set)
 
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:

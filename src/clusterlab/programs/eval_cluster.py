@@ -24,7 +24,7 @@ from ..config import bool_flag
 from ..engine import found_on_every_rank, max_over_ranks
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
-                             open_pixel_baseline, pixels, recorded_view, require_finite)
+                             open_pixel_baseline, pixels, recorded_view, require_finite, view_words)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -83,7 +83,8 @@ def main(argv=None):
             scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
             if args.normalize:
                 fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
-            kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, bases)
+            kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, bases,
+                   view_words(view, scored_set))
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -102,7 +103,7 @@ def main(argv=None):
                 scored_x = fit_x if fit_set is scored_set else evaluation.features(
                     scored_set, args.features, ctx.device, args.batch_size, args.workers, normalize=args.normalize)
                 kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x,
-                       scored_x, scored_set, bases)
+                       scored_x, scored_set, bases, evaluation.view_words(scored_set))
     distributed.shutdown()
 
 
@@ -153,8 +154,10 @@ def kmeans_protocols(args, ctx, run_dir, checkpoint_name, position, fit_images: 
     return bases
 
 
-def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, bases: dict):
-    """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records."""
+def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, bases: dict,
+           seen: str):
+    """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records; `seen` names the test
+    view (view_words)."""
     if not ctx.is_main:
         return
     for clusters, base in bases.items():
@@ -165,7 +168,7 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
                     f"seed{args.seed}" if args.seed else ""]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
-               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on})",
+               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on}, {seen})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
 
 
@@ -194,7 +197,7 @@ def heads(args, ctx, evaluation, scored_set):
         finite = torch.stack([torch.isfinite(head).all(dim=1) for head in logits], dim=1)
         return chosen_class.masked_fill(~finite, float("nan"))
 
-    view = evaluation.data_protocol(scored_set)
+    view, seen = evaluation.data_protocol(scored_set), evaluation.view_words(scored_set)
     pending = {}  # head: the records it still needs
     for head, size in enumerate(sizes):
         # Every head's own record, the chosen one's included, so that a head's row holds it for every seed; the
@@ -223,7 +226,7 @@ def heads(args, ctx, evaluation, scored_set):
         if pending[head]:
             marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
-                   sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked})",
+                   sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {seen})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:

@@ -18,7 +18,7 @@ from ..data.registry import image_source
 from ..engine import found_on_every_rank
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
-                             requested_checkpoint_name, requested_record)
+                             requested_checkpoint_name, requested_record, view_words)
 from ..eval.knn import knn_accuracies
 
 
@@ -70,6 +70,7 @@ def main(argv=None):
         train_labels = train_set.labels
         position = checkpoint_name = None
         data_keys = data_protocol(train_set, test_set, view, train_set.image_size)
+        seen = view_words(view, test_set)
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -77,6 +78,7 @@ def main(argv=None):
         run_dir, run_args, position = loaded.run_dir, loaded.args, loaded.position
         checkpoint_name = loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
+        seen = evaluation.view_words()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
             train_x, written = memory_bank_features(loaded, train_set)
@@ -102,7 +104,7 @@ def main(argv=None):
                                          run=Path(run_dir).name)
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
-                  f"{args.train_features}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
+                  f"{args.train_features}, {seen}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
                   f"top5 {metrics['top5']:.4f}  [{run_dir}" + (f", epoch {record['epoch']}]" if position else "]"))
     distributed.shutdown()
 
