@@ -155,6 +155,25 @@ def test_skip_recorded_k_means_of_another_split_is_evaluated(tiny_run, tmp_path,
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 2
 
 
+def test_a_stop_while_k_means_figures_are_drawn_leaves_no_record_without_them(tiny_run, tmp_path, monkeypatch):
+    """A stop signal (the exit for the requeue) while eval_cluster drew its figures came after the record: the
+    requeued job's --skip_recorded took the evaluation as done, and its figures were never drawn."""
+    from clusterlab.programs import eval_cluster
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1]
+
+    def stopped(*args):
+        raise SystemExit(75)
+    with monkeypatch.context() as patched:
+        patched.setattr(eval_cluster, "cluster_samples_png", stopped)
+        with pytest.raises(SystemExit):
+            evaluate(*cluster)
+    assert not (run / "metrics.jsonl").exists()
+    evaluate(*cluster)
+    assert len(records(run)) == 1 and len(list(run.glob("kmeans_k10_*_samples.png"))) == 1
+
+
 def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(tmp_path, capsys):
     """A stop between the two records of CIFAR-100's k-means (classes, then superclasses) left the superclass record
     unwritten for good: --skip_recorded took the class record alone for the evaluation."""

@@ -129,8 +129,9 @@ def test_a_signal_where_nothing_is_saved_says_so_and_exits_75():
     done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 75
-    assert done.stderr == ("SIGUSR2: stopped before anything was saved (a start or an evaluation); exit status 75: "
-                           "a requeued job or the same command again does it over\n")
+    assert done.stderr == ("SIGUSR2: stopped where no checkpoint is written (a start, or an evaluation, whose finished "
+                           "records are kept); exit status 75: a requeued job or the same command again does the "
+                           "rest\n")
 
 
 def _stopped_by_rank_one(rank, world_size):

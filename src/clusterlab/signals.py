@@ -67,8 +67,9 @@ def _leave_unsaved() -> None:
     print."""
     name = signal.Signals(_received or signal.SIGUSR2).name
     with contextlib.suppress(OSError):  # stderr closed or a broken pipe: the exit status is what matters
-        os.write(2, f"{name}: stopped before anything was saved (a start or an evaluation); exit status "
-                    f"{EXIT_REQUEUE}: a requeued job or the same command again does it over\n".encode())
+        os.write(2, f"{name}: stopped where no checkpoint is written (a start, or an evaluation, whose finished "
+                    f"records are kept); exit status {EXIT_REQUEUE}: a requeued job or the same command again does "
+                    f"the rest\n".encode())
     leave()
 
 

@@ -246,13 +246,19 @@ def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, sett
 def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, bases, title, tag,
            plot=True):
     """Append the records of one assignment (classes, and superclasses where the dataset has them), one for each
-    protocol of `bases` (a head's own record and, for the chosen head, the run's result: the same metrics)."""
+    protocol of `bases` (a head's own record and, for the chosen head, the run's result: the same metrics), after
+    its figures: a stop signal between the two would leave a record whose figures `--skip_recorded` never draws."""
     truth = scored_set.labels.numpy()
     _, mapping_kind = cluster_mapping(truth, predicted, clusters, scored_set.num_classes)
     views = [("classes", cluster_metrics(truth, predicted, clusters, scored_set.num_classes), False)]
     if scored_set.superclass_labels is not None:
         views.append(("superclasses", superclass_metrics(truth, scored_set.superclass_labels.numpy(), predicted,
                                                          clusters, scored_set.num_classes), True))
+    if args.plot and plot:
+        stem = Path(run_dir) / f"{tag}_{Path(checkpoint_name or 'pixels').stem}_{args.split}"
+        confusion_png(truth, predicted, clusters, scored_set.class_names, f"{stem}_confusion.png",
+                      f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
+        cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
     for base in bases:
         for _, metrics, superclass in views:
             protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
@@ -264,9 +270,4 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
     for label, metrics, _ in views:
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "
               f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
-    if args.plot and plot:
-        stem = Path(run_dir) / f"{tag}_{Path(checkpoint_name or 'pixels').stem}_{args.split}"
-        confusion_png(truth, predicted, clusters, scored_set.class_names, f"{stem}_confusion.png",
-                      f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
-        cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
 
