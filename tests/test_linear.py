@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,24 @@ def test_test_features_are_computed_in_the_precision_the_probe_trains_in(tiny_ru
     torch.set_num_threads(1)
     eval_linear.main(["--run", str(run), "--epochs", "1", "--device", "cpu", "--amp", amp])
     assert precisions == [seen]  # the test split's features (the augmented protocol extracts no train features)
+
+
+def test_a_probe_resumed_through_another_path_to_its_run_records_no_change(tiny_run, tmp_path, monkeypatch, capsys):
+    """--run, --checkpoint and --skip_recorded name the weights and what to skip, not how the probe learns: a probe
+    stopped mid-run and resumed by hand, through another path to its run, said its flags had changed and wrote
+    resume_changes into its config.yaml."""
+    from clusterlab import signals
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    probe = ["--epochs", "2", "--batch_size", "64", "--cached_features", "true", "--device", "cpu"]
+    with monkeypatch.context() as stopping:
+        stopping.setattr(signals, "received", lambda: signal.SIGUSR2)  # at the end of the first step
+        with pytest.raises(SystemExit) as stopped:
+            eval_linear.main(["--run", str(run), "--skip_recorded", "true", *probe])
+    assert stopped.value.code == 75
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    eval_linear.main(["--run", "run/../run", "--checkpoint", "checkpoint_ep0002.pth", *probe])
+    assert "changed" not in capsys.readouterr().out
+    (probe_dir,) = run.glob("linear_*")
+    assert yaml.safe_load((probe_dir / "config.yaml").read_text())["resume_changes"] == []

@@ -227,14 +227,17 @@ def revision(record: dict, run_config: dict | None) -> str:
 # compile and channels_last, which compute the same up to float rounding; find_unused, a DDP bookkeeping switch); and
 # what it writes on the side (log_every, checkpoint_epochs, the kNN monitor's knn_monitor_every/_k/_features, which
 # only log); and SCAN's mining_crop, compared as the view config.yaml records as neighbours_mined_on (the one the
-# run mined on at its first start, which a resume with another --mining_crop does not change). Everything else
+# run mined on at its first start, which a resume with another --mining_crop does not change); and a linear probe's
+# run, checkpoint and skip_recorded (the path of the run it probes, which a moved run changes, and the name of its
+# weights: the probe's folder stands for one state of them; whether to skip a recorded evaluation). Everything else
 # stays, including amp, sync_bn, sinkhorn_dtype, label_dtype and label_batch_size (precision and batch statistics
 # change the numbers: amp is compared as the precision that ran, config.yaml's `precision`, since --amp auto is bf16
 # on one device and float32 on another) and epochs (a checkpoint of a 400-epoch schedule is not one of a 200-epoch
 # schedule).
 NOT_SETTINGS = frozenset({"seed", "output_dir", "data_path", "download", "config", "pretrained", "device", "workers",
                           "compile", "channels_last", "find_unused", "log_every", "checkpoint_epochs",
-                          "knn_monitor_every", "knn_monitor_k", "knn_monitor_features", "mining_crop"})
+                          "knn_monitor_every", "knn_monitor_k", "knn_monitor_features", "mining_crop", "run",
+                          "checkpoint", "skip_recorded"})
 # The recipe label of a run whose settings are unknown (no readable config.yaml) in a row split by recipe.
 UNKNOWN_RECIPE = "unknown"
 
