@@ -361,6 +361,11 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
     ("eval_linear.py", None, ["--run", "RUN", "--cached_features", "true", "--channels_last", "--device", "cpu"],
      ["--channels_last does nothing with --cached_features true", "--cached_features false"],
      "linear-cached-channels-last"),
+    # trained the cosine schedule, while the record and the probe's folder named the drops
+    ("eval_linear.py", None, ["--run", "RUN", "--lr_drops", 1, "--device", "cpu"],
+     ["--lr_drops 1", "drops of --schedule step", "--schedule is cosine"], "linear-drops-without-step"),
+    ("main_pretrain.py", None, [*TRAIN, "--lr_drops", 1, "--output_dir", "NEW"],
+     ["--lr_drops 1", "drops of --schedule step", "--schedule is cosine"], "pretrain-drops-without-step"),
 ]
 
 

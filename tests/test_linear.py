@@ -189,3 +189,14 @@ def test_a_probe_resumed_through_another_path_to_its_run_records_no_change(tiny_
     assert "changed" not in capsys.readouterr().out
     (probe_dir,) = run.glob("linear_*")
     assert yaml.safe_load((probe_dir / "config.yaml").read_text())["resume_changes"] == []
+
+
+def test_probe_folders_of_values_that_differ_by_their_exponents_sign_differ(tmp_path):
+    """Characters a folder name should not hold became "-", so that --lr_gamma 1e+20 trained in the folder of
+    --lr_gamma 1e-20 (and the second was refused as a resume with other flags)."""
+    args = argparse.Namespace(eval_crop=0, eval_resize=0, cached_features=True)
+    loaded = argparse.Namespace(epoch=2, step=0, checkpoint_name="checkpoint.pth", run_dir=tmp_path,
+                                args=argparse.Namespace(dataset="digits"))
+    names = {eval_linear.probe_dir(args, loaded, "digits", {"precision": None}, {"lr_gamma": gamma}).name
+             for gamma in (1e20, 1e-20)}
+    assert names == {"linear_ep0002_cached_lr_gamma1e20", "linear_ep0002_cached_lr_gamma1e-20"}

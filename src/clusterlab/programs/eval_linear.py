@@ -89,12 +89,14 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path
         flags.append(f"_{foreign}")
     name = (f"linear_ep{loaded.epoch:04d}{f'_step{loaded.step}' if loaded.step else ''}"
             f"{'_cached' if args.cached_features else ''}{''.join(flags)}")
-    return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    # (a value's "+" is left out: "-" in its place named 1e+20 as 1e-20)
+    return loaded.run_dir / re.sub(r"[^A-Za-z0-9._-]", "-", name.replace("+", ""))
 
 
 def check_flags(args, method: type | None = None) -> None:
     """Refuse flags that cannot go together, on one line (whatever the run's method: launch.py asks before it
     submits a grid's jobs, as it asks the other evaluations)."""
+    cli.check_schedule_flags(args)
     if args.cached_features and (args.compile or args.channels_last):
         flag = "--compile" if args.compile else "--channels_last"
         raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "

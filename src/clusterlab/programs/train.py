@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint, config, data, distributed, engine
+from .. import checkpoint, cli, config, data, distributed, engine
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
@@ -72,6 +72,7 @@ def _method_parser(method: str):
 
 def parse_args(kind: str, argv=None):
     args = config.parse(get_args_parser(kind), argv, extend=lambda parser, known: add_method_args(kind, parser, known))
+    cli.check_schedule_flags(args)
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 
