@@ -268,6 +268,10 @@ CASES += [
     ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
                                "--train_features", "memory_bank", "--features", "embedding"],
      ["--train_features memory_bank", "raw pixels have no memory bank", "recomputed"], "baseline-memory-bank"),
+    # (a baseline names its data: it was scored again, and recorded again, every time)
+    ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                               "--skip_recorded", "true"], ["--skip_recorded 'true'", "leave it out"],
+     "baseline-skip-recorded"),
 ]
 
 

@@ -304,8 +304,10 @@ def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
         raise ConfigError(f"--baseline pixels scores no run (--run {args.run!r}): leave --run out; the record goes "
                           f"to --output_dir")
     # A run's flags, which would otherwise be dropped without a word.
+    # (--skip_recorded looks up a run's records of its own data: a baseline names its data, so it is scored again)
     for flag, value, meaningful in (("checkpoint", args.checkpoint, {None}), ("features", args.features, {"backbone"}),
-                                    ("assignment", getattr(args, "assignment", "auto"), {"auto", "kmeans"})):
+                                    ("assignment", getattr(args, "assignment", "auto"), {"auto", "kmeans"}),
+                                    ("skip_recorded", "true" if args.skip_recorded else None, {None})):
         if value not in meaningful:
             raise ConfigError(f"--baseline pixels scores no run, so --{flag} {value!r} means nothing: leave it out")
     train_set = load(args.dataset, "train", args.data_path, args.download)
