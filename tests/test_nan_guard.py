@@ -109,3 +109,15 @@ def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
     with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite after epoch 2"):
         trainer.end_of_epoch(2)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
+
+
+def test_a_scan_step_that_diverges_stops_with_the_one_line_message(tiny_run, tmp_path, run_in_process):
+    """SCAN's consistency is torch's binary cross-entropy, which raised on the NaN similarities of a diverged step
+    (a traceback, status.json "failed" with torch's words) before the guard could see a non-finite loss."""
+    run = tmp_path / "scan"
+    result = run_in_process("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", 4, "--device",
+                            "cpu", "--pretrained", tiny_run, "--epochs", 1, "--lr", "1e30", "--warmup_epochs", 0,
+                            "--output_dir", run)
+    assert_user_error(result, "main_cluster.py", "loss is not finite at epoch 0 step",
+                      "the last good checkpoint is none (no epoch finished)")
+    assert json.loads((run / "status.json").read_text())["reason"] == "non-finite loss"

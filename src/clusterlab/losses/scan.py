@@ -32,8 +32,10 @@ def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor, entro
     anchor_probs = F.softmax(anchor_logits.float(), dim=1)
     neighbour_probs = F.softmax(neighbour_logits.float(), dim=1)
     similarity = (anchor_probs * neighbour_probs).sum(dim=1)
-    # BCE against 1 is -log(similarity), clamped at -100 by torch with a finite gradient where it is 0
-    consistency = F.binary_cross_entropy(similarity, torch.ones_like(similarity))
+    # BCE against 1 is -log(similarity), clamped at -100 by torch with a finite gradient where it is 0. torch's BCE
+    # raises on a NaN input (logits of a diverged step): the loss is NaN instead, for the engine's non-finite stop.
+    consistency = F.binary_cross_entropy(similarity.nan_to_num(nan=1.0), torch.ones_like(similarity))
+    consistency = torch.where(similarity.isnan().any(), float("nan"), consistency)
     count = distributed.all_reduce_sum(anchor_probs.new_full((), len(anchor_probs)))
     mean_probs = (distributed.all_reduce_sum_with_grad(anchor_probs.sum(dim=0)) / count).clamp(min=ENTROPY_EPS)
     entropy = -(mean_probs * mean_probs.log()).sum()
