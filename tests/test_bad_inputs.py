@@ -268,6 +268,9 @@ CASES += [
     ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
                                "--train_features", "memory_bank", "--features", "embedding"],
      ["--train_features memory_bank", "raw pixels have no memory bank", "recomputed"], "baseline-memory-bank"),
+    ("eval_cluster.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
+                                   "--eval_crop", 3000], ["--eval_crop 3000", "at most 64"],
+     "baseline-crop-oversized"),
     # (a baseline names its data: it was scored again, and recorded again, every time)
     ("eval_knn.py", lambda t: ["--baseline", "pixels", "--dataset", "digits", "--output_dir", t / "pixels",
                                "--skip_recorded", "true"], ["--skip_recorded 'true'", "leave it out"],
@@ -365,6 +368,11 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
     ("eval_linear.py", None, ["--run", "RUN", "--cached_features", "true", "--channels_last", "--device", "cpu"],
      ["--channels_last does nothing with --cached_features true", "--cached_features false"],
      "linear-cached-channels-last"),
+    # a traceback of a failed allocation, or killed by the kernel without a word
+    ("eval_knn.py", None, ["--run", "RUN", "--eval_crop", 100000, "--device", "cpu"],
+     ["--eval_crop 100000", "more than 8 times the images' 8 px", "at most 64"], "eval-crop-oversized"),
+    ("main_pretrain.py", None, [*TRAIN, "--size_crops", 3000, "--output_dir", "NEW"],
+     ["--size_crops 3000", "more than 8 times the images' 8 px", "at most 64"], "pretrain-crop-oversized"),
     # trained the cosine schedule, while the record and the probe's folder named the drops
     ("eval_linear.py", None, ["--run", "RUN", "--lr_drops", 1, "--device", "cpu"],
      ["--lr_drops 1", "drops of --schedule step", "--schedule is cosine"], "linear-drops-without-step"),

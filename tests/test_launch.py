@@ -410,9 +410,10 @@ def test_sbatch_refusal_is_one_line(tmp_path, refusal, named):
                                "swav_digits_2ep_s0: ") and named in lines[0]
 
 
-def test_tasks_get_the_cpus_of_the_job(tmp_path):
+def test_tasks_get_the_cpus_of_the_job(tmp_path, monkeypatch):
     """Since Slurm 22.05 srun does not take --cpus-per-task from the job: submitit's srun and the generated scripts'
     srun are told (the scripts through SRUN_CPUS_PER_TASK)."""
+    monkeypatch.setenv("PATH", fake_slurm(tmp_path)["PATH"])  # submitit builds a Slurm executor where srun is
     executor = make_executor(tmp_path, {**RESOURCE_DEFAULTS, "tasks_per_node": 1, "cpus_per_task": 6}, "slurm", "x")
     assert executor._executor.parameters["srun_args"] == ["--cpus-per-task", "6"]
     script = (ROOT / "sbatch" / "unmix_c10_400ep.sh").read_text()

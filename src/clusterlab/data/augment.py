@@ -418,6 +418,20 @@ class EvalView:
         return cls(crop, resize)
 
 
+# A crop or test view above this many times the images' size is a slip of the keyboard (--eval_crop 2240).
+MAX_UPSCALE = 8
+
+
+def refuse_oversized(sizes: dict[str, int], image_size: int) -> None:
+    """Refuse crops and test views (flag: size) above MAX_UPSCALE x the images' (nominal) size: a batch of them ran
+    out of memory, with a traceback or, killed by the kernel, without a word."""
+    limit = MAX_UPSCALE * image_size
+    for flag, size in sizes.items():
+        if size > limit:
+            raise ConfigError(f"{flag} {size}: more than {MAX_UPSCALE} times the images' {image_size} px; give at "
+                              f"most {limit}")
+
+
 def resized(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
     """Pixels in [0, 1], the whole image resized to `size` (if it differs)."""
     images = images_uint8.float().div_(255.0)

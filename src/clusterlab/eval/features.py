@@ -13,7 +13,7 @@ from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
-from ..data.augment import EvalView, eval_view
+from ..data.augment import EvalView, eval_view, refuse_oversized
 from ..data.registry import imagefolder_sizes, resolve_path
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
@@ -283,6 +283,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     _refuse_resize_of_whole_images(args, train_set)
+    refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, train_set.image_size)
     return Evaluation(loaded, train_set, test_set, default_crop)
 
 
@@ -312,6 +313,7 @@ def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
             raise ConfigError(f"--baseline pixels scores no run, so --{flag} {value!r} means nothing: leave it out")
     train_set = load(args.dataset, "train", args.data_path, args.download)
     _refuse_resize_of_whole_images(args, train_set)
+    refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, train_set.image_size)
     scored_set = load(args.dataset, scored_split, args.data_path, args.download)
     run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None,
                                   seed=getattr(args, "seed", None))

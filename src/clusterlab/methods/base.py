@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import cli, distributed
-from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs
+from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs, refuse_oversized
 from ..config import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..errors import ConfigError
 from ..models import INITS
@@ -159,11 +159,14 @@ class Method(nn.Module):
 
     def check_training_settings(self) -> None:
         """Settings no run can train with, refused before anything is written (training starts only: evaluations
-        rebuild the methods of runs that older code trained). Crops or a test view smaller than the backbone takes
+        rebuild the methods of runs that older code trained). Crops or a test view of more than 8 times the images'
+        size (data/augment.refuse_oversized), or smaller than the backbone takes
         (AlexNet's pools need 63 px; they failed at the first step, deep inside a pooling layer); a hue jitter that
         --color_strength scales past half the colour circle (it wraps; torchvision refuses it); a kNN monitor on a
         memory bank the method does not keep (it failed at the first epoch's end)."""
         args = self.args
+        refuse_oversized({"--size_crops": max(args.size_crops), "--eval_crop": args.eval_crop,
+                          "--eval_resize": args.eval_resize}, self.info.image_size)
         smallest = getattr(self.backbone, "min_input_size", 1)
         given = min(*(size or self.info.image_size for size in args.size_crops), self.eval_size)
         if given < smallest:
