@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -540,6 +541,36 @@ def test_read_only_output_dir_is_one_line(tmp_path):
     assert files == {}
 
 
+
+# An evaluation program run in-process, telling on stdout when it starts computing features (or pixels).
+EVALUATION_WATCHED = """
+import sys
+from clusterlab.eval import features
+from clusterlab.programs import run
+computing = features.extract
+def told(*args, **kwargs):
+    print("computing features", flush=True)
+    return computing(*args, **kwargs)
+features.extract = told
+sys.argv = sys.argv[1:]
+run(sys.argv[0], sys.argv[1:])
+"""
+
+
+@needs_mount
+@pytest.mark.parametrize("program, flags", [("eval_knn.py", ["--k", "5"]), ("eval_cluster.py", ["--restarts", "1"]),
+                                            ("eval_linear.py", ["--epochs", "1", "--cached_features", "true"])])
+def test_an_evaluation_of_a_read_only_run_stops_before_its_work(tiny_run, tmp_path, program, flags):
+    """The record's write, at the end, met the read-only run directory: the features (an hour of them on a large
+    set) were computed for nothing."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    argv = " ".join([PYTHON, "-c", shlex.quote(EVALUATION_WATCHED), program, "--run", str(run), "--device", "cpu",
+                     *flags])
+    script = f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && {argv}"
+    result = subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=180)
+    assert_user_error(result, program, "cannot write", str(run), "Read-only file system")
+    assert "computing features" not in result.stdout
 
 def test_a_run_trained_before_a_flag_existed_can_still_be_evaluated(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -49,6 +50,17 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.append_jsonl(run_dir / "metrics.jsonl", record, durable=True)
+
+
+def require_writable(run_dir: str | os.PathLike) -> None:
+    """Meet now the error that appending a record would meet once the evaluation's work is done (a read-only file
+    system, a folder one may not write to): its closest existing folder takes a nameless temporary file. Every rank
+    asks, so that all of them leave together."""
+    folder = Path(run_dir).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 class Wanted(NamedTuple):

@@ -79,6 +79,7 @@ def main(argv=None):
         bases = kmeans_protocols(args, ctx, run_dir, None, None, len(fit_set), scored_set, "pixels",
                                  data_protocol(train_set, scored_set, view, train_set.image_size))
         if bases:
+            results.require_writable(run_dir)  # before the work, not at its record
             fit_x = pixels(fit_set, view, ctx.device, args.workers)
             scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
             if args.normalize:
@@ -98,6 +99,7 @@ def main(argv=None):
             bases = kmeans_protocols(args, ctx, loaded.run_dir, loaded.checkpoint_name, loaded.position, len(fit_set),
                                      scored_set, args.features, evaluation.data_protocol(scored_set))
             if bases:
+                results.require_writable(loaded.run_dir)
                 fit_x = evaluation.features(fit_set, args.features, ctx.device, args.batch_size, args.workers,
                                             normalize=args.normalize)
                 scored_x = fit_x if fit_set is scored_set else evaluation.features(
@@ -215,6 +217,7 @@ def heads(args, ctx, evaluation, scored_set):
     # with a head left makes every rank take part in the pass over the split (a requeued job whose heads are all
     # recorded makes none).
     if max_over_ranks(float(any(pending.values())), ctx.device):
+        results.require_writable(loaded.run_dir)
         assignments = require_finite(extract(classes, scored_set, method.eval_view, method.info.mean, method.info.std,
                                              ctx.device, args.batch_size, args.workers, normalize=False),
                                      loaded, "head logits", scored_set).long().cpu().numpy().T

@@ -64,6 +64,7 @@ def main(argv=None):
         return
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
+        results.require_writable(run_dir)  # before the work, not at its record
         view = baseline_view(args, train_set)
         train_x, test_x = (F.normalize(pixels(s, view, ctx.device, args.workers), dim=1).to(ctx.device)
                            for s in (train_set, test_set))
@@ -76,6 +77,7 @@ def main(argv=None):
         loaded = evaluation.loaded
         check_flags(args, type(loaded.method))
         run_dir, run_args, position = loaded.run_dir, loaded.args, loaded.position
+        results.require_writable(run_dir)
         checkpoint_name = loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
         seen = evaluation.view_words()

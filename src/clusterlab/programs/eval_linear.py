@@ -120,6 +120,7 @@ def main(argv=None):
     engine.seed_everything(args.seed)
     evaluation = open_evaluation(args, ctx.device)
     loaded, method = evaluation.loaded, evaluation.loaded.method
+    results.require_writable(loaded.run_dir)  # the probe's folder, before the test features are computed
     info, size = method.info, method.eval_size
 
     precision = engine.resolve_precision(args.amp, ctx.device)
