@@ -323,6 +323,12 @@ def locked(run: Path) -> None:
     (run / ".lock").write_text(json.dumps(holder))
 
 
+def probe_locked(run: Path) -> None:
+    """The folder of `eval_linear.py --run RUN --epochs 1 --cached_features true` held by another process."""
+    (run / "linear_ep0002_cached_epochs1").mkdir()
+    locked(run / "linear_ep0002_cached_epochs1")
+
+
 TRAIN = [*TINY, "--epochs", 2]
 RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folder, words, id)
     ("eval_knn.py", None, ["--run", "RUN", "--checkpoint", "checkpoint_ep0009.pth"],
@@ -355,6 +361,10 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      "pretrained-unfinished"),
     ("main_pretrain.py", locked, [*TRAIN, "--output_dir", "RUN"], ["is in use by pid", "another --output_dir"],
      "run-locked"),
+    # (its advice was "use another --output_dir", a flag eval_linear.py does not have)
+    ("eval_linear.py", probe_locked, ["--run", "RUN", "--epochs", 1, "--cached_features", "true", "--device", "cpu"],
+     ["linear_ep0002_cached_epochs1' is in use by pid", "wait for it, stop it, or probe with other flags"],
+     "probe-locked"),
     ("eval_linear.py", None, ["--run", "RUN", "--eval_resize", 16, "--device", "cpu"],
      ["--eval_resize 16", "digits is seen whole", "leave it out"], "eval-resize-in-memory"),
     ("eval_knn.py", metrics_a_folder, ["--run", "RUN", "--k", 5, "--device", "cpu"],

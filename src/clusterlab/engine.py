@@ -598,12 +598,13 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
+def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = "use another --output_dir"):
     """Hold the run directory's lock (rank 0) for the block; a failure inside it is recorded in status.json.
 
     A run that has not yet started training (nothing written but the lock) leaves the directory as it found it: a
     directory this call created is removed again. Once training has started (status.json says "running"), any
     failure becomes state "failed" with its one-line reason; a requeue (exit 75) leaves "interrupted" in place.
+    `elsewhere`: the way around a directory another process holds, as its message gives it.
     """
     run_dir = Path(run_dir)
     if not ctx.is_main:
@@ -621,7 +622,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context):
             raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
         _refuse_foreign_config(run_dir)
         created = not run_dir.exists()
-        lock = rundir.RunLock(run_dir)
+        lock = rundir.RunLock(run_dir, elsewhere)
         lock.acquire()
     except BaseException:
         _share_outcome(ctx, taken=False)

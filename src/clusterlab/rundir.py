@@ -240,9 +240,10 @@ def _stale(holder: dict) -> bool:
 class RunLock:
     """Exclusive right to write a run directory, held by rank 0 of the training program for its whole life."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, elsewhere: str = "use another --output_dir"):
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
+        self.elsewhere = elsewhere  # the way around a directory in use, in its holder's message
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +259,7 @@ class RunLock:
                 self._remove_if_unchanged(seen)
                 continue
             raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
-                              f"wait for it, stop it, or use another --output_dir")
+                              f"wait for it, stop it, or {self.elsewhere}")
         raise ConfigError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
 
     def _create(self, text: str) -> bool:

@@ -71,19 +71,21 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
-def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict) -> Path:
+def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, default_crop: int) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
-    asked for, and a checkpoint from outside the run (by a digest of its path)."""
+    asked for (a crop other than the run's own `default_crop`: the same view asked for by name trained a second,
+    identical probe), and a checkpoint from outside the run (by a digest of its path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key, value in changed.items()]
     if protocol["precision"]:
         flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
-    flags += [f"_{label}{value}" for label, value in (("crop", args.eval_crop), ("resize", args.eval_resize)) if value]
+    crop = args.eval_crop if args.eval_crop != default_crop else 0
+    flags += [f"_{label}{value}" for label, value in (("crop", crop), ("resize", args.eval_resize)) if value]
     foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
     if foreign:
         flags.append(f"_{foreign}")
@@ -151,8 +153,10 @@ def main(argv=None):
                                      fingerprint=evaluation.train_set.fingerprint)
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
-    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed))
-    with engine.owned_run_dir(probe_args.output_dir, ctx) as run:
+    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed,
+                                          evaluation.default_crop))
+    # (its folder is named after the probe's flags: another probe is one with other flags)
+    with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags") as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
         for epoch in range(start_epoch, args.epochs):
