@@ -75,6 +75,7 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("grey_p", [True], "expected a number"),                 # a probability: float(True) would silently be 1.0
     ("hue", False, "expected a number"),                     # a range of its own type
     ("optimizer", "adamw", "is not one of: sgd, lars, adam"),  # a bad choice
+    ("amp", False, "YAML reads an unquoted off, no or false as False: quote the word"),  # `amp: off`
     ("nesterov", "maybe", "invalid boolean 'maybe'"),
     ("arch", ["a", "b"], "expected one value, got list"),    # a flag without a type takes one string
     ("nmb_crops", [2, "x"], "'x'"),                        # one bad item of a list flag

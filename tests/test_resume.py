@@ -428,6 +428,10 @@ def test_the_eta_of_a_resumed_epoch_counts_only_the_steps_this_start_ran(monkeyp
     record = {"epoch": 0, "step": 900, "loss": 1.0, "lr": 0.1, "img_per_s": 5.0}
     assert trainer.progress_line(record, epoch_start=999.0, step=900, start_step=900).endswith("eta 0:18:19")
     assert trainer.progress_line(record, epoch_start=99.0, step=900).endswith("eta 0:18:19")
+    # the learning rate in 5 significant digits: 5 decimals printed 1e-6 as 0.00000 and a diverging 4e29 in 36 digits
+    rates = [trainer.progress_line({**record, "lr": lr}, 999.0, 900, 900).split(" lr ")[1].split()[0]
+             for lr in (0.84706, 3e-4, 1e-6, 4.0579710144927538e29)]
+    assert rates == ["0.84706", "0.0003", "1e-06", "4.058e+29"]
 
 
 def test_a_resume_gives_back_the_global_generators_of_the_checkpoint(tmp_path):

@@ -199,7 +199,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key {key!r} has the invalid value {value!r} ({err})") from None
     if action.choices is not None and converted not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        raise ConfigError(f"{source}: key {key!r} = {converted!r} is not one of: {choices}")
+        # (`amp: off` is YAML's false: the value named would be one the file never spells)
+        words = "on, yes or true" if value is True else "off, no or false"
+        unquoted = f" (YAML reads an unquoted {words} as {value}: quote the word)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{source}: key {key!r} = {converted!r} is not one of: {choices}{unquoted}")
     return converted
 
 

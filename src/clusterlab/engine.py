@@ -484,7 +484,7 @@ class Trainer:
         terms = " ".join(f"{k} {record[k]:.4f}" for k in record if k not in STEP_FIELDS)
         scale = f" loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
         return (f"epoch {record['epoch'] + 1}/{self.args.epochs} step {done}/{self.steps_per_epoch} "
-                f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f}{scale} img/s {record['img_per_s']:.0f} "
+                f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5g}{scale} img/s {record['img_per_s']:.0f} "
                 f"eta {eta}")
 
     # ---- between epochs, and leaving ----
