@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clusterlab import data, engine  # noqa: E402
 from clusterlab.data.augment import ColorSpec, CropSpec, MultiCrop  # noqa: E402
-from clusterlab.distributed import Context, take_device  # noqa: E402
+from clusterlab.distributed import Context, pick_device, take_device  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
 from clusterlab.ops.sinkhorn import sela_sinkhorn, sinkhorn  # noqa: E402
@@ -533,7 +533,7 @@ def parse_options(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     options = parse_options(argv)
     started = time.monotonic()
-    device = take_device(torch.device(options.device))  # cuDNN's autotuning on, as every training run has it
+    device = take_device(pick_device(options.device))  # cuda:0, cuDNN's autotuning on, as every training run has it
     command = shlex.join(["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         context = Check(device, TINY if options.tiny else FULL, options.tiny, Path(workdir),

@@ -383,6 +383,9 @@ RUN_CASES = [  # (script, change the run, arguments with RUN for the run's folde
      ["--eval_crop 100000", "more than 8 times the images' 8 px", "at most 64"], "eval-crop-oversized"),
     ("main_pretrain.py", None, [*TRAIN, "--size_crops", 3000, "--output_dir", "NEW"],
      ["--size_crops 3000", "more than 8 times the images' 8 px", "at most 64"], "pretrain-crop-oversized"),
+    ("main_cluster.py", None, ["--method", "scan", "--dataset", "digits", "--width", 4, "--device", "cpu",
+                               "--pretrained", "RUN", "--mining_crop", 3000, "--output_dir", "NEW"],
+     ["--mining_crop 3000", "at most 64"], "scan-mining-crop-oversized"),
     # trained the cosine schedule, while the record and the probe's folder named the drops
     ("eval_linear.py", None, ["--run", "RUN", "--lr_drops", 1, "--device", "cpu"],
      ["--lr_drops 1", "drops of --schedule step", "--schedule is cosine"], "linear-drops-without-step"),

@@ -75,7 +75,7 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
     ("grey_p", [True], "expected a number"),                 # a probability: float(True) would silently be 1.0
     ("hue", False, "expected a number"),                     # a range of its own type
     ("optimizer", "adamw", "is not one of: sgd, lars, adam"),  # a bad choice
-    ("amp", False, "YAML reads an unquoted off, no or false as False: quote the word"),  # `amp: off`
+    ("amp", False, "YAML reads an unquoted off as False: write 'off' in quotes"),  # `amp: off`
     ("nesterov", "maybe", "invalid boolean 'maybe'"),
     ("arch", ["a", "b"], "expected one value, got list"),    # a flag without a type takes one string
     ("nmb_crops", [2, "x"], "'x'"),                        # one bad item of a list flag
@@ -435,3 +435,13 @@ def test_the_length_in_the_unit_named_last_applies(tmp_path, base_values, values
     path = write_yaml(tmp_path, {"base": "base.yaml", **values})
     args = pretrain.parse_args(["--config", path, *argv])
     assert (args.freeze_prototypes_niters, args.freeze_prototypes_epochs) == expected
+
+
+def test_a_methods_own_drops_do_not_stand_against_another_schedule():
+    """NPID's recipe drops (120 160) are its flags' defaults: a run asking only for --schedule cosine was refused
+    for drops it never gave, and a run started so before the refusal could not be requeued."""
+    args = pretrain.parse_args(["--method", "npid", "--dataset", "digits", "--schedule", "cosine"])
+    assert (args.schedule, args.lr_drops) == ("cosine", [120, 160])
+    with pytest.raises(ConfigError, match="--lr_drops 10 20: drops of --schedule step, but --schedule is cosine"):
+        pretrain.parse_args(["--method", "npid", "--dataset", "digits", "--schedule", "cosine", "--lr_drops", "10",
+                             "20"])

@@ -172,6 +172,14 @@ def test_a_stop_while_k_means_figures_are_drawn_leaves_no_record_without_them(ti
     assert not (run / "metrics.jsonl").exists()
     evaluate(*cluster)
     assert len(records(run)) == 1 and len(list(run.glob("kmeans_k10_*_samples.png"))) == 1
+    # A figure that fails to draw (not a stop) leaves the record, then its error ends the program.
+    def broken(*args):
+        raise RuntimeError("no figure")
+    with monkeypatch.context() as patched:
+        patched.setattr(eval_cluster, "cluster_samples_png", broken)
+        with pytest.raises(RuntimeError, match="no figure"):
+            evaluate(*cluster, "--clusters", 5)
+    assert [r["protocol"]["clusters"] for r in records(run)] == [10, 5]
 
 
 def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(tmp_path, capsys):

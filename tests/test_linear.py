@@ -16,6 +16,7 @@ import torch.nn as nn
 import yaml
 
 from clusterlab import distributed, engine
+from clusterlab.data.augment import EvalView
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
@@ -197,18 +198,19 @@ def test_probe_folders_of_values_that_differ_by_their_exponents_sign_differ(tmp_
     args = argparse.Namespace(eval_crop=0, eval_resize=0, cached_features=True)
     loaded = argparse.Namespace(epoch=2, step=0, checkpoint_name="checkpoint.pth", run_dir=tmp_path,
                                 args=argparse.Namespace(dataset="digits"))
-    names = {eval_linear.probe_dir(args, loaded, "digits", {"precision": None}, {"lr_gamma": gamma}, 16).name
-             for gamma in (1e20, 1e-20)}
+    names = {eval_linear.probe_dir(args, loaded, "digits", {"precision": None}, {"lr_gamma": gamma},
+                                   EvalView(16, 16)).name for gamma in (1e20, 1e-20)}
     assert names == {"linear_ep0002_cached_lr_gamma1e20", "linear_ep0002_cached_lr_gamma1e-20"}
 
 
 def test_the_runs_own_test_view_asked_for_by_name_is_the_same_probe(tmp_path):
-    """--eval_crop at the run's own test view trained a second, identical probe in a folder of its own (_crop16)."""
+    """--eval_crop / --eval_resize at the run's own test view (ImageNet's 224 of 256) trained a second, identical
+    probe in a folder of its own (_crop224, _resize256)."""
     loaded = argparse.Namespace(epoch=2, step=0, checkpoint_name="checkpoint.pth", run_dir=tmp_path,
-                                args=argparse.Namespace(dataset="digits"))
+                                args=argparse.Namespace(dataset="imagefolder"))
 
-    def folder(crop):
-        args = argparse.Namespace(eval_crop=crop, eval_resize=0, cached_features=True)
-        return eval_linear.probe_dir(args, loaded, "digits", {"precision": None}, {}, 16).name
-    assert folder(16) == folder(0) == "linear_ep0002_cached"
-    assert folder(12) == "linear_ep0002_cached_crop12"
+    def folder(crop, resize=0):
+        args = argparse.Namespace(eval_crop=crop, eval_resize=resize, cached_features=True)
+        return eval_linear.probe_dir(args, loaded, "imagefolder", {"precision": None}, {}, EvalView(224, 256)).name
+    assert folder(224) == folder(0) == folder(0, 256) == folder(224, 256) == "linear_ep0002_cached"
+    assert folder(192) == "linear_ep0002_cached_crop192" and folder(0, 288) == "linear_ep0002_cached_resize288"

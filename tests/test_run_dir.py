@@ -541,7 +541,6 @@ def test_read_only_output_dir_is_one_line(tmp_path):
     assert files == {}
 
 
-
 # An evaluation program run in-process, telling on stdout when it starts computing features (or pixels).
 EVALUATION_WATCHED = """
 import sys
@@ -557,20 +556,39 @@ run(sys.argv[0], sys.argv[1:])
 """
 
 
+def in_read_only_run(run: Path, program: str, *flags) -> subprocess.CompletedProcess:
+    """`program` with `flags` (RUN for `run`), `run` mounted read-only in a private mount namespace."""
+    argv = " ".join([PYTHON, "-c", shlex.quote(EVALUATION_WATCHED), program,
+                     *(shlex.quote(str(flag).replace("RUN", str(run))) for flag in flags)])
+    script = f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && {argv}"
+    return subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=180)
+
+
 @needs_mount
-@pytest.mark.parametrize("program, flags", [("eval_knn.py", ["--k", "5"]), ("eval_cluster.py", ["--restarts", "1"]),
-                                            ("eval_linear.py", ["--epochs", "1", "--cached_features", "true"])])
+@pytest.mark.parametrize("program, flags", [
+    ("eval_knn.py", ["--run", "RUN", "--k", "5"]),
+    ("eval_cluster.py", ["--run", "RUN", "--restarts", "1"]),
+    ("eval_linear.py", ["--run", "RUN", "--epochs", "1", "--cached_features", "true"]),
+    ("eval_knn.py", ["--baseline", "pixels", "--dataset", "digits", "--output_dir", "RUN/pixels"]),  # not made yet
+])
 def test_an_evaluation_of_a_read_only_run_stops_before_its_work(tiny_run, tmp_path, program, flags):
     """The record's write, at the end, met the read-only run directory: the features (an hour of them on a large
     set) were computed for nothing."""
     run = copy_run(tiny_run, tmp_path / "run")
-    argv = " ".join([PYTHON, "-c", shlex.quote(EVALUATION_WATCHED), program, "--run", str(run), "--device", "cpu",
-                     *flags])
-    script = f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && {argv}"
-    result = subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, env=script_env(), capture_output=True,
-                            text=True, timeout=180)
-    assert_user_error(result, program, "cannot write", str(run), "Read-only file system")
+    result = in_read_only_run(run, program, *flags, "--device", "cpu")
+    assert_user_error(result, program, f"cannot write {str(run)!r}: Read-only file system")
     assert "computing features" not in result.stdout
+
+
+@needs_mount
+def test_a_recorded_evaluation_of_a_read_only_run_is_skipped(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    knn = ["--run", "RUN", "--k", "5", "--device", "cpu", "--skip_recorded", "true"]
+    assert_ok(run_script("eval_knn.py", *[str(flag).replace("RUN", str(run)) for flag in knn]))
+    skipped = in_read_only_run(run, "eval_knn.py", *knn)
+    assert_ok(skipped)
+    assert "already recorded" in skipped.stdout and "computing features" not in skipped.stdout
 
 def test_a_run_trained_before_a_flag_existed_can_still_be_evaluated(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")

@@ -19,7 +19,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
                        help="download the dataset if missing (rank 0 only)")
     group.add_argument("--eval_crop", type=non_negative_int, default=0,
                        help="test view size (0: the largest --size_crops; a pixel baseline: the images' size); "
-                            "in-memory sets are resized whole to it")
+                            "in-memory sets are resized whole to it; at most 8 times the images' size")
     group.add_argument("--eval_resize", type=non_negative_int, default=0,
                        help="image folders: shorter side resized to this before the centre crop of --eval_crop "
                             "(0: the crop size; ImageNet: 256 for 224)")
@@ -32,10 +32,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=seed, default=0)
 
 
-def check_schedule_flags(args: argparse.Namespace) -> None:
+def check_schedule_flags(args: argparse.Namespace, default_drops: list[int] | None = None) -> None:
     """Refuse --lr_drops under a schedule that has no drops (it trained the schedule asked for, while the records
-    and a probe's folder named the drops)."""
-    if args.lr_drops and args.schedule != "step":
+    and a probe's folder named the drops). `default_drops`: the method's own (NPID's 120 160), which a run given
+    another --schedule has not asked for."""
+    if args.lr_drops and args.schedule != "step" and list(args.lr_drops) != list(default_drops or []):
         raise ConfigError(f"--lr_drops {' '.join(map(str, args.lr_drops))}: drops of --schedule step, but --schedule "
                           f"is {args.schedule}: add --schedule step, or leave --lr_drops out")
 

@@ -200,8 +200,9 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     if action.choices is not None and converted not in action.choices:
         choices = ", ".join(map(str, action.choices))
         # (`amp: off` is YAML's false: the value named would be one the file never spells)
-        words = "on, yes or true" if value is True else "off, no or false"
-        unquoted = f" (YAML reads an unquoted {words} as {value}: quote the word)" if isinstance(value, bool) else ""
+        meant = [word for word in (("on", "yes") if value is True else ("off", "no")) if word in action.choices]
+        unquoted = (f" (YAML reads an unquoted {meant[0]} as {value}: write '{meant[0]}' in quotes)"
+                    if isinstance(value, bool) and meant else "")
         raise ConfigError(f"{source}: key {key!r} = {converted!r} is not one of: {choices}{unquoted}")
     return converted
 

@@ -598,7 +598,7 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = "use another --output_dir"):
+def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = rundir.TRAINING_ELSEWHERE):
     """Hold the run directory's lock (rank 0) for the block; a failure inside it is recorded in status.json.
 
     A run that has not yet started training (nothing written but the lock) leaves the directory as it found it: a

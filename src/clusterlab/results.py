@@ -53,14 +53,17 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
 
 
 def require_writable(run_dir: str | os.PathLike) -> None:
-    """Meet now the error that appending a record would meet once the evaluation's work is done (a read-only file
-    system, a folder one may not write to): its closest existing folder takes a nameless temporary file. Every rank
-    asks, so that all of them leave together."""
+    """Meet now, before an evaluation's work, the error that appending its record would meet once the work is done
+    (a read-only file system, a folder one may not write to): the closest existing folder of `run_dir` takes a
+    nameless temporary file. Every rank asks, so that all of them leave together."""
     folder = Path(run_dir).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:  # (which names a file of its own choosing where it cannot make a nameless one)
+        raise OSError(error.errno, error.strerror, str(folder)) from None
 
 
 class Wanted(NamedTuple):

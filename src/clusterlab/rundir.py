@@ -237,10 +237,14 @@ def _stale(holder: dict) -> bool:
     return False
 
 
+# The way around a run directory another process holds, for a training program's (a probe's says its own).
+TRAINING_ELSEWHERE = "use another --output_dir"
+
+
 class RunLock:
     """Exclusive right to write a run directory, held by rank 0 of the training program for its whole life."""
 
-    def __init__(self, run_dir: str | os.PathLike, elsewhere: str = "use another --output_dir"):
+    def __init__(self, run_dir: str | os.PathLike, elsewhere: str = TRAINING_ELSEWHERE):
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
         self.elsewhere = elsewhere  # the way around a directory in use, in its holder's message

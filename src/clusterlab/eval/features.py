@@ -212,8 +212,9 @@ def data_protocol(train_set: ImageSet, scored_set: ImageSet, view: EvalView, def
 
 
 def view_words(view: EvalView, images: ImageSet) -> str:
-    """The test view as a result line names it: "20 px" (an in-memory set seen whole at that size, or image files
-    resized to it), "28 px, centre 20 px" (image files whose shorter side is resized to 28, then the centre crop)."""
+    """The test view as a result line names it: "20 px" (an in-memory set seen whole at that size; image files whose
+    shorter side is resized to 20, then cropped to their centre 20 x 20), "28 px, centre 20 px" (image files whose
+    shorter side is resized to 28, then the centre crop)."""
     if images.in_memory or view.resize == view.crop:
         return f"{view.crop} px"
     return f"{view.resize} px, centre {view.crop} px"
@@ -246,7 +247,7 @@ class Evaluation:
     loaded: LoadedRun
     train_set: ImageSet
     test_set: ImageSet
-    default_crop: int  # the run's own test view size, before --eval_crop
+    own_view: EvalView  # the run's own test view, before --eval_crop / --eval_resize
 
     def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int,
                  normalize: bool = True):
@@ -258,7 +259,7 @@ class Evaluation:
 
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
         return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
-                             self.default_crop)
+                             self.own_view.crop)
 
     def view_words(self, scored_set: ImageSet | None = None) -> str:
         return view_words(self.loaded.method.eval_view, scored_set or self.test_set)
@@ -271,7 +272,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
     loaded = load_run(args.run, args.checkpoint, device)
-    default_crop = loaded.method.eval_size
+    own_view = loaded.method.eval_view
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
         if getattr(args, flag):
             setattr(loaded.args, flag, getattr(args, flag))
@@ -284,7 +285,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
                           f"{loaded.method.info.channels}")
     _refuse_resize_of_whole_images(args, train_set)
     refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, train_set.image_size)
-    return Evaluation(loaded, train_set, test_set, default_crop)
+    return Evaluation(loaded, train_set, test_set, own_view)
 
 
 def _refuse_resize_of_whole_images(args: argparse.Namespace, images: ImageSet) -> None:

@@ -159,9 +159,9 @@ class Method(nn.Module):
 
     def check_training_settings(self) -> None:
         """Settings no run can train with, refused before anything is written (training starts only: evaluations
-        rebuild the methods of runs that older code trained). Crops or a test view of more than 8 times the images'
-        size (data/augment.refuse_oversized), or smaller than the backbone takes
-        (AlexNet's pools need 63 px; they failed at the first step, deep inside a pooling layer); a hue jitter that
+        rebuild the methods of runs that older code trained). Crops or a test view above MAX_UPSCALE times the
+        images' size (data/augment.refuse_oversized), or smaller than the backbone takes (AlexNet's pools need 63 px;
+        they failed at the first step, deep inside a pooling layer); a hue jitter that
         --color_strength scales past half the colour circle (it wraps; torchvision refuses it); a kNN monitor on a
         memory bank the method does not keep (it failed at the first epoch's end)."""
         args = self.args
@@ -240,7 +240,8 @@ def two_view_columns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.
 def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("augmentation (per crop group: count, size, scale range; then colour)")
     group.add_argument("--nmb_crops", type=positive_int, nargs="+", default=[2], help="crops per group")
-    group.add_argument("--size_crops", type=non_negative_int, nargs="+", default=[0], help="crop size per group (0: image size)")
+    group.add_argument("--size_crops", type=non_negative_int, nargs="+", default=[0],
+                       help="crop size per group (0: image size; at most 8 times the images' size)")
     group.add_argument("--min_scale_crops", type=positive_float, nargs="+", default=[0.14])
     group.add_argument("--max_scale_crops", type=positive_float, nargs="+", default=[1.0])
     group.add_argument("--brightness", type=non_negative_float, default=0.4)

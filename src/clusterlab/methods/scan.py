@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..config import non_negative_float, non_negative_int, positive_int
-from ..data.augment import EvalView
+from ..data.augment import EvalView, refuse_oversized
 from ..data.loader import resident
 from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
@@ -117,6 +117,7 @@ class SCAN(ClusterMethod):
 
     def check_training_settings(self) -> None:
         super().check_training_settings()
+        refuse_oversized({"--mining_crop": self.args.mining_crop}, self.info.image_size)
         smallest = getattr(self.backbone, "min_input_size", 1)
         if 0 < self.args.mining_crop < smallest:
             raise ConfigError(f"--mining_crop {self.args.mining_crop}: --arch {self.args.arch} takes images of "

@@ -74,7 +74,7 @@ def run(script: str, argv=None):
     except SystemExit as leaving:  # the requeue (75), a one-line error (2), Ctrl-C (130)
         end_without_finalising(leaving.code)
         raise
-    except BaseException as crash:  # its traceback, then exit status 1 (130 for Ctrl-C), as Python's own would be
+    except BaseException as crash:  # its traceback, then exit status 1 (130: a Ctrl-C run_cli missed), as Python's
         if _joined_a_group():
             traceback.print_exc()
             end_without_finalising(crash_status(crash))

@@ -79,7 +79,7 @@ def main(argv=None):
         bases = kmeans_protocols(args, ctx, run_dir, None, None, len(fit_set), scored_set, "pixels",
                                  data_protocol(train_set, scored_set, view, train_set.image_size))
         if bases:
-            results.require_writable(run_dir)  # before the work, not at its record
+            results.require_writable(run_dir)
             fit_x = pixels(fit_set, view, ctx.device, args.workers)
             scored_x = fit_x if fit_set is scored_set else pixels(scored_set, view, ctx.device, args.workers)
             if args.normalize:
@@ -157,9 +157,9 @@ def kmeans_protocols(args, ctx, run_dir, checkpoint_name, position, fit_images: 
 
 
 def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, bases: dict,
-           seen: str):
-    """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records; `seen` names the test
-    view (view_words)."""
+           view_label: str):
+    """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records; `view_label` names the
+    test view (view_words)."""
     if not ctx.is_main:
         return
     for clusters, base in bases.items():
@@ -170,7 +170,7 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
                     f"seed{args.seed}" if args.seed else ""]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
-               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on}, {seen})",
+               f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on}, {view_label})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
 
 
@@ -199,7 +199,7 @@ def heads(args, ctx, evaluation, scored_set):
         finite = torch.stack([torch.isfinite(head).all(dim=1) for head in logits], dim=1)
         return chosen_class.masked_fill(~finite, float("nan"))
 
-    view, seen = evaluation.data_protocol(scored_set), evaluation.view_words(scored_set)
+    view, view_label = evaluation.data_protocol(scored_set), evaluation.view_words(scored_set)
     pending = {}  # head: the records it still needs
     for head, size in enumerate(sizes):
         # Every head's own record, the chosen one's included, so that a head's row holds it for every seed; the
@@ -229,7 +229,7 @@ def heads(args, ctx, evaluation, scored_set):
         if pending[head]:
             marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
-                   sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {seen})",
+                   sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {view_label})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:
@@ -250,18 +250,23 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
            plot=True):
     """Append the records of one assignment (classes, and superclasses where the dataset has them), one for each
     protocol of `bases` (a head's own record and, for the chosen head, the run's result: the same metrics), after
-    its figures: a stop signal between the two would leave a record whose figures `--skip_recorded` never draws."""
+    its figures: a stop signal between the two would leave a record whose figures `--skip_recorded` never draws. A
+    figure that fails to draw still lets the records be written, then its error ends the program."""
     truth = scored_set.labels.numpy()
     _, mapping_kind = cluster_mapping(truth, predicted, clusters, scored_set.num_classes)
     views = [("classes", cluster_metrics(truth, predicted, clusters, scored_set.num_classes), False)]
     if scored_set.superclass_labels is not None:
         views.append(("superclasses", superclass_metrics(truth, scored_set.superclass_labels.numpy(), predicted,
                                                          clusters, scored_set.num_classes), True))
+    drawing_failed = None
     if args.plot and plot:
         stem = Path(run_dir) / f"{tag}_{Path(checkpoint_name or 'pixels').stem}_{args.split}"
-        confusion_png(truth, predicted, clusters, scored_set.class_names, f"{stem}_confusion.png",
-                      f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
-        cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
+        try:
+            confusion_png(truth, predicted, clusters, scored_set.class_names, f"{stem}_confusion.png",
+                          f"{run_args.method} on {scored_set.name}: {title}, ACC {views[0][1]['acc']:.3f}")
+            cluster_samples_png(scored_set, predicted, f"{stem}_samples.png", f"{run_args.method}: {title}")
+        except Exception as error:  # (not a stop signal's SystemExit: the records wait for the figures then)
+            drawing_failed = error
     for base in bases:
         for _, metrics, superclass in views:
             protocol = {key: value for key, value in {**base, "mapping": mapping_kind, "superclass": superclass,
@@ -273,4 +278,6 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
     for label, metrics, _ in views:
         print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "
               f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
+    if drawing_failed is not None:
+        raise drawing_failed
 

@@ -64,14 +64,14 @@ def main(argv=None):
         return
     if args.baseline:
         run_dir, run_args, train_set, test_set = open_pixel_baseline(args)
-        results.require_writable(run_dir)  # before the work, not at its record
+        results.require_writable(run_dir)
         view = baseline_view(args, train_set)
         train_x, test_x = (F.normalize(pixels(s, view, ctx.device, args.workers), dim=1).to(ctx.device)
                            for s in (train_set, test_set))
         train_labels = train_set.labels
         position = checkpoint_name = None
         data_keys = data_protocol(train_set, test_set, view, train_set.image_size)
-        seen = view_words(view, test_set)
+        view_label = view_words(view, test_set)
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -80,7 +80,7 @@ def main(argv=None):
         results.require_writable(run_dir)
         checkpoint_name = loaded.checkpoint_name
         train_set, test_set, data_keys = evaluation.train_set, evaluation.test_set, evaluation.data_protocol()
-        seen = evaluation.view_words()
+        view_label = evaluation.view_words()
         test_x = evaluation.features(test_set, args.features, ctx.device, args.batch_size, args.workers)
         if args.train_features == "memory_bank":
             train_x, written = memory_bank_features(loaded, train_set)
@@ -106,7 +106,7 @@ def main(argv=None):
                                          run=Path(run_dir).name)
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
-                  f"{args.train_features}, {seen}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
+                  f"{args.train_features}, {view_label}) on {test_set.name} test: top1 {metrics['top1']:.4f} "
                   f"top5 {metrics['top5']:.4f}  [{run_dir}" + (f", epoch {record['epoch']}]" if position else "]"))
     distributed.shutdown()
 

@@ -22,6 +22,7 @@ import torch
 
 from .. import cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
+from ..data.augment import EvalView
 from ..errors import CheckpointError, ConfigError
 from ..eval.features import (foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
                              requested_record)
@@ -71,12 +72,12 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
-def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, default_crop: int) -> Path:
+def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_view: EvalView) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
-    asked for (a crop other than the run's own `default_crop`: the same view asked for by name trained a second,
+    asked for (a crop or resize other than those of the run's `own_view`: its own asked for by name trained a second,
     identical probe), and a checkpoint from outside the run (by a digest of its path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key, value in changed.items()]
@@ -84,8 +85,9 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, default
         flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
-    crop = args.eval_crop if args.eval_crop != default_crop else 0
-    flags += [f"_{label}{value}" for label, value in (("crop", crop), ("resize", args.eval_resize)) if value]
+    flags += [f"_{label}{asked}" for label, asked, own in (("crop", args.eval_crop, own_view.crop),
+                                                           ("resize", args.eval_resize, own_view.resize))
+              if asked not in (0, own)]
     foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
     if foreign:
         flags.append(f"_{foreign}")
@@ -122,7 +124,7 @@ def main(argv=None):
     engine.seed_everything(args.seed)
     evaluation = open_evaluation(args, ctx.device)
     loaded, method = evaluation.loaded, evaluation.loaded.method
-    results.require_writable(loaded.run_dir)  # the probe's folder, before the test features are computed
+    results.require_writable(loaded.run_dir)  # (where the probe's folder goes)
     info, size = method.info, method.eval_size
 
     precision = engine.resolve_precision(args.amp, ctx.device)
@@ -154,7 +156,7 @@ def main(argv=None):
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
     probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed,
-                                          evaluation.default_crop))
+                                          evaluation.own_view))
     # (its folder is named after the probe's flags: another probe is one with other flags)
     with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags") as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",

@@ -71,8 +71,9 @@ def _method_parser(method: str):
 
 
 def parse_args(kind: str, argv=None):
-    args = config.parse(get_args_parser(kind), argv, extend=lambda parser, known: add_method_args(kind, parser, known))
-    cli.check_schedule_flags(args)
+    parser = get_args_parser(kind)
+    args = config.parse(parser, argv, extend=lambda parser, known: add_method_args(kind, parser, known))
+    cli.check_schedule_flags(args, parser.get_default("lr_drops"))  # (the method's flags are the parser's by now)
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 
