@@ -327,9 +327,11 @@ def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(tmp_path):
     """Ctrl-C is no stop signal (no checkpoint at the next step): the run fails where it stands, as status.json
     records, and the user reads one line, not Python's traceback."""
     run_dir = tmp_path / "run"
+    # (a background job of a non-interactive shell, as a test run under nohup, passes SIGINT on ignored)
     process = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "1000", "--log_every", "1",
                                 "--output_dir", str(run_dir)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run_dir / "train_log.jsonl").exists() and time.monotonic() < deadline:  # a training step is done
         time.sleep(0.05)
