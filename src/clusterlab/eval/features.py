@@ -283,17 +283,18 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if train_set.channels != loaded.method.info.channels:
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
-    _refuse_resize_of_whole_images(args, train_set)
-    refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, train_set.image_size)
+    _refuse_unusable_view(args, train_set)
     return Evaluation(loaded, train_set, test_set, own_view)
 
 
-def _refuse_resize_of_whole_images(args: argparse.Namespace, images: ImageSet) -> None:
-    """--eval_resize on an in-memory set changed nothing but the name of a linear probe's folder (a second,
-    identical probe trained)."""
+def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:
+    """The test view asked for of `images`, an evaluation's or a baseline's: --eval_resize on an in-memory set
+    changed nothing but the name of a linear probe's folder (a second, identical probe trained); a view above
+    MAX_UPSCALE times the images' size ran out of memory."""
     if args.eval_resize and images.in_memory:
         raise ConfigError(f"--eval_resize {args.eval_resize}: {images.name} is seen whole, resized to the test view's "
                           f"crop (--eval_crop); the resize before the crop applies to image folders: leave it out")
+    refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, images.image_size)
 
 
 def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
@@ -313,8 +314,7 @@ def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):
         if value not in meaningful:
             raise ConfigError(f"--baseline pixels scores no run, so --{flag} {value!r} means nothing: leave it out")
     train_set = load(args.dataset, "train", args.data_path, args.download)
-    _refuse_resize_of_whole_images(args, train_set)
-    refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, train_set.image_size)
+    _refuse_unusable_view(args, train_set)
     scored_set = load(args.dataset, scored_split, args.data_path, args.download)
     run_args = argparse.Namespace(method="pixels", dataset=args.dataset, arch=None, width=None,
                                   seed=getattr(args, "seed", None))
