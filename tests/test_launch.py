@@ -617,6 +617,25 @@ def test_evaluation_flags_the_runs_method_cannot_take_are_refused_before_anythin
         load_grid(spec, tmp_path / "runs")
 
 
+@pytest.mark.parametrize("config, flags, refused", [
+    (None, {"lr_drops": [1]}, True),                                               # SwAV's cosine schedule
+    ("configs/npid_fashion_mnist.yaml", {"schedule": "cosine"}, True),             # the config's drops, 4 5
+    ("configs/npid_fashion_mnist.yaml", {"schedule": "cosine", "lr_drops": []}, False),
+    ("configs/npid_cifar10.yaml", {"schedule": "cosine"}, False),                  # NPID's own drops, 120 160
+])
+def test_drops_without_a_step_schedule_are_refused_before_anything_is_submitted(tmp_path, config, flags, refused):
+    """A job given --lr_drops under a schedule without drops refuses to start: its grid is refused when read, not
+    after the jobs were queued; a method's own drops (NPID's 120 160) do not count, as in the job."""
+    spec = grid_file(tmp_path, **({"config": config, "flags": flags} if config else
+                                  {"flags": {**BASE["flags"], **flags}}))
+    if not refused:
+        assert load_grid(spec, tmp_path / "runs").runs
+        return
+    with pytest.raises(ConfigError, match=r"^grid '.*' run '\w+': --lr_drops [\d ]+: drops of --schedule step, but "
+                                          r"--schedule is cosine"):
+        load_grid(spec, tmp_path / "runs")
+
+
 def test_a_pipelines_evaluations_are_checked_against_its_last_stages_method(tmp_path):
     """EmbedUL's stage 2 on Super-AND: the evaluations score the stage-2 run, which keeps no memory bank."""
     stages = [{"name": "embed", "config": "configs/superand_fashion_mnist.yaml"},

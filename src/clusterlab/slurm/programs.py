@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..cli import check_schedule_flags
 from ..config import canonical_keys, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
@@ -41,8 +42,21 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 
 
 def validate_flags(name: str, values: dict, source: str) -> dict:
-    """Check that every key is a flag of the program with a value of the right type (ConfigError naming it)."""
-    return yaml_defaults(program_parser(name, values), values, source)
+    """Check that every key is a flag of the program with a value of the right type, and, for a training program,
+    that its schedule flags go together as its own start checks them (ConfigError naming it)."""
+    parser = program_parser(name, values)
+    given = yaml_defaults(parser, values, source)
+    if name in TRAINING_PROGRAMS:
+        try:
+            check_schedule_flags(_namespace(parser, given), parser.get_default("lr_drops"))
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    return given
+
+
+def _namespace(parser: argparse.ArgumentParser, given: dict) -> argparse.Namespace:
+    """The arguments `parser` would return for the flags `given` (checked values, keyed by destination)."""
+    return argparse.Namespace(**{**{action.dest: action.default for action in parser._actions}, **given})
 
 
 def check_eval_flags(program: str, flags: dict, method: str, source: str) -> None:
@@ -56,9 +70,8 @@ def check_eval_flags(program: str, flags: dict, method: str, source: str) -> Non
                           f"evaluations score its runs (leave baseline out)")
     parser = program_parser(program, flags)
     given = yaml_defaults(parser, {**flags, "run": "x"}, source)  # validate_flags, on this parser
-    args = argparse.Namespace(**{**{action.dest: action.default for action in parser._actions}, **given})
     try:
-        PROGRAMS[program].load().check_flags(args, METHODS[method])
+        PROGRAMS[program].load().check_flags(_namespace(parser, given), METHODS[method])
     except ConfigError as error:
         raise ConfigError(f"{source}: {program} {error}") from None
 
