@@ -174,7 +174,7 @@ def test_fp16_gradients_never_finite_stop_the_run_instead_of_skipping_every_step
     poison_gradients(trainer, None)
     before = [p.detach().clone() for p in trainer.method.parameters()]
     with pytest.raises(engine.NonFiniteLoss, match=r"fp16: the gradients were not finite at 32 steps in a row, up to "
-                                                   r"epoch 7 step 3 .*halved to 1\.52588e-05.*no longer train"):
+                                                   r"epoch 8 step 4/4 .*halved to 1\.52588e-05.*no longer train"):
         for epoch in range(10):
             trainer.train_one_epoch(epoch)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.method.parameters()))
@@ -195,13 +195,13 @@ def skipped_for_two_epochs(run_dir) -> engine.Trainer:
 
 
 def test_fp16_steps_skipped_before_a_resume_count_towards_the_stop(tmp_path):
-    """Saved after 8 skipped steps and resumed, the run stops where the run never stopped does (32 in a row, epoch 7
-    step 3): the count restarted at 0, so a run requeued often enough skipped steps for ever."""
+    """Saved after 8 skipped steps and resumed, the run stops where the run never stopped does (32 in a row, epoch 8
+    step 4/4): the count restarted at 0, so a run requeued often enough skipped steps for ever."""
     skipped_for_two_epochs(tmp_path)
     resumed = trainer_for("npid", "fp16", tmp_path)
     assert resumed.resume() == (2, 0) and resumed.skipped_in_a_row == 8
     poison_gradients(resumed, None)
-    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 7 step 3 "):
+    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 8 step 4/4 "):
         for epoch in range(2, 10):
             resumed.train_one_epoch(epoch)
 
@@ -281,7 +281,7 @@ def test_skipped_steps_do_not_carry_over_a_resume_that_changes_the_precision(tmp
     again = trainer_for("npid", "fp16", tmp_path)
     assert again.resume() == (3, 0)
     poison_gradients(again, None)
-    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 10 step 3 "):
+    with pytest.raises(engine.NonFiniteLoss, match=r"at 32 steps in a row, up to epoch 11 step 4/4 "):
         for epoch in range(3, 20):
             again.train_one_epoch(epoch)
 

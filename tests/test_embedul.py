@@ -186,7 +186,7 @@ def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tm
     shutil.rmtree(source)
     resumed = run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "2", "--pretrained", str(source),
                   "--output_dir", str(stage2))
-    assert "from epoch 1 step 0" in resumed.stdout
+    assert "from the end of epoch 1 " in resumed.stdout
     # what it started from is recorded at the start and again at the resume, from its own checkpoint
     assert origin["checkpoint"] == str((source / "checkpoint.pth").resolve())
     assert (origin["method"], origin["args"]["method"], origin["pretrained_from"]) == ("superand", "superand", None)

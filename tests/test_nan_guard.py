@@ -23,9 +23,10 @@ def test_absurd_learning_rate_after_an_epoch_keeps_the_last_good_checkpoint(tiny
     # The same run continued for a third epoch with a learning rate no network survives.
     result = run_script("main_pretrain.py", *TINY, "--epochs", 3, "--lr", "1e30", "--warmup_epochs", 0,
                         "--log_every", 1, "--output_dir", run)
-    line = assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 2 step",
+    line = assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 3 step",
                              "stopped without saving", f"the last good checkpoint is {run / 'checkpoint.pth'}")
-    step = int(re.search(r"at epoch 2 step (\d+)", line).group(1))
+    # counted as the progress lines count: the third epoch, its failing step from 1 (status.json: steps done)
+    step = int(re.search(r"at epoch 3 step (\d+)/14 ", line).group(1)) - 1
     assert 0 < step < 898 // 64  # the first step's loss is computed before the absurd update
     assert (run / "checkpoint.pth").read_bytes() == good
     assert checkpoint.load(run / "checkpoint.pth")["epoch"] == 2
@@ -40,7 +41,7 @@ def test_absurd_learning_rate_after_an_epoch_keeps_the_last_good_checkpoint(tiny
 def test_non_finite_loss_in_the_first_epoch_writes_no_checkpoint(tmp_path):
     run = tmp_path / "run"
     result = run_script("main_pretrain.py", *TINY, "--lr", "1e30", "--warmup_epochs", 0, "--output_dir", run)
-    assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 0 step",
+    assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 1 step",
                       "the last good checkpoint is none (no epoch finished)")
     assert not (run / "checkpoint.pth").exists()
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
@@ -54,11 +55,11 @@ def test_weights_a_last_update_blew_up_point_at_the_epoch_checkpoint_before_them
     whole_batch = [*TINY, "--batch_size", 898, "--checkpoint_epochs", 1, "--output_dir", run]
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 1))
     result = run_script("main_pretrain.py", *whole_batch, "--epochs", 3, "--lr", "1e30", "--warmup_epochs", 0)
-    assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 2 step 0",
-                      f"{run / 'checkpoint.pth'} holds the weights that gave it (epoch 2 step 0)", "fails again",
+    assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 3 step 1/1",
+                      f"{run / 'checkpoint.pth'} holds the weights that gave it (the end of epoch 2)", "fails again",
                       f"the last good one is {run / 'checkpoint_ep0001.pth'}")
     again = run_script("main_pretrain.py", *whole_batch, "--epochs", 3)
-    assert_user_error(again, "main_pretrain.py", "loss is not finite at epoch 2 step 0", "fails again")
+    assert_user_error(again, "main_pretrain.py", "loss is not finite at epoch 3 step 1/1", "fails again")
     (run / "checkpoint.pth").write_bytes((run / "checkpoint_ep0001.pth").read_bytes())
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 3))
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
@@ -79,7 +80,7 @@ def test_a_stop_after_a_diverged_update_saves_nothing_and_names_the_epoch_checkp
     trainer.position = (1, 5)
     with torch.no_grad():
         next(method.parameters())[0] = float("inf")
-    with pytest.raises(engine.NonFiniteLoss, match="not finite at epoch 1 step 5 .*the last good checkpoint is "
+    with pytest.raises(engine.NonFiniteLoss, match="not finite at epoch 2 step 5/14 .*the last good checkpoint is "
                                                    ".*checkpoint.pth"):
         trainer.save_and_requeue()
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == kept
@@ -98,7 +99,7 @@ def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
     good = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     with torch.no_grad():
         next(method.parameters())[0] = float("nan")
-    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite after epoch 1 .* stopped without "
+    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite at the end of epoch 2 .* stopped without "
                                                    "saving, the last good checkpoint is .*checkpoint.pth"):
         trainer.end_of_epoch(1)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
@@ -106,7 +107,7 @@ def test_non_finite_weights_at_the_end_of_an_epoch_are_not_saved(tmp_path):
     with torch.no_grad():
         next(method.parameters())[0] = 0.0
         next(b for b in method.buffers() if b.is_floating_point())[0] = float("inf")
-    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite after epoch 2"):
+    with pytest.raises(engine.NonFiniteLoss, match="the weights are not finite at the end of epoch 3"):
         trainer.end_of_epoch(2)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
 
@@ -118,6 +119,6 @@ def test_a_scan_step_that_diverges_stops_with_the_one_line_message(tiny_run, tmp
     result = run_in_process("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", 4, "--device",
                             "cpu", "--pretrained", tiny_run, "--epochs", 1, "--lr", "1e30", "--warmup_epochs", 0,
                             "--output_dir", run)
-    assert_user_error(result, "main_cluster.py", "loss is not finite at epoch 0 step",
+    assert_user_error(result, "main_cluster.py", "loss is not finite at epoch 1 step",
                       "the last good checkpoint is none (no epoch finished)")
     assert json.loads((run / "status.json").read_text())["reason"] == "non-finite loss"

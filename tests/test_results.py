@@ -106,7 +106,7 @@ def test_aggregate_counts_the_final_checkpoint_and_its_epoch_copy_once():
 
 def test_a_record_of_a_checkpoint_saved_mid_epoch_is_left_out_with_a_warning():
     mid_epoch = {**SEEDS[1], "run": SEEDS[0]["run"], "seed": 0, "step": 7, "_file": "r/metrics.jsonl"}
-    with pytest.warns(UserWarning, match=r"r/metrics.jsonl: the record of checkpoint.pth at epoch 200 step 7 \(saved"):
+    with pytest.warns(UserWarning, match=r"r/metrics.jsonl: the record of checkpoint.pth at epoch 201 step 7 \(saved"):
         table = results.aggregate(results.records_frame([SEEDS[0], mid_epoch]))
     assert list(table["n"]) == [1] and table.iloc[0]["acc_mean"] == pytest.approx(81.0)
 
@@ -193,7 +193,7 @@ def test_a_run_extended_on_resume_gets_no_published_number(tmp_path):
                                      pd.read_csv(io.StringIO(PUBLISHED)))
     by = {row["recipe"]: row for _, row in table.iterrows()}
     assert by["resume_changes=none"]["published"] == 80.5
-    assert by["resume_changes=epochs 100->200 at epoch 100 step 0"]["published"] is None
+    assert by["resume_changes=epochs 100->200 at the end of epoch 100"]["published"] is None
     assert sorted(table["resumed_with_changes"]) == [False, True]
     # a run whose config.yaml predates resume_changes shares the extended run's row: the row still gets none
     config = yaml.safe_load((root / "whole" / "config.yaml").read_text())
@@ -744,7 +744,7 @@ def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule
                                                    **CLEAN}])
     table = results.aggregate(results.records_frame(results.read_records(root)))
     rows = {(row["epoch"], row["recipe"]): (row["n"], round(row["acc_mean"], 6)) for _, row in table.iterrows()}
-    assert rows == {(2, ""): (2, 55.0), (3, "resume_changes=epochs 2->3 at epoch 2 step 0"): (1, 70.0),
+    assert rows == {(2, ""): (2, 55.0), (3, "resume_changes=epochs 2->3 at the end of epoch 2"): (1, 70.0),
                     (3, "resume_changes=none"): (1, 80.0)}
     assert "mid_run" not in table
 
@@ -762,7 +762,7 @@ def test_a_precision_changed_on_resume_files_each_checkpoint_under_the_precision
     changes = [{"epoch": 2, "step": 0, "before": {"amp": "bf16"}, "after": {"amp": "fp16"}}]
     assert results.settings_at(settings, changes, (2, 0)) == {"amp": "bf16", "epochs": 3, "resume_changes": "none"}
     assert results.settings_at(settings, changes, (3, 0)) == {**settings,
-                                                              "resume_changes": "amp bf16->fp16 at epoch 2 step 0"}
+                                                              "resume_changes": "amp bf16->fp16 at the end of epoch 2"}
 
 
 
@@ -899,7 +899,7 @@ def test_a_stage_two_on_an_extended_first_stage_is_no_seed_of_one_on_a_first_sta
                                       "pretrained_from": pretrained_origin(tmp_path / "checkpoint.pth", first(c))})
                 for seed, c in ((0, []), (1, extended))]
     assert results.recipe_labels(settings) == [
-        "pretrained.resume_changes=none", "pretrained.resume_changes=epochs 2->3 at epoch 2 step 0"]
+        "pretrained.resume_changes=none", "pretrained.resume_changes=epochs 2->3 at the end of epoch 2"]
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")

@@ -106,11 +106,11 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, si
     assert status["step"] == steps_logged  # saved at the step boundary after the last step it logged
     saved = checkpoint.load(run_dir / "checkpoint.pth", kind="pretrain", method="swav")
     assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, status["step"], status["step"])
-    assert f"saved {run_dir / 'checkpoint.pth'} at epoch 0 step {status['step']}" in stopped.stdout
+    assert f"saved {run_dir / 'checkpoint.pth'} at epoch 1 step {status['step']}/{STEPS}" in stopped.stdout
 
     resumed = run_script("main_pretrain.py", *RESUMABLE, "--output_dir", run_dir)
     assert_ok(resumed)
-    assert f"from epoch 0 step {status['step']}" in resumed.stdout
+    assert f"from epoch 1 step {status['step']}/{STEPS} " in resumed.stdout
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     steps = [(r["epoch"], r["step"]) for r in logged_steps(run_dir)]
     assert steps == [(e, s) for e in range(2) for s in range(STEPS)]  # every step once, none twice
@@ -297,7 +297,7 @@ def test_a_signal_during_an_epochs_knn_monitor_stops_before_the_next_epoch(run_i
     result = run_in_process("main_pretrain.py", *TINY, "--epochs", 2, "--knn_monitor_every", 1, "--output_dir",
                             run_dir)
     assert result.returncode == 75, result.stderr
-    assert f"SIGUSR2: saved {run_dir / 'checkpoint.pth'} at epoch 1 step 0" in result.stdout
+    assert f"SIGUSR2: saved {run_dir / 'checkpoint.pth'} at the end of epoch 1;" in result.stdout
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["epoch"], status["step"]) == ("interrupted", 1, 0)
     assert {r["epoch"] for r in logged_steps(run_dir)} == {0}

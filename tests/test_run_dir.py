@@ -425,8 +425,21 @@ def test_fewer_epochs_than_the_checkpoint_is_refused_and_rewrites_nothing(tiny_r
     run = copy_run(tiny_run, tmp_path / "run")
     before = snapshot(run)
     result = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run)
-    assert_user_error(result, "main_pretrain.py", "--epochs 1 is below the epoch 2", "--epochs 2 or more")
+    assert_user_error(result, "main_pretrain.py", "--epochs 1: ", "checkpoint.pth is already at the end of epoch 2",
+                      "(use --epochs 2 or more")
     assert snapshot(run) == before
+
+
+def test_fewer_epochs_than_a_mid_epoch_checkpoint_is_refused_with_advice_that_works(tiny_run, tmp_path):
+    """A stop signal's checkpoint 5 steps into the third epoch needs --epochs 3 (it advised 2, the refused value)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    state = checkpoint.load(run / "checkpoint.pth")
+    tags = {key: state.pop(key) for key in ("format", "schema", "kind", "method")}
+    state.update(step=5, global_step=state["global_step"] + 5)
+    checkpoint.save(state, run / "checkpoint.pth", kind=tags["kind"], method=tags["method"])
+    result = run_script("main_pretrain.py", *TINY, "--epochs", 2, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "--epochs 2: ", "checkpoint.pth is already at epoch 3 step 5/14",
+                      "(use --epochs 3 or more")
 
 
 def test_a_queue_that_does_not_fit_the_batch_is_refused_at_start(tmp_path):

@@ -688,8 +688,8 @@ def test_a_resumed_stage_two_says_when_its_pretrained_run_has_moved_on(tiny_run,
     again = run_script("main_cluster.py", *scan)
     assert_ok(again)
     checkpoint = (first / "checkpoint.pth").resolve()
-    assert (f"note: --pretrained {str(first)!r} now holds {checkpoint} at epoch 3 step 0; this run started from "
-            f"{checkpoint} at epoch 2 step 0 and goes on from its own checkpoint") in again.stdout, again.stdout
+    assert (f"note: --pretrained {str(first)!r} now holds {checkpoint} at the end of epoch 3; this run started "
+            f"from {checkpoint} at the end of epoch 2 and goes on from its own checkpoint") in again.stdout, again.stdout
 
 
 def test_a_confidence_equal_to_the_threshold_is_not_confident():

@@ -221,8 +221,8 @@ class Trainer:
         Weights that are not finite are never saved: a loss is checked before its update, so the last update's
         result is checked here, before it could become the last good checkpoint (a requeue would only fail again)."""
         if not self.weights_finite():
-            where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch} step {step}"
-            raise NonFiniteLoss(f"the weights are not finite {where} (the last update diverged); stopped without "
+            raise NonFiniteLoss(f"the weights are not finite at {self.position_words(epoch, step)} (the last update "
+                                f"diverged); stopped without "
                                 f"saving, {self.last_good_checkpoint()}")
         share_norm_statistics(self.method)  # before its batch norms' statistics are saved or used
         state = self.state_dict(epoch, step)
@@ -310,8 +310,8 @@ class Trainer:
             self.resume_notes.append(self.schedule_change(saved_args, changed))
         if others:
             self.resume_notes.append(f"flags changed on resume ({_flag_changes(saved_args, self.args, others)}): "
-                                     f"the run goes on with the new values from epoch {self.position[0]} step "
-                                     f"{self.position[1]}; config.yaml and the tables record the change")
+                                     f"the run goes on with the new values from "
+                                     f"{self.position_words(*self.position)}; config.yaml and the tables record the change")
         saved_world = state.get("world_size")
         if saved_world is not None and saved_world != self.ctx.world_size:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
@@ -557,9 +557,13 @@ class Trainer:
         share_stop_signal(self.ctx.device)
         if self.ctx.is_main:
             self.mark_interrupted()  # before the handler requeues: Slurm may kill the job before it returns
-            print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at epoch {epoch} step {step}; run the "
+            print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at {self.position_words(epoch, step)}; run the "
                   f"same command again to resume", flush=True)
         signals.leave()
+
+    def position_words(self, epoch: int, step: int) -> str:
+        """(epoch, step) done, in the progress lines' words: `the end of epoch 3`, `epoch 3 step 5/7`."""
+        return rundir.position_words(epoch, step, self.steps_per_epoch)
 
     def mark_interrupted(self) -> None:
         """status.json "interrupted" where training stands (rank 0)."""
@@ -569,12 +573,13 @@ class Trainer:
 
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {step} ({values}); stopped without saving, "
+        raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}); stopped "
+                            f"without saving, "
                             f"{self.last_good_checkpoint()}")
 
     def fail_on_skipped_steps(self, epoch: int, step: int) -> None:
         raise NonFiniteLoss(f"fp16: the gradients were not finite at {self.skipped_in_a_row} steps in a row, up to "
-                            f"epoch {epoch} step {step} (each step skipped, the loss scale halved to "
+                            f"{self.position_words(epoch, step + 1)} (each step skipped, the loss scale halved to "
                             f"{self.loss_scale:g}): the weights no longer train; stopped without saving, "
                             f"{self.last_good_checkpoint()}")
 
@@ -593,7 +598,7 @@ class Trainer:
                          if (int(path.stem[len("checkpoint_ep"):]), 0) < (epoch, step))
         instead = (f"the last good one is {earlier[-1]} (copy it over checkpoint.pth to go on from there)"
                    if earlier else "no earlier checkpoint_epNNNN.pth exists (start again in a new --output_dir)")
-        return (f"{kept} holds the weights that gave it (epoch {epoch} step {step}): resuming from "
+        return (f"{kept} holds the weights that gave it ({self.position_words(epoch, step)}): resuming from "
                 f"it fails again; {instead}")
 
 
@@ -735,8 +740,9 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     trainer = Trainer(method, args, ctx, run_dir, train_set, kind=kind)
     start_epoch, start_step = trainer.resume()
     if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
-        raise ConfigError(f"--epochs {args.epochs} is below the epoch {start_epoch} that {run_dir / 'checkpoint.pth'} "
-                          f"has reached (use --epochs {start_epoch} or more, or a new --output_dir)")
+        raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} is already at "
+                          f"{trainer.position_words(start_epoch, start_step)} (use --epochs "
+                          f"{start_epoch + (start_step > 0)} or more, or a new --output_dir)")
     if kind != "linear" and not (run_dir / "checkpoint.pth").exists():
         refuse_evaluations_of_earlier_weights(run_dir)
     if args.knn_monitor_every:
@@ -751,7 +757,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         rundir.truncate_train_log(run_dir, start_epoch, trainer.global_step)
         rewound = set_aside_evaluations_after(run_dir, (start_epoch, start_step)) if kind != "linear" else []
         if rewound:
-            print(f"note: checkpoint.pth (epoch {start_epoch}, step {start_step}) is older than evaluations of this run "
+            print(f"note: checkpoint.pth ({trainer.position_words(start_epoch, start_step)}) is older than evaluations "
+                  f"of this run "
                   f"(it was rewound): they are of the weights it replaced, which the training from here does not "
                   f"give again; moved {', '.join(rewound)}", flush=True)
         trainer.restore_missing_epoch_checkpoints()
@@ -810,7 +817,7 @@ def announce_start(trainer: Trainer, position: tuple[int, int]) -> None:
     for note in [*trainer.start_notes(), *trainer.whole_run_settings(), *trainer.resume_notes]:
         print(f"note: {note}", flush=True)
     pretrained = getattr(args, "pretrained", None)
-    where = (f"from epoch {position[0]} step {position[1]}" if position != (0, 0)
+    where = (f"from {trainer.position_words(*position)}" if position != (0, 0)
              else f"from the weights of {pretrained}" if pretrained else "from scratch")
     print(f"{args.method} on {args.dataset} ({len(trainer.train_set)} samples, {trainer.steps_per_epoch} steps/epoch, "
           f"{ctx.world_size} process(es) on {ctx.device}, {trainer.precision}) {where} -> {trainer.run_dir}",

@@ -333,7 +333,7 @@ def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> di
     settings["resume_changes"] = "; ".join(
         " ".join(f"{key} {_setting_text(before)}->{_setting_text(change['after'].get(key))}"
                  for key, before in change["before"].items())
-        + f" at epoch {change.get('epoch')} step {change.get('step')}" for change in earlier) or "none"
+        + f" at {rundir.position_words(change['epoch'], change['step'])}" for change in earlier) or "none"
     return settings
 
 
@@ -361,8 +361,9 @@ def records_frame(records: list[dict]):
                           f"directory, is left out of the tables (they hold each run's own weights)", stacklevel=2)
             continue
         if record.get("step") not in (None, 0):
-            warnings.warn(f"{record.get('_file')}: the record of {record.get('checkpoint')} at epoch "
-                          f"{record.get('epoch')} step {record.get('step')} (saved mid-epoch) is left out of the "
+            warnings.warn(f"{record.get('_file')}: the record of {record.get('checkpoint')} at "
+                          f"{rundir.position_words(record.get('epoch'), record.get('step'))} (saved mid-epoch) is "
+                          f"left out of the "
                           f"tables, which hold epochs' ends", stacklevel=2)
             continue
         row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",

@@ -136,6 +136,18 @@ def _parse_lines(lines: list[str]) -> list[dict]:
     return records
 
 
+def position_words(epoch, step, steps_per_epoch: int | None = None) -> str:
+    """A position in training (epochs and steps done, as status.json and checkpoints count it) in the words of the
+    progress lines, which count from 1: (3, 0) is "the end of epoch 3", (2, 5) "epoch 3 step 5" (five steps of the
+    third epoch done, as a progress line "epoch 3/E step 5/S" says; "step 5/S" where `steps_per_epoch` is known),
+    (0, 0) "the start". Values that are not whole numbers (a hand-edited record) are shown as they are."""
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (epoch, step)):
+        return f"epoch {epoch} step {step}"
+    if step == 0:
+        return f"the end of epoch {epoch}" if epoch else "the start"
+    return f"epoch {epoch + 1} step {step}" + (f"/{steps_per_epoch}" if steps_per_epoch else "")
+
+
 def write_status(run_dir: str | os.PathLike, state: str, **fields) -> None:
     atomic_write_text(Path(run_dir) / "status.json", json.dumps({"state": state, "updated": now_iso(), **fields}) + "\n")
 

@@ -167,8 +167,9 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
     if Path(source).is_dir():
         status = rundir.read_status(source)
         if status.get("state", "finished") != "finished":
+            where = rundir.position_words(status.get("epoch"), status.get("step", 0))
             raise ConfigError(f"--pretrained {source!r} has not finished training (status {status['state']!r} at "
-                              f"epoch {status.get('epoch')}); let it finish, or name one of its checkpoint files to "
+                              f"{where}); let it finish, or name one of its checkpoint files to "
                               f"start from that state")
     path = pretrained_file(source)
     try:
@@ -198,8 +199,8 @@ def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
     then = (recorded.get("checkpoint"), recorded.get("epoch"), recorded.get("step", 0))
     if now == then:
         return None
-    return (f"--pretrained {source!r} now holds {now[0]} at epoch {now[1]} step {now[2]}; this run started from "
-            f"{then[0]} at epoch {then[1]} step {then[2]} and goes on from its own checkpoint (config.yaml's "
+    return (f"--pretrained {source!r} now holds {now[0]} at {rundir.position_words(now[1], now[2])}; this run "
+            f"started from {then[0]} at {rundir.position_words(then[1], then[2])} and goes on from its own checkpoint (config.yaml's "
             f"pretrained_from names that start); a new --output_dir starts from the weights there now")
 
 
