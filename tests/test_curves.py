@@ -242,3 +242,18 @@ def test_a_root_with_only_logs_without_a_step_writes_nothing_and_says_so(tmp_pat
     assert result.stdout.splitlines()[-1] == (f"nothing written: no metrics records, and no training log with a step, "
                                               f"under {tmp_path / 'runs'}")
     assert not (tmp_path / "runs" / "tables").exists()
+
+
+def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_curves(tiny_run, tmp_path):
+    """Its title reached matplotlib with the undecodable byte as a lone surrogate (a traceback after the tables); a
+    log that is a link to nowhere is one with no step."""
+    root = tmp_path / "root"
+    copy_run(tiny_run, root / "r\udcff")  # the folder b"r\xff"
+    (root / "gone").mkdir()
+    (root / "gone" / "train_log.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    out = tmp_path / "out"
+    result = run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false")
+    assert_ok(result)
+    assert f"note: {root / 'gone' / 'train_log.jsonl'} holds no training step: no curves for it" in result.stdout
+    assert "the training curves of 1 run(s)" in result.stdout
+    assert (out / "curves" / "r\udcff.png").is_file()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,6 +52,63 @@ def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_p
     assert "no dataset named" in messages[4]
     assert [r["seed"] for r in found] == [0, 1, 2]
     assert found[0]["_file"] == str(path)
+
+
+@pytest.mark.parametrize("changes, fault", [
+    ({"dataset": "../../elsewhere/evil"}, "dataset '../../elsewhere/evil' could not name a table's files"),
+    ({"dataset": "x/y"}, "dataset 'x/y' could not name"),
+    ({"dataset": ""}, "dataset '' could not name"),
+    ({"dataset": ".hidden"}, "dataset '.hidden' could not name"),
+    ({"seed": [1]}, "seed [1] is not a whole number"),
+    ({"epoch": 2.5}, "epoch 2.5 is not a whole number"),
+    ({"step": True}, "step True is not a whole number"),
+    ({"run": {"a": 1}}, "run {'a': 1} is not text"),
+    ({"method": 3}, "method 3 is not text"),
+])
+def test_a_record_whose_fields_could_not_name_a_table_or_make_a_row_is_skipped(tmp_path, changes, fault):
+    """A record's dataset names its table's files (a path in it wrote them outside --out); a field of another type
+    than the engine writes stopped the tables with a traceback."""
+    path = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(path, [record(0, acc=0.5), {**record(1, acc=0.6), **changes}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = results.read_records(tmp_path)
+    assert len(caught) == 1 and str(caught[0].message).startswith(f"{path}:2: skipped ({fault}")
+    assert [r["seed"] for r in found] == [0]
+    assert not results.records_frame(found).empty
+
+
+def test_a_record_file_that_cannot_be_read_is_named_and_the_others_are_read(tmp_path):
+    write_jsonl(tmp_path / "good" / "metrics.jsonl", [record(0, acc=0.5)])
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "metrics.jsonl").symlink_to(tmp_path / "nowhere" / "metrics.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = results.read_records(tmp_path)
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'gone' / 'metrics.jsonl'}: skipped (cannot be read: No such file or directory)"]
+    assert [r["seed"] for r in found] == [0]
+
+
+def test_a_folder_the_tables_cannot_enter_is_named_not_left_out_in_silence(tmp_path):
+    """Its runs were missing from a row's n without a word. Root reads any folder: the program runs without the
+    capabilities that let it (setpriv), as any other user would."""
+    write_jsonl(tmp_path / "root" / "a_s0" / "metrics.jsonl", [record(0, acc=0.5)])
+    write_jsonl(tmp_path / "root" / "a_s1" / "metrics.jsonl", [record(1, acc=0.6)])
+    (tmp_path / "root" / "a_s1").chmod(0)
+    prefix = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+              "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    try:
+        result = subprocess.run([*prefix, sys.executable, "collect_results.py", "--root", str(tmp_path / "root"),
+                                 "--out", str(tmp_path / "out"), "--published", "", "--plots", "false"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    finally:
+        (tmp_path / "root" / "a_s1").chmod(0o755)
+    assert_ok(result)
+    assert (f"warning: {tmp_path / 'root' / 'a_s1'}: cannot be read (Permission denied): the runs below it are left "
+            f"out") in result.stderr
+    assert result.stderr.count("cannot be read") == 1  # once, though the curves walk the folders again
 
 
 def test_runs_linked_into_the_root_are_read_each_once(tmp_path):

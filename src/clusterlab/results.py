@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from . import rundir
 from .config import git_state, recorded_git_state, written_run_config
+from .errors import printable
 from .models import backbone_label
 
 PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
@@ -106,12 +107,19 @@ def has_record(run_dir: str | os.PathLike, eval_kind: str, checkpoint_name: str,
     return False
 
 
-def files_named(root: str | os.PathLike, name: str) -> list[Path]:
+def files_named(root: str | os.PathLike, name: str, warn_unreadable: bool = True) -> list[Path]:
     """Every file called `name` below `root`, sorted, through linked folders too (runs kept on scratch space and
     linked into a results folder; pathlib's rglob does not enter links), each folder once (a link cycle ends). Each
-    level's real folders are walked before its links."""
+    level's real folders are walked before its links. A folder that cannot be read is named in a warning (its runs
+    would be missing from the tables' counts without a word)."""
+
+    def unreadable(err: OSError) -> None:
+        if warn_unreadable:
+            warnings.warn(f"{printable(str(err.filename))}: cannot be read ({err.strerror}): the runs below it are "
+                          f"left out", stacklevel=3)
+
     found, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders.clear()
@@ -166,6 +174,10 @@ def set_aside_evaluations_after(run_dir: str | os.PathLike, position: tuple[int,
     return moved
 
 
+# A record's dataset names its table's files (DATASET.csv, DATASET_top1.png): no folder, nothing hidden.
+TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def record_fault(record) -> str | None:
     """Why a line of metrics.jsonl, parsed, is not a record the tables can use (None where it is one)."""
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
@@ -173,6 +185,15 @@ def record_fault(record) -> str | None:
         return "not a metrics record"
     if not isinstance(record.get("dataset"), str):
         return "no dataset named: no table to put it in"
+    if not TABLE_NAME.fullmatch(record["dataset"]):
+        return (f"dataset {record['dataset']!r} could not name a table's files (letters, digits and _.-, starting "
+                f"with a letter or digit)")
+    for key in ("run", "method", "split", "backbone", "eval", "checkpoint"):
+        if not isinstance(record.get(key), (str, type(None))):
+            return f"{key} {record[key]!r} is not text"
+    for key in ("epoch", "step", "seed"):
+        if record.get(key) is not None and not _whole(record[key]):
+            return f"{key} {record[key]!r} is not a whole number"
     return None
 
 
@@ -180,7 +201,12 @@ def read_records(root: str | os.PathLike) -> list[dict]:
     """Every well-formed record under `root`; a corrupt or partial line is skipped with a warning naming it."""
     records = []
     for path in files_named(root, "metrics.jsonl"):
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as err:  # a link to nowhere, a file without read permission
+            warnings.warn(f"{printable(str(path))}: skipped (cannot be read: {err.strerror})", stacklevel=2)
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:

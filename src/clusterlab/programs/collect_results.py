@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 from .. import config, curves, results
-from ..errors import ConfigError, one_line
+from ..errors import ConfigError, one_line, printable
 
 PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "source", "protocol")
 
@@ -60,7 +60,7 @@ def main(argv=None):
     warnings.simplefilter("always")
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
     frame = results.records_frame(results.read_records(args.root))
-    logs = results.files_named(args.root, "train_log.jsonl") if args.curves else []
+    logs = results.files_named(args.root, "train_log.jsonl", warn_unreadable=False) if args.curves else []
     if frame.empty and not logs:
         print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
         return
@@ -119,7 +119,12 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:
     root is a run itself, whose probes' logs lie below it); None, with a note, for a log without a training step."""
     below = run_dir.relative_to(root)  # "." for the root itself
     name = Path(root.resolve().name) / below if run_dir == root or (root / "train_log.jsonl").is_file() else below
-    drawn = curves.read_curves(run_dir)
+    try:
+        drawn = curves.read_curves(run_dir)
+    except OSError as err:  # a link to nowhere, a file without read permission
+        warnings.warn(f"{printable(str(run_dir / 'train_log.jsonl'))}: cannot be read ({err.strerror}): no curves "
+                      f"for it")
+        return None
     if not len(drawn.x):
         print(f"note: {run_dir / 'train_log.jsonl'} holds no training step: no curves for it")
         return None
@@ -128,9 +133,9 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:
     try:
         run_args = config.read_run_config(run_dir)
         title = f"{run_args.get('method')} on {run_args.get('dataset')}: {name}"
-    except ConfigError:  # a run directory without its config.yaml still has curves
+    except (ConfigError, OSError):  # a run directory without a config.yaml it can read still has curves
         pass
-    curves.draw(drawn, title, path)
+    curves.draw(drawn, printable(title), path)
     return path
 
 
