@@ -37,6 +37,8 @@ def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="export_imagefolder.py")
     parser.add_argument("--dataset", required=True, help="a registered dataset (clusterlab.data.registry.DATASETS)")
     parser.add_argument("--data_path", default=None, help="where its files are (the dataset's default if unset)")
+    parser.add_argument("--download", type=config.bool_flag, nargs="?", const=True, default=False,
+                        help="download the dataset if missing")
     parser.add_argument("--out", required=True, help="the image folder to write (must not exist or be empty)")
     parser.add_argument("--per_class", type=config.positive_int, default=None,
                         help="training images kept per class")
@@ -56,24 +58,25 @@ def class_folder_names(class_names: list) -> list[str]:
             for label, name in enumerate(class_names)]
 
 
-def per_class_quota(num_classes: int, per_class: int | None, count: int | None) -> np.ndarray | None:
-    """How many images each class keeps (None: all of them)."""
+def per_class_quota(num_classes: int, per_class: int | None, count: int | None) -> list[int] | None:
+    """How many images each class keeps (None: all of them); Python integers, so that no count is too large to be
+    compared with a class's size."""
     if per_class is not None and count is not None:
         raise ConfigError(f"--per_class {per_class} and --count {count} both given: choose one")
     if per_class is not None:
-        return np.full(num_classes, per_class)
+        return [per_class] * num_classes
     if count is not None:
         if count < num_classes:
             raise ConfigError(f"--count {count} is below the {num_classes} classes: give at least one per class")
-        return count // num_classes + (np.arange(num_classes) < count % num_classes)
+        return [count // num_classes + (label < count % num_classes) for label in range(num_classes)]
     return None
 
 
-def balanced_subset(labels: np.ndarray, quota: np.ndarray, class_names: list, seed: int, split: str) -> np.ndarray:
+def balanced_subset(labels: np.ndarray, quota: list[int], class_names: list, seed: int, split: str) -> np.ndarray:
     """Sorted positions of quota[c] images of every class c, drawn without replacement from `seed`."""
     rng = np.random.default_rng(seed)
     chosen = []
-    for label, wanted in enumerate(quota.tolist()):
+    for label, wanted in enumerate(quota):
         members = np.flatnonzero(labels == label)
         if wanted > len(members):
             raise ConfigError(f"{wanted} images of class {class_names[label]!r} asked for, but the {split} split "
@@ -93,7 +96,7 @@ def main(argv=None):
     # what a killed export left (its hidden folder, cut short) does not count: it is removed below
     if out.exists() and (not out.is_dir() or any(not path.name.startswith(PARTIAL) for path in out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder (remove it or choose another)")
-    splits = {"train": load(args.dataset, "train", args.data_path), "test": load(args.dataset, "test", args.data_path)}
+    splits = {split: load(args.dataset, split, args.data_path, args.download) for split in ("train", "test")}
     train = splits["train"]
     quota = per_class_quota(train.num_classes, args.per_class, args.count)
     folders = class_folder_names(train.class_names)

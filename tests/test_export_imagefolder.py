@@ -116,6 +116,8 @@ def test_class_folder_names_sort_in_label_order():
     (["--dataset", "imagefolder"], ["--dataset 'imagefolder'", "choose one of"]),
     (["--dataset", "fashion_mnist", "--per_class", "20"], ["20 images of class", "has only", "at most"]),
     (["--dataset", "fashion_mnist", "--count", "5"], ["--count 5", "10 classes"]),
+    # more than a C long: a traceback from numpy's integers
+    (["--dataset", "fashion_mnist", "--count", "1" + "0" * 20], ["10000000000000000000 images of class", "has only"]),
     (["--dataset", "fashion_mnist", "--per_class", "2", "--count", "30"], ["--per_class 2", "--count 30", "choose one"]),
     (["--dataset", "fashion_mnist", "--per_class", "0"], ["--per_class", "0"]),
     (["--dataset", "fashion_mnist", "--per_class", "2", "--seed", "-1"], ["--seed", "'-1'", "0 or more"]),
@@ -126,6 +128,18 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatc
     message = one_line_error(monkeypatch, capsys, ["--data_path", str(source), "--out", str(out), *extra])
     assert all(word in message for word in words), message
     assert not out.exists()
+
+
+def test_missing_files_advise_download_which_the_script_takes(tmp_path, fashion, monkeypatch, capsys):
+    """The loader's advice names --download; the script refused it as an unknown flag. With the files present it
+    downloads nothing and exports them."""
+    message = one_line_error(monkeypatch, capsys, ["--dataset", "cifar10", "--data_path", str(tmp_path / "none"),
+                                                   "--out", str(tmp_path / "out")])
+    assert "--download" in message
+    source, _ = fashion
+    export.main(["--dataset", "fashion_mnist", "--data_path", str(source), "--download", "--per_class", "1",
+                 "--out", str(tmp_path / "out")])
+    assert len(list((tmp_path / "out" / "train").rglob("*.png"))) == 10
 
 
 def test_help_lists_the_flags_although_some_are_required(monkeypatch, capsys):
