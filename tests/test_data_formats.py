@@ -417,6 +417,22 @@ def test_a_failed_download_is_one_line_on_every_rank(tmp_path, monkeypatch):
     assert second == "dataset 'cifar10': --download failed on rank 0 (its error names why)"
 
 
+def test_a_failed_download_names_what_the_files_already_there_lack(tmp_path):
+    """A batch cut short, with --download and no network: the download's failure hid the loader's message, which
+    says what to mend."""
+    unreachable_cifar10()
+    (_cifar10(tmp_path) / "data_batch_3").write_bytes(b"\x80\x02")
+    message = data_error(registry.load, "cifar10", "train", str(tmp_path), download=True)
+    assert "failed (URLError: " in message
+    assert f"the files already there do not load (CIFAR batch {str(tmp_path / 'cifar-10-batches-py' / 'data_batch_3')!r} " \
+           f"is corrupt" in message
+
+
+def test_digits_refuse_a_data_path_they_would_not_read(tmp_path):
+    assert data_error(registry.load, "digits", "train", str(tmp_path)) == (
+        f"dataset 'digits' ships inside scikit-learn: --data_path {str(tmp_path)!r} would not be read (leave it out)")
+
+
 def test_download_refused_for_local_datasets(tmp_path):
     assert "'imagefolder'" in data_error(registry.load, "imagefolder", "train", str(tmp_path), download=True)
     # a missing folder suggests --download only where it would fetch something
@@ -762,11 +778,22 @@ def test_stl10_size_not_a_multiple_of_an_image(tmp_path):
     assert str(folder / "unlabeled_X.bin") in data_error(registry.load, "stl10", "unlabeled", str(tmp_path))
 
 
+def test_stl10_images_cut_at_a_whole_image_name_both_files(tmp_path):
+    """Cut at a multiple of 27,648 bytes, the images file read as fewer images, and only the intact labels file was
+    named."""
+    folder = _stl10(tmp_path)
+    content = (folder / "test_X.bin").read_bytes()
+    (folder / "test_X.bin").write_bytes(content[:27648])
+    message = data_error(registry.load, "stl10", "test", str(tmp_path))
+    assert str(folder / "test_X.bin") in message and "(1 images, 3 labels): one of them is cut short" in message
+
+
 def test_stl10_label_problems(tmp_path):
     folder = _stl10(tmp_path)
     (folder / "test_y.bin").write_bytes(bytes([1, 2]))
     message = data_error(registry.load, "stl10", "test", str(tmp_path))
-    assert str(folder / "test_y.bin") in message and "2 labels for 3 images" in message
+    assert f"{str(folder / 'test_X.bin')!r} and {str(folder / 'test_y.bin')!r} do not match (3 images, 2 labels)" \
+        in message
     (folder / "test_y.bin").write_bytes(bytes([1, 0, 2]))  # 0 is not a class (1..10)
     message = data_error(registry.load, "stl10", "test", str(tmp_path))
     assert str(folder / "test_y.bin") in message and "labels outside 1..10 (the first: 0 at image 1; 1 of 3)" in message
@@ -787,6 +814,34 @@ def test_imagefolder_problems(tmp_path):
     shutil.rmtree(tmp_path / "train")
     (tmp_path / "train").mkdir()
     assert str(tmp_path / "train") in data_error(registry.load, "imagefolder", "train", str(tmp_path))
+
+
+def test_a_colour_file_that_does_not_decode_leaves_a_grey_folder_grey(tmp_path, capsys):
+    """Its header (RGB) still decided the channels: a grey folder's model took three."""
+    from PIL import Image
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=3, classes=2, grey=True)
+    bad = tmp_path / "train" / registry._class_folders(tmp_path / "train")[0] / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])  # the header reads, the pixels do not
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert ds.channels == 1 and len(ds.mean) == 1
+    assert f"unreadable image file {bad} (" in capsys.readouterr().out
+
+
+def test_image_files_in_no_class_folder_are_named_once(tmp_path, capsys):
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2)
+    image = next((tmp_path / "train").rglob("*.png")).read_bytes()
+    for name in ("b.png", "a.PNG"):
+        (tmp_path / "train" / name).write_bytes(image)
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    first = registry.load("imagefolder", "train", str(tmp_path))
+    registry.load("imagefolder", "test", str(tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("note: ") == 1
+    assert f"note: 2 image file(s) lie directly in {str(tmp_path / 'train')!r}, in no class folder (first: a.PNG): " \
+           f"left out" in out
+    assert len(first) == 4
 
 
 def test_imagefolder_grey_with_alpha_is_one_channel(tmp_path):

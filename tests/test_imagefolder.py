@@ -601,10 +601,10 @@ def test_the_pixel_baseline_on_two_processes_counts_an_unreadable_file_once(tmp_
     fabricate.make_imagefolder(tmp_path, n_per_class=50, classes=2, size=8, grey=True)
     spoiled = registry.load("imagefolder", "train", str(tmp_path)).files[70]
     fabricate.spoil_image_files([spoiled])  # 1 of 100: within the limit
-    data = registry.load("imagefolder", "train", str(tmp_path))  # as the ranks load it (an RGB header now)
-    capsys.readouterr()
+    data = registry.load("imagefolder", "train", str(tmp_path))  # as the ranks load it (grey still: the spoiled
+    capsys.readouterr()                                           # file's RGB header does not count)
     alone = pixels(data, EvalView.of(8))
-    assert alone.shape == (100, 3 * 64) and capsys.readouterr().out.count(spoiled) == 1
+    assert alone.shape == (100, 64) and capsys.readouterr().out.count(spoiled) == 1
     for values in run_distributed(_pixels_of_a_folder, 2, str(tmp_path)):
         assert torch.equal(values, alone)
 

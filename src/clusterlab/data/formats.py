@@ -210,7 +210,9 @@ def read_stl10_labels(path: Path, count: int) -> np.ndarray:
         raise DataError(f"STL-10 file {str(path)!r} does not exist")
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
     if len(labels) != count:
-        raise DataError(f"STL-10 file {str(path)!r} has {len(labels)} labels for {count} images")
+        images_file = path.with_name(path.name.replace("_y.bin", "_X.bin"))
+        raise DataError(f"STL-10 files {str(images_file)!r} and {str(path)!r} do not match ({count} images, "
+                        f"{len(labels)} labels): one of them is cut short or of another split")
     outside = np.flatnonzero((labels < 0) | (labels > 9))
     if len(outside):
         raise DataError(f"STL-10 file {str(path)!r} has labels outside 1..10 (the first: {labels[outside[0]] + 1} "

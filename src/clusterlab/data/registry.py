@@ -346,7 +346,18 @@ def _named(folders: list, shown: int = 3) -> str:
 
 
 def _class_folders(root: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    """The class folders under root; image files beside them, in no class, are named once per process (torchvision
+    leaves them out without a word)."""
+    entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
+    if loose and str(root) not in _NAMED_LOOSE_FILES:
+        _NAMED_LOOSE_FILES.add(str(root))
+        print(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
+              f"{loose[0]}): left out", flush=True)
+    return [entry.name for entry in entries if entry.is_dir()]
+
+
+_NAMED_LOOSE_FILES: set[str] = set()
 
 
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
@@ -465,18 +476,24 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
                 headers[file] = image.mode, min(image.size)
         except Unreadable as err:
             unreadable.append(f"{file} ({err})")
-    channels = 1 if headers and all(mode in GREY_MODES for mode, _ in headers.values()) else 3
-    counts, shorter_sides = np.zeros((channels, 256)), []
-    for file, (_, shorter_side) in headers.items():
-        try:
-            with open_image(file) as image:
-                decoded, _ = decode(image, "L" if channels == 1 else "RGB", draft_reduction(shorter_side / STATS_SIDE))
-                pixels = np.array(decoded).reshape(decoded.height, decoded.width, channels)  # writable, for torch
-        except Unreadable as err:
-            unreadable.append(f"{file} ({err})")
-            continue
-        counts += _histograms(pixels.transpose(2, 0, 1)[None])
-        shorter_sides.append(shorter_side)
+    # The files that decode decide the channels: a colour file whose header reads but whose pixels do not (cut short)
+    # would make a grey folder's model take three. Leaving files out can only make the rest all grey: two passes at most.
+    channels = None
+    while channels != (grey := 1 if headers and all(mode in GREY_MODES for mode, _ in headers.values()) else 3):
+        channels = grey
+        counts, shorter_sides = np.zeros((channels, 256)), []
+        for file, (_, shorter_side) in list(headers.items()):
+            try:
+                with open_image(file) as image:
+                    decoded, _ = decode(image, "L" if channels == 1 else "RGB",
+                                        draft_reduction(shorter_side / STATS_SIDE))
+                    pixels = np.array(decoded).reshape(decoded.height, decoded.width, channels)  # writable, for torch
+            except Unreadable as err:
+                unreadable.append(f"{file} ({err})")
+                del headers[file]
+                continue
+            counts += _histograms(pixels.transpose(2, 0, 1)[None])
+            shorter_sides.append(shorter_side)
     for line in unreadable:
         print(f"unreadable image file {line}; left out of the statistics", flush=True)
     if not shorter_sides:
@@ -515,6 +532,9 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
     spec = DATASETS[name]
     if split not in spec.splits:
         raise DataError(f"dataset {name!r} has no split {split!r} (choose one of: {', '.join(spec.splits)})")
+    if name == "digits" and data_path:
+        raise DataError(f"dataset 'digits' ships inside scikit-learn: --data_path {str(data_path)!r} would not be "
+                        f"read (leave it out)")
     path = resolve_path(name, data_path)
     if name != "digits" and not path.exists() and not download:
         fetch = ", or --download to fetch it" if spec.fetcher is not None else ""  # imagefolder cannot be fetched
@@ -527,20 +547,22 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
         if spec.fetcher is None:
             raise DataError(f"dataset {name!r} cannot be downloaded (it ships locally or is your own folder)")
         try:  # already there, in any layout the loaders read (torchvision's looks for its own only)
-            found = spec.loader(path, split)
-        except DataError:
-            found = None
+            found, not_there = spec.loader(path, split), None
+        except DataError as err:
+            found, not_there = None, err
         # What rank 0 found decides for every rank, so that all of them take the same collectives.
         if distributed.rank0_says(found is not None):
             return _same_on_every_rank(found if found is not None else spec.loader(path, split), path)
-        failure = None
+        failure, existed = None, path.exists()
         if distributed.rank() == 0:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 spec.fetcher.fetch(path, download)
             except Exception as err:  # urllib's URLError, torchvision's "Error downloading", a corrupt archive...
-                failure = (f"dataset {name!r}: --download into {str(path)!r} failed ({one_line(err)}); fetch the "
-                           f"files on a machine that reaches the internet and pass --data_path")
+                # files already there that do not load are named too: one cut short is mended by hand as well
+                there = f"; the files already there do not load ({not_there})" if existed else ""
+                failure = (f"dataset {name!r}: --download into {str(path)!r} failed ({one_line(err)}){there}; fetch "
+                           f"the files on a machine that reaches the internet and pass --data_path")
         if not distributed.rank0_says(failure is None):
             raise DataError(failure or f"dataset {name!r}: --download failed on rank 0 (its error names why)")
     return _same_on_every_rank(spec.loader(path, split), path)
