@@ -115,6 +115,63 @@ def test_a_relaunch_says_why_a_runs_last_start_failed(tmp_path):
         "global batch 32); it is submitted again"]
 
 
+def test_a_run_finished_beyond_the_grids_epochs_is_named_and_not_submitted(tmp_path):
+    """A grid lowered to 1 epoch after its run finished 2: the run was planned "resume", its job refused to go back
+    (--epochs 1 below the checkpoint's 2) at every launch, and its final checkpoint was evaluated as epoch 1."""
+    run = tmp_path / "runs" / "swav_digits_1ep_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epoch": 2, "epochs": 2}))
+    (run / "checkpoint.pth").write_bytes(b"")
+    grid = grid_file(tmp_path, axes={"epochs": [1], "seed": [0]}, evals={"programs": ["eval_knn.py"]})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_1ep_s0 "))
+    assert row.split()[:2] == ["swav_digits_1ep_s0", "finished"] and " - " in row
+    assert out.stdout.splitlines()[-1] == (
+        "swav_digits_1ep_s0 finished 2 epochs, more than the 1 the grid gives now: it is not trained again, nor its "
+        "final checkpoint evaluated as epoch 1; another output_root trains the grid's")
+
+
+def test_a_relaunch_says_why_an_evaluation_job_ended_without_succeeding(tmp_path):
+    """The plan listed the evaluation to submit again without a word, and --wait said only "finished"."""
+    run = tmp_path / "runs" / "swav_digits_1ep_s0"
+    (run / "slurm").mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epoch": 1, "epochs": 1}))
+    logs = tmp_path / "runs" / ".submitit" / "172"
+    logs.mkdir(parents=True)
+    (logs / "172_0_log.err").write_text(
+        "Traceback (most recent call last):\n    raise ConfigError(message)\n"
+        "clusterlab.errors.ConfigError: --clusters 5000 is more than the 898 images of the train split\n")
+    evals = [{"job_id": "172", "kind": "eval", "logs": str(logs), "checkpoint": "checkpoint.pth",
+              "programs": ["eval_knn.py", "eval_cluster.py"]},
+             {"job_id": "173", "kind": "eval", "logs": str(tmp_path / "never"), "checkpoint": "checkpoint.pth",
+              "programs": ["eval_linear.py"]}]
+    (run / "slurm" / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in evals))
+    grid = grid_file(tmp_path, axes={"epochs": [1], "seed": [0]},
+                     evals={"programs": ["eval_knn.py", "eval_cluster.py", "eval_linear.py"]})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == [
+        "swav_digits_1ep_s0: the evaluation job 172 of checkpoint.pth (eval_cluster.py, eval_knn.py) ended without "
+        "succeeding (ConfigError: --clusters 5000 is more than the 898 images of the train split); it is submitted "
+        "again",
+        "swav_digits_1ep_s0: the evaluation job 173 of checkpoint.pth (eval_linear.py) ended without succeeding (it "
+        "left no log: it never started (a training job it waited for failed, or it was cancelled)); it is submitted "
+        "again"]
+
+
+@pytest.mark.slow
+def test_the_debug_cluster_reports_a_bad_flag_on_one_line_without_a_debugger(tmp_path):
+    """submitit's debug executor opened pdb on the job's ConfigError (at a terminal it waited for input)."""
+    grid = grid_file(tmp_path, axes={"seed": [0]}, flags={**BASE["flags"], "epochs": 1, "queue_length": 7,
+                                                          "device": "cpu"})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "debug")
+    assert out.returncode == 0, out.stderr
+    assert "(Pdb)" not in out.stdout
+    assert any(line.startswith("job DEBUG_") and "failed: --queue_length 7 must be a positive multiple"
+               in line for line in out.stdout.splitlines()), out.stdout
+
+
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'
            "clusterlab.errors.CheckpointError: checkpoint.pth was trained with --batch_size 256, this command has "
            "512\n")

@@ -144,9 +144,8 @@ def test_sbatch_refusing_a_grid_job_is_one_line(slurm, tmp_path):
     assert "nosuch" in lines[0] or "partition" in lines[0].lower()
 
 
-def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
-    """A finished run whose kNN job is still in the queue (its partition down): launching the grid again submits
-    nothing; once the partition is up, the one job runs and one record appears."""
+def finished_run_with_a_knn_grid(tmp_path: Path) -> tuple[Path, Path]:
+    """A run of one epoch trained by hand, and a grid of it whose kNN evaluation is still to be made."""
     flags = {**TINY, "batch_size": 64, "epochs": 1}
     grid = write_grid(tmp_path / "grid.yaml", name="e", program="main_pretrain.py", config="configs/swav_digits.yaml",
                       axes={"seed": [0]}, flags=flags, evals={"programs": ["eval_knn.py"]},
@@ -155,11 +154,22 @@ def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
     argv = [f"--{k}={v[0] if isinstance(v, list) else v}" for k, v in flags.items()]
     subprocess.run([sys.executable, "main_pretrain.py", "--config", "configs/swav_digits.yaml", *argv, "--seed", "0",
                     "--output_dir", str(run)], cwd=ROOT, env=env(), check=True, capture_output=True)
-    # The default partition is down while both launches run: the evaluation job queues but cannot start (a job
-    # held after its submission could already have run on a fast machine, or a slow one could still be starting).
+    return grid, run
+
+
+def default_partition() -> str:
     partition = subprocess.run(["scontrol", "show", "partition", "--oneliner"], capture_output=True, text=True,
                                check=True).stdout
-    default = next(line.split()[0].split("=", 1)[1] for line in partition.splitlines() if "Default=YES" in line)
+    return next(line.split()[0].split("=", 1)[1] for line in partition.splitlines() if "Default=YES" in line)
+
+
+def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
+    """A finished run whose kNN job is still in the queue (its partition down): launching the grid again submits
+    nothing; once the partition is up, the one job runs and one record appears."""
+    grid, run = finished_run_with_a_knn_grid(tmp_path)
+    # The default partition is down while both launches run: the evaluation job queues but cannot start (a job
+    # held after its submission could already have run on a fast machine, or a slow one could still be starting).
+    default = default_partition()
     subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=DOWN"], check=True)
     try:
         first = launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"))
@@ -171,6 +181,32 @@ def test_relaunch_does_not_resubmit_a_queued_evaluation(slurm, tmp_path):
         subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=UP"], check=True)
     assert len((run / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
     wait_job(job)
+    assert [r["eval"] for r in records(run)] == ["knn"]
+
+
+def test_wait_waits_for_the_jobs_an_earlier_launch_queued(slurm, tmp_path):
+    """launch.py --wait on a grid whose evaluation an earlier launch queued (its partition down) submits nothing and
+    waits for that job: it said at once "all jobs left the queue" while the job was still pending."""
+    grid, run = finished_run_with_a_knn_grid(tmp_path)
+    default = default_partition()
+    subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=DOWN"], check=True)
+    try:
+        assert "submitted 1 evaluation job(s)" in launch("--grid", str(grid), "--output_root",
+                                                         str(tmp_path / "runs")).stdout
+        waiting = subprocess.Popen([sys.executable, "launch.py", "--grid", str(grid), "--output_root",
+                                    str(tmp_path / "runs"), "--wait"], cwd=ROOT, env=env(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(8)
+        still_waiting = waiting.poll() is None
+    finally:
+        subprocess.run(["scontrol", "update", f"PartitionName={default}", "State=UP"], check=True)
+    try:
+        out, err = waiting.communicate(timeout=300)
+    finally:
+        waiting.kill()
+    assert still_waiting, out
+    assert waiting.returncode == 0, err
+    assert "submitted" not in out and out.splitlines()[-2:] == ["all jobs left the queue", "  swav_digits_s0: finished"]
     assert [r["eval"] for r in records(run)] == ["knn"]
 
 

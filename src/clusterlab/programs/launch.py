@@ -49,7 +49,8 @@ def get_args_parser():
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the plan, submit nothing")
     parser.add_argument("--wait", action="store_true",
-                        help="return only when every submitted job has ended, then print each run's state")
+                        help="return only when every job of the grid's runs has ended (those of an earlier launch "
+                             "still queued too), then print each run's state")
     parser.add_argument("--emit-sbatch", "--emit_sbatch", dest="emit_sbatch", action="store_true",
                         help="write sbatch scripts instead of submitting")
     parser.add_argument("--recipes", type=config.path, default="configs/recipes.yaml", help="recipes for --emit-sbatch")
@@ -88,19 +89,26 @@ def main(argv=None):
     if never:  # (--wait names them as it polls)
         print(f"warning: {stuck_message(never)}", file=sys.stderr)
     if args.wait or args.cluster == "debug":  # the debug executor runs a job only when its result is asked for
-        wait_until_done(jobs, args.cluster)
+        # the jobs an earlier launch queued for these runs too: the states below are of the runs, not of this call
+        earlier = [job["job_id"] for run, _ in plan for job in recorded_jobs(run.run_dir) if job["job_id"] in in_queue]
+        wait_until_done(jobs, args.cluster, earlier)
+        queue_now = (queued_ids() or set()) if args.cluster == "slurm" else set()
         for run, _ in plan:
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
             print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}"
                   + (f" ({failure})" if failure else ""))
+            if args.cluster == "slurm":
+                for line in failed_evaluations(run.run_dir, queue_now):
+                    print(f"  {run.name}: {line}")
 
 
-def wait_until_done(jobs: list, cluster: str) -> None:
-    """Return when every job has ended: Slurm's have left the queue (squeue, so no accounting database is needed);
-    a local or debug job that failed is named with the last line of its error."""
+def wait_until_done(jobs: list, cluster: str, earlier: list[str] = ()) -> None:
+    """Return when every job has ended: Slurm's, those submitted now and the `earlier` ones still queued, have left
+    the queue (squeue, so no accounting database is needed); a local or debug job that failed is named with the
+    last line of its error."""
     if cluster == "slurm":
-        wait_for([str(job.job_id) for job in jobs])
+        wait_for([*earlier, *(str(job.job_id) for job in jobs)])
         print("all jobs left the queue")
         return
     for job in jobs:
@@ -116,7 +124,8 @@ def returned(job) -> bool:
     """Wait for a local or debug job; False, with its error's last line printed, when it failed. These executors
     know no dependencies: a job that must come after another is submitted only once that one has returned."""
     try:
-        job.result()
+        with _no_debugger_for_user_errors():
+            job.result()
         return True
     except Exception as failure:  # submitit's FailedJobError (local), the job's own exception (debug)
         text = str(failure)
@@ -127,14 +136,45 @@ def returned(job) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _no_debugger_for_user_errors():
+    """submitit's debug executor opens pdb on any exception of a job (waiting for input at a terminal): a bad flag
+    or a missing file, which the programs name on one line, is reported as a local job's is; a crash still opens
+    the debugger."""
+    import pdb
+
+    post_mortem = pdb.post_mortem
+
+    def unless_user_error(traceback=None):
+        if not isinstance(sys.exc_info()[1], UserError):
+            post_mortem(traceback)
+
+    pdb.post_mortem = unless_user_error
+    try:
+        yield
+    finally:
+        pdb.post_mortem = post_mortem
+
+
 def run_state(run: RunSpec, in_queue: set) -> str:
-    """new, resume (a run directory without a finished status), finished, or queued (a job of it is queued)."""
+    """new, resume (a run directory without a finished status), finished (also one that trained more epochs than
+    the grid gives now: its training would refuse to go back), or queued (a job of it is queued)."""
     status = rundir.read_status(run.run_dir)
-    if status.get("state") == "finished" and status.get("epochs") == run.flags.get("epochs", status.get("epochs")):
+    if status.get("state") == "finished" and (status.get("epochs") == run.flags.get("epochs", status.get("epochs"))
+                                              or epochs_beyond(run)):
         return "finished"
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
     return "resume" if run.run_dir.exists() else "new"
+
+
+def epochs_beyond(run: RunSpec) -> int | None:
+    """The epochs a finished run trained, where they are more than the grid gives it now (else None)."""
+    status, asked = rundir.read_status(run.run_dir), run.flags.get("epochs")
+    trained = status.get("epochs")
+    if status.get("state") == "finished" and rundir.is_number(trained) and rundir.is_number(asked) and trained > asked:
+        return trained
+    return None
 
 
 def differing_flags(run: RunSpec) -> list[str]:
@@ -191,11 +231,14 @@ def ended_unfinished(run_dir: Path, in_queue: set) -> set:
     """(checkpoint, program) whose last evaluation job ended without succeeding (no `done` line, no longer queued). It
     may have written some of its records (one K of several, CIFAR-100's class record without its superclass one),
     which would otherwise count as the evaluation made."""
-    jobs = recorded_jobs(run_dir)
-    done = {job["job_id"] for job in jobs if job.get("done")}
-    last = {(job.get("checkpoint"), program): job["job_id"] for job in jobs if job.get("kind") == "eval"
+    done = {job["job_id"] for job in recorded_jobs(run_dir) if job.get("done")}
+    return {key for key, job in last_eval_jobs(run_dir).items() if job["job_id"] not in done | in_queue}
+
+
+def last_eval_jobs(run_dir: Path) -> dict:
+    """(checkpoint, program) -> the last evaluation job submitted for it (its jobs.jsonl entry)."""
+    return {(job.get("checkpoint"), program): job for job in recorded_jobs(run_dir) if job.get("kind") == "eval"
             for program in job.get("programs") or ()}
-    return {key for key, job_id in last.items() if job_id not in done and job_id not in in_queue}
 
 
 def never_written(run: RunSpec) -> list[str]:
@@ -217,9 +260,11 @@ def pending_evals(run: RunSpec, in_queue: set) -> dict:
     last_argv = evaluated_argv(run.run_dir)
     unfinished = ended_unfinished(run.run_dir, in_queue)
     missing = never_written(run)
+    beyond = epochs_beyond(run)
     grouped: dict = {}
     for spec in run.evals:
-        if spec.program in queued.get(spec.checkpoint, ()) or spec.checkpoint in missing:
+        if (spec.program in queued.get(spec.checkpoint, ()) or spec.checkpoint in missing
+                or (beyond and spec.epoch is None)):  # its checkpoint.pth holds a later epoch than the grid's end
             continue
         argv = to_argv(spec.flags)
         recorded = results.has_record(run.run_dir, EVAL_PROGRAMS[spec.program], spec.checkpoint,
@@ -261,6 +306,11 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     for run, state in plan:
+        beyond = epochs_beyond(run) if state == "finished" else None
+        if beyond:
+            print(f"{run.name} finished {beyond} epochs, more than the {run.flags['epochs']} the grid gives now: it "
+                  f"is not trained again, nor its final checkpoint evaluated as epoch {run.flags['epochs']}; another "
+                  f"output_root trains the grid's")
         changed = differing_flags(run) if state == "finished" else []
         if changed:
             print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
@@ -268,6 +318,8 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
+        for line in failed_evaluations(run.run_dir, in_queue):
+            print(f"{run.name}: {line}; it is submitted again")
         missing = never_written(run)
         if missing:
             print(f"{run.name} finished without {', '.join(missing)} (its --checkpoint_epochs did not ask for them): "
@@ -312,6 +364,26 @@ def last_failure(run_dir: Path) -> str | None:
         return final_exception(log.read_text(errors="replace")) or failed
     except OSError:
         return failed
+
+
+def failed_evaluations(run_dir: Path, in_queue: set) -> list[str]:
+    """`the evaluation job 172 of checkpoint.pth (eval_cluster.py) ended without succeeding (ConfigError: ...)` for
+    each evaluation job that was the last of its checkpoint and programs and ended without succeeding (the reason:
+    its log's last exception)."""
+    last, failed = last_eval_jobs(run_dir), {}
+    for checkpoint, program in sorted(ended_unfinished(run_dir, in_queue), key=str):
+        job = last[(checkpoint, program)]
+        failed.setdefault(job["job_id"], (job, []))[1].append(program)
+    lines = []
+    for job, programs in failed.values():
+        try:
+            log = (Path(job["logs"]) / f"{job['job_id']}_0_log.err").read_text(errors="replace")
+            reason = final_exception(log) or "its log names no exception"
+        except (OSError, KeyError):
+            reason = "it left no log: it never started (a training job it waited for failed, or it was cancelled)"
+        lines.append(f"the evaluation job {job['job_id']} of {job.get('checkpoint')} ({', '.join(programs)}) ended "
+                     f"without succeeding ({reason})")
+    return lines
 
 
 def output_root(grid: Grid) -> Path:
