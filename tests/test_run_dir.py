@@ -594,6 +594,22 @@ def test_an_evaluation_of_a_read_only_run_stops_before_its_work(tiny_run, tmp_pa
     assert "computing features" not in result.stdout
 
 
+@pytest.mark.parametrize("program, flags", [
+    ("eval_knn.py", ["--k", "5"]),
+    ("eval_cluster.py", ["--restarts", "1"]),
+])
+def test_a_record_file_linked_into_a_missing_folder_stops_an_evaluation_before_its_work(tiny_run, tmp_path, program,
+                                                                                       flags):
+    """The record's write, after the features, met the link (a traceback, the work lost)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "metrics.jsonl").unlink(missing_ok=True)
+    (run / "metrics.jsonl").symlink_to(tmp_path / "gone" / "metrics.jsonl")
+    result = run_script(program, "--run", run, *flags, "--device", "cpu")
+    assert_user_error(result, program, f"{run / 'metrics.jsonl'} links to {str(tmp_path / 'gone' / 'metrics.jsonl')!r}"
+                                       f", in a folder that does not exist")
+    assert "computing features" not in result.stdout
+
+
 @needs_mount
 def test_a_recorded_evaluation_of_a_read_only_run_is_skipped(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")

@@ -15,6 +15,7 @@ that differ (`recipe_labels`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 from . import rundir
 from .config import git_state, recorded_git_state, written_run_config
-from .errors import printable
+from .errors import ConfigError, printable
 from .models import backbone_label
 
 PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
@@ -55,8 +56,15 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> None:
 
 def require_writable(run_dir: str | os.PathLike) -> None:
     """Meet now, before an evaluation's work, the error that appending its record would meet once the work is done
-    (a read-only file system, a folder one may not write to): the closest existing folder of `run_dir` takes a
-    nameless temporary file. Every rank asks, so that all of them leave together."""
+    (a read-only file system, a folder one may not write to, a record file one may not write to or that links to a
+    folder that does not exist): the closest existing folder of `run_dir` takes a nameless temporary file. Every
+    rank asks, so that all of them leave together."""
+    records = Path(run_dir) / "metrics.jsonl"
+    if records.is_symlink() and not Path(os.path.realpath(records)).parent.is_dir():
+        raise ConfigError(f"{records} links to {os.readlink(records)!r}, in a folder that does not exist: the "
+                          f"record could not be written (remove the link, or make that folder)")
+    if records.exists() and not os.access(records, os.W_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(records))
     folder = Path(run_dir).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
