@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from clusterlab.data.augment import eval_view
 from clusterlab.eval.features import load_run
 from clusterlab.eval.knn import knn_accuracy
 from clusterlab.eval.metrics import cluster_metrics
-from conftest import TINY, assert_ok, copy_run, entry_module, run_script
+from conftest import ONE_EPOCH, PYTHON, ROOT, TINY, assert_ok, copy_run, entry_module, run_script, script_env
 
 RECORD_KEYS = {"run", "method", "dataset", "split", "backbone", "epoch", "step", "checkpoint", "seed", "eval",
                "protocol", "metrics", "created", "git_commit", "git_dirty"}
@@ -516,3 +517,17 @@ def test_skip_recorded_heads_all_recorded_pass_over_no_image(tmp_path, monkeypat
     assert passes == [] and capsys.readouterr().out.count("already recorded") == 2
     evaluate(["--run", str(run), "--device", "cpu", "--plot", "false", "--skip_recorded", "true", "--split", "train"])
     assert passes == [1]  # another split: evaluated
+
+
+def test_a_run_whose_output_pipe_closes_goes_on_to_the_end(tmp_path):
+    """`main_pretrain.py ... | head -2`: the next progress line met the closed pipe, and the run failed with a
+    BrokenPipeError traceback after its first lines; its log and status keep what the lines said."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *ONE_EPOCH, "--output_dir", str(run)],
+                               cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away
+    _, errors = process.communicate(timeout=180)
+    assert first.startswith("note: ") and process.returncode == 0, errors
+    assert "Traceback" not in errors
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

@@ -64,6 +64,7 @@ def run(script: str, argv=None):
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    sys.stdout, sys.stderr = OutputThatMayClose(sys.stdout), OutputThatMayClose(sys.stderr)
     from ..errors import run_cli
 
     try:
@@ -81,6 +82,36 @@ def run(script: str, argv=None):
         raise
     end_without_finalising(0)
     return result
+
+
+class OutputThatMayClose:
+    """A standard stream whose reader may go away (`| head`, the `| tee` of a terminal that was closed): a write to
+    the closed pipe sends the rest of the output to /dev/null instead of ending a training run with a traceback
+    (train_log.jsonl, status.json and the records keep what the lines said)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard_from_now_on()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard_from_now_on()
+
+    def _discard_from_now_on(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def crash_status(crash: BaseException) -> int:
