@@ -390,15 +390,34 @@ def test_grid_scripts_read_the_grids_data_path_and_name_their_own_folder(tmp_pat
     line names the folder they were written into."""
     grid = yaml.safe_load((ROOT / "configs" / "grids" / "digits_smoke.yaml").read_text())
     grid["config"] = str(ROOT / grid["config"])
-    grid["flags"]["data_path"] = "/scratch/my data"
+    grid["flags"].update(dataset="cifar10", data_path="/scratch/my data")
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     out = run_launch("--grid", str(path), "--emit-sbatch", "--sbatch_dir", str(tmp_path / "scripts"))
     assert out.returncode == 0, out.stderr
-    text = (tmp_path / "scripts" / "swav_digits_2ep_s0.sh").read_text()
+    text = (tmp_path / "scripts" / "swav_cifar10_2ep_s0.sh").read_text()
     assert "DATASET_PATH=${DATASET_PATH:-'/scratch/my data'}" in text.splitlines()
-    assert f"# Usage (from the repository root): sbatch {tmp_path / 'scripts'}/swav_digits_2ep_s0.sh" in text
+    assert f"# Usage (from the repository root): sbatch {tmp_path / 'scripts'}/swav_cifar10_2ep_s0.sh" in text
     assert "# Environment: DATASET_PATH (the grid's data_path)," in text
+    assert '    --data_path "$DATASET_PATH" --output_dir "$EXPERIMENT_PATH" ${args[@]+"${args[@]}"}' in text
+
+
+def test_digits_scripts_pass_no_data_path_and_a_grid_giving_one_is_refused(tmp_path):
+    """Digits ship inside scikit-learn and refuse a --data_path: every digits script passed its DATASET_PATH
+    (default `data`), so its training refused to start."""
+    shipped = (ROOT / "sbatch" / "swav_digits.sh").read_text()
+    out = run_launch("--grid", str(ROOT / "configs" / "grids" / "digits_smoke.yaml"), "--emit-sbatch",
+                     "--sbatch_dir", str(tmp_path / "scripts"))
+    assert out.returncode == 0, out.stderr
+    for text in (shipped, (tmp_path / "scripts" / "swav_digits_2ep_s0.sh").read_text()):
+        assert "--data_path" not in text and "# Environment: DATASET_PATH (not read: digits ship inside" in text
+    grid = yaml.safe_load((ROOT / "configs" / "grids" / "digits_smoke.yaml").read_text())
+    grid["config"] = str(ROOT / grid["config"])
+    grid["flags"]["data_path"] = "/scratch/my data"
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=r"run 'swav_digits_2ep_s0': data_path '/scratch/my data' would not be read"):
+        load_grid(path, tmp_path / "runs")
 
 
 def test_every_shipped_script_parses_and_logs_outside_the_repository_root():

@@ -132,6 +132,7 @@ class DatasetSpec:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     same_images_as: str | None = None  # another dataset's images, in its order, under other labels
+    reads_files: bool = True  # read from --data_path (digits ship inside scikit-learn)
 
 
 def image_source(name: str) -> str:
@@ -504,7 +505,7 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("digits", ("train", "test"), load_digits_split),
+    "digits": DatasetSpec("digits", ("train", "test"), load_digits_split, reads_files=False),
     "fashion_mnist": DatasetSpec("fashion_mnist", ("train", "test"), load_fashion_mnist,
                                  default_path=FASHION_MNIST_DIR,
                                  fetcher=Fetcher("FashionMNIST", ({"train": True}, {"train": False}))),
@@ -532,15 +533,15 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
     spec = DATASETS[name]
     if split not in spec.splits:
         raise DataError(f"dataset {name!r} has no split {split!r} (choose one of: {', '.join(spec.splits)})")
-    if name == "digits" and data_path:
-        raise DataError(f"dataset 'digits' ships inside scikit-learn: --data_path {str(data_path)!r} would not be "
+    if not spec.reads_files and data_path:
+        raise DataError(f"dataset {name!r} ships inside scikit-learn: --data_path {str(data_path)!r} would not be "
                         f"read (leave it out)")
     path = resolve_path(name, data_path)
-    if name != "digits" and not path.exists() and not download:
+    if spec.reads_files and not path.exists() and not download:
         fetch = ", or --download to fetch it" if spec.fetcher is not None else ""  # imagefolder cannot be fetched
         raise DataError(f"dataset {name!r}: data path {str(path)!r} does not exist (pass --data_path DIR{fetch})")
     # With --download, making the folder failed with a traceback (FileExistsError).
-    if name != "digits" and path.exists() and not path.is_dir():
+    if spec.reads_files and path.exists() and not path.is_dir():
         raise DataError(f"dataset {name!r}: data path {str(path)!r} is a file, not a folder (pass --data_path DIR, "
                         f"the folder that holds the dataset)")
     if download:

@@ -495,7 +495,7 @@ def grid_scripts(grid: Grid, script_dir: str) -> dict[str, str]:
         evals = [(spec.program, {k: v for k, v in spec.flags.items() if k not in ("run", "skip_recorded")})
                  for spec in run.evals]
         data_path = run.flags.get("data_path")
-        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags)],
+        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags, reads_data_path=run.reads_data_path)],
                                    evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir),
                                    dataset_path=None if data_path is None else str(data_path), script_dir=script_dir)
     return scripts

@@ -40,7 +40,7 @@ from pathlib import Path
 from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from .programs import (EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, check_eval_flags, find_config,
-                       program_parser, to_argv, trained_method, training_program, validate_flags)
+                       program_parser, reads_data_path, to_argv, trained_method, training_program, validate_flags)
 
 GRID_KEYS = {"name", "program", "config", "stages", "axes", "flags", "evals", "resources", "eval_resources",
              "output_root"}
@@ -84,6 +84,7 @@ class RunSpec:
     stage: str | None = None           # the pipeline stage it belongs to
     after: str | None = None           # the run (of the previous stage) it starts after
     epochs_past_end: str = ""          # `5, 8 past its 4 epochs`: evals.epochs it cannot be evaluated at
+    reads_data_path: bool = True       # digits read none (an sbatch script of the run passes none)
 
     @property
     def run_dir(self) -> Path:
@@ -215,7 +216,8 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             epochs = int(checked.get("epochs") or program_parser(program, merged).get_default("epochs")
                          or 0)
             run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
-                          after=previous.get(stages[index - 1].get("name")) if index else None)
+                          after=previous.get(stages[index - 1].get("name")) if index else None,
+                          reads_data_path=reads_data_path(program, checked))
             if index == len(stages) - 1:
                 method = trained_method(program, checked)
                 if method not in evaluated_methods:  # once per method, not per run

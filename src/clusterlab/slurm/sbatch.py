@@ -39,8 +39,8 @@ from ..config import config_layers, load_yaml
 from ..errors import ConfigError
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
-from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, to_argv, trained_method,
-                       training_program, validate_flags)
+from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, reads_data_path, to_argv,
+                       trained_method, training_program, validate_flags)
 
 RECIPE_KEYS = {"config", "program", "flags", "stages", "epochs", "evals", "eval_flags", "resources", "description"}
 
@@ -71,6 +71,7 @@ class Stage:
     flags: dict
     pretrained_from: str | None = None
     method: str | None = None  # of a recipe's stage: what its evaluations are checked against
+    reads_data_path: bool = True  # digits read none, and refuse one
 
 
 LOG_FOLDER = "experiments/logs"
@@ -182,7 +183,8 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
     for key in ("partition", "constraint", "account", "qos"):
         if resources.get(key):
             directives.append(f"--{key}={resources[key]}")
-    dataset_default = "the grid's data_path" if dataset_path else "data"
+    dataset_default = ("the grid's data_path" if dataset_path else "data") if any(
+        stage.reads_data_path for stage in stages) else "not read: digits ship inside scikit-learn"
     stage_help = (f"; each stage also takes {', '.join(_stage_variable(s) for s in stages)}" if staged else "")
     lines = ["#!/bin/bash",
              _comment(f"# {name}: {description}" if description else f"# {name}"),
@@ -222,7 +224,8 @@ def render(name: str, description: str, stages: list[Stage], evals: list[tuple[s
             extra = f"{ALL_ARGS} {ALL_EXTRA}"
         pretrained = f"--pretrained {_in_experiment(stage.pretrained_from)}" if stage.pretrained_from else ""
         lines += [_words('step "$PYTHON"', shlex.quote(stage.program), _quote(to_argv(stage.flags)), "\\"),
-                  _words('    --data_path "$DATASET_PATH" --output_dir', output, pretrained, extra)]
+                  _words("   ", '--data_path "$DATASET_PATH"' if stage.reads_data_path else "", "--output_dir", output,
+                         pretrained, extra)]
     final = _in_experiment(stages[-1].name if staged else None)
     if evals:
         lines += ["", "# Evaluations of the final checkpoint, in the same job."]
@@ -302,7 +305,8 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
     program = training_program({k: v for _, layer in layers for k, v in layer.items()}, spec.get("program"), label)
     merged = {k: v for layer in canonical_layers(program, layers) for k, v in layer.items()}
     validate_flags(program, merged, label)
-    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"), trained_method(program, merged))
+    return Stage(spec.get("name"), program, flags, spec.get("pretrained_from"), trained_method(program, merged),
+                 reads_data_path(program, merged))
 
 
 def write_scripts(scripts: dict[str, str], directory: str | Path) -> list[Path]:
