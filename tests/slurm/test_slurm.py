@@ -102,7 +102,7 @@ def test_generated_sbatch_script_runs_and_requeues(slurm, tmp_path):
     wait_job(job)
     output = (tmp_path / f"{job}.out").read_text()
     assert "SIGUSR2: saved" in output, output[-2000:]
-    assert re.search(r"from epoch \d+ step \d+ ->", output), "the requeued job did not resume"
+    assert re.search(r"from (epoch \d+ step \d+/\d+|the end of epoch \d+) ->", output), "the requeued job did not resume"
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert sorted(r["eval"] for r in records(run)) == ["cluster", "knn"]
     # the run directory links to the job's log, wherever sbatch was told to write it

@@ -119,11 +119,13 @@ def assert_ranks_on_two_nodes(output: str, starts: int) -> None:
 
 def assert_resumed_mid_run(output: str, signal_name: str) -> None:
     """The job saved on the signal at some step of the run and the requeued job went on from that same step."""
-    saved = re.search(rf"^{signal_name}: saved \S+ at epoch (\d+) step (\d+);", output, re.MULTILINE)
+    saved = re.search(rf"^{signal_name}: saved \S+ at (the end of epoch (\d+)|epoch (\d+) step (\d+)/\d+);", output,
+                      re.MULTILINE)
     assert saved, output[-3000:]
-    epoch, step = map(int, saved.groups())
-    assert 0 < epoch * STEPS_PER_EPOCH + step < STEPS
-    assert f"from epoch {epoch} step {step} ->" in output, output[-3000:]
+    where, ended, epoch, step = saved.groups()  # (counted from 1, as the progress lines count)
+    done = int(ended) * STEPS_PER_EPOCH if ended else (int(epoch) - 1) * STEPS_PER_EPOCH + int(step)
+    assert 0 < done < STEPS
+    assert f"from {where} ->" in output, output[-3000:]
 
 
 def assert_matches_references(run: Path, references: dict) -> None:
