@@ -542,3 +542,24 @@ def _wrap_recording_warnings(rank, world_size):
 def test_ddp_wraps_without_torchs_deprecation_warning_on_every_rank():
     """broadcast_buffers=False stays (its replacement broadcasts the buffers once at the start), its warning not."""
     assert run_distributed(_wrap_recording_warnings, 2) == [[], []]
+
+
+def _flags_check(rank: int, world: int, flags_of_rank) -> str | None:
+    try:
+        distributed.init("cpu", flags=flags_of_rank[rank])
+    except ConfigError as refused:
+        return str(refused)
+    return None
+
+
+def test_processes_started_with_different_flags_are_refused_on_every_rank():
+    """Command lines written per rank that differ (another --lr or --seed, another --output_dir) trained under one
+    name, met mismatched collectives, or waited a minute to blame the file system."""
+    same = {"lr": 4.8, "seed": 0, "output_dir": "runs/a", "size_crops": [20]}
+    assert run_distributed(_flags_check, 3, [same, same, same]) == [None, None, None]
+    other = [same, {**same, "lr": 0.1, "seed": 5}, {**same, "output_dir": "runs/b"}]
+    messages = run_distributed(_flags_check, 3, other)
+    assert messages[0] == messages[1] == messages[2] == (
+        'the processes of this run were started with different flags (--lr 4.8 on rank(s) 0, 2, 0.1 on rank(s) 1; '
+        '--output_dir "runs/a" on rank(s) 0, 1, "runs/b" on rank(s) 2; --seed 0 on rank(s) 0, 2, 5 on rank(s) 1): '
+        'start every process with the same command')

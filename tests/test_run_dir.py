@@ -396,11 +396,13 @@ def test_a_line_the_disk_takes_only_part_of_is_undone_and_names_the_file(tmp_pat
 
 # ---- refused before anything is rewritten ----------------------------------------------------------------------------
 
-def _start_in_own_directory(rank, world, runs):
-    """Rank r trains in runs[r]: a path where each node sees a folder of its own (not a shared file system)."""
+def _start_in_own_directory(rank, world, nodes):
+    """Every rank trains in `run`, a path where each node sees a folder of its own (not a shared file system): rank r
+    starts in nodes[r]."""
     os.environ["CLUSTERLAB_SHARED_WAIT_S"] = "3"  # two looks, 2 s apart, instead of a minute's
+    os.chdir(nodes[rank])
     try:
-        entry_module("main_pretrain").main([*TINY, "--output_dir", runs[rank]])
+        entry_module("main_pretrain").main([*TINY, "--output_dir", "run"])
         return "trained"
     except ConfigError as err:
         return str(err)
@@ -411,13 +413,15 @@ def test_a_run_directory_the_ranks_do_not_share_is_refused_on_every_rank(tiny_ru
     """Only rank 0 writes the run directory and every rank reads the checkpoint it resumes from: on a folder local
     to each node a resumed run's ranks started from different steps. Refused at the first start (rank 0's
     status.json is not there for rank 1) and at a resume (nor its checkpoint)."""
-    runs = [tmp_path / "node0", tmp_path / "node1"]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
     if resumed:
-        copy_run(tiny_run, runs[0])
-    said = run_distributed(_start_in_own_directory, 2, [str(run) for run in runs])
+        copy_run(tiny_run, nodes[0] / "run")
+    said = run_distributed(_start_in_own_directory, 2, [str(node) for node in nodes])
     name = "checkpoint.pth" if resumed else "status.json"
-    for rank, message in enumerate(said):
-        assert message.startswith(f"--output_dir {runs[rank]}: rank(s) 0 find {name} there and rank(s) 1 do not")
+    for message in said:
+        assert message.startswith(f"--output_dir run: rank(s) 0 find {name} there and rank(s) 1 do not")
         assert message.endswith("the run directory must be on a file system every node shares")
 
 

@@ -17,6 +17,7 @@ is wrong. All helpers below are no-ops in a single process.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -109,13 +110,16 @@ def take_device(device: torch.device) -> torch.device:
 _joined = False  # whether this process has joined a process group (`joined_a_group`)
 
 
-def init(device: str = "auto", timeout_s: int = 1800) -> Context:
-    """Start (or join) the process group this process belongs to and return where it stands."""
+def init(device: str = "auto", timeout_s: int = 1800, flags: dict | None = None) -> Context:
+    """Start (or join) the process group this process belongs to and return where it stands; `flags`, the program's
+    arguments, must be the same on every process (`require_same_flags`)."""
     global _joined
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        return Context(rank, world, take_device(pick_device(device, local)))
+        context = Context(rank, world, take_device(pick_device(device, local)))
+        require_same_flags(flags)
+        return context
     found = _from_environment()
     if found is None or found[1] == 1:
         return Context(0, 1, take_device(pick_device(device)))
@@ -128,7 +132,34 @@ def init(device: str = "auto", timeout_s: int = 1800) -> Context:
     dist.init_process_group(backend=backend, init_method="env://",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     _joined = True
+    require_same_flags(flags)
     return Context(rank, world, chosen)
+
+
+def require_same_flags(flags: dict | None) -> None:
+    """Collective: refuse, on every process, a run whose processes were started with different flags (command lines
+    written per rank that differ): they trained under one name with other learning rates or seeds than config.yaml
+    records, or met mismatched collectives (a traceback), or waited a minute to blame the file system for two
+    --output_dir. The message names the first differing flags and the ranks of each value."""
+    if flags is None or not is_initialized():
+        return
+    texts = [None] * world_size()
+    dist.all_gather_object(texts, json.dumps(flags, sort_keys=True, default=str))
+    if len(set(texts)) == 1:
+        return
+    given = [json.loads(text) for text in texts]
+    differing = sorted(key for key in set().union(*given)
+                       if len({json.dumps(values.get(key), default=str) for values in given}) > 1)
+    parts = []
+    for key in differing[:3]:
+        ranks_of: dict[str, list[int]] = {}
+        for process, values in enumerate(given):
+            ranks_of.setdefault(json.dumps(values.get(key), default=str), []).append(process)
+        parts.append(f"--{key} " + ", ".join(f"{value} on rank(s) {rank_list(ranks)}"
+                                             for value, ranks in ranks_of.items()))
+    more = f"; and {len(differing) - 3} more" if len(differing) > 3 else ""
+    raise ConfigError(f"the processes of this run were started with different flags ({'; '.join(parts)}{more}): "
+                      f"start every process with the same command")
 
 
 def configure_threads() -> None:

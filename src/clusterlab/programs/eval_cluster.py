@@ -65,7 +65,7 @@ def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     args.clusters = list(dict.fromkeys(args.clusters))  # --clusters 10 10 is one evaluation
     distributed.configure_threads()
-    ctx = distributed.init(args.device)
+    ctx = distributed.init(args.device, flags=vars(args))
     if args.baseline:
         # --normalize auto: what records said before the flag was honoured, a run's features yes, pixels no
         args.normalize = False if args.normalize == "auto" else args.normalize

@@ -51,7 +51,7 @@ def main(argv=None):
                      "train_features": args.train_features, "fit_on": "train", "selection": "last", "top5": "voted"}
                  for k in dict.fromkeys(args.k)}
     wanted = requested_record(args)
-    ctx = distributed.init(args.device)
+    ctx = distributed.init(args.device, flags=vars(args))
     recorded = found_on_every_rank([results.skip_recorded(args, args.run, "knn", checkpoint_name, protocol, wanted)
                                     for protocol in protocols.values()], ctx.device)
     for k, skipped in zip(list(protocols), recorded):

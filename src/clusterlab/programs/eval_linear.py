@@ -113,7 +113,7 @@ def main(argv=None):
     distributed.configure_threads()
     changed = changed_flags(args)
     asked = linear_protocol(args, changed)
-    ctx = distributed.init(args.device)
+    ctx = distributed.init(args.device, flags=vars(args))
     if engine.found_on_every_rank([results.skip_recorded(
             args, args.run, "linear", requested_checkpoint_name(args.run, args.checkpoint), asked,
             requested_record(args))], ctx.device)[0]:

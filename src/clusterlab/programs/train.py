@@ -102,7 +102,7 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
 def main(kind: str, argv=None):
     args = parse_args(kind, argv)
     distributed.configure_threads()
-    ctx = distributed.init(args.device)
+    ctx = distributed.init(args.device, flags=vars(args))
     with engine.owned_run_dir(args.output_dir, ctx) as run:
         engine.seed_everything(args.seed)
         train_set = data.load(args.dataset, args.train_split, args.data_path, args.download)
