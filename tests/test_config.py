@@ -445,3 +445,18 @@ def test_a_methods_own_drops_do_not_stand_against_another_schedule():
     with pytest.raises(ConfigError, match="--lr_drops 10 20: drops of --schedule step, but --schedule is cosine"):
         pretrain.parse_args(["--method", "npid", "--dataset", "digits", "--schedule", "cosine", "--lr_drops", "10",
                              "20"])
+
+
+def test_a_config_files_drops_stand_against_another_schedule_as_in_a_grid(tmp_path):
+    """configs/npid_fashion_mnist.yaml's drops (4 5) are not NPID's own: with --schedule cosine the job trained a
+    cosine schedule while config.yaml recorded the drops (the config had made them the parser's defaults), and a
+    grid of the same flags was refused."""
+    from clusterlab.slurm.grid import load_grid
+
+    with pytest.raises(ConfigError, match=r"--lr_drops 4 5: drops of --schedule step, but --schedule is cosine"):
+        pretrain.parse_args(["--config", str(ROOT / "configs" / "npid_fashion_mnist.yaml"), "--schedule", "cosine"])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "config": str(ROOT / "configs" / "npid_fashion_mnist.yaml"),
+                                    "axes": {"schedule": ["cosine"]}}))
+    with pytest.raises(ConfigError, match=r"--lr_drops 4 5: drops of --schedule step, but --schedule is cosine"):
+        load_grid(grid, tmp_path / "runs")

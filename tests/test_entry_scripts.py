@@ -4,6 +4,7 @@ against the contract of docs/run-directory.md."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -530,4 +531,15 @@ def test_a_run_whose_output_pipe_closes_goes_on_to_the_end(tmp_path):
     _, errors = process.communicate(timeout=180)
     assert first.startswith("note: ") and process.returncode == 0, errors
     assert "Traceback" not in errors
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_program_started_with_its_output_closed_runs(tmp_path):
+    """`>&-`: Python's sys.stdout is None there, which print() skips; the wrapper for a closing pipe must not
+    replace it with an object that fails."""
+    run = tmp_path / "run"
+    done = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), *ONE_EPOCH, "--output_dir", str(run)], cwd=ROOT,
+                          env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=180, pass_fds=(), preexec_fn=lambda: os.close(1))
+    assert done.returncode == 0, done.stderr
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

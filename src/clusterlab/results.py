@@ -349,7 +349,7 @@ def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> di
     """The settings the weights at `position` (epoch, step) were trained under. config.yaml's args (and precision)
     are its last start's: a change (config.yaml's `resume_changes`, one per resume that changed a flag, the
     precision or, where it matters, the number of processes) made at or after `position` came later, and the
-    earlier values apply; one made before is named in `resume_changes` (`epochs 2->3 at epoch 2 step 0`, "none" for
+    earlier values apply; one made before is named in `resume_changes` (`epochs 2->3 at the end of epoch 2`, "none" for
     a run never changed), so that a run extended with a larger --epochs is no seed of one trained to that length
     from the start. A run written before config.yaml kept the changes is compared without the key."""
     if settings is None or not isinstance(changes, list):

@@ -347,18 +347,24 @@ def _named(folders: list, shown: int = 3) -> str:
 
 
 def _class_folders(root: Path) -> list[str]:
-    """The class folders under root; image files beside them, in no class, are named once per process (torchvision
-    leaves them out without a word)."""
+    """The class folders under root; image files beside them, in no class, are named in a note (torchvision leaves
+    them out without a word)."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
-    if loose and str(root) not in _NAMED_LOOSE_FILES:
-        _NAMED_LOOSE_FILES.add(str(root))
-        print(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
-              f"{loose[0]}): left out", flush=True)
+    if loose:
+        _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
+                   f"{loose[0]}): left out")
     return [entry.name for entry in entries if entry.is_dir()]
 
 
-_NAMED_LOOSE_FILES: set[str] = set()
+def _note_once(note: str) -> None:
+    """Print a note about the data once per process (each split's load, and each evaluation's, would repeat it)."""
+    if note not in _NOTED:
+        _NOTED.add(note)
+        print(note, flush=True)
+
+
+_NOTED: set[str] = set()
 
 
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
@@ -478,7 +484,7 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
         except Unreadable as err:
             unreadable.append(f"{file} ({err})")
     # The files that decode decide the channels: a colour file whose header reads but whose pixels do not (cut short)
-    # would make a grey folder's model take three. Leaving files out can only make the rest all grey: two passes at most.
+    # would make a grey folder's model take three. Files only ever leave: the passes end when the channels hold.
     channels = None
     while channels != (grey := 1 if headers and all(mode in GREY_MODES for mode, _ in headers.values()) else 3):
         channels = grey
@@ -534,8 +540,7 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
     if split not in spec.splits:
         raise DataError(f"dataset {name!r} has no split {split!r} (choose one of: {', '.join(spec.splits)})")
     if not spec.reads_files and data_path:
-        raise DataError(f"dataset {name!r} ships inside scikit-learn: --data_path {str(data_path)!r} would not be "
-                        f"read (leave it out)")
+        _note_once(f"note: dataset {name!r} ships inside scikit-learn: --data_path {str(data_path)!r} is not read")
     path = resolve_path(name, data_path)
     if spec.reads_files and not path.exists() and not download:
         fetch = ", or --download to fetch it" if spec.fetcher is not None else ""  # imagefolder cannot be fetched
@@ -561,7 +566,7 @@ def load(name: str, split: str, data_path: str | None = None, download: bool = F
                 spec.fetcher.fetch(path, download)
             except Exception as err:  # urllib's URLError, torchvision's "Error downloading", a corrupt archive...
                 # files already there that do not load are named too: one cut short is mended by hand as well
-                there = f"; the files already there do not load ({not_there})" if existed else ""
+                there = f"; what the folder holds does not load ({not_there})" if existed else ""
                 failure = (f"dataset {name!r}: --download into {str(path)!r} failed ({one_line(err)}){there}; fetch "
                            f"the files on a machine that reaches the internet and pass --data_path")
         if not distributed.rank0_says(failure is None):

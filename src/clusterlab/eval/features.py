@@ -267,7 +267,7 @@ class Evaluation:
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
     """Load the run named by --run; --dataset / --data_path override the run's own (the split sizes must fit)."""
-    from ..data import load
+    from ..data import DATASETS, load
 
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
@@ -277,7 +277,9 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         if getattr(args, flag):
             setattr(loaded.args, flag, getattr(args, flag))
     dataset = args.dataset or loaded.args.dataset
-    data_path = args.data_path or (loaded.args.data_path if dataset == loaded.args.dataset else None)
+    # (digits read none: a run trained by a script that passed one anyway has it recorded)
+    data_path = args.data_path or (loaded.args.data_path if dataset == loaded.args.dataset
+                                   and dataset in DATASETS and DATASETS[dataset].reads_files else None)
     train_set = load(dataset, "train", data_path, args.download)
     test_set = load(dataset, "test", data_path, args.download)
     if train_set.channels != loaded.method.info.channels:

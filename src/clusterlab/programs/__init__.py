@@ -64,7 +64,8 @@ def run(script: str, argv=None):
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    sys.stdout, sys.stderr = OutputThatMayClose(sys.stdout), OutputThatMayClose(sys.stderr)
+    # (None: started with the descriptor closed, `>&-`; print then writes nothing, as it should)
+    sys.stdout, sys.stderr = (stream and OutputThatMayClose(stream) for stream in (sys.stdout, sys.stderr))
     from ..errors import run_cli
 
     try:

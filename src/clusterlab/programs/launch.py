@@ -99,7 +99,7 @@ def main(argv=None):
             print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}"
                   + (f" ({failure})" if failure else ""))
             if args.cluster == "slurm":
-                for line in failed_evaluations(run.run_dir, queue_now):
+                for _, line in failed_evaluations(run.run_dir, queue_now):
                     print(f"  {run.name}: {line}")
 
 
@@ -318,8 +318,11 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
-        for line in failed_evaluations(run.run_dir, in_queue):
-            print(f"{run.name}: {line}; it is submitted again")
+        pending = {(checkpoint, program) for checkpoint, commands in pending_evals(run, in_queue).items()
+                   for program, _ in commands}
+        for evaluations, line in failed_evaluations(run.run_dir, in_queue):
+            again = "submitted again" if evaluations & pending else "not submitted again (the plan does not ask for it)"
+            print(f"{run.name}: {line}; it is {again}")
         missing = never_written(run)
         if missing:
             print(f"{run.name} finished without {', '.join(missing)} (its --checkpoint_epochs did not ask for them): "
@@ -366,10 +369,10 @@ def last_failure(run_dir: Path) -> str | None:
         return failed
 
 
-def failed_evaluations(run_dir: Path, in_queue: set) -> list[str]:
-    """`the evaluation job 172 of checkpoint.pth (eval_cluster.py) ended without succeeding (ConfigError: ...)` for
-    each evaluation job that was the last of its checkpoint and programs and ended without succeeding (the reason:
-    its log's last exception)."""
+def failed_evaluations(run_dir: Path, in_queue: set) -> list[tuple[set, str]]:
+    """({(checkpoint, program)}, `the evaluation job 172 of checkpoint.pth (eval_cluster.py) ended without succeeding
+    (ConfigError: ...)`) for each evaluation job that was the last of its checkpoint and programs and ended without
+    succeeding (the reason: its log's last exception)."""
     last, failed = last_eval_jobs(run_dir), {}
     for checkpoint, program in sorted(ended_unfinished(run_dir, in_queue), key=str):
         job = last[(checkpoint, program)]
@@ -381,8 +384,9 @@ def failed_evaluations(run_dir: Path, in_queue: set) -> list[str]:
             reason = final_exception(log) or "its log names no exception"
         except (OSError, KeyError):
             reason = "it left no log: it never started (a training job it waited for failed, or it was cancelled)"
-        lines.append(f"the evaluation job {job['job_id']} of {job.get('checkpoint')} ({', '.join(programs)}) ended "
-                     f"without succeeding ({reason})")
+        lines.append(({(job.get("checkpoint"), program) for program in programs},
+                      f"the evaluation job {job['job_id']} of {job.get('checkpoint')} ({', '.join(programs)}) ended "
+                      f"without succeeding ({reason})"))
     return lines
 
 

@@ -73,7 +73,8 @@ def _method_parser(method: str):
 def parse_args(kind: str, argv=None):
     parser = get_args_parser(kind)
     args = config.parse(parser, argv, extend=lambda parser, known: add_method_args(kind, parser, known))
-    cli.check_schedule_flags(args, parser.get_default("lr_drops"))  # (the method's flags are the parser's by now)
+    # the method's own drops, not a config file's (config.parse made those the parser's defaults)
+    cli.check_schedule_flags(args, _method_parser(args.method).get_default("lr_drops"))
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 

@@ -43,8 +43,7 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 
 def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type, and, for a training program,
-    what its own start would refuse without the data: drops without a step schedule, a data_path for digits
-    (ConfigError naming it)."""
+    that its schedule flags go together as its own start checks them (ConfigError naming it)."""
     parser = program_parser(name, values)
     given = yaml_defaults(parser, values, source)
     if name in TRAINING_PROGRAMS:
@@ -52,9 +51,6 @@ def validate_flags(name: str, values: dict, source: str) -> dict:
             check_schedule_flags(_namespace(parser, given), parser.get_default("lr_drops"))
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
-        if given.get("data_path") and not reads_data_path(name, values):
-            raise ConfigError(f"{source}: data_path {str(given['data_path'])!r} would not be read: the dataset ships "
-                              f"inside scikit-learn (leave data_path out)")
     return given
 
 
@@ -82,7 +78,7 @@ def check_eval_flags(program: str, flags: dict, method: str, source: str) -> Non
 
 def reads_data_path(program: str, flags: dict) -> bool:
     """Whether a run of the training `program` with `flags` (resolved) reads --data_path: not on digits, which ship
-    inside scikit-learn and refuse one."""
+    inside scikit-learn."""
     from ..data import DATASETS
 
     dataset = flags.get("dataset") or program_parser(program, flags).get_default("dataset")

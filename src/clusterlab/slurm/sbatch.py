@@ -71,7 +71,7 @@ class Stage:
     flags: dict
     pretrained_from: str | None = None
     method: str | None = None  # of a recipe's stage: what its evaluations are checked against
-    reads_data_path: bool = True  # digits read none, and refuse one
+    reads_data_path: bool = True  # digits read none
 
 
 LOG_FOLDER = "experiments/logs"
