@@ -311,7 +311,8 @@ class Trainer:
         if others:
             self.resume_notes.append(f"flags changed on resume ({_flag_changes(saved_args, self.args, others)}): "
                                      f"the run goes on with the new values from "
-                                     f"{self.position_words(*self.position)}; config.yaml and the tables record the change")
+                                     f"{self.position_words(*self.position)}; config.yaml and the tables record the "
+                                     f"change")
         saved_world = state.get("world_size")
         if saved_world is not None and saved_world != self.ctx.world_size:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
@@ -557,8 +558,8 @@ class Trainer:
         share_stop_signal(self.ctx.device)
         if self.ctx.is_main:
             self.mark_interrupted()  # before the handler requeues: Slurm may kill the job before it returns
-            print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at {self.position_words(epoch, step)}; run the "
-                  f"same command again to resume", flush=True)
+            print(f"{signals.name()}: saved {self.run_dir / 'checkpoint.pth'} at {self.position_words(epoch, step)}; "
+                  f"run the same command again to resume", flush=True)
         signals.leave()
 
     def position_words(self, epoch: int, step: int) -> str:

@@ -200,8 +200,8 @@ def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
     if now == then:
         return None
     return (f"--pretrained {source!r} now holds {now[0]} at {rundir.position_words(now[1], now[2])}; this run "
-            f"started from {then[0]} at {rundir.position_words(then[1], then[2])} and goes on from its own checkpoint (config.yaml's "
-            f"pretrained_from names that start); a new --output_dir starts from the weights there now")
+            f"started from {then[0]} at {rundir.position_words(then[1], then[2])} and goes on from its own checkpoint "
+            f"(config.yaml's pretrained_from names that start); a new --output_dir starts from the weights there now")
 
 
 def pretrained_origin(path: Path, state: dict) -> dict:

@@ -293,8 +293,9 @@ def eval_summary(pending: dict, queued: dict) -> str:
 def print_plan(grid: Grid, plan, in_queue: set) -> None:
     axis_keys = list(plan[0][0].axis_values) if plan else []
     header = ["run", "state", *axis_keys, "evaluation jobs", "directory"]
+    pending = {run.name: pending_evals(run, in_queue) for run, _ in plan}  # (it reads every run's records)
     rows = [[run.name, state, *(str(run.axis_values[k]) for k in axis_keys),
-             eval_summary(pending_evals(run, in_queue), queued_evals(run.run_dir, in_queue)), str(run.run_dir)]
+             eval_summary(pending[run.name], queued_evals(run.run_dir, in_queue)), str(run.run_dir)]
             for run, state in plan]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     resources = grid.resources
@@ -318,10 +319,11 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
-        pending = {(checkpoint, program) for checkpoint, commands in pending_evals(run, in_queue).items()
-                   for program, _ in commands}
+        submitted = {(checkpoint, program) for checkpoint, commands in pending[run.name].items()
+                     for program, _ in commands}
         for evaluations, line in failed_evaluations(run.run_dir, in_queue):
-            again = "submitted again" if evaluations & pending else "not submitted again (the plan does not ask for it)"
+            again = ("submitted again" if evaluations & submitted
+                     else "not submitted again (the plan does not ask for it)")
             print(f"{run.name}: {line}; it is {again}")
         missing = never_written(run)
         if missing:
@@ -499,7 +501,8 @@ def grid_scripts(grid: Grid, script_dir: str) -> dict[str, str]:
         evals = [(spec.program, {k: v for k, v in spec.flags.items() if k not in ("run", "skip_recorded")})
                  for spec in run.evals]
         data_path = run.flags.get("data_path")
-        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [Stage(None, run.program, flags, reads_data_path=run.reads_data_path)],
+        stage = Stage(None, run.program, flags, reads_data_path=run.reads_data_path)
+        scripts[run.name] = render(run.name, f"run {run.name} of grid {grid.name}", [stage],
                                    evals, grid.resources, str(grid.path), experiment_path=str(run.run_dir),
                                    dataset_path=None if data_path is None else str(data_path), script_dir=script_dir)
     return scripts

@@ -24,10 +24,10 @@
                                        # without eval_resources: all of resources
 
 Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
-the program does not have, values of the wrong type, drops without a step schedule, resources Slurm cannot take (negative memory, zero nodes) and
-names that could not be a file name or a shell word all fail with a message that names the key. What needs the
-data or the model (a split the dataset lacks, crops the architecture cannot take, flags that do not go together) is
-checked by the program when each job starts, before it writes anything.
+the program does not have, values of the wrong type, drops without a step schedule, resources Slurm cannot take
+(negative memory, zero nodes) and names that could not be a file name or a shell word all fail with a message that
+names the key. What needs the data or the model (a split the dataset lacks, crops the architecture cannot take,
+flags that do not go together) is checked by the program when each job starts, before it writes anything.
 """
 from __future__ import annotations
 
