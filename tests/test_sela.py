@@ -200,7 +200,7 @@ def test_labelling_logits_are_upstreams_float64_product(monkeypatch):
     seen, solve = [], sela_module.sela_sinkhorn
     monkeypatch.setattr(sela_module, "sela_sinkhorn",  # (a copy: the Sinkhorn then works in the logits' storage)
                         lambda logits, *rest, **options: seen.append(logits.clone()) or solve(logits, *rest, **options))
-    monkeypatch.setattr(sela_module, "LABEL_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(sela_module, "rows_per_chunk", lambda row_length: 1)
     method.relabel([1])
     features = np.zeros(tuple(method.label_features()[0].shape))
     features[:] = method.label_features()[0].numpy()

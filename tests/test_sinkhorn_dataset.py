@@ -145,7 +145,7 @@ def test_solving_in_the_scores_storage_gives_the_same_solution_to_the_bit(monkey
     rows): labels, beta, log alpha, iterations and error equal those of a copy; float32 scores are never written."""
     from clusterlab.ops import sinkhorn
 
-    monkeypatch.setattr(sinkhorn, "LOG_SOFTMAX_CHUNK_ELEMENTS", 3 * classes + 1)
+    monkeypatch.setattr(sinkhorn, "rows_per_chunk", lambda row_length: 3)
     scores = torch.randn(257, classes, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     copied = sela_sinkhorn(scores, 10.0, 0.01)
     owned = scores.clone()

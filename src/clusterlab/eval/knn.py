@@ -15,12 +15,13 @@ from collections.abc import Sequence
 import torch
 
 from ..models import training_mode
+from ..ops import CHUNK_ELEMENTS
 from ..ops.knn import Neighbours, topk_neighbours
 
 
 @torch.no_grad()
 def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                     num_classes: int, k: int = 200, temperature: float = 0.1, max_elements: int = 2 ** 24,
+                     num_classes: int, k: int = 200, temperature: float = 0.1, max_elements: int = CHUNK_ELEMENTS,
                      split_over_ranks: bool = False) -> torch.Tensor:
     """(N_test, num_classes) summed vote weights, each row divided by exp(s_1 / T) of its nearest neighbour (see
     `class_votes`). Features are L2-normalised, except a memory bank's rows that no step has updated yet: like
@@ -30,7 +31,7 @@ def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, t
     return class_votes(found, train_labels, num_classes, k, temperature)
 
 
-def nearest_train_samples(train_features, test_features, k: int, max_elements: int = 2 ** 24,
+def nearest_train_samples(train_features, test_features, k: int, max_elements: int = CHUNK_ELEMENTS,
                           split_over_ranks: bool = False) -> Neighbours:
     """The min(k, N_train) nearest train samples of every test sample, most similar first (none if either set is
     empty)."""

@@ -54,6 +54,7 @@ from ..data.augment import eval_view
 from ..errors import ConfigError
 from ..models import build_backbone
 from ..models.batchnorm import share_norm_statistics
+from ..ops import rows_per_chunk
 from ..ops.sinkhorn import SelaSolution, sela_sinkhorn
 from .base import Batch, DataInfo, Progress, build_multicrop
 from .cluster_base import ClusterMethod
@@ -64,8 +65,6 @@ SCHEDULE_MARGIN = {"linear": 1.0001, "quadratic": 1.01}
 # Offsets from --seed for the generators this method owns (the training augmentation uses --seed itself).
 LABELS_SEED, LABEL_VIEW_SEED, LABEL_ORDER_SEED = 1, 2, 3
 LABEL_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# The labelling product runs over chunks of at most this many feature values (128 MiB in float64), whatever N is.
-LABEL_CHUNK_ELEMENTS = 1 << 24
 
 
 def relabel_times(schedule: str, epochs: int, num_samples: int, nopts: int) -> list[float]:
@@ -85,7 +84,7 @@ def labelling_logits(features: torch.Tensor, head: nn.Linear, dtype: torch.dtype
     """One head's logits features W^T + b (N_local x K) for the labelling pass, the product computed in `dtype`,
     chunk by chunk into one N_local x K matrix (the chunks and their concatenation held it twice)."""
     weight, bias = head.weight.detach().to(dtype).t(), head.bias.detach().to(dtype)
-    rows = max(1, LABEL_CHUNK_ELEMENTS // max(1, features.shape[1]))
+    rows = rows_per_chunk(features.shape[1])
     logits = features.new_empty((features.shape[0], weight.shape[1]), dtype=dtype)
     for start in range(0, features.shape[0], rows):
         torch.matmul(features[start: start + rows].to(dtype), weight, out=logits[start: start + rows])

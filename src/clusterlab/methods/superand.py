@@ -36,7 +36,8 @@ from .. import distributed
 from ..config import bool_flag, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
-from ..ops.knn import CHUNK_ELEMENTS, neighbour_label_agreement, query_chunks, topk_neighbours
+from ..ops import CHUNK_ELEMENTS
+from ..ops.knn import neighbour_label_agreement, query_chunks, topk_neighbours
 from .base import Batch, DataInfo, Progress, two_view_columns
 from .memory_bank_base import MemoryBankMethod, add_memory_args
 

@@ -28,9 +28,8 @@ from typing import NamedTuple
 import torch
 
 from .. import distributed
+from . import CHUNK_ELEMENTS, rows_per_chunk
 
-# At most this many similarities are held at once (64 MiB of float32).
-CHUNK_ELEMENTS = 1 << 24
 # Up to this k (and without excluded rows), k passes of argmax find the neighbours: they read nothing back from the
 # device, where top_k_rows asks which rows tie; Self-Classifier's neighbour queue searches at every training step.
 ARGMAX_K = 2
@@ -46,7 +45,7 @@ def query_chunks(num_queries: int, bank_size: int, chunk_elements: int = CHUNK_E
     """The row ranges in which `num_queries` queries against `bank_size` rows are processed: consecutive chunks of
     at most max(1, chunk_elements // bank_size) rows; with `split_over_ranks`, only this rank's contiguous share of
     those chunks (the chunks themselves do not depend on the world size)."""
-    rows = max(1, chunk_elements // max(1, bank_size))
+    rows = rows_per_chunk(bank_size, chunk_elements)
     chunks = [range(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
     if not split_over_ranks:
         return chunks

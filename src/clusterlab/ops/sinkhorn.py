@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .. import distributed
+from . import rows_per_chunk
 
 
 @torch.no_grad()
@@ -50,10 +51,6 @@ class SelaSolution(NamedTuple):
     beta: torch.Tensor       # (N_local,) float64
     iterations: int
     error: float             # the last stopping-rule value, sum_n |beta_old / beta_new - 1| over all samples
-
-
-# log_softmax in place runs over row chunks of at most this many values (a 128 MiB float64 temporary).
-LOG_SOFTMAX_CHUNK_ELEMENTS = 1 << 24
 
 
 @torch.no_grad()
@@ -88,7 +85,7 @@ def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: in
     """
     if overwrite_scores and scores.dtype == torch.float64:
         log_p = scores.detach()
-        rows = max(1, LOG_SOFTMAX_CHUNK_ELEMENTS // max(1, log_p.shape[1]))
+        rows = rows_per_chunk(log_p.shape[1])
         for chunk in log_p.split(rows):  # row by row, as log_softmax of the whole: each row is its own
             chunk.copy_(torch.log_softmax(chunk, dim=1))
     else:
