@@ -32,7 +32,7 @@ def test_absurd_learning_rate_after_an_epoch_keeps_the_last_good_checkpoint(tiny
     assert checkpoint.load(run / "checkpoint.pth")["epoch"] == 2
     status = json.loads((run / "status.json").read_text())
     assert (status["state"], status["epoch"], status["step"], status["reason"]) == ("failed", 2, step,
-                                                                                    "non-finite loss")
+                                                                                    "NonFiniteLoss: " + line.split(": error: ", 1)[1])
     logged = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()[log_lines:]]
     assert [r["step"] for r in logged] == list(range(step))  # nothing logged for the bad step or after it
     assert not list(run.glob(".*.tmp"))
@@ -121,4 +121,5 @@ def test_a_scan_step_that_diverges_stops_with_the_one_line_message(tiny_run, tmp
                             "--output_dir", run)
     assert_user_error(result, "main_cluster.py", "loss is not finite at epoch 1 step",
                       "the last good checkpoint is none (no epoch finished)")
-    assert json.loads((run / "status.json").read_text())["reason"] == "non-finite loss"
+    assert json.loads((run / "status.json").read_text())["reason"].startswith(
+        "NonFiniteLoss: loss is not finite at epoch 1 step ")

@@ -726,7 +726,7 @@ class OwnedRun:
 
 def _one_line(err: BaseException) -> str:
     if isinstance(err, NonFiniteLoss):
-        return "non-finite loss"
+        return one_line(err)  # whole: where it stopped and which checkpoint to go on from, for launch.py to repeat
     if isinstance(err, KeyboardInterrupt):
         return "interrupted from the keyboard"
     return one_line(err)[:300]
