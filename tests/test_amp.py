@@ -351,3 +351,12 @@ def test_fp16_skips_and_scales_agree_on_every_rank(tmp_path):
     ranks = run_distributed(_scales_of_an_fp16_epoch, 2, str(tmp_path / "run"), 1)
     # 64 images in global batches of 16: the 3rd step is skipped, and the scale halves on both ranks
     assert ranks == [{"scales": [64.0, 64.0, 32.0, 32.0], "skipped_in_a_row": 0}] * 2
+
+
+def test_a_cuda_device_runs_float32_convolutions_in_float32(monkeypatch):
+    """cuDNN's TF32 convolutions (PyTorch's default, used from Ampere on) would round float32 inputs to 10 mantissa
+    bits in runs that record `precision: float32`; the fastest algorithm per shape is still chosen."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    distributed.configure_cudnn()
+    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cudnn.benchmark is True

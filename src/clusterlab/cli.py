@@ -68,7 +68,8 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
                             "whatever --no_decay_bias_norm says (upstream SwAV includes them)")
     group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                        help="mixed precision: bf16 or fp16 autocast on any device (fp16 with a gradient scaler); "
-                            "auto: bf16 on CUDA from Ampere on, fp16 on older cards, float32 on the CPU. "
+                            "auto: bf16 on CUDA from Ampere on, fp16 on older cards, float32 on the CPU; off: float32 "
+                            "throughout (cuDNN's TF32 convolutions, PyTorch's default on Ampere, are off). "
                             "config.yaml records what ran")
     group.add_argument("--compile", type=bool_flag, nargs="?", const=True, default=False,
                        help="torch.compile the backbone (its state-dict keys stay the same: checkpoints resume with "

@@ -98,13 +98,21 @@ def _where() -> str:
 
 
 def take_device(device: torch.device) -> torch.device:
-    """Make a CUDA `device` this process's current one, where collectives put their tensors (rank0_says), and let
-    cuDNN time its convolution algorithms once per input shape and keep the fastest (crops have fixed shapes; every
-    upstream sets cudnn.benchmark)."""
+    """Make a CUDA `device` this process's current one, where collectives put their tensors (rank0_says), and set
+    up cuDNN (`configure_cudnn`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        configure_cudnn()
     return device
+
+
+def configure_cudnn() -> None:
+    """cuDNN times its convolution algorithms once per input shape and keeps the fastest (crops have fixed shapes;
+    every upstream sets cudnn.benchmark). Its TF32 convolutions, PyTorch's default from Ampere on (inputs rounded to
+    a 10-bit mantissa), are off: a float32 convolution is float32, as on the CPU and on the V100s of the published
+    numbers, and as config.yaml's `precision: float32` says; the 16-bit speed is --amp's (bf16 by default there)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
 
 
 _joined = False  # whether this process has joined a process group (`joined_a_group`)
