@@ -226,5 +226,5 @@ def test_heads_of_different_sizes_are_compared_on_the_scale_of_log_k():
 
     assert lowest_loss_head([2.0, 2.5], [10, 20]) == 1
     assert lowest_loss_head([2.0, 2.5], [10, 10]) == 0 == lowest_loss_head([2.0, 2.5])
-    assert lowest_loss_head([], [10]) == 0
+    assert lowest_loss_head([], [10]) == 0 and lowest_loss_head([], [10, 20]) is None is lowest_loss_head([])
     assert lowest_loss_head([0.0, 0.5], [1, 10]) == 0  # a one-cluster head: no division by log 1 = 0

@@ -696,3 +696,25 @@ def test_a_confidence_equal_to_the_threshold_is_not_confident():
     """Upstream keeps a sample whose largest probability is above the threshold (max_prob > threshold)."""
     _, mask = confident_targets(torch.zeros(3, 2), 0.5)  # every probability exactly 0.5
     assert not mask.any()
+
+
+def test_a_checkpoint_saved_before_the_first_epoch_ended_has_no_chosen_head(tiny_run, tmp_path, run_in_process,
+                                                                              monkeypatch, capsys):
+    """Heads are chosen by the last epoch's losses: a SCAN run stopped in its first epoch holds none, so eval_cluster
+    scores every head, marks none chosen (it marked head 0, whatever the heads' losses so far) and says why."""
+    from test_resume import signal_when
+
+    signal_when(monkeypatch, "step", lambda trainer, batch, progress: progress.step == 2)
+    scan = tmp_path / "scan"
+    stopped = run_in_process("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", 4,
+                             "--batch_size", 64, "--size_crops", 8, "--num_heads", 3, "--epochs", 1, "--device",
+                             "cpu", "--pretrained", tiny_run, "--output_dir", scan)
+    assert stopped.returncode == 75, stopped.stderr
+    assert torch.load(scan / "checkpoint.pth", weights_only=True)["method_state"]["last_head_losses"] == []
+    entry_module("eval_cluster").main(["--run", str(scan), "--plot", "false"])
+    out = capsys.readouterr().out
+    assert "was saved before its first epoch ended: no head losses to choose a head by" in out and "chosen" not in \
+        out.replace("none is marked chosen", "")
+    records = [json.loads(line) for line in (scan / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["protocol"]["head"] for r in records) == [0, 1, 2]
+    assert not any(r["protocol"].get("chosen") for r in records)

@@ -26,12 +26,13 @@ from ..errors import CheckpointError, ConfigError, UserError
 from .base import Method
 
 
-def lowest_loss_head(losses: list[float], sizes: list[int] | None = None) -> int:
+def lowest_loss_head(losses: list[float], sizes: list[int] | None = None) -> int | None:
     """The head chosen without labels: the lowest mean training loss of the last epoch, each divided by log K (a
     cross-entropy over K clusters is log K at uniform predictions) so that heads of different sizes (Self-Classifier
-    v2's) compare on one scale; among heads of one size, simply the lowest loss. 0 before any epoch."""
+    v2's) compare on one scale; among heads of one size, simply the lowest loss. Before any epoch ended there is
+    nothing to choose by: None, unless `sizes` name a single head."""
     if not losses:
-        return 0
+        return 0 if sizes is not None and len(sizes) == 1 else None
     scale = torch.ones(len(losses)) if sizes is None else torch.tensor([math.log(max(k, 2)) for k in sizes])
     return int((torch.tensor(losses) / scale).argmin())
 
@@ -61,7 +62,7 @@ class ClusterMethod(Method):
     def head_sizes(self) -> list[int]:
         raise NotImplementedError
 
-    def chosen_head(self) -> int:
+    def chosen_head(self) -> int | None:
         return lowest_loss_head(self.last_head_losses, self.head_sizes)
 
     # ---- per-head loss bookkeeping ----

@@ -7,7 +7,8 @@
 k-means (k-means++, --restarts) is fitted on the train split's features (or --fit_size of them) and assigns the test
 split. A class-assignment run is scored head by head (argmax of each head on the test split; `--split train` scores
 the train split instead, as EmbedUL reports, and the record says so); the head chosen without labels (lowest
-training loss, divided by log K where heads differ in size) is marked `chosen`. With more clusters than classes each
+training loss of the last epoch, divided by log K where heads differ in size) is marked `chosen` (none in a
+checkpoint saved before the first epoch ended). With more clusters than classes each
 cluster maps to its majority class. Datasets with superclasses (cifar100) get a second record on the superclass
 labels. One record per K or head goes to RUN/metrics.jsonl; a confusion-matrix PNG and a PNG of sample images per
 cluster go beside it.
@@ -189,6 +190,9 @@ def heads(args, ctx, evaluation, scored_set):
     loaded = evaluation.loaded
     method = loaded.method
     sizes, chosen = method.head_sizes, method.chosen_head()
+    if chosen is None and ctx.is_main:
+        print(f"note: {loaded.checkpoint_name} of {loaded.run_dir} was saved before its first epoch ended: no head "
+              f"losses to choose a head by, so every head is scored and none is marked chosen")
     # Each head's class per image, not its logits: Self-Classifier's ImageNet heads (15,000 logits an image) would
     # gather 72 GiB onto every rank for the train split. Class ids are exact in float32 below 2**24.
     def classes(x):
