@@ -203,6 +203,10 @@ def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(
     assert [r["protocol"]["superclass"] for r in records(run)] == [False, False, True]
     evaluate(*cluster)
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
+    # CIFAR-100-20 is the run's images under coarse labels: scored from the run's own files without --data_path
+    # (it looked in ./data)
+    evaluate(*cluster, "--dataset", "cifar100_20")
+    assert records(run)[-1]["dataset"] == "cifar100_20"
 
 
 def test_skip_recorded_reads_past_a_line_that_is_not_a_record(tiny_run, tmp_path, capsys):

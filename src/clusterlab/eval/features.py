@@ -14,7 +14,7 @@ from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, refuse_oversized
-from ..data.registry import imagefolder_sizes, resolve_path
+from ..data.registry import image_source, imagefolder_sizes, resolve_path
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
@@ -277,8 +277,9 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         if getattr(args, flag):
             setattr(loaded.args, flag, getattr(args, flag))
     dataset = args.dataset or loaded.args.dataset
-    # (digits read none: a run trained by a script that passed one anyway has it recorded)
-    data_path = args.data_path or (loaded.args.data_path if dataset == loaded.args.dataset
+    # The run's data path for the run's files (cifar100_20 reads cifar100's); digits read none: a run trained by a
+    # script that passed one anyway has it recorded.
+    data_path = args.data_path or (loaded.args.data_path if image_source(dataset) == image_source(loaded.args.dataset)
                                    and dataset in DATASETS and DATASETS[dataset].reads_files else None)
     train_set = load(dataset, "train", data_path, args.download)
     test_set = load(dataset, "test", data_path, args.download)
