@@ -718,3 +718,16 @@ def test_a_checkpoint_saved_before_the_first_epoch_ended_has_no_chosen_head(tiny
     records = [json.loads(line) for line in (scan / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["protocol"]["head"] for r in records) == [0, 1, 2]
     assert not any(r["protocol"].get("chosen") for r in records)
+
+
+def test_a_resume_with_another_mining_crop_says_the_neighbours_are_kept(tiny_run, tmp_path):
+    """The neighbours come from the checkpoint: a resumed run with another --mining_crop keeps them, and says so (it
+    went on in silence while config.yaml recorded the new crop)."""
+    scan = ["--method", "scan", "--dataset", "digits", "--width", "4", "--batch_size", "64", "--size_crops", "8",
+            "--device", "cpu", "--pretrained", tiny_run, "--output_dir", tmp_path / "scan"]
+    assert_ok(run_script("main_cluster.py", *scan, "--epochs", "1"))
+    resumed = run_script("main_cluster.py", *scan, "--epochs", "2", "--mining_crop", "6")
+    assert_ok(resumed)
+    assert ("note: --mining_crop 6: this run's neighbours were mined on 8 px views at its first start and are kept"
+            in resumed.stdout), resumed.stdout
+    assert "neighbours of 898 images mined" not in resumed.stdout

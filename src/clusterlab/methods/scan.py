@@ -200,6 +200,11 @@ class SCAN(ClusterMethod):
             if tuple(neighbours.shape) != expected:
                 raise ValueError(f"its neighbours are {tuple(neighbours.shape)}, this run needs {expected}")
             self.neighbours = neighbours.to(self.device, torch.long)
+            asked = EvalView.of(self.args.mining_crop) if self.args.mining_crop else None
+            if asked not in (None, self.mined_on) and distributed.rank() == 0:
+                print(f"note: --mining_crop {self.args.mining_crop}: this run's neighbours were mined on "
+                      f"{self.mined_on.crop} px views at its first start and are kept (its heads learnt from them); "
+                      f"mining on other views takes a new --output_dir", flush=True)
 
     def random_state(self) -> dict:
         return {"augment": self.augment.state_dict(), "pick": self.pick.get_state()}
