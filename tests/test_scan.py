@@ -23,6 +23,7 @@ from clusterlab.losses.scan import class_balance_weights, confident_cross_entrop
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.ops.knn import dataset_neighbours
 from clusterlab.programs.train import parse_args
+import fabricate
 from conftest import TINY as TINY_SWAV
 from conftest import HostCopies, assert_ok, copy_run, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -731,3 +732,19 @@ def test_a_resume_with_another_mining_crop_says_the_neighbours_are_kept(tiny_run
     assert ("note: --mining_crop 6: this run's neighbours were mined on 8 px views at its first start and are kept"
             in resumed.stdout), resumed.stdout
     assert "neighbours of 898 images mined" not in resumed.stdout
+
+
+def test_a_stage_two_on_another_datasets_run_says_so(tiny_run, tmp_path):
+    """A pre-trained run of other images is taken (a transfer may be meant) but not in silence: the weights and the
+    normalisation come from them. A run of the same images under other labels (cifar100_20 of cifar100) says
+    nothing: datasets compare by their images (image_source)."""
+    from clusterlab.data.registry import image_source
+
+    fashion = fabricate.make_fashion_mnist(tmp_path / "fm", n_train=64, n_test=20, seed=4)
+    result = run_script("main_cluster.py", "--method", "scan", "--dataset", "fashion_mnist", "--data_path", fashion,
+                        "--width", "4", "--batch_size", "32", "--size_crops", "8", "--epochs", "1", "--device", "cpu",
+                        "--num_neighbours", "5", "--pretrained", tiny_run, "--output_dir", tmp_path / "scan")
+    assert_ok(result)
+    assert (f"note: --pretrained {str(tiny_run)!r} was trained on digits, this run trains on fashion_mnist: it "
+            f"starts from weights learnt on the other images and normalises as that run did") in result.stdout
+    assert image_source("cifar100_20") == image_source("cifar100") != image_source("cifar10")

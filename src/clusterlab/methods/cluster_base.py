@@ -22,6 +22,7 @@ import torch.nn as nn
 from .. import checkpoint, distributed, rundir
 from ..config import starts_of
 from ..data.augment import EvalView
+from ..data.registry import image_source
 from ..errors import CheckpointError, ConfigError, UserError
 from .base import Method
 
@@ -146,6 +147,12 @@ class ClusterMethod(Method):
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
         self.pretrained_from = pretrained_origin(path, state)
+        trained_on = saved.get("dataset")
+        if trained_on and image_source(trained_on) != image_source(self.args.dataset) and distributed.rank() == 0:
+            # a transfer may be meant (CIFAR-100's backbone on CIFAR-10), a wrong path more often: said, not refused
+            print(f"note: --pretrained {source!r} was trained on {trained_on}, this run trains on "
+                  f"{self.args.dataset}: it starts from weights learnt on the other images and normalises as that "
+                  f"run did (mean {self.info.mean}, std {self.info.std}; --mean and --std set others)", flush=True)
         return str(path)
 
     def recorded(self) -> dict:
