@@ -388,6 +388,28 @@ def test_collect_results_writes_tables_per_dataset(tmp_path):
     assert "\\begin{tabular}" in latex and "85.00 ± 4.58" in latex and "fit\\_on=train" in latex
 
 
+def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, run_in_process):
+    """--combined wrote over whatever it named: a run's checkpoint.pth became a Markdown table. Refused before any
+    table is written; combined tables written earlier are replaced."""
+    root = tmp_path / "runs"
+    write_jsonl(root / "swav_digits_s0" / "metrics.jsonl", [SEEDS[0]])
+    kept = root / "swav_digits_s0" / "checkpoint.pth"
+    kept.write_bytes(b"weights")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my study\n")
+    common = ["--root", root, "--out", tmp_path / "tables", "--published", "", "--plots", "false", "--curves", "false"]
+    for target, words in ((kept, "name a .md file"), (notes, "exists and does not hold combined tables"),
+                          (tmp_path, "name a .md file")):
+        result = run_in_process("collect_results.py", *common, "--combined", target)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert kept.read_bytes() == b"weights" and notes.read_text() == "# my study\n"
+    assert not (tmp_path / "tables").exists()
+    combined = tmp_path / "study.md"
+    for _ in range(2):  # written, then replaced
+        entry_module("collect_results").main([str(a) for a in (*common, "--combined", combined)])
+        assert combined.read_text().startswith("## digits\n")
+
+
 def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tables(tmp_path, monkeypatch, capsys):
     """In a copy of the repository's results/, run from its parent with only --root: records of a dataset whose
     table ships go to ROOT/tables, and results/ stays byte for byte as it was (a copy, so that a regression cannot

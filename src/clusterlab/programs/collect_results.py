@@ -48,7 +48,8 @@ def get_args_parser():
                         help="a PNG of training curves per run with a train_log.jsonl, in OUT/curves/ (most of the "
                              "time on a root of hundreds of runs: false for the tables alone)")
     parser.add_argument("--combined", type=config.path, default=None,
-                        help="also one Markdown file holding every dataset's table (a study over several datasets)")
+                        help="also one Markdown file holding every dataset's table (a study over several datasets): a .md "
+                             "file, new or written by an earlier --combined")
     return parser
 
 
@@ -57,6 +58,8 @@ def main(argv=None):
     if not Path(args.root).is_dir():
         raise ConfigError(f"--root {args.root!r} is not a directory")
     published = read_published(args.published, get_args_parser().get_default("published"))
+    if args.combined:
+        require_combined_target(Path(args.combined))
     warnings.simplefilter("always")
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
     frame = results.records_frame(results.read_records(args.root))
@@ -83,6 +86,25 @@ def main(argv=None):
         print(f"\n{' and '.join(written)} written to {out}/")
     else:
         print(f"\nnothing written: no metrics records, and no training log with a step, under {args.root}")
+
+
+def require_combined_target(path: Path) -> None:
+    """--combined writes a Markdown file of its own: never over another file (a checkpoint, a run's records, a
+    README), which it replaced whole."""
+    if path.suffix.lower() != ".md":
+        raise ConfigError(f"--combined {str(path)!r}: the combined tables are one Markdown file; name a .md file")
+    if path.is_dir():
+        raise ConfigError(f"--combined {str(path)!r} is a directory; name the Markdown file to write")
+    if path.exists():
+        try:
+            with path.open(encoding="utf-8", errors="replace") as file:
+                first = file.readline()
+        except OSError as err:
+            raise ConfigError(f"--combined {str(path)!r} cannot be read ({err.strerror}); it is only ever replaced "
+                              f"when it holds combined tables") from None
+        if not first.startswith("## "):
+            raise ConfigError(f"--combined {str(path)!r} exists and does not hold combined tables (they start with "
+                              f"'## DATASET'): name a new file, or remove this one first")
 
 
 def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, str]]:
