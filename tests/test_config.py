@@ -96,10 +96,16 @@ def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("a: [1", "is not valid YAML"),
+    # the problem and where it is, not only the parser's state
+    ("a: [1", r"is not valid YAML \(expected ',' or '\]', but got '<stream end>' at line 1, column 6, while parsing "
+              r"a flow sequence\)"),
+    ("lr: 0.1\n\tepochs: 2\n", r"found character '\\t' that cannot start any token at line 2, column 1"),
+    # keys YAML reads as other types than text: a traceback in difflib before
+    ("1: 2\n", r"key 1 \(int\) names no flag: YAML reads an unquoted number"),
+    ("on: true\nlr: 0.1\n", r"key True \(bool\) names no flag"),
     ("- 1\n- 2\n", "must hold a mapping"),
     # YAML itself keeps the last of two equal keys: `epochs: 1` then `epochs: 2` trained 2 epochs
-    ("epochs: 1\nlr: 0.1\nepochs: 2\n", r"key 'epochs' appears twice \(lines 1 and 3\); keep one"),
+    ("epochs: 1\nlr: 0.1\nepochs: 2\n", r"key 'epochs' appears twice \(lines 1 and 3\); keep one\)$"),
     ("hidden_dim: 8\ndefaults: &d {lr: 0.1}\nnested: {<<: *d, lr: 0.2, lr: 0.3}\n", "key 'lr' appears twice"),
 ])
 def test_malformed_file_is_refused(tmp_path, text, problem):

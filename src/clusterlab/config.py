@@ -237,6 +237,10 @@ def canonical_keys(parser: argparse.ArgumentParser, values: dict, source: str, k
     """`values` keyed by the flags' names: an alias key is renamed to its flag's dest. A key that names no flag is
     an error (`known_only`) or kept as it is; two keys naming one flag are an error."""
     actions = flag_actions(parser)
+    for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} ({type(key).__name__}) names no flag: YAML reads an unquoted "
+                              f"number, null, true/false, yes/no or on/off as such; flag names are text")
     unknown = sorted(set(values) - set(actions))
     if unknown and known_only:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{unknown_flag_hint(parser, unknown[0])}")
@@ -494,7 +498,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and "
-                                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                                    f"{key_node.start_mark.line + 1}); keep one")  # (its lines said: no mark)
                 seen[key] = key_node.start_mark.line
         super().flatten_mapping(node)
 
@@ -504,6 +508,12 @@ def _parse_yaml(path: Path, named: str):
     gives a key twice in one mapping."""
     try:
         return yaml.load(path.read_bytes(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        # the problem and where, not only the parser's state (`while parsing a flow sequence`)
+        where = (f" at line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}"
+                 if err.problem_mark is not None else "")
+        context = f", {err.context}" if err.context else ""
+        raise ConfigError(f"{named} is not valid YAML ({err.problem or 'unreadable'}{where}{context})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{named} is not valid YAML ({str(err).splitlines()[0]})") from None
 
