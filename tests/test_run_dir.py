@@ -701,3 +701,58 @@ def test_a_rewound_run_sets_aside_the_evaluations_of_the_weights_it_replaced(tin
     again = run_script("eval_knn.py", "--run", run, "--k", "20", "--skip_recorded", "true", "--device", "cpu")
     assert_ok(again)
     assert "skipped" not in again.stdout and "top1" in again.stdout
+
+
+def _files(run: Path) -> dict:
+    return {path.name: (path.read_bytes() if path.is_file() else None) for path in run.iterdir()}
+
+
+@pytest.mark.parametrize("lost", ["removed", "dangling link"])
+def test_a_trained_run_that_lost_its_checkpoint_is_not_trained_afresh_over_its_files(tiny_run, tmp_path,
+                                                                                      run_in_process, lost):
+    """checkpoint.pth removed by hand, or a link to it on a scratch area that was purged: the next start trained
+    from scratch, replacing checkpoint_ep0001.pth, the training log and status.json without a word."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "checkpoint.pth").unlink()
+    if lost == "dangling link":
+        (run / "checkpoint.pth").symlink_to(tmp_path / "purged" / "checkpoint.pth")
+    before = _files(run)
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 3, "--output_dir", run)
+    words = (["links to", "which does not exist", "trained to the end of epoch 2"] if lost == "dangling link" else
+             ["has no checkpoint.pth but holds checkpoint_ep0002.pth",
+              "copy checkpoint_ep0002.pth over checkpoint.pth"])
+    assert_user_error(result, "main_pretrain.py", *words)
+    assert _files(run) == before
+
+
+def test_a_checkpoint_linked_to_a_scratch_area_stays_a_link(tiny_run, tmp_path):
+    """The run's checkpoint.pth linked to a file elsewhere: a resume writes that file (it replaced the link with a
+    file of its own, leaving the scratch copy behind); a link made before the first start is written through."""
+    run, scratch = copy_run(tiny_run, tmp_path / "run"), tmp_path / "scratch"
+    scratch.mkdir()
+    (run / "checkpoint.pth").rename(scratch / "checkpoint.pth")
+    (run / "checkpoint.pth").symlink_to(scratch / "checkpoint.pth")
+    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 3, "--output_dir", run))
+    assert (run / "checkpoint.pth").is_symlink() and checkpoint.load(scratch / "checkpoint.pth")["epoch"] == 3
+    assert not list(scratch.glob(".*.tmp"))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "checkpoint.pth").symlink_to(scratch / "fresh.pth")
+    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", fresh))
+    assert (fresh / "checkpoint.pth").is_symlink() and checkpoint.load(scratch / "fresh.pth")["epoch"] == 1
+
+
+def test_a_resume_refuses_weights_damaged_into_nan(tiny_run, tmp_path, run_in_process):
+    """Training never saves non-finite weights: a checkpoint.pth holding one was damaged since, and the resume ran
+    into a 'loss is not finite' at its first step, pointing at the same file again."""
+    import torch
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    name = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][name].view(-1)[0] = float("nan")
+    torch.save(state, run / "checkpoint.pth")
+    before = _files(run)
+    result = run_in_process("main_pretrain.py", *TINY, "--epochs", 3, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "holds non-finite weights", name)
+    assert _files(run) == before

@@ -40,7 +40,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
     The bytes are complete before the file is opened, so a full disk or a read-only mount surfaces as one OSError
-    here and the previous file stays as it was."""
+    here and the previous file stays as it was. A link (a checkpoint.pth kept on a scratch area) stays a link: the
+    file it names is replaced."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

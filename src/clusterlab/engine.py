@@ -240,6 +240,7 @@ class Trainer:
             return 0, 0
         state = load_resumable(path, self.args, self.kind, self.method.info,
                                (*RESUME_KEYS, *self.method.extra_resume_keys))
+        checkpoint.require_finite_weights(state, path)  # damaged since: it would only fail at its first step
         scaler_resumed = self._load_state(path, state)
         self.global_step = state["global_step"]
         self.position = self.saved_position = (state["epoch"], state["step"])
@@ -745,6 +746,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                           f"{trainer.position_words(start_epoch, start_step)} (use --epochs "
                           f"{start_epoch + (start_step > 0)} or more, or a new --output_dir)")
     if kind != "linear" and not (run_dir / "checkpoint.pth").exists():
+        refuse_a_lost_checkpoint(run_dir)
         refuse_evaluations_of_earlier_weights(run_dir)
     if args.knn_monitor_every:
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
@@ -783,6 +785,29 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     distributed.barrier()
     require_shared(run_dir, "status.json")  # rank 0 has just written it
     return trainer, start_epoch, start_step
+
+
+def refuse_a_lost_checkpoint(run_dir: Path) -> None:
+    """Refuse to train afresh where a run that trained has lost its checkpoint.pth but not its other files: a link
+    into a scratch area purged since, or a checkpoint.pth removed while its epoch checkpoints stay. A fresh start
+    would replace those, the training log and the status without a word. A run whose checkpoints were all removed
+    trains again in place; a link made before the first start is written through; a first epoch's end killed
+    between checkpoint_ep0001.pth and checkpoint.pth (status.json still "running" at epoch 0) redoes that epoch."""
+    status = rundir.read_status(run_dir)
+    epoch = status.get("epoch") if isinstance(status.get("epoch"), int) else 0
+    if epoch == 0 and status.get("state") not in ("finished", "interrupted"):
+        return
+    path, where = run_dir / "checkpoint.pth", rundir.position_words(epoch, status.get("step") or 0)
+    if path.is_symlink():
+        raise ConfigError(f"{path} links to {os.readlink(path)}, which does not exist (a scratch area purged?), "
+                          f"and status.json says the run trained to {where}: put the file back, copy one of its "
+                          f"checkpoint_epNNNN.pth over the link to go on from there, or use a new --output_dir")
+    epochs = sorted(run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth"))
+    if epochs:
+        raise ConfigError(f"{run_dir} has no checkpoint.pth but holds {epochs[-1].name}: a fresh training would "
+                          f"replace the run's epoch checkpoints and log; copy {epochs[-1].name} over checkpoint.pth "
+                          f"to go on from there, remove the epoch checkpoints to train again, or use a new "
+                          f"--output_dir")
 
 
 def refuse_evaluations_of_earlier_weights(run_dir: Path) -> None:
