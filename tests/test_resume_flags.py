@@ -72,3 +72,22 @@ def test_a_resume_on_another_number_of_processes_is_said(runs, tmp_path, sync_bn
     trainer = resumed("pretrain", [*SWAV, "--epochs", "2", "--sync_bn", sync_bn], run_dir)
     assert any("resumed on 1 process(es); the checkpoint was written by 2" in note for note in trainer.resume_notes)
     assert ("world_size" in trainer.resume_changes[-1]["before"]) == recorded
+
+
+def test_a_std_given_alone_is_the_one_trained_with_on_resume_and_on_a_pretrained_run(tiny_run, tmp_path):
+    """--std without --mean was dropped on resume and under --pretrained (the saved pair went on), while config.yaml
+    and resume_changes recorded the new std as applied; each of the two given now replaces the saved one."""
+    from clusterlab import checkpoint
+    from conftest import copy_run
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    saved = checkpoint.load(run / "checkpoint.pth")["data_info"]
+    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", "3", "--std", "0.3", "--output_dir", run))
+    info = checkpoint.load(run / "checkpoint.pth")["data_info"]
+    assert (list(info["mean"]), list(info["std"])) == (list(saved["mean"]), [0.3])
+    scan = tmp_path / "scan"
+    assert_ok(run_script("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", "4", "--batch_size",
+                         "64", "--size_crops", "8", "--epochs", "1", "--device", "cpu", "--pretrained", tiny_run,
+                         "--std", "0.3", "--output_dir", scan))
+    info = checkpoint.load(scan / "checkpoint.pth")["data_info"]
+    assert (list(info["mean"]), list(info["std"])) == (list(saved["mean"]), [0.3])

@@ -80,13 +80,14 @@ def parse_args(kind: str, argv=None):
 
 
 def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
-    """The mean and std the run trains with. --mean/--std when given. A run that resumes goes on with its own
+    """The mean and std the run trains with: --mean and --std where given (each on its own). A run that resumes goes
+    on, for the one not given, with its own
     checkpoint's (an image folder's statistics are computed again at every start, by code that may have changed
     since; the pre-trained run may have moved or changed). A second stage starts with the first stage's (`found`:
     STL-10's statistics differ between train+unlabeled and train), which become its flags, so config.yaml records
     them. Else (None) the data's own."""
     pretrained = getattr(args, "pretrained", None)
-    if args.mean or not (pretrained or own.exists()):
+    if (args.mean and args.std) or not (pretrained or own.exists()):
         return args.mean, args.std
     saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
     if len(saved[0]) != train_set.channels:
@@ -95,9 +96,11 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
                               f"{args.dataset} has {train_set.channels}: start from a run trained on images like "
                               f"these")
         return args.mean, args.std  # resuming on another training set: start_run refuses it by name
+    # each of the two given replaces the saved one (a --std alone was dropped, while config.yaml recorded it)
+    chosen = (args.mean or saved[0], args.std or saved[1])
     if pretrained:
-        args.mean, args.std = saved
-    return saved
+        args.mean, args.std = chosen
+    return chosen
 
 
 def main(kind: str, argv=None):
