@@ -80,12 +80,11 @@ def parse_args(kind: str, argv=None):
 
 
 def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
-    """The mean and std the run trains with: --mean and --std where given (each on its own). A run that resumes goes
-    on, for the one not given, with its own
-    checkpoint's (an image folder's statistics are computed again at every start, by code that may have changed
-    since; the pre-trained run may have moved or changed). A second stage starts with the first stage's (`found`:
-    STL-10's statistics differ between train+unlabeled and train), which become its flags, so config.yaml records
-    them. Else (None) the data's own."""
+    """The mean and std the run trains with: --mean and --std where given (each on its own). For one not given, a
+    run that resumes goes on with its own checkpoint's (an image folder's statistics are computed again at every
+    start, by code that may have changed since; the pre-trained run may have moved or changed), and a second stage
+    starts with the first stage's (`found`: STL-10's statistics differ between train+unlabeled and train), which
+    become its flags, so config.yaml records them. Else (None) the data's own."""
     pretrained = getattr(args, "pretrained", None)
     if (args.mean and args.std) or not (pretrained or own.exists()):
         return args.mean, args.std
