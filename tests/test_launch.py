@@ -738,6 +738,26 @@ def test_a_recipes_evaluations_are_checked_against_its_last_stages_method(tmp_pa
     assert "--restarts 3" in recipe_scripts(path)["two"]
 
 
+@pytest.mark.parametrize("recipes, words", [
+    # a traceback
+    ({"a": {"epochs": 5}}, "recipe 'a': epochs 5 must be a list of positive whole numbers"),
+    ({"a": {"epochs": [5, "x"]}}, "recipe 'a': epochs [5, 'x'] must be a list"),
+    # one a.sh with the last value: the 5-epoch script lost without a word
+    ({"a": {"epochs": [5, 6]}}, "recipe 'a' lists 2 epoch values, but its name has no {epochs}"),
+    ({"a_{epochs}ep": {"epochs": [5]}, "a_5ep": {}}, "recipe 'a_5ep': two recipes write the script a_5ep.sh"),
+    # named a grid
+    ({"a": {"resources": {"nodes": 0}}}, "recipes file '"),
+])
+def test_recipe_files_that_would_lose_or_misname_a_script_are_refused(tmp_path, recipes, words):
+    for recipe in recipes.values():
+        recipe.setdefault("config", str(ROOT / "configs" / "swav_digits.yaml"))
+    path = tmp_path / "recipes.yaml"
+    path.write_text(yaml.safe_dump(recipes))
+    with pytest.raises(ConfigError) as caught:
+        recipe_scripts(path)
+    assert words in str(caught.value), str(caught.value)
+
+
 @pytest.mark.slow
 def test_emitted_recipe_scripts_name_the_folder_they_are_written_to(tmp_path):
     out = tmp_path / "my_sbatch"

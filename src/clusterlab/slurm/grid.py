@@ -103,8 +103,8 @@ class Grid:
     eval_resources: dict
 
 
-def _fail(path, message: str):
-    raise ConfigError(f"grid {str(path)!r}: {message}")
+def _fail(path, message: str, kind: str = "grid"):
+    raise ConfigError(f"{kind} {str(path)!r}: {message}")
 
 
 def check_name(name, label: str, pattern: re.Pattern = SAFE_NAME, allowed: str = NAME_CHARACTERS) -> str:
@@ -134,25 +134,26 @@ def run_name(values: dict, axis_keys: list[str], stage: str | None = None) -> st
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:200].strip("-._") or "run"
 
 
-def resolve_resources(path, given: dict | None, label: str) -> dict:
+def resolve_resources(path, given: dict | None, label: str, kind: str = "grid") -> dict:
     given = given or {}
     if not isinstance(given, dict):
-        _fail(path, f"{label} must be a mapping")
+        _fail(path, f"{label} must be a mapping", kind)
     unknown = sorted(set(given) - set(RESOURCE_DEFAULTS))
     if unknown:
-        _fail(path, f"unknown key {label}.{unknown[0]!r} (valid: {', '.join(RESOURCE_DEFAULTS)})")
+        _fail(path, f"unknown key {label}.{unknown[0]!r} (valid: {', '.join(RESOURCE_DEFAULTS)})", kind)
     resources = {**RESOURCE_DEFAULTS, **given}
     for key, value in given.items():
         if key in RESOURCE_MINIMUM:
             if isinstance(value, bool) or not isinstance(value, int) or value < RESOURCE_MINIMUM[key]:
-                _fail(path, f"{label}.{key} = {value!r} must be an integer >= {RESOURCE_MINIMUM[key]}")
+                _fail(path, f"{label}.{key} = {value!r} must be an integer >= {RESOURCE_MINIMUM[key]}", kind)
         elif value is not None and not (isinstance(value, str) and SLURM_WORD.fullmatch(value)):
-            _fail(path, f"{label}.{key} = {value!r} must be a Slurm name (letters, digits and _.,:&|!*()[]-)")
+            _fail(path, f"{label}.{key} = {value!r} must be a Slurm name (letters, digits and _.,:&|!*()[]-)", kind)
     if resources["signal_delay_s"] >= 60 * resources["timeout_min"]:
         # Slurm would send the time-limit signal as soon as the job starts: every start would save and requeue at
         # once, until the requeues run out.
         _fail(path, f"{label}.signal_delay_s = {resources['signal_delay_s']} must be below {label}.timeout_min x 60 = "
-                    f"{60 * resources['timeout_min']} s (the time-limit signal comes signal_delay_s before the limit)")
+                    f"{60 * resources['timeout_min']} s (the time-limit signal comes signal_delay_s before the "
+                    f"limit)", kind)
     tasks, gpus = resources["tasks_per_node"], resources["gpus_per_node"]
     if tasks == 0:
         resources["tasks_per_node"] = max(1, gpus)
@@ -160,7 +161,7 @@ def resolve_resources(path, given: dict | None, label: str) -> dict:
         # Each process trains on one GPU of its node: more tasks would share a GPU (NCCL refuses), fewer leave some
         # idle.
         _fail(path, f"{label}.tasks_per_node = {tasks} with {label}.gpus_per_node = {gpus}: each task uses one GPU, "
-                    f"so give tasks_per_node: {gpus} or leave it out")
+                    f"so give tasks_per_node: {gpus} or leave it out", kind)
     return resources
 
 

@@ -263,10 +263,21 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None, script_di
         if unknown:
             raise ConfigError(f"{source}: recipe {key!r} has unknown key {unknown[0]!r} "
                               f"(valid: {', '.join(sorted(RECIPE_KEYS))})")
-        for epochs in recipe.get("epochs") or [None]:
+        given = recipe.get("epochs")
+        if given is not None and not (isinstance(given, list) and given and all(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in given)):
+            raise ConfigError(f"{source}: recipe {key!r}: epochs {recipe.get('epochs')!r} must be a list of positive "
+                              f"whole numbers (one script per value), e.g. [200, 400]")
+        epoch_values = given or [None]
+        if len(epoch_values) > 1 and "{epochs}" not in str(key):
+            raise ConfigError(f"{source}: recipe {key!r} lists {len(epoch_values)} epoch values, but its name has no "
+                              f"{{epochs}} to tell their scripts apart (e.g. '{key}_{{epochs}}ep')")
+        for epochs in epoch_values:
             name = check_name(str(key).replace("{epochs}", str(epochs)) if epochs is not None else str(key),
                               f"{source}: recipe name")
             label = f"{source}: recipe {name!r}"
+            if name in scripts:
+                raise ConfigError(f"{label}: two recipes write the script {name}.sh; give each its own name")
             stage_specs = recipe.get("stages") or [{k: recipe[k] for k in STAGE_KEYS if k in recipe}]
             stages = [_stage(spec, epochs, label, recipes_path) for spec in stage_specs]
             named = [stage.name for stage in stages]
@@ -281,7 +292,8 @@ def recipe_scripts(recipes_path: str | Path, root: Path | None = None, script_di
                 eval_flags = (recipe.get("eval_flags") or {}).get(eval_program, {})
                 check_eval_flags(eval_program, eval_flags, stages[-1].method, label)  # validates them too
                 evals.append((eval_program, eval_flags))
-            resources = resolve_resources(recipes_path, recipe.get("resources"), f"recipe {name!r} resources")
+            resources = resolve_resources(recipes_path, recipe.get("resources"), f"recipe {name!r} resources",
+                                          "recipes file")
             scripts[name] = render(name, recipe.get("description", ""), stages, evals, resources, source,
                                    script_dir=str(script_dir))
     return scripts
