@@ -225,6 +225,9 @@ def test_a_finished_run_started_again_with_other_flags_keeps_its_record(tmp_path
     result = run_script("main_pretrain.py", *RESUMABLE, "--temperature", 0.5, "--epsilon", 0.3, "--output_dir", run_dir)
     assert_ok(result)
     assert f"{run_dir} has trained its 2 epochs: nothing to train" in result.stdout and "note:" not in result.stdout
+    # the flags that differ are named (the user trying them without a new --output_dir was told nothing)
+    assert "this command's other flags (--temperature 0.1 -> 0.5, --epsilon 0.02 -> 0.3) are not applied: a new " \
+           "--output_dir trains them" in result.stdout, result.stdout
     after = snapshot(run_dir)
     assert {name: after[name] for name in ("config.yaml", "checkpoint.pth")} == \
         {name: before[name] for name in ("config.yaml", "checkpoint.pth")}

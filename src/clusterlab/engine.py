@@ -138,6 +138,7 @@ class Trainer:
         # methods the number of processes): where ({"epoch", "step"}) and the values "before" and "after"; in the
         # checkpoint and config.yaml, so that the tables file each checkpoint under the settings it trained with.
         self.resume_changes: list[dict] = []
+        self.changed_by_this_start: dict = {}  # this start's entry of resume_changes ({} when it changes nothing)
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
@@ -334,7 +335,8 @@ class Trainer:
                                      f"config.yaml and the tables record the change")
         if before:
             epoch, step = self.position
-            self.resume_changes.append({"epoch": epoch, "step": step, "before": before, "after": after})
+            self.changed_by_this_start = {"epoch": epoch, "step": step, "before": before, "after": after}
+            self.resume_changes.append(self.changed_by_this_start)
 
     def schedule_change(self, saved_args: dict, changed: list[str]) -> str:
         """The line saying that the schedule flags `changed` differ from those the checkpoint trained with: the rate
@@ -766,8 +768,13 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                   f"give again; moved {', '.join(rewound)}", flush=True)
         trainer.restore_missing_epoch_checkpoints()
         if finished:
+            changed = trainer.changed_by_this_start
+            differing = ", ".join(f"--{key} {_flag_value(before)} -> {_flag_value(changed['after'][key])}"
+                                  for key, before in changed.get("before", {}).items())
+            unused = f"; this command's other flags ({differing}) are not applied: a new --output_dir trains them" \
+                if differing else ""
             print(f"{run_dir} has trained its {args.epochs} epochs: nothing to train (config.yaml keeps the flags and "
-                  f"code it trained with)", flush=True)
+                  f"code it trained with){unused}", flush=True)
         else:
             code = git_state()
             if trainer.trained_by[-1:] != [code]:
