@@ -431,16 +431,28 @@ def test_a_run_recorded_under_the_upstream_spellings_is_evaluated_with_its_value
     ({"freeze_prototypes_epochs": 1.0}, {"freeze_prototypes_niters": 50}, [], (50, None)),
     ({"freeze_prototypes_niters": 50}, {"freeze_prototypes_epochs": 2.0}, [], (313, 2.0)),
     ({"freeze_prototypes_niters": 50}, {}, ["--freeze_prototypes_epochs", "2"], (313, 2.0)),
-    ({}, {}, ["--freeze_prototypes_niters", "0", "--freeze_prototypes_epochs", "2"], (0, 2.0)),
 ], ids=["command-line-iterations", "file-epochs", "child-file-iterations", "child-file-epochs",
-        "command-line-epochs", "both-on-the-command-line"])
+        "command-line-epochs"])
 def test_the_length_in_the_unit_named_last_applies(tmp_path, base_values, values, argv, expected):
     """--freeze_prototypes_niters and --freeze_prototypes_epochs give one length: a config file, or the command line,
-    that names one of them undoes what an earlier layer gave the other (both on one layer: epochs, as documented)."""
+    that names one of them undoes what an earlier layer gave the other."""
     write_yaml(tmp_path, {"method": "swav", **base_values}, "base.yaml")
     path = write_yaml(tmp_path, {"base": "base.yaml", **values})
     args = pretrain.parse_args(["--config", path, *argv])
     assert (args.freeze_prototypes_niters, args.freeze_prototypes_epochs) == expected
+
+
+@pytest.mark.parametrize("values, argv, source", [
+    ({}, ["--freeze_prototypes_epochs", "3", "--freeze_prototypes_niters", "7"], "the command line"),
+    ({"freeze_prototypes_epochs": 3.0, "freeze_prototypes_niters": 7}, [], "c.yaml"),
+])
+def test_both_units_of_one_length_in_one_layer_are_refused(tmp_path, values, argv, source):
+    """Neither is named after the other there: epochs applied, whatever their order (--help: the one named last)."""
+    path = write_yaml(tmp_path, {"method": "swav", **values})
+    with pytest.raises(ConfigError, match="--freeze_prototypes_epochs and --freeze_prototypes_niters give one length "
+                                          "in different units; name one of them") as caught:
+        pretrain.parse_args(["--config", path, *argv])
+    assert source in str(caught.value)
 
 
 def test_a_methods_own_drops_do_not_stand_against_another_schedule():

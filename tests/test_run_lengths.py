@@ -22,7 +22,7 @@ def swav(*flags):
 
 @pytest.mark.parametrize("flags, steps_per_epoch, frozen", [
     (["--freeze_prototypes_niters", "20"], 14, 20),
-    (["--freeze_prototypes_niters", "20", "--freeze_prototypes_epochs", "1.5"], 14, 21),  # epochs win
+    (["--freeze_prototypes_epochs", "1.5"], 14, 21),  # epochs replace the default iterations (313)
     (["--freeze_prototypes_epochs", "0"], 14, 0),
     (["--freeze_prototypes_epochs", "2"], 3, 6),
 ])

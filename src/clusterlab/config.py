@@ -269,10 +269,16 @@ def declare_alternatives(parser: argparse.ArgumentParser, *dests: str) -> None:
     parser.__dict__.setdefault("alternatives", []).append(dests)
 
 
-def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict) -> None:
-    """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives)."""
+def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict,
+                      source: str) -> None:
+    """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives).
+    One layer naming two alternatives is refused: neither is named after the other there."""
     for dests in getattr(parser, "alternatives", []):
-        if named & set(dests):
+        both = sorted(named & set(dests))
+        if len(both) > 1:
+            raise ConfigError(f"{source}: {' and '.join(f'--{dest}' for dest in both)} give one length in different "
+                              f"units; name one of them")
+        if both:
             values.update({dest: originals[dest] for dest in dests if dest not in named})
 
 
@@ -288,7 +294,7 @@ def merged_defaults(parser: argparse.ArgumentParser, layers: list[tuple[str, dic
     merged = {}
     for source, values in layers:
         layer = yaml_defaults(parser, values, source)
-        _without_replaced(parser, set(layer), merged, originals)
+        _without_replaced(parser, set(layer), merged, originals, source)
         merged.update(layer)
     return merged
 
@@ -350,7 +356,7 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
         on_command_line = {action.dest for action in parser._actions
                            if any(_explicit_value(argv, option.lstrip("-")) is not None
                                   for option in action.option_strings if option.startswith("--"))}
-        _without_replaced(parser, on_command_line, vars(args), originals)
+        _without_replaced(parser, on_command_line, vars(args), originals, "the command line")
     return args
 
 

@@ -51,7 +51,7 @@ class SwAV(Method):
                            help="the same length in epochs, rounded to the nearest iteration, halves to even, as "
                                 "--warmup_epochs (replaces --freeze_prototypes_niters; the number of iterations an "
                                 "epoch has depends on the dataset's size); whichever of the two a config file or the "
-                                "command line names last applies")
+                                "command line names last applies (both in one of them: refused)")
         declare_alternatives(parser, "freeze_prototypes_niters", "freeze_prototypes_epochs")
         parser.set_defaults(optimizer="lars", lr=4.8, final_lr=0.0, warmup_epochs=10, schedule="cosine",
                             weight_decay=1e-6, arch="resnet18_cifar")
