@@ -3,6 +3,7 @@ in iterations, and a setting that covers the whole run is told on one line at st
 from __future__ import annotations
 
 import argparse
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -142,3 +143,16 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
     notes = trainer.start_notes()
     assert bool(notes) == told and all("leave --channels_last out" in note for note in notes)
+
+
+def test_a_monitor_k_beyond_the_labelled_images_is_told_and_recorded(tmp_path):
+    """--knn_monitor_k above the training set: every image votes, which the log recorded as the k asked for
+    (eval_knn.py notes it and records k_used; the monitor now does the same)."""
+    done = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--knn_monitor_every", 1, "--knn_monitor_k", 5000,
+                      "--output_dir", tmp_path / "run")
+    assert_ok(done)
+    assert ("note: --knn_monitor_k 5000 is more than the 898 labelled training images: all of them vote "
+            "(train_log.jsonl records k_used)") in done.stdout
+    monitor = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+               if '"knn_monitor"' in line]
+    assert [(record["k"], record["k_used"]) for record in monitor] == [(5000, 898)]

@@ -166,6 +166,9 @@ class Trainer:
         if self.kind == "linear":
             return []
         notes = []
+        if self.args.knn_monitor_every and self.args.knn_monitor_k > self.monitor_voters():
+            notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {self.monitor_voters()} "
+                         f"labelled training images: all of them vote (train_log.jsonl records k_used)")
         if lacks_test_split(self.train_set):
             notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py, "
                          f"eval_cluster.py and eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/)")
@@ -532,12 +535,18 @@ class Trainer:
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
                          self.ctx.device, self.args.workers)
         if self.ctx.is_main:
+            voters = self.monitor_voters()
             rundir.append_jsonl(self.run_dir / "train_log.jsonl", {
                 "epoch": epoch, "knn_monitor": True, "k": self.args.knn_monitor_k,
+                **({"k_used": voters} if self.args.knn_monitor_k > voters else {}),
                 "temperature": self.method.monitor_temperature, "train_features": source,
                 "top1": scores["top1"], "top5": scores["top5"], "time": rundir.now_iso()})
             print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}, {source}) top1 "
                   f"{scores['top1']:.4f}", flush=True)
+
+    def monitor_voters(self) -> int:
+        """The training images that vote in the kNN monitor: the labelled ones."""
+        return int((self.train_set.labels >= 0).sum())
 
     def finish(self) -> None:
         """status "finished"; a stop signal that came at the end of the last epoch (its last step, kNN monitor or
