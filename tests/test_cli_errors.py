@@ -124,6 +124,18 @@ def test_a_config_of_the_other_program_or_a_misspelt_method_is_named(run_in_proc
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script, method, words", [
+    ("main_pretrain.py", "sela", "is trained by main_cluster.py; main_pretrain.py trains npid, superand, swav, unmix"),
+    ("main_cluster.py", "swav", "is trained by main_pretrain.py; main_cluster.py trains embedul"),
+    ("main_pretrain.py", "swavv", "is not a method; main_pretrain.py trains npid"),
+])
+def test_the_other_programs_method_on_the_command_line_is_named(run_in_process, tmp_path, script, method, words):
+    """On the command line it got argparse's 'invalid choice' alone; from a config file, the program that trains it."""
+    result = run_in_process(script, "--method", method, "--output_dir", tmp_path / "run")
+    assert_user_error(result, script, f"--method {method!r} {words}")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("script, extra", [
     ("main_pretrain.py", [*TINY, "--output_dir", "LINK"]),
     ("eval_knn.py", ["--baseline", "pixels", "--dataset", "digits", "--output_dir", "FILE"]),

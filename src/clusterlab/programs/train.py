@@ -32,8 +32,10 @@ def get_args_parser(kind: str):
                    "cluster": "Train class-assignment heads (SeLa, Self-Classifier, EmbedUL, SCAN), from scratch "
                               "or from a pre-trained run."}[kind]
     parser = config.new_parser(description, prog=PROGRAM[kind])
-    parser.add_argument("--method", choices=methods_of(kind), default=DEFAULT_METHOD[kind],
-                        help="method; `--method NAME --help` lists its own flags")
+    # (no argparse choices: add_method_args names the program that trains another program's method)
+    parser.add_argument("--method", default=DEFAULT_METHOD[kind],
+                        help=f"method, one of {', '.join(methods_of(kind))}; `--method NAME --help` lists its own "
+                             f"flags")
     if kind == "cluster":
         parser.add_argument("--pretrained", type=config.path, default=None,
                             help="a run directory that finished training (its checkpoint.pth), or a checkpoint file, "
