@@ -164,13 +164,19 @@ def test_pretrain_bad_yaml_key(run_in_process, tmp_path):
                       "(--method npid does not take it; swav, unmix do)")
 
 
-def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path):
+@pytest.mark.parametrize("damage, words", [
+    # torch said "failed finding central directory", "[Errno 22] Invalid argument" or "legacy .tar format"
+    (lambda data: data[:2000], "truncated: a zip archive without its end"),
+    (lambda data: data[:len(data) // 2], "truncated: a zip archive without its end"),
+    (lambda data: bytes(len(data)), "its first bytes are neither a zip archive's nor a pickle's"),
+], ids=["cut-early", "cut-in-the-middle", "zeros"])
+def test_eval_knn_refuses_a_corrupt_checkpoint(tiny_run, tmp_path, damage, words):
     run = copy_run(tiny_run, tmp_path / "run")
     bad = tmp_path / "bad.pth"
-    bad.write_bytes((run / "checkpoint.pth").read_bytes()[:2000])
+    bad.write_bytes(damage((run / "checkpoint.pth").read_bytes()))
     before = snapshot(run)
     result = run_script("eval_knn.py", "--run", run, "--checkpoint", bad, "--device", "cpu")
-    assert_user_error(result, "eval_knn.py", repr(str(bad)), "corrupt or not a torch file", "central directory")
+    assert_user_error(result, "eval_knn.py", repr(str(bad)), "corrupt or not a torch file", words)
     assert snapshot(run) == before  # in particular no metrics.jsonl
 
 

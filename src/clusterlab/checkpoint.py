@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,8 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     except Exception as err:  # torch raises several types for truncated or foreign files
         if mmap:  # torch maps its zip format only: read without mapping, which names what is wrong with the file
             return load(path, kind=kind, method=method, map_location=map_location)
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({failure_reason(err)})"
-                              ) from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
+                              f"({unreadable_reason(path, err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
     if payload.get("schema") != SCHEMA:
@@ -142,6 +143,21 @@ def require_finite_weights(state: dict, path: str | os.PathLike) -> None:
     if name is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite weights ({name}); training never saves "
                               f"such weights: take an earlier checkpoint of the run")
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch.load could not read `path`, in the file's terms where its first bytes tell (torch says "[Errno 22]
+    Invalid argument" of an archive cut short, and "legacy .tar format" of zeros), else torch's own words."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return failure_reason(err)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated: a zip archive without its end, as a write cut short or a copy stopped early leaves"
+    if head and head != b"PK\x03\x04" and head[:1] != b"\x80":
+        return "its first bytes are neither a zip archive's nor a pickle's"
+    return failure_reason(err)
 
 
 def failure_reason(err: Exception) -> str:
