@@ -102,6 +102,8 @@ def test_wrong_type_is_refused_naming_the_key(tmp_path, key, value, words):
     ("lr: 0.1\n\tepochs: 2\n", r"found character '\\t' that cannot start any token at line 2, column 1"),
     # keys YAML reads as other types than text: a traceback in difflib before
     ("1: 2\n", r"key 1 \(int\) names no flag: YAML reads an unquoted number"),
+    ("config: other.yaml\n", r"unknown key 'config' \(a config file names the one it builds on with `base: "
+                             r"OTHER.yaml`\)"),
     ("on: true\nlr: 0.1\n", r"key True \(bool\) names no flag"),
     ("- 1\n- 2\n", "must hold a mapping"),
     # YAML itself keeps the last of two equal keys: `epochs: 1` then `epochs: 2` trained 2 epochs

@@ -163,6 +163,8 @@ def unknown_flag_hint(parser: argparse.ArgumentParser, name: str) -> str:
     hint = getattr(parser, "other_methods_hint", lambda _: None)(name)
     if hint:
         return f" ({hint})"
+    if name == "config":  # only a YAML key can name it here: --config itself is a flag
+        return " (a config file names the one it builds on with `base: OTHER.yaml`)"
     close = difflib.get_close_matches(name, list(flag_actions(parser)), n=1, cutoff=0.75)
     return f" (did you mean --{close[0]}?)" if close else f" (not a flag of {parser.prog}; see --help)"
 
