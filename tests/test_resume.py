@@ -143,7 +143,8 @@ def retagged(run_dir, method: str) -> None:
     (["--seed", "1"], ["--seed 0", "1"]),
     (["--init", "legacy"], ["--init 'kaiming'", "'legacy'"]),
     (["--optimizer", "sgd"], ["--optimizer 'lars'", "'sgd'"]),
-    (["--nmb_prototypes", "20"], ["does not fit", "prototypes.weight"]),
+    # the flag named, not only the tensor whose shape differs
+    (["--nmb_prototypes", "20"], ["does not fit", "prototypes.weight", "flags that differ: --nmb_prototypes 10 -> 20"]),
     (["--queue_length", "128"], ["does not fit", "--queue_length"]),
     ("retag", ["method 'sela'", "not 'swav'"]),
 ])

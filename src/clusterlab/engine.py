@@ -289,8 +289,12 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             # A flag outside RESUME_KEYS that shapes the model (e.g. --nmb_prototypes) changed, or an entry is missing.
             reason = checkpoint.failure_reason(err)
-            raise CheckpointError(f"{path} does not fit this command's model ({reason}); use a new --output_dir or "
-                                  f"the flags it was trained with (its config.yaml)") from None
+            saved_args = state.get("args") if isinstance(state.get("args"), dict) else {}
+            differing = self._learning_flags_changed(saved_args)
+            flags = f"; this command's flags that differ: {_flag_changes(saved_args, self.args, differing)}" \
+                if differing else ""
+            raise CheckpointError(f"{path} does not fit this command's model ({reason}){flags}; use a new "
+                                  f"--output_dir or the flags it was trained with (its config.yaml)") from None
         return scaler_resumed
 
     def _note_changes(self, state: dict) -> None:
@@ -299,16 +303,11 @@ class Trainer:
         the steps depend on it, the precision."""
         self.resume_notes = []
         saved_args = state["args"]
-
-        def differs(key: str) -> bool:
-            return key in vars(self.args) and _plain(saved_args[key]) != _plain(getattr(self.args, key))
-
-        changed = [key for key in SCHEDULE_KEYS if key in saved_args and differs(key)]
+        changed = self._learning_flags_changed(saved_args, SCHEDULE_KEYS)
         # Every other flag that shapes what the run learns (a loss temperature, a queue, an augmentation range,
         # sync_bn...) may change too, but not silently: config.yaml's args are the last start's, so without a
         # record the tables would file the epochs trained before under the new values.
-        others = [key for key in saved_args
-                  if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS) and differs(key)]
+        others = self._learning_flags_changed(saved_args)
         before = {key: _plain(saved_args[key]) for key in (*changed, *others)}
         after = {key: _plain(getattr(self.args, key)) for key in (*changed, *others)}
         if changed:
@@ -340,6 +339,13 @@ class Trainer:
             epoch, step = self.position
             self.changed_by_this_start = {"epoch": epoch, "step": step, "before": before, "after": after}
             self.resume_changes.append(self.changed_by_this_start)
+
+    def _learning_flags_changed(self, saved_args: dict, keys=None) -> list[str]:
+        """The flags among `keys` (default: those that shape what is learnt, other than the run-defining ones, the
+        schedule's and the precision) whose value in this command differs from the checkpoint's `saved_args`."""
+        keys = keys or [key for key in saved_args if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS)]
+        return [key for key in keys if key in saved_args and key in vars(self.args)
+                and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
 
     def schedule_change(self, saved_args: dict, changed: list[str]) -> str:
         """The line saying that the schedule flags `changed` differ from those the checkpoint trained with: the rate
