@@ -936,3 +936,19 @@ def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
     assert lines[-3].startswith(f"job {job} failed: clusterlab.errors.DataError: dataset 'cifar10': data path ")
     assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status"]  # reported once, no evaluation job
     assert "submitted 1 evaluation job" not in out.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [([], True), (["--dry-run", "false"], False), (["--dry-run"], True),
+                                            (["--wait", "--emit-sbatch", "no"], True)])
+def test_launch_switches_set_in_a_config_can_be_turned_off(tmp_path, argv, expected):
+    """launch.py's switches were store_true: a config's `dry_run: true` could not be undone on the command line
+    (`--dry-run false`: unrecognized arguments), unlike every other program's true/false flags."""
+    from clusterlab import config
+    from clusterlab.programs.launch import get_args_parser
+
+    path = tmp_path / "launch.yaml"
+    path.write_text("dry_run: true\nemit_sbatch: true\n")
+    args = config.parse(get_args_parser(), ["--config", str(path), *argv])
+    assert args.dry_run is expected
+    if "--wait" in argv:
+        assert args.wait is True and args.emit_sbatch is False

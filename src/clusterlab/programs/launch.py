@@ -46,12 +46,14 @@ def get_args_parser():
                         help="where the runs go (default: the grid's, else runs/NAME)")
     parser.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
                         help="submitit executor: Slurm, local processes, or in this process (debug always waits)")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", type=config.bool_flag, nargs="?", const=True,
+                        default=False,
                         help="print the plan, submit nothing")
-    parser.add_argument("--wait", action="store_true",
+    parser.add_argument("--wait", type=config.bool_flag, nargs="?", const=True, default=False,
                         help="return only when every job of the grid's runs has ended (those of an earlier launch "
                              "still queued too), then print each run's state")
-    parser.add_argument("--emit-sbatch", "--emit_sbatch", dest="emit_sbatch", action="store_true",
+    parser.add_argument("--emit-sbatch", "--emit_sbatch", dest="emit_sbatch", type=config.bool_flag, nargs="?",
+                        const=True, default=False,
                         help="write sbatch scripts instead of submitting")
     parser.add_argument("--recipes", type=config.path, default="configs/recipes.yaml", help="recipes for --emit-sbatch")
     parser.add_argument("--sbatch_dir", type=config.path, default="sbatch", help="where --emit-sbatch writes")
