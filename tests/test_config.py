@@ -480,3 +480,16 @@ def test_a_config_files_drops_stand_against_another_schedule_as_in_a_grid(tmp_pa
                                     "axes": {"schedule": ["cosine"]}}))
     with pytest.raises(ConfigError, match=r"--lr_drops 4 5: drops of --schedule step, but --schedule is cosine"):
         load_grid(grid, tmp_path / "runs")
+
+
+def test_every_true_false_flag_stands_alone_for_true():
+    """`--sync_bn` alone failed with 'expected one argument' where `--compile` alone worked: every switch of every
+    program takes both forms."""
+    from clusterlab.programs import eval_cluster, eval_linear
+
+    args = pretrain.parse_args(["--method", "swav", "--dataset", "digits", "--sync_bn", "--nesterov", "--optimizer",
+                                "sgd", "--compile"])
+    assert (args.sync_bn, args.nesterov, args.compile) == (True, True, True)
+    assert pretrain.parse_args(["--method", "swav", "--sync_bn", "false"]).sync_bn is False
+    assert config.parse(eval_cluster.get_args_parser(), ["--run", "x", "--plot"]).plot is True
+    assert config.parse(eval_linear.get_args_parser(), ["--run", "x", "--cached_features"]).cached_features is True

@@ -341,6 +341,7 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
     (the method's own flags depend on `--method`); `partial` holds the values known so far.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _bare_switches(parser)
     first = _first_look(parser, argv)
     layers = config_layers(first.config) if first.config else []
     file_values = {key: value for _, values in layers for key, value in values.items()}
@@ -351,6 +352,7 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
             if explicit is not None:
                 partial[flag] = explicit
         extend(parser, partial)
+        _bare_switches(parser)
     originals = _declared_defaults(parser)
     parser.set_defaults(**merged_defaults(parser, layers))
     args = parser.parse_args(argv)
@@ -360,6 +362,14 @@ def parse(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None,
                                   for option in action.option_strings if option.startswith("--"))}
         _without_replaced(parser, on_command_line, vars(args), originals, "the command line")
     return args
+
+
+def _bare_switches(parser: argparse.ArgumentParser) -> None:
+    """Every true/false flag also stands alone for true (`--plot` as `--plot true`), as some were declared and
+    others not: a bare `--sync_bn` failed with 'expected one argument' where a bare `--compile` worked."""
+    for action in parser._actions:
+        if action.type is bool_flag and action.nargs is None:
+            action.nargs, action.const = "?", True
 
 
 def _first_look(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
