@@ -91,3 +91,23 @@ def test_a_std_given_alone_is_the_one_trained_with_on_resume_and_on_a_pretrained
                          "--std", "0.3", "--output_dir", scan))
     info = checkpoint.load(scan / "checkpoint.pth")["data_info"]
     assert (list(info["mean"]), list(info["std"])) == (list(saved["mean"]), [0.3])
+
+
+def test_a_resume_reading_another_folder_says_so(tmp_path):
+    """The same file names and labels in another folder (a moved copy, or a resized one: pixels are not compared)
+    pass the resume's fingerprint check; the run went on without a word while config.yaml took the new path."""
+    import shutil
+
+    import fabricate
+
+    first = fabricate.make_fashion_mnist(tmp_path / "first", n_train=64, n_test=20, seed=4)
+    second = shutil.copytree(first, tmp_path / "second")
+    flags = [*TINY, "--dataset", "fashion_mnist", "--batch_size", "32", "--output_dir", tmp_path / "run"]
+    assert_ok(run_script("main_pretrain.py", *flags, "--epochs", "1", "--data_path", first))
+    resumed = run_script("main_pretrain.py", *flags, "--epochs", "2", "--data_path", second)
+    assert_ok(resumed)
+    assert (f"note: --data_path {str(second)!r}: the checkpoint trained on {str(first)!r}; the files have the same "
+            f"names and labels, so the run goes on") in resumed.stdout, resumed.stdout
+    again = run_script("main_pretrain.py", *flags, "--epochs", "3", "--data_path", second)
+    assert_ok(again)
+    assert "--data_path" not in again.stdout

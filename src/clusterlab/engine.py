@@ -47,7 +47,7 @@ from .compilation import compile_backbone
 from .config import git_state, read_run_config, starts_of, write_resolved, written_run_config
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
-from .data.registry import lacks_test_split
+from .data.registry import DATASETS, lacks_test_split, resolve_path
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
@@ -317,6 +317,9 @@ class Trainer:
                                      f"the run goes on with the new values from "
                                      f"{self.position_words(*self.position)}; config.yaml and the tables record the "
                                      f"change")
+        moved = self._moved_data_path(saved_args)
+        if moved:
+            self.resume_notes.append(moved)
         saved_world = state.get("world_size")
         if saved_world is not None and saved_world != self.ctx.world_size:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
@@ -339,6 +342,17 @@ class Trainer:
             epoch, step = self.position
             self.changed_by_this_start = {"epoch": epoch, "step": step, "before": before, "after": after}
             self.resume_changes.append(self.changed_by_this_start)
+
+    def _moved_data_path(self, saved_args: dict) -> str | None:
+        """The note for a resume reading its files from another folder than the checkpoint's (the fingerprint
+        matched: the same file names and labels; a resized or cleaned copy passes as the same images)."""
+        dataset, saved, given = self.args.dataset, saved_args.get("data_path"), self.args.data_path
+        if dataset not in DATASETS or not DATASETS[dataset].reads_files or saved == given:
+            return None
+        if os.path.realpath(resolve_path(dataset, saved)) == os.path.realpath(resolve_path(dataset, given)):
+            return None
+        return (f"--data_path {given!r}: the checkpoint trained on {saved!r}; the files have the same names and "
+                f"labels, so the run goes on (their pixels are not compared), and config.yaml records the new path")
 
     def _learning_flags_changed(self, saved_args: dict, keys=None) -> list[str]:
         """The flags among `keys` (default: those that shape what is learnt, other than the run-defining ones, the
