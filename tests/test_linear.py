@@ -214,3 +214,21 @@ def test_the_runs_own_test_view_asked_for_by_name_is_the_same_probe(tmp_path):
         return eval_linear.probe_dir(args, loaded, "imagefolder", {"precision": None}, {}, EvalView(224, 256)).name
     assert folder(224) == folder(0) == folder(0, 256) == folder(224, 256) == "linear_ep0002_cached"
     assert folder(192) == "linear_ep0002_cached_crop192" and folder(0, 288) == "linear_ep0002_cached_resize288"
+
+
+def test_a_probe_of_weights_replaced_since_is_not_resumed_on_the_new_ones(tiny_run, tmp_path, run_in_process):
+    """checkpoint.pth replaced by hand by other weights at the same epoch (another seed's run, a copy): the finished
+    probe of the old weights was found 'finished' and scored its head on the new backbone (top-1 near chance)
+    under the new weights' name. The probe keeps a digest of the weights it probed."""
+    from conftest import TINY, assert_ok, assert_user_error, run_script
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    probe = ["--run", run, "--cached_features", "true", "--epochs", 1, "--device", "cpu"]
+    assert_ok(run_script("eval_linear.py", *probe))
+    assert_ok(run_script("main_pretrain.py", *TINY, "--seed", 1, "--output_dir", tmp_path / "seed1"))
+    shutil.copy(tmp_path / "seed1" / "checkpoint.pth", run / "checkpoint.pth")
+    records = (run / "metrics.jsonl").read_text()
+    result = run_in_process("eval_linear.py", *probe)
+    assert_user_error(result, "eval_linear.py", "probed other weights (digest", "than the checkpoint holds now",
+                      "it was replaced since", "to train the probe afresh")
+    assert (run / "metrics.jsonl").read_text() == records

@@ -7,6 +7,7 @@ truncated, not ours, of another kind, or of another method, with one line that s
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -134,6 +135,16 @@ def first_non_finite(tensors: dict) -> str | None:
     """The name of the first floating tensor of `tensors` (a state dict) holding a NaN or an infinity, else None."""
     return next((name for name, value in tensors.items() if torch.is_tensor(value) and value.is_floating_point()
                  and not bool(torch.isfinite(value).all())), None)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's weights and buffers (names and bytes, in their logical order whatever the memory
+    layout): what a probe of them keeps, to tell when the checkpoint it probed was replaced by other weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def require_finite_weights(state: dict, path: str | os.PathLike) -> None:

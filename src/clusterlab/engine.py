@@ -915,6 +915,9 @@ def load_resumable(path: Path, args: argparse.Namespace, kind: str, training_set
     fresh = f"remove {path.parent}/ to train the probe afresh" if kind == "linear" else "use a new --output_dir"
     for key in keys:
         if key in saved and key in vars(args) and _plain(saved[key]) != _plain(getattr(args, key)):
+            if key == "probed_weights":
+                raise CheckpointError(f"{path} probed other weights (digest {saved[key]}) than the checkpoint "
+                                      f"holds now ({getattr(args, key)}): it was replaced since; {fresh}")
             raise CheckpointError(f"{path} was trained with --{key} {saved[key]!r}, this command has "
                                   f"{getattr(args, key)!r}; {fresh}, or give the same value")
     trained_on = state.get("data_info", {})

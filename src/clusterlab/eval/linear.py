@@ -40,8 +40,9 @@ OPTIMISATION_FLAGS = ("epochs", "optimizer", "lr", "final_lr", "schedule", "warm
 
 class LinearProbe(Method):
     name = "linear"
-    # the weights it probes (a run's checkpoint.pth moves on), the protocol and the whole optimisation
-    extra_resume_keys = ("probed_epoch", "probed_step", "cached_features", *OPTIMISATION_FLAGS)
+    # the weights it probes (a run's checkpoint.pth moves on, or is replaced by hand), the protocol and the whole
+    # optimisation
+    extra_resume_keys = ("probed_epoch", "probed_step", "probed_weights", "cached_features", *OPTIMISATION_FLAGS)
 
     def __init__(self, args: argparse.Namespace, backbone: nn.Module, info: DataInfo, feature_dim: int,
                  num_classes: int, crop_size: int, cached: bool, device: torch.device):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cli, config, distributed, engine, results, rundir
+from .. import checkpoint, cli, config, distributed, engine, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
 from ..errors import CheckpointError, ConfigError
@@ -148,6 +148,7 @@ def main(argv=None):
     probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
                                               "knn_monitor_every": 0, "probed_epoch": loaded.epoch,
                                               "probed_step": loaded.step,
+                                              "probed_weights": checkpoint.weights_digest(method.backbone),
                                               "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
                                               "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
     # The probe's checkpoint describes the images it is trained on, which --data_path may choose, not the run's.
