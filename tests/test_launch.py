@@ -952,3 +952,15 @@ def test_launch_switches_set_in_a_config_can_be_turned_off(tmp_path, argv, expec
     assert args.dry_run is expected
     if "--wait" in argv:
         assert args.wait is True and args.emit_sbatch is False
+
+
+def test_a_grid_naming_both_units_of_one_length_is_refused_before_submitting(tmp_path):
+    """A grid's flags and axes all go onto each job's one command line, which refuses both: refused at plan time,
+    not in every job."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "program": "main_pretrain.py",
+                                    "config": str(ROOT / "configs" / "swav_digits.yaml"),
+                                    "flags": {"width": 4, "freeze_prototypes_niters": 2},
+                                    "axes": {"freeze_prototypes_epochs": [0, 1]}}))
+    with pytest.raises(ConfigError, match="--freeze_prototypes_epochs and --freeze_prototypes_niters give one length"):
+        load_grid(path, tmp_path / "runs")

@@ -738,8 +738,13 @@ def test_a_checkpoint_linked_to_a_scratch_area_stays_a_link(tiny_run, tmp_path):
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "checkpoint.pth").symlink_to(scratch / "fresh.pth")
+    # stopped before its first step (nothing saved: status.json "interrupted" at the start), then started again,
+    # with a temporary file that a save killed through the link left beside the link's file
+    rundir.write_status(fresh, "interrupted", epoch=0, step=0, epochs=1, signal="SIGUSR2")
+    (scratch / ".fresh.pth.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", fresh))
     assert (fresh / "checkpoint.pth").is_symlink() and checkpoint.load(scratch / "fresh.pth")["epoch"] == 1
+    assert not list(scratch.glob(".*.tmp"))
 
 
 def test_a_resume_refuses_weights_damaged_into_nan(tiny_run, tmp_path, run_in_process):

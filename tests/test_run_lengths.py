@@ -156,3 +156,15 @@ def test_a_monitor_k_beyond_the_labelled_images_is_told_and_recorded(tmp_path):
     monitor = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
                if '"knn_monitor"' in line]
     assert [(record["k"], record["k_used"]) for record in monitor] == [(5000, 898)]
+
+
+def test_a_memory_bank_monitor_records_the_rows_that_voted(tmp_path):
+    """NPID's monitor votes with the bank rows a step has written: batch 128 over 898 images writes 896 in an epoch
+    (the last, partial batch is dropped), so k = 897 is more than voted, though not more than the labelled images."""
+    done = run_script("main_pretrain.py", "--method", "npid", "--dataset", "digits", "--width", 4, "--epochs", 1,
+                      "--batch_size", 128, "--device", "cpu", "--knn_monitor_every", 1, "--knn_monitor_k", 897,
+                      "--output_dir", tmp_path / "run")
+    assert_ok(done)
+    monitor = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+               if '"knn_monitor"' in line]
+    assert [(record["k"], record["k_used"]) for record in monitor] == [(897, 896)]

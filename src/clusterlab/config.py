@@ -271,16 +271,22 @@ def declare_alternatives(parser: argparse.ArgumentParser, *dests: str) -> None:
     parser.__dict__.setdefault("alternatives", []).append(dests)
 
 
-def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict,
-                      source: str) -> None:
-    """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives).
-    One layer naming two alternatives is refused: neither is named after the other there."""
+def check_alternatives(parser: argparse.ArgumentParser, named: set, source: str) -> None:
+    """Refuse one layer (a config file, a command line: a grid job's flags) naming two alternatives of one length
+    (declare_alternatives): neither is named after the other there."""
     for dests in getattr(parser, "alternatives", []):
         both = sorted(named & set(dests))
         if len(both) > 1:
             raise ConfigError(f"{source}: {' and '.join(f'--{dest}' for dest in both)} give one length in different "
                               f"units; name one of them")
-        if both:
+
+
+def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict,
+                      source: str) -> None:
+    """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives)."""
+    check_alternatives(parser, named, source)
+    for dests in getattr(parser, "alternatives", []):
+        if named & set(dests):
             values.update({dest: originals[dest] for dest in dests if dest not in named})
 
 

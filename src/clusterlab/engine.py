@@ -555,7 +555,7 @@ class Trainer:
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
                          self.ctx.device, self.args.workers)
         if self.ctx.is_main:
-            voters = self.monitor_voters()
+            voters = scores["voters"]  # (the labelled images, less a memory bank's rows that no step wrote)
             rundir.append_jsonl(self.run_dir / "train_log.jsonl", {
                 "epoch": epoch, "knn_monitor": True, "k": self.args.knn_monitor_k,
                 **({"k_used": voters} if self.args.knn_monitor_k > voters else {}),
@@ -565,7 +565,8 @@ class Trainer:
                   f"{scores['top1']:.4f}", flush=True)
 
     def monitor_voters(self) -> int:
-        """The training images that vote in the kNN monitor: the labelled ones."""
+        """The labelled training images: the most that can vote in the kNN monitor (a memory bank votes with
+        the rows a step has written)."""
         return int((self.train_set.labels >= 0).sum())
 
     def finish(self) -> None:
@@ -830,10 +831,11 @@ def refuse_a_lost_checkpoint(run_dir: Path) -> None:
     trains again in place; a link made before the first start is written through; a first epoch's end killed
     between checkpoint_ep0001.pth and checkpoint.pth (status.json still "running" at epoch 0) redoes that epoch."""
     status = rundir.read_status(run_dir)
-    epoch = status.get("epoch") if isinstance(status.get("epoch"), int) else 0
-    if epoch == 0 and status.get("state") not in ("finished", "interrupted"):
+    epoch, step = (status.get(key) if isinstance(status.get(key), int) else 0 for key in ("epoch", "step"))
+    # (a checkpoint exists from the first epoch's end on, and for a stop after a step: "interrupted" past the start)
+    if not (epoch > 0 or status.get("state") == "finished" or (status.get("state") == "interrupted" and step > 0)):
         return
-    path, where = run_dir / "checkpoint.pth", rundir.position_words(epoch, status.get("step") or 0)
+    path, where = run_dir / "checkpoint.pth", rundir.position_words(epoch, step)
     if path.is_symlink():
         raise ConfigError(f"{path} links to {os.readlink(path)}, which does not exist (a scratch area purged?), "
                           f"and status.json says the run trained to {where}: put the file back, copy one of its "

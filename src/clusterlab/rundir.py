@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -180,9 +181,15 @@ def truncate_train_log(run_dir: str | os.PathLike, epoch: int, global_step: int)
 
 def remove_leftovers(run_dir: str | os.PathLike) -> None:
     """Remove the temporary files of atomic writes that a killed process left behind (only the lock holder calls
-    this)."""
+    this): in the run directory, and beside the file a linked checkpoint names (a write through the link puts its
+    temporary file there)."""
     for tmp in Path(run_dir).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+    for link in Path(run_dir).glob("checkpoint*.pth"):
+        if link.is_symlink():
+            target = Path(os.path.realpath(link))
+            for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 # ---- the writer's lock ---------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def knn_accuracies(train_features, train_labels, test_features, test_labels, num
 def monitor(method, train_set, test_set, k: int, source: str, device: torch.device, workers: int = 0) -> dict:
     """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank's raw rows that a
     step has written (upstream's monitor, `source` memory_bank) or against train embeddings recomputed with the test
-    view (`recomputed`). `workers` loader processes decode image files (none for in-memory sets)."""
+    view (`recomputed`). `workers` loader processes decode image files (none for in-memory sets). Returns top1, top5
+    and how many training images voted (`voters`)."""
     from .features import extract
 
     view, info = method.eval_view, method.info
@@ -108,5 +109,6 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
             labelled &= method.memory_bank_written[: len(train_set)].cpu()  # a row never written holds no embedding
         else:
             train_x = extract(method.embedding, train_set, view, info.mean, info.std, device, workers=workers)
-    return knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
-                        test_set.labels, test_set.num_classes, k, method.monitor_temperature)
+    scores = knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
+                          test_set.labels, test_set.num_classes, k, method.monitor_temperature)
+    return {**scores, "voters": int(labelled.sum())}

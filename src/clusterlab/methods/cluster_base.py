@@ -151,8 +151,9 @@ class ClusterMethod(Method):
         if trained_on and image_source(trained_on) != image_source(self.args.dataset) and distributed.rank() == 0:
             # a transfer may be meant (CIFAR-100's backbone on CIFAR-10), a wrong path more often: said, not refused
             print(f"note: --pretrained {source!r} was trained on {trained_on}, this run trains on "
-                  f"{self.args.dataset}: it starts from weights learnt on the other images and normalises as that "
-                  f"run did (mean {self.info.mean}, std {self.info.std}; --mean and --std set others)", flush=True)
+                  f"{self.args.dataset}: it starts from weights learnt on the other images, and normalises with "
+                  f"mean {list(self.info.mean)}, std {list(self.info.std)} (the pre-trained run's unless --mean or "
+                  f"--std say otherwise)", flush=True)
         return str(path)
 
     def recorded(self) -> dict:

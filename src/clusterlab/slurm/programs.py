@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..cli import check_schedule_flags
-from ..config import canonical_keys, yaml_defaults
+from ..config import canonical_keys, check_alternatives, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
 
@@ -46,6 +46,7 @@ def validate_flags(name: str, values: dict, source: str) -> dict:
     that its schedule flags go together as its own start checks them (ConfigError naming it)."""
     parser = program_parser(name, values)
     given = yaml_defaults(parser, values, source)
+    check_alternatives(parser, set(given), source)  # all on the job's one command line
     if name in TRAINING_PROGRAMS:
         try:
             check_schedule_flags(_namespace(parser, given), parser.get_default("lr_drops"))
