@@ -232,3 +232,17 @@ def test_a_probe_of_weights_replaced_since_is_not_resumed_on_the_new_ones(tiny_r
     assert_user_error(result, "eval_linear.py", "probed other weights (digest", "than the checkpoint holds now",
                       "it was replaced since", "to train the probe afresh")
     assert (run / "metrics.jsonl").read_text() == records
+
+
+def test_a_probe_folder_that_is_a_file_is_named_as_such(tiny_run, tmp_path, run_in_process):
+    """The refusal named --output_dir, which eval_linear.py does not take."""
+    from conftest import assert_ok, assert_user_error, run_script
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    probe = ["--run", run, "--cached_features", "true", "--epochs", 1, "--device", "cpu"]
+    assert_ok(run_script("eval_linear.py", *probe))
+    (folder,) = run.glob("linear_*")
+    shutil.rmtree(folder)
+    folder.write_text("in the way\n")
+    assert_user_error(run_in_process("eval_linear.py", *probe), "eval_linear.py",
+                      f"the probe folder {str(folder)!r} is a file, not a directory")

@@ -637,13 +637,15 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = rundir.TRAINING_ELSEWHERE):
+def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = rundir.TRAINING_ELSEWHERE,
+                  named: str = "--output_dir"):
     """Hold the run directory's lock (rank 0) for the block; a failure inside it is recorded in status.json.
 
     A run that has not yet started training (nothing written but the lock) leaves the directory as it found it: a
     directory this call created is removed again. Once training has started (status.json says "running"), any
     failure becomes state "failed" with its one-line reason; a requeue (exit 75) leaves "interrupted" in place.
-    `elsewhere`: the way around a directory another process holds, as its message gives it.
+    `elsewhere`: the way around a directory another process holds, as its message gives it; `named`: what the
+    messages call the directory (a linear probe's is no flag of its program).
     """
     run_dir = Path(run_dir)
     if not ctx.is_main:
@@ -658,7 +660,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = run
         return
     try:
         if run_dir.is_file():
-            raise ConfigError(f"--output_dir {str(run_dir)!r} is a file, not a directory")
+            raise ConfigError(f"{named} {str(run_dir)!r} is a file, not a directory")
         _refuse_foreign_config(run_dir)
         created = not run_dir.exists()
         lock = rundir.RunLock(run_dir, elsewhere)

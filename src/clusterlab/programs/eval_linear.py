@@ -159,7 +159,7 @@ def main(argv=None):
     probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed,
                                           evaluation.own_view))
     # (its folder is named after the probe's flags: another probe is one with other flags)
-    with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags") as run:
+    with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags", named="the probe folder") as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
         for epoch in range(start_epoch, args.epochs):
