@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,3 +247,25 @@ def test_a_probe_folder_that_is_a_file_is_named_as_such(tiny_run, tmp_path, run_
     folder.write_text("in the way\n")
     assert_user_error(run_in_process("eval_linear.py", *probe), "eval_linear.py",
                       f"the probe folder {str(folder)!r} is a file, not a directory")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--optimizer", "sgd", "--lars_trust", "0.01"], "--lars_trust 0.01 does nothing in this probe: it applies to "
+                                                     "--optimizer lars"),
+    (["--lars_exclude_bias_norm", "true"], "--lars_exclude_bias_norm True does nothing"),
+    (["--lr_gamma", "0.5"], "--lr_gamma 0.5 does nothing in this probe: it applies to --schedule step"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum 0.5 does nothing in this probe"),
+    (["--schedule", "constant", "--final_lr", "0.1"], "--final_lr 0.1 does nothing in this probe: it applies to "
+                                                      "--schedule cosine"),
+    (["--start_warmup", "0.1"], "--start_warmup 0.1 does nothing in this probe: it applies to a warm-up"),
+])
+def test_a_flag_that_does_nothing_in_the_probe_is_refused(flags, words):
+    """Each trained a probe bit-identical to the one without it, under a folder and a record of its own: a table row
+    per such flag with the same numbers."""
+    from clusterlab import config
+    from clusterlab.errors import ConfigError
+
+    args = config.parse(eval_linear.get_args_parser(), ["--run", "x", *flags])
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        eval_linear.check_flags(args)
+    eval_linear.check_flags(config.parse(eval_linear.get_args_parser(), ["--run", "x"]))  # the defaults pass
