@@ -964,3 +964,9 @@ def test_a_grid_naming_both_units_of_one_length_is_refused_before_submitting(tmp
                                     "axes": {"freeze_prototypes_epochs": [0, 1]}}))
     with pytest.raises(ConfigError, match="--freeze_prototypes_epochs and --freeze_prototypes_niters give one length"):
         load_grid(path, tmp_path / "runs")
+    # one in the config file (swav_digits.yaml: freeze_prototypes_niters), the other in the grid's flags: the job's
+    # command line replaces the file's, as the program does
+    path.write_text(yaml.safe_dump({"name": "g", "program": "main_pretrain.py",
+                                    "config": str(ROOT / "configs" / "swav_digits.yaml"),
+                                    "flags": {"width": 4, "freeze_prototypes_epochs": 1}, "axes": {"seed": [0, 1]}}))
+    assert len(load_grid(path, tmp_path / "runs").runs) == 2

@@ -97,8 +97,10 @@ def test_a_resume_reading_another_folder_says_so(tmp_path):
     """The same file names and labels in another folder (a moved copy, or a resized one: pixels are not compared)
     pass the resume's fingerprint check; the run went on without a word while config.yaml took the new path."""
     import shutil
+    import subprocess
 
     import fabricate
+    from conftest import PYTHON, ROOT, script_env
 
     first = fabricate.make_fashion_mnist(tmp_path / "first", n_train=64, n_test=20, seed=4)
     second = shutil.copytree(first, tmp_path / "second")
@@ -106,8 +108,10 @@ def test_a_resume_reading_another_folder_says_so(tmp_path):
     assert_ok(run_script("main_pretrain.py", *flags, "--epochs", "1", "--data_path", first))
     resumed = run_script("main_pretrain.py", *flags, "--epochs", "2", "--data_path", second)
     assert_ok(resumed)
-    assert (f"note: --data_path {str(second)!r}: the checkpoint trained on {str(first)!r}; the files have the same "
-            f"names and labels, so the run goes on") in resumed.stdout, resumed.stdout
-    again = run_script("main_pretrain.py", *flags, "--epochs", "3", "--data_path", second)
+    assert (f"note: --data_path {str(second)!r} reads {second}; the checkpoint trained on {first}: the files have "
+            f"the same names and labels, so the run goes on") in resumed.stdout, resumed.stdout
+    # the same folder named from another working directory is the same folder
+    again = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), *map(str, flags), "--epochs", "3",
+                            "--data_path", "second"], cwd=tmp_path, env=script_env(), capture_output=True, text=True)
     assert_ok(again)
-    assert "--data_path" not in again.stdout
+    assert "--data_path" not in again.stdout, again.stdout

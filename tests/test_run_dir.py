@@ -741,7 +741,7 @@ def test_a_checkpoint_linked_to_a_scratch_area_stays_a_link(tiny_run, tmp_path):
     # stopped before its first step (nothing saved: status.json "interrupted" at the start), then started again,
     # with a temporary file that a save killed through the link left beside the link's file
     rundir.write_status(fresh, "interrupted", epoch=0, step=0, epochs=1, signal="SIGUSR2")
-    (scratch / ".fresh.pth.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (scratch / ".fresh.pth.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
     assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", fresh))
     assert (fresh / "checkpoint.pth").is_symlink() and checkpoint.load(scratch / "fresh.pth")["epoch"] == 1
     assert not list(scratch.glob(".*.tmp"))
@@ -761,3 +761,17 @@ def test_a_resume_refuses_weights_damaged_into_nan(tiny_run, tmp_path, run_in_pr
     result = run_in_process("main_pretrain.py", *TINY, "--epochs", 3, "--output_dir", run)
     assert_user_error(result, "main_pretrain.py", "holds non-finite weights", name)
     assert _files(run) == before
+
+
+def test_temporary_files_of_a_sibling_of_a_linked_checkpoint_are_left_alone(tmp_path):
+    """Only the temporary files of the linked file itself (mkstemp's `.NAME.XXXXXXXX.tmp`) are leftovers: a sibling
+    `checkpoint.pth.2` of another run may be in the middle of its own save."""
+    scratch, run = tmp_path / "scratch", tmp_path / "run"
+    scratch.mkdir()
+    run.mkdir()
+    (run / "checkpoint.pth").symlink_to(scratch / "checkpoint.pth")
+    mine, sibling = scratch / ".checkpoint.pth.abcd1234.tmp", scratch / ".checkpoint.pth.2.abcd1234.tmp"
+    for path in (mine, sibling):
+        path.write_bytes(b"partial")
+    rundir.remove_leftovers(run)
+    assert not mine.exists() and sibling.exists()

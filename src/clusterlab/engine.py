@@ -217,7 +217,8 @@ class Trainer:
                 "trained_by": list(self.trained_by), "resume_changes": list(self.resume_changes),
                 "precision": self.precision,
                 "bad_files": self.bad_files.totals()[0] if self.bad_files is not None else 0,
-                "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size}
+                "skipped_in_a_row": self.skipped_in_a_row, "world_size": self.ctx.world_size,
+                "data_folder": self.data_folder()}
 
     def save(self, epoch: int, step: int, names=("checkpoint.pth",)) -> None:
         """Collective. checkpoint.pth comes last: a process killed in between redoes the epoch and writes the
@@ -317,7 +318,7 @@ class Trainer:
                                      f"the run goes on with the new values from "
                                      f"{self.position_words(*self.position)}; config.yaml and the tables record the "
                                      f"change")
-        moved = self._moved_data_path(saved_args)
+        moved = self._moved_data_path(state.get("data_folder"))
         if moved:
             self.resume_notes.append(moved)
         saved_world = state.get("world_size")
@@ -343,16 +344,22 @@ class Trainer:
             self.changed_by_this_start = {"epoch": epoch, "step": step, "before": before, "after": after}
             self.resume_changes.append(self.changed_by_this_start)
 
-    def _moved_data_path(self, saved_args: dict) -> str | None:
+    def data_folder(self) -> str | None:
+        """The folder this start reads its files from, whatever the working directory (None: digits, no files)."""
+        dataset = self.args.dataset
+        if dataset not in DATASETS or not DATASETS[dataset].reads_files:
+            return None
+        return os.path.realpath(resolve_path(dataset, self.args.data_path))
+
+    def _moved_data_path(self, saved_folder: str | None) -> str | None:
         """The note for a resume reading its files from another folder than the checkpoint's (the fingerprint
         matched: the same file names and labels; a resized or cleaned copy passes as the same images)."""
-        dataset, saved, given = self.args.dataset, saved_args.get("data_path"), self.args.data_path
-        if dataset not in DATASETS or not DATASETS[dataset].reads_files or saved == given:
+        folder = self.data_folder()
+        if saved_folder is None or folder is None or folder == saved_folder:
             return None
-        if os.path.realpath(resolve_path(dataset, saved)) == os.path.realpath(resolve_path(dataset, given)):
-            return None
-        return (f"--data_path {given!r}: the checkpoint trained on {saved!r}; the files have the same names and "
-                f"labels, so the run goes on (their pixels are not compared), and config.yaml records the new path")
+        return (f"--data_path {self.args.data_path!r} reads {folder}; the checkpoint trained on {saved_folder}: the "
+                f"files have the same names and labels, so the run goes on (their pixels are not compared), and "
+                f"config.yaml records the new path")
 
     def _learning_flags_changed(self, saved_args: dict, keys=None) -> list[str]:
         """The flags among `keys` (default: those that shape what is learnt, other than the run-defining ones, the
@@ -661,7 +668,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = run
     try:
         if run_dir.is_file():
             raise ConfigError(f"{named} {str(run_dir)!r} is a file, not a directory")
-        _refuse_foreign_config(run_dir)
+        _refuse_foreign_config(run_dir, named)
         created = not run_dir.exists()
         lock = rundir.RunLock(run_dir, elsewhere)
         lock.acquire()
@@ -693,7 +700,7 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = run
                 run_dir.rmdir()
 
 
-def _refuse_foreign_config(run_dir: Path) -> None:
+def _refuse_foreign_config(run_dir: Path, named: str) -> None:
     """A folder holding a config.yaml that no run wrote (a folder of configs, a project's own file): training would
     replace it. A run's own config.yaml, damaged, is written again (its checkpoint or status.json says it is one)."""
     is_run = any((run_dir / name).exists() for name in ("checkpoint.pth", "status.json"))
@@ -701,8 +708,9 @@ def _refuse_foreign_config(run_dir: Path) -> None:
         try:
             read_run_config(run_dir)
         except ConfigError:
-            raise ConfigError(f"--output_dir {str(run_dir)!r} holds a config.yaml that is not a run's (training "
-                              f"would replace it): use another --output_dir") from None
+            elsewhere = "use another --output_dir" if named == "--output_dir" else "move that config.yaml away"
+            raise ConfigError(f"{named} {str(run_dir)!r} holds a config.yaml that is not a run's (training "
+                              f"would replace it): {elsewhere}") from None
 
 
 def _leave_for_the_requeue(err: RuntimeError) -> None:

@@ -188,7 +188,8 @@ def remove_leftovers(run_dir: str | os.PathLike) -> None:
     for link in Path(run_dir).glob("checkpoint*.pth"):
         if link.is_symlink():
             target = Path(os.path.realpath(link))
-            for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            # (mkstemp's 8 characters: not the temporary files of a sibling named like `{target.name}.2`)
+            for tmp in target.parent.glob(f".{glob.escape(target.name)}.????????.tmp"):
                 tmp.unlink(missing_ok=True)
 
 

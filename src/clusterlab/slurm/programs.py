@@ -46,7 +46,6 @@ def validate_flags(name: str, values: dict, source: str) -> dict:
     that its schedule flags go together as its own start checks them (ConfigError naming it)."""
     parser = program_parser(name, values)
     given = yaml_defaults(parser, values, source)
-    check_alternatives(parser, set(given), source)  # all on the job's one command line
     if name in TRAINING_PROGRAMS:
         try:
             check_schedule_flags(_namespace(parser, given), parser.get_default("lr_drops"))
@@ -95,9 +94,14 @@ def trained_method(program: str, flags: dict) -> str:
 def canonical_layers(name: str, layers: list[tuple[str, dict]]) -> list[dict]:
     """Mappings of flag values, (source, values) in the order they override each other, each keyed by the flags'
     names (an alias such as low_dim renamed to embed_dim; two spellings of one flag in one mapping are refused), so
-    that merging them lets a later mapping override an earlier one whatever spelling either uses."""
+    that merging them lets a later mapping override an earlier one whatever spelling either uses. One mapping
+    (a config file, or the flags of a grid or recipe: the job's one command line) naming both units of one length
+    is refused, as the program refuses it (config.check_alternatives)."""
     parser = program_parser(name, {key: value for _, values in layers for key, value in values.items()})
-    return [canonical_keys(parser, values, source, known_only=False) for source, values in layers]
+    canonical = [canonical_keys(parser, values, source, known_only=False) for source, values in layers]
+    for (source, _), values in zip(layers, canonical):
+        check_alternatives(parser, set(values), source)
+    return canonical
 
 
 def training_program(values: dict, explicit: str | None, source: str) -> str:
