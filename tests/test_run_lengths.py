@@ -137,7 +137,7 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     """torch 2.14.1's oneDNN convolution backward died with a segmentation fault on channels-last inputs from 48 px
     on: no message of ours could follow it, so the start says so where --channels_last meets such crops."""
     trainer = engine.Trainer.__new__(engine.Trainer)
-    trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes)
+    trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes, knn_monitor_every=0)
     trainer.ctx, trainer.kind = SimpleNamespace(device=torch.device(device)), "pretrain"
     trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
     trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
