@@ -166,9 +166,10 @@ class Trainer:
         if self.kind == "linear":
             return []
         notes = []
-        if self.args.knn_monitor_every and self.args.knn_monitor_k > self.monitor_voters():
-            notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {self.monitor_voters()} "
-                         f"labelled training images: all of them vote (train_log.jsonl records k_used)")
+        labelled = int((self.train_set.labels >= 0).sum()) if self.args.knn_monitor_every else 0
+        if self.args.knn_monitor_every and self.args.knn_monitor_k > labelled:
+            notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {labelled} labelled training "
+                         f"images: all of them vote (train_log.jsonl records k_used)")
         if lacks_test_split(self.train_set):
             notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py, "
                          f"eval_cluster.py and eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/)")
@@ -571,11 +572,6 @@ class Trainer:
             print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}, {source}) top1 "
                   f"{scores['top1']:.4f}", flush=True)
 
-    def monitor_voters(self) -> int:
-        """The labelled training images: the most that can vote in the kNN monitor (a memory bank votes with
-        the rows a step has written)."""
-        return int((self.train_set.labels >= 0).sum())
-
     def finish(self) -> None:
         """status "finished"; a stop signal that came at the end of the last epoch (its last step, kNN monitor or
         checkpoint) then still ends in exit 75, so that a job's later steps run in its requeued allocation, which
@@ -635,8 +631,8 @@ class Trainer:
             return f"the last good checkpoint is {kept}"
         epoch, step = self.saved_position
         # checkpoint_epNNNN.pth holds the start of epoch NNNN: earlier than checkpoint.pth unless that is at step 0 too.
-        earlier = sorted(path for path in self.run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth")
-                         if (int(path.stem[len("checkpoint_ep"):]), 0) < (epoch, step))
+        earlier = [path for path in epoch_checkpoints(self.run_dir)
+                   if (int(path.stem[len("checkpoint_ep"):]), 0) < (epoch, step)]
         instead = (f"the last good one is {earlier[-1]} (copy it over checkpoint.pth to go on from there)"
                    if earlier else "no earlier checkpoint_epNNNN.pth exists (start again in a new --output_dir)")
         return (f"{kept} holds the weights that gave it ({self.position_words(epoch, step)}): resuming from "
@@ -834,6 +830,11 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     return trainer, start_epoch, start_step
 
 
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint_epNNNN.pth files, earliest first."""
+    return sorted(run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth"))
+
+
 def refuse_a_lost_checkpoint(run_dir: Path) -> None:
     """Refuse to train afresh where a run that trained has lost its checkpoint.pth but not its other files: a link
     into a scratch area purged since, or a checkpoint.pth removed while its epoch checkpoints stay. A fresh start
@@ -850,7 +851,7 @@ def refuse_a_lost_checkpoint(run_dir: Path) -> None:
         raise ConfigError(f"{path} links to {os.readlink(path)}, which does not exist (a scratch area purged?), "
                           f"and status.json says the run trained to {where}: put the file back, copy one of its "
                           f"checkpoint_epNNNN.pth over the link to go on from there, or use a new --output_dir")
-    epochs = sorted(run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth"))
+    epochs = epoch_checkpoints(run_dir)
     if epochs:
         raise ConfigError(f"{run_dir} has no checkpoint.pth but holds {epochs[-1].name}: a fresh training would "
                           f"replace the run's epoch checkpoints and log; copy {epochs[-1].name} over checkpoint.pth "

@@ -106,7 +106,6 @@ def check_flags(args, method: type | None = None) -> None:
     applies = {"lars_trust": ("--optimizer lars", args.optimizer == "lars"),
                "lars_exclude_bias_norm": ("--optimizer lars", args.optimizer == "lars"),
                "momentum": ("--optimizer sgd or lars (Adam runs with torch's default betas)", args.optimizer != "adam"),
-               "nesterov": ("--optimizer sgd", args.optimizer == "sgd"),
                "lr_gamma": ("--schedule step", args.schedule == "step"),
                "final_lr": ("--schedule cosine", args.schedule == "cosine"),
                "start_warmup": ("a warm-up (--warmup_epochs above 0)", args.warmup_epochs > 0)}
