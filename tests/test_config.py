@@ -462,7 +462,7 @@ def test_a_methods_own_drops_do_not_stand_against_another_schedule():
     for drops it never gave, and a run started so before the refusal could not be requeued."""
     args = pretrain.parse_args(["--method", "npid", "--dataset", "digits", "--schedule", "cosine"])
     assert (args.schedule, args.lr_drops) == ("cosine", [120, 160])
-    with pytest.raises(ConfigError, match="--lr_drops 10 20: drops of --schedule step, but --schedule is cosine"):
+    with pytest.raises(ConfigError, match="--lr_drops 10 20 does nothing in this run: it applies to --schedule step"):
         pretrain.parse_args(["--method", "npid", "--dataset", "digits", "--schedule", "cosine", "--lr_drops", "10",
                              "20"])
 
@@ -473,12 +473,12 @@ def test_a_config_files_drops_stand_against_another_schedule_as_in_a_grid(tmp_pa
     grid of the same flags was refused."""
     from clusterlab.slurm.grid import load_grid
 
-    with pytest.raises(ConfigError, match=r"--lr_drops 4 5: drops of --schedule step, but --schedule is cosine"):
+    with pytest.raises(ConfigError, match=r"--lr_drops 4 5 does nothing in this run: it applies to --schedule step"):
         pretrain.parse_args(["--config", str(ROOT / "configs" / "npid_fashion_mnist.yaml"), "--schedule", "cosine"])
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"name": "g", "config": str(ROOT / "configs" / "npid_fashion_mnist.yaml"),
                                     "axes": {"schedule": ["cosine"]}}))
-    with pytest.raises(ConfigError, match=r"--lr_drops 4 5: drops of --schedule step, but --schedule is cosine"):
+    with pytest.raises(ConfigError, match=r"--lr_drops 4 5 does nothing in this run: it applies to --schedule step"):
         load_grid(grid, tmp_path / "runs")
 
 
@@ -493,3 +493,36 @@ def test_every_true_false_flag_stands_alone_for_true():
     assert pretrain.parse_args(["--method", "swav", "--sync_bn", "false"]).sync_bn is False
     assert config.parse(eval_cluster.get_args_parser(), ["--run", "x", "--plot"]).plot is True
     assert config.parse(eval_linear.get_args_parser(), ["--run", "x", "--cached_features"]).cached_features is True
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                                if p.name != "recipes.yaml"))
+def test_every_shipped_config_parses_in_its_program(config_file):
+    """Each config in configs/ starts its program: every key a flag of the method it names, and no optimisation
+    flag that its optimiser and schedule do not read (Self-Classifier's CIFAR configs gave --start_warmup 0.0
+    without a warm-up)."""
+    from clusterlab.programs import train
+
+    path = ROOT / "configs" / config_file
+    method = {key: value for _, values in config.config_layers(path) for key, value in values.items()}.get("method")
+    kind = "cluster" if method in train.methods_of("cluster") else "pretrain"
+    args = train.parse_args(kind, ["--config", str(path)])
+    assert args.method == (method or train.DEFAULT_METHOD[kind])
+
+
+@pytest.mark.parametrize("kind, argv, words", [
+    ("pretrain", ["--schedule", "constant", "--final_lr", "0.1"],
+     "--final_lr 0.1 does nothing in this run: it applies to --schedule cosine; leave it out"),
+    ("pretrain", ["--optimizer", "sgd", "--lars_trust", "0.01"], "--lars_trust 0.01 does nothing in this run"),
+    ("pretrain", ["--warmup_epochs", "0", "--start_warmup", "0.1"], "--start_warmup 0.1 does nothing in this run"),
+    ("cluster", ["--method", "scan", "--momentum", "0.5"], "--momentum 0.5 does nothing in this run"),
+    ("cluster", ["--method", "sela", "--lr_drops", "--lr_gamma", "0.5"], "--lr_gamma 0.5 does nothing in this run"),
+])
+def test_a_training_flag_that_does_nothing_is_refused(kind, argv, words):
+    """A training run given an optimisation flag its optimiser and schedule do not read trained what the run without
+    it trains, under a config.yaml of its own (a grid axis over it: runs with the same numbers)."""
+    from clusterlab.programs import train
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        train.parse_args(kind, ["--dataset", "digits", *argv])
+    train.parse_args(kind, ["--dataset", "digits", *argv[:2]])  # the flags the method reads pass

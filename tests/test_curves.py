@@ -246,7 +246,8 @@ def test_a_root_with_only_logs_without_a_step_writes_nothing_and_says_so(tmp_pat
 
 def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_curves(tiny_run, tmp_path):
     """Its title reached matplotlib with the undecodable byte as a lone surrogate (a traceback after the tables); a
-    log that is a link to nowhere is one with no step."""
+    log that is a link to nowhere cannot be read (it was named a log with no step, while its metrics.jsonl beside it
+    was named unreadable)."""
     root = tmp_path / "root"
     copy_run(tiny_run, root / "r\udcff")  # the folder b"r\xff"
     (root / "gone").mkdir()
@@ -254,6 +255,38 @@ def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_curves(tiny_run,
     out = tmp_path / "out"
     result = run_script("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false")
     assert_ok(result)
-    assert f"note: {root / 'gone' / 'train_log.jsonl'} holds no training step: no curves for it" in result.stdout
+    assert (f"warning: {root / 'gone' / 'train_log.jsonl'}: cannot be read (No such file or directory): no curves "
+            f"for it") in result.stderr
     assert "the training curves of 1 run(s)" in result.stdout
     assert (out / "curves" / "r\udcff.png").is_file()
+
+
+def test_curves_of_runs_no_longer_under_the_root_are_removed(tiny_run, tmp_path):
+    """A second collection into the same folder left the PNG of a run removed since beside the new ones; a file of
+    one's own in --out stays."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    for name in ("kept", "removed"):
+        copy_run(tiny_run, root / name)
+    collect = ("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false")
+    assert_ok(run_script(*collect))
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["kept.png", "removed.png"]
+    (out / "notes.txt").write_text("mine\n")
+    import shutil
+
+    shutil.rmtree(root / "removed")
+    result = run_script(*collect)
+    assert_ok(result)
+    assert "the training curves of 1 run(s)" in result.stdout
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["kept.png"]
+    assert not (out / "curves.partial").exists() and (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_the_monitor_names_the_voters_it_had_where_fewer_than_k():
+    """A memory bank with fewer written rows than --knn_monitor_k votes with all of them: k_used, not k, in the
+    panel's title."""
+    log = [{"epoch": 0, "step": 0, "global_step": 1, "lr": 0.1, "loss": 1.0},
+           {"epoch": 0, "knn_monitor": True, "top1": 0.5, "k": 200, "k_used": 64, "temperature": 0.1,
+            "train_features": "memory_bank"},
+           {"epoch": 1, "knn_monitor": True, "top1": 0.6, "k": 20, "temperature": 0.1, "train_features": "recomputed"}]
+    assert curves.training_curves(log[:2]).monitor_label == "k=64, T=0.1, memory_bank train features"
+    assert curves.training_curves(log).monitor_label == "k=20, T=0.1, recomputed train features"

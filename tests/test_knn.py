@@ -350,3 +350,36 @@ def test_ops_knn_on_two_processes_equal_one_process(two_processes):
         assert torch.equal(result["entropy"], one["entropy"])
         local = topk_neighbours(queries[rank::2], bank, 7, chunk_elements=40 * 3)
         assert all(torch.equal(a, b) for a, b in zip(result["local"], local))
+
+
+def _load_own_copy_of_run(rank: int, world_size: int, runs: list[str]) -> str:
+    from clusterlab.errors import UserError
+    from clusterlab.eval.features import load_run_on_every_rank
+
+    try:
+        load_run_on_every_rank(runs[rank], None, torch.device("cpu"))
+        return "loaded"
+    except UserError as err:
+        return str(err)
+
+
+def test_an_evaluation_whose_ranks_see_different_runs_is_refused_on_every_rank(tiny_run, tmp_path):
+    """Each rank loads the run itself: on node-local copies of other weights, features of two checkpoints were
+    scored together and recorded as the run's (a top-1 that neither checkpoint scores); where one rank could not
+    load it, the others met a broken connection in their next collective (a traceback)."""
+    import shutil
+
+    from conftest import copy_run
+
+    runs = [copy_run(tiny_run, tmp_path / "node0"), copy_run(tiny_run, tmp_path / "node1")]
+    assert run_distributed(_load_own_copy_of_run, 2, [str(runs[0])] * 2) == ["loaded", "loaded"]
+    shutil.copy(runs[1] / "checkpoint_ep0001.pth", runs[1] / "checkpoint.pth")
+    errors = run_distributed(_load_own_copy_of_run, 2, [str(run) for run in runs])
+    assert errors[0].startswith(f"--run {str(runs[0])!r}: the ranks loaded different weights (digest ")
+    assert "on rank(s) 0; digest " in errors[0] and errors[0].endswith(
+        "on rank(s) 1): every node must see the same run directory")
+    shutil.rmtree(runs[1])
+    errors = run_distributed(_load_own_copy_of_run, 2, [str(run) for run in runs])
+    assert errors == [f"--run {str(runs[0])!r}: rank(s) 1 cannot load it (--run {str(runs[1])!r} is not a "
+                      f"directory): every node must see the same run directory",
+                      f"--run {str(runs[1])!r} is not a directory"]

@@ -705,8 +705,8 @@ def test_drops_without_a_step_schedule_are_refused_before_anything_is_submitted(
     if not refused:
         assert load_grid(spec, tmp_path / "runs").runs
         return
-    with pytest.raises(ConfigError, match=r"^grid '.*' run '\w+': --lr_drops [\d ]+: drops of --schedule step, but "
-                                          r"--schedule is cosine"):
+    with pytest.raises(ConfigError, match=r"^grid '.*' run '\w+': --lr_drops [\d ]+ does nothing in this run: it "
+                                          r"applies to --schedule step"):
         load_grid(spec, tmp_path / "runs")
 
 

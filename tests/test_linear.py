@@ -252,7 +252,7 @@ def test_a_probe_folder_that_is_a_file_is_named_as_such(tiny_run, tmp_path, run_
 @pytest.mark.parametrize("flags, words", [
     (["--optimizer", "sgd", "--lars_trust", "0.01"], "--lars_trust 0.01 does nothing in this probe: it applies to "
                                                      "--optimizer lars"),
-    (["--lars_exclude_bias_norm", "true"], "--lars_exclude_bias_norm True does nothing"),
+    (["--lars_exclude_bias_norm", "true"], "--lars_exclude_bias_norm true does nothing"),
     (["--lr_gamma", "0.5"], "--lr_gamma 0.5 does nothing in this probe: it applies to --schedule step"),
     (["--optimizer", "adam", "--momentum", "0.5"], "--momentum 0.5 does nothing in this probe"),
     (["--schedule", "constant", "--final_lr", "0.1"], "--final_lr 0.1 does nothing in this probe: it applies to "
@@ -269,3 +269,28 @@ def test_a_flag_that_does_nothing_in_the_probe_is_refused(flags, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         eval_linear.check_flags(args)
     eval_linear.check_flags(config.parse(eval_linear.get_args_parser(), ["--run", "x"]))  # the defaults pass
+
+
+def test_a_probe_resumed_on_another_number_of_processes_records_no_change(tiny_run, tmp_path, monkeypatch, capsys):
+    """The probe's backbone is frozen with its batch norm in eval mode, and the probe has none of its own: a resume on
+    another number of processes said that with --sync_bn false (the probe's default) the steps depended on it, and
+    recorded the change in the probe's config.yaml."""
+    from clusterlab import checkpoint, signals
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    probe = ["--run", str(run), "--epochs", "2", "--batch_size", "64", "--device", "cpu"]
+    with monkeypatch.context() as stopping:
+        stopping.setattr(signals, "received", lambda: signal.SIGUSR2)  # at the end of the first step
+        with pytest.raises(SystemExit) as stopped:
+            eval_linear.main(probe)
+    assert stopped.value.code == 75
+    (probe_dir,) = run.glob("linear_*")
+    state = checkpoint.load(probe_dir / "checkpoint.pth")
+    tags = ("format", "schema", "kind", "method")
+    checkpoint.save({**{k: v for k, v in state.items() if k not in tags}, "world_size": 2},
+                    probe_dir / "checkpoint.pth", kind=state["kind"], method=state["method"])
+    capsys.readouterr()
+    eval_linear.main(probe)
+    assert ("resumed on 1 process(es); the checkpoint was written by 2 (the global batch and its samples stay the "
+            "same)") in capsys.readouterr().out
+    assert yaml.safe_load((probe_dir / "config.yaml").read_text())["resume_changes"] == []

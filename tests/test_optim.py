@@ -293,3 +293,52 @@ def test_nesterov_is_refused_where_the_optimiser_has_none(optimizer):
     without_momentum = SimpleNamespace(**{**vars(sgd), "momentum": 0.0})
     with pytest.raises(ConfigError, match=r"^--nesterov true .* needs a momentum: pass --nesterov false"):
         build_optimizer([torch.nn.Parameter(torch.ones(2))], without_momentum)
+
+
+# ---- which flags the optimiser and schedule read ----------------------------------------------------------------------
+
+OTHER_VALUES = {"lars_trust": 0.01, "lars_exclude_bias_norm": True, "momentum": 0.5, "lr_drops": [1], "lr_gamma": 0.5,
+                "final_lr": 0.05, "start_warmup": 0.02}
+
+
+def rates_and_weights(args) -> tuple[list[float], list[torch.Tensor]]:
+    """The learning rate of every step of a 4-epoch run of 2 steps an epoch, and a weight and a bias after it (the
+    same gradients whatever `args`)."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=generator, dtype=torch.float64),
+              torch.randn(4, generator=generator, dtype=torch.float64)]
+    optimizer = optim.build_optimizer(params, args)
+    schedule = optim.build_schedule(args, steps_per_epoch=2)
+    rates = []
+    for step in range(args.epochs * 2):
+        rates.append(schedule(step))
+        set_lr(optimizer, rates[-1])
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        optimizer.step()
+    return rates, params
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "adam"])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+@pytest.mark.parametrize("lr_drops", [[], [3]])
+def test_unread_flags_are_exactly_those_that_change_nothing(optimizer, schedule, warmup_epochs, lr_drops):
+    """optim.unread_flags, which the programs refuse when given (a run or probe the same as without the flag, under a
+    record of its own), against what the optimiser and schedule do: every flag it names changes neither a learning
+    rate nor a weight; every flag it does not name changes one."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, lr_drops=lr_drops,
+                           epochs=4, lr=0.1, final_lr=0.0, start_warmup=0.0, lr_gamma=0.1, schedule_period=0,
+                           momentum=0.9, nesterov=False, weight_decay=1e-4, lars_trust=0.001,
+                           lars_exclude_bias_norm=False)
+    rates, weights = rates_and_weights(args)
+    unread = optim.unread_flags(args)
+    assert set(unread) <= set(OTHER_VALUES)
+    for flag, value in OTHER_VALUES.items():
+        if flag == "lr_drops" and lr_drops:
+            value = []
+        other_rates, other_weights = rates_and_weights(SimpleNamespace(**{**vars(args), flag: value}))
+        same = other_rates == rates and all(torch.equal(a, b) for a, b in zip(weights, other_weights))
+        assert same == (flag in unread), (flag, value)

@@ -19,6 +19,7 @@ import yaml
 
 from clusterlab import config, results
 from clusterlab.methods.cluster_base import pretrained_origin
+from clusterlab.programs.collect_results import COMBINED_MARK
 from conftest import ROOT, assert_ok, entry_module, run_script, snapshot
 
 
@@ -397,17 +398,22 @@ def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, ru
     kept.write_bytes(b"weights")
     notes = tmp_path / "notes.md"
     notes.write_text("# my study\n")
+    headed = tmp_path / "analysis.md"  # a heading as the combined tables' (they were told by "## " alone)
+    headed.write_text("## My notes\n\nhand-written analysis\n")
     common = ["--root", root, "--out", tmp_path / "tables", "--published", "", "--plots", "false", "--curves", "false"]
     for target, words in ((kept, "name a .md file"), (notes, "exists and does not hold combined tables"),
-                          (tmp_path, "name a .md file")):
+                          (headed, "exists and does not hold combined tables"), (tmp_path, "name a .md file"),
+                          (tmp_path / "tables" / "digits.md", "is the table of digits that --out")):
         result = run_in_process("collect_results.py", *common, "--combined", target)
         assert result.returncode == 2 and words in result.stderr, result.stderr
     assert kept.read_bytes() == b"weights" and notes.read_text() == "# my study\n"
+    assert headed.read_text() == "## My notes\n\nhand-written analysis\n"
     assert not (tmp_path / "tables").exists()
     combined = tmp_path / "study.md"
+    collect = entry_module("collect_results")
     for _ in range(2):  # written, then replaced
-        entry_module("collect_results").main([str(a) for a in (*common, "--combined", combined)])
-        assert combined.read_text().startswith("## digits\n")
+        collect.main([str(a) for a in (*common, "--combined", combined)])
+        assert combined.read_text().startswith(f"{COMBINED_MARK}\n\n## digits\n")
 
 
 def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tables(tmp_path, monkeypatch, capsys):
@@ -1005,3 +1011,46 @@ def test_runs_that_record_a_flag_others_lack_are_two_recipes_where_they_disagree
         (3, "new_flag=2", 1), (3, "new_flag=unrecorded", 1), (5, "new_flag=1", 1), (5, "new_flag=2", 1)]
     results.plot_against_epochs(table, tmp_path, "cifar10")
     assert sorted(drawn) == [([1, 3], [50.0, 50.0]), ([1, 3, 5], [60.0, 60.0, 60.0]), ([1, 3, 5], [90.0, 90.0, 90.0])]
+
+
+def test_tables_replace_a_link_in_their_place_and_plots_of_metrics_gone_are_removed(tmp_path):
+    """A table was written through a link in --out (a file of one's own behind it replaced by LaTeX), in place (a
+    full disk left it cut short); the plot of a metric that no record has any more stayed beside the new ones."""
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    cluster = [record(seed, epoch=epoch, acc=0.5 + 0.1 * seed) for seed in (0, 1) for epoch in (100, 200)]
+    knn = [record(seed, epoch=epoch, eval_kind="knn", protocol={"k": 20, "temperature": 0.1}, top1=0.6)
+           for seed in (0, 1) for epoch in (100, 200)]
+    write_jsonl(root / "swav" / "metrics.jsonl", [*cluster, *knn])
+    collect = ["--root", root, "--out", out, "--published", "", "--curves", "false"]
+    entry_module("collect_results").main([str(a) for a in collect])
+    plots = sorted(p.name for p in out.glob("digits_*.png"))
+    assert "digits_acc.png" in plots and "digits_top1.png" in plots
+    own = tmp_path / "precious.txt"
+    own.write_text("mine\n")
+    (out / "digits.tex").unlink()
+    (out / "digits.tex").symlink_to(own)
+    write_jsonl(root / "swav" / "metrics.jsonl", knn)
+    entry_module("collect_results").main([str(a) for a in collect])
+    assert own.read_text() == "mine\n"
+    assert not (out / "digits.tex").is_symlink() and "\\begin{tabular}" in (out / "digits.tex").read_text()
+    left = sorted(p.name for p in out.glob("digits_*.png"))
+    assert "digits_top1.png" in left and "digits_acc.png" not in left and set(left) < set(plots)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_runs_of_one_name_in_two_folders_are_told_apart_and_a_mid_run_epoch_is_marked(tmp_path):
+    """Warnings and the revision footnote named runs by their folder's last part (x/swav1 and y/swav1 were 'swav1');
+    a checkpoint in the middle of a longer run showed in the Markdown table as a finished run's result."""
+    root = tmp_path / "runs"
+    for folder in ("x", "y"):
+        write_jsonl(root / folder / "swav1" / "metrics.jsonl", [record(0, run="swav1", acc=0.5)])
+    (root / "x" / "swav1" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800},
+                                                                    **DIRTY}))
+    (root / "y" / "swav1" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800},
+                                                                    **CLEAN}))
+    frame = results.records_frame(results.read_records(root))
+    with pytest.warns(UserWarning, match=r"some share a seed .*: x/swav1, y/swav1$"):
+        table = results.aggregate(frame)
+    assert results.revision_footnote(frame).endswith(": x/swav1.")
+    shown = results.display_table(table)
+    assert list(shown["epoch"]) == ["200 (mid-run)"]

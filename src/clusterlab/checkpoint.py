@@ -38,13 +38,14 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, through_links: bool = True) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
     The bytes are complete before the file is opened, so a full disk or a read-only mount surfaces as one OSError
     here and the previous file stays as it was. A link (a checkpoint.pth kept on a scratch area) stays a link: the
-    file it names is replaced."""
-    if path.is_symlink():
+    file it names is replaced; with `through_links` False (an output such as a table or a plot, which a link to a
+    file of one's own, or to a device, must not put in its place) the link is."""
+    if through_links and path.is_symlink():
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -80,12 +81,13 @@ def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str, through_links: bool = True) -> None:
+    # (a name read from the file system, such as a run's path in a table, may hold bytes that are not UTF-8)
+    _atomic_write(Path(path), text.encode(errors="backslashreplace"), through_links)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(Path(path), data)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, through_links: bool = True) -> None:
+    _atomic_write(Path(path), data, through_links)
 
 
 def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str) -> None:

@@ -6,7 +6,6 @@ import argparse
 from .config import (bool_flag, learning_rate, non_negative_float, non_negative_int, path, positive_float,
                      positive_int, probability, seed)
 from .data import DATASETS
-from .errors import ConfigError
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
@@ -30,15 +29,6 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes (image folders only)")
     group.add_argument("--seed", type=seed, default=0)
-
-
-def check_schedule_flags(args: argparse.Namespace, default_drops: list[int] | None = None) -> None:
-    """Refuse --lr_drops under a schedule that has no drops (it trained the schedule asked for, while the records
-    and a probe's folder named the drops). `default_drops`: the method's own (NPID's 120 160), which a run given
-    another --schedule has not asked for."""
-    if args.lr_drops and args.schedule != "step" and list(args.lr_drops) != list(default_drops or []):
-        raise ConfigError(f"--lr_drops {' '.join(map(str, args.lr_drops))}: drops of --schedule step, but --schedule "
-                          f"is {args.schedule}: add --schedule step, or leave --lr_drops out")
 
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ its first epoch has neither: its curves are drawn against steps.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,9 @@ def training_curves(records: list[dict]) -> Curves:
     label, name, top1, top5 = "", "kNN monitor", "top1", "top5"
     if monitor:
         last = monitor[-1]
-        label = f"k={last.get('k')}, T={last.get('temperature')}, {last.get('train_features')} train features"
+        # (k_used: the voters where fewer train features than k were there to vote)
+        k = last.get("k_used", last.get("k"))
+        label = f"k={k}, T={last.get('temperature')}, {last.get('train_features')} train features"
     elif probe:  # eval_linear.py's log: the probe's test accuracy after every epoch
         monitor, label, name, top1, top5 = probe, "after each epoch", "linear probe", "test_top1", "test_top5"
     return Curves(
@@ -111,7 +114,10 @@ def training_curves(records: list[dict]) -> Curves:
 
 
 def read_curves(run_dir: str | os.PathLike) -> Curves:
-    return training_curves(rundir.read_jsonl(Path(run_dir) / "train_log.jsonl"))
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.exists():  # a link to nowhere (read_jsonl takes a missing log for an empty one)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    return training_curves(rundir.read_jsonl(path))
 
 
 def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) -> None:

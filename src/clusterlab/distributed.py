@@ -151,8 +151,7 @@ def require_same_flags(flags: dict | None) -> None:
     --output_dir. The message names the first differing flags and the ranks of each value."""
     if flags is None or not is_initialized():
         return
-    texts = [None] * world_size()
-    dist.all_gather_object(texts, json.dumps(flags, sort_keys=True, default=str))
+    texts = every_ranks_text(json.dumps(flags, sort_keys=True, default=str))
     if len(set(texts)) == 1:
         return
     given = [json.loads(text) for text in texts]
@@ -239,6 +238,15 @@ def collective_device() -> torch.device:
 def rank_list(ranks: list[int]) -> str:
     """`0, 1, 2, 3, ...`: ranks for a message, the first four of them."""
     return ", ".join(map(str, ranks[:4])) + (", ..." if len(ranks) > 4 else "")
+
+
+def every_ranks_text(text: str) -> list[str]:
+    """Collective: each rank's `text`, in rank order."""
+    if not is_initialized():
+        return [text]
+    texts = [None] * world_size()
+    dist.all_gather_object(texts, text)
+    return texts
 
 
 def every_ranks(values: list[int]) -> list[list[int]]:

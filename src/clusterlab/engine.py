@@ -325,9 +325,13 @@ class Trainer:
         saved_world = state.get("world_size")
         if saved_world is not None and saved_world != self.ctx.world_size:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
-            # number of processes is part of what is trained, and a change of it must not pass unseen.
+            # number of processes is part of what is trained, and a change of it must not pass unseen. (A linear
+            # probe's frozen backbone keeps its batch norm in eval mode: no share is normalised on its own.)
+            local_batch_norm = not self.args.sync_bn and any(
+                isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+                for module in self.method.modules())
             depends = ("unmix" if self.args.method == "unmix" else
-                       "--sync_bn false" if not self.args.sync_bn and max(saved_world, self.ctx.world_size) > 1
+                       "--sync_bn false" if local_batch_norm and max(saved_world, self.ctx.world_size) > 1
                        else None)
             if depends:
                 before["world_size"], after["world_size"] = saved_world, self.ctx.world_size

@@ -96,6 +96,38 @@ def _batches(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [batch for batches in groups.values() for batch in batches]
 
 
+def unread_flags(args) -> dict[str, str]:
+    """The optimisation flags that the optimiser and schedule `args` asks for do not read, each with what reads it
+    (build_optimizer and Schedule below are the readers). Not --schedule_period: Super-AND's rounds set it whatever
+    the schedule."""
+    lars, step = args.optimizer == "lars", args.schedule == "step"
+    readers = {
+        "lars_trust": ("--optimizer lars", lars),
+        "lars_exclude_bias_norm": ("--optimizer lars", lars),
+        "momentum": ("--optimizer sgd or lars (Adam runs with torch's default betas)", args.optimizer != "adam"),
+        "lr_drops": ("--schedule step", step),
+        "lr_gamma": ("--schedule step with --lr_drops", step and bool(args.lr_drops)),
+        "final_lr": ("--schedule cosine", args.schedule == "cosine"),
+        "start_warmup": ("a warm-up (--warmup_epochs above 0)", args.warmup_epochs > 0),
+    }
+    return {flag: reader for flag, (reader, read) in readers.items() if not read}
+
+
+def refuse_unread_flags(args, defaults, program: str) -> None:
+    """Refuse a flag of `unread_flags` given a value other than its default in `defaults` (a parser holding the
+    program's and the method's own defaults: NPID's drops under --schedule cosine were not asked for). Such a flag
+    trains what the command without it trains, under a name and a record of its own: a table row per flag with
+    the same numbers. `program` names the job in the message ("run", "probe")."""
+    for flag, reader in unread_flags(args).items():
+        value = getattr(args, flag)
+        # (no drops at all is what a schedule without drops has: the way to clear a config file's)
+        if value != defaults.get_default(flag) and value != []:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+                if isinstance(value, bool) else value
+            raise ConfigError(f"--{flag} {shown} does nothing in this {program}: it applies to {reader}; leave it "
+                              f"out")
+
+
 def build_optimizer(params, args) -> torch.optim.Optimizer:
     if args.nesterov and args.optimizer != "sgd":
         raise ConfigError(f"--nesterov true (given, or the method's default) applies to --optimizer sgd only (this "

@@ -227,8 +227,16 @@ def read_records(root: str | os.PathLike) -> list[dict]:
                 warnings.warn(f"{path}:{number}: skipped ({fault})", stacklevel=2)
                 continue
             record["_file"] = str(path)
+            record["_run_path"] = run_path(path.parent, Path(root))
             records.append(record)
     return records
+
+
+def run_path(run_dir: Path, root: Path) -> str:
+    """How tables and warnings name a run: its folder below `root` (two runs of one name in two folders are told
+    apart), the root's own name for the root itself."""
+    below = run_dir.relative_to(root).as_posix()
+    return below if below != "." else root.resolve().name
 
 
 METRIC_COLUMNS = ("top1", "top5", "best_top1_on_test", "acc", "nmi", "ami", "ari")
@@ -403,6 +411,7 @@ def records_frame(records: list[dict]):
         row = {key: record.get(key) for key in ("run", "method", "dataset", "split", "backbone", "epoch", "seed",
                                                 "eval", "checkpoint")}
         row["file"] = record.get("_file")
+        row["run_path"] = record.get("_run_path", record.get("run"))
         run_dir = Path(row["file"]).parent if row["file"] else None
         if run_dir not in run_configs:
             run_configs[run_dir] = written_run_config(run_dir) if run_dir else None
@@ -537,7 +546,7 @@ def aggregate(frame):
     if "seed" in filled:
         for key, rows in grouped:
             if rows["seed"].duplicated().any():
-                runs = ", ".join(sorted(set(map(str, rows["run"]))))
+                runs = ", ".join(sorted(set(map(str, rows["run_path"]))))
                 warnings.warn(f"row {_row_name(key)}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
                               f"of one run, or runs that differ where the row does not show, such as the seed of "
                               f"their --pretrained run): {runs}", stacklevel=2)
@@ -606,7 +615,7 @@ def revision_footnote(frame) -> str:
         return ""
     lines = []
     for state in REVISIONS[1:]:
-        runs = sorted({Path(file).parent.name for file in frame.loc[frame["revision"] == state, "file"]})
+        runs = sorted(set(frame.loc[frame["revision"] == state, "run_path"]))
         if runs:
             lines.append(f"revision {state}: {REVISION_NOTES[state]}: {', '.join(runs)}.")
     return "\n".join(lines)
@@ -715,10 +724,14 @@ def _epochs_key(value) -> str:
 
 def display_table(table):
     """Percentages with 2 decimals, `mean ± std` where n > 1, `(n=k)` after a value averaged over fewer runs than
-    the row's n; empty columns dropped."""
+    the row's n, `(mid-run)` after the epoch of a checkpoint in the middle of a longer run; empty columns
+    dropped."""
     if table.empty:
         return table
     shown = table[[c for c in (*GROUP_COLUMNS, "protocol", "recipe") if c in table]].copy()
+    if "mid_run" in table:  # a checkpoint of a longer run (its schedule not ended) is no finished run's result
+        shown["epoch"] = [f"{epoch} (mid-run)" if mid else epoch
+                          for epoch, mid in zip(shown["epoch"], table["mid_run"].fillna(False).astype(bool))]
     for metric in METRIC_COLUMNS:
         if f"{metric}_mean" not in table:
             continue
@@ -740,11 +753,11 @@ def display_table(table):
     return shown
 
 
-def plot_against_epochs(table, out_dir, dataset: str) -> None:
+def plot_against_epochs(table, out_dir, dataset: str) -> list[Path]:
     """One PNG per metric: the metric against epochs, a line per (method, backbone, eval, protocol) and recipe (the
     runs' settings, on the flags all of them record, as the tables compare them). The legend names what tells the
     lines apart: the backbone where the table has several, the protocol's parts where a method's evaluation has
-    several, the flags that differ between recipes."""
+    several, the flags that differ between recipes. Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -753,6 +766,7 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
     from .eval.plots import save_png
 
     numeric = table[table["epoch"].apply(lambda e: isinstance(e, (int, float)) and e == e)]
+    written = []
     for metric in METRIC_COLUMNS:
         column = f"{metric}_mean"
         if column not in numeric or numeric[column].notna().sum() == 0:
@@ -801,4 +815,6 @@ def plot_against_epochs(table, out_dir, dataset: str) -> None:
         axes.set_ylabel(f"{metric} (%)")
         axes.set_title(f"{dataset}: {metric}")
         figure.legend(fontsize=7, loc="outside lower center")
-        save_png(figure, Path(out_dir) / f"{dataset}_{metric}.png", dpi=110)
+        written.append(Path(out_dir) / f"{dataset}_{metric}.png")
+        save_png(figure, written[-1], dpi=110)
+    return written

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,38 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     return LoadedRun(run_dir, args, method, *position, recorded_checkpoint_name(path, run_dir))
 
 
+def load_run_on_every_rank(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
+    """Collective: `load_run` on every rank, refused on all of them where one rank cannot load the run (the others
+    met its missing collectives: a traceback) or where the ranks loaded different weights (each node reading a copy
+    of its own: features of other weights were scored together, and recorded, without a word)."""
+    try:
+        loaded, outcome = load_run(run_dir, checkpoint_name, device), None
+    except UserError as error:
+        if distributed.world_size() == 1:
+            raise
+        loaded, outcome = error, {"error": str(error).splitlines()[0]}
+    if distributed.world_size() == 1:
+        return loaded
+    if outcome is None:
+        outcome = {"weights": checkpoint.weights_digest(loaded.method)}
+    outcomes = [json.loads(text) for text in distributed.every_ranks_text(json.dumps(outcome))]
+    if isinstance(loaded, UserError):
+        raise loaded  # this rank's own message
+    failed = [(rank, seen["error"]) for rank, seen in enumerate(outcomes) if "error" in seen]
+    if failed:
+        raise ConfigError(f"--run {str(run_dir)!r}: rank(s) {distributed.rank_list([rank for rank, _ in failed])} "
+                          f"cannot load it ({failed[0][1]}): every node must see the same run directory")
+    ranks_of: dict[str, list[int]] = {}
+    for rank, seen in enumerate(outcomes):
+        ranks_of.setdefault(seen["weights"], []).append(rank)
+    if len(ranks_of) > 1:
+        seen = "; ".join(f"digest {digest} on rank(s) {distributed.rank_list(ranks)}"
+                         for digest, ranks in ranks_of.items())
+        raise CheckpointError(f"--run {str(run_dir)!r}: the ranks loaded different weights ({seen}): every node must "
+                              f"see the same run directory")
+    return loaded
+
+
 def training_parser(method: str) -> argparse.ArgumentParser:
     """The parser of the program that trains `method`, with the method's flags."""
     from ..programs import PROGRAMS, TRAINING_PROGRAMS
@@ -271,7 +304,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
 
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
-    loaded = load_run(args.run, args.checkpoint, device)
+    loaded = load_run_on_every_rank(args.run, args.checkpoint, device)
     own_view = loaded.method.eval_view
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
         if getattr(args, flag):

@@ -89,7 +89,8 @@ def cluster_samples_png(images, y_pred, path: str | Path, title: str, clusters: 
 
 def save_png(figure, path: str | Path, dpi: int) -> None:
     """Write `figure` to `path` as a PNG, atomically (a job killed meanwhile, or a person opening the file, never
-    meets half an image; an older figure of that name stays whole until the new one replaces it), and close it."""
+    meets half an image; an older figure of that name stays whole until the new one replaces it; a link there is
+    replaced, not the file it names), and close it."""
     import matplotlib.pyplot as plt
 
     from ..checkpoint import atomic_write_bytes
@@ -97,7 +98,7 @@ def save_png(figure, path: str | Path, dpi: int) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), through_links=False)
 
 
 def _images(images, indices: np.ndarray) -> list[np.ndarray]:

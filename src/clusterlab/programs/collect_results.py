@@ -22,15 +22,19 @@ a warning naming file and line.
 
 Curves (--curves): for every run directory under ROOT with a train_log.jsonl, even one still training,
 OUT/curves/RUN.png (RUN: its path below ROOT) shows the loss, the other terms the method logs, the learning rate and
-the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log.
+the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log. OUT/curves/
+then holds these and nothing else (the PNG of a run no longer under ROOT is removed), as OUT/DATASET_METRIC.png the
+plots of the metrics the dataset's records still have. Every file is written whole or not at all.
 """
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from pathlib import Path
 
 from .. import config, curves, results
+from ..checkpoint import atomic_write_text
 from ..errors import ConfigError, one_line, printable
 
 PUBLISHED_COLUMNS = ("method", "dataset", "eval", "epochs", "metric", "value", "source", "protocol")
@@ -68,24 +72,31 @@ def main(argv=None):
         print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
         return
     out = Path(args.root) / "tables" if args.out is None else Path(args.out)
+    if args.combined and not frame.empty:
+        require_apart_from_tables(Path(args.combined), out, sorted(set(frame["dataset"].astype(str))))
     written = []
     if not frame.empty:
         out.mkdir(parents=True, exist_ok=True)
         sections = write_tables(frame, published, out, args.plots)
         written.append("tables")
         if args.combined:
-            Path(args.combined).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.combined).write_text("".join(f"## {dataset}\n\n{markdown}\n\n"
-                                                   for dataset, markdown in sections).rstrip("\n") + "\n",
-                                           errors="backslashreplace")
+            atomic_write_text(args.combined, COMBINED_MARK + "\n\n" + "".join(
+                f"## {dataset}\n\n{markdown}\n\n" for dataset, markdown in sections).rstrip("\n") + "\n",
+                through_links=False)
             written.append(f"all of them in {args.combined}")
-    drawn = [path for log in logs if (path := write_curves(log.parent, Path(args.root), out / "curves"))]
-    if drawn:
-        written.append(f"the training curves of {len(drawn)} run(s) (curves/)")
+    if args.curves:
+        drawn = write_all_curves(logs, Path(args.root), out / "curves")
+        if drawn:
+            written.append(f"the training curves of {drawn} run(s) (curves/)")
     if written:
         print(f"\n{' and '.join(written)} written to {out}/")
     else:
         print(f"\nnothing written: no metrics records, and no training log with a step, under {args.root}")
+
+
+# The first line of a --combined file: a file without it is never replaced (a Markdown file of one's own notes with a
+# "## " heading was).
+COMBINED_MARK = "<!-- collect_results.py --combined: every dataset's table, replaced whole by the next --combined -->"
 
 
 def require_combined_target(path: Path) -> None:
@@ -102,9 +113,18 @@ def require_combined_target(path: Path) -> None:
         except OSError as err:
             raise ConfigError(f"--combined {str(path)!r} cannot be read ({err.strerror}); it is only ever replaced "
                               f"when it holds combined tables") from None
-        if not first.startswith("## "):
-            raise ConfigError(f"--combined {str(path)!r} exists and does not hold combined tables (they start with "
-                              f"'## DATASET'): name a new file, or remove this one first")
+        if first.rstrip("\n") != COMBINED_MARK:
+            raise ConfigError(f"--combined {str(path)!r} exists and does not hold combined tables (their first line "
+                              f"is {COMBINED_MARK!r}): name a new file, or remove this one first")
+
+
+def require_apart_from_tables(path: Path, out: Path, datasets: list[str]) -> None:
+    """--combined naming one of the tables --out gets (OUT/DATASET.md) would replace it."""
+    for dataset in datasets:
+        table = out / f"{dataset}.md"
+        if path.resolve() == table.resolve():
+            raise ConfigError(f"--combined {str(path)!r} is the table of {dataset} that --out {str(out)!r} gets: "
+                              f"name another file")
 
 
 def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, str]]:
@@ -127,13 +147,30 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         print(f"\n## {dataset}\n\n{markdown}")
         sections.append((dataset, markdown))
         # A name read from the file system (a run's checkpoint path) may hold bytes that are not UTF-8.
-        table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(out / f"{dataset}.csv", index=False,
-                                                                             errors="backslashreplace")
-        (out / f"{dataset}.md").write_text(f"# {dataset}\n\n{markdown}\n", errors="backslashreplace")
-        (out / f"{dataset}.tex").write_text(shown.to_latex(index=False, escape=True), errors="backslashreplace")
+        # each file whole or as it was (a full disk, a job killed meanwhile); a link in its place is replaced
+        for suffix, text in (("csv", table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(index=False)),
+                             ("md", f"# {dataset}\n\n{markdown}\n"),
+                             ("tex", shown.to_latex(index=False, escape=True))):
+            atomic_write_text(out / f"{dataset}.{suffix}", text, through_links=False)
         if plots:
-            results.plot_against_epochs(table, out, dataset)
+            drawn = results.plot_against_epochs(table, out, dataset)
+            for stale in {out / f"{dataset}_{metric}.png" for metric in results.METRIC_COLUMNS} - set(drawn):
+                stale.unlink(missing_ok=True)  # a metric no record of the dataset has any more
     return sections
+
+
+def write_all_curves(logs: list[Path], root: Path, folder: Path) -> int:
+    """FOLDER holds the curves of the runs of `logs` and nothing else (a run removed from ROOT since the last
+    collection loses its PNG): drawn into FOLDER.partial, which then replaces FOLDER. Returns how many were drawn."""
+    folder = folder.resolve() if folder.is_symlink() else folder  # (a link to a folder elsewhere stays a link)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # (a collection killed while drawing)
+    drawn = [path for log in logs if (path := write_curves(log.parent, root, partial))]
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    if drawn:
+        partial.rename(folder)
+    return len(drawn)
 
 
 def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, cli, config, distributed, engine, results, rundir
+from .. import checkpoint, cli, config, distributed, engine, optim, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
 from ..errors import CheckpointError, ConfigError
@@ -100,20 +100,7 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
 def check_flags(args, method: type | None = None) -> None:
     """Refuse flags that cannot go together, on one line (whatever the run's method: launch.py asks before it
     submits a grid's jobs, as it asks the other evaluations)."""
-    cli.check_schedule_flags(args)
-    # A flag that changes nothing in this probe would still name its folder and its record: a row of its own in
-    # the tables, with the same numbers as the probe without it.
-    applies = {"lars_trust": ("--optimizer lars", args.optimizer == "lars"),
-               "lars_exclude_bias_norm": ("--optimizer lars", args.optimizer == "lars"),
-               "momentum": ("--optimizer sgd or lars (Adam runs with torch's default betas)", args.optimizer != "adam"),
-               "lr_gamma": ("--schedule step", args.schedule == "step"),
-               "final_lr": ("--schedule cosine", args.schedule == "cosine"),
-               "start_warmup": ("a warm-up (--warmup_epochs above 0)", args.warmup_epochs > 0)}
-    defaults = get_args_parser()
-    for flag, (where, used) in applies.items():
-        if not used and getattr(args, flag) != defaults.get_default(flag):
-            raise ConfigError(f"--{flag} {getattr(args, flag)} does nothing in this probe: it applies to {where}; "
-                              f"leave it out")
+    optim.refuse_unread_flags(args, get_args_parser(), "probe")
     if args.cached_features and (args.compile or args.channels_last):
         flag = "--compile" if args.compile else "--channels_last"
         raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint, cli, config, data, distributed, engine
+from .. import checkpoint, config, data, distributed, engine, optim
 from ..errors import ConfigError
 from ..methods import METHODS, DataInfo
 from ..methods.base import add_training_args
@@ -75,8 +75,10 @@ def _method_parser(method: str):
 def parse_args(kind: str, argv=None):
     parser = get_args_parser(kind)
     args = config.parse(parser, argv, extend=lambda parser, known: add_method_args(kind, parser, known))
-    # the method's own drops, not a config file's (config.parse made those the parser's defaults)
-    cli.check_schedule_flags(args, _method_parser(args.method).get_default("lr_drops"))
+    # against the method's own defaults, not a config file's (config.parse made those the parser's defaults)
+    defaults = get_args_parser(kind)
+    add_method_args(kind, defaults, {"method": args.method})
+    optim.refuse_unread_flags(args, defaults, "run")
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 

@@ -5,7 +5,6 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli import check_schedule_flags
 from ..config import canonical_keys, check_alternatives, yaml_defaults
 from ..errors import ConfigError
 from ..programs import EVAL_PROGRAMS, PROGRAMS, TRAINING_PROGRAMS
@@ -43,12 +42,15 @@ def program_parser(name: str, values: dict) -> argparse.ArgumentParser:
 
 def validate_flags(name: str, values: dict, source: str) -> dict:
     """Check that every key is a flag of the program with a value of the right type, and, for a training program,
-    that its schedule flags go together as its own start checks them (ConfigError naming it)."""
+    that it asks for no optimisation flag its optimiser and schedule do not read, as its own start checks
+    (ConfigError naming it)."""
     parser = program_parser(name, values)
     given = yaml_defaults(parser, values, source)
     if name in TRAINING_PROGRAMS:
+        from ..optim import refuse_unread_flags
+
         try:
-            check_schedule_flags(_namespace(parser, given), parser.get_default("lr_drops"))
+            refuse_unread_flags(_namespace(parser, given), parser, "run")
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
     return given
