@@ -261,24 +261,34 @@ def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_curves(tiny_run,
     assert (out / "curves" / "r\udcff.png").is_file()
 
 
-def test_curves_of_runs_no_longer_under_the_root_are_removed(tiny_run, tmp_path):
-    """A second collection into the same folder left the PNG of a run removed since beside the new ones; a file of
-    one's own in --out stays."""
+def test_curves_of_runs_no_longer_under_the_root_are_removed_and_nothing_else(tiny_run, tmp_path):
+    """A second collection into the same folder left the PNG of a run removed since beside the new ones. Only what a
+    collection drew is ever removed: a file of one's own in OUT/curves stays, and so does a run called `curves`
+    whose folder is OUT/curves (--out the root itself), with its own evaluation plots."""
+    import shutil
+
     root, out = tmp_path / "root", tmp_path / "out"
-    for name in ("kept", "removed"):
+    for name in ("kept", "removed", "deep/removed"):
         copy_run(tiny_run, root / name)
     collect = ("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false")
     assert_ok(run_script(*collect))
-    assert sorted(p.name for p in (out / "curves").iterdir()) == ["kept.png", "removed.png"]
-    (out / "notes.txt").write_text("mine\n")
-    import shutil
-
+    drawn = sorted(p.relative_to(out / "curves").as_posix() for p in (out / "curves").rglob("*.png"))
+    assert drawn == ["deep/removed.png", "kept.png", "removed.png"]
+    (out / "curves" / "mine.png").write_bytes(b"not drawn here")
     shutil.rmtree(root / "removed")
+    shutil.rmtree(root / "deep")
     result = run_script(*collect)
     assert_ok(result)
     assert "the training curves of 1 run(s)" in result.stdout
-    assert sorted(p.name for p in (out / "curves").iterdir()) == ["kept.png"]
-    assert not (out / "curves.partial").exists() and (out / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in (out / "curves").iterdir()) == [".drawn_by_collect_results", "kept.png", "mine.png"]
+
+    run = copy_run(tiny_run, root / "curves")
+    (run / "confusion.png").write_bytes(b"the run's own plot")
+    for _ in range(2):
+        assert_ok(run_script("collect_results.py", "--root", root, "--out", root, "--published", "", "--plots",
+                             "false"))
+    assert (run / "checkpoint.pth").is_file() and (run / "confusion.png").read_bytes() == b"the run's own plot"
+    assert (run / "curves.png").is_file() and (run / "kept.png").is_file()
 
 
 def test_the_monitor_names_the_voters_it_had_where_fewer_than_k():

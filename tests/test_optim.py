@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clusterlab.errors import ConfigError
 from clusterlab import optim
+from clusterlab.methods.base import split_decay
 from clusterlab.optim import LARS, Schedule, set_lr
 from dist_utils import single_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
@@ -298,16 +299,17 @@ def test_nesterov_is_refused_where_the_optimiser_has_none(optimizer):
 # ---- which flags the optimiser and schedule read ----------------------------------------------------------------------
 
 OTHER_VALUES = {"lars_trust": 0.01, "lars_exclude_bias_norm": True, "momentum": 0.5, "lr_drops": [1], "lr_gamma": 0.5,
-                "final_lr": 0.05, "start_warmup": 0.02}
+                "final_lr": 0.05, "start_warmup": 0.02, "no_decay_bias_norm": True}
 
 
 def rates_and_weights(args) -> tuple[list[float], list[torch.Tensor]]:
     """The learning rate of every step of a 4-epoch run of 2 steps an epoch, and a weight and a bias after it (the
     same gradients whatever `args`)."""
     generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(3, 4, generator=generator, dtype=torch.float64),
-              torch.randn(4, generator=generator, dtype=torch.float64)]
-    optimizer = optim.build_optimizer(params, args)
+    params = [torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)]
+    optimizer = optim.build_optimizer(split_decay([("weight", params[0]), ("bias", params[1])],
+                                                  args.no_decay_bias_norm), args)
     schedule = optim.build_schedule(args, steps_per_epoch=2)
     rates = []
     for step in range(args.epochs * 2):
@@ -316,14 +318,16 @@ def rates_and_weights(args) -> tuple[list[float], list[torch.Tensor]]:
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         optimizer.step()
-    return rates, params
+    return rates, [p.detach() for p in params]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars", "adam"])
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 @pytest.mark.parametrize("warmup_epochs", [0, 1])
 @pytest.mark.parametrize("lr_drops", [[], [3]])
-def test_unread_flags_are_exactly_those_that_change_nothing(optimizer, schedule, warmup_epochs, lr_drops):
+@pytest.mark.parametrize("weight_decay, lars_exclude_bias_norm", [(1e-4, False), (0.0, False), (1e-4, True)])
+def test_unread_flags_are_exactly_those_that_change_nothing(optimizer, schedule, warmup_epochs, lr_drops,
+                                                            weight_decay, lars_exclude_bias_norm):
     """optim.unread_flags, which the programs refuse when given (a run or probe the same as without the flag, under a
     record of its own), against what the optimiser and schedule do: every flag it names changes neither a learning
     rate nor a weight; every flag it does not name changes one."""
@@ -331,14 +335,14 @@ def test_unread_flags_are_exactly_those_that_change_nothing(optimizer, schedule,
 
     args = SimpleNamespace(optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, lr_drops=lr_drops,
                            epochs=4, lr=0.1, final_lr=0.0, start_warmup=0.0, lr_gamma=0.1, schedule_period=0,
-                           momentum=0.9, nesterov=False, weight_decay=1e-4, lars_trust=0.001,
-                           lars_exclude_bias_norm=False)
+                           momentum=0.9, nesterov=False, weight_decay=weight_decay, lars_trust=0.001,
+                           lars_exclude_bias_norm=lars_exclude_bias_norm, no_decay_bias_norm=False)
     rates, weights = rates_and_weights(args)
     unread = optim.unread_flags(args)
     assert set(unread) <= set(OTHER_VALUES)
     for flag, value in OTHER_VALUES.items():
-        if flag == "lr_drops" and lr_drops:
-            value = []
+        if (flag == "lr_drops" and lr_drops) or (flag == "lars_exclude_bias_norm" and lars_exclude_bias_norm):
+            value = type(value)()
         other_rates, other_weights = rates_and_weights(SimpleNamespace(**{**vars(args), flag: value}))
         same = other_rates == rates and all(torch.equal(a, b) for a, b in zip(weights, other_weights))
         assert same == (flag in unread), (flag, value)

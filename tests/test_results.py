@@ -1054,3 +1054,16 @@ def test_runs_of_one_name_in_two_folders_are_told_apart_and_a_mid_run_epoch_is_m
     assert results.revision_footnote(frame).endswith(": x/swav1.")
     shown = results.display_table(table)
     assert list(shown["epoch"]) == ["200 (mid-run)"]
+
+
+def test_a_flag_the_runs_optimiser_and_schedule_do_not_read_splits_no_recipe():
+    """Two seeds of one recipe, one recorded with --start_warmup 0.0 (a config that gave it without a warm-up), the
+    other with the method's 0.3: one row of n=2, not two recipes."""
+    def config(start_warmup):
+        return {"args": {"method": "selfclassifier", "optimizer": "sgd", "schedule": "cosine", "lr_drops": [],
+                         "warmup_epochs": 0, "start_warmup": start_warmup, "weight_decay": 1e-4, "lr": 0.1,
+                         "lars_exclude_bias_norm": False}}
+    assert results.run_settings(config(0.0)) == results.run_settings(config(0.3))
+    assert results.run_settings(config(0.0))["lr"] == 0.1 and "start_warmup" not in results.run_settings(config(0.0))
+    warm = {"args": {**config(0.0)["args"], "warmup_epochs": 1}}
+    assert results.run_settings(warm)["start_warmup"] == 0.0

@@ -115,3 +115,20 @@ def test_a_resume_reading_another_folder_says_so(tmp_path):
                             "--data_path", "second"], cwd=tmp_path, env=script_env(), capture_output=True, text=True)
     assert_ok(again)
     assert "--data_path" not in again.stdout, again.stdout
+
+
+def test_a_flag_that_neither_schedule_reads_is_no_change_on_resume(runs, tmp_path):
+    """A run without warm-up trained under a config giving --start_warmup (since refused as unread there) and resumed
+    under one that no longer gives it: a false 'the schedule changed' note, and resume_changes that kept its later
+    checkpoints from published numbers."""
+    from clusterlab import checkpoint
+    from conftest import copy_run
+
+    run_dir = copy_run(runs / "swav", tmp_path / "run")
+    state = checkpoint.load(run_dir / "checkpoint.pth")
+    state["args"].update(warmup_epochs=0.0, start_warmup=0.25)
+    tags = ("format", "schema", "kind", "method")
+    checkpoint.save({k: v for k, v in state.items() if k not in tags}, run_dir / "checkpoint.pth", kind="pretrain",
+                    method="swav")
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "2", "--warmup_epochs", "0"], run_dir)
+    assert trainer.resume_changes[-1]["before"] == {"epochs": 1}, trainer.resume_notes

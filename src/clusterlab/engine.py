@@ -52,7 +52,7 @@ from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
-from .optim import build_optimizer, build_schedule, set_lr
+from .optim import build_optimizer, build_schedule, set_lr, unread_flags
 from .results import NOT_SETTINGS, foreign_checkpoint, own_probes, set_aside_evaluations_after
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -370,7 +370,11 @@ class Trainer:
         """The flags among `keys` (default: those that shape what is learnt, other than the run-defining ones, the
         schedule's and the precision) whose value in this command differs from the checkpoint's `saved_args`."""
         keys = keys or [key for key in saved_args if key not in (*RESUME_KEYS, *SCHEDULE_KEYS, "amp", *NOT_SETTINGS)]
-        return [key for key in keys if key in saved_args and key in vars(self.args)
+        # a flag that neither the checkpoint's optimiser and schedule nor this command's read changed nothing (a
+        # config that no longer gives an unread --start_warmup)
+        unread = set(unread_flags(self.args)) & set(unread_flags(argparse.Namespace(**{**vars(self.args),
+                                                                                        **saved_args})))
+        return [key for key in keys if key in saved_args and key in vars(self.args) and key not in unread
                 and _plain(saved_args[key]) != _plain(getattr(self.args, key))]
 
     def schedule_change(self, saved_args: dict, changed: list[str]) -> str:

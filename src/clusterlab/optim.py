@@ -109,6 +109,9 @@ def unread_flags(args) -> dict[str, str]:
         "lr_gamma": ("--schedule step with --lr_drops", step and bool(args.lr_drops)),
         "final_lr": ("--schedule cosine", args.schedule == "cosine"),
         "start_warmup": ("a warm-up (--warmup_epochs above 0)", args.warmup_epochs > 0),
+        # (LARS's --lars_exclude_bias_norm already leaves biases and norm weights undecayed)
+        "no_decay_bias_norm": ("a weight decay (--weight_decay above 0) outside --lars_exclude_bias_norm",
+                               args.weight_decay > 0 and not (lars and args.lars_exclude_bias_norm)),
     }
     return {flag: reader for flag, (reader, read) in readers.items() if not read}
 

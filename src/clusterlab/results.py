@@ -15,6 +15,7 @@ that differ (`recipe_labels`).
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import math
@@ -308,7 +309,7 @@ def run_settings(run_config: dict | None) -> dict | None:
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None
-    settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
+    settings = _without_unread({key: value for key, value in args.items() if key not in NOT_SETTINGS})
     if "amp" in settings and isinstance(run_config.get("precision"), str):
         settings["amp"] = run_config["precision"]
     settings.update(_recorded_settings(run_config))
@@ -321,8 +322,8 @@ def run_settings(run_config: dict | None) -> dict | None:
         settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
         settings[f"{prefix}step"] = origin.get("step", 0)
         origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
-        origin_settings = {key: value for key, value in origin_args.items()
-                           if key not in NOT_SETTINGS and key != "method"}
+        origin_settings = _without_unread({key: value for key, value in origin_args.items()
+                                           if key not in NOT_SETTINGS and key != "method"})
         if "amp" in origin_settings and isinstance(origin.get("precision"), str):
             origin_settings["amp"] = origin["precision"]  # as the run's own amp: the precision that ran
         origin_settings.update(_recorded_settings(origin))
@@ -335,6 +336,19 @@ def run_settings(run_config: dict | None) -> dict | None:
         settings.update({prefix + key: value for key, value in origin_settings.items()})
         origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
     return settings
+
+
+def _without_unread(settings: dict) -> dict:
+    """`settings` without the optimisation flags its optimiser and schedule do not read (optim.unread_flags: a
+    --start_warmup recorded by a run without a warm-up): runs that trained alike are one recipe whatever those hold.
+    A record without the flags the table needs (an older version's) is left whole."""
+    from .optim import unread_flags
+
+    try:
+        unread = unread_flags(argparse.Namespace(**settings))
+    except (AttributeError, TypeError):
+        return settings
+    return {key: value for key, value in settings.items() if key not in unread}
 
 
 def _recorded_settings(run_config: dict) -> dict:

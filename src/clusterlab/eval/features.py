@@ -161,17 +161,17 @@ def load_run_on_every_rank(run_dir: str | Path, checkpoint_name: str | None, dev
     of its own: features of other weights were scored together, and recorded, without a word)."""
     try:
         loaded, outcome = load_run(run_dir, checkpoint_name, device), None
-    except UserError as error:
+    except Exception as error:  # (any: a rank leaving before the collective below would leave the others waiting)
         if distributed.world_size() == 1:
             raise
-        loaded, outcome = error, {"error": str(error).splitlines()[0]}
+        loaded, outcome = error, {"error": (str(error).splitlines() or [type(error).__name__])[0]}
     if distributed.world_size() == 1:
         return loaded
     if outcome is None:
         outcome = {"weights": checkpoint.weights_digest(loaded.method)}
     outcomes = [json.loads(text) for text in distributed.every_ranks_text(json.dumps(outcome))]
-    if isinstance(loaded, UserError):
-        raise loaded  # this rank's own message
+    if isinstance(loaded, Exception):
+        raise loaded  # this rank's own error
     failed = [(rank, seen["error"]) for rank, seen in enumerate(outcomes) if "error" in seen]
     if failed:
         raise ConfigError(f"--run {str(run_dir)!r}: rank(s) {distributed.rank_list([rank for rank, _ in failed])} "

@@ -22,14 +22,14 @@ a warning naming file and line.
 
 Curves (--curves): for every run directory under ROOT with a train_log.jsonl, even one still training,
 OUT/curves/RUN.png (RUN: its path below ROOT) shows the loss, the other terms the method logs, the learning rate and
-the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log. OUT/curves/
-then holds these and nothing else (the PNG of a run no longer under ROOT is removed), as OUT/DATASET_METRIC.png the
-plots of the metrics the dataset's records still have. Every file is written whole or not at all.
+the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log. The PNG
+an earlier collection drew there for a run no longer under ROOT is removed (OUT/curves/.drawn_by_collect_results
+lists what it drew; nothing else there is touched), as is the OUT/DATASET_METRIC.png of a metric the dataset's
+records no longer have. Every file is written whole or not at all.
 """
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -159,17 +159,32 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
     return sections
 
 
+# In OUT/curves: the PNGs the last collection drew there, the only files a later one removes (a run gone from ROOT).
+DRAWN_LIST = ".drawn_by_collect_results"
+
+
 def write_all_curves(logs: list[Path], root: Path, folder: Path) -> int:
-    """FOLDER holds the curves of the runs of `logs` and nothing else (a run removed from ROOT since the last
-    collection loses its PNG): drawn into FOLDER.partial, which then replaces FOLDER. Returns how many were drawn."""
-    folder = folder.resolve() if folder.is_symlink() else folder  # (a link to a folder elsewhere stays a link)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # (a collection killed while drawing)
-    drawn = [path for log in logs if (path := write_curves(log.parent, root, partial))]
-    if folder.is_dir() and not folder.is_symlink():
-        shutil.rmtree(folder)
-    if drawn:
-        partial.rename(folder)
+    """FOLDER/RUN.png for the run of each of `logs`; the PNG an earlier collection drew there for a run no longer
+    under ROOT is removed (only those: FOLDER may be a run of its own, or a folder shared with other files).
+    Returns how many were drawn."""
+    listing = folder / DRAWN_LIST
+    try:
+        earlier = set(listing.read_text(errors="replace").splitlines())
+    except OSError:
+        earlier = set()
+    drawn = [path for log in logs if (path := write_curves(log.parent, root, folder))]
+    names = {path.relative_to(folder).as_posix() for path in drawn}
+    for name in sorted(earlier - names):
+        stale = folder / name
+        if not name.endswith(".png") or ".." in Path(name).parts or not stale.is_file() or stale.is_symlink():
+            continue
+        stale.unlink()
+        parent = stale.parent  # the folders of runs below the root that it leaves empty
+        while parent != folder and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    if names or earlier:
+        atomic_write_text(listing, "".join(f"{name}\n" for name in sorted(names)), through_links=False)
     return len(drawn)
 
 
