@@ -24,7 +24,7 @@ from clusterlab import checkpoint
 from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
-from clusterlab.errors import DataError
+from clusterlab.errors import ConfigError, DataError
 from clusterlab.methods import base as method_base
 from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, entry_module, run_script, script_env
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
@@ -717,3 +717,56 @@ def test_names_that_are_not_utf8_reach_the_records_tables_plots_and_messages(tmp
                               text=True, timeout=180)
     assert "UnicodeEncodeError" not in training.stderr, training.stderr
     assert "unreadable image file" in training.stdout and "caf\\udce9.png" in training.stdout, training.stdout
+
+
+def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):
+    """Only the evaluations listed val/'s files: a run trained to its end, then could not be scored."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=3, size=8)
+    for png in (tmp_path / "val" / "class_b").iterdir():
+        png.unlink()
+    (tmp_path / "val" / "class_b" / "readme.txt").write_text("no images here\n")
+    with pytest.raises(DataError, match=r"1 class folder\(s\) without images \(.*val/class_b\)"):
+        registry.load("imagefolder", "train", str(tmp_path))
+
+
+def test_folder_statistics_count_every_pixel_of_a_jpeg_decoded_at_reduced_size(tmp_path):
+    """A large JPEG's histogram comes from a decode at 1/2 to 1/8 of its size, and was added unweighted: 8 bright
+    800 px JPEGs beside 8 dark 300 px PNGs gave a mean of about 0.61 where the folder's pixels average about 0.77. The
+    statistics are those of every decoded pixel (numpy over the full decodes), to the narrowing of the std that the
+    reduced decode's area average makes."""
+    rng = np.random.default_rng(0)
+    decoded = []
+    for split in ("train", "val"):
+        for index in range(8):
+            for kind, side, low in (("bright", 800, 180), ("dark", 300, 0)):
+                folder = tmp_path / split / kind
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(low, low + 76, size=(side, side, 3), dtype=np.uint8)
+                path = folder / f"{index}.{'jpg' if kind == 'bright' else 'png'}"
+                Image.fromarray(pixels).save(path, quality=95)
+                if split == "train":
+                    with Image.open(path) as image:
+                        decoded.append(np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255)
+    everything = np.concatenate(decoded)
+    images = registry.load("imagefolder", "train", str(tmp_path))
+    np.testing.assert_allclose(images.mean, everything.mean(0), atol=2e-3)
+    assert all(abs(ours - theirs) < 0.02 for ours, theirs in zip(images.std, everything.std(0)))
+
+
+def test_a_constant_channel_is_refused_before_training_divides_by_its_zero_std(tmp_path):
+    """Two channels packed into RGB with blue always 0: the computed std 0 made the first loss NaN ('loss is not
+    finite'), blamed on the method."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for index in range(3):
+                pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                pixels[..., 2] = 0
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    images = registry.load("imagefolder", "train", str(tmp_path))
+    assert images.std[2] == 0
+    with pytest.raises(ConfigError, match=r"have a constant channel \(std \[.*, 0\.0\]\).*give --std a positive"):
+        method_base.DataInfo.of(images)
+    assert method_base.DataInfo.of(images, std=[0.3, 0.3, 0.3]).std == (0.3, 0.3, 0.3)

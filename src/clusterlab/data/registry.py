@@ -419,7 +419,10 @@ def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], li
                         f"{str(train_root)!r} (missing: {_named(missing) or 'none'}; "
                         f"extra: {_named(extra) or 'none'}{spelling}); both need the same class sub-folders")
     train_files, train_labels = _list_images(train_root, classes)
-    files, labels = (train_files, train_labels) if split == "train" else _list_images(test_root, classes)
+    test_files, test_labels = _list_images(test_root, classes) if test_root is not None else ([], [])
+    # (the test split's listed at every load: a class folder without images there was found only by the evaluations
+    # after training)
+    files, labels = (train_files, train_labels) if split == "train" else (test_files, test_labels)
     return classes, train_files, files, labels
 
 
@@ -473,7 +476,8 @@ def _file_stamp(file: str) -> tuple[int, ...] | None:
 def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, int, tuple, tuple]:
     """The statistics of `_folder_statistics` from the files of `sample`. The nominal size is the median shorter
     side of the files as stored; the histograms of large JPEGs come from a reduced decode (libjpeg's DCT scaling,
-    an area average), which spares a full decode of each multi-megapixel photograph: it keeps the mean and narrows
+    an area average; each of its pixels counts for those it stands for), which spares a full decode of each
+    multi-megapixel photograph: it keeps the mean and narrows
     the std by what the finest detail adds to it (a tenth on photographs of fine noise; a run's checkpoint keeps the
     statistics it trained with)."""
     headers, unreadable = {}, []
@@ -492,6 +496,7 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
         for file, (_, shorter_side) in list(headers.items()):
             try:
                 with open_image(file) as image:
+                    stored = image.width * image.height
                     decoded, _ = decode(image, "L" if channels == 1 else "RGB",
                                         draft_reduction(shorter_side / STATS_SIDE))
                     pixels = np.array(decoded).reshape(decoded.height, decoded.width, channels)  # writable, for torch
@@ -499,7 +504,8 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
                 unreadable.append(f"{file} ({err})")
                 del headers[file]
                 continue
-            counts += _histograms(pixels.transpose(2, 0, 1)[None])
+            # a reduced decode's pixels each stand for as many of the file's (an unweighted one counted 1/64 of them)
+            counts += _histograms(pixels.transpose(2, 0, 1)[None]) * (stored / (decoded.width * decoded.height))
             shorter_sides.append(shorter_side)
     for line in unreadable:
         print(f"unreadable image file {line}; left out of the statistics", flush=True)

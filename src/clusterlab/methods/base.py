@@ -44,6 +44,9 @@ class DataInfo:
         if len(mean) != images.channels or len(std) != images.channels:
             raise ConfigError(f"--mean {list(mean)} / --std {list(std)} need one value per channel "
                               f"({images.channels} for {images.name})")
+        if 0 in std:  # (the flag takes positive numbers only: the data's own statistics)
+            raise ConfigError(f"the images of {images.name} have a constant channel (std {list(std)}): normalising "
+                              f"would divide by 0; give --std a positive value for every channel")
         return cls(images.channels, images.image_size, len(images), images.num_classes, mean, std, images.fingerprint)
 
 
