@@ -1044,10 +1044,9 @@ def test_runs_of_one_name_in_two_folders_are_told_apart_and_a_mid_run_epoch_is_m
     root = tmp_path / "runs"
     for folder in ("x", "y"):
         write_jsonl(root / folder / "swav1" / "metrics.jsonl", [record(0, run="swav1", acc=0.5)])
-    (root / "x" / "swav1" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800},
-                                                                    **DIRTY}))
-    (root / "y" / "swav1" / "config.yaml").write_text(yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800},
-                                                                    **CLEAN}))
+    for folder, state in (("x", DIRTY), ("y", CLEAN)):
+        (root / folder / "swav1" / "config.yaml").write_text(
+            yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800}, **state}))
     frame = results.records_frame(results.read_records(root))
     with pytest.warns(UserWarning, match=r"some share a seed .*: x/swav1, y/swav1$"):
         table = results.aggregate(frame)
