@@ -341,3 +341,26 @@ def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(tmp_path):
     assert err.splitlines() == ["main_pretrain.py: interrupted from the keyboard (Ctrl-C)"], err
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["reason"]) == ("failed", "interrupted from the keyboard")
+
+
+# A stop signal while an extension module imports (scikit-learn's numpy code): the handler's SystemExit is raised
+# inside that code, which let another error out instead (seen as numpy's "is not a valid PEP 3118 buffer format
+# string" ValueError when Slurm requeued a job starting its k-means).
+SWALLOWED_EXIT = """
+import os, signal, sys
+from clusterlab import programs
+def main(argv):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises SystemExit(75) here
+    except SystemExit:
+        raise ValueError("an extension module's own error, raised over the exit")
+programs.PROGRAMS["starting.py"] = programs.Program("starting.py", "__main__")
+programs.run("starting.py", sys.argv[1:])
+"""
+
+
+def test_a_requeue_exit_turned_into_another_error_by_the_code_it_interrupted_is_still_the_requeue():
+    done = subprocess.run([PYTHON, "-c", SWALLOWED_EXIT], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 75, done.stderr
+    assert done.stderr.startswith("SIGTERM: stopped where no checkpoint is written") and "Traceback" not in done.stderr

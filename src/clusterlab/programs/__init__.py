@@ -77,6 +77,11 @@ def run(script: str, argv=None):
         end_without_finalising(leaving.code)
         raise
     except BaseException as crash:  # its traceback, then exit status 1 (130: a Ctrl-C run_cli missed), as Python's
+        if signals.leaving():
+            # The requeue's SystemExit, raised by the signal handler inside an extension module's code (an import
+            # of scikit-learn), came out as that code's own error: still the requeue, with the line already said.
+            end_without_finalising(signals.EXIT_REQUEUE)
+            raise SystemExit(signals.EXIT_REQUEUE) from None
         if _joined_a_group():
             traceback.print_exc()
             end_without_finalising(crash_status(crash))
