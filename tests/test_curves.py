@@ -300,3 +300,30 @@ def test_the_monitor_names_the_voters_it_had_where_fewer_than_k():
            {"epoch": 1, "knn_monitor": True, "top1": 0.6, "k": 20, "temperature": 0.1, "train_features": "recomputed"}]
     assert curves.training_curves(log[:2]).monitor_label == "k=64, T=0.1, memory_bank train features"
     assert curves.training_curves(log).monitor_label == "k=20, T=0.1, recomputed train features"
+
+
+def test_the_curves_list_keeps_odd_names_and_never_reaches_outside_its_folder(tiny_run, tmp_path):
+    """The list of drawn PNGs was text with bytes that are not UTF-8 escaped: the PNG of a removed run so named
+    stayed. A name listed below a linked folder (or an absolute one, the list edited by hand) names a file outside
+    OUT/curves: left alone, where one in a linked folder was removed and the climb to its parent crashed."""
+    import shutil
+
+    root, out = tmp_path / "root", tmp_path / "out"
+    copy_run(tiny_run, root / "kept")
+    copy_run(tiny_run, root / "r\udcff")
+    collect = ("collect_results.py", "--root", root, "--out", out, "--published", "", "--plots", "false")
+    assert_ok(run_script(*collect))
+    assert (out / "curves" / "r\udcff.png").is_file()
+    shutil.rmtree(root / "r\udcff")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("r1.png", "absolute.png"):
+        (elsewhere / name).write_bytes(b"not drawn here")
+    (out / "curves" / "grid").symlink_to(elsewhere)
+    listing = out / "curves" / ".drawn_by_collect_results"
+    listing.write_text(json.dumps([*json.loads(listing.read_text()), "grid/r1.png", str(elsewhere / "absolute.png")]))
+    result = run_script(*collect)
+    assert_ok(result)
+    assert not (out / "curves" / "r\udcff.png").exists() and (out / "curves" / "kept.png").is_file()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["absolute.png", "r1.png"]
+    assert json.loads(listing.read_text()) == ["kept.png"]

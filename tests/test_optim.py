@@ -299,7 +299,7 @@ def test_nesterov_is_refused_where_the_optimiser_has_none(optimizer):
 # ---- which flags the optimiser and schedule read ----------------------------------------------------------------------
 
 OTHER_VALUES = {"lars_trust": 0.01, "lars_exclude_bias_norm": True, "momentum": 0.5, "lr_drops": [1], "lr_gamma": 0.5,
-                "final_lr": 0.05, "start_warmup": 0.02, "no_decay_bias_norm": True}
+                "final_lr": 0.05, "start_warmup": 0.02}
 
 
 def rates_and_weights(args) -> tuple[list[float], list[torch.Tensor]]:

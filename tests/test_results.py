@@ -1062,7 +1062,16 @@ def test_a_flag_the_runs_optimiser_and_schedule_do_not_read_splits_no_recipe():
         return {"args": {"method": "selfclassifier", "optimizer": "sgd", "schedule": "cosine", "lr_drops": [],
                          "warmup_epochs": 0, "start_warmup": start_warmup, "weight_decay": 1e-4, "lr": 0.1,
                          "lars_exclude_bias_norm": False}}
-    assert results.run_settings(config(0.0)) == results.run_settings(config(0.3))
-    assert results.run_settings(config(0.0))["lr"] == 0.1 and "start_warmup" not in results.run_settings(config(0.0))
+    def settings(run_config, position=(10, 0)):
+        return results.without_unread(results.settings_at(results.run_settings(run_config),
+                                                          run_config.get("resume_changes"), position))
+    assert settings(config(0.0)) == settings(config(0.3))
+    assert settings(config(0.0))["lr"] == 0.1 and "start_warmup" not in settings(config(0.0))
     warm = {"args": {**config(0.0)["args"], "warmup_epochs": 1}}
-    assert results.run_settings(warm)["start_warmup"] == 0.0
+    assert settings(warm)["start_warmup"] == 0.0
+    # which flags go unread is decided at the position: a run resumed from a cosine schedule onto a step one read
+    # its final_lr before the change (dropped, two runs of other final_lr values were averaged as seeds)
+    resumed = {"args": {**config(0.0)["args"], "schedule": "step", "final_lr": 0.001},
+               "resume_changes": [{"epoch": 10, "step": 0, "before": {"schedule": "cosine"},
+                                   "after": {"schedule": "step"}}]}
+    assert settings(resumed, (5, 0))["final_lr"] == 0.001 and "final_lr" not in settings(resumed, (12, 0))

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 
 import pytest
@@ -67,26 +68,37 @@ def test_a_usr2_after_a_term_still_reaches_the_handler_that_requeues():
 
 # Rank 0 stops because another rank was signalled (the ranks agree on a stop): it received nothing itself, and
 # submitit's handler exits with -1 after requeueing. status.json said "failed" although the run was saved.
-STOPPED_FOR_ANOTHER_RANK = """
-import json, signal, sys, types
-def submitit_like(signum, frame):
-    print("requeued on", signal.Signals(signum).name, flush=True)
-    sys.exit(-1)
-signal.signal(signal.SIGUSR2, submitit_like)
+def script_in_a_run(state: str, inside: str, before: str = "", outcome: str = "") -> str:
+    """A script that holds a run directory (its status.json `state`, its trainer at epoch 1 step 3), runs `inside`
+    in that block (`before` at its start, `outcome` the handlers of the try around the block), then prints the state
+    status.json ends in."""
+    return f"""
+import json, os, signal, sys, types
+{before}
 from clusterlab import distributed, engine, rundir, signals
 signals.install()
 run_dir = sys.argv[1]
 try:
     with engine.owned_run_dir(run_dir, distributed.init("cpu")) as owned:
-        rundir.write_status(run_dir, "interrupted", epoch=0, step=3)
+        rundir.write_status(run_dir, "{state}", epoch=0, step=3)
         trainer = types.SimpleNamespace(finished=False, position=(0, 3), args=types.SimpleNamespace(epochs=2),
                                         run_dir=owned.run_dir)
         trainer.mark_interrupted = lambda: engine.Trainer.mark_interrupted(trainer)
         owned.trainer = trainer
-        signals.leave()
+{textwrap.indent(inside, " " * 8)}
+{outcome}
 finally:
     print(json.loads(open(run_dir + "/status.json").read())["state"], flush=True)
 """
+
+
+# Rank 0 stops because another rank was signalled (the ranks agree on a stop): it received nothing itself, and
+# submitit's handler exits with -1 after requeueing. status.json said "failed" although the run was saved.
+STOPPED_FOR_ANOTHER_RANK = script_in_a_run("interrupted", "signals.leave()", before="""
+def submitit_like(signum, frame):
+    print("requeued on", signal.Signals(signum).name, flush=True)
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, submitit_like)""")
 
 
 def test_a_rank_stopped_for_another_ranks_signal_leaves_the_run_interrupted(tmp_path):
@@ -364,3 +376,18 @@ def test_a_requeue_exit_turned_into_another_error_by_the_code_it_interrupted_is_
                           timeout=60)
     assert done.returncode == 75, done.stderr
     assert done.stderr.startswith("SIGTERM: stopped where no checkpoint is written") and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == ("ValueError: an extension module's own error, raised over the exit "
+                                            "(raised while leaving for the requeue)")
+
+
+# The same inside a training run's directory: status.json said "failed" with the extension's error.
+SWALLOWED_EXIT_IN_A_RUN = script_in_a_run("running", """try:
+    os.kill(os.getpid(), signal.SIGTERM)
+except SystemExit:
+    raise ValueError("an extension module's own error")""", outcome="except ValueError:\n    pass")
+
+
+def test_a_requeue_exit_turned_into_another_error_leaves_the_run_interrupted(tmp_path):
+    done = subprocess.run([PYTHON, "-c", SWALLOWED_EXIT_IN_A_RUN, str(tmp_path / "run")], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] == "interrupted", (done.stdout, done.stderr)

@@ -695,6 +695,9 @@ def owned_run_dir(run_dir: str | os.PathLike, ctx: Context, elsewhere: str = run
         if isinstance(err, RuntimeError) and started.stopped_while_another_rank_started():
             started.record_interruption()
             _leave_for_the_requeue(err)
+        if signals.leaving():  # the requeue's exit, turned into its own error by the code it interrupted
+            started.record_interruption()
+            raise
         started.record_failure(_one_line(err))
         raise
     finally:

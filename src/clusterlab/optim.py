@@ -99,7 +99,8 @@ def _batches(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def unread_flags(args) -> dict[str, str]:
     """The optimisation flags that the optimiser and schedule `args` asks for do not read, each with what reads it
     (build_optimizer and Schedule below are the readers). Not --schedule_period: Super-AND's rounds set it whatever
-    the schedule."""
+    the schedule; nor --no_decay_bias_norm, which shapes the optimiser's parameter groups (its checkpoint's state)
+    even where no weight decay makes them learn differently."""
     lars, step = args.optimizer == "lars", args.schedule == "step"
     readers = {
         "lars_trust": ("--optimizer lars", lars),
@@ -109,9 +110,6 @@ def unread_flags(args) -> dict[str, str]:
         "lr_gamma": ("--schedule step with --lr_drops", step and bool(args.lr_drops)),
         "final_lr": ("--schedule cosine", args.schedule == "cosine"),
         "start_warmup": ("a warm-up (--warmup_epochs above 0)", args.warmup_epochs > 0),
-        # (LARS's --lars_exclude_bias_norm already leaves biases and norm weights undecayed)
-        "no_decay_bias_norm": ("a weight decay (--weight_decay above 0) outside --lars_exclude_bias_norm",
-                               args.weight_decay > 0 and not (lars and args.lars_exclude_bias_norm)),
     }
     return {flag: reader for flag, (reader, read) in readers.items() if not read}
 

@@ -309,7 +309,7 @@ def run_settings(run_config: dict | None) -> dict | None:
     args = (run_config or {}).get("args")
     if not isinstance(args, dict):
         return None
-    settings = _without_unread({key: value for key, value in args.items() if key not in NOT_SETTINGS})
+    settings = {key: value for key, value in args.items() if key not in NOT_SETTINGS}
     if "amp" in settings and isinstance(run_config.get("precision"), str):
         settings["amp"] = run_config["precision"]
     settings.update(_recorded_settings(run_config))
@@ -322,8 +322,8 @@ def run_settings(run_config: dict | None) -> dict | None:
         settings[f"{prefix}method"], settings[f"{prefix}epoch"] = origin.get("method"), origin.get("epoch")
         settings[f"{prefix}step"] = origin.get("step", 0)
         origin_args = origin.get("args") if isinstance(origin.get("args"), dict) else {}
-        origin_settings = _without_unread({key: value for key, value in origin_args.items()
-                                           if key not in NOT_SETTINGS and key != "method"})
+        origin_settings = {key: value for key, value in origin_args.items()
+                           if key not in NOT_SETTINGS and key != "method"}
         if "amp" in origin_settings and isinstance(origin.get("precision"), str):
             origin_settings["amp"] = origin["precision"]  # as the run's own amp: the precision that ran
         origin_settings.update(_recorded_settings(origin))
@@ -333,15 +333,19 @@ def run_settings(run_config: dict | None) -> dict | None:
             # trained to that length from the start
             origin_settings = settings_at(origin_settings, origin["resume_changes"],
                                           (origin["epoch"], origin.get("step", 0) or 0))
-        settings.update({prefix + key: value for key, value in origin_settings.items()})
+        settings.update({prefix + key: value for key, value in without_unread(origin_settings).items()})
         origin, prefix = origin.get("pretrained_from"), "pretrained." + prefix
     return settings
 
 
-def _without_unread(settings: dict) -> dict:
-    """`settings` without the optimisation flags its optimiser and schedule do not read (optim.unread_flags: a
-    --start_warmup recorded by a run without a warm-up): runs that trained alike are one recipe whatever those hold.
-    A record without the flags the table needs (an older version's) is left whole."""
+def without_unread(settings: dict | None) -> dict | None:
+    """`settings` (a run's at one position, `settings_at`'s: a resume may have changed its schedule) without the
+    optimisation flags its optimiser and schedule do not read (optim.unread_flags: a --start_warmup recorded by a
+    run without a warm-up): runs that trained alike are one recipe whatever those hold. Keys of the run it started
+    from (`pretrained.`) are not its own flags and stay. A record without the flags the table needs (an older
+    version's) is left whole."""
+    if settings is None:
+        return None
     from .optim import unread_flags
 
     try:
@@ -434,8 +438,8 @@ def records_frame(records: list[dict]):
                               f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
         position = (record["epoch"] if _whole(record.get("epoch")) else 0, 0)  # an epoch's end (mid-epoch: above)
-        row["settings"] = settings_at(run_settings(run_configs[run_dir]),
-                                      (run_configs[run_dir] or {}).get("resume_changes"), position)
+        row["settings"] = without_unread(settings_at(run_settings(run_configs[run_dir]),
+                                                     (run_configs[run_dir] or {}).get("resume_changes"), position))
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:

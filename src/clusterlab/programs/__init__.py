@@ -66,7 +66,7 @@ def run(script: str, argv=None):
             stream.reconfigure(errors="backslashreplace")
     # (None: started with the descriptor closed, `>&-`; print then writes nothing, as it should)
     sys.stdout, sys.stderr = (stream and OutputThatMayClose(stream) for stream in (sys.stdout, sys.stderr))
-    from ..errors import run_cli
+    from ..errors import one_line, run_cli
 
     try:
         try:
@@ -79,7 +79,10 @@ def run(script: str, argv=None):
     except BaseException as crash:  # its traceback, then exit status 1 (130: a Ctrl-C run_cli missed), as Python's
         if signals.leaving():
             # The requeue's SystemExit, raised by the signal handler inside an extension module's code (an import
-            # of scikit-learn), came out as that code's own error: still the requeue, with the line already said.
+            # of scikit-learn), came out as that code's own error: still the requeue, the error named on one line.
+            with contextlib.suppress(OSError, ValueError):
+                print(f"{one_line(crash)} (raised while leaving for the requeue)",
+                      file=sys.stderr, flush=True)
             end_without_finalising(signals.EXIT_REQUEUE)
             raise SystemExit(signals.EXIT_REQUEUE) from None
         if _joined_a_group():

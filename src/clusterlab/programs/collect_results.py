@@ -29,6 +29,8 @@ records no longer have. Every file is written whole or not at all.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import warnings
 from pathlib import Path
@@ -159,32 +161,36 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
     return sections
 
 
-# In OUT/curves: the PNGs the last collection drew there, the only files a later one removes (a run gone from ROOT).
+# In OUT/curves: the PNGs the last collection drew there (a JSON list of their paths below it, which keeps names of
+# any bytes), the only files a later one removes (a run gone from ROOT).
 DRAWN_LIST = ".drawn_by_collect_results"
 
 
 def write_all_curves(logs: list[Path], root: Path, folder: Path) -> int:
     """FOLDER/RUN.png for the run of each of `logs`; the PNG an earlier collection drew there for a run no longer
-    under ROOT is removed (only those: FOLDER may be a run of its own, or a folder shared with other files).
+    under ROOT is removed (only those, and only inside FOLDER: it may be a run of its own, or hold other files).
     Returns how many were drawn."""
     listing = folder / DRAWN_LIST
     try:
-        earlier = set(listing.read_text(errors="replace").splitlines())
-    except OSError:
-        earlier = set()
+        earlier = json.loads(listing.read_text())
+    except (OSError, ValueError):
+        earlier = []
     drawn = [path for log in logs if (path := write_curves(log.parent, root, folder))]
-    names = {path.relative_to(folder).as_posix() for path in drawn}
-    for name in sorted(earlier - names):
-        stale = folder / name
-        if not name.endswith(".png") or ".." in Path(name).parts or not stale.is_file() or stale.is_symlink():
-            continue
+    names = sorted(path.relative_to(folder).as_posix() for path in drawn)
+    inside = folder.resolve()
+    for name in set(earlier if isinstance(earlier, list) else []) - set(names):
+        stale = folder / str(name)
+        if (not str(name).endswith(".png") or Path(name).is_absolute() or not stale.is_file() or stale.is_symlink()
+                or not stale.resolve().is_relative_to(inside)):
+            continue  # not a PNG this collection draws, or not inside FOLDER (a linked folder's target)
         stale.unlink()
         parent = stale.parent  # the folders of runs below the root that it leaves empty
-        while parent != folder and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
+        with contextlib.suppress(OSError):
+            while parent != folder and not parent.is_symlink() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
     if names or earlier:
-        atomic_write_text(listing, "".join(f"{name}\n" for name in sorted(names)), through_links=False)
+        atomic_write_text(listing, json.dumps(names) + "\n", through_links=False)
     return len(drawn)
 
 
