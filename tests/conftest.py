@@ -166,6 +166,18 @@ def copy_run(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture(autouse=True)
+def no_stop_signal_yet(monkeypatch):
+    """Every test starts as a process that has received, heard of and left for no stop signal: a program run in this
+    process by an earlier test and stopped for the requeue left signals._leaving set, and the next one's failure was
+    then taken for a requeue."""
+    from clusterlab import signals
+
+    for name, value in (("_received", None), ("_heard", None), ("_deferring", False), ("_leaving", False)):
+        monkeypatch.setattr(signals, name, value)
+    monkeypatch.setattr(signals, "_seen", set())
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished 2-epoch run (checkpoint.pth, checkpoint_ep0001.pth, checkpoint_ep0002.pth, kNN monitor records in

@@ -49,15 +49,16 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
     assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
+    # (--final_lr 0: the config's cosine end, which a step schedule does not read, is refused)
     flat = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
-                      "--schedule", "step", "--lr_drops", 2, "--output_dir", tmp_path / "flat")
+                      "--schedule", "step", "--lr_drops", 2, "--final_lr", 0, "--output_dir", tmp_path / "flat")
     assert_ok(flat)
     assert [line for line in flat.stdout.splitlines() if line.startswith("note: ")] == [
         "note: --schedule step never drops the learning rate (--lr_drops 2 within the run, 2 epochs): it stays at "
         "4.8 after the warm-up"]
     quiet = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
                        "--schedule", "step", "--lr_drops", 1, "--queue_length", 128, "--epoch_queue_starts", 1,
-                       "--output_dir", tmp_path / "quiet")
+                       "--final_lr", 0, "--output_dir", tmp_path / "quiet")
     assert_ok(quiet)
     assert "note: " not in quiet.stdout
 

@@ -44,13 +44,13 @@ if where == "step":
 elif where == "write":
     count = [int(arg)]
     original_write = checkpoint._atomic_write
-    def write_half_then_die(path, data):
+    def write_half_then_die(path, data, *rest):
         count[0] -= 1
         if count[0] == 0:  # what a kill in the middle of the write leaves: half a temporary file
             fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.write(fd, bytes(data)[: len(data) // 2])
             die()
-        return original_write(path, data)
+        return original_write(path, data, *rest)
     checkpoint._atomic_write = write_half_then_die
 elif where == "append":
     count = [int(arg)]

@@ -119,14 +119,16 @@ def refuse_unread_flags(args, defaults, program: str) -> None:
     program's and the method's own defaults: NPID's drops under --schedule cosine were not asked for). Such a flag
     trains what the command without it trains, under a name and a record of its own: a table row per flag with
     the same numbers. `program` names the job in the message ("run", "probe")."""
+    def shown(value) -> str:
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+
     for flag, reader in unread_flags(args).items():
-        value = getattr(args, flag)
+        value, default = getattr(args, flag), defaults.get_default(flag)
         # (no drops at all is what a schedule without drops has: the way to clear a config file's)
-        if value != defaults.get_default(flag) and value != []:
-            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
-                if isinstance(value, bool) else value
-            raise ConfigError(f"--{flag} {shown} does nothing in this {program}: it applies to {reader}; leave it "
-                              f"out")
+        if value != default and value != []:
+            raise ConfigError(f"--{flag} {shown(value)} does nothing in this {program}: it applies to {reader}; "
+                              f"leave it out (one a config file gives: pass --{flag} {shown(default)})")
 
 
 def build_optimizer(params, args) -> torch.optim.Optimizer:
