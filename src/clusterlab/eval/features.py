@@ -159,16 +159,13 @@ def load_run_on_every_rank(run_dir: str | Path, checkpoint_name: str | None, dev
     """Collective: `load_run` on every rank, refused on all of them where one rank cannot load the run (the others
     met its missing collectives: a traceback) or where the ranks loaded different weights (each node reading a copy
     of its own: features of other weights were scored together, and recorded, without a word)."""
-    try:
-        loaded, outcome = load_run(run_dir, checkpoint_name, device), None
-    except Exception as error:  # (any: a rank leaving before the collective below would leave the others waiting)
-        if distributed.world_size() == 1:
-            raise
-        loaded, outcome = error, {"error": (str(error).splitlines() or [type(error).__name__])[0]}
     if distributed.world_size() == 1:
-        return loaded
-    if outcome is None:
+        return load_run(run_dir, checkpoint_name, device)
+    try:
+        loaded = load_run(run_dir, checkpoint_name, device)
         outcome = {"weights": checkpoint.weights_digest(loaded.method)}
+    except Exception as error:  # (any: a rank leaving before the collective below would leave the others waiting)
+        loaded, outcome = error, {"error": (str(error).splitlines() or [type(error).__name__])[0]}
     outcomes = [json.loads(text) for text in distributed.every_ranks_text(json.dumps(outcome))]
     if isinstance(loaded, Exception):
         raise loaded  # this rank's own error

@@ -76,9 +76,9 @@ def parse_args(kind: str, argv=None):
     parser = get_args_parser(kind)
     args = config.parse(parser, argv, extend=lambda parser, known: add_method_args(kind, parser, known))
     # against the method's own defaults, not a config file's (config.parse made those the parser's defaults)
-    defaults = get_args_parser(kind)
-    add_method_args(kind, defaults, {"method": args.method})
-    optim.refuse_unread_flags(args, defaults, "run")
+    from . import PROGRAMS
+
+    optim.refuse_unread_flags(args, PROGRAMS[PROGRAM[kind]].parser({"method": args.method}), "run")
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
     return args
 
