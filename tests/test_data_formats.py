@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import os
 import pickle
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -845,6 +846,19 @@ def test_image_files_in_no_class_folder_are_named_once(tmp_path, capsys):
     assert f"note: 2 image file(s) lie directly in {str(tmp_path / 'train')!r}, in no class folder (first: a.PNG): " \
            f"left out" in out
     assert len(first) == 4
+
+
+def test_a_folder_with_both_val_and_test_says_which_it_evaluates_on(tmp_path, capsys):
+    """val/ is taken before test/; with both present, the test/ images were left out without a word."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2)
+    shutil.copytree(tmp_path / "val", tmp_path / "test")
+    (next((tmp_path / "test").rglob("*.png"))).unlink()
+    for split in ("train", "test", "test"):
+        registry.load("imagefolder", split, str(tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("note: ") == 1
+    assert f"note: {str(tmp_path)!r} has both val/ and test/: the evaluations use val/ (test/ is left out)" in out
+    assert len(registry.load("imagefolder", "test", str(tmp_path))) == 4
 
 
 def test_imagefolder_grey_with_alpha_is_one_channel(tmp_path):

@@ -338,7 +338,10 @@ STATS_SAMPLE = 2000
 def _folder_split(path: Path, split: str) -> Path | None:
     """DATA_PATH/train, or DATA_PATH/val (else test) for the test split; None when absent."""
     names = {"train": ("train",), "test": ("val", "test")}[split]
-    return next((path / name for name in names if (path / name).is_dir()), None)
+    found = [path / name for name in names if (path / name).is_dir()]
+    if len(found) > 1:
+        _note_once(f"note: {str(path)!r} has both val/ and test/: the evaluations use val/ (test/ is left out)")
+    return found[0] if found else None
 
 
 def _named(folders: list, shown: int = 3) -> str:
