@@ -233,6 +233,26 @@ def test_a_probe_below_the_run_gets_its_accuracy_drawn_beside_the_run_and_an_emp
         "run.png", f"run/{probe.name}.png"]
 
 
+def test_damaged_lines_in_the_middle_of_a_log_are_named_and_a_last_line_cut_short_is_not(tiny_run, tmp_path):
+    """A line in the middle of a log that is not a record (a hand edit, a disk fault) was left out of the curves
+    without a word; a last line without its newline is one a crash cut short (the resumed run drops it) or one
+    being written."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    damaged = [*lines[:2], '{"epoch": 0, "st', "", "[1, 2]", *lines[2:], '{"epoch": 1, "step": 13, "glo']
+    (run / "train_log.jsonl").write_text("\n".join(damaged))
+    drawn = curves.read_curves(run)
+    assert drawn.damaged_lines == [3, 5]
+    assert drawn.loss.tolist() == curves.read_curves(tiny_run).loss.tolist()
+    out = tmp_path / "out"
+    result = run_script("collect_results.py", "--root", run, "--out", out, "--published", "", "--plots", "false")
+    assert_ok(result)
+    assert (f"warning: {run / 'train_log.jsonl'}: 2 line(s) that are not JSON records (line 3, 5): left out of its "
+            f"curves") in result.stderr
+    (run / "train_log.jsonl").write_text("\n".join([*lines, '{"epoch": 1, "st']) + "\n")
+    assert curves.read_curves(run).damaged_lines == [len(lines) + 1]  # ended by a newline: not cut short
+
+
 def test_a_root_with_only_logs_without_a_step_writes_nothing_and_says_so(tmp_path):
     """It printed " written to ROOT/tables/" (a sentence without a subject) and left an empty folder there."""
     (tmp_path / "runs" / "starting").mkdir(parents=True)

@@ -11,6 +11,7 @@ its first epoch has neither: its curves are drawn against steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Curves:
     monitor_label: str = ""                         # its k, temperature and train features
     # a linear probe's log has its test accuracy after each epoch in the monitor's place
     monitor_name: str = "kNN monitor"
+    damaged_lines: list = field(default_factory=list)  # numbers of the log's lines that are not records (left out)
 
 
 def steps_per_epoch(records: list[dict]) -> int | None:
@@ -117,7 +119,8 @@ def read_curves(run_dir: str | os.PathLike) -> Curves:
     path = Path(run_dir) / "train_log.jsonl"
     if not path.exists():  # a link to nowhere (read_jsonl takes a missing log for an empty one)
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-    return training_curves(rundir.read_jsonl(path))
+    records, damaged = rundir.read_jsonl_and_damage(path)
+    return dataclasses.replace(training_curves(records), damaged_lines=damaged)
 
 
 def draw(curves: Curves, title: str, path: str | os.PathLike, dpi: int = 100) -> None:

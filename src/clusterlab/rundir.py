@@ -119,22 +119,36 @@ def is_number(value) -> bool:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file; a line cut short by a crash, or one that is not a JSON object, is skipped
     (bytes that are not UTF-8 become U+FFFD, so only their line is lost)."""
+    return read_jsonl_and_damage(path)[0]
+
+
+def read_jsonl_and_damage(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """read_jsonl's records, and the numbers (from 1) of the lines it skipped that a crash does not explain: a last
+    line without its newline is one cut short (or still being written), the line after it begins with a record."""
     try:
-        return _parse_lines(Path(path).read_text(errors="replace").splitlines())
+        text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
-        return []
+        return [], []
+    lines = text.splitlines()
+    records, skipped = _parse_lines(lines)
+    if skipped and skipped[-1] == len(lines) and not text.endswith("\n"):
+        skipped.pop()
+    return records, skipped
 
 
-def _parse_lines(lines: list[str]) -> list[dict]:
-    records = []
-    for line in lines:
+def _parse_lines(lines: list[str]) -> tuple[list[dict], list[int]]:
+    """The JSON objects among `lines`, and the numbers (from 1) of the other lines that are not blank."""
+    records, skipped = [], []
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            record = None
         if isinstance(record, dict):
             records.append(record)
-    return records
+        elif line.strip():
+            skipped.append(number)
+    return records, skipped
 
 
 def position_words(epoch, step, steps_per_epoch: int | None = None) -> str:
@@ -167,7 +181,7 @@ def truncate_train_log(run_dir: str | os.PathLike, epoch: int, global_step: int)
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    records = _parse_lines(lines)
+    records, _ = _parse_lines(lines)
 
     def before_resume_point(record: dict) -> bool:
         if "global_step" in record and not record.get("epoch_end"):

@@ -205,6 +205,10 @@ def write_curves(run_dir: Path, root: Path, folder: Path) -> Path | None:
         warnings.warn(f"{printable(str(run_dir / 'train_log.jsonl'))}: cannot be read ({err.strerror}): no curves "
                       f"for it")
         return None
+    if drawn.damaged_lines:
+        shown = ", ".join(map(str, drawn.damaged_lines[:3])) + (" ..." if len(drawn.damaged_lines) > 3 else "")
+        warnings.warn(f"{printable(str(run_dir / 'train_log.jsonl'))}: {len(drawn.damaged_lines)} line(s) that are "
+                      f"not JSON records (line {shown}): left out of its curves")
     if not len(drawn.x):
         print(f"note: {run_dir / 'train_log.jsonl'} holds no training step: no curves for it")
         return None
