@@ -231,6 +231,11 @@ CASES += [
     ("main_pretrain.py", cycle, ["makes a cycle"], "config-base-cycle"),
     ("main_pretrain.py", lambda t: [*TINY, "--amp", "fp32"], ["--amp", "'fp32'", "choose from"], "flag-amp-choice"),
     ("main_cluster.py", lambda t: ["--method", "sela", "--hc", "0"], ["--hc", "'0'"], "flag-zero-heads"),
+    # a head of one class trained to losses of 0 and "finished"
+    ("main_cluster.py", lambda t: ["--method", "sela", "--head_classes", "1"],
+     ["--head_classes", "'1' classes: a head needs 2 or more"], "flag-one-class-head"),
+    ("main_cluster.py", lambda t: ["--method", "scan", "--head_classes", "1"],
+     ["--head_classes", "'1' classes: a head needs 2 or more (or 0: the dataset's)"], "flag-one-class-head-scan"),
     ("main_pretrain.py", lambda t: [*TINY, "--device", "cuda", "--output_dir", t / "run"],
      ["--device cuda", "no CUDA device"], "device-without-cuda"),
     # data
@@ -472,3 +477,26 @@ def test_a_full_disks_advice_names_flags_of_the_program_itself(script):
     message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "x"), program.output_flag)
     named = re.findall(r"--\w+", message)
     assert named and set(named) <= own, (named, message)
+
+
+@pytest.mark.parametrize("program", ["eval_knn", "eval_cluster"])
+@pytest.mark.parametrize("method", ["sela", "scan", "scan_selflabel", "swav", "npid"])
+def test_the_embedding_of_a_method_without_one_is_refused(program, method):
+    """SeLa and SCAN have no embedding besides their backbone: `--features embedding` scored the backbone and recorded
+    it as an embedding (a second table row of the same numbers). launch.py asks the same before it submits."""
+    from clusterlab.methods import METHODS
+    from clusterlab.methods.base import Method
+    from clusterlab.errors import ConfigError
+    from clusterlab.programs import eval_cluster, eval_knn
+
+    module = {"eval_knn": eval_knn, "eval_cluster": eval_cluster}[program]
+    args = module.get_args_parser().parse_args(["--features", "embedding", "--assignment", "kmeans"]
+                                               if program == "eval_cluster" else ["--features", "embedding"])
+    has_one = METHODS[method].embedding is not Method.embedding
+    assert has_one == (method in ("swav", "npid"))
+    if has_one:
+        module.check_flags(args, METHODS[method])
+    else:
+        with pytest.raises(ConfigError, match=rf"^--features embedding: method '{method}' has no embedding of its "
+                                              rf"own, only its backbone features \(use --features backbone\)$"):
+            module.check_flags(args, METHODS[method])

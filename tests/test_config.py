@@ -68,7 +68,7 @@ def test_unknown_key_is_refused_by_name(tmp_path, values, key):
 
 @pytest.mark.parametrize("key, value, words", [
     ("width", [1, 2], "expected one value, got list"),       # a list for an int
-    ("lr", "abc", "invalid float value: 'abc'"),             # a string for a float
+    ("lr", "abc", "invalid float value: 'abc' (give a number)"),             # a string for a float
     ("epochs", 2.5, "expected an integer, got 2.5"),         # int(2.5) would silently be 2
     ("width", True, "expected a number"),                    # int(True) would silently be 1
     ("lr", False, "expected a number"),
@@ -186,7 +186,8 @@ def test_missing_config_file_is_refused(tmp_path):
     ("main_pretrain", ["--lr", "-0.1"], ["--lr", "'-0.1'", "negative"]),
     ("main_pretrain", ["--log_every", "0"], ["--log_every", "'0'"]),
     ("main_pretrain", ["--width", "0"], ["--width", "'0'"]),
-    ("main_pretrain", ["--width", "four"], ["--width", "invalid int value: 'four'"]),
+    ("main_pretrain", ["--width", "four"], ["--width", "invalid int value: 'four' (give a whole number)"]),
+    ("eval_cluster", ["--clusters", "10.5"], ["--clusters", "invalid int value: '10.5' (give a whole number)"]),
     ("eval_knn", ["--k", "0"], ["--k", "'0'"]),
     ("eval_knn", ["--temperature", "0"], ["--temperature", "'0'", "positive number"]),
     ("eval_knn", ["--temperature", "inf"], ["--temperature", "'inf'", "not a finite number"]),

@@ -79,9 +79,9 @@ def test_pretrain_evaluate_and_collect(tiny_run, tmp_path):
     assert (k20["protocol"]["clusters"], k20["protocol"]["mapping"]) == (20, "majority")  # over-clustering
     assert k10["protocol"]["superclass"] is False and k10["protocol"]["features"] == "backbone"
     assert set(k10["metrics"]) == {"acc", "nmi", "ami", "ari"}
-    assert (run / "kmeans_k10_checkpoint_test_confusion.png").stat().st_size > 0
-    assert (run / "kmeans_k20_checkpoint_test_confusion.png").exists()
-    assert (run / "kmeans_k20_checkpoint_test_samples.png").stat().st_size > 0
+    assert (run / "kmeans_k10_restarts2_checkpoint_test_confusion.png").stat().st_size > 0
+    assert (run / "kmeans_k20_restarts2_checkpoint_test_confusion.png").exists()
+    assert (run / "kmeans_k20_restarts2_checkpoint_test_samples.png").stat().st_size > 0
 
     [baseline] = records(pixels)
     assert_record_shape(baseline)
@@ -280,25 +280,31 @@ def test_a_checkpoint_of_another_directory_evaluated_again_is_skipped(tiny_run, 
 
 def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny_run, tmp_path, capsys):
     """The k-means seed is in the protocol where it is not the default (records made before name none), and the
-    figures of other settings (seed, features, a split fitted on) keep their own names; --clusters 10 10 is one
-    evaluation."""
+    figures of other settings (seed, features, a split fitted on, restarts, the test view) keep their own names;
+    --clusters 10 10 is one evaluation."""
     run = copy_run(tiny_run, tmp_path / "run")
     cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1]
     evaluate(*cluster, "--clusters", 10, 10)
-    figure = run / "kmeans_k10_checkpoint_test_confusion.png"
+    figure = run / "kmeans_k10_restarts1_checkpoint_test_confusion.png"
     default_figure = figure.read_bytes()
     evaluate(*cluster, "--seed", 5)
     evaluate(*cluster, "--features", "embedding", "--fit_on", "test")
     assert "already recorded" not in capsys.readouterr().out
     assert [r["protocol"].get("seed") for r in records(run)] == [None, 5, None]
     assert figure.read_bytes() == default_figure
-    assert (run / "kmeans_k10_seed5_checkpoint_test_confusion.png").is_file()
-    assert (run / "kmeans_k10_embedding_fit-test_checkpoint_test_confusion.png").is_file()
+    assert (run / "kmeans_k10_seed5_restarts1_checkpoint_test_confusion.png").is_file()
+    assert (run / "kmeans_k10_embedding_fit-test_restarts1_checkpoint_test_confusion.png").is_file()
     evaluate(*cluster, "--seed", 5)
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
     evaluate(*cluster, "--checkpoint", tiny_run / "checkpoint.pth")  # another directory's file
     assert figure.read_bytes() == default_figure
-    assert len(list(run.glob("kmeans_k10_from*_checkpoint_test_confusion.png"))) == 1
+    assert len(list(run.glob("kmeans_k10_restarts1_from*_checkpoint_test_confusion.png"))) == 1
+    # another number of restarts and another test view: figures of their own (one replaced the other)
+    evaluate(*cluster, "--restarts", 2)
+    evaluate(*cluster, "--eval_crop", 6)
+    assert figure.read_bytes() == default_figure
+    assert (run / "kmeans_k10_restarts2_checkpoint_test_confusion.png").is_file()
+    assert (run / "kmeans_k10_restarts1_crop6_checkpoint_test_confusion.png").is_file()
 
 
 def reference_kmeans(fit_x: torch.Tensor, scored_x: torch.Tensor, labels: torch.Tensor, restarts: int) -> dict:

@@ -127,6 +127,16 @@ def test_superclass_metrics_with_fewer_clusters_than_fine_classes():
     assert got["acc"] == 7 / 8  # only the last sample (superclass 0 in c1 -> superclass 1) is wrong
 
 
+def test_a_cluster_matched_to_a_fine_class_the_split_lacks_predicts_no_superclass():
+    """Four fine classes, 0 and 3 absent from the scored split (num_fine from the dataset); three clusters. The
+    Hungarian match gives c0 -> 1, c1 -> 2 and c2 to an absent class: its samples (one of superclass 0, one of 1)
+    are wrong whatever their superclass. An absent class read as superclass 0 made the first right: ACC 0.9."""
+    fine = np.array([1, 1, 1, 1, 2, 2, 2, 2, 1, 2])
+    coarse = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 0])
+    pred = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    assert superclass_metrics(fine, coarse, pred, num_clusters=3, num_fine=4)["acc"] == 0.8
+
+
 @pytest.mark.slow  # scikit-learn's KMeans asks a subprocess for the number of physical cores
 def test_kmeans_is_fitted_on_the_fit_split_and_only_assigns_the_other():
     """Two tight clusters to fit on, then points of only one of them, spread far along y: assigned, they all fall in

@@ -219,10 +219,11 @@ def test_a_superclass_row_gets_no_published_number():
 @pytest.mark.parametrize("protocol", [
     {"clusters": 100, "mapping": "majority"},   # over-clustering: more clusters score higher
     {"selection": "all-heads", "head": 3},      # a head other than the chosen one
+    {"assignment": "kmeans"},                   # k-means on the features of a method whose paper gives its head's
 ])
 def test_rows_measuring_something_else_than_the_papers_number_get_none(protocol):
-    """A 100-cluster majority ACC and a head that was not chosen got the 10-cluster ACC a paper gives, and a diff
-    beside it. (The split is not compared: EmbedUL's paper gives its ACC on the training split.)"""
+    """A 100-cluster majority ACC, a head that was not chosen and k-means on a SCAN run's backbone got the 10-cluster
+    ACC a paper gives for its chosen head, and a diff beside it. (The split is not compared: EmbedUL's paper gives its ACC on the training split.)"""
     base = {"clusters": 10, "fit_on": "train", "selection": "last", "superclass": False, "mapping": "hungarian",
             "split": "test"}
     records = [record(0, acc=0.85, protocol=base), record(0, acc=0.95, protocol={**base, **protocol})]
@@ -793,24 +794,29 @@ def test_a_trained_run_without_its_config_is_of_unknown_code_and_an_unreadable_o
 
 
 def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_runs_says_so(tmp_path):
-    """A JSON true counted as 100 %, and a metric one seed's record lacks was averaged over the others while n
-    counted them all, without a word."""
+    """A JSON true counted as 100 %, an ACC of 1.5 (a percentage written by hand, or a fraction over 1) as 150, and a
+    metric one seed's record lacks was averaged over the others while n counted them all, without a word."""
     root = tmp_path / "runs"
-    write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5, nmi=0.4)
-    write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True)
+    write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5, nmi=0.4, ari=-0.1)
+    write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True, ari=-1.5)
     write_run(root, "s2", CLEAN, CLEAN, seed=2, epoch=10, acc=float("nan"), nmi=float("inf"))
+    write_run(root, "s3", CLEAN, CLEAN, seed=3, epoch=10, acc=1.5, nmi=-0.01)
     with pytest.warns(UserWarning) as caught:
         frame = results.records_frame(results.read_records(root))
     said = [str(warning.message) for warning in caught]
-    for run, metric, value in (("s1", "acc", "True"), ("s2", "acc", "nan"), ("s2", "nmi", "inf")):
-        assert any(f"{run}/metrics.jsonl: the {metric} of checkpoint.pth at epoch 10 is {value}, not a finite number: "
-                   f"left out" in line for line in said), (run, metric, said)
+    for run, metric, value, valid in (("s1", "acc", "True", "[0, 1]"), ("s2", "acc", "nan", "[0, 1]"),
+                                      ("s2", "nmi", "inf", "[0, 1]"), ("s3", "acc", "1.5", "[0, 1]"),
+                                      ("s3", "nmi", "-0.01", "[0, 1]"), ("s1", "ari", "-1.5", "[-1, 1]")):
+        assert any(f"{run}/metrics.jsonl: the {metric} of checkpoint.pth at epoch 10 is {value}, not a fraction in "
+                   f"{valid}: left out" in line for line in said), (run, metric, said)
+    assert len(said) == 6  # s0's ARI below chance is one
     with pytest.warns(UserWarning) as caught:
         table = results.aggregate(frame)
     said = [str(warning.message) for warning in caught]
-    assert any("its acc averages 1 of its 3 runs" in line for line in said)
-    assert any("its nmi averages 1 of its 3 runs" in line for line in said)
-    assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist()) == ([3], [50.0], [40.0])
+    assert any("its acc averages 1 of its 4 runs" in line for line in said)
+    assert any("its nmi averages 1 of its 4 runs" in line for line in said)
+    assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist(),
+            table["ari_mean"].tolist()) == ([4], [50.0], [40.0], [-10.0])
 
 
 def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule_it_trained_with(tmp_path):

@@ -100,7 +100,7 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True, feat
     add_data_args(parser, default_dataset=None)
     if features:
         group.add_argument("--features", choices=["backbone", "embedding"], default="backbone",
-                           help="backbone features, or the method's own normalised embedding")
+                           help="backbone features, or the method's own normalised embedding (SeLa and SCAN have none)")
     if batch_size:
         group.add_argument("--batch_size", type=positive_int, default=512, help="images per forward pass")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

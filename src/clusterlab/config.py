@@ -70,6 +70,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def class_count(text: str) -> int:
+    """A head's number of classes: one class is one answer for every image, nothing to learn (losses of 0)."""
+    value = _number(int, text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more")
+    return value
+
+
+def class_count_or_dataset(text: str) -> int:
+    """class_count, or 0 for the dataset's number of classes."""
+    value = _number(int, text)
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more (or 0: the dataset's)")
+    return value
+
+
 def seed(text: str) -> int:
     """A random seed every generator here takes (numpy's and scikit-learn's stop at 2^32 - 1)."""
     value = _number(int, text)
@@ -118,7 +134,8 @@ def _number(kind, text):
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        wanted = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r} (give {wanted})") from None
     if not math.isfinite(value):  # records are JSON, which has no inf or nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value

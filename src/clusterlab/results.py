@@ -241,6 +241,8 @@ def run_path(run_dir: Path, root: Path) -> str:
 
 
 METRIC_COLUMNS = ("top1", "top5", "best_top1_on_test", "acc", "nmi", "ami", "ari")
+# Every metric is a fraction in [0, 1] but the chance-adjusted ones, negative below chance (ARI from -0.5).
+METRIC_LOWEST = {"ami": -1.0, "ari": -1.0}
 GROUP_COLUMNS = ("dataset", "method", "backbone", "epoch", "eval")
 # One state of the weights: checkpoint.pth and checkpoint_epNNNN.pth saved together at the end of epoch NNNN are the
 # same (the tables hold epochs' ends only: see records_frame).
@@ -447,11 +449,13 @@ def records_frame(records: list[dict]):
         row["protocol"] = protocol_label(protocol)
         for key in METRIC_COLUMNS:
             value = record["metrics"].get(key)
-            finite = rundir.is_number(value) and math.isfinite(value)
-            if value is not None and not finite:
+            low = METRIC_LOWEST.get(key, 0.0)
+            usable = rundir.is_number(value) and math.isfinite(value) and low <= value <= 1.0
+            if value is not None and not usable:
                 warnings.warn(f"{record.get('_file')}: the {key} of {record.get('checkpoint')} at epoch "
-                              f"{record.get('epoch')} is {value!r}, not a finite number: left out", stacklevel=2)
-            row[key] = 100.0 * value if finite else None
+                              f"{record.get('epoch')} is {value!r}, not a fraction in [{low:g}, 1]: left out",
+                              stacklevel=2)
+            row[key] = 100.0 * value if usable else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -681,11 +685,12 @@ def attach_published(table, published):
 def comparable_protocol(label, eval_kind: str) -> bool:
     """Whether a row's protocol (its table label) measures what a paper's number for the dataset does: not a
     superclass ACC (CIFAR-100's 20 superclasses), not clusters mapped to classes by majority (over-clustering,
-    which scores higher the more clusters), not a head other than the chosen one (`selection=all-heads`), and not a
-    `--cached_features` linear probe. (The split is not compared: EmbedUL publishes its ACC on the training split,
-    which `eval_cluster.py --split train` scores; `source` names the paper's.)"""
+    which scores higher the more clusters), not a head other than the chosen one (`selection=all-heads`), not k-means
+    on a run's features (`assignment=kmeans`: each cluster number the papers give, and published.csv holds, is their
+    trained head's), and not a `--cached_features` linear probe. (The split is not compared: EmbedUL publishes its
+    ACC on the training split, which `eval_cluster.py --split train` scores; `source` names the paper's.)"""
     parts = str(label).split()
-    return not ({"superclass", "mapping=majority", "selection=all-heads"} & set(parts)
+    return not ({"superclass", "mapping=majority", "selection=all-heads", "assignment=kmeans"} & set(parts)
                 or (eval_kind == "linear" and cached_probe(label)))
 
 

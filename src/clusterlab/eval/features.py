@@ -93,6 +93,14 @@ def recorded_view(view: dict) -> dict:
     return {"data": None, "eval_resize": None, "eval_crop": None, **view}
 
 
+def refuse_missing_embedding(args: argparse.Namespace, method: type) -> None:
+    """--features embedding of a method with no embedding of its own scored its backbone features, recorded as an
+    embedding's (a second row of the same numbers)."""
+    if getattr(args, "features", None) == "embedding" and method.embedding is Method.embedding:
+        raise ConfigError(f"--features embedding: method {method.name!r} has no embedding of its own, only its "
+                          f"backbone features (use --features backbone)")
+
+
 def checkpoint_path(run_dir: str | Path, requested: str | None) -> Path:
     """--checkpoint: a bare file name is the run directory's file of that name (default checkpoint.pth), whatever
     the current directory holds; a path (with a directory part) is that file."""

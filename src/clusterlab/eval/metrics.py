@@ -74,7 +74,9 @@ def superclass_metrics(y_true_fine, y_true_coarse, y_pred, num_clusters: int | N
     """
     fine, coarse, y_pred = _as_labels(y_true_fine), _as_labels(y_true_coarse), _as_labels(y_pred)
     num_fine = max(num_fine or 0, int(fine.max()) + 1)
-    fine_to_coarse = np.zeros(num_fine, dtype=np.int64)
+    # -1 for a fine class the scored split lacks: a cluster matched to it predicts no superclass (it gave superclass
+    # 0 to its samples, right for those of superclass 0)
+    fine_to_coarse = np.full(num_fine, -1, dtype=np.int64)
     fine_to_coarse[fine] = coarse
     mapping, _ = cluster_mapping(fine, y_pred, num_clusters, num_fine)
     matched = mapping[y_pred]

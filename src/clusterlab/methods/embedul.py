@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import bool_flag, non_negative_float, non_negative_int, positive_float, positive_int
+from ..config import bool_flag, class_count_or_dataset, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.iic import iic_loss
 from ..losses.superand import aug_loss
@@ -48,7 +48,7 @@ class EmbedUL(ClusterMethod):
         group.add_argument("--embed_dim", "--low_dim", type=positive_int, default=128,
                            help="embedding size (Super-AND's)")
         group.add_argument("--num_heads", type=positive_int, default=5)
-        group.add_argument("--head_classes", type=non_negative_int, default=0,
+        group.add_argument("--head_classes", type=class_count_or_dataset, default=0,
                            help="classes of every head (0: the dataset's)")
         group.add_argument("--head_t", type=positive_float, default=0.1, help="tau_c of the normalized-FC heads")
         group.add_argument("--head_norm", choices=["feature", "class"], default="feature",

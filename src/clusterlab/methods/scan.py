@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import non_negative_float, non_negative_int, positive_int
+from ..config import class_count_or_dataset, non_negative_float, non_negative_int, positive_int
 from ..data.augment import EvalView, refuse_oversized
 from ..data.loader import resident
 from ..data.randaugment import StrongAugment
@@ -56,7 +56,7 @@ class SCAN(ClusterMethod):
         group = parser.add_argument_group("scan")
         group.add_argument("--num_heads", type=positive_int, default=1,
                            help="clustering heads (1 in upstream's CIFAR and STL-10 recipes, 10 for ImageNet)")
-        group.add_argument("--head_classes", type=non_negative_int, default=0,
+        group.add_argument("--head_classes", type=class_count_or_dataset, default=0,
                            help="classes of every head (0: the dataset's)")
         group.add_argument("--num_neighbours", "--num_neighbors", type=positive_int, default=20,
                            help="K nearest neighbours mined for every training image")

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import bool_flag, non_negative_int, probability
+from ..config import bool_flag, class_count_or_dataset, probability
 from ..data.augment import eval_view
 from ..data.randaugment import StrongAugment
 from ..errors import ConfigError
@@ -58,7 +58,7 @@ class SCANSelfLabel(ClusterMethod):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("scan_selflabel")
-        group.add_argument("--head_classes", type=non_negative_int, default=0,
+        group.add_argument("--head_classes", type=class_count_or_dataset, default=0,
                            help="classes of the head (0: the dataset's; the scan run's head must have as many)")
         group.add_argument("--confidence_threshold", type=probability, default=0.99,
                            help="a weak view's largest probability must exceed it for a pseudo-label")

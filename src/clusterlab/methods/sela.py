@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import positive_float, positive_int
+from ..config import class_count, positive_float, positive_int
 from ..data import loader as data_loader
 from ..data.augment import eval_view
 from ..errors import ConfigError
@@ -105,7 +105,7 @@ class SeLa(ClusterMethod):
     def add_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("sela")
         group.add_argument("--num_heads", "--hc", type=positive_int, default=10, help="number of heads")
-        group.add_argument("--head_classes", "--ncl", type=positive_int, default=128, help="classes of every head")
+        group.add_argument("--head_classes", "--ncl", type=class_count, default=128, help="classes of every head")
         group.add_argument("--lamb", type=positive_float, default=10.0,
                            help="Sinkhorn's lambda, the power of P (10 CIFAR, 25 ImageNet)")
         group.add_argument("--nopts", type=positive_int, default=400,

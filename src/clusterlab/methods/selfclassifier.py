@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import bool_flag, non_negative_int, positive_float, positive_int
+from ..config import bool_flag, class_count, non_negative_int, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.selfclassifier import self_classifier_loss
 from ..models import build_backbone
@@ -124,7 +124,7 @@ class SelfClassifier(ClusterMethod):
         group.add_argument("--sc_version", choices=VERSIONS, default="v2",
                            help="v2: ECCV loss, learnable weight-normalised heads; v1: the CIFAR code's fixed "
                                 "orthonormal heads, one temperature, no prior normalisation")
-        group.add_argument("--head_classes", "--cls_size", type=positive_int, nargs="+", default=[1000],
+        group.add_argument("--head_classes", "--cls_size", type=class_count, nargs="+", default=[1000],
                            help="classes of each head (one size: repeated --num_heads times)")
         group.add_argument("--num_heads", "--num_cls", type=positive_int, default=1,
                            help="number of heads of one --head_classes size")

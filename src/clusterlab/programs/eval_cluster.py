@@ -25,10 +25,13 @@ from ..config import bool_flag
 from ..engine import found_on_every_rank, max_over_ranks
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
-                             open_pixel_baseline, pixels, recorded_view, require_finite, view_words)
+                             open_pixel_baseline, pixels, recorded_view, refuse_missing_embedding, require_finite,
+                             view_words)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
+
+DEFAULT_RESTARTS = 10
 
 
 def get_args_parser():
@@ -44,7 +47,7 @@ def get_args_parser():
     parser.add_argument("--clusters", type=config.positive_int, nargs="*", default=[],
                         help="k-means: numbers of clusters (default: the number of classes)")
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
-    parser.add_argument("--restarts", type=config.positive_int, default=10, help="k-means++ restarts")
+    parser.add_argument("--restarts", type=config.positive_int, default=DEFAULT_RESTARTS, help="k-means++ restarts")
     parser.add_argument("--fit_size", type=config.positive_int, default=None,
                         help="fit k-means on this many images of the fit split, drawn with --seed (default: all), "
                              "then assign the scored split (as faiss samples 256 images per centroid). "
@@ -122,6 +125,7 @@ def check_flags(args, method: type) -> None:
     if args.assignment == "heads" and method.program_kind != "cluster":
         raise ConfigError(f"--assignment heads: method {method.name!r} has no heads (give --assignment kmeans or "
                           f"auto)")
+    refuse_missing_embedding(args, method)
     defaults = get_args_parser()
     given = [key for key in KMEANS_FLAGS if getattr(args, key) != defaults.get_default(key)]
     if given and scored_by_heads(args, method):
@@ -169,7 +173,8 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
         settings = [feature_kind if feature_kind not in ("backbone", "pixels") else "",
                     "fit-test" if args.fit_on == "test" else "", f"fit{fit_size}" if fit_size else "",
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
-                    f"seed{args.seed}" if args.seed else ""]
+                    f"seed{args.seed}" if args.seed else "",
+                    f"restarts{args.restarts}" if args.restarts != DEFAULT_RESTARTS else "", *view_settings(args)]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
                f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on}, {view_label})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
@@ -234,7 +239,7 @@ def heads(args, ctx, evaluation, scored_set):
             marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                    sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {view_label})",
-                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name),
+                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name, view_settings(args)),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:
             print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "
@@ -248,6 +253,11 @@ def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, sett
     parts = [scored_set.name if scored_set.name != run_args.dataset else "", *settings,
              foreign_checkpoint_tag(checkpoint_name)]
     return tag + "".join(f"_{part}" for part in parts if part)
+
+
+def view_settings(args) -> list[str]:
+    """The test view's flags where given, for figure_tag (a record names its view; the figure's name did not)."""
+    return [f"crop{args.eval_crop}" if args.eval_crop else "", f"resize{args.eval_resize}" if args.eval_resize else ""]
 
 
 def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, bases, title, tag,
