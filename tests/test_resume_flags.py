@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from clusterlab import distributed, engine
 from clusterlab.data import load
@@ -91,6 +92,15 @@ def test_a_std_given_alone_is_the_one_trained_with_on_resume_and_on_a_pretrained
                          "--std", "0.3", "--output_dir", scan))
     info = checkpoint.load(scan / "checkpoint.pth")["data_info"]
     assert (list(info["mean"]), list(info["std"])) == (list(saved["mean"]), [0.3])
+    # resumed without --pretrained it goes on with the statistics its config.yaml records: it said they changed to
+    # none (and the tables made it a recipe of its own), while it trained with them
+    resumed = run_script("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", "4", "--batch_size",
+                         "64", "--size_crops", "8", "--epochs", "2", "--device", "cpu", "--output_dir", scan)
+    assert_ok(resumed)
+    assert "--mean" not in resumed.stdout and "--std" not in resumed.stdout
+    config = yaml.safe_load((scan / "config.yaml").read_text())
+    assert (config["args"]["mean"], config["args"]["std"]) == (list(saved["mean"]), [0.3])
+    assert "std" not in str(config.get("resume_changes"))
 
 
 def test_a_resume_reading_another_folder_says_so(tmp_path):

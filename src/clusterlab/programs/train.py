@@ -92,7 +92,8 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
     pretrained = getattr(args, "pretrained", None)
     if (args.mean and args.std) or not (pretrained or own.exists()):
         return args.mean, args.std
-    saved = pretrained_normalisation(found[1] if found else checkpoint.load(own, kind=kind, mmap=True))
+    state = found[1] if found else checkpoint.load(own, kind=kind, mmap=True)
+    saved = pretrained_normalisation(state)
     if len(saved[0]) != train_set.channels:
         if found:
             raise ConfigError(f"--pretrained {pretrained!r} was trained on images of {len(saved[0])} channel(s), "
@@ -103,6 +104,10 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
     chosen = (args.mean or saved[0], args.std or saved[1])
     if pretrained:
         args.mean, args.std = chosen
+    else:  # a resume goes on with the flags its run recorded (a second stage's are its first stage's statistics):
+        # left empty, they read as changed on resume, and the tables made the run a recipe of its own
+        recorded = state.get("args") or {}
+        args.mean, args.std = args.mean or list(recorded.get("mean") or []), args.std or list(recorded.get("std") or [])
     return chosen
 
 
