@@ -25,7 +25,7 @@ from clusterlab.ops.knn import dataset_neighbours
 from clusterlab.programs.train import parse_args
 import fabricate
 from conftest import TINY as TINY_SWAV
-from conftest import HostCopies, assert_ok, copy_run, entry_module, run_script
+from conftest import HostCopies, assert_ok, assert_user_error, copy_run, entry_module, run_script
 from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 from test_amp import images
 from test_resume import assert_same_tensors
@@ -748,3 +748,20 @@ def test_a_stage_two_on_another_datasets_run_says_so(tiny_run, tmp_path):
     assert (f"note: --pretrained {str(tiny_run)!r} was trained on digits, this run trains on fashion_mnist: it "
             f"starts from weights learnt on the other images, and normalises with mean [") in result.stdout
     assert image_source("cifar100_20") == image_source("cifar100") != image_source("cifar10")
+
+
+def test_a_pretrained_run_that_diverged_is_refused_before_mining(tiny_run, tmp_path):
+    """Weights that are finite but overflow (a run that diverged at an epoch's last step saved them): the neighbours
+    were mined from NaN features without a word, and the run stopped at its first step blaming its own loss."""
+    from clusterlab import checkpoint
+
+    diverged = copy_run(tiny_run, tmp_path / "diverged")
+    state = checkpoint.load(diverged / "checkpoint.pth")
+    state["model"] = {name: value * 1e30 if name.startswith("backbone.") and value.is_floating_point() else value
+                      for name, value in state["model"].items()}
+    checkpoint.save(state, diverged / "checkpoint.pth", kind=state["kind"], method=state["method"])
+    result = run_script("main_cluster.py", "--method", "scan", "--dataset", "digits", "--width", "4", "--batch_size",
+                        "64", "--size_crops", "8", "--epochs", "1", "--device", "cpu", "--pretrained", diverged,
+                        "--output_dir", tmp_path / "scan")
+    assert_user_error(result, "main_cluster.py", f"the backbone of --pretrained {str(diverged)!r} gives non-finite "
+                      f"features for 898 of 898 training images", "the run diverged", "no neighbours to mine")
