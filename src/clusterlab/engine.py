@@ -51,6 +51,7 @@ from .data.registry import DATASETS, lacks_test_split, resolve_path
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
+from .models import training_mode
 from .models.batchnorm import convert_sync_batchnorm, share_norm_statistics
 from .optim import build_optimizer, build_schedule, set_lr, unread_flags
 from .results import NOT_SETTINGS, foreign_checkpoint, own_probes, set_aside_evaluations_after
@@ -64,6 +65,7 @@ RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed
 # fp16 steps skipped in a row (gradients not finite at every loss scale from 2^16 down to 2^-16) after which the
 # gradients are taken as not finite in themselves: the weights would stop training while the run went on.
 MAX_SKIPPED_STEPS = 32
+OVERFLOW_PROBE = 8  # training images whose features a checkpoint's weights must keep finite (Trainer.save)
 # The flags that define the learning-rate schedule: they may change on resume (a run extended with a larger --epochs),
 # and the schedule then restarts from where the new one stands at the checkpoint's step.
 SCHEDULE_KEYS = ("schedule", "lr", "final_lr", "epochs", "warmup_epochs", "start_warmup", "lr_drops", "lr_gamma",
@@ -231,6 +233,11 @@ class Trainer:
                                 f"diverged); stopped without "
                                 f"saving, {self.last_good_checkpoint()}")
         share_norm_statistics(self.method)  # before its batch norms' statistics are saved or used
+        overflowing = self.overflowing_features()
+        if overflowing:
+            raise NonFiniteLoss(f"the weights at {self.position_words(epoch, step)} give non-finite features for "
+                                f"{overflowing} (finite weights that overflow: the last updates diverged); stopped "
+                                f"without saving, {self.last_good_checkpoint()}")
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
             paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
@@ -553,6 +560,21 @@ class Trainer:
         """Whether to save and requeue after `epoch`: a stop signal came, and training is not complete (a signal
         during the last epoch's end leaves `finish` to record the run finished, then exit for the requeue)."""
         return self.stop_requested and not (completed and epoch + 1 == self.args.epochs)
+
+    def overflowing_features(self) -> str:
+        """Collective: which of the first OVERFLOW_PROBE training images get non-finite backbone features in eval
+        mode ("" where none does). Weights of a run diverging at an epoch's last step can be finite and overflow
+        (1e30 and more): saved, they replaced the last good checkpoint, and the resumed run failed at its first
+        step. Eval mode and no gradient: no batch-norm statistic, random stream or weight changes."""
+        from .eval.features import extract  # eval.features imports the methods package, which imports this module
+
+        probe = self.train_set.subset(torch.arange(min(OVERFLOW_PROBE, len(self.train_set))))
+        info = self.method.info
+        with training_mode(self.method, False), torch.no_grad():
+            features = extract(self.method.features, probe, self.method.eval_view, info.mean, info.std,
+                               self.ctx.device, batch_size=OVERFLOW_PROBE, normalize=False)
+        finite = torch.isfinite(features).flatten(1).all(dim=1)
+        return "" if bool(finite.all()) else f"{int((~finite).sum())} of the first {len(finite)} training images"
 
     def weights_finite(self) -> bool:
         """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every
