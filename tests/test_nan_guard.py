@@ -59,8 +59,8 @@ def test_weights_a_last_update_blew_up_are_not_saved_over_the_last_good_checkpoi
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 1))
     good = (run / "checkpoint.pth").read_bytes()
     result = run_script("main_pretrain.py", *whole_batch, "--epochs", 3, "--lr", "1e30", "--warmup_epochs", 0)
-    assert_user_error(result, "main_pretrain.py", "the weights at the end of epoch 2 give non-finite features for 8 "
-                      "of the first 8 training images (finite weights that overflow", "stopped without saving",
+    assert_user_error(result, "main_pretrain.py", "the weights at the end of epoch 2 overflow: the backbone's "
+                      "features of 8 of 8 images of noise are not finite (finite weights", "stopped without saving",
                       f"the last good checkpoint is {run / 'checkpoint.pth'}")
     assert (run / "checkpoint.pth").read_bytes() == good
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 3))

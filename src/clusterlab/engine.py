@@ -65,7 +65,7 @@ RESUME_KEYS = ("method", "dataset", "arch", "width", "init", "batch_size", "seed
 # fp16 steps skipped in a row (gradients not finite at every loss scale from 2^16 down to 2^-16) after which the
 # gradients are taken as not finite in themselves: the weights would stop training while the run went on.
 MAX_SKIPPED_STEPS = 32
-OVERFLOW_PROBE = 8  # training images whose features a checkpoint's weights must keep finite (Trainer.save)
+OVERFLOW_PROBE = 8  # images of noise whose features saved weights must keep finite (Trainer.overflowing_features)
 # The flags that define the learning-rate schedule: they may change on resume (a run extended with a larger --epochs),
 # and the schedule then restarts from where the new one stands at the checkpoint's step.
 SCHEDULE_KEYS = ("schedule", "lr", "final_lr", "epochs", "warmup_epochs", "start_warmup", "lr_drops", "lr_gamma",
@@ -228,16 +228,7 @@ class Trainer:
         others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when.
         Weights that are not finite are never saved: a loss is checked before its update, so the last update's
         result is checked here, before it could become the last good checkpoint (a requeue would only fail again)."""
-        if not self.weights_finite():
-            raise NonFiniteLoss(f"the weights are not finite at {self.position_words(epoch, step)} (the last update "
-                                f"diverged); stopped without "
-                                f"saving, {self.last_good_checkpoint()}")
-        share_norm_statistics(self.method)  # before its batch norms' statistics are saved or used
-        overflowing = self.overflowing_features()
-        if overflowing:
-            raise NonFiniteLoss(f"the weights at {self.position_words(epoch, step)} give non-finite features for "
-                                f"{overflowing} (finite weights that overflow: the last updates diverged); stopped "
-                                f"without saving, {self.last_good_checkpoint()}")
+        self.refuse_diverged_weights(epoch, step)
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
             paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
@@ -542,6 +533,7 @@ class Trainer:
         """checkpoint.pth after every epoch, plus checkpoint_epNNNN.pth at the epochs the config lists."""
         done = epoch + 1
         if self.args.knn_monitor_every and done % self.args.knn_monitor_every == 0:
+            self.refuse_diverged_weights(done, 0)  # (a monitor of diverged weights logged a record of chance)
             self.knn_monitor(epoch)
         names = ["checkpoint.pth"]
         if done in self.args.checkpoint_epochs:
@@ -561,20 +553,33 @@ class Trainer:
         during the last epoch's end leaves `finish` to record the run finished, then exit for the requeue)."""
         return self.stop_requested and not (completed and epoch + 1 == self.args.epochs)
 
-    def overflowing_features(self) -> str:
-        """Collective: which of the first OVERFLOW_PROBE training images get non-finite backbone features in eval
-        mode ("" where none does). Weights of a run diverging at an epoch's last step can be finite and overflow
-        (1e30 and more): saved, they replaced the last good checkpoint, and the resumed run failed at its first
-        step. Eval mode and no gradient: no batch-norm statistic, random stream or weight changes."""
-        from .eval.features import extract  # eval.features imports the methods package, which imports this module
+    def refuse_diverged_weights(self, epoch: int, step: int) -> None:
+        """Collective, before weights at (epoch, step) are saved or scored: not finite, or (where the backbone
+        trains) finite but overflowing, they stop the run (NonFiniteLoss). Then the batch norms' statistics are
+        shared across the ranks, as saving and scoring need."""
+        if not self.weights_finite():
+            raise NonFiniteLoss(f"the weights are not finite at {self.position_words(epoch, step)} (the last update "
+                                f"diverged); stopped without saving, {self.last_good_checkpoint()}")
+        share_norm_statistics(self.method)
+        overflowing = self.overflowing_features() if self.kind != "linear" else 0  # a probe's backbone is frozen
+        if overflowing:
+            raise NonFiniteLoss(f"the weights at {self.position_words(epoch, step)} overflow: the backbone's features "
+                                f"of {overflowing} of {OVERFLOW_PROBE} images of noise are not finite (finite weights "
+                                f"that overflow: the last updates diverged); stopped without saving, "
+                                f"{self.last_good_checkpoint()}")
 
-        probe = self.train_set.subset(torch.arange(min(OVERFLOW_PROBE, len(self.train_set))))
-        info = self.method.info
+    def overflowing_features(self) -> int:
+        """Collective (the weights are the same on every rank): of OVERFLOW_PROBE test-view images of standard normal
+        noise (the scale of normalised images; no file read), how many get non-finite backbone features in eval mode.
+        Weights of a run diverging at an epoch's last step can be finite and overflow (1e30 and more): saved, they
+        replaced the last good checkpoint, and the resumed run failed at its first step. Eval mode, no gradient and
+        a generator of its own: no batch-norm statistic, random stream or weight changes."""
+        crop = self.method.eval_view.crop
+        noise = torch.randn(OVERFLOW_PROBE, self.method.info.channels, crop, crop,
+                            generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
         with training_mode(self.method, False), torch.no_grad():
-            features = extract(self.method.features, probe, self.method.eval_view, info.mean, info.std,
-                               self.ctx.device, batch_size=OVERFLOW_PROBE, normalize=False)
-        finite = torch.isfinite(features).flatten(1).all(dim=1)
-        return "" if bool(finite.all()) else f"{int((~finite).sum())} of the first {len(finite)} training images"
+            features = self.method.features(noise).float()
+        return int((~torch.isfinite(features).flatten(1).all(dim=1)).sum())
 
     def weights_finite(self) -> bool:
         """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every

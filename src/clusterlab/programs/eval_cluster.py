@@ -125,12 +125,12 @@ def check_flags(args, method: type) -> None:
     if args.assignment == "heads" and method.program_kind != "cluster":
         raise ConfigError(f"--assignment heads: method {method.name!r} has no heads (give --assignment kmeans or "
                           f"auto)")
-    refuse_missing_embedding(args, method)
     defaults = get_args_parser()
     given = [key for key in KMEANS_FLAGS if getattr(args, key) != defaults.get_default(key)]
     if given and scored_by_heads(args, method):
         raise ConfigError(f"--{given[0]} applies to k-means, and a run of {method.name} is scored by its heads: leave "
                           f"it out, or give --assignment kmeans")
+    refuse_missing_embedding(args, method)
 
 
 def kmeans_protocols(args, ctx, run_dir, checkpoint_name, position, fit_images: int, scored_set, feature_kind: str,

@@ -106,7 +106,7 @@ def _normalisation(args, kind: str, train_set, own: Path, found) -> tuple:
         args.mean, args.std = chosen
     else:  # a resume goes on with the flags its run recorded (a second stage's are its first stage's statistics):
         # left empty, they read as changed on resume, and the tables made the run a recipe of its own
-        recorded = state.get("args") or {}
+        recorded = state.get("args") if isinstance(state.get("args"), dict) else {}
         args.mean, args.std = args.mean or list(recorded.get("mean") or []), args.std or list(recorded.get("std") or [])
     return chosen
 
