@@ -488,6 +488,20 @@ def test_too_many_unreadable_files_stop_training_with_one_line(tmp_path):
     assert "\n" not in message and "1 unreadable image files in epoch 1" in message and data.files[5] in message
 
 
+def test_a_run_whose_first_training_file_is_unreadable_saves_its_checkpoints(tmp_path, capsys):
+    """1 of 120 files, within the limit: replaced in every epoch. A check of the weights before each save that read
+    the first 8 training files met it under a limit of its own (1 % of 8) and stopped the run at its first save."""
+    fabricate.make_imagefolder(tmp_path / "data", n_per_class=60, classes=2, size=8, grey=True)
+    first = registry.load("imagefolder", "train", str(tmp_path / "data")).files[0]
+    fabricate.spoil_image_files([first])
+    result = run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
+                        "--batch_size", "16", "--epochs", "2", "--output_dir", tmp_path / "run")
+    assert_ok(result)
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2
+    assert result.stdout.count(f"unreadable image file {first} (") == 2  # by the statistics, then by training
+    assert "epoch 2: 1 unreadable image file(s) replaced" in result.stdout
+
+
 def float_image(path) -> None:
     """A readable image of 32-bit float samples (a TIFF under the file's own name): a file no run can use."""
     Image.fromarray(np.zeros((8, 8), dtype=np.float32), mode="F").save(path, format="TIFF")
