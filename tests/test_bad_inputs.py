@@ -231,6 +231,9 @@ CASES += [
     ("main_pretrain.py", cycle, ["makes a cycle"], "config-base-cycle"),
     ("main_pretrain.py", lambda t: [*TINY, "--amp", "fp32"], ["--amp", "'fp32'", "choose from"], "flag-amp-choice"),
     ("main_cluster.py", lambda t: ["--method", "sela", "--hc", "0"], ["--hc", "'0'"], "flag-zero-heads"),
+    # a crop count typed with extra digits ran out of memory with a traceback (sizes have had a bound)
+    ("main_pretrain.py", lambda t: [*TINY, "--nmb_crops", "20000", "--output_dir", t / "run"],
+     ["--nmb_crops 20000 is 20000 crops of each image", "at most 64"], "flag-crops-countless"),
     # a head of one class trained to losses of 0 and "finished"
     ("main_cluster.py", lambda t: ["--method", "sela", "--head_classes", "1"],
      ["--head_classes", "'1' classes: a head needs 2 or more"], "flag-one-class-head"),

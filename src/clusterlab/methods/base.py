@@ -164,12 +164,16 @@ class Method(nn.Module):
         """Settings no run can train with, refused before anything is written (training starts only: evaluations
         rebuild the methods of runs that older code trained). Crops or a test view above MAX_UPSCALE times the
         images' size (data/augment.refuse_oversized), or smaller than the backbone takes (AlexNet's pools need 63 px;
-        they failed at the first step, deep inside a pooling layer); a hue jitter that
+        they failed at the first step, deep inside a pooling layer); more than MAX_CROPS crops of an image; a hue
+        jitter that
         --color_strength scales past half the colour circle (it wraps; torchvision refuses it); a kNN monitor on a
         memory bank the method does not keep (it failed at the first epoch's end)."""
         args = self.args
         refuse_oversized({"--size_crops": max(args.size_crops), "--eval_crop": args.eval_crop,
                           "--eval_resize": args.eval_resize}, self.info.image_size)
+        if sum(args.nmb_crops) > MAX_CROPS:  # sizes have a bound of their own; counts ran out of memory as well
+            raise ConfigError(f"--nmb_crops {' '.join(map(str, args.nmb_crops))} is {sum(args.nmb_crops)} crops of "
+                              f"each image; use at most {MAX_CROPS} in all")
         smallest = getattr(self.backbone, "min_input_size", 1)
         given = min(*(size or self.info.image_size for size in args.size_crops), self.eval_size)
         if given < smallest:
@@ -187,6 +191,11 @@ class Method(nn.Module):
     @property
     def eval_view(self) -> EvalView:
         return EvalView.of(self.eval_size, self.args.eval_resize)
+
+
+# More crops of each image than this is a slip of the keyboard (multi-crop recipes use 2 to 14): a batch of them ran
+# out of memory with a traceback.
+MAX_CROPS = 64
 
 
 def test_view_size(eval_crop: int, size_crops: list[int], image_size: int) -> int:
