@@ -231,6 +231,9 @@ CASES += [
     ("main_pretrain.py", cycle, ["makes a cycle"], "config-base-cycle"),
     ("main_pretrain.py", lambda t: [*TINY, "--amp", "fp32"], ["--amp", "'fp32'", "choose from"], "flag-amp-choice"),
     ("main_cluster.py", lambda t: ["--method", "sela", "--hc", "0"], ["--hc", "'0'"], "flag-zero-heads"),
+    # a folder no file system lets one make: a traceback ending in FileNotFoundError
+    ("main_pretrain.py", lambda t: [*TINY, "--output_dir", "/proc/clusterlab_run"],
+     ["cannot create the run directory '/proc/clusterlab_run'", "use another --output_dir"], "output-dir-uncreatable"),
     # a crop count typed with extra digits ran out of memory with a traceback (sizes have had a bound)
     ("main_pretrain.py", lambda t: [*TINY, "--nmb_crops", "20000", "--output_dir", t / "run"],
      ["--nmb_crops 20000 is 20000 crops of each image", "at most 64"], "flag-crops-countless"),

@@ -284,7 +284,11 @@ class RunLock:
         self.elsewhere = elsewhere  # the way around a directory in use, in its holder's message
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError as err:  # a file system where no folder can be made (/proc), a parent removed meanwhile
+            raise ConfigError(f"cannot create the run directory {str(self.path.parent)!r} ({err.strerror}): "
+                              f"{self.elsewhere}") from None
         me = json.dumps(_holder_of_this_process()) + "\n"
         for _ in range(3):
             if self._create(me):
