@@ -861,6 +861,25 @@ def test_a_folder_with_both_val_and_test_says_which_it_evaluates_on(tmp_path, ca
     assert len(registry.load("imagefolder", "test", str(tmp_path))) == 4
 
 
+def test_notes_about_an_image_folder_are_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Every rank loads the same folder and samples the same files for its statistics: each printed the same notes
+    and named the same unreadable file, once per process."""
+    from clusterlab import distributed
+
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2)
+    (tmp_path / "train" / "loose.png").write_bytes(next((tmp_path / "train").rglob("*.png")).read_bytes())
+    fabricate.spoil_image_files([sorted((tmp_path / "train").rglob("0000.png"))[0]])
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    registry.load("imagefolder", "train", str(tmp_path))
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    registry._STATISTICS.clear()
+    registry._NOTED.clear()
+    registry.load("imagefolder", "train", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "lie directly in" in out and "left out of the statistics" in out
+
+
 def test_imagefolder_grey_with_alpha_is_one_channel(tmp_path):
     from PIL import Image
 

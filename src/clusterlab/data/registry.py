@@ -361,10 +361,12 @@ def _class_folders(root: Path) -> list[str]:
 
 
 def _note_once(note: str) -> None:
-    """Print a note about the data once per process (each split's load, and each evaluation's, would repeat it)."""
+    """Print a note about the data once per process (each split's load, and each evaluation's, would repeat it), on
+    rank 0 only (every rank loads the same data)."""
     if note not in _NOTED:
         _NOTED.add(note)
-        print(note, flush=True)
+        if distributed.rank() == 0:
+            print(note, flush=True)
 
 
 _NOTED: set[str] = set()
@@ -510,7 +512,7 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
             # a reduced decode's pixels each stand for as many of the file's (an unweighted one counted 1/64 of them)
             counts += _histograms(pixels.transpose(2, 0, 1)[None]) * (stored / (decoded.width * decoded.height))
             shorter_sides.append(shorter_side)
-    for line in unreadable:
+    for line in unreadable if distributed.rank() == 0 else []:  # every rank reads the same sample
         print(f"unreadable image file {line}; left out of the statistics", flush=True)
     if not shorter_sides:
         raise DataError(f"dataset 'imagefolder': none of the {len(sample)} files sampled under {str(train_root)!r} "
