@@ -48,14 +48,15 @@ def test_non_finite_loss_in_the_first_epoch_writes_no_checkpoint(tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
 
 
-@pytest.mark.parametrize("method", ["swav", "npid"])
-def test_weights_a_last_update_blew_up_are_not_saved_over_the_last_good_checkpoint(tmp_path, method):
+@pytest.mark.parametrize("method, monitor", [("swav", 1), ("npid", 0)])
+def test_weights_a_last_update_blew_up_are_not_saved_over_the_last_good_checkpoint(tmp_path, method, monitor):
     """One step per epoch (batch = the 898 digits): the second epoch's update with an absurd learning rate leaves
     finite but enormous weights, whose features overflow. They were saved over the first epoch's checkpoint.pth, and
-    the run, resumed, failed at its first step for good; the save refuses them now, and going on works."""
+    the run, resumed, failed at its first step for good; the save refuses them now, and going on works. A kNN monitor
+    of them is not logged (chance, drawn in the run's curves)."""
     run = tmp_path / "run"
     base = TINY if method == "swav" else ["--method", method, "--dataset", "digits", "--width", 4, "--device", "cpu"]
-    whole_batch = [*base, "--batch_size", 898, "--output_dir", run]
+    whole_batch = [*base, "--batch_size", 898, "--knn_monitor_every", monitor, "--output_dir", run]
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 1))
     good = (run / "checkpoint.pth").read_bytes()
     result = run_script("main_pretrain.py", *whole_batch, "--epochs", 3, "--lr", "1e30", "--warmup_epochs", 0)
@@ -63,6 +64,9 @@ def test_weights_a_last_update_blew_up_are_not_saved_over_the_last_good_checkpoi
                       "features of 8 of 8 images of noise are not finite (finite weights", "stopped without saving",
                       f"the last good checkpoint is {run / 'checkpoint.pth'}")
     assert (run / "checkpoint.pth").read_bytes() == good
+    monitored = [json.loads(line)["epoch"] for line in (run / "train_log.jsonl").read_text().splitlines()
+                 if "knn_monitor" in line]
+    assert monitored == ([0] if monitor else [])
     assert_ok(run_script("main_pretrain.py", *whole_batch, "--epochs", 3))
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 

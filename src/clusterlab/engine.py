@@ -143,6 +143,7 @@ class Trainer:
         self.changed_by_this_start: dict = {}  # this start's entry of resume_changes ({} when it changes nothing)
         self.bad_files: data_loader.BadFiles | None = None  # the epoch under way's unreadable image files
         self.saved_position = None    # where checkpoint.pth stands, once this process has written it
+        self.weights_checked_at = None  # the position whose weights refuse_diverged_weights passed last
         self.loss_scale = None        # fp16: the gradient scaler's scale after the last step
         self.step_taken = True        # whether the optimiser took the last step (Method.takes_the_step)
         self.skipped_in_a_row = 0     # fp16: steps the scaler skipped in a row, up to the last one
@@ -228,7 +229,8 @@ class Trainer:
         others again, so every checkpoint_epNNNN.pth asked for exists at the end whatever was killed when.
         Weights that are not finite are never saved: a loss is checked before its update, so the last update's
         result is checked here, before it could become the last good checkpoint (a requeue would only fail again)."""
-        self.refuse_diverged_weights(epoch, step)
+        if self.weights_checked_at != (epoch, step):  # (checked already before this epoch's kNN monitor)
+            self.refuse_diverged_weights(epoch, step)
         state = self.state_dict(epoch, step)
         if self.ctx.is_main:
             paths = [self.run_dir / name for name in sorted(names, key=lambda n: n == "checkpoint.pth")]
@@ -567,10 +569,11 @@ class Trainer:
                                 f"of {overflowing} of {OVERFLOW_PROBE} images of noise are not finite (finite weights "
                                 f"that overflow: the last updates diverged); stopped without saving, "
                                 f"{self.last_good_checkpoint()}")
+        self.weights_checked_at = (epoch, step)
 
     def overflowing_features(self) -> int:
-        """Collective (the weights are the same on every rank): of OVERFLOW_PROBE test-view images of standard normal
-        noise (the scale of normalised images; no file read), how many get non-finite backbone features in eval mode.
+        """Collective: of OVERFLOW_PROBE test-view images of standard normal noise (the scale of normalised images;
+        no file read), how many get non-finite backbone features in eval mode (the most over the ranks).
         Weights of a run diverging at an epoch's last step can be finite and overflow (1e30 and more): saved, they
         replaced the last good checkpoint, and the resumed run failed at its first step. Eval mode, no gradient and
         a generator of its own: no batch-norm statistic, random stream or weight changes."""
@@ -579,7 +582,9 @@ class Trainer:
                             generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
         with training_mode(self.method, False), torch.no_grad():
             features = self.method.features(noise).float()
-        return int((~torch.isfinite(features).flatten(1).all(dim=1)).sum())
+        # the most over the ranks: cuDNN's algorithms, chosen per card, round differently near the float32 limit, and
+        # every rank must stop, or none
+        return int(max_over_ranks(float((~torch.isfinite(features).flatten(1).all(dim=1)).sum()), self.ctx.device))
 
     def weights_finite(self) -> bool:
         """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every
