@@ -72,6 +72,16 @@ def test_a_flag_of_another_method_is_named_so(run_in_process, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_upstream_flag_whose_opposite_is_ours_says_which_to_give(run_in_process, tmp_path):
+    """EmbedUL's --train_heads has no alias (ours, --freeze_heads, says the opposite): it was refused as no flag."""
+    refused = run_in_process("main_cluster.py", "--method", "embedul", "--train_heads", "true", "--output_dir",
+                             tmp_path / "run")
+    assert_user_error(refused, "main_cluster.py", "unrecognized arguments: --train_heads true (EmbedUL's "
+                      "--train_heads is the opposite of --freeze_heads here: give --freeze_heads false to train the "
+                      "heads)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_pretrain_truncated_idx_file(tmp_path):
     data = write_fashion_mnist(tmp_path / "fashion", cut=500)
     out = tmp_path / "run"

@@ -174,6 +174,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Upstream flags that no alias keeps because ours says the opposite.
+INVERTED_FLAGS = {"train_heads": "EmbedUL's --train_heads is the opposite of --freeze_heads here: give --freeze_heads "
+                                 "false to train the heads"}
+
+
 def unknown_flag_hint(parser: argparse.ArgumentParser, name: str) -> str:
     """What to add to the refusal of an unknown flag or YAML key `name`: the other methods that take it, or the
     flag of this program whose name is closest (a typo), or where to look."""
@@ -182,6 +187,8 @@ def unknown_flag_hint(parser: argparse.ArgumentParser, name: str) -> str:
         return f" ({hint})"
     if name == "config":  # only a YAML key can name it here: --config itself is a flag
         return " (a config file names the one it builds on with `base: OTHER.yaml`)"
+    if name in INVERTED_FLAGS:
+        return f" ({INVERTED_FLAGS[name]})"
     close = difflib.get_close_matches(name, list(flag_actions(parser)), n=1, cutoff=0.75)
     return f" (did you mean --{close[0]}?)" if close else f" (not a flag of {parser.prog}; see --help)"
 
