@@ -527,3 +527,12 @@ def test_a_training_flag_that_does_nothing_is_refused(kind, argv, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         train.parse_args(kind, ["--dataset", "digits", *argv])
     train.parse_args(kind, ["--dataset", "digits", *argv[:2]])  # the flags the method reads pass
+
+
+@pytest.mark.parametrize("method", ["sela", "scan"])
+def test_a_fractional_number_of_classes_in_a_config_is_refused(tmp_path, method):
+    """int(2.5) would silently be 2: the class counts' own types are integer types too."""
+    path = write_yaml(tmp_path, {"method": method, "head_classes": 2.5})
+    with pytest.raises(ConfigError) as caught:
+        entry_module("main_cluster").parse_args(["--config", path])
+    assert "key 'head_classes'" in str(caught.value) and "expected an integer, got 2.5" in str(caught.value)

@@ -141,7 +141,7 @@ def _number(kind, text):
     return value
 
 
-INT_TYPES = (int, positive_int, non_negative_int, seed)
+INT_TYPES = (int, positive_int, non_negative_int, seed, class_count, class_count_or_dataset)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
