@@ -139,6 +139,13 @@ def first_non_finite(tensors: dict) -> str | None:
                  and not bool(torch.isfinite(value).all())), None)
 
 
+def non_finite_rows(values: torch.Tensor) -> int:
+    """How many rows of `values` (one per image: features, logits, class ids) hold a NaN or an infinity: weights
+    that are finite may still overflow in the forward pass."""
+    finite = torch.isfinite(values).flatten(1).all(dim=1) if values.dim() > 1 else torch.isfinite(values)
+    return int((~finite).sum())
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """A digest of a module's weights and buffers (names and bytes, in their logical order whatever the memory
     layout): what a probe of them keeps, to tell when the checkpoint it probed was replaced by other weights."""

@@ -70,20 +70,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def class_count(text: str) -> int:
-    """A head's number of classes: one class is one answer for every image, nothing to learn (losses of 0)."""
+def class_count(text: str, dataset_zero: bool = False) -> int:
+    """A head's number of classes: one class is one answer for every image, nothing to learn (losses of 0). With
+    `dataset_zero`, 0 stands for the dataset's number of classes."""
     value = _number(int, text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more")
+    if value < 2 and not (dataset_zero and value == 0):
+        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more"
+                                         + (" (or 0: the dataset's)" if dataset_zero else ""))
     return value
 
 
 def class_count_or_dataset(text: str) -> int:
-    """class_count, or 0 for the dataset's number of classes."""
-    value = _number(int, text)
-    if value == 1 or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more (or 0: the dataset's)")
-    return value
+    return class_count(text, dataset_zero=True)
 
 
 def seed(text: str) -> int:

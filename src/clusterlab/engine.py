@@ -584,7 +584,7 @@ class Trainer:
             features = self.method.features(noise).float()
         # the most over the ranks: cuDNN's algorithms, chosen per card, round differently near the float32 limit, and
         # every rank must stop, or none
-        return int(max_over_ranks(float((~torch.isfinite(features).flatten(1).all(dim=1)).sum()), self.ctx.device))
+        return int(max_over_ranks(float(checkpoint.non_finite_rows(features)), self.ctx.device))
 
     def weights_finite(self) -> bool:
         """Whether every parameter and floating buffer (batch-norm statistics, a memory bank) is finite on every

@@ -512,8 +512,9 @@ def _sample_statistics(sample: tuple[str, ...], train_root: Path) -> tuple[int, 
             # a reduced decode's pixels each stand for as many of the file's (an unweighted one counted 1/64 of them)
             counts += _histograms(pixels.transpose(2, 0, 1)[None]) * (stored / (decoded.width * decoded.height))
             shorter_sides.append(shorter_side)
-    for line in unreadable if distributed.rank() == 0 else []:  # every rank reads the same sample
-        print(f"unreadable image file {line}; left out of the statistics", flush=True)
+    if distributed.rank() == 0:  # every rank reads the same sample
+        for line in unreadable:
+            print(f"unreadable image file {line}; left out of the statistics", flush=True)
     if not shorter_sides:
         raise DataError(f"dataset 'imagefolder': none of the {len(sample)} files sampled under {str(train_root)!r} "
                         f"is a readable image (first: {unreadable[0]})")

@@ -225,10 +225,10 @@ def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images:
     as its last good checkpoint, weights and batch-norm statistics of 1e5 to 1e13, whose eval-mode outputs are inf,
     then NaN once normalised. kNN then scored chance (top-5 below top-1) and k-means failed with scikit-learn's
     traceback. Every rank holds the gathered features, so every rank raises."""
-    finite = torch.isfinite(features).flatten(1).all(dim=1) if features.dim() > 1 else torch.isfinite(features)
-    if not bool(finite.all()):
+    overflowing = checkpoint.non_finite_rows(features)
+    if overflowing:
         raise CheckpointError(f"checkpoint {loaded.checkpoint_name!r} of run {str(loaded.run_dir)!r} gives "
-                              f"non-finite {what} for {int((~finite).sum())} of {len(finite)} {images.split} images "
+                              f"non-finite {what} for {overflowing} of {len(features)} {images.split} images "
                               f"(its weights are finite but overflow: the run diverged); evaluate an earlier "
                               f"checkpoint (--checkpoint checkpoint_epNNNN.pth)")
     return features

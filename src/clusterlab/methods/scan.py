@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
+from ..checkpoint import non_finite_rows
 from ..config import class_count_or_dataset, non_negative_float, non_negative_int, positive_int
 from ..data.augment import EvalView, refuse_oversized
 from ..data.loader import resident
@@ -136,11 +137,11 @@ class SCAN(ClusterMethod):
         with training_mode(self, False):
             features = extract(self.backbone, self.train_set, self.neighbours_view, self.info.mean, self.info.std,
                                self.device, workers=self.args.workers)
-        finite = torch.isfinite(features).all(dim=1)
-        if not bool(finite.all()):  # (every rank holds the gathered features: every rank raises)
+        overflowing = non_finite_rows(features)
+        if overflowing:  # (every rank holds the gathered features: every rank raises)
             origin = f"--pretrained {self.args.pretrained!r}" if self.args.pretrained else "the run's checkpoint"
-            raise CheckpointError(f"the backbone of {origin} gives non-finite features for {int((~finite).sum())} of "
-                                  f"{len(finite)} training images (its weights are finite but overflow: the run "
+            raise CheckpointError(f"the backbone of {origin} gives non-finite features for {overflowing} of "
+                                  f"{len(features)} training images (its weights are finite but overflow: the run "
                                   f"diverged): no neighbours to mine; start from an earlier checkpoint of it")
         found = dataset_neighbours(features, self.args.num_neighbours + 1, include_self=True, split_over_ranks=True)
         self.mined_on = self.neighbours_view
