@@ -305,6 +305,11 @@ def test_k_means_of_another_seed_is_its_own_evaluation_with_its_own_figures(tiny
     assert figure.read_bytes() == default_figure
     assert (run / "kmeans_k10_restarts2_checkpoint_test_confusion.png").is_file()
     assert (run / "kmeans_k10_restarts1_crop6_checkpoint_test_confusion.png").is_file()
+    # the run's own test view (8 px) asked for by name is the default evaluation: its figure, not a second name
+    figure.unlink()
+    evaluate(*cluster, "--skip_recorded", "false", "--eval_crop", 8)
+    assert figure.read_bytes() == default_figure
+    assert not list(run.glob("*crop8*"))
 
 
 def reference_kmeans(fit_x: torch.Tensor, scored_x: torch.Tensor, labels: torch.Tensor, restarts: int) -> dict:

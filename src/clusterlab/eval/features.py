@@ -264,6 +264,15 @@ def folder_name(path: str | Path) -> str:
     return printable(Path(path).resolve().name)
 
 
+def asked_view_tags(args: argparse.Namespace, own_view: EvalView) -> list[str]:
+    """cropC / resizeR for an --eval_crop / --eval_resize that asks for another view than `own_view` (a run's own, or
+    a baseline's: the images' size), to name the probes and figures of that view apart; the own view asked for by
+    name is the same evaluation and keeps its name (it made a second probe, or the same figure under a second name)."""
+    return [f"{label}{asked}" for label, asked, own in (("crop", args.eval_crop, own_view.crop),
+                                                        ("resize", args.eval_resize, own_view.resize))
+            if asked not in (0, own)]
+
+
 def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
     """The pixel baseline's view: --eval_crop / --eval_resize, by default the set's (nominal) image size."""
     return EvalView.of(args.eval_crop or images.image_size, args.eval_resize)

@@ -24,7 +24,8 @@ from .. import cli, config, data, distributed, results
 from ..config import bool_flag
 from ..engine import found_on_every_rank, max_over_ranks
 from ..errors import ConfigError
-from ..eval.features import (baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
+from ..data.augment import EvalView
+from ..eval.features import (asked_view_tags, baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
                              open_pixel_baseline, pixels, recorded_view, refuse_missing_embedding, require_finite,
                              view_words)
 from ..eval.kmeans import kmeans_assign
@@ -89,7 +90,7 @@ def main(argv=None):
             if args.normalize:
                 fit_x, scored_x = F.normalize(fit_x, dim=1), F.normalize(scored_x, dim=1)
             kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, bases,
-                   view_words(view, scored_set))
+                   view_words(view, scored_set), asked_view_tags(args, EvalView.of(train_set.image_size)))
     else:
         evaluation = open_evaluation(args, ctx.device)
         loaded = evaluation.loaded
@@ -109,7 +110,8 @@ def main(argv=None):
                 scored_x = fit_x if fit_set is scored_set else evaluation.features(
                     scored_set, args.features, ctx.device, args.batch_size, args.workers, normalize=args.normalize)
                 kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x,
-                       scored_x, scored_set, bases, evaluation.view_words(scored_set))
+                       scored_x, scored_set, bases, evaluation.view_words(scored_set),
+                       asked_view_tags(args, evaluation.own_view))
     distributed.shutdown()
 
 
@@ -162,9 +164,9 @@ def kmeans_protocols(args, ctx, run_dir, checkpoint_name, position, fit_images: 
 
 
 def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, scored_x, scored_set, bases: dict,
-           view_label: str):
+           view_label: str, view_tags: list[str]):
     """k-means for each protocol of `bases` (kmeans_protocols), on rank 0, and its records; `view_label` names the
-    test view (view_words)."""
+    test view (view_words), `view_tags` the figures' (asked_view_tags)."""
     if not ctx.is_main:
         return
     for clusters, base in bases.items():
@@ -174,7 +176,7 @@ def kmeans(args, ctx, run_dir, run_args, position, checkpoint_name, fit_x, score
                     "fit-test" if args.fit_on == "test" else "", f"fit{fit_size}" if fit_size else "",
                     "" if args.normalize == (feature_kind != "pixels") else ("l2" if args.normalize else "raw"),
                     f"seed{args.seed}" if args.seed else "",
-                    f"restarts{args.restarts}" if args.restarts != DEFAULT_RESTARTS else "", *view_settings(args)]
+                    f"restarts{args.restarts}" if args.restarts != DEFAULT_RESTARTS else "", *view_tags]
         report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, [base],
                f"k-means K={clusters} ({feature_kind}, fit on {args.fit_on}, {view_label})",
                figure_tag(f"kmeans_k{clusters}", scored_set, run_args, checkpoint_name, settings))
@@ -239,7 +241,8 @@ def heads(args, ctx, evaluation, scored_set):
             marked = ", chosen" if head == chosen else ""
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                    sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {view_label})",
-                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name, view_settings(args)),
+                   figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name,
+                              asked_view_tags(args, evaluation.own_view)),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:
             print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "
@@ -253,11 +256,6 @@ def figure_tag(tag: str, scored_set, run_args, checkpoint_name: str | None, sett
     parts = [scored_set.name if scored_set.name != run_args.dataset else "", *settings,
              foreign_checkpoint_tag(checkpoint_name)]
     return tag + "".join(f"_{part}" for part in parts if part)
-
-
-def view_settings(args) -> list[str]:
-    """The test view's flags where given, for figure_tag (a record names its view; the figure's name did not)."""
-    return [f"crop{args.eval_crop}" if args.eval_crop else "", f"resize{args.eval_resize}" if args.eval_resize else ""]
 
 
 def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predicted, clusters, bases, title, tag,

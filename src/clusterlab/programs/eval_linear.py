@@ -24,7 +24,7 @@ from .. import checkpoint, cli, config, distributed, engine, optim, results, run
 from ..config import bool_flag
 from ..data.augment import EvalView
 from ..errors import CheckpointError, ConfigError
-from ..eval.features import (foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
+from ..eval.features import (asked_view_tags, foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
                              requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
@@ -85,9 +85,7 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
         flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
-    flags += [f"_{label}{asked}" for label, asked, own in (("crop", args.eval_crop, own_view.crop),
-                                                           ("resize", args.eval_resize, own_view.resize))
-              if asked not in (0, own)]
+    flags += [f"_{tag}" for tag in asked_view_tags(args, own_view)]
     foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
     if foreign:
         flags.append(f"_{foreign}")
