@@ -858,7 +858,13 @@ def test_a_folder_with_both_val_and_test_says_which_it_evaluates_on(tmp_path, ca
     out = capsys.readouterr().out
     assert out.count("note: ") == 1
     assert f"note: {str(tmp_path)!r} has both val/ and test/: the evaluations use val/ (test/ is left out)" in out
-    assert len(registry.load("imagefolder", "test", str(tmp_path))) == 4
+    evaluated = registry.load("imagefolder", "test", str(tmp_path))
+    assert len(evaluated) == 4
+    # the result lines name the folder the scores are of (they said "test" of val/)
+    assert (evaluated.split_name, registry.load("imagefolder", "train", str(tmp_path)).split_name) == ("val", "train")
+    shutil.rmtree(tmp_path / "val")
+    assert registry.load("imagefolder", "test", str(tmp_path)).split_name == "test"
+    assert registry.load("digits", "test").split_name == "test"
 
 
 def test_notes_about_an_image_folder_are_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):

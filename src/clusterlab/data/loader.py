@@ -291,7 +291,7 @@ class BadFiles:
         """`check` at the end of a pass over `images` through `sequential` (nothing for an in-memory set, which has
         no files: collective only where every rank reads files)."""
         if not images.in_memory:
-            self.check(f"the {images.split} split of {images.name}")
+            self.check(f"the {images.split_name} split of {images.name}")
 
     def report(self, epoch: int, log: Path | None) -> None:
         """Collective: rank 0 prints the epoch's count and appends it to `log`."""

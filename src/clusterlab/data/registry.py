@@ -83,6 +83,12 @@ class ImageSet:
         return self.images is not None
 
     @property
+    def split_name(self) -> str:
+        """The split as its files name it: an image folder's test split is its val/ folder (else test/)."""
+        found = _folder_split(Path(self.folder), self.split) if self.folder is not None else None
+        return found.name if found is not None else self.split
+
+    @property
     def fingerprint(self) -> str:
         """A digest of the set's labels and, for image files, their paths below the folder, in dataset order: what
         each position means. A checkpoint keeps it, so that a run is not resumed on images added, removed, renamed

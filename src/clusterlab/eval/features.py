@@ -228,7 +228,7 @@ def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images:
     overflowing = checkpoint.non_finite_rows(features)
     if overflowing:
         raise CheckpointError(f"checkpoint {loaded.checkpoint_name!r} of run {str(loaded.run_dir)!r} gives "
-                              f"non-finite {what} for {overflowing} of {len(features)} {images.split} images "
+                              f"non-finite {what} for {overflowing} of {len(features)} {images.split_name} images "
                               f"(its weights are finite but overflow: the run diverged); evaluate an earlier "
                               f"checkpoint (--checkpoint checkpoint_epNNNN.pth)")
     return features

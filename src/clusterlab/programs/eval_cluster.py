@@ -288,8 +288,8 @@ def report(args, run_dir, run_args, position, checkpoint_name, scored_set, predi
                                          run=Path(run_dir).name, split=args.split)
             results.append_record(run_dir, record)
     for label, metrics, _ in views:
-        print(f"{title} on {scored_set.name} {args.split} {label}: ACC {metrics['acc']:.4f} NMI {metrics['nmi']:.4f} "
-              f"AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
+        print(f"{title} on {scored_set.name} {scored_set.split_name} {label}: ACC {metrics['acc']:.4f} "
+              f"NMI {metrics['nmi']:.4f} AMI {metrics['ami']:.4f} ARI {metrics['ari']:.4f}  [{run_dir}]")
     if drawing_failed is not None:
         raise drawing_failed
 

@@ -190,7 +190,7 @@ def main(argv=None):
                                      checkpoint_name=loaded.checkpoint_name, run=loaded.run_dir.name)
         record["trained_by"] = list(trainer.trained_by)  # the code of every start of the probe (a resumed one's too)
         results.append_record(loaded.run_dir, record)
-        print(f"linear ({asked['augmentation']}, {evaluation.view_words()}) on {evaluation.test_set.name} test: "
+        print(f"linear ({asked['augmentation']}, {evaluation.view_words()}) on {evaluation.test_set.name} {evaluation.test_set.split_name}: "
               f"top1 {final['top1']:.4f} top5 {final['top5']:.4f} (best epoch on test, flagged: "
               f"{probe.best['top1']:.4f} at epoch {probe.best['epoch']})  [{loaded.run_dir}, epoch {loaded.epoch}]")
     distributed.shutdown()
