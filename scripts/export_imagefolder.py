@@ -28,6 +28,7 @@ import numpy as np
 
 from clusterlab import config
 from clusterlab.errors import ConfigError, run_cli
+from clusterlab.rundir import LOCK_NAME, RunLock
 
 
 PARTIAL = ".partial-"  # the hidden folder an export writes into
@@ -93,9 +94,7 @@ def main(argv=None):
         choices = ", ".join(name for name in DATASETS if name != "imagefolder")
         raise ConfigError(f"--dataset {args.dataset!r} is not a dataset this script exports (choose one of: {choices})")
     out = Path(args.out)
-    # what a killed export left (its hidden folder, cut short) does not count: it is removed below
-    if out.exists() and (not out.is_dir() or any(not path.name.startswith(PARTIAL) for path in out.iterdir())):
-        raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder (remove it or choose another)")
+    refuse_non_empty(out)
     splits = {split: load(args.dataset, split, args.data_path, args.download) for split in ("train", "test")}
     train = splits["train"]
     quota = per_class_quota(train.num_classes, args.per_class, args.count)
@@ -104,12 +103,34 @@ def main(argv=None):
     positions = {split: (balanced_subset(images.labels.numpy(), quota, images.class_names, args.seed, split)
                          if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
                  for split, images in splits.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    for left in out.iterdir():  # a killed export's hidden folder
-        if left.is_dir() and not left.is_symlink():
-            shutil.rmtree(left)
-        else:
-            left.unlink()
+    # One export at a time into OUT: a second one took the first's hidden folder for a killed export's and removed
+    # it, files of test/ with it, while the first went on and said it wrote them all.
+    lock = RunLock(out, elsewhere="choose another --out", what="export folder")
+    lock.acquire()
+    try:
+        refuse_non_empty(out)  # again, under the lock: an export may have ended in between
+        for left in out.iterdir():  # a killed export's hidden folder
+            if left.name.startswith(PARTIAL) and left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left)
+            elif left.name.startswith(PARTIAL):
+                left.unlink()
+        written = export(args, splits, positions, folders, out)
+    finally:
+        lock.release()
+    print(f"wrote {written['train']} training and {written['test']} test images of {args.dataset} "
+          f"({train.num_classes} classes) to {out}/")
+
+
+def refuse_non_empty(out: Path) -> None:
+    """OUT must not exist or be empty; what a killed export left (its hidden folder, cut short) and the lock of an
+    export do not count."""
+    if out.exists() and (not out.is_dir() or any(not path.name.startswith((PARTIAL, LOCK_NAME))
+                                                 for path in out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder (remove it or choose another)")
+
+
+def export(args, splits: dict, positions: dict, folders: list[str], out: Path) -> dict:
+    """Write the chosen images of every split, and export.json, into OUT; the images written per split."""
     # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C, a
     # TERM) leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty
     # again; one killed outright leaves only its hidden folder, which the next export removes.
@@ -132,8 +153,7 @@ def main(argv=None):
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"wrote {written['train']} training and {written['test']} test images of {args.dataset} "
-          f"({train.num_classes} classes) to {out}/")
+    return written
 
 
 def write_split(images, positions: np.ndarray, root: Path, folders: list[str]) -> int:

@@ -8,7 +8,9 @@ import importlib.util
 import os
 import signal
 import json
+import subprocess
 import sys
+import time
 
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from clusterlab import results
 from clusterlab.data import load, loader
 from clusterlab.data.augment import EvalView
 from clusterlab.eval.features import data_protocol
-from conftest import ROOT, entry_module, snapshot
+from conftest import ROOT, entry_module, script_env, snapshot
 
 SPEC = importlib.util.spec_from_file_location("export_imagefolder", ROOT / "scripts" / "export_imagefolder.py")
 export = importlib.util.module_from_spec(SPEC)
@@ -217,6 +219,46 @@ def test_an_export_stopped_by_term_leaves_the_folder_empty_and_a_killed_ones_lef
     (out / ".partial-killed" / "train").mkdir(parents=True)
     export.main(argv)
     assert sorted(path.name for path in out.iterdir()) == ["export.json", "test", "train"]
+
+
+# The export script, its first image written into the hidden folder, writes on only once the file argv[1] exists.
+HOLD_AFTER_FIRST_SAVE = """
+import runpy, sys, time
+from pathlib import Path
+from PIL import Image
+save, go, script = Image.Image.save, Path(sys.argv[1]), sys.argv[2]
+def held(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    while not go.exists():
+        time.sleep(0.05)
+Image.Image.save = held
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_second_export_into_the_same_folder_is_refused_while_the_first_writes(tmp_path, monkeypatch, capsys):
+    """The second export took the first's hidden folder for a killed export's and removed it: the first went on,
+    said it wrote every image, and test/ lacked hundreds."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    argv = ["--dataset", "digits", "--per_class", "3", "--out", str(out)]
+    script = ROOT / "scripts" / "export_imagefolder.py"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_SAVE, str(go), str(script), *argv], cwd=ROOT,
+                             env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".partial-*/*/*/*.png")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        message = one_line_error(monkeypatch, capsys, argv)
+        assert f"export folder {str(out)!r} is in use by pid {first.pid}" in message, message
+        assert "choose another --out" in message
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert "wrote 30 training and 899 test images" in stdout
+    assert len(read_back(out, "train")[1]) == 30 and len(read_back(out, "test")[1]) == 899
+    assert sorted(path.name for path in out.iterdir()) == ["export.json", "test", "train"]  # the lock gone
 
 
 def one_line_error(monkeypatch, capsys, argv: list) -> str:

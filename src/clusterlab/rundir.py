@@ -278,16 +278,17 @@ TRAINING_ELSEWHERE = "use another --output_dir"
 class RunLock:
     """Exclusive right to write a run directory, held by rank 0 of the training program for its whole life."""
 
-    def __init__(self, run_dir: str | os.PathLike, elsewhere: str = TRAINING_ELSEWHERE):
+    def __init__(self, run_dir: str | os.PathLike, elsewhere: str = TRAINING_ELSEWHERE, what: str = "run directory"):
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
         self.elsewhere = elsewhere  # the way around a directory in use, in its holder's message
+        self.what = what  # the directory's kind, in the messages
 
     def acquire(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except FileNotFoundError as err:  # a file system where no folder can be made (/proc), a parent removed meanwhile
-            raise ConfigError(f"cannot create the run directory {str(self.path.parent)!r} ({err.strerror}): "
+            raise ConfigError(f"cannot create the {self.what} {str(self.path.parent)!r} ({err.strerror}): "
                               f"{self.elsewhere}") from None
         me = json.dumps(_holder_of_this_process()) + "\n"
         for _ in range(3):
@@ -300,7 +301,7 @@ class RunLock:
             if holder is None or _stale(holder):
                 self._remove_if_unchanged(seen)
                 continue
-            raise ConfigError(f"run directory {str(self.path.parent)!r} is in use by {_describe(holder)}; "
+            raise ConfigError(f"{self.what} {str(self.path.parent)!r} is in use by {_describe(holder)}; "
                               f"wait for it, stop it, or {self.elsewhere}")
         raise ConfigError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
 
