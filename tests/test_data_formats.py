@@ -177,6 +177,16 @@ def test_stl10_train_plus_unlabeled_concatenates(stl10_root):
     assert (ds.labels[:20] >= 0).all() and (ds.labels[20:] == -1).all()
 
 
+def test_stl10_with_only_its_training_files_loads_the_training_split(tmp_path):
+    """With train_X.bin and train_y.bin only, the training split said there was no stl10_binary/ at all; the test
+    split names the file it lacks."""
+    fabricate.make_stl10(tmp_path, n_train=6, n_test=3, n_unlabeled=4, seed=2)
+    for name in ("test_X.bin", "test_y.bin", "unlabeled_X.bin"):
+        (tmp_path / "stl10_binary" / name).unlink()
+    check_tensors(registry.load("stl10", "train", str(tmp_path)), *fabricate.stl10_arrays(6, 3, 4, seed=2)["train"])
+    assert "test_X.bin" in data_error(registry.load, "stl10", "test", str(tmp_path))
+
+
 def test_stl10_images_are_read_in_chunks_into_one_array(tmp_path):
     """More images than one read (256), in two files: every image, across the reads' and the files' borders, lands
     where it belongs; loading holds the set once, plus one read and one channel of the images the statistics count

@@ -673,12 +673,13 @@ def test_class_folders_without_images_or_differing_between_splits(tmp_path):
     for split in ("train", "test"):  # val/ still has class_b: refused before a run starts, not at its first evaluation
         with pytest.raises(DataError) as info:
             registry.load("imagefolder", split, str(tmp_path))
-        assert "\n" not in str(info.value) and "extra: class_b" in str(info.value)
+        assert "\n" not in str(info.value) and "extra: 'class_b'" in str(info.value)
     # one class named alike on both sides, but with a decomposed accent in val/ (as macOS writes it)
     shutil.rmtree(tmp_path / "val" / "class_b")
     (tmp_path / "train" / "class_a").rename(tmp_path / "train" / "caf\u00e9")
     (tmp_path / "val" / "class_a").rename(tmp_path / "val" / "cafe\u0301")
-    with pytest.raises(DataError, match="caf\u00e9 spelt in different Unicode forms \\(NFC and NFD\\): rename one side"):
+    with pytest.raises(DataError,
+                       match="'caf\u00e9' spelt in different Unicode forms \\(NFC and NFD\\): rename one side"):
         registry.load("imagefolder", "test", str(tmp_path))
 
 
@@ -733,13 +734,36 @@ def test_names_that_are_not_utf8_reach_the_records_tables_plots_and_messages(tmp
     assert "unreadable image file" in training.stdout and "caf\\udce9.png" in training.stdout, training.stdout
 
 
+def test_class_names_that_differ_by_a_trailing_space_are_shown_quoted(tmp_path):
+    """The names were printed bare: "missing: cat ; extra: cat" did not show what differs."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=1, classes=2, size=8)
+    (tmp_path / "train" / "class_a").rename(tmp_path / "train" / "cat ")
+    (tmp_path / "val" / "class_a").rename(tmp_path / "val" / "cat")
+    with pytest.raises(DataError, match="missing: 'cat '; extra: 'cat'"):
+        registry.load("imagefolder", "train", str(tmp_path))
+
+
+def test_a_class_folder_linked_to_nowhere_is_refused_not_left_out(tmp_path):
+    """A class folder that is a link to a share not mounted was left out without a word: the run trained and was
+    scored on the other classes."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=1, classes=2, size=8)
+    for split in ("train", "val"):
+        (tmp_path / split / "class_c").symlink_to("/nonexistent/share/class_c")
+    with pytest.raises(DataError) as info:
+        registry.load("imagefolder", "train", str(tmp_path))
+    assert str(info.value) == (
+        f"dataset 'imagefolder': 1 link(s) in {str(tmp_path / 'train')!r} lead nowhere "
+        f"({str(tmp_path / 'train' / 'class_c')!r}; the first to '/nonexistent/share/class_c'): mount or restore "
+        f"what they link to, or remove them")
+
+
 def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):
     """Only the evaluations listed val/'s files: a run trained to its end, then could not be scored."""
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=3, size=8)
     for png in (tmp_path / "val" / "class_b").iterdir():
         png.unlink()
     (tmp_path / "val" / "class_b" / "readme.txt").write_text("no images here\n")
-    with pytest.raises(DataError, match=r"1 class folder\(s\) without images \(.*val/class_b\)"):
+    with pytest.raises(DataError, match=r"1 class folder\(s\) without images \('.*val/class_b'\)"):
         registry.load("imagefolder", "train", str(tmp_path))
 
 

@@ -301,7 +301,7 @@ def load_cifar100_20(path: Path, split: str) -> ImageSet:
 
 def _stl10_folder(path: Path) -> Path:
     for candidate in (path / "stl10_binary", path):
-        if (candidate / "test_X.bin").is_file() or (candidate / "unlabeled_X.bin").is_file():
+        if any((candidate / f"{split}_X.bin").is_file() for split in ("train", "test", "unlabeled")):
             return candidate
     raise DataError(f"dataset 'stl10': no stl10_binary/ under {str(path)!r} (pass --data_path or --download)")
 
@@ -351,14 +351,22 @@ def _folder_split(path: Path, split: str) -> Path | None:
 
 
 def _named(folders: list, shown: int = 3) -> str:
+    """The first `shown` names, quoted (a name's trailing space shows), and how many more."""
     more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
-    return ", ".join(map(str, folders[:shown])) + more
+    return ", ".join(repr(str(folder)) for folder in folders[:shown]) + more
 
 
 def _class_folders(root: Path) -> list[str]:
     """The class folders under root; image files beside them, in no class, are named in a note (torchvision leaves
     them out without a word)."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    # A link to a folder that is not there (a share not mounted) is a class whose images cannot be read: left out
+    # like a file, the run trained and was scored on the other classes without a word.
+    dangling = [entry.path for entry in entries if entry.is_symlink() and not os.path.exists(entry.path)]
+    if dangling:
+        raise DataError(f"dataset 'imagefolder': {len(dangling)} link(s) in {str(root)!r} lead nowhere "
+                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore what "
+                        f"they link to, or remove them")
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
