@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clusterlab import data, engine  # noqa: E402
 from clusterlab.data.augment import ColorSpec, CropSpec, MultiCrop  # noqa: E402
+from clusterlab.config import positive_float  # noqa: E402
 from clusterlab.distributed import Context, pick_device, take_device  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
@@ -286,8 +287,10 @@ def swav_epoch_row(context: "Check", flag: str | None = None):
                 context.deadline)
     rate = run.batch / run.median_step
     epoch = run.steps_per_epoch * run.median_step
-    result = (f"{run.precision}, crops {crops_label(args)}: {rate:,.0f} img/s, epoch of {sizes.train_images:,} "
-              f"images {seconds(epoch)}; {run.memory}; {run.loss_summary()}")
+    # (the loop's epoch: its last, partial batch left out, 97 steps of 512 of CIFAR-10's 50,000 images)
+    result = (f"{run.precision}, crops {crops_label(args)}: {rate:,.0f} img/s, epoch of {run.steps_per_epoch} steps "
+              f"({run.steps_per_epoch * run.batch:,} of {sizes.train_images:,} images) {seconds(epoch)}; "
+              f"{run.memory}; {run.loss_summary()}")
     if flag == "--compile":
         result += f"; compilation + first step {seconds(run.first_step)}"
     if flag is None:
@@ -519,7 +522,7 @@ def parse_options(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="toy sizes everywhere (the CPU test runs it so)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
-    parser.add_argument("--budget_s", type=float, default=480.0,
+    parser.add_argument("--budget_s", type=positive_float, default=480.0,
                         help="skip the rows that would start after this many seconds (and end training rows early)")
     parser.add_argument("--skip_compile", action="store_true",
                         help="leave out the --compile row (compiling takes minutes on a CPU, tiny sizes or not)")
@@ -527,6 +530,11 @@ def parse_options(argv=None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    out = Path(options.out or ".").absolute()
+    if options.out and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
+        # refused before the minutes of the check, not after them
+        parser.error(f"--out {options.out!r}: not a file this process can write (give a file in an existing, "
+                     f"writable folder)")
     return options
 
 

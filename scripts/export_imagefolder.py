@@ -105,7 +105,8 @@ def main(argv=None):
                  for split, images in splits.items()}
     # One export at a time into OUT: a second one took the first's hidden folder for a killed export's and removed
     # it, files of test/ with it, while the first went on and said it wrote them all.
-    lock = RunLock(out, elsewhere="choose another --out", what="export folder")
+    lock = RunLock(out, what="export folder", elsewhere=f"choose another --out (an export killed on another host "
+                                                        f"leaves its lock: remove {str(out / LOCK_NAME)!r} then)")
     lock.acquire()
     try:
         refuse_non_empty(out)  # again, under the lock: an export may have ended in between
@@ -133,7 +134,8 @@ def export(args, splits: dict, positions: dict, folders: list[str], out: Path) -
     """Write the chosen images of every split, and export.json, into OUT; the images written per split."""
     # Written into a hidden folder inside OUT and moved up once whole: an export cut short (a full disk, Ctrl-C, a
     # TERM) leaves no train/ or test/ that `--dataset imagefolder` would read as a smaller dataset, and OUT empty
-    # again; one killed outright leaves only its hidden folder, which the next export removes.
+    # again; one killed outright leaves its hidden folder and its lock, which the next export removes (the lock of
+    # an export killed on another host it cannot tell from a live one's: its message says so).
     partial = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=out))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

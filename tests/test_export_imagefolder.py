@@ -251,7 +251,9 @@ def test_a_second_export_into_the_same_folder_is_refused_while_the_first_writes(
             time.sleep(0.05)
         message = one_line_error(monkeypatch, capsys, argv)
         assert f"export folder {str(out)!r} is in use by pid {first.pid}" in message, message
-        assert "choose another --out" in message
+        # (the lock of an export killed on another host looks like a live one's: the way out is named)
+        assert f"choose another --out (an export killed on another host leaves its lock: remove " \
+               f"{str(out / '.lock')!r} then)" in message
     finally:
         go.touch()
         stdout, stderr = first.communicate(timeout=120)

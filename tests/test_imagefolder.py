@@ -754,7 +754,12 @@ def test_a_class_folder_linked_to_nowhere_is_refused_not_left_out(tmp_path):
     assert str(info.value) == (
         f"dataset 'imagefolder': 1 link(s) in {str(tmp_path / 'train')!r} lead nowhere "
         f"({str(tmp_path / 'train' / 'class_c')!r}; the first to '/nonexistent/share/class_c'): mount or restore "
-        f"what they link to, or remove them")
+        f"the class folders they link to, or remove them")
+    # a link to nowhere named as an image file is a loose file, as before: named in a note, left out
+    for split in ("train", "val"):
+        (tmp_path / split / "class_c").unlink()
+    (tmp_path / "train" / "extra.png").symlink_to("/nonexistent/extra.png")
+    assert len(registry.load("imagefolder", "train", str(tmp_path))) == 2
 
 
 def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):

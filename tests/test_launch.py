@@ -70,6 +70,38 @@ def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(
     assert "swav_digits_2ep_s0 finished" not in out.stdout
 
 
+def test_a_finished_run_is_compared_with_the_values_of_the_grids_config_file_too(tmp_path):
+    """A change made in the grid's config file, not in the grid, went unseen: the finished run was skipped without a
+    word, and for new epochs its final evaluation, planned at the file's epochs, was submitted at every launch (and
+    skipped by the job, "already recorded")."""
+    config = tmp_path / "swav.yaml"
+    text = (ROOT / "configs" / "swav_digits.yaml").read_text()
+    assert "\nepochs: 60\n" in text and "\nlr: 4.8\n" in text
+    config.write_text(text)
+    grid = grid_file(tmp_path, config=str(config), axes={"seed": [0]})
+    run = tmp_path / "runs" / "swav_digits_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": 60}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"args": {"method": "swav", "dataset": "digits", "width": 4,
+                                                              "epochs": 60, "seed": 0, "lr": 4.8}}))
+    plan = ["--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run"]
+
+    def state_and_last_line() -> tuple[str, str]:
+        out = run_launch(*plan)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        return next(line.split()[1] for line in lines if line.startswith("swav_digits_s0 ")), lines[-1]
+
+    state, last = state_and_last_line()
+    assert state == "finished" and "other flags" not in last, last
+    config.write_text(text.replace("\nlr: 4.8\n", "\nlr: 0.5\n"))
+    assert state_and_last_line() == ("finished", "swav_digits_s0 finished with other flags than the grid gives now "
+                                                 "(lr 4.8 -> 0.5): it is not trained again; another output_root "
+                                                 "trains the grid's")
+    config.write_text(text.replace("\nepochs: 60\n", "\nepochs: 80\n"))
+    assert state_and_last_line()[0] == "resume"
+
+
 def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_path):
     """evals.epochs past a run's end were dropped without a word; an epoch checkpoint a finished run was trained
     without (a grid that asks for it afterwards) got an evaluation job that failed, submitted again at every launch."""
@@ -175,6 +207,24 @@ def test_the_debug_cluster_reports_a_bad_flag_on_one_line_without_a_debugger(tmp
     assert "(Pdb)" not in out.stdout
     assert any(line.startswith("job DEBUG_") and "failed: --queue_length 7 must be a positive multiple"
                in line for line in out.stdout.splitlines()), out.stdout
+
+
+@pytest.mark.slow
+def test_the_debug_cluster_evaluates_no_stage_whose_previous_stage_failed(tmp_path):
+    """Local and debug jobs know no dependencies: the second stage was not started after the first failed, but its
+    evaluation job was, and failed on a run directory that was never written."""
+    stages = [{"name": "embed", "config": "configs/swav_digits.yaml",
+               "flags": {"queue_length": 7, "epochs": 1, "width": 4, "device": "cpu"}},
+              {"name": "assign", "config": "configs/scan_fashion_mnist.yaml", "pretrained_from": "embed",
+               "flags": {"dataset": "digits", "epochs": 1, "device": "cpu"}}]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]},
+                                    "evals": {"programs": ["eval_cluster.py"]}}, sort_keys=False))
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "debug")
+    assert out.returncode == 0, out.stderr
+    assert "failed: --queue_length 7 must be a positive multiple" in out.stdout
+    assert "assign_s0: not started, nor evaluated (the job of its previous stage failed)" in out.stdout, out.stdout
+    assert "evaluation job(s)" not in out.stdout and not (tmp_path / "runs" / "assign_s0").exists()
 
 
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'

@@ -360,13 +360,14 @@ def _class_folders(root: Path) -> list[str]:
     """The class folders under root; image files beside them, in no class, are named in a note (torchvision leaves
     them out without a word)."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    # A link to a folder that is not there (a share not mounted) is a class whose images cannot be read: left out
-    # like a file, the run trained and was scored on the other classes without a word.
-    dangling = [entry.path for entry in entries if entry.is_symlink() and not os.path.exists(entry.path)]
+    # A link to nowhere, unless named as an image file, may be a class folder not there (a share not mounted): left
+    # out like a file, the run trained and was scored on the other classes without a word.
+    dangling = [entry.path for entry in entries if entry.is_symlink() and not os.path.exists(entry.path)
+                and not entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if dangling:
         raise DataError(f"dataset 'imagefolder': {len(dangling)} link(s) in {str(root)!r} lead nowhere "
-                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore what "
-                        f"they link to, or remove them")
+                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore the "
+                        f"class folders they link to, or remove them")
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "

@@ -265,12 +265,16 @@ def folder_name(path: str | Path) -> str:
 
 
 def asked_view_tags(args: argparse.Namespace, own_view: EvalView) -> list[str]:
-    """cropC / resizeR for an --eval_crop / --eval_resize that asks for another view than `own_view` (a run's own, or
-    a baseline's: the images' size), to name the probes and figures of that view apart; the own view asked for by
-    name is the same evaluation and keeps its name (it made a second probe, or the same figure under a second name)."""
-    return [f"{label}{asked}" for label, asked, own in (("crop", args.eval_crop, own_view.crop),
-                                                        ("resize", args.eval_resize, own_view.resize))
-            if asked not in (0, own)]
+    """cropC / resizeR for an --eval_crop / --eval_resize that changes the test view from `own_view` (a run's own,
+    or a baseline's: the images' size), to name the probes and figures of that view apart. A flag that changes
+    nothing is left out: the own view asked for by name is the same evaluation (it made a second probe, or the same
+    figure under a second name). A resize is compared with the one the view gets without the flag: a crop of 6 px
+    of an 8 px run is resized to 6 px, and `--eval_crop 6 --eval_resize 8` another view (both were named crop6)."""
+    crop = args.eval_crop or own_view.crop
+    unasked_resize = own_view.resize if own_view.resize != own_view.crop else crop
+    return [f"{label}{asked}" for label, asked, unasked in (("crop", args.eval_crop, own_view.crop),
+                                                            ("resize", args.eval_resize, unasked_resize))
+            if asked not in (0, unasked)]
 
 
 def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:

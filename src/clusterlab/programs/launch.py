@@ -162,8 +162,7 @@ def run_state(run: RunSpec, in_queue: set) -> str:
     """new, resume (a run directory without a finished status), finished (also one that trained more epochs than
     the grid gives now: its training would refuse to go back), or queued (a job of it is queued)."""
     status = rundir.read_status(run.run_dir)
-    if status.get("state") == "finished" and (status.get("epochs") == run.flags.get("epochs", status.get("epochs"))
-                                              or epochs_beyond(run)):
+    if status.get("state") == "finished" and (status.get("epochs") == run.epochs or epochs_beyond(run)):
         return "finished"
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
@@ -172,7 +171,7 @@ def run_state(run: RunSpec, in_queue: set) -> str:
 
 def epochs_beyond(run: RunSpec) -> int | None:
     """The epochs a finished run trained, where they are more than the grid gives it now (else None)."""
-    status, asked = rundir.read_status(run.run_dir), run.flags.get("epochs")
+    status, asked = rundir.read_status(run.run_dir), run.epochs
     trained = status.get("epochs")
     if status.get("state") == "finished" and rundir.is_number(trained) and rundir.is_number(asked) and trained > asked:
         return trained
@@ -180,13 +179,13 @@ def epochs_beyond(run: RunSpec) -> int | None:
 
 
 def differing_flags(run: RunSpec) -> list[str]:
-    """`FLAG recorded -> asked` for each flag the grid gives the run that its config.yaml records otherwise (the run
-    is not trained again: its directory holds what the recorded flags trained)."""
+    """`FLAG recorded -> asked` for each flag the grid or its config file gives the run that its config.yaml records
+    otherwise (the run is not trained again: its directory holds what the recorded flags trained)."""
     try:
         recorded = config.read_run_config(run.run_dir)
     except ConfigError:
         return []
-    return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run.flags.items()
+    return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run.settings.items()
             if key not in ("config", "output_dir", "checkpoint_epochs", "epochs") and key in recorded
             and recorded[key] != value]
 
@@ -311,8 +310,8 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
     for run, state in plan:
         beyond = epochs_beyond(run) if state == "finished" else None
         if beyond:
-            print(f"{run.name} finished {beyond} epochs, more than the {run.flags['epochs']} the grid gives now: it "
-                  f"is not trained again, nor its final checkpoint evaluated as epoch {run.flags['epochs']}; another "
+            print(f"{run.name} finished {beyond} epochs, more than the {run.epochs} the grid gives now: it "
+                  f"is not trained again, nor its final checkpoint evaluated as epoch {run.epochs}; another "
                   f"output_root trains the grid's")
         changed = differing_flags(run) if state == "finished" else []
         if changed:
@@ -420,6 +419,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     previous stage) and the chained evaluation jobs; returns every job submitted."""
     folder = output_root(grid) / ".submitit"
     submitted, jobs = [], {}
+    training = set()  # the runs the plan trains
 
     def previous_job(name: str):
         """A run's training job: submitted now, or still queued from an earlier launch."""
@@ -435,6 +435,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
         executor = make_executor(folder / "%j", grid.resources, cluster, f"{grid.name}-train",
                                  after=_job_id(after) if cluster == "slurm" else None)
         if after is not None and cluster != "slurm" and not returned(after):
+            print(f"{', '.join(run.name for run in runs)}: not started, nor evaluated (the job of its previous stage "
+                  f"failed)")
             return
         with refused_by_sbatch(f"the training job(s) of {', '.join(run.name for run in runs)}", submitted):
             with executor.batch():
@@ -447,6 +449,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     stages = list(dict.fromkeys(run.stage for run, _ in plan))
     for stage in stages:
         to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
+        training.update(run.name for run in to_train)
         send([run for run in to_train if parent_of(run) is None])
         for run in to_train:
             if parent_of(run) is not None:
@@ -456,6 +459,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     eval_count = 0
     for run, _ in plan:
         parent = previous_job(run.name)
+        if parent is None and run.name in training:
+            continue  # (local, debug) its training was not started: its previous stage failed
         for checkpoint, commands in pending_evals(run, in_queue).items():
             executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
                                      after=_job_id(parent) if parent is not None and cluster == "slurm" else None)

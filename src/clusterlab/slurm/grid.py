@@ -80,6 +80,8 @@ class RunSpec:
     program: str
     flags: dict                        # every flag this run passes, --config and --output_dir included
     axis_values: dict
+    settings: dict = field(default_factory=dict)  # what it trains with: its config file's values and the grid's
+    epochs: int = 0                    # the epochs it trains (those values', else the program's default)
     evals: list = field(default_factory=list)
     stage: str | None = None           # the pipeline stage it belongs to
     after: str | None = None           # the run (of the previous stage) it starts after
@@ -216,7 +218,8 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             run_flags["output_dir"] = str(root / label)
             epochs = int(checked.get("epochs") or program_parser(program, merged).get_default("epochs")
                          or 0)
-            run = RunSpec(label, program, run_flags, values, stage=stage.get("name"),
+            run = RunSpec(label, program, run_flags, values, settings=checked, epochs=epochs,
+                          stage=stage.get("name"),
                           after=previous.get(stages[index - 1].get("name")) if index else None,
                           reads_data_path=reads_data_path(program, checked))
             if index == len(stages) - 1:
