@@ -18,6 +18,7 @@ import torch
 
 from clusterlab.config import positive_int
 from clusterlab.data.loader import GlobalBatches
+from clusterlab.errors import ConfigError
 
 
 def main():
@@ -28,6 +29,11 @@ def main():
     parser.add_argument("--world_sizes", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
+    for world_size in args.world_sizes:  # every size refused before the first row, not after it
+        try:
+            GlobalBatches(args.samples, args.batch_size, world_size, 0, seed=0)
+        except ConfigError as err:
+            parser.error(str(err))
     torch.set_num_threads(1)
     print("| samples | global batch | world size | steps | plan one epoch: wall s, median (min-max) | CPU s, median |")
     print("| --- | --- | --- | --- | --- | --- |")

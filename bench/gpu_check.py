@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clusterlab import data, engine  # noqa: E402
 from clusterlab.data.augment import ColorSpec, CropSpec, MultiCrop  # noqa: E402
-from clusterlab.config import positive_float  # noqa: E402
+from clusterlab.config import non_negative_float  # noqa: E402
 from clusterlab.distributed import Context, pick_device, take_device  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
@@ -522,7 +522,7 @@ def parse_options(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="toy sizes everywhere (the CPU test runs it so)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
-    parser.add_argument("--budget_s", type=positive_float, default=480.0,
+    parser.add_argument("--budget_s", type=non_negative_float, default=480.0,
                         help="skip the rows that would start after this many seconds (and end training rows early)")
     parser.add_argument("--skip_compile", action="store_true",
                         help="leave out the --compile row (compiling takes minutes on a CPU, tiny sizes or not)")

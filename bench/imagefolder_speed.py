@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--baseline_measure", type=positive_int, default=160,
                         help="images through (b), the first batch a warm-up")
     parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     for flag in ("measure", "baseline_measure"):
         if getattr(args, flag) < 2 * args.batch:

@@ -22,14 +22,20 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from clusterlab.config import positive_int  # noqa: E402
 from clusterlab.eval.kmeans import kmeans_assign  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 
 def case(text: str) -> tuple[int, int, int | None]:
-    numbers = [int(part) for part in text.split(":")]
-    if len(numbers) not in (2, 3) or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give ROWS:CLUSTERS or ROWS:CLUSTERS:FIT_SIZE, e.g. 40000:1000")
+    try:
+        numbers = [int(part) for part in text.split(":")]
+    except ValueError:
+        numbers = []
+    # k-means needs at least as many fitted rows as clusters
+    if len(numbers) not in (2, 3) or min(numbers) < 1 or min(numbers[:1] + numbers[2:]) < numbers[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ROWS:CLUSTERS or ROWS:CLUSTERS:FIT_SIZE, whole numbers with "
+                                         f"CLUSTERS at most ROWS and FIT_SIZE, e.g. 40000:1000")
     return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
 
 
@@ -42,7 +48,7 @@ def features(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dim", type=positive_int, default=512)
     parser.add_argument("--cases", type=case, nargs="+",
                         default=[case("10000:100"), case("40000:1000"), case("40000:1000:10000")])
     args = parser.parse_args()

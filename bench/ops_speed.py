@@ -28,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clusterlab.config import positive_int  # noqa: E402
+from clusterlab.distributed import pick_device  # noqa: E402
+from clusterlab.errors import ConfigError  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.ops.memory_bank import MemoryBank  # noqa: E402
 from clusterlab.optim import LARS  # noqa: E402
@@ -51,10 +53,13 @@ def timed(fn, device, repeats: int) -> list[float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu or cuda")
     parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ConfigError as err:
+        parser.error(str(err))
     generator = torch.Generator().manual_seed(0)
     n, d = 50_000, 128
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,14 @@ def main():
     command_a = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command_a:
         parser.error("give command A after --")
-    commands = {"A": command_a, **({"B": shlex.split(args.vs)} if args.vs else {})}
+    try:
+        commands = {"A": command_a, **({"B": shlex.split(args.vs)} if args.vs else {})}
+    except ValueError as err:
+        parser.error(f"--vs {args.vs!r}: {err} (give command B as one shell-quoted string)")
+    for name, command in commands.items():  # before a log folder is made
+        if not command or shutil.which(command[0]) is None:
+            parser.error(f"command {name} {shlex.join(command)!r}: {command[0] if command else 'nothing'!r} is not "
+                         f"a program found on the PATH or at that path")
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="paired_runs_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = {name: log_dir / f"{name.lower()}.log" for name in commands}
