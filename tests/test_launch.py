@@ -102,6 +102,36 @@ def test_a_finished_run_is_compared_with_the_values_of_the_grids_config_file_too
     assert state_and_last_line()[0] == "resume"
 
 
+SMALL_DATA_GRID = {"name": "small", "axes": {"config": ["configs/swav_small.yaml", "configs/unmix_small.yaml"]},
+                   "flags": {"data_path": "data/fm_4000"}}
+
+
+@pytest.mark.parametrize("grid", [*sorted(path.name for path in (ROOT / "configs" / "grids").glob("*.yaml")),
+                                  "small-data configs"])
+def test_every_run_of_a_grid_finished_as_it_gives_is_finished_with_no_other_flags(tmp_path, grid):
+    """Each run's config.yaml as its program records it (every flag, parsed from the run's command line) and a
+    finished status: the plan says finished, and names no flag. The small-data configs give the prototype freezing
+    in epochs over their base's iterations, which the program then resets: a plan that merged the layers as plain
+    mappings named `freeze_prototypes_niters 313 -> 200` for every finished run."""
+    from clusterlab import config
+    from clusterlab.programs import PROGRAMS, launch
+    from clusterlab.programs.train import parse_args
+
+    if grid == "small-data configs":
+        path = tmp_path / "small.yaml"
+        path.write_text(yaml.safe_dump(SMALL_DATA_GRID))
+    else:
+        path = ROOT / "configs" / "grids" / grid
+    runs = load_grid(path, tmp_path / "runs").runs
+    assert runs
+    for run in runs:
+        recorded = parse_args(PROGRAMS[run.program].program_kind, run.argv())
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump({"args": config._plain(vars(recorded))}))
+        (run.run_dir / "status.json").write_text(json.dumps({"state": "finished", "epochs": recorded.epochs}))
+        assert (launch.run_state(run, set()), launch.differing_flags(run)) == ("finished", []), run.name
+
+
 def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_path):
     """evals.epochs past a run's end were dropped without a word; an epoch checkpoint a finished run was trained
     without (a grid that asks for it afterwards) got an evaluation job that failed, submitted again at every launch."""
@@ -216,6 +246,8 @@ def test_the_debug_cluster_evaluates_no_stage_whose_previous_stage_failed(tmp_pa
     stages = [{"name": "embed", "config": "configs/swav_digits.yaml",
                "flags": {"queue_length": 7, "epochs": 1, "width": 4, "device": "cpu"}},
               {"name": "assign", "config": "configs/scan_fashion_mnist.yaml", "pretrained_from": "embed",
+               "flags": {"dataset": "digits", "epochs": 1, "device": "cpu"}},
+              {"name": "selflabel", "config": "configs/scan_selflabel_fashion_mnist.yaml", "pretrained_from": "assign",
                "flags": {"dataset": "digits", "epochs": 1, "device": "cpu"}}]
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]},
@@ -224,7 +256,10 @@ def test_the_debug_cluster_evaluates_no_stage_whose_previous_stage_failed(tmp_pa
     assert out.returncode == 0, out.stderr
     assert "failed: --queue_length 7 must be a positive multiple" in out.stdout
     assert "assign_s0: not started, nor evaluated (the job of its previous stage failed)" in out.stdout, out.stdout
-    assert "evaluation job(s)" not in out.stdout and not (tmp_path / "runs" / "assign_s0").exists()
+    # the third stage waits for no job (the second's was never submitted): it was started, on nothing
+    assert "selflabel_s0: not started, nor evaluated (an earlier stage's job failed)" in out.stdout, out.stdout
+    assert "submitted 1 training job(s)" in out.stdout and "evaluation job(s)" not in out.stdout
+    assert not (tmp_path / "runs" / "assign_s0").exists() and not (tmp_path / "runs" / "selflabel_s0").exists()
 
 
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'

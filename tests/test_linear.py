@@ -210,19 +210,22 @@ def test_the_runs_own_test_view_asked_for_by_name_is_the_same_probe(tmp_path):
     loaded = argparse.Namespace(epoch=2, step=0, checkpoint_name="checkpoint.pth", run_dir=tmp_path,
                                 args=argparse.Namespace(dataset="imagefolder"))
 
-    def folder(crop, resize=0, own=EvalView(224, 256)):
+    def folder(crop, resize=0, own=EvalView(224, 256), own_resize=256):
         args = argparse.Namespace(eval_crop=crop, eval_resize=resize, cached_features=True)
-        return eval_linear.probe_dir(args, loaded, "imagefolder", {"precision": None}, {}, own).name
+        return eval_linear.probe_dir(args, loaded, "imagefolder", {"precision": None}, {}, own, own_resize).name
     assert folder(224) == folder(0) == folder(0, 256) == folder(224, 256) == "linear_ep0002_cached"
     assert folder(192) == folder(192, 256) == "linear_ep0002_cached_crop192"
     assert folder(0, 288) == "linear_ep0002_cached_resize288"
     # A run seen whole at 8 px: a crop of 6 is resized to 6 px, and 6 px of an 8 px resize is another view (both
     # were named crop6: the second probe found the first's folder finished, and filed its record under its view).
-    def whole(crop, resize=0):
-        return folder(crop, resize, own=EvalView(8, 8))
+    def whole(crop, resize=0, own_resize=0):
+        return folder(crop, resize, own=EvalView(8, 8), own_resize=own_resize)
     assert whole(8) == whole(0, 8) == whole(8, 8) == "linear_ep0002_cached"
     assert whole(6) == whole(6, 6) == "linear_ep0002_cached_crop6"
     assert whole(6, 8) == "linear_ep0002_cached_crop6_resize8" and whole(0, 10) == "linear_ep0002_cached_resize10"
+    # the same run trained with --eval_resize 8: a crop of 6 keeps the resize to 8, and a resize to 6 is another view
+    assert whole(6, own_resize=8) == whole(6, 8, own_resize=8) == "linear_ep0002_cached_crop6"
+    assert whole(6, 6, own_resize=8) == "linear_ep0002_cached_crop6_resize6"
 
 
 def test_a_probe_of_weights_replaced_since_is_not_resumed_on_the_new_ones(tiny_run, tmp_path, run_in_process):

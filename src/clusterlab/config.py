@@ -303,13 +303,17 @@ def check_alternatives(parser: argparse.ArgumentParser, named: set, source: str)
                               f"units; name one of them")
 
 
+def replaced_alternatives(parser: argparse.ArgumentParser, named: set) -> list[str]:
+    """The flags a layer naming `named` replaces: the other units of each length it gives (declare_alternatives)."""
+    return [dest for dests in getattr(parser, "alternatives", []) if named & set(dests)
+            for dest in dests if dest not in named]
+
+
 def _without_replaced(parser: argparse.ArgumentParser, named: set, values: dict, originals: dict,
                       source: str) -> None:
     """Reset in `values` each alternative of a flag in `named` that `named` does not hold (declare_alternatives)."""
     check_alternatives(parser, named, source)
-    for dests in getattr(parser, "alternatives", []):
-        if named & set(dests):
-            values.update({dest: originals[dest] for dest in dests if dest not in named})
+    values.update({dest: originals[dest] for dest in replaced_alternatives(parser, named)})
 
 
 def _declared_defaults(parser: argparse.ArgumentParser) -> dict:

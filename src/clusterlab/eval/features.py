@@ -264,14 +264,14 @@ def folder_name(path: str | Path) -> str:
     return printable(Path(path).resolve().name)
 
 
-def asked_view_tags(args: argparse.Namespace, own_view: EvalView) -> list[str]:
+def asked_view_tags(args: argparse.Namespace, own_view: EvalView, own_resize: int = 0) -> list[str]:
     """cropC / resizeR for an --eval_crop / --eval_resize that changes the test view from `own_view` (a run's own,
-    or a baseline's: the images' size), to name the probes and figures of that view apart. A flag that changes
-    nothing is left out: the own view asked for by name is the same evaluation (it made a second probe, or the same
-    figure under a second name). A resize is compared with the one the view gets without the flag: a crop of 6 px
-    of an 8 px run is resized to 6 px, and `--eval_crop 6 --eval_resize 8` another view (both were named crop6)."""
-    crop = args.eval_crop or own_view.crop
-    unasked_resize = own_view.resize if own_view.resize != own_view.crop else crop
+    its recorded --eval_resize `own_resize`, 0 for none; or a baseline's: the images' size), to name the probes and
+    figures of that view apart. A flag that changes nothing is left out: the own view asked for by name is the same
+    evaluation (it made a second probe, or the same figure under a second name). A resize is compared with the one
+    the view gets without the flag, the recorded one, else the crop's size: a crop of 6 px of an 8 px run without a
+    resize is seen at 6 px, and `--eval_crop 6 --eval_resize 8` is another view (both were named crop6)."""
+    unasked_resize = own_resize or args.eval_crop or own_view.crop
     return [f"{label}{asked}" for label, asked, unasked in (("crop", args.eval_crop, own_view.crop),
                                                             ("resize", args.eval_resize, unasked_resize))
             if asked not in (0, unasked)]
@@ -299,6 +299,7 @@ class Evaluation:
     train_set: ImageSet
     test_set: ImageSet
     own_view: EvalView  # the run's own test view, before --eval_crop / --eval_resize
+    own_resize: int     # the run's recorded --eval_resize (0: none)
 
     def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int,
                  normalize: bool = True):
@@ -323,7 +324,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
     loaded = load_run_on_every_rank(args.run, args.checkpoint, device)
-    own_view = loaded.method.eval_view
+    own_view, own_resize = loaded.method.eval_view, loaded.args.eval_resize
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
         if getattr(args, flag):
             setattr(loaded.args, flag, getattr(args, flag))
@@ -338,7 +339,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
-    return Evaluation(loaded, train_set, test_set, own_view)
+    return Evaluation(loaded, train_set, test_set, own_view, own_resize)
 
 
 def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:

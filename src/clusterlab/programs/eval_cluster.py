@@ -111,7 +111,7 @@ def main(argv=None):
                     scored_set, args.features, ctx.device, args.batch_size, args.workers, normalize=args.normalize)
                 kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x,
                        scored_x, scored_set, bases, evaluation.view_words(scored_set),
-                       asked_view_tags(args, evaluation.own_view))
+                       asked_view_tags(args, evaluation.own_view, evaluation.own_resize))
     distributed.shutdown()
 
 
@@ -242,7 +242,7 @@ def heads(args, ctx, evaluation, scored_set):
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                    sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {view_label})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name,
-                              asked_view_tags(args, evaluation.own_view)),
+                              asked_view_tags(args, evaluation.own_view, evaluation.own_resize)),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:
             print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "

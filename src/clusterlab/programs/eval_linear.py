@@ -72,12 +72,13 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
-def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_view: EvalView) -> Path:
+def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_view: EvalView,
+              own_resize: int = 0) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
-    asked for (a crop or resize other than those of the run's `own_view`: its own asked for by name trained a second,
+    asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own asked for by name trained a second,
     identical probe), and a checkpoint from outside the run (by a digest of its path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key, value in changed.items()]
@@ -85,7 +86,7 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
         flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
-    flags += [f"_{tag}" for tag in asked_view_tags(args, own_view)]
+    flags += [f"_{tag}" for tag in asked_view_tags(args, own_view, own_resize)]
     foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
     if foreign:
         flags.append(f"_{foreign}")
@@ -155,7 +156,7 @@ def main(argv=None):
     probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
                         evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
     probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed,
-                                          evaluation.own_view))
+                                          evaluation.own_view, evaluation.own_resize))
     # (its folder is named after the probe's flags: another probe is one with other flags)
     with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags", named="the probe folder") as run:
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",

@@ -419,7 +419,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     previous stage) and the chained evaluation jobs; returns every job submitted."""
     folder = output_root(grid) / ".submitit"
     submitted, jobs = [], {}
-    training = set()  # the runs the plan trains
+    not_started = set()  # (local, debug) runs after a failed job of an earlier stage
 
     def previous_job(name: str):
         """A run's training job: submitted now, or still queued from an earlier launch."""
@@ -437,6 +437,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
         if after is not None and cluster != "slurm" and not returned(after):
             print(f"{', '.join(run.name for run in runs)}: not started, nor evaluated (the job of its previous stage "
                   f"failed)")
+            not_started.update(run.name for run in runs)
             return
         with refused_by_sbatch(f"the training job(s) of {', '.join(run.name for run in runs)}", submitted):
             with executor.batch():
@@ -449,7 +450,12 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     stages = list(dict.fromkeys(run.stage for run, _ in plan))
     for stage in stages:
         to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
-        training.update(run.name for run in to_train)
+        after_failure = [run for run in to_train if run.after in not_started]
+        if after_failure:  # the stage before was not started: this one waits for no job, and has nothing to read
+            print(f"{', '.join(run.name for run in after_failure)}: not started, nor evaluated (an earlier stage's "
+                  f"job failed)")
+            not_started.update(run.name for run in after_failure)
+        to_train = [run for run in to_train if run.name not in not_started]
         send([run for run in to_train if parent_of(run) is None])
         for run in to_train:
             if parent_of(run) is not None:
@@ -458,9 +464,9 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
         print(f"submitted {len(submitted)} training job(s): {', '.join(str(job.job_id) for job in submitted)}")
     eval_count = 0
     for run, _ in plan:
+        if run.name in not_started:
+            continue
         parent = previous_job(run.name)
-        if parent is None and run.name in training:
-            continue  # (local, debug) its training was not started: its previous stage failed
         for checkpoint, commands in pending_evals(run, in_queue).items():
             executor = make_executor(folder / "%j", grid.eval_resources, cluster, f"{grid.name}-eval",
                                      after=_job_id(parent) if parent is not None and cluster == "slurm" else None)

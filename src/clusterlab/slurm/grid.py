@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import config_layers, load_yaml
+from ..config import config_layers, load_yaml, replaced_alternatives
 from ..errors import ConfigError
 from .programs import (EVAL_PROGRAMS, TRAINING_PROGRAMS, canonical_layers, check_eval_flags, find_config,
                        program_parser, reads_data_path, to_argv, trained_method, training_program, validate_flags)
@@ -196,9 +196,16 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
                       (f"grid {str(path)!r}", {**flags, **(stage.get("flags") or {}), **own})]
             program = training_program({k: v for _, layer in layers for k, v in layer.items()},
                                        stage.get("program"), f"grid {str(path)!r}")
-            # The grid's own values override its config's, whatever spelling (flag or alias) each uses.
+            # The grid's own values override its config's, whatever spelling (flag or alias) each uses, and a
+            # length given in one unit replaces an earlier layer's in the other (swav_small.yaml's
+            # freeze_prototypes_epochs its base's niters), as the program merges them.
             *base, chosen = canonical_layers(program, layers)
-            merged = {key: value for layer in (*base, chosen) for key, value in layer.items()}
+            parser = program_parser(program, {key: value for layer in (*base, chosen) for key, value in layer.items()})
+            merged = {}
+            for layer in (*base, chosen):
+                for replaced in replaced_alternatives(parser, set(layer)):
+                    merged.pop(replaced, None)
+                merged.update(layer)
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
             if label in names:
                 _fail(path, f"runs {names[label]} and {values} get the same name {label!r}")
