@@ -82,7 +82,13 @@ def test_steps_under_autocast_are_finite_keep_float32_state_and_resume_exactly(t
     reference = trainer_for(method_name, amp, tmp_path / "reference")
     assert reference.precision == amp
     assert reference.scaler.is_enabled() == (amp == "fp16")
+    computed_in = set()  # the dtypes the backbone's convolutions and linear layers computed in
+    for module in reference.method.backbone.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(lambda module, inputs, output: computed_in.add(output.dtype))
     assert reference.train_one_epoch(0)
+    # the steps ran under autocast (a step without it passed every other check here, in float32)
+    assert {"bf16": torch.bfloat16, "fp16": torch.float16}[amp] in computed_in, computed_in
     final = reference.state_dict(1, 0)
     assert all(torch.isfinite(t).all() for _, t in float_tensors(final["model"])), "non-finite weights"
     # Weights, prototypes, queues, memory banks, pseudo-labels: autocast computes in low precision, keeps nothing so.
@@ -192,6 +198,20 @@ def skipped_for_two_epochs(run_dir) -> engine.Trainer:
         trainer.train_one_epoch(epoch)
     trainer.save(2, 0)
     return trainer
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_a_forward_pass_past_fp16s_range_stops_with_a_message_that_names_it(tmp_path, amp):
+    """The scaler rides out gradients that overflow, not a forward pass that does: the loss is not finite at once,
+    and under fp16 the message blamed the loss alone (a run whose features pass 65504 trains on in float32 and bf16).
+    Here the features are made infinite, in either precision."""
+    trainer = trainer_for("swav", amp, tmp_path / "run")
+    trainer.method.backbone.register_forward_hook(lambda module, inputs, output: output * float("inf"))
+    with pytest.raises(engine.NonFiniteLoss) as stopped:
+        trainer.train_one_epoch(0)
+    assert str(stopped.value).startswith("loss is not finite at epoch 1 step 1/")
+    named = "(or the forward pass overflowed fp16's range, up to 65504, where float32 would not: try --amp bf16 or off)"
+    assert (named in str(stopped.value)) == (amp == "fp16"), str(stopped.value)
 
 
 def test_fp16_steps_skipped_before_a_resume_count_towards_the_stop(tmp_path):

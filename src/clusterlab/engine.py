@@ -650,9 +650,11 @@ class Trainer:
 
     def fail_on_nonfinite(self, epoch: int, step: int, terms: dict) -> None:
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}); stopped "
-                            f"without saving, "
-                            f"{self.last_good_checkpoint()}")
+        # the scaler skips steps whose gradients overflow, not a forward pass that overflows fp16's range
+        range_note = (" (or the forward pass overflowed fp16's range, up to 65504, where float32 would not: try "
+                      "--amp bf16 or off)" if self.precision == "fp16" else "")
+        raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}){range_note}; "
+                            f"stopped without saving, {self.last_good_checkpoint()}")
 
     def fail_on_skipped_steps(self, epoch: int, step: int) -> None:
         raise NonFiniteLoss(f"fp16: the gradients were not finite at {self.skipped_in_a_row} steps in a row, up to "
