@@ -49,9 +49,9 @@ def images(n: int = 64) -> ImageSet:
                     images=torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8))
 
 
-def trainer_for(method_name: str, amp: str, run_dir) -> engine.Trainer:
+def trainer_for(method_name: str, amp: str, run_dir, *flags: str) -> engine.Trainer:
     kind = METHODS[method_name].program_kind
-    args = parse_args(kind, ["--method", method_name, *SMALL, *FLAGS[method_name], "--amp", amp,
+    args = parse_args(kind, ["--method", method_name, *SMALL, *FLAGS[method_name], "--amp", amp, *flags,
                              "--output_dir", str(run_dir)])
     ctx = distributed.init("cpu")
     engine.seed_everything(args.seed)

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from clusterlab.compilation import compile_backbone
 from clusterlab.errors import ConfigError
 from conftest import (ONE_EPOCH, PYTHON, ROOT, TWO_EPOCHS, assert_ok, assert_user_error, copy_run, run_script,
                       script_env, step_losses)
@@ -56,14 +55,15 @@ def test_compiled_run_resumes_an_eager_checkpoint_and_matches_eager_losses(tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU (inductor) needs a C++ compiler")
-def test_compile_backbone_compiles_the_backbone_in_place(tmp_path):
+def test_a_compile_run_compiles_its_backbone_in_place(tmp_path):
     """The run above passes as well with nothing compiled (the eager losses are within its tolerances of
-    themselves): the backbone's forward is compiled here, in place, its state dict's keys unchanged."""
-    trainer = trainer_for("swav", "off", tmp_path / "run")
-    keys = list(trainer.method.state_dict())
-    assert trainer.method.backbone._compiled_call_impl is None
-    compile_backbone(trainer.method, torch.device("cpu"))
-    assert trainer.method.backbone._compiled_call_impl is not None and list(trainer.method.state_dict()) == keys
+    themselves): a trainer of --compile has its backbone's forward compiled, in place, the state dict's keys those
+    of the eager model."""
+    eager, compiled = (trainer_for("swav", "off", tmp_path / name, *flags)
+                       for name, flags in (("eager", ()), ("compiled", ("--compile",))))
+    assert eager.method.backbone._compiled_call_impl is None
+    assert compiled.method.backbone._compiled_call_impl is not None
+    assert list(compiled.method.state_dict()) == list(eager.method.state_dict())
 
 
 def test_compile_is_refused_in_one_line_where_no_compiler_works(tmp_path):

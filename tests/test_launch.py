@@ -132,6 +132,20 @@ def test_every_run_of_a_grid_finished_as_it_gives_is_finished_with_no_other_flag
         assert (launch.run_state(run, set()), launch.differing_flags(run)) == ("finished", []), run.name
 
 
+def test_a_null_length_in_a_grid_replaces_nothing_of_its_config(tmp_path):
+    """A grid's null is left off the job's command line, so the config's length in the other unit stays: read as
+    replacing it, two configs that differ only there were refused as runs that "train with the same flags"."""
+    other = tmp_path / "fm313.yaml"
+    other.write_text(yaml.safe_dump({"base": str(ROOT / "configs" / "swav_fashion_mnist.yaml"),
+                                     "freeze_prototypes_niters": 313}))
+    spec = {"name": "g", "axes": {"config": ["configs/swav_fashion_mnist.yaml", str(other)],
+                                  "freeze_prototypes_epochs": [None]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = load_grid(path, tmp_path / "runs").runs
+    assert [run.settings["freeze_prototypes_niters"] for run in runs] == [200, 313]
+
+
 def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_path):
     """evals.epochs past a run's end were dropped without a word; an epoch checkpoint a finished run was trained
     without (a grid that asks for it afterwards) got an evaluation job that failed, submitted again at every launch."""

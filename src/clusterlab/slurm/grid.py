@@ -203,7 +203,9 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
             parser = program_parser(program, {key: value for layer in (*base, chosen) for key, value in layer.items()})
             merged = {}
             for layer in (*base, chosen):
-                for replaced in replaced_alternatives(parser, set(layer)):
+                # (a null in the grid's own layer is left off the job's command line: it names nothing there)
+                named = {key for key, value in layer.items() if value is not None or layer is not chosen}
+                for replaced in replaced_alternatives(parser, named):
                     merged.pop(replaced, None)
                 merged.update(layer)
             label = run_name({**merged, **values}, axis_keys, stage.get("name"))
