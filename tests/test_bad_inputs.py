@@ -102,6 +102,11 @@ CASES = [
      "grid-unknown-eval-program"),
     ("launch.py", lambda t: grid(t, evals={"programs": "eval_knn.py"}),
      ["evals.programs must be a list", "eval_knn.py, ", "(got 'eval_knn.py')"], "grid-eval-programs-not-a-list"),
+    # an empty list of epochs evaluated the final checkpoint; epochs without a program nothing, without a word
+    ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "epochs": []}),
+     ["evals.epochs is empty: list the epochs to evaluate"], "grid-eval-epochs-empty"),
+    ("launch.py", lambda t: grid(t, evals={"epochs": [1]}),
+     ["evals.epochs [1] given, but evals.programs lists no program", "eval_knn.py"], "grid-eval-epochs-no-program"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "flags": ["k"]}),
      ["evals.flags must be a mapping", "(got ['k'])"], "grid-eval-flags-not-a-mapping"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_cluster.py"],

@@ -23,7 +23,8 @@
     eval_resources: {timeout_min: 30}  # keys not given: as in resources, but nodes and tasks_per_node (defaults);
                                        # without eval_resources: all of resources
 
-Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes, flags
+Everything is checked before anything is submitted (so --dry-run refuses it too): unknown keys, empty axes (and an
+empty evals.epochs, or one without evals.programs), flags
 the program does not have, values of the wrong type, drops without a step schedule, resources Slurm cannot take
 (negative memory, zero nodes) and names that could not be a file name or a shell word all fail with a message that
 names the key. What needs the data or the model (a split the dataset lacks, crops the architecture cannot take,
@@ -349,9 +350,15 @@ def _eval_spec(path, evals) -> dict:
         if not isinstance(values, dict):
             _fail(path, f"evals.flags.{program} must be a mapping of flag names to values (got {values!r})")
         validate_flags(program, {**values, "run": "x"}, f"grid {str(path)!r} evals.flags.{program}")
-    epochs = evals.get("epochs") or ["final"]
+    epochs = ["final"] if evals.get("epochs") is None else evals["epochs"]
     if not isinstance(epochs, list) or any(not (e == "final" or (isinstance(e, int) and e > 0)) for e in epochs):
         _fail(path, f"evals.epochs must list positive epochs or 'final' (got {epochs!r})")
+    # (an empty list, or epochs without a program, evaluated the final checkpoint, or nothing, without a word)
+    if not epochs:
+        _fail(path, "evals.epochs is empty: list the epochs to evaluate, 'final' among them or not (left out: final)")
+    if evals.get("epochs") is not None and not programs:
+        _fail(path, f"evals.epochs {epochs!r} given, but evals.programs lists no program to evaluate them with "
+                    f"(among {', '.join(EVAL_PROGRAMS)})")
     # One evaluation per program and checkpoint, however often the grid names them (--k 20 20 is one kNN too).
     return {"programs": list(dict.fromkeys(programs)), "flags": flags, "epochs": list(dict.fromkeys(epochs))}
 
