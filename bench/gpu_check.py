@@ -530,8 +530,8 @@ def parse_options(argv=None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
-    out = Path(options.out or ".").absolute()
-    if options.out and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
+    out = Path(options.out).absolute() if options.out else None
+    if out and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
         # refused before the minutes of the check, not after them
         parser.error(f"--out {options.out!r}: not a file this process can write (give a file in an existing, "
                      f"writable folder)")

@@ -110,10 +110,10 @@ def main(argv=None):
     lock.acquire()
     try:
         refuse_non_empty(out)  # again, under the lock: an export may have ended in between
-        for left in out.iterdir():  # a killed export's hidden folder
-            if left.name.startswith(PARTIAL) and left.is_dir() and not left.is_symlink():
+        for left in out.glob(f"{PARTIAL}*"):  # a killed export's hidden folder
+            if left.is_dir() and not left.is_symlink():
                 shutil.rmtree(left)
-            elif left.name.startswith(PARTIAL):
+            else:
                 left.unlink()
         written = export(args, splits, positions, folders, out)
     finally:

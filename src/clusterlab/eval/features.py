@@ -316,6 +316,9 @@ class Evaluation:
     def view_words(self, scored_set: ImageSet | None = None) -> str:
         return view_words(self.loaded.method.eval_view, scored_set or self.test_set)
 
+    def view_tags(self, args: argparse.Namespace) -> list[str]:
+        return asked_view_tags(args, self.own_view, self.own_resize)
+
 
 def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
     """Load the run named by --run; --dataset / --data_path override the run's own (the split sizes must fit)."""

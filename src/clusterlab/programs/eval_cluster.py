@@ -25,7 +25,8 @@ from ..config import bool_flag
 from ..engine import found_on_every_rank, max_over_ranks
 from ..errors import ConfigError
 from ..data.augment import EvalView
-from ..eval.features import (asked_view_tags, baseline_view, data_protocol, extract, foreign_checkpoint_tag, open_evaluation,
+from ..eval.features import (asked_view_tags, baseline_view, data_protocol, extract, foreign_checkpoint_tag,
+                             open_evaluation,
                              open_pixel_baseline, pixels, recorded_view, refuse_missing_embedding, require_finite,
                              view_words)
 from ..eval.kmeans import kmeans_assign
@@ -111,7 +112,7 @@ def main(argv=None):
                     scored_set, args.features, ctx.device, args.batch_size, args.workers, normalize=args.normalize)
                 kmeans(args, ctx, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, fit_x,
                        scored_x, scored_set, bases, evaluation.view_words(scored_set),
-                       asked_view_tags(args, evaluation.own_view, evaluation.own_resize))
+                       evaluation.view_tags(args))
     distributed.shutdown()
 
 
@@ -242,7 +243,7 @@ def heads(args, ctx, evaluation, scored_set):
             report(args, loaded.run_dir, loaded.args, loaded.position, loaded.checkpoint_name, scored_set, predicted,
                    sizes[head], pending[head], f"head {head} ({sizes[head]} classes{marked}, {view_label})",
                    figure_tag(f"head{head}", scored_set, loaded.args, loaded.checkpoint_name,
-                              asked_view_tags(args, evaluation.own_view, evaluation.own_resize)),
+                              evaluation.view_tags(args)),
                    plot=any(base.get("chosen") for base in pending[head]))
         else:
             print(f"head {head} already recorded for {loaded.run_dir} ({loaded.checkpoint_name}, epoch "

@@ -78,7 +78,8 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
     probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
-    asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own asked for by name trained a second,
+    asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own
+    asked for by name trained a second,
     identical probe), and a checkpoint from outside the run (by a digest of its path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key, value in changed.items()]
@@ -191,7 +192,8 @@ def main(argv=None):
                                      checkpoint_name=loaded.checkpoint_name, run=loaded.run_dir.name)
         record["trained_by"] = list(trainer.trained_by)  # the code of every start of the probe (a resumed one's too)
         results.append_record(loaded.run_dir, record)
-        print(f"linear ({asked['augmentation']}, {evaluation.view_words()}) on {evaluation.test_set.name} {evaluation.test_set.split_name}: "
+        test_set = evaluation.test_set
+        print(f"linear ({asked['augmentation']}, {evaluation.view_words()}) on {test_set.name} {test_set.split_name}: "
               f"top1 {final['top1']:.4f} top5 {final['top5']:.4f} (best epoch on test, flagged: "
               f"{probe.best['top1']:.4f} at epoch {probe.best['epoch']})  [{loaded.run_dir}, epoch {loaded.epoch}]")
     distributed.shutdown()
