@@ -15,8 +15,11 @@ size").
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
+import time
 import types
 from pathlib import Path
 
@@ -563,3 +566,25 @@ def test_processes_started_with_different_flags_are_refused_on_every_rank():
         'the processes of this run were started with different flags (--lr 4.8 on rank(s) 0, 2, 0.1 on rank(s) 1; '
         '--output_dir "runs/a" on rank(s) 0, 1, "runs/b" on rank(s) 2; --seed 0 on rank(s) 0, 2, 5 on rank(s) 1): '
         'start every process with the same command')
+
+
+def _waiting_for_a_stalled_rank(rank: int, world: int) -> list | None:
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=1))
+    if rank == 1:
+        time.sleep(4)  # stalled past the group's timeout
+        return None
+    try:
+        torch.distributed.all_reduce(torch.ones(2), group=quick)
+    except RuntimeError as err:
+        return [distributed.lost_rank_message(err), distributed.lost_rank_message(RuntimeError("CUDA out of memory"))]
+    return ["no timeout"]
+
+
+def test_a_rank_silent_for_the_groups_timeout_is_named_on_one_line():
+    """A rank that stalls (a hung file system, a frozen node) leaves the others waiting in a collective; at the
+    group's timeout gloo's error says "Timed out waiting": the one line says another rank stalled. An error of
+    this rank's own is not taken for another rank's."""
+    message, own_error = run_distributed(_waiting_for_a_stalled_rank, 2)[0]
+    assert re.fullmatch(r"rank 0 of 2 waited in vain for another rank \(Timed out waiting 1000ms for recv operation "
+                        r"to complete\): it stalled, or its node is gone; its log shows where it stopped", message)
+    assert own_error is None

@@ -8,7 +8,10 @@ logged once, and no temporary file or lock is left.
 """
 from __future__ import annotations
 
+import json
 import random
+import re
+import socket
 import subprocess
 import sys
 
@@ -118,3 +121,37 @@ def test_kills_at_random_moments_lose_nothing_and_leave_nothing(tmp_path, refere
     assert metrics(run_dir) == metrics(reference)
     assert torch.equal(checkpoint.load(run_dir / "checkpoint.pth")["model"]["prototypes.weight"],
                        checkpoint.load(reference / "checkpoint.pth")["model"]["prototypes.weight"])
+
+
+def test_a_rank_killed_mid_run_ends_the_others_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """Rank 1 of two is killed in its second epoch (its node lost, the kernel's out-of-memory killer) while rank 0
+    waits for it in that step's collectives. Rank 0 printed gloo's error under a 40-line traceback of its own
+    (one per surviving rank, hiding the failing rank's); it now ends with one line naming what the backend saw, the
+    same line in status.json, exit status 1, and the first epoch's checkpoint in place."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "run"
+    argv = [*map(str, ARGS), "--output_dir", str(run_dir)]
+    group = {**script_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    survivor = subprocess.Popen([sys.executable, str(ROOT / "main_pretrain.py"), *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**group, "RANK": "0", "LOCAL_RANK": "0"})
+    lost = subprocess.Popen([sys.executable, "-c", KILLER, "step", "1,2", "main_pretrain.py", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**group, "RANK": "1", "LOCAL_RANK": "1"})
+    try:
+        out, err = survivor.communicate(timeout=180)
+        lost.wait(timeout=60)
+    finally:
+        survivor.kill()
+        lost.kill()
+    assert (survivor.returncode, lost.returncode) == (1, -9), (out, err)
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    message = line.removeprefix("main_pretrain.py: error: ")
+    assert re.fullmatch(r"rank 0 of 2 lost another rank \(.*by peer.*\): that rank's log has the "
+                        r"first failure", message), line
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["epoch"], status["reason"]) == ("failed", 1, message)
+    assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 1

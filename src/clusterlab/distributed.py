@@ -181,6 +181,33 @@ def joined_a_group() -> bool:
     return _joined
 
 
+# What gloo's errors say when the far end of a connection is gone (its process died, its node was lost), and when
+# it said nothing for the process group's timeout (it stalled, or its node froze). NCCL's words for these were not
+# seen here (no GPU): its errors keep their traceback.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+_PEER_SILENT = ("Timed out waiting",)
+
+
+def lost_rank_message(err: BaseException) -> str | None:
+    """One line for an error that is another rank's failure seen from this one, in the backend's own words (None
+    for any other error): the failure itself, and its traceback, are in that rank's log, not in the copies of this
+    one every other rank prints."""
+    if not isinstance(err, RuntimeError) or not is_initialized():
+        return None
+    lines = str(err).strip().splitlines()
+    words = lines[0] if lines else ""
+    if words.startswith("["):  # gloo's "[.../pair.cc:545] Read error ...": where in gloo's source
+        words = words.partition("] ")[2]
+    words = words.split(". ")[0].rstrip(".")
+    where = f"rank {rank()} of {world_size()}"
+    if any(phrase in words for phrase in _PEER_GONE):
+        return f"{where} lost another rank ({words}): that rank's log has the first failure"
+    if any(phrase in words for phrase in _PEER_SILENT):
+        return (f"{where} waited in vain for another rank ({words}): it stalled, or its node is gone; its log "
+                "shows where it stopped")
+    return None
+
+
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()

@@ -813,7 +813,7 @@ def _one_line(err: BaseException) -> str:
         return one_line(err)  # whole: where it stopped and which checkpoint to go on from, for launch.py to repeat
     if isinstance(err, KeyboardInterrupt):
         return "interrupted from the keyboard"
-    return one_line(err)[:300]
+    return (distributed.lost_rank_message(err) or one_line(err))[:300]
 
 
 def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set, kind: str, program: str,

@@ -86,7 +86,12 @@ def run(script: str, argv=None):
             end_without_finalising(signals.EXIT_REQUEUE)
             raise SystemExit(signals.EXIT_REQUEUE) from None
         if _joined_a_group():
-            traceback.print_exc()
+            lost_rank = sys.modules["clusterlab.distributed"].lost_rank_message(crash)
+            if lost_rank:  # not this rank's failure: one line, and the failing rank's traceback stands out
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"{script}: error: {lost_rank}", file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
             end_without_finalising(crash_status(crash))
         raise
     end_without_finalising(0)
