@@ -249,6 +249,7 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     (["--published", "COMPARE"], ["row 2 below the header: compare_to 'acc1' is not a metric", "; or blank"]),
     (["--published", "EPOCHS"], ["row 2 below the header: epochs 2.5 is not a whole number of epochs"]),
     (["--published", "NOMETRIC"], ["row 2 below the header: no metric (one of: top1"]),
+    (["--published", "NOSOURCE"], ["row 2 below the header: no source (the paper or code"]),  # "nan (nan)"
 ])
 def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
@@ -260,7 +261,8 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     files = {"PUBLISHED": published, "LATIN1": tmp_path / "latin1.csv"}
     good = "swav,digits,resnet18_cifar_w4,200,cluster,acc,50,k-means,paper,"
     bad = {"VALUE": 'swav,digits,,200,cluster,acc,"50,0",k-means,paper,', "METRIC": good.replace(",acc,", ",top_1,"),
-           "COMPARE": good + "acc1", "EPOCHS": good.replace(",200,", ",2.5,"), "NOMETRIC": good.replace(",acc,", ",,")}
+           "COMPARE": good + "acc1", "EPOCHS": good.replace(",200,", ",2.5,"), "NOMETRIC": good.replace(",acc,", ",,"),
+           "NOSOURCE": good.replace(",paper,", ",,")}
     for name, row in bad.items():
         files[name] = tmp_path / f"{name}.csv"
         files[name].write_text(f"method,dataset,backbone,epochs,eval,metric,value,protocol,source,compare_to\n"

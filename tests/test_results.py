@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -65,10 +66,13 @@ def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_p
     ({"step": True}, "step True is not a whole number"),
     ({"run": {"a": 1}}, "run {'a': 1} is not text"),
     ({"method": 3}, "method 3 is not text"),
+    ({"method": None}, "no method named: not a metrics record of this suite"),
+    ({"eval": None}, "no eval named"),
 ])
 def test_a_record_whose_fields_could_not_name_a_table_or_make_a_row_is_skipped(tmp_path, changes, fault):
     """A record's dataset names its table's files (a path in it wrote them outside --out); a field of another type
-    than the engine writes stopped the tables with a traceback."""
+    than the engine writes stopped the tables with a traceback; another program's record (no method or evaluation
+    named) made a row of its own without a number or a word."""
     path = tmp_path / "run" / "metrics.jsonl"
     write_jsonl(path, [record(0, acc=0.5), {**record(1, acc=0.6), **changes}])
     with warnings.catch_warnings(record=True) as caught:
@@ -361,12 +365,14 @@ def test_collect_results_writes_tables_per_dataset(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "tables"
     for i, rec in enumerate(SEEDS):
         write_jsonl(root / f"swav_digits_s{i}" / "metrics.jsonl", [rec])
+        (root / f"swav_digits_s{i}" / "config.yaml").write_text(yaml.safe_dump({"args": {"epochs": 200, "seed": i}}))
     broken = root / "swav_digits_s0" / "metrics.jsonl"
     broken.write_text(broken.read_text() + '{"run": "cut off')
     write_jsonl(root / "deep" / "pixels_digits" / "metrics.jsonl", [record(0, method="pixels", epoch=None, acc=0.7)])
     write_jsonl(root / "swav_cifar10_s0" / "metrics.jsonl",
                 [record(0, dataset="cifar10", eval_kind="knn", protocol={"k": 200, "temperature": 0.1}, top1=0.8123,
                         top5=0.9)])
+    (root / "swav_cifar10_s0" / "config.yaml").write_text(yaml.safe_dump({"args": {"epochs": 200}}))
     published = tmp_path / "published.csv"
     published.write_text(PUBLISHED)
     result = run_script("collect_results.py", "--root", root, "--out", out, "--published", published,
@@ -388,6 +394,30 @@ def test_collect_results_writes_tables_per_dataset(tmp_path):
     assert markdown.startswith("# digits\n") and "| 85.00 ± 4.58 |" in markdown
     latex = (out / "digits.tex").read_text()
     assert "\\begin{tabular}" in latex and "85.00 ± 4.58" in latex and "fit\\_on=train" in latex
+
+
+def test_tables_keep_a_pipe_or_a_less_than_sign_in_their_cell_in_every_format(tmp_path):
+    """A `|` in a published source split its Markdown cell (the row got an extra column), `->` in a recipe
+    printed as "-¿" in LaTeX's default font encoding, and the LaTeX table wrote the published number and its diff
+    as 80.500000 and 4.500000 where the Markdown said 80.5 and 4.5; a blank protocol read "nan"."""
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    for seed, epochs in ((0, 200), (1, 100)):  # two recipes, the second extended from 100 to 200 epochs
+        name = f"swav_digits_s{seed}"
+        write_jsonl(root / name / "metrics.jsonl", [record(seed, run=name, acc=0.85)])
+        changes = [{"epoch": 100, "step": 0, "before": {"epochs": 100}, "after": {"epochs": 200}}] if seed else []
+        (root / name / "config.yaml").write_text(yaml.safe_dump({"args": {"epochs": 200}, "resume_changes": changes}))
+    published = tmp_path / "published.csv"
+    published.write_text("method,dataset,backbone,eval,epochs,metric,value,source,protocol\n"
+                         "swav,digits,resnet18_cifar_w16,cluster,200,acc,80.5,Smith | Jones,\n")
+    assert_ok(run_script("collect_results.py", "--root", root, "--out", out, "--published", published,
+                         "--plots", "false", "--curves", "false"))
+    markdown = (out / "digits.md").read_text().split("\n\n")
+    header, rule, *rows = markdown[1].splitlines()
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in (header, rule, *rows)} == {header.count("|")}
+    assert "| 80.5 | acc | 4.5 | Smith \\| Jones |" in markdown[1]
+    latex = (out / "digits.tex").read_text()
+    assert "& 80.5 & acc & 4.5 & Smith \\textbar{} Jones \\\\" in latex
+    assert "epochs 100-\\textgreater{}200" in latex and "->" not in latex
 
 
 def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, run_in_process):
@@ -783,14 +813,48 @@ def test_runs_are_compared_by_the_precision_that_ran(tmp_path):
 
 
 def test_a_trained_run_without_its_config_is_of_unknown_code_and_an_unreadable_one_is_named(tmp_path):
+    """A missing config.yaml was not named (an unreadable one was), and its run met published numbers though
+    whether it ended at that epoch cannot be told."""
     root = tmp_path / "runs"
     write_jsonl(root / "lost" / "metrics.jsonl", [{**record(run="lost", epoch=10, acc=0.5), **CLEAN}])
     write_run(root, "garbled", CLEAN, CLEAN, seed=1, epoch=20, acc=0.5)
     (root / "garbled" / "config.yaml").write_text("args: [1, 2\n")
-    with pytest.warns(UserWarning, match=r"garbled/config.yaml cannot be read: its run's settings and code are "
-                                         r"unknown \(recipe unknown, revision unknown\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         frame = results.records_frame(results.read_records(root))
+    assert sorted(str(w.message) for w in caught) == [
+        f"{root / name / 'config.yaml'} {why}: its run's settings and code are unknown (recipe unknown, revision "
+        f"unknown, no published number)" for name, why in (("garbled", "cannot be read"), ("lost", "is missing"))]
     assert dict(zip(frame["run"], frame["revision"])) == {"lost": "unknown", "garbled": "unknown"}
+    assert frame["settings_unknown"].tolist() == [True, True]
+
+
+def test_a_run_whose_settings_are_unknown_meets_no_published_number(tmp_path):
+    """A run killed at epoch 200 of 400 whose config.yaml was lost: its record met the number published for 200
+    epochs, though whether it ended there cannot be told; a seed beside it with its config.yaml keeps its own (rows
+    are split only by settings known to differ: the two are averaged, and that row gets none)."""
+    root = tmp_path / "runs"
+
+    def trained(name, seed, acc):
+        write_trained_run(root, name, seed, acc, dataset="digits")
+        write_jsonl(root / name / "metrics.jsonl", [{**record(seed, run=name, acc=acc), **CLEAN}])
+
+    trained("lost", 1, 0.9)
+    (root / "lost" / "config.yaml").unlink()
+    published = pd.read_csv(io.StringIO(PUBLISHED))
+    with pytest.warns(UserWarning, match="lost/config.yaml is missing"):
+        table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
+                                         published)
+    assert list(table["published"]) == [None] and list(table["settings_unknown"]) == [True]
+    trained("known", 0, 0.8)
+    with pytest.warns(UserWarning, match="lost/config.yaml is missing"):
+        table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
+                                         published)
+    assert list(table["n"]) == [2] and list(table["published"]) == [None]
+    (root / "lost").rename(tmp_path / "elsewhere")
+    table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
+                                     published)
+    assert list(table["published"]) == [80.5] and "settings_unknown" not in table
 
 
 def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_runs_says_so(tmp_path):

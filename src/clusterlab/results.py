@@ -200,6 +200,9 @@ def record_fault(record) -> str | None:
     for key in ("run", "method", "split", "backbone", "eval", "checkpoint"):
         if not isinstance(record.get(key), (str, type(None))):
             return f"{key} {record[key]!r} is not text"
+    for key in ("method", "eval"):  # a row's group: without them a record is another program's
+        if record.get(key) is None:
+            return f"no {key} named: not a metrics record of this suite"
     for key in ("epoch", "step", "seed"):
         if record.get(key) is not None and not _whole(record[key]):
             return f"{key} {record[key]!r} is not a whole number"
@@ -433,16 +436,20 @@ def records_frame(records: list[dict]):
         row["file"] = record.get("_file")
         row["run_path"] = record.get("_run_path", record.get("run"))
         run_dir = Path(row["file"]).parent if row["file"] else None
+        trained = record.get("epoch") is not None  # a checkpoint's record (a baseline has no epoch nor config.yaml)
         if run_dir not in run_configs:
             run_configs[run_dir] = written_run_config(run_dir) if run_dir else None
-            if run_configs[run_dir] == {}:
-                warnings.warn(f"{run_dir / 'config.yaml'} cannot be read: its run's settings and code are unknown "
-                              f"(recipe {UNKNOWN_RECIPE}, revision unknown)", stacklevel=2)
+            if run_configs[run_dir] == {} or (trained and run_dir and run_configs[run_dir] is None):
+                why = "cannot be read" if run_configs[run_dir] == {} else "is missing"
+                warnings.warn(f"{run_dir / 'config.yaml'} {why}: its run's settings and code are unknown "
+                              f"(recipe {UNKNOWN_RECIPE}, revision unknown, no published number)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
         position = (record["epoch"] if _whole(record.get("epoch")) else 0, 0)  # an epoch's end (mid-epoch: above)
         row["settings"] = without_unread(settings_at(run_settings(run_configs[run_dir]),
                                                      (run_configs[run_dir] or {}).get("resume_changes"), position))
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
+        # whether it ended at this epoch, and how it was trained, cannot be told: no paper's number to compare with
+        row["settings_unknown"] = trained and run_dir is not None and run_configs[run_dir] in (None, {})
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
@@ -596,6 +603,8 @@ def aggregate(frame):
         out[SETTINGS_KEY] = grouped["settings"].agg(lambda values: _settings_key(values.iloc[0]))
     if mid_run.any():
         out["mid_run"] = grouped["mid_run"].any()
+    if "settings_unknown" in filled and filled["settings_unknown"].any():
+        out["settings_unknown"] = grouped["settings_unknown"].any()
     if "settings" in filled:
         # any of the row's runs (a run whose config.yaml predates resume_changes shares a row with one that has it)
         resumed = grouped["settings"].agg(lambda values: any(map(resumed_with_changes, values)))
@@ -647,8 +656,9 @@ def attach_published(table, published):
     """Add `published`, `vs`, `diff` and `source` where method, dataset, backbone (where the CSV gives one: a number
     of another network is no yardstick), evaluation and epochs match, and the row's runs ended at that epoch (not a
     mid-schedule checkpoint of a longer run: `mid_run`) and were trained to it as they were started (none of them
-    `resumed_with_changes`), on a protocol that measures what the paper's does (`comparable_protocol`); the
-    protocols are not compared further (`source` names upstream's, the row's `protocol` ours).
+    `resumed_with_changes`), whose settings are known (none `settings_unknown`: a trained run without config.yaml),
+    on a protocol that measures what the paper's does (`comparable_protocol`); the protocols are not compared
+    further (`source` names upstream's, the row's `protocol` ours).
 
     `vs` is the metric of ours the published number is compared with: the CSV's `compare_to` column when given
     (e.g. best_top1_on_test beside a number that upstream selected on the test set), else its `metric`.
@@ -660,7 +670,7 @@ def attach_published(table, published):
     mid_run = table.get("mid_run")
     for index, row in table.iterrows():
         if (mid_run is not None and mid_run[index]) or not comparable_protocol(row.get("protocol"), row["eval"]) \
-                or row.get("resumed_with_changes") is True:
+                or row.get("resumed_with_changes") is True or row.get("settings_unknown") is True:
             continue
         same_backbone = (published["backbone"].isna() | (published["backbone"] == row["backbone"])
                          if "backbone" in published else True)
@@ -675,7 +685,9 @@ def attach_published(table, published):
         metric = compare_to if isinstance(compare_to, str) and compare_to else first["metric"]
         table.at[index, "published"] = float(first["value"])
         table.at[index, "vs"] = metric
-        table.at[index, "source"] = f"{first['source']} ({first['protocol']})"
+        protocol = first["protocol"]  # blank: NaN
+        table.at[index, "source"] = (f"{first['source']} ({protocol})" if isinstance(protocol, str) and protocol
+                                     else first["source"])
         ours = row.get(f"{metric}_mean")
         if ours is not None and ours == ours:
             table.at[index, "diff"] = round(float(ours) - float(first["value"]), 2)
@@ -771,8 +783,9 @@ def display_table(table):
     if "revision" in table:
         shown["revision"] = table["revision"]
     for extra in ("published", "vs", "diff", "source"):
-        if extra in table and table[extra].notna().any():
-            shown[extra] = table[extra].fillna("")
+        if extra in table and table[extra].notna().any():  # numbers as written (84.9, -0.35) in every format
+            shown[extra] = [value if isinstance(value, str) else "" if value is None or value != value
+                            else str(float(value)) for value in table[extra]]
     return shown
 
 

@@ -136,7 +136,7 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         rows = results.latest_records(rows)  # the footnote names the runs of the records the table counts
         table = results.attach_published(results.aggregate(rows), published)
         shown = results.display_table(table)
-        markdown = shown.to_markdown(index=False) if _has_tabulate() else _markdown(shown)
+        markdown = _markdown(shown)
         footnote = results.revision_footnote(rows)
         if footnote:
             markdown += "\n\n" + footnote.replace("\n", "\n\n")
@@ -145,14 +145,14 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         reference = results.published_for(published, names, set(rows["method"]))
         if reference is not None:
             markdown += ("\n\nPublished numbers for these methods (their own protocols; `diff` above where epochs "
-                         "match):\n\n" + (reference.to_markdown(index=False) if _has_tabulate() else _markdown(reference)))
+                         "match):\n\n" + _markdown(reference))
         print(f"\n## {dataset}\n\n{markdown}")
         sections.append((dataset, markdown))
         # A name read from the file system (a run's checkpoint path) may hold bytes that are not UTF-8.
         # each file whole or as it was (a full disk, a job killed meanwhile); a link in its place is replaced
         for suffix, text in (("csv", table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(index=False)),
                              ("md", f"# {dataset}\n\n{markdown}\n"),
-                             ("tex", shown.to_latex(index=False, escape=True))):
+                             ("tex", _latex(shown))):
             atomic_write_text(out / f"{dataset}.{suffix}", text, through_links=False)
         if plots:
             drawn = results.plot_against_epochs(table, out, dataset)
@@ -256,6 +256,8 @@ def read_published(path: str, default: str):
             raise ConfigError(f"{where}: no metric (one of: {', '.join(results.METRIC_COLUMNS)})")
         if not _is_number(row["value"]):
             raise ConfigError(f"{where}: value {row['value']!r} is not a number (a percentage such as 84.9)")
+        if pd.isna(row["source"]) or not str(row["source"]).strip():
+            raise ConfigError(f"{where}: no source (the paper or code the number comes from)")
         for column in ("metric", "compare_to"):
             if column in published and not pd.isna(row[column]) and row[column] not in results.METRIC_COLUMNS:
                 raise ConfigError(f"{where}: {column} {row[column]!r} is not a metric of the tables (one of: "
@@ -282,8 +284,29 @@ def _has_tabulate() -> bool:
 
 
 def _markdown(frame) -> str:
+    """A Markdown table (tabulate's, aligned, where it is installed); a `|` in a cell (a source such as "Smith |
+    Jones") is escaped, or it would split the cell."""
+    frame = frame.map(lambda value: value.replace("|", "\\|") if isinstance(value, str) else value)
+    if _has_tabulate():
+        return frame.to_markdown(index=False)
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
     body = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+# pandas escapes LaTeX's special characters but < > and |, which the default font encoding (OT1) prints as other
+# glyphs ("epochs 2->3" as "epochs 2-¿3").
+LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+              "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+              ">": r"\textgreater{}", "|": r"\textbar{}"}
+
+
+def _latex(frame) -> str:
+    def text(value) -> str:
+        return "".join(LATEX_TEXT.get(ch, ch) for ch in str(value))
+
+    cells = frame.map(lambda value: text(value) if isinstance(value, str) else value)  # numbers as pandas sets them
+    cells.columns = [text(column) for column in frame.columns]
+    return cells.to_latex(index=False, escape=False)
 
