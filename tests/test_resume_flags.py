@@ -57,6 +57,55 @@ def test_a_queue_the_checkpoint_holds_is_not_dropped(runs, kind, flags, run):
         resumed(kind, [*flags, "--epochs", "2", "--queue_length", "0"], runs / run)
 
 
+def test_a_queue_start_moved_later_on_resume_is_applied(runs, tmp_path):
+    """Resumed with a later --epoch_queue_starts, a note said the run went on with it (and that the queue never
+    starts), while the checkpoint's full queue took part in every step after the resume."""
+    run = tmp_path / "swav"
+    run.mkdir()
+    (run / "checkpoint.pth").write_bytes((runs / "swav" / "checkpoint.pth").read_bytes())
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["method_state"]["queue"] is not None
+    result = run_script("main_pretrain.py", *SWAV, "--epochs", "2", "--epoch_queue_starts", "5", "--output_dir", run)
+    assert_ok(result)
+    assert "the queue never starts (--epoch_queue_starts 5 >= --epochs 2)" in result.stdout
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["method_state"]["queue"] is None
+
+
+def test_epoch_checkpoints_asked_for_behind_the_resume_point_are_named(runs, tmp_path):
+    """--checkpoint_epochs 1 added on resuming a run at epoch 1, mid-epoch 2, ...: an epoch the run is past was left
+    out without a word (the epoch checkpoint.pth stands at is copied from it); one written before is not named."""
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "3", "--checkpoint_epochs", "1", "3"], runs / "swav")
+    assert not any("--checkpoint_epochs" in note for note in trainer.resume_notes)  # epoch 1: copied at the start
+    run = tmp_path / "run"
+    assert_ok(run_script("main_pretrain.py", *SWAV, "--epochs", "2", "--output_dir", run))
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "4", "--checkpoint_epochs", "1", "2", "3"], run)
+    assert "--checkpoint_epochs 1: behind checkpoint.pth (the end of epoch 2), never written" in trainer.resume_notes
+    (run / "checkpoint_ep0001.pth").write_bytes((run / "checkpoint.pth").read_bytes())
+    trainer = resumed("pretrain", [*SWAV, "--epochs", "4", "--checkpoint_epochs", "1", "2", "3"], run)
+    assert not any("--checkpoint_epochs" in note for note in trainer.resume_notes)
+
+
+def test_a_finished_run_whose_config_records_a_start_that_saved_nothing_gets_its_record_back(runs, tmp_path):
+    """Resumed with other flags, a start that failed before its first checkpoint (here a NaN at its first step)
+    left config.yaml recording its flags and a resume change no checkpoint went through; the original command then
+    said "nothing to train (config.yaml keeps the flags and code it trained with)" over that record."""
+    run = tmp_path / "run"
+    assert_ok(run_script("main_pretrain.py", *SWAV, "--output_dir", run))
+    before = yaml.safe_load((run / "config.yaml").read_text())
+    failed = run_script("main_pretrain.py", *SWAV, "--epochs", "2", "--lr", "1e30", "--output_dir", run)
+    assert failed.returncode != 0 and yaml.safe_load((run / "config.yaml").read_text())["args"]["lr"] == 1e30
+    again = run_script("main_pretrain.py", *SWAV, "--output_dir", run)
+    assert_ok(again)
+    assert "config.yaml recorded a start that saved no checkpoint" in again.stdout
+    after = yaml.safe_load((run / "config.yaml").read_text())
+    assert after["args"] == before["args"] and after["resume_changes"] == [] == before["resume_changes"]
+    assert [after[key] for key in ("trained_by", "precision", "training_set", "git_commit")] == [
+        before[key] for key in ("trained_by", "precision", "training_set", "git_commit")]
+    quiet = run_script("main_pretrain.py", *SWAV, "--output_dir", run)  # the record is whole: nothing to say
+    assert_ok(quiet)
+    assert "saved no checkpoint" not in quiet.stdout and yaml.safe_load((run / "config.yaml").read_text()) == after
+
+
 @pytest.mark.parametrize("sync_bn, recorded", [("true", False), ("false", True)])
 def test_a_resume_on_another_number_of_processes_is_said(runs, tmp_path, sync_bn, recorded):
     """The checkpoint keeps the world size that wrote it; a resume on another one says so, and records it where the

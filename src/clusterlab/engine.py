@@ -135,6 +135,7 @@ class Trainer:
         self.steps_this_start = 0     # steps done since this process started (or resumed) the run
         self.position = (0, 0)        # (epoch, step) the next step starts at
         self.trained_by: list[dict] = []  # the code's git state at each start that differed from the one before
+        self.saved_record: dict | None = None  # set by resume
         self.resume_notes: list[str] = []  # what a resume changes that the run's log would not show
         # Every resume that changed what the run learns (the schedule's or another flag, the precision, for some
         # methods the number of processes): where ({"epoch", "step"}) and the values "before" and "after"; in the
@@ -264,7 +265,17 @@ class Trainer:
             # an older version summed the terms only: this epoch's loss mean is unknown (and not written)
             self.term_totals["loss"] = math.nan
         self.resume_changes = list(state.get("resume_changes", []))
+        # what the checkpoint records of its training (None from a version that kept no starts nor changes)
+        self.saved_record = {"args": state["args"], "precision": state.get("precision"),
+                             "trained_by": list(self.trained_by), "resume_changes": list(self.resume_changes)} \
+            if "trained_by" in state and "resume_changes" in state else None
         self._note_changes(state)
+        epoch, step = self.position
+        passed = [e for e in self.args.checkpoint_epochs if (e < epoch or (e == epoch and step > 0))
+                  and not (self.run_dir / f"checkpoint_ep{e:04d}.pth").exists()]
+        if passed:
+            self.resume_notes.append(f"--checkpoint_epochs {' '.join(map(str, passed))}: behind checkpoint.pth "
+                                     f"({self.position_words(epoch, step)}), never written")
         return self.position
 
     def _load_state(self, path: Path, state: dict) -> bool:
@@ -849,6 +860,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                   f"give again; moved {', '.join(rewound)}", flush=True)
         trainer.restore_missing_epoch_checkpoints()
         if finished:
+            rewrite_a_record_of_nothing_saved(trainer, run_dir, program)
             changed = trainer.changed_by_this_start
             differing = ", ".join(f"--{key} {_flag_value(before)} -> {_flag_value(changed['after'][key])}"
                                   for key, before in changed.get("before", {}).items())
@@ -873,6 +885,24 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     distributed.barrier()
     require_shared(run_dir, "status.json")  # rank 0 has just written it
     return trainer, start_epoch, start_step
+
+
+def rewrite_a_record_of_nothing_saved(trainer: Trainer, run_dir: Path, program: str) -> None:
+    """config.yaml written by a later start (other flags, other code) that saved no checkpoint, failed or killed
+    first, describes no weights: of a finished run it is written again from checkpoint.pth's record (its flags,
+    precision, starts and resume changes; versions and host are this start's, the checkpoint keeps none)."""
+    saved, written = trainer.saved_record, written_run_config(run_dir) or {}
+    if saved is None or [written.get(key) for key in ("trained_by", "resume_changes")] == [saved["trained_by"],
+                                                                                          saved["resume_changes"]]:
+        return
+    write_resolved(argparse.Namespace(**saved["args"]), run_dir, program,
+                   git=saved["trained_by"][-1] if saved["trained_by"] else None, precision=saved["precision"],
+                   trained_by=saved["trained_by"], resume_changes=saved["resume_changes"],
+                   training_set={"images": trainer.method.info.num_samples,
+                                 "fingerprint": trainer.method.info.fingerprint},
+                   **trainer.method.recorded())
+    print(f"note: config.yaml recorded a start that saved no checkpoint (it failed or was stopped first); written "
+          f"again from checkpoint.pth ({trainer.position_words(*trainer.position)})", flush=True)
 
 
 def epoch_checkpoints(run_dir: Path) -> list[Path]:

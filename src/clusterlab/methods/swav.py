@@ -83,8 +83,11 @@ class SwAV(Method):
     # ---- training ----
     def on_epoch_start(self, epoch: int) -> None:
         args = self.args
-        if args.queue_length > 0 and epoch >= args.epoch_queue_starts and self.queue is None:
-            self.queue = self.empty_queue()
+        if args.queue_length > 0 and epoch >= args.epoch_queue_starts:
+            if self.queue is None:
+                self.queue = self.empty_queue()
+        else:  # a resume that moved --epoch_queue_starts past its epoch: no queue before it, as the flag says
+            self.queue = None
 
     def empty_queue(self) -> EmbeddingQueue:
         """An empty queue of --queue_length embeddings for each crop of --crops_for_assign (each rank its share)."""
