@@ -13,7 +13,6 @@ first two of each are not counted; prints a Markdown table of median, min and ma
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from clusterlab.config import positive_int  # noqa: E402
+from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
 from clusterlab.programs.train import parse_args  # noqa: E402
 
@@ -55,7 +54,7 @@ def loss_step(config: str, bank_rows: int, epoch: int, *flags: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=positive_int, default=12)
     parser.add_argument("--bank", type=positive_int, default=60000, help=f"bank rows, at least the batch ({BATCH})")
     parser.add_argument("--threads", type=positive_int, default=1)

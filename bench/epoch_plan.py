@@ -10,19 +10,18 @@ checkout of the package is imported (`PYTHONPATH=src` for this one, `PYTHONPATH=
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from clusterlab.config import positive_int
+from clusterlab.config import OneLineErrorParser, positive_int
 from clusterlab.data.loader import GlobalBatches
 from clusterlab.errors import ConfigError
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=positive_int, default=1_281_167,
                         help="dataset size (ImageNet-1k train: 1,281,167)")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="global batch")

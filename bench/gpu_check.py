@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clusterlab import data, engine  # noqa: E402
 from clusterlab.data.augment import ColorSpec, CropSpec, MultiCrop  # noqa: E402
-from clusterlab.config import non_negative_float  # noqa: E402
+from clusterlab.config import OneLineErrorParser, non_negative_float  # noqa: E402
 from clusterlab.distributed import Context, pick_device, take_device  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
@@ -518,7 +518,7 @@ def table(rows: list[Row]) -> str:
 
 
 def parse_options(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="gpu_check.py")
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0], prog="gpu_check.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="toy sizes everywhere (the CPU test runs it so)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")

@@ -23,7 +23,6 @@ process, which is what a job without a GPU gets.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from clusterlab.config import positive_int
+from clusterlab.config import OneLineErrorParser, positive_int
 from clusterlab.data import registry
 from clusterlab.data.augment import ColorSpec, CropSpec, CutCrops, MultiCrop
 from clusterlab.data.files import CropJob, FileSource
@@ -128,7 +127,7 @@ def suite_device_side(augment: MultiCrop, results: list, device: torch.device) -
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=positive_int, default=10_000,
                         help="JPEGs written (at least 10,000 for the record)")
     parser.add_argument("--measure", type=positive_int, default=320, help="images through (a) (and (c))")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from clusterlab.config import positive_int  # noqa: E402
+from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 from clusterlab.eval.kmeans import kmeans_assign  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
@@ -47,7 +47,7 @@ def features(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=positive_int, default=512)
     parser.add_argument("--cases", type=case, nargs="+",
                         default=[case("10000:100"), case("40000:1000"), case("40000:1000:10000")])

@@ -15,7 +15,6 @@ CPU the optimiser takes the parameters in cache-sized batches, on a GPU all at o
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from clusterlab.config import positive_int  # noqa: E402
+from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 from clusterlab.distributed import pick_device  # noqa: E402
 from clusterlab.errors import ConfigError  # noqa: E402
 from clusterlab.eval.knn import knn_class_scores  # noqa: E402
@@ -52,7 +51,7 @@ def timed(fn, device, repeats: int) -> list[float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu or cuda")
     parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from clusterlab.config import non_negative_int, positive_int  # noqa: E402
+from clusterlab.config import OneLineErrorParser, non_negative_int, positive_int  # noqa: E402
 
 
 class Run(NamedTuple):
@@ -56,7 +56,7 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--runs", type=positive_int, default=5, help="counted runs of each command")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="runs of each command not counted")
     parser.add_argument("--vs", default=None, help="command B, one string (the baseline)")

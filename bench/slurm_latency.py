@@ -11,7 +11,6 @@ Prints a Markdown table (median, min, max over repeats).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from clusterlab.config import positive_int  # noqa: E402
+from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ONE_RUN = {"name": "bench", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml", "axes": {"seed": [0]},
            "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_dim": 32, "embed_dim": 16,
@@ -70,7 +69,7 @@ def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     grid, plain, interrupted = [], [], []

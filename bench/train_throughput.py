@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from clusterlab import data, distributed, engine
-from clusterlab.config import config_layers, non_negative_int, positive_int
+from clusterlab.config import OneLineErrorParser, config_layers, non_negative_int, positive_int
 from clusterlab.data import loader as data_loader
 from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
@@ -44,7 +44,7 @@ def program_kind(argv: list[str]) -> str:
 
 
 def main(argv=None):
-    bench = argparse.ArgumentParser(add_help=False, usage="%(prog)s [--steps N] [--warmup N] [training flags]")
+    bench = OneLineErrorParser(add_help=False, usage="%(prog)s [--steps N] [--warmup N] [training flags]")
     bench.add_argument("--steps", type=positive_int, default=20, help="timed steps (20)")
     bench.add_argument("--warmup", type=non_negative_int, default=5, help="steps run before timing (5)")
     known, rest = bench.parse_known_args(argv)

@@ -37,10 +37,12 @@ PARTIAL = ".partial-"  # the hidden folder an export writes into
 def get_args_parser():
     parser = config.new_parser(__doc__.splitlines()[0], prog="export_imagefolder.py")
     parser.add_argument("--dataset", required=True, help="a registered dataset (clusterlab.data.registry.DATASETS)")
-    parser.add_argument("--data_path", default=None, help="where its files are (the dataset's default if unset)")
+    parser.add_argument("--data_path", type=config.path, default=None,
+                        help="where its files are (the dataset's default if unset)")
     parser.add_argument("--download", type=config.bool_flag, nargs="?", const=True, default=False,
                         help="download the dataset if missing")
-    parser.add_argument("--out", required=True, help="the image folder to write (must not exist or be empty)")
+    parser.add_argument("--out", type=config.path, required=True,
+                        help="the image folder to write (must not exist or be empty)")
     parser.add_argument("--per_class", type=config.positive_int, default=None,
                         help="training images kept per class")
     parser.add_argument("--count", type=config.positive_int, default=None,

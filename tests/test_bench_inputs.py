@@ -23,12 +23,17 @@ from conftest import PYTHON, ROOT, script_env
     ("epoch_plan.py", ["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
     ("train_throughput.py", ["--steps", "0", "--config", "configs/swav_digits.yaml"],
      "argument --steps: '0' is not a positive integer"),
+    ("gpu_check.py", ["--budget_s", "-1"], "argument --budget_s: '-1' is negative"),
+    ("kmeans_cost.py", ["--dim", "0"], "argument --dim: '0' is not a positive integer"),
+    ("bank_losses.py", ["--threads", "x"], "argument --threads: "),
 ])
 def test_a_bench_refuses_what_it_cannot_measure(script, flags, message):
+    """On one line: a bad command line printed argparse's usage block above it."""
     result = subprocess.run([PYTHON, str(ROOT / "bench" / script), *flags], cwd=ROOT, env=script_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines()[-1].startswith(f"{script}: error: {message}")
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"{script}: error: {message}"), \
+        result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a CUDA device where there is none")

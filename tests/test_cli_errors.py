@@ -48,6 +48,13 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     ("negative step factor", ["--lr_gamma", "-1"], ["--lr_gamma", "'-1' is not a positive number"]),
     ("momentum above 1", ["--momentum", "5"], ["--momentum", "'5' is not a probability"]),
     ("rate beyond float32", ["--lr", "1e40"], ["--lr", "'1e40' is beyond float32's range"]),
+    ("rate of zero", ["--lr", "0"], ["--lr", "'0' is not a positive number (use a value above 0)"]),  # trained nothing
+    # 1e20 epochs overflowed the steps' count and trained on
+    ("epochs past any run", ["--epochs", "10" * 10],
+     ["--epochs", f"'{'10' * 10}' epochs is more than any run needs (use 1 to 100,000)"]),
+    # fractions of the image's area: above 1 every crop was the fallback crop, without a word
+    ("crop scale above 1", ["--min_scale_crops", "1.5", "--max_scale_crops", "2"],
+     ["each range needs 0 < min <= max <= 1"]),
     # an unknown flag is followed by what was probably meant
     ("typo of a flag", ["--epoch", "3"], ["unrecognized arguments: --epoch 3 (did you mean --epochs?)"]),
     ("flag of no method", ["--bogus_flag", "3"],
@@ -220,6 +227,9 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit_its_run(run_in_process, tin
     ("eval_knn.py", ["--run", "/nonexistent_run"], ["--run '/nonexistent_run'", "not a directory"]),
     ("eval_knn.py", ["--checkpoint", "checkpoint_ep0099.pth"], ["checkpoint_ep0099.pth", "does not exist"]),
     ("eval_cluster.py", ["--clusters", "10", "5000"], ["--clusters 5000", "898 images", "at most 898"]),
+    ("eval_cluster.py", ["--clusters", "1"], ["--clusters", "'1' clusters: a clustering needs 2 or more"]),
+    ("eval_knn.py", ["--output_dir", "elsewhere"], ["--output_dir 'elsewhere' is where a --baseline's record goes"]),
+    ("eval_cluster.py", ["--output_dir", "elsewhere"], ["a run's go to its own metrics.jsonl"]),
     ("eval_knn.py", ["--baseline", "pixels", "--dataset", "digits", "--output_dir", "OUT"],
      ["--baseline pixels scores no run", "leave --run out"]),
     ("eval_cluster.py", ["--normalize", "maybe"], ["--normalize", "'maybe'", "use auto, true or false"]),
@@ -241,6 +251,7 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
 @pytest.mark.parametrize("extra, words", [
     (["--root", "/nonexistent_root"], ["--root '/nonexistent_root'", "not a directory"]),
     (["--published", "/nonexistent.csv"], ["--published '/nonexistent.csv'", "does not exist"]),
+    (["--published", "/tmp"], ["--published '/tmp' is a folder (give a CSV file"]),
     (["--published", "PUBLISHED"], ["lacks the column(s) epochs, metric", "expected: method, dataset"]),
     (["--published", "LATIN1"], ["--published", "is not a CSV file of UTF-8 text (UnicodeDecodeError"]),  # a traceback
     # the cells of a row: a traceback once a row matched ours, or silently a published number beside no metric
@@ -250,11 +261,14 @@ def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     (["--published", "EPOCHS"], ["row 2 below the header: epochs 2.5 is not a whole number of epochs"]),
     (["--published", "NOMETRIC"], ["row 2 below the header: no metric (one of: top1"]),
     (["--published", "NOSOURCE"], ["row 2 below the header: no source (the paper or code"]),  # "nan (nan)"
+    (["--out", "/proc/clusterlab_no_folder"], ["cannot create the tables folder '/proc/clusterlab_no_folder' (No such "
+                                               "file or directory): choose another --out"]),  # a traceback
 ])
 def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
     (root / "run").mkdir(parents=True)
-    (root / "run" / "metrics.jsonl").write_text('{"method": "swav", "dataset": "digits", "metrics": {"acc": 0.5}}\n')
+    (root / "run" / "metrics.jsonl").write_text('{"method": "swav", "dataset": "digits", "eval": "cluster", '
+                                                '"metrics": {"acc": 0.5}}\n')
     published = tmp_path / "published.csv"
     published.write_text("method,dataset,eval,value\nswav,digits,cluster,50\n")
     (tmp_path / "latin1.csv").write_bytes("method,dataset\nswav,caf\xe9\n".encode("latin-1"))

@@ -183,7 +183,7 @@ def test_missing_config_file_is_refused(tmp_path):
 @pytest.mark.parametrize("module, argv, words", [
     ("main_pretrain", ["--batch_size", "0"], ["--batch_size", "'0'", "positive integer"]),
     ("main_pretrain", ["--epochs", "-1"], ["--epochs", "'-1'", "positive integer"]),
-    ("main_pretrain", ["--lr", "-0.1"], ["--lr", "'-0.1'", "negative"]),
+    ("main_pretrain", ["--lr", "-0.1"], ["--lr", "'-0.1'", "not a positive number"]),
     ("main_pretrain", ["--log_every", "0"], ["--log_every", "'0'"]),
     ("main_pretrain", ["--width", "0"], ["--width", "'0'"]),
     ("main_pretrain", ["--width", "four"], ["--width", "invalid int value: 'four' (give a whole number)"]),

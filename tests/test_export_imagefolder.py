@@ -123,6 +123,8 @@ def test_class_folder_names_sort_in_label_order():
     (["--dataset", "fashion_mnist", "--per_class", "2", "--count", "30"], ["--per_class 2", "--count 30", "choose one"]),
     (["--dataset", "fashion_mnist", "--per_class", "0"], ["--per_class", "0"]),
     (["--dataset", "fashion_mnist", "--per_class", "2", "--seed", "-1"], ["--seed", "'-1'", "0 or more"]),
+    # an unset shell variable: read as the current folder
+    (["--dataset", "fashion_mnist", "--out", ""], ["--out", "'' is empty (give a path"]),
 ])
 def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatch, capsys, extra, words):
     source, _ = fashion

@@ -1069,3 +1069,16 @@ def test_a_grid_naming_both_units_of_one_length_is_refused_before_submitting(tmp
                                     "config": str(ROOT / "configs" / "swav_digits.yaml"),
                                     "flags": {"width": 4, "freeze_prototypes_epochs": 1}, "axes": {"seed": [0, 1]}}))
     assert len(load_grid(path, tmp_path / "runs").runs) == 2
+
+
+def test_emit_sbatch_with_dry_run_names_the_scripts_and_writes_none(tmp_path):
+    """--dry-run ("print the plan, submit nothing") was not read by --emit-sbatch: it wrote every script, into the
+    repository's sbatch/ by default. A folder that cannot be made is one line, not a traceback."""
+    out = tmp_path / "scripts"
+    done = run_launch("--emit-sbatch", "--dry-run", "--sbatch_dir", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"would write {out / 'unmix_c10_400ep.sh'}" in done.stdout.splitlines() and not out.exists()
+    refused = run_launch("--emit-sbatch", "--sbatch_dir", "/proc/clusterlab_no_folder")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "launch.py: error: cannot create the sbatch folder '/proc/clusterlab_no_folder' (No such file or directory): "
+        "choose another --sbatch_dir")

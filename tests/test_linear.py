@@ -269,6 +269,8 @@ def test_a_probe_folder_that_is_a_file_is_named_as_such(tiny_run, tmp_path, run_
     (["--schedule", "constant", "--final_lr", "0.1"], "--final_lr 0.1 does nothing in this probe: it applies to "
                                                       "--schedule cosine"),
     (["--start_warmup", "0.1"], "--start_warmup 0.1 does nothing in this probe: it applies to a warm-up"),
+    (["--sync_bn", "true"], "--sync_bn does nothing in a linear probe (its frozen backbone's batch norm runs in eval"),
+    (["--find_unused", "true"], "--find_unused does nothing in a linear probe"),
 ])
 def test_a_flag_that_does_nothing_in_the_probe_is_refused(flags, words):
     """Each trained a probe bit-identical to the one without it, under a folder and a record of its own: a table row

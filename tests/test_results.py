@@ -66,13 +66,12 @@ def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_p
     ({"step": True}, "step True is not a whole number"),
     ({"run": {"a": 1}}, "run {'a': 1} is not text"),
     ({"method": 3}, "method 3 is not text"),
-    ({"method": None}, "no method named: not a metrics record of this suite"),
-    ({"eval": None}, "no eval named"),
+    ({"eval": None}, "no eval named: not a metrics record of this suite"),
 ])
 def test_a_record_whose_fields_could_not_name_a_table_or_make_a_row_is_skipped(tmp_path, changes, fault):
     """A record's dataset names its table's files (a path in it wrote them outside --out); a field of another type
-    than the engine writes stopped the tables with a traceback; another program's record (no method or evaluation
-    named) made a row of its own without a number or a word."""
+    than the engine writes stopped the tables with a traceback; another program's record (no evaluation named) made
+    a row of its own without a number or a word."""
     path = tmp_path / "run" / "metrics.jsonl"
     write_jsonl(path, [record(0, acc=0.5), {**record(1, acc=0.6), **changes}])
     with warnings.catch_warnings(record=True) as caught:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (bool_flag, learning_rate, non_negative_float, non_negative_int, path, positive_float,
+from .config import (bool_flag, epoch_count, learning_rate, non_negative_float, non_negative_int, path, positive_float,
                      positive_int, probability, seed)
 from .data import DATASETS
 
@@ -33,7 +33,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=positive_int, default=100)
+    group.add_argument("--epochs", type=epoch_count, default=100)
     group.add_argument("--batch_size", type=positive_int, default=256, help="global batch, over all ranks")
     group.add_argument("--optimizer", choices=["sgd", "lars", "adam"], default="sgd")
     group.add_argument("--lr", type=learning_rate, default=0.03, help="base learning rate")

@@ -63,6 +63,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_EPOCHS = 100_000  # far beyond any recipe (800 at most); 1e20 overflowed the steps' 64-bit count
+
+
+def epoch_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_EPOCHS:
+        raise argparse.ArgumentTypeError(f"{text!r} epochs is more than any run needs (use 1 to {MAX_EPOCHS:,})")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _number(int, text)
     if value < 0:
@@ -77,6 +87,14 @@ def class_count(text: str, dataset_zero: bool = False) -> int:
     if value < 2 and not (dataset_zero and value == 0):
         raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more"
                                          + (" (or 0: the dataset's)" if dataset_zero else ""))
+    return value
+
+
+def cluster_count(text: str) -> int:
+    """k-means' number of clusters: one cluster scores every image alike (NMI 0)."""
+    value = _number(int, text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} clusters: a clustering needs 2 or more")
     return value
 
 
@@ -101,7 +119,7 @@ def finite_float(text: str) -> float:
 
 
 def learning_rate(text: str) -> float:
-    value = non_negative_float(text)
+    value = positive_float(text)  # 0 trains nothing, and the probe's record would score the untrained head
     if value > FLOAT32_MAX:
         raise argparse.ArgumentTypeError(f"{text!r} is beyond float32's range (use at most {FLOAT32_MAX:.4g})")
     return value
@@ -139,7 +157,7 @@ def _number(kind, text):
     return value
 
 
-INT_TYPES = (int, positive_int, non_negative_int, seed, class_count, class_count_or_dataset)
+INT_TYPES = (int, positive_int, non_negative_int, epoch_count, seed, class_count, cluster_count, class_count_or_dataset)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

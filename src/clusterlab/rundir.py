@@ -275,6 +275,15 @@ def _stale(holder: dict) -> bool:
 TRAINING_ELSEWHERE = "use another --output_dir"
 
 
+def make_folder(path: str | os.PathLike, what: str, elsewhere: str) -> None:
+    """`mkdir -p path`; where no folder can be made there (a file system such as /proc, a parent removed meanwhile)
+    one line naming the folder (`what`) and the way out (`elsewhere`)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"cannot create the {what} {str(path)!r} ({err.strerror}): {elsewhere}") from None
+
+
 class RunLock:
     """Exclusive right to write a run directory, held by rank 0 of the training program for its whole life."""
 
@@ -285,11 +294,7 @@ class RunLock:
         self.what = what  # the directory's kind, in the messages
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except FileNotFoundError as err:  # a file system where no folder can be made (/proc), a parent removed meanwhile
-            raise ConfigError(f"cannot create the {self.what} {str(self.path.parent)!r} ({err.strerror}): "
-                              f"{self.elsewhere}") from None
+        make_folder(self.path.parent, self.what, self.elsewhere)
         me = json.dumps(_holder_of_this_process()) + "\n"
         for _ in range(3):
             if self._create(me):

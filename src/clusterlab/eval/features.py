@@ -326,6 +326,9 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
 
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
+    if getattr(args, "output_dir", None):  # (it was ignored: the record went to the run's metrics.jsonl)
+        raise ConfigError(f"--output_dir {args.output_dir!r} is where a --baseline's record goes; a run's go to its "
+                          f"own metrics.jsonl: leave --output_dir out")
     loaded = load_run_on_every_rank(args.run, args.checkpoint, device)
     own_view, own_resize = loaded.method.eval_view, loaded.args.eval_resize
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one

@@ -33,7 +33,7 @@ import math
 import torch
 
 from .. import distributed
-from ..config import bool_flag, non_negative_float, positive_float, positive_int
+from ..config import bool_flag, epoch_count, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
 from ..ops import CHUNK_ELEMENTS
@@ -54,7 +54,7 @@ class SuperAND(MemoryBankMethod):
         group.add_argument("--aug_on", choices=["logits", "embedding"], default="logits",
                            help="AUG loss on the L2-normalised NPC logit rows (upstream) or on the embeddings")
         group.add_argument("--rounds", type=positive_int, default=5, help="rounds, round 0 without anchors")
-        group.add_argument("--epochs_per_round", type=positive_int, default=200)
+        group.add_argument("--epochs_per_round", type=epoch_count, default=200)
         group.add_argument("--ans_select_rate", type=positive_float, default=0.25,
                            help="fraction of the samples added to the anchors at each round")
         group.add_argument("--ans_size", type=positive_int, default=1, help="neighbours per anchor")

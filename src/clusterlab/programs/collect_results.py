@@ -35,7 +35,7 @@ import math
 import warnings
 from pathlib import Path
 
-from .. import config, curves, results
+from .. import config, curves, results, rundir
 from ..checkpoint import atomic_write_text
 from ..errors import ConfigError, one_line, printable
 
@@ -76,9 +76,9 @@ def main(argv=None):
     out = Path(args.root) / "tables" if args.out is None else Path(args.out)
     if args.combined and not frame.empty:
         require_apart_from_tables(Path(args.combined), out, sorted(set(frame["dataset"].astype(str))))
+    rundir.make_folder(out, "tables folder", "choose another --out")
     written = []
     if not frame.empty:
-        out.mkdir(parents=True, exist_ok=True)
         sections = write_tables(frame, published, out, args.plots)
         written.append("tables")
         if args.combined:
@@ -241,7 +241,8 @@ def read_published(path: str, default: str):
         path = str(found)
         print(f"published numbers from {path}")
     if not Path(path).is_file():
-        raise ConfigError(f"--published {path!r} does not exist (give a CSV file, or '' for no published numbers)")
+        missing = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"--published {path!r} {missing} (give a CSV file, or '' for no published numbers)")
     try:
         published = pd.read_csv(path)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:

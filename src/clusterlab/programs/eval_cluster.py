@@ -46,7 +46,7 @@ def get_args_parser():
                         help="auto: the heads of a class-assignment run, k-means otherwise")
     parser.add_argument("--split", choices=["test", "train"], default="test",
                         help="split scored (train: EmbedUL's protocol, flagged in the record)")
-    parser.add_argument("--clusters", type=config.positive_int, nargs="*", default=[],
+    parser.add_argument("--clusters", type=config.cluster_count, nargs="*", default=[],
                         help="k-means: numbers of clusters (default: the number of classes)")
     parser.add_argument("--fit_on", choices=["train", "test"], default="train", help="split k-means is fitted on")
     parser.add_argument("--restarts", type=config.positive_int, default=DEFAULT_RESTARTS, help="k-means++ restarts")

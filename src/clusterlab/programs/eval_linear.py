@@ -101,6 +101,10 @@ def check_flags(args, method: type | None = None) -> None:
     """Refuse flags that cannot go together, on one line (whatever the run's method: launch.py asks before it
     submits a grid's jobs, as it asks the other evaluations)."""
     optim.refuse_unread_flags(args, get_args_parser(), "probe")
+    for flag in ("sync_bn", "find_unused"):  # (accepted, and nothing changed)
+        if getattr(args, flag):
+            raise ConfigError(f"--{flag} does nothing in a linear probe (its frozen backbone's batch norm runs in eval "
+                              f"mode; the head uses every parameter): leave --{flag} out")
     if args.cached_features and (args.compile or args.channels_last):
         flag = "--compile" if args.compile else "--channels_last"
         raise ConfigError(f"{flag} does nothing with --cached_features true (the probe is then one linear layer on "

@@ -65,8 +65,8 @@ def main(argv=None):
     if args.emit_sbatch:
         scripts = (grid_scripts(load_grid(args.grid, args.output_root), args.sbatch_dir) if args.grid
                    else recipe_scripts(args.recipes, script_dir=args.sbatch_dir))
-        for path in write_scripts(scripts, args.sbatch_dir):
-            print(path)
+        for path in write_scripts(scripts, args.sbatch_dir, dry_run=args.dry_run):
+            print(f"would write {path}" if args.dry_run else path)
         return
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")

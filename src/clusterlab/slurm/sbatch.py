@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..config import config_layers, load_yaml
 from ..errors import ConfigError
+from ..rundir import make_folder
 from ..signals import EXIT_REQUEUE
 from .grid import STAGE_KEYS, STAGE_NAME, STAGE_NAME_CHARACTERS, check_name, resolve_resources
 from .programs import (EVAL_PROGRAMS, canonical_layers, check_eval_flags, find_config, reads_data_path, to_argv,
@@ -321,13 +322,16 @@ def _stage(spec: dict, epochs, label: str, recipes_path: Path) -> Stage:
                  reads_data_path(program, merged))
 
 
-def write_scripts(scripts: dict[str, str], directory: str | Path) -> list[Path]:
+def write_scripts(scripts: dict[str, str], directory: str | Path, dry_run: bool = False) -> list[Path]:
+    """DIRECTORY/NAME.sh for every script, executable; `dry_run`: only the paths they would be written to."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        make_folder(directory, "sbatch folder", "choose another --sbatch_dir")
     written = []
     for name, text in sorted(scripts.items()):
         path = directory / f"{name}.sh"
-        path.write_text(text)
-        path.chmod(0o755)
+        if not dry_run:
+            path.write_text(text)
+            path.chmod(0o755)
         written.append(path)
     return written
