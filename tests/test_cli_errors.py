@@ -53,8 +53,8 @@ def test_pretrain_bad_input(tmp_path, case, extra, words):
     ("epochs past any run", ["--epochs", "10" * 10],
      ["--epochs", f"'{'10' * 10}' epochs is more than any run needs (use 1 to 100,000)"]),
     # fractions of the image's area: above 1 every crop was the fallback crop, without a word
-    ("crop scale above 1", ["--min_scale_crops", "1.5", "--max_scale_crops", "2"],
-     ["each range needs 0 < min <= max <= 1"]),
+    ("crop scale above 1", ["--min_scale_crops", "0.5", "--max_scale_crops", "2"],
+     ["--max_scale_crops", "'2' is not a share of the image's area (use a value above 0, at most 1)"]),
     # an unknown flag is followed by what was probably meant
     ("typo of a flag", ["--epoch", "3"], ["unrecognized arguments: --epoch 3 (did you mean --epochs?)"]),
     ("flag of no method", ["--bogus_flag", "3"],

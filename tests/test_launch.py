@@ -772,6 +772,11 @@ def test_grid_evaluation_epochs_add_to_the_configs_checkpoint_epochs(tmp_path):
     ("configs/swav_digits.yaml", {"eval_cluster.py": {"clusters": [10, 20], "restarts": 2}}, None),
     ("configs/swav_digits.yaml", {"eval_linear.py": {"cached_features": True, "compile": True}},
      "--compile does nothing with --cached_features true"),
+    ("configs/swav_digits.yaml", {"eval_linear.py": {"sync_bn": True}}, "--sync_bn does nothing in a linear probe"),
+    # the record goes to the run: the job was refused after its training
+    ("configs/swav_digits.yaml", {"eval_knn.py": {"output_dir": "elsewhere"}},
+     "--output_dir 'elsewhere' is where a --baseline's record goes"),
+    ("configs/swav_digits.yaml", {"eval_cluster.py": {"output_dir": "elsewhere"}}, "a run's go to its own"),
     # the pixel baseline scores no run: every such job would be refused, the grid naming the run
     ("configs/sela_fashion_mnist.yaml", {"eval_cluster.py": {"baseline": "pixels"}}, "--baseline scores raw pixels"),
     # a value argparse cannot read back from a command line is still the grid's one-line error

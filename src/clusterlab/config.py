@@ -132,6 +132,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def area_fraction(text: str) -> float:
+    """A crop's share of the image's area: above 1 no crop fits (each was the fallback crop, without a word)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the image's area (use a value above 0, at most 1)")
+    return value
+
+
 def probability(text: str) -> float:
     value = _number(float, text)
     if not 0 <= value <= 1:

@@ -69,9 +69,9 @@ def crop_specs(nmb_crops, size_crops, min_scale_crops, max_scale_crops) -> list[
         raise ConfigError(f"--nmb_crops {nmb_crops}, --size_crops {size_crops}, --min_scale_crops {min_scale_crops} "
                          f"and --max_scale_crops {max_scale_crops} must have the same length")
     for lo, hi in zip(min_scale_crops, max_scale_crops):
-        if not 0 < lo <= hi <= 1:  # fractions of the image's area: above 1 no crop fits, each the fallback crop
+        if not 0 < lo <= hi:
             raise ConfigError(f"--min_scale_crops {min_scale_crops} and --max_scale_crops {max_scale_crops}: each "
-                              f"range needs 0 < min <= max <= 1 (fractions of the image's area)")
+                              f"range needs 0 < min <= max")
     return [CropSpec(int(n), int(s), float(lo), float(hi))
             for n, s, lo, hi in zip(nmb_crops, size_crops, min_scale_crops, max_scale_crops)]
 

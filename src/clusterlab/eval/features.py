@@ -326,9 +326,6 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
 
     if not args.run:
         raise ConfigError("--run RUN_DIR is required (a directory written by main_pretrain.py or main_cluster.py)")
-    if getattr(args, "output_dir", None):  # (it was ignored: the record went to the run's metrics.jsonl)
-        raise ConfigError(f"--output_dir {args.output_dir!r} is where a --baseline's record goes; a run's go to its "
-                          f"own metrics.jsonl: leave --output_dir out")
     loaded = load_run_on_every_rank(args.run, args.checkpoint, device)
     own_view, own_resize = loaded.method.eval_view, loaded.args.eval_resize
     for flag in ("eval_crop", "eval_resize"):  # the evaluation's own test view, where it gives one
@@ -356,6 +353,13 @@ def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:
         raise ConfigError(f"--eval_resize {args.eval_resize}: {images.name} is seen whole, resized to the test view's "
                           f"crop (--eval_crop); the resize before the crop applies to image folders: leave it out")
     refuse_oversized({"--eval_crop": args.eval_crop, "--eval_resize": args.eval_resize}, images.image_size)
+
+
+def refuse_output_dir_of_a_run(args: argparse.Namespace) -> None:
+    """--output_dir scoring a run (not a --baseline): it was ignored, the record going to the run's metrics.jsonl."""
+    if args.output_dir and not args.baseline:
+        raise ConfigError(f"--output_dir {args.output_dir!r} is where a --baseline's record goes; a run's go to its "
+                          f"own metrics.jsonl: leave --output_dir out")
 
 
 def open_pixel_baseline(args: argparse.Namespace, scored_split: str = "test"):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .. import cli, distributed
 from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs, refuse_oversized
-from ..config import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability
+from ..config import (area_fraction, finite_float, non_negative_float, non_negative_int, positive_float, positive_int,
+                      probability)
 from ..errors import ConfigError
 from ..models import INITS
 
@@ -254,8 +255,8 @@ def add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nmb_crops", type=positive_int, nargs="+", default=[2], help="crops per group")
     group.add_argument("--size_crops", type=non_negative_int, nargs="+", default=[0],
                        help="crop size per group (0: image size; at most 8 times the images' size)")
-    group.add_argument("--min_scale_crops", type=positive_float, nargs="+", default=[0.14])
-    group.add_argument("--max_scale_crops", type=positive_float, nargs="+", default=[1.0])
+    group.add_argument("--min_scale_crops", type=area_fraction, nargs="+", default=[0.14])
+    group.add_argument("--max_scale_crops", type=area_fraction, nargs="+", default=[1.0])
     group.add_argument("--brightness", type=non_negative_float, default=0.4)
     group.add_argument("--contrast", type=non_negative_float, default=0.4)
     group.add_argument("--saturation", type=non_negative_float, default=0.4)

@@ -27,8 +27,8 @@ from ..errors import ConfigError
 from ..data.augment import EvalView
 from ..eval.features import (asked_view_tags, baseline_view, data_protocol, extract, foreign_checkpoint_tag,
                              open_evaluation,
-                             open_pixel_baseline, pixels, recorded_view, refuse_missing_embedding, require_finite,
-                             view_words)
+                             open_pixel_baseline, pixels, recorded_view, refuse_missing_embedding,
+                             refuse_output_dir_of_a_run, require_finite, view_words)
 from ..eval.kmeans import kmeans_assign
 from ..eval.metrics import cluster_mapping, cluster_metrics, superclass_metrics
 from ..eval.plots import cluster_samples_png, confusion_png
@@ -70,6 +70,7 @@ KMEANS_FLAGS = ("clusters", "fit_on", "fit_size", "restarts", "normalize", "seed
 def main(argv=None):
     args = config.parse(get_args_parser(), argv)
     args.clusters = list(dict.fromkeys(args.clusters))  # --clusters 10 10 is one evaluation
+    refuse_output_dir_of_a_run(args)
     distributed.configure_threads()
     ctx = distributed.init(args.device, flags=vars(args))
     if args.baseline:
@@ -125,6 +126,7 @@ def check_flags(args, method: type) -> None:
     """Refuse flags that cannot score a run of `method`, on one line: --assignment heads without heads, a k-means
     flag where the heads score it. launch.py asks before it submits a grid's jobs, with the grid's evaluation flags
     and each run's method."""
+    refuse_output_dir_of_a_run(args)
     if args.assignment == "heads" and method.program_kind != "cluster":
         raise ConfigError(f"--assignment heads: method {method.name!r} has no heads (give --assignment kmeans or "
                           f"auto)")

@@ -18,7 +18,8 @@ from ..data.registry import image_source
 from ..engine import found_on_every_rank
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
-                             refuse_missing_embedding, requested_checkpoint_name, requested_record, view_words)
+                             refuse_missing_embedding, refuse_output_dir_of_a_run, requested_checkpoint_name,
+                             requested_record, view_words)
 from ..eval.knn import knn_accuracies
 
 
@@ -116,6 +117,7 @@ def check_flags(args, method: type | None = None) -> None:
     """Refuse, on one line, flags that cannot go together and, given the run's `method`, flags that cannot score
     a run of it; launch.py asks before it submits a grid's jobs, with the grid's evaluation flags and each run's
     method."""
+    refuse_output_dir_of_a_run(args)
     if method is not None:
         refuse_missing_embedding(args, method)
     if args.train_features != "memory_bank":
