@@ -76,6 +76,7 @@ def main(argv=None):
     out = Path(args.root) / "tables" if args.out is None else Path(args.out)
     if args.combined and not frame.empty:
         require_apart_from_tables(Path(args.combined), out, sorted(set(frame["dataset"].astype(str))))
+    created = not out.exists()
     rundir.make_folder(out, "tables folder", "choose another --out")
     written = []
     if not frame.empty:
@@ -93,6 +94,9 @@ def main(argv=None):
     if written:
         print(f"\n{' and '.join(written)} written to {out}/")
     else:
+        if created:  # (made up front, so that a folder that cannot be is one line before any work)
+            with contextlib.suppress(OSError):
+                out.rmdir()
         print(f"\nnothing written: no metrics records, and no training log with a step, under {args.root}")
 
 
