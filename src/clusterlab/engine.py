@@ -847,7 +847,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = knn_monitor_set(args, train_set)
     # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable).
-    finished = start_epoch == args.epochs > 0 and isinstance((written_run_config(run_dir) or {}).get("args"), dict)
+    written = written_run_config(run_dir) or {}
+    finished = start_epoch == args.epochs > 0 and isinstance(written.get("args"), dict)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)
@@ -860,7 +861,7 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                   f"give again; moved {', '.join(rewound)}", flush=True)
         trainer.restore_missing_epoch_checkpoints()
         if finished:
-            rewrite_a_record_of_nothing_saved(trainer, run_dir, program)
+            rewrite_a_record_of_nothing_saved(trainer, run_dir, program, written)
             changed = trainer.changed_by_this_start
             differing = ", ".join(f"--{key} {_flag_value(before)} -> {_flag_value(changed['after'][key])}"
                                   for key, before in changed.get("before", {}).items())
@@ -887,11 +888,12 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     return trainer, start_epoch, start_step
 
 
-def rewrite_a_record_of_nothing_saved(trainer: Trainer, run_dir: Path, program: str) -> None:
+def rewrite_a_record_of_nothing_saved(trainer: Trainer, run_dir: Path, program: str, written: dict) -> None:
     """config.yaml written by a later start (other flags, other code) that saved no checkpoint, failed or killed
     first, describes no weights: of a finished run it is written again from checkpoint.pth's record (its flags,
-    precision, starts and resume changes; versions and host are this start's, the checkpoint keeps none)."""
-    saved, written = trainer.saved_record, written_run_config(run_dir) or {}
+    precision, starts and resume changes; versions and host are this start's, the checkpoint keeps none).
+    `written`: config.yaml as it stands."""
+    saved = trainer.saved_record
     if saved is None or [written.get(key) for key in ("trained_by", "resume_changes")] == [saved["trained_by"],
                                                                                           saved["resume_changes"]]:
         return

@@ -436,19 +436,21 @@ def records_frame(records: list[dict]):
         row["run_path"] = record.get("_run_path", record.get("run"))
         run_dir = Path(row["file"]).parent if row["file"] else None
         trained = record.get("epoch") is not None  # a checkpoint's record (a baseline has no epoch nor config.yaml)
-        if run_dir not in run_configs:
+        seen = run_dir in run_configs
+        if not seen:
             run_configs[run_dir] = written_run_config(run_dir) if run_dir else None
-            if run_configs[run_dir] == {} or (trained and run_dir and run_configs[run_dir] is None):
-                why = "cannot be read" if run_configs[run_dir] == {} else "is missing"
-                warnings.warn(f"{run_dir / 'config.yaml'} {why}: its run's settings and code are unknown "
-                              f"(recipe {UNKNOWN_RECIPE}, revision unknown, no published number)", stacklevel=2)
+        # unreadable, or missing where a run trained (a baseline has none): how it trained cannot be told
+        unknown = run_dir is not None and (run_configs[run_dir] == {} or (trained and run_configs[run_dir] is None))
+        if unknown and not seen:
+            why = "cannot be read" if run_configs[run_dir] == {} else "is missing"
+            warnings.warn(f"{run_dir / 'config.yaml'} {why}: its run's settings and code are unknown "
+                          f"(recipe {UNKNOWN_RECIPE}, revision unknown, no published number)", stacklevel=2)
         row["revision"] = revision(record, run_configs[run_dir])
         position = (record["epoch"] if _whole(record.get("epoch")) else 0, 0)  # an epoch's end (mid-epoch: above)
         row["settings"] = without_unread(settings_at(run_settings(run_configs[run_dir]),
                                                      (run_configs[run_dir] or {}).get("resume_changes"), position))
         row["run_epochs"] = (row["settings"] or {}).get("epochs")
-        # whether it ended at this epoch, and how it was trained, cannot be told: no paper's number to compare with
-        row["settings_unknown"] = trained and run_dir is not None and run_configs[run_dir] in (None, {})
+        row["settings_unknown"] = trained and unknown  # (no paper's number: whether it ended here is unknown too)
         protocol = record.get("protocol") or {}
         for key in PROTOCOL_COLUMNS:
             row[key] = protocol.get(key)
