@@ -108,8 +108,8 @@ def main(argv=None):
             results.append_record(run_dir, record)
             print(f"kNN (k={k}, T={args.temperature}, {protocol['features']}, train features "
                   f"{args.train_features}, {view_label}) on {test_set.name} {test_set.split_name}: "
-                  f"top1 {metrics['top1']:.4f} "
-                  f"top5 {metrics['top5']:.4f}  [{run_dir}" + (f", epoch {record['epoch']}]" if position else "]"))
+                  f"top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}  [{run_dir}"
+                  + (f", epoch {record['epoch']}]" if position else "]"))
     distributed.shutdown()
 
 

@@ -79,8 +79,8 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
     weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
     that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
     asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own
-    asked for by name trained a second,
-    identical probe), and a checkpoint from outside the run (by a digest of its path)."""
+    asked for by name trained a second, identical probe), and a checkpoint from outside the run (by a digest of its
+    path)."""
     flags = [f"_{key}{'-'.join(map(str, value)) if isinstance(value, list) else value}"
              for key, value in changed.items()]
     if protocol["precision"]:
