@@ -96,6 +96,8 @@ CASES = [
      "grid-stages-a-number"),
     ("launch.py", lambda t: grid(t, output_root=5), ["`output_root` must be a folder's path (got 5)"],
      "grid-output-root-a-number"),
+    ("launch.py", lambda t: [*grid(t)[:3], a_file(t) / "runs", "--dry-run"],
+     ["output root", "file' is a file, not a folder"], "grid-output-root-under-a-file"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"kk": 3}}}),
      ["'kk'"], "grid-unknown-eval-flag"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_foo.py"]}), ["'eval_foo.py'", "eval_knn.py"],
