@@ -24,6 +24,7 @@ from clusterlab import checkpoint
 from clusterlab.data import files, loader, registry
 from clusterlab.data.augment import (ColorSpec, CropSpec, EvalView, MultiCrop, crop_boxes, draw_crop_uniforms)
 from clusterlab.data.loader import GlobalBatches, iterate, sequential
+from clusterlab.config import read_run_config
 from clusterlab.errors import ConfigError, DataError
 from clusterlab.methods import base as method_base
 from conftest import PYTHON, ROOT, TINY, assert_ok, assert_user_error, entry_module, run_script, script_env
@@ -813,3 +814,37 @@ def test_a_constant_channel_is_refused_before_training_divides_by_its_zero_std(t
     with pytest.raises(ConfigError, match=r"have a constant channel \(std \[.*, 0\.0\]\).*give --std a positive"):
         method_base.DataInfo.of(images)
     assert method_base.DataInfo.of(images, std=[0.3, 0.3, 0.3]).std == (0.3, 0.3, 0.3)
+
+
+def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tmp_path):
+    """A relative --data_path is recorded absolute: eval_knn run from another working directory, where a folder of
+    that name held other images, scored the run on those without a word. The folder a checkpoint read its files from
+    is its `data_folder`: where the recorded path reads other files from here (a path an older version recorded
+    relative, or DATASET_PATH set otherwise), the evaluation is refused on one line."""
+    trained_in, elsewhere, run_dir = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    fabricate.make_imagefolder(trained_in / "data", n_per_class=6, classes=3, size=12)
+    fabricate.make_imagefolder(elsewhere / "data", n_per_class=4, classes=2, size=12)
+
+    def run_in(folder, script, *args, env=None):
+        return subprocess.run([PYTHON, str(ROOT / script), *map(str, args)], cwd=folder,
+                              env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=180)
+
+    assert_ok(run_in(trained_in, "main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", "data",
+                     "--batch_size", "4", "--size_crops", "12", "--epochs", "1", "--output_dir", run_dir))
+    assert read_run_config(run_dir)["data_path"] == str(trained_in / "data")
+    assert_ok(run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu"))
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["protocol"]["train_images"], record["protocol"]["scored_images"]) == (18, 18), record
+
+    fabricate.make_cifar10(trained_in / "cifar", n_train=40, n_test=20)
+    fabricate.make_cifar10(elsewhere / "cifar", n_train=30, n_test=20)
+    cifar_run = tmp_path / "cifar_run"
+    assert_ok(run_in(trained_in, "main_pretrain.py", *TINY, "--dataset", "cifar10", "--batch_size", "8",
+                     "--epochs", "1", "--output_dir", cifar_run, env={"DATASET_PATH": "cifar"}))
+    refused = run_in(elsewhere, "eval_knn.py", "--run", cifar_run, "--k", "3", "--device", "cpu",
+                     env={"DATASET_PATH": "cifar"})
+    assert_user_error(refused, "eval_knn.py", f"trained on the files in {os.path.realpath(trained_in / 'cifar')}",
+                      f"the default data path reads {os.path.realpath(elsewhere / 'cifar')} from here",
+                      "give --data_path")
+    assert_ok(run_in(elsewhere, "eval_knn.py", "--run", cifar_run, "--k", "3", "--device", "cpu",
+                     "--data_path", trained_in / "cifar"))

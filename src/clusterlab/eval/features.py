@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class LoadedRun:
     epoch: int
     step: int  # within the epoch: 0 at its end, more where a stop signal saved the checkpoint mid-epoch
     checkpoint_name: str
+    data_folder: str | None = None  # the folder its files were read from at its last start (None: digits, or older)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -160,7 +162,8 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     method.to(device).eval()
     # A file of another directory is recorded under its full path: a record of the run's own file of that name
     # would otherwise stand for it (and --skip_recorded would skip the run's own evaluation).
-    return LoadedRun(run_dir, args, method, *position, recorded_checkpoint_name(path, run_dir))
+    data_folder = state.get("data_folder") if isinstance(state.get("data_folder"), str) else None
+    return LoadedRun(run_dir, args, method, *position, recorded_checkpoint_name(path, run_dir), data_folder)
 
 
 def load_run_on_every_rank(run_dir: str | Path, checkpoint_name: str | None, device: torch.device) -> LoadedRun:
@@ -334,8 +337,11 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     dataset = args.dataset or loaded.args.dataset
     # The run's data path for the run's files (cifar100_20 reads cifar100's); digits read none: a run trained by a
     # script that passed one anyway has it recorded.
-    data_path = args.data_path or (loaded.args.data_path if image_source(dataset) == image_source(loaded.args.dataset)
-                                   and dataset in DATASETS and DATASETS[dataset].reads_files else None)
+    own_files = (not args.data_path and image_source(dataset) == image_source(loaded.args.dataset)
+                 and dataset in DATASETS and DATASETS[dataset].reads_files)
+    data_path = loaded.args.data_path if own_files else args.data_path
+    if own_files:
+        _refuse_other_files(loaded, dataset, data_path)
     train_set = load(dataset, "train", data_path, args.download)
     test_set = load(dataset, "test", data_path, args.download)
     if train_set.channels != loaded.method.info.channels:
@@ -343,6 +349,18 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
+
+
+def _refuse_other_files(loaded: LoadedRun, dataset: str, data_path: str | None) -> None:
+    """The run's own files are the folder its checkpoint read them from: a relative --data_path (as recorded by
+    runs before they recorded it absolute) or DATASET_PATH read from another working directory names other files,
+    and a folder of the same name there was scored as the run's data without a word."""
+    here = os.path.realpath(resolve_path(dataset, data_path))
+    if loaded.data_folder is not None and here != loaded.data_folder:
+        recorded = f"its --data_path {data_path!r}" if data_path else "the default data path"
+        raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {recorded} "
+                          f"reads {here} from here: give --data_path (that folder, or other images to score the run "
+                          f"on)")
 
 
 def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:
