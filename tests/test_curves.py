@@ -167,6 +167,27 @@ def test_a_confusion_matrix_of_imagenet_size_fits_a_figure(tmp_path):
     assert Image.open(small).size[0] < 600
 
 
+def test_a_sample_grid_decodes_image_files_at_thumbnail_size(tmp_path, monkeypatch):
+    """eval_cluster's sample grid decoded each image file at the set's nominal size (its median shorter side): 200
+    photos of 2,000 px took a minute and gigabytes for cells of 80 pixels. Each comes at THUMBNAIL_PX now, the
+    centre square of the file as the test view cuts it; a set of smaller images keeps its own size."""
+    import fabricate
+    from clusterlab.data import load
+    from clusterlab.eval import plots
+
+    fabricate.make_imagefolder(tmp_path / "large", n_per_class=3, classes=2, size=300, grey=False)
+    fabricate.make_imagefolder(tmp_path / "small", n_per_class=3, classes=2, size=28)
+    shown = []
+    monkeypatch.setattr(plots, "save_png", lambda figure, path, **kwargs: shown.append(figure))
+    for folder, size, shape in (("large", 300, (plots.THUMBNAIL_PX, plots.THUMBNAIL_PX, 3)), ("small", 28, (28, 28))):
+        images = load("imagefolder", "test", str(tmp_path / folder))
+        assert images.image_size == size
+        assert {picture.shape for picture in plots._images(images, np.arange(len(images)))} == {shape}
+        plots.cluster_samples_png(images, np.arange(len(images)) % 2, "unused.png", folder)
+        drawn = [axis.get_images()[0].get_array().shape for axis in shown.pop().axes if axis.get_images()]
+        assert drawn == [shape] * len(images)
+
+
 def test_a_confusion_matrix_title_fits_its_figure(monkeypatch):
     """eval_cluster's titles (run, assignment, ACC, NMI, ARI) ran off a plot of few classes: the ACC was cut off."""
     from clusterlab.eval import plots

@@ -16,6 +16,9 @@ from .metrics import cluster_mapping, count_matrix
 # at the readable cell size made a 700 x 350 inch figure that Agg cannot draw (more than 2**16 pixels a side).
 LABELLED_CELLS = 100
 MAX_INCHES = 30.0
+# A sample grid's cell is 0.8 inch at 100 dpi, 80 pixels: image files are decoded for it at about that size (a JPEG
+# by a reduced decode), not at the set's nominal size (200 photos of 2,000 px took a minute and 5.6 GB).
+THUMBNAIL_PX = 96
 
 
 def confusion_png(y_true, y_pred, num_clusters: int, class_names, path: str | Path, title: str) -> None:
@@ -102,11 +105,11 @@ def save_png(figure, path: str | Path, dpi: int) -> None:
 
 
 def _images(images, indices: np.ndarray) -> list[np.ndarray]:
-    """The images `indices` as uint8 HxW (grey) or HxWx3, read in one pass (image files: the centre square at the
-    set's nominal size)."""
+    """The images `indices` as uint8 HxW (grey) or HxWx3, read in one pass (image files: the centre square, at the
+    set's nominal size or THUMBNAIL_PX, the smaller)."""
     from ..data.augment import EvalView
     from ..data.loader import sequential
 
-    batches = sequential(images, torch.from_numpy(indices), 256, view=EvalView.of(images.image_size))
+    batches = sequential(images, torch.from_numpy(indices), 256, view=EvalView.of(min(images.image_size, THUMBNAIL_PX)))
     arrays = [array for batch, _ in batches for array in batch.numpy()]
     return [array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0) for array in arrays]
