@@ -146,6 +146,34 @@ def test_a_signal_where_nothing_is_saved_says_so_and_exits_75():
                            "rest\n")
 
 
+# TERM and USR2 waiting together for their handlers (both sent during an import, where Python runs no handler until
+# the import's C code returns; here held back by the signal mask while the program starts): USR2's handler left,
+# ignoring both signals on its way, and TERM, still waiting, met SIG_IGN at the next check (programs.run's own, or
+# in the import's code): "Signal 15 ignored due to race condition" with a traceback, and inside torch's C++ import
+# the process aborted.
+TWO_AT_ONCE = """
+import os, signal
+from clusterlab import programs, signals
+from clusterlab.programs import train
+def signalled(*args, **kwargs):
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGUSR2)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)
+train.parse_args = signalled
+programs.run("main_pretrain.py", [])
+"""
+
+
+def test_two_stop_signals_at_once_where_nothing_is_saved_leave_with_one_line():
+    done = subprocess.run([PYTHON, "-c", TWO_AT_ONCE], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 75
+    assert done.stderr.splitlines() == ["SIGUSR2: stopped where no checkpoint is written (a start, or an evaluation, "
+                                        "whose finished records are kept); exit status 75: a requeued job or the same "
+                                        "command again does the rest"]
+
+
 def _stopped_by_rank_one(rank, world_size):
     from clusterlab import engine, signals
 

@@ -122,7 +122,10 @@ def leave() -> None:
     _leaving = True
     signum = signal.SIGUSR2 if signal.SIGUSR2 in _seen or _received is None else _received
     handler = _previous.get(signum)
-    ignore()  # on its way out: a second signal (Slurm's TERM again, during teardown) must not kill it
+    # A second signal from here on reaches `_handle`, which does nothing while leaving; the signals are ignored
+    # (against Python's shutdown) only once the program has unwound, by `programs.run`. Ignored here, a second signal
+    # already waiting for its handler (TERM and USR2 together, during an import) met SIG_IGN: Python printed "Signal
+    # 15 ignored due to race condition" with a traceback, and inside torch's C++ import the process aborted.
     if callable(handler):
         handler(signum, None)
     sys.exit(EXIT_REQUEUE)
