@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -274,6 +275,35 @@ def test_the_debug_cluster_evaluates_no_stage_whose_previous_stage_failed(tmp_pa
     assert "selflabel_s0: not started, nor evaluated (an earlier stage's job failed)" in out.stdout, out.stdout
     assert "submitted 1 training job(s)" in out.stdout and "evaluation job(s)" not in out.stdout
     assert not (tmp_path / "runs" / "assign_s0").exists() and not (tmp_path / "runs" / "selflabel_s0").exists()
+
+
+def test_a_run_that_another_process_trains_is_neither_submitted_nor_evaluated(tmp_path):
+    """A run of the grid started outside this launch (by hand, an sbatch script, another grid) holds its directory's
+    lock: launch.py planned it as `resume` and submitted a second training job, which failed on the lock with a
+    traceback (its evaluations were dropped), and every launch after it submitted one again. The stage after it,
+    which would read an unfinished first stage, waits too."""
+    stages = [{"name": "embed", "config": "configs/swav_digits.yaml", "flags": {"epochs": 1, "width": 4}},
+              {"name": "assign", "config": "configs/scan_fashion_mnist.yaml", "pretrained_from": "embed",
+               "flags": {"dataset": "digits", "epochs": 1}}]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]},
+                                    "evals": {"programs": ["eval_knn.py"]}}, sort_keys=False))
+    lock = rundir.RunLock(tmp_path / "runs" / "embed_s0")
+    lock.acquire()  # held by this test's own process, alive, on this host
+    try:
+        for how in ("--dry-run", "--cluster=debug"):
+            out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), how)
+            assert out.returncode == 0, out.stderr
+            rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[4:6]}
+            assert rows == {"embed_s0": "held", "assign_s0": "new"}, out.stdout
+            assert (f"embed_s0 is in use by pid {os.getpid()} on {socket.gethostname()} since "
+                    in out.stdout), out.stdout
+            assert "not submitted, nor evaluated, nor the stages after it; launch again once it has" in out.stdout
+            assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
+    finally:
+        lock.release()
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["embed_s0"]
+    assert list((tmp_path / "runs" / "embed_s0").iterdir()) == []
 
 
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'

@@ -398,6 +398,13 @@ class RunLock:
             self.held = False
 
 
+def in_use_by(run_dir: str | os.PathLike) -> str | None:
+    """Who holds `run_dir`'s lock, where that holder still lives (a process on this host, a Slurm job still queued);
+    None when the directory is free to take."""
+    _, holder = RunLock(run_dir)._read()
+    return _describe(holder) if holder is not None and not _stale(holder) else None
+
+
 def _describe(holder: dict) -> str:
     job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{job} since {holder.get('since', '?')}"

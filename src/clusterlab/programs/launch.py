@@ -160,12 +160,15 @@ def _no_debugger_for_user_errors():
 
 def run_state(run: RunSpec, in_queue: set) -> str:
     """new, resume (a run directory without a finished status), finished (also one that trained more epochs than
-    the grid gives now: its training would refuse to go back), or queued (a job of it is queued)."""
+    the grid gives now: its training would refuse to go back), queued (a job of it is queued) or held (a process or
+    job that this launch does not know of trains it: started by hand, by an sbatch script or by another grid)."""
     status = rundir.read_status(run.run_dir)
     if status.get("state") == "finished" and (status.get("epochs") == run.epochs or epochs_beyond(run)):
         return "finished"
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
+    if rundir.in_use_by(run.run_dir):
+        return "held"
     return "resume" if run.run_dir.exists() else "new"
 
 
@@ -317,6 +320,10 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         if changed:
             print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
                   f"trained again; another output_root trains the grid's")
+        holder = rundir.in_use_by(run.run_dir) if state == "held" else None
+        if holder:
+            print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
+                  f"again once it has ended")
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
@@ -420,6 +427,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     folder = output_root(grid) / ".submitit"
     submitted, jobs = [], {}
     not_started = set()  # (local, debug) runs after a failed job of an earlier stage
+    # runs a process this launch does not know of trains, and the stages after them (the plan names them)
+    held = {run.name for run, state in plan if state == "held"}
 
     def previous_job(name: str):
         """A run's training job: submitted now, or still queued from an earlier launch."""
@@ -450,6 +459,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     stages = list(dict.fromkeys(run.stage for run, _ in plan))
     for stage in stages:
         to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
+        held.update(run.name for run in to_train if run.after in held)
+        to_train = [run for run in to_train if run.name not in held]
         after_failure = [run for run in to_train if run.after in not_started]
         if after_failure:  # the stage before was not started: this one waits for no job, and has nothing to read
             print(f"{', '.join(run.name for run in after_failure)}: not started, nor evaluated (an earlier stage's "
@@ -464,7 +475,7 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
         print(f"submitted {len(submitted)} training job(s): {', '.join(str(job.job_id) for job in submitted)}")
     eval_count = 0
     for run, _ in plan:
-        if run.name in not_started:
+        if run.name in not_started or run.name in held:
             continue
         parent = previous_job(run.name)
         for checkpoint, commands in pending_evals(run, in_queue).items():
