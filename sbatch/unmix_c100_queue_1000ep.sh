@@ -21,6 +21,7 @@ stop=""
 step_pid=""
 on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi; }
 trap 'on_signal USR2' USR2
+trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 set -uo pipefail
 DATASET_PATH=${DATASET_PATH:-data}

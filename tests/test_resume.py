@@ -95,7 +95,9 @@ def stop_after_first_step(run_dir, signum, flags=None, to_group=False) -> tuple[
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(logged_steps(run_dir))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
+# (SIGUSR1: what other tools ask Slurm for, `--signal=USR1@90`; it killed the run without a checkpoint)
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM],
+                         ids=["SIGUSR2", "SIGUSR1", "SIGTERM"])
 def test_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path, reference, signum):
     run_dir = tmp_path / "run"
     stopped, steps_logged = stop_after_first_step(run_dir, signum)

@@ -66,6 +66,18 @@ def test_a_usr2_after_a_term_still_reaches_the_handler_that_requeues():
     assert done.stdout.splitlines() == ["first received: SIGTERM", "previous handler of SIGUSR2"]
 
 
+def test_a_usr1_asks_for_the_requeue_as_usr2_does():
+    """SIGUSR1, the signal other tools ask Slurm for (`--signal=USR1@90`), killed the process at once (Python's
+    default action): no checkpoint, and status.json left `running`. It is a stop signal, handed over as USR2."""
+    script = TERM_THEN_USR2.replace("os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGUSR2)",
+                                    "os.kill(os.getpid(), signal.SIGUSR1)")
+    assert script != TERM_THEN_USR2
+    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 75, done.stderr
+    assert done.stdout.splitlines() == ["first received: SIGUSR1", "previous handler of SIGUSR2"]
+
+
 # Rank 0 stops because another rank was signalled (the ranks agree on a stop): it received nothing itself, and
 # submitit's handler exits with -1 after requeueing. status.json said "failed" although the run was saved.
 def script_in_a_run(state: str, inside: str, before: str = "", outcome: str = "") -> str:

@@ -1,7 +1,8 @@
 """Pre-emption and time-limit signals, caught from the first line of every program.
 
-SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=B:USR2@120`) and SIGTERM (what `scontrol requeue` and
-pre-emption send) must end in a requeue whatever the process is doing when they arrive. Python's default for both
+SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=B:USR2@120`), SIGUSR1 (the one other tools ask Slurm
+for, `--signal=USR1@90`: taken as USR2) and SIGTERM (what `scontrol requeue` and pre-emption send) must end in a
+requeue whatever the process is doing when they arrive. Python's default for both
 is to die at once, so the handler is installed before anything heavy is imported (this module imports nothing but
 the standard library), and it has two modes:
 
@@ -19,7 +20,8 @@ import signal
 import sys
 
 EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM)
+ASKING_FOR_A_REQUEUE = {signal.SIGUSR2, signal.SIGUSR1}  # (a TERM may come from a requeue Slurm has made already)
 
 _previous: dict = {}
 _received: int | None = None
@@ -115,12 +117,12 @@ def leaving() -> bool:
 
 def leave() -> None:
     """Hand the signal to the handler that was there before ours (submitit's requeues the job), then exit 75.
-    SIGUSR2 is the signal that asks for the requeue (submitit's handler for SIGTERM only logs): once it came, its
-    handler runs even when a SIGTERM came first (some clusters pre-empt with TERM, then USR2); a stop this rank
-    only heard of from another rank is handed over as SIGUSR2."""
+    SIGUSR2 is the signal that asks for the requeue (submitit's handler for SIGTERM only logs): once it, or
+    SIGUSR1, came, USR2's handler runs, even when a SIGTERM came first (some clusters pre-empt with TERM, then USR2);
+    a stop this rank only heard of from another rank is handed over as SIGUSR2."""
     global _leaving
     _leaving = True
-    signum = signal.SIGUSR2 if signal.SIGUSR2 in _seen or _received is None else _received
+    signum = signal.SIGUSR2 if _seen & ASKING_FOR_A_REQUEUE or _received is None else _received
     handler = _previous.get(signum)
     # A second signal from here on reaches `_handle`, which does nothing while leaving; the signals are ignored
     # (against Python's shutdown) only once the program has unwound, by `programs.run`. Ignored here, a second signal

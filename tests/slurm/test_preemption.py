@@ -2,8 +2,9 @@
 the uninterrupted job's results.
 
 Slurm's time-limit signal reaches the batch shell (`--signal=B:USR2@...`), which passes it to the running step or,
-between steps, requeues at once. The test sends USR2 the same way (`scancel --batch`) five times: as the job starts
-(the batch shell's traps installed, Python still starting up), at random moments of training (fixed seed), and as
+between steps, requeues at once. The test sends USR2 the same way (`scancel --batch`) five times, one of them USR1 (what
+other tools ask Slurm for, `--signal=B:USR1@...`: the shell had no trap for it and died, the job FAILED): as the job
+starts (the batch shell's traps installed, Python still starting up), at random moments of training (fixed seed), and as
 the evaluations start; each time the job requeues and the next start resumes. The final checkpoint equals the
 uninterrupted job's bit for bit, the metrics records are the same, and no file is left behind or missing.
 """
@@ -57,8 +58,8 @@ def until(condition, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def signal_batch(job: str) -> None:
-    subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, capture_output=True)
+def signal_batch(job: str, name: str = "USR2") -> None:
+    subprocess.run(["scancel", "--batch", f"--signal={name}", job], check=True, capture_output=True)
 
 
 def run_files(run) -> list[str]:
@@ -112,7 +113,7 @@ def test_five_signals_at_random_moments_requeue_and_end_with_the_same_results(tm
             until(lambda: log_link() not in (None, previous))
             time.sleep(rng.uniform(0.5, 6.0))
             previous = log_link()
-            signal_batch(job)
+            signal_batch(job, "USR1" if restart == 2 else "USR2")
             moments.append(rundir.read_status(run).get("state", "starting"))
         # 5. as the evaluations start: the fifth start has finished training (or found it finished)
         until(lambda: int(job_field(job, "Restarts") or 0) == 4 and rundir.read_status(run).get("state") == "finished",

@@ -86,15 +86,16 @@ while [ $# -gt 0 ]; do
   esac
 done"""
 # Stop signals at any moment end in a requeue, except a cancel. Slurm's time-limit signal goes to the batch shell
-# (--signal=B:USR2), pre-emption and `scontrol requeue` send TERM. While a step runs, the signal is passed on to it
-# as USR2, whichever came (srun forwards USR2 to the tasks; a TERM makes srun kill them outright): training saves at
-# its next step boundary, anything else leaves at once, both exit 75. A step that ends its work with status 0 is not
-# requeued for a late signal; the job requeues before starting the next step. `wait` returns early when a trap
-# runs, so it is repeated until the step has really ended.
+# (--signal=B:USR2, or B:USR1 as other tools ask for it), pre-emption and `scontrol requeue` send TERM. While a step
+# runs, the signal is passed on to it as USR2, whichever came (srun forwards USR2 to the tasks; a TERM makes srun kill
+# them outright): training saves at its next step boundary, anything else leaves at once, both exit 75. A step that ends
+# its work with status 0 is not requeued for a late signal; the job requeues before starting the next step. `wait`
+# returns early when a trap runs, so it is repeated until the step has really ended.
 STOP_HANDLING = """stop=""
 step_pid=""
 on_signal() { stop=$1; if [ -n "$step_pid" ]; then kill -s USR2 "$step_pid" 2>/dev/null; fi; }
 trap 'on_signal USR2' USR2
+trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM"""
 STEP = """requeued_from_outside() {
   # a `scontrol requeue` or a pre-emption from outside (its TERM brought us here) requeued the job: Restarts is ahead
