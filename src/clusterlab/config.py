@@ -56,6 +56,12 @@ def path(text: str) -> str:
     return text
 
 
+def absolute_path(text: str) -> str:
+    """`text` (a path flag's value, `~` expanded) made absolute from the working directory, as a run records its
+    --data_path: an evaluation started elsewhere reads the same files."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def positive_int(text: str) -> int:
     value = _number(int, text)
     if value < 1:
@@ -176,6 +182,13 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        """A help text that says its default in words (`default: the dataset's`) is not followed by the value that
+        stands for it (`(default: None)`)."""
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

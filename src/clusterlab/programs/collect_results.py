@@ -47,7 +47,7 @@ def get_args_parser():
     parser.add_argument("--root", type=config.path, default="runs",
                         help="directory searched (recursively) for metrics.jsonl and train_log.jsonl")
     parser.add_argument("--out", type=config.path, default=None,
-                        help="where the tables and plots go (default ROOT/tables; results/ only when named)")
+                        help="where the tables and plots go (default: ROOT/tables; results/ only when named)")
     parser.add_argument("--published", default="results/published.csv", help="published numbers ('' for none)")
     parser.add_argument("--plots", type=config.bool_flag, default=True, help="metric-against-epochs PNGs")
     parser.add_argument("--curves", type=config.bool_flag, default=True,

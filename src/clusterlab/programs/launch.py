@@ -188,9 +188,13 @@ def differing_flags(run: RunSpec) -> list[str]:
         recorded = config.read_run_config(run.run_dir)
     except ConfigError:
         return []
+
+    def compared(key, value):  # a run records its --data_path absolute (runs before that, as given)
+        return config.absolute_path(value) if key == "data_path" and isinstance(value, str) and value else value
+
     return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run.settings.items()
             if key not in ("config", "output_dir", "checkpoint_epochs", "epochs") and key in recorded
-            and recorded[key] != value]
+            and compared(key, recorded[key]) != compared(key, value)]
 
 
 def recorded_jobs(run_dir: Path) -> list[dict]:

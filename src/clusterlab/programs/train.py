@@ -11,7 +11,6 @@ again with the same directory, the run resumes where it stopped. Distributed: to
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .. import checkpoint, config, data, distributed, engine, optim
@@ -81,8 +80,8 @@ def parse_args(kind: str, argv=None):
 
     optim.refuse_unread_flags(args, PROGRAMS[PROGRAM[kind]].parser({"method": args.method}), "run")
     args.output_dir = args.output_dir or f"runs/{args.method}_{args.dataset}"
-    if args.data_path:  # recorded absolute: an evaluation from another working directory reads the same files
-        args.data_path = os.path.abspath(os.path.expanduser(args.data_path))
+    if args.data_path:
+        args.data_path = config.absolute_path(args.data_path)
     return args
 
 
