@@ -763,6 +763,22 @@ def test_a_class_folder_linked_to_nowhere_is_refused_not_left_out(tmp_path):
     assert len(registry.load("imagefolder", "train", str(tmp_path))) == 2
 
 
+def test_a_folder_inside_a_class_linked_to_nowhere_is_refused_not_left_out(tmp_path):
+    """The same link one level down (class_a/more, a share not mounted) was walked as a file name and left out
+    without a word; a link to nowhere named as an image file stays a file, unreadable when read."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
+    inside = tmp_path / "train" / "class_a"
+    (inside / "more").symlink_to("/nonexistent/share/more_a")
+    with pytest.raises(DataError) as info:
+        registry.load("imagefolder", "train", str(tmp_path))
+    assert str(info.value) == (
+        f"dataset 'imagefolder': 1 link(s) in {str(inside)!r} lead nowhere ({str(inside / 'more')!r}; the first to "
+        f"'/nonexistent/share/more_a'): mount or restore the folders they link to, or remove them")
+    (inside / "more").unlink()
+    (inside / "gone.png").symlink_to("/nonexistent/gone.png")
+    assert len(registry.load("imagefolder", "train", str(tmp_path))) == 5
+
+
 def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):
     """Only the evaluations listed val/'s files: a run trained to its end, then could not be scored."""
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=3, size=8)

@@ -362,17 +362,23 @@ def _class_folders(root: Path) -> list[str]:
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
     # A link to nowhere, unless named as an image file, may be a class folder not there (a share not mounted): left
     # out like a file, the run trained and was scored on the other classes without a word.
-    dangling = [entry.path for entry in entries if entry.is_symlink() and not os.path.exists(entry.path)
-                and not entry.name.lower().endswith(IMAGE_SUFFIXES)]
-    if dangling:
-        raise DataError(f"dataset 'imagefolder': {len(dangling)} link(s) in {str(root)!r} lead nowhere "
-                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore the "
-                        f"class folders they link to, or remove them")
+    _refuse_dangling([entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)], root,
+                     "class folders")
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
                    f"{loose[0]}): left out")
     return [entry.name for entry in entries if entry.is_dir()]
+
+
+def _refuse_dangling(paths: list[str], where, what: str) -> None:
+    """Refuse links among `paths` (none named as an image file) that lead nowhere: a folder not there (a share not
+    mounted) was left out like a file, and the run trained and was scored without its images."""
+    dangling = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
+    if dangling:
+        raise DataError(f"dataset 'imagefolder': {len(dangling)} link(s) in {str(where)!r} lead nowhere "
+                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore the "
+                        f"{what} they link to, or remove them")
 
 
 def _note_once(note: str) -> None:
@@ -402,8 +408,11 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
                 continue
             visited.add(real)
             subfolders.sort()
-            found.append((folder, [os.path.join(folder, file_name) for file_name in sorted(names)
-                                   if file_name.lower().endswith(IMAGE_SUFFIXES)]))
+            images = [file_name for file_name in sorted(names) if file_name.lower().endswith(IMAGE_SUFFIXES)]
+            # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen)
+            _refuse_dangling([os.path.join(folder, file_name) for file_name in set(names) - set(images)], folder,
+                             "folders")
+            found.append((folder, [os.path.join(folder, file_name) for file_name in images]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".
         found = [file for _, in_folder in sorted(found, key=lambda entry: entry[0]) for file in in_folder]
