@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from clusterlab import config
-from clusterlab.errors import ConfigError, run_cli
+from clusterlab.errors import ConfigError, DataError, run_cli
 from clusterlab.rundir import LOCK_NAME, RunLock
 
 
@@ -105,6 +105,12 @@ def main(argv=None):
     positions = {split: (balanced_subset(images.labels.numpy(), quota, images.class_names, args.seed, split)
                          if quota is not None and (split == "train" or args.subset_test) else np.arange(len(images)))
                  for split, images in splits.items()}
+    for split, images in splits.items():  # a class folder left empty is refused by --dataset imagefolder
+        absent = sorted(set(range(train.num_classes)) - set(images.labels.numpy()[positions[split]].tolist()))
+        if absent:
+            raise DataError(f"the {split} split of {args.dataset} has no image of {len(absent)} class(es) (first: "
+                            f"{train.class_names[absent[0]]!r}): an image folder needs every class in train/ and "
+                            f"val/; complete the dataset's files")
     # One export at a time into OUT: a second one took the first's hidden folder for a killed export's and removed
     # it, files of test/ with it, while the first went on and said it wrote them all.
     lock = RunLock(out, what="export folder", elsewhere=f"choose another --out (an export killed on another host "

@@ -134,6 +134,19 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, fashion, monkeypatc
     assert not out.exists()
 
 
+def test_a_split_without_every_class_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """CIFAR-100 files whose test split lacks classes (50 images of 100 classes) were exported with empty class
+    folders under val/, which `--dataset imagefolder` then refused: the export said it wrote them all."""
+    fabricate.make_cifar100(tmp_path / "c100", n_train=300, n_test=50)
+    labels = fabricate.cifar100_arrays(300, 50)
+    assert len(set(labels["train"][1].tolist())) == 100 > len(set(labels["test"][1].tolist()))
+    out = tmp_path / "out"
+    message = one_line_error(monkeypatch, capsys, ["--dataset", "cifar100", "--data_path", str(tmp_path / "c100"),
+                                                   "--out", str(out)])
+    assert "the test split of cifar100 has no image of" in message and "every class in train/ and val/" in message
+    assert not out.exists()
+
+
 def test_missing_files_advise_download_which_the_script_takes(tmp_path, fashion, monkeypatch, capsys):
     """The loader's advice names --download; the script refused it as an unknown flag. With the files present it
     downloads nothing and exports them."""
