@@ -489,6 +489,19 @@ def test_too_many_unreadable_files_stop_training_with_one_line(tmp_path):
     assert "\n" not in message and "1 unreadable image files in epoch 1" in message and data.files[5] in message
 
 
+def test_too_many_macos_metadata_files_are_named_as_such(tmp_path):
+    """A folder copied from a Mac onto some disks holds ._NAME beside every NAME: named like images, each was
+    reported unreadable and training stopped with no word of why."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=8, grey=True)
+    for image in sorted((tmp_path / "train").rglob("*.png"))[:2]:
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    data = registry.load("imagefolder", "train", str(tmp_path))
+    whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
+    with pytest.raises(DataError) as info:
+        list(iterate(data, GlobalBatches(22, 2, 1, 0, seed=0), 0, augment=whole))
+    assert "a file named ._NAME is macOS's metadata of NAME, not an image: remove them all" in str(info.value)
+
+
 def test_a_run_whose_first_training_file_is_unreadable_saves_its_checkpoints(tmp_path, capsys):
     """1 of 120 files, within the limit: replaced in every epoch. A check of the weights before each save that read
     the first 8 training files met it under a limit of its own (1 % of 8) and stopped the run at its first save."""

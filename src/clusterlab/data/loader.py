@@ -242,7 +242,8 @@ class BadFiles:
 
     def __init__(self, images: ImageSet, limit: int | None, device: torch.device):
         self.reported = images.cache.setdefault("reported_bad_files", set())
-        self.limit, self.device, self.count, self.first = limit, device, 0, None
+        self.limit, self.device, self.count = limit, device, 0
+        self.first: tuple[str, str] | None = None  # (path, reason) of the first unreadable file on this rank
         self.fatal = None
 
     @classmethod
@@ -263,7 +264,7 @@ class BadFiles:
             return False
         for index, path, reason, substitute in result["bad"]:
             self.count += 1
-            self.first = self.first or f"{path} ({reason})"
+            self.first = self.first or (path, reason)
             if path not in self.reported:
                 self.reported.add(path)
                 print(f"unreadable image file {path} ({reason}); sample {index} uses {substitute} instead",
@@ -284,8 +285,13 @@ class BadFiles:
         if fatal:
             raise DataError(self.fatal or "an image file cannot be used (another process's error names it)")
         if self.limit is not None and total > self.limit:
+            # macOS leaves a ._NAME file of metadata beside each file it copies onto some disks: named as an image
+            first = f"{self.first[0]} ({self.first[1]})" if self.first else "on another rank"
+            forks = (" (a file named ._NAME is macOS's metadata of NAME, not an image: remove them all, e.g. "
+                     "`find DATA_PATH -name '._*' -delete`)"
+                     if self.first and os.path.basename(self.first[0]).startswith("._") else "")
             raise DataError(f"{total} unreadable image files in {where}, more than {BAD_FILE_LIMIT:.0%} of "
-                            f"its samples (first: {self.first or 'on another rank'}); fix or remove them")
+                            f"its samples (first: {first}); fix or remove them{forks}")
 
     def check_pass(self, images: ImageSet) -> None:
         """`check` at the end of a pass over `images` through `sequential` (nothing for an in-memory set, which has
