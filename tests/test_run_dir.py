@@ -108,7 +108,11 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
     dead.wait()
     # a dead process on this host
     lock_holder(tmp_path / "a", pid=dead.pid)
-    assert_ok(run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", tmp_path / "a"))
+    taken = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", tmp_path / "a")
+    assert_ok(taken)
+    # said (a job's log showed no sign of the earlier start)
+    assert (f"note: the lock of run directory {str(tmp_path / 'a')!r} was held by pid {dead.pid} on "
+            f"{socket.gethostname()}") in taken.stdout and "which no longer runs: taken over" in taken.stdout
     # the same Slurm job, requeued (possibly on another node)
     lock_holder(tmp_path / "b", host="another-node", pid=1, slurm_job_id="77")
     lock = rundir.RunLock(tmp_path / "b")

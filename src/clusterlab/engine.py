@@ -23,8 +23,8 @@ step), the optimiser and scaler step, `after_step` (an EMA teacher, which must s
 epoch's last step `on_epoch_end`; `param_groups` decides the optimiser's groups (per-group learning-rate scale and
 weight decay).
 
-Signals (signals.py): while an epoch runs, SIGUSR2 / SIGUSR1 / SIGTERM are only remembered; every rank stops at the next
-step boundary (or, for a signal during an epoch's monitor or checkpoint, once they are done), rank 0 writes
+Signals (signals.py): while an epoch runs, SIGUSR2 / SIGUSR1 / SIGTERM are only remembered; every rank stops at the
+next step boundary (or, for a signal during an epoch's monitor or checkpoint, once they are done), rank 0 writes
 checkpoint.pth, and the process exits with status 75 (run the same command again to resume; submitit and the
 sbatch scripts requeue the job). At the end of the last epoch the run is finished first.
 """

@@ -304,7 +304,10 @@ class RunLock:
             if seen is None:
                 continue  # released while we looked
             if holder is None or _stale(holder):
-                self._remove_if_unchanged(seen)
+                if self._remove_if_unchanged(seen):  # said: a job's log otherwise showed no sign of the earlier start
+                    earlier = _describe(holder) if holder else "a start that died while it wrote the lock"
+                    print(f"note: the lock of {self.what} {str(self.path.parent)!r} was held by {earlier}, which no "
+                          f"longer runs: taken over", flush=True)
                 continue
             raise ConfigError(f"{self.what} {str(self.path.parent)!r} is in use by {_describe(holder)}; "
                               f"wait for it, stop it, or {self.elsewhere}")
@@ -359,12 +362,12 @@ class RunLock:
             return seen, None
         return seen, holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
-    def _remove_if_unchanged(self, stale: bytes) -> None:
-        """Remove the lock if it still is the stale one read (`stale`). Two starts may find a lock stale at once (the
-        squeue call takes seconds): unlinking it, the later one removed the lock the earlier had just written, and
-        both held the directory. So removals take turns under a second lock (TAKEOVER_NAME, an exclusive create) and
-        remove the lock only if, read again under it, it is still the stale one: the lock of a live holder is never
-        moved or removed, even for a moment."""
+    def _remove_if_unchanged(self, stale: bytes) -> bool:
+        """Remove the lock if it still is the stale one read (`stale`); whether it did. Two starts may find a lock
+        stale at once (the squeue call takes seconds): unlinking it, the later one removed the lock the earlier had
+        just written, and both held the directory. So removals take turns under a second lock (TAKEOVER_NAME, an
+        exclusive create) and remove the lock only if, read again under it, it is still the stale one: the lock of a
+        live holder is never moved or removed, even for a moment."""
         guard = self.path.with_name(TAKEOVER_NAME)
         deadline = time.monotonic() + 2 * TAKEOVER_STALE_S
         while True:
@@ -384,6 +387,8 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 if self.path.read_bytes() == stale:
                     self.path.unlink()
+                    return True
+            return False
         finally:
             guard.unlink(missing_ok=True)
 

@@ -17,7 +17,7 @@ from .metrics import cluster_mapping, count_matrix
 LABELLED_CELLS = 100
 MAX_INCHES = 30.0
 # A sample grid's cell is 0.8 inch at 100 dpi, 80 pixels: image files are decoded for it at about that size (a JPEG
-# by a reduced decode), not at the set's nominal size (200 photos of 2,000 px took a minute and 5.6 GB).
+# by a reduced decode), not at the set's nominal size (a hundred photos of 2,000 px took minutes and gigabytes).
 THUMBNAIL_PX = 96
 
 
@@ -110,6 +110,7 @@ def _images(images, indices: np.ndarray) -> list[np.ndarray]:
     from ..data.augment import EvalView
     from ..data.loader import sequential
 
-    batches = sequential(images, torch.from_numpy(indices), 256, view=EvalView.of(min(images.image_size, THUMBNAIL_PX)))
+    view = EvalView.of(min(images.image_size, THUMBNAIL_PX))
+    batches = sequential(images, torch.from_numpy(indices), 256, view=view)
     arrays = [array for batch, _ in batches for array in batch.numpy()]
     return [array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0) for array in arrays]
