@@ -98,6 +98,8 @@ CASES = [
      "grid-output-root-a-number"),
     ("launch.py", lambda t: [*grid(t)[:3], a_file(t) / "runs", "--dry-run"],
      ["output root", "file' is a file, not a folder"], "grid-output-root-under-a-file"),
+    ("launch.py", lambda t: [*grid(t)[:3], link_to_nowhere(t) / "runs", "--dry-run"],
+     ["output root", "is a link to nowhere, not a folder"], "grid-output-root-under-a-link-to-nowhere"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_knn.py"], "flags": {"eval_knn.py": {"kk": 3}}}),
      ["'kk'"], "grid-unknown-eval-flag"),
     ("launch.py", lambda t: grid(t, evals={"programs": ["eval_foo.py"]}), ["'eval_foo.py'", "eval_knn.py"],
@@ -221,6 +223,11 @@ def foreign_config(tmp: Path) -> Path:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "config.yaml").write_text("my: precious\n")
     return tmp / "mine"
+
+
+def link_to_nowhere(tmp: Path) -> Path:
+    (tmp / "share").symlink_to("/nonexistent/share")
+    return tmp / "share"
 
 
 def a_file(tmp: Path) -> Path:

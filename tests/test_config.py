@@ -230,7 +230,7 @@ def flags_of(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def test_pretrain_help_lists_every_flag_with_its_default(tmp_path):
-    path = write_yaml(tmp_path, {"epochs": 7, "nmb_prototypes": 33})
+    path = write_yaml(tmp_path, {"epochs": 7, "nmb_prototypes": 33, "mean": [0.25]})
     result = subprocess.run([PYTHON, str(ROOT / "main_pretrain.py"), "--config", path, "--method",
                              "swav", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_ok(result)
@@ -238,11 +238,14 @@ def test_pretrain_help_lists_every_flag_with_its_default(tmp_path):
     expected = flags_of(full_parser())
     assert "--nmb_prototypes" in expected and "--epsilon" in expected and "--queue_length" in expected
     missing = [f for f in expected if f not in blocks]
-    no_default = [f for f in expected if f in blocks and blocks[f].count("(default:") != 1]
+    # once (--mean, below: in words, then the file's value)
+    no_default = [f for f in expected if f in blocks and f != "--mean" and blocks[f].count("(default") != 1]
     assert not missing and not no_default, (missing, no_default)
     assert "\nswav:\n" in result.stdout
     # The YAML file's values are the defaults shown.
     assert "(default: 7)" in blocks["--epochs"] and "(default: 33)" in blocks["--nmb_prototypes"]
+    # a default said in words, then the value the file gives
+    assert "(default: the dataset's) (default: [0.25])" in " ".join(blocks["--mean"].split())
     assert "(default: 0.05)" in blocks["--epsilon"]
 
 
@@ -251,7 +254,7 @@ def test_eval_help_lists_every_flag_with_its_default(module):
     parser = entry_module(module).get_args_parser()
     blocks = help_blocks(parser.format_help())
     # once: a help text that says its default in words is not followed by the value standing for it, `(default: None)`
-    assert all(blocks.get(flag, "").count("(default:") == 1 for flag in flags_of(parser)), blocks
+    assert all(blocks.get(flag, "").count("(default") == 1 for flag in flags_of(parser)), blocks
 
 
 def test_run_config_records_every_resolved_flag_commit_and_versions(tiny_run):

@@ -848,8 +848,9 @@ def test_a_constant_channel_is_refused_before_training_divides_by_its_zero_std(t
 def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tmp_path):
     """A relative --data_path is recorded absolute: eval_knn run from another working directory, where a folder of
     that name held other images, scored the run on those without a word. The folder a checkpoint read its files from
-    is its `data_folder`: where the recorded path reads other files from here (a path an older version recorded
-    relative, or DATASET_PATH set otherwise), the evaluation is refused on one line."""
+    is its `data_folder`: where the recorded path reads another folder from here (a path an older version recorded
+    relative, or DATASET_PATH set otherwise) that does not hold the training set the run recorded (its fingerprint),
+    the evaluation is refused on one line; a copy of the files is the run's."""
     trained_in, elsewhere, run_dir = tmp_path / "a", tmp_path / "b", tmp_path / "run"
     fabricate.make_imagefolder(trained_in / "data", n_per_class=6, classes=3, size=12)
     fabricate.make_imagefolder(elsewhere / "data", n_per_class=4, classes=2, size=12)
@@ -873,7 +874,11 @@ def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tm
     refused = run_in(elsewhere, "eval_knn.py", "--run", cifar_run, "--k", "3", "--device", "cpu",
                      env={"DATASET_PATH": "cifar"})
     assert_user_error(refused, "eval_knn.py", f"trained on the files in {os.path.realpath(trained_in / 'cifar')}",
-                      f"the default data path reads {os.path.realpath(elsewhere / 'cifar')} from here",
-                      "give --data_path")
+                      f"its dataset's path ($DATASET_PATH, or ./data) reads {os.path.realpath(elsewhere / 'cifar')} "
+                      f"from here, which does not hold that training set", "give --data_path")
     assert_ok(run_in(elsewhere, "eval_knn.py", "--run", cifar_run, "--k", "3", "--device", "cpu",
                      "--data_path", trained_in / "cifar"))
+    shutil.rmtree(elsewhere / "cifar")
+    shutil.copytree(trained_in / "cifar", elsewhere / "cifar")  # each job's own copy of the files
+    assert_ok(run_in(elsewhere, "eval_knn.py", "--run", cifar_run, "--k", "3", "--device", "cpu",
+                     env={"DATASET_PATH": "cifar"}))

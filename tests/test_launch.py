@@ -742,8 +742,8 @@ def test_jobs_slurm_may_never_start_are_named(tmp_path):
 
 @pytest.mark.parametrize("value", ["USR1", "SIGUSR2"])
 def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path, value):
-    """submitit would requeue on USR1 at once, mid-step, without a checkpoint; it reads the name after "SIG", so
-    SIGUSR2 would make every job fail."""
+    """submitit would put its requeue on USR1, which the programs hand to USR2's handler (saved, never requeued); it
+    reads the name after "SIG", so SIGUSR2 would make every job fail."""
     env = {**fake_slurm(tmp_path), "SUBMITIT_PREEMPT_SIGNAL": value}
     done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
                            str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)

@@ -24,9 +24,15 @@ PROGRAMS["fake.py"] = types.SimpleNamespace(main=lambda argv: print("program ran
 data = pickle.dumps(ProgramJob([("fake.py", [])]))
 job = pickle.loads(data)
 WHEN = "{when}"
-if WHEN == "start":  # before submitit's handlers are there
+class TermWhileTheProcessEnds:
+    def __del__(self):  # (Python gives the handlers their default action back before it deletes the modules' objects)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+if WHEN.startswith("start"):  # before submitit's handlers are there
     os.kill(os.getpid(), signal.SIGUSR2)
     time.sleep(0.2)
+if WHEN == "start, then a TERM at the end":
+    ending = TermWhileTheProcessEnds()
 def bypass(signum, frame):
     print("submitit logs", signal.Signals(signum).name, flush=True)
 def requeue(signum, frame):
@@ -47,8 +53,10 @@ def wrapper(when: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_a_stop_signal_while_the_job_is_unpickled_is_handed_to_submitits_handler():
-    done = wrapper("start")
+# (a late TERM: Slurm's second one; before, the job that had left for the requeue was killed by it, status 143)
+@pytest.mark.parametrize("when", ["start", "start, then a TERM at the end"])
+def test_a_stop_signal_while_the_job_is_unpickled_is_handed_to_submitits_handler(when):
+    done = wrapper(when)
     # before: killed by SIGUSR2 (-12), no requeue
     assert done.returncode == 255, (done.returncode, done.stderr[-2000:])
     assert done.stdout.splitlines() == ["submitit requeues"]

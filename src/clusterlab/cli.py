@@ -76,7 +76,7 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run directory")
-    group.add_argument("--output_dir", type=path, default=None, help="run directory (default runs/METHOD_DATASET)")
+    group.add_argument("--output_dir", type=path, default=None, help="run directory (default: runs/METHOD_DATASET)")
     group.add_argument("--checkpoint_epochs", type=positive_int, nargs="*", default=[],
                        help="also keep checkpoint_epNNNN.pth after these epochs")
     group.add_argument("--log_every", type=positive_int, default=50, help="steps between progress lines")
@@ -95,7 +95,7 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: bool = True, feat
     group.add_argument("--run", type=path, default=None,
                        help="run directory (its config.yaml names the dataset and model)")
     group.add_argument("--checkpoint", type=path, default=None,
-                       help="a file name is the run directory's file (default checkpoint.pth); a path with a "
+                       help="a file name is the run directory's file (default: checkpoint.pth); a path with a "
                             "directory is that file, recorded in the run's metrics.jsonl under its full path")
     add_data_args(parser, default_dataset=None)
     if features:

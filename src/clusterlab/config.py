@@ -185,8 +185,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         """A help text that says its default in words (`default: the dataset's`) is not followed by the value that
-        stands for it (`(default: None)`)."""
-        if "(default:" in (action.help or ""):
+        stands for it (`(default: None)`); a value a config file gives is shown."""
+        if "(default:" in (action.help or "") and (action.default is None or action.default == []):
             return action.help
         return super()._get_help_string(action)
 

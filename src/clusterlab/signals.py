@@ -2,9 +2,9 @@
 
 SIGUSR2 (submitit's signal, and the sbatch scripts' `--signal=B:USR2@120`), SIGUSR1 (the one other tools ask Slurm
 for, `--signal=USR1@90`: taken as USR2) and SIGTERM (what `scontrol requeue` and pre-emption send) must end in a
-requeue whatever the process is doing when they arrive. Python's default for both
-is to die at once, so the handler is installed before anything heavy is imported (this module imports nothing but
-the standard library), and it has two modes:
+requeue whatever the process is doing when they arrive. Python's default for each is to die at once, so the handler
+is installed before anything heavy is imported (this module imports nothing but the standard library), and it has
+two modes:
 
 - leave (the default): nothing is worth saving yet (imports, data loading, model building, an evaluation): the
   previous handler runs (under submitit it requeues the job) and the process exits with status 75 (EX_TEMPFAIL, the

@@ -410,8 +410,8 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
             subfolders.sort()
             images = [file_name for file_name in sorted(names) if file_name.lower().endswith(IMAGE_SUFFIXES)]
             # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen)
-            _refuse_dangling([os.path.join(folder, file_name) for file_name in set(names) - set(images)], folder,
-                             "folders")
+            _refuse_dangling([os.path.join(folder, file_name) for file_name in sorted(set(names) - set(images))],
+                             folder, "folders")
             found.append((folder, [os.path.join(folder, file_name) for file_name in images]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".

@@ -340,10 +340,10 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     own_files = (not args.data_path and image_source(dataset) == image_source(loaded.args.dataset)
                  and dataset in DATASETS and DATASETS[dataset].reads_files)
     data_path = loaded.args.data_path if own_files else args.data_path
-    if own_files:
-        _refuse_other_files(loaded, dataset, data_path)
     train_set = load(dataset, "train", data_path, args.download)
     test_set = load(dataset, "test", data_path, args.download)
+    if own_files:
+        _refuse_other_files(loaded, dataset, train_set, data_path)
     if train_set.channels != loaded.method.info.channels:
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
@@ -351,16 +351,22 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
 
 
-def _refuse_other_files(loaded: LoadedRun, dataset: str, data_path: str | None) -> None:
-    """The run's own files are the folder its checkpoint read them from: a relative --data_path (as recorded by
-    runs before they recorded it absolute) or DATASET_PATH read from another working directory names other files,
-    and a folder of the same name there was scored as the run's data without a word."""
+def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, data_path: str | None) -> None:
+    """Scoring a run on its own data (no --data_path), refuse files other than those it trained on: a relative
+    --data_path (as runs recorded it before they recorded it absolute), or DATASET_PATH, read from another working
+    directory, named another folder there, scored as the run's data without a word. Files elsewhere with the run's
+    training set's names and labels (its fingerprint: a copy, each job's own, say) are the run's; a run trained on
+    another split than the one evaluations fit on (STL-10's train+unlabeled) is compared by folder alone."""
     here = os.path.realpath(resolve_path(dataset, data_path))
-    if loaded.data_folder is not None and here != loaded.data_folder:
-        recorded = f"its --data_path {data_path!r}" if data_path else "the default data path"
-        raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {recorded} "
-                          f"reads {here} from here: give --data_path (that folder, or other images to score the run "
-                          f"on)")
+    if loaded.data_folder is None or here == loaded.data_folder:
+        return
+    trained_on = loaded.method.info.fingerprint
+    if getattr(loaded.args, "train_split", "train") == train_set.split and trained_on == train_set.fingerprint:
+        return
+    read = f"its --data_path {data_path!r}" if data_path else "its dataset's path ($DATASET_PATH, or ./data)"
+    raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {read} reads "
+                      f"{here} from here, which does not hold that training set (its file names and labels): give "
+                      f"--data_path (that folder, or other images to score the run on)")
 
 
 def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:

@@ -327,7 +327,8 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         holder = rundir.in_use_by(run.run_dir) if state == "held" else None
         if holder:
             print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
-                  f"again once it has ended")
+                  f"again once it has ended (a holder on another host that died without Slurm leaves its lock: "
+                  f"remove {str(run.run_dir / rundir.LOCK_NAME)!r} then)")
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,9 +184,10 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
         _fail(path, f"`output_root` must be a folder's path (got {spec['output_root']!r})")
     root = Path(output_root or spec.get("output_root") or Path("runs") / name).absolute()
     # before the plan: a dry run passed, and the submission failed once it came to make the first run's folder
-    blocker = next(folder for folder in (root, *root.parents) if folder.exists())
+    blocker = next(folder for folder in (root, *root.parents) if os.path.lexists(folder))
     if not blocker.is_dir():
-        _fail(path, f"output root {str(root)!r}: {str(blocker)!r} is a file, not a folder (choose another "
+        what = "a link to nowhere" if blocker.is_symlink() else "a file"
+        _fail(path, f"output root {str(root)!r}: {str(blocker)!r} is {what}, not a folder (choose another "
                     f"output_root)")
     evals = _eval_spec(path, spec.get("evals"))
     axis_keys = list(axes)

@@ -64,18 +64,19 @@ class ProgramJob:
         signals.wrap_previous(signal.SIGUSR2, _requeue_unless_requeued)
         requeue = signals.previous(signal.SIGUSR2)
         signals.wrap_previous(signal.SIGTERM, lambda logs_only: _term_requeues(logs_only, requeue))
-        signals.defer(False)  # a stop signal that came while the job started: leave for the requeue now
-        # overwrite: a job inherits the submitting shell's environment, whose MASTER_PORT or WORLD_SIZE (a torchrun
-        # session, an interactive allocation) are not this job's
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.chdir(self.workdir)
         try:
             try:
+                signals.defer(False)  # a stop signal that came while the job started: leave for the requeue now
+                # overwrite: a job inherits the submitting shell's environment, whose MASTER_PORT or WORLD_SIZE (a
+                # torchrun session, an interactive allocation) are not this job's
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+                os.chdir(self.workdir)
                 for program, argv in self.commands:
                     PROGRAMS[program].main(argv)
             finally:
-                # As programs.run does: the work is done, or failed, so a late stop signal must neither requeue the
-                # job nor kill it (Python gives handlers their default action back while it shuts down).
+                # As programs.run does: the work is done, failed, or left for the requeue (signals.leave ignores
+                # nothing itself), so a late stop signal must neither requeue the job nor kill it (Python gives
+                # handlers their default action back while it shuts down).
                 if getattr(self, "_in_job_process", False):
                     signals.ignore()
         except SystemExit as leaving:  # the requeue (75, or submitit's -1), a one-line error (2)
@@ -160,10 +161,11 @@ def make_executor(folder: Path, resources: dict, cluster: str, name: str, after:
     """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
     chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
     if chosen != "USR2":
-        # submitit would requeue at once on another signal, mid-step and without a checkpoint; it reads the value as
-        # the name after "SIG", so SIGUSR2 or usr2 would make its jobs fail.
-        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save and requeue on USR2 (and TERM); "
-                          f"unset it or set it to USR2")
+        # submitit would put its requeue on another signal, which the programs hand to USR2's handler, found empty
+        # (the job saved and was not requeued); it reads the value as the name after "SIG", so SIGUSR2 or usr2
+        # would make its jobs fail.
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save on USR2 (and USR1, TERM) and "
+                          f"requeue through submitit's USR2 handler; unset it or set it to USR2")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
                                      slurm_max_num_timeout=resources["max_requeues"])
     additional = {key: resources[key] for key in ("account", "qos") if resources.get(key)}
