@@ -40,15 +40,16 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     # digits, batch 64: 14 steps per epoch, 28 in 2 epochs
     done = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_niters", 28, "--warmup_epochs", 2,
                       "--queue_length", 128, "--epoch_queue_starts", 2, "--checkpoint_epochs", 1, 3, 5,
-                      "--output_dir", tmp_path / "run")
+                      "--knn_monitor_every", 3, "--output_dir", tmp_path / "run")
     assert_ok(done)
     notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 4, done.stdout
+    assert len(notes) == 5, done.stdout
     assert ("warms up for the whole of the run (28 warm-up iterations of --warmup_epochs 2.0 >= 28 (14 an epoch))"
             in notes[0])
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
     assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
+    assert notes[4] == "note: --knn_monitor_every 3: beyond --epochs 2, the kNN monitor never runs"
     # (--final_lr 0: the config's cosine end, which a step schedule does not read, is refused)
     flat = run_script("main_pretrain.py", *TINY, "--freeze_prototypes_epochs", 1.5, "--warmup_epochs", 1,
                       "--schedule", "step", "--lr_drops", 2, "--final_lr", 0, "--output_dir", tmp_path / "flat")
@@ -75,7 +76,7 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
 def test_a_warm_up_covering_the_run_or_each_period_is_told_in_iterations(flags, note):
     args = argparse.Namespace(**{"schedule": "cosine", "lr": 1.0, "final_lr": 0.0, "start_warmup": 0.0,
                                  "lr_drops": [], "lr_gamma": 0.1, "epochs": 2, "schedule_period": 0,
-                                 "checkpoint_epochs": [], **flags})
+                                 "checkpoint_epochs": [], "knn_monitor_every": 0, **flags})
     trainer = engine.Trainer.__new__(engine.Trainer)
     trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
     trainer.args, trainer.steps_per_epoch = args, 14
@@ -115,7 +116,8 @@ def test_a_step_schedule_that_never_drops_is_told(flags, note):
     trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
     trainer.steps_per_epoch = 10
     trainer.args = argparse.Namespace(**{"schedule": "step", "lr": 1.0, "lr_gamma": 0.1, "epochs": 4,
-                                         "schedule_period": 0, "warmup_epochs": 0, "checkpoint_epochs": [], **flags})
+                                         "schedule_period": 0, "warmup_epochs": 0, "checkpoint_epochs": [],
+                                         "knn_monitor_every": 0, **flags})
     trainer.schedule = SimpleNamespace(warmup_steps=round(trainer.args.warmup_epochs * 10))
     notes = trainer.whole_run_settings()
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes

@@ -188,7 +188,7 @@ class Trainer:
 
     def whole_run_settings(self) -> list[str]:
         """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
-        (prototype freezing, queue start); epoch checkpoints asked for beyond its end."""
+        (prototype freezing, queue start); epoch checkpoints and a kNN monitor asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
         span = min(self.args.schedule_period, self.args.epochs) if self.args.schedule_period else self.args.epochs
         within = "each period of --schedule_period" if self.args.schedule_period else "the run"
@@ -207,6 +207,9 @@ class Trainer:
         if beyond:
             notes.append(f"--checkpoint_epochs {' '.join(map(str, beyond))}: beyond --epochs {self.args.epochs}, "
                          f"never written")
+        if self.args.knn_monitor_every > self.args.epochs:
+            notes.append(f"--knn_monitor_every {self.args.knn_monitor_every}: beyond --epochs {self.args.epochs}, "
+                         f"the kNN monitor never runs")
         return notes
 
     # ---- checkpoints ----
