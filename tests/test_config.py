@@ -195,6 +195,8 @@ def test_missing_config_file_is_refused(tmp_path):
     ("eval_cluster", ["--restarts", "0"], ["--restarts", "'0'"]),
     ("collect_results", ["--plots", "maybe"], ["--plots", "'maybe'"]),
     ("main_pretrain", ["--lars_trust", "-0.001"], ["--lars_trust", "'-0.001'", "positive number"]),
+    # every sample an anchor at the first round (min(N, N x 3))
+    ("main_pretrain", ["--method", "superand", "--ans_select_rate", "3"], ["--ans_select_rate", "'3'", "fraction"]),
     ("eval_linear", ["--log_every", "0"], ["--log_every", "'0'", "positive integer"]),
     # an empty path (an unset shell variable) read as not given: the default run resumed, a stage trained from scratch
     ("main_pretrain", ["--output_dir", ""], ["--output_dir", "'' is empty"]),

@@ -146,6 +146,14 @@ def area_fraction(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A part of a whole: above 0, at most 1."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (use a value above 0, at most 1)")
+    return value
+
+
 def probability(text: str) -> float:
     value = _number(float, text)
     if not 0 <= value <= 1:

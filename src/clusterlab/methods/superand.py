@@ -33,7 +33,7 @@ import math
 import torch
 
 from .. import distributed
-from ..config import bool_flag, epoch_count, non_negative_float, positive_float, positive_int
+from ..config import bool_flag, epoch_count, fraction, non_negative_float, positive_float, positive_int
 from ..errors import ConfigError
 from ..losses.superand import and_loss, aug_loss, ue_loss
 from ..ops import CHUNK_ELEMENTS
@@ -55,7 +55,7 @@ class SuperAND(MemoryBankMethod):
                            help="AUG loss on the L2-normalised NPC logit rows (upstream) or on the embeddings")
         group.add_argument("--rounds", type=positive_int, default=5, help="rounds, round 0 without anchors")
         group.add_argument("--epochs_per_round", type=epoch_count, default=200)
-        group.add_argument("--ans_select_rate", type=positive_float, default=0.25,
+        group.add_argument("--ans_select_rate", type=fraction, default=0.25,
                            help="fraction of the samples added to the anchors at each round")
         group.add_argument("--ans_size", type=positive_int, default=1, help="neighbours per anchor")
         group.add_argument("--ue_weight", type=non_negative_float, default=0.2,
