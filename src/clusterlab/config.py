@@ -89,18 +89,20 @@ def non_negative_int(text: str) -> int:
 def class_count(text: str, dataset_zero: bool = False) -> int:
     """A head's number of classes: one class is one answer for every image, nothing to learn (losses of 0). With
     `dataset_zero`, 0 stands for the dataset's number of classes."""
-    value = _number(int, text)
-    if value < 2 and not (dataset_zero and value == 0):
-        raise argparse.ArgumentTypeError(f"{text!r} classes: a head needs 2 or more"
-                                         + (" (or 0: the dataset's)" if dataset_zero else ""))
-    return value
+    if dataset_zero and _number(int, text) == 0:
+        return 0
+    return _two_or_more(text, "classes: a head", " (or 0: the dataset's)" if dataset_zero else "")
 
 
 def cluster_count(text: str) -> int:
     """k-means' number of clusters: one cluster scores every image alike (NMI 0)."""
+    return _two_or_more(text, "clusters: a clustering")
+
+
+def _two_or_more(text: str, what: str, alternative: str = "") -> int:
     value = _number(int, text)
     if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} clusters: a clustering needs 2 or more")
+        raise argparse.ArgumentTypeError(f"{text!r} {what} needs 2 or more{alternative}")
     return value
 
 
@@ -140,17 +142,18 @@ def positive_float(text: str) -> float:
 
 def area_fraction(text: str) -> float:
     """A crop's share of the image's area: above 1 no crop fits (each was the fallback crop, without a word)."""
-    value = _number(float, text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the image's area (use a value above 0, at most 1)")
-    return value
+    return _share(text, "a share of the image's area")
 
 
 def fraction(text: str) -> float:
     """A part of a whole: above 0, at most 1."""
+    return _share(text, "a fraction")
+
+
+def _share(text: str, what: str) -> float:
     value = _number(float, text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (use a value above 0, at most 1)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} (use a value above 0, at most 1)")
     return value
 
 

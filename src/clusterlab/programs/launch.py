@@ -342,8 +342,14 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         if missing:
             print(f"{run.name} finished without {', '.join(missing)} (its --checkpoint_epochs did not ask for them): "
                   f"not evaluated; another output_root trains the grid's")
-        if run.epochs_past_end:
-            print(f"{run.name}: evals.epochs {run.epochs_past_end}: not evaluated there")
+    # A grid over epochs evaluates each run up to its end (the table shows where); only an epoch no run reaches is a
+    # likely slip of the grid's author.
+    reached = {spec.weights_epoch for run, _ in plan for spec in run.evals}
+    unreached = sorted({epoch for run, _ in plan for epoch in run.epochs_past_end} - reached)
+    if unreached:
+        longest = max(run.epochs for run, _ in plan)
+        print(f"evals.epochs {', '.join(map(str, unreached))}: past the end of every run (the longest trains "
+              f"{longest} epochs): not evaluated")
 
 
 # The line that ends a traceback: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`, or a bare

@@ -87,7 +87,7 @@ class RunSpec:
     evals: list = field(default_factory=list)
     stage: str | None = None           # the pipeline stage it belongs to
     after: str | None = None           # the run (of the previous stage) it starts after
-    epochs_past_end: str = ""          # `5, 8 past its 4 epochs`: evals.epochs it cannot be evaluated at
+    epochs_past_end: list = field(default_factory=list)  # evals.epochs past its end: not evaluated there
     reads_data_path: bool = True       # digits read none (an sbatch script of the run passes none)
 
     @property
@@ -246,8 +246,6 @@ def load_grid(path: str | Path, output_root: str | Path | None = None) -> Grid:
                     for eval_program, eval_flags in evals["flags"].items():
                         check_eval_flags(eval_program, eval_flags, method, f"grid {str(path)!r} run {label!r}")
                 run.evals = _expand_evals(evals, run, epochs)
-                if run.epochs_past_end:
-                    run.epochs_past_end += f" past its {epochs} epochs"
             # The config's checkpoint_epochs too: the list given on the command line replaces the config's.
             wanted = sorted({e.epoch for e in run.evals if e.epoch is not None}
                             | set(checked.get("checkpoint_epochs") or []))
@@ -374,7 +372,7 @@ def _expand_evals(evals: dict, run: RunSpec, epochs: int) -> list[EvalSpec]:
     specs = []
     for epoch in evals["epochs"]:
         if epoch != "final" and epochs and epoch > epochs:
-            run.epochs_past_end += f"{', ' * bool(run.epochs_past_end)}{epoch}"
+            run.epochs_past_end.append(epoch)
             continue
         if epoch != "final" and epochs and epoch == epochs and "final" in evals["epochs"]:
             continue  # the final checkpoint (the same weights), evaluated once
