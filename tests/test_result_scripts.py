@@ -44,9 +44,10 @@ case $program in
       echo "{\"program\": \"$program\"}" >> "$run/metrics.jsonl"
     done
     echo "evaluated $run" ;;
-  collect_results.py)  # a table naming the root, in --out, and the --combined file
+  collect_results.py)  # a table naming the root and the hidden list of the tables, in --out, and the --combined file
     echo "$*" > collect_results.args
     out=$(value --out "$@"); mkdir -p "$out"; echo "tables of $(value --root "$@")" > "$out/table.md"
+    echo '["table"]' > "$out/.tables_by_collect_results"
     combined=$(value --combined "$@"); [ -z "$combined" ] || echo "all tables" > "$combined" ;;
 esac
 """
@@ -124,6 +125,8 @@ def test_fashion_mnist_keeps_exactly_what_results_runs_holds_and_names_the_commi
     assert (scratch / "collect_results.args").read_text().split() == [
         "--root", "runs/fashion_mnist/kept.partial", "--out", "runs/fashion_mnist/tables.partial"]
     assert (scratch / "results" / "table.md").read_text() == "tables of runs/fashion_mnist/kept.partial\n"
+    # the hidden list of the tables moved with them (left behind, it stopped the script before the records moved)
+    assert (scratch / "results" / ".tables_by_collect_results").read_text() == '["table"]\n'
 
 
 @pytest.mark.parametrize("script, study, runs", [
@@ -143,7 +146,7 @@ def test_study_keeps_exactly_what_results_runs_holds_and_builds_its_own_tables(t
     args = (scratch / "collect_results.args").read_text().split()
     assert args == ["--root", f"runs/{study}/kept.partial", "--out", f"runs/{study}/tables.partial/{study}",
                     "--published"]  # the stand-in's $* drops the empty value
-    assert files_below(scratch / "results" / study) == {"table.md"}
+    assert files_below(scratch / "results" / study) == {"table.md", ".tables_by_collect_results"}
 
 
 def test_view_study_scores_every_run_and_pixels_on_both_views(tmp_path):
@@ -176,7 +179,7 @@ def test_small_data_keeps_every_run_and_baseline_and_builds_one_study_table(tmp_
     assert args == ["--root", "runs/small_data/kept.partial", "--out", "runs/small_data/tables.partial/small_data",
                     "--combined", "runs/small_data/tables.partial/small_data.md",
                     "--published"]  # the stand-in's $* drops the empty value
-    assert files_below(scratch / "results" / "small_data") == {"table.md"}
+    assert files_below(scratch / "results" / "small_data") == {"table.md", ".tables_by_collect_results"}
     assert (scratch / "results" / "small_data.md").read_text() == "all tables\n"
 
 

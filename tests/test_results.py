@@ -380,8 +380,8 @@ def test_collect_results_writes_tables_per_dataset(tmp_path):
     assert result.stderr.strip() == f"warning: {broken}:2: skipped (Unterminated string starting at: line 1 " \
                                     f"column 9 (char 8))"
     assert "## cifar10" in result.stdout and "## digits" in result.stdout and "85.00 ± 4.58" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["cifar10.csv", "cifar10.md", "cifar10.tex", "digits.csv",
-                                                     "digits.md", "digits.tex"]
+    assert sorted(p.name for p in out.iterdir()) == [".tables_by_collect_results", "cifar10.csv", "cifar10.md",
+                                                     "cifar10.tex", "digits.csv", "digits.md", "digits.tex"]
     digits = pd.read_csv(out / "digits.csv")
     swav = digits[digits["method"] == "swav"].iloc[0]
     assert (swav["n"], swav["acc_mean"], swav["published"], swav["diff"]) == (3, pytest.approx(85.0), 80.5, 4.5)
@@ -458,8 +458,8 @@ def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tab
     monkeypatch.chdir(tmp_path / "repo")
     entry_module("collect_results").main(["--root", str(root), "--plots", "false"])
     assert snapshot(tmp_path / "repo" / "results") == shipped
-    assert sorted(p.name for p in (root / "tables").iterdir()) == ["fashion_mnist.csv", "fashion_mnist.md",
-                                                                   "fashion_mnist.tex"]
+    assert sorted(p.name for p in (root / "tables").iterdir()) == [".tables_by_collect_results", "fashion_mnist.csv",
+                                                                   "fashion_mnist.md", "fashion_mnist.tex"]
     assert pd.read_csv(root / "tables" / "fashion_mnist.csv")["acc_mean"].tolist() == [pytest.approx(25.0)]
     assert f"tables written to {root / 'tables'}/" in capsys.readouterr().out
 
@@ -507,10 +507,10 @@ def test_revision_of_a_row_is_its_most_doubtful_run_or_evaluation(tmp_path):
     write_run(root, "probe_resumed", {**CLEAN, "trained_by": [DIRTY, CLEAN]}, CLEAN, seed=0, epoch=75, acc=0.5)
     # Three seeds of one row: clean, unknown (an old record without git fields), dirty -> dirty.
     write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=80, acc=0.5)
-    write_jsonl(root / "s1" / "metrics.jsonl", [record(seed=1, run="s1", epoch=80, acc=0.5)])
+    write_run(root, "s1", {}, {}, seed=1, epoch=80, acc=0.5)
     write_run(root, "s2", CLEAN, DIRTY, seed=2, epoch=80, acc=0.5)
     write_run(root, "u0", CLEAN, CLEAN, seed=0, epoch=90, acc=0.5)
-    write_jsonl(root / "u1" / "metrics.jsonl", [record(seed=1, run="u1", epoch=90, acc=0.5)])
+    write_run(root, "u1", {}, {}, seed=1, epoch=90, acc=0.5)
     frame = results.records_frame(results.read_records(root))
     by_run = dict(zip(frame["run"], frame["revision"]))
     assert by_run == {"clean": "clean", "trained_dirty": "dirty", "evaluated_dirty": "dirty", "old_suffix": "dirty",
@@ -673,7 +673,9 @@ def test_seeds_of_one_recipe_stay_one_row_without_a_recipe_column(tmp_path):
 
 def test_recipe_labels_compare_the_flags_every_known_run_records():
     same = {"lr": 0.1, "nmb_crops": [2, 6]}
-    assert results.recipe_labels([same, dict(same), None]) is None  # no config.yaml: no evidence of another recipe
+    # no config.yaml: a row of its own whether or not the known runs agree (it was averaged in where they agreed,
+    # and apart where they did not, in rows of one table)
+    assert results.recipe_labels([same, dict(same), None]) == ["", "", results.UNKNOWN_RECIPE]
     assert results.recipe_labels([None, None]) is None
     # a flag one run lacks (trained before it existed) is not compared; lists and booleans read as on the command line
     assert results.recipe_labels([{**same, "new_flag": 1}, same]) is None
@@ -757,7 +759,7 @@ def test_the_shipped_tables_regenerate_byte_for_byte(tmp_path, study, out, flags
     entry_module("collect_results").main(["--root", str(ROOT / "results" / "runs" / study), "--out",
                                           str(tmp_path / "out"), "--plots", "false", "--curves", "false", *flags])
     capsys.readouterr()
-    built = sorted((tmp_path / "out").iterdir())
+    built = sorted(path for path in (tmp_path / "out").iterdir() if path.name != ".tables_by_collect_results")
     assert built, study
     for path in built:
         assert path.read_bytes() == (ROOT / "results" / out / path.name).read_bytes(), path.name
@@ -818,20 +820,23 @@ def test_a_trained_run_without_its_config_is_of_unknown_code_and_an_unreadable_o
     write_jsonl(root / "lost" / "metrics.jsonl", [{**record(run="lost", epoch=10, acc=0.5), **CLEAN}])
     write_run(root, "garbled", CLEAN, CLEAN, seed=1, epoch=20, acc=0.5)
     (root / "garbled" / "config.yaml").write_text("args: [1, 2\n")
+    write_run(root, "folder", CLEAN, None, seed=2, epoch=20, acc=0.5)
+    (root / "folder" / "config.yaml").mkdir()  # (it was said to be missing)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = results.records_frame(results.read_records(root))
     assert sorted(str(w.message) for w in caught) == [
         f"{root / name / 'config.yaml'} {why}: its run's settings and code are unknown (recipe unknown, revision "
-        f"unknown, no published number)" for name, why in (("garbled", "cannot be read"), ("lost", "is missing"))]
-    assert dict(zip(frame["run"], frame["revision"])) == {"lost": "unknown", "garbled": "unknown"}
-    assert frame["settings_unknown"].tolist() == [True, True]
+        f"unknown, no published number)" for name, why in (("folder", "cannot be read"), ("garbled", "cannot be read"),
+                                                           ("lost", "is missing"))]
+    assert dict(zip(frame["run"], frame["revision"])) == {"lost": "unknown", "garbled": "unknown", "folder": "unknown"}
+    assert frame["settings_unknown"].tolist() == [True, True, True]
 
 
 def test_a_run_whose_settings_are_unknown_meets_no_published_number(tmp_path):
     """A run killed at epoch 200 of 400 whose config.yaml was lost: its record met the number published for 200
-    epochs, though whether it ended there cannot be told; a seed beside it with its config.yaml keeps its own (rows
-    are split only by settings known to differ: the two are averaged, and that row gets none)."""
+    epochs, though whether it ended there cannot be told; a seed beside it with its config.yaml is a row of its own,
+    which meets it (the two were averaged, and that row got none)."""
     root = tmp_path / "runs"
 
     def trained(name, seed, acc):
@@ -849,7 +854,8 @@ def test_a_run_whose_settings_are_unknown_meets_no_published_number(tmp_path):
     with pytest.warns(UserWarning, match="lost/config.yaml is missing"):
         table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
                                          published)
-    assert list(table["n"]) == [2] and list(table["published"]) == [None]
+    assert (list(table["recipe"]), list(table["n"]), list(table["published"])) == (
+        ["", results.UNKNOWN_RECIPE], [1, 1], [80.5, None])
     (root / "lost").rename(tmp_path / "elsewhere")
     table = results.attach_published(results.aggregate(results.records_frame(results.read_records(root))),
                                      published)
@@ -861,9 +867,9 @@ def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_ru
     metric one seed's record lacks was averaged over the others while n counted them all, without a word."""
     root = tmp_path / "runs"
     write_run(root, "s0", CLEAN, CLEAN, seed=0, epoch=10, acc=0.5, nmi=0.4, ari=-0.1)
-    write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True, ari=-1.5)
+    write_run(root, "s1", CLEAN, CLEAN, seed=1, epoch=10, acc=True, ari=-1.5, ami=0.2)
     write_run(root, "s2", CLEAN, CLEAN, seed=2, epoch=10, acc=float("nan"), nmi=float("inf"))
-    write_run(root, "s3", CLEAN, CLEAN, seed=3, epoch=10, acc=1.5, nmi=-0.01)
+    write_run(root, "s3", CLEAN, CLEAN, seed=3, epoch=10, acc=1.5, nmi=-0.01, ami=0.2)
     with pytest.warns(UserWarning) as caught:
         frame = results.records_frame(results.read_records(root))
     said = [str(warning.message) for warning in caught]
@@ -876,10 +882,12 @@ def test_a_metric_that_is_no_number_is_left_out_and_a_row_missing_it_for_some_ru
     with pytest.warns(UserWarning) as caught:
         table = results.aggregate(frame)
     said = [str(warning.message) for warning in caught]
-    assert any("its acc averages 1 of its 4 runs" in line for line in said)
-    assert any("its nmi averages 1 of its 4 runs" in line for line in said)
+    # s2's record, every number of it left out, is no run of the row (it counted in n, and alone it made a row)
+    assert "s2" not in set(frame["run"])
+    assert any("its acc averages 1 of its 3 runs" in line for line in said)
+    assert any("its nmi averages 1 of its 3 runs" in line for line in said)
     assert (table["n"].tolist(), table["acc_mean"].tolist(), table["nmi_mean"].tolist(),
-            table["ari_mean"].tolist()) == ([4], [50.0], [40.0], [-10.0])
+            table["ari_mean"].tolist()) == ([3], [50.0], [40.0], [-10.0])
 
 
 def test_each_checkpoint_of_a_run_extended_on_resume_is_filed_under_the_schedule_it_trained_with(tmp_path):
@@ -1082,6 +1090,34 @@ def test_runs_that_record_a_flag_others_lack_are_two_recipes_where_they_disagree
     assert sorted(drawn) == [([1, 3], [50.0, 50.0]), ([1, 3, 5], [60.0, 60.0, 60.0]), ([1, 3, 5], [90.0, 90.0, 90.0])]
 
 
+def test_a_legend_of_long_recipe_labels_stays_inside_the_plot(tmp_path, monkeypatch):
+    """Labels of several differing flags were wider than the figure: the legend, centred below the axes, lost the
+    first and last letters of every line (`pid knn ...`)."""
+    import clusterlab.eval.plots as plots
+
+    root = tmp_path / "runs"
+    for number in range(6):
+        name = f"swav_{number}"
+        write_jsonl(root / name / "metrics.jsonl", [{**record(0, dataset="cifar10", epoch=epoch, run=name,
+                                                              acc=0.5 + 0.01 * number), **CLEAN} for epoch in (1, 2)])
+        flags = {"freeze_prototypes_epochs": number, "epoch_queue_starts": 10 + number,
+                 "min_scale_crops": [0.14 + number / 100, 0.05], "max_scale_crops": [1.0, 0.14 + number / 100]}
+        config = {"program": "main_pretrain.py", "args": {**SWAV_ARGS, "seed": 0, **flags}, **CLEAN}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert min(len(label) for label in table["recipe"]) > results.LEGEND_LINE_CHARACTERS
+    outside = []
+
+    def measure(figure, path, dpi):
+        figure.canvas.draw()
+        box, page = figure.legends[0].get_window_extent(), figure.bbox
+        outside.append((box.x0 < page.x0 or box.x1 > page.x1 or box.y0 < page.y0, box.x0, box.x1, page.x1))
+
+    monkeypatch.setattr(plots, "save_png", measure)
+    results.plot_against_epochs(table, tmp_path, "cifar10")
+    assert outside and not any(out for out, *_ in outside), outside
+
+
 def test_tables_replace_a_link_in_their_place_and_plots_of_metrics_gone_are_removed(tmp_path):
     """A table was written through a link in --out (a file of one's own behind it replaced by LaTeX), in place (a
     full disk left it cut short); the plot of a metric that no record has any more stayed beside the new ones."""
@@ -1105,6 +1141,32 @@ def test_tables_replace_a_link_in_their_place_and_plots_of_metrics_gone_are_remo
     left = sorted(p.name for p in out.glob("digits_*.png"))
     assert "digits_top1.png" in left and "digits_acc.png" not in left and set(left) < set(plots)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_tables_of_a_dataset_no_run_is_of_any_more_are_removed_and_nothing_else(tmp_path, capsys):
+    """The tables and plots of a dataset whose runs were removed from ROOT stayed in --out beside the new ones, as if
+    still true; files the collection did not write there (one's own notes, another dataset's tables a hand copied in,
+    a link) stay."""
+    root, out = tmp_path / "runs", tmp_path / "tables"
+    write_jsonl(root / "swav" / "metrics.jsonl", [record(0, epoch=100, acc=0.5)])
+    write_jsonl(root / "gone" / "metrics.jsonl", [record(0, dataset="cifar10", epoch=100, acc=0.6)])
+    collect = [str(a) for a in ("--root", root, "--out", out, "--published", "", "--curves", "false")]
+    entry_module("collect_results").main(collect)
+    written = sorted(p.name for p in out.glob("cifar10*"))
+    assert {"cifar10.csv", "cifar10.md", "cifar10.tex", "cifar10_acc.png"} <= set(written)
+    (out / "notes.md").write_text("mine\n")
+    (out / "stl10.md").write_text("a table copied in by hand\n")
+    (tmp_path / "precious.png").write_bytes(b"png")
+    (out / "cifar10_acc.png").unlink()
+    (out / "cifar10_acc.png").symlink_to(tmp_path / "precious.png")
+    shutil.rmtree(root / "gone")
+    capsys.readouterr()
+    entry_module("collect_results").main(collect)
+    assert sorted(p.name for p in out.glob("cifar10*")) == ["cifar10_acc.png"]  # (the link, not the collection's)
+    assert (tmp_path / "precious.png").read_bytes() == b"png"
+    assert (out / "notes.md").read_text() == "mine\n" and (out / "stl10.md").exists() and (out / "digits.md").exists()
+    assert f"the tables of cifar10 removed from {out}/" in capsys.readouterr().out
+    assert json.loads((out / ".tables_by_collect_results").read_text()) == ["digits"]
 
 
 def test_runs_of_one_name_in_two_folders_are_told_apart_and_a_mid_run_epoch_is_marked(tmp_path):

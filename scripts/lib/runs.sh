@@ -110,7 +110,9 @@ replace_kept() {  # each file or folder in $STAGED_TABLES replaces its namesake 
   local entry
   if [ -d "$STAGED_TABLES" ]; then
     mkdir -p results
-    for entry in "$STAGED_TABLES"/*; do
+    # (hidden ones too: collect_results.py's list of the tables it wrote, .tables_by_collect_results)
+    for entry in "$STAGED_TABLES"/* "$STAGED_TABLES"/.[!.]*; do
+      [ -e "$entry" ] || continue  # a pattern that matched nothing
       rm -rf "results/${entry##*/}"
       mv "$entry" results/
     done

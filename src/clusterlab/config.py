@@ -543,7 +543,7 @@ def starts_of(run_dir: str | os.PathLike, state: dict) -> list[dict]:
 def written_run_config(run_dir: str | os.PathLike) -> dict | None:
     """RUN/config.yaml as written, whole (None where there is none; {} for one that cannot be read)."""
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
+    if not os.path.lexists(path):  # (a folder in its place, a link to nowhere: one that cannot be read)
         return None
     try:
         # libyaml's parser where PyYAML has it: the tables read every run's config.yaml, several times faster

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -464,6 +465,9 @@ def records_frame(records: list[dict]):
                               f"{record.get('epoch')} is {value!r}, not a fraction in [{low:g}, 1]: left out",
                               stacklevel=2)
             row[key] = 100.0 * value if usable else None
+        given = [key for key in METRIC_COLUMNS if record["metrics"].get(key) is not None]
+        if given and all(row[key] is None for key in given):
+            continue  # every number it gave was left out above: a row of it scored nothing, yet had n=1
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -503,8 +507,10 @@ def _setting_text(value) -> str:
 
 def recipe_labels(settings: list) -> list[str] | None:
     """For the records of one would-be row, given their runs' training settings (dicts; None where unknown): None
-    when the known settings agree, else each record's label naming the flags that differ among them, in their
-    recorded order (`queue_length=3840 epoch_queue_starts=15`), and UNKNOWN_RECIPE for a run without settings.
+    when they all agree (or all are unknown), else each record's label naming the flags that differ among the known
+    ones, in their recorded order (`queue_length=3840 epoch_queue_starts=15`; empty where none differ), and
+    UNKNOWN_RECIPE for a run without settings: no seed of any known recipe, however those agree (averaged with them
+    where they agreed, it was a row of its own in the same table where they did not).
 
     A flag that only some known runs record is compared only where those that record it disagree on it (then a run
     without it is `FLAG=unrecorded`, a recipe of its own): a run trained before a flag existed (or under its old
@@ -513,7 +519,7 @@ def recipe_labels(settings: list) -> list[str] | None:
     if not known:
         return None
     differ = _differing_flags(known)
-    if not differ:
+    if not differ and len(known) == len(settings):
         return None
     return [UNKNOWN_RECIPE if s is None else " ".join(f"{key}={_setting_text(s[key]) if key in s else 'unrecorded'}"
                                                       for key in differ)
@@ -790,6 +796,10 @@ def display_table(table):
     return shown
 
 
+# What a legend line below a 6-inch plot holds in 7-point text beside its marker.
+LEGEND_LINE_CHARACTERS = 80
+
+
 def plot_against_epochs(table, out_dir, dataset: str) -> list[Path]:
     """One PNG per metric: the metric against epochs, a line per (method, backbone, eval, protocol) and recipe (the
     runs' settings, on the flags all of them record, as the tables compare them). The legend names what tells the
@@ -836,16 +846,21 @@ def plot_against_epochs(table, out_dir, dataset: str) -> list[Path]:
             distinct.update({(method, kind, protocol): part
                              for protocol, part in _distinct_parts(sorted(set(same["protocol"]))).items()})
         groups = list(drawn.groupby(lines))
-        # the legend below the axes, a row per line (inside them it covered the points); past the colour cycle's 10
-        # lines the markers tell lines of one colour apart
-        figure, axes = plt.subplots(figsize=(6, 4 + 0.16 * len(groups)), layout="constrained")
-        for number, ((method, backbone, kind, protocol, *recipe), rows) in enumerate(groups):
-            rows = rows.sort_values("epoch")
+        labels = []
+        for method, backbone, kind, protocol, *recipe in (key for key, _ in groups):
             if by_recipe:
                 recipe = [recipe_names.get((method, backbone, kind, protocol, *recipe), "")]
             label = " ".join([method, *([backbone] if several_backbones else []), kind,
                               *([distinct[(method, kind, protocol)]] if protocols[(method, kind)] > 1 else []),
                               *(r for r in recipe if isinstance(r, str) and r)])
+            # a label wider than the figure was cut at both ends (the legend is centred below the axes)
+            labels.append("\n".join(textwrap.wrap(label, LEGEND_LINE_CHARACTERS)))
+        # the legend below the axes, a row per line of text (inside them it covered the points); past the colour
+        # cycle's 10 lines the markers tell lines of one colour apart
+        rows_of_text = sum(label.count("\n") + 1 for label in labels)
+        figure, axes = plt.subplots(figsize=(6, 4 + 0.16 * rows_of_text), layout="constrained")
+        for number, ((_, rows), label) in enumerate(zip(groups, labels)):
+            rows = rows.sort_values("epoch")
             axes.errorbar(rows["epoch"], rows[column], yerr=rows[f"{metric}_std"].fillna(0),
                           marker="os^Dv"[number // 10 % 5], label=label, capsize=2)
         axes.set_xlabel("epochs")

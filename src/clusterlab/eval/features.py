@@ -130,6 +130,10 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         raise ConfigError(f"--run {str(run_dir)!r} is not a directory")
     saved_args = read_run_config(run_dir)
     path = checkpoint_path(run_dir, checkpoint_name)
+    if not os.path.lexists(path) and in_run(path, run_dir):  # named with the files the run has
+        present = sorted(file.name for file in run_dir.glob("*.pth"))
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run {str(run_dir)!r} has "
+                              f"{', '.join(present) or 'no checkpoint yet'}")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
     if not isinstance(state.get("args", {}), dict):

@@ -25,7 +25,8 @@ OUT/curves/RUN.png (RUN: its path below ROOT) shows the loss, the other terms th
 the kNN monitor (`--knn_monitor_every N` when training) against epochs; clusterlab/curves.py reads the log. The PNG
 an earlier collection drew there for a run no longer under ROOT is removed (OUT/curves/.drawn_by_collect_results
 lists what it drew; nothing else there is touched), as is the OUT/DATASET_METRIC.png of a metric the dataset's
-records no longer have. Every file is written whole or not at all.
+records no longer have, and the tables and plots of a dataset the last collection wrote there that no record under
+ROOT is of any more (OUT/.tables_by_collect_results lists the datasets). Every file is written whole or not at all.
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def main(argv=None):
     created = not out.exists()
     rundir.make_folder(out, "tables folder", "choose another --out")
     written = []
+    datasets = sorted(set(frame["dataset"].astype(str))) if not frame.empty else []
+    remove_stale_tables(out, datasets)
     if not frame.empty:
         sections = write_tables(frame, published, out, args.plots)
         written.append("tables")
@@ -154,15 +157,50 @@ def write_tables(frame, published, out: Path, plots: bool) -> list[tuple[str, st
         sections.append((dataset, markdown))
         # A name read from the file system (a run's checkpoint path) may hold bytes that are not UTF-8.
         # each file whole or as it was (a full disk, a job killed meanwhile); a link in its place is replaced
-        for suffix, text in (("csv", table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(index=False)),
-                             ("md", f"# {dataset}\n\n{markdown}\n"),
-                             ("tex", _latex(shown))):
+        texts = (table.drop(columns=[results.SETTINGS_KEY], errors="ignore").to_csv(index=False),
+                 f"# {dataset}\n\n{markdown}\n", _latex(shown))
+        for suffix, text in zip(TABLE_SUFFIXES, texts):
             atomic_write_text(out / f"{dataset}.{suffix}", text, through_links=False)
         if plots:
             drawn = results.plot_against_epochs(table, out, dataset)
             for stale in {out / f"{dataset}_{metric}.png" for metric in results.METRIC_COLUMNS} - set(drawn):
                 stale.unlink(missing_ok=True)  # a metric no record of the dataset has any more
     return sections
+
+
+TABLE_SUFFIXES = ("csv", "md", "tex")
+# In OUT: the datasets whose tables the last collection wrote there (a JSON list), the only tables a later one removes
+# (those of a dataset no record under ROOT is of any more, which stood beside the new tables as if still true).
+TABLES_LIST = ".tables_by_collect_results"
+
+
+def remove_stale_tables(out: Path, datasets: list[str]) -> None:
+    """Removes OUT/DATASET.{csv,md,tex} and OUT/DATASET_METRIC.png of each dataset the last collection wrote tables
+    for and `datasets` (this one's) lacks, saying so, and lists `datasets` for the next collection."""
+    listing = out / TABLES_LIST
+    earlier = _read_listing(listing)
+    for dataset in sorted(set(earlier) - set(datasets)):
+        if not isinstance(dataset, str) or not dataset or Path(dataset).name != dataset:
+            continue  # not a name this collection writes
+        files = [out / f"{dataset}.{suffix}" for suffix in TABLE_SUFFIXES]
+        files += [out / f"{dataset}_{metric}.png" for metric in results.METRIC_COLUMNS]
+        removed = [file for file in files if file.is_file() and not file.is_symlink()]
+        for file in removed:
+            file.unlink()
+        if removed:
+            print(f"the tables of {printable(dataset)} removed from {printable(str(out))}/: no record under the "
+                  f"root is of that dataset now")
+    if datasets or earlier:
+        atomic_write_text(listing, json.dumps(datasets) + "\n", through_links=False)
+
+
+def _read_listing(listing: Path) -> list:
+    """The names an earlier collection listed in `listing`; none where it is missing or not a JSON list."""
+    try:
+        earlier = json.loads(listing.read_text())
+    except (OSError, ValueError):
+        return []
+    return earlier if isinstance(earlier, list) else []
 
 
 # In OUT/curves: the PNGs the last collection drew there (a JSON list of their paths below it, which keeps names of
@@ -175,14 +213,11 @@ def write_all_curves(logs: list[Path], root: Path, folder: Path) -> int:
     under ROOT is removed (only those, and only inside FOLDER: it may be a run of its own, or hold other files).
     Returns how many were drawn."""
     listing = folder / DRAWN_LIST
-    try:
-        earlier = json.loads(listing.read_text())
-    except (OSError, ValueError):
-        earlier = []
+    earlier = _read_listing(listing)
     drawn = [path for log in logs if (path := write_curves(log.parent, root, folder))]
     names = sorted(path.relative_to(folder).as_posix() for path in drawn)
     inside = folder.resolve()
-    for name in set(earlier if isinstance(earlier, list) else []) - set(names):
+    for name in set(earlier) - set(names):
         stale = folder / str(name)
         if (not str(name).endswith(".png") or Path(name).is_absolute() or not stale.is_file() or stale.is_symlink()
                 or not stale.resolve().is_relative_to(inside)):
