@@ -320,6 +320,18 @@ def test_more_clusters_than_images_is_refused_for_training():
     method.check_training_settings()
 
 
+def test_a_lambda_whose_power_underflows_is_refused_naming_it():
+    """--lamb 10000: P^lambda underflowed for whole images, the scalings went infinite, the stopping rule (a nansum)
+    read 0, and every image got one label, reported as solved with error 0."""
+    method, _ = labelled_method("eval")
+    method.args.lamb = 10_000.0
+    with pytest.raises(ConfigError, match=r"^--lamb 10000: SeLa's Sinkhorn found no labels for head 0 .*use a "
+                                          r"smaller --lamb"):
+        method.relabel([0])
+    method.args.lamb = 10.0
+    assert len(method.relabel([0])[0].labels.unique()) > 1
+
+
 def test_fewer_labelling_images_than_processes_is_refused():
     assert run_distributed(_refused_label_batch, 2) == [
         "--label_batch_size 1 is below the 2 processes: give every process at least one image per labelling pass"] * 2

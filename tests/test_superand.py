@@ -156,7 +156,20 @@ def naive_aug(x: torch.Tensor, t: float) -> float:
 def test_aug_loss_matches_the_formula():
     x = unit_rows(8, 5, 1)
     own = torch.arange(8)
-    assert abs(aug_loss(x @ x.t(), own, (own + 4) % 8, 0.1).item() - naive_aug(x, 0.1)) < 1e-5
+    # (float32 against float64: a few units in the last place of a sum of eight rows' logarithms)
+    assert aug_loss(x @ x.t(), own, (own + 4) % 8, 0.1).item() == pytest.approx(naive_aug(x, 0.1), rel=3e-6)
+
+
+def test_aug_loss_at_a_small_temperature_is_finite_and_exact():
+    """exp(s / T) overflowed float32 from T below 1/88 (`--batch_t 0.01`: the loss was NaN at the first step);
+    the row's shift cancels in every probability, so float32 equals float64 as at any temperature."""
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(1.0 + 0.1 * torch.randn(8, 5, generator=g), dim=1)  # alike, as a young network's features
+    own = torch.arange(8)
+    for temperature in (0.01, 0.005):
+        small = aug_loss(x @ x.t(), own, (own + 4) % 8, temperature)
+        exact = aug_loss((x @ x.t()).double(), own, (own + 4) % 8, temperature)
+        assert torch.isfinite(small) and small.item() == pytest.approx(exact.item(), rel=1e-5), temperature
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import checkpoint, distributed
 from ..config import canonical_keys, read_run_config
@@ -220,10 +219,18 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     for batch, _ in data_loader.sequential(images, torch.arange(share.start, share.stop), batch_size, workers,
                                            device, view, tally=tally):
         out = fn(eval_view(batch, view.crop, mean, std)).float()
-        outputs.append(F.normalize(out, dim=1) if normalize else out)
+        outputs.append(unit_rows(out) if normalize else out)
     tally.check_pass(images)
     # (an empty share is one empty batch, whose rows have the width of the others': all_gather needs it)
     return distributed.all_gather_uneven(torch.cat(outputs))
+
+
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its L2 norm (as F.normalize), and NaN where that norm is not finite: entries of 1e19 and
+    more, finite, have squares beyond float32's range, and F.normalize returned such a row as zeros, which kNN and
+    k-means then scored as chance; NaN is what `require_finite` refuses as the overflow it is."""
+    norms = features.norm(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(norms), features / norms.clamp_min(1e-12), torch.nan)
 
 
 def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images: ImageSet) -> torch.Tensor:

@@ -65,10 +65,12 @@ def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tenso
     L2-normalised vector against all C columns of the (global) batch, the columns detached; own[i] is row i's own
     column, partner[i] its other view's.
     a_ij = exp(s_ij / T) for j != own_i, D_i = sum_j a_ij, P_i = a_{i,partner_i} / D_i, P_ij = a_ij / D_i,
-    L = -1/R sum_i [ log P_i + sum_{j not in {own_i, partner_i}} log(1 - P_ij) ]."""
+    L = -1/R sum_i [ log P_i + sum_{j not in {own_i, partner_i}} log(1 - P_ij) ].
+    Each row's exponents are shifted by their largest (a factor that cancels in every P_ij, as upstream has none):
+    exp(s_ij / T) overflowed float32 from T below 1/88, and the loss was NaN at the first step."""
     rows = torch.arange(similarities.shape[0], device=similarities.device)
-    scores = torch.exp(at_least_float32(similarities) / temperature)
-    scores = scores.index_put((rows, own), scores.new_zeros(()))
+    others = at_least_float32(similarities).index_put((rows, own), similarities.new_tensor(float("-inf")))
+    scores = torch.exp((others - others.max(dim=1, keepdim=True).values.detach()) / temperature)
     probabilities = scores / scores.sum(dim=1, keepdim=True)
     negatives = torch.log1p(-probabilities).index_put((rows, partner), scores.new_zeros(())).sum(dim=1)
     return -(torch.log(probabilities[rows, partner]) + negatives).mean()
