@@ -97,6 +97,9 @@ def test_steps_under_autocast_are_finite_keep_float32_state_and_resume_exactly(t
     assert not low, low
     if amp == "fp16":
         assert final["scaler"]["scale"] > 0 and "_growth_tracker" in final["scaler"]
+    # fp16 on the CPU ran many times slower than float32 without a word
+    fp16_note = [note for note in reference.start_notes() if note.startswith("--amp fp16 on the CPU")]
+    assert len(fp16_note) == (amp == "fp16") and all("use --amp bf16 or off there" in note for note in fp16_note)
 
     stopped = trainer_for(method_name, amp, tmp_path / "stopped")
     stop_after(stopped, 2)

@@ -256,6 +256,9 @@ CASES += [
      ["--head_classes", "'1' classes: a head needs 2 or more"], "flag-one-class-head"),
     ("main_cluster.py", lambda t: ["--method", "scan", "--head_classes", "1"],
      ["--head_classes", "'1' classes: a head needs 2 or more (or 0: the dataset's)"], "flag-one-class-head-scan"),
+    # one prototype: every image the same code, a loss of 0 at every step, "finished"
+    ("main_pretrain.py", lambda t: [*TINY, "--nmb_prototypes", "1", "--output_dir", t / "run"],
+     ["--nmb_prototypes", "'1' prototypes: a swapped prediction needs 2 or more"], "flag-one-prototype"),
     ("main_pretrain.py", lambda t: [*TINY, "--device", "cuda", "--output_dir", t / "run"],
      ["--device cuda", "no CUDA device"], "device-without-cuda"),
     # data

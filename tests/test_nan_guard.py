@@ -48,6 +48,21 @@ def test_non_finite_loss_in_the_first_epoch_writes_no_checkpoint(tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
 
 
+@pytest.mark.parametrize("flags, hint", [
+    ([*TINY, "--epsilon", "0.001"], "(--epsilon 0.001 is small enough for the Sinkhorn to underflow in float32: raise it, or "
+                             "compute it with --sinkhorn_dtype float64)"),
+    (["--method", "npid", "--dataset", "digits", "--width", "4", "--embed_dim", "16", "--batch_size", "64",
+      "--size_crops", "8", "--device", "cpu", "--nce_k", "100", "--bank_t", "1e-4"],
+     "(--bank_t 0.0001 makes NCE's exp(similarity / bank_t) overflow float32: raise it (above 1/88), or train the "
+     "full softmax (--nce_k 0))"),
+], ids=["swav-epsilon", "npid-nce-temperature"])
+def test_a_loss_a_flag_made_non_finite_names_the_flag(tmp_path, flags, hint):
+    """The stop named the epoch, the step and the loss terms (swav=nan) but not the flag that overflowed them."""
+    result = run_script("main_pretrain.py", *flags, "--output_dir", tmp_path / "run")
+    line = assert_user_error(result, "main_pretrain.py", "loss is not finite at epoch 1 step 1/")
+    assert line.endswith(hint), line
+
+
 @pytest.mark.parametrize("method, monitor", [("swav", 1), ("npid", 0)])
 def test_weights_a_last_update_blew_up_are_not_saved_over_the_last_good_checkpoint(tmp_path, method, monitor):
     """One step per epoch (batch = the 898 digits): the second epoch's update with an absurd learning rate leaves

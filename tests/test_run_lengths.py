@@ -141,7 +141,7 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     on: no message of ours could follow it, so the start says so where --channels_last meets such crops."""
     trainer = engine.Trainer.__new__(engine.Trainer)
     trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes, knn_monitor_every=0)
-    trainer.ctx, trainer.kind = SimpleNamespace(device=torch.device(device)), "pretrain"
+    trainer.ctx, trainer.kind, trainer.amp_dtype = SimpleNamespace(device=torch.device(device)), "pretrain", None
     trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
     trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
     notes = trainer.start_notes()

@@ -99,6 +99,11 @@ def cluster_count(text: str) -> int:
     return _two_or_more(text, "clusters: a clustering")
 
 
+def prototype_count(text: str) -> int:
+    """SwAV's prototypes: with one, every image has the same code and the loss is 0 (nothing learnt)."""
+    return _two_or_more(text, "prototypes: a swapped prediction")
+
+
 def _two_or_more(text: str, what: str, alternative: str = "") -> int:
     value = _number(int, text)
     if value < 2:
@@ -182,7 +187,8 @@ def _number(kind, text):
     return value
 
 
-INT_TYPES = (int, positive_int, non_negative_int, epoch_count, seed, class_count, cluster_count, class_count_or_dataset)
+INT_TYPES = (int, positive_int, non_negative_int, epoch_count, seed, class_count, cluster_count, class_count_or_dataset,
+             prototype_count)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

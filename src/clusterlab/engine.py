@@ -166,10 +166,15 @@ class Trainer:
           a whole training, not after it;
         - --channels_last on the CPU with crops of 48 px or more: torch 2.14.1's oneDNN convolution backward crashed
           this suite's ResNet-18 there (a segmentation fault, so no message of ours) on channels-last inputs, from
-          48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward)."""
+          48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward);
+        - --amp fp16 on the CPU, which most processors do not compute in float16 (it ran many times slower than
+          float32 on this suite's test machines; bf16 is the CPU's mixed precision)."""
         if self.kind == "linear":
             return []
         notes = []
+        if self.amp_dtype == torch.float16 and self.ctx.device.type == "cpu":
+            notes.append("--amp fp16 on the CPU: most processors have no float16 arithmetic, and it runs many times "
+                         "slower than float32 (use --amp bf16 or off there)")
         labelled = int((self.train_set.labels >= 0).sum()) if self.args.knn_monitor_every else 0
         if self.args.knn_monitor_every and self.args.knn_monitor_k > labelled:
             notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {labelled} labelled training "
@@ -667,8 +672,9 @@ class Trainer:
         # the scaler skips steps whose gradients overflow, not a forward pass that overflows fp16's range
         range_note = (" (or the forward pass overflowed fp16's range, up to 65504, where float32 would not: try "
                       "--amp bf16 or off)" if self.precision == "fp16" else "")
+        hint = self.method.non_finite_hint()
         raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}){range_note}; "
-                            f"stopped without saving, {self.last_good_checkpoint()}")
+                            f"stopped without saving, {self.last_good_checkpoint()}" + (f" ({hint})" if hint else ""))
 
     def fail_on_skipped_steps(self, epoch: int, step: int) -> None:
         raise NonFiniteLoss(f"fp16: the gradients were not finite at {self.skipped_in_a_row} steps in a row, up to "

@@ -161,6 +161,10 @@ class Method(nn.Module):
     def eval_size(self) -> int:
         return test_view_size(self.args.eval_crop, self.args.size_crops, self.info.image_size)
 
+    def non_finite_hint(self) -> str:
+        """A flag of this run that may have made its loss non-finite, named for the stop's message ('' for none)."""
+        return ""
+
     def check_training_settings(self) -> None:
         """Settings no run can train with, refused before anything is written (training starts only: evaluations
         rebuild the methods of runs that older code trained). Crops or a test view above MAX_UPSCALE times the

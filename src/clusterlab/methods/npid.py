@@ -60,6 +60,14 @@ class NPID(MemoryBankMethod):
         self.noise = torch.Generator().manual_seed(args.seed + NOISE_SEED)
 
     # ---- training ----
+    def non_finite_hint(self) -> str:
+        # NCE takes exp(similarity / T) without a shift, as upstream (its Z is estimated from those values): beyond
+        # float32's range for a similarity near 1 once T < 1/88
+        if self.args.nce_k and self.args.bank_t < 1 / 88:
+            return (f"--bank_t {self.args.bank_t:g} makes NCE's exp(similarity / bank_t) overflow float32: raise it "
+                    f"(above 1/88), or train the full softmax (--nce_k 0)")
+        return ""
+
     def forward(self, crops, batch: Batch, progress: Progress):
         f = self.embedding(crops[0])
         with torch.autocast(self.device.type, enabled=False):

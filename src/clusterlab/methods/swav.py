@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from .. import distributed
-from ..config import declare_alternatives, non_negative_float, non_negative_int, positive_float, positive_int
+from ..config import (declare_alternatives, non_negative_float, non_negative_int, positive_float, positive_int,
+                      prototype_count)
 from ..errors import ConfigError
 from ..losses.swav import swav_loss
 from ..models import Prototypes, build_backbone, projection_mlp
@@ -25,6 +26,9 @@ from ..ops.sinkhorn import sinkhorn
 from .base import Batch, DataInfo, Method, Progress, backbone_features, build_multicrop
 
 SINKHORN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+SMALL_EPSILON = 0.01  # below this, a non-finite loss may be the Sinkhorn's underflow (non_finite_hint)
 
 
 class SwAV(Method):
@@ -37,7 +41,7 @@ class SwAV(Method):
                            help="projection MLP hidden size (0: one linear layer)")
         group.add_argument("--embed_dim", "--feat_dim", type=non_negative_int, default=128,
                            help="embedding size (0: no projection, the backbone features)")
-        group.add_argument("--nmb_prototypes", type=positive_int, default=3000)
+        group.add_argument("--nmb_prototypes", type=prototype_count, default=3000)
         group.add_argument("--temperature", type=positive_float, default=0.1)
         group.add_argument("--epsilon", type=positive_float, default=0.05, help="Sinkhorn entropic regularisation")
         group.add_argument("--sinkhorn_iterations", type=positive_int, default=3)
@@ -108,6 +112,14 @@ class SwAV(Method):
             self.queue.advance(n)
         loss = swav_loss(scores_per_crop, codes, self.args.temperature)
         return loss, {"swav": loss.detach()}
+
+    def non_finite_hint(self) -> str:
+        # exp(scores / epsilon), each iteration's sums and quotients: in float32 they underflow from an epsilon of a
+        # few thousandths on (a NaN loss at the first step), in float64 far later
+        if self.args.epsilon < SMALL_EPSILON and self.args.sinkhorn_dtype == "float32":
+            return (f"--epsilon {self.args.epsilon:g} is small enough for the Sinkhorn to underflow in float32: raise "
+                    f"it, or compute it with --sinkhorn_dtype float64")
+        return ""
 
     @torch.no_grad()
     def codes(self, position: int, scores: torch.Tensor, z: torch.Tensor, push: bool = True) -> torch.Tensor:
