@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from clusterlab.losses.iic import EPS, iic_loss
 
@@ -180,7 +181,6 @@ def test_a_stage_2_run_resumes_after_its_pretrained_run_is_gone(superand_run, tm
     shutil.copytree(superand_run, source)
     run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1", "--pretrained", str(source), "--output_dir",
         str(stage2))
-    import yaml
 
     origin = yaml.safe_load((stage2 / "config.yaml").read_text())["pretrained_from"]
     shutil.rmtree(source)
@@ -203,6 +203,29 @@ def test_pretrained_of_another_width_or_embedding_size_is_refused_by_the_flag(su
                           capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert f"this run has {flag} {value}" in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_run_of_another_method_is_named_before_its_flags_and_one_that_fits_gets_a_note(superand_run, tmp_path):
+    """A SwAV run was refused for its --embed_dim (given that, then for its missing head): the missing part comes
+    first now. An NPID run (a backbone and an embedding head of the same shapes) trained on without a word, though
+    EmbedUL's recipe starts from Super-AND."""
+    swav = tmp_path / "swav"
+    run("main_pretrain.py", *TINY, "--epochs", "1", "--nmb_prototypes", "10", "--output_dir", str(swav))
+    done = subprocess.run([sys.executable, "main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1",
+                           "--pretrained", str(swav), "--output_dir", str(tmp_path / "x")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "holds no 'head' weights (method 'swav')" in done.stderr, done.stderr
+    embed_dim = yaml.safe_load((superand_run / "config.yaml").read_text())["args"]["embed_dim"]
+    npid = tmp_path / "npid"
+    run("main_pretrain.py", "--method", "npid", *TINY, "--epochs", "1", "--embed_dim", str(embed_dim), "--arch",
+        "resnet18_sobel", "--output_dir", str(npid))
+    stage2 = run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1", "--pretrained", str(npid),
+                 "--output_dir", str(tmp_path / "from_npid"))
+    assert (f"note: --pretrained {str(npid)!r} is a npid run; embedul's recipe starts from a Super-AND run "
+            f"(EmbedUL's stage 1): it trains on from the backbone, head it found") in stage2.stdout
+    assert "is a superand run" not in run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1",
+                                          "--pretrained", str(superand_run),
+                                          "--output_dir", str(tmp_path / "from_superand")).stdout
 
 
 def test_the_chosen_head_comes_from_the_epoch_just_trained(tmp_path):

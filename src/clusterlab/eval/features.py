@@ -359,6 +359,13 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
+    trained_on = loaded.args.dataset
+    if image_source(dataset) != image_source(trained_on) and distributed.rank() == 0:
+        # a transfer may be meant, a slip of --dataset more often: said, as main_cluster.py's --pretrained says it
+        info = loaded.method.info
+        print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {dataset}: its "
+              f"images take the run's {loaded.method.eval_view.crop} px test view and its mean {list(info.mean)}, "
+              f"std {list(info.std)}", flush=True)
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
 
 

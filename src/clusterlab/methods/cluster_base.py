@@ -44,8 +44,10 @@ class ClusterMethod(Method):
     pretrained_parts: tuple = ("backbone",)
     # flags that shape the pre-trained parts: a run with other values cannot take their weights
     pretrained_flags: tuple = ("arch", "width")
-    # The run a method's recipe starts from, where it is a later stage (a note says so when none is given).
+    # The run a method's recipe starts from, where it is a later stage (a note says so when none is given), and the
+    # methods of such a run (a note says so when --pretrained is another's: its weights fit, but not the recipe).
     starts_from: str | None = None
+    starts_from_methods: tuple = ()
 
     def __init__(self, args: argparse.Namespace, info, device: torch.device):
         super().__init__(args, info, device)
@@ -126,17 +128,19 @@ class ClusterMethod(Method):
     def load_pretrained(self, source: str, path: Path, state: dict) -> str:
         """Fill `pretrained_parts` from `--pretrained source`, read by `read_pretrained` (its file and state)."""
         saved = state.get("args", {})
+        model = self.pretrained_weights(source, state)
+        parts = {}
+        for part in self.pretrained_parts:  # (before the flags: a run of another method differs in those too)
+            prefix = f"{part}."
+            parts[part] = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+            if not parts[part]:
+                raise ConfigError(f"--pretrained {source!r} holds no {part!r} weights (method "
+                                  f"{state.get('method')!r}); this method needs {', '.join(self.pretrained_parts)}")
         for key in self.pretrained_flags:
             if key in saved and saved[key] != getattr(self.args, key):
                 raise ConfigError(f"--pretrained {source!r} was trained with --{key} {saved[key]!r}, this run has "
                                   f"--{key} {getattr(self.args, key)!r}")
-        model = self.pretrained_weights(source, state)
-        for part in self.pretrained_parts:
-            prefix = f"{part}."
-            weights = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
-            if not weights:
-                raise ConfigError(f"--pretrained {source!r} holds no {part!r} weights (method "
-                                  f"{state.get('method')!r}); this method needs {', '.join(self.pretrained_parts)}")
+        for part, weights in parts.items():
             module: nn.Module = getattr(self, part)
             try:
                 missing, unexpected = module.load_state_dict(weights, strict=False)
@@ -147,6 +151,9 @@ class ClusterMethod(Method):
                 raise ConfigError(f"--pretrained {source!r}: its {part!r} does not fit this model (missing "
                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
         self.pretrained_from = pretrained_origin(path, state)
+        if self.starts_from_methods and state.get("method") not in self.starts_from_methods and distributed.rank() == 0:
+            print(f"note: --pretrained {source!r} is a {state.get('method')} run; {self.name}'s recipe starts from "
+                  f"{self.starts_from}: it trains on from the {', '.join(self.pretrained_parts)} it found", flush=True)
         trained_on = saved.get("dataset")
         if trained_on and image_source(trained_on) != image_source(self.args.dataset) and distributed.rank() == 0:
             # a transfer may be meant (CIFAR-100's backbone on CIFAR-10), a wrong path more often: said, not refused

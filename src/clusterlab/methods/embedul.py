@@ -41,6 +41,7 @@ class EmbedUL(ClusterMethod):
     pretrained_parts = ("backbone", "head")
     pretrained_flags = ("arch", "width", "embed_dim")  # the head is Super-AND's embedding layer
     starts_from = "a Super-AND run (EmbedUL's stage 1)"
+    starts_from_methods = ("superand",)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
