@@ -193,8 +193,12 @@ def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(
                                                          "--data_path", root, "--output_dir", run)])
     cluster = ["eval_cluster", "--run", run, "--device", "cpu", "--skip_recorded", "true", "--restarts", 1,
                "--clusters", 5, "--plot", "false"]
+    capsys.readouterr()
     evaluate(*cluster)
     assert [r["protocol"]["superclass"] for r in records(run)] == [False, True]
+    # which of the two superclass protocols this is (a researcher comparing with SCAN's numbers needs the other)
+    assert ("superclasses through the 100 classes (CIFAR-100-20 as the clustering papers score it: --dataset "
+            "cifar100_20): ACC") in capsys.readouterr().out
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text(lines[0])  # stopped between the two appends
     capsys.readouterr()
