@@ -80,7 +80,7 @@ def main(argv=None):
     created = not out.exists()
     rundir.make_folder(out, "tables folder", "choose another --out")
     written = []
-    datasets = sorted(set(frame["dataset"].astype(str))) if not frame.empty else []
+    datasets = sorted(set(frame["dataset"].dropna().astype(str))) if not frame.empty else []
     remove_stale_tables(out, datasets)
     if not frame.empty:
         sections = write_tables(frame, published, out, args.plots)
