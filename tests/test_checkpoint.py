@@ -245,7 +245,7 @@ def test_finite_weights_whose_features_overflow_are_refused_by_every_evaluation(
 def test_features_too_large_to_normalise_are_refused_not_scored_as_chance(tiny_run, tmp_path):
     """The first convolution scaled by 1e30: the features stay finite, but their squares overflow, and normalised
     they were rows of zeros: eval_knn recorded top-1 10.23 (chance) and k-means found one cluster."""
-    from clusterlab.eval.features import unit_rows
+    from clusterlab.models.heads import unit_rows
 
     rows = torch.tensor([[3e19, -4e19], [3.0, 4.0], [0.0, 0.0]])
     assert torch.isnan(unit_rows(rows)[0]).all()
@@ -254,7 +254,10 @@ def test_features_too_large_to_normalise_are_refused_not_scored_as_chance(tiny_r
     state = checkpoint.load(run / "checkpoint.pth")
     state["model"]["backbone.conv1.weight"].mul_(1e30)
     checkpoint.save(state, run / "checkpoint.pth", kind="pretrain", method="swav")
-    for script, flags in (("eval_knn.py", ["--k", "20"]), ("eval_cluster.py", [])):
+    # (the embedding is normalised inside the model: its rows were zeros before the evaluation saw them)
+    for script, flags in (("eval_knn.py", ["--k", "20"]), ("eval_cluster.py", []),
+                          ("eval_knn.py", ["--k", "20", "--features", "embedding"]),
+                          ("eval_cluster.py", ["--features", "embedding"])):
         result = run_script(script, "--run", run, "--device", "cpu", *flags)
         assert_user_error(result, script, "non-finite", "checkpoint.pth", "evaluate an earlier checkpoint")
     assert not (run / "metrics.jsonl").exists()

@@ -280,8 +280,8 @@ def test_a_root_with_only_logs_without_a_step_writes_nothing_and_says_so(tmp_pat
     (tmp_path / "runs" / "starting" / "train_log.jsonl").write_text(json.dumps({"epoch": 0, "knn_top1": 0.5}) + "\n")
     result = run_script("collect_results.py", "--root", tmp_path / "runs", "--published", "")
     assert_ok(result)
-    assert result.stdout.splitlines()[-1] == (f"nothing written: no metrics records, and no training log with a step, "
-                                              f"under {tmp_path / 'runs'}")
+    assert result.stdout.splitlines()[-1] == (f"nothing written: no metrics records with a usable number, and no "
+                                              f"training log with a step, under {tmp_path / 'runs'}")
     assert not (tmp_path / "runs" / "tables").exists()
 
 

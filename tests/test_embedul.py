@@ -222,7 +222,7 @@ def test_a_run_of_another_method_is_named_before_its_flags_and_one_that_fits_get
     stage2 = run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1", "--pretrained", str(npid),
                  "--output_dir", str(tmp_path / "from_npid"))
     assert (f"note: --pretrained {str(npid)!r} is a npid run; embedul's recipe starts from a Super-AND run "
-            f"(EmbedUL's stage 1): it trains on from the backbone, head it found") in stage2.stdout
+            f"(EmbedUL's stage 1); it starts from that run's backbone and head all the same") in stage2.stdout
     assert "is a superand run" not in run("main_cluster.py", "--method", "embedul", *TINY, "--epochs", "1",
                                           "--pretrained", str(superand_run),
                                           "--output_dir", str(tmp_path / "from_superand")).stdout

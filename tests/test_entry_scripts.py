@@ -480,7 +480,7 @@ def test_skip_recorded_k_means_at_another_crop_or_of_other_data_is_evaluated(tin
     evaluate(*[str(other) if a == run else a for a in cluster], "--dataset", "fashion_mnist", "--fit_on", "test")
     # scored on another dataset than it trained on: said (main_cluster.py's --pretrained says it; this did not)
     assert (f"note: run {str(other)!r} was trained on digits and is scored on fashion_mnist: its images take the "
-            f"run's 8 px test view and its mean [") in capsys.readouterr().out
+            f"8 px test view and the run's mean [") in capsys.readouterr().out
     evaluate(*[str(other) if a == run else a for a in cluster], "--fit_on", "test")
     assert "is scored on" not in capsys.readouterr().out
     assert [r["dataset"] for r in records(other)] == ["fashion_mnist", "digits"]

@@ -235,6 +235,12 @@ def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set(
     assert torch.equal(memory_bank_features(loaded, dataclasses.replace(reordered, name="cifar100_20"))[0], bank)
     with pytest.raises(ConfigError, match="its cifar100 training images, not of cifar10's"):
         memory_bank_features(loaded, dataclasses.replace(own, name="cifar10"))
+    # a run trained on STL-10's unlabeled split, whose bank has as many rows as the train split has images: its
+    # unlabelled images' embeddings voted with the train images' labels
+    loaded.args.dataset, loaded.args.train_split = "fake", "unlabeled"
+    with pytest.raises(ConfigError, match="trained on its 'unlabeled' split, so its bank holds no embedding of a "
+                                          "labelled training image; use --train_features recomputed"):
+        memory_bank_features(loaded, own)
 
 
 # ---- ops/knn: the one neighbour search -----------------------------------------------------------------------------

@@ -170,6 +170,10 @@ def test_aug_loss_at_a_small_temperature_is_finite_and_exact():
         small = aug_loss(x @ x.t(), own, (own + 4) % 8, temperature)
         exact = aug_loss((x @ x.t()).double(), own, (own + 4) % 8, temperature)
         assert torch.isfinite(small) and small.item() == pytest.approx(exact.item(), rel=1e-5), temperature
+    # similarities computed in bf16 (under autocast) are taken in float32, as before the shift
+    half = aug_loss((x @ x.t()).bfloat16(), own, (own + 4) % 8, 0.1)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(
+        aug_loss((x @ x.t()).bfloat16().float(), own, (own + 4) % 8, 0.1).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("masked", [True, False])

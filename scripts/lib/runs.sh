@@ -110,9 +110,10 @@ replace_kept() {  # each file or folder in $STAGED_TABLES replaces its namesake 
   local entry
   if [ -d "$STAGED_TABLES" ]; then
     mkdir -p results
-    # (hidden ones too: collect_results.py's list of the tables it wrote, .tables_by_collect_results)
-    for entry in "$STAGED_TABLES"/* "$STAGED_TABLES"/.[!.]*; do
-      [ -e "$entry" ] || continue  # a pattern that matched nothing
+    # collect_results.py's list of the tables it wrote in the staged folder: not results/' own (the other studies'
+    # tables there are no stale ones of this one)
+    rm -f "$STAGED_TABLES/.tables_by_collect_results"
+    for entry in "$STAGED_TABLES"/*; do
       rm -rf "results/${entry##*/}"
       mv "$entry" results/
     done

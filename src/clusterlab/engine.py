@@ -673,8 +673,8 @@ class Trainer:
         range_note = (" (or the forward pass overflowed fp16's range, up to 65504, where float32 would not: try "
                       "--amp bf16 or off)" if self.precision == "fp16" else "")
         hint = self.method.non_finite_hint()
-        raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}){range_note}; "
-                            f"stopped without saving, {self.last_good_checkpoint()}" + (f" ({hint})" if hint else ""))
+        raise NonFiniteLoss(f"loss is not finite at {self.position_words(epoch, step + 1)} ({values}){range_note}"
+                            f"{f' ({hint})' if hint else ''}; stopped without saving, {self.last_good_checkpoint()}")
 
     def fail_on_skipped_steps(self, epoch: int, step: int) -> None:
         raise NonFiniteLoss(f"fp16: the gradients were not finite at {self.skipped_in_a_row} steps in a row, up to "

@@ -467,7 +467,9 @@ def records_frame(records: list[dict]):
             row[key] = 100.0 * value if usable else None
         given = [key for key in METRIC_COLUMNS if record["metrics"].get(key) is not None]
         if given and all(row[key] is None for key in given):
-            continue  # every number it gave was left out above: a row of it scored nothing, yet had n=1
+            # every number it gave was left out above: a row of it scored nothing, yet had n=1 (an older record of
+            # the same evaluation, if any, stands)
+            continue
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:

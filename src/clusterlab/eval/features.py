@@ -19,6 +19,7 @@ from ..data.registry import image_source, imagefolder_sizes, resolve_path
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
+from ..models.heads import unit_rows
 from ..results import Wanted, foreign_checkpoint
 
 TRAINED_KINDS = ("pretrain", "cluster")
@@ -130,9 +131,10 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     saved_args = read_run_config(run_dir)
     path = checkpoint_path(run_dir, checkpoint_name)
     if not os.path.lexists(path) and in_run(path, run_dir):  # named with the files the run has
-        present = sorted(file.name for file in run_dir.glob("*.pth"))
+        present = sorted(printable(file.name) for file in run_dir.glob("*.pth"))
+        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run {str(run_dir)!r} has "
-                              f"{', '.join(present) or 'no checkpoint yet'}")
+                              f"{shown or 'no checkpoint yet'}")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
     if not isinstance(state.get("args", {}), dict):
@@ -223,14 +225,6 @@ def extract(fn, images: ImageSet, view: EvalView, mean, std, device: torch.devic
     tally.check_pass(images)
     # (an empty share is one empty batch, whose rows have the width of the others': all_gather needs it)
     return distributed.all_gather_uneven(torch.cat(outputs))
-
-
-def unit_rows(features: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its L2 norm (as F.normalize), and NaN where that norm is not finite: entries of 1e19 and
-    more, finite, have squares beyond float32's range, and F.normalize returned such a row as zeros, which kNN and
-    k-means then scored as chance; NaN is what `require_finite` refuses as the overflow it is."""
-    norms = features.norm(dim=1, keepdim=True)
-    return torch.where(torch.isfinite(norms), features / norms.clamp_min(1e-12), torch.nan)
 
 
 def require_finite(features: torch.Tensor, loaded: LoadedRun, what: str, images: ImageSet) -> torch.Tensor:
@@ -364,7 +358,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
         # a transfer may be meant, a slip of --dataset more often: said, as main_cluster.py's --pretrained says it
         info = loaded.method.info
         print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {dataset}: its "
-              f"images take the run's {loaded.method.eval_view.crop} px test view and its mean {list(info.mean)}, "
+              f"images take the {loaded.method.eval_view.crop} px test view and the run's mean {list(info.mean)}, "
               f"std {list(info.std)}", flush=True)
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
 

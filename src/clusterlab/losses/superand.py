@@ -69,7 +69,8 @@ def aug_loss(similarities: torch.Tensor, own: torch.Tensor, partner: torch.Tenso
     Each row's exponents are shifted by their largest (a factor that cancels in every P_ij, as upstream has none):
     exp(s_ij / T) overflowed float32 from T below 1/88, and the loss was NaN at the first step."""
     rows = torch.arange(similarities.shape[0], device=similarities.device)
-    others = at_least_float32(similarities).index_put((rows, own), similarities.new_tensor(float("-inf")))
+    others = at_least_float32(similarities)
+    others = others.index_put((rows, own), others.new_tensor(float("-inf")))
     scores = torch.exp((others - others.max(dim=1, keepdim=True).values.detach()) / temperature)
     probabilities = scores / scores.sum(dim=1, keepdim=True)
     negatives = torch.log1p(-probabilities).index_put((rows, partner), scores.new_zeros(())).sum(dim=1)

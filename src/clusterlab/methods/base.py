@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import cli, distributed
 from ..data.augment import ColorSpec, EvalView, MultiCrop, crop_specs, refuse_oversized
@@ -24,6 +23,7 @@ from ..config import (area_fraction, finite_float, non_negative_float, non_negat
                       probability)
 from ..errors import ConfigError
 from ..models import INITS
+from ..models.heads import unit_rows
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Method(nn.Module):
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The method's own L2-normalised embedding; the backbone features where it has none."""
-        return F.normalize(self.features(images), dim=1)
+        return unit_rows(self.features(images))
 
     @property
     def monitor_temperature(self) -> float:

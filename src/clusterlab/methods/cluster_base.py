@@ -153,7 +153,8 @@ class ClusterMethod(Method):
         self.pretrained_from = pretrained_origin(path, state)
         if self.starts_from_methods and state.get("method") not in self.starts_from_methods and distributed.rank() == 0:
             print(f"note: --pretrained {source!r} is a {state.get('method')} run; {self.name}'s recipe starts from "
-                  f"{self.starts_from}: it trains on from the {', '.join(self.pretrained_parts)} it found", flush=True)
+                  f"{self.starts_from}; it starts from that run's {' and '.join(self.pretrained_parts)} all the "
+                  f"same", flush=True)
         trained_on = saved.get("dataset")
         if trained_on and image_source(trained_on) != image_source(self.args.dataset) and distributed.rank() == 0:
             # a transfer may be meant (CIFAR-100's backbone on CIFAR-10), a wrong path more often: said, not refused

@@ -41,4 +41,13 @@ def float32_embedding(head: nn.Module, features: torch.Tensor, eps: float = 1e-1
     hundredths on the logits f . M / T that memory banks, prototypes and normalised heads form at T = 0.1 or below
     (the head is a small share of the network's work)."""
     with torch.autocast(features.device.type, enabled=False):
-        return F.normalize(head(features.float()), dim=1, eps=eps)
+        return unit_rows(head(features.float()), eps)
+
+
+def unit_rows(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each row divided by its L2 norm (F.normalize's arithmetic, to the bit), and NaN where that norm is not finite:
+    entries of 1e19 and more, finite, have squares beyond float32's range, and F.normalize returned such a row as
+    zeros, which kNN and k-means scored as chance and training took as a valid embedding; NaN is refused as the
+    overflow it is (by the evaluations, and by the NaN guard in training)."""
+    norms = features.norm(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(norms), features / norms.clamp_min(eps), torch.nan)

@@ -72,7 +72,7 @@ def main(argv=None):
     frame = results.records_frame(results.read_records(args.root))
     logs = results.files_named(args.root, "train_log.jsonl", warn_unreadable=False) if args.curves else []
     if frame.empty and not logs:
-        print(f"no metrics records{' or training logs' if args.curves else ''} under {args.root}")
+        print(f"no metrics records with a usable number{' or training logs' if args.curves else ''} under {args.root}")
         return
     out = Path(args.root) / "tables" if args.out is None else Path(args.out)
     if args.combined and not frame.empty:
@@ -100,7 +100,7 @@ def main(argv=None):
         if created:  # (made up front, so that a folder that cannot be is one line before any work)
             with contextlib.suppress(OSError):
                 out.rmdir()
-        print(f"\nnothing written: no metrics records, and no training log with a step, under {args.root}")
+        print(f"\nnothing written: no metrics records with a usable number, and no training log with a step, under {args.root}")
 
 
 # The first line of a --combined file: a file without it is never replaced (a Markdown file of one's own notes with a

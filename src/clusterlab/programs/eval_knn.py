@@ -138,6 +138,11 @@ def memory_bank_features(loaded, train_set) -> tuple[torch.Tensor, torch.Tensor]
     bank = torch.as_tensor(loaded.method.memory_bank)
     split = getattr(loaded.args, "train_split", "train")
     train_size = len(train_set)
+    if split != "train" and not split.startswith("train+"):
+        # (the unlabeled split's bank: as many rows as the train split, where sizes happen to agree, gave the votes
+        # of unlabelled images' embeddings under the train images' labels)
+        raise ConfigError(f"--train_features memory_bank: the run trained on its {split!r} split, so its bank holds "
+                          f"no embedding of a labelled training image; use --train_features recomputed")
     if len(bank) != train_size and not split.startswith("train+"):
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
                           f"{train_size} images")

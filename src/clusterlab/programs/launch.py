@@ -347,9 +347,9 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
     reached = {spec.weights_epoch for run, _ in plan for spec in run.evals}
     unreached = sorted({epoch for run, _ in plan for epoch in run.epochs_past_end} - reached)
     if unreached:
-        longest = max(run.epochs for run, _ in plan)
-        print(f"evals.epochs {', '.join(map(str, unreached))}: past the end of every run (the longest trains "
-              f"{longest} epochs): not evaluated")
+        longest = max(run.epochs for run, _ in plan if run.evals or run.epochs_past_end)  # (a stage evaluated)
+        print(f"evals.epochs {', '.join(map(str, unreached))}: past the end of every run evaluated (the longest "
+              f"trains {longest} epochs): not evaluated")
 
 
 # The line that ends a traceback: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`, or a bare
