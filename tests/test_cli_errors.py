@@ -244,6 +244,16 @@ def test_eval_bad_input_writes_nothing(run_in_process, tiny_run, tmp_path, scrip
     assert snapshot(run) == before
 
 
+def test_a_missing_checkpoint_names_the_runs_newest_ones(run_in_process, tiny_run, tmp_path):
+    """Of a run with many epoch checkpoints, the line names the newest four (the likeliest meant), not every one."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    for epoch in range(3, 10):
+        (run / f"checkpoint_ep{epoch:04d}.pth").write_bytes(b"")
+    result = run_in_process("eval_knn.py", "--run", run, "--checkpoint", "checkpoint_ep0099.pth", "--device", "cpu")
+    assert_user_error(result, "eval_knn.py", "has 6 more, then checkpoint_ep0006.pth, checkpoint_ep0007.pth, "
+                                             "checkpoint_ep0008.pth, checkpoint_ep0009.pth")
+
+
 def test_eval_cluster_baseline_needs_an_output_dir(run_in_process):
     result = run_in_process("eval_cluster.py", "--baseline", "pixels", "--dataset", "digits")
     assert_user_error(result, "eval_cluster.py", "--baseline pixels needs", "--output_dir DIR")

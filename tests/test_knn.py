@@ -238,8 +238,8 @@ def test_a_memory_bank_is_not_scored_against_the_labels_of_another_training_set(
     # a run trained on STL-10's unlabeled split, whose bank has as many rows as the train split has images: its
     # unlabelled images' embeddings voted with the train images' labels
     loaded.args.dataset, loaded.args.train_split = "fake", "unlabeled"
-    with pytest.raises(ConfigError, match="trained on its 'unlabeled' split, so its bank holds no embedding of a "
-                                          "labelled training image; use --train_features recomputed"):
+    with pytest.raises(ConfigError, match="trained on its 'unlabeled' split, so its bank holds no embedding of the "
+                                          "train split's images; use --train_features recomputed"):
         memory_bank_features(loaded, own)
 
 

@@ -169,6 +169,17 @@ def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_pat
     assert " final (1 program(s) each) " in row and "ep0001" not in row
 
 
+def test_an_epoch_past_every_evaluated_run_names_the_longest_of_those(tmp_path):
+    """In a staged grid only the last stage is evaluated: Super-AND's 1000 epochs of stage 1 were named as the
+    longest run for an evaluation epoch past EmbedUL's 300."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text((ROOT / "configs" / "grids" / "embedul_cifar.yaml").read_text().replace(
+        "epochs: [final]", "epochs: [400, final]"))
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "evals.epochs 400: past the end of every run evaluated (the longest trains 300 epochs)" in out.stdout
+
+
 def test_a_relaunch_says_why_a_runs_last_start_failed(tmp_path):
     """One run failed while training (status.json has the reason), the other before it wrote anything (a flag the
     method refused while it was built: only the job's log says so). Both were listed as "resume" without a word."""

@@ -132,7 +132,8 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
     path = checkpoint_path(run_dir, checkpoint_name)
     if not os.path.lexists(path) and in_run(path, run_dir):  # named with the files the run has
         present = sorted(printable(file.name) for file in run_dir.glob("*.pth"))
-        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+        # the newest names, the likeliest meant (checkpoint.pth sorts first)
+        shown = (f"{len(present) - 4} more, then " if len(present) > 4 else "") + ", ".join(present[-4:])
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run {str(run_dir)!r} has "
                               f"{shown or 'no checkpoint yet'}")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.

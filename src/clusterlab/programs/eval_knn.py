@@ -142,7 +142,7 @@ def memory_bank_features(loaded, train_set) -> tuple[torch.Tensor, torch.Tensor]
         # (the unlabeled split's bank: as many rows as the train split, where sizes happen to agree, gave the votes
         # of unlabelled images' embeddings under the train images' labels)
         raise ConfigError(f"--train_features memory_bank: the run trained on its {split!r} split, so its bank holds "
-                          f"no embedding of a labelled training image; use --train_features recomputed")
+                          f"no embedding of the train split's images; use --train_features recomputed")
     if len(bank) != train_size and not split.startswith("train+"):
         raise ConfigError(f"--train_features memory_bank: the bank has {len(bank)} rows, the train split "
                           f"{train_size} images")
