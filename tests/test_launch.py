@@ -161,7 +161,8 @@ def test_epochs_a_run_cannot_be_evaluated_at_are_named_and_not_submitted(tmp_pat
     assert out.returncode == 0, out.stderr
     # Epoch 2 is past the 1-epoch run's end but evaluated on the 2-epoch run (the table shows which): only the epoch
     # that no run reaches is named, once (a grid over epochs named every shorter run's later epochs).
-    assert "evals.epochs 3: past the end of every run evaluated (the longest trains 2 epochs): not evaluated" in out.stdout
+    assert ("evals.epochs 3: past the end of every run evaluated (the longest trains 2 epochs): not evaluated"
+            in out.stdout)
     assert "not evaluated there" not in out.stdout and out.stdout.count("evals.epochs") == 1
     assert ("swav_digits_2ep_s0 finished without checkpoint_ep0001.pth (its --checkpoint_epochs did not ask for "
             "them): not evaluated") in out.stdout

@@ -100,7 +100,8 @@ def main(argv=None):
         if created:  # (made up front, so that a folder that cannot be is one line before any work)
             with contextlib.suppress(OSError):
                 out.rmdir()
-        print(f"\nnothing written: no metrics records with a usable number, and no training log with a step, under {args.root}")
+        print(f"\nnothing written: no metrics records with a usable number, and no training log with a step, under "
+              f"{args.root}")
 
 
 # The first line of a --combined file: a file without it is never replaced (a Markdown file of one's own notes with a
