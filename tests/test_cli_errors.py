@@ -226,7 +226,7 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit_its_run(run_in_process, tin
 @pytest.mark.parametrize("script, extra, words", [
     ("eval_knn.py", ["--run", "/nonexistent_run"], ["--run '/nonexistent_run'", "not a directory"]),
     ("eval_knn.py", ["--checkpoint", "checkpoint_ep0099.pth"],
-     ["checkpoint_ep0099.pth", "does not exist; run", "has checkpoint.pth"]),  # (it named none of the run's)
+     ["checkpoint_ep0099.pth", "does not exist;", "run'", "has checkpoint.pth"]),  # (it named none of the run's)
     ("eval_cluster.py", ["--clusters", "10", "5000"], ["--clusters 5000", "898 images", "at most 898"]),
     ("eval_cluster.py", ["--clusters", "1"], ["--clusters", "'1' clusters: a clustering needs 2 or more"]),
     ("eval_knn.py", ["--output_dir", "elsewhere"], ["--output_dir 'elsewhere' is where a --baseline's record goes"]),

@@ -144,3 +144,32 @@ def test_a_scan_step_that_diverges_stops_with_the_one_line_message(tiny_run, tmp
                       "the last good checkpoint is none (no epoch finished)")
     assert json.loads((run / "status.json").read_text())["reason"].startswith(
         "NonFiniteLoss: loss is not finite at epoch 1 step ")
+
+
+def test_weights_that_overflow_only_on_real_images_stop_at_the_knn_monitor(tmp_path):
+    """The trainer's overflow probe feeds noise; weights may overflow on the real images only. The monitor then
+    scored NaN rows (zero rows before), logged chance and saved the weights: now it stops the run as the probe
+    does, before the save."""
+    args = parse_args("pretrain", [*TINY, "--knn_monitor_every", "1", "--output_dir", str(tmp_path / "run")])
+    train = load("digits", "train")
+    method = METHODS["swav"](args, DataInfo.of(train), torch.device("cpu"))
+    (tmp_path / "run").mkdir()
+    trainer = engine.Trainer(method, args, distributed.init("cpu"), tmp_path / "run", train)
+    trainer.monitor_set = load("digits", "test")
+    trainer.end_of_epoch(0)
+    good = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    embedding = method.embedding
+
+    def overflowing_on_the_third_image(images):
+        out = embedding(images).clone()
+        out[2:3] = float("inf")
+        return out
+
+    method.embedding = overflowing_on_the_third_image
+    with pytest.raises(engine.NonFiniteLoss, match=r"^the weights at the end of epoch 2 overflow on real images: the "
+                                                   r"kNN monitor's embeddings of \d+ images are not finite .*stopped "
+                                                   r"without saving, the last good checkpoint is .*checkpoint.pth$"):
+        trainer.end_of_epoch(1)
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
+    log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log if "knn_monitor" in line] == [0]

@@ -141,11 +141,21 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     on: no message of ours could follow it, so the start says so where --channels_last meets such crops."""
     trainer = engine.Trainer.__new__(engine.Trainer)
     trainer.args = argparse.Namespace(channels_last=channels_last, size_crops=sizes, knn_monitor_every=0)
+    trainer.args.workers = 0  # (no loader process: a keyword of that name would put the test in the slow lane)
     trainer.ctx, trainer.kind, trainer.amp_dtype = SimpleNamespace(device=torch.device(device)), "pretrain", None
     trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
     trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
     notes = trainer.start_notes()
     assert bool(notes) == told and all("leave --channels_last out" in note for note in notes)
+
+
+def test_loader_workers_for_a_set_in_memory_are_told_at_start(tmp_path):
+    """--workers serves image folders; on a set held in memory (CIFAR, STL-10, digits) it was ignored without a
+    word, and a grid copied from an ImageNet recipe asked for workers it never got."""
+    done = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--workers", 2, "--output_dir", tmp_path / "run")
+    assert_ok(done)
+    assert ("note: --workers 2: digits is held in memory and augmented in the training process; no loader process "
+            "starts (the flag serves image folders)") in done.stdout
 
 
 def test_a_monitor_k_beyond_the_labelled_images_is_told_and_recorded(tmp_path):

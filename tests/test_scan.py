@@ -737,8 +737,8 @@ def test_a_resume_with_another_mining_crop_says_the_neighbours_are_kept(tiny_run
 def test_a_stage_two_on_another_datasets_run_says_so(tiny_run, tmp_path):
     """A pre-trained run of other images is taken (a transfer may be meant) but not in silence: the weights and the
     normalisation come from them. A run of the same images under other labels (cifar100_20 of cifar100) says
-    nothing: datasets compare by their images (image_source)."""
-    from clusterlab.data.registry import image_source
+    nothing: datasets compare by their images (same_images)."""
+    from clusterlab.data.registry import same_images
 
     fashion = fabricate.make_fashion_mnist(tmp_path / "fm", n_train=64, n_test=20, seed=4)
     result = run_script("main_cluster.py", "--method", "scan", "--dataset", "fashion_mnist", "--data_path", fashion,
@@ -747,7 +747,7 @@ def test_a_stage_two_on_another_datasets_run_says_so(tiny_run, tmp_path):
     assert_ok(result)
     assert (f"note: --pretrained {str(tiny_run)!r} was trained on digits, this run trains on fashion_mnist: it "
             f"starts from weights learnt on the other images, and normalises with mean [") in result.stdout
-    assert image_source("cifar100_20") == image_source("cifar100") != image_source("cifar10")
+    assert same_images("cifar100_20", "cifar100") and not same_images("cifar100", "cifar10")
 
 
 def test_a_pretrained_run_that_diverged_is_refused_before_mining(tiny_run, tmp_path):

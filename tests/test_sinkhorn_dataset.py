@@ -84,6 +84,16 @@ def test_max_iterations_caps_the_loop():
     assert out.iterations == 5
 
 
+def test_a_lambda_whose_power_underflows_says_it_did_not_solve():
+    """Confident rows next to near-uniform ones at lambda 10000: the near-uniform rows' P^lambda is 0 in float64 even
+    after the shift, the scalings turn infinite or NaN, and the stopping rule (a nansum, as upstream's) reads 0."""
+    logits = torch.cat([random_logits(20, 5, scale=10.0, seed=6), random_logits(20, 5, scale=0.01, seed=7)])
+    out = sela_sinkhorn(logits, 10_000.0, tol=0.01)
+    assert out.error == 0 and not out.solved
+    assert not (torch.isfinite(out.beta).all() and torch.isfinite(out.log_alpha).all())
+    assert sela_sinkhorn(logits, 10.0, tol=0.01).solved
+
+
 def test_near_uniform_probabilities_with_a_large_lambda_do_not_underflow():
     """lambda log K > 745: a random network's near-uniform P^lambda is 0 in float64 everywhere, upstream's loop
     divides by 0. The shifted form solves the same problem, which the naive loop solves once P^lambda is scaled."""
@@ -91,7 +101,7 @@ def test_near_uniform_probabilities_with_a_large_lambda_do_not_underflow():
     lamb = 200.0
     assert (p_power(logits, lamb) == 0).all()
     out = sela_sinkhorn(logits, lamb, tol=0.01)
-    assert torch.isfinite(out.beta).all() and torch.isfinite(out.log_alpha).all()
+    assert torch.isfinite(out.beta).all() and torch.isfinite(out.log_alpha).all() and out.solved
     log_p = lamb * torch.log_softmax(logits.double(), dim=1)
     scaled = torch.exp(log_p - log_p.max()).numpy().T  # P^lambda times one constant: same labels and beta
     _, beta, labels, iterations, _ = naive_sela(scaled, 0.01)
@@ -127,7 +137,7 @@ def test_two_processes_equal_one_process(two_process_solutions, shards):
     assert torch.cat([p["labels"] for p in parts]).tolist() == one.labels.tolist()
     torch.testing.assert_close(torch.cat([p["beta"] for p in parts]), one.beta, rtol=1e-9, atol=0)
     for part in parts:
-        assert part["iterations"] == one.iterations
+        assert part["iterations"] == one.iterations and part["solved"] is one.solved is True
         torch.testing.assert_close(part["log_alpha"], one.log_alpha, rtol=1e-9, atol=1e-12)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import CheckpointError
+from .errors import CheckpointError, printable
 
 FORMAT = "clusterlab"
 SCHEMA = 1
@@ -100,6 +100,17 @@ def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str)
         _atomic_write(Path(target), buffer.getbuffer())
 
 
+def _checkpoints_beside(path: Path) -> str:
+    """'; FOLDER has NAMES': the newest four checkpoints of the missing `path`'s folder, the likeliest meant
+    (checkpoint.pth sorts first); '' where the folder itself is missing."""
+    folder = path.parent
+    if not folder.is_dir():
+        return ""
+    present = sorted(printable(file.name) for file in folder.glob("*.pth"))
+    shown = (f"{len(present) - 4} more, then " if len(present) > 4 else "") + ", ".join(present[-4:])
+    return f"; {str(folder)!r} has {shown or 'no checkpoint yet'}"
+
+
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
          map_location: Any = "cpu", mmap: bool = False) -> dict:
     """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused. `mmap`: tensors are read
@@ -108,7 +119,7 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist{_checkpoints_beside(path)}")
     try:
         with warnings.catch_warnings():  # torch warns (two lines) about a pickle of another protocol before refusing it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -168,13 +168,17 @@ class Trainer:
           this suite's ResNet-18 there (a segmentation fault, so no message of ours) on channels-last inputs, from
           48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward);
         - --amp fp16 on the CPU, which most processors do not compute in float16 (it ran many times slower than
-          float32 on this suite's test machines; bf16 is the CPU's mixed precision)."""
+          float32 on this suite's test machines; bf16 is the CPU's mixed precision);
+        - --workers on a set held in memory, which starts no loader process (the flag serves image folders)."""
         if self.kind == "linear":
             return []
         notes = []
         if self.amp_dtype == torch.float16 and self.ctx.device.type == "cpu":
             notes.append("--amp fp16 on the CPU: most processors have no float16 arithmetic, and it runs many times "
                          "slower than float32 (use --amp bf16 or off there)")
+        if self.args.workers and self.train_set.in_memory:
+            notes.append(f"--workers {self.args.workers}: {self.train_set.name} is held in memory and augmented in "
+                         f"the training process; no loader process starts (the flag serves image folders)")
         labelled = int((self.train_set.labels >= 0).sum()) if self.args.knn_monitor_every else 0
         if self.args.knn_monitor_every and self.args.knn_monitor_k > labelled:
             notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {labelled} labelled training "
@@ -621,6 +625,10 @@ class Trainer:
             source = "memory_bank" if hasattr(self.method, "memory_bank") else "recomputed"
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
                          self.ctx.device, self.args.workers)
+        if "non_finite" in scores:  # (a record of chance, before: zero rows, then NaN rows, vote for nothing)
+            raise NonFiniteLoss(f"the weights at {self.position_words(epoch + 1, 0)} overflow on real images: the kNN monitor's "
+                                f"embeddings of {scores['non_finite']} images are not finite (the last updates "
+                                f"diverged); stopped without saving, {self.last_good_checkpoint()}")
         if self.ctx.is_main:
             voters = scores["voters"]  # (the labelled images, less a memory bank's rows that no step wrote)
             rundir.append_jsonl(self.run_dir / "train_log.jsonl", {

@@ -403,12 +403,17 @@ class RunLock:
             self.held = False
 
 
-def in_use_by(run_dir: str | os.PathLike, alive_checked: bool = False) -> str | None:
+def in_use_by(run_dir: str | os.PathLike) -> str | None:
     """Who holds `run_dir`'s lock, where that holder still lives (a process on this host, a Slurm job still queued);
-    None when the directory is free to take. `alive_checked`: the caller knows it is held, only its words are asked
-    for (no second squeue call)."""
+    None when the directory is free to take."""
     _, holder = RunLock(run_dir)._read()
-    return _describe(holder) if holder is not None and (alive_checked or not _stale(holder)) else None
+    return _describe(holder) if holder is not None and not _stale(holder) else None
+
+
+def lock_holder(run_dir: str | os.PathLike) -> str | None:
+    """Who `run_dir`'s lock names, alive or not (no squeue call: for a directory already found in use)."""
+    _, holder = RunLock(run_dir)._read()
+    return _describe(holder) if holder is not None else None
 
 
 def _describe(holder: dict) -> str:

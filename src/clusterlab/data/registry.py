@@ -141,8 +141,13 @@ class DatasetSpec:
     reads_files: bool = True  # read from --data_path (digits ship inside scikit-learn)
 
 
-def image_source(name: str) -> str:
-    """The dataset whose images, in order, a dataset holds: its own, or those it labels otherwise."""
+def same_images(first: str, second: str) -> bool:
+    """Whether two datasets hold the same images in the same order (cifar100_20 labels cifar100's otherwise): a
+    run trained on one and used on the other is no transfer."""
+    return _image_source(first) == _image_source(second)
+
+
+def _image_source(name: str) -> str:
     spec = DATASETS.get(name)
     return spec.same_images_as if spec is not None and spec.same_images_as else name
 

@@ -15,7 +15,7 @@ from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, refuse_oversized
-from ..data.registry import image_source, imagefolder_sizes, resolve_path
+from ..data.registry import imagefolder_sizes, resolve_path, same_images
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
@@ -130,12 +130,6 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
         raise ConfigError(f"--run {str(run_dir)!r} is not a directory")
     saved_args = read_run_config(run_dir)
     path = checkpoint_path(run_dir, checkpoint_name)
-    if not os.path.lexists(path) and in_run(path, run_dir):  # named with the files the run has
-        present = sorted(printable(file.name) for file in run_dir.glob("*.pth"))
-        # the newest names, the likeliest meant (checkpoint.pth sorts first)
-        shown = (f"{len(present) - 4} more, then " if len(present) > 4 else "") + ", ".join(present[-4:])
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run {str(run_dir)!r} has "
-                              f"{shown or 'no checkpoint yet'}")
     # Trainer checkpoints only: a linear probe's checkpoint holds a classifier, not a method to rebuild.
     state = checkpoint.load(path, kind=TRAINED_KINDS)
     if not isinstance(state.get("args", {}), dict):
@@ -343,7 +337,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
     dataset = args.dataset or loaded.args.dataset
     # The run's data path for the run's files (cifar100_20 reads cifar100's); digits read none: a run trained by a
     # script that passed one anyway has it recorded.
-    own_files = (not args.data_path and image_source(dataset) == image_source(loaded.args.dataset)
+    own_files = (not args.data_path and same_images(dataset, loaded.args.dataset)
                  and dataset in DATASETS and DATASETS[dataset].reads_files)
     data_path = loaded.args.data_path if own_files else args.data_path
     train_set = load(dataset, "train", data_path, args.download)
@@ -355,7 +349,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
     trained_on = loaded.args.dataset
-    if image_source(dataset) != image_source(trained_on) and distributed.rank() == 0:
+    if not same_images(dataset, trained_on) and distributed.rank() == 0:
         # a transfer may be meant, a slip of --dataset more often: said, as main_cluster.py's --pretrained says it
         info = loaded.method.info
         print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {dataset}: its "

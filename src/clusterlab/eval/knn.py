@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checkpoint import non_finite_rows
 from ..models import training_mode
 from ..ops import CHUNK_ELEMENTS
 from ..ops.knn import Neighbours, topk_neighbours
@@ -97,7 +98,9 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
     """The per-epoch kNN monitor of NPID-style training: test embeddings against the memory bank's raw rows that a
     step has written (upstream's monitor, `source` memory_bank) or against train embeddings recomputed with the test
     view (`recomputed`). `workers` loader processes decode image files (none for in-memory sets). Returns top1, top5
-    and how many training images voted (`voters`)."""
+    and how many training images voted (`voters`); or, where some embeddings are not finite (weights that overflow
+    on real images, though not on the trainer's probe of noise), only how many (`non_finite`), the same on every
+    rank (the features are gathered)."""
     from .features import extract
 
     view, info = method.eval_view, method.info
@@ -109,6 +112,10 @@ def monitor(method, train_set, test_set, k: int, source: str, device: torch.devi
             labelled &= method.memory_bank_written[: len(train_set)].cpu()  # a row never written holds no embedding
         else:
             train_x = extract(method.embedding, train_set, view, info.mean, info.std, device, workers=workers)
-    scores = knn_accuracy(train_x[labelled.to(train_x.device)], train_set.labels[labelled].to(device), test_x,
-                          test_set.labels, test_set.num_classes, k, method.monitor_temperature)
+    train_x = train_x[labelled.to(train_x.device)]
+    non_finite = non_finite_rows(test_x) + non_finite_rows(train_x)
+    if non_finite:
+        return {"non_finite": non_finite}
+    scores = knn_accuracy(train_x, train_set.labels[labelled].to(device), test_x, test_set.labels,
+                          test_set.num_classes, k, method.monitor_temperature)
     return {**scores, "voters": int(labelled.sum())}

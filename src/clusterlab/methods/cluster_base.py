@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import checkpoint, distributed, rundir
 from ..config import starts_of
 from ..data.augment import EvalView
-from ..data.registry import image_source
+from ..data.registry import same_images
 from ..errors import CheckpointError, ConfigError, UserError
 from .base import Method
 
@@ -156,7 +156,7 @@ class ClusterMethod(Method):
                   f"{self.starts_from}; it starts from that run's {' and '.join(self.pretrained_parts)} all the "
                   f"same", flush=True)
         trained_on = saved.get("dataset")
-        if trained_on and image_source(trained_on) != image_source(self.args.dataset) and distributed.rank() == 0:
+        if trained_on and not same_images(trained_on, self.args.dataset) and distributed.rank() == 0:
             # a transfer may be meant (CIFAR-100's backbone on CIFAR-10), a wrong path more often: said, not refused
             print(f"note: --pretrained {source!r} was trained on {trained_on}, this run trains on "
                   f"{self.args.dataset}: it starts from weights learnt on the other images, and normalises with "

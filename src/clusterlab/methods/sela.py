@@ -216,12 +216,9 @@ class SeLa(ClusterMethod):
         return solutions
 
     def require_solved(self, solution: SelaSolution, head: int) -> None:
-        """Collective: a ConfigError naming --lamb on every rank where the scalings of any rank are not finite. A
-        large lambda underflows P^lambda to 0 for whole images or classes even in float64; the scalings then turn
-        infinite or NaN, the stopping rule's sum (a nansum, as upstream's) reads 0, and every image went to one
-        class under a report of error 0."""
-        unsolved = ~(torch.isfinite(solution.beta).all() & torch.isfinite(solution.log_alpha).all())
-        if distributed.all_reduce_max(unsolved.double().reshape(1)).item():
+        """A ConfigError naming --lamb (on every rank: `solved` is the same on all) where the Sinkhorn did not solve:
+        every image went to one class under a report of error 0."""
+        if not solution.solved:
             raise ConfigError(f"--lamb {self.args.lamb:g}: SeLa's Sinkhorn found no labels for head {head} (P^lambda "
                               f"underflows to 0 in float64 for some images or classes, and its scalings are not "
                               f"finite); use a smaller --lamb (10 in upstream's CIFAR recipe, 25 in its ImageNet one)")

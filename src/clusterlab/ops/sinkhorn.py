@@ -51,6 +51,7 @@ class SelaSolution(NamedTuple):
     beta: torch.Tensor       # (N_local,) float64
     iterations: int
     error: float             # the last stopping-rule value, sum_n |beta_old / beta_new - 1| over all samples
+    solved: bool             # False where some rank's scalings are not finite: labels and error mean nothing then
 
 
 @torch.no_grad()
@@ -69,7 +70,8 @@ def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: in
     in float64. Stopping rule as upstream: on the 1st, 11th, 21st, ... iteration (`check_every`) the error
     sum_n |beta_old / beta_new - 1| over all samples is computed and the loop ends once it is <= `tol` (0.01
     in the CIFAR code, 0.1 in the ImageNet code), or after `max_iterations`. Label of sample n:
-    argmax_k alpha_k P_kn^lambda (beta_n is constant along the column).
+    argmax_k alpha_k P_kn^lambda (beta_n is constant along the column). `solved` is False, on every rank, where
+    the scalings of any rank are not finite (P^lambda underflowed to 0 for whole images or classes).
 
     Distributed: `scores` (N_local x K, logits or log-probabilities) holds only this rank's samples; the
     K-vectors P^lambda beta and the error are all-reduced, so every rank iterates the problem over all N
@@ -108,5 +110,9 @@ def sela_sinkhorn(scores: torch.Tensor, lamb: float, tol: float, check_every: in
         iterations += 1
         if check and error <= tol:
             break
+    # A lambda too large underflows P^lambda to 0 for whole images or classes even in float64: the scalings turn
+    # infinite or NaN, and the stopping rule's sum (a nansum, as upstream's) reads 0 as if solved.
+    unsolved = ~(torch.isfinite(beta).all() & torch.isfinite(alpha).all())
+    solved = not distributed.all_reduce_max(unsolved.double().reshape(1)).item()
     labels = p.mul_(alpha).argmax(dim=1)
-    return SelaSolution(labels, alpha.log() - peak, beta, iterations, error)
+    return SelaSolution(labels, alpha.log() - peak, beta, iterations, error, solved)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cli, config, distributed, results
-from ..data.registry import image_source
+from ..data.registry import same_images
 from ..engine import found_on_every_rank
 from ..errors import ConfigError
 from ..eval.features import (baseline_view, data_protocol, open_evaluation, open_pixel_baseline, pixels,
@@ -150,7 +150,7 @@ def memory_bank_features(loaded, train_set) -> tuple[torch.Tensor, torch.Tensor]
     # (CIFAR-100 for a CIFAR-10 run, a folder relabelled or reordered since) the votes would go to chance. The same
     # images under other labels (CIFAR-100's 20 superclasses) are the bank's images.
     run_dataset = loaded.args.dataset
-    if image_source(train_set.name) != image_source(run_dataset):
+    if not same_images(train_set.name, run_dataset):
         raise ConfigError(f"--train_features memory_bank: the run's bank holds the embeddings of its {run_dataset} "
                           f"training images, not of {train_set.name}'s; leave --dataset out, or use recomputed")
     trained_on = loaded.method.info.fingerprint

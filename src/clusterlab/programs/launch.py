@@ -324,7 +324,7 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         if changed:
             print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
                   f"trained again; another output_root trains the grid's")
-        holder = rundir.in_use_by(run.run_dir, alive_checked=True) if state == "held" else None
+        holder = rundir.lock_holder(run.run_dir) if state == "held" else None
         if holder:
             print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
                   f"again once it has ended (a holder on another host that died without Slurm leaves its lock: "
