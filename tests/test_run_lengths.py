@@ -144,7 +144,7 @@ def test_channels_last_crops_of_48_px_on_the_cpu_are_told_at_start(channels_last
     trainer.args.workers = 0  # (no loader process: a keyword of that name would put the test in the slow lane)
     trainer.ctx, trainer.kind, trainer.amp_dtype = SimpleNamespace(device=torch.device(device)), "pretrain", None
     trainer.method = SimpleNamespace(info=SimpleNamespace(image_size=64))
-    trainer.train_set = SimpleNamespace(folder=None)  # an in-memory set
+    trainer.train_set = SimpleNamespace(folder=None, split="train", in_memory=True)
     notes = trainer.start_notes()
     assert bool(notes) == told and all("leave --channels_last out" in note for note in notes)
 
@@ -156,6 +156,18 @@ def test_loader_workers_for_a_set_in_memory_are_told_at_start(tmp_path):
     assert_ok(done)
     assert ("note: --workers 2: digits is held in memory and augmented in the training process; no loader process "
             "starts (the flag serves image folders)") in done.stdout
+    assert "--train_split test" not in done.stdout
+
+
+def test_training_on_the_test_split_is_told_at_start(tmp_path):
+    """The evaluations score the test split: a run trained on it was scored on its own training images, its
+    numbers in one table with runs that never saw them, without a word."""
+    done = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--train_split", "test", "--output_dir",
+                      tmp_path / "run")
+    assert_ok(done)
+    assert ("note: --train_split test: the run trains on the digits test images that eval_knn.py, eval_cluster.py "
+            "and eval_linear.py score (a transductive protocol; its numbers do not compare with runs trained on the "
+            "train split)") in done.stdout
 
 
 def test_a_monitor_k_beyond_the_labelled_images_is_told_and_recorded(tmp_path):

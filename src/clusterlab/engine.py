@@ -169,13 +169,18 @@ class Trainer:
           48 px on (44 px trained), on an AMD EPYC CPU (a linear probe's backbone runs no backward);
         - --amp fp16 on the CPU, which most processors do not compute in float16 (it ran many times slower than
           float32 on this suite's test machines; bf16 is the CPU's mixed precision);
-        - --workers on a set held in memory, which starts no loader process (the flag serves image folders)."""
+        - --workers on a set held in memory, which starts no loader process (the flag serves image folders);
+        - --train_split test: the evaluations score the images the run trains on."""
         if self.kind == "linear":
             return []
         notes = []
         if self.amp_dtype == torch.float16 and self.ctx.device.type == "cpu":
             notes.append("--amp fp16 on the CPU: most processors have no float16 arithmetic, and it runs many times "
                          "slower than float32 (use --amp bf16 or off there)")
+        if self.train_set.split == "test":
+            notes.append(f"--train_split test: the run trains on the {self.train_set.name} test images that "
+                         f"eval_knn.py, eval_cluster.py and eval_linear.py score (a transductive protocol; its "
+                         f"numbers do not compare with runs trained on the train split)")
         if self.args.workers and self.train_set.in_memory:
             notes.append(f"--workers {self.args.workers}: {self.train_set.name} is held in memory and augmented in "
                          f"the training process; no loader process starts (the flag serves image folders)")
