@@ -519,7 +519,8 @@ def table(rows: list[Row]) -> str:
 
 def parse_options(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0], prog="gpu_check.py")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cuda (the default: without a visible card the check is refused, not run on the CPU)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes everywhere (the CPU test runs it so)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
     parser.add_argument("--budget_s", type=non_negative_float, default=480.0,
@@ -529,7 +530,8 @@ def parse_options(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="also write the table to this file")
     options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+        parser.error(f"--device {options.device}: no CUDA device is visible to torch {torch.__version__} (CUDA "
+                     f"{torch.version.cuda or 'not built in'}); --device cpu runs the check on the CPU")
     out = Path(options.out).absolute() if options.out else None
     if out and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
         # refused before the minutes of the check, not after them

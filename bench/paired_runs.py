@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Time two commands as whole processes, in turn (A B A B ...), with the standard library only.
+"""Time two commands as whole processes, in turn (A B B A A B ...), with the standard library only.
 
     python bench/paired_runs.py [-n 5] [--warmup 1] [--log_dir DIR] --vs 'COMMAND B' -- COMMAND A ...
 
-Each command first runs `--warmup` times (not counted), then A and B alternate `-n` times. For every counted run:
-wall seconds (a monotonic clock read around the child, start-up included), user and system seconds and peak
-resident memory (the operating system's accounting of the reaped child, os.wait4). Prints a Markdown table with the
-median, min and max of each, and the ratio of the wall times A / B taken pair by pair: pairing keeps it meaningful
-when the machine's speed drifts during the measurement. Without --vs, A alone is timed.
+Each command first runs `--warmup` times (not counted), then A and B alternate `-n` times, each pair in the other
+order than the one before (A B, then B A): neither command always runs second, after the other warmed the caches or
+heated the processor. For every counted run: wall seconds (a monotonic clock read around the child, start-up
+included), user and system seconds and peak resident memory (the operating system's accounting of the reaped child,
+os.wait4; Linux counts, until the child runs its program, the memory of this script that forked it, so a figure at
+this script's own size means "at most that"). Prints a Markdown table with the median, min and max of each, and the
+ratio of the wall times A / B taken pair by pair: pairing keeps it meaningful when the machine's speed drifts during
+the measurement. Without --vs, A alone is timed.
 
 COMMAND B is one string split as a shell splits words (no shell runs it: write `sh -c '...'` for a pipe). What the
 commands print goes to DIR/a.log and DIR/b.log (every run, warm-up first), so a figure they print is kept; the exit
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -81,10 +85,11 @@ def main():
         for name, command in commands.items():
             run_once(command, logs[name])
     runs = {name: [] for name in commands}
-    for _ in range(args.runs):
-        for name, command in commands.items():
-            runs[name].append(run_once(command, logs[name]))
-    print(f"{args.runs} counted run(s) of each after {args.warmup} warm-up run(s), in turn; output in {log_dir}")
+    for pair in range(args.runs):
+        for name in (list(commands) if pair % 2 == 0 else list(commands)[::-1]):
+            runs[name].append(run_once(commands[name], logs[name]))
+    order = "in turn, A first in odd pairs, B first in even ones" if "B" in commands else "in turn"
+    print(f"{args.runs} counted run(s) of each after {args.warmup} warm-up run(s), {order}; output in {log_dir}")
     print()
     print("| command | wall s median (min-max) | user s median (min-max) | system s median (min-max) | peak memory |")
     print("| --- | --- | --- | --- | --- |")
@@ -94,6 +99,10 @@ def main():
         print(f"| {name}: `{shlex.join(command)}` | {spread([r.wall for r in measured])} | "
               f"{spread([r.user for r in measured])} | {spread([r.system for r in measured])} | "
               f"{min(peaks):.2f}-{max(peaks):.2f} GiB |")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+    print()
+    print(f"(peak memory: a child counts this script's {own:.2f} GiB until it runs its program; a figure at that "
+          f"size means at most that)")
     if "B" in runs:
         ratios = [a.wall / b.wall for a, b in zip(runs["A"], runs["B"])]
         print()

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# the jobs import this checkout's package, whatever the environment's own install points at
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
 ONE_RUN = {"name": "bench", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml", "axes": {"seed": [0]},
            "flags": {"method": "swav", "dataset": "digits", "width": 4, "hidden_dim": 32, "embed_dim": 16,
                      "size_crops": [8], "batch_size": 32, "epochs": 6, "log_every": 1, "device": "cpu"},

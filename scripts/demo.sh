@@ -4,10 +4,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_DIR:-runs/demo}
-rm -rf "$OUT"
+# A new demo replaces the last one's folders only: a DEMO_DIR that holds anything else is refused, not removed.
+if [ -e "$OUT" ]; then
+  for entry in "$OUT"/* "$OUT"/.[!.]*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case ${entry##*/} in
+      swav_digits|pixels_digits|results) ;;
+      *) echo "demo.sh: DEMO_DIR '$OUT' holds '${entry##*/}', which no demo wrote: give a new or empty folder" >&2
+         exit 2 ;;
+    esac
+  done
+  rm -rf "$OUT/swav_digits" "$OUT/pixels_digits" "$OUT/results"
+fi
 $PY main_pretrain.py --config configs/swav_digits.yaml --output_dir "$OUT/swav_digits" --device cpu
 $PY eval_knn.py --run "$OUT/swav_digits" --device cpu
 $PY eval_cluster.py --run "$OUT/swav_digits" --device cpu
-$PY eval_knn.py --baseline pixels --dataset digits --output_dir "$OUT/pixels_digits"
-$PY eval_cluster.py --baseline pixels --dataset digits --output_dir "$OUT/pixels_digits"
+$PY eval_knn.py --baseline pixels --dataset digits --output_dir "$OUT/pixels_digits" --device cpu
+$PY eval_cluster.py --baseline pixels --dataset digits --output_dir "$OUT/pixels_digits" --device cpu
 $PY collect_results.py --root "$OUT" --out "$OUT/results" --published ''

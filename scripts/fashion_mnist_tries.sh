@@ -32,9 +32,11 @@ M=("${R[@]}" --weight_decay 1e-4)      # a hundred times
 N=("${R[@]}" --lr 9.6 --final_lr 0.0096)  # twice the learning rate (G halved it eightfold and lost 2.6 points)
 O=("${R[@]}" --arch resnet18_bottleneck)  # Un-Mix's CIFAR backbone: 256-d features at width 8 instead of 64-d
 ALL="R P A B C D E F G I J K L M N O"
-for try in ${TRIES:-$ALL}; do
+for try in ${TRIES:-$ALL}; do  # every name checked before anything trains
   [[ " $ALL " == *" $try "* ]] || fail "TRIES names '$try', which is not a try: choose among $ALL"
   [ -z "$(ls -A "$OUT/$try" 2>/dev/null)" ] || fail "$OUT/$try is not empty: remove it or choose another OUT"
+done
+for try in ${TRIES:-$ALL}; do
   declare -n flags=$try
   timed "$try" $PY main_pretrain.py "${flags[@]}" --output_dir "$OUT/$try"
   echo "try $try: trained in $(cat "$OUT/$try.time") s"

@@ -57,3 +57,26 @@ def test_paired_runs_times_both_commands_in_turn_and_keeps_their_output(tmp_path
     failed = subprocess.run([PYTHON, str(ROOT / "bench" / "paired_runs.py"), "--log_dir", str(tmp_path), "--", "sh",
                              "-c", "exit 3"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and failed.stderr.startswith("paired_runs.py: sh -c 'exit 3' exited with 3")
+
+
+def test_paired_runs_swaps_the_order_in_every_other_pair(tmp_path):
+    """A always ran first: B then met the caches and the clock A had warmed, a bias of its own in every ratio."""
+    order = tmp_path / "order"
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "paired_runs.py"), "-n", "3", "--warmup", "0", "--log_dir",
+                             str(tmp_path), "--vs", f"sh -c 'echo B >> {order}'", "--", "sh", "-c",
+                             f"echo A >> {order}"], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert order.read_text().split() == ["A", "B", "B", "A", "A", "B"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_the_gpu_check_without_a_card_is_refused_unless_the_cpu_is_asked_for():
+    """Without --device it ran the whole check on the CPU (minutes of full-size work) and wrote its table as the
+    GPU's."""
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "gpu_check.py"), "--budget_s", "0"], cwd=ROOT,
+                            env=script_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("gpu_check.py: error: --device cuda: no CUDA device is visible to torch "), \
+        result.stderr
+    assert result.stderr.rstrip().endswith("--device cpu runs the check on the CPU")

@@ -23,6 +23,7 @@ import fabricate
 from clusterlab import results
 from clusterlab.data import load, loader
 from clusterlab.data.augment import EvalView
+from clusterlab.errors import ConfigError
 from clusterlab.eval.features import data_protocol
 from conftest import ROOT, entry_module, script_env, snapshot
 
@@ -116,10 +117,18 @@ def test_class_folder_names_sort_in_label_order():
 @pytest.mark.parametrize("extra, words", [
     (["--dataset", "mnist_typo"], ["--dataset 'mnist_typo'", "fashion_mnist", "digits"]),
     (["--dataset", "imagefolder"], ["--dataset 'imagefolder'", "choose one of"]),
-    (["--dataset", "fashion_mnist", "--per_class", "20"], ["20 images of class", "has only", "at most"]),
+    (["--dataset", "fashion_mnist", "--per_class", "20"],
+     ["--per_class 20 asks for 20 images of class 'T-shirt/top', but the train split has only 10: give --per_class "
+      "10 at most"]),
+    # the largest --count, not a count per class
+    (["--dataset", "fashion_mnist", "--count", "105"],
+     ["--count 105 asks for 11 images of class 'T-shirt/top', but the train split has only 10: give --count 100 at "
+      "most"]),
     (["--dataset", "fashion_mnist", "--count", "5"], ["--count 5", "10 classes"]),
     # more than a C long: a traceback from numpy's integers
     (["--dataset", "fashion_mnist", "--count", "1" + "0" * 20], ["10000000000000000000 images of class", "has only"]),
+    (["--dataset", "fashion_mnist", "--count", "60", "--subset_test", "true"],
+     ["--count 60 asks for 6 images of class 'T-shirt/top', but the test split has only 5: give --count 50 at most"]),
     (["--dataset", "fashion_mnist", "--per_class", "2", "--count", "30"], ["--per_class 2", "--count 30", "choose one"]),
     (["--dataset", "fashion_mnist", "--per_class", "0"], ["--per_class", "0"]),
     (["--dataset", "fashion_mnist", "--per_class", "2", "--seed", "-1"], ["--seed", "'-1'", "0 or more"]),
@@ -143,7 +152,7 @@ def test_a_split_without_every_class_is_refused_before_writing(tmp_path, monkeyp
     out = tmp_path / "out"
     message = one_line_error(monkeypatch, capsys, ["--dataset", "cifar100", "--data_path", str(tmp_path / "c100"),
                                                    "--out", str(out)])
-    assert "the test split of cifar100 has no image of" in message and "every class in train/ and val/" in message
+    assert "the test split of cifar100 has no image of" in message and "every class in train/ and test/" in message
     assert not out.exists()
 
 
@@ -335,3 +344,19 @@ def test_an_in_memory_dataset_adds_to_the_protocol_only_a_crop_other_than_the_de
     assert data_protocol(digits, digits, EvalView.of(8, 8), 8) == {}
     assert data_protocol(digits, digits, EvalView.of(8, 12), 8) == {}  # a resize does not apply to it
     assert data_protocol(digits, digits, EvalView.of(4), 8) == {"eval_crop": 4}
+
+
+def test_the_largest_count_named_is_the_largest_every_class_can_give():
+    """Against a search over every count, on classes of uneven sizes."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(1, 9, size=int(rng.integers(2, 6))).tolist()
+        labels = np.repeat(np.arange(len(sizes)), sizes)
+        fits = [count for count in range(len(sizes), len(labels) + 1)
+                if all(w <= s for w, s in zip(export.per_class_quota(len(sizes), None, count), sizes))]
+        names = [f"c{label}" for label in range(len(sizes))]
+        export.refuse_beyond_a_class(labels, export.per_class_quota(len(sizes), None, max(fits)), names, "train",
+                                     None, max(fits))
+        with pytest.raises(ConfigError, match=rf"give --count {max(fits)} at most$"):
+            export.refuse_beyond_a_class(labels, export.per_class_quota(len(sizes), None, max(fits) + 1), names,
+                                         "train", None, max(fits) + 1)
