@@ -71,6 +71,24 @@ def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(
     assert "swav_digits_2ep_s0 finished" not in out.stdout
 
 
+def test_flags_that_change_only_how_a_run_trains_or_logs_are_not_other_flags(tmp_path):
+    """--log_every or --device changed in a finished grid: the plan said the run finished with other flags and that
+    another output_root trains the grid's, as for a change of recipe."""
+    run = tmp_path / "runs" / "swav_digits_1ep_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": 1}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"args": {"method": "swav", "dataset": "digits", "width": 4,
+                                                              "epochs": 1, "seed": 0, "log_every": 5,
+                                                              "device": "auto", "workers": 0}}))
+    grid = grid_file(tmp_path, flags={**BASE["flags"], "log_every": 50, "device": "cpu", "workers": 2})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "other flags" not in out.stdout
+    grid = grid_file(tmp_path, flags={**BASE["flags"], "log_every": 50, "width": 8})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert "(width 4 -> 8): it is not trained again" in out.stdout  # what it learns, alone
+
+
 def test_a_finished_run_is_compared_with_the_values_of_the_grids_config_file_too(tmp_path):
     """A change made in the grid's config file, not in the grid, went unseen: the finished run was skipped without a
     word, and for new epochs its final evaluation, planned at the file's epochs, was submitted at every launch (and
@@ -318,6 +336,34 @@ def test_a_run_that_another_process_trains_is_neither_submitted_nor_evaluated(tm
         lock.release()
     assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["embed_s0"]
     assert list((tmp_path / "runs" / "embed_s0").iterdir()) == []
+
+
+def test_a_later_stage_finished_from_weights_the_grid_now_trains_longer_is_named(tmp_path):
+    """The first stage lengthened in the grid: it resumed to the new epochs, while the second, finished from the
+    first's old weights, was planned `finished` without a word (its tables mixed the two)."""
+    stages = [{"name": "embed", "config": "configs/swav_digits.yaml", "flags": {"epochs": 6, "width": 4}},
+              {"name": "assign", "config": "configs/scan_fashion_mnist.yaml", "pretrained_from": "embed",
+               "flags": {"dataset": "digits", "epochs": 1}}]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]}}, sort_keys=False))
+    embed, assign = tmp_path / "runs" / "embed_s0", tmp_path / "runs" / "assign_s0"
+    for run, epochs in ((embed, 5), (assign, 1)):
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"state": "finished", "epochs": epochs}))
+    (assign / "config.yaml").write_text(yaml.safe_dump({
+        "args": {"method": "scan", "dataset": "digits", "epochs": 1, "seed": 0},
+        "pretrained_from": {"checkpoint": str(embed / "checkpoint.pth"), "method": "swav", "epoch": 5}}))
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[4:6]}
+    assert rows == {"embed_s0": "resume", "assign_s0": "finished"}, out.stdout
+    assert ("assign_s0 finished from embed_s0's weights after epoch 5, and the grid now trains embed_s0 6 epochs: "
+            "assign_s0 is not trained again from them (nor evaluated again); another output_root trains the "
+            "grid's") in out.stdout.splitlines()
+    stages[0]["flags"]["epochs"] = 5
+    grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]}}, sort_keys=False))
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert "weights after epoch" not in out.stdout
 
 
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'
@@ -755,15 +801,42 @@ def test_jobs_slurm_may_never_start_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["USR1", "SIGUSR2"])
-def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path, value):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["launch", "dry-run"])
+def test_a_preemption_signal_the_programs_do_not_save_on_is_refused(tmp_path, value, dry_run):
     """submitit would put its requeue on USR1, which the programs hand to USR2's handler (saved, never requeued); it
-    reads the name after "SIG", so SIGUSR2 would make every job fail."""
+    reads the name after "SIG", so SIGUSR2 would make every job fail. A --dry-run printed the plan without a word."""
     env = {**fake_slurm(tmp_path), "SUBMITIT_PREEMPT_SIGNAL": value}
     done = subprocess.run([sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
-                           str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+                           str(tmp_path / "runs"), *dry_run], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and done.stdout == "", done.stderr
     assert f"SUBMITIT_PREEMPT_SIGNAL={value}:" in done.stderr and "set it to USR2" in done.stderr
     assert not (tmp_path / "slurm" / "sbatch.log").exists()
+
+
+def test_a_requeued_sbatch_job_of_a_run_holds_it(tmp_path):
+    """An sbatch script's job pending again after a requeue holds no lock: the run was planned `resume` and a
+    second job submitted, which the first met (\"in use by\") when it started again."""
+    env = fake_slurm(tmp_path)
+    run = tmp_path / "runs" / "swav_digits_1ep_s0"
+    (run / "slurm").mkdir(parents=True)
+    (run / "slurm" / "313.out").symlink_to(tmp_path / "experiments_logs_swav_digits_313.out")
+    (tmp_path / "slurm" / "queue").write_text("313 BeginTime\n")
+    command = [sys.executable, "launch.py", "--grid", str(grid_file(tmp_path)), "--output_root",
+               str(tmp_path / "runs")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert next(line for line in done.stdout.splitlines() if line.startswith("swav_digits_1ep_s0 ")).split()[1] == \
+        "held"
+    assert (f"swav_digits_1ep_s0 is in use by Slurm job 313 of an sbatch script (in the queue, its log linked as "
+            f"{str(run / 'slurm' / '313.out')!r}): not submitted") in done.stdout
+    submitted = (tmp_path / "slurm" / "sbatch.log").read_text().splitlines()
+    assert len(submitted) == 1  # the 2-epoch run's only
+    (tmp_path / "slurm" / "queue").write_text("")  # the job has left the queue: the run is the grid's again
+    shutil.rmtree(run.parent / "swav_digits_2ep_s0")
+    done = subprocess.run([*command, "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert next(line for line in done.stdout.splitlines() if line.startswith("swav_digits_1ep_s0 ")).split()[1] == \
+        "resume"
 
 
 def test_sbatch_folder_matches_the_recipes(tmp_path):
@@ -1082,7 +1155,8 @@ def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
     assert lines[-4].startswith("submitted 1 training job(s): ")
     job = lines[-4].split()[-1]
     assert lines[-3].startswith(f"job {job} failed: clusterlab.errors.DataError: dataset 'cifar10': data path ")
-    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status"]  # reported once, no evaluation job
+    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status.json: its job failed before training started, "
+                                            "or never ran (cancelled, or a job it waited for failed)"]  # once
     assert "submitted 1 evaluation job" not in out.stdout
 
 

@@ -34,7 +34,8 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from .. import config, results, rundir
 from ..errors import ConfigError, UserError
 from ..slurm.grid import Grid, RunSpec, load_grid
-from ..slurm.jobs import ProgramJob, make_executor, queued_ids, stuck, stuck_message, wait_for
+from ..slurm.jobs import (ProgramJob, make_executor, queued_ids, require_usr2_preemption, stuck, stuck_message,
+                          wait_for)
 from ..slurm.programs import EVAL_PROGRAMS, to_argv
 from ..slurm.sbatch import Stage, recipe_scripts, render, write_scripts
 
@@ -71,6 +72,7 @@ def main(argv=None):
     if not args.grid:
         raise ConfigError("give --grid FILE (or --emit-sbatch)")
     grid = load_grid(args.grid, args.output_root)
+    require_usr2_preemption()  # (a --dry-run refuses what the launch would)
     in_queue = set()
     if args.cluster == "slurm":
         in_queue = queued_ids()
@@ -98,7 +100,10 @@ def main(argv=None):
         for run, _ in plan:
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
-            print(f"  {run.name}: {rundir.read_status(run.run_dir).get('state', 'no status')}"
+            state = rundir.read_status(run.run_dir).get("state") or ("no status.json: its job failed before training "
+                                                                     "started, or never ran (cancelled, or a job "
+                                                                     "it waited for failed)")
+            print(f"  {run.name}: {state}"
                   + (f" ({failure})" if failure else ""))
             if args.cluster == "slurm":
                 for _, line in failed_evaluations(run.run_dir, queue_now):
@@ -167,7 +172,7 @@ def run_state(run: RunSpec, in_queue: set) -> str:
         return "finished"
     if queued_train_job(run.run_dir, in_queue):
         return "queued"
-    if rundir.in_use_by(run.run_dir):
+    if rundir.in_use_by(run.run_dir) or queued_script_job(run.run_dir, in_queue):
         return "held"
     return "resume" if run.run_dir.exists() else "new"
 
@@ -181,9 +186,16 @@ def epochs_beyond(run: RunSpec) -> int | None:
     return None
 
 
+# Flags that change how a run trains or what it logs, not what it learns (collect_results' NOT_SETTINGS, less those
+# that do: its seed, its data, the weights it starts from and the view SCAN mines on): a finished run with another
+# value of one is no other recipe.
+NOT_RECIPE_FLAGS = results.NOT_SETTINGS - {"seed", "data_path", "pretrained", "mining_crop"}
+
+
 def differing_flags(run: RunSpec) -> list[str]:
     """`FLAG recorded -> asked` for each flag the grid or its config file gives the run that its config.yaml records
-    otherwise (the run is not trained again: its directory holds what the recorded flags trained)."""
+    otherwise (the run is not trained again: its directory holds what the recorded flags trained); flags of
+    NOT_RECIPE_FLAGS are not compared."""
     try:
         recorded = config.read_run_config(run.run_dir)
     except ConfigError:
@@ -193,8 +205,22 @@ def differing_flags(run: RunSpec) -> list[str]:
         return config.absolute_path(value) if key == "data_path" and isinstance(value, str) and value else value
 
     return [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run.settings.items()
-            if key not in ("config", "output_dir", "checkpoint_epochs", "epochs") and key in recorded
+            if key not in NOT_RECIPE_FLAGS and key != "epochs" and key in recorded
             and compared(key, recorded[key]) != compared(key, value)]
+
+
+def moved_start(run: RunSpec, runs_by_dir: dict) -> str | None:
+    """For a finished run that started from another run of the grid (`pretrained_from`): a line where that run now
+    trains other epochs than those its weights were taken after (the grid lengthened an earlier stage; the later
+    ones are not trained again)."""
+    source = runs_by_dir.get(str(run.flags.get("pretrained")))
+    origin = (config.written_run_config(run.run_dir) or {}).get("pretrained_from") if source is not None else None
+    taken = origin.get("epoch") if isinstance(origin, dict) else None
+    if not rundir.is_number(taken) or not rundir.is_number(source.epochs) or taken == source.epochs:
+        return None
+    return (f"{run.name} finished from {source.name}'s weights after epoch {taken}, and the grid now trains "
+            f"{source.name} {source.epochs} epochs: {run.name} is not trained again from them (nor evaluated "
+            f"again); another output_root trains the grid's")
 
 
 def recorded_jobs(run_dir: Path) -> list[dict]:
@@ -209,6 +235,22 @@ def queued_train_job(run_dir: Path, in_queue: set) -> str | None:
     """The id of a run's training job that is still pending or running (from an earlier launch)."""
     trains = [job["job_id"] for job in recorded_jobs(run_dir) if job.get("kind") == "train"]
     return next((job for job in reversed(trains) if job in in_queue), None)
+
+
+def queued_script_job(run_dir: Path, in_queue: set) -> str | None:
+    """The id of a Slurm job in the queue that an sbatch script started for this run (each start links its log as
+    RUN/slurm/JOBID.out): pending again after a requeue, it holds no lock, and a second job for the run would
+    meet the first's when that one starts again."""
+    folder = Path(run_dir) / "slurm"
+    started = sorted(path.name.removesuffix(".out") for path in folder.glob("*.out")) if folder.is_dir() else []
+    return next((job for job in started if job in in_queue), None)
+
+
+def holder_words(run_dir: Path, in_queue: set) -> str | None:
+    """Who holds a run found held: its lock's holder, else the sbatch script's job in the queue."""
+    job = queued_script_job(run_dir, in_queue)
+    return rundir.lock_holder(run_dir) or (f"Slurm job {job} of an sbatch script (in the queue, its log linked "
+                                           f"as {str(Path(run_dir) / 'slurm' / f'{job}.out')!r})" if job else None)
 
 
 def queued_evals(run_dir: Path, in_queue: set) -> dict:
@@ -306,6 +348,7 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
              eval_summary(pending[run.name], queued_evals(run.run_dir, in_queue)), str(run.run_dir)]
             for run, state in plan]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    runs_by_dir = {str(run.run_dir): run for run, _ in plan}
     resources = grid.resources
     programs = " then ".join(dict.fromkeys(run.program for run, _ in plan)) or "-"
     print(f"grid {grid.name}: {len(plan)} runs of {programs} "
@@ -324,7 +367,10 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         if changed:
             print(f"{run.name} finished with other flags than the grid gives now ({', '.join(changed)}): it is not "
                   f"trained again; another output_root trains the grid's")
-        holder = rundir.lock_holder(run.run_dir) if state == "held" else None
+        moved = moved_start(run, runs_by_dir) if state == "finished" else None
+        if moved:
+            print(moved)
+        holder = holder_words(run.run_dir, in_queue) if state == "held" else None
         if holder:
             print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
                   f"again once it has ended (a holder on another host that died without Slurm leaves its lock: "

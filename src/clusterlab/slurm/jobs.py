@@ -156,16 +156,20 @@ def _requeued_already() -> bool:
     return _restarted(_job_state()[1])
 
 
+def require_usr2_preemption() -> None:
+    """A ConfigError where SUBMITIT_PREEMPT_SIGNAL names another signal than USR2: submitit would put its requeue on
+    it, which the programs hand to USR2's handler, found empty (the job saved and was not requeued); it reads the
+    value as the name after "SIG", so SIGUSR2 or usr2 would make its jobs fail."""
+    chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    if chosen != "USR2":
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save on USR2 (and USR1, TERM) and "
+                          f"requeue through submitit's USR2 handler; unset it or set it to USR2")
+
+
 def make_executor(folder: Path, resources: dict, cluster: str, name: str, after: str | None = None
                   ) -> submitit.AutoExecutor:
     """An executor for `resources`; `after` (a Slurm job id) makes its jobs wait for that job to succeed."""
-    chosen = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    if chosen != "USR2":
-        # submitit would put its requeue on another signal, which the programs hand to USR2's handler, found empty
-        # (the job saved and was not requeued); it reads the value as the name after "SIG", so SIGUSR2 or usr2
-        # would make its jobs fail.
-        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={chosen}: the programs save on USR2 (and USR1, TERM) and "
-                          f"requeue through submitit's USR2 handler; unset it or set it to USR2")
+    require_usr2_preemption()
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "slurm" else cluster,
                                      slurm_max_num_timeout=resources["max_requeues"])
     additional = {key: resources[key] for key in ("account", "qos") if resources.get(key)}
