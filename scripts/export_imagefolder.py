@@ -75,22 +75,24 @@ def per_class_quota(num_classes: int, per_class: int | None, count: int | None) 
     return None
 
 
-def refuse_beyond_a_class(labels: np.ndarray, quota: list[int], class_names: list, split: str, per_class, count):
-    """A ConfigError naming the flag, the first class that has fewer images than it asks for, and the largest value
-    of the flag that every class of the split can give."""
-    sizes = np.bincount(labels, minlength=len(quota)).tolist()
-    short = next((label for label, wanted in enumerate(quota) if wanted > sizes[label]), None)
+def refuse_beyond_a_class(labels_by_split: dict, quota: list[int], class_names: list, per_class, count):
+    """A ConfigError naming the flag, the first class of a split (of `labels_by_split`, those subset) that has fewer
+    images than it asks for, and the largest value of the flag that every class of every such split can give (each
+    class holds at least one image: checked before)."""
+    sizes = {split: np.bincount(labels, minlength=len(quota)).tolist() for split, labels in labels_by_split.items()}
+    short = next(((split, label) for split, counts in sizes.items() for label, wanted in enumerate(quota)
+                  if wanted > counts[label]), None)
     if short is None:
         return
-    smallest = min(sizes)
     if per_class is not None:
-        flag, largest = "--per_class", smallest
+        flag, largest = "--per_class", min(min(counts) for counts in sizes.values())
     else:  # count // C each, one more for the first count % C classes: those must hold more than the smallest
         flag = "--count"
-        largest = len(sizes) * smallest + next(label for label, size in enumerate(sizes) if size == smallest)
-    raise ConfigError(f"{flag} {per_class if per_class is not None else count} asks for {quota[short]} images of "
-                      f"class {class_names[short]!r}, but the {split} split has only {sizes[short]}: give {flag} "
-                      f"{largest} at most")
+        largest = min(len(counts) * min(counts) + counts.index(min(counts)) for counts in sizes.values())
+    split, label = short
+    raise ConfigError(f"{flag} {per_class if per_class is not None else count} asks for {quota[label]} images of "
+                      f"class {class_names[label]!r}, but the {split} split has only {sizes[split][label]}: give "
+                      f"{flag} {largest} at most")
 
 
 def balanced_subset(labels: np.ndarray, quota: list[int], seed: int) -> np.ndarray:
@@ -115,18 +117,18 @@ def main(argv=None):
     quota = per_class_quota(train.num_classes, args.per_class, args.count)
     folders = class_folder_names(train.class_names)
     # every subset is drawn (and refused) before anything is written
-    subsets = [split for split in splits if quota is not None and (split == "train" or args.subset_test)]
-    for split in subsets:
-        refuse_beyond_a_class(splits[split].labels.numpy(), quota, train.class_names, split, args.per_class,
-                              args.count)
-    positions = {split: (balanced_subset(images.labels.numpy(), quota, args.seed) if split in subsets
-                         else np.arange(len(images))) for split, images in splits.items()}
     for split, images in splits.items():  # a class folder left empty is refused by --dataset imagefolder
-        absent = sorted(set(range(train.num_classes)) - set(images.labels.numpy()[positions[split]].tolist()))
+        absent = sorted(set(range(train.num_classes)) - set(images.labels.numpy().tolist()))
         if absent:
             raise DataError(f"the {split} split of {args.dataset} has no image of {len(absent)} class(es) (first: "
                             f"{train.class_names[absent[0]]!r}): an image folder needs every class in train/ and "
                             f"test/; complete the dataset's files")
+    # (a subset keeps at least one image of every class: --count is at least the number of classes)
+    subsets = [split for split in splits if quota is not None and (split == "train" or args.subset_test)]
+    refuse_beyond_a_class({split: splits[split].labels.numpy() for split in subsets}, quota, train.class_names,
+                          args.per_class, args.count)
+    positions = {split: (balanced_subset(images.labels.numpy(), quota, args.seed) if split in subsets
+                         else np.arange(len(images))) for split, images in splits.items()}
     # One export at a time into OUT: a second one took the first's hidden folder for a killed export's and removed
     # it, files of test/ with it, while the first went on and said it wrote them all.
     lock = RunLock(out, what="export folder", elsewhere=f"choose another --out (an export killed on another host "

@@ -163,19 +163,29 @@ def test_load_uses_weights_only(tmp_path, monkeypatch):
 
 
 def test_missing_file_is_refused(tmp_path):
+    assert_refused(tmp_path / "nope.pth", f"does not exist; {str(tmp_path)!r} has no checkpoint file")
+    (tmp_path / "config.yaml").write_text("")  # a run's folder
     assert_refused(tmp_path / "nope.pth", f"does not exist; {str(tmp_path)!r} has no checkpoint yet")
     assert_refused(tmp_path / "gone" / "nope.pth", "nope.pth' does not exist")
     assert_refused(tmp_path, "is a directory, not a checkpoint file")
 
 
-def test_a_missing_file_names_the_newest_checkpoints_beside_it(tmp_path):
-    """Whoever asked for it (an evaluation, --pretrained, a resume) is told the folder's newest four: the likeliest
-    meant."""
+def test_a_missing_file_names_the_last_checkpoints_beside_it(tmp_path):
+    """Whoever asked for it (an evaluation, --pretrained, a resume) is told the folder's last four by name (the
+    latest epochs): the likeliest meant."""
     for epoch in range(3, 10):
         (tmp_path / f"checkpoint_ep{epoch:04d}.pth").write_bytes(b"")
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     assert_refused(tmp_path / "checkpoint_ep0099.pth", "has 4 more, then checkpoint_ep0006.pth, checkpoint_ep0007.pth, "
                                                        "checkpoint_ep0008.pth, checkpoint_ep0009.pth")
+    # a link to nowhere is named as one, not listed as there beside a claim that it does not exist
+    (tmp_path / "checkpoint.pth").unlink()
+    (tmp_path / "checkpoint.pth").symlink_to(tmp_path / "purged" / "checkpoint.pth")
+    assert_refused(tmp_path / "checkpoint.pth", f"links to {str(tmp_path / 'purged' / 'checkpoint.pth')!r}, which "
+                                                f"does not exist")
+    (tmp_path / "sub.pth").mkdir()
+    message = assert_refused(tmp_path / "checkpoint_ep0099.pth", "has 3 more, then")
+    assert "sub.pth" not in message and "checkpoint.pth" not in message
 
 
 def draws() -> tuple:

@@ -244,8 +244,9 @@ def test_eval_bad_input_writes_nothing(run_in_process, tiny_run, tmp_path, scrip
     assert snapshot(run) == before
 
 
-def test_a_missing_checkpoint_names_the_runs_newest_ones(run_in_process, tiny_run, tmp_path):
-    """Of a run with many epoch checkpoints, the line names the newest four (the likeliest meant), not every one."""
+def test_a_missing_checkpoint_names_the_runs_latest_ones(run_in_process, tiny_run, tmp_path):
+    """Of a run with many epoch checkpoints, the line names the last four by name (the likeliest meant), not every
+    one."""
     run = copy_run(tiny_run, tmp_path / "run")
     for epoch in range(3, 10):
         (run / f"checkpoint_ep{epoch:04d}.pth").write_bytes(b"")

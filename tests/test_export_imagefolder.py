@@ -355,8 +355,24 @@ def test_the_largest_count_named_is_the_largest_every_class_can_give():
         fits = [count for count in range(len(sizes), len(labels) + 1)
                 if all(w <= s for w, s in zip(export.per_class_quota(len(sizes), None, count), sizes))]
         names = [f"c{label}" for label in range(len(sizes))]
-        export.refuse_beyond_a_class(labels, export.per_class_quota(len(sizes), None, max(fits)), names, "train",
+        export.refuse_beyond_a_class({"train": labels}, export.per_class_quota(len(sizes), None, max(fits)), names,
                                      None, max(fits))
         with pytest.raises(ConfigError, match=rf"give --count {max(fits)} at most$"):
-            export.refuse_beyond_a_class(labels, export.per_class_quota(len(sizes), None, max(fits) + 1), names,
-                                         "train", None, max(fits) + 1)
+            export.refuse_beyond_a_class({"train": labels}, export.per_class_quota(len(sizes), None, max(fits) + 1),
+                                         names, None, max(fits) + 1)
+
+
+def test_the_largest_count_named_fits_every_split_subset():
+    """With --subset_test the limit was worked out from the first split found short: the count it named was
+    refused in turn, by the other split."""
+    train = np.repeat(np.arange(10), [11, *[10] * 8, 9])
+    test = np.repeat(np.arange(10), [10] * 5 + [5, 15] + [10] * 3)
+    names = [f"c{label}" for label in range(10)]
+    with pytest.raises(ConfigError, match=r"^--count 100 asks for 10 images of class 'c9', but the train split has "
+                                          r"only 9: give --count 55 at most$"):
+        export.refuse_beyond_a_class({"train": train, "test": test}, export.per_class_quota(10, None, 100), names,
+                                     None, 100)
+    export.refuse_beyond_a_class({"train": train, "test": test}, export.per_class_quota(10, None, 55), names, None,
+                                 55)
+    with pytest.raises(ConfigError, match=r"give --per_class 5 at most$"):
+        export.refuse_beyond_a_class({"train": train, "test": test}, [6] * 10, names, 6, None)

@@ -332,6 +332,10 @@ def test_a_run_that_another_process_trains_is_neither_submitted_nor_evaluated(tm
                     in out.stdout), out.stdout
             assert "not submitted, nor evaluated, nor the stages after it; launch again once it has" in out.stdout
             assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
+            if how == "--cluster=debug":  # its report after the jobs: neither blamed on a job that failed
+                assert out.stdout.splitlines()[-2:] == [
+                    "  embed_s0: not submitted (held by a process or job this launch does not know of)",
+                    "  assign_s0: not submitted (it starts from a run that is held)"], out.stdout
     finally:
         lock.release()
     assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["embed_s0"]
@@ -364,6 +368,12 @@ def test_a_later_stage_finished_from_weights_the_grid_now_trains_longer_is_named
     grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]}}, sort_keys=False))
     out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
     assert "weights after epoch" not in out.stdout
+    # the first stage finished 6 epochs, the grid now gives 5: it is not trained again, so its weights stay those
+    # the second stage started from
+    (embed / "status.json").write_text(json.dumps({"state": "finished", "epochs": 6}))
+    (assign / "config.yaml").write_text((assign / "config.yaml").read_text().replace("epoch: 5", "epoch: 6"))
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert "embed_s0 finished 6 epochs, more than the 5" in out.stdout and "weights after epoch" not in out.stdout
 
 
 REFUSED = ('Traceback (most recent call last):\n  File "main_pretrain.py", line 1, in <module>\n'
@@ -828,8 +838,9 @@ def test_a_requeued_sbatch_job_of_a_run_holds_it(tmp_path):
     assert done.returncode == 0, done.stderr
     assert next(line for line in done.stdout.splitlines() if line.startswith("swav_digits_1ep_s0 ")).split()[1] == \
         "held"
-    assert (f"swav_digits_1ep_s0 is in use by Slurm job 313 of an sbatch script (in the queue, its log linked as "
-            f"{str(run / 'slurm' / '313.out')!r}): not submitted") in done.stdout
+    assert (f"swav_digits_1ep_s0 is in use by Slurm job 313 of an sbatch script (in the queue; its log is linked as "
+            f"{str(run / 'slurm' / '313.out')!r}): not submitted, nor evaluated, nor the stages after it; launch again "
+            f"once it has ended") in done.stdout.splitlines()
     submitted = (tmp_path / "slurm" / "sbatch.log").read_text().splitlines()
     assert len(submitted) == 1  # the 2-epoch run's only
     (tmp_path / "slurm" / "queue").write_text("")  # the job has left the queue: the run is the grid's again
@@ -1155,8 +1166,8 @@ def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
     assert lines[-4].startswith("submitted 1 training job(s): ")
     job = lines[-4].split()[-1]
     assert lines[-3].startswith(f"job {job} failed: clusterlab.errors.DataError: dataset 'cifar10': data path ")
-    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status.json: its job failed before training started, "
-                                            "or never ran (cancelled, or a job it waited for failed)"]  # once
+    assert lines[-2:] == ["all jobs ended", "  swav_cifar10_s0: no status.json: its job failed before training "
+                                            "started, or never ran (cancelled, or a job it waited for failed)"]
     assert "submitted 1 evaluation job" not in out.stdout
 
 

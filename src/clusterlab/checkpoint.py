@@ -101,14 +101,15 @@ def save(state: dict, path: str | os.PathLike | list, *, kind: str, method: str)
 
 
 def _checkpoints_beside(path: Path) -> str:
-    """'; FOLDER has NAMES': the newest four checkpoints of the missing `path`'s folder, the likeliest meant
-    (checkpoint.pth sorts first); '' where the folder itself is missing."""
+    """'; FOLDER has NAMES': the checkpoint files of the missing `path`'s folder, the last four by name where there
+    are more (the latest epochs; checkpoint.pth sorts first); '' where the folder itself is missing."""
     folder = path.parent
     if not folder.is_dir():
         return ""
-    present = sorted(printable(file.name) for file in folder.glob("*.pth"))
+    present = sorted(printable(file.name) for file in folder.glob("*.pth") if file.is_file())
     shown = (f"{len(present) - 4} more, then " if len(present) > 4 else "") + ", ".join(present[-4:])
-    return f"; {str(folder)!r} has {shown or 'no checkpoint yet'}"
+    none = "no checkpoint yet" if (folder / "config.yaml").is_file() else "no checkpoint file"
+    return f"; {str(folder)!r} has {shown or none}"
 
 
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
@@ -118,6 +119,9 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} links to {os.readlink(path)!r}, which does not exist (a "
+                              f"scratch area purged?)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist{_checkpoints_beside(path)}")
     try:

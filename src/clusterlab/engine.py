@@ -631,9 +631,9 @@ class Trainer:
         scores = monitor(self.method, self.train_set, self.monitor_set, self.args.knn_monitor_k, source,
                          self.ctx.device, self.args.workers)
         if "non_finite" in scores:  # (a record of chance, before: zero rows, then NaN rows, vote for nothing)
-            raise NonFiniteLoss(f"the weights at {self.position_words(epoch + 1, 0)} overflow on real images: the kNN monitor's "
-                                f"embeddings of {scores['non_finite']} images are not finite (the last updates "
-                                f"diverged); stopped without saving, {self.last_good_checkpoint()}")
+            raise NonFiniteLoss(f"the weights at {self.position_words(epoch + 1, 0)} overflow on real images: the kNN "
+                                f"monitor's embeddings of {scores['non_finite']} images are not finite (the last "
+                                f"updates diverged); stopped without saving, {self.last_good_checkpoint()}")
         if self.ctx.is_main:
             voters = scores["voters"]  # (the labelled images, less a memory bank's rows that no step wrote)
             rundir.append_jsonl(self.run_dir / "train_log.jsonl", {

@@ -97,7 +97,13 @@ def main(argv=None):
         earlier = [job["job_id"] for run, _ in plan for job in recorded_jobs(run.run_dir) if job["job_id"] in in_queue]
         wait_until_done(jobs, args.cluster, earlier)
         queue_now = (queued_ids() or set()) if args.cluster == "slurm" else set()
-        for run, _ in plan:
+        held = held_runs(plan)
+        for run, state in plan:
+            if run.name in held:
+                print(f"  {run.name}: not submitted ("
+                      + ("held by a process or job this launch does not know of)" if state == "held"
+                         else "it starts from a run that is held)"))
+                continue
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
             state = rundir.read_status(run.run_dir).get("state") or ("no status.json: its job failed before training "
@@ -214,12 +220,16 @@ def moved_start(run: RunSpec, runs_by_dir: dict) -> str | None:
     trains other epochs than those its weights were taken after (the grid lengthened an earlier stage; the later
     ones are not trained again)."""
     source = runs_by_dir.get(str(run.flags.get("pretrained")))
-    origin = (config.written_run_config(run.run_dir) or {}).get("pretrained_from") if source is not None else None
+    if source is None:
+        return None
+    origin = (config.written_run_config(run.run_dir) or {}).get("pretrained_from")
     taken = origin.get("epoch") if isinstance(origin, dict) else None
-    if not rundir.is_number(taken) or not rundir.is_number(source.epochs) or taken == source.epochs:
+    # (a source that finished more epochs than the grid gives is not trained again: its weights stay)
+    holds = epochs_beyond(source) or source.epochs
+    if not rundir.is_number(taken) or not rundir.is_number(holds) or taken == holds:
         return None
     return (f"{run.name} finished from {source.name}'s weights after epoch {taken}, and the grid now trains "
-            f"{source.name} {source.epochs} epochs: {run.name} is not trained again from them (nor evaluated "
+            f"{source.name} {holds} epochs: {run.name} is not trained again from them (nor evaluated "
             f"again); another output_root trains the grid's")
 
 
@@ -244,13 +254,6 @@ def queued_script_job(run_dir: Path, in_queue: set) -> str | None:
     folder = Path(run_dir) / "slurm"
     started = sorted(path.name.removesuffix(".out") for path in folder.glob("*.out")) if folder.is_dir() else []
     return next((job for job in started if job in in_queue), None)
-
-
-def holder_words(run_dir: Path, in_queue: set) -> str | None:
-    """Who holds a run found held: its lock's holder, else the sbatch script's job in the queue."""
-    job = queued_script_job(run_dir, in_queue)
-    return rundir.lock_holder(run_dir) or (f"Slurm job {job} of an sbatch script (in the queue, its log linked "
-                                           f"as {str(Path(run_dir) / 'slurm' / f'{job}.out')!r})" if job else None)
 
 
 def queued_evals(run_dir: Path, in_queue: set) -> dict:
@@ -370,7 +373,12 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         moved = moved_start(run, runs_by_dir) if state == "finished" else None
         if moved:
             print(moved)
-        holder = holder_words(run.run_dir, in_queue) if state == "held" else None
+        job = queued_script_job(run.run_dir, in_queue) if state == "held" else None
+        holder = rundir.lock_holder(run.run_dir) if state == "held" and job is None else None
+        if job:
+            print(f"{run.name} is in use by Slurm job {job} of an sbatch script (in the queue; its log is linked as "
+                  f"{str(run.run_dir / 'slurm' / f'{job}.out')!r}): not submitted, nor evaluated, nor the stages "
+                  f"after it; launch again once it has ended")
         if holder:
             print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
                   f"again once it has ended (a holder on another host that died without Slurm leaves its lock: "
@@ -478,14 +486,23 @@ def refused_by_sbatch(what: str, submitted: list):
     sys.stderr.write(printed.getvalue())
 
 
+def held_runs(plan) -> set[str]:
+    """The runs a process or job this launch does not know of trains (`held`), and those of later stages that would
+    start from them: none is submitted (the plan names them)."""
+    held = {run.name for run, state in plan if state == "held"}
+    for run, state in plan:  # (stage by stage: a run comes after the one it starts from)
+        if run.after in held and state in ("new", "resume"):
+            held.add(run.name)
+    return held
+
+
 def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
     """Submit the training runs stage by stage (arrays where nothing is awaited, a job per run that waits for its
     previous stage) and the chained evaluation jobs; returns every job submitted."""
     folder = output_root(grid) / ".submitit"
     submitted, jobs = [], {}
     not_started = set()  # (local, debug) runs after a failed job of an earlier stage
-    # runs a process this launch does not know of trains, and the stages after them (the plan names them)
-    held = {run.name for run, state in plan if state == "held"}
+    held = held_runs(plan)
 
     def previous_job(name: str):
         """A run's training job: submitted now, or still queued from an earlier launch."""
@@ -515,9 +532,8 @@ def submit(grid: Grid, plan, cluster: str, in_queue: set) -> list:
 
     stages = list(dict.fromkeys(run.stage for run, _ in plan))
     for stage in stages:
-        to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")]
-        held.update(run.name for run in to_train if run.after in held)
-        to_train = [run for run in to_train if run.name not in held]
+        to_train = [run for run, state in plan if run.stage == stage and state in ("new", "resume")
+                    and run.name not in held]
         after_failure = [run for run in to_train if run.after in not_started]
         if after_failure:  # the stage before was not started: this one waits for no job, and has nothing to read
             print(f"{', '.join(run.name for run in after_failure)}: not started, nor evaluated (an earlier stage's "
