@@ -407,9 +407,16 @@ def test_resuming_on_a_changed_image_folder_is_refused_and_on_a_moved_one_contin
     assert_ok(run_script("main_pretrain.py", *run, "--epochs", "2", "--data_path", tmp_path / "moved",
                          "--output_dir", run_dir))
     assert checkpoint.load(run_dir / "checkpoint.pth")["epoch"] == 2
-    # A linear probe's checkpoint describes the images it was trained on (--data_path), not the run's.
+    # A linear probe's checkpoint describes the images it was trained on (--data_path), not the run's: a probe on
+    # other training images has a folder of its own (it was refused as a probe of another training set), and a
+    # probe folder that does hold one is refused.
     probe = ["eval_linear.py", "--run", run_dir, "--epochs", "1", "--batch_size", "4", "--device", "cpu"]
     assert_ok(run_script(*probe, "--data_path", tmp_path / "data"))
+    assert_ok(run_script(*probe))
+    own, other = sorted(run_dir.glob("linear_ep*"), key=lambda path: len(path.name))
+    assert other.name.startswith(f"{own.name}_data-") and len(other.name) == len(own.name) + len("_data-") + 8
+    shutil.rmtree(own)
+    other.rename(own)
     assert_user_error(run_script(*probe), "eval_linear.py", "was trained on another training set",
                       "to train the probe afresh")
 

@@ -307,3 +307,50 @@ def test_a_probe_resumed_on_another_number_of_processes_records_no_change(tiny_r
     assert ("resumed on 1 process(es); the checkpoint was written by 2 (the global batch and its samples stay the "
             "same)") in capsys.readouterr().out
     assert yaml.safe_load((probe_dir / "config.yaml").read_text())["resume_changes"] == []
+
+
+def test_a_probe_on_other_images_has_a_folder_of_its_own_and_a_held_probe_is_refused_before_extraction(
+        tmp_path, run_in_process, monkeypatch):
+    """An image-folder run probed on a second folder (`--data_path`, same --dataset): the probe took the folder of
+    the run's own probe and was refused as "trained on another training set", with the advice to remove the
+    finished probe. A copy of the run's own images is still its own probe. And a probe folder another process holds
+    was refused only after every feature had been extracted (minutes at scale, for a duplicate job)."""
+    import fabricate
+    from conftest import PYTHON, TINY, assert_ok, assert_user_error, run_script, script_env
+
+    from clusterlab.eval import features
+
+    fabricate.make_imagefolder(tmp_path / "fm", n_per_class=6, classes=2, size=8)
+    # (other images: other files, as another export's; the same file names and labels read as the same training set,
+    # a resized or cleaned copy, as a resume reads them)
+    fabricate.make_imagefolder(tmp_path / "fm2", n_per_class=7, classes=2, size=8, seed=1)
+    shutil.copytree(tmp_path / "fm", tmp_path / "copy")
+    run = tmp_path / "run"
+    assert_ok(run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "fm",
+                         "--size_crops", 8, "--batch_size", 6, "--epochs", 1, "--output_dir", run))
+    probe = ["eval_linear.py", "--run", run, "--epochs", 1, "--cached_features", "true", "--batch_size", 8, "--device",
+             "cpu"]
+    for data in ("fm", "fm2", "copy"):
+        assert_ok(run_script(*probe, "--data_path", tmp_path / data))
+    folders = sorted(path.name for path in run.glob("linear_ep*"))
+    own = "linear_ep0001_cached_batch_size8_epochs1"
+    assert len(folders) == 2 and own in folders, folders
+    assert re.fullmatch(rf"{own}_fm2-[0-9a-f]{{8}}", [folder for folder in folders if folder != own][0]), folders
+    data = [json.loads(line)["protocol"]["data"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["eval"] == "linear"]
+    assert data == ["fm", "fm2", "copy"]
+
+    holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from clusterlab import rundir; "
+                               "rundir.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+                               str(run / "linear_ep0001_cached_batch_size8_epochs2")], stdout=subprocess.PIPE,
+                              text=True, env=script_env())
+    extracted = []
+    monkeypatch.setattr(features.Evaluation, "features", lambda *args, **kwargs: extracted.append(1))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = run_in_process(*probe[:4], 2, *probe[5:])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, "eval_linear.py", "is in use by pid")
+    assert extracted == []

@@ -15,6 +15,7 @@ are added to the name) and resumes from there; one record goes to RUN/metrics.js
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 from .. import checkpoint, cli, config, distributed, engine, optim, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
+from ..data.registry import resolve_path
 from ..errors import CheckpointError, ConfigError
-from ..eval.features import (asked_view_tags, foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
-                             requested_record)
+from ..eval.features import (asked_view_tags, folder_name, foreign_checkpoint_tag, open_evaluation,
+                             requested_checkpoint_name, requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -72,12 +74,23 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
+def other_images_tag(args, loaded, train_set) -> str | None:
+    """`FOLDER-DIGEST` where --data_path reads another folder than the run trained on, holding other training images
+    (its fingerprint's first 8 characters: two folders of one name apart): a probe of its own. None for the run's
+    own files, wherever they are read from."""
+    if not args.data_path or loaded.data_folder is None or train_set.fingerprint == loaded.method.info.fingerprint:
+        return None
+    folder = os.path.realpath(resolve_path(train_set.name, args.data_path))
+    return None if folder == loaded.data_folder else f"{folder_name(folder)}-{train_set.fingerprint[:8]}"
+
+
 def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_view: EvalView,
-              own_resize: int = 0) -> Path:
-    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_cropC][_resizeR][_fromHASH]: a
-    probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is the same
-    weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation flags
-    that differ from the defaults, a precision other than float32, a dataset other than the run's, the test view
+              own_resize: int = 0, other_images: str | None = None) -> Path:
+    """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_FOLDER-DIGEST][_cropC][_resizeR]
+    [_fromHASH]: a probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is
+    the same weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation
+    flags that differ from the defaults, a precision other than float32, a dataset other than the run's, other
+    training images than the run's (`other_images_tag`), the test view
     asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own
     asked for by name trained a second, identical probe), and a checkpoint from outside the run (by a digest of its
     path)."""
@@ -87,6 +100,8 @@ def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_vie
         flags.append(f"_{protocol['precision']}")
     if dataset != loaded.args.dataset:
         flags.append(f"_{dataset}")
+    if other_images:
+        flags.append(f"_{other_images}")
     flags += [f"_{tag}" for tag in asked_view_tags(args, own_view, own_resize)]
     foreign = foreign_checkpoint_tag(loaded.checkpoint_name)
     if foreign:
@@ -145,25 +160,27 @@ def main(argv=None):
             raise CheckpointError(f"{error} (or fp16 overflowed where float32 would not: try --amp bf16 or off)") \
                 from None
 
-    test_features = backbone_features(evaluation.test_set)
-    train_set = evaluation.train_set
-    if args.cached_features:
-        train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
-    probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
-                                              "knn_monitor_every": 0, "probed_epoch": loaded.epoch,
-                                              "probed_step": loaded.step,
-                                              "probed_weights": checkpoint.weights_digest(method.backbone),
-                                              "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
-                                              "width": loaded.args.width, "nmb_crops": [1], "size_crops": [size]})
-    # The probe's checkpoint describes the images it is trained on, which --data_path may choose, not the run's.
-    probe_info = dataclasses.replace(info, num_samples=len(evaluation.train_set),
-                                     fingerprint=evaluation.train_set.fingerprint)
-    probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
-                        evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
-    probe_args.output_dir = str(probe_dir(args, loaded, evaluation.test_set.name, asked, changed,
-                                          evaluation.own_view, evaluation.own_resize))
-    # (its folder is named after the probe's flags: another probe is one with other flags)
-    with engine.owned_run_dir(probe_args.output_dir, ctx, "probe with other flags", named="the probe folder") as run:
+    folder = probe_dir(args, loaded, evaluation.test_set.name, asked, changed, evaluation.own_view,
+                       evaluation.own_resize, other_images_tag(args, loaded, evaluation.train_set))
+    # (its folder is named after the probe's flags: another probe is one with other flags). Taken before the
+    # features are extracted: a probe another job holds is refused at once, not after minutes of extraction.
+    with engine.owned_run_dir(folder, ctx, "probe with other flags", named="the probe folder") as run:
+        test_features = backbone_features(evaluation.test_set)
+        train_set = evaluation.train_set
+        if args.cached_features:
+            train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
+        probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
+                                                  "knn_monitor_every": 0, "probed_epoch": loaded.epoch,
+                                                  "probed_step": loaded.step,
+                                                  "probed_weights": checkpoint.weights_digest(method.backbone),
+                                                  "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
+                                                  "width": loaded.args.width, "nmb_crops": [1],
+                                                  "size_crops": [size], "output_dir": str(folder)})
+        # The probe's checkpoint describes the images it is trained on, which --data_path may choose, not the run's.
+        probe_info = dataclasses.replace(info, num_samples=len(evaluation.train_set),
+                                         fingerprint=evaluation.train_set.fingerprint)
+        probe = LinearProbe(probe_args, method.backbone, probe_info, test_features.shape[1],
+                            evaluation.test_set.num_classes, size, args.cached_features, ctx.device).to(ctx.device)
         trainer, start_epoch, start_step = engine.start_run(probe, probe_args, ctx, train_set, "linear",
                                                             "eval_linear.py", run)
         for epoch in range(start_epoch, args.epochs):
