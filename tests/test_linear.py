@@ -354,3 +354,27 @@ def test_a_probe_on_other_images_has_a_folder_of_its_own_and_a_held_probe_is_ref
         holder.wait()
     assert_user_error(result, "eval_linear.py", "is in use by pid")
     assert extracted == []
+
+
+def test_only_other_training_images_of_the_runs_own_dataset_and_split_name_a_probe_folder(tmp_path):
+    """The tag is for a second folder of the run's own kind of images: an STL-10 run trained on train+unlabeled,
+    probed on a copy of its files (node-local scratch), got one at every job and trained afresh; a transfer probe
+    (`_cifar10`) got one when its path came by --data_path and none by DATASET_PATH: two folders for one probe."""
+    from types import SimpleNamespace
+
+    own, copy, other = (tmp_path / name for name in ("own", "copy", "other"))
+    for folder in (own, copy, other):
+        folder.mkdir()
+
+    def tag(dataset, data_path, fingerprint, run_dataset="imagefolder", train_split="train"):
+        loaded = SimpleNamespace(data_folder=str(own), args=argparse.Namespace(dataset=run_dataset,
+                                                                               train_split=train_split),
+                                 method=SimpleNamespace(info=SimpleNamespace(fingerprint="runs")))
+        train_set = SimpleNamespace(name=dataset, split="train", fingerprint=fingerprint)
+        return eval_linear.other_images_tag(argparse.Namespace(data_path=str(data_path)), loaded, train_set)
+
+    assert tag("imagefolder", other, "others123") == "other-others12"
+    assert tag("imagefolder", copy, "runs") is None and tag("imagefolder", own, "others123") is None
+    assert tag("stl10", copy, "trainsplit", run_dataset="stl10", train_split="train+unlabeled") is None
+    assert tag("cifar10", other, "others123", run_dataset="stl10") is None
+    assert tag("cifar100_20", other, "others123", run_dataset="cifar100") == "other-others12"

@@ -24,7 +24,7 @@ import torch
 from .. import checkpoint, cli, config, distributed, engine, optim, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
-from ..data.registry import resolve_path
+from ..data.registry import resolve_path, same_images
 from ..errors import CheckpointError, ConfigError
 from ..eval.features import (asked_view_tags, folder_name, foreign_checkpoint_tag, open_evaluation,
                              requested_checkpoint_name, requested_record)
@@ -77,8 +77,12 @@ def linear_protocol(args, changed: dict) -> dict:
 def other_images_tag(args, loaded, train_set) -> str | None:
     """`FOLDER-DIGEST` where --data_path reads another folder than the run trained on, holding other training images
     (its fingerprint's first 8 characters: two folders of one name apart): a probe of its own. None for the run's
-    own files, wherever they are read from."""
-    if not args.data_path or loaded.data_folder is None or train_set.fingerprint == loaded.method.info.fingerprint:
+    own files, wherever they are read from; for another dataset (its `_DATASET` names the probe); and for a run
+    trained on another split than the probe fits on (STL-10's train+unlabeled), whose fingerprint cannot tell its
+    own files from others (the probe's checkpoint then refuses other images, as before)."""
+    if (not args.data_path or loaded.data_folder is None or not same_images(train_set.name, loaded.args.dataset)
+            or getattr(loaded.args, "train_split", "train") != train_set.split
+            or train_set.fingerprint == loaded.method.info.fingerprint):
         return None
     folder = os.path.realpath(resolve_path(train_set.name, args.data_path))
     return None if folder == loaded.data_folder else f"{folder_name(folder)}-{train_set.fingerprint[:8]}"
