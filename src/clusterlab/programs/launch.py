@@ -106,10 +106,10 @@ def main(argv=None):
                 continue
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
-            state = rundir.read_status(run.run_dir).get("state") or ("no status.json: its job failed before training "
-                                                                     "started, or never ran (cancelled, or a job "
-                                                                     "it waited for failed)")
-            print(f"  {run.name}: {state}"
+            reached = rundir.read_status(run.run_dir).get("state") or ("no status.json: its job failed before "
+                                                                       "training started, or never ran (cancelled, "
+                                                                       "or a job it waited for failed)")
+            print(f"  {run.name}: {reached}"
                   + (f" ({failure})" if failure else ""))
             if args.cluster == "slurm":
                 for _, line in failed_evaluations(run.run_dir, queue_now):
