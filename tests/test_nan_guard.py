@@ -173,3 +173,14 @@ def test_weights_that_overflow_only_on_real_images_stop_at_the_knn_monitor(tmp_p
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == good
     log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log if "knn_monitor" in line] == [0]
+
+
+def test_a_linear_probe_that_diverges_names_its_learning_rate(tiny_run, tmp_path):
+    """`--lr 1e30`: the probe stopped with the loss terms (ce=nan) and no flag to change."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    result = run_script("eval_linear.py", "--run", run, "--lr", "1e30", "--epochs", 2, "--cached_features", "true",
+                        "--device", "cpu")
+    line = assert_user_error(result, "eval_linear.py", "loss is not finite at epoch 1 step ")
+    assert ("(the probe is one linear layer on a frozen backbone, so its optimisation diverged: lower --lr (here "
+            "1e+30)); stopped without saving") in line, line
+    assert not (run / "metrics.jsonl").exists() or "linear" not in (run / "metrics.jsonl").read_text()

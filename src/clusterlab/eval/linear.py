@@ -56,6 +56,12 @@ class LinearProbe(Method):
                                  info.mean, info.std, info.image_size, seed=args.seed)
         self.best = {"top1": -1.0, "epoch": -1}
 
+    def non_finite_hint(self) -> str:
+        # a linear layer's cross-entropy on a frozen backbone's finite features (checked when extracted) turns
+        # non-finite only through its own optimisation
+        return (f"the probe is one linear layer on a frozen backbone, so its optimisation diverged: lower --lr "
+                f"(here {self.args.lr:g})")
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen: batch norm keeps its running statistics
