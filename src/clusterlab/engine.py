@@ -47,7 +47,7 @@ from .compilation import compile_backbone
 from .config import git_state, read_run_config, starts_of, write_resolved, written_run_config
 from .curves import STEP_FIELDS
 from .data import loader as data_loader
-from .data.registry import DATASETS, lacks_test_split, resolve_path
+from .data.registry import DATASETS, lacks_test_split, real_data_folder
 from .distributed import Context
 from .errors import CheckpointError, ConfigError, UserError, one_line
 from .methods.base import Batch, Method, Progress
@@ -382,7 +382,7 @@ class Trainer:
         dataset = self.args.dataset
         if dataset not in DATASETS or not DATASETS[dataset].reads_files:
             return None
-        return os.path.realpath(resolve_path(dataset, self.args.data_path))
+        return real_data_folder(dataset, self.args.data_path)
 
     def _moved_data_path(self, saved_folder: str | None) -> str | None:
         """The note for a resume reading its files from another folder than the checkpoint's (the fingerprint

@@ -572,6 +572,12 @@ def resolve_path(name: str, data_path: str | None) -> Path:
     return Path(chosen).expanduser()
 
 
+def real_data_folder(name: str, data_path: str | None) -> str:
+    """The folder a dataset's files are read from, links resolved and whatever the working directory: what a
+    checkpoint records as its `data_folder`, and what an evaluation compares with it."""
+    return os.path.realpath(resolve_path(name, data_path))
+
+
 def load(name: str, split: str, data_path: str | None = None, download: bool = False) -> ImageSet:
     """Load one split of a registered dataset (errors are DataError with one line naming the bad value). A collective
     under a process group: every rank loads, and a set that differs between ranks is refused on all of them."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ..config import canonical_keys, read_run_config
 from ..data import ImageSet
 from ..data import loader as data_loader
 from ..data.augment import EvalView, eval_view, refuse_oversized
-from ..data.registry import imagefolder_sizes, resolve_path, same_images
+from ..data.registry import imagefolder_sizes, real_data_folder, resolve_path, same_images
 from ..errors import CheckpointError, ConfigError, UserError, printable
 from ..methods import METHODS, DataInfo, Method
 from ..methods.base import test_view_size
@@ -364,7 +363,7 @@ def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, da
     directory, named another folder there, scored as the run's data without a word. Files elsewhere with the run's
     training set's names and labels (its fingerprint: a copy, each job's own, say) are the run's; a run trained on
     another split than the one evaluations fit on (STL-10's train+unlabeled) is compared by folder alone."""
-    here = os.path.realpath(resolve_path(dataset, data_path))
+    here = real_data_folder(dataset, data_path)
     if loaded.data_folder is None or here == loaded.data_folder:
         return
     trained_on = loaded.method.info.fingerprint

@@ -15,7 +15,6 @@ are added to the name) and resumes from there; one record goes to RUN/metrics.js
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from .. import checkpoint, cli, config, distributed, engine, optim, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
-from ..data.registry import resolve_path, same_images
+from ..data.registry import real_data_folder, same_images
 from ..errors import CheckpointError, ConfigError
 from ..eval.features import (asked_view_tags, folder_name, foreign_checkpoint_tag, open_evaluation,
                              requested_checkpoint_name, requested_record)
@@ -84,7 +83,7 @@ def other_images_tag(args, loaded, train_set) -> str | None:
             or getattr(loaded.args, "train_split", "train") != train_set.split
             or train_set.fingerprint == loaded.method.info.fingerprint):
         return None
-    folder = os.path.realpath(resolve_path(train_set.name, args.data_path))
+    folder = real_data_folder(train_set.name, args.data_path)
     return None if folder == loaded.data_folder else f"{folder_name(folder)}-{train_set.fingerprint[:8]}"
 
 
