@@ -158,6 +158,32 @@ def test_a_signal_where_nothing_is_saved_says_so_and_exits_75():
                            "rest\n")
 
 
+# A stop signal whose handler runs inside a weakref callback (importlib's module locks have one: a Slurm job signalled
+# while Python imported): Python reports what the callback raises and goes on, so the requeue's exit was printed as
+# "Exception ignored in ..." with a traceback, and the program went on to train a step before it left.
+EXIT_IN_A_WEAKREF_CALLBACK = """
+import os, signal, weakref
+from clusterlab import signals
+signals.install()
+class Module:
+    pass
+def callback(_):
+    os.kill(os.getpid(), signal.SIGUSR2)
+    sum(range(1000))  # (Python code, where the handler runs)
+module = Module()
+lock = weakref.ref(module, callback)
+del module
+print("went on as if no signal had come", flush=True)
+"""
+
+
+def test_a_stop_signal_inside_code_whose_exceptions_python_ignores_still_leaves_with_75():
+    done = subprocess.run([PYTHON, "-c", EXIT_IN_A_WEAKREF_CALLBACK], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (75, ""), (done.stdout, done.stderr)
+    assert done.stderr.startswith("SIGUSR2: stopped where no checkpoint is written") and "Traceback" not in done.stderr
+
+
 # TERM and USR2 waiting together for their handlers (both sent during an import, where Python runs no handler until
 # the import's C code returns; here held back by the signal mask while the program starts): USR2's handler left,
 # ignoring both signals on its way, and TERM, still waiting, met SIG_IGN at the next check (programs.run's own, or

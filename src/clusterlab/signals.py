@@ -29,15 +29,21 @@ _heard: int | None = None  # the stop signal another rank received (hear)
 _seen: set = set()
 _deferring = False
 _leaving = False
+_previous_unraisablehook = None
 
 
 def install() -> None:
-    """Catch the stop signals (idempotent; the handlers found first are kept as the ones to hand over to)."""
+    """Catch the stop signals, and a requeue's exit Python would ignore (idempotent; the handlers found first are
+    kept as the ones to hand over to)."""
     for signum in STOP_SIGNALS:
         current = signal.getsignal(signum)
         if current is not _handle:
             _previous[signum] = current
             signal.signal(signum, _handle)
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _leave_where_python_ignores_the_exit:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _leave_where_python_ignores_the_exit
 
 
 def wrap_previous(signum: int, wrapper) -> None:
@@ -73,6 +79,21 @@ def _leave_unsaved() -> None:
                     f"records are kept); exit status {EXIT_REQUEUE}: a requeued job or the same command again does "
                     f"the rest\n".encode())
     leave()
+
+
+def _leave_where_python_ignores_the_exit(unraisable) -> None:
+    """sys.unraisablehook: the requeue's SystemExit, raised by the handler inside code whose exceptions Python only
+    reports (a weakref callback of importlib's module locks, a __del__), was printed as "Exception ignored in ..."
+    with a traceback, and the program went on as if no signal had come (a job signalled while it imported trained a
+    step before it left). It leaves at once there, with the exit's status: nothing is left behind that a killed
+    process would not leave too (a run's lock is taken over as stale at the next start)."""
+    if _leaving and issubclass(unraisable.exc_type, SystemExit):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        code = unraisable.exc_value.code
+        os._exit(code if isinstance(code, int) else EXIT_REQUEUE)
+    _previous_unraisablehook(unraisable)
 
 
 def defer(enabled: bool = True) -> None:
