@@ -6,6 +6,9 @@
 The program lives in src/clusterlab/programs/eval_linear.py; one record goes to RUN/metrics.jsonl.
 """
 if __name__ == "__main__":
-    from clusterlab.programs import run  # catches pre-emption signals before anything heavy is imported
+    from clusterlab import signals
+
+    signals.install()  # first: from here on a pre-emption signal requeues (Python's default kills at once)
+    from clusterlab.programs import run
 
     run("eval_linear.py")

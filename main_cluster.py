@@ -7,6 +7,9 @@
 The program lives in src/clusterlab/programs/train.py; its heads are scored by `eval_cluster.py --run RUN`.
 """
 if __name__ == "__main__":
-    from clusterlab.programs import run  # catches pre-emption signals before anything heavy is imported
+    from clusterlab import signals
+
+    signals.install()  # first: from here on a pre-emption signal requeues (Python's default kills at once)
+    from clusterlab.programs import run
 
     run("main_cluster.py")

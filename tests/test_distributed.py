@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import time
 import types
 from pathlib import Path
@@ -315,6 +316,73 @@ def test_srun_step_without_scontrol_is_one_line_naming_master_addr(monkeypatch, 
     with pytest.raises(ConfigError, match="MASTER_ADDR") as caught:
         distributed._from_environment()
     assert "\n" not in str(caught.value) and "node[01-03,07]" in str(caught.value) and words in str(caught.value)
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_ID")
+
+
+def launch_environment(monkeypatch, **variables):
+    """Exactly `variables` as the launcher variables of this process."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("variables, words", [
+    # torch's traceback ("environment variable MASTER_ADDR expected, but not set")
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK=0 and WORLD_SIZE=2 are set in the environment, MASTER_ADDR is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not"),
+    # a rank beyond the world retried its connection until the 30-minute timeout
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=2 in the environment is not one of the 2 ranks of WORLD_SIZE=2 (0 to 1)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 in the environment: a run has 1 process or more"),
+    ({"RANK": "first", "WORLD_SIZE": "2"}, "RANK='first' in the environment is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port"},
+     "MASTER_PORT='port' in the environment is not a port number (1 to 65535)"),
+    # one process without a word, where two were asked for
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set in the environment, RANK is not: torchrun sets both"),
+])
+def test_launcher_variables_no_process_group_can_come_of_are_one_line(monkeypatch, variables, words):
+    launch_environment(monkeypatch, **variables)
+    with pytest.raises(ConfigError) as caught:
+        distributed._from_environment()
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("variables", [{}, {"WORLD_SIZE": "1"}, {"RANK": "0"}, {"RANK": "0", "WORLD_SIZE": "1"}])
+def test_launcher_variables_of_one_process_start_one(monkeypatch, variables):
+    launch_environment(monkeypatch, **variables)
+    assert distributed._from_environment() in (None, (0, 1, 0))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rendezvous_on_a_port_in_use_is_one_line(monkeypatch):
+    """rank 0 of a run whose MASTER_PORT another run's rendezvous holds: torch's DistNetworkError with a C++ stack."""
+    port = free_port()
+    other_run = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    launch_environment(monkeypatch, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with pytest.raises(ConfigError) as caught:
+        distributed._join_process_group("gloo", 0, 2, 5)
+    assert str(caught.value) == (f"rank 0 of 2 cannot hold the rendezvous at 127.0.0.1:{port}: MASTER_PORT is in use "
+                                 f"on this host (another run's rendezvous, or another program); choose a free "
+                                 f"MASTER_PORT")
+    del other_run
+
+
+def test_a_rendezvous_rank_0_never_answers_times_out_in_one_line(monkeypatch):
+    launch_environment(monkeypatch, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    with pytest.raises(ConfigError) as caught:
+        distributed._join_process_group("gloo", 1, 2, 1)
+    assert str(caught.value).startswith(f"rank 1 of 2: the rendezvous at {os.environ['MASTER_ADDR']}:"
+                                        f"{os.environ['MASTER_PORT']} timed out after 1 s (")
+    assert "rank 0 did not answer there" in str(caught.value) and "\n" not in str(caught.value)
+    assert not distributed.is_initialized()
 
 
 # ---- the headline: one SwAV step on 2 processes = 1 process on the full batch ----------------------------------------

@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -76,14 +77,59 @@ def _slurm_master_address() -> str:
 
 def _from_environment() -> tuple[int, int, int] | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        found = _environment_int("RANK"), _environment_int("WORLD_SIZE"), _environment_int("LOCAL_RANK", 0)
+        return _checked_rendezvous(*found)
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and tasks and int(tasks) > 1:
         if "MASTER_ADDR" not in os.environ:  # (not setdefault: its argument would run scontrol regardless)
             os.environ["MASTER_ADDR"] = _slurm_master_address()
         os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"])))
         return int(os.environ["SLURM_PROCID"]), int(tasks), int(os.environ.get("SLURM_LOCALID", 0))
+    for alone, missing in (("WORLD_SIZE", "RANK"), ("RANK", "WORLD_SIZE")):
+        # (a stale variable of another session: one process, as asked for, had it said 1 or 0)
+        if alone in os.environ and os.environ[alone].strip() not in ("0", "1"):
+            raise ConfigError(f"{alone}={os.environ[alone]} is set in the environment, {missing} is not: torchrun "
+                              f"sets both (with MASTER_ADDR and MASTER_PORT) in every process it starts; unset "
+                              f"{alone} to run one process")
     return None
+
+
+UNSET_FOR_ONE_PROCESS = "unset RANK and WORLD_SIZE to run one process"
+
+
+def _environment_int(name: str, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} in the environment is not an integer (torchrun sets RANK, WORLD_SIZE "
+                          f"and LOCAL_RANK in every process it starts; {UNSET_FOR_ONE_PROCESS})") from None
+
+
+def _checked_rendezvous(rank: int, world: int, local: int) -> tuple[int, int, int]:
+    """RANK, WORLD_SIZE and LOCAL_RANK of an env:// rendezvous, refused where no process group could come of them:
+    a missing MASTER_ADDR ended in torch's traceback, a rank beyond the world retried its connection until the
+    30-minute timeout."""
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} in the environment: a run has 1 process or more "
+                          f"({UNSET_FOR_ONE_PROCESS})")
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} in the environment is not one of the {world} ranks of WORLD_SIZE={world} "
+                          f"(0 to {world - 1})")
+    if local < 0:
+        raise ConfigError(f"LOCAL_RANK={local} in the environment: a local rank is 0 or more")
+    if world > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name, "").strip():
+                raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} are set in the environment, {name} is not: "
+                                  f"start the processes with torchrun, or set MASTER_ADDR and MASTER_PORT (the "
+                                  f"address and a free port of rank 0's host); {UNSET_FOR_ONE_PROCESS}")
+        port = os.environ["MASTER_PORT"].strip()
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"MASTER_PORT={port!r} in the environment is not a port number (1 to 65535)")
+    return rank, world, local
 
 
 def _where() -> str:
@@ -137,11 +183,49 @@ def init(device: str = "auto", timeout_s: int = 1800, flags: dict | None = None)
     # one write with its newline, so that the lines of ranks sharing an output file (srun) do not interleave
     print(f"rank {rank}/{world} (local {local}) on {_where()}: joining {backend} at "
           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}\n", end="", flush=True)
-    dist.init_process_group(backend=backend, init_method="env://",
-                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    # From here on the process ends without the interpreter's finalisation (`joined_a_group`), also where it leaves
+    # during the rendezvous: its thread may still wait in torch's C++ code.
     _joined = True
+    _join_process_group(backend, rank, world, timeout_s)
     require_same_flags(flags)
     return Context(rank, world, chosen)
+
+
+def _join_process_group(backend: str, rank: int, world: int, timeout_s: int) -> None:
+    """init_process_group, run in a thread of its own while this (the main) thread waits in Python: the rendezvous
+    blocks in C++ until every rank has come (or the timeout), and there no Python signal handler runs. A rank waiting
+    for one that never came (a wrong MASTER_ADDR, a node that did not start) ignored stop signals and Ctrl-C until
+    the 30-minute timeout; only SIGKILL ended it. Its errors become one line each."""
+    failure: list[BaseException] = []
+
+    def rendezvous() -> None:
+        try:
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except BaseException as err:  # handed to the main thread
+            failure.append(err)
+
+    joining = threading.Thread(target=rendezvous, name="rendezvous", daemon=True)
+    joining.start()
+    while joining.is_alive():
+        joining.join(0.1)
+    if failure:
+        raise _rendezvous_error(failure[0], rank, world, timeout_s) from None
+
+
+def _rendezvous_error(err: BaseException, rank: int, world: int, timeout_s: int) -> BaseException:
+    """One line for the rendezvous's own failures (torch's errors carry a C++ stack); any other error as it is."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    words = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, dist.DistNetworkError) and "EADDRINUSE" in words:
+        return ConfigError(f"rank {rank} of {world} cannot hold the rendezvous at {where}: MASTER_PORT is in use on "
+                           f"this host (another run's rendezvous, or another program); choose a free MASTER_PORT")
+    if isinstance(err, dist.DistError) and "timed out" in words.lower():
+        waited = ("no other rank joined it in time" if rank == 0 else "rank 0 did not answer there")
+        return ConfigError(f"rank {rank} of {world}: the rendezvous at {where} timed out after {timeout_s} s "
+                           f"({words.rstrip('.')}): {waited}; every rank's `joining` line names the address it "
+                           f"used, and a rank that never started has no log")
+    return err
 
 
 def require_same_flags(flags: dict | None) -> None:

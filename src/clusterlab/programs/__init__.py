@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 
 from .. import signals
@@ -61,15 +60,17 @@ def run(script: str, argv=None):
     one line and 130); once it has ended, or left for the requeue (exit 75), the stop signals are ignored, and a
     process that joined a process group ends there (`end_without_finalising`)."""
     signals.install()
-    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale (en_US.UTF-8)
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    # (None: started with the descriptor closed, `>&-`; print then writes nothing, as it should)
-    sys.stdout, sys.stderr = (stream and OutputThatMayClose(stream) for stream in (sys.stdout, sys.stderr))
-    from ..errors import one_line, run_cli
-
     try:
         try:
+            # (inside: a stop signal during these lines left with the signals still caught, and a second one, as
+            # Slurm sends, killed the process in its teardown: status 143, not 75)
+            for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, under a strict locale
+                if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+                    stream.reconfigure(errors="backslashreplace")
+            # (None: started with the descriptor closed, `>&-`; print then writes nothing, as it should)
+            sys.stdout, sys.stderr = (stream and OutputThatMayClose(stream) for stream in (sys.stdout, sys.stderr))
+            from ..errors import run_cli
+
             result = run_cli(PROGRAMS[script].main, argv, PROGRAMS[script].output_flag)
         finally:
             signals.ignore()  # (a stop signal before this line leaves through the handlers below)
@@ -79,10 +80,11 @@ def run(script: str, argv=None):
     except BaseException as crash:  # its traceback, then exit status 1 (130: a Ctrl-C run_cli missed), as Python's
         if signals.leaving():
             # The requeue's SystemExit, raised by the signal handler inside an extension module's code (an import
-            # of scikit-learn), came out as that code's own error: still the requeue, the error named on one line.
+            # of scikit-learn), came out as that code's own error: still the requeue. Only the error's type is
+            # named: its words (numpy's "IMPORTANT: PLEASE READ THIS...") sent users off to mend an installation.
             with contextlib.suppress(OSError, ValueError):
-                print(f"{one_line(crash)} (raised while leaving for the requeue)",
-                      file=sys.stderr, flush=True)
+                print(f"(the code the stop signal interrupted raised {type(crash).__name__} on its way out: a "
+                      f"consequence of the signal, not a fault of its own)", file=sys.stderr, flush=True)
             end_without_finalising(signals.EXIT_REQUEUE)
             raise SystemExit(signals.EXIT_REQUEUE) from None
         if _joined_a_group():
@@ -91,6 +93,8 @@ def run(script: str, argv=None):
                 with contextlib.suppress(OSError, ValueError):
                     print(f"{script}: error: {lost_rank}", file=sys.stderr, flush=True)
             else:
+                import traceback
+
                 traceback.print_exc()
             end_without_finalising(crash_status(crash))
         raise
