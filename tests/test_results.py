@@ -619,6 +619,21 @@ def test_runs_trained_on_two_image_folders_are_two_recipes(tmp_path):
                               ("swav", "training_set.images=60000 training_set.fingerprint=digest60000"): (1, 90.0)}
 
 
+@pytest.mark.parametrize("args, split", [({"method": "unmix"}, True), ({"sync_bn": False}, True),
+                                         ({"sync_bn": True}, False)])
+def test_runs_on_other_numbers_of_processes_are_two_recipes_where_that_shapes_the_training(tmp_path, args, split):
+    """Un-Mix (pairs drawn inside each rank's share) and local batch norm: fresh runs on 1 and on 2 processes were
+    averaged as seeds of one row; with global batch norm they are seeds (2 processes compute what 1 does)."""
+    root = tmp_path / "runs"
+    for name, seed, world, acc in (("one_s0", 0, 1, 0.40), ("one_s1", 1, 1, 0.42), ("two_s0", 0, 2, 0.54)):
+        write_trained_run(root, name, seed, acc, **args)
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**config, "world_size": world}))
+    table = results.aggregate(results.records_frame(results.read_records(root)))
+    assert rows_of(table) == ({("swav", "world_size=1"): (2, 41.0), ("swav", "world_size=2"): (1, 54.0)} if split
+                              else {("swav", None): (3, 45.333333)})  # (the records' method: rows keep it)
+
+
 def test_scan_runs_mined_on_other_views_are_two_recipes_and_a_first_stage_on_another_folder_too(tmp_path):
     """neighbours_mined_on (not --mining_crop, which an older run lacks and a resume may change) tells SCAN runs
     apart; the training set of the run a stage started from counts as its other settings do."""

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from conftest import PYTHON, ROOT, TINY, script_env
 from dist_utils import run_distributed
@@ -312,11 +313,13 @@ def test_a_distributed_run_ends_without_the_interpreters_finalisation(tmp_path):
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert outputs[0][0].splitlines()[-1].startswith("finished 1 epochs; checkpoint in")
     assert json.loads((tmp_path / "two" / "status.json").read_text())["state"] == "finished"
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["world_size"] == 2
     assert not list(tmp_path.glob("finalised*"))
     alone = start(tmp_path / "one")
     out, err = alone.communicate(timeout=180)
     assert alone.returncode == 0 and out.splitlines()[-1].startswith("finished 1 epochs"), (out, err)
     assert [p.name for p in tmp_path.glob("finalised*")] == ["finalised"]
+    assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["world_size"] == 1
 
 
 # A program whose process joined a process group (as distributed.init records it), ending in each way it can.

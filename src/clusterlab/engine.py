@@ -284,7 +284,8 @@ class Trainer:
         self.resume_changes = list(state.get("resume_changes", []))
         # what the checkpoint records of its training (None from a version that kept no starts nor changes)
         self.saved_record = {"args": state["args"], "precision": state.get("precision"),
-                             "trained_by": list(self.trained_by), "resume_changes": list(self.resume_changes)} \
+                             "world_size": state.get("world_size"), "trained_by": list(self.trained_by),
+                             "resume_changes": list(self.resume_changes)} \
             if "trained_by" in state and "resume_changes" in state else None
         self._note_changes(state)
         epoch, step = self.position
@@ -897,7 +898,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                 trainer.trained_by.append(code)
             # config.yaml's git fields say what this start runs; trained_by, what every start of the run ran
             write_resolved(args, run_dir, program, git=code, precision=trainer.precision,
-                           trained_by=trainer.trained_by, resume_changes=trainer.resume_changes,
+                           world_size=trainer.ctx.world_size, trained_by=trainer.trained_by,
+                           resume_changes=trainer.resume_changes,
                            training_set={"images": method.info.num_samples, "fingerprint": method.info.fingerprint},
                            **method.recorded())
         rundir.write_status(run_dir, "running", epoch=start_epoch, step=start_step, epochs=args.epochs)
@@ -921,7 +923,8 @@ def rewrite_a_record_of_nothing_saved(trainer: Trainer, run_dir: Path, program: 
         return
     write_resolved(argparse.Namespace(**saved["args"]), run_dir, program,
                    git=saved["trained_by"][-1] if saved["trained_by"] else None, precision=saved["precision"],
-                   trained_by=saved["trained_by"], resume_changes=saved["resume_changes"],
+                   world_size=saved["world_size"], trained_by=saved["trained_by"],
+                   resume_changes=saved["resume_changes"],
                    training_set={"images": trainer.method.info.num_samples,
                                  "fingerprint": trainer.method.info.fingerprint},
                    **trainer.method.recorded())

@@ -362,9 +362,9 @@ def without_unread(settings: dict | None) -> dict | None:
 
 def _recorded_settings(run_config: dict) -> dict:
     """What config.yaml records beside the flags that shapes what a run learns: what the training split held
-    (`training_set`; data_path, left out of the flags, differs per machine: two image folders are two recipes) and
-    the view a SCAN run mined its neighbours on (`neighbours_mined_on`, which --mining_crop 0 leaves to the
-    pre-trained run)."""
+    (`training_set`; data_path, left out of the flags, differs per machine: two image folders are two recipes), the
+    view a SCAN run mined its neighbours on (`neighbours_mined_on`, which --mining_crop 0 leaves to the pre-trained
+    run) and, where it shapes the training (`processes_shape_training`), its number of processes."""
     found = {}
     trained_on = run_config.get("training_set")
     if isinstance(trained_on, dict):
@@ -373,7 +373,16 @@ def _recorded_settings(run_config: dict) -> dict:
     mined_on = run_config.get("neighbours_mined_on")
     if isinstance(mined_on, dict):
         found["neighbours_mined_on"] = mined_on.get("crop")
+    if _whole(run_config.get("world_size")) and processes_shape_training(run_config.get("args") or {}):
+        found["world_size"] = run_config["world_size"]
     return found
+
+
+def processes_shape_training(args: dict) -> bool:
+    """Whether a run's number of processes is part of what it trains (as the engine notes a resume on another
+    number): Un-Mix pairs images inside each rank's share, and local batch norm (`--sync_bn false`) normalises each
+    share on its own. Fresh runs of such a recipe on 1 and on 2 processes were averaged as seeds of one row."""
+    return args.get("method") == "unmix" or args.get("sync_bn") is False
 
 
 def settings_at(settings: dict | None, changes, position: tuple[int, int]) -> dict | None:
