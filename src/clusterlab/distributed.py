@@ -186,12 +186,13 @@ def init(device: str = "auto", timeout_s: int = 1800, flags: dict | None = None)
     # From here on the process ends without the interpreter's finalisation (`joined_a_group`), also where it leaves
     # during the rendezvous: its thread may still wait in torch's C++ code.
     _joined = True
-    _join_process_group(backend, rank, world, timeout_s)
+    _join_process_group(backend, rank, world, timeout_s, chosen)
     require_same_flags(flags)
     return Context(rank, world, chosen)
 
 
-def _join_process_group(backend: str, rank: int, world: int, timeout_s: int) -> None:
+def _join_process_group(backend: str, rank: int, world: int, timeout_s: int,
+                        device: torch.device = torch.device("cpu")) -> None:
     """init_process_group, run in a thread of its own while this (the main) thread waits in Python: the rendezvous
     blocks in C++ until every rank has come (or the timeout), and there no Python signal handler runs. A rank waiting
     for one that never came (a wrong MASTER_ADDR, a node that did not start) ignored stop signals and Ctrl-C until
@@ -200,6 +201,8 @@ def _join_process_group(backend: str, rank: int, world: int, timeout_s: int) -> 
 
     def rendezvous() -> None:
         try:
+            if device.type == "cuda":  # (CUDA's current device is a thread's own: NCCL's must not be GPU 0)
+                torch.cuda.set_device(device)
             dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         except BaseException as err:  # handed to the main thread
