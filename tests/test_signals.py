@@ -121,19 +121,28 @@ def test_a_rank_stopped_for_another_ranks_signal_leaves_the_run_interrupted(tmp_
     assert done.stdout.splitlines() == ["requeued on SIGUSR2", "interrupted"]
 
 
+def signal_on_import(module: str) -> str:
+    """Python lines that send this process SIGUSR2 when `module` starts to be imported (its handler runs there)."""
+    return f"""
+import os, signal, sys
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return None
+sys.meta_path.insert(0, SignalOnImport())
+"""
+
+
 # A program run as its script runs it (programs.run), then what the stop signals do while the interpreter shuts down:
 # atexit runs before Python gives them their default action back, which a second SIGTERM then took (status 143).
+# "starting": a stop signal while programs.run sets up (its import of clusterlab.errors): exit 75.
 DISPOSITION_AT_EXIT = """
 import atexit, os, signal, sys
 atexit.register(lambda: print("ignored at exit:", all(signal.getsignal(s) is signal.SIG_IGN
                                                           for s in (signal.SIGTERM, signal.SIGUSR2)), flush=True))
-if sys.argv[1] == "starting":  # a stop signal while programs.run sets up (its import of clusterlab.errors): exit 75
-    class SignalOnImport:
-        def find_spec(self, name, path=None, target=None):
-            if name == "clusterlab.errors":
-                os.kill(os.getpid(), signal.SIGUSR2)
-            return None
-    sys.meta_path.insert(0, SignalOnImport())
+if sys.argv[1] == "starting":
+    exec(sys.argv.pop(2))
 from clusterlab import programs
 if sys.argv[1] == "signalled":  # a stop signal at the first step: saved, exit 75
     from clusterlab import engine
@@ -150,7 +159,8 @@ programs.run("main_pretrain.py", sys.argv[2:])
 def test_a_program_that_ended_or_left_for_the_requeue_ignores_further_stop_signals(tmp_path, case, status):
     """A second stop signal (Slurm's TERM after USR2) while the process ends must not kill it: status 143 where it
     had left with 75, when the first came while programs.run still set up."""
-    done = subprocess.run([PYTHON, "-c", DISPOSITION_AT_EXIT, case, *TINY, "--epochs", "1", "--output_dir",
+    hook = [signal_on_import("clusterlab.errors")] if case == "starting" else []
+    done = subprocess.run([PYTHON, "-c", DISPOSITION_AT_EXIT, case, *hook, *TINY, "--epochs", "1", "--output_dir",
                            str(tmp_path / "run")], cwd=ROOT, env=script_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == status, done.stderr
@@ -221,23 +231,12 @@ def test_a_stop_signal_while_a_rank_waits_for_the_others_to_join_ends_it(tmp_pat
     assert err.splitlines()[-1].startswith(words) and "Traceback" not in err, err
 
 
-SIGNAL_WHILE_PROGRAMS_IMPORT = """
-import os, signal, sys
-class SignalOnImport:
-    def find_spec(self, name, path=None, target=None):
-        if name == "clusterlab.programs":
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return None
-sys.meta_path.insert(0, SignalOnImport())
-"""
-
-
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_cluster.py", "eval_knn.py", "eval_linear.py",
                                     "eval_cluster.py", "launch.py", "collect_results.py"])
 def test_every_root_script_catches_the_stop_signals_before_it_imports_its_program(tmp_path, script):
     """The handlers were installed by programs.run, after the programs' package and its imports (about a tenth of a
     second; 0.3 s on a loaded node): a job pre-empted then died of the signal (status 140), not requeued (75)."""
-    (tmp_path / "sitecustomize.py").write_text(SIGNAL_WHILE_PROGRAMS_IMPORT)
+    (tmp_path / "sitecustomize.py").write_text(signal_on_import("clusterlab.programs"))
     env = {**script_env(), "PYTHONPATH": f"{tmp_path}:{script_env().get('PYTHONPATH', '')}"}
     done = subprocess.run([PYTHON, str(ROOT / script), "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
