@@ -193,3 +193,4 @@ def test_a_memory_bank_monitor_records_the_rows_that_voted(tmp_path):
     monitor = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
                if '"knn_monitor"' in line]
     assert [(record["k"], record["k_used"]) for record in monitor] == [(897, 896)]
+    assert "epoch 1: kNN monitor (k=897, 896 images vote, memory_bank) top1 " in done.stdout  # (said k=897 alone)

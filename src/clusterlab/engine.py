@@ -642,7 +642,8 @@ class Trainer:
                 **({"k_used": voters} if self.args.knn_monitor_k > voters else {}),
                 "temperature": self.method.monitor_temperature, "train_features": source,
                 "top1": scores["top1"], "top5": scores["top5"], "time": rundir.now_iso()})
-            print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}, {source}) top1 "
+            fewer = f", {voters} images vote" if self.args.knn_monitor_k > voters else ""
+            print(f"epoch {epoch + 1}: kNN monitor (k={self.args.knn_monitor_k}{fewer}, {source}) top1 "
                   f"{scores['top1']:.4f}", flush=True)
 
     def finish(self) -> None:
