@@ -380,7 +380,7 @@ def test_a_rendezvous_rank_0_never_answers_times_out_in_one_line(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         distributed._join_process_group("gloo", 1, 2, 1)
     assert str(caught.value).startswith(f"rank 1 of 2: the rendezvous at {os.environ['MASTER_ADDR']}:"
-                                        f"{os.environ['MASTER_PORT']} timed out after 1 s (")
+                                        f"{os.environ['MASTER_PORT']} timed out (")
     assert "rank 0 did not answer there" in str(caught.value) and "\n" not in str(caught.value)
     assert not distributed.is_initialized()
 

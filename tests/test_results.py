@@ -634,6 +634,22 @@ def test_runs_on_other_numbers_of_processes_are_two_recipes_where_that_shapes_th
                               else {("swav", None): (3, 45.333333)})  # (the records' method: rows keep it)
 
 
+def test_second_stages_of_first_stages_on_other_numbers_of_processes_are_two_recipes(tmp_path):
+    """SCAN from an Un-Mix run on 1 process and from one on 2 were averaged as seeds: the origin kept no world size."""
+    from clusterlab.methods.cluster_base import pretrained_origin
+
+    def origin(world):
+        return pretrained_origin(tmp_path / "unmix" / "checkpoint.pth", {
+            "method": "unmix", "epoch": 1, "args": {"method": "unmix"}, "world_size": world})
+
+    assert origin(2)["world_size"] == 2
+
+    def settings(world):
+        return results.run_settings({"args": {"method": "scan"}, "pretrained_from": origin(world)})
+
+    assert settings(2)["pretrained.world_size"] == 2 and settings(1) != settings(2)
+
+
 def test_scan_runs_mined_on_other_views_are_two_recipes_and_a_first_stage_on_another_folder_too(tmp_path):
     """neighbours_mined_on (not --mining_crop, which an older run lacks and a resume may change) tells SCAN runs
     apart; the training set of the run a stage started from counts as its other settings do."""

@@ -106,16 +106,18 @@ def test_a_finished_run_whose_config_records_a_start_that_saved_nothing_gets_its
     assert "saved no checkpoint" not in quiet.stdout and yaml.safe_load((run / "config.yaml").read_text()) == after
 
 
-@pytest.mark.parametrize("sync_bn, recorded", [("true", False), ("false", True)])
-def test_a_resume_on_another_number_of_processes_is_said(runs, tmp_path, sync_bn, recorded):
+@pytest.mark.parametrize("saved_sync_bn, sync_bn, recorded", [("true", "true", False), ("false", "false", True),
+                                                              ("false", "true", True), ("true", "false", True)])
+def test_a_resume_on_another_number_of_processes_is_said(runs, tmp_path, saved_sync_bn, sync_bn, recorded):
     """The checkpoint keeps the world size that wrote it; a resume on another one says so, and records it where the
-    steps depend on it (local batch norm, Un-Mix's per-rank pairs)."""
+    steps depend on it (local batch norm, Un-Mix's per-rank pairs): also where local batch norm trained the
+    checkpoint only (resumed with --sync_bn true), whose epochs the tables filed under no number of processes."""
     from clusterlab import checkpoint
     from conftest import copy_run
 
     run_dir = copy_run(runs / "swav", tmp_path / "run")
     state = checkpoint.load(run_dir / "checkpoint.pth")
-    state["world_size"], state["args"]["sync_bn"] = 2, sync_bn == "true"
+    state["world_size"], state["args"]["sync_bn"] = 2, saved_sync_bn == "true"
     tags = ("format", "schema", "kind", "method")
     checkpoint.save({k: v for k, v in state.items() if k not in tags}, run_dir / "checkpoint.pth", kind="pretrain",
                     method="swav")

@@ -213,10 +213,10 @@ def _join_process_group(backend: str, rank: int, world: int, timeout_s: int,
     while joining.is_alive():
         joining.join(0.1)
     if failure:
-        raise _rendezvous_error(failure[0], rank, world, timeout_s) from None
+        raise _rendezvous_error(failure[0], rank, world) from None
 
 
-def _rendezvous_error(err: BaseException, rank: int, world: int, timeout_s: int) -> BaseException:
+def _rendezvous_error(err: BaseException, rank: int, world: int) -> BaseException:
     """One line for the rendezvous's own failures (torch's errors carry a C++ stack); any other error as it is."""
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     words = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -225,9 +225,9 @@ def _rendezvous_error(err: BaseException, rank: int, world: int, timeout_s: int)
                            f"this host (another run's rendezvous, or another program); choose a free MASTER_PORT")
     if isinstance(err, dist.DistError) and "timed out" in words.lower():
         waited = ("no other rank joined it in time" if rank == 0 else "rank 0 did not answer there")
-        return ConfigError(f"rank {rank} of {world}: the rendezvous at {where} timed out after {timeout_s} s "
-                           f"({words.rstrip('.')}): {waited}; every rank's `joining` line names the address it "
-                           f"used, and a rank that never started has no log")
+        return ConfigError(f"rank {rank} of {world}: the rendezvous at {where} timed out ({words.rstrip('.')}): "
+                           f"{waited}; every rank's `joining` line names the address it used, and a rank that never "
+                           f"started has no log")
     return err
 
 

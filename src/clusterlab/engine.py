@@ -356,7 +356,9 @@ class Trainer:
             # Un-Mix pairs images inside each rank's share, and local batch norm normalises each share: there the
             # number of processes is part of what is trained, and a change of it must not pass unseen. (A linear
             # probe's frozen backbone keeps its batch norm in eval mode: no share is normalised on its own.)
-            local_batch_norm = not self.args.sync_bn and any(
+            # (local before the resume, or after it: a checkpoint of --sync_bn false resumed with true was trained
+            # on its shares all the same)
+            local_batch_norm = not (self.args.sync_bn and saved_args.get("sync_bn", True)) and any(
                 isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
                 for module in self.method.modules())
             depends = ("unmix" if self.args.method == "unmix" else
