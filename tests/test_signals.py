@@ -216,10 +216,13 @@ def test_a_stop_signal_while_a_rank_waits_for_the_others_to_join_ends_it(tmp_pat
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # (SIGINT as a terminal's: a background job of a non-interactive shell, as a test run under nohup, passes it on
+    # ignored)
     alone = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--output_dir", str(tmp_path / "run")],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**script_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "joining gloo at 127.0.0.1" in alone.stdout.readline()
         time.sleep(1.0)  # into the rendezvous's wait
