@@ -22,7 +22,9 @@ from conftest import ROOT
 # a table.
 FAKE_PYTHON = r"""#!/bin/bash
 program=$1; shift
-[ -z "${ARGS_LOG:-}" ] || printf '%s\n' "$@" >> "$ARGS_LOG"  # ARGS_LOG: every argument received, one per line
+# ARGS_LOG: every argument received, one per line, in one write (a printf of many arguments wrote them in pieces,
+# which the two queues of a script interleaved)
+[ -z "${ARGS_LOG:-}" ] || { received=$(printf '%s\n' "$@"); printf '%s\n' "$received" >> "$ARGS_LOG"; }
 value() { local key=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$key" ] && { echo "$2"; return; }; shift; done; }
 # FAIL=PROGRAM:TEXT: that program fails where its arguments hold TEXT
 if [ -n "${FAIL:-}" ] && [ "$program" = "${FAIL%%:*}" ] && [[ " $* " == *"${FAIL#*:}"* ]]; then
