@@ -18,6 +18,7 @@ shared machine OpenMP threads spin against each other and make tiny convolutions
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from datetime import timedelta
@@ -57,3 +58,10 @@ def run_distributed(fn, world_size: int = 2, *args):
     with tempfile.TemporaryDirectory(prefix="clusterlab_dist_") as store_dir:
         mp.spawn(_worker, args=(world_size, store_dir, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(store_dir, f"result{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous the test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

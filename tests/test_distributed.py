@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import re
-import socket
 import time
 import types
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn as nn
 from clusterlab import checkpoint, distributed, engine
 from clusterlab.errors import ConfigError
 from clusterlab.models.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
-from dist_utils import run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
+from dist_utils import free_port, run_distributed, single_thread  # noqa: F401 - single_thread: autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -354,12 +353,6 @@ def test_launcher_variables_no_process_group_can_come_of_are_one_line(monkeypatc
 def test_launcher_variables_of_one_process_start_one(monkeypatch, variables):
     launch_environment(monkeypatch, **variables)
     assert distributed._from_environment() in (None, (0, 1, 0))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_a_rendezvous_on_a_port_in_use_is_one_line(monkeypatch):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import torch
 
 from clusterlab import checkpoint, rundir
 from conftest import ROOT, TINY, assert_ok, run_script, script_env
+from dist_utils import free_port
 from test_resume import assert_same_tensors
 
 ARGS = [*TINY, "--epochs", "3", "--checkpoint_epochs", "1", "2", "3", "--log_every", "1", "--batch_size", "128"]
@@ -128,9 +128,7 @@ def test_a_rank_killed_mid_run_ends_the_others_with_one_line_and_keeps_the_check
     waits for it in that step's collectives. Rank 0 printed gloo's error under a 40-line traceback of its own
     (one per surviving rank, hiding the failing rank's); it now ends with one line naming what the backend saw, the
     same line in status.json, exit status 1, and the first epoch's checkpoint in place."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "run"
     argv = [*map(str, ARGS), "--output_dir", str(run_dir)]
     group = {**script_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

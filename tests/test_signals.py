@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -14,7 +13,7 @@ import torch
 import yaml
 
 from conftest import PYTHON, ROOT, TINY, script_env
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 
 # A previous handler (submitit's requeues the job) during which a second stop signal arrives, as under Slurm a task
 # gets TERM from slurmstepd and again from the batch shell's trap.
@@ -213,9 +212,7 @@ def test_a_stop_signal_inside_code_whose_exceptions_python_ignores_still_leaves_
 def test_a_stop_signal_while_a_rank_waits_for_the_others_to_join_ends_it(tmp_path, signum, status, words):
     """The rendezvous blocks in torch's C++ code until every rank has come: a rank waiting for one that never came
     (a wrong MASTER_ADDR, a node that did not start) ignored stop signals and Ctrl-C for the 30-minute timeout."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # (SIGINT as a terminal's: a background job of a non-interactive shell, as a test run under nohup, passes it on
     # ignored)
     alone = subprocess.Popen([PYTHON, str(ROOT / "main_pretrain.py"), *TINY, "--output_dir", str(tmp_path / "run")],
@@ -298,9 +295,7 @@ def test_a_distributed_run_ends_without_the_interpreters_finalisation(tmp_path):
     (site / "sitecustomize.py").write_text(
         "import atexit, os, pathlib\n"
         "atexit.register(lambda: pathlib.Path(os.environ['FLAGS'], 'finalised' + os.environ.get('RANK', '')).touch())\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     base = {**script_env(), "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}", "FLAGS": str(tmp_path)}
     base.pop("PYTHONUNBUFFERED")
 
@@ -399,9 +394,7 @@ programs.run("main_pretrain.py", sys.argv[3:])
 
 @pytest.mark.parametrize("slow_rank", [1, 0])
 def test_a_stop_signal_while_one_rank_still_starts_requeues_every_rank(tmp_path, slow_rank):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "run"
     def environment(rank):
         return {**script_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
