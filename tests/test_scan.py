@@ -338,6 +338,23 @@ def test_neighbours_are_mined_on_the_pretrained_runs_test_view():
     assert asked.recorded()["neighbours_mined_on"] == {"crop": 12, "resize": 12}
 
 
+def test_a_pretrained_view_far_above_the_images_size_is_refused_as_a_mining_crop_is():
+    """A pre-trained run of 72 px images scores on 72 px views: mined on 8 px digits so, nine times their size, the
+    neighbours' batches ran out of memory where --mining_crop 72 is refused. A --mining_crop asks for another view."""
+    saved = {"arch": "resnet18_cifar", "width": 4, "size_crops": [72, 32], "eval_crop": 0, "eval_resize": 0}
+    method, _ = build("scan")
+    stage_one = {name: value for name, value in method.state_dict().items() if name.startswith("backbone.")}
+    with pytest.raises(ConfigError, match=r"^--pretrained 'RUN' scores its embedding on 72 px views, more than 8 "
+                                          r"times this dataset's 8 px images, .*give --mining_crop \(at most 64\)$"):
+        method.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": saved})
+    at_64 = {**saved, "size_crops": [64, 32]}
+    method.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": at_64})
+    assert method.recorded()["neighbours_mined_on"] == {"crop": 64, "resize": 64}
+    asked, _ = build("scan", None, "--mining_crop", "8")
+    asked.load_pretrained("RUN", "RUN/checkpoint.pth", {"model": stage_one, "method": "swav", "args": saved})
+    assert asked.recorded()["neighbours_mined_on"] == {"crop": 8, "resize": 8}
+
+
 def test_a_mining_crop_the_backbone_cannot_take_is_refused_before_training():
     """It failed in AlexNet's pooling at the first step, after config.yaml was written."""
     method, _ = build("scan", None, "--arch", "alexnet_bn", "--size_crops", "64", "--mining_crop", "8")

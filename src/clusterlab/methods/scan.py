@@ -33,7 +33,7 @@ import torch.nn as nn
 from .. import distributed
 from ..checkpoint import non_finite_rows
 from ..config import class_count_or_dataset, non_negative_float, non_negative_int, positive_int
-from ..data.augment import EvalView, refuse_oversized
+from ..data.augment import MAX_UPSCALE, EvalView, refuse_oversized
 from ..data.loader import resident
 from ..data.randaugment import StrongAugment
 from ..errors import CheckpointError, ConfigError
@@ -104,6 +104,11 @@ class SCAN(ClusterMethod):
         saved = state.get("args", {})
         if "size_crops" in saved:
             size = test_view_size(saved.get("eval_crop", 0), saved["size_crops"], self.info.image_size)
+            limit = MAX_UPSCALE * self.info.image_size
+            if size > limit and not self.args.mining_crop:  # (a run of larger images: a batch ran out of memory)
+                raise ConfigError(f"--pretrained {source!r} scores its embedding on {size} px views, more than "
+                                  f"{MAX_UPSCALE} times this dataset's {self.info.image_size} px images, on which "
+                                  f"the neighbours would be mined: give --mining_crop (at most {limit})")
             self.pretrained_view = EvalView.of(size, saved.get("eval_resize", 0))
         return loaded
 
