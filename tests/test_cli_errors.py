@@ -280,7 +280,7 @@ def test_collect_results_bad_input(run_in_process, tmp_path, extra, words):
     root, out = tmp_path / "runs", tmp_path / "tables"
     (root / "run").mkdir(parents=True)
     (root / "run" / "metrics.jsonl").write_text('{"method": "swav", "dataset": "digits", "eval": "cluster", '
-                                                '"metrics": {"acc": 0.5}}\n')
+                                                '"protocol": {}, "metrics": {"acc": 0.5}}\n')
     published = tmp_path / "published.csv"
     published.write_text("method,dataset,eval,value\nswav,digits,cluster,50\n")
     (tmp_path / "latin1.csv").write_bytes("method,dataset\nswav,caf\xe9\n".encode("latin-1"))

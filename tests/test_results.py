@@ -66,7 +66,9 @@ def test_read_records_skips_corrupt_and_partial_lines_naming_file_and_line(tmp_p
     ({"step": True}, "step True is not a whole number"),
     ({"run": {"a": 1}}, "run {'a': 1} is not text"),
     ({"method": 3}, "method 3 is not text"),
-    ({"eval": None}, "no eval named: not a metrics record of this suite"),
+    ({"eval": None}, "eval None is none of knn, linear, cluster: not a metrics record of this suite"),
+    ({"eval": "weird"}, "eval 'weird' is none of knn, linear, cluster: not a metrics record of this suite"),
+    ({"protocol": None}, "no protocol: not a metrics record of this suite"),
 ])
 def test_a_record_whose_fields_could_not_name_a_table_or_make_a_row_is_skipped(tmp_path, changes, fault):
     """A record's dataset names its table's files (a path in it wrote them outside --out); a field of another type
@@ -419,7 +421,7 @@ def test_tables_keep_a_pipe_or_a_less_than_sign_in_their_cell_in_every_format(tm
     assert "epochs 100-\\textgreater{}200" in latex and "->" not in latex
 
 
-def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, run_in_process):
+def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, run_in_process, capsys):
     """--combined wrote over whatever it named: a run's checkpoint.pth became a Markdown table. Refused before any
     table is written; combined tables written earlier are replaced."""
     root = tmp_path / "runs"
@@ -444,6 +446,9 @@ def test_combined_never_replaces_a_file_that_is_not_combined_tables(tmp_path, ru
     for _ in range(2):  # written, then replaced
         collect.main([str(a) for a in (*common, "--combined", combined)])
         assert combined.read_text().startswith(f"{COMBINED_MARK}\n\n## digits\n")
+        # (it said "tables and all of them in study.md written to tables/")
+        assert capsys.readouterr().out.endswith(f"\ntables written to {tmp_path / 'tables'}/\n"
+                                                f"every dataset's table also in {combined}\n")
 
 
 def test_collect_results_defaults_write_beside_the_runs_not_into_the_shipped_tables(tmp_path, monkeypatch, capsys):
@@ -820,11 +825,13 @@ def test_plots_draw_a_line_per_backbone_and_protocol_named_in_the_legend(tmp_pat
 def test_a_row_averaging_runs_that_share_a_seed_is_named_in_a_warning():
     """Two copies of one run (or two runs from different --pretrained runs, which the row does not show) would count
     as two seeds with std 0; runs of different seeds are what n and std are for, and pass silently."""
-    copies = [{**record(0, acc=0.5, run=run), "file": f"{run}/metrics.jsonl"} for run in ("a/swav", "b/swav")]
-    with pytest.warns(UserWarning, match=r"row digits swav .* 2 runs averaged as seeds, of which some share a seed .*"
-                                         r": a/swav, b/swav$"):
+    copies = [{**record(seed, acc=0.5, run=run), "file": f"{run}/metrics.jsonl"}
+              for seed, run in ((0, "a/swav"), (1, "c/swav"), (0, "b/swav"))]
+    # (named: the two that share one, not every run of the row)
+    with pytest.warns(UserWarning, match=r"row digits swav .* 3 runs averaged as seeds, of which 2 share a seed .*"
+                                         r": a/swav \(seed 0\), b/swav \(seed 0\)$"):
         table = results.aggregate(results.records_frame(copies))
-    assert list(table["n"]) == [2]
+    assert list(table["n"]) == [3]
     seeds = [{**record(seed, acc=0.5, run=f"s{seed}/swav"), "file": f"s{seed}/swav/metrics.jsonl"} for seed in (0, 1)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1210,7 +1217,7 @@ def test_runs_of_one_name_in_two_folders_are_told_apart_and_a_mid_run_epoch_is_m
         (root / folder / "swav1" / "config.yaml").write_text(
             yaml.safe_dump({"program": "main_pretrain.py", "args": {"epochs": 800}, **state}))
     frame = results.records_frame(results.read_records(root))
-    with pytest.warns(UserWarning, match=r"some share a seed .*: x/swav1, y/swav1$"):
+    with pytest.warns(UserWarning, match=r"2 share a seed .*: x/swav1 \(seed 0\), y/swav1 \(seed 0\)$"):
         table = results.aggregate(frame)
     assert results.revision_footnote(frame).endswith(": x/swav1.")
     shown = results.display_table(table)

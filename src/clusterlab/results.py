@@ -31,7 +31,9 @@ from . import rundir
 from .config import git_state, recorded_git_state, written_run_config
 from .errors import ConfigError, printable
 from .models import backbone_label
+from .programs import EVAL_PROGRAMS
 
+EVAL_KINDS = tuple(EVAL_PROGRAMS.values())  # what a record's "eval" says: knn, linear, cluster
 PROTOCOL_COLUMNS = ("data", "train_images", "fit_on", "features", "k", "temperature", "train_features", "selection", "superclass",
                     "clusters", "mapping", "head", "augmentation", "epochs")
 
@@ -201,8 +203,10 @@ def record_fault(record) -> str | None:
     for key in ("run", "method", "split", "backbone", "eval", "checkpoint"):
         if not isinstance(record.get(key), (str, type(None))):
             return f"{key} {record[key]!r} is not text"
-    if record.get("eval") is None:  # every evaluation names its kind: a record without one is another program's
-        return "no eval named: not a metrics record of this suite"
+    if record.get("eval") not in EVAL_KINDS:  # a record without one of them is another program's
+        return f"eval {record.get('eval')!r} is none of {', '.join(EVAL_KINDS)}: not a metrics record of this suite"
+    if not isinstance(record.get("protocol"), dict):  # (a blank protocol would be compared with published numbers)
+        return "no protocol: not a metrics record of this suite"
     for key in ("epoch", "step", "seed"):
         if record.get(key) is not None and not _whole(record[key]):
             return f"{key} {record[key]!r} is not a whole number"
@@ -592,11 +596,13 @@ def aggregate(frame):
     grouped = filled.groupby(keys, sort=True, dropna=False)
     if "seed" in filled:
         for key, rows in grouped:
-            if rows["seed"].duplicated().any():
-                runs = ", ".join(sorted(set(map(str, rows["run_path"]))))
-                warnings.warn(f"row {_row_name(key)}: {len(rows)} runs averaged as seeds, of which some share a seed (copies "
-                              f"of one run, or runs that differ where the row does not show, such as the seed of "
-                              f"their --pretrained run): {runs}", stacklevel=2)
+            shared = rows["seed"].duplicated(keep=False)
+            if shared.any():  # (named: only the runs that share one, of a row of many)
+                runs = ", ".join(f"{run} (seed {seed})" for seed, run in sorted(
+                    {(seed, str(run)) for seed, run in zip(rows["seed"][shared], rows["run_path"][shared])}))
+                warnings.warn(f"row {_row_name(key)}: {len(rows)} runs averaged as seeds, of which {shared.sum()} "
+                              f"share a seed (copies of one run, or runs that differ where the row does not show, "
+                              f"such as the seed of their --pretrained run): {runs}", stacklevel=2)
     if metrics:
         out = grouped[metrics].agg(["mean", "std"])
         out.columns = [f"{m}_{stat}" for m, stat in out.columns]

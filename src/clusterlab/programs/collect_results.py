@@ -89,13 +89,14 @@ def main(argv=None):
             atomic_write_text(args.combined, COMBINED_MARK + "\n\n" + "".join(
                 f"## {dataset}\n\n{markdown}\n\n" for dataset, markdown in sections).rstrip("\n") + "\n",
                 through_links=False)
-            written.append(f"all of them in {args.combined}")
     if args.curves:
         drawn = write_all_curves(logs, Path(args.root), out / "curves")
         if drawn:
             written.append(f"the training curves of {drawn} run(s) (curves/)")
     if written:
         print(f"\n{' and '.join(written)} written to {out}/")
+        if args.combined and not frame.empty:
+            print(f"every dataset's table also in {args.combined}")
     else:
         if created:  # (made up front, so that a folder that cannot be is one line before any work)
             with contextlib.suppress(OSError):
