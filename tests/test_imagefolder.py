@@ -496,17 +496,29 @@ def test_too_many_unreadable_files_stop_training_with_one_line(tmp_path):
     assert "\n" not in message and "1 unreadable image files in epoch 1" in message and data.files[5] in message
 
 
-def test_too_many_macos_metadata_files_are_named_as_such(tmp_path):
-    """A folder copied from a Mac onto some disks holds ._NAME beside every NAME: named like images, each was
-    reported unreadable and training stopped with no word of why."""
+def test_hidden_files_and_folders_are_left_out_with_a_note(tmp_path, capsys):
+    """macOS leaves ._NAME beside every NAME it copies onto some disks: named as images, each was read as a corrupt
+    one, and training stopped above the 1 % limit. Jupyter's .ipynb_checkpoints/ among the class folders was class 0
+    (every real label moved by one), and inside a class it added copies of its images."""
     fabricate.make_imagefolder(tmp_path, n_per_class=10, classes=2, size=8, grey=True)
-    for image in sorted((tmp_path / "train").rglob("*.png"))[:2]:
+    before = registry.load("imagefolder", "train", str(tmp_path))
+    images = sorted((tmp_path / "train").rglob("*.png"))
+    for image in images:
         (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
-    data = registry.load("imagefolder", "train", str(tmp_path))
-    whole = MultiCrop([CropSpec(1, 8, 1.0, 1.0)], ColorSpec(), (0.5,), (0.5,), 8, seed=0)
-    with pytest.raises(DataError) as info:
-        list(iterate(data, GlobalBatches(22, 2, 1, 0, seed=0), 0, augment=whole))
-    assert "a file named ._NAME is macOS's metadata of NAME, not an image: remove them all" in str(info.value)
+    for split in ("train", "val"):
+        shutil.copytree(tmp_path / split / "class_a", tmp_path / split / ".ipynb_checkpoints")
+    shutil.copytree(tmp_path / "train" / "class_b", tmp_path / "train" / "class_b" / ".ipynb_checkpoints")
+    capsys.readouterr()
+    after = registry.load("imagefolder", "train", str(tmp_path))
+    assert (after.class_names, after.files, after.labels.tolist()) == (
+        before.class_names, before.files, before.labels.tolist())
+    notes = capsys.readouterr().out.splitlines()
+    assert notes == [f"note: 1 hidden file(s) or folder(s) in {str(tmp_path / 'train')!r} left out (names starting "
+                     f"with '.', first: .ipynb_checkpoints)",
+                     f"note: 1 hidden file(s) or folder(s) in {str(tmp_path / 'val')!r} left out (names starting "
+                     f"with '.', first: .ipynb_checkpoints)",
+                     f"note: {len(images) + 1} hidden file(s) or folder(s) in {str(tmp_path / 'train')!r} left out "
+                     f"(names starting with '.', first: class_a/._{images[0].name})"]
 
 
 def test_a_run_whose_first_training_file_is_unreadable_saves_its_checkpoints(tmp_path, capsys):
@@ -797,6 +809,17 @@ def test_a_folder_inside_a_class_linked_to_nowhere_is_refused_not_left_out(tmp_p
     (inside / "more").unlink()
     (inside / "gone.png").symlink_to("/nonexistent/gone.png")
     assert len(registry.load("imagefolder", "train", str(tmp_path))) == 5
+
+
+def test_a_link_to_nowhere_named_as_another_kind_of_file_is_left_out_with_a_note(tmp_path, capsys):
+    """git-annex and DVC leave a file not fetched as a link to nowhere: a class's notes.json so stopped the run as
+    if a folder of images were not mounted."""
+    fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
+    (tmp_path / "train" / "class_a" / "notes.json").symlink_to("/nonexistent/annex/objects/SHA256-abc")
+    capsys.readouterr()
+    assert len(registry.load("imagefolder", "train", str(tmp_path))) == 4
+    assert capsys.readouterr().out == (f"note: 1 link(s) under {str(tmp_path / 'train')!r} named as files other "
+                                       f"than images lead nowhere (first: class_a/notes.json): left out\n")
 
 
 def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):

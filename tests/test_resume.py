@@ -405,7 +405,18 @@ def test_a_knn_monitor_without_test_data_is_refused_before_training(tmp_path):
     trained = run_script("main_pretrain.py", *TINY, "--dataset", "imagefolder", "--data_path", tmp_path / "data",
                          "--size_crops", 8, "--batch_size", 4, "--epochs", 1, "--output_dir", run_dir)
     assert trained.returncode == 0, trained.stderr
-    assert f"note: {tmp_path / 'data'} has no val/ or test/ folder: it trains, but eval_knn.py" in trained.stdout
+    assert (f"note: {tmp_path / 'data'} has no val/ or test/ folder: it trains, but eval_knn.py and eval_linear.py "
+            f"need DATA_PATH/val/CLASS/ (the classes of train/); eval_cluster.py --split train scores the training "
+            f"images") in trained.stdout
+    # k-means fitted on and scoring the training split needs no test split (it was refused as if it did)
+    scored = run_script("eval_cluster.py", "--run", run_dir, "--split", "train", "--clusters", 2, "--device", "cpu")
+    assert scored.returncode == 0, scored.stderr
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["eval"], record["split"], record["protocol"]["scored_images"]) == ("cluster", "train", 8)
+    for needs_test in (["eval_cluster.py"], ["eval_cluster.py", "--split", "train", "--fit_on", "test"],
+                       ["eval_knn.py"]):
+        refused = run_script(*needs_test, "--run", run_dir, "--device", "cpu")
+        assert_user_error(refused, needs_test[0], "no val/ or test/ folder")
 
 
 def test_a_failure_after_the_run_finished_leaves_it_finished(run_in_process, monkeypatch, tmp_path):

@@ -189,8 +189,9 @@ class Trainer:
             notes.append(f"--knn_monitor_k {self.args.knn_monitor_k} is more than the {labelled} labelled training "
                          f"images: all of them vote (train_log.jsonl records k_used)")
         if lacks_test_split(self.train_set):
-            notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py, "
-                         f"eval_cluster.py and eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/)")
+            notes.append(f"{self.train_set.folder} has no val/ or test/ folder: it trains, but eval_knn.py and "
+                         f"eval_linear.py need DATA_PATH/val/CLASS/ (the classes of train/); eval_cluster.py "
+                         f"--split train scores the training images")
         if self.args.channels_last and self.ctx.device.type == "cpu":
             largest = max(size or self.method.info.image_size for size in self.args.size_crops)
             if largest >= 48:

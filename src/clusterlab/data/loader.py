@@ -285,13 +285,9 @@ class BadFiles:
         if fatal:
             raise DataError(self.fatal or "an image file cannot be used (another process's error names it)")
         if self.limit is not None and total > self.limit:
-            # macOS leaves a ._NAME file of metadata beside each file it copies onto some disks: named as an image
             first = f"{self.first[0]} ({self.first[1]})" if self.first else "on another rank"
-            forks = (" (a file named ._NAME is macOS's metadata of NAME, not an image: remove them all, e.g. "
-                     "`find DATA_PATH -name '._*' -delete`)"
-                     if self.first and os.path.basename(self.first[0]).startswith("._") else "")
             raise DataError(f"{total} unreadable image files in {where}, more than {BAD_FILE_LIMIT:.0%} of "
-                            f"its samples (first: {first}); fix or remove them{forks}")
+                            f"its samples (first: {first}); fix or remove them")
 
     def check_pass(self, images: ImageSet) -> None:
         """`check` at the end of a pass over `images` through `sequential` (nothing for an in-memory set, which has

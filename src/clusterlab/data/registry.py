@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import statistics
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -342,6 +343,8 @@ def load_stl10(path: Path, split: str) -> ImageSet:
 
 # ---- image folders -------------------------------------------------------------------------------------------------
 
+# A name that ends as a file's of some kind does (.txt, .json, .npy), not as a folder's usually does (2019.05, v1.2).
+FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 STATS_SAMPLE = 2000
 
@@ -361,10 +364,25 @@ def _named(folders: list, shown: int = 3) -> str:
     return ", ".join(repr(str(folder)) for folder in folders[:shown]) + more
 
 
+def _hidden(name: str) -> bool:
+    """A name starting with a dot: Jupyter's .ipynb_checkpoints/ (copies of images as a class of their own, or
+    inside one), macOS's ._NAME metadata beside every file it copies (named as images, read as corrupt ones). Left
+    out, where torchvision's ImageFolder reads them, with a note (`_note_hidden`)."""
+    return name.startswith(".")
+
+
+def _note_hidden(names: list[str], where) -> None:
+    if names:
+        _note_once(f"note: {len(names)} hidden file(s) or folder(s) in {str(where)!r} left out (names starting with "
+                   f"'.', first: {sorted(names)[0]})")
+
+
 def _class_folders(root: Path) -> list[str]:
     """The class folders under root; image files beside them, in no class, are named in a note (torchvision leaves
     them out without a word)."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    _note_hidden([entry.name for entry in entries if _hidden(entry.name)], root)
+    entries = [entry for entry in entries if not _hidden(entry.name)]
     # A link to nowhere, unless named as an image file, may be a class folder not there (a share not mounted): left
     # out like a file, the run trained and was scored on the other classes without a word.
     _refuse_dangling([entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)], root,
@@ -400,8 +418,8 @@ _NOTED: set[str] = set()
 
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them; each real folder
-    once) and labels."""
-    files, labels, empty = [], [], []
+    once; hidden names left out) and labels."""
+    files, labels, empty, hidden, dangling_files = [], [], [], [], []
     for label, name in enumerate(classes):
         found, visited = [], set()
         for folder, subfolders, names in os.walk(root / name, followlinks=True):
@@ -412,11 +430,16 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
                 subfolders.clear()
                 continue
             visited.add(real)
-            subfolders.sort()
-            images = [file_name for file_name in sorted(names) if file_name.lower().endswith(IMAGE_SUFFIXES)]
-            # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen)
-            _refuse_dangling([os.path.join(folder, file_name) for file_name in sorted(set(names) - set(images))],
-                             folder, "folders")
+            hidden += [os.path.join(folder, entry) for entry in (*subfolders, *names) if _hidden(entry)]
+            subfolders[:] = sorted(entry for entry in subfolders if not _hidden(entry))
+            names = sorted(entry for entry in names if not _hidden(entry))
+            images = [file_name for file_name in names if file_name.lower().endswith(IMAGE_SUFFIXES)]
+            others = [os.path.join(folder, file_name) for file_name in names if file_name not in images]
+            # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen; one
+            # named as a file of another kind, notes.json, is a file not fetched, as git-annex and DVC leave them)
+            dangling = [path for path in others if os.path.islink(path) and not os.path.exists(path)]
+            dangling_files += [path for path in dangling if FILE_SUFFIX.search(path)]
+            _refuse_dangling([path for path in dangling if not FILE_SUFFIX.search(path)], folder, "folders")
             found.append((folder, [os.path.join(folder, file_name) for file_name in images]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".
@@ -425,6 +448,10 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
             empty.append(root / name)
         files += found
         labels += [label] * len(found)
+    _note_hidden([os.path.relpath(path, root) for path in hidden], root)
+    if dangling_files:
+        _note_once(f"note: {len(dangling_files)} link(s) under {str(root)!r} named as files other than images lead "
+                   f"nowhere (first: {os.path.relpath(dangling_files[0], root)}): left out")
     if empty:
         raise DataError(f"dataset 'imagefolder': {len(empty)} class folder(s) without images ({_named(empty)}); "
                         f"every class folder needs at least one {'/'.join(sorted(IMAGE_SUFFIXES))} file")
@@ -461,7 +488,8 @@ def _imagefolder_lists(path: Path, split: str) -> tuple[list[str], list[str], li
 
 
 def lacks_test_split(image_set: ImageSet) -> bool:
-    """An image folder with no val/ or test/ folder: it trains, and every evaluation of it is refused."""
+    """An image folder with no val/ or test/ folder: it trains, and every evaluation of it that needs a test split
+    is refused."""
     return image_set.folder is not None and _folder_split(Path(image_set.folder), "test") is None
 
 

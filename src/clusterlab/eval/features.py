@@ -299,7 +299,7 @@ class Evaluation:
 
     loaded: LoadedRun
     train_set: ImageSet
-    test_set: ImageSet
+    test_set: ImageSet | None
     own_view: EvalView  # the run's own test view, before --eval_crop / --eval_resize
     own_resize: int     # the run's recorded --eval_resize (0: none)
 
@@ -322,8 +322,10 @@ class Evaluation:
         return asked_view_tags(args, self.own_view, self.own_resize)
 
 
-def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluation:
-    """Load the run named by --run; --dataset / --data_path override the run's own (the split sizes must fit)."""
+def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_split: bool = True) -> Evaluation:
+    """Load the run named by --run; --dataset / --data_path override the run's own (the split sizes must fit).
+    Without `with_test_split` (k-means fitted on and scoring the training split) its test_set is None: an image
+    folder of train/ alone is scored so."""
     from ..data import DATASETS, load
 
     if not args.run:
@@ -340,7 +342,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device) -> Evaluatio
                  and dataset in DATASETS and DATASETS[dataset].reads_files)
     data_path = loaded.args.data_path if own_files else args.data_path
     train_set = load(dataset, "train", data_path, args.download)
-    test_set = load(dataset, "test", data_path, args.download)
+    test_set = load(dataset, "test", data_path, args.download) if with_test_split else None
     if own_files:
         _refuse_other_files(loaded, dataset, train_set, data_path)
     if train_set.channels != loaded.method.info.channels:

@@ -94,7 +94,7 @@ def main(argv=None):
             kmeans(args, ctx, run_dir, run_args, None, None, fit_x, scored_x, scored_set, bases,
                    view_words(view, scored_set), asked_view_tags(args, EvalView.of(train_set.image_size)))
     else:
-        evaluation = open_evaluation(args, ctx.device)
+        evaluation = open_evaluation(args, ctx.device, with_test_split="test" in (args.split, args.fit_on))
         loaded = evaluation.loaded
         scored_set = evaluation.train_set if args.split == "train" else evaluation.test_set
         check_flags(args, type(loaded.method))
