@@ -1121,3 +1121,20 @@ def test_imagefolder_leaves_out_files_named_only_by_an_extension_as_hidden_files
                                                        (str(tmp_path / "val" / "c2" / "y.png"), 1)]
     assert (f"note: 3 hidden file(s) or folder(s) in {str(tmp_path / 'val')!r} left out (names starting with '.', "
             f"first: c1/.JPG)") in capsys.readouterr().out
+
+
+def test_images_in_formats_not_read_are_named_in_a_note(tmp_path, capsys):
+    """GIFs and .jfif files beside PNGs were left out without a word (as torchvision's ImageFolder leaves them)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for number, name in enumerate(["c1/a.png", "c1/b.gif", "c1/c.JFIF", "c2/d.png", "c2/e.gif"]):
+            (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (4, 4), number).save(tmp_path / split / name, format="PNG")
+    capsys.readouterr()
+    ds = registry.load("imagefolder", "train", str(tmp_path))
+    assert ds.files == [str(tmp_path / "train" / "c1" / "a.png"), str(tmp_path / "train" / "c2" / "d.png")]
+    assert capsys.readouterr().out == "".join(  # (both splits listed at every load)
+        f"note: 3 image file(s) under {str(tmp_path / split)!r} in formats not read (.gif .jfif; first: c1/b.gif) "
+        f"left out: convert them to .bmp/.jpeg/.jpg/.pgm/.png/.ppm/.tif/.tiff/.webp to use them\n"
+        for split in ("train", "val"))

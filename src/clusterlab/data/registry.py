@@ -343,6 +343,8 @@ def load_stl10(path: Path, split: str) -> ImageSet:
 
 # ---- image folders -------------------------------------------------------------------------------------------------
 
+# Images in formats torchvision's ImageFolder does not list (nor this loader): left out, as there, but with a note.
+UNLISTED_IMAGE_SUFFIXES = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".ico", ".tga", ".psd")
 # A name that ends as a file's of some kind does (.txt, .json, .npy), not as a folder's usually does (2019.05, v1.2).
 FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -419,7 +421,7 @@ _NOTED: set[str] = set()
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them; each real folder
     once; hidden names left out) and labels."""
-    files, labels, empty, hidden, dangling_files = [], [], [], [], []
+    files, labels, empty, hidden, dangling_files, unlisted = [], [], [], [], [], []
     for label, name in enumerate(classes):
         found, visited = [], set()
         for folder, subfolders, names in os.walk(root / name, followlinks=True):
@@ -435,6 +437,7 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
             names = sorted(entry for entry in names if not _hidden(entry))
             images = [file_name for file_name in names if file_name.lower().endswith(IMAGE_SUFFIXES)]
             others = [os.path.join(folder, file_name) for file_name in names if file_name not in images]
+            unlisted += [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES)]
             # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen; one
             # named as a file of another kind, notes.json, is a file not fetched, as git-annex and DVC leave them)
             dangling = [path for path in others if os.path.islink(path) and not os.path.exists(path)]
@@ -449,6 +452,11 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
         files += found
         labels += [label] * len(found)
     _note_hidden([os.path.relpath(path, root) for path in hidden], root)
+    if unlisted:
+        kinds = sorted({os.path.splitext(path)[1].lower() for path in unlisted})
+        _note_once(f"note: {len(unlisted)} image file(s) under {str(root)!r} in formats not read ({' '.join(kinds)}; "
+                   f"first: {os.path.relpath(unlisted[0], root)}) left out: convert them to "
+                   f"{'/'.join(sorted(IMAGE_SUFFIXES))} to use them")
     if dangling_files:
         _note_once(f"note: {len(dangling_files)} link(s) under {str(root)!r} named as files other than images lead "
                    f"nowhere (first: {os.path.relpath(dangling_files[0], root)}): left out")
