@@ -895,6 +895,15 @@ def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tm
     assert_ok(run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu"))
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert (record["protocol"]["train_images"], record["protocol"]["scored_images"]) == (18, 18), record
+    # scored on other images by --data_path: said, as another --dataset is (it was not); a copy is the run's own
+    other = run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu", "--data_path", "data")
+    assert_ok(other)
+    assert (f"note: run {str(run_dir)!r} was trained on imagefolder {trained_in / 'data'} and is scored on "
+            f"imagefolder {elsewhere / 'data'}: its images take the 12 px test view") in other.stdout
+    shutil.copytree(trained_in / "data", elsewhere / "copy")
+    copied = run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu", "--data_path", "copy")
+    assert_ok(copied)
+    assert "note: run" not in copied.stdout
 
     fabricate.make_cifar10(trained_in / "cifar", n_train=40, n_test=20)
     fabricate.make_cifar10(elsewhere / "cifar", n_train=30, n_test=20)

@@ -349,11 +349,17 @@ def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_sp
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
-    trained_on = loaded.args.dataset
-    if not same_images(dataset, trained_on) and distributed.rank() == 0:
+    trained_on, scored_on = loaded.args.dataset, dataset
+    # (an image folder of other images: a copy of the run's own, a job's local one, has its fingerprint)
+    other_folder = (not own_files and train_set.folder is not None and loaded.data_folder is not None
+                    and loaded.method.info.fingerprint not in ("", train_set.fingerprint))
+    if other_folder:
+        trained_on = f"{trained_on} {loaded.data_folder}"
+        scored_on = f"{dataset} {real_data_folder(dataset, data_path)}"
+    if (other_folder or not same_images(dataset, loaded.args.dataset)) and distributed.rank() == 0:
         # a transfer may be meant, a slip of --dataset more often: said, as main_cluster.py's --pretrained says it
         info = loaded.method.info
-        print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {dataset}: its "
+        print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {scored_on}: its "
               f"images take the {loaded.method.eval_view.crop} px test view and the run's mean {list(info.mean)}, "
               f"std {list(info.std)}", flush=True)
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
