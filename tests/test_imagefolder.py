@@ -904,6 +904,14 @@ def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tm
     copied = run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu", "--data_path", "copy")
     assert_ok(copied)
     assert "note: run" not in copied.stdout
+    # its own folder, an image added since it trained: scored as it is now, and said (it was not)
+    shutil.copy(next((trained_in / "data" / "train" / "class_a").iterdir()), trained_in / "data" / "train" /
+                "class_a" / "added.png")
+    changed = run_in(trained_in, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu")
+    assert_ok(changed)
+    assert (f"note: the train split of imagefolder in {trained_in / 'data'} has changed since run {str(run_dir)!r} "
+            f"trained on it (its file names or labels): it is scored on the files as they are now") in changed.stdout
+    (trained_in / "data" / "train" / "class_a" / "added.png").unlink()
 
     fabricate.make_cifar10(trained_in / "cifar", n_train=40, n_test=20)
     fabricate.make_cifar10(elsewhere / "cifar", n_train=30, n_test=20)

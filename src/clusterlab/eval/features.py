@@ -345,6 +345,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_sp
     test_set = load(dataset, "test", data_path, args.download) if with_test_split else None
     if own_files:
         _refuse_other_files(loaded, dataset, train_set, data_path)
+        _note_changed_files(loaded, train_set)
     if train_set.channels != loaded.method.info.channels:
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
@@ -381,6 +382,17 @@ def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, da
     raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {read} reads "
                       f"{here} from here, which does not hold that training set (its file names and labels): give "
                       f"--data_path (that folder, or other images to score the run on)")
+
+
+def _note_changed_files(loaded: LoadedRun, train_set: ImageSet) -> None:
+    """The run's own files, changed since it trained (images added, removed or renamed, classes relabelled): it is
+    scored on them as they are now, and a note says so."""
+    trained_on = loaded.method.info.fingerprint
+    if (trained_on and trained_on != train_set.fingerprint and distributed.rank() == 0
+            and getattr(loaded.args, "train_split", "train") == train_set.split):
+        print(f"note: the {train_set.split} split of {train_set.name} in {loaded.data_folder} has changed since run "
+              f"{str(loaded.run_dir)!r} trained on it (its file names or labels): it is scored on the files as they "
+              f"are now", flush=True)
 
 
 def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:
