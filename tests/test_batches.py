@@ -105,6 +105,9 @@ def test_bad_batch_sizes_raise_config_error():
         GlobalBatches(100, 10, 4, 0, seed=0)
     assert str(info.value) == ("--batch_size 10 (global) is not a multiple of the world size 4: give a multiple of 4 "
                                "(e.g. 8), or run on a number of processes that divides 10")
+    with pytest.raises(ConfigError) as info:  # (it suggested 900, which is then refused as larger than the dataset)
+        GlobalBatches(898, 899, 2, 0, seed=0)
+    assert "give a multiple of 2 (e.g. 898)" in str(info.value)
     with pytest.raises(ConfigError) as info:
         GlobalBatches(50, 64, 2, 0, seed=0)
     assert "64" in str(info.value) and "50" in str(info.value) and "\n" not in str(info.value)

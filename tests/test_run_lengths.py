@@ -44,8 +44,8 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
     assert_ok(done)
     notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
     assert len(notes) == 5, done.stdout
-    assert ("warms up for the whole of the run (28 warm-up iterations of --warmup_epochs 2.0 >= 28 (14 an epoch))"
-            in notes[0])
+    assert ("warms up for the whole of the run (28 warm-up iterations of --warmup_epochs 2.0 in 28 (14 an epoch)): it "
+            "never decays" in notes[0])
     assert "frozen for the whole run (28 freezing iterations >= 28 in 2 epochs of 14" in notes[1]
     assert "the queue never starts (--epoch_queue_starts 2 >= --epochs 2)" in notes[2]
     assert notes[3] == "note: --checkpoint_epochs 3 5: beyond --epochs 2, never written"
@@ -66,11 +66,13 @@ def test_settings_covering_the_whole_run_are_told_at_start(tmp_path):
 
 @pytest.mark.parametrize("flags, note", [
     # 1.97 epochs of 14 steps round to 28 warm-up steps: the cosine never starts
-    ({"warmup_epochs": 1.97}, "for the whole of the run (28 warm-up iterations of --warmup_epochs 1.97 >= 28 (14 "
-                              "an epoch))"),
-    ({"warmup_epochs": 1.96}, None),  # 27 steps
+    ({"warmup_epochs": 1.97}, "for the whole of the run (28 warm-up iterations of --warmup_epochs 1.97 in 28 (14 "
+                              "an epoch)): it never decays"),
+    # 27 steps: the cosine's first step, the 28th, is still at the peak (no note before)
+    ({"warmup_epochs": 1.96}, "(27 warm-up iterations of --warmup_epochs 1.96 in 28 (14 an epoch)): it never decays"),
+    ({"warmup_epochs": 1.85}, None),  # 26 steps, 1 of them decaying
     ({"epochs": 4, "schedule_period": 2, "warmup_epochs": 2},
-     "for the whole of each period of --schedule_period (28 warm-up iterations of --warmup_epochs 2 >= 28 (14 an"),
+     "for the whole of each period of --schedule_period (28 warm-up iterations of --warmup_epochs 2 in 28 (14 an"),
     ({"epochs": 4, "schedule_period": 2, "warmup_epochs": 1}, None),
 ])
 def test_a_warm_up_covering_the_run_or_each_period_is_told_in_iterations(flags, note):
@@ -107,9 +109,7 @@ def test_a_queue_that_never_fills_is_told(queue_length, starts, note):
     ({"lr_drops": [], "warmup_epochs": 1},
      "(--lr_drops none within the run, 4 epochs): it stays at 1 after the warm-up"),
     ({"lr_drops": [2], "schedule_period": 1}, "within each period of --schedule_period, 1 epoch): it stays at 1"),
-    # a period longer than the run
-    ({"lr_drops": [6], "schedule_period": 10}, "within each period of --schedule_period, 4 epochs)"),
-    ({"lr_drops": [2], "schedule_period": 3}, None),
+    ({"lr_drops": [2], "schedule_period": 4}, None),
 ])
 def test_a_step_schedule_that_never_drops_is_told(flags, note):
     trainer = engine.Trainer.__new__(engine.Trainer)
@@ -117,10 +117,36 @@ def test_a_step_schedule_that_never_drops_is_told(flags, note):
     trainer.steps_per_epoch = 10
     trainer.args = argparse.Namespace(**{"schedule": "step", "lr": 1.0, "lr_gamma": 0.1, "epochs": 4,
                                          "schedule_period": 0, "warmup_epochs": 0, "checkpoint_epochs": [],
-                                         "knn_monitor_every": 0, **flags})
-    trainer.schedule = SimpleNamespace(warmup_steps=round(trainer.args.warmup_epochs * 10))
+                                         "knn_monitor_every": 0, "final_lr": 0.0, "start_warmup": 0.0, **flags})
+    trainer.schedule = engine.build_schedule(trainer.args, 10)
     notes = trainer.whole_run_settings()
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0]), notes
+
+
+@pytest.mark.parametrize("schedule, epochs, period, notes", [
+    # the run ends part-way through the cosine of a period longer than it: no note, its last step at half the peak
+    ("cosine", 2, 4, ["--schedule_period 4 is longer than the run (--epochs 2): the schedule stops part-way, its last "
+                      "step at learning rate 0.7169"]),
+    ("cosine", 4, 3, ["--epochs 4 is not a multiple of --schedule_period 3: the last period stops after 1 of its 3 "
+                      "epochs, its last step at learning rate 0.9755"]),
+    ("cosine", 6, 3, []),
+    # the step schedule's drop at 3 lies beyond the run: both told, "within the run", not "each period" (of 4)
+    ("step", 2, 4, ["--schedule step never drops the learning rate (--lr_drops 3 within the run, 2 epochs): it stays "
+                    "at 1 after the warm-up",
+                    "--schedule_period 4 is longer than the run (--epochs 2): the schedule stops part-way, its last "
+                    "step at learning rate 1"]),
+])
+def test_a_schedule_period_the_run_ends_inside_is_told(schedule, epochs, period, notes):
+    """The schedule restarts every --schedule_period epochs, and was only ever measured against the run's length: a
+    period longer than the run, or one the run cuts short, ended its cosine far above --final_lr without a word."""
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
+    trainer.steps_per_epoch = 4
+    trainer.args = argparse.Namespace(schedule=schedule, lr=1.0, final_lr=0.0, lr_gamma=0.1, lr_drops=[3],
+                                      epochs=epochs, schedule_period=period, warmup_epochs=0.5, start_warmup=0.0,
+                                      checkpoint_epochs=[], knn_monitor_every=0)
+    trainer.schedule = engine.build_schedule(trainer.args, 4)
+    assert ["note: " + note for note in trainer.whole_run_settings()] == ["note: " + note for note in notes]
 
 
 def test_swav_prototypes_are_unit_vectors_before_every_step():

@@ -205,19 +205,28 @@ class Trainer:
         """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
         (prototype freezing, queue start); epoch checkpoints and a kNN monitor asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
-        span = min(self.args.schedule_period, self.args.epochs) if self.args.schedule_period else self.args.epochs
-        within = "each period of --schedule_period" if self.args.schedule_period else "the run"
+        epochs, period = self.args.epochs, self.args.schedule_period
+        span = min(period, epochs) if period else epochs
+        within = "each period of --schedule_period" if period and period < epochs else "the run"
         # In iterations, as the schedule counts: --warmup_epochs rounds to whole steps, a period restarts the warm-up.
-        if self.schedule.warmup_steps >= span * self.steps_per_epoch:
+        # The step after the warm-up is still at the peak: a warm-up one step shorter than the run covers it too.
+        warm_up_covers = self.schedule.warmup_steps >= span * self.steps_per_epoch - 1
+        if warm_up_covers:
             notes.insert(0, f"the learning rate warms up for the whole of {within} ({self.schedule.warmup_steps} "
-                            f"warm-up iterations of --warmup_epochs {self.args.warmup_epochs} >= "
-                            f"{span * self.steps_per_epoch} ({self.steps_per_epoch} an epoch))")
+                            f"warm-up iterations of --warmup_epochs {self.args.warmup_epochs} in "
+                            f"{span * self.steps_per_epoch} ({self.steps_per_epoch} an epoch)): it never decays")
         if self.args.schedule == "step" and not any(0 < drop < span for drop in self.args.lr_drops):
             rate = self.args.lr * self.args.lr_gamma ** sum(1 for drop in self.args.lr_drops if drop <= 0)
             notes.append(f"--schedule step never drops the learning rate (--lr_drops "
                          f"{' '.join(map(str, self.args.lr_drops)) or 'none'} within {within}, {span} "
                          f"epoch{'s' if span != 1 else ''}): it stays at {rate:g}"
-                         + (" after the warm-up" if self.args.warmup_epochs else ""))
+                         + (" after the warm-up" if self.args.warmup_epochs and not warm_up_covers else ""))
+        if period and epochs % period:  # (the schedule restarts every period: the run ends part-way through one)
+            last = self.schedule(epochs * self.steps_per_epoch - 1)
+            notes.append(f"--schedule_period {period} is longer than the run (--epochs {epochs}): the schedule stops "
+                         f"part-way, its last step at learning rate {last:.4g}" if period > epochs else
+                         f"--epochs {epochs} is not a multiple of --schedule_period {period}: the last period stops "
+                         f"after {epochs % period} of its {period} epochs, its last step at learning rate {last:.4g}")
         beyond = [epoch for epoch in self.args.checkpoint_epochs if epoch > self.args.epochs]
         if beyond:
             notes.append(f"--checkpoint_epochs {' '.join(map(str, beyond))}: beyond --epochs {self.args.epochs}, "

@@ -50,6 +50,8 @@ class GlobalBatches:
                  shuffle: bool = True, drop_last: bool = True):
         if global_batch % world_size and drop_last:  # training's batches split evenly; a pass over all may not
             nearest = max(world_size, round(global_batch / world_size) * world_size)
+            if nearest > num_samples:  # (a suggestion refused next as larger than the dataset)
+                nearest = max(world_size, num_samples // world_size * world_size)
             raise ConfigError(f"--batch_size {global_batch} (global) is not a multiple of the world size {world_size}: "
                               f"give a multiple of {world_size} (e.g. {nearest}), or run on a number of processes "
                               f"that divides {global_batch}")
