@@ -1119,8 +1119,8 @@ def test_imagefolder_leaves_out_files_named_only_by_an_extension_as_hidden_files
     ds = registry.load("imagefolder", "test", str(tmp_path))
     assert list(zip(ds.files, ds.labels.tolist())) == [(str(tmp_path / "val" / "c1" / "x.JPG"), 0),
                                                        (str(tmp_path / "val" / "c2" / "y.png"), 1)]
-    assert (f"note: 3 hidden file(s) or folder(s) in {str(tmp_path / 'val')!r} left out (names starting with '.', "
-            f"first: c1/.JPG)") in capsys.readouterr().out
+    assert (f"note: 3 hidden folder(s) or image file(s) inside the class folders of {str(tmp_path / 'val')!r} left "
+            f"out (names starting with '.', first: c1/.JPG)") in capsys.readouterr().out
 
 
 def test_images_in_formats_not_read_are_named_in_a_note(tmp_path, capsys):
@@ -1135,6 +1135,7 @@ def test_images_in_formats_not_read_are_named_in_a_note(tmp_path, capsys):
     ds = registry.load("imagefolder", "train", str(tmp_path))
     assert ds.files == [str(tmp_path / "train" / "c1" / "a.png"), str(tmp_path / "train" / "c2" / "d.png")]
     assert capsys.readouterr().out == "".join(  # (both splits listed at every load)
-        f"note: 3 image file(s) under {str(tmp_path / split)!r} in formats not read (.gif .jfif; first: c1/b.gif) "
-        f"left out: convert them to .bmp/.jpeg/.jpg/.pgm/.png/.ppm/.tif/.tiff/.webp to use them\n"
+        f"note: 3 image file(s) inside the class folders of {str(tmp_path / split)!r} in formats not read (.gif "
+        f".jfif; first: c1/b.gif) left out: convert them to .bmp/.jpeg/.jpg/.pgm/.png/.ppm/.tif/.tiff/.webp to use "
+        f"them\n"
         for split in ("train", "val"))

@@ -209,8 +209,10 @@ def test_skip_recorded_k_means_without_its_superclass_record_is_evaluated_again(
     assert "already recorded" in capsys.readouterr().out and len(records(run)) == 3
     # CIFAR-100-20 is the run's images under coarse labels: scored from the run's own files without --data_path
     # (it looked in ./data)
+    capsys.readouterr()
     evaluate(*cluster, "--dataset", "cifar100_20")
     assert records(run)[-1]["dataset"] == "cifar100_20"
+    assert "note:" not in capsys.readouterr().out  # (not "changed since it trained": the same files, other labels)
 
 
 def test_skip_recorded_reads_past_a_line_that_is_not_a_record(tiny_run, tmp_path, capsys):

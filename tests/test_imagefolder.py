@@ -513,12 +513,20 @@ def test_hidden_files_and_folders_are_left_out_with_a_note(tmp_path, capsys):
     assert (after.class_names, after.files, after.labels.tolist()) == (
         before.class_names, before.files, before.labels.tolist())
     notes = capsys.readouterr().out.splitlines()
-    assert notes == [f"note: 1 hidden file(s) or folder(s) in {str(tmp_path / 'train')!r} left out (names starting "
-                     f"with '.', first: .ipynb_checkpoints)",
-                     f"note: 1 hidden file(s) or folder(s) in {str(tmp_path / 'val')!r} left out (names starting "
-                     f"with '.', first: .ipynb_checkpoints)",
-                     f"note: {len(images) + 1} hidden file(s) or folder(s) in {str(tmp_path / 'train')!r} left out "
-                     f"(names starting with '.', first: class_a/._{images[0].name})"]
+    assert notes == [f"note: 1 hidden folder(s) or image file(s) in {str(tmp_path / 'train')!r} left out (names "
+                     f"starting with '.', first: .ipynb_checkpoints)",
+                     f"note: 1 hidden folder(s) or image file(s) in {str(tmp_path / 'val')!r} left out (names "
+                     f"starting with '.', first: .ipynb_checkpoints)",
+                     f"note: {len(images) + 1} hidden folder(s) or image file(s) inside the class folders of "
+                     f"{str(tmp_path / 'train')!r} left out (names starting with '.', first: "
+                     f"class_a/._{images[0].name})"]
+    # a hidden file no loader would read (macOS's .DS_Store) is left out without a note, as torchvision leaves it
+    fabricate.make_imagefolder(tmp_path / "finder", n_per_class=2, classes=2, size=8, grey=True)
+    for folder in (tmp_path / "finder" / "train", tmp_path / "finder" / "train" / "class_a"):
+        (folder / ".DS_Store").write_bytes(b"Bud1")
+    capsys.readouterr()
+    assert len(registry.load("imagefolder", "train", str(tmp_path / "finder"))) == 4
+    assert capsys.readouterr().out == ""
 
 
 def test_a_run_whose_first_training_file_is_unreadable_saves_its_checkpoints(tmp_path, capsys):
@@ -816,10 +824,18 @@ def test_a_link_to_nowhere_named_as_another_kind_of_file_is_left_out_with_a_note
     if a folder of images were not mounted."""
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
     (tmp_path / "train" / "class_a" / "notes.json").symlink_to("/nonexistent/annex/objects/SHA256-abc")
+    (tmp_path / "train" / "README.md").symlink_to("/nonexistent/annex/objects/SHA256-def")  # beside the classes
     capsys.readouterr()
     assert len(registry.load("imagefolder", "train", str(tmp_path))) == 4
-    assert capsys.readouterr().out == (f"note: 1 link(s) under {str(tmp_path / 'train')!r} named as files other "
-                                       f"than images lead nowhere (first: class_a/notes.json): left out\n")
+    train = str(tmp_path / "train")
+    assert capsys.readouterr().out == (
+        f"note: 1 link(s) in {train!r} named as files other than images lead nowhere (first: README.md): left out\n"
+        f"note: 1 link(s) inside the class folders of {train!r} named as files other than images lead nowhere "
+        f"(first: class_a/notes.json): left out\n")
+    # a name a folder may have (a dated sub-folder, a share not mounted) is still refused
+    (tmp_path / "train" / "class_a" / "2019.05").symlink_to("/nonexistent/share/2019.05")
+    with pytest.raises(DataError, match=r"1 link\(s\) in .*class_a' lead nowhere \(.*2019\.05'"):
+        registry.load("imagefolder", "train", str(tmp_path))
 
 
 def test_an_empty_class_folder_of_the_test_split_is_refused_when_the_training_split_loads(tmp_path):
@@ -909,8 +925,14 @@ def test_an_evaluation_from_another_folder_reads_the_files_the_run_trained_on(tm
                 "class_a" / "added.png")
     changed = run_in(trained_in, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu")
     assert_ok(changed)
-    assert (f"note: the train split of imagefolder in {trained_in / 'data'} has changed since run {str(run_dir)!r} "
-            f"trained on it (its file names or labels): it is scored on the files as they are now") in changed.stdout
+    changed_note = (f"note: the train split of imagefolder in {trained_in / 'data'} has changed since run "
+                    f"{str(run_dir)!r} trained on it (its file names or labels): it is scored on the files as they "
+                    f"are now")
+    assert changed_note in changed.stdout
+    named = run_in(elsewhere, "eval_knn.py", "--run", run_dir, "--k", "3", "--device", "cpu", "--data_path",
+                   trained_in / "data")  # the same folder, named: the same note (not "trained on A, scored on A")
+    assert_ok(named)
+    assert changed_note in named.stdout and "was trained on" not in named.stdout
     (trained_in / "data" / "train" / "class_a" / "added.png").unlink()
 
     fabricate.make_cifar10(trained_in / "cifar", n_train=40, n_test=20)

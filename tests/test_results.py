@@ -833,9 +833,12 @@ def test_a_row_averaging_runs_that_share_a_seed_is_named_in_a_warning():
         table = results.aggregate(results.records_frame(copies))
     assert list(table["n"]) == [3]
     seeds = [{**record(seed, acc=0.5, run=f"s{seed}/swav"), "file": f"s{seed}/swav/metrics.jsonl"} for seed in (0, 1)]
+    # pixel baselines of two studies have no seed, so none to share (they were named as copies of one run)
+    baselines = [{**record(None, method="pixels", epoch=None, acc=0.4, run=f"{study}/pixels"),
+                  "file": f"{study}/pixels/metrics.jsonl"} for study in ("a", "b")]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert list(results.aggregate(results.records_frame(seeds))["n"]) == [2]
+        assert list(results.aggregate(results.records_frame(seeds + baselines))["n"]) == [2, 2]
 
 
 def test_runs_are_compared_by_the_precision_that_ran(tmp_path):

@@ -97,6 +97,24 @@ def test_relabelling_steps_match_upstream(schedule, epochs, nopts):
     assert method.events == expected and len(expected) >= 5
 
 
+@pytest.mark.parametrize("batch, note", [
+    (20, None), (16, None),  # every image, or 96 of 100, in each epoch: the relabellings the schedule plans
+    (45, "sela: 6 of --nopts 10 relabellings fall inside the run, where 7 would with every image in every epoch: "
+         "full batches of 45 take 90 of the 100 images an epoch, and the relabelling schedule counts the samples seen"),
+    (60, "sela: 4 of --nopts 10 relabellings fall inside the run, where 7"),
+])
+def test_relabellings_a_batch_size_leaves_out_of_the_run_are_told_at_start(batch, note):
+    """The schedule's clock counts the samples of full batches (upstream's): a recipe moved to a batch size that
+    leaves many images out of every epoch relabelled fewer times, without a word (8, 6 and 3 of 10 on digits at
+    batch 64, 256 and 450)."""
+    method = schedule_method("linear", 4, 10, batch=batch)
+    drive(method, 4, 100 // batch)
+    notes = method.whole_run_settings(100 // batch)
+    assert notes == [] if note is None else (len(notes) == 1 and notes[0].startswith(note)), notes
+    if note:
+        assert notes[0].split()[1] == str(len(method.events))  # the count told is the count that happens
+
+
 @pytest.mark.parametrize("schedule", ["linear", "quadratic"])
 @pytest.mark.parametrize("stop", [(2, 3), (3, 0), (0, 1)])
 def test_resume_neither_repeats_nor_skips_a_relabelling(schedule, stop):

@@ -424,9 +424,12 @@ class Trainer:
         back from its final rate)."""
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
         last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
-        return (f"the schedule's flags changed on resume ({_flag_changes(saved_args, self.args, changed)}): step "
-                f"{self.global_step} trains at learning rate {self.schedule(self.global_step):.6g}, the last step "
-                f"trained at {last:.6g}")
+        changes = _flag_changes(saved_args, self.args, changed)
+        if self.global_step >= self.args.epochs * self.steps_per_epoch:  # (--epochs lowered to where it stands)
+            return (f"the schedule's flags changed on resume ({changes}): the run ends here, at "
+                    f"{self.position_words(*self.position)}; the last step trained at learning rate {last:.6g}")
+        return (f"the schedule's flags changed on resume ({changes}): step {self.global_step} trains at learning "
+                f"rate {self.schedule(self.global_step):.6g}, the last step trained at {last:.6g}")
 
     def restore_missing_epoch_checkpoints(self) -> None:
         """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between
@@ -882,9 +885,12 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = knn_monitor_set(args, train_set)
-    # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable).
+    # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable). A run
+    # stopped at an epoch's end and started with --epochs lowered to it ends there: a change of its schedule, recorded
+    # and saved, as one lowered mid-epoch trains on and records it (it was taken for a run that had finished).
+    shortened = start_epoch == args.epochs and "epochs" in trainer.changed_by_this_start.get("before", {})
     written = written_run_config(run_dir) or {}
-    finished = start_epoch == args.epochs > 0 and isinstance(written.get("args"), dict)
+    finished = start_epoch == args.epochs > 0 and isinstance(written.get("args"), dict) and not shortened
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)
@@ -922,6 +928,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
             announce_start(trainer, (start_epoch, start_step))
     distributed.barrier()
     require_shared(run_dir, "status.json")  # rank 0 has just written it
+    if shortened:  # (the checkpoint's record for the starts to come; collective)
+        trainer.save(start_epoch, start_step)
     return trainer, start_epoch, start_step
 
 

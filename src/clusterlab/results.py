@@ -596,10 +596,11 @@ def aggregate(frame):
     grouped = filled.groupby(keys, sort=True, dropna=False)
     if "seed" in filled:
         for key, rows in grouped:
-            shared = rows["seed"].duplicated(keep=False)
-            if shared.any():  # (named: only the runs that share one, of a row of many)
+            # (named: only the runs that share one, of a row of many; a baseline has no seed to share)
+            shared = rows["seed"].notna() & rows["seed"].duplicated(keep=False)
+            if shared.any():
                 runs = ", ".join(f"{run} (seed {seed})" for seed, run in sorted(
-                    {(seed, str(run)) for seed, run in zip(rows["seed"][shared], rows["run_path"][shared])}))
+                    {(int(seed), str(run)) for seed, run in zip(rows["seed"][shared], rows["run_path"][shared])}))
                 warnings.warn(f"row {_row_name(key)}: {len(rows)} runs averaged as seeds, of which {shared.sum()} "
                               f"share a seed (copies of one run, or runs that differ where the row does not show, "
                               f"such as the seed of their --pretrained run): {runs}", stacklevel=2)

@@ -369,41 +369,62 @@ def _named(folders: list, shown: int = 3) -> str:
 def _hidden(name: str) -> bool:
     """A name starting with a dot: Jupyter's .ipynb_checkpoints/ (copies of images as a class of their own, or
     inside one), macOS's ._NAME metadata beside every file it copies (named as images, read as corrupt ones). Left
-    out, where torchvision's ImageFolder reads them, with a note (`_note_hidden`)."""
+    out, where torchvision's ImageFolder reads them, with a note (`_note_left_out`)."""
     return name.startswith(".")
 
 
-def _note_hidden(names: list[str], where) -> None:
-    if names:
-        _note_once(f"note: {len(names)} hidden file(s) or folder(s) in {str(where)!r} left out (names starting with "
-                   f"'.', first: {sorted(names)[0]})")
+def _would_be_read(path: str) -> bool:
+    """Whether torchvision's ImageFolder would read a hidden entry: a folder (a class, or walked), or a file named as
+    an image (a .DS_Store it leaves out as we do, without a note)."""
+    return os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _dangling_files(paths: list[str], where, what: str) -> list[str]:
+    """Links among `paths` (none named as an image file) that lead nowhere. One named as a file of another kind
+    (notes.json: a file git-annex or DVC has not fetched) is returned, to be left out with a note; any other may be a
+    folder not there (a share not mounted), which was left out like a file, the run trained and scored without its
+    images: refused."""
+    dangling = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
+    folders = [path for path in dangling if not FILE_SUFFIX.search(os.path.basename(path))]
+    if folders:
+        raise DataError(f"dataset 'imagefolder': {len(folders)} link(s) in {str(where)!r} lead nowhere "
+                        f"({_named(folders)}; the first to {os.readlink(folders[0])!r}): mount or restore the "
+                        f"{what} they link to, or remove them")
+    return dangling
+
+
+def _note_left_out(root: Path, where: str, hidden: list[str], dangling: list[str], unlisted: list[str]) -> None:
+    """One note for each kind of entry left out `where` (paths; named relative to root)."""
+    def first(paths: list[str]) -> str:
+        return os.path.relpath(sorted(paths)[0], root)
+    if hidden:
+        _note_once(f"note: {len(hidden)} hidden folder(s) or image file(s) {where} left out (names starting with "
+                   f"'.', first: {first(hidden)})")
+    if unlisted:
+        kinds = sorted({os.path.splitext(path)[1].lower() for path in unlisted})
+        _note_once(f"note: {len(unlisted)} image file(s) {where} in formats not read ({' '.join(kinds)}; first: "
+                   f"{first(unlisted)}) left out: convert them to {'/'.join(sorted(IMAGE_SUFFIXES))} to use them")
+    if dangling:
+        _note_once(f"note: {len(dangling)} link(s) {where} named as files other than images lead nowhere (first: "
+                   f"{first(dangling)}): left out")
 
 
 def _class_folders(root: Path) -> list[str]:
     """The class folders under root; image files beside them, in no class, are named in a note (torchvision leaves
-    them out without a word)."""
+    them out without a word), and so are the other entries left out."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    _note_hidden([entry.name for entry in entries if _hidden(entry.name)], root)
+    hidden = [entry.path for entry in entries if _hidden(entry.name) and _would_be_read(entry.path)]
     entries = [entry for entry in entries if not _hidden(entry.name)]
-    # A link to nowhere, unless named as an image file, may be a class folder not there (a share not mounted): left
-    # out like a file, the run trained and was scored on the other classes without a word.
-    _refuse_dangling([entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)], root,
-                     "class folders")
+    others = [entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)]
+    dangling = _dangling_files(others, root, "class folders")
+    unlisted = [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and path not in dangling
+                and not os.path.isdir(path)]
+    _note_left_out(root, f"in {str(root)!r}", hidden, dangling, unlisted)
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
                    f"{loose[0]}): left out")
     return [entry.name for entry in entries if entry.is_dir()]
-
-
-def _refuse_dangling(paths: list[str], where, what: str) -> None:
-    """Refuse links among `paths` (none named as an image file) that lead nowhere: a folder not there (a share not
-    mounted) was left out like a file, and the run trained and was scored without its images."""
-    dangling = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
-    if dangling:
-        raise DataError(f"dataset 'imagefolder': {len(dangling)} link(s) in {str(where)!r} lead nowhere "
-                        f"({_named(dangling)}; the first to {os.readlink(dangling[0])!r}): mount or restore the "
-                        f"{what} they link to, or remove them")
 
 
 def _note_once(note: str) -> None:
@@ -421,7 +442,7 @@ _NOTED: set[str] = set()
 def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Image files under root/CLASS/ (recursively, sorted as torchvision's ImageFolder lists them; each real folder
     once; hidden names left out) and labels."""
-    files, labels, empty, hidden, dangling_files, unlisted = [], [], [], [], [], []
+    files, labels, empty, hidden, dangling, unlisted = [], [], [], [], [], []
     for label, name in enumerate(classes):
         found, visited = [], set()
         for folder, subfolders, names in os.walk(root / name, followlinks=True):
@@ -432,17 +453,17 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
                 subfolders.clear()
                 continue
             visited.add(real)
-            hidden += [os.path.join(folder, entry) for entry in (*subfolders, *names) if _hidden(entry)]
+            hidden += [path for path in (os.path.join(folder, entry) for entry in (*subfolders, *names))
+                       if _hidden(os.path.basename(path)) and _would_be_read(path)]
             subfolders[:] = sorted(entry for entry in subfolders if not _hidden(entry))
             names = sorted(entry for entry in names if not _hidden(entry))
             images = [file_name for file_name in names if file_name.lower().endswith(IMAGE_SUFFIXES)]
             others = [os.path.join(folder, file_name) for file_name in names if file_name not in images]
-            unlisted += [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES)]
-            # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen; one
-            # named as a file of another kind, notes.json, is a file not fetched, as git-annex and DVC leave them)
-            dangling = [path for path in others if os.path.islink(path) and not os.path.exists(path)]
-            dangling_files += [path for path in dangling if FILE_SUFFIX.search(path)]
-            _refuse_dangling([path for path in dangling if not FILE_SUFFIX.search(path)], folder, "folders")
+            # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen)
+            found_dangling = _dangling_files(others, folder, "folders")
+            dangling += found_dangling
+            unlisted += [path for path in others
+                         if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and path not in found_dangling]
             found.append((folder, [os.path.join(folder, file_name) for file_name in images]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".
@@ -451,15 +472,7 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
             empty.append(root / name)
         files += found
         labels += [label] * len(found)
-    _note_hidden([os.path.relpath(path, root) for path in hidden], root)
-    if unlisted:
-        kinds = sorted({os.path.splitext(path)[1].lower() for path in unlisted})
-        _note_once(f"note: {len(unlisted)} image file(s) under {str(root)!r} in formats not read ({' '.join(kinds)}; "
-                   f"first: {os.path.relpath(unlisted[0], root)}) left out: convert them to "
-                   f"{'/'.join(sorted(IMAGE_SUFFIXES))} to use them")
-    if dangling_files:
-        _note_once(f"note: {len(dangling_files)} link(s) under {str(root)!r} named as files other than images lead "
-                   f"nowhere (first: {os.path.relpath(dangling_files[0], root)}): left out")
+    _note_left_out(root, f"inside the class folders of {str(root)!r}", hidden, dangling, unlisted)
     if empty:
         raise DataError(f"dataset 'imagefolder': {len(empty)} class folder(s) without images ({_named(empty)}); "
                         f"every class folder needs at least one {'/'.join(sorted(IMAGE_SUFFIXES))} file")

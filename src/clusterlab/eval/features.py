@@ -345,25 +345,38 @@ def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_sp
     test_set = load(dataset, "test", data_path, args.download) if with_test_split else None
     if own_files:
         _refuse_other_files(loaded, dataset, train_set, data_path)
-        _note_changed_files(loaded, train_set)
     if train_set.channels != loaded.method.info.channels:
         raise ConfigError(f"--dataset {dataset!r} has {train_set.channels}-channel images; the run's model takes "
                           f"{loaded.method.info.channels}")
     _refuse_unusable_view(args, train_set)
-    trained_on, scored_on = loaded.args.dataset, dataset
-    # (an image folder of other images: a copy of the run's own, a job's local one, has its fingerprint)
-    other_folder = (not own_files and train_set.folder is not None and loaded.data_folder is not None
-                    and loaded.method.info.fingerprint not in ("", train_set.fingerprint))
-    if other_folder:
-        trained_on = f"{trained_on} {loaded.data_folder}"
-        scored_on = f"{dataset} {real_data_folder(dataset, data_path)}"
-    if (other_folder or not same_images(dataset, loaded.args.dataset)) and distributed.rank() == 0:
-        # a transfer may be meant, a slip of --dataset more often: said, as main_cluster.py's --pretrained says it
-        info = loaded.method.info
-        print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {scored_on}: its "
-              f"images take the {loaded.method.eval_view.crop} px test view and the run's mean {list(info.mean)}, "
-              f"std {list(info.std)}", flush=True)
+    if distributed.rank() == 0:
+        _note_other_images(loaded, dataset, train_set, data_path)
     return Evaluation(loaded, train_set, test_set, own_view, own_resize)
+
+
+def _note_other_images(loaded: LoadedRun, dataset: str, train_set: ImageSet, data_path: str | None) -> None:
+    """A note where the run is scored on other images than it trained on: another dataset (a transfer may be meant,
+    a slip of --dataset more often: said, as main_cluster.py's --pretrained says it); another folder of the run's
+    dataset, whose training split is not the run's (a copy, a job's local one, has its file names and labels: its
+    fingerprint); the run's own folder, changed since it trained (images added, removed or renamed)."""
+    trained_on, scored_on = loaded.args.dataset, dataset
+    if same_images(dataset, loaded.args.dataset):
+        # (compared where they may be: the same dataset, cifar100_20 relabelling cifar100's images; the same split)
+        fingerprint = loaded.method.info.fingerprint
+        if (loaded.data_folder is None or dataset != loaded.args.dataset or fingerprint in ("", train_set.fingerprint)
+                or getattr(loaded.args, "train_split", "train") != train_set.split):
+            return
+        here = real_data_folder(dataset, data_path)
+        if here == loaded.data_folder:
+            print(f"note: the {train_set.split} split of {dataset} in {here} has changed since run "
+                  f"{str(loaded.run_dir)!r} trained on it (its file names or labels): it is scored on the files as "
+                  f"they are now", flush=True)
+            return
+        trained_on, scored_on = f"{trained_on} {loaded.data_folder}", f"{dataset} {here}"
+    info = loaded.method.info
+    print(f"note: run {str(loaded.run_dir)!r} was trained on {trained_on} and is scored on {scored_on}: its images "
+          f"take the {loaded.method.eval_view.crop} px test view and the run's mean {list(info.mean)}, std "
+          f"{list(info.std)}", flush=True)
 
 
 def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, data_path: str | None) -> None:
@@ -382,17 +395,6 @@ def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, da
     raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {read} reads "
                       f"{here} from here, which does not hold that training set (its file names and labels): give "
                       f"--data_path (that folder, or other images to score the run on)")
-
-
-def _note_changed_files(loaded: LoadedRun, train_set: ImageSet) -> None:
-    """The run's own files, changed since it trained (images added, removed or renamed, classes relabelled): it is
-    scored on them as they are now, and a note says so."""
-    trained_on = loaded.method.info.fingerprint
-    if (trained_on and trained_on != train_set.fingerprint and distributed.rank() == 0
-            and getattr(loaded.args, "train_split", "train") == train_set.split):
-        print(f"note: the {train_set.split} split of {train_set.name} in {loaded.data_folder} has changed since run "
-              f"{str(loaded.run_dir)!r} trained on it (its file names or labels): it is scored on the files as they "
-              f"are now", flush=True)
 
 
 def _refuse_unusable_view(args: argparse.Namespace, images: ImageSet) -> None:

@@ -163,6 +163,21 @@ class SeLa(ClusterMethod):
             return [head(features.float()) for head in self.heads]
 
     # ---- training ----
+    def whole_run_settings(self, steps_per_epoch: int) -> list[str]:
+        """The relabellings the run reaches: its clock counts the samples of full batches (as upstream's does), so
+        a batch size that leaves many images out of every epoch reaches fewer of them than the --nopts the recipe
+        plans (those beyond `epochs` whole epochs of images lie beyond any run, by upstream's design)."""
+        args, images = self.args, self.info.num_samples
+        # (the clock at the run's last step, and where it would stand with every image in every epoch)
+        reached = sum(time <= (args.epochs * steps_per_epoch - 1) * args.batch_size for time in self.times)
+        planned = sum(time <= args.epochs * images - args.batch_size for time in self.times)
+        if reached >= 0.9 * planned:  # (a few always: CIFAR's batch of 128 leaves 80 images out, 1 of 399 reached)
+            return []
+        return [f"sela: {reached} of --nopts {args.nopts} relabellings fall inside the run, where {planned} would with "
+                f"every image in every epoch: full batches of {args.batch_size} take "
+                f"{steps_per_epoch * args.batch_size} of the {images} images an epoch, and the relabelling schedule "
+                f"counts the samples seen"]
+
     def schedule_flags(self) -> list:
         return [self.args.sela_schedule, self.args.epochs, self.args.nopts]
 
