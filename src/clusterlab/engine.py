@@ -202,8 +202,9 @@ class Trainer:
         return notes
 
     def whole_run_settings(self) -> list[str]:
-        """Lengths that cover the whole run: warm-up, a step schedule without a drop, and the method's own
-        (prototype freezing, queue start); epoch checkpoints and a kNN monitor asked for beyond its end."""
+        """Lengths that cover the whole run: warm-up, a step schedule without a drop, a schedule period the run ends
+        inside, and the method's own (prototype freezing, queue start, SeLa's relabellings); epoch checkpoints and a
+        kNN monitor asked for beyond its end."""
         notes = self.method.whole_run_settings(self.steps_per_epoch)
         epochs, period = self.args.epochs, self.args.schedule_period
         span = min(period, epochs) if period else epochs
