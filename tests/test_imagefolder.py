@@ -824,17 +824,19 @@ def test_a_link_to_nowhere_named_as_another_kind_of_file_is_left_out_with_a_note
     if a folder of images were not mounted."""
     fabricate.make_imagefolder(tmp_path, n_per_class=2, classes=2, size=8)
     (tmp_path / "train" / "class_a" / "notes.json").symlink_to("/nonexistent/annex/objects/SHA256-abc")
-    (tmp_path / "train" / "README.md").symlink_to("/nonexistent/annex/objects/SHA256-def")  # beside the classes
     capsys.readouterr()
     assert len(registry.load("imagefolder", "train", str(tmp_path))) == 4
-    train = str(tmp_path / "train")
     assert capsys.readouterr().out == (
-        f"note: 1 link(s) in {train!r} named as files other than images lead nowhere (first: README.md): left out\n"
-        f"note: 1 link(s) inside the class folders of {train!r} named as files other than images lead nowhere "
-        f"(first: class_a/notes.json): left out\n")
-    # a name a folder may have (a dated sub-folder, a share not mounted) is still refused
+        f"note: 1 link(s) inside the class folders of {str(tmp_path / 'train')!r} named as files other than images "
+        f"lead nowhere (first: class_a/notes.json): left out\n")
+    # a name a folder may have (a dated sub-folder, a share not mounted) is still refused, and so is any link to
+    # nowhere beside the class folders (Caltech-256's are named 009.bear)
     (tmp_path / "train" / "class_a" / "2019.05").symlink_to("/nonexistent/share/2019.05")
     with pytest.raises(DataError, match=r"1 link\(s\) in .*class_a' lead nowhere \(.*2019\.05'"):
+        registry.load("imagefolder", "train", str(tmp_path))
+    (tmp_path / "train" / "class_a" / "2019.05").unlink()
+    (tmp_path / "train" / "009.bear").symlink_to("/mnt/share_not_mounted/009.bear")
+    with pytest.raises(DataError, match=r"1 link\(s\) in .*train' lead nowhere \(.*009\.bear'.*class folders"):
         registry.load("imagefolder", "train", str(tmp_path))
 
 

@@ -99,8 +99,8 @@ def test_relabelling_steps_match_upstream(schedule, epochs, nopts):
 
 @pytest.mark.parametrize("batch, note", [
     (20, None), (16, None),  # every image, or 96 of 100, in each epoch: the relabellings the schedule plans
-    (45, "sela: 6 of --nopts 10 relabellings fall inside the run, where 7 would with every image in every epoch: "
-         "full batches of 45 take 90 of the 100 images an epoch, and the relabelling schedule counts the samples seen"),
+    (40, "sela: 6 of --nopts 10 relabellings fall inside the run, where 7 would with every image in every epoch: "
+         "full batches of 40 take 80 of the 100 images an epoch, and the relabelling schedule counts the samples seen"),
     (60, "sela: 4 of --nopts 10 relabellings fall inside the run, where 7"),
 ])
 def test_relabellings_a_batch_size_leaves_out_of_the_run_are_told_at_start(batch, note):

@@ -425,12 +425,9 @@ class Trainer:
         back from its final rate)."""
         saved = argparse.Namespace(**{**vars(self.args), **{key: saved_args[key] for key in changed}})
         last = build_schedule(saved, self.steps_per_epoch)(self.global_step - 1)
-        changes = _flag_changes(saved_args, self.args, changed)
-        if self.global_step >= self.args.epochs * self.steps_per_epoch:  # (--epochs lowered to where it stands)
-            return (f"the schedule's flags changed on resume ({changes}): the run ends here, at "
-                    f"{self.position_words(*self.position)}; the last step trained at learning rate {last:.6g}")
-        return (f"the schedule's flags changed on resume ({changes}): step {self.global_step} trains at learning "
-                f"rate {self.schedule(self.global_step):.6g}, the last step trained at {last:.6g}")
+        return (f"the schedule's flags changed on resume ({_flag_changes(saved_args, self.args, changed)}): step "
+                f"{self.global_step} trains at learning rate {self.schedule(self.global_step):.6g}, the last step "
+                f"trained at {last:.6g}")
 
     def restore_missing_epoch_checkpoints(self) -> None:
         """A checkpoint_epNNNN.pth asked for at the very epoch checkpoint.pth stands at, but missing (a crash between
@@ -879,6 +876,14 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} is already at "
                           f"{trainer.position_words(start_epoch, start_step)} (use --epochs "
                           f"{start_epoch + (start_step > 0)} or more, or a new --output_dir)")
+    # A run stopped at an epoch's end, started with --epochs lowered to it, was taken for a finished one: status.json
+    # said "finished" with the new length, while config.yaml and the checkpoint kept the schedule it trained under.
+    planned = trainer.changed_by_this_start.get("before", {}).get("epochs")
+    if start_epoch == args.epochs and planned is not None and planned > args.epochs:
+        raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} stands at the end of epoch "
+                          f"{start_epoch} of the {planned} its schedule plans, so no step would train under the new "
+                          f"one (use --epochs {planned} to finish the run; its checkpoints are scored as they are, "
+                          f"mid-run)")
     if kind != "linear" and not (run_dir / "checkpoint.pth").exists():
         refuse_a_lost_checkpoint(run_dir)
         refuse_evaluations_of_earlier_weights(run_dir)
@@ -886,12 +891,9 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
         # Now, not after the first epoch: data the monitor cannot read is refused before anything is written
         # (an epoch trained, then lost to the monitor's error at every start).
         trainer.monitor_set = knn_monitor_set(args, train_set)
-    # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable). A run
-    # stopped at an epoch's end and started with --epochs lowered to it ends there: a change of its schedule, recorded
-    # and saved, as one lowered mid-epoch trains on and records it (it was taken for a run that had finished).
-    shortened = start_epoch == args.epochs and "epochs" in trainer.changed_by_this_start.get("before", {})
+    # Nothing to train: the record stays that of the starts that trained (unless it is missing or unreadable).
     written = written_run_config(run_dir) or {}
-    finished = start_epoch == args.epochs > 0 and isinstance(written.get("args"), dict) and not shortened
+    finished = start_epoch == args.epochs > 0 and isinstance(written.get("args"), dict)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(run_dir)
@@ -929,8 +931,6 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
             announce_start(trainer, (start_epoch, start_step))
     distributed.barrier()
     require_shared(run_dir, "status.json")  # rank 0 has just written it
-    if shortened:  # (the checkpoint's record for the starts to come; collective)
-        trainer.save(start_epoch, start_step)
     return trainer, start_epoch, start_step
 
 

@@ -379,13 +379,13 @@ def _would_be_read(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _dangling_files(paths: list[str], where, what: str) -> list[str]:
+def _dangling_files(paths: list[str], where, what: str, trust_file_names: bool = True) -> list[str]:
     """Links among `paths` (none named as an image file) that lead nowhere. One named as a file of another kind
-    (notes.json: a file git-annex or DVC has not fetched) is returned, to be left out with a note; any other may be a
-    folder not there (a share not mounted), which was left out like a file, the run trained and scored without its
-    images: refused."""
+    (notes.json: a file git-annex or DVC has not fetched) is returned, to be left out with a note; any other (any at
+    all without `trust_file_names`) may be a folder not there (a share not mounted), which was left out like a file, the
+    run trained and scored without its images: refused."""
     dangling = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
-    folders = [path for path in dangling if not FILE_SUFFIX.search(os.path.basename(path))]
+    folders = [path for path in dangling if not (trust_file_names and FILE_SUFFIX.search(os.path.basename(path)))]
     if folders:
         raise DataError(f"dataset 'imagefolder': {len(folders)} link(s) in {str(where)!r} lead nowhere "
                         f"({_named(folders)}; the first to {os.readlink(folders[0])!r}): mount or restore the "
@@ -416,10 +416,10 @@ def _class_folders(root: Path) -> list[str]:
     hidden = [entry.path for entry in entries if _hidden(entry.name) and _would_be_read(entry.path)]
     entries = [entry for entry in entries if not _hidden(entry.name)]
     others = [entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)]
-    dangling = _dangling_files(others, root, "class folders")
-    unlisted = [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and path not in dangling
-                and not os.path.isdir(path)]
-    _note_left_out(root, f"in {str(root)!r}", hidden, dangling, unlisted)
+    # (any link to nowhere here may be a class folder, and class folders are named 009.bear: refused)
+    _dangling_files(others, root, "class folders", trust_file_names=False)
+    unlisted = [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and os.path.isfile(path)]
+    _note_left_out(root, f"in {str(root)!r}", hidden, [], unlisted)
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "

@@ -171,7 +171,8 @@ class SeLa(ClusterMethod):
         # (the clock at the run's last step, and where it would stand with every image in every epoch)
         reached = sum(time <= (args.epochs * steps_per_epoch - 1) * args.batch_size for time in self.times)
         planned = sum(time <= args.epochs * images - args.batch_size for time in self.times)
-        if reached >= 0.9 * planned:  # (a few always: CIFAR's batch of 128 leaves 80 images out, 398 of 399 reached)
+        # (a batch's remainder costs one at times: CIFAR's 128 leave 80 of 50,000 images out, 398 of 399 reached)
+        if reached >= planned or steps_per_epoch * args.batch_size >= 0.9 * images:
             return []
         return [f"sela: {reached} of --nopts {args.nopts} relabellings fall inside the run, where {planned} would with "
                 f"every image in every epoch: full batches of {args.batch_size} take "
