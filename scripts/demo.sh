@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+if ! [ -x "${PY%% *}" ] && ! command -v "${PY%% *}" > /dev/null; then
+  echo "demo.sh: no python at '$PY': run 'make setup' first (or 'make demo', which does), or give PY=..." >&2
+  exit 2
+fi
 OUT=${DEMO_DIR:-runs/demo}
 # A new demo replaces the last one's folders only: a DEMO_DIR that holds anything else is refused, not removed.
 if [ -e "$OUT" ]; then

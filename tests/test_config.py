@@ -175,9 +175,13 @@ def test_a_path_given_as_a_yaml_number_is_text(tmp_path):
     assert (args.output_dir, args.data_path) == ("2024", os.path.abspath("7"))  # (recorded absolute)
 
 
-def test_missing_config_file_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+def test_missing_config_file_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="does not exist$"):
         pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])
+    monkeypatch.chdir(tmp_path)  # a recipe path from the repository, run elsewhere: where it looked is said
+    with pytest.raises(ConfigError, match=r"^config file 'configs/swav_digits.yaml' does not exist \(a relative path: "
+                                          f"read from the current directory, {tmp_path}\\)$"):
+        pretrain.parse_args(["--config", "configs/swav_digits.yaml"])
 
 
 @pytest.mark.parametrize("module, argv, words", [

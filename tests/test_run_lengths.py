@@ -149,6 +149,18 @@ def test_a_schedule_period_the_run_ends_inside_is_told(schedule, epochs, period,
     assert ["note: " + note for note in trainer.whole_run_settings()] == ["note: " + note for note in notes]
 
 
+def test_no_warm_up_is_no_warm_up_covering_a_run_of_one_step():
+    """0 warm-up iterations, and one step an epoch: the note said the learning rate warmed up for the whole run."""
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.method = SimpleNamespace(whole_run_settings=lambda steps: [])
+    trainer.steps_per_epoch = 1
+    trainer.args = argparse.Namespace(schedule="constant", lr=1.0, final_lr=0.0, lr_gamma=0.1, lr_drops=[], epochs=1,
+                                      schedule_period=0, warmup_epochs=0, start_warmup=0.0, checkpoint_epochs=[],
+                                      knn_monitor_every=0)
+    trainer.schedule = engine.build_schedule(trainer.args, 1)
+    assert trainer.whole_run_settings() == []
+
+
 def test_swav_prototypes_are_unit_vectors_before_every_step():
     """The loss tests give scores directly: only this sees the prototypes normalised before the step (upstream
     normalises them at the start of every iteration)."""

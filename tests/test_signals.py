@@ -308,13 +308,13 @@ def test_a_distributed_run_ends_without_the_interpreters_finalisation(tmp_path):
                    MASTER_PORT=str(port)) for rank in range(2)]
     outputs = [process.communicate(timeout=180) for process in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
-    assert outputs[0][0].splitlines()[-1].startswith("finished 1 epochs; checkpoint in")
+    assert outputs[0][0].splitlines()[-1].startswith("finished 1 epoch; checkpoint in")
     assert json.loads((tmp_path / "two" / "status.json").read_text())["state"] == "finished"
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["world_size"] == 2
     assert not list(tmp_path.glob("finalised*"))
     alone = start(tmp_path / "one")
     out, err = alone.communicate(timeout=180)
-    assert alone.returncode == 0 and out.splitlines()[-1].startswith("finished 1 epochs"), (out, err)
+    assert alone.returncode == 0 and out.splitlines()[-1].startswith("finished 1 epoch;"), (out, err)
     assert [p.name for p in tmp_path.glob("finalised*")] == ["finalised"]
     assert yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["world_size"] == 1
 

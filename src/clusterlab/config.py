@@ -396,7 +396,8 @@ def load_yaml(path: str | os.PathLike, kind: str = "config", example: str = "con
     if path.is_dir():
         raise ConfigError(f"{label} is a folder (give a YAML file, e.g. {example})")
     if not path.is_file():
-        raise ConfigError(f"{label} does not exist")
+        where = "" if path.is_absolute() else f" (a relative path: read from the current directory, {os.getcwd()})"
+        raise ConfigError(f"{label} does not exist{where}")
     data = _parse_yaml(path, label) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label} must hold a mapping of " + ("flag names to values" if kind == "config" else

@@ -211,7 +211,7 @@ class Trainer:
         within = "each period of --schedule_period" if period and period < epochs else "the run"
         # In iterations, as the schedule counts: --warmup_epochs rounds to whole steps, a period restarts the warm-up.
         # The step after the warm-up is still at the peak: a warm-up one step shorter than the run covers it too.
-        warm_up_covers = self.schedule.warmup_steps >= span * self.steps_per_epoch - 1
+        warm_up_covers = 0 < self.schedule.warmup_steps >= span * self.steps_per_epoch - 1
         if warm_up_covers:
             notes.insert(0, f"the learning rate warms up for the whole of {within} ({self.schedule.warmup_steps} "
                             f"warm-up iterations of --warmup_epochs {self.args.warmup_epochs} in "
@@ -665,7 +665,8 @@ class Trainer:
         finds training finished."""
         if self.ctx.is_main:
             rundir.write_status(self.run_dir, "finished", epoch=self.args.epochs, epochs=self.args.epochs)
-            print(f"finished {self.args.epochs} epochs; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
+            epochs = f"{self.args.epochs} epoch{'s' if self.args.epochs != 1 else ''}"
+            print(f"finished {epochs}; checkpoint in {self.run_dir / 'checkpoint.pth'}", flush=True)
             if signals.received() is not None:
                 print(f"{signals.name()} at the end of the last epoch: training is complete; exiting for the "
                       f"requeue", flush=True)
@@ -912,7 +913,8 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
                                   for key, before in changed.get("before", {}).items())
             unused = f"; this command's other flags ({differing}) are not applied: a new --output_dir trains them" \
                 if differing else ""
-            print(f"{run_dir} has trained its {args.epochs} epochs: nothing to train (config.yaml keeps the flags and "
+            epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+            print(f"{run_dir} has trained its {epochs}: nothing to train (config.yaml keeps the flags and "
                   f"code it trained with){unused}", flush=True)
         else:
             code = git_state()

@@ -125,11 +125,13 @@ def check_flags(args, method: type | None = None) -> None:
     if args.baseline:
         raise ConfigError("--train_features memory_bank: raw pixels have no memory bank (leave it out, or use "
                           "recomputed)")
-    if args.features != "embedding":
-        raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
-    if method is not None and not hasattr(method, "memory_bank"):
+    if method is None:  # (the rest once the run's method is known: one without a bank is said before the flag)
+        return
+    if not hasattr(method, "memory_bank"):
         raise ConfigError(f"--train_features memory_bank: method {method.name!r} keeps no memory bank (use "
                           f"recomputed)")
+    if args.features != "embedding":
+        raise ConfigError("--train_features memory_bank needs --features embedding (the bank holds embeddings)")
 
 
 def memory_bank_features(loaded, train_set) -> tuple[torch.Tensor, torch.Tensor]:
