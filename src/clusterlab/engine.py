@@ -211,7 +211,8 @@ class Trainer:
         within = "each period of --schedule_period" if period and period < epochs else "the run"
         # In iterations, as the schedule counts: --warmup_epochs rounds to whole steps, a period restarts the warm-up.
         # The step after the warm-up is still at the peak: a warm-up one step shorter than the run covers it too.
-        warm_up_covers = 0 < self.schedule.warmup_steps >= span * self.steps_per_epoch - 1
+        warm_up_covers = self.schedule.warmup_steps > 0 and \
+            self.schedule.warmup_steps >= span * self.steps_per_epoch - 1
         if warm_up_covers:
             notes.insert(0, f"the learning rate warms up for the whole of {within} ({self.schedule.warmup_steps} "
                             f"warm-up iterations of --warmup_epochs {self.args.warmup_epochs} in "

@@ -379,6 +379,11 @@ def _would_be_read(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES)
 
 
+def _unlisted_images(paths: list[str]) -> list[str]:
+    """The files among `paths` in image formats not read (a link to nowhere so named is no file)."""
+    return [path for path in paths if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and os.path.isfile(path)]
+
+
 def _dangling_files(paths: list[str], where, what: str, trust_file_names: bool = True) -> list[str]:
     """Links among `paths` (none named as an image file) that lead nowhere. One named as a file of another kind
     (notes.json: a file git-annex or DVC has not fetched) is returned, to be left out with a note; any other (any at
@@ -418,8 +423,7 @@ def _class_folders(root: Path) -> list[str]:
     others = [entry.path for entry in entries if not entry.name.lower().endswith(IMAGE_SUFFIXES)]
     # (any link to nowhere here may be a class folder, and class folders are named 009.bear: refused)
     _dangling_files(others, root, "class folders", trust_file_names=False)
-    unlisted = [path for path in others if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and os.path.isfile(path)]
-    _note_left_out(root, f"in {str(root)!r}", hidden, [], unlisted)
+    _note_left_out(root, f"in {str(root)!r}", hidden, [], _unlisted_images(others))
     loose = [entry.name for entry in entries if not entry.is_dir() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
     if loose:
         _note_once(f"note: {len(loose)} image file(s) lie directly in {str(root)!r}, in no class folder (first: "
@@ -453,17 +457,16 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
                 subfolders.clear()
                 continue
             visited.add(real)
-            hidden += [path for path in (os.path.join(folder, entry) for entry in (*subfolders, *names))
-                       if _hidden(os.path.basename(path)) and _would_be_read(path)]
+            hidden += [os.path.join(folder, entry) for entry in (*subfolders, *names)
+                       if _hidden(entry) and _would_be_read(os.path.join(folder, entry))]
             subfolders[:] = sorted(entry for entry in subfolders if not _hidden(entry))
             names = sorted(entry for entry in names if not _hidden(entry))
             images = [file_name for file_name in names if file_name.lower().endswith(IMAGE_SUFFIXES)]
-            others = [os.path.join(folder, file_name) for file_name in names if file_name not in images]
+            others = [os.path.join(folder, file_name) for file_name in names
+                      if not file_name.lower().endswith(IMAGE_SUFFIXES)]
             # (a link to a folder not there is walked as a file name: a sub-folder of the class, left out unseen)
-            found_dangling = _dangling_files(others, folder, "folders")
-            dangling += found_dangling
-            unlisted += [path for path in others
-                         if path.lower().endswith(UNLISTED_IMAGE_SUFFIXES) and path not in found_dangling]
+            dangling += _dangling_files(others, folder, "folders")
+            unlisted += _unlisted_images(others)
             found.append((folder, [os.path.join(folder, file_name) for file_name in images]))
         # torchvision sorts the folders' paths as strings (sorted(os.walk(...))), which a walk does not give:
         # "a-b" and "a.b" sort before "a/x", which the walk visits right after "a".

@@ -361,10 +361,9 @@ def _note_other_images(loaded: LoadedRun, dataset: str, train_set: ImageSet, dat
     fingerprint); the run's own folder, changed since it trained (images added, removed or renamed)."""
     trained_on, scored_on = loaded.args.dataset, dataset
     if same_images(dataset, loaded.args.dataset):
-        # (compared where they may be: the same dataset, cifar100_20 relabelling cifar100's images; the same split)
-        fingerprint = loaded.method.info.fingerprint
-        if (loaded.data_folder is None or dataset != loaded.args.dataset or fingerprint in ("", train_set.fingerprint)
-                or getattr(loaded.args, "train_split", "train") != train_set.split):
+        # (compared where they may be: the same dataset, cifar100_20 relabelling cifar100's images)
+        if (loaded.data_folder is None or dataset != loaded.args.dataset or not _fingerprints_compare(loaded, train_set)
+                or loaded.method.info.fingerprint == train_set.fingerprint):
             return
         here = real_data_folder(dataset, data_path)
         if here == loaded.data_folder:
@@ -379,6 +378,12 @@ def _note_other_images(loaded: LoadedRun, dataset: str, train_set: ImageSet, dat
           f"{list(info.std)}", flush=True)
 
 
+def _fingerprints_compare(loaded: LoadedRun, train_set: ImageSet) -> bool:
+    """Whether the run's training-set fingerprint can tell whether `train_set` holds its training images: one was
+    recorded, and `train_set` is the split the run trained on (not STL-10's train against its train+unlabeled)."""
+    return bool(loaded.method.info.fingerprint) and getattr(loaded.args, "train_split", "train") == train_set.split
+
+
 def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, data_path: str | None) -> None:
     """Scoring a run on its own data (no --data_path), refuse files other than those it trained on: a relative
     --data_path (as runs recorded it before they recorded it absolute), or DATASET_PATH, read from another working
@@ -388,8 +393,7 @@ def _refuse_other_files(loaded: LoadedRun, dataset: str, train_set: ImageSet, da
     here = real_data_folder(dataset, data_path)
     if loaded.data_folder is None or here == loaded.data_folder:
         return
-    trained_on = loaded.method.info.fingerprint
-    if getattr(loaded.args, "train_split", "train") == train_set.split and trained_on == train_set.fingerprint:
+    if _fingerprints_compare(loaded, train_set) and loaded.method.info.fingerprint == train_set.fingerprint:
         return
     read = f"its --data_path {data_path!r}" if data_path else "its dataset's path ($DATASET_PATH, or ./data)"
     raise ConfigError(f"--run {str(loaded.run_dir)!r} trained on the files in {loaded.data_folder}; {read} reads "

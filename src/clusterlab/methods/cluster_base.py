@@ -224,16 +224,16 @@ def pretrained_moved_on(source: str, recorded: dict | None) -> str | None:
 def pretrained_origin(path: Path, state: dict) -> dict:
     """What a run started from, for its config.yaml: the pre-trained checkpoint's file, method, epoch and flags, the
     images it trained on (`training_set`, as its own config.yaml names them), its number of processes and, for a
-    SCAN run, the view it mined
-    its neighbours on (`neighbours_mined_on`), and that run's own origin if it had one (SCAN's self-labelling starts
-    from a SCAN run that started from an embedding). Tables compare runs' settings with it, so runs from different
-    first stages are not averaged as seeds, and mark a run whose first stage was trained by changed code
-    (`trained_by`, the git states of its starts)."""
+    SCAN run, the view it mined its neighbours on (`neighbours_mined_on`), and that run's own origin if it had one
+    (SCAN's self-labelling starts from a SCAN run that started from an embedding). Tables compare runs' settings
+    with it, so runs from different first stages are not averaged as seeds, and mark a run whose first stage was
+    trained by changed code (`trained_by`, the git states of its starts)."""
     method_state = state.get("method_state") if isinstance(state.get("method_state"), dict) else {}
     info = state.get("data_info") or {}
     origin = {"checkpoint": str(Path(path).resolve()), "method": state.get("method"), "epoch": state.get("epoch"),
               "step": state.get("step", 0), "args": state.get("args"), "precision": state.get("precision"),
-              "world_size": state.get("world_size"), "resume_changes": state.get("resume_changes"), "trained_by": starts_of(Path(path).parent, state),
+              "world_size": state.get("world_size"), "resume_changes": state.get("resume_changes"),
+              "trained_by": starts_of(Path(path).parent, state),
               "training_set": {"images": info.get("num_samples"), "fingerprint": info.get("fingerprint")},
               "pretrained_from": method_state.get("pretrained_from")}
     # (a scan checkpoint written before it kept the view of a --mining_crop: that crop's)
