@@ -241,6 +241,32 @@ def test_a_run_finished_beyond_the_grids_epochs_is_named_and_not_submitted(tmp_p
         "final checkpoint evaluated as epoch 1; another output_root trains the grid's")
 
 
+@pytest.mark.parametrize("status, position, finish", [
+    ({"state": "interrupted", "epoch": 1, "step": 0, "epochs": 2}, "the end of epoch 1 of the 2", "epochs 2"),
+    ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, "epoch 2 step 3 of the 2", "epochs 2 or more")])
+def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_it_stands_at_is_named_and_not_submitted(
+        tmp_path, status, position, finish):
+    """A grid lowered to 1 epoch while its run stood at (or past) the end of epoch 1 of 2: planned "resume", its job
+    was refused (the checkpoint is at or past the new end) at every launch, and its evaluations with it."""
+    run = tmp_path / "runs" / "swav_digits_s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps(status))
+    grid = grid_file(tmp_path, axes={"seed": [0]}, flags={**BASE["flags"], "epochs": 1},
+                     evals={"programs": ["eval_knn.py"]})
+    for how in ("--dry-run", "--cluster=debug"):
+        out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), how)
+        assert out.returncode == 0, out.stderr
+        row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_s0 "))
+        assert row.split()[:3] == ["swav_digits_s0", "ahead", "0"], out.stdout
+        assert (f"swav_digits_s0 stopped at {position} its schedule plans, and the grid gives 1: its training would "
+                f"be refused, so it is not submitted, nor evaluated, nor the stages after it; give it {finish} to "
+                f"finish it, or another output_root trains the grid's") in out.stdout.splitlines(), out.stdout
+        assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
+        if how == "--cluster=debug":
+            assert out.stdout.splitlines()[-1] == "  swav_digits_s0: not submitted (it stands past the grid's epochs)"
+    assert sorted(path.name for path in run.iterdir()) == ["status.json"]
+
+
 def test_a_relaunch_says_why_an_evaluation_job_ended_without_succeeding(tmp_path):
     """The plan listed the evaluation to submit again without a word, and --wait said only "finished"."""
     run = tmp_path / "runs" / "swav_digits_1ep_s0"

@@ -8,7 +8,7 @@ Training runs are submitted as job arrays (one per resource shape, throttled by 
 GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
 checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped (one trained with
 other flags than the grid gives is named), unfinished ones resume (one whose last start failed is named with the
-reason), evaluations already recorded or still in the
+reason; one standing past the grid's epochs, whose training would be refused, is named and not submitted), evaluations already recorded or still in the
 queue are not submitted again, unless the grid changed their flags since the last one that succeeded
 (RUN/slurm/jobs.jsonl lists every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
 saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
@@ -101,8 +101,8 @@ def main(argv=None):
         for run, state in plan:
             if run.name in held:
                 print(f"  {run.name}: not submitted ("
-                      + ("held by a process or job this launch does not know of)" if state == "held"
-                         else "it starts from a run that is held)"))
+                      + {"held": "held by a process or job this launch does not know of)",
+                         "ahead": "it stands past the grid's epochs)"}.get(state, "it starts from a run that is held)"))
                 continue
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
@@ -171,8 +171,9 @@ def _no_debugger_for_user_errors():
 
 def run_state(run: RunSpec, in_queue: set) -> str:
     """new, resume (a run directory without a finished status), finished (also one that trained more epochs than
-    the grid gives now: its training would refuse to go back), queued (a job of it is queued) or held (a process or
-    job that this launch does not know of trains it: started by hand, by an sbatch script or by another grid)."""
+    the grid gives now: its training would refuse to go back), queued (a job of it is queued), held (a process or
+    job that this launch does not know of trains it: started by hand, by an sbatch script or by another grid) or
+    ahead (unfinished, but its training would refuse the grid's epochs: stopped_past_end)."""
     status = rundir.read_status(run.run_dir)
     if status.get("state") == "finished" and (status.get("epochs") == run.epochs or epochs_beyond(run)):
         return "finished"
@@ -180,6 +181,8 @@ def run_state(run: RunSpec, in_queue: set) -> str:
         return "queued"
     if rundir.in_use_by(run.run_dir) or queued_script_job(run.run_dir, in_queue):
         return "held"
+    if stopped_past_end(run):
+        return "ahead"
     return "resume" if run.run_dir.exists() else "new"
 
 
@@ -190,6 +193,26 @@ def epochs_beyond(run: RunSpec) -> int | None:
     if status.get("state") == "finished" and rundir.is_number(trained) and rundir.is_number(asked) and trained > asked:
         return trained
     return None
+
+
+def stopped_past_end(run: RunSpec) -> str | None:
+    """For an unfinished run whose training would refuse the grid's epochs (it stands past them, or at the end of
+    them while its schedule plans more): the line that says so. Submitted, its job was refused at every launch."""
+    status, asked = rundir.read_status(run.run_dir), run.epochs
+    epoch, step, planned = (status.get(key) for key in ("epoch", "step", "epochs"))
+    step = step if rundir.is_number(step) else 0
+    if status.get("state") == "finished" or not (rundir.is_number(epoch) and rundir.is_number(asked)):
+        return None
+    if epoch > asked or (epoch == asked and step > 0):
+        finish = f"epochs {epoch + (step > 0)} or more"
+    elif epoch == asked and rundir.is_number(planned) and planned > asked:
+        finish = f"epochs {planned}"
+    else:
+        return None
+    return (f"{run.name} stopped at {rundir.position_words(epoch, step)}"
+            + (f" of the {planned} its schedule plans" if rundir.is_number(planned) else "")
+            + f", and the grid gives {asked}: its training would be refused, so it is not submitted, nor evaluated, "
+              f"nor the stages after it; give it {finish} to finish it, or another output_root trains the grid's")
 
 
 # Flags that change how a run trains or what it logs, not what it learns (collect_results' NOT_SETTINGS, less those
@@ -383,6 +406,8 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
             print(f"{run.name} is in use by {holder}: not submitted, nor evaluated, nor the stages after it; launch "
                   f"again once it has ended (a holder on another host that died without Slurm leaves its lock: "
                   f"remove {str(run.run_dir / rundir.LOCK_NAME)!r} then)")
+        if state == "ahead":
+            print(stopped_past_end(run))
         failure = last_failure(run.run_dir) if state == "resume" else None
         if failure:
             print(f"{run.name}: its last start failed ({failure}); it is submitted again")
@@ -487,9 +512,10 @@ def refused_by_sbatch(what: str, submitted: list):
 
 
 def held_runs(plan) -> set[str]:
-    """The runs a process or job this launch does not know of trains (`held`), and those of later stages that would
-    start from them: none is submitted (the plan names them)."""
-    held = {run.name for run, state in plan if state == "held"}
+    """The runs a process or job this launch does not know of trains (`held`), those whose training would refuse the
+    grid's epochs (`ahead`), and those of later stages that would start from them: none is submitted (the plan
+    names them)."""
+    held = {run.name for run, state in plan if state in ("held", "ahead")}
     for run, state in plan:  # (stage by stage: a run comes after the one it starts from)
         if run.after in held and state in ("new", "resume"):
             held.add(run.name)
