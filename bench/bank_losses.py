@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress  # noqa: E402
 from clusterlab.programs.train import parse_args  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 BATCH, DIM = 128, 128
 
@@ -77,7 +78,7 @@ def main() -> None:
             run()
             times[name].append(time.perf_counter() - start)
     print(f"loss part on the embeddings of {BATCH} images (d {DIM}), bank {args.bank} x {DIM}, "
-          f"{args.threads} thread(s), {args.repeats} counted calls each")
+          f"{args.threads} thread(s) of {cpu_name()}, {args.repeats} counted calls each")
     print("\n| loss part | median | min | max |\n| --- | --- | --- | --- |")
     for name, values in times.items():
         counted = values[2:]

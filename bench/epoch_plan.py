@@ -18,6 +18,7 @@ import torch
 from clusterlab.config import OneLineErrorParser, positive_int
 from clusterlab.data.loader import GlobalBatches
 from clusterlab.errors import ConfigError
+from machine import cpu_name
 
 
 def main():
@@ -34,6 +35,7 @@ def main():
         except ConfigError as err:
             parser.error(str(err))
     torch.set_num_threads(1)
+    print(f"one thread of {cpu_name()}\n")
     print("| samples | global batch | world size | steps | plan one epoch: wall s, median (min-max) | CPU s, median |")
     print("| --- | --- | --- | --- | --- | --- |")
     for world_size in args.world_sizes:

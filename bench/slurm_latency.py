@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from clusterlab import rundir  # noqa: E402
 from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 # the jobs import this checkout's package, whatever the environment's own install points at
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -62,12 +63,26 @@ def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
     if interrupt_at_line:
         log = run / "train_log.jsonl"
         while not log.exists() or len(log.read_text().splitlines()) < interrupt_at_line:
+            if not queued(job):  # (a job that failed early would be waited for forever)
+                sys.exit(f"slurm_latency.py: job {job} left the queue before {log} had {interrupt_at_line} lines; "
+                         f"its run: {run}")
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    while job in subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split():
+    while queued(job):
         time.sleep(0.2)
-    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    state = rundir.read_status(run).get("state")
+    if state != "finished":
+        sys.exit(f"slurm_latency.py: job {job} ended with its run {state or 'without a status'}; see {run}")
     return (run / "status.json").stat().st_mtime - start
+
+
+def queued(job: str) -> bool:
+    """Whether Slurm still lists the job (pending, running or requeued); a controller that does not answer ends the
+    bench (the jobs' end could not be told)."""
+    listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True)
+    if listed.returncode:
+        sys.exit(f"slurm_latency.py: squeue failed: {listed.stderr.strip()}")
+    return job in listed.stdout.split()
 
 
 def main():

@@ -28,6 +28,7 @@ from clusterlab.errors import run_cli
 from clusterlab.methods import METHODS, Batch, DataInfo, Progress
 from clusterlab.optim import set_lr
 from clusterlab.programs.train import parse_args
+from machine import cpu_name
 
 
 def program_kind(argv: list[str]) -> str:
@@ -88,6 +89,7 @@ def main(argv=None):
             memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
         crops = " + ".join(f"{n}x{s or train_set.image_size}" for n, s in zip(args.nmb_crops, args.size_crops))
         order = "channels-last" if args.channels_last else "default"
+        print(torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else cpu_name(), end="\n\n")
         print("| method | backbone | crops | batch | device | threads | memory order | precision "
               "| img/s median (min-max) | memory |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
