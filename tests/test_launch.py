@@ -27,6 +27,9 @@ from clusterlab.slurm.jobs import make_executor
 from clusterlab.slurm.sbatch import recipe_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
+# launch.py's last line, on stderr, where it waited for a one-run grid that did not finish or whose evaluation failed
+ONE_RUN_INCOMPLETE = ("launch.py: 1 of 1 runs did not finish, or an evaluation job of theirs failed (swav_digits_s0): "
+                      "see the lines above\n")
 BASE = {"name": "g", "program": "main_pretrain.py", "config": "configs/swav_digits.yaml",
         "axes": {"epochs": [1, 2], "seed": [0]}, "flags": {"method": "swav", "dataset": "digits", "width": 4}}
 
@@ -255,7 +258,7 @@ def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_it_stands_at_is_name
                      evals={"programs": ["eval_knn.py"]})
     for how in ("--dry-run", "--cluster=debug"):
         out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), how)
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == (how == "--cluster=debug"), out.stderr  # (waited for: the grid is not done)
         row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_s0 "))
         assert row.split()[:3] == ["swav_digits_s0", "ahead", "0"], out.stdout
         assert (f"swav_digits_s0 stopped at {position} its schedule plans, and the grid gives 1: its training would "
@@ -306,7 +309,7 @@ def test_the_debug_cluster_reports_a_bad_flag_on_one_line_without_a_debugger(tmp
     grid = grid_file(tmp_path, axes={"seed": [0]}, flags={**BASE["flags"], "epochs": 1, "queue_length": 7,
                                                           "device": "cpu"})
     out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "debug")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1 and out.stderr == ONE_RUN_INCOMPLETE, out.stderr
     assert "(Pdb)" not in out.stdout
     assert any(line.startswith("job DEBUG_") and "failed: --queue_length 7 must be a positive multiple"
                in line for line in out.stdout.splitlines()), out.stdout
@@ -326,7 +329,9 @@ def test_the_debug_cluster_evaluates_no_stage_whose_previous_stage_failed(tmp_pa
     grid.write_text(yaml.safe_dump({"name": "p", "stages": stages, "axes": {"seed": [0]},
                                     "evals": {"programs": ["eval_cluster.py"]}}, sort_keys=False))
     out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "debug")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr
+    assert out.stderr == ("launch.py: 3 of 3 runs did not finish, or an evaluation job of theirs failed (embed_s0, "
+                          "assign_s0, selflabel_s0): see the lines above\n")
     assert "failed: --queue_length 7 must be a positive multiple" in out.stdout
     assert "assign_s0: not started, nor evaluated (the job of its previous stage failed)" in out.stdout, out.stdout
     # the third stage waits for no job (the second's was never submitted): it was started, on nothing
@@ -351,7 +356,7 @@ def test_a_run_that_another_process_trains_is_neither_submitted_nor_evaluated(tm
     try:
         for how in ("--dry-run", "--cluster=debug"):
             out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), how)
-            assert out.returncode == 0, out.stderr
+            assert out.returncode == (how == "--cluster=debug"), out.stderr
             rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[4:6]}
             assert rows == {"embed_s0": "held", "assign_s0": "new"}, out.stdout
             assert (f"embed_s0 is in use by pid {os.getpid()} on {socket.gethostname()} since "
@@ -831,8 +836,8 @@ def test_jobs_slurm_may_never_start_are_named(tmp_path):
         (tmp_path / "slurm" / "next").write_text("100")  # the same job ids each time
         (tmp_path / "slurm" / "looks").write_text("0")
         done = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(said), done.stderr
+        assert done.returncode == bool(flags), done.stderr  # (the stand-in Slurm runs no job: no run finished)
+        assert len(done.stderr.splitlines()) == 1 + bool(flags) and done.stderr.startswith(said), done.stderr
     assert "all jobs left the queue" in done.stdout
 
 
@@ -1177,6 +1182,22 @@ def test_installed_wheel_launches_a_grid_from_any_directory(tmp_path):
 
 
 @pytest.mark.slow
+def test_wait_ends_with_status_1_when_an_evaluation_job_failed(tmp_path):
+    """`launch.py --wait && collect_results.py` tabulated a grid whose evaluation had failed: --wait ended with
+    status 0 whatever its jobs did. A training that finishes and an evaluation that fails (more clusters than
+    images) is status 1, with a line naming the run; the same grid's evaluation mended is status 0."""
+    flags = {**BASE["flags"], "epochs": 1, "batch_size": 64, "size_crops": [8], "device": "cpu"}
+    for clusters, status in ((5000, 1), (10, 0)):
+        grid = grid_file(tmp_path, axes={"seed": [0]}, flags=flags,
+                         evals={"programs": ["eval_cluster.py"],
+                                "flags": {"eval_cluster.py": {"clusters": clusters, "restarts": 1, "plot": False}}})
+        out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "debug")
+        assert out.returncode == status, out.stderr
+        assert "  swav_digits_s0: finished" in out.stdout.splitlines(), out.stdout
+        assert out.stderr == (ONE_RUN_INCOMPLETE if status else ""), out.stderr
+
+
+@pytest.mark.slow
 def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
     """submitit's local executor knows no afterok: launch.py waits for a training job before it submits the
     evaluations that depend on it, and submits none when training failed (here: no CIFAR-10 files).
@@ -1187,7 +1208,9 @@ def test_local_jobs_after_a_failed_training_are_not_submitted(tmp_path):
                             "epochs": 1, "device": "cpu"})
     out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster", "local", "--wait",
                      MASTER_PORT="29500", WORLD_SIZE="8")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("launch.py: 1 of 1 runs did not finish, or an evaluation job of theirs failed "
+                                 "(swav_cifar10_s0)"), out.stderr
     lines = out.stdout.splitlines()
     assert lines[-4].startswith("submitted 1 training job(s): ")
     job = lines[-4].split()[-1]

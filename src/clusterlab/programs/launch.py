@@ -8,10 +8,12 @@ Training runs are submitted as job arrays (one per resource shape, throttled by 
 GPU, with the rendezvous from submitit's TorchDistributedEnvironment; each run's evaluations follow as one job per
 checkpoint epoch, started only if its training succeeds (afterok). Finished runs are skipped (one trained with
 other flags than the grid gives is named), unfinished ones resume (one whose last start failed is named with the
-reason; one standing past the grid's epochs, whose training would be refused, is named and not submitted), evaluations already recorded or still in the
-queue are not submitted again, unless the grid changed their flags since the last one that succeeded
-(RUN/slurm/jobs.jsonl lists every job of a run; squeue says which are still pending or running). On the pre-emption / time-limit signal a run
-saves a full checkpoint and requeues itself (at most max_requeues times). `--cluster local` runs the jobs as
+reason; one standing past the grid's epochs, whose training would be refused, is named and not submitted),
+evaluations already recorded or still in the queue are not submitted again, unless the grid changed their flags
+since the last one that succeeded (RUN/slurm/jobs.jsonl lists every job of a run; squeue says which are still
+pending or running). `--wait` ends with status 1 where a run of the grid did not finish or an evaluation job it
+waited for failed. On the pre-emption / time-limit signal a run saves a full checkpoint and requeues itself (at
+most max_requeues times). `--cluster local` runs the jobs as
 processes of this machine, `--cluster debug` inside this process (and so always waits for them); neither knows
 afterok, so a job that must follow another is submitted once that one has returned, and not when it failed.
 
@@ -97,8 +99,13 @@ def main(argv=None):
         earlier = [job["job_id"] for run, _ in plan for job in recorded_jobs(run.run_dir) if job["job_id"] in in_queue]
         wait_until_done(jobs, args.cluster, earlier)
         queue_now = (queued_ids() or set()) if args.cluster == "slurm" else set()
+        failed_jobs = failed_job_ids(jobs, earlier, plan, args.cluster, queue_now)
         held = held_runs(plan)
+        incomplete = []  # (for the exit status: `launch.py --wait && collect_results.py` tabulated a partial grid)
         for run, state in plan:
+            if (rundir.read_status(run.run_dir).get("state") != "finished"
+                    or any(job["job_id"] in failed_jobs for job in recorded_jobs(run.run_dir))):
+                incomplete.append(run.name)
             if run.name in held:
                 print(f"  {run.name}: not submitted ("
                       + {"held": "held by a process or job this launch does not know of)",
@@ -114,6 +121,25 @@ def main(argv=None):
             if args.cluster == "slurm":
                 for _, line in failed_evaluations(run.run_dir, queue_now):
                     print(f"  {run.name}: {line}")
+        if incomplete:
+            named = ", ".join(incomplete[:5]) + (f" and {len(incomplete) - 5} more" if len(incomplete) > 5 else "")
+            print(f"launch.py: {len(incomplete)} of {len(plan)} runs did not finish, or an evaluation job of theirs "
+                  f"failed ({named}): see the lines above", file=sys.stderr)
+            sys.exit(1)
+
+
+def failed_job_ids(jobs: list, earlier: list[str], plan, cluster: str, queue_now: set) -> set[str]:
+    """The ids of the jobs waited for (`jobs` submitted now, `earlier` ones still queued then) that failed: a local
+    or debug job that raised; a Slurm evaluation job that left the queue without its `done` line (a Slurm training
+    job's run says how it ended in status.json)."""
+    if cluster != "slurm":
+        return {str(job.job_id) for job in jobs if not returned(job)}
+    waited = {str(job.job_id) for job in jobs} | set(earlier)
+    failed = set()
+    for run, _ in plan:
+        last = last_eval_jobs(run.run_dir)
+        failed.update(last[key]["job_id"] for key in ended_unfinished(run.run_dir, queue_now))
+    return failed & waited
 
 
 def wait_until_done(jobs: list, cluster: str, earlier: list[str] = ()) -> None:
