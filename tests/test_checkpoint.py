@@ -78,6 +78,37 @@ def test_truncated_file_is_refused(tmp_path):
     assert_refused(path, "corrupt or not a torch file")
 
 
+def test_bytes_changed_in_place_are_refused_by_the_archives_checksums(tmp_path):
+    """torch.load does not check the CRC-32 its zip archive keeps of every entry: a weight's bytes changed on disk
+    loaded as another weight, and training and evaluations went on from it without a word."""
+    weights = torch.linspace(-1, 1, 64)
+    path = saved(tmp_path, state={**STATE, "model": {"w": weights}})
+    content = bytearray(path.read_bytes())
+    at = bytes(content).index(weights.numpy().tobytes())
+    content[at + 8: at + 12] = bytes(byte ^ 0xFF for byte in content[at + 8: at + 12])
+    path.write_bytes(bytes(content))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)  # torch alone takes it
+    message = assert_refused(path, "is corrupt: the bytes of its entry ", "fail the checksum the file keeps")
+    assert "epoch checkpoint" not in message  # (none beside it)
+    assert checkpoint.load(path, mmap=True)["epoch"] == 3  # a peek at a few fields reads no weights
+
+
+@pytest.mark.parametrize("damage", ["truncated", "changed"])
+def test_an_unreadable_checkpoint_names_the_latest_epoch_checkpoint_to_go_on_from(tmp_path, damage):
+    for epoch in (1, 2):
+        saved(tmp_path, name=f"checkpoint_ep{epoch:04d}.pth")
+    path = saved(tmp_path)
+    content = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del content[len(content) // 2:]
+    else:
+        at = bytes(content).index(STATE["model"]["w"].numpy().tobytes())
+        content[at] ^= 0xFF
+    path.write_bytes(bytes(content))
+    assert_refused(path, "; checkpoint_ep0002.pth beside it is the run's latest epoch checkpoint: copy it over "
+                         "checkpoint.pth to go on from there")
+
+
 @pytest.mark.parametrize("content", [os.urandom(4096), b"", b"\x80\x02}q\x00.", b"not a checkpoint at all\n"])
 def test_random_or_empty_bytes_are_refused(tmp_path, content):
     path = tmp_path / "checkpoint.pth"
@@ -324,3 +355,20 @@ def test_a_pretrained_value_that_is_no_training_run_is_refused_naming_the_flag_a
         message = str(err.value)
         assert message.startswith(f"--pretrained {str(value)!r}: ") and "\n" not in message
         assert "main_pretrain.py or main_cluster.py run that finished training" in message
+
+
+@pytest.mark.parametrize("entry", ["model", "args"])
+def test_a_pretrained_checkpoint_without_its_weights_or_args_is_refused_on_one_line(tmp_path, entry):
+    """main_cluster.py --pretrained at a checkpoint whose `model` (or `args`) was removed or replaced: a KeyError's
+    traceback from the code that reads the weights."""
+    from clusterlab.methods.cluster_base import read_pretrained
+
+    state = {"model": {"backbone.w": torch.zeros(2)}, "args": {"method": "swav"}, "epoch": 1, "step": 0}
+    for broken in ({key: value for key, value in state.items() if key != entry}, {**state, entry: [1, 2]}):
+        path = saved(tmp_path, state=broken)
+        with pytest.raises(CheckpointError) as err:
+            read_pretrained(str(path))
+        assert str(err.value) == (f"--pretrained {str(path)!r}: checkpoint {str(path)!r} holds no {entry!r} "
+                                  f"mapping, as every checkpoint main_pretrain.py and main_cluster.py write does: it "
+                                  f"was edited or written by other code; give a run's directory or one of its "
+                                  f"checkpoint files")

@@ -112,6 +112,34 @@ def _checkpoints_beside(path: Path) -> str:
     return f"; {str(folder)!r} has {shown or none}"
 
 
+def damaged_entry(path: Path) -> str | None:
+    """The first entry of a checkpoint's zip archive whose bytes fail the CRC-32 the archive keeps of them, else
+    None: torch.load does not check them, so bytes changed in place (a failing disk, a bad copy) loaded as other
+    weights, and training and evaluations went on from them without a word."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile as err:
+        return str(err)
+
+
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint_epNNNN.pth files, earliest first."""
+    return sorted(run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth"))
+
+
+def _epoch_checkpoint_beside(path: Path) -> str:
+    """For an unreadable checkpoint.pth, the latest epoch checkpoint of its run to go on from (as the NaN guard's
+    message names it); '' for any other file or where there is none."""
+    if path.name != "checkpoint.pth":
+        return ""
+    epochs = epoch_checkpoints(path.parent)
+    return (f"; {epochs[-1].name} beside it is the run's latest epoch checkpoint: copy it over checkpoint.pth to go "
+            f"on from there" if epochs else "")
+
+
 def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, method: str | None = None,
          map_location: Any = "cpu", mmap: bool = False) -> dict:
     """Load and validate a checkpoint; `kind`/`method` given means a mismatch is refused. `mmap`: tensors are read
@@ -132,9 +160,14 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
         if mmap:  # torch maps its zip format only: read without mapping, which names what is wrong with the file
             return load(path, kind=kind, method=method, map_location=map_location)
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
-                              f"({unreadable_reason(path, err)})") from None
+                              f"({unreadable_reason(path, err)}){_epoch_checkpoint_beside(path)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
+    damaged = None if mmap else damaged_entry(path)  # (a memory-mapped load reads a few fields, not the weights)
+    if damaged:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: the bytes of its entry {damaged!r} fail the "
+                              f"checksum the file keeps of them (changed on disk or in a copy)"
+                              f"{_epoch_checkpoint_beside(path)}")
     if payload.get("schema") != SCHEMA:
         raise CheckpointError(f"checkpoint {str(path)!r} has schema {payload.get('schema')!r}; "
                               f"this version reads schema {SCHEMA}")

@@ -723,7 +723,7 @@ class Trainer:
             return f"the last good checkpoint is {kept}"
         epoch, step = self.saved_position
         # checkpoint_epNNNN.pth holds the start of epoch NNNN: earlier than checkpoint.pth unless that is at step 0 too.
-        earlier = [path for path in epoch_checkpoints(self.run_dir)
+        earlier = [path for path in checkpoint.epoch_checkpoints(self.run_dir)
                    if (int(path.stem[len("checkpoint_ep"):]), 0) < (epoch, step)]
         instead = (f"the last good one is {earlier[-1]} (copy it over checkpoint.pth to go on from there)"
                    if earlier else "no earlier checkpoint_epNNNN.pth exists (start again in a new --output_dir)")
@@ -957,11 +957,6 @@ def rewrite_a_record_of_nothing_saved(trainer: Trainer, run_dir: Path, program: 
           f"again from checkpoint.pth ({trainer.position_words(*trainer.position)})", flush=True)
 
 
-def epoch_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint_epNNNN.pth files, earliest first."""
-    return sorted(run_dir.glob("checkpoint_ep[0-9][0-9][0-9][0-9].pth"))
-
-
 def refuse_a_lost_checkpoint(run_dir: Path) -> None:
     """Refuse to train afresh where a run that trained has lost its checkpoint.pth but not its other files: a link
     into a scratch area purged since, or a checkpoint.pth removed while its epoch checkpoints stay. A fresh start
@@ -978,7 +973,7 @@ def refuse_a_lost_checkpoint(run_dir: Path) -> None:
         raise ConfigError(f"{path} links to {os.readlink(path)}, which does not exist (a scratch area purged?), "
                           f"and status.json says the run trained to {where}: put the file back, copy one of its "
                           f"checkpoint_epNNNN.pth over the link to go on from there, or use a new --output_dir")
-    epochs = epoch_checkpoints(run_dir)
+    epochs = checkpoint.epoch_checkpoints(run_dir)
     if epochs:
         raise ConfigError(f"{run_dir} has no checkpoint.pth but holds {epochs[-1].name}: a fresh training would "
                           f"replace the run's epoch checkpoints and log; copy {epochs[-1].name} over checkpoint.pth "

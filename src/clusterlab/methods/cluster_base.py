@@ -197,6 +197,13 @@ def read_pretrained(source: str) -> tuple[Path, dict]:
         raise CheckpointError(f"--pretrained {source!r}: {err}; it takes the directory of a main_pretrain.py or "
                               f"main_cluster.py run that finished training, or one of their checkpoint files"
                               ) from None
+    # (a checkpoint edited or written by other code: the weights were read with a KeyError's traceback)
+    for entry in ("model", "args"):
+        if not isinstance(state.get(entry), dict):
+            raise CheckpointError(f"--pretrained {source!r}: checkpoint {str(path)!r} holds no {entry!r} mapping, "
+                                  f"as every checkpoint main_pretrain.py and main_cluster.py write does: it was "
+                                  f"edited or written by other code; give a run's directory or one of its checkpoint "
+                                  f"files")
     checkpoint.require_finite_weights(state, path)
     return path, state
 
