@@ -261,6 +261,19 @@ def test_evaluation_refuses_a_checkpoint_that_is_not_a_trained_model(tiny_run, t
     assert state["epoch"] == load_run(tiny_run, None, torch.device("cpu")).epoch == 2
 
 
+def test_evaluation_refuses_a_checkpoint_of_a_run_on_other_data(tiny_run, tmp_path):
+    """--checkpoint of another run, trained on an image folder, with --run a digits run: its args won over
+    config.yaml's, so it was scored on that run's folder and recorded in this run's metrics.jsonl, with a note that
+    this run had trained on the folder."""
+    state = checkpoint.load(tiny_run / "checkpoint.pth")
+    state["args"]["dataset"] = "imagefolder"
+    other = saved(tmp_path, name="other.pth", state=state)
+    with pytest.raises(CheckpointError) as err:
+        load_run(tiny_run, str(other), torch.device("cpu"))
+    assert str(err.value) == (f"checkpoint {str(other)!r} was trained on 'imagefolder', run {str(tiny_run)!r} on "
+                              f"'digits': give --run the directory of the run that wrote it")
+
+
 def test_weights_that_are_not_finite_are_refused_for_evaluation_and_as_a_first_stage(tiny_run, tmp_path):
     """An edited checkpoint with a NaN in one tensor: eval_knn scored chance from it, eval_cluster failed inside
     k-means, a second stage trained until its NaN guard stopped it."""

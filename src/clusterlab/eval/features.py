@@ -141,6 +141,12 @@ def load_run(run_dir: str | Path, checkpoint_name: str | None, device: torch.dev
                               f"that wrote it")
     if method_name not in METHODS:
         raise ConfigError(f"run {str(run_dir)!r} used method {method_name!r}, unknown to this version")
+    # (its args win over config.yaml's below: another run's checkpoint was scored as this run's, on that run's data,
+    # and recorded in this run's metrics.jsonl)
+    trained_on = state.get("args", {}).get("dataset")
+    if saved_args.get("dataset") not in (None, trained_on) and trained_on is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} was trained on {trained_on!r}, run {str(run_dir)!r} on "
+                              f"{saved_args['dataset']!r}: give --run the directory of the run that wrote it")
     # A flag added to the suite after the run was trained takes its default, and a flag recorded under a name
     # that is now an alias (low_dim, before --embed_dim) gives its value to the flag; the checkpoint's record wins
     # over config.yaml's. The model is rebuilt only to load the run's weights into it.
