@@ -18,6 +18,7 @@ import yaml
 
 from clusterlab import distributed, engine
 from clusterlab.data.augment import EvalView
+from clusterlab.eval.features import Evaluation
 from clusterlab.eval.linear import FeatureSet, LinearProbe, topk_accuracy
 from clusterlab.methods import DataInfo
 from clusterlab.methods.base import Batch, Progress
@@ -189,6 +190,12 @@ def test_a_probe_resumed_through_another_path_to_its_run_records_no_change(tiny_
     capsys.readouterr()
     eval_linear.main(["--run", "run/../run", "--checkpoint", "checkpoint_ep0002.pth", *probe])
     assert "changed" not in capsys.readouterr().out
+    # the run's own test view asked for by name is the same probe (its folder): it said "--eval_crop 0 -> 8 not
+    # applied: a new --output_dir trains them", a flag eval_linear.py does not have, of the view it had applied
+    eval_linear.main(["--run", "run", "--eval_crop", "8", *probe])
+    out = capsys.readouterr().out
+    assert ("has trained its 2 epochs: nothing to train (config.yaml keeps the flags and code it trained with)\n"
+            in out and "not applied" not in out), out
     (probe_dir,) = run.glob("linear_*")
     assert yaml.safe_load((probe_dir / "config.yaml").read_text())["resume_changes"] == []
 
@@ -338,7 +345,10 @@ def test_a_probe_on_other_images_has_a_folder_of_its_own_and_a_held_probe_is_ref
     assert re.fullmatch(rf"{own}_fm2-[0-9a-f]{{8}}", [folder for folder in folders if folder != own][0]), folders
     data = [json.loads(line)["protocol"]["data"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["eval"] == "linear"]
-    assert data == ["fm", "fm2", "copy"]
+    # the records name them as the folders do: a copy is the run's own folder (one table row), other images carry
+    # their digest (they were recorded under the folder's bare name, and a same-named folder's shared its row)
+    other = [folder for folder in folders if folder != own][0].removeprefix(f"{own}_")
+    assert data == ["fm", other, "fm"]
 
     holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from clusterlab import rundir; "
                                "rundir.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
@@ -371,7 +381,7 @@ def test_only_other_training_images_of_the_runs_own_dataset_and_split_name_a_pro
                                                                                train_split=train_split),
                                  method=SimpleNamespace(info=SimpleNamespace(fingerprint="runs")))
         train_set = SimpleNamespace(name=dataset, split="train", fingerprint=fingerprint)
-        return eval_linear.other_images_tag(argparse.Namespace(data_path=str(data_path)), loaded, train_set)
+        return Evaluation(loaded, train_set, None, EvalView.of(8), 0, str(data_path)).other_images_tag()
 
     assert tag("imagefolder", other, "others123") == "other-others12"
     assert tag("imagefolder", copy, "runs") is None and tag("imagefolder", own, "others123") is None

@@ -308,6 +308,7 @@ class Evaluation:
     test_set: ImageSet | None
     own_view: EvalView  # the run's own test view, before --eval_crop / --eval_resize
     own_resize: int     # the run's recorded --eval_resize (0: none)
+    data_path: str | None  # what the splits were read from (the run's own where no --data_path was given)
 
     def features(self, images: ImageSet, kind: str, device: torch.device, batch_size: int, workers: int,
                  normalize: bool = True):
@@ -318,8 +319,31 @@ class Evaluation:
                                       normalize), self.loaded, f"{kind} features", images)
 
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
-        return data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
-                             self.own_view.crop)
+        """`data_protocol`, with an image folder named as the run's own folder wherever its training images are read
+        from (a copy, a job's local one, the folder moved: one table row), and another folder of the run's dataset
+        holding other training images as `other_images_tag` names it (its digest: its own row, as its probe has its
+        own folder)."""
+        protocol = data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
+                                 self.own_view.crop)
+        if "data" in protocol:
+            own = self.loaded.data_folder is not None and same_images(self.train_set.name, self.loaded.args.dataset)
+            protocol["data"] = (self.other_images_tag() or (own and folder_name(self.loaded.data_folder))
+                                or protocol["data"])
+        return protocol
+
+    def other_images_tag(self) -> str | None:
+        """`FOLDER-DIGEST` where the evaluation reads another folder than the run trained on, holding other training
+        images (its fingerprint's first 8 characters: two folders of one name apart). None for the run's own files,
+        wherever they are read from; for another dataset (a probe's `_DATASET` names it); and for a run trained on
+        another split than evaluations fit on (STL-10's train+unlabeled), whose fingerprint cannot tell its own files
+        from others (a probe's checkpoint then refuses other images, as before)."""
+        loaded, train_set = self.loaded, self.train_set
+        if (loaded.data_folder is None or not same_images(train_set.name, loaded.args.dataset)
+                or getattr(loaded.args, "train_split", "train") != train_set.split
+                or train_set.fingerprint == loaded.method.info.fingerprint):
+            return None
+        folder = real_data_folder(train_set.name, self.data_path)
+        return None if folder == loaded.data_folder else f"{folder_name(folder)}-{train_set.fingerprint[:8]}"
 
     def view_words(self, scored_set: ImageSet | None = None) -> str:
         return view_words(self.loaded.method.eval_view, scored_set or self.test_set)
@@ -357,7 +381,7 @@ def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_sp
     _refuse_unusable_view(args, train_set)
     if distributed.rank() == 0:
         _note_other_images(loaded, dataset, train_set, data_path)
-    return Evaluation(loaded, train_set, test_set, own_view, own_resize)
+    return Evaluation(loaded, train_set, test_set, own_view, own_resize, data_path)
 
 
 def _note_other_images(loaded: LoadedRun, dataset: str, train_set: ImageSet, data_path: str | None) -> None:

@@ -23,10 +23,9 @@ import torch
 from .. import checkpoint, cli, config, distributed, engine, optim, results, rundir
 from ..config import bool_flag
 from ..data.augment import EvalView
-from ..data.registry import real_data_folder, same_images
 from ..errors import CheckpointError, ConfigError
-from ..eval.features import (asked_view_tags, folder_name, foreign_checkpoint_tag, open_evaluation,
-                             requested_checkpoint_name, requested_record)
+from ..eval.features import (asked_view_tags, foreign_checkpoint_tag, open_evaluation, requested_checkpoint_name,
+                             requested_record)
 from ..eval.linear import OPTIMISATION_FLAGS, FeatureSet, LinearProbe, topk_accuracy
 
 
@@ -73,27 +72,13 @@ def linear_protocol(args, changed: dict) -> dict:
     return protocol
 
 
-def other_images_tag(args, loaded, train_set) -> str | None:
-    """`FOLDER-DIGEST` where --data_path reads another folder than the run trained on, holding other training images
-    (its fingerprint's first 8 characters: two folders of one name apart): a probe of its own. None for the run's
-    own files, wherever they are read from; for another dataset (its `_DATASET` names the probe); and for a run
-    trained on another split than the probe fits on (STL-10's train+unlabeled), whose fingerprint cannot tell its
-    own files from others (the probe's checkpoint then refuses other images, as before)."""
-    if (not args.data_path or loaded.data_folder is None or not same_images(train_set.name, loaded.args.dataset)
-            or getattr(loaded.args, "train_split", "train") != train_set.split
-            or train_set.fingerprint == loaded.method.info.fingerprint):
-        return None
-    folder = real_data_folder(train_set.name, args.data_path)
-    return None if folder == loaded.data_folder else f"{folder_name(folder)}-{train_set.fingerprint[:8]}"
-
-
 def probe_dir(args, loaded, dataset: str, protocol: dict, changed: dict, own_view: EvalView,
               own_resize: int = 0, other_images: str | None = None) -> Path:
     """RUN/linear_epNNNN[_stepS][_cached][_FLAGVALUE...][_bf16|_fp16][_DATASET][_FOLDER-DIGEST][_cropC][_resizeR]
     [_fromHASH]: a probe per state of the weights (checkpoint.pth moves on as the run trains; checkpoint_epNNNN.pth is
     the same weights as checkpoint.pth at epoch NNNN), protocol, optimisation and precision, naming the optimisation
     flags that differ from the defaults, a precision other than float32, a dataset other than the run's, other
-    training images than the run's (`other_images_tag`), the test view
+    training images than the run's (`Evaluation.other_images_tag`), the test view
     asked for (a crop or resize other than those of the run's `own_view` and recorded resize `own_resize`: its own
     asked for by name trained a second, identical probe), and a checkpoint from outside the run (by a digest of its
     path)."""
@@ -164,7 +149,7 @@ def main(argv=None):
                 from None
 
     folder = probe_dir(args, loaded, evaluation.test_set.name, asked, changed, evaluation.own_view,
-                       evaluation.own_resize, other_images_tag(args, loaded, evaluation.train_set))
+                       evaluation.own_resize, evaluation.other_images_tag())
     # (its folder is named after the probe's flags: another probe is one with other flags). Taken before the
     # features are extracted: a probe another job holds is refused at once, not after minutes of extraction.
     with engine.owned_run_dir(folder, ctx, "probe with other flags", named="the probe folder") as run:
@@ -172,8 +157,13 @@ def main(argv=None):
         train_set = evaluation.train_set
         if args.cached_features:
             train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
-        probe_args = config.argparse.Namespace(**{**vars(args), "method": "linear", "checkpoint_epochs": [],
-                                                  "knn_monitor_every": 0, "probed_epoch": loaded.epoch,
+        # (the run's own view asked for by name is the probe of no flag, as its folder's name says: not a change)
+        tags = evaluation.view_tags(args)
+        asked_view = {flag: getattr(args, flag) if any(tag.startswith(label) for tag in tags) else 0
+                      for flag, label in (("eval_crop", "crop"), ("eval_resize", "resize"))}
+        probe_args = config.argparse.Namespace(**{**vars(args), **asked_view, "method": "linear",
+                                                  "checkpoint_epochs": [], "knn_monitor_every": 0,
+                                                  "probed_epoch": loaded.epoch,
                                                   "probed_step": loaded.step,
                                                   "probed_weights": checkpoint.weights_digest(method.backbone),
                                                   "dataset": evaluation.test_set.name, "arch": loaded.args.arch,
