@@ -8,7 +8,9 @@
 - SwAV Sinkhorn: 3 iterations on 256 + 3,840 queue rows x 3,000 prototypes (one assignment crop of one step);
 - SeLa labelling: the whole-dataset Sinkhorn for N = 50,000, K = 128, 10 heads, lambda 10, tol 0.01;
 - LARS: one optimiser step (momentum, weight decay) over the parameters of a ResNet-50 (161 tensors, 25.6 M values),
-  as SwAV's ImageNet recipe steps every iteration.
+  as SwAV's ImageNet recipe steps every iteration;
+- loading a checkpoint of that ResNet-50 and its LARS momentum from a file in the page cache, by torch.load alone
+  and by checkpoint.load, which also checks the CRC-32 of every entry of the file's zip archive (on the CPU).
 Prints a Markdown table with the median, min and max wall time over the repeats, then the number of tensor operators
 one LARS step calls (on a GPU each is at least one kernel launch, whose cost the CPU timing does not show; on the
 CPU the optimiser takes the parameters in cache-sized batches, on a GPU all at once).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from clusterlab import checkpoint  # noqa: E402
 from clusterlab.config import OneLineErrorParser, positive_int  # noqa: E402
 from clusterlab.distributed import pick_device  # noqa: E402
 from clusterlab.errors import ConfigError  # noqa: E402
@@ -78,6 +82,12 @@ def main():
     for parameter in resnet50.parameters():
         parameter.grad = torch.randn_like(parameter) * 1e-3
     lars = LARS(resnet50.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
+    lars.step()  # (its momentum buffers, which a checkpoint holds)
+    folder = tempfile.TemporaryDirectory()
+    saved = Path(folder.name) / "checkpoint.pth"
+    checkpoint.save({"model": resnet50.state_dict(), "optimizer": lars.state_dict()}, saved, kind="pretrain",
+                    method="swav")
+    megabytes = saved.stat().st_size / 2**20
 
     rows = [
         ("memory-bank update, 256 rows into 50,000 x 128", lambda: bank.update(indices, features)),
@@ -86,6 +96,9 @@ def main():
         ("SeLa labelling, 50,000 x 128, 10 heads, lambda 10", lambda: [sela_sinkhorn(x, 10.0, 0.01)
                                                                        for x in head_logits]),
         ("LARS step, ResNet-50 (161 tensors, 25.6 M values)", lambda: lars.step()),
+        (f"checkpoint of ResNet-50 + LARS momentum ({megabytes:.0f} MiB), torch.load",
+         lambda: torch.load(saved, map_location="cpu", weights_only=True)),
+        ("the same file, checkpoint.load (torch.load + CRC-32 check)", lambda: checkpoint.load(saved)),
     ]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"device {device} ({where}), {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -94,6 +107,7 @@ def main():
     for label, fn in rows:
         times = timed(fn, device, args.repeats)
         print(f"| {label} | {_fmt(statistics.median(times))} | {_fmt(min(times))} | {_fmt(max(times))} |")
+    folder.cleanup()
     calls = {where: lars_operator_calls(torch.device(where)) for where in (device.type, "meta")}
     print(f"LARS step over ResNet-50's parameters: {calls[device.type]} tensor operator calls on {device.type}, "
           f"{calls['meta']} on a GPU (counted on the meta device, which takes them in one batch as a GPU does)")
