@@ -51,6 +51,8 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
     out = run_launch("--grid", str(grid_file(tmp_path)), "--output_root", str(tmp_path / "runs"), "--dry-run")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
+    assert lines[0] == ("grid g: 2 runs of main_pretrain.py (1 node(s) x 1 task(s), 0 GPU(s)/node, 2 CPU(s)/task, "
+                        "8 GB/node, 60 min)")
     assert lines[1].startswith(f"runs go to {tmp_path / 'runs'}/ ")
     assert lines[2].split() == ["run", "state", "epochs", "seed", "evaluation", "jobs", "directory"]
     assert [line.split()[:2] + line.split()[-1:] for line in lines[4:]] == [
@@ -58,6 +60,20 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
         ["swav_digits_2ep_s0", "new", str(tmp_path / "runs" / "swav_digits_2ep_s0")]]
     assert "submitted" not in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_plan_names_every_resource_a_job_asks_for(tmp_path):
+    """A --dry-run said nodes, tasks, GPUs and minutes only: a partition that does not exist, or the memory asked
+    for, showed only when sbatch refused (or Slurm kept) the jobs; the evaluation jobs' own resources not at all."""
+    grid = grid_file(tmp_path, resources={"partition": "gpu", "qos": "high", "mem_gb": 32, "cpus_per_task": 10,
+                                          "gpus_per_node": 4, "nodes": 2},
+                     eval_resources={"timeout_min": 30, "gpus_per_node": 1})
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        "grid g: 2 runs of main_pretrain.py (2 node(s) x 4 task(s), 4 GPU(s)/node, 10 CPU(s)/task, 32 GB/node, "
+        "60 min, partition gpu, qos high); evaluation jobs: 1 node(s) x 1 task(s), 1 GPU(s)/node, 10 CPU(s)/task, "
+        "32 GB/node, 30 min, partition gpu, qos high")
 
 
 def test_a_finished_run_trained_with_other_flags_is_named_and_not_trained_again(tmp_path):

@@ -403,9 +403,8 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
     runs_by_dir = {str(run.run_dir): run for run, _ in plan}
     resources = grid.resources
     programs = " then ".join(dict.fromkeys(run.program for run, _ in plan)) or "-"
-    print(f"grid {grid.name}: {len(plan)} runs of {programs} "
-          f"({resources['nodes']} node(s) x {resources['tasks_per_node']} task(s), "
-          f"{resources['gpus_per_node']} GPU(s)/node, {resources['timeout_min']} min)")
+    print(f"grid {grid.name}: {len(plan)} runs of {programs} ({resource_words(resources)})"
+          + (f"; evaluation jobs: {resource_words(grid.eval_resources)}" if grid.eval_resources != resources else ""))
     print(f"runs go to {output_root(grid)}/ (one directory per run; submitit's job logs in .submitit/)")
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -455,6 +454,15 @@ def print_plan(grid: Grid, plan, in_queue: set) -> None:
         longest = max(run.epochs for run, _ in plan if run.evals or run.epochs_past_end)  # (a stage evaluated)
         print(f"evals.epochs {', '.join(map(str, unreached))}: past the end of every run evaluated (the longest "
               f"trains {longest} epochs): not evaluated")
+
+
+def resource_words(resources: dict) -> str:
+    """What a job of the grid asks Slurm for, as the plan's first line says it (what a --dry-run is for checking)."""
+    words = [f"{resources['nodes']} node(s) x {resources['tasks_per_node']} task(s)",
+             f"{resources['gpus_per_node']} GPU(s)/node", f"{resources['cpus_per_task']} CPU(s)/task",
+             f"{resources['mem_gb']} GB/node", f"{resources['timeout_min']} min"]
+    words += [f"{key} {resources[key]}" for key in ("partition", "constraint", "account", "qos") if resources[key]]
+    return ", ".join(words)
 
 
 # The line that ends a traceback: `clusterlab.errors.ConfigError: --queue_length 7 must be ...`, or a bare
