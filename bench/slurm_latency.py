@@ -62,8 +62,12 @@ def one_job(tmp: Path, name: str, interrupt_at_line: int | None) -> float:
     job = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[0])["job_id"]
     if interrupt_at_line:
         log = run / "train_log.jsonl"
-        while not log.exists() or len(log.read_text().splitlines()) < interrupt_at_line:
-            if not queued(job):  # (a job that failed early would be waited for forever)
+        def lines() -> int:
+            return len(log.read_text().splitlines()) if log.exists() else 0
+
+        while lines() < interrupt_at_line:
+            # (a job that failed early would be waited for forever; the log read again: it may have just written)
+            if not queued(job) and lines() < interrupt_at_line:
                 sys.exit(f"slurm_latency.py: job {job} left the queue before {log} had {interrupt_at_line} lines; "
                          f"its run: {run}")
             time.sleep(0.2)

@@ -91,6 +91,12 @@ def test_bytes_changed_in_place_are_refused_by_the_archives_checksums(tmp_path):
     message = assert_refused(path, "is corrupt: the bytes of its entry ", "fail the checksum the file keeps")
     assert "epoch checkpoint" not in message  # (none beside it)
     assert checkpoint.load(path, mmap=True)["epoch"] == 3  # a peek at a few fields reads no weights
+    # a byte of the format tag changed is a damaged file too, not a foreign one ("no format tag")
+    path = saved(tmp_path)
+    content = bytearray(path.read_bytes())
+    content[bytes(content).index(b"clusterlab")] ^= 0x01
+    path.write_bytes(bytes(content))
+    assert_refused(path, "is corrupt: the bytes of its entry ")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "changed"])

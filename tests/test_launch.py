@@ -260,30 +260,40 @@ def test_a_run_finished_beyond_the_grids_epochs_is_named_and_not_submitted(tmp_p
         "final checkpoint evaluated as epoch 1; another output_root trains the grid's")
 
 
-@pytest.mark.parametrize("status, position, finish", [
-    ({"state": "interrupted", "epoch": 1, "step": 0, "epochs": 2}, "the end of epoch 1 of the 2", "epochs 2"),
-    ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, "epoch 2 step 3 of the 2", "epochs 2 or more")])
-def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_it_stands_at_is_named_and_not_submitted(
-        tmp_path, status, position, finish):
-    """A grid lowered to 1 epoch while its run stood at (or past) the end of epoch 1 of 2: planned "resume", its job
-    was refused (the checkpoint is at or past the new end) at every launch, and its evaluations with it."""
+@pytest.mark.parametrize("status, saved_at, position", [
+    ({"state": "interrupted", "epoch": 1, "step": 0, "epochs": 2}, (1, 0), "the end of epoch 1"),
+    ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, (1, 3), "epoch 2 step 3"),
+    ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, (0, 5), None)])
+def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_its_checkpoint_is_named_and_not_submitted(
+        tmp_path, status, saved_at, position):
+    """A grid lowered to 1 epoch while its run's checkpoint stood at (or past) the end of epoch 1 of 2: planned
+    "resume", its job was refused at every launch, and its evaluations with it. Read from the checkpoint, as the
+    training reads it: one copied back to an earlier epoch (status.json still where the failed start stopped)
+    resumes."""
+    from clusterlab import checkpoint
+
     run = tmp_path / "runs" / "swav_digits_s0"
     run.mkdir(parents=True)
     (run / "status.json").write_text(json.dumps(status))
+    epoch, step = saved_at
+    checkpoint.save({"epoch": epoch, "step": step, "args": {"epochs": 2}}, run / "checkpoint.pth", kind="pretrain",
+                    method="swav")
     grid = grid_file(tmp_path, axes={"seed": [0]}, flags={**BASE["flags"], "epochs": 1},
                      evals={"programs": ["eval_knn.py"]})
-    for how in ("--dry-run", "--cluster=debug"):
-        out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), how)
-        assert out.returncode == (how == "--cluster=debug"), out.stderr  # (waited for: the grid is not done)
-        row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_s0 "))
-        assert row.split()[:3] == ["swav_digits_s0", "ahead", "0"], out.stdout
-        assert (f"swav_digits_s0 stopped at {position} its schedule plans, and the grid gives 1: its training would "
-                f"be refused, so it is not submitted, nor evaluated, nor the stages after it; give it {finish} to "
-                f"finish it, or another output_root trains the grid's") in out.stdout.splitlines(), out.stdout
-        assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
-        if how == "--cluster=debug":
-            assert out.stdout.splitlines()[-1] == "  swav_digits_s0: not submitted (it stands past the grid's epochs)"
-    assert sorted(path.name for path in run.iterdir()) == ["status.json"]
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("swav_digits_s0 "))
+    assert row.split()[:2] == ["swav_digits_s0", "ahead" if position else "resume"], out.stdout
+    if position is None:
+        return
+    assert (f"swav_digits_s0's checkpoint.pth stands at {position} of the 2 epochs its schedule plans, and the grid "
+            f"gives 1: its training would be refused, so it is not submitted, nor evaluated, nor the stages after it; "
+            f"give it epochs 2 or more to go on, or another output_root trains the grid's") in out.stdout.splitlines()
+    out = run_launch("--grid", str(grid), "--output_root", str(tmp_path / "runs"), "--cluster=debug")
+    assert out.returncode == 1 and out.stderr == ONE_RUN_INCOMPLETE, out.stderr  # (waited for: the grid is not done)
+    assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
+    assert out.stdout.splitlines()[-1] == "  swav_digits_s0: not submitted (it stands past the grid's epochs)"
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint.pth", "status.json"]
 
 
 def test_a_relaunch_says_why_an_evaluation_job_ended_without_succeeding(tmp_path):
@@ -382,7 +392,7 @@ def test_a_run_that_another_process_trains_is_neither_submitted_nor_evaluated(tm
             if how == "--cluster=debug":  # its report after the jobs: neither blamed on a job that failed
                 assert out.stdout.splitlines()[-2:] == [
                     "  embed_s0: not submitted (held by a process or job this launch does not know of)",
-                    "  assign_s0: not submitted (it starts from a run that is held)"], out.stdout
+                    "  assign_s0: not submitted (it starts from a run that is not submitted)"], out.stdout
     finally:
         lock.release()
     assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["embed_s0"]

@@ -345,10 +345,10 @@ def test_a_probe_on_other_images_has_a_folder_of_its_own_and_a_held_probe_is_ref
     assert re.fullmatch(rf"{own}_fm2-[0-9a-f]{{8}}", [folder for folder in folders if folder != own][0]), folders
     data = [json.loads(line)["protocol"]["data"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["eval"] == "linear"]
-    # the records name them as the folders do: a copy is the run's own folder (one table row), other images carry
-    # their digest (they were recorded under the folder's bare name, and a same-named folder's shared its row)
+    # other images carry their digest in the records too, as in the folder's name (under the folder's bare name, a
+    # folder of the own folder's name would share its table row)
     other = [folder for folder in folders if folder != own][0].removeprefix(f"{own}_")
-    assert data == ["fm", other, "fm"]
+    assert data == ["fm", other, "copy"]
 
     holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from clusterlab import rundir; "
                                "rundir.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",

@@ -450,6 +450,22 @@ def test_fewer_epochs_than_a_mid_epoch_checkpoint_is_refused_with_advice_that_wo
                       "(use --epochs 3 or more")
 
 
+def test_fewer_epochs_than_an_epoch_end_of_a_longer_schedule_is_refused_with_advice_that_works(tiny_run, tmp_path):
+    """At the end of epoch 2 of a 4-epoch schedule, --epochs 1 advised --epochs 2 or more; --epochs 2 is then
+    refused too (no step would train under it): 3 or more."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    state = checkpoint.load(run / "checkpoint.pth")
+    tags = {key: state.pop(key) for key in ("format", "schema", "kind", "method")}
+    state["args"]["epochs"] = 4
+    checkpoint.save(state, run / "checkpoint.pth", kind=tags["kind"], method=tags["method"])
+    result = run_script("main_pretrain.py", *TINY, "--epochs", 1, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "--epochs 1: ", "checkpoint.pth is already at the end of epoch 2",
+                      "(use --epochs 3 or more")
+    result = run_script("main_pretrain.py", *TINY, "--epochs", 2, "--output_dir", run)
+    assert_user_error(result, "main_pretrain.py", "--epochs 2: ", "stands at the end of epoch 2 of the 4 its "
+                      "schedule plans")
+
+
 def test_a_queue_that_does_not_fit_the_batch_is_refused_at_start(tmp_path):
     run = tmp_path / "run"
     result = run_script("main_pretrain.py", *TINY, "--queue_length", 100, "--epoch_queue_starts", 1,
@@ -779,3 +795,12 @@ def test_temporary_files_of_a_sibling_of_a_linked_checkpoint_are_left_alone(tmp_
         path.write_bytes(b"partial")
     rundir.remove_leftovers(run)
     assert not mine.exists() and sibling.exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]\n", "\"finished\"\n", "{\"state\": \"fin", ""])
+def test_a_status_that_is_not_a_json_object_reads_as_none(tmp_path, content):
+    """A hand-edited status.json holding a list: launch.py's plan asked it for fields, an AttributeError's traceback."""
+    (tmp_path / "status.json").write_text(content)
+    assert rundir.read_status(tmp_path) == {}
+    (tmp_path / "status.json").write_text('{"state": "finished", "epoch": 2}\n')
+    assert rundir.read_status(tmp_path) == {"state": "finished", "epoch": 2}

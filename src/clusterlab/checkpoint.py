@@ -161,13 +161,13 @@ def load(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None, 
             return load(path, kind=kind, method=method, map_location=map_location)
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
                               f"({unreadable_reason(path, err)}){_epoch_checkpoint_beside(path)}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
     damaged = None if mmap else damaged_entry(path)  # (a memory-mapped load reads a few fields, not the weights)
-    if damaged:
+    if damaged:  # (before the tags: a changed byte of the format tag is a damaged file, not a foreign one)
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: the bytes of its entry {damaged!r} fail the "
                               f"checksum the file keeps of them (changed on disk or in a copy)"
                               f"{_epoch_checkpoint_beside(path)}")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a clusterlab checkpoint (no format tag)")
     if payload.get("schema") != SCHEMA:
         raise CheckpointError(f"checkpoint {str(path)!r} has schema {payload.get('schema')!r}; "
                               f"this version reads schema {SCHEMA}")

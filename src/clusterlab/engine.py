@@ -874,13 +874,15 @@ def start_run(method: Method, args: argparse.Namespace, ctx: Context, train_set,
     run_dir = Path(args.output_dir)
     trainer = Trainer(method, args, ctx, run_dir, train_set, kind=kind)
     start_epoch, start_step = trainer.resume()
-    if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
-        raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} is already at "
-                          f"{trainer.position_words(start_epoch, start_step)} (use --epochs "
-                          f"{start_epoch + (start_step > 0)} or more, or a new --output_dir)")
     # A run stopped at an epoch's end, started with --epochs lowered to it, was taken for a finished one: status.json
     # said "finished" with the new length, while config.yaml and the checkpoint kept the schedule it trained under.
     planned = trainer.changed_by_this_start.get("before", {}).get("epochs")
+    if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
+        # (an epoch's end of a longer schedule is refused below as an end: the next epoch is the least to give)
+        least = start_epoch + (start_step > 0 or (planned or 0) > start_epoch)
+        raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} is already at "
+                          f"{trainer.position_words(start_epoch, start_step)} (use --epochs {least} or more, or a "
+                          f"new --output_dir)")
     if start_epoch == args.epochs and planned is not None and planned > args.epochs:
         raise ConfigError(f"--epochs {args.epochs}: {run_dir / 'checkpoint.pth'} stands at the end of epoch "
                           f"{start_epoch} of the {planned} its schedule plans, so no step would train under the new "

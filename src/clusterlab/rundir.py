@@ -168,10 +168,13 @@ def write_status(run_dir: str | os.PathLike, state: str, **fields) -> None:
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
+    """status.json, or {} where it is missing, unreadable or not a JSON object (a hand-edited file: its readers
+    ask it for fields)."""
     try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
+        status = json.loads((Path(run_dir) / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def truncate_train_log(run_dir: str | os.PathLike, epoch: int, global_step: int) -> None:

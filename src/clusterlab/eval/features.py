@@ -319,16 +319,15 @@ class Evaluation:
                                       normalize), self.loaded, f"{kind} features", images)
 
     def data_protocol(self, scored_set: ImageSet | None = None) -> dict:
-        """`data_protocol`, with an image folder named as the run's own folder wherever its training images are read
-        from (a copy, a job's local one, the folder moved: one table row), and another folder of the run's dataset
-        holding other training images as `other_images_tag` names it (its digest: its own row, as its probe has its
-        own folder)."""
+        """`data_protocol`, with another folder of the run's dataset holding other training images named as
+        `other_images_tag` names it (its digest: a row of its own, as its probe has a folder of its own; under the
+        folder's bare name it shared the row of the run's own folder of that name, and --skip_recorded took it for
+        the run's own evaluation). A folder with the run's file names and labels keeps its name: its pixels may
+        differ (a resized copy), which the fingerprint does not see."""
         protocol = data_protocol(self.train_set, scored_set or self.test_set, self.loaded.method.eval_view,
                                  self.own_view.crop)
         if "data" in protocol:
-            own = self.loaded.data_folder is not None and same_images(self.train_set.name, self.loaded.args.dataset)
-            protocol["data"] = (self.other_images_tag() or (own and folder_name(self.loaded.data_folder))
-                                or protocol["data"])
+            protocol["data"] = self.other_images_tag() or protocol["data"]
         return protocol
 
     def other_images_tag(self) -> str | None:

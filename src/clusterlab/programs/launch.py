@@ -33,7 +33,7 @@ from pathlib import Path
 
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from .. import config, results, rundir
+from .. import checkpoint, config, results, rundir
 from ..errors import ConfigError, UserError
 from ..slurm.grid import Grid, RunSpec, load_grid
 from ..slurm.jobs import (ProgramJob, make_executor, queued_ids, require_usr2_preemption, stuck, stuck_message,
@@ -90,6 +90,7 @@ def main(argv=None):
     print_plan(grid, plan, in_queue)
     if args.dry_run:
         return
+    recorded_before = {run.name: len(recorded_jobs(run.run_dir)) for run, _ in plan}
     jobs = submit(grid, plan, args.cluster, in_queue)
     never = stuck([str(job.job_id) for job in jobs]) if args.cluster == "slurm" and jobs and not args.wait else {}
     if never:  # (--wait names them as it polls)
@@ -103,13 +104,17 @@ def main(argv=None):
         held = held_runs(plan)
         incomplete = []  # (for the exit status: `launch.py --wait && collect_results.py` tabulated a partial grid)
         for run, state in plan:
-            if (rundir.read_status(run.run_dir).get("state") != "finished"
-                    or any(job["job_id"] in failed_jobs for job in recorded_jobs(run.run_dir))):
+            # its jobs waited for: those this launch recorded, and those still queued from an earlier one (a debug
+            # job's id, an address, and a local job's, a pid, may be an older record's too)
+            waited = [job["job_id"] for index, job in enumerate(recorded_jobs(run.run_dir))
+                      if index >= recorded_before[run.name] or job["job_id"] in earlier]
+            if rundir.read_status(run.run_dir).get("state") != "finished" or set(waited) & failed_jobs:
                 incomplete.append(run.name)
             if run.name in held:
                 print(f"  {run.name}: not submitted ("
                       + {"held": "held by a process or job this launch does not know of)",
-                         "ahead": "it stands past the grid's epochs)"}.get(state, "it starts from a run that is held)"))
+                         "ahead": "it stands past the grid's epochs)"}.get(state, "it starts from a run that is not "
+                                                                                  "submitted)"))
                 continue
             # (a local or debug job's failure is named as it returns; Slurm's are read back from their runs)
             failure = last_failure(run.run_dir) if args.cluster == "slurm" else None
@@ -222,23 +227,29 @@ def epochs_beyond(run: RunSpec) -> int | None:
 
 
 def stopped_past_end(run: RunSpec) -> str | None:
-    """For an unfinished run whose training would refuse the grid's epochs (it stands past them, or at the end of
-    them while its schedule plans more): the line that says so. Submitted, its job was refused at every launch."""
-    status, asked = rundir.read_status(run.run_dir), run.epochs
-    epoch, step, planned = (status.get(key) for key in ("epoch", "step", "epochs"))
-    step = step if rundir.is_number(step) else 0
-    if status.get("state") == "finished" or not (rundir.is_number(epoch) and rundir.is_number(asked)):
+    """For an unfinished run whose training would refuse the grid's epochs (its checkpoint stands past them, or at
+    the end of them while its schedule plans more): the line that says so. Submitted, its job was refused at every
+    launch. Read from checkpoint.pth (memory-mapped: a few fields), as the training reads it: status.json keeps where
+    a failed start stopped, and an epoch checkpoint copied over checkpoint.pth since goes on from its own epoch."""
+    asked = run.epochs
+    if rundir.read_status(run.run_dir).get("state") == "finished" or not rundir.is_number(asked):
         return None
-    if epoch > asked or (epoch == asked and step > 0):
-        finish = f"epochs {epoch + (step > 0)} or more"
-    elif epoch == asked and rundir.is_number(planned) and planned > asked:
-        finish = f"epochs {planned}"
-    else:
+    try:
+        state = checkpoint.load(run.run_dir / "checkpoint.pth", mmap=True)
+    except (UserError, OSError):
+        return None  # (none yet, or unreadable: its training says why)
+    epoch, step = state.get("epoch"), state.get("step", 0)
+    planned = state["args"].get("epochs") if isinstance(state.get("args"), dict) else None
+    if not (rundir.is_number(epoch) and rundir.is_number(step)):
         return None
-    return (f"{run.name} stopped at {rundir.position_words(epoch, step)}"
-            + (f" of the {planned} its schedule plans" if rundir.is_number(planned) else "")
+    longer = rundir.is_number(planned) and planned > asked
+    if not (epoch > asked or (epoch == asked and (step > 0 or longer))):
+        return None
+    return (f"{run.name}'s checkpoint.pth stands at {rundir.position_words(epoch, step)}"
+            + (f" of the {planned} epochs its schedule plans" if rundir.is_number(planned) else "")
             + f", and the grid gives {asked}: its training would be refused, so it is not submitted, nor evaluated, "
-              f"nor the stages after it; give it {finish} to finish it, or another output_root trains the grid's")
+              f"nor the stages after it; give it epochs {epoch + 1} or more to go on, or another output_root trains "
+              f"the grid's")
 
 
 # Flags that change how a run trains or what it logs, not what it learns (collect_results' NOT_SETTINGS, less those
