@@ -263,6 +263,8 @@ def test_a_run_finished_beyond_the_grids_epochs_is_named_and_not_submitted(tmp_p
 @pytest.mark.parametrize("status, saved_at, position", [
     ({"state": "interrupted", "epoch": 1, "step": 0, "epochs": 2}, (1, 0), "the end of epoch 1"),
     ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, (1, 3), "epoch 2 step 3"),
+    # stopped between its last checkpoint and "finished": epochs 2 finish it without training (3 trained on)
+    ({"state": "interrupted", "epoch": 2, "step": 0, "epochs": 2}, (2, 0), "the end of epoch 2"),
     ({"state": "failed", "epoch": 1, "step": 3, "epochs": 2}, (0, 5), None)])
 def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_its_checkpoint_is_named_and_not_submitted(
         tmp_path, status, saved_at, position):
@@ -294,6 +296,20 @@ def test_an_unfinished_run_the_grid_gives_fewer_epochs_than_its_checkpoint_is_na
     assert "submitted" not in out.stdout.replace("not submitted", ""), out.stdout
     assert out.stdout.splitlines()[-1] == "  swav_digits_s0: not submitted (it stands past the grid's epochs)"
     assert sorted(path.name for path in run.iterdir()) == ["checkpoint.pth", "status.json"]
+
+
+def test_a_job_recorded_after_a_line_cut_short_is_read_back(tmp_path):
+    """jobs.jsonl ending in a line a crash cut short: the next job's record was appended to it, unreadable, and
+    --wait did not judge the run by that job (a failed evaluation ended with status 0)."""
+    from types import SimpleNamespace
+
+    from clusterlab.programs.launch import record_job, recorded_jobs
+
+    run = SimpleNamespace(run_dir=tmp_path / "run")
+    (run.run_dir / "slurm").mkdir(parents=True)
+    (run.run_dir / "slurm" / "jobs.jsonl").write_text('{"job_id": "7", "kind": "train"}\n{"job_id": "DEBUG_1", "ki')
+    record_job(run, SimpleNamespace(job_id="DEBUG_2", paths=SimpleNamespace(folder=tmp_path / "logs")), "train")
+    assert [job["job_id"] for job in recorded_jobs(run.run_dir)] == ["7", "DEBUG_2"]
 
 
 def test_a_relaunch_says_why_an_evaluation_job_ended_without_succeeding(tmp_path):

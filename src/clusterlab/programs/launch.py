@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import re
 import sys
 from pathlib import Path
@@ -242,13 +241,15 @@ def stopped_past_end(run: RunSpec) -> str | None:
     planned = state["args"].get("epochs") if isinstance(state.get("args"), dict) else None
     if not (rundir.is_number(epoch) and rundir.is_number(step)):
         return None
-    longer = rundir.is_number(planned) and planned > asked
+    longer = rundir.is_number(planned) and planned > epoch
     if not (epoch > asked or (epoch == asked and (step > 0 or longer))):
         return None
+    least = epoch + (step > 0 or longer)  # (as the training's refusal counts it: an epoch's end of a longer schedule
+    # is refused as an end, the end of its own schedule taken as finished)
     return (f"{run.name}'s checkpoint.pth stands at {rundir.position_words(epoch, step)}"
             + (f" of the {planned} epochs its schedule plans" if rundir.is_number(planned) else "")
             + f", and the grid gives {asked}: its training would be refused, so it is not submitted, nor evaluated, "
-              f"nor the stages after it; give it epochs {epoch + 1} or more to go on, or another output_root trains "
+              f"nor the stages after it; give it epochs {least} or more to go on, or another output_root trains "
               f"the grid's")
 
 
@@ -651,8 +652,9 @@ def record_job(run: RunSpec, job, kind: str, checkpoint: str | None = None, comm
     if checkpoint is not None:
         entry.update(checkpoint=checkpoint, programs=[program for program, _ in commands],
                      commands=dict(commands))
-    with open(directory / "jobs.jsonl", "a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    # (a line a crash cut short is ended first: appended to it, this job's record was unreadable, and --wait did not
+    # judge the run by it)
+    rundir.append_jsonl(directory / "jobs.jsonl", entry)
     link = directory / str(job.job_id)
     if not link.exists():
         link.symlink_to(Path(job.paths.folder).resolve(), target_is_directory=True)
