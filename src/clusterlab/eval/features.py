@@ -272,17 +272,23 @@ def folder_name(path: str | Path) -> str:
     return printable(Path(path).resolve().name)
 
 
-def asked_view_tags(args: argparse.Namespace, own_view: EvalView, own_resize: int = 0) -> list[str]:
-    """cropC / resizeR for an --eval_crop / --eval_resize that changes the test view from `own_view` (a run's own,
-    its recorded --eval_resize `own_resize`, 0 for none; or a baseline's: the images' size), to name the probes and
-    figures of that view apart. A flag that changes nothing is left out: the own view asked for by name is the same
-    evaluation (it made a second probe, or the same figure under a second name). A resize is compared with the one
-    the view gets without the flag, the recorded one, else the crop's size: a crop of 6 px of an 8 px run without a
-    resize is seen at 6 px, and `--eval_crop 6 --eval_resize 8` is another view (both were named crop6)."""
+def asked_view(args: argparse.Namespace, own_view: EvalView, own_resize: int = 0) -> dict:
+    """{"eval_crop": C, "eval_resize": R}: each flag's value where it changes the test view from `own_view` (a run's
+    own, its recorded --eval_resize `own_resize`, 0 for none; or a baseline's: the images' size), else 0. A flag
+    that changes nothing is no other view: the own view asked for by name is the same evaluation (it made a second
+    probe, or the same figure under a second name). A resize is compared with the one the view gets without the
+    flag, the recorded one, else the crop's size: a crop of 6 px of an 8 px run without a resize is seen at 6 px, and
+    `--eval_crop 6 --eval_resize 8` is another view (both were named crop6)."""
     unasked_resize = own_resize or args.eval_crop or own_view.crop
-    return [f"{label}{asked}" for label, asked, unasked in (("crop", args.eval_crop, own_view.crop),
-                                                            ("resize", args.eval_resize, unasked_resize))
-            if asked not in (0, unasked)]
+    return {flag: asked if asked not in (0, unasked) else 0
+            for flag, asked, unasked in (("eval_crop", args.eval_crop, own_view.crop),
+                                         ("eval_resize", args.eval_resize, unasked_resize))}
+
+
+def asked_view_tags(args: argparse.Namespace, own_view: EvalView, own_resize: int = 0) -> list[str]:
+    """cropC / resizeR for the flags of `asked_view`, to name the probes and figures of another view apart."""
+    return [f"{flag.removeprefix('eval_')}{value}" for flag, value in asked_view(args, own_view, own_resize).items()
+            if value]
 
 
 def baseline_view(args: argparse.Namespace, images: ImageSet) -> EvalView:
@@ -349,6 +355,9 @@ class Evaluation:
 
     def view_tags(self, args: argparse.Namespace) -> list[str]:
         return asked_view_tags(args, self.own_view, self.own_resize)
+
+    def asked_view(self, args: argparse.Namespace) -> dict:
+        return asked_view(args, self.own_view, self.own_resize)
 
 
 def open_evaluation(args: argparse.Namespace, device: torch.device, with_test_split: bool = True) -> Evaluation:

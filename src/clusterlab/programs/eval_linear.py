@@ -158,10 +158,7 @@ def main(argv=None):
         if args.cached_features:
             train_set = FeatureSet(backbone_features(train_set).cpu(), train_set.labels)
         # (the run's own view asked for by name is the probe of no flag, as its folder's name says: not a change)
-        tags = evaluation.view_tags(args)
-        asked_view = {flag: getattr(args, flag) if any(tag.startswith(label) for tag in tags) else 0
-                      for flag, label in (("eval_crop", "crop"), ("eval_resize", "resize"))}
-        probe_args = config.argparse.Namespace(**{**vars(args), **asked_view, "method": "linear",
+        probe_args = config.argparse.Namespace(**{**vars(args), **evaluation.asked_view(args), "method": "linear",
                                                   "checkpoint_epochs": [], "knn_monitor_every": 0,
                                                   "probed_epoch": loaded.epoch,
                                                   "probed_step": loaded.step,
